@@ -1,0 +1,64 @@
+# digitrec: `make run` sets everything up and trains the default model; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DIGITREC := $(VENV)/bin/digitrec
+STAMP := $(VENV)/.installed
+
+.PHONY: setup data run test test-slow browser lint results serve bench bench-train bench-infer bench-serve clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned, so that nothing pulls a multi-GB CUDA build; then the project with its dev extras.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data: setup
+	$(DIGITREC) data
+
+run: setup
+	$(DIGITREC) data
+	$(DIGITREC) train --recipe default --out runs/default
+	@echo "open runs/default/report.html to see the report"
+
+# Chromium for the browser test: installed with apt-get where we can (root or sudo); the test skips without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null || true; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo -n apt-get install -y -qq chromium >/dev/null 2>&1 || true; fi; }
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+test: setup browser
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+results: setup
+	$(PY) benchmarks/results.py
+
+serve: setup
+	$(DIGITREC) serve
+
+bench: bench-train bench-infer
+
+bench-train: setup
+	$(DIGITREC) bench train
+
+bench-infer: setup
+	$(DIGITREC) bench infer
+
+bench-serve: setup
+	$(PY) benchmarks/load_server.py
+
+clean:
+	rm -rf runs .pytest_cache test-artifacts

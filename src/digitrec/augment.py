@@ -1,0 +1,55 @@
+"""Batched augmentation on whole tensors: one affine_grid + grid_sample per batch, no per-sample Python."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_affine(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    degrees: float = 0.0,
+    scale: tuple[float, float] = (1.0, 1.0),
+    translate_px: float = 0.0,
+    shear_degrees: float = 0.0,
+) -> torch.Tensor:
+    """Rotate, scale, shear and shift every image of a float batch (N, 1, H, W) by its own random amounts."""
+    n, _, h, w = x.shape
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
+
+    angle = uniform(-degrees, degrees) * (math.pi / 180)
+    shear = uniform(-shear_degrees, shear_degrees) * (math.pi / 180)
+    zoom = uniform(*scale)
+    tx = uniform(-translate_px, translate_px) * (2 / w)
+    ty = uniform(-translate_px, translate_px) * (2 / h)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # grid_sample maps output coordinates to input ones, so this is the inverse transform: divide by the zoom.
+    theta = torch.stack(
+        [
+            torch.stack([cos / zoom, (-sin + torch.tan(shear) * cos) / zoom, tx], dim=1),
+            torch.stack([sin / zoom, (cos + torch.tan(shear) * sin) / zoom, ty], dim=1),
+        ],
+        dim=1,
+    ).to(x.dtype)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Apply the recipe's augmentation `kind` to a float batch in [0, 1]."""
+    if kind == "none":
+        return x
+    if kind == "rotate10":  # torchvision's RandomRotation(10), as seed 003 uses
+        return random_affine(x, generator, degrees=10)
+    if kind == "affine":
+        return random_affine(x, generator, degrees=10, scale=(0.9, 1.1), translate_px=2, shear_degrees=8)
+    if kind == "robust":
+        from .augment_real import robust_augment
+
+        return robust_augment(x, generator)
+    raise ValueError(f"unknown augmentation {kind!r}")

@@ -1,0 +1,139 @@
+"""Checkpoints as safetensors with JSON metadata; atomic writes; loading never unpickles anything.
+
+A model file `model.safetensors` carries its own metadata (recipe, config, architecture, metrics, data
+checksum, versions) inside the safetensors header, so `load_model(path)` needs nothing else. The JSON side
+file `model.json` repeats that metadata for people and adds the file's SHA-256, which loading checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+META_KEY = "digitrec"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync it, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write tensors and metadata as one safetensors file plus its JSON side file (with the file's SHA-256)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"format_version": FORMAT_VERSION, **meta}
+    data = save(tensors, metadata={META_KEY: json.dumps(meta)})
+    atomic_write_bytes(path, data)
+    atomic_write_json(sidecar_path(path), {**meta, "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a digitrec safetensors file, checking it against its side file when one is present."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist; train one with `digitrec train` or pass another path.") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder; pass the model.safetensors file inside it.") from None
+    meta = _read_header_metadata(path, data)
+    side = sidecar_path(path)
+    if side.exists():
+        try:
+            expected = json.loads(side.read_text()).get("sha256")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise CheckpointError(f"side file {side} is not valid JSON; restore it or delete it to load {path.name} alone.") from None
+        if expected and expected != hashlib.sha256(data).hexdigest():
+            raise CheckpointError(
+                f"checkpoint {path} does not match the checksum in {side.name}: it is truncated or was modified; retrain or restore it."
+            )
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged ({exc}); retrain or restore it.") from None
+    return tensors, meta
+
+
+def _read_header_metadata(path: Path, data: bytes) -> dict[str, Any]:
+    """Parse the safetensors header ourselves: 8-byte little-endian length, then JSON with __metadata__."""
+    not_ours = f"{path} is not a digitrec checkpoint (expected a .safetensors file written by `digitrec train`)."
+    if len(data) < 8:
+        raise CheckpointError(not_ours)
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(len(data) - 8, MAX_HEADER_BYTES):
+        raise CheckpointError(not_ours)
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"][META_KEY])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise CheckpointError(not_ours) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(not_ours)
+    return meta
+
+
+def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Save weights (and buffers) with metadata that names the architecture, so loading needs nothing else."""
+    save_tensors(path, dict(model.state_dict()), meta)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Build the checkpoint's architecture, load its weights and return (model in eval mode, metadata)."""
+    from .models import create_model
+
+    tensors, meta = load_tensors(path)
+    config = meta.get("config", {})
+    arch = config.get("arch") or meta.get("arch")
+    if not arch:
+        raise CheckpointError(f"checkpoint {path} names no architecture; it was not written by `digitrec train`.")
+    model = create_model(arch, tuple(config.get("normalize", (0.1307, 0.3081))))
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError:
+        raise CheckpointError(f"checkpoint {path} does not fit architecture {arch!r}; it is damaged or from another version.") from None
+    return model.to(device).eval(), meta

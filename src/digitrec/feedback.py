@@ -1,0 +1,169 @@
+"""Users' corrections ("that's wrong, it is a 7") in SQLite, safe for concurrent writers, exported as IDX or PNG."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_bytes
+from .errors import DigitrecError
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at    TEXT    NOT NULL,                          -- ISO 8601, UTC
+    label         INTEGER NOT NULL CHECK (label BETWEEN 0 AND 9),
+    predicted     INTEGER CHECK (predicted BETWEEN 0 AND 9), -- NULL when the model was not sure
+    model_name    TEXT,
+    model_version TEXT,
+    image         BLOB    NOT NULL,                          -- the bytes the user sent (PNG, JPEG, ...)
+    input28       BLOB    NOT NULL CHECK (length(input28) = 784)  -- the 28x28 uint8 image the model saw
+);
+"""
+
+
+def default_db_path() -> Path:
+    """$DIGITREC_FEEDBACK_DB, else $XDG_DATA_HOME/digitrec/feedback.sqlite (~/.local/share by default)."""
+    if os.environ.get("DIGITREC_FEEDBACK_DB"):
+        return Path(os.environ["DIGITREC_FEEDBACK_DB"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "digitrec" / "feedback.sqlite"
+
+
+@dataclass(frozen=True)
+class Correction:
+    id: int
+    created_at: str
+    label: int
+    predicted: int | None
+    model_name: str | None
+    model_version: str | None
+    image: bytes
+    input28: np.ndarray  # (28, 28) uint8, white ink on black
+
+
+class FeedbackStore:
+    """One SQLite file in WAL mode: readers never block the writer, and several processes may write at once.
+
+    Every call opens its own short-lived connection, so one store can be shared by any number of threads.
+    Each correction is committed with synchronous=FULL before `add` returns, so killing the server loses nothing
+    it has acknowledged.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path).expanduser() if path else default_db_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(self._connect()) as con:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.executescript(SCHEMA)
+                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise DigitrecError(f"cannot open feedback database {self.path} ({exc}); pass another path with --feedback-db.") from None
+        except OSError as exc:
+            raise DigitrecError(f"cannot create feedback database {self.path} ({exc.strerror}); pass another path with --feedback-db.") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        # A long timeout makes concurrent writers wait for the lock instead of failing with "database is locked".
+        con = sqlite3.connect(self.path, timeout=30.0)
+        con.execute("PRAGMA synchronous=FULL")
+        return con
+
+    def add(
+        self,
+        *,
+        label: int,
+        image: bytes,
+        input28: np.ndarray,
+        predicted: int | None = None,
+        model_name: str | None = None,
+        model_version: str | None = None,
+    ) -> int:
+        """Store one correction and return its id. `input28` is (28, 28) in [0, 1] (float) or 0-255 (uint8)."""
+        pixels = np.asarray(input28)
+        if pixels.dtype != np.uint8:
+            pixels = np.clip(np.rint(pixels.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+        if pixels.size != 784:
+            raise ValueError(f"input28 must hold 28x28 pixels, got shape {pixels.shape}")
+        created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        with closing(self._connect()) as con, con:
+            cursor = con.execute(
+                "INSERT INTO feedback (created_at, label, predicted, model_name, model_version, image, input28)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (created_at, int(label), predicted, model_name, model_version, bytes(image), pixels.tobytes()),
+            )
+            return int(cursor.lastrowid)
+
+    def count(self) -> int:
+        with closing(self._connect()) as con:
+            return con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+
+    def counts_by_label(self) -> dict[int, int]:
+        with closing(self._connect()) as con:
+            rows = con.execute("SELECT label, COUNT(*) FROM feedback GROUP BY label").fetchall()
+        return {digit: 0 for digit in range(10)} | {int(label): n for label, n in rows}
+
+    def corrections(self) -> Iterator[Correction]:
+        """Every correction, oldest first."""
+        with closing(self._connect()) as con:
+            rows = con.execute(
+                "SELECT id, created_at, label, predicted, model_name, model_version, image, input28 FROM feedback ORDER BY id"
+            )
+            for row in rows:
+                *head, pixels = row
+                yield Correction(*head, input28=np.frombuffer(pixels, dtype=np.uint8).reshape(28, 28))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All corrections as MNIST-shaped uint8 images (N, 28, 28) and int64 labels (N,), for fine-tuning."""
+        items = list(self.corrections())
+        images = np.stack([c.input28 for c in items]) if items else np.zeros((0, 28, 28), np.uint8)
+        labels = np.array([c.label for c in items], dtype=np.int64)
+        return torch.from_numpy(images.copy()), torch.from_numpy(labels)
+
+
+def export_idx(store: FeedbackStore, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write the corrections as MNIST-format files feedback-images-idx3-ubyte and feedback-labels-idx1-ubyte."""
+    from .data import to_idx
+
+    images, labels = store.tensors()
+    out_dir = Path(out_dir)
+    images_path, labels_path = out_dir / "feedback-images-idx3-ubyte", out_dir / "feedback-labels-idx1-ubyte"
+    atomic_write_bytes(images_path, to_idx(images.numpy()))
+    atomic_write_bytes(labels_path, to_idx(labels.numpy().astype(np.uint8)))
+    return images_path, labels_path
+
+
+def export_png(store: FeedbackStore, out_dir: str | Path, originals: bool = False) -> int:
+    """Write each correction as OUT/<label>/<id>.png (28x28, what the model saw); with `originals`, also the
+    bytes the user sent as OUT/originals/<id>.<ext>. Returns how many corrections were written."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    written = 0
+    for item in store.corrections():
+        # Plain writes, not atomic ones: an export is cheap to re-run, and an fsync per file would be slow.
+        folder = out_dir / str(item.label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(item.input28).save(folder / f"{item.id}.png")
+        if originals:
+            (out_dir / "originals").mkdir(parents=True, exist_ok=True)
+            (out_dir / "originals" / f"{item.id}.{_extension(item.image)}").write_bytes(item.image)
+        written += 1
+    return written
+
+
+def _extension(data: bytes) -> str:
+    """The usual file extension for an image's bytes, from its magic number."""
+    for magic, ext in ((b"\x89PNG", "png"), (b"\xff\xd8", "jpg"), (b"GIF8", "gif"), (b"RIFF", "webp"), (b"BM", "bmp")):
+        if data.startswith(magic):
+            return ext
+    return "bin"

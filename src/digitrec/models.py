@@ -1,0 +1,138 @@
+"""Every architecture digitrec knows, and a registry name -> constructor.
+
+All models take float pixels in [0, 1] shaped (N, 1, 28, 28), white ink on black as in MNIST, and return
+logits (N, 10). Normalization is the model's first layer, so a checkpoint carries it and callers never
+have to know a recipe's mean and std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import DigitrecError
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with the recipe's constants stored as buffers, so they travel with the weights."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def mlp_500_256() -> nn.Module:
+    """Seed 004: 784-500-256-10 with ReLU."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def mlp_bn_300_100() -> nn.Module:
+    """Seed 001: 784-300-100-10, each hidden layer Linear -> BatchNorm -> ReLU."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 300), nn.BatchNorm1d(300), nn.ReLU(),
+        nn.Linear(300, 100), nn.BatchNorm1d(100), nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+
+
+def mlp_dropout_512_256() -> nn.Module:
+    """Seed 003 plan one: 784-512-256-10 with ReLU and dropout 0.2."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 512), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(512, 256), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(256, 10),
+    )
+
+
+def lenet() -> nn.Module:
+    """Seed 002: conv 1->10 5x5, ReLU, pool; conv 10->20 5x5, ReLU, pool; fc 320-50-10.
+
+    The document's fully connected block has no activation between its two layers; we keep that quirk.
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 10, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(10, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(320, 50), nn.Linear(50, 10),
+    )
+
+
+def plain_cnn() -> nn.Module:
+    """Seed 000's 'plain CNN' (its document names no layers): conv16-5 pool, conv32-5 pool, fc 1568-10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )
+
+
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+def bn_cnn() -> nn.Module:
+    """Seed 003 plan two: (conv32 x2, pool, dropout) (conv64 x2, pool, dropout), fc 3136-512-10, BatchNorm throughout."""
+    return nn.Sequential(
+        *_conv_bn(1, 32), *_conv_bn(32, 32), nn.MaxPool2d(2), nn.Dropout(0.25),
+        *_conv_bn(32, 64), *_conv_bn(64, 64), nn.MaxPool2d(2), nn.Dropout(0.25),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(512, 10),
+    )
+
+
+def _fast_cnn(width: int, hidden: int) -> nn.Module:
+    """A strided 5x5 conv, a second 5x5 conv, one pool and a small head: few memory-bound layers, so it is fast.
+
+    conv 1->w 5x5 stride 2 (14x14) -> ReLU; conv w->2w 5x5 (14x14) -> max-pool 2 (7x7) -> BatchNorm -> ReLU;
+    linear 2w*49 -> hidden -> BatchNorm -> ReLU -> linear hidden -> 10.
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, width, 5, stride=2, padding=2), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 5, padding=2), nn.MaxPool2d(2), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.Flatten(), nn.Linear(2 * width * 49, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, 10),
+    )
+
+
+def fast_cnn() -> nn.Module:
+    """digitrec `fast`: the 216k-parameter CNN (width 16, hidden 128)."""
+    return _fast_cnn(16, 128)
+
+
+def fast_cnn_wide() -> nn.Module:
+    """digitrec `default` and `robust`: the fast CNN at width 32 and hidden 256 (about 0.85M parameters)."""
+    return _fast_cnn(32, 256)
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "mlp_500_256": mlp_500_256,
+    "mlp_bn_300_100": mlp_bn_300_100,
+    "mlp_dropout_512_256": mlp_dropout_512_256,
+    "lenet": lenet,
+    "plain_cnn": plain_cnn,
+    "bn_cnn": bn_cnn,
+    "fast_cnn": fast_cnn,
+    "fast_cnn_wide": fast_cnn_wide,
+}
+
+
+def create_model(arch: str, normalize: tuple[float, float] = (0.1307, 0.3081)) -> nn.Sequential:
+    """Build `arch` with its input normalization as the first layer (index 0)."""
+    try:
+        body = MODELS[arch]()
+    except KeyError:
+        raise DigitrecError(f"unknown architecture {arch!r}; run `digitrec models` to list them.") from None
+    return nn.Sequential(Normalize(*normalize), body)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

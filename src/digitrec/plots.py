@@ -1,0 +1,83 @@
+"""Matplotlib figures for a run: training curves, test samples, confusion matrix, confident mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .checkpoint import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def curves(history: list[dict[str, float]], path: Path) -> Path:
+    """Loss and accuracy per epoch, train and validation side by side."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("train", "train"), ("val", "validation")):
+        if f"{key}_loss" in history[0]:
+            ax_loss.plot(epochs, [row[f"{key}_loss"] for row in history], marker="o", label=label)
+            ax_acc.plot(epochs, [100 * row[f"{key}_accuracy"] for row in history], marker="o", label=label)
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def _grid(images: list[torch.Tensor], titles: list[str], colors: list[str], path: Path, columns: int = 12) -> Path:
+    rows = max(1, (len(images) + columns - 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title, color in zip(axes.flat, images, titles, colors):
+        ax.imshow(image.numpy(), cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=8, color=color)
+    return _save(fig, path)
+
+
+def samples(images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, path: Path, count: int = 36) -> Path:
+    """The first `count` test images with truth / prediction; wrong ones in red."""
+    titles = [f"{int(labels[i])} / {int(predicted[i])}" for i in range(count)]
+    colors = ["black" if labels[i] == predicted[i] else "red" for i in range(count)]
+    return _grid([images[i] for i in range(count)], titles, colors, path)
+
+
+def mistakes(images: torch.Tensor, mistakes: list[dict[str, Any]], path: Path) -> Path:
+    """The most confident mistakes: 'truth -> prediction (confidence)'."""
+    if not mistakes:
+        fig = plt.figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no mistakes", ha="center")
+        return _save(fig, path)
+    titles = [f"{m['label']}→{m['predicted']} {m['confidence']:.0%}" for m in mistakes]
+    return _grid([images[m["index"]] for m in mistakes], titles, ["red"] * len(mistakes), path)
+
+
+def confusion(matrix: list[list[int]], path: Path) -> Path:
+    """Confusion matrix with counts; the diagonal is hidden from the colour scale so errors stand out."""
+    counts = torch.tensor(matrix)
+    off_diagonal = counts.clone().fill_diagonal_(0)
+    fig, ax = plt.subplots(figsize=(6, 5.4))
+    image = ax.imshow(off_diagonal.numpy(), cmap="Reds")
+    for i in range(10):
+        for j in range(10):
+            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                    color="black" if i != j else "#1f5fa8")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title="Confusion matrix (test set)")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="errors")
+    return _save(fig, path)

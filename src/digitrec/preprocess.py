@@ -1,0 +1,432 @@
+"""One function from any image of a digit (photo, scan, drawing) to a 28x28 MNIST-like array, stage by stage.
+
+MNIST was made by size-normalizing bilevel NIST digits into a 20x20 box with anti-aliasing, then centering
+them by center of mass in 28x28, white ink on black. `preprocess()` rebuilds exactly that from a real image:
+
+    load        EXIF orientation, alpha flattened, any mode/bit depth -> gray in [0, 1], working size
+    polarity    find which of dark-on-light or light-on-dark the image is, so ink is always "dark"
+    flatten     divide by a morphological estimate of the paper, which removes shadows and uneven light
+    threshold   hysteresis on the flattened ink (Otsu, floored at a minimum contrast), specks dropped
+    select      keep the digit's components, drop far-away small debris
+    crop        to the ink's bounding box
+    stroke      thicken or thin the strokes to MNIST's stroke width at the final scale
+    scale20     longer side to 20 px keeping the aspect ratio, area-averaged (MNIST's anti-aliasing)
+    center28    paste so the center of mass lands at the center of a 28x28 frame
+    intensity   brightest stroke pixel = 1.0, as in MNIST
+
+The stages are separate functions so that `segment.py` reuses them for a line of digits.
+Only `ImageError` leaves this module for bad input; a page with no ink gives an all-zero image.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+
+from .errors import ImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb guard (about 89 megapixels)
+MIN_SIDE = 5  # below this there is no digit to see
+WORK_SIDE = 256  # longer side of the working image for one digit: ~10x the final 20 px, and fast
+MIN_WORK_SIDE = 112  # small inputs (e.g. 28x28) are upsampled so thresholding keeps their shape
+BACKGROUND_SIDE = 32  # the paper estimate is computed with the shorter side at this many pixels
+BACKGROUND_WINDOW = 11  # closing window there: wider than any stroke, narrower than lighting changes
+INK_CONTRAST = 0.15  # ink must be at least 15% darker than its local paper (blank pages stay blank)
+SPECK_FRACTION = 0.0004  # components smaller than this share of the image are dust or noise
+KEEP_FRACTION = 0.08  # a single digit's parts are at least this share of its largest part
+BOX, FRAME = 20, 28  # MNIST: digit in a 20x20 box, centered by mass in 28x28
+STROKE_WIDTH = 2.4  # mean MNIST stroke width in px at the 20-px-box scale (measured with stroke_width())
+
+Steps = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def open_image(source: Any) -> Image.Image:
+    """Open a path, bytes, file object or PIL image as a fully decoded, EXIF-oriented PIL image.
+
+    Every way a file can be unusable becomes one ImageError sentence: missing, a folder, not an image,
+    truncated, a decompression bomb, empty.
+    """
+    name = _describe(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                raise ImageError(f"{name} is empty (0 bytes); pass an image file.")
+            fp: Any = io.BytesIO(bytes(source))
+        elif isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if not path.exists():
+                raise ImageError(f"{path} does not exist; check the path.")
+            if path.is_dir():
+                raise ImageError(f"{path} is a folder; pass the image files inside it.")
+            if path.stat().st_size == 0:
+                raise ImageError(f"{path} is empty (0 bytes); pass an image file.")
+            fp = path
+        elif hasattr(source, "read"):
+            fp = source
+        else:
+            raise ImageError(f"cannot read an image from a {type(source).__name__}; pass a path, bytes, a PIL image or an array.")
+        try:
+            with warnings.catch_warnings():
+                # Pillow only warns between 1x and 2x its limit; we refuse the whole range.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(fp)
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(
+                f"{name} is too large to decode safely (over {MAX_PIXELS:,} pixels, Pillow's decompression-bomb guard); "
+                "resize it first."
+            ) from None
+        except UnidentifiedImageError:
+            raise ImageError(f"{name} is not an image Pillow can read; use PNG, JPEG, BMP, GIF, TIFF or WebP.") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            # Truncated or corrupt data: Pillow raises OSError ("image file is truncated") and friends.
+            raise ImageError(f"{name} is damaged or truncated ({exc}); re-save or re-export it.") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{name} is too large to decode safely ({width}x{height} pixels, over Pillow's decompression-bomb guard "
+            f"of {MAX_PIXELS:,}); resize it first."
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"{name} is {width}x{height} pixels, too small to hold a digit; use at least {MIN_SIDE}x{MIN_SIDE}.")
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture; keep it unrotated
+        return image
+
+
+def load_gray(source: Any, max_side: int = WORK_SIDE, min_side: int = MIN_WORK_SIDE) -> np.ndarray:
+    """Any supported input -> float32 gray in [0, 1] with its longer side resized into [min_side, max_side]."""
+    if isinstance(source, np.ndarray):
+        gray = _array_to_gray(source)
+    else:
+        image = open_image(source)
+        gray = _pil_to_gray(image, max_side)
+    return _resize_long_side(gray, min_side, max_side)
+
+
+def _pil_to_gray(image: Image.Image, max_side: int) -> np.ndarray:
+    # JPEG can decode at 1/2, 1/4, 1/8 scale directly: a 12 MP phone photo costs milliseconds, not 100s of them.
+    if image.format == "JPEG" and max(image.size) > 2 * max_side:
+        image.draft(image.mode, (max_side, max_side))
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA")  # palette images may carry transparency
+        mode = "RGBA"
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _array_to_gray(np.asarray(image))
+    if mode == "1":
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    if mode in ("LA", "PA", "RGBA", "La", "RGBa"):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        return _flatten_alpha(_luminance(rgba[..., :3]), rgba[..., 3])
+    if mode != "L":
+        image = image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX...
+    if image.mode == "RGB":
+        return _luminance(np.asarray(image, dtype=np.float32) / 255.0)
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    # ITU-R 601 luma, as Pillow's convert("L"): blue ballpoint ink stays dark.
+    return (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).astype(np.float32)
+
+
+def _flatten_alpha(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Composite over the background that contrasts with the opaque pixels: strokes on a transparent canvas stay visible."""
+    opaque = alpha > 0.5
+    if alpha.min() > 0.99 or not opaque.any():
+        return gray
+    ink_is_dark = float(gray[opaque].mean()) < 0.5
+    background = 1.0 if ink_is_dark else 0.0
+    return (gray * alpha + background * (1.0 - alpha)).astype(np.float32)
+
+
+def _array_to_gray(array: np.ndarray) -> np.ndarray:
+    """H x W or H x W x C (or 1/3 x H x W) arrays of any real dtype -> float32 gray in [0, 1]."""
+    a = np.asarray(array)
+    if a.dtype.kind not in "buif":
+        raise ImageError(f"cannot read an image from an array of dtype {a.dtype}; use uint8, uint16 or float.")
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] > 4:
+        a = np.moveaxis(a, 0, -1)  # channels first, as a torch tensor would be
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (2, 3, 4))):
+        raise ImageError(f"an image array must be H x W or H x W x 1/2/3/4, got shape {a.shape}.")
+    height, width = a.shape[:2]
+    if height * width > MAX_PIXELS:
+        raise ImageError(f"the image is too large ({width}x{height} pixels, over {MAX_PIXELS:,}); resize it first.")
+    if min(height, width) < MIN_SIDE:
+        raise ImageError(f"the image is {width}x{height} pixels, too small to hold a digit; use at least {MIN_SIDE}x{MIN_SIDE}.")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ImageError("the image contains NaN or infinite values; pass finite pixel values.")
+    x = _to_unit_range(a)
+    if x.ndim == 2:
+        return x
+    alpha = x[..., -1] if x.shape[-1] in (2, 4) else None
+    color = x[..., :-1] if alpha is not None else x
+    gray = _luminance(color) if color.shape[-1] == 3 else color[..., 0]
+    return _flatten_alpha(gray, alpha) if alpha is not None else gray
+
+
+def _to_unit_range(a: np.ndarray) -> np.ndarray:
+    """uint8 / 255, uint16 / 65535, bool as 0/1, floats in [0, 1] as they are; anything else stretched to [0, 1]."""
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype in (np.uint16, np.dtype(">u2")):
+        return a.astype(np.float32) / 65535.0
+    x = a.astype(np.float64)
+    low, high = float(x.min()), float(x.max())
+    if low >= 0 and high <= 1 and a.dtype.kind == "f":
+        return x.astype(np.float32)
+    if low >= 0 and high <= 255:
+        return (x / 255.0).astype(np.float32)
+    if low >= 0 and high <= 65535:
+        return (x / 65535.0).astype(np.float32)
+    if high - low <= 0 or not np.isfinite(high - low):
+        return np.zeros(a.shape, dtype=np.float32)
+    return ((x - low) / (high - low)).astype(np.float32)
+
+
+def _resize_long_side(gray: np.ndarray, min_side: int, max_side: int) -> np.ndarray:
+    height, width = gray.shape
+    long_side = max(height, width)
+    if min_side <= long_side <= max_side:
+        return np.ascontiguousarray(gray, dtype=np.float32)
+    scale = (max_side if long_side > max_side else min_side) / long_side
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # BOX averages when shrinking (thin pen lines fade, not vanish); BILINEAR keeps small inputs smooth.
+    method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(gray.astype(np.float32), "F").resize(size, method), dtype=np.float32)
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "the uploaded data"
+    return "the image"
+
+
+# ------------------------------------------------------------------------------------------- ink finding
+
+
+def ink_is_dark(gray: np.ndarray) -> bool:
+    """Paper is the median gray; ink is whichever tail lies farther from it (robust to dim or bright photos)."""
+    sample = gray[:: max(1, gray.shape[0] // 64), :: max(1, gray.shape[1] // 64)]
+    low, paper, high = np.percentile(sample, [1, 50, 99])
+    return bool(paper - low >= high - paper)
+
+
+def flatten(gray: np.ndarray) -> np.ndarray:
+    """Dark-ink gray -> ink darkness in [0, 1] relative to the local paper: (paper - pixel) / paper.
+
+    The paper is a morphological closing (max then min filter) on a small copy, which erases strokes but
+    keeps lighting gradients and shadows; dividing by it makes a stroke in shadow as dark as one in light.
+    """
+    height, width = gray.shape
+    factor = max(1.0, min(height, width) / BACKGROUND_SIDE)
+    small_size = (max(1, round(width / factor)), max(1, round(height / factor)))
+    small = np.asarray(Image.fromarray(gray, "F").resize(small_size, Image.Resampling.BOX), dtype=np.float32)
+    paper_small = ndimage.grey_closing(small, size=(BACKGROUND_WINDOW, BACKGROUND_WINDOW), mode="nearest")
+    paper = np.asarray(Image.fromarray(paper_small, "F").resize((width, height), Image.Resampling.BILINEAR))
+    # A light blur first: sensor noise and JPEG ringing must not reach the threshold as specks.
+    smooth = ndimage.gaussian_filter(gray, sigma=max(0.7, min(height, width) / 200), mode="nearest")
+    return np.clip((paper - smooth) / np.maximum(paper, 0.05), 0.0, 1.0).astype(np.float32)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
+    """Otsu's threshold on values in [0, 1]: the cut that maximizes the between-class variance."""
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    hist = hist.astype(np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(hist)
+    weight_high = weight_low[-1] - weight_low
+    mass_low = np.cumsum(hist * centers)
+    mean_low = mass_low / np.maximum(weight_low, 1e-12)
+    mean_high = (mass_low[-1] - mass_low) / np.maximum(weight_high, 1e-12)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def threshold(ink: np.ndarray) -> np.ndarray:
+    """Hysteresis threshold: pixels above the strong cut, plus weaker pixels connected to them; specks dropped."""
+    strong_cut = max(otsu_threshold(ink), INK_CONTRAST)
+    strong = ink > strong_cut
+    if not strong.any():
+        return strong
+    labels, count = ndimage.label(ink > strong_cut / 2, structure=np.ones((3, 3)))
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[np.unique(labels[strong])] = True
+    keep[0] = False
+    mask = keep[labels]
+    return remove_specks(mask)
+
+
+def remove_specks(mask: np.ndarray, fraction: float = SPECK_FRACTION) -> np.ndarray:
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count == 0:
+        return mask
+    areas = np.bincount(labels.ravel())
+    keep = areas >= max(2, fraction * mask.size)
+    keep[0] = False
+    return keep[labels]
+
+
+def ink_mask(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
+    """Gray image -> boolean ink mask (polarity, flatten, threshold). Records the stages in `steps` if given."""
+    if not ink_is_dark(gray):
+        gray = 1.0 - gray
+    if steps is not None:
+        steps["polarity"] = gray
+    ink = flatten(gray)
+    if steps is not None:
+        steps["flatten"] = 1.0 - ink
+    mask = threshold(ink)
+    if steps is not None:
+        steps["threshold"] = ~mask
+    return mask
+
+
+def select_digit(mask: np.ndarray) -> np.ndarray:
+    """Keep the parts of one digit: components of at least KEEP_FRACTION of the largest (broken strokes stay)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count <= 1:
+        return mask
+    areas = np.bincount(labels.ravel())
+    areas[0] = 0
+    keep = areas >= KEEP_FRACTION * areas.max()
+    return keep[labels]
+
+
+# ------------------------------------------------------------------------------------------ MNIST shape
+
+
+def stroke_width(mask: np.ndarray) -> float:
+    """Mean stroke width in pixels: a stroke of length L and width w has area L*w and a perimeter of about 2L.
+
+    The perimeter is counted as pixel transitions along rows and columns, which overcounts a Euclidean
+    length by 4/pi on average; the factor puts it back.
+    """
+    area = float(mask.sum())
+    if area == 0:
+        return 0.0
+    m = np.pad(mask, 1).astype(np.int8)
+    transitions = np.abs(np.diff(m, axis=0)).sum() + np.abs(np.diff(m, axis=1)).sum()
+    return float(2.0 * area / (transitions * np.pi / 4))
+
+
+def crop_to_ink(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def normalize_stroke(mask: np.ndarray) -> np.ndarray:
+    """Dilate thin strokes / erode fat ones so that, once scaled to the 20 px box, they are MNIST-wide."""
+    scale = BOX / max(mask.shape)
+    width = stroke_width(mask)
+    target = STROKE_WIDTH / scale  # MNIST's width expressed in this crop's pixels
+    if width < 0.8 * target:
+        radius = (target - width) / 2
+        distance = ndimage.distance_transform_edt(np.pad(~mask, int(radius) + 2, constant_values=True))
+        return crop_to_ink(distance <= radius)
+    if width > 1.5 * target:
+        radius = min((width - target) / 2, 0.35 * width)  # never erode a stroke away
+        thinned = ndimage.distance_transform_edt(mask) > radius
+        return crop_to_ink(thinned) if thinned.any() else mask
+    return mask
+
+
+def scale_to_box(mask: np.ndarray) -> np.ndarray:
+    """Longer side to 20 px keeping the aspect ratio; area averaging gives MNIST's gray anti-aliased edges."""
+    height, width = mask.shape
+    scale = BOX / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(mask.astype(np.float32), "F").resize(size, method), dtype=np.float32)
+
+
+def center_in_frame(glyph: np.ndarray) -> np.ndarray:
+    """Paste into 28x28 so the center of mass is at the center (as MNIST did), never cutting the glyph."""
+    frame = np.zeros((FRAME, FRAME), dtype=np.float32)
+    height, width = glyph.shape
+    total = float(glyph.sum())
+    if total <= 0:
+        return frame
+    rows, cols = np.indices(glyph.shape)
+    center_y, center_x = (glyph * rows).sum() / total, (glyph * cols).sum() / total
+    top = int(np.clip(round(FRAME / 2 - 0.5 - center_y), 0, FRAME - height))
+    left = int(np.clip(round(FRAME / 2 - 0.5 - center_x), 0, FRAME - width))
+    frame[top : top + height, left : left + width] = glyph
+    return frame
+
+
+def to_mnist(mask: np.ndarray, steps: Steps | None = None) -> np.ndarray:
+    """A boolean mask holding one digit -> float32 (28, 28) in [0, 1], white on black, like MNIST."""
+    if not mask.any():
+        return np.zeros((FRAME, FRAME), dtype=np.float32)
+    crop = crop_to_ink(mask)
+    stroked = normalize_stroke(crop)
+    glyph = scale_to_box(stroked)
+    frame = center_in_frame(glyph)
+    peak = float(frame.max())
+    out = np.clip(frame / peak, 0.0, 1.0) if peak > 0 else frame  # brightest stroke = 1.0, like MNIST
+    if steps is not None:
+        steps["crop"] = ~crop
+        steps["stroke"] = ~stroked
+        steps["scale20"] = 1.0 - glyph
+        steps["center28"] = frame
+        steps["mnist"] = out
+    return out.astype(np.float32)
+
+
+# -------------------------------------------------------------------------------------------- the one
+
+
+def preprocess(image: Any, *, return_steps: bool = False) -> np.ndarray | tuple[np.ndarray, Steps]:
+    """Any image of one digit -> float32 (28, 28) in [0, 1], white ink on black, like an MNIST digit.
+
+    `image` is a path, bytes, file object, PIL image or NumPy array (H x W or H x W x C; uint8, uint16,
+    bool or float). Raises ImageError (one sentence) for anything unusable; a blank page gives all zeros.
+    With return_steps=True also returns {stage name: 2-D float image} for `--show-steps`.
+    """
+    steps: Steps | None = {} if return_steps else None
+    gray = load_gray(image)
+    if steps is not None:
+        steps["gray"] = gray
+    mask = select_digit(ink_mask(gray, steps))
+    if steps is not None:
+        steps["select"] = ~mask
+    out = to_mnist(mask, steps)
+    return (out, steps) if steps is not None else out
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def expand_paths(paths: list[str | Path]) -> list[Path]:
+    """Folders expand to the image files inside them (sorted, not recursive); files stay as given, in order."""
+    expanded: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            expanded.extend(sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p)))
+        else:
+            expanded.append(path)
+    return expanded

@@ -1,0 +1,385 @@
+"""The training loop: one train_epoch(), one evaluate(), checkpoints every epoch, resume from the last one.
+
+Determinism: the data order of epoch e is a function of (seed, e) and every step reseeds the augmentation
+and dropout generators from (seed, step), so a run resumed at any saved step continues exactly as if it had
+never stopped, with nothing but the step count to restore.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .augment import augment_batch
+from .checkpoint import atomic_write_json, load_tensors, save_model, save_tensors
+from .config import TrainConfig
+from .data import MNIST, load_mnist, split_validation
+from .errors import CheckpointError, DigitrecError
+from .models import count_parameters, create_model
+
+
+@dataclass
+class Run:
+    """What a finished run leaves behind."""
+
+    out_dir: Path
+    config: TrainConfig
+    metrics: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def model_path(self) -> Path:
+        return self.out_dir / "model.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DigitrecError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DigitrecError("--device mps was asked for but Apple's MPS is not available; use --device cpu or auto.")
+    return torch.device(name)
+
+
+def lr_at(config: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning rate for `step` under the recipe's schedule (a pure function, so resuming needs no state)."""
+    epoch = step // steps_per_epoch
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "step":
+        return config.lr * config.gamma ** (epoch // config.step_epochs)
+    if config.schedule == "step_at_epoch_start":  # seed 001 multiplies by gamma before epoch 0's first step
+        return config.lr * config.gamma ** (epoch // config.step_epochs + 1)
+    progress = step / max(1, total_steps)
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    # onecycle: linear warm-up from lr/25 to lr, then linear decay to zero (as in airbench and hlb-CIFAR10)
+    warmup = config.warmup_fraction
+    if progress < warmup:
+        return config.lr * (0.04 + 0.96 * progress / warmup)
+    return config.lr * max(0.0, (1 - progress) / (1 - warmup))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD, Adam or AdamW; weight decay applies to weight matrices and kernels only, not to biases or norms."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=config.betas)
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused)
+
+
+def as_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], the input every model takes."""
+    x = images.unsqueeze(1).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).to(device)
+
+
+def steps_in_epoch(n: int, batch_size: int) -> int:
+    """Batches per epoch, keeping a final partial batch unless it would hold a single image (BatchNorm needs two)."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest > 1 else 0)
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    steps: range,
+    steps_per_epoch: int,
+    total_steps: int,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[float, float]:
+    """Train on `steps` (all inside one epoch); returns (mean loss, accuracy) over the images seen."""
+    model.train()
+    device = images.device
+    epoch = steps.start // steps_per_epoch
+    order = epoch_order(len(images), config.seed, epoch, device)
+    aug_generator = torch.Generator(device=device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for step in steps:
+        i = step - epoch * steps_per_epoch
+        index = order[i * config.batch_size : (i + 1) * config.batch_size]
+        x, y = as_input(images[index]), labels[index].long()
+        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout draws from the global generator
+        aug_generator.manual_seed(config.seed * 1_000_033 + step)
+        x = augment_batch(x, config.augment, aug_generator)
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, step, steps_per_epoch, total_steps)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if on_step is not None:
+            on_step(step)
+    return loss_sum.item() / max(1, seen), correct.item() / max(1, seen)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1000, amp: bool = False,
+                   channels_last: bool = False) -> torch.Tensor:
+    """Logits (float32) for uint8 images (N, 28, 28), in batches, with the model in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = as_input(images[start : start + batch_size].to(device), channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs.append(model(x).float())
+    return torch.cat(outputs) if outputs else torch.zeros(0, 10)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` on a labelled set."""
+    logits = predict_logits(model, images, config.eval_batch_size, config.amp, config.channels_last)
+    labels = labels.to(logits.device).long()
+    loss = F.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (for safetensors) and plain values (for JSON)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in info["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = [dict(g) for g in info["param_groups"]]
+    for g in groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def versions() -> dict[str, str]:
+    return {"digitrec": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def model_metadata(config: TrainConfig, recipe: str, model: nn.Module, data: MNIST, metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "recipe": recipe,
+        "arch": config.arch,
+        "config": config.to_dict(),
+        "params": count_parameters(model),
+        "metrics": metrics,
+        "data_checksum": data.checksum,
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    recipe: str = "custom",
+    data: MNIST | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    report: bool = True,
+    log: Callable[[str], None] = print,
+    tensorboard: bool = False,
+) -> Run:
+    """Train `config`, keep the best checkpoint by validation accuracy, evaluate it on the test set, write the run folder."""
+    out_dir = Path(out_dir)
+    last_path = out_dir / "last.safetensors"
+    state: dict[str, Any] = {"step": 0, "history": [], "best_val_accuracy": -1.0, "train_seconds": 0.0, "bad_epochs": 0}
+    resume_tensors: dict[str, torch.Tensor] = {}
+    if resume:
+        if not last_path.exists():
+            raise CheckpointError(f"{out_dir} has no last.safetensors to resume from; start a new run without --resume.")
+        resume_tensors, meta = load_tensors(last_path)
+        config, recipe, state = TrainConfig.from_dict(meta["config"]), meta["recipe"], meta["state"]
+        log(f"resuming {recipe} from step {state['step']} in {out_dir}")
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    data = data or load_mnist(log=log)
+    if config.val_size:
+        train_images, train_labels, val_images, val_labels = split_validation(
+            data.train_images, data.train_labels, config.val_size, seed=0
+        )
+    else:
+        train_images, train_labels, val_images, val_labels = data.train_images, data.train_labels, None, None
+    if dry_run:
+        train_images, train_labels = train_images[: 8 * config.batch_size], train_labels[: 8 * config.batch_size]
+        config = config.override(epochs=min(config.epochs, 1.0))
+    train_images, train_labels = train_images.to(device), train_labels.to(device)
+
+    torch.manual_seed(config.seed)
+    model = create_model(config.arch, config.normalize).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config)
+    if resume:
+        model.load_state_dict({k[len("model."):]: v for k, v in resume_tensors.items() if k.startswith("model.")})
+        _load_optimizer(optimizer, resume_tensors, state["optimizer"])
+    forward_model = torch.compile(model) if config.compile else model
+
+    steps_per_epoch = steps_in_epoch(len(train_images), config.batch_size)
+    total_steps = max(1, round(config.epochs * steps_per_epoch))
+    total_epochs = math.ceil(total_steps / steps_per_epoch)
+    params = count_parameters(model)
+    log(f"training {recipe}: {config.arch} ({params:,} parameters) on {device}, {len(train_images):,} images, "
+        f"{total_steps} steps of {config.batch_size}")
+    writer = _tensorboard_writer(out_dir) if tensorboard else None
+
+    def save_last(step: int) -> None:
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        optimizer_tensors, optimizer_info = _optimizer_tensors(optimizer)
+        save_tensors(last_path, tensors | optimizer_tensors,
+                     {"recipe": recipe, "config": config.to_dict(), "state": state | {"step": step, "optimizer": optimizer_info}})
+
+    def on_step(step: int) -> None:
+        if bar is not None:
+            bar.update(1)
+        if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and (step + 1) % steps_per_epoch:
+            state["train_seconds"] += time.perf_counter() - clock[0]
+            clock[0] = time.perf_counter()
+            save_last(step + 1)
+
+    clock = [time.perf_counter()]
+    bar = None
+    step = state["step"]
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        end = min(total_steps, (epoch + 1) * steps_per_epoch)
+        steps = range(step, end)
+        bar = _progress(steps, epoch, total_epochs) if progress else None
+        train_loss, train_accuracy = train_steps(
+            forward_model, optimizer, train_images, train_labels, config, steps, steps_per_epoch, total_steps,
+            on_step=on_step,
+        )
+        if bar:
+            bar.close()
+        step = end
+        row: dict[str, float] = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
+                                 "train_accuracy": train_accuracy, "lr": lr_at(config, step - 1, steps_per_epoch, total_steps)}
+        if val_images is not None:
+            row["val_loss"], row["val_accuracy"] = evaluate(forward_model, val_images, val_labels, config)
+        state["train_seconds"] += time.perf_counter() - clock[0]
+        clock[0] = time.perf_counter()
+        row["seconds"] = state["train_seconds"]
+        state["history"].append(row)
+        log(_epoch_line(row, total_epochs))
+        if writer:
+            for key, value in row.items():
+                writer.add_scalar(key, value, step)
+        better = val_images is None or row["val_accuracy"] > state["best_val_accuracy"]
+        if better:
+            state["best_val_accuracy"] = row.get("val_accuracy", -1.0)
+            state["bad_epochs"] = 0
+            save_model(out_dir / "model.safetensors", model, {"recipe": recipe, "config": config.to_dict(), "partial": True})
+        else:
+            state["bad_epochs"] += 1
+        save_last(step)
+        atomic_write_json(out_dir / "history.json", state["history"])
+        if config.early_stopping_patience and state["bad_epochs"] >= config.early_stopping_patience:
+            log(f"early stopping: no better validation accuracy for {state['bad_epochs']} epochs")
+            break
+        clock[0] = time.perf_counter()
+    if writer:
+        writer.close()
+
+    best, _ = load_tensors(out_dir / "model.safetensors")
+    model.load_state_dict(best)
+    eval_start = time.perf_counter()
+    test_loss, test_accuracy = evaluate(model, data.test_images.to(device), data.test_labels.to(device), config)
+    metrics = {
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "val_accuracy": state["best_val_accuracy"] if val_images is not None else None,
+        "params": params,
+        "train_seconds": round(state["train_seconds"], 3),
+        "eval_seconds": round(time.perf_counter() - eval_start, 3),
+        "epochs": state["history"][-1]["epoch"] if state["history"] else 0,
+        "steps": step,
+        "device": str(device),
+    }
+    save_model(out_dir / "model.safetensors", model.cpu(), model_metadata(config, recipe, model, data, metrics))
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    run = Run(out_dir, config, metrics, state["history"])
+    if report:
+        from .evaluate import write_report
+
+        write_report(out_dir, model, data, history=state["history"], config=config, log=log)
+    return run
+
+
+def _epoch_line(row: dict[str, float], total_epochs: int) -> str:
+    text = (f"epoch {int(row['epoch']):>3}/{total_epochs}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_accuracy']:.2%}")
+    if "val_accuracy" in row:
+        text += f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}"
+    return text + f"  lr {row['lr']:.2e}  {row['seconds']:.1f} s"
+
+
+def _progress(steps: range, epoch: int, total_epochs: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{total_epochs}", leave=False, unit="batch", dynamic_ncols=True)
+
+
+def _tensorboard_writer(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DigitrecError("--tensorboard needs the tensorboard package; install it with `pip install digitrec[tensorboard]`.") from None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def load_history(out_dir: str | Path) -> list[dict[str, float]]:
+    path = Path(out_dir) / "history.json"
+    return json.loads(path.read_text()) if path.exists() else []
