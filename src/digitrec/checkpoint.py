@@ -25,25 +25,40 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Write each file to a temporary sibling and fsync it, then rename them over their paths one after another.
+
+    A crash leaves every path with its old or its new content, never a mix; and since all the slow work
+    happens before the first rename, files that describe each other (a checkpoint and its checksum) can
+    only disagree if the process dies in the microseconds between two renames.
+    """
+    temporaries: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temporaries.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temporaries:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temporaries:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for folder in {path.parent for path in files}:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync it, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_files({Path(path): data})
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -65,8 +80,8 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"format_version": FORMAT_VERSION, **meta}
     data = save(tensors, metadata={META_KEY: json.dumps(meta)})
-    atomic_write_bytes(path, data)
-    atomic_write_json(sidecar_path(path), {**meta, "sha256": hashlib.sha256(data).hexdigest()})
+    side = json.dumps({**meta, "sha256": hashlib.sha256(data).hexdigest()}, indent=2) + "\n"
+    atomic_write_files({Path(path): data, sidecar_path(path): side.encode("utf-8")})
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -95,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
     run = train(config, out, recipe=recipe, data=data, resume=bool(args.resume), dry_run=args.dry_run,
                 progress=not args.no_progress and sys.stderr.isatty(), tensorboard=args.tensorboard)
+    if not run.metrics:  # a rank other than 0 of a distributed run: rank 0 prints the result
+        return 0
     m = run.metrics
     print(f"test accuracy {m['test_accuracy']:.2%}  test loss {m['test_loss']:.4f}  "
           f"params {m['params']:,}  train {m['train_seconds']:.1f} s")
@@ -130,6 +132,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print("most confident mistakes (test index: true -> predicted, confidence)")
     for m in metrics["mistakes"][:10]:
         print(f"  #{m['index']:<5} {m['label']} -> {m['predicted']}  {m['confidence']:.1%}")
+    return 0
+
+
+# ---------------------------------------------------------------- web app, corrections, fine-tuning
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(_model_path(args.model), host=args.host, port=args.port, feedback_db=args.feedback_db,
+          access_log=args.access_log)
+    return 0
+
+
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    from .feedback import FeedbackStore, export_idx, export_png
+
+    store = FeedbackStore(args.feedback_db)
+    if args.format == "idx":
+        images, labels = export_idx(store, args.out)
+        print(f"{store.count()} corrections from {store.path}\n  {images}\n  {labels}")
+    else:
+        count = export_png(store, args.out, originals=args.originals)
+        print(f"{count} corrections from {store.path} -> {args.out}/<label>/<id>.png")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .feedback import finetune
+
+    out = Path(args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+    data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
+    run = finetune(_model_path(args.model), args.feedback, out, data=data, epochs=args.epochs, lr_scale=args.lr_scale,
+                   repeat=args.repeat, progress=not args.no_progress and sys.stderr.isatty(), report=not args.no_report)
+    m = run.metrics
+    print(f"fine-tuned on MNIST + {m['feedback_corrections']} corrections: test accuracy {m['test_accuracy']:.2%}, "
+          f"corrections now read right {m['feedback_accuracy']:.0%} (before {m['feedback_accuracy_before']:.0%})")
+    print(f"model: {run.model_path}\nserve it: digitrec serve --model {run.model_path}")
     return 0
 
 
@@ -177,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="a few batches end to end, for a quick check")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (launches torchrun; see README, Scaling out)")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_train)
 
@@ -187,11 +230,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("serve", help="the web page and REST API (FastAPI on uvicorn); docs at /docs")
+    p.add_argument("--model", help="a run folder or model.safetensors (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for your network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--feedback-db", help="SQLite file for corrections (default ~/.local/share/digitrec/feedback.sqlite)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("feedback", help="corrections users sent from the web page")
+    feedback_sub = p.add_subparsers(dest="feedback_command", required=True, metavar="ACTION")
+    q = feedback_sub.add_parser("export", help="write the corrections as MNIST IDX files or a PNG folder per label")
+    q.add_argument("--feedback-db", help="SQLite file (default ~/.local/share/digitrec/feedback.sqlite)")
+    q.add_argument("--format", choices=["idx", "png"], default="idx")
+    q.add_argument("--out", default="feedback-export", help="output folder (default feedback-export)")
+    q.add_argument("--originals", action="store_true", help="png: also write the images as users sent them")
+    q.set_defaults(func=cmd_feedback_export)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on MNIST plus the corrections; writes a new run folder")
+    p.add_argument("--model", required=True, help="the run folder or model.safetensors to start from")
+    p.add_argument("--feedback", help="SQLite file of corrections (default ~/.local/share/digitrec/feedback.sqlite)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over MNIST + corrections (default 1)")
+    p.add_argument("--lr-scale", type=float, default=0.1, help="learning rate as a fraction of the model's recipe (default 0.1)")
+    p.add_argument("--repeat", type=int, default=20, help="times each correction is shown per epoch (default 20)")
+    p.add_argument("--out", help="run folder (default runs/finetune-<timestamp>)")
+    p.add_argument("--no-report", action="store_true", help="skip the plots and report.html")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_finetune)
+
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` relaunches this command line
     try:
         return args.func(args)
     except DigitrecError as exc:

@@ -2,29 +2,42 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 from torch import nn
 
 
-def integrated_gradients(
-    model: nn.Module, image: torch.Tensor | np.ndarray, target: int, steps: int = 16
-) -> np.ndarray:
-    """Integrated gradients of the `target` logit from a black image to `image`, as a (28, 28) map in [-1, 1].
+@lru_cache(maxsize=4)
+def _occluders(patch: int, stride: int) -> torch.Tensor:
+    """(K, 1, 28, 28) masks, each 0 on one patch x patch square and 1 elsewhere; the squares tile the image."""
+    corners = [(y, x) for y in range(0, 28 - patch + 1, stride) for x in range(0, 28 - patch + 1, stride)]
+    masks = torch.ones(len(corners), 1, 28, 28)
+    for k, (y, x) in enumerate(corners):
+        masks[k, 0, y : y + patch, x : x + patch] = 0
+    return masks
 
-    Positive pixels raised the target's score, negative ones lowered it. A black baseline is the natural
-    "no ink" reference for MNIST, so the map lights up the strokes that mattered. All `steps` interpolated
-    images go through the model as one batch, so this costs about one small forward and backward pass.
+
+@torch.no_grad()
+def occlusion_saliency(
+    model: nn.Module, image: torch.Tensor | np.ndarray, target: int, patch: int = 4, stride: int = 2
+) -> np.ndarray:
+    """How much hiding each pixel lowers the probability of `target`, as a (28, 28) map in [-1, 1].
+
+    Every patch x patch square is blacked out in turn (169 images for the defaults, one batch) and the drop in
+    the target's probability is spread over the pixels it hid. Positive pixels supported the answer, negative
+    ones argued against it. Occlusion needs only forward passes and gives smooth maps that read at a glance,
+    where per-pixel gradients of a small CNN look like noise.
     """
     device = next(model.parameters()).device
     x = torch.as_tensor(image, dtype=torch.float32).reshape(1, 1, 28, 28).to(device)
-    alphas = (torch.arange(1, steps + 1, dtype=torch.float32, device=device) / steps).view(-1, 1, 1, 1)
-    path = (alphas * x).requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(path)
-        (grads,) = torch.autograd.grad(logits[:, target].sum(), path)
-    attribution = (x * grads.mean(dim=0, keepdim=True)).reshape(28, 28)
-    scale = attribution.abs().max()
+    masks = _occluders(patch, stride).to(device)
+    probabilities = torch.softmax(model(torch.cat([x, x * masks])).float(), dim=1)[:, target]
+    drops = (probabilities[0] - probabilities[1:]).view(-1, 1, 1, 1)
+    hidden = 1 - masks
+    heat = (drops * hidden).sum(dim=0) / hidden.sum(dim=0).clamp(min=1)
+    scale = heat.abs().max()
     if scale > 0:
-        attribution = attribution / scale
-    return attribution.detach().cpu().numpy().astype(np.float32)
+        heat = heat / scale
+    return heat.reshape(28, 28).cpu().numpy().astype(np.float32)

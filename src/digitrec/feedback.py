@@ -1,20 +1,26 @@
-"""Users' corrections ("that's wrong, it is a 7") in SQLite, safe for concurrent writers, exported as IDX or PNG."""
+"""Users' corrections ("that's wrong, it is a 7"): stored in SQLite, exported as IDX or PNG, and learned by fine-tuning."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .checkpoint import atomic_write_bytes
 from .errors import DigitrecError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .data import MNIST
+    from .train import Run
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -124,6 +130,8 @@ class FeedbackStore:
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All corrections as MNIST-shaped uint8 images (N, 28, 28) and int64 labels (N,), for fine-tuning."""
+        import torch  # here, not at the top: the server and `feedback export` never need it
+
         items = list(self.corrections())
         images = np.stack([c.input28 for c in items]) if items else np.zeros((0, 28, 28), np.uint8)
         labels = np.array([c.label for c in items], dtype=np.int64)
@@ -132,6 +140,7 @@ class FeedbackStore:
 
 def export_idx(store: FeedbackStore, out_dir: str | Path) -> tuple[Path, Path]:
     """Write the corrections as MNIST-format files feedback-images-idx3-ubyte and feedback-labels-idx1-ubyte."""
+    from .checkpoint import atomic_write_bytes
     from .data import to_idx
 
     images, labels = store.tensors()
@@ -167,3 +176,92 @@ def _extension(data: bytes) -> str:
         if data.startswith(magic):
             return ext
     return "bin"
+
+
+def finetune(
+    model_path: str | Path,
+    feedback_db: str | Path | None,
+    out_dir: str | Path,
+    *,
+    data: MNIST,
+    epochs: float = 1.0,
+    lr_scale: float = 0.1,
+    repeat: int = 20,
+    progress: bool = False,
+    report: bool = True,
+    log=print,
+) -> Run:
+    """Continue training `model_path` on MNIST's training set plus the corrections, each shown `repeat` times
+    per epoch, at `lr_scale` times the recipe's learning rate with a cosine decay; write a new run folder.
+
+    The batches go through train.train_steps, the same loop `digitrec train` uses. Metrics record the test
+    accuracy and how many corrections the model reads right before and after.
+    """
+    import hashlib
+    from dataclasses import replace
+
+    import torch
+
+    from .checkpoint import atomic_write_json, load_model, save_model
+    from .config import TrainConfig
+    from .train import Run, evaluate, make_optimizer, model_metadata, resolve_device, steps_in_epoch, train_steps
+
+    model, meta = load_model(model_path)
+    store = FeedbackStore(feedback_db)
+    images, labels = store.tensors()
+    if len(images) == 0:
+        raise DigitrecError(f"{store.path} holds no corrections yet; send some from the web page (`digitrec serve`) first.")
+    if repeat < 1 or epochs <= 0 or lr_scale <= 0:
+        raise DigitrecError("--repeat must be at least 1, and --epochs and --lr-scale positive.")
+    base = TrainConfig.from_dict(meta.get("config", {}))
+    config = base.override(epochs=epochs, lr=base.lr * lr_scale, schedule="cosine", val_size=0, early_stopping_patience=0)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    model = model.to(device)
+    train_images = torch.cat([data.train_images, images.repeat(repeat, 1, 1)]).to(device)
+    train_labels = torch.cat([data.train_labels, labels.to(data.train_labels.dtype).repeat(repeat)]).to(device)
+    feedback_images, feedback_labels = images.to(device), labels.to(device)
+    _, accuracy_before = evaluate(model, feedback_images, feedback_labels, config)
+
+    optimizer = make_optimizer(model, config)
+    steps_per_epoch = steps_in_epoch(len(train_images), config.batch_size)
+    total_steps = max(1, round(epochs * steps_per_epoch))
+    log(f"fine-tuning {model_path} on {len(data.train_images):,} MNIST images + {len(images)} corrections x {repeat}, "
+        f"{total_steps} steps of {config.batch_size} at lr {config.lr:g}")
+    history = []
+    started = time.perf_counter()
+    for start in range(0, total_steps, steps_per_epoch):
+        steps = range(start, min(total_steps, start + steps_per_epoch))
+        loss, accuracy = train_steps(model, optimizer, train_images, train_labels, config, steps, steps_per_epoch, total_steps)
+        history.append({"epoch": start // steps_per_epoch + 1, "step": steps.stop, "train_loss": loss, "train_accuracy": accuracy})
+        log(f"epoch {history[-1]['epoch']}: train loss {loss:.4f}, accuracy {accuracy:.2%}")
+    train_seconds = time.perf_counter() - started
+    test_loss, test_accuracy = evaluate(model, data.test_images.to(device), data.test_labels.to(device), config)
+    _, accuracy_after = evaluate(model, feedback_images, feedback_labels, config)
+
+    metrics = {
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "test_accuracy_before": (meta.get("metrics") or {}).get("test_accuracy"),
+        "feedback_corrections": len(images),
+        "feedback_accuracy_before": accuracy_before,
+        "feedback_accuracy": accuracy_after,
+        "train_seconds": round(train_seconds, 3),
+        "steps": total_steps,
+        "device": str(device),
+    }
+    # The data checksum covers the corrections too, so two fine-tunes on different feedback never look alike.
+    digest = hashlib.md5(data.checksum.encode() + images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+    recipe = f"{meta.get('recipe', 'custom')}+feedback"
+    out_dir = Path(out_dir)
+    model = model.cpu()
+    save_model(out_dir / "model.safetensors", model, model_metadata(config, recipe, model, replace(data, checksum=digest), metrics)
+               | {"finetuned_from": str(model_path), "repeat": repeat})
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / "history.json", history)
+    if report:
+        from .evaluate import write_report
+
+        write_report(out_dir, model, data, history=history, config=config, title=f"digitrec finetune {model_path}", log=log)
+    return Run(out_dir, config, metrics, history)

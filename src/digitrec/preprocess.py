@@ -51,12 +51,17 @@ Steps = dict[str, np.ndarray]
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def open_image(source: Any) -> Image.Image:
+def open_image(source: Any, max_side: int | None = None) -> Image.Image:
     """Open a path, bytes, file object or PIL image as a fully decoded, EXIF-oriented PIL image.
 
     Every way a file can be unusable becomes one ImageError sentence: missing, a folder, not an image,
-    truncated, a decompression bomb, empty.
+    truncated, a decompression bomb, empty. With `max_side`, a large JPEG is decoded at a reduced scale.
     """
+    return _open(source, max_side)[0]
+
+
+def _open(source: Any, max_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """open_image() plus the image's full (width, height) after EXIF rotation, even when decoded smaller."""
     name = _describe(source)
     if isinstance(source, Image.Image):
         image = source
@@ -83,6 +88,10 @@ def open_image(source: Any) -> Image.Image:
                 # Pillow only warns between 1x and 2x its limit; we refuse the whole range.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(fp)
+                full_size = image.size
+                # JPEG can decode at 1/2, 1/4, 1/8 scale: a 12 MP phone photo costs milliseconds, not 100s of them.
+                if max_side and image.format == "JPEG" and max(image.size) > 2 * max_side:
+                    image.draft(image.mode, (max_side, max_side))
                 image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(
@@ -94,7 +103,9 @@ def open_image(source: Any) -> Image.Image:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             # Truncated or corrupt data: Pillow raises OSError ("image file is truncated") and friends.
             raise ImageError(f"{name} is damaged or truncated ({exc}); re-save or re-export it.") from None
-    width, height = image.size
+    if isinstance(source, Image.Image):
+        full_size = image.size
+    width, height = full_size
     if width * height > MAX_PIXELS:
         raise ImageError(
             f"{name} is too large to decode safely ({width}x{height} pixels, over Pillow's decompression-bomb guard "
@@ -103,25 +114,31 @@ def open_image(source: Any) -> Image.Image:
     if min(width, height) < MIN_SIDE:
         raise ImageError(f"{name} is {width}x{height} pixels, too small to hold a digit; use at least {MIN_SIDE}x{MIN_SIDE}.")
     try:
-        return ImageOps.exif_transpose(image)
+        oriented = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture; keep it unrotated
-        return image
+        oriented = image
+    if oriented.size != image.size:  # rotated by 90 degrees
+        full_size = (full_size[1], full_size[0])
+    return oriented, full_size
 
 
 def load_gray(source: Any, max_side: int = WORK_SIDE, min_side: int = MIN_WORK_SIDE) -> np.ndarray:
     """Any supported input -> float32 gray in [0, 1] with its longer side resized into [min_side, max_side]."""
+    return load_gray_sized(source, max_side, min_side)[0]
+
+
+def load_gray_sized(source: Any, max_side: int = WORK_SIDE, min_side: int = MIN_WORK_SIDE) -> tuple[np.ndarray, tuple[int, int]]:
+    """load_gray() plus the input's own (width, height), to map working-image boxes back to the user's pixels."""
     if isinstance(source, np.ndarray):
         gray = _array_to_gray(source)
+        size = (gray.shape[1], gray.shape[0])
     else:
-        image = open_image(source)
-        gray = _pil_to_gray(image, max_side)
-    return _resize_long_side(gray, min_side, max_side)
+        image, size = _open(source, max_side)
+        gray = _pil_to_gray(image)
+    return _resize_long_side(gray, min_side, max_side), size
 
 
-def _pil_to_gray(image: Image.Image, max_side: int) -> np.ndarray:
-    # JPEG can decode at 1/2, 1/4, 1/8 scale directly: a 12 MP phone photo costs milliseconds, not 100s of them.
-    if image.format == "JPEG" and max(image.size) > 2 * max_side:
-        image.draft(image.mode, (max_side, max_side))
+def _pil_to_gray(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode == "P":
         image = image.convert("RGBA")  # palette images may carry transparency
@@ -226,11 +243,24 @@ def _describe(source: Any) -> str:
 # ------------------------------------------------------------------------------------------- ink finding
 
 
+def _shrink(gray: np.ndarray) -> np.ndarray:
+    """A copy with the shorter side at BACKGROUND_SIDE px (area-averaged): paper and light live at this scale."""
+    height, width = gray.shape
+    factor = max(1.0, min(height, width) / BACKGROUND_SIDE)
+    size = (max(1, round(width / factor)), max(1, round(height / factor)))
+    return np.asarray(Image.fromarray(gray, "F").resize(size, Image.Resampling.BOX), dtype=np.float32)
+
+
 def ink_is_dark(gray: np.ndarray) -> bool:
-    """Paper is the median gray; ink is whichever tail lies farther from it (robust to dim or bright photos)."""
-    sample = gray[:: max(1, gray.shape[0] // 64), :: max(1, gray.shape[1] // 64)]
-    low, paper, high = np.percentile(sample, [1, 50, 99])
-    return bool(paper - low >= high - paper)
+    """Is the ink darker than the paper? Compare the tails of the image minus its local median.
+
+    The local median is the paper whatever the polarity (ink is the minority), so subtracting it removes
+    shadows and gradients that would fool a global histogram; the ink is the tail that sticks out farther.
+    """
+    small = _shrink(gray)
+    residual = small - ndimage.median_filter(small, size=BACKGROUND_WINDOW, mode="nearest")
+    low, high = np.percentile(residual, [2, 98])
+    return bool(-low >= high)
 
 
 def flatten(gray: np.ndarray) -> np.ndarray:
@@ -240,13 +270,10 @@ def flatten(gray: np.ndarray) -> np.ndarray:
     keeps lighting gradients and shadows; dividing by it makes a stroke in shadow as dark as one in light.
     """
     height, width = gray.shape
-    factor = max(1.0, min(height, width) / BACKGROUND_SIDE)
-    small_size = (max(1, round(width / factor)), max(1, round(height / factor)))
-    small = np.asarray(Image.fromarray(gray, "F").resize(small_size, Image.Resampling.BOX), dtype=np.float32)
-    paper_small = ndimage.grey_closing(small, size=(BACKGROUND_WINDOW, BACKGROUND_WINDOW), mode="nearest")
+    paper_small = ndimage.grey_closing(_shrink(gray), size=(BACKGROUND_WINDOW, BACKGROUND_WINDOW), mode="nearest")
     paper = np.asarray(Image.fromarray(paper_small, "F").resize((width, height), Image.Resampling.BILINEAR))
     # A light blur first: sensor noise and JPEG ringing must not reach the threshold as specks.
-    smooth = ndimage.gaussian_filter(gray, sigma=max(0.7, min(height, width) / 200), mode="nearest")
+    smooth = ndimage.gaussian_filter(gray, sigma=max(0.7, min(height, width) / 200), mode="nearest", truncate=2.5)
     return np.clip((paper - smooth) / np.maximum(paper, 0.05), 0.0, 1.0).astype(np.float32)
 
 

@@ -50,18 +50,18 @@ class PredictResponse(BaseModel):
     top: list[TopEntry] = Field(default_factory=list, description="the three most likely digits")
     input: list[list[float]] | None = Field(None, description="with ?explain=true: the 28x28 image the model saw, 0-1")
     saliency: list[list[float]] | None = Field(
-        None, description="with ?explain=true: 28x28 integrated gradients in [-1, 1]; positive pixels support `digit`"
+        None, description="with ?explain=true: 28x28 occlusion saliency in [-1, 1]; positive pixels supported the answer"
     )
 
 
 class DigitOut(BaseModel):
-    digit: int | None
-    confidence: float
+    digit: int
+    confidence: float = Field(description="calibrated probability of `digit`; low values mark doubtful digits")
     box: tuple[int, int, int, int] = Field(description="x, y, width, height in the uploaded image's pixels")
 
 
 class ReadResponse(BaseModel):
-    number: str = Field(description="the digits left to right; '?' where one was not sure")
+    number: str = Field(description="the digits left to right")
     digits: list[DigitOut]
 
 
@@ -213,7 +213,7 @@ class Batcher:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, future), prediction in zip(batch, predictions):
+                for (_, future), prediction in zip(batch, predictions, strict=True):
                     if not future.done():  # the client may have gone away
                         future.set_result(prediction)
         finally:
@@ -259,7 +259,7 @@ def create_app(
         cpu_pool.shutdown(wait=False, cancel_futures=True)
         model_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(
+    app = _fastapi(
         title="digitrec",
         version=model_version or "0",
         description=(
@@ -293,7 +293,12 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        detail = str(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"there is nothing at {request.url.path}; the page is at / and the API is described at /docs."
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}; see /docs for the methods each endpoint takes."
+        return _error(exc.status_code, detail)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
@@ -388,14 +393,15 @@ def create_app(
         counters["rejected"] += bool(prediction.rejected)
         result = _prediction_dict(prediction)
         if explain:
-            from .explain import integrated_gradients
-
-            target = result["digit"] if result["digit"] is not None else int(np.argmax(result["probabilities"]))
-            saliency = await asyncio.get_running_loop().run_in_executor(
-                model_pool, integrated_gradients, predictor.model, pixels, target
-            )
             result["input"] = np.round(pixels, 3).tolist()
-            result["saliency"] = np.round(saliency, 3).tolist()
+            if getattr(predictor, "model", None) is not None:  # an ONNX/int8 backend has no gradients to show
+                from .explain import occlusion_saliency
+
+                target = result["digit"] if result["digit"] is not None else int(np.argmax(result["probabilities"]))
+                saliency = await asyncio.get_running_loop().run_in_executor(
+                    model_pool, occlusion_saliency, predictor.model, pixels, target
+                )
+                result["saliency"] = np.round(saliency, 3).tolist()
         return result
 
     @app.post("/api/read", response_model=ReadResponse, tags=["digits"],
@@ -412,7 +418,7 @@ def create_app(
         return {
             "number": result.number,
             "digits": [
-                {"digit": None if d.digit is None else int(d.digit), "confidence": float(d.confidence),
+                {"digit": int(d.digit), "confidence": float(d.confidence),
                  "box": tuple(int(v) for v in d.box)}
                 for d in result.digits
             ],
@@ -467,6 +473,15 @@ def create_app(
     return app
 
 
+def _fastapi(**kwargs: Any) -> FastAPI:
+    """A FastAPI app whose /docs page works offline when fastapi-offline is installed (it bundles Swagger UI)."""
+    try:
+        from fastapi_offline import FastAPIOffline
+    except ImportError:  # /docs then loads Swagger UI from a CDN, as FastAPI does by default
+        return FastAPI(**kwargs)
+    return FastAPIOffline(**kwargs)
+
+
 def _digit_field(fields: dict[str, Any], name: str, required: bool) -> int | None:
     """A digit 0-9 from a form or JSON field, or a 422 saying what is wrong."""
     value = fields.get(name)
@@ -491,10 +506,14 @@ def serve(
     access_log: bool = False,
 ) -> None:
     """Load the model once, then serve the page and the API until interrupted."""
+    import torch
     import uvicorn
 
     from .predict import Predictor
 
+    # One intra-op thread: the model runs on one thread fed by the batcher while others decode and preprocess;
+    # torch's default (one thread per core) makes them fight over the cores and is several times slower.
+    torch.set_num_threads(1)
     predictor = Predictor.load(model) if model else Predictor.pretrained()
     app = create_app(predictor, feedback_db=feedback_db)
     print(f"digitrec: serving {predictor.name} {predictor.version} on http://{host}:{port}/  (API docs: /docs)", flush=True)

@@ -2,7 +2,12 @@
 
 Determinism: the data order of epoch e is a function of (seed, e) and every step reseeds the augmentation
 and dropout generators from (seed, step), so a run resumed at any saved step continues exactly as if it had
-never stopped, with nothing but the step count to restore.
+never stopped, with nothing but the step count to restore. (Checkpoints still carry the Python, NumPy, torch
+and CUDA generator states, for any future code that draws random numbers outside that per-step seeding.)
+
+Distributed: under torchrun every rank holds the whole data set, walks the same epoch order and trains on
+its interleaved share of each batch, so `batch_size` is the global batch and a recipe means the same thing
+on any number of processes. DDP averages the gradients; only rank 0 logs, evaluates and writes files.
 """
 
 from __future__ import annotations
@@ -10,16 +15,18 @@ from __future__ import annotations
 import json
 import math
 import platform
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .augment import augment_batch
 from .checkpoint import atomic_write_json, load_tensors, save_model, save_tensors
 from .config import TrainConfig
@@ -99,10 +106,10 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=generator).to(device)
 
 
-def steps_in_epoch(n: int, batch_size: int) -> int:
-    """Batches per epoch, keeping a final partial batch unless it would hold a single image (BatchNorm needs two)."""
+def steps_in_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches per epoch, keeping a final partial batch unless a rank's share would be one image (BatchNorm needs two)."""
     full, rest = divmod(n, batch_size)
-    return full + (1 if rest > 1 else 0)
+    return full + (1 if rest >= 2 * world_size else 0)
 
 
 def train_steps(
@@ -114,23 +121,30 @@ def train_steps(
     steps: range,
     steps_per_epoch: int,
     total_steps: int,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, tuple[torch.Tensor, torch.Tensor, int]], None] | None = None,
+    epoch_so_far: tuple[float, int, int] = (0.0, 0, 0),
 ) -> tuple[float, float]:
-    """Train on `steps` (all inside one epoch); returns (mean loss, accuracy) over the images seen."""
+    """Train on `steps` (all inside one epoch); returns (mean loss, accuracy) over the epoch's images seen.
+
+    `epoch_so_far` carries (loss sum, correct, images) of the part of the epoch before a resume, and `on_step`
+    gets the running sums after every step, so that a mid-epoch checkpoint can save them.
+    """
     model.train()
     device = images.device
+    rank, world_size = distributed.rank(), distributed.world_size()
     epoch = steps.start // steps_per_epoch
     order = epoch_order(len(images), config.seed, epoch, device)
     aug_generator = torch.Generator(device=device)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    loss_sum = torch.full((), epoch_so_far[0], device=device)
+    correct = torch.full((), int(epoch_so_far[1]), device=device, dtype=torch.long)
+    seen = int(epoch_so_far[2])
     for step in steps:
         i = step - epoch * steps_per_epoch
-        index = order[i * config.batch_size : (i + 1) * config.batch_size]
+        index = order[i * config.batch_size : (i + 1) * config.batch_size][rank::world_size]  # this rank's share
         x, y = as_input(images[index]), labels[index].long()
-        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout draws from the global generator
-        aug_generator.manual_seed(config.seed * 1_000_033 + step)
+        # dropout draws from the global generator; under DDP each rank gets its own draws
+        torch.manual_seed((config.seed * 1_000_003 + step) * world_size + rank)
+        aug_generator.manual_seed((config.seed * 1_000_033 + step) * world_size + rank)
         x = augment_batch(x, config.augment, aug_generator)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -146,8 +160,9 @@ def train_steps(
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if on_step is not None:
-            on_step(step)
-    return loss_sum.item() / max(1, seen), correct.item() / max(1, seen)
+            on_step(step, (loss_sum, correct, seen))
+    loss_total, correct_total, seen_total = distributed.sum_across_ranks([loss_sum, correct, seen])
+    return loss_total / max(1, seen_total), correct_total / max(1, seen_total)
 
 
 @torch.no_grad()
@@ -202,6 +217,33 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The Python, NumPy, torch and CUDA generator states: arrays as tensors for safetensors, scalars for JSON.
+
+    Training reseeds what it uses at every step, so these only matter to code that draws random numbers
+    outside that seeding; saving them costs a few kilobytes. Under DDP they are rank 0's.
+    """
+    python_version, python_internal, python_gauss = random.getstate()
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.python": torch.tensor(python_internal, dtype=torch.int64),
+               "rng.numpy": torch.from_numpy(numpy_keys.astype(np.int64))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return tensors, {"python": [python_version, python_gauss], "numpy": [numpy_pos, numpy_has_gauss, numpy_gauss]}
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) -> None:
+    if not info or "rng.torch" not in tensors:  # a checkpoint from before they were saved
+        return
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors.get(f"rng.cuda.{i}") for i in range(torch.cuda.device_count())]
+    if cuda and all(state is not None for state in cuda):
+        torch.cuda.set_rng_state_all(cuda)
+    python_version, python_gauss = info["python"]
+    random.setstate((python_version, tuple(tensors["rng.python"].tolist()), python_gauss))
+    np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), *info["numpy"]))
+
+
 def versions() -> dict[str, str]:
     return {"digitrec": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
@@ -230,8 +272,13 @@ def train(
     report: bool = True,
     log: Callable[[str], None] = print,
     tensorboard: bool = False,
+    on_epoch: Callable[[nn.Module, dict[str, float]], bool] | None = None,
 ) -> Run:
-    """Train `config`, keep the best checkpoint by validation accuracy, evaluate it on the test set, write the run folder."""
+    """Train `config`, keep the best checkpoint by validation accuracy, evaluate it on the test set, write the run folder.
+
+    `on_epoch(model, history_row)` runs after each epoch with the clock stopped (`digitrec bench train` measures
+    test accuracy there); returning True ends training early.
+    """
     out_dir = Path(out_dir)
     last_path = out_dir / "last.safetensors"
     state: dict[str, Any] = {"step": 0, "history": [], "best_val_accuracy": -1.0, "train_seconds": 0.0, "bad_epochs": 0}
@@ -241,11 +288,16 @@ def train(
             raise CheckpointError(f"{out_dir} has no last.safetensors to resume from; start a new run without --resume.")
         resume_tensors, meta = load_tensors(last_path)
         config, recipe, state = TrainConfig.from_dict(meta["config"]), meta["recipe"], meta["state"]
-        log(f"resuming {recipe} from step {state['step']} in {out_dir}")
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    device = distributed.rank_device(resolve_device(config.device))
+    joined = distributed.init_distributed(device)  # under torchrun; False in a single process
+    main, world_size = distributed.is_main(), distributed.world_size()
+    if not main:
+        log, progress, tensorboard = _quiet, False, False
+    if resume:
+        log(f"resuming {recipe} from step {state['step']} in {out_dir}")
     data = data or load_mnist(log=log)
     if config.val_size:
         train_images, train_labels, val_images, val_labels = split_validation(
@@ -260,78 +312,106 @@ def train(
 
     torch.manual_seed(config.seed)
     model = create_model(config.arch, config.normalize).to(device)
+    model = distributed.prepare_model(model, device, math.ceil(config.batch_size / world_size), log)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     if resume:
         model.load_state_dict({k[len("model."):]: v for k, v in resume_tensors.items() if k.startswith("model.")})
         _load_optimizer(optimizer, resume_tensors, state["optimizer"])
+        _restore_rng(resume_tensors, state.get("rng"))
     forward_model = torch.compile(model) if config.compile else model
+    train_model = distributed.wrap(forward_model, device)  # forward_model itself in a single process
 
-    steps_per_epoch = steps_in_epoch(len(train_images), config.batch_size)
+    steps_per_epoch = steps_in_epoch(len(train_images), config.batch_size, world_size)
     total_steps = max(1, round(config.epochs * steps_per_epoch))
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     params = count_parameters(model)
-    log(f"training {recipe}: {config.arch} ({params:,} parameters) on {device}, {len(train_images):,} images, "
+    processes = f" x {world_size} processes" if world_size > 1 else ""
+    log(f"training {recipe}: {config.arch} ({params:,} parameters) on {device}{processes}, {len(train_images):,} images, "
         f"{total_steps} steps of {config.batch_size}")
     writer = _tensorboard_writer(out_dir) if tensorboard else None
 
-    def save_last(step: int) -> None:
+    def save_last(step: int, epoch_so_far: list[float] | None = None) -> None:
+        """last.safetensors: model, optimizer and RNG tensors; its metadata holds the step, which fixes the data
+        position, the learning rate (a function of the step) and the per-step seeds. No GradScaler: autocast
+        runs in bfloat16, which needs no loss scaling."""
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         optimizer_tensors, optimizer_info = _optimizer_tensors(optimizer)
-        save_tensors(last_path, tensors | optimizer_tensors,
-                     {"recipe": recipe, "config": config.to_dict(), "state": state | {"step": step, "optimizer": optimizer_info}})
+        rng_tensors, rng_info = _rng_state()
+        position = {"step": step, "epoch_so_far": epoch_so_far or [0.0, 0, 0], "optimizer": optimizer_info, "rng": rng_info}
+        save_tensors(last_path, tensors | optimizer_tensors | rng_tensors,
+                     {"recipe": recipe, "config": config.to_dict(), "state": state | position})
 
-    def on_step(step: int) -> None:
+    def on_step(step: int, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
         if bar is not None:
             bar.update(1)
         if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and (step + 1) % steps_per_epoch:
-            state["train_seconds"] += time.perf_counter() - clock[0]
-            clock[0] = time.perf_counter()
-            save_last(step + 1)
+            epoch_so_far = distributed.sum_across_ranks(list(sums))  # every rank takes part; rank 0 writes
+            if main:
+                state["train_seconds"] += time.perf_counter() - clock[0]
+                clock[0] = time.perf_counter()
+                save_last(step + 1, epoch_so_far)
 
     clock = [time.perf_counter()]
     bar = None
     step = state["step"]
+    # the sums of an epoch interrupted after a mid-epoch checkpoint; they are global sums, so rank 0 carries them
+    epoch_so_far = tuple(state.get("epoch_so_far", (0.0, 0, 0))) if main else (0.0, 0, 0)
     while step < total_steps:
         epoch = step // steps_per_epoch
         end = min(total_steps, (epoch + 1) * steps_per_epoch)
         steps = range(step, end)
         bar = _progress(steps, epoch, total_epochs) if progress else None
         train_loss, train_accuracy = train_steps(
-            forward_model, optimizer, train_images, train_labels, config, steps, steps_per_epoch, total_steps,
-            on_step=on_step,
+            train_model, optimizer, train_images, train_labels, config, steps, steps_per_epoch, total_steps,
+            on_step=on_step, epoch_so_far=epoch_so_far,
         )
+        epoch_so_far = (0.0, 0, 0)
         if bar:
             bar.close()
         step = end
-        row: dict[str, float] = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                                 "train_accuracy": train_accuracy, "lr": lr_at(config, step - 1, steps_per_epoch, total_steps)}
-        if val_images is not None:
-            row["val_loss"], row["val_accuracy"] = evaluate(forward_model, val_images, val_labels, config)
-        state["train_seconds"] += time.perf_counter() - clock[0]
-        clock[0] = time.perf_counter()
-        row["seconds"] = state["train_seconds"]
-        state["history"].append(row)
-        log(_epoch_line(row, total_epochs))
-        if writer:
-            for key, value in row.items():
-                writer.add_scalar(key, value, step)
-        better = val_images is None or row["val_accuracy"] > state["best_val_accuracy"]
-        if better:
-            state["best_val_accuracy"] = row.get("val_accuracy", -1.0)
-            state["bad_epochs"] = 0
-            save_model(out_dir / "model.safetensors", model, {"recipe": recipe, "config": config.to_dict(), "partial": True})
-        else:
-            state["bad_epochs"] += 1
-        save_last(step)
-        atomic_write_json(out_dir / "history.json", state["history"])
-        if config.early_stopping_patience and state["bad_epochs"] >= config.early_stopping_patience:
-            log(f"early stopping: no better validation accuracy for {state['bad_epochs']} epochs")
+        stop = False
+        if main:
+            row: dict[str, float] = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
+                                     "train_accuracy": train_accuracy, "lr": lr_at(config, step - 1, steps_per_epoch, total_steps)}
+            if val_images is not None:
+                row["val_loss"], row["val_accuracy"] = evaluate(forward_model, val_images, val_labels, config)
+            state["train_seconds"] += time.perf_counter() - clock[0]
+            clock[0] = time.perf_counter()
+            row["seconds"] = state["train_seconds"]
+            state["history"].append(row)
+            log(_epoch_line(row, total_epochs))
+            if writer:
+                for key, value in row.items():
+                    writer.add_scalar(key, value, step)
+            better = val_images is None or row["val_accuracy"] > state["best_val_accuracy"]
+            if better:
+                state["best_val_accuracy"] = row.get("val_accuracy", -1.0)
+                state["bad_epochs"] = 0
+                save_model(out_dir / "model.safetensors", model, {"recipe": recipe, "config": config.to_dict(), "partial": True})
+            else:
+                state["bad_epochs"] += 1
+            save_last(step)
+            atomic_write_json(out_dir / "history.json", state["history"])
+            if config.early_stopping_patience and state["bad_epochs"] >= config.early_stopping_patience:
+                log(f"early stopping: no better validation accuracy for {state['bad_epochs']} epochs")
+                stop = True
+            if on_epoch is not None and on_epoch(model, row):
+                stop = True
+        if distributed.broadcast_flag(stop):
             break
         clock[0] = time.perf_counter()
     if writer:
         writer.close()
+
+    if world_size > 1:
+        fingerprint = distributed.check_replicas(model)
+        log(f"weights identical on all {world_size} ranks (sha256 {fingerprint})")
+    if joined and not main:
+        distributed.shutdown()
+    if not main:
+        return Run(out_dir, config, {}, [])  # rank 0 evaluates and reports
 
     best, _ = load_tensors(out_dir / "model.safetensors")
     model.load_state_dict(best)
@@ -347,6 +427,7 @@ def train(
         "epochs": state["history"][-1]["epoch"] if state["history"] else 0,
         "steps": step,
         "device": str(device),
+        "world_size": world_size,
     }
     save_model(out_dir / "model.safetensors", model.cpu(), model_metadata(config, recipe, model, data, metrics))
     atomic_write_json(out_dir / "metrics.json", metrics)
@@ -355,7 +436,13 @@ def train(
         from .evaluate import write_report
 
         write_report(out_dir, model, data, history=state["history"], config=config, log=log)
+    if joined:
+        distributed.shutdown()
     return run
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _epoch_line(row: dict[str, float], total_epochs: int) -> str:

@@ -1,0 +1,211 @@
+"""Load benchmark of `digitrec serve`: N POST /api/predict at C concurrent keep-alive connections, on 127.0.0.1 only.
+
+    python benchmarks/load_server.py                        # starts `digitrec serve` with the bundled model
+    python benchmarks/load_server.py --model runs/x/model.safetensors --requests 2000 --concurrency 32
+    python benchmarks/load_server.py --url http://127.0.0.1:8000   # a server that is already running
+
+The client is a few dozen lines of asyncio speaking HTTP/1.1 over raw sockets with a pre-built request, so
+that on a small machine it takes as little CPU as possible from the server it measures. Bounded: at most
+--requests requests and --time-limit seconds; it refuses any host but the loopback interface. It prints
+requests/s and latency percentiles, then the server's batching figures from /api/stats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from urllib.parse import urlsplit
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+PAYLOAD_SIDE = 140  # the page sends its drawing as a 140x140 PNG
+
+
+def digit_pngs() -> list[bytes]:
+    """Ten drawings like the page sends: MNIST test digits (when MNIST is here) as 140x140 PNGs, dark on white."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        from digitrec.data import load_mnist
+
+        mnist = load_mnist(download=False)
+        images = [mnist.test_images[(mnist.test_labels == d).nonzero()[0, 0]].numpy() for d in range(10)]
+    except Exception:  # noqa: BLE001 - no MNIST here: synthetic strokes are as costly to process
+        images = []
+        for d in range(10):
+            a = np.zeros((28, 28), np.uint8)
+            a[5:23, 12 + d % 3 : 16 + d % 3] = 255
+            a[5:9, 8:20] = 255 if d % 2 else 0
+            images.append(a)
+    out = []
+    for a in images:
+        buffer = io.BytesIO()
+        Image.fromarray(255 - a).resize((PAYLOAD_SIDE, PAYLOAD_SIDE), Image.Resampling.BILINEAR).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def multipart_request(host: str, port: int, png: bytes) -> bytes:
+    boundary = "digitrec-load-benchmark"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"digit.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    head = (
+        f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = next((int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")), 0)
+    return status, await reader.readexactly(length)
+
+
+async def run_load(host: str, port: int, requests: list[bytes], total: int, concurrency: int,
+                   time_limit: float) -> tuple[list[float], list[str], float]:
+    latencies: list[float] = []
+    errors: list[str] = []
+    next_index = 0
+    deadline = time.perf_counter() + time_limit
+
+    async def connection() -> None:
+        nonlocal next_index
+        reader = writer = None
+        while next_index < total and time.perf_counter() < deadline:
+            index = next_index
+            next_index += 1
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, port)
+                started = time.perf_counter()
+                writer.write(requests[index % len(requests)])
+                status, body = await asyncio.wait_for(read_response(reader), timeout=30)
+                latencies.append(time.perf_counter() - started)
+                if status != 200 or b'"probabilities"' not in body:
+                    errors.append(f"HTTP {status}: {body[:120]!r}")
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+        if writer is not None:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - started
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, max(0, round(q / 100 * len(sorted_values)) - 1))]
+
+
+def start_server(model: str | None, feedback_db: str) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "digitrec", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--feedback-db", feedback_db]
+    if model:
+        command += ["--model", model]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited during start-up:\n{server.stderr.read()}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+            return server, port
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    raise SystemExit("the server did not answer /healthz within 120 s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint to serve (default: the bundled model)")
+    parser.add_argument("--url", help="benchmark this already running server instead (loopback only)")
+    parser.add_argument("--requests", type=int, default=2000, help="total requests (default 2000, at most 20000)")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent connections (default 32, at most 256)")
+    parser.add_argument("--warmup", type=int, default=100, help="requests sent first and not measured")
+    parser.add_argument("--time-limit", type=float, default=120.0, help="stop after this many seconds (default 120)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    if not (1 <= args.requests <= 20_000 and 1 <= args.concurrency <= 256 and 0 < args.time_limit <= 600):
+        parser.error("keep --requests in 1..20000, --concurrency in 1..256 and --time-limit in (0, 600]")
+
+    server = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.url:
+            parts = urlsplit(args.url)
+            if parts.hostname not in LOOPBACK:
+                parser.error("this benchmark only loads servers on 127.0.0.1 (it is a load generator)")
+            host, port = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname, parts.port or 80
+        else:
+            server, port = start_server(args.model, os.path.join(tmp, "feedback.sqlite"))
+            host = "127.0.0.1"
+        try:
+            pngs = digit_pngs()
+            requests = [multipart_request(host, port, png) for png in pngs]
+            if args.warmup:
+                asyncio.run(run_load(host, port, requests, args.warmup, min(args.concurrency, args.warmup), 60))
+            before = json.loads(urllib.request.urlopen(f"http://{host}:{port}/api/stats", timeout=10).read())
+            latencies, errors, seconds = asyncio.run(
+                run_load(host, port, requests, args.requests, args.concurrency, args.time_limit))
+            stats = json.loads(urllib.request.urlopen(f"http://{host}:{port}/api/stats", timeout=10).read())
+            health = json.loads(urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10).read())
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=30)
+
+    done = sorted(latencies)
+    batches = stats["batches"]["count"] - before["batches"]["count"]
+    images = stats["batches"]["images"] - before["batches"]["images"]
+    result = {
+        "model": f"{health['model']} {health['version']}",
+        "requests": len(done),
+        "concurrency": args.concurrency,
+        "errors": len(errors),
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(len(done) / seconds, 1) if seconds else 0.0,
+        "p50_ms": round(percentile(done, 50) * 1000, 2) if done else None,
+        "p90_ms": round(percentile(done, 90) * 1000, 2) if done else None,
+        "p99_ms": round(percentile(done, 99) * 1000, 2) if done else None,
+        "max_ms": round(done[-1] * 1000, 2) if done else None,
+        "mean_batch": round(images / batches, 2) if batches else None,
+        "cpus": os.cpu_count(),
+        "payload_bytes": round(sum(map(len, pngs)) / len(pngs)),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"digitrec serve load benchmark: {result['model']}, {result['cpus']} CPUs, client and server on this machine, "
+              f"payload {PAYLOAD_SIDE}x{PAYLOAD_SIDE} PNG drawings (~{result['payload_bytes'] // 1000} kB)")
+        print(f"{'requests':>8} {'conc':>4} {'errors':>6} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'batch':>6}")
+        print(f"{result['requests']:>8} {args.concurrency:>4} {result['errors']:>6} {result['requests_per_s']:>8} "
+              f"{result['p50_ms']:>7} {result['p90_ms']:>7} {result['p99_ms']:>7} {result['max_ms']:>7} {result['mean_batch']!s:>6}")
+        for error in errors[:5]:
+            print("  error:", error)
+    return 1 if errors or len(done) < args.requests else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

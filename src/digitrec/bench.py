@@ -1,0 +1,294 @@
+"""Benchmarks measured side by side in one process: recipes to a target accuracy, and inference backends.
+
+Absolute seconds depend on the machine and on whatever else runs on it; the ratios in the same run are
+the figures to compare. The test set is used only to report when a recipe reaches the target.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data import MNIST
+from .errors import DigitrecError
+
+# ---------------------------------------------------------------- memory
+
+
+def _rss_mb(field_name: str) -> float | None:
+    """VmRSS or VmHWM (peak) of this process in MB, from /proc (Linux); None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-memory measurement (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- bench train
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    seconds_to_target: float | None  # training seconds when the test accuracy first reached the target
+    test_accuracy: float
+    train_seconds: float
+    eval_seconds: float
+    peak_mb: float | None  # peak resident memory during the run, above what the process held before it
+    checks: list[tuple[float, float]] = field(default_factory=list)  # (training seconds, test accuracy)
+
+
+@dataclass
+class RecipeResult:
+    recipe: str
+    arch: str
+    params: int
+    runs: list[SeedRun]
+
+    @property
+    def seconds_to_target(self) -> float | None:
+        """Median over seeds; None when any seed missed the target (its time is unknown)."""
+        times = [r.seconds_to_target for r in self.runs]
+        return None if any(t is None for t in times) else statistics.median(times)
+
+    def accuracy(self) -> tuple[float, float, float]:
+        values = [r.test_accuracy for r in self.runs]
+        return min(values), statistics.median(values), max(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        low, median, high = self.accuracy()
+        peaks = [r.peak_mb for r in self.runs if r.peak_mb is not None]
+        return {
+            "recipe": self.recipe, "arch": self.arch, "params": self.params,
+            "seconds_to_target": self.seconds_to_target,
+            "reached_target": sum(r.seconds_to_target is not None for r in self.runs), "seeds": len(self.runs),
+            "test_accuracy": {"min": low, "median": median, "max": high},
+            "train_plus_eval_seconds": statistics.median(r.train_seconds + r.eval_seconds for r in self.runs),
+            "peak_mb": max(peaks) if peaks else None,
+            "runs": [asdict(r) for r in self.runs],
+        }
+
+
+def bench_train(
+    recipes: dict[str, TrainConfig],
+    data: MNIST,
+    target: float = 0.99,
+    seeds: int = 1,
+    stop_at_target: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[RecipeResult]:
+    """Train every recipe for `seeds` seeds; after each epoch, note the test accuracy (outside the clock)."""
+    from .train import predict_logits, train
+
+    test_images, test_labels = data.test_images, data.test_labels.long()
+    results = []
+    for name, config in recipes.items():
+        runs = []
+        params = 0
+        for seed in range(seeds):
+            checks: list[tuple[float, float]] = []
+
+            def on_epoch(model: nn.Module, row: dict[str, float]) -> bool:
+                # The clock is stopped here; this evaluation is the benchmark's, not the recipe's.
+                logits = predict_logits(model, test_images.to(next(model.parameters()).device), 1000,
+                                        config.amp, config.channels_last)
+                accuracy = (logits.argmax(1).cpu() == test_labels).float().mean().item()
+                checks.append((row["seconds"], accuracy))
+                return stop_at_target and accuracy >= target
+
+            before = _rss_mb("VmRSS")
+            _reset_peak_rss()
+            with tempfile.TemporaryDirectory() as out:
+                run = train(config.override(seed=config.seed + seed), out, recipe=name, data=data, progress=False,
+                            report=False, log=lambda msg: None, on_epoch=on_epoch)
+            peak = _rss_mb("VmHWM")
+            m = run.metrics
+            params = m["params"]
+            reached = next((seconds for seconds, accuracy in checks if accuracy >= target), None)
+            runs.append(SeedRun(config.seed + seed, reached, m["test_accuracy"], m["train_seconds"], m["eval_seconds"],
+                                None if peak is None or before is None else max(0.0, peak - before), checks))
+            to_target = f"{reached:.2f} s" if reached is not None else "not reached"
+            log(f"{name} seed {config.seed + seed}: test accuracy {m['test_accuracy']:.2%}, "
+                f"to {target:.2%} {to_target}, train {m['train_seconds']:.2f} s + eval {m['eval_seconds']:.2f} s")
+        results.append(RecipeResult(name, config.arch, params, runs))
+    return results
+
+
+def train_table(results: Sequence[RecipeResult], target: float, baseline: str = "fast") -> str:
+    """A Markdown table of `bench_train` results; times as ratios to `baseline` where it ran."""
+    base = next((r.seconds_to_target for r in results if r.recipe == baseline), None)
+    lines = [
+        f"| recipe | params | seconds to {target:.2%} (median) | × {baseline} | test accuracy min / median / max "
+        "| train + eval s (median) | seeds | peak MB |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in results:
+        d = r.to_dict()
+        seconds = r.seconds_to_target
+        shown = f"{seconds:.2f}" if seconds is not None else f"missed ({d['reached_target']}/{d['seeds']} reached)"
+        ratio = f"{seconds / base:.1f}" if seconds is not None and base else "-"
+        acc = d["test_accuracy"]
+        peak = f"{d['peak_mb']:.0f}" if d["peak_mb"] is not None else "-"
+        lines.append(f"| {r.recipe} | {r.params:,} | {shown} | {ratio} | {acc['min']:.2%} / {acc['median']:.2%} / "
+                     f"{acc['max']:.2%} | {d['train_plus_eval_seconds']:.2f} | {d['seeds']} | {peak} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- bench infer
+
+INFER_BACKENDS = ("torch-fp32", "torch-bf16", "torch-compiled", "onnx-fp32", "onnx-int8")
+
+
+@dataclass
+class InferResult:
+    backend: str
+    batch_size: int
+    images_per_s: float
+    p50_ms: float  # latency of one call (one batch)
+    p99_ms: float
+    setup_seconds: float  # export, quantization or compilation before the first call
+
+
+def torch_runner(model: nn.Module, bf16: bool = False, compiled: bool = False) -> Callable[[np.ndarray], Any]:
+    """A callable on float32 pixels for the PyTorch backends.
+
+    bf16 and compiled run the inference form of the model: BatchNorm folded, bfloat16 weights, channels-last.
+    Compiled adds inductor with freezing, which fuses the elementwise layers and prepacks the oneDNN weights.
+    """
+    from .export import fold_batchnorm
+
+    if bf16 or compiled:
+        model = fold_batchnorm(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    model = model.eval()
+    if compiled:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        model = torch.compile(model)
+    dtype = torch.bfloat16 if (bf16 or compiled) else torch.float32
+
+    def run(batch: np.ndarray):
+        x = torch.from_numpy(batch)
+        if dtype is torch.bfloat16:
+            x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def _onnx_runner(path: Path) -> Callable[[np.ndarray], Any]:
+    from .export import INPUT_NAME, onnx_session
+
+    session = onnx_session(path)
+    return lambda batch: session.run(None, {INPUT_NAME: batch})[0]
+
+
+def _time_calls(run: Callable[[np.ndarray], Any], batches: list[np.ndarray], seconds: float) -> list[float]:
+    """Call `run` on the batches in turn for about `seconds`; the latency of each call, in seconds."""
+    latencies = []
+    start = time.perf_counter()
+    i = 0
+    while time.perf_counter() - start < seconds or len(latencies) < 5:
+        batch = batches[i % len(batches)]
+        t = time.perf_counter()
+        run(batch)
+        latencies.append(time.perf_counter() - t)
+        i += 1
+    return latencies
+
+
+def bench_infer(
+    checkpoint: str | Path,
+    images: torch.Tensor,
+    backends: Sequence[str] = INFER_BACKENDS,
+    batch_sizes: Sequence[int] = (1, 1024),
+    rounds: int = 5,
+    seconds: float = 0.5,
+    calibration: torch.Tensor | None = None,
+    test_labels: torch.Tensor | None = None,
+    log: Callable[[str], None] = print,
+) -> list[InferResult]:
+    """Time each backend at each batch size on `images` (uint8 (N, 28, 28), as `digitrec.data` holds them).
+
+    The backends take turns for `rounds` rounds of about `seconds` each, so that load from other processes
+    falls on all of them alike; images/s is the median over rounds, latencies are pooled.
+    `calibration` (uint8 training images) is needed for onnx-int8, with `test_labels` (of `images`) for its
+    accuracy check.
+    """
+    from .checkpoint import load_model
+    from .export import export_onnx
+    from .train import as_input
+
+    unknown = [b for b in backends if b not in INFER_BACKENDS]
+    if unknown:
+        raise DigitrecError(f"unknown backend {unknown[0]!r}; choose from {', '.join(INFER_BACKENDS)}.")
+    model, _ = load_model(checkpoint)
+    pixels = as_input(images).numpy()
+    runners: dict[str, Callable[[np.ndarray], Any]] = {}
+    setup: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in backends:
+            start = time.perf_counter()
+            if name.startswith("torch"):
+                runners[name] = torch_runner(model, bf16=name == "torch-bf16", compiled=name == "torch-compiled")
+            else:
+                path = Path(tmp) / f"{name}.onnx"
+                export_onnx(checkpoint, path, int8=name == "onnx-int8", test_images=images, test_labels=test_labels,
+                            calibration_images=calibration, log=lambda msg: None)
+                runners[name] = _onnx_runner(path)
+            for size in batch_sizes:  # warm-up, and compilation for torch.compile at each shape
+                for _ in range(3):
+                    runners[name](pixels[:size])
+            setup[name] = time.perf_counter() - start
+            log(f"{name}: ready in {setup[name]:.1f} s")
+
+        batches = {size: [pixels[i : i + size] for i in range(0, max(1, len(pixels) - size + 1), size)][:64]
+                   for size in batch_sizes}
+        rates: dict[tuple[str, int], list[float]] = {}
+        latencies: dict[tuple[str, int], list[float]] = {}
+        for _ in range(rounds):
+            for size in batch_sizes:
+                for name in backends:
+                    times = _time_calls(runners[name], batches[size], seconds)
+                    rates.setdefault((name, size), []).append(size * len(times) / sum(times))
+                    latencies.setdefault((name, size), []).extend(times)
+    results = []
+    for name in backends:
+        for size in batch_sizes:
+            times = np.array(latencies[(name, size)]) * 1000
+            results.append(InferResult(name, size, statistics.median(rates[(name, size)]),
+                                       float(np.percentile(times, 50)), float(np.percentile(times, 99)), setup[name]))
+    return results
+
+
+def infer_table(results: Sequence[InferResult]) -> str:
+    """One row per backend: images/s, p50 and p99 latency at each batch size."""
+    sizes = sorted({r.batch_size for r in results})
+    header = "| backend | " + " | ".join(f"batch {s:,}: images/s | p50 ms | p99 ms" for s in sizes) + " | setup s |"
+    lines = [header, "|---|" + "---:|---:|---:|" * len(sizes) + "---:|"]
+    for name in dict.fromkeys(r.backend for r in results):
+        row = {r.batch_size: r for r in results if r.backend == name}
+        cells = " | ".join(f"{row[s].images_per_s:,.0f} | {row[s].p50_ms:.3f} | {row[s].p99_ms:.3f}" for s in sizes)
+        lines.append(f"| {name} | {cells} | {row[sizes[0]].setup_seconds:.1f} |")
+    return "\n".join(lines)

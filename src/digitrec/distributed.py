@@ -1,0 +1,187 @@
+"""Training on several processes or machines under torchrun: the process group, rank helpers, DDP, `--nproc`.
+
+A run started by torchrun (`torchrun --nproc-per-node N -m digitrec train ...`) finds WORLD_SIZE, RANK,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT in its environment; `train()` then joins the process group (gloo on
+CPU, NCCL on CUDA) and every rank trains on its share of each batch. Outside torchrun every helper here
+answers as for a single process, so the single-process path needs no special cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import DigitrecError
+
+# Below this many images per rank a batch's own statistics are noisy enough to cost accuracy, so batch norm
+# is synchronized across ranks (ImageNet-scale training keeps 32 per GPU unsynchronized).
+SYNC_BATCHNORM_BELOW = 32
+# How long a rank waits for the others in a collective (rank 0 writes checkpoints and evaluates meanwhile).
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, the only rank that logs and writes files (and in every single-process run)."""
+    return rank() == 0
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device this rank trains on: its own GPU (LOCAL_RANK) under torchrun, else `device` unchanged."""
+    if device.type == "cuda" and launched_by_torchrun():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join torchrun's process group if this process was started by torchrun; True if this call created it."""
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise DigitrecError("this PyTorch build has no torch.distributed; install the standard PyTorch wheel to train on several processes.")
+    if device.type == "mps":
+        raise DigitrecError("distributed training does not run on Apple's MPS; use --device cpu with torchrun.")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    return True
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def prepare_model(model: nn.Module, device: torch.device, rank_batch_size: int, log: Callable[[str], None]) -> nn.Module:
+    """Synchronize batch norm when each rank's share of a batch is small (call before building the optimizer)."""
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not active() or not has_batchnorm or rank_batch_size >= SYNC_BATCHNORM_BELOW:
+        return model
+    if device.type == "cuda":
+        log(f"batch norm synchronized across {world_size()} ranks ({rank_batch_size} images per rank)")
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    log(f"warning: batch norm sees only {rank_batch_size} images per rank; PyTorch synchronizes it on GPUs only, "
+        "so use fewer processes or a larger --batch-size on CPU")
+    return model
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel: copies rank 0's weights to every rank now, averages gradients in backward()."""
+    if not active():
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _collective_device() -> torch.device:
+    """NCCL moves CUDA tensors only; gloo moves CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_across_ranks(values: list[torch.Tensor | float]) -> list[float]:
+    """Sum scalars over all ranks (in float64, so counts stay exact) and return them as Python floats."""
+    totals = [float(v) for v in values]
+    if not active():
+        return totals
+    stacked = torch.tensor(totals, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(stacked)
+    return stacked.tolist()
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's decision (to stop early, say), so that every rank leaves the loop at the same step."""
+    if not active():
+        return flag
+    value = torch.tensor([int(flag)], device=_collective_device())
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every parameter's name and bytes: equal fingerprints mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas(model: nn.Module) -> str:
+    """Compare the weights of every rank; a difference is a bug (DDP keeps replicas bit-identical), so raise."""
+    fingerprint = weights_fingerprint(model)
+    if active():
+        mine = torch.tensor(list(bytes.fromhex(fingerprint)), dtype=torch.uint8, device=_collective_device())
+        gathered = [torch.zeros_like(mine) for _ in range(world_size())]
+        dist.all_gather(gathered, mine)
+        fingerprints = [bytes(t.tolist()).hex() for t in gathered]
+        if len(set(fingerprints)) > 1:
+            raise RuntimeError(f"DDP replicas diverged: weight fingerprints per rank {fingerprints}")
+    return fingerprint
+
+
+# ---------------------------------------------------------------- digitrec train --nproc N
+
+
+def torchrun_command(nproc: int, train_argv: list[str]) -> list[str]:
+    """The torchrun command line that runs `digitrec train ARGV` as `nproc` processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "digitrec", *train_argv]
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """`argv` minus `--nproc N` / `--nproc=N`, so that the workers train instead of launching again."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def launch(args: argparse.Namespace) -> int:
+    """`digitrec train --nproc N ...`: run the same command under torchrun as N processes; their exit status."""
+    from .cli import training_config
+
+    if args.nproc < 1:
+        raise DigitrecError(f"--nproc must be at least 1, got {args.nproc}.")
+    if launched_by_torchrun():
+        raise DigitrecError("--nproc starts torchrun itself; drop it when you launch digitrec with torchrun.")
+    argv = without_nproc(getattr(args, "argv", None) or sys.argv[1:])
+    if not args.resume:
+        recipe, _ = training_config(args)  # a wrong recipe or flag fails here, once, not in every worker
+        if not args.out:  # one folder for all ranks, named now rather than by each worker's clock
+            argv += ["--out", f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    env = dict(os.environ)
+    # torchrun sets one thread per process when OMP_NUM_THREADS is unset; share the cores out instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    command = torchrun_command(args.nproc, argv)
+    print("running: torchrun " + shlex.join(command[3:]), file=sys.stderr)
+    return subprocess.run(command, env=env).returncode

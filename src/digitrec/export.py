@@ -1,0 +1,308 @@
+"""Export a checkpoint to ONNX (float32 or static int8), check it against PyTorch, and record where it came from.
+
+The exported model takes what every digitrec model takes: float32 pixels (N, 1, 28, 28) in [0, 1], white
+ink on black, any batch size N; it returns logits (N, 10). Its metadata names the source checkpoint (path
+and SHA-256) and carries the checkpoint's own metadata, so a Predictor built on it answers exactly as one
+built on the checkpoint (same temperature, same rejection threshold).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write_bytes
+from .errors import DigitrecError
+
+INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+OPSET = 18
+FLOAT_TOLERANCE = 1e-4  # largest |probability difference| allowed between PyTorch and ONNX Runtime
+INT8_MAX_DROP = 0.001  # largest test-accuracy drop allowed for int8 (0.1 point)
+CALIBRATION_IMAGES = 2048  # training images that set the int8 activation ranges
+META_KEY = "digitrec"  # the ONNX metadata entry holding the checkpoint's metadata as JSON
+
+
+@dataclass
+class ExportResult:
+    """What `export_onnx` wrote and measured."""
+
+    path: Path
+    precision: str  # "float32" or "int8"
+    max_prob_diff: float  # against the PyTorch float32 model, on the parity images
+    parity_images: int
+    torch_accuracy: float | None = None  # test accuracy of the checkpoint in PyTorch (float32)
+    onnx_accuracy: float | None = None  # test accuracy of the exported model in ONNX Runtime
+
+
+# ---------------------------------------------------------------- inference-only rewrites
+
+
+def _fold_into(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
+    """Scale `layer`'s output channels so that layer -> bn becomes one layer (bn in eval mode)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    shape = (-1,) + (1,) * (layer.weight.ndim - 1)
+    layer.weight = nn.Parameter(layer.weight * scale.reshape(shape))
+    layer.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with every BatchNorm folded into the conv or linear layer before it.
+
+    BatchNorm after a max-pool folds into the conv before the pool only where its scale is positive on every
+    channel, because a positive per-channel affine map commutes with max; otherwise it stays as it is.
+    """
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        _fold_sequentials(model)
+    return model
+
+
+def _fold_sequentials(module: nn.Module) -> None:
+    for child in module.children():
+        _fold_sequentials(child)
+    if not isinstance(module, nn.Sequential):
+        return
+    layers = list(module)
+    kept: list[nn.Module] = []
+    for layer in layers:
+        if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) and layer.track_running_stats and kept:
+            before = kept[-1]
+            if isinstance(before, (nn.Conv2d, nn.Linear)):
+                _fold_into(before, layer)
+                continue
+            through_pool = isinstance(before, nn.MaxPool2d) and len(kept) > 1 and isinstance(kept[-2], nn.Conv2d)
+            if through_pool and bool((layer.weight > 0).all()):
+                _fold_into(kept[-2], layer)
+                continue
+        kept.append(layer)
+    if len(kept) != len(layers):
+        for name in list(module._modules):
+            del module._modules[name]
+        for index, layer in enumerate(kept):
+            module.add_module(str(index), layer)
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+
+
+def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True):
+    """An ONNX Runtime CPU session with every graph optimization on; `threads` 0 = one per core."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise DigitrecError("ONNX Runtime is not installed; install it with `pip install digitrec[export]`.") from None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    # Spinning threads answer small batches sooner but burn a core while idle; a server may prefer it off.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    source = str(source) if isinstance(source, Path) else source
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for unreadable or invalid files
+        raise DigitrecError(f"ONNX Runtime cannot load {source if isinstance(source, str) else 'the model'} ({exc}).") from None
+
+
+def onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The digitrec metadata stored in an exported ONNX file (the source checkpoint's, plus the export's)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise DigitrecError(f"ONNX model {path} does not exist; export one with `digitrec export MODEL`.") from None
+    except Exception as exc:
+        raise DigitrecError(f"{path} is not a readable ONNX model ({exc}).") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    try:
+        return json.loads(props.get(META_KEY, "{}"))
+    except json.JSONDecodeError:
+        raise DigitrecError(f"{path} has damaged digitrec metadata; export it again.") from None
+
+
+def run_session(session, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Logits for float32 pixels (N, 1, 28, 28), in batches."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+    outputs = [session.run(None, {INPUT_NAME: pixels[i : i + batch_size]})[0] for i in range(0, len(pixels), batch_size)]
+    return np.concatenate(outputs) if outputs else np.zeros((0, 10), np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------- export
+
+
+def _to_onnx_bytes(model: nn.Module) -> bytes:
+    """Trace `model` (float32, eval) to ONNX with a dynamic batch dimension.
+
+    The TorchScript exporter handles these plain feed-forward models in under a second, where the
+    torch.export-based one takes ten or more on two cores; we fall back to the latter where the former is gone.
+    """
+    import warnings
+
+    example = torch.rand(2, 1, 28, 28)
+    buffer = io.BytesIO()
+    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": OPSET}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (example,), buffer, dynamo=False,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **names)
+        return buffer.getvalue()
+    except (TypeError, ValueError, RuntimeError, ImportError):  # no TorchScript exporter in this torch
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), **names)
+            return path.read_bytes()
+
+
+def _with_metadata(onnx_bytes: bytes, meta: dict[str, Any]) -> bytes:
+    import onnx
+
+    proto = onnx.load_from_string(onnx_bytes)
+    del proto.metadata_props[:]
+    readable = {
+        "source_checkpoint": meta["export"]["source_checkpoint"],
+        "source_sha256": meta["export"]["source_sha256"],
+        "precision": meta["export"]["precision"],
+        "input": meta["export"]["input"],
+        "output": meta["export"]["output"],
+        META_KEY: json.dumps(meta),
+    }
+    for key, value in readable.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    proto.producer_name = "digitrec"
+    proto.doc_string = f"digitrec {meta.get('recipe', '')} model exported from {meta['export']['source_checkpoint']}"
+    return proto.SerializeToString()
+
+
+def _quantize_int8(float_bytes: bytes, calibration: np.ndarray) -> bytes:
+    """Static int8 (QDQ, per-channel int8 weights, uint8 activations) calibrated on `calibration` images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 256)))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, prepared, quantized = (Path(tmp) / name for name in ("float.onnx", "prepared.onnx", "int8.onnx"))
+        raw.write_bytes(float_bytes)
+        quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return quantized.read_bytes()
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    int8: bool = False,
+    test_images: torch.Tensor | None = None,
+    test_labels: torch.Tensor | None = None,
+    calibration_images: torch.Tensor | None = None,
+    parity_images: int = 2000,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Export `checkpoint` to ONNX, check it, and write it to `out` only if it passes.
+
+    float32: max |Δprobability| against PyTorch over the test images (or `parity_images` random ones when
+    none are given) must be <= 1e-4.
+    int8: needs calibration images (uint8, from the training set) and the labelled test set; the test
+    accuracy may drop by at most 0.1 point. Inputs are uint8 (N, 28, 28) as `digitrec.data` holds them.
+    """
+    from .checkpoint import load_model
+    from .train import as_input
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "model.safetensors"
+    model, meta = load_model(checkpoint)
+    out = Path(out) if out else checkpoint.with_suffix(".int8.onnx" if int8 else ".onnx")
+    if test_images is None:
+        generator = torch.Generator().manual_seed(0)
+        test_images = (torch.rand(parity_images, 28, 28, generator=generator) * 255).to(torch.uint8)
+    if int8 and (calibration_images is None or test_labels is None):
+        raise DigitrecError("int8 export needs MNIST for calibration and the accuracy check; run `digitrec data` first.")
+
+    onnx_bytes = _to_onnx_bytes(fold_batchnorm(model))
+    precision = "float32"
+    if int8:
+        pick = torch.randperm(len(calibration_images), generator=torch.Generator().manual_seed(0))[:CALIBRATION_IMAGES]
+        onnx_bytes = _quantize_int8(onnx_bytes, as_input(calibration_images[pick]).numpy())
+        precision = "int8"
+
+    session = onnx_session(onnx_bytes)
+    pixels = as_input(test_images)
+    with torch.inference_mode():
+        reference = torch.cat([model(pixels[i : i + 1000]) for i in range(0, len(pixels), 1000)]).numpy()
+    exported = run_session(session, pixels.numpy())
+    diff = float(np.abs(softmax(reference) - softmax(exported)).max())
+    result = ExportResult(out, precision, diff, len(pixels))
+    if test_labels is not None:
+        labels = test_labels.numpy()
+        result.torch_accuracy = float((reference.argmax(1) == labels).mean())
+        result.onnx_accuracy = float((exported.argmax(1) == labels).mean())
+
+    if not int8 and diff > FLOAT_TOLERANCE:
+        raise DigitrecError(f"the exported model disagrees with PyTorch (max |Δprob| {diff:.2e} > {FLOAT_TOLERANCE:g}); nothing was written.")
+    if int8 and result.torch_accuracy - result.onnx_accuracy > INT8_MAX_DROP:
+        raise DigitrecError(
+            f"int8 quantization costs {100 * (result.torch_accuracy - result.onnx_accuracy):.2f} points of test accuracy "
+            f"(more than {100 * INT8_MAX_DROP:.1f}); nothing was written; use the float export."
+        )
+
+    export_meta = {
+        "source_checkpoint": str(checkpoint),
+        "source_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+        "precision": precision,
+        "input": f"{INPUT_NAME}: float32 (N, 1, 28, 28), pixels in [0, 1], white ink on black (MNIST), any N",
+        "output": f"{OUTPUT_NAME}: float32 (N, 10), softmax gives the digit probabilities",
+        "opset": OPSET,
+        "max_prob_diff": diff,
+        "torch_accuracy": result.torch_accuracy,
+        "onnx_accuracy": result.onnx_accuracy,
+        "torch": torch.__version__,
+    }
+    atomic_write_bytes(out, _with_metadata(onnx_bytes, {**meta, "export": export_meta}))
+    return result
+
+
+def cached_onnx(checkpoint: str | Path, log: Callable[[str], None] = lambda msg: None) -> Path:
+    """The float32 ONNX export of `checkpoint`, made once and kept in the user cache by the checkpoint's SHA-256."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "model.safetensors"
+    try:
+        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise DigitrecError(f"checkpoint {checkpoint} does not exist; train one with `digitrec train` or pass another path.") from None
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    path = Path(base) / "digitrec" / "onnx" / f"{digest[:32]}.onnx"
+    if not path.exists():
+        log(f"exporting {checkpoint} to ONNX once (cached in {path})")
+        export_onnx(checkpoint, path, log=log)
+    return path

@@ -1,0 +1,244 @@
+"""Predictor: load a model once, preprocess images, run them in batches, calibrate, top-k, reject, read numbers.
+
+The model sits behind a backend (a callable from float32 (N, 1, 28, 28) to logits (N, 10)), so an ONNX or
+int8 runtime can replace PyTorch without touching anything else here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError, ImageError
+
+PRETRAINED_NAME = "robust"
+DEFAULT_REJECT_BELOW = 0.5  # used only when a checkpoint was never calibrated
+MIN_INK = 1.0  # total brightness of a 28x28 input below which there is nothing to read (a blank page)
+
+Backend = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Prediction:
+    """One image's answer. `digit` is None when rejected; `confidence` is the calibrated top probability."""
+
+    digit: int | None
+    confidence: float
+    probabilities: list[float]
+    top: list[tuple[int, float]]
+    rejected: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digit": self.digit, "confidence": self.confidence, "top": [list(t) for t in self.top]}
+
+
+@dataclass
+class DigitBox:
+    """One digit of a number: its value, calibrated confidence and box (x, y, w, h) in the input's pixels."""
+
+    digit: int
+    confidence: float
+    box: tuple[int, int, int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digit": self.digit, "confidence": self.confidence, "box": list(self.box)}
+
+
+@dataclass
+class ReadResult:
+    number: str
+    digits: list[DigitBox] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"number": self.number, "digits": [d.to_dict() for d in self.digits]}
+
+
+class TorchBackend:
+    """Runs a digitrec PyTorch model on CPU in inference mode."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).float().numpy()
+
+
+def pretrained_path() -> Path:
+    return Path(str(resources.files("digitrec") / "pretrained" / f"{PRETRAINED_NAME}.safetensors"))
+
+
+class Predictor:
+    """Load once, then `predict()` images, `predict_tensor()` preprocessed batches or `read()` whole numbers."""
+
+    def __init__(self, backend: Backend, meta: dict[str, Any], model: torch.nn.Module | None = None, name: str = "model"):
+        self.backend = backend
+        self.model = model
+        self.meta = meta
+        self.name = name
+        self.version = str(meta.get("version") or meta.get("digitrec_version") or meta.get("versions", {}).get("digitrec", ""))
+        self.temperature = float(meta.get("temperature", 1.0))
+        self.reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
+
+    @classmethod
+    def load(cls, path: str | Path, reject_below: float | None = None) -> Predictor:
+        """A digitrec checkpoint (a .safetensors file or a run folder holding model.safetensors)."""
+        from .checkpoint import load_model
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        model, meta = load_model(path)
+        torch.set_grad_enabled(False)
+        predictor = cls(TorchBackend(model), meta, model, name=meta.get("recipe") or path.stem)
+        if reject_below is not None:
+            predictor.reject_below = float(reject_below)
+        return predictor
+
+    @classmethod
+    def pretrained(cls, reject_below: float | None = None) -> Predictor:
+        """The model bundled with the package (`digitrec train --recipe robust`, calibrated)."""
+        path = pretrained_path()
+        if not path.exists():
+            raise CheckpointError(f"the bundled model {path} is missing; reinstall digitrec or pass --model.")
+        return cls.load(path, reject_below)
+
+    # ------------------------------------------------------------------ single digits
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities (N, 10) for preprocessed float32 input (N, 1, 28, 28)."""
+        logits = self.backend(batch) / self.temperature
+        logits = logits - logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def predict_tensor(self, batch: torch.Tensor | np.ndarray, top_k: int = 3) -> list[Prediction]:
+        """Predictions for an already preprocessed batch (N, 1, 28, 28) in [0, 1], white on black."""
+        x = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+        x = x.astype(np.float32, copy=False).reshape(-1, 1, 28, 28)
+        if len(x) == 0:
+            return []
+        probs = self.probabilities(x)
+        blank = x.reshape(len(x), -1).sum(axis=1) < MIN_INK
+        out = []
+        for p, is_blank in zip(probs, blank):
+            order = np.argsort(-p)[: max(1, min(10, top_k))]
+            confidence = float(p[order[0]])
+            rejected = bool(is_blank or confidence < self.reject_below)
+            out.append(Prediction(
+                digit=None if rejected else int(order[0]),
+                confidence=confidence,
+                probabilities=[float(v) for v in p],
+                top=[(int(d), float(p[d])) for d in order],
+                rejected=rejected,
+            ))
+        return out
+
+    def predict(self, images: Any | Sequence[Any], top_k: int = 3) -> list[Prediction]:
+        """Preprocess one image or a list (paths, bytes, PIL images, arrays) and predict them in one batch.
+
+        Raises ImageError for the first unusable image; use `predict_files()` to keep going past bad files.
+        """
+        from .preprocess import preprocess
+
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            return []
+        batch = np.stack([preprocess(item) for item in items])[:, None]
+        return self.predict_tensor(batch, top_k)
+
+    # ------------------------------------------------------------------ numbers
+
+    def read(self, image: Any) -> ReadResult:
+        """A photo of one line of digits -> the number and each digit's box and confidence.
+
+        Every segment gets its most likely digit (a line is known to hold digits); a low `confidence`
+        marks the doubtful ones. A page with no ink reads as "".
+        """
+        from .segment import segment
+
+        def score(glyphs: np.ndarray) -> np.ndarray:
+            return self.probabilities(glyphs[:, None]).max(axis=1)
+
+        pieces = segment(image, score=score)
+        if not pieces:
+            return ReadResult("")
+        probs = self.probabilities(np.stack([p.image for p in pieces])[:, None])
+        digits = [DigitBox(int(p.argmax()), float(p.max()), piece.box) for p, piece in zip(probs, pieces)]
+        return ReadResult("".join(str(d.digit) for d in digits), digits)
+
+
+@dataclass
+class FileResult:
+    """What `digitrec predict` prints for one input: a prediction or the sentence saying why there is none."""
+
+    path: str
+    prediction: Prediction | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        assert self.prediction is not None
+        return {"path": self.path, **self.prediction.to_dict()}
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 256,
+                  steps_dir: str | Path | None = None) -> list[FileResult]:
+    """Predict every file; a bad file gets its error sentence and the others still go through, in batches."""
+    from .preprocess import preprocess
+
+    results = [FileResult(str(p)) for p in paths]
+    ready: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        if ready:
+            predictions = predictor.predict_tensor(np.stack([x for _, x in ready])[:, None], top_k)
+            for (i, _), prediction in zip(ready, predictions):
+                results[i].prediction = prediction
+            ready.clear()
+
+    for i, path in enumerate(paths):
+        try:
+            if steps_dir is not None:
+                x, steps = preprocess(path, return_steps=True)
+                save_steps(steps, Path(steps_dir) / f"{Path(path).stem}.steps.png")
+            else:
+                x = preprocess(path)
+        except ImageError as exc:
+            results[i].error = str(exc)
+            continue
+        ready.append((i, x))
+        if len(ready) >= batch_size:
+            flush()
+    flush()
+    return results
+
+
+def save_steps(steps: dict[str, np.ndarray], path: Path) -> None:
+    """Every preprocessing stage side by side, each scaled to the same height, named underneath."""
+    from PIL import Image, ImageDraw
+
+    height, label = 140, 16
+    tiles = []
+    for name, image in steps.items():
+        a = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+        tile = Image.fromarray((a * 255).astype(np.uint8))
+        width = max(28, round(tile.width * height / max(1, tile.height)))
+        resample = Image.Resampling.NEAREST if max(a.shape) <= 64 else Image.Resampling.BILINEAR
+        tiles.append((name, tile.resize((min(width, 3 * height), height), resample)))
+    sheet = Image.new("L", (sum(t.width for _, t in tiles) + 6 * len(tiles), height + label), 128)
+    draw = ImageDraw.Draw(sheet)
+    x = 0
+    for name, tile in tiles:
+        sheet.paste(tile, (x, 0))
+        draw.text((x + 2, height + 2), name, fill=255)
+        x += tile.width + 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)

@@ -1,0 +1,437 @@
+// digitrec page: draw or upload, send the image to the REST API, show the answer and why. No build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+const MODES = {
+  digit: { width: 560, height: 560, line: 38, sendScale: 0.25, title: "Draw a digit", placeholder: "Draw here",
+           hint: "Use your mouse, finger or pen. Or drop a photo here." },
+  number: { width: 1120, height: 400, line: 30, sendScale: 0.5, title: "Write a number", placeholder: "Write a number here",
+            hint: "Write digits side by side, or drop a photo of a number." },
+};
+const UPLOAD_MAX_SIDE = 1600;  // phone photos are shrunk in the browser: the model needs far fewer pixels
+const MIN_SEND_INTERVAL_MS = 120;
+const UNSURE_BELOW = 0.5;  // a digit of a number read with less confidence than this is marked doubtful
+
+const pad = $("pad");
+const ctx = pad.getContext("2d");
+const boxes = $("boxes");
+const boxCtx = boxes.getContext("2d");
+const photo = $("photo");
+const resultCard = document.querySelector(".result-card");
+
+const state = {
+  mode: "digit",
+  strokes: [],        // each stroke is a list of [x, y] points in canvas pixels
+  drawing: null,      // the stroke under the pointer
+  photo: null,        // a Blob when the input is a photo instead of a drawing
+  generation: 0,      // bumped whenever the input is replaced, so late answers to old input are ignored
+  inFlight: false,
+  dirty: false,
+  lastSent: 0,
+  lastBlob: null,     // the exact image the current answer is about (a correction sends it back)
+  lastPrediction: null,
+};
+
+// ---------------------------------------------------------------------------------------------- drawing
+
+function resetPad() {
+  const mode = MODES[state.mode];
+  for (const canvas of [pad, boxes]) { canvas.width = mode.width; canvas.height = mode.height; }
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, pad.width, pad.height);
+  ctx.lineCap = "round";
+  ctx.lineJoin = "round";
+  ctx.strokeStyle = "#111";
+  ctx.lineWidth = mode.line;
+  boxCtx.clearRect(0, 0, boxes.width, boxes.height);
+}
+
+function redraw() {
+  resetPad();
+  for (const stroke of state.strokes) drawStroke(stroke);
+}
+
+function drawStroke(points) {
+  ctx.beginPath();
+  ctx.moveTo(points[0][0], points[0][1]);
+  if (points.length === 1) ctx.lineTo(points[0][0] + 0.01, points[0][1]);  // a dot
+  for (let i = 1; i < points.length; i++) ctx.lineTo(points[i][0], points[i][1]);
+  ctx.stroke();
+}
+
+function canvasPoint(event) {
+  const rect = pad.getBoundingClientRect();
+  return [(event.clientX - rect.left) * pad.width / rect.width, (event.clientY - rect.top) * pad.height / rect.height];
+}
+
+pad.addEventListener("pointerdown", (event) => {
+  if (event.button !== 0 && event.pointerType === "mouse") return;
+  event.preventDefault();
+  if (state.photo) clearAll();  // drawing replaces a photo
+  pad.setPointerCapture(event.pointerId);
+  state.drawing = [canvasPoint(event)];
+  state.strokes.push(state.drawing);
+  drawStroke(state.drawing);
+  inputChanged();
+});
+
+pad.addEventListener("pointermove", (event) => {
+  if (!state.drawing) return;
+  event.preventDefault();
+  const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
+  const last = state.drawing[state.drawing.length - 1];
+  ctx.beginPath();
+  ctx.moveTo(last[0], last[1]);
+  for (const e of events.length ? events : [event]) {
+    const point = canvasPoint(e);
+    state.drawing.push(point);
+    ctx.lineTo(point[0], point[1]);
+  }
+  ctx.stroke();
+  schedulePrediction();
+});
+
+function endStroke() {
+  if (!state.drawing) return;
+  state.drawing = null;
+  schedulePrediction(true);
+}
+pad.addEventListener("pointerup", endStroke);
+pad.addEventListener("pointercancel", endStroke);
+
+$("undo").addEventListener("click", () => {
+  if (state.photo) { clearAll(); return; }
+  state.strokes.pop();
+  redraw();
+  inputChanged();
+  schedulePrediction(true);
+});
+$("clear").addEventListener("click", clearAll);
+
+function clearAll() {
+  state.strokes = [];
+  state.photo = null;
+  photo.hidden = true;
+  photo.removeAttribute("src");
+  redraw();
+  inputChanged();
+  showEmpty();
+}
+
+function inputChanged() {
+  state.generation += 1;
+  const empty = !state.photo && state.strokes.length === 0;
+  $("placeholder").hidden = !empty;
+  $("undo").disabled = empty;
+  $("clear").disabled = empty;
+  boxCtx.clearRect(0, 0, boxes.width, boxes.height);
+}
+
+// ---------------------------------------------------------------------------------------------- photos
+
+for (const input of [$("upload"), $("camera")]) {
+  input.addEventListener("change", () => {
+    if (input.files && input.files[0]) usePhoto(input.files[0]);
+    input.value = "";  // choosing the same file again still fires change
+  });
+}
+
+const dropZone = $("drop-zone");
+dropZone.addEventListener("dragover", (event) => { event.preventDefault(); dropZone.classList.add("dragging"); });
+dropZone.addEventListener("dragleave", (event) => {
+  if (!dropZone.contains(event.relatedTarget)) dropZone.classList.remove("dragging");
+});
+dropZone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  dropZone.classList.remove("dragging");
+  const file = event.dataTransfer.files && event.dataTransfer.files[0];
+  if (file) usePhoto(file);
+});
+
+async function usePhoto(file) {
+  state.strokes = [];
+  redraw();
+  state.photo = await shrink(file);
+  photo.src = URL.createObjectURL(state.photo);
+  photo.hidden = false;
+  inputChanged();
+  schedulePrediction(true);
+}
+
+async function shrink(file) {
+  // Decode in the browser and re-encode when the photo is big; anything the browser cannot decode is sent
+  // as it is, so the server can say what is wrong with it.
+  try {
+    const bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
+    const scale = UPLOAD_MAX_SIDE / Math.max(bitmap.width, bitmap.height);
+    if (scale >= 1 && file.size < 1.5e6) return file;
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.round(bitmap.width * Math.min(1, scale));
+    canvas.height = Math.round(bitmap.height * Math.min(1, scale));
+    canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    return await new Promise((resolve) => canvas.toBlob((blob) => resolve(blob || file), "image/jpeg", 0.92));
+  } catch (error) {
+    return file;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- the API
+
+function drawingBlob() {
+  // The drawing is sent at a quarter of the pad's size for one digit (140x140, five times MNIST's resolution)
+  // and half for a number: plenty for the model, and preprocessing a smaller image is several times cheaper.
+  const scale = MODES[state.mode].sendScale;
+  const small = document.createElement("canvas");
+  small.width = Math.round(pad.width * scale);
+  small.height = Math.round(pad.height * scale);
+  const smallCtx = small.getContext("2d");
+  smallCtx.imageSmoothingQuality = "high";
+  smallCtx.drawImage(pad, 0, 0, small.width, small.height);
+  return new Promise((resolve) => small.toBlob(resolve, "image/png"));
+}
+
+function schedulePrediction(now = false) {
+  state.dirty = true;
+  if (state.inFlight) return;
+  const wait = now ? 0 : Math.max(0, MIN_SEND_INTERVAL_MS - (performance.now() - state.lastSent));
+  setTimeout(sendPrediction, wait);
+}
+
+async function sendPrediction() {
+  if (state.inFlight || !state.dirty) return;
+  state.dirty = false;
+  if (!state.photo && state.strokes.length === 0) { showEmpty(); return; }
+  state.inFlight = true;
+  state.lastSent = performance.now();
+  const generation = state.generation;
+  try {
+    const blob = state.photo || await drawingBlob();
+    const body = new FormData();
+    body.append("file", blob, state.photo ? (state.photo.name || "photo.jpg") : "drawing.png");
+    const url = state.mode === "digit" ? "/api/predict?explain=true" : "/api/read";
+    const response = await fetch(url, { method: "POST", body });
+    const answer = await response.json().catch(() => ({ detail: `the server answered ${response.status}` }));
+    const cleared = !state.photo && state.strokes.length === 0;
+    if (generation !== state.generation && cleared) return;  // the input was cleared while we waited
+    if (!response.ok) { showError(answer.detail || `the server answered ${response.status}`); return; }
+    state.lastBlob = blob;
+    if (state.mode === "digit") showPrediction(answer); else showReading(answer);
+  } catch (error) {
+    showError("could not reach the server; is `digitrec serve` still running?");
+  } finally {
+    state.inFlight = false;
+    if (state.dirty) schedulePrediction();
+  }
+}
+
+async function sendCorrection(label) {
+  if (!state.lastBlob) return;
+  const body = new FormData();
+  body.append("file", state.lastBlob, "correction.png");
+  body.append("label", String(label));
+  const predicted = state.lastPrediction && state.lastPrediction.digit;
+  if (predicted !== null && predicted !== undefined) body.append("predicted", String(predicted));
+  setCorrectionEnabled(false);
+  try {
+    const response = await fetch("/api/feedback", { method: "POST", body });
+    const answer = await response.json();
+    if (!response.ok) { showError(answer.detail); setCorrectionEnabled(true); return; }
+    toast(`Thanks! Saved as a ${answer.label} (correction #${answer.id}). It will help train the next model.`);
+  } catch (error) {
+    showError("could not save the correction; is the server still running?");
+    setCorrectionEnabled(true);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- showing answers
+
+const bars = $("bars");
+const barFills = [], barPcts = [];
+for (let d = 0; d < 10; d++) {
+  const bar = document.createElement("div");
+  bar.className = "bar";
+  bar.dataset.digit = d;
+  bar.innerHTML = '<span class="pct"></span><div class="fill"></div>';
+  bars.appendChild(bar);
+  barFills.push(bar.querySelector(".fill"));
+  barPcts.push(bar.querySelector(".pct"));
+}
+const barLabels = document.createElement("div");
+barLabels.className = "bar-labels";
+barLabels.innerHTML = [...Array(10).keys()].map((d) => `<span>${d}</span>`).join("");
+bars.after(barLabels);
+
+const correctButtons = $("correct-buttons");
+for (let d = 0; d < 10; d++) {
+  const button = document.createElement("button");
+  button.textContent = d;
+  button.dataset.label = d;
+  button.title = `It is a ${d}`;
+  button.addEventListener("click", () => sendCorrection(d));
+  correctButtons.appendChild(button);
+}
+
+function setCorrectionEnabled(enabled) {
+  const predicted = state.lastPrediction && state.lastPrediction.digit;
+  for (const button of correctButtons.children) {
+    button.disabled = !enabled || Number(button.dataset.label) === predicted;
+  }
+}
+
+function percent(p) {
+  return p >= 0.995 ? `${(p * 100).toFixed(1)}%` : `${Math.round(p * 100)}%`;
+}
+
+function showPrediction(p) {
+  state.lastPrediction = p;
+  hideToast();
+  const best = p.probabilities.indexOf(Math.max(...p.probabilities));
+  resultCard.classList.toggle("rejected", p.rejected);
+  $("digit").textContent = p.rejected ? "?" : String(p.digit);
+  $("verdict").textContent = p.rejected ? "Not sure — this may not be a digit" : `It's a ${p.digit}`;
+  $("confidence").textContent = p.rejected
+    ? `Best guess ${best}, only ${percent(p.probabilities[best])} sure.`
+    : `${percent(p.confidence)} sure`;
+  p.probabilities.forEach((prob, d) => {
+    barFills[d].style.height = `${Math.max(0, prob) * 85}%`;  // the rest leaves room for the label
+    barPcts[d].textContent = prob >= 0.01 ? percent(prob) : "";
+    bars.children[d].classList.toggle("top", d === best);
+  });
+  if (p.input) paintSeen(p.input, p.saliency);
+  setCorrectionEnabled(true);
+}
+
+function paintSeen(input, saliency) {
+  const seen = $("seen").getContext("2d");
+  const why = $("saliency").getContext("2d");
+  const a = seen.createImageData(28, 28);
+  const b = why.createImageData(28, 28);
+  for (let y = 0; y < 28; y++) {
+    for (let x = 0; x < 28; x++) {
+      const i = (y * 28 + x) * 4;
+      const v = input[y][x] * 255;
+      a.data[i] = a.data[i + 1] = a.data[i + 2] = v;
+      a.data[i + 3] = 255;
+      // The input dimmed, then red (pushed toward the answer) or blue (pushed away) on top.
+      const s = saliency ? Math.max(-1, Math.min(1, saliency[y][x] * 1.6)) : 0;
+      const base = v * 0.3;
+      const color = s >= 0 ? [235, 64, 52] : [66, 133, 244];
+      const w = Math.abs(s);
+      b.data[i] = base * (1 - w) + color[0] * w;
+      b.data[i + 1] = base * (1 - w) + color[1] * w;
+      b.data[i + 2] = base * (1 - w) + color[2] * w;
+      b.data[i + 3] = 255;
+    }
+  }
+  seen.putImageData(a, 0, 0);
+  why.putImageData(b, 0, 0);
+}
+
+function showReading(answer) {
+  hideToast();
+  $("number").textContent = answer.number || "–";
+  const doubtful = answer.digits.filter((d) => d.confidence < UNSURE_BELOW).length;
+  $("number-verdict").textContent = answer.digits.length
+    ? `${answer.digits.length} digit${answer.digits.length === 1 ? "" : "s"} found` +
+      (doubtful ? `, ${doubtful} of them doubtful (orange)` : "")
+    : "No digits found. Write bigger, or use a darker pen.";
+  const chips = $("chips");
+  chips.innerHTML = "";
+  for (const d of answer.digits) {
+    const li = document.createElement("li");
+    li.className = d.confidence < UNSURE_BELOW ? "unsure" : "";
+    li.innerHTML = `<b>${d.digit}</b>${percent(d.confidence)}`;
+    chips.appendChild(li);
+  }
+  drawBoxes(answer.digits);
+}
+
+function drawBoxes(digits) {
+  boxCtx.clearRect(0, 0, boxes.width, boxes.height);
+  // Boxes are in the uploaded image's pixels: a drawing is the canvas itself, a photo is shown "contained".
+  let scale = 1, dx = 0, dy = 0;
+  if (state.photo && photo.naturalWidth) {
+    scale = Math.min(boxes.width / photo.naturalWidth, boxes.height / photo.naturalHeight);
+    dx = (boxes.width - photo.naturalWidth * scale) / 2;
+    dy = (boxes.height - photo.naturalHeight * scale) / 2;
+  }
+  boxCtx.lineWidth = 4;
+  boxCtx.font = "bold 30px system-ui, sans-serif";
+  for (const d of digits) {
+    const [x, y, w, h] = d.box;
+    const color = d.confidence < UNSURE_BELOW ? "#b25e00" : "#2f6fde";
+    boxCtx.strokeStyle = color;
+    boxCtx.fillStyle = color;
+    boxCtx.strokeRect(dx + x * scale, dy + y * scale, w * scale, h * scale);
+    const label = String(d.digit);
+    const tx = dx + x * scale, ty = Math.max(30, dy + y * scale - 6);
+    boxCtx.fillRect(tx - 2, ty - 28, boxCtx.measureText(label).width + 12, 32);
+    boxCtx.fillStyle = "#fff";
+    boxCtx.fillText(label, tx + 4, ty - 3);
+  }
+}
+
+function showEmpty() {
+  state.lastPrediction = null;
+  state.lastBlob = null;
+  resultCard.classList.remove("rejected");
+  $("digit").textContent = "–";
+  $("verdict").textContent = "Waiting for a digit…";
+  $("confidence").textContent = "";
+  barFills.forEach((fill) => { fill.style.height = "0"; });
+  barPcts.forEach((pct) => { pct.textContent = ""; });
+  [...bars.children].forEach((bar) => bar.classList.remove("top"));
+  for (const id of ["seen", "saliency"]) $(id).getContext("2d").clearRect(0, 0, 28, 28);
+  $("number").textContent = "–";
+  $("number-verdict").textContent = "Write a few digits side by side.";
+  $("chips").innerHTML = "";
+  setCorrectionEnabled(false);
+  hideToast();
+}
+
+function toast(message, isError = false) {
+  const box = $("toast");
+  box.textContent = message;
+  box.classList.toggle("error", isError);
+  box.hidden = false;
+}
+function hideToast() { $("toast").hidden = true; }
+function showError(detail) {
+  const text = String(detail || "something went wrong");
+  toast(text.charAt(0).toUpperCase() + text.slice(1), true);
+}
+
+// ---------------------------------------------------------------------------------------------- modes, start-up
+
+function setMode(mode) {
+  state.mode = mode;
+  document.body.classList.toggle("number-mode", mode === "number");
+  for (const button of document.querySelectorAll(".mode")) {
+    const active = button.dataset.mode === mode;
+    button.classList.toggle("active", active);
+    button.setAttribute("aria-selected", String(active));
+  }
+  $("input-title").textContent = MODES[mode].title;
+  $("input-hint").textContent = MODES[mode].hint;
+  $("placeholder").textContent = MODES[mode].placeholder;
+  $("digit-result").hidden = mode !== "digit";
+  $("number-result").hidden = mode !== "number";
+  clearAll();
+}
+for (const button of document.querySelectorAll(".mode")) {
+  button.addEventListener("click", () => setMode(button.dataset.mode));
+}
+
+async function loadModelInfo() {
+  try {
+    const health = await (await fetch("/healthz")).json();
+    const accuracy = health.test_accuracy == null ? "" : ` · ${(health.test_accuracy * 100).toFixed(2)}% on the MNIST test set`;
+    $("model-info").textContent = `Model ${health.model} ${health.version}${accuracy}`;
+  } catch (error) {
+    $("model-info").textContent = "Model information unavailable";
+  }
+}
+
+setMode("digit");
+loadModelInfo();

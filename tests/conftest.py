@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny synthetic MNIST that trains in a second, and IDX files written by the tests."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+from digitrec import data as data_module
+from digitrec.data import MNIST, to_idx
+
+settings.register_profile("default", max_examples=60, deadline=None)
+settings.register_profile("slow", max_examples=10_000, deadline=None)
+settings.load_profile("default")
+
+
+def make_images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten fixed random blob templates, one per class, shifted by up to 2 px and noised: learnable but not trivial."""
+    templates_rng = torch.Generator().manual_seed(1234)
+    templates = (torch.rand(10, 1, 7, 7, generator=templates_rng) > 0.55).float()
+    templates = torch.nn.functional.interpolate(templates, size=(16, 16), mode="nearest")[:, 0]
+    rng = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (count,), generator=rng)
+    images = torch.zeros(count, 28, 28)
+    shifts = torch.randint(4, 9, (count, 2), generator=rng)
+    for i in range(count):
+        y, x = shifts[i].tolist()
+        images[i, y : y + 16, x : x + 16] = templates[labels[i]]
+    images = (images * 230 + torch.rand(count, 28, 28, generator=rng) * 25).clamp(0, 255)
+    return images.to(torch.uint8), labels.to(torch.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist() -> MNIST:
+    train_images, train_labels = make_images(1200, seed=1)
+    test_images, test_labels = make_images(300, seed=2)
+    return MNIST(train_images, train_labels, test_images, test_labels, source="synthetic", checksum="synthetic")
+
+
+@pytest.fixture
+def idx_folder(tmp_path: Path, tiny_mnist: MNIST, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny data set as four gzipped IDX files, with the expected MD5s patched to theirs."""
+    arrays = {
+        "train_images": tiny_mnist.train_images, "train_labels": tiny_mnist.train_labels,
+        "test_images": tiny_mnist.test_images, "test_labels": tiny_mnist.test_labels,
+    }
+    files = {}
+    for key, (stem, _) in data_module.FILES.items():
+        raw = to_idx(arrays[key].numpy())
+        (tmp_path / f"{stem}.gz").write_bytes(gzip.compress(raw))
+        files[key] = (stem, hashlib.md5(raw).hexdigest())
+    monkeypatch.setattr(data_module, "FILES", files)
+    return tmp_path

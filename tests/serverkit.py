@@ -1,0 +1,120 @@
+"""Helpers for the server tests: a small deterministic predictor, test images, and a live uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+
+@dataclass
+class FakePrediction:
+    digit: int | None
+    confidence: float
+    probabilities: list[float]
+    top: list[tuple[int, float]]
+    rejected: bool
+
+
+@dataclass
+class FakeDigitBox:
+    digit: int | None
+    confidence: float
+    box: tuple[int, int, int, int]
+
+
+@dataclass
+class FakeReadResult:
+    number: str
+    digits: list[FakeDigitBox]
+
+
+@dataclass
+class FakePredictor:
+    """Says 7 for anything with ink and is not sure about a blank page, through a real (linear) torch model.
+
+    The model's logit for 7 grows with the amount of ink, so saliency maps are meaningful: every ink pixel
+    supports the answer. `delay_s` makes each batch slow, so concurrent requests must queue and batch.
+    """
+
+    name: str = "fake"
+    version: str = "test-1"
+    meta: dict = field(default_factory=lambda: {"metrics": {"test_accuracy": 0.9912}, "recipe": "fake"})
+    temperature: float = 1.0
+    reject_below: float = 0.5
+    delay_s: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        linear = nn.Linear(784, 10)
+        with torch.no_grad():
+            linear.weight.zero_()
+            linear.bias.zero_()
+            linear.weight[7] = 0.1
+        self.model = nn.Sequential(nn.Flatten(), linear).eval()
+
+    def predict_tensor(self, batch: torch.Tensor) -> list[FakePrediction]:
+        assert batch.shape[1:] == (1, 28, 28) and batch.dtype == torch.float32
+        self.batch_sizes.append(len(batch))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        with torch.no_grad():
+            probabilities = torch.softmax(self.model(batch) / self.temperature, dim=1)
+        out = []
+        for p in probabilities.tolist():
+            best = int(np.argmax(p))
+            rejected = p[best] < self.reject_below
+            top = sorted(enumerate(p), key=lambda kv: -kv[1])[:3]
+            out.append(FakePrediction(None if rejected else best, p[best], p, top, rejected))
+        return out
+
+    def read(self, image: Image.Image) -> FakeReadResult:
+        width, height = image.size
+        return FakeReadResult("42", [FakeDigitBox(4, 0.98, (0, 0, width // 2, height)),
+                                     FakeDigitBox(2, 0.97, (width // 2, 0, width - width // 2, height))])
+
+
+def digit_png(size: int = 200, blank: bool = False, fmt: str = "PNG") -> bytes:
+    """A dark "7" drawn on white paper, as a phone photo or a canvas export would give."""
+    image = Image.new("L", (size, size), 255)
+    if not blank:
+        draw = ImageDraw.Draw(image)
+        s = size / 200
+        draw.line([(50 * s, 40 * s), (150 * s, 40 * s), (85 * s, 165 * s)], fill=0, width=int(16 * s))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Run `app` on uvicorn in a thread on a free 127.0.0.1 port; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start within 20 s")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -1,0 +1,113 @@
+"""The page in a real browser: Debian's Chromium (headless) driven by Playwright against the server on 127.0.0.1.
+
+Draws a 7 with the mouse, checks the answer, the bars and the 28x28 view; uploads a photo; sends a correction and
+finds it in SQLite; reads a two-digit number. Screenshots go to test-artifacts/ (or $DIGITREC_ARTIFACTS).
+Skipped only when no Chromium is installed (`make test` installs Debian's `chromium` where apt-get works).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+from serverkit import FakePredictor, live_server
+
+from digitrec.server import create_app
+
+CHROMIUM = os.environ.get("DIGITREC_CHROMIUM") or next(
+    (path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("DIGITREC_ARTIFACTS", "test-artifacts"))
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium, or set DIGITREC_CHROMIUM)")
+
+
+def real_or_fake_predictor():
+    """The bundled model when the package has one; otherwise a stand-in that reads any ink as 7."""
+    from digitrec.predict import Predictor, pretrained_path
+
+    return Predictor.pretrained() if pretrained_path().exists() else FakePredictor()
+
+
+def photo_of_a_seven(path: Path) -> Path:
+    """A phone-like photo: a pen 7 on grey, unevenly lit paper, slightly blurred, saved as JPEG."""
+    rng = np.random.default_rng(7)
+    light = np.linspace(150, 215, 480)[None, :] + np.linspace(0, 25, 640)[:, None]
+    paper = Image.fromarray(np.clip(light + rng.normal(0, 4, (640, 480)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(paper)
+    draw.line([(140, 180), (330, 170), (230, 470)], fill=40, width=22, joint="curve")
+    paper.filter(ImageFilter.GaussianBlur(1.5)).save(path, format="JPEG", quality=88)
+    return path
+
+
+def draw(page, points: list[tuple[float, float]], selector: str = "#pad") -> None:
+    """Draw a stroke through `points` (fractions of the canvas) with mouse moves."""
+    box = page.locator(selector).bounding_box()
+    x0, y0 = box["x"] + points[0][0] * box["width"], box["y"] + points[0][1] * box["height"]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for fx, fy in points[1:]:
+        page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"], steps=8)
+    page.mouse.up()
+
+
+def test_draw_upload_correct_and_read_a_number_in_chromium(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no `playwright install` needed)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    db_path = tmp_path / "feedback.sqlite"
+    app = create_app(real_or_fake_predictor(), feedback_db=db_path)
+    with live_server(app) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 860}, device_scale_factor=1)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(url + "/")
+            sync_api.expect(page.locator("#model-info")).to_contain_text("Model ")
+
+            # Draw a 7: the answer, the top bar and the 28x28 view appear while drawing.
+            draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+            sync_api.expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+            sync_api.expect(page.locator("#verdict")).to_have_text("It's a 7")
+            sync_api.expect(page.locator("#bars .bar.top")).to_have_attribute("data-digit", "7")
+            top_height = page.locator('#bars .bar[data-digit="7"] .fill').evaluate("e => e.getBoundingClientRect().height")
+            assert top_height > 60
+            seen_ink = page.evaluate(
+                "() => Array.from(document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data)"
+                ".filter((v, i) => i % 4 === 0 && v > 128).length")
+            assert seen_ink > 20  # the 28x28 image the model saw is drawn
+            page.screenshot(path=ARTIFACTS / "web-draw.png")
+
+            # Undo empties the pad and the answer.
+            page.click("#undo")
+            sync_api.expect(page.locator("#digit")).to_have_text("–")
+
+            # Upload a photo, then say it is a 1: the correction lands in SQLite with the photo and the label.
+            page.set_input_files("#upload", str(photo_of_a_seven(tmp_path / "photo.jpg")))
+            sync_api.expect(page.locator("#photo")).to_be_visible()
+            sync_api.expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+            page.click('#correct-buttons button[data-label="1"]')
+            sync_api.expect(page.locator("#toast")).to_contain_text("correction #1")
+            page.screenshot(path=ARTIFACTS / "web-correction.png")
+            with sqlite3.connect(db_path) as con:
+                rows = con.execute("SELECT label, predicted, image FROM feedback").fetchall()
+            assert [(label, predicted) for label, predicted, _ in rows] == [(1, 7)]
+            assert Image.open(io.BytesIO(rows[0][2])).size == (480, 640)
+
+            # Numbers mode: write a 1 and a 7 side by side; the number and a box per digit appear.
+            page.click("#mode-number")
+            draw(page, [(0.15, 0.2), (0.15, 0.85)])
+            draw(page, [(0.45, 0.2), (0.7, 0.2), (0.55, 0.85)])
+            sync_api.expect(page.locator("#chips li")).to_have_count(2, timeout=10_000)
+            assert len(page.locator("#number").inner_text()) == 2
+            page.screenshot(path=ARTIFACTS / "web-number.png")
+            assert errors == []
+        finally:
+            browser.close()

@@ -1,0 +1,74 @@
+"""The command line as a user meets it: listings, JSON output, and one-sentence errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from digitrec.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "digitrec", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_recipes_json_lists_every_recipe(capsys):
+    assert main(["recipes", "--json"]) == 0
+    recipes = json.loads(capsys.readouterr().out)
+    assert {"seed-mlp", "seed-mlp-bn", "seed-mlp-dropout", "seed-lenet", "seed-cnn", "seed-cnn-bn", "default"} <= recipes.keys()
+    assert recipes["seed-mlp-bn"]["reported_accuracy"] == 0.956
+
+
+def test_recipes_and_models_tables(capsys):
+    assert main(["recipes"]) == 0
+    assert "seed-cnn-bn" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "lenet" in out and "21,840" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
+        (["train", "--recipe", "fast", "--epochs", "-2"], "epochs must be positive"),
+        (["evaluate", "missing-model.safetensors"], "does not exist"),
+        (["train", "--resume", "no-such-run"], "no last.safetensors"),
+        (["data", "--data-dir", "/no/such/folder"], "does not hold the four MNIST files"),
+    ],
+)
+def test_user_errors_are_one_sentence_without_traceback(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_not_our_checkpoint(tmp_path):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"\x80\x04K\x01.")  # a pickle
+    result = run_cli("evaluate", str(bogus))
+    assert result.returncode == 2 and "not a digitrec checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_flag_type_is_rejected_by_argparse():
+    result = run_cli("train", "--epochs", "three")
+    assert result.returncode == 2 and "invalid float value" in result.stderr
+
+
+def test_train_and_evaluate_on_a_data_dir(idx_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--recipe", "fast", "--epochs", "2", "--data-dir", str(idx_folder), "--out", str(out),
+                 "--no-progress", "--val-size", "200"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and str(out / "report.html") in printed
+    assert main(["evaluate", str(out), "--json", "--data-dir", str(idx_folder)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(saved["test_accuracy"], abs=1e-6)
+    assert len(metrics["confusion"]) == 10 and len(metrics["per_class"]) == 10

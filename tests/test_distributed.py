@@ -1,0 +1,73 @@
+"""Distributed training: 2 gloo processes on loopback train like one process, with identical weights on every rank."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+import runkit
+from digitrec.checkpoint import load_model, load_tensors
+from digitrec.cli import main
+from digitrec.distributed import weights_fingerprint
+
+# No batch norm and no dropout, and SGD (linear in the gradient): then splitting each batch over two ranks
+# and averaging their gradients changes nothing but the rounding.
+EQUIVALENT = {"arch": "lenet", "epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+              "val_size": 0, "threads": 1}
+
+
+def metrics_of(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return json.loads(result.stdout.split("METRICS ", 1)[1])
+
+
+def test_two_processes_train_like_one(tmp_path):
+    specs = {n: {"config": EQUIVALENT, "out": str(tmp_path / f"nproc{n}")} for n in (0, 2)}
+    children = {n: subprocess.Popen(runkit.command(spec, n), env=runkit.child_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for n, spec in specs.items()}
+    results = {n: subprocess.CompletedProcess(child.args, child.wait(timeout=300), *child.communicate())
+               for n, child in children.items()}
+    single, double = metrics_of(results[0]), metrics_of(results[2])
+    assert double["world_size"] == 2 and double["steps"] == single["steps"]
+
+    # rank 0 compared every rank's weights before saving; what it saved is what every rank holds
+    logged = re.search(r"weights identical on all 2 ranks \(sha256 ([0-9a-f]{64})\)", results[2].stdout)
+    assert logged, results[2].stdout
+    saved, _ = load_model(tmp_path / "nproc2" / "model.safetensors")
+    assert weights_fingerprint(saved) == logged.group(1)
+
+    a, _ = load_tensors(tmp_path / "nproc0" / "model.safetensors")
+    b, _ = load_tensors(tmp_path / "nproc2" / "model.safetensors")
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+    assert double["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1 / 300)
+    # only rank 0 writes: one line per event in the log, files only in rank 0's folder
+    assert results[2].stdout.count("epoch   1/1") == 1
+
+
+def test_nproc_inside_torchrun_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--nproc", "2", "--recipe", "fast"]) == 2
+    assert "drop it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_nproc_2_reaches_single_process_accuracy_on_mnist(tmp_path):
+    """The `fast` recipe for one epoch of real MNIST, launched by `digitrec train --nproc 2`, within 0.3 points."""
+    accuracy, seconds = {}, {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        command = [sys.executable, "-m", "digitrec", "train", "--recipe", "fast", "--epochs", "1", "--out", str(out),
+                   "--no-progress"] + (["--nproc", "2"] if nproc == 2 else [])
+        start = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+        seconds[nproc] = time.perf_counter() - start
+        assert result.returncode == 0, result.stderr[-4000:]
+        accuracy[nproc] = json.loads((out / "metrics.json").read_text())["test_accuracy"]
+    print(f"\nfast, 1 epoch: 1 process {accuracy[1]:.2%} in {seconds[1]:.0f} s, "
+          f"2 processes {accuracy[2]:.2%} in {seconds[2]:.0f} s")
+    assert abs(accuracy[2] - accuracy[1]) <= 0.003

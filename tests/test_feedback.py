@@ -1,0 +1,188 @@
+"""The corrections store: what is written can be read and exported, by many writers at once, and survives a kill."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from digitrec.data import parse_idx
+from digitrec.errors import DigitrecError
+from digitrec.feedback import FeedbackStore, export_idx, export_png
+
+
+def glyph(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
+
+
+def add(store: FeedbackStore, label: int, seed: int = 0) -> int:
+    return store.add(label=label, image=b"\x89PNG fake %d" % seed, input28=glyph(seed), predicted=(label + 1) % 10,
+                     model_name="m", model_version="v1")
+
+
+def test_corrections_come_back_as_they_were_stored(tmp_path):
+    store = FeedbackStore(tmp_path / "sub" / "feedback.sqlite")  # parent folders are created
+    ids = [add(store, label, seed) for seed, label in enumerate([3, 3, 8])]
+    assert ids == [1, 2, 3] and store.count() == 3
+    assert store.counts_by_label() == {d: {3: 2, 8: 1}.get(d, 0) for d in range(10)}
+    items = list(store.corrections())
+    assert [c.label for c in items] == [3, 3, 8] and [c.predicted for c in items] == [4, 4, 9]
+    assert items[2].image == b"\x89PNG fake 2" and (items[2].input28 == glyph(2)).all()
+    assert items[0].model_version == "v1" and items[0].created_at.endswith("+00:00")
+    images, labels = store.tensors()
+    assert images.shape == (3, 28, 28) and images.dtype.is_floating_point is False and labels.tolist() == [3, 3, 8]
+
+
+def test_float_inputs_are_stored_as_0_to_255(tmp_path):
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    store.add(label=1, image=b"x", input28=np.full((28, 28), 0.5, np.float32))
+    assert (next(store.corrections()).input28 == 128).all()
+
+
+def test_the_database_uses_wal_so_readers_do_not_block_writers(tmp_path):
+    path = tmp_path / "f.sqlite"
+    FeedbackStore(path)
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _write_many(path: str, worker: int, count: int) -> None:
+    store = FeedbackStore(path)
+    for i in range(count):
+        add(store, (worker + i) % 10, seed=worker * 1000 + i)
+
+
+def test_concurrent_writers_from_threads_and_processes_lose_nothing(tmp_path):
+    path = str(tmp_path / "f.sqlite")
+    FeedbackStore(path)
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_write_many, args=(path, w, 25)) for w in range(3)]
+    threads = [threading.Thread(target=_write_many, args=(path, 10 + w, 25)) for w in range(3)]
+    for worker in processes + threads:
+        worker.start()
+    for worker in processes + threads:
+        worker.join(timeout=60)
+    assert all(p.exitcode == 0 for p in processes)
+    store = FeedbackStore(path)
+    assert store.count() == 150
+    assert len({c.image for c in store.corrections()}) == 150
+
+
+def test_killing_the_writer_keeps_every_acknowledged_correction(tmp_path):
+    path = tmp_path / "f.sqlite"
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from digitrec.feedback import FeedbackStore
+        store = FeedbackStore({str(path)!r})
+        while True:
+            row = store.add(label=5, image=b"img", input28=np.zeros((28, 28), np.uint8))
+            print(row, flush=True)
+    """)
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    acknowledged = [int(writer.stdout.readline()) for _ in range(30)]
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=10)
+    store = FeedbackStore(path)
+    assert set(acknowledged) <= {c.id for c in store.corrections()}
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_export_idx_writes_mnist_format_files(tmp_path):
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    for seed, label in enumerate([2, 9, 0]):
+        add(store, label, seed)
+    images_path, labels_path = export_idx(store, tmp_path / "out")
+    images = parse_idx(images_path.read_bytes())
+    labels = parse_idx(labels_path.read_bytes())
+    assert images.shape == (3, 28, 28) and (images[1] == glyph(1)).all()
+    assert labels.tolist() == [2, 9, 0]
+
+
+def test_export_png_writes_one_folder_per_label(tmp_path):
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    for seed, label in enumerate([4, 4, 7]):
+        add(store, label, seed)
+    assert export_png(store, tmp_path / "out", originals=True) == 3
+    assert sorted(p.name for p in (tmp_path / "out" / "4").iterdir()) == ["1.png", "2.png"]
+    assert (np.asarray(Image.open(tmp_path / "out" / "7" / "3.png")) == glyph(2)).all()
+    assert (tmp_path / "out" / "originals" / "3.png").read_bytes() == b"\x89PNG fake 2"
+
+
+def test_an_unusable_database_path_is_one_clear_error(tmp_path):
+    (tmp_path / "notes.sqlite").write_text("this is not a database, just text that is long enough to matter " * 20)
+    with pytest.raises(DigitrecError, match="--feedback-db"):
+        FeedbackStore(tmp_path / "notes.sqlite")
+    with pytest.raises(DigitrecError, match="--feedback-db"):
+        FeedbackStore(tmp_path / "notes.sqlite" / "inside.sqlite")
+
+
+def test_export_from_the_command_line(tmp_path, capsys):
+    from digitrec.cli import main
+
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    add(store, 6)
+    assert main(["feedback", "export", "--feedback-db", str(store.path), "--out", str(tmp_path / "idx")]) == 0
+    assert "1 corrections" in capsys.readouterr().out
+    assert parse_idx((tmp_path / "idx" / "feedback-labels-idx1-ubyte").read_bytes()).tolist() == [6]
+    assert main(["feedback", "export", "--feedback-db", str(store.path), "--format", "png", "--out", str(tmp_path / "png")]) == 0
+    assert (tmp_path / "png" / "6" / "1.png").exists()
+
+
+def tiny_mnist(n: int = 256):
+    """Random stand-in for MNIST (the fine-tuning mechanics do not need real digits)."""
+    import torch
+
+    from digitrec.data import MNIST
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+    return MNIST(images, labels, images[:64], labels[:64], source="synthetic", checksum="0" * 32)
+
+
+def test_finetune_learns_the_corrections_and_writes_a_loadable_checkpoint(tmp_path):
+    import torch
+
+    from digitrec.checkpoint import save_model
+    from digitrec.feedback import finetune
+    from digitrec.models import create_model
+    from digitrec.predict import Predictor
+
+    torch.manual_seed(0)
+    config = {"arch": "fast_cnn", "batch_size": 64, "lr": 0.002, "device": "cpu", "augment": "none", "threads": 1}
+    save_model(tmp_path / "base.safetensors", create_model("fast_cnn").eval(),
+               {"recipe": "tiny", "config": config, "metrics": {"test_accuracy": 0.5}})
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    for seed in range(5):  # five odd glyphs that users all said were a 3
+        store.add(label=3, image=b"png", input28=glyph(100 + seed))
+    threads = torch.get_num_threads()
+    try:
+        run = finetune(tmp_path / "base.safetensors", store.path, tmp_path / "tuned", data=tiny_mnist(), epochs=4,
+                       lr_scale=1.0, repeat=20, report=False, log=lambda msg: None)
+    finally:
+        torch.set_num_threads(threads)  # the config's threads=1 must not leak into other tests
+    m = run.metrics
+    assert m["feedback_corrections"] == 5 and m["feedback_accuracy"] == 1.0 > m["feedback_accuracy_before"]
+    tuned = Predictor.load(tmp_path / "tuned" / "model.safetensors")
+    assert tuned.meta["finetuned_from"].endswith("base.safetensors") and tuned.name == "tiny+feedback"
+    x = torch.from_numpy(np.stack([glyph(100 + s) for s in range(5)])).float().div(255).unsqueeze(1)
+    assert [p.top[0][0] for p in tuned.predict_tensor(x)] == [3] * 5
+
+
+def test_finetune_without_corrections_says_what_to_do(tmp_path):
+    from digitrec.checkpoint import save_model
+    from digitrec.feedback import finetune
+    from digitrec.models import create_model
+
+    save_model(tmp_path / "base.safetensors", create_model("fast_cnn"), {"recipe": "tiny", "config": {"arch": "fast_cnn"}})
+    with pytest.raises(DigitrecError, match="no corrections yet"):
+        finetune(tmp_path / "base.safetensors", tmp_path / "empty.sqlite", tmp_path / "out", data=tiny_mnist())

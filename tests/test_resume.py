@@ -1,0 +1,97 @@
+"""Crash safety: a run killed with SIGKILL in the middle of an epoch resumes to bit-identical weights and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import runkit
+from digitrec.checkpoint import load_tensors
+
+# Dropout, batch norm, augmentation, AdamW with weight decay and a one-cycle schedule: every source of
+# randomness and every piece of optimizer and schedule state that a resume has to restore.
+CONFIG = {"arch": "bn_cnn", "epochs": 2, "batch_size": 32, "lr": 3e-3, "schedule": "onecycle", "augment": "affine",
+          "weight_decay": 0.01, "label_smoothing": 0.1, "val_size": 200, "checkpoint_every_steps": 3, "threads": 1}
+TRAIN_IMAGES = 600
+STEPS_PER_EPOCH = 13  # 400 training images in batches of 32: 12 full ones and one of 16
+
+
+def last_step(out: Path) -> int | None:
+    try:
+        return json.loads((out / "last.json").read_text())["state"]["step"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def kill_mid_epoch(command: list[str], out: Path, after_step: int, steps_per_epoch: int, timeout: float = 600) -> int:
+    """Start `command`, SIGKILL it as soon as a mid-epoch checkpoint past `after_step` appears; the saved step."""
+    child = subprocess.Popen(command, env=runkit.child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            step = last_step(out)
+            if step is not None and step > after_step and step % steps_per_epoch:
+                os.kill(child.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        child.kill()
+        _, stderr = child.communicate()
+    assert child.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {stderr[-2000:]!r}"
+    step = last_step(out)
+    assert step % steps_per_epoch, "the last checkpoint is at an epoch end; the test wants one inside an epoch"
+    return step
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-identical weights, metrics and history; only the wall-clock times may differ."""
+    weights_a, _ = load_tensors(a / "model.safetensors")
+    weights_b, _ = load_tensors(b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    clock = {"train_seconds", "eval_seconds", "seconds"}
+    metrics_a, metrics_b = (json.loads((run / "metrics.json").read_text()) for run in (a, b))
+    assert {k: v for k, v in metrics_a.items() if k not in clock} == {k: v for k, v in metrics_b.items() if k not in clock}
+    history_a, history_b = (json.loads((run / "history.json").read_text()) for run in (a, b))
+    assert [{k: v for k, v in row.items() if k not in clock} for row in history_a] == [
+        {k: v for k, v in row.items() if k not in clock} for row in history_b
+    ]
+
+
+def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    uninterrupted = subprocess.Popen(runkit.command({"config": CONFIG, "out": str(whole), "train_images": TRAIN_IMAGES}), env=runkit.child_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    step = kill_mid_epoch(runkit.command({"config": CONFIG, "out": str(killed), "train_images": TRAIN_IMAGES}), killed,
+                          after_step=STEPS_PER_EPOCH, steps_per_epoch=STEPS_PER_EPOCH)
+    assert STEPS_PER_EPOCH < step < 2 * STEPS_PER_EPOCH
+    assert not (killed / "metrics.json").exists()
+
+    resumed = runkit.run({"out": str(killed), "resume": True, "train_images": TRAIN_IMAGES})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming synthetic from step {step}" in resumed.stdout
+    _, stderr = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, stderr[-3000:]
+    assert_same_run(whole, killed)
+
+
+@pytest.mark.slow
+def test_cli_kill_9_then_resume_on_mnist(tmp_path):
+    """`digitrec train` on real MNIST, killed mid-epoch, then `digitrec train --resume DIR`."""
+    flags = ["--recipe", "fast", "--epochs", "0.4", "--checkpoint-every-steps", "10", "--threads", "1", "--no-progress"]
+    train = [sys.executable, "-m", "digitrec", "train", *flags]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    env = runkit.child_env()
+    subprocess.run(train + ["--out", str(whole)], check=True, capture_output=True, timeout=1200, env=env)
+    kill_mid_epoch(train + ["--out", str(killed)], killed, after_step=30, steps_per_epoch=313)  # 60,000 / 192
+    subprocess.run([sys.executable, "-m", "digitrec", "train", "--resume", str(killed), "--no-progress"],
+                   check=True, capture_output=True, timeout=1200, env=env)
+    assert_same_run(whole, killed)

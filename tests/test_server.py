@@ -1,0 +1,334 @@
+"""The REST API: every endpoint, every error code, batching, and a live server that survives garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import socket
+import sqlite3
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from serverkit import FakePredictor, digit_png, live_server
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from digitrec.server import MAX_PIXELS, create_app  # noqa: E402
+
+
+@pytest.fixture
+def predictor() -> FakePredictor:
+    return FakePredictor()
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "feedback.sqlite"
+
+
+@pytest.fixture
+def client(predictor, db_path):
+    with TestClient(create_app(predictor, feedback_db=db_path)) as c:
+        yield c
+
+
+def upload(data: bytes, name: str = "digit.png", content_type: str = "image/png") -> dict:
+    return {"file": (name, data, content_type)}
+
+
+# ------------------------------------------------------------------------------------------------ endpoints
+
+
+def test_healthz_names_the_model_and_its_test_accuracy(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "model": "fake", "version": "test-1", "test_accuracy": 0.9912}
+
+
+def test_page_and_its_assets_are_served_without_external_links(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<canvas id="pad"' in page.text and 'capture="environment"' in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.text) > 1000
+        assert "http://" not in response.text and "https://" not in response.text  # works offline
+    assert "https://" not in page.text
+
+
+def test_docs_describe_every_endpoint(client):
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/healthz", "/api/predict", "/api/read", "/api/feedback", "/api/stats"} <= set(paths)
+    assert set(paths["/api/predict"]["post"]["requestBody"]["content"]) >= {"multipart/form-data", "application/json"}
+
+
+def test_predict_multipart_reads_the_digit(client):
+    response = client.post("/api/predict", files=upload(digit_png()))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["digit"] == 7 and body["rejected"] is False
+    assert len(body["probabilities"]) == 10 and sum(body["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+    assert body["confidence"] == pytest.approx(max(body["probabilities"]))
+    assert body["top"][0] == {"digit": 7, "probability": body["confidence"]}
+    assert body["input"] is None and body["saliency"] is None  # only with ?explain=true
+
+
+def test_predict_accepts_base64_json_data_urls_and_raw_bodies_alike(client):
+    png = digit_png()
+    expected = client.post("/api/predict", files=upload(png)).json()
+    encoded = base64.b64encode(png).decode()
+    for response in (
+        client.post("/api/predict", json={"image": encoded}),
+        client.post("/api/predict", json={"image": "data:image/png;base64," + encoded}),
+        client.post("/api/predict", content=png, headers={"content-type": "image/png"}),
+    ):
+        assert response.status_code == 200 and response.json() == expected
+
+
+def test_predict_reads_jpeg_photos(client):
+    response = client.post("/api/predict", files=upload(digit_png(size=640, fmt="JPEG"), "photo.jpg", "image/jpeg"))
+    assert response.status_code == 200 and response.json()["digit"] == 7
+
+
+def test_a_blank_page_is_rejected_as_not_a_digit(client):
+    body = client.post("/api/predict", files=upload(digit_png(blank=True))).json()
+    assert body["rejected"] is True and body["digit"] is None
+
+
+def test_explain_returns_the_28x28_input_and_a_saliency_map_on_the_ink(client):
+    body = client.post("/api/predict?explain=true", files=upload(digit_png())).json()
+    seen, saliency = np.array(body["input"]), np.array(body["saliency"])
+    assert seen.shape == saliency.shape == (28, 28)
+    assert 0 <= seen.min() and seen.max() == pytest.approx(1.0) and (seen > 0.5).sum() > 20
+    assert saliency.max() == pytest.approx(1.0) and saliency.min() >= -1.0
+    # The fake model's 7 grows with every ink pixel: saliency is positive on ink and zero on the background.
+    assert (saliency[seen > 0.5] > 0).all() and (saliency[seen == 0] == 0).all()
+
+
+def test_read_returns_the_number_and_a_box_per_digit(client):
+    response = client.post("/api/read", files=upload(digit_png(size=300)))
+    assert response.status_code == 200
+    assert response.json() == {"number": "42", "digits": [
+        {"digit": 4, "confidence": 0.98, "box": [0, 0, 150, 300]},
+        {"digit": 2, "confidence": 0.97, "box": [150, 0, 150, 300]},
+    ]}
+
+
+def test_feedback_is_stored_in_sqlite_with_image_label_time_and_model(client, db_path):
+    png = digit_png()
+    response = client.post("/api/feedback", files=upload(png), data={"label": "3", "predicted": "7"})
+    assert response.status_code == 201 and response.json() == {"id": 1, "label": 3, "total": 1}
+    encoded = base64.b64encode(png).decode()
+    response = client.post("/api/feedback", json={"image": encoded, "label": 1})
+    assert response.status_code == 201 and response.json()["total"] == 2
+    with sqlite3.connect(db_path) as con:
+        rows = con.execute("SELECT label, predicted, image, model_name, model_version, created_at, input28 FROM feedback ORDER BY id").fetchall()
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert [(r[0], r[1]) for r in rows] == [(3, 7), (1, None)]
+    assert rows[0][2] == png and rows[0][3:5] == ("fake", "test-1") and rows[0][5].startswith("20")
+    assert np.frombuffer(rows[0][6], np.uint8).reshape(28, 28).max() == 255  # the 28x28 the model saw
+
+
+@pytest.mark.parametrize("fields", [{}, {"label": "10"}, {"label": "seven"}, {"label": "3", "predicted": "-1"}])
+def test_feedback_without_a_valid_digit_label_is_422(client, fields, db_path):
+    response = client.post("/api/feedback", files=upload(digit_png()), data=fields)
+    assert response.status_code == 422
+    assert "digit" in response.json()["detail"]
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
+def test_feedback_with_a_non_image_is_400_and_stores_nothing(client, db_path):
+    response = client.post("/api/feedback", files=upload(b"not an image"), data={"label": "4"})
+    assert response.status_code == 400
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
+def test_stats_count_requests_batches_and_corrections(client):
+    client.post("/api/predict", files=upload(digit_png()))
+    client.post("/api/predict", files=upload(digit_png(blank=True)))
+    client.post("/api/read", files=upload(digit_png()))
+    client.post("/api/feedback", files=upload(digit_png()), data={"label": "1"})
+    client.post("/api/predict", files=upload(b"junk"))
+    stats = client.get("/api/stats").json()
+    assert stats["requests"] == {"predict": 2, "read": 1, "feedback": 1, "rejected": 1, "client_errors": 1}
+    assert stats["batches"]["images"] == 2
+    assert stats["feedback"]["total"] == 1 and stats["feedback"]["by_label"]["1"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (its data is tiny): a decompression-bomb probe."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    import struct
+    import zlib
+
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def truncated_jpeg() -> bytes:
+    data = digit_png(size=400, fmt="JPEG")
+    return data[: len(data) // 2]
+
+
+ERROR_CASES = {
+    "body over 5 MB": (dict(files=upload(b"\0" * (5 * 1024 * 1024 + 1))), 413, "5 MB"),
+    "over 40 megapixels": (dict(files=upload(png_header_claiming(8000, 5001))), 413, "megapixels"),
+    "not an image": (dict(files=upload(b"hello, I am text", "notes.txt", "text/plain")), 400, "not an image"),
+    "truncated image": (dict(files=upload(truncated_jpeg(), "cut.jpg", "image/jpeg")), 400, "truncated"),
+    "empty file": (dict(files=upload(b"")), 400, "empty"),
+    "tiny image": (dict(files=upload(digit_png(size=3))), 400, "too small"),
+    "no file field": (dict(data={"image": "x"}, files={"other": ("a.png", b"x", "image/png")}), 400, "'file'"),
+    "invalid JSON": (dict(content=b"{nope", headers={"content-type": "application/json"}), 400, "JSON"),
+    "JSON without image": (dict(json={"picture": "abc"}), 400, '"image"'),
+    "invalid base64": (dict(json={"image": "***"}), 400, "base64"),
+    "wrong content type": (dict(content=b"7", headers={"content-type": "text/plain"}), 415, "content type"),
+}
+
+
+@pytest.mark.parametrize("endpoint", ["/api/predict", "/api/read"])
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_bad_requests_get_a_json_sentence_and_a_4xx_code(client, endpoint, case):
+    kwargs, status, words = ERROR_CASES[case]
+    response = client.post(endpoint, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and words in detail and detail.endswith(".")
+
+
+def test_too_many_pixels_are_refused_before_decoding(client, monkeypatch):
+    import PIL.Image
+
+    side = int(MAX_PIXELS**0.5) + 10
+    bomb = png_header_claiming(side, side)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(PIL.Image.Image, "load", no_decoding)
+    response = client.post("/api/predict", files=upload(bomb))
+    assert response.status_code == 413 and "scale it down" in response.json()["detail"]
+
+
+def test_chunked_bodies_over_5_mb_are_cut_off_with_413(client):
+    def chunks():
+        for _ in range(6):
+            yield b"\0" * (1024 * 1024)
+
+    response = client.post("/api/predict", content=chunks(), headers={"content-type": "image/png"})
+    assert response.status_code == 413 and "5 MB" in response.json()["detail"]
+
+
+def test_unknown_paths_and_methods_are_json_errors(client):
+    for response, status in ((client.get("/api/nothing"), 404), (client.get("/api/predict"), 405)):
+        assert response.status_code == status
+        assert response.headers["content-type"] == "application/json" and "/docs" in response.json()["detail"]
+
+
+def test_a_model_crash_is_a_json_500_not_a_traceback(predictor, db_path):
+    def broken(batch):
+        raise RuntimeError("boom")
+
+    predictor.predict_tensor = broken
+    with TestClient(create_app(predictor, feedback_db=db_path), raise_server_exceptions=False) as c:
+        response = c.post("/api/predict", files=upload(digit_png()))
+        assert response.status_code == 500 and response.json() == {
+            "detail": "internal error while handling the request; it has been logged."}
+        assert c.get("/healthz").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ concurrency
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(db_path):
+    predictor = FakePredictor(delay_s=0.05)  # a slow model: requests pile up while it works
+    app = create_app(predictor, feedback_db=db_path)
+    images = [digit_png(), digit_png(blank=True)] * 12
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            responses = await asyncio.gather(*(http.post("/api/predict", files=upload(png)) for png in images))
+        return [r.json() for r in responses]
+
+    answers = asyncio.run(run())
+    assert [a["digit"] for a in answers] == [7, None] * 12
+    assert max(predictor.batch_sizes) > 1 and sum(predictor.batch_sizes) == len(images)
+
+
+def test_live_server_keeps_answering_while_a_client_sends_garbage(predictor, db_path):
+    with live_server(create_app(predictor, feedback_db=db_path)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        # One client opens a request, promises a big body and dribbles it; another speaks no HTTP at all.
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 4000000\r\n\r\n\x89PNG")
+        junk = socket.create_connection(("127.0.0.1", port))
+        junk.sendall(bytes(range(256)) * 4 + b"\r\n\r\n")
+        try:
+            with httpx.Client(base_url=url, timeout=5) as http:
+                for _ in range(3):
+                    started = time.perf_counter()
+                    assert http.get("/healthz").status_code == 200
+                    assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+                    assert http.post("/api/predict", files=upload(b"\xff\xd8garbage")).status_code == 400
+                    assert time.perf_counter() - started < 2
+            junk.settimeout(5)
+            assert junk.recv(100).startswith(b"HTTP/1.1 400")
+        finally:
+            slow.close()
+            junk.close()
+
+
+# ------------------------------------------------------------------------------------------------ the real Predictor
+
+
+def test_the_real_predictor_preprocess_and_saliency_work_end_to_end(tmp_path):
+    """A real (randomly initialised) CNN checkpoint behind the real Predictor; the bundled model when there is one."""
+    from digitrec.checkpoint import save_model
+    from digitrec.models import create_model
+    from digitrec.predict import Predictor, pretrained_path
+
+    if pretrained_path().exists():
+        predictor = Predictor.pretrained()
+    else:
+        torch = pytest.importorskip("torch")
+        torch.manual_seed(0)
+        save_model(tmp_path / "model.safetensors", create_model("fast_cnn").eval(),
+                   {"recipe": "random", "config": {"arch": "fast_cnn"}, "metrics": {"test_accuracy": 0.1}})
+        predictor = Predictor.load(tmp_path / "model.safetensors")
+    with TestClient(create_app(predictor, feedback_db=tmp_path / "f.sqlite")) as client:
+        health = client.get("/healthz").json()
+        assert health["model"] == predictor.name and health["test_accuracy"] is not None
+        body = client.post("/api/predict?explain=true", files=upload(digit_png())).json()
+        assert sum(body["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+        assert np.array(body["saliency"]).shape == (28, 28) and np.abs(body["saliency"]).max() == pytest.approx(1.0)
+        if pretrained_path().exists():
+            assert body["digit"] == 7
+
+        # Two well separated strokes make two boxes, left to right, inside the image.
+        image = Image.new("L", (400, 200), 255)
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(image)
+        draw.line([(80, 40), (80, 160)], fill=0, width=14)
+        draw.line([(260, 40), (340, 40), (290, 160)], fill=0, width=14)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        read = client.post("/api/read", files=upload(buffer.getvalue())).json()
+        assert len(read["number"]) == 2 and [d["box"][0] < 200 for d in read["digits"]] == [True, False]
+        if pretrained_path().exists():
+            assert read["number"] == "17"
