@@ -51,17 +51,34 @@ def digit_pngs() -> list[bytes]:
     out = []
     for a in images:
         buffer = io.BytesIO()
-        Image.fromarray(255 - a).resize((PAYLOAD_SIDE, PAYLOAD_SIDE), Image.Resampling.BILINEAR).save(buffer, format="PNG")
+        Image.fromarray(255 - a).resize((PAYLOAD_SIDE, PAYLOAD_SIDE), Image.Resampling.BILINEAR).save(
+            buffer, format="PNG"
+        )
         out.append(buffer.getvalue())
     return out
+
+
+def preprocess_rate(pngs: list[bytes], seconds: float = 2.0) -> float:
+    """preprocess() calls per second on one core in this process: the ceiling each server core can reach."""
+    from digitrec.preprocess import preprocess
+
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        preprocess(pngs[count % len(pngs)])
+        count += 1
+    return count / (time.perf_counter() - started)
 
 
 def multipart_request(host: str, port: int, png: bytes) -> bytes:
     boundary = "digitrec-load-benchmark"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"digit.png\"\r\n"
-        f"Content-Type: image/png\r\n\r\n"
-    ).encode() + png + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="digit.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     head = (
         f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
@@ -73,12 +90,15 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
-    length = next((int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")), 0)
+    length = next(
+        (int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")), 0
+    )
     return status, await reader.readexactly(length)
 
 
-async def run_load(host: str, port: int, requests: list[bytes], total: int, concurrency: int,
-                   time_limit: float) -> tuple[list[float], list[str], float]:
+async def run_load(
+    host: str, port: int, requests: list[bytes], total: int, concurrency: int, time_limit: float
+) -> tuple[list[float], list[str], float]:
     latencies: list[float] = []
     errors: list[str] = []
     next_index = 0
@@ -120,8 +140,18 @@ def start_server(model: str | None, feedback_db: str) -> tuple[subprocess.Popen,
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "digitrec", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--feedback-db", feedback_db]
+    command = [
+        sys.executable,
+        "-m",
+        "digitrec",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--feedback-db",
+        feedback_db,
+    ]
     if model:
         command += ["--model", model]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -142,10 +172,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint to serve (default: the bundled model)")
     parser.add_argument("--url", help="benchmark this already running server instead (loopback only)")
-    parser.add_argument("--requests", type=int, default=2000, help="total requests (default 2000, at most 20000)")
-    parser.add_argument("--concurrency", type=int, default=32, help="concurrent connections (default 32, at most 256)")
+    parser.add_argument(
+        "--requests", type=int, default=2000, help="total requests (default 2000, at most 20000)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="concurrent connections (default 32, at most 256)"
+    )
     parser.add_argument("--warmup", type=int, default=100, help="requests sent first and not measured")
-    parser.add_argument("--time-limit", type=float, default=120.0, help="stop after this many seconds (default 120)")
+    parser.add_argument(
+        "--time-limit", type=float, default=120.0, help="stop after this many seconds (default 120)"
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     if not (1 <= args.requests <= 20_000 and 1 <= args.concurrency <= 256 and 0 < args.time_limit <= 600):
@@ -165,11 +201,15 @@ def main() -> int:
             pngs = digit_pngs()
             requests = [multipart_request(host, port, png) for png in pngs]
             if args.warmup:
-                asyncio.run(run_load(host, port, requests, args.warmup, min(args.concurrency, args.warmup), 60))
+                asyncio.run(
+                    run_load(host, port, requests, args.warmup, min(args.concurrency, args.warmup), 60)
+                )
             before = json.loads(urllib.request.urlopen(f"http://{host}:{port}/api/stats", timeout=10).read())
             latencies, errors, seconds = asyncio.run(
-                run_load(host, port, requests, args.requests, args.concurrency, args.time_limit))
+                run_load(host, port, requests, args.requests, args.concurrency, args.time_limit)
+            )
             stats = json.loads(urllib.request.urlopen(f"http://{host}:{port}/api/stats", timeout=10).read())
+            ceiling = preprocess_rate(pngs)  # measured right after the load, with the server idle
             health = json.loads(urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10).read())
         finally:
             if server is not None:
@@ -193,15 +233,28 @@ def main() -> int:
         "mean_batch": round(images / batches, 2) if batches else None,
         "cpus": os.cpu_count(),
         "payload_bytes": round(sum(map(len, pngs)) / len(pngs)),
+        "load_average": round(os.getloadavg()[0], 1),
+        "preprocess_per_s_one_core": round(ceiling, 1),
     }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"digitrec serve load benchmark: {result['model']}, {result['cpus']} CPUs, client and server on this machine, "
-              f"payload {PAYLOAD_SIDE}x{PAYLOAD_SIDE} PNG drawings (~{result['payload_bytes'] // 1000} kB)")
-        print(f"{'requests':>8} {'conc':>4} {'errors':>6} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'batch':>6}")
-        print(f"{result['requests']:>8} {args.concurrency:>4} {result['errors']:>6} {result['requests_per_s']:>8} "
-              f"{result['p50_ms']:>7} {result['p90_ms']:>7} {result['p99_ms']:>7} {result['max_ms']:>7} {result['mean_batch']!s:>6}")
+        print(
+            f"digitrec serve load benchmark: {result['model']}, {result['cpus']} CPUs, client and server on this machine, "
+            f"payload {PAYLOAD_SIDE}x{PAYLOAD_SIDE} PNG drawings (~{result['payload_bytes'] // 1000} kB)"
+        )
+        print(
+            f"{'requests':>8} {'conc':>4} {'errors':>6} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'batch':>6}"
+        )
+        print(
+            f"{result['requests']:>8} {args.concurrency:>4} {result['errors']:>6} {result['requests_per_s']:>8} "
+            f"{result['p50_ms']:>7} {result['p90_ms']:>7} {result['p99_ms']:>7} {result['max_ms']:>7} {result['mean_batch']!s:>6}"
+        )
+        print(
+            f"side by side: preprocess() alone runs {result['preprocess_per_s_one_core']}/s on one core here, so the "
+            f"server reaches {result['requests_per_s'] / ceiling:.2f}x one core's preprocessing; load average "
+            f"{result['load_average']} (other jobs on this machine slow both)"
+        )
         for error in errors[:5]:
             print("  error:", error)
     return 1 if errors or len(done) < args.requests else 0

@@ -11,9 +11,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def keep_grad_mode():
+    """Restore autograd after each test: Predictor.load switches it off for the whole thread, and later tests
+    in the same process (training ones) need it on. Test modules that load a real Predictor import this."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
 
 
 @dataclass
@@ -79,8 +89,13 @@ class FakePredictor:
 
     def read(self, image: Image.Image) -> FakeReadResult:
         width, height = image.size
-        return FakeReadResult("42", [FakeDigitBox(4, 0.98, (0, 0, width // 2, height)),
-                                     FakeDigitBox(2, 0.97, (width // 2, 0, width - width // 2, height))])
+        return FakeReadResult(
+            "42",
+            [
+                FakeDigitBox(4, 0.98, (0, 0, width // 2, height)),
+                FakeDigitBox(2, 0.97, (width // 2, 0, width - width // 2, height)),
+            ],
+        )
 
 
 def digit_png(size: int = 200, blank: bool = False, fmt: str = "PNG") -> bytes:

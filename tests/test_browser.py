@@ -7,6 +7,7 @@ Skipped only when no Chromium is installed (`make test` installs Debian's `chrom
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -16,17 +17,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
-from serverkit import FakePredictor, live_server
+from serverkit import FakePredictor, digit_png, keep_grad_mode, live_server  # noqa: F401 (autouse fixture)
 
 from digitrec.server import create_app
 
 CHROMIUM = os.environ.get("DIGITREC_CHROMIUM") or next(
-    (path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    (path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None
+)
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(os.environ.get("DIGITREC_ARTIFACTS", "test-artifacts"))
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium, or set DIGITREC_CHROMIUM)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium, or set DIGITREC_CHROMIUM)"
+)
 
 
 def real_or_fake_predictor():
@@ -58,8 +70,15 @@ def draw(page, points: list[tuple[float, float]], selector: str = "#pad") -> Non
     page.mouse.up()
 
 
+def ink_between(columns: list[int], low: float, high: float) -> int:
+    """Painted pixels in the columns between two fractions of the width."""
+    return sum(columns[int(low * len(columns)) : int(high * len(columns))])
+
+
 def test_draw_upload_correct_and_read_a_number_in_chromium(tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no `playwright install` needed)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="pip install playwright (no `playwright install` needed)"
+    )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     db_path = tmp_path / "feedback.sqlite"
     app = create_app(real_or_fake_predictor(), feedback_db=db_path)
@@ -77,11 +96,14 @@ def test_draw_upload_correct_and_read_a_number_in_chromium(tmp_path):
             sync_api.expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
             sync_api.expect(page.locator("#verdict")).to_have_text("It's a 7")
             sync_api.expect(page.locator("#bars .bar.top")).to_have_attribute("data-digit", "7")
-            top_height = page.locator('#bars .bar[data-digit="7"] .fill').evaluate("e => e.getBoundingClientRect().height")
+            top_height = page.locator('#bars .bar[data-digit="7"] .fill').evaluate(
+                "e => e.getBoundingClientRect().height"
+            )
             assert top_height > 60
             seen_ink = page.evaluate(
                 "() => Array.from(document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data)"
-                ".filter((v, i) => i % 4 === 0 && v > 128).length")
+                ".filter((v, i) => i % 4 === 0 && v > 128).length"
+            )
             assert seen_ink > 20  # the 28x28 image the model saw is drawn
             page.screenshot(path=ARTIFACTS / "web-draw.png")
 
@@ -101,12 +123,37 @@ def test_draw_upload_correct_and_read_a_number_in_chromium(tmp_path):
             assert [(label, predicted) for label, predicted, _ in rows] == [(1, 7)]
             assert Image.open(io.BytesIO(rows[0][2])).size == (480, 640)
 
+            # Drag and drop a file onto the input card.
+            page.click("#clear")
+            sync_api.expect(page.locator("#digit")).to_have_text("–")
+            dropped = page.evaluate_handle(
+                "b64 => { const dt = new DataTransfer();"
+                " const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));"
+                " dt.items.add(new File([bytes], 'drop.png', {type: 'image/png'})); return dt; }",
+                base64.b64encode(digit_png()).decode(),
+            )
+            page.dispatch_event("#drop-zone", "drop", {"dataTransfer": dropped})
+            sync_api.expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+
             # Numbers mode: write a 1 and a 7 side by side; the number and a box per digit appear.
             page.click("#mode-number")
             draw(page, [(0.15, 0.2), (0.15, 0.85)])
             draw(page, [(0.45, 0.2), (0.7, 0.2), (0.55, 0.85)])
             sync_api.expect(page.locator("#chips li")).to_have_count(2, timeout=10_000)
             assert len(page.locator("#number").inner_text()) == 2
+            # The boxes frame the strokes: ink on the overlay around each digit, none in the gap between them.
+            columns = page.evaluate(
+                "() => { const c = document.getElementById('boxes');"
+                " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; const cols = [];"
+                " for (let x = 0; x < c.width; x++) { let n = 0;"
+                "   for (let y = 0; y < c.height; y++) n += d[(y * c.width + x) * 4 + 3] > 0; cols.push(n); }"
+                " return cols; }"
+            )
+            if not isinstance(
+                app.state.batcher.predictor, FakePredictor
+            ):  # the fake's boxes are fixed halves
+                assert ink_between(columns, 0.05, 0.22) > 0 and ink_between(columns, 0.42, 0.75) > 0
+                assert ink_between(columns, 0.24, 0.40) == 0
             page.screenshot(path=ARTIFACTS / "web-number.png")
             assert errors == []
         finally:

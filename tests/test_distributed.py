@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 import runkit
+
 from digitrec.checkpoint import load_model, load_tensors
 from digitrec.cli import main
 from digitrec.distributed import weights_fingerprint

@@ -24,8 +24,14 @@ def glyph(seed: int) -> np.ndarray:
 
 
 def add(store: FeedbackStore, label: int, seed: int = 0) -> int:
-    return store.add(label=label, image=b"\x89PNG fake %d" % seed, input28=glyph(seed), predicted=(label + 1) % 10,
-                     model_name="m", model_version="v1")
+    return store.add(
+        label=label,
+        image=b"\x89PNG fake %d" % seed,
+        input28=glyph(seed),
+        predicted=(label + 1) % 10,
+        model_name="m",
+        model_version="v1",
+    )
 
 
 def test_corrections_come_back_as_they_were_stored(tmp_path):
@@ -38,7 +44,11 @@ def test_corrections_come_back_as_they_were_stored(tmp_path):
     assert items[2].image == b"\x89PNG fake 2" and (items[2].input28 == glyph(2)).all()
     assert items[0].model_version == "v1" and items[0].created_at.endswith("+00:00")
     images, labels = store.tensors()
-    assert images.shape == (3, 28, 28) and images.dtype.is_floating_point is False and labels.tolist() == [3, 3, 8]
+    assert (
+        images.shape == (3, 28, 28)
+        and images.dtype.is_floating_point is False
+        and labels.tolist() == [3, 3, 8]
+    )
 
 
 def test_float_inputs_are_stored_as_0_to_255(tmp_path):
@@ -118,7 +128,9 @@ def test_export_png_writes_one_folder_per_label(tmp_path):
 
 
 def test_an_unusable_database_path_is_one_clear_error(tmp_path):
-    (tmp_path / "notes.sqlite").write_text("this is not a database, just text that is long enough to matter " * 20)
+    (tmp_path / "notes.sqlite").write_text(
+        "this is not a database, just text that is long enough to matter " * 20
+    )
     with pytest.raises(DigitrecError, match="--feedback-db"):
         FeedbackStore(tmp_path / "notes.sqlite")
     with pytest.raises(DigitrecError, match="--feedback-db"):
@@ -133,7 +145,21 @@ def test_export_from_the_command_line(tmp_path, capsys):
     assert main(["feedback", "export", "--feedback-db", str(store.path), "--out", str(tmp_path / "idx")]) == 0
     assert "1 corrections" in capsys.readouterr().out
     assert parse_idx((tmp_path / "idx" / "feedback-labels-idx1-ubyte").read_bytes()).tolist() == [6]
-    assert main(["feedback", "export", "--feedback-db", str(store.path), "--format", "png", "--out", str(tmp_path / "png")]) == 0
+    assert (
+        main(
+            [
+                "feedback",
+                "export",
+                "--feedback-db",
+                str(store.path),
+                "--format",
+                "png",
+                "--out",
+                str(tmp_path / "png"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "png" / "6" / "1.png").exists()
 
 
@@ -158,16 +184,35 @@ def test_finetune_learns_the_corrections_and_writes_a_loadable_checkpoint(tmp_pa
     from digitrec.predict import Predictor
 
     torch.manual_seed(0)
-    config = {"arch": "fast_cnn", "batch_size": 64, "lr": 0.002, "device": "cpu", "augment": "none", "threads": 1}
-    save_model(tmp_path / "base.safetensors", create_model("fast_cnn").eval(),
-               {"recipe": "tiny", "config": config, "metrics": {"test_accuracy": 0.5}})
+    config = {
+        "arch": "fast_cnn",
+        "batch_size": 64,
+        "lr": 0.002,
+        "device": "cpu",
+        "augment": "none",
+        "threads": 1,
+    }
+    save_model(
+        tmp_path / "base.safetensors",
+        create_model("fast_cnn").eval(),
+        {"recipe": "tiny", "config": config, "metrics": {"test_accuracy": 0.5}},
+    )
     store = FeedbackStore(tmp_path / "f.sqlite")
     for seed in range(5):  # five odd glyphs that users all said were a 3
         store.add(label=3, image=b"png", input28=glyph(100 + seed))
     threads = torch.get_num_threads()
     try:
-        run = finetune(tmp_path / "base.safetensors", store.path, tmp_path / "tuned", data=tiny_mnist(), epochs=4,
-                       lr_scale=1.0, repeat=20, report=False, log=lambda msg: None)
+        run = finetune(
+            tmp_path / "base.safetensors",
+            store.path,
+            tmp_path / "tuned",
+            data=tiny_mnist(),
+            epochs=4,
+            lr_scale=1.0,
+            repeat=20,
+            report=False,
+            log=lambda msg: None,
+        )
     finally:
         torch.set_num_threads(threads)  # the config's threads=1 must not leak into other tests
     m = run.metrics
@@ -183,6 +228,12 @@ def test_finetune_without_corrections_says_what_to_do(tmp_path):
     from digitrec.feedback import finetune
     from digitrec.models import create_model
 
-    save_model(tmp_path / "base.safetensors", create_model("fast_cnn"), {"recipe": "tiny", "config": {"arch": "fast_cnn"}})
+    save_model(
+        tmp_path / "base.safetensors",
+        create_model("fast_cnn"),
+        {"recipe": "tiny", "config": {"arch": "fast_cnn"}},
+    )
     with pytest.raises(DigitrecError, match="no corrections yet"):
-        finetune(tmp_path / "base.safetensors", tmp_path / "empty.sqlite", tmp_path / "out", data=tiny_mnist())
+        finetune(
+            tmp_path / "base.safetensors", tmp_path / "empty.sqlite", tmp_path / "out", data=tiny_mnist()
+        )

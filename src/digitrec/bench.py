@@ -175,22 +175,20 @@ def torch_runner(model: nn.Module, bf16: bool = False, compiled: bool = False) -
     bf16 and compiled run the inference form of the model: BatchNorm folded, bfloat16 weights, channels-last.
     Compiled adds inductor with freezing, which fuses the elementwise layers and prepacks the oneDNN weights.
     """
-    from .export import fold_batchnorm
+    from .export import inference_model
 
     if bf16 or compiled:
-        model = fold_batchnorm(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+        model = inference_model(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
     model = model.eval()
     if compiled:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)  # one static graph per batch size
     dtype = torch.bfloat16 if (bf16 or compiled) else torch.float32
 
     def run(batch: np.ndarray):
-        x = torch.from_numpy(batch)
-        if dtype is torch.bfloat16:
-            x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        x = torch.from_numpy(batch).to(dtype)  # one channel: the layout is channels-last already
         with torch.inference_mode():
             return model(x)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -125,7 +126,7 @@ def _read_header_metadata(path: Path, data: bytes) -> dict[str, Any]:
     try:
         header = json.loads(data[8 : 8 + header_len])
         meta = json.loads(header["__metadata__"][META_KEY])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError):  # RecursionError: [[[[...
         raise CheckpointError(not_ours) from None
     if not isinstance(meta, dict):
         raise CheckpointError(not_ours)
@@ -142,13 +143,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     from .models import create_model
 
     tensors, meta = load_tensors(path)
-    config = meta.get("config", {})
-    arch = config.get("arch") or meta.get("arch")
-    if not arch:
-        raise CheckpointError(f"checkpoint {path} names no architecture; it was not written by `digitrec train`.")
-    model = create_model(arch, tuple(config.get("normalize", (0.1307, 0.3081))))
+    arch, normalize = _model_spec(path, meta)
+    model = create_model(arch, normalize)
     try:
         model.load_state_dict(tensors)
     except RuntimeError:
         raise CheckpointError(f"checkpoint {path} does not fit architecture {arch!r}; it is damaged or from another version.") from None
     return model.to(device).eval(), meta
+
+
+def _model_spec(path: str | Path, meta: dict[str, Any]) -> tuple[str, tuple[float, float]]:
+    """The architecture name and input (mean, std) from the metadata, checked: it may come from anyone."""
+    config = meta.get("config", {})
+    config = config if isinstance(config, dict) else {}
+    arch = config.get("arch") or meta.get("arch")
+    if not isinstance(arch, str) or not arch:
+        raise CheckpointError(f"checkpoint {path} names no architecture; it was not written by `digitrec train`.")
+    normalize = config.get("normalize", (0.1307, 0.3081))
+    if not (isinstance(normalize, (list, tuple)) and len(normalize) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in normalize)
+            and normalize[1] > 0):
+        raise CheckpointError(f"checkpoint {path} has an invalid input normalization {normalize!r}; it is damaged.")
+    return arch, (float(normalize[0]), float(normalize[1]))

@@ -59,7 +59,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- train, evaluate
 
-TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "seed", "device", "optimizer", "schedule", "weight_decay",
+TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "momentum", "seed", "device", "optimizer", "schedule", "weight_decay",
                    "label_smoothing", "augment", "val_size", "early_stopping_patience", "checkpoint_every_steps", "threads")
 
 
@@ -135,6 +135,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import summary_table, sweep
+
+    out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    flags = [flag for name, value in (("--epochs", args.epochs), ("--data-dir", args.data_dir), ("--device", args.device))
+             if value is not None for flag in (name, str(value))]
+    rows = sweep(args.recipes, args.seeds, out, parallel=args.parallel, train_flags=flags,
+                 log=lambda msg: print(msg, file=sys.stderr))
+    print(summary_table(rows))
+    print(f"summary: {out / 'summary.json'}")
+    return 0 if all(row["ok"] for row in rows) else 1
+
+
 # ---------------------------------------------------------------- web app, corrections, fine-tuning
 
 
@@ -142,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     serve(_model_path(args.model), host=args.host, port=args.port, feedback_db=args.feedback_db,
-          access_log=args.access_log)
+          access_log=args.access_log, backend=args.backend)
     return 0
 
 
@@ -174,6 +187,235 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- real images: predict, read, calibrate, eval-real
+
+
+def _predictor(args: argparse.Namespace):
+    from .predict import Predictor
+
+    if args.reject_below is not None and not 0 <= args.reject_below <= 1:
+        raise DigitrecError(f"--reject-below must be between 0 and 1, got {args.reject_below}.")
+    if args.model:
+        return Predictor.load(_model_path(args.model), args.reject_below, args.backend)
+    return Predictor.pretrained(args.reject_below, args.backend)
+
+
+def _image_paths(args: argparse.Namespace) -> list[Path]:
+    from .preprocess import expand_paths
+
+    paths = expand_paths(args.images)
+    if not paths:
+        raise DigitrecError("no images found in the given folders; pass PNG, JPEG, BMP, GIF, TIFF or WebP files.")
+    return paths
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_files
+
+    if not 1 <= args.top_k <= 10:
+        raise DigitrecError(f"--top-k must be between 1 and 10, got {args.top_k}.")
+    paths = _image_paths(args)
+    results = predict_files(_predictor(args), paths, top_k=args.top_k, steps_dir=args.show_steps)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            if r.error is not None:
+                print(f"{r.path}: error: {r.error}")
+                continue
+            p = r.prediction
+            answer = f"digit {p.digit}" if p.digit is not None else "not a digit (rejected)"
+            top = "  ".join(f"{d}:{q:.1%}" for d, q in p.top)
+            print(f"{r.path}: {answer}  confidence {p.confidence:.1%}  top {top}")
+    if args.show_steps:
+        print(f"preprocessing steps: {args.show_steps}/<name>.steps.png", file=sys.stderr)
+    return 1 if all(r.error is not None for r in results) else 0
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    from .errors import ImageError
+
+    predictor = _predictor(args)
+    rows = []
+    for path in _image_paths(args):
+        try:
+            rows.append({"path": str(path), **predictor.read(path).to_dict()})
+        except ImageError as exc:
+            rows.append({"path": str(path), "error": str(exc)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            if "error" in row:
+                print(f"{row['path']}: error: {row['error']}")
+                continue
+            digits = "  ".join(f"{d['digit']}:{d['confidence']:.0%}@{tuple(d['box'])}" for d in row["digits"])
+            print(f"{row['path']}: {row['number'] or '(no digits found)'}  [{digits}]")
+    return 1 if all("error" in row for row in rows) else 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    calibrate(_model_path(args.model), count=args.count, out_path=args.out,
+              log=lambda msg: print(msg))
+    print(f"calibration written into {args.out or _model_path(args.model)}")
+    return 0
+
+
+def cmd_eval_real(args: argparse.Namespace) -> int:
+    from .realworld import SETS, eval_real, time_folder, write_set
+
+    sets = tuple(args.sets.split(",")) if args.sets else SETS
+    unknown = [s for s in sets if s not in SETS]
+    if unknown:
+        raise DigitrecError(f"unknown set {unknown[0]!r}; choose from {', '.join(SETS)}.")
+    if args.write:
+        for name in sets:
+            paths = write_set(name, args.count, Path(args.write) / name, seed=args.seed)
+            print(f"{name}: {len(paths)} images in {Path(args.write) / name}")
+        return 0
+    predictor = _predictor(args)
+    print(f"model {predictor.name} (T={predictor.temperature:.3f}, reject below {predictor.reject_below:.3f}); "
+          f"{args.count} images per set, seed {args.seed}")
+    results = eval_real(predictor, count=args.count, seed=args.seed, sets=sets,
+                        log=(lambda msg: None) if args.json else print)
+    if args.speed:
+        results["speed"] = time_folder(predictor, log=(lambda msg: None) if args.json else print)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- speed: export, bench
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .export import export_onnx
+
+    data = load_mnist(args.data_dir, log=_stderr)
+    result = export_onnx(_model_path(args.model), args.out, int8=args.int8, test_images=data.test_images,
+                         test_labels=data.test_labels, calibration_images=data.train_images, log=_stderr)
+    print(f"wrote {result.path} ({result.precision}, {result.path.stat().st_size / 1024:.0f} KB); "
+          "input pixels: float32 (N, 1, 28, 28) in [0, 1], white on black; output logits: (N, 10)")
+    print(f"parity with PyTorch float32 on {result.parity_images:,} test images: max |Δprob| {result.max_prob_diff:.1e}")
+    drop = 100 * (result.torch_accuracy - result.onnx_accuracy)
+    print(f"test accuracy: PyTorch {result.torch_accuracy:.2%}, ONNX Runtime {result.onnx_accuracy:.2%} (drop {drop:.2f} points)")
+    return 0
+
+
+def _bench_header() -> dict:
+    import os
+    import platform
+
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg())}
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from .bench import bench_train, train_table
+    from .config import get_recipe
+    from .data import load_mnist
+
+    names = [n for n in args.recipes.split(",") if n]
+    recipes = {name: get_recipe(name) for name in names}
+    if args.max_epochs:
+        recipes = {n: c.override(epochs=min(c.epochs, args.max_epochs)) for n, c in recipes.items()}
+    data = load_mnist(args.data_dir, log=_stderr)
+    header = _bench_header()
+    results = bench_train(recipes, data, target=args.target, seeds=args.seeds, stop_at_target=args.stop_at_target,
+                          log=_stderr)
+    header["load_average_after"] = list(__import__("os").getloadavg())
+    if args.json:
+        print(json.dumps({**header, "target": args.target, "recipes": [r.to_dict() for r in results]}, indent=2))
+        return 0
+    print(train_table(results, args.target))
+    print(f"\n{header['cores']} cores, torch {header['torch']} with {header['torch_threads']} threads; load average "
+          f"{header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after")
+    return 0
+
+
+def cmd_bench_infer(args: argparse.Namespace) -> int:
+    from .bench import bench_infer, infer_table
+    from .data import load_mnist
+
+    data = load_mnist(args.data_dir, log=_stderr)
+    model = _model_path(args.model) if args.model else Path("runs/fast/model.safetensors")
+    if not model.exists() and not args.model:
+        from .config import get_recipe
+        from .train import train
+
+        _stderr(f"no --model given and {model} does not exist: training the fast recipe there first")
+        train(get_recipe("fast"), model.parent, recipe="fast", data=data, progress=False, report=False, log=_stderr)
+    header = _bench_header()
+    results = bench_infer(model, data.test_images, backends=args.backends.split(","),
+                          batch_sizes=[int(b) for b in args.batch_sizes.split(",")], rounds=args.rounds,
+                          seconds=args.seconds, calibration=data.train_images, test_labels=data.test_labels, log=_stderr)
+    header["load_average_after"] = list(__import__("os").getloadavg())
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({**header, "model": str(model), "results": [asdict(r) for r in results]}, indent=2))
+        return 0
+    print(infer_table(results))
+    print(f"\nmodel {model}; {header['cores']} cores, torch {header['torch']} with {header['torch_threads']} threads; "
+          f"load average {header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after")
+    return 0
+
+
+# ---------------------------------------------------------------- robustness, tuning, exploring
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from . import robustness
+    from .data import load_mnist
+
+    data = load_mnist(args.data_dir, log=_stderr)
+    models = [robustness.load_scored(m) for m in args.models]
+    count = args.limit or len(data.test_images)
+    report = robustness.evaluate_robustness(models, data.test_images[:count], data.test_labels[:count],
+                                            log=_stderr if not args.json else lambda msg: None)
+    files = robustness.write(report, args.out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(robustness.table(report))
+    print(f"plot: {files['plot']}\ndata: {files['json']}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .tune import tune
+
+    out = Path(args.out or f"runs/tune-{args.recipe}")
+    data = load_mnist(args.data_dir, log=_stderr)
+    result = tune(args.recipe, args.trials, out, storage=args.storage, study_name=args.study, data=data,
+                  epochs=args.epochs, val_size=args.val_size, seed=args.seed, log=_stderr)
+    print(result.table)
+    print(f"best validation accuracy {result.best_value:.2%}; config: {result.config_path}; plot: {result.plot_path}")
+    print(f"train it: digitrec train --config {result.config_path}")
+    return 0
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .explore import explore
+
+    data = load_mnist(args.data_dir, log=_stderr)
+    summary = explore(data, args.out, models=[str(_model_path(m)) for m in args.model or []], samples=args.samples,
+                      embedding=args.embedding, log=_stderr)
+    print(f"wrote {', '.join(summary['files'])} to {args.out}; open {Path(args.out) / 'explore.html'}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -200,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="initial (or peak, for onecycle) learning rate")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
@@ -230,12 +473,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("sweep", help="train several recipes x seeds, one process each, and print a summary table")
+    p.add_argument("--recipes", nargs="+", default=["fast"], metavar="RECIPE", help="recipes to train (default: fast)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED", help="seeds (default: 0 1 2)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time; the CPU cores are shared out among them")
+    p.add_argument("--epochs", type=float, help="override every recipe's epochs")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--out", help="sweep folder, one run folder per recipe and seed (default runs/sweep-<timestamp>)")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("serve", help="the web page and REST API (FastAPI on uvicorn); docs at /docs")
     p.add_argument("--model", help="a run folder or model.safetensors (default: the bundled model)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for your network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--feedback-db", help="SQLite file for corrections (default ~/.local/share/digitrec/feedback.sqlite)")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="run the model on PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies onnx)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("feedback", help="corrections users sent from the web page")
@@ -258,6 +513,100 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_finetune)
+
+    def model_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="a run folder or model.safetensors (default: the bundled robust model)")
+        p.add_argument("--reject-below", type=float, metavar="P",
+                       help="reject when the calibrated confidence is below P (default: the model's, chosen on data)")
+        p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                       help="run the model on PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies onnx)")
+
+    p = sub.add_parser("predict", help="read one digit per image (photos, scans, drawings; folders expand)")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders of images")
+    model_flags(p)
+    p.add_argument("--top-k", type=int, default=3, help="how many likely digits to list (default 3)")
+    p.add_argument("--json", action="store_true", help='print a JSON array of {"path", "digit", "confidence", "top"}')
+    p.add_argument("--show-steps", metavar="DIR", help="save one PNG per image with every preprocessing stage")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("read", help="read a whole number (one line of digits) from each image")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders of images")
+    model_flags(p)
+    p.add_argument("--json", action="store_true", help='print a JSON array of {"path", "number", "digits": [...]}')
+    p.set_defaults(func=cmd_read)
+
+    p = sub.add_parser("calibrate", help="fit the temperature and choose the reject threshold; stored in the model")
+    p.add_argument("model", help="a run folder or model.safetensors")
+    p.add_argument("--count", type=int, default=600, help="generated calibration photos per set (default 600)")
+    p.add_argument("--out", help="write the calibrated model here instead of in place")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("eval-real", help="accuracy on generated real-world sets (photos, numbers, non-digits)")
+    model_flags(p)
+    p.add_argument("--count", type=int, default=500, help="images per set (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sets", help="comma-separated subset of mnist-photo,pen-photo,font-photo,numbers,negatives")
+    p.add_argument("--speed", action="store_true", help="also time one image and a folder of 1,000 images")
+    p.add_argument("--write", metavar="DIR", help="only write the sets as image files into DIR/<set>/")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_real)
+
+    p = sub.add_parser("export", help="export a model to ONNX (float32 or static int8) with a parity check")
+    p.add_argument("model", help="a run folder or model.safetensors")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--int8", action="store_true", help="static int8 quantization calibrated on MNIST training images")
+    p.add_argument("--out", help="output file (default: beside the model, model.onnx or model.int8.onnx)")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="benchmarks: recipes to a target accuracy, inference backends")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    q = bench_sub.add_parser("train", help="train recipes side by side: seconds to the target test accuracy, spread over seeds")
+    q.add_argument("--recipes", default="fast,default,seed-cnn-bn", help="comma-separated (default fast,default,seed-cnn-bn)")
+    q.add_argument("--target", type=float, default=0.99, help="test accuracy to reach, checked after each epoch (default 0.99)")
+    q.add_argument("--seeds", type=int, default=1, help="seeds per recipe (default 1)")
+    q.add_argument("--stop-at-target", action="store_true", help="stop each run once it reaches the target")
+    q.add_argument("--max-epochs", type=float, help="cap every recipe's epochs (for a quick look at slow recipes)")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--data-dir")
+    q.set_defaults(func=cmd_bench_train)
+    q = bench_sub.add_parser("infer", help="images/s and latency of PyTorch (eager, bf16, compiled) and ONNX Runtime (float, int8)")
+    q.add_argument("--model", help="a run folder or model.safetensors (default runs/fast, trained first if missing)")
+    q.add_argument("--backends", default="torch-fp32,torch-bf16,torch-compiled,onnx-fp32,onnx-int8")
+    q.add_argument("--batch-sizes", default="1,1024")
+    q.add_argument("--rounds", type=int, default=5, help="the backends take turns this many times (default 5)")
+    q.add_argument("--seconds", type=float, default=0.5, help="seconds per backend and batch size per round (default 0.5)")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--data-dir")
+    q.set_defaults(func=cmd_bench_infer)
+
+    p = sub.add_parser("robustness", help="accuracy under rotation, scale, shift, stroke, blur, noise, contrast, inversion; plots")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="run folders, .safetensors or .onnx files (one line each on the plot)")
+    p.add_argument("--out", default="robustness", help="folder for robustness.png and robustness.json (default robustness)")
+    p.add_argument("--limit", type=int, help="score only the first N test images (default all 10,000)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_robustness)
+
+    p = sub.add_parser("tune", help="hyperparameter search with Optuna; writes the best config as TOML for train --config")
+    p.add_argument("--recipe", default="fast", help="recipe to start from (default fast)")
+    p.add_argument("--trials", type=int, default=20, help="trials this process runs (default 20)")
+    p.add_argument("--storage", help="Optuna RDB URL shared by several processes, e.g. sqlite:///tune.db or postgresql://...")
+    p.add_argument("--study", help="study name (default digitrec-<recipe>); the same name joins the same study")
+    p.add_argument("--epochs", type=float, help="shorten every trial to this many epochs")
+    p.add_argument("--val-size", type=int, help="validation images that score the trials (default the recipe's, or 5000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    p.add_argument("--out", help="folder for best.toml, trials.csv, tuning.png and the trials (default runs/tune-<recipe>)")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("explore", help="class balance, mean images, a t-SNE/UMAP embedding, the most ambiguous images")
+    p.add_argument("--model", action="append", help="a trained model to find ambiguous images with (repeat for several)")
+    p.add_argument("--samples", type=int, default=2000, help="training images in the embedding (default 2000)")
+    p.add_argument("--embedding", choices=["auto", "tsne", "umap"], default="auto", help="auto: UMAP if installed, else t-SNE")
+    p.add_argument("--out", default="explore", help="output folder (default explore)")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_explore)
 
     return parser
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import subprocess
@@ -66,9 +67,9 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{name} is truncated inside its header; delete it and run `digitrec data` again.")
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    count = int(np.prod(dims, dtype=np.int64))
-    if count > MAX_IDX_ITEMS:
-        raise DataError(f"{name} claims {count} items, more than any MNIST file holds; it is corrupt.")
+    count = math.prod(dims)  # Python ints: an int64 product of four 32-bit dims can wrap around to a small number
+    if math.prod(d for d in dims if d) > MAX_IDX_ITEMS:  # NumPy refuses absurd shapes even with a zero in them
+        raise DataError(f"{name} claims a {' x '.join(map(str, dims))} array, more than any MNIST file holds; it is corrupt.")
     if len(data) - header != count:
         raise DataError(
             f"{name} holds {len(data) - header} bytes of data but its header promises {count}; it is truncated or corrupt."

@@ -80,9 +80,13 @@ def write_report(
     config: TrainConfig | None = None,
     title: str | None = None,
     log: Callable[[str], None] = print,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write evaluation.json, the PNG figures and one self-contained report.html into out_dir."""
-    from . import plots
+    """Write evaluation.json, the PNG figures, MODEL_CARD.md and one self-contained report.html into out_dir.
+
+    `meta` is the checkpoint's metadata for the model card; by default the model.json beside the report's checkpoint.
+    """
+    from . import modelcard, plots, robustness
 
     out_dir = Path(out_dir)
     metrics, logits = evaluate_model(model, data, config)
@@ -94,8 +98,14 @@ def write_report(
     figures["Test samples (truth / prediction)"] = plots.samples(data.test_images, data.test_labels, predicted, out_dir / "samples.png")
     figures["Confusion matrix"] = plots.confusion(metrics["confusion"], out_dir / "confusion.png")
     figures["Most confident mistakes"] = plots.mistakes(data.test_images, metrics["mistakes"], out_dir / "mistakes.png")
+    robust = robustness.for_report(model, data)
+    figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
+    if meta is None and (out_dir / "model.json").exists():
+        meta = json.loads((out_dir / "model.json").read_text())
+    card = modelcard.write_model_card(out_dir, model, metrics, meta, config, data, robust)
     report = out_dir / "report.html"
-    atomic_write_text(report, render_html(title or f"digitrec run {out_dir.name}", metrics, figures, config, history))
+    atomic_write_text(report, render_html(title or f"digitrec run {out_dir.name}", metrics, figures, config, history,
+                                          modelcard.to_html(card)))
     log(f"test accuracy {metrics['test_accuracy']:.2%} ({metrics['errors']} errors of {metrics['count']}); report: {report}")
     return metrics
 
@@ -106,7 +116,7 @@ def _image_tag(path: Path) -> str:
 
 
 def render_html(title: str, metrics: dict[str, Any], figures: dict[str, Path], config: TrainConfig | None,
-                history: list[dict[str, float]] | None) -> str:
+                history: list[dict[str, float]] | None, model_card_html: str = "") -> str:
     rows = "".join(
         f"<tr><td>{c['digit']}</td><td>{c['precision']:.4f}</td><td>{c['recall']:.4f}</td><td>{c['f1']:.4f}</td><td>{c['support']}</td></tr>"
         for c in metrics["per_class"]
@@ -131,6 +141,7 @@ expected calibration error {metrics['ece']:.4f}.</p>
 <table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
 {('<h2>History</h2><table><tr><th>epoch</th><th>train loss</th><th>train acc</th><th>val loss</th><th>val acc</th><th>lr</th><th>seconds</th></tr>' + history_rows + '</table>') if history_rows else ''}
 {sections}
+{model_card_html}
 {('<h2>Configuration</h2><pre>' + config_json + '</pre>') if config_json else ''}
 </body></html>
 """

@@ -57,16 +57,36 @@ def _fold_into(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm1d | nn.BatchNorm2d
     layer.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of `model` in eval mode with every BatchNorm folded into the conv or linear layer before it.
+def inference_model(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with the work that inference does not need folded away.
 
-    BatchNorm after a max-pool folds into the conv before the pool only where its scale is positive on every
-    channel, because a positive per-channel affine map commutes with max; otherwise it stays as it is.
+    Every BatchNorm folds into the conv or linear layer before it; one after a max-pool folds into the conv
+    before the pool only where its scale is positive on every channel, because a positive per-channel affine
+    map commutes with max (otherwise it stays). The input normalization folds into a first conv that has no
+    padding (with padding, the zeros would be added after normalizing, which the raw pixels cannot express).
     """
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
         _fold_sequentials(model)
+        _fold_normalize(model)
     return model
+
+
+def _fold_normalize(model: nn.Module) -> None:
+    from .models import Normalize
+
+    if not (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], Normalize)):
+        return
+    body = model[1]
+    first = body[0] if isinstance(body, nn.Sequential) and len(body) else body
+    if not isinstance(first, nn.Conv2d) or first.padding not in ((0, 0), "valid") or first.groups != 1:
+        return
+    mean, std = model[0].mean, model[0].std
+    bias = first.bias if first.bias is not None else torch.zeros(first.out_channels)
+    # conv((x - mean) / std) = conv_{W / std}(x) - (mean / std) * sum(W) per output channel
+    first.bias = nn.Parameter(bias - (mean / std) * first.weight.sum(dim=(1, 2, 3)))
+    first.weight = nn.Parameter(first.weight / std)
+    model[0] = nn.Identity()
 
 
 def _fold_sequentials(module: nn.Module) -> None:
@@ -248,7 +268,7 @@ def export_onnx(
     if int8 and (calibration_images is None or test_labels is None):
         raise DigitrecError("int8 export needs MNIST for calibration and the accuracy check; run `digitrec data` first.")
 
-    onnx_bytes = _to_onnx_bytes(fold_batchnorm(model))
+    onnx_bytes = _to_onnx_bytes(inference_model(model))
     precision = "float32"
     if int8:
         pick = torch.randperm(len(calibration_images), generator=torch.Generator().manual_seed(0))[:CALIBRATION_IMAGES]

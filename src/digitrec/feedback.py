@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -74,9 +73,13 @@ class FeedbackStore:
                 con.executescript(SCHEMA)
                 con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
-            raise DigitrecError(f"cannot open feedback database {self.path} ({exc}); pass another path with --feedback-db.") from None
+            raise DigitrecError(
+                f"cannot open feedback database {self.path} ({exc}); pass another path with --feedback-db."
+            ) from None
         except OSError as exc:
-            raise DigitrecError(f"cannot create feedback database {self.path} ({exc.strerror}); pass another path with --feedback-db.") from None
+            raise DigitrecError(
+                f"cannot create feedback database {self.path} ({exc.strerror}); pass another path with --feedback-db."
+            ) from None
 
     def _connect(self) -> sqlite3.Connection:
         # A long timeout makes concurrent writers wait for the lock instead of failing with "database is locked".
@@ -105,7 +108,15 @@ class FeedbackStore:
             cursor = con.execute(
                 "INSERT INTO feedback (created_at, label, predicted, model_name, model_version, image, input28)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (created_at, int(label), predicted, model_name, model_version, bytes(image), pixels.tobytes()),
+                (
+                    created_at,
+                    int(label),
+                    predicted,
+                    model_name,
+                    model_version,
+                    bytes(image),
+                    pixels.tobytes(),
+                ),
             )
             return int(cursor.lastrowid)
 
@@ -172,7 +183,13 @@ def export_png(store: FeedbackStore, out_dir: str | Path, originals: bool = Fals
 
 def _extension(data: bytes) -> str:
     """The usual file extension for an image's bytes, from its magic number."""
-    for magic, ext in ((b"\x89PNG", "png"), (b"\xff\xd8", "jpg"), (b"GIF8", "gif"), (b"RIFF", "webp"), (b"BM", "bmp")):
+    for magic, ext in (
+        (b"\x89PNG", "png"),
+        (b"\xff\xd8", "jpg"),
+        (b"GIF8", "gif"),
+        (b"RIFF", "webp"),
+        (b"BM", "bmp"),
+    ):
         if data.startswith(magic):
             return ext
     return "bin"
@@ -194,74 +211,66 @@ def finetune(
     """Continue training `model_path` on MNIST's training set plus the corrections, each shown `repeat` times
     per epoch, at `lr_scale` times the recipe's learning rate with a cosine decay; write a new run folder.
 
-    The batches go through train.train_steps, the same loop `digitrec train` uses. Metrics record the test
-    accuracy and how many corrections the model reads right before and after.
+    This is `digitrec train` (train.train) started from the checkpoint's weights on the enlarged training set,
+    with no validation split so every correction is trained on. The metrics add how many corrections the
+    model reads right before and after.
     """
     import hashlib
     from dataclasses import replace
 
     import torch
 
-    from .checkpoint import atomic_write_json, load_model, save_model
+    from .checkpoint import atomic_write_json, load_model
     from .config import TrainConfig
-    from .train import Run, evaluate, make_optimizer, model_metadata, resolve_device, steps_in_epoch, train_steps
+    from .train import evaluate, train
 
     model, meta = load_model(model_path)
     store = FeedbackStore(feedback_db)
     images, labels = store.tensors()
     if len(images) == 0:
-        raise DigitrecError(f"{store.path} holds no corrections yet; send some from the web page (`digitrec serve`) first.")
+        raise DigitrecError(
+            f"{store.path} holds no corrections yet; send some from the web page (`digitrec serve`) first."
+        )
     if repeat < 1 or epochs <= 0 or lr_scale <= 0:
         raise DigitrecError("--repeat must be at least 1, and --epochs and --lr-scale positive.")
     base = TrainConfig.from_dict(meta.get("config", {}))
-    config = base.override(epochs=epochs, lr=base.lr * lr_scale, schedule="cosine", val_size=0, early_stopping_patience=0)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    model = model.to(device)
-    train_images = torch.cat([data.train_images, images.repeat(repeat, 1, 1)]).to(device)
-    train_labels = torch.cat([data.train_labels, labels.to(data.train_labels.dtype).repeat(repeat)]).to(device)
-    feedback_images, feedback_labels = images.to(device), labels.to(device)
-    _, accuracy_before = evaluate(model, feedback_images, feedback_labels, config)
-
-    optimizer = make_optimizer(model, config)
-    steps_per_epoch = steps_in_epoch(len(train_images), config.batch_size)
-    total_steps = max(1, round(epochs * steps_per_epoch))
-    log(f"fine-tuning {model_path} on {len(data.train_images):,} MNIST images + {len(images)} corrections x {repeat}, "
-        f"{total_steps} steps of {config.batch_size} at lr {config.lr:g}")
-    history = []
-    started = time.perf_counter()
-    for start in range(0, total_steps, steps_per_epoch):
-        steps = range(start, min(total_steps, start + steps_per_epoch))
-        loss, accuracy = train_steps(model, optimizer, train_images, train_labels, config, steps, steps_per_epoch, total_steps)
-        history.append({"epoch": start // steps_per_epoch + 1, "step": steps.stop, "train_loss": loss, "train_accuracy": accuracy})
-        log(f"epoch {history[-1]['epoch']}: train loss {loss:.4f}, accuracy {accuracy:.2%}")
-    train_seconds = time.perf_counter() - started
-    test_loss, test_accuracy = evaluate(model, data.test_images.to(device), data.test_labels.to(device), config)
-    _, accuracy_after = evaluate(model, feedback_images, feedback_labels, config)
-
-    metrics = {
-        "test_accuracy": test_accuracy,
-        "test_loss": test_loss,
+    config = base.override(
+        epochs=epochs, lr=base.lr * lr_scale, schedule="cosine", val_size=0, early_stopping_patience=0
+    )
+    _, accuracy_before = evaluate(model, images, labels, config)
+    # The data checksum covers the corrections too, so two fine-tunes on different feedback never look alike.
+    digest = hashlib.md5(
+        data.checksum.encode() + images.numpy().tobytes() + labels.numpy().tobytes()
+    ).hexdigest()
+    enlarged = replace(
+        data,
+        train_images=torch.cat([data.train_images, images.repeat(repeat, 1, 1)]),
+        train_labels=torch.cat([data.train_labels, labels.to(data.train_labels.dtype).repeat(repeat)]),
+        checksum=digest,
+    )
+    log(
+        f"fine-tuning {model_path} on {len(data.train_images):,} MNIST images + {len(images)} corrections x {repeat}"
+    )
+    extra = {"finetuned_from": str(model_path), "feedback": {"corrections": len(images), "repeat": repeat}}
+    with torch.enable_grad():  # whatever the caller set: loading a Predictor turns gradients off globally
+        run = train(
+            config,
+            out_dir,
+            recipe=f"{meta.get('recipe', 'custom')}+feedback",
+            data=enlarged,
+            progress=progress,
+            report=report,
+            log=log,
+            init_weights=model.state_dict(),
+            extra_metadata=extra,
+        )
+    tuned, _ = load_model(run.model_path)
+    _, accuracy_after = evaluate(tuned, images, labels, config)
+    run.metrics |= {
         "test_accuracy_before": (meta.get("metrics") or {}).get("test_accuracy"),
         "feedback_corrections": len(images),
         "feedback_accuracy_before": accuracy_before,
         "feedback_accuracy": accuracy_after,
-        "train_seconds": round(train_seconds, 3),
-        "steps": total_steps,
-        "device": str(device),
     }
-    # The data checksum covers the corrections too, so two fine-tunes on different feedback never look alike.
-    digest = hashlib.md5(data.checksum.encode() + images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
-    recipe = f"{meta.get('recipe', 'custom')}+feedback"
-    out_dir = Path(out_dir)
-    model = model.cpu()
-    save_model(out_dir / "model.safetensors", model, model_metadata(config, recipe, model, replace(data, checksum=digest), metrics)
-               | {"finetuned_from": str(model_path), "repeat": repeat})
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    atomic_write_json(out_dir / "history.json", history)
-    if report:
-        from .evaluate import write_report
-
-        write_report(out_dir, model, data, history=history, config=config, title=f"digitrec finetune {model_path}", log=log)
-    return Run(out_dir, config, metrics, history)
+    atomic_write_json(Path(out_dir) / "metrics.json", run.metrics)
+    return run

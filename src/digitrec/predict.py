@@ -87,27 +87,42 @@ class Predictor:
         self.reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
 
     @classmethod
-    def load(cls, path: str | Path, reject_below: float | None = None) -> Predictor:
-        """A digitrec checkpoint (a .safetensors file or a run folder holding model.safetensors)."""
+    def load(cls, path: str | Path, reject_below: float | None = None, backend: str = "torch") -> Predictor:
+        """A digitrec checkpoint (a .safetensors file or a run folder holding model.safetensors), or an `.onnx`
+        file from `digitrec export`. backend="onnx" runs a checkpoint on ONNX Runtime (exported once, cached)."""
         from .checkpoint import load_model
 
         path = Path(path)
         if path.is_dir():
             path = path / "model.safetensors"
+        if path.suffix == ".onnx":
+            from .backends import OnnxBackend
+
+            onnx = OnnxBackend(path, threads=torch.get_num_threads())
+            return cls._with_threshold(cls(onnx, onnx.meta, None, name=onnx.meta.get("recipe") or path.stem), reject_below)
         model, meta = load_model(path)
         torch.set_grad_enabled(False)
-        predictor = cls(TorchBackend(model), meta, model, name=meta.get("recipe") or path.stem)
+        runner: Backend = TorchBackend(model)
+        if backend == "onnx":
+            from .backends import OnnxBackend
+            from .export import cached_onnx
+
+            runner = OnnxBackend(cached_onnx(path), threads=torch.get_num_threads())
+        return cls._with_threshold(cls(runner, meta, model, name=meta.get("recipe") or path.stem), reject_below)
+
+    @staticmethod
+    def _with_threshold(predictor: Predictor, reject_below: float | None) -> Predictor:
         if reject_below is not None:
             predictor.reject_below = float(reject_below)
         return predictor
 
     @classmethod
-    def pretrained(cls, reject_below: float | None = None) -> Predictor:
+    def pretrained(cls, reject_below: float | None = None, backend: str = "torch") -> Predictor:
         """The model bundled with the package (`digitrec train --recipe robust`, calibrated)."""
         path = pretrained_path()
         if not path.exists():
             raise CheckpointError(f"the bundled model {path} is missing; reinstall digitrec or pass --model.")
-        return cls.load(path, reject_below)
+        return cls.load(path, reject_below, backend)
 
     # ------------------------------------------------------------------ single digits
 

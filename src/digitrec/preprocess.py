@@ -40,6 +40,7 @@ MIN_WORK_SIDE = 112  # small inputs (e.g. 28x28) are upsampled so thresholding k
 BACKGROUND_SIDE = 32  # the paper estimate is computed with the shorter side at this many pixels
 BACKGROUND_WINDOW = 11  # closing window there: wider than any stroke, narrower than lighting changes
 INK_CONTRAST = 0.15  # ink must be at least 15% darker than its local paper (blank pages stay blank)
+WEAK_FRACTION = 0.5  # hysteresis: pixels this share of the strong cut join the stroke they touch
 SPECK_FRACTION = 0.0004  # components smaller than this share of the image are dust or noise
 KEEP_FRACTION = 0.08  # a single digit's parts are at least this share of its largest part
 BOX, FRAME = 20, 28  # MNIST: digit in a 20x20 box, centered by mass in 28x28
@@ -297,7 +298,7 @@ def threshold(ink: np.ndarray) -> np.ndarray:
     strong = ink > strong_cut
     if not strong.any():
         return strong
-    labels, count = ndimage.label(ink > strong_cut / 2, structure=np.ones((3, 3)))
+    labels, count = ndimage.label(ink > strong_cut * WEAK_FRACTION, structure=np.ones((3, 3)))
     keep = np.zeros(count + 1, dtype=bool)
     keep[np.unique(labels[strong])] = True
     keep[0] = False
@@ -368,11 +369,11 @@ def normalize_stroke(mask: np.ndarray) -> np.ndarray:
     scale = BOX / max(mask.shape)
     width = stroke_width(mask)
     target = STROKE_WIDTH / scale  # MNIST's width expressed in this crop's pixels
-    if width < 0.8 * target:
+    if width < 0.85 * target:
         radius = (target - width) / 2
         distance = ndimage.distance_transform_edt(np.pad(~mask, int(radius) + 2, constant_values=True))
         return crop_to_ink(distance <= radius)
-    if width > 1.5 * target:
+    if width > 1.25 * target:
         radius = min((width - target) / 2, 0.35 * width)  # never erode a stroke away
         thinned = ndimage.distance_transform_edt(mask) > radius
         return crop_to_ink(thinned) if thinned.any() else mask

@@ -98,9 +98,12 @@ NON_DIGIT_CHARS = "ACEFHKMNPRUVWXacdefhkmnpruvwx#*@&%"
 
 
 def font_path(name: str) -> Path:
-    import matplotlib
+    """Fonts bundled with matplotlib (a dependency), found without importing it (which takes seconds)."""
+    import importlib.util
 
-    return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name
+    spec = importlib.util.find_spec("matplotlib")
+    assert spec is not None and spec.submodule_search_locations, "matplotlib is a dependency of digitrec"
+    return Path(list(spec.submodule_search_locations)[0]) / "mpl-data" / "fonts" / "ttf" / name
 
 
 def draw_strokes(strokes: Strokes, rng: np.random.Generator, height: int = 96) -> Array:
@@ -137,9 +140,14 @@ def draw_digit(digit: int, rng: np.random.Generator, height: int = 96) -> Array:
     return draw_strokes(variants[rng.integers(len(variants))], rng, height)
 
 
+@lru_cache(maxsize=64)
+def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(font_path(name)), size=size)
+
+
 def draw_text(text: str, font_name: str, rng: np.random.Generator, height: int = 96) -> Array:
     """A character from a TrueType font as ink coverage, cropped to its ink."""
-    font = ImageFont.truetype(str(font_path(font_name)), size=int(height * 1.3))
+    font = _font(font_name, int(height * 1.3))
     left, top, right, bottom = font.getbbox(text)
     pad = height // 8
     image = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
@@ -411,3 +419,27 @@ def eval_real(predictor: Any, count: int = 500, seed: int = 0, sets: tuple[str, 
             f"{np.mean(argmax == labels):.2%} before rejection, naive pipeline {naive_accuracy:.2%}, "
             f"{1000 * seconds / len(samples):.1f} ms/image, n={len(samples)})")
     return results
+
+
+def time_folder(predictor: Any, count: int = 1000, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Time `predict` as a user sees it: one photo after load (median of 50), and a folder of `count` photos."""
+    import tempfile
+
+    from .predict import predict_files
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = write_set("pen-photo", count, folder, seed)
+        one = paths[0]
+        predict_files(predictor, [one])  # warm-up: first call pays for lazy imports and allocation
+        times = []
+        for _ in range(50):
+            start = time.perf_counter()
+            predict_files(predictor, [one])
+            times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        predict_files(predictor, paths)
+        folder_seconds = time.perf_counter() - start
+    result = {"one_image_ms": 1000 * float(np.median(times)), "folder_seconds": folder_seconds, "folder_count": count}
+    log(f"speed        {result['one_image_ms']:.1f} ms for one image after load (median of 50); "
+        f"{folder_seconds:.2f} s for a folder of {count} images")
+    return result

@@ -44,19 +44,26 @@ class TopEntry(BaseModel):
 
 class PredictResponse(BaseModel):
     digit: int | None = Field(description="the digit read, or null when the model is not sure (rejected)")
-    confidence: float = Field(description="calibrated probability of `digit` (of the top class when rejected)")
+    confidence: float = Field(
+        description="calibrated probability of `digit` (of the top class when rejected)"
+    )
     probabilities: list[float] = Field(description="ten calibrated probabilities, for digits 0 to 9")
     rejected: bool = Field(description="true when the image is probably not a digit or too ambiguous to read")
     top: list[TopEntry] = Field(default_factory=list, description="the three most likely digits")
-    input: list[list[float]] | None = Field(None, description="with ?explain=true: the 28x28 image the model saw, 0-1")
+    input: list[list[float]] | None = Field(
+        None, description="with ?explain=true: the 28x28 image the model saw, 0-1"
+    )
     saliency: list[list[float]] | None = Field(
-        None, description="with ?explain=true: 28x28 occlusion saliency in [-1, 1]; positive pixels supported the answer"
+        None,
+        description="with ?explain=true: 28x28 occlusion saliency in [-1, 1]; positive pixels supported the answer",
     )
 
 
 class DigitOut(BaseModel):
     digit: int
-    confidence: float = Field(description="calibrated probability of `digit`; low values mark doubtful digits")
+    confidence: float = Field(
+        description="calibrated probability of `digit`; low values mark doubtful digits"
+    )
     box: tuple[int, int, int, int] = Field(description="x, y, width, height in the uploaded image's pixels")
 
 
@@ -125,12 +132,16 @@ class BodySizeLimit:
     async def _too_large(self, send: Callable) -> None:
         mb = self.max_bytes / 1024 / 1024
         body = json.dumps({"detail": f"the request is larger than {mb:g} MB; send a smaller image."}).encode()
-        await send({
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close")],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -147,6 +158,11 @@ def open_image(data: bytes):
         raise ImageError("the image is empty; " + IMAGE_HINT + ".")
     try:
         width, height = Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError:  # Pillow refuses to even open it (over about 179 megapixels)
+        raise ImageTooLargeError(
+            f"the image has far more than the {MAX_PIXELS // 1_000_000} megapixels we accept; scale it down and "
+            "send it again."
+        ) from None
     except Exception:  # noqa: BLE001 - not an image at all: decode() below says so in its own words
         width = height = 0
     if width * height > MAX_PIXELS:
@@ -161,7 +177,7 @@ def _prediction_dict(prediction: Any) -> dict[str, Any]:
     """A Prediction as JSON-ready values (plain floats, top as objects)."""
     top = []
     for entry in getattr(prediction, "top", None) or []:
-        digit, probability = (entry if isinstance(entry, tuple) else (entry["digit"], entry["probability"]))
+        digit, probability = entry if isinstance(entry, tuple) else (entry["digit"], entry["probability"])
         top.append({"digit": int(digit), "probability": float(probability)})
     return {
         "digit": None if prediction.digit is None else int(prediction.digit),
@@ -230,22 +246,45 @@ class Batcher:
 # The app
 
 
+def to_model_input(data: bytes) -> np.ndarray:
+    """Uploaded bytes -> the 28x28 float32 image the model sees (module level, so worker processes can run it)."""
+    from .preprocess import preprocess
+
+    return np.asarray(preprocess(open_image(data)), dtype=np.float32).reshape(28, 28)
+
+
+def _import_preprocess() -> None:
+    """Run once in each worker process at start-up, so the first request does not pay for the imports."""
+    from . import preprocess  # noqa: F401
+
+
 def create_app(
     predictor: Any,
     *,
     feedback_db: str | Path | None = None,
-    workers: int | None = None,
+    preprocess_processes: int = 0,
 ) -> FastAPI:
     """Build the app around a loaded Predictor (the model is loaded once, by the caller).
 
     Images go through digitrec.preprocess, the same code the CLI uses. `feedback_db` defaults to
-    ~/.local/share/digitrec/feedback.sqlite ($DIGITREC_FEEDBACK_DB overrides it).
+    ~/.local/share/digitrec/feedback.sqlite ($DIGITREC_FEEDBACK_DB overrides it). With
+    `preprocess_processes` > 0, decoding and preprocessing run in that many worker processes, so they use
+    every core instead of queueing behind Python's GIL; with 0 (tests, tiny machines) they run on threads.
     """
-    from .preprocess import preprocess
     store = FeedbackStore(feedback_db)
-    # Decoding and preprocessing run on a few threads; the model on one, fed by the batcher.
-    cpu_pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 2), thread_name_prefix="digitrec-cpu")
+    # The model runs on one thread, fed by the batcher; everything else blocking runs on a few more threads.
     model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digitrec-model")
+    io_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="digitrec-io")
+    if preprocess_processes > 0:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: forking a process that holds torch's and uvicorn's threads can deadlock the child.
+        image_pool: Any = ProcessPoolExecutor(
+            preprocess_processes, mp_context=multiprocessing.get_context("spawn")
+        )
+    else:
+        image_pool = io_pool
     batcher = Batcher(predictor, model_pool)
     counters = {"predict": 0, "read": 0, "feedback": 0, "rejected": 0, "client_errors": 0}
     started = time.time()
@@ -255,9 +294,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if image_pool is not io_pool:  # start the workers now, not on the first user's request
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(
+                *(loop.run_in_executor(image_pool, _import_preprocess) for _ in range(preprocess_processes))
+            )
         yield
-        cpu_pool.shutdown(wait=False, cancel_futures=True)
-        model_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in {image_pool, io_pool, model_pool}:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     app = _fastapi(
         title="digitrec",
@@ -295,7 +339,9 @@ def create_app(
     async def _http_error(request: Request, exc: StarletteHTTPException):
         detail = str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
-            detail = f"there is nothing at {request.url.path}; the page is at / and the API is described at /docs."
+            detail = (
+                f"there is nothing at {request.url.path}; the page is at / and the API is described at /docs."
+            )
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}; see /docs for the methods each endpoint takes."
         return _error(exc.status_code, detail)
@@ -336,14 +382,8 @@ def create_app(
             return await request.body(), dict(request.query_params)
         raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}; {IMAGE_HINT}.")
 
-    async def to_input(data: bytes) -> tuple[Any, np.ndarray]:
-        """Decode and preprocess on the CPU pool: (PIL image, 28x28 float32 in [0, 1], white on black)."""
-
-        def work():
-            image = open_image(data)
-            return image, np.asarray(preprocess(image), dtype=np.float32).reshape(28, 28)
-
-        return await asyncio.get_running_loop().run_in_executor(cpu_pool, work)
+    async def to_input(data: bytes) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(image_pool, to_model_input, data)
 
     # -- endpoints ---------------------------------------------------------------------------------------------
 
@@ -352,12 +392,20 @@ def create_app(
             "required": True,
             "content": {
                 "multipart/form-data": {
-                    "schema": {"type": "object", "required": ["file"],
-                               "properties": {"file": {"type": "string", "format": "binary"}}},
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    },
                 },
                 "application/json": {
-                    "schema": {"type": "object", "required": ["image"],
-                               "properties": {"image": {"type": "string", "description": "base64 PNG/JPEG or data URL"}}},
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {
+                            "image": {"type": "string", "description": "base64 PNG/JPEG or data URL"}
+                        },
+                    },
                 },
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
             },
@@ -373,21 +421,32 @@ def create_app(
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
-    @app.get("/healthz", response_model=HealthResponse, tags=["service"])
+    @app.get("/healthz", response_model=HealthResponse, tags=["service"], summary="The model being served")
     async def healthz() -> dict[str, Any]:
         """The loaded model: name, version and its test accuracy (fraction 0-1)."""
         accuracy = (meta.get("metrics") or {}).get("test_accuracy")
-        return {"status": "ok", "model": model_name, "version": model_version,
-                "test_accuracy": None if accuracy is None else float(accuracy)}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "version": model_version,
+            "test_accuracy": None if accuracy is None else float(accuracy),
+        }
 
-    @app.post("/api/predict", response_model=PredictResponse, tags=["digits"],
-              openapi_extra=upload_body, responses=error_responses)
+    @app.post(
+        "/api/predict",
+        summary="Read one digit",
+        response_model=PredictResponse,
+        tags=["digits"],
+        openapi_extra=upload_body,
+        responses=error_responses,
+    )
     async def predict(
-        request: Request, explain: bool = Query(False, description="also return the 28x28 input and a saliency map")
+        request: Request,
+        explain: bool = Query(False, description="also return the 28x28 input and a saliency map"),
     ) -> dict[str, Any]:
         """Read one handwritten digit."""
         data, _ = await read_upload(request)
-        _, pixels = await to_input(data)
+        pixels = await to_input(data)
         prediction = await batcher.predict(pixels)
         counters["predict"] += 1
         counters["rejected"] += bool(prediction.rejected)
@@ -397,15 +456,25 @@ def create_app(
             if getattr(predictor, "model", None) is not None:  # an ONNX/int8 backend has no gradients to show
                 from .explain import occlusion_saliency
 
-                target = result["digit"] if result["digit"] is not None else int(np.argmax(result["probabilities"]))
+                target = (
+                    result["digit"]
+                    if result["digit"] is not None
+                    else int(np.argmax(result["probabilities"]))
+                )
                 saliency = await asyncio.get_running_loop().run_in_executor(
                     model_pool, occlusion_saliency, predictor.model, pixels, target
                 )
                 result["saliency"] = np.round(saliency, 3).tolist()
         return result
 
-    @app.post("/api/read", response_model=ReadResponse, tags=["digits"],
-              openapi_extra=upload_body, responses=error_responses)
+    @app.post(
+        "/api/read",
+        summary="Read a whole number",
+        response_model=ReadResponse,
+        tags=["digits"],
+        openapi_extra=upload_body,
+        responses=error_responses,
+    )
     async def read(request: Request) -> dict[str, Any]:
         """Read a whole handwritten number, left to right, with a box around each digit."""
         data, _ = await read_upload(request)
@@ -413,58 +482,99 @@ def create_app(
         def work():
             return predictor.read(open_image(data))
 
-        result = await asyncio.get_running_loop().run_in_executor(cpu_pool, work)
+        result = await asyncio.get_running_loop().run_in_executor(io_pool, work)
         counters["read"] += 1
         return {
             "number": result.number,
             "digits": [
-                {"digit": int(d.digit), "confidence": float(d.confidence),
-                 "box": tuple(int(v) for v in d.box)}
+                {
+                    "digit": int(d.digit),
+                    "confidence": float(d.confidence),
+                    "box": tuple(int(v) for v in d.box),
+                }
                 for d in result.digits
             ],
         }
 
-    @app.post("/api/feedback", response_model=FeedbackResponse, status_code=201, tags=["feedback"],
-              responses=error_responses,
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "multipart/form-data": {"schema": {"type": "object", "required": ["file", "label"], "properties": {
-                      "file": {"type": "string", "format": "binary"},
-                      "label": {"type": "integer", "minimum": 0, "maximum": 9},
-                      "predicted": {"type": "integer", "minimum": 0, "maximum": 9}}}},
-                  "application/json": {"schema": {"type": "object", "required": ["image", "label"], "properties": {
-                      "image": {"type": "string"},
-                      "label": {"type": "integer", "minimum": 0, "maximum": 9},
-                      "predicted": {"type": "integer", "minimum": 0, "maximum": 9}}}},
-              }}})
+    @app.post(
+        "/api/feedback",
+        summary="Store a correction",
+        response_model=FeedbackResponse,
+        status_code=201,
+        tags=["feedback"],
+        responses=error_responses,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["file", "label"],
+                            "properties": {
+                                "file": {"type": "string", "format": "binary"},
+                                "label": {"type": "integer", "minimum": 0, "maximum": 9},
+                                "predicted": {"type": "integer", "minimum": 0, "maximum": 9},
+                            },
+                        }
+                    },
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image", "label"],
+                            "properties": {
+                                "image": {"type": "string"},
+                                "label": {"type": "integer", "minimum": 0, "maximum": 9},
+                                "predicted": {"type": "integer", "minimum": 0, "maximum": 9},
+                            },
+                        }
+                    },
+                },
+            }
+        },
+    )
     async def feedback(request: Request) -> dict[str, Any]:
         """Store a correction: this image shows digit `label` (the model said `predicted`)."""
         data, fields = await read_upload(request)
         label = _digit_field(fields, "label", required=True)
         predicted = _digit_field(fields, "predicted", required=False)
-        _, pixels = await to_input(data)
+        pixels = await to_input(data)
 
         def work():
-            row_id = store.add(label=label, predicted=predicted, image=data, input28=pixels,
-                               model_name=model_name, model_version=model_version)
+            row_id = store.add(
+                label=label,
+                predicted=predicted,
+                image=data,
+                input28=pixels,
+                model_name=model_name,
+                model_version=model_version,
+            )
             return row_id, store.count()
 
-        row_id, total = await asyncio.get_running_loop().run_in_executor(cpu_pool, work)
+        row_id, total = await asyncio.get_running_loop().run_in_executor(io_pool, work)
         counters["feedback"] += 1
         return {"id": row_id, "label": label, "total": total}
 
-    @app.get("/api/stats", tags=["service"])
+    @app.get("/api/stats", tags=["service"], summary="Requests, batches and corrections so far")
     async def stats() -> dict[str, Any]:
         """What this server has done since it started, and the corrections stored so far."""
-        by_label = await asyncio.get_running_loop().run_in_executor(cpu_pool, store.counts_by_label)
+        by_label = await asyncio.get_running_loop().run_in_executor(io_pool, store.counts_by_label)
         return {
             "model": model_name,
             "version": model_version,
             "uptime_s": round(time.time() - started, 1),
             "requests": dict(counters),
-            "batches": {"count": batcher.batches, "images": batcher.items, "largest": batcher.largest,
-                        "mean_size": round(batcher.items / batcher.batches, 2) if batcher.batches else 0.0},
-            "feedback": {"total": sum(by_label.values()), "by_label": {str(k): v for k, v in by_label.items()},
-                         "database": str(store.path)},
+            "batches": {
+                "count": batcher.batches,
+                "images": batcher.items,
+                "largest": batcher.largest,
+                "mean_size": round(batcher.items / batcher.batches, 2) if batcher.batches else 0.0,
+            },
+            "feedback": {
+                "total": sum(by_label.values()),
+                "by_label": {str(k): v for k, v in by_label.items()},
+                "database": str(store.path),
+            },
         }
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -493,7 +603,11 @@ def _digit_field(fields: dict[str, Any], name: str, required: bool) -> int | Non
         digit = int(value)
     except (TypeError, ValueError):
         digit = -1
-    if isinstance(value, bool) or not 0 <= digit <= 9 or (isinstance(value, float) and not value.is_integer()):
+    if (
+        isinstance(value, bool)
+        or not 0 <= digit <= 9
+        or (isinstance(value, float) and not value.is_integer())
+    ):
         raise HTTPException(422, f'the field "{name}" must be a digit from 0 to 9, got {value!r}.')
     return digit
 
@@ -504,8 +618,9 @@ def serve(
     port: int = 8000,
     feedback_db: str | Path | None = None,
     access_log: bool = False,
+    backend: str = "torch",
 ) -> None:
-    """Load the model once, then serve the page and the API until interrupted."""
+    """Load the model once, then serve the page and the API until interrupted (backend: torch or onnx)."""
     import torch
     import uvicorn
 
@@ -514,8 +629,11 @@ def serve(
     # One intra-op thread: the model runs on one thread fed by the batcher while others decode and preprocess;
     # torch's default (one thread per core) makes them fight over the cores and is several times slower.
     torch.set_num_threads(1)
-    predictor = Predictor.load(model) if model else Predictor.pretrained()
-    app = create_app(predictor, feedback_db=feedback_db)
-    print(f"digitrec: serving {predictor.name} {predictor.version} on http://{host}:{port}/  (API docs: /docs)", flush=True)
+    predictor = Predictor.load(model, backend=backend) if model else Predictor.pretrained(backend=backend)
+    app = create_app(predictor, feedback_db=feedback_db, preprocess_processes=os.cpu_count() or 1)
+    print(
+        f"digitrec: serving {predictor.name} {predictor.version} on http://{host}:{port}/  (API docs: /docs)",
+        flush=True,
+    )
     # limit_concurrency bounds memory: each request may hold up to 5 MB; past it clients get 503 and retry.
     uvicorn.run(app, host=host, port=port, access_log=access_log, limit_concurrency=256, log_level="info")

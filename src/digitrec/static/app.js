@@ -349,8 +349,8 @@ function showReading(answer) {
 
 function drawBoxes(digits) {
   boxCtx.clearRect(0, 0, boxes.width, boxes.height);
-  // Boxes are in the uploaded image's pixels: a drawing is the canvas itself, a photo is shown "contained".
-  let scale = 1, dx = 0, dy = 0;
+  // Boxes are in the uploaded image's pixels: a drawing was sent scaled by sendScale, a photo is shown "contained".
+  let scale = 1 / MODES[state.mode].sendScale, dx = 0, dy = 0;
   if (state.photo && photo.naturalWidth) {
     scale = Math.min(boxes.width / photo.naturalWidth, boxes.height / photo.naturalHeight);
     dx = (boxes.width - photo.naturalWidth * scale) / 2;

@@ -1,0 +1,61 @@
+"""The friendly `digitrec.train()`: a recipe name, a TrainConfig or a TOML file in, a finished Run out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig, get_recipe, load_toml
+from .data import MNIST, load_mnist
+from .train import Run
+from .train import train as train_loop
+
+
+def resolve_config(config: TrainConfig | str | Path, **overrides: Any) -> tuple[str, TrainConfig]:
+    """(recipe name, config) from a recipe name, a TOML file (which may name its `recipe`) or a TrainConfig."""
+    if isinstance(config, TrainConfig):
+        return "custom", config.override(**overrides)
+    if str(config).endswith(".toml"):
+        values = load_toml(config)
+        recipe = values.pop("recipe", "default")
+        return recipe, get_recipe(recipe).override(**values).override(**overrides)
+    return str(config), get_recipe(str(config)).override(**overrides)
+
+
+def train(
+    config: TrainConfig | str | Path = "default",
+    out_dir: str | Path | None = None,
+    *,
+    data: MNIST | None = None,
+    data_dir: str | Path | None = None,
+    report: bool = True,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> Run:
+    """Train a model and write its run folder; returns the Run with its metrics, history and paths.
+
+    `config` is a recipe name (see `digitrec recipes`), a TOML file as `digitrec train --config` reads,
+    or a TrainConfig; keyword `overrides` change single settings (`epochs=2`, `lr=1e-3`, ...). MNIST is
+    found or downloaded unless `data` is given; `log=print` shows the epochs as they finish.
+
+    >>> import digitrec
+    >>> run = digitrec.train("fast", "runs/quick", epochs=1)
+    >>> sorted(path.name for path in run.out_dir.glob("*.md"))
+    ['MODEL_CARD.md']
+    >>> run.model_path.name, run.config.arch
+    ('model.safetensors', 'fast_cnn')
+    >>> 0.0 <= run.metrics["test_accuracy"] <= 1.0
+    True
+    """
+    recipe, resolved = resolve_config(config, **overrides)
+    out = Path(out_dir) if out_dir is not None else Path(f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    quiet: Callable[[str], None] = log or (lambda message: None)
+    data = data or load_mnist(data_dir, log=quiet)
+    # Training needs autograd even if something earlier in this process (a Predictor) switched it off.
+    with torch.enable_grad():
+        return train_loop(resolved, out, recipe=recipe, data=data, progress=progress, report=report, log=quiet)

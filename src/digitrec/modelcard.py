@@ -1,0 +1,225 @@
+"""MODEL_CARD.md for a model: data and checksum, recipe, metrics, calibration, robustness, latency, size, use and limits.
+
+The card is built once as a list of sections and rendered twice, as Markdown (MODEL_CARD.md beside the
+checkpoint) and as HTML (a section of report.html), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import html
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write_text
+from .config import TrainConfig
+from .data import MNIST
+from .models import count_parameters
+from .robustness import COVERAGES, coverage_at, summary
+
+Row = list[str]
+
+
+@dataclass
+class Section:
+    """A heading, then paragraphs, then an optional table, then an optional bullet list."""
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    table: tuple[Row, list[Row]] | None = None
+    bullets: list[str] = field(default_factory=list)
+
+
+def measure_latency(model: nn.Module, repeats: int = 30, batch_size: int = 256) -> dict[str, Any]:
+    """Median forward time of one image, and per image in a batch, on the model's device, in milliseconds."""
+    model = model.eval()
+    device = next(model.parameters()).device
+
+    def median_ms(x: torch.Tensor, runs: int) -> float:
+        times = []
+        with torch.inference_mode():
+            model(x)  # warm-up: first calls allocate and pick kernels
+            for _ in range(runs):
+                start = time.perf_counter()
+                model(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    one = median_ms(torch.zeros(1, 1, 28, 28, device=device), repeats)
+    batch = median_ms(torch.zeros(batch_size, 1, 28, 28, device=device), max(3, repeats // 10))
+    return {"single_ms": one, "batch_ms_per_image": batch / batch_size, "batch_size": batch_size, "device": str(device),
+            "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {platform.system()}"}
+
+
+def build_card(
+    metrics: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    config: TrainConfig | None = None,
+    data: MNIST | None = None,
+    robustness: dict[str, Any] | None = None,
+    latency: dict[str, Any] | None = None,
+    size_bytes: int | None = None,
+    params: int | None = None,
+) -> list[Section]:
+    """The card's sections from what a run knows; any part left out is simply not shown."""
+    meta = meta or {}
+    config = config or (TrainConfig.from_dict(meta["config"]) if meta.get("config") else None)
+    recipe = meta.get("recipe", "custom")
+    arch = config.arch if config else meta.get("arch", "?")
+    params = params or meta.get("params")
+    sections = []
+
+    details = [f"Architecture `{arch}`" + (f", {params:,} parameters" if params else "") + "."]
+    if size_bytes:
+        details.append(f"Checkpoint size {size_bytes / 1e6:.2f} MB (safetensors, float32 weights).")
+    created = meta.get("created")
+    versions = meta.get("versions", {})
+    if created or versions:
+        details.append(f"Trained {created or ''} with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+    sections.append(Section(f"Model card: {recipe} ({arch})", details))
+
+    if config:
+        recipe_rows = [[key, f"`{value}`"] for key, value in config.to_dict().items()
+                       if key in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing",
+                                  "augment", "val_size", "seed", "normalize")]
+        text = [f"Recipe `{recipe}`; reproduce it with `digitrec train --recipe {recipe}`." if recipe != "custom" else
+                "A custom configuration; its full values are in model.json."]
+        if config.source:
+            text.append(f"Source: {config.source}.")
+        sections.append(Section("Recipe", text, (["setting", "value"], recipe_rows)))
+
+    checksum = (data.checksum if data else None) or meta.get("data_checksum", "unknown")
+    training = "all 60,000 training images" if config and not config.val_size else (
+        f"60,000 training images less {config.val_size:,} held out for validation" if config else "the MNIST training set")
+    sections.append(Section("Data", [
+        f"MNIST: 28x28 grayscale handwritten digits, white ink on black. Trained on {training}; "
+        f"tested on the {metrics.get('count', 10000):,} test images.",
+        f"Data checksum (MD5 over the four files' MD5s): `{checksum}`" + (f"; loaded from {data.source}." if data else "."),
+    ]))
+
+    per_class = [[str(c["digit"]), f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"])]
+                 for c in metrics.get("per_class", [])]
+    overall = [f"Test accuracy **{metrics['test_accuracy']:.2%}** ({metrics.get('errors', '?')} errors), "
+               f"test loss {metrics['test_loss']:.4f}."]
+    if metrics.get("val_accuracy") is not None:
+        overall.append(f"Validation accuracy {metrics['val_accuracy']:.2%} (chose the checkpoint).")
+    sections.append(Section("Metrics", overall, (["digit", "precision", "recall", "F1", "support"], per_class) if per_class else None))
+
+    calibration = [f"Expected calibration error (ECE, 15 bins) on the test set: {metrics['ece']:.4f}."] if "ece" in metrics else []
+    if "temperature" in meta:
+        calibration.append(f"Calibrated by temperature scaling: T = {float(meta['temperature']):.3f}.")
+    if "reject_below" in meta:
+        calibration.append(f"A Predictor rejects answers below confidence {float(meta['reject_below']):.3f}.")
+    if calibration:
+        sections.append(Section("Calibration", calibration))
+
+    if robustness:
+        result = robustness["models"][0]
+        means = summary(result)
+        rows = [[p["name"], p["label"], ", ".join(f"{s:g}" for s in p["strengths"]), f"{means[p['name']]:.2%}",
+                 f"{min(r['accuracy'] for r in result['perturbations'][p['name']]):.2%}"] for p in robustness["perturbations"]]
+        coverage = ", ".join(f"{coverage_at(result, c)['accuracy']:.2%} at {c:.0%}" for c in COVERAGES[1:4])
+        sections.append(Section("Robustness", [
+            f"Accuracy on {robustness['images']:,} MNIST test images under each perturbation (`digitrec robustness` "
+            "scores all 10,000 and plots the curves). Clean accuracy on them: "
+            f"{result['clean_accuracy']:.2%}.",
+            f"Rejecting the least confident answers: accuracy {coverage} coverage.",
+        ], (["perturbation", "strength", "strengths", "mean accuracy", "worst"], rows)))
+
+    if latency or size_bytes:
+        speed = []
+        if latency:
+            speed.append(f"Forward pass of one image: {latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
+                         f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} threads, "
+                         f"{latency['machine']}; measured while writing this card, so a busy machine reads slower).")
+        sections.append(Section("Latency and size", speed))
+
+    limits = [
+        "Trained only on MNIST: digits written by US Census Bureau employees and high-school students, scanned, "
+        "size-normalized and centered. Other handwriting, pens and cameras differ; expect lower accuracy on them.",
+        "One digit 0-9 per image. Letters, symbols and blank images still get a digit from the network itself; "
+        "`Predictor` rejects blank and low-confidence images, but only as well as its calibration allows.",
+        "Inputs must look like MNIST (white on black, centered, 20x20 box in 28x28). `digitrec predict` and the "
+        "server preprocess photos into that form; raw tensors passed to the model must already be in it.",
+    ]
+    if robustness:
+        weak = [f"{p['name']} (down to {min(r['accuracy'] for r in robustness['models'][0]['perturbations'][p['name']]):.0%})"
+                for p in robustness["perturbations"]
+                if min(r["accuracy"] for r in robustness["models"][0]["perturbations"][p["name"]]) < 0.9]
+        if weak:
+            limits.append("Accuracy falls below 90% under: " + ", ".join(weak) + ".")
+    sections.append(Section("Intended use", [
+        "Reading single handwritten digits, and learning how digit classifiers are trained, evaluated and served. "
+        "Not for decisions about people (grading, cheques, forms, ballots) without a person checking rejected "
+        "and low-confidence answers.",
+    ]))
+    sections.append(Section("Known limits", bullets=limits))
+    return sections
+
+
+def to_markdown(sections: list[Section]) -> str:
+    lines: list[str] = []
+    for index, section in enumerate(sections):
+        lines += [("# " if index == 0 else "## ") + section.title, ""]
+        for paragraph in section.paragraphs:
+            lines += [paragraph, ""]
+        if section.table:
+            headers, rows = section.table
+            lines.append("| " + " | ".join(headers) + " |")
+            lines.append("|" + "|".join("---" for _ in headers) + "|")
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+            lines.append("")
+        if section.bullets:
+            lines += [f"- {bullet}" for bullet in section.bullets] + [""]
+    return "\n".join(lines)
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then turn the Markdown we write (`code`, **bold**) into tags."""
+    import re
+
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+def to_html(sections: list[Section]) -> str:
+    parts = []
+    for index, section in enumerate(sections):
+        tag = "h2" if index == 0 else "h3"
+        parts.append(f"<{tag}>{_inline_html(section.title)}</{tag}>")
+        parts += [f"<p>{_inline_html(p)}</p>" for p in section.paragraphs]
+        if section.table:
+            headers, rows = section.table
+            parts.append("<table><tr>" + "".join(f"<th>{_inline_html(h)}</th>" for h in headers) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in rows)
+                         + "</table>")
+        if section.bullets:
+            parts.append("<ul>" + "".join(f"<li>{_inline_html(b)}</li>" for b in section.bullets) + "</ul>")
+    return '<section class="model-card">' + "\n".join(parts) + "</section>"
+
+
+def write_model_card(
+    out_dir: str | Path,
+    model: nn.Module,
+    metrics: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    config: TrainConfig | None = None,
+    data: MNIST | None = None,
+    robustness: dict[str, Any] | None = None,
+) -> list[Section]:
+    """Measure latency and size, build the card and write out_dir/MODEL_CARD.md; returns the sections for report.html."""
+    out_dir = Path(out_dir)
+    checkpoint = out_dir / "model.safetensors"
+    size = checkpoint.stat().st_size if checkpoint.exists() else None
+    sections = build_card(metrics, meta, config, data, robustness, measure_latency(model), size, count_parameters(model))
+    atomic_write_text(out_dir / "MODEL_CARD.md", to_markdown(sections))
+    return sections

@@ -1,0 +1,275 @@
+"""Robustness: test accuracy under rotation, scale, shift, stroke, blur, noise, contrast and inversion, and accuracy vs coverage.
+
+Every perturbation is applied to the MNIST test images at several strengths with a fixed seed, so two models
+(or two runs of this command) are scored on exactly the same perturbed images. Perturbed images are rounded
+back to 8 bits, as a real image file would be, and go through the same `predict_logits` as the test set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .augment import random_affine
+from .errors import DigitrecError
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # uint8 images (N, 28, 28) -> logits (N, 10)
+Perturb = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]  # float (N, 1, 28, 28) in [0, 1]
+
+SEED = 0
+COVERAGES = (1.0, 0.99, 0.98, 0.95, 0.9, 0.8)  # the rows of the accuracy-vs-coverage table
+REPORT_IMAGES = 1000  # a run's report scores this many test images; `digitrec robustness` scores all of them
+
+
+def _rotate(x: torch.Tensor, degrees: float, generator: torch.Generator) -> torch.Tensor:
+    return random_affine(x, generator, degrees=degrees)
+
+
+def _scale(x: torch.Tensor, factor: float, generator: torch.Generator) -> torch.Tensor:
+    return random_affine(x, generator, scale=(factor, factor))
+
+
+def _translate(x: torch.Tensor, pixels: float, generator: torch.Generator) -> torch.Tensor:
+    return random_affine(x, generator, translate_px=pixels)
+
+
+def _stroke(x: torch.Tensor, pixels: float, generator: torch.Generator) -> torch.Tensor:
+    """Dilate (positive) or erode (negative) by |pixels| passes of a 3x3 max / min filter."""
+    for _ in range(int(abs(pixels))):
+        x = F.max_pool2d(x, 3, stride=1, padding=1) if pixels > 0 else -F.max_pool2d(-x, 3, stride=1, padding=1)
+    return x
+
+
+def _blur(x: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    if sigma <= 0:
+        return x
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1), padding=(0, radius))  # separable: rows, then columns
+    return F.conv2d(x, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+
+
+def _noise(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    return x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
+def _contrast(x: torch.Tensor, factor: float, generator: torch.Generator) -> torch.Tensor:
+    """Faint ink on the same black background: the stroke's brightness is multiplied by `factor`."""
+    return x * factor
+
+
+def _invert(x: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
+    """Blend toward the negative: 1 is black ink on white paper, the way people write; 0.5 is flat gray."""
+    return (1 - amount) * x + amount * (1 - x)
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One family of perturbations; `clean` is the strength that leaves an image as it is (plotted too)."""
+
+    name: str
+    label: str
+    strengths: tuple[float, ...]
+    clean: float
+    apply: Perturb
+
+
+PERTURBATIONS: tuple[Perturbation, ...] = (
+    Perturbation("rotation", "rotation, random within ± degrees", (15, 30, 45, 60), 0, _rotate),
+    Perturbation("scale", "scale factor", (1.3, 0.8, 0.6, 0.4), 1, _scale),
+    Perturbation("translation", "shift, random within ± pixels", (2, 4, 6, 8), 0, _translate),
+    Perturbation("stroke", "stroke: erode (-) / dilate (+) pixels", (-2, -1, 1, 2), 0, _stroke),
+    Perturbation("blur", "Gaussian blur sigma (pixels)", (0.5, 1.0, 1.5, 2.0), 0, _blur),
+    Perturbation("noise", "Gaussian noise std (pixel range 0-1)", (0.1, 0.2, 0.3, 0.5), 0, _noise),
+    Perturbation("contrast", "ink brightness factor", (0.75, 0.5, 0.35, 0.2), 1, _contrast),
+    Perturbation("inversion", "inversion amount", (0.1, 0.2, 0.35, 1.0), 0, _invert),
+)
+
+
+def perturb(images: torch.Tensor, perturbation: Perturbation, strength: float) -> torch.Tensor:
+    """uint8 images (N, 28, 28) -> the same images perturbed, rounded back to uint8; seeded by name and strength."""
+    seed = SEED + sum(map(ord, perturbation.name)) * 1000 + round(strength * 100)
+    generator = torch.Generator().manual_seed(seed)
+    x = images.unsqueeze(1).float() / 255
+    x = perturbation.apply(x, float(strength), generator)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0]
+
+
+@dataclass
+class Scored:
+    """A model to score: its name on the plots, where it came from, and how to get its logits."""
+
+    name: str
+    path: str
+    scorer: Scorer
+    temperature: float = 1.0
+
+
+def torch_scorer(model: torch.nn.Module, batch_size: int = 500) -> Scorer:
+    from .train import predict_logits
+
+    def score(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return predict_logits(model, images, batch_size)
+
+    return score
+
+
+def load_scored(path: str | Path, name: str | None = None) -> Scored:
+    """A run folder, a .safetensors checkpoint or an exported .onnx file, ready to score."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    scorer: Scorer
+    if path.suffix == ".onnx":
+        from .backends import OnnxBackend
+
+        backend = OnnxBackend(path)
+
+        def score_onnx(images: torch.Tensor) -> torch.Tensor:
+            pixels = images.unsqueeze(1).float().numpy() / 255
+            return torch.from_numpy(backend(pixels))
+
+        meta, scorer = backend.meta, score_onnx
+    else:
+        from .checkpoint import load_model
+
+        model, meta = load_model(path)
+        scorer = torch_scorer(model)
+    default_name = path.parent.name if path.stem == "model" else path.stem
+    return Scored(name or default_name, str(path), scorer, float(meta.get("temperature", 1.0)))
+
+
+def coverage_curve(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, points: int = 50) -> list[dict[str, float]]:
+    """Accuracy on the answers kept when the least confident ones are rejected, from keeping all down to 2%.
+
+    Each row gives the coverage (share of images answered), the accuracy on those and the confidence
+    threshold that keeps them: the numbers to choose a Predictor's `reject_below` from.
+    """
+    confidence, predicted = F.softmax(logits.float() / temperature, dim=1).max(1)
+    order = confidence.argsort(descending=True)
+    correct = (predicted == labels.long())[order].float().cumsum(0)
+    n = len(order)
+    rows = []
+    for coverage in sorted({*COVERAGES, *(i / points for i in range(1, points + 1))}, reverse=True):
+        kept = max(1, round(coverage * n))
+        rows.append({"coverage": kept / n, "accuracy": (correct[kept - 1] / kept).item(),
+                     "threshold": confidence[order[kept - 1]].item()})
+    return rows
+
+
+def evaluate_robustness(models: Sequence[Scored], images: torch.Tensor, labels: torch.Tensor,
+                        perturbations: Sequence[Perturbation] = PERTURBATIONS,
+                        log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Accuracy of every model under every perturbation and strength, plus each model's accuracy-vs-coverage curve.
+
+    Each perturbed set is made once and scored by all models, so the models see identical images.
+    """
+    if not models:
+        raise DigitrecError("robustness needs at least one model; pass a run folder or a model file.")
+    labels = labels.long()
+
+    def accuracy(logits: torch.Tensor) -> float:
+        return (logits.argmax(1) == labels).float().mean().item()
+
+    clean_logits = [m.scorer(images) for m in models]
+    results: list[dict[str, Any]] = [
+        {"name": m.name, "path": m.path, "clean_accuracy": accuracy(logits), "perturbations": {},
+         "coverage": coverage_curve(logits, labels, m.temperature)}
+        for m, logits in zip(models, clean_logits, strict=True)
+    ]
+    for p in perturbations:
+        for result in results:
+            result["perturbations"][p.name] = []
+        for strength in p.strengths:
+            perturbed = perturb(images, p, strength)
+            for m, result in zip(models, results, strict=True):
+                result["perturbations"][p.name].append({"strength": strength, "accuracy": accuracy(m.scorer(perturbed))})
+        log(f"{p.name:<12} " + "  ".join(f"{r['name']}: " + " ".join(f"{row['accuracy']:.1%}" for row in r["perturbations"][p.name])
+                                         for r in results))
+    return {
+        "images": len(images),
+        "perturbations": [{"name": p.name, "label": p.label, "strengths": list(p.strengths), "clean": p.clean} for p in perturbations],
+        "models": results,
+    }
+
+
+def summary(result: dict[str, Any]) -> dict[str, float]:
+    """One number per perturbation for one model's result: the mean accuracy over its strengths (the model card's table)."""
+    return {name: sum(row["accuracy"] for row in rows) / len(rows) for name, rows in result["perturbations"].items()}
+
+
+def coverage_at(result: dict[str, Any], coverage: float) -> dict[str, float]:
+    """The coverage-curve row closest to `coverage`."""
+    return min(result["coverage"], key=lambda row: abs(row["coverage"] - coverage))
+
+
+def plot(report: dict[str, Any], path: str | Path) -> Path:
+    """One panel per perturbation (accuracy vs strength, the clean point included) and one of accuracy vs coverage; a line per model."""
+    from .plots import _save, plt
+
+    panels = len(report["perturbations"]) + 1
+    columns = 3
+    rows = math.ceil(panels / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[panels:]:
+        ax.axis("off")
+    for ax, p in zip(axes.flat, report["perturbations"], strict=False):  # spare panels stay blank
+        for model in report["models"]:
+            points = sorted([(p["clean"], model["clean_accuracy"])]
+                            + [(row["strength"], row["accuracy"]) for row in model["perturbations"][p["name"]]])
+            ax.plot([s for s, _ in points], [100 * a for _, a in points], marker="o", label=model["name"])
+        ax.set(title=p["name"], xlabel=p["label"], ylabel="accuracy (%)", ylim=(0, 101))
+        ax.axvline(p["clean"], color="gray", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    ax = axes.flat[panels - 1]
+    for model in report["models"]:
+        curve = model["coverage"]
+        ax.plot([100 * row["coverage"] for row in curve], [100 * row["accuracy"] for row in curve], label=model["name"])
+    ax.set(title="rejecting low-confidence answers", xlabel="coverage: answered (%)", ylabel="accuracy on answered (%)")
+    ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"Accuracy under perturbation ({report['images']:,} MNIST test images)")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def table(report: dict[str, Any]) -> str:
+    """Plain-text tables: accuracy per perturbation and strength (a column per model), then accuracy vs coverage."""
+    names = [m["name"] for m in report["models"]]
+    width = max(10, *(len(n) for n in names))
+    lines = [f"accuracy on {report['images']:,} MNIST test images",
+             f"{'perturbation':<14}{'strength':>9}  " + "  ".join(f"{n:>{width}}" for n in names)]
+    lines.append(f"{'none':<14}{'':>9}  " + "  ".join(f"{m['clean_accuracy']:>{width}.2%}" for m in report["models"]))
+    for p in report["perturbations"]:
+        for i, strength in enumerate(p["strengths"]):
+            cells = "  ".join(f"{m['perturbations'][p['name']][i]['accuracy']:>{width}.2%}" for m in report["models"])
+            lines.append(f"{p['name'] if i == 0 else '':<14}{strength:>9g}  {cells}")
+    lines += ["", f"{'coverage':<14}{'':>9}  " + "  ".join(f"{n:>{width}}" for n in names)]
+    for coverage in COVERAGES:
+        cells = "  ".join(f"{coverage_at(m, coverage)['accuracy']:>{width}.2%}" for m in report["models"])
+        lines.append(f"{coverage:<14.0%}{'':>9}  {cells}")
+    return "\n".join(lines)
+
+
+def write(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """robustness.json and robustness.png in out_dir."""
+    from .checkpoint import atomic_write_json
+
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "robustness.json", report)
+    return {"json": out_dir / "robustness.json", "plot": plot(report, out_dir / "robustness.png")}
+
+
+def for_report(model: torch.nn.Module, data: Any, images: int = REPORT_IMAGES) -> dict[str, Any]:
+    """The run report's robustness section: every perturbation on the first `images` test images (a few seconds)."""
+    scored = Scored("this model", "", torch_scorer(model))
+    return evaluate_robustness([scored], data.test_images[:images], data.test_labels[:images])

@@ -1,0 +1,191 @@
+"""Hyperparameter search with Optuna: TPE sampling, median pruning on validation accuracy, best config as TOML.
+
+Trials are chosen on the validation split only; the test set never picks a configuration. With an RDB
+storage URL (sqlite:///tune.db, postgresql://..., mysql://...) any number of processes or machines running
+the same command with the same `--study` name share one study: Optuna hands each of them new trials.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_text
+from .config import get_recipe, to_toml
+from .data import MNIST
+from .errors import DigitrecError
+
+DEFAULT_VAL_SIZE = 5000  # used when the recipe itself trains on all 60,000 images
+BATCH_SIZES = (64, 128, 192, 256)
+AUGMENTATIONS = ("none", "rotate10", "affine")
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise DigitrecError("digitrec tune needs Optuna; install it with `pip install digitrec[tune]`.") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def suggest(trial: Any, base_lr: float) -> dict[str, Any]:
+    """The search space: the knobs that matter most on MNIST, around the recipe's own learning rate."""
+    return {
+        "lr": trial.suggest_float("lr", base_lr / 10, base_lr * 10, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", BATCH_SIZES),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-5, 0.1, log=True),
+        "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2),
+        "augment": trial.suggest_categorical("augment", AUGMENTATIONS),
+    }
+
+
+@dataclass
+class TuneResult:
+    """What a search leaves: the study, the best trial's values, and the files written."""
+
+    study: Any
+    best_params: dict[str, Any]
+    best_value: float
+    config_path: Path
+    table: str
+    plot_path: Path
+
+
+def tune(
+    recipe: str,
+    trials: int,
+    out_dir: str | Path,
+    storage: str | None = None,
+    study_name: str | None = None,
+    data: MNIST | None = None,
+    epochs: float | None = None,
+    val_size: int | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> TuneResult:
+    """Run `trials` trials of `recipe` (more join from other processes sharing `storage`) and write the results.
+
+    Writes into out_dir: best.toml (for `digitrec train --config`), trials.csv, tuning.png and one run
+    folder per trial. `epochs` shortens every trial; pruning stops a trial after an epoch whose
+    validation accuracy is below the median of earlier trials at that epoch.
+    """
+    optuna = _optuna()
+    from .data import load_mnist
+    from .train import train
+
+    if trials < 1:
+        raise DigitrecError(f"--trials must be at least 1, got {trials}.")
+    out_dir = Path(out_dir)
+    base = get_recipe(recipe)
+    base = base.override(val_size=val_size or base.val_size or DEFAULT_VAL_SIZE, epochs=epochs or base.epochs,
+                         early_stopping_patience=0)
+    data = data or load_mnist(log=log)
+    study = optuna.create_study(
+        study_name=study_name or f"digitrec-{recipe}", storage=storage, load_if_exists=True, direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    )
+
+    def objective(trial: Any) -> float:
+        params = suggest(trial, get_recipe(recipe).lr)
+        pruned = False
+
+        def on_epoch(model: Any, row: dict[str, float]) -> bool:
+            nonlocal pruned
+            trial.report(row["val_accuracy"], int(row["epoch"]))
+            pruned = trial.should_prune()
+            return pruned  # True stops training after this epoch
+
+        run = train(base.override(**params), out_dir / f"trial-{trial.number:03d}", recipe=recipe, data=data,
+                    progress=False, report=False, log=lambda msg: None, on_epoch=on_epoch)
+        value = float(run.history[-1]["val_accuracy"]) if pruned else float(run.metrics["val_accuracy"])
+        log(f"trial {trial.number:>3}  val acc {value:.2%}  {'pruned ' if pruned else ''}"
+            + "  ".join(f"{k} {_fmt(v)}" for k, v in params.items()))
+        if pruned:
+            raise optuna.TrialPruned()
+        return value
+
+    try:
+        study.optimize(objective, n_trials=trials)
+    except (ImportError, ModuleNotFoundError) as exc:  # a storage URL whose database driver is missing
+        raise DigitrecError(f"storage {storage} needs a database driver that is not installed ({exc}).") from None
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not finished:
+        raise DigitrecError("every trial was pruned or failed; run more trials or raise --epochs.")
+    best = study.best_trial
+    config_path = out_dir / "best.toml"
+    header = (f"# digitrec tune: best of {len(finished)} finished trials of recipe {recipe!r}, "
+              f"validation accuracy {best.value:.4%} (trial {best.number})\n"
+              f"# train with it: digitrec train --config {config_path}\n")
+    atomic_write_text(config_path, header + to_toml({"recipe": recipe, **best.params}))
+    atomic_write_text(out_dir / "trials.csv", trials_csv(study))
+    return TuneResult(study, dict(best.params), float(best.value), config_path, summary_table(study),
+                      plot(study, out_dir / "tuning.png"))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _rows(study: Any) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.trials:
+        rows.append({"trial": t.number, "state": t.state.name.lower(), "val_accuracy": t.value,
+                     "epochs_run": len(t.intermediate_values), **t.params})
+    return rows
+
+
+def trials_csv(study: Any) -> str:
+    rows = _rows(study)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def summary_table(study: Any, top: int = 10) -> str:
+    """The best finished trials first, then a count of the pruned and failed ones."""
+    rows = _rows(study)
+    done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: -r["val_accuracy"])
+    names = list(study.best_trial.params)
+    lines = [f"{'trial':>5}  {'val acc':>8}  " + "  ".join(f"{n:>15}" for n in names)]
+    for r in done[:top]:
+        lines.append(f"{r['trial']:>5}  {r['val_accuracy']:>8.2%}  " + "  ".join(f"{_fmt(r.get(n)):>15}" for n in names))
+    others = len(rows) - len(done)
+    if others:
+        lines.append(f"({others} trials pruned or failed)")
+    return "\n".join(lines)
+
+
+def plot(study: Any, path: Path) -> Path:
+    """Validation accuracy per trial with the best so far, and against the learning rate."""
+    from .plots import _save, plt
+
+    rows = _rows(study)
+    fig, (ax_trials, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for state, style in (("complete", dict(marker="o", color="tab:blue")), ("pruned", dict(marker="x", color="gray"))):
+        # a pruned trial is drawn at its last reported validation accuracy
+        points = [(r["trial"], t.intermediate_values[max(t.intermediate_values)] if state == "pruned" else r["val_accuracy"], r.get("lr"))
+                  for r, t in zip(rows, study.trials, strict=True) if r["state"] == state and (state == "complete" or t.intermediate_values)]
+        if points:
+            ax_trials.scatter([p[0] for p in points], [100 * p[1] for p in points], label=state, **style)
+            ax_lr.scatter([p[2] for p in points], [100 * p[1] for p in points], label=state, **style)
+    best, best_so_far = -1.0, []
+    for r in rows:
+        if r["state"] == "complete":
+            best = max(best, r["val_accuracy"])
+        best_so_far.append(100 * best if best >= 0 else None)
+    ax_trials.step([r["trial"] for r in rows], best_so_far, where="post", color="tab:green", label="best so far")
+    ax_trials.set(title="Trials", xlabel="trial", ylabel="validation accuracy (%)")
+    ax_lr.set(title="Learning rate", xlabel="lr", ylabel="validation accuracy (%)", xscale="log")
+    for ax in (ax_trials, ax_lr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,85 @@
+"""bench train and bench infer on a tiny model and the synthetic data set: what they report, not how fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from digitrec.bench import bench_infer, bench_train, infer_table, train_table
+from digitrec.cli import main
+from digitrec.config import get_recipe
+from digitrec.errors import DigitrecError
+from digitrec.train import train
+
+TINY = {
+    "fast": get_recipe("fast").override(epochs=2),
+    "slow": get_recipe("fast").override(epochs=3, lr=1e-4, amp=False, channels_last=False),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_mnist) -> Path:
+    out = tmp_path_factory.mktemp("tiny-run")
+    train(get_recipe("fast").override(epochs=3), out, recipe="fast", data=tiny_mnist, progress=False, report=False,
+          log=lambda msg: None)
+    return out / "model.safetensors"
+
+
+def test_bench_train_reports_every_recipe_and_seed(tiny_mnist) -> None:
+    results = bench_train(TINY, tiny_mnist, target=0.5, seeds=2, log=lambda msg: None)
+    assert [r.recipe for r in results] == ["fast", "slow"]
+    for result in results:
+        assert len(result.runs) == 2 and result.params > 0
+        assert [run.seed for run in result.runs] == [0, 1]
+        expected_epochs = 2 if result.recipe == "fast" else 3
+        assert all(len(run.checks) == expected_epochs for run in result.runs)  # one test check per epoch
+        low, median, high = result.accuracy()
+        assert 0 <= low <= median <= high <= 1
+    fast = results[0]
+    assert fast.seconds_to_target is not None and fast.seconds_to_target <= max(r.train_seconds for r in fast.runs)
+    table = train_table(results, 0.5)
+    assert "| fast |" in table and "| slow |" in table and "seconds to 50.00%" in table
+    assert "| fast | " in table and " 1.0 |" in table  # fast's ratio to itself
+
+
+def test_bench_train_marks_a_missed_target_and_can_stop_early(tiny_mnist) -> None:
+    missed = bench_train({"fast": TINY["fast"]}, tiny_mnist, target=1.01, seeds=1, log=lambda msg: None)[0]
+    assert missed.seconds_to_target is None and "missed (0/1 reached)" in train_table([missed], 1.01)
+    stopped = bench_train({"fast": TINY["slow"]}, tiny_mnist, target=0.0, stop_at_target=True, log=lambda msg: None)[0]
+    assert len(stopped.runs[0].checks) == 1  # reached at the first check, so training ended there
+
+
+def test_bench_infer_times_each_backend_at_each_batch_size(tiny_checkpoint: Path, tiny_mnist) -> None:
+    pytest.importorskip("onnxruntime")
+    backends = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
+    results = bench_infer(tiny_checkpoint, tiny_mnist.test_images, backends=backends, batch_sizes=(1, 64), rounds=2,
+                          seconds=0.01, calibration=tiny_mnist.train_images, test_labels=tiny_mnist.test_labels,
+                          log=lambda msg: None)
+    assert [(r.backend, r.batch_size) for r in results] == [(b, s) for b in backends for s in (1, 64)]
+    for r in results:
+        assert r.images_per_s > 0 and 0 < r.p50_ms <= r.p99_ms
+    table = infer_table(results)
+    assert all(f"| {b} |" in table for b in backends)
+
+
+def test_bench_infer_rejects_an_unknown_backend(tiny_checkpoint: Path, tiny_mnist) -> None:
+    with pytest.raises(DigitrecError, match="unknown backend"):
+        bench_infer(tiny_checkpoint, tiny_mnist.test_images, backends=("tensorrt",))
+
+
+def test_bench_commands_print_json(tiny_checkpoint: Path, idx_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "infer", "--model", str(tiny_checkpoint), "--backends", "torch-fp32,onnx-fp32",
+                 "--batch-sizes", "1,16", "--rounds", "1", "--seconds", "0.01", "--json", "--data-dir", str(idx_folder)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {(r["backend"], r["batch_size"]) for r in report["results"]} == {
+        (b, s) for b in ("torch-fp32", "onnx-fp32") for s in (1, 16)}
+    assert all(r["images_per_s"] > 0 for r in report["results"])
+
+    assert main(["bench", "train", "--recipes", "fast", "--max-epochs", "0.5", "--target", "0.2", "--json",
+                 "--data-dir", str(idx_folder)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (fast,) = report["recipes"]
+    assert fast["recipe"] == "fast" and fast["seeds"] == 1 and report["target"] == 0.2
+    assert set(fast["test_accuracy"]) == {"min", "median", "max"}

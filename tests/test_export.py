@@ -1,0 +1,150 @@
+"""ONNX export: BatchNorm folding, float parity, int8 accuracy check, metadata, and the ONNX Predictor backend."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from digitrec import export as export_module
+from digitrec.checkpoint import load_model
+from digitrec.cli import main
+from digitrec.config import get_recipe
+from digitrec.errors import DigitrecError
+from digitrec.export import export_onnx, inference_model, onnx_metadata, onnx_session, run_session, softmax
+from digitrec.models import create_model
+from digitrec.predict import Predictor
+from digitrec.train import as_input, train
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_mnist) -> Path:
+    """The fast recipe trained for a few epochs on the synthetic set: real BatchNorm statistics, high accuracy."""
+    out = tmp_path_factory.mktemp("tiny-run")
+    train(get_recipe("fast").override(epochs=4), out, recipe="fast", data=tiny_mnist, progress=False, report=False,
+          log=lambda msg: None)
+    return out / "model.safetensors"
+
+
+def _randomize_batchnorm(model: nn.Module, negative: bool = False) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=generator))
+            m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=generator))
+            m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            if negative:
+                m.weight.data[0] = -1.0
+
+
+@pytest.mark.parametrize("arch", ["fast_cnn", "bn_cnn", "mlp_bn_300_100"])
+def test_folding_batchnorm_removes_it_and_keeps_the_outputs(arch: str) -> None:
+    model = create_model(arch).eval()
+    _randomize_batchnorm(model)
+    folded = inference_model(model)
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in folded.modules())
+    assert any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())  # the original is untouched
+
+
+def test_batchnorm_with_a_negative_scale_after_max_pool_is_kept() -> None:
+    """max(a*x) = a*max(x) only for a > 0, so that BatchNorm must not move in front of the pool."""
+    model = create_model("fast_cnn").eval()
+    _randomize_batchnorm(model, negative=True)
+    folded = inference_model(model)
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 1
+
+
+def test_float_export_matches_pytorch_at_any_batch_size(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path) -> None:
+    out = tmp_path / "tiny.onnx"
+    result = export_onnx(tiny_checkpoint, out, test_images=tiny_mnist.test_images, test_labels=tiny_mnist.test_labels)
+    assert out.exists() and result.precision == "float32"
+    assert result.max_prob_diff <= 1e-4
+    assert result.onnx_accuracy == result.torch_accuracy > 0.9
+
+    session = onnx_session(out, threads=1)
+    model, _ = load_model(tiny_checkpoint)
+    for batch in (1, 7, 300):
+        pixels = as_input(tiny_mnist.test_images[:batch])
+        with torch.no_grad():
+            expected = softmax(model(pixels).numpy())
+        got = softmax(run_session(session, pixels.numpy()))
+        assert got.shape == (batch, 10)
+        assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_export_metadata_names_the_source_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiny.onnx"
+    export_onnx(tiny_checkpoint, out)  # no data: parity on random images
+    meta = onnx_metadata(out)
+    assert meta["export"]["source_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    assert meta["export"]["source_checkpoint"] == str(tiny_checkpoint)
+    assert meta["recipe"] == "fast" and meta["config"]["arch"] == "fast_cnn"
+    assert "float32 (N, 1, 28, 28)" in meta["export"]["input"]
+
+
+def test_int8_export_keeps_the_accuracy(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path) -> None:
+    out = tmp_path / "tiny.int8.onnx"
+    result = export_onnx(tiny_checkpoint, out, int8=True, test_images=tiny_mnist.test_images,
+                         test_labels=tiny_mnist.test_labels, calibration_images=tiny_mnist.train_images)
+    assert result.precision == "int8" and out.exists()
+    assert result.torch_accuracy - result.onnx_accuracy <= 0.001
+    assert onnx_metadata(out)["export"]["precision"] == "int8"
+
+
+def test_int8_export_that_loses_accuracy_fails_and_writes_nothing(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export_module, "INT8_MAX_DROP", -1.0)  # any result now counts as a loss
+    out = tmp_path / "bad.int8.onnx"
+    with pytest.raises(DigitrecError, match="nothing was written"):
+        export_onnx(tiny_checkpoint, out, int8=True, test_images=tiny_mnist.test_images,
+                    test_labels=tiny_mnist.test_labels, calibration_images=tiny_mnist.train_images)
+    assert not out.exists()
+
+
+def test_int8_export_without_data_is_a_user_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(DigitrecError, match="needs MNIST"):
+        export_onnx(tiny_checkpoint, tmp_path / "x.onnx", int8=True)
+
+
+def test_onnx_predictor_gives_the_same_answers(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    batch = as_input(tiny_mnist.test_images[:50])
+    torch_answers = Predictor.load(tiny_checkpoint).predict_tensor(batch)
+    exported = tmp_path / "tiny.onnx"
+    export_onnx(tiny_checkpoint, exported)
+    for predictor in (Predictor.load(exported), Predictor.load(tiny_checkpoint, backend="onnx")):
+        answers = predictor.predict_tensor(batch)
+        assert [a.digit for a in answers] == [t.digit for t in torch_answers]
+        assert np.abs(np.array([a.probabilities for a in answers]) - np.array([t.probabilities for t in torch_answers])).max() <= 1e-4
+    assert len(list((tmp_path / "cache" / "digitrec" / "onnx").glob("*.onnx"))) == 1  # exported once, cached
+
+
+def test_export_command_prints_parity_and_accuracy(tiny_checkpoint: Path, idx_folder: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cli.onnx"
+    assert main(["export", str(tiny_checkpoint.parent), "--out", str(out), "--data-dir", str(idx_folder)]) == 0
+    printed = capsys.readouterr().out
+    assert out.exists()
+    assert "max |Δprob|" in printed and "ONNX Runtime" in printed
+
+
+def test_loading_a_file_that_is_not_onnx_is_a_user_error(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.onnx"
+    bogus.write_bytes(b"not a model")
+    with pytest.raises(DigitrecError):
+        Predictor.load(bogus)

@@ -1,0 +1,141 @@
+"""Predictor and the predict / read commands: right answers from the bundled model, rejection, bad files in a batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from digitrec.checkpoint import save_model
+from digitrec.cli import main
+from digitrec.models import create_model
+from digitrec.predict import Predictor, pretrained_path
+from digitrec.realworld import generate
+from test_segment import line_image
+
+
+@pytest.fixture(scope="module")
+def pretrained() -> Predictor:
+    return Predictor.pretrained()
+
+
+@pytest.fixture
+def untrained_path(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "model.safetensors"
+    save_model(path, create_model("fast_cnn"), {"recipe": "test", "config": {"arch": "fast_cnn"},
+                                                "temperature": 2.0, "reject_below": 0.3})
+    return path
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+def pen_photos(count: int, seed: int = 11):
+    return list(generate("pen-photo", count, seed))
+
+
+def test_bundled_model_is_small_calibrated_and_accurate_on_mnist(pretrained):
+    assert pretrained_path().stat().st_size < 2 * 1024 * 1024
+    assert pretrained.temperature != 1.0 and 0 < pretrained.reject_below < 1
+    assert pretrained.meta["metrics"]["test_accuracy"] >= 0.994
+
+
+def test_bundled_model_reads_photographed_digits(pretrained):
+    samples = pen_photos(40)
+    predictions = pretrained.predict([s.data for s in samples])
+    right = sum(p.digit == int(s.label) for p, s in zip(predictions, samples))
+    assert right >= 37
+
+
+def test_predictions_are_well_formed(pretrained):
+    (p,) = pretrained.predict(pen_photos(1)[0].data, top_k=4)
+    assert len(p.top) == 4 and [d for d, _ in p.top] == sorted(range(10), key=lambda d: -p.probabilities[d])[:4]
+    assert sum(p.probabilities) == pytest.approx(1.0, abs=1e-5) and p.confidence == pytest.approx(p.top[0][1])
+
+
+def test_blank_pages_and_non_digits_are_rejected(pretrained):
+    blank = np.full((120, 120), 215, np.uint8)
+    noise = (np.random.default_rng(0).random((120, 120)) * 255).astype(np.uint8)
+    for p in pretrained.predict([blank, noise]):
+        assert p.rejected and p.digit is None
+
+
+def test_reject_below_is_configurable(untrained_path):
+    predictor = Predictor.load(untrained_path)
+    assert predictor.temperature == 2.0 and predictor.reject_below == 0.3
+    x = torch.zeros(3, 1, 28, 28)
+    x[:, :, 5:23, 12:16] = 1
+    assert all(not p.rejected for p in Predictor.load(untrained_path, reject_below=0.0).predict_tensor(x))
+    assert all(p.rejected and p.digit is None for p in Predictor.load(untrained_path, reject_below=1.0).predict_tensor(x))
+
+
+def test_temperature_softens_probabilities(untrained_path):
+    predictor = Predictor.load(untrained_path)
+    x = torch.rand(4, 1, 28, 28)
+    soft = predictor.probabilities(x.numpy())
+    predictor.temperature = 1.0
+    sharp = predictor.probabilities(x.numpy())
+    assert (soft.max(1) < sharp.max(1)).all() and (soft.argmax(1) == sharp.argmax(1)).all()
+
+
+def test_read_returns_the_number_and_boxes(pretrained):
+    image, boxes = line_image([4, 0, 7, 3], gap=0.3, seed=2)
+    result = pretrained.read(image)
+    assert result.number == "4073"
+    assert len(result.digits) == 4 and all(abs(d.box[0] - b[0]) < 10 for d, b in zip(result.digits, boxes))
+
+
+def test_read_generated_numbers(pretrained):
+    samples = list(generate("numbers", 12, seed=5))
+    right = sum(pretrained.read(s.data).number == s.label for s in samples)
+    assert right >= 10
+
+
+def test_cli_predict_keeps_going_past_bad_files(tmp_path, capsys, untrained_path):
+    good = write_png(tmp_path / "good.png", line_image([5], gap=0.3)[0])
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    code = main(["predict", str(good), str(tmp_path / "missing.png"), str(tmp_path / "broken.jpg"),
+                 "--model", str(untrained_path), "--json", "--top-k", "2", "--show-steps", str(tmp_path / "steps")])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and [r["path"] for r in rows] == [str(good), str(tmp_path / "missing.png"), str(tmp_path / "broken.jpg")]
+    assert set(rows[0]) == {"path", "digit", "confidence", "top"} and len(rows[0]["top"]) == 2
+    assert "does not exist" in rows[1]["error"] and "error" in rows[2]
+    assert (tmp_path / "steps" / "good.steps.png").exists()
+
+
+def test_cli_fails_only_when_every_file_failed(tmp_path, capsys, untrained_path):
+    assert main(["predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", str(untrained_path)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("does not exist") == 2 and "Traceback" not in out
+
+
+def test_cli_read_json(tmp_path, capsys, untrained_path):
+    image = write_png(tmp_path / "n.png", line_image([1, 2, 3], gap=0.3)[0])
+    assert main(["read", str(image), "--model", str(untrained_path), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert len(row["number"]) == 3 and [set(d) for d in row["digits"]] == [{"digit", "confidence", "box"}] * 3
+
+
+def test_cli_predict_with_the_bundled_model(tmp_path, capsys, pretrained):
+    sample = pen_photos(1, seed=3)[0]
+    path = tmp_path / ("digit.jpg" if sample.data.startswith(b"\xff\xd8") else "digit.png")
+    path.write_bytes(sample.data)
+    assert main(["predict", str(path)]) == 0
+    assert f"digit {sample.label}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_real_world_targets(pretrained):
+    from digitrec.realworld import eval_real
+
+    r = eval_real(pretrained, count=500)
+    for name in ("mnist-photo", "pen-photo", "font-photo"):
+        assert r[name]["accuracy"] >= 0.98 and r[name]["rejected"] < 0.01
+    assert r["numbers"]["exact"] >= 0.95 and r["negatives"]["rejected"] >= 0.95

@@ -1,0 +1,207 @@
+"""preprocess(): every stage does what a user would see, for every kind of input, and bad files fail in one sentence."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw
+
+from digitrec.errors import ImageError
+from digitrec.preprocess import FRAME, expand_paths, open_image, preprocess, stroke_width
+from digitrec.realworld import draw_digit
+
+
+def page(digit: int = 3, seed: int = 0, size: int = 200) -> np.ndarray:
+    """A dark digit on light paper as uint8 gray, the digit about half the page high."""
+    rng = np.random.default_rng(seed)
+    ink = draw_digit(digit, rng, height=size // 2)
+    canvas = np.zeros((size, size), dtype=np.float32)
+    h, w = ink.shape
+    top, left = (size - h) // 2, (size - w) // 2
+    canvas[top : top + h, left : left + w] = ink[: size - top, : size - left]
+    return (255 * (0.92 - 0.82 * canvas)).astype(np.uint8)
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def ink_box(x: np.ndarray, level: float = 0.1) -> tuple[int, int]:
+    rows, cols = np.flatnonzero((x > level).any(1)), np.flatnonzero((x > level).any(0))
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+def test_output_looks_like_mnist():
+    x = preprocess(page(3))
+    assert x.shape == (FRAME, FRAME) and x.dtype == np.float32
+    assert x.min() >= 0 and x.max() == pytest.approx(1.0)
+    height, width = ink_box(x)
+    assert max(height, width) in (19, 20, 21)  # the longer side fills MNIST's 20 px box
+    rows, cols = np.indices(x.shape)
+    center = ((x * rows).sum() / x.sum(), (x * cols).sum() / x.sum())
+    assert abs(center[0] - 13.5) < 1 and abs(center[1] - 13.5) < 1  # centered by mass
+    assert 0.08 < (x > 0.5).mean() < 0.3  # white strokes on a black frame, not the other way round
+
+
+def test_a_one_keeps_its_aspect_ratio():
+    height, width = ink_box(preprocess(page(1, seed=3)))
+    assert height >= 19 and width < 14
+
+
+def test_light_ink_on_dark_paper_gives_the_same_digit():
+    dark_on_light = page(5)
+    x1, x2 = preprocess(dark_on_light), preprocess(255 - dark_on_light)
+    assert np.abs(x1 - x2).mean() < 0.02
+
+
+def test_shadow_and_gradient_are_removed():
+    gray = page(8).astype(np.float32) / 255
+    ramp = np.linspace(1.0, 0.35, gray.shape[1])[None, :]  # strong light falloff left to right
+    shadow = np.where(np.arange(gray.shape[0])[:, None] > 120, 0.55, 1.0)
+    x_clean, x_shaded = preprocess(gray), preprocess(gray * ramp * shadow)
+    assert np.abs(x_clean - x_shaded).mean() < 0.03
+
+
+def test_stroke_width_is_normalized():
+    def seven(pen_px: int) -> np.ndarray:
+        image = Image.new("L", (200, 200), 230)
+        ImageDraw.Draw(image).line([(50, 30), (150, 30), (90, 170)], fill=20, width=pen_px)
+        return np.asarray(image)
+
+    widths = [stroke_width(preprocess(seven(pen)) > 0.5) for pen in (2, 6, 24)]
+    assert max(widths) - min(widths) < 0.8  # a fine liner and a marker end up MNIST-wide
+
+
+def test_blank_and_speckled_pages_have_no_ink():
+    rng = np.random.default_rng(0)
+    paper = (rng.normal(0.85, 0.01, (300, 300)) * np.linspace(1, 0.7, 300)[None, :]).clip(0, 1)
+    paper[rng.integers(0, 300, 5), rng.integers(0, 300, 5)] = 0.2  # a few specks of dust
+    assert preprocess(paper).max() == 0
+
+
+def test_exif_orientation_is_applied():
+    upright = Image.fromarray(page(7))
+    stored = upright.rotate(90, expand=True)  # the camera stored it sideways...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ...and says "rotate 90 degrees clockwise to display"
+    rotated_file = png_bytes(stored, "JPEG", exif=exif.tobytes(), quality=95)
+    assert np.abs(preprocess(rotated_file) - preprocess(png_bytes(upright, "JPEG", quality=95))).mean() < 0.03
+
+
+@pytest.mark.parametrize("kind", ["path", "bytes", "pil", "rgb", "rgba", "palette", "cmyk", "uint16", "float", "gray16png", "bmp", "webp", "gif", "tiff"])
+def test_every_input_kind_reads_the_same(kind, tmp_path):
+    gray = page(2)
+    reference = preprocess(gray)
+    image = Image.fromarray(gray)
+    if kind == "path":
+        path = tmp_path / "digit.png"
+        image.save(path)
+        source = path
+    elif kind == "bytes":
+        source = png_bytes(image)
+    elif kind == "pil":
+        source = image
+    elif kind == "rgb":
+        source = np.repeat(gray[..., None], 3, axis=2)
+    elif kind == "rgba":  # ink on a transparent canvas, as a web drawing app exports it
+        rgba = np.zeros(gray.shape + (4,), np.uint8)
+        rgba[..., 3] = 255 - gray
+        source = png_bytes(Image.fromarray(rgba, "RGBA"))
+    elif kind == "palette":
+        source = png_bytes(image.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE), transparency=0)
+    elif kind == "cmyk":
+        source = png_bytes(image.convert("CMYK"), "JPEG", quality=95)
+    elif kind == "uint16":
+        source = gray.astype(np.uint16) * 257
+    elif kind == "float":
+        source = gray.astype(np.float64) / 255
+    elif kind == "gray16png":
+        source = png_bytes(Image.fromarray(gray.astype(np.uint16) * 257))
+    else:
+        source = png_bytes(image.convert("RGB"), kind.upper())
+    assert np.abs(preprocess(source) - reference).mean() < 0.03
+
+
+def test_steps_show_every_stage_in_order():
+    x, steps = preprocess(page(6), return_steps=True)
+    assert list(steps) == ["gray", "polarity", "flatten", "threshold", "select", "crop", "stroke", "scale20", "center28", "mnist"]
+    assert all(np.asarray(s).ndim == 2 for s in steps.values())
+    assert np.array_equal(steps["mnist"], x)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims width x height pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def bad_input(kind: str, tmp_path: Path):
+    if kind == "missing":
+        return tmp_path / "nope.png"
+    if kind == "folder":
+        return tmp_path
+    if kind == "text":
+        (tmp_path / "notes.png").write_text("this is not an image")
+        return tmp_path / "notes.png"
+    if kind == "truncated":
+        return png_bytes(Image.fromarray(page(3)), "JPEG")[:600]
+    if kind == "empty-bytes":
+        return b""
+    if kind == "zero":
+        return np.zeros((0, 0), np.uint8)
+    if kind == "one-pixel":
+        return png_bytes(Image.new("L", (1, 1)))
+    if kind == "bomb":
+        return png_claiming(20_000, 20_000)
+    if kind == "nan":
+        return np.full((30, 30), np.nan)
+    if kind == "shape":
+        return np.zeros((30, 30, 7))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("missing", "does not exist"), ("folder", "is a folder"), ("text", "not an image"), ("truncated", "truncated"),
+    ("empty-bytes", "empty"), ("zero", "too small"), ("one-pixel", "1x1 pixels"), ("bomb", "decompression-bomb"),
+    ("nan", "NaN"), ("shape", "shape"),
+])
+def test_bad_input_fails_with_one_clear_sentence(kind, words, tmp_path):
+    with pytest.raises(ImageError) as info:
+        preprocess(bad_input(kind, tmp_path))
+    message = str(info.value)
+    assert words in message and message.endswith(".") and "\n" not in message
+
+
+def test_open_image_refuses_a_bomb_before_decoding_it():
+    with pytest.raises(ImageError, match="decompression-bomb"):
+        open_image(png_claiming(20_000, 20_000))
+
+
+def test_folders_expand_to_their_images_only(tmp_path):
+    for name in ["b.png", "a.JPG", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in expand_paths([tmp_path])] == ["a.JPG", "b.png"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(5, 80), st.integers(5, 80), st.sampled_from(["uint8", "uint16", "float32", "bool", "int64"]), st.integers(0, 2**31))
+def test_random_arrays_give_an_mnist_image_or_image_error(height, width, dtype, seed):
+    rng = np.random.default_rng(seed)
+    array = (rng.random((height, width)) * rng.choice([1, 255, 70000, -5])).astype(dtype)
+    try:
+        x = preprocess(array)
+    except ImageError:
+        return
+    assert x.shape == (28, 28) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1

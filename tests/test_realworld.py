@@ -1,0 +1,95 @@
+"""The real-world set generator, the robust augmentation and calibration: seeded, well-formed, and measuring right."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from digitrec.augment_real import negative_bank, robust_augment
+from digitrec.calibrate import choose_threshold, expected_calibration_error, fit_temperature
+from digitrec.realworld import SETS, generate, write_set
+
+FAKE_MNIST = (np.random.default_rng(0).integers(0, 255, (50, 28, 28)).astype(np.uint8), np.arange(50) % 10)
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_sets_are_deterministic_decodable_and_labelled(name):
+    first = list(generate(name, 4, seed=3, mnist=FAKE_MNIST))
+    again = list(generate(name, 4, seed=3, mnist=FAKE_MNIST))
+    other = list(generate(name, 4, seed=4, mnist=FAKE_MNIST))
+    assert [s.data for s in first] == [s.data for s in again]
+    assert [s.data for s in first] != [s.data for s in other]
+    for sample in first:
+        image = Image.open(io.BytesIO(sample.data))
+        image.load()
+        assert min(image.size) >= 8
+        if name == "negatives":
+            assert sample.label is None and sample.kind.startswith("negative-")
+        else:
+            assert sample.label.isdigit()
+        if name == "numbers":
+            assert len(sample.boxes) == len(sample.label) >= 2
+            assert all(0 <= x < image.width and 0 <= y < image.height for x, y, _, _ in sample.boxes)
+        elif name != "negatives":
+            assert len(sample.label) == 1
+
+
+def test_write_set_names_files_by_label(tmp_path):
+    paths = write_set("pen-photo", 3, tmp_path)
+    assert len(paths) == 3 and all(p.exists() and p.stem.split("_")[1].isdigit() for p in paths)
+
+
+def test_robust_augment_keeps_shape_range_and_is_seeded(monkeypatch):
+    import digitrec.augment_real as augment_real
+
+    # The real bank takes seconds to draw; a small stand-in of the same shape keeps this test fast.
+    small_bank = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(augment_real, "negative_bank", lambda: small_bank)
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 6:22, 12:16] = 1.0  # a batch of "1"s
+    out1 = robust_augment(x, torch.Generator().manual_seed(0))
+    out2 = robust_augment(x, torch.Generator().manual_seed(0))
+    out3 = robust_augment(x, torch.Generator().manual_seed(1))
+    assert out1.shape == x.shape and out1.min() >= 0 and out1.max() <= 1
+    assert torch.equal(out1, out2) and not torch.equal(out1, out3)
+    changed = (out1 - x).abs().flatten(1).mean(1)
+    assert (changed > 0.01).float().mean() > 0.9  # nearly every image is altered, each differently
+    assert len(torch.unique(changed)) > 60
+
+
+def test_negative_bank_holds_non_digits_shaped_like_preprocessed_input():
+    bank = negative_bank(size=300)
+    assert bank.shape == (300, 1, 28, 28)
+    assert torch.allclose(bank.flatten(1).amax(1)[bank.flatten(1).amax(1) > 0], torch.tensor(1.0))
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    rng = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 10, generator=rng) * 2
+    labels = torch.distributions.Categorical(logits=true_logits).sample()
+    assert fit_temperature(true_logits * 3, labels) == pytest.approx(3.0, rel=0.1)
+
+
+def test_ece_is_small_when_calibrated_and_large_when_overconfident():
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.5, 1.0, 20000)
+    correct = rng.random(20000) < confidence
+    probs = np.zeros((20000, 2))
+    predicted = np.where(correct, 0, 1)
+    probs[:, 0] = confidence
+    probs[:, 1] = 1 - confidence
+    labels = predicted
+    assert expected_calibration_error(probs, labels) < 0.02
+    overconfident = np.stack([np.full(20000, 0.99), np.full(20000, 0.01)], 1)
+    assert expected_calibration_error(overconfident, labels) > 0.15
+
+
+def test_threshold_rejects_at_most_the_allowed_share_of_digits():
+    rng = np.random.default_rng(0)
+    digits, negatives = rng.beta(20, 1, 10000), rng.beta(2, 5, 1000)
+    cut = choose_threshold(digits, negatives, max_digit_rejection=0.01)
+    assert (digits < cut).mean() <= 0.0101 and (negatives < cut).mean() > 0.95

@@ -1,0 +1,79 @@
+"""Robustness: perturbations do what their names say, models are scored on identical images, the CLI reports and plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from digitrec import robustness
+from digitrec.cli import main
+from digitrec.train import train
+
+BY_NAME = {p.name: p for p in robustness.PERTURBATIONS}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_mnist):
+    from digitrec.config import get_recipe
+
+    out = tmp_path_factory.mktemp("robust-run")
+    train(get_recipe("fast").override(epochs=2), out, recipe="fast", data=tiny_mnist, progress=False, report=False,
+          log=lambda msg: None)
+    return out
+
+
+def test_clean_strength_leaves_images_alone(tiny_mnist):
+    images = tiny_mnist.test_images[:20]
+    for p in robustness.PERTURBATIONS:
+        assert torch.equal(robustness.perturb(images, p, p.clean), images), p.name
+
+
+def test_perturbations_change_ink_the_way_they_say(tiny_mnist):
+    images = tiny_mnist.test_images[:20]
+    ink = images.float().sum()
+    assert robustness.perturb(images, BY_NAME["stroke"], 1).float().sum() > ink  # dilate: thicker
+    assert robustness.perturb(images, BY_NAME["stroke"], -1).float().sum() < ink  # erode: thinner
+    assert robustness.perturb(images, BY_NAME["contrast"], 0.5).float().sum() == pytest.approx(ink.item() / 2, rel=0.01)
+    assert torch.equal(robustness.perturb(images, BY_NAME["inversion"], 1.0), 255 - images)
+    # seeded: the same call twice gives the same images, so several models see identical inputs
+    assert torch.equal(robustness.perturb(images, BY_NAME["rotation"], 30), robustness.perturb(images, BY_NAME["rotation"], 30))
+
+
+def test_coverage_curve_trades_answers_for_accuracy():
+    # 10 confident right answers, 10 unsure wrong ones: keeping the top half is 100% right
+    logits = torch.cat([torch.eye(10) * 10, torch.eye(10).roll(1, 1) * 0.5])
+    labels = torch.cat([torch.arange(10), torch.arange(10)])
+    rows = {round(r["coverage"], 2): r["accuracy"] for r in robustness.coverage_curve(logits, labels)}
+    assert rows[1.0] == pytest.approx(0.5) and rows[0.5] == pytest.approx(1.0)
+
+
+def test_strong_perturbations_hurt_a_trained_model(run_dir, tiny_mnist):
+    model = robustness.load_scored(run_dir)
+    chosen = [BY_NAME["inversion"], BY_NAME["noise"]]
+    report = robustness.evaluate_robustness([model], tiny_mnist.test_images[:150], tiny_mnist.test_labels[:150], chosen)
+    result = report["models"][0]
+    assert result["clean_accuracy"] > 0.8
+    assert result["perturbations"]["inversion"][-1]["accuracy"] < result["clean_accuracy"] - 0.3
+    assert [row["strength"] for row in result["perturbations"]["noise"]] == list(BY_NAME["noise"].strengths)
+
+
+def test_cli_compares_several_models_on_one_plot(run_dir, idx_folder, tmp_path, capsys):
+    out = tmp_path / "robustness"
+    code = main(["robustness", str(run_dir), str(run_dir / "model.safetensors"), "--limit", "40", "--json",
+                 "--out", str(out), "--data-dir", str(idx_folder)])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 40 and len(report["models"]) == 2
+    first, second = report["models"]
+    assert first["perturbations"] == second["perturbations"]  # same weights, same perturbed images
+    assert (out / "robustness.png").stat().st_size > 10_000 and (out / "robustness.json").exists()
+
+
+def test_cli_table_and_missing_model(run_dir, idx_folder, tmp_path, capsys):
+    assert main(["robustness", str(run_dir), "--limit", "20", "--out", str(tmp_path), "--data-dir", str(idx_folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "rotation" in printed and "coverage" in printed and "plot:" in printed
+    assert main(["robustness", str(tmp_path / "nope"), "--data-dir", str(idx_folder), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,53 @@
+"""Hyperparameter search: Optuna trials, pruning on validation accuracy, a best.toml that `digitrec train` accepts, shared studies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from digitrec import tune as tune_module
+from digitrec.cli import main
+
+pytest.importorskip("optuna")
+
+
+def test_tune_prunes_bad_trials_and_writes_a_config_train_accepts(tiny_mnist, idx_folder, tmp_path, monkeypatch, capsys):
+    # Two sound trials, then one whose learning rate cannot learn anything: the median pruner stops it after epoch 1.
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}, {"lr": 3e-3}, {"lr": 1e-9}]))
+    out = tmp_path / "tune"
+    result = tune_module.tune("fast", 3, out, data=tiny_mnist, epochs=2, val_size=200, log=lambda msg: None)
+    states = [t.state.name for t in result.study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert result.best_params["lr"] in (4e-3, 3e-3) and 0.5 < result.best_value <= 1
+    assert "pruned" in (out / "trials.csv").read_text() and (out / "tuning.png").exists()
+    assert main(["train", "--config", str(result.config_path), "--epochs", "1", "--data-dir", str(idx_folder),
+                 "--out", str(tmp_path / "run"), "--no-progress", "--val-size", "100"]) == 0
+    saved = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert saved["recipe"] == "fast" and saved["config"]["lr"] == result.best_params["lr"]
+
+
+def fixed_suggest(plan):
+    """A search space that proposes the planned parameters, one dict per trial."""
+    planned = iter(plan)
+
+    def suggest(trial, base_lr):
+        return {name: trial.suggest_float(name, value, value) for name, value in next(planned).items()}
+
+    return suggest
+
+
+def test_processes_share_one_study_through_storage(idx_folder, tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 'tune.db'}"
+    args = ["tune", "--recipe", "fast", "--trials", "1", "--epochs", "1", "--val-size", "200", "--storage", storage,
+            "--study", "shared", "--data-dir", str(idx_folder)]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--seed", "1"]) == 0  # a second process joins the same study
+    printed = capsys.readouterr().out
+    assert "best validation accuracy" in printed and "digitrec train --config" in printed
+    assert (tmp_path / "b" / "trials.csv").read_text().count("\n") == 3  # header + both processes' trials
+
+
+def test_zero_trials_is_a_user_error(idx_folder, capsys):
+    assert main(["tune", "--trials", "0", "--data-dir", str(idx_folder)]) == 2
+    assert "--trials must be at least 1" in capsys.readouterr().err
