@@ -9,10 +9,18 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import digitrec
 import digitrec.api
+
+
+@pytest.fixture(autouse=True)
+def restore_autograd():
+    """Predictor.load() switches autograd off for the whole process (reported to its owner); later tests train."""
+    yield
+    torch.set_grad_enabled(True)
 
 
 @pytest.fixture
@@ -49,7 +57,7 @@ def test_train_is_both_the_function_and_the_module(tiny_mnist, tmp_path):
     import digitrec.train as loop
 
     assert callable(digitrec.train) and digitrec.train is loop and hasattr(loop, "train_steps")
-    run = digitrec.train(digitrec.TrainConfig(arch="fast_cnn", epochs=1, val_size=100), tmp_path, data=tiny_mnist, report=False)
+    run = digitrec.train(digitrec.TrainConfig(arch="lenet", epochs=1, val_size=100), tmp_path, data=tiny_mnist, report=False)
     assert isinstance(run, digitrec.Run) and run.model_path.exists() and run.metrics["val_accuracy"] is not None
 
 
@@ -57,7 +65,7 @@ def test_train_reads_a_toml_config(tiny_mnist, tmp_path):
     config = tmp_path / "best.toml"
     config.write_text('recipe = "fast"\nlr = 0.002\nbatch_size = 64\n')
     run = digitrec.train(config, tmp_path / "run", data=tiny_mnist, epochs=1, report=False)
-    assert (run.config.lr, run.config.batch_size, run.config.arch) == (0.002, 64, "fast_cnn")
+    assert (run.config.lr, run.config.batch_size, run.config.arch) == (0.002, 64, digitrec.RECIPES["fast"].arch)
 
 
 def test_unknown_recipe_is_a_user_error():

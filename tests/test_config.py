@@ -52,6 +52,7 @@ def test_overrides_apply_and_validate():
     config = get_recipe("seed-lenet").override(epochs=3, lr=0.1, betas=[0.8, 0.9])
     assert (config.epochs, config.lr, config.betas) == (3.0, 0.1, (0.8, 0.9))
     assert get_recipe("seed-lenet").epochs == 20  # recipes are frozen, overrides copy
+    assert get_recipe("seed-lenet").override(epochs=0.5).epochs == 0.5  # a whole-number recipe takes a fraction
     for bad in ({"epochs": -1}, {"optimizer": "rmsprop"}, {"colour": "red"}, {"batch_size": 1.5}, {"amp": "yes"}):
         with pytest.raises(DigitrecError):
             TrainConfig().override(**bad)

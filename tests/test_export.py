@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from digitrec import export as export_module
+from digitrec.backends import onnx_metadata, onnx_session
 from digitrec.checkpoint import load_model
 from digitrec.cli import main
 from digitrec.config import get_recipe
 from digitrec.errors import DigitrecError
-from digitrec.export import export_onnx, inference_model, onnx_metadata, onnx_session, run_session, softmax
-from digitrec.models import create_model
+from digitrec.export import export_onnx, inference_model, run_session, softmax
+from digitrec.models import Normalize, create_model
 from digitrec.predict import Predictor
 from digitrec.train import as_input, train
 
@@ -45,7 +46,7 @@ def _randomize_batchnorm(model: nn.Module, negative: bool = False) -> None:
                 m.weight.data[0] = -1.0
 
 
-@pytest.mark.parametrize("arch", ["fast_cnn", "bn_cnn", "mlp_bn_300_100"])
+@pytest.mark.parametrize("arch", ["fast_cnn", "fast_cnn_lite", "deep_cnn", "bn_cnn", "mlp_bn_300_100"])
 def test_folding_batchnorm_removes_it_and_keeps_the_outputs(arch: str) -> None:
     model = create_model(arch).eval()
     _randomize_batchnorm(model)
@@ -55,6 +56,12 @@ def test_folding_batchnorm_removes_it_and_keeps_the_outputs(arch: str) -> None:
         torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
     assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in folded.modules())
     assert any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())  # the original is untouched
+
+
+def test_normalization_folds_into_an_unpadded_first_conv_only() -> None:
+    lite, padded = create_model("fast_cnn_lite").eval(), create_model("fast_cnn").eval()
+    assert not any(isinstance(m, Normalize) for m in inference_model(lite).modules())
+    assert any(isinstance(m, Normalize) for m in inference_model(padded).modules())  # padding: not foldable
 
 
 def test_batchnorm_with_a_negative_scale_after_max_pool_is_kept() -> None:
@@ -92,7 +99,7 @@ def test_export_metadata_names_the_source_checkpoint(tiny_checkpoint: Path, tmp_
     meta = onnx_metadata(out)
     assert meta["export"]["source_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
     assert meta["export"]["source_checkpoint"] == str(tiny_checkpoint)
-    assert meta["recipe"] == "fast" and meta["config"]["arch"] == "fast_cnn"
+    assert meta["recipe"] == "fast" and meta["config"]["arch"] == get_recipe("fast").arch
     assert "float32 (N, 1, 28, 28)" in meta["export"]["input"]
 
 
@@ -120,8 +127,16 @@ def test_int8_export_without_data_is_a_user_error(tiny_checkpoint: Path, tmp_pat
         export_onnx(tiny_checkpoint, tmp_path / "x.onnx", int8=True)
 
 
+@pytest.fixture
+def keep_grad_mode():
+    """Predictor.load turns autograd off for the whole process; later tests in this process train."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
+
+
 def test_onnx_predictor_gives_the_same_answers(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                               monkeypatch: pytest.MonkeyPatch, keep_grad_mode) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     batch = as_input(tiny_mnist.test_images[:50])
     torch_answers = Predictor.load(tiny_checkpoint).predict_tensor(batch)

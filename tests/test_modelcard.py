@@ -17,7 +17,7 @@ def run(tmp_path_factory, tiny_mnist):
 
 def test_every_run_writes_a_model_card_beside_the_checkpoint(run):
     card = (run.out_dir / "MODEL_CARD.md").read_text()
-    for heading in ("# Model card: fast (fast_cnn)", "## Recipe", "## Data", "## Metrics", "## Calibration", "## Robustness",
+    for heading in (f"# Model card: fast ({run.config.arch})", "## Recipe", "## Data", "## Metrics", "## Calibration", "## Robustness",
                     "## Latency and size", "## Intended use", "## Known limits"):
         assert heading in card
     assert "`synthetic`" in card  # the data checksum the model was trained on

@@ -47,8 +47,8 @@ def train(
     >>> run = digitrec.train("fast", "runs/quick", epochs=1)
     >>> sorted(path.name for path in run.out_dir.glob("*.md"))
     ['MODEL_CARD.md']
-    >>> run.model_path.name, run.config.arch
-    ('model.safetensors', 'fast_cnn')
+    >>> run.model_path.name, run.config == digitrec.RECIPES["fast"].override(epochs=1)
+    ('model.safetensors', True)
     >>> 0.0 <= run.metrics["test_accuracy"] <= 1.0
     True
     """

@@ -89,6 +89,33 @@ class RecipeResult:
         }
 
 
+def _train_seed(name: str, config: TrainConfig, data: MNIST, target: float, stop_at_target: bool) -> tuple[SeedRun, int]:
+    """One training run, with the test accuracy checked after each epoch; (the run, the model's parameters)."""
+    from .train import predict_logits, train
+
+    checks: list[tuple[float, float]] = []
+    test_labels = data.test_labels.long()
+
+    def on_epoch(model: nn.Module, row: dict[str, float]) -> bool:
+        # The clock is stopped here: this evaluation is the benchmark's, not the recipe's.
+        device = next(model.parameters()).device
+        logits = predict_logits(model, data.test_images.to(device), 1000, config.amp, config.channels_last)
+        accuracy = (logits.argmax(1).cpu() == test_labels).float().mean().item()
+        checks.append((row["seconds"], accuracy))
+        return stop_at_target and accuracy >= target
+
+    before = _rss_mb("VmRSS")
+    _reset_peak_rss()
+    with tempfile.TemporaryDirectory() as out:
+        run = train(config, out, recipe=name, data=data, progress=False, report=False, log=lambda msg: None,
+                    on_epoch=on_epoch)
+    peak = _rss_mb("VmHWM")
+    m = run.metrics
+    reached = next((seconds for seconds, accuracy in checks if accuracy >= target), None)
+    extra = None if peak is None or before is None else max(0.0, peak - before)
+    return SeedRun(config.seed, reached, m["test_accuracy"], m["train_seconds"], m["eval_seconds"], extra, checks), m["params"]
+
+
 def bench_train(
     recipes: dict[str, TrainConfig],
     data: MNIST,
@@ -97,39 +124,17 @@ def bench_train(
     stop_at_target: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[RecipeResult]:
-    """Train every recipe for `seeds` seeds; after each epoch, note the test accuracy (outside the clock)."""
-    from .train import predict_logits, train
-
-    test_images, test_labels = data.test_images, data.test_labels.long()
+    """Train every recipe for `seeds` seeds (its own seed, +1, +2, ...), noting the test accuracy after each epoch."""
     results = []
     for name, config in recipes.items():
         runs = []
         params = 0
-        for seed in range(seeds):
-            checks: list[tuple[float, float]] = []
-
-            def on_epoch(model: nn.Module, row: dict[str, float]) -> bool:
-                # The clock is stopped here; this evaluation is the benchmark's, not the recipe's.
-                logits = predict_logits(model, test_images.to(next(model.parameters()).device), 1000,
-                                        config.amp, config.channels_last)
-                accuracy = (logits.argmax(1).cpu() == test_labels).float().mean().item()
-                checks.append((row["seconds"], accuracy))
-                return stop_at_target and accuracy >= target
-
-            before = _rss_mb("VmRSS")
-            _reset_peak_rss()
-            with tempfile.TemporaryDirectory() as out:
-                run = train(config.override(seed=config.seed + seed), out, recipe=name, data=data, progress=False,
-                            report=False, log=lambda msg: None, on_epoch=on_epoch)
-            peak = _rss_mb("VmHWM")
-            m = run.metrics
-            params = m["params"]
-            reached = next((seconds for seconds, accuracy in checks if accuracy >= target), None)
-            runs.append(SeedRun(config.seed + seed, reached, m["test_accuracy"], m["train_seconds"], m["eval_seconds"],
-                                None if peak is None or before is None else max(0.0, peak - before), checks))
-            to_target = f"{reached:.2f} s" if reached is not None else "not reached"
-            log(f"{name} seed {config.seed + seed}: test accuracy {m['test_accuracy']:.2%}, "
-                f"to {target:.2%} {to_target}, train {m['train_seconds']:.2f} s + eval {m['eval_seconds']:.2f} s")
+        for offset in range(seeds):
+            run, params = _train_seed(name, config.override(seed=config.seed + offset), data, target, stop_at_target)
+            runs.append(run)
+            to_target = f"{run.seconds_to_target:.2f} s" if run.seconds_to_target is not None else "not reached"
+            log(f"{name} seed {run.seed}: test accuracy {run.test_accuracy:.2%}, to {target:.2%} {to_target}, "
+                f"train {run.train_seconds:.2f} s + eval {run.eval_seconds:.2f} s")
         results.append(RecipeResult(name, config.arch, params, runs))
     return results
 

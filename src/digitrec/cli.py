@@ -257,8 +257,7 @@ def cmd_read(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
-    calibrate(_model_path(args.model), count=args.count, out_path=args.out,
-              log=lambda msg: print(msg))
+    calibrate(_model_path(args.model), count=args.count, out_path=args.out, half=args.half, log=print)
     print(f"calibration written into {args.out or _model_path(args.model)}")
     return 0
 
@@ -276,8 +275,9 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
             print(f"{name}: {len(paths)} images in {Path(args.write) / name}")
         return 0
     predictor = _predictor(args)
-    print(f"model {predictor.name} (T={predictor.temperature:.3f}, reject below {predictor.reject_below:.3f}); "
-          f"{args.count} images per set, seed {args.seed}")
+    if not args.json:
+        print(f"model {predictor.name} (T={predictor.temperature:.3f}, reject below {predictor.reject_below:.3f}); "
+              f"{args.count} images per set, seed {args.seed}")
     results = eval_real(predictor, count=args.count, seed=args.seed, sets=sets,
                         log=(lambda msg: None) if args.json else print)
     if args.speed:
@@ -539,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run folder or model.safetensors")
     p.add_argument("--count", type=int, default=600, help="generated calibration photos per set (default 600)")
     p.add_argument("--out", help="write the calibrated model here instead of in place")
+    p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("eval-real", help="accuracy on generated real-world sets (photos, numbers, non-digits)")

@@ -14,23 +14,23 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, onnx_session
 from .checkpoint import atomic_write_bytes
 from .errors import DigitrecError
 
-INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 OPSET = 18
 FLOAT_TOLERANCE = 1e-4  # largest |probability difference| allowed between PyTorch and ONNX Runtime
 INT8_MAX_DROP = 0.001  # largest test-accuracy drop allowed for int8 (0.1 point)
 CALIBRATION_IMAGES = 2048  # training images that set the int8 activation ranges
-META_KEY = "digitrec"  # the ONNX metadata entry holding the checkpoint's metadata as JSON
 
 
 @dataclass
@@ -115,42 +115,6 @@ def _fold_sequentials(module: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- ONNX Runtime
-
-
-def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True):
-    """An ONNX Runtime CPU session with every graph optimization on; `threads` 0 = one per core."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise DigitrecError("ONNX Runtime is not installed; install it with `pip install digitrec[export]`.") from None
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    options.inter_op_num_threads = 1
-    # Spinning threads answer small batches sooner but burn a core while idle; a server may prefer it off.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    source = str(source) if isinstance(source, Path) else source
-    try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types for unreadable or invalid files
-        raise DigitrecError(f"ONNX Runtime cannot load {source if isinstance(source, str) else 'the model'} ({exc}).") from None
-
-
-def onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The digitrec metadata stored in an exported ONNX file (the source checkpoint's, plus the export's)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise DigitrecError(f"ONNX model {path} does not exist; export one with `digitrec export MODEL`.") from None
-    except Exception as exc:
-        raise DigitrecError(f"{path} is not a readable ONNX model ({exc}).") from None
-    props = {p.key: p.value for p in model.metadata_props}
-    try:
-        return json.loads(props.get(META_KEY, "{}"))
-    except json.JSONDecodeError:
-        raise DigitrecError(f"{path} has damaged digitrec metadata; export it again.") from None
 
 
 def run_session(session, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:

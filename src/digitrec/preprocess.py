@@ -5,7 +5,7 @@ them by center of mass in 28x28, white ink on black. `preprocess()` rebuilds exa
 
     load        EXIF orientation, alpha flattened, any mode/bit depth -> gray in [0, 1], working size
     polarity    find which of dark-on-light or light-on-dark the image is, so ink is always "dark"
-    flatten     divide by a morphological estimate of the paper, which removes shadows and uneven light
+    flatten     ink contrast relative to a morphological estimate of the paper: no shadows, no uneven light
     threshold   hysteresis on the flattened ink (Otsu, floored at a minimum contrast), specks dropped
     select      keep the digit's components, drop far-away small debris
     crop        to the ink's bounding box
@@ -39,8 +39,8 @@ WORK_SIDE = 256  # longer side of the working image for one digit: ~10x the fina
 MIN_WORK_SIDE = 112  # small inputs (e.g. 28x28) are upsampled so thresholding keeps their shape
 BACKGROUND_SIDE = 32  # the paper estimate is computed with the shorter side at this many pixels
 BACKGROUND_WINDOW = 11  # closing window there: wider than any stroke, narrower than lighting changes
-INK_CONTRAST = 0.15  # ink must be at least 15% darker than its local paper (blank pages stay blank)
-WEAK_FRACTION = 0.5  # hysteresis: pixels this share of the strong cut join the stroke they touch
+INK_CONTRAST = 0.3  # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
+WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
 SPECK_FRACTION = 0.0004  # components smaller than this share of the image are dust or noise
 KEEP_FRACTION = 0.08  # a single digit's parts are at least this share of its largest part
 BOX, FRAME = 20, 28  # MNIST: digit in a 20x20 box, centered by mass in 28x28
@@ -264,18 +264,29 @@ def ink_is_dark(gray: np.ndarray) -> bool:
     return bool(-low >= high)
 
 
-def flatten(gray: np.ndarray) -> np.ndarray:
-    """Dark-ink gray -> ink darkness in [0, 1] relative to the local paper: (paper - pixel) / paper.
+def flatten(gray: np.ndarray, dark_ink: bool = True) -> np.ndarray:
+    """Gray -> ink strength in [0, 1] relative to the local light, the same under any lighting.
 
-    The paper is a morphological closing (max then min filter) on a small copy, which erases strokes but
-    keeps lighting gradients and shadows; dividing by it makes a stroke in shadow as dark as one in light.
+    On a small copy, a morphological closing (max then min filter) erases dark strokes and an opening
+    erases light ones, leaving the paper with its gradients and shadows. Light falls on ink and paper
+    alike (pixel = light x reflectance), so dividing |pixel - paper| by the local lighter level (the
+    closing: paper under dark ink, chalk over a blackboard) makes a stroke in shadow as strong as one in
+    the sun, while staying linear in the pixel so anti-aliased edges keep their shape.
     """
     height, width = gray.shape
-    paper_small = ndimage.grey_closing(_shrink(gray), size=(BACKGROUND_WINDOW, BACKGROUND_WINDOW), mode="nearest")
-    paper = np.asarray(Image.fromarray(paper_small, "F").resize((width, height), Image.Resampling.BILINEAR))
+    small = _shrink(gray)
+    window = (BACKGROUND_WINDOW, BACKGROUND_WINDOW)
+    lighter_small = ndimage.grey_closing(small, size=window, mode="nearest")
+    paper_small = lighter_small if dark_ink else ndimage.grey_opening(small, size=window, mode="nearest")
+
+    def full(a: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(a, "F").resize((width, height), Image.Resampling.BILINEAR))
+
+    paper, lighter = full(paper_small), full(lighter_small)
     # A light blur first: sensor noise and JPEG ringing must not reach the threshold as specks.
     smooth = ndimage.gaussian_filter(gray, sigma=max(0.7, min(height, width) / 200), mode="nearest", truncate=2.5)
-    return np.clip((paper - smooth) / np.maximum(paper, 0.05), 0.0, 1.0).astype(np.float32)
+    contrast = (paper - smooth) if dark_ink else (smooth - paper)
+    return np.clip(contrast / np.maximum(lighter, 0.15), 0.0, 1.0).astype(np.float32)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
@@ -318,11 +329,10 @@ def remove_specks(mask: np.ndarray, fraction: float = SPECK_FRACTION) -> np.ndar
 
 def ink_mask(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
     """Gray image -> boolean ink mask (polarity, flatten, threshold). Records the stages in `steps` if given."""
-    if not ink_is_dark(gray):
-        gray = 1.0 - gray
+    dark_ink = ink_is_dark(gray)
     if steps is not None:
-        steps["polarity"] = gray
-    ink = flatten(gray)
+        steps["polarity"] = gray if dark_ink else 1.0 - gray  # shown as dark ink on light paper
+    ink = flatten(gray, dark_ink)
     if steps is not None:
         steps["flatten"] = 1.0 - ink
     mask = threshold(ink)
@@ -369,11 +379,11 @@ def normalize_stroke(mask: np.ndarray) -> np.ndarray:
     scale = BOX / max(mask.shape)
     width = stroke_width(mask)
     target = STROKE_WIDTH / scale  # MNIST's width expressed in this crop's pixels
-    if width < 0.85 * target:
+    if width < 0.9 * target:
         radius = (target - width) / 2
         distance = ndimage.distance_transform_edt(np.pad(~mask, int(radius) + 2, constant_values=True))
         return crop_to_ink(distance <= radius)
-    if width > 1.25 * target:
+    if width > 1.1 * target:
         radius = min((width - target) / 2, 0.35 * width)  # never erode a stroke away
         thinned = ndimage.distance_transform_edt(mask) > radius
         return crop_to_ink(thinned) if thinned.any() else mask

@@ -242,7 +242,7 @@ def photo(coverage: Array, rng: np.random.Generator, *, boxes: list | None = Non
         softness = rng.uniform(0.04, 0.15)
         light *= 1 - rng.uniform(0.25, 0.55) / (1 + np.exp(-distance / softness))
     image *= light[..., None]
-    blur = rng.uniform(0, 0.02) * max(h, w)
+    blur = rng.uniform(0, 0.02) * min(h, w)  # defocus scales with the writing, not the width of a long line
     if blur > 0.3:
         image = ndimage.gaussian_filter(image, (blur, blur, 0))
     image += rng.normal(0, rng.uniform(0, 0.035), image.shape).astype(np.float32)

@@ -21,6 +21,7 @@ READ_SIDE = 1024  # working size for a line: enough for 10+ digits of reasonable
 MERGE_OVERLAP = 0.5  # parts overlapping in x by half the narrower one's width belong to one digit
 DIGIT_ASPECT = 0.62  # a typical handwritten digit is this wide for its height (slant included)
 MAX_DIGITS_PER_BLOB = 8
+SMALL_PART = 0.55  # shorter than this share of the line height: a part of a digit (a bar, a flag) or dust
 
 Score = Callable[[np.ndarray], np.ndarray]  # (K, 28, 28) -> confidence of each, in (0, 1]
 
@@ -77,19 +78,39 @@ def clean(blobs: list[_Blob], areas: np.ndarray) -> tuple[list[_Blob], float]:
     return kept, line_height
 
 
-def merge_broken(blobs: list[_Blob]) -> list[_Blob]:
-    """Merge components that overlap in x (the detached bar of a 5, a 4 in two strokes, a pen that skipped)."""
+def _union(a: _Blob, b: _Blob) -> _Blob:
+    return _Blob(min(a.x0, b.x0), max(a.x1, b.x1), min(a.y0, b.y0), max(a.y1, b.y1), a.labels + b.labels)
+
+
+def merge_broken(blobs: list[_Blob], areas: np.ndarray, line_height: float) -> list[_Blob]:
+    """Put the parts of broken digits together: the detached bar of a 5, a 4 in two strokes, a skipping pen.
+
+    Parts stacked in x (overlapping by half the narrower one's width) are one digit. Then a short part
+    (under SMALL_PART of the line height) joins its nearest digit when it touches or nearly touches it
+    in x; a short part far from everything is kept only if it has a digit's ink, else it is dust.
+    """
     merged: list[_Blob] = []
     for b in sorted(blobs, key=lambda b: b.x0):
         if merged:
             last = merged[-1]
             overlap = min(last.x1, b.x1) - max(last.x0, b.x0)
             if overlap >= MERGE_OVERLAP * min(last.width, b.width):
-                merged[-1] = _Blob(min(last.x0, b.x0), max(last.x1, b.x1), min(last.y0, b.y0), max(last.y1, b.y1),
-                                   last.labels + b.labels)
+                merged[-1] = _union(last, b)
                 continue
         merged.append(b)
-    return merged
+    big = [b for b in merged if b.height >= SMALL_PART * line_height]
+    small = [b for b in merged if b.height < SMALL_PART * line_height]
+    if not big:
+        return merged
+    typical_area = float(np.median([areas[b.labels].sum() for b in big]))
+    for part in small:
+        gaps = [max(0, b.x0 - part.x1, part.x0 - b.x1) for b in big]
+        nearest = int(np.argmin(gaps))
+        if gaps[nearest] <= 0.25 * line_height:
+            big[nearest] = _union(big[nearest], part)
+        elif areas[part.labels].sum() >= 0.25 * typical_area:
+            big.append(part)
+    return sorted(big, key=lambda b: b.x0)
 
 
 def cut_columns(mask: np.ndarray, pieces: int) -> list[int]:
@@ -127,7 +148,7 @@ def segment(image: Any, score: Score | None = None) -> list[Piece]:
     labels, blobs, areas = components(mask)
     blobs, line_height = clean(blobs, areas)
     pieces: list[Piece] = []
-    for blob in merge_broken(blobs):
+    for blob in merge_broken(blobs, areas, line_height):
         region = np.isin(labels[blob.y0 : blob.y1, blob.x0 : blob.x1], blob.labels)
         for x_offset, piece in _best_split(region, blob, score):
             rows, cols = np.flatnonzero(piece.any(1)), np.flatnonzero(piece.any(0))
@@ -141,13 +162,13 @@ def segment(image: Any, score: Score | None = None) -> list[Piece]:
 def _best_split(region: np.ndarray, blob: _Blob, score: Score | None) -> list[tuple[int, np.ndarray]]:
     """One digit unless the blob is wide for its height; then try a few counts and keep the best-reading one."""
     estimate = blob.width / (DIGIT_ASPECT * blob.height)
-    if estimate < 1.35:
+    if score is None:  # no classifier to ask: split only clearly wide blobs, by their width
+        return [(0, region)] if estimate < 1.35 else split(region, int(min(MAX_DIGITS_PER_BLOB, round(estimate))))
+    if estimate < 0.95:  # narrower than any two digits side by side, even a 1 touching a 1
         return [(0, region)]
     guess = int(min(MAX_DIGITS_PER_BLOB, max(2, round(estimate))))
-    if score is None:
-        return split(region, guess)
     best, best_score = [(0, region)], -np.inf
-    for pieces in sorted({max(1, guess - 1), guess, min(MAX_DIGITS_PER_BLOB, guess + 1)}):
+    for pieces in sorted({1, guess - 1, guess, min(MAX_DIGITS_PER_BLOB, guess + 1)} - {0}):
         candidate = split(region, pieces) if pieces > 1 else [(0, region)]
         confidences = score(np.stack([to_mnist(p) for _, p in candidate]))
         # Sum of log confidences: each extra piece must pay for itself by reading clearly.
