@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_segment import line_image
 
 from digitrec.checkpoint import save_model
 from digitrec.cli import main
 from digitrec.models import create_model
 from digitrec.predict import Predictor, pretrained_path
 from digitrec.realworld import generate
-from test_segment import line_image
 
 
 @pytest.fixture(scope="module")

@@ -91,5 +91,5 @@ def test_ece_is_small_when_calibrated_and_large_when_overconfident():
 def test_threshold_rejects_at_most_the_allowed_share_of_digits():
     rng = np.random.default_rng(0)
     digits, negatives = rng.beta(20, 1, 10000), rng.beta(2, 5, 1000)
-    cut = choose_threshold(digits, negatives, max_digit_rejection=0.01)
+    cut = choose_threshold(digits, max_digit_rejection=0.01)
     assert (digits < cut).mean() <= 0.0101 and (negatives < cut).mean() > 0.95

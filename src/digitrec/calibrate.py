@@ -56,9 +56,8 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return float(ece)
 
 
-def choose_threshold(digit_confidence: np.ndarray, negative_confidence: np.ndarray,
-                     max_digit_rejection: float = MAX_DIGIT_REJECTION) -> float:
-    """The highest cut rejecting at most `max_digit_rejection` of digits; reports how many negatives it stops."""
+def choose_threshold(digit_confidence: np.ndarray, max_digit_rejection: float = MAX_DIGIT_REJECTION) -> float:
+    """The highest confidence cut that rejects at most `max_digit_rejection` of real digits."""
     cut = float(np.quantile(digit_confidence, max_digit_rejection))
     return round(max(0.0, min(cut, 0.99)), 4)
 
@@ -110,7 +109,7 @@ def calibrate(model_path: str | Path, count: int = 600, log: Callable[[str], Non
 
     digits = np.concatenate([confidences("mnist-photo"), confidences("pen-photo"), val_probs.max(axis=1)])
     negatives = confidences("negatives")
-    reject_below = choose_threshold(digits, negatives)
+    reject_below = choose_threshold(digits)
     stopped = float((negatives < reject_below).mean())
     log(f"reject below {reject_below:.4f}: rejects {(digits < reject_below).mean():.2%} of calibration digits "
         f"and {stopped:.2%} of calibration non-digits")
