@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import pytest
@@ -82,3 +83,10 @@ def test_wrong_architecture_is_refused(tmp_path):
     save_tensors(path, dict(create_model("lenet").state_dict()), {"config": {"arch": "fast_cnn"}})
     with pytest.raises(CheckpointError, match="does not fit"):
         load_model(path)
+
+
+def test_written_files_get_the_usual_permissions(saved):
+    path, _ = saved
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -127,16 +127,8 @@ def test_int8_export_without_data_is_a_user_error(tiny_checkpoint: Path, tmp_pat
         export_onnx(tiny_checkpoint, tmp_path / "x.onnx", int8=True)
 
 
-@pytest.fixture
-def keep_grad_mode():
-    """Predictor.load turns autograd off for the whole process; later tests in this process train."""
-    enabled = torch.is_grad_enabled()
-    yield
-    torch.set_grad_enabled(enabled)
-
-
 def test_onnx_predictor_gives_the_same_answers(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch, keep_grad_mode) -> None:
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     batch = as_input(tiny_mnist.test_images[:50])
     torch_answers = Predictor.load(tiny_checkpoint).predict_tensor(batch)

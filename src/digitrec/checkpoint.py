@@ -26,6 +26,15 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_files(files: dict[Path, bytes]) -> None:
     """Write each file to a temporary sibling and fsync it, then rename them over their paths one after another.
 
@@ -39,6 +48,7 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             temporaries.append((tmp, path))
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the mode open() would
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

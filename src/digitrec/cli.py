@@ -115,9 +115,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
     if args.report:
         metrics = write_report(args.report, model, data, config=config, title=f"digitrec evaluate {args.model}",
-                               log=lambda msg: print(msg, file=sys.stderr))
+                               log=lambda msg: print(msg, file=sys.stderr), meta=meta)
     else:
-        metrics, _ = evaluate_model(model, data, config)
+        metrics, _ = evaluate_model(model, data, config, temperature=float(meta.get("temperature", 1.0)))
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -328,8 +328,10 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     recipes = {name: get_recipe(name) for name in names}
     if args.max_epochs:
         recipes = {n: c.override(epochs=min(c.epochs, args.max_epochs)) for n, c in recipes.items()}
+    if args.threads:
+        recipes = {n: c.override(threads=args.threads) for n, c in recipes.items()}
     data = load_mnist(args.data_dir, log=_stderr)
-    header = _bench_header()
+    header = _bench_header() | ({"torch_threads": args.threads} if args.threads else {})
     results = bench_train(recipes, data, target=args.target, seeds=args.seeds, stop_at_target=args.stop_at_target,
                           log=_stderr)
     header["load_average_after"] = list(__import__("os").getloadavg())
@@ -568,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seeds", type=int, default=1, help="seeds per recipe (default 1)")
     q.add_argument("--stop-at-target", action="store_true", help="stop each run once it reaches the target")
     q.add_argument("--max-epochs", type=float, help="cap every recipe's epochs (for a quick look at slow recipes)")
+    q.add_argument("--threads", type=int, help="torch CPU threads for every recipe (default: torch's, one per core)")
     q.add_argument("--json", action="store_true")
     q.add_argument("--data-dir")
     q.set_defaults(func=cmd_bench_train)

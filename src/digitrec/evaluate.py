@@ -50,6 +50,7 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
         "errors": len(wrong),
         "count": len(labels),
         "ece": expected_calibration_error(probabilities, labels),
+        "temperature": temperature,
         "per_class": [
             {"digit": d, "precision": precision[d].item(), "recall": recall[d].item(), "f1": f1[d].item(),
              "support": int(confusion[d].sum())}
@@ -89,7 +90,10 @@ def write_report(
     from . import modelcard, plots, robustness
 
     out_dir = Path(out_dir)
-    metrics, logits = evaluate_model(model, data, config)
+    if meta is None and (out_dir / "model.json").exists():
+        meta = json.loads((out_dir / "model.json").read_text())
+    # a calibrated checkpoint reports its calibration error at its own temperature
+    metrics, logits = evaluate_model(model, data, config, temperature=float((meta or {}).get("temperature", 1.0)))
     predicted = logits.argmax(1)
     atomic_write_json(out_dir / "evaluation.json", metrics)
     figures = {}
@@ -100,8 +104,6 @@ def write_report(
     figures["Most confident mistakes"] = plots.mistakes(data.test_images, metrics["mistakes"], out_dir / "mistakes.png")
     robust = robustness.for_report(model, data)
     figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
-    if meta is None and (out_dir / "model.json").exists():
-        meta = json.loads((out_dir / "model.json").read_text())
     card = modelcard.write_model_card(out_dir, model, metrics, meta, config, data, robust)
     report = out_dir / "report.html"
     atomic_write_text(report, render_html(title or f"digitrec run {out_dir.name}", metrics, figures, config, history,

@@ -113,7 +113,6 @@ class Predictor:
             onnx = OnnxBackend(path)
             return cls._with_threshold(cls(onnx, onnx.meta, None, name=onnx.meta.get("recipe") or path.stem), reject_below)
         model, meta = load_model(path)
-        torch.set_grad_enabled(False)
         runner: Backend = TorchBackend(model)
         if backend == "onnx":
             from .backends import OnnxBackend
