@@ -14,7 +14,7 @@ from pathlib import Path
 
 from digitrec.config import RECIPES
 from digitrec.data import load_mnist
-from digitrec.train import train
+from digitrec.training import train
 
 
 def table(runs_dir: Path, recipes: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""Run `digitrec.train.train()` on the tests' synthetic data in a child process (for torchrun and kill -9 tests).
+"""Run `digitrec.training.train()` on the tests' synthetic data in a child process (for torchrun and kill -9 tests).
 
 Usage: python tests/runkit.py '{"config": {...}, "out": "DIR", "resume": false, "train_images": 1200}'
 (or the same under `python -m torch.distributed.run ...`). It prints the run's metrics as JSON on rank 0.
@@ -16,7 +16,7 @@ from conftest import make_images
 
 from digitrec.config import TrainConfig
 from digitrec.data import MNIST
-from digitrec.train import train
+from digitrec.training import train
 
 HERE = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ from digitrec.bench import bench_infer, bench_train, infer_table, train_table
 from digitrec.cli import main
 from digitrec.config import get_recipe
 from digitrec.errors import DigitrecError
-from digitrec.train import train
+from digitrec.training import train
 
 TINY = {
     "fast": get_recipe("fast").override(epochs=2),

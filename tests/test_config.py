@@ -7,7 +7,7 @@ import pytest
 from digitrec.config import RECIPES, TrainConfig, get_recipe, load_toml, to_toml
 from digitrec.errors import DigitrecError
 from digitrec.models import MODELS
-from digitrec.train import lr_at
+from digitrec.training import lr_at
 
 SEEDS = ["seed-mlp", "seed-mlp-bn", "seed-mlp-dropout", "seed-lenet", "seed-cnn", "seed-cnn-bn"]
 

@@ -11,7 +11,7 @@ import torch
 from digitrec.cli import main
 from digitrec.config import get_recipe
 from digitrec.explore import explore
-from digitrec.train import train
+from digitrec.training import train
 
 pytest.importorskip("sklearn")
 

@@ -19,7 +19,7 @@ from digitrec.errors import DigitrecError
 from digitrec.export import export_onnx, inference_model, run_session, softmax
 from digitrec.models import Normalize, create_model
 from digitrec.predict import Predictor
-from digitrec.train import as_input, train
+from digitrec.training import as_input, train
 
 pytest.importorskip("onnxruntime")
 

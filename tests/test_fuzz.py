@@ -171,7 +171,7 @@ def test_deeply_nested_header_is_refused(tmp_path):
 
 def test_resume_refuses_a_foreign_checkpoint(tmp_path, checkpoint_bytes):
     from digitrec.config import TrainConfig
-    from digitrec.train import train
+    from digitrec.training import train
 
     (tmp_path / "last.safetensors").write_bytes(checkpoint_bytes[0])  # a model file, not a training checkpoint
     with pytest.raises(CheckpointError, match="not a digitrec training checkpoint"):

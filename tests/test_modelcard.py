@@ -6,7 +6,7 @@ import pytest
 
 from digitrec import modelcard
 from digitrec.config import get_recipe
-from digitrec.train import train
+from digitrec.training import train
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from digitrec import robustness
 from digitrec.cli import main
-from digitrec.train import train
+from digitrec.training import train
 
 BY_NAME = {p.name: p for p in robustness.PERTURBATIONS}
 

@@ -9,7 +9,7 @@ import torch
 
 from digitrec.checkpoint import load_model, load_tensors
 from digitrec.config import TrainConfig
-from digitrec.train import steps_in_epoch, train
+from digitrec.training import steps_in_epoch, train
 
 TINY = TrainConfig(arch="fast_cnn", epochs=3, batch_size=64, lr=4e-3, schedule="onecycle", val_size=200,
                    eval_batch_size=256, label_smoothing=0.1)

@@ -21,8 +21,6 @@ reads a whole number from one line of digits.
 
 from __future__ import annotations
 
-import sys
-import types
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +31,7 @@ __version__ = "0.1.0"
 # name -> module that defines it; each is imported on first use (PEP 562)
 _LAZY = {
     "Predictor": "predict", "Prediction": "predict", "ReadResult": "predict", "DigitBox": "predict",
-    "Run": "train", "TrainConfig": "config", "RECIPES": "config", "MNIST": "data", "load_mnist": "data",
+    "Run": "training", "TrainConfig": "config", "RECIPES": "config", "MNIST": "data", "load_mnist": "data",
 }
 __all__ = ["DigitrecError", "train", "__version__", *_LAZY]
 
@@ -47,7 +45,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
     from .predict import Prediction as Prediction
     from .predict import Predictor as Predictor
     from .predict import ReadResult as ReadResult
-    from .train import Run as Run
+    from .training import Run as Run
 
 
 def __getattr__(name: str) -> Any:
@@ -55,35 +53,13 @@ def __getattr__(name: str) -> Any:
         value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
-    if name == "train":
-        return import_module(".train", __name__)  # callable: see _Package below
+    if name == "train":  # the friendly function; the training loop itself lives in digitrec.training
+        from .api import train
+
+        globals()["train"] = train
+        return train
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _TrainModule(types.ModuleType):
-    """The `digitrec.train` submodule, callable as the friendly `digitrec.api.train()`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from .api import train
-
-        return train(*args, **kwargs)
-
-
-class _Package(types.ModuleType):
-    """`digitrec.train` is both the training-loop module and the function `digitrec.train(config)`.
-
-    Importing a submodule sets it as an attribute of its package, which would hide any function of the same
-    name; instead, the moment the submodule is set here it becomes callable, so both uses keep working.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "train" and isinstance(value, types.ModuleType):
-            value.__class__ = _TrainModule
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -11,8 +11,8 @@ import torch
 
 from .config import TrainConfig, get_recipe, load_toml
 from .data import MNIST, load_mnist
-from .train import Run
-from .train import train as train_loop
+from .training import Run
+from .training import train as train_loop
 
 
 def resolve_config(config: TrainConfig | str | Path, **overrides: Any) -> tuple[str, TrainConfig]:

@@ -91,7 +91,7 @@ class RecipeResult:
 
 def _train_seed(name: str, config: TrainConfig, data: MNIST, target: float, stop_at_target: bool) -> tuple[SeedRun, int]:
     """One training run, with the test accuracy checked after each epoch; (the run, the model's parameters)."""
-    from .train import predict_logits, train
+    from .training import predict_logits, train
 
     checks: list[tuple[float, float]] = []
     test_labels = data.test_labels.long()
@@ -241,7 +241,7 @@ def bench_infer(
     """
     from .checkpoint import load_model
     from .export import export_onnx
-    from .train import as_input
+    from .training import as_input
 
     unknown = [b for b in backends if b not in INFER_BACKENDS]
     if unknown:

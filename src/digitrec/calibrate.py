@@ -82,7 +82,7 @@ def calibrate(model_path: str | Path, count: int = 600, log: Callable[[str], Non
     from .data import load_mnist, split_validation
     from .preprocess import preprocess
     from .realworld import generate
-    from .train import predict_logits
+    from .training import predict_logits
 
     model, meta = load_model(model_path)
     config = TrainConfig.from_dict(meta.get("config", {}))

@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch(args)
     from .config import TrainConfig
     from .data import load_mnist
-    from .train import train
+    from .training import train
 
     if args.resume:
         recipe, config, out = "resume", TrainConfig(), Path(args.resume)
@@ -352,7 +352,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     model = _model_path(args.model) if args.model else Path("runs/fast/model.safetensors")
     if not model.exists() and not args.model:
         from .config import get_recipe
-        from .train import train
+        from .training import train
 
         _stderr(f"no --model given and {model} does not exist: training the fast recipe there first")
         train(get_recipe("fast"), model.parent, recipe="fast", data=data, progress=False, report=False, log=_stderr)

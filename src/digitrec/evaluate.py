@@ -66,7 +66,7 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 
 def evaluate_model(model: nn.Module, data: MNIST, config: TrainConfig | None = None, temperature: float = 1.0) -> tuple[dict[str, Any], torch.Tensor]:
     """(metrics, logits) of `model` on the MNIST test set."""
-    from .train import predict_logits
+    from .training import predict_logits
 
     config = config or TrainConfig()
     logits = predict_logits(model, data.test_images, config.eval_batch_size, config.amp, config.channels_last)

@@ -219,7 +219,7 @@ def export_onnx(
     accuracy may drop by at most 0.1 point. Inputs are uint8 (N, 28, 28) as `digitrec.data` holds them.
     """
     from .checkpoint import load_model
-    from .train import as_input
+    from .training import as_input
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():

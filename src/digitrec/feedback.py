@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from .data import MNIST
-    from .train import Run
+    from .training import Run
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -222,7 +222,7 @@ def finetune(
 
     from .checkpoint import atomic_write_json, load_model
     from .config import TrainConfig
-    from .train import evaluate, train
+    from .training import evaluate, train
 
     model, meta = load_model(model_path)
     store = FeedbackStore(feedback_db)

@@ -114,7 +114,7 @@ class Scored:
 
 
 def torch_scorer(model: torch.nn.Module, batch_size: int = 500) -> Scorer:
-    from .train import predict_logits
+    from .training import predict_logits
 
     def score(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -76,7 +76,7 @@ def tune(
     """
     optuna = _optuna()
     from .data import load_mnist
-    from .train import train
+    from .training import train
 
     if trials < 1:
         raise DigitrecError(f"--trials must be at least 1, got {trials}.")
