@@ -14,7 +14,19 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from digitrec.errors import ImageError
-from digitrec.preprocess import FRAME, expand_paths, open_image, preprocess, stroke_width
+from digitrec.preprocess import (
+    FRAME,
+    expand_paths,
+    flatten,
+    load_gray,
+    open_image,
+    preprocess,
+    select_digit,
+    stroke_width,
+    threshold,
+    to_mnist,
+    uniform_paper,
+)
 from digitrec.realworld import draw_digit
 
 
@@ -71,6 +83,22 @@ def test_shadow_and_gradient_are_removed():
     shadow = np.where(np.arange(gray.shape[0])[:, None] > 120, 0.55, 1.0)
     x_clean, x_shaded = preprocess(gray), preprocess(gray * ramp * shadow)
     assert np.abs(x_clean - x_shaded).mean() < 0.03
+
+
+@pytest.mark.parametrize("polarity", ["dark ink", "light ink"])
+def test_a_clean_drawing_skips_the_lighting_model_and_reads_the_same(polarity):
+    gray = page(4) if polarity == "dark ink" else 255 - page(4)
+    assert uniform_paper(load_gray(gray)) is not None  # a drawing app's canvas: the fast path
+    g = load_gray(gray)
+    full = to_mnist(select_digit(threshold(flatten(g, polarity == "dark ink"))))  # the photo path on the same page
+    assert np.abs(preprocess(gray) - full).mean() < 0.02
+
+
+def test_photos_are_not_mistaken_for_clean_pages():
+    rng = np.random.default_rng(1)
+    noisy = (page(4) + rng.normal(0, 12, (200, 200))).clip(0, 255).astype(np.uint8)
+    lit = (page(4) * np.linspace(1.0, 0.7, 200)[None, :]).astype(np.uint8)
+    assert uniform_paper(load_gray(noisy)) is None and uniform_paper(load_gray(lit)) is None
 
 
 def test_stroke_width_is_normalized():

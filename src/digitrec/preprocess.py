@@ -44,7 +44,7 @@ INK_CONTRAST = 0.3  # strokes must be 30% darker than their local paper somewher
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
 SPECK_FRACTION = 0.0004  # components smaller than this share of the image are dust or noise
 KEEP_FRACTION = 0.08  # a single digit's parts are at least this share of its largest part
-PAPER_TOLERANCE = 10  # uniform_paper(): paper pixels within this many gray levels (of 255) of the paper tone
+PAPER_TOLERANCE = 2  # uniform_paper(): paper pixels within this many gray levels (of 255) of the paper tone (a flat fill)
 INK_TOLERANCE = 25  # ... and a side of the paper tone holds ink if pixels lie farther than this from it
 OTHER_SIDE_FRACTION = 0.002  # ... a flat page has (almost) no pixels on the other side of the paper from its ink
 EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)  # pixels touching by a corner belong to the same stroke

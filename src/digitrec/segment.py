@@ -22,16 +22,6 @@ MERGE_OVERLAP = 0.5  # parts overlapping in x by half the narrower one's width b
 DIGIT_ASPECT = 0.62  # a typical handwritten digit is this wide for its height (slant included)
 MAX_DIGITS_PER_BLOB = 8
 SMALL_PART = 0.55  # shorter than this share of the line height: a part of a digit (a bar, a flag) or dust
-# Reading by recognition (with a classifier):
-CUT_SPACING = 0.2  # candidate cuts in a component at least this many line heights apart (and from its ends)
-CUT_MAX_INK = 0.35  # ... where the ink column is at most this share of the line height (two strokes crossing)
-MAX_PARTS = 4  # a digit is made of at most this many parts (a 5 in three strokes, a cut 8)
-MAX_DIGIT_WIDTH = 1.3  # no digit is wider than this many line heights
-DIGIT_BONUS = 0.5  # added per digit: log confidences alone would always prefer fewer, larger pieces
-SHORT_PENALTY = 3.0  # a "digit" much shorter than the line is a fragment (a bar, a flag)
-WIDE_PENALTY = 3.0  # per unit of width/height over WIDE_ASPECT: two digits read as one
-WIDE_ASPECT = 1.0
-SKIP_PENALTY = 1.0  # leaving a short part out of every digit (dust, a stray mark) costs this much
 
 Score = Callable[[np.ndarray], np.ndarray]  # (K, 28, 28) -> confidence of each, in (0, 1]
 
@@ -151,119 +141,38 @@ def split(mask: np.ndarray, pieces: int) -> list[tuple[int, np.ndarray]]:
 
 
 def segment(image: Any, score: Score | None = None) -> list[Piece]:
-    """Find the digits of one line, left to right. With `score` (a classifier's confidences) the line is
-    read by recognition: cut into parts, then the grouping of parts into digits that reads best wins."""
+    """Find the digits of one line, left to right. `score` (a classifier's confidences) picks how to split blobs."""
     gray, (width, height) = load_gray_sized(image, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
-    back = (width / gray.shape[1], height / gray.shape[0])
-    labels, blobs, areas = components(ink_mask(gray))
+    back = np.array([width / gray.shape[1], height / gray.shape[0]])
+    mask = ink_mask(gray)
+    labels, blobs, areas = components(mask)
     blobs, line_height = clean(blobs, areas)
-    if score is not None:
-        found = read_by_recognition(labels, blobs, line_height, score)
-    else:
-        found = []
-        for blob in merge_broken(blobs, areas, line_height):
-            region = np.isin(labels[blob.y0 : blob.y1, blob.x0 : blob.x1], blob.labels)
-            found += [(blob.x0 + x, blob.y0, piece) for x, piece in _best_split(region, blob)]
-    pieces = []
-    for x0, y0, piece in found:
-        rows, cols = np.flatnonzero(piece.any(1)), np.flatnonzero(piece.any(0))
-        x, y = x0 + cols[0], y0 + rows[0]
-        w, h = cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1
-        box = (round(x * back[0]), round(y * back[1]), max(1, round(w * back[0])), max(1, round(h * back[1])))
-        pieces.append(Piece(box, to_mnist(piece)))
+    pieces: list[Piece] = []
+    for blob in merge_broken(blobs, areas, line_height):
+        region = np.isin(labels[blob.y0 : blob.y1, blob.x0 : blob.x1], blob.labels)
+        for x_offset, piece in _best_split(region, blob, score):
+            rows, cols = np.flatnonzero(piece.any(1)), np.flatnonzero(piece.any(0))
+            x, y = blob.x0 + x_offset + cols[0], blob.y0 + rows[0]
+            w, h = cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1
+            box = (round(x * back[0]), round(y * back[1]), max(1, round(w * back[0])), max(1, round(h * back[1])))
+            pieces.append(Piece(box, to_mnist(piece)))
     return pieces
 
 
-def _best_split(region: np.ndarray, blob: _Blob) -> list[tuple[int, np.ndarray]]:
-    """Without a classifier to ask: one digit, unless the blob is clearly wide for its height; then split by width."""
+def _best_split(region: np.ndarray, blob: _Blob, score: Score | None) -> list[tuple[int, np.ndarray]]:
+    """One digit unless the blob is wide for its height; then try a few counts and keep the best-reading one."""
     estimate = blob.width / (DIGIT_ASPECT * blob.height)
-    return [(0, region)] if estimate < 1.35 else split(region, int(min(MAX_DIGITS_PER_BLOB, round(estimate))))
-
-
-# ------------------------------------------------------------------------------- reading by recognition
-
-
-@dataclass
-class _Part:
-    """A vertical slice [x0, x1) of one component: the unit that digits are built from."""
-
-    label: int
-    x0: int
-    x1: int
-    y0: int
-    y1: int
-
-
-def cut_candidates(region: np.ndarray, line_height: float) -> list[int]:
-    """Columns where a component may hold two touching digits: the lowest minima of its ink profile,
-    at least CUT_SPACING line heights from each other and from the ends."""
-    width = region.shape[1]
-    spacing = max(2, int(CUT_SPACING * line_height))
-    if width < 2 * spacing:
-        return []
-    profile = ndimage.uniform_filter1d(region.sum(axis=0).astype(np.float32), 3)
-    inner = np.arange(spacing, width - spacing)
-    is_minimum = (profile[inner] <= profile[inner - 1]) & (profile[inner] <= profile[inner + 1])
-    cuts: list[int] = []
-    for column in inner[is_minimum][np.argsort(profile[inner[is_minimum]], kind="stable")]:
-        if profile[column] > CUT_MAX_INK * line_height:
-            break  # more ink than two crossing strokes: not where digits touch
-        if all(abs(column - c) >= spacing for c in cuts):
-            cuts.append(int(column))
-    return sorted(cuts)
-
-
-def read_by_recognition(labels: np.ndarray, blobs: list[_Blob], line_height: float,
-                        score: Score) -> list[tuple[int, int, np.ndarray]]:
-    """Segmentation by recognition: cut the line into parts (components, and components cut where they
-    may hold touching digits), score every run of up to MAX_PARTS neighbouring parts as one digit with
-    the classifier (one batch), and keep the grouping with the best total (dynamic programming).
-    A digit's score is its log confidence plus a prior on its shape: about a line high, not much wider.
-    Returns (x, y, mask) for each digit, in the working image's pixels."""
-    parts: list[_Part] = []
-    for blob in blobs:
-        label = blob.labels[0]
-        region = labels[blob.y0 : blob.y1, blob.x0 : blob.x1] == label
-        bounds = [0, *cut_candidates(region, line_height), blob.width]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            rows = np.flatnonzero(region[:, a:b].any(axis=1))
-            parts.append(_Part(label, blob.x0 + a, blob.x0 + b, blob.y0 + rows[0], blob.y0 + rows[-1] + 1))
-    if not parts:
-        return []
-    parts.sort(key=lambda p: (p.x0 + p.x1) / 2)
-    candidates: list[tuple[int, int, int, int, np.ndarray]] = []  # (first part, end part, x, y, mask)
-    for i in range(len(parts)):
-        for j in range(i + 1, min(len(parts), i + MAX_PARTS) + 1):
-            group = parts[i:j]
-            x0, x1 = min(p.x0 for p in group), max(p.x1 for p in group)
-            if j > i + 1 and x1 - x0 > MAX_DIGIT_WIDTH * line_height:
-                break
-            y0, y1 = min(p.y0 for p in group), max(p.y1 for p in group)
-            mask = np.zeros((y1 - y0, x1 - x0), dtype=bool)
-            for p in group:
-                mask[:, p.x0 - x0 : p.x1 - x0] |= labels[y0:y1, p.x0 : p.x1] == p.label
-            mask = select_digit(mask)  # slivers of a neighbour's stroke fall away
-            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-            mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-            candidates.append((i, j, x0 + cols[0], y0 + rows[0], mask))
-    confidences = score(np.stack([to_mnist(c[4]) for c in candidates]))
-    best = np.full(len(parts) + 1, -np.inf)
-    best[0] = 0.0
-    choice: list[tuple[int, int | None] | None] = [None] * (len(parts) + 1)
-    for k, (i, j, _, _, mask) in sorted(enumerate(candidates), key=lambda kc: kc[1][1]):
-        if j == i + 1 and parts[i].y1 - parts[i].y0 < SMALL_PART * line_height and best[i] - SKIP_PENALTY > best[j]:
-            best[j], choice[j] = best[i] - SKIP_PENALTY, (i, None)  # a short part on its own: dust, a stray mark
-        height, width = mask.shape
-        value = best[i] + float(np.log(max(confidences[k], 1e-6))) + DIGIT_BONUS
-        value -= SHORT_PENALTY * max(0.0, SMALL_PART - height / line_height) / SMALL_PART
-        value -= WIDE_PENALTY * max(0.0, width / height - WIDE_ASPECT)
-        if value > best[j]:
-            best[j], choice[j] = value, (i, k)
-    found = []
-    end = len(parts)
-    while end > 0:
-        start, skipped = choice[end]  # type: ignore[misc]
-        if skipped is not None:
-            found.append(candidates[skipped][2:])
-        end = start
-    return found[::-1]
+    if score is None:  # no classifier to ask: split only clearly wide blobs, by their width
+        return [(0, region)] if estimate < 1.35 else split(region, int(min(MAX_DIGITS_PER_BLOB, round(estimate))))
+    if estimate < 0.95:  # narrower than any two digits side by side, even a 1 touching a 1
+        return [(0, region)]
+    guess = int(min(MAX_DIGITS_PER_BLOB, max(2, round(estimate))))
+    best, best_score = [(0, region)], -np.inf
+    for pieces in sorted({1, guess - 1, guess, min(MAX_DIGITS_PER_BLOB, guess + 1)} - {0}):
+        candidate = split(region, pieces) if pieces > 1 else [(0, region)]
+        confidences = score(np.stack([to_mnist(p) for _, p in candidate]))
+        # Sum of log confidences: each extra piece must pay for itself by reading clearly.
+        total = float(np.log(np.clip(confidences, 1e-6, 1)).sum())
+        if total > best_score:
+            best, best_score = candidate, total
+    return best
