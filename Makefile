@@ -38,6 +38,7 @@ lint: setup
 
 test: setup browser
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest
 
 test-slow: setup

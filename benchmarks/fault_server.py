@@ -44,7 +44,9 @@ class Request:
     expected: str | None = None  # the quiet server's answer to a good request; None for a bad one
 
 
-def http(method: str, path: str, body: bytes = b"", content_type: str | None = None, length: int | None = None) -> bytes:
+def http(
+    method: str, path: str, body: bytes = b"", content_type: str | None = None, length: int | None = None
+) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body) if length is None else length}\r\n"
     if content_type:
         head += f"Content-Type: {content_type}\r\n"
@@ -53,11 +55,22 @@ def http(method: str, path: str, body: bytes = b"", content_type: str | None = N
 
 def multipart(file: bytes, path: str = "/api/predict", fields: dict[str, str] | None = None) -> bytes:
     boundary = "fault-benchmark"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in (fields or {}).items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
-                 f"Content-Type: image/png\r\n\r\n".encode() + file + b"\r\n")
-    return http("POST", path, b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}")
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in (fields or {}).items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + file
+        + b"\r\n"
+    )
+    return http(
+        "POST",
+        path,
+        b"".join(parts) + f"--{boundary}--\r\n".encode(),
+        f"multipart/form-data; boundary={boundary}",
+    )
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -67,7 +80,12 @@ def png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+        + chunk(b"IEND", b"")
+    )
 
 
 def bad_requests(png: bytes, rng: random.Random) -> list[Request]:
@@ -78,7 +96,10 @@ def bad_requests(png: bytes, rng: random.Random) -> list[Request]:
         Request("empty file", multipart(b"")),
         Request("bomb PNG 50000x50000", multipart(png_claiming(50_000, 50_000))),
         Request("JSON without image", http("POST", "/api/predict", b'{"picture": 1}', "application/json")),
-        Request("JSON bad base64", http("POST", "/api/predict", b'{"image": "%%%not base64%%%"}', "application/json")),
+        Request(
+            "JSON bad base64",
+            http("POST", "/api/predict", b'{"image": "%%%not base64%%%"}', "application/json"),
+        ),
         Request("invalid JSON", http("POST", "/api/predict", b'{"image": ', "application/json")),
         Request("wrong content type", http("POST", "/api/predict", b"hello", "text/plain")),
         Request("unknown path", http("POST", "/api/nothing-here", b"x", "text/plain")),
@@ -114,7 +135,9 @@ async def exchange(host: str, port: int, connection: list, raw: bytes, timeout: 
     return await asyncio.wait_for(read_response(reader), timeout=timeout)
 
 
-async def mixed_load(port: int, requests: list[Request], concurrency: int, slow: int, time_limit: float) -> tuple[list[Outcome], dict]:
+async def mixed_load(
+    port: int, requests: list[Request], concurrency: int, slow: int, time_limit: float
+) -> tuple[list[Outcome], dict]:
     """Good and bad requests over `concurrency` connections, with `slow` slowloris clients alongside."""
     outcomes: list[Outcome] = []
     queue = list(reversed(requests))
@@ -132,8 +155,11 @@ async def mixed_load(port: int, requests: list[Request], concurrency: int, slow:
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
                 status, body = None, b""
             seconds = time.perf_counter() - started
-            correct = (status == 200 and answer_of(body) == request.expected) if request.expected else (
-                status is not None and 400 <= status < 500 and seconds < BAD_DEADLINE_S)
+            correct = (
+                (status == 200 and answer_of(body) == request.expected)
+                if request.expected
+                else (status is not None and 400 <= status < 500 and seconds < BAD_DEADLINE_S)
+            )
             outcomes.append(Outcome(request.kind, request.expected is not None, status, seconds, correct))
             if status is None or status >= 400:  # the server may close the connection after an error
                 if connection[1] is not None:
@@ -172,7 +198,9 @@ async def huge_body(port: int, chunked: bool) -> tuple[int | None, float, int]:
     """Stream a 100 MB body; (status, seconds to the answer, bytes sent before it came)."""
     reader, writer = await asyncio.open_connection(HOST, port)
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {HUGE_BODY}"
-    writer.write(f"POST /api/predict HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: image/png\r\n{framing}\r\n\r\n".encode())
+    writer.write(
+        f"POST /api/predict HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: image/png\r\n{framing}\r\n\r\n".encode()
+    )
     block = os.urandom(64 * 1024)
     frame = f"{len(block):x}\r\n".encode() + block + b"\r\n" if chunked else block
     sent, started = 0, time.perf_counter()
@@ -202,15 +230,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint to serve (default: the bundled model)")
     parser.add_argument("--good", type=int, default=2000, help="good requests (default 2000, at most 20000)")
-    parser.add_argument("--bad", type=int, default=1000, help="malformed requests mixed in (default 1000, at most 20000)")
+    parser.add_argument(
+        "--bad", type=int, default=1000, help="malformed requests mixed in (default 1000, at most 20000)"
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="connections (default 32, at most 256)")
-    parser.add_argument("--slow", type=int, default=8, help="slowloris clients during the mix (default 8, at most 64)")
-    parser.add_argument("--time-limit", type=float, default=180.0, help="stop the mix after this many seconds (at most 600)")
+    parser.add_argument(
+        "--slow", type=int, default=8, help="slowloris clients during the mix (default 8, at most 64)"
+    )
+    parser.add_argument(
+        "--time-limit", type=float, default=180.0, help="stop the mix after this many seconds (at most 600)"
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
-    if not (0 < args.good <= 20_000 and 0 <= args.bad <= 20_000 and 1 <= args.concurrency <= 256
-            and 0 <= args.slow <= 64 and 0 < args.time_limit <= 600):
-        parser.error("keep --good/--bad within 20000, --concurrency 1..256, --slow 0..64, --time-limit (0, 600]")
+    if not (
+        0 < args.good <= 20_000
+        and 0 <= args.bad <= 20_000
+        and 1 <= args.concurrency <= 256
+        and 0 <= args.slow <= 64
+        and 0 < args.time_limit <= 600
+    ):
+        parser.error(
+            "keep --good/--bad within 20000, --concurrency 1..256, --slow 0..64, --time-limit (0, 600]"
+        )
 
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,12 +259,19 @@ def main() -> int:
         try:
             pngs = digit_pngs()
             quiet = [asyncio.run(_one(port, multipart_request(HOST, port, png))) for png in pngs]
-            good = [Request("good", multipart_request(HOST, port, png), answer_of(body)) for png, (_, body) in zip(pngs, quiet, strict=True)]
+            good = [
+                Request("good", multipart_request(HOST, port, png), answer_of(body))
+                for png, (_, body) in zip(pngs, quiet, strict=True)
+            ]
             kinds = bad_requests(pngs[0], rng)
-            requests = [good[i % len(good)] for i in range(args.good)] + [kinds[i % len(kinds)] for i in range(args.bad)]
+            requests = [good[i % len(good)] for i in range(args.good)] + [
+                kinds[i % len(kinds)] for i in range(args.bad)
+            ]
             rng.shuffle(requests)
             started = time.perf_counter()
-            outcomes, slow = asyncio.run(mixed_load(port, requests, args.concurrency, args.slow, args.time_limit))
+            outcomes, slow = asyncio.run(
+                mixed_load(port, requests, args.concurrency, args.slow, args.time_limit)
+            )
             mix_seconds = time.perf_counter() - started
             bomb_started = time.perf_counter()
             bomb_status, _ = asyncio.run(_one(port, multipart(png_claiming(50_000, 50_000))))
@@ -236,21 +284,47 @@ def main() -> int:
             server.wait(timeout=30)
 
     rows = table(outcomes)
-    extras = [("decompression bomb, alone", 1, bomb_status, bomb_seconds, bomb_status is not None and 400 <= bomb_status < 500 and bomb_seconds < BAD_DEADLINE_S, ""),
-              *[(f"100 MB body, {'chunked' if chunked else 'Content-Length'}", 1, status, seconds,
-                 status == 413 and seconds < BAD_DEADLINE_S, f"{sent / 2**20:.1f} MB sent before the answer")
-                for chunked, (status, seconds, sent) in huge.items()]]
+    extras = [
+        (
+            "decompression bomb, alone",
+            1,
+            bomb_status,
+            bomb_seconds,
+            bomb_status is not None and 400 <= bomb_status < 500 and bomb_seconds < BAD_DEADLINE_S,
+            "",
+        ),
+        *[
+            (
+                f"100 MB body, {'chunked' if chunked else 'Content-Length'}",
+                1,
+                status,
+                seconds,
+                status == 413 and seconds < BAD_DEADLINE_S,
+                f"{sent / 2**20:.1f} MB sent before the answer",
+            )
+            for chunked, (status, seconds, sent) in huge.items()
+        ],
+    ]
     all_5xx = sum(1 for o in outcomes if o.status is not None and o.status >= 500)
     checks = {
-        "every good request answered correctly": all(o.correct for o in outcomes if o.good) and sum(o.good for o in outcomes) == args.good,
-        "every bad request 4xx within 1 s": all(o.correct for o in outcomes if not o.good) and sum(not o.good for o in outcomes) == args.bad,
+        "every good request answered correctly": all(o.correct for o in outcomes if o.good)
+        and sum(o.good for o in outcomes) == args.good,
+        "every bad request 4xx within 1 s": all(o.correct for o in outcomes if not o.good)
+        and sum(not o.good for o in outcomes) == args.bad,
         "bomb and 100 MB bodies 4xx within 1 s": all(row[4] for row in extras),
         "no 5xx": all_5xx == 0 and all((row[2] or 0) < 500 for row in extras),
         f"server peak memory under {MEMORY_LIMIT_MB} MB": memory_mb < MEMORY_LIMIT_MB,
         "server still answers afterwards": alive,
     }
-    result = {"rows": rows, "extras": [list(row) for row in extras], "slow_clients": slow, "mix_seconds": round(mix_seconds, 2),
-              "peak_memory_mb": round(memory_mb, 1), "checks": checks, "cpus": os.cpu_count()}
+    result = {
+        "rows": rows,
+        "extras": [list(row) for row in extras],
+        "slow_clients": slow,
+        "mix_seconds": round(mix_seconds, 2),
+        "peak_memory_mb": round(memory_mb, 1),
+        "checks": checks,
+        "cpus": os.cpu_count(),
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -277,22 +351,39 @@ def table(outcomes: list[Outcome]) -> list[dict]:
     for kind, group in sorted(by_kind.items(), key=lambda kv: (kv[0] != "good", kv[0])):
         seconds = sorted(o.seconds for o in group)
         statuses = Counter(o.status for o in group)
-        rows.append({"kind": kind, "count": len(group), "ok": sum(o.correct for o in group),
-                     "statuses": " ".join(f"{s or 'none'}x{n}" for s, n in sorted(statuses.items(), key=lambda kv: kv[0] or 0)),
-                     "p50_ms": round(seconds[len(seconds) // 2] * 1000, 1), "max_ms": round(seconds[-1] * 1000, 1)})
+        rows.append(
+            {
+                "kind": kind,
+                "count": len(group),
+                "ok": sum(o.correct for o in group),
+                "statuses": " ".join(
+                    f"{s or 'none'}x{n}" for s, n in sorted(statuses.items(), key=lambda kv: kv[0] or 0)
+                ),
+                "p50_ms": round(seconds[len(seconds) // 2] * 1000, 1),
+                "max_ms": round(seconds[-1] * 1000, 1),
+            }
+        )
     return rows
 
 
 def print_report(args, rows, extras, slow, mix_seconds, memory_mb, checks) -> None:
-    print(f"digitrec serve fault benchmark: 127.0.0.1, {os.cpu_count()} CPUs, {args.good} good + {args.bad} malformed "
-          f"requests at {args.concurrency} connections with {args.slow} slow clients, in {mix_seconds:.1f} s")
+    print(
+        f"digitrec serve fault benchmark: 127.0.0.1, {os.cpu_count()} CPUs, {args.good} good + {args.bad} malformed "
+        f"requests at {args.concurrency} connections with {args.slow} slow clients, in {mix_seconds:.1f} s"
+    )
     print(f"{'request':<28} {'count':>6} {'ok':>6}  {'statuses':<22} {'p50 ms':>8} {'max ms':>8}")
     for row in rows:
-        print(f"{row['kind']:<28} {row['count']:>6} {row['ok']:>6}  {row['statuses']:<22} {row['p50_ms']:>8} {row['max_ms']:>8}")
+        print(
+            f"{row['kind']:<28} {row['count']:>6} {row['ok']:>6}  {row['statuses']:<22} {row['p50_ms']:>8} {row['max_ms']:>8}"
+        )
     for kind, count, status, seconds, ok, note in extras:
-        print(f"{kind:<28} {count:>6} {int(ok):>6}  {str(status) + 'x1':<22} {seconds * 1000:>8.1f} {seconds * 1000:>8.1f}  {note}")
-    print(f"slow clients: {slow['clients']} sending 1 header byte per 100 ms; closed by the server: {slow['closed_by_server']}, "
-          f"held for {slow['held_s']:.1f} s")
+        print(
+            f"{kind:<28} {count:>6} {int(ok):>6}  {str(status) + 'x1':<22} {seconds * 1000:>8.1f} {seconds * 1000:>8.1f}  {note}"
+        )
+    print(
+        f"slow clients: {slow['clients']} sending 1 header byte per 100 ms; closed by the server: {slow['closed_by_server']}, "
+        f"held for {slow['held_s']:.1f} s"
+    )
     print(f"server peak resident memory (VmHWM): {memory_mb:.0f} MB")
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")

@@ -30,8 +30,10 @@ def table(runs_dir: Path, recipes: list[str]) -> str:
         m = json.loads(metrics_path.read_text())
         reported = f"{config.reported_accuracy:.2%}" if config.reported_accuracy else "—"
         source = config.source.split(":")[0]
-        lines.append(f"| `{name}` | {source} | {reported} | **{m['test_accuracy']:.2%}** | {m['params']:,} | "
-                     f"{m['epochs']:g} | {m['train_seconds']:.1f} |")
+        lines.append(
+            f"| `{name}` | {source} | {reported} | **{m['test_accuracy']:.2%}** | {m['params']:,} | "
+            f"{m['epochs']:g} | {m['train_seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -50,8 +52,14 @@ def main() -> int:
             if (runs_dir / name / "metrics.json").exists() and not args.retrain:
                 continue
             print(f"== {name}", file=sys.stderr, flush=True)
-            train(RECIPES[name], runs_dir / name, recipe=name, data=data, progress=False,
-                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
+            train(
+                RECIPES[name],
+                runs_dir / name,
+                recipe=name,
+                data=data,
+                progress=False,
+                log=lambda msg: print(msg, file=sys.stderr, flush=True),
+            )
     print(table(runs_dir, recipes))
     return 0
 

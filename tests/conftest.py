@@ -38,15 +38,19 @@ def make_images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def tiny_mnist() -> MNIST:
     train_images, train_labels = make_images(1200, seed=1)
     test_images, test_labels = make_images(300, seed=2)
-    return MNIST(train_images, train_labels, test_images, test_labels, source="synthetic", checksum="synthetic")
+    return MNIST(
+        train_images, train_labels, test_images, test_labels, source="synthetic", checksum="synthetic"
+    )
 
 
 @pytest.fixture
 def idx_folder(tmp_path: Path, tiny_mnist: MNIST, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The tiny data set as four gzipped IDX files, with the expected MD5s patched to theirs."""
     arrays = {
-        "train_images": tiny_mnist.train_images, "train_labels": tiny_mnist.train_labels,
-        "test_images": tiny_mnist.test_images, "test_labels": tiny_mnist.test_labels,
+        "train_images": tiny_mnist.train_images,
+        "train_labels": tiny_mnist.train_labels,
+        "test_images": tiny_mnist.test_images,
+        "test_labels": tiny_mnist.test_labels,
     }
     files = {}
     for key, (stem, _) in data_module.FILES.items():

@@ -24,7 +24,9 @@ HERE = Path(__file__).resolve().parent
 def synthetic_mnist(train_count: int = 1200, test_count: int = 300) -> MNIST:
     train_images, train_labels = make_images(train_count, seed=1)
     test_images, test_labels = make_images(test_count, seed=2)
-    return MNIST(train_images, train_labels, test_images, test_labels, source="synthetic", checksum="synthetic")
+    return MNIST(
+        train_images, train_labels, test_images, test_labels, source="synthetic", checksum="synthetic"
+    )
 
 
 def command(spec: dict, nproc: int = 0) -> list[str]:
@@ -39,13 +41,22 @@ def child_env() -> dict[str, str]:
 
 
 def run(spec: dict, nproc: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(spec, nproc), env=child_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command(spec, nproc), env=child_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def main(spec: dict) -> None:
     config = TrainConfig().override(**spec.get("config", {}))
-    result = train(config, spec["out"], recipe="synthetic", data=synthetic_mnist(spec.get("train_images", 1200)),
-                   resume=spec.get("resume", False), progress=False, report=False)
+    result = train(
+        config,
+        spec["out"],
+        recipe="synthetic",
+        data=synthetic_mnist(spec.get("train_images", 1200)),
+        resume=spec.get("resume", False),
+        progress=False,
+        report=False,
+    )
     if result.metrics:
         print("METRICS " + json.dumps(result.metrics), flush=True)
 

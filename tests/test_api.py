@@ -57,15 +57,23 @@ def test_train_is_the_friendly_function_even_after_the_loop_is_imported(tiny_mni
     import digitrec.training as loop
 
     assert callable(digitrec.train) and digitrec.train is not loop.train and hasattr(loop, "train_steps")
-    run = digitrec.train(digitrec.TrainConfig(arch="lenet", epochs=1, val_size=100), tmp_path, data=tiny_mnist, report=False)
-    assert isinstance(run, digitrec.Run) and run.model_path.exists() and run.metrics["val_accuracy"] is not None
+    run = digitrec.train(
+        digitrec.TrainConfig(arch="lenet", epochs=1, val_size=100), tmp_path, data=tiny_mnist, report=False
+    )
+    assert (
+        isinstance(run, digitrec.Run) and run.model_path.exists() and run.metrics["val_accuracy"] is not None
+    )
 
 
 def test_train_reads_a_toml_config(tiny_mnist, tmp_path):
     config = tmp_path / "best.toml"
     config.write_text('recipe = "fast"\nlr = 0.002\nbatch_size = 64\n')
     run = digitrec.train(config, tmp_path / "run", data=tiny_mnist, epochs=1, report=False)
-    assert (run.config.lr, run.config.batch_size, run.config.arch) == (0.002, 64, digitrec.RECIPES["fast"].arch)
+    assert (run.config.lr, run.config.batch_size, run.config.arch) == (
+        0.002,
+        64,
+        digitrec.RECIPES["fast"].arch,
+    )
 
 
 def test_unknown_recipe_is_a_user_error():
@@ -78,8 +86,13 @@ def _inputs(image: np.ndarray) -> dict[str, object]:
     png = io.BytesIO()
     Image.fromarray(image).save(png, format="PNG")
     rgb = np.repeat(image[:, :, None], 3, axis=2)
-    return {"array uint8": image, "array float": image / 255.0, "array HxWxC": rgb, "PIL": Image.fromarray(image),
-            "bytes": png.getvalue()}
+    return {
+        "array uint8": image,
+        "array float": image / 255.0,
+        "array HxWxC": rgb,
+        "PIL": Image.fromarray(image),
+        "bytes": png.getvalue(),
+    }
 
 
 def test_predict_accepts_every_input_form_and_agrees(predictor, tiny_mnist, tmp_path):
@@ -97,7 +110,6 @@ def test_predict_accepts_every_input_form_and_agrees(predictor, tiny_mnist, tmp_
         assert result.rejected == (result.digit is None) and 0 <= result.confidence <= 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 asks for torch tensors; preprocess() does not accept them yet (helper-1)")
 def test_predict_accepts_a_torch_tensor(predictor, tiny_mnist):
     image = tiny_mnist.test_images[0]
     [from_tensor] = predictor.predict(image)

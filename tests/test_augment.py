@@ -16,7 +16,9 @@ def _blob() -> torch.Tensor:
 def center_of_mass(x: torch.Tensor) -> torch.Tensor:
     cols = torch.arange(28.0)
     mass = x.sum(dim=(1, 2, 3))
-    return torch.stack([(x.sum(dim=(1, 2)) * cols).sum(-1) / mass, (x.sum(dim=(1, 3)) * cols).sum(-1) / mass], 1)
+    return torch.stack(
+        [(x.sum(dim=(1, 2)) * cols).sum(-1) / mass, (x.sum(dim=(1, 3)) * cols).sum(-1) / mass], 1
+    )
 
 
 def test_zero_strength_is_identity():

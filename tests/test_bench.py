@@ -22,8 +22,15 @@ TINY = {
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_mnist) -> Path:
     out = tmp_path_factory.mktemp("tiny-run")
-    train(get_recipe("fast").override(epochs=3), out, recipe="fast", data=tiny_mnist, progress=False, report=False,
-          log=lambda msg: None)
+    train(
+        get_recipe("fast").override(epochs=3),
+        out,
+        recipe="fast",
+        data=tiny_mnist,
+        progress=False,
+        report=False,
+        log=lambda msg: None,
+    )
     return out / "model.safetensors"
 
 
@@ -38,7 +45,9 @@ def test_bench_train_reports_every_recipe_and_seed(tiny_mnist) -> None:
         low, median, high = result.accuracy()
         assert 0 <= low <= median <= high <= 1
     fast = results[0]
-    assert fast.seconds_to_target is not None and fast.seconds_to_target <= max(r.train_seconds for r in fast.runs)
+    assert fast.seconds_to_target is not None and fast.seconds_to_target <= max(
+        r.train_seconds for r in fast.runs
+    )
     table = train_table(results, 0.5)
     assert "| fast |" in table and "| slow |" in table and "seconds to 50.00%" in table
     assert "| fast | " in table and " 1.0 |" in table  # fast's ratio to itself
@@ -47,16 +56,26 @@ def test_bench_train_reports_every_recipe_and_seed(tiny_mnist) -> None:
 def test_bench_train_marks_a_missed_target_and_can_stop_early(tiny_mnist) -> None:
     missed = bench_train({"fast": TINY["fast"]}, tiny_mnist, target=1.01, seeds=1, log=lambda msg: None)[0]
     assert missed.seconds_to_target is None and "missed (0/1 reached)" in train_table([missed], 1.01)
-    stopped = bench_train({"fast": TINY["slow"]}, tiny_mnist, target=0.0, stop_at_target=True, log=lambda msg: None)[0]
+    stopped = bench_train(
+        {"fast": TINY["slow"]}, tiny_mnist, target=0.0, stop_at_target=True, log=lambda msg: None
+    )[0]
     assert len(stopped.runs[0].checks) == 1  # reached at the first check, so training ended there
 
 
 def test_bench_infer_times_each_backend_at_each_batch_size(tiny_checkpoint: Path, tiny_mnist) -> None:
     pytest.importorskip("onnxruntime")
     backends = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
-    results = bench_infer(tiny_checkpoint, tiny_mnist.test_images, backends=backends, batch_sizes=(1, 64), rounds=2,
-                          seconds=0.01, calibration=tiny_mnist.train_images, test_labels=tiny_mnist.test_labels,
-                          log=lambda msg: None)
+    results = bench_infer(
+        tiny_checkpoint,
+        tiny_mnist.test_images,
+        backends=backends,
+        batch_sizes=(1, 64),
+        rounds=2,
+        seconds=0.01,
+        calibration=tiny_mnist.train_images,
+        test_labels=tiny_mnist.test_labels,
+        log=lambda msg: None,
+    )
     assert [(r.backend, r.batch_size) for r in results] == [(b, s) for b in backends for s in (1, 64)]
     for r in results:
         assert r.images_per_s > 0 and 0 < r.p50_ms <= r.p99_ms
@@ -69,16 +88,55 @@ def test_bench_infer_rejects_an_unknown_backend(tiny_checkpoint: Path, tiny_mnis
         bench_infer(tiny_checkpoint, tiny_mnist.test_images, backends=("tensorrt",))
 
 
-def test_bench_commands_print_json(tiny_checkpoint: Path, idx_folder: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench", "infer", "--model", str(tiny_checkpoint), "--backends", "torch-fp32,onnx-fp32",
-                 "--batch-sizes", "1,16", "--rounds", "1", "--seconds", "0.01", "--json", "--data-dir", str(idx_folder)]) == 0
+def test_bench_commands_print_json(
+    tiny_checkpoint: Path, idx_folder: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert (
+        main(
+            [
+                "bench",
+                "infer",
+                "--model",
+                str(tiny_checkpoint),
+                "--backends",
+                "torch-fp32,onnx-fp32",
+                "--batch-sizes",
+                "1,16",
+                "--rounds",
+                "1",
+                "--seconds",
+                "0.01",
+                "--json",
+                "--data-dir",
+                str(idx_folder),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert {(r["backend"], r["batch_size"]) for r in report["results"]} == {
-        (b, s) for b in ("torch-fp32", "onnx-fp32") for s in (1, 16)}
+        (b, s) for b in ("torch-fp32", "onnx-fp32") for s in (1, 16)
+    }
     assert all(r["images_per_s"] > 0 for r in report["results"])
 
-    assert main(["bench", "train", "--recipes", "fast", "--max-epochs", "0.5", "--target", "0.2", "--json",
-                 "--data-dir", str(idx_folder)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "train",
+                "--recipes",
+                "fast",
+                "--max-epochs",
+                "0.5",
+                "--target",
+                "0.2",
+                "--json",
+                "--data-dir",
+                str(idx_folder),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     (fast,) = report["recipes"]
     assert fast["recipe"] == "fast" and fast["seeds"] == 1 and report["target"] == 0.2

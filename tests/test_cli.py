@@ -12,13 +12,23 @@ from digitrec.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "digitrec", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "digitrec", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_recipes_json_lists_every_recipe(capsys):
     assert main(["recipes", "--json"]) == 0
     recipes = json.loads(capsys.readouterr().out)
-    assert {"seed-mlp", "seed-mlp-bn", "seed-mlp-dropout", "seed-lenet", "seed-cnn", "seed-cnn-bn", "default"} <= recipes.keys()
+    assert {
+        "seed-mlp",
+        "seed-mlp-bn",
+        "seed-mlp-dropout",
+        "seed-lenet",
+        "seed-cnn",
+        "seed-cnn-bn",
+        "default",
+    } <= recipes.keys()
     assert recipes["seed-mlp-bn"]["reported_accuracy"] == 0.956
 
 
@@ -52,7 +62,11 @@ def test_not_our_checkpoint(tmp_path):
     bogus = tmp_path / "model.safetensors"
     bogus.write_bytes(b"\x80\x04K\x01.")  # a pickle
     result = run_cli("evaluate", str(bogus))
-    assert result.returncode == 2 and "not a digitrec checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2
+        and "not a digitrec checkpoint" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_bad_flag_type_is_rejected_by_argparse():
@@ -62,8 +76,22 @@ def test_bad_flag_type_is_rejected_by_argparse():
 
 def test_train_and_evaluate_on_a_data_dir(idx_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--recipe", "fast", "--epochs", "2", "--data-dir", str(idx_folder), "--out", str(out),
-                 "--no-progress", "--val-size", "200"])
+    code = main(
+        [
+            "train",
+            "--recipe",
+            "fast",
+            "--epochs",
+            "2",
+            "--data-dir",
+            str(idx_folder),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--val-size",
+            "200",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and str(out / "report.html") in printed

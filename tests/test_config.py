@@ -23,7 +23,13 @@ def test_seed_recipes_follow_their_documents():
     assert (bn.epochs, bn.momentum, bn.reported_accuracy, bn.normalize) == (20, 0.5, 0.956, (0.5, 0.5))
     assert get_recipe("seed-cnn").batch_size == 128 and get_recipe("seed-cnn").epochs == 100
     cnn_bn = get_recipe("seed-cnn-bn")
-    assert (cnn_bn.augment, cnn_bn.schedule, cnn_bn.step_epochs, cnn_bn.gamma, cnn_bn.epochs) == ("rotate10", "step", 5, 0.5, 15)
+    assert (cnn_bn.augment, cnn_bn.schedule, cnn_bn.step_epochs, cnn_bn.gamma, cnn_bn.epochs) == (
+        "rotate10",
+        "step",
+        5,
+        0.5,
+        15,
+    )
 
 
 def test_seed_001_quirk_decays_before_the_first_step():
@@ -45,15 +51,25 @@ def test_onecycle_warms_up_then_decays_to_zero():
 
 def test_cosine_and_step():
     assert lr_at(TrainConfig(schedule="cosine", lr=1.0), 50, 10, 100) == pytest.approx(0.5)
-    assert lr_at(TrainConfig(schedule="step", lr=1.0, step_epochs=5, gamma=0.5), 10 * 10, 10, 1000) == pytest.approx(0.25)
+    assert lr_at(
+        TrainConfig(schedule="step", lr=1.0, step_epochs=5, gamma=0.5), 10 * 10, 10, 1000
+    ) == pytest.approx(0.25)
 
 
 def test_overrides_apply_and_validate():
     config = get_recipe("seed-lenet").override(epochs=3, lr=0.1, betas=[0.8, 0.9])
     assert (config.epochs, config.lr, config.betas) == (3.0, 0.1, (0.8, 0.9))
     assert get_recipe("seed-lenet").epochs == 20  # recipes are frozen, overrides copy
-    assert get_recipe("seed-lenet").override(epochs=0.5).epochs == 0.5  # a whole-number recipe takes a fraction
-    for bad in ({"epochs": -1}, {"optimizer": "rmsprop"}, {"colour": "red"}, {"batch_size": 1.5}, {"amp": "yes"}):
+    assert (
+        get_recipe("seed-lenet").override(epochs=0.5).epochs == 0.5
+    )  # a whole-number recipe takes a fraction
+    for bad in (
+        {"epochs": -1},
+        {"optimizer": "rmsprop"},
+        {"colour": "red"},
+        {"batch_size": 1.5},
+        {"amp": "yes"},
+    ):
         with pytest.raises(DigitrecError):
             TrainConfig().override(**bad)
 
@@ -66,7 +82,9 @@ def test_unknown_recipe_is_a_user_error():
 def test_toml_round_trip(tmp_path):
     config = RECIPES["default"].override(epochs=2, label_smoothing=0.05)
     path = tmp_path / "c.toml"
-    path.write_text(to_toml({"recipe": "default", "epochs": 2.0, "label_smoothing": 0.05, "betas": (0.9, 0.99)}))
+    path.write_text(
+        to_toml({"recipe": "default", "epochs": 2.0, "label_smoothing": 0.05, "betas": (0.9, 0.99)})
+    )
     values = load_toml(path)
     assert values.pop("recipe") == "default"
     assert get_recipe("default").override(**values) == config

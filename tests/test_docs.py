@@ -14,8 +14,13 @@ from digitrec.config import RECIPES
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = [DOCS / "index.md", *sorted((DOCS / "tutorial").glob("*.md"))]
 # Small settings: later flags override earlier ones, so these shrink each command without editing it.
-SMALL = {"train": ["--epochs", "1", "--val-size", "100", "--no-progress"], "tune": ["--trials", "2", "--epochs", "1", "--val-size", "100"],
-         "robustness": ["--limit", "50"], "explore": ["--samples", "100"], "eval-real": ["--count", "2"]}
+SMALL = {
+    "train": ["--epochs", "1", "--val-size", "100", "--no-progress"],
+    "tune": ["--trials", "2", "--epochs", "1", "--val-size", "100"],
+    "robustness": ["--limit", "50"],
+    "explore": ["--samples", "100"],
+    "eval-real": ["--count", "2"],
+}
 NOT_RUN = {"serve"}  # blocks until stopped; tests/test_server.py covers it
 
 

@@ -18,18 +18,34 @@ pytest.importorskip("sklearn")
 
 def test_explore_finds_mislabelled_images(tiny_mnist, tmp_path):
     model_dir = tmp_path / "model"
-    train(get_recipe("fast").override(epochs=2), model_dir, recipe="fast", data=tiny_mnist, progress=False, report=False,
-          log=lambda msg: None)
+    train(
+        get_recipe("fast").override(epochs=2),
+        model_dir,
+        recipe="fast",
+        data=tiny_mnist,
+        progress=False,
+        report=False,
+        log=lambda msg: None,
+    )
     # five training images given a wrong label after the model learned from the right ones
     flipped = [3, 50, 400, 777, 1100]
     labels = tiny_mnist.train_labels.clone()
     labels[flipped] = (labels[flipped] + 1) % 10
     noisy = dataclasses.replace(tiny_mnist, train_labels=labels)
-    summary = explore(noisy, tmp_path / "explore", models=[model_dir], samples=200, embedding="tsne", log=lambda msg: None)
+    summary = explore(
+        noisy, tmp_path / "explore", models=[model_dir], samples=200, embedding="tsne", log=lambda msg: None
+    )
     top = [row["index"] for row in summary["ambiguous"]["images"][:10]]
     assert set(flipped) <= set(top)
     assert summary["train_counts"] == torch.bincount(labels.long(), minlength=10).tolist()
-    assert {"class_balance.png", "mean_images.png", "embedding.png", "ambiguous.png", "explore.html", "explore.json"} <= set(summary["files"])
+    assert {
+        "class_balance.png",
+        "mean_images.png",
+        "embedding.png",
+        "ambiguous.png",
+        "explore.html",
+        "explore.json",
+    } <= set(summary["files"])
     page = (tmp_path / "explore" / "explore.html").read_text()
     assert page.count("<img") == 4 and "t-SNE" in page
 

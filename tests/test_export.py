@@ -28,8 +28,15 @@ pytest.importorskip("onnxruntime")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_mnist) -> Path:
     """The fast recipe trained for a few epochs on the synthetic set: real BatchNorm statistics, high accuracy."""
     out = tmp_path_factory.mktemp("tiny-run")
-    train(get_recipe("fast").override(epochs=4), out, recipe="fast", data=tiny_mnist, progress=False, report=False,
-          log=lambda msg: None)
+    train(
+        get_recipe("fast").override(epochs=4),
+        out,
+        recipe="fast",
+        data=tiny_mnist,
+        progress=False,
+        report=False,
+        log=lambda msg: None,
+    )
     return out / "model.safetensors"
 
 
@@ -55,7 +62,9 @@ def test_folding_batchnorm_removes_it_and_keeps_the_outputs(arch: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
     assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in folded.modules())
-    assert any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())  # the original is untouched
+    assert any(
+        isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()
+    )  # the original is untouched
 
 
 def test_normalization_folds_into_an_unpadded_first_conv_only() -> None:
@@ -75,9 +84,13 @@ def test_batchnorm_with_a_negative_scale_after_max_pool_is_kept() -> None:
     assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 1
 
 
-def test_float_export_matches_pytorch_at_any_batch_size(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path) -> None:
+def test_float_export_matches_pytorch_at_any_batch_size(
+    tiny_checkpoint: Path, tiny_mnist, tmp_path: Path
+) -> None:
     out = tmp_path / "tiny.onnx"
-    result = export_onnx(tiny_checkpoint, out, test_images=tiny_mnist.test_images, test_labels=tiny_mnist.test_labels)
+    result = export_onnx(
+        tiny_checkpoint, out, test_images=tiny_mnist.test_images, test_labels=tiny_mnist.test_labels
+    )
     assert out.exists() and result.precision == "float32"
     assert result.max_prob_diff <= 1e-4
     assert result.onnx_accuracy == result.torch_accuracy > 0.9
@@ -105,20 +118,33 @@ def test_export_metadata_names_the_source_checkpoint(tiny_checkpoint: Path, tmp_
 
 def test_int8_export_keeps_the_accuracy(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path) -> None:
     out = tmp_path / "tiny.int8.onnx"
-    result = export_onnx(tiny_checkpoint, out, int8=True, test_images=tiny_mnist.test_images,
-                         test_labels=tiny_mnist.test_labels, calibration_images=tiny_mnist.train_images)
+    result = export_onnx(
+        tiny_checkpoint,
+        out,
+        int8=True,
+        test_images=tiny_mnist.test_images,
+        test_labels=tiny_mnist.test_labels,
+        calibration_images=tiny_mnist.train_images,
+    )
     assert result.precision == "int8" and out.exists()
     assert result.torch_accuracy - result.onnx_accuracy <= 0.001
     assert onnx_metadata(out)["export"]["precision"] == "int8"
 
 
-def test_int8_export_that_loses_accuracy_fails_and_writes_nothing(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_export_that_loses_accuracy_fails_and_writes_nothing(
+    tiny_checkpoint: Path, tiny_mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(export_module, "INT8_MAX_DROP", -1.0)  # any result now counts as a loss
     out = tmp_path / "bad.int8.onnx"
     with pytest.raises(DigitrecError, match="nothing was written"):
-        export_onnx(tiny_checkpoint, out, int8=True, test_images=tiny_mnist.test_images,
-                    test_labels=tiny_mnist.test_labels, calibration_images=tiny_mnist.train_images)
+        export_onnx(
+            tiny_checkpoint,
+            out,
+            int8=True,
+            test_images=tiny_mnist.test_images,
+            test_labels=tiny_mnist.test_labels,
+            calibration_images=tiny_mnist.train_images,
+        )
     assert not out.exists()
 
 
@@ -127,8 +153,9 @@ def test_int8_export_without_data_is_a_user_error(tiny_checkpoint: Path, tmp_pat
         export_onnx(tiny_checkpoint, tmp_path / "x.onnx", int8=True)
 
 
-def test_onnx_predictor_gives_the_same_answers(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onnx_predictor_gives_the_same_answers(
+    tiny_checkpoint: Path, tiny_mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     batch = as_input(tiny_mnist.test_images[:50])
     torch_answers = Predictor.load(tiny_checkpoint).predict_tensor(batch)
@@ -137,14 +164,23 @@ def test_onnx_predictor_gives_the_same_answers(tiny_checkpoint: Path, tiny_mnist
     for predictor in (Predictor.load(exported), Predictor.load(tiny_checkpoint, backend="onnx")):
         answers = predictor.predict_tensor(batch)
         assert [a.digit for a in answers] == [t.digit for t in torch_answers]
-        assert np.abs(np.array([a.probabilities for a in answers]) - np.array([t.probabilities for t in torch_answers])).max() <= 1e-4
+        assert (
+            np.abs(
+                np.array([a.probabilities for a in answers])
+                - np.array([t.probabilities for t in torch_answers])
+            ).max()
+            <= 1e-4
+        )
     assert len(list((tmp_path / "cache" / "digitrec" / "onnx").glob("*.onnx"))) == 1  # exported once, cached
 
 
-def test_export_command_prints_parity_and_accuracy(tiny_checkpoint: Path, idx_folder: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture) -> None:
+def test_export_command_prints_parity_and_accuracy(
+    tiny_checkpoint: Path, idx_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "cli.onnx"
-    assert main(["export", str(tiny_checkpoint.parent), "--out", str(out), "--data-dir", str(idx_folder)]) == 0
+    assert (
+        main(["export", str(tiny_checkpoint.parent), "--out", str(out), "--data-dir", str(idx_folder)]) == 0
+    )
     printed = capsys.readouterr().out
     assert out.exists()
     assert "max |Δprob|" in printed and "ONNX Runtime" in printed

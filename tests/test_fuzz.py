@@ -36,9 +36,13 @@ def check(examples: int, *strategies, **settings_kwargs):
     """Run the decorated property `examples` times now (it takes the drawn values as arguments)."""
 
     def run(prop):
-        settings(max_examples=examples, deadline=None, derandomize=examples == QUICK,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **settings_kwargs)(
-            given(*strategies)(prop))()
+        settings(
+            max_examples=examples,
+            deadline=None,
+            derandomize=examples == QUICK,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            **settings_kwargs,
+        )(given(*strategies)(prop))()
 
     return run
 
@@ -64,15 +68,20 @@ def test_idx_random_bytes(examples):
     check(examples, st.binary(max_size=256))(assert_idx_outcome)
 
 
-dims = st.lists(st.one_of(st.integers(0, 40), st.integers(0, 2**32 - 1), st.sampled_from([2**16, 10**9, 2**31])),
-                min_size=0, max_size=6)
+dims = st.lists(
+    st.one_of(st.integers(0, 40), st.integers(0, 2**32 - 1), st.sampled_from([2**16, 10**9, 2**31])),
+    min_size=0,
+    max_size=6,
+)
 
 
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_idx_lying_headers(examples):
     """Right magic, any type byte, dims from tiny to 2^32-1, and a payload of any length."""
 
-    @check(examples, st.sampled_from([0x08, 0x08, 0x09, 0x0D, 0xFF]), dims, st.integers(0, 2000), st.booleans())
+    @check(
+        examples, st.sampled_from([0x08, 0x08, 0x09, 0x0D, 0xFF]), dims, st.integers(0, 2000), st.booleans()
+    )
     def prop(dtype_code, dims, payload_size, exact):
         size = math.prod(dims) if exact and math.prod(dims) <= 4096 else payload_size
         assert_idx_outcome(idx_header(dtype_code, dims) + bytes(size))
@@ -92,7 +101,11 @@ def test_idx_headers_claiming_huge_counts_are_refused_without_allocating(dims):
 def checkpoint_bytes(tmp_path_factory) -> tuple[bytes, bytes]:
     """A real (small) model file and its side file."""
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save_model(path, create_model("lenet"), {"recipe": "r", "config": {"arch": "lenet", "normalize": [0.1307, 0.3081]}})
+    save_model(
+        path,
+        create_model("lenet"),
+        {"recipe": "r", "config": {"arch": "lenet", "normalize": [0.1307, 0.3081]}},
+    )
     return path.read_bytes(), path.with_suffix(".json").read_bytes()
 
 
@@ -123,17 +136,25 @@ def test_checkpoint_damaged(examples, tmp_path, checkpoint_bytes):
     """Truncated or with bytes changed anywhere: refused when the side file is there, else loaded or refused."""
     good, side = checkpoint_bytes
 
-    @check(examples, st.integers(0, len(good) - 1), st.binary(min_size=1, max_size=8), st.booleans(), st.booleans())
+    @check(
+        examples,
+        st.integers(0, len(good) - 1),
+        st.binary(min_size=1, max_size=8),
+        st.booleans(),
+        st.booleans(),
+    )
     def prop(offset, patch, truncate, with_side):
-        data = good[:offset] if truncate else good[:offset] + patch + good[offset + len(patch):]
+        data = good[:offset] if truncate else good[:offset] + patch + good[offset + len(patch) :]
         outcome = load_outcome(tmp_path, data, side if with_side else None)
         if with_side and data != good:
             assert outcome == "refused"
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                           max_leaves=12)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 @pytest.mark.parametrize("examples", EXAMPLES)
@@ -173,7 +194,9 @@ def test_resume_refuses_a_foreign_checkpoint(tmp_path, checkpoint_bytes):
     from digitrec.config import TrainConfig
     from digitrec.training import train
 
-    (tmp_path / "last.safetensors").write_bytes(checkpoint_bytes[0])  # a model file, not a training checkpoint
+    (tmp_path / "last.safetensors").write_bytes(
+        checkpoint_bytes[0]
+    )  # a model file, not a training checkpoint
     with pytest.raises(CheckpointError, match="not a digitrec training checkpoint"):
         train(TrainConfig(), tmp_path, resume=True, progress=False, log=lambda m: None)
 
@@ -198,7 +221,12 @@ def png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def image_bytes(image: np.ndarray, fmt: str) -> bytes:
@@ -218,12 +246,17 @@ def test_preprocess_random_bytes(examples):
 def test_preprocess_damaged_images(examples):
     """Real PNG/JPEG/BMP/GIF files of any small size, cut short or with bytes changed."""
 
-    @check(examples, hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=48)),
-           st.sampled_from(["PNG", "JPEG", "BMP", "GIF"]), st.floats(0, 1), st.binary(max_size=4))
+    @check(
+        examples,
+        hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=48)),
+        st.sampled_from(["PNG", "JPEG", "BMP", "GIF"]),
+        st.floats(0, 1),
+        st.binary(max_size=4),
+    )
     def prop(pixels, fmt, where, patch):
         data = image_bytes(pixels, fmt)
         offset = int(where * len(data))
-        assert_mnist_like_or_image_error(data[:offset] + patch + data[offset + len(patch):])
+        assert_mnist_like_or_image_error(data[:offset] + patch + data[offset + len(patch) :])
 
 
 @pytest.mark.parametrize("examples", EXAMPLES)
@@ -260,8 +293,15 @@ def client(tmp_path_factory):
 
 
 ENDPOINTS = ["/api/predict", "/api/read", "/api/feedback", "/api/predict?explain=true", "/api/predict?top=x"]
-CONTENT_TYPES = ["application/json", "multipart/form-data; boundary=xyz", "multipart/form-data", "image/png",
-                 "text/plain", "application/x-www-form-urlencoded", ""]
+CONTENT_TYPES = [
+    "application/json",
+    "multipart/form-data; boundary=xyz",
+    "multipart/form-data",
+    "image/png",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "",
+]
 
 
 def request_bodies():
@@ -273,9 +313,15 @@ def request_bodies():
         junk,
         json_values.map(lambda v: json.dumps(v).encode()),
         st.tuples(junk, json_values).map(
-            lambda t: json.dumps({"image": base64.b64encode(t[0]).decode(), "label": t[1]}).encode()),
-        junk.map(lambda b: b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
-                 + b + b"\r\n--xyz--\r\n"),
+            lambda t: json.dumps({"image": base64.b64encode(t[0]).decode(), "label": t[1]}).encode()
+        ),
+        junk.map(
+            lambda b: (
+                b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+                + b
+                + b"\r\n--xyz--\r\n"
+            )
+        ),
     )
 
 
@@ -292,7 +338,9 @@ def test_api_answers_junk_with_4xx(examples, client):
 
 @pytest.mark.parametrize("side", [8_000, 50_000])
 def test_api_refuses_a_decompression_bomb(client, side):
-    response = client.post("/api/predict", files={"file": ("bomb.png", png_claiming(side, side), "image/png")})
+    response = client.post(
+        "/api/predict", files={"file": ("bomb.png", png_claiming(side, side), "image/png")}
+    )
     detail = response.json()["detail"]
     assert response.status_code in (400, 413) and ("too large" in detail or "megapixels" in detail)
 
@@ -303,7 +351,9 @@ def test_api_reads_any_real_image_or_says_why_not(examples, client):
 
     @check(examples, hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=64)))
     def prop(pixels):
-        response = client.post("/api/predict", files={"file": ("x.png", image_bytes(pixels, "PNG"), "image/png")})
+        response = client.post(
+            "/api/predict", files={"file": ("x.png", image_bytes(pixels, "PNG"), "image/png")}
+        )
         assert response.status_code in (200, 400), response.text
         if response.status_code == 200:
             assert len(response.json()["probabilities"]) == 10

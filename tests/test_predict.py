@@ -27,8 +27,11 @@ def pretrained() -> Predictor:
 def untrained_path(tmp_path) -> Path:
     torch.manual_seed(0)
     path = tmp_path / "model.safetensors"
-    save_model(path, create_model("fast_cnn"), {"recipe": "test", "config": {"arch": "fast_cnn"},
-                                                "temperature": 2.0, "reject_below": 0.3})
+    save_model(
+        path,
+        create_model("fast_cnn"),
+        {"recipe": "test", "config": {"arch": "fast_cnn"}, "temperature": 2.0, "reject_below": 0.3},
+    )
     return path
 
 
@@ -56,7 +59,9 @@ def test_bundled_model_reads_photographed_digits(pretrained):
 
 def test_predictions_are_well_formed(pretrained):
     (p,) = pretrained.predict(pen_photos(1)[0].data, top_k=4)
-    assert len(p.top) == 4 and [d for d, _ in p.top] == sorted(range(10), key=lambda d: -p.probabilities[d])[:4]
+    assert (
+        len(p.top) == 4 and [d for d, _ in p.top] == sorted(range(10), key=lambda d: -p.probabilities[d])[:4]
+    )
     assert sum(p.probabilities) == pytest.approx(1.0, abs=1e-5) and p.confidence == pytest.approx(p.top[0][1])
 
 
@@ -73,7 +78,10 @@ def test_reject_below_is_configurable(untrained_path):
     x = torch.zeros(3, 1, 28, 28)
     x[:, :, 5:23, 12:16] = 1
     assert all(not p.rejected for p in Predictor.load(untrained_path, reject_below=0.0).predict_tensor(x))
-    assert all(p.rejected and p.digit is None for p in Predictor.load(untrained_path, reject_below=1.0).predict_tensor(x))
+    assert all(
+        p.rejected and p.digit is None
+        for p in Predictor.load(untrained_path, reject_below=1.0).predict_tensor(x)
+    )
 
 
 def test_temperature_softens_probabilities(untrained_path):
@@ -101,17 +109,37 @@ def test_read_generated_numbers(pretrained):
 def test_cli_predict_keeps_going_past_bad_files(tmp_path, capsys, untrained_path):
     good = write_png(tmp_path / "good.png", line_image([5], gap=0.3)[0])
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
-    code = main(["predict", str(good), str(tmp_path / "missing.png"), str(tmp_path / "broken.jpg"),
-                 "--model", str(untrained_path), "--json", "--top-k", "2", "--show-steps", str(tmp_path / "steps")])
+    code = main(
+        [
+            "predict",
+            str(good),
+            str(tmp_path / "missing.png"),
+            str(tmp_path / "broken.jpg"),
+            "--model",
+            str(untrained_path),
+            "--json",
+            "--top-k",
+            "2",
+            "--show-steps",
+            str(tmp_path / "steps"),
+        ]
+    )
     rows = json.loads(capsys.readouterr().out)
-    assert code == 0 and [r["path"] for r in rows] == [str(good), str(tmp_path / "missing.png"), str(tmp_path / "broken.jpg")]
+    assert code == 0 and [r["path"] for r in rows] == [
+        str(good),
+        str(tmp_path / "missing.png"),
+        str(tmp_path / "broken.jpg"),
+    ]
     assert set(rows[0]) == {"path", "digit", "confidence", "top"} and len(rows[0]["top"]) == 2
     assert "does not exist" in rows[1]["error"] and "error" in rows[2]
     assert (tmp_path / "steps" / "good.steps.png").exists()
 
 
 def test_cli_fails_only_when_every_file_failed(tmp_path, capsys, untrained_path):
-    assert main(["predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", str(untrained_path)]) == 1
+    assert (
+        main(["predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", str(untrained_path)])
+        == 1
+    )
     out = capsys.readouterr().out
     assert out.count("does not exist") == 2 and "Traceback" not in out
 

@@ -73,7 +73,11 @@ def test_light_ink_on_dark_paper_gives_the_same_digit():
     dark_on_light = page(5)
     x1, x2 = preprocess(dark_on_light), preprocess(255 - dark_on_light)
     # The same picture up to a one-pixel shift (a faint edge pixel can move the bounding box).
-    best = max(np.corrcoef(x1.ravel(), np.roll(x2, (dy, dx), (0, 1)).ravel())[0, 1] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    best = max(
+        np.corrcoef(x1.ravel(), np.roll(x2, (dy, dx), (0, 1)).ravel())[0, 1]
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    )
     assert best > 0.9
 
 
@@ -90,7 +94,9 @@ def test_a_clean_drawing_skips_the_lighting_model_and_reads_the_same(polarity):
     gray = page(4) if polarity == "dark ink" else 255 - page(4)
     assert uniform_paper(load_gray(gray)) is not None  # a drawing app's canvas: the fast path
     g = load_gray(gray)
-    full = to_mnist(select_digit(threshold(flatten(g, polarity == "dark ink"))))  # the photo path on the same page
+    full = to_mnist(
+        select_digit(threshold(flatten(g, polarity == "dark ink")))
+    )  # the photo path on the same page
     assert np.abs(preprocess(gray) - full).mean() < 0.02
 
 
@@ -127,7 +133,25 @@ def test_exif_orientation_is_applied():
     assert np.abs(preprocess(rotated_file) - preprocess(png_bytes(upright, "JPEG", quality=95))).mean() < 0.03
 
 
-@pytest.mark.parametrize("kind", ["path", "bytes", "pil", "rgb", "rgba", "palette", "cmyk", "uint16", "float", "gray16png", "bmp", "webp", "gif", "tiff"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "path",
+        "bytes",
+        "pil",
+        "rgb",
+        "rgba",
+        "palette",
+        "cmyk",
+        "uint16",
+        "float",
+        "gray16png",
+        "bmp",
+        "webp",
+        "gif",
+        "tiff",
+    ],
+)
 def test_every_input_kind_reads_the_same(kind, tmp_path):
     gray = page(2)
     reference = preprocess(gray)
@@ -163,18 +187,35 @@ def test_every_input_kind_reads_the_same(kind, tmp_path):
 
 def test_steps_show_every_stage_in_order():
     x, steps = preprocess(page(6), return_steps=True)
-    assert list(steps) == ["gray", "polarity", "flatten", "threshold", "select", "crop", "stroke", "scale20", "center28", "mnist"]
+    assert list(steps) == [
+        "gray",
+        "polarity",
+        "flatten",
+        "threshold",
+        "select",
+        "crop",
+        "stroke",
+        "scale20",
+        "center28",
+        "mnist",
+    ]
     assert all(np.asarray(s).ndim == 2 for s in steps.values())
     assert np.array_equal(steps["mnist"], x)
 
 
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny valid PNG whose header claims width x height pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
 
 
 def bad_input(kind: str, tmp_path: Path):
@@ -202,11 +243,21 @@ def bad_input(kind: str, tmp_path: Path):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind, words", [
-    ("missing", "does not exist"), ("folder", "is a folder"), ("text", "not an image"), ("truncated", "truncated"),
-    ("empty-bytes", "empty"), ("zero", "too small"), ("one-pixel", "1x1 pixels"), ("bomb", "decompression-bomb"),
-    ("nan", "NaN"), ("shape", "shape"),
-])
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("missing", "does not exist"),
+        ("folder", "is a folder"),
+        ("text", "not an image"),
+        ("truncated", "truncated"),
+        ("empty-bytes", "empty"),
+        ("zero", "too small"),
+        ("one-pixel", "1x1 pixels"),
+        ("bomb", "decompression-bomb"),
+        ("nan", "NaN"),
+        ("shape", "shape"),
+    ],
+)
 def test_bad_input_fails_with_one_clear_sentence(kind, words, tmp_path):
     with pytest.raises(ImageError) as info:
         preprocess(bad_input(kind, tmp_path))
@@ -226,7 +277,12 @@ def test_folders_expand_to_their_images_only(tmp_path):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(5, 80), st.integers(5, 80), st.sampled_from(["uint8", "uint16", "float32", "bool", "int64"]), st.integers(0, 2**31))
+@given(
+    st.integers(5, 80),
+    st.integers(5, 80),
+    st.sampled_from(["uint8", "uint16", "float32", "bool", "int64"]),
+    st.integers(0, 2**31),
+)
 def test_random_arrays_give_an_mnist_image_or_image_error(height, width, dtype, seed):
     rng = np.random.default_rng(seed)
     array = (rng.random((height, width)) * rng.choice([1, 255, 70000, -5])).astype(dtype)

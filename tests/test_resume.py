@@ -19,9 +19,21 @@ from digitrec.checkpoint import load_tensors
 
 # Dropout, batch norm, augmentation, fused AdamW with weight decay, a one-cycle schedule, channels_last and
 # bfloat16 autocast: every source of randomness and every piece of state that a resume has to restore.
-CONFIG = {"arch": "bn_cnn", "epochs": 2, "batch_size": 32, "lr": 3e-3, "schedule": "onecycle", "augment": "affine",
-          "weight_decay": 0.01, "label_smoothing": 0.1, "val_size": 200, "checkpoint_every_steps": 3, "threads": 1,
-          "channels_last": True, "amp": True}
+CONFIG = {
+    "arch": "bn_cnn",
+    "epochs": 2,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "schedule": "onecycle",
+    "augment": "affine",
+    "weight_decay": 0.01,
+    "label_smoothing": 0.1,
+    "val_size": 200,
+    "checkpoint_every_steps": 3,
+    "threads": 1,
+    "channels_last": True,
+    "amp": True,
+}
 TRAIN_IMAGES = 600
 STEPS_PER_EPOCH = 13  # 400 training images in batches of 32: 12 full ones and one of 16
 
@@ -66,10 +78,14 @@ def alive(pid: int) -> bool:
         return False
 
 
-def kill_mid_epoch(command: list[str], out: Path, after_step: int, steps_per_epoch: int, timeout: float = 600) -> int:
+def kill_mid_epoch(
+    command: list[str], out: Path, after_step: int, steps_per_epoch: int, timeout: float = 600
+) -> int:
     """Start `command`, SIGKILL it (and any workers it started) as soon as a mid-epoch checkpoint past `after_step`
     appears; returns the checkpoint's step."""
-    child = subprocess.Popen(command, env=runkit.child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        command, env=runkit.child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and child.poll() is None:
@@ -83,7 +99,9 @@ def kill_mid_epoch(command: list[str], out: Path, after_step: int, steps_per_epo
         _, stderr = child.communicate()
     assert child.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {stderr[-2000:]!r}"
     step = last_step(out)
-    assert step % steps_per_epoch, "the last checkpoint is at an epoch end; the test wants one inside an epoch"
+    assert step % steps_per_epoch, (
+        "the last checkpoint is at an epoch end; the test wants one inside an epoch"
+    )
     return step
 
 
@@ -99,23 +117,39 @@ def assert_same_run(a: Path, b: Path, exact_history: bool = True) -> None:
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     clock = {"train_seconds", "eval_seconds", "seconds"}
     metrics_a, metrics_b = (json.loads((run / "metrics.json").read_text()) for run in (a, b))
-    assert {k: v for k, v in metrics_a.items() if k not in clock} == {k: v for k, v in metrics_b.items() if k not in clock}
+    assert {k: v for k, v in metrics_a.items() if k not in clock} == {
+        k: v for k, v in metrics_b.items() if k not in clock
+    }
     history_a, history_b = (json.loads((run / "history.json").read_text()) for run in (a, b))
-    rows_a, rows_b = ([{k: v for k, v in row.items() if k not in clock} for row in history] for history in (history_a, history_b))
+    rows_a, rows_b = (
+        [{k: v for k, v in row.items() if k not in clock} for row in history]
+        for history in (history_a, history_b)
+    )
     if exact_history:
         assert rows_a == rows_b
     else:
         assert len(rows_a) == len(rows_b)
-        assert all(row_a == pytest.approx(row_b, rel=1e-6) for row_a, row_b in zip(rows_a, rows_b, strict=True))
+        assert all(
+            row_a == pytest.approx(row_b, rel=1e-6) for row_a, row_b in zip(rows_a, rows_b, strict=True)
+        )
 
 
 @pytest.mark.parametrize("nproc", [0, pytest.param(2, marks=pytest.mark.slow, id="torchrun-2")])
 def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, nproc):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    uninterrupted = subprocess.Popen(runkit.command({"config": CONFIG, "out": str(whole), "train_images": TRAIN_IMAGES}, nproc),
-                                     env=runkit.child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    step = kill_mid_epoch(runkit.command({"config": CONFIG, "out": str(killed), "train_images": TRAIN_IMAGES}, nproc),
-                          killed, after_step=STEPS_PER_EPOCH, steps_per_epoch=STEPS_PER_EPOCH)
+    uninterrupted = subprocess.Popen(
+        runkit.command({"config": CONFIG, "out": str(whole), "train_images": TRAIN_IMAGES}, nproc),
+        env=runkit.child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    step = kill_mid_epoch(
+        runkit.command({"config": CONFIG, "out": str(killed), "train_images": TRAIN_IMAGES}, nproc),
+        killed,
+        after_step=STEPS_PER_EPOCH,
+        steps_per_epoch=STEPS_PER_EPOCH,
+    )
     assert STEPS_PER_EPOCH < step < 2 * STEPS_PER_EPOCH
     assert not (killed / "metrics.json").exists()
 
@@ -130,12 +164,27 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, nproc):
 @pytest.mark.slow
 def test_cli_kill_9_then_resume_on_mnist(tmp_path):
     """`digitrec train` on real MNIST, killed mid-epoch, then `digitrec train --resume DIR`."""
-    flags = ["--recipe", "fast", "--epochs", "0.4", "--checkpoint-every-steps", "10", "--threads", "1", "--no-progress"]
+    flags = [
+        "--recipe",
+        "fast",
+        "--epochs",
+        "0.4",
+        "--checkpoint-every-steps",
+        "10",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     train = [sys.executable, "-m", "digitrec", "train", *flags]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     env = runkit.child_env()
     subprocess.run(train + ["--out", str(whole)], check=True, capture_output=True, timeout=1200, env=env)
     kill_mid_epoch(train + ["--out", str(killed)], killed, after_step=30, steps_per_epoch=313)  # 60,000 / 192
-    subprocess.run([sys.executable, "-m", "digitrec", "train", "--resume", str(killed), "--no-progress"],
-                   check=True, capture_output=True, timeout=1200, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "digitrec", "train", "--resume", str(killed), "--no-progress"],
+        check=True,
+        capture_output=True,
+        timeout=1200,
+        env=env,
+    )
     assert_same_run(whole, killed)

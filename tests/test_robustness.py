@@ -19,8 +19,15 @@ def run_dir(tmp_path_factory, tiny_mnist):
     from digitrec.config import get_recipe
 
     out = tmp_path_factory.mktemp("robust-run")
-    train(get_recipe("fast").override(epochs=2), out, recipe="fast", data=tiny_mnist, progress=False, report=False,
-          log=lambda msg: None)
+    train(
+        get_recipe("fast").override(epochs=2),
+        out,
+        recipe="fast",
+        data=tiny_mnist,
+        progress=False,
+        report=False,
+        log=lambda msg: None,
+    )
     return out
 
 
@@ -35,10 +42,15 @@ def test_perturbations_change_ink_the_way_they_say(tiny_mnist):
     ink = images.float().sum()
     assert robustness.perturb(images, BY_NAME["stroke"], 1).float().sum() > ink  # dilate: thicker
     assert robustness.perturb(images, BY_NAME["stroke"], -1).float().sum() < ink  # erode: thinner
-    assert robustness.perturb(images, BY_NAME["contrast"], 0.5).float().sum() == pytest.approx(ink.item() / 2, rel=0.01)
+    assert robustness.perturb(images, BY_NAME["contrast"], 0.5).float().sum() == pytest.approx(
+        ink.item() / 2, rel=0.01
+    )
     assert torch.equal(robustness.perturb(images, BY_NAME["inversion"], 1.0), 255 - images)
     # seeded: the same call twice gives the same images, so several models see identical inputs
-    assert torch.equal(robustness.perturb(images, BY_NAME["rotation"], 30), robustness.perturb(images, BY_NAME["rotation"], 30))
+    assert torch.equal(
+        robustness.perturb(images, BY_NAME["rotation"], 30),
+        robustness.perturb(images, BY_NAME["rotation"], 30),
+    )
 
 
 def test_coverage_curve_trades_answers_for_accuracy():
@@ -52,7 +64,9 @@ def test_coverage_curve_trades_answers_for_accuracy():
 def test_strong_perturbations_hurt_a_trained_model(run_dir, tiny_mnist):
     model = robustness.load_scored(run_dir)
     chosen = [BY_NAME["inversion"], BY_NAME["noise"]]
-    report = robustness.evaluate_robustness([model], tiny_mnist.test_images[:150], tiny_mnist.test_labels[:150], chosen)
+    report = robustness.evaluate_robustness(
+        [model], tiny_mnist.test_images[:150], tiny_mnist.test_labels[:150], chosen
+    )
     result = report["models"][0]
     assert result["clean_accuracy"] > 0.8
     assert result["perturbations"]["inversion"][-1]["accuracy"] < result["clean_accuracy"] - 0.3
@@ -61,8 +75,20 @@ def test_strong_perturbations_hurt_a_trained_model(run_dir, tiny_mnist):
 
 def test_cli_compares_several_models_on_one_plot(run_dir, idx_folder, tmp_path, capsys):
     out = tmp_path / "robustness"
-    code = main(["robustness", str(run_dir), str(run_dir / "model.safetensors"), "--limit", "40", "--json",
-                 "--out", str(out), "--data-dir", str(idx_folder)])
+    code = main(
+        [
+            "robustness",
+            str(run_dir),
+            str(run_dir / "model.safetensors"),
+            "--limit",
+            "40",
+            "--json",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(idx_folder),
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 40 and len(report["models"]) == 2
@@ -72,8 +98,25 @@ def test_cli_compares_several_models_on_one_plot(run_dir, idx_folder, tmp_path, 
 
 
 def test_cli_table_and_missing_model(run_dir, idx_folder, tmp_path, capsys):
-    assert main(["robustness", str(run_dir), "--limit", "20", "--out", str(tmp_path), "--data-dir", str(idx_folder)]) == 0
+    assert (
+        main(
+            [
+                "robustness",
+                str(run_dir),
+                "--limit",
+                "20",
+                "--out",
+                str(tmp_path),
+                "--data-dir",
+                str(idx_folder),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "rotation" in printed and "coverage" in printed and "plot:" in printed
-    assert main(["robustness", str(tmp_path / "nope"), "--data-dir", str(idx_folder), "--out", str(tmp_path)]) == 2
+    assert (
+        main(["robustness", str(tmp_path / "nope"), "--data-dir", str(idx_folder), "--out", str(tmp_path)])
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err

@@ -20,7 +20,9 @@ def line_image(digits: list[int], seed: int = 0, gap: float | None = None, heigh
         width = sum(g.shape[1] for g in glyphs) + int(gap * height) * (len(glyphs) - 1)
         line, boxes, x = np.zeros((hmax, width + 5), np.float32), [], 0
         for g in glyphs:
-            line[hmax - g.shape[0] :, x : x + g.shape[1]] = np.maximum(line[hmax - g.shape[0] :, x : x + g.shape[1]], g)
+            line[hmax - g.shape[0] :, x : x + g.shape[1]] = np.maximum(
+                line[hmax - g.shape[0] :, x : x + g.shape[1]], g
+            )
             boxes.append((x, hmax - g.shape[0], g.shape[1], g.shape[0]))
             x += g.shape[1] + int(gap * height)
     pad = 40
@@ -66,7 +68,9 @@ def test_touching_digits_are_split():
     image, boxes = line_image([2, 3, 6], gap=-0.06)
     pieces = segment(image)
     assert len(pieces) == 3
-    assert all(abs((p.box[0] + p.box[2] / 2) - (b[0] + b[2] / 2)) < 0.3 * b[2] + 4 for p, b in zip(pieces, boxes))
+    assert all(
+        abs((p.box[0] + p.box[2] / 2) - (b[0] + b[2] / 2)) < 0.3 * b[2] + 4 for p, b in zip(pieces, boxes)
+    )
 
 
 def test_the_classifier_picks_how_many_digits_a_blob_holds():

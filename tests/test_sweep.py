@@ -19,8 +19,18 @@ def test_unknown_recipe_fails_before_any_run(tmp_path):
 
 
 def test_summary_has_one_line_per_run_and_a_mean_per_recipe():
-    rows = [{"recipe": "fast", "seed": s, "ok": True, "test_accuracy": a, "test_loss": 0.1, "train_seconds": 2.0, "out": "x"}
-            for s, a in ((0, 0.990), (1, 0.992))] + [{"recipe": "fast", "seed": 2, "ok": False, "out": "runs/x"}]
+    rows = [
+        {
+            "recipe": "fast",
+            "seed": s,
+            "ok": True,
+            "test_accuracy": a,
+            "test_loss": 0.1,
+            "train_seconds": 2.0,
+            "out": "x",
+        }
+        for s, a in ((0, 0.990), (1, 0.992))
+    ] + [{"recipe": "fast", "seed": 2, "ok": False, "out": "runs/x"}]
     table = summary_table(rows).splitlines()
     assert len(table) == 1 + 3 + 1
     assert "failed" in table[3] and "runs/x/train.log" in table[3]
@@ -29,9 +39,28 @@ def test_summary_has_one_line_per_run_and_a_mean_per_recipe():
 
 @pytest.mark.slow
 def test_sweep_two_seeds_on_mnist(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "digitrec", "sweep", "--recipes", "fast", "--seeds", "0", "1",
-                             "--epochs", "0.1", "--parallel", "2", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "digitrec",
+            "sweep",
+            "--recipes",
+            "fast",
+            "--seeds",
+            "0",
+            "1",
+            "--epochs",
+            "0.1",
+            "--parallel",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "summary.json").read_text())
     assert [row["seed"] for row in rows] == [0, 1] and all(row["test_accuracy"] > 0.9 for row in rows)

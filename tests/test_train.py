@@ -11,8 +11,16 @@ from digitrec.checkpoint import load_model, load_tensors
 from digitrec.config import TrainConfig
 from digitrec.training import steps_in_epoch, train
 
-TINY = TrainConfig(arch="fast_cnn", epochs=3, batch_size=64, lr=4e-3, schedule="onecycle", val_size=200,
-                   eval_batch_size=256, label_smoothing=0.1)
+TINY = TrainConfig(
+    arch="fast_cnn",
+    epochs=3,
+    batch_size=64,
+    lr=4e-3,
+    schedule="onecycle",
+    val_size=200,
+    eval_batch_size=256,
+    label_smoothing=0.1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +36,20 @@ def test_it_learns(tiny_run):
 
 def test_run_folder_is_complete(tiny_run):
     names = {p.name for p in tiny_run.out_dir.iterdir()}
-    for expected in ("model.safetensors", "model.json", "last.safetensors", "last.json", "history.json",
-                     "metrics.json", "evaluation.json", "report.html", "curves.png", "confusion.png",
-                     "samples.png", "mistakes.png"):
+    for expected in (
+        "model.safetensors",
+        "model.json",
+        "last.safetensors",
+        "last.json",
+        "history.json",
+        "metrics.json",
+        "evaluation.json",
+        "report.html",
+        "curves.png",
+        "confusion.png",
+        "samples.png",
+        "mistakes.png",
+    ):
         assert expected in names
     metrics = json.loads((tiny_run.out_dir / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["params"] == 215_690
@@ -57,27 +76,55 @@ def test_best_checkpoint_is_chosen_on_validation(tiny_run):
 
 def test_same_seed_same_weights(tiny_mnist, tmp_path):
     config = TINY.override(epochs=1, augment="affine")
-    runs = [train(config, tmp_path / str(i), data=tiny_mnist, progress=False, report=False, log=lambda m: None) for i in range(2)]
+    runs = [
+        train(config, tmp_path / str(i), data=tiny_mnist, progress=False, report=False, log=lambda m: None)
+        for i in range(2)
+    ]
     a, _ = load_tensors(runs[0].model_path)
     b, _ = load_tensors(runs[1].model_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c, _ = load_tensors(train(config.override(seed=1), tmp_path / "other", data=tiny_mnist, progress=False,
-                              report=False, log=lambda m: None).model_path)
+    c, _ = load_tensors(
+        train(
+            config.override(seed=1),
+            tmp_path / "other",
+            data=tiny_mnist,
+            progress=False,
+            report=False,
+            log=lambda m: None,
+        ).model_path
+    )
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_resume_continues_exactly(tiny_mnist, tmp_path):
     # a schedule that does not depend on the run length, so a 1-epoch run is the first half of a 2-epoch one
-    config = TINY.override(epochs=2, val_size=0, augment="affine", weight_decay=0.01, schedule="step", step_epochs=1, gamma=0.5)
+    config = TINY.override(
+        epochs=2, val_size=0, augment="affine", weight_decay=0.01, schedule="step", step_epochs=1, gamma=0.5
+    )
     full = train(config, tmp_path / "full", data=tiny_mnist, progress=False, report=False, log=lambda m: None)
-    train(config.override(epochs=1), tmp_path / "half", data=tiny_mnist, progress=False, report=False, log=lambda m: None)
+    train(
+        config.override(epochs=1),
+        tmp_path / "half",
+        data=tiny_mnist,
+        progress=False,
+        report=False,
+        log=lambda m: None,
+    )
     # pretend the 1-epoch run was a 2-epoch run that stopped after epoch 1, then resume it
     tensors, meta = load_tensors(tmp_path / "half" / "last.safetensors")
     from digitrec.checkpoint import save_tensors
 
     meta["config"]["epochs"] = 2.0
     save_tensors(tmp_path / "half" / "last.safetensors", tensors, meta)
-    resumed = train(TrainConfig(), tmp_path / "half", data=tiny_mnist, resume=True, progress=False, report=False, log=lambda m: None)
+    resumed = train(
+        TrainConfig(),
+        tmp_path / "half",
+        data=tiny_mnist,
+        resume=True,
+        progress=False,
+        report=False,
+        log=lambda m: None,
+    )
     a, _ = load_tensors(full.model_path)
     b, _ = load_tensors(resumed.model_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -85,13 +132,23 @@ def test_resume_continues_exactly(tiny_mnist, tmp_path):
 
 
 def test_early_stopping_stops(tiny_mnist, tmp_path):
-    config = TINY.override(arch="mlp_500_256", epochs=30, lr=1e-12, schedule="constant", early_stopping_patience=2)
+    config = TINY.override(
+        arch="mlp_500_256", epochs=30, lr=1e-12, schedule="constant", early_stopping_patience=2
+    )
     run = train(config, tmp_path, data=tiny_mnist, progress=False, report=False, log=lambda m: None)
     assert len(run.history) < 30
 
 
 def test_dry_run_is_quick_and_complete(tiny_mnist, tmp_path):
-    run = train(TINY.override(epochs=50), tmp_path, data=tiny_mnist, dry_run=True, progress=False, report=False, log=lambda m: None)
+    run = train(
+        TINY.override(epochs=50),
+        tmp_path,
+        data=tiny_mnist,
+        dry_run=True,
+        progress=False,
+        report=False,
+        log=lambda m: None,
+    )
     assert run.metrics["epochs"] == 1 and run.model_path.exists()
 
 

@@ -12,7 +12,9 @@ from digitrec.cli import main
 pytest.importorskip("optuna")
 
 
-def test_tune_prunes_bad_trials_and_writes_a_config_train_accepts(tiny_mnist, idx_folder, tmp_path, monkeypatch, capsys):
+def test_tune_prunes_bad_trials_and_writes_a_config_train_accepts(
+    tiny_mnist, idx_folder, tmp_path, monkeypatch, capsys
+):
     # Two sound trials, then one whose learning rate cannot learn anything: the median pruner stops it after epoch 1.
     monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}, {"lr": 3e-3}, {"lr": 1e-9}]))
     out = tmp_path / "tune"
@@ -21,8 +23,25 @@ def test_tune_prunes_bad_trials_and_writes_a_config_train_accepts(tiny_mnist, id
     assert states == ["COMPLETE", "COMPLETE", "PRUNED"]
     assert result.best_params["lr"] in (4e-3, 3e-3) and 0.5 < result.best_value <= 1
     assert "pruned" in (out / "trials.csv").read_text() and (out / "tuning.png").exists()
-    assert main(["train", "--config", str(result.config_path), "--epochs", "1", "--data-dir", str(idx_folder),
-                 "--out", str(tmp_path / "run"), "--no-progress", "--val-size", "100"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(result.config_path),
+                "--epochs",
+                "1",
+                "--data-dir",
+                str(idx_folder),
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+                "--val-size",
+                "100",
+            ]
+        )
+        == 0
+    )
     saved = json.loads((tmp_path / "run" / "model.json").read_text())
     assert saved["recipe"] == "fast" and saved["config"]["lr"] == result.best_params["lr"]
 
@@ -39,10 +58,27 @@ def fixed_suggest(plan):
 
 def test_processes_share_one_study_through_storage(idx_folder, tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 'tune.db'}"
-    args = ["tune", "--recipe", "fast", "--trials", "1", "--epochs", "1", "--val-size", "200", "--storage", storage,
-            "--study", "shared", "--data-dir", str(idx_folder)]
+    args = [
+        "tune",
+        "--recipe",
+        "fast",
+        "--trials",
+        "1",
+        "--epochs",
+        "1",
+        "--val-size",
+        "200",
+        "--storage",
+        storage,
+        "--study",
+        "shared",
+        "--data-dir",
+        str(idx_folder),
+    ]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
-    assert main([*args, "--out", str(tmp_path / "b"), "--seed", "1"]) == 0  # a second process joins the same study
+    assert (
+        main([*args, "--out", str(tmp_path / "b"), "--seed", "1"]) == 0
+    )  # a second process joins the same study
     printed = capsys.readouterr().out
     assert "best validation accuracy" in printed and "digitrec train --config" in printed
     assert (tmp_path / "b" / "trials.csv").read_text().count("\n") == 3  # header + both processes' trials

@@ -30,8 +30,15 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; each is imported on first use (PEP 562)
 _LAZY = {
-    "Predictor": "predict", "Prediction": "predict", "ReadResult": "predict", "DigitBox": "predict",
-    "Run": "training", "TrainConfig": "config", "RECIPES": "config", "MNIST": "data", "load_mnist": "data",
+    "Predictor": "predict",
+    "Prediction": "predict",
+    "ReadResult": "predict",
+    "DigitBox": "predict",
+    "Run": "training",
+    "TrainConfig": "config",
+    "RECIPES": "config",
+    "MNIST": "data",
+    "load_mnist": "data",
 }
 __all__ = ["DigitrecError", "train", "__version__", *_LAZY]
 

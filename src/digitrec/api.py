@@ -58,4 +58,6 @@ def train(
     data = data or load_mnist(data_dir, log=quiet)
     # Training needs autograd even if something earlier in this process (a Predictor) switched it off.
     with torch.enable_grad():
-        return train_loop(resolved, out, recipe=recipe, data=data, progress=progress, report=report, log=quiet)
+        return train_loop(
+            resolved, out, recipe=recipe, data=data, progress=progress, report=report, log=quiet
+        )

@@ -63,7 +63,9 @@ def negative_bank(size: int = 2400) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)[:, None])
 
 
-def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def _uniform(
+    n: int, low: float, high: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
     return (torch.rand(n, generator=generator, device=generator.device) * (high - low) + low).to(device)
 
 
@@ -77,8 +79,12 @@ def elastic(x: torch.Tensor, generator: torch.Generator, max_px: float = 1.6) ->
     strength = _per_sample(_uniform(n, 0, max_px, generator, x.device)) * (2 / h)
     coarse = torch.randn(n, 2, 5, 5, generator=generator, device=generator.device).to(x.device)
     field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True) * strength
-    identity = F.affine_grid(torch.eye(2, 3, device=x.device).expand(n, 2, 3), list(x.shape), align_corners=False)
-    return F.grid_sample(x, identity + field.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros", align_corners=False)
+    identity = F.affine_grid(
+        torch.eye(2, 3, device=x.device).expand(n, 2, 3), list(x.shape), align_corners=False
+    )
+    return F.grid_sample(
+        x, identity + field.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
 
 
 def thickness(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -23,7 +23,9 @@ def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True
     try:
         import onnxruntime as ort
     except ImportError:
-        raise DigitrecError("ONNX Runtime is not installed; install it with `pip install digitrec[export]`.") from None
+        raise DigitrecError(
+            "ONNX Runtime is not installed; install it with `pip install digitrec[export]`."
+        ) from None
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or (os.cpu_count() or 1)
@@ -38,14 +40,18 @@ def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for unreadable or invalid files
         name = source if isinstance(source, str) else "the exported model"
-        raise DigitrecError(f"ONNX Runtime cannot load {name}; it is not a valid ONNX model ({type(exc).__name__}).") from None
+        raise DigitrecError(
+            f"ONNX Runtime cannot load {name}; it is not a valid ONNX model ({type(exc).__name__})."
+        ) from None
 
 
 def session_metadata(session) -> dict[str, Any]:
     """The digitrec metadata an exported model carries: its source checkpoint's, plus an `export` entry."""
     text = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     if text is None:
-        raise DigitrecError("this ONNX model was not exported by `digitrec export`; export the checkpoint with it.")
+        raise DigitrecError(
+            "this ONNX model was not exported by `digitrec export`; export the checkpoint with it."
+        )
     try:
         return json.loads(text)
     except json.JSONDecodeError:

@@ -79,9 +79,12 @@ class RecipeResult:
         low, median, high = self.accuracy()
         peaks = [r.peak_mb for r in self.runs if r.peak_mb is not None]
         return {
-            "recipe": self.recipe, "arch": self.arch, "params": self.params,
+            "recipe": self.recipe,
+            "arch": self.arch,
+            "params": self.params,
             "seconds_to_target": self.seconds_to_target,
-            "reached_target": sum(r.seconds_to_target is not None for r in self.runs), "seeds": len(self.runs),
+            "reached_target": sum(r.seconds_to_target is not None for r in self.runs),
+            "seeds": len(self.runs),
             "test_accuracy": {"min": low, "median": median, "max": high},
             "train_plus_eval_seconds": statistics.median(r.train_seconds + r.eval_seconds for r in self.runs),
             "peak_mb": max(peaks) if peaks else None,
@@ -89,7 +92,9 @@ class RecipeResult:
         }
 
 
-def _train_seed(name: str, config: TrainConfig, data: MNIST, target: float, stop_at_target: bool) -> tuple[SeedRun, int]:
+def _train_seed(
+    name: str, config: TrainConfig, data: MNIST, target: float, stop_at_target: bool
+) -> tuple[SeedRun, int]:
     """One training run, with the test accuracy checked after each epoch; (the run, the model's parameters)."""
     from .training import predict_logits, train
 
@@ -107,13 +112,23 @@ def _train_seed(name: str, config: TrainConfig, data: MNIST, target: float, stop
     before = _rss_mb("VmRSS")
     _reset_peak_rss()
     with tempfile.TemporaryDirectory() as out:
-        run = train(config, out, recipe=name, data=data, progress=False, report=False, log=lambda msg: None,
-                    on_epoch=on_epoch)
+        run = train(
+            config,
+            out,
+            recipe=name,
+            data=data,
+            progress=False,
+            report=False,
+            log=lambda msg: None,
+            on_epoch=on_epoch,
+        )
     peak = _rss_mb("VmHWM")
     m = run.metrics
     reached = next((seconds for seconds, accuracy in checks if accuracy >= target), None)
     extra = None if peak is None or before is None else max(0.0, peak - before)
-    return SeedRun(config.seed, reached, m["test_accuracy"], m["train_seconds"], m["eval_seconds"], extra, checks), m["params"]
+    return SeedRun(
+        config.seed, reached, m["test_accuracy"], m["train_seconds"], m["eval_seconds"], extra, checks
+    ), m["params"]
 
 
 def bench_train(
@@ -130,11 +145,17 @@ def bench_train(
         runs = []
         params = 0
         for offset in range(seeds):
-            run, params = _train_seed(name, config.override(seed=config.seed + offset), data, target, stop_at_target)
+            run, params = _train_seed(
+                name, config.override(seed=config.seed + offset), data, target, stop_at_target
+            )
             runs.append(run)
-            to_target = f"{run.seconds_to_target:.2f} s" if run.seconds_to_target is not None else "not reached"
-            log(f"{name} seed {run.seed}: test accuracy {run.test_accuracy:.2%}, to {target:.2%} {to_target}, "
-                f"train {run.train_seconds:.2f} s + eval {run.eval_seconds:.2f} s")
+            to_target = (
+                f"{run.seconds_to_target:.2f} s" if run.seconds_to_target is not None else "not reached"
+            )
+            log(
+                f"{name} seed {run.seed}: test accuracy {run.test_accuracy:.2%}, to {target:.2%} {to_target}, "
+                f"train {run.train_seconds:.2f} s + eval {run.eval_seconds:.2f} s"
+            )
         results.append(RecipeResult(name, config.arch, params, runs))
     return results
 
@@ -150,12 +171,18 @@ def train_table(results: Sequence[RecipeResult], target: float, baseline: str = 
     for r in results:
         d = r.to_dict()
         seconds = r.seconds_to_target
-        shown = f"{seconds:.2f}" if seconds is not None else f"missed ({d['reached_target']}/{d['seeds']} reached)"
+        shown = (
+            f"{seconds:.2f}"
+            if seconds is not None
+            else f"missed ({d['reached_target']}/{d['seeds']} reached)"
+        )
         ratio = f"{seconds / base:.1f}" if seconds is not None and base else "-"
         acc = d["test_accuracy"]
         peak = f"{d['peak_mb']:.0f}" if d["peak_mb"] is not None else "-"
-        lines.append(f"| {r.recipe} | {r.params:,} | {shown} | {ratio} | {acc['min']:.2%} / {acc['median']:.2%} / "
-                     f"{acc['max']:.2%} | {d['train_plus_eval_seconds']:.2f} | {d['seeds']} | {peak} |")
+        lines.append(
+            f"| {r.recipe} | {r.params:,} | {shown} | {ratio} | {acc['min']:.2%} / {acc['median']:.2%} / "
+            f"{acc['max']:.2%} | {d['train_plus_eval_seconds']:.2f} | {d['seeds']} | {peak} |"
+        )
     return "\n".join(lines)
 
 
@@ -254,11 +281,20 @@ def bench_infer(
         for name in backends:
             start = time.perf_counter()
             if name.startswith("torch"):
-                runners[name] = torch_runner(model, bf16=name == "torch-bf16", compiled=name == "torch-compiled")
+                runners[name] = torch_runner(
+                    model, bf16=name == "torch-bf16", compiled=name == "torch-compiled"
+                )
             else:
                 path = Path(tmp) / f"{name}.onnx"
-                export_onnx(checkpoint, path, int8=name == "onnx-int8", test_images=images, test_labels=test_labels,
-                            calibration_images=calibration, log=lambda msg: None)
+                export_onnx(
+                    checkpoint,
+                    path,
+                    int8=name == "onnx-int8",
+                    test_images=images,
+                    test_labels=test_labels,
+                    calibration_images=calibration,
+                    log=lambda msg: None,
+                )
                 runners[name] = _onnx_runner(path)
             for size in batch_sizes:  # warm-up, and compilation for torch.compile at each shape
                 for _ in range(3):
@@ -266,8 +302,10 @@ def bench_infer(
             setup[name] = time.perf_counter() - start
             log(f"{name}: ready in {setup[name]:.1f} s")
 
-        batches = {size: [pixels[i : i + size] for i in range(0, max(1, len(pixels) - size + 1), size)][:64]
-                   for size in batch_sizes}
+        batches = {
+            size: [pixels[i : i + size] for i in range(0, max(1, len(pixels) - size + 1), size)][:64]
+            for size in batch_sizes
+        }
         rates: dict[tuple[str, int], list[float]] = {}
         latencies: dict[tuple[str, int], list[float]] = {}
         for _ in range(rounds):
@@ -280,18 +318,32 @@ def bench_infer(
     for name in backends:
         for size in batch_sizes:
             times = np.array(latencies[(name, size)]) * 1000
-            results.append(InferResult(name, size, statistics.median(rates[(name, size)]),
-                                       float(np.percentile(times, 50)), float(np.percentile(times, 99)), setup[name]))
+            results.append(
+                InferResult(
+                    name,
+                    size,
+                    statistics.median(rates[(name, size)]),
+                    float(np.percentile(times, 50)),
+                    float(np.percentile(times, 99)),
+                    setup[name],
+                )
+            )
     return results
 
 
 def infer_table(results: Sequence[InferResult]) -> str:
     """One row per backend: images/s, p50 and p99 latency at each batch size."""
     sizes = sorted({r.batch_size for r in results})
-    header = "| backend | " + " | ".join(f"batch {s:,}: images/s | p50 ms | p99 ms" for s in sizes) + " | setup s |"
+    header = (
+        "| backend | "
+        + " | ".join(f"batch {s:,}: images/s | p50 ms | p99 ms" for s in sizes)
+        + " | setup s |"
+    )
     lines = [header, "|---|" + "---:|---:|---:|" * len(sizes) + "---:|"]
     for name in dict.fromkeys(r.backend for r in results):
         row = {r.batch_size: r for r in results if r.backend == name}
-        cells = " | ".join(f"{row[s].images_per_s:,.0f} | {row[s].p50_ms:.3f} | {row[s].p99_ms:.3f}" for s in sizes)
+        cells = " | ".join(
+            f"{row[s].images_per_s:,.0f} | {row[s].p50_ms:.3f} | {row[s].p99_ms:.3f}" for s in sizes
+        )
         lines.append(f"| {name} | {cells} | {row[sizes[0]].setup_seconds:.1f} |")
     return "\n".join(lines)

@@ -69,8 +69,13 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def calibrate(model_path: str | Path, count: int = 600, log: Callable[[str], None] = print,
-              out_path: str | Path | None = None, half: bool = False) -> dict[str, Any]:
+def calibrate(
+    model_path: str | Path,
+    count: int = 600,
+    log: Callable[[str], None] = print,
+    out_path: str | Path | None = None,
+    half: bool = False,
+) -> dict[str, Any]:
     """Fit T on the MNIST validation split, choose the reject threshold on generated calibration photos,
     and write both into the checkpoint's metadata (in place, or to `out_path`).
 
@@ -87,7 +92,9 @@ def calibrate(model_path: str | Path, count: int = 600, log: Callable[[str], Non
     model, meta = load_model(model_path)
     config = TrainConfig.from_dict(meta.get("config", {}))
     data = load_mnist()
-    _, _, val_images, val_labels = split_validation(data.train_images, data.train_labels, config.val_size or 5000, seed=0)
+    _, _, val_images, val_labels = split_validation(
+        data.train_images, data.train_labels, config.val_size or 5000, seed=0
+    )
     val_logits = predict_logits(model, val_images)
     temperature = fit_temperature(val_logits, val_labels)
     val_probs_raw = softmax(val_logits.numpy())
@@ -97,26 +104,41 @@ def calibrate(model_path: str | Path, count: int = 600, log: Callable[[str], Non
     ece_before = expected_calibration_error(val_probs_raw, labels)
     ece_after = expected_calibration_error(val_probs, labels)
     ece_test = expected_calibration_error(test_probs, data.test_labels.numpy())
-    log(f"temperature {temperature:.3f}: validation ECE {ece_before:.4f} -> {ece_after:.4f}, test ECE {ece_test:.4f}")
+    log(
+        f"temperature {temperature:.3f}: validation ECE {ece_before:.4f} -> {ece_after:.4f}, test ECE {ece_test:.4f}"
+    )
 
     def confidences(name: str) -> np.ndarray:
         batch = np.stack([preprocess(s.data) for s in generate(name, count, CALIBRATION_SEED)])[:, None]
         with torch.inference_mode():
             logits = model(torch.from_numpy(batch)).float().numpy()
         probs = softmax(logits, temperature).max(axis=1)
-        probs[batch.reshape(len(batch), -1).sum(1) < 1.0] = 0.0  # blank pages: the predictor rejects them outright
+        probs[batch.reshape(len(batch), -1).sum(1) < 1.0] = (
+            0.0  # blank pages: the predictor rejects them outright
+        )
         return probs
 
     digits = np.concatenate([confidences("mnist-photo"), confidences("pen-photo"), val_probs.max(axis=1)])
     negatives = confidences("negatives")
     reject_below = choose_threshold(digits)
     stopped = float((negatives < reject_below).mean())
-    log(f"reject below {reject_below:.4f}: rejects {(digits < reject_below).mean():.2%} of calibration digits "
-        f"and {stopped:.2%} of calibration non-digits")
-    calibration = {"temperature": temperature, "reject_below": reject_below,
-                   "calibration": {"val_ece_before": ece_before, "val_ece": ece_after, "test_ece": ece_test,
-                                   "digits_rejected": float((digits < reject_below).mean()),
-                                   "negatives_rejected": stopped, "count": count, "seed": CALIBRATION_SEED}}
+    log(
+        f"reject below {reject_below:.4f}: rejects {(digits < reject_below).mean():.2%} of calibration digits "
+        f"and {stopped:.2%} of calibration non-digits"
+    )
+    calibration = {
+        "temperature": temperature,
+        "reject_below": reject_below,
+        "calibration": {
+            "val_ece_before": ece_before,
+            "val_ece": ece_after,
+            "test_ece": ece_test,
+            "digits_rejected": float((digits < reject_below).mean()),
+            "negatives_rejected": stopped,
+            "count": count,
+            "seed": CALIBRATION_SEED,
+        },
+    }
     tensors = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_tensors(out_path or model_path, tensors, {**meta, **calibration})
     return calibration

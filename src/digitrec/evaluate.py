@@ -31,7 +31,9 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
     return ece.item()
 
 
-def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, mistakes: int = 36) -> dict[str, Any]:
+def compute_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, mistakes: int = 36
+) -> dict[str, Any]:
     """Everything the report shows, from logits (N, 10) and labels (N,)."""
     labels = labels.long().cpu()
     logits = logits.float().cpu()
@@ -53,19 +55,31 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
         "ece": expected_calibration_error(probabilities, labels),
         "temperature": temperature,
         "per_class": [
-            {"digit": d, "precision": precision[d].item(), "recall": recall[d].item(), "f1": f1[d].item(),
-             "support": int(confusion[d].sum())}
+            {
+                "digit": d,
+                "precision": precision[d].item(),
+                "recall": recall[d].item(),
+                "f1": f1[d].item(),
+                "support": int(confusion[d].sum()),
+            }
             for d in range(10)
         ],
         "confusion": confusion.tolist(),
         "mistakes": [
-            {"index": int(i), "label": int(labels[i]), "predicted": int(predicted[i]), "confidence": confidence[i].item()}
+            {
+                "index": int(i),
+                "label": int(labels[i]),
+                "predicted": int(predicted[i]),
+                "confidence": confidence[i].item(),
+            }
             for i in worst
         ],
     }
 
 
-def evaluate_model(model: nn.Module, data: MNIST, config: TrainConfig | None = None, temperature: float = 1.0) -> tuple[dict[str, Any], torch.Tensor]:
+def evaluate_model(
+    model: nn.Module, data: MNIST, config: TrainConfig | None = None, temperature: float = 1.0
+) -> tuple[dict[str, Any], torch.Tensor]:
     """(metrics, logits) of `model` on the MNIST test set."""
     from .training import predict_logits
 
@@ -94,22 +108,39 @@ def write_report(
     if meta is None and (out_dir / "model.json").exists():
         meta = json.loads((out_dir / "model.json").read_text())
     # a calibrated checkpoint reports its calibration error at its own temperature
-    metrics, logits = evaluate_model(model, data, config, temperature=float((meta or {}).get("temperature", 1.0)))
+    metrics, logits = evaluate_model(
+        model, data, config, temperature=float((meta or {}).get("temperature", 1.0))
+    )
     predicted = logits.argmax(1)
     atomic_write_json(out_dir / "evaluation.json", metrics)
     figures = {}
     if history:
         figures["Training curves"] = plots.curves(history, out_dir / "curves.png")
-    figures["Test samples (truth / prediction)"] = plots.samples(data.test_images, data.test_labels, predicted, out_dir / "samples.png")
+    figures["Test samples (truth / prediction)"] = plots.samples(
+        data.test_images, data.test_labels, predicted, out_dir / "samples.png"
+    )
     figures["Confusion matrix"] = plots.confusion(metrics["confusion"], out_dir / "confusion.png")
-    figures["Most confident mistakes"] = plots.mistakes(data.test_images, metrics["mistakes"], out_dir / "mistakes.png")
+    figures["Most confident mistakes"] = plots.mistakes(
+        data.test_images, metrics["mistakes"], out_dir / "mistakes.png"
+    )
     robust = robustness.for_report(model, data)
     figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
     card = modelcard.write_model_card(out_dir, model, metrics, meta, config, data, robust)
     report = out_dir / "report.html"
-    atomic_write_text(report, render_html(title or f"digitrec run {out_dir.name}", metrics, figures, config, history,
-                                          modelcard.to_html(card)))
-    log(f"test accuracy {metrics['test_accuracy']:.2%} ({metrics['errors']} errors of {metrics['count']}); report: {report}")
+    atomic_write_text(
+        report,
+        render_html(
+            title or f"digitrec run {out_dir.name}",
+            metrics,
+            figures,
+            config,
+            history,
+            modelcard.to_html(card),
+        ),
+    )
+    log(
+        f"test accuracy {metrics['test_accuracy']:.2%} ({metrics['errors']} errors of {metrics['count']}); report: {report}"
+    )
     return metrics
 
 
@@ -118,14 +149,25 @@ def _image_tag(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{encoded}">'
 
 
-def render_html(title: str, metrics: dict[str, Any], figures: dict[str, Path], config: TrainConfig | None,
-                history: list[dict[str, float]] | None, model_card_html: str = "") -> str:
+def render_html(
+    title: str,
+    metrics: dict[str, Any],
+    figures: dict[str, Path],
+    config: TrainConfig | None,
+    history: list[dict[str, float]] | None,
+    model_card_html: str = "",
+) -> str:
     rows = "".join(
         f"<tr><td>{c['digit']}</td><td>{c['precision']:.4f}</td><td>{c['recall']:.4f}</td><td>{c['f1']:.4f}</td><td>{c['support']}</td></tr>"
         for c in metrics["per_class"]
     )
     history_rows = "".join(
-        "<tr>" + "".join(f"<td>{_fmt(row.get(k))}</td>" for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")) + "</tr>"
+        "<tr>"
+        + "".join(
+            f"<td>{_fmt(row.get(k))}</td>"
+            for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+        )
+        + "</tr>"
         for row in history or []
     )
     sections = "".join(f"<h2>{html.escape(name)}</h2>{_image_tag(path)}" for name, path in figures.items())
@@ -137,15 +179,15 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 img{{max-width:100%;border:1px solid #eee}}.big{{font-size:2em;font-weight:600}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
 </head><body>
 <h1>{html.escape(title)}</h1>
-<p class="big">Test accuracy {metrics['test_accuracy']:.2%}</p>
-<p>{metrics['errors']} errors on {metrics['count']} test images; test loss {metrics['test_loss']:.4f};
-expected calibration error {metrics['ece']:.4f}.</p>
+<p class="big">Test accuracy {metrics["test_accuracy"]:.2%}</p>
+<p>{metrics["errors"]} errors on {metrics["count"]} test images; test loss {metrics["test_loss"]:.4f};
+expected calibration error {metrics["ece"]:.4f}.</p>
 <h2>Per class</h2>
 <table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
-{('<h2>History</h2><table><tr><th>epoch</th><th>train loss</th><th>train acc</th><th>val loss</th><th>val acc</th><th>lr</th><th>seconds</th></tr>' + history_rows + '</table>') if history_rows else ''}
+{("<h2>History</h2><table><tr><th>epoch</th><th>train loss</th><th>train acc</th><th>val loss</th><th>val acc</th><th>lr</th><th>seconds</th></tr>" + history_rows + "</table>") if history_rows else ""}
 {sections}
 {model_card_html}
-{('<h2>Configuration</h2><pre>' + config_json + '</pre>') if config_json else ''}
+{("<h2>Configuration</h2><pre>" + config_json + "</pre>") if config_json else ""}
 </body></html>
 """
 

@@ -69,14 +69,18 @@ def embed(pixels: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.n
         from sklearn.decomposition import PCA
         from sklearn.manifold import TSNE
     except ImportError:
-        raise DigitrecError("digitrec explore needs scikit-learn; install it with `pip install digitrec[explore]`.") from None
+        raise DigitrecError(
+            "digitrec explore needs scikit-learn; install it with `pip install digitrec[explore]`."
+        ) from None
     reduced = PCA(n_components=min(50, *pixels.shape), random_state=seed).fit_transform(pixels)
     if method in ("auto", "umap"):
         try:
             import umap  # optional: faster and keeps more global structure than t-SNE
         except ImportError:
             if method == "umap":
-                raise DigitrecError("--embedding umap needs umap-learn; install it or use --embedding tsne.") from None
+                raise DigitrecError(
+                    "--embedding umap needs umap-learn; install it or use --embedding tsne."
+                ) from None
         else:
             return umap.UMAP(random_state=seed).fit_transform(reduced), "UMAP"
     perplexity = min(30.0, (len(pixels) - 1) / 3)  # t-SNE needs perplexity < number of points
@@ -91,8 +95,16 @@ def embedding_plot(coords: np.ndarray, labels: np.ndarray, method: str, path: Pa
         if len(points):
             ax.scatter(points[:, 0], points[:, 1], s=4, color=colors(digit), alpha=0.6, label=str(digit))
             center = np.median(points, axis=0)
-            ax.text(float(center[0]), float(center[1]), str(digit), fontsize=16, weight="bold", ha="center", va="center",
-                    bbox=dict(boxstyle="circle", fc="white", alpha=0.8, ec=colors(digit)))
+            ax.text(
+                float(center[0]),
+                float(center[1]),
+                str(digit),
+                fontsize=16,
+                weight="bold",
+                ha="center",
+                va="center",
+                bbox=dict(boxstyle="circle", fc="white", alpha=0.8, ec=colors(digit)),
+            )
     ax.set(title=f"{method} of {len(coords):,} training images (PCA-50 of the pixels)", xticks=[], yticks=[])
     ax.legend(markerscale=4, fontsize=8, ncol=2, loc="best")
     return _save(fig, path)
@@ -112,13 +124,22 @@ def ambiguity(probabilities: list[torch.Tensor], labels: torch.Tensor) -> dict[s
     return {"distinct": distinct, "label_probability": label_probability, "predicted": predicted}
 
 
-def most_ambiguous(probabilities: list[torch.Tensor], labels: torch.Tensor, count: int = 36) -> list[dict[str, Any]]:
+def most_ambiguous(
+    probabilities: list[torch.Tensor], labels: torch.Tensor, count: int = 36
+) -> list[dict[str, Any]]:
     scores = ambiguity(probabilities, labels)
     # one sort key: distinct answers dominate, the label's probability (in [0, 1]) breaks ties
     key = scores["distinct"].double() * 2 - scores["label_probability"].double()
     order = key.argsort(descending=True)[:count]
-    return [{"index": int(i), "label": int(labels[i]), "predicted": scores["predicted"][i].tolist(),
-             "label_probability": float(scores["label_probability"][i])} for i in order]
+    return [
+        {
+            "index": int(i),
+            "label": int(labels[i]),
+            "predicted": scores["predicted"][i].tolist(),
+            "label_probability": float(scores["label_probability"][i]),
+        }
+        for i in order
+    ]
 
 
 def ambiguous_plot(images: torch.Tensor, rows: list[dict[str, Any]], path: Path) -> Path:
@@ -141,13 +162,17 @@ def explore(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = {"Class balance": class_balance(data, out_dir / "class_balance.png"),
-               "Mean image per class": mean_images(data, out_dir / "mean_images.png")}
+    figures = {
+        "Class balance": class_balance(data, out_dir / "class_balance.png"),
+        "Mean image per class": mean_images(data, out_dir / "mean_images.png"),
+    }
     chosen = sample_indices(data.train_labels, samples, seed)
     pixels = data.train_images[chosen].reshape(len(chosen), -1).float().numpy() / 255
     log(f"embedding {len(chosen):,} training images in 2-D")
     coords, method = embed(pixels, embedding, seed)
-    figures[f"{method} embedding"] = embedding_plot(coords, data.train_labels[chosen].numpy(), method, out_dir / "embedding.png")
+    figures[f"{method} embedding"] = embedding_plot(
+        coords, data.train_labels[chosen].numpy(), method, out_dir / "embedding.png"
+    )
     summary: dict[str, Any] = {
         "train_counts": torch.bincount(data.train_labels.long(), minlength=10).tolist(),
         "test_counts": torch.bincount(data.test_labels.long(), minlength=10).tolist(),
@@ -167,10 +192,14 @@ def explore(
     else:
         log("no --model given: skipping the most ambiguous images (they need at least one trained model)")
     atomic_write_json(out_dir / "explore.json", summary)
-    counts = "".join(f"<tr><td>{d}</td><td>{summary['train_counts'][d]:,}</td><td>{summary['test_counts'][d]:,}</td></tr>"
-                     for d in range(10))
+    counts = "".join(
+        f"<tr><td>{d}</td><td>{summary['train_counts'][d]:,}</td><td>{summary['test_counts'][d]:,}</td></tr>"
+        for d in range(10)
+    )
     sections = "".join(f"<h2>{html.escape(name)}</h2>{_image_tag(path)}" for name, path in figures.items())
-    atomic_write_text(out_dir / "explore.html", f"""<!doctype html>
+    atomic_write_text(
+        out_dir / "explore.html",
+        f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>digitrec explore</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}img{{max-width:100%}}</style>
@@ -179,6 +208,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;t
 <table><tr><th>digit</th><th>train</th><th>test</th></tr>{counts}</table>
 {sections}
 </body></html>
-""")
+""",
+    )
     summary["files"] = sorted(p.name for p in out_dir.iterdir() if p.suffix in (".png", ".html", ".json"))
     return summary

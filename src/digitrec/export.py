@@ -102,7 +102,9 @@ def _fold_sequentials(module: nn.Module) -> None:
             if isinstance(before, (nn.Conv2d, nn.Linear)):
                 _fold_into(before, layer)
                 continue
-            through_pool = isinstance(before, nn.MaxPool2d) and len(kept) > 1 and isinstance(kept[-2], nn.Conv2d)
+            through_pool = (
+                isinstance(before, nn.MaxPool2d) and len(kept) > 1 and isinstance(kept[-2], nn.Conv2d)
+            )
             if through_pool and bool((layer.weight > 0).all()):
                 _fold_into(kept[-2], layer)
                 continue
@@ -120,7 +122,10 @@ def _fold_sequentials(module: nn.Module) -> None:
 def run_session(session, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Logits for float32 pixels (N, 1, 28, 28), in batches."""
     pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-    outputs = [session.run(None, {INPUT_NAME: pixels[i : i + batch_size]})[0] for i in range(0, len(pixels), batch_size)]
+    outputs = [
+        session.run(None, {INPUT_NAME: pixels[i : i + batch_size]})[0]
+        for i in range(0, len(pixels), batch_size)
+    ]
     return np.concatenate(outputs) if outputs else np.zeros((0, 10), np.float32)
 
 
@@ -147,14 +152,27 @@ def _to_onnx_bytes(model: nn.Module) -> bytes:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, (example,), buffer, dynamo=False,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **names)
+            torch.onnx.export(
+                model,
+                (example,),
+                buffer,
+                dynamo=False,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                **names,
+            )
         return buffer.getvalue()
     except (TypeError, ValueError, RuntimeError, ImportError):  # no TorchScript exporter in this torch
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
-            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), **names)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                **names,
+            )
             return path.read_bytes()
 
 
@@ -175,7 +193,9 @@ def _with_metadata(onnx_bytes: bytes, meta: dict[str, Any]) -> bytes:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, str(value)
     proto.producer_name = "digitrec"
-    proto.doc_string = f"digitrec {meta.get('recipe', '')} model exported from {meta['export']['source_checkpoint']}"
+    proto.doc_string = (
+        f"digitrec {meta.get('recipe', '')} model exported from {meta['export']['source_checkpoint']}"
+    )
     return proto.SerializeToString()
 
 
@@ -196,8 +216,15 @@ def _quantize_int8(float_bytes: bytes, calibration: np.ndarray) -> bytes:
         raw, prepared, quantized = (Path(tmp) / name for name in ("float.onnx", "prepared.onnx", "int8.onnx"))
         raw.write_bytes(float_bytes)
         quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         return quantized.read_bytes()
 
 
@@ -230,12 +257,16 @@ def export_onnx(
         generator = torch.Generator().manual_seed(0)
         test_images = (torch.rand(parity_images, 28, 28, generator=generator) * 255).to(torch.uint8)
     if int8 and (calibration_images is None or test_labels is None):
-        raise DigitrecError("int8 export needs MNIST for calibration and the accuracy check; run `digitrec data` first.")
+        raise DigitrecError(
+            "int8 export needs MNIST for calibration and the accuracy check; run `digitrec data` first."
+        )
 
     onnx_bytes = _to_onnx_bytes(inference_model(model))
     precision = "float32"
     if int8:
-        pick = torch.randperm(len(calibration_images), generator=torch.Generator().manual_seed(0))[:CALIBRATION_IMAGES]
+        pick = torch.randperm(len(calibration_images), generator=torch.Generator().manual_seed(0))[
+            :CALIBRATION_IMAGES
+        ]
         onnx_bytes = _quantize_int8(onnx_bytes, as_input(calibration_images[pick]).numpy())
         precision = "int8"
 
@@ -252,7 +283,9 @@ def export_onnx(
         result.onnx_accuracy = float((exported.argmax(1) == labels).mean())
 
     if not int8 and diff > FLOAT_TOLERANCE:
-        raise DigitrecError(f"the exported model disagrees with PyTorch (max |Δprob| {diff:.2e} > {FLOAT_TOLERANCE:g}); nothing was written.")
+        raise DigitrecError(
+            f"the exported model disagrees with PyTorch (max |Δprob| {diff:.2e} > {FLOAT_TOLERANCE:g}); nothing was written."
+        )
     if int8 and result.torch_accuracy - result.onnx_accuracy > INT8_MAX_DROP:
         raise DigitrecError(
             f"int8 quantization costs {100 * (result.torch_accuracy - result.onnx_accuracy):.2f} points of test accuracy "
@@ -283,7 +316,9 @@ def cached_onnx(checkpoint: str | Path, log: Callable[[str], None] = lambda msg:
     try:
         digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     except FileNotFoundError:
-        raise DigitrecError(f"checkpoint {checkpoint} does not exist; train one with `digitrec train` or pass another path.") from None
+        raise DigitrecError(
+            f"checkpoint {checkpoint} does not exist; train one with `digitrec train` or pass another path."
+        ) from None
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     path = Path(base) / "digitrec" / "onnx" / f"{digest[:32]}.onnx"
     if not path.exists():

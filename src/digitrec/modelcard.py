@@ -55,8 +55,14 @@ def measure_latency(model: nn.Module, repeats: int = 30, batch_size: int = 256) 
 
     one = median_ms(torch.zeros(1, 1, 28, 28, device=device), repeats)
     batch = median_ms(torch.zeros(batch_size, 1, 28, 28, device=device), max(3, repeats // 10))
-    return {"single_ms": one, "batch_ms_per_image": batch / batch_size, "batch_size": batch_size, "device": str(device),
-            "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {platform.system()}"}
+    return {
+        "single_ms": one,
+        "batch_ms_per_image": batch / batch_size,
+        "batch_size": batch_size,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.system()}",
+    }
 
 
 def build_card(
@@ -83,37 +89,84 @@ def build_card(
     created = meta.get("created")
     versions = meta.get("versions", {})
     if created or versions:
-        details.append(f"Trained {created or ''} with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+        details.append(
+            f"Trained {created or ''} with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."
+        )
     sections.append(Section(f"Model card: {recipe} ({arch})", details))
 
     if config:
-        recipe_rows = [[key, f"`{value}`"] for key, value in config.to_dict().items()
-                       if key in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing",
-                                  "augment", "val_size", "seed", "normalize")]
-        text = [f"Recipe `{recipe}`; reproduce it with `digitrec train --recipe {recipe}`." if recipe != "custom" else
-                "A custom configuration; its full values are in model.json."]
+        recipe_rows = [
+            [key, f"`{value}`"]
+            for key, value in config.to_dict().items()
+            if key
+            in (
+                "epochs",
+                "batch_size",
+                "optimizer",
+                "lr",
+                "weight_decay",
+                "schedule",
+                "label_smoothing",
+                "augment",
+                "val_size",
+                "seed",
+                "normalize",
+            )
+        ]
+        text = [
+            f"Recipe `{recipe}`; reproduce it with `digitrec train --recipe {recipe}`."
+            if recipe != "custom"
+            else "A custom configuration; its full values are in model.json."
+        ]
         if config.source:
             text.append(f"Source: {config.source}.")
         sections.append(Section("Recipe", text, (["setting", "value"], recipe_rows)))
 
     checksum = (data.checksum if data else None) or meta.get("data_checksum", "unknown")
-    training = "all 60,000 training images" if config and not config.val_size else (
-        f"60,000 training images less {config.val_size:,} held out for validation" if config else "the MNIST training set")
-    sections.append(Section("Data", [
-        f"MNIST: 28x28 grayscale handwritten digits, white ink on black. Trained on {training}; "
-        f"tested on the {metrics.get('count', 10000):,} test images.",
-        f"Data checksum (MD5 over the four files' MD5s): `{checksum}`" + (f"; loaded from {data.source}." if data else "."),
-    ]))
+    training = (
+        "all 60,000 training images"
+        if config and not config.val_size
+        else (
+            f"60,000 training images less {config.val_size:,} held out for validation"
+            if config
+            else "the MNIST training set"
+        )
+    )
+    sections.append(
+        Section(
+            "Data",
+            [
+                f"MNIST: 28x28 grayscale handwritten digits, white ink on black. Trained on {training}; "
+                f"tested on the {metrics.get('count', 10000):,} test images.",
+                f"Data checksum (MD5 over the four files' MD5s): `{checksum}`"
+                + (f"; loaded from {data.source}." if data else "."),
+            ],
+        )
+    )
 
-    per_class = [[str(c["digit"]), f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"])]
-                 for c in metrics.get("per_class", [])]
-    overall = [f"Test accuracy **{metrics['test_accuracy']:.2%}** ({metrics.get('errors', '?')} errors), "
-               f"test loss {metrics['test_loss']:.4f}."]
+    per_class = [
+        [str(c["digit"]), f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"])]
+        for c in metrics.get("per_class", [])
+    ]
+    overall = [
+        f"Test accuracy **{metrics['test_accuracy']:.2%}** ({metrics.get('errors', '?')} errors), "
+        f"test loss {metrics['test_loss']:.4f}."
+    ]
     if metrics.get("val_accuracy") is not None:
         overall.append(f"Validation accuracy {metrics['val_accuracy']:.2%} (chose the checkpoint).")
-    sections.append(Section("Metrics", overall, (["digit", "precision", "recall", "F1", "support"], per_class) if per_class else None))
+    sections.append(
+        Section(
+            "Metrics",
+            overall,
+            (["digit", "precision", "recall", "F1", "support"], per_class) if per_class else None,
+        )
+    )
 
-    calibration = [f"Expected calibration error (ECE, 15 bins) on the test set: {metrics['ece']:.4f}."] if "ece" in metrics else []
+    calibration = (
+        [f"Expected calibration error (ECE, 15 bins) on the test set: {metrics['ece']:.4f}."]
+        if "ece" in metrics
+        else []
+    )
     if "temperature" in meta:
         calibration.append(f"Calibrated by temperature scaling: T = {float(meta['temperature']):.3f}.")
     if "reject_below" in meta:
@@ -124,22 +177,38 @@ def build_card(
     if robustness:
         result = robustness["models"][0]
         means = summary(result)
-        rows = [[p["name"], p["label"], ", ".join(f"{s:g}" for s in p["strengths"]), f"{means[p['name']]:.2%}",
-                 f"{min(r['accuracy'] for r in result['perturbations'][p['name']]):.2%}"] for p in robustness["perturbations"]]
+        rows = [
+            [
+                p["name"],
+                p["label"],
+                ", ".join(f"{s:g}" for s in p["strengths"]),
+                f"{means[p['name']]:.2%}",
+                f"{min(r['accuracy'] for r in result['perturbations'][p['name']]):.2%}",
+            ]
+            for p in robustness["perturbations"]
+        ]
         coverage = ", ".join(f"{coverage_at(result, c)['accuracy']:.2%} at {c:.0%}" for c in COVERAGES[1:4])
-        sections.append(Section("Robustness", [
-            f"Accuracy on {robustness['images']:,} MNIST test images under each perturbation (`digitrec robustness` "
-            "scores all 10,000 and plots the curves). Clean accuracy on them: "
-            f"{result['clean_accuracy']:.2%}.",
-            f"Rejecting the least confident answers: accuracy {coverage} coverage.",
-        ], (["perturbation", "strength", "strengths", "mean accuracy", "worst"], rows)))
+        sections.append(
+            Section(
+                "Robustness",
+                [
+                    f"Accuracy on {robustness['images']:,} MNIST test images under each perturbation (`digitrec robustness` "
+                    "scores all 10,000 and plots the curves). Clean accuracy on them: "
+                    f"{result['clean_accuracy']:.2%}.",
+                    f"Rejecting the least confident answers: accuracy {coverage} coverage.",
+                ],
+                (["perturbation", "strength", "strengths", "mean accuracy", "worst"], rows),
+            )
+        )
 
     if latency or size_bytes:
         speed = []
         if latency:
-            speed.append(f"Forward pass of one image: {latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
-                         f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} threads, "
-                         f"{latency['machine']}; measured while writing this card, so a busy machine reads slower).")
+            speed.append(
+                f"Forward pass of one image: {latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
+                f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} threads, "
+                f"{latency['machine']}; measured while writing this card, so a busy machine reads slower)."
+            )
         sections.append(Section("Latency and size", speed))
 
     limits = [
@@ -151,16 +220,23 @@ def build_card(
         "server preprocess photos into that form; raw tensors passed to the model must already be in it.",
     ]
     if robustness:
-        weak = [f"{p['name']} (down to {min(r['accuracy'] for r in robustness['models'][0]['perturbations'][p['name']]):.0%})"
-                for p in robustness["perturbations"]
-                if min(r["accuracy"] for r in robustness["models"][0]["perturbations"][p["name"]]) < 0.9]
+        weak = [
+            f"{p['name']} (down to {min(r['accuracy'] for r in robustness['models'][0]['perturbations'][p['name']]):.0%})"
+            for p in robustness["perturbations"]
+            if min(r["accuracy"] for r in robustness["models"][0]["perturbations"][p["name"]]) < 0.9
+        ]
         if weak:
             limits.append("Accuracy falls below 90% under: " + ", ".join(weak) + ".")
-    sections.append(Section("Intended use", [
-        "Reading single handwritten digits, and learning how digit classifiers are trained, evaluated and served. "
-        "Not for decisions about people (grading, cheques, forms, ballots) without a person checking rejected "
-        "and low-confidence answers.",
-    ]))
+    sections.append(
+        Section(
+            "Intended use",
+            [
+                "Reading single handwritten digits, and learning how digit classifiers are trained, evaluated and served. "
+                "Not for decisions about people (grading, cheques, forms, ballots) without a person checking rejected "
+                "and low-confidence answers.",
+            ],
+        )
+    )
     sections.append(Section("Known limits", bullets=limits))
     return sections
 
@@ -199,9 +275,15 @@ def to_html(sections: list[Section]) -> str:
         parts += [f"<p>{_inline_html(p)}</p>" for p in section.paragraphs]
         if section.table:
             headers, rows = section.table
-            parts.append("<table><tr>" + "".join(f"<th>{_inline_html(h)}</th>" for h in headers) + "</tr>"
-                         + "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in rows)
-                         + "</table>")
+            parts.append(
+                "<table><tr>"
+                + "".join(f"<th>{_inline_html(h)}</th>" for h in headers)
+                + "</tr>"
+                + "".join(
+                    "<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in rows
+                )
+                + "</table>"
+            )
         if section.bullets:
             parts.append("<ul>" + "".join(f"<li>{_inline_html(b)}</li>" for b in section.bullets) + "</ul>")
     return '<section class="model-card">' + "\n".join(parts) + "</section>"
@@ -220,6 +302,8 @@ def write_model_card(
     out_dir = Path(out_dir)
     checkpoint = out_dir / "model.safetensors"
     size = checkpoint.stat().st_size if checkpoint.exists() else None
-    sections = build_card(metrics, meta, config, data, robustness, measure_latency(model), size, count_parameters(model))
+    sections = build_card(
+        metrics, meta, config, data, robustness, measure_latency(model), size, count_parameters(model)
+    )
     atomic_write_text(out_dir / "MODEL_CARD.md", to_markdown(sections))
     return sections

@@ -38,8 +38,12 @@ def mlp_bn_300_100() -> nn.Module:
     """Seed 001: 784-300-100-10, each hidden layer Linear -> BatchNorm -> ReLU."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(784, 300), nn.BatchNorm1d(300), nn.ReLU(),
-        nn.Linear(300, 100), nn.BatchNorm1d(100), nn.ReLU(),
+        nn.Linear(784, 300),
+        nn.BatchNorm1d(300),
+        nn.ReLU(),
+        nn.Linear(300, 100),
+        nn.BatchNorm1d(100),
+        nn.ReLU(),
         nn.Linear(100, 10),
     )
 
@@ -48,8 +52,12 @@ def mlp_dropout_512_256() -> nn.Module:
     """Seed 003 plan one: 784-512-256-10 with ReLU and dropout 0.2."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(784, 512), nn.ReLU(), nn.Dropout(0.2),
-        nn.Linear(512, 256), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(784, 512),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(512, 256),
+        nn.ReLU(),
+        nn.Dropout(0.2),
         nn.Linear(256, 10),
     )
 
@@ -60,18 +68,29 @@ def lenet() -> nn.Module:
     The document's fully connected block has no activation between its two layers; we keep that quirk.
     """
     return nn.Sequential(
-        nn.Conv2d(1, 10, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(10, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(320, 50), nn.Linear(50, 10),
+        nn.Conv2d(1, 10, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(10, 20, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(320, 50),
+        nn.Linear(50, 10),
     )
 
 
 def plain_cnn() -> nn.Module:
     """Seed 000's 'plain CNN' (its document names no layers): conv16-5 pool, conv32-5 pool, fc 1568-10."""
     return nn.Sequential(
-        nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+        nn.Conv2d(1, 16, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
     )
 
 
@@ -82,9 +101,19 @@ def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
 def bn_cnn() -> nn.Module:
     """Seed 003 plan two: (conv32 x2, pool, dropout) (conv64 x2, pool, dropout), fc 3136-512-10, BatchNorm throughout."""
     return nn.Sequential(
-        *_conv_bn(1, 32), *_conv_bn(32, 32), nn.MaxPool2d(2), nn.Dropout(0.25),
-        *_conv_bn(32, 64), *_conv_bn(64, 64), nn.MaxPool2d(2), nn.Dropout(0.25),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Dropout(0.5),
+        *_conv_bn(1, 32),
+        *_conv_bn(32, 32),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.25),
+        *_conv_bn(32, 64),
+        *_conv_bn(64, 64),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.25),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 512),
+        nn.BatchNorm1d(512),
+        nn.ReLU(),
+        nn.Dropout(0.5),
         nn.Linear(512, 10),
     )
 
@@ -96,9 +125,16 @@ def _fast_cnn(width: int, hidden: int) -> nn.Module:
     linear 2w*49 -> hidden -> BatchNorm -> ReLU -> linear hidden -> 10.
     """
     return nn.Sequential(
-        nn.Conv2d(1, width, 5, stride=2, padding=2), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 5, padding=2), nn.MaxPool2d(2), nn.BatchNorm2d(2 * width), nn.ReLU(),
-        nn.Flatten(), nn.Linear(2 * width * 49, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Conv2d(1, width, 5, stride=2, padding=2),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 5, padding=2),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * width * 49, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
         nn.Linear(hidden, 10),
     )
 
@@ -121,15 +157,26 @@ def fast_cnn_lite() -> nn.Module:
     inference folds the input normalization into it, and both BatchNorms fold into the layers before them.
     """
     return nn.Sequential(
-        nn.Conv2d(1, 16, 5, stride=2), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Flatten(), nn.Linear(32 * 36, 128), nn.BatchNorm1d(128), nn.ReLU(),
+        nn.Conv2d(1, 16, 5, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 36, 128),
+        nn.BatchNorm1d(128),
+        nn.ReLU(),
         nn.Linear(128, 10),
     )
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    return [
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+    ]
 
 
 def deep_cnn() -> nn.Module:
@@ -139,9 +186,18 @@ def deep_cnn() -> nn.Module:
     (4x4), dropout; conv128 4x4 (1x1), dropout, linear 128 -> 10. About 15M multiply-adds per image.
     """
     return nn.Sequential(
-        *_conv_bn_relu(1, 32, 3), *_conv_bn_relu(32, 32, 3), *_conv_bn_relu(32, 32, 5, 2, 2), nn.Dropout(0.4),
-        *_conv_bn_relu(32, 64, 3), *_conv_bn_relu(64, 64, 3), *_conv_bn_relu(64, 64, 5, 2, 2), nn.Dropout(0.4),
-        *_conv_bn_relu(64, 128, 4), nn.Flatten(), nn.Dropout(0.4), nn.Linear(128, 10),
+        *_conv_bn_relu(1, 32, 3),
+        *_conv_bn_relu(32, 32, 3),
+        *_conv_bn_relu(32, 32, 5, 2, 2),
+        nn.Dropout(0.4),
+        *_conv_bn_relu(32, 64, 3),
+        *_conv_bn_relu(64, 64, 3),
+        *_conv_bn_relu(64, 64, 5, 2, 2),
+        nn.Dropout(0.4),
+        *_conv_bn_relu(64, 128, 4),
+        nn.Flatten(),
+        nn.Dropout(0.4),
+        nn.Linear(128, 10),
     )
 
 

@@ -40,7 +40,9 @@ def curves(history: list[dict[str, float]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _grid(images: list[torch.Tensor], titles: list[str], colors: list[str], path: Path, columns: int = 12) -> Path:
+def _grid(
+    images: list[torch.Tensor], titles: list[str], colors: list[str], path: Path, columns: int = 12
+) -> Path:
     rows = max(1, (len(images) + columns - 1) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3), squeeze=False)
     for ax in axes.flat:
@@ -51,7 +53,9 @@ def _grid(images: list[torch.Tensor], titles: list[str], colors: list[str], path
     return _save(fig, path)
 
 
-def samples(images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, path: Path, count: int = 36) -> Path:
+def samples(
+    images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, path: Path, count: int = 36
+) -> Path:
     """The first `count` test images with truth / prediction; wrong ones in red."""
     titles = [f"{int(labels[i])} / {int(predicted[i])}" for i in range(count)]
     colors = ["black" if labels[i] == predicted[i] else "red" for i in range(count)]
@@ -76,8 +80,21 @@ def confusion(matrix: list[list[int]], path: Path) -> Path:
     image = ax.imshow(off_diagonal.numpy(), cmap="Reds")
     for i in range(10):
         for j in range(10):
-            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
-                    color="black" if i != j else "#1f5fa8")
-    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title="Confusion matrix (test set)")
+            ax.text(
+                j,
+                i,
+                str(int(counts[i, j])),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if i != j else "#1f5fa8",
+            )
+    ax.set(
+        xticks=range(10),
+        yticks=range(10),
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix (test set)",
+    )
     fig.colorbar(image, ax=ax, fraction=0.046, label="errors")
     return _save(fig, path)

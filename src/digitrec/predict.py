@@ -76,7 +76,11 @@ class TorchBackend:
             torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
-                return self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).float().numpy()
+                return (
+                    self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+                    .float()
+                    .numpy()
+                )
         finally:
             if self.threads and self.threads != previous:
                 torch.set_num_threads(previous)
@@ -89,12 +93,22 @@ def pretrained_path() -> Path:
 class Predictor:
     """Load once, then `predict()` images, `predict_tensor()` preprocessed batches or `read()` whole numbers."""
 
-    def __init__(self, backend: Backend, meta: dict[str, Any], model: torch.nn.Module | None = None, name: str = "model"):
+    def __init__(
+        self,
+        backend: Backend,
+        meta: dict[str, Any],
+        model: torch.nn.Module | None = None,
+        name: str = "model",
+    ):
         self.backend = backend
         self.model = model
         self.meta = meta
         self.name = name
-        self.version = str(meta.get("version") or meta.get("digitrec_version") or meta.get("versions", {}).get("digitrec", ""))
+        self.version = str(
+            meta.get("version")
+            or meta.get("digitrec_version")
+            or meta.get("versions", {}).get("digitrec", "")
+        )
         self.temperature = float(meta.get("temperature", 1.0))
         self.reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
 
@@ -111,7 +125,9 @@ class Predictor:
             from .backends import OnnxBackend
 
             onnx = OnnxBackend(path)
-            return cls._with_threshold(cls(onnx, onnx.meta, None, name=onnx.meta.get("recipe") or path.stem), reject_below)
+            return cls._with_threshold(
+                cls(onnx, onnx.meta, None, name=onnx.meta.get("recipe") or path.stem), reject_below
+            )
         model, meta = load_model(path)
         runner: Backend = TorchBackend(model)
         if backend == "onnx":
@@ -119,7 +135,9 @@ class Predictor:
             from .export import cached_onnx
 
             runner = OnnxBackend(cached_onnx(path))
-        return cls._with_threshold(cls(runner, meta, model, name=meta.get("recipe") or path.stem), reject_below)
+        return cls._with_threshold(
+            cls(runner, meta, model, name=meta.get("recipe") or path.stem), reject_below
+        )
 
     @staticmethod
     def _with_threshold(predictor: Predictor, reject_below: float | None) -> Predictor:
@@ -157,13 +175,15 @@ class Predictor:
             order = np.argsort(-p)[: max(1, min(10, top_k))]
             confidence = float(p[order[0]])
             rejected = bool(is_blank or confidence < self.reject_below)
-            out.append(Prediction(
-                digit=None if rejected else int(order[0]),
-                confidence=confidence,
-                probabilities=[float(v) for v in p],
-                top=[(int(d), float(p[d])) for d in order],
-                rejected=rejected,
-            ))
+            out.append(
+                Prediction(
+                    digit=None if rejected else int(order[0]),
+                    confidence=confidence,
+                    probabilities=[float(v) for v in p],
+                    top=[(int(d), float(p[d])) for d in order],
+                    rejected=rejected,
+                )
+            )
         return out
 
     def predict(self, images: Any | Sequence[Any], top_k: int = 3) -> list[Prediction]:
@@ -215,8 +235,13 @@ class FileResult:
         return {"path": self.path, **self.prediction.to_dict()}
 
 
-def predict_files(predictor: Predictor, paths: Sequence[str | Path], top_k: int = 3, batch_size: int = 256,
-                  steps_dir: str | Path | None = None) -> list[FileResult]:
+def predict_files(
+    predictor: Predictor,
+    paths: Sequence[str | Path],
+    top_k: int = 3,
+    batch_size: int = 256,
+    steps_dir: str | Path | None = None,
+) -> list[FileResult]:
     """Predict every file; a bad file gets its error sentence and the others still go through, in batches."""
     from .preprocess import preprocess
 

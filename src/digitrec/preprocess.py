@@ -39,14 +39,23 @@ WORK_SIDE = 256  # longer side of the working image for one digit: ~10x the fina
 MIN_WORK_SIDE = 112  # small inputs (e.g. 28x28) are upsampled so thresholding keeps their shape
 BACKGROUND_SIDE = 32  # the paper estimate is computed with the shorter side at this many pixels
 BACKGROUND_WINDOW = 11  # closing window there: wider than any stroke, narrower than lighting changes
-POLARITY_SIDE, POLARITY_WINDOW = 20, 7  # the same proportions for ink_is_dark()'s median, 6x cheaper (as right)
-INK_CONTRAST = 0.3  # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
+POLARITY_SIDE, POLARITY_WINDOW = (
+    20,
+    7,
+)  # the same proportions for ink_is_dark()'s median, 6x cheaper (as right)
+INK_CONTRAST = (
+    0.3  # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
+)
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
 SPECK_FRACTION = 0.0004  # components smaller than this share of the image are dust or noise
 KEEP_FRACTION = 0.08  # a single digit's parts are at least this share of its largest part
-PAPER_TOLERANCE = 2  # uniform_paper(): paper pixels within this many gray levels (of 255) of the paper tone (a flat fill)
+PAPER_TOLERANCE = (
+    2  # uniform_paper(): paper pixels within this many gray levels (of 255) of the paper tone (a flat fill)
+)
 INK_TOLERANCE = 25  # ... and a side of the paper tone holds ink if pixels lie farther than this from it
-OTHER_SIDE_FRACTION = 0.002  # ... a flat page has (almost) no pixels on the other side of the paper from its ink
+OTHER_SIDE_FRACTION = (
+    0.002  # ... a flat page has (almost) no pixels on the other side of the paper from its ink
+)
 EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)  # pixels touching by a corner belong to the same stroke
 BOX, FRAME = 20, 28  # MNIST: digit in a 20x20 box, centered by mass in 28x28
 STROKE_WIDTH = 2.4  # mean MNIST stroke width in px at the 20-px-box scale (measured with stroke_width())
@@ -88,7 +97,9 @@ def _open(source: Any, max_side: int | None = None) -> tuple[Image.Image, tuple[
         elif hasattr(source, "read"):
             fp = source
         else:
-            raise ImageError(f"cannot read an image from a {type(source).__name__}; pass a path, bytes, a PIL image or an array.")
+            raise ImageError(
+                f"cannot read an image from a {type(source).__name__}; pass a path, bytes, a PIL image or an array."
+            )
         try:
             with warnings.catch_warnings():
                 # Pillow only warns between 1x and 2x its limit; we refuse the whole range.
@@ -105,7 +116,9 @@ def _open(source: Any, max_side: int | None = None) -> tuple[Image.Image, tuple[
                 "resize it first."
             ) from None
         except UnidentifiedImageError:
-            raise ImageError(f"{name} is not an image Pillow can read; use PNG, JPEG, BMP, GIF, TIFF or WebP.") from None
+            raise ImageError(
+                f"{name} is not an image Pillow can read; use PNG, JPEG, BMP, GIF, TIFF or WebP."
+            ) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             # Truncated or corrupt data: Pillow raises OSError ("image file is truncated") and friends.
             raise ImageError(f"{name} is damaged or truncated ({exc}); re-save or re-export it.") from None
@@ -118,7 +131,9 @@ def _open(source: Any, max_side: int | None = None) -> tuple[Image.Image, tuple[
             f"of {MAX_PIXELS:,}); resize it first."
         )
     if min(width, height) < MIN_SIDE:
-        raise ImageError(f"{name} is {width}x{height} pixels, too small to hold a digit; use at least {MIN_SIDE}x{MIN_SIDE}.")
+        raise ImageError(
+            f"{name} is {width}x{height} pixels, too small to hold a digit; use at least {MIN_SIDE}x{MIN_SIDE}."
+        )
     try:
         oriented = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture; keep it unrotated
@@ -133,8 +148,14 @@ def load_gray(source: Any, max_side: int = WORK_SIDE, min_side: int = MIN_WORK_S
     return load_gray_sized(source, max_side, min_side)[0]
 
 
-def load_gray_sized(source: Any, max_side: int = WORK_SIDE, min_side: int = MIN_WORK_SIDE) -> tuple[np.ndarray, tuple[int, int]]:
+def load_gray_sized(
+    source: Any, max_side: int = WORK_SIDE, min_side: int = MIN_WORK_SIDE
+) -> tuple[np.ndarray, tuple[int, int]]:
     """load_gray() plus the input's own (width, height), to map working-image boxes back to the user's pixels."""
+    if type(source).__module__ == "torch" and hasattr(
+        source, "numpy"
+    ):  # a torch.Tensor, without importing torch
+        source = source.detach().cpu().numpy()
     if isinstance(source, np.ndarray):
         gray = _array_to_gray(source)
         size = (gray.shape[1], gray.shape[0])
@@ -185,7 +206,9 @@ def _array_to_gray(array: np.ndarray) -> np.ndarray:
     """H x W or H x W x C (or 1/3 x H x W) arrays of any real dtype -> float32 gray in [0, 1]."""
     a = np.asarray(array)
     if a.dtype.kind not in "buif":
-        raise ImageError(f"cannot read an image from an array of dtype {a.dtype}; use uint8, uint16 or float.")
+        raise ImageError(
+            f"cannot read an image from an array of dtype {a.dtype}; use uint8, uint16 or float."
+        )
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] > 4:
         a = np.moveaxis(a, 0, -1)  # channels first, as a torch tensor would be
     if a.ndim == 3 and a.shape[-1] == 1:
@@ -194,9 +217,13 @@ def _array_to_gray(array: np.ndarray) -> np.ndarray:
         raise ImageError(f"an image array must be H x W or H x W x 1/2/3/4, got shape {a.shape}.")
     height, width = a.shape[:2]
     if height * width > MAX_PIXELS:
-        raise ImageError(f"the image is too large ({width}x{height} pixels, over {MAX_PIXELS:,}); resize it first.")
+        raise ImageError(
+            f"the image is too large ({width}x{height} pixels, over {MAX_PIXELS:,}); resize it first."
+        )
     if min(height, width) < MIN_SIDE:
-        raise ImageError(f"the image is {width}x{height} pixels, too small to hold a digit; use at least {MIN_SIDE}x{MIN_SIDE}.")
+        raise ImageError(
+            f"the image is {width}x{height} pixels, too small to hold a digit; use at least {MIN_SIDE}x{MIN_SIDE}."
+        )
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise ImageError("the image contains NaN or infinite values; pass finite pixel values.")
     x = _to_unit_range(a)
@@ -304,7 +331,9 @@ def ink_is_dark(gray: np.ndarray) -> bool:
 def _smooth(gray: np.ndarray) -> np.ndarray:
     # A light blur first: sensor noise and JPEG ringing must not reach the threshold as specks.
     height, width = gray.shape
-    return ndimage.gaussian_filter(gray, sigma=max(0.7, min(height, width) / 200), mode="nearest", truncate=2.5)
+    return ndimage.gaussian_filter(
+        gray, sigma=max(0.7, min(height, width) / 200), mode="nearest", truncate=2.5
+    )
 
 
 def flatten(gray: np.ndarray, dark_ink: bool = True) -> np.ndarray:

@@ -36,7 +36,9 @@ Strokes = list[list[tuple[float, float]]]
 # ------------------------------------------------------------------------------------ stroke skeletons
 
 
-def arc(cx: float, cy: float, rx: float, ry: float, start_deg: float, end_deg: float, n: int = 24) -> list[tuple[float, float]]:
+def arc(
+    cx: float, cy: float, rx: float, ry: float, start_deg: float, end_deg: float, n: int = 24
+) -> list[tuple[float, float]]:
     """Points on an ellipse in a y-down unit box; angles grow clockwise on screen (0 = right, 90 = bottom)."""
     angles = np.radians(np.linspace(start_deg, end_deg, n))
     return [(cx + rx * math.cos(a), cy + ry * math.sin(a)) for a in angles]
@@ -49,26 +51,51 @@ def _line(*points: tuple[float, float]) -> list[tuple[float, float]]:
 # Each digit has a few variant forms, as people write them; coordinates in a unit box, y down.
 DIGIT_STROKES: dict[int, list[Strokes]] = {
     0: [[arc(0.5, 0.5, 0.32, 0.48, -100, 265)], [arc(0.5, 0.5, 0.36, 0.47, -80, 290)]],
-    1: [[_line((0.5, 0.0), (0.5, 1.0))],
+    1: [
+        [_line((0.5, 0.0), (0.5, 1.0))],
         [_line((0.28, 0.22), (0.55, 0.0), (0.55, 1.0))],
-        [_line((0.3, 0.2), (0.55, 0.0), (0.55, 1.0)), _line((0.3, 1.0), (0.8, 1.0))]],
-    2: [[arc(0.5, 0.3, 0.32, 0.28, 195, 385) + _line((0.15, 1.0), (0.88, 1.0))],
-        [arc(0.48, 0.3, 0.3, 0.28, 190, 400) + _line((0.18, 0.98), (0.3, 0.9), (0.85, 1.0))]],
-    3: [[arc(0.47, 0.26, 0.3, 0.25, 200, 450) + arc(0.47, 0.74, 0.34, 0.26, -90, 160)],
-        [_line((0.15, 0.0), (0.8, 0.0), (0.4, 0.42)) + arc(0.47, 0.7, 0.35, 0.29, -80, 160)]],
-    4: [[_line((0.68, 1.0), (0.68, 0.0), (0.1, 0.68), (0.92, 0.68))],
-        [_line((0.25, 0.0), (0.15, 0.62), (0.9, 0.62)), _line((0.7, 0.25), (0.7, 1.0))]],
-    5: [[_line((0.82, 0.0), (0.28, 0.0), (0.24, 0.45)) + arc(0.5, 0.69, 0.32, 0.3, -125, 150)],
-        [_line((0.24, 0.0), (0.2, 0.45)) + arc(0.5, 0.69, 0.32, 0.3, -125, 150), _line((0.24, 0.0), (0.85, 0.02))]],
-    6: [[_line((0.75, 0.0), (0.5, 0.12), (0.3, 0.35)) + arc(0.5, 0.72, 0.3, 0.27, 180, 540)],
-        [arc(0.85, 0.72, 0.65, 0.72, 245, 180, 16) + arc(0.5, 0.72, 0.3, 0.27, 180, 520)]],
-    7: [[_line((0.1, 0.02), (0.88, 0.0), (0.38, 1.0))],
-        [_line((0.1, 0.02), (0.88, 0.0), (0.38, 1.0)), _line((0.35, 0.52), (0.8, 0.5))]],
-    8: [[arc(0.5, 0.25, 0.25, 0.25, 90, 450), arc(0.5, 0.74, 0.31, 0.26, -90, 270)],
-        [arc(0.5, 0.25, 0.24, 0.25, 135, 405) + _line((0.25, 0.65)) + arc(0.5, 0.74, 0.31, 0.26, 180, 440)
-         + _line((0.7, 0.18))]],
-    9: [[arc(0.47, 0.3, 0.3, 0.3, 0, 360) + _line((0.77, 0.3), (0.72, 1.0))],
-        [arc(0.47, 0.3, 0.3, 0.3, 10, 370) + _line((0.77, 0.33), (0.75, 0.7), (0.55, 1.0), (0.3, 0.95))]],
+        [_line((0.3, 0.2), (0.55, 0.0), (0.55, 1.0)), _line((0.3, 1.0), (0.8, 1.0))],
+    ],
+    2: [
+        [arc(0.5, 0.3, 0.32, 0.28, 195, 385) + _line((0.15, 1.0), (0.88, 1.0))],
+        [arc(0.48, 0.3, 0.3, 0.28, 190, 400) + _line((0.18, 0.98), (0.3, 0.9), (0.85, 1.0))],
+    ],
+    3: [
+        [arc(0.47, 0.26, 0.3, 0.25, 200, 450) + arc(0.47, 0.74, 0.34, 0.26, -90, 160)],
+        [_line((0.15, 0.0), (0.8, 0.0), (0.4, 0.42)) + arc(0.47, 0.7, 0.35, 0.29, -80, 160)],
+    ],
+    4: [
+        [_line((0.68, 1.0), (0.68, 0.0), (0.1, 0.68), (0.92, 0.68))],
+        [_line((0.25, 0.0), (0.15, 0.62), (0.9, 0.62)), _line((0.7, 0.25), (0.7, 1.0))],
+    ],
+    5: [
+        [_line((0.82, 0.0), (0.28, 0.0), (0.24, 0.45)) + arc(0.5, 0.69, 0.32, 0.3, -125, 150)],
+        [
+            _line((0.24, 0.0), (0.2, 0.45)) + arc(0.5, 0.69, 0.32, 0.3, -125, 150),
+            _line((0.24, 0.0), (0.85, 0.02)),
+        ],
+    ],
+    6: [
+        [_line((0.75, 0.0), (0.5, 0.12), (0.3, 0.35)) + arc(0.5, 0.72, 0.3, 0.27, 180, 540)],
+        [arc(0.85, 0.72, 0.65, 0.72, 245, 180, 16) + arc(0.5, 0.72, 0.3, 0.27, 180, 520)],
+    ],
+    7: [
+        [_line((0.1, 0.02), (0.88, 0.0), (0.38, 1.0))],
+        [_line((0.1, 0.02), (0.88, 0.0), (0.38, 1.0)), _line((0.35, 0.52), (0.8, 0.5))],
+    ],
+    8: [
+        [arc(0.5, 0.25, 0.25, 0.25, 90, 450), arc(0.5, 0.74, 0.31, 0.26, -90, 270)],
+        [
+            arc(0.5, 0.25, 0.24, 0.25, 135, 405)
+            + _line((0.25, 0.65))
+            + arc(0.5, 0.74, 0.31, 0.26, 180, 440)
+            + _line((0.7, 0.18))
+        ],
+    ],
+    9: [
+        [arc(0.47, 0.3, 0.3, 0.3, 0, 360) + _line((0.77, 0.3), (0.72, 1.0))],
+        [arc(0.47, 0.3, 0.3, 0.3, 10, 370) + _line((0.77, 0.33), (0.75, 0.7), (0.55, 1.0), (0.3, 0.95))],
+    ],
 }
 
 # Handwritten capitals for the negatives set, chosen so none of them reads as a digit.
@@ -77,22 +104,61 @@ LETTER_STROKES: dict[str, Strokes] = {
     "E": [_line((0.85, 0.0), (0.15, 0.0), (0.15, 1.0), (0.85, 1.0)), _line((0.15, 0.5), (0.7, 0.5))],
     "F": [_line((0.85, 0.0), (0.15, 0.0), (0.15, 1.0)), _line((0.15, 0.48), (0.7, 0.48))],
     "H": [_line((0.12, 0.0), (0.12, 1.0)), _line((0.88, 0.0), (0.88, 1.0)), _line((0.12, 0.5), (0.88, 0.5))],
-    "K": [_line((0.15, 0.0), (0.15, 1.0)), _line((0.85, 0.0), (0.15, 0.58)), _line((0.38, 0.42), (0.88, 1.0))],
+    "K": [
+        _line((0.15, 0.0), (0.15, 1.0)),
+        _line((0.85, 0.0), (0.15, 0.58)),
+        _line((0.38, 0.42), (0.88, 1.0)),
+    ],
     "M": [_line((0.05, 1.0), (0.12, 0.0), (0.5, 0.65), (0.88, 0.0), (0.95, 1.0))],
     "N": [_line((0.12, 1.0), (0.12, 0.0), (0.88, 1.0), (0.88, 0.0))],
-    "R": [_line((0.15, 1.0), (0.15, 0.0)) + arc(0.4, 0.25, 0.3, 0.25, -90, 90) + _line((0.15, 0.5), (0.85, 1.0))],
+    "R": [
+        _line((0.15, 1.0), (0.15, 0.0)) + arc(0.4, 0.25, 0.3, 0.25, -90, 90) + _line((0.15, 0.5), (0.85, 1.0))
+    ],
     "W": [_line((0.0, 0.0), (0.22, 1.0), (0.5, 0.35), (0.78, 1.0), (1.0, 0.0))],
     "X": [_line((0.1, 0.0), (0.9, 1.0)), _line((0.9, 0.0), (0.1, 1.0))],
-    "#": [_line((0.35, 0.0), (0.28, 1.0)), _line((0.72, 0.0), (0.65, 1.0)), _line((0.05, 0.33), (0.95, 0.33)),
-          _line((0.05, 0.67), (0.95, 0.67))],
-    "*": [_line((0.5, 0.0), (0.5, 1.0)), _line((0.07, 0.25), (0.93, 0.75)), _line((0.93, 0.25), (0.07, 0.75))],
+    "#": [
+        _line((0.35, 0.0), (0.28, 1.0)),
+        _line((0.72, 0.0), (0.65, 1.0)),
+        _line((0.05, 0.33), (0.95, 0.33)),
+        _line((0.05, 0.67), (0.95, 0.67)),
+    ],
+    "*": [
+        _line((0.5, 0.0), (0.5, 1.0)),
+        _line((0.07, 0.25), (0.93, 0.75)),
+        _line((0.93, 0.25), (0.07, 0.75)),
+    ],
 }
 
-FONT_DIGITS_EVAL = ("STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
-                    "cmr10.ttf", "cmss10.ttf", "cmb10.ttf", "cmtt10.ttf", "DejaVuSans.ttf", "DejaVuSerif-Italic.ttf")
-FONT_LETTERS_EVAL = ("STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf")
-FONT_LETTERS_TRAIN = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif.ttf",
-                      "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSansMono.ttf", "DejaVuSansMono-BoldOblique.ttf")
+FONT_DIGITS_EVAL = (
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmss10.ttf",
+    "cmb10.ttf",
+    "cmtt10.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSerif-Italic.ttf",
+)
+FONT_LETTERS_EVAL = (
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "cmr10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+)
+FONT_LETTERS_TRAIN = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+)
 # Letters and signs that no reasonable reader takes for a digit (no O, I, l, S, Z, B, G, b, g, q, T, Y...).
 NON_DIGIT_CHARS = "ACEFHKMNPRUVWXacdefhkmnpruvwx#*@&%"
 
@@ -124,7 +190,12 @@ def draw_strokes(strokes: Strokes, rng: np.random.Generator, height: int = 96) -
             # A smooth random warp (two sines) bends every stroke of the glyph coherently, like a real hand.
             x2 = x + wobble * math.sin(3 * y + phase[0]) + rng.normal(0, 0.012)
             y2 = y + wobble * math.sin(3 * x + phase[1]) + rng.normal(0, 0.012)
-            px = margin + aspect * height * x2 + slant * height * (1 - y2) + (abs(slant) * height if slant < 0 else 0)
+            px = (
+                margin
+                + aspect * height * x2
+                + slant * height * (1 - y2)
+                + (abs(slant) * height if slant < 0 else 0)
+            )
             py = margin + height * y2
             points.append((px * scale, py * scale))
         w = int(pen * scale)
@@ -168,8 +239,12 @@ def scribble(rng: np.random.Generator, height: int = 96) -> Array:
     for _ in range(rng.integers(3, 6)):
         control = rng.uniform(0, 1, size=(4, 2))
         t = np.linspace(0, 1, 20)[:, None]
-        bezier = ((1 - t) ** 3 * control[0] + 3 * (1 - t) ** 2 * t * control[1] + 3 * (1 - t) * t**2 * control[2]
-                  + t**3 * control[3])
+        bezier = (
+            (1 - t) ** 3 * control[0]
+            + 3 * (1 - t) ** 2 * t * control[1]
+            + 3 * (1 - t) * t**2 * control[2]
+            + t**3 * control[3]
+        )
         strokes.append([tuple(p) for p in bezier])
     return draw_strokes(strokes, rng, height)
 
@@ -194,7 +269,9 @@ class Sample:
     boxes: list[tuple[int, int, int, int]] | None = None  # (x, y, w, h) of each digit, for numbers
 
 
-def photo(coverage: Array, rng: np.random.Generator, *, boxes: list | None = None, long_side: int | None = None) -> tuple[bytes, list]:
+def photo(
+    coverage: Array, rng: np.random.Generator, *, boxes: list | None = None, long_side: int | None = None
+) -> tuple[bytes, list]:
     """Ink coverage (H, W) in [0, 1] -> an encoded photo of it on paper; returns (bytes, boxes in photo pixels)."""
     coverage = crop_ink(coverage) if boxes is None else coverage
     h0, w0 = coverage.shape
@@ -220,10 +297,19 @@ def photo(coverage: Array, rng: np.random.Generator, *, boxes: list | None = Non
         pen = np.full(3, rng.uniform(0.7, 0.95))
     else:
         paper = rng.uniform(0.72, 1.0) * np.array([1.0, rng.uniform(0.95, 1.0), rng.uniform(0.85, 1.0)])
-        pens = [np.array([0.05, 0.05, 0.08]), np.array([0.1, 0.15, 0.55]), np.full(3, 0.38), np.array([0.55, 0.08, 0.1])]
+        pens = [
+            np.array([0.05, 0.05, 0.08]),
+            np.array([0.1, 0.15, 0.55]),
+            np.full(3, 0.38),
+            np.array([0.55, 0.08, 0.1]),
+        ]
         pen = pens[rng.choice(4, p=[0.45, 0.3, 0.15, 0.1])] * rng.uniform(0.5, 1.2)
-    texture = ndimage.gaussian_filter(rng.normal(0, 1, (h, w)).astype(np.float32), rng.uniform(0.5, 3)) * rng.uniform(0.0, 0.06)
-    pressure = 1 - rng.uniform(0, 0.35) * (0.5 + 0.5 * np.sin(xx * rng.uniform(3, 12) + yy * rng.uniform(3, 12)))
+    texture = ndimage.gaussian_filter(
+        rng.normal(0, 1, (h, w)).astype(np.float32), rng.uniform(0.5, 3)
+    ) * rng.uniform(0.0, 0.06)
+    pressure = 1 - rng.uniform(0, 0.35) * (
+        0.5 + 0.5 * np.sin(xx * rng.uniform(3, 12) + yy * rng.uniform(3, 12))
+    )
     image = np.empty((h, w, 3), dtype=np.float32)
     coverage_eff = ink * pressure
     for c in range(3):
@@ -234,11 +320,15 @@ def photo(coverage: Array, rng: np.random.Generator, *, boxes: list | None = Non
         image *= 1 - rng.uniform(0.03, 0.09) * ndimage.gaussian_filter(lines, 0.7)[..., None]
     # Lighting: a linear gradient, a vignette, and sometimes a soft shadow (a phone or a hand).
     direction = rng.uniform(0, 2 * math.pi)
-    light = 1 - rng.uniform(0, 0.45) * (0.5 + 0.5 * ((xx - 0.5) * math.cos(direction) + (yy - 0.5) * math.sin(direction)))
+    light = 1 - rng.uniform(0, 0.45) * (
+        0.5 + 0.5 * ((xx - 0.5) * math.cos(direction) + (yy - 0.5) * math.sin(direction))
+    )
     light *= 1 - rng.uniform(0, 0.3) * ((xx - xx.mean()) ** 2 + (yy - yy.mean()) ** 2) * 2
     if rng.random() < 0.35:
         edge_angle = rng.uniform(0, 2 * math.pi)
-        distance = (xx - rng.uniform(0.2, 0.8) * xx.max()) * math.cos(edge_angle) + (yy - rng.uniform(0.2, 0.8) * yy.max()) * math.sin(edge_angle)
+        distance = (xx - rng.uniform(0.2, 0.8) * xx.max()) * math.cos(edge_angle) + (
+            yy - rng.uniform(0.2, 0.8) * yy.max()
+        ) * math.sin(edge_angle)
         softness = rng.uniform(0.04, 0.15)
         light *= 1 - rng.uniform(0.25, 0.55) / (1 + np.exp(-distance / softness))
     image *= light[..., None]
@@ -260,12 +350,19 @@ def photo(coverage: Array, rng: np.random.Generator, *, boxes: list | None = Non
         # Boxes move with the (small) rotation about the canvas center; keep their centers right.
         cx, cy = x + offsets[0] + bw / 2 - canvas_w / 2, y + offsets[1] + bh / 2 - canvas_h / 2
         a = math.radians(-angle)
-        rx, ry = cx * math.cos(a) - cy * math.sin(a) + canvas_w / 2, cx * math.sin(a) + cy * math.cos(a) + canvas_h / 2
-        photo_boxes.append((round((rx - bw / 2) * scale), round((ry - bh / 2) * scale), round(bw * scale), round(bh * scale)))
+        rx, ry = (
+            cx * math.cos(a) - cy * math.sin(a) + canvas_w / 2,
+            cx * math.sin(a) + cy * math.cos(a) + canvas_h / 2,
+        )
+        photo_boxes.append(
+            (round((rx - bw / 2) * scale), round((ry - bh / 2) * scale), round(bw * scale), round(bh * scale))
+        )
     return buffer.getvalue(), photo_boxes
 
 
-def number_line(glyphs: list[Array], rng: np.random.Generator) -> tuple[Array, list[tuple[int, int, int, int]]]:
+def number_line(
+    glyphs: list[Array], rng: np.random.Generator
+) -> tuple[Array, list[tuple[int, int, int, int]]]:
     """Glyphs side by side on one baseline with random gaps; negative gaps make neighbours touch."""
     height = max(g.shape[0] for g in glyphs)
     gaps = rng.uniform(-0.12, 0.35, size=len(glyphs)) * height
@@ -299,7 +396,9 @@ def _mnist_test() -> tuple[Array, Array]:
     return data.test_images.numpy(), data.test_labels.numpy()
 
 
-def generate(name: str, count: int, seed: int = 0, mnist: tuple[Array, Array] | None = None) -> Iterator[Sample]:
+def generate(
+    name: str, count: int, seed: int = 0, mnist: tuple[Array, Array] | None = None
+) -> Iterator[Sample]:
     """Yield `count` samples of set `name`; the same (name, count, seed) always gives the same bytes."""
     rng = np.random.default_rng([SETS.index(name), seed])
     for _ in range(count):
@@ -314,7 +413,9 @@ def generate(name: str, count: int, seed: int = 0, mnist: tuple[Array, Array] | 
             yield Sample(data, str(digit), name)
         elif name == "font-photo":
             digit = int(rng.integers(10))
-            data, _ = photo(draw_text(str(digit), FONT_DIGITS_EVAL[rng.integers(len(FONT_DIGITS_EVAL))], rng, 80), rng)
+            data, _ = photo(
+                draw_text(str(digit), FONT_DIGITS_EVAL[rng.integers(len(FONT_DIGITS_EVAL))], rng, 80), rng
+            )
             yield Sample(data, str(digit), name)
         elif name == "numbers":
             digits = [int(d) for d in rng.integers(10, size=int(rng.integers(2, 8)))]
@@ -326,22 +427,34 @@ def generate(name: str, count: int, seed: int = 0, mnist: tuple[Array, Array] | 
                 picks = [int(rng.choice(np.flatnonzero(labels == d))) for d in digits]
                 glyphs = [crop_ink(mnist_glyph(images[i], height)) for i in picks]
             line, boxes = number_line(glyphs, rng)
-            data, photo_boxes = photo(line, rng, boxes=boxes, long_side=int(rng.uniform(1.2, 3) * 60 * len(digits) ** 0.7 + 80))
+            data, photo_boxes = photo(
+                line, rng, boxes=boxes, long_side=int(rng.uniform(1.2, 3) * 60 * len(digits) ** 0.7 + 80)
+            )
             yield Sample(data, "".join(map(str, digits)), name, photo_boxes)
         elif name == "negatives":
-            kind = ["blank", "letter-pen", "letter-font", "noise", "scribble"][int(rng.choice(5, p=[0.2, 0.25, 0.25, 0.15, 0.15]))]
+            kind = ["blank", "letter-pen", "letter-font", "noise", "scribble"][
+                int(rng.choice(5, p=[0.2, 0.25, 0.25, 0.15, 0.15]))
+            ]
             if kind == "blank":
                 coverage = np.zeros((64, 64), dtype=np.float32)
                 data, _ = photo(np.pad(coverage, 1, constant_values=0.0), rng)
             elif kind == "letter-pen":
                 letters = list(LETTER_STROKES)
-                data, _ = photo(draw_strokes(LETTER_STROKES[letters[rng.integers(len(letters))]], rng, 80), rng)
+                data, _ = photo(
+                    draw_strokes(LETTER_STROKES[letters[rng.integers(len(letters))]], rng, 80), rng
+                )
             elif kind == "letter-font":
                 char = NON_DIGIT_CHARS[rng.integers(len(NON_DIGIT_CHARS))]
-                data, _ = photo(draw_text(char, FONT_LETTERS_EVAL[rng.integers(len(FONT_LETTERS_EVAL))], rng, 80), rng)
+                data, _ = photo(
+                    draw_text(char, FONT_LETTERS_EVAL[rng.integers(len(FONT_LETTERS_EVAL))], rng, 80), rng
+                )
             elif kind == "noise":
                 side = int(rng.integers(32, 400))
-                noise = ndimage.gaussian_filter(rng.random((side, side)), rng.uniform(0, 4)) if rng.random() < 0.7 else rng.random((side, side))
+                noise = (
+                    ndimage.gaussian_filter(rng.random((side, side)), rng.uniform(0, 4))
+                    if rng.random() < 0.7
+                    else rng.random((side, side))
+                )
                 noise = (noise - noise.min()) / max(1e-6, noise.max() - noise.min())
                 buffer = io.BytesIO()
                 Image.fromarray((noise * 255).astype(np.uint8)).save(buffer, "PNG")
@@ -375,8 +488,13 @@ def naive_preprocess(data: bytes) -> Array:
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-def eval_real(predictor: Any, count: int = 500, seed: int = 0, sets: tuple[str, ...] = SETS,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+def eval_real(
+    predictor: Any,
+    count: int = 500,
+    seed: int = 0,
+    sets: tuple[str, ...] = SETS,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Score `predictor` on every set; print one line per set and return the figures."""
     import torch
 
@@ -391,10 +509,16 @@ def eval_real(predictor: Any, count: int = 500, seed: int = 0, sets: tuple[str, 
             seconds = time.perf_counter() - start
             exact = np.mean([r.number == s.label for r, s in zip(reads, samples)])
             digits_found = np.mean([len(r.number) == len(s.label) for r, s in zip(reads, samples)])
-            results[name] = {"exact": float(exact), "digit_count_right": float(digits_found), "n": len(samples),
-                             "ms_per_image": 1000 * seconds / len(samples)}
-            log(f"{name:<12} {exact:7.2%} numbers exactly right   ({digits_found:.2%} with the right digit count, "
-                f"{1000 * seconds / len(samples):.1f} ms/image, n={len(samples)})")
+            results[name] = {
+                "exact": float(exact),
+                "digit_count_right": float(digits_found),
+                "n": len(samples),
+                "ms_per_image": 1000 * seconds / len(samples),
+            }
+            log(
+                f"{name:<12} {exact:7.2%} numbers exactly right   ({digits_found:.2%} with the right digit count, "
+                f"{1000 * seconds / len(samples):.1f} ms/image, n={len(samples)})"
+            )
             continue
         batch = np.stack([preprocess(s.data) for s in samples])
         predictions = predictor.predict_tensor(torch.from_numpy(batch)[:, None])
@@ -402,26 +526,42 @@ def eval_real(predictor: Any, count: int = 500, seed: int = 0, sets: tuple[str, 
         rejected = np.array([p.rejected for p in predictions])
         if name == "negatives":
             kinds = sorted({s.kind for s in samples})
-            per_kind = {k: float(np.mean([r for r, s in zip(rejected, samples) if s.kind == k])) for k in kinds}
+            per_kind = {
+                k: float(np.mean([r for r, s in zip(rejected, samples) if s.kind == k])) for k in kinds
+            }
             results[name] = {"rejected": float(rejected.mean()), "per_kind": per_kind, "n": len(samples)}
-            log(f"{name:<12} {rejected.mean():7.2%} rejected   (" + ", ".join(f"{k[9:]} {v:.0%}" for k, v in per_kind.items())
-                + f", n={len(samples)})")
+            log(
+                f"{name:<12} {rejected.mean():7.2%} rejected   ("
+                + ", ".join(f"{k[9:]} {v:.0%}" for k, v in per_kind.items())
+                + f", n={len(samples)})"
+            )
             continue
         labels = np.array([int(s.label) for s in samples])
         digits = np.array([-1 if p.digit is None else p.digit for p in predictions])
         argmax = np.array([int(np.argmax(p.probabilities)) for p in predictions])
-        naive = predictor.predict_tensor(torch.from_numpy(np.stack([naive_preprocess(s.data) for s in samples]))[:, None])
+        naive = predictor.predict_tensor(
+            torch.from_numpy(np.stack([naive_preprocess(s.data) for s in samples]))[:, None]
+        )
         naive_accuracy = float(np.mean([int(np.argmax(p.probabilities)) == y for p, y in zip(naive, labels)]))
-        results[name] = {"accuracy": float(np.mean(digits == labels)), "accuracy_no_reject": float(np.mean(argmax == labels)),
-                         "rejected": float(rejected.mean()), "naive_accuracy": naive_accuracy, "n": len(samples),
-                         "ms_per_image": 1000 * seconds / len(samples)}
-        log(f"{name:<12} {np.mean(digits == labels):7.2%} correct   ({rejected.mean():.2%} rejected, "
+        results[name] = {
+            "accuracy": float(np.mean(digits == labels)),
+            "accuracy_no_reject": float(np.mean(argmax == labels)),
+            "rejected": float(rejected.mean()),
+            "naive_accuracy": naive_accuracy,
+            "n": len(samples),
+            "ms_per_image": 1000 * seconds / len(samples),
+        }
+        log(
+            f"{name:<12} {np.mean(digits == labels):7.2%} correct   ({rejected.mean():.2%} rejected, "
             f"{np.mean(argmax == labels):.2%} before rejection, naive pipeline {naive_accuracy:.2%}, "
-            f"{1000 * seconds / len(samples):.1f} ms/image, n={len(samples)})")
+            f"{1000 * seconds / len(samples):.1f} ms/image, n={len(samples)})"
+        )
     return results
 
 
-def time_folder(predictor: Any, count: int = 1000, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, float]:
+def time_folder(
+    predictor: Any, count: int = 1000, seed: int = 0, log: Callable[[str], None] = print
+) -> dict[str, float]:
     """Time `predict` as a user sees it: one photo after load (median of 50), and a folder of `count` photos."""
     import tempfile
 
@@ -439,7 +579,13 @@ def time_folder(predictor: Any, count: int = 1000, seed: int = 0, log: Callable[
         start = time.perf_counter()
         predict_files(predictor, paths)
         folder_seconds = time.perf_counter() - start
-    result = {"one_image_ms": 1000 * float(np.median(times)), "folder_seconds": folder_seconds, "folder_count": count}
-    log(f"speed        {result['one_image_ms']:.1f} ms for one image after load (median of 50); "
-        f"{folder_seconds:.2f} s for a folder of {count} images")
+    result = {
+        "one_image_ms": 1000 * float(np.median(times)),
+        "folder_seconds": folder_seconds,
+        "folder_count": count,
+    }
+    log(
+        f"speed        {result['one_image_ms']:.1f} ms for one image after load (median of 50); "
+        f"{folder_seconds:.2f} s for a folder of {count} images"
+    )
     return result

@@ -42,7 +42,11 @@ def _translate(x: torch.Tensor, pixels: float, generator: torch.Generator) -> to
 def _stroke(x: torch.Tensor, pixels: float, generator: torch.Generator) -> torch.Tensor:
     """Dilate (positive) or erode (negative) by |pixels| passes of a 3x3 max / min filter."""
     for _ in range(int(abs(pixels))):
-        x = F.max_pool2d(x, 3, stride=1, padding=1) if pixels > 0 else -F.max_pool2d(-x, 3, stride=1, padding=1)
+        x = (
+            F.max_pool2d(x, 3, stride=1, padding=1)
+            if pixels > 0
+            else -F.max_pool2d(-x, 3, stride=1, padding=1)
+        )
     return x
 
 
@@ -148,7 +152,9 @@ def load_scored(path: str | Path, name: str | None = None) -> Scored:
     return Scored(name or default_name, str(path), scorer, float(meta.get("temperature", 1.0)))
 
 
-def coverage_curve(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, points: int = 50) -> list[dict[str, float]]:
+def coverage_curve(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, points: int = 50
+) -> list[dict[str, float]]:
     """Accuracy on the answers kept when the least confident ones are rejected, from keeping all down to 2%.
 
     Each row gives the coverage (share of images answered), the accuracy on those and the confidence
@@ -161,14 +167,23 @@ def coverage_curve(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     rows = []
     for coverage in sorted({*COVERAGES, *(i / points for i in range(1, points + 1))}, reverse=True):
         kept = max(1, round(coverage * n))
-        rows.append({"coverage": kept / n, "accuracy": (correct[kept - 1] / kept).item(),
-                     "threshold": confidence[order[kept - 1]].item()})
+        rows.append(
+            {
+                "coverage": kept / n,
+                "accuracy": (correct[kept - 1] / kept).item(),
+                "threshold": confidence[order[kept - 1]].item(),
+            }
+        )
     return rows
 
 
-def evaluate_robustness(models: Sequence[Scored], images: torch.Tensor, labels: torch.Tensor,
-                        perturbations: Sequence[Perturbation] = PERTURBATIONS,
-                        log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+def evaluate_robustness(
+    models: Sequence[Scored],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    perturbations: Sequence[Perturbation] = PERTURBATIONS,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
     """Accuracy of every model under every perturbation and strength, plus each model's accuracy-vs-coverage curve.
 
     Each perturbed set is made once and scored by all models, so the models see identical images.
@@ -182,8 +197,13 @@ def evaluate_robustness(models: Sequence[Scored], images: torch.Tensor, labels: 
 
     clean_logits = [m.scorer(images) for m in models]
     results: list[dict[str, Any]] = [
-        {"name": m.name, "path": m.path, "clean_accuracy": accuracy(logits), "perturbations": {},
-         "coverage": coverage_curve(logits, labels, m.temperature)}
+        {
+            "name": m.name,
+            "path": m.path,
+            "clean_accuracy": accuracy(logits),
+            "perturbations": {},
+            "coverage": coverage_curve(logits, labels, m.temperature),
+        }
         for m, logits in zip(models, clean_logits, strict=True)
     ]
     for p in perturbations:
@@ -192,19 +212,32 @@ def evaluate_robustness(models: Sequence[Scored], images: torch.Tensor, labels: 
         for strength in p.strengths:
             perturbed = perturb(images, p, strength)
             for m, result in zip(models, results, strict=True):
-                result["perturbations"][p.name].append({"strength": strength, "accuracy": accuracy(m.scorer(perturbed))})
-        log(f"{p.name:<12} " + "  ".join(f"{r['name']}: " + " ".join(f"{row['accuracy']:.1%}" for row in r["perturbations"][p.name])
-                                         for r in results))
+                result["perturbations"][p.name].append(
+                    {"strength": strength, "accuracy": accuracy(m.scorer(perturbed))}
+                )
+        log(
+            f"{p.name:<12} "
+            + "  ".join(
+                f"{r['name']}: " + " ".join(f"{row['accuracy']:.1%}" for row in r["perturbations"][p.name])
+                for r in results
+            )
+        )
     return {
         "images": len(images),
-        "perturbations": [{"name": p.name, "label": p.label, "strengths": list(p.strengths), "clean": p.clean} for p in perturbations],
+        "perturbations": [
+            {"name": p.name, "label": p.label, "strengths": list(p.strengths), "clean": p.clean}
+            for p in perturbations
+        ],
         "models": results,
     }
 
 
 def summary(result: dict[str, Any]) -> dict[str, float]:
     """One number per perturbation for one model's result: the mean accuracy over its strengths (the model card's table)."""
-    return {name: sum(row["accuracy"] for row in rows) / len(rows) for name, rows in result["perturbations"].items()}
+    return {
+        name: sum(row["accuracy"] for row in rows) / len(rows)
+        for name, rows in result["perturbations"].items()
+    }
 
 
 def coverage_at(result: dict[str, Any], coverage: float) -> dict[str, float]:
@@ -224,8 +257,10 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
         ax.axis("off")
     for ax, p in zip(axes.flat, report["perturbations"], strict=False):  # spare panels stay blank
         for model in report["models"]:
-            points = sorted([(p["clean"], model["clean_accuracy"])]
-                            + [(row["strength"], row["accuracy"]) for row in model["perturbations"][p["name"]]])
+            points = sorted(
+                [(p["clean"], model["clean_accuracy"])]
+                + [(row["strength"], row["accuracy"]) for row in model["perturbations"][p["name"]]]
+            )
             ax.plot([s for s, _ in points], [100 * a for _, a in points], marker="o", label=model["name"])
         ax.set(title=p["name"], xlabel=p["label"], ylabel="accuracy (%)", ylim=(0, 101))
         ax.axvline(p["clean"], color="gray", lw=0.8, ls=":")
@@ -233,8 +268,16 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     ax = axes.flat[panels - 1]
     for model in report["models"]:
         curve = model["coverage"]
-        ax.plot([100 * row["coverage"] for row in curve], [100 * row["accuracy"] for row in curve], label=model["name"])
-    ax.set(title="rejecting low-confidence answers", xlabel="coverage: answered (%)", ylabel="accuracy on answered (%)")
+        ax.plot(
+            [100 * row["coverage"] for row in curve],
+            [100 * row["accuracy"] for row in curve],
+            label=model["name"],
+        )
+    ax.set(
+        title="rejecting low-confidence answers",
+        xlabel="coverage: answered (%)",
+        ylabel="accuracy on answered (%)",
+    )
     ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"Accuracy under perturbation ({report['images']:,} MNIST test images)")
@@ -246,12 +289,18 @@ def table(report: dict[str, Any]) -> str:
     """Plain-text tables: accuracy per perturbation and strength (a column per model), then accuracy vs coverage."""
     names = [m["name"] for m in report["models"]]
     width = max(10, *(len(n) for n in names))
-    lines = [f"accuracy on {report['images']:,} MNIST test images",
-             f"{'perturbation':<14}{'strength':>9}  " + "  ".join(f"{n:>{width}}" for n in names)]
-    lines.append(f"{'none':<14}{'':>9}  " + "  ".join(f"{m['clean_accuracy']:>{width}.2%}" for m in report["models"]))
+    lines = [
+        f"accuracy on {report['images']:,} MNIST test images",
+        f"{'perturbation':<14}{'strength':>9}  " + "  ".join(f"{n:>{width}}" for n in names),
+    ]
+    lines.append(
+        f"{'none':<14}{'':>9}  " + "  ".join(f"{m['clean_accuracy']:>{width}.2%}" for m in report["models"])
+    )
     for p in report["perturbations"]:
         for i, strength in enumerate(p["strengths"]):
-            cells = "  ".join(f"{m['perturbations'][p['name']][i]['accuracy']:>{width}.2%}" for m in report["models"])
+            cells = "  ".join(
+                f"{m['perturbations'][p['name']][i]['accuracy']:>{width}.2%}" for m in report["models"]
+            )
             lines.append(f"{p['name'] if i == 0 else '':<14}{strength:>9g}  {cells}")
     lines += ["", f"{'coverage':<14}{'':>9}  " + "  ".join(f"{n:>{width}}" for n in names)]
     for coverage in COVERAGES:

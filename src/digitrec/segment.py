@@ -55,8 +55,11 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, list[_Blob], np.ndarray]:
     """Label 8-connected components; return (labels, one blob per component, areas indexed by label)."""
     labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
     areas = np.bincount(labels.ravel(), minlength=count + 1)
-    blobs = [_Blob(s[1].start, s[1].stop, s[0].start, s[0].stop, [i + 1])
-             for i, s in enumerate(ndimage.find_objects(labels)) if s is not None]
+    blobs = [
+        _Blob(s[1].start, s[1].stop, s[0].start, s[0].stop, [i + 1])
+        for i, s in enumerate(ndimage.find_objects(labels))
+        if s is not None
+    ]
     return labels, blobs, areas
 
 
@@ -154,7 +157,12 @@ def segment(image: Any, score: Score | None = None) -> list[Piece]:
             rows, cols = np.flatnonzero(piece.any(1)), np.flatnonzero(piece.any(0))
             x, y = blob.x0 + x_offset + cols[0], blob.y0 + rows[0]
             w, h = cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1
-            box = (round(x * back[0]), round(y * back[1]), max(1, round(w * back[0])), max(1, round(h * back[1])))
+            box = (
+                round(x * back[0]),
+                round(y * back[1]),
+                max(1, round(w * back[0])),
+                max(1, round(h * back[1])),
+            )
             pieces.append(Piece(box, to_mnist(piece)))
     return pieces
 
@@ -163,7 +171,11 @@ def _best_split(region: np.ndarray, blob: _Blob, score: Score | None) -> list[tu
     """One digit unless the blob is wide for its height; then try a few counts and keep the best-reading one."""
     estimate = blob.width / (DIGIT_ASPECT * blob.height)
     if score is None:  # no classifier to ask: split only clearly wide blobs, by their width
-        return [(0, region)] if estimate < 1.35 else split(region, int(min(MAX_DIGITS_PER_BLOB, round(estimate))))
+        return (
+            [(0, region)]
+            if estimate < 1.35
+            else split(region, int(min(MAX_DIGITS_PER_BLOB, round(estimate))))
+        )
     if estimate < 0.95:  # narrower than any two digits side by side, even a 1 touching a 1
         return [(0, region)]
     guess = int(min(MAX_DIGITS_PER_BLOB, max(2, round(estimate))))

@@ -28,8 +28,14 @@ class Job:
         return f"{self.recipe}-seed{self.seed}"
 
 
-def sweep(recipes: list[str], seeds: list[int], out: Path, parallel: int = 1, train_flags: list[str] | None = None,
-          log=print) -> list[dict]:
+def sweep(
+    recipes: list[str],
+    seeds: list[int],
+    out: Path,
+    parallel: int = 1,
+    train_flags: list[str] | None = None,
+    log=print,
+) -> list[dict]:
     """Run every (recipe, seed) as its own process, `parallel` at a time; one summary row per run."""
     for recipe in recipes:
         get_recipe(recipe)  # an unknown name fails now, not after the first runs
@@ -43,17 +49,41 @@ def sweep(recipes: list[str], seeds: list[int], out: Path, parallel: int = 1, tr
         while pending and len(running) < parallel:
             job = pending.pop(0)
             job.out.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, "-m", "digitrec", "train", "--recipe", job.recipe, "--seed", str(job.seed),
-                       "--out", str(job.out), "--threads", str(threads), "--no-progress", *(train_flags or [])]
+            command = [
+                sys.executable,
+                "-m",
+                "digitrec",
+                "train",
+                "--recipe",
+                job.recipe,
+                "--seed",
+                str(job.seed),
+                "--out",
+                str(job.out),
+                "--threads",
+                str(threads),
+                "--no-progress",
+                *(train_flags or []),
+            ]
             with open(job.out / "train.log", "w") as log_file:
-                running[job.name] = (job, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+                running[job.name] = (
+                    job,
+                    subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env),
+                )
             log(f"started {job.name}")
         time.sleep(0.2)
         for name, (job, process) in list(running.items()):
             if process.poll() is not None:
                 del running[name]
                 rows.append(_row(job, process.returncode))
-                log(f"finished {job.name}: " + (f"{rows[-1]['test_accuracy']:.2%}" if rows[-1]["ok"] else f"failed, see {job.out / 'train.log'}"))
+                log(
+                    f"finished {job.name}: "
+                    + (
+                        f"{rows[-1]['test_accuracy']:.2%}"
+                        if rows[-1]["ok"]
+                        else f"failed, see {job.out / 'train.log'}"
+                    )
+                )
     rows.sort(key=lambda row: (recipes.index(row["recipe"]), row["seed"]))
     atomic_write_json(out / "summary.json", rows)
     return rows
@@ -64,9 +94,15 @@ def _row(job: Job, returncode: int) -> dict:
     if returncode != 0 or not metrics_path.exists():
         return {"recipe": job.recipe, "seed": job.seed, "ok": False, "out": str(job.out)}
     metrics = json.loads(metrics_path.read_text())
-    return {"recipe": job.recipe, "seed": job.seed, "ok": True, "out": str(job.out),
-            "test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
-            "train_seconds": metrics["train_seconds"]}
+    return {
+        "recipe": job.recipe,
+        "seed": job.seed,
+        "ok": True,
+        "out": str(job.out),
+        "test_accuracy": metrics["test_accuracy"],
+        "test_loss": metrics["test_loss"],
+        "train_seconds": metrics["train_seconds"],
+    }
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -74,13 +110,17 @@ def summary_table(rows: list[dict]) -> str:
     lines = [f"{'recipe':<18} {'seed':>5} {'test acc':>9} {'test loss':>9} {'train s':>8}"]
     for row in rows:
         if row["ok"]:
-            lines.append(f"{row['recipe']:<18} {row['seed']:>5} {row['test_accuracy']:>9.2%} {row['test_loss']:>9.4f} "
-                         f"{row['train_seconds']:>8.1f}")
+            lines.append(
+                f"{row['recipe']:<18} {row['seed']:>5} {row['test_accuracy']:>9.2%} {row['test_loss']:>9.4f} "
+                f"{row['train_seconds']:>8.1f}"
+            )
         else:
             lines.append(f"{row['recipe']:<18} {row['seed']:>5} {'failed':>9}  see {row['out']}/train.log")
     for recipe, group in itertools.groupby(rows, key=lambda row: row["recipe"]):
         accuracies = [row["test_accuracy"] for row in group if row["ok"]]
         if accuracies:
             spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-            lines.append(f"{recipe:<18} {'all':>5} {statistics.mean(accuracies):>9.2%} +- {spread:.2%} over {len(accuracies)} seeds")
+            lines.append(
+                f"{recipe:<18} {'all':>5} {statistics.mean(accuracies):>9.2%} +- {spread:.2%} over {len(accuracies)} seeds"
+            )
     return "\n".join(lines)

@@ -58,9 +58,13 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise DigitrecError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto.")
+        raise DigitrecError(
+            "--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto."
+        )
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise DigitrecError("--device mps was asked for but Apple's MPS is not available; use --device cpu or auto.")
+        raise DigitrecError(
+            "--device mps was asked for but Apple's MPS is not available; use --device cpu or auto."
+        )
     return torch.device(name)
 
 
@@ -87,7 +91,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     """SGD, Adam or AdamW; weight decay applies to weight matrices and kernels only, not to biases or norms."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     if config.optimizer == "adam":
@@ -155,7 +162,9 @@ def train_steps(
     seen = int(epoch_so_far[2])
     for step in steps:
         i = step - epoch * steps_per_epoch
-        index = order[i * config.batch_size : (i + 1) * config.batch_size][rank::world_size]  # this rank's share
+        index = order[i * config.batch_size : (i + 1) * config.batch_size][
+            rank::world_size
+        ]  # this rank's share
         x, y = as_input(images[index]), labels[index].long()
         # dropout draws from the global generator; under DDP each rank gets its own draws
         seed_device_generator(device, (config.seed * 1_000_003 + step) * world_size + rank)
@@ -181,8 +190,13 @@ def train_steps(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1000, amp: bool = False,
-                   channels_last: bool = False) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 1000,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """Logits (float32) for uint8 images (N, 28, 28), in batches, with the model in eval mode."""
     model.eval()
     device = next(model.parameters()).device
@@ -194,7 +208,9 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 100
     return torch.cat(outputs) if outputs else torch.zeros(0, 10)
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig
+) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of `model` on a labelled set."""
     logits = predict_logits(model, images, config.eval_batch_size, config.amp, config.channels_last)
     labels = labels.to(logits.device).long()
@@ -212,11 +228,15 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
                 tensors[f"optimizer.{index}.{key}"] = value
             else:
                 scalars[f"{index}.{key}"] = value
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]]
+    groups = [
+        {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]
+    ]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+def _load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -234,7 +254,11 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     # fused and foreach optimizers walk a parameter and its state in storage order, element by element.
     for parameter, values in optimizer.state.items():
         for key, value in values.items():
-            if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+            if (
+                torch.is_tensor(value)
+                and value.shape == parameter.shape
+                and value.stride() != parameter.stride()
+            ):
                 values[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
@@ -246,11 +270,17 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """
     python_version, python_internal, python_gauss = random.getstate()
     _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
-    tensors = {"rng.torch": torch.get_rng_state(), "rng.python": torch.tensor(python_internal, dtype=torch.int64),
-               "rng.numpy": torch.from_numpy(numpy_keys.astype(np.int64))}
+    tensors = {
+        "rng.torch": torch.get_rng_state(),
+        "rng.python": torch.tensor(python_internal, dtype=torch.int64),
+        "rng.numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    return tensors, {"python": [python_version, python_gauss], "numpy": [numpy_pos, numpy_has_gauss, numpy_gauss]}
+    return tensors, {
+        "python": [python_version, python_gauss],
+        "numpy": [numpy_pos, numpy_has_gauss, numpy_gauss],
+    }
 
 
 def _restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) -> None:
@@ -269,7 +299,9 @@ def versions() -> dict[str, str]:
     return {"digitrec": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
-def model_metadata(config: TrainConfig, recipe: str, model: nn.Module, data: MNIST, metrics: dict[str, Any]) -> dict[str, Any]:
+def model_metadata(
+    config: TrainConfig, recipe: str, model: nn.Module, data: MNIST, metrics: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "recipe": recipe,
         "arch": config.arch,
@@ -305,11 +337,19 @@ def train(
     """
     out_dir = Path(out_dir)
     last_path = out_dir / "last.safetensors"
-    state: dict[str, Any] = {"step": 0, "history": [], "best_val_accuracy": -1.0, "train_seconds": 0.0, "bad_epochs": 0}
+    state: dict[str, Any] = {
+        "step": 0,
+        "history": [],
+        "best_val_accuracy": -1.0,
+        "train_seconds": 0.0,
+        "bad_epochs": 0,
+    }
     resume_tensors: dict[str, torch.Tensor] = {}
     if resume:
         if not last_path.exists():
-            raise CheckpointError(f"{out_dir} has no last.safetensors to resume from; start a new run without --resume.")
+            raise CheckpointError(
+                f"{out_dir} has no last.safetensors to resume from; start a new run without --resume."
+            )
         resume_tensors, meta = load_tensors(last_path)
         try:
             config, recipe, state = TrainConfig.from_dict(meta["config"]), meta["recipe"], meta["state"]
@@ -317,7 +357,9 @@ def train(
         except (KeyError, TypeError, AttributeError):
             resumable = False
         if not resumable:
-            raise CheckpointError(f"{last_path} is not a digitrec training checkpoint; start a new run without --resume.")
+            raise CheckpointError(
+                f"{last_path} is not a digitrec training checkpoint; start a new run without --resume."
+            )
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -336,7 +378,10 @@ def train(
     else:
         train_images, train_labels, val_images, val_labels = data.train_images, data.train_labels, None, None
     if dry_run:
-        train_images, train_labels = train_images[: 8 * config.batch_size], train_labels[: 8 * config.batch_size]
+        train_images, train_labels = (
+            train_images[: 8 * config.batch_size],
+            train_labels[: 8 * config.batch_size],
+        )
         config = config.override(epochs=min(config.epochs, 1.0))
     train_images, train_labels = train_images.to(device), train_labels.to(device)
 
@@ -349,7 +394,9 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     if resume:
-        model.load_state_dict({k[len("model."):]: v for k, v in resume_tensors.items() if k.startswith("model.")})
+        model.load_state_dict(
+            {k[len("model.") :]: v for k, v in resume_tensors.items() if k.startswith("model.")}
+        )
         _load_optimizer(optimizer, resume_tensors, state["optimizer"])
         _restore_rng(resume_tensors, state.get("rng"))
     forward_model = torch.compile(model) if config.compile else model
@@ -360,8 +407,10 @@ def train(
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     params = count_parameters(model)
     processes = f" x {world_size} processes" if world_size > 1 else ""
-    log(f"training {recipe}: {config.arch} ({params:,} parameters) on {device}{processes}, {len(train_images):,} images, "
-        f"{total_steps} steps of {config.batch_size}")
+    log(
+        f"training {recipe}: {config.arch} ({params:,} parameters) on {device}{processes}, {len(train_images):,} images, "
+        f"{total_steps} steps of {config.batch_size}"
+    )
     writer = _tensorboard_writer(out_dir) if tensorboard else None
 
     def save_last(step: int, epoch_so_far: list[float] | None = None) -> None:
@@ -371,14 +420,26 @@ def train(
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         optimizer_tensors, optimizer_info = _optimizer_tensors(optimizer)
         rng_tensors, rng_info = _rng_state()
-        position = {"step": step, "epoch_so_far": epoch_so_far or [0.0, 0, 0], "optimizer": optimizer_info, "rng": rng_info}
-        save_tensors(last_path, tensors | optimizer_tensors | rng_tensors,
-                     {"recipe": recipe, "config": config.to_dict(), "state": state | position})
+        position = {
+            "step": step,
+            "epoch_so_far": epoch_so_far or [0.0, 0, 0],
+            "optimizer": optimizer_info,
+            "rng": rng_info,
+        }
+        save_tensors(
+            last_path,
+            tensors | optimizer_tensors | rng_tensors,
+            {"recipe": recipe, "config": config.to_dict(), "state": state | position},
+        )
 
     def on_step(step: int, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
         if bar is not None:
             bar.update(1)
-        if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and (step + 1) % steps_per_epoch:
+        if (
+            config.checkpoint_every_steps
+            and (step + 1) % config.checkpoint_every_steps == 0
+            and (step + 1) % steps_per_epoch
+        ):
             epoch_so_far = distributed.sum_across_ranks(list(sums))  # every rank takes part; rank 0 writes
             if main:
                 state["train_seconds"] += time.perf_counter() - clock[0]
@@ -396,8 +457,16 @@ def train(
         steps = range(step, end)
         bar = _progress(steps, epoch, total_epochs) if progress else None
         train_loss, train_accuracy = train_steps(
-            train_model, optimizer, train_images, train_labels, config, steps, steps_per_epoch, total_steps,
-            on_step=on_step, epoch_so_far=epoch_so_far,
+            train_model,
+            optimizer,
+            train_images,
+            train_labels,
+            config,
+            steps,
+            steps_per_epoch,
+            total_steps,
+            on_step=on_step,
+            epoch_so_far=epoch_so_far,
         )
         epoch_so_far = (0.0, 0, 0)
         if bar:
@@ -405,8 +474,13 @@ def train(
         step = end
         stop = False
         if main:
-            row: dict[str, float] = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                                     "train_accuracy": train_accuracy, "lr": lr_at(config, step - 1, steps_per_epoch, total_steps)}
+            row: dict[str, float] = {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": train_loss,
+                "train_accuracy": train_accuracy,
+                "lr": lr_at(config, step - 1, steps_per_epoch, total_steps),
+            }
             if val_images is not None:
                 row["val_loss"], row["val_accuracy"] = evaluate(forward_model, val_images, val_labels, config)
             state["train_seconds"] += time.perf_counter() - clock[0]
@@ -421,7 +495,11 @@ def train(
             if better:
                 state["best_val_accuracy"] = row.get("val_accuracy", -1.0)
                 state["bad_epochs"] = 0
-                save_model(out_dir / "model.safetensors", model, {"recipe": recipe, "config": config.to_dict(), "partial": True})
+                save_model(
+                    out_dir / "model.safetensors",
+                    model,
+                    {"recipe": recipe, "config": config.to_dict(), "partial": True},
+                )
             else:
                 state["bad_epochs"] += 1
             save_last(step)
@@ -448,7 +526,9 @@ def train(
     best, _ = load_tensors(out_dir / "model.safetensors")
     model.load_state_dict(best)
     eval_start = time.perf_counter()
-    test_loss, test_accuracy = evaluate(model, data.test_images.to(device), data.test_labels.to(device), config)
+    test_loss, test_accuracy = evaluate(
+        model, data.test_images.to(device), data.test_labels.to(device), config
+    )
     metrics = {
         "test_accuracy": test_accuracy,
         "test_loss": test_loss,
@@ -461,7 +541,11 @@ def train(
         "device": str(device),
         "world_size": world_size,
     }
-    save_model(out_dir / "model.safetensors", model.cpu(), model_metadata(config, recipe, model, data, metrics) | (extra_metadata or {}))
+    save_model(
+        out_dir / "model.safetensors",
+        model.cpu(),
+        model_metadata(config, recipe, model, data, metrics) | (extra_metadata or {}),
+    )
     atomic_write_json(out_dir / "metrics.json", metrics)
     run = Run(out_dir, config, metrics, state["history"])
     if report:
@@ -478,8 +562,10 @@ def _quiet(message: str) -> None:
 
 
 def _epoch_line(row: dict[str, float], total_epochs: int) -> str:
-    text = (f"epoch {int(row['epoch']):>3}/{total_epochs}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_accuracy']:.2%}")
+    text = (
+        f"epoch {int(row['epoch']):>3}/{total_epochs}  train loss {row['train_loss']:.4f} "
+        f"acc {row['train_accuracy']:.2%}"
+    )
     if "val_accuracy" in row:
         text += f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}"
     return text + f"  lr {row['lr']:.2e}  {row['seconds']:.1f} s"
@@ -488,14 +574,22 @@ def _epoch_line(row: dict[str, float], total_epochs: int) -> str:
 def _progress(steps: range, epoch: int, total_epochs: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{total_epochs}", leave=False, unit="batch", dynamic_ncols=True)
+    return tqdm(
+        total=len(steps),
+        desc=f"epoch {epoch + 1}/{total_epochs}",
+        leave=False,
+        unit="batch",
+        dynamic_ncols=True,
+    )
 
 
 def _tensorboard_writer(out_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise DigitrecError("--tensorboard needs the tensorboard package; install it with `pip install digitrec[tensorboard]`.") from None
+        raise DigitrecError(
+            "--tensorboard needs the tensorboard package; install it with `pip install digitrec[tensorboard]`."
+        ) from None
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 

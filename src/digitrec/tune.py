@@ -28,7 +28,9 @@ def _optuna() -> Any:
     try:
         import optuna
     except ImportError:
-        raise DigitrecError("digitrec tune needs Optuna; install it with `pip install digitrec[tune]`.") from None
+        raise DigitrecError(
+            "digitrec tune needs Optuna; install it with `pip install digitrec[tune]`."
+        ) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
@@ -82,11 +84,17 @@ def tune(
         raise DigitrecError(f"--trials must be at least 1, got {trials}.")
     out_dir = Path(out_dir)
     base = get_recipe(recipe)
-    base = base.override(val_size=val_size or base.val_size or DEFAULT_VAL_SIZE, epochs=epochs or base.epochs,
-                         early_stopping_patience=0)
+    base = base.override(
+        val_size=val_size or base.val_size or DEFAULT_VAL_SIZE,
+        epochs=epochs or base.epochs,
+        early_stopping_patience=0,
+    )
     data = data or load_mnist(log=log)
     study = optuna.create_study(
-        study_name=study_name or f"digitrec-{recipe}", storage=storage, load_if_exists=True, direction="maximize",
+        study_name=study_name or f"digitrec-{recipe}",
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
     )
@@ -101,11 +109,21 @@ def tune(
             pruned = trial.should_prune()
             return pruned  # True stops training after this epoch
 
-        run = train(base.override(**params), out_dir / f"trial-{trial.number:03d}", recipe=recipe, data=data,
-                    progress=False, report=False, log=lambda msg: None, on_epoch=on_epoch)
+        run = train(
+            base.override(**params),
+            out_dir / f"trial-{trial.number:03d}",
+            recipe=recipe,
+            data=data,
+            progress=False,
+            report=False,
+            log=lambda msg: None,
+            on_epoch=on_epoch,
+        )
         value = float(run.history[-1]["val_accuracy"]) if pruned else float(run.metrics["val_accuracy"])
-        log(f"trial {trial.number:>3}  val acc {value:.2%}  {'pruned ' if pruned else ''}"
-            + "  ".join(f"{k} {_fmt(v)}" for k, v in params.items()))
+        log(
+            f"trial {trial.number:>3}  val acc {value:.2%}  {'pruned ' if pruned else ''}"
+            + "  ".join(f"{k} {_fmt(v)}" for k, v in params.items())
+        )
         if pruned:
             raise optuna.TrialPruned()
         return value
@@ -113,19 +131,29 @@ def tune(
     try:
         study.optimize(objective, n_trials=trials)
     except (ImportError, ModuleNotFoundError) as exc:  # a storage URL whose database driver is missing
-        raise DigitrecError(f"storage {storage} needs a database driver that is not installed ({exc}).") from None
+        raise DigitrecError(
+            f"storage {storage} needs a database driver that is not installed ({exc})."
+        ) from None
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not finished:
         raise DigitrecError("every trial was pruned or failed; run more trials or raise --epochs.")
     best = study.best_trial
     config_path = out_dir / "best.toml"
-    header = (f"# digitrec tune: best of {len(finished)} finished trials of recipe {recipe!r}, "
-              f"validation accuracy {best.value:.4%} (trial {best.number})\n"
-              f"# train with it: digitrec train --config {config_path}\n")
+    header = (
+        f"# digitrec tune: best of {len(finished)} finished trials of recipe {recipe!r}, "
+        f"validation accuracy {best.value:.4%} (trial {best.number})\n"
+        f"# train with it: digitrec train --config {config_path}\n"
+    )
     atomic_write_text(config_path, header + to_toml({"recipe": recipe, **best.params}))
     atomic_write_text(out_dir / "trials.csv", trials_csv(study))
-    return TuneResult(study, dict(best.params), float(best.value), config_path, summary_table(study),
-                      plot(study, out_dir / "tuning.png"))
+    return TuneResult(
+        study,
+        dict(best.params),
+        float(best.value),
+        config_path,
+        summary_table(study),
+        plot(study, out_dir / "tuning.png"),
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -135,8 +163,15 @@ def _fmt(value: Any) -> str:
 def _rows(study: Any) -> list[dict[str, Any]]:
     rows = []
     for t in study.trials:
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "val_accuracy": t.value,
-                     "epochs_run": len(t.intermediate_values), **t.params})
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name.lower(),
+                "val_accuracy": t.value,
+                "epochs_run": len(t.intermediate_values),
+                **t.params,
+            }
+        )
     return rows
 
 
@@ -157,7 +192,10 @@ def summary_table(study: Any, top: int = 10) -> str:
     names = list(study.best_trial.params)
     lines = [f"{'trial':>5}  {'val acc':>8}  " + "  ".join(f"{n:>15}" for n in names)]
     for r in done[:top]:
-        lines.append(f"{r['trial']:>5}  {r['val_accuracy']:>8.2%}  " + "  ".join(f"{_fmt(r.get(n)):>15}" for n in names))
+        lines.append(
+            f"{r['trial']:>5}  {r['val_accuracy']:>8.2%}  "
+            + "  ".join(f"{_fmt(r.get(n)):>15}" for n in names)
+        )
     others = len(rows) - len(done)
     if others:
         lines.append(f"({others} trials pruned or failed)")
@@ -170,10 +208,20 @@ def plot(study: Any, path: Path) -> Path:
 
     rows = _rows(study)
     fig, (ax_trials, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
-    for state, style in (("complete", dict(marker="o", color="tab:blue")), ("pruned", dict(marker="x", color="gray"))):
+    for state, style in (
+        ("complete", dict(marker="o", color="tab:blue")),
+        ("pruned", dict(marker="x", color="gray")),
+    ):
         # a pruned trial is drawn at its last reported validation accuracy
-        points = [(r["trial"], t.intermediate_values[max(t.intermediate_values)] if state == "pruned" else r["val_accuracy"], r.get("lr"))
-                  for r, t in zip(rows, study.trials, strict=True) if r["state"] == state and (state == "complete" or t.intermediate_values)]
+        points = [
+            (
+                r["trial"],
+                t.intermediate_values[max(t.intermediate_values)] if state == "pruned" else r["val_accuracy"],
+                r.get("lr"),
+            )
+            for r, t in zip(rows, study.trials, strict=True)
+            if r["state"] == state and (state == "complete" or t.intermediate_values)
+        ]
         if points:
             ax_trials.scatter([p[0] for p in points], [100 * p[1] for p in points], label=state, **style)
             ax_lr.scatter([p[2] for p in points], [100 * p[1] for p in points], label=state, **style)
@@ -182,7 +230,9 @@ def plot(study: Any, path: Path) -> Path:
         if r["state"] == "complete":
             best = max(best, r["val_accuracy"])
         best_so_far.append(100 * best if best >= 0 else None)
-    ax_trials.step([r["trial"] for r in rows], best_so_far, where="post", color="tab:green", label="best so far")
+    ax_trials.step(
+        [r["trial"] for r in rows], best_so_far, where="post", color="tab:green", label="best so far"
+    )
     ax_trials.set(title="Trials", xlabel="trial", ylabel="validation accuracy (%)")
     ax_lr.set(title="Learning rate", xlabel="lr", ylabel="validation accuracy (%)", xscale="log")
     for ax in (ax_trials, ax_lr):
