@@ -40,7 +40,7 @@ def table(runs_dir: Path, recipes: list[str]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", default=",".join(r for r in RECIPES if r != "robust"))
+    parser.add_argument("--recipes", default=",".join(r for r in RECIPES if r not in ("robust", "best")))
     parser.add_argument("--runs-dir", default="runs/results")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--table-only", action="store_true", help="print the table from existing runs")

@@ -59,3 +59,22 @@ def idx_folder(tmp_path: Path, tiny_mnist: MNIST, monkeypatch: pytest.MonkeyPatc
         files[key] = (stem, hashlib.md5(raw).hexdigest())
     monkeypatch.setattr(data_module, "FILES", files)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_fast_run(tmp_path_factory: pytest.TempPathFactory, tiny_mnist: MNIST) -> Path:
+    """The `fast` recipe trained for 4 epochs on the tiny set: a real checkpoint with BatchNorm statistics."""
+    from digitrec.config import get_recipe
+    from digitrec.training import train
+
+    out = tmp_path_factory.mktemp("tiny-fast-run")
+    train(
+        get_recipe("fast").override(epochs=4),
+        out,
+        recipe="fast",
+        data=tiny_mnist,
+        progress=False,
+        report=False,
+        log=lambda msg: None,
+    )
+    return out

@@ -11,7 +11,6 @@ from digitrec.bench import bench_infer, bench_train, infer_table, train_table
 from digitrec.cli import main
 from digitrec.config import get_recipe
 from digitrec.errors import DigitrecError
-from digitrec.training import train
 
 TINY = {
     "fast": get_recipe("fast").override(epochs=2),
@@ -20,18 +19,8 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_mnist) -> Path:
-    out = tmp_path_factory.mktemp("tiny-run")
-    train(
-        get_recipe("fast").override(epochs=3),
-        out,
-        recipe="fast",
-        data=tiny_mnist,
-        progress=False,
-        report=False,
-        log=lambda msg: None,
-    )
-    return out / "model.safetensors"
+def tiny_checkpoint(tiny_fast_run: Path) -> Path:
+    return tiny_fast_run / "model.safetensors"
 
 
 def test_bench_train_reports_every_recipe_and_seed(tiny_mnist) -> None:

@@ -19,25 +19,14 @@ from digitrec.errors import DigitrecError
 from digitrec.export import export_onnx, inference_model, run_session, softmax
 from digitrec.models import Normalize, create_model
 from digitrec.predict import Predictor
-from digitrec.training import as_input, train
+from digitrec.training import as_input
 
 pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_mnist) -> Path:
-    """The fast recipe trained for a few epochs on the synthetic set: real BatchNorm statistics, high accuracy."""
-    out = tmp_path_factory.mktemp("tiny-run")
-    train(
-        get_recipe("fast").override(epochs=4),
-        out,
-        recipe="fast",
-        data=tiny_mnist,
-        progress=False,
-        report=False,
-        log=lambda msg: None,
-    )
-    return out / "model.safetensors"
+def tiny_checkpoint(tiny_fast_run: Path) -> Path:
+    return tiny_fast_run / "model.safetensors"
 
 
 def _randomize_batchnorm(model: nn.Module, negative: bool = False) -> None:

@@ -12,7 +12,6 @@ import math
 import os
 import pickle
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from serverkit import png_claiming
 
 from digitrec.checkpoint import load_model, save_model
 from digitrec.data import parse_idx
@@ -212,21 +212,6 @@ def assert_mnist_like_or_image_error(source) -> None:
         return
     assert out.shape == (28, 28) and out.dtype == np.float32
     assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with a tiny (wrong) data chunk: what a decompression bomb declares."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def image_bytes(image: np.ndarray, fmt: str) -> bytes:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
+from serverkit import png_claiming
 
 from digitrec.errors import ImageError
 from digitrec.preprocess import (
@@ -201,21 +200,6 @@ def test_steps_show_every_stage_in_order():
     ]
     assert all(np.asarray(s).ndim == 2 for s in steps.values())
     assert np.array_equal(steps["mnist"], x)
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny valid PNG whose header claims width x height pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
-        + chunk(b"IEND", b"")
-    )
 
 
 def bad_input(kind: str, tmp_path: Path):

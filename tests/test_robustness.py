@@ -9,26 +9,13 @@ import torch
 
 from digitrec import robustness
 from digitrec.cli import main
-from digitrec.training import train
 
 BY_NAME = {p.name: p for p in robustness.PERTURBATIONS}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_mnist):
-    from digitrec.config import get_recipe
-
-    out = tmp_path_factory.mktemp("robust-run")
-    train(
-        get_recipe("fast").override(epochs=2),
-        out,
-        recipe="fast",
-        data=tiny_mnist,
-        progress=False,
-        report=False,
-        log=lambda msg: None,
-    )
-    return out
+def run_dir(tiny_fast_run):
+    return tiny_fast_run
 
 
 def test_clean_strength_leaves_images_alone(tiny_mnist):
