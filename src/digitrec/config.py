@@ -138,6 +138,19 @@ def _coerce(key: str, value: Any, declared: str) -> Any:
 # The seed recipes reproduce the five source documents in ../shared/seeds, quirks included. Documents that
 # train on all 60,000 images and report their last epoch get val_size=0: we train on all of train and keep
 # the last weights, so the test set never chooses a checkpoint. Those that select a model get a validation split.
+# What digitrec's own recipes share: fused AdamW, a one-cycle schedule, label smoothing, bfloat16 autocast.
+_OURS = TrainConfig(
+    optimizer="adamw",
+    lr=4e-3,
+    betas=(0.9, 0.99),
+    weight_decay=0.01,
+    schedule="onecycle",
+    label_smoothing=0.1,
+    amp=True,
+    channels_last=True,
+    source="digitrec",
+)
+
 RECIPES: dict[str, TrainConfig] = {
     "seed-mlp": TrainConfig(
         arch="mlp_500_256",
@@ -215,79 +228,45 @@ RECIPES: dict[str, TrainConfig] = {
         reported_accuracy=0.98,
         notes="The document's stated goal is 98% or more; it keeps the best model (we choose it on validation, not test).",
     ),
-    "default": TrainConfig(
+    "default": _OURS.override(
         arch="fast_cnn",
         epochs=3,
         batch_size=192,
-        optimizer="adamw",
-        lr=4e-3,
-        betas=(0.9, 0.99),
-        weight_decay=0.01,
-        schedule="onecycle",
         warmup_fraction=0.2,
-        label_smoothing=0.1,
         augment="affine",
-        amp=True,
-        channels_last=True,
         eval_batch_size=500,
-        source="digitrec",
         reported_accuracy=0.9952,
-        notes="make run trains this one. Measured: 99.50-99.52% (3 runs); see docs/performance.md for times.",
+        notes="make run trains this one. Measured: 99.50-99.52% (3 runs); see README, Performance.",
     ),
-    "fast": TrainConfig(
+    "fast": _OURS.override(
         arch="fast_cnn_lite",
         epochs=1.0,
         batch_size=192,
-        optimizer="adamw",
-        lr=4e-3,
-        betas=(0.9, 0.99),
-        weight_decay=0.01,
-        schedule="onecycle",
         warmup_fraction=0.25,
-        label_smoothing=0.1,
-        amp=True,
-        channels_last=True,
         val_size=0,
         eval_batch_size=500,
-        source="digitrec",
         reported_accuracy=0.9912,
-        notes="99% in about a second on a quiet 2-core CPU; no validation split, so it keeps the last weights. "
-        "Measured: 99.00-99.20%, median 99.12% over 5 seeds; see docs/performance.md.",
+        notes="99% in a few seconds on a 2-core CPU; no validation split, so it keeps the last weights. "
+        "Measured: 99.00-99.20%, median 99.12% over 5 seeds; see README, Performance.",
     ),
-    "best": TrainConfig(
+    "best": _OURS.override(
         arch="deep_cnn",
         epochs=40,
         batch_size=128,
-        optimizer="adamw",
         lr=3e-3,
-        betas=(0.9, 0.99),
         weight_decay=0.05,
-        schedule="onecycle",
         warmup_fraction=0.1,
-        label_smoothing=0.1,
         augment="affine",
-        amp=True,
-        channels_last=True,
         eval_batch_size=500,
-        source="digitrec",
         notes="Aims at 99.75% within an hour on a 2-core CPU; the checkpoint is chosen on validation. "
         "Not yet run in full; see docs/performance.md.",
     ),
-    "robust": TrainConfig(
+    "robust": _OURS.override(
         arch="fast_cnn_wide",
         epochs=5.0,
         batch_size=128,
-        optimizer="adamw",
-        lr=4e-3,
-        betas=(0.9, 0.99),
-        weight_decay=0.01,
-        schedule="onecycle",
         warmup_fraction=0.2,
-        label_smoothing=0.1,
         augment="robust",
-        amp=True,
-        channels_last=True,
-        source="digitrec",
         notes="Trained to read photographed and scanned digits; bundled with the package.",
     ),
 }
