@@ -96,10 +96,13 @@ def test_draw_upload_correct_and_read_a_number_in_chromium(tmp_path):
             sync_api.expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
             sync_api.expect(page.locator("#verdict")).to_have_text("It's a 7")
             sync_api.expect(page.locator("#bars .bar.top")).to_have_attribute("data-digit", "7")
-            top_height = page.locator('#bars .bar[data-digit="7"] .fill').evaluate(
-                "e => e.getBoundingClientRect().height"
+            # the bars grow with a CSS transition and live predictions replace each other while drawing, so wait
+            # for the final, confident bar instead of measuring the first frame
+            page.wait_for_function(
+                """() => document.querySelector('#bars .bar[data-digit="7"] .fill')
+                          .getBoundingClientRect().height > 60""",
+                timeout=5_000,
             )
-            assert top_height > 60
             seen_ink = page.evaluate(
                 "() => Array.from(document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data)"
                 ".filter((v, i) => i % 4 === 0 && v > 128).length"
