@@ -39,6 +39,7 @@ lint: setup
 test: setup browser
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy src
 	$(PY) -m pytest
 
 test-slow: setup

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ class RecipeResult:
     def seconds_to_target(self) -> float | None:
         """Median over seeds; None when any seed missed the target (its time is unknown)."""
         times = [r.seconds_to_target for r in self.runs]
-        return None if any(t is None for t in times) else statistics.median(times)
+        return None if any(t is None for t in times) else statistics.median(cast(list[float], times))
 
     def accuracy(self) -> tuple[float, float, float]:
         values = [r.test_accuracy for r in self.runs]
@@ -210,13 +210,13 @@ def torch_runner(model: nn.Module, bf16: bool = False, compiled: bool = False) -
     from .export import inference_model
 
     if bf16 or compiled:
-        model = inference_model(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+        model = inference_model(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks memory_format
     model = model.eval()
     if compiled:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
-        model = torch.compile(model, dynamic=False)  # one static graph per batch size
+        model = cast(nn.Module, torch.compile(model, dynamic=False))  # one static graph per batch size
     dtype = torch.bfloat16 if (bf16 or compiled) else torch.float32
 
     def run(batch: np.ndarray):
@@ -236,7 +236,7 @@ def _onnx_runner(path: Path) -> Callable[[np.ndarray], Any]:
 
 def _time_calls(run: Callable[[np.ndarray], Any], batches: list[np.ndarray], seconds: float) -> list[float]:
     """Call `run` on the batches in turn for about `seconds`; the latency of each call, in seconds."""
-    latencies = []
+    latencies: list[float] = []
     start = time.perf_counter()
     i = 0
     while time.perf_counter() - start < seconds or len(latencies) < 5:
@@ -317,14 +317,14 @@ def bench_infer(
     results = []
     for name in backends:
         for size in batch_sizes:
-            times = np.array(latencies[(name, size)]) * 1000
+            times_ms = np.array(latencies[(name, size)]) * 1000
             results.append(
                 InferResult(
                     name,
                     size,
                     statistics.median(rates[(name, size)]),
-                    float(np.percentile(times, 50)),
-                    float(np.percentile(times, 99)),
+                    float(np.percentile(times_ms, 50)),
+                    float(np.percentile(times_ms, 99)),
                     setup[name],
                 )
             )

@@ -7,10 +7,15 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import overload
 
 from .errors import DigitrecError
 
 
+@overload
+def _model_path(value: str) -> Path: ...
+@overload
+def _model_path(value: None) -> None: ...
 def _model_path(value: str | None) -> Path | None:
     """Accept a run folder or a .safetensors file for MODEL arguments."""
     if value is None:
@@ -302,6 +307,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"{r.path}: error: {r.error}")
                 continue
             p = r.prediction
+            assert p is not None  # set whenever error is None
             answer = f"digit {p.digit}" if p.digit is not None else "not a digit (rejected)"
             top = "  ".join(f"{d}:{q:.1%}" for d, q in p.top)
             print(f"{r.path}: {answer}  confidence {p.confidence:.1%}  top {top}")
@@ -396,6 +402,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"parity with PyTorch float32 on {result.parity_images:,} test images: max |Δprob| {result.max_prob_diff:.1e}"
     )
+    assert result.torch_accuracy is not None and result.onnx_accuracy is not None  # test labels were given
     drop = 100 * (result.torch_accuracy - result.onnx_accuracy)
     print(
         f"test accuracy: PyTorch {result.torch_accuracy:.2%}, ONNX Runtime {result.onnx_accuracy:.2%} (drop {drop:.2f} points)"

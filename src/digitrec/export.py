@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ class ExportResult:
 
 def _fold_into(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
     """Scale `layer`'s output channels so that layer -> bn becomes one layer (bn in eval mode)."""
+    assert bn.running_var is not None and bn.running_mean is not None  # callers check track_running_stats
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
     shape = (-1,) + (1,) * (layer.weight.ndim - 1)
@@ -81,7 +82,9 @@ def _fold_normalize(model: nn.Module) -> None:
     first = body[0] if isinstance(body, nn.Sequential) and len(body) else body
     if not isinstance(first, nn.Conv2d) or first.padding not in ((0, 0), "valid") or first.groups != 1:
         return
-    mean, std = model[0].mean, model[0].std
+    normalize = model[0]
+    assert isinstance(normalize, Normalize)
+    mean, std = normalize.mean, normalize.std
     bias = first.bias if first.bias is not None else torch.zeros(first.out_channels)
     # conv((x - mean) / std) = conv_{W / std}(x) - (mean / std) * sum(W) per output channel
     first.bias = nn.Parameter(bias - (mean / std) * first.weight.sum(dim=(1, 2, 3)))
@@ -106,7 +109,7 @@ def _fold_sequentials(module: nn.Module) -> None:
                 isinstance(before, nn.MaxPool2d) and len(kept) > 1 and isinstance(kept[-2], nn.Conv2d)
             )
             if through_pool and bool((layer.weight > 0).all()):
-                _fold_into(kept[-2], layer)
+                _fold_into(cast(nn.Conv2d, kept[-2]), layer)
                 continue
         kept.append(layer)
     if len(kept) != len(layers):
@@ -148,14 +151,18 @@ def _to_onnx_bytes(model: nn.Module) -> bytes:
 
     example = torch.rand(2, 1, 28, 28)
     buffer = io.BytesIO()
-    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": OPSET}
+    names: dict[str, Any] = {
+        "input_names": [INPUT_NAME],
+        "output_names": [OUTPUT_NAME],
+        "opset_version": OPSET,
+    }
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model,
                 (example,),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # torch accepts a file-like object here; its stub says path only
                 dynamo=False,
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 **names,
@@ -264,6 +271,7 @@ def export_onnx(
     onnx_bytes = _to_onnx_bytes(inference_model(model))
     precision = "float32"
     if int8:
+        assert calibration_images is not None  # checked above
         pick = torch.randperm(len(calibration_images), generator=torch.Generator().manual_seed(0))[
             :CALIBRATION_IMAGES
         ]
@@ -286,11 +294,14 @@ def export_onnx(
         raise DigitrecError(
             f"the exported model disagrees with PyTorch (max |Δprob| {diff:.2e} > {FLOAT_TOLERANCE:g}); nothing was written."
         )
-    if int8 and result.torch_accuracy - result.onnx_accuracy > INT8_MAX_DROP:
-        raise DigitrecError(
-            f"int8 quantization costs {100 * (result.torch_accuracy - result.onnx_accuracy):.2f} points of test accuracy "
-            f"(more than {100 * INT8_MAX_DROP:.1f}); nothing was written; use the float export."
-        )
+    if int8:
+        # int8 requires test_labels (checked above), so both accuracies are set
+        assert result.torch_accuracy is not None and result.onnx_accuracy is not None
+        if result.torch_accuracy - result.onnx_accuracy > INT8_MAX_DROP:
+            raise DigitrecError(
+                f"int8 quantization costs {100 * (result.torch_accuracy - result.onnx_accuracy):.2f} points of test accuracy "
+                f"(more than {100 * INT8_MAX_DROP:.1f}); nothing was written; use the float export."
+            )
 
     export_meta = {
         "source_checkpoint": str(checkpoint),

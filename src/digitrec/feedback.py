@@ -118,6 +118,7 @@ class FeedbackStore:
                     pixels.tobytes(),
                 ),
             )
+            assert cursor.lastrowid is not None  # set by the INSERT above
             return int(cursor.lastrowid)
 
     def count(self) -> int:
@@ -137,7 +138,7 @@ class FeedbackStore:
             )
             for row in rows:
                 *head, pixels = row
-                yield Correction(*head, input28=np.frombuffer(pixels, dtype=np.uint8).reshape(28, 28))
+                yield Correction(*head, input28=np.frombuffer(pixels, dtype=np.uint8).reshape(28, 28))  # type: ignore[misc]  # head is the fields before input28
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All corrections as MNIST-shaped uint8 images (N, 28, 28) and int64 labels (N,), for fine-tuning."""

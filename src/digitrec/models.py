@@ -18,6 +18,9 @@ from .errors import DigitrecError
 class Normalize(nn.Module):
     """(x - mean) / std with the recipe's constants stored as buffers, so they travel with the weights."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: float, std: float):
         super().__init__()
         self.register_buffer("mean", torch.tensor(float(mean)))

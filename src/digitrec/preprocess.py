@@ -24,7 +24,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,7 +33,7 @@ from scipy import ndimage
 from .errors import ImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb guard (about 89 megapixels)
+MAX_PIXELS = cast(int, Image.MAX_IMAGE_PIXELS)  # Pillow's decompression-bomb guard (about 89 megapixels)
 MIN_SIDE = 5  # below this there is no digit to see
 WORK_SIDE = 256  # longer side of the working image for one digit: ~10x the final 20 px, and fast
 MIN_WORK_SIDE = 112  # small inputs (e.g. 28x28) are upsampled so thresholding keeps their shape
@@ -174,7 +174,8 @@ def _pil_to_gray(image: Image.Image) -> np.ndarray:
         return _array_to_gray(np.asarray(image))
     if mode in ("LA", "PA", "RGBA", "La", "RGBa"):
         image = image.convert("RGBA")
-        if image.getextrema()[3][0] < 255:  # some transparency: composite it ourselves
+        extrema = cast(tuple[tuple[int, int], ...], image.getextrema())  # per band for RGBA
+        if extrema[3][0] < 255:  # some transparency: composite it ourselves
             rgba = np.asarray(image, dtype=np.float32) / 255.0
             return _flatten_alpha(_luminance(rgba[..., :3]), rgba[..., 3])
     if image.mode not in ("L", "RGB", "RGBA", "1"):
@@ -540,6 +541,12 @@ def to_mnist(mask: np.ndarray, steps: Steps | None = None) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- the one
 
 
+@overload
+def preprocess(image: Any, *, return_steps: Literal[False] = False) -> np.ndarray: ...
+@overload
+def preprocess(image: Any, *, return_steps: Literal[True]) -> tuple[np.ndarray, Steps]: ...
+@overload
+def preprocess(image: Any, *, return_steps: bool) -> np.ndarray | tuple[np.ndarray, Steps]: ...
 def preprocess(image: Any, *, return_steps: bool = False) -> np.ndarray | tuple[np.ndarray, Steps]:
     """Any image of one digit -> float32 (28, 28) in [0, 1], white ink on black, like an MNIST digit.
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -219,7 +219,7 @@ def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
 def draw_text(text: str, font_name: str, rng: np.random.Generator, height: int = 96) -> Array:
     """A character from a TrueType font as ink coverage, cropped to its ink."""
     font = _font(font_name, int(height * 1.3))
-    left, top, right, bottom = font.getbbox(text)
+    left, top, right, bottom = cast(tuple[int, int, int, int], font.getbbox(text))  # ints at runtime
     pad = height // 8
     image = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
     ImageDraw.Draw(image).text((pad - left, pad - top), text, fill=255, font=font)
@@ -334,8 +334,8 @@ def photo(
     image *= light[..., None]
     blur = rng.uniform(0, 0.02) * min(h, w)  # defocus scales with the writing, not the width of a long line
     if blur > 0.3:
-        image = ndimage.gaussian_filter(image, (blur, blur, 0))
-    image += rng.normal(0, rng.uniform(0, 0.035), image.shape).astype(np.float32)
+        image = cast(Array, ndimage.gaussian_filter(image, (blur, blur, 0)))
+    image += cast(Array, rng.normal(0, rng.uniform(0, 0.035), image.shape)).astype(np.float32)
     pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
     picture = Image.fromarray(pixels, "RGB")
     if rng.random() < 0.25:
@@ -508,7 +508,7 @@ def eval_real(
             reads = [predictor.read(s.data) for s in samples]
             seconds = time.perf_counter() - start
             exact = np.mean([r.number == s.label for r, s in zip(reads, samples)])
-            digits_found = np.mean([len(r.number) == len(s.label) for r, s in zip(reads, samples)])
+            digits_found = np.mean([len(r.number) == len(cast(str, s.label)) for r, s in zip(reads, samples)])
             results[name] = {
                 "exact": float(exact),
                 "digit_count_right": float(digits_found),
@@ -536,7 +536,7 @@ def eval_real(
                 + f", n={len(samples)})"
             )
             continue
-        labels = np.array([int(s.label) for s in samples])
+        labels = np.array([int(cast(str, s.label)) for s in samples])
         digits = np.array([-1 if p.digit is None else p.digit for p in predictions])
         argmax = np.array([int(np.argmax(p.probabilities)) for p in predictions])
         naive = predictor.predict_tensor(

@@ -411,7 +411,7 @@ def create_app(
             },
         }
     }
-    error_responses = {
+    error_responses: dict[int | str, dict[str, Any]] = {
         400: {"description": "not an image, truncated, or malformed request"},
         413: {"description": "body over 5 MB or image over 40 megapixels"},
         415: {"description": "unsupported content type"},

@@ -44,7 +44,8 @@ def sweep(
     jobs = [Job(r, s, out / f"{r}-seed{s}") for r, s in itertools.product(recipes, seeds)]
     threads = max(1, (os.cpu_count() or 1) // parallel)  # share the cores instead of oversubscribing them
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    pending, running, rows = list(jobs), {}, []
+    pending, rows = list(jobs), []
+    running: dict[str, tuple[Job, subprocess.Popen[bytes]]] = {}
     while pending or running:
         while pending and len(running) < parallel:
             job = pending.pop(0)

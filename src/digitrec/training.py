@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -269,7 +269,9 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     outside that seeding; saving them costs a few kilobytes. Under DDP they are rank 0's.
     """
     python_version, python_internal, python_gauss = random.getstate()
-    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = cast(
+        tuple[str, np.ndarray, int, int, float], np.random.get_state()
+    )
     tensors = {
         "rng.torch": torch.get_rng_state(),
         "rng.python": torch.tensor(python_internal, dtype=torch.int64),
@@ -289,7 +291,7 @@ def _restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) 
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors.get(f"rng.cuda.{i}") for i in range(torch.cuda.device_count())]
     if cuda and all(state is not None for state in cuda):
-        torch.cuda.set_rng_state_all(cuda)
+        torch.cuda.set_rng_state_all(cast(list[torch.Tensor], cuda))
     python_version, python_gauss = info["python"]
     random.setstate((python_version, tuple(tensors["rng.python"].tolist()), python_gauss))
     np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), *info["numpy"]))
@@ -386,12 +388,12 @@ def train(
     train_images, train_labels = train_images.to(device), train_labels.to(device)
 
     torch.manual_seed(config.seed)
-    model = create_model(config.arch, config.normalize).to(device)
+    model: nn.Module = create_model(config.arch, config.normalize).to(device)
     if init_weights is not None and not resume:
         model.load_state_dict(init_weights)
     model = distributed.prepare_model(model, device, math.ceil(config.batch_size / world_size), log)
     if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks memory_format
     optimizer = make_optimizer(model, config)
     if resume:
         model.load_state_dict(
@@ -399,7 +401,7 @@ def train(
         )
         _load_optimizer(optimizer, resume_tensors, state["optimizer"])
         _restore_rng(resume_tensors, state.get("rng"))
-    forward_model = torch.compile(model) if config.compile else model
+    forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
     train_model = distributed.wrap(forward_model, device)  # forward_model itself in a single process
 
     steps_per_epoch = steps_in_epoch(len(train_images), config.batch_size, world_size)
