@@ -9,24 +9,13 @@ import pytest
 import torch
 
 from digitrec.cli import main
-from digitrec.config import get_recipe
 from digitrec.explore import explore
-from digitrec.training import train
 
 pytest.importorskip("sklearn")
 
 
-def test_explore_finds_mislabelled_images(tiny_mnist, tmp_path):
-    model_dir = tmp_path / "model"
-    train(
-        get_recipe("fast").override(epochs=2),
-        model_dir,
-        recipe="fast",
-        data=tiny_mnist,
-        progress=False,
-        report=False,
-        log=lambda msg: None,
-    )
+def test_explore_finds_mislabelled_images(tiny_mnist, tiny_fast_run, tmp_path):
+    model_dir = tiny_fast_run
     # five training images given a wrong label after the model learned from the right ones
     flipped = [3, 50, 400, 777, 1100]
     labels = tiny_mnist.train_labels.clone()
