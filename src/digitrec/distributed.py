@@ -78,7 +78,10 @@ def init_distributed(device: torch.device) -> bool:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank that tears gloo down while another still holds its connections
+    can abort at exit ("terminate called without an active exception"), so every rank waits for the last one."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
