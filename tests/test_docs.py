@@ -1,4 +1,9 @@
-"""The tutorial's commands: every one parses as written; the slow test runs them all, in order, on tiny data."""
+"""The tutorial's commands and figures.
+
+Every `digitrec` command in a ```bash block parses as written; the slow test runs them all, in reading order,
+on tiny data. Every figure is a small PNG under docs/images, and the line after it names the digitrec command
+that made it ("Made by `digitrec ...`").
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ import pytest
 from digitrec.cli import build_parser, main
 from digitrec.config import RECIPES
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 PAGES = [DOCS / "index.md", *sorted((DOCS / "tutorial").glob("*.md"))]
 # Small settings: later flags override earlier ones, so these shrink each command without editing it.
 SMALL = {
@@ -22,6 +28,11 @@ SMALL = {
     "eval-real": ["--count", "2"],
 }
 NOT_RUN = {"serve"}  # blocks until stopped; tests/test_server.py covers it
+FIGURE = re.compile(r"^!\[[^]]*\]\(\.\./images/([^)]+)\)", flags=re.M)
+MADE_BY = re.compile(r"Made by `(digitrec [^`]+)`")
+OUTPUT_FLAGS = ("out", "report", "show_steps")  # where a command writes its figures
+MAX_FIGURE_BYTES = 300_000
+MAX_IMAGES_BYTES = 3_000_000
 
 
 def commands() -> list[list[str]]:
@@ -36,6 +47,23 @@ def commands() -> list[list[str]]:
     return found
 
 
+def figures() -> list[tuple[str, str, str]]:
+    """(page name, image path relative to docs/images, the text from the image to the next figure or heading)."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for match in FIGURE.finditer(text):
+            after = text[match.end() :]
+            stop = re.search(r"^(!\[|#)", after, flags=re.M)
+            found.append((page.name, match.group(1), after[: stop.start() if stop else len(after)]))
+    return found
+
+
+def output_folders(argv: list[str]) -> set[str]:
+    args = build_parser().parse_args(argv)
+    return {str(Path(getattr(args, flag))) for flag in OUTPUT_FLAGS if getattr(args, flag, None)}
+
+
 def test_the_tutorial_has_commands_and_every_one_parses():
     found = commands()
     assert len(found) >= 15
@@ -47,12 +75,37 @@ def test_the_tutorial_has_commands_and_every_one_parses():
     assert {"train", "robustness", "tune", "explore", "predict", "serve"} <= {argv[0] for argv in found}
 
 
-def test_every_figure_the_tutorial_shows_is_written_by_one_of_its_commands():
-    written = " ".join(" ".join(argv) for argv in commands())
-    for page in PAGES:
-        for image in re.findall(r"!\[[^]]*\]\(\.\./images/([^)]+)\)", page.read_text()):
-            folder, name = str(Path("docs/images") / image).rsplit("/", 1)
-            assert f"--out {folder}" in written, image
+def test_every_figure_exists_and_is_small():
+    shown = figures()
+    assert len(shown) >= 10
+    for page, image, _ in shown:
+        path = DOCS / "images" / image
+        assert path.is_file(), f"{page}: {image} is missing"
+        assert path.stat().st_size < MAX_FIGURE_BYTES, f"{image}: {path.stat().st_size:,} bytes"
+    total = sum(p.stat().st_size for p in (DOCS / "images").rglob("*") if p.is_file())
+    assert total < MAX_IMAGES_BYTES, f"docs/images holds {total:,} bytes"
+
+
+def test_every_figure_names_the_command_that_made_it():
+    """The text after a figure names its command: one that writes the figure's folder (and so does a tutorial
+    command), or one that writes a run folder the figure was copied from (the caption then names that file, and
+    the tutorial runs the same subcommand on the same recipe)."""
+    tutorial = [output_folders(argv) for argv in commands()]
+    for page, image, caption in figures():
+        made_by = MADE_BY.search(caption)
+        assert made_by, f"{page}: no 'Made by `digitrec ...`' line after {image}"
+        argv = shlex.split(made_by.group(1))[1:]
+        folder, name = str(Path("docs/images") / image).rsplit("/", 1)
+        written = output_folders(argv)
+        if folder in written:
+            assert any(folder in outs for outs in tutorial), f"{page}: no tutorial command writes {folder}"
+        else:
+            assert len(written) == 1, f"{page}: {made_by.group(1)} writes no folder {image} could come from"
+            [run] = written
+            assert f"{run}/{name}" in caption, f"{page}: {image} is neither written nor copied from {run}"
+            assert any(argv[:3] == tutorial_argv[:3] for tutorial_argv in commands()), (
+                f"{page}: no tutorial command starts like `{made_by.group(1)}`, which made {image}"
+            )
 
 
 @pytest.mark.slow
