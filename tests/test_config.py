@@ -69,6 +69,7 @@ def test_overrides_apply_and_validate():
         {"colour": "red"},
         {"batch_size": 1.5},
         {"amp": "yes"},
+        {"reported_metric": "batch_mean:0"},
     ):
         with pytest.raises(DigitrecError):
             TrainConfig().override(**bad)

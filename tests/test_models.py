@@ -36,3 +36,28 @@ def test_seed_parameter_counts():
 def test_unknown_arch():
     with pytest.raises(DigitrecError, match="digitrec models"):
         create_model("resnet9000")
+
+
+def test_flatten_keeps_channels_last_gradients_and_matches_nn_flatten():
+    from digitrec.models import Flatten
+
+    x = torch.randn(3, 4, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = torch.relu(x)
+    weights = torch.randn(3, 100)
+    (Flatten()(y) * weights).sum().backward()
+    ours = x.grad.clone()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    x.grad = None
+    (torch.nn.Flatten()(torch.relu(x)) * weights).sum().backward()
+    assert torch.equal(ours, x.grad)
+    assert torch.equal(Flatten()(y), torch.nn.Flatten()(y))
+
+
+def test_accuracy_as_reported_averages_batches_like_seed_001():
+    from digitrec.evaluate import accuracy_as_reported
+
+    correct = torch.tensor(
+        [1.0] * 6 + [0.0] * 2 + [1.0]
+    )  # batches of 4: 100%, 50%, and a last one of 1 image
+    assert accuracy_as_reported(correct) == pytest.approx(7 / 9)
+    assert accuracy_as_reported(correct, "batch_mean:4") == pytest.approx((1 + 0.5 + 1) / 3)

@@ -1,6 +1,7 @@
-"""Inference beside PyTorch: ONNX Runtime sessions, and a model the Predictor calls like the PyTorch one.
+"""Inference beside PyTorch: ONNX Runtime sessions, a NumPy forward pass of the fast CNNs, and models the
+Predictor calls like the PyTorch one.
 
-Nothing here imports torch, so a command that runs an exported model starts without it.
+Nothing here imports torch, so a command that runs an exported model (or the bundled one) starts without it.
 """
 
 from __future__ import annotations
@@ -79,3 +80,81 @@ class OnnxBackend:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(batch, dtype=np.float32).reshape(-1, 1, 28, 28)
         return self.session.run(None, {INPUT_NAME: pixels})[0]
+
+
+# The architectures NumpyBackend runs: models.py's fast CNN family, as (first conv's stride and padding,
+# second conv's padding); kernel sizes and widths come from the weights. test_backends checks each against torch.
+NUMPY_ARCHS = {"fast_cnn": (2, 2, 2), "fast_cnn_wide": (2, 2, 2), "fast_cnn_lite": (2, 0, 1)}
+_BN_EPS = 1e-5  # nn.BatchNorm's default
+_AFFINE, _NORM = ("weight", "bias"), ("weight", "bias", "running_mean", "running_var")
+_NUMPY_KEYS = {"0.mean", "0.std"} | {
+    f"1.{i}.{name}"
+    for i, names in ((0, _AFFINE), (2, _AFFINE), (4, _NORM), (7, _AFFINE), (8, _NORM), (10, _AFFINE))
+    for name in names
+}
+
+
+def _conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int, padding: int) -> np.ndarray:
+    """nn.Conv2d on (N, C, H, W) with a square kernel, as one matrix product over the input's windows."""
+    k = weight.shape[-1]
+    if padding:
+        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
+    n, c, h, w = windows.shape[:4]
+    columns = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * h * w, c * k * k)
+    out = columns @ weight.reshape(len(weight), -1).T + bias
+    return np.ascontiguousarray(out.reshape(n, h, w, -1).transpose(0, 3, 1, 2))
+
+
+def _batch_norm(x: np.ndarray, t: dict[str, np.ndarray], name: str) -> np.ndarray:
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    scale = t[f"{name}.weight"] / np.sqrt(t[f"{name}.running_var"] + np.float32(_BN_EPS))
+    return (x - t[f"{name}.running_mean"].reshape(shape)) * scale.reshape(shape) + t[f"{name}.bias"].reshape(
+        shape
+    )
+
+
+class NumpyBackend:
+    """A fast CNN checkpoint (NUMPY_ARCHS) run by NumPy in float32: the PyTorch model's logits (to ~1e-6)
+    without importing torch, which takes longer to import than `digitrec predict` takes for one image."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], arch: str):
+        self.stride, self.padding1, self.padding2 = NUMPY_ARCHS[arch]
+        self.t = {
+            k: v.astype(np.float32) for k, v in tensors.items() if not k.endswith(".num_batches_tracked")
+        }
+        if set(self.t) != _NUMPY_KEYS:  # what load_state_dict(strict=True) checks
+            raise KeyError(sorted(set(self.t) ^ _NUMPY_KEYS))
+        self(np.zeros((1, 1, 28, 28), np.float32))  # wrong names or shapes fail here, at load time
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[NumpyBackend, dict[str, Any]] | None:
+        """(backend, metadata) for a checkpoint NumPy can run; None for another architecture or bfloat16 weights."""
+        from .checkpoint import _model_spec, load_arrays
+        from .errors import CheckpointError
+
+        try:
+            tensors, meta = load_arrays(path)
+        except KeyError:  # a tensor type NumPy does not have
+            return None
+        arch, _ = _model_spec(path, meta)
+        if arch not in NUMPY_ARCHS:
+            return None
+        try:
+            return cls(tensors, arch), meta
+        except (KeyError, ValueError):
+            raise CheckpointError(
+                f"checkpoint {path} does not fit architecture {arch!r}; it is damaged or from another version."
+            ) from None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        t = self.t
+        x = np.asarray(batch, dtype=np.float32).reshape(-1, 1, 28, 28)
+        x = (x - t["0.mean"]) / t["0.std"]
+        x = np.maximum(_conv2d(x, t["1.0.weight"], t["1.0.bias"], self.stride, self.padding1), 0)
+        x = _conv2d(x, t["1.2.weight"], t["1.2.bias"], 1, self.padding2)
+        n, c, h, w = x.shape
+        x = x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))  # MaxPool2d(2)
+        x = np.maximum(_batch_norm(x, t, "1.4"), 0).reshape(n, -1)
+        x = np.maximum(_batch_norm(x @ t["1.7.weight"].T + t["1.7.bias"], t, "1.8"), 0)
+        return x @ t["1.10.weight"].T + t["1.10.bias"]

@@ -14,12 +14,14 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so `digitrec data` and NumPy inference skip it
+    import numpy as np
+    import torch
+    from torch import nn
 
 META_KEY = "digitrec"
 FORMAT_VERSION = 1
@@ -97,9 +99,31 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a digitrec safetensors file, checking it against its side file when one is present."""
-    from safetensors import SafetensorError
     from safetensors.torch import load
 
+    data, meta = read_checkpoint(path)
+    return _deserialize(Path(path), data, load), meta
+
+
+def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """`load_tensors()` as NumPy arrays, without importing torch. KeyError: a dtype NumPy lacks (bfloat16)."""
+    from safetensors.numpy import load
+
+    data, meta = read_checkpoint(path)
+    return _deserialize(Path(path), data, load), meta
+
+
+def _deserialize(path: Path, data: bytes, load: Any) -> Any:
+    from safetensors import SafetensorError
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged ({exc}); retrain or restore it.") from None
+
+
+def read_checkpoint(path: str | Path) -> tuple[bytes, dict[str, Any]]:
+    """A checkpoint's bytes and metadata, checked against its side file's SHA-256 when one is present."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -122,11 +146,7 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             raise CheckpointError(
                 f"checkpoint {path} does not match the checksum in {side.name}: it is truncated or was modified; retrain or restore it."
             )
-    try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is damaged ({exc}); retrain or restore it.") from None
-    return tensors, meta
+    return data, meta
 
 
 def _read_header_metadata(path: Path, data: bytes) -> dict[str, Any]:

@@ -31,6 +31,21 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
     return ece.item()
 
 
+def accuracy_as_reported(correct: torch.Tensor, metric: str = "accuracy") -> float:
+    """Test accuracy the way a source computes it: "accuracy" is correct / total; "batch_mean:N" averages the
+    accuracies of consecutive batches of N, so a short last batch weighs as much as a full one.
+
+    >>> correct = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    >>> accuracy_as_reported(correct), accuracy_as_reported(correct, "batch_mean:4")
+    (0.6, 0.75)
+    """
+    correct = correct.float()
+    if metric == "accuracy":
+        return correct.mean().item()
+    batch = int(metric.removeprefix("batch_mean:"))
+    return torch.stack([part.mean() for part in correct.split(batch)]).mean().item()
+
+
 def compute_metrics(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, mistakes: int = 36
 ) -> dict[str, Any]:
@@ -86,6 +101,25 @@ def evaluate_model(
     config = config or TrainConfig()
     logits = predict_logits(model, data.test_images, config.eval_batch_size, config.amp, config.channels_last)
     return compute_metrics(logits, data.test_labels, temperature), logits
+
+
+def evaluate_ensemble(paths: list[str | Path], data: MNIST) -> dict[str, Any]:
+    """Test metrics of several checkpoints voting together: the mean of their calibrated probabilities.
+
+    Each member is evaluated the way its own recipe evaluates (batch size, bfloat16, layout) and softened by
+    its own temperature; the result holds the ensemble's metrics and each member's test accuracy.
+    """
+    from .checkpoint import load_model
+
+    members, total = [], torch.zeros(len(data.test_labels), 10)
+    for path in paths:
+        model, meta = load_model(path)
+        config = TrainConfig.from_dict(meta.get("config", {}))
+        metrics, logits = evaluate_model(model, data, config)
+        total += F.softmax(logits.float().cpu() / float(meta.get("temperature", 1.0)), dim=1)
+        members.append({"path": str(path), "test_accuracy": metrics["test_accuracy"]})
+    metrics = compute_metrics((total / len(paths)).clamp_min(1e-12).log(), data.test_labels)
+    return metrics | {"members": members}
 
 
 def write_report(

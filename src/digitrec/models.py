@@ -30,17 +30,48 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class _FlattenKeepingLayout(torch.autograd.Function):
+    """flatten(1) whose gradient comes back in the input's memory format.
+
+    nn.Flatten's gradient is a contiguous (NCHW) tensor. Under channels_last the layers before it (ReLU,
+    BatchNorm, max-pool) then run their backward on mixed layouts, which PyTorch's CPU kernels do 4-16x
+    slower than on matching ones (measured for 192x32x6x6 bfloat16: ReLU 1296 vs 79 us).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.shape = x.shape
+        ctx.channels_last = (
+            x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        )
+        return x.flatten(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.reshape(ctx.shape)
+        return grad.contiguous(memory_format=torch.channels_last) if ctx.channels_last else grad
+
+
+class Flatten(nn.Flatten):
+    """nn.Flatten (same result, same state dict) whose backward keeps a channels_last layout; see above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FlattenKeepingLayout.apply(x)
+        return x.flatten(1)
+
+
 def mlp_500_256() -> nn.Module:
     """Seed 004: 784-500-256-10 with ReLU."""
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 256), nn.ReLU(), nn.Linear(256, 10)
+        Flatten(), nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 256), nn.ReLU(), nn.Linear(256, 10)
     )
 
 
 def mlp_bn_300_100() -> nn.Module:
     """Seed 001: 784-300-100-10, each hidden layer Linear -> BatchNorm -> ReLU."""
     return nn.Sequential(
-        nn.Flatten(),
+        Flatten(),
         nn.Linear(784, 300),
         nn.BatchNorm1d(300),
         nn.ReLU(),
@@ -54,7 +85,7 @@ def mlp_bn_300_100() -> nn.Module:
 def mlp_dropout_512_256() -> nn.Module:
     """Seed 003 plan one: 784-512-256-10 with ReLU and dropout 0.2."""
     return nn.Sequential(
-        nn.Flatten(),
+        Flatten(),
         nn.Linear(784, 512),
         nn.ReLU(),
         nn.Dropout(0.2),
@@ -77,7 +108,7 @@ def lenet() -> nn.Module:
         nn.Conv2d(10, 20, 5),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Flatten(),
+        Flatten(),
         nn.Linear(320, 50),
         nn.Linear(50, 10),
     )
@@ -92,7 +123,7 @@ def plain_cnn() -> nn.Module:
         nn.Conv2d(16, 32, 5, padding=2),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Flatten(),
+        Flatten(),
         nn.Linear(32 * 7 * 7, 10),
     )
 
@@ -112,7 +143,7 @@ def bn_cnn() -> nn.Module:
         *_conv_bn(64, 64),
         nn.MaxPool2d(2),
         nn.Dropout(0.25),
-        nn.Flatten(),
+        Flatten(),
         nn.Linear(64 * 7 * 7, 512),
         nn.BatchNorm1d(512),
         nn.ReLU(),
@@ -134,7 +165,7 @@ def _fast_cnn(width: int, hidden: int) -> nn.Module:
         nn.MaxPool2d(2),
         nn.BatchNorm2d(2 * width),
         nn.ReLU(),
-        nn.Flatten(),
+        Flatten(),
         nn.Linear(2 * width * 49, hidden),
         nn.BatchNorm1d(hidden),
         nn.ReLU(),
@@ -166,7 +197,7 @@ def fast_cnn_lite() -> nn.Module:
         nn.MaxPool2d(2),
         nn.BatchNorm2d(32),
         nn.ReLU(),
-        nn.Flatten(),
+        Flatten(),
         nn.Linear(32 * 36, 128),
         nn.BatchNorm1d(128),
         nn.ReLU(),
@@ -198,7 +229,7 @@ def deep_cnn() -> nn.Module:
         *_conv_bn_relu(64, 64, 5, 2, 2),
         nn.Dropout(0.4),
         *_conv_bn_relu(64, 128, 4),
-        nn.Flatten(),
+        Flatten(),
         nn.Dropout(0.4),
         nn.Linear(128, 10),
     )

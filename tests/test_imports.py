@@ -1,0 +1,56 @@
+"""Commands import only what they use, so they start fast (a test of imports, not of timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HEAVY = ("torch", "scipy", "matplotlib", "onnxruntime", "pandas", "fastapi")
+
+
+def modules_after(*argv: str) -> dict[str, bool]:
+    """Run `digitrec ARGV` in a fresh interpreter; which of HEAVY it imported."""
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from digitrec.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    code = main({list(argv)!r})\n"
+        f"print(json.dumps([code, {{m: m in sys.modules for m in {HEAVY!r}}}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    status, imported = json.loads(done.stdout.splitlines()[-1])
+    assert status == 0
+    return imported
+
+
+@pytest.mark.parametrize("command", ["predict", "read"])
+def test_reading_with_the_bundled_model_imports_neither_torch_nor_matplotlib(command: str, tmp_path: Path):
+    image = np.full((60, 40), 255, np.uint8)
+    image[10:50, 18:23] = 0  # a "1"
+    Image.fromarray(image).save(tmp_path / "one.png")
+    imported = modules_after(command, str(tmp_path / "one.png"))
+    # scipy stays: preprocessing's filters and connected components need it
+    assert not imported["torch"] and not imported["matplotlib"] and not imported["onnxruntime"]
+
+
+def test_listing_commands_import_nothing_heavy():
+    for argv in (["recipes"], ["recipes", "--json"]):
+        assert not any(modules_after(*argv).values()), argv
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys\n"
+        "from digitrec.cli import build_parser\n"
+        "build_parser()\n"
+        f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
