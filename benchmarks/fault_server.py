@@ -27,6 +27,7 @@ import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load_server import digit_pngs, multipart_request, read_response, start_server  # noqa: E402
@@ -136,14 +137,14 @@ async def exchange(host: str, port: int, connection: list, raw: bytes, timeout: 
 
 
 async def mixed_load(
-    port: int, requests: list[Request], concurrency: int, slow: int, time_limit: float
+    port: int, requests: list[Request], concurrency: int, slow: int, time_limit: float, header_timeout: float
 ) -> tuple[list[Outcome], dict]:
     """Good and bad requests over `concurrency` connections, with `slow` slowloris clients alongside."""
     outcomes: list[Outcome] = []
     queue = list(reversed(requests))
     deadline = time.perf_counter() + time_limit
     stop_slow = asyncio.Event()
-    slow_report = {"clients": slow, "closed_by_server": 0, "held_s": 0.0}
+    slow_report: dict[str, Any] = {"clients": slow, "closed_by_server": 0, "held_s": 0.0, "answers": set()}
 
     async def worker() -> None:
         connection: list = [None, None]
@@ -172,23 +173,35 @@ async def mixed_load(
         reader, writer = await asyncio.open_connection(HOST, port)
         started = time.perf_counter()
         header = b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 10_000
+        closed = asyncio.ensure_future(reader.read())  # what the server says, until it closes the connection
+        closed_by_server = False
         try:
             for byte in header:
+                if closed.done():
+                    closed_by_server = True
+                    break
                 if stop_slow.is_set():
                     break
                 writer.write(bytes([byte]))
                 await writer.drain()
                 await asyncio.sleep(0.1)
-                if reader.at_eof():
-                    slow_report["closed_by_server"] += 1
-                    break
         except OSError:
+            closed_by_server = True
+        held = time.perf_counter() - started
+        if closed_by_server:
             slow_report["closed_by_server"] += 1
-        slow_report["held_s"] = max(slow_report["held_s"], time.perf_counter() - started)
+            slow_report["held_s"] = max(slow_report["held_s"], held)
+        if closed.done() and not closed.cancelled() and closed.exception() is None:
+            slow_report["answers"].add(closed.result()[:12].decode("latin-1"))
+        else:
+            closed.cancel()
         writer.close()
 
+    mix_started = time.perf_counter()
     slow_tasks = [asyncio.create_task(slowloris()) for _ in range(slow)]
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    # give the slow clients the server's whole header timeout and a little more before they give up
+    await asyncio.sleep(max(0.0, header_timeout + 2.0 - (time.perf_counter() - mix_started)))
     stop_slow.set()
     await asyncio.gather(*slow_tasks)
     return outcomes, slow_report
@@ -240,10 +253,17 @@ def main() -> int:
     parser.add_argument(
         "--time-limit", type=float, default=180.0, help="stop the mix after this many seconds (at most 600)"
     )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=3.0,
+        help="the server's --header-timeout: slow clients must be cut off within it (default 3 s, at most 60)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     if not (
-        0 < args.good <= 20_000
+        0 < args.header_timeout <= 60
+        and 0 < args.good <= 20_000
         and 0 <= args.bad <= 20_000
         and 1 <= args.concurrency <= 256
         and 0 <= args.slow <= 64
@@ -255,7 +275,11 @@ def main() -> int:
 
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
-        server, port = start_server(args.model, os.path.join(tmp, "feedback.sqlite"))
+        server, port = start_server(
+            args.model,
+            os.path.join(tmp, "feedback.sqlite"),
+            ["--header-timeout", str(args.header_timeout)],
+        )
         try:
             pngs = digit_pngs()
             quiet = [asyncio.run(_one(port, multipart_request(HOST, port, png))) for png in pngs]
@@ -270,7 +294,7 @@ def main() -> int:
             rng.shuffle(requests)
             started = time.perf_counter()
             outcomes, slow = asyncio.run(
-                mixed_load(port, requests, args.concurrency, args.slow, args.time_limit)
+                mixed_load(port, requests, args.concurrency, args.slow, args.time_limit, args.header_timeout)
             )
             mix_seconds = time.perf_counter() - started
             bomb_started = time.perf_counter()
@@ -315,7 +339,11 @@ def main() -> int:
         "no 5xx": all_5xx == 0 and all((row[2] or 0) < 500 for row in extras),
         f"server peak memory under {MEMORY_LIMIT_MB} MB": memory_mb < MEMORY_LIMIT_MB,
         "server still answers afterwards": alive,
+        f"slow clients cut off within the {args.header_timeout:g} s header timeout": slow["closed_by_server"]
+        == args.slow
+        and slow["held_s"] <= args.header_timeout + 1.0,
     }
+    slow["answers"] = sorted(slow["answers"])
     result = {
         "rows": rows,
         "extras": [list(row) for row in extras],
@@ -382,7 +410,7 @@ def print_report(args, rows, extras, slow, mix_seconds, memory_mb, checks) -> No
         )
     print(
         f"slow clients: {slow['clients']} sending 1 header byte per 100 ms; closed by the server: {slow['closed_by_server']}, "
-        f"held for {slow['held_s']:.1f} s"
+        f"after at most {slow['held_s']:.1f} s, answering {', '.join(map(repr, slow['answers'])) or 'nothing'}"
     )
     print(f"server peak resident memory (VmHWM): {memory_mb:.0f} MB")
     for name, ok in checks.items():

@@ -136,7 +136,9 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, max(0, round(q / 100 * len(sorted_values)) - 1))]
 
 
-def start_server(model: str | None, feedback_db: str) -> tuple[subprocess.Popen, int]:
+def start_server(
+    model: str | None, feedback_db: str, extra_args: list[str] | None = None
+) -> tuple[subprocess.Popen, int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -154,6 +156,7 @@ def start_server(model: str | None, feedback_db: str) -> tuple[subprocess.Popen,
     ]
     if model:
         command += ["--model", model]
+    command += extra_args or []
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -172,6 +175,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint to serve (default: the bundled model)")
     parser.add_argument("--url", help="benchmark this already running server instead (loopback only)")
+    parser.add_argument(
+        "--backend", choices=["torch", "onnx"], help="the server's --backend (default: the server's default)"
+    )
     parser.add_argument(
         "--requests", type=int, default=2000, help="total requests (default 2000, at most 20000)"
     )
@@ -195,7 +201,8 @@ def main() -> int:
                 parser.error("this benchmark only loads servers on 127.0.0.1 (it is a load generator)")
             host, port = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname, parts.port or 80
         else:
-            server, port = start_server(args.model, os.path.join(tmp, "feedback.sqlite"))
+            extra = ["--backend", args.backend] if args.backend else []
+            server, port = start_server(args.model, os.path.join(tmp, "feedback.sqlite"), extra)
             host = "127.0.0.1"
         try:
             pngs = digit_pngs()

@@ -113,15 +113,18 @@ def digit_png(size: int = 200, blank: bool = False, fmt: str = "PNG") -> bytes:
 
 
 @contextmanager
-def live_server(app) -> Iterator[str]:
-    """Run `app` on uvicorn in a thread on a free 127.0.0.1 port; yields the base URL."""
+def live_server(app, **config) -> Iterator[str]:
+    """Run `app` on uvicorn in a thread on a free 127.0.0.1 port; yields the base URL. `config`: more uvicorn.Config
+    arguments (e.g. http=digitrec.server.guarded_http_protocol(1.0))."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", **config)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

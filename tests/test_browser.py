@@ -1,7 +1,8 @@
 """The page in a real browser: Debian's Chromium (headless) driven by Playwright against the server on 127.0.0.1.
 
 Draws a 7 with the mouse, checks the answer, the bars and the 28x28 view; uploads a photo; sends a correction and
-finds it in SQLite; reads a two-digit number. Screenshots go to test-artifacts/ (or $DIGITREC_ARTIFACTS).
+finds it in SQLite; reads a two-digit number. Screenshots go to test-artifacts/ (or $DIGITREC_ARTIFACTS); the
+README's docs/images/web.png is test-artifacts/web-draw.png from a run with the bundled model.
 Skipped only when no Chromium is installed (`make test` installs Debian's `chromium` where apt-get works).
 """
 

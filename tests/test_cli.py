@@ -100,3 +100,14 @@ def test_train_and_evaluate_on_a_data_dir(idx_folder, tmp_path, capsys):
     saved = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] == pytest.approx(saved["test_accuracy"], abs=1e-6)
     assert len(metrics["confusion"]) == 10 and len(metrics["per_class"]) == 10
+
+
+def test_ensemble_of_one_model_twice_scores_as_the_model(tiny_fast_run, idx_folder, capsys):
+    assert main(["evaluate", str(tiny_fast_run), "--json", "--data-dir", str(idx_folder)]) == 0
+    single = json.loads(capsys.readouterr().out)
+    args = ["ensemble", str(tiny_fast_run), str(tiny_fast_run / "model.safetensors"), "--json"]
+    assert main([*args, "--data-dir", str(idx_folder)]) == 0
+    ensemble = json.loads(capsys.readouterr().out)
+    assert ensemble["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-6)
+    assert [m["test_accuracy"] for m in ensemble["members"]] == pytest.approx([single["test_accuracy"]] * 2)
+    assert main(["ensemble", "missing-model.safetensors", "--data-dir", str(idx_folder)]) != 0

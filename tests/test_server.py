@@ -370,3 +370,163 @@ def test_the_real_predictor_preprocess_and_saliency_work_end_to_end(tmp_path):
         assert len(read["number"]) == 2 and [d["box"][0] < 200 for d in read["digits"]] == [True, False]
         if pretrained_path().exists():
             assert read["number"] == "17"
+
+
+# ------------------------------------------------------------------------------------------------ slow clients
+
+
+def _wait_for_close(sock: socket.socket, limit: float, dribble: bytes = b"") -> tuple[float, bytes]:
+    """Send `dribble` a byte every 0.1 s (a slowloris) until the server closes; (seconds taken, what it said)."""
+    started, said = time.perf_counter(), b""
+    sock.settimeout(0.1)
+    for index in range(int(limit * 10) + 60):  # 6 s past the limit at most
+        try:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            said += chunk
+        except TimeoutError:
+            pass
+        except OSError:  # reset by the server
+            break
+        if dribble:
+            try:
+                sock.sendall(dribble[index % len(dribble) : index % len(dribble) + 1])
+            except OSError:
+                break
+    return time.perf_counter() - started, said
+
+
+def test_clients_that_never_finish_their_headers_are_cut_off_while_others_are_served(predictor, db_path):
+    from digitrec.server import guarded_http_protocol
+
+    limit = 1.0
+    app = create_app(predictor, feedback_db=db_path)
+    with live_server(app, http=guarded_http_protocol(limit)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: ima")  # a partial head
+        silent = socket.create_connection(("127.0.0.1", port))  # connects and sends nothing at all
+        try:
+            with httpx.Client(base_url=url, timeout=5) as http:
+                # normal clients are served meanwhile, and a kept-alive connection may idle past the limit
+                assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+                seconds, said = _wait_for_close(slow, limit, dribble=b"ge/pngXX")
+                assert seconds < limit + 1.0 and said.startswith(b"HTTP/1.1 408"), (seconds, said)
+                seconds, said = _wait_for_close(silent, limit)
+                assert said == b"" and seconds < 1.0  # its limit ran out while we watched the other one
+                time.sleep(limit + 0.2)
+                assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+                assert http.get("/healthz").status_code == 200
+        finally:
+            slow.close()
+            silent.close()
+
+
+def test_a_request_head_over_64_kb_is_refused_with_431(predictor, db_path):
+    from digitrec.server import guarded_http_protocol
+
+    with live_server(create_app(predictor, feedback_db=db_path), http=guarded_http_protocol(5.0)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            try:
+                for _ in range(80):
+                    sock.sendall(b"X-Padding: " + b"a" * 1000 + b"\r\n")
+            except OSError:
+                pass  # closed by the server mid-send
+            seconds, said = _wait_for_close(sock, 1.0)
+        assert said.startswith(b"HTTP/1.1 431")
+
+
+# ------------------------------------------------------------------------------------------------ worker processes
+
+
+def test_a_killed_preprocessing_worker_is_replaced_and_the_next_request_succeeds(predictor, db_path):
+    import os
+    import signal
+
+    with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as c:
+        assert c.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+        workers = c.app.state.image_workers
+        [pid] = list(workers.pool._processes)
+        os.kill(pid, signal.SIGKILL)
+        response = c.post("/api/predict", files=upload(digit_png()))
+        assert response.status_code == 200 and response.json()["digit"] == 7
+        assert (
+            c.post("/api/predict", files=upload(b"junk")).status_code == 400
+        )  # errors still come back as 4xx
+        assert workers.rebuilds == 1 and pid not in workers.pool._processes
+        assert c.get("/api/stats").json()["preprocessing"]["pool_rebuilds"] == 1
+
+
+def test_uploads_that_queue_up_go_to_the_workers_in_chunks(db_path):
+    predictor = FakePredictor()
+    app = create_app(predictor, feedback_db=db_path, preprocess_processes=1)
+    images = [digit_png(), digit_png(blank=True), b"junk"] * 8
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                return await asyncio.gather(*(http.post("/api/predict", files=upload(png)) for png in images))
+
+    responses = asyncio.run(run())
+    assert [r.json().get("digit", r.status_code) for r in responses] == [7, None, 400] * 8
+    assert app.state.image_workers.chunks < len(images)  # several uploads per trip to the worker
+
+
+# ------------------------------------------------------------------------------------------------ the fast path
+
+
+def test_plain_uploads_take_the_fast_path_and_answer_exactly_as_the_full_endpoint(client, monkeypatch):
+    from starlette.requests import Request as StarletteRequest
+
+    png = digit_png()
+    full = client.post(
+        "/api/predict", files=upload(png), data={"note": "an extra field: the full form parser"}
+    )
+    blank_full = client.post("/api/predict", files=upload(digit_png(blank=True)), data={"x": "1"})
+
+    def no_form_parsing(*args, **kwargs):
+        raise AssertionError("the fast path parsed the form with Starlette")
+
+    monkeypatch.setattr(StarletteRequest, "form", no_form_parsing)
+    fast = client.post("/api/predict", files=upload(png))
+    assert fast.status_code == full.status_code == 200
+    assert fast.headers["content-type"] == full.headers["content-type"] == "application/json"
+    assert fast.json() == full.json()
+    assert client.post("/api/predict", files=upload(digit_png(blank=True))).json() == blank_full.json()
+    assert (
+        client.post("/api/predict", content=png, headers={"content-type": "image/png"}).json() == full.json()
+    )
+    for kwargs, status, words in (ERROR_CASES[name] for name in ("not an image", "empty file", "tiny image")):
+        response = client.post("/api/predict", **kwargs)
+        assert response.status_code == status and words in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\nDATA\r\n--b--\r\n',
+            b"DATA",
+        ),
+        (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n\r\n--b--', b""),
+        (b'--b\r\ncontent-disposition: form-data; filename=""; name=file\r\n\r\nA--bB\r\n--b--\r\n', None),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\nDATA\r\n--b--\r\n',
+            None,
+        ),  # a text field
+        (b'--b\r\nContent-Disposition: form-data; name="other"; filename="a"\r\n\r\nDATA\r\n--b--\r\n', None),
+        (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nDATA\r\n--b--\r\nX', None),
+        (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nDATA', None),
+        (b"", None),
+    ],
+)
+def test_the_fast_path_reads_only_plain_single_file_forms(body, expected):
+    from digitrec.server import simple_multipart_file
+
+    assert simple_multipart_file(b"multipart/form-data; boundary=b", body) == expected
+    assert simple_multipart_file(b'multipart/form-data; boundary="b"', body) == expected
+    assert simple_multipart_file(b"application/json", body) is None

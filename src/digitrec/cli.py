@@ -185,6 +185,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .evaluate import evaluate_ensemble
+
+    data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
+    metrics = evaluate_ensemble([_model_path(m) for m in args.models], data)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    for member in metrics["members"]:
+        print(f"member {member['path']}: test accuracy {member['test_accuracy']:.2%}")
+    print(
+        f"ensemble of {len(metrics['members'])}: test accuracy {metrics['test_accuracy']:.2%}  "
+        f"({metrics['errors']} errors of {metrics['count']})  test loss {metrics['test_loss']:.4f}"
+    )
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import summary_table, sweep
 
@@ -218,6 +236,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
+    if not args.header_timeout > 0:
+        raise DigitrecError(
+            f"--header-timeout must be a positive number of seconds, got {args.header_timeout}."
+        )
     serve(
         _model_path(args.model),
         host=args.host,
@@ -225,6 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         feedback_db=args.feedback_db,
         access_log=args.access_log,
         backend=args.backend,
+        header_timeout=args.header_timeout,
     )
     return 0
 
@@ -271,14 +294,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- real images: predict, read, calibrate, eval-real
 
 
-def _predictor(args: argparse.Namespace):
+# --backend auto: NumPy skips torch's import (over a second) but runs the network ~1.3 ms/image slower at
+# batch 256, so it pays up to about this many images; beyond them (and for eval-real) auto means torch.
+NUMPY_MAX_IMAGES = 1000
+
+
+def _predictor(args: argparse.Namespace, images: int | None = None):
     from .predict import Predictor
 
     if args.reject_below is not None and not 0 <= args.reject_below <= 1:
         raise DigitrecError(f"--reject-below must be between 0 and 1, got {args.reject_below}.")
+    backend = args.backend
+    if backend == "auto" and (images is None or images > NUMPY_MAX_IMAGES):
+        backend = "torch"
     if args.model:
-        return Predictor.load(_model_path(args.model), args.reject_below, args.backend)
-    return Predictor.pretrained(args.reject_below, args.backend)
+        return Predictor.load(_model_path(args.model), args.reject_below, backend)
+    return Predictor.pretrained(args.reject_below, backend)
 
 
 def _image_paths(args: argparse.Namespace) -> list[Path]:
@@ -298,7 +329,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not 1 <= args.top_k <= 10:
         raise DigitrecError(f"--top-k must be between 1 and 10, got {args.top_k}.")
     paths = _image_paths(args)
-    results = predict_files(_predictor(args), paths, top_k=args.top_k, steps_dir=args.show_steps)
+    results = predict_files(_predictor(args, len(paths)), paths, top_k=args.top_k, steps_dir=args.show_steps)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -319,9 +350,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_read(args: argparse.Namespace) -> int:
     from .errors import ImageError
 
-    predictor = _predictor(args)
+    paths = _image_paths(args)
+    predictor = _predictor(args, len(paths))
     rows = []
-    for path in _image_paths(args):
+    for path in paths:
         try:
             rows.append({"path": str(path), **predictor.read(path).to_dict()})
         except ImageError as exc:
@@ -639,6 +671,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
+        "ensemble",
+        help="test-set metrics of several models voting together (mean of calibrated probabilities)",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or model.safetensors files")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser(
         "sweep", help="train several recipes x seeds, one process each, and print a summary table"
     )
     p.add_argument(
@@ -675,6 +716,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["torch", "onnx"],
         default="torch",
         help="run the model on PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies onnx)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection whose request headers are not complete within this many seconds (default 10)",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -724,9 +772,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--backend",
-            choices=["torch", "onnx"],
-            default="torch",
-            help="run the model on PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies onnx)",
+            choices=["auto", "numpy", "torch", "onnx"],
+            default="auto",
+            help="run the model on NumPy (fast CNNs such as the bundled model: same answers, starts without "
+            "importing torch), PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies "
+            "onnx); default auto: numpy where it can for up to 1,000 images, else torch",
         )
 
     p = sub.add_parser("predict", help="read one digit per image (photos, scans, drawings; folders expand)")

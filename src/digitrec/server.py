@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import io
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -92,9 +95,11 @@ class HealthResponse(BaseModel):
 class BodySizeLimit:
     """Pure ASGI middleware: answer 413 as soon as a request body passes `max_bytes`, before anyone parses it."""
 
-    def __init__(self, app: Callable, max_bytes: int):
+    def __init__(self, app: Callable, max_bytes: int, fast_path: Callable | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        # fast_path(scope, body, send) -> bool: answers the request itself (True) or leaves it to the app (False)
+        self.fast_path = fast_path
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -118,6 +123,8 @@ class BodySizeLimit:
                 return
             if not message.get("more_body"):
                 break
+        if self.fast_path is not None and await self.fast_path(scope, b"".join(chunks), send):
+            return
         replayed = False
 
         async def replay() -> dict:
@@ -143,6 +150,46 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def simple_multipart_file(content_type: bytes, body: bytes) -> bytes | None:
+    """The file of a multipart form whose only part is the file field "file" (what the page and curl -F send).
+
+    None for anything else (more parts, another field name, no filename, odd framing): those go to the full
+    form parser. A delimiter cannot occur inside a part (RFC 2046), so two delimiters frame exactly one part.
+    """
+    kind, _, params = content_type.partition(b";")
+    if kind.strip().lower() != b"multipart/form-data":
+        return None
+    boundary = b""
+    for param in params.split(b";"):
+        key, _, value = param.strip().partition(b"=")
+        if key.strip().lower() == b"boundary":
+            boundary = value.strip().strip(b'"')
+    delimiter = b"--" + boundary
+    if not 0 < len(boundary) <= 70 or not body.startswith(delimiter + b"\r\n") or body.count(delimiter) != 2:
+        return None
+    end = body.rfind(b"\r\n" + delimiter + b"--")
+    head_end = body.find(b"\r\n\r\n", len(delimiter))
+    if end < 0 or body[end + len(delimiter) + 4 :] not in (b"", b"\r\n") or not 0 < head_end <= end:
+        return None
+    name = filename = None
+    for line in body[len(delimiter) + 2 : head_end].split(b"\r\n"):
+        header, _, value = line.partition(b":")
+        if header.strip().lower() != b"content-disposition":
+            continue
+        disposition, *options = value.split(b";")
+        if disposition.strip().lower() != b"form-data":
+            return None
+        for option in options:
+            key, _, option_value = option.strip().partition(b"=")
+            if key.lower() == b"name":
+                name = option_value.strip(b'"')
+            elif key.lower() == b"filename":
+                filename = option_value
+    if name != b"file" or filename is None:  # a part without a filename is a text field, not an upload
+        return None
+    return body[head_end + 4 : end]
 
 
 def open_image(data: bytes):
@@ -243,6 +290,90 @@ class Batcher:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Slow clients: a deadline for the request head
+
+
+HEADER_TIMEOUT_S = 10.0
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def guarded_http_protocol(
+    header_timeout: float = HEADER_TIMEOUT_S, max_header_bytes: int = MAX_HEADER_BYTES
+) -> type:
+    """uvicorn's httptools protocol with a deadline for the request head, for `uvicorn.run(..., http=...)`.
+
+    uvicorn times out idle keep-alive connections but not a client that opens a connection and sends its
+    headers a byte at a time or never finishes them (slowloris): each such client holds a connection and a
+    slot of `limit_concurrency` for as long as it likes. Here the head (request line and headers) must be
+    complete within `header_timeout` seconds of the connection opening or of the request's first byte, and
+    within `max_header_bytes`; otherwise the connection is closed (with 408 or 431 when part of a head
+    arrived). Bodies, responses and idle keep-alive connections are left to uvicorn's own limits.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderDeadlineProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._head_bytes = 0
+            self._head_timer: asyncio.TimerHandle | None = None
+            self._in_head = True  # waiting for a request head; a client that sends nothing is held to it too
+            self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)  # the parser calls on_message_begin / on_headers_complete in here
+            if self._in_head and self._head_timer is not None and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > max_header_bytes:
+                    self._refuse(431, "Request Header Fields Too Large")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head = True
+            self._head_bytes = 0
+            self._arm_head_timer()  # a kept-alive connection: the next request's clock starts at its first byte
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._disarm_head_timer()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._in_head and not self.transport.is_closing():
+                if self._head_bytes:
+                    self._refuse(408, "Request Timeout")
+                else:  # nothing arrived (an idle pre-connection): just close, as the keep-alive timeout does
+                    self.transport.close()
+
+        def _refuse(self, status: int, reason: str) -> None:
+            self._disarm_head_timer()
+            self._in_head = False
+            body = json.dumps({"detail": f"{reason.lower()}: send the request headers promptly."}).encode()
+            self.transport.write(
+                f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+                + body
+            )
+            self.transport.close()
+
+    HeaderDeadlineProtocol.__name__ = HeaderDeadlineProtocol.__qualname__ = "HeaderDeadlineProtocol"
+    return HeaderDeadlineProtocol
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The app
 
 
@@ -253,9 +384,114 @@ def to_model_input(data: bytes) -> np.ndarray:
     return np.asarray(preprocess(open_image(data)), dtype=np.float32).reshape(28, 28)
 
 
+def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
+    """Several uploads -> each one's 28x28 input, or the error it raised (one bad image spoils no other)."""
+    out: list[np.ndarray | Exception] = []
+    for data in uploads:
+        try:
+            out.append(to_model_input(data))
+        except Exception as exc:  # noqa: BLE001 - handed back to that upload's request, which answers 4xx/5xx
+            out.append(exc)
+    return out
+
+
 def _import_preprocess() -> None:
     """Run once in each worker process at start-up, so the first request does not pay for the imports."""
     from . import preprocess  # noqa: F401
+
+
+class ImageWorkers:
+    """Decoding and preprocessing in worker processes, several uploads per task when requests queue up.
+
+    Like the Batcher there is no timer: while a worker is free an upload goes to it at once, alone; under load
+    the uploads that queued up meanwhile go together, so the inter-process round trip (pickling, the pool's
+    manager and feeder threads, waking the event loop) is paid once per chunk instead of once per request.
+
+    A worker that dies (killed, out of memory) breaks a ProcessPoolExecutor for good: every later submit
+    raises BrokenProcessPool. The pool is then rebuilt and the chunk sent again, once.
+    """
+
+    def __init__(self, processes: int, max_chunk: int = 8):
+        import multiprocessing
+
+        self.processes = processes
+        self.max_chunk = max_chunk
+        self.max_in_flight = (
+            processes + 1
+        )  # one chunk queued behind the busy workers: no idle gap between chunks
+        # spawn, not fork: forking a process that holds torch's and uvicorn's threads can deadlock the child.
+        self.context = multiprocessing.get_context("spawn")
+        self.pool = self._new_pool()
+        self.pending: collections.deque[tuple[bytes, asyncio.Future]] = collections.deque()
+        self.in_flight = 0
+        self.tasks: set[asyncio.Task] = set()  # held so the event loop cannot garbage-collect a running chunk
+        self.chunks = 0
+        self.rebuilds = 0
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.processes, mp_context=self.context)
+
+    async def start(self) -> None:
+        """Start the workers now (spawn imports NumPy, Pillow and SciPy), not on the first user's request."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(self.pool, _import_preprocess) for _ in range(self.processes))
+        )
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __call__(self, data: bytes) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((data, future))
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        while self.pending and self.in_flight < self.max_in_flight:
+            free = self.max_in_flight - self.in_flight
+            size = min(self.max_chunk, -(-len(self.pending) // free))
+            chunk = [self.pending.popleft() for _ in range(size)]
+            self.in_flight += 1
+            self.chunks += 1
+            task = asyncio.ensure_future(self._run(chunk))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, chunk: list[tuple[bytes, asyncio.Future]]) -> None:
+        try:
+            try:
+                results: list[Any] = await self._submit([data for data, _ in chunk])
+            except Exception as exc:  # noqa: BLE001 - the pool is gone for good: every request in the chunk says so
+                results = [exc] * len(chunk)
+            for (_, future), result in zip(chunk, results, strict=True):
+                if future.done():  # the client went away
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            self.in_flight -= 1
+            self._dispatch()
+
+    async def _submit(self, uploads: list[bytes]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        pool = self.pool
+        try:
+            return await loop.run_in_executor(pool, to_model_inputs, uploads)
+        except BrokenProcessPool:
+            self._rebuild(pool)
+        return await loop.run_in_executor(
+            self.pool, to_model_inputs, uploads
+        )  # once; a second break is a 503
+
+    def _rebuild(self, broken: ProcessPoolExecutor) -> None:
+        if self.pool is broken:  # the first chunk to notice rebuilds; the others in flight reuse the new pool
+            logging.getLogger("digitrec.server").warning("a preprocessing worker died; starting a new pool")
+            self.rebuilds += 1
+            broken.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
 
 
 def create_app(
@@ -275,16 +511,7 @@ def create_app(
     # The model runs on one thread, fed by the batcher; everything else blocking runs on a few more threads.
     model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digitrec-model")
     io_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="digitrec-io")
-    if preprocess_processes > 0:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn, not fork: forking a process that holds torch's and uvicorn's threads can deadlock the child.
-        image_pool: Any = ProcessPoolExecutor(
-            preprocess_processes, mp_context=multiprocessing.get_context("spawn")
-        )
-    else:
-        image_pool = io_pool
+    workers = ImageWorkers(preprocess_processes) if preprocess_processes > 0 else None
     batcher = Batcher(predictor, model_pool)
     counters = {"predict": 0, "read": 0, "feedback": 0, "rejected": 0, "client_errors": 0}
     started = time.time()
@@ -294,13 +521,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if image_pool is not io_pool:  # start the workers now, not on the first user's request
-            loop = asyncio.get_running_loop()
-            await asyncio.gather(
-                *(loop.run_in_executor(image_pool, _import_preprocess) for _ in range(preprocess_processes))
-            )
+        if workers is not None:
+            await workers.start()
         yield
-        for pool in {image_pool, io_pool, model_pool}:
+        if workers is not None:
+            workers.shutdown()
+        for pool in (io_pool, model_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
     app = _fastapi(
@@ -312,7 +538,6 @@ def create_app(
         ),
         lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 
     # -- errors: always JSON {"detail": one sentence}, never an HTML traceback --------------------------------
 
@@ -345,6 +570,13 @@ def create_app(
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}; see /docs for the methods each endpoint takes."
         return _error(exc.status_code, detail)
+
+    def _pool_error() -> JSONResponse:
+        return _error(503, "the image workers are restarting; send the request again in a moment.")
+
+    @app.exception_handler(BrokenProcessPool)
+    async def _pool_broken(request: Request, exc: BrokenProcessPool):
+        return _pool_error()
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
@@ -383,7 +615,48 @@ def create_app(
         raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}; {IMAGE_HINT}.")
 
     async def to_input(data: bytes) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(image_pool, to_model_input, data)
+        if workers is not None:
+            return await workers(data)
+        return await asyncio.get_running_loop().run_in_executor(io_pool, to_model_input, data)
+
+    async def fast_predict(scope: dict, body: bytes, send: Callable) -> bool:
+        """POST /api/predict with a plain upload, answered without the router, dependencies and form parser.
+
+        This is the request the page sends on every stroke and what load benchmarks send: one image as the
+        form field "file" (or a raw image/* body), no query string. It answers exactly as the endpoint below,
+        errors included; every other request (JSON, ?explain=true, odd forms) goes through FastAPI.
+        """
+        if scope["path"] != "/api/predict" or scope["method"] != "POST" or scope.get("query_string"):
+            return False
+        content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+        if content_type.partition(b";")[0].strip().lower().startswith(b"image/"):
+            data: bytes | None = body
+        else:
+            data = simple_multipart_file(content_type, body)
+        if data is None:
+            return False
+        response: Response
+        try:
+            prediction = await batcher.predict(await to_input(data))
+        except ImageTooLargeError as exc:
+            response = _error(413, str(exc))
+        except DigitrecError as exc:
+            response = _error(400, str(exc))
+        except BrokenProcessPool:
+            response = _pool_error()
+        except Exception:  # noqa: BLE001 - as the app's own handler: a JSON 500, the traceback in the log
+            logging.getLogger("digitrec.server").exception("error while reading an uploaded digit")
+            response = _error(500, "internal error while handling the request; it has been logged.")
+        else:
+            counters["predict"] += 1
+            counters["rejected"] += bool(prediction.rejected)
+            result = _prediction_dict(prediction)
+            result["input"] = result["saliency"] = None
+            response = Response(json.dumps(result, separators=(",", ":")), media_type="application/json")
+        await response(scope, _no_more_body, send)
+        return True
+
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, fast_path=fast_predict)
 
     # -- endpoints ---------------------------------------------------------------------------------------------
 
@@ -443,7 +716,7 @@ def create_app(
     async def predict(
         request: Request,
         explain: bool = Query(False, description="also return the 28x28 input and a saliency map"),
-    ) -> dict[str, Any]:
+    ) -> Any:
         """Read one handwritten digit."""
         data, _ = await read_upload(request)
         pixels = await to_input(data)
@@ -451,20 +724,22 @@ def create_app(
         counters["predict"] += 1
         counters["rejected"] += bool(prediction.rejected)
         result = _prediction_dict(prediction)
-        if explain:
-            result["input"] = np.round(pixels, 3).tolist()
-            if getattr(predictor, "model", None) is not None:  # an ONNX/int8 backend has no gradients to show
-                from .explain import occlusion_saliency
+        if not explain:
+            # The hot path: the dict is built from plain ints, floats and bools above, so it is written straight
+            # to JSON instead of being validated again against PredictResponse (the shape /docs shows).
+            result["input"] = result["saliency"] = None
+            return Response(json.dumps(result, separators=(",", ":")), media_type="application/json")
+        result["input"] = np.round(pixels, 3).tolist()
+        if getattr(predictor, "model", None) is not None:  # an ONNX/int8 backend has no gradients to show
+            from .explain import occlusion_saliency
 
-                target = (
-                    result["digit"]
-                    if result["digit"] is not None
-                    else int(np.argmax(result["probabilities"]))
-                )
-                saliency = await asyncio.get_running_loop().run_in_executor(
-                    model_pool, occlusion_saliency, predictor.model, pixels, target
-                )
-                result["saliency"] = np.round(saliency, 3).tolist()
+            target = (
+                result["digit"] if result["digit"] is not None else int(np.argmax(result["probabilities"]))
+            )
+            saliency = await asyncio.get_running_loop().run_in_executor(
+                model_pool, occlusion_saliency, predictor.model, pixels, target
+            )
+            result["saliency"] = np.round(saliency, 3).tolist()
         return result
 
     @app.post(
@@ -570,6 +845,11 @@ def create_app(
                 "largest": batcher.largest,
                 "mean_size": round(batcher.items / batcher.batches, 2) if batcher.batches else 0.0,
             },
+            "preprocessing": {
+                "processes": workers.processes if workers else 0,
+                "chunks": workers.chunks if workers else 0,
+                "pool_rebuilds": workers.rebuilds if workers else 0,
+            },
             "feedback": {
                 "total": sum(by_label.values()),
                 "by_label": {str(k): v for k, v in by_label.items()},
@@ -580,7 +860,12 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.state.feedback = store
     app.state.batcher = batcher
+    app.state.image_workers = workers
     return app
+
+
+async def _no_more_body() -> dict:
+    return {"type": "http.disconnect"}
 
 
 def _fastapi(**kwargs: Any) -> FastAPI:
@@ -619,8 +904,12 @@ def serve(
     feedback_db: str | Path | None = None,
     access_log: bool = False,
     backend: str = "torch",
+    header_timeout: float = HEADER_TIMEOUT_S,
 ) -> None:
-    """Load the model once, then serve the page and the API until interrupted (backend: torch or onnx)."""
+    """Load the model once, then serve the page and the API until interrupted (backend: torch or onnx).
+
+    A client must send each request's headers within `header_timeout` seconds or its connection is closed.
+    """
     import torch
     import uvicorn
 
@@ -636,4 +925,12 @@ def serve(
         flush=True,
     )
     # limit_concurrency bounds memory: each request may hold up to 5 MB; past it clients get 503 and retry.
-    uvicorn.run(app, host=host, port=port, access_log=access_log, limit_concurrency=256, log_level="info")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        access_log=access_log,
+        limit_concurrency=256,
+        log_level="info",
+        http=guarded_http_protocol(header_timeout),
+    )
