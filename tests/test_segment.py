@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from digitrec.realworld import crop_ink, draw_digit, number_line
-from digitrec.segment import segment
+from digitrec.segment import cut_path, segment, split_by_recognition
 
 
 def line_image(digits: list[int], seed: int = 0, gap: float | None = None, height: int = 80):
@@ -73,15 +73,63 @@ def test_touching_digits_are_split():
     )
 
 
+def _ink_aspect(glyph: np.ndarray) -> float:
+    cols, rows = np.flatnonzero(glyph.any(0) > 0), np.flatnonzero(glyph.any(1) > 0)
+    return (cols[-1] - cols[0] + 1) / (rows[-1] - rows[0] + 1)
+
+
 def test_the_classifier_picks_how_many_digits_a_blob_holds():
     image, _ = line_image([0, 0], gap=-0.04)
-    calls = []
+    seen = []
 
-    def prefers_one(glyphs: np.ndarray) -> np.ndarray:
-        calls.append(len(glyphs))
-        return np.full(len(glyphs), 0.99 if len(glyphs) == 1 else 0.3)
+    def reads_wide_ink(glyphs: np.ndarray) -> np.ndarray:
+        """A classifier that is sure of wide shapes only: it must get the two touching 0s as one piece."""
+        seen.extend(_ink_aspect(g) for g in glyphs)
+        return np.array([0.99 if _ink_aspect(g) > 1.05 else 0.3 for g in glyphs])
 
-    assert len(segment(image, score=prefers_one)) == 1 and 1 in calls and max(calls) >= 2
+    assert len(segment(image, score=reads_wide_ink)) == 1
+    assert len(seen) >= 3 and max(seen) > 1.05 > min(seen)  # the whole blob and its pieces were asked
+
+    def reads_narrow_ink(glyphs: np.ndarray) -> np.ndarray:
+        return np.array([0.99 if _ink_aspect(g) < 1.0 else 0.05 for g in glyphs])
+
+    assert len(segment(image, score=reads_narrow_ink)) == 2
+
+
+def test_a_cut_path_goes_round_the_ink():
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[:, 10:14] = True  # a stroke on the left
+    mask[:, 26:30] = True  # and one on the right
+    mask[18:22, 10:30] = True  # joined by a bar: the cut must cross it, and only it
+    path = cut_path(mask, 20, 8)
+    assert path.shape == (40,) and ((path >= 14) & (path < 26)).all()
+    assert mask[np.arange(40), path].sum() == 4  # the bar's thickness
+
+
+def test_a_slanted_cut_separates_digits_that_overlap_in_x():
+    mask = np.zeros((60, 50), dtype=bool)
+    for row in range(60):  # two strokes leaning right, each overlapping the other's columns
+        shift = row // 3
+        mask[row, 22 - shift : 26 - shift] = True
+        mask[row, 36 - shift : 40 - shift] = True
+    path = cut_path(mask, 22, 15)
+    assert mask[np.arange(60), path].sum() == 0  # it leans with the writing between the strokes
+
+    def narrow_is_sure(glyphs: np.ndarray) -> np.ndarray:
+        return np.array([0.99 if _ink_aspect(g) < 0.6 else 0.1 for g in glyphs])
+
+    pieces = split_by_recognition(mask, 60, narrow_is_sure)
+    assert len(pieces) == 2 and all(p.sum() == 240 for _, p in pieces)
+
+
+def test_overlapping_pen_digits_are_read_apart():
+    image, boxes = line_image([6, 1, 8], gap=-0.1)
+
+    def narrow_is_sure(glyphs: np.ndarray) -> np.ndarray:
+        return np.array([0.95 if _ink_aspect(g) < 1.0 else 0.05 for g in glyphs])
+
+    pieces = segment(image, score=narrow_is_sure)
+    assert len(pieces) == 3
 
 
 def test_dust_and_a_ruled_line_are_not_digits():

@@ -12,7 +12,9 @@ sensor noise, odd sizes, JPEG compression. Sets:
     numbers       lines of 2-7 pen or MNIST digits, some touching, photographed
     negatives     blank pages, handwritten and printed letters, noise and scribbles: all must be rejected
 
-Training negatives (augment_real.py) use other fonts (DejaVu) and other generators than these sets.
+Training negatives (augment_real.py) never come from here: letters from other fonts (DejaVu) and other pen
+skeletons, scribbles from other curve generators, digit pairs from MNIST *train* digits, all from their own
+seed; calibrate.py draws its calibration sets from these generators with a seed eval-real does not use.
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 
 Reuses preprocess's stages (load, polarity, flatten, threshold, to_mnist) and adds the line logic:
 connected components (SciPy), dropping specks and ruled lines, merging the parts of broken digits
-(components stacked in x), and splitting touching digits at ink-profile minima, choosing how many
-digits a wide blob holds by asking the classifier which split reads best (segmentation by recognition).
+(components stacked in x), and splitting touching or overlapping digits by recognition: candidate cuts
+sit at ink-profile minima and on a regular grid, each cut is a path from top to bottom that crosses as
+little ink as it can (so it can lean with the writing and pass between overlapping digits), and dynamic
+programming picks the cuts whose pieces the classifier reads most confidently (the classifier was
+trained to doubt digit pairs and fragments, so a wrong cut reads badly).
 """
 
 from __future__ import annotations
@@ -75,8 +78,8 @@ def clean(blobs: list[_Blob], areas: np.ndarray) -> tuple[list[_Blob], float]:
         flat = b.height < 0.3 * line_height
         if flat and b.width > 2 * line_height:
             continue  # a ruled line or the page's edge, not a digit
-        if flat and areas[b.labels[0]] < 0.05 * largest:
-            continue  # dust, a dot
+        if flat and areas[b.labels[0]] < 0.05 * largest and b.width < 0.25 * line_height:
+            continue  # dust, a dot (a short dash may be the bar of a 5: merge_broken decides)
         kept.append(b)
     return kept, line_height
 
@@ -153,7 +156,11 @@ def segment(image: Any, score: Score | None = None) -> list[Piece]:
     pieces: list[Piece] = []
     for blob in merge_broken(blobs, areas, line_height):
         region = np.isin(labels[blob.y0 : blob.y1, blob.x0 : blob.x1], blob.labels)
-        for x_offset, piece in _best_split(region, blob, score):
+        if score is None:
+            found = _best_split(region, blob, score)
+        else:
+            found = split_by_recognition(region, max(line_height, 0.5 * blob.height), score)
+        for x_offset, piece in found:
             rows, cols = np.flatnonzero(piece.any(1)), np.flatnonzero(piece.any(0))
             x, y = blob.x0 + x_offset + cols[0], blob.y0 + rows[0]
             w, h = cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1
@@ -188,3 +195,133 @@ def _best_split(region: np.ndarray, blob: _Blob, score: Score | None) -> list[tu
         if total > best_score:
             best, best_score = candidate, total
     return best
+
+
+# ------------------------------------------------------------------------------ segmentation by recognition
+
+CUT_GRID = 0.18  # candidate cuts every this share of the line height (plus every ink-profile minimum)
+CUT_REACH = 0.3  # a cut path may wander this share of the line height left or right of its column
+CUT_SIDEWAYS = 0.08  # cost of one pixel sideways, against 1 for each ink pixel crossed
+CUT_STRAY = 0.5  # cost per row of being `reach` away from the cut's column (quadratic in the distance)
+MAX_PIECE_WIDTH = 1.35  # no digit is wider than this share of the line height (a pair of them is)
+MIN_PIECE_AREA = 0.02  # a piece with less ink than this share of the line height squared is a sliver
+CUT_INK_COST = 0.6  # log-confidence a cut costs per stroke width of ink it crosses (digits rarely need it)
+
+
+def cut_path(mask: np.ndarray, column: int, reach: int) -> np.ndarray:
+    """The column, row by row, of the top-to-bottom path near `column` that crosses the least ink.
+
+    Dynamic programming over rows: each row the path moves at most one pixel sideways (CUT_SIDEWAYS each),
+    pays 1 per ink pixel and CUT_STRAY x (distance / reach)^2 for straying, and stays within `reach` of
+    `column`. Pixels at or left of the path go left.
+    """
+    height, width = mask.shape
+    lo, hi = max(0, column - reach), min(width, column + reach + 1)
+    span = hi - lo
+    # Ink costs 1 a pixel; straying from `column` costs quadratically, so the path cuts here, not at the edge.
+    cost = mask[:, lo:hi].astype(np.float32) + CUT_STRAY * ((np.arange(lo, hi) - column) / reach) ** 2
+    total = cost[0].copy()
+    moves = np.zeros((height, span), dtype=np.int8)
+    inf = np.float32(np.inf)
+    for row in range(1, height):
+        left = np.concatenate([[inf], total[:-1]]) + CUT_SIDEWAYS
+        right = np.concatenate([total[1:], [inf]]) + CUT_SIDEWAYS
+        options = np.stack([left, total, right])
+        choice = np.argmin(options, axis=0)
+        total = options[choice, np.arange(span)] + cost[row]
+        moves[row] = choice.astype(np.int8) - 1
+    path = np.empty(height, dtype=np.int64)
+    position = int(np.argmin(total))
+    for row in range(height - 1, -1, -1):
+        path[row] = position + lo
+        position += int(moves[row, position])
+    return path
+
+
+def candidate_columns(mask: np.ndarray, line_height: float) -> list[int]:
+    """Where a cut might go: every minimum of the smoothed ink profile and the lowest column of each grid cell."""
+    width = mask.shape[1]
+    profile = ndimage.uniform_filter1d(mask.sum(axis=0).astype(np.float32), max(3, int(0.05 * line_height)))
+    margin = max(2, int(0.1 * line_height))
+    columns: set[int] = set()
+    inner = np.arange(margin, width - margin)
+    if len(inner) == 0:
+        return []
+    minima = inner[(profile[inner] <= profile[inner - 1]) & (profile[inner] <= profile[inner + 1])]
+    columns.update(int(c) for c in minima)
+    step = max(2, int(CUT_GRID * line_height))
+    for start in range(margin, width - margin, step):
+        cell = profile[start : min(width - margin, start + step)]
+        if len(cell):
+            columns.add(start + int(np.argmin(cell)))
+    # Close neighbours cut the same way: keep the lower of any two within a twentieth of the line height.
+    kept: list[int] = []
+    for c in sorted(columns, key=lambda c: (profile[c], c)):
+        if all(abs(c - k) > max(2, 0.05 * line_height) for k in kept):
+            kept.append(c)
+    return sorted(kept)
+
+
+def split_by_recognition(mask: np.ndarray, line_height: float, score: Score) -> list[tuple[int, np.ndarray]]:
+    """Cut a blob into the digits that read best: (x offset, piece mask) for each, left to right.
+
+    Cuts are least-ink paths (cut_path) from candidate columns; a piece is the ink between two cuts; the
+    chosen cuts maximize the sum of the log confidences of their pieces, less CUT_INK_COST for each stroke
+    width of ink a cut goes through (dynamic programming): each extra cut must pay for itself by reading
+    more clearly, and cutting through strokes must pay more. A blob too narrow for two digits stays whole.
+    """
+    from .preprocess import stroke_width
+
+    height, width = mask.shape
+    if width < 0.45 * line_height:
+        return [(0, mask)]
+    reach = max(2, int(CUT_REACH * line_height))
+    stroke = max(1.0, stroke_width(mask))
+    rows = np.arange(height)
+    paths = [np.full(height, -1, dtype=np.int64)]
+    for column in candidate_columns(mask, line_height):
+        path = cut_path(mask, column, reach)
+        if all(np.abs(path - other).mean() > 1.5 for other in paths[1:]):
+            paths.append(path)
+    paths.append(np.full(height, width - 1, dtype=np.int64))
+    order = np.argsort([p.mean() for p in paths[1:-1]]) + 1
+    paths = [paths[0], *(paths[i] for i in order), paths[-1]]
+    crossing = [0.0] + [float(mask[rows, p].sum()) / stroke for p in paths[1:-1]] + [0.0]
+    columns = np.arange(width)[None, :]
+    whole = (0, len(paths) - 1)  # the blob uncut: always a candidate, kept as it is
+    pieces: dict[tuple[int, int], np.ndarray] = {whole: mask}
+    too_wide = MAX_PIECE_WIDTH * line_height
+    for i in range(len(paths) - 1):
+        for j in range(i + 1, len(paths)):
+            if (i, j) == whole:
+                continue
+            if paths[j].min() - paths[i].max() > too_wide:
+                break
+            piece = mask & (columns > paths[i][:, None]) & (columns <= paths[j][:, None])
+            if piece.sum() < MIN_PIECE_AREA * line_height**2:
+                continue
+            piece = select_digit(piece)  # slivers of a cut neighbour fall away
+            cols = np.flatnonzero(piece.any(0))
+            if cols[-1] - cols[0] + 1 <= too_wide:
+                pieces[(i, j)] = piece
+    keys = list(pieces)
+    confidences = score(np.stack([to_mnist(pieces[k]) for k in keys]))
+    value = dict(zip(keys, np.log(np.clip(confidences, 1e-6, 1.0))))
+    best = np.full(len(paths), -np.inf)
+    best[0] = 0.0
+    came_from = np.zeros(len(paths), dtype=np.int64)
+    for j in range(1, len(paths)):
+        for i in range(j):
+            if (i, j) in value and best[i] + value[(i, j)] - CUT_INK_COST * crossing[j] > best[j]:
+                best[j], came_from[j] = best[i] + value[(i, j)] - CUT_INK_COST * crossing[j], i
+    if not np.isfinite(best[-1]):
+        return [(0, mask)]
+    chosen, j = [], len(paths) - 1
+    while j > 0:
+        chosen.append((int(came_from[j]), j))
+        j = int(came_from[j])
+    out = []
+    for key in reversed(chosen):
+        cols = np.flatnonzero(pieces[key].any(0))
+        out.append((int(cols[0]), pieces[key][:, cols[0] : cols[-1] + 1]))
+    return out

@@ -169,6 +169,13 @@ def train_steps(
         # dropout draws from the global generator; under DDP each rank gets its own draws
         seed_device_generator(device, (config.seed * 1_000_003 + step) * world_size + rank)
         aug_generator.manual_seed((config.seed * 1_000_033 + step) * world_size + rank)
+        # -- outlier exposure (augment_real.py): non-digits join the batch, their loss pulls them to uniform
+        outliers = round(config.negatives * len(y)) if config.negatives else 0
+        if outliers:
+            from .augment_real import make_negatives
+
+            x = torch.cat([x, make_negatives(x, outliers, aug_generator)])
+        # -- end of outlier exposure
         x = augment_batch(x, config.augment, aug_generator)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -176,7 +183,13 @@ def train_steps(
             group["lr"] = lr_at(config, step, steps_per_epoch, total_steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
             logits = model(x)
+        if outliers:  # outlier exposure: the digits' loss plus OUTLIER_WEIGHT x the non-digits' loss
+            from .augment_real import OUTLIER_WEIGHT, outlier_loss
+
+            logits, outlier_logits = logits[: len(y)], logits[len(y) :]
         loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        if outliers:
+            loss = loss + OUTLIER_WEIGHT * outlier_loss(outlier_logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
