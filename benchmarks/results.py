@@ -80,7 +80,7 @@ def table(runs_dir: Path, recipes: list[str], seeds: dict[str, list[int]], data:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", default=",".join(r for r in RECIPES if r not in ("robust", "best")))
+    parser.add_argument("--recipes", default=",".join(r for r in RECIPES if r != "robust"))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds for the --spread recipes")
     parser.add_argument("--spread", default=SPREAD, help="recipes to repeat over --seeds")
     parser.add_argument("--runs-dir", default="runs/results")
