@@ -546,13 +546,22 @@ def create_app(
             counters["client_errors"] += 1
         return JSONResponse({"detail": detail}, status_code=status)
 
-    @app.exception_handler(ImageTooLargeError)
-    async def _too_large(request: Request, exc: ImageTooLargeError):
-        return _error(413, str(exc))
+    def _error_for(exc: Exception) -> JSONResponse:
+        """The JSON answer to an exception raised while handling a request: the app's handlers and the fast
+        path below both answer through this."""
+        if isinstance(exc, ImageTooLargeError):
+            return _error(413, str(exc))
+        if isinstance(exc, DigitrecError):
+            return _error(400, str(exc))
+        if isinstance(exc, BrokenProcessPool):
+            return _error(503, "the image workers are restarting; send the request again in a moment.")
+        return _error(500, "internal error while handling the request; it has been logged.")
 
-    @app.exception_handler(DigitrecError)
-    async def _user_error(request: Request, exc: DigitrecError):
-        return _error(400, str(exc))
+    async def _mapped(request: Request, exc: Exception) -> JSONResponse:
+        return _error_for(exc)
+
+    for kind in (ImageTooLargeError, DigitrecError, BrokenProcessPool, Exception):
+        app.add_exception_handler(kind, _mapped)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -570,17 +579,6 @@ def create_app(
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}; see /docs for the methods each endpoint takes."
         return _error(exc.status_code, detail)
-
-    def _pool_error() -> JSONResponse:
-        return _error(503, "the image workers are restarting; send the request again in a moment.")
-
-    @app.exception_handler(BrokenProcessPool)
-    async def _pool_broken(request: Request, exc: BrokenProcessPool):
-        return _pool_error()
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        return _error(500, "internal error while handling the request; it has been logged.")
 
     # -- reading the request -----------------------------------------------------------------------------------
 
@@ -619,6 +617,14 @@ def create_app(
             return await workers(data)
         return await asyncio.get_running_loop().run_in_executor(io_pool, to_model_input, data)
 
+    def plain_answer(prediction: Any) -> Response:
+        """The answer to /api/predict without ?explain: counted, and written straight to JSON from plain ints,
+        floats and bools instead of being validated again against PredictResponse (the shape /docs shows)."""
+        counters["predict"] += 1
+        counters["rejected"] += bool(prediction.rejected)
+        result = _prediction_dict(prediction) | {"input": None, "saliency": None}
+        return Response(json.dumps(result, separators=(",", ":")), media_type="application/json")
+
     async def fast_predict(scope: dict, body: bytes, send: Callable) -> bool:
         """POST /api/predict with a plain upload, answered without the router, dependencies and form parser.
 
@@ -637,22 +643,11 @@ def create_app(
             return False
         response: Response
         try:
-            prediction = await batcher.predict(await to_input(data))
-        except ImageTooLargeError as exc:
-            response = _error(413, str(exc))
-        except DigitrecError as exc:
-            response = _error(400, str(exc))
-        except BrokenProcessPool:
-            response = _pool_error()
-        except Exception:  # noqa: BLE001 - as the app's own handler: a JSON 500, the traceback in the log
-            logging.getLogger("digitrec.server").exception("error while reading an uploaded digit")
-            response = _error(500, "internal error while handling the request; it has been logged.")
-        else:
-            counters["predict"] += 1
-            counters["rejected"] += bool(prediction.rejected)
-            result = _prediction_dict(prediction)
-            result["input"] = result["saliency"] = None
-            response = Response(json.dumps(result, separators=(",", ":")), media_type="application/json")
+            response = plain_answer(await batcher.predict(await to_input(data)))
+        except Exception as exc:  # noqa: BLE001 - answered as the app's handlers answer
+            if not isinstance(exc, (DigitrecError, BrokenProcessPool)):
+                logging.getLogger("digitrec.server").exception("error while reading an uploaded digit")
+            response = _error_for(exc)
         await response(scope, _no_more_body, send)
         return True
 
@@ -721,14 +716,11 @@ def create_app(
         data, _ = await read_upload(request)
         pixels = await to_input(data)
         prediction = await batcher.predict(pixels)
+        if not explain:
+            return plain_answer(prediction)
         counters["predict"] += 1
         counters["rejected"] += bool(prediction.rejected)
         result = _prediction_dict(prediction)
-        if not explain:
-            # The hot path: the dict is built from plain ints, floats and bools above, so it is written straight
-            # to JSON instead of being validated again against PredictResponse (the shape /docs shows).
-            result["input"] = result["saliency"] = None
-            return Response(json.dumps(result, separators=(",", ":")), media_type="application/json")
         result["input"] = np.round(pixels, 3).tolist()
         if getattr(predictor, "model", None) is not None:  # an ONNX/int8 backend has no gradients to show
             from .explain import occlusion_saliency
