@@ -457,6 +457,17 @@ def _bench_header() -> dict:
     }
 
 
+def _bench_footer(header: dict) -> str:
+    """Records the load average after the run in `header` and returns the line printed under a bench table."""
+    import os
+
+    header["load_average_after"] = list(os.getloadavg())
+    return (
+        f"{header['cores']} cores, torch {header['torch']} with {header['torch_threads']} threads; load average "
+        f"{header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after"
+    )
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from .bench import bench_train, train_table
     from .config import get_recipe
@@ -473,17 +484,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     results = bench_train(
         recipes, data, target=args.target, seeds=args.seeds, stop_at_target=args.stop_at_target, log=_stderr
     )
-    header["load_average_after"] = list(__import__("os").getloadavg())
+    footer = _bench_footer(header)
     if args.json:
         print(
             json.dumps({**header, "target": args.target, "recipes": [r.to_dict() for r in results]}, indent=2)
         )
         return 0
     print(train_table(results, args.target))
-    print(
-        f"\n{header['cores']} cores, torch {header['torch']} with {header['torch_threads']} threads; load average "
-        f"{header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after"
-    )
+    print(f"\n{footer}")
     return 0
 
 
@@ -519,17 +527,14 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         test_labels=data.test_labels,
         log=_stderr,
     )
-    header["load_average_after"] = list(__import__("os").getloadavg())
+    footer = _bench_footer(header)
     if args.json:
         from dataclasses import asdict
 
         print(json.dumps({**header, "model": str(model), "results": [asdict(r) for r in results]}, indent=2))
         return 0
     print(infer_table(results))
-    print(
-        f"\nmodel {model}; {header['cores']} cores, torch {header['torch']} with {header['torch_threads']} threads; "
-        f"load average {header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after"
-    )
+    print(f"\nmodel {model}; {footer}")
     return 0
 
 
