@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from digitrec.augment import augment_batch, random_affine
+from digitrec.augment import affine_grid, augment_batch, random_affine
 
 
 def _blob() -> torch.Tensor:
@@ -47,3 +47,9 @@ def test_same_generator_seed_same_output():
     a = augment_batch(x, "affine", torch.Generator().manual_seed(3))
     b = augment_batch(x, "affine", torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_affine_grid_matches_torch():
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.affine_grid(theta, [5, 1, 28, 20], align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, 28, 20), expected, rtol=0, atol=1e-5)

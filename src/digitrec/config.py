@@ -150,7 +150,7 @@ def _coerce(key: str, value: Any, declared: str) -> Any:
 # The seed recipes reproduce the five source documents in ../shared/seeds, quirks included. Documents that
 # train on all 60,000 images and report their last epoch get val_size=0: we train on all of train and keep
 # the last weights, so the test set never chooses a checkpoint. Those that select a model get a validation split.
-# What digitrec's own recipes share: fused AdamW, a one-cycle schedule, label smoothing, bfloat16 autocast.
+# What digitrec's own recipes share: AdamW (digitrec.optim), a one-cycle schedule, label smoothing, bfloat16 autocast.
 _OURS = TrainConfig(
     optimizer="adamw",
     lr=4e-3,

@@ -157,7 +157,8 @@ def write_report(
     figures["Most confident mistakes"] = plots.mistakes(
         data.test_images, metrics["mistakes"], out_dir / "mistakes.png"
     )
-    robust = robustness.for_report(model, data)
+    settings = config or TrainConfig()  # evaluate the way evaluate_model does
+    robust = robustness.for_report(model, data, amp=settings.amp, channels_last=settings.channels_last)
     figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
     card = modelcard.write_model_card(out_dir, model, metrics, meta, config, data, robust)
     report = out_dir / "report.html"

@@ -27,7 +27,7 @@ EMBEDDINGS = ("auto", "tsne", "umap")
 def class_balance(data: MNIST, path: Path) -> Path:
     train = torch.bincount(data.train_labels.long(), minlength=10).numpy()
     test = torch.bincount(data.test_labels.long(), minlength=10).numpy()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 3.5), layout="constrained")
     digits = np.arange(10)
     ax.bar(digits - 0.2, 100 * train / train.sum(), width=0.4, label=f"train ({train.sum():,})")
     ax.bar(digits + 0.2, 100 * test / test.sum(), width=0.4, label=f"test ({test.sum():,})")
@@ -40,7 +40,7 @@ def class_balance(data: MNIST, path: Path) -> Path:
 def mean_images(data: MNIST, path: Path) -> Path:
     """The mean training image of each class, and its per-pixel standard deviation below it."""
     images, labels = data.train_images.float(), data.train_labels.long()
-    fig, axes = plt.subplots(2, 10, figsize=(12, 2.8))
+    fig, axes = plt.subplots(2, 10, figsize=(12, 2.8), layout="constrained")
     for digit in range(10):
         members = images[labels == digit]
         for row, (values, name) in enumerate(((members.mean(0), "mean"), (members.std(0), "std"))):
@@ -88,7 +88,7 @@ def embed(pixels: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.n
 
 
 def embedding_plot(coords: np.ndarray, labels: np.ndarray, method: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7.5, 7))
+    fig, ax = plt.subplots(figsize=(7.5, 7), layout="constrained")
     colors = plt.get_cmap("tab10")
     for digit in range(10):
         points = coords[labels == digit]

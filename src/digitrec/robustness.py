@@ -117,12 +117,15 @@ class Scored:
     temperature: float = 1.0
 
 
-def torch_scorer(model: torch.nn.Module, batch_size: int = 500) -> Scorer:
+def torch_scorer(
+    model: torch.nn.Module, batch_size: int = 500, amp: bool = False, channels_last: bool = False
+) -> Scorer:
+    """Scores with the model's own evaluation settings (bfloat16 and memory layout as its recipe evaluates)."""
     from .training import predict_logits
 
     def score(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return predict_logits(model, images, batch_size)
+            return predict_logits(model, images, batch_size, amp, channels_last)
 
     return score
 
@@ -281,7 +284,7 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"Accuracy under perturbation ({report['images']:,} MNIST test images)")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.92, hspace=0.45, wspace=0.25)
     return _save(fig, Path(path))
 
 
@@ -318,7 +321,13 @@ def write(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     return {"json": out_dir / "robustness.json", "plot": plot(report, out_dir / "robustness.png")}
 
 
-def for_report(model: torch.nn.Module, data: Any, images: int = REPORT_IMAGES) -> dict[str, Any]:
+def for_report(
+    model: torch.nn.Module,
+    data: Any,
+    images: int = REPORT_IMAGES,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> dict[str, Any]:
     """The run report's robustness section: every perturbation on the first `images` test images (a few seconds)."""
-    scored = Scored("this model", "", torch_scorer(model))
+    scored = Scored("this model", "", torch_scorer(model, amp=amp, channels_last=channels_last))
     return evaluate_robustness([scored], data.test_images[:images], data.test_labels[:images])

@@ -207,7 +207,7 @@ def plot(study: Any, path: Path) -> Path:
     from .plots import _save, plt
 
     rows = _rows(study)
-    fig, (ax_trials, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_trials, ax_lr) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for state, style in (
         ("complete", dict(marker="o", color="tab:blue")),
         ("pruned", dict(marker="x", color="gray")),
