@@ -46,7 +46,7 @@ test-slow: setup
 	$(PY) -m pytest -m slow
 
 results: setup
-	$(PY) benchmarks/results.py --seeds 0,1,2,3,4 --spread seed-mlp,seed-mlp-bn,seed-mlp-dropout,seed-lenet
+	$(PY) benchmarks/results.py --seeds 0,1,2,3,4 --spread seed-mlp,seed-mlp-bn,seed-mlp-dropout,seed-lenet,fast,default
 
 serve: setup
 	$(DIGITREC) serve
