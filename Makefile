@@ -72,7 +72,7 @@ bench-faults: setup
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-# Not yet part of `make test`: mypy passes on the library modules of issue 8 but not on all of src/ (see issue 8 notes).
+# The type check alone (`make test` runs it too, before the tests).
 typecheck: setup
 	$(VENV)/bin/mypy src
 
