@@ -1,12 +1,13 @@
 """A photo of one line of handwritten digits -> boxes -> one MNIST-like 28x28 image per digit.
 
 Reuses preprocess's stages (load, polarity, flatten, threshold, to_mnist) and adds the line logic:
-connected components (SciPy), dropping specks and ruled lines, merging the parts of broken digits
-(components stacked in x), and splitting touching or overlapping digits by recognition: candidate cuts
-sit at ink-profile minima and on a regular grid, each cut is a path from top to bottom that crosses as
-little ink as it can (so it can lean with the writing and pass between overlapping digits), and dynamic
-programming picks the cuts whose pieces the classifier reads most confidently (the classifier was
-trained to doubt digit pairs and fragments, so a wrong cut reads badly).
+faint digits next to clear ones kept as ink (line_ink), connected components (SciPy), dropping specks
+and ruled lines, merging the parts of broken digits (components stacked in x), and splitting touching
+or overlapping digits by recognition: candidate cuts sit at ink-profile minima and on a regular grid,
+each cut is a path from top to bottom that crosses as little ink as it can (so it can lean with the
+writing and pass between overlapping digits) or a straight line (down the stroke that two overlapping
+digits share), and dynamic programming picks the cuts whose pieces the classifier reads most
+confidently (the classifier was trained to doubt digit pairs and fragments, so a wrong cut reads badly).
 """
 
 from __future__ import annotations
@@ -18,13 +19,24 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .preprocess import MIN_WORK_SIDE, ink_mask, load_gray_sized, select_digit, to_mnist
+from .preprocess import (
+    EIGHT_NEIGHBOURS,
+    MIN_WORK_SIDE,
+    WEAK_FRACTION,
+    ink_strength,
+    load_gray_sized,
+    select_digit,
+    threshold,
+    to_mnist,
+)
 
 READ_SIDE = 1024  # working size for a line: enough for 10+ digits of reasonable height
 MERGE_OVERLAP = 0.5  # parts overlapping in x by half the narrower one's width belong to one digit
 DIGIT_ASPECT = 0.62  # a typical handwritten digit is this wide for its height (slant included)
 MAX_DIGITS_PER_BLOB = 8
 SMALL_PART = 0.55  # shorter than this share of the line height: a part of a digit (a bar, a flag) or dust
+FAINT_CONTRAST = 0.15  # next to clear digits, a digit-sized stroke this much darker than its paper is ink too
+MAX_FAINT_HEIGHT = 1.5  # ... but not one taller than this share of the line height (a shadow's edge)
 
 Score = Callable[[np.ndarray], np.ndarray]  # (K, 28, 28) -> confidence of each, in (0, 1]
 
@@ -146,11 +158,55 @@ def split(mask: np.ndarray, pieces: int) -> list[tuple[int, np.ndarray]]:
     return out
 
 
+def line_ink(gray: np.ndarray) -> np.ndarray:
+    """Ink mask of a line: preprocess's threshold, plus the digits that light or a dry pen left too faint for it.
+
+    A lone picture needs INK_CONTRAST somewhere so that shadows and blank pages stay blank; in a line
+    that holds clear digits, a fainter stroke (down to FAINT_CONTRAST) is a digit too when it is one:
+    a connected stroke about as tall as the line's digits (_digit_sized) that touches none of the clear ink.
+    """
+    ink = ink_strength(gray)
+    mask = threshold(ink)
+    if not mask.any():
+        return mask  # a blank page stays blank
+    _, blobs, areas = components(mask)
+    _, line_height = clean(blobs, areas)
+    # The same hysteresis as preprocess's threshold, at the faint cut: strong pixels and the weaker ones they touch.
+    labels, count = ndimage.label(ink > FAINT_CONTRAST * WEAK_FRACTION, structure=EIGHT_NEIGHBOURS)
+    seeded = np.zeros(count + 1, dtype=bool)
+    seeded[labels[ink > FAINT_CONTRAST]] = True
+    seeded[labels[mask]] = False  # parts of clear digits keep the threshold's shape
+    seeded[0] = False
+    inked_rows = np.flatnonzero(mask.any(axis=1))
+    band = slice(int(inked_rows[0]), int(inked_rows[-1]) + 1)
+    objects = ndimage.find_objects(labels)
+    digits = [
+        label
+        for label in np.flatnonzero(seeded)
+        if _digit_sized(objects[label - 1], gray.shape, band, line_height)
+    ]
+    return mask | np.isin(labels, digits) if digits else mask
+
+
+def _digit_sized(box: tuple[slice, ...], shape: tuple[int, ...], band: slice, line_height: float) -> bool:
+    """Is a faint part a digit of the line: inside the picture, and as tall as a digit inside the line's rows?
+
+    The edge of a shadow or of a vignette is faint and tall too, but runs into the border of the picture;
+    paper texture or JPEG noise can gather into a faint patch, but rarely one standing in the line's band.
+    """
+    rows, cols = box
+    height = rows.stop - rows.start
+    in_band = min(rows.stop, band.stop) - max(rows.start, band.start)
+    inside = rows.start > 0 and cols.start > 0 and rows.stop < shape[0] and cols.stop < shape[1]
+    tall = in_band >= SMALL_PART * line_height and height <= MAX_FAINT_HEIGHT * line_height
+    return inside and tall
+
+
 def segment(image: Any, score: Score | None = None) -> list[Piece]:
     """Find the digits of one line, left to right. `score` (a classifier's confidences) picks how to split blobs."""
     gray, (width, height) = load_gray_sized(image, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
     back = np.array([width / gray.shape[1], height / gray.shape[0]])
-    mask = ink_mask(gray)
+    mask = line_ink(gray)
     labels, blobs, areas = components(mask)
     blobs, line_height = clean(blobs, areas)
     pieces: list[Piece] = []
@@ -205,7 +261,8 @@ CUT_SIDEWAYS = 0.08  # cost of one pixel sideways, against 1 for each ink pixel 
 CUT_STRAY = 0.5  # cost per row of being `reach` away from the cut's column (quadratic in the distance)
 MAX_PIECE_WIDTH = 1.35  # no digit is wider than this share of the line height (a pair of them is)
 MIN_PIECE_AREA = 0.02  # a piece with less ink than this share of the line height squared is a sliver
-CUT_INK_COST = 0.6  # log-confidence a cut costs per stroke width of ink it crosses (digits rarely need it)
+CUT_INK_COST = 0.4  # log-confidence a cut costs per stroke it crosses (digits rarely need it)
+CUT_DISTINCT = 0.04  # two cuts closer than this share of the line height (on average) cut the same pieces
 
 
 def cut_path(mask: np.ndarray, column: int, reach: int) -> np.ndarray:
@@ -262,13 +319,40 @@ def candidate_columns(mask: np.ndarray, line_height: float) -> list[int]:
     return sorted(kept)
 
 
+def _plausible_digit(piece: np.ndarray, line_height: float) -> bool:
+    """Could this piece be one whole digit? Not wider than MAX_PIECE_WIDTH, nor shorter than SMALL_PART, of the line.
+
+    A cut may leave a short fragment (the top half of a slanted 1, the tail of a 4) that the classifier
+    reads confidently as some digit; digits of one line have about the same height, so such a piece is
+    a part of its neighbour, not a digit of its own.
+    """
+    rows, cols = np.flatnonzero(piece.any(1)), np.flatnonzero(piece.any(0))
+    if len(rows) == 0:
+        return False
+    height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    return bool(width <= MAX_PIECE_WIDTH * line_height and height >= SMALL_PART * line_height)
+
+
+def strokes_crossed(ink: np.ndarray, stroke: float) -> float:
+    """How many stroke widths of ink a cut crosses, given the ink along it: each run counts one stroke at most.
+
+    A cut that runs down a stroke for a while (two overlapping digits sharing it) splits one stroke,
+    not as many as its length would make.
+    """
+    runs = np.flatnonzero(np.diff(np.concatenate([[0], ink.astype(np.int8), [0]])))
+    lengths = runs[1::2] - runs[::2]
+    return float(np.minimum(lengths, stroke).sum() / stroke)
+
+
 def split_by_recognition(mask: np.ndarray, line_height: float, score: Score) -> list[tuple[int, np.ndarray]]:
     """Cut a blob into the digits that read best: (x offset, piece mask) for each, left to right.
 
-    Cuts are least-ink paths (cut_path) from candidate columns; a piece is the ink between two cuts; the
-    chosen cuts maximize the sum of the log confidences of their pieces, less CUT_INK_COST for each stroke
-    width of ink a cut goes through (dynamic programming): each extra cut must pay for itself by reading
-    more clearly, and cutting through strokes must pay more. A blob too narrow for two digits stays whole.
+    Cuts are least-ink paths (cut_path) and straight lines from candidate columns; a piece is the ink
+    between two cuts; the chosen cuts maximize the sum of the log confidences of their pieces, less
+    CUT_INK_COST for each stroke a cut goes through (strokes_crossed), by dynamic programming: each extra
+    cut must pay for itself by reading more clearly, and cutting through strokes must pay more. Only
+    pieces that could be one digit compete (_plausible_digit): a blob too narrow for two digits stays
+    whole, one too wide for a digit is always cut.
     """
     from .preprocess import stroke_width
 
@@ -280,17 +364,21 @@ def split_by_recognition(mask: np.ndarray, line_height: float, score: Score) -> 
     rows = np.arange(height)
     paths = [np.full(height, -1, dtype=np.int64)]
     for column in candidate_columns(mask, line_height):
-        path = cut_path(mask, column, reach)
-        if all(np.abs(path - other).mean() > 1.5 for other in paths[1:]):
-            paths.append(path)
+        # The least-ink path, and a straight cut: where two digits overlap, their strokes merge and the
+        # best cut runs down the shared stroke instead of round it.
+        for path in (cut_path(mask, column, reach), np.full(height, column, dtype=np.int64)):
+            if all(np.abs(path - other).mean() > max(1.5, CUT_DISTINCT * line_height) for other in paths[1:]):
+                paths.append(path)
     paths.append(np.full(height, width - 1, dtype=np.int64))
     order = np.argsort([p.mean() for p in paths[1:-1]]) + 1
     paths = [paths[0], *(paths[i] for i in order), paths[-1]]
-    crossing = [0.0] + [float(mask[rows, p].sum()) / stroke for p in paths[1:-1]] + [0.0]
+    crossing = [0.0] + [strokes_crossed(mask[rows, p], stroke) for p in paths[1:-1]] + [0.0]
     columns = np.arange(width)[None, :]
-    whole = (0, len(paths) - 1)  # the blob uncut: always a candidate, kept as it is
-    pieces: dict[tuple[int, int], np.ndarray] = {whole: mask}
     too_wide = MAX_PIECE_WIDTH * line_height
+    whole = (0, len(paths) - 1)
+    pieces: dict[tuple[int, int], np.ndarray] = {}
+    if width <= too_wide:  # the blob uncut is a candidate only if one digit can be that wide
+        pieces[whole] = mask
     for i in range(len(paths) - 1):
         for j in range(i + 1, len(paths)):
             if (i, j) == whole:
@@ -301,9 +389,10 @@ def split_by_recognition(mask: np.ndarray, line_height: float, score: Score) -> 
             if piece.sum() < MIN_PIECE_AREA * line_height**2:
                 continue
             piece = select_digit(piece)  # slivers of a cut neighbour fall away
-            cols = np.flatnonzero(piece.any(0))
-            if cols[-1] - cols[0] + 1 <= too_wide:
+            if _plausible_digit(piece, line_height):
                 pieces[(i, j)] = piece
+    if not pieces:
+        return [(0, mask)]
     keys = list(pieces)
     confidences = score(np.stack([to_mnist(pieces[k]) for k in keys]))
     value = dict(zip(keys, np.log(np.clip(confidences, 1e-6, 1.0))))
