@@ -12,6 +12,7 @@ on any number of processes. DDP averages the gradients; only rank 0 logs, evalua
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import platform
@@ -537,6 +538,10 @@ def train(
     if world_size > 1:
         fingerprint = distributed.check_replicas(model)
         log(f"weights identical on all {world_size} ranks (sha256 {fingerprint})")
+        # DistributedDataParallel holds the process group and sits in reference cycles: free it now, so gloo's
+        # threads are not torn down during interpreter shutdown (an abort at exit, seen on loaded machines).
+        del train_model
+        gc.collect()
     if joined and not main:
         distributed.shutdown()
     if not main:
