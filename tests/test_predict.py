@@ -167,3 +167,19 @@ def test_real_world_targets(pretrained):
     for name in ("mnist-photo", "pen-photo", "font-photo"):
         assert r[name]["accuracy"] >= 0.98 and r[name]["rejected"] < 0.01
     assert r["numbers"]["exact"] >= 0.95 and r["negatives"]["rejected"] >= 0.95
+
+
+def test_a_large_folder_spread_over_worker_processes_gives_the_same_answers(tmp_path, pretrained):
+    from digitrec.predict import PARALLEL_FROM, predict_files
+
+    paths = []
+    for i, sample in enumerate(generate("pen-photo", PARALLEL_FROM + 6, seed=4)):
+        paths.append(tmp_path / f"{i:03d}.jpg")
+        paths[-1].write_bytes(sample.data)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    paths.insert(3, tmp_path / "broken.jpg")
+    paths.insert(9, tmp_path / "missing.png")
+    alone, spread = (predict_files(pretrained, paths, workers=w) for w in (1, 2))
+    assert [r.to_dict() for r in spread] == [r.to_dict() for r in alone]
+    assert "error" in spread[3].to_dict() and "does not exist" in spread[9].to_dict()["error"]
+    assert sum(r.prediction is not None for r in spread) == PARALLEL_FROM + 6

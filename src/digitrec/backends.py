@@ -1,5 +1,5 @@
-"""Inference beside PyTorch: ONNX Runtime sessions, a NumPy forward pass of the fast CNNs, and models the
-Predictor calls like the PyTorch one.
+"""Inference beside PyTorch: ONNX Runtime sessions, a NumPy forward pass of the fast CNNs and deep_cnn, and
+models the Predictor calls like the PyTorch one.
 
 Nothing here imports torch, so a command that runs an exported model (or the bundled one) starts without it.
 """
@@ -82,49 +82,114 @@ class OnnxBackend:
         return self.session.run(None, {INPUT_NAME: pixels})[0]
 
 
-# The architectures NumpyBackend runs: models.py's fast CNN family, as (first conv's stride and padding,
-# second conv's padding); kernel sizes and widths come from the weights. test_backends checks each against torch.
-NUMPY_ARCHS = {"fast_cnn": (2, 2, 2), "fast_cnn_wide": (2, 2, 2), "fast_cnn_lite": (2, 0, 1)}
-_BN_EPS = 1e-5  # nn.BatchNorm's default
-_AFFINE, _NORM = ("weight", "bias"), ("weight", "bias", "running_mean", "running_var")
-_NUMPY_KEYS = {"0.mean", "0.std"} | {
-    f"1.{i}.{name}"
-    for i, names in ((0, _AFFINE), (2, _AFFINE), (4, _NORM), (7, _AFFINE), (8, _NORM), (10, _AFFINE))
-    for name in names
-}
+# The architectures NumpyBackend runs, as the layers of models.py's nn.Sequential (its state-dict prefix "1.";
+# "0." is the input Normalize): ("conv", index, stride, padding, has_bias), ("bn", index), ("linear", index),
+# ("relu",), ("pool",) for MaxPool2d(2), ("flatten",). Dropout is the identity at inference and is left out.
+# Kernel sizes and widths come from the weights; test_numpy_backend checks each architecture against torch.
+Layer = tuple[Any, ...]
 
 
-def _conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int, padding: int) -> np.ndarray:
-    """nn.Conv2d on (N, C, H, W) with a square kernel, as one matrix product over the input's windows."""
-    k = weight.shape[-1]
-    if padding:
-        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
-    n, c, h, w = windows.shape[:4]
-    columns = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * h * w, c * k * k)
-    out = columns @ weight.reshape(len(weight), -1).T + bias
-    return np.ascontiguousarray(out.reshape(n, h, w, -1).transpose(0, 3, 1, 2))
-
-
-def _batch_norm(x: np.ndarray, t: dict[str, np.ndarray], name: str) -> np.ndarray:
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    scale = t[f"{name}.weight"] / np.sqrt(t[f"{name}.running_var"] + np.float32(_BN_EPS))
-    return (x - t[f"{name}.running_mean"].reshape(shape)) * scale.reshape(shape) + t[f"{name}.bias"].reshape(
-        shape
+def _fast_cnn_layers(stride: int, padding1: int, padding2: int) -> tuple[Layer, ...]:
+    return (
+        ("conv", 0, stride, padding1, True),
+        ("relu",),
+        ("conv", 2, 1, padding2, True),
+        ("pool",),
+        ("bn", 4),
+        ("relu",),
+        ("flatten",),
+        ("linear", 7),
+        ("bn", 8),
+        ("relu",),
+        ("linear", 10),
     )
 
 
+def _deep_cnn_layers() -> tuple[Layer, ...]:
+    convs = ((0, 1, 0), (3, 1, 0), (6, 2, 2), (10, 1, 0), (13, 1, 0), (16, 2, 2), (20, 1, 0))
+    blocks = [layer for i, s, p in convs for layer in (("conv", i, s, p, False), ("bn", i + 1), ("relu",))]
+    return (*blocks, ("flatten",), ("linear", 25))
+
+
+NUMPY_ARCHS: dict[str, tuple[Layer, ...]] = {
+    "fast_cnn": _fast_cnn_layers(2, 2, 2),
+    "fast_cnn_wide": _fast_cnn_layers(2, 2, 2),
+    "fast_cnn_lite": _fast_cnn_layers(2, 0, 1),
+    "deep_cnn": _deep_cnn_layers(),
+}
+_BN_EPS = 1e-5  # nn.BatchNorm's default
+CHUNK = 64  # images per forward pass
+_AFFINE, _NORM = ("weight", "bias"), ("weight", "bias", "running_mean", "running_var")
+
+
+def _state_keys(layers: tuple[Layer, ...]) -> set[str]:
+    """The state dict a model with these layers has (what load_state_dict(strict=True) checks)."""
+    keys = {"0.mean", "0.std"}
+    for layer in layers:
+        op = layer[0]
+        if op == "conv":
+            keys |= {f"1.{layer[1]}.weight"} | ({f"1.{layer[1]}.bias"} if layer[4] else set())
+        elif op in ("bn", "linear"):
+            keys |= {f"1.{layer[1]}.{name}" for name in (_NORM if op == "bn" else _AFFINE)}
+    return keys
+
+
+def _conv2d(
+    x: np.ndarray, columns_weight: np.ndarray, bias: np.ndarray, k: int, stride: int, padding: int
+) -> np.ndarray:
+    """nn.Conv2d on channels-last (N, H, W, C) input with a square k x k kernel, as one matrix product over the
+    input's windows; `columns_weight` is the torch weight arranged as (k * k * C, C_out)."""
+    if padding:
+        x = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, ::stride, ::stride]
+    n, h, w = windows.shape[:3]
+    # (N, H, W, C, k, k) -> (N, H, W, k, k, C): the copy then gathers runs of C contiguous floats.
+    columns = windows.transpose(0, 1, 2, 4, 5, 3).reshape(n * h * w, -1)
+    return (columns @ columns_weight + bias).reshape(n, h, w, -1)
+
+
+def _bn_affine(t: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """BatchNorm at inference as y = x * scale + shift, per channel."""
+    scale = t[f"{name}.weight"] / np.sqrt(t[f"{name}.running_var"] + np.float32(_BN_EPS))
+    return scale, t[f"{name}.bias"] - t[f"{name}.running_mean"] * scale
+
+
 class NumpyBackend:
-    """A fast CNN checkpoint (NUMPY_ARCHS) run by NumPy in float32: the PyTorch model's logits (to ~1e-6)
-    without importing torch, which takes longer to import than `digitrec predict` takes for one image."""
+    """A checkpoint of an architecture in NUMPY_ARCHS run by NumPy in float32: the PyTorch model's logits (to
+    ~1e-5) without importing torch, which takes longer to import than `digitrec predict` takes for one image.
+
+    It works channels-last, and folds a BatchNorm that directly follows a convolution into that convolution.
+    """
 
     def __init__(self, tensors: dict[str, np.ndarray], arch: str):
-        self.stride, self.padding1, self.padding2 = NUMPY_ARCHS[arch]
-        self.t = {
-            k: v.astype(np.float32) for k, v in tensors.items() if not k.endswith(".num_batches_tracked")
-        }
-        if set(self.t) != _NUMPY_KEYS:  # what load_state_dict(strict=True) checks
-            raise KeyError(sorted(set(self.t) ^ _NUMPY_KEYS))
+        t = {k: v.astype(np.float32) for k, v in tensors.items() if not k.endswith(".num_batches_tracked")}
+        layers = NUMPY_ARCHS[arch]
+        expected = _state_keys(layers)
+        if set(t) != expected:  # what load_state_dict(strict=True) checks
+            raise KeyError(sorted(set(t) ^ expected))
+        self.mean, self.std = t["0.mean"], t["0.std"]
+        self.ops: list[tuple[Any, ...]] = []
+        i = 0
+        while i < len(layers):
+            op, *args = layers[i]
+            name = f"1.{args[0]}" if args else ""
+            if op == "conv":
+                weight = t[f"{name}.weight"]  # (C_out, C_in, k, k)
+                bias = t[f"{name}.bias"] if args[3] else np.zeros(len(weight), np.float32)
+                if i + 1 < len(layers) and layers[i + 1][0] == "bn":  # conv then BN: one conv, scaled weights
+                    scale, shift = _bn_affine(t, f"1.{layers[i + 1][1]}")
+                    weight, bias = weight * scale[:, None, None, None], bias * scale + shift
+                    i += 1
+                # (C_out, C_in, k, k) -> (k * k * C_in, C_out), the order of _conv2d's columns
+                columns = np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, len(weight)))
+                self.ops.append(("conv", columns, bias, weight.shape[-1], *args[1:3]))
+            elif op == "bn":
+                self.ops.append(("affine", *_bn_affine(t, name)))
+            elif op == "linear":
+                self.ops.append(("linear", np.ascontiguousarray(t[f"{name}.weight"].T), t[f"{name}.bias"]))
+            else:
+                self.ops.append((op,))
+            i += 1
         self(np.zeros((1, 1, 28, 28), np.float32))  # wrong names or shapes fail here, at load time
 
     @classmethod
@@ -148,13 +213,24 @@ class NumpyBackend:
             ) from None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        t = self.t
-        x = np.asarray(batch, dtype=np.float32).reshape(-1, 1, 28, 28)
-        x = (x - t["0.mean"]) / t["0.std"]
-        x = np.maximum(_conv2d(x, t["1.0.weight"], t["1.0.bias"], self.stride, self.padding1), 0)
-        x = _conv2d(x, t["1.2.weight"], t["1.2.bias"], 1, self.padding2)
-        n, c, h, w = x.shape
-        x = x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))  # MaxPool2d(2)
-        x = np.maximum(_batch_norm(x, t, "1.4"), 0).reshape(n, -1)
-        x = np.maximum(_batch_norm(x @ t["1.7.weight"].T + t["1.7.bias"], t, "1.8"), 0)
-        return x @ t["1.10.weight"].T + t["1.10.bias"]
+        x: np.ndarray = np.asarray(batch, dtype=np.float32).reshape(-1, 28, 28, 1)  # 1 channel: NCHW = NHWC
+        if (
+            len(x) > CHUNK
+        ):  # a deep model's windows for 1,000 images fill hundreds of MB; chunks are 4x faster
+            return np.concatenate([self(x[i : i + CHUNK]) for i in range(0, len(x), CHUNK)])
+        x = (x - self.mean) / self.std
+        for op, *args in self.ops:
+            if op == "conv":
+                x = _conv2d(x, *args)
+            elif op == "affine":
+                x = x * args[0] + args[1]
+            elif op == "linear":
+                x = x @ args[0] + args[1]
+            elif op == "relu":
+                x = np.maximum(x, 0)
+            elif op == "pool":  # MaxPool2d(2)
+                n, h, w, c = x.shape
+                x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+            elif op == "flatten":  # in torch's (C, H, W) order
+                x = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
+        return x

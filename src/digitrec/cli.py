@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -329,7 +330,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not 1 <= args.top_k <= 10:
         raise DigitrecError(f"--top-k must be between 1 and 10, got {args.top_k}.")
     paths = _image_paths(args)
-    results = predict_files(_predictor(args, len(paths)), paths, top_k=args.top_k, steps_dir=args.show_steps)
+    predictor = _predictor(args, len(paths))
+    workers = min(os.cpu_count() or 1, 8)  # a folder of photos preprocesses on every core
+    results = predict_files(predictor, paths, top_k=args.top_k, steps_dir=args.show_steps, workers=workers)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -779,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--backend",
             choices=["auto", "numpy", "torch", "onnx"],
             default="auto",
-            help="run the model on NumPy (fast CNNs such as the bundled model: same answers, starts without "
+            help="run the model on NumPy (the bundled model and the fast CNNs: same answers, starts without "
             "importing torch), PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies "
             "onnx); default auto: numpy where it can for up to 1,000 images, else torch",
         )

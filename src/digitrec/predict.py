@@ -8,7 +8,7 @@ the torch backend: `digitrec predict` with the bundled model runs on NumPy and s
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -122,8 +122,8 @@ class Predictor:
     def load(cls, path: str | Path, reject_below: float | None = None, backend: str = "torch") -> Predictor:
         """A digitrec checkpoint (a .safetensors file or a run folder holding model.safetensors), or an `.onnx`
         file from `digitrec export`. backend="onnx" runs a checkpoint on ONNX Runtime (exported once, cached);
-        "numpy" runs a fast CNN checkpoint (backends.NUMPY_ARCHS) without torch, with the same probabilities to
-        ~1e-6; "auto" is "numpy" where it can and "torch" elsewhere. Only "torch" sets `model` (for saliency)."""
+        "numpy" runs a checkpoint of an architecture in backends.NUMPY_ARCHS (the bundled model's among them)
+        without torch, with the same probabilities to ~1e-5; "auto" is "numpy" where it can and "torch" elsewhere. Only "torch" sets `model` (for saliency)."""
         from .checkpoint import load_model
 
         path = Path(path)
@@ -261,16 +261,60 @@ class FileResult:
         return {"path": self.path, **self.prediction.to_dict()}
 
 
+PARALLEL_FROM = 64  # files; below this, starting worker processes costs more than they save
+
+
+def _preprocess_or_error(path: str | Path) -> np.ndarray | str:
+    """preprocess() in a worker process: the array, or the sentence of the ImageError."""
+    from .preprocess import preprocess
+
+    try:
+        return preprocess(path)
+    except ImageError as exc:
+        return str(exc)
+
+
+def _preprocessed(
+    paths: Sequence[str | Path], steps_dir: str | Path | None, workers: int
+) -> Iterator[np.ndarray | str]:
+    """Each file preprocessed (or its error sentence), in order; with workers > 1, a large folder is spread over
+    that many processes."""
+    from .preprocess import preprocess
+
+    if steps_dir is None and len(paths) >= PARALLEL_FROM and workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, as the server does: a fork would copy a parent whose BLAS threads may be mid-call
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield from pool.map(_preprocess_or_error, paths, chunksize=16)
+        return
+    for path in paths:
+        try:
+            if steps_dir is None:
+                yield preprocess(path)
+            else:
+                x, steps = preprocess(path, return_steps=True)
+                save_steps(steps, Path(steps_dir) / f"{Path(path).stem}.steps.png")
+                yield x
+        except ImageError as exc:
+            yield str(exc)
+
+
 def predict_files(
     predictor: Predictor,
     paths: Sequence[str | Path],
     top_k: int = 3,
     batch_size: int = 256,
     steps_dir: str | Path | None = None,
+    workers: int = 1,
 ) -> list[FileResult]:
-    """Predict every file; a bad file gets its error sentence and the others still go through, in batches."""
-    from .preprocess import preprocess
+    """Predict every file; a bad file gets its error sentence and the others still go through, in batches.
 
+    `workers` > 1 preprocesses a folder of PARALLEL_FROM files or more in that many worker processes. They are
+    spawned, so a script that calls this with workers > 1 needs the `if __name__ == "__main__":` guard that
+    multiprocessing asks for; the CLI has it.
+    """
     results = [FileResult(str(p)) for p in paths]
     ready: list[tuple[int, np.ndarray]] = []
 
@@ -281,15 +325,9 @@ def predict_files(
                 results[i].prediction = prediction
             ready.clear()
 
-    for i, path in enumerate(paths):
-        try:
-            if steps_dir is not None:
-                x, steps = preprocess(path, return_steps=True)
-                save_steps(steps, Path(steps_dir) / f"{Path(path).stem}.steps.png")
-            else:
-                x = preprocess(path)
-        except ImageError as exc:
-            results[i].error = str(exc)
+    for i, x in enumerate(_preprocessed(paths, steps_dir, workers)):
+        if isinstance(x, str):
+            results[i].error = x
             continue
         ready.append((i, x))
         if len(ready) >= batch_size:
