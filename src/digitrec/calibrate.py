@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 CALIBRATION_SEED = 1  # the generated calibration sets; eval-real uses seed 0, so they never overlap
-MAX_DIGIT_REJECTION = 0.005
+# The target is under 1% of real digits rejected; a quarter of that is left as margin for digits unlike these sets.
+MAX_DIGIT_REJECTION = 0.0075
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

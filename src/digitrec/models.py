@@ -179,7 +179,7 @@ def fast_cnn() -> nn.Module:
 
 
 def fast_cnn_wide() -> nn.Module:
-    """digitrec `robust` (the bundled model): the fast CNN at width 32 and hidden 256 (about 0.86M parameters)."""
+    """The fast CNN at width 32 and hidden 256 (about 0.86M parameters): `robust`'s model before deep_cnn."""
     return _fast_cnn(32, 256)
 
 
@@ -214,7 +214,8 @@ def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: 
 
 
 def deep_cnn() -> nn.Module:
-    """digitrec `best`: seven conv layers with BatchNorm and dropout 0.4, the single model of top Kaggle MNIST ensembles.
+    """digitrec `best` and `robust` (the bundled model): seven conv layers with BatchNorm and dropout 0.4, the single
+    model of top Kaggle MNIST ensembles.
 
     conv32 3x3, conv32 3x3, conv32 5x5 stride 2 (12x12), dropout; conv64 3x3, conv64 3x3, conv64 5x5 stride 2
     (4x4), dropout; conv128 4x4 (1x1), dropout, linear 128 -> 10. About 15M multiply-adds per image.
