@@ -355,7 +355,8 @@ def flatten(gray: np.ndarray, dark_ink: bool = True) -> np.ndarray:
     def full(a: np.ndarray) -> np.ndarray:
         return np.asarray(Image.fromarray(a, "F").resize((width, height), Image.Resampling.BILINEAR))
 
-    paper, lighter = full(paper_small), full(lighter_small)
+    lighter = full(lighter_small)
+    paper = lighter if dark_ink else full(paper_small)  # dark ink: the paper is the lighter level
     smooth = _smooth(gray)
     contrast = (paper - smooth) if dark_ink else (smooth - paper)
     return np.clip(contrast / np.maximum(lighter, 0.15), 0.0, 1.0).astype(np.float32)
