@@ -89,9 +89,9 @@ class OnnxBackend:
 Layer = tuple[Any, ...]
 
 
-def _fast_cnn_layers(stride: int, padding1: int, padding2: int) -> tuple[Layer, ...]:
+def _fast_cnn_layers(padding1: int, padding2: int) -> tuple[Layer, ...]:
     return (
-        ("conv", 0, stride, padding1, True),
+        ("conv", 0, 2, padding1, True),
         ("relu",),
         ("conv", 2, 1, padding2, True),
         ("pool",),
@@ -112,9 +112,9 @@ def _deep_cnn_layers() -> tuple[Layer, ...]:
 
 
 NUMPY_ARCHS: dict[str, tuple[Layer, ...]] = {
-    "fast_cnn": _fast_cnn_layers(2, 2, 2),
-    "fast_cnn_wide": _fast_cnn_layers(2, 2, 2),
-    "fast_cnn_lite": _fast_cnn_layers(2, 0, 1),
+    "fast_cnn": _fast_cnn_layers(2, 2),
+    "fast_cnn_wide": _fast_cnn_layers(2, 2),
+    "fast_cnn_lite": _fast_cnn_layers(0, 1),
     "deep_cnn": _deep_cnn_layers(),
 }
 _BN_EPS = 1e-5  # nn.BatchNorm's default
@@ -214,9 +214,8 @@ class NumpyBackend:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         x: np.ndarray = np.asarray(batch, dtype=np.float32).reshape(-1, 28, 28, 1)  # 1 channel: NCHW = NHWC
-        if (
-            len(x) > CHUNK
-        ):  # a deep model's windows for 1,000 images fill hundreds of MB; chunks are 4x faster
+        # A deep model's windows for 1,000 images fill hundreds of MB; chunks are 4x faster.
+        if len(x) > CHUNK:
             return np.concatenate([self(x[i : i + CHUNK]) for i in range(0, len(x), CHUNK)])
         x = (x - self.mean) / self.std
         for op, *args in self.ops:

@@ -123,7 +123,8 @@ class Predictor:
         """A digitrec checkpoint (a .safetensors file or a run folder holding model.safetensors), or an `.onnx`
         file from `digitrec export`. backend="onnx" runs a checkpoint on ONNX Runtime (exported once, cached);
         "numpy" runs a checkpoint of an architecture in backends.NUMPY_ARCHS (the bundled model's among them)
-        without torch, with the same probabilities to ~1e-5; "auto" is "numpy" where it can and "torch" elsewhere. Only "torch" sets `model` (for saliency)."""
+        without torch, with the same probabilities to ~1e-5; "auto" is "numpy" where it can and "torch"
+        elsewhere. Only "torch" sets `model` (for saliency)."""
         from .checkpoint import load_model
 
         path = Path(path)
@@ -290,15 +291,16 @@ def _preprocessed(
             yield from pool.map(_preprocess_or_error, paths, chunksize=16)
         return
     for path in paths:
+        if steps_dir is None:
+            yield _preprocess_or_error(path)
+            continue
         try:
-            if steps_dir is None:
-                yield preprocess(path)
-            else:
-                x, steps = preprocess(path, return_steps=True)
-                save_steps(steps, Path(steps_dir) / f"{Path(path).stem}.steps.png")
-                yield x
+            x, steps = preprocess(path, return_steps=True)
         except ImageError as exc:
             yield str(exc)
+            continue
+        save_steps(steps, Path(steps_dir) / f"{Path(path).stem}.steps.png")
+        yield x
 
 
 def predict_files(
