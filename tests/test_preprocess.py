@@ -15,6 +15,7 @@ from serverkit import png_claiming
 from digitrec.errors import ImageError
 from digitrec.preprocess import (
     FRAME,
+    disk_filter,
     expand_paths,
     flatten,
     load_gray,
@@ -114,6 +115,27 @@ def test_stroke_width_is_normalized():
 
     widths = [stroke_width(preprocess(seven(pen)) > 0.5) for pen in (2, 6, 24)]
     assert max(widths) - min(widths) < 0.8  # a fine liner and a marker end up MNIST-wide
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    density=st.floats(0.05, 0.95),
+    radius=st.floats(0.5, 12.0),
+    seed=st.integers(0, 2**16),
+)
+def test_disk_filter_grows_and_thins_as_a_distance_transform_would(height, width, density, radius, seed):
+    from scipy import ndimage
+
+    mask = np.random.default_rng(seed).random((height, width)) < density
+    pad = int(radius) + 2
+    padded = np.pad(mask, pad)
+    grown = ndimage.distance_transform_edt(~padded) <= radius if padded.any() else padded
+    assert np.array_equal(disk_filter(padded, radius, grow=True), grown)
+    if not mask.all():  # the distance transform is undefined without a background pixel
+        thinned = ndimage.distance_transform_edt(mask) > radius
+        assert np.array_equal(disk_filter(mask, radius, grow=False), thinned)
 
 
 def test_blank_and_speckled_pages_have_no_ink():

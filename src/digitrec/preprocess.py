@@ -470,9 +470,10 @@ def stroke_width(mask: np.ndarray) -> float:
     area = float(mask.sum())
     if area == 0:
         return 0.0
-    m = np.pad(mask, 1).astype(np.int8)
-    transitions = np.abs(np.diff(m, axis=0)).sum() + np.abs(np.diff(m, axis=1)).sum()
-    return float(2.0 * area / (transitions * np.pi / 4))
+    # ink at the array's edge counts as a transition to the paper beyond it
+    edges = sum(np.count_nonzero(side) for side in (mask[0], mask[-1], mask[:, 0], mask[:, -1]))
+    inside = np.count_nonzero(mask[1:] != mask[:-1]) + np.count_nonzero(mask[:, 1:] != mask[:, :-1])
+    return float(2.0 * area / ((edges + inside) * np.pi / 4))
 
 
 def crop_to_ink(mask: np.ndarray) -> np.ndarray:
@@ -487,13 +488,46 @@ def normalize_stroke(mask: np.ndarray) -> np.ndarray:
     target = STROKE_WIDTH / scale  # MNIST's width expressed in this crop's pixels
     if width < 0.9 * target:
         radius = (target - width) / 2
-        distance = ndimage.distance_transform_edt(np.pad(~mask, int(radius) + 2, constant_values=True))
-        return crop_to_ink(distance <= radius)
+        return crop_to_ink(disk_filter(np.pad(mask, int(radius) + 2), radius, grow=True))
     if width > 1.1 * target:
         radius = min((width - target) / 2, 0.35 * width)  # never erode a stroke away
-        thinned = ndimage.distance_transform_edt(mask) > radius
+        thinned = disk_filter(mask, radius, grow=False)
         return crop_to_ink(thinned) if thinned.any() else mask
     return mask
+
+
+def disk_filter(mask: np.ndarray, radius: float, grow: bool) -> np.ndarray:
+    """Grow (dilate) or thin (erode) a mask by a disk: pixels within `radius` of ink, or all of whose pixels
+    within `radius` are ink (beyond the array counts as ink, so cropped strokes keep their ends).
+
+    The same pixels as thresholding a distance transform, at a fraction of the cost: the disk is a stack of
+    centred rows, so it is one 1-D max (min) filter per distinct row width, shifted up and down and combined.
+    """
+    disk = _disk(radius)
+    r, height = len(disk) // 2, len(mask)
+    one_d = ndimage.maximum_filter1d if grow else ndimage.minimum_filter1d
+    out = np.zeros_like(mask) if grow else np.ones_like(mask)
+    by_width: dict[int, np.ndarray] = {}
+    for i, row in enumerate(disk):
+        half = int(row.sum()) // 2
+        if half not in by_width:
+            by_width[half] = one_d(mask, 2 * half + 1, axis=1, mode="constant", cval=0 if grow else 1)
+        rows, shift = by_width[half], i - r  # the disk is symmetric, so the sign of the shift does not matter
+        if abs(shift) >= height:
+            continue  # the row lies wholly beyond the array
+        target, source = (out[shift:], rows[: height - shift]) if shift >= 0 else (out[:shift], rows[-shift:])
+        if grow:
+            target |= source
+        else:
+            target &= source
+    return out
+
+
+def _disk(radius: float) -> np.ndarray:
+    """The pixels within `radius` of the center, as distance_transform_edt() measures distance."""
+    r = int(radius)
+    rows, cols = np.mgrid[-r : r + 1, -r : r + 1]
+    return np.sqrt((rows * rows + cols * cols).astype(np.float64)) <= radius
 
 
 def scale_to_box(mask: np.ndarray) -> np.ndarray:
@@ -514,8 +548,8 @@ def center_in_frame(glyph: np.ndarray) -> np.ndarray:
         return frame
     rows, cols = np.indices(glyph.shape)
     center_y, center_x = (glyph * rows).sum() / total, (glyph * cols).sum() / total
-    top = int(np.clip(round(FRAME / 2 - 0.5 - center_y), 0, FRAME - height))
-    left = int(np.clip(round(FRAME / 2 - 0.5 - center_x), 0, FRAME - width))
+    top = min(max(round(FRAME / 2 - 0.5 - center_y), 0), FRAME - height)
+    left = min(max(round(FRAME / 2 - 0.5 - center_x), 0), FRAME - width)
     frame[top : top + height, left : left + width] = glyph
     return frame
 
