@@ -530,3 +530,38 @@ def test_the_fast_path_reads_only_plain_single_file_forms(body, expected):
     assert simple_multipart_file(b"multipart/form-data; boundary=b", body) == expected
     assert simple_multipart_file(b'multipart/form-data; boundary="b"', body) == expected
     assert simple_multipart_file(b"application/json", body) is None
+
+
+def test_serve_runs_a_checkpoint_on_onnx_runtime_where_it_is_installed(tmp_path, monkeypatch):
+    """`serve`'s default backend: ONNX Runtime (same answers, half the CPU per batch), PyTorch without it."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import importlib.util
+
+    import torch
+
+    from digitrec.backends import OnnxBackend
+    from digitrec.checkpoint import save_model
+    from digitrec.models import create_model
+    from digitrec.predict import TorchBackend
+    from digitrec.server import load_for_serving
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.safetensors"
+    save_model(
+        checkpoint,
+        create_model("fast_cnn_lite").eval(),
+        {"recipe": "random", "config": {"arch": "fast_cnn_lite"}},
+    )
+    served, eager = load_for_serving(checkpoint), load_for_serving(checkpoint, "torch")
+    assert isinstance(served.backend, OnnxBackend) and isinstance(eager.backend, TorchBackend)
+    assert served.model is not None  # the torch model stays loaded for saliency maps
+    x = torch.rand(16, 1, 28, 28)
+    assert np.abs(served.probabilities(x.numpy()) - eager.probabilities(x.numpy())).max() < 1e-4
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a)
+    )
+    assert isinstance(load_for_serving(checkpoint).backend, TorchBackend)

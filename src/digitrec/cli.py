@@ -721,9 +721,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument(
         "--backend",
-        choices=["torch", "onnx"],
-        default="torch",
-        help="run the model on PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies onnx)",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="run the model on PyTorch or ONNX Runtime (exported once and cached; an .onnx --model implies onnx); "
+        "default auto: ONNX Runtime where it is installed, else PyTorch",
     )
     p.add_argument(
         "--header-timeout",

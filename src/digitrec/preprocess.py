@@ -20,6 +20,7 @@ Only `ImageError` leaves this module for bad input; a page with no ink gives an 
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -373,12 +374,18 @@ def flatten_uniform(gray: np.ndarray, paper: float, dark_ink: bool) -> np.ndarra
     return np.clip(contrast, 0.0, 1.0, out=contrast)
 
 
+@functools.cache
+def _histogram_bins(bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(edges, centers) of `bins` equal bins over [0, 1]."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return edges, (edges[:-1] + edges[1:]) / 2
+
+
 def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     """Otsu's threshold on values in [0, 1]: the cut that maximizes the between-class variance."""
     index = np.multiply(values, bins, dtype=np.float32).astype(np.intp).ravel()
     hist = np.bincount(np.minimum(index, bins - 1, out=index), minlength=bins)[:bins].astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    centers = (edges[:-1] + edges[1:]) / 2
+    edges, centers = _histogram_bins(bins)
     weight_low = np.cumsum(hist)
     weight_high = weight_low[-1] - weight_low
     mass_low = np.cumsum(hist * centers)
@@ -525,9 +532,8 @@ def disk_filter(mask: np.ndarray, radius: float, grow: bool) -> np.ndarray:
 
 def _disk(radius: float) -> np.ndarray:
     """The pixels within `radius` of the center, as distance_transform_edt() measures distance."""
-    r = int(radius)
-    rows, cols = np.mgrid[-r : r + 1, -r : r + 1]
-    return np.sqrt((rows * rows + cols * cols).astype(np.float64)) <= radius
+    squares = np.arange(-int(radius), int(radius) + 1, dtype=np.float64) ** 2
+    return np.sqrt(squares[:, None] + squares[None, :]) <= radius
 
 
 def scale_to_box(mask: np.ndarray) -> np.ndarray:
