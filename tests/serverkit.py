@@ -89,8 +89,10 @@ class FakePredictor:
             out.append(FakePrediction(None if rejected else best, p[best], p, top, rejected))
         return out
 
-    def read(self, image: Image.Image) -> FakeReadResult:
-        width, height = image.size
+    def read(self, image: bytes) -> FakeReadResult:
+        from digitrec.preprocess import open_image
+
+        width, height = open_image(image).size  # bad images raise the ImageError the real read() raises
         return FakeReadResult(
             "42",
             [

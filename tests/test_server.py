@@ -12,7 +12,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from serverkit import FakePredictor, digit_png, keep_grad_mode, live_server  # noqa: F401 (autouse fixture)
 
 pytest.importorskip("fastapi")
@@ -565,3 +565,22 @@ def test_serve_runs_a_checkpoint_on_onnx_runtime_where_it_is_installed(tmp_path,
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a)
     )
     assert isinstance(load_for_serving(checkpoint).backend, TorchBackend)
+
+
+def test_a_phone_photo_upload_gets_the_answer_the_cli_gives_for_the_same_file(tmp_path):
+    """The server hands the uploaded bytes to preprocess() as the CLI hands a file: same decoding, same answer."""
+    from digitrec.predict import Predictor, pretrained_path
+
+    if not pretrained_path().exists():
+        pytest.skip("needs the bundled model")
+    image = Image.new("RGB", (3000, 2250), (228, 224, 212))
+    ImageDraw.Draw(image).line([(1100, 600), (1900, 600), (1400, 1700)], fill=(25, 30, 80), width=70)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=88)
+    photo = buffer.getvalue()
+    predictor = Predictor.pretrained()
+    with TestClient(create_app(predictor, feedback_db=tmp_path / "f.sqlite")) as client:
+        body = client.post("/api/predict", files=upload(photo, "photo.jpg", "image/jpeg")).json()
+    (cli,) = predictor.predict(photo)
+    assert body["digit"] == cli.digit == 7
+    assert body["probabilities"] == pytest.approx(cli.probabilities, abs=1e-6)

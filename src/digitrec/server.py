@@ -192,14 +192,14 @@ def simple_multipart_file(content_type: bytes, body: bytes) -> bytes | None:
     return body[head_end + 4 : end]
 
 
-def open_image(data: bytes):
-    """Decode uploaded bytes with preprocess.open_image (as the CLI does), refusing over 40 megapixels first.
+def checked_upload(data: bytes) -> bytes:
+    """The uploaded bytes, once they are known not to be empty or over 40 megapixels.
 
-    The pixel count comes from the header alone, so a huge image is refused before it is decoded.
+    The pixel count comes from the header alone, so a huge image is refused before it is decoded; preprocess()
+    and read() then decode the bytes as the CLI decodes a file (a phone photo's JPEG at a reduced scale, its
+    luma only: 7 ms instead of 60 ms for 12 megapixels).
     """
     from PIL import Image
-
-    from .preprocess import open_image as decode
 
     if not data:
         raise ImageError("the image is empty; " + IMAGE_HINT + ".")
@@ -210,14 +210,14 @@ def open_image(data: bytes):
             f"the image has far more than the {MAX_PIXELS // 1_000_000} megapixels we accept; scale it down and "
             "send it again."
         ) from None
-    except Exception:  # noqa: BLE001 - not an image at all: decode() below says so in its own words
+    except Exception:  # noqa: BLE001 - not an image at all: preprocess() says so in its own words
         width = height = 0
     if width * height > MAX_PIXELS:
         raise ImageTooLargeError(
             f"the image is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than the "
             f"{MAX_PIXELS // 1_000_000} megapixels we accept; scale it down and send it again."
         )
-    return decode(data)
+    return data
 
 
 def _prediction_dict(prediction: Any) -> dict[str, Any]:
@@ -381,7 +381,7 @@ def to_model_input(data: bytes) -> np.ndarray:
     """Uploaded bytes -> the 28x28 float32 image the model sees (module level, so worker processes can run it)."""
     from .preprocess import preprocess
 
-    return np.asarray(preprocess(open_image(data)), dtype=np.float32).reshape(28, 28)
+    return np.asarray(preprocess(checked_upload(data)), dtype=np.float32).reshape(28, 28)
 
 
 def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
@@ -747,7 +747,7 @@ def create_app(
         data, _ = await read_upload(request)
 
         def work():
-            return predictor.read(open_image(data))
+            return predictor.read(checked_upload(data))
 
         result = await asyncio.get_running_loop().run_in_executor(io_pool, work)
         counters["read"] += 1
