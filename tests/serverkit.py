@@ -74,6 +74,11 @@ class FakePredictor:
             linear.weight[7] = 0.1
         self.model = nn.Sequential(nn.Flatten(), linear).eval()
 
+    def backend(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for float32 (N, 1, 28, 28), as every Predictor backend gives them (saliency maps use it)."""
+        with torch.no_grad():
+            return self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
+
     def predict_tensor(self, batch: torch.Tensor) -> list[FakePrediction]:
         assert batch.shape[1:] == (1, 28, 28) and batch.dtype == torch.float32
         self.batch_sizes.append(len(batch))

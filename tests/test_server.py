@@ -556,7 +556,6 @@ def test_serve_runs_a_checkpoint_on_onnx_runtime_where_it_is_installed(tmp_path,
     )
     served, eager = load_for_serving(checkpoint), load_for_serving(checkpoint, "torch")
     assert isinstance(served.backend, OnnxBackend) and isinstance(eager.backend, TorchBackend)
-    assert served.model is not None  # the torch model stays loaded for saliency maps
     x = torch.rand(16, 1, 28, 28)
     assert np.abs(served.probabilities(x.numpy()) - eager.probabilities(x.numpy())).max() < 1e-4
 
@@ -584,3 +583,29 @@ def test_a_phone_photo_upload_gets_the_answer_the_cli_gives_for_the_same_file(tm
     (cli,) = predictor.predict(photo)
     assert body["digit"] == cli.digit == 7
     assert body["probabilities"] == pytest.approx(cli.probabilities, abs=1e-6)
+
+
+def test_an_exported_onnx_model_still_shows_saliency_maps(tmp_path):
+    """Occlusion saliency needs only forward passes, so a server of an .onnx file (no PyTorch module) shows it."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from digitrec.checkpoint import save_model
+    from digitrec.export import export_onnx
+    from digitrec.models import create_model
+    from digitrec.predict import Predictor
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.safetensors"
+    save_model(
+        checkpoint,
+        create_model("fast_cnn_lite").eval(),
+        {"recipe": "random", "config": {"arch": "fast_cnn_lite"}},
+    )
+    export_onnx(checkpoint, tmp_path / "model.onnx")
+    predictor = Predictor.load(tmp_path / "model.onnx")
+    assert predictor.model is None
+    with TestClient(create_app(predictor, feedback_db=tmp_path / "f.sqlite")) as client:
+        body = client.post("/api/predict?explain=true", files=upload(digit_png())).json()
+    saliency = np.array(body["saliency"])
+    assert saliency.shape == (28, 28) and np.abs(saliency).max() == pytest.approx(1.0)

@@ -124,7 +124,7 @@ class Predictor:
         file from `digitrec export`. backend="onnx" runs a checkpoint on ONNX Runtime (exported once, cached);
         "numpy" runs a checkpoint of an architecture in backends.NUMPY_ARCHS (the bundled model's among them)
         without torch, with the same probabilities to ~1e-5; "auto" is "numpy" where it can and "torch"
-        elsewhere. Only "torch" sets `model` (for saliency)."""
+        elsewhere. A checkpoint also sets `model`, its PyTorch module; an `.onnx` file does not."""
         from .checkpoint import load_model
 
         path = Path(path)

@@ -722,16 +722,13 @@ def create_app(
         counters["rejected"] += bool(prediction.rejected)
         result = _prediction_dict(prediction)
         result["input"] = np.round(pixels, 3).tolist()
-        if getattr(predictor, "model", None) is not None:  # an ONNX/int8 backend has no gradients to show
-            from .explain import occlusion_saliency
+        from .explain import occlusion_saliency
 
-            target = (
-                result["digit"] if result["digit"] is not None else int(np.argmax(result["probabilities"]))
-            )
-            saliency = await asyncio.get_running_loop().run_in_executor(
-                model_pool, occlusion_saliency, predictor.model, pixels, target
-            )
-            result["saliency"] = np.round(saliency, 3).tolist()
+        target = result["digit"] if result["digit"] is not None else int(np.argmax(result["probabilities"]))
+        saliency = await asyncio.get_running_loop().run_in_executor(
+            model_pool, occlusion_saliency, predictor.backend, pixels, target
+        )
+        result["saliency"] = np.round(saliency, 3).tolist()
         return result
 
     @app.post(
@@ -899,7 +896,7 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
     on one thread, and a server's CPU is what its throughput is made of."""
     import importlib.util
 
-    from .predict import Predictor
+    from .predict import Predictor, pretrained_path
 
     def load(kind: str) -> Any:
         return Predictor.load(model, backend=kind) if model else Predictor.pretrained(backend=kind)
@@ -911,6 +908,10 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
     ):
         return load("torch")
     try:
+        from .export import cached_onnx
+
+        # the first start exports the checkpoint (a few seconds); say so rather than seem to hang
+        cached_onnx(model or pretrained_path(), log=lambda message: print(f"digitrec: {message}", flush=True))
         return load("onnx")
     except (DigitrecError, RuntimeError, ImportError) as exc:  # an export this torch cannot make
         print(f"digitrec: serving on PyTorch ({exc})", flush=True)
