@@ -559,6 +559,11 @@ def test_serve_runs_a_checkpoint_on_onnx_runtime_where_it_is_installed(tmp_path,
     x = torch.rand(16, 1, 28, 28)
     assert np.abs(served.probabilities(x.numpy()) - eager.probabilities(x.numpy())).max() < 1e-4
 
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked / "cache"))  # nowhere to keep an export: PyTorch serves
+    assert isinstance(load_for_serving(tmp_path / "model.safetensors").backend, TorchBackend)
+
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a)

@@ -913,7 +913,12 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
         # the first start exports the checkpoint (a few seconds); say so rather than seem to hang
         cached_onnx(model or pretrained_path(), log=lambda message: print(f"digitrec: {message}", flush=True))
         return load("onnx")
-    except (DigitrecError, RuntimeError, ImportError) as exc:  # an export this torch cannot make
+    except (
+        DigitrecError,
+        RuntimeError,
+        ImportError,
+        OSError,
+    ) as exc:  # no export here, or no cache to keep it
         print(f"digitrec: serving on PyTorch ({exc})", flush=True)
         return load("torch")
 
