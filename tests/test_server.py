@@ -532,6 +532,20 @@ def test_the_fast_path_reads_only_plain_single_file_forms(body, expected):
     assert simple_multipart_file(b"application/json", body) is None
 
 
+def random_checkpoint(path):
+    """A seeded, untrained fast_cnn_lite checkpoint at `path` (its answers do not matter, only that it loads)."""
+    import torch
+
+    from digitrec.checkpoint import save_model
+    from digitrec.models import create_model
+
+    torch.manual_seed(0)
+    save_model(
+        path, create_model("fast_cnn_lite").eval(), {"recipe": "random", "config": {"arch": "fast_cnn_lite"}}
+    )
+    return path
+
+
 def test_serve_runs_a_checkpoint_on_onnx_runtime_where_it_is_installed(tmp_path, monkeypatch):
     """`serve`'s default backend: ONNX Runtime (same answers, half the CPU per batch), PyTorch without it."""
     pytest.importorskip("onnxruntime")
@@ -541,19 +555,11 @@ def test_serve_runs_a_checkpoint_on_onnx_runtime_where_it_is_installed(tmp_path,
     import torch
 
     from digitrec.backends import OnnxBackend
-    from digitrec.checkpoint import save_model
-    from digitrec.models import create_model
     from digitrec.predict import TorchBackend
     from digitrec.server import load_for_serving
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "model.safetensors"
-    save_model(
-        checkpoint,
-        create_model("fast_cnn_lite").eval(),
-        {"recipe": "random", "config": {"arch": "fast_cnn_lite"}},
-    )
+    checkpoint = random_checkpoint(tmp_path / "model.safetensors")
     served, eager = load_for_serving(checkpoint), load_for_serving(checkpoint, "torch")
     assert isinstance(served.backend, OnnxBackend) and isinstance(eager.backend, TorchBackend)
     x = torch.rand(16, 1, 28, 28)
@@ -562,7 +568,7 @@ def test_serve_runs_a_checkpoint_on_onnx_runtime_where_it_is_installed(tmp_path,
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked / "cache"))  # nowhere to keep an export: PyTorch serves
-    assert isinstance(load_for_serving(tmp_path / "model.safetensors").backend, TorchBackend)
+    assert isinstance(load_for_serving(checkpoint).backend, TorchBackend)
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -593,20 +599,11 @@ def test_a_phone_photo_upload_gets_the_answer_the_cli_gives_for_the_same_file(tm
 def test_an_exported_onnx_model_still_shows_saliency_maps(tmp_path):
     """Occlusion saliency needs only forward passes, so a server of an .onnx file (no PyTorch module) shows it."""
     pytest.importorskip("onnxruntime")
-    import torch
 
-    from digitrec.checkpoint import save_model
     from digitrec.export import export_onnx
-    from digitrec.models import create_model
     from digitrec.predict import Predictor
 
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "model.safetensors"
-    save_model(
-        checkpoint,
-        create_model("fast_cnn_lite").eval(),
-        {"recipe": "random", "config": {"arch": "fast_cnn_lite"}},
-    )
+    checkpoint = random_checkpoint(tmp_path / "model.safetensors")
     export_onnx(checkpoint, tmp_path / "model.onnx")
     predictor = Predictor.load(tmp_path / "model.onnx")
     assert predictor.model is None

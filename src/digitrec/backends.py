@@ -19,6 +19,14 @@ INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 META_KEY = "digitrec"  # the ONNX metadata entry holding the source checkpoint's metadata as JSON
 
 
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities from logits (N, 10), at a calibration temperature; stable for any logit scale."""
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True):
     """An ONNX Runtime CPU session with every graph optimization on; `threads` 0 = one per core."""
     try:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backends import softmax
+
 CALIBRATION_SEED = 1  # the generated calibration sets; eval-real uses seed 0, so they never overlap
 # The target is under 1% of real digits rejected; a quarter of that is left as margin for digits unlike these sets.
 MAX_DIGIT_REJECTION = 0.0075
@@ -65,13 +67,6 @@ def choose_threshold(
     sets = digit_confidence if isinstance(digit_confidence, list) else [digit_confidence]
     cut = min(float(np.quantile(s, max_digit_rejection)) for s in sets)
     return round(max(0.0, min(cut, 0.99)), 4)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def calibrate(

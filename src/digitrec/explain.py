@@ -7,6 +7,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .backends import softmax
+
 Forward = Callable[[np.ndarray], np.ndarray]  # float32 (N, 1, 28, 28) in [0, 1] -> logits (N, 10)
 
 
@@ -33,9 +35,7 @@ def occlusion_saliency(
     """
     x = np.asarray(image, dtype=np.float32).reshape(1, 1, 28, 28)
     masks = _occluders(patch, stride)
-    logits = np.asarray(forward(np.concatenate([x, x * masks])), dtype=np.float64)
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities = (exp / exp.sum(axis=1, keepdims=True))[:, target]
+    probabilities = softmax(np.asarray(forward(np.concatenate([x, x * masks])), dtype=np.float64))[:, target]
     drops = (probabilities[0] - probabilities[1:]).reshape(-1, 1, 1, 1)
     hidden = 1 - masks
     heat = (drops * hidden).sum(axis=0) / np.maximum(hidden.sum(axis=0), 1)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, onnx_session
+from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, onnx_session, softmax
 from .checkpoint import atomic_write_bytes
 from .errors import DigitrecError
 
@@ -130,12 +130,6 @@ def run_session(session, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarr
         for i in range(0, len(pixels), batch_size)
     ]
     return np.concatenate(outputs) if outputs else np.zeros((0, 10), np.float32)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 # ---------------------------------------------------------------- export

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .backends import softmax
 from .errors import CheckpointError, DigitrecError, ImageError
 
 if TYPE_CHECKING:
@@ -180,10 +181,7 @@ class Predictor:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities (N, 10) for preprocessed float32 input (N, 1, 28, 28)."""
-        logits = self.backend(batch) / self.temperature
-        logits = logits - logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits)
-        return exp / exp.sum(axis=1, keepdims=True)
+        return softmax(self.backend(batch), self.temperature)
 
     def predict_tensor(self, batch: torch.Tensor | np.ndarray, top_k: int = 3) -> list[Prediction]:
         """Predictions for an already preprocessed batch (N, 1, 28, 28) in [0, 1], white on black."""
