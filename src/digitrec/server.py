@@ -919,7 +919,11 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
         ImportError,
         OSError,
     ) as exc:  # no export here, or no cache to keep it
-        print(f"digitrec: serving on PyTorch ({exc})", flush=True)
+        print(
+            f"digitrec: serving on PyTorch, because the ONNX export could not be made or cached ({exc}); "
+            "pass --backend torch to skip trying.",
+            flush=True,
+        )
         return load("torch")
 
 
