@@ -242,6 +242,9 @@ def main() -> int:
         "payload_bytes": round(sum(map(len, pngs)) / len(pngs)),
         "load_average": round(os.getloadavg()[0], 1),
         "preprocess_per_s_one_core": round(ceiling, 1),
+        # full (generation 2) garbage collections in the server process during the measured requests
+        "gc_full_collections": stats.get("gc", {}).get("collections", [0, 0, 0])[2]
+        - before.get("gc", {}).get("collections", [0, 0, 0])[2],
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -260,7 +263,8 @@ def main() -> int:
         print(
             f"side by side: preprocess() alone runs {result['preprocess_per_s_one_core']}/s on one core here, so the "
             f"server reaches {result['requests_per_s'] / ceiling:.2f}x one core's preprocessing; load average "
-            f"{result['load_average']} (other jobs on this machine slow both)"
+            f"{result['load_average']} (other jobs on this machine slow both); full garbage collections in the "
+            f"server during the run: {result['gc_full_collections']}"
         )
         for error in errors[:5]:
             print("  error:", error)

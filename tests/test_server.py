@@ -611,3 +611,27 @@ def test_an_exported_onnx_model_still_shows_saliency_maps(tmp_path):
         body = client.post("/api/predict?explain=true", files=upload(digit_png())).json()
     saliency = np.array(body["saliency"])
     assert saliency.shape == (28, 28) and np.abs(saliency).max() == pytest.approx(1.0)
+
+
+def test_serve_and_its_image_workers_keep_start_up_objects_out_of_the_garbage_collector(
+    monkeypatch, predictor, db_path
+):
+    """A full collection over the ~190,000 objects torch and FastAPI leave would stop every request for a while."""
+    import gc
+
+    import torch
+    import uvicorn
+
+    from digitrec import server
+
+    frozen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: frozen.update(server=gc.get_freeze_count()))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # serve's one thread would slow later tests
+    try:
+        server.serve(backend="torch")
+    finally:
+        gc.unfreeze()
+    assert frozen["server"] > 10_000
+    with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as c:
+        assert c.app.state.image_workers.pool.submit(gc.get_freeze_count).result(timeout=60) > 1_000
+        assert c.get("/api/stats").json()["gc"]["frozen_objects"] == gc.get_freeze_count() == 0

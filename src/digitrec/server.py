@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import gc
 import io
 import json
 import logging
@@ -395,9 +396,29 @@ def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
     return out
 
 
-def _import_preprocess() -> None:
-    """Run once in each worker process at start-up, so the first request does not pay for the imports."""
+def _start_worker() -> None:
+    """Run once in each worker process as it starts, so the first request does not pay for the imports."""
     from . import preprocess  # noqa: F401
+
+    freeze_heap()
+
+
+def _worker_pid() -> int:
+    return os.getpid()
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (modules, the model, the app) out of the garbage collector's reach.
+
+    A full collection walks every tracked object: in the server process, with torch, FastAPI and ONNX Runtime
+    loaded, that is about 200,000 objects and 110 ms with the event loop stopped (measured here), which every
+    request in flight then waits for. Objects created at start-up live as long as the process, so scanning them
+    finds nothing (the `gc.freeze()` recipe of the Python docs); what requests allocate is still collected.
+    Steady load seldom triggers a full collection (none in 20,000 load-benchmark requests), so this removes a
+    rare 110 ms stall rather than raising throughput. `serve()` and each image worker call it, `create_app()` does not: a test process keeps collecting its garbage.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class ImageWorkers:
@@ -429,14 +450,12 @@ class ImageWorkers:
         self.rebuilds = 0
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.processes, mp_context=self.context)
+        return ProcessPoolExecutor(self.processes, mp_context=self.context, initializer=_start_worker)
 
     async def start(self) -> None:
         """Start the workers now (spawn imports NumPy, Pillow and SciPy), not on the first user's request."""
         loop = asyncio.get_running_loop()
-        await asyncio.gather(
-            *(loop.run_in_executor(self.pool, _import_preprocess) for _ in range(self.processes))
-        )
+        await asyncio.gather(*(loop.run_in_executor(self.pool, _worker_pid) for _ in range(self.processes)))
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -839,6 +858,11 @@ def create_app(
                 "chunks": workers.chunks if workers else 0,
                 "pool_rebuilds": workers.rebuilds if workers else 0,
             },
+            # this process's garbage collector: objects frozen at start-up, collections per generation since
+            "gc": {
+                "frozen_objects": gc.get_freeze_count(),
+                "collections": [generation["collections"] for generation in gc.get_stats()],
+            },
             "feedback": {
                 "total": sum(by_label.values()),
                 "by_label": {str(k): v for k, v in by_label.items()},
@@ -953,6 +977,7 @@ def serve(
         f"digitrec: serving {predictor.name} {predictor.version} on {engine} at http://{host}:{port}/  (API docs: /docs)",
         flush=True,
     )
+    freeze_heap()
     # limit_concurrency bounds memory: each request may hold up to 5 MB; past it clients get 503 and retry.
     uvicorn.run(
         app,
