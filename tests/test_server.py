@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
+import os
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -635,3 +641,60 @@ def test_serve_and_its_image_workers_keep_start_up_objects_out_of_the_garbage_co
     with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as c:
         assert c.app.state.image_workers.pool.submit(gc.get_freeze_count).result(timeout=60) > 1_000
         assert c.get("/api/stats").json()["gc"]["frozen_objects"] == gc.get_freeze_count() == 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # it ended while we looked
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:  # a zombie has ended; in a container nobody may reap it
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_stopping_serve_stops_its_image_workers(tmp_path):
+    """uvicorn re-raises the SIGTERM it caught, so workers the app does not stop itself outlive the server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "digitrec", "serve", "--port", str(port), "--backend", "torch"]
+    command += ["--feedback-db", str(tmp_path / "feedback.sqlite")]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "digitrec serve did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        children = _children(server.pid)
+        assert len(children) >= 2  # the image workers (one per core) and multiprocessing's resource tracker
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(map(_running, children)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if _running(pid)]
+    finally:
+        if server.poll() is None:
+            server.kill()
+        for pid in children:  # leave no strays behind when the assertion fails
+            with contextlib.suppress(OSError):
+                if (
+                    _running(pid)
+                    and b"multiprocessing" in (Path("/proc") / str(pid) / "cmdline").read_bytes()
+                ):
+                    os.kill(pid, signal.SIGKILL)

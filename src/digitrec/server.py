@@ -458,7 +458,13 @@ class ImageWorkers:
         await asyncio.gather(*(loop.run_in_executor(self.pool, _worker_pid) for _ in range(self.processes)))
 
     def shutdown(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the workers before the server process ends (each finishes at most the chunk it holds).
+
+        uvicorn re-raises the SIGTERM or SIGINT it caught once the app has shut down, so the process dies by the
+        signal and the interpreter's exit hooks, which would end the pool's workers, never run: without waiting
+        here every stopped server left its workers running.
+        """
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     async def __call__(self, data: bytes) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
