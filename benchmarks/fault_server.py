@@ -239,6 +239,33 @@ def peak_memory_mb(pid: int) -> float:
     return float("nan")
 
 
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the server's image workers and multiprocessing's tracker), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # it ended while we looked
+            continue
+    return found
+
+
+def still_running(pids: list[int], wait_s: float = 10.0) -> list[int]:
+    """Those of `pids` still running after up to `wait_s` seconds (a zombie has ended)."""
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + wait_s
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if running(pid)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint to serve (default: the bundled model)")
@@ -274,6 +301,7 @@ def main() -> int:
         )
 
     rng = random.Random(0)
+    children: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
         server, port = start_server(
             args.model,
@@ -303,9 +331,11 @@ def main() -> int:
             huge = {chunked: asyncio.run(huge_body(port, chunked)) for chunked in (False, True)}
             alive = asyncio.run(_one(port, multipart_request(HOST, port, pngs[0])))[0] == 200
             memory_mb = peak_memory_mb(server.pid)
+            children = child_processes(server.pid)
         finally:
             server.terminate()
             server.wait(timeout=30)
+    strays = still_running(children)
 
     rows = table(outcomes)
     extras = [
@@ -339,6 +369,7 @@ def main() -> int:
         "no 5xx": all_5xx == 0 and all((row[2] or 0) < 500 for row in extras),
         f"server peak memory under {MEMORY_LIMIT_MB} MB": memory_mb < MEMORY_LIMIT_MB,
         "server still answers afterwards": alive,
+        f"its {len(children)} child processes stop with it (SIGTERM)": bool(children) and not strays,
         f"slow clients cut off within the {args.header_timeout:g} s header timeout": slow["closed_by_server"]
         == args.slow
         and slow["held_s"] <= args.header_timeout + 1.0,

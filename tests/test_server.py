@@ -643,27 +643,23 @@ def test_serve_and_its_image_workers_keep_start_up_objects_out_of_the_garbage_co
         assert c.get("/api/stats").json()["gc"]["frozen_objects"] == gc.get_freeze_count() == 0
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):  # it ended while we looked
-            continue
-    return found
+def _fault_benchmark():
+    """benchmarks/fault_server.py, whose /proc helpers find a server's child processes."""
+    import importlib.util
 
-
-def _running(pid: int) -> bool:
-    try:  # a zombie has ended; in a container nobody may reap it
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    path = Path(__file__).parents[1] / "benchmarks" / "fault_server.py"
+    spec = importlib.util.spec_from_file_location("fault_server", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fault_server"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
 def test_stopping_serve_stops_its_image_workers(tmp_path):
     """uvicorn re-raises the SIGTERM it caught, so workers the app does not stop itself outlive the server."""
+    fault = _fault_benchmark()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -680,21 +676,15 @@ def test_stopping_serve_stops_its_image_workers(tmp_path):
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        children = _children(server.pid)
+        children = fault.child_processes(server.pid)
         assert len(children) >= 2  # the image workers (one per core) and multiprocessing's resource tracker
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while any(map(_running, children)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [pid for pid in children if _running(pid)]
+        assert not fault.still_running(children, wait_s=10)
     finally:
         if server.poll() is None:
             server.kill()
-        for pid in children:  # leave no strays behind when the assertion fails
+        for pid in fault.still_running(children, wait_s=0):  # leave no strays behind when it fails
             with contextlib.suppress(OSError):
-                if (
-                    _running(pid)
-                    and b"multiprocessing" in (Path("/proc") / str(pid) / "cmdline").read_bytes()
-                ):
+                if b"multiprocessing" in (Path("/proc") / str(pid) / "cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
