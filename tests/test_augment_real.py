@@ -14,7 +14,6 @@ from digitrec.augment_real import (
     make_negatives,
     outlier_loss,
     robust_augment,
-    with_neighbours,
 )
 from digitrec.config import RECIPES, TrainConfig
 from digitrec.realworld import LETTER_STROKES
@@ -58,24 +57,6 @@ def test_digit_pairs_are_wide_ink_in_the_20px_box_and_seeded():
     assert widths.max() <= 21 and heights.max() <= 21  # scaled into MNIST's 20 px box
     assert widths.min() >= 9  # never one bar on top of another: that would be a 1, not a negative
     assert (widths > heights).float().mean() > 0.2  # whole pairs of rings are wider than tall
-
-
-def test_with_neighbours_adds_only_a_sliver_of_a_neighbour_and_is_seeded():
-    x = _digits(64)
-    a = with_neighbours(x, 0.5, torch.Generator().manual_seed(0))
-    assert torch.equal(a, with_neighbours(x, 0.5, torch.Generator().manual_seed(0)))
-    assert torch.equal(with_neighbours(x, 0.0, torch.Generator().manual_seed(0)), x)
-    changed = (a != x).flatten(1).any(1)
-    assert 16 <= int(changed.sum()) <= 48  # about half the batch
-    ink = a[changed, 0] > 0.1
-    cols = ink.any(1)
-    widths = torch.tensor([int(torch.nonzero(c)[-1] - torch.nonzero(c)[0] + 1) for c in cols])
-    assert widths.max() <= 21 and ink.any(2).sum(1).max() <= 21  # scaled into MNIST's 20 px box
-    heights = ink.any(2).sum(1)
-    rings = ~x[changed, 0, 14, 13:16].any(1)  # the rings (a bar covers the middle column)
-    # a ring (14 px wide, 20 tall) stays taller than wide: a sliver of a neighbour, never half a pair
-    assert rings.any() and (widths[rings] < heights[rings]).all()
-    assert a.min() >= 0 and torch.allclose(a[changed].flatten(1).amax(1), torch.tensor(1.0))
 
 
 def test_make_negatives_mixes_pairs_and_the_bank(small_bank):

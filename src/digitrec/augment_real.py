@@ -240,67 +240,6 @@ def digit_pairs(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Te
     return (out / peak).clamp(0, 1)
 
 
-def _fit_box(line: torch.Tensor) -> torch.Tensor:
-    """A (H, W) crop of ink scaled into the 20 px box and centred in 28x28, as preprocess() makes a digit."""
-    rows, cols = torch.nonzero(line.amax(1) > 0.1).flatten(), torch.nonzero(line.amax(0) > 0.1).flatten()
-    out = torch.zeros(28, 28, dtype=line.dtype, device=line.device)
-    if len(rows) == 0:
-        return out
-    line = line[int(rows[0]) : int(rows[-1]) + 1, int(cols[0]) : int(cols[-1]) + 1]
-    h, w = line.shape
-    scale = 20 / max(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    top, left = (28 - size[0]) // 2, (28 - size[1]) // 2
-    glyph = F.interpolate(line[None, None], size=size, mode="area")[0, 0]
-    out[top : top + size[0], left : left + size[1]] = glyph
-    return out
-
-
-def with_neighbours(x: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
-    """Give `share` of the batch's digits a touching neighbour, cut off the way `digitrec read` cuts a line.
-
-    A random other digit of the batch overlaps the digit on its left or right by up to a third of the narrower
-    one's width, and a leaning straight cut through the overlap separates them: the digit keeps a sliver of its
-    neighbour (at most an eighth of the neighbour's width, a quarter of its own) and may lose a sliver of its own. Labels stay those of
-    the digits; digit_pairs() makes the bad cuts (a third or more of the neighbour) that must read as non-digits.
-    Drawn from `generator` only, so runs stay reproducible.
-    """
-    n = len(x)
-    g = generator
-    chosen = torch.nonzero(torch.rand(n, generator=g, device=g.device) < share).flatten().tolist()
-    if not chosen:
-        return x
-    partners = torch.randint(n, (len(chosen),), generator=g, device=g.device).tolist()
-    draws = torch.rand(len(chosen), 4, generator=g, device=g.device).tolist()
-    out = x.clone()
-    rows = torch.arange(28, device=x.device, dtype=torch.float32)[:, None] - 13.5
-    for k, i in enumerate(chosen):
-        a, b = x[i, 0], x[partners[k], 0]
-        cols_a, cols_b = torch.nonzero(a.amax(0) > 0.1).flatten(), torch.nonzero(b.amax(0) > 0.1).flatten()
-        if len(cols_a) == 0 or len(cols_b) == 0 or partners[k] == i:
-            continue
-        a = a[:, int(cols_a[0]) : int(cols_a[-1]) + 1]
-        b = b[:, int(cols_b[0]) : int(cols_b[-1]) + 1]
-        overlap, kept, lean, left = draws[k]
-        if left < 0.5:  # the neighbour on the left: mirror, build it on the right, mirror back
-            a, b = a.flip(1), b.flip(1)
-        wa, wb = a.shape[1], b.shape[1]
-        start_b = wa - int(round(overlap * min(wa, wb) / 3))
-        width = max(wa, start_b + wb)
-        line = torch.zeros(28, width, dtype=x.dtype, device=x.device)
-        line[:, :wa] = a
-        line[:, start_b : start_b + wb] = torch.maximum(line[:, start_b : start_b + wb], b)
-        sliver = kept * min(0.12 * wb, 0.25 * wa)  # of the neighbour, at the middle row
-        cut = start_b + sliver + (lean - 0.5) * 0.3 * rows  # column per row; left of it stays
-        line = line * (torch.arange(width, device=x.device)[None, :] < cut).to(x.dtype)
-        if left < 0.5:
-            line = line.flip(1)
-        out[i, 0] = _fit_box(line)
-    peak = out[chosen].amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
-    out[chosen] = (out[chosen] / peak).clamp(0, 1)
-    return out
-
-
 def make_negatives(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     """`n` non-digits (n, 1, 28, 28) for outlier exposure: PAIR_SHARE digit pairs from batch `x`, the rest the bank."""
     pairs = int(round(PAIR_SHARE * n))

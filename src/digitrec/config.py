@@ -44,8 +44,6 @@ class TrainConfig:
     augment: str = "none"
     # Outlier exposure: this many non-digits per digit join each training batch (augment_real.py); 0 = off.
     negatives: float = 0.0
-    # This share of each batch's digits gets a touching neighbour's sliver, cut as `read` cuts (augment_real.py).
-    touching: float = 0.0
     val_size: int = 5000
     seed: int = 0
     early_stopping_patience: int = 0  # epochs without a better validation accuracy before stopping; 0 = off
@@ -89,7 +87,6 @@ class TrainConfig:
             ),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.negatives >= 0, f"negatives must not be negative, got {self.negatives}"),
-            (0 <= self.touching <= 1, f"touching must be in [0, 1], got {self.touching}"),
             (self.val_size >= 0, f"validation size must not be negative, got {self.val_size}"),
             (
                 self.device in ("auto", "cpu", "cuda", "mps"),

@@ -183,10 +183,6 @@ def train_steps(
 
             x = torch.cat([x, make_negatives(x, outliers, aug_generator)])
         # -- end of outlier exposure
-        if config.touching:  # digits cut out of a line of touching digits keep a sliver of their neighbour
-            from .augment_real import with_neighbours
-
-            x = torch.cat([with_neighbours(x[: len(y)], config.touching, aug_generator), x[len(y) :]])
         x = augment_batch(x, config.augment, aug_generator)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
