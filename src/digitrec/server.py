@@ -415,7 +415,8 @@ def freeze_heap() -> None:
     request in flight then waits for. Objects created at start-up live as long as the process, so scanning them
     finds nothing (the `gc.freeze()` recipe of the Python docs); what requests allocate is still collected.
     Steady load seldom triggers a full collection (none in 20,000 load-benchmark requests), so this removes a
-    rare 110 ms stall rather than raising throughput. `serve()` and each image worker call it, `create_app()` does not: a test process keeps collecting its garbage.
+    rare 110 ms stall rather than raising throughput. `serve()` and each image worker call it, `create_app()`
+    does not: a test process keeps collecting its garbage.
     """
     gc.collect()
     gc.freeze()
@@ -943,12 +944,8 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
         # the first start exports the checkpoint (a few seconds); say so rather than seem to hang
         cached_onnx(model or pretrained_path(), log=lambda message: print(f"digitrec: {message}", flush=True))
         return load("onnx")
-    except (
-        DigitrecError,
-        RuntimeError,
-        ImportError,
-        OSError,
-    ) as exc:  # no export here, or no cache to keep it
+    # no export here, or no cache to keep it
+    except (DigitrecError, RuntimeError, ImportError, OSError) as exc:
         print(
             f"digitrec: serving on PyTorch, because the ONNX export could not be made or cached ({exc}); "
             "pass --backend torch to skip trying.",
