@@ -104,7 +104,9 @@ def _train_seed(
     def on_epoch(model: nn.Module, row: dict[str, float]) -> bool:
         # The clock is stopped here: this evaluation is the benchmark's, not the recipe's.
         device = next(model.parameters()).device
-        logits = predict_logits(model, data.test_images.to(device), 1000, config.amp, config.channels_last)
+        logits = predict_logits(
+            model, data.test_images.to(device), 1000, config.amp, config.channels_last, config.tta_views
+        )
         accuracy = (logits.argmax(1).cpu() == test_labels).float().mean().item()
         checks.append((row["seconds"], accuracy))
         return stop_at_target and accuracy >= target

@@ -95,12 +95,14 @@ def calibrate(
     _, _, val_images, val_labels = split_validation(
         data.train_images, data.train_labels, config.val_size or 5000, seed=0
     )
-    val_logits = predict_logits(model, val_images)
+    val_logits = predict_logits(model, val_images, tta_views=config.tta_views)  # as the Predictor will score
     temperature = fit_temperature(val_logits, val_labels)
     val_probs_raw = softmax(val_logits.numpy())
     val_probs = softmax(val_logits.numpy(), temperature)
     labels = val_labels.numpy()
-    test_probs = softmax(predict_logits(model, data.test_images).numpy(), temperature)
+    test_probs = softmax(
+        predict_logits(model, data.test_images, tta_views=config.tta_views).numpy(), temperature
+    )
     ece_before = expected_calibration_error(val_probs_raw, labels)
     ece_after = expected_calibration_error(val_probs, labels)
     ece_test = expected_calibration_error(test_probs, data.test_labels.numpy())

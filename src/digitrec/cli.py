@@ -61,13 +61,16 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         print(json.dumps({name: config.to_dict() for name, config in RECIPES.items()}, indent=2))
         return 0
     print(
-        f"{'recipe':<18} {'arch':<20} {'optimizer':<9} {'schedule':<20} {'epochs':>6} {'batch':>5} {'normalize':<15} {'augment':<9} reported"
+        f"{'recipe':<18} {'arch':<20} {'optimizer':<9} {'schedule':<20} {'epochs':>6} {'batch':>5} "
+        f"{'normalize':<16} {'augment':<9} {'test-time':<9} reported"
     )
     for name, c in RECIPES.items():
         reported = f"{c.reported_accuracy:.2%}" if c.reported_accuracy else "-"
         norm = f"({c.normalize[0]:g}, {c.normalize[1]:g})"
+        test_time = f"{c.tta_views} views" if c.tta_views > 1 else "-"
         print(
-            f"{name:<18} {c.arch:<20} {c.optimizer:<9} {c.schedule:<20} {c.epochs:>6g} {c.batch_size:>5} {norm:<15} {c.augment:<9} {reported}"
+            f"{name:<18} {c.arch:<20} {c.optimizer:<9} {c.schedule:<20} {c.epochs:>6g} {c.batch_size:>5} "
+            f"{norm:<16} {c.augment:<9} {test_time:<9} {reported}"
         )
     return 0
 
@@ -86,6 +89,7 @@ TRAIN_OVERRIDES = (
     "weight_decay",
     "label_smoothing",
     "augment",
+    "tta_views",
     "val_size",
     "early_stopping_patience",
     "checkpoint_every_steps",
@@ -151,7 +155,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model, write_report
 
     model, meta = load_model(_model_path(args.model))
-    config = TrainConfig.from_dict(meta.get("config", {}))
+    config = TrainConfig.from_dict(meta.get("config", {})).override(tta_views=args.tta_views)
     data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
     if args.report:
         metrics = write_report(
@@ -649,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--augment", choices=["none", "rotate10", "affine", "robust"])
+    p.add_argument(
+        "--tta-views",
+        type=int,
+        choices=[1, 5, 9],
+        help="test-time augmentation: score each image in 1 (off), 5 or 9 one-pixel shifts and average",
+    )
     p.add_argument("--val-size", type=int, help="images held out of train for validation (default 5000)")
     p.add_argument(
         "--early-stopping-patience", type=int, help="epochs without validation improvement before stopping"
@@ -675,6 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run folder or model.safetensors")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--report", metavar="DIR", help="also write plots and report.html into DIR")
+    p.add_argument(
+        "--tta-views",
+        type=int,
+        choices=[1, 5, 9],
+        help="override the recipe's test-time augmentation (views)",
+    )
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_evaluate)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DigitrecError
+from .tta import SHIFTS as TTA_SHIFTS
 
 MNIST_MEAN_STD = (0.1307, 0.3081)
 HALF_MEAN_STD = (0.5, 0.5)
@@ -48,6 +49,8 @@ class TrainConfig:
     seed: int = 0
     early_stopping_patience: int = 0  # epochs without a better validation accuracy before stopping; 0 = off
     eval_batch_size: int = 1000
+    # Test-time augmentation (tta.py): 1 = off; 5 or 9 average the probabilities over 1-pixel shifts of the input.
+    tta_views: int = 1
     checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
     device: str = "auto"
     amp: bool = False  # bfloat16 autocast (CPU or CUDA)
@@ -88,6 +91,10 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.negatives >= 0, f"negatives must not be negative, got {self.negatives}"),
             (self.val_size >= 0, f"validation size must not be negative, got {self.val_size}"),
+            (
+                self.tta_views in TTA_SHIFTS,
+                f"tta_views must be one of {', '.join(map(str, TTA_SHIFTS))}, got {self.tta_views}",
+            ),
             (
                 self.device in ("auto", "cpu", "cuda", "mps"),
                 f"unknown device {self.device!r}; choose auto, cpu, cuda or mps",

@@ -99,7 +99,9 @@ def evaluate_model(
     from .training import predict_logits
 
     config = config or TrainConfig()
-    logits = predict_logits(model, data.test_images, config.eval_batch_size, config.amp, config.channels_last)
+    logits = predict_logits(
+        model, data.test_images, config.eval_batch_size, config.amp, config.channels_last, config.tta_views
+    )
     return compute_metrics(logits, data.test_labels, temperature), logits
 
 

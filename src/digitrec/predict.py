@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import tta
 from .backends import softmax
 from .errors import CheckpointError, DigitrecError, ImageError
 
@@ -117,6 +118,12 @@ class Predictor:
             or meta.get("versions", {}).get("digitrec", "")
         )
         self.temperature = float(meta.get("temperature", 1.0))
+        config = meta.get("config", {})
+        self.tta_views = int(config.get("tta_views", 1))  # the recipe's test-time augmentation (tta.py)
+        if self.tta_views not in tta.SHIFTS:
+            raise CheckpointError(
+                f"{name} asks for {self.tta_views} test-time views; digitrec knows 1, 5 and 9."
+            )
         self.reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
 
     @classmethod
@@ -181,7 +188,10 @@ class Predictor:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities (N, 10) for preprocessed float32 input (N, 1, 28, 28)."""
-        return softmax(self.backend(batch), self.temperature)
+        if self.tta_views == 1:
+            return softmax(self.backend(batch), self.temperature)
+        logits = self.backend(tta.shifted_views(np.asarray(batch, dtype=np.float32), self.tta_views))
+        return softmax(tta.mean_log_probabilities(logits, self.tta_views), self.temperature)
 
     def predict_tensor(self, batch: torch.Tensor | np.ndarray, top_k: int = 3) -> list[Prediction]:
         """Predictions for an already preprocessed batch (N, 1, 28, 28) in [0, 1], white on black."""

@@ -1,0 +1,37 @@
+"""Test-time augmentation: average a model's probabilities over copies of the input moved by one pixel.
+
+A recipe turns it on with `tta_views` (1 = off, 5 = the image and its four 1-pixel shifts, 9 = the 3x3 grid of
+shifts). Evaluation (`training.predict_logits`, so every reported test figure) and the Predictor (`predict`,
+`read`, `serve`, on any backend) both use it, and both return the log of the mean probability, so a calibration
+temperature means the same on either side. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SHIFTS: dict[int, tuple[tuple[int, int], ...]] = {
+    1: ((0, 0),),
+    5: ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)),
+    9: tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)),
+}
+
+
+def windows(views: int, height: int = 28, width: int = 28) -> list[tuple[slice, slice]]:
+    """For an input padded by one pixel on each side, the (rows, columns) window that moves it by each shift."""
+    return [(slice(1 - dy, 1 - dy + height), slice(1 - dx, 1 - dx + width)) for dy, dx in SHIFTS[views]]
+
+
+def shifted_views(batch: np.ndarray, views: int) -> np.ndarray:
+    """(N, 1, H, W) -> (views * N, 1, H, W), view-major: the batch moved by each shift, zeros moved in."""
+    padded = np.pad(batch, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    height, width = batch.shape[-2:]
+    return np.concatenate([padded[..., rows, cols] for rows, cols in windows(views, height, width)])
+
+
+def mean_log_probabilities(logits: np.ndarray, views: int) -> np.ndarray:
+    """Logits (views * N, 10) of view-major copies -> (N, 10) log of the mean softmax over the views."""
+    z = logits.reshape(views, -1, logits.shape[-1]).astype(np.float64)
+    z = z - z.max(axis=2, keepdims=True)
+    probabilities = np.exp(z) / np.exp(z).sum(axis=2, keepdims=True)
+    return np.log(probabilities.mean(axis=0)).astype(np.float32)

@@ -1,0 +1,73 @@
+"""Test-time augmentation: the shifted views, and evaluation and the Predictor agreeing on what they return."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from digitrec import tta
+from digitrec.checkpoint import save_model
+from digitrec.cli import main
+from digitrec.config import TrainConfig
+from digitrec.errors import DigitrecError
+from digitrec.models import create_model
+from digitrec.predict import Predictor
+from digitrec.training import predict_logits
+
+
+def test_each_view_moves_the_image_by_one_pixel_and_nothing_wraps_around():
+    image = np.zeros((1, 1, 28, 28), dtype=np.float32)
+    image[0, 0, 10, 20] = 1.0
+    image[0, 0, 0, 0] = 0.5  # at the corner: moving up or left pushes it out, not round to the other side
+    views = tta.shifted_views(image, 5)
+    assert views.shape == (5, 1, 28, 28)
+    for view, (dy, dx) in zip(views, tta.SHIFTS[5], strict=True):
+        assert view[0, 10 + dy, 20 + dx] == 1.0
+        assert view[0].sum() == (1.5 if (dy, dx) in ((0, 0), (1, 0), (0, 1)) else 1.0)
+    assert len(tta.shifted_views(image, 9)) == 9 and (tta.shifted_views(image, 1) == image).all()
+
+
+def test_one_view_is_the_plain_log_softmax():
+    logits = np.random.default_rng(0).normal(size=(6, 10)).astype(np.float32)
+    expected = torch.from_numpy(logits).log_softmax(1).numpy()
+    np.testing.assert_allclose(tta.mean_log_probabilities(logits, 1), expected, atol=1e-6)
+
+
+@pytest.fixture
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("fast_cnn_lite").eval()
+
+
+def test_evaluation_averages_the_probabilities_of_the_shifted_views(model):
+    images = torch.randint(0, 256, (7, 28, 28), dtype=torch.uint8)
+    pixels = images.unsqueeze(1).float().numpy() / 255
+    with torch.no_grad():
+        each = model(torch.from_numpy(tta.shifted_views(pixels, 9))).softmax(1).view(9, 7, 10)
+        plain = predict_logits(model, images, batch_size=3)
+        averaged = predict_logits(model, images, batch_size=3, tta_views=9)
+    torch.testing.assert_close(averaged.exp(), each.mean(0))
+    assert not torch.allclose(averaged, plain.log_softmax(1))  # the views did change the answer
+    torch.testing.assert_close(predict_logits(model, images, tta_views=1), plain)
+
+
+def test_the_predictor_scores_a_tta_checkpoint_as_its_evaluation_does(model, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_model(path, model, {"recipe": "test", "config": {"arch": "fast_cnn_lite", "tta_views": 5}})
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = predict_logits(model, images, tta_views=5).softmax(1).numpy()
+    predictor = Predictor.load(path)
+    assert predictor.tta_views == 5
+    np.testing.assert_allclose(
+        predictor.probabilities(images.unsqueeze(1).numpy() / 255), expected, atol=1e-5
+    )
+
+
+def test_unknown_view_counts_are_user_errors(capsys):
+    with pytest.raises(DigitrecError, match="tta_views must be one of 1, 5, 9, got 3"):
+        TrainConfig(tta_views=3)
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "fast", "--tta-views", "3"])
+    assert "invalid choice" in capsys.readouterr().err
