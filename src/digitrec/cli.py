@@ -977,13 +977,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` relaunches this command line
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader that left is caught below, not at the interpreter's exit
+        return code
     except DigitrecError as exc:
         print(f"digitrec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("digitrec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `digitrec evaluate ... | head`: the reader left, so stop writing, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush too
+        return 141  # 128 + SIGPIPE, as a shell reports a command its pipe ended
 
 
 if __name__ == "__main__":
