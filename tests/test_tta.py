@@ -71,3 +71,16 @@ def test_unknown_view_counts_are_user_errors(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--recipe", "fast", "--tta-views", "3"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_an_exported_tta_checkpoint_answers_as_the_checkpoint(model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from digitrec.export import export_onnx
+
+    path = tmp_path / "model.safetensors"
+    save_model(path, model, {"recipe": "test", "config": {"arch": "fast_cnn_lite", "tta_views": 9}})
+    assert export_onnx(path, tmp_path / "model.onnx", log=lambda msg: None).tta_views == 9
+    pixels = torch.randint(0, 256, (6, 1, 28, 28)).numpy().astype(np.float32) / 255
+    on_torch, on_onnx = Predictor.load(path), Predictor.load(tmp_path / "model.onnx")
+    assert on_onnx.tta_views == 9
+    np.testing.assert_allclose(on_onnx.probabilities(pixels), on_torch.probabilities(pixels), atol=1e-5)

@@ -446,6 +446,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"test accuracy: PyTorch {result.torch_accuracy:.2%}, ONNX Runtime {result.onnx_accuracy:.2%} (drop {drop:.2f} points)"
     )
+    if result.tta_views > 1:
+        print(
+            f"(one view each: the graph scores one image; digitrec's Predictor adds the recipe's {result.tta_views}-view "
+            "test-time augmentation on top, on ONNX Runtime as on PyTorch)"
+        )
     return 0
 
 

@@ -43,6 +43,7 @@ class ExportResult:
     parity_images: int
     torch_accuracy: float | None = None  # test accuracy of the checkpoint in PyTorch (float32)
     onnx_accuracy: float | None = None  # test accuracy of the exported model in ONNX Runtime
+    tta_views: int = 1  # the recipe's test-time augmentation, which the Predictor runs on top of the graph
 
 
 # ---------------------------------------------------------------- inference-only rewrites
@@ -278,7 +279,8 @@ def export_onnx(
         reference = torch.cat([model(pixels[i : i + 1000]) for i in range(0, len(pixels), 1000)]).numpy()
     exported = run_session(session, pixels.numpy())
     diff = float(np.abs(softmax(reference) - softmax(exported)).max())
-    result = ExportResult(out, precision, diff, len(pixels))
+    views = int(meta.get("config", {}).get("tta_views", 1))
+    result = ExportResult(out, precision, diff, len(pixels), tta_views=views)
     if test_labels is not None:
         labels = test_labels.numpy()
         result.torch_accuracy = float((reference.argmax(1) == labels).mean())
