@@ -21,6 +21,7 @@ from digitrec.preprocess import (
     load_gray,
     open_image,
     preprocess,
+    reopened,
     select_digit,
     stroke_width,
     threshold,
@@ -136,6 +137,36 @@ def test_disk_filter_grows_and_thins_as_a_distance_transform_would(height, width
     if not mask.all():  # the distance transform is undefined without a background pixel
         thinned = ndimage.distance_transform_edt(mask) > radius
         assert np.array_equal(disk_filter(mask, radius, grow=False), thinned)
+
+
+def holes(mask: np.ndarray) -> int:
+    """Enclosed pieces of paper: the loops of an 8 are two."""
+    from scipy import ndimage
+
+    return ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)[1]
+
+
+def blurred_eight(blur: float) -> np.ndarray:
+    """Ink strength of a bold 8 (two rings with small holes) in a soft photo."""
+    from scipy import ndimage
+
+    y, x = np.mgrid[:120, :80]
+    ink = np.zeros((120, 80), dtype=np.float32)
+    for cy in (38, 82):
+        ring = np.hypot(y - cy, x - 40)
+        ink[(ring > 6) & (ring < 20)] = 1.0
+    return ndimage.gaussian_filter(ink, blur)
+
+
+def test_a_bold_eight_whose_loops_the_threshold_fills_gets_them_back():
+    ink = blurred_eight(blur=5.0)
+    mask = threshold(ink)
+    assert holes(mask) == 0  # the threshold's halo closed both loops: a solid blob
+    assert holes(reopened(mask, ink)) == 2
+    sharp = blurred_eight(blur=1.0)
+    thin = threshold(sharp)
+    assert holes(thin) == 2 and (reopened(thin, sharp) == thin).all()  # loops already open: left alone
+    assert (reopened(mask, None) == mask).all()
 
 
 def test_blank_and_speckled_pages_have_no_ink():

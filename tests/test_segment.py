@@ -8,7 +8,7 @@ from PIL import Image
 
 from digitrec.predict import Predictor
 from digitrec.preprocess import ink_mask, load_gray
-from digitrec.realworld import crop_ink, draw_digit, number_line
+from digitrec.realworld import crop_ink, draw_digit, generate, number_line
 from digitrec.segment import (
     MAX_PIECE_WIDTH,
     _plausible_digit,
@@ -192,6 +192,14 @@ def test_the_bundled_model_reads_digits_that_share_a_stroke(bundled, digits, see
     """Written over each other, the 0's side and its neighbour's stroke merge: only a straight cut down it reads."""
     image, _ = line_image(digits, seed=seed, gap=-0.1)
     assert bundled.read(image).number == "".join(map(str, digits))
+
+
+def test_blurred_bold_eights_in_a_line_are_read_with_their_loops(bundled):
+    """eval-real's numbers (development seed 2): the 8s of these two photos threshold into solid blobs."""
+    samples = list(generate("numbers", 65, seed=2))
+    for sample in (samples[0], samples[64]):
+        assert sample.label in ("0572811", "2478")
+        assert bundled.read(sample.data).number == sample.label  # "0572111" and "2477" with the loops shut
 
 
 def test_a_cut_along_a_stroke_crosses_it_once():

@@ -25,7 +25,9 @@ from .preprocess import (
     WEAK_FRACTION,
     ink_strength,
     load_gray_sized,
+    reopened,
     select_digit,
+    stroke_width,
     threshold,
     to_mnist,
 )
@@ -158,14 +160,14 @@ def split(mask: np.ndarray, pieces: int) -> list[tuple[int, np.ndarray]]:
     return out
 
 
-def line_ink(gray: np.ndarray) -> np.ndarray:
+def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     """Ink mask of a line: preprocess's threshold, plus the digits that light or a dry pen left too faint for it.
 
     A lone picture needs INK_CONTRAST somewhere so that shadows and blank pages stay blank; in a line
     that holds clear digits, a fainter stroke (down to FAINT_CONTRAST) is a digit too when it is one:
     a connected stroke about as tall as the line's digits (_digit_sized) that touches none of the clear ink.
     """
-    ink = ink_strength(gray)
+    ink = ink_strength(gray) if ink is None else ink
     mask = threshold(ink)
     if not mask.any():
         return mask  # a blank page stays blank
@@ -206,7 +208,8 @@ def segment(image: Any, score: Score | None = None) -> list[Piece]:
     """Find the digits of one line, left to right. `score` (a classifier's confidences) picks how to split blobs."""
     gray, (width, height) = load_gray_sized(image, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
     back = np.array([width / gray.shape[1], height / gray.shape[0]])
-    mask = line_ink(gray)
+    ink = ink_strength(gray)
+    mask = line_ink(gray, ink)
     labels, blobs, areas = components(mask)
     blobs, line_height = clean(blobs, areas)
     pieces: list[Piece] = []
@@ -215,7 +218,9 @@ def segment(image: Any, score: Score | None = None) -> list[Piece]:
         if score is None:
             found = _best_split(region, blob, score)
         else:
-            found = split_by_recognition(region, max(line_height, 0.5 * blob.height), score)
+            found = split_by_recognition(
+                region, max(line_height, 0.5 * blob.height), score, ink[blob.y0 : blob.y1, blob.x0 : blob.x1]
+            )
         for x_offset, piece in found:
             rows, cols = np.flatnonzero(piece.any(1)), np.flatnonzero(piece.any(0))
             x, y = blob.x0 + x_offset + cols[0], blob.y0 + rows[0]
@@ -344,7 +349,9 @@ def strokes_crossed(ink: np.ndarray, stroke: float) -> float:
     return float(np.minimum(lengths, stroke).sum() / stroke)
 
 
-def split_by_recognition(mask: np.ndarray, line_height: float, score: Score) -> list[tuple[int, np.ndarray]]:
+def split_by_recognition(
+    mask: np.ndarray, line_height: float, score: Score, ink: np.ndarray | None = None
+) -> list[tuple[int, np.ndarray]]:
     """Cut a blob into the digits that read best: (x offset, piece mask) for each, left to right.
 
     Cuts are least-ink paths (cut_path) and straight lines from candidate columns; a piece is the ink
@@ -352,13 +359,13 @@ def split_by_recognition(mask: np.ndarray, line_height: float, score: Score) -> 
     CUT_INK_COST for each stroke a cut goes through (strokes_crossed), by dynamic programming: each extra
     cut must pay for itself by reading more clearly, and cutting through strokes must pay more. Only
     pieces that could be one digit compete (_plausible_digit): a blob too narrow for two digits stays
-    whole, one too wide for a digit is always cut.
+    whole, one too wide for a digit is always cut. With the blob's ink strength, a solid piece is read
+    with its loops opened again (reopened).
     """
-    from .preprocess import stroke_width
 
     height, width = mask.shape
     if width < 0.45 * line_height:
-        return [(0, mask)]
+        return [(0, reopened(mask, ink))]
     reach = max(2, int(CUT_REACH * line_height))
     stroke = max(1.0, stroke_width(mask))
     rows = np.arange(height)
@@ -392,7 +399,8 @@ def split_by_recognition(mask: np.ndarray, line_height: float, score: Score) -> 
             if _plausible_digit(piece, line_height):
                 pieces[(i, j)] = piece
     if not pieces:
-        return [(0, mask)]
+        return [(0, reopened(mask, ink))]
+    pieces = {key: reopened(piece, ink) for key, piece in pieces.items()}  # solid pieces get their loops back
     keys = list(pieces)
     confidences = score(np.stack([to_mnist(pieces[k]) for k in keys]))
     value = dict(zip(keys, np.log(np.clip(confidences, 1e-6, 1.0))))
@@ -404,7 +412,7 @@ def split_by_recognition(mask: np.ndarray, line_height: float, score: Score) -> 
             if (i, j) in value and best[i] + value[(i, j)] - CUT_INK_COST * crossing[j] > best[j]:
                 best[j], came_from[j] = best[i] + value[(i, j)] - CUT_INK_COST * crossing[j], i
     if not np.isfinite(best[-1]):
-        return [(0, mask)]
+        return [(0, reopened(mask, ink))]
     chosen, j = [], len(paths) - 1
     while j > 0:
         chosen.append((int(came_from[j]), j))
