@@ -8,6 +8,7 @@ each cut is a path from top to bottom that crosses as little ink as it can (so i
 writing and pass between overlapping digits) or a straight line (down the stroke that two overlapping
 digits share), and dynamic programming picks the cuts whose pieces the classifier reads most
 confidently (the classifier was trained to doubt digit pairs and fragments, so a wrong cut reads badly).
+A piece whose loops a bold pen or a blur filled in is thresholded again inside itself first (reopened).
 """
 
 from __future__ import annotations
@@ -362,7 +363,6 @@ def split_by_recognition(
     whole, one too wide for a digit is always cut. With the blob's ink strength, a solid piece is read
     with its loops opened again (reopened).
     """
-
     height, width = mask.shape
     if width < 0.45 * line_height:
         return [(0, reopened(mask, ink))]
