@@ -10,7 +10,7 @@ from digitrec import tta
 from digitrec.checkpoint import save_model
 from digitrec.cli import main
 from digitrec.config import TrainConfig
-from digitrec.errors import DigitrecError
+from digitrec.errors import CheckpointError, DigitrecError
 from digitrec.models import create_model
 from digitrec.predict import Predictor
 from digitrec.training import predict_logits
@@ -63,6 +63,16 @@ def test_the_predictor_scores_a_tta_checkpoint_as_its_evaluation_does(model, tmp
     np.testing.assert_allclose(
         predictor.probabilities(images.unsqueeze(1).numpy() / 255), expected, atol=1e-5
     )
+
+
+def test_a_checkpoint_asking_for_unknown_views_is_refused_in_one_sentence(model, tmp_path):
+    for views, shown in ((3, "3"), ("three", "'three'")):
+        path = tmp_path / f"model-{views}.safetensors"
+        save_model(path, model, {"recipe": "test", "config": {"arch": "fast_cnn_lite", "tta_views": views}})
+        with pytest.raises(
+            CheckpointError, match=f"asks for {shown} test-time views; digitrec knows 1, 5, 9, so"
+        ):
+            Predictor.load(path)
 
 
 def test_unknown_view_counts_are_user_errors(capsys):

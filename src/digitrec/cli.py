@@ -622,6 +622,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tta import SHIFTS as TTA_SHIFTS
+
     parser = argparse.ArgumentParser(
         prog="digitrec", description="Learn to read handwritten digits on MNIST, then read them for real."
     )
@@ -661,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta-views",
         type=int,
-        choices=[1, 5, 9],
+        choices=sorted(TTA_SHIFTS),
         help="test-time augmentation: score each image in 1 (off), 5 or 9 one-pixel shifts and average",
     )
     p.add_argument("--val-size", type=int, help="images held out of train for validation (default 5000)")
@@ -693,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta-views",
         type=int,
-        choices=[1, 5, 9],
+        choices=sorted(TTA_SHIFTS),
         help="override the recipe's test-time augmentation (views)",
     )
     p.add_argument("--data-dir")

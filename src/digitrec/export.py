@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import tta
 from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, onnx_session, softmax
 from .checkpoint import atomic_write_bytes
 from .errors import DigitrecError
@@ -279,8 +280,7 @@ def export_onnx(
         reference = torch.cat([model(pixels[i : i + 1000]) for i in range(0, len(pixels), 1000)]).numpy()
     exported = run_session(session, pixels.numpy())
     diff = float(np.abs(softmax(reference) - softmax(exported)).max())
-    views = int(meta.get("config", {}).get("tta_views", 1))
-    result = ExportResult(out, precision, diff, len(pixels), tta_views=views)
+    result = ExportResult(out, precision, diff, len(pixels), tta_views=tta.views_in(meta, str(checkpoint)))
     if test_labels is not None:
         labels = test_labels.numpy()
         result.torch_accuracy = float((reference.argmax(1) == labels).mean())

@@ -118,12 +118,7 @@ class Predictor:
             or meta.get("versions", {}).get("digitrec", "")
         )
         self.temperature = float(meta.get("temperature", 1.0))
-        config = meta.get("config", {})
-        self.tta_views = int(config.get("tta_views", 1))  # the recipe's test-time augmentation (tta.py)
-        if self.tta_views not in tta.SHIFTS:
-            raise CheckpointError(
-                f"{name} asks for {self.tta_views} test-time views; digitrec knows 1, 5 and 9."
-            )
+        self.tta_views = tta.views_in(meta, name)  # the recipe's test-time augmentation
         self.reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
 
     @classmethod

@@ -9,13 +9,32 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from .errors import CheckpointError
 
 SHIFTS: dict[int, tuple[tuple[int, int], ...]] = {
     1: ((0, 0),),
     5: ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)),
     9: tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)),
 }
+
+
+def views_in(meta: dict[str, Any], name: str = "the model") -> int:
+    """The views a checkpoint's metadata asks for (its recipe's `tta_views`; 1 when it names none)."""
+    views = meta.get("config", {}).get("tta_views", 1)
+    try:
+        known = int(views) in SHIFTS
+    except (TypeError, ValueError):
+        known = False
+    if not known:
+        raise CheckpointError(
+            f"{name} asks for {views!r} test-time views; digitrec knows {', '.join(map(str, SHIFTS))}, "
+            "so train it again with one of those."
+        )
+    return int(views)
 
 
 def windows(views: int, height: int = 28, width: int = 28) -> list[tuple[slice, slice]]:
