@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from digitrec.augment import affine_grid, augment_batch, random_affine
+from digitrec.augment import affine_grid, augment_batch, elastic_field, random_affine
 
 
 def _blob() -> torch.Tensor:
@@ -44,9 +44,31 @@ def test_rotation_keeps_the_ink():
 
 def test_same_generator_seed_same_output():
     x = _blob()
-    a = augment_batch(x, "affine", torch.Generator().manual_seed(3))
-    b = augment_batch(x, "affine", torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
+    for kind in ("affine", "affine-elastic"):
+        a = augment_batch(x, kind, torch.Generator().manual_seed(3))
+        b = augment_batch(x, kind, torch.Generator().manual_seed(3))
+        assert torch.equal(a, b)
+
+
+def test_elastic_field_is_smooth_bounded_and_drawn_per_image():
+    x = _blob()
+    assert torch.equal(elastic_field(x, torch.Generator().manual_seed(0), 0.0), torch.zeros(8, 28, 28, 2))
+    field = elastic_field(x, torch.Generator().manual_seed(0), 1.2) * 14  # grid units -> pixels
+    assert field.shape == (8, 28, 28, 2)
+    largest = field.abs().amax(dim=(1, 2, 3))
+    assert 0.3 < largest.max() < 6  # a few pixels at most
+    assert largest.std() > 0.1  # each image its own strength
+    # neighbours move nearly together (a warp, not noise): a step between two pixels is half the largest
+    # shift at most; white noise of the same size gives steps larger than the shift itself
+    assert ((field[:, 1:] - field[:, :-1]).abs().amax(dim=(1, 2, 3)) < largest / 2).all()
+
+
+def test_affine_elastic_warps_the_ink_without_losing_it():
+    x = _blob()
+    affine = augment_batch(x, "affine", torch.Generator().manual_seed(2))
+    warped = augment_batch(x, "affine-elastic", torch.Generator().manual_seed(2))
+    assert not torch.allclose(affine, warped, atol=1e-3)  # the same affine draws, then the warp on top
+    assert torch.allclose(warped.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)), rtol=0.25)
 
 
 def test_affine_grid_matches_torch():

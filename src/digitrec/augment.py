@@ -19,7 +19,7 @@ def affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1).contiguous()
 
 
-def random_affine(
+def random_affine_grid(
     x: torch.Tensor,
     generator: torch.Generator,
     degrees: float = 0.0,
@@ -27,7 +27,7 @@ def random_affine(
     translate_px: float = 0.0,
     shear_degrees: float = 0.0,
 ) -> torch.Tensor:
-    """Rotate, scale, shear and shift every image of a float batch (N, 1, H, W) by its own random amounts."""
+    """The sampling grid (N, H, W, 2) that rotates, scales, shears and shifts each image of x by its own amounts."""
     n, _, h, w = x.shape
 
     def uniform(low: float, high: float) -> torch.Tensor:
@@ -47,8 +47,40 @@ def random_affine(
         ],
         dim=1,
     ).to(x.dtype)
-    grid = affine_grid(theta.to(x.device), h, w)
+    return affine_grid(theta.to(x.device), h, w)
+
+
+def elastic_field(x: torch.Tensor, generator: torch.Generator, max_px: float) -> torch.Tensor:
+    """A smooth random displacement (N, H, W, 2) in grid units: a 5x5 grid of random vectors upsampled
+    bicubically, each image's scaled so that its typical shift is up to `max_px` pixels (uniform per image)."""
+    n, _, h, w = x.shape
+    strength = (torch.rand(n, generator=generator, device=generator.device) * max_px).to(x.device) * (2 / h)
+    coarse = torch.randn(n, 2, 5, 5, generator=generator, device=generator.device).to(x.device)
+    field = (
+        F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True) * strength[:, None, None, None]
+    )
+    return field.permute(0, 2, 3, 1)
+
+
+def _sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_affine(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    degrees: float = 0.0,
+    scale: tuple[float, float] = (1.0, 1.0),
+    translate_px: float = 0.0,
+    shear_degrees: float = 0.0,
+) -> torch.Tensor:
+    """Rotate, scale, shear and shift every image of a float batch (N, 1, H, W) by its own random amounts."""
+    return _sample(x, random_affine_grid(x, generator, degrees, scale, translate_px, shear_degrees))
+
+
+def _affine(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The grid of "affine": up to 10 degrees of rotation, 0.9-1.1 scale, 2 px shifts and 8 degrees of shear."""
+    return random_affine_grid(x, generator, degrees=10, scale=(0.9, 1.1), translate_px=2, shear_degrees=8)
 
 
 def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
@@ -58,7 +90,9 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> tor
     if kind == "rotate10":  # torchvision's RandomRotation(10), as seed 003 uses
         return random_affine(x, generator, degrees=10)
     if kind == "affine":
-        return random_affine(x, generator, degrees=10, scale=(0.9, 1.1), translate_px=2, shear_degrees=8)
+        return _sample(x, _affine(x, generator))
+    if kind == "affine-elastic":  # the same affine and a smooth warp (Simard et al., 2003), sampled once
+        return _sample(x, _affine(x, generator) + elastic_field(x, generator, 1.2))
     if kind == "robust":
         from .augment_real import robust_augment
 

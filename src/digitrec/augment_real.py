@@ -264,16 +264,18 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
 
 
 def elastic(x: torch.Tensor, generator: torch.Generator, max_px: float = 1.6) -> torch.Tensor:
-    """Displace pixels by a smooth random field: a 5x5 grid of random vectors, upsampled bicubically."""
-    n, _, h, w = x.shape
-    strength = _per_sample(_uniform(n, 0, max_px, generator, x.device)) * (2 / h)
-    coarse = torch.randn(n, 2, 5, 5, generator=generator, device=generator.device).to(x.device)
-    field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True) * strength
+    """Displace pixels by a smooth random field (augment.elastic_field)."""
+    from .augment import elastic_field
+
     identity = F.affine_grid(
-        torch.eye(2, 3, device=x.device).expand(n, 2, 3), list(x.shape), align_corners=False
+        torch.eye(2, 3, device=x.device).expand(len(x), 2, 3), list(x.shape), align_corners=False
     )
     return F.grid_sample(
-        x, identity + field.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros", align_corners=False
+        x,
+        identity + elastic_field(x, generator, max_px),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
     )
 
 

@@ -622,7 +622,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .tta import SHIFTS as TTA_SHIFTS
+    from .config import AUGMENTATIONS, TTA_SHIFTS
 
     parser = argparse.ArgumentParser(
         prog="digitrec", description="Learn to read handwritten digits on MNIST, then read them for real."
@@ -659,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["constant", "step", "step_at_epoch_start", "cosine", "onecycle"])
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--augment", choices=["none", "rotate10", "affine", "robust"])
+    p.add_argument("--augment", choices=AUGMENTATIONS)
     p.add_argument(
         "--tta-views",
         type=int,

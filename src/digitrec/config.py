@@ -18,7 +18,7 @@ HALF_MEAN_STD = (0.5, 0.5)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # "step_at_epoch_start" reproduces seed 001, which multiplies the lr by gamma at epoch 0, 5, 10, ...
 SCHEDULES = ("constant", "step", "step_at_epoch_start", "cosine", "onecycle")
-AUGMENTATIONS = ("none", "rotate10", "affine", "robust")
+AUGMENTATIONS = ("none", "rotate10", "affine", "affine-elastic", "robust")
 
 
 @dataclass(frozen=True)

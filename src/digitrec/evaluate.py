@@ -96,12 +96,9 @@ def evaluate_model(
     model: nn.Module, data: MNIST, config: TrainConfig | None = None, temperature: float = 1.0
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """(metrics, logits) of `model` on the MNIST test set."""
-    from .training import predict_logits
+    from .training import recipe_logits
 
-    config = config or TrainConfig()
-    logits = predict_logits(
-        model, data.test_images, config.eval_batch_size, config.amp, config.channels_last, config.tta_views
-    )
+    logits = recipe_logits(model, data.test_images, config or TrainConfig())
     return compute_metrics(logits, data.test_labels, temperature), logits
 
 

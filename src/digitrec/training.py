@@ -248,13 +248,18 @@ def predict_logits(
     return torch.cat(outputs) if outputs else torch.zeros(0, 10)
 
 
+def recipe_logits(model: nn.Module, images: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """predict_logits the way `config`'s recipe evaluates: its batch size, bfloat16, layout and test-time views."""
+    return predict_logits(
+        model, images, config.eval_batch_size, config.amp, config.channels_last, config.tta_views
+    )
+
+
 def evaluate(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of `model` on a labelled set."""
-    logits = predict_logits(
-        model, images, config.eval_batch_size, config.amp, config.channels_last, config.tta_views
-    )
+    logits = recipe_logits(model, images, config)
     labels = labels.to(logits.device).long()
     loss = F.cross_entropy(logits, labels).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
