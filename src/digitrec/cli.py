@@ -622,7 +622,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import AUGMENTATIONS, TTA_SHIFTS
+    from .config import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TTA_SHIFTS
 
     parser = argparse.ArgumentParser(
         prog="digitrec", description="Learn to read handwritten digits on MNIST, then read them for real."
@@ -655,8 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
-    p.add_argument("--schedule", choices=["constant", "step", "step_at_epoch_start", "cosine", "onecycle"])
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--augment", choices=AUGMENTATIONS)
