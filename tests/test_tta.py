@@ -10,10 +10,12 @@ from digitrec import tta
 from digitrec.checkpoint import save_model
 from digitrec.cli import main
 from digitrec.config import TrainConfig
+from digitrec.data import MNIST
 from digitrec.errors import CheckpointError, DigitrecError
+from digitrec.evaluate import evaluate_model
 from digitrec.models import create_model
 from digitrec.predict import Predictor
-from digitrec.training import predict_logits
+from digitrec.training import evaluate, predict_logits, recipe_logits
 
 
 def test_each_view_moves_the_image_by_one_pixel_and_nothing_wraps_around():
@@ -50,6 +52,20 @@ def test_evaluation_averages_the_probabilities_of_the_shifted_views(model):
     torch.testing.assert_close(averaged.exp(), each.mean(0))
     assert not torch.allclose(averaged, plain.log_softmax(1))  # the views did change the answer
     torch.testing.assert_close(predict_logits(model, images, tta_views=1), plain)
+
+
+def test_every_evaluation_of_a_run_uses_its_recipes_views(model):
+    """Validation and test (training.evaluate), the report (evaluate_model) and bench go through recipe_logits."""
+    images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(6) % 10
+    config = TrainConfig(tta_views=5, amp=False, channels_last=False, eval_batch_size=4)
+    with torch.no_grad():
+        expected = predict_logits(model, images, tta_views=5)
+        torch.testing.assert_close(recipe_logits(model, images, config), expected)
+        data = MNIST(images, labels, images, labels, source="test", checksum="")
+        torch.testing.assert_close(evaluate_model(model, data, config)[1], expected)
+        loss, _ = evaluate(model, images, labels, config)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(expected, labels).item(), rel=1e-5)
 
 
 def test_the_predictor_scores_a_tta_checkpoint_as_its_evaluation_does(model, tmp_path):
