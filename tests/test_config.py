@@ -70,6 +70,8 @@ def test_overrides_apply_and_validate():
         {"batch_size": 1.5},
         {"amp": "yes"},
         {"reported_metric": "batch_mean:0"},
+        {"ema_decay": 1.0},
+        {"ema_decay": -0.1},
     ):
         with pytest.raises(DigitrecError):
             TrainConfig().override(**bad)

@@ -6,7 +6,7 @@ import sys
 import torch
 from torch import nn
 
-from digitrec.optim import AdamW
+from digitrec.optim import AdamW, WeightAverage
 
 
 def _model() -> nn.Module:
@@ -63,3 +63,29 @@ def test_does_not_import_the_compiler():
         ).stdout.strip()
         == "False"
     )
+
+
+def test_weight_average_moves_a_share_toward_the_trained_weights():
+    model = _model()
+    average = WeightAverage(model, decay=0.9)
+    before = [t.clone() for t in average.model.state_dict().values()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.train()(torch.randn(4, 1, 28, 28))  # BatchNorm's running statistics and batch count move too
+    average.update(step=1000)  # decay_at(1000) = 0.9
+    for (name, trained), old, averaged in zip(
+        model.state_dict().items(), before, average.model.state_dict().values(), strict=True
+    ):
+        if trained.is_floating_point():
+            torch.testing.assert_close(averaged, 0.9 * old + 0.1 * trained, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(averaged, trained), name
+    assert not any(p.requires_grad for p in average.model.parameters())
+
+
+def test_weight_average_forgets_the_first_steps_fast():
+    average = WeightAverage(_model(), decay=0.999)
+    assert average.decay_at(0) == 0.1
+    assert average.decay_at(90) == 0.91
+    assert average.decay_at(100_000) == 0.999

@@ -17,8 +17,9 @@ import torch
 
 from digitrec.checkpoint import load_tensors
 
-# Dropout, batch norm, augmentation, fused AdamW with weight decay, a one-cycle schedule, channels_last and
-# bfloat16 autocast: every source of randomness and every piece of state that a resume has to restore.
+# Dropout, batch norm, augmentation, fused AdamW with weight decay, a one-cycle schedule, channels_last,
+# bfloat16 autocast and a weight average: every source of randomness and every piece of state that a resume
+# has to restore.
 CONFIG = {
     "arch": "bn_cnn",
     "epochs": 2,
@@ -33,6 +34,7 @@ CONFIG = {
     "threads": 1,
     "channels_last": True,
     "amp": True,
+    "ema_decay": 0.9,  # the moving average of the weights is state too, and it is what the run keeps
 }
 TRAIN_IMAGES = 600
 STEPS_PER_EPOCH = 13  # 400 training images in batches of 32: 12 full ones and one of 16
@@ -159,6 +161,11 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path, nproc):
     _, stderr = uninterrupted.communicate(timeout=600)
     assert uninterrupted.returncode == 0, stderr[-3000:]
     assert_same_run(whole, killed, exact_history=nproc == 0)
+    # the kept model is the weight average, not the last trained weights
+    kept, _ = load_tensors(whole / "model.safetensors")
+    last, _ = load_tensors(whole / "last.safetensors")
+    assert all(torch.equal(kept[k], last[f"average.{k}"]) for k in kept)
+    assert not all(torch.equal(kept[k], last[f"model.{k}"]) for k in kept)
 
 
 @pytest.mark.slow

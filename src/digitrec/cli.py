@@ -88,6 +88,7 @@ TRAIN_OVERRIDES = (
     "schedule",
     "weight_decay",
     "label_smoothing",
+    "ema_decay",
     "augment",
     "tta_views",
     "val_size",
@@ -659,6 +660,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--label-smoothing", type=float)
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        help="evaluate and keep a moving average of the weights with this decay per step (0 = off)",
+    )
     p.add_argument("--augment", choices=AUGMENTATIONS)
     p.add_argument(
         "--tta-views",

@@ -41,6 +41,8 @@ class TrainConfig:
     gamma: float = 0.1  # multiplicative lr decay of the step schedules
     warmup_fraction: float = 0.25  # share of steps spent warming up in onecycle
     label_smoothing: float = 0.0
+    # Evaluate and keep an exponential moving average of the weights (optim.WeightAverage); 0 = off.
+    ema_decay: float = 0.0
     normalize: tuple[float, float] = MNIST_MEAN_STD  # (mean, std) applied to pixels in [0, 1]
     augment: str = "none"
     # Outlier exposure: this many non-digits per digit join each training batch (augment_real.py); 0 = off.
@@ -89,6 +91,7 @@ class TrainConfig:
                 f"unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}",
             ),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.negatives >= 0, f"negatives must not be negative, got {self.negatives}"),
             (self.val_size >= 0, f"validation size must not be negative, got {self.val_size}"),
             (

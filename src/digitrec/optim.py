@@ -11,11 +11,13 @@ and state format, so checkpoints and resuming treat both alike. The update is `t
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 
 class AdamW:
@@ -94,3 +96,41 @@ class AdamW:
             self.state[p] = {
                 k: v.to(p.device) if k == "step" else torch.empty_like(p).copy_(v) for k, v in values.items()
             }
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and buffers (Polyak averaging), used in its place.
+
+    After every optimizer step each float tensor of `model` (weights and BatchNorm statistics) moves a
+    (1 - decay) share toward the trained model's; integer buffers (BatchNorm's batch count) are copied. The
+    decay starts low and ramps up as (1 + step) / (10 + step), as TensorFlow's ExponentialMovingAverage does,
+    so the first steps' random weights fade at once. It depends on the step only: a resumed run continues
+    the average exactly, given the averaged tensors (`state_dict`) from its checkpoint.
+    """
+
+    def __init__(self, source: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(source).requires_grad_(False)
+        pairs = zip(
+            source.state_dict(keep_vars=True).values(),
+            self.model.state_dict(keep_vars=True).values(),
+            strict=True,
+        )
+        self._floats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._others: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for trained, averaged in pairs:
+            if trained.is_floating_point():
+                self._floats[0].append(averaged)
+                self._floats[1].append(trained)
+            else:
+                self._others.append((averaged, trained))
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold in the trained model as it is after `step` (0-based)."""
+        torch._foreach_lerp_(self._floats[0], self._floats[1], 1 - self.decay_at(step))
+        for averaged, trained in self._others:
+            averaged.copy_(trained)

@@ -35,7 +35,7 @@ from .config import TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DigitrecError
 from .models import count_parameters, create_model
-from .optim import AdamW
+from .optim import AdamW, WeightAverage
 
 Optimizer = torch.optim.Optimizer | AdamW  # what make_optimizer returns: torch.optim's SGD/Adam or our AdamW
 
@@ -446,6 +446,13 @@ def train(
         )
         _load_optimizer(optimizer, resume_tensors, state["optimizer"])
         _restore_rng(resume_tensors, state.get("rng"))
+    # With ema_decay, a moving average of the weights is what gets validated, saved and tested.
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
+    if average is not None and resume:
+        average.model.load_state_dict(
+            {k[len("average.") :]: v for k, v in resume_tensors.items() if k.startswith("average.")}
+        )
+    scored_model = average.model if average is not None else model
     forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
     train_model = distributed.wrap(forward_model, device)  # forward_model itself in a single process
 
@@ -465,6 +472,8 @@ def train(
         position, the learning rate (a function of the step) and the per-step seeds. No GradScaler: autocast
         runs in bfloat16, which needs no loss scaling."""
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if average is not None:
+            tensors |= {f"average.{k}": v for k, v in average.model.state_dict().items()}
         optimizer_tensors, optimizer_info = _optimizer_tensors(optimizer)
         rng_tensors, rng_info = _rng_state()
         position = {
@@ -480,6 +489,8 @@ def train(
         )
 
     def on_step(step: int, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        if average is not None:
+            average.update(step)
         if bar is not None:
             bar.update(1)
         if (
@@ -529,7 +540,9 @@ def train(
                 "lr": lr_at(config, step - 1, steps_per_epoch, total_steps),
             }
             if val_images is not None:
-                row["val_loss"], row["val_accuracy"] = evaluate(forward_model, val_images, val_labels, config)
+                row["val_loss"], row["val_accuracy"] = evaluate(
+                    scored_model if average is not None else forward_model, val_images, val_labels, config
+                )
             state["train_seconds"] += time.perf_counter() - clock[0]
             clock[0] = time.perf_counter()
             row["seconds"] = state["train_seconds"]
@@ -544,7 +557,7 @@ def train(
                 state["bad_epochs"] = 0
                 save_model(
                     out_dir / "model.safetensors",
-                    model,
+                    scored_model,
                     {"recipe": recipe, "config": config.to_dict(), "partial": True},
                 )
             else:
@@ -554,7 +567,7 @@ def train(
             if config.early_stopping_patience and state["bad_epochs"] >= config.early_stopping_patience:
                 log(f"early stopping: no better validation accuracy for {state['bad_epochs']} epochs")
                 stop = True
-            if on_epoch is not None and on_epoch(model, row):
+            if on_epoch is not None and on_epoch(scored_model, row):
                 stop = True
         if distributed.broadcast_flag(stop):
             break
