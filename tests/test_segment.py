@@ -156,6 +156,23 @@ def test_a_blob_too_wide_for_one_digit_is_always_cut():
     assert all(p.box[2] <= MAX_PIECE_WIDTH * height for p in pieces)
 
 
+def test_a_too_wide_blob_with_a_short_digit_is_still_cut():
+    """A small digit hanging on a big one by a long stroke: no cut gives only digit-tall pieces, so short
+    pieces come in at a cost; the blob, too wide for one digit, must not be read as one squeezed digit."""
+    mask = np.zeros((100, 160), dtype=bool)
+    mask[:, 10:22] = True  # a 1 the height of the line
+    mask[60:66, 22:120] = True  # a long dash from it...
+    mask[52:100, 110:150] = True  # ...to a digit half the line's height
+
+    def always_fair(glyphs: np.ndarray) -> np.ndarray:
+        return np.full(len(glyphs), 0.9)
+
+    pieces = split_by_recognition(mask, 100, always_fair)
+    assert len(pieces) >= 2
+    assert all(p.shape[1] <= MAX_PIECE_WIDTH * 100 for _, p in pieces)
+    assert sum(int(p.sum()) for _, p in pieces) == int(mask.sum())  # every stroke in some piece
+
+
 def test_a_piece_must_be_as_tall_as_a_digit_and_no_wider():
     line_height = 100.0
     full = np.zeros((100, 60), dtype=bool)

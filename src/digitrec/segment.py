@@ -268,6 +268,7 @@ CUT_STRAY = 0.5  # cost per row of being `reach` away from the cut's column (qua
 MAX_PIECE_WIDTH = 1.35  # no digit is wider than this share of the line height (a pair of them is)
 MIN_PIECE_AREA = 0.02  # a piece with less ink than this share of the line height squared is a sliver
 CUT_INK_COST = 0.4  # log-confidence a cut costs per stroke it crosses (digits rarely need it)
+SHORT_PIECE_COST = 2.0  # log-confidence a piece shorter than SMALL_PART costs where a wide blob needs one
 CUT_DISTINCT = 0.04  # two cuts closer than this share of the line height (on average) cut the same pieces
 
 
@@ -325,7 +326,7 @@ def candidate_columns(mask: np.ndarray, line_height: float) -> list[int]:
     return sorted(kept)
 
 
-def _plausible_digit(piece: np.ndarray, line_height: float) -> bool:
+def _plausible_digit(piece: np.ndarray, line_height: float, min_height: float = SMALL_PART) -> bool:
     """Could this piece be one whole digit? Not wider than MAX_PIECE_WIDTH, nor shorter than SMALL_PART, of the line.
 
     A cut may leave a short fragment (the top half of a slanted 1, the tail of a 4) that the classifier
@@ -336,7 +337,7 @@ def _plausible_digit(piece: np.ndarray, line_height: float) -> bool:
     if len(rows) == 0:
         return False
     height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
-    return bool(width <= MAX_PIECE_WIDTH * line_height and height >= SMALL_PART * line_height)
+    return bool(width <= MAX_PIECE_WIDTH * line_height and height >= min_height * line_height)
 
 
 def strokes_crossed(ink: np.ndarray, stroke: float) -> float:
@@ -348,6 +349,23 @@ def strokes_crossed(ink: np.ndarray, stroke: float) -> float:
     runs = np.flatnonzero(np.diff(np.concatenate([[0], ink.astype(np.int8), [0]])))
     lengths = runs[1::2] - runs[::2]
     return float(np.minimum(lengths, stroke).sum() / stroke)
+
+
+def _piece_values(pieces: dict[tuple[int, int], np.ndarray], score: Score) -> dict[tuple[int, int], float]:
+    """The classifier's log confidence in each piece."""
+    if not pieces:
+        return {}
+    confidences = score(np.stack([to_mnist(piece) for piece in pieces.values()]))
+    return dict(zip(pieces, np.log(np.clip(confidences, 1e-6, 1.0)).tolist()))
+
+
+def _chain_exists(value: dict[tuple[int, int], float], count: int) -> bool:
+    """Do the pieces in `value` (keyed by (first cut, last cut)) cover the blob from cut 0 to cut count - 1?"""
+    reached = {0}
+    for i, j in sorted(value):
+        if i in reached:
+            reached.add(j)
+    return count - 1 in reached
 
 
 def split_by_recognition(
@@ -384,6 +402,7 @@ def split_by_recognition(
     too_wide = MAX_PIECE_WIDTH * line_height
     whole = (0, len(paths) - 1)
     pieces: dict[tuple[int, int], np.ndarray] = {}
+    short: dict[tuple[int, int], np.ndarray] = {}  # narrow enough for a digit, but short: a fallback only
     if width <= too_wide:  # the blob uncut is a candidate only if one digit can be that wide
         pieces[whole] = mask
     for i in range(len(paths) - 1):
@@ -398,12 +417,18 @@ def split_by_recognition(
             piece = select_digit(piece)  # slivers of a cut neighbour fall away
             if _plausible_digit(piece, line_height):
                 pieces[(i, j)] = piece
-    if not pieces:
-        return [(0, reopened(mask, ink))]
+            elif _plausible_digit(piece, line_height, min_height=0.0):
+                short[(i, j)] = piece
     pieces = {key: reopened(piece, ink) for key, piece in pieces.items()}  # solid pieces get their loops back
-    keys = list(pieces)
-    confidences = score(np.stack([to_mnist(pieces[k]) for k in keys]))
-    value = dict(zip(keys, np.log(np.clip(confidences, 1e-6, 1.0))))
+    value = _piece_values(pieces, score)
+    if width > too_wide and not _chain_exists(value, len(paths)):
+        # No cut of this too-wide blob gives only digit-tall pieces (a small digit among big ones, a long dash):
+        # let short pieces in at a cost rather than read the whole blob as one squeezed digit.
+        short = {key: reopened(piece, ink) for key, piece in short.items()}
+        pieces |= short
+        value |= {key: v - SHORT_PIECE_COST for key, v in _piece_values(short, score).items()}
+    if not value:
+        return [(0, reopened(mask, ink))]
     best = np.full(len(paths), -np.inf)
     best[0] = 0.0
     came_from = np.zeros(len(paths), dtype=np.int64)
