@@ -101,11 +101,12 @@ class AdamW:
 class WeightAverage:
     """An exponential moving average of a model's weights and buffers (Polyak averaging), used in its place.
 
-    After every optimizer step each float tensor of `model` (weights and BatchNorm statistics) moves a
-    (1 - decay) share toward the trained model's; integer buffers (BatchNorm's batch count) are copied. The
-    decay starts low and ramps up as (1 + step) / (10 + step), as TensorFlow's ExponentialMovingAverage does,
-    so the first steps' random weights fade at once. It depends on the step only: a resumed run continues
-    the average exactly, given the averaged tensors (`state_dict`) from its checkpoint.
+    `model` is a copy of `source`. After every optimizer step each of its float tensors (weights and BatchNorm
+    statistics) moves a (1 - decay) share toward the trained model's; integer buffers (BatchNorm's batch count)
+    are copied. The decay starts low and ramps up as (1 + step) / (10 + step), as TensorFlow's
+    ExponentialMovingAverage does, so the first steps' random weights fade at once. It depends on the step
+    only: a resumed run continues the average exactly, given the averaged tensors (`state_dict`) from its
+    checkpoint.
     """
 
     def __init__(self, source: nn.Module, decay: float):

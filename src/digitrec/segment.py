@@ -327,7 +327,7 @@ def candidate_columns(mask: np.ndarray, line_height: float) -> list[int]:
 
 
 def _plausible_digit(piece: np.ndarray, line_height: float, min_height: float = SMALL_PART) -> bool:
-    """Could this piece be one whole digit? Not wider than MAX_PIECE_WIDTH, nor shorter than SMALL_PART, of the line.
+    """Could this piece be one whole digit? Not wider than MAX_PIECE_WIDTH, nor shorter than `min_height`, of the line.
 
     A cut may leave a short fragment (the top half of a slanted 1, the tail of a 4) that the classifier
     reads confidently as some digit; digits of one line have about the same height, so such a piece is
@@ -378,8 +378,9 @@ def split_by_recognition(
     CUT_INK_COST for each stroke a cut goes through (strokes_crossed), by dynamic programming: each extra
     cut must pay for itself by reading more clearly, and cutting through strokes must pay more. Only
     pieces that could be one digit compete (_plausible_digit): a blob too narrow for two digits stays
-    whole, one too wide for a digit is always cut. With the blob's ink strength, a solid piece is read
-    with its loops opened again (reopened).
+    whole, one too wide for a digit is always cut (if no cut gives only digit-tall pieces, shorter ones
+    come in at SHORT_PIECE_COST each). With the blob's ink strength, a solid piece is read with its loops
+    opened again (reopened).
     """
     height, width = mask.shape
     if width < 0.45 * line_height:
