@@ -464,6 +464,7 @@ def train(
     log(
         f"training {recipe}: {config.arch} ({params:,} parameters) on {device}{processes}, {len(train_images):,} images, "
         f"{total_steps} steps of {config.batch_size}"
+        + (f", weights averaged with decay {config.ema_decay}" if average is not None else "")
     )
     writer = _tensorboard_writer(out_dir) if tensorboard else None
 
