@@ -359,13 +359,25 @@ def _piece_values(pieces: dict[tuple[int, int], np.ndarray], score: Score) -> di
     return dict(zip(pieces, np.log(np.clip(confidences, 1e-6, 1.0)).tolist()))
 
 
-def _chain_exists(value: dict[tuple[int, int], float], count: int) -> bool:
-    """Do the pieces in `value` (keyed by (first cut, last cut)) cover the blob from cut 0 to cut count - 1?"""
-    reached = {0}
-    for i, j in sorted(value):
-        if i in reached:
-            reached.add(j)
-    return count - 1 in reached
+def _best_chain(value: dict[tuple[int, int], float], crossing: list[float]) -> list[tuple[int, int]] | None:
+    """The pieces, left to right, from the first cut to the last whose values less CUT_INK_COST per stroke
+    each cut crosses sum highest (dynamic programming); None when no chain of pieces in `value` covers the blob.
+    Pieces are keyed (first cut, last cut); crossing[j] is the strokes cut j goes through."""
+    count = len(crossing)
+    best = np.full(count, -np.inf)
+    best[0] = 0.0
+    came_from = np.zeros(count, dtype=np.int64)
+    for j in range(1, count):
+        for i in range(j):
+            if (i, j) in value and best[i] + value[(i, j)] - CUT_INK_COST * crossing[j] > best[j]:
+                best[j], came_from[j] = best[i] + value[(i, j)] - CUT_INK_COST * crossing[j], i
+    if not np.isfinite(best[-1]):
+        return None
+    chosen, j = [], count - 1
+    while j > 0:
+        chosen.append((int(came_from[j]), j))
+        j = int(came_from[j])
+    return chosen[::-1]
 
 
 def split_by_recognition(
@@ -422,29 +434,18 @@ def split_by_recognition(
                 short[(i, j)] = piece
     pieces = {key: reopened(piece, ink) for key, piece in pieces.items()}  # solid pieces get their loops back
     value = _piece_values(pieces, score)
-    if width > too_wide and not _chain_exists(value, len(paths)):
+    chosen = _best_chain(value, crossing)
+    if chosen is None and width > too_wide:
         # No cut of this too-wide blob gives only digit-tall pieces (a small digit among big ones, a long dash):
         # let short pieces in at a cost rather than read the whole blob as one squeezed digit.
         short = {key: reopened(piece, ink) for key, piece in short.items()}
         pieces |= short
         value |= {key: v - SHORT_PIECE_COST for key, v in _piece_values(short, score).items()}
-    if not value:
+        chosen = _best_chain(value, crossing)
+    if chosen is None:
         return [(0, reopened(mask, ink))]
-    best = np.full(len(paths), -np.inf)
-    best[0] = 0.0
-    came_from = np.zeros(len(paths), dtype=np.int64)
-    for j in range(1, len(paths)):
-        for i in range(j):
-            if (i, j) in value and best[i] + value[(i, j)] - CUT_INK_COST * crossing[j] > best[j]:
-                best[j], came_from[j] = best[i] + value[(i, j)] - CUT_INK_COST * crossing[j], i
-    if not np.isfinite(best[-1]):
-        return [(0, reopened(mask, ink))]
-    chosen, j = [], len(paths) - 1
-    while j > 0:
-        chosen.append((int(came_from[j]), j))
-        j = int(came_from[j])
     out = []
-    for key in reversed(chosen):
+    for key in chosen:
         cols = np.flatnonzero(pieces[key].any(0))
         out.append((int(cols[0]), pieces[key][:, cols[0] : cols[-1] + 1]))
     return out
