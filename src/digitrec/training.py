@@ -307,6 +307,11 @@ def _load_optimizer(optimizer: Optimizer, tensors: dict[str, torch.Tensor], info
                 values[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
+def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint whose names start with `prefix`, named without it (a state dict)."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The Python, NumPy, torch and CUDA generator states: arrays as tensors for safetensors, scalars for JSON.
 
@@ -441,17 +446,13 @@ def train(
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks memory_format
     optimizer = make_optimizer(model, config)
     if resume:
-        model.load_state_dict(
-            {k[len("model.") :]: v for k, v in resume_tensors.items() if k.startswith("model.")}
-        )
+        model.load_state_dict(_section(resume_tensors, "model."))
         _load_optimizer(optimizer, resume_tensors, state["optimizer"])
         _restore_rng(resume_tensors, state.get("rng"))
     # With ema_decay, a moving average of the weights is what gets validated, saved and tested.
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     if average is not None and resume:
-        average.model.load_state_dict(
-            {k[len("average.") :]: v for k, v in resume_tensors.items() if k.startswith("average.")}
-        )
+        average.model.load_state_dict(_section(resume_tensors, "average."))
     scored_model = average.model if average is not None else model
     forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
     train_model = distributed.wrap(forward_model, device)  # forward_model itself in a single process
