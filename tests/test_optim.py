@@ -6,6 +6,7 @@ import sys
 import torch
 from torch import nn
 
+from digitrec import optim
 from digitrec.optim import AdamW, WeightAverage
 
 
@@ -35,6 +36,17 @@ def _train(model: nn.Module, optimizer, steps: range, lrs=(3e-3, 1e-3, 2e-3, 5e-
 
 
 def test_matches_torch_adamw():
+    ours, theirs = _model(), _model()
+    _train(ours, AdamW(_groups(ours), lr=1e-3, betas=(0.9, 0.99)), range(6))
+    kernel = {"fused": True} if optim._FUSED else {"foreach": False}  # torch's AdamW with the same arithmetic
+    _train(theirs, torch.optim.AdamW(_groups(theirs), lr=1e-3, betas=(0.9, 0.99), **kernel), range(6))
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_multi_tensor_update_matches_torch_adamw(monkeypatch):
+    """The path taken where torch has no fused AdamW kernel."""
+    monkeypatch.setattr(optim, "_FUSED", False)
     ours, theirs = _model(), _model()
     _train(ours, AdamW(_groups(ours), lr=1e-3, betas=(0.9, 0.99)), range(6))
     _train(theirs, torch.optim.AdamW(_groups(theirs), lr=1e-3, betas=(0.9, 0.99), foreach=False), range(6))
