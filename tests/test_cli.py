@@ -92,6 +92,13 @@ def test_bad_flag_type_is_rejected_by_argparse():
     assert result.returncode == 2 and "invalid float value" in result.stderr
 
 
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_port_out_of_range_is_refused_before_start_up(port):
+    """uvicorn would take 99999 and listen on another port (99999 - 65536) while saying 99999."""
+    result = run_cli("serve", "--port", port)
+    assert result.returncode == 2 and "is not a port number; use 0-65535" in result.stderr
+
+
 def test_train_and_evaluate_on_a_data_dir(idx_folder, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

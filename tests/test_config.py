@@ -72,6 +72,7 @@ def test_overrides_apply_and_validate():
         {"reported_metric": "batch_mean:0"},
         {"ema_decay": 1.0},
         {"ema_decay": -0.1},
+        {"threads": -1},
     ):
         with pytest.raises(DigitrecError):
             TrainConfig().override(**bad)

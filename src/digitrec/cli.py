@@ -28,6 +28,17 @@ def _model_path(value: str | None) -> Path | None:
 # ---------------------------------------------------------------- data, models, recipes
 
 
+def _port(value: str) -> int:
+    """A TCP port number for argparse: 0-65535 (0 lets the system pick a free one)."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number; use 0-65535")
+    return port
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_mnist
 
@@ -677,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--early-stopping-patience", type=int, help="epochs without validation improvement before stopping"
     )
     p.add_argument("--checkpoint-every-steps", type=int, help="also save last.safetensors every N steps")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default, one per core)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", help="run folder (default runs/<recipe>-<timestamp>)")
@@ -743,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="interface to listen on (default 127.0.0.1; 0.0.0.0 for your network)",
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     p.add_argument(
         "--feedback-db", help="SQLite file for corrections (default ~/.local/share/digitrec/feedback.sqlite)"
     )

@@ -94,6 +94,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.negatives >= 0, f"negatives must not be negative, got {self.negatives}"),
             (self.val_size >= 0, f"validation size must not be negative, got {self.val_size}"),
+            (self.threads >= 0, f"threads must not be negative (0 = torch's default), got {self.threads}"),
             (
                 self.tta_views in TTA_SHIFTS,
                 f"tta_views must be one of {', '.join(map(str, TTA_SHIFTS))}, got {self.tta_views}",
