@@ -99,6 +99,23 @@ def test_a_port_out_of_range_is_refused_before_start_up(port):
     assert result.returncode == 2 and "is not a port number; use 0-65535" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval-real", "--count", "0"], "argument --count: '0' is not a whole number of at least 1"),
+        (["bench", "infer", "--batch-sizes", "1,0"], "argument --batch-sizes: '0' is not a whole number"),
+        (["bench", "train", "--seeds", "0"], "argument --seeds: '0' is not a whole number"),
+        (["bench", "infer", "--seconds", "nan"], "argument --seconds: 'nan' is not a number above 0"),
+        (["train", "--nproc", "0"], "argument --nproc: '0' is not a whole number"),
+        (["robustness", "m", "--limit", "-1"], "argument --limit: '-1' is not a whole number"),
+    ],
+)
+def test_counts_and_durations_below_one_are_refused(args, message):
+    """Each of these used to end in a traceback (an empty list stacked, a zero range step) or to be ignored."""
+    result = run_cli(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_train_and_evaluate_on_a_data_dir(idx_folder, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

@@ -73,6 +73,8 @@ def test_overrides_apply_and_validate():
         {"ema_decay": 1.0},
         {"ema_decay": -0.1},
         {"threads": -1},
+        {"early_stopping_patience": -1},
+        {"checkpoint_every_steps": -5},
     ):
         with pytest.raises(DigitrecError):
             TrainConfig().override(**bad)

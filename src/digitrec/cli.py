@@ -39,6 +39,33 @@ def _port(value: str) -> int:
     return port
 
 
+def _positive_int(value: str) -> int:
+    """A whole number of at least 1, for argparse (counts, seeds, rounds, processes)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    """A number above 0, for argparse (seconds, epochs)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number above 0")
+    return number
+
+
+def _batch_sizes(value: str) -> list[int]:
+    """'1,1024' -> [1, 1024], each at least 1."""
+    return [_positive_int(part.strip()) for part in value.split(",")]
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_mnist
 
@@ -544,7 +571,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         model,
         data.test_images,
         backends=args.backends.split(","),
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        batch_sizes=args.batch_sizes,
         rounds=args.rounds,
         seconds=args.seconds,
         calibration=data.train_images,
@@ -698,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--nproc",
-        type=int,
+        type=_positive_int,
         metavar="N",
         help="train with N processes on this machine (launches torchrun; see README, Scaling out)",
     )
@@ -853,7 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="a run folder or model.safetensors")
     p.add_argument(
-        "--count", type=int, default=600, help="generated calibration photos per set (default 600)"
+        "--count", type=_positive_int, default=600, help="generated calibration photos per set (default 600)"
     )
     p.add_argument("--out", help="write the calibrated model here instead of in place")
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
@@ -863,7 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval-real", help="accuracy on generated real-world sets (photos, numbers, non-digits)"
     )
     model_flags(p)
-    p.add_argument("--count", type=int, default=500, help="images per set (default 500)")
+    p.add_argument("--count", type=_positive_int, default=500, help="images per set (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--sets", help="comma-separated subset of mnist-photo,pen-photo,font-photo,numbers,negatives"
@@ -899,10 +926,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.99,
         help="test accuracy to reach, checked after each epoch (default 0.99)",
     )
-    q.add_argument("--seeds", type=int, default=1, help="seeds per recipe (default 1)")
+    q.add_argument("--seeds", type=_positive_int, default=1, help="seeds per recipe (default 1)")
     q.add_argument("--stop-at-target", action="store_true", help="stop each run once it reaches the target")
     q.add_argument(
-        "--max-epochs", type=float, help="cap every recipe's epochs (for a quick look at slow recipes)"
+        "--max-epochs",
+        type=_positive_float,
+        help="cap every recipe's epochs (for a quick look at slow recipes)",
     )
     q.add_argument(
         "--threads", type=int, help="torch CPU threads for every recipe (default: torch's, one per core)"
@@ -917,13 +946,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="a run folder or model.safetensors (default runs/fast, trained first if missing)"
     )
     q.add_argument("--backends", default="torch-fp32,torch-bf16,torch-compiled,onnx-fp32,onnx-int8")
-    q.add_argument("--batch-sizes", default="1,1024")
     q.add_argument(
-        "--rounds", type=int, default=5, help="the backends take turns this many times (default 5)"
+        "--batch-sizes", type=_batch_sizes, default="1,1024", help="comma-separated (default 1,1024)"
+    )
+    q.add_argument(
+        "--rounds", type=_positive_int, default=5, help="the backends take turns this many times (default 5)"
     )
     q.add_argument(
         "--seconds",
-        type=float,
+        type=_positive_float,
         default=0.5,
         help="seconds per backend and batch size per round (default 0.5)",
     )
@@ -946,7 +977,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="robustness",
         help="folder for robustness.png and robustness.json (default robustness)",
     )
-    p.add_argument("--limit", type=int, help="score only the first N test images (default all 10,000)")
+    p.add_argument(
+        "--limit", type=_positive_int, help="score only the first N test images (default all 10,000)"
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_robustness)

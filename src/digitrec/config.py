@@ -94,6 +94,14 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.negatives >= 0, f"negatives must not be negative, got {self.negatives}"),
             (self.val_size >= 0, f"validation size must not be negative, got {self.val_size}"),
+            (
+                self.early_stopping_patience >= 0,
+                f"early stopping patience must not be negative (0 = off), got {self.early_stopping_patience}",
+            ),
+            (
+                self.checkpoint_every_steps >= 0,
+                f"checkpoint_every_steps must not be negative (0 = at epoch ends), got {self.checkpoint_every_steps}",
+            ),
             (self.threads >= 0, f"threads must not be negative (0 = torch's default), got {self.threads}"),
             (
                 self.tta_views in TTA_SHIFTS,
