@@ -165,6 +165,14 @@ def test_feedback_without_a_valid_digit_label_is_422(client, fields, db_path):
         assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("label", [b"Infinity", b"-Infinity", b"NaN", b"1e400", b"3.5", b"true"])
+def test_feedback_json_label_that_is_no_digit_is_422(client, label, db_path):
+    """Python's JSON parser takes Infinity and NaN; int(inf) raises OverflowError, which was a 500."""
+    body = b'{"image": "' + base64.b64encode(digit_png()) + b'", "label": ' + label + b"}"
+    response = client.post("/api/feedback", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "digit" in response.json()["detail"]
+
+
 def test_feedback_with_a_non_image_is_400_and_stores_nothing(client, db_path):
     response = client.post("/api/feedback", files=upload(b"not an image"), data={"label": "4"})
     assert response.status_code == 400

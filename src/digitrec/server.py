@@ -906,7 +906,7 @@ def _digit_field(fields: dict[str, Any], name: str, required: bool) -> int | Non
         return None
     try:
         digit = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity is a float Python accepts
         digit = -1
     if (
         isinstance(value, bool)
