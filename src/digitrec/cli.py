@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import overload
 
@@ -28,26 +29,24 @@ def _model_path(value: str | None) -> Path | None:
 # ---------------------------------------------------------------- data, models, recipes
 
 
-def _port(value: str) -> int:
-    """A TCP port number for argparse: 0-65535 (0 lets the system pick a free one)."""
-    try:
-        port = int(value)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number; use 0-65535")
-    return port
+def _whole_number(low: int, high: int | None, complaint: str) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high] (no upper bound for None), else "'VALUE' complaint"."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = low - 1
+        if number < low or (high is not None and number > high):
+            raise argparse.ArgumentTypeError(f"{value!r} {complaint}")
+        return number
+
+    return parse
 
 
-def _positive_int(value: str) -> int:
-    """A whole number of at least 1, for argparse (counts, seeds, rounds, processes)."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
-    return number
+# A TCP port (0: the system picks a free one), and counts, seeds, rounds and processes.
+_port = _whole_number(0, 65535, "is not a port number; use 0-65535")
+_positive_int = _whole_number(1, None, "is not a whole number of at least 1")
 
 
 def _positive_float(value: str) -> float:
