@@ -15,10 +15,13 @@ from serverkit import png_claiming
 from digitrec.errors import ImageError
 from digitrec.preprocess import (
     FRAME,
+    _smooth,
     disk_filter,
     expand_paths,
     flatten,
+    label8,
     load_gray,
+    median_filter,
     open_image,
     preprocess,
     reopened,
@@ -137,6 +140,60 @@ def test_disk_filter_grows_and_thins_as_a_distance_transform_would(height, width
     if not mask.all():  # the distance transform is undefined without a background pixel
         thinned = ndimage.distance_transform_edt(mask) > radius
         assert np.array_equal(disk_filter(mask, radius, grow=False), thinned)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    height=st.integers(1, 60),
+    width=st.integers(1, 60),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_label8_numbers_the_parts_as_scipy_does(height, width, density, seed):
+    from scipy import ndimage
+
+    mask = np.random.default_rng(seed).random((height, width)) < density
+    expected, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    labels, found = label8(mask[:, ::-1][:, ::-1])  # a strided view works too
+    assert found == count and np.array_equal(labels, expected)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (140, 140), (300, 1024)])
+def test_smooth_is_scipys_gaussian(shape):
+    from scipy import ndimage
+
+    gray = np.random.default_rng(0).random(shape, dtype=np.float32)
+    sigma = max(0.7, min(shape) / 200)
+    expected = ndimage.gaussian_filter(gray, sigma=sigma, mode="nearest", truncate=2.5)
+    assert np.abs(_smooth(gray) - expected).max() < 1e-5
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    size=st.sampled_from([3, 5, 7]),
+    seed=st.integers(0, 2**16),
+)
+def test_median_filter_is_scipys(height, width, size, seed):
+    from scipy import ndimage
+
+    a = np.random.default_rng(seed).random((height, width), dtype=np.float32)
+    assert np.array_equal(median_filter(a, size), ndimage.median_filter(a, size=size, mode="nearest"))
+
+
+def test_flatten_upsamples_the_paper_as_pillows_bilinear_would():
+    """flatten() brings its paper estimate back to full size with OpenCV; Pillow's bilinear gives the same."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        small = rng.random(tuple(rng.integers(3, 40, 2)), dtype=np.float32)
+        width, height = (int(n) for n in rng.integers(40, 300, 2))
+        pillow = np.asarray(Image.fromarray(small, "F").resize((width, height), Image.Resampling.BILINEAR))
+        assert (
+            np.abs(cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR) - pillow).max() < 1e-6
+        )
 
 
 def holes(mask: np.ndarray) -> int:

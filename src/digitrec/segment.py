@@ -21,10 +21,10 @@ import numpy as np
 from scipy import ndimage
 
 from .preprocess import (
-    EIGHT_NEIGHBOURS,
     MIN_WORK_SIDE,
     WEAK_FRACTION,
     ink_strength,
+    label8,
     load_gray_sized,
     reopened,
     select_digit,
@@ -71,7 +71,7 @@ class _Blob:
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, list[_Blob], np.ndarray]:
     """Label 8-connected components; return (labels, one blob per component, areas indexed by label)."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    labels, count = label8(mask)
     areas = np.bincount(labels.ravel(), minlength=count + 1)
     blobs = [
         _Blob(s[1].start, s[1].stop, s[0].start, s[0].stop, [i + 1])
@@ -175,7 +175,7 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     _, blobs, areas = components(mask)
     _, line_height = clean(blobs, areas)
     # The same hysteresis as preprocess's threshold, at the faint cut: strong pixels and the weaker ones they touch.
-    labels, count = ndimage.label(ink > FAINT_CONTRAST * WEAK_FRACTION, structure=EIGHT_NEIGHBOURS)
+    labels, count = label8(ink > FAINT_CONTRAST * WEAK_FRACTION)
     seeded = np.zeros(count + 1, dtype=bool)
     seeded[labels[ink > FAINT_CONTRAST]] = True
     seeded[labels[mask]] = False  # parts of clear digits keep the threshold's shape
