@@ -154,3 +154,22 @@ def test_dry_run_is_quick_and_complete(tiny_mnist, tmp_path):
 
 def test_partial_last_batch_of_one_is_dropped():
     assert steps_in_epoch(129, 64) == 2 and steps_in_epoch(130, 64) == 3 and steps_in_epoch(128, 64) == 2
+
+
+def test_bfloat16_autocast_runs_only_where_the_cpu_computes_in_bfloat16(monkeypatch):
+    """Without AVX-512 BF16 or AMX, PyTorch emulates bfloat16 (10x slower than float32 on an AVX2 CPU): recipes
+    that ask for it run in float32 there."""
+    from digitrec import training
+
+    cpu = torch.device("cpu")
+    try:
+        for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+            training.native_bfloat16.cache_clear()
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+            monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+            assert training.native_bfloat16("cpu") == (avx512_bf16 or amx)
+            for amp in (True, False):
+                with training.autocast(cpu, amp):
+                    assert torch.is_autocast_enabled("cpu") == (amp and (avx512_bf16 or amx))
+    finally:
+        training.native_bfloat16.cache_clear()  # the next caller asks the real CPU again

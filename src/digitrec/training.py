@@ -12,6 +12,7 @@ on any number of processes. DDP averages the gradients; only rank 0 logs, evalua
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -70,6 +71,26 @@ def resolve_device(name: str) -> torch.device:
             "--device mps was asked for but Apple's MPS is not available; use --device cpu or auto."
         )
     return torch.device(name)
+
+
+@functools.cache
+def native_bfloat16(device_type: str) -> bool:
+    """Does this device compute in bfloat16 natively, so that autocast speeds it up?
+
+    A CPU needs AVX-512 BF16 or AMX: without them PyTorch emulates bfloat16, and `fast` trained in 63.7 s
+    against 6.7 s in float32 on an AVX2-only EPYC (on one with AMX, bfloat16 is 2-3x faster than float32).
+    """
+    if device_type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device_type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return True  # MPS and others: autocast as the recipe asks
+
+
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
+    """bfloat16 autocast when the recipe asks for it (`amp`) and the device has native bfloat16; else float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and native_bfloat16(device.type))
 
 
 def lr_at(config: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
@@ -188,7 +209,7 @@ def train_steps(
             x = x.contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, step, steps_per_epoch, total_steps)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+        with autocast(device, config.amp):
             logits = model(x)
         if outliers:  # outlier exposure: the digits' loss plus OUTLIER_WEIGHT x the non-digits' loss
             from .augment_real import OUTLIER_WEIGHT, outlier_loss
@@ -239,7 +260,7 @@ def predict_logits(
             x = torch.cat([padded[..., rows, cols] for rows, cols in tta.windows(tta_views)])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             logits = model(x).float()
         if tta_views > 1:  # the log of the mean probability over the views
             views = logits.log_softmax(1).view(tta_views, -1, logits.shape[1])
@@ -467,6 +488,10 @@ def train(
         f"{total_steps} steps of {config.batch_size}"
         + (f", weights averaged with decay {config.ema_decay}" if average is not None else "")
     )
+    if config.amp and not native_bfloat16(device.type):
+        log(
+            f"bfloat16 autocast off: this {device.type} has no native bfloat16, so {recipe} runs in float32 (faster here)"
+        )
     writer = _tensorboard_writer(out_dir) if tensorboard else None
 
     def save_last(step: int, epoch_so_far: list[float] | None = None) -> None:
@@ -606,6 +631,7 @@ def train(
         "steps": step,
         "device": str(device),
         "world_size": world_size,
+        "bfloat16": config.amp and native_bfloat16(device.type),  # autocast as it ran (see native_bfloat16)
     }
     save_model(
         out_dir / "model.safetensors",
