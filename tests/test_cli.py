@@ -108,6 +108,13 @@ def test_a_port_out_of_range_is_refused_before_start_up(port):
         (["bench", "infer", "--seconds", "nan"], "argument --seconds: 'nan' is not a number above 0"),
         (["train", "--nproc", "0"], "argument --nproc: '0' is not a whole number"),
         (["robustness", "m", "--limit", "-1"], "argument --limit: '-1' is not a whole number"),
+        (["tune", "--trials", "0"], "argument --trials: '0' is not a whole number of at least 1"),
+        (["predict", "x.png", "--top-k", "11"], "argument --top-k: '11' is not a count of digits; use 1-10"),
+        (
+            ["predict", "x.png", "--reject-below", "1.5"],
+            "argument --reject-below: '1.5' is not a probability",
+        ),
+        (["read", "x.png", "--reject-below", "nan"], "argument --reject-below: 'nan' is not a probability"),
     ],
 )
 def test_counts_and_durations_below_one_are_refused(args, message):

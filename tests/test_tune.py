@@ -84,6 +84,9 @@ def test_processes_share_one_study_through_storage(idx_folder, tmp_path, capsys)
     assert (tmp_path / "b" / "trials.csv").read_text().count("\n") == 3  # header + both processes' trials
 
 
-def test_zero_trials_is_a_user_error(idx_folder, capsys):
-    assert main(["tune", "--trials", "0", "--data-dir", str(idx_folder)]) == 2
-    assert "--trials must be at least 1" in capsys.readouterr().err
+def test_zero_trials_is_a_user_error(tmp_path):
+    """The command line refuses `--trials 0` (tests/test_cli.py); the function refuses it too."""
+    from digitrec.errors import DigitrecError
+
+    with pytest.raises(DigitrecError, match="tuning needs at least 1 trial, got 0"):
+        tune_module.tune("fast", 0, tmp_path)

@@ -47,6 +47,18 @@ def _whole_number(low: int, high: int | None, complaint: str) -> Callable[[str],
 # A TCP port (0: the system picks a free one), and counts, seeds, rounds and processes.
 _port = _whole_number(0, 65535, "is not a port number; use 0-65535")
 _positive_int = _whole_number(1, None, "is not a whole number of at least 1")
+_top_k = _whole_number(1, 10, "is not a count of digits; use 1-10")
+
+
+def _probability(value: str) -> float:
+    """A number in [0, 1], for argparse (a confidence threshold)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 <= number <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value!r} is not a probability; use a number from 0 to 1")
+    return number
 
 
 def _positive_float(value: str) -> float:
@@ -345,8 +357,6 @@ NUMPY_MAX_IMAGES = 1000
 def _predictor(args: argparse.Namespace, images: int | None = None):
     from .predict import Predictor
 
-    if args.reject_below is not None and not 0 <= args.reject_below <= 1:
-        raise DigitrecError(f"--reject-below must be between 0 and 1, got {args.reject_below}.")
     backend = args.backend
     if backend == "auto" and (images is None or images > NUMPY_MAX_IMAGES):
         backend = "torch"
@@ -369,8 +379,6 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
-    if not 1 <= args.top_k <= 10:
-        raise DigitrecError(f"--top-k must be between 1 and 10, got {args.top_k}.")
     paths = _image_paths(args)
     predictor = _predictor(args, len(paths))
     workers = min(os.cpu_count() or 1, 8)  # a folder of photos preprocesses on every core
@@ -841,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--reject-below",
-            type=float,
+            type=_probability,
             metavar="P",
             help="reject when the calibrated confidence is below P (default: the model's, chosen on data)",
         )
@@ -857,7 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="read one digit per image (photos, scans, drawings; folders expand)")
     p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders of images")
     model_flags(p)
-    p.add_argument("--top-k", type=int, default=3, help="how many likely digits to list (default 3)")
+    p.add_argument("--top-k", type=_top_k, default=3, help="how many likely digits to list (default 3)")
     p.add_argument(
         "--json", action="store_true", help='print a JSON array of {"path", "digit", "confidence", "top"}'
     )
@@ -987,7 +995,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="hyperparameter search with Optuna; writes the best config as TOML for train --config"
     )
     p.add_argument("--recipe", default="fast", help="recipe to start from (default fast)")
-    p.add_argument("--trials", type=int, default=20, help="trials this process runs (default 20)")
+    p.add_argument("--trials", type=_positive_int, default=20, help="trials this process runs (default 20)")
     p.add_argument(
         "--storage",
         help="Optuna RDB URL shared by several processes, e.g. sqlite:///tune.db or postgresql://...",

@@ -81,7 +81,7 @@ def tune(
     from .training import train
 
     if trials < 1:
-        raise DigitrecError(f"--trials must be at least 1, got {trials}.")
+        raise DigitrecError(f"tuning needs at least 1 trial, got {trials}.")
     out_dir = Path(out_dir)
     base = get_recipe(recipe)
     base = base.override(
