@@ -17,14 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
-from scipy import ndimage
 
 from .preprocess import (
     MIN_WORK_SIDE,
     WEAK_FRACTION,
     ink_strength,
-    label8,
     load_gray_sized,
     reopened,
     select_digit,
@@ -69,14 +68,32 @@ class _Blob:
         return self.y1 - self.y0
 
 
+def parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[slice, slice]]]:
+    """8-connected parts: (labels, area per label with the paper's at 0, each part's box as row and column slices).
+
+    The labels, areas and boxes of scipy.ndimage.label, np.bincount and find_objects, in one OpenCV pass
+    (SAUF numbers the parts in scipy's raster order)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+        np.ascontiguousarray(mask, dtype=bool).view(np.uint8), 8, cv2.CV_32S, cv2.CCL_SAUF
+    )
+    x, y, width, height, areas = (stats[:, k] for k in range(5))
+    boxes = [(slice(y[i], y[i] + height[i]), slice(x[i], x[i] + width[i])) for i in range(1, count)]
+    return labels, areas, boxes
+
+
+def moving_average(values: np.ndarray, size: int) -> np.ndarray:
+    """scipy.ndimage.uniform_filter1d(values, size) exactly (its reflected ends, its window for an even size)."""
+    left = size // 2
+    padded = np.pad(values.astype(np.float64), (left, size - 1 - left), mode="symmetric")
+    sums = np.concatenate([[0.0], np.cumsum(padded)])
+    return ((sums[size:] - sums[:-size]) / size).astype(np.float32)
+
+
 def components(mask: np.ndarray) -> tuple[np.ndarray, list[_Blob], np.ndarray]:
     """Label 8-connected components; return (labels, one blob per component, areas indexed by label)."""
-    labels, count = label8(mask)
-    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    labels, areas, boxes = parts(mask)
     blobs = [
-        _Blob(s[1].start, s[1].stop, s[0].start, s[0].stop, [i + 1])
-        for i, s in enumerate(ndimage.find_objects(labels))
-        if s is not None
+        _Blob(cols.start, cols.stop, rows.start, rows.stop, [i + 1]) for i, (rows, cols) in enumerate(boxes)
     ]
     return labels, blobs, areas
 
@@ -137,7 +154,7 @@ def merge_broken(blobs: list[_Blob], areas: np.ndarray, line_height: float) -> l
 def cut_columns(mask: np.ndarray, pieces: int) -> list[int]:
     """Where to cut a blob into `pieces`: the lowest ink column near each even split, cuts sorted."""
     width = mask.shape[1]
-    profile = ndimage.uniform_filter1d(mask.sum(axis=0).astype(np.float32), 3)
+    profile = moving_average(mask.sum(axis=0), 3)
     cuts = []
     for k in range(1, pieces):
         ideal = k * width / pieces
@@ -175,14 +192,13 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     _, blobs, areas = components(mask)
     _, line_height = clean(blobs, areas)
     # The same hysteresis as preprocess's threshold, at the faint cut: strong pixels and the weaker ones they touch.
-    labels, count = label8(ink > FAINT_CONTRAST * WEAK_FRACTION)
-    seeded = np.zeros(count + 1, dtype=bool)
+    labels, _, objects = parts(ink > FAINT_CONTRAST * WEAK_FRACTION)
+    seeded = np.zeros(len(objects) + 1, dtype=bool)
     seeded[labels[ink > FAINT_CONTRAST]] = True
     seeded[labels[mask]] = False  # parts of clear digits keep the threshold's shape
     seeded[0] = False
     inked_rows = np.flatnonzero(mask.any(axis=1))
     band = slice(int(inked_rows[0]), int(inked_rows[-1]) + 1)
-    objects = ndimage.find_objects(labels)
     digits = [
         label
         for label in np.flatnonzero(seeded)
@@ -305,7 +321,7 @@ def cut_path(mask: np.ndarray, column: int, reach: int) -> np.ndarray:
 def candidate_columns(mask: np.ndarray, line_height: float) -> list[int]:
     """Where a cut might go: every minimum of the smoothed ink profile and the lowest column of each grid cell."""
     width = mask.shape[1]
-    profile = ndimage.uniform_filter1d(mask.sum(axis=0).astype(np.float32), max(3, int(0.05 * line_height)))
+    profile = moving_average(mask.sum(axis=0), max(3, int(0.05 * line_height)))
     margin = max(2, int(0.1 * line_height))
     columns: set[int] = set()
     inner = np.arange(margin, width - margin)
