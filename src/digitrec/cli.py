@@ -723,7 +723,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint-every-steps", type=int, help="also save last.safetensors every N steps")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default, one per core)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 autocast (only where the CPU or GPU computes in bfloat16; float32 elsewhere)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", help="run folder (default runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")

@@ -55,7 +55,7 @@ class TrainConfig:
     tta_views: int = 1
     checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
     device: str = "auto"
-    amp: bool = False  # bfloat16 autocast (CPU or CUDA)
+    amp: bool = False  # bfloat16 autocast, where the device computes in bfloat16 (training.native_bfloat16)
     channels_last: bool = False
     compile: bool = False
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
@@ -169,7 +169,8 @@ def _coerce(key: str, value: Any, declared: str) -> Any:
 # The seed recipes reproduce the five source documents in ../shared/seeds, quirks included. Documents that
 # train on all 60,000 images and report their last epoch get val_size=0: we train on all of train and keep
 # the last weights, so the test set never chooses a checkpoint. Those that select a model get a validation split.
-# What digitrec's own recipes share: AdamW (digitrec.optim), a one-cycle schedule, label smoothing, bfloat16 autocast.
+# What digitrec's own recipes share: AdamW (digitrec.optim), a one-cycle schedule, label smoothing, bfloat16 autocast
+# (where the device computes in bfloat16: training.native_bfloat16; float32 elsewhere).
 _OURS = TrainConfig(
     optimizer="adamw",
     lr=4e-3,
