@@ -130,3 +130,25 @@ def test_bench_commands_print_json(
     (fast,) = report["recipes"]
     assert fast["recipe"] == "fast" and fast["seeds"] == 1 and report["target"] == 0.2
     assert set(fast["test_accuracy"]) == {"min", "median", "max"}
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_compiled_backend_runs_float32_where_the_cpu_would_emulate_bfloat16(monkeypatch, native) -> None:
+    """On an AVX2-only CPU bfloat16 is emulated (5x slower than float32 eager there), so `torch-compiled`
+    compiles the float32 model; with native bfloat16 it compiles the bfloat16 one."""
+    import numpy as np
+    import torch
+    import torch._inductor.config as inductor_config
+
+    from digitrec import bench, training
+    from digitrec.models import create_model
+
+    monkeypatch.setattr(torch, "compile", lambda model, **options: model)  # dtype is chosen before compiling
+    monkeypatch.setattr(training, "native_bfloat16", lambda device_type: native)
+    freezing = inductor_config.freezing
+    try:
+        run = bench.torch_runner(create_model("fast_cnn"), compiled=True)
+        logits = run(np.zeros((2, 1, 28, 28), np.float32))
+    finally:
+        inductor_config.freezing = freezing  # torch_runner turns it on for the whole process
+    assert logits.dtype == (torch.bfloat16 if native else torch.float32)

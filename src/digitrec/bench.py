@@ -204,20 +204,23 @@ class InferResult:
 def torch_runner(model: nn.Module, bf16: bool = False, compiled: bool = False) -> Callable[[np.ndarray], Any]:
     """A callable on float32 pixels for the PyTorch backends.
 
-    bf16 and compiled run the inference form of the model: BatchNorm folded, bfloat16 weights, channels-last.
+    bf16 and compiled run the inference form of the model: BatchNorm folded, channels-last, bfloat16 weights
+    (compiled: in float32 on a CPU without native bfloat16, where bfloat16 is emulated and many times slower).
     Compiled adds inductor with freezing, which fuses the elementwise layers and prepacks the oneDNN weights.
     """
     from .export import inference_model
+    from .training import native_bfloat16
 
+    half = bf16 or (compiled and native_bfloat16("cpu"))
+    dtype = torch.bfloat16 if half else torch.float32
     if bf16 or compiled:
-        model = inference_model(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks memory_format
+        model = inference_model(model).to(dtype=dtype, memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks memory_format
     model = model.eval()
     if compiled:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
         model = cast(nn.Module, torch.compile(model, dynamic=False))  # one static graph per batch size
-    dtype = torch.bfloat16 if (bf16 or compiled) else torch.float32
 
     def run(batch: np.ndarray):
         x = torch.from_numpy(batch).to(dtype)  # one channel: the layout is channels-last already
