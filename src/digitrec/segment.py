@@ -73,12 +73,11 @@ def parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[slice, s
 
     The labels, areas and boxes of scipy.ndimage.label, np.bincount and find_objects, in one OpenCV pass
     (SAUF numbers the parts in scipy's raster order)."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+    _, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
         np.ascontiguousarray(mask, dtype=bool).view(np.uint8), 8, cv2.CV_32S, cv2.CCL_SAUF
     )
-    x, y, width, height, areas = (stats[:, k] for k in range(5))
-    boxes = [(slice(y[i], y[i] + height[i]), slice(x[i], x[i] + width[i])) for i in range(1, count)]
-    return labels, areas, boxes
+    boxes = [(slice(y, y + height), slice(x, x + width)) for x, y, width, height, _ in stats[1:].tolist()]
+    return labels, stats[:, cv2.CC_STAT_AREA].astype(np.int64), boxes
 
 
 def moving_average(values: np.ndarray, size: int) -> np.ndarray:
