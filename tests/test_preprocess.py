@@ -23,6 +23,7 @@ from digitrec.preprocess import (
     load_gray,
     median_filter,
     open_image,
+    parts,
     preprocess,
     reopened,
     select_digit,
@@ -149,13 +150,17 @@ def test_disk_filter_grows_and_thins_as_a_distance_transform_would(height, width
     density=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
 )
-def test_label8_numbers_the_parts_as_scipy_does(height, width, density, seed):
+def test_label8_and_parts_number_the_parts_as_scipy_does(height, width, density, seed):
     from scipy import ndimage
 
     mask = np.random.default_rng(seed).random((height, width)) < density
     expected, count = ndimage.label(mask, structure=np.ones((3, 3)))
     labels, found = label8(mask[:, ::-1][:, ::-1])  # a strided view works too
     assert found == count and np.array_equal(labels, expected)
+    labels, areas, boxes = parts(mask)
+    assert np.array_equal(labels, expected)
+    assert np.array_equal(areas, np.bincount(expected.ravel(), minlength=count + 1))
+    assert boxes == ndimage.find_objects(expected)
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (140, 140), (300, 1024)])

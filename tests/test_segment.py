@@ -261,26 +261,6 @@ def test_a_blank_page_reads_nothing():
     assert segment(np.full((100, 400), 220, np.uint8)) == []
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    height=st.integers(1, 50),
-    width=st.integers(1, 80),
-    density=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**16),
-)
-def test_parts_are_scipys_labels_areas_and_boxes(height, width, density, seed):
-    from scipy import ndimage
-
-    from digitrec.segment import parts
-
-    mask = np.random.default_rng(seed).random((height, width)) < density
-    expected, count = ndimage.label(mask, structure=np.ones((3, 3)))
-    labels, areas, boxes = parts(mask)
-    assert np.array_equal(labels, expected)
-    assert np.array_equal(areas, np.bincount(expected.ravel(), minlength=count + 1))
-    assert boxes == ndimage.find_objects(expected)
-
-
 @settings(max_examples=80, deadline=None)
 @given(values=st.lists(st.integers(0, 200), min_size=1, max_size=60), size=st.integers(1, 12))
 def test_moving_average_is_scipys_uniform_filter(values, size):

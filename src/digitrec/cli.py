@@ -50,26 +50,24 @@ _positive_int = _whole_number(1, None, "is not a whole number of at least 1")
 _top_k = _whole_number(1, 10, "is not a count of digits; use 1-10")
 
 
-def _probability(value: str) -> float:
-    """A number in [0, 1], for argparse (a confidence threshold)."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not 0 <= number <= 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{value!r} is not a probability; use a number from 0 to 1")
-    return number
+def _real_number(accepts: Callable[[float], bool], complaint: str) -> Callable[[str], float]:
+    """An argparse type: a number that `accepts` (never NaN, which compares false), else "'VALUE' complaint"."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not accepts(number):
+            raise argparse.ArgumentTypeError(f"{value!r} {complaint}")
+        return number
+
+    return parse
 
 
-def _positive_float(value: str) -> float:
-    """A number above 0, for argparse (seconds, epochs)."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not number > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number above 0")
-    return number
+# A confidence threshold, and seconds or epochs.
+_probability = _real_number(lambda x: 0 <= x <= 1, "is not a probability; use a number from 0 to 1")
+_positive_float = _real_number(lambda x: x > 0, "is not a number above 0")
 
 
 def _batch_sizes(value: str) -> list[int]:

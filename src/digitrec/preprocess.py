@@ -427,16 +427,31 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
+def _u8(mask: np.ndarray) -> np.ndarray:
+    """A boolean mask as the contiguous 0/1 uint8 image OpenCV takes, without a copy where it can."""
+    return np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+
+
 def label8(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected parts of a boolean mask (pixels touching by a corner belong to the same stroke): (labels, count).
 
     Labels run 1..count in raster order of each part's first pixel, 0 is the paper: exactly
     scipy.ndimage.label's with a 3x3 structure (OpenCV's SAUF algorithm numbers them the same way), 3-4x faster.
     """
-    count, labels = cv2.connectedComponentsWithAlgorithm(
-        np.ascontiguousarray(mask, dtype=bool).view(np.uint8), 8, cv2.CV_32S, cv2.CCL_SAUF
-    )
+    count, labels = cv2.connectedComponentsWithAlgorithm(_u8(mask), 8, cv2.CV_32S, cv2.CCL_SAUF)
     return labels, count - 1
+
+
+def parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[slice, slice]]]:
+    """label8()'s labels with each part's area (indexed by label, the paper's at 0) and box (row and column slices).
+
+    The labels, areas and boxes of scipy.ndimage.label, np.bincount and find_objects, in one OpenCV pass; it costs
+    more than label8(), so only segment.py, which needs the boxes, asks for them."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+        _u8(mask), 8, cv2.CV_32S, cv2.CCL_SAUF
+    )
+    boxes = [(slice(y, y + height), slice(x, x + width)) for x, y, width, height, _ in stats[1:].tolist()]
+    return labels, stats[:, cv2.CC_STAT_AREA].astype(np.int64), boxes
 
 
 def ink_parts(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -570,7 +585,7 @@ def disk_filter(mask: np.ndarray, radius: float, grow: bool) -> np.ndarray:
     The same pixels as thresholding a distance transform, at a fraction of the cost: one OpenCV dilation or
     erosion by the disk (its border: paper when growing, ink when thinning).
     """
-    source = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+    source = _u8(mask)
     disk = _disk(radius).view(np.uint8)
     if grow:
         out = cv2.dilate(source, disk, borderType=cv2.BORDER_CONSTANT, borderValue=0)

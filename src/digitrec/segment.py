@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 from .preprocess import (
@@ -25,6 +24,7 @@ from .preprocess import (
     WEAK_FRACTION,
     ink_strength,
     load_gray_sized,
+    parts,
     reopened,
     select_digit,
     stroke_width,
@@ -66,18 +66,6 @@ class _Blob:
     @property
     def height(self) -> int:
         return self.y1 - self.y0
-
-
-def parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[slice, slice]]]:
-    """8-connected parts: (labels, area per label with the paper's at 0, each part's box as row and column slices).
-
-    The labels, areas and boxes of scipy.ndimage.label, np.bincount and find_objects, in one OpenCV pass
-    (SAUF numbers the parts in scipy's raster order)."""
-    _, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-        np.ascontiguousarray(mask, dtype=bool).view(np.uint8), 8, cv2.CV_32S, cv2.CCL_SAUF
-    )
-    boxes = [(slice(y, y + height), slice(x, x + width)) for x, y, width, height, _ in stats[1:].tolist()]
-    return labels, stats[:, cv2.CC_STAT_AREA].astype(np.int64), boxes
 
 
 def moving_average(values: np.ndarray, size: int) -> np.ndarray:
