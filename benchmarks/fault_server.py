@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_server import digit_pngs, multipart_request, read_response, start_server  # noqa: E402
+from load_server import (  # noqa: E402
+    child_processes,
+    digit_pngs,
+    multipart_request,
+    read_response,
+    start_server,
+)
 
 HOST = "127.0.0.1"
 BAD_DEADLINE_S = 1.0
@@ -237,18 +243,6 @@ def peak_memory_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def child_processes(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (the server's image workers and multiprocessing's tracker), from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):  # it ended while we looked
-            continue
-    return found
 
 
 def still_running(pids: list[int], wait_s: float = 10.0) -> list[int]:

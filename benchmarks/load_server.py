@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlsplit
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -132,6 +133,62 @@ async def run_load(
     return latencies, errors, time.perf_counter() - started
 
 
+# ---------------------------------------------------------------- CPU time per request, from /proc (Linux)
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (which may hold spaces): state, ppid, ..., utime, stime, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the server's image workers and multiprocessing's tracker), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int(_stat_fields(int(entry.name))[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # it ended while we looked
+            continue
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used, in seconds."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def listening_process(port: int) -> int | None:
+    """The process holding the socket that listens on 127.0.0.1:`port` (a server given by --url), if this user
+    can see it: the socket's inode from /proc/net/tcp, then the process with that inode among its descriptors."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                return int(entry.name)
+        except OSError:  # another user's process, or it ended while we looked
+            continue
+    return None
+
+
+def server_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds so far of the server process and each of its child processes (its image workers)."""
+    out = {}
+    for each in [pid, *child_processes(pid)]:
+        try:
+            out[each] = cpu_seconds(each)
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, max(0, round(q / 100 * len(sorted_values)) - 1))]
 
@@ -169,6 +226,29 @@ def start_server(
             time.sleep(0.2)
     server.kill()
     raise SystemExit("the server did not answer /healthz within 120 s")
+
+
+def _quietly(function, *args):
+    """function(*args), or None where /proc cannot answer (not Linux, or another user's server)."""
+    try:
+        return function(*args)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_line(result: dict, concurrency: int) -> str:
+    """CPU per request, and what it implies on this machine's cores: the most requests/s they can answer at that
+    cost, and the least mean latency `concurrency` connections then see (Little's law: in flight / throughput)."""
+    server = result["server_cpu_ms_per_request"]
+    per_request = server["main_process"] + server["child_processes"] + result["client_cpu_ms_per_request"]
+    ceiling = result["cpus"] / per_request * 1000
+    return (
+        f"CPU per request: server {server['main_process'] + server['child_processes']:.2f} ms (main process "
+        f"{server['main_process']:.2f}, {server['children']} child processes {server['child_processes']:.2f}), "
+        f"this client {result['client_cpu_ms_per_request']:.2f} ms: {result['cpus']} cores answer at most "
+        f"{ceiling:.0f} requests/s at that cost, and {concurrency} connections then wait at least "
+        f"{concurrency / ceiling * 1000:.1f} ms on average"
+    )
 
 
 def main() -> int:
@@ -212,9 +292,14 @@ def main() -> int:
                     run_load(host, port, requests, args.warmup, min(args.concurrency, args.warmup), 60)
                 )
             before = json.loads(urllib.request.urlopen(f"http://{host}:{port}/api/stats", timeout=10).read())
+            server_pid = server.pid if server is not None else _quietly(listening_process, port)
+            cpu_before = _quietly(server_cpu, server_pid) if server_pid else None
+            client_before = os.times()
             latencies, errors, seconds = asyncio.run(
                 run_load(host, port, requests, args.requests, args.concurrency, args.time_limit)
             )
+            client_after = os.times()
+            cpu_after = _quietly(server_cpu, server_pid) if server_pid else None
             stats = json.loads(urllib.request.urlopen(f"http://{host}:{port}/api/stats", timeout=10).read())
             ceiling = preprocess_rate(pngs)  # measured right after the load, with the server idle
             health = json.loads(urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10).read())
@@ -246,6 +331,18 @@ def main() -> int:
         "gc_full_collections": stats.get("gc", {}).get("collections", [0, 0, 0])[2]
         - before.get("gc", {}).get("collections", [0, 0, 0])[2],
     }
+    answered = len(done) + len(errors)
+    if answered:
+        client = (client_after.user - client_before.user) + (client_after.system - client_before.system)
+        result["client_cpu_ms_per_request"] = round(client / answered * 1000, 3)
+    if cpu_before and cpu_after and answered:
+        used = {pid: cpu_after[pid] - cpu_before[pid] for pid in cpu_after if pid in cpu_before}
+        main_ms = used.pop(server_pid, 0.0) / answered * 1000
+        result["server_cpu_ms_per_request"] = {
+            "main_process": round(main_ms, 3),
+            "child_processes": round(sum(used.values()) / answered * 1000, 3),
+            "children": len(used),
+        }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -266,6 +363,8 @@ def main() -> int:
             f"{result['load_average']} (other jobs on this machine slow both); full garbage collections in the "
             f"server during the run: {result['gc_full_collections']}"
         )
+        if "server_cpu_ms_per_request" in result:
+            print(cpu_line(result, args.concurrency))
         for error in errors[:5]:
             print("  error:", error)
     return 1 if errors or len(done) < args.requests else 0

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from digitrec.bench import bench_infer, bench_train, infer_table, train_table
+from digitrec.bench import bench_infer, bench_train, infer_table, multiply_adds, train_table
+from digitrec.checkpoint import load_model
 from digitrec.cli import main
 from digitrec.config import get_recipe
 from digitrec.errors import DigitrecError
+from digitrec.models import create_model
 
 TINY = {
     "fast": get_recipe("fast").override(epochs=2),
@@ -66,10 +68,12 @@ def test_bench_infer_times_each_backend_at_each_batch_size(tiny_checkpoint: Path
         log=lambda msg: None,
     )
     assert [(r.backend, r.batch_size) for r in results] == [(b, s) for b in backends for s in (1, 64)]
+    per_image = multiply_adds(load_model(tiny_checkpoint)[0]).forward
     for r in results:
         assert r.images_per_s > 0 and 0 < r.p50_ms <= r.p99_ms
+        assert r.multiply_adds_per_s == pytest.approx(r.images_per_s * per_image)
     table = infer_table(results)
-    assert all(f"| {b} |" in table for b in backends)
+    assert all(f"| {b} |" in table for b in backends) and "G mult-adds/s at batch 64 |" in table
 
 
 def test_bench_infer_rejects_an_unknown_backend(tiny_checkpoint: Path, tiny_mnist) -> None:
@@ -78,7 +82,7 @@ def test_bench_infer_rejects_an_unknown_backend(tiny_checkpoint: Path, tiny_mnis
 
 
 def test_bench_commands_print_json(
-    tiny_checkpoint: Path, idx_folder: Path, capsys: pytest.CaptureFixture
+    tiny_checkpoint: Path, idx_folder: Path, tiny_mnist, capsys: pytest.CaptureFixture
 ) -> None:
     assert (
         main(
@@ -107,6 +111,11 @@ def test_bench_commands_print_json(
         (b, s) for b in ("torch-fp32", "onnx-fp32") for s in (1, 16)
     }
     assert all(r["images_per_s"] > 0 for r in report["results"])
+    per_image = report["multiply_adds_per_image"]
+    assert per_image == multiply_adds(load_model(tiny_checkpoint)[0]).forward
+    for r in report["results"]:
+        assert r["multiply_adds_per_s"] == pytest.approx(r["images_per_s"] * per_image)
+    assert report["matmul_multiply_adds_per_s"] > 0
 
     assert (
         main(
@@ -130,6 +139,38 @@ def test_bench_commands_print_json(
     (fast,) = report["recipes"]
     assert fast["recipe"] == "fast" and fast["seeds"] == 1 and report["target"] == 0.2
     assert set(fast["test_accuracy"]) == {"min", "median", "max"}
+    assert fast["epoch_multiply_adds"] == multiply_adds(create_model("fast_cnn_lite")).training * len(
+        tiny_mnist.train_images
+    )  # fast keeps no validation split: every training image, every epoch
+
+
+def test_multiply_adds_counts_each_convolution_and_linear_layer() -> None:
+    """By hand: conv 1->4 3x3 on 28x28 (26x26 out), conv 4->8 3x3 stride 2 in 2 groups (12x12 out), linear."""
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, stride=2, groups=2),
+        nn.BatchNorm2d(8),
+        nn.Flatten(),
+        nn.Linear(8 * 12 * 12, 10),
+    ).train()
+    counted = multiply_adds(model)
+    first, second, linear = 4 * 26 * 26 * 9, 8 * 12 * 12 * 2 * 9, 10 * 8 * 12 * 12
+    assert counted.forward == first + second + linear
+    assert counted.training == 3 * (first + second + linear) - first  # no gradient for the input image
+    assert model.training and not model[2]._forward_hooks  # left as it was found
+    assert multiply_adds(create_model("fast_cnn_lite")).forward == 869_888  # the docstring's layers, by hand
+
+
+def test_tables_set_the_work_beside_the_matrix_multiply_rate(tiny_mnist) -> None:
+    result = bench_train({"fast": TINY["fast"]}, tiny_mnist, target=0.5, log=lambda msg: None)
+    work = result[0].epoch_multiply_adds
+    assert work == multiply_adds(create_model("fast_cnn_lite")).training * len(tiny_mnist.train_images)
+    table = train_table(result, 0.5, matmul_per_s=work / 2)  # a machine doing one epoch's work in 2 s
+    assert table.splitlines()[-1].endswith(f"| {work / 1e9:.1f} | 2.00 |")
+    assert train_table(result, 0.5).splitlines()[-1].endswith(" | - |")  # no rate measured: no floor
 
 
 @pytest.mark.parametrize("native", [False, True])

@@ -664,6 +664,36 @@ def _fault_benchmark():
     return module
 
 
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the process table from /proc (Linux)")
+def test_load_benchmark_finds_the_server_and_counts_its_cpu_time() -> None:
+    """benchmarks/load_server.py's CPU accounting: the process behind a port, its CPU seconds, what they imply."""
+    _fault_benchmark()
+    load = sys.modules["load_server"]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert load.listening_process(listener.getsockname()[1]) == os.getpid()
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))  # bound, not listening: no process serves it
+            assert load.listening_process(other.getsockname()[1]) is None
+    before, times_before = load.cpu_seconds(os.getpid()), os.times()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    used, times_used = load.cpu_seconds(os.getpid()) - before, os.times()
+    expected = (times_used.user - times_before.user) + (times_used.system - times_before.system)
+    assert 0.25 <= used and abs(used - expected) <= 0.05  # /proc counts in clock ticks of 10 ms
+    result = {
+        "cpus": 2,
+        "client_cpu_ms_per_request": 0.5,
+        "server_cpu_ms_per_request": {"main_process": 1.0, "child_processes": 2.5, "children": 2},
+    }
+    assert load.cpu_line(result, 32) == (
+        "CPU per request: server 3.50 ms (main process 1.00, 2 child processes 2.50), this client 0.50 ms: "
+        "2 cores answer at most 500 requests/s at that cost, and 32 connections then wait at least 64.0 ms on average"
+    )
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
 def test_stopping_serve_stops_its_image_workers(tmp_path):
     """uvicorn re-raises the SIGTERM it caught, so workers the app does not stop itself outlive the server."""

@@ -44,6 +44,67 @@ def _reset_peak_rss() -> None:
         pass
 
 
+# ---------------------------------------------------------------- the machine's ceiling
+
+
+@dataclass(frozen=True)
+class MultiplyAdds:
+    """Multiply-adds of a model's convolutions and linear layers for one 28x28 image (elementwise layers,
+    pooling and normalization are not counted: they cost memory traffic, not arithmetic)."""
+
+    forward: int
+    first_layer: int  # the first layer's share: training needs no gradient for the input image
+
+    @property
+    def training(self) -> int:
+        """Forward, the weight gradients (as many again) and the input gradients (again, but the first layer's)."""
+        return 3 * self.forward - self.first_layer
+
+
+def multiply_adds(model: nn.Module) -> MultiplyAdds:
+    """Count a model's multiply-adds per image by running one image through it with hooks on its Conv2d and
+    Linear layers (the counts do not depend on the weights)."""
+    counts: list[int] = []
+
+    def hook(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if isinstance(layer, nn.Conv2d):
+            kernel = layer.kernel_size[0] * layer.kernel_size[1]
+            counts.append(output.numel() * layer.in_channels // layer.groups * kernel)
+        else:
+            counts.append(output.numel() * cast(nn.Linear, layer).in_features)
+
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    training = model.training
+    try:
+        model.eval()
+        parameter = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, 1, 28, 28, dtype=parameter.dtype, device=parameter.device))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return MultiplyAdds(sum(counts), counts[0] if counts else 0)
+
+
+def matmul_rate(side: int = 1024, seconds: float = 0.5, rounds: int = 3) -> float:
+    """This machine's float32 matrix-multiply rate with torch's current threads, in multiply-adds per second
+    (the median of `rounds`): about the most a float32 convolution or linear layer can reach here."""
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    for _ in range(2):
+        torch.mm(a, b)
+    rates = []
+    for _ in range(rounds):
+        calls, start = 0, time.perf_counter()
+        while calls < 2 or time.perf_counter() - start < seconds / rounds:
+            torch.mm(a, b)
+            calls += 1
+        rates.append(calls * side**3 / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
 # ---------------------------------------------------------------- bench train
 
 
@@ -64,6 +125,7 @@ class RecipeResult:
     arch: str
     params: int
     runs: list[SeedRun]
+    epoch_multiply_adds: int = 0  # of one training epoch's conv and linear layers (MultiplyAdds.training)
 
     @property
     def seconds_to_target(self) -> float | None:
@@ -82,6 +144,7 @@ class RecipeResult:
             "recipe": self.recipe,
             "arch": self.arch,
             "params": self.params,
+            "epoch_multiply_adds": self.epoch_multiply_adds,
             "seconds_to_target": self.seconds_to_target,
             "reached_target": sum(r.seconds_to_target is not None for r in self.runs),
             "seeds": len(self.runs),
@@ -140,6 +203,8 @@ def bench_train(
     log: Callable[[str], None] = print,
 ) -> list[RecipeResult]:
     """Train every recipe for `seeds` seeds (its own seed, +1, +2, ...), noting the test accuracy after each epoch."""
+    from .models import create_model
+
     results = []
     for name, config in recipes.items():
         runs = []
@@ -156,17 +221,23 @@ def bench_train(
                 f"{name} seed {run.seed}: test accuracy {run.test_accuracy:.2%}, to {target:.2%} {to_target}, "
                 f"train {run.train_seconds:.2f} s + eval {run.eval_seconds:.2f} s"
             )
-        results.append(RecipeResult(name, config.arch, params, runs))
+        per_image = multiply_adds(create_model(config.arch)).training
+        epoch_images = len(data.train_images) - config.val_size
+        results.append(RecipeResult(name, config.arch, params, runs, per_image * epoch_images))
     return results
 
 
-def train_table(results: Sequence[RecipeResult], target: float, baseline: str = "fast") -> str:
-    """A Markdown table of `bench_train` results; times as ratios to `baseline` where it ran."""
+def train_table(
+    results: Sequence[RecipeResult], target: float, baseline: str = "fast", matmul_per_s: float | None = None
+) -> str:
+    """A Markdown table of `bench_train` results; times as ratios to `baseline` where it ran. With this
+    machine's float32 matrix-multiply rate, each recipe's epoch also shows as the seconds its multiply-adds
+    would take at that rate: the least an epoch can take in float32 here, however well the kernels do."""
     base = next((r.seconds_to_target for r in results if r.recipe == baseline), None)
     lines = [
         f"| recipe | params | seconds to {target:.2%} (median) | × {baseline} | test accuracy min / median / max "
-        "| train + eval s (median) | seeds | peak MB |",
-        "|---|---:|---:|---:|---|---:|---:|---:|",
+        "| train + eval s (median) | seeds | peak MB | G mult-adds per epoch | epoch at the matmul rate, s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         d = r.to_dict()
@@ -179,9 +250,12 @@ def train_table(results: Sequence[RecipeResult], target: float, baseline: str = 
         ratio = f"{seconds / base:.1f}" if seconds is not None and base else "-"
         acc = d["test_accuracy"]
         peak = f"{d['peak_mb']:.0f}" if d["peak_mb"] is not None else "-"
+        work = r.epoch_multiply_adds
+        floor = f"{work / matmul_per_s:.2f}" if work and matmul_per_s else "-"
         lines.append(
             f"| {r.recipe} | {r.params:,} | {shown} | {ratio} | {acc['min']:.2%} / {acc['median']:.2%} / "
-            f"{acc['max']:.2%} | {d['train_plus_eval_seconds']:.2f} | {d['seeds']} | {peak} |"
+            f"{acc['max']:.2%} | {d['train_plus_eval_seconds']:.2f} | {d['seeds']} | {peak} | "
+            f"{work / 1e9:.1f} | {floor} |"
         )
     return "\n".join(lines)
 
@@ -199,6 +273,7 @@ class InferResult:
     p50_ms: float  # latency of one call (one batch)
     p99_ms: float
     setup_seconds: float  # export, quantization or compilation before the first call
+    multiply_adds_per_s: float = 0.0  # images/s x the model's conv and linear multiply-adds per image
 
 
 def torch_runner(model: nn.Module, bf16: bool = False, compiled: bool = False) -> Callable[[np.ndarray], Any]:
@@ -277,6 +352,7 @@ def bench_infer(
     if unknown:
         raise DigitrecError(f"unknown backend {unknown[0]!r}; choose from {', '.join(INFER_BACKENDS)}.")
     model, _ = load_model(checkpoint)
+    per_image = multiply_adds(model).forward
     pixels = as_input(images).numpy()
     runners: dict[str, Callable[[np.ndarray], Any]] = {}
     setup: dict[str, float] = {}
@@ -321,32 +397,36 @@ def bench_infer(
     for name in backends:
         for size in batch_sizes:
             times_ms = np.array(latencies[(name, size)]) * 1000
+            rate = statistics.median(rates[(name, size)])
             results.append(
                 InferResult(
                     name,
                     size,
-                    statistics.median(rates[(name, size)]),
+                    rate,
                     float(np.percentile(times_ms, 50)),
                     float(np.percentile(times_ms, 99)),
                     setup[name],
+                    rate * per_image,
                 )
             )
     return results
 
 
 def infer_table(results: Sequence[InferResult]) -> str:
-    """One row per backend: images/s, p50 and p99 latency at each batch size."""
+    """One row per backend: images/s, p50 and p99 latency at each batch size, and the multiply-adds per second
+    that its largest batch reached (to set beside the machine's matrix-multiply rate)."""
     sizes = sorted({r.batch_size for r in results})
     header = (
         "| backend | "
         + " | ".join(f"batch {s:,}: images/s | p50 ms | p99 ms" for s in sizes)
-        + " | setup s |"
+        + f" | G mult-adds/s at batch {sizes[-1]:,} | setup s |"
     )
-    lines = [header, "|---|" + "---:|---:|---:|" * len(sizes) + "---:|"]
+    lines = [header, "|---|" + "---:|---:|---:|" * len(sizes) + "---:|---:|"]
     for name in dict.fromkeys(r.backend for r in results):
         row = {r.batch_size: r for r in results if r.backend == name}
         cells = " | ".join(
             f"{row[s].images_per_s:,.0f} | {row[s].p50_ms:.3f} | {row[s].p99_ms:.3f}" for s in sizes
         )
-        lines.append(f"| {name} | {cells} | {row[sizes[0]].setup_seconds:.1f} |")
+        work = row[sizes[-1]].multiply_adds_per_s / 1e9
+        lines.append(f"| {name} | {cells} | {work:.1f} | {row[sizes[0]].setup_seconds:.1f} |")
     return "\n".join(lines)

@@ -520,8 +520,25 @@ def _bench_footer(header: dict) -> str:
     header["load_average_after"] = list(os.getloadavg())
     return (
         f"{header['cores']} cores, torch {header['torch']} with {header['torch_threads']} threads; load average "
-        f"{header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after"
+        f"{header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after; float32 matrix "
+        f"multiply here: {header['matmul_multiply_adds_per_s'] / 1e9:.1f} G multiply-adds/s (torch, 1024x1024, "
+        "measured before the run)"
     )
+
+
+def _with_matmul_rate(header: dict, threads: int | None = None) -> dict:
+    """The header plus this machine's float32 matrix-multiply rate, on `threads` torch threads if given."""
+    import torch
+
+    from .bench import matmul_rate
+
+    previous = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        return header | {"matmul_multiply_adds_per_s": matmul_rate()}
+    finally:
+        torch.set_num_threads(previous)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
@@ -537,6 +554,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         recipes = {n: c.override(threads=args.threads) for n, c in recipes.items()}
     data = load_mnist(args.data_dir, log=_stderr)
     header = _bench_header() | ({"torch_threads": args.threads} if args.threads else {})
+    header = _with_matmul_rate(header, args.threads)
     results = bench_train(
         recipes, data, target=args.target, seeds=args.seeds, stop_at_target=args.stop_at_target, log=_stderr
     )
@@ -546,13 +564,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
             json.dumps({**header, "target": args.target, "recipes": [r.to_dict() for r in results]}, indent=2)
         )
         return 0
-    print(train_table(results, args.target))
+    print(train_table(results, args.target, matmul_per_s=header["matmul_multiply_adds_per_s"]))
     print(f"\n{footer}")
     return 0
 
 
 def cmd_bench_infer(args: argparse.Namespace) -> int:
-    from .bench import bench_infer, infer_table
+    from .bench import bench_infer, infer_table, multiply_adds
+    from .checkpoint import load_model
     from .data import load_mnist
 
     data = load_mnist(args.data_dir, log=_stderr)
@@ -571,7 +590,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
             report=False,
             log=_stderr,
         )
-    header = _bench_header()
+    header = _with_matmul_rate(_bench_header())
     results = bench_infer(
         model,
         data.test_images,
@@ -584,13 +603,20 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         log=_stderr,
     )
     footer = _bench_footer(header)
+    per_image = multiply_adds(load_model(model)[0]).forward
     if args.json:
         from dataclasses import asdict
 
-        print(json.dumps({**header, "model": str(model), "results": [asdict(r) for r in results]}, indent=2))
+        summary = {**header, "model": str(model), "multiply_adds_per_image": per_image}
+        print(json.dumps(summary | {"results": [asdict(r) for r in results]}, indent=2))
         return 0
+    ceiling = header["matmul_multiply_adds_per_s"] / per_image
     print(infer_table(results))
-    print(f"\nmodel {model}; {footer}")
+    print(
+        f"\nmodel {model}: {per_image / 1e6:.2f} M multiply-adds per image in its convolutions and linear layers, "
+        f"so a float32 backend running them at the matrix-multiply rate below reads about {ceiling:,.0f} images/s"
+    )
+    print(footer)
     return 0
 
 
