@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -97,6 +99,21 @@ def test_a_port_out_of_range_is_refused_before_start_up(port):
     """uvicorn would take 99999 and listen on another port (99999 - 65536) while saying 99999."""
     result = run_cli("serve", "--port", port)
     assert result.returncode == 2 and "is not a port number; use 0-65535" in result.stderr
+
+
+def test_a_busy_port_or_unknown_host_is_one_sentence_before_the_model_loads(tmp_path):
+    """uvicorn would load the model and start the workers, then log the bind error among its own lines."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        started = time.monotonic()
+        result = run_cli("serve", "--port", port, "--feedback-db", str(tmp_path / "f.sqlite"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"port {port} on 127.0.0.1 is already in use; stop what is using it" in result.stderr
+    assert "serving" not in result.stdout and time.monotonic() - started < 30  # no model, no workers
+    result = run_cli("serve", "--host", "no-such-host.invalid", "--port", "8000")
+    assert result.returncode == 2 and "cannot listen on 'no-such-host.invalid': no such host" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,13 @@ import asyncio
 import base64
 import binascii
 import collections
+import errno
 import gc
 import io
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -954,6 +956,37 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
         return load("torch")
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Raise one DigitrecError sentence if `host:port` cannot be listened on (taken, not ours, no such address),
+    before the model and the workers load, instead of uvicorn's log lines after them.
+
+    It binds the way uvicorn does (SO_REUSEADDR, so a port left in TIME_WAIT counts as free) and lets go.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        raise DigitrecError(
+            f"cannot listen on {host!r}: no such host or address here; try 127.0.0.1."
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise DigitrecError(
+                    f"port {port} on {host} is already in use; stop what is using it or pass another --port."
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise DigitrecError(
+                    f"this user may not listen on port {port} (ports below 1024 need privileges); pass --port 8000."
+                ) from None
+            raise DigitrecError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); pass another --host or --port."
+            ) from None
+
+
 def serve(
     model: str | Path | None = None,
     host: str = "127.0.0.1",
@@ -967,6 +1000,7 @@ def serve(
 
     A client must send each request's headers within `header_timeout` seconds or its connection is closed.
     """
+    check_can_listen(host, port)
     import torch
     import uvicorn
 
