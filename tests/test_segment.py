@@ -12,9 +12,12 @@ from digitrec.predict import Predictor
 from digitrec.preprocess import ink_mask, load_gray
 from digitrec.realworld import crop_ink, draw_digit, generate, number_line
 from digitrec.segment import (
+    CUT_SIDEWAYS,
+    CUT_STRAY,
     MAX_PIECE_WIDTH,
     _plausible_digit,
     cut_path,
+    cut_paths,
     line_ink,
     segment,
     split_by_recognition,
@@ -117,6 +120,44 @@ def test_a_cut_path_goes_round_the_ink():
     path = cut_path(mask, 20, 8)
     assert path.shape == (40,) and ((path >= 14) & (path < 26)).all()
     assert mask[np.arange(40), path].sum() == 4  # the bar's thickness
+
+
+def _one_path_at_a_time(mask: np.ndarray, column: int, reach: int) -> np.ndarray:
+    """cut_path as it was before it found the paths of all columns in one pass: the reference."""
+    height, width = mask.shape
+    lo, hi = max(0, column - reach), min(width, column + reach + 1)
+    span = hi - lo
+    cost = mask[:, lo:hi].astype(np.float32) + CUT_STRAY * ((np.arange(lo, hi) - column) / reach) ** 2
+    total = cost[0].copy()
+    moves = np.zeros((height, span), dtype=np.int8)
+    for row in range(1, height):
+        left = np.concatenate([[np.inf], total[:-1]]) + CUT_SIDEWAYS
+        right = np.concatenate([total[1:], [np.inf]]) + CUT_SIDEWAYS
+        options = np.stack([left, total, right])
+        choice = np.argmin(options, axis=0)
+        total = options[choice, np.arange(span)] + cost[row]
+        moves[row] = choice.astype(np.int8) - 1
+    path = np.empty(height, dtype=np.int64)
+    position = int(np.argmin(total))
+    for row in range(height - 1, -1, -1):
+        path[row] = position + lo
+        position += int(moves[row, position])
+    return path
+
+
+def test_cut_paths_finds_each_columns_path_in_one_pass():
+    """Ties included (random masks are full of them), near the edges and with reaches wider than the blob."""
+    rng = np.random.default_rng(7)
+    compared = 0
+    for _ in range(400):
+        height, width = int(rng.integers(2, 90)), int(rng.integers(1, 120))
+        mask = rng.random((height, width)) < rng.uniform(0, 0.8)
+        reach = int(rng.integers(1, 40))
+        columns = sorted({int(c) for c in rng.integers(0, width, size=int(rng.integers(1, 8)))})
+        for column, path in zip(columns, cut_paths(mask, columns, reach), strict=True):
+            assert np.array_equal(path, _one_path_at_a_time(mask, column, reach))
+            compared += 1
+    assert compared > 1_000 and cut_paths(np.ones((3, 3), bool), [], 2) == []
 
 
 def test_a_slanted_cut_separates_digits_that_overlap_in_x():

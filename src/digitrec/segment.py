@@ -282,27 +282,42 @@ def cut_path(mask: np.ndarray, column: int, reach: int) -> np.ndarray:
     pays 1 per ink pixel and CUT_STRAY x (distance / reach)^2 for straying, and stays within `reach` of
     `column`. Pixels at or left of the path go left.
     """
+    return cut_paths(mask, [column], reach)[0]
+
+
+def cut_paths(mask: np.ndarray, columns: list[int], reach: int) -> list[np.ndarray]:
+    """cut_path() for several columns at once: one pass over the rows for all of them (the same paths)."""
     height, width = mask.shape
-    lo, hi = max(0, column - reach), min(width, column + reach + 1)
-    span = hi - lo
-    # Ink costs 1 a pixel; straying from `column` costs quadratically, so the path cuts here, not at the edge.
-    cost = mask[:, lo:hi].astype(np.float32) + CUT_STRAY * ((np.arange(lo, hi) - column) / reach) ** 2
-    total = cost[0].copy()
-    moves = np.zeros((height, span), dtype=np.int8)
-    inf = np.float32(np.inf)
+    if not columns:
+        return []
+    offsets = np.arange(-reach, reach + 1)
+    positions = np.asarray(columns)[:, None] + offsets[None, :]  # (paths, 2 * reach + 1) columns of the image
+    inside = (positions >= 0) & (positions < width)
+    # Ink costs 1 a pixel; straying from the column costs quadratically, so the path cuts here, not at the edge.
+    # Beyond the image the cost is infinite: no path goes there.
+    stray = CUT_STRAY * (offsets / reach) ** 2
+    ink = mask[:, np.clip(positions, 0, width - 1)].astype(np.float32)  # (rows, paths, span)
+    cost = np.where(inside, ink + stray, np.inf)
+    moves = np.zeros(cost.shape, dtype=np.int8)
+    padded = np.full((len(columns), cost.shape[2] + 2), np.inf)  # the best total so far, inf on both sides
+    padded[:, 1:-1] = cost[0]
     for row in range(1, height):
-        left = np.concatenate([[inf], total[:-1]]) + CUT_SIDEWAYS
-        right = np.concatenate([total[1:], [inf]]) + CUT_SIDEWAYS
-        options = np.stack([left, total, right])
-        choice = np.argmin(options, axis=0)
-        total = options[choice, np.arange(span)] + cost[row]
-        moves[row] = choice.astype(np.int8) - 1
-    path = np.empty(height, dtype=np.int64)
-    position = int(np.argmin(total))
-    for row in range(height - 1, -1, -1):
-        path[row] = position + lo
-        position += int(moves[row, position])
-    return path
+        total, left, right = padded[:, 1:-1], padded[:, :-2] + CUT_SIDEWAYS, padded[:, 2:] + CUT_SIDEWAYS
+        # From the left, from above or from the right; on a tie the first of those, as np.argmin would choose.
+        move = np.where(total < left, 0, -1)
+        best = np.minimum(left, total)
+        moves[row] = np.where(right < best, 1, move)
+        padded[:, 1:-1] = np.minimum(best, right) + cost[row]
+    total = padded[:, 1:-1]
+    paths = []
+    for k in range(len(columns)):
+        path = np.empty(height, dtype=np.int64)
+        position = int(np.argmin(total[k]))
+        for row in range(height - 1, -1, -1):
+            path[row] = positions[k, position]
+            position += int(moves[row, k, position])
+        paths.append(path)
+    return paths
 
 
 def candidate_columns(mask: np.ndarray, line_height: float) -> list[int]:
@@ -404,10 +419,11 @@ def split_by_recognition(
     stroke = max(1.0, stroke_width(mask))
     rows = np.arange(height)
     paths = [np.full(height, -1, dtype=np.int64)]
-    for column in candidate_columns(mask, line_height):
+    candidates = candidate_columns(mask, line_height)
+    for column, least_ink in zip(candidates, cut_paths(mask, candidates, reach)):
         # The least-ink path, and a straight cut: where two digits overlap, their strokes merge and the
         # best cut runs down the shared stroke instead of round it.
-        for path in (cut_path(mask, column, reach), np.full(height, column, dtype=np.int64)):
+        for path in (least_ink, np.full(height, column, dtype=np.int64)):
             if all(np.abs(path - other).mean() > max(1.5, CUT_DISTINCT * line_height) for other in paths[1:]):
                 paths.append(path)
     paths.append(np.full(height, width - 1, dtype=np.int64))
