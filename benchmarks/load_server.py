@@ -160,13 +160,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def listening_process(port: int) -> int | None:
-    """The process holding the socket that listens on 127.0.0.1:`port` (a server given by --url), if this user
-    can see it: the socket's inode from /proc/net/tcp, then the process with that inode among its descriptors."""
+    """The process holding the socket that listens on `port` (a server given by --url), if this user can see
+    it: the socket's inode from /proc/net/tcp (and tcp6), then the process with that inode among its descriptors."""
     inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-            inodes.add(f"socket:[{fields[9]}]")
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if not table.exists():
+            continue
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue

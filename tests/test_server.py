@@ -676,6 +676,15 @@ def test_load_benchmark_finds_the_server_and_counts_its_cpu_time() -> None:
         with socket.socket() as other:
             other.bind(("127.0.0.1", 0))  # bound, not listening: no process serves it
             assert load.listening_process(other.getsockname()[1]) is None
+    if socket.has_ipv6 and Path("/proc/net/tcp6").exists():
+        with socket.socket(socket.AF_INET6) as listener6:
+            try:
+                listener6.bind(("::1", 0))
+            except OSError:  # no IPv6 loopback here
+                pass
+            else:
+                listener6.listen()
+                assert load.listening_process(listener6.getsockname()[1]) == os.getpid()
     before, times_before = load.cpu_seconds(os.getpid()), os.times()
     deadline = time.process_time() + 0.3
     while time.process_time() < deadline:
