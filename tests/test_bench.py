@@ -71,6 +71,7 @@ def test_bench_infer_times_each_backend_at_each_batch_size(tiny_checkpoint: Path
     per_image = multiply_adds(load_model(tiny_checkpoint)[0]).forward
     for r in results:
         assert r.images_per_s > 0 and 0 < r.p50_ms <= r.p99_ms
+        assert r.multiply_adds_per_image == per_image
         assert r.multiply_adds_per_s == pytest.approx(r.images_per_s * per_image)
     table = infer_table(results)
     assert all(f"| {b} |" in table for b in backends) and "G mult-adds/s at batch 64 |" in table

@@ -273,7 +273,8 @@ class InferResult:
     p50_ms: float  # latency of one call (one batch)
     p99_ms: float
     setup_seconds: float  # export, quantization or compilation before the first call
-    multiply_adds_per_s: float = 0.0  # images/s x the model's conv and linear multiply-adds per image
+    multiply_adds_per_image: int = 0  # the model's conv and linear multiply-adds for one image (forward)
+    multiply_adds_per_s: float = 0.0  # images/s x multiply_adds_per_image
 
 
 def torch_runner(model: nn.Module, bf16: bool = False, compiled: bool = False) -> Callable[[np.ndarray], Any]:
@@ -406,6 +407,7 @@ def bench_infer(
                     float(np.percentile(times_ms, 50)),
                     float(np.percentile(times_ms, 99)),
                     setup[name],
+                    per_image,
                     rate * per_image,
                 )
             )

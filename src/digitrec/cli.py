@@ -570,8 +570,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_infer(args: argparse.Namespace) -> int:
-    from .bench import bench_infer, infer_table, multiply_adds
-    from .checkpoint import load_model
+    from .bench import bench_infer, infer_table
     from .data import load_mnist
 
     data = load_mnist(args.data_dir, log=_stderr)
@@ -603,7 +602,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         log=_stderr,
     )
     footer = _bench_footer(header)
-    per_image = multiply_adds(load_model(model)[0]).forward
+    per_image = results[0].multiply_adds_per_image  # one model: every row has the same count
     if args.json:
         from dataclasses import asdict
 
