@@ -15,9 +15,11 @@ from digitrec.segment import (
     CUT_SIDEWAYS,
     CUT_STRAY,
     MAX_PIECE_WIDTH,
+    _Blob,
     _plausible_digit,
     cut_path,
     cut_paths,
+    drop_edge_debris,
     line_ink,
     segment,
     split_by_recognition,
@@ -296,6 +298,25 @@ def test_a_faint_shadow_edge_is_not_a_digit():
     page = image.astype(np.float32)
     page[:, -30:] *= 0.78  # a shadow over the right edge of the picture: faint, tall, at the border
     assert len(segment(page.round().astype(np.uint8))) == 3
+
+
+def test_a_dark_corner_below_the_line_is_not_a_digit():
+    image, boxes = line_image([3, 0, 5], gap=0.4)
+    page = image.copy()
+    page[-45:, :20] = 30  # the edge of a table or a shadow's corner: dark, digit-sized, at the border
+    assert len(segment(image)) == 3
+    pieces = segment(page)
+    assert len(pieces) == 3 and all(iou(p.box, b) > 0.6 for p, b in zip(pieces, boxes))
+
+
+def test_digits_at_the_edge_of_a_slanted_line_are_kept():
+    # A line rising to the right, its first digit on the bottom edge and its last on the top edge; and debris
+    # at the bottom right, where the line has risen away from it.
+    blobs = [_Blob(10 + 60 * k, 60 + 60 * k, 120 - 30 * k, 200 - 30 * k, [k + 1]) for k in range(5)]
+    assert blobs[0].y1 == 200 and blobs[-1].y0 == 0
+    debris = _Blob(340, 370, 150, 200, [6])
+    kept = drop_edge_debris([*blobs, debris], (200, 400), line_height=80)
+    assert kept == blobs
 
 
 def test_a_blank_page_reads_nothing():

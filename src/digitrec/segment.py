@@ -103,6 +103,34 @@ def clean(blobs: list[_Blob], areas: np.ndarray) -> tuple[list[_Blob], float]:
     return kept, line_height
 
 
+def drop_edge_debris(blobs: list[_Blob], shape: tuple[int, ...], line_height: float) -> list[_Blob]:
+    """Drop parts that touch the picture's edge and lie mostly outside the line's rows: a shadow's corner,
+    the edge of a table or of the next sheet, not a digit (a digit the frame cuts still stands in the line).
+
+    The line's rows follow its slope: a line through the centres of its digit-tall parts (Theil-Sen: the median
+    of the slopes between pairs, robust to one part out of line) of those inside the picture, one line height tall."""
+
+    def at_edge(b: _Blob) -> bool:
+        return b.x0 == 0 or b.y0 == 0 or b.x1 == shape[1] or b.y1 == shape[0]
+
+    tall = [b for b in blobs if b.height >= SMALL_PART * line_height and not at_edge(b)]
+    if not tall:
+        return blobs
+    xs = np.array([(b.x0 + b.x1) / 2 for b in tall])
+    ys = np.array([(b.y0 + b.y1) / 2 for b in tall])
+    pairs = [(j, i) for i in range(len(tall)) for j in range(i) if xs[i] != xs[j]]
+    slope = float(np.median([(ys[i] - ys[j]) / (xs[i] - xs[j]) for j, i in pairs])) if pairs else 0.0
+    intercept = float(np.median(ys - slope * xs))
+    kept = []
+    for b in blobs:
+        middle = intercept + slope * (b.x0 + b.x1) / 2
+        in_line = min(b.y1, middle + line_height / 2) - max(b.y0, middle - line_height / 2)
+        if at_edge(b) and in_line < 0.5 * b.height:
+            continue
+        kept.append(b)
+    return kept
+
+
 def _union(a: _Blob, b: _Blob) -> _Blob:
     return _Blob(min(a.x0, b.x0), max(a.x1, b.x1), min(a.y0, b.y0), max(a.y1, b.y1), a.labels + b.labels)
 
@@ -216,6 +244,7 @@ def segment(image: Any, score: Score | None = None) -> list[Piece]:
     mask = line_ink(gray, ink)
     labels, blobs, areas = components(mask)
     blobs, line_height = clean(blobs, areas)
+    blobs = drop_edge_debris(blobs, mask.shape, line_height)
     pieces: list[Piece] = []
     for blob in merge_broken(blobs, areas, line_height):
         region = np.isin(labels[blob.y0 : blob.y1, blob.x0 : blob.x1], blob.labels)
