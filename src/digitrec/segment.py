@@ -1,13 +1,14 @@
 """A photo of one line of handwritten digits -> boxes -> one MNIST-like 28x28 image per digit.
 
 Reuses preprocess's stages (load, polarity, flatten, threshold, to_mnist) and adds the line logic:
-faint digits next to clear ones kept as ink (line_ink), connected components (SciPy), dropping specks
-and ruled lines, merging the parts of broken digits (components stacked in x), and splitting touching
-or overlapping digits by recognition: candidate cuts sit at ink-profile minima and on a regular grid,
-each cut is a path from top to bottom that crosses as little ink as it can (so it can lean with the
-writing and pass between overlapping digits) or a straight line (down the stroke that two overlapping
-digits share), and dynamic programming picks the cuts whose pieces the classifier reads most
-confidently (the classifier was trained to doubt digit pairs and fragments, so a wrong cut reads badly).
+faint digits next to clear ones kept as ink (line_ink), connected components (OpenCV), dropping specks,
+ruled lines and dark parts at the photo's edge outside the line's rows (drop_edge_debris), merging the parts
+of broken digits (components stacked in x), and splitting touching or overlapping digits by recognition:
+candidate cuts sit at ink-profile minima and on a regular grid, each cut is a path from top to bottom that
+crosses as little ink as it can (so it can lean with the writing and pass between overlapping digits) or a
+straight line (down the stroke that two overlapping digits share), and dynamic programming picks the cuts
+whose pieces the classifier reads most confidently (the classifier was trained to doubt digit pairs and
+fragments, so a wrong cut reads badly).
 A piece whose loops a bold pen or a blur filled in is thresholded again inside itself first (reopened).
 """
 
