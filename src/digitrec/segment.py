@@ -108,8 +108,9 @@ def drop_edge_debris(blobs: list[_Blob], shape: tuple[int, ...], line_height: fl
     """Drop parts that touch the picture's edge and lie mostly outside the line's rows: a shadow's corner,
     the edge of a table or of the next sheet, not a digit (a digit the frame cuts still stands in the line).
 
-    The line's rows follow its slope: a line through the centres of its digit-tall parts (Theil-Sen: the median
-    of the slopes between pairs, robust to one part out of line) of those inside the picture, one line height tall."""
+    The line's rows are one line height around a line through the centres of the digit-tall parts inside the
+    picture, so they follow a line that rises or falls (Theil-Sen: the median of the slopes between pairs, which
+    one part out of line does not move)."""
 
     def at_edge(b: _Blob) -> bool:
         return b.x0 == 0 or b.y0 == 0 or b.x1 == shape[1] or b.y1 == shape[0]
