@@ -21,6 +21,7 @@ from digitrec.preprocess import (
     flatten,
     label8,
     load_gray,
+    load_gray_sized,
     median_filter,
     open_image,
     parts,
@@ -239,12 +240,17 @@ def test_blank_and_speckled_pages_have_no_ink():
 
 
 def test_exif_orientation_is_applied():
-    upright = Image.fromarray(page(7))
+    upright = Image.fromarray(page(7)[:, 30:170])  # taller than wide
     stored = upright.rotate(90, expand=True)  # the camera stored it sideways...
     exif = Image.Exif()
     exif[0x0112] = 6  # ...and says "rotate 90 degrees clockwise to display"
     rotated_file = png_bytes(stored, "JPEG", exif=exif.tobytes(), quality=95)
     assert np.abs(preprocess(rotated_file) - preprocess(png_bytes(upright, "JPEG", quality=95))).mean() < 0.03
+    assert load_gray_sized(rotated_file)[1] == upright.size  # boxes map back to the picture as displayed
+    # A PIL image the caller passes is turned on a copy: the caller's image keeps its pixels and its EXIF.
+    theirs = Image.open(io.BytesIO(rotated_file))
+    assert np.abs(preprocess(theirs) - preprocess(rotated_file)).max() == 0
+    assert theirs.size == stored.size and theirs.getexif()[0x0112] == 6
 
 
 @pytest.mark.parametrize(
