@@ -144,6 +144,17 @@ def test_cli_fails_only_when_every_file_failed(tmp_path, capsys, untrained_path)
     assert out.count("does not exist") == 2 and "Traceback" not in out
 
 
+def test_cli_names_the_photos_it_cannot_read_in_a_folder(tmp_path, capsys, untrained_path):
+    write_png(tmp_path / "good.png", line_image([5], gap=0.3)[0])
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))
+    (tmp_path / "notes.txt").write_text("not a photo, not reported")
+    assert main(["predict", str(tmp_path), "--model", str(untrained_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [row["path"] for row in json.loads(captured.out)] == [str(tmp_path / "good.png")]
+    assert "skipped 1 HEIC photo(s) such as" in captured.err and "IMG_0001.HEIC" in captured.err
+    assert "notes.txt" not in captured.err
+
+
 def test_cli_read_json(tmp_path, capsys, untrained_path):
     image = write_png(tmp_path / "n.png", line_image([1, 2, 3], gap=0.3)[0])
     assert main(["read", str(image), "--model", str(untrained_path), "--json"]) == 0

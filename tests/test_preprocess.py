@@ -376,9 +376,19 @@ def test_open_image_refuses_a_bomb_before_decoding_it():
 
 
 def test_folders_expand_to_their_images_only(tmp_path):
-    for name in ["b.png", "a.JPG", "notes.txt"]:
+    for name in ["b.png", "a.JPG", "notes.txt", "c.jfif", "IMG_0001.HEIC", "d.dng"]:
         (tmp_path / name).write_bytes(b"x")
-    assert [p.name for p in expand_paths([tmp_path])] == ["a.JPG", "b.png"]
+    unreadable: list[Path] = []
+    assert [p.name for p in expand_paths([tmp_path], unreadable)] == ["a.JPG", "b.png", "c.jfif"]
+    assert [p.name for p in unreadable] == ["IMG_0001.HEIC", "d.dng"]  # photos Pillow cannot read, reported
+
+
+def test_a_heic_photo_is_named_as_such(tmp_path):
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))
+    with pytest.raises(
+        ImageError, match=r"IMG_0001.HEIC is a HEIC photo, which Pillow cannot read; save it as JPEG"
+    ):
+        preprocess(tmp_path / "IMG_0001.HEIC")
 
 
 @settings(max_examples=40, deadline=None)

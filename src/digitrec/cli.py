@@ -366,7 +366,15 @@ def _predictor(args: argparse.Namespace, images: int | None = None):
 def _image_paths(args: argparse.Namespace) -> list[Path]:
     from .preprocess import expand_paths
 
-    paths = expand_paths(args.images)
+    unreadable: list[Path] = []
+    paths = expand_paths(args.images, unreadable)
+    if unreadable:
+        kinds = "/".join(sorted({p.suffix.upper().lstrip(".") for p in unreadable}))
+        print(
+            f"digitrec: skipped {len(unreadable)} {kinds} photo(s) such as {unreadable[0]}: Pillow cannot read "
+            "that format; save them as JPEG or PNG first.",
+            file=sys.stderr,
+        )
     if not paths:
         raise DigitrecError(
             "no images found in the given folders; pass PNG, JPEG, BMP, GIF, TIFF or WebP files."

@@ -37,7 +37,10 @@ from .errors import ImageError
 # gives on them, and digitrec spreads its work over processes instead (server workers, large folders).
 cv2.setNumThreads(1)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif")
+# Photos Pillow does not read: HEIC (an iPhone's default) and camera raw files. A folder of them would seem empty,
+# so expand_paths() reports them.
+UNREADABLE_PHOTO_SUFFIXES = (".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
 MAX_PIXELS = cast(int, Image.MAX_IMAGE_PIXELS)  # Pillow's decompression-bomb guard (about 89 megapixels)
 MIN_SIDE = 5  # below this there is no digit to see
 WORK_SIDE = 256  # longer side of the working image for one digit: ~10x the final 20 px, and fast
@@ -126,6 +129,11 @@ def _open(
                 "resize it first."
             ) from None
         except UnidentifiedImageError:
+            suffix = Path(source).suffix.lower() if isinstance(source, (str, os.PathLike)) else ""
+            if suffix in UNREADABLE_PHOTO_SUFFIXES:
+                raise ImageError(
+                    f"{name} is a {suffix[1:].upper()} photo, which Pillow cannot read; save it as JPEG or PNG first."
+                ) from None
             raise ImageError(
                 f"{name} is not an image Pillow can read; use PNG, JPEG, BMP, GIF, TIFF or WebP."
             ) from None
@@ -681,13 +689,19 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def expand_paths(paths: list[str | Path]) -> list[Path]:
-    """Folders expand to the image files inside them (sorted, not recursive); files stay as given, in order."""
+def expand_paths(paths: list[str | Path], unreadable: list[Path] | None = None) -> list[Path]:
+    """Folders expand to the image files inside them (sorted, not recursive); files stay as given, in order.
+
+    A folder's photos in formats Pillow does not read (UNREADABLE_PHOTO_SUFFIXES) go into `unreadable`, if given.
+    """
     expanded: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            expanded.extend(sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p)))
+            files = sorted(p for p in path.iterdir() if p.is_file())
+            expanded.extend(p for p in files if is_image_file(p))
+            if unreadable is not None:
+                unreadable.extend(p for p in files if p.suffix.lower() in UNREADABLE_PHOTO_SUFFIXES)
         else:
             expanded.append(path)
     return expanded
