@@ -384,11 +384,22 @@ def test_folders_expand_to_their_images_only(tmp_path):
 
 
 def test_a_heic_photo_is_named_as_such(tmp_path):
-    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))
-    with pytest.raises(
-        ImageError, match=r"IMG_0001.HEIC is a HEIC photo, which Pillow cannot read; save it as JPEG"
-    ):
-        preprocess(tmp_path / "IMG_0001.HEIC")
+    heic = b"\x00\x00\x00\x18ftypheic" + bytes(100)  # an iPhone photo's first bytes
+    (tmp_path / "IMG_0001.HEIC").write_bytes(heic)
+    (tmp_path / "renamed.jpg").write_bytes(heic)
+    (tmp_path / "raw.DNG").write_bytes(bytes(100))
+    for source, name in [
+        (tmp_path / "IMG_0001.HEIC", "IMG_0001.HEIC is a HEIC photo"),
+        (tmp_path / "renamed.jpg", "renamed.jpg is a HEIC photo"),  # by its content, whatever its name
+        (heic, "the uploaded data is a HEIC photo"),
+        (tmp_path / "raw.DNG", "raw.DNG is a DNG photo"),
+    ]:
+        with pytest.raises(
+            ImageError, match=name + ", which Pillow cannot read here; save it as JPEG or PNG first"
+        ):
+            preprocess(source)
+    with pytest.raises(ImageError, match="not an image Pillow can read"):
+        preprocess(b"\x00\x00\x00\x18ftypisom" + bytes(100))  # an MP4 video is no photo
 
 
 @settings(max_examples=40, deadline=None)

@@ -173,6 +173,11 @@ def test_feedback_json_label_that_is_no_digit_is_422(client, label, db_path):
     assert response.status_code == 422 and "digit" in response.json()["detail"]
 
 
+def test_a_heic_upload_is_400_with_a_sentence_naming_the_format(client):
+    response = client.post("/api/predict", files=upload(b"\x00\x00\x00\x18ftypheic" + bytes(100)))
+    assert response.status_code == 400 and "is a HEIC photo" in response.json()["detail"]
+
+
 def test_feedback_with_a_non_image_is_400_and_stores_nothing(client, db_path):
     response = client.post("/api/feedback", files=upload(b"not an image"), data={"label": "4"})
     assert response.status_code == 400

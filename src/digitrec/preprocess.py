@@ -129,10 +129,10 @@ def _open(
                 "resize it first."
             ) from None
         except UnidentifiedImageError:
-            suffix = Path(source).suffix.lower() if isinstance(source, (str, os.PathLike)) else ""
-            if suffix in UNREADABLE_PHOTO_SUFFIXES:
+            kind = _photo_format(source)
+            if kind is not None:
                 raise ImageError(
-                    f"{name} is a {suffix[1:].upper()} photo, which Pillow cannot read; save it as JPEG or PNG first."
+                    f"{name} is a {kind} photo, which Pillow cannot read here; save it as JPEG or PNG first."
                 ) from None
             raise ImageError(
                 f"{name} is not an image Pillow can read; use PNG, JPEG, BMP, GIF, TIFF or WebP."
@@ -163,6 +163,33 @@ def _open(
     if image.size != stored_size:  # rotated by 90 degrees
         full_size = (full_size[1], full_size[0])
     return image, full_size
+
+
+# ISO base media file brands (bytes 8-12, after the "ftyp" box name) of HEIC/HEIF photos and of AVIF images.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+
+
+def _photo_format(source: Any) -> str | None:
+    """HEIC, AVIF or a camera raw format (DNG, CR2, ...), from the first bytes or the suffix; else None.
+
+    Only asked once Pillow has failed to read the data, to tell a phone's photo format from a file that is no image.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        head = bytes(source[:12])
+    elif isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            head = f.read(12)
+    else:
+        return None
+    if head[4:8] == b"ftyp":
+        if head[8:12] in _HEIF_BRANDS:
+            return "HEIC"
+        if head[8:12] in _AVIF_BRANDS:
+            return "AVIF"
+    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in UNREADABLE_PHOTO_SUFFIXES:
+        return Path(source).suffix[1:].upper()
+    return None
 
 
 def load_gray(source: Any, max_side: int = WORK_SIDE, min_side: int = MIN_WORK_SIDE) -> np.ndarray:
