@@ -166,27 +166,27 @@ def _open(
 
 
 # ISO base media file brands (bytes 8-12, after the "ftyp" box name) of HEIC/HEIF photos and of AVIF images.
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
-_AVIF_BRANDS = {b"avif", b"avis"}
+_BRANDS = {brand.encode(): "HEIC" for brand in ("heic", "heix", "hevc", "hevx", "heim", "heis")}
+_BRANDS |= {b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
 
 
 def _photo_format(source: Any) -> str | None:
-    """HEIC, AVIF or a camera raw format (DNG, CR2, ...), from the first bytes or the suffix; else None.
+    """HEIC, HEIF, AVIF or a camera raw format (DNG, CR2, ...), from the first bytes or the suffix; else None.
 
     Only asked once Pillow has failed to read the data, to tell a phone's photo format from a file that is no image.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         head = bytes(source[:12])
     elif isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as f:
-            head = f.read(12)
+        try:
+            with open(source, "rb") as f:
+                head = f.read(12)
+        except OSError:
+            return None
     else:
         return None
-    if head[4:8] == b"ftyp":
-        if head[8:12] in _HEIF_BRANDS:
-            return "HEIC"
-        if head[8:12] in _AVIF_BRANDS:
-            return "AVIF"
+    if head[4:8] == b"ftyp" and head[8:12] in _BRANDS:
+        return _BRANDS[head[8:12]]
     if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in UNREADABLE_PHOTO_SUFFIXES:
         return Path(source).suffix[1:].upper()
     return None
