@@ -78,7 +78,7 @@ def _batch_sizes(value: str) -> list[int]:
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_mnist
 
-    data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
+    data = load_mnist(args.data_dir, log=_stderr)
     print(f"MNIST verified (MD5 of every decompressed file) from {data.source}")
     print(
         f"  train {tuple(data.train_images.shape)}  test {tuple(data.test_images.shape)}  checksum {data.checksum}"
@@ -174,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         recipe, config = training_config(args)
         out = Path(args.out or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
-    data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
+    data = load_mnist(args.data_dir, log=_stderr)
     run = train(
         config,
         out,
@@ -204,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model, meta = load_model(_model_path(args.model))
     config = TrainConfig.from_dict(meta.get("config", {})).override(tta_views=args.tta_views)
-    data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
+    data = load_mnist(args.data_dir, log=_stderr)
     if args.report:
         metrics = write_report(
             args.report,
@@ -212,7 +212,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             data,
             config=config,
             title=f"digitrec evaluate {args.model}",
-            log=lambda msg: print(msg, file=sys.stderr),
+            log=_stderr,
             meta=meta,
         )
     else:
@@ -242,7 +242,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .evaluate import evaluate_ensemble
 
-    data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
+    data = load_mnist(args.data_dir, log=_stderr)
     metrics = evaluate_ensemble([_model_path(m) for m in args.models], data)
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -276,7 +276,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         out,
         parallel=args.parallel,
         train_flags=flags,
-        log=lambda msg: print(msg, file=sys.stderr),
+        log=_stderr,
     )
     print(summary_table(rows))
     print(f"summary: {out / 'summary.json'}")
@@ -323,7 +323,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .feedback import finetune
 
     out = Path(args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
-    data = load_mnist(args.data_dir, log=lambda msg: print(msg, file=sys.stderr))
+    data = load_mnist(args.data_dir, log=_stderr)
     run = finetune(
         _model_path(args.model),
         args.feedback,
@@ -370,10 +370,9 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
     paths = expand_paths(args.images, unreadable)
     if unreadable:
         kinds = "/".join(sorted({p.suffix.upper().lstrip(".") for p in unreadable}))
-        print(
+        _stderr(
             f"digitrec: skipped {len(unreadable)} {kinds} photo(s) such as {unreadable[0]}: Pillow cannot read "
-            "that format; save them as JPEG or PNG first.",
-            file=sys.stderr,
+            "that format; save them as JPEG or PNG first."
         )
     if not paths:
         raise DigitrecError(
@@ -402,7 +401,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             top = "  ".join(f"{d}:{q:.1%}" for d, q in p.top)
             print(f"{r.path}: {answer}  confidence {p.confidence:.1%}  top {top}")
     if args.show_steps:
-        print(f"preprocessing steps: {args.show_steps}/<name>.steps.png", file=sys.stderr)
+        _stderr(f"preprocessing steps: {args.show_steps}/<name>.steps.png")
     return 1 if all(r.error is not None for r in results) else 0
 
 

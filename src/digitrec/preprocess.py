@@ -187,7 +187,7 @@ def _photo_format(source: Any) -> str | None:
         return None
     if head[4:8] == b"ftyp" and head[8:12] in _BRANDS:
         return _BRANDS[head[8:12]]
-    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in UNREADABLE_PHOTO_SUFFIXES:
+    if isinstance(source, (str, os.PathLike)) and is_unreadable_photo(Path(source)):
         return Path(source).suffix[1:].upper()
     return None
 
@@ -716,6 +716,10 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def is_unreadable_photo(path: Path) -> bool:
+    return path.suffix.lower() in UNREADABLE_PHOTO_SUFFIXES
+
+
 def expand_paths(paths: list[str | Path], unreadable: list[Path] | None = None) -> list[Path]:
     """Folders expand to the image files inside them (sorted, not recursive); files stay as given, in order.
 
@@ -728,7 +732,7 @@ def expand_paths(paths: list[str | Path], unreadable: list[Path] | None = None) 
             files = sorted(p for p in path.iterdir() if p.is_file())
             expanded.extend(p for p in files if is_image_file(p))
             if unreadable is not None:
-                unreadable.extend(p for p in files if p.suffix.lower() in UNREADABLE_PHOTO_SUFFIXES)
+                unreadable.extend(p for p in files if is_unreadable_photo(p))
         else:
             expanded.append(path)
     return expanded
