@@ -10,7 +10,9 @@ import sys
 import time
 
 import pytest
+import torch
 
+from digitrec.checkpoint import load_model, save_model
 from digitrec.cli import main
 
 
@@ -177,3 +179,24 @@ def test_ensemble_of_one_model_twice_scores_as_the_model(tiny_fast_run, idx_fold
     assert ensemble["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-6)
     assert [m["test_accuracy"] for m in ensemble["members"]] == pytest.approx([single["test_accuracy"]] * 2)
     assert main(["ensemble", "missing-model.safetensors", "--data-dir", str(idx_folder)]) != 0
+
+
+def test_ensemble_out_saves_one_model_that_scores_as_the_ensemble(
+    tiny_fast_run, tmp_path, idx_folder, capsys
+):
+    other = tmp_path / "other.safetensors"
+    model, meta = load_model(tiny_fast_run / "model.safetensors")
+    with torch.no_grad():
+        model[1][-1].weight.mul_(-1)  # the last layer turned around: a member that disagrees
+    save_model(other, model, meta | {"temperature": 2.0})
+    out = tmp_path / "ensemble.safetensors"
+    args = ["ensemble", str(tiny_fast_run), str(other), "--out", str(out), "--json"]
+    assert main([*args, "--data-dir", str(idx_folder)]) == 0
+    ensemble = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(out), "--json", "--data-dir", str(idx_folder)]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert saved["test_accuracy"] == pytest.approx(ensemble["test_accuracy"], abs=1e-6)
+    assert saved["test_loss"] == pytest.approx(ensemble["test_loss"], rel=1e-4)
+    assert main(["evaluate", str(tiny_fast_run), "--json", "--data-dir", str(idx_folder)]) == 0
+    assert saved["test_loss"] > json.loads(capsys.readouterr().out)["test_loss"] + 0.01  # the dissent counts
+    assert json.loads(out.with_suffix(".json").read_text())["arch"] == "ensemble"

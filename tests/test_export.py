@@ -180,3 +180,21 @@ def test_loading_a_file_that_is_not_onnx_is_a_user_error(tmp_path: Path) -> None
     bogus.write_bytes(b"not a model")
     with pytest.raises(DigitrecError):
         Predictor.load(bogus)
+
+
+def test_an_ensemble_exports_with_the_same_answers(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path) -> None:
+    from digitrec.checkpoint import load_ensemble, save_model
+
+    other = tmp_path / "other.safetensors"
+    model, meta = load_model(tiny_checkpoint)
+    _randomize_batchnorm(model)
+    save_model(other, model, meta | {"temperature": 0.5})
+    ensemble = tmp_path / "ensemble.safetensors"
+    save_model(ensemble, *load_ensemble([tiny_checkpoint, other]))
+    result = export_onnx(
+        ensemble, tmp_path / "e.onnx", test_images=tiny_mnist.test_images, test_labels=tiny_mnist.test_labels
+    )
+    assert result.max_prob_diff <= 1e-4 and result.onnx_accuracy == result.torch_accuracy
+    batch = as_input(tiny_mnist.test_images[:20]).numpy()
+    probabilities = [Predictor.load(p).probabilities(batch) for p in (ensemble, tmp_path / "e.onnx")]
+    assert np.abs(probabilities[0] - probabilities[1]).max() <= 1e-4

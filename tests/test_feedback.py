@@ -237,3 +237,20 @@ def test_finetune_without_corrections_says_what_to_do(tmp_path):
         finetune(
             tmp_path / "base.safetensors", tmp_path / "empty.sqlite", tmp_path / "out", data=tiny_mnist()
         )
+
+
+def test_finetune_of_an_ensemble_says_to_tune_its_members(tmp_path):
+    from digitrec.checkpoint import load_ensemble, save_model
+    from digitrec.feedback import finetune
+    from digitrec.models import create_model
+
+    for name in ("a", "b"):
+        save_model(
+            tmp_path / f"{name}.safetensors", create_model("fast_cnn"), {"config": {"arch": "fast_cnn"}}
+        )
+    save_model(
+        tmp_path / "both.safetensors",
+        *load_ensemble([tmp_path / "a.safetensors", tmp_path / "b.safetensors"]),
+    )
+    with pytest.raises(DigitrecError, match="is an ensemble; fine-tune each member"):
+        finetune(tmp_path / "both.safetensors", tmp_path / "db.sqlite", tmp_path / "out", data=tiny_mnist())

@@ -79,3 +79,12 @@ def test_card_names_weak_spots_and_calibration():
     assert "T = 1.700" in text and "0.600" in text and "ECE, 15 bins) on the test set: 0.0120" in text
     assert "blur (down to 40%)" in text
     assert "<b>99.00%</b>" in modelcard.to_html(sections)
+
+
+def test_an_ensembles_card_names_its_members():
+    members = [{"config": {"arch": "deep_cnn"}}, {"config": {"arch": "fast_cnn"}}]
+    meta = {"recipe": "robust", "config": {"arch": "deep_cnn"}, "members": members}
+    text = modelcard.to_markdown(
+        modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03, "per_class": []}, meta)
+    )
+    assert "Model card: robust (ensemble of deep_cnn, fast_cnn)" in text

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from digitrec.backends import NUMPY_ARCHS, NumpyBackend
-from digitrec.checkpoint import save_model, save_tensors
+from digitrec.backends import NUMPY_ARCHS, NumpyBackend, NumpyEnsemble
+from digitrec.checkpoint import load_ensemble, save_model, save_tensors
 from digitrec.errors import CheckpointError, DigitrecError
 from digitrec.models import create_model
 from digitrec.predict import Predictor, TorchBackend, pretrained_path
@@ -74,3 +74,73 @@ def test_a_state_dict_that_does_not_fit_is_refused(tmp_path):
     save_tensors(path, tensors, {"config": {"arch": "fast_cnn"}})
     with pytest.raises(CheckpointError, match="does not fit architecture"):
         Predictor.load(path, backend="numpy")
+
+
+def _random_model(arch: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model(arch)
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if "running_var" in name:
+                value.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_an_ensemble_votes_with_the_mean_of_calibrated_probabilities_in_torch_and_numpy(tmp_path):
+    members = []
+    for i, (arch, temperature) in enumerate((("deep_cnn", 0.5), ("fast_cnn_lite", 2.0))):
+        members.append(tmp_path / f"{arch}.safetensors")
+        save_model(
+            members[-1], _random_model(arch, i), {"config": {"arch": arch}, "temperature": temperature}
+        )
+    model, meta = load_ensemble(members)
+    path = tmp_path / "ensemble.safetensors"
+    save_model(path, model, meta)
+    x = real_world_batch(3)
+    expected = np.log(
+        np.mean(
+            [
+                torch.softmax(_random_model(arch, i)(torch.from_numpy(x)) / t, dim=1).detach().numpy()
+                for i, (arch, t) in enumerate((("deep_cnn", 0.5), ("fast_cnn_lite", 2.0)))
+            ],
+            axis=0,
+        )
+    )
+    torch_path = Predictor.load(path, backend="torch")
+    numpy_path = Predictor.load(path, backend="auto")
+    assert isinstance(numpy_path.backend, NumpyEnsemble) and numpy_path.meta["arch"] == "ensemble"
+    np.testing.assert_allclose(torch_path.backend(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(numpy_path.backend(x), expected, rtol=1e-4, atol=1e-4)
+    assert [m["temperature"] for m in meta["members"]] == [0.5, 2.0]
+
+
+def test_an_ensemble_with_a_member_numpy_cannot_run_runs_on_torch(tmp_path):
+    members = []
+    for i, arch in enumerate(("deep_cnn", "lenet")):
+        members.append(tmp_path / f"{arch}.safetensors")
+        save_model(members[-1], _random_model(arch, i), {"config": {"arch": arch}})
+    path = tmp_path / "ensemble.safetensors"
+    save_model(path, *load_ensemble(members))
+    assert isinstance(Predictor.load(path, backend="auto").backend, TorchBackend)
+    with pytest.raises(CheckpointError, match="already an ensemble"):
+        load_ensemble([path, members[0]])
+    with pytest.raises(CheckpointError, match="two or more"):
+        load_ensemble(members[:1])
+
+
+def test_a_damaged_ensemble_is_refused(tmp_path):
+    members = []
+    for i in range(2):
+        members.append(tmp_path / f"m{i}.safetensors")
+        save_model(members[-1], _random_model("fast_cnn", i), {"config": {"arch": "fast_cnn"}})
+    model, meta = load_ensemble(members)
+    tensors = dict(model.state_dict())
+    path = tmp_path / "ensemble.safetensors"
+    save_tensors(path, {**tensors, "members.2.0.mean": tensors["members.0.0.mean"].clone()}, meta)
+    with pytest.raises(CheckpointError, match="no member's"):
+        Predictor.load(path, backend="numpy")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        Predictor.load(path, backend="torch")
+    save_tensors(path, tensors, {**meta, "members": meta["members"][:1]})
+    with pytest.raises(CheckpointError, match="invalid list of ensemble members"):
+        Predictor.load(path, backend="auto")

@@ -27,6 +27,11 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
 def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True):
     """An ONNX Runtime CPU session with every graph optimization on; `threads` 0 = one per core."""
     try:
@@ -206,13 +211,17 @@ class NumpyBackend:
     @classmethod
     def load(cls, path: str | Path) -> tuple[NumpyBackend, dict[str, Any]] | None:
         """(backend, metadata) for a checkpoint NumPy can run; None for another architecture or bfloat16 weights."""
-        from .checkpoint import _model_spec, load_arrays
+        from .checkpoint import _model_spec, load_arrays, member_specs
         from .errors import CheckpointError
 
         try:
             tensors, meta = load_arrays(path)
         except KeyError:  # a tensor type NumPy does not have
             return None
+        specs = member_specs(path, meta)
+        if specs is not None:
+            ensemble = NumpyEnsemble.build(path, tensors, [arch for arch, _ in specs])
+            return None if ensemble is None else (ensemble, meta)  # type: ignore[return-value]
         arch, _ = _model_spec(path, meta)
         if arch not in NUMPY_ARCHS:
             return None
@@ -244,3 +253,43 @@ class NumpyBackend:
             elif op == "flatten":  # in torch's (C, H, W) order
                 x = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
         return x
+
+
+class NumpyEnsemble:
+    """`models.Ensemble` in NumPy: the log of its members' mean probabilities, each at its own temperature."""
+
+    def __init__(self, members: list[NumpyBackend], temperatures: np.ndarray):
+        self.members, self.temperatures = members, [float(t) for t in temperatures]
+
+    @classmethod
+    def build(
+        cls, path: str | Path, tensors: dict[str, np.ndarray], archs: list[str]
+    ) -> NumpyEnsemble | None:
+        from .errors import CheckpointError
+
+        if any(arch not in NUMPY_ARCHS for arch in archs):
+            return None
+        parts: list[dict[str, np.ndarray]] = [{} for _ in archs]
+        for key, value in tensors.items():
+            head, index, name = (key.split(".", 2) + ["", ""])[:3]  # members.<i>.<the member's own key>
+            if head == "members" and index.isdigit() and int(index) < len(parts):
+                parts[int(index)][name] = value
+            elif key != "temperatures":
+                raise CheckpointError(
+                    f"checkpoint {path} holds {key!r}, which is no member's; it is damaged."
+                )
+        try:
+            members = [NumpyBackend(part, arch) for part, arch in zip(parts, archs)]
+            temperatures = tensors["temperatures"].astype(np.float32).reshape(len(archs))
+        except (KeyError, ValueError):
+            raise CheckpointError(
+                f"checkpoint {path} does not fit its members' architectures; it is damaged or from another version."
+            ) from None
+        return cls(members, temperatures)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        votes = np.stack(
+            [log_softmax(member(batch) / t) for member, t in zip(self.members, self.temperatures)]
+        )
+        top = votes.max(axis=0)
+        return top + np.log(np.exp(votes - top).mean(axis=0))

@@ -182,11 +182,16 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Build the checkpoint's architecture, load its weights and return (model in eval mode, metadata)."""
-    from .models import create_model
+    from .models import Ensemble, create_model
 
     tensors, meta = load_tensors(path)
-    arch, normalize = _model_spec(path, meta)
-    model = create_model(arch, normalize)
+    specs = member_specs(path, meta)
+    if specs is None:
+        arch, normalize = _model_spec(path, meta)
+        model: nn.Module = create_model(arch, normalize)
+    else:
+        arch = "ensemble"
+        model = Ensemble([create_model(*spec) for spec in specs])
     try:
         model.load_state_dict(tensors)
     except RuntimeError:
@@ -194,6 +199,55 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
             f"checkpoint {path} does not fit architecture {arch!r}; it is damaged or from another version."
         ) from None
     return model.to(device).eval(), meta
+
+
+def load_ensemble(paths: list[str | Path]) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoints at `paths` as one `models.Ensemble`, each softened by its own calibrated temperature,
+    with metadata naming each member. The result is not calibrated: run `digitrec calibrate` on it."""
+    from .models import Ensemble, count_parameters
+
+    if len(paths) < 2:
+        raise CheckpointError("an ensemble needs two or more models.")
+    models, metas, members, temperatures = [], [], [], []
+    for path in paths:
+        model, meta = load_model(path)
+        if "members" in meta:
+            raise CheckpointError(f"{path} is already an ensemble; pass its members' checkpoints instead.")
+        arch, normalize = _model_spec(path, meta)
+        config: dict[str, Any] = meta["config"] if isinstance(meta.get("config"), dict) else {}
+        models.append(model)
+        metas.append(meta)
+        temperatures.append(float(meta.get("temperature", 1.0)))
+        members.append(
+            {
+                "path": str(path),
+                "recipe": meta.get("recipe"),
+                "config": {**config, "arch": arch, "normalize": list(normalize)},
+                "temperature": temperatures[-1],
+                "test_accuracy": (meta.get("metrics") or {}).get("test_accuracy"),
+            }
+        )
+    ensemble = Ensemble(models, temperatures).eval()
+    recipes = {m.get("recipe") for m in metas}
+    meta = {
+        "recipe": metas[0].get("recipe") if len(recipes) == 1 else "ensemble",
+        "arch": "ensemble",
+        "config": members[0]["config"],  # how to evaluate it: the first member's batch size, layout, views
+        "members": members,
+        "params": count_parameters(ensemble),
+    }
+    meta |= {key: metas[0][key] for key in ("data_checksum", "versions") if key in metas[0]}
+    return ensemble, meta
+
+
+def member_specs(path: str | Path, meta: dict[str, Any]) -> list[tuple[str, tuple[float, float]]] | None:
+    """Each member's architecture and input normalization for an ensemble checkpoint; None for one model."""
+    members = meta.get("members")
+    if members is None:
+        return None
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
+        raise CheckpointError(f"checkpoint {path} has an invalid list of ensemble members; it is damaged.")
+    return [_model_spec(path, member) for member in members]
 
 
 def _model_spec(path: str | Path, meta: dict[str, Any]) -> tuple[str, tuple[float, float]]:

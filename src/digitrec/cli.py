@@ -243,7 +243,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_ensemble
 
     data = load_mnist(args.data_dir, log=_stderr)
-    metrics = evaluate_ensemble([_model_path(m) for m in args.models], data)
+    paths = [_model_path(m) for m in args.models]
+    metrics = evaluate_ensemble(paths, data)
+    if args.out:
+        from .checkpoint import load_ensemble, save_model
+
+        model, meta = load_ensemble(paths)
+        save_model(
+            args.out, model, meta | {"metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss")}}
+        )
+        _stderr(f"wrote {args.out}; run `digitrec calibrate {args.out}` before predicting with it")
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -789,9 +798,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "ensemble",
-        help="test-set metrics of several models voting together (mean of calibrated probabilities)",
+        help="test-set metrics of several models voting together (mean of calibrated probabilities); "
+        "--out also saves them as one model",
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or model.safetensors files")
+    p.add_argument("--out", metavar="FILE", help="write the ensemble as one checkpoint (a .safetensors file)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_ensemble)

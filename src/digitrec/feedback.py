@@ -226,6 +226,10 @@ def finetune(
     from .training import evaluate, train
 
     model, meta = load_model(model_path)
+    if "members" in meta:
+        raise DigitrecError(
+            f"{model_path} is an ensemble; fine-tune each member, then join them again with `digitrec ensemble`."
+        )
     store = FeedbackStore(feedback_db)
     images, labels = store.tensors()
     if len(images) == 0:

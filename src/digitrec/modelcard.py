@@ -80,6 +80,10 @@ def build_card(
     config = config or (TrainConfig.from_dict(meta["config"]) if meta.get("config") else None)
     recipe = meta.get("recipe", "custom")
     arch = config.arch if config else meta.get("arch", "?")
+    if isinstance(meta.get("members"), list):  # `digitrec ensemble --out`; `config` is its first member's
+        arch = "ensemble of " + ", ".join(
+            str((m.get("config") or {}).get("arch", "?")) for m in meta["members"]
+        )
     params = params or meta.get("params")
     sections = []
 

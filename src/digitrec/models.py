@@ -7,7 +7,8 @@ have to know a recipe's mean and std.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -257,6 +258,31 @@ def create_model(arch: str, normalize: tuple[float, float] = (0.1307, 0.3081)) -
     except KeyError:
         raise DigitrecError(f"unknown architecture {arch!r}; run `digitrec models` to list them.") from None
     return nn.Sequential(Normalize(*normalize), body)
+
+
+class Ensemble(nn.Module):
+    """Several trained models voting: the mean of their calibrated probabilities, as `digitrec ensemble` scores.
+
+    Each member's logits are divided by its own temperature (from its `digitrec calibrate`; 1 if it has none)
+    and turned into probabilities; the output is the log of their mean, which stands where logits stand (its
+    softmax is that mean), so the ensemble is calibrated on top like any model. `digitrec ensemble A B --out
+    FILE` writes one.
+    """
+
+    temperatures: torch.Tensor
+
+    def __init__(self, members: Sequence[nn.Module], temperatures: Sequence[float] | None = None):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        temperatures = [1.0] * len(self.members) if temperatures is None else [float(t) for t in temperatures]
+        self.register_buffer("temperatures", torch.tensor(temperatures))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        votes = [
+            torch.log_softmax(member(x).float() / self.temperatures[i], dim=1)
+            for i, member in enumerate(self.members)
+        ]
+        return torch.logsumexp(torch.stack(votes), dim=0) - math.log(len(votes))
 
 
 def count_parameters(model: nn.Module) -> int:
