@@ -189,7 +189,7 @@ def test_ensemble_out_saves_one_model_that_scores_as_the_ensemble(
     with torch.no_grad():
         model[1][-1].weight.mul_(-1)  # the last layer turned around: a member that disagrees
     save_model(other, model, meta | {"temperature": 2.0})
-    out = tmp_path / "ensemble.safetensors"
+    out = tmp_path / "ensemble"  # a folder, as a run is
     args = ["ensemble", str(tiny_fast_run), str(other), "--out", str(out), "--json"]
     assert main([*args, "--data-dir", str(idx_folder)]) == 0
     ensemble = json.loads(capsys.readouterr().out)
@@ -199,4 +199,4 @@ def test_ensemble_out_saves_one_model_that_scores_as_the_ensemble(
     assert saved["test_loss"] == pytest.approx(ensemble["test_loss"], rel=1e-4)
     assert main(["evaluate", str(tiny_fast_run), "--json", "--data-dir", str(idx_folder)]) == 0
     assert saved["test_loss"] > json.loads(capsys.readouterr().out)["test_loss"] + 0.01  # the dissent counts
-    assert json.loads(out.with_suffix(".json").read_text())["arch"] == "ensemble"
+    assert json.loads((out / "model.json").read_text())["arch"] == "ensemble"

@@ -209,8 +209,9 @@ class NumpyBackend:
         self(np.zeros((1, 1, 28, 28), np.float32))  # wrong names or shapes fail here, at load time
 
     @classmethod
-    def load(cls, path: str | Path) -> tuple[NumpyBackend, dict[str, Any]] | None:
-        """(backend, metadata) for a checkpoint NumPy can run; None for another architecture or bfloat16 weights."""
+    def load(cls, path: str | Path) -> tuple[NumpyBackend | NumpyEnsemble, dict[str, Any]] | None:
+        """(backend, metadata) for a checkpoint NumPy can run (an ensemble of such models too); None for another
+        architecture or bfloat16 weights."""
         from .checkpoint import _model_spec, load_arrays, member_specs
         from .errors import CheckpointError
 
@@ -221,7 +222,7 @@ class NumpyBackend:
         specs = member_specs(path, meta)
         if specs is not None:
             ensemble = NumpyEnsemble.build(path, tensors, [arch for arch, _ in specs])
-            return None if ensemble is None else (ensemble, meta)  # type: ignore[return-value]
+            return None if ensemble is None else (ensemble, meta)
         arch, _ = _model_spec(path, meta)
         if arch not in NUMPY_ARCHS:
             return None

@@ -248,11 +248,11 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     if args.out:
         from .checkpoint import load_ensemble, save_model
 
+        out = Path(args.out)
+        out = out if out.suffix == ".safetensors" else out / "model.safetensors"  # a folder, as runs are
         model, meta = load_ensemble(paths)
-        save_model(
-            args.out, model, meta | {"metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss")}}
-        )
-        _stderr(f"wrote {args.out}; run `digitrec calibrate {args.out}` before predicting with it")
+        save_model(out, model, meta | {"metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss")}})
+        _stderr(f"wrote {out}; run `digitrec calibrate {args.out}` before predicting with it")
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -802,7 +802,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out also saves them as one model",
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or model.safetensors files")
-    p.add_argument("--out", metavar="FILE", help="write the ensemble as one checkpoint (a .safetensors file)")
+    p.add_argument(
+        "--out",
+        metavar="PATH",
+        help="write the ensemble as one model: a .safetensors file, or a folder to hold model.safetensors",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_ensemble)
