@@ -244,13 +244,14 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     data = load_mnist(args.data_dir, log=_stderr)
     paths = [_model_path(m) for m in args.models]
-    metrics = evaluate_ensemble(paths, data)
-    if args.out:
+    if args.out:  # built before the evaluation, so that a model it cannot join stops the command at once
         from .checkpoint import load_ensemble, save_model
 
+        model, meta = load_ensemble(paths)
+    metrics = evaluate_ensemble(paths, data)
+    if args.out:
         out = Path(args.out)
         out = out if out.suffix == ".safetensors" else out / "model.safetensors"  # a folder, as runs are
-        model, meta = load_ensemble(paths)
         save_model(out, model, meta | {"metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss")}})
         _stderr(f"wrote {out}; run `digitrec calibrate {args.out}` before predicting with it")
     if args.json:
