@@ -19,6 +19,7 @@ from digitrec.preprocess import (
     disk_filter,
     expand_paths,
     flatten,
+    ink_strength,
     label8,
     load_gray,
     load_gray_sized,
@@ -104,6 +105,35 @@ def test_a_clean_drawing_skips_the_lighting_model_and_reads_the_same(polarity):
         select_digit(threshold(flatten(g, polarity == "dark ink")))
     )  # the photo path on the same page
     assert np.abs(preprocess(gray) - full).mean() < 0.02
+
+
+def test_a_dark_edge_beside_the_digit_is_not_part_of_it():
+    # A photo's border often catches the edge of a shadow, a table or the next sheet: a dark band along
+    # one side that the threshold takes for ink. It must not shrink and shift the digit in the 28x28 frame.
+    clean = page(9).astype(np.float32) / 255
+    cols = np.flatnonzero((clean < 0.5).any(0))
+    for band in (np.s_[:120, 194:], np.s_[40:, :5], np.s_[:, : cols[0] - 8 : 3]):
+        edged = clean.copy()
+        edged[band] = 0.3
+        # A page with a dark edge takes the lighting model, not the flat page's short way: equal within 0.1.
+        assert np.abs(preprocess(edged) - preprocess(clean)).max() < 0.1, band
+
+
+def test_parts_at_the_edge_that_overlap_the_digit_or_are_the_digit_are_kept():
+    clean = page(7).astype(np.float32) / 255
+    rows, cols = np.flatnonzero((clean < 0.5).any(1)), np.flatnonzero((clean < 0.5).any(0))
+    # A stroke from the picture's top edge down into the digit's columns, not touching it: a broken stroke.
+    stroke = clean.copy()
+    stroke[: rows[0] - 6, cols[0] + 5 : cols[0] + 12] = 0.1
+    assert ink_box(preprocess(stroke))[0] == 20 and ink_box(preprocess(clean))[0] == 20
+    assert np.abs(preprocess(stroke) - preprocess(clean)).max() > 0.5  # the stroke made the 7 shorter
+    # A digit the frame cuts (touching the left edge), beside a smaller mark inside the picture: the digit stays.
+    cut = np.full_like(clean, 0.92)
+    cut[:, : cols[-1] - cols[0] + 1] = clean[:, cols[0] : cols[-1] + 1]
+    marked = cut.copy()
+    marked[90:110, 170:190] = 0.1
+    everything = to_mnist(select_digit(threshold(ink_strength(load_gray(marked)))))  # no part dropped
+    assert np.array_equal(preprocess(marked), everything)
 
 
 def test_photos_are_not_mistaken_for_clean_pages():

@@ -7,7 +7,7 @@ them by center of mass in 28x28, white ink on black. `preprocess()` rebuilds exa
     polarity    find which of dark-on-light or light-on-dark the image is, so ink is always "dark"
     flatten     ink contrast relative to a morphological estimate of the paper: no shadows, no uneven light
     threshold   hysteresis on the flattened ink (Otsu, floored at a minimum contrast), specks dropped
-    select      keep the digit's components, drop far-away small debris
+    select      keep the digit's components, drop small debris and a shadow's edge beside the digit
     crop        to the ink's bounding box
     stroke      thicken or thin the strokes to MNIST's stroke width at the final scale
     scale20     longer side to 20 px keeping the aspect ratio, area-averaged (MNIST's anti-aliasing)
@@ -545,11 +545,40 @@ def ink_mask(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
     return mask
 
 
-def keep_digit_parts(areas: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Of the kept parts, those of one digit: at least KEEP_FRACTION of the largest (broken strokes stay)."""
+def keep_digit_parts(labels: np.ndarray, areas: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Of the kept parts, those of one digit: none beside it at the picture's edge (drop_edge_parts), and at
+    least KEEP_FRACTION of the largest (broken strokes stay)."""
     if keep.sum() <= 1:
         return keep
+    keep = drop_edge_parts(labels, areas, keep)
     return keep & (areas >= KEEP_FRACTION * areas[keep].max())
+
+
+def drop_edge_parts(labels: np.ndarray, areas: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Drop kept parts that touch the picture's edge, stand wholly left or right of the digit (the largest part
+    inside the picture) and are smaller than it: the edge of a shadow, of the page or of a table that the threshold
+    took for ink. A digit's own broken strokes share its columns (the bar of a 5, the flag of a 7, one of a 4's)."""
+    height, width = labels.shape
+    boxes = {}
+    for label in np.flatnonzero(keep).tolist():
+        rows, cols = np.nonzero(labels == label)
+        boxes[label] = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+    edge = {
+        label
+        for label, (y0, y1, x0, x1) in boxes.items()
+        if y0 == 0 or x0 == 0 or y1 == height or x1 == width
+    }
+    inside = [label for label in boxes if label not in edge]
+    if not inside or not edge:
+        return keep
+    digit = max(inside, key=lambda label: areas[label])
+    left, right = boxes[digit][2:]
+    out = keep.copy()
+    for label in edge:
+        x0, x1 = boxes[label][2:]
+        if (x1 <= left or x0 >= right) and areas[label] < areas[digit]:
+            out[label] = False
+    return out
 
 
 def select_digit(mask: np.ndarray) -> np.ndarray:
@@ -705,7 +734,7 @@ def preprocess(image: Any, *, return_steps: bool = False) -> np.ndarray | tuple[
     labels, areas, keep = ink_parts(ink_strength(gray, steps))
     if steps is not None:
         steps["threshold"] = ~keep[labels]
-    mask = keep_digit_parts(areas, keep)[labels]
+    mask = keep_digit_parts(labels, areas, keep)[labels]
     if steps is not None:
         steps["select"] = ~mask
     out = to_mnist(mask, steps)
