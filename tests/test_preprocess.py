@@ -16,15 +16,18 @@ from digitrec.errors import ImageError
 from digitrec.preprocess import (
     FRAME,
     _smooth,
+    center_in_frame,
     disk_filter,
     expand_paths,
     flatten,
     ink_strength,
+    kept_mask,
     label8,
     load_gray,
     load_gray_sized,
     median_filter,
     open_image,
+    otsu_threshold,
     parts,
     preprocess,
     reopened,
@@ -151,6 +154,47 @@ def test_stroke_width_is_normalized():
 
     widths = [stroke_width(preprocess(seven(pen)) > 0.5) for pen in (2, 6, 24)]
     assert max(widths) - min(widths) < 0.8  # a fine liner and a marker end up MNIST-wide
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(1, 3000), zeros=st.floats(0.0, 1.0), ones=st.floats(0.0, 0.3), seed=st.integers(0, 2**16)
+)
+def test_otsu_threshold_is_otsus_cut_over_a_64_bin_histogram(size, zeros, ones, seed):
+    # Paper (0), full-strength ink (1.0: the top bin) and everything between, as ink_strength() gives them.
+    rng = np.random.default_rng(seed)
+    values = rng.random(size).astype(np.float32)
+    values[rng.random(size) < zeros] = 0.0
+    values[rng.random(size) < ones] = 1.0
+    hist = np.histogram(values, bins=64, range=(0.0, 1.0))[0].astype(np.float64)  # 1.0 falls in the last bin
+    edges = np.linspace(0.0, 1.0, 65)
+    centers = (edges[:-1] + edges[1:]) / 2
+    low = np.cumsum(hist)
+    high = low[-1] - low
+    mass = np.cumsum(hist * centers)
+    between = low * high * (mass / np.maximum(low, 1e-12) - (mass[-1] - mass) / np.maximum(high, 1e-12)) ** 2
+    assert otsu_threshold(values.reshape(1, -1)) == edges[int(np.argmax(between)) + 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(parts=st.integers(0, 40), kept=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_kept_mask_is_the_kept_labels(parts, kept, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, parts + 1, (30, 20)).astype(np.int32)
+    keep = rng.random(parts + 1) < kept
+    keep[0] = False
+    assert np.array_equal(kept_mask(labels, keep), keep[labels])
+
+
+def test_the_center_of_mass_lands_at_the_frames_center():
+    rng = np.random.default_rng(0)
+    for height, width in [(20, 20), (20, 7), (9, 20), (20, 1)]:
+        glyph = (rng.random((height, width)) * (rng.random((height, width)) < 0.5)).astype(np.float32)
+        frame = center_in_frame(glyph)
+        rows, cols = np.indices(frame.shape)
+        total = frame.sum()
+        center = ((frame * rows).sum() / total, (frame * cols).sum() / total)
+        assert np.isclose(frame.sum(), glyph.sum()) and max(abs(c - 13.5) for c in center) <= 0.5 + 1e-9
 
 
 @settings(max_examples=60, deadline=None)

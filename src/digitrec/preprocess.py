@@ -357,7 +357,7 @@ def uniform_paper(gray: np.ndarray) -> tuple[float, bool] | None:
     count = gray.size
     levels = np.multiply(gray, 255, dtype=np.float32)
     levels += 0.5
-    hist = np.bincount(levels.astype(np.uint8).ravel(), minlength=256)
+    hist = cv2.calcHist([levels.astype(np.uint8)], [0], None, [256], [0, 256]).ravel().astype(np.int64)
     paper = int(hist.argmax())
     if hist[max(0, paper - PAPER_TOLERANCE) : paper + PAPER_TOLERANCE + 1].sum() < 0.5 * count:
         return None
@@ -454,8 +454,11 @@ def _histogram_bins(bins: int) -> tuple[np.ndarray, np.ndarray]:
 
 def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     """Otsu's threshold on values in [0, 1]: the cut that maximizes the between-class variance."""
-    index = np.multiply(values, bins, dtype=np.float32).astype(np.intp).ravel()
-    hist = np.bincount(np.minimum(index, bins - 1, out=index), minlength=bins)[:bins].astype(np.float64)
+    scaled = np.multiply(values, bins, dtype=np.float32)
+    # Most values are paper (bin 0): count the others only, and bin 0 is the rest.
+    index = scaled[scaled >= 1].astype(np.intp)
+    hist = np.bincount(np.minimum(index, bins - 1, out=index), minlength=bins).astype(np.float64)
+    hist[0] = values.size - len(index)
     edges, centers = _histogram_bins(bins)
     weight_low = np.cumsum(hist)
     weight_high = weight_low[-1] - weight_low
@@ -500,8 +503,10 @@ def ink_parts(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     the mask. One labelling serves the threshold, the speck filter and select_digit() alike.
     """
     strong_cut = max(otsu_threshold(ink), INK_CONTRAST)
-    labels, count = label8(ink > strong_cut * WEAK_FRACTION)
-    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    weak = ink > strong_cut * WEAK_FRACTION
+    labels, count = label8(weak)
+    areas = np.bincount(labels[weak], minlength=count + 1)  # the ink's labels only: the paper is most pixels
+    areas[0] = weak.size - areas[1:].sum()
     keep = np.zeros(count + 1, dtype=bool)
     keep[labels[ink > strong_cut]] = True
     keep &= areas >= max(2, SPECK_FRACTION * ink.size)
@@ -512,7 +517,19 @@ def ink_parts(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def threshold(ink: np.ndarray) -> np.ndarray:
     """Hysteresis threshold: pixels above the strong cut, plus weaker pixels connected to them; specks dropped."""
     labels, _, keep = ink_parts(ink)
-    return keep[labels]
+    return kept_mask(labels, keep)
+
+
+def kept_mask(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """keep[labels]: the mask of the kept parts, as one comparison per part when they are few (a digit's one
+    to three parts), several times faster than indexing by every pixel's label."""
+    kept = np.flatnonzero(keep)
+    if len(kept) == 0 or len(kept) > 4:
+        return keep[labels]
+    mask = labels == kept[0]
+    for label in kept[1:]:
+        mask |= labels == label
+    return mask
 
 
 def remove_specks(mask: np.ndarray, fraction: float = SPECK_FRACTION) -> np.ndarray:
@@ -684,8 +701,9 @@ def center_in_frame(glyph: np.ndarray) -> np.ndarray:
     total = float(glyph.sum())
     if total <= 0:
         return frame
-    rows, cols = np.indices(glyph.shape)
-    center_y, center_x = (glyph * rows).sum() / total, (glyph * cols).sum() / total
+    # Row and column sums in float64 are exact for these float32 values (20 x 20 at most), so the centre is too.
+    center_y = float(glyph.sum(axis=1, dtype=np.float64) @ np.arange(height)) / total
+    center_x = float(glyph.sum(axis=0, dtype=np.float64) @ np.arange(width)) / total
     top = min(max(round(FRAME / 2 - 0.5 - center_y), 0), FRAME - height)
     left = min(max(round(FRAME / 2 - 0.5 - center_x), 0), FRAME - width)
     frame[top : top + height, left : left + width] = glyph
@@ -734,7 +752,7 @@ def preprocess(image: Any, *, return_steps: bool = False) -> np.ndarray | tuple[
     labels, areas, keep = ink_parts(ink_strength(gray, steps))
     if steps is not None:
         steps["threshold"] = ~keep[labels]
-    mask = keep_digit_parts(labels, areas, keep)[labels]
+    mask = kept_mask(labels, keep_digit_parts(labels, areas, keep))
     if steps is not None:
         steps["select"] = ~mask
     out = to_mnist(mask, steps)
