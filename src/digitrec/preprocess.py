@@ -701,7 +701,7 @@ def center_in_frame(glyph: np.ndarray) -> np.ndarray:
     total = float(glyph.sum())
     if total <= 0:
         return frame
-    # Row and column sums in float64 are exact for these float32 values (20 x 20 at most), so the centre is too.
+    # Weighted by row and column sums in float64: the centre of every pixel weighted by its row and column, cheaper.
     center_y = float(glyph.sum(axis=1, dtype=np.float64) @ np.arange(height)) / total
     center_x = float(glyph.sum(axis=0, dtype=np.float64) @ np.arange(width)) / total
     top = min(max(round(FRAME / 2 - 0.5 - center_y), 0), FRAME - height)
