@@ -27,11 +27,6 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
 def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True):
     """An ONNX Runtime CPU session with every graph optimization on; `threads` 0 = one per core."""
     try:
@@ -289,8 +284,7 @@ class NumpyEnsemble:
         return cls(members, temperatures)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        votes = np.stack(
-            [log_softmax(member(batch) / t) for member, t in zip(self.members, self.temperatures)]
-        )
-        top = votes.max(axis=0)
-        return top + np.log(np.exp(votes - top).mean(axis=0))
+        from .tta import mean_log_probabilities  # the same mean over copies, here one copy per member
+
+        logits = [member(batch) / t for member, t in zip(self.members, self.temperatures)]
+        return mean_log_probabilities(np.concatenate(logits), len(logits))

@@ -539,7 +539,7 @@ def remove_specks(mask: np.ndarray, fraction: float = SPECK_FRACTION) -> np.ndar
     areas = np.bincount(labels.ravel())
     keep = areas >= max(2, fraction * mask.size)
     keep[0] = False
-    return keep[labels]
+    return kept_mask(labels, keep)
 
 
 def ink_strength(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
@@ -606,7 +606,7 @@ def select_digit(mask: np.ndarray) -> np.ndarray:
     areas = np.bincount(labels.ravel())
     areas[0] = 0
     keep = areas >= KEEP_FRACTION * areas.max()
-    return keep[labels]
+    return kept_mask(labels, keep)
 
 
 # ------------------------------------------------------------------------------------------ MNIST shape
