@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,6 @@ from digitrec import augment_real
 from digitrec.augment_real import (
     _TRAIN_LETTER_STROKES,
     digit_pairs,
-    flagged_ones,
     make_negatives,
     outlier_loss,
     robust_augment,
@@ -106,52 +104,3 @@ def test_training_with_negatives_runs_and_is_reproducible(tiny_mnist, tmp_path, 
     second, _ = load_tensors(runs[1].model_path)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert 0 < runs[0].metrics["test_accuracy"] <= 1
-
-
-def _row_widths(mask: np.ndarray, first: float, last: float) -> float:
-    """Mean ink width (first to last ink column) of the rows between two fractions of the ink's height."""
-    rows = np.flatnonzero(mask.any(1))
-    height = rows[-1] - rows[0] + 1
-    widths = [
-        np.flatnonzero(mask[r])[-1] - np.flatnonzero(mask[r])[0] + 1
-        for r in range(rows[0] + int(first * height), rows[0] + int(last * height))
-        if mask[r].any()
-    ]
-    return float(np.mean(widths))
-
-
-def test_flagged_ones_are_seeded_upright_ones_with_a_flag():
-    ones = flagged_ones(64)
-    assert ones.dtype == torch.uint8 and ones.shape == (64, 28, 28)
-    assert torch.equal(ones, flagged_ones.__wrapped__(64))  # the same bank in every process
-    masks = ones.numpy() > 64
-    for mask in masks:
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        assert rows[-1] - rows[0] + 1 >= 19  # scaled like MNIST: the longer side fills the 20 px box
-        assert cols[-1] - cols[0] < rows[-1] - rows[0]  # a 1: taller than wide
-    # The flag widens the top quarter of each 1 beyond its stem in the middle (a plain stroke would not).
-    top = np.mean([_row_widths(m, 0.0, 0.25) for m in masks])
-    middle = np.mean([_row_widths(m, 0.375, 0.625) for m in masks])
-    assert top > middle + 0.8
-
-
-def test_flagged_ones_join_the_training_set_as_ones(tiny_mnist, tmp_path, monkeypatch):
-    from digitrec import training
-
-    seen = {}
-    real_train_steps = training.train_steps
-
-    def spy(model, optimizer, images, labels, *args, **kwargs):
-        seen["images"], seen["labels"] = images, labels
-        return real_train_steps(model, optimizer, images, labels, *args, **kwargs)
-
-    monkeypatch.setattr(training, "train_steps", spy)
-    config = RECIPES["fast"].override(epochs=0.1, val_size=0, flagged_ones=24, amp=False, channels_last=False)
-    training.train(
-        config, tmp_path / "run", data=tiny_mnist, progress=False, report=False, log=lambda s: None
-    )
-    n = len(tiny_mnist.train_images)
-    assert len(seen["images"]) == n + 24
-    assert torch.equal(seen["images"][n:], flagged_ones(24))
-    assert (seen["labels"][n:] == 1).all() and torch.equal(seen["labels"][:n], tiny_mnist.train_labels)
-    assert RECIPES["robust"].flagged_ones > 0 and TrainConfig().flagged_ones == 0

@@ -75,7 +75,6 @@ def test_overrides_apply_and_validate():
         {"threads": -1},
         {"early_stopping_patience": -1},
         {"checkpoint_every_steps": -5},
-        {"flagged_ones": -1},
     ):
         with pytest.raises(DigitrecError):
             TrainConfig().override(**bad)

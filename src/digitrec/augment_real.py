@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 NEGATIVE_BANK_SEED = 1234
-FLAGGED_ONES_SEED = 4321
 # Outlier exposure's lambda (Hendrycks et al. use 0.5): the non-digits' loss is added times this.
 OUTLIER_WEIGHT = 0.5
 # Of the negatives, this share are two digits side by side (whole or cut badly); the rest come from the bank.
@@ -190,33 +189,6 @@ def negative_bank(size: int = 6000) -> torch.Tensor:
             mask = select_digit(field > np.quantile(field, rng.uniform(0.4, 0.9)))
         images.append(to_mnist(mask))
     return torch.from_numpy(np.stack(images)[:, None])
-
-
-@lru_cache(maxsize=2)
-def flagged_ones(count: int) -> torch.Tensor:
-    """(count, 28, 28) uint8 pen-written 1s with a flag, some with a foot, as preprocess() would output them; seeded.
-
-    MNIST's writers were American and rarely put a flag on their 1s; a model trained on it alone reads a
-    European 1 (a long flag down to the left) as a 7. The flag's length and angle, the stem's lean and the
-    foot are random (eval-real's pen 1s are three fixed skeletons instead), drawn by the shared pen renderer.
-    """
-    from .preprocess import to_mnist
-    from .realworld import draw_strokes
-
-    rng = np.random.default_rng(FLAGGED_ONES_SEED)
-    images = []
-    for _ in range(count):
-        top, stem = rng.uniform(0.0, 0.05), rng.uniform(0.45, 0.6)
-        # The flag runs from its end up to the stem's top, 30-60 degrees below the horizontal (flatter is a 7's bar)
-        flag_x = rng.uniform(0.15, 0.4)
-        # 0.7: a typical digit's width for its height
-        flag_y = flag_x * 0.7 * np.tan(np.radians(rng.uniform(30, 60)))
-        strokes = [[(stem - flag_x, top + flag_y), (stem, top), (stem + rng.uniform(-0.05, 0.05), 1.0)]]
-        if rng.random() < 0.3:
-            foot = rng.uniform(0.15, 0.3)
-            strokes.append([(stem - foot, 1.0), (stem + foot, 1.0)])
-        images.append(to_mnist(draw_strokes(strokes, rng, int(rng.integers(40, 110))) > 0.5))
-    return torch.from_numpy(np.rint(np.stack(images) * 255).astype(np.uint8))
 
 
 def digit_pairs(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

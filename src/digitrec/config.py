@@ -47,9 +47,6 @@ class TrainConfig:
     augment: str = "none"
     # Outlier exposure: this many non-digits per digit join each training batch (augment_real.py); 0 = off.
     negatives: float = 0.0
-    # This many pen-written 1s with a flag (the European 1, rare in MNIST) join the training set
-    # (augment_real.flagged_ones); 0 = off.
-    flagged_ones: int = 0
     val_size: int = 5000
     seed: int = 0
     early_stopping_patience: int = 0  # epochs without a better validation accuracy before stopping; 0 = off
@@ -96,7 +93,6 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.negatives >= 0, f"negatives must not be negative, got {self.negatives}"),
-            (self.flagged_ones >= 0, f"flagged_ones must not be negative, got {self.flagged_ones}"),
             (self.val_size >= 0, f"validation size must not be negative, got {self.val_size}"),
             (
                 self.early_stopping_patience >= 0,
@@ -319,7 +315,6 @@ RECIPES: dict[str, TrainConfig] = {
         warmup_fraction=0.1,
         augment="robust",
         negatives=0.5,
-        flagged_ones=3000,
         notes="Trained to read photographed and scanned digits, and to doubt non-digits and digit pairs "
         "(outlier exposure: half as many non-digits as digits in every batch); bundled with the package.",
     ),

@@ -450,12 +450,6 @@ def train(
         )
     else:
         train_images, train_labels, val_images, val_labels = data.train_images, data.train_labels, None, None
-    if config.flagged_ones:  # European 1s, which MNIST's American writers rarely made (augment_real.py)
-        from .augment_real import flagged_ones
-
-        ones = flagged_ones(config.flagged_ones)
-        train_images = torch.cat([train_images, ones])
-        train_labels = torch.cat([train_labels, torch.ones(len(ones), dtype=train_labels.dtype)])
     if dry_run:
         train_images, train_labels = (
             train_images[: 8 * config.batch_size],
