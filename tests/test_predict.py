@@ -180,6 +180,21 @@ def test_real_world_targets(pretrained):
     assert r["numbers"]["exact"] >= 0.95 and r["negatives"]["rejected"] >= 0.95
 
 
+@pytest.mark.slow
+def test_the_bundled_calibration_is_what_calibrate_gives_today(tmp_path):
+    """A change to preprocess() or to the calibration sets moves the reject threshold: calibrate the bundled
+    file again (README says how) rather than ship a stale one."""
+    from digitrec.calibrate import calibrate
+    from digitrec.checkpoint import load_tensors
+
+    _, stored = load_tensors(pretrained_path())
+    fresh = calibrate(
+        pretrained_path(), out_path=tmp_path / "again.safetensors", half=True, log=lambda s: None
+    )
+    assert fresh["temperature"] == pytest.approx(stored["temperature"], abs=0.002)
+    assert fresh["reject_below"] == pytest.approx(stored["reject_below"], abs=0.005)
+
+
 def test_a_large_folder_spread_over_worker_processes_gives_the_same_answers(tmp_path, pretrained):
     from digitrec.predict import PARALLEL_FROM, predict_files
 
