@@ -11,6 +11,7 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from digitrec.cli import build_parser, main
@@ -26,6 +27,8 @@ SMALL = {
     "robustness": ["--limit", "50"],
     "explore": ["--samples", "100"],
     "eval-real": ["--count", "2"],
+    "finetune": ["--repeat", "2", "--no-report", "--no-progress"],
+    "calibrate": ["--count", "20"],
 }
 NOT_RUN = {"serve"}  # blocks until stopped; tests/test_server.py covers it
 FIGURE = re.compile(r"^!\[[^]]*\]\(\.\./images/([^)]+)\)", flags=re.M)
@@ -112,6 +115,12 @@ def test_every_figure_names_the_command_that_made_it():
 def test_every_tutorial_command_runs(idx_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
     monkeypatch.chdir(tmp_path)
+    # `serve` does not run here; a few corrections stand in for what the user would send from its page.
+    from digitrec.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    for label in (1, 7, 1):
+        store.add(label=label, image=b"", input28=np.eye(28, dtype=np.float32))
     for argv in commands():
         if argv[0] in NOT_RUN:
             continue
