@@ -92,13 +92,10 @@ def calibrate(
     model, meta = load_model(model_path)
     config = TrainConfig.from_dict(meta.get("config", {}))
     data = load_mnist()
-    _, _, val_images, val_labels = split_validation(
-        # A model trained on every image (val_size 0) gets MNIST's usual 5,000, or a sixth of a smaller set.
-        data.train_images,
-        data.train_labels,
-        config.val_size or min(5000, len(data.train_images) // 6),
-        seed=0,
-    )
+    # A model trained on every image (val_size 0) gets the usual split (TrainConfig's default), or a sixth of a
+    # smaller data set.
+    val_size = config.val_size or min(TrainConfig().val_size, len(data.train_images) // 6)
+    _, _, val_images, val_labels = split_validation(data.train_images, data.train_labels, val_size, seed=0)
     val_logits = predict_logits(model, val_images, tta_views=config.tta_views)  # as the Predictor will score
     temperature = fit_temperature(val_logits, val_labels)
     val_probs_raw = softmax(val_logits.numpy())
