@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from digitrec import realworld
 from digitrec.augment_real import negative_bank, robust_augment
 from digitrec.calibrate import choose_threshold, expected_calibration_error, fit_temperature
 from digitrec.realworld import SETS, generate, write_set
@@ -88,3 +90,47 @@ def test_threshold_rejects_at_most_the_allowed_share_of_digits():
     digits, negatives = rng.beta(20, 1, 10000), rng.beta(2, 5, 1000)
     cut = choose_threshold(digits, max_digit_rejection=0.01)
     assert (digits < cut).mean() <= 0.0101 and (negatives < cut).mean() > 0.95
+
+
+class _Stub:
+    """A stand-in predictor: every digit read as `digit` (None: all rejected), every line as `lines` says."""
+
+    def __init__(self, digit, lines):
+        self.digit, self.lines = digit, lines
+
+    def predict_tensor(self, batch):
+        probabilities = np.full(10, 0.1) if self.digit is None else np.eye(10)[self.digit]
+        answer = SimpleNamespace(digit=self.digit, rejected=self.digit is None, probabilities=probabilities)
+        return [answer] * len(batch)
+
+    def read(self, data):
+        return SimpleNamespace(number=self.lines[data])
+
+
+@pytest.mark.parametrize("digit", [3, None])
+def test_eval_real_lists_every_miss_by_the_index_write_set_names(monkeypatch, digit):
+    monkeypatch.setattr(realworld, "_mnist_test", lambda: FAKE_MNIST)
+    sets = ("pen-photo", "numbers", "negatives")
+    pens, numbers, negatives = (list(generate(name, 12, seed=1, mnist=FAKE_MNIST)) for name in sets)
+    lines = {s.data: s.label if i % 2 else "12" for i, s in enumerate(numbers)}  # every other line read right
+    printed: list[str] = []
+    results = realworld.eval_real(
+        _Stub(digit, lines), count=12, seed=1, sets=sets, log=printed.append, show_misses=2
+    )
+    read = None if digit is None else str(digit)
+    assert "3" in [s.label for s in pens]  # some digits are read right
+    assert results["pen-photo"]["misses"] == [
+        {"index": i, "truth": s.label, "read": read} for i, s in enumerate(pens) if s.label != read
+    ]
+    assert results["numbers"]["misses"] == [
+        {"index": i, "truth": s.label, "read": "12"} for i, s in enumerate(numbers) if i % 2 == 0
+    ]
+    expected_negatives = [
+        {"index": i, "truth": None, "kind": s.kind.removeprefix("negative-"), "read": "3"}
+        for i, s in enumerate(negatives)
+    ]
+    assert results["negatives"]["misses"] == ([] if digit is None else expected_negatives)
+    shown = [line for line in printed if line.startswith("  ")]
+    assert len(shown) == (6 if digit is not None else 4)  # two under each set with misses
+    first = results["numbers"]["misses"][0]
+    assert f"  {first['index']:05d}  truth {first['truth']}  read 12" in shown

@@ -47,6 +47,7 @@ def _whole_number(low: int, high: int | None, complaint: str) -> Callable[[str],
 # A TCP port (0: the system picks a free one), and counts, seeds, rounds and processes.
 _port = _whole_number(0, 65535, "is not a port number; use 0-65535")
 _positive_int = _whole_number(1, None, "is not a whole number of at least 1")
+_non_negative_int = _whole_number(0, None, "is not a whole number of at least 0")
 _top_k = _whole_number(1, 10, "is not a count of digits; use 1-10")
 
 
@@ -465,7 +466,12 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
             f"{args.count} images per set, seed {args.seed}"
         )
     results = eval_real(
-        predictor, count=args.count, seed=args.seed, sets=sets, log=(lambda msg: None) if args.json else print
+        predictor,
+        count=args.count,
+        seed=args.seed,
+        sets=sets,
+        log=(lambda msg: None) if args.json else print,
+        show_misses=args.misses,
     )
     if args.speed:
         results["speed"] = time_folder(predictor, log=(lambda msg: None) if args.json else print)
@@ -955,6 +961,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--speed", action="store_true", help="also time one image and a folder of 1,000 images")
     p.add_argument("--write", metavar="DIR", help="only write the sets as image files into DIR/<set>/")
+    p.add_argument(
+        "--misses",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="list the first N samples of each set read wrong (index, truth, read); `--write DIR` with the same "
+        "--count and --seed writes them as DIR/<set>/<index>_<label>.* (--json always lists them all)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_real)
 

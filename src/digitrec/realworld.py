@@ -496,13 +496,27 @@ def eval_real(
     seed: int = 0,
     sets: tuple[str, ...] = SETS,
     log: Callable[[str], None] = print,
+    show_misses: int = 0,
 ) -> dict[str, Any]:
-    """Score `predictor` on every set; print one line per set and return the figures."""
+    """Score `predictor` on every set; print one line per set and return the figures.
+
+    Each set's figures also list its misses, {"index", "truth", "read"} for every sample read wrong, in order:
+    a rejected digit has "read" None, a negative read as a digit "truth" None and its "kind" (blank, scribble,
+    ...). `index` names the file that `write_set` writes for the same count and seed. `show_misses` prints the
+    first that many misses of each set under its line.
+    """
     import torch
 
     from .preprocess import preprocess
 
     results: dict[str, Any] = {"count": count, "seed": seed}
+
+    def report_misses(name: str, misses: list[dict[str, Any]]) -> None:
+        results[name]["misses"] = misses
+        for miss in misses[:show_misses]:
+            truth = miss["truth"] or f"not a digit ({miss['kind']})"
+            log(f"  {miss['index']:05d}  truth {truth}  read {miss['read'] or 'rejected'}")
+
     for name in sets:
         samples = list(generate(name, count, seed))
         start = time.perf_counter()
@@ -521,6 +535,14 @@ def eval_real(
                 f"{name:<12} {exact:7.2%} numbers exactly right   ({digits_found:.2%} with the right digit count, "
                 f"{1000 * seconds / len(samples):.1f} ms/image, n={len(samples)})"
             )
+            report_misses(
+                name,
+                [
+                    {"index": i, "truth": s.label, "read": r.number}
+                    for i, (r, s) in enumerate(zip(reads, samples))
+                    if r.number != s.label
+                ],
+            )
             continue
         batch = np.stack([preprocess(s.data) for s in samples])
         predictions = predictor.predict_tensor(torch.from_numpy(batch)[:, None])
@@ -536,6 +558,14 @@ def eval_real(
                 f"{name:<12} {rejected.mean():7.2%} rejected   ("
                 + ", ".join(f"{k[9:]} {v:.0%}" for k, v in per_kind.items())
                 + f", n={len(samples)})"
+            )
+            report_misses(
+                name,
+                [
+                    {"index": i, "truth": None, "kind": s.kind[len("negative-") :], "read": str(p.digit)}
+                    for i, (p, s) in enumerate(zip(predictions, samples))
+                    if not p.rejected
+                ],
             )
             continue
         labels = np.array([int(cast(str, s.label)) for s in samples])
@@ -557,6 +587,14 @@ def eval_real(
             f"{name:<12} {np.mean(digits == labels):7.2%} correct   ({rejected.mean():.2%} rejected, "
             f"{np.mean(argmax == labels):.2%} before rejection, naive pipeline {naive_accuracy:.2%}, "
             f"{1000 * seconds / len(samples):.1f} ms/image, n={len(samples)})"
+        )
+        report_misses(
+            name,
+            [
+                {"index": i, "truth": str(y), "read": None if d < 0 else str(d)}
+                for i, (d, y) in enumerate(zip(digits, labels))
+                if d != y
+            ],
         )
     return results
 
