@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from hypothesis import settings
 
 from digitrec import data as data_module
+from digitrec import realworld
 from digitrec.data import MNIST, to_idx
 
 settings.register_profile("default", max_examples=60, deadline=None)
@@ -44,8 +46,12 @@ def tiny_mnist() -> MNIST:
 
 
 @pytest.fixture
-def idx_folder(tmp_path: Path, tiny_mnist: MNIST, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The tiny data set as four gzipped IDX files, with the expected MD5s patched to theirs."""
+def idx_folder(tmp_path: Path, tiny_mnist: MNIST, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The tiny data set as four gzipped IDX files, with the expected MD5s patched to theirs.
+
+    The real-world sets keep the MNIST test digits they load for the rest of the process; a command run here
+    on the tiny set (eval-real, calibrate) must not leave its digits to the tests that come after it.
+    """
     arrays = {
         "train_images": tiny_mnist.train_images,
         "train_labels": tiny_mnist.train_labels,
@@ -58,7 +64,9 @@ def idx_folder(tmp_path: Path, tiny_mnist: MNIST, monkeypatch: pytest.MonkeyPatc
         (tmp_path / f"{stem}.gz").write_bytes(gzip.compress(raw))
         files[key] = (stem, hashlib.md5(raw).hexdigest())
     monkeypatch.setattr(data_module, "FILES", files)
-    return tmp_path
+    realworld._mnist_test.cache_clear()
+    yield tmp_path
+    realworld._mnist_test.cache_clear()
 
 
 @pytest.fixture(scope="session")
