@@ -175,9 +175,21 @@ def test_real_world_targets(pretrained):
     from digitrec.realworld import eval_real
 
     r = eval_real(pretrained, count=500)
-    for name in ("mnist-photo", "pen-photo", "font-photo"):
-        assert r[name]["accuracy"] >= 0.98 and r[name]["rejected"] < 0.01
-    assert r["numbers"]["exact"] >= 0.95 and r["negatives"]["rejected"] >= 0.95
+    missed = [  # every target checked, so one missed target does not hide the state of the others
+        f"{name} {r[name]['accuracy']:.1%} right"
+        for name in ("mnist-photo", "pen-photo", "font-photo")
+        if r[name]["accuracy"] < 0.98
+    ]
+    missed += [
+        f"{name} {r[name]['rejected']:.1%} rejected"
+        for name in ("mnist-photo", "pen-photo", "font-photo")
+        if r[name]["rejected"] >= 0.01
+    ]
+    if r["numbers"]["exact"] < 0.95:
+        missed.append(f"numbers {r['numbers']['exact']:.1%} exact")
+    if r["negatives"]["rejected"] < 0.95:
+        missed.append(f"negatives {r['negatives']['rejected']:.1%} rejected")
+    assert not missed, "issue 4's targets missed: " + "; ".join(missed)
 
 
 @pytest.mark.slow
