@@ -556,13 +556,18 @@ def eval_real(
             results[name] = {"rejected": float(rejected.mean()), "per_kind": per_kind, "n": len(samples)}
             log(
                 f"{name:<12} {rejected.mean():7.2%} rejected   ("
-                + ", ".join(f"{k[9:]} {v:.0%}" for k, v in per_kind.items())
+                + ", ".join(f"{k.removeprefix('negative-')} {v:.0%}" for k, v in per_kind.items())
                 + f", n={len(samples)})"
             )
             report_misses(
                 name,
                 [
-                    {"index": i, "truth": None, "kind": s.kind[len("negative-") :], "read": str(p.digit)}
+                    {
+                        "index": i,
+                        "truth": None,
+                        "kind": s.kind.removeprefix("negative-"),
+                        "read": str(p.digit),
+                    }
                     for i, (p, s) in enumerate(zip(predictions, samples))
                     if not p.rejected
                 ],
