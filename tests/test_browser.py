@@ -2,7 +2,8 @@
 
 Draws a 7 with the mouse, checks the answer, the bars and the 28x28 view; uploads a photo; sends a correction and
 finds it in SQLite; reads a two-digit number. Screenshots go to test-artifacts/ (or $DIGITREC_ARTIFACTS); the
-README's docs/images/web.png is test-artifacts/web-draw.png from a run with the bundled model.
+README's docs/images/web.png and web-number.png are test-artifacts/web-draw.png and web-number.png from a run with
+the bundled model.
 Skipped only when no Chromium is installed (`make test` installs Debian's `chromium` where apt-get works).
 """
 
