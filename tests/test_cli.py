@@ -37,6 +37,12 @@ def test_recipes_json_lists_every_recipe(capsys):
     assert recipes["seed-mlp-bn"]["reported_accuracy"] == 0.956
 
 
+def test_a_bare_digitrec_lists_the_commands_and_where_to_start(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "predict" in err and "serve" in err and "start here: `digitrec train`" in err
+
+
 def test_recipes_and_models_tables(capsys):
     assert main(["recipes"]) == 0
     assert "seed-cnn-bn" in capsys.readouterr().out

@@ -717,7 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TTA_SHIFTS
 
     parser = argparse.ArgumentParser(
-        prog="digitrec", description="Learn to read handwritten digits on MNIST, then read them for real."
+        prog="digitrec",
+        description="Learn to read handwritten digits on MNIST, then read them for real.",
+        epilog="start here: `digitrec train` (the default recipe, about a minute), `digitrec predict PHOTO` and "
+        "`digitrec read PHOTO` (the bundled model), `digitrec serve` (the web page); `digitrec COMMAND -h` for "
+        "a command's options.",
     )
     parser.add_argument(
         "--version", action="version", version=f"digitrec {__import__('digitrec').__version__}"
@@ -1103,7 +1107,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `digitrec`: the commands, not just a usage line
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` relaunches this command line
     try:
         code = args.func(args)
