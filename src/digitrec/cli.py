@@ -1107,12 +1107,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not (sys.argv[1:] if argv is None else argv):  # a bare `digitrec`: the commands, not just a usage line
+    if not argv:  # a bare `digitrec`: the commands, not just a usage line
         parser.print_help(sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` relaunches this command line
+    args.argv = argv  # `train --nproc` relaunches this command line
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, so that a reader that left is caught below, not at the interpreter's exit
