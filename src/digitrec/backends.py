@@ -172,9 +172,9 @@ class NumpyBackend:
     It works channels-last, and folds a BatchNorm that directly follows a convolution into that convolution.
     """
 
-    def __init__(self, tensors: dict[str, np.ndarray], arch: str):
+    def __init__(self, tensors: dict[str, np.ndarray], arch: str, layers: tuple[Layer, ...] | None = None):
         t = {k: v.astype(np.float32) for k, v in tensors.items() if not k.endswith(".num_batches_tracked")}
-        layers = NUMPY_ARCHS[arch]
+        layers = layers or NUMPY_ARCHS[arch]  # another network in the same notation (pairs.PAIR_LAYERS)
         expected = _state_keys(layers)
         if set(t) != expected:  # what load_state_dict(strict=True) checks
             raise KeyError(sorted(set(t) ^ expected))

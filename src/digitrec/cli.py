@@ -329,6 +329,17 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_pairs(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .pairs import train_pairs
+
+    load_mnist(args.data_dir, log=_stderr)  # fetched and verified here; the workers then read the cache
+    if args.data_dir:
+        os.environ["DIGITREC_DATA"] = str(args.data_dir)
+    train_pairs(args.out, count=args.count, epochs=args.epochs, seed=args.seed)
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .feedback import finetune
@@ -880,6 +891,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="feedback-export", help="output folder (default feedback-export)")
     q.add_argument("--originals", action="store_true", help="png: also write the images as users sent them")
     q.set_defaults(func=cmd_feedback_export)
+
+    p = sub.add_parser(
+        "train-pairs",
+        help="train the classifier of touching digit pairs that `read` consults (bundled: pretrained/pairs)",
+    )
+    p.add_argument(
+        "--out", default="runs/pairs/pairs.safetensors", help="file to write (default %(default)s)"
+    )
+    p.add_argument(
+        "--count", type=_positive_int, default=150_000, help="training pieces to draw (default 150000)"
+    )
+    p.add_argument("--epochs", type=_positive_int, default=6, help="epochs (default 6)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pieces and of the training (default 0)")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_train_pairs)
 
     p = sub.add_parser(
         "finetune", help="fine-tune a model on MNIST plus the corrections; writes a new run folder"

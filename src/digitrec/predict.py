@@ -120,6 +120,8 @@ class Predictor:
         self.temperature = float(meta.get("temperature", 1.0))
         self.tta_views = tta.views_in(meta, name)  # the recipe's test-time augmentation
         self.reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
+        # `read` also asks the bundled pair classifier (pairs.py) about digits that overlap too deeply to cut
+        self.read_pairs = True
 
     @classmethod
     def load(cls, path: str | Path, reject_below: float | None = None, backend: str = "torch") -> Predictor:
@@ -237,16 +239,22 @@ class Predictor:
         Every segment gets its most likely digit (a line is known to hold digits); a low `confidence`
         marks the doubtful ones. A page with no ink reads as "".
         """
+        from .pairs import load_pair_scorer
         from .segment import segment
 
         def score(glyphs: np.ndarray) -> np.ndarray:
             return self.probabilities(glyphs[:, None]).max(axis=1)
 
-        pieces = segment(image, score=score)
+        pieces = segment(image, score=score, pairs=load_pair_scorer() if self.read_pairs else None)
         if not pieces:
             return ReadResult("")
         probs = self.probabilities(np.stack([p.image for p in pieces])[:, None])
-        digits = [DigitBox(int(p.argmax()), float(p.max()), piece.box) for p, piece in zip(probs, pieces)]
+        digits = [
+            DigitBox(*piece.reading, piece.box)
+            if piece.reading is not None
+            else DigitBox(int(p.argmax()), float(p.max()), piece.box)
+            for p, piece in zip(probs, pieces)
+        ]
         return ReadResult("".join(str(d.digit) for d in digits), digits)
 
 

@@ -8,7 +8,8 @@ candidate cuts sit at ink-profile minima and on a regular grid, each cut is a pa
 crosses as little ink as it can (so it can lean with the writing and pass between overlapping digits) or a
 straight line (down the stroke that two overlapping digits share), and dynamic programming picks the cuts
 whose pieces the classifier reads most confidently (the classifier was trained to doubt digit pairs and
-fragments, so a wrong cut reads badly).
+fragments, so a wrong cut reads badly). Given a pair classifier (pairs.py), a piece may also be read as two
+digits that overlap too deeply for any cut.
 A piece whose loops a bold pen or a blur filled in is thresholded again inside itself first (reopened).
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .pairs import NO_PAIR
 from .preprocess import (
     MIN_WORK_SIDE,
     WEAK_FRACTION,
@@ -42,14 +44,22 @@ FAINT_CONTRAST = 0.15  # next to clear digits, a digit-sized stroke this much da
 MAX_FAINT_HEIGHT = 1.5  # ... but not one taller than this share of the line height (a shadow's edge)
 
 Score = Callable[[np.ndarray], np.ndarray]  # (K, 28, 28) -> confidence of each, in (0, 1]
+PairScore = Callable[
+    [np.ndarray], np.ndarray
+]  # (K, 28, 28) -> log probabilities (K, 101): pairs 0-99, 100 none
 
 
 @dataclass
 class Piece:
-    """One digit of the line: its box (x, y, w, h) in the input's pixels and its 28x28 MNIST-like image."""
+    """One digit of the line: its box (x, y, w, h) in the input's pixels and its 28x28 MNIST-like image.
+
+    `reading` is (digit, confidence) when the pair classifier read this digit as half of an overlapping pair;
+    None when the digit classifier is to read `image`.
+    """
 
     box: tuple[int, int, int, int]
     image: np.ndarray
+    reading: tuple[int, float] | None = None
 
 
 @dataclass
@@ -238,8 +248,9 @@ def _digit_sized(box: tuple[slice, ...], shape: tuple[int, ...], band: slice, li
     return inside and tall
 
 
-def segment(image: Any, score: Score | None = None) -> list[Piece]:
-    """Find the digits of one line, left to right. `score` (a classifier's confidences) picks how to split blobs."""
+def segment(image: Any, score: Score | None = None, pairs: PairScore | None = None) -> list[Piece]:
+    """Find the digits of one line, left to right. `score` (a classifier's confidences) picks how to split blobs;
+    with `pairs` too, a blob piece may read as two overlapping digits."""
     gray, (width, height) = load_gray_sized(image, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
     back = np.array([width / gray.shape[1], height / gray.shape[0]])
     ink = ink_strength(gray)
@@ -250,13 +261,18 @@ def segment(image: Any, score: Score | None = None) -> list[Piece]:
     pieces: list[Piece] = []
     for blob in merge_broken(blobs, areas, line_height):
         region = np.isin(labels[blob.y0 : blob.y1, blob.x0 : blob.x1], blob.labels)
+        found: list[tuple[int, np.ndarray, tuple[int, float] | None]]
         if score is None:
-            found = _best_split(region, blob, score)
+            found = [(x, piece, None) for x, piece in _best_split(region, blob, score)]
         else:
-            found = split_by_recognition(
-                region, max(line_height, 0.5 * blob.height), score, ink[blob.y0 : blob.y1, blob.x0 : blob.x1]
+            found = split_and_read(
+                region,
+                max(line_height, 0.5 * blob.height),
+                score,
+                ink[blob.y0 : blob.y1, blob.x0 : blob.x1],
+                pairs,
             )
-        for x_offset, piece in found:
+        for x_offset, piece, reading in found:
             rows, cols = np.flatnonzero(piece.any(1)), np.flatnonzero(piece.any(0))
             x, y = blob.x0 + x_offset + cols[0], blob.y0 + rows[0]
             w, h = cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1
@@ -266,7 +282,7 @@ def segment(image: Any, score: Score | None = None) -> list[Piece]:
                 max(1, round(w * back[0])),
                 max(1, round(h * back[1])),
             )
-            pieces.append(Piece(box, to_mnist(piece)))
+            pieces.append(Piece(box, to_mnist(piece), reading))
     return pieces
 
 
@@ -304,6 +320,7 @@ MIN_PIECE_AREA = 0.02  # a piece with less ink than this share of the line heigh
 CUT_INK_COST = 0.4  # log-confidence a cut costs per stroke it crosses (digits rarely need it)
 SHORT_PIECE_COST = 2.0  # log-confidence a piece shorter than SMALL_PART costs where a wide blob needs one
 CUT_DISTINCT = 0.04  # two cuts closer than this share of the line height (on average) cut the same pieces
+PAIR_MIN_WIDTH = 0.3  # only a piece at least this share of the line height wide is asked whether it is a pair
 
 
 def cut_path(mask: np.ndarray, column: int, reach: int) -> np.ndarray:
@@ -400,12 +417,46 @@ def strokes_crossed(ink: np.ndarray, stroke: float) -> float:
     return float(np.minimum(lengths, stroke).sum() / stroke)
 
 
-def _piece_values(pieces: dict[tuple[int, int], np.ndarray], score: Score) -> dict[tuple[int, int], float]:
-    """The classifier's log confidence in each piece."""
+def _piece_values(
+    pieces: dict[tuple[int, int], np.ndarray],
+    score: Score,
+    pairs: PairScore | None = None,
+    pair_of: dict[tuple[int, int], tuple[int, float]] | None = None,
+    min_pair_width: float = 0.0,
+) -> dict[tuple[int, int], float]:
+    """The classifier's log confidence in each piece.
+
+    With `pairs`, a piece is worth the better of two readings: one digit, log p(digit) + log p_pair(no pair),
+    or the overlapping pair ab, log p_pair(ab); `pair_of` collects the pieces whose pair reading wins, as
+    (10a + b, p_pair(ab)). Pieces narrower than `min_pair_width` pixels are read as one digit only.
+    """
     if not pieces:
         return {}
-    confidences = score(np.stack([to_mnist(piece) for piece in pieces.values()]))
-    return dict(zip(pieces, np.log(np.clip(confidences, 1e-6, 1.0)).tolist()))
+    glyphs = np.stack([to_mnist(piece) for piece in pieces.values()])
+    values = np.log(np.clip(score(glyphs), 1e-6, 1.0))
+    wide = np.array([np.ptp(np.flatnonzero(p.any(0))) + 1 >= min_pair_width for p in pieces.values()])
+    if pairs is not None and wide.any():
+        log_p = pairs(glyphs[wide])
+        single = values[wide] + log_p[:, NO_PAIR]
+        best = log_p[:, :NO_PAIR].argmax(axis=1)
+        pair = log_p[np.arange(len(best)), best]
+        asked = [key for key, is_wide in zip(pieces, wide) if is_wide]
+        for key, ab, p, s in zip(asked, best, pair, single):
+            if pair_of is not None and p > s:
+                pair_of[key] = (int(ab), float(np.exp(p)))
+        values[wide] = np.maximum(single, pair)
+    return dict(zip(pieces, values.tolist()))
+
+
+def split_pair(piece: np.ndarray) -> tuple[tuple[int, np.ndarray], tuple[int, np.ndarray]]:
+    """A piece read as two overlapping digits -> (x offset, mask) of each half, split where half its ink lies
+    to the left: the boxes `read` reports for the two digits."""
+    columns = np.flatnonzero(piece.any(0))
+    ink = piece[:, columns[0] : columns[-1] + 1].sum(axis=0).cumsum()
+    middle = columns[0] + max(1, min(len(ink) - 1, int(np.searchsorted(ink, ink[-1] / 2))))
+    left, right = piece.copy(), piece.copy()
+    left[:, middle:], right[:, :middle] = False, False
+    return (0, left), (0, right)
 
 
 def _best_chain(value: dict[tuple[int, int], float], crossing: list[float]) -> list[tuple[int, int]] | None:
@@ -432,7 +483,18 @@ def _best_chain(value: dict[tuple[int, int], float], crossing: list[float]) -> l
 def split_by_recognition(
     mask: np.ndarray, line_height: float, score: Score, ink: np.ndarray | None = None
 ) -> list[tuple[int, np.ndarray]]:
-    """Cut a blob into the digits that read best: (x offset, piece mask) for each, left to right.
+    """split_and_read() without a pair classifier: (x offset, piece mask) for each digit, left to right."""
+    return [(x, piece) for x, piece, _ in split_and_read(mask, line_height, score, ink)]
+
+
+def split_and_read(
+    mask: np.ndarray,
+    line_height: float,
+    score: Score,
+    ink: np.ndarray | None = None,
+    pairs: PairScore | None = None,
+) -> list[tuple[int, np.ndarray, tuple[int, float] | None]]:
+    """Cut a blob into the digits that read best: (x offset, piece mask, pair reading) for each, left to right.
 
     Cuts are least-ink paths (cut_path) and straight lines from candidate columns; a piece is the ink
     between two cuts; the chosen cuts maximize the sum of the log confidences of their pieces, less
@@ -442,10 +504,14 @@ def split_by_recognition(
     whole, one too wide for a digit is always cut (if no cut gives only digit-tall pieces, shorter ones
     come in at SHORT_PIECE_COST each). With the blob's ink strength, a solid piece is read with its loops
     opened again (reopened).
+
+    With `pairs`, each piece may also read as two digits too entangled to cut (_piece_values); such a piece
+    comes back as its two halves (split_pair), each with its digit and the pair's probability as its reading.
+    Pieces the digit classifier is to read have reading None.
     """
     height, width = mask.shape
     if width < 0.45 * line_height:
-        return [(0, reopened(mask, ink))]
+        return [(0, reopened(mask, ink), None)]
     reach = max(2, int(CUT_REACH * line_height))
     stroke = max(1.0, stroke_width(mask))
     rows = np.arange(height)
@@ -483,19 +549,30 @@ def split_by_recognition(
             elif _plausible_digit(piece, line_height, min_height=0.0):
                 short[(i, j)] = piece
     pieces = {key: reopened(piece, ink) for key, piece in pieces.items()}  # solid pieces get their loops back
-    value = _piece_values(pieces, score)
+    pair_of: dict[tuple[int, int], tuple[int, float]] = {}
+    min_pair_width = PAIR_MIN_WIDTH * line_height
+    value = _piece_values(pieces, score, pairs, pair_of, min_pair_width)
     chosen = _best_chain(value, crossing)
     if chosen is None and width > too_wide:
         # No cut of this too-wide blob gives only digit-tall pieces (a small digit among big ones, a long dash):
         # let short pieces in at a cost rather than read the whole blob as one squeezed digit.
         short = {key: reopened(piece, ink) for key, piece in short.items()}
         pieces |= short
-        value |= {key: v - SHORT_PIECE_COST for key, v in _piece_values(short, score).items()}
+        value |= {
+            key: v - SHORT_PIECE_COST
+            for key, v in _piece_values(short, score, pairs, pair_of, min_pair_width).items()
+        }
         chosen = _best_chain(value, crossing)
     if chosen is None:
-        return [(0, reopened(mask, ink))]
-    out = []
+        return [(0, reopened(mask, ink), None)]
+    out: list[tuple[int, np.ndarray, tuple[int, float] | None]] = []
     for key in chosen:
-        cols = np.flatnonzero(pieces[key].any(0))
-        out.append((int(cols[0]), pieces[key][:, cols[0] : cols[-1] + 1]))
+        halves = split_pair(pieces[key]) if key in pair_of else ((0, pieces[key]),)
+        for k, (_, half) in enumerate(halves):
+            cols = np.flatnonzero(half.any(0))
+            reading = None
+            if key in pair_of:
+                ab, probability = pair_of[key]
+                reading = (ab // 10 if k == 0 else ab % 10, probability)
+            out.append((int(cols[0]), half[:, cols[0] : cols[-1] + 1], reading))
     return out

@@ -1,0 +1,141 @@
+"""The pair classifier (pairs.py): its training pieces, its NumPy forward pass, and how `read` uses it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from digitrec import pairs as pairs_module
+from digitrec.checkpoint import save_tensors
+from digitrec.errors import CheckpointError
+from digitrec.pairs import CLASSES, NO_PAIR, load_pair_scorer, make_pairs, pair_cnn, train_pairs
+from digitrec.segment import split_and_read, split_by_recognition
+
+
+@pytest.fixture
+def tiny_data(idx_folder, monkeypatch):
+    monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
+    return idx_folder
+
+
+def test_the_pieces_are_the_same_for_the_same_seed_and_hold_pairs_and_others():
+    """Drawn from the real MNIST training digits (the tiny set's blob templates are no digits)."""
+    images, labels = make_pairs(60, seed=3, workers=1)
+    assert images.shape == (60, 28, 28) and images.dtype == np.uint8
+    assert labels.min() >= 0 and labels.max() <= NO_PAIR
+    assert (labels < NO_PAIR).any() and (labels == NO_PAIR).any()
+    assert images.reshape(60, -1).max(axis=1).min() > 0  # every piece holds ink
+    again, again_labels = make_pairs(60, seed=3, workers=1)
+    assert np.array_equal(images, again) and np.array_equal(labels, again_labels)
+    other, _ = make_pairs(60, seed=4, workers=1)
+    assert not np.array_equal(images, other)
+
+
+def test_the_numpy_pair_network_matches_torch(tmp_path):
+    torch.manual_seed(0)
+    model = pair_cnn().eval()
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if "running_var" in name:
+                value.uniform_(0.5, 2.0)
+            elif "running_mean" in name:
+                value.normal_(0, 0.3)
+    path = tmp_path / "pairs.safetensors"
+    save_tensors(path, dict(model.state_dict()), {"arch": "pair_cnn", "classes": CLASSES})
+    x = np.random.default_rng(0).random((7, 28, 28)).astype(np.float32)
+    scorer = load_pair_scorer(path)
+    assert scorer is not None
+    got = scorer(x)
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.from_numpy(x)[:, None]), dim=1).numpy()
+    assert got.shape == (7, CLASSES)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(np.exp(got).sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_checkpoint_that_is_not_a_pair_classifier_is_refused(tmp_path):
+    path = tmp_path / "digits.safetensors"
+    save_tensors(path, {"w": torch.zeros(2)}, {"arch": "fast_cnn"})
+    with pytest.raises(CheckpointError, match="not a pair classifier"):
+        load_pair_scorer(path)
+
+
+def test_train_pairs_writes_a_scorer_read_can_use(tiny_data, tmp_path):
+    lines: list[str] = []
+    path = train_pairs(tmp_path / "p.safetensors", count=600, epochs=1, batch_size=64, log=lines.append)
+    assert any("held-out accuracy" in line for line in lines)
+    scorer = load_pair_scorer(path)
+    assert scorer is not None
+    out = scorer(np.zeros((2, 28, 28), np.float32))
+    assert out.shape == (2, CLASSES) and np.isfinite(out).all()
+
+
+def _blob_of_two() -> np.ndarray:
+    """Two bars joined by a bridge, wider than tall: one blob a single-digit reader would rather read whole."""
+    mask = np.zeros((50, 64), dtype=bool)
+    mask[:, :10] = True
+    mask[:, 54:] = True
+    mask[20:30, 10:54] = True
+    return mask
+
+
+def _wide(glyph: np.ndarray) -> bool:
+    """Is this 28x28 piece the whole blob (64 x 50 px) rather than a part of it (at most 54 x 50)?"""
+    ink = glyph > 0.3
+    return bool(ink.any(0).sum() > 1.15 * ink.any(1).sum())
+
+
+def test_a_blob_the_pair_classifier_reads_as_a_pair_comes_back_as_two_digits():
+    mask = _blob_of_two()
+
+    def whole_is_sure(glyphs):  # the digit classifier: the whole blob is one confident digit, cuts read badly
+        return np.array([0.95 if _wide(g) else 0.2 for g in glyphs])
+
+    def pair_18_when_wide(glyphs):
+        out = np.full((len(glyphs), CLASSES), -20.0)
+        for k, g in enumerate(glyphs):
+            if _wide(g):
+                out[k, 18], out[k, NO_PAIR] = np.log(0.9), np.log(0.1)
+            else:
+                out[k, NO_PAIR] = 0.0
+        return out
+
+    assert len(split_by_recognition(mask, 50, whole_is_sure)) == 1
+    found = split_and_read(mask, 50, whole_is_sure, pairs=pair_18_when_wide)
+    assert [reading for _, _, reading in found] == [(1, pytest.approx(0.9)), (8, pytest.approx(0.9))]
+    (x_left, left, _), (x_right, right, _) = found
+    assert x_left < x_right and left.sum() + right.sum() == mask.sum()  # the halves share out the ink
+
+    def never_a_pair(glyphs):
+        out = np.full((len(glyphs), CLASSES), -20.0)
+        out[:, NO_PAIR] = 0.0
+        return out
+
+    same = split_and_read(mask, 50, whole_is_sure, pairs=never_a_pair)
+    assert [reading for _, _, reading in same] == [None]
+
+
+def test_read_reports_the_pair_classifiers_digits(monkeypatch):
+    from digitrec.predict import Predictor
+
+    predictor = Predictor.pretrained(backend="numpy")
+    image = np.full((80, 100), 255, np.uint8)
+    image[15:65, 12:22] = 0
+    image[15:65, 66:76] = 0
+    image[35:45, 22:66] = 0  # a wide "H": one blob
+
+    def pair_47(glyphs):
+        out = np.full((len(glyphs), CLASSES), -20.0)
+        wide = np.array([_wide(g) for g in glyphs])
+        out[wide, 47] = 0.0
+        out[~wide, NO_PAIR] = 0.0
+        return out
+
+    monkeypatch.setattr(pairs_module, "load_pair_scorer", lambda path=None: pair_47)
+    result = predictor.read(image)
+    assert result.number == "47"
+    assert [d.confidence for d in result.digits] == [pytest.approx(1.0)] * 2
+    assert result.digits[0].box[0] < result.digits[1].box[0]
+    predictor.read_pairs = False
+    assert predictor.read(image).number != "47"  # without it, no reading comes from the pair classifier
