@@ -36,6 +36,17 @@ def make_images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.to(torch.uint8), labels.to(torch.uint8)
 
 
+def randomize_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every BatchNorm running statistics other than 0 and 1, so a forward pass that ignores them shows."""
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if "running_var" in name:
+                value.uniform_(0.5, 2.0)
+            elif "running_mean" in name:
+                value.normal_(0, 0.3)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_mnist() -> MNIST:
     train_images, train_labels = make_images(1200, seed=1)

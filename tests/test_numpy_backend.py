@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_batch_norm
 
 from digitrec.backends import NUMPY_ARCHS, NumpyBackend, NumpyEnsemble
 from digitrec.checkpoint import load_ensemble, save_model, save_tensors
@@ -42,13 +43,7 @@ def test_bundled_model_gives_the_torch_probabilities():
 def test_every_numpy_architecture_matches_torch(arch, tmp_path):
     """Random weights and batch-norm statistics, so a change to models.py that NUMPY_ARCHS misses fails here."""
     torch.manual_seed(1)
-    model = create_model(arch, (0.2, 0.4))
-    with torch.no_grad():
-        for name, value in model.state_dict().items():
-            if "running_var" in name:
-                value.uniform_(0.5, 2.0)
-            elif "running_mean" in name:
-                value.normal_(0, 0.3)
+    model = randomize_batch_norm(create_model(arch, (0.2, 0.4)))
     path = tmp_path / "model.safetensors"
     save_model(path, model, {"recipe": "test", "config": {"arch": arch}, "temperature": 0.7})
     x = real_world_batch(3)
