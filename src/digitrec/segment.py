@@ -44,9 +44,8 @@ FAINT_CONTRAST = 0.15  # next to clear digits, a digit-sized stroke this much da
 MAX_FAINT_HEIGHT = 1.5  # ... but not one taller than this share of the line height (a shadow's edge)
 
 Score = Callable[[np.ndarray], np.ndarray]  # (K, 28, 28) -> confidence of each, in (0, 1]
-PairScore = Callable[
-    [np.ndarray], np.ndarray
-]  # (K, 28, 28) -> log probabilities (K, 101): pairs 0-99, 100 none
+# (K, 28, 28) -> log probabilities (K, 101): the pairs 00-99, then pairs.NO_PAIR
+PairScore = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -448,15 +447,17 @@ def _piece_values(
     return dict(zip(pieces, values.tolist()))
 
 
-def split_pair(piece: np.ndarray) -> tuple[tuple[int, np.ndarray], tuple[int, np.ndarray]]:
-    """A piece read as two overlapping digits -> (x offset, mask) of each half, split where half its ink lies
-    to the left: the boxes `read` reports for the two digits."""
+def split_pair(piece: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A piece read as two overlapping digits -> its left and right halves, split at the column with half its
+    ink to the left: they give the boxes `read` reports for the two digits."""
     columns = np.flatnonzero(piece.any(0))
-    ink = piece[:, columns[0] : columns[-1] + 1].sum(axis=0).cumsum()
-    middle = columns[0] + max(1, min(len(ink) - 1, int(np.searchsorted(ink, ink[-1] / 2))))
+    cumulative = piece[:, columns[0] : columns[-1] + 1].sum(axis=0).cumsum()
+    middle = columns[0] + max(
+        1, min(len(cumulative) - 1, int(np.searchsorted(cumulative, cumulative[-1] / 2)))
+    )
     left, right = piece.copy(), piece.copy()
     left[:, middle:], right[:, :middle] = False, False
-    return (0, left), (0, right)
+    return left, right
 
 
 def _best_chain(value: dict[tuple[int, int], float], crossing: list[float]) -> list[tuple[int, int]] | None:
@@ -567,8 +568,8 @@ def split_and_read(
         return [(0, reopened(mask, ink), None)]
     out: list[tuple[int, np.ndarray, tuple[int, float] | None]] = []
     for key in chosen:
-        halves = split_pair(pieces[key]) if key in pair_of else ((0, pieces[key]),)
-        for k, (_, half) in enumerate(halves):
+        halves = split_pair(pieces[key]) if key in pair_of else (pieces[key],)
+        for k, half in enumerate(halves):
             cols = np.flatnonzero(half.any(0))
             reading = None
             if key in pair_of:
