@@ -14,6 +14,7 @@ from test_segment import line_image
 from digitrec.checkpoint import save_model
 from digitrec.cli import main
 from digitrec.models import create_model
+from digitrec.pairs import pretrained_pairs_path
 from digitrec.predict import Predictor, pretrained_path
 from digitrec.realworld import generate
 
@@ -46,6 +47,8 @@ def pen_photos(count: int, seed: int = 11):
 
 def test_bundled_model_is_small_calibrated_and_accurate_on_mnist(pretrained):
     assert pretrained_path().stat().st_size < 2 * 1024 * 1024
+    # with the pair classifier `read` asks too, everything bundled stays under 2 MB
+    assert pretrained_path().stat().st_size + pretrained_pairs_path().stat().st_size < 2 * 1024 * 1024
     assert pretrained.temperature != 1.0 and 0 < pretrained.reject_below < 1
     assert pretrained.meta["metrics"]["test_accuracy"] >= 0.994
 
