@@ -433,8 +433,10 @@ def _piece_values(
         return {}
     glyphs = np.stack([to_mnist(piece) for piece in pieces.values()])
     values = np.log(np.clip(score(glyphs), 1e-6, 1.0))
+    if pairs is None:
+        return dict(zip(pieces, values.tolist()))
     wide = np.array([np.ptp(np.flatnonzero(p.any(0))) + 1 >= min_pair_width for p in pieces.values()])
-    if pairs is not None and wide.any():
+    if wide.any():
         log_p = pairs(glyphs[wide])
         single = values[wide] + log_p[:, NO_PAIR]
         best = log_p[:, :NO_PAIR].argmax(axis=1)
