@@ -15,6 +15,7 @@ from digitrec.segment import (
     CUT_SIDEWAYS,
     CUT_STRAY,
     MAX_PIECE_WIDTH,
+    SMALL_PART,
     _Blob,
     _plausible_digit,
     cut_path,
@@ -286,6 +287,49 @@ def test_a_faint_digit_next_to_clear_ones_is_read():
     assert line_ink(load_gray(page, max_side=2000))[y : y + h, x : x + w].any()
     pieces = segment(page)
     assert len(pieces) == 3 and iou(pieces[1].box, boxes[1]) > 0.6
+
+
+def test_a_faint_digit_leaning_on_a_clear_one_is_read():
+    # The faint 0's rim touches the 5's: one faint part holds both, and the 0 is what lies beyond the 5's ink.
+    image, boxes = line_image([3, 0, 5], gap=-0.06)
+    page = faded(image, boxes[1], 0.24)
+    x, y, w, h = boxes[1]
+    core = (slice(y + h // 4, y + 3 * h // 4), slice(x + 2, x + w // 2))  # the 0's left half, off the 5
+    assert not ink_mask(load_gray(page, max_side=2000))[core].any()
+    assert line_ink(load_gray(page, max_side=2000))[core].sum() > 0.05 * w * h
+    pieces = segment(page)
+    assert len(pieces) == 3 and iou(pieces[1].box, boxes[1]) > 0.6
+
+
+def test_a_faint_small_digit_on_the_baseline_is_read():
+    # A small faint 6 written lower than its taller neighbours: more than half of it, but less than
+    # SMALL_PART of a line height, lies in their rows.
+    rng = np.random.default_rng(0)
+    glyphs = [crop_ink(draw_digit(d, rng, height)) for d, height in ((4, 90), (6, 66), (9, 90))]
+    line = np.zeros((230, 320), np.float32)
+    boxes = []
+    for glyph, x, bottom in zip(glyphs, (20, 120, 200), (180, 205, 180)):
+        gh, gw = glyph.shape
+        line[bottom - gh : bottom, x : x + gw] = glyph
+        boxes.append((x, bottom - gh, gw, gh))
+    page = faded((255 * (0.9 - 0.8 * line)).astype(np.uint8), boxes[1], 0.24)
+    x, y, w, h = boxes[1]
+    in_band = 180 - y
+    assert 0.5 * h <= in_band < SMALL_PART * min(g.shape[0] for g in glyphs[::2])
+    assert not ink_mask(load_gray(page, max_side=2000))[y : y + h, x : x + w].any()
+    assert line_ink(load_gray(page, max_side=2000))[y : y + h, x : x + w].any()
+    assert len(segment(page)) == 3
+
+
+def test_a_digit_whose_parts_read_clearly_stays_whole():
+    # A blob the classifier reads as one digit at 0.4, and each half of it at 0.99: two clear pieces do not
+    # make two digits unless they pay PIECE_COST each (the stem and loop of a pen 6 read as "10").
+    image, _ = line_image([0, 0], gap=-0.04)
+
+    def halves_read_clearly(glyphs: np.ndarray) -> np.ndarray:
+        return np.array([0.4 if _ink_aspect(g) > 1.05 else 0.99 for g in glyphs])
+
+    assert len(segment(image, score=halves_read_clearly)) == 1
 
 
 def test_a_faint_shadow_edge_is_not_a_digit():

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
 from .pairs import NO_PAIR
@@ -41,6 +42,7 @@ DIGIT_ASPECT = 0.62  # a typical handwritten digit is this wide for its height (
 MAX_DIGITS_PER_BLOB = 8
 SMALL_PART = 0.55  # shorter than this share of the line height: a part of a digit (a bar, a flag) or dust
 FAINT_CONTRAST = 0.15  # next to clear digits, a digit-sized stroke this much darker than its paper is ink too
+FAINT_MIN_AREA = 0.03  # faint ink (x line height^2) that makes a faint part with clear ink worth a look
 MAX_FAINT_HEIGHT = 1.5  # ... but not one taller than this share of the line height (a shadow's edge)
 
 Score = Callable[[np.ndarray], np.ndarray]  # (K, 28, 28) -> confidence of each, in (0, 1]
@@ -209,7 +211,8 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
 
     A lone picture needs INK_CONTRAST somewhere so that shadows and blank pages stay blank; in a line
     that holds clear digits, a fainter stroke (down to FAINT_CONTRAST) is a digit too when it is one:
-    a connected stroke about as tall as the line's digits (_digit_sized) that touches none of the clear ink.
+    a connected stroke about as tall as the line's digits (_digit_sized). One that touches a clear digit
+    (a faint 2 leaning on a dark 6) counts by what lies beyond a margin round the clear ink (faint_beyond).
     """
     ink = ink_strength(gray) if ink is None else ink
     mask = threshold(ink)
@@ -218,19 +221,61 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     _, blobs, areas = components(mask)
     _, line_height = clean(blobs, areas)
     # The same hysteresis as preprocess's threshold, at the faint cut: strong pixels and the weaker ones they touch.
-    labels, _, objects = parts(ink > FAINT_CONTRAST * WEAK_FRACTION)
+    labels, faint_areas, objects = parts(ink > FAINT_CONTRAST * WEAK_FRACTION)
+    strong = ink > FAINT_CONTRAST
     seeded = np.zeros(len(objects) + 1, dtype=bool)
-    seeded[labels[ink > FAINT_CONTRAST]] = True
-    seeded[labels[mask]] = False  # parts of clear digits keep the threshold's shape
-    seeded[0] = False
+    seeded[labels[strong]] = True
+    touching = np.zeros_like(seeded)
+    touching[labels[mask]] = True  # parts of clear digits keep the threshold's shape
     inked_rows = np.flatnonzero(mask.any(axis=1))
     band = slice(int(inked_rows[0]), int(inked_rows[-1]) + 1)
     digits = [
         label
-        for label in np.flatnonzero(seeded)
-        if _digit_sized(objects[label - 1], gray.shape, band, line_height)
+        for label in np.flatnonzero(seeded & ~touching)
+        if label and _digit_sized(objects[label - 1], gray.shape, band, line_height)
     ]
-    return mask | np.isin(labels, digits) if digits else mask
+    out = mask | np.isin(labels, digits) if digits else mask
+    clear_areas = np.bincount(labels[mask], minlength=len(seeded))
+    margin = 2.0 * max(1.0, stroke_width(mask))
+    for label in np.flatnonzero(seeded & touching):
+        if label and faint_areas[label] - clear_areas[label] >= FAINT_MIN_AREA * line_height**2:
+            box = objects[label - 1]
+            for core_box, part in faint_beyond(labels[box] == label, mask[box], strong[box], margin, box):
+                if _digit_sized(core_box, gray.shape, band, line_height):
+                    out[box] |= part
+    return out
+
+
+def faint_beyond(
+    part: np.ndarray, clear: np.ndarray, strong: np.ndarray, margin: float, box: tuple[slice, ...]
+) -> list[tuple[tuple[slice, slice], np.ndarray]]:
+    """The faint digits of `part` (at `box` in the picture) that lean on its clear ink, each as the box of its
+    core in the picture and its mask in `part`'s frame.
+
+    A core is a connected run of faint-strong pixels farther than `margin` from the clear ink (a clear stroke's
+    faint rim is thinner, so nothing of it is left); the digit is its core grown back by `margin` inside `part`,
+    so that it keeps its shape up to the clear ink. The core's box says whether it is a digit: grown back, a
+    speck of noise by a clear digit would reach down its rim to a digit's height.
+    """
+    far = part & ~clear & strong
+    if far.any():
+        far &= cv2.distanceTransform((~clear).astype(np.uint8), cv2.DIST_L2, 3) > margin
+    if not far.any():
+        return []
+    grown = part & ~clear & (cv2.distanceTransform((~far).astype(np.uint8), cv2.DIST_L2, 3) <= margin)
+    labels, _, objects = parts(grown)
+    rows, cols = box
+    out = []
+    for k in range(len(objects)):
+        digit = labels == k + 1
+        core_rows, core_cols = np.flatnonzero((digit & far).any(1)), np.flatnonzero((digit & far).any(0))
+        if len(core_rows):
+            core_box = (
+                slice(rows.start + int(core_rows[0]), rows.start + int(core_rows[-1]) + 1),
+                slice(cols.start + int(core_cols[0]), cols.start + int(core_cols[-1]) + 1),
+            )
+            out.append((core_box, digit))
+    return out
 
 
 def _digit_sized(box: tuple[slice, ...], shape: tuple[int, ...], band: slice, line_height: float) -> bool:
@@ -243,7 +288,9 @@ def _digit_sized(box: tuple[slice, ...], shape: tuple[int, ...], band: slice, li
     height = rows.stop - rows.start
     in_band = min(rows.stop, band.stop) - max(rows.start, band.start)
     inside = rows.start > 0 and cols.start > 0 and rows.stop < shape[0] and cols.stop < shape[1]
-    tall = in_band >= SMALL_PART * line_height and height <= MAX_FAINT_HEIGHT * line_height
+    # A digit's height, at most half of it outside the band: a small digit sits on the baseline, below the band
+    # its taller neighbours' clear ink spans.
+    tall = SMALL_PART * line_height <= height <= MAX_FAINT_HEIGHT * line_height and in_band >= 0.5 * height
     return inside and tall
 
 
@@ -317,6 +364,9 @@ CUT_STRAY = 0.5  # cost per row of being `reach` away from the cut's column (qua
 MAX_PIECE_WIDTH = 1.35  # no digit is wider than this share of the line height (a pair of them is)
 MIN_PIECE_AREA = 0.02  # a piece with less ink than this share of the line height squared is a sliver
 CUT_INK_COST = 0.4  # log-confidence a cut costs per stroke it crosses (digits rarely need it)
+# Log-confidence each piece costs: a digit whose parts each read clearly (the stem and loop of a pen 6 as "10")
+# stays whole unless it reads as that digit much worse than they do.
+PIECE_COST = 1.0
 SHORT_PIECE_COST = 2.0  # log-confidence a piece shorter than SMALL_PART costs where a wide blob needs one
 CUT_DISTINCT = 0.04  # two cuts closer than this share of the line height (on average) cut the same pieces
 PAIR_MIN_WIDTH = 0.3  # only a piece at least this share of the line height wide is asked whether it is a pair
@@ -463,17 +513,19 @@ def split_pair(piece: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _best_chain(value: dict[tuple[int, int], float], crossing: list[float]) -> list[tuple[int, int]] | None:
-    """The pieces, left to right, from the first cut to the last whose values less CUT_INK_COST per stroke
-    each cut crosses sum highest (dynamic programming); None when no chain of pieces in `value` covers the blob.
-    Pieces are keyed (first cut, last cut); crossing[j] is the strokes cut j goes through."""
+    """The pieces, left to right, from the first cut to the last whose values less PIECE_COST each and
+    CUT_INK_COST per stroke each cut crosses sum highest (dynamic programming); None when no chain of pieces in
+    `value` covers the blob. Pieces are keyed (first cut, last cut); crossing[j] is the strokes cut j goes through."""
     count = len(crossing)
     best = np.full(count, -np.inf)
     best[0] = 0.0
     came_from = np.zeros(count, dtype=np.int64)
     for j in range(1, count):
         for i in range(j):
-            if (i, j) in value and best[i] + value[(i, j)] - CUT_INK_COST * crossing[j] > best[j]:
-                best[j], came_from[j] = best[i] + value[(i, j)] - CUT_INK_COST * crossing[j], i
+            if (i, j) in value:
+                total = best[i] + value[(i, j)] - PIECE_COST - CUT_INK_COST * crossing[j]
+                if total > best[j]:
+                    best[j], came_from[j] = total, i
     if not np.isfinite(best[-1]):
         return None
     chosen, j = [], count - 1
@@ -501,8 +553,9 @@ def split_and_read(
 
     Cuts are least-ink paths (cut_path) and straight lines from candidate columns; a piece is the ink
     between two cuts; the chosen cuts maximize the sum of the log confidences of their pieces, less
-    CUT_INK_COST for each stroke a cut goes through (strokes_crossed), by dynamic programming: each extra
-    cut must pay for itself by reading more clearly, and cutting through strokes must pay more. Only
+    PIECE_COST for each piece and CUT_INK_COST for each stroke a cut goes through (strokes_crossed), by
+    dynamic programming: each extra cut must pay for itself by reading more clearly, and cutting through
+    strokes must pay more. A piece read as an overlapping pair is one piece: its two digits could not be cut. Only
     pieces that could be one digit compete (_plausible_digit): a blob too narrow for two digits stays
     whole, one too wide for a digit is always cut (if no cut gives only digit-tall pieces, shorter ones
     come in at SHORT_PIECE_COST each). With the blob's ink strength, a solid piece is read with its loops
