@@ -234,7 +234,7 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
         for label in np.flatnonzero(seeded & ~touching)
         if label and _digit_sized(objects[label - 1], gray.shape, band, line_height)
     ]
-    out = mask | np.isin(labels, digits) if digits else mask
+    out = mask | np.isin(labels, digits) if digits else mask.copy()  # faint_beyond reads `mask` as it was
     clear_areas = np.bincount(labels[mask], minlength=len(seeded))
     margin = 2.0 * max(1.0, stroke_width(mask))
     for label in np.flatnonzero(seeded & touching):
