@@ -236,13 +236,17 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     ]
     out = mask | np.isin(labels, digits) if digits else mask.copy()  # faint_beyond reads `mask` as it was
     clear_areas = np.bincount(labels[mask], minlength=len(seeded))
-    margin = 2.0 * max(1.0, stroke_width(mask))
-    for label in np.flatnonzero(seeded & touching):
-        if label and faint_areas[label] - clear_areas[label] >= FAINT_MIN_AREA * line_height**2:
-            box = objects[label - 1]
-            for core_box, part in faint_beyond(labels[box] == label, mask[box], strong[box], margin, box):
-                if _digit_sized(core_box, gray.shape, band, line_height):
-                    out[box] |= part
+    leaning = [
+        label
+        for label in np.flatnonzero(seeded & touching)
+        if label and faint_areas[label] - clear_areas[label] >= FAINT_MIN_AREA * line_height**2
+    ]
+    margin = 2.0 * max(1.0, stroke_width(mask)) if leaning else 0.0  # most lines have none to search
+    for label in leaning:
+        box = objects[label - 1]
+        for core_box, part in faint_beyond(labels[box] == label, mask[box], strong[box], margin, box):
+            if _digit_sized(core_box, gray.shape, band, line_height):
+                out[box] |= part
     return out
 
 
