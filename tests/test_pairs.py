@@ -10,7 +10,16 @@ from conftest import randomize_batch_norm
 from digitrec import pairs as pairs_module
 from digitrec.checkpoint import save_tensors
 from digitrec.errors import CheckpointError
-from digitrec.pairs import CLASSES, NO_PAIR, load_pair_scorer, make_pairs, pair_cnn, train_pairs
+from digitrec.pairs import (
+    CLASSES,
+    NO_PAIR,
+    digits_line,
+    load_pair_scorer,
+    make_pairs,
+    one_blob,
+    pair_cnn,
+    train_pairs,
+)
 from digitrec.segment import split_and_read, split_by_recognition
 
 
@@ -31,6 +40,21 @@ def test_the_pieces_are_the_same_for_the_same_seed_and_hold_pairs_and_others():
     assert np.array_equal(images, again) and np.array_equal(labels, again_labels)
     other, _ = make_pairs(60, seed=4, workers=1)
     assert not np.array_equal(images, other)
+
+
+def test_digits_line_overlaps_its_glyphs_by_the_gap_and_one_blob_sees_them_joined():
+    """The training pieces' lines: three 10 px wide glyphs, each starting 4 px before the last one ends."""
+    glyphs = [np.ones((20, 10), np.float32) for _ in range(3)]
+    line, lefts = digits_line(glyphs, 20, -0.2, np.random.default_rng(0))
+    assert lefts == [0, 6, 12] and line.shape == (28, 22)
+    assert all(
+        line[:, x : x + 10].max(axis=0).min() == 1.0 for x in lefts
+    )  # every glyph whole in its columns
+    assert one_blob(
+        line > 0.5
+    )  # 20 rows each, at most 8 apart in a 28-row line: they share rows where they overlap
+    apart, _ = digits_line(glyphs[:2], 20, 0.3, np.random.default_rng(0))
+    assert not one_blob(apart > 0.5) and not one_blob(np.zeros((5, 5), bool))
 
 
 def test_the_numpy_pair_network_matches_torch(tmp_path):
@@ -109,6 +133,30 @@ def test_a_blob_the_pair_classifier_reads_as_a_pair_comes_back_as_two_digits():
 
     same = split_and_read(mask, 50, whole_is_sure, pairs=never_a_pair)
     assert [reading for _, _, reading in same] == [None]
+
+
+def test_a_piece_read_clearly_as_one_digit_takes_a_doubtful_pair_reading_only_when_it_is_sure():
+    """The pair classifier, unsure among many pairs, leaves little to "no pair"; the digit classifier's
+    confidence in one digit then keeps the piece whole (an 8 read as "86" no more)."""
+    mask = _blob_of_two()
+
+    def whole_is_sure(glyphs):
+        return np.array([0.95 if _wide(g) else 0.2 for g in glyphs])
+
+    def pair_18(probability, no_pair):
+        def score(glyphs):
+            out = np.full((len(glyphs), CLASSES), np.log((1 - probability - no_pair) / 99))
+            out[:, 18], out[:, NO_PAIR] = np.log(probability), np.log(no_pair)
+            return out
+
+        return score
+
+    # One digit: log .95 + log .3 = -1.26 beats log .4 + 0.5 log(1 - .95) = -2.41 (without the doubt, -0.92).
+    doubtful = split_and_read(mask, 50, whole_is_sure, pairs=pair_18(0.4, 0.3))
+    assert [reading for _, _, reading in doubtful] == [None]
+    # A pair: log .9 + 0.5 log .05 = -1.60 beats log .95 + log .02 = -3.96.
+    sure = split_and_read(mask, 50, whole_is_sure, pairs=pair_18(0.9, 0.02))
+    assert [reading for _, _, reading in sure] == [(1, pytest.approx(0.9)), (8, pytest.approx(0.9))]
 
 
 def test_read_reports_the_pair_classifiers_digits(monkeypatch):

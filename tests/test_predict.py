@@ -198,7 +198,7 @@ def test_real_world_targets(real_world):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="issue 4's numbers target is not met yet (92.8% exact on seed 0, 94.2 / 95.0% on development seeds "
+    reason="issue 4's numbers target is not met yet (94.2% exact on seed 0, 94.4 / 96.0% on development seeds "
     "2 / 3; docs/realworld.md); kept apart so that any other missed target still fails `make test-slow`",
     strict=False,
 )

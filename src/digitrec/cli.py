@@ -902,7 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--count", type=_positive_int, default=150_000, help="training pieces to draw (default 150000)"
     )
-    p.add_argument("--epochs", type=_positive_int, default=6, help="epochs (default 6)")
+    p.add_argument("--epochs", type=_positive_int, default=8, help="epochs (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pieces and of the training (default 0)")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_train_pairs)

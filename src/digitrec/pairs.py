@@ -92,13 +92,42 @@ def pair_cnn():
 # ------------------------------------------------------------------------------------------ training data
 
 
+def digits_line(
+    glyphs: list[np.ndarray], height: int, gap: float, rng: np.random.Generator
+) -> tuple[np.ndarray, list[int]]:
+    """Glyphs (ink 0-1) side by side, each starting `gap` x `height` pixels after the last one ends (negative:
+    they overlap), each at a random height in a line 1.3 times the tallest: the line and each glyph's left column."""
+    line_height = int(max(g.shape[0] for g in glyphs) * 1.3) + 2
+    lefts = [0]
+    for g in glyphs[:-1]:
+        lefts.append(max(0, int(lefts[-1] + g.shape[1] + gap * height)))
+    line = np.zeros((line_height, max(x + g.shape[1] for x, g in zip(lefts, glyphs))), np.float32)
+    for x, g in zip(lefts, glyphs):
+        y = int(rng.uniform(0, line_height - g.shape[0]))
+        region = line[y : y + g.shape[0], x : x + g.shape[1]]
+        np.maximum(region, g, out=region)
+    return line, lefts
+
+
+def one_blob(mask: np.ndarray) -> bool:
+    """Does the ink make one blob (specks under a tenth of the largest aside)? Digits that stand apart make
+    several blobs, and `read` separates those without the pair classifier."""
+    from scipy import ndimage
+
+    blobs, n = ndimage.label(mask)
+    if n == 0:
+        return False
+    sizes = np.asarray(ndimage.sum(mask, blobs, range(1, n + 1)))
+    return bool((sizes > 0.1 * sizes.max()).sum() == 1)
+
+
 def _chunk(task: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """`count` pieces of chunk `index`, drawn from MNIST's training digits with the seed [seed, index].
 
-    Classes: 10a + b for two whole touching digits a, b (75% of draws, kept only when they make one blob);
-    NO_PAIR for one digit (8%), one digit plus 20-65% of its touching neighbour on either side (12%), and a
-    digit cut somewhere across (5%). Each is thresholded at a random level and made 28x28 by to_mnist(), as
-    `read` makes its pieces.
+    Classes: 10a + b for two whole touching digits a, b (70% of draws, kept only when they make one blob);
+    NO_PAIR for three whole touching digits (5%, one blob too), one digit (8%), one digit plus 20-65% of its
+    touching neighbour on either side (12%), and a digit cut somewhere across (5%). Each is thresholded at a
+    random level and made 28x28 by to_mnist(), as `read` makes its pieces.
     """
     from scipy import ndimage
 
@@ -117,17 +146,6 @@ def _chunk(task: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
             g = ndimage.grey_dilation(g, size=3) if rng.random() < 0.5 else ndimage.grey_erosion(g, size=2)
         return g
 
-    def pair_line(i: int, j: int, height: int, gap: float) -> tuple[np.ndarray, int, int, int]:
-        a, b = glyph(i, height), glyph(j, height)
-        line_height = int(max(a.shape[0], b.shape[0]) * 1.3) + 2
-        x_b = max(0, int(a.shape[1] + gap * height))
-        line = np.zeros((line_height, max(a.shape[1], x_b + b.shape[1])), np.float32)
-        y_a, y_b = (int(rng.uniform(0, line_height - g.shape[0])) for g in (a, b))
-        line[y_a : y_a + a.shape[0], : a.shape[1]] = a
-        region = line[y_b : y_b + b.shape[0], x_b : x_b + b.shape[1]]
-        np.maximum(region, b, out=region)
-        return line, a.shape[1], x_b, b.shape[1]
-
     xs: list[np.ndarray] = []
     ys: list[int] = []
     while len(xs) < count:
@@ -135,22 +153,26 @@ def _chunk(task: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         height = int(rng.integers(40, 100))
         kind = rng.random()
         level = rng.uniform(0.35, 0.65)
-        if kind < 0.75:  # two whole digits, touching or overlapping
-            line, *_ = pair_line(i, j, height, rng.uniform(-0.15, 0.0))
-            mask = line > level
-            blobs, n = ndimage.label(mask)
-            if n == 0:
-                continue
-            sizes = np.asarray(ndimage.sum(mask, blobs, range(1, n + 1)))
-            if (sizes > 0.1 * sizes.max()).sum() != 1:  # apart, they are two blobs: `read` cuts those itself
+        if kind < 0.7:  # two whole digits, touching or overlapping
+            gap = rng.uniform(-0.15, 0.0)
+            mask = digits_line([glyph(i, height), glyph(j, height)], height, gap, rng)[0] > level
+            if not one_blob(mask):
                 continue
             xs.append(to_mnist(mask))
             ys.append(10 * int(labels[i]) + int(labels[j]))
             continue
-        if kind < 0.83:  # one digit
+        if kind < 0.75:  # three whole digits in one blob: no pair, though a pair reads it better than a digit
+            k, gap = int(rng.integers(len(images))), rng.uniform(-0.15, 0.0)
+            mask = digits_line([glyph(m, height) for m in (i, j, k)], height, gap, rng)[0] > level
+            if not one_blob(mask):
+                continue
+        elif kind < 0.83:  # one digit
             mask = select_digit(glyph(i, height) > level)
         elif kind < 0.95:  # one digit and part of its neighbour, as a cut in the wrong place leaves it
-            line, width_a, x_b, width_b = pair_line(i, j, height, rng.uniform(-0.15, 0.05))
+            gap = rng.uniform(-0.15, 0.05)
+            a, b = glyph(i, height), glyph(j, height)
+            line, (_, x_b) = digits_line([a, b], height, gap, rng)
+            width_a, width_b = a.shape[1], b.shape[1]
             share = rng.uniform(0.2, 0.65)
             if rng.random() < 0.5:
                 line = line[:, : max(width_a, x_b + int(share * width_b))]
@@ -187,7 +209,7 @@ def make_pairs(count: int, seed: int = 0, workers: int = 2) -> tuple[np.ndarray,
 def train_pairs(
     out: str | Path,
     count: int = 150_000,
-    epochs: int = 6,
+    epochs: int = 8,
     seed: int = 0,
     batch_size: int = 256,
     lr: float = 3e-3,

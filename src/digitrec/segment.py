@@ -371,9 +371,12 @@ CUT_INK_COST = 0.4  # log-confidence a cut costs per stroke it crosses (digits r
 # Log-confidence each piece costs: a digit whose parts each read clearly (the stem and loop of a pen 6 as "10")
 # stays whole unless it reads as that digit much worse than they do.
 PIECE_COST = 1.0
+# A piece the digit classifier reads as one digit with confidence p is rarely a pair: reading it as a pair
+# costs this times -log(1 - p) (an 8 or a 0 that the pair classifier, unsure among many pairs, read as "86").
+SINGLE_DOUBT = 0.5
 SHORT_PIECE_COST = 2.0  # log-confidence a piece shorter than SMALL_PART costs where a wide blob needs one
 CUT_DISTINCT = 0.04  # two cuts closer than this share of the line height (on average) cut the same pieces
-PAIR_MIN_WIDTH = 0.3  # only a piece at least this share of the line height wide is asked whether it is a pair
+PAIR_MIN_WIDTH = 0.45  # only a piece at least this share of the line height wide is asked if it is a pair
 
 
 def cut_path(mask: np.ndarray, column: int, reach: int) -> np.ndarray:
@@ -480,8 +483,9 @@ def _piece_values(
     """The classifier's log confidence in each piece.
 
     With `pairs`, a piece is worth the better of two readings: one digit, log p(digit) + log p_pair(no pair),
-    or the overlapping pair ab, log p_pair(ab); `pair_of` collects the pieces whose pair reading wins, as
-    (10a + b, p_pair(ab)). Pieces narrower than `min_pair_width` pixels are read as one digit only.
+    or the overlapping pair ab, log p_pair(ab) + SINGLE_DOUBT * log(1 - p(digit)); `pair_of` collects the
+    pieces whose pair reading wins, as (10a + b, p_pair(ab)). Pieces narrower than `min_pair_width` pixels are
+    read as one digit only.
     """
     if not pieces:
         return {}
@@ -494,11 +498,12 @@ def _piece_values(
         log_p = pairs(glyphs[wide])
         single = values[wide] + log_p[:, NO_PAIR]
         best = log_p[:, :NO_PAIR].argmax(axis=1)
-        pair = log_p[np.arange(len(best)), best]
+        pair_log_p = log_p[np.arange(len(best)), best]
+        pair = pair_log_p + SINGLE_DOUBT * np.log(np.clip(1.0 - np.exp(values[wide]), 1e-6, 1.0))
         asked = [key for key, is_wide in zip(pieces, wide) if is_wide]
-        for key, ab, p, s in zip(asked, best, pair, single):
+        for key, ab, p, s, lp in zip(asked, best, pair, single, pair_log_p):
             if pair_of is not None and p > s:
-                pair_of[key] = (int(ab), float(np.exp(p)))
+                pair_of[key] = (int(ab), float(np.exp(lp)))
         values[wide] = np.maximum(single, pair)
     return dict(zip(pieces, values.tolist()))
 
