@@ -47,12 +47,10 @@ def test_digits_line_overlaps_its_glyphs_by_the_gap_and_one_blob_sees_them_joine
     glyphs = [np.ones((20, 10), np.float32) for _ in range(3)]
     line, lefts = digits_line(glyphs, 20, -0.2, np.random.default_rng(0))
     assert lefts == [0, 6, 12] and line.shape == (28, 22)
-    assert all(
-        line[:, x : x + 10].max(axis=0).min() == 1.0 for x in lefts
-    )  # every glyph whole in its columns
-    assert one_blob(
-        line > 0.5
-    )  # 20 rows each, at most 8 apart in a 28-row line: they share rows where they overlap
+    # Every glyph is whole in its columns; 20 rows each, at most 8 apart in a 28-row line, so they share rows
+    # where they overlap and make one blob.
+    assert all(line[:, x : x + 10].max(axis=0).min() == 1.0 for x in lefts)
+    assert one_blob(line > 0.5)
     apart, _ = digits_line(glyphs[:2], 20, 0.3, np.random.default_rng(0))
     assert not one_blob(apart > 0.5) and not one_blob(np.zeros((5, 5), bool))
 

@@ -96,7 +96,8 @@ def digits_line(
     glyphs: list[np.ndarray], height: int, gap: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, list[int]]:
     """Glyphs (ink 0-1) side by side, each starting `gap` x `height` pixels after the last one ends (negative:
-    they overlap), each at a random height in a line 1.3 times the tallest: the line and each glyph's left column."""
+    they overlap), each at a random height in a line 1.3 times the tallest glyph: the line and each glyph's
+    left column."""
     line_height = int(max(g.shape[0] for g in glyphs) * 1.3) + 2
     lefts = [0]
     for g in glyphs[:-1]:
