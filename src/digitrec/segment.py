@@ -225,6 +225,7 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     strong = ink > FAINT_CONTRAST
     seeded = np.zeros(len(objects) + 1, dtype=bool)
     seeded[labels[strong]] = True
+    seeded[0] = False  # the paper
     touching = np.zeros_like(seeded)
     touching[labels[mask]] = True  # parts of clear digits keep the threshold's shape
     inked_rows = np.flatnonzero(mask.any(axis=1))
@@ -232,14 +233,14 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     digits = [
         label
         for label in np.flatnonzero(seeded & ~touching)
-        if label and _digit_sized(objects[label - 1], gray.shape, band, line_height)
+        if _digit_sized(objects[label - 1], gray.shape, band, line_height)
     ]
     out = mask | np.isin(labels, digits) if digits else mask.copy()  # faint_beyond reads `mask` as it was
     clear_areas = np.bincount(labels[mask], minlength=len(seeded))
     leaning = [
         label
         for label in np.flatnonzero(seeded & touching)
-        if label and faint_areas[label] - clear_areas[label] >= FAINT_MIN_AREA * line_height**2
+        if faint_areas[label] - clear_areas[label] >= FAINT_MIN_AREA * line_height**2
     ]
     margin = 2.0 * max(1.0, stroke_width(mask)) if leaning else 0.0  # most lines have none to search
     for label in leaning:
@@ -272,7 +273,8 @@ def faint_beyond(
     out = []
     for k in range(len(objects)):
         digit = labels == k + 1
-        core_rows, core_cols = np.flatnonzero((digit & far).any(1)), np.flatnonzero((digit & far).any(0))
+        core = digit & far
+        core_rows, core_cols = np.flatnonzero(core.any(1)), np.flatnonzero(core.any(0))
         if len(core_rows):
             core_box = (
                 slice(rows.start + int(core_rows[0]), rows.start + int(core_rows[-1]) + 1),
@@ -523,8 +525,9 @@ def split_pair(piece: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _best_chain(value: dict[tuple[int, int], float], crossing: list[float]) -> list[tuple[int, int]] | None:
     """The pieces, left to right, from the first cut to the last whose values less PIECE_COST each and
-    CUT_INK_COST per stroke each cut crosses sum highest (dynamic programming); None when no chain of pieces in
-    `value` covers the blob. Pieces are keyed (first cut, last cut); crossing[j] is the strokes cut j goes through."""
+    CUT_INK_COST per stroke each cut crosses sum highest (dynamic programming); None when no chain of pieces
+    in `value` covers the blob. Pieces are keyed (first cut, last cut); crossing[j] is the strokes cut j goes
+    through."""
     count = len(crossing)
     best = np.full(count, -np.inf)
     best[0] = 0.0
@@ -564,8 +567,8 @@ def split_and_read(
     between two cuts; the chosen cuts maximize the sum of the log confidences of their pieces, less
     PIECE_COST for each piece and CUT_INK_COST for each stroke a cut goes through (strokes_crossed), by
     dynamic programming: each extra cut must pay for itself by reading more clearly, and cutting through
-    strokes must pay more. A piece read as an overlapping pair is one piece: its two digits could not be cut. Only
-    pieces that could be one digit compete (_plausible_digit): a blob too narrow for two digits stays
+    strokes must pay more. A piece read as an overlapping pair is one piece: its two digits could not be cut.
+    Only pieces that could be one digit compete (_plausible_digit): a blob too narrow for two digits stays
     whole, one too wide for a digit is always cut (if no cut gives only digit-tall pieces, shorter ones
     come in at SHORT_PIECE_COST each). With the blob's ink strength, a solid piece is read with its loops
     opened again (reopened).
