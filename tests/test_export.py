@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from digitrec import export as export_module
-from digitrec.backends import onnx_metadata, onnx_session
+from digitrec.backends import OnnxBackend, onnx_metadata, onnx_session
 from digitrec.checkpoint import load_model
 from digitrec.cli import main
 from digitrec.config import get_recipe
@@ -161,6 +161,23 @@ def test_onnx_predictor_gives_the_same_answers(
             <= 1e-4
         )
     assert len(list((tmp_path / "cache" / "digitrec" / "onnx").glob("*.onnx"))) == 1  # exported once, cached
+
+
+def test_onnx_backend_answers_one_image_at_a_time_as_it_answers_a_batch(
+    tiny_checkpoint: Path, tiny_mnist, tmp_path: Path
+) -> None:
+    """One image goes through buffers bound once: each call must see its own pixels and return its own copy."""
+    exported = tmp_path / "tiny.onnx"
+    export_onnx(tiny_checkpoint, exported)
+    backend = OnnxBackend(exported)
+    assert backend._one is not None  # the bound path is the one under test
+    pixels = as_input(tiny_mnist.test_images[:20]).numpy()
+    batched = backend(pixels)
+    one_by_one = [backend(pixels[i : i + 1]) for i in range(len(pixels))]
+    assert all(out.shape == (1, 10) for out in one_by_one)
+    assert np.abs(np.concatenate(one_by_one) - batched).max() <= 1e-4
+    assert not np.allclose(one_by_one[0], one_by_one[1])  # not the previous call's buffer
+    assert np.abs(backend(pixels[0]) - batched[:1]).max() <= 1e-4  # (28, 28) alone reshapes to one image
 
 
 def test_export_command_prints_parity_and_accuracy(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +85,31 @@ class OnnxBackend:
         # makes one model call at a time beside request workers that need the other cores.
         self.session = onnx_session(self.path, threads=threads, spin=spin)
         self.meta: dict[str, Any] = session_metadata(self.session)
+        self._one = self._bind_one()
+
+    def _bind_one(self) -> tuple[Any, np.ndarray, np.ndarray, threading.Lock] | None:
+        """For one image, an I/O binding to buffers allocated once: ONNX Runtime then reads the pixels and
+        writes the logits in place, without the per-call allocations of session.run (about a fifth of a
+        batch-1 call here). None when the output's class count is not fixed in the graph."""
+        classes = self.session.get_outputs()[0].shape[-1]
+        if not isinstance(classes, int):
+            return None
+        pixels, logits = np.zeros((1, 1, 28, 28), np.float32), np.zeros((1, classes), np.float32)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_NAME, pixels)
+        binding.bind_output(
+            self.session.get_outputs()[0].name, "cpu", 0, np.float32, [1, classes], logits.ctypes.data
+        )
+        return binding, pixels, logits, threading.Lock()  # the buffers are shared: one call at a time
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(batch, dtype=np.float32).reshape(-1, 1, 28, 28)
+        if len(pixels) == 1 and self._one is not None:
+            binding, bound_pixels, bound_logits, lock = self._one
+            with lock:
+                bound_pixels[...] = pixels
+                self.session.run_with_iobinding(binding)
+                return bound_logits.copy()
         return self.session.run(None, {INPUT_NAME: pixels})[0]
 
 

@@ -307,10 +307,10 @@ def torch_runner(model: nn.Module, bf16: bool = False, compiled: bool = False) -
 
 
 def _onnx_runner(path: Path) -> Callable[[np.ndarray], Any]:
-    from .export import INPUT_NAME, onnx_session
+    """The exported model as `--backend onnx` runs it (one image through buffers bound once), on every core."""
+    from .backends import OnnxBackend
 
-    session = onnx_session(path)
-    return lambda batch: session.run(None, {INPUT_NAME: batch})[0]
+    return OnnxBackend(path, threads=0, spin=True)
 
 
 def _time_calls(run: Callable[[np.ndarray], Any], batches: list[np.ndarray], seconds: float) -> list[float]:
