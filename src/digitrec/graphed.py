@@ -1,0 +1,242 @@
+"""A recipe's training as one CUDA graph per step, with the data set resident on the GPU (`digitrec bench gpu`).
+
+On a GPU the `fast` recipe's step is a few dozen tiny kernels: launching them from Python costs more than
+running them. Here one whole step (gather the batch, forward in bfloat16, backward, AdamW) is captured once as a
+CUDA graph and replayed; the batch indices and the learning rate of every step already lie on the GPU, and a
+step counter inside the graph picks them, so the host only calls `replay()`. Everything else is the training
+loop's (training.py): the same initialization, data order, schedule, loss, optimizer and evaluation, so a run
+with `graph=False` (the same step, launched eagerly; the only way on a CPU) follows `training.train`. The
+capture, with its warm-up steps, is reported apart from the training time, as a compile time would be.
+
+Only recipes whose step is the same every time qualify: no augmentation, no outlier exposure, no weight
+averaging and no validation split (`fast`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data import MNIST
+from .errors import DigitrecError
+from .models import create_model
+from .optim import _FUSED, AdamW
+from .training import epoch_order, lr_at, make_optimizer, native_bfloat16, recipe_logits, steps_in_epoch
+
+WARMUP_STEPS = 3  # eager steps on a side stream before the capture (cuDNN picks its kernels there)
+
+
+@dataclass
+class GraphedRun:
+    seed: int
+    test_accuracy: float
+    train_seconds: float  # every step, from the first to the last, GPU work included (synchronized)
+    eval_seconds: float  # the test set through the recipe's evaluation
+    train_loss: float
+
+
+def check_recipe(config: TrainConfig) -> None:
+    """One sentence if `config` cannot run as a replayed graph."""
+    reasons = [
+        (config.augment != "none", f"augmentation ({config.augment})"),
+        (bool(config.negatives), "outlier exposure (negatives)"),
+        (bool(config.ema_decay), "weight averaging (ema_decay)"),
+        (bool(config.val_size), "a validation split (val_size)"),
+        (config.optimizer != "adamw", f"the {config.optimizer} optimizer"),
+    ]
+    found = [reason for present, reason in reasons if present]
+    if found:
+        raise DigitrecError(
+            f"a graphed run needs a step that never changes, and this recipe has {', '.join(found)}; "
+            "use a recipe like fast."
+        )
+
+
+class GraphedTrainer:
+    """One model, optimizer and captured step, reused for every seed (weights and state are reset in place)."""
+
+    def __init__(self, config: TrainConfig, images: torch.Tensor, labels: torch.Tensor, graph: bool = True):
+        check_recipe(config)
+        if not _FUSED:
+            raise DigitrecError("a graphed run needs torch's fused AdamW kernel (torch 2.1 or later).")
+        self.config, self.images, self.labels, self.graph = config, images, labels, graph
+        self.device = images.device
+        if graph and self.device.type != "cuda":
+            raise DigitrecError("CUDA graphs need a CUDA GPU; run with graph=False on other devices.")
+        n = len(images)
+        self.steps_per_epoch = steps_in_epoch(n, config.batch_size)
+        self.total_steps = max(1, round(config.epochs * self.steps_per_epoch))
+        self.model = create_model(config.arch, config.normalize).to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.optimizer = make_optimizer(self.model, config)
+        assert isinstance(self.optimizer, AdamW)
+        self.lr = torch.zeros((), device=self.device)  # the optimizer reads its learning rate from here
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        b = config.batch_size
+        self.full = [s for s in range(self.total_steps) if self._batch(s)[1] - self._batch(s)[0] == b]
+        if not self.full:
+            raise DigitrecError(
+                f"a graphed run needs at least one full batch of {b} images; lower --batch-size."
+            )
+        self.counter = torch.zeros((), dtype=torch.long, device=self.device)  # which full step is next
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.index = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.orders: torch.Tensor | None = None
+        self.lrs: torch.Tensor | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self.warmup_seconds: float | None = None  # the capture and first runs of everything, before the clock
+
+    def _batch(self, step: int) -> tuple[int, int]:
+        i = step % self.steps_per_epoch
+        b = self.config.batch_size
+        return i * b, min((i + 1) * b, len(self.images))
+
+    def _autocast(self) -> torch.autocast:
+        # no weight cache: a cached bfloat16 copy would be made once at capture and never refreshed
+        enabled = self.config.amp and native_bfloat16(self.device.type)  # as training.autocast decides
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+    def _step(self, index: torch.Tensor, count: int) -> None:
+        """One training step on images[index]; the loss joins loss_sum."""
+        x = self.images[index].unsqueeze(1).float().div_(255)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = self.labels[index].long()
+        with self._autocast():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
+        loss.backward()
+        self.optimizer.step()
+        self.loss_sum.add_(loss.detach() * count)
+
+    def _graphed_step(self) -> None:
+        """The captured step: pick this step's indices and learning rate by the counter, train, count."""
+        assert self.orders is not None and self.lrs is not None
+        self.index.copy_(self.orders.index_select(0, self.counter.view(1)).view(-1))
+        self.lr.copy_(self.lrs.index_select(0, self.counter.view(1)).view(()))
+        self._step(self.index, self.config.batch_size)
+        self.counter.add_(1)
+
+    def _reset(self, seed: int) -> None:
+        """Fresh weights for `seed` (as training.train draws them), zero optimizer moments, the seed's data order."""
+        torch.manual_seed(seed)
+        fresh = create_model(self.config.arch, self.config.normalize).state_dict()
+        self.model.load_state_dict(fresh)  # copies in place: the graph keeps pointing at the same memory
+        self.model.train()
+        for state in self.optimizer.state.values():
+            for tensor in state.values():
+                tensor.zero_()
+        self.counter.zero_()
+        self.loss_sum.zero_()
+        b, n = self.config.batch_size, len(self.images)
+        epochs = self.total_steps // self.steps_per_epoch + 1
+        orders = [epoch_order(n, seed, epoch, self.device) for epoch in range(epochs)]
+        self.epoch_orders = orders
+        full = [orders[s // self.steps_per_epoch][slice(*self._batch(s))] for s in self.full]
+        rows = torch.stack(full) if full else torch.zeros(0, b, dtype=torch.long, device=self.device)
+        lrs = torch.tensor(
+            [lr_at(self.config, s, self.steps_per_epoch, self.total_steps) for s in self.full],
+            dtype=torch.float32,
+        ).to(self.device)
+        if self.orders is None:
+            self.orders, self.lrs = rows, lrs
+        else:
+            assert self.lrs is not None
+            self.orders.copy_(rows)
+            self.lrs.copy_(lrs)
+
+    def _partial_step(self, step: int) -> None:
+        """A partial batch at an epoch's end runs eagerly, into the gradient buffers a captured step writes."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        index = self.epoch_orders[step // self.steps_per_epoch][slice(*self._batch(step))]
+        self.lr.fill_(lr_at(self.config, step, self.steps_per_epoch, self.total_steps))
+        self._step(index, len(index))
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _warm_up(self, data: MNIST) -> None:
+        """Run every kind of work once before the clock (kernel choices, lazy set-up), capturing the graph if
+        asked; the caller then resets what this trained."""
+        self._synchronize()
+        start = time.perf_counter()
+        if self.graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(WARMUP_STEPS):
+                    self.counter.zero_()  # the counter must stay below the number of full steps
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._graphed_step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.counter.zero_()
+            self.optimizer.zero_grad(
+                set_to_none=True
+            )  # the captured backward allocates the gradients it writes
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._graphed_step()
+            self._graph.replay()  # the first replay uploads the graph
+        else:
+            for _ in range(WARMUP_STEPS):
+                self.counter.zero_()
+                self.optimizer.zero_grad(set_to_none=True)
+                self._graphed_step()
+        partial = [s for s in range(self.total_steps) if s not in set(self.full)]
+        if partial:
+            self._partial_step(partial[0])
+        recipe_logits(self.model, data.test_images.to(self.device), self.config)
+        self._synchronize()
+        self.warmup_seconds = time.perf_counter() - start
+
+    def run(self, seed: int, data: MNIST) -> GraphedRun:
+        """Train from scratch with `seed`, then evaluate on the test set as the recipe does."""
+        if self.warmup_seconds is None:
+            self._reset(seed)
+            self._warm_up(data)
+        self._reset(seed)
+        self._synchronize()
+        start = time.perf_counter()
+        full = set(self.full)
+        for step in range(self.total_steps):
+            if step not in full:
+                self._partial_step(step)
+            elif self._graph is not None:
+                self._graph.replay()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._graphed_step()
+        train_loss = self.loss_sum.item() / (len(self.full) * self.config.batch_size + self._partial_images())
+        train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        logits = recipe_logits(self.model, data.test_images.to(self.device), self.config)
+        accuracy = (logits.argmax(1) == data.test_labels.to(self.device).long()).float().mean().item()
+        eval_seconds = time.perf_counter() - start
+        return GraphedRun(seed, accuracy, train_seconds, eval_seconds, train_loss)
+
+    def _partial_images(self) -> int:
+        full = set(self.full)
+        return sum(self._batch(s)[1] - self._batch(s)[0] for s in range(self.total_steps) if s not in full)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def graphed_runs(
+    config: TrainConfig, data: MNIST, seeds: list[int], device: torch.device, graph: bool = True
+) -> tuple[GraphedTrainer, list[GraphedRun]]:
+    """Train `config` once per seed on `device` with the data set resident there; (the trainer, the runs)."""
+    images, labels = data.train_images.to(device), data.train_labels.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    trainer = GraphedTrainer(config, images, labels, graph=graph)
+    return trainer, [trainer.run(seed, data) for seed in seeds]

@@ -1,0 +1,109 @@
+"""The graphed trainer (graphed.py): its step follows the training loop, and it refuses recipes it cannot replay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from digitrec.checkpoint import load_model, load_tensors
+from digitrec.cli import main
+from digitrec.config import get_recipe
+from digitrec.errors import DigitrecError
+from digitrec.graphed import GraphedTrainer, graphed_runs
+from digitrec.training import predict_logits, train
+
+# 1,200 tiny images in batches of 192: six full batches and a partial one of 48 per epoch, two epochs in all
+TINY = get_recipe("fast").override(epochs=2, batch_size=192)
+
+
+def test_the_eager_graph_step_trains_as_the_training_loop(tiny_mnist, tmp_path: Path) -> None:
+    config = TINY.override(amp=False)  # float32, so that the two differ by rounding alone
+    run = train(
+        config, tmp_path, recipe="fast", data=tiny_mnist, progress=False, report=False, log=lambda m: None
+    )
+    trainer, (graphed,) = graphed_runs(config, tiny_mnist, [config.seed], torch.device("cpu"), graph=False)
+    assert trainer.total_steps == run.metrics["steps"] == 14 and len(trainer.full) == 12
+    expected, _ = load_tensors(tmp_path / "model.safetensors")
+    got = trainer.state_dict()
+    assert expected.keys() == got.keys()
+    # A bias just before a BatchNorm gets a gradient of rounding noise, which Adam's normalized step turns into
+    # full-size moves: it (and the running mean that tracks it) differs; the function the model computes does not,
+    # and the other weights differ by that noise's rounding-sized echo (how much depends on the CPU's kernels).
+    noise = {"1.2.bias", "1.7.bias", "1.4.running_mean", "1.8.running_mean"}
+    for name, tensor in expected.items():
+        if name not in noise:
+            torch.testing.assert_close(got[name], tensor, rtol=1e-3, atol=2e-3)
+    logits = [
+        predict_logits(model, tiny_mnist.test_images)
+        for model in (load_model(tmp_path / "model.safetensors")[0], trainer.model)
+    ]
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0.03)
+    assert graphed.test_accuracy == pytest.approx(run.metrics["test_accuracy"])
+    epoch_losses = [row["train_loss"] for row in run.history]  # two epochs of 1,200 images each
+    assert graphed.train_loss == pytest.approx(sum(epoch_losses) / len(epoch_losses), rel=1e-3)
+    assert graphed.train_seconds > 0 and graphed.eval_seconds > 0
+
+
+def test_seeds_reset_the_trainer_in_place(tiny_mnist) -> None:
+    """A second seed starts from its own fresh weights: running seed 1 alone or after seed 0 gives the same model."""
+    config = TINY.override(epochs=1)
+    alone, _ = graphed_runs(config, tiny_mnist, [1], torch.device("cpu"), graph=False)
+    after, runs = graphed_runs(config, tiny_mnist, [0, 1], torch.device("cpu"), graph=False)
+    assert [r.seed for r in runs] == [0, 1]
+    for name, tensor in alone.state_dict().items():
+        torch.testing.assert_close(after.state_dict()[name], tensor, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "reason"),
+    [
+        ("default", "augmentation (affine)"),
+        ("robust", "outlier exposure"),
+        ("seed-lenet", "the sgd optimizer"),
+    ],
+)
+def test_recipes_whose_step_changes_are_refused_in_one_sentence(tiny_mnist, recipe: str, reason: str) -> None:
+    with pytest.raises(DigitrecError, match="needs a step that never changes") as caught:
+        GraphedTrainer(get_recipe(recipe), tiny_mnist.train_images, tiny_mnist.train_labels, graph=False)
+    assert reason in str(caught.value)
+
+
+def test_a_graph_needs_a_cuda_device(tiny_mnist) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DigitrecError, match="CUDA graphs need a CUDA GPU"):
+        GraphedTrainer(TINY, tiny_mnist.train_images, tiny_mnist.train_labels, graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_the_replayed_graph_trains_as_the_eager_steps_on_a_gpu(tiny_mnist) -> None:
+    cuda = torch.device("cuda")
+    eager, (eager_run,) = graphed_runs(TINY, tiny_mnist, [0], cuda, graph=False)
+    graphed, runs = graphed_runs(TINY, tiny_mnist, [0, 0], cuda, graph=True)
+    assert graphed.warmup_seconds is not None and graphed.warmup_seconds > 0
+    for run in runs:  # the second run replays the same graph after resetting in place
+        assert run.test_accuracy == pytest.approx(
+            eager_run.test_accuracy, abs=2 / len(tiny_mnist.test_labels)
+        )
+    for name, tensor in eager.state_dict().items():
+        torch.testing.assert_close(graphed.state_dict()[name], tensor, rtol=1e-2, atol=1e-3, msg=name)
+
+
+def test_bench_gpu_prints_json_and_refuses_other_recipes(
+    idx_folder: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["bench", "gpu", "--device", "cpu", "--seeds", "2", "--data-dir", str(idx_folder)]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"] == "CPU" and list(report["modes"]) == ["eager"]
+    eager = report["modes"]["eager"]
+    assert [r["seed"] for r in eager["runs"]] == [0, 1]
+    low, median, high = (eager["test_accuracy"][k] for k in ("min", "median", "max"))
+    assert 0 <= low <= median <= high <= 1
+    assert main(args) == 0
+    assert "eager         0" in capsys.readouterr().out
+    assert main([*args, "--recipe", "default"]) == 2
+    assert "needs a step that never changes" in capsys.readouterr().err
