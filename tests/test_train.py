@@ -131,6 +131,29 @@ def test_resume_continues_exactly(tiny_mnist, tmp_path):
     assert resumed.metrics["test_accuracy"] == full.metrics["test_accuracy"]
 
 
+def test_a_run_begun_on_a_gpu_resumes_on_the_cpu(tiny_mnist, tmp_path):
+    """`digitrec train --resume DIR --device cpu`: the checkpoint's own device is replaced, the run ends as one
+    that never moved (its data order, schedule and seeds do not depend on the device)."""
+    from digitrec.checkpoint import save_tensors
+    from digitrec.errors import DigitrecError
+
+    config = TINY.override(epochs=2, val_size=0, schedule="step", step_epochs=1, gamma=0.5, device="cpu")
+    quiet = {"data": tiny_mnist, "progress": False, "report": False, "log": lambda m: None}
+    full = train(config, tmp_path / "full", **quiet)
+    train(config.override(epochs=1), tmp_path / "half", **quiet)
+    tensors, meta = load_tensors(tmp_path / "half" / "last.safetensors")
+    meta["config"].update(epochs=2.0, device="cuda")  # as if begun on a GPU machine, stopped after epoch 1
+    save_tensors(tmp_path / "half" / "last.safetensors", tensors, meta)
+    if not torch.cuda.is_available():
+        with pytest.raises(DigitrecError, match="--device cuda was asked for but no CUDA GPU is available"):
+            train(TrainConfig(), tmp_path / "half", resume=True, **quiet)
+    resumed = train(TrainConfig(), tmp_path / "half", resume=True, resume_device="cpu", **quiet)
+    assert resumed.metrics["device"] == "cpu" and resumed.config.device == "cpu"
+    a, _ = load_tensors(full.model_path)
+    b, _ = load_tensors(resumed.model_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_early_stopping_stops(tiny_mnist, tmp_path):
     config = TINY.override(
         arch="mlp_500_256", epochs=30, lr=1e-12, schedule="constant", early_stopping_patience=2

@@ -182,6 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe=recipe,
         data=data,
         resume=bool(args.resume),
+        resume_device=args.device if args.resume else None,
         dry_run=args.dry_run,
         progress=not args.no_progress and sys.stderr.isatty(),
         tensorboard=args.tensorboard,
@@ -851,7 +852,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", help="run folder (default runs/<recipe>-<timestamp>)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its last checkpoint (with --device: on another device than it began on)",
+    )
     p.add_argument("--dry-run", action="store_true", help="a few batches end to end, for a quick check")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -401,12 +401,15 @@ def train(
     on_epoch: Callable[[nn.Module, dict[str, float]], bool] | None = None,
     init_weights: dict[str, torch.Tensor] | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    resume_device: str | None = None,
 ) -> Run:
     """Train `config`, keep the best checkpoint by validation accuracy, evaluate it on the test set, write the run folder.
 
     `on_epoch(model, history_row)` runs after each epoch with the clock stopped (`digitrec bench train` measures
     test accuracy there); returning True ends training early. `init_weights` starts from a trained state dict
     instead of a fresh initialization (fine-tuning); `extra_metadata` is merged into the checkpoint's metadata.
+    `resume_device` continues a resumed run on another device than the one it started on (a run begun on a GPU
+    machine, finished on a CPU); the data order, schedule and seeds do not depend on the device.
     """
     out_dir = Path(out_dir)
     last_path = out_dir / "last.safetensors"
@@ -433,6 +436,8 @@ def train(
             raise CheckpointError(
                 f"{last_path} is not a digitrec training checkpoint; start a new run without --resume."
             )
+        if resume_device:
+            config = config.override(device=resume_device)
 
     if config.threads:
         torch.set_num_threads(config.threads)
