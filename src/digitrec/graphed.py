@@ -87,7 +87,8 @@ class GraphedTrainer:
         self.counter = torch.zeros((), dtype=torch.long, device=self.device)  # which full step is next
         self.loss_sum = torch.zeros((), device=self.device)
         self.index = torch.zeros(b, dtype=torch.long, device=self.device)
-        self.orders: torch.Tensor | None = None
+        self.epoch_orders: list[torch.Tensor] = []  # each epoch's permutation of the training images
+        self.orders: torch.Tensor | None = None  # the indices of every full step, row by row
         self.lrs: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self.warmup_seconds: float | None = None  # the capture and first runs of everything, before the clock
@@ -134,12 +135,11 @@ class GraphedTrainer:
                 tensor.zero_()
         self.counter.zero_()
         self.loss_sum.zero_()
-        b, n = self.config.batch_size, len(self.images)
+        n = len(self.images)
         epochs = self.total_steps // self.steps_per_epoch + 1
-        orders = [epoch_order(n, seed, epoch, self.device) for epoch in range(epochs)]
-        self.epoch_orders = orders
-        full = [orders[s // self.steps_per_epoch][slice(*self._batch(s))] for s in self.full]
-        rows = torch.stack(full) if full else torch.zeros(0, b, dtype=torch.long, device=self.device)
+        self.epoch_orders = [epoch_order(n, seed, epoch, self.device) for epoch in range(epochs)]
+        full = [self.epoch_orders[s // self.steps_per_epoch][slice(*self._batch(s))] for s in self.full]
+        rows = torch.stack(full)  # (full steps, batch size): __init__ made sure there is at least one
         lrs = torch.tensor(
             [lr_at(self.config, s, self.steps_per_epoch, self.total_steps) for s in self.full],
             dtype=torch.float32,
