@@ -12,7 +12,7 @@ from digitrec.checkpoint import load_model, load_tensors
 from digitrec.cli import main
 from digitrec.config import get_recipe
 from digitrec.errors import DigitrecError
-from digitrec.graphed import GraphedTrainer, graphed_runs
+from digitrec.graphed import GraphedTrainer, gpu_table, graphed_runs
 from digitrec.training import predict_logits, train
 
 # 1,200 tiny images in batches of 192: six full batches and a partial one of 48 per epoch, two epochs in all
@@ -107,3 +107,38 @@ def test_bench_gpu_prints_json_and_refuses_other_recipes(
     assert "eager         0" in capsys.readouterr().out
     assert main([*args, "--recipe", "default"]) == 2
     assert "needs a step that never changes" in capsys.readouterr().err
+
+
+def test_the_gpu_table_prints_each_run_each_mode_and_the_ratio() -> None:
+    def mode(seconds: float, warmup: float) -> dict:
+        runs = [
+            {"seed": s, "test_accuracy": 0.99 + s / 1000, "train_seconds": seconds, "eval_seconds": 0.01}
+            for s in (0, 1)
+        ]
+        return {
+            "warmup_seconds": warmup,
+            "runs": runs,
+            "test_accuracy": {"min": 0.99, "median": 0.9905, "max": 0.991},
+            "train_plus_eval_seconds": {
+                "min": seconds + 0.01,
+                "median": seconds + 0.01,
+                "max": seconds + 0.01,
+            },
+        }
+
+    report = {
+        "recipe": "fast",
+        "device": "NVIDIA H200",
+        "torch": "2.11.0",
+        "modes": {"graphed": mode(0.1, 5.0), "eager": mode(0.99, 0.03)},
+        "eager_over_graphed": 9.0,
+    }
+    lines = gpu_table(report).splitlines()
+    assert lines[0] == "fast on NVIDIA H200 (torch 2.11.0), data set resident on the device"
+    assert lines[2] == "graphed       0   99.00%     0.100    0.010         0.110"
+    assert lines[4].startswith(
+        "graphed     all  99.00% / 99.05% / 99.10% (min / median / max), train+eval median 0.110 s"
+    )
+    assert lines[4].endswith("warm-up and capture 5.00 s (once, not counted)")
+    assert lines[7].endswith("train+eval median 1.000 s, warm-up 0.03 s (once, not counted)")
+    assert lines[8] == "eager / graphed train+eval time: 9.0x (medians, same run)"

@@ -605,61 +605,19 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
-    import statistics
-
-    import torch
-
     from .config import get_recipe
     from .data import load_mnist
-    from .graphed import graphed_runs
+    from .graphed import bench_gpu, gpu_table
     from .training import resolve_device
 
     config = get_recipe(args.recipe)
     device = resolve_device(args.device)
-    modes = ["graphed", "eager"] if device.type == "cuda" and not args.eager_only else ["eager"]
+    graphed = device.type == "cuda" and not args.eager_only
     data = load_mnist(args.data_dir, log=_stderr)
-    seeds = [config.seed + i for i in range(args.seeds)]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    report: dict = {"device": name, "torch": torch.__version__, "recipe": args.recipe, "modes": {}}
-    lines = [f"{args.recipe} on {name} (torch {torch.__version__}), data set resident on the device"]
-    lines.append("mode       seed  test acc   train s   eval s   train+eval s")
-    for mode in modes:
-        trainer, runs = graphed_runs(config, data, seeds, device, graph=mode == "graphed")
-        for run in runs:
-            _stderr(
-                f"{mode} seed {run.seed}: {run.test_accuracy:.2%} in {run.train_seconds:.3f} s + {run.eval_seconds:.3f} s"
-            )
-            lines.append(
-                f"{mode:<9} {run.seed:>5}  {run.test_accuracy:>7.2%}  {run.train_seconds:>8.3f}  "
-                f"{run.eval_seconds:>7.3f}  {run.train_seconds + run.eval_seconds:>12.3f}"
-            )
-        totals = [r.train_seconds + r.eval_seconds for r in runs]
-        accuracies = [r.test_accuracy for r in runs]
-        report["modes"][mode] = {
-            "warmup_seconds": trainer.warmup_seconds,
-            "steps": trainer.total_steps,
-            "test_accuracy": {
-                "min": min(accuracies),
-                "median": statistics.median(accuracies),
-                "max": max(accuracies),
-            },
-            "train_plus_eval_seconds": {
-                "min": min(totals),
-                "median": statistics.median(totals),
-                "max": max(totals),
-            },
-            "runs": [vars(r) for r in runs],
-        }
-        lines.append(
-            f"{mode:<9} {'all':>5}  {min(accuracies):.2%} / {statistics.median(accuracies):.2%} / "
-            f"{max(accuracies):.2%} (min / median / max), train+eval median {statistics.median(totals):.3f} s"
-            + f", warm-up{' and capture' if mode == 'graphed' else ''} {trainer.warmup_seconds:.2f} s (once, not counted)"
-        )
-    if len(modes) == 2:
-        graphed, eager = (report["modes"][m]["train_plus_eval_seconds"]["median"] for m in modes)
-        report["eager_over_graphed"] = eager / graphed
-        lines.append(f"eager / graphed train+eval time: {eager / graphed:.1f}x (medians, same run)")
-    print(json.dumps(report, indent=2) if args.json else "\n".join(lines))
+    report = bench_gpu(config, data, args.seeds, device, graphed=graphed, log=_stderr) | {
+        "recipe": args.recipe
+    }
+    print(json.dumps(report, indent=2) if args.json else gpu_table(report))
     return 0
 
 

@@ -14,8 +14,11 @@ averaging and no validation split (`fast`).
 
 from __future__ import annotations
 
+import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -240,3 +243,69 @@ def graphed_runs(
         torch.backends.cudnn.benchmark = True
     trainer = GraphedTrainer(config, images, labels, graph=graph)
     return trainer, [trainer.run(seed, data) for seed in seeds]
+
+
+def bench_gpu(
+    config: TrainConfig,
+    data: MNIST,
+    seeds: int,
+    device: torch.device,
+    graphed: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """`digitrec bench gpu`: `seeds` runs graphed (when asked) and the same steps eagerly, side by side."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    report: dict[str, Any] = {"device": name, "torch": torch.__version__, "modes": {}}
+    for mode in ["graphed", "eager"] if graphed else ["eager"]:
+        trainer, runs = graphed_runs(
+            config, data, [config.seed + i for i in range(seeds)], device, graph=mode == "graphed"
+        )
+        for run in runs:
+            log(
+                f"{mode} seed {run.seed}: {run.test_accuracy:.2%} in {run.train_seconds:.3f} s + {run.eval_seconds:.3f} s"
+            )
+        totals = [r.train_seconds + r.eval_seconds for r in runs]
+        accuracies = [r.test_accuracy for r in runs]
+        report["modes"][mode] = {
+            "warmup_seconds": trainer.warmup_seconds,
+            "steps": trainer.total_steps,
+            "test_accuracy": _spread(accuracies),
+            "train_plus_eval_seconds": _spread(totals),
+            "runs": [asdict(r) for r in runs],
+        }
+    if graphed:
+        medians = [report["modes"][m]["train_plus_eval_seconds"]["median"] for m in ("eager", "graphed")]
+        report["eager_over_graphed"] = medians[0] / medians[1]
+    return report
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def gpu_table(report: dict[str, Any]) -> str:
+    """bench_gpu's report as the lines `digitrec bench gpu` prints: one per run, one per mode, the ratio."""
+    lines = [
+        f"{report.get('recipe', 'recipe')} on {report['device']} (torch {report['torch']}), "
+        "data set resident on the device",
+        "mode       seed  test acc   train s   eval s   train+eval s",
+    ]
+    for mode, result in report["modes"].items():
+        for run in result["runs"]:
+            total = run["train_seconds"] + run["eval_seconds"]
+            lines.append(
+                f"{mode:<9} {run['seed']:>5}  {run['test_accuracy']:>7.2%}  {run['train_seconds']:>8.3f}  "
+                f"{run['eval_seconds']:>7.3f}  {total:>12.3f}"
+            )
+        accuracy, seconds = result["test_accuracy"], result["train_plus_eval_seconds"]
+        warmup = "warm-up and capture" if mode == "graphed" else "warm-up"
+        lines.append(
+            f"{mode:<9} {'all':>5}  {accuracy['min']:.2%} / {accuracy['median']:.2%} / {accuracy['max']:.2%} "
+            f"(min / median / max), train+eval median {seconds['median']:.3f} s, "
+            f"{warmup} {result['warmup_seconds']:.2f} s (once, not counted)"
+        )
+    if "eager_over_graphed" in report:
+        lines.append(
+            f"eager / graphed train+eval time: {report['eager_over_graphed']:.1f}x (medians, same run)"
+        )
+    return "\n".join(lines)
