@@ -5,8 +5,10 @@ running them. Here one whole step (gather the batch, forward in bfloat16, backwa
 CUDA graph and replayed; the batch indices and the learning rate of every step already lie on the GPU, and a
 step counter inside the graph picks them, so the host only calls `replay()`. Everything else is the training
 loop's (training.py): the same initialization, data order, schedule, loss, optimizer and evaluation, so a run
-with `graph=False` (the same step, launched eagerly; the only way on a CPU) follows `training.train`. The
-capture, with its warm-up steps, is reported apart from the training time, as a compile time would be.
+with `graph=False` (the same step, launched eagerly; the only way on a CPU) follows `training.train`. Before the
+first seed, every kind of work runs once (a few steps, the capture and a first replay, a partial batch, an
+evaluation), so that kernel choices and lazy set-up happen off the clock; that warm-up is reported apart, as a
+compile time would be.
 
 Only recipes whose step is the same every time qualify: no augmentation, no outlier exposure, no weight
 averaging and no validation split (`fast`).
@@ -28,7 +30,7 @@ from .data import MNIST
 from .errors import DigitrecError
 from .models import create_model
 from .optim import _FUSED, AdamW
-from .training import epoch_order, lr_at, make_optimizer, native_bfloat16, recipe_logits, steps_in_epoch
+from .training import as_input, autocast, epoch_order, lr_at, make_optimizer, recipe_logits, steps_in_epoch
 
 WARMUP_STEPS = 3  # eager steps on a side stream before the capture (cuDNN picks its kernels there)
 
@@ -82,7 +84,10 @@ class GraphedTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         b = config.batch_size
-        self.full = [s for s in range(self.total_steps) if self._batch(s)[1] - self._batch(s)[0] == b]
+        sizes = [stop - start for start, stop in map(self._batch, range(self.total_steps))]
+        self.full = [s for s, size in enumerate(sizes) if size == b]  # replayed as the graph
+        self.partial = [s for s, size in enumerate(sizes) if size != b]  # an epoch's last batch, run eagerly
+        self.images_per_run = sum(sizes)
         if not self.full:
             raise DigitrecError(
                 f"a graphed run needs at least one full batch of {b} images; lower --batch-size."
@@ -101,18 +106,11 @@ class GraphedTrainer:
         b = self.config.batch_size
         return i * b, min((i + 1) * b, len(self.images))
 
-    def _autocast(self) -> torch.autocast:
-        # no weight cache: a cached bfloat16 copy would be made once at capture and never refreshed
-        enabled = self.config.amp and native_bfloat16(self.device.type)  # as training.autocast decides
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
-
     def _step(self, index: torch.Tensor, count: int) -> None:
         """One training step on images[index]; the loss joins loss_sum."""
-        x = self.images[index].unsqueeze(1).float().div_(255)
-        if self.config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = as_input(self.images[index], self.config.channels_last)
         y = self.labels[index].long()
-        with self._autocast():
+        with autocast(self.device, self.config.amp, cache=False):
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
         loss.backward()
@@ -182,9 +180,8 @@ class GraphedTrainer:
                     self._graphed_step()
             torch.cuda.current_stream().wait_stream(stream)
             self.counter.zero_()
-            self.optimizer.zero_grad(
-                set_to_none=True
-            )  # the captured backward allocates the gradients it writes
+            # the captured backward allocates the gradients it writes
+            self.optimizer.zero_grad(set_to_none=True)
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
                 self._graphed_step()
@@ -194,9 +191,8 @@ class GraphedTrainer:
                 self.counter.zero_()
                 self.optimizer.zero_grad(set_to_none=True)
                 self._graphed_step()
-        partial = [s for s in range(self.total_steps) if s not in set(self.full)]
-        if partial:
-            self._partial_step(partial[0])
+        if self.partial:
+            self._partial_step(self.partial[0])
         recipe_logits(self.model, data.test_images.to(self.device), self.config)
         self._synchronize()
         self.warmup_seconds = time.perf_counter() - start
@@ -209,26 +205,22 @@ class GraphedTrainer:
         self._reset(seed)
         self._synchronize()
         start = time.perf_counter()
-        full = set(self.full)
+        partial = set(self.partial)
         for step in range(self.total_steps):
-            if step not in full:
+            if step in partial:
                 self._partial_step(step)
             elif self._graph is not None:
                 self._graph.replay()
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 self._graphed_step()
-        train_loss = self.loss_sum.item() / (len(self.full) * self.config.batch_size + self._partial_images())
+        train_loss = self.loss_sum.item() / self.images_per_run
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
         logits = recipe_logits(self.model, data.test_images.to(self.device), self.config)
         accuracy = (logits.argmax(1) == data.test_labels.to(self.device).long()).float().mean().item()
         eval_seconds = time.perf_counter() - start
         return GraphedRun(seed, accuracy, train_seconds, eval_seconds, train_loss)
-
-    def _partial_images(self) -> int:
-        full = set(self.full)
-        return sum(self._batch(s)[1] - self._batch(s)[0] for s in range(self.total_steps) if s not in full)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}

@@ -88,9 +88,14 @@ def native_bfloat16(device_type: str) -> bool:
     return True  # MPS and others: autocast as the recipe asks
 
 
-def autocast(device: torch.device, amp: bool) -> torch.autocast:
-    """bfloat16 autocast when the recipe asks for it (`amp`) and the device has native bfloat16; else float32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and native_bfloat16(device.type))
+def autocast(device: torch.device, amp: bool, cache: bool = True) -> torch.autocast:
+    """bfloat16 autocast when the recipe asks for it (`amp`) and the device has native bfloat16; else float32.
+
+    `cache=False` casts the weights anew on every use: a step captured as a CUDA graph (graphed.py) must not
+    keep the bfloat16 copy made at capture.
+    """
+    enabled = amp and native_bfloat16(device.type)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache)
 
 
 def lr_at(config: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
