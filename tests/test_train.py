@@ -74,8 +74,18 @@ def test_best_checkpoint_is_chosen_on_validation(tiny_run):
     assert tiny_run.metrics["val_accuracy"] == best_epoch["val_accuracy"]
 
 
-def test_same_seed_same_weights(tiny_mnist, tmp_path):
-    config = TINY.override(epochs=1, augment="affine")
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
+def test_same_seed_same_weights(tiny_mnist, tmp_path, device):
+    config = TINY.override(epochs=1, augment="affine", device=device)
     runs = [
         train(config, tmp_path / str(i), data=tiny_mnist, progress=False, report=False, log=lambda m: None)
         for i in range(2)
@@ -98,8 +108,15 @@ def test_same_seed_same_weights(tiny_mnist, tmp_path):
 
 def test_resume_continues_exactly(tiny_mnist, tmp_path):
     # a schedule that does not depend on the run length, so a 1-epoch run is the first half of a 2-epoch one
-    config = TINY.override(
-        epochs=2, val_size=0, augment="affine", weight_decay=0.01, schedule="step", step_epochs=1, gamma=0.5
+    config = TINY.override(  # on the CPU, on every machine (a GPU's determinism: test_same_seed_same_weights)
+        epochs=2,
+        val_size=0,
+        augment="affine",
+        weight_decay=0.01,
+        schedule="step",
+        step_epochs=1,
+        gamma=0.5,
+        device="cpu",
     )
     full = train(config, tmp_path / "full", data=tiny_mnist, progress=False, report=False, log=lambda m: None)
     train(

@@ -447,6 +447,9 @@ def train(
     if config.threads:
         torch.set_num_threads(config.threads)
     device = distributed.rank_device(resolve_device(config.device))
+    if device.type == "cuda":
+        # cuDNN may otherwise pick kernels that sum in a different order from run to run: same seed, other weights
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     joined = distributed.init_distributed(device)  # under torchrun; False in a single process
     main, world_size = distributed.is_main(), distributed.world_size()
     if not main:
