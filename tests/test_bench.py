@@ -33,7 +33,8 @@ def test_bench_train_reports_every_recipe_and_seed(tiny_mnist) -> None:
         assert [run.seed for run in result.runs] == [0, 1]
         expected_epochs = 2 if result.recipe == "fast" else 3
         assert all(len(run.checks) == expected_epochs for run in result.runs)  # one test check per epoch
-        low, median, high = result.accuracy()
+        accuracy = result.to_dict()["test_accuracy"]
+        low, median, high = accuracy["min"], accuracy["median"], accuracy["max"]
         assert 0 <= low <= median <= high <= 1
     fast = results[0]
     assert fast.seconds_to_target is not None and fast.seconds_to_target <= max(

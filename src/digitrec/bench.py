@@ -47,6 +47,11 @@ def _reset_peak_rss() -> None:
 # ---------------------------------------------------------------- the machine's ceiling
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """{"min", "median", "max"} of several seeds' figures, as the bench reports print them."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
 @dataclass(frozen=True)
 class MultiplyAdds:
     """Multiply-adds of a model's convolutions and linear layers for one 28x28 image (elementwise layers,
@@ -133,12 +138,7 @@ class RecipeResult:
         times = [r.seconds_to_target for r in self.runs]
         return None if any(t is None for t in times) else statistics.median(cast(list[float], times))
 
-    def accuracy(self) -> tuple[float, float, float]:
-        values = [r.test_accuracy for r in self.runs]
-        return min(values), statistics.median(values), max(values)
-
     def to_dict(self) -> dict[str, Any]:
-        low, median, high = self.accuracy()
         peaks = [r.peak_mb for r in self.runs if r.peak_mb is not None]
         return {
             "recipe": self.recipe,
@@ -148,7 +148,7 @@ class RecipeResult:
             "seconds_to_target": self.seconds_to_target,
             "reached_target": sum(r.seconds_to_target is not None for r in self.runs),
             "seeds": len(self.runs),
-            "test_accuracy": {"min": low, "median": median, "max": high},
+            "test_accuracy": spread([r.test_accuracy for r in self.runs]),
             "train_plus_eval_seconds": statistics.median(r.train_seconds + r.eval_seconds for r in self.runs),
             "peak_mb": max(peaks) if peaks else None,
             "runs": [asdict(r) for r in self.runs],

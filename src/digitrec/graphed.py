@@ -16,7 +16,6 @@ averaging and no validation split (`fast`).
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .bench import spread
 from .config import TrainConfig
 from .data import MNIST
 from .errors import DigitrecError
@@ -261,18 +261,14 @@ def bench_gpu(
         report["modes"][mode] = {
             "warmup_seconds": trainer.warmup_seconds,
             "steps": trainer.total_steps,
-            "test_accuracy": _spread(accuracies),
-            "train_plus_eval_seconds": _spread(totals),
+            "test_accuracy": spread(accuracies),
+            "train_plus_eval_seconds": spread(totals),
             "runs": [asdict(r) for r in runs],
         }
     if graphed:
         medians = [report["modes"][m]["train_plus_eval_seconds"]["median"] for m in ("eager", "graphed")]
         report["eager_over_graphed"] = medians[0] / medians[1]
     return report
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def gpu_table(report: dict[str, Any]) -> str:
