@@ -165,7 +165,7 @@ class GraphedTrainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def _warm_up(self, data: MNIST) -> None:
+    def _warm_up(self, test_images: torch.Tensor) -> None:
         """Run every kind of work once before the clock (kernel choices, lazy set-up), capturing the graph if
         asked; the caller then resets what this trained."""
         self._synchronize()
@@ -193,15 +193,15 @@ class GraphedTrainer:
                 self._graphed_step()
         if self.partial:
             self._partial_step(self.partial[0])
-        recipe_logits(self.model, data.test_images.to(self.device), self.config)
+        recipe_logits(self.model, test_images, self.config)
         self._synchronize()
         self.warmup_seconds = time.perf_counter() - start
 
-    def run(self, seed: int, data: MNIST) -> GraphedRun:
-        """Train from scratch with `seed`, then evaluate on the test set as the recipe does."""
+    def run(self, seed: int, test_images: torch.Tensor, test_labels: torch.Tensor) -> GraphedRun:
+        """Train from scratch with `seed`, then evaluate on the test set (on the trainer's device) as the recipe does."""
         if self.warmup_seconds is None:
             self._reset(seed)
-            self._warm_up(data)
+            self._warm_up(test_images)
         self._reset(seed)
         self._synchronize()
         start = time.perf_counter()
@@ -217,8 +217,8 @@ class GraphedTrainer:
         train_loss = self.loss_sum.item() / self.images_per_run
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        logits = recipe_logits(self.model, data.test_images.to(self.device), self.config)
-        accuracy = (logits.argmax(1) == data.test_labels.to(self.device).long()).float().mean().item()
+        logits = recipe_logits(self.model, test_images, self.config)
+        accuracy = (logits.argmax(1) == test_labels).float().mean().item()
         eval_seconds = time.perf_counter() - start
         return GraphedRun(seed, accuracy, train_seconds, eval_seconds, train_loss)
 
@@ -231,10 +231,11 @@ def graphed_runs(
 ) -> tuple[GraphedTrainer, list[GraphedRun]]:
     """Train `config` once per seed on `device` with the data set resident there; (the trainer, the runs)."""
     images, labels = data.train_images.to(device), data.train_labels.to(device)
+    test_images, test_labels = data.test_images.to(device), data.test_labels.to(device).long()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     trainer = GraphedTrainer(config, images, labels, graph=graph)
-    return trainer, [trainer.run(seed, data) for seed in seeds]
+    return trainer, [trainer.run(seed, test_images, test_labels) for seed in seeds]
 
 
 def bench_gpu(
