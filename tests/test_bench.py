@@ -141,7 +141,7 @@ def test_bench_commands_print_json(
     (fast,) = report["recipes"]
     assert fast["recipe"] == "fast" and fast["seeds"] == 1 and report["target"] == 0.2
     assert set(fast["test_accuracy"]) == {"min", "median", "max"}
-    assert fast["epoch_multiply_adds"] == multiply_adds(create_model("fast_cnn_lite")).training * len(
+    assert fast["epoch_multiply_adds"] == multiply_adds(create_model(get_recipe("fast").arch)).training * len(
         tiny_mnist.train_images
     )  # fast keeps no validation split: every training image, every epoch
 
@@ -163,13 +163,18 @@ def test_multiply_adds_counts_each_convolution_and_linear_layer() -> None:
     assert counted.forward == first + second + linear
     assert counted.training == 3 * (first + second + linear) - first  # no gradient for the input image
     assert model.training and not model[2]._forward_hooks  # left as it was found
-    assert multiply_adds(create_model("fast_cnn_lite")).forward == 869_888  # the docstring's layers, by hand
+    # the docstrings' layers by hand: conv 16x12x12x25 + conv 32x12x12x(16x9) + linear 128x1152 + 128x10
+    assert multiply_adds(create_model("fast_cnn_lite")).forward == 869_888
+    # on the centre 24x24: conv 16x10x10x25 + conv 32x10x10x(16x9) + linear 128x800 + 128x10
+    assert multiply_adds(create_model("fast_cnn_crop")).forward == 40_000 + 460_800 + 102_400 + 1_280
 
 
 def test_tables_set_the_work_beside_the_matrix_multiply_rate(tiny_mnist) -> None:
     result = bench_train({"fast": TINY["fast"]}, tiny_mnist, target=0.5, log=lambda msg: None)
     work = result[0].epoch_multiply_adds
-    assert work == multiply_adds(create_model("fast_cnn_lite")).training * len(tiny_mnist.train_images)
+    assert work == multiply_adds(create_model(get_recipe("fast").arch)).training * len(
+        tiny_mnist.train_images
+    )
     table = train_table(result, 0.5, matmul_per_s=work / 2)  # a machine doing one epoch's work in 2 s
     assert table.splitlines()[-1].endswith(f"| {work / 1e9:.1f} | 2.00 |")
     assert train_table(result, 0.5).splitlines()[-1].endswith(" | - |")  # no rate measured: no floor

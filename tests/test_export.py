@@ -42,7 +42,9 @@ def _randomize_batchnorm(model: nn.Module, negative: bool = False) -> None:
                 m.weight.data[0] = -1.0
 
 
-@pytest.mark.parametrize("arch", ["fast_cnn", "fast_cnn_lite", "deep_cnn", "bn_cnn", "mlp_bn_300_100"])
+@pytest.mark.parametrize(
+    "arch", ["fast_cnn", "fast_cnn_lite", "fast_cnn_crop", "deep_cnn", "bn_cnn", "mlp_bn_300_100"]
+)
 def test_folding_batchnorm_removes_it_and_keeps_the_outputs(arch: str) -> None:
     model = create_model(arch).eval()
     _randomize_batchnorm(model)
@@ -59,6 +61,8 @@ def test_folding_batchnorm_removes_it_and_keeps_the_outputs(arch: str) -> None:
 def test_normalization_folds_into_an_unpadded_first_conv_only() -> None:
     lite, padded = create_model("fast_cnn_lite").eval(), create_model("fast_cnn").eval()
     assert not any(isinstance(m, Normalize) for m in inference_model(lite).modules())
+    cropped = create_model("fast_cnn_crop").eval()  # the crop before the conv commutes with normalization
+    assert not any(isinstance(m, Normalize) for m in inference_model(cropped).modules())
     assert any(isinstance(m, Normalize) for m in inference_model(padded).modules())  # padding: not foldable
 
 

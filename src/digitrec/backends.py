@@ -115,24 +115,26 @@ class OnnxBackend:
 
 # The architectures NumpyBackend runs, as the layers of models.py's nn.Sequential (its state-dict prefix "1.";
 # "0." is the input Normalize): ("conv", index, stride, padding, has_bias), ("bn", index), ("linear", index),
-# ("relu",), ("pool",) for MaxPool2d(2), ("flatten",). Dropout is the identity at inference and is left out.
+# ("relu",), ("pool",) for MaxPool2d(2), ("flatten",), ("crop", border) for CenterCrop. Dropout is the identity at inference and is left out.
 # Kernel sizes and widths come from the weights; test_numpy_backend checks each architecture against torch.
 Layer = tuple[Any, ...]
 
 
-def _fast_cnn_layers(padding1: int, padding2: int) -> tuple[Layer, ...]:
+def _fast_cnn_layers(padding1: int, padding2: int, crop: int = 0) -> tuple[Layer, ...]:
+    i = 1 if crop else 0  # a CenterCrop first shifts every index by one
     return (
-        ("conv", 0, 2, padding1, True),
+        *((("crop", crop),) if crop else ()),
+        ("conv", i, 2, padding1, True),
         ("relu",),
-        ("conv", 2, 1, padding2, True),
+        ("conv", i + 2, 1, padding2, True),
         ("pool",),
-        ("bn", 4),
+        ("bn", i + 4),
         ("relu",),
         ("flatten",),
-        ("linear", 7),
-        ("bn", 8),
+        ("linear", i + 7),
+        ("bn", i + 8),
         ("relu",),
-        ("linear", 10),
+        ("linear", i + 10),
     )
 
 
@@ -146,6 +148,7 @@ NUMPY_ARCHS: dict[str, tuple[Layer, ...]] = {
     "fast_cnn": _fast_cnn_layers(2, 2),
     "fast_cnn_wide": _fast_cnn_layers(2, 2),
     "fast_cnn_lite": _fast_cnn_layers(0, 1),
+    "fast_cnn_crop": _fast_cnn_layers(0, 1, crop=2),
     "deep_cnn": _deep_cnn_layers(),
 }
 _BN_EPS = 1e-5  # nn.BatchNorm's default
@@ -221,8 +224,8 @@ class NumpyBackend:
                 self.ops.append(("affine", *_bn_affine(t, name)))
             elif op == "linear":
                 self.ops.append(("linear", np.ascontiguousarray(t[f"{name}.weight"].T), t[f"{name}.bias"]))
-            else:
-                self.ops.append((op,))
+            else:  # relu, pool, flatten; crop keeps its border
+                self.ops.append((op, *args))
             i += 1
         self(np.zeros((1, 1, 28, 28), np.float32))  # wrong names or shapes fail here, at load time
 
@@ -269,6 +272,9 @@ class NumpyBackend:
             elif op == "pool":  # MaxPool2d(2)
                 n, h, w, c = x.shape
                 x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+            elif op == "crop":  # CenterCrop
+                b = args[0]
+                x = x[:, b : x.shape[1] - b, b : x.shape[2] - b]
             elif op == "flatten":  # in torch's (C, H, W) order
                 x = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
         return x

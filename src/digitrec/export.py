@@ -76,12 +76,13 @@ def inference_model(model: nn.Module) -> nn.Module:
 
 
 def _fold_normalize(model: nn.Module) -> None:
-    from .models import Normalize
+    from .models import CenterCrop, Normalize
 
     if not (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], Normalize)):
         return
     body = model[1]
-    first = body[0] if isinstance(body, nn.Sequential) and len(body) else body
+    layers = list(body) if isinstance(body, nn.Sequential) else [body]
+    first = next((layer for layer in layers if not isinstance(layer, CenterCrop)), None)  # a crop commutes
     if not isinstance(first, nn.Conv2d) or first.padding not in ((0, 0), "valid") or first.groups != 1:
         return
     normalize = model[0]
