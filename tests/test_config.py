@@ -86,7 +86,7 @@ def test_unknown_recipe_is_a_user_error():
 
 
 def test_toml_round_trip(tmp_path):
-    config = RECIPES["default"].override(epochs=2, label_smoothing=0.05)
+    config = RECIPES["default"].override(epochs=2, label_smoothing=0.05, betas=(0.9, 0.99))
     path = tmp_path / "c.toml"
     path.write_text(
         to_toml({"recipe": "default", "epochs": 2.0, "label_smoothing": 0.05, "betas": (0.9, 0.99)})

@@ -270,14 +270,16 @@ RECIPES: dict[str, TrainConfig] = {
         arch="fast_cnn",
         epochs=3,
         batch_size=192,
-        lr=6e-3,
+        lr=9e-3,
+        betas=(0.8, 0.95),
         weight_decay=0.05,
         warmup_fraction=0.2,
         augment="affine",
         eval_batch_size=500,
-        reported_accuracy=0.9950,
-        notes="make run trains this one. Measured: 99.43 / 99.47 / 99.56% (min / median / max, seeds 0-4, "
-        "float32); 99.45 / 99.50 / 99.57% in bfloat16; see README, Results.",
+        reported_accuracy=0.9952,
+        notes="make run trains this one. Settings chosen on development seeds 10-19. Measured: 99.48 / 99.52 / "
+        "99.55% (min / median / max, seeds 0-4, bfloat16 on an AMX machine); 99.43 / 99.51 / 99.56% in float32; "
+        "see README, Results.",
     ),
     "fast": _OURS.override(
         arch="fast_cnn_crop",
