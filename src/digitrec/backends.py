@@ -115,7 +115,8 @@ class OnnxBackend:
 
 # The architectures NumpyBackend runs, as the layers of models.py's nn.Sequential (its state-dict prefix "1.";
 # "0." is the input Normalize): ("conv", index, stride, padding, has_bias), ("bn", index), ("linear", index),
-# ("relu",), ("pool",) for MaxPool2d(2), ("flatten",), ("crop", border) for CenterCrop. Dropout is the identity at inference and is left out.
+# ("relu",), ("pool",) for MaxPool2d(2), ("flatten",), ("crop", border) for CenterCrop. Dropout is the identity at
+# inference and is left out.
 # Kernel sizes and widths come from the weights; test_numpy_backend checks each architecture against torch.
 Layer = tuple[Any, ...]
 
