@@ -73,7 +73,8 @@ def table(runs_dir: Path, recipes: list[str], seeds: dict[str, list[int]], data:
                 spread += f"; {how}: {mine[0]:.2%} / {statistics.median(mine):.2%} / {mine[-1]:.2%}"
         lines.append(
             f"| `{name}` | {config.source.split(':')[0]} | {reported} | {ours} | {spread} | {m['params']:,} | "
-            f"{min(m['epochs'], config.epochs):g} | {m['train_seconds']:.1f} |"  # a fractional epoch counts as 1
+            # metrics.json counts a partly run epoch as a whole one; early stopping can end before config.epochs
+            f"{min(m['epochs'], config.epochs):g} | {m['train_seconds']:.1f} |"
         )
     return "\n".join(lines)
 
