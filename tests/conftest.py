@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,18 @@ from hypothesis import settings
 from digitrec import data as data_module
 from digitrec import realworld
 from digitrec.data import MNIST, to_idx
+
+_CACHE = tempfile.TemporaryDirectory(prefix="digitrec-test-cache-")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests' downloads and decompressed copies go to a folder of their own, never the user's cache."""
+    os.environ["DIGITREC_CACHE"] = _CACHE.name
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _CACHE.cleanup()
+
 
 settings.register_profile("default", max_examples=60, deadline=None)
 settings.register_profile("slow", max_examples=10_000, deadline=None)

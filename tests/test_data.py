@@ -59,6 +59,34 @@ def test_corrupt_file_is_refused_not_used(idx_folder: Path):
         load_mnist(idx_folder, download=False)
 
 
+def test_later_loads_read_the_verified_copy_until_the_source_changes(
+    idx_folder: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The decompressed copy spares later loads the gunzip; a changed source is verified again, a damaged copy is remade."""
+    first = load_mnist(idx_folder, download=False)
+    copy = data._copy_dir()
+    assert (copy / "source.json").exists() and str(copy).startswith(str(data.cache_root()))
+    gunzips = []
+    decompress = gzip.decompress
+    monkeypatch.setattr(data.gzip, "decompress", lambda raw: gunzips.append(1) or decompress(raw))
+
+    second = load_mnist(idx_folder, download=False)
+    assert not gunzips and torch.equal(second.train_images, first.train_images)
+    load_mnist(idx_folder, download=False, use_copy=False)  # `digitrec data` reads every source file again
+    assert len(gunzips) == 4
+
+    damaged = copy / "train-images-idx3-ubyte"
+    good = damaged.read_bytes()
+    damaged.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    assert torch.equal(load_mnist(idx_folder, download=False).train_images, first.train_images)
+    assert len(gunzips) == 8 and damaged.read_bytes() == good
+
+    target = idx_folder / "t10k-labels-idx1-ubyte.gz"  # replaced by something else: verified again, refused
+    target.write_bytes(gzip.compress(decompress(target.read_bytes()) + b"\xff"))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte holds 301 bytes"):
+        load_mnist(idx_folder, download=False)
+
+
 def test_truncated_gzip_names_the_file(idx_folder: Path):
     target = idx_folder / "train-images-idx3-ubyte.gz"
     target.write_bytes(target.read_bytes()[:100])

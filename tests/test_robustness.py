@@ -40,6 +40,26 @@ def test_perturbations_change_ink_the_way_they_say(tiny_mnist):
     )
 
 
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_blur_is_a_zero_padded_separable_gaussian(sigma):
+    """The banded-matrix blur gives what the textbook separable conv2d gives, on a non-square image too."""
+    import math
+
+    import torch.nn.functional as F
+
+    images = torch.randint(0, 256, (6, 28, 20), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    rows = F.conv2d(images.unsqueeze(1).float() / 255, kernel.view(1, 1, 1, -1), padding=(0, radius))
+    expected = F.conv2d(rows, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    expected = (expected.clamp(0, 1) * 255).round()[:, 0]
+    blurred = robustness.perturb(images, BY_NAME["blur"], sigma).float()
+    assert (blurred - expected).abs().max() <= 1  # sums taken in another order may round the other way
+    assert (blurred - images.float()).abs().mean() > 10  # and it did blur: random pixels lose their contrast
+
+
 def test_coverage_curve_trades_answers_for_accuracy():
     # 10 confident right answers, 10 unsure wrong ones: keeping the top half is 100% right
     logits = torch.cat([torch.eye(10) * 10, torch.eye(10).roll(1, 1) * 0.5])

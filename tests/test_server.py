@@ -577,7 +577,7 @@ def test_serve_runs_a_checkpoint_on_onnx_runtime_where_it_is_installed(tmp_path,
     from digitrec.predict import TorchBackend
     from digitrec.server import load_for_serving
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("DIGITREC_CACHE", str(tmp_path / "cache"))
     checkpoint = random_checkpoint(tmp_path / "model.safetensors")
     served, eager = load_for_serving(checkpoint), load_for_serving(checkpoint, "torch")
     assert isinstance(served.backend, OnnxBackend) and isinstance(eager.backend, TorchBackend)
@@ -586,7 +586,7 @@ def test_serve_runs_a_checkpoint_on_onnx_runtime_where_it_is_installed(tmp_path,
 
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked / "cache"))  # nowhere to keep an export: PyTorch serves
+    monkeypatch.setenv("DIGITREC_CACHE", str(blocked / "cache"))  # nowhere to keep an export: PyTorch serves
     assert isinstance(load_for_serving(checkpoint).backend, TorchBackend)
 
     find_spec = importlib.util.find_spec

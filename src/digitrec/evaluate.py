@@ -130,10 +130,12 @@ def write_report(
     title: str | None = None,
     log: Callable[[str], None] = print,
     meta: dict[str, Any] | None = None,
+    logits: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Write evaluation.json, the PNG figures, MODEL_CARD.md and one self-contained report.html into out_dir.
 
     `meta` is the checkpoint's metadata for the model card; by default the model.json beside the report's checkpoint.
+    `logits` are the model's test-set logits when the caller has them already (training has just evaluated).
     """
     from . import modelcard, plots, robustness
 
@@ -141,9 +143,11 @@ def write_report(
     if meta is None and (out_dir / "model.json").exists():
         meta = json.loads((out_dir / "model.json").read_text())
     # a calibrated checkpoint reports its calibration error at its own temperature
-    metrics, logits = evaluate_model(
-        model, data, config, temperature=float((meta or {}).get("temperature", 1.0))
-    )
+    temperature = float((meta or {}).get("temperature", 1.0))
+    if logits is None:
+        metrics, logits = evaluate_model(model, data, config, temperature)
+    else:
+        metrics = compute_metrics(logits, data.test_labels, temperature)
     predicted = logits.argmax(1)
     atomic_write_json(out_dir / "evaluation.json", metrics)
     figures = {}

@@ -12,7 +12,6 @@ import copy
 import hashlib
 import io
 import json
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -327,8 +326,9 @@ def cached_onnx(checkpoint: str | Path, log: Callable[[str], None] = lambda msg:
         raise DigitrecError(
             f"checkpoint {checkpoint} does not exist; train one with `digitrec train` or pass another path."
         ) from None
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    path = Path(base) / "digitrec" / "onnx" / f"{digest[:32]}.onnx"
+    from .data import cache_root
+
+    path = cache_root() / "onnx" / f"{digest[:32]}.onnx"
     if not path.exists():
         log(f"exporting {checkpoint} to ONNX once (cached in {path})")
         export_onnx(checkpoint, path, log=log)

@@ -286,7 +286,11 @@ def evaluate(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of `model` on a labelled set."""
-    logits = recipe_logits(model, images, config)
+    return loss_and_accuracy(recipe_logits(model, images, config), labels)
+
+
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of logits against their labels."""
     labels = labels.to(logits.device).long()
     loss = F.cross_entropy(logits, labels).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
@@ -631,9 +635,8 @@ def train(
     best, _ = load_tensors(out_dir / "model.safetensors")
     model.load_state_dict(best)
     eval_start = time.perf_counter()
-    test_loss, test_accuracy = evaluate(
-        model, data.test_images.to(device), data.test_labels.to(device), config
-    )
+    test_logits = recipe_logits(model, data.test_images.to(device), config)
+    test_loss, test_accuracy = loss_and_accuracy(test_logits, data.test_labels)
     metrics = {
         "test_accuracy": test_accuracy,
         "test_loss": test_loss,
@@ -657,7 +660,9 @@ def train(
     if report:
         from .evaluate import write_report
 
-        write_report(out_dir, model, data, history=state["history"], config=config, log=log)
+        write_report(
+            out_dir, model, data, history=state["history"], config=config, log=log, logits=test_logits.cpu()
+        )
     if joined:
         distributed.shutdown()
     return run

@@ -1,0 +1,85 @@
+"""`digitrec train --recipe fast` as a user runs it, seed after seed, round after round: seconds and accuracy.
+
+    python benchmarks/fast_timing.py                           # seeds 0-4, three rounds, in runs/fast-timing
+    python benchmarks/fast_timing.py --seeds 0,1 --rounds 5 --recipe default --runs-dir /tmp/timing
+
+Every run is a whole `digitrec train` process (import, data, training, test evaluation, report). The rounds
+interleave the seeds (0, 1, ..., 4, then 0, 1, ... again), so a slow minute of a shared machine falls on
+several seeds instead of all rounds of one. For each seed it prints the test accuracy (the same in every round:
+runs are deterministic), training plus final evaluation as metrics.json records them, and the process's wall
+time, every round and the median. The figures are the machine's; nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_once(recipe: str, seed: int, out: Path) -> dict[str, float]:
+    """One `digitrec train` process: its metrics.json figures and its wall time."""
+    command = [sys.executable, "-m", "digitrec", "train", "--recipe", recipe, "--seed", str(seed)]
+    start = time.perf_counter()
+    subprocess.run([*command, "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {
+        "test_accuracy": metrics["test_accuracy"],
+        "train_eval": metrics["train_seconds"] + metrics["eval_seconds"],
+        "wall": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="fast")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs-dir", default="runs/fast-timing")
+    parser.add_argument(
+        "--budget", type=float, default=1.2, help="seconds of training + evaluation to count runs against"
+    )
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs: dict[int, list[dict[str, float]]] = {seed: [] for seed in seeds}
+    for round_ in range(args.rounds):
+        for seed in seeds:
+            result = run_once(args.recipe, seed, Path(args.runs_dir) / f"seed{seed}-round{round_}")
+            runs[seed].append(result)
+            print(
+                f"round {round_} seed {seed}: {result['test_accuracy']:.2%}  train+eval {result['train_eval']:.3f} s"
+                f"  process {result['wall']:.2f} s",
+                flush=True,
+            )
+
+    def cells(values: list[float], digits: int) -> str:
+        return (
+            " / ".join(f"{v:.{digits}f}" for v in values)
+            + f" (median {statistics.median(values):.{digits}f})"
+        )
+
+    print(f"\n{args.recipe}: {args.rounds} rounds over seeds {args.seeds}")
+    print("| seed | test accuracy | training + evaluation, s | whole process, s |\n|---:|---:|---|---|")
+    for seed, results in runs.items():
+        accuracies = sorted({round(r["test_accuracy"], 6) for r in results})
+        print(
+            f"| {seed} | {' / '.join(f'{a:.2%}' for a in accuracies)} "
+            f"| {cells([r['train_eval'] for r in results], 3)} | {cells([r['wall'] for r in results], 2)} |"
+        )
+    every = [r for results in runs.values() for r in results]
+    medians = [statistics.median(r["train_eval"] for r in results) for results in runs.values()]
+    print(
+        f"\nper-seed medians of training + evaluation: highest {max(medians):.3f} s; "
+        f"runs at or under {args.budget} s: {sum(r['train_eval'] <= args.budget for r in every)} of {len(every)}; "
+        f"whole process: median {statistics.median(r['wall'] for r in every):.2f} s, "
+        f"highest {max(r['wall'] for r in every):.2f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
