@@ -176,6 +176,19 @@ def test_train_and_evaluate_on_a_data_dir(idx_folder, tmp_path, capsys):
     assert len(metrics["confusion"]) == 10 and len(metrics["per_class"]) == 10
 
 
+def test_train_without_a_report_writes_the_run_and_says_how_to_report_it(idx_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--recipe", "fast", "--epochs", "1", "--data-dir", str(idx_folder), "--out", str(out)]
+    assert main([*args, "--no-progress", "--no-report"]) == 0
+    printed = capsys.readouterr().out
+    assert "report: none (--no-report)" in printed and f"digitrec evaluate {out} --report DIR" in printed
+    assert (out / "metrics.json").exists() and (out / "model.safetensors").exists()
+    assert not (out / "report.html").exists() and not list(out.glob("*.png"))
+    report = tmp_path / "report"
+    assert main(["evaluate", str(out), "--report", str(report), "--data-dir", str(idx_folder)]) == 0
+    assert (report / "report.html").exists()
+
+
 def test_ensemble_of_one_model_twice_scores_as_the_model(tiny_fast_run, idx_folder, capsys):
     assert main(["evaluate", str(tiny_fast_run), "--json", "--data-dir", str(idx_folder)]) == 0
     single = json.loads(capsys.readouterr().out)

@@ -187,6 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         progress=not args.no_progress and sys.stderr.isatty(),
         tensorboard=args.tensorboard,
+        report=not args.no_report,
     )
     if not run.metrics:  # a rank other than 0 of a distributed run: rank 0 prints the result
         return 0
@@ -195,7 +196,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"test accuracy {m['test_accuracy']:.2%}  test loss {m['test_loss']:.4f}  "
         f"params {m['params']:,}  train {m['train_seconds']:.1f} s"
     )
-    print(f"model: {run.model_path}\nreport: {run.out_dir / 'report.html'}")
+    print(f"model: {run.model_path}")
+    if args.no_report:
+        print(f"report: none (--no-report); `digitrec evaluate {run.out_dir} --report DIR` writes one")
+    else:
+        print(f"report: {run.out_dir / 'report.html'}")
     return 0
 
 
@@ -818,6 +823,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="a few batches end to end, for a quick check")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
+    p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip the figures, model card and report.html (1-2 s); metrics.json and the checkpoint are still written",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--nproc",
