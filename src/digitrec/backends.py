@@ -151,6 +151,7 @@ NUMPY_ARCHS: dict[str, tuple[Layer, ...]] = {
     "fast_cnn_lite": _fast_cnn_layers(0, 1),
     "fast_cnn_crop": _fast_cnn_layers(0, 1, crop=2),
     "deep_cnn": _deep_cnn_layers(),
+    "deep_cnn_d2": _deep_cnn_layers(),
 }
 _BN_EPS = 1e-5  # nn.BatchNorm's default
 CHUNK = 64  # images per forward pass
