@@ -260,16 +260,19 @@ def _copy_dir() -> Path:
     return cache_dir() / f"decompressed-{_checksum()[:16]}"
 
 
-def _read_copy(folder: Path) -> dict[str, bytes] | None:
-    """The decompressed copy of folder's files, made when they last passed verify(), if they have not changed since.
+def _read_copy(folder: Path, stamp: dict[str, list[int]] | None) -> dict[str, bytes] | None:
+    """The decompressed copy of folder's files, made when they last passed verify(), if they have not changed since
+    (`stamp`, from _source_stamp, is what they are now).
 
     Loading it skips the decompression (0.2 s of the 0.33 s a load takes); its MD5s are checked on every load,
     so a damaged copy is never used (it is made again from the source). None when there is no valid copy.
     """
+    if stamp is None:
+        return None
     copy = _copy_dir()
     try:
         record = json.loads((copy / "source.json").read_text())
-        if record != {"folder": str(folder.resolve()), "files": _source_stamp(folder)}:
+        if record != {"folder": str(folder.resolve()), "files": stamp}:
             return None
         contents = {key: (copy / stem).read_bytes() for key, (stem, _) in FILES.items()}
     except (OSError, ValueError):
@@ -279,14 +282,17 @@ def _read_copy(folder: Path) -> dict[str, bytes] | None:
     return contents
 
 
-def _write_copy(folder: Path, contents: dict[str, bytes]) -> None:
-    """Keep verified contents decompressed in the cache, tied to the size and time of folder's files."""
+def _write_copy(folder: Path, stamp: dict[str, list[int]] | None, contents: dict[str, bytes]) -> None:
+    """Keep verified contents decompressed in the cache, tied to `stamp`: the size and time folder's files had
+    before they were read, so a file replaced while it was being verified is verified again next time."""
+    if stamp is None:
+        return
     copy = _copy_dir()
     try:
         copy.mkdir(parents=True, exist_ok=True)
         for key, (stem, _) in FILES.items():
             atomic_write_bytes(copy / stem, contents[key])
-        record = {"folder": str(folder.resolve()), "files": _source_stamp(folder)}
+        record = {"folder": str(folder.resolve()), "files": stamp}
         atomic_write_bytes(copy / "source.json", json.dumps(record).encode())
     except OSError:
         pass  # a cache we cannot write to only costs the decompression next time
@@ -301,11 +307,12 @@ def locate(
     decompressed copy in the cache (checked by the same MD5s); without it, every file is read and verified again.
     """
     for label, folder in candidate_dirs(data_dir):
-        contents = _read_copy(folder) if use_copy else None
+        stamp = _source_stamp(folder)  # before reading, so the copy is tied to what was verified
+        contents = _read_copy(folder, stamp) if use_copy else None
         if contents is None:
             contents = verify(folder)
             if contents is not None:
-                _write_copy(folder, contents)
+                _write_copy(folder, stamp, contents)
         if contents is not None:
             return f"{label} ({folder})", contents
         if label == "--data-dir":
