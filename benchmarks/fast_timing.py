@@ -2,18 +2,22 @@
 
     python benchmarks/fast_timing.py                           # seeds 0-4, three rounds, in runs/fast-timing
     python benchmarks/fast_timing.py --seeds 0,1 --rounds 5 --recipe default --runs-dir /tmp/timing
+    python benchmarks/fast_timing.py --variant "" --variant "--epochs 0.85"   # two settings side by side
 
 Every run is a whole `digitrec train` process (import, data, training, test evaluation, report). The rounds
 interleave the seeds (0, 1, ..., 4, then 0, 1, ... again), so a slow minute of a shared machine falls on
 several seeds instead of all rounds of one. For each seed it prints the test accuracy (the same in every round:
 runs are deterministic), training plus final evaluation as metrics.json records them, and the process's wall
-time, every round and the median. The figures are the machine's; nothing here asserts a time.
+time, every round and the median. Each `--variant` adds flags to `digitrec train` (the empty one is the
+recipe as it is); variants alternate run by run, so they are timed side by side on the same minutes of the
+machine. The figures are the machine's; nothing here asserts a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -21,9 +25,9 @@ import time
 from pathlib import Path
 
 
-def run_once(recipe: str, seed: int, out: Path) -> dict[str, float]:
+def run_once(recipe: str, seed: int, out: Path, extra: list[str]) -> dict[str, float]:
     """One `digitrec train` process: its metrics.json figures and its wall time."""
-    command = [sys.executable, "-m", "digitrec", "train", "--recipe", recipe, "--seed", str(seed)]
+    command = [sys.executable, "-m", "digitrec", "train", "--recipe", recipe, "--seed", str(seed), *extra]
     start = time.perf_counter()
     subprocess.run([*command, "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
@@ -44,18 +48,34 @@ def main() -> None:
     parser.add_argument(
         "--budget", type=float, default=1.2, help="seconds of training + evaluation to count runs against"
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        help='flags added to `digitrec train`, e.g. "--epochs 0.85"; repeat to compare settings side by side',
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs: dict[int, list[dict[str, float]]] = {seed: [] for seed in seeds}
+    variants = args.variant or [""]
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {v: {seed: [] for seed in seeds} for v in variants}
     for round_ in range(args.rounds):
         for seed in seeds:
-            result = run_once(args.recipe, seed, Path(args.runs_dir) / f"seed{seed}-round{round_}")
-            runs[seed].append(result)
-            print(
-                f"round {round_} seed {seed}: {result['test_accuracy']:.2%}  train+eval {result['train_eval']:.3f} s"
-                f"  process {result['wall']:.2f} s",
-                flush=True,
-            )
+            for number, variant in enumerate(variants):
+                out = Path(args.runs_dir) / f"variant{number}-seed{seed}-round{round_}"
+                result = run_once(args.recipe, seed, out, shlex.split(variant))
+                runs[variant][seed].append(result)
+                print(
+                    f"round {round_} seed {seed} {variant or args.recipe}: {result['test_accuracy']:.2%}  "
+                    f"train+eval {result['train_eval']:.3f} s  process {result['wall']:.2f} s",
+                    flush=True,
+                )
+    for variant, by_seed in runs.items():
+        summarize(f"{args.recipe} {variant}".strip(), by_seed, args.rounds, args.seeds, args.budget)
+
+
+def summarize(
+    name: str, runs: dict[int, list[dict[str, float]]], rounds: int, seeds: str, budget: float
+) -> None:
+    """One variant's table: accuracy, training + evaluation and whole-process seconds per seed."""
 
     def cells(values: list[float], digits: int) -> str:
         return (
@@ -63,7 +83,7 @@ def main() -> None:
             + f" (median {statistics.median(values):.{digits}f})"
         )
 
-    print(f"\n{args.recipe}: {args.rounds} rounds over seeds {args.seeds}")
+    print(f"\n{name}: {rounds} rounds over seeds {seeds}")
     print("| seed | test accuracy | training + evaluation, s | whole process, s |\n|---:|---:|---|---|")
     for seed, results in runs.items():
         accuracies = sorted({round(r["test_accuracy"], 6) for r in results})
@@ -75,7 +95,7 @@ def main() -> None:
     medians = [statistics.median(r["train_eval"] for r in results) for results in runs.values()]
     print(
         f"\nper-seed medians of training + evaluation: highest {max(medians):.3f} s; "
-        f"runs at or under {args.budget} s: {sum(r['train_eval'] <= args.budget for r in every)} of {len(every)}; "
+        f"runs at or under {budget} s: {sum(r['train_eval'] <= budget for r in every)} of {len(every)}; "
         f"whole process: median {statistics.median(r['wall'] for r in every):.2f} s, "
         f"highest {max(r['wall'] for r in every):.2f} s"
     )
