@@ -23,6 +23,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,19 +98,24 @@ def to_idx(array: np.ndarray) -> bytes:
     return header + array.tobytes()
 
 
+def _source_file(folder: Path, stem: str) -> Path | None:
+    """The file that holds `stem` in folder: `stem.gz` if there is one, else `stem`; None if neither exists."""
+    return next((path for path in (folder / f"{stem}.gz", folder / stem) if path.exists()), None)
+
+
 def _read_file(folder: Path, stem: str) -> bytes | None:
     """Return the decompressed bytes of `stem` or `stem.gz` in folder, or None if neither exists."""
-    raw, gz = folder / stem, folder / f"{stem}.gz"
-    if gz.exists():
-        try:
-            return gzip.decompress(gz.read_bytes())
-        except (OSError, EOFError, gzip.BadGzipFile):
-            raise DataError(
-                f"{gz} is not a valid gzip file (truncated or corrupt); delete it and run `digitrec data` again."
-            ) from None
-    if raw.exists():
-        return raw.read_bytes()
-    return None
+    path = _source_file(folder, stem)
+    if path is None:
+        return None
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile):
+        raise DataError(
+            f"{path} is not a valid gzip file (truncated or corrupt); delete it and run `digitrec data` again."
+        ) from None
 
 
 def verify(folder: Path) -> dict[str, bytes] | None:
@@ -248,7 +254,7 @@ def _source_stamp(folder: Path) -> dict[str, list[int]] | None:
     """Size and modification time of each file verify() would read in folder; None if one is missing."""
     stamp = {}
     for stem, _ in FILES.values():
-        path = next((p for p in (folder / f"{stem}.gz", folder / stem) if p.exists()), None)
+        path = _source_file(folder, stem)
         if path is None:
             return None
         status = path.stat()
@@ -258,6 +264,11 @@ def _source_stamp(folder: Path) -> dict[str, list[int]] | None:
 
 def _copy_dir() -> Path:
     return cache_dir() / f"decompressed-{_checksum()[:16]}"
+
+
+def _copy_record(folder: Path, stamp: dict[str, list[int]]) -> dict[str, Any]:
+    """What source.json holds beside the copy: the source folder and its files' sizes and times."""
+    return {"folder": str(folder.resolve()), "files": stamp}
 
 
 def _read_copy(folder: Path, stamp: dict[str, list[int]] | None) -> dict[str, bytes] | None:
@@ -272,7 +283,7 @@ def _read_copy(folder: Path, stamp: dict[str, list[int]] | None) -> dict[str, by
     copy = _copy_dir()
     try:
         record = json.loads((copy / "source.json").read_text())
-        if record != {"folder": str(folder.resolve()), "files": stamp}:
+        if record != _copy_record(folder, stamp):
             return None
         contents = {key: (copy / stem).read_bytes() for key, (stem, _) in FILES.items()}
     except (OSError, ValueError):
@@ -292,8 +303,7 @@ def _write_copy(folder: Path, stamp: dict[str, list[int]] | None, contents: dict
         copy.mkdir(parents=True, exist_ok=True)
         for key, (stem, _) in FILES.items():
             atomic_write_bytes(copy / stem, contents[key])
-        record = {"folder": str(folder.resolve()), "files": stamp}
-        atomic_write_bytes(copy / "source.json", json.dumps(record).encode())
+        atomic_write_bytes(copy / "source.json", json.dumps(_copy_record(folder, stamp)).encode())
     except OSError:
         pass  # a cache we cannot write to only costs the decompression next time
 
