@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, atomic_write_json
 from .errors import DataError
 
 FILES = {
@@ -303,7 +303,7 @@ def _write_copy(folder: Path, stamp: dict[str, list[int]] | None, contents: dict
         copy.mkdir(parents=True, exist_ok=True)
         for key, (stem, _) in FILES.items():
             atomic_write_bytes(copy / stem, contents[key])
-        atomic_write_bytes(copy / "source.json", json.dumps(_copy_record(folder, stamp)).encode())
+        atomic_write_json(copy / "source.json", _copy_record(folder, stamp))
     except OSError:
         pass  # a cache we cannot write to only costs the decompression next time
 
