@@ -213,3 +213,21 @@ def test_bfloat16_autocast_runs_only_where_the_cpu_computes_in_bfloat16(monkeypa
                     assert torch.is_autocast_enabled("cpu") == (amp and (avx512_bf16 or amx))
     finally:
         training.native_bfloat16.cache_clear()  # the next caller asks the real CPU again
+
+
+def test_clean_epochs_turn_augmentation_off_for_the_last_steps(tiny_mnist, tmp_path, monkeypatch):
+    import digitrec.training as training
+
+    asked: list[str] = []
+
+    def recording(x, kind, generator):
+        asked.append(kind)
+        return x
+
+    monkeypatch.setattr(training, "augment_batch", recording)
+    config = TINY.override(epochs=2, augment="affine", clean_epochs=0.5, val_size=0)
+    train(config, tmp_path, recipe="tiny", data=tiny_mnist, progress=False, report=False, log=lambda m: None)
+    per_epoch = steps_in_epoch(len(tiny_mnist.train_images), config.batch_size)
+    clean = round(0.5 * per_epoch)
+    assert len(asked) == 2 * per_epoch
+    assert asked == ["affine"] * (2 * per_epoch - clean) + ["none"] * clean

@@ -139,6 +139,7 @@ TRAIN_OVERRIDES = (
     "label_smoothing",
     "ema_decay",
     "augment",
+    "clean_epochs",
     "tta_views",
     "val_size",
     "early_stopping_patience",
@@ -796,6 +797,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate and keep a moving average of the weights with this decay per step (0 = off)",
     )
     p.add_argument("--augment", choices=AUGMENTATIONS)
+    p.add_argument(
+        "--clean-epochs",
+        type=float,
+        help="train the last N epochs on the images as they are, without --augment",
+    )
     p.add_argument(
         "--tta-views",
         type=int,

@@ -45,6 +45,8 @@ class TrainConfig:
     ema_decay: float = 0.0
     normalize: tuple[float, float] = MNIST_MEAN_STD  # (mean, std) applied to pixels in [0, 1]
     augment: str = "none"
+    # The last this many epochs train on the images as they are, without `augment` (the test set is clean).
+    clean_epochs: float = 0.0
     # Outlier exposure: this many non-digits per digit join each training batch (augment_real.py); 0 = off.
     negatives: float = 0.0
     val_size: int = 5000
@@ -91,6 +93,10 @@ class TrainConfig:
                 f"unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}",
             ),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (
+                0 <= self.clean_epochs <= self.epochs,
+                f"clean_epochs must be between 0 and epochs ({self.epochs:g}), got {self.clean_epochs}",
+            ),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.negatives >= 0, f"negatives must not be negative, got {self.negatives}"),
             (self.val_size >= 0, f"validation size must not be negative, got {self.val_size}"),

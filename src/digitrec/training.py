@@ -190,6 +190,8 @@ def train_steps(
     epoch = steps.start // steps_per_epoch
     order = epoch_order(len(images), config.seed, epoch, device)
     aug_generator = torch.Generator(device=device)
+    # the last config.clean_epochs epochs see the images as they are
+    clean_from = total_steps - round(config.clean_epochs * steps_per_epoch)
     loss_sum = torch.full((), epoch_so_far[0], device=device)
     correct = torch.full((), int(epoch_so_far[1]), device=device, dtype=torch.long)
     seen = int(epoch_so_far[2])
@@ -210,7 +212,7 @@ def train_steps(
 
             x = torch.cat([x, make_negatives(x, outliers, aug_generator)])
         # -- end of outlier exposure
-        x = augment_batch(x, config.augment, aug_generator)
+        x = augment_batch(x, config.augment if step < clean_from else "none", aug_generator)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
