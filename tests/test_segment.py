@@ -22,6 +22,7 @@ from digitrec.segment import (
     cut_paths,
     drop_edge_debris,
     line_ink,
+    merge_broken,
     segment,
     split_by_recognition,
     strokes_crossed,
@@ -356,6 +357,19 @@ def test_digits_at_the_edge_of_a_slanted_line_are_kept():
     debris = _Blob(340, 370, 150, 200, [6])
     kept = drop_edge_debris([*blobs, debris], (200, 400), line_height=80)
     assert kept == blobs
+
+
+def test_a_digits_detached_tail_joins_it_but_a_whole_one_stands_alone():
+    # Three digits 100 px high; a bold 2's tail, broken off by the threshold, stands 60 px high 2 px right of
+    # the second (it read as a "1" at 1.00 beside it: "865122" came out "8651221"); a 1 as tall as the line
+    # stands as far right of the third.
+    digits = [_Blob(0, 60, 0, 100, [1]), _Blob(80, 140, 0, 100, [2]), _Blob(160, 220, 0, 100, [3])]
+    tail = _Blob(142, 150, 30, 90, [4])
+    one = _Blob(222, 232, 5, 95, [5])
+    areas = np.array([0, 2000, 2000, 2000, 300, 700])
+    merged = merge_broken([*digits, tail, one], areas, line_height=100)
+    assert [(b.x0, b.x1) for b in merged] == [(0, 60), (80, 150), (160, 220), (222, 232)]
+    assert sorted(merged[1].labels) == [2, 4]
 
 
 def test_a_blank_page_reads_nothing():

@@ -41,6 +41,9 @@ MERGE_OVERLAP = 0.5  # parts overlapping in x by half the narrower one's width b
 DIGIT_ASPECT = 0.62  # a typical handwritten digit is this wide for its height (slant included)
 MAX_DIGITS_PER_BLOB = 8
 SMALL_PART = 0.55  # shorter than this share of the line height: a part of a digit (a bar, a flag) or dust
+# merge_broken: a part shorter than this share of the line height that (nearly) touches a digit is a piece of it
+# (the detached tail of a bold 2 and the loop of a broken 6 stood 0.57-0.59 of the line high; its digits about 1.0)
+BROKEN_PART = 0.7
 FAINT_CONTRAST = 0.15  # next to clear digits, a digit-sized stroke this much darker than its paper is ink too
 FAINT_MIN_AREA = 0.03  # faint ink (x line height^2) that makes a faint part with clear ink worth a look
 MAX_FAINT_HEIGHT = 1.5  # ... but not one taller than this share of the line height (a shadow's edge)
@@ -152,8 +155,9 @@ def merge_broken(blobs: list[_Blob], areas: np.ndarray, line_height: float) -> l
     """Put the parts of broken digits together: the detached bar of a 5, a 4 in two strokes, a skipping pen.
 
     Parts stacked in x (overlapping by half the narrower one's width) are one digit. Then a short part
-    (under SMALL_PART of the line height) joins its nearest digit when it touches or nearly touches it
-    in x; a short part far from everything is kept only if it has a digit's ink, else it is dust.
+    (under BROKEN_PART of the line height) joins its nearest digit when it touches or nearly touches it
+    in x; a short part far from everything is kept only if it has a digit's ink, else it is dust. A joined
+    part is not glued for good: split_and_read still cuts it off where it reads better apart.
     """
     merged: list[_Blob] = []
     for b in sorted(blobs, key=lambda b: b.x0):
@@ -164,8 +168,8 @@ def merge_broken(blobs: list[_Blob], areas: np.ndarray, line_height: float) -> l
                 merged[-1] = _union(last, b)
                 continue
         merged.append(b)
-    big = [b for b in merged if b.height >= SMALL_PART * line_height]
-    small = [b for b in merged if b.height < SMALL_PART * line_height]
+    big = [b for b in merged if b.height >= BROKEN_PART * line_height]
+    small = [b for b in merged if b.height < BROKEN_PART * line_height]
     if not big:
         return merged
     typical_area = float(np.median([areas[b.labels].sum() for b in big]))
