@@ -306,6 +306,17 @@ def test_a_bold_eight_whose_loops_the_threshold_fills_gets_them_back():
     assert (reopened(mask, None) == mask).all()
 
 
+def test_a_bold_nines_lighter_tail_is_not_cut_off_as_if_it_were_a_loops_fill():
+    # A bold, dark ring with a lighter tail below it: Otsu's cut inside the glyph keeps the ring alone, which
+    # reads as a 0 ("921" read "021"). The ring is 0.58 of the glyph's height: a lost stroke, not a filled loop.
+    y, x = np.mgrid[:110, :70]
+    ring = (np.hypot(y - 32, x - 35) <= 30) & (np.hypot(y - 32, x - 35) >= 7)
+    tail = (x >= 44) & (x <= 64) & (y >= 40) & (y <= 105)
+    nine = ring | tail
+    ink = np.where(ring, 0.9, np.where(tail, 0.45, 0.0)).astype(np.float32)
+    assert (reopened(nine, ink) == nine).all()
+
+
 def test_blank_and_speckled_pages_have_no_ink():
     rng = np.random.default_rng(0)
     paper = (rng.normal(0.85, 0.01, (300, 300)) * np.linspace(1, 0.7, 300)[None, :]).clip(0, 1)

@@ -58,6 +58,7 @@ WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the 
 SPECK_FRACTION = 0.0004  # components smaller than this share of the image are dust or noise
 KEEP_FRACTION = 0.08  # a single digit's parts are at least this share of its largest part
 SOLID_STROKE = 0.22  # a glyph whose mean stroke is this share of its height or more has lost its loops
+REOPEN_HEIGHT = 0.7  # reopened(): a core shorter than this share of the glyph lost a stroke, not a fill
 PAPER_TOLERANCE = (
     2  # uniform_paper(): paper pixels within this many gray levels (of 255) of the paper tone (a flat fill)
 )
@@ -633,6 +634,8 @@ def reopened(piece: np.ndarray, ink: np.ndarray | None) -> np.ndarray:
     The threshold takes a blurred or bold 8 as one blob, which reads as a confident 0 or 1; inside it the
     loops are still lighter than the strokes, so Otsu's cut over the glyph's own ink keeps the strokes and
     opens the loops again. A glyph counts as filled in when its mean stroke is SOLID_STROKE of its height.
+    Opening loops keeps a glyph's height: a core shorter than REOPEN_HEIGHT of it has lost a lighter stroke
+    instead (the tail of a bold 9, whose loop alone reads as a 0), and the glyph stays as it is.
     `digitrec read` applies it to every piece it cuts from a line; preprocess() does not, as single photos
     measured the same with and without it.
     """
@@ -640,7 +643,10 @@ def reopened(piece: np.ndarray, ink: np.ndarray | None) -> np.ndarray:
     if ink is None or len(rows) == 0 or stroke_width(piece) < SOLID_STROKE * (rows[-1] - rows[0] + 1):
         return piece
     core = select_digit(piece & (ink > otsu_threshold(ink[piece])))
-    return core if core.any() else piece
+    core_rows = np.flatnonzero(core.any(1))
+    if len(core_rows) == 0 or core_rows[-1] - core_rows[0] + 1 < REOPEN_HEIGHT * (rows[-1] - rows[0] + 1):
+        return piece
+    return core
 
 
 def crop_to_ink(mask: np.ndarray) -> np.ndarray:
