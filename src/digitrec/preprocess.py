@@ -640,11 +640,14 @@ def reopened(piece: np.ndarray, ink: np.ndarray | None) -> np.ndarray:
     measured the same with and without it.
     """
     rows = np.flatnonzero(piece.any(1))
-    if ink is None or len(rows) == 0 or stroke_width(piece) < SOLID_STROKE * (rows[-1] - rows[0] + 1):
+    if ink is None or len(rows) == 0:
+        return piece
+    height = rows[-1] - rows[0] + 1
+    if stroke_width(piece) < SOLID_STROKE * height:
         return piece
     core = select_digit(piece & (ink > otsu_threshold(ink[piece])))
     core_rows = np.flatnonzero(core.any(1))
-    if len(core_rows) == 0 or core_rows[-1] - core_rows[0] + 1 < REOPEN_HEIGHT * (rows[-1] - rows[0] + 1):
+    if len(core_rows) == 0 or core_rows[-1] - core_rows[0] + 1 < REOPEN_HEIGHT * height:
         return piece
     return core
 
