@@ -219,3 +219,15 @@ def test_ensemble_out_saves_one_model_that_scores_as_the_ensemble(
     assert main(["evaluate", str(tiny_fast_run), "--json", "--data-dir", str(idx_folder)]) == 0
     assert saved["test_loss"] > json.loads(capsys.readouterr().out)["test_loss"] + 0.01  # the dissent counts
     assert json.loads((out / "model.json").read_text())["arch"] == "ensemble"
+
+
+def test_calibrate_out_is_a_safetensors_file_as_named_or_else_a_run_folder(
+    tiny_fast_run, idx_folder, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
+    folder, named = tmp_path / "calibrated", tmp_path / "named.safetensors"
+    for out, written in ((folder, folder / "model.safetensors"), (named, named)):
+        assert main(["calibrate", str(tiny_fast_run), "--count", "10", "--out", str(out)]) == 0
+        assert f"calibration written into {written}\n" in capsys.readouterr().out
+        assert "temperature" in load_model(written)[1]
+    assert "temperature" not in load_model(tiny_fast_run / "model.safetensors")[1]  # the source is untouched

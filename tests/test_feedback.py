@@ -239,6 +239,39 @@ def test_finetune_without_corrections_says_what_to_do(tmp_path):
         )
 
 
+def test_finetune_with_no_corrections_trains_on_mnist_alone_and_never_opens_the_store(tmp_path):
+    import torch
+
+    from digitrec.checkpoint import load_model, save_model
+    from digitrec.feedback import finetune
+    from digitrec.models import create_model
+
+    torch.manual_seed(0)
+    config = {"arch": "fast_cnn", "batch_size": 64, "lr": 0.002, "device": "cpu", "threads": 1}
+    base = create_model("fast_cnn").eval()
+    save_model(tmp_path / "base.safetensors", base, {"recipe": "tiny", "config": config})
+    threads = torch.get_num_threads()
+    try:
+        run = finetune(
+            tmp_path / "base.safetensors",
+            tmp_path / "absent" / "db.sqlite",  # not read: its folder does not even exist
+            tmp_path / "tuned",
+            data=tiny_mnist(),
+            corrections=False,
+            report=False,
+            log=lambda msg: None,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert not (tmp_path / "absent").exists()
+    tuned, meta = load_model(run.model_path)
+    assert meta["recipe"] == "tiny+finetune" and "feedback" not in meta
+    assert meta["finetuned_from"].endswith("base.safetensors")
+    assert run.metrics["feedback_corrections"] == 0 and run.metrics["feedback_accuracy"] is None
+    moved = [not torch.equal(a, b) for a, b in zip(base.state_dict().values(), tuned.state_dict().values())]
+    assert any(moved)
+
+
 def test_finetune_of_an_ensemble_says_to_tune_its_members(tmp_path):
     from digitrec.checkpoint import load_ensemble, save_model
     from digitrec.feedback import finetune

@@ -27,6 +27,12 @@ def _model_path(value: str | None) -> Path | None:
     return path / "model.safetensors" if path.is_dir() else path
 
 
+def _model_out(value: str) -> Path:
+    """Where an --out that writes a model goes: a .safetensors file as named, anything else a run folder."""
+    path = Path(value)
+    return path if path.suffix == ".safetensors" else path / "model.safetensors"
+
+
 # ---------------------------------------------------------------- data, models, recipes
 
 
@@ -259,8 +265,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         model, meta = load_ensemble(paths)
     metrics = evaluate_ensemble(paths, data)
     if args.out:
-        out = Path(args.out)
-        out = out if out.suffix == ".safetensors" else out / "model.safetensors"  # a folder, as runs are
+        out = _model_out(args.out)
         save_model(out, model, meta | {"metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss")}})
         _stderr(f"wrote {out}; run `digitrec calibrate {args.out}` before predicting with it")
     if args.json:
@@ -362,14 +367,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         lr_scale=args.lr_scale,
         repeat=args.repeat,
+        corrections=not args.no_corrections,
         progress=not args.no_progress and sys.stderr.isatty(),
         report=not args.no_report,
     )
     m = run.metrics
-    print(
-        f"fine-tuned on MNIST + {m['feedback_corrections']} corrections: test accuracy {m['test_accuracy']:.2%}, "
-        f"corrections now read right {m['feedback_accuracy']:.0%} (before {m['feedback_accuracy_before']:.0%})"
-    )
+    if args.no_corrections:
+        before = m["test_accuracy_before"]
+        print(
+            f"fine-tuned on MNIST: test accuracy {m['test_accuracy']:.2%}"
+            + (f" (before {before:.2%})" if before is not None else "")
+        )
+    else:
+        print(
+            f"fine-tuned on MNIST + {m['feedback_corrections']} corrections: test accuracy {m['test_accuracy']:.2%}, "
+            f"corrections now read right {m['feedback_accuracy']:.0%} (before {m['feedback_accuracy_before']:.0%})"
+        )
     print(f"model: {run.model_path}\nserve it: digitrec serve --model {run.model_path}")
     return 0
 
@@ -461,8 +474,9 @@ def cmd_read(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
-    calibrate(_model_path(args.model), count=args.count, out_path=args.out, half=args.half, log=print)
-    print(f"calibration written into {args.out or _model_path(args.model)}")
+    out = _model_out(args.out) if args.out else None
+    calibrate(_model_path(args.model), count=args.count, out_path=out, half=args.half, log=print)
+    print(f"calibration written into {out or _model_path(args.model)}")
     return 0
 
 
@@ -963,6 +977,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeat", type=int, default=20, help="times each correction is shown per epoch (default 20)"
     )
+    p.add_argument(
+        "--no-corrections",
+        action="store_true",
+        help="train on MNIST alone, without reading --feedback (how the bundled model got its last epoch)",
+    )
     p.add_argument("--out", help="run folder (default runs/finetune-<timestamp>)")
     p.add_argument("--no-report", action="store_true", help="skip the plots and report.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1015,7 +1034,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--count", type=_positive_int, default=600, help="generated calibration photos per set (default 600)"
     )
-    p.add_argument("--out", help="write the calibrated model here instead of in place")
+    p.add_argument(
+        "--out",
+        help="write the calibrated model here instead of in place: a .safetensors file, or a run folder",
+    )
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
     p.set_defaults(func=cmd_calibrate)
 

@@ -205,6 +205,7 @@ def finetune(
     epochs: float = 1.0,
     lr_scale: float = 0.1,
     repeat: int = 20,
+    corrections: bool = True,
     progress: bool = False,
     report: bool = True,
     log=print,
@@ -214,7 +215,8 @@ def finetune(
 
     This is `digitrec train` (train.train) started from the checkpoint's weights on the enlarged training set,
     with no validation split so every correction is trained on. The metrics add how many corrections the
-    model reads right before and after.
+    model reads right before and after. With `corrections=False` it trains on MNIST alone (`feedback_db` is
+    not read): the bundled model is made this way, one such epoch after its recipe (DEVELOPERS.md).
     """
     import hashlib
     from dataclasses import replace
@@ -230,11 +232,15 @@ def finetune(
         raise DigitrecError(
             f"{model_path} is an ensemble; fine-tune each member, then join them again with `digitrec ensemble`."
         )
-    store = FeedbackStore(feedback_db)
-    images, labels = store.tensors()
-    if len(images) == 0:
+    if corrections:
+        store = FeedbackStore(feedback_db)
+        images, labels = store.tensors()
+    else:
+        images, labels = torch.zeros((0, 28, 28), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    if corrections and len(images) == 0:
         raise DigitrecError(
-            f"{store.path} holds no corrections yet; send some from the web page (`digitrec serve`) first."
+            f"{store.path} holds no corrections yet; send some from the web page (`digitrec serve`) first, "
+            "or fine-tune on MNIST alone with --no-corrections."
         )
     if repeat < 1 or epochs <= 0 or lr_scale <= 0:
         raise DigitrecError("--repeat must be at least 1, and --epochs and --lr-scale positive.")
@@ -242,7 +248,7 @@ def finetune(
     config = base.override(
         epochs=epochs, lr=base.lr * lr_scale, schedule="cosine", val_size=0, early_stopping_patience=0
     )
-    _, accuracy_before = evaluate(model, images, labels, config)
+    accuracy_before = evaluate(model, images, labels, config)[1] if corrections else None
     # The data checksum covers the corrections too, so two fine-tunes on different feedback never look alike.
     digest = hashlib.md5(
         data.checksum.encode() + images.numpy().tobytes() + labels.numpy().tobytes()
@@ -253,15 +259,19 @@ def finetune(
         train_labels=torch.cat([data.train_labels, labels.to(data.train_labels.dtype).repeat(repeat)]),
         checksum=digest,
     )
-    log(
-        f"fine-tuning {model_path} on {len(data.train_images):,} MNIST images + {len(images)} corrections x {repeat}"
-    )
-    extra = {"finetuned_from": str(model_path), "feedback": {"corrections": len(images), "repeat": repeat}}
+    extra: dict = {"finetuned_from": str(model_path)}
+    if corrections:
+        log(
+            f"fine-tuning {model_path} on {len(data.train_images):,} MNIST images + {len(images)} corrections x {repeat}"
+        )
+        extra["feedback"] = {"corrections": len(images), "repeat": repeat}
+    else:
+        log(f"fine-tuning {model_path} on {len(data.train_images):,} MNIST images")
     with torch.enable_grad():  # whatever the caller set: loading a Predictor turns gradients off globally
         run = train(
             config,
             out_dir,
-            recipe=f"{meta.get('recipe', 'custom')}+feedback",
+            recipe=f"{meta.get('recipe', 'custom')}{'+feedback' if corrections else '+finetune'}",
             data=enlarged,
             progress=progress,
             report=report,
@@ -269,8 +279,9 @@ def finetune(
             init_weights=model.state_dict(),
             extra_metadata=extra,
         )
-    tuned, _ = load_model(run.model_path)
-    _, accuracy_after = evaluate(tuned, images, labels, config)
+    accuracy_after = (
+        evaluate(load_model(run.model_path)[0], images, labels, config)[1] if corrections else None
+    )
     run.metrics |= {
         "test_accuracy_before": (meta.get("metrics") or {}).get("test_accuracy"),
         "feedback_corrections": len(images),
