@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DIGITREC := $(VENV)/bin/digitrec
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data run test test-slow browser lint results serve bench bench-train bench-infer bench-serve bench-faults docs typecheck clean
+.PHONY: setup data run test test-slow browser lint results pretrained serve bench bench-train bench-infer bench-serve bench-faults docs typecheck clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ test-slow: setup
 
 results: setup
 	$(PY) benchmarks/results.py --seeds 0,1,2,3,4 --spread seed-mlp,seed-mlp-bn,seed-mlp-dropout,seed-lenet,fast,default
+
+# The two bundled models, as DEVELOPERS.md describes (about 45 minutes on two cores). The fine-tune runs on one
+# thread: that is how the bundled weights were made, and a thread count changes the float sums' order.
+pretrained: data
+	$(DIGITREC) train --recipe robust --out runs/robust --no-progress
+	$(DIGITREC) calibrate runs/robust --half --out runs/robust/half.safetensors
+	OMP_NUM_THREADS=1 $(DIGITREC) finetune --model runs/robust/half.safetensors --no-corrections --no-progress --out runs/robust-finetune
+	$(DIGITREC) calibrate runs/robust-finetune --half --out src/digitrec/pretrained/robust.safetensors
+	$(DIGITREC) train-pairs --out src/digitrec/pretrained/pairs.safetensors
 
 serve: setup
 	$(DIGITREC) serve

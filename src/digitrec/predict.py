@@ -175,7 +175,7 @@ class Predictor:
 
     @classmethod
     def pretrained(cls, reject_below: float | None = None, backend: str = "torch") -> Predictor:
-        """The model bundled with the package (`digitrec train --recipe robust`, calibrated)."""
+        """The model bundled with the package (the `robust` recipe and one more epoch, calibrated: `make pretrained`)."""
         path = pretrained_path()
         if not path.exists():
             raise CheckpointError(f"the bundled model {path} is missing; reinstall digitrec or pass --model.")
