@@ -59,6 +59,7 @@ def test_recipes_and_models_tables(capsys):
         (["evaluate", "missing-model.safetensors"], "does not exist"),
         (["train", "--resume", "no-such-run"], "no last.safetensors"),
         (["data", "--data-dir", "/no/such/folder"], "does not hold the four MNIST files"),
+        (["finetune", "--model", "m", "--no-corrections", "--feedback", "f.db"], "takes no --feedback"),
     ],
 )
 def test_user_errors_are_one_sentence_without_traceback(args, message):

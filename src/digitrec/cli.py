@@ -357,6 +357,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .feedback import finetune
 
+    if args.no_corrections and args.feedback:
+        raise DigitrecError(
+            "--no-corrections trains on MNIST alone, so it takes no --feedback; drop one of them."
+        )
     out = Path(args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
     data = load_mnist(args.data_dir, log=_stderr)
     run = finetune(
