@@ -48,7 +48,7 @@ test-slow: setup
 results: setup
 	$(PY) benchmarks/results.py --seeds 0,1,2,3,4 --spread seed-mlp,seed-mlp-bn,seed-mlp-dropout,seed-lenet,fast,default
 
-# The two bundled models, as DEVELOPERS.md describes (about 45 minutes on two cores). The fine-tune runs on one
+# The two bundled models, as DEVELOPERS.md describes (30 minutes on two cores). The fine-tune runs on one
 # thread: that is how the bundled weights were made, and a thread count changes the float sums' order.
 pretrained: data
 	$(DIGITREC) train --recipe robust --out runs/robust --no-progress
