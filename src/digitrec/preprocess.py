@@ -639,17 +639,17 @@ def reopened(piece: np.ndarray, ink: np.ndarray | None) -> np.ndarray:
     `digitrec read` applies it to every piece it cuts from a line; preprocess() does not, as single photos
     measured the same with and without it.
     """
-    rows = np.flatnonzero(piece.any(1))
-    if ink is None or len(rows) == 0:
-        return piece
-    height = rows[-1] - rows[0] + 1
-    if stroke_width(piece) < SOLID_STROKE * height:
+    height = ink_height(piece)
+    if ink is None or height == 0 or stroke_width(piece) < SOLID_STROKE * height:
         return piece
     core = select_digit(piece & (ink > otsu_threshold(ink[piece])))
-    core_rows = np.flatnonzero(core.any(1))
-    if len(core_rows) == 0 or core_rows[-1] - core_rows[0] + 1 < REOPEN_HEIGHT * height:
-        return piece
-    return core
+    return core if ink_height(core) >= REOPEN_HEIGHT * height else piece
+
+
+def ink_height(mask: np.ndarray) -> int:
+    """Rows from a mask's top ink to its bottom ink (0 for no ink)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    return int(rows[-1] - rows[0] + 1) if len(rows) else 0
 
 
 def crop_to_ink(mask: np.ndarray) -> np.ndarray:
