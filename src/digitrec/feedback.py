@@ -235,13 +235,13 @@ def finetune(
     if corrections:
         store = FeedbackStore(feedback_db)
         images, labels = store.tensors()
+        if len(images) == 0:
+            raise DigitrecError(
+                f"{store.path} holds no corrections yet; send some from the web page (`digitrec serve`) first, "
+                "or fine-tune on MNIST alone with --no-corrections."
+            )
     else:
         images, labels = torch.zeros((0, 28, 28), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
-    if corrections and len(images) == 0:
-        raise DigitrecError(
-            f"{store.path} holds no corrections yet; send some from the web page (`digitrec serve`) first, "
-            "or fine-tune on MNIST alone with --no-corrections."
-        )
     if repeat < 1 or epochs <= 0 or lr_scale <= 0:
         raise DigitrecError("--repeat must be at least 1, and --epochs and --lr-scale positive.")
     base = TrainConfig.from_dict(meta.get("config", {}))
@@ -259,14 +259,11 @@ def finetune(
         train_labels=torch.cat([data.train_labels, labels.to(data.train_labels.dtype).repeat(repeat)]),
         checksum=digest,
     )
+    added = f" + {len(images)} corrections x {repeat}" if corrections else ""
+    log(f"fine-tuning {model_path} on {len(data.train_images):,} MNIST images{added}")
     extra: dict = {"finetuned_from": str(model_path)}
     if corrections:
-        log(
-            f"fine-tuning {model_path} on {len(data.train_images):,} MNIST images + {len(images)} corrections x {repeat}"
-        )
         extra["feedback"] = {"corrections": len(images), "repeat": repeat}
-    else:
-        log(f"fine-tuning {model_path} on {len(data.train_images):,} MNIST images")
     with torch.enable_grad():  # whatever the caller set: loading a Predictor turns gradients off globally
         run = train(
             config,
