@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import randomize_batch_norm
 
-from digitrec.backends import NUMPY_ARCHS, NumpyBackend, NumpyEnsemble
+from digitrec.backends import NUMPY_ARCHS, WINDOW_FLOATS, NumpyBackend, NumpyEnsemble
 from digitrec.checkpoint import load_ensemble, save_model, save_tensors
 from digitrec.errors import CheckpointError, DigitrecError
 from digitrec.models import create_model
@@ -52,6 +52,18 @@ def test_every_numpy_architecture_matches_torch(arch, tmp_path):
     assert isinstance(numpy_path.backend, NumpyBackend)
     np.testing.assert_allclose(numpy_path.backend(x), torch_path.backend(x), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(numpy_path.probabilities(x), torch_path.probabilities(x), rtol=0, atol=1e-5)
+
+
+def test_a_batch_runs_in_chunks_sized_by_the_largest_convolution_and_gives_the_same_logits():
+    torch.manual_seed(2)
+    model = randomize_batch_norm(create_model("deep_cnn"))
+    tensors = {k: v.numpy() for k, v in model.state_dict().items()}
+    backend = NumpyBackend(tensors, "deep_cnn")
+    # deep_cnn's largest im2col matrix: its second 3x3 convolution, 24x24 outputs of 3x3x32 inputs each
+    assert backend.chunk == WINDOW_FLOATS // (24 * 24 * 3 * 3 * 32) > 1
+    x = np.random.default_rng(0).random((3 * backend.chunk + 1, 1, 28, 28), dtype=np.float32)
+    one_by_one = np.concatenate([backend(image[None]) for image in x])
+    np.testing.assert_allclose(backend(x), one_by_one, rtol=0, atol=1e-5)
 
 
 def test_other_architectures_run_on_torch(tmp_path):
