@@ -60,6 +60,10 @@ def test_recipes_and_models_tables(capsys):
         (["train", "--resume", "no-such-run"], "no last.safetensors"),
         (["data", "--data-dir", "/no/such/folder"], "does not hold the four MNIST files"),
         (["finetune", "--model", "m", "--no-corrections", "--feedback", "f.db"], "takes no --feedback"),
+        (["predict", "x.png", "--model", "m.onnx", "--backend", "numpy"], "is an ONNX file"),
+        (["serve", "--model", "m.onnx", "--backend", "torch", "--port", "0"], "is an ONNX file"),
+        (["serve", "--model", "no-such-run", "--port", "0"], "does not exist"),
+        (["train", "--resume", "some-run", "--recipe", "fast"], "--resume continues a run with its own"),
     ],
 )
 def test_user_errors_are_one_sentence_without_traceback(args, message):
@@ -68,6 +72,44 @@ def test_user_errors_are_one_sentence_without_traceback(args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--recipe", "fast", "--out", "{file}"],
+        ["evaluate", "some-run", "--report", "{file}"],
+        ["predict", "some.png", "--show-steps", "{file}"],
+        ["eval-real", "--write", "{file}"],
+        ["robustness", "some-run", "--out", "{file}"],
+        ["explore", "--out", "{file}"],
+        ["calibrate", "some-run", "--out", "{file}"],
+    ],
+)
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(args, tmp_path, capsys):
+    existing = tmp_path / "afile"
+    existing.write_text("not a folder")
+    with pytest.raises(SystemExit) as stopped:
+        main([a.replace("{file}", str(existing)) for a in args])
+    assert stopped.value.code == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert existing.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("samples", ["0", "-5", "60001", "many"])
+def test_explore_refuses_a_sample_count_it_cannot_embed(samples, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["explore", "--samples", samples])
+    assert stopped.value.code == 2
+    assert "is not a number of training images; use 10-60000" in capsys.readouterr().err
+
+
+def test_resume_refuses_flags_it_would_ignore(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--recipe", "seed-mlp", "--epochs", "3", "--amp"]) == 2
+    assert (
+        "--resume continues a run with its own settings, so --recipe, --amp, --epochs would be ignored"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_reader_that_stops_early_gets_no_traceback():
@@ -187,7 +229,9 @@ def test_train_without_a_report_writes_the_run_and_says_how_to_report_it(idx_fol
     assert not (out / "report.html").exists() and not list(out.glob("*.png"))
     report = tmp_path / "report"
     assert main(["evaluate", str(out), "--report", str(report), "--data-dir", str(idx_folder)]) == 0
-    assert (report / "report.html").exists()
+    assert (report / "report.html").exists() and (report / "MODEL_CARD.md").exists()
+    assert (report / "curves.png").exists()  # the run's history.json is drawn too
+    assert '<img alt="curves"' in (report / "report.html").read_text()
 
 
 def test_ensemble_of_one_model_twice_scores_as_the_model(tiny_fast_run, idx_folder, capsys):

@@ -196,6 +196,16 @@ def test_export_command_prints_parity_and_accuracy(
     assert "max |Δprob|" in printed and "ONNX Runtime" in printed
 
 
+def test_export_never_writes_over_the_checkpoint_or_to_a_name_without_onnx(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    before = tiny_checkpoint.read_bytes()
+    for out in (tiny_checkpoint, tiny_checkpoint.with_suffix(".json"), tmp_path / "model.bin", tmp_path):
+        with pytest.raises(DigitrecError, match="is not an .onnx file name"):
+            export_onnx(tiny_checkpoint, out, log=lambda msg: None)
+    assert tiny_checkpoint.read_bytes() == before
+
+
 def test_loading_a_file_that_is_not_onnx_is_a_user_error(tmp_path: Path) -> None:
     bogus = tmp_path / "model.onnx"
     bogus.write_bytes(b"not a model")

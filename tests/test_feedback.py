@@ -233,10 +233,25 @@ def test_finetune_without_corrections_says_what_to_do(tmp_path):
         create_model("fast_cnn"),
         {"recipe": "tiny", "config": {"arch": "fast_cnn"}},
     )
+    FeedbackStore(tmp_path / "empty.sqlite")  # a database that holds no corrections
     with pytest.raises(DigitrecError, match="no corrections yet"):
         finetune(
             tmp_path / "base.safetensors", tmp_path / "empty.sqlite", tmp_path / "out", data=tiny_mnist()
         )
+    with pytest.raises(DigitrecError, match="no feedback database at .*missing.sqlite"):
+        finetune(
+            tmp_path / "base.safetensors", tmp_path / "missing.sqlite", tmp_path / "out", data=tiny_mnist()
+        )
+    assert not (tmp_path / "missing.sqlite").exists()  # a mistyped path is not created
+
+
+def test_feedback_export_of_a_missing_database_is_an_error_and_creates_nothing(tmp_path, capsys):
+    from digitrec.cli import main
+
+    missing = tmp_path / "nonexist.sqlite"
+    assert main(["feedback", "export", "--feedback-db", str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert "no feedback database at" in capsys.readouterr().err
+    assert not missing.exists() and not (tmp_path / "out").exists()
 
 
 def test_finetune_with_no_corrections_trains_on_mnist_alone_and_never_opens_the_store(tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -90,3 +93,30 @@ def test_zero_trials_is_a_user_error(tmp_path):
 
     with pytest.raises(DigitrecError, match="tuning needs at least 1 trial, got 0"):
         tune_module.tune("fast", 0, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "storage, message",
+    [
+        ("notaurl", "is not a database digitrec can use"),
+        ("postgresql://user:pass@127.0.0.1:1/db", "needs a database driver that is not installed"),
+    ],
+)
+def test_a_storage_digitrec_cannot_use_is_one_sentence(tiny_mnist, tmp_path, storage, message):
+    from digitrec.errors import DigitrecError
+
+    if message.startswith("needs") and importlib.util.find_spec("psycopg2") is not None:
+        pytest.skip("a PostgreSQL driver is installed here")
+    with pytest.raises(DigitrecError, match=message):
+        tune_module.tune("fast", 1, tmp_path, storage=storage, data=tiny_mnist)
+
+
+def test_processes_sharing_a_storage_seed_their_samplers_apart():
+    assert tune_module._process_seed(0) != tune_module._process_seed(1)
+    other = subprocess.run(
+        [sys.executable, "-c", "from digitrec.tune import _process_seed; print(_process_seed(0))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(other.stdout) != tune_module._process_seed(0)  # another process, another seed

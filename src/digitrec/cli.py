@@ -28,9 +28,21 @@ def _model_path(value: str | None) -> Path | None:
 
 
 def _model_out(value: str) -> Path:
-    """Where an --out that writes a model goes: a .safetensors file as named, anything else a run folder."""
+    """An argparse type for an --out that writes a model: a .safetensors file as named, anything else a run
+    folder to hold model.safetensors."""
     path = Path(value)
-    return path if path.suffix == ".safetensors" else path / "model.safetensors"
+    return path if path.suffix == ".safetensors" else _folder(value) / "model.safetensors"
+
+
+def _folder(value: str) -> Path:
+    """An argparse type for a folder the command writes into: a missing one is created later, a file is refused
+    now, before any work is done."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is a file, not a folder; name a folder (created if missing)"
+        )
+    return path
 
 
 # ---------------------------------------------------------------- data, models, recipes
@@ -98,8 +110,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .models import MODELS, count_parameters, create_model
 
     rows = [
-        (name, count_parameters(create_model(name)), (build.__doc__ or "").strip().splitlines()[0])
-        for name, build in MODELS.items()
+        (
+            name,
+            count_parameters(create_model(name)),
+            " ".join((build.__doc__ or "").strip().split("\n\n")[0].split()),
+        )
+        for name, build in MODELS.items()  # the docstring's first paragraph, on one line
     ]
     if args.json:
         print(json.dumps([{"name": n, "params": p, "description": d} for n, p, d in rows], indent=2))
@@ -121,6 +137,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     )
     for name, c in RECIPES.items():
         reported = f"{c.reported_accuracy:.2%}" if c.reported_accuracy else "-"
+        if c.reported_accuracy and c.source == "digitrec":
+            reported += " (ours: median of seeds 0-4)"
         norm = f"({c.normalize[0]:g}, {c.normalize[1]:g})"
         test_time = f"{c.tta_views} views" if c.tta_views > 1 else "-"
         print(
@@ -169,7 +187,23 @@ def training_config(args: argparse.Namespace):
     return recipe, config.override(**flags)
 
 
+def _check_resume(args: argparse.Namespace) -> None:
+    """A resumed run keeps its own settings: refuse the flags that would change them, rather than ignore them."""
+    ignored = [
+        "--" + key.replace("_", "-")
+        for key in ("recipe", "config", "out", "amp", "compile", "dry_run", *TRAIN_OVERRIDES)
+        if key != "device" and getattr(args, key) not in (None, False)
+    ]
+    if ignored:
+        raise DigitrecError(
+            f"--resume continues a run with its own settings, so {', '.join(ignored)} would be ignored; "
+            "drop them (only --device may change), or start a new run without --resume."
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume:
+        _check_resume(args)
     if getattr(args, "nproc", None):
         from .distributed import launch
 
@@ -216,8 +250,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .data import load_mnist
     from .evaluate import evaluate_model, write_report
+    from .training import load_history
 
-    model, meta = load_model(_model_path(args.model))
+    path = _model_path(args.model)
+    model, meta = load_model(path)
     config = TrainConfig.from_dict(meta.get("config", {})).override(tta_views=args.tta_views)
     data = load_mnist(args.data_dir, log=_stderr)
     if args.report:
@@ -225,6 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             args.report,
             model,
             data,
+            history=load_history(path.parent),  # the curves of the run the checkpoint comes from, if any
             config=config,
             title=f"digitrec evaluate {args.model}",
             log=_stderr,
@@ -265,9 +302,10 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         model, meta = load_ensemble(paths)
     metrics = evaluate_ensemble(paths, data)
     if args.out:
-        out = _model_out(args.out)
-        save_model(out, model, meta | {"metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss")}})
-        _stderr(f"wrote {out}; run `digitrec calibrate {args.out}` before predicting with it")
+        save_model(
+            args.out, model, meta | {"metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss")}}
+        )
+        _stderr(f"wrote {args.out}; run `digitrec calibrate {args.out}` before predicting with it")
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -332,7 +370,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     from .feedback import FeedbackStore, export_idx, export_png
 
-    store = FeedbackStore(args.feedback_db)
+    store = FeedbackStore.existing(args.feedback_db)
     if args.format == "idx":
         images, labels = export_idx(store, args.out)
         print(f"{store.count()} corrections from {store.path}\n  {images}\n  {labels}")
@@ -400,8 +438,9 @@ NUMPY_MAX_IMAGES = 1000
 
 
 def _predictor(args: argparse.Namespace, images: int | None = None):
-    from .predict import Predictor
+    from .predict import Predictor, check_backend
 
+    check_backend(args.model, args.backend)
     backend = args.backend
     if backend == "auto" and (images is None or images > NUMPY_MAX_IMAGES):
         backend = "torch"
@@ -478,9 +517,8 @@ def cmd_read(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
-    out = _model_out(args.out) if args.out else None
-    calibrate(_model_path(args.model), count=args.count, out_path=out, half=args.half, log=print)
-    print(f"calibration written into {out or _model_path(args.model)}")
+    calibrate(_model_path(args.model), count=args.count, out_path=args.out, half=args.half, log=print)
+    print(f"calibration written into {args.out or _model_path(args.model)}")
     return 0
 
 
@@ -638,6 +676,8 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     config = get_recipe(args.recipe)
     device = resolve_device(args.device)
     graphed = device.type == "cuda" and not args.eager_only
+    if device.type != "cuda" and not args.eager_only:
+        _stderr(f"no CUDA device ({device.type}): the graphed runs are skipped, the eager steps still run")
     data = load_mnist(args.data_dir, log=_stderr)
     report = bench_gpu(config, data, args.seeds, device, graphed=graphed, log=_stderr) | {
         "recipe": args.recipe
@@ -839,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bfloat16 autocast (only where the CPU or GPU computes in bfloat16; float32 elsewhere)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--out", help="run folder (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--out", type=_folder, help="run folder (default runs/<recipe>-<timestamp>)")
     p.add_argument(
         "--resume",
         metavar="DIR",
@@ -865,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="test-set metrics of a trained model")
     p.add_argument("model", help="a run folder or model.safetensors")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--report", metavar="DIR", help="also write plots and report.html into DIR")
+    p.add_argument("--report", metavar="DIR", type=_folder, help="also write plots and report.html into DIR")
     p.add_argument(
         "--tta-views",
         type=int,
@@ -884,6 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         metavar="PATH",
+        type=_model_out,
         help="write the ensemble as one model: a .safetensors file, or a folder to hold model.safetensors",
     )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -905,7 +946,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, help="override every recipe's epochs")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument(
-        "--out", help="sweep folder, one run folder per recipe and seed (default runs/sweep-<timestamp>)"
+        "--out",
+        type=_folder,
+        help="sweep folder, one run folder per recipe and seed (default runs/sweep-<timestamp>)",
     )
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_sweep)
@@ -945,7 +988,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--feedback-db", help="SQLite file (default ~/.local/share/digitrec/feedback.sqlite)")
     q.add_argument("--format", choices=["idx", "png"], default="idx")
-    q.add_argument("--out", default="feedback-export", help="output folder (default feedback-export)")
+    q.add_argument(
+        "--out", type=_folder, default="feedback-export", help="output folder (default feedback-export)"
+    )
     q.add_argument("--originals", action="store_true", help="png: also write the images as users sent them")
     q.set_defaults(func=cmd_feedback_export)
 
@@ -986,7 +1031,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train on MNIST alone, without reading --feedback (how the bundled model got its last epoch)",
     )
-    p.add_argument("--out", help="run folder (default runs/finetune-<timestamp>)")
+    p.add_argument("--out", type=_folder, help="run folder (default runs/finetune-<timestamp>)")
     p.add_argument("--no-report", action="store_true", help="skip the plots and report.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--data-dir")
@@ -1019,7 +1064,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help='print a JSON array of {"path", "digit", "confidence", "top"}'
     )
     p.add_argument(
-        "--show-steps", metavar="DIR", help="save one PNG per image with every preprocessing stage"
+        "--show-steps",
+        metavar="DIR",
+        type=_folder,
+        help="save one PNG per image with every preprocessing stage",
     )
     p.set_defaults(func=cmd_predict)
 
@@ -1040,6 +1088,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out",
+        type=_model_out,
         help="write the calibrated model here instead of in place: a .safetensors file, or a run folder",
     )
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
@@ -1055,7 +1104,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sets", help="comma-separated subset of mnist-photo,pen-photo,font-photo,numbers,negatives"
     )
     p.add_argument("--speed", action="store_true", help="also time one image and a folder of 1,000 images")
-    p.add_argument("--write", metavar="DIR", help="only write the sets as image files into DIR/<set>/")
+    p.add_argument(
+        "--write", metavar="DIR", type=_folder, help="only write the sets as image files into DIR/<set>/"
+    )
     p.add_argument(
         "--misses",
         type=_non_negative_int,
@@ -1158,6 +1209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out",
+        type=_folder,
         default="robustness",
         help="folder for robustness.png and robustness.json (default robustness)",
     )
@@ -1184,9 +1236,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--val-size", type=int, help="validation images that score the trials (default the recipe's, or 5000)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the TPE sampler (with --storage, mixed with the process id)",
+    )
     p.add_argument(
         "--out",
+        type=_folder,
         help="folder for best.toml, trials.csv, tuning.png and the trials (default runs/tune-<recipe>)",
     )
     p.add_argument("--data-dir")
@@ -1199,7 +1257,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", action="append", help="a trained model to find ambiguous images with (repeat for several)"
     )
     p.add_argument(
-        "--samples", type=int, default=2000, help="training images in the embedding (default 2000)"
+        "--samples",
+        type=_whole_number(10, 60_000, "is not a number of training images; use 10-60000"),
+        default=2000,
+        help="training images in the embedding (default 2000)",
     )
     p.add_argument(
         "--embedding",
@@ -1207,7 +1268,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: UMAP if installed, else t-SNE",
     )
-    p.add_argument("--out", default="explore", help="output folder (default explore)")
+    p.add_argument("--out", type=_folder, default="explore", help="output folder (default explore)")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_explore)
 

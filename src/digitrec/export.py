@@ -25,7 +25,7 @@ from torch import nn
 from . import tta
 from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, onnx_session, softmax
 from .checkpoint import atomic_write_bytes
-from .errors import DigitrecError
+from .errors import CheckpointError, DigitrecError
 
 OPSET = 18
 FLOAT_TOLERANCE = 1e-4  # largest |probability difference| allowed between PyTorch and ONNX Runtime
@@ -254,8 +254,12 @@ def export_onnx(
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = checkpoint / "model.safetensors"
-    model, meta = load_model(checkpoint)
     out = Path(out) if out else checkpoint.with_suffix(".int8.onnx" if int8 else ".onnx")
+    if out.suffix != ".onnx" or out.is_dir():  # never over the checkpoint, its metadata or a folder
+        raise DigitrecError(
+            f"--out {out} is not an .onnx file name; name the file to write, ending in .onnx."
+        )
+    model, meta = load_model(checkpoint)
     if test_images is None:
         generator = torch.Generator().manual_seed(0)
         test_images = (torch.rand(parity_images, 28, 28, generator=generator) * 255).to(torch.uint8)
@@ -323,7 +327,7 @@ def cached_onnx(checkpoint: str | Path, log: Callable[[str], None] = lambda msg:
     try:
         digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     except FileNotFoundError:
-        raise DigitrecError(
+        raise CheckpointError(
             f"checkpoint {checkpoint} does not exist; train one with `digitrec train` or pass another path."
         ) from None
     from .data import cache_root

@@ -81,6 +81,18 @@ class FeedbackStore:
                 f"cannot create feedback database {self.path} ({exc.strerror}); pass another path with --feedback-db."
             ) from None
 
+    @classmethod
+    def existing(cls, path: str | Path | None = None) -> FeedbackStore:
+        """The store at `path` (default_db_path() when None), which must exist already: for commands that only read
+        corrections, so that a mistyped path is an error rather than a new, empty database."""
+        path = Path(path).expanduser() if path else default_db_path()
+        if not path.is_file():
+            raise DigitrecError(
+                f"no feedback database at {path}; `digitrec serve` creates it with the first correction, "
+                "or pass the right path with --feedback-db."
+            )
+        return cls(path)
+
     def _connect(self) -> sqlite3.Connection:
         # A long timeout makes concurrent writers wait for the lock instead of failing with "database is locked".
         con = sqlite3.connect(self.path, timeout=30.0)
@@ -233,7 +245,7 @@ def finetune(
             f"{model_path} is an ensemble; fine-tune each member, then join them again with `digitrec ensemble`."
         )
     if corrections:
-        store = FeedbackStore(feedback_db)
+        store = FeedbackStore.existing(feedback_db)
         images, labels = store.tensors()
         if len(images) == 0:
             raise DigitrecError(

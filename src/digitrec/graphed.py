@@ -56,8 +56,8 @@ def check_recipe(config: TrainConfig) -> None:
     found = [reason for present, reason in reasons if present]
     if found:
         raise DigitrecError(
-            f"a graphed run needs a step that never changes, and this recipe has {', '.join(found)}; "
-            "use a recipe like fast."
+            f"bench gpu times one fixed step (replayed as a graph, or launched eagerly), and this recipe has "
+            f"{', '.join(found)}; use a recipe like fast, or time this one with `digitrec bench train`."
         )
 
 

@@ -98,6 +98,14 @@ def pretrained_path() -> Path:
     return Path(str(resources.files("digitrec") / "pretrained" / f"{PRETRAINED_NAME}.safetensors"))
 
 
+def check_backend(model: str | Path | None, backend: str) -> None:
+    """One sentence when a command line asks a backend other than ONNX Runtime to run an .onnx file."""
+    if model is not None and str(model).endswith(".onnx") and backend not in ("auto", "onnx"):
+        raise DigitrecError(
+            f"{model} is an ONNX file, which runs on ONNX Runtime only; drop --backend {backend} or use --backend onnx."
+        )
+
+
 class Predictor:
     """Load once, then `predict()` images, `predict_tensor()` preprocessed batches or `read()` whole numbers."""
 

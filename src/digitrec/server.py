@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import DigitrecError, ImageError, ImageTooLargeError
+from .errors import CheckpointError, DigitrecError, ImageError, ImageTooLargeError
 from .feedback import FeedbackStore
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -929,7 +929,9 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
     on one thread, and a server's CPU is what its throughput is made of."""
     import importlib.util
 
-    from .predict import Predictor, pretrained_path
+    from .predict import Predictor, check_backend, pretrained_path
+
+    check_backend(model, backend)
 
     def load(kind: str) -> Any:
         return Predictor.load(model, backend=kind) if model else Predictor.pretrained(backend=kind)
@@ -946,6 +948,8 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
         # the first start exports the checkpoint (a few seconds); say so rather than seem to hang
         cached_onnx(model or pretrained_path(), log=lambda message: print(f"digitrec: {message}", flush=True))
         return load("onnx")
+    except CheckpointError:  # a missing or damaged checkpoint serves on no backend: say that, not "PyTorch"
+        raise
     # no export here, or no cache to keep it
     except (DigitrecError, RuntimeError, ImportError, OSError) as exc:
         print(

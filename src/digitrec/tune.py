@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,14 +91,29 @@ def tune(
         early_stopping_patience=0,
     )
     data = data or load_mnist(log=log)
-    study = optuna.create_study(
-        study_name=study_name or f"digitrec-{recipe}",
-        storage=storage,
-        load_if_exists=True,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-    )
+    # Processes sharing a storage must not draw the same settings: each seeds its sampler with its process id too.
+    sampler_seed = seed if storage is None else _process_seed(seed)
+    try:
+        study = optuna.create_study(
+            study_name=study_name or f"digitrec-{recipe}",
+            storage=storage,
+            load_if_exists=True,
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+        )
+    except ImportError as exc:  # a storage URL whose database driver is missing
+        raise DigitrecError(
+            f"--storage {storage} needs a database driver that is not installed ({exc})."
+        ) from None
+    except Exception as exc:  # SQLAlchemy's errors: a URL it cannot parse, a database it cannot reach
+        if not type(exc).__module__.startswith("sqlalchemy"):
+            raise
+        first_line = str(exc).splitlines()[0]
+        raise DigitrecError(
+            f"--storage {storage} is not a database digitrec can use ({first_line}); "
+            "give an SQLAlchemy URL such as sqlite:///tune.db."
+        ) from None
 
     def objective(trial: Any) -> float:
         params = suggest(trial, get_recipe(recipe).lr)
@@ -128,12 +144,7 @@ def tune(
             raise optuna.TrialPruned()
         return value
 
-    try:
-        study.optimize(objective, n_trials=trials)
-    except (ImportError, ModuleNotFoundError) as exc:  # a storage URL whose database driver is missing
-        raise DigitrecError(
-            f"storage {storage} needs a database driver that is not installed ({exc})."
-        ) from None
+    study.optimize(objective, n_trials=trials)
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not finished:
         raise DigitrecError("every trial was pruned or failed; run more trials or raise --epochs.")
@@ -154,6 +165,13 @@ def tune(
         summary_table(study),
         plot(study, out_dir / "tuning.png"),
     )
+
+
+def _process_seed(seed: int) -> int:
+    """--seed mixed with this process's id: the seed for a sampler that shares its study with other processes."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, os.getpid()]).generate_state(1)[0])
 
 
 def _fmt(value: Any) -> str:
