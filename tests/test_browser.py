@@ -163,3 +163,82 @@ def test_draw_upload_correct_and_read_a_number_in_chromium(tmp_path):
             assert errors == []
         finally:
             browser.close()
+
+
+def photo_of_seventeen(path: Path) -> Path:
+    """A dark 1 and 7 side by side on white paper."""
+    paper = Image.new("L", (600, 240), 255)
+    draw = ImageDraw.Draw(paper)
+    draw.line([(150, 40), (150, 200)], fill=20, width=18)
+    draw.line([(300, 45), (440, 45), (350, 200)], fill=20, width=18, joint="curve")
+    paper.save(path)
+    return path
+
+
+def test_keyboard_failures_and_modes_in_chromium(tmp_path):
+    """What a walk-through found: Upload reachable by keyboard, a failed request takes the old answer down,
+    the active mode's button keeps the drawing, a late answer to the other mode is dropped, and a number's boxes
+    show over an uploaded photo."""
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="pip install playwright (no `playwright install` needed)"
+    )
+    app = create_app(real_or_fake_predictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with live_server(app) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 860}, device_scale_factor=1)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(url + "/")
+            sync_api.expect(page.locator("#model-info")).to_contain_text("Model ")
+
+            # Tab reaches the file input inside "Upload photo".
+            focused = [
+                page.keyboard.press("Tab") or page.evaluate("document.activeElement.id") for _ in range(8)
+            ]
+            assert "upload" in focused
+
+            # A drawing's answer, then a file that is not an image: the error shows and the old answer goes.
+            draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+            sync_api.expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+            (tmp_path / "notes.txt").write_text("not an image")
+            page.set_input_files("#upload", str(tmp_path / "notes.txt"))
+            sync_api.expect(page.locator("#toast")).to_be_visible(timeout=10_000)
+            sync_api.expect(page.locator("#toast")).to_have_class("toast error")
+            sync_api.expect(page.locator("#digit")).to_have_text("–")
+            assert page.locator("#correct-buttons button:enabled").count() == 0
+            sync_api.expect(page.locator("#photo")).to_be_hidden()  # no broken-image icon
+
+            # Clicking the mode already chosen keeps the drawing.
+            page.click("#clear")
+            draw(page, [(0.5, 0.2), (0.5, 0.85)])
+            sync_api.expect(page.locator("#digit")).not_to_have_text("–", timeout=10_000)
+            page.click("#mode-digit")
+            sync_api.expect(page.locator("#undo")).to_be_enabled()
+            assert page.locator("#mode-digit").get_attribute("aria-pressed") == "true"
+
+            # A slow answer to a digit arrives after the switch to numbers: dropped, no error.
+            page.evaluate(
+                "() => { const f = window.fetch; window.fetch = (u, o) => String(u).includes('/api/predict')"
+                " ? new Promise(r => setTimeout(r, 1500)).then(() => f(u, o)) : f(u, o); }"
+            )
+            page.click("#clear")
+            draw(page, [(0.5, 0.2), (0.5, 0.85)])
+            page.click("#mode-number")
+            draw(page, [(0.2, 0.2), (0.2, 0.85)])
+            sync_api.expect(page.locator("#chips li")).not_to_have_count(0, timeout=10_000)
+            page.wait_for_timeout(2_000)  # past the slow digit answer
+            sync_api.expect(page.locator("#toast")).to_be_hidden()
+
+            # A photo of a number: its boxes are drawn over the photo, not under it.
+            page.set_input_files("#upload", str(photo_of_seventeen(tmp_path / "17.png")))
+            sync_api.expect(page.locator("#chips li")).to_have_count(2, timeout=10_000)
+            shot = Image.open(io.BytesIO(page.locator("#pad-wrap").screenshot())).convert("RGB")
+            pixels = np.asarray(shot).astype(int)
+            blue = (np.abs(pixels - [47, 111, 222]).sum(axis=2) < 60).sum()
+            orange = (np.abs(pixels - [178, 94, 0]).sum(axis=2) < 60).sum()
+            assert blue + orange > 200, "no box shows over the photo"
+            page.screenshot(path=ARTIFACTS / "web-number-photo.png")
+            assert errors == []
+        finally:
+            browser.close()

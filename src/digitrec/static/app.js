@@ -101,13 +101,21 @@ pad.addEventListener("pointerup", endStroke);
 pad.addEventListener("pointercancel", endStroke);
 
 $("undo").addEventListener("click", () => {
-  if (state.photo) { clearAll(); return; }
-  state.strokes.pop();
-  redraw();
-  inputChanged();
-  schedulePrediction(true);
+  if (state.photo) clearAll();
+  else {
+    state.strokes.pop();
+    redraw();
+    inputChanged();
+    schedulePrediction(true);
+  }
+  keepFocus($("undo"));
 });
-$("clear").addEventListener("click", clearAll);
+$("clear").addEventListener("click", () => { clearAll(); keepFocus($("clear")); });
+
+function keepFocus(button) {
+  // A button that has just disabled itself drops the keyboard focus to the page's start; hand it to Upload.
+  if (button.disabled && document.activeElement === button) $("upload").focus();
+}
 
 function clearAll() {
   state.strokes = [];
@@ -148,6 +156,8 @@ dropZone.addEventListener("drop", (event) => {
   const file = event.dataTransfer.files && event.dataTransfer.files[0];
   if (file) usePhoto(file);
 });
+
+photo.addEventListener("error", () => { photo.hidden = true; });  // not an image: the server will say why
 
 async function usePhoto(file) {
   state.strokes = [];
@@ -205,6 +215,7 @@ async function sendPrediction() {
   state.inFlight = true;
   state.lastSent = performance.now();
   const generation = state.generation;
+  const mode = state.mode;
   try {
     const blob = state.photo || await drawingBlob();
     const body = new FormData();
@@ -213,12 +224,13 @@ async function sendPrediction() {
     const response = await fetch(url, { method: "POST", body });
     const answer = await response.json().catch(() => ({ detail: `the server answered ${response.status}` }));
     const cleared = !state.photo && state.strokes.length === 0;
-    if (generation !== state.generation && cleared) return;  // the input was cleared while we waited
-    if (!response.ok) { showError(answer.detail || `the server answered ${response.status}`); return; }
+    // an answer to input that was cleared, or to the other mode, while we waited
+    if (mode !== state.mode || (generation !== state.generation && cleared)) return;
+    if (!response.ok) { showFailure(answer.detail || `the server answered ${response.status}`); return; }
     state.lastBlob = blob;
     if (state.mode === "digit") showPrediction(answer); else showReading(answer);
   } catch (error) {
-    showError("could not reach the server; is `digitrec serve` still running?");
+    if (mode === state.mode) showFailure("could not reach the server; is `digitrec serve` still running?");
   } finally {
     state.inFlight = false;
     if (state.dirty) schedulePrediction();
@@ -235,9 +247,9 @@ async function sendCorrection(label) {
   setCorrectionEnabled(false);
   try {
     const response = await fetch("/api/feedback", { method: "POST", body });
-    const answer = await response.json();
+    const answer = await response.json().catch(() => ({ detail: `the server answered ${response.status}` }));
     if (!response.ok) { showError(answer.detail); setCorrectionEnabled(true); return; }
-    toast(`Thanks! Saved as a ${answer.label} (correction #${answer.id}). It will help train the next model.`);
+    toast(`Thanks! Saved as ${withArticle(answer.label)} (correction #${answer.id}). It will help train the next model.`);
   } catch (error) {
     showError("could not save the correction; is the server still running?");
     setCorrectionEnabled(true);
@@ -267,7 +279,7 @@ for (let d = 0; d < 10; d++) {
   const button = document.createElement("button");
   button.textContent = d;
   button.dataset.label = d;
-  button.title = `It is a ${d}`;
+  button.title = `It is ${withArticle(d)}`;
   button.addEventListener("click", () => sendCorrection(d));
   correctButtons.appendChild(button);
 }
@@ -277,6 +289,10 @@ function setCorrectionEnabled(enabled) {
   for (const button of correctButtons.children) {
     button.disabled = !enabled || Number(button.dataset.label) === predicted;
   }
+}
+
+function withArticle(digit) {  // "a 7", "an 8"
+  return `${digit === 8 ? "an" : "a"} ${digit}`;
 }
 
 function percent(p) {
@@ -289,7 +305,7 @@ function showPrediction(p) {
   const best = p.probabilities.indexOf(Math.max(...p.probabilities));
   resultCard.classList.toggle("rejected", p.rejected);
   $("digit").textContent = p.rejected ? "?" : String(p.digit);
-  $("verdict").textContent = p.rejected ? "Not sure — this may not be a digit" : `It's a ${p.digit}`;
+  $("verdict").textContent = p.rejected ? "Not sure — this may not be a digit" : `It's ${withArticle(p.digit)}`;
   $("confidence").textContent = p.rejected
     ? `Best guess ${best}, only ${percent(p.probabilities[best])} sure.`
     : `${percent(p.confidence)} sure`;
@@ -298,6 +314,9 @@ function showPrediction(p) {
     barPcts[d].textContent = prob >= 0.01 ? percent(prob) : "";
     bars.children[d].classList.toggle("top", d === best);
   });
+  const ranked = [...p.probabilities.keys()].sort((i, j) => p.probabilities[j] - p.probabilities[i]);
+  bars.setAttribute("aria-label", "Probability of each digit: " +
+    ranked.slice(0, 3).map((d) => `${d}: ${percent(p.probabilities[d])}`).join(", "));
   if (p.input) paintSeen(p.input, p.saliency);
   setCorrectionEnabled(true);
 }
@@ -342,6 +361,7 @@ function showReading(answer) {
     const li = document.createElement("li");
     li.className = d.confidence < UNSURE_BELOW ? "unsure" : "";
     li.innerHTML = `<b>${d.digit}</b>${percent(d.confidence)}`;
+    li.setAttribute("aria-label", `${d.digit}, ${percent(d.confidence)} sure`);
     chips.appendChild(li);
   }
   drawBoxes(answer.digits);
@@ -382,6 +402,7 @@ function showEmpty() {
   barFills.forEach((fill) => { fill.style.height = "0"; });
   barPcts.forEach((pct) => { pct.textContent = ""; });
   [...bars.children].forEach((bar) => bar.classList.remove("top"));
+  bars.setAttribute("aria-label", "Probability of each digit");
   for (const id of ["seen", "saliency"]) $(id).getContext("2d").clearRect(0, 0, 28, 28);
   $("number").textContent = "–";
   $("number-verdict").textContent = "Write a few digits side by side.";
@@ -397,6 +418,12 @@ function toast(message, isError = false) {
   box.hidden = false;
 }
 function hideToast() { $("toast").hidden = true; }
+function showFailure(detail) {
+  // The answer on screen was about other input: take it down (and with it the corrections) before saying why.
+  showEmpty();
+  boxCtx.clearRect(0, 0, boxes.width, boxes.height);
+  showError(detail);
+}
 function showError(detail) {
   const text = String(detail || "something went wrong");
   toast(text.charAt(0).toUpperCase() + text.slice(1), true);
@@ -410,7 +437,7 @@ function setMode(mode) {
   for (const button of document.querySelectorAll(".mode")) {
     const active = button.dataset.mode === mode;
     button.classList.toggle("active", active);
-    button.setAttribute("aria-selected", String(active));
+    button.setAttribute("aria-pressed", String(active));
   }
   $("input-title").textContent = MODES[mode].title;
   $("input-hint").textContent = MODES[mode].hint;
@@ -420,7 +447,7 @@ function setMode(mode) {
   clearAll();
 }
 for (const button of document.querySelectorAll(".mode")) {
-  button.addEventListener("click", () => setMode(button.dataset.mode));
+  button.addEventListener("click", () => { if (button.dataset.mode !== state.mode) setMode(button.dataset.mode); });
 }
 
 async function loadModelInfo() {
