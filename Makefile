@@ -11,8 +11,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned, so that nothing pulls a multi-GB CUDA build; then the project with its dev extras.
+# TORCH_PIP_ARGS picks where torch comes from, e.g. --index-url https://download.pytorch.org/whl/cpu
+TORCH_PIP_ARGS ?=
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

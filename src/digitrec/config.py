@@ -123,10 +123,12 @@ class TrainConfig:
                 raise DigitrecError(message + ".")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON values: what a checkpoint's metadata and metrics.json record."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """The config `to_dict` wrote, checked as `override` checks it; fields it lacks keep their defaults."""
         return cls().override(**values)
 
     def override(self, **changes: Any) -> TrainConfig:

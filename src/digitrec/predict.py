@@ -41,6 +41,7 @@ class Prediction:
     rejected: bool
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON `predict --json` prints per image (without its path): digit, confidence, top."""
         return {"digit": self.digit, "confidence": self.confidence, "top": [list(t) for t in self.top]}
 
 
@@ -53,15 +54,20 @@ class DigitBox:
     box: tuple[int, int, int, int]
 
     def to_dict(self) -> dict[str, Any]:
+        """As JSON: digit, confidence and box [x, y, w, h]."""
         return {"digit": self.digit, "confidence": self.confidence, "box": list(self.box)}
 
 
 @dataclass
 class ReadResult:
+    """A line of digits as `Predictor.read` reads it: the number as a string ("" when no digit was found) and
+    each digit, left to right, with its confidence and box."""
+
     number: str
     digits: list[DigitBox] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON `read --json` prints per image (without its path): number and digits."""
         return {"number": self.number, "digits": [d.to_dict() for d in self.digits]}
 
 
@@ -229,7 +235,8 @@ class Predictor:
     def predict(self, images: Any | Sequence[Any], top_k: int = 3) -> list[Prediction]:
         """Preprocess one image or a list (paths, bytes, PIL images, arrays) and predict them in one batch.
 
-        Raises ImageError for the first unusable image; use `predict_files()` to keep going past bad files.
+        Raises `digitrec.errors.ImageError` for the first unusable image; `digitrec.predict.predict_files(predictor,
+        paths)` keeps going past bad files, one result or error per file, as `digitrec predict` does.
         """
         from .preprocess import preprocess
 

@@ -52,6 +52,7 @@ class Run:
 
     @property
     def model_path(self) -> Path:
+        """The run's checkpoint: the best weights by validation accuracy (the last ones without a split)."""
         return self.out_dir / "model.safetensors"
 
 
