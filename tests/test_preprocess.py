@@ -390,6 +390,16 @@ def test_every_input_kind_reads_the_same(kind, tmp_path):
     assert np.abs(preprocess(source) - reference).mean() < 0.03
 
 
+@pytest.mark.parametrize("opacity", [0.3, 0.45, 0.7, 1.0])
+def test_half_transparent_ink_on_a_transparent_canvas_reads_as_the_opaque_ink(opacity):
+    """A pencil or highlighter tool exports its strokes at partial opacity; the flattening must still see them."""
+    gray = page(2)
+    reference = preprocess(gray)
+    rgba = np.zeros(gray.shape + (4,), np.uint8)  # black ink, only in alpha
+    rgba[..., 3] = np.round((255 - gray.astype(np.float32)) * opacity).astype(np.uint8)
+    assert np.abs(preprocess(png_bytes(Image.fromarray(rgba, "RGBA"))) - reference).mean() < 0.03
+
+
 def test_steps_show_every_stage_in_order():
     x, steps = preprocess(page(6), return_steps=True)
     assert list(steps) == [

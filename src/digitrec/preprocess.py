@@ -249,10 +249,13 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
 
 
 def _flatten_alpha(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Composite over the background that contrasts with the opaque pixels: strokes on a transparent canvas stay visible."""
-    opaque = alpha > 0.5
-    if alpha.min() > 0.99 or not opaque.any():
+    """Composite over the background that contrasts with the most opaque pixels: strokes on a transparent canvas
+    stay visible, a pencil's half-transparent ones too."""
+    if alpha.min() > 0.99 or alpha.max() <= 0.0:
         return gray
+    # the most opaque strokes count as opaque, however transparent the tool drew them
+    alpha = alpha / alpha.max()
+    opaque = alpha > 0.5
     ink_is_dark = float(gray[opaque].mean()) < 0.5
     background = 1.0 if ink_is_dark else 0.0
     return (gray * alpha + background * (1.0 - alpha)).astype(np.float32)
