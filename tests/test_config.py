@@ -75,6 +75,23 @@ def test_overrides_apply_and_validate():
         {"threads": -1},
         {"early_stopping_patience": -1},
         {"checkpoint_every_steps": -5},
+        {"epochs": float("inf")},
+        {"lr": float("inf")},
+        {"lr": float("nan")},
+        {"momentum": -1},
+        {"momentum": 1.0},
+        {"nesterov": True, "momentum": 0},
+        {"betas": [0.9]},
+        {"betas": [0.9, 1.0]},
+        {"weight_decay": -1},
+        {"step_epochs": 0},
+        {"gamma": 0},
+        {"warmup_fraction": 1.0},
+        {"normalize": [0.5, 0.0]},
+        {"normalize": [0.5]},
+        {"eval_batch_size": 0},
+        {"seed": 2**64},
+        {"seed": -1},
     ):
         with pytest.raises(DigitrecError):
             TrainConfig().override(**bad)
@@ -103,3 +120,21 @@ def test_bad_toml_is_one_sentence(tmp_path):
         load_toml(path)
     with pytest.raises(DigitrecError, match="does not exist"):
         load_toml(tmp_path / "missing.toml")
+    with pytest.raises(DigitrecError, match="cannot read config file"):
+        load_toml(tmp_path)  # a folder
+
+
+def test_every_recipe_passes_the_checks():
+    for name, config in RECIPES.items():
+        assert TrainConfig.from_dict(config.to_dict()) == config, name
+
+
+def test_a_checkpoint_config_digitrec_cannot_use_is_a_checkpoint_error():
+    from digitrec.errors import CheckpointError
+
+    assert TrainConfig.from_checkpoint({}) == TrainConfig()
+    for meta in ({"config": ["x"]}, {"config": {"eval_batch_size": 0}}, {"config": {"colour": "red"}}):
+        with pytest.raises(
+            CheckpointError, match="m.safetensors records a training config digitrec cannot use"
+        ):
+            TrainConfig.from_checkpoint(meta, "m.safetensors")

@@ -59,6 +59,15 @@ def test_corrupt_file_is_refused_not_used(idx_folder: Path):
         load_mnist(idx_folder, download=False)
 
 
+def test_a_damaged_deflate_stream_is_one_sentence_naming_the_file(idx_folder: Path):
+    target = idx_folder / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(target.read_bytes())
+    raw[20:50] = bytes(b ^ 0x5A for b in raw[20:50])  # inside the compressed data: zlib's own error
+    target.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz is not a valid gzip file"):
+        load_mnist(idx_folder, download=False)
+
+
 def test_later_loads_read_the_verified_copy_until_the_source_changes(
     idx_folder: Path, monkeypatch: pytest.MonkeyPatch
 ):

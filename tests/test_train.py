@@ -231,3 +231,13 @@ def test_clean_epochs_turn_augmentation_off_for_the_last_steps(tiny_mnist, tmp_p
     clean = round(0.5 * per_epoch)
     assert len(asked) == 2 * per_epoch
     assert asked == ["affine"] * (2 * per_epoch - clean) + ["none"] * clean
+
+
+def test_a_validation_split_that_leaves_no_batch_is_one_sentence(tiny_mnist, tmp_path):
+    from digitrec.errors import DataError
+
+    leaves_one = len(tiny_mnist.train_images) - 1
+    with pytest.raises(DataError, match="1 training image\\(s\\) left after the validation split"):
+        train(
+            TINY.override(val_size=leaves_one), tmp_path, data=tiny_mnist, progress=False, log=lambda m: None
+        )

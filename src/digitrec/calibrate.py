@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import tta
 from .backends import softmax
 
 CALIBRATION_SEED = 1  # the generated calibration sets; eval-real uses seed 0, so they never overlap
@@ -90,7 +91,7 @@ def calibrate(
     from .training import predict_logits
 
     model, meta = load_model(model_path)
-    config = TrainConfig.from_dict(meta.get("config", {}))
+    config = TrainConfig.from_checkpoint(meta, model_path)
     data = load_mnist()
     # A model trained on every image (val_size 0) gets the usual split (TrainConfig's default), or a sixth of a
     # smaller data set.
@@ -113,9 +114,10 @@ def calibrate(
 
     def confidences(name: str) -> np.ndarray:
         batch = np.stack([preprocess(s.data) for s in generate(name, count, CALIBRATION_SEED)])[:, None]
+        views = config.tta_views  # scored as the Predictor scores them: the mean over the recipe's views
         with torch.inference_mode():
-            logits = model(torch.from_numpy(batch)).float().numpy()
-        probs = softmax(logits, temperature).max(axis=1)
+            logits = model(torch.from_numpy(tta.shifted_views(batch, views))).float().numpy()
+        probs = softmax(tta.mean_log_probabilities(logits, views), temperature).max(axis=1)
         probs[batch.reshape(len(batch), -1).sum(1) < 1.0] = (
             0.0  # blank pages: the predictor rejects them outright
         )

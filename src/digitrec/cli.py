@@ -254,7 +254,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     path = _model_path(args.model)
     model, meta = load_model(path)
-    config = TrainConfig.from_dict(meta.get("config", {})).override(tta_views=args.tta_views)
+    config = TrainConfig.from_checkpoint(meta, path).override(tta_views=args.tta_views)
     data = load_mnist(args.data_dir, log=_stderr)
     if args.report:
         metrics = write_report(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import DigitrecError
+from .errors import CheckpointError, DigitrecError
 from .tta import SHIFTS as TTA_SHIFTS
 
 MNIST_MEAN_STD = (0.1307, 0.3081)
@@ -71,10 +72,33 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epochs", float(self.epochs))  # recipes may write epochs=10
+        finite = math.isfinite
         checks = [
-            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
+            (0 < self.epochs < 1e6, f"epochs must be a positive number (under a million), got {self.epochs}"),
             (self.batch_size > 0, f"batch size must be positive, got {self.batch_size}"),
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (
+                0 < self.lr < 1e3 and finite(self.lr),
+                f"learning rate must be positive and finite, got {self.lr}",
+            ),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (not self.nesterov or self.momentum > 0, "Nesterov momentum needs a momentum above 0"),
+            (
+                len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"betas must be two numbers in [0, 1), got {list(self.betas)}",
+            ),
+            (
+                0 <= self.weight_decay < 1e3 and finite(self.weight_decay),
+                f"weight decay must not be negative, got {self.weight_decay}",
+            ),
+            (self.step_epochs >= 1, f"step_epochs must be at least 1, got {self.step_epochs}"),
+            (0 < self.gamma and finite(self.gamma), f"gamma must be positive, got {self.gamma}"),
+            (0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
+            (
+                len(self.normalize) == 2 and self.normalize[1] > 0 and all(finite(v) for v in self.normalize),
+                f"normalize must be (mean, std) with std above 0, got {list(self.normalize)}",
+            ),
+            (self.eval_batch_size > 0, f"eval batch size must be positive, got {self.eval_batch_size}"),
+            (0 <= self.seed < 2**63, f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}"),
             (
                 self.reported_metric == "accuracy"
                 or re.fullmatch(r"batch_mean:[1-9]\d*", self.reported_metric),
@@ -130,6 +154,21 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """The config `to_dict` wrote, checked as `override` checks it; fields it lacks keep their defaults."""
         return cls().override(**values)
+
+    @classmethod
+    def from_checkpoint(cls, meta: dict[str, Any], path: str | Path = "the checkpoint") -> TrainConfig:
+        """The config a checkpoint's metadata records (the defaults when it records none); a CheckpointError
+        sentence when the record is not one digitrec can use."""
+        values = meta.get("config", {})
+        try:
+            if not isinstance(values, dict):
+                raise DigitrecError(f"its config is a {type(values).__name__}, not a table")
+            return cls.from_dict(values)
+        except DigitrecError as exc:
+            reason = str(exc).rstrip(".")
+            raise CheckpointError(
+                f"{path} records a training config digitrec cannot use ({reason}); retrain it or pass another model."
+            ) from None
 
     def override(self, **changes: Any) -> TrainConfig:
         """Return a copy with `changes` applied; unknown keys and wrong types are user errors."""
@@ -354,6 +393,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise DigitrecError(f"config file {path} does not exist.") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise DigitrecError(f"cannot read config file {path} ({exc}); pass a TOML file.") from None
     except tomllib.TOMLDecodeError as exc:
         raise DigitrecError(f"config file {path} is not valid TOML ({exc}).") from None
 

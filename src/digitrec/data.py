@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import math
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +114,7 @@ def _read_file(folder: Path, stem: str) -> bytes | None:
         return path.read_bytes()
     try:
         return gzip.decompress(path.read_bytes())
-    except (OSError, EOFError, gzip.BadGzipFile):
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error):
         raise DataError(
             f"{path} is not a valid gzip file (truncated or corrupt); delete it and run `digitrec data` again."
         ) from None
@@ -176,7 +178,7 @@ def _download_mirrors(target: Path, log) -> bool:
                 if hashlib.md5(data).hexdigest() != md5:
                     raise ValueError(f"{stem} from {mirror} fails its MD5 check")
                 files[stem] = data
-        except (OSError, ValueError, EOFError) as exc:
+        except (OSError, ValueError, EOFError, zlib.error, http.client.HTTPException) as exc:
             log(f"mirror {mirror} failed: {exc}")
             continue
         for stem, data in files.items():

@@ -113,7 +113,7 @@ def evaluate_ensemble(paths: list[str | Path], data: MNIST) -> dict[str, Any]:
     members, total = [], torch.zeros(len(data.test_labels), 10)
     for path in paths:
         model, meta = load_model(path)
-        config = TrainConfig.from_dict(meta.get("config", {}))
+        config = TrainConfig.from_checkpoint(meta, path)
         metrics, logits = evaluate_model(model, data, config)
         total += F.softmax(logits.float().cpu() / float(meta.get("temperature", 1.0)), dim=1)
         members.append({"path": str(path), "test_accuracy": metrics["test_accuracy"]})

@@ -256,7 +256,7 @@ def finetune(
         images, labels = torch.zeros((0, 28, 28), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
     if repeat < 1 or epochs <= 0 or lr_scale <= 0:
         raise DigitrecError("--repeat must be at least 1, and --epochs and --lr-scale positive.")
-    base = TrainConfig.from_dict(meta.get("config", {}))
+    base = TrainConfig.from_checkpoint(meta, model_path)
     config = base.override(
         epochs=epochs, lr=base.lr * lr_scale, schedule="cosine", val_size=0, early_stopping_patience=0
     )

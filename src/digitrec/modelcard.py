@@ -77,7 +77,7 @@ def build_card(
 ) -> list[Section]:
     """The card's sections from what a run knows; any part left out is simply not shown."""
     meta = meta or {}
-    config = config or (TrainConfig.from_dict(meta["config"]) if meta.get("config") else None)
+    config = config or (TrainConfig.from_checkpoint(meta) if meta.get("config") else None)
     recipe = meta.get("recipe", "custom")
     arch = config.arch if config else meta.get("arch", "?")
     if isinstance(meta.get("members"), list):  # `digitrec ensemble --out`; `config` is its first member's

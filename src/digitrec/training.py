@@ -34,7 +34,7 @@ from .augment import augment_batch
 from .checkpoint import atomic_write_json, load_tensors, save_model, save_tensors
 from .config import TrainConfig
 from .data import MNIST, load_mnist, split_validation
-from .errors import CheckpointError, DigitrecError
+from .errors import CheckpointError, DataError, DigitrecError
 from .models import count_parameters, create_model
 from .optim import AdamW, WeightAverage
 
@@ -500,6 +500,11 @@ def train(
     train_model = distributed.wrap(forward_model, device)  # forward_model itself in a single process
 
     steps_per_epoch = steps_in_epoch(len(train_images), config.batch_size, world_size)
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"{len(train_images)} training image(s) left after the validation split of {config.val_size}: "
+            f"too few for one batch of two per process; choose a smaller --val-size."
+        )
     total_steps = max(1, round(config.epochs * steps_per_epoch))
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     params = count_parameters(model)
