@@ -400,6 +400,23 @@ def test_half_transparent_ink_on_a_transparent_canvas_reads_as_the_opaque_ink(op
     assert np.abs(preprocess(png_bytes(Image.fromarray(rgba, "RGBA"))) - reference).mean() < 0.03
 
 
+@pytest.mark.parametrize("kind", ["array", "jpeg", "file"])
+def test_a_digit_written_small_on_a_big_page_reads_as_a_big_one(kind, monkeypatch):
+    """Shrunk whole to the working size, a 7 written 150 px high on a 3000x2000 page is 13 px high; the closer
+    look reads it from a window around it at more pixels."""
+    reference = preprocess(page(7))
+    sheet = np.full((2000, 3000), 235, np.uint8)
+    sheet[1000:1300, 600:900] = np.asarray(Image.fromarray(page(7)).resize((300, 300)))  # the 7 is 150 px
+    source: object = sheet
+    if kind != "array":
+        data = png_bytes(Image.fromarray(sheet), "JPEG", quality=90)
+        source = data if kind == "jpeg" else io.BytesIO(data)  # a file object is read twice
+    x = preprocess(source)
+    assert np.abs(x - reference).mean() < 0.05
+    monkeypatch.setattr("digitrec.preprocess.ZOOM_BELOW", 0.0)  # no closer look: the shrunk 7 is not the same
+    assert np.abs(preprocess(sheet) - reference).mean() > 2 * np.abs(x - reference).mean()
+
+
 def test_steps_show_every_stage_in_order():
     x, steps = preprocess(page(6), return_steps=True)
     assert list(steps) == [

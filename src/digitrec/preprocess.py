@@ -8,6 +8,7 @@ them by center of mass in 28x28, white ink on black. `preprocess()` rebuilds exa
     flatten     ink contrast relative to a morphological estimate of the paper: no shadows, no uneven light
     threshold   hysteresis on the flattened ink (Otsu, floored at a minimum contrast), specks dropped
     select      keep the digit's components, drop small debris and a shadow's edge beside the digit
+    closer      a digit left a few pixels high by shrinking a big photo: again, from a window around it, larger
     crop        to the ink's bounding box
     stroke      thicken or thin the strokes to MNIST's stroke width at the final scale
     scale20     longer side to 20 px keeping the aspect ratio, area-averaged (MNIST's anti-aliasing)
@@ -45,6 +46,9 @@ MAX_PIXELS = cast(int, Image.MAX_IMAGE_PIXELS)  # Pillow's decompression-bomb gu
 MIN_SIDE = 5  # below this there is no digit to see
 WORK_SIDE = 256  # longer side of the working image for one digit: ~10x the final 20 px, and fast
 MIN_WORK_SIDE = 112  # small inputs (e.g. 28x28) are upsampled so thresholding keeps their shape
+ZOOM_BELOW = 0.1  # a digit under this share of the working image's longer side is looked at again, closer:
+ZOOM_TO = 0.3  # the photo is loaded larger so that the digit's longer side is this share of WORK_SIDE,
+ZOOM_WINDOW = 3.0  # and a window this many times the digit's size, centred on it, is read instead
 BACKGROUND_SIDE = 32  # the paper estimate is computed with the shorter side at this many pixels
 BACKGROUND_WINDOW = 11  # closing window there: wider than any stroke, narrower than lighting changes
 POLARITY_SIDE, POLARITY_WINDOW = (
@@ -758,7 +762,17 @@ def preprocess(image: Any, *, return_steps: bool = False) -> np.ndarray | tuple[
     With return_steps=True also returns {stage name: 2-D float image} for `--show-steps`.
     """
     steps: Steps | None = {} if return_steps else None
-    gray = load_gray(image)
+    gray, size = load_gray_sized(image)
+    mask = digit_mask(gray, steps)
+    closer = _closer_look(image, gray, mask, size)
+    if closer is not None:  # a small digit in a big photo: read again from a window around it, at more pixels
+        mask = digit_mask(closer, steps)
+    out = to_mnist(mask, steps)
+    return (out, steps) if steps is not None else out
+
+
+def digit_mask(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
+    """The working image -> the mask of its one digit (polarity, lighting, threshold, the digit's parts)."""
     if steps is not None:
         steps["gray"] = gray
     labels, areas, keep = ink_parts(ink_strength(gray, steps))
@@ -767,8 +781,39 @@ def preprocess(image: Any, *, return_steps: bool = False) -> np.ndarray | tuple[
     mask = kept_mask(labels, keep_digit_parts(labels, areas, keep))
     if steps is not None:
         steps["select"] = ~mask
-    out = to_mnist(mask, steps)
-    return (out, steps) if steps is not None else out
+    return mask
+
+
+def _closer_look(image: Any, gray: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> np.ndarray | None:
+    """A digit written small on a big photo is a few pixels high once the photo is shrunk to WORK_SIDE. When the
+    photo was shrunk and its digit spans under ZOOM_BELOW of the working image, this is the window around the
+    digit, ZOOM_WINDOW times its size, cut from the photo loaded large enough for the digit to span ZOOM_TO of
+    WORK_SIDE, as a working image. None when the digit is big enough or the photo small. (A digit so small that
+    the working image keeps no part of it larger than dust is not found here: crop such photos.)"""
+    if not mask.any() or max(size) < 1.5 * max(gray.shape):
+        return None
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    digit = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+    side = min(max(size), round(max(gray.shape) * ZOOM_TO * WORK_SIDE / digit))
+    if digit >= ZOOM_BELOW * max(gray.shape) or side < 1.5 * max(gray.shape) or not _rewind(image):
+        return None
+    large = load_gray(image, max_side=side)
+    scale = max(large.shape) / max(gray.shape)
+    half = ZOOM_WINDOW * digit * scale / 2
+    center_y, center_x = (rows[0] + rows[-1] + 1) / 2 * scale, (cols[0] + cols[-1] + 1) / 2 * scale
+    y0, x0 = max(0, round(center_y - half)), max(0, round(center_x - half))
+    window = large[y0 : round(center_y + half), x0 : round(center_x + half)]
+    return _resize_long_side(window, MIN_WORK_SIDE, WORK_SIDE)
+
+
+def _rewind(image: Any) -> bool:
+    """Can `image` be loaded again? A file object is rewound; a stream that cannot seek cannot."""
+    if not hasattr(image, "read"):
+        return True
+    if not (hasattr(image, "seekable") and image.seekable()):
+        return False
+    image.seek(0)
+    return True
 
 
 def is_image_file(path: Path) -> bool:
