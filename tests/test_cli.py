@@ -55,7 +55,7 @@ def test_recipes_and_models_tables(capsys):
     "args, message",
     [
         (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
-        (["train", "--recipe", "fast", "--epochs", "-2"], "epochs must be positive"),
+        (["train", "--recipe", "fast", "--epochs", "-2"], "epochs must be a positive number"),
         (["evaluate", "missing-model.safetensors"], "does not exist"),
         (["train", "--resume", "no-such-run"], "no last.safetensors"),
         (["data", "--data-dir", "/no/such/folder"], "does not hold the four MNIST files"),
