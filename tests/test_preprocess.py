@@ -417,28 +417,6 @@ def test_a_digit_written_small_on_a_big_page_reads_as_a_big_one(kind, monkeypatc
     assert np.abs(preprocess(sheet) - reference).mean() > 2 * np.abs(x - reference).mean()
 
 
-@pytest.mark.parametrize("line_gray, grid", [(200, False), (150, False), (120, False), (150, True)])
-def test_ruled_and_squared_paper_lines_are_not_ink(line_gray, grid):
-    """Notebook lines nearly as dark as the ink run across the whole page, thin, again and again; a digit's bar is
-    one short thick band. The 7 on lined paper reads as the 7 on plain paper."""
-    reference = preprocess(page(7))
-    lined = page(7).copy()
-    for y in range(15, 200, 30):
-        lined[y : y + 2, :] = np.minimum(lined[y : y + 2, :], line_gray)
-        if grid:
-            lined[:, y : y + 2] = np.minimum(lined[:, y : y + 2], line_gray)
-    assert np.abs(preprocess(lined) - reference).mean() < 0.04
-
-
-def test_a_sevens_bar_across_a_tight_crop_is_kept():
-    """One long band is a stroke, not paper: a 7 cropped to its bar keeps the bar."""
-    seven = page(7)
-    rows, cols = np.flatnonzero((seven < 128).any(1)), np.flatnonzero((seven < 128).any(0))
-    tight = seven[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    x = preprocess(tight)
-    assert np.abs(x - preprocess(seven)).mean() < 0.03
-
-
 def test_steps_show_every_stage_in_order():
     x, steps = preprocess(page(6), return_steps=True)
     assert list(steps) == [

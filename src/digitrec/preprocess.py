@@ -63,9 +63,6 @@ SPECK_FRACTION = 0.0004  # components smaller than this share of the image are d
 KEEP_FRACTION = 0.08  # a single digit's parts are at least this share of its largest part
 SOLID_STROKE = 0.22  # a glyph whose mean stroke is this share of its height or more has lost its loops
 REOPEN_HEIGHT = 0.7  # reopened(): a core shorter than this share of the glyph lost a stroke, not a fill
-RULE_LENGTH = 0.6  # without_rules(): a paper line runs across at least this share of the picture,
-RULE_WIDTH = 0.03  # is at most this share of it thick, and comes with at least one more
-RULE_INK = 0.05  # (the lines counted are those with at least this ink strength, however faint)
 PAPER_TOLERANCE = (
     2  # uniform_paper(): paper pixels within this many gray levels (of 255) of the paper tone (a flat fill)
 )
@@ -560,38 +557,9 @@ def ink_strength(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
     if steps is not None:
         steps["polarity"] = gray if dark_ink else 1.0 - gray  # shown as dark ink on light paper
     ink = flatten_uniform(gray, uniform[0], dark_ink) if uniform is not None else flatten(gray, dark_ink)
-    ink = without_rules(ink)
     if steps is not None:
         steps["flatten"] = 1.0 - ink
     return ink
-
-
-def without_rules(ink: np.ndarray) -> np.ndarray:
-    """Ink strength less the lines of ruled or squared paper: in each direction, structures at least RULE_LENGTH
-    of the picture long (a grey opening along it) that come as two or more thin bands are taken off. A stroke that
-    crosses a line keeps what it has beyond the line's own strength; a digit's bar is one band, and thick."""
-    height, width = ink.shape
-    out = ink
-    for axis, length in ((1, width), (0, height)):  # horizontal lines (along rows), then vertical ones
-        size = (
-            (max(3, round(RULE_LENGTH * length)), 1)
-            if axis == 1
-            else (1, max(3, round(RULE_LENGTH * length)))
-        )
-        element = cv2.getStructuringElement(cv2.MORPH_RECT, size)
-        lines = cv2.morphologyEx(ink, cv2.MORPH_OPEN, element, borderType=cv2.BORDER_REPLICATE)
-        profile = lines.max(axis=axis)  # per row (axis 1) or column: the strongest long structure through it
-        on = profile > RULE_INK
-        starts = np.flatnonzero(on[1:] & ~on[:-1]) + 1
-        ends = np.flatnonzero(on[:-1] & ~on[1:]) + 1
-        if on[0]:
-            starts = np.r_[0, starts]
-        if on[-1]:
-            ends = np.r_[ends, len(on)]
-        thin = (ends - starts) <= max(2, RULE_WIDTH * len(on))
-        if len(starts) >= 2 and thin.all():
-            out = np.clip(out - lines, 0.0, 1.0)
-    return out.astype(np.float32)
 
 
 def ink_mask(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
