@@ -386,3 +386,17 @@ def test_moving_average_is_scipys_uniform_filter(values, size):
     profile = np.array(values, dtype=np.int64)
     expected = ndimage.uniform_filter1d(profile.astype(np.float32), size)
     assert np.array_equal(moving_average(profile, size), expected)
+
+
+@pytest.mark.parametrize("side", [1400, 1600])
+def test_a_number_written_small_on_a_big_page_is_read_from_a_closer_look(bundled, side):
+    """Digits 45 px high on a page of `side` px: shrunk to READ_SIDE they would be 29-33 px high; read again
+    from a window around the line at more pixels, with the boxes in the page's own pixels."""
+    image, boxes = line_image([2, 0, 4, 8], seed=3, gap=0.35, height=40)
+    page = np.full((side * 3 // 4, side), int(image[0, 0]), np.uint8)
+    top, left = side // 3, side // 2
+    page[top : top + image.shape[0], left : left + image.shape[1]] = image
+    result = bundled.read(page)
+    assert result.number == "2048"
+    shifted = [(x + left, y + top, w, h) for x, y, w, h in boxes]
+    assert all(iou(d.box, b) > 0.6 for d, b in zip(result.digits, shifted))

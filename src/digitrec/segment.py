@@ -16,7 +16,7 @@ A piece whose loops a bold pen or a blur filled in is thresholded again inside i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -26,7 +26,9 @@ from .pairs import NO_PAIR
 from .preprocess import (
     MIN_WORK_SIDE,
     WEAK_FRACTION,
+    _rewind,
     ink_strength,
+    load_gray,
     load_gray_sized,
     parts,
     reopened,
@@ -37,6 +39,8 @@ from .preprocess import (
 )
 
 READ_SIDE = 1024  # working size for a line: enough for 10+ digits of reasonable height
+READ_ZOOM_BELOW = 48  # digits shorter than this (px at READ_SIDE) on a shrunk photo are read again, closer,
+READ_ZOOM_TO = 96  # from the photo loaded so that they stand this high
 MERGE_OVERLAP = 0.5  # parts overlapping in x by half the narrower one's width belong to one digit
 DIGIT_ASPECT = 0.62  # a typical handwritten digit is this wide for its height (slant included)
 MAX_DIGITS_PER_BLOB = 8
@@ -308,6 +312,65 @@ def segment(image: Any, score: Score | None = None, pairs: PairScore | None = No
     """Find the digits of one line, left to right. `score` (a classifier's confidences) picks how to split blobs;
     with `pairs` too, a blob piece may read as two overlapping digits."""
     gray, (width, height) = load_gray_sized(image, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
+    closer = _closer_line(image, gray, (width, height))
+    if (
+        closer is not None
+    ):  # a line written small on a big photo: read from a window around it, at more pixels
+        window, (x0, y0, per_pixel) = closer
+        near, near_size = load_gray_sized(window, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
+        return [
+            replace(piece, box=_placed(piece.box, x0, y0, per_pixel))
+            for piece in _segment(near, near_size, score, pairs)
+        ]
+    return _segment(gray, (width, height), score, pairs)
+
+
+def _closer_line(
+    image: Any, gray: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, tuple[int, int, float]] | None:
+    """When the photo was shrunk to READ_SIDE and its digits stand under READ_ZOOM_BELOW px there: the window
+    around them (a line height of margin), cut from the photo loaded so that they stand READ_ZOOM_TO px, with
+    where it lies in the photo (x, y of its corner and the photo's pixels per window pixel); else None."""
+    if max(size) < 1.25 * max(gray.shape) or not _rewind(image):
+        return None
+    mask = line_ink(gray)
+    _, blobs, areas = components(mask)
+    blobs, line_height = clean(blobs, areas)
+    blobs = drop_edge_debris(blobs, mask.shape, line_height)
+    if not blobs or line_height >= READ_ZOOM_BELOW:
+        return None
+    side = min(max(size), round(max(gray.shape) * READ_ZOOM_TO / line_height))
+    if side < 1.25 * max(gray.shape) or not _rewind(image):
+        return None
+    large = load_gray(image, max_side=side, min_side=MIN_WORK_SIDE)
+    scale = max(large.shape) / max(gray.shape)
+    margin = line_height
+    y0 = max(0, round((min(b.y0 for b in blobs) - margin) * scale))
+    y1 = round((max(b.y1 for b in blobs) + margin) * scale)
+    x0 = max(0, round((min(b.x0 for b in blobs) - margin) * scale))
+    x1 = round((max(b.x1 for b in blobs) + margin) * scale)
+    window = large[y0:y1, x0:x1]
+    per_pixel = (
+        size[0] / large.shape[1]
+    )  # the photo's pixels per pixel of the large image (and of the window)
+    return window, (round(x0 * per_pixel), round(y0 * per_pixel), per_pixel)
+
+
+def _placed(box: tuple[int, int, int, int], x0: int, y0: int, per_pixel: float) -> tuple[int, int, int, int]:
+    """A box in a window's pixels -> the photo's, the window's corner at (x0, y0) there."""
+    x, y, w, h = box
+    return (
+        x0 + round(x * per_pixel),
+        y0 + round(y * per_pixel),
+        max(1, round(w * per_pixel)),
+        max(1, round(h * per_pixel)),
+    )
+
+
+def _segment(
+    gray: np.ndarray, size: tuple[int, int], score: Score | None, pairs: PairScore | None
+) -> list[Piece]:
+    width, height = size
     back = np.array([width / gray.shape[1], height / gray.shape[0]])
     ink = ink_strength(gray)
     mask = line_ink(gray, ink)
