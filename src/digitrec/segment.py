@@ -311,33 +311,17 @@ def _digit_sized(box: tuple[slice, ...], shape: tuple[int, ...], band: slice, li
 def segment(image: Any, score: Score | None = None, pairs: PairScore | None = None) -> list[Piece]:
     """Find the digits of one line, left to right. `score` (a classifier's confidences) picks how to split blobs;
     with `pairs` too, a blob piece may read as two overlapping digits."""
-    gray, (width, height) = load_gray_sized(image, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
-    closer = _closer_line(image, gray, (width, height))
-    if (
-        closer is not None
-    ):  # a line written small on a big photo: read from a window around it, at more pixels
-        window, (x0, y0, per_pixel) = closer
-        near, near_size = load_gray_sized(window, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
-        return [
-            replace(piece, box=_placed(piece.box, x0, y0, per_pixel))
-            for piece in _segment(near, near_size, score, pairs)
-        ]
-    return _segment(gray, (width, height), score, pairs)
+    gray, size = load_gray_sized(image, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
+    return _segment(gray, size, score, pairs, image)
 
 
 def _closer_line(
-    image: Any, gray: np.ndarray, size: tuple[int, int]
+    image: Any, gray: np.ndarray, size: tuple[int, int], blobs: list[_Blob], line_height: float
 ) -> tuple[np.ndarray, tuple[int, int, float]] | None:
-    """When the photo was shrunk to READ_SIDE and its digits stand under READ_ZOOM_BELOW px there: the window
-    around them (a line height of margin), cut from the photo loaded so that they stand READ_ZOOM_TO px, with
-    where it lies in the photo (x, y of its corner and the photo's pixels per window pixel); else None."""
-    if max(size) < 1.25 * max(gray.shape) or not _rewind(image):
-        return None
-    mask = line_ink(gray)
-    _, blobs, areas = components(mask)
-    blobs, line_height = clean(blobs, areas)
-    blobs = drop_edge_debris(blobs, mask.shape, line_height)
-    if not blobs or line_height >= READ_ZOOM_BELOW:
+    """When the photo was shrunk to READ_SIDE and its digits (`blobs`) stand under READ_ZOOM_BELOW px there: the
+    window around them (a line height of margin), cut from the photo loaded so that they stand READ_ZOOM_TO px,
+    with where it lies in the photo (x, y of its corner, the photo's pixels per window pixel); else None."""
+    if not blobs or line_height >= READ_ZOOM_BELOW or max(size) < 1.25 * max(gray.shape):
         return None
     side = min(max(size), round(max(gray.shape) * READ_ZOOM_TO / line_height))
     if side < 1.25 * max(gray.shape) or not _rewind(image):
@@ -349,11 +333,8 @@ def _closer_line(
     y1 = round((max(b.y1 for b in blobs) + margin) * scale)
     x0 = max(0, round((min(b.x0 for b in blobs) - margin) * scale))
     x1 = round((max(b.x1 for b in blobs) + margin) * scale)
-    window = large[y0:y1, x0:x1]
-    per_pixel = (
-        size[0] / large.shape[1]
-    )  # the photo's pixels per pixel of the large image (and of the window)
-    return window, (round(x0 * per_pixel), round(y0 * per_pixel), per_pixel)
+    per_pixel = size[0] / large.shape[1]  # the photo's pixels per pixel of the large image and the window
+    return large[y0:y1, x0:x1], (round(x0 * per_pixel), round(y0 * per_pixel), per_pixel)
 
 
 def _placed(box: tuple[int, int, int, int], x0: int, y0: int, per_pixel: float) -> tuple[int, int, int, int]:
@@ -368,8 +349,14 @@ def _placed(box: tuple[int, int, int, int], x0: int, y0: int, per_pixel: float) 
 
 
 def _segment(
-    gray: np.ndarray, size: tuple[int, int], score: Score | None, pairs: PairScore | None
+    gray: np.ndarray,
+    size: tuple[int, int],
+    score: Score | None,
+    pairs: PairScore | None,
+    image: Any = None,
 ) -> list[Piece]:
+    """segment() on a working image of a photo of `size`; with the photo itself (`image`), a line written small
+    on it is read again from a closer look (_closer_line)."""
     width, height = size
     back = np.array([width / gray.shape[1], height / gray.shape[0]])
     ink = ink_strength(gray)
@@ -377,6 +364,16 @@ def _segment(
     labels, blobs, areas = components(mask)
     blobs, line_height = clean(blobs, areas)
     blobs = drop_edge_debris(blobs, mask.shape, line_height)
+    closer = None if image is None else _closer_line(image, gray, size, blobs, line_height)
+    if (
+        closer is not None
+    ):  # a line written small on a big photo: read from a window around it, at more pixels
+        window, (x0, y0, per_pixel) = closer
+        near, near_size = load_gray_sized(window, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
+        return [
+            replace(piece, box=_placed(piece.box, x0, y0, per_pixel))
+            for piece in _segment(near, near_size, score, pairs)
+        ]
     pieces: list[Piece] = []
     for blob in merge_broken(blobs, areas, line_height):
         region = np.isin(labels[blob.y0 : blob.y1, blob.x0 : blob.x1], blob.labels)
