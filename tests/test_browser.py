@@ -10,11 +10,14 @@ Skipped only when no Chromium is installed (`make test` installs Debian's `chrom
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,13 +80,13 @@ def ink_between(columns: list[int], low: float, high: float) -> int:
     return sum(columns[int(low * len(columns)) : int(high * len(columns))])
 
 
-def test_draw_upload_correct_and_read_a_number_in_chromium(tmp_path):
+@contextlib.contextmanager
+def browser_page(app) -> Iterator[tuple[Any, list[str], Any]]:
+    """`app` served on 127.0.0.1 and the page open in headless Chromium: (page, the page's JavaScript errors,
+    Playwright's `expect`), once the model's line has loaded."""
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="pip install playwright (no `playwright install` needed)"
     )
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    db_path = tmp_path / "feedback.sqlite"
-    app = create_app(real_or_fake_predictor(), feedback_db=db_path)
     with live_server(app) as url, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -92,77 +95,82 @@ def test_draw_upload_correct_and_read_a_number_in_chromium(tmp_path):
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(url + "/")
             sync_api.expect(page.locator("#model-info")).to_contain_text("Model ")
-
-            # Draw a 7: the answer, the top bar and the 28x28 view appear while drawing.
-            draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
-            sync_api.expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
-            sync_api.expect(page.locator("#verdict")).to_have_text("It's a 7")
-            sync_api.expect(page.locator("#bars .bar.top")).to_have_attribute("data-digit", "7")
-            # the bars grow with a CSS transition and live predictions replace each other while drawing, so wait
-            # for the final, confident bar instead of measuring the first frame
-            page.wait_for_function(
-                """() => document.querySelector('#bars .bar[data-digit="7"] .fill')
-                          .getBoundingClientRect().height > 60""",
-                timeout=5_000,
-            )
-            seen_ink = page.evaluate(
-                "() => Array.from(document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data)"
-                ".filter((v, i) => i % 4 === 0 && v > 128).length"
-            )
-            assert seen_ink > 20  # the 28x28 image the model saw is drawn
-            page.screenshot(path=ARTIFACTS / "web-draw.png")
-
-            # Undo empties the pad and the answer.
-            page.click("#undo")
-            sync_api.expect(page.locator("#digit")).to_have_text("–")
-
-            # Upload a photo, then say it is a 1: the correction lands in SQLite with the photo and the label.
-            page.set_input_files("#upload", str(photo_of_a_seven(tmp_path / "photo.jpg")))
-            sync_api.expect(page.locator("#photo")).to_be_visible()
-            sync_api.expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
-            page.click('#correct-buttons button[data-label="1"]')
-            sync_api.expect(page.locator("#toast")).to_contain_text("correction #1")
-            page.screenshot(path=ARTIFACTS / "web-correction.png")
-            with sqlite3.connect(db_path) as con:
-                rows = con.execute("SELECT label, predicted, image FROM feedback").fetchall()
-            assert [(label, predicted) for label, predicted, _ in rows] == [(1, 7)]
-            assert Image.open(io.BytesIO(rows[0][2])).size == (480, 640)
-
-            # Drag and drop a file onto the input card.
-            page.click("#clear")
-            sync_api.expect(page.locator("#digit")).to_have_text("–")
-            dropped = page.evaluate_handle(
-                "b64 => { const dt = new DataTransfer();"
-                " const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));"
-                " dt.items.add(new File([bytes], 'drop.png', {type: 'image/png'})); return dt; }",
-                base64.b64encode(digit_png()).decode(),
-            )
-            page.dispatch_event("#drop-zone", "drop", {"dataTransfer": dropped})
-            sync_api.expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
-
-            # Numbers mode: write a 1 and a 7 side by side; the number and a box per digit appear.
-            page.click("#mode-number")
-            draw(page, [(0.15, 0.2), (0.15, 0.85)])
-            draw(page, [(0.45, 0.2), (0.7, 0.2), (0.55, 0.85)])
-            sync_api.expect(page.locator("#chips li")).to_have_count(2, timeout=10_000)
-            assert len(page.locator("#number").inner_text()) == 2
-            # The boxes frame the strokes: ink on the overlay around each digit, none in the gap between them.
-            columns = page.evaluate(
-                "() => { const c = document.getElementById('boxes');"
-                " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; const cols = [];"
-                " for (let x = 0; x < c.width; x++) { let n = 0;"
-                "   for (let y = 0; y < c.height; y++) n += d[(y * c.width + x) * 4 + 3] > 0; cols.push(n); }"
-                " return cols; }"
-            )
-            if not isinstance(
-                app.state.batcher.predictor, FakePredictor
-            ):  # the fake's boxes are fixed halves
-                assert ink_between(columns, 0.05, 0.22) > 0 and ink_between(columns, 0.42, 0.75) > 0
-                assert ink_between(columns, 0.24, 0.40) == 0
-            page.screenshot(path=ARTIFACTS / "web-number.png")
-            assert errors == []
+            yield page, errors, sync_api.expect
         finally:
             browser.close()
+
+
+def test_draw_upload_correct_and_read_a_number_in_chromium(tmp_path):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    db_path = tmp_path / "feedback.sqlite"
+    app = create_app(real_or_fake_predictor(), feedback_db=db_path)
+    with browser_page(app) as (page, errors, expect):
+        # Draw a 7: the answer, the top bar and the 28x28 view appear while drawing.
+        draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+        expect(page.locator("#verdict")).to_have_text("It's a 7")
+        expect(page.locator("#bars .bar.top")).to_have_attribute("data-digit", "7")
+        # the bars grow with a CSS transition and live predictions replace each other while drawing, so wait
+        # for the final, confident bar instead of measuring the first frame
+        page.wait_for_function(
+            """() => document.querySelector('#bars .bar[data-digit="7"] .fill')
+                      .getBoundingClientRect().height > 60""",
+            timeout=5_000,
+        )
+        seen_ink = page.evaluate(
+            "() => Array.from(document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data)"
+            ".filter((v, i) => i % 4 === 0 && v > 128).length"
+        )
+        assert seen_ink > 20  # the 28x28 image the model saw is drawn
+        page.screenshot(path=ARTIFACTS / "web-draw.png")
+
+        # Undo empties the pad and the answer.
+        page.click("#undo")
+        expect(page.locator("#digit")).to_have_text("–")
+
+        # Upload a photo, then say it is a 1: the correction lands in SQLite with the photo and the label.
+        page.set_input_files("#upload", str(photo_of_a_seven(tmp_path / "photo.jpg")))
+        expect(page.locator("#photo")).to_be_visible()
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+        page.click('#correct-buttons button[data-label="1"]')
+        expect(page.locator("#toast")).to_contain_text("correction #1")
+        page.screenshot(path=ARTIFACTS / "web-correction.png")
+        with sqlite3.connect(db_path) as con:
+            rows = con.execute("SELECT label, predicted, image FROM feedback").fetchall()
+        assert [(label, predicted) for label, predicted, _ in rows] == [(1, 7)]
+        assert Image.open(io.BytesIO(rows[0][2])).size == (480, 640)
+
+        # Drag and drop a file onto the input card.
+        page.click("#clear")
+        expect(page.locator("#digit")).to_have_text("–")
+        dropped = page.evaluate_handle(
+            "b64 => { const dt = new DataTransfer();"
+            " const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));"
+            " dt.items.add(new File([bytes], 'drop.png', {type: 'image/png'})); return dt; }",
+            base64.b64encode(digit_png()).decode(),
+        )
+        page.dispatch_event("#drop-zone", "drop", {"dataTransfer": dropped})
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+
+        # Numbers mode: write a 1 and a 7 side by side; the number and a box per digit appear.
+        page.click("#mode-number")
+        draw(page, [(0.15, 0.2), (0.15, 0.85)])
+        draw(page, [(0.45, 0.2), (0.7, 0.2), (0.55, 0.85)])
+        expect(page.locator("#chips li")).to_have_count(2, timeout=10_000)
+        assert len(page.locator("#number").inner_text()) == 2
+        # The boxes frame the strokes: ink on the overlay around each digit, none in the gap between them.
+        columns = page.evaluate(
+            "() => { const c = document.getElementById('boxes');"
+            " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; const cols = [];"
+            " for (let x = 0; x < c.width; x++) { let n = 0;"
+            "   for (let y = 0; y < c.height; y++) n += d[(y * c.width + x) * 4 + 3] > 0; cols.push(n); }"
+            " return cols; }"
+        )
+        if not isinstance(app.state.batcher.predictor, FakePredictor):  # the fake's boxes are fixed halves
+            assert ink_between(columns, 0.05, 0.22) > 0 and ink_between(columns, 0.42, 0.75) > 0
+            assert ink_between(columns, 0.24, 0.40) == 0
+        page.screenshot(path=ARTIFACTS / "web-number.png")
+        assert errors == []
 
 
 def photo_of_seventeen(path: Path) -> Path:
@@ -179,66 +187,51 @@ def test_keyboard_failures_and_modes_in_chromium(tmp_path):
     """What a walk-through found: Upload reachable by keyboard, a failed request takes the old answer down,
     the active mode's button keeps the drawing, a late answer to the other mode is dropped, and a number's boxes
     show over an uploaded photo."""
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="pip install playwright (no `playwright install` needed)"
-    )
     app = create_app(real_or_fake_predictor(), feedback_db=tmp_path / "feedback.sqlite")
-    with live_server(app) as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 860}, device_scale_factor=1)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(url + "/")
-            sync_api.expect(page.locator("#model-info")).to_contain_text("Model ")
+    with browser_page(app) as (page, errors, expect):
+        # Tab reaches the file input inside "Upload photo".
+        focused = [page.keyboard.press("Tab") or page.evaluate("document.activeElement.id") for _ in range(8)]
+        assert "upload" in focused
 
-            # Tab reaches the file input inside "Upload photo".
-            focused = [
-                page.keyboard.press("Tab") or page.evaluate("document.activeElement.id") for _ in range(8)
-            ]
-            assert "upload" in focused
+        # A drawing's answer, then a file that is not an image: the error shows and the old answer goes.
+        draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+        (tmp_path / "notes.txt").write_text("not an image")
+        page.set_input_files("#upload", str(tmp_path / "notes.txt"))
+        expect(page.locator("#toast")).to_be_visible(timeout=10_000)
+        expect(page.locator("#toast")).to_have_class("toast error")
+        expect(page.locator("#digit")).to_have_text("–")
+        assert page.locator("#correct-buttons button:enabled").count() == 0
+        expect(page.locator("#photo")).to_be_hidden()  # no broken-image icon
 
-            # A drawing's answer, then a file that is not an image: the error shows and the old answer goes.
-            draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
-            sync_api.expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
-            (tmp_path / "notes.txt").write_text("not an image")
-            page.set_input_files("#upload", str(tmp_path / "notes.txt"))
-            sync_api.expect(page.locator("#toast")).to_be_visible(timeout=10_000)
-            sync_api.expect(page.locator("#toast")).to_have_class("toast error")
-            sync_api.expect(page.locator("#digit")).to_have_text("–")
-            assert page.locator("#correct-buttons button:enabled").count() == 0
-            sync_api.expect(page.locator("#photo")).to_be_hidden()  # no broken-image icon
+        # Clicking the mode already chosen keeps the drawing.
+        page.click("#clear")
+        draw(page, [(0.5, 0.2), (0.5, 0.85)])
+        expect(page.locator("#digit")).not_to_have_text("–", timeout=10_000)
+        page.click("#mode-digit")
+        expect(page.locator("#undo")).to_be_enabled()
+        assert page.locator("#mode-digit").get_attribute("aria-pressed") == "true"
 
-            # Clicking the mode already chosen keeps the drawing.
-            page.click("#clear")
-            draw(page, [(0.5, 0.2), (0.5, 0.85)])
-            sync_api.expect(page.locator("#digit")).not_to_have_text("–", timeout=10_000)
-            page.click("#mode-digit")
-            sync_api.expect(page.locator("#undo")).to_be_enabled()
-            assert page.locator("#mode-digit").get_attribute("aria-pressed") == "true"
+        # A slow answer to a digit arrives after the switch to numbers: dropped, no error.
+        page.evaluate(
+            "() => { const f = window.fetch; window.fetch = (u, o) => String(u).includes('/api/predict')"
+            " ? new Promise(r => setTimeout(r, 1500)).then(() => f(u, o)) : f(u, o); }"
+        )
+        page.click("#clear")
+        draw(page, [(0.5, 0.2), (0.5, 0.85)])
+        page.click("#mode-number")
+        draw(page, [(0.2, 0.2), (0.2, 0.85)])
+        expect(page.locator("#chips li")).not_to_have_count(0, timeout=10_000)
+        page.wait_for_timeout(2_000)  # past the slow digit answer
+        expect(page.locator("#toast")).to_be_hidden()
 
-            # A slow answer to a digit arrives after the switch to numbers: dropped, no error.
-            page.evaluate(
-                "() => { const f = window.fetch; window.fetch = (u, o) => String(u).includes('/api/predict')"
-                " ? new Promise(r => setTimeout(r, 1500)).then(() => f(u, o)) : f(u, o); }"
-            )
-            page.click("#clear")
-            draw(page, [(0.5, 0.2), (0.5, 0.85)])
-            page.click("#mode-number")
-            draw(page, [(0.2, 0.2), (0.2, 0.85)])
-            sync_api.expect(page.locator("#chips li")).not_to_have_count(0, timeout=10_000)
-            page.wait_for_timeout(2_000)  # past the slow digit answer
-            sync_api.expect(page.locator("#toast")).to_be_hidden()
-
-            # A photo of a number: its boxes are drawn over the photo, not under it.
-            page.set_input_files("#upload", str(photo_of_seventeen(tmp_path / "17.png")))
-            sync_api.expect(page.locator("#chips li")).to_have_count(2, timeout=10_000)
-            shot = Image.open(io.BytesIO(page.locator("#pad-wrap").screenshot())).convert("RGB")
-            pixels = np.asarray(shot).astype(int)
-            blue = (np.abs(pixels - [47, 111, 222]).sum(axis=2) < 60).sum()
-            orange = (np.abs(pixels - [178, 94, 0]).sum(axis=2) < 60).sum()
-            assert blue + orange > 200, "no box shows over the photo"
-            page.screenshot(path=ARTIFACTS / "web-number-photo.png")
-            assert errors == []
-        finally:
-            browser.close()
+        # A photo of a number: its boxes are drawn over the photo, not under it.
+        page.set_input_files("#upload", str(photo_of_seventeen(tmp_path / "17.png")))
+        expect(page.locator("#chips li")).to_have_count(2, timeout=10_000)
+        shot = Image.open(io.BytesIO(page.locator("#pad-wrap").screenshot())).convert("RGB")
+        pixels = np.asarray(shot).astype(int)
+        blue = (np.abs(pixels - [47, 111, 222]).sum(axis=2) < 60).sum()
+        orange = (np.abs(pixels - [178, 94, 0]).sum(axis=2) < 60).sum()
+        assert blue + orange > 200, "no box shows over the photo"
+        page.screenshot(path=ARTIFACTS / "web-number-photo.png")
+        assert errors == []
