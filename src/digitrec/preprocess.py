@@ -55,7 +55,6 @@ POLARITY_SIDE, POLARITY_WINDOW = (
     20,
     7,
 )  # the same proportions for ink_is_dark()'s median, 6x cheaper (as right)
-HATS_SIDE, HATS_MIN = 40, 0.05  # ink_is_dark(): strokes against a 3x3 closing and opening at 40 px
 INK_CONTRAST = (
     0.3  # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
 )
@@ -387,14 +386,6 @@ def ink_is_dark(gray: np.ndarray) -> bool:
     The global median answers first when one tail is three times the other (three pictures in four);
     the others take the local median on a copy small enough for it to cost less than a millisecond.
     """
-    # Thin dark strokes stand out of a closing, thin light ones out of an opening, and the straight edge of a
-    # hard shadow out of neither (a global or local median can take one side of it for ink): first ask that.
-    near = _shrink(gray, HATS_SIDE)
-    element = np.ones((3, 3), np.uint8)
-    dark = float(np.percentile(cv2.morphologyEx(near, cv2.MORPH_CLOSE, element) - near, 98))
-    light = float(np.percentile(near - cv2.morphologyEx(near, cv2.MORPH_OPEN, element), 98))
-    if max(dark, light) > HATS_MIN and max(dark, light) > 3 * min(dark, light):
-        return dark > light
     small = _shrink(gray, POLARITY_SIDE)
     low, middle, high = np.percentile(small, [2, 50, 98])
     dark_tail, light_tail = middle - low, high - middle
