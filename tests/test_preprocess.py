@@ -20,7 +20,6 @@ from digitrec.preprocess import (
     disk_filter,
     expand_paths,
     flatten,
-    ink_is_dark,
     ink_strength,
     kept_mask,
     label8,
@@ -416,33 +415,6 @@ def test_a_digit_written_small_on_a_big_page_reads_as_a_big_one(kind, monkeypatc
     assert np.abs(x - reference).mean() < 0.05
     monkeypatch.setattr("digitrec.preprocess.ZOOM_BELOW", 0.0)  # no closer look: the shrunk 7 is not the same
     assert np.abs(preprocess(sheet) - reference).mean() > 2 * np.abs(x - reference).mean()
-
-
-def drawn_three(shadow: float = 1.0, edge: str = "none") -> bytes:
-    """A pen 3 (two arcs, 16 px strokes) on a 200-px photo, half of it in a sharp-edged shadow, noisy, as JPEG."""
-    canvas = Image.new("L", (200, 200), 233)
-    draw = ImageDraw.Draw(canvas)
-    draw.arc([60, 30, 140, 100], 200, 90, fill=32, width=16)
-    draw.arc([56, 96, 144, 170], 270, 160, fill=32, width=16)
-    photo = np.asarray(canvas, np.float32)
-    if edge == "vertical":
-        photo[:, :100] *= shadow
-    elif edge == "horizontal":
-        photo[:110, :] *= shadow
-    noise = np.random.default_rng(2).normal(0, 5, photo.shape)
-    return png_bytes(Image.fromarray(np.clip(photo + noise, 0, 255).astype(np.uint8)), "JPEG", quality=90)
-
-
-@pytest.mark.parametrize("edge", ["vertical", "horizontal"])
-@pytest.mark.parametrize("shadow", [0.2, 0.3])
-def test_a_hard_shadow_across_the_photo_does_not_turn_the_ink_light(edge, shadow):
-    """Half the photo in a sharp-edged shadow: the lit half is not light ink on dark paper (ink_is_dark()'s
-    global histogram says it is; the strokes against a closing and an opening say otherwise)."""
-    from digitrec.predict import Predictor
-
-    photo = drawn_three(shadow, edge)
-    assert ink_is_dark(load_gray(photo))
-    assert Predictor.pretrained(backend="numpy").predict(photo)[0].digit == 3
 
 
 def test_steps_show_every_stage_in_order():

@@ -55,7 +55,6 @@ POLARITY_SIDE, POLARITY_WINDOW = (
     20,
     7,
 )  # the same proportions for ink_is_dark()'s median, 6x cheaper (as right)
-HATS_SIDE, HATS_MIN = 40, 0.05  # _strokes_are_dark(): a 3x3 closing and opening on a 40-px copy
 INK_CONTRAST = (
     0.3  # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
 )
@@ -391,24 +390,10 @@ def ink_is_dark(gray: np.ndarray) -> bool:
     low, middle, high = np.percentile(small, [2, 50, 98])
     dark_tail, light_tail = middle - low, high - middle
     if max(dark_tail, light_tail) > 3 * min(dark_tail, light_tail):
-        # ... unless the strokes say otherwise: a hard shadow's edge puts a whole half of the photo in one tail
-        strokes = _strokes_are_dark(gray)
-        return bool(dark_tail >= light_tail) if strokes is None else strokes
+        return bool(dark_tail >= light_tail)
     residual = small - median_filter(small, POLARITY_WINDOW)
     low, high = np.percentile(residual, [2, 98])
     return bool(-low >= high)
-
-
-def _strokes_are_dark(gray: np.ndarray) -> bool | None:
-    """True when the picture's thin strokes stand out of a 3x3 closing (dark ink) far more than out of an opening
-    (light ink), False for the reverse, None when neither clearly wins; a straight shadow edge stands out of neither."""
-    near = _shrink(gray, HATS_SIDE)
-    element = np.ones((3, 3), np.uint8)
-    dark = float(np.percentile(cv2.morphologyEx(near, cv2.MORPH_CLOSE, element) - near, 98))
-    light = float(np.percentile(near - cv2.morphologyEx(near, cv2.MORPH_OPEN, element), 98))
-    if max(dark, light) > HATS_MIN and max(dark, light) > 3 * min(dark, light):
-        return dark > light
-    return None
 
 
 def median_filter(a: np.ndarray, size: int) -> np.ndarray:
