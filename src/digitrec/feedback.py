@@ -36,6 +36,11 @@ CREATE TABLE IF NOT EXISTS feedback (
 """
 
 
+def db_path(path: str | Path | None = None) -> Path:
+    """`path` with ~ expanded, or default_db_path() when None."""
+    return Path(path).expanduser() if path else default_db_path()
+
+
 def default_db_path() -> Path:
     """$DIGITREC_FEEDBACK_DB, else $XDG_DATA_HOME/digitrec/feedback.sqlite (~/.local/share by default)."""
     if os.environ.get("DIGITREC_FEEDBACK_DB"):
@@ -65,7 +70,7 @@ class FeedbackStore:
     """
 
     def __init__(self, path: str | Path | None = None):
-        self.path = Path(path).expanduser() if path else default_db_path()
+        self.path = db_path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with closing(self._connect()) as con:
@@ -85,7 +90,7 @@ class FeedbackStore:
     def existing(cls, path: str | Path | None = None) -> FeedbackStore:
         """The store at `path` (default_db_path() when None), which must exist already: for commands that only read
         corrections, so that a mistyped path is an error rather than a new, empty database."""
-        path = Path(path).expanduser() if path else default_db_path()
+        path = db_path(path)
         if not path.is_file():
             raise DigitrecError(
                 f"no feedback database at {path}; `digitrec serve` creates it with the first correction, "

@@ -795,15 +795,29 @@ def _closer_look(image: Any, gray: np.ndarray, mask: np.ndarray, size: tuple[int
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     digit = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
     side = min(max(size), round(max(gray.shape) * ZOOM_TO * WORK_SIDE / digit))
-    if digit >= ZOOM_BELOW * max(gray.shape) or side < 1.5 * max(gray.shape) or not _rewind(image):
+    if digit >= ZOOM_BELOW * max(gray.shape) or side < 1.5 * max(gray.shape):
+        return None
+    half = ZOOM_WINDOW * digit / 2
+    center_y, center_x = (rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2
+    cut = window_of(
+        image, gray.shape, side, (center_y - half, center_y + half), (center_x - half, center_x + half)
+    )
+    return None if cut is None else _resize_long_side(cut[0], MIN_WORK_SIDE, WORK_SIDE)
+
+
+def window_of(
+    image: Any, work_shape: tuple[int, ...], side: int, rows: tuple[float, float], cols: tuple[float, float]
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]] | None:
+    """The part of a working image of `work_shape` between `rows` and `cols` (its pixels), cut instead from the
+    photo `image` loaded with its longer side at `side`: (the window, its top-left corner in the large image,
+    the large image's shape). None when the photo cannot be read again (a stream that cannot seek)."""
+    if not _rewind(image):
         return None
     large = load_gray(image, max_side=side)
-    scale = max(large.shape) / max(gray.shape)
-    half = ZOOM_WINDOW * digit * scale / 2
-    center_y, center_x = (rows[0] + rows[-1] + 1) / 2 * scale, (cols[0] + cols[-1] + 1) / 2 * scale
-    y0, x0 = max(0, round(center_y - half)), max(0, round(center_x - half))
-    window = large[y0 : round(center_y + half), x0 : round(center_x + half)]
-    return _resize_long_side(window, MIN_WORK_SIDE, WORK_SIDE)
+    scale = max(large.shape) / max(work_shape)
+    y0, x0 = max(0, round(rows[0] * scale)), max(0, round(cols[0] * scale))
+    window = large[y0 : round(rows[1] * scale), x0 : round(cols[1] * scale)]
+    return window, (y0, x0), large.shape
 
 
 def _rewind(image: Any) -> bool:

@@ -26,9 +26,7 @@ from .pairs import NO_PAIR
 from .preprocess import (
     MIN_WORK_SIDE,
     WEAK_FRACTION,
-    _rewind,
     ink_strength,
-    load_gray,
     load_gray_sized,
     parts,
     reopened,
@@ -36,6 +34,7 @@ from .preprocess import (
     stroke_width,
     threshold,
     to_mnist,
+    window_of,
 )
 
 READ_SIDE = 1024  # working size for a line: enough for 10+ digits of reasonable height
@@ -324,17 +323,17 @@ def _closer_line(
     if not blobs or line_height >= READ_ZOOM_BELOW or max(size) < 1.25 * max(gray.shape):
         return None
     side = min(max(size), round(max(gray.shape) * READ_ZOOM_TO / line_height))
-    if side < 1.25 * max(gray.shape) or not _rewind(image):
+    if side < 1.25 * max(gray.shape):
         return None
-    large = load_gray(image, max_side=side, min_side=MIN_WORK_SIDE)
-    scale = max(large.shape) / max(gray.shape)
     margin = line_height
-    y0 = max(0, round((min(b.y0 for b in blobs) - margin) * scale))
-    y1 = round((max(b.y1 for b in blobs) + margin) * scale)
-    x0 = max(0, round((min(b.x0 for b in blobs) - margin) * scale))
-    x1 = round((max(b.x1 for b in blobs) + margin) * scale)
-    per_pixel = size[0] / large.shape[1]  # the photo's pixels per pixel of the large image and the window
-    return large[y0:y1, x0:x1], (round(x0 * per_pixel), round(y0 * per_pixel), per_pixel)
+    rows = (min(b.y0 for b in blobs) - margin, max(b.y1 for b in blobs) + margin)
+    cols = (min(b.x0 for b in blobs) - margin, max(b.x1 for b in blobs) + margin)
+    cut = window_of(image, gray.shape, side, rows, cols)
+    if cut is None:
+        return None
+    window, (y0, x0), large_shape = cut
+    per_pixel = size[0] / large_shape[1]  # the photo's pixels per pixel of the large image and the window
+    return window, (round(x0 * per_pixel), round(y0 * per_pixel), per_pixel)
 
 
 def _placed(box: tuple[int, int, int, int], x0: int, y0: int, per_pixel: float) -> tuple[int, int, int, int]:
@@ -365,9 +364,8 @@ def _segment(
     blobs, line_height = clean(blobs, areas)
     blobs = drop_edge_debris(blobs, mask.shape, line_height)
     closer = None if image is None else _closer_line(image, gray, size, blobs, line_height)
-    if (
-        closer is not None
-    ):  # a line written small on a big photo: read from a window around it, at more pixels
+    if closer is not None:
+        # a line written small on a big photo: read from a window around it, at more pixels
         window, (x0, y0, per_pixel) = closer
         near, near_size = load_gray_sized(window, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
         return [
