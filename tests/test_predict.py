@@ -138,6 +138,31 @@ def test_cli_predict_keeps_going_past_bad_files(tmp_path, capsys, untrained_path
     assert (tmp_path / "steps" / "good.steps.png").exists()
 
 
+def test_show_steps_gives_each_image_its_own_file(tmp_path, untrained_path):
+    """x.png and x.jpg, and 1.png in two folders, wrote the same <stem>.steps.png: the last one won."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    files = [
+        write_png(tmp_path / "x.png", line_image([5], gap=0.3)[0]),
+        write_png(tmp_path / "a" / "1.png", line_image([7], gap=0.3)[0]),
+        write_png(tmp_path / "b" / "1.png", line_image([2], gap=0.3)[0]),
+    ]
+    Image.open(files[0]).save(tmp_path / "x.jpg")
+    files.insert(1, tmp_path / "x.jpg")
+    assert (
+        main(
+            ["predict", *map(str, files), "--model", str(untrained_path), "--show-steps", str(tmp_path / "s")]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "1-2.steps.png",
+        "1.steps.png",
+        "x-2.steps.png",
+        "x.steps.png",
+    ]
+
+
 def test_cli_fails_only_when_every_file_failed(tmp_path, capsys, untrained_path):
     assert (
         main(["predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", str(untrained_path)])

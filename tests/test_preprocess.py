@@ -529,3 +529,35 @@ def test_random_arrays_give_an_mnist_image_or_image_error(height, width, dtype, 
     except ImageError:
         return
     assert x.shape == (28, 28) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_masks_and_floats_that_overshoot_read_like_the_image():
+    """A 0/1 integer mask was divided by 255 (black on black), and a float image with one pixel at 1.02 (an
+    interpolation's overshoot) by 255 too: both read as a blank page."""
+    gray = page(7)
+    reference = preprocess(gray)
+    overshoot = gray / 255.0
+    overshoot[0, 0] = 1.02
+    assert np.abs(preprocess(overshoot) - reference).max() < 1e-5
+    mask = gray < 128
+    as_bool = preprocess(mask)
+    assert as_bool.sum() > 20
+    for dtype in (np.uint8, np.int64):
+        assert np.array_equal(preprocess(mask.astype(dtype)), as_bool)
+
+
+def test_a_picture_of_several_frames_leaves_no_file_open(tmp_path):
+    """Pillow keeps a path's file open after load() for a GIF or TIFF of several frames, until the garbage
+    collector closes it with a ResourceWarning."""
+    import gc
+    import warnings
+
+    frames = [Image.fromarray(page(7)), Image.fromarray(255 - page(7))]
+    for suffix in ("gif", "tif"):
+        frames[0].save(tmp_path / f"two.{suffix}", save_all=True, append_images=frames[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for suffix in ("gif", "tif"):
+            preprocess(tmp_path / f"two.{suffix}")
+            gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

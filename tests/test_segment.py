@@ -9,15 +9,18 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from digitrec.predict import Predictor
-from digitrec.preprocess import ink_mask, load_gray
+from digitrec.preprocess import MIN_WORK_SIDE, ink_mask, load_gray, load_gray_sized
 from digitrec.realworld import crop_ink, draw_digit, generate, number_line
 from digitrec.segment import (
     CUT_SIDEWAYS,
     CUT_STRAY,
     MAX_PIECE_WIDTH,
+    READ_SIDE,
     SMALL_PART,
     _Blob,
     _plausible_digit,
+    clean,
+    components,
     cut_path,
     cut_paths,
     drop_edge_debris,
@@ -400,3 +403,17 @@ def test_a_number_written_small_on_a_big_page_is_read_from_a_closer_look(bundled
     assert result.number == "2048"
     shifted = [(x + left, y + top, w, h) for x, y, w, h in boxes]
     assert all(iou(d.box, b) > 0.6 for d, b in zip(result.digits, shifted))
+
+
+@pytest.mark.parametrize("thickness", [12, 16])
+def test_an_underline_with_more_ink_than_the_digits_is_not_the_line_height(bundled, thickness):
+    """A long underline holding over four digits' ink was the only big part, so the line height became its
+    thickness: it was kept, and every digit it spanned was merged into one blob ("3252222146952")."""
+    digits = [3, 5, 8, 2, 7, 1, 4, 6, 9, 0]
+    image, _ = line_image(digits, gap=0.3)
+    image[-24 : -24 + thickness, 10:-10] = 30  # under the digits, not touching them or the edge
+    gray, _ = load_gray_sized(image, max_side=READ_SIDE, min_side=MIN_WORK_SIDE)
+    _, blobs, areas = components(line_ink(gray))
+    _, line_height = clean(blobs, areas)
+    assert line_height > 40  # the digits are 80 px high on a page under READ_SIDE
+    assert bundled.read(image).number == "".join(map(str, digits))

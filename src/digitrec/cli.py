@@ -487,7 +487,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             top = "  ".join(f"{d}:{q:.1%}" for d, q in p.top)
             print(f"{r.path}: {answer}  confidence {p.confidence:.1%}  top {top}")
     if args.show_steps:
-        _stderr(f"preprocessing steps: {args.show_steps}/<name>.steps.png")
+        _stderr(f"preprocessing steps: {args.show_steps}/<name>.steps.png (<name>-2 ... for repeated names)")
     return 1 if all(r.error is not None for r in results) else 0
 
 
@@ -1014,7 +1014,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="the run folder or model.safetensors to start from")
     p.add_argument(
-        "--feedback", help="SQLite file of corrections (default ~/.local/share/digitrec/feedback.sqlite)"
+        "--feedback",
+        "--feedback-db",
+        dest="feedback",
+        help="SQLite file of corrections (default ~/.local/share/digitrec/feedback.sqlite; also --feedback-db)",
     )
     p.add_argument("--epochs", type=float, default=1.0, help="passes over MNIST + corrections (default 1)")
     p.add_argument(

@@ -93,7 +93,7 @@ class FeedbackStore:
         path = db_path(path)
         if not path.is_file():
             raise DigitrecError(
-                f"no feedback database at {path}; `digitrec serve` creates it with the first correction, "
+                f"no feedback database at {path}; `digitrec serve` creates it when it starts, "
                 "or pass the right path with --feedback-db."
             )
         return cls(path)

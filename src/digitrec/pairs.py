@@ -3,7 +3,7 @@
 Digits that overlap deeply ("18" written with the 1 through the 8's loop) leave no cut that separates them,
 and the digit classifier reads the whole blob as one confident digit (a 6). A second, small classifier
 looks at the same 28x28 piece and says which two digits it holds, or that it holds no pair (class 100:
-one digit, a digit with part of its neighbour, part of a digit). segment.split_by_recognition scores a
+one digit, a digit with part of its neighbour, part of a digit). segment.split_and_read scores a
 piece as one digit d by log p(d) + log p_pair(no pair), and as the pair ab by log p_pair(ab); its dynamic
 programming then picks the reading of the whole line.
 
@@ -112,7 +112,9 @@ def digits_line(
 
 def one_blob(mask: np.ndarray) -> bool:
     """Does the ink make one blob (specks under a tenth of the largest aside)? Digits that stand apart make
-    several blobs, and `read` separates those without the pair classifier."""
+    several blobs, and `read` separates those without the pair classifier. Blobs are 4-connected here, where
+    `read` joins pixels that touch at a corner too (8-connected): two digits that meet only at a corner are left
+    out of the training pairs, though `read` sees them as one blob and may ask about them."""
     from scipy import ndimage
 
     blobs, n = ndimage.label(mask)

@@ -316,6 +316,7 @@ def _preprocessed(
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             yield from pool.map(_preprocess_or_error, paths, chunksize=16)
         return
+    taken: set[str] = set()
     for path in paths:
         if steps_dir is None:
             yield _preprocess_or_error(path)
@@ -325,8 +326,19 @@ def _preprocessed(
         except ImageError as exc:
             yield str(exc)
             continue
-        save_steps(steps, Path(steps_dir) / f"{Path(path).stem}.steps.png")
+        save_steps(steps, Path(steps_dir) / _steps_name(Path(path).stem, taken))
         yield x
+
+
+def _steps_name(stem: str, taken: set[str]) -> str:
+    """`<stem>.steps.png`, or `<stem>-2.steps.png`, -3, ... when an earlier image of the call had that stem
+    (x.png and x.jpg, or 1.png in two folders)."""
+    name, n = f"{stem}.steps.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}.steps.png"
+    taken.add(name)
+    return name
 
 
 def predict_files(

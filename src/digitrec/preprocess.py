@@ -110,7 +110,13 @@ def _open(
                 raise ImageError(f"{path} is a folder; pass the image files inside it.")
             if path.stat().st_size == 0:
                 raise ImageError(f"{path} is empty (0 bytes); pass an image file.")
-            fp = path
+            # read whole: Pillow keeps a path's file open after load() for a GIF or TIFF of several frames
+            try:
+                fp = io.BytesIO(path.read_bytes())
+            except OSError as exc:
+                raise ImageError(
+                    f"{path} cannot be read ({exc.strerror or exc}); check its permissions."
+                ) from None
         elif hasattr(source, "read"):
             fp = source
         else:
@@ -299,17 +305,21 @@ def _array_to_gray(array: np.ndarray) -> np.ndarray:
 
 
 def _to_unit_range(a: np.ndarray) -> np.ndarray:
-    """uint8 / 255, uint16 / 65535, bool as 0/1, floats in [0, 1] as they are; anything else stretched to [0, 1]."""
+    """bool and integer 0/1 masks as 0/1; uint8 / 255, uint16 / 65535; floats in [0, 1] as they are, and
+    clipped to it when they stray a little (to 1.5 or -0.5: an interpolation's overshoot); other integers up
+    to 255 / 255 and up to 65535 / 65535; anything else stretched to [0, 1]."""
     if a.dtype == np.bool_:
         return a.astype(np.float32)
+    if a.dtype.kind in "iu" and a.size and 0 <= a.min() and a.max() <= 1:
+        return a.astype(np.float32)  # a 0/1 mask (as uint8 it would be black on black: nothing to see)
     if a.dtype == np.uint8:
         return a.astype(np.float32) / 255.0
     if a.dtype in (np.uint16, np.dtype(">u2")):
         return a.astype(np.float32) / 65535.0
     x = a.astype(np.float64)
     low, high = float(x.min()), float(x.max())
-    if low >= 0 and high <= 1 and a.dtype.kind == "f":
-        return x.astype(np.float32)
+    if low >= -0.5 and high <= 1.5 and a.dtype.kind == "f":
+        return np.clip(x, 0, 1).astype(np.float32)
     if low >= 0 and high <= 255:
         return (x / 255.0).astype(np.float32)
     if low >= 0 and high <= 65535:

@@ -50,6 +50,7 @@ BROKEN_PART = 0.7
 FAINT_CONTRAST = 0.15  # next to clear digits, a digit-sized stroke this much darker than its paper is ink too
 FAINT_MIN_AREA = 0.03  # faint ink (x line height^2) that makes a faint part with clear ink worth a look
 MAX_FAINT_HEIGHT = 1.5  # ... but not one taller than this share of the line height (a shadow's edge)
+LINE_LIKE = 10  # a part this many times wider than tall is a drawn line, not digits (8 touching ones are ~5)
 
 Score = Callable[[np.ndarray], np.ndarray]  # (K, 28, 28) -> confidence of each, in (0, 1]
 # (K, 28, 28) -> log probabilities (K, 101): the pairs 00-99, then pairs.NO_PAIR
@@ -107,8 +108,10 @@ def clean(blobs: list[_Blob], areas: np.ndarray) -> tuple[list[_Blob], float]:
     """Drop dust and ruled lines; return the digit-sized blobs and the line height they imply."""
     if not blobs:
         return [], 0.0
-    largest = max(areas[b.labels[0]] for b in blobs)
-    big = [b for b in blobs if areas[b.labels[0]] >= 0.25 * largest]
+    # An underline or a ruled line can hold more ink than four digits: the line height comes from the other parts.
+    shaped = [b for b in blobs if b.width <= LINE_LIKE * b.height] or blobs
+    largest = max(areas[b.labels[0]] for b in shaped)
+    big = [b for b in shaped if areas[b.labels[0]] >= 0.25 * largest]
     line_height = float(np.median([b.height for b in big]))
     kept = []
     for b in blobs:
@@ -377,7 +380,7 @@ def _segment(
         region = np.isin(labels[blob.y0 : blob.y1, blob.x0 : blob.x1], blob.labels)
         found: list[tuple[int, np.ndarray, tuple[int, float] | None]]
         if score is None:
-            found = [(x, piece, None) for x, piece in _best_split(region, blob, score)]
+            found = [(x, piece, None) for x, piece in _split_by_width(region, blob)]
         else:
             found = split_and_read(
                 region,
@@ -400,27 +403,13 @@ def _segment(
     return pieces
 
 
-def _best_split(region: np.ndarray, blob: _Blob, score: Score | None) -> list[tuple[int, np.ndarray]]:
-    """One digit unless the blob is wide for its height; then try a few counts and keep the best-reading one."""
+def _split_by_width(region: np.ndarray, blob: _Blob) -> list[tuple[int, np.ndarray]]:
+    """With no classifier to ask: one digit unless the blob is clearly wide for its height, then cut it into as
+    many pieces as its width holds digits."""
     estimate = blob.width / (DIGIT_ASPECT * blob.height)
-    if score is None:  # no classifier to ask: split only clearly wide blobs, by their width
-        return (
-            [(0, region)]
-            if estimate < 1.35
-            else split(region, int(min(MAX_DIGITS_PER_BLOB, round(estimate))))
-        )
-    if estimate < 0.95:  # narrower than any two digits side by side, even a 1 touching a 1
+    if estimate < 1.35:
         return [(0, region)]
-    guess = int(min(MAX_DIGITS_PER_BLOB, max(2, round(estimate))))
-    best, best_score = [(0, region)], -np.inf
-    for pieces in sorted({1, guess - 1, guess, min(MAX_DIGITS_PER_BLOB, guess + 1)} - {0}):
-        candidate = split(region, pieces) if pieces > 1 else [(0, region)]
-        confidences = score(np.stack([to_mnist(p) for _, p in candidate]))
-        # Sum of log confidences: each extra piece must pay for itself by reading clearly.
-        total = float(np.log(np.clip(confidences, 1e-6, 1)).sum())
-        if total > best_score:
-            best, best_score = candidate, total
-    return best
+    return split(region, int(min(MAX_DIGITS_PER_BLOB, round(estimate))))
 
 
 # ------------------------------------------------------------------------------ segmentation by recognition
