@@ -18,6 +18,7 @@ from digitrec.preprocess import (
     _smooth,
     center_in_frame,
     disk_filter,
+    drop_frames,
     expand_paths,
     flatten,
     ink_strength,
@@ -561,3 +562,31 @@ def test_a_picture_of_several_frames_leaves_no_file_open(tmp_path):
             preprocess(tmp_path / f"two.{suffix}")
             gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def _outline(image: np.ndarray, x0: int, y0: int, x1: int, y1: int, line: int = 3) -> np.ndarray:
+    out = image.copy()
+    out[y0 : y0 + line, x0:x1] = out[y1 - line : y1, x0:x1] = 30
+    out[y0:y1, x0 : x0 + line] = out[y0:y1, x1 - line : x1] = 30
+    return out
+
+
+@pytest.mark.parametrize("angle", [0, 8])
+def test_a_box_drawn_round_the_digit_is_not_part_of_it(angle):
+    """A form's field round a digit was kept as its largest part: the digit read as a doubtful 4, rejected."""
+    gray = page(7)
+    reference = preprocess(gray)
+    framed = Image.fromarray(_outline(gray, 25, 25, 175, 175)).rotate(
+        angle, fillcolor=235, resample=Image.BICUBIC
+    )
+    x = preprocess(np.asarray(framed))
+    assert ink_box(x) == pytest.approx(ink_box(reference), abs=2)
+    assert (x * reference).sum() / np.sqrt((x * x).sum() * (reference * reference).sum()) > 0.7
+
+
+def test_an_empty_rectangle_is_no_frame_and_a_bold_digit_is_left_alone():
+    """Only an outline that holds ink is a frame: a rectangle alone (a boxy 0) and a digit stay as they are."""
+    empty = _outline(np.full((200, 200), 235, np.uint8), 60, 40, 140, 160) < 128
+    assert drop_frames(empty) is empty
+    digit = page(0) < 128
+    assert drop_frames(digit) is digit

@@ -417,3 +417,34 @@ def test_an_underline_with_more_ink_than_the_digits_is_not_the_line_height(bundl
     _, line_height = clean(blobs, areas)
     assert line_height > 40  # the digits are 80 px high on a page under READ_SIDE
     assert bundled.read(image).number == "".join(map(str, digits))
+
+
+def boxed(
+    image: np.ndarray, boxes: list[tuple[int, int, int, int]], margin: int = 10, line: int = 3
+) -> np.ndarray:
+    """The image with a dark rectangle outline drawn round each box (x, y, w, h), `margin` px outside it."""
+    out = image.copy()
+    for x, y, w, h in boxes:
+        x0, y0, x1, y1 = x - margin, y - margin, x + w + margin, y + h + margin
+        out[y0 : y0 + line, x0:x1] = out[y1 - line : y1, x0:x1] = 30
+        out[y0:y1, x0 : x0 + line] = out[y0:y1, x1 - line : x1] = 30
+    return out
+
+
+def test_a_number_in_a_frame_or_in_a_row_of_boxes_is_read(bundled):
+    """A frame round the number was one part spanning every digit: merged with them all, it read "1358331"; a box
+    per digit, joined into a comb, read "4514467"."""
+    digits = [3, 5, 8, 2, 7]
+    image, boxes = line_image(digits, gap=0.3)
+    xs, ys = [b[0] for b in boxes], [b[1] for b in boxes]
+    whole = (
+        min(xs),
+        min(ys),
+        max(b[0] + b[2] for b in boxes) - min(xs),
+        max(b[1] + b[3] for b in boxes) - min(ys),
+    )
+    walls = [(a[0] + a[2] + b[0]) // 2 for a, b in zip(boxes, boxes[1:])]  # midway between neighbours
+    edges = [whole[0] - 10, *walls, whole[0] + whole[2] + 10]
+    comb = [(x0, whole[1] - 8, x1 - x0, whole[3] + 16) for x0, x1 in zip(edges, edges[1:])]  # walls shared
+    for framed in (boxed(image, [whole]), boxed(image, comb, margin=0)):
+        assert bundled.read(framed).number == "35827"

@@ -7,7 +7,7 @@ them by center of mass in 28x28, white ink on black. `preprocess()` rebuilds exa
     polarity    find which of dark-on-light or light-on-dark the image is, so ink is always "dark"
     flatten     ink contrast relative to a morphological estimate of the paper: no shadows, no uneven light
     threshold   hysteresis on the flattened ink (Otsu, floored at a minimum contrast), specks dropped
-    select      keep the digit's components, drop small debris and a shadow's edge beside the digit
+    select      keep the digit's components, drop small debris, a box drawn round it and a shadow's edge beside it
     closer      a digit left a few pixels high by shrinking a big photo: again, from a window around it, larger
     crop        to the ink's bounding box
     stroke      thicken or thin the strokes to MNIST's stroke width at the final scale
@@ -616,6 +616,66 @@ def drop_edge_parts(labels: np.ndarray, areas: np.ndarray, keep: np.ndarray) -> 
     return out
 
 
+FRAME_MIN_SIDE = 16  # a box drawn round a digit is at least this many working pixels on each side
+FRAME_THIN = 0.1  # its line is thinner than this share of its shorter side (a boxy 0 written bold is not)
+FRAME_COVER = 0.9  # and ink lies along this share of the four sides of the quadrilateral that outlines it
+
+
+def _frame(part: np.ndarray, ink: np.ndarray) -> np.ndarray | None:
+    """The pixels of `part` (one connected part, cut to its box) that are a box drawn round other ink: a printed
+    form's field, a frame round a number, a row of boxes (comb) with one digit each; None when it is no frame.
+
+    A frame is a convex quadrilateral outline (so a photo's tilt or perspective is fine) of a thin line that runs
+    along all four sides and holds ink inside: a boxy 0 encloses none, a 7 or a 4 does not run along four sides.
+    What is erased: the outline, as thick as its line and a margin, and the comb's walls between the boxes.
+    """
+    contours, _ = cv2.findContours(_u8(part), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    outline = max(contours, key=cv2.contourArea)
+    quad = cv2.approxPolyDP(outline, 0.03 * cv2.arcLength(outline, True), True)
+    if len(quad) != 4 or not cv2.isContourConvex(quad):
+        return None
+    height, width = part.shape
+    line = stroke_width(part)
+    if line > FRAME_THIN * min(height, width):
+        return None
+    reach = int(np.ceil(line)) + 1
+    near = cv2.dilate(_u8(part), np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)).astype(bool)
+    sides = np.zeros_like(part, dtype=np.uint8)
+    cv2.polylines(sides, [quad], True, 1, 1)
+    if near[sides.astype(bool)].mean() < FRAME_COVER:
+        return None
+    band = np.zeros_like(sides)
+    cv2.polylines(band, [quad], True, 1, 2 * reach + 1)
+    inside = np.zeros_like(sides)
+    cv2.fillPoly(inside, [quad], 1)
+    inside = inside.astype(bool) & ~band.astype(bool)
+    if np.count_nonzero(ink & inside) < 4 * line * line:
+        return None  # encloses nothing: a boxy 0, a rectangle
+    frame = part & band.astype(bool)
+    # a comb's walls: what is left of the part that stands the box's height and is a line's width
+    rest, count = label8(part & ~frame)
+    for label in range(1, count + 1):
+        rows, cols = np.nonzero(rest == label)
+        if np.ptp(rows) + 1 >= 0.8 * height and np.ptp(cols) + 1 <= 2 * reach + 2:
+            frame |= rest == label
+    return frame
+
+
+def drop_frames(mask: np.ndarray) -> np.ndarray:
+    """The ink mask without the boxes drawn round digits (_frame); the mask itself when there are none."""
+    labels, areas, boxes = parts(mask)
+    out = mask
+    for label, box in enumerate(boxes, start=1):
+        height, width = box[0].stop - box[0].start, box[1].stop - box[1].start
+        if min(height, width) < FRAME_MIN_SIDE or areas[label] > 0.5 * height * width:
+            continue  # too small, or too solid to be an outline
+        frame = _frame(labels[box] == label, mask[box])
+        if frame is not None:
+            out = out.copy() if out is mask else out
+            out[box] &= ~frame
+    return out
+
+
 def select_digit(mask: np.ndarray) -> np.ndarray:
     """Keep the parts of one digit: components of at least KEEP_FRACTION of the largest (broken strokes stay)."""
     labels, count = label8(mask)
@@ -788,6 +848,13 @@ def digit_mask(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
     labels, areas, keep = ink_parts(ink_strength(gray, steps))
     if steps is not None:
         steps["threshold"] = ~keep[labels]
+    ink = kept_mask(labels, keep)
+    unframed = drop_frames(ink)
+    if unframed is not ink:  # a box round the digit: its parts again, without it
+        labels, count = label8(unframed)
+        areas = np.bincount(labels.ravel(), minlength=count + 1)
+        keep = areas >= max(2, SPECK_FRACTION * unframed.size)
+        keep[0] = False
     mask = kept_mask(labels, keep_digit_parts(labels, areas, keep))
     if steps is not None:
         steps["select"] = ~mask

@@ -26,6 +26,7 @@ from .pairs import NO_PAIR
 from .preprocess import (
     MIN_WORK_SIDE,
     WEAK_FRACTION,
+    drop_frames,
     ink_strength,
     load_gray_sized,
     parts,
@@ -225,7 +226,8 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     (a faint 2 leaning on a dark 6) counts by what lies beyond a margin round the clear ink (faint_beyond).
     """
     ink = ink_strength(gray) if ink is None else ink
-    mask = threshold(ink)
+    clear = threshold(ink)
+    mask = drop_frames(clear)  # a box drawn round the digits is no digit, nor is it faint ink (below)
     if not mask.any():
         return mask  # a blank page stays blank
     _, blobs, areas = components(mask)
@@ -237,7 +239,7 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     seeded[labels[strong]] = True
     seeded[0] = False  # the paper
     touching = np.zeros_like(seeded)
-    touching[labels[mask]] = True  # parts of clear digits keep the threshold's shape
+    touching[labels[clear]] = True  # parts of clear digits keep the threshold's shape
     inked_rows = np.flatnonzero(mask.any(axis=1))
     band = slice(int(inked_rows[0]), int(inked_rows[-1]) + 1)
     digits = [
@@ -246,7 +248,7 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
         if _digit_sized(objects[label - 1], gray.shape, band, line_height)
     ]
     out = mask | np.isin(labels, digits) if digits else mask.copy()  # faint_beyond reads `mask` as it was
-    clear_areas = np.bincount(labels[mask], minlength=len(seeded))
+    clear_areas = np.bincount(labels[clear], minlength=len(seeded))
     leaning = [
         label
         for label in np.flatnonzero(seeded & touching)
@@ -255,7 +257,7 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     margin = 2.0 * max(1.0, stroke_width(mask)) if leaning else 0.0  # most lines have none to search
     for label in leaning:
         box = objects[label - 1]
-        for core_box, part in faint_beyond(labels[box] == label, mask[box], strong[box], margin, box):
+        for core_box, part in faint_beyond(labels[box] == label, clear[box], strong[box], margin, box):
             if _digit_sized(core_box, gray.shape, band, line_height):
                 out[box] |= part
     return out
