@@ -195,3 +195,96 @@ def test_cli_kill_9_then_resume_on_mnist(tmp_path):
         env=env,
     )
     assert_same_run(whole, killed)
+
+
+# ---------------------------------------------------------------- what a resume may and may not do
+
+QUIET = {"progress": False, "report": False, "log": lambda message: None}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _edit_last(out: Path, edit) -> None:
+    """Rewrite the metadata of `out`'s last.safetensors (keeping its checksum valid), as another version might."""
+    from digitrec.checkpoint import save_tensors
+
+    tensors, meta = load_tensors(out / "last.safetensors")
+    meta.pop("format_version", None)
+    edit(meta)
+    save_tensors(out / "last.safetensors", tensors, meta)
+
+
+def test_resuming_an_early_stopped_run_only_evaluates_it(tiny_mnist, tmp_path):
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig(
+        arch="mlp_500_256", epochs=8, batch_size=64, lr=1e-12, schedule="constant", val_size=200
+    ).override(early_stopping_patience=1, device="cpu")
+    stopped = train(config, tmp_path, data=tiny_mnist, **QUIET)
+    assert len(stopped.history) < 8
+    weights, _ = load_tensors(tmp_path / "model.safetensors")
+    for _ in range(2):  # every --resume used to train one more epoch
+        resumed = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+        assert resumed.history == stopped.history
+        assert resumed.metrics["steps"] == stopped.metrics["steps"]
+        assert resumed.metrics["test_accuracy"] == stopped.metrics["test_accuracy"]
+        kept, _ = load_tensors(tmp_path / "model.safetensors")
+        assert all(torch.equal(kept[k], weights[k]) for k in weights)
+
+
+def test_a_dry_run_resumes_as_a_dry_run(tiny_mnist, tmp_path):
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=3, batch_size=64, val_size=0, device="cpu")
+    done = train(config, tmp_path, data=tiny_mnist, dry_run=True, **QUIET)
+    assert done.metrics["steps"] == 8  # 8 batches of 64
+    again = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+    assert again.history == done.history and again.metrics["steps"] == 8
+
+    def interrupted(meta):  # as if killed after step 4 of its 8
+        meta["state"].update(step=4, finished=False, history=[])
+
+    _edit_last(tmp_path, interrupted)
+    resumed = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+    assert resumed.metrics["steps"] == 8  # not an epoch of the whole data set (18 steps)
+
+
+def test_a_fine_tune_is_not_resumed_without_its_corrections(tmp_path):
+    """`train --resume` of a fine-tune folder trained on MNIST alone and rewrote a finished one's files."""
+    from digitrec.checkpoint import save_model
+    from digitrec.config import TrainConfig
+    from digitrec.data import MNIST
+    from digitrec.errors import CheckpointError
+    from digitrec.feedback import FeedbackStore, finetune
+    from digitrec.models import create_model
+    from digitrec.training import train
+
+    torch.manual_seed(0)
+    config = {"arch": "mlp_500_256", "batch_size": 64, "lr": 0.002, "device": "cpu", "augment": "none"}
+    save_model(
+        tmp_path / "base.safetensors", create_model("mlp_500_256"), {"recipe": "tiny", "config": config}
+    )
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    for label in range(3):
+        store.add(
+            label=label, image=b"png", input28=torch.full((28, 28), 40 * label, dtype=torch.uint8).numpy()
+        )
+    images = torch.randint(
+        0, 256, (128, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    labels = torch.arange(128, dtype=torch.uint8) % 10
+    data = MNIST(images, labels, images[:32], labels[:32], source="synthetic", checksum="0" * 32)
+    finetune(tmp_path / "base.safetensors", store.path, tmp_path / "tuned", data=data, repeat=2, **QUIET)
+    before = _files(tmp_path / "tuned")
+    refused = "holds a fine-tune of .*base.safetensors.*run the same `digitrec finetune` again"
+    with pytest.raises(CheckpointError, match=refused):
+        train(TrainConfig(), tmp_path / "tuned", data=data, resume=True, **QUIET)
+    assert _files(tmp_path / "tuned") == before
+
+    _edit_last(tmp_path / "tuned", lambda meta: meta["state"].update(step=1, finished=False))  # interrupted
+    with pytest.raises(CheckpointError, match=refused):
+        train(TrainConfig(), tmp_path / "tuned", data=data, resume=True, **QUIET)

@@ -381,6 +381,41 @@ def _restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) 
     np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), *info["numpy"]))
 
 
+def _read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, str, dict[str, Any]]:
+    """The tensors, config, recipe and state of `out_dir`'s last.safetensors, for `train(resume=True)`."""
+    last_path = out_dir / "last.safetensors"
+    if not last_path.exists():
+        raise CheckpointError(
+            f"{out_dir} has no last.safetensors to resume from; start a new run without --resume."
+        )
+    tensors, meta = load_tensors(last_path)
+    try:
+        config, recipe, state = TrainConfig.from_dict(meta["config"]), meta["recipe"], meta["state"]
+        resumable = {"step", "history", "optimizer"} <= state.keys()
+    except (KeyError, TypeError, AttributeError):
+        resumable = False
+    if not resumable:
+        raise CheckpointError(
+            f"{last_path} is not a digitrec training checkpoint; start a new run without --resume."
+        )
+    finetune = meta.get("extra", {}).get("finetuned_from") if isinstance(meta.get("extra"), dict) else None
+    if finetune is not None or str(recipe).endswith(("+feedback", "+finetune")):
+        source = f" of {finetune}" if finetune else ""
+        raise CheckpointError(
+            f"{out_dir} holds a fine-tune{source}, which `digitrec train --resume` cannot continue (the "
+            f"checkpoint does not hold the corrections); run the same `digitrec finetune` again with --out {out_dir}."
+        )
+    return tensors, config, recipe, state
+
+
+def _finished(state: dict[str, Any], config: TrainConfig) -> bool:
+    """Did the run whose state this is end (all its steps, early stopping, or on_epoch's word)?
+
+    Checkpoints from before `finished` was saved tell early stopping by the counter it left."""
+    patience = config.early_stopping_patience
+    return bool(state.get("finished")) or bool(patience and state.get("bad_epochs", 0) >= patience)
+
+
 def versions() -> dict[str, str]:
     return {"digitrec": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
@@ -435,22 +470,11 @@ def train(
     }
     resume_tensors: dict[str, torch.Tensor] = {}
     if resume:
-        if not last_path.exists():
-            raise CheckpointError(
-                f"{out_dir} has no last.safetensors to resume from; start a new run without --resume."
-            )
-        resume_tensors, meta = load_tensors(last_path)
-        try:
-            config, recipe, state = TrainConfig.from_dict(meta["config"]), meta["recipe"], meta["state"]
-            resumable = {"step", "history", "optimizer"} <= state.keys()
-        except (KeyError, TypeError, AttributeError):
-            resumable = False
-        if not resumable:
-            raise CheckpointError(
-                f"{last_path} is not a digitrec training checkpoint; start a new run without --resume."
-            )
+        resume_tensors, config, recipe, state = _read_resume(out_dir)
+        dry_run = bool(state.get("dry_run", False))  # a dry run resumes on its own few images
         if resume_device:
             config = config.override(device=resume_device)
+    state["dry_run"] = dry_run
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -462,7 +486,9 @@ def train(
     main, world_size = distributed.is_main(), distributed.world_size()
     if not main:
         log, progress, tensorboard = _quiet, False, False
-    if resume:
+    if resume and _finished(state, config):
+        log(f"{out_dir} holds a finished {recipe} run: evaluating it again, without training")
+    elif resume:
         log(f"resuming {recipe} from step {state['step']} in {out_dir}")
     data = data or load_mnist(log=log)
     if config.val_size:
@@ -538,7 +564,8 @@ def train(
         save_tensors(
             last_path,
             tensors | optimizer_tensors | rng_tensors,
-            {"recipe": recipe, "config": config.to_dict(), "state": state | position},
+            {"recipe": recipe, "config": config.to_dict(), "state": state | position}
+            | ({"extra": extra_metadata} if extra_metadata else {}),
         )
 
     def on_step(step: int, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
@@ -562,7 +589,7 @@ def train(
     step = state["step"]
     # the sums of an epoch interrupted after a mid-epoch checkpoint; they are global sums, so rank 0 carries them
     epoch_so_far = tuple(state.get("epoch_so_far", (0.0, 0, 0))) if main else (0.0, 0, 0)
-    while step < total_steps:
+    while step < total_steps and not _finished(state, config):
         epoch = step // steps_per_epoch
         end = min(total_steps, (epoch + 1) * steps_per_epoch)
         steps = range(step, end)
@@ -615,13 +642,15 @@ def train(
                 )
             else:
                 state["bad_epochs"] += 1
-            save_last(step)
-            atomic_write_json(out_dir / "history.json", state["history"])
             if config.early_stopping_patience and state["bad_epochs"] >= config.early_stopping_patience:
                 log(f"early stopping: no better validation accuracy for {state['bad_epochs']} epochs")
                 stop = True
             if on_epoch is not None and on_epoch(scored_model, row):
                 stop = True
+            # a finished run, resumed, is only evaluated again: it never trains past where it stopped
+            state["finished"] = stop or step >= total_steps
+            save_last(step)
+            atomic_write_json(out_dir / "history.json", state["history"])
         if distributed.broadcast_flag(stop):
             break
         clock[0] = time.perf_counter()
