@@ -206,14 +206,86 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _edit_last(out: Path, edit) -> None:
+def _edit_last(out: Path, edit, edit_tensors=None) -> None:
     """Rewrite the metadata of `out`'s last.safetensors (keeping its checksum valid), as another version might."""
     from digitrec.checkpoint import save_tensors
 
     tensors, meta = load_tensors(out / "last.safetensors")
     meta.pop("format_version", None)
     edit(meta)
+    if edit_tensors is not None:
+        tensors = edit_tensors(tensors)
     save_tensors(out / "last.safetensors", tensors, meta)
+
+
+def _set(path: str, value):
+    """An edit that sets meta[a][b]... = value (or deletes the key when value is DELETE)."""
+
+    def edit(meta):
+        *parents, key = path.split(".")
+        for name in parents:
+            meta = meta[name]
+        if value is DELETE:
+            del meta[key]
+        else:
+            meta[key] = value
+
+    return edit
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "edit, edit_tensors",
+    [
+        (_set("config.arch", "lenet"), None),
+        (_set("config.arch", DELETE), None),
+        (_set("config", "fast"), None),
+        (_set("config.epochs", "many"), None),
+        (_set("state.optimizer", {}), None),
+        (_set("state.optimizer.scalars", []), None),
+        (_set("state.step", "abc"), None),
+        (_set("state.step", -5), None),
+        (_set("state.step", 10**6), None),
+        (_set("state.history", {"epoch": 1}), None),
+        (_set("state.epoch_so_far", [1.0]), None),
+        (_set("state.rng", {"python": [1]}), None),
+        (_set("state.optimizer.param_groups", [{"lr": 0.1}]), None),
+        (lambda meta: None, lambda t: {k: v for k, v in t.items() if not k.startswith("optimizer.")}),
+        (lambda meta: None, lambda t: {k: v for k, v in t.items() if not k.startswith("model.0")}),
+    ],
+    ids=[
+        "other-arch",
+        "no-arch",
+        "config-not-a-table",
+        "bad-config-value",
+        "no-optimizer-record",
+        "scalars-not-a-table",
+        "step-not-a-number",
+        "negative-step",
+        "step-past-the-end",
+        "history-not-a-list",
+        "short-epoch-sums",
+        "short-rng-record",
+        "param-groups-of-another-model",
+        "optimizer-tensors-missing",
+        "weights-missing",
+    ],
+)
+def test_damaged_or_foreign_resume_metadata_is_one_sentence(tiny_mnist, tmp_path_factory, edit, edit_tensors):
+    """Each used to raise a traceback (RuntimeError, KeyError, TypeError, ValueError) or resume from nonsense."""
+    from digitrec.config import TrainConfig
+    from digitrec.errors import CheckpointError
+    from digitrec.training import train
+
+    out = tmp_path_factory.mktemp("damaged")
+    config = TrainConfig(arch="mlp_500_256", epochs=2, batch_size=64, val_size=0, device="cpu")
+    train(config.override(epochs=1), out, data=tiny_mnist, **QUIET)
+    _edit_last(out, lambda meta: (meta["config"].update(epochs=2.0), meta["state"].update(finished=False)))
+    _edit_last(out, edit, edit_tensors)
+    with pytest.raises(CheckpointError, match="damaged or from another version|not a digitrec training"):
+        train(TrainConfig(), out, data=tiny_mnist, resume=True, **QUIET)
 
 
 def test_resuming_an_early_stopped_run_only_evaluates_it(tiny_mnist, tmp_path):

@@ -12,6 +12,7 @@ on any number of processes. DDP averages the gradients; only rank 0 logs, evalua
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -19,7 +20,7 @@ import math
 import platform
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -315,7 +316,21 @@ def _optimizer_tensors(optimizer: Optimizer) -> tuple[dict[str, torch.Tensor], d
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _load_optimizer(optimizer: Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def _refusing_damage(path: Path, config: TrainConfig) -> Iterator[None]:
+    """Turn what a damaged or other-version checkpoint raises while it is loaded into one sentence."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+        raise CheckpointError(
+            f"{path} does not fit a {config.arch} run (its weights, optimizer or generator states are "
+            "missing or of the wrong shape); it is damaged or from another version, so start a new run."
+        ) from None
+
+
+def _load_optimizer(
+    optimizer: Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any], trained: bool = True
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -328,6 +343,11 @@ def _load_optimizer(optimizer: Optimizer, tensors: dict[str, torch.Tensor], info
     for g in groups:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
+    # after a step, Adam, AdamW and SGD with momentum hold state for every parameter: none is a lost state
+    stateful = not isinstance(optimizer, torch.optim.SGD) or any(g.get("momentum") for g in groups)
+    count = sum(len(g["params"]) for g in groups)
+    if trained and stateful and sorted(state) != list(range(count)):
+        raise ValueError(f"optimizer state for {len(state)} of {count} parameters")
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     # Checkpoints hold tensors contiguous, but a channels_last parameter's moments must share its layout: the
     # fused and foreach optimizers walk a parameter and its state in storage order, element by element.
@@ -391,8 +411,8 @@ def _read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, s
     tensors, meta = load_tensors(last_path)
     try:
         config, recipe, state = TrainConfig.from_dict(meta["config"]), meta["recipe"], meta["state"]
-        resumable = {"step", "history", "optimizer"} <= state.keys()
-    except (KeyError, TypeError, AttributeError):
+        resumable = {"step", "history", "optimizer"} <= state.keys() and _valid_state(state)
+    except (KeyError, TypeError, AttributeError, DigitrecError):
         resumable = False
     if not resumable:
         raise CheckpointError(
@@ -406,6 +426,33 @@ def _read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, s
             f"checkpoint does not hold the corrections); run the same `digitrec finetune` again with --out {out_dir}."
         )
     return tensors, config, recipe, state
+
+
+def _valid_state(state: dict[str, Any]) -> bool:
+    """Does a checkpoint's state have the shape this version writes? (Its metadata may come from anyone.)"""
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    so_far = state.get("epoch_so_far", [0.0, 0, 0])
+    return (
+        whole(state["step"])
+        and isinstance(state["history"], list)
+        and all(isinstance(row, dict) for row in state["history"])
+        and isinstance(state["optimizer"], dict)
+        and isinstance(state["optimizer"].get("scalars"), dict)
+        and isinstance(state["optimizer"].get("param_groups"), list)
+        and number(state.get("best_val_accuracy", -1.0))
+        and number(state.get("train_seconds", 0.0))
+        and whole(state.get("bad_epochs", 0))
+        and isinstance(so_far, list)
+        and len(so_far) == 3
+        and all(number(v) for v in so_far)
+        and isinstance(state.get("rng") or {}, dict)
+    )
 
 
 def _finished(state: dict[str, Any], config: TrainConfig) -> bool:
@@ -514,13 +561,15 @@ def train(
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks memory_format
     optimizer = make_optimizer(model, config)
     if resume:
-        model.load_state_dict(_section(resume_tensors, "model."))
-        _load_optimizer(optimizer, resume_tensors, state["optimizer"])
-        _restore_rng(resume_tensors, state.get("rng"))
+        with _refusing_damage(out_dir / "last.safetensors", config):
+            model.load_state_dict(_section(resume_tensors, "model."))
+            _load_optimizer(optimizer, resume_tensors, state["optimizer"], trained=state["step"] > 0)
+            _restore_rng(resume_tensors, state.get("rng"))
     # With ema_decay, a moving average of the weights is what gets validated, saved and tested.
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     if average is not None and resume:
-        average.model.load_state_dict(_section(resume_tensors, "average."))
+        with _refusing_damage(out_dir / "last.safetensors", config):
+            average.model.load_state_dict(_section(resume_tensors, "average."))
     scored_model = average.model if average is not None else model
     forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
     train_model = distributed.wrap(forward_model, device)  # forward_model itself in a single process
@@ -533,6 +582,11 @@ def train(
         )
     total_steps = max(1, round(config.epochs * steps_per_epoch))
     total_epochs = math.ceil(total_steps / steps_per_epoch)
+    if state["step"] > total_steps:
+        raise CheckpointError(
+            f"{last_path} is at step {state['step']} of a run of {total_steps} steps; it is damaged or from "
+            "another version, so start a new run."
+        )
     params = count_parameters(model)
     processes = f" x {world_size} processes" if world_size > 1 else ""
     log(
