@@ -35,7 +35,11 @@ def metrics_of(result: subprocess.CompletedProcess) -> dict:
 
 
 def test_two_processes_train_like_one(tmp_path):
-    specs = {n: {"config": EQUIVALENT, "out": str(tmp_path / f"nproc{n}")} for n in (0, 2)}
+    # 1157 = 18 x 64 + 5: a last batch of 5 splits 3 + 2 over the ranks, and each rank's gradient must weigh
+    # by its share (averaged equally, the two processes ended 7e-3 apart)
+    specs = {
+        n: {"config": EQUIVALENT, "out": str(tmp_path / f"nproc{n}"), "train_images": 1157} for n in (0, 2)
+    }
     children = {
         n: subprocess.Popen(
             runkit.command(spec, n),
@@ -65,6 +69,33 @@ def test_two_processes_train_like_one(tmp_path):
     assert double["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1 / 300)
     # only rank 0 writes: one line per event in the log, files only in rank 0's folder
     assert results[2].stdout.count("epoch   1/1") == 1
+
+
+@pytest.mark.parametrize(
+    "arch, batch_size, processes, refused",
+    [
+        ("lenet", 3, 2, "--batch-size 3 does not split evenly over 2 processes.*multiple of 2"),
+        ("lenet", 1, 2, "--batch-size 1 does not split evenly over 2 processes"),
+        ("bn_cnn", 2, 2, "one image per step for each of 2 processes.*choose --batch-size 4 or more"),
+        ("bn_cnn", 1, 1, "--batch-size 1 leaves one image per step, and bn_cnn's batch norm needs at least"),
+    ],
+    ids=["uneven", "empty-rank", "batch-norm-one-per-rank", "batch-norm-one-image"],
+)
+def test_batch_sizes_that_change_training_are_refused(
+    tiny_mnist, tmp_path, monkeypatch, arch, batch_size, processes, refused
+):
+    """An uneven split trained differently from one process, an empty share gave a NaN loss, and batch norm
+    with one image raised a ValueError traceback. (The world size is faked: the check comes before training.)"""
+    from digitrec import distributed
+    from digitrec.config import TrainConfig
+    from digitrec.errors import DigitrecError
+    from digitrec.training import train
+
+    monkeypatch.setattr(distributed, "world_size", lambda: processes)
+    config = TrainConfig(arch=arch, batch_size=batch_size, epochs=1, val_size=0, device="cpu")
+    with pytest.raises(DigitrecError, match=refused):
+        train(config, tmp_path, data=tiny_mnist, dry_run=True, progress=False, log=lambda m: None)
+    assert not (tmp_path / "last.safetensors").exists()
 
 
 def test_nproc_inside_torchrun_is_refused(monkeypatch, capsys):
