@@ -360,3 +360,38 @@ def test_a_fine_tune_is_not_resumed_without_its_corrections(tmp_path):
     _edit_last(tmp_path / "tuned", lambda meta: meta["state"].update(step=1, finished=False))  # interrupted
     with pytest.raises(CheckpointError, match=refused):
         train(TrainConfig(), tmp_path / "tuned", data=data, resume=True, **QUIET)
+    with pytest.raises(
+        CheckpointError, match="holds an unfinished fine-tune; run its `digitrec finetune` again"
+    ):
+        train(TrainConfig(arch="mlp_500_256", device="cpu"), tmp_path / "tuned", data=data, **QUIET)
+    # what both sentences advise: the same fine-tune again, which starts the folder over
+    run = finetune(
+        tmp_path / "base.safetensors", store.path, tmp_path / "tuned", data=data, repeat=2, **QUIET
+    )
+    assert run.metrics["feedback_corrections"] == 3
+
+
+def test_a_new_run_does_not_replace_an_unfinished_one(tiny_mnist, tmp_path):
+    """It silently overwrote last.safetensors; a finished run may still be replaced (`make run` does that)."""
+    from digitrec.config import TrainConfig
+    from digitrec.errors import CheckpointError
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    train(config.override(seed=1), tmp_path, data=tiny_mnist, **QUIET)  # over a finished run: fine
+
+    _edit_last(tmp_path, lambda meta: meta["state"].update(step=5, finished=False))  # as if killed
+    kept = _files(tmp_path)
+    with pytest.raises(CheckpointError, match="unfinished run \\(stopped at step 5\\).*train --resume"):
+        train(config, tmp_path, data=tiny_mnist, dry_run=True, **QUIET)
+    assert _files(tmp_path) == kept
+    train(config, tmp_path, data=tiny_mnist, overwrite=True, **QUIET)
+
+    # a checkpoint from before `finished` was saved: metrics.json tells a finished run
+    _edit_last(tmp_path, lambda meta: meta["state"].pop("finished"))
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    _edit_last(tmp_path, lambda meta: meta["state"].pop("finished"))
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(CheckpointError, match="unfinished run"):
+        train(config, tmp_path, data=tiny_mnist, **QUIET)

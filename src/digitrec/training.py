@@ -32,7 +32,7 @@ from torch import nn
 
 from . import __version__, distributed, tta
 from .augment import augment_batch
-from .checkpoint import atomic_write_json, load_tensors, save_model, save_tensors
+from .checkpoint import atomic_write_json, load_tensors, read_checkpoint, save_model, save_tensors
 from .config import TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError
@@ -436,14 +436,52 @@ def _read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, s
         raise CheckpointError(
             f"{last_path} is not a digitrec training checkpoint; start a new run without --resume."
         )
-    finetune = meta.get("extra", {}).get("finetuned_from") if isinstance(meta.get("extra"), dict) else None
-    if finetune is not None or str(recipe).endswith(("+feedback", "+finetune")):
-        source = f" of {finetune}" if finetune else ""
+    if _is_finetune(meta):
+        extra = meta.get("extra")
+        source = (
+            f" of {extra['finetuned_from']}" if isinstance(extra, dict) and "finetuned_from" in extra else ""
+        )
         raise CheckpointError(
             f"{out_dir} holds a fine-tune{source}, which `digitrec train --resume` cannot continue (the "
             f"checkpoint does not hold the corrections); run the same `digitrec finetune` again with --out {out_dir}."
         )
     return tensors, config, recipe, state
+
+
+def _refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
+    """A new run must not replace one that `--resume` could finish; replacing a finished one is fine (`make run`).
+
+    A fine-tune may replace an unfinished fine-tune: starting it over is how one is continued."""
+    try:
+        _, meta = read_checkpoint(out_dir / "last.safetensors")
+        config, state = TrainConfig.from_dict(meta["config"]), meta["state"]
+        step = state["step"]
+        finished = (
+            state["finished"]
+            if "finished" in state  # older checkpoints: a run that finished wrote metrics.json at its end
+            else _finished(state, config) or (out_dir / "metrics.json").exists()
+        )
+    except (CheckpointError, KeyError, TypeError, AttributeError, DigitrecError):
+        return  # no checkpoint, or one no --resume could continue from
+    if finished:
+        return
+    if _is_finetune(meta):
+        if finetune:
+            return
+        raise CheckpointError(
+            f"{out_dir} holds an unfinished fine-tune; run its `digitrec finetune` again, or choose another --out."
+        )
+    raise CheckpointError(
+        f"{out_dir} holds an unfinished run (stopped at step {step}); continue it with `digitrec train --resume "
+        f"{out_dir}`, or choose another --out (or delete the folder to start over)."
+    )
+
+
+def _is_finetune(meta: dict[str, Any]) -> bool:
+    extra = meta.get("extra")
+    return (isinstance(extra, dict) and "finetuned_from" in extra) or str(meta.get("recipe")).endswith(
+        ("+feedback", "+finetune")
+    )
 
 
 def _valid_state(state: dict[str, Any]) -> bool:
@@ -515,6 +553,7 @@ def train(
     init_weights: dict[str, torch.Tensor] | None = None,
     extra_metadata: dict[str, Any] | None = None,
     resume_device: str | None = None,
+    overwrite: bool = False,
 ) -> Run:
     """Train `config`, keep the best checkpoint by validation accuracy, evaluate it on the test set, write the run folder.
 
@@ -523,6 +562,7 @@ def train(
     instead of a fresh initialization (fine-tuning); `extra_metadata` is merged into the checkpoint's metadata.
     `resume_device` continues a resumed run on another device than the one it started on (a run begun on a GPU
     machine, finished on a CPU); the data order, schedule and seeds do not depend on the device.
+    A new run may replace a finished one in `out_dir` but not one that could be resumed, unless `overwrite`.
     """
     out_dir = Path(out_dir)
     last_path = out_dir / "last.safetensors"
@@ -532,6 +572,7 @@ def train(
         "best_val_accuracy": -1.0,
         "train_seconds": 0.0,
         "bad_epochs": 0,
+        "finished": False,
     }
     resume_tensors: dict[str, torch.Tensor] = {}
     if resume:
@@ -539,6 +580,8 @@ def train(
         dry_run = bool(state.get("dry_run", False))  # a dry run resumes on its own few images
         if resume_device:
             config = config.override(device=resume_device)
+    elif not overwrite:
+        _refuse_unfinished_run(out_dir, finetune=init_weights is not None)
     state["dry_run"] = dry_run
 
     if config.threads:

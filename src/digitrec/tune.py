@@ -134,6 +134,7 @@ def tune(
             report=False,
             log=lambda msg: None,
             on_epoch=on_epoch,
+            overwrite=True,  # a trial's folder is scratch: a study run again reuses its numbers
         )
         value = float(run.history[-1]["val_accuracy"]) if pruned else float(run.metrics["val_accuracy"])
         log(
