@@ -395,3 +395,24 @@ def test_a_new_run_does_not_replace_an_unfinished_one(tiny_mnist, tmp_path):
     (tmp_path / "metrics.json").unlink()
     with pytest.raises(CheckpointError, match="unfinished run"):
         train(config, tmp_path, data=tiny_mnist, **QUIET)
+
+
+def test_a_crash_between_the_two_renames_is_recovered(tiny_mnist, tmp_path):
+    """The new checkpoint was in place beside the old last.json, the new one left as a temporary: resume said
+    the checkpoint did not match its checksum, and the temporaries stayed forever."""
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    old_side = (tmp_path / "last.json").read_bytes()
+    _edit_last(
+        tmp_path, lambda meta: (meta["config"].update(epochs=2.0), meta["state"].update(finished=False))
+    )
+    (tmp_path / "last.json").rename(tmp_path / ".last.json.k3j2x9.tmp")  # renamed second: not yet
+    (tmp_path / "last.json").write_bytes(old_side)
+    (tmp_path / ".last.json.0ld0ne.tmp").write_bytes(old_side)  # an older crash's leftovers
+    (tmp_path / ".last.safetensors.0ld0ne.tmp").write_bytes(b"half a checkpoint")
+    resumed = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+    assert resumed.metrics["epochs"] == 2
+    assert not list(tmp_path.glob(".*.tmp"))

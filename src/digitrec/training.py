@@ -32,7 +32,14 @@ from torch import nn
 
 from . import __version__, distributed, tta
 from .augment import augment_batch
-from .checkpoint import atomic_write_json, load_tensors, read_checkpoint, save_model, save_tensors
+from .checkpoint import (
+    atomic_write_json,
+    load_tensors,
+    read_checkpoint,
+    recover_interrupted_write,
+    save_model,
+    save_tensors,
+)
 from .config import TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError
@@ -426,6 +433,7 @@ def _read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, s
         raise CheckpointError(
             f"{out_dir} has no last.safetensors to resume from; start a new run without --resume."
         )
+    recover_interrupted_write(last_path)
     tensors, meta = load_tensors(last_path)
     try:
         config, recipe, state = TrainConfig.from_dict(meta["config"]), meta["recipe"], meta["state"]
@@ -452,6 +460,7 @@ def _refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
     """A new run must not replace one that `--resume` could finish; replacing a finished one is fine (`make run`).
 
     A fine-tune may replace an unfinished fine-tune: starting it over is how one is continued."""
+    recover_interrupted_write(out_dir / "last.safetensors")
     try:
         _, meta = read_checkpoint(out_dir / "last.safetensors")
         config, state = TrainConfig.from_dict(meta["config"]), meta["state"]
