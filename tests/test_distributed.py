@@ -98,6 +98,55 @@ def test_batch_sizes_that_change_training_are_refused(
     assert not (tmp_path / "last.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, refused",
+    [
+        (["--device", "cuda"], "--device cuda was asked for but no CUDA GPU is available"),
+        (["--data-dir", "/no/such/folder"], "/no/such/folder does not hold the four MNIST files"),
+        (["--batch-size", "3"], "--batch-size 3 does not split evenly over 2 processes"),
+        (["--out", "UNFINISHED"], "holds an unfinished run"),
+        (["--resume", "UNFINISHED", "--device", "cuda"], "--device cuda was asked for"),
+    ],
+    ids=["no-gpu", "no-data", "uneven-batch", "unfinished-folder", "resume-no-gpu"],
+)
+def test_nproc_refuses_once_what_every_worker_would(tmp_path, monkeypatch, capsys, flags, refused):
+    """These started torchrun, printed the sentence once per worker, then torchrun's 43-line traceback (exit 1)."""
+    import torch
+
+    from digitrec.checkpoint import save_tensors
+
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    unfinished = tmp_path / "run"
+    save_tensors(
+        unfinished / "last.safetensors",
+        {"model.w": torch.zeros(1)},
+        {
+            "recipe": "fast",
+            "config": {"arch": "fast_cnn"},
+            "state": {"step": 7, "history": [], "optimizer": {"scalars": {}, "param_groups": []}},
+        },
+    )
+    flags = [str(unfinished) if flag == "UNFINISHED" else flag for flag in flags]
+    monkeypatch.setattr("subprocess.Popen", None)  # torchrun must not start
+    recipe = [] if "--resume" in flags else ["--recipe", "fast"]
+    assert main(["train", "--nproc", "2", *recipe, *flags]) == 2
+    err = capsys.readouterr().err
+    assert refused in err and "Traceback" not in err and err.count("digitrec: error:") == 1
+
+
+def test_a_failing_worker_ends_torchrun_with_its_exit_status_and_no_traceback(tmp_path):
+    from digitrec.distributed import torchrun_command
+
+    script = tmp_path / "fail.py"
+    script.write_text("import sys\nprint('digitrec: error: one sentence.', file=sys.stderr)\nsys.exit(2)\n")
+    command = torchrun_command(2, [])
+    command = command[: command.index("-m")] + [str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=runkit.child_env())
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("digitrec: error: one sentence.") == 2
+
+
 def test_nproc_inside_torchrun_is_refused(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--nproc", "2", "--recipe", "fast"]) == 2

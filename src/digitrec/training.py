@@ -162,7 +162,7 @@ def steps_in_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     return full + (1 if rest >= 2 * world_size else 0)
 
 
-def _check_batch_size(config: TrainConfig, model: nn.Module, world_size: int) -> None:
+def check_batch_size(config: TrainConfig, model: nn.Module, world_size: int) -> None:
     """Refuse a batch that does not split evenly over the processes, or leaves batch norm one image."""
     if config.batch_size % world_size:
         raise DigitrecError(
@@ -426,7 +426,7 @@ def _restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) 
     np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), *info["numpy"]))
 
 
-def _read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, str, dict[str, Any]]:
+def read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, str, dict[str, Any]]:
     """The tensors, config, recipe and state of `out_dir`'s last.safetensors, for `train(resume=True)`."""
     last_path = out_dir / "last.safetensors"
     if not last_path.exists():
@@ -456,7 +456,7 @@ def _read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, s
     return tensors, config, recipe, state
 
 
-def _refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
+def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
     """A new run must not replace one that `--resume` could finish; replacing a finished one is fine (`make run`).
 
     A fine-tune may replace an unfinished fine-tune: starting it over is how one is continued."""
@@ -585,12 +585,12 @@ def train(
     }
     resume_tensors: dict[str, torch.Tensor] = {}
     if resume:
-        resume_tensors, config, recipe, state = _read_resume(out_dir)
+        resume_tensors, config, recipe, state = read_resume(out_dir)
         dry_run = bool(state.get("dry_run", False))  # a dry run resumes on its own few images
         if resume_device:
             config = config.override(device=resume_device)
     elif not overwrite:
-        _refuse_unfinished_run(out_dir, finetune=init_weights is not None)
+        refuse_unfinished_run(out_dir, finetune=init_weights is not None)
     state["dry_run"] = dry_run
 
     if config.threads:
@@ -624,7 +624,7 @@ def train(
 
     torch.manual_seed(config.seed)
     model: nn.Module = create_model(config.arch, config.normalize).to(device)
-    _check_batch_size(config, model, world_size)
+    check_batch_size(config, model, world_size)
     if init_weights is not None and not resume:
         model.load_state_dict(init_weights)
     model = distributed.prepare_model(model, device, math.ceil(config.batch_size / world_size), log)
