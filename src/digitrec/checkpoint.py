@@ -7,6 +7,7 @@ file `model.json` repeats that metadata for people and adds the file's SHA-256, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -119,7 +120,8 @@ def recover_interrupted_write(path: str | Path) -> None:
             except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or UTF-8
                 matches = False
             if candidate.name.startswith(f".{side.name}.") and matches:
-                os.replace(candidate, side)
+                with contextlib.suppress(FileNotFoundError):  # another rank of the same run was quicker
+                    os.replace(candidate, side)
                 break
     for leftover in leftovers:
         leftover.unlink(missing_ok=True)
