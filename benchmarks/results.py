@@ -107,6 +107,7 @@ def main() -> int:
                     data=data,
                     progress=False,
                     log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                    overwrite=True,  # a run this script left unfinished is trained again from the start
                 )
     with torch.no_grad():
         print(table(runs_dir, recipes, seeds, data))

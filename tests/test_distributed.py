@@ -35,7 +35,11 @@ def metrics_of(result: subprocess.CompletedProcess) -> dict:
 
 
 def test_two_processes_train_like_one(tmp_path):
-    specs = {n: {"config": EQUIVALENT, "out": str(tmp_path / f"nproc{n}")} for n in (0, 2)}
+    # 1157 = 18 x 64 + 5: a last batch of 5 splits 3 + 2 over the ranks, and each rank's gradient must weigh
+    # by its share (averaged equally, the two processes ended 7e-3 apart)
+    specs = {
+        n: {"config": EQUIVALENT, "out": str(tmp_path / f"nproc{n}"), "train_images": 1157} for n in (0, 2)
+    }
     children = {
         n: subprocess.Popen(
             runkit.command(spec, n),
@@ -65,6 +69,82 @@ def test_two_processes_train_like_one(tmp_path):
     assert double["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1 / 300)
     # only rank 0 writes: one line per event in the log, files only in rank 0's folder
     assert results[2].stdout.count("epoch   1/1") == 1
+
+
+@pytest.mark.parametrize(
+    "arch, batch_size, processes, refused",
+    [
+        ("lenet", 3, 2, "--batch-size 3 does not split evenly over 2 processes.*multiple of 2"),
+        ("lenet", 1, 2, "--batch-size 1 does not split evenly over 2 processes"),
+        ("bn_cnn", 2, 2, "one image per step for each of 2 processes.*choose --batch-size 4 or more"),
+        ("bn_cnn", 1, 1, "--batch-size 1 leaves one image per step, and bn_cnn's batch norm needs at least"),
+    ],
+    ids=["uneven", "empty-rank", "batch-norm-one-per-rank", "batch-norm-one-image"],
+)
+def test_batch_sizes_that_change_training_are_refused(
+    tiny_mnist, tmp_path, monkeypatch, arch, batch_size, processes, refused
+):
+    """An uneven split trained differently from one process, an empty share gave a NaN loss, and batch norm
+    with one image raised a ValueError traceback. (The world size is faked: the check comes before training.)"""
+    from digitrec import distributed
+    from digitrec.config import TrainConfig
+    from digitrec.errors import DigitrecError
+    from digitrec.training import train
+
+    monkeypatch.setattr(distributed, "world_size", lambda: processes)
+    config = TrainConfig(arch=arch, batch_size=batch_size, epochs=1, val_size=0, device="cpu")
+    with pytest.raises(DigitrecError, match=refused):
+        train(config, tmp_path, data=tiny_mnist, dry_run=True, progress=False, log=lambda m: None)
+    assert not (tmp_path / "last.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, refused",
+    [
+        (["--device", "cuda"], "--device cuda was asked for but no CUDA GPU is available"),
+        (["--data-dir", "/no/such/folder"], "/no/such/folder does not hold the four MNIST files"),
+        (["--batch-size", "3"], "--batch-size 3 does not split evenly over 2 processes"),
+        (["--out", "UNFINISHED"], "holds an unfinished run"),
+        (["--resume", "UNFINISHED", "--device", "cuda"], "--device cuda was asked for"),
+    ],
+    ids=["no-gpu", "no-data", "uneven-batch", "unfinished-folder", "resume-no-gpu"],
+)
+def test_nproc_refuses_once_what_every_worker_would(tmp_path, monkeypatch, capsys, flags, refused):
+    """These started torchrun, printed the sentence once per worker, then torchrun's 43-line traceback (exit 1)."""
+    import torch
+
+    from digitrec.checkpoint import save_tensors
+
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    unfinished = tmp_path / "run"
+    save_tensors(
+        unfinished / "last.safetensors",
+        {"model.w": torch.zeros(1)},
+        {
+            "recipe": "fast",
+            "config": {"arch": "fast_cnn"},
+            "state": {"step": 7, "history": [], "optimizer": {"scalars": {}, "param_groups": []}},
+        },
+    )
+    flags = [str(unfinished) if flag == "UNFINISHED" else flag for flag in flags]
+    monkeypatch.setattr("subprocess.Popen", None)  # torchrun must not start
+    recipe = [] if "--resume" in flags else ["--recipe", "fast"]
+    assert main(["train", "--nproc", "2", *recipe, *flags]) == 2
+    err = capsys.readouterr().err
+    assert refused in err and "Traceback" not in err and err.count("digitrec: error:") == 1
+
+
+def test_a_failing_worker_ends_torchrun_with_its_exit_status_and_no_traceback(tmp_path):
+    from digitrec.distributed import torchrun_command
+
+    script = tmp_path / "fail.py"
+    script.write_text("import sys\nprint('digitrec: error: one sentence.', file=sys.stderr)\nsys.exit(2)\n")
+    command = torchrun_command(2, [])
+    command = command[: command.index("-m")] + [str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=runkit.child_env())
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("digitrec: error: one sentence.") == 2
 
 
 def test_nproc_inside_torchrun_is_refused(monkeypatch, capsys):

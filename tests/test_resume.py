@@ -195,3 +195,224 @@ def test_cli_kill_9_then_resume_on_mnist(tmp_path):
         env=env,
     )
     assert_same_run(whole, killed)
+
+
+# ---------------------------------------------------------------- what a resume may and may not do
+
+QUIET = {"progress": False, "report": False, "log": lambda message: None}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _edit_last(out: Path, edit, edit_tensors=None) -> None:
+    """Rewrite the metadata of `out`'s last.safetensors (keeping its checksum valid), as another version might."""
+    from digitrec.checkpoint import save_tensors
+
+    tensors, meta = load_tensors(out / "last.safetensors")
+    meta.pop("format_version", None)
+    edit(meta)
+    if edit_tensors is not None:
+        tensors = edit_tensors(tensors)
+    save_tensors(out / "last.safetensors", tensors, meta)
+
+
+def _set(path: str, value):
+    """An edit that sets meta[a][b]... = value (or deletes the key when value is DELETE)."""
+
+    def edit(meta):
+        *parents, key = path.split(".")
+        for name in parents:
+            meta = meta[name]
+        if value is DELETE:
+            del meta[key]
+        else:
+            meta[key] = value
+
+    return edit
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "edit, edit_tensors",
+    [
+        (_set("config.arch", "lenet"), None),
+        (_set("config.arch", DELETE), None),
+        (_set("config", "fast"), None),
+        (_set("config.epochs", "many"), None),
+        (_set("state.optimizer", {}), None),
+        (_set("state.optimizer.scalars", []), None),
+        (_set("state.step", "abc"), None),
+        (_set("state.step", -5), None),
+        (_set("state.step", 10**6), None),
+        (_set("state.history", {"epoch": 1}), None),
+        (_set("state.epoch_so_far", [1.0]), None),
+        (_set("state.rng", {"python": [1]}), None),
+        (_set("state.optimizer.param_groups", [{"lr": 0.1}]), None),
+        (lambda meta: None, lambda t: {k: v for k, v in t.items() if not k.startswith("optimizer.")}),
+        (lambda meta: None, lambda t: {k: v for k, v in t.items() if not k.startswith("model.0")}),
+    ],
+    ids=[
+        "other-arch",
+        "no-arch",
+        "config-not-a-table",
+        "bad-config-value",
+        "no-optimizer-record",
+        "scalars-not-a-table",
+        "step-not-a-number",
+        "negative-step",
+        "step-past-the-end",
+        "history-not-a-list",
+        "short-epoch-sums",
+        "short-rng-record",
+        "param-groups-of-another-model",
+        "optimizer-tensors-missing",
+        "weights-missing",
+    ],
+)
+def test_damaged_or_foreign_resume_metadata_is_one_sentence(tiny_mnist, tmp_path_factory, edit, edit_tensors):
+    """Each used to raise a traceback (RuntimeError, KeyError, TypeError, ValueError) or resume from nonsense."""
+    from digitrec.config import TrainConfig
+    from digitrec.errors import CheckpointError
+    from digitrec.training import train
+
+    out = tmp_path_factory.mktemp("damaged")
+    config = TrainConfig(arch="mlp_500_256", epochs=2, batch_size=64, val_size=0, device="cpu")
+    train(config.override(epochs=1), out, data=tiny_mnist, **QUIET)
+    _edit_last(out, lambda meta: (meta["config"].update(epochs=2.0), meta["state"].update(finished=False)))
+    _edit_last(out, edit, edit_tensors)
+    with pytest.raises(CheckpointError, match="damaged or from another version|not a digitrec training"):
+        train(TrainConfig(), out, data=tiny_mnist, resume=True, **QUIET)
+
+
+def test_resuming_an_early_stopped_run_only_evaluates_it(tiny_mnist, tmp_path):
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig(
+        arch="mlp_500_256", epochs=8, batch_size=64, lr=1e-12, schedule="constant", val_size=200
+    ).override(early_stopping_patience=1, device="cpu")
+    stopped = train(config, tmp_path, data=tiny_mnist, **QUIET)
+    assert len(stopped.history) < 8
+    weights, _ = load_tensors(tmp_path / "model.safetensors")
+    for _ in range(2):  # every --resume used to train one more epoch
+        resumed = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+        assert resumed.history == stopped.history
+        assert resumed.metrics["steps"] == stopped.metrics["steps"]
+        assert resumed.metrics["test_accuracy"] == stopped.metrics["test_accuracy"]
+        kept, _ = load_tensors(tmp_path / "model.safetensors")
+        assert all(torch.equal(kept[k], weights[k]) for k in weights)
+
+
+def test_a_dry_run_resumes_as_a_dry_run(tiny_mnist, tmp_path):
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=3, batch_size=64, val_size=0, device="cpu")
+    done = train(config, tmp_path, data=tiny_mnist, dry_run=True, **QUIET)
+    assert done.metrics["steps"] == 8  # 8 batches of 64
+    again = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+    assert again.history == done.history and again.metrics["steps"] == 8
+
+    def interrupted(meta):  # as if killed after step 4 of its 8
+        meta["state"].update(step=4, finished=False, history=[])
+
+    _edit_last(tmp_path, interrupted)
+    resumed = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+    assert resumed.metrics["steps"] == 8  # not an epoch of the whole data set (18 steps)
+
+
+def test_a_fine_tune_is_not_resumed_without_its_corrections(tmp_path):
+    """`train --resume` of a fine-tune folder trained on MNIST alone and rewrote a finished one's files."""
+    from digitrec.checkpoint import save_model
+    from digitrec.config import TrainConfig
+    from digitrec.data import MNIST
+    from digitrec.errors import CheckpointError
+    from digitrec.feedback import FeedbackStore, finetune
+    from digitrec.models import create_model
+    from digitrec.training import train
+
+    torch.manual_seed(0)
+    config = {"arch": "mlp_500_256", "batch_size": 64, "lr": 0.002, "device": "cpu", "augment": "none"}
+    save_model(
+        tmp_path / "base.safetensors", create_model("mlp_500_256"), {"recipe": "tiny", "config": config}
+    )
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    for label in range(3):
+        store.add(
+            label=label, image=b"png", input28=torch.full((28, 28), 40 * label, dtype=torch.uint8).numpy()
+        )
+    images = torch.randint(
+        0, 256, (128, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    labels = torch.arange(128, dtype=torch.uint8) % 10
+    data = MNIST(images, labels, images[:32], labels[:32], source="synthetic", checksum="0" * 32)
+    finetune(tmp_path / "base.safetensors", store.path, tmp_path / "tuned", data=data, repeat=2, **QUIET)
+    before = _files(tmp_path / "tuned")
+    refused = "holds a fine-tune of .*base.safetensors.*run the same `digitrec finetune` again"
+    with pytest.raises(CheckpointError, match=refused):
+        train(TrainConfig(), tmp_path / "tuned", data=data, resume=True, **QUIET)
+    assert _files(tmp_path / "tuned") == before
+
+    _edit_last(tmp_path / "tuned", lambda meta: meta["state"].update(step=1, finished=False))  # interrupted
+    with pytest.raises(CheckpointError, match=refused):
+        train(TrainConfig(), tmp_path / "tuned", data=data, resume=True, **QUIET)
+    with pytest.raises(
+        CheckpointError, match="holds an unfinished fine-tune; run its `digitrec finetune` again"
+    ):
+        train(TrainConfig(arch="mlp_500_256", device="cpu"), tmp_path / "tuned", data=data, **QUIET)
+    # what both sentences advise: the same fine-tune again, which starts the folder over
+    run = finetune(
+        tmp_path / "base.safetensors", store.path, tmp_path / "tuned", data=data, repeat=2, **QUIET
+    )
+    assert run.metrics["feedback_corrections"] == 3
+
+
+def test_a_new_run_does_not_replace_an_unfinished_one(tiny_mnist, tmp_path):
+    """It silently overwrote last.safetensors; a finished run may still be replaced (`make run` does that)."""
+    from digitrec.config import TrainConfig
+    from digitrec.errors import CheckpointError
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    train(config.override(seed=1), tmp_path, data=tiny_mnist, **QUIET)  # over a finished run: fine
+
+    _edit_last(tmp_path, lambda meta: meta["state"].update(step=5, finished=False))  # as if killed
+    kept = _files(tmp_path)
+    with pytest.raises(CheckpointError, match="unfinished run \\(stopped at step 5\\).*train --resume"):
+        train(config, tmp_path, data=tiny_mnist, dry_run=True, **QUIET)
+    assert _files(tmp_path) == kept
+    train(config, tmp_path, data=tiny_mnist, overwrite=True, **QUIET)
+
+    # a checkpoint from before `finished` was saved: metrics.json tells a finished run
+    _edit_last(tmp_path, lambda meta: meta["state"].pop("finished"))
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    _edit_last(tmp_path, lambda meta: meta["state"].pop("finished"))
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(CheckpointError, match="unfinished run"):
+        train(config, tmp_path, data=tiny_mnist, **QUIET)
+
+
+def test_a_crash_between_the_two_renames_is_recovered(tiny_mnist, tmp_path):
+    """The new checkpoint was in place beside the old last.json, the new one left as a temporary: resume said
+    the checkpoint did not match its checksum, and the temporaries stayed forever."""
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    old_side = (tmp_path / "last.json").read_bytes()
+    _edit_last(
+        tmp_path, lambda meta: (meta["config"].update(epochs=2.0), meta["state"].update(finished=False))
+    )
+    (tmp_path / "last.json").rename(tmp_path / ".last.json.k3j2x9.tmp")  # renamed second: not yet
+    (tmp_path / "last.json").write_bytes(old_side)
+    (tmp_path / ".last.json.0ld0ne.tmp").write_bytes(old_side)  # an older crash's leftovers
+    (tmp_path / ".last.safetensors.0ld0ne.tmp").write_bytes(b"half a checkpoint")
+    resumed = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+    assert resumed.metrics["epochs"] == 2
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -18,6 +18,26 @@ def test_unknown_recipe_fails_before_any_run(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "recipes, seeds, flags, refused",
+    [
+        (["fast"], [0, 0], [], "--seeds names 0 more than once"),  # two trainings into one folder at once
+        (["fast", "fast"], [0], [], "--recipes names fast more than once"),  # each job ran twice
+        (["fast"], [0], ["--epochs", "0"], "epochs must be a positive number"),  # every job started, failed
+        (["fast"], [0], ["--epochs", "-1"], "epochs must be a positive number"),
+        (["fast"], [-1], [], "seed must be a whole number"),
+    ],
+    ids=["seed-twice", "recipe-twice", "zero-epochs", "negative-epochs", "negative-seed"],
+)
+def test_a_sweep_train_would_refuse_fails_before_any_run(
+    tmp_path, monkeypatch, recipes, seeds, flags, refused
+):
+    monkeypatch.setattr(subprocess, "Popen", None)  # no job may start
+    with pytest.raises(DigitrecError, match=refused):
+        sweep(recipes, seeds, tmp_path, parallel=2, train_flags=flags)
+    assert not any(tmp_path.iterdir())
+
+
 def test_summary_has_one_line_per_run_and_a_mean_per_recipe():
     rows = [
         {

@@ -132,6 +132,7 @@ def test_resume_continues_exactly(tiny_mnist, tmp_path):
     from digitrec.checkpoint import save_tensors
 
     meta["config"]["epochs"] = 2.0
+    meta["state"]["finished"] = False
     save_tensors(tmp_path / "half" / "last.safetensors", tensors, meta)
     resumed = train(
         TrainConfig(),
@@ -160,6 +161,7 @@ def test_a_run_begun_on_a_gpu_resumes_on_the_cpu(tiny_mnist, tmp_path):
     train(config.override(epochs=1), tmp_path / "half", **quiet)
     tensors, meta = load_tensors(tmp_path / "half" / "last.safetensors")
     meta["config"].update(epochs=2.0, device="cuda")  # as if begun on a GPU machine, stopped after epoch 1
+    meta["state"]["finished"] = False
     save_tensors(tmp_path / "half" / "last.safetensors", tensors, meta)
     if not torch.cuda.is_available():
         with pytest.raises(DigitrecError, match="--device cuda was asked for but no CUDA GPU is available"):

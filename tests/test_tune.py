@@ -120,3 +120,55 @@ def test_processes_sharing_a_storage_seed_their_samplers_apart():
         check=True,
     )
     assert int(other.stdout) != tune_module._process_seed(0)  # another process, another seed
+
+
+@pytest.mark.parametrize(
+    "kwargs, refused",
+    [
+        ({"seed": -1}, "--seed must be between 0 and 2\\*\\*32 - 1, got -1"),  # a ValueError traceback
+        ({"epochs": 0}, "epochs must be a positive number"),  # silently the recipe's epochs
+        ({"val_size": 0}, "--val-size must be at least 1, got 0"),  # silently 5,000
+        ({"val_size": 1200}, "--val-size 1200 leaves 0 of 1,200 training images"),  # Optuna's log, then this
+    ],
+    ids=["negative-seed", "zero-epochs", "no-validation", "no-training-images"],
+)
+def test_settings_tuning_cannot_use_are_one_sentence_before_any_trial(
+    tiny_mnist, tmp_path, kwargs, refused, capfd
+):
+    from digitrec.errors import DigitrecError
+
+    with pytest.raises(DigitrecError, match=refused):
+        tune_module.tune("fast", 1, tmp_path, data=tiny_mnist, log=lambda msg: None, **kwargs)
+    assert "Trial 0 failed" not in capfd.readouterr().err
+    assert not (tmp_path / "trial-000").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks for the killed trial by hand
+def test_a_trial_whose_process_was_killed_is_failed_and_tried_again(tiny_mnist, tmp_path, monkeypatch):
+    """A kill -9'd trial in a shared study stayed "running" for ever, counted as pruned or failed."""
+    import sqlite3
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+    storage = tune_module._heartbeat_storage(optuna, url)
+    study = optuna.create_study(study_name="shared", storage=storage, direction="maximize")
+    killed = study.ask()  # a process began this trial, beat its heartbeat, then died
+    storage.record_heartbeat(killed._trial_id)
+    with sqlite3.connect(tmp_path / "tune.db") as con:  # its last beat, an hour ago
+        con.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 hour')")
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}]))
+    result = tune_module.tune(
+        "fast",
+        1,
+        tmp_path,
+        storage=url,
+        study_name="shared",
+        data=tiny_mnist,
+        epochs=1,
+        val_size=200,
+        log=lambda msg: None,
+    )
+    states = [t.state.name for t in result.study.trials]
+    assert states[0] == "FAIL" and "COMPLETE" in states[1:]
+    assert "running" not in (tmp_path / "trials.csv").read_text()

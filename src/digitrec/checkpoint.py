@@ -7,6 +7,7 @@ file `model.json` repeats that metadata for people and adds the file's SHA-256, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -95,6 +96,35 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     data = save(tensors, metadata={META_KEY: json.dumps(meta)})
     side = json.dumps({**meta, "sha256": hashlib.sha256(data).hexdigest()}, indent=2) + "\n"
     atomic_write_files({Path(path): data, sidecar_path(path): side.encode("utf-8")})
+
+
+def recover_interrupted_write(path: str | Path) -> None:
+    """Finish what a crash between the two renames of `save_tensors` left undone, and remove stale temporaries.
+
+    The checkpoint is renamed into place first, so such a crash leaves the new checkpoint beside the old side
+    file, with the new side file still a temporary (`.last.json.XXXX.tmp`): the temporary whose checksum
+    matches the checkpoint becomes the side file. Call it only when no one else is writing these files.
+    """
+    path = Path(path)
+    side = sidecar_path(path)
+    leftovers = sorted(path.parent.glob(f".{path.name}.*.tmp")) + sorted(
+        path.parent.glob(f".{side.name}.*.tmp")
+    )
+    if not leftovers:
+        return
+    if path.exists():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        for candidate in leftovers:
+            try:
+                matches = json.loads(candidate.read_text()).get("sha256") == digest
+            except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or UTF-8
+                matches = False
+            if candidate.name.startswith(f".{side.name}.") and matches:
+                with contextlib.suppress(FileNotFoundError):  # another rank of the same run was quicker
+                    os.replace(candidate, side)
+                break
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

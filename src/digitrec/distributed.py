@@ -164,12 +164,16 @@ def check_replicas(model: nn.Module) -> str:
 # ---------------------------------------------------------------- digitrec train --nproc N
 
 
+TORCHRUN = "import sys; from digitrec.distributed import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))"
+
+
 def torchrun_command(nproc: int, train_argv: list[str]) -> list[str]:
-    """The torchrun command line that runs `digitrec train ARGV` as `nproc` processes on this machine."""
+    """The torchrun command line that runs `digitrec train ARGV` as `nproc` processes on this machine
+    (torchrun's own main, through run_torchrun)."""
     return [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "-c",
+        TORCHRUN,
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
@@ -191,22 +195,68 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def run_torchrun(argv: list[str]) -> int:
+    """torchrun with `argv`, ending with the workers' exit status rather than torchrun's traceback.
+
+    When a worker fails (it has printed its one sentence) torchrun raises ChildFailedError, and on Ctrl-C
+    SignalException; uncaught, each printed a traceback of 27 to 43 lines and exited 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    try:
+        main(argv)
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
+
+
 def launch(args: argparse.Namespace) -> int:
     """`digitrec train --nproc N ...`: run the same command under torchrun as N processes; their exit status."""
-    from .cli import training_config
-
     if args.nproc < 1:
         raise DigitrecError(f"--nproc must be at least 1, got {args.nproc}.")
     if launched_by_torchrun():
         raise DigitrecError("--nproc starts torchrun itself; drop it when you launch digitrec with torchrun.")
     argv = without_nproc(getattr(args, "argv", None) or sys.argv[1:])
-    if not args.resume:
-        recipe, _ = training_config(args)  # a wrong recipe or flag fails here, once, not in every worker
-        if not args.out:  # one folder for all ranks, named now rather than by each worker's clock
-            argv += ["--out", f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    recipe = _check_before_launch(args)
+    if (
+        not args.resume and not args.out
+    ):  # one folder for all ranks, named now rather than by each worker's clock
+        argv += ["--out", f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"]
     env = dict(os.environ)
     # torchrun sets one thread per process when OMP_NUM_THREADS is unset; share the cores out instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     command = torchrun_command(args.nproc, argv)
     print("running: torchrun " + shlex.join(command[3:]), file=sys.stderr)
-    return subprocess.run(command, env=env).returncode
+    process = subprocess.Popen(command, env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached torchrun and its workers too: let them stop, then say so
+        process.wait()
+        raise
+
+
+def _check_before_launch(args: argparse.Namespace) -> str:
+    """What would fail in every worker (recipe, flags, device, data, run folder, batch size) fails here, once,
+    as one sentence; returns the recipe's name. The data is found (or downloaded) once, before the workers."""
+    from pathlib import Path
+
+    from . import training
+    from .cli import training_config
+    from .data import locate
+    from .models import create_model
+
+    if args.resume:
+        _, config, recipe, _ = training.read_resume(Path(args.resume))
+        config = config.override(device=args.device)
+    else:
+        recipe, config = training_config(args)
+        if args.out:
+            training.refuse_unfinished_run(Path(args.out), finetune=False)
+    training.resolve_device(config.device)
+    training.check_batch_size(config, create_model(config.arch), args.nproc)
+    locate(args.data_dir, log=lambda message: print(message, file=sys.stderr))
+    return recipe

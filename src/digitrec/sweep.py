@@ -41,7 +41,14 @@ def sweep(
         get_recipe(recipe)  # an unknown name fails now, not after the first runs
     if parallel < 1:
         raise DigitrecError(f"--parallel must be at least 1, got {parallel}.")
+    # a name given twice ran its jobs twice, into the same folder, at the same time
+    for flag, names in (("--recipes", recipes), ("--seeds", [str(seed) for seed in seeds])):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise DigitrecError(f"{flag} names {', '.join(repeated)} more than once; give each once.")
     jobs = [Job(r, s, out / f"{r}-seed{s}") for r, s in itertools.product(recipes, seeds)]
+    for job in jobs:  # what `digitrec train` would refuse (--epochs 0, --seeds -1) fails now, once
+        _check_train_flags(job, train_flags or [])
     threads = max(1, (os.cpu_count() or 1) // parallel)  # share the cores instead of oversubscribing them
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     pending, rows = list(jobs), []
@@ -88,6 +95,13 @@ def sweep(
     rows.sort(key=lambda row: (recipes.index(row["recipe"]), row["seed"]))
     atomic_write_json(out / "summary.json", rows)
     return rows
+
+
+def _check_train_flags(job: Job, train_flags: list[str]) -> None:
+    from .cli import build_parser, training_config
+
+    args = build_parser().parse_args(["train", "--recipe", job.recipe, "--seed", str(job.seed), *train_flags])
+    training_config(args)
 
 
 def _row(job: Job, returncode: int) -> dict:

@@ -12,6 +12,7 @@ on any number of processes. DDP averages the gradients; only rank 0 logs, evalua
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -19,7 +20,7 @@ import math
 import platform
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -31,7 +32,14 @@ from torch import nn
 
 from . import __version__, distributed, tta
 from .augment import augment_batch
-from .checkpoint import atomic_write_json, load_tensors, save_model, save_tensors
+from .checkpoint import (
+    atomic_write_json,
+    load_tensors,
+    read_checkpoint,
+    recover_interrupted_write,
+    save_model,
+    save_tensors,
+)
 from .config import TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError
@@ -154,6 +162,22 @@ def steps_in_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     return full + (1 if rest >= 2 * world_size else 0)
 
 
+def check_batch_size(config: TrainConfig, model: nn.Module, world_size: int) -> None:
+    """Refuse a batch that does not split evenly over the processes, or leaves batch norm one image."""
+    if config.batch_size % world_size:
+        raise DigitrecError(
+            f"--batch-size {config.batch_size} does not split evenly over {world_size} processes (each trains "
+            f"on its share of every batch); choose a multiple of {world_size}."
+        )
+    share = config.batch_size // world_size
+    if share < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        processes = f" for each of {world_size} processes" if world_size > 1 else ""
+        raise DigitrecError(
+            f"--batch-size {config.batch_size} leaves one image per step{processes}, and {config.arch}'s batch "
+            f"norm needs at least two; choose --batch-size {2 * world_size} or more."
+        )
+
+
 def seed_device_generator(device: torch.device, seed: int) -> None:
     """Seed the default generator of `device` only (the one dropout draws from there).
 
@@ -198,9 +222,8 @@ def train_steps(
     seen = int(epoch_so_far[2])
     for step in steps:
         i = step - epoch * steps_per_epoch
-        index = order[i * config.batch_size : (i + 1) * config.batch_size][
-            rank::world_size
-        ]  # this rank's share
+        batch = order[i * config.batch_size : (i + 1) * config.batch_size]
+        index = batch[rank::world_size]  # this rank's share
         # index_select, not images[index]: the same rows, 10x faster on a CPU (8 against 89 us for 320 images)
         x, y = as_input(images.index_select(0, index)), labels.index_select(0, index).long()
         # dropout draws from the global generator; under DDP each rank gets its own draws
@@ -228,7 +251,10 @@ def train_steps(
         if outliers:
             loss = loss + OUTLIER_WEIGHT * outlier_loss(outlier_logits)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if len(y) * world_size == len(batch):
+            loss.backward()
+        else:  # DDP averages the ranks' gradients: weigh each by its share of an uneven last batch
+            (loss * (len(y) * world_size / len(batch))).backward()
         optimizer.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -315,7 +341,21 @@ def _optimizer_tensors(optimizer: Optimizer) -> tuple[dict[str, torch.Tensor], d
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _load_optimizer(optimizer: Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def _refusing_damage(path: Path, config: TrainConfig) -> Iterator[None]:
+    """Turn what a damaged or other-version checkpoint raises while it is loaded into one sentence."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+        raise CheckpointError(
+            f"{path} does not fit a {config.arch} run (its weights, optimizer or generator states are "
+            "missing or of the wrong shape); it is damaged or from another version, so start a new run."
+        ) from None
+
+
+def _load_optimizer(
+    optimizer: Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any], trained: bool = True
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -328,6 +368,11 @@ def _load_optimizer(optimizer: Optimizer, tensors: dict[str, torch.Tensor], info
     for g in groups:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
+    # after a step, Adam, AdamW and SGD with momentum hold state for every parameter: none is a lost state
+    stateful = not isinstance(optimizer, torch.optim.SGD) or any(g.get("momentum") for g in groups)
+    count = sum(len(g["params"]) for g in groups)
+    if trained and stateful and sorted(state) != list(range(count)):
+        raise ValueError(f"optimizer state for {len(state)} of {count} parameters")
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     # Checkpoints hold tensors contiguous, but a channels_last parameter's moments must share its layout: the
     # fused and foreach optimizers walk a parameter and its state in storage order, element by element.
@@ -381,6 +426,108 @@ def _restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) 
     np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), *info["numpy"]))
 
 
+def read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, str, dict[str, Any]]:
+    """The tensors, config, recipe and state of `out_dir`'s last.safetensors, for `train(resume=True)`."""
+    last_path = out_dir / "last.safetensors"
+    if not last_path.exists():
+        raise CheckpointError(
+            f"{out_dir} has no last.safetensors to resume from; start a new run without --resume."
+        )
+    recover_interrupted_write(last_path)
+    tensors, meta = load_tensors(last_path)
+    try:
+        config, recipe, state = TrainConfig.from_dict(meta["config"]), meta["recipe"], meta["state"]
+        resumable = {"step", "history", "optimizer"} <= state.keys() and _valid_state(state)
+    except (KeyError, TypeError, AttributeError, DigitrecError):
+        resumable = False
+    if not resumable:
+        raise CheckpointError(
+            f"{last_path} is not a digitrec training checkpoint; start a new run without --resume."
+        )
+    if _is_finetune(meta):
+        extra = meta.get("extra")
+        source = (
+            f" of {extra['finetuned_from']}" if isinstance(extra, dict) and "finetuned_from" in extra else ""
+        )
+        raise CheckpointError(
+            f"{out_dir} holds a fine-tune{source}, which `digitrec train --resume` cannot continue (the "
+            f"checkpoint does not hold the corrections); run the same `digitrec finetune` again with --out {out_dir}."
+        )
+    return tensors, config, recipe, state
+
+
+def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
+    """A new run must not replace one that `--resume` could finish; replacing a finished one is fine (`make run`).
+
+    A fine-tune may replace an unfinished fine-tune: starting it over is how one is continued."""
+    recover_interrupted_write(out_dir / "last.safetensors")
+    try:
+        _, meta = read_checkpoint(out_dir / "last.safetensors")
+        config, state = TrainConfig.from_dict(meta["config"]), meta["state"]
+        step = state["step"]
+        finished = (
+            state["finished"]
+            if "finished" in state  # older checkpoints: a run that finished wrote metrics.json at its end
+            else _finished(state, config) or (out_dir / "metrics.json").exists()
+        )
+    except (CheckpointError, KeyError, TypeError, AttributeError, DigitrecError):
+        return  # no checkpoint, or one no --resume could continue from
+    if finished:
+        return
+    if _is_finetune(meta):
+        if finetune:
+            return
+        raise CheckpointError(
+            f"{out_dir} holds an unfinished fine-tune; run its `digitrec finetune` again, or choose another --out."
+        )
+    raise CheckpointError(
+        f"{out_dir} holds an unfinished run (stopped at step {step}); continue it with `digitrec train --resume "
+        f"{out_dir}`, or choose another --out (or delete the folder to start over)."
+    )
+
+
+def _is_finetune(meta: dict[str, Any]) -> bool:
+    extra = meta.get("extra")
+    return (isinstance(extra, dict) and "finetuned_from" in extra) or str(meta.get("recipe")).endswith(
+        ("+feedback", "+finetune")
+    )
+
+
+def _valid_state(state: dict[str, Any]) -> bool:
+    """Does a checkpoint's state have the shape this version writes? (Its metadata may come from anyone.)"""
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    so_far = state.get("epoch_so_far", [0.0, 0, 0])
+    return (
+        whole(state["step"])
+        and isinstance(state["history"], list)
+        and all(isinstance(row, dict) for row in state["history"])
+        and isinstance(state["optimizer"], dict)
+        and isinstance(state["optimizer"].get("scalars"), dict)
+        and isinstance(state["optimizer"].get("param_groups"), list)
+        and number(state.get("best_val_accuracy", -1.0))
+        and number(state.get("train_seconds", 0.0))
+        and whole(state.get("bad_epochs", 0))
+        and isinstance(so_far, list)
+        and len(so_far) == 3
+        and all(number(v) for v in so_far)
+        and isinstance(state.get("rng") or {}, dict)
+    )
+
+
+def _finished(state: dict[str, Any], config: TrainConfig) -> bool:
+    """Did the run whose state this is end (all its steps, early stopping, or on_epoch's word)?
+
+    Checkpoints from before `finished` was saved tell early stopping by the counter it left."""
+    patience = config.early_stopping_patience
+    return bool(state.get("finished")) or bool(patience and state.get("bad_epochs", 0) >= patience)
+
+
 def versions() -> dict[str, str]:
     return {"digitrec": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
@@ -415,6 +562,7 @@ def train(
     init_weights: dict[str, torch.Tensor] | None = None,
     extra_metadata: dict[str, Any] | None = None,
     resume_device: str | None = None,
+    overwrite: bool = False,
 ) -> Run:
     """Train `config`, keep the best checkpoint by validation accuracy, evaluate it on the test set, write the run folder.
 
@@ -423,6 +571,7 @@ def train(
     instead of a fresh initialization (fine-tuning); `extra_metadata` is merged into the checkpoint's metadata.
     `resume_device` continues a resumed run on another device than the one it started on (a run begun on a GPU
     machine, finished on a CPU); the data order, schedule and seeds do not depend on the device.
+    A new run may replace a finished one in `out_dir` but not one that could be resumed, unless `overwrite`.
     """
     out_dir = Path(out_dir)
     last_path = out_dir / "last.safetensors"
@@ -432,25 +581,17 @@ def train(
         "best_val_accuracy": -1.0,
         "train_seconds": 0.0,
         "bad_epochs": 0,
+        "finished": False,
     }
     resume_tensors: dict[str, torch.Tensor] = {}
     if resume:
-        if not last_path.exists():
-            raise CheckpointError(
-                f"{out_dir} has no last.safetensors to resume from; start a new run without --resume."
-            )
-        resume_tensors, meta = load_tensors(last_path)
-        try:
-            config, recipe, state = TrainConfig.from_dict(meta["config"]), meta["recipe"], meta["state"]
-            resumable = {"step", "history", "optimizer"} <= state.keys()
-        except (KeyError, TypeError, AttributeError):
-            resumable = False
-        if not resumable:
-            raise CheckpointError(
-                f"{last_path} is not a digitrec training checkpoint; start a new run without --resume."
-            )
+        resume_tensors, config, recipe, state = read_resume(out_dir)
+        dry_run = bool(state.get("dry_run", False))  # a dry run resumes on its own few images
         if resume_device:
             config = config.override(device=resume_device)
+    elif not overwrite:
+        refuse_unfinished_run(out_dir, finetune=init_weights is not None)
+    state["dry_run"] = dry_run
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -462,7 +603,9 @@ def train(
     main, world_size = distributed.is_main(), distributed.world_size()
     if not main:
         log, progress, tensorboard = _quiet, False, False
-    if resume:
+    if resume and _finished(state, config):
+        log(f"{out_dir} holds a finished {recipe} run: evaluating it again, without training")
+    elif resume:
         log(f"resuming {recipe} from step {state['step']} in {out_dir}")
     data = data or load_mnist(log=log)
     if config.val_size:
@@ -481,6 +624,7 @@ def train(
 
     torch.manual_seed(config.seed)
     model: nn.Module = create_model(config.arch, config.normalize).to(device)
+    check_batch_size(config, model, world_size)
     if init_weights is not None and not resume:
         model.load_state_dict(init_weights)
     model = distributed.prepare_model(model, device, math.ceil(config.batch_size / world_size), log)
@@ -488,13 +632,15 @@ def train(
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks memory_format
     optimizer = make_optimizer(model, config)
     if resume:
-        model.load_state_dict(_section(resume_tensors, "model."))
-        _load_optimizer(optimizer, resume_tensors, state["optimizer"])
-        _restore_rng(resume_tensors, state.get("rng"))
+        with _refusing_damage(out_dir / "last.safetensors", config):
+            model.load_state_dict(_section(resume_tensors, "model."))
+            _load_optimizer(optimizer, resume_tensors, state["optimizer"], trained=state["step"] > 0)
+            _restore_rng(resume_tensors, state.get("rng"))
     # With ema_decay, a moving average of the weights is what gets validated, saved and tested.
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     if average is not None and resume:
-        average.model.load_state_dict(_section(resume_tensors, "average."))
+        with _refusing_damage(out_dir / "last.safetensors", config):
+            average.model.load_state_dict(_section(resume_tensors, "average."))
     scored_model = average.model if average is not None else model
     forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
     train_model = distributed.wrap(forward_model, device)  # forward_model itself in a single process
@@ -507,6 +653,11 @@ def train(
         )
     total_steps = max(1, round(config.epochs * steps_per_epoch))
     total_epochs = math.ceil(total_steps / steps_per_epoch)
+    if state["step"] > total_steps:
+        raise CheckpointError(
+            f"{last_path} is at step {state['step']} of a run of {total_steps} steps; it is damaged or from "
+            "another version, so start a new run."
+        )
     params = count_parameters(model)
     processes = f" x {world_size} processes" if world_size > 1 else ""
     log(
@@ -538,7 +689,8 @@ def train(
         save_tensors(
             last_path,
             tensors | optimizer_tensors | rng_tensors,
-            {"recipe": recipe, "config": config.to_dict(), "state": state | position},
+            {"recipe": recipe, "config": config.to_dict(), "state": state | position}
+            | ({"extra": extra_metadata} if extra_metadata else {}),
         )
 
     def on_step(step: int, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
@@ -562,7 +714,7 @@ def train(
     step = state["step"]
     # the sums of an epoch interrupted after a mid-epoch checkpoint; they are global sums, so rank 0 carries them
     epoch_so_far = tuple(state.get("epoch_so_far", (0.0, 0, 0))) if main else (0.0, 0, 0)
-    while step < total_steps:
+    while step < total_steps and not _finished(state, config):
         epoch = step // steps_per_epoch
         end = min(total_steps, (epoch + 1) * steps_per_epoch)
         steps = range(step, end)
@@ -615,13 +767,15 @@ def train(
                 )
             else:
                 state["bad_epochs"] += 1
-            save_last(step)
-            atomic_write_json(out_dir / "history.json", state["history"])
             if config.early_stopping_patience and state["bad_epochs"] >= config.early_stopping_patience:
                 log(f"early stopping: no better validation accuracy for {state['bad_epochs']} epochs")
                 stop = True
             if on_epoch is not None and on_epoch(scored_model, row):
                 stop = True
+            # a finished run, resumed, is only evaluated again: it never trains past where it stopped
+            state["finished"] = stop or step >= total_steps
+            save_last(step)
+            atomic_write_json(out_dir / "history.json", state["history"])
         if distributed.broadcast_flag(stop):
             break
         clock[0] = time.perf_counter()

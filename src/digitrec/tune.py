@@ -18,9 +18,13 @@ from typing import Any
 from .checkpoint import atomic_write_text
 from .config import get_recipe, to_toml
 from .data import MNIST
-from .errors import DigitrecError
+from .errors import DataError, DigitrecError
 
 DEFAULT_VAL_SIZE = 5000  # used when the recipe itself trains on all 60,000 images
+# A process sharing a storage beats every HEARTBEAT_SECONDS while it trains a trial; a trial whose process
+# went silent for GRACE_SECONDS (killed) is marked failed by the next process to start one, and tried again.
+HEARTBEAT_SECONDS = 60
+GRACE_SECONDS = 180
 BATCH_SIZES = (64, 128, 192, 256)
 AUGMENTATIONS = ("none", "rotate10", "affine")
 
@@ -79,24 +83,37 @@ def tune(
     """
     optuna = _optuna()
     from .data import load_mnist
-    from .training import train
+    from .training import steps_in_epoch, train
 
     if trials < 1:
         raise DigitrecError(f"tuning needs at least 1 trial, got {trials}.")
+    if not 0 <= seed < 2**32:
+        raise DigitrecError(f"--seed must be between 0 and 2**32 - 1, got {seed}.")
+    if val_size is not None and val_size < 1:
+        raise DigitrecError(
+            f"tuning picks settings on a validation split, so --val-size must be at least 1, got {val_size}."
+        )
     out_dir = Path(out_dir)
     base = get_recipe(recipe)
-    base = base.override(
-        val_size=val_size or base.val_size or DEFAULT_VAL_SIZE,
-        epochs=epochs or base.epochs,
+    base = base.override(  # 0 is refused here by override, not taken for "the recipe's own"
+        val_size=val_size if val_size is not None else base.val_size or DEFAULT_VAL_SIZE,
+        epochs=epochs if epochs is not None else base.epochs,
         early_stopping_patience=0,
     )
     data = data or load_mnist(log=log)
+    # a split that leaves no batch fails here, once, not as every trial's failure in Optuna's log
+    if steps_in_epoch(len(data.train_images) - base.val_size, min(BATCH_SIZES)) == 0:
+        raise DataError(
+            f"--val-size {base.val_size} leaves {max(0, len(data.train_images) - base.val_size)} of "
+            f"{len(data.train_images):,} training images; choose a smaller --val-size."
+        )
     # Processes sharing a storage must not draw the same settings: each seeds its sampler with its process id too.
     sampler_seed = seed if storage is None else _process_seed(seed)
     try:
+        study_storage = storage if storage is None else _heartbeat_storage(optuna, storage)
         study = optuna.create_study(
             study_name=study_name or f"digitrec-{recipe}",
-            storage=storage,
+            storage=study_storage,
             load_if_exists=True,
             direction="maximize",
             sampler=optuna.samplers.TPESampler(seed=sampler_seed),
@@ -134,6 +151,7 @@ def tune(
             report=False,
             log=lambda msg: None,
             on_epoch=on_epoch,
+            overwrite=True,  # a trial's folder is scratch: a study run again reuses its numbers
         )
         value = float(run.history[-1]["val_accuracy"]) if pruned else float(run.metrics["val_accuracy"])
         log(
@@ -165,6 +183,23 @@ def tune(
         summary_table(study),
         plot(study, out_dir / "tuning.png"),
     )
+
+
+def _heartbeat_storage(optuna: Any, url: str) -> Any:
+    """An RDB storage whose trials beat a heartbeat, so that a killed process's trial is failed and retried
+    (without one it stayed "running" for ever). Optuna calls this experimental; its warnings are not the user's."""
+    import warnings
+
+    storages = optuna.storages
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna 4.9 renamed the callback
+            retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+        else:
+            retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=1)}
+        return storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS, **retry
+        )
 
 
 def _process_seed(seed: int) -> int:
