@@ -243,6 +243,10 @@ def test_finetune_without_corrections_says_what_to_do(tmp_path):
             tmp_path / "base.safetensors", tmp_path / "missing.sqlite", tmp_path / "out", data=tiny_mnist()
         )
     assert not (tmp_path / "missing.sqlite").exists()  # a mistyped path is not created
+    store = FeedbackStore(tmp_path / "one.sqlite")
+    store.add(label=3, image=b"png", input28=np.zeros((28, 28), np.uint8))
+    with pytest.raises(DigitrecError, match="choose --repeat 600000 or less"):  # was a 15 TB allocation
+        finetune(tmp_path / "base.safetensors", store.path, tmp_path / "out", data=tiny_mnist(), repeat=10**9)
 
 
 def test_feedback_export_of_a_missing_database_is_an_error_and_creates_nothing(tmp_path, capsys):

@@ -213,6 +213,9 @@ def _extension(data: bytes) -> str:
     return "bin"
 
 
+MAX_REPEATED = 600_000  # corrections x --repeat: ten times MNIST's training set is already most of an epoch
+
+
 def finetune(
     model_path: str | Path,
     feedback_db: str | Path | None,
@@ -261,6 +264,11 @@ def finetune(
         images, labels = torch.zeros((0, 28, 28), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
     if repeat < 1 or epochs <= 0 or lr_scale <= 0:
         raise DigitrecError("--repeat must be at least 1, and --epochs and --lr-scale positive.")
+    if len(images) * repeat > MAX_REPEATED:
+        raise DigitrecError(
+            f"--repeat {repeat} would add {len(images) * repeat:,} copies of the {len(images)} corrections, more "
+            f"than {MAX_REPEATED:,} (ten times MNIST); choose --repeat {MAX_REPEATED // len(images)} or less."
+        )
     base = TrainConfig.from_checkpoint(meta, model_path)
     config = base.override(
         epochs=epochs, lr=base.lr * lr_scale, schedule="cosine", val_size=0, early_stopping_patience=0
