@@ -590,3 +590,22 @@ def test_an_empty_rectangle_is_no_frame_and_a_bold_digit_is_left_alone():
     assert drop_frames(empty) is empty
     digit = page(0) < 128
     assert drop_frames(digit) is digit
+
+
+@pytest.mark.parametrize("thing", ["pen", "finger"])
+def test_a_pen_or_a_finger_in_the_photo_is_not_part_of_the_digit(thing):
+    """A walk-through's photos with a pen across a corner (54 of 60 read wrong or rejected) or a fingertip at the
+    edge (26 of 26 rejected), clear of the digit: both were kept as ink beside it."""
+    import cv2
+
+    gray = np.full((256, 256), 235, np.uint8)  # a 7 about a third of the photo high, in its middle
+    gray[88:168, 88:168] = page(7, size=160)[40:120, 40:120]
+    reference = preprocess(gray)
+    photo = gray.copy()
+    if thing == "pen":  # a long bar across the top left corner, a little bolder than the handwriting
+        cv2.line(photo, (0, 70), (200, 0), 25, 9)
+    else:  # a fingertip from the right edge: a big soft blob
+        cv2.ellipse(photo, (256, 200), (70, 40), 0, 0, 360, 60, -1)
+    x = preprocess(photo)
+    assert ink_box(x) == pytest.approx(ink_box(reference), abs=2)
+    assert (x * reference).sum() / np.sqrt((x * x).sum() * (reference * reference).sum()) > 0.7

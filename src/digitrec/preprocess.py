@@ -61,6 +61,9 @@ INK_CONTRAST = (
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
 SPECK_FRACTION = 0.0004  # components smaller than this share of the image are dust or noise
 KEEP_FRACTION = 0.08  # a single digit's parts are at least this share of its largest part
+BOLDER_OBJECT = 2.5  # a part at the photo's edge this many times bolder than the digit is an object, not ink,
+LONGER_OBJECT = 2.0  # and so is a straight bar this many times longer than the digit's size
+ROD_ASPECT = 5.0  # (a bar: at least this many times longer than wide)
 SOLID_STROKE = 0.22  # a glyph whose mean stroke is this share of its height or more has lost its loops
 REOPEN_HEIGHT = 0.7  # reopened(): a core shorter than this share of the glyph lost a stroke, not a fill
 PAPER_TOLERANCE = (
@@ -592,7 +595,9 @@ def keep_digit_parts(labels: np.ndarray, areas: np.ndarray, keep: np.ndarray) ->
 def drop_edge_parts(labels: np.ndarray, areas: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Drop kept parts that touch the picture's edge, stand wholly left or right of the digit (the largest part
     inside the picture) and are smaller than it: the edge of a shadow, of the page or of a table that the threshold
-    took for ink. A digit's own broken strokes share its columns (the bar of a 5, the flag of a 7, one of a 4's)."""
+    took for ink. A digit's own broken strokes share its columns (the bar of a 5, the flag of a 7, one of a 4's).
+    Also drop parts at the edge that are far bolder than the digit or a straight bar far longer than it, wherever
+    they lie: a finger or a pen in the photo (a digit's parts are written with one pen, and no longer than it)."""
     height, width = labels.shape
     boxes = {}
     for label in np.flatnonzero(keep).tolist():
@@ -609,11 +614,26 @@ def drop_edge_parts(labels: np.ndarray, areas: np.ndarray, keep: np.ndarray) -> 
     digit = max(inside, key=lambda label: areas[label])
     left, right = boxes[digit][2:]
     out = keep.copy()
+    y0, y1 = boxes[digit][:2]
+    size = max(y1 - y0, right - left)
+    pen: float | None = None  # the digit's stroke width, measured only if an edge part may be an object
     for label in edge:
         x0, x1 = boxes[label][2:]
         if (x1 <= left or x0 >= right) and areas[label] < areas[digit]:
             out[label] = False
+        elif areas[digit] >= KEEP_FRACTION * areas[label]:
+            part = labels == label
+            pen = stroke_width(labels == digit) if pen is None else pen
+            if stroke_width(part) >= BOLDER_OBJECT * pen or _rod(part, size):
+                out[label] = False  # a finger or a pen lying in the photo, not handwriting
     return out
+
+
+def _rod(part: np.ndarray, size: int) -> bool:
+    """Is the part a straight bar (ROD_ASPECT times longer than wide, in any direction) LONGER_OBJECT times the
+    digit's size? A pen or a ruler lying on the page; a digit's own stroke is no longer than the digit."""
+    (_, _), sides, _ = cv2.minAreaRect(cv2.findNonZero(_u8(part)))
+    return max(sides) >= LONGER_OBJECT * size and max(sides) >= ROD_ASPECT * max(1.0, min(sides))
 
 
 FRAME_MIN_SIDE = 16  # a box drawn round a digit is at least this many working pixels on each side
