@@ -442,6 +442,50 @@ def test_clients_that_never_finish_their_headers_are_cut_off_while_others_are_se
             silent.close()
 
 
+def test_clients_that_stall_their_body_are_cut_off_while_others_are_served(predictor, db_path):
+    """A client that sent its headers and then stalled its body held a connection slot forever; 257 of them
+    took the whole server down, /healthz included."""
+    from digitrec.server import guarded_http_protocol
+
+    limit = 0.5
+    app = create_app(predictor, feedback_db=db_path)
+    with live_server(app, http=guarded_http_protocol(5.0, body_timeout=limit)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stalled = []
+        for path in ("/api/predict", "/api/read", "/api/feedback"):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                "Content-Length: 1000\r\n\r\nabc".encode()
+            )
+            stalled.append(sock)
+        try:
+            with httpx.Client(base_url=url, timeout=5) as http:
+                assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+                for sock in stalled:
+                    seconds, said = _wait_for_close(sock, 2.0)
+                    assert said.startswith(b"HTTP/1.1 408"), said
+                    assert (
+                        b'"detail": "request timeout: send the whole request body within 0.5 seconds."'
+                        in said
+                    )
+                # a body that arrives in time, in pieces, is still read
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    png = digit_png()
+                    sock.sendall(
+                        f"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                        f"Content-Length: {len(png)}\r\nConnection: close\r\n\r\n".encode()
+                    )
+                    for start in range(0, len(png), 500):
+                        sock.sendall(png[start : start + 500])
+                    _, said = _wait_for_close(sock, 2.0)
+                    assert said.startswith(b"HTTP/1.1 200") and b'"digit":7' in said
+                assert http.get("/healthz").status_code == 200
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
 def test_a_request_head_over_64_kb_is_refused_with_431(predictor, db_path):
     from digitrec.server import guarded_http_protocol
 

@@ -351,10 +351,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    if not args.header_timeout > 0:
-        raise DigitrecError(
-            f"--header-timeout must be a positive number of seconds, got {args.header_timeout}."
-        )
+    for flag, seconds in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not seconds > 0:
+            raise DigitrecError(f"{flag} must be a positive number of seconds, got {seconds}.")
     serve(
         _model_path(args.model),
         host=args.host,
@@ -363,6 +362,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         backend=args.backend,
         header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
     )
     return 0
 
@@ -978,6 +978,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SECONDS",
         help="close a connection whose request headers are not complete within this many seconds (default 10)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection whose request body is not complete within this many seconds of its headers "
+        "(default 30)",
     )
     p.set_defaults(func=cmd_serve)
 

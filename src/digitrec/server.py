@@ -293,24 +293,28 @@ class Batcher:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Slow clients: a deadline for the request head
+# Slow clients: deadlines for the request head and body
 
 
 HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
 MAX_HEADER_BYTES = 64 * 1024
 
 
 def guarded_http_protocol(
-    header_timeout: float = HEADER_TIMEOUT_S, max_header_bytes: int = MAX_HEADER_BYTES
+    header_timeout: float = HEADER_TIMEOUT_S,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> type:
-    """uvicorn's httptools protocol with a deadline for the request head, for `uvicorn.run(..., http=...)`.
+    """uvicorn's httptools protocol with deadlines for the request head and body, for `uvicorn.run(..., http=...)`.
 
     uvicorn times out idle keep-alive connections but not a client that opens a connection and sends its
-    headers a byte at a time or never finishes them (slowloris): each such client holds a connection and a
-    slot of `limit_concurrency` for as long as it likes. Here the head (request line and headers) must be
-    complete within `header_timeout` seconds of the connection opening or of the request's first byte, and
-    within `max_header_bytes`; otherwise the connection is closed (with 408 or 431 when part of a head
-    arrived). Bodies, responses and idle keep-alive connections are left to uvicorn's own limits.
+    headers a byte at a time or never finishes them (slowloris), nor one that sends its headers and then stalls
+    its body: each such client holds a connection and a slot of `limit_concurrency` for as long as it likes.
+    Here the head (request line and headers) must be complete within `header_timeout` seconds of the connection
+    opening or of the request's first byte, and within `max_header_bytes`; the body must then be complete within
+    `body_timeout` seconds of the head. Otherwise the connection is closed (with 408 or 431 when part of a head
+    arrived, 408 for a late body). Responses and idle keep-alive connections are left to uvicorn's own limits.
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -319,6 +323,7 @@ def guarded_http_protocol(
             super().connection_made(transport)
             self._head_bytes = 0
             self._head_timer: asyncio.TimerHandle | None = None
+            self._body_timer: asyncio.TimerHandle | None = None
             self._in_head = True  # waiting for a request head; a client that sends nothing is held to it too
             self._arm_head_timer()
 
@@ -331,12 +336,17 @@ def guarded_http_protocol(
                 self._head_timer.cancel()
                 self._head_timer = None
 
+        def _disarm_body_timer(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
         def data_received(self, data: bytes) -> None:
             super().data_received(data)  # the parser calls on_message_begin / on_headers_complete in here
             if self._in_head and self._head_timer is not None and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > max_header_bytes:
-                    self._refuse(431, "Request Header Fields Too Large")
+                    self._refuse(431, "Request Header Fields Too Large", "send the request headers promptly")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -347,24 +357,45 @@ def guarded_http_protocol(
         def on_headers_complete(self) -> None:
             self._in_head = False
             self._disarm_head_timer()
+            self._disarm_body_timer()
+            # armed before the app starts: a GET's on_message_complete follows at once and disarms it
+            self._body_timer = self.loop.call_later(body_timeout, self._body_timed_out)
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._disarm_body_timer()
+            super().on_message_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head_timer()
+            self._disarm_body_timer()
             super().connection_lost(exc)
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
             if self._in_head and not self.transport.is_closing():
                 if self._head_bytes:
-                    self._refuse(408, "Request Timeout")
+                    self._refuse(408, "Request Timeout", "send the request headers promptly")
                 else:  # nothing arrived (an idle pre-connection): just close, as the keep-alive timeout does
                     self.transport.close()
 
-        def _refuse(self, status: int, reason: str) -> None:
+        def _body_timed_out(self) -> None:
+            self._body_timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and self.cycle.response_started:  # answered already (a 413): just close
+                self.transport.close()
+                return
+            # the app waits in receive(); closing the transport hands it http.disconnect
+            self._refuse(
+                408, "Request Timeout", f"send the whole request body within {body_timeout:g} seconds"
+            )
+
+        def _refuse(self, status: int, reason: str, advice: str) -> None:
             self._disarm_head_timer()
+            self._disarm_body_timer()
             self._in_head = False
-            body = json.dumps({"detail": f"{reason.lower()}: send the request headers promptly."}).encode()
+            body = json.dumps({"detail": f"{reason.lower()}: {advice}."}).encode()
             self.transport.write(
                 f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
@@ -999,10 +1030,12 @@ def serve(
     access_log: bool = False,
     backend: str = "auto",
     header_timeout: float = HEADER_TIMEOUT_S,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> None:
     """Load the model once, then serve the page and the API until interrupted (backend: auto, torch or onnx).
 
-    A client must send each request's headers within `header_timeout` seconds or its connection is closed.
+    A client must send each request's headers within `header_timeout` seconds, and then its body within
+    `body_timeout` seconds, or its connection is closed.
     """
     check_can_listen(host, port)
     import torch
@@ -1027,5 +1060,5 @@ def serve(
         access_log=access_log,
         limit_concurrency=256,
         log_level="info",
-        http=guarded_http_protocol(header_timeout),
+        http=guarded_http_protocol(header_timeout, body_timeout=body_timeout),
     )
