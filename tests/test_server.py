@@ -178,6 +178,26 @@ def test_a_heic_upload_is_400_with_a_sentence_naming_the_format(client):
     assert response.status_code == 400 and "is a HEIC photo" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("endpoint", ["/api/predict", "/api/read", "/api/predict?explain=true"])
+def test_an_eps_upload_is_400_naming_its_format_not_handed_to_ghostscript(client, endpoint):
+    """Any format Pillow knows was decoded; EPS went to Ghostscript and came back "damaged or truncated"."""
+    image = Image.new("L", (40, 40), 255)
+    buffer = io.BytesIO()
+    image.save(buffer, format="EPS")
+    response = client.post(endpoint, files=upload(buffer.getvalue(), "digit.eps", "application/postscript"))
+    assert response.status_code == 400
+    assert response.json()["detail"] == (
+        "the uploaded data is in the EPS format, which digitrec does not read; "
+        "convert it to PNG, JPEG, BMP, GIF, TIFF or WebP."
+    )
+
+
+def test_a_huge_image_in_a_format_we_do_not_read_is_refused_for_its_format(client):
+    """The pixel check opened any format Pillow knows, so a PPM header claiming 100 megapixels got a 413."""
+    response = client.post("/api/predict", files=upload(b"P5\n10000 10000\n255\n" + bytes(100), "x.ppm"))
+    assert response.status_code == 400 and "is in the PPM format" in response.json()["detail"]
+
+
 def test_feedback_with_a_non_image_is_400_and_stores_nothing(client, db_path):
     response = client.post("/api/feedback", files=upload(b"not an image"), data={"label": "4"})
     assert response.status_code == 400

@@ -204,16 +204,18 @@ def checked_upload(data: bytes) -> bytes:
     """
     from PIL import Image
 
+    from .preprocess import IMAGE_FORMATS
+
     if not data:
         raise ImageError("the image is empty; " + IMAGE_HINT + ".")
     try:
-        width, height = Image.open(io.BytesIO(data)).size
+        width, height = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).size
     except Image.DecompressionBombError:  # Pillow refuses to even open it (over about 179 megapixels)
         raise ImageTooLargeError(
             f"the image has far more than the {MAX_PIXELS // 1_000_000} megapixels we accept; scale it down and "
             "send it again."
         ) from None
-    except Exception:  # noqa: BLE001 - not an image at all: preprocess() says so in its own words
+    except Exception:  # noqa: BLE001 - not an image we read: preprocess() says so in its own words
         width = height = 0
     if width * height > MAX_PIXELS:
         raise ImageTooLargeError(
