@@ -173,6 +173,19 @@ def test_feedback_json_label_that_is_no_digit_is_422(client, label, db_path):
     assert response.status_code == 422 and "digit" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("endpoint", ["/api/predict", "/api/read", "/api/feedback"])
+@pytest.mark.parametrize(
+    "body",
+    [b'{"image": "x", "n": ' + b"7" * 5000 + b"}", b"[" * 100_000, b'{"a": ' * 50_000],
+    ids=["5000-digit number", "100000 nested arrays", "50000 nested objects"],
+)
+def test_json_that_python_cannot_parse_is_400_not_500(client, endpoint, body):
+    """Python's parser raises ValueError past 4,300 digits and RecursionError when nested too deep: were 500s."""
+    response = client.post(endpoint, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("the body is not valid JSON;")
+
+
 def test_a_heic_upload_is_400_with_a_sentence_naming_the_format(client):
     response = client.post("/api/predict", files=upload(b"\x00\x00\x00\x18ftypheic" + bytes(100)))
     assert response.status_code == 400 and "is a HEIC photo" in response.json()["detail"]

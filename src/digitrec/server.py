@@ -657,7 +657,8 @@ def create_app(
         if content_type == "application/json":
             try:
                 body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            # ValueError: also a number of over 4,300 digits; RecursionError: arrays nested thousands deep
+            except (ValueError, RecursionError):
                 raise HTTPException(400, f"the body is not valid JSON; {IMAGE_HINT}.") from None
             if not isinstance(body, dict) or not isinstance(body.get("image"), str):
                 raise HTTPException(400, f'the JSON has no string field "image"; {IMAGE_HINT}.')
