@@ -45,6 +45,27 @@ def _folder(value: str) -> Path:
     return path
 
 
+def _make_folder(path: Path, flag: str) -> None:
+    """Create the folder a command will write into, and check a file can be written there, before the command's
+    work: a path that cannot be a folder (under /proc, or below a file) is then one sentence, not a traceback at
+    the end."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        blocking = next((parent for parent in (path, *path.parents) if parent.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise DigitrecError(
+                f"{flag}: {blocking} is a file, not a folder; name a folder to write into."
+            ) from None
+        raise DigitrecError(
+            f"{flag}: cannot write into the folder {path} ({exc.strerror or exc}); name a folder you can write to."
+        ) from None
+
+
 # ---------------------------------------------------------------- data, models, recipes
 
 
@@ -371,6 +392,7 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
     from .feedback import FeedbackStore, export_idx, export_png
 
     store = FeedbackStore.existing(args.feedback_db)
+    _make_folder(args.out, "--out")
     if args.format == "idx":
         images, labels = export_idx(store, args.out)
         print(f"{store.count()} corrections from {store.path}\n  {images}\n  {labels}")
@@ -471,6 +493,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
     paths = _image_paths(args)
+    if args.show_steps:
+        _make_folder(args.show_steps, "--show-steps")
     predictor = _predictor(args, len(paths))
     workers = min(os.cpu_count() or 1, 8)  # a folder of photos preprocesses on every core
     results = predict_files(predictor, paths, top_k=args.top_k, steps_dir=args.show_steps, workers=workers)
@@ -566,6 +590,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .export import export_onnx
 
+    if args.out and Path(args.out).suffix == ".onnx":  # other names are refused by export_onnx
+        _make_folder(Path(args.out).parent, "--out")
     data = load_mnist(args.data_dir, log=_stderr)
     result = export_onnx(
         _model_path(args.model),
