@@ -186,6 +186,34 @@ def test_json_that_python_cannot_parse_is_400_not_500(client, endpoint, body):
     assert response.json()["detail"].startswith("the body is not valid JSON;")
 
 
+@pytest.mark.parametrize("label", ["３", "٣", "0_3", "+3", " 3 ", "3.0", "03", "3\n"])
+def test_a_form_label_is_exactly_one_ascii_digit(client, label, db_path):
+    """int() took a fullwidth or Arabic-Indic 3, "0_3", "+3" and " 3 ": all were stored as 3."""
+    response = client.post("/api/feedback", files=upload(digit_png()), data={"label": label})
+    assert response.status_code == 422
+    assert response.json()["detail"] == f'the field "label" must be one digit from 0 to 9, got {label!r}.'
+    response = client.post(
+        "/api/feedback", params={"label": label}, content=digit_png(), headers={"content-type": "image/png"}
+    )
+    assert response.status_code == 422
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("label", [b"4.0", b'"4"', b"[4]", b"false"])
+def test_a_json_label_is_a_json_integer(client, label, db_path):
+    """A JSON 4.0 and "4" were stored as 4, though the schema says integer (and a form's 4.0 was a 422)."""
+    body = b'{"image": "' + base64.b64encode(digit_png()) + b'", "label": ' + label + b"}"
+    response = client.post("/api/feedback", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == (
+        f'the field "label" must be a digit from 0 to 9 as a JSON integer, got {label.decode()}.'
+    )
+    body = b'{"image": "' + base64.b64encode(digit_png()) + b'", "label": 4, "predicted": 9}'
+    response = client.post("/api/feedback", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 201 and response.json()["label"] == 4
+
+
 def test_a_heic_upload_is_400_with_a_sentence_naming_the_format(client):
     response = client.post("/api/predict", files=upload(b"\x00\x00\x00\x18ftypheic" + bytes(100)))
     assert response.status_code == 400 and "is a HEIC photo" in response.json()["detail"]

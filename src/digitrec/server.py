@@ -644,8 +644,9 @@ def create_app(
     # -- reading the request -----------------------------------------------------------------------------------
 
     async def read_upload(request: Request) -> tuple[bytes, dict[str, Any]]:
-        """Return (image bytes, other fields) from multipart, JSON (base64) or a raw image/* body."""
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        """Return (image bytes, other fields) from multipart, JSON (base64) or a raw image/* body: a form's and a
+        query string's fields are strings, JSON's are the values the JSON holds."""
+        content_type = _content_type(request)
         if content_type == "multipart/form-data":
             async with request.form(max_files=2, max_fields=10) as form:
                 upload = form.get("file")
@@ -862,8 +863,9 @@ def create_app(
     async def feedback(request: Request) -> dict[str, Any]:
         """Store a correction: this image shows digit `label` (the model said `predicted`)."""
         data, fields = await read_upload(request)
-        label = _digit_field(fields, "label", required=True)
-        predicted = _digit_field(fields, "predicted", required=False)
+        from_json = _content_type(request) == "application/json"
+        label = _digit_field(fields, "label", required=True, from_json=from_json)
+        predicted = _digit_field(fields, "predicted", required=False, from_json=from_json)
         pixels = await to_input(data)
 
         def work():
@@ -924,6 +926,11 @@ async def _no_more_body() -> dict:
     return {"type": "http.disconnect"}
 
 
+def _content_type(request: Request) -> str:
+    """The request's media type, lower case, without parameters ("multipart/form-data", "application/json")."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def _fastapi(**kwargs: Any) -> FastAPI:
     """A FastAPI app whose /docs page works offline when fastapi-offline is installed (it bundles Swagger UI)."""
     try:
@@ -933,24 +940,23 @@ def _fastapi(**kwargs: Any) -> FastAPI:
     return FastAPIOffline(**kwargs)
 
 
-def _digit_field(fields: dict[str, Any], name: str, required: bool) -> int | None:
-    """A digit 0-9 from a form or JSON field, or a 422 saying what is wrong."""
+def _digit_field(fields: dict[str, Any], name: str, required: bool, from_json: bool) -> int | None:
+    """A digit 0-9 from a field, or a 422 saying what is wrong: in JSON an integer 0 to 9 (not 4.0, "4" or true),
+    in a form or query string exactly one ASCII character 0-9 (not " 3 ", "+3", "0_3", "3.0" or a fullwidth 3)."""
     value = fields.get(name)
     if value is None or value == "":
         if required:
             raise HTTPException(422, f'the field "{name}" is missing; send the correct digit, 0 to 9.')
         return None
-    try:
-        digit = int(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity is a float Python accepts
-        digit = -1
-    if (
-        isinstance(value, bool)
-        or not 0 <= digit <= 9
-        or (isinstance(value, float) and not value.is_integer())
-    ):
-        raise HTTPException(422, f'the field "{name}" must be a digit from 0 to 9, got {value!r}.')
-    return digit
+    if from_json:
+        if type(value) is int and 0 <= value <= 9:  # type(): a bool is an int too
+            return value
+        raise HTTPException(
+            422, f'the field "{name}" must be a digit from 0 to 9 as a JSON integer, got {json.dumps(value)}.'
+        )
+    if isinstance(value, str) and len(value) == 1 and value in "0123456789":
+        return int(value)
+    raise HTTPException(422, f'the field "{name}" must be one digit from 0 to 9, got {value!r}.')
 
 
 BACKEND_NAMES = {"OnnxBackend": "ONNX Runtime", "TorchBackend": "PyTorch", "NumpyBackend": "NumPy"}
