@@ -100,6 +100,30 @@ def test_predict_accepts_base64_json_data_urls_and_raw_bodies_alike(client):
         assert response.status_code == 200 and response.json() == expected
 
 
+def test_base64_images_are_read_with_line_breaks_without_padding_or_url_safe(client):
+    """The output of the `base64` command (lines of 76), a trailing newline, missing padding and the URL-safe
+    alphabet were all 400 "not valid base64"."""
+    png = digit_png()
+    while not (base64.b64encode(png).endswith(b"=") and set(base64.urlsafe_b64encode(png)) & set(b"-_")):
+        png += b"\0"  # trailing bytes after IEND: ignored by decoders; needed for padding and URL-safe characters
+    variants = {
+        "line breaks": base64.encodebytes(png).decode(),
+        "trailing newline": base64.b64encode(png).decode() + "\n",
+        "no padding": base64.b64encode(png).decode().rstrip("="),
+        "url-safe": base64.urlsafe_b64encode(png).decode(),
+        "data url, wrapped": "data:image/png;base64," + base64.encodebytes(png).decode(),
+    }
+    for name, encoded in variants.items():
+        response = client.post("/api/predict", json={"image": encoded})
+        assert response.status_code == 200 and response.json()["digit"] == 7, name
+    for junk in ["not base64!", "abc*", "a"]:
+        response = client.post("/api/predict", json={"image": junk})
+        assert (
+            response.status_code == 400
+            and response.json()["detail"] == 'the "image" field is not valid base64.'
+        )
+
+
 def test_predict_reads_jpeg_photos(client):
     response = client.post(
         "/api/predict", files=upload(digit_png(size=640, fmt="JPEG"), "photo.jpg", "image/jpeg")

@@ -195,6 +195,16 @@ def simple_multipart_file(content_type: bytes, body: bytes) -> bytes | None:
     return body[head_end + 4 : end]
 
 
+def decode_base64(text: str) -> bytes:
+    """Base64 as people send it: line breaks (the `base64` command wraps at 76 columns), a trailing newline,
+    padding left off, or the URL-safe alphabet (- and _). Any other character raises binascii.Error."""
+    compact = "".join(text.split()).rstrip("=").translate(_URL_SAFE)
+    return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+
+
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
 def checked_upload(data: bytes) -> bytes:
     """The uploaded bytes, once they are known not to be empty or over 40 megapixels.
 
@@ -667,7 +677,7 @@ def create_app(
             if encoded.startswith("data:"):  # a data URL, as canvas.toDataURL() gives
                 encoded = encoded.partition(",")[2]
             try:
-                data = base64.b64decode(encoded, validate=True)
+                data = decode_base64(encoded)
             except (binascii.Error, ValueError):
                 raise HTTPException(400, 'the "image" field is not valid base64.') from None
             return data, body
