@@ -56,6 +56,13 @@ def test_healthz_names_the_model_and_its_test_accuracy(client):
     assert response.json() == {"status": "ok", "model": "fake", "version": "test-1", "test_accuracy": 0.9912}
 
 
+def test_head_probes_of_healthz_and_the_page_are_answered(client):
+    """Load balancers probe with HEAD; it was 405."""
+    for path in ("/healthz", "/"):
+        response = client.head(path)
+        assert response.status_code == 200 and response.content == b"", path
+
+
 def test_page_and_its_assets_are_served_without_external_links(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -758,10 +758,13 @@ def create_app(
         415: {"description": "unsupported content type"},
     }
 
+    # HEAD on / and /healthz: load balancers and uptime checks probe with it (FastAPI adds HEAD to no GET route)
+    @app.head("/", include_in_schema=False)
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
+    @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", response_model=HealthResponse, tags=["service"], summary="The model being served")
     async def healthz() -> dict[str, Any]:
         """The loaded model: name, version and its test accuracy (fraction 0-1)."""
