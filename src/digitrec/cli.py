@@ -464,7 +464,11 @@ def _predictor(args: argparse.Namespace, images: int | None = None):
 
     check_backend(args.model, args.backend)
     backend = args.backend
-    if backend == "auto" and (images is None or images > NUMPY_MAX_IMAGES):
+    if (
+        backend == "auto"
+        and (images is None or images > NUMPY_MAX_IMAGES)
+        and not str(args.model).endswith(".onnx")
+    ):
         backend = "torch"
     if args.model:
         return Predictor.load(_model_path(args.model), args.reject_below, backend)

@@ -104,6 +104,9 @@ def pretrained_path() -> Path:
     return Path(str(resources.files("digitrec") / "pretrained" / f"{PRETRAINED_NAME}.safetensors"))
 
 
+BACKENDS = ("auto", "numpy", "onnx", "torch")
+
+
 def check_backend(model: str | Path | None, backend: str) -> None:
     """One sentence when a command line asks a backend other than ONNX Runtime to run an .onnx file."""
     if model is not None and str(model).endswith(".onnx") and backend not in ("auto", "onnx"):
@@ -138,18 +141,28 @@ class Predictor:
         self.read_pairs = True
 
     @classmethod
-    def load(cls, path: str | Path, reject_below: float | None = None, backend: str = "torch") -> Predictor:
+    def load(
+        cls, path: str | Path, reject_below: float | None = None, backend: str | None = None
+    ) -> Predictor:
         """A digitrec checkpoint (a .safetensors file or a run folder holding model.safetensors), or an `.onnx`
         file from `digitrec export`. backend="onnx" runs a checkpoint on ONNX Runtime (exported once, cached);
         "numpy" runs a checkpoint of an architecture in backends.NUMPY_ARCHS (the bundled model's among them)
         without torch, with the same probabilities to ~1e-5; "auto" is "numpy" where it can and "torch"
-        elsewhere. A checkpoint also sets `model`, its PyTorch module; an `.onnx` file does not."""
+        elsewhere; None (the default) is "onnx" for an `.onnx` file and "torch" for a checkpoint. A checkpoint
+        also sets `model`, its PyTorch module; an `.onnx` file does not."""
         from .checkpoint import load_model
 
+        if backend is not None and backend not in BACKENDS:
+            raise DigitrecError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
         path = Path(path)
         if path.is_dir():
             path = path / "model.safetensors"
         if path.suffix == ".onnx":
+            if backend not in (None, "auto", "onnx"):
+                raise DigitrecError(
+                    f"{path} is an ONNX file, which runs on ONNX Runtime only; pass backend='onnx' or 'auto', "
+                    f"not {backend!r}."
+                )
             from .backends import OnnxBackend
 
             onnx = OnnxBackend(path)
@@ -170,6 +183,7 @@ class Predictor:
                     f"the numpy backend runs {', '.join(NUMPY_ARCHS)} checkpoints with float weights, "
                     f"and {path} is not one; use --backend torch."
                 )
+        backend = backend or "torch"
         model, meta = load_model(path)
         runner: Backend = TorchBackend(model)
         if backend == "onnx":
@@ -184,6 +198,12 @@ class Predictor:
     @staticmethod
     def _with_threshold(predictor: Predictor, reject_below: float | None) -> Predictor:
         if reject_below is not None:
+            # NaN too: it compares false with every confidence, so it turned rejection off without a word
+            is_number = isinstance(reject_below, (int, float, np.floating)) and not isinstance(
+                reject_below, bool
+            )
+            if not is_number or not 0 <= reject_below <= 1:
+                raise DigitrecError(f"reject_below must be a probability from 0 to 1, got {reject_below!r}.")
             predictor.reject_below = float(reject_below)
         return predictor
 
@@ -206,6 +226,7 @@ class Predictor:
 
     def predict_tensor(self, batch: torch.Tensor | np.ndarray, top_k: int = 3) -> list[Prediction]:
         """Predictions for an already preprocessed batch (N, 1, 28, 28) in [0, 1], white on black."""
+        _check_top_k(top_k)
         loaded_torch = sys.modules.get("torch")  # a tensor can only come from a process that imported torch
         if loaded_torch is not None and isinstance(batch, loaded_torch.Tensor):
             x = batch.detach().cpu().numpy()
@@ -218,7 +239,7 @@ class Predictor:
         blank = x.reshape(len(x), -1).sum(axis=1) < MIN_INK
         out = []
         for p, is_blank in zip(probs, blank):
-            order = np.argsort(-p)[: max(1, min(10, top_k))]
+            order = np.argsort(-p)[:top_k]
             confidence = float(p[order[0]])
             rejected = bool(is_blank or confidence < self.reject_below)
             out.append(
@@ -240,6 +261,7 @@ class Predictor:
         """
         from .preprocess import preprocess
 
+        _check_top_k(top_k)
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             return []
@@ -289,6 +311,12 @@ class FileResult:
 
 
 PARALLEL_FROM = 64  # files; below this, starting worker processes costs more than they save
+
+
+def _check_top_k(top_k: Any) -> None:
+    """One sentence for a top_k that is not 1 to 10 (it was clamped into that range without a word)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= 10:
+        raise DigitrecError(f"top_k must be a whole number from 1 to 10, got {top_k!r}.")
 
 
 def _preprocess_or_error(path: str | Path) -> np.ndarray | str:

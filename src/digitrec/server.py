@@ -991,9 +991,9 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
 
     if backend != "auto":
         return load(backend)
-    if str(model or "").endswith(".onnx") or not all(
-        importlib.util.find_spec(name) for name in ("onnxruntime", "onnx")
-    ):
+    if str(model or "").endswith(".onnx"):
+        return load("onnx")
+    if not all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnx")):
         return load("torch")
     try:
         from .export import cached_onnx
