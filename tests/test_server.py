@@ -578,6 +578,25 @@ def test_clients_that_stall_their_body_are_cut_off_while_others_are_served(predi
                 sock.close()
 
 
+def test_past_the_connection_limit_the_503_is_json_with_retry_after(predictor, db_path):
+    """uvicorn's own 503 was text/plain "Service Unavailable" without Retry-After."""
+    from digitrec.server import guarded_http_protocol
+
+    app = create_app(predictor, feedback_db=db_path)
+    # uvicorn counts the asking connection too: with a limit of 2, one other open connection fills it
+    with live_server(app, http=guarded_http_protocol(5.0), limit_concurrency=2) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as other:
+            other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert other.recv(4096).startswith(b"HTTP/1.1 200")  # served, and kept alive
+            with httpx.Client(base_url=url, timeout=5) as http:
+                response = http.post("/api/predict", files=upload(digit_png()))
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json() == {"detail": "the server is busy with other requests; send it again in 1 s."}
+        with httpx.Client(base_url=url, timeout=5) as http:  # the other connection closed: served again
+            assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+
+
 def test_a_request_head_over_64_kb_is_refused_with_431(predictor, db_path):
     from digitrec.server import guarded_http_protocol
 

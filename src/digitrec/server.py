@@ -372,7 +372,18 @@ def guarded_http_protocol(
             self._disarm_body_timer()
             # armed before the app starts: a GET's on_message_complete follows at once and disarms it
             self._body_timer = self.loop.call_later(body_timeout, self._body_timed_out)
-            super().on_headers_complete()
+            limit = self.limit_concurrency
+            if limit is None or (len(self.connections) < limit and len(self.tasks) < limit):
+                super().on_headers_complete()
+                return
+            # Over limit_concurrency uvicorn answers with its own app: 503 text/plain, no Retry-After. Ours
+            # answers in JSON like every other error; the check above is uvicorn's, made off for this request.
+            logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit.")
+            app, self.app, self.limit_concurrency = self.app, server_busy, None
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app, self.limit_concurrency = app, limit
 
         def on_message_complete(self) -> None:
             self._disarm_body_timer()
@@ -417,6 +428,24 @@ def guarded_http_protocol(
 
     HeaderDeadlineProtocol.__name__ = HeaderDeadlineProtocol.__qualname__ = "HeaderDeadlineProtocol"
     return HeaderDeadlineProtocol
+
+
+BUSY_RETRY_AFTER_S = 1
+
+
+async def server_busy(scope: dict, receive: Callable, send: Callable) -> None:
+    """The answer when every connection slot is taken: 503 in JSON with Retry-After, and the connection closed."""
+    body = json.dumps(
+        {"detail": f"the server is busy with other requests; send it again in {BUSY_RETRY_AFTER_S} s."}
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(BUSY_RETRY_AFTER_S).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 # ---------------------------------------------------------------------------------------------------------------
