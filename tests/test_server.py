@@ -706,6 +706,45 @@ def test_the_fast_path_reads_only_plain_single_file_forms(body, expected):
     assert simple_multipart_file(b"application/json", body) is None
 
 
+def _form(*parts: tuple[bytes, bytes]) -> bytes:
+    """A multipart body with boundary "b" from (Content-Disposition parameters, content) pairs."""
+    body = b"".join(
+        b"--b\r\nContent-Disposition: form-data; " + head + b"\r\n\r\n" + data + b"\r\n"
+        for head, data in parts
+    )
+    return body + b"--b--\r\n"
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (_form((b'name="other"; filename="x; name=file"', b"PNG")), 400, "no file field named 'file'"),
+        (_form((b"name=file; filename*=UTF-8''a.png", b"PNG")), 400, "field 'file' is text, not a file"),
+        (
+            _form((b'name="file"; filename="a.png"', b"PNG"), (b'name="file"; filename="b.png"', b"PNG")),
+            400,
+            "2 fields named 'file'",
+        ),
+        (_form((b"name=file; filename=a.png", b"PNG")), 200, None),
+        (_form((b'filename="a.png"; name="file"', b"PNG")), 200, None),
+    ],
+    ids=["name inside a quoted filename", "filename* only", "two file fields", "unquoted", "filename first"],
+)
+def test_odd_forms_get_the_same_answer_on_the_fast_path_and_the_full_parser(client, body, status, words):
+    """A quoted filename holding "; name=file" was 200 on the fast path and 400 on the full one; of two file
+    fields the second was read without a word."""
+    body = body.replace(b"PNG", digit_png())
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    answers = [
+        client.post(path, content=body, headers=headers)
+        for path in ("/api/predict", "/api/predict?explain=false")
+    ]
+    assert [a.status_code for a in answers] == [status, status]
+    assert answers[0].json() == answers[1].json()
+    if words is not None:
+        assert words in answers[0].json()["detail"]
+
+
 def random_checkpoint(path):
     """A seeded, untrained fast_cnn_lite checkpoint at `path` (its answers do not matter, only that it loads)."""
     import torch

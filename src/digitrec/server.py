@@ -160,15 +160,15 @@ def simple_multipart_file(content_type: bytes, body: bytes) -> bytes | None:
 
     None for anything else (more parts, another field name, no filename, odd framing): those go to the full
     form parser. A delimiter cannot occur inside a part (RFC 2046), so two delimiters frame exactly one part.
+    Headers are read with python-multipart's parse_options_header, the parser Starlette's form parser uses, so
+    both paths agree on a part's name and filename (a quoted filename may hold "; name=file").
     """
-    kind, _, params = content_type.partition(b";")
-    if kind.strip().lower() != b"multipart/form-data":
+    from python_multipart.multipart import parse_options_header
+
+    kind, params = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
         return None
-    boundary = b""
-    for param in params.split(b";"):
-        key, _, value = param.strip().partition(b"=")
-        if key.strip().lower() == b"boundary":
-            boundary = value.strip().strip(b'"')
+    boundary = params.get(b"boundary", b"")
     delimiter = b"--" + boundary
     if not 0 < len(boundary) <= 70 or not body.startswith(delimiter + b"\r\n") or body.count(delimiter) != 2:
         return None
@@ -176,21 +176,16 @@ def simple_multipart_file(content_type: bytes, body: bytes) -> bytes | None:
     head_end = body.find(b"\r\n\r\n", len(delimiter))
     if end < 0 or body[end + len(delimiter) + 4 :] not in (b"", b"\r\n") or not 0 < head_end <= end:
         return None
-    name = filename = None
+    dispositions = []
     for line in body[len(delimiter) + 2 : head_end].split(b"\r\n"):
         header, _, value = line.partition(b":")
-        if header.strip().lower() != b"content-disposition":
-            continue
-        disposition, *options = value.split(b";")
-        if disposition.strip().lower() != b"form-data":
-            return None
-        for option in options:
-            key, _, option_value = option.strip().partition(b"=")
-            if key.lower() == b"name":
-                name = option_value.strip(b'"')
-            elif key.lower() == b"filename":
-                filename = option_value
-    if name != b"file" or filename is None:  # a part without a filename is a text field, not an upload
+        if header.strip().lower() == b"content-disposition":
+            dispositions.append(parse_options_header(value))
+    if len(dispositions) != 1:
+        return None
+    disposition, options = dispositions[0]
+    # a part without a filename is a text field, not an upload
+    if disposition != b"form-data" or options.get(b"name") != b"file" or b"filename" not in options:
         return None
     return body[head_end + 4 : end]
 
@@ -688,9 +683,20 @@ def create_app(
         content_type = _content_type(request)
         if content_type == "multipart/form-data":
             async with request.form(max_files=2, max_fields=10) as form:
-                upload = form.get("file")
-                if upload is None or isinstance(upload, str):
+                uploads = form.getlist("file")
+                if not uploads:
                     raise HTTPException(400, f"the form has no file field named 'file'; {IMAGE_HINT}.")
+                if len(uploads) > 1:
+                    raise HTTPException(
+                        400, f"the form has {len(uploads)} fields named 'file'; send one image per request."
+                    )
+                upload = uploads[0]
+                if isinstance(upload, str):
+                    raise HTTPException(
+                        400,
+                        "the form's field 'file' is text, not a file (its part has no filename=\"...\"); "
+                        f"{IMAGE_HINT}.",
+                    )
                 data = await upload.read()
                 fields = {key: value for key, value in form.items() if isinstance(value, str)}
             return data, fields
