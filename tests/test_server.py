@@ -790,6 +790,22 @@ def test_serve_runs_a_checkpoint_on_onnx_runtime_where_it_is_installed(tmp_path,
     assert isinstance(load_for_serving(checkpoint).backend, TorchBackend)
 
 
+def test_serving_a_file_that_is_no_checkpoint_says_only_that(tmp_path, monkeypatch, capsys):
+    """It first printed "exporting ... to ONNX once (cached ...)", then the right error."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from digitrec.errors import CheckpointError
+    from digitrec.server import load_for_serving
+
+    monkeypatch.setenv("DIGITREC_CACHE", str(tmp_path / "cache"))
+    not_a_model = tmp_path / "notimage.png"
+    not_a_model.write_bytes(b"just some bytes, no safetensors header")
+    with pytest.raises(CheckpointError, match="is not a digitrec checkpoint"):
+        load_for_serving(not_a_model)
+    assert "exporting" not in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()
+
+
 def test_a_phone_photo_upload_gets_the_answer_the_cli_gives_for_the_same_file(tmp_path):
     """The server hands the uploaded bytes to preprocess() as the CLI hands a file: same decoding, same answer."""
     from digitrec.predict import Predictor, pretrained_path

@@ -25,8 +25,8 @@ from torch import nn
 
 from . import tta
 from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, onnx_session, softmax
-from .checkpoint import atomic_write_bytes
-from .errors import CheckpointError, DigitrecError
+from .checkpoint import atomic_write_bytes, read_checkpoint
+from .errors import DigitrecError
 
 OPSET = 18
 FLOAT_TOLERANCE = 1e-4  # largest |probability difference| allowed between PyTorch and ONNX Runtime
@@ -342,12 +342,9 @@ def cached_onnx(checkpoint: str | Path, log: Callable[[str], None] = lambda msg:
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = checkpoint / "model.safetensors"
-    try:
-        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} does not exist; train one with `digitrec train` or pass another path."
-        ) from None
+    # read and checked first: a file that is no checkpoint is refused before "exporting ... once" is said
+    data, _ = read_checkpoint(checkpoint)
+    digest = hashlib.sha256(data).hexdigest()
     from .data import cache_root
 
     path = cache_root() / "onnx" / f"{digest[:32]}.onnx"
