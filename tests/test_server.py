@@ -283,8 +283,17 @@ def test_stats_count_requests_batches_and_corrections(client):
     client.post("/api/read", files=upload(digit_png()))
     client.post("/api/feedback", files=upload(digit_png()), data={"label": "1"})
     client.post("/api/predict", files=upload(b"junk"))
+    too_large = b"x" * (6 * 1024 * 1024)  # 413 from the body-size middleware
+    client.post("/api/predict", content=too_large, headers={"content-type": "image/png"})
     stats = client.get("/api/stats").json()
-    assert stats["requests"] == {"predict": 2, "read": 1, "feedback": 1, "rejected": 1, "client_errors": 1}
+    assert stats["requests"] == {
+        "predict": 2,
+        "read": 1,
+        "feedback": 1,
+        "rejected": 1,
+        "client_errors": 2,
+        "server_errors": 0,
+    }
     assert stats["batches"]["images"] == 2
     assert stats["feedback"]["total"] == 1 and stats["feedback"]["by_label"]["1"] == 1
 
@@ -381,6 +390,7 @@ def test_a_model_crash_is_a_json_500_not_a_traceback(predictor, db_path):
             "detail": "internal error while handling the request; it has been logged."
         }
         assert c.get("/healthz").status_code == 200
+        assert c.get("/api/stats").json()["requests"]["server_errors"] == 1  # was counted nowhere
 
 
 # ------------------------------------------------------------------------------------------------ concurrency

@@ -98,11 +98,18 @@ class HealthResponse(BaseModel):
 class BodySizeLimit:
     """Pure ASGI middleware: answer 413 as soon as a request body passes `max_bytes`, before anyone parses it."""
 
-    def __init__(self, app: Callable, max_bytes: int, fast_path: Callable | None = None):
+    def __init__(
+        self,
+        app: Callable,
+        max_bytes: int,
+        fast_path: Callable | None = None,
+        counted: Callable[[int], None] | None = None,
+    ):
         self.app = app
         self.max_bytes = max_bytes
         # fast_path(scope, body, send) -> bool: answers the request itself (True) or leaves it to the app (False)
         self.fast_path = fast_path
+        self.counted = counted  # counted(413), so the app's statistics include the requests refused here
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -140,6 +147,8 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send: Callable) -> None:
+        if self.counted is not None:
+            self.counted(413)
         mb = self.max_bytes / 1024 / 1024
         body = json.dumps({"detail": f"the request is larger than {mb:g} MB; send a smaller image."}).encode()
         await send(
@@ -608,7 +617,7 @@ def create_app(
     io_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="digitrec-io")
     workers = ImageWorkers(preprocess_processes) if preprocess_processes > 0 else None
     batcher = Batcher(predictor, model_pool)
-    counters = {"predict": 0, "read": 0, "feedback": 0, "rejected": 0, "client_errors": 0}
+    counters = {"predict": 0, "read": 0, "feedback": 0, "rejected": 0, "client_errors": 0, "server_errors": 0}
     started = time.time()
     meta = getattr(predictor, "meta", {}) or {}
     model_name = str(getattr(predictor, "name", "model"))
@@ -636,9 +645,11 @@ def create_app(
 
     # -- errors: always JSON {"detail": one sentence}, never an HTML traceback --------------------------------
 
+    def count_error(status: int) -> None:
+        counters["client_errors" if status < 500 else "server_errors"] += 1
+
     def _error(status: int, detail: str) -> JSONResponse:
-        if status < 500:
-            counters["client_errors"] += 1
+        count_error(status)
         return JSONResponse({"detail": detail}, status_code=status)
 
     def _error_for(exc: Exception) -> JSONResponse:
@@ -759,7 +770,7 @@ def create_app(
         await response(scope, _no_more_body, send)
         return True
 
-    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, fast_path=fast_predict)
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, fast_path=fast_predict, counted=count_error)
 
     # -- endpoints ---------------------------------------------------------------------------------------------
 
