@@ -56,6 +56,30 @@ def test_healthz_names_the_model_and_its_test_accuracy(client):
     assert response.json() == {"status": "ok", "model": "fake", "version": "test-1", "test_accuracy": 0.9912}
 
 
+def test_healthz_and_feedback_name_the_model_by_its_file_not_the_package_version(tmp_path, db_path):
+    """ "version" was digitrec's package version, 0.1.0 for every model, in /healthz and in every feedback row."""
+    import hashlib
+
+    from digitrec.predict import Predictor
+
+    checkpoint = random_checkpoint(tmp_path / "model.safetensors")
+    expected = "sha256:" + hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
+    with TestClient(create_app(Predictor.load(checkpoint), feedback_db=db_path)) as c:
+        assert c.get("/healthz").json()["version"] == expected
+        assert c.post("/api/feedback", files=upload(digit_png()), data={"label": "7"}).status_code == 201
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT model_version FROM feedback").fetchone()[0] == expected
+
+
+def test_healthz_gives_an_int8_models_own_test_accuracy(db_path):
+    """An int8 ONNX model reported its source checkpoint's accuracy, not the one measured for it at export."""
+    int8 = FakePredictor(
+        meta={"metrics": {"test_accuracy": 0.9926}, "export": {"precision": "int8", "onnx_accuracy": 0.9911}}
+    )
+    with TestClient(create_app(int8, feedback_db=db_path)) as c:
+        assert c.get("/healthz").json()["test_accuracy"] == 0.9911
+
+
 def test_head_probes_of_healthz_and_the_page_are_answered(client):
     """Load balancers probe with HEAD; it was 405."""
     for path in ("/healthz", "/"):

@@ -7,6 +7,7 @@ the torch backend: `digitrec predict` with the bundled model runs on NumPy and s
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -139,6 +140,8 @@ class Predictor:
         self.reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
         # `read` also asks the bundled pair classifier (pairs.py) about digits that overlap too deeply to cut
         self.read_pairs = True
+        # which model this is, whatever runs it: "sha256:" and 12 hex digits of the file load() read
+        self.model_id = ""
 
     @classmethod
     def load(
@@ -150,13 +153,22 @@ class Predictor:
         without torch, with the same probabilities to ~1e-5; "auto" is "numpy" where it can and "torch"
         elsewhere; None (the default) is "onnx" for an `.onnx` file and "torch" for a checkpoint. A checkpoint
         also sets `model`, its PyTorch module; an `.onnx` file does not."""
-        from .checkpoint import load_model
-
         if backend is not None and backend not in BACKENDS:
             raise DigitrecError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
         path = Path(path)
         if path.is_dir():
             path = path / "model.safetensors"
+        threshold = _checked_reject_below(reject_below)
+        predictor = cls._load(path, backend)
+        predictor.model_id = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        if threshold is not None:
+            predictor.reject_below = threshold
+        return predictor
+
+    @classmethod
+    def _load(cls, path: Path, backend: str | None) -> Predictor:
+        from .checkpoint import load_model
+
         if path.suffix == ".onnx":
             if backend not in (None, "auto", "onnx"):
                 raise DigitrecError(
@@ -166,18 +178,14 @@ class Predictor:
             from .backends import OnnxBackend
 
             onnx = OnnxBackend(path)
-            return cls._with_threshold(
-                cls(onnx, onnx.meta, None, name=onnx.meta.get("recipe") or path.stem), reject_below
-            )
+            return cls(onnx, onnx.meta, None, name=onnx.meta.get("recipe") or path.stem)
         if backend in ("numpy", "auto"):
             from .backends import NUMPY_ARCHS, NumpyBackend
 
             loaded = NumpyBackend.load(path)
             if loaded is not None:
                 numpy_backend, meta = loaded
-                return cls._with_threshold(
-                    cls(numpy_backend, meta, None, name=meta.get("recipe") or path.stem), reject_below
-                )
+                return cls(numpy_backend, meta, None, name=meta.get("recipe") or path.stem)
             if backend == "numpy":
                 raise DigitrecError(
                     f"the numpy backend runs {', '.join(NUMPY_ARCHS)} checkpoints with float weights, "
@@ -191,21 +199,7 @@ class Predictor:
             from .export import cached_onnx
 
             runner = OnnxBackend(cached_onnx(path))
-        return cls._with_threshold(
-            cls(runner, meta, model, name=meta.get("recipe") or path.stem), reject_below
-        )
-
-    @staticmethod
-    def _with_threshold(predictor: Predictor, reject_below: float | None) -> Predictor:
-        if reject_below is not None:
-            # NaN too: it compares false with every confidence, so it turned rejection off without a word
-            is_number = isinstance(reject_below, (int, float, np.floating)) and not isinstance(
-                reject_below, bool
-            )
-            if not is_number or not 0 <= reject_below <= 1:
-                raise DigitrecError(f"reject_below must be a probability from 0 to 1, got {reject_below!r}.")
-            predictor.reject_below = float(reject_below)
-        return predictor
+        return cls(runner, meta, model, name=meta.get("recipe") or path.stem)
 
     @classmethod
     def pretrained(cls, reject_below: float | None = None, backend: str = "torch") -> Predictor:
@@ -311,6 +305,17 @@ class FileResult:
 
 
 PARALLEL_FROM = 64  # files; below this, starting worker processes costs more than they save
+
+
+def _checked_reject_below(reject_below: Any) -> float | None:
+    """reject_below as a float, or one sentence when it is no probability. NaN too: it compares false with every
+    confidence, so it turned rejection off without a word."""
+    if reject_below is None:
+        return None
+    is_number = isinstance(reject_below, (int, float, np.floating)) and not isinstance(reject_below, bool)
+    if not is_number or not 0 <= reject_below <= 1:
+        raise DigitrecError(f"reject_below must be a probability from 0 to 1, got {reject_below!r}.")
+    return float(reject_below)
 
 
 def _check_top_k(top_k: Any) -> None:

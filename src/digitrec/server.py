@@ -87,8 +87,8 @@ class FeedbackResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     model: str
-    version: str
-    test_accuracy: float | None
+    version: str = Field(description='the model: "sha256:" and the first 12 hex digits of its file')
+    test_accuracy: float | None = Field(description="this model's MNIST test accuracy (an int8 export's own)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -621,7 +621,9 @@ def create_app(
     started = time.time()
     meta = getattr(predictor, "meta", {}) or {}
     model_name = str(getattr(predictor, "name", "model"))
-    model_version = str(getattr(predictor, "version", ""))
+    # the model's own identity (its file's SHA-256), not digitrec's version, which is the same for every model
+    model_version = str(getattr(predictor, "model_id", "") or getattr(predictor, "version", ""))
+    model_accuracy = _own_test_accuracy(meta)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -813,13 +815,12 @@ def create_app(
     @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", response_model=HealthResponse, tags=["service"], summary="The model being served")
     async def healthz() -> dict[str, Any]:
-        """The loaded model: name, version and its test accuracy (fraction 0-1)."""
-        accuracy = (meta.get("metrics") or {}).get("test_accuracy")
+        """The loaded model: name, version (its file's SHA-256 prefix) and its test accuracy (fraction 0-1)."""
         return {
             "status": "ok",
             "model": model_name,
             "version": model_version,
-            "test_accuracy": None if accuracy is None else float(accuracy),
+            "test_accuracy": model_accuracy,
         }
 
     @app.post(
@@ -985,6 +986,16 @@ async def _no_more_body() -> dict:
     return {"type": "http.disconnect"}
 
 
+def _own_test_accuracy(meta: dict[str, Any]) -> float | None:
+    """The served model's MNIST test accuracy: an int8 export's measured at export, else its checkpoint's (a float
+    export answers as its checkpoint does; the export checks that)."""
+    export = meta.get("export") or {}
+    if export.get("precision") == "int8" and export.get("onnx_accuracy") is not None:
+        return float(export["onnx_accuracy"])
+    accuracy = (meta.get("metrics") or {}).get("test_accuracy")
+    return None if accuracy is None else float(accuracy)
+
+
 def _content_type(request: Request) -> str:
     """The request's media type, lower case, without parameters ("multipart/form-data", "application/json")."""
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -1116,7 +1127,7 @@ def serve(
     app = create_app(predictor, feedback_db=feedback_db, preprocess_processes=os.cpu_count() or 1)
     engine = BACKEND_NAMES.get(type(predictor.backend).__name__, "PyTorch")
     print(
-        f"digitrec: serving {predictor.name} {predictor.version} on {engine} at http://{host}:{port}/  (API docs: /docs)",
+        f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at http://{host}:{port}/  (API docs: /docs)",
         flush=True,
     )
     freeze_heap()
