@@ -108,6 +108,22 @@ def test_docs_describe_every_endpoint(client):
     }
 
 
+def test_the_openapi_schema_lists_every_error_and_the_raw_feedback_body(client):
+    """/api/feedback did not list its 422 and no endpoint its 408, 500 or 503; a raw image/* body with ?label=
+    was accepted by /api/feedback but not described; /api/predict's 422 showed FastAPI's list-of-errors shape."""
+    spec = client.get("/openapi.json").json()
+    for path in ("/api/predict", "/api/read", "/api/feedback"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"400", "408", "413", "415", "500", "503"} <= set(responses), path
+        assert responses["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    for path in ("/api/predict", "/api/feedback"):
+        schema = spec["paths"][path]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+        assert schema["$ref"].endswith("/ErrorResponse"), path
+    feedback = spec["paths"]["/api/feedback"]["post"]
+    assert "image/*" in feedback["requestBody"]["content"]
+    assert {p["name"] for p in feedback["parameters"] if p["in"] == "query"} == {"label", "predicted"}
+
+
 def test_predict_multipart_reads_the_digit(client):
     response = client.post("/api/predict", files=upload(digit_png()))
     assert response.status_code == 200

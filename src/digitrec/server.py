@@ -84,6 +84,10 @@ class FeedbackResponse(BaseModel):
     total: int = Field(description="corrections stored so far")
 
 
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="one sentence: what went wrong and what to do")
+
+
 class HealthResponse(BaseModel):
     status: str
     model: str
@@ -801,9 +805,25 @@ def create_app(
         }
     }
     error_responses: dict[int | str, dict[str, Any]] = {
-        400: {"description": "not an image, truncated, or malformed request"},
+        400: {"description": "not an image, an image format not read, truncated, or a malformed request"},
+        408: {
+            "description": "the headers or the body were not sent in time (`--header-timeout`, `--body-timeout`)"
+        },
         413: {"description": "body over 5 MB or image over 40 megapixels"},
         415: {"description": "unsupported content type"},
+        500: {"description": "a bug; it has been logged"},
+        503: {
+            "description": "every connection slot is taken (Retry-After: 1) or the image workers are restarting"
+        },
+    }
+    for answer in error_responses.values():
+        answer["model"] = ErrorResponse
+    # FastAPI's own 422 entry shows its list-of-errors shape; our handler answers one sentence like every error
+    predict_responses = error_responses | {
+        422: {"description": "explain is not true or false", "model": ErrorResponse}
+    }
+    feedback_responses = error_responses | {
+        422: {"description": "label or predicted is not a digit 0-9", "model": ErrorResponse}
     }
 
     # HEAD on / and /healthz: load balancers and uptime checks probe with it (FastAPI adds HEAD to no GET route)
@@ -829,7 +849,7 @@ def create_app(
         response_model=PredictResponse,
         tags=["digits"],
         openapi_extra=upload_body,
-        responses=error_responses,
+        responses=predict_responses,
     )
     async def predict(
         request: Request,
@@ -889,7 +909,7 @@ def create_app(
         response_model=FeedbackResponse,
         status_code=201,
         tags=["feedback"],
-        responses=error_responses,
+        responses=feedback_responses,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -916,8 +936,22 @@ def create_app(
                             },
                         }
                     },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
                 },
-            }
+            },
+            "parameters": [
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    "description": f"with a raw image/* body only: {what}, one character 0-9",
+                    "schema": {"type": "string", "pattern": "^[0-9]$"},
+                }
+                for name, what in (
+                    ("label", "the correct digit (then required)"),
+                    ("predicted", "what the model said"),
+                )
+            ],
         },
     )
     async def feedback(request: Request) -> dict[str, Any]:
