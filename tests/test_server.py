@@ -202,8 +202,8 @@ def test_read_returns_the_number_and_a_box_per_digit(client):
     assert response.json() == {
         "number": "42",
         "digits": [
-            {"digit": 4, "confidence": 0.98, "box": [0, 0, 150, 300]},
-            {"digit": 2, "confidence": 0.97, "box": [150, 0, 150, 300]},
+            {"digit": 4, "confidence": 0.98, "box": [0, 0, 150, 300], "doubtful": False},
+            {"digit": 2, "confidence": 0.4, "box": [150, 0, 150, 300], "doubtful": True},
         ],
     }
 

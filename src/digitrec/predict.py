@@ -48,15 +48,24 @@ class Prediction:
 
 @dataclass
 class DigitBox:
-    """One digit of a number: its value, calibrated confidence and box (x, y, w, h) in the input's pixels."""
+    """One digit of a number: its value, calibrated confidence and box (x, y, w, h) in the input's pixels.
+
+    `doubtful`: the confidence is below the model's reject threshold, so `predict` would have rejected this image
+    (a letter or a scribble among the digits, or a bad cut); `read` still gives its most likely digit."""
 
     digit: int
     confidence: float
     box: tuple[int, int, int, int]
+    doubtful: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """As JSON: digit, confidence and box [x, y, w, h]."""
-        return {"digit": self.digit, "confidence": self.confidence, "box": list(self.box)}
+        """As JSON: digit, confidence, box [x, y, w, h] and doubtful."""
+        return {
+            "digit": self.digit,
+            "confidence": self.confidence,
+            "box": list(self.box),
+            "doubtful": self.doubtful,
+        }
 
 
 @dataclass
@@ -267,8 +276,8 @@ class Predictor:
     def read(self, image: Any) -> ReadResult:
         """A photo of one line of digits -> the number and each digit's box and confidence.
 
-        Every segment gets its most likely digit (a line is known to hold digits); a low `confidence`
-        marks the doubtful ones. A page with no ink reads as "".
+        Every segment gets its most likely digit (a line is known to hold digits); one whose confidence is below
+        `reject_below` is marked `doubtful`. A page with no ink reads as "".
         """
         from .pairs import load_pair_scorer
         from .segment import segment
@@ -280,11 +289,13 @@ class Predictor:
         if not pieces:
             return ReadResult("")
         probs = self.probabilities(np.stack([p.image for p in pieces])[:, None])
-        digits = [
-            DigitBox(*piece.reading, piece.box)
-            if piece.reading is not None
-            else DigitBox(int(p.argmax()), float(p.max()), piece.box)
+        readings = [
+            piece.reading if piece.reading is not None else (int(p.argmax()), float(p.max()))
             for p, piece in zip(probs, pieces)
+        ]
+        digits = [
+            DigitBox(digit, confidence, piece.box, doubtful=confidence < self.reject_below)
+            for (digit, confidence), piece in zip(readings, pieces)
         ]
         return ReadResult("".join(str(d.digit) for d in digits), digits)
 

@@ -71,6 +71,10 @@ class DigitOut(BaseModel):
         description="calibrated probability of `digit`; low values mark doubtful digits"
     )
     box: tuple[int, int, int, int] = Field(description="x, y, width, height in the uploaded image's pixels")
+    doubtful: bool = Field(
+        description="confidence below the model's reject threshold: /api/predict would have answered rejected "
+        "(a letter, a scribble, a bad cut); `digit` is still the most likely digit"
+    )
 
 
 class ReadResponse(BaseModel):
@@ -898,6 +902,7 @@ def create_app(
                     "digit": int(d.digit),
                     "confidence": float(d.confidence),
                     "box": tuple(int(v) for v in d.box),
+                    "doubtful": bool(d.doubtful),
                 }
                 for d in result.digits
             ],
