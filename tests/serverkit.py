@@ -42,6 +42,7 @@ class FakeDigitBox:
     digit: int | None
     confidence: float
     box: tuple[int, int, int, int]
+    doubtful: bool = False
 
 
 @dataclass
@@ -102,7 +103,7 @@ class FakePredictor:
             "42",
             [
                 FakeDigitBox(4, 0.98, (0, 0, width // 2, height)),
-                FakeDigitBox(2, 0.97, (width // 2, 0, width - width // 2, height)),
+                FakeDigitBox(2, 0.4, (width // 2, 0, width - width // 2, height), doubtful=True),
             ],
         )
 

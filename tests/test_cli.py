@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +64,7 @@ def test_recipes_and_models_tables(capsys):
         (["predict", "x.png", "--model", "m.onnx", "--backend", "numpy"], "is an ONNX file"),
         (["serve", "--model", "m.onnx", "--backend", "torch", "--port", "0"], "is an ONNX file"),
         (["serve", "--model", "no-such-run", "--port", "0"], "does not exist"),
+        (["serve", "--body-timeout", "0", "--port", "0"], "--body-timeout must be a positive number"),
         (["train", "--resume", "some-run", "--recipe", "fast"], "--resume continues a run with its own"),
     ],
 )
@@ -93,6 +95,43 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(args, tmp_pa
         main([a.replace("{file}", str(existing)) for a in args])
     assert stopped.value.code == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    assert existing.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "no-such-model", "--out", "{below}/model.onnx"],
+        ["predict", "{image}", "--show-steps", "{below}"],
+        ["feedback", "export", "--feedback-db", "{db}", "--out", "{below}"],
+        ["export", "no-such-model", "--out", "/proc/no-such-folder/model.onnx"],
+        ["predict", "{image}", "--show-steps", "/proc/no-such-folder"],
+        ["feedback", "export", "--feedback-db", "{db}", "--out", "/proc/no-such-folder"],
+    ],
+)
+def test_an_output_folder_that_cannot_be_made_is_one_sentence_before_any_work(args, tmp_path, capsys):
+    """These were tracebacks (exit 1); export's came after the whole export and parity check."""
+    from PIL import Image
+
+    from digitrec.feedback import FeedbackStore
+
+    if "/proc/" in " ".join(args) and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    existing = tmp_path / "afile"
+    existing.write_text("not a folder")
+    Image.new("L", (40, 40), 255).save(tmp_path / "digit.png")
+    FeedbackStore(tmp_path / "fb.sqlite")
+    values = {
+        "{below}": f"{existing}/sub",
+        "{image}": str(tmp_path / "digit.png"),
+        "{db}": str(tmp_path / "fb.sqlite"),
+    }
+    for key, value in values.items():
+        args = [arg.replace(key, value) for arg in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "is a file, not a folder" in err or "cannot write into the folder /proc/no-such-folder" in err
     assert existing.read_text() == "not a folder"
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from digitrec import export as export_module
 from digitrec.backends import OnnxBackend, onnx_metadata, onnx_session
-from digitrec.checkpoint import load_model
+from digitrec.checkpoint import load_model, save_model
 from digitrec.cli import main
 from digitrec.config import get_recipe
 from digitrec.errors import DigitrecError
@@ -107,6 +107,29 @@ def test_export_metadata_names_the_source_checkpoint(tiny_checkpoint: Path, tmp_
     assert meta["export"]["source_checkpoint"] == str(tiny_checkpoint)
     assert meta["recipe"] == "fast" and meta["config"]["arch"] == get_recipe("fast").arch
     assert "float32 (N, 1, 28, 28)" in meta["export"]["input"]
+
+
+def test_export_metadata_gives_the_probability_formula_with_temperature_and_threshold(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """It said "softmax gives the digit probabilities", but digitrec divides the logits by the calibrated
+    temperature first and rejects below a threshold: another runtime following it got other probabilities."""
+    import onnx
+
+    _, checkpoint_meta = load_model(tiny_checkpoint)
+    checkpoint_meta |= {"temperature": 0.477, "reject_below": 0.566}
+    calibrated = tmp_path / "calibrated.safetensors"
+    save_model(calibrated, load_model(tiny_checkpoint)[0], checkpoint_meta)
+    out = tmp_path / "tiny.onnx"
+    export_onnx(calibrated, out)
+    props = {entry.key: entry.value for entry in onnx.load(str(out)).metadata_props}
+    assert "softmax(logits / temperature), temperature 0.477" in props["output"]
+    assert "below reject_below 0.566" in props["output"]
+    assert (props["temperature"], props["reject_below"]) == ("0.477", "0.566")
+    pixels = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    logits = run_session(onnx_session(out), pixels)
+    by_formula = softmax(logits / float(props["temperature"]))
+    assert np.abs(by_formula - Predictor.load(out).probabilities(pixels)).max() < 1e-5
 
 
 def test_int8_export_keeps_the_accuracy(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path) -> None:

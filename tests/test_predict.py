@@ -13,6 +13,7 @@ from test_segment import line_image
 
 from digitrec.checkpoint import save_model
 from digitrec.cli import main
+from digitrec.errors import DigitrecError
 from digitrec.models import create_model
 from digitrec.pairs import pretrained_pairs_path
 from digitrec.predict import Predictor, pretrained_path
@@ -187,7 +188,11 @@ def test_cli_read_json(tmp_path, capsys, untrained_path):
     image = write_png(tmp_path / "n.png", line_image([1, 2, 3], gap=0.3)[0])
     assert main(["read", str(image), "--model", str(untrained_path), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert len(row["number"]) == 3 and [set(d) for d in row["digits"]] == [{"digit", "confidence", "box"}] * 3
+    assert len(row["number"]) == 3
+    assert [set(d) for d in row["digits"]] == [{"digit", "confidence", "box", "doubtful"}] * 3
+    # an untrained model is sure of nothing: every digit is under its reject threshold (0.3), and says so
+    assert all(d["doubtful"] == (d["confidence"] < 0.3) for d in row["digits"])
+    assert any(d["doubtful"] for d in row["digits"])
 
 
 def test_cli_predict_with_the_bundled_model(tmp_path, capsys, pretrained):
@@ -276,3 +281,52 @@ def test_a_large_folder_spread_over_worker_processes_gives_the_same_answers(tmp_
     assert [r.to_dict() for r in spread] == [r.to_dict() for r in alone]
     assert "error" in spread[3].to_dict() and "does not exist" in spread[9].to_dict()["error"]
     assert sum(r.prediction is not None for r in spread) == PARALLEL_FROM + 6
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: Predictor.load(pretrained_path(), backend="bogus"),
+            "backend must be one of auto, numpy, onnx, torch, got 'bogus'.",
+        ),
+        (
+            lambda: Predictor.load(pretrained_path(), backend="ONNX"),
+            "backend must be one of auto, numpy, onnx, torch, got 'ONNX'.",
+        ),
+        (
+            lambda: Predictor.pretrained(reject_below=float("nan")),
+            "reject_below must be a probability from 0 to 1, got nan.",
+        ),
+        (
+            lambda: Predictor.pretrained(reject_below=-1),
+            "reject_below must be a probability from 0 to 1, got -1.",
+        ),
+        (
+            lambda: Predictor.pretrained(reject_below=2),
+            "reject_below must be a probability from 0 to 1, got 2.",
+        ),
+        (
+            lambda: Predictor.load("model.onnx", backend="torch"),
+            "model.onnx is an ONNX file, which runs on ONNX Runtime only",
+        ),
+    ],
+)
+def test_the_python_api_refuses_what_the_cli_refuses(call, message):
+    """Each was accepted: an unknown or upper-case backend ran on torch, NaN turned rejection off, -1 and 2 were
+    kept, and an .onnx file asked to run on torch silently ran on ONNX Runtime."""
+    with pytest.raises(DigitrecError) as refused:
+        call()
+    assert str(refused.value).startswith(message)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 11, 100, 2.5, True])
+def test_top_k_outside_one_to_ten_is_refused_not_clamped(pretrained, top_k):
+    image = pen_photos(1)[0].data
+    for call in (
+        lambda: pretrained.predict(image, top_k=top_k),
+        lambda: pretrained.predict_tensor(np.zeros((1, 1, 28, 28)), top_k),
+    ):
+        with pytest.raises(DigitrecError, match=f"top_k must be a whole number from 1 to 10, got {top_k!r}."):
+            call()
+    assert len(pretrained.predict(image, top_k=10)[0].top) == 10

@@ -515,6 +515,35 @@ def test_a_heic_photo_is_named_as_such(tmp_path):
         preprocess(b"\x00\x00\x00\x18ftypisom" + bytes(100))  # an MP4 video is no photo
 
 
+def _saved_as(fmt: str) -> bytes:
+    image = Image.new("L" if fmt != "XBM" else "1", (40, 40), 255)
+    ImageDraw.Draw(image).line([(10, 8), (30, 8), (18, 34)], fill=0, width=4)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "ICO", "TGA", "PCX", "PPM", "SGI", "DDS", "XBM"])
+def test_image_formats_other_than_the_documented_ones_are_refused_by_name(fmt, tmp_path):
+    """Pillow decoded some 40 formats and handed EPS to Ghostscript ("damaged or truncated (Unable to locate
+    Ghostscript)"); only the documented formats reach a decoder now."""
+    data = _saved_as(fmt)
+    path = tmp_path / f"digit.{fmt.lower()}"
+    path.write_bytes(data)
+    for source, name in [(data, "the uploaded data"), (path, str(path))]:
+        with pytest.raises(ImageError) as refused:
+            preprocess(source)
+        assert str(refused.value) == (
+            f"{name} is in the {fmt} format, which digitrec does not read; "
+            "convert it to PNG, JPEG, BMP, GIF, TIFF or WebP."
+        )
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP"])
+def test_the_documented_image_formats_are_read(fmt):
+    assert preprocess(_saved_as(fmt)).shape[-2:] == (28, 28)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.integers(5, 80),

@@ -56,6 +56,37 @@ def test_healthz_names_the_model_and_its_test_accuracy(client):
     assert response.json() == {"status": "ok", "model": "fake", "version": "test-1", "test_accuracy": 0.9912}
 
 
+def test_healthz_and_feedback_name_the_model_by_its_file_not_the_package_version(tmp_path, db_path):
+    """ "version" was digitrec's package version, 0.1.0 for every model, in /healthz and in every feedback row."""
+    import hashlib
+
+    from digitrec.predict import Predictor
+
+    checkpoint = random_checkpoint(tmp_path / "model.safetensors")
+    expected = "sha256:" + hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
+    with TestClient(create_app(Predictor.load(checkpoint), feedback_db=db_path)) as c:
+        assert c.get("/healthz").json()["version"] == expected
+        assert c.post("/api/feedback", files=upload(digit_png()), data={"label": "7"}).status_code == 201
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT model_version FROM feedback").fetchone()[0] == expected
+
+
+def test_healthz_gives_an_int8_models_own_test_accuracy(db_path):
+    """An int8 ONNX model reported its source checkpoint's accuracy, not the one measured for it at export."""
+    int8 = FakePredictor(
+        meta={"metrics": {"test_accuracy": 0.9926}, "export": {"precision": "int8", "onnx_accuracy": 0.9911}}
+    )
+    with TestClient(create_app(int8, feedback_db=db_path)) as c:
+        assert c.get("/healthz").json()["test_accuracy"] == 0.9911
+
+
+def test_head_probes_of_healthz_and_the_page_are_answered(client):
+    """Load balancers probe with HEAD; it was 405."""
+    for path in ("/healthz", "/"):
+        response = client.head(path)
+        assert response.status_code == 200 and response.content == b"", path
+
+
 def test_page_and_its_assets_are_served_without_external_links(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -75,6 +106,22 @@ def test_docs_describe_every_endpoint(client):
         "multipart/form-data",
         "application/json",
     }
+
+
+def test_the_openapi_schema_lists_every_error_and_the_raw_feedback_body(client):
+    """/api/feedback did not list its 422 and no endpoint its 408, 500 or 503; a raw image/* body with ?label=
+    was accepted by /api/feedback but not described; /api/predict's 422 showed FastAPI's list-of-errors shape."""
+    spec = client.get("/openapi.json").json()
+    for path in ("/api/predict", "/api/read", "/api/feedback"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"400", "408", "413", "415", "500", "503"} <= set(responses), path
+        assert responses["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    for path in ("/api/predict", "/api/feedback"):
+        schema = spec["paths"][path]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+        assert schema["$ref"].endswith("/ErrorResponse"), path
+    feedback = spec["paths"]["/api/feedback"]["post"]
+    assert "image/*" in feedback["requestBody"]["content"]
+    assert {p["name"] for p in feedback["parameters"] if p["in"] == "query"} == {"label", "predicted"}
 
 
 def test_predict_multipart_reads_the_digit(client):
@@ -98,6 +145,30 @@ def test_predict_accepts_base64_json_data_urls_and_raw_bodies_alike(client):
         client.post("/api/predict", content=png, headers={"content-type": "image/png"}),
     ):
         assert response.status_code == 200 and response.json() == expected
+
+
+def test_base64_images_are_read_with_line_breaks_without_padding_or_url_safe(client):
+    """The output of the `base64` command (lines of 76), a trailing newline, missing padding and the URL-safe
+    alphabet were all 400 "not valid base64"."""
+    png = digit_png()
+    while not (base64.b64encode(png).endswith(b"=") and set(base64.urlsafe_b64encode(png)) & set(b"-_")):
+        png += b"\0"  # trailing bytes after IEND: ignored by decoders; needed for padding and URL-safe characters
+    variants = {
+        "line breaks": base64.encodebytes(png).decode(),
+        "trailing newline": base64.b64encode(png).decode() + "\n",
+        "no padding": base64.b64encode(png).decode().rstrip("="),
+        "url-safe": base64.urlsafe_b64encode(png).decode(),
+        "data url, wrapped": "data:image/png;base64," + base64.encodebytes(png).decode(),
+    }
+    for name, encoded in variants.items():
+        response = client.post("/api/predict", json={"image": encoded})
+        assert response.status_code == 200 and response.json()["digit"] == 7, name
+    for junk in ["not base64!", "abc*", "a"]:
+        response = client.post("/api/predict", json={"image": junk})
+        assert (
+            response.status_code == 400
+            and response.json()["detail"] == 'the "image" field is not valid base64.'
+        )
 
 
 def test_predict_reads_jpeg_photos(client):
@@ -131,8 +202,8 @@ def test_read_returns_the_number_and_a_box_per_digit(client):
     assert response.json() == {
         "number": "42",
         "digits": [
-            {"digit": 4, "confidence": 0.98, "box": [0, 0, 150, 300]},
-            {"digit": 2, "confidence": 0.97, "box": [150, 0, 150, 300]},
+            {"digit": 4, "confidence": 0.98, "box": [0, 0, 150, 300], "doubtful": False},
+            {"digit": 2, "confidence": 0.4, "box": [150, 0, 150, 300], "doubtful": True},
         ],
     }
 
@@ -173,9 +244,70 @@ def test_feedback_json_label_that_is_no_digit_is_422(client, label, db_path):
     assert response.status_code == 422 and "digit" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("endpoint", ["/api/predict", "/api/read", "/api/feedback"])
+@pytest.mark.parametrize(
+    "body",
+    [b'{"image": "x", "n": ' + b"7" * 5000 + b"}", b"[" * 100_000, b'{"a": ' * 50_000],
+    ids=["5000-digit number", "100000 nested arrays", "50000 nested objects"],
+)
+def test_json_that_python_cannot_parse_is_400_not_500(client, endpoint, body):
+    """Python's parser raises ValueError past 4,300 digits and RecursionError when nested too deep: were 500s."""
+    response = client.post(endpoint, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("the body is not valid JSON;")
+
+
+@pytest.mark.parametrize("label", ["３", "٣", "0_3", "+3", " 3 ", "3.0", "03", "3\n"])
+def test_a_form_label_is_exactly_one_ascii_digit(client, label, db_path):
+    """int() took a fullwidth or Arabic-Indic 3, "0_3", "+3" and " 3 ": all were stored as 3."""
+    response = client.post("/api/feedback", files=upload(digit_png()), data={"label": label})
+    assert response.status_code == 422
+    assert response.json()["detail"] == f'the field "label" must be one digit from 0 to 9, got {label!r}.'
+    response = client.post(
+        "/api/feedback", params={"label": label}, content=digit_png(), headers={"content-type": "image/png"}
+    )
+    assert response.status_code == 422
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("label", [b"4.0", b'"4"', b"[4]", b"false"])
+def test_a_json_label_is_a_json_integer(client, label, db_path):
+    """A JSON 4.0 and "4" were stored as 4, though the schema says integer (and a form's 4.0 was a 422)."""
+    body = b'{"image": "' + base64.b64encode(digit_png()) + b'", "label": ' + label + b"}"
+    response = client.post("/api/feedback", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == (
+        f'the field "label" must be a digit from 0 to 9 as a JSON integer, got {label.decode()}.'
+    )
+    body = b'{"image": "' + base64.b64encode(digit_png()) + b'", "label": 4, "predicted": 9}'
+    response = client.post("/api/feedback", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 201 and response.json()["label"] == 4
+
+
 def test_a_heic_upload_is_400_with_a_sentence_naming_the_format(client):
     response = client.post("/api/predict", files=upload(b"\x00\x00\x00\x18ftypheic" + bytes(100)))
     assert response.status_code == 400 and "is a HEIC photo" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("endpoint", ["/api/predict", "/api/read", "/api/predict?explain=true"])
+def test_an_eps_upload_is_400_naming_its_format_not_handed_to_ghostscript(client, endpoint):
+    """Any format Pillow knows was decoded; EPS went to Ghostscript and came back "damaged or truncated"."""
+    image = Image.new("L", (40, 40), 255)
+    buffer = io.BytesIO()
+    image.save(buffer, format="EPS")
+    response = client.post(endpoint, files=upload(buffer.getvalue(), "digit.eps", "application/postscript"))
+    assert response.status_code == 400
+    assert response.json()["detail"] == (
+        "the uploaded data is in the EPS format, which digitrec does not read; "
+        "convert it to PNG, JPEG, BMP, GIF, TIFF or WebP."
+    )
+
+
+def test_a_huge_image_in_a_format_we_do_not_read_is_refused_for_its_format(client):
+    """The pixel check opened any format Pillow knows, so a PPM header claiming 100 megapixels got a 413."""
+    response = client.post("/api/predict", files=upload(b"P5\n10000 10000\n255\n" + bytes(100), "x.ppm"))
+    assert response.status_code == 400 and "is in the PPM format" in response.json()["detail"]
 
 
 def test_feedback_with_a_non_image_is_400_and_stores_nothing(client, db_path):
@@ -191,8 +323,17 @@ def test_stats_count_requests_batches_and_corrections(client):
     client.post("/api/read", files=upload(digit_png()))
     client.post("/api/feedback", files=upload(digit_png()), data={"label": "1"})
     client.post("/api/predict", files=upload(b"junk"))
+    too_large = b"x" * (6 * 1024 * 1024)  # 413 from the body-size middleware
+    client.post("/api/predict", content=too_large, headers={"content-type": "image/png"})
     stats = client.get("/api/stats").json()
-    assert stats["requests"] == {"predict": 2, "read": 1, "feedback": 1, "rejected": 1, "client_errors": 1}
+    assert stats["requests"] == {
+        "predict": 2,
+        "read": 1,
+        "feedback": 1,
+        "rejected": 1,
+        "client_errors": 2,
+        "server_errors": 0,
+    }
     assert stats["batches"]["images"] == 2
     assert stats["feedback"]["total"] == 1 and stats["feedback"]["by_label"]["1"] == 1
 
@@ -289,6 +430,7 @@ def test_a_model_crash_is_a_json_500_not_a_traceback(predictor, db_path):
             "detail": "internal error while handling the request; it has been logged."
         }
         assert c.get("/healthz").status_code == 200
+        assert c.get("/api/stats").json()["requests"]["server_errors"] == 1  # was counted nowhere
 
 
 # ------------------------------------------------------------------------------------------------ concurrency
@@ -442,6 +584,69 @@ def test_clients_that_never_finish_their_headers_are_cut_off_while_others_are_se
             silent.close()
 
 
+def test_clients_that_stall_their_body_are_cut_off_while_others_are_served(predictor, db_path):
+    """A client that sent its headers and then stalled its body held a connection slot forever; 257 of them
+    took the whole server down, /healthz included."""
+    from digitrec.server import guarded_http_protocol
+
+    limit = 0.5
+    app = create_app(predictor, feedback_db=db_path)
+    with live_server(app, http=guarded_http_protocol(5.0, body_timeout=limit)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stalled = []
+        for path in ("/api/predict", "/api/read", "/api/feedback"):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                "Content-Length: 1000\r\n\r\nabc".encode()
+            )
+            stalled.append(sock)
+        try:
+            with httpx.Client(base_url=url, timeout=5) as http:
+                assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+                for sock in stalled:
+                    seconds, said = _wait_for_close(sock, 2.0)
+                    assert said.startswith(b"HTTP/1.1 408"), said
+                    assert (
+                        b'"detail": "request timeout: send the whole request body within 0.5 seconds."'
+                        in said
+                    )
+                # a body that arrives in time, in pieces, is still read
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    png = digit_png()
+                    sock.sendall(
+                        f"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                        f"Content-Length: {len(png)}\r\nConnection: close\r\n\r\n".encode()
+                    )
+                    for start in range(0, len(png), 500):
+                        sock.sendall(png[start : start + 500])
+                    _, said = _wait_for_close(sock, 2.0)
+                    assert said.startswith(b"HTTP/1.1 200") and b'"digit":7' in said
+                assert http.get("/healthz").status_code == 200
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+def test_past_the_connection_limit_the_503_is_json_with_retry_after(predictor, db_path):
+    """uvicorn's own 503 was text/plain "Service Unavailable" without Retry-After."""
+    from digitrec.server import guarded_http_protocol
+
+    app = create_app(predictor, feedback_db=db_path)
+    # uvicorn counts the asking connection too: with a limit of 2, one other open connection fills it
+    with live_server(app, http=guarded_http_protocol(5.0), limit_concurrency=2) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as other:
+            other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert other.recv(4096).startswith(b"HTTP/1.1 200")  # served, and kept alive
+            with httpx.Client(base_url=url, timeout=5) as http:
+                response = http.post("/api/predict", files=upload(digit_png()))
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json() == {"detail": "the server is busy with other requests; send it again in 1 s."}
+        with httpx.Client(base_url=url, timeout=5) as http:  # the other connection closed: served again
+            assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+
+
 def test_a_request_head_over_64_kb_is_refused_with_431(predictor, db_path):
     from digitrec.server import guarded_http_protocol
 
@@ -551,6 +756,45 @@ def test_the_fast_path_reads_only_plain_single_file_forms(body, expected):
     assert simple_multipart_file(b"application/json", body) is None
 
 
+def _form(*parts: tuple[bytes, bytes]) -> bytes:
+    """A multipart body with boundary "b" from (Content-Disposition parameters, content) pairs."""
+    body = b"".join(
+        b"--b\r\nContent-Disposition: form-data; " + head + b"\r\n\r\n" + data + b"\r\n"
+        for head, data in parts
+    )
+    return body + b"--b--\r\n"
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (_form((b'name="other"; filename="x; name=file"', b"PNG")), 400, "no file field named 'file'"),
+        (_form((b"name=file; filename*=UTF-8''a.png", b"PNG")), 400, "field 'file' is text, not a file"),
+        (
+            _form((b'name="file"; filename="a.png"', b"PNG"), (b'name="file"; filename="b.png"', b"PNG")),
+            400,
+            "2 fields named 'file'",
+        ),
+        (_form((b"name=file; filename=a.png", b"PNG")), 200, None),
+        (_form((b'filename="a.png"; name="file"', b"PNG")), 200, None),
+    ],
+    ids=["name inside a quoted filename", "filename* only", "two file fields", "unquoted", "filename first"],
+)
+def test_odd_forms_get_the_same_answer_on_the_fast_path_and_the_full_parser(client, body, status, words):
+    """A quoted filename holding "; name=file" was 200 on the fast path and 400 on the full one; of two file
+    fields the second was read without a word."""
+    body = body.replace(b"PNG", digit_png())
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    answers = [
+        client.post(path, content=body, headers=headers)
+        for path in ("/api/predict", "/api/predict?explain=false")
+    ]
+    assert [a.status_code for a in answers] == [status, status]
+    assert answers[0].json() == answers[1].json()
+    if words is not None:
+        assert words in answers[0].json()["detail"]
+
+
 def random_checkpoint(path):
     """A seeded, untrained fast_cnn_lite checkpoint at `path` (its answers do not matter, only that it loads)."""
     import torch
@@ -594,6 +838,22 @@ def test_serve_runs_a_checkpoint_on_onnx_runtime_where_it_is_installed(tmp_path,
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a)
     )
     assert isinstance(load_for_serving(checkpoint).backend, TorchBackend)
+
+
+def test_serving_a_file_that_is_no_checkpoint_says_only_that(tmp_path, monkeypatch, capsys):
+    """It first printed "exporting ... to ONNX once (cached ...)", then the right error."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from digitrec.errors import CheckpointError
+    from digitrec.server import load_for_serving
+
+    monkeypatch.setenv("DIGITREC_CACHE", str(tmp_path / "cache"))
+    not_a_model = tmp_path / "notimage.png"
+    not_a_model.write_bytes(b"just some bytes, no safetensors header")
+    with pytest.raises(CheckpointError, match="is not a digitrec checkpoint"):
+        load_for_serving(not_a_model)
+    assert "exporting" not in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_phone_photo_upload_gets_the_answer_the_cli_gives_for_the_same_file(tmp_path):

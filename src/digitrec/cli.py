@@ -45,6 +45,27 @@ def _folder(value: str) -> Path:
     return path
 
 
+def _make_folder(path: Path, flag: str) -> None:
+    """Create the folder a command will write into, and check a file can be written there, before the command's
+    work: a path that cannot be a folder (under /proc, or below a file) is then one sentence, not a traceback at
+    the end."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        blocking = next((parent for parent in (path, *path.parents) if parent.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise DigitrecError(
+                f"{flag}: {blocking} is a file, not a folder; name a folder to write into."
+            ) from None
+        raise DigitrecError(
+            f"{flag}: cannot write into the folder {path} ({exc.strerror or exc}); name a folder you can write to."
+        ) from None
+
+
 # ---------------------------------------------------------------- data, models, recipes
 
 
@@ -351,10 +372,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    if not args.header_timeout > 0:
-        raise DigitrecError(
-            f"--header-timeout must be a positive number of seconds, got {args.header_timeout}."
-        )
+    for flag, seconds in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not seconds > 0:
+            raise DigitrecError(f"{flag} must be a positive number of seconds, got {seconds}.")
     serve(
         _model_path(args.model),
         host=args.host,
@@ -363,6 +383,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         backend=args.backend,
         header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
     )
     return 0
 
@@ -371,6 +392,7 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
     from .feedback import FeedbackStore, export_idx, export_png
 
     store = FeedbackStore.existing(args.feedback_db)
+    _make_folder(args.out, "--out")
     if args.format == "idx":
         images, labels = export_idx(store, args.out)
         print(f"{store.count()} corrections from {store.path}\n  {images}\n  {labels}")
@@ -442,7 +464,11 @@ def _predictor(args: argparse.Namespace, images: int | None = None):
 
     check_backend(args.model, args.backend)
     backend = args.backend
-    if backend == "auto" and (images is None or images > NUMPY_MAX_IMAGES):
+    if (
+        backend == "auto"
+        and (images is None or images > NUMPY_MAX_IMAGES)
+        and not str(args.model).endswith(".onnx")
+    ):
         backend = "torch"
     if args.model:
         return Predictor.load(_model_path(args.model), args.reject_below, backend)
@@ -471,6 +497,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
     paths = _image_paths(args)
+    if args.show_steps:
+        _make_folder(args.show_steps, "--show-steps")
     predictor = _predictor(args, len(paths))
     workers = min(os.cpu_count() or 1, 8)  # a folder of photos preprocesses on every core
     results = predict_files(predictor, paths, top_k=args.top_k, steps_dir=args.show_steps, workers=workers)
@@ -566,6 +594,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .export import export_onnx
 
+    if args.out and Path(args.out).suffix == ".onnx":  # other names are refused by export_onnx
+        _make_folder(Path(args.out).parent, "--out")
     data = load_mnist(args.data_dir, log=_stderr)
     result = export_onnx(
         _model_path(args.model),
@@ -978,6 +1008,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SECONDS",
         help="close a connection whose request headers are not complete within this many seconds (default 10)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection whose request body is not complete within this many seconds of its headers "
+        "(default 30)",
     )
     p.set_defaults(func=cmd_serve)
 

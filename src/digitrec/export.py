@@ -1,9 +1,10 @@
 """Export a checkpoint to ONNX (float32 or static int8), check it against PyTorch, and record where it came from.
 
 The exported model takes what every digitrec model takes: float32 pixels (N, 1, 28, 28) in [0, 1], white
-ink on black, any batch size N; it returns logits (N, 10). Its metadata names the source checkpoint (path
-and SHA-256) and carries the checkpoint's own metadata, so a Predictor built on it answers exactly as one
-built on the checkpoint (same temperature, same rejection threshold).
+ink on black, any batch size N; it returns logits (N, 10), and the digit probabilities are
+softmax(logits / temperature). Its metadata names the source checkpoint (path and SHA-256), states that
+formula with the temperature and the rejection threshold (reject_below), and carries the checkpoint's own
+metadata, so a Predictor built on it answers exactly as one built on the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from torch import nn
 
 from . import tta
 from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, onnx_session, softmax
-from .checkpoint import atomic_write_bytes
-from .errors import CheckpointError, DigitrecError
+from .checkpoint import atomic_write_bytes, read_checkpoint
+from .errors import DigitrecError
 
 OPSET = 18
 FLOAT_TOLERANCE = 1e-4  # largest |probability difference| allowed between PyTorch and ONNX Runtime
@@ -190,6 +191,8 @@ def _with_metadata(onnx_bytes: bytes, meta: dict[str, Any]) -> bytes:
         "precision": meta["export"]["precision"],
         "input": meta["export"]["input"],
         "output": meta["export"]["output"],
+        "temperature": meta["export"]["temperature"],
+        "reject_below": meta["export"]["reject_below"],
         META_KEY: json.dumps(meta),
     }
     for key, value in readable.items():
@@ -303,12 +306,27 @@ def export_onnx(
                 f"(more than {100 * INT8_MAX_DROP:.1f}); nothing was written; use the float export."
             )
 
+    from .predict import DEFAULT_REJECT_BELOW
+
+    temperature = float(meta.get("temperature", 1.0))
+    reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
     export_meta = {
         "source_checkpoint": str(checkpoint),
         "source_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
         "precision": precision,
         "input": f"{INPUT_NAME}: float32 (N, 1, 28, 28), pixels in [0, 1], white ink on black (MNIST), any N",
-        "output": f"{OUTPUT_NAME}: float32 (N, 10), softmax gives the digit probabilities",
+        "output": (
+            f"{OUTPUT_NAME}: float32 (N, 10); the digit probabilities are softmax({OUTPUT_NAME} / temperature), "
+            f"temperature {temperature:g}; digitrec answers 'not a digit' when the highest is below reject_below "
+            f"{reject_below:g}"
+            + (
+                f"; digitrec also averages the log-probabilities of {result.tta_views} shifted views of each image"
+                if result.tta_views > 1
+                else ""
+            )
+        ),
+        "temperature": temperature,
+        "reject_below": reject_below,
         "opset": OPSET,
         "max_prob_diff": diff,
         "torch_accuracy": result.torch_accuracy,
@@ -324,12 +342,9 @@ def cached_onnx(checkpoint: str | Path, log: Callable[[str], None] = lambda msg:
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = checkpoint / "model.safetensors"
-    try:
-        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} does not exist; train one with `digitrec train` or pass another path."
-        ) from None
+    # read and checked first: a file that is no checkpoint is refused before "exporting ... once" is said
+    data, _ = read_checkpoint(checkpoint)
+    digest = hashlib.sha256(data).hexdigest()
     from .data import cache_root
 
     path = cache_root() / "onnx" / f"{digest[:32]}.onnx"

@@ -7,6 +7,7 @@ the torch backend: `digitrec predict` with the bundled model runs on NumPy and s
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,15 +48,24 @@ class Prediction:
 
 @dataclass
 class DigitBox:
-    """One digit of a number: its value, calibrated confidence and box (x, y, w, h) in the input's pixels."""
+    """One digit of a number: its value, calibrated confidence and box (x, y, w, h) in the input's pixels.
+
+    `doubtful`: the confidence is below the model's reject threshold, so `predict` would have rejected this image
+    (a letter or a scribble among the digits, or a bad cut); `read` still gives its most likely digit."""
 
     digit: int
     confidence: float
     box: tuple[int, int, int, int]
+    doubtful: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """As JSON: digit, confidence and box [x, y, w, h]."""
-        return {"digit": self.digit, "confidence": self.confidence, "box": list(self.box)}
+        """As JSON: digit, confidence, box [x, y, w, h] and doubtful."""
+        return {
+            "digit": self.digit,
+            "confidence": self.confidence,
+            "box": list(self.box),
+            "doubtful": self.doubtful,
+        }
 
 
 @dataclass
@@ -104,6 +114,9 @@ def pretrained_path() -> Path:
     return Path(str(resources.files("digitrec") / "pretrained" / f"{PRETRAINED_NAME}.safetensors"))
 
 
+BACKENDS = ("auto", "numpy", "onnx", "torch")
+
+
 def check_backend(model: str | Path | None, backend: str) -> None:
     """One sentence when a command line asks a backend other than ONNX Runtime to run an .onnx file."""
     if model is not None and str(model).endswith(".onnx") and backend not in ("auto", "onnx"):
@@ -136,40 +149,58 @@ class Predictor:
         self.reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
         # `read` also asks the bundled pair classifier (pairs.py) about digits that overlap too deeply to cut
         self.read_pairs = True
+        # which model this is, whatever runs it: "sha256:" and 12 hex digits of the file load() read
+        self.model_id = ""
 
     @classmethod
-    def load(cls, path: str | Path, reject_below: float | None = None, backend: str = "torch") -> Predictor:
+    def load(
+        cls, path: str | Path, reject_below: float | None = None, backend: str | None = None
+    ) -> Predictor:
         """A digitrec checkpoint (a .safetensors file or a run folder holding model.safetensors), or an `.onnx`
         file from `digitrec export`. backend="onnx" runs a checkpoint on ONNX Runtime (exported once, cached);
         "numpy" runs a checkpoint of an architecture in backends.NUMPY_ARCHS (the bundled model's among them)
         without torch, with the same probabilities to ~1e-5; "auto" is "numpy" where it can and "torch"
-        elsewhere. A checkpoint also sets `model`, its PyTorch module; an `.onnx` file does not."""
-        from .checkpoint import load_model
-
+        elsewhere; None (the default) is "onnx" for an `.onnx` file and "torch" for a checkpoint. A checkpoint
+        also sets `model`, its PyTorch module; an `.onnx` file does not."""
+        if backend is not None and backend not in BACKENDS:
+            raise DigitrecError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
         path = Path(path)
         if path.is_dir():
             path = path / "model.safetensors"
+        threshold = _checked_reject_below(reject_below)
+        predictor = cls._load(path, backend)
+        predictor.model_id = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        if threshold is not None:
+            predictor.reject_below = threshold
+        return predictor
+
+    @classmethod
+    def _load(cls, path: Path, backend: str | None) -> Predictor:
+        from .checkpoint import load_model
+
         if path.suffix == ".onnx":
+            if backend not in (None, "auto", "onnx"):
+                raise DigitrecError(
+                    f"{path} is an ONNX file, which runs on ONNX Runtime only; pass backend='onnx' or 'auto', "
+                    f"not {backend!r}."
+                )
             from .backends import OnnxBackend
 
             onnx = OnnxBackend(path)
-            return cls._with_threshold(
-                cls(onnx, onnx.meta, None, name=onnx.meta.get("recipe") or path.stem), reject_below
-            )
+            return cls(onnx, onnx.meta, None, name=onnx.meta.get("recipe") or path.stem)
         if backend in ("numpy", "auto"):
             from .backends import NUMPY_ARCHS, NumpyBackend
 
             loaded = NumpyBackend.load(path)
             if loaded is not None:
                 numpy_backend, meta = loaded
-                return cls._with_threshold(
-                    cls(numpy_backend, meta, None, name=meta.get("recipe") or path.stem), reject_below
-                )
+                return cls(numpy_backend, meta, None, name=meta.get("recipe") or path.stem)
             if backend == "numpy":
                 raise DigitrecError(
                     f"the numpy backend runs {', '.join(NUMPY_ARCHS)} checkpoints with float weights, "
                     f"and {path} is not one; use --backend torch."
                 )
+        backend = backend or "torch"
         model, meta = load_model(path)
         runner: Backend = TorchBackend(model)
         if backend == "onnx":
@@ -177,15 +208,7 @@ class Predictor:
             from .export import cached_onnx
 
             runner = OnnxBackend(cached_onnx(path))
-        return cls._with_threshold(
-            cls(runner, meta, model, name=meta.get("recipe") or path.stem), reject_below
-        )
-
-    @staticmethod
-    def _with_threshold(predictor: Predictor, reject_below: float | None) -> Predictor:
-        if reject_below is not None:
-            predictor.reject_below = float(reject_below)
-        return predictor
+        return cls(runner, meta, model, name=meta.get("recipe") or path.stem)
 
     @classmethod
     def pretrained(cls, reject_below: float | None = None, backend: str = "torch") -> Predictor:
@@ -206,6 +229,7 @@ class Predictor:
 
     def predict_tensor(self, batch: torch.Tensor | np.ndarray, top_k: int = 3) -> list[Prediction]:
         """Predictions for an already preprocessed batch (N, 1, 28, 28) in [0, 1], white on black."""
+        _check_top_k(top_k)
         loaded_torch = sys.modules.get("torch")  # a tensor can only come from a process that imported torch
         if loaded_torch is not None and isinstance(batch, loaded_torch.Tensor):
             x = batch.detach().cpu().numpy()
@@ -218,7 +242,7 @@ class Predictor:
         blank = x.reshape(len(x), -1).sum(axis=1) < MIN_INK
         out = []
         for p, is_blank in zip(probs, blank):
-            order = np.argsort(-p)[: max(1, min(10, top_k))]
+            order = np.argsort(-p)[:top_k]
             confidence = float(p[order[0]])
             rejected = bool(is_blank or confidence < self.reject_below)
             out.append(
@@ -240,6 +264,7 @@ class Predictor:
         """
         from .preprocess import preprocess
 
+        _check_top_k(top_k)
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             return []
@@ -251,8 +276,8 @@ class Predictor:
     def read(self, image: Any) -> ReadResult:
         """A photo of one line of digits -> the number and each digit's box and confidence.
 
-        Every segment gets its most likely digit (a line is known to hold digits); a low `confidence`
-        marks the doubtful ones. A page with no ink reads as "".
+        Every segment gets its most likely digit (a line is known to hold digits); one whose confidence is below
+        `reject_below` is marked `doubtful`. A page with no ink reads as "".
         """
         from .pairs import load_pair_scorer
         from .segment import segment
@@ -264,11 +289,13 @@ class Predictor:
         if not pieces:
             return ReadResult("")
         probs = self.probabilities(np.stack([p.image for p in pieces])[:, None])
-        digits = [
-            DigitBox(*piece.reading, piece.box)
-            if piece.reading is not None
-            else DigitBox(int(p.argmax()), float(p.max()), piece.box)
+        readings = [
+            piece.reading if piece.reading is not None else (int(p.argmax()), float(p.max()))
             for p, piece in zip(probs, pieces)
+        ]
+        digits = [
+            DigitBox(digit, confidence, piece.box, doubtful=confidence < self.reject_below)
+            for (digit, confidence), piece in zip(readings, pieces)
         ]
         return ReadResult("".join(str(d.digit) for d in digits), digits)
 
@@ -289,6 +316,23 @@ class FileResult:
 
 
 PARALLEL_FROM = 64  # files; below this, starting worker processes costs more than they save
+
+
+def _checked_reject_below(reject_below: Any) -> float | None:
+    """reject_below as a float, or one sentence when it is no probability. NaN too: it compares false with every
+    confidence, so it turned rejection off without a word."""
+    if reject_below is None:
+        return None
+    is_number = isinstance(reject_below, (int, float, np.floating)) and not isinstance(reject_below, bool)
+    if not is_number or not 0 <= reject_below <= 1:
+        raise DigitrecError(f"reject_below must be a probability from 0 to 1, got {reject_below!r}.")
+    return float(reject_below)
+
+
+def _check_top_k(top_k: Any) -> None:
+    """One sentence for a top_k that is not 1 to 10 (it was clamped into that range without a word)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= 10:
+        raise DigitrecError(f"top_k must be a whole number from 1 to 10, got {top_k!r}.")
 
 
 def _preprocess_or_error(path: str | Path) -> np.ndarray | str:

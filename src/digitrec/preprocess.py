@@ -22,6 +22,7 @@ Only `ImageError` leaves this module for bad input; a page with no ink gives an 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
 import os
 import warnings
@@ -42,6 +43,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".ti
 # Photos Pillow does not read: HEIC (an iPhone's default) and camera raw files. A folder of them would seem empty,
 # so expand_paths() reports them.
 UNREADABLE_PHOTO_SUFFIXES = (".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
+# The image formats digitrec reads (Pillow format names), AVIF where the installed Pillow has its plugin
+# (11.3 and later). Pillow knows some 40 more (EPS, which it hands to Ghostscript, DDS, ICO, TGA, QOI, ...):
+# each is more decoder code facing uploads, and none is how handwriting is photographed or scanned.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP") + (
+    ("AVIF",) if importlib.util.find_spec("PIL.AvifImagePlugin") else ()
+)
+IMAGE_FORMATS_TEXT = "PNG, JPEG, BMP, GIF, TIFF or WebP"
 MAX_PIXELS = cast(int, Image.MAX_IMAGE_PIXELS)  # Pillow's decompression-bomb guard (about 89 megapixels)
 MIN_SIDE = 5  # below this there is no digit to see
 WORK_SIDE = 256  # longer side of the working image for one digit: ~10x the final 20 px, and fast
@@ -130,7 +138,7 @@ def _open(
             with warnings.catch_warnings():
                 # Pillow only warns between 1x and 2x its limit; we refuse the whole range.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(fp)
+                image = Image.open(fp, formats=IMAGE_FORMATS)
                 full_size = image.size
                 # JPEG can decode at 1/2, 1/4, 1/8 scale: a 12 MP phone photo costs milliseconds, not 100s of them.
                 side = max_side if max_side and max(image.size) > 2 * max_side else None
@@ -148,9 +156,12 @@ def _open(
                 raise ImageError(
                     f"{name} is a {kind} photo, which Pillow cannot read here; save it as JPEG or PNG first."
                 ) from None
-            raise ImageError(
-                f"{name} is not an image Pillow can read; use PNG, JPEG, BMP, GIF, TIFF or WebP."
-            ) from None
+            other = _other_format(fp)
+            if other is not None:
+                raise ImageError(
+                    f"{name} is in the {other} format, which digitrec does not read; convert it to {IMAGE_FORMATS_TEXT}."
+                ) from None
+            raise ImageError(f"{name} is not an image Pillow can read; use {IMAGE_FORMATS_TEXT}.") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             # Truncated or corrupt data: Pillow raises OSError ("image file is truncated") and friends.
             raise ImageError(f"{name} is damaged or truncated ({exc}); re-save or re-export it.") from None
@@ -182,6 +193,20 @@ def _open(
 # ISO base media file brands (bytes 8-12, after the "ftyp" box name) of HEIC/HEIF photos and of AVIF images.
 _BRANDS = {brand.encode(): "HEIC" for brand in ("heic", "heix", "hevc", "hevx", "heim", "heis")}
 _BRANDS |= {b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+
+
+def _other_format(fp: Any) -> str | None:
+    """The name of an image format Pillow knows but digitrec does not read (EPS, ICO, ...), else None.
+
+    Only Pillow's header parsing runs here; the image is never decoded."""
+    try:
+        fp.seek(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "IM image format is deprecated": not the user's concern
+            with Image.open(fp) as image:
+                return str(image.format)
+    except Exception:  # noqa: BLE001 - not an image in any format Pillow knows
+        return None
 
 
 def _photo_format(source: Any) -> str | None:

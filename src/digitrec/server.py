@@ -71,6 +71,10 @@ class DigitOut(BaseModel):
         description="calibrated probability of `digit`; low values mark doubtful digits"
     )
     box: tuple[int, int, int, int] = Field(description="x, y, width, height in the uploaded image's pixels")
+    doubtful: bool = Field(
+        description="confidence below the model's reject threshold: /api/predict would have answered rejected "
+        "(a letter, a scribble, a bad cut); `digit` is still the most likely digit"
+    )
 
 
 class ReadResponse(BaseModel):
@@ -84,11 +88,15 @@ class FeedbackResponse(BaseModel):
     total: int = Field(description="corrections stored so far")
 
 
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="one sentence: what went wrong and what to do")
+
+
 class HealthResponse(BaseModel):
     status: str
     model: str
-    version: str
-    test_accuracy: float | None
+    version: str = Field(description='the model: "sha256:" and the first 12 hex digits of its file')
+    test_accuracy: float | None = Field(description="this model's MNIST test accuracy (an int8 export's own)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,11 +106,18 @@ class HealthResponse(BaseModel):
 class BodySizeLimit:
     """Pure ASGI middleware: answer 413 as soon as a request body passes `max_bytes`, before anyone parses it."""
 
-    def __init__(self, app: Callable, max_bytes: int, fast_path: Callable | None = None):
+    def __init__(
+        self,
+        app: Callable,
+        max_bytes: int,
+        fast_path: Callable | None = None,
+        counted: Callable[[int], None] | None = None,
+    ):
         self.app = app
         self.max_bytes = max_bytes
         # fast_path(scope, body, send) -> bool: answers the request itself (True) or leaves it to the app (False)
         self.fast_path = fast_path
+        self.counted = counted  # counted(413), so the app's statistics include the requests refused here
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -140,6 +155,8 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send: Callable) -> None:
+        if self.counted is not None:
+            self.counted(413)
         mb = self.max_bytes / 1024 / 1024
         body = json.dumps({"detail": f"the request is larger than {mb:g} MB; send a smaller image."}).encode()
         await send(
@@ -160,15 +177,15 @@ def simple_multipart_file(content_type: bytes, body: bytes) -> bytes | None:
 
     None for anything else (more parts, another field name, no filename, odd framing): those go to the full
     form parser. A delimiter cannot occur inside a part (RFC 2046), so two delimiters frame exactly one part.
+    Headers are read with python-multipart's parse_options_header, the parser Starlette's form parser uses, so
+    both paths agree on a part's name and filename (a quoted filename may hold "; name=file").
     """
-    kind, _, params = content_type.partition(b";")
-    if kind.strip().lower() != b"multipart/form-data":
+    from python_multipart.multipart import parse_options_header
+
+    kind, params = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
         return None
-    boundary = b""
-    for param in params.split(b";"):
-        key, _, value = param.strip().partition(b"=")
-        if key.strip().lower() == b"boundary":
-            boundary = value.strip().strip(b'"')
+    boundary = params.get(b"boundary", b"")
     delimiter = b"--" + boundary
     if not 0 < len(boundary) <= 70 or not body.startswith(delimiter + b"\r\n") or body.count(delimiter) != 2:
         return None
@@ -176,23 +193,28 @@ def simple_multipart_file(content_type: bytes, body: bytes) -> bytes | None:
     head_end = body.find(b"\r\n\r\n", len(delimiter))
     if end < 0 or body[end + len(delimiter) + 4 :] not in (b"", b"\r\n") or not 0 < head_end <= end:
         return None
-    name = filename = None
+    dispositions = []
     for line in body[len(delimiter) + 2 : head_end].split(b"\r\n"):
         header, _, value = line.partition(b":")
-        if header.strip().lower() != b"content-disposition":
-            continue
-        disposition, *options = value.split(b";")
-        if disposition.strip().lower() != b"form-data":
-            return None
-        for option in options:
-            key, _, option_value = option.strip().partition(b"=")
-            if key.lower() == b"name":
-                name = option_value.strip(b'"')
-            elif key.lower() == b"filename":
-                filename = option_value
-    if name != b"file" or filename is None:  # a part without a filename is a text field, not an upload
+        if header.strip().lower() == b"content-disposition":
+            dispositions.append(parse_options_header(value))
+    if len(dispositions) != 1:
+        return None
+    disposition, options = dispositions[0]
+    # a part without a filename is a text field, not an upload
+    if disposition != b"form-data" or options.get(b"name") != b"file" or b"filename" not in options:
         return None
     return body[head_end + 4 : end]
+
+
+def decode_base64(text: str) -> bytes:
+    """Base64 as people send it: line breaks (the `base64` command wraps at 76 columns), a trailing newline,
+    padding left off, or the URL-safe alphabet (- and _). Any other character raises binascii.Error."""
+    compact = "".join(text.split()).rstrip("=").translate(_URL_SAFE)
+    return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+
+
+_URL_SAFE = str.maketrans("-_", "+/")
 
 
 def checked_upload(data: bytes) -> bytes:
@@ -204,16 +226,18 @@ def checked_upload(data: bytes) -> bytes:
     """
     from PIL import Image
 
+    from .preprocess import IMAGE_FORMATS
+
     if not data:
         raise ImageError("the image is empty; " + IMAGE_HINT + ".")
     try:
-        width, height = Image.open(io.BytesIO(data)).size
+        width, height = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).size
     except Image.DecompressionBombError:  # Pillow refuses to even open it (over about 179 megapixels)
         raise ImageTooLargeError(
             f"the image has far more than the {MAX_PIXELS // 1_000_000} megapixels we accept; scale it down and "
             "send it again."
         ) from None
-    except Exception:  # noqa: BLE001 - not an image at all: preprocess() says so in its own words
+    except Exception:  # noqa: BLE001 - not an image we read: preprocess() says so in its own words
         width = height = 0
     if width * height > MAX_PIXELS:
         raise ImageTooLargeError(
@@ -293,24 +317,28 @@ class Batcher:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Slow clients: a deadline for the request head
+# Slow clients: deadlines for the request head and body
 
 
 HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
 MAX_HEADER_BYTES = 64 * 1024
 
 
 def guarded_http_protocol(
-    header_timeout: float = HEADER_TIMEOUT_S, max_header_bytes: int = MAX_HEADER_BYTES
+    header_timeout: float = HEADER_TIMEOUT_S,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> type:
-    """uvicorn's httptools protocol with a deadline for the request head, for `uvicorn.run(..., http=...)`.
+    """uvicorn's httptools protocol with deadlines for the request head and body, for `uvicorn.run(..., http=...)`.
 
     uvicorn times out idle keep-alive connections but not a client that opens a connection and sends its
-    headers a byte at a time or never finishes them (slowloris): each such client holds a connection and a
-    slot of `limit_concurrency` for as long as it likes. Here the head (request line and headers) must be
-    complete within `header_timeout` seconds of the connection opening or of the request's first byte, and
-    within `max_header_bytes`; otherwise the connection is closed (with 408 or 431 when part of a head
-    arrived). Bodies, responses and idle keep-alive connections are left to uvicorn's own limits.
+    headers a byte at a time or never finishes them (slowloris), nor one that sends its headers and then stalls
+    its body: each such client holds a connection and a slot of `limit_concurrency` for as long as it likes.
+    Here the head (request line and headers) must be complete within `header_timeout` seconds of the connection
+    opening or of the request's first byte, and within `max_header_bytes`; the body must then be complete within
+    `body_timeout` seconds of the head. Otherwise the connection is closed (with 408 or 431 when part of a head
+    arrived, 408 for a late body). Responses and idle keep-alive connections are left to uvicorn's own limits.
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -319,6 +347,7 @@ def guarded_http_protocol(
             super().connection_made(transport)
             self._head_bytes = 0
             self._head_timer: asyncio.TimerHandle | None = None
+            self._body_timer: asyncio.TimerHandle | None = None
             self._in_head = True  # waiting for a request head; a client that sends nothing is held to it too
             self._arm_head_timer()
 
@@ -331,12 +360,17 @@ def guarded_http_protocol(
                 self._head_timer.cancel()
                 self._head_timer = None
 
+        def _disarm_body_timer(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
         def data_received(self, data: bytes) -> None:
             super().data_received(data)  # the parser calls on_message_begin / on_headers_complete in here
             if self._in_head and self._head_timer is not None and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > max_header_bytes:
-                    self._refuse(431, "Request Header Fields Too Large")
+                    self._refuse(431, "Request Header Fields Too Large", "send the request headers promptly")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -347,24 +381,56 @@ def guarded_http_protocol(
         def on_headers_complete(self) -> None:
             self._in_head = False
             self._disarm_head_timer()
-            super().on_headers_complete()
+            self._disarm_body_timer()
+            # armed before the app starts: a GET's on_message_complete follows at once and disarms it
+            self._body_timer = self.loop.call_later(body_timeout, self._body_timed_out)
+            limit = self.limit_concurrency
+            if limit is None or (len(self.connections) < limit and len(self.tasks) < limit):
+                super().on_headers_complete()
+                return
+            # Over limit_concurrency uvicorn answers with its own app: 503 text/plain, no Retry-After. Ours
+            # answers in JSON like every other error; the check above is uvicorn's, made off for this request.
+            logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit.")
+            app, self.app, self.limit_concurrency = self.app, server_busy, None
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app, self.limit_concurrency = app, limit
+
+        def on_message_complete(self) -> None:
+            self._disarm_body_timer()
+            super().on_message_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head_timer()
+            self._disarm_body_timer()
             super().connection_lost(exc)
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
             if self._in_head and not self.transport.is_closing():
                 if self._head_bytes:
-                    self._refuse(408, "Request Timeout")
+                    self._refuse(408, "Request Timeout", "send the request headers promptly")
                 else:  # nothing arrived (an idle pre-connection): just close, as the keep-alive timeout does
                     self.transport.close()
 
-        def _refuse(self, status: int, reason: str) -> None:
+        def _body_timed_out(self) -> None:
+            self._body_timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and self.cycle.response_started:  # answered already (a 413): just close
+                self.transport.close()
+                return
+            # the app waits in receive(); closing the transport hands it http.disconnect
+            self._refuse(
+                408, "Request Timeout", f"send the whole request body within {body_timeout:g} seconds"
+            )
+
+        def _refuse(self, status: int, reason: str, advice: str) -> None:
             self._disarm_head_timer()
+            self._disarm_body_timer()
             self._in_head = False
-            body = json.dumps({"detail": f"{reason.lower()}: send the request headers promptly."}).encode()
+            body = json.dumps({"detail": f"{reason.lower()}: {advice}."}).encode()
             self.transport.write(
                 f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
@@ -374,6 +440,24 @@ def guarded_http_protocol(
 
     HeaderDeadlineProtocol.__name__ = HeaderDeadlineProtocol.__qualname__ = "HeaderDeadlineProtocol"
     return HeaderDeadlineProtocol
+
+
+BUSY_RETRY_AFTER_S = 1
+
+
+async def server_busy(scope: dict, receive: Callable, send: Callable) -> None:
+    """The answer when every connection slot is taken: 503 in JSON with Retry-After, and the connection closed."""
+    body = json.dumps(
+        {"detail": f"the server is busy with other requests; send it again in {BUSY_RETRY_AFTER_S} s."}
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(BUSY_RETRY_AFTER_S).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -541,11 +625,13 @@ def create_app(
     io_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="digitrec-io")
     workers = ImageWorkers(preprocess_processes) if preprocess_processes > 0 else None
     batcher = Batcher(predictor, model_pool)
-    counters = {"predict": 0, "read": 0, "feedback": 0, "rejected": 0, "client_errors": 0}
+    counters = {"predict": 0, "read": 0, "feedback": 0, "rejected": 0, "client_errors": 0, "server_errors": 0}
     started = time.time()
     meta = getattr(predictor, "meta", {}) or {}
     model_name = str(getattr(predictor, "name", "model"))
-    model_version = str(getattr(predictor, "version", ""))
+    # the model's own identity (its file's SHA-256), not digitrec's version, which is the same for every model
+    model_version = str(getattr(predictor, "model_id", "") or getattr(predictor, "version", ""))
+    model_accuracy = _own_test_accuracy(meta)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -569,9 +655,11 @@ def create_app(
 
     # -- errors: always JSON {"detail": one sentence}, never an HTML traceback --------------------------------
 
+    def count_error(status: int) -> None:
+        counters["client_errors" if status < 500 else "server_errors"] += 1
+
     def _error(status: int, detail: str) -> JSONResponse:
-        if status < 500:
-            counters["client_errors"] += 1
+        count_error(status)
         return JSONResponse({"detail": detail}, status_code=status)
 
     def _error_for(exc: Exception) -> JSONResponse:
@@ -611,20 +699,33 @@ def create_app(
     # -- reading the request -----------------------------------------------------------------------------------
 
     async def read_upload(request: Request) -> tuple[bytes, dict[str, Any]]:
-        """Return (image bytes, other fields) from multipart, JSON (base64) or a raw image/* body."""
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        """Return (image bytes, other fields) from multipart, JSON (base64) or a raw image/* body: a form's and a
+        query string's fields are strings, JSON's are the values the JSON holds."""
+        content_type = _content_type(request)
         if content_type == "multipart/form-data":
             async with request.form(max_files=2, max_fields=10) as form:
-                upload = form.get("file")
-                if upload is None or isinstance(upload, str):
+                uploads = form.getlist("file")
+                if not uploads:
                     raise HTTPException(400, f"the form has no file field named 'file'; {IMAGE_HINT}.")
+                if len(uploads) > 1:
+                    raise HTTPException(
+                        400, f"the form has {len(uploads)} fields named 'file'; send one image per request."
+                    )
+                upload = uploads[0]
+                if isinstance(upload, str):
+                    raise HTTPException(
+                        400,
+                        "the form's field 'file' is text, not a file (its part has no filename=\"...\"); "
+                        f"{IMAGE_HINT}.",
+                    )
                 data = await upload.read()
                 fields = {key: value for key, value in form.items() if isinstance(value, str)}
             return data, fields
         if content_type == "application/json":
             try:
                 body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            # ValueError: also a number of over 4,300 digits; RecursionError: arrays nested thousands deep
+            except (ValueError, RecursionError):
                 raise HTTPException(400, f"the body is not valid JSON; {IMAGE_HINT}.") from None
             if not isinstance(body, dict) or not isinstance(body.get("image"), str):
                 raise HTTPException(400, f'the JSON has no string field "image"; {IMAGE_HINT}.')
@@ -632,7 +733,7 @@ def create_app(
             if encoded.startswith("data:"):  # a data URL, as canvas.toDataURL() gives
                 encoded = encoded.partition(",")[2]
             try:
-                data = base64.b64decode(encoded, validate=True)
+                data = decode_base64(encoded)
             except (binascii.Error, ValueError):
                 raise HTTPException(400, 'the "image" field is not valid base64.') from None
             return data, body
@@ -679,7 +780,7 @@ def create_app(
         await response(scope, _no_more_body, send)
         return True
 
-    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, fast_path=fast_predict)
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, fast_path=fast_predict, counted=count_error)
 
     # -- endpoints ---------------------------------------------------------------------------------------------
 
@@ -708,24 +809,42 @@ def create_app(
         }
     }
     error_responses: dict[int | str, dict[str, Any]] = {
-        400: {"description": "not an image, truncated, or malformed request"},
+        400: {"description": "not an image, an image format not read, truncated, or a malformed request"},
+        408: {
+            "description": "the headers or the body were not sent in time (`--header-timeout`, `--body-timeout`)"
+        },
         413: {"description": "body over 5 MB or image over 40 megapixels"},
         415: {"description": "unsupported content type"},
+        500: {"description": "a bug; it has been logged"},
+        503: {
+            "description": "every connection slot is taken (Retry-After: 1) or the image workers are restarting"
+        },
+    }
+    for answer in error_responses.values():
+        answer["model"] = ErrorResponse
+    # FastAPI's own 422 entry shows its list-of-errors shape; our handler answers one sentence like every error
+    predict_responses = error_responses | {
+        422: {"description": "explain is not true or false", "model": ErrorResponse}
+    }
+    feedback_responses = error_responses | {
+        422: {"description": "label or predicted is not a digit 0-9", "model": ErrorResponse}
     }
 
+    # HEAD on / and /healthz: load balancers and uptime checks probe with it (FastAPI adds HEAD to no GET route)
+    @app.head("/", include_in_schema=False)
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
+    @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", response_model=HealthResponse, tags=["service"], summary="The model being served")
     async def healthz() -> dict[str, Any]:
-        """The loaded model: name, version and its test accuracy (fraction 0-1)."""
-        accuracy = (meta.get("metrics") or {}).get("test_accuracy")
+        """The loaded model: name, version (its file's SHA-256 prefix) and its test accuracy (fraction 0-1)."""
         return {
             "status": "ok",
             "model": model_name,
             "version": model_version,
-            "test_accuracy": None if accuracy is None else float(accuracy),
+            "test_accuracy": model_accuracy,
         }
 
     @app.post(
@@ -734,7 +853,7 @@ def create_app(
         response_model=PredictResponse,
         tags=["digits"],
         openapi_extra=upload_body,
-        responses=error_responses,
+        responses=predict_responses,
     )
     async def predict(
         request: Request,
@@ -783,6 +902,7 @@ def create_app(
                     "digit": int(d.digit),
                     "confidence": float(d.confidence),
                     "box": tuple(int(v) for v in d.box),
+                    "doubtful": bool(d.doubtful),
                 }
                 for d in result.digits
             ],
@@ -794,7 +914,7 @@ def create_app(
         response_model=FeedbackResponse,
         status_code=201,
         tags=["feedback"],
-        responses=error_responses,
+        responses=feedback_responses,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -821,15 +941,30 @@ def create_app(
                             },
                         }
                     },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
                 },
-            }
+            },
+            "parameters": [
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    "description": f"with a raw image/* body only: {what}, one character 0-9",
+                    "schema": {"type": "string", "pattern": "^[0-9]$"},
+                }
+                for name, what in (
+                    ("label", "the correct digit (then required)"),
+                    ("predicted", "what the model said"),
+                )
+            ],
         },
     )
     async def feedback(request: Request) -> dict[str, Any]:
         """Store a correction: this image shows digit `label` (the model said `predicted`)."""
         data, fields = await read_upload(request)
-        label = _digit_field(fields, "label", required=True)
-        predicted = _digit_field(fields, "predicted", required=False)
+        from_json = _content_type(request) == "application/json"
+        label = _digit_field(fields, "label", required=True, from_json=from_json)
+        predicted = _digit_field(fields, "predicted", required=False, from_json=from_json)
         pixels = await to_input(data)
 
         def work():
@@ -890,6 +1025,21 @@ async def _no_more_body() -> dict:
     return {"type": "http.disconnect"}
 
 
+def _own_test_accuracy(meta: dict[str, Any]) -> float | None:
+    """The served model's MNIST test accuracy: an int8 export's measured at export, else its checkpoint's (a float
+    export answers as its checkpoint does; the export checks that)."""
+    export = meta.get("export") or {}
+    if export.get("precision") == "int8" and export.get("onnx_accuracy") is not None:
+        return float(export["onnx_accuracy"])
+    accuracy = (meta.get("metrics") or {}).get("test_accuracy")
+    return None if accuracy is None else float(accuracy)
+
+
+def _content_type(request: Request) -> str:
+    """The request's media type, lower case, without parameters ("multipart/form-data", "application/json")."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def _fastapi(**kwargs: Any) -> FastAPI:
     """A FastAPI app whose /docs page works offline when fastapi-offline is installed (it bundles Swagger UI)."""
     try:
@@ -899,24 +1049,23 @@ def _fastapi(**kwargs: Any) -> FastAPI:
     return FastAPIOffline(**kwargs)
 
 
-def _digit_field(fields: dict[str, Any], name: str, required: bool) -> int | None:
-    """A digit 0-9 from a form or JSON field, or a 422 saying what is wrong."""
+def _digit_field(fields: dict[str, Any], name: str, required: bool, from_json: bool) -> int | None:
+    """A digit 0-9 from a field, or a 422 saying what is wrong: in JSON an integer 0 to 9 (not 4.0, "4" or true),
+    in a form or query string exactly one ASCII character 0-9 (not " 3 ", "+3", "0_3", "3.0" or a fullwidth 3)."""
     value = fields.get(name)
     if value is None or value == "":
         if required:
             raise HTTPException(422, f'the field "{name}" is missing; send the correct digit, 0 to 9.')
         return None
-    try:
-        digit = int(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity is a float Python accepts
-        digit = -1
-    if (
-        isinstance(value, bool)
-        or not 0 <= digit <= 9
-        or (isinstance(value, float) and not value.is_integer())
-    ):
-        raise HTTPException(422, f'the field "{name}" must be a digit from 0 to 9, got {value!r}.')
-    return digit
+    if from_json:
+        if type(value) is int and 0 <= value <= 9:  # type(): a bool is an int too
+            return value
+        raise HTTPException(
+            422, f'the field "{name}" must be a digit from 0 to 9 as a JSON integer, got {json.dumps(value)}.'
+        )
+    if isinstance(value, str) and len(value) == 1 and value in "0123456789":
+        return int(value)
+    raise HTTPException(422, f'the field "{name}" must be one digit from 0 to 9, got {value!r}.')
 
 
 BACKEND_NAMES = {"OnnxBackend": "ONNX Runtime", "TorchBackend": "PyTorch", "NumpyBackend": "NumPy"}
@@ -938,9 +1087,9 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
 
     if backend != "auto":
         return load(backend)
-    if str(model or "").endswith(".onnx") or not all(
-        importlib.util.find_spec(name) for name in ("onnxruntime", "onnx")
-    ):
+    if str(model or "").endswith(".onnx"):
+        return load("onnx")
+    if not all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnx")):
         return load("torch")
     try:
         from .export import cached_onnx
@@ -999,10 +1148,12 @@ def serve(
     access_log: bool = False,
     backend: str = "auto",
     header_timeout: float = HEADER_TIMEOUT_S,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> None:
     """Load the model once, then serve the page and the API until interrupted (backend: auto, torch or onnx).
 
-    A client must send each request's headers within `header_timeout` seconds or its connection is closed.
+    A client must send each request's headers within `header_timeout` seconds, and then its body within
+    `body_timeout` seconds, or its connection is closed.
     """
     check_can_listen(host, port)
     import torch
@@ -1015,7 +1166,7 @@ def serve(
     app = create_app(predictor, feedback_db=feedback_db, preprocess_processes=os.cpu_count() or 1)
     engine = BACKEND_NAMES.get(type(predictor.backend).__name__, "PyTorch")
     print(
-        f"digitrec: serving {predictor.name} {predictor.version} on {engine} at http://{host}:{port}/  (API docs: /docs)",
+        f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at http://{host}:{port}/  (API docs: /docs)",
         flush=True,
     )
     freeze_heap()
@@ -1027,5 +1178,5 @@ def serve(
         access_log=access_log,
         limit_concurrency=256,
         log_level="info",
-        http=guarded_http_protocol(header_timeout),
+        http=guarded_http_protocol(header_timeout, body_timeout=body_timeout),
     )

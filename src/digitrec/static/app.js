@@ -11,7 +11,6 @@ const MODES = {
 };
 const UPLOAD_MAX_SIDE = 1600;  // phone photos are shrunk in the browser: the model needs far fewer pixels
 const MIN_SEND_INTERVAL_MS = 120;
-const UNSURE_BELOW = 0.5;  // a digit of a number read with less confidence than this is marked doubtful
 
 const pad = $("pad");
 const ctx = pad.getContext("2d");
@@ -350,7 +349,7 @@ function paintSeen(input, saliency) {
 function showReading(answer) {
   hideToast();
   $("number").textContent = answer.number || "–";
-  const doubtful = answer.digits.filter((d) => d.confidence < UNSURE_BELOW).length;
+  const doubtful = answer.digits.filter((d) => d.doubtful).length;  // under the model's reject threshold
   $("number-verdict").textContent = answer.digits.length
     ? `${answer.digits.length} digit${answer.digits.length === 1 ? "" : "s"} found` +
       (doubtful ? `, ${doubtful} of them doubtful (orange)` : "")
@@ -359,7 +358,7 @@ function showReading(answer) {
   chips.innerHTML = "";
   for (const d of answer.digits) {
     const li = document.createElement("li");
-    li.className = d.confidence < UNSURE_BELOW ? "unsure" : "";
+    li.className = d.doubtful ? "unsure" : "";
     li.innerHTML = `<b>${d.digit}</b>${percent(d.confidence)}`;
     li.setAttribute("aria-label", `${d.digit}, ${percent(d.confidence)} sure`);
     chips.appendChild(li);
@@ -380,7 +379,7 @@ function drawBoxes(digits) {
   boxCtx.font = "bold 30px system-ui, sans-serif";
   for (const d of digits) {
     const [x, y, w, h] = d.box;
-    const color = d.confidence < UNSURE_BELOW ? "#b25e00" : "#2f6fde";
+    const color = d.doubtful ? "#b25e00" : "#2f6fde";
     boxCtx.strokeStyle = color;
     boxCtx.fillStyle = color;
     boxCtx.strokeRect(dx + x * scale, dy + y * scale, w * scale, h * scale);
