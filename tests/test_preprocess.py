@@ -638,3 +638,20 @@ def test_a_pen_or_a_finger_in_the_photo_is_not_part_of_the_digit(thing):
     x = preprocess(photo)
     assert ink_box(x) == pytest.approx(ink_box(reference), abs=2)
     assert (x * reference).sum() / np.sqrt((x * x).sum() * (reference * reference).sum()) > 0.7
+
+
+def test_a_fine_pen_on_a_full_size_photo_is_not_a_blank_page():
+    """A 2-px stroke on a 2,000-px photo is a quarter of a pixel once shrunk to the working size: it faded below
+    the threshold and the digit was rejected as a blank page. A blank page of the same size stays blank."""
+    import cv2
+
+    def jpeg(photo: np.ndarray) -> bytes:
+        noisy = cv2.GaussianBlur(photo, (0, 0), 0.7) + np.random.default_rng(0).normal(0, 3, photo.shape)
+        return png_bytes(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+
+    photo = np.full((1500, 2000), 240, np.uint8)
+    cv2.line(photo, (850, 500), (1150, 500), 20, 2, cv2.LINE_AA)  # a 7: its bar and its stem, 400 px high
+    cv2.line(photo, (1150, 500), (950, 900), 20, 2, cv2.LINE_AA)
+    x = preprocess(jpeg(photo))
+    assert x.sum() > 20 and ink_box(x)[0] == 20  # the 7, scaled to MNIST's 20 px
+    assert preprocess(jpeg(np.full((1500, 2000), 240, np.uint8))).sum() == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -448,3 +450,30 @@ def test_a_number_in_a_frame_or_in_a_row_of_boxes_is_read(bundled):
     comb = [(x0, whole[1] - 8, x1 - x0, whole[3] + 16) for x0, x1 in zip(edges, edges[1:])]  # walls shared
     for framed in (boxed(image, [whole]), boxed(image, comb, margin=0)):
         assert bundled.read(framed).number == "35827"
+
+
+def fine_pen_photo(text: str, width: int = 4000, height: int = 300, pen: int = 3) -> bytes:
+    """A JPEG phone photo of `text` written with a fine pen (`pen` px) in digits `height` px high."""
+    from PIL import ImageDraw, ImageFilter
+
+    from digitrec.realworld import DIGIT_STROKES
+
+    page = Image.new("L", (width, width * 3 // 4), 245)
+    draw = ImageDraw.Draw(page)
+    x0, y0 = width // 5, width * 3 // 10
+    for k, digit in enumerate(text):
+        for stroke in DIGIT_STROKES[int(digit)][0]:
+            points = [(x0 + k * height + 0.6 * height * x, y0 + height * y) for x, y in stroke]
+            draw.line(points, fill=15, width=pen, joint="curve")
+    noisy = np.asarray(page.filter(ImageFilter.GaussianBlur(0.7)), np.float32)
+    noisy = noisy + np.random.default_rng(0).normal(0, 3, noisy.shape)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_a_number_in_fine_pen_on_a_full_size_photo_is_read(bundled):
+    """Written with a 3-px pen on a 2,000- or 4,000-px photo, "2048" faded away at read's working size (1,024 px)
+    and read as ""."""
+    for width in (2000, 4000):
+        assert bundled.read(fine_pen_photo("2048", width, height=width * 3 // 40)).number == "2048"

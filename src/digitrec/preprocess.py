@@ -57,6 +57,8 @@ MIN_WORK_SIDE = 112  # small inputs (e.g. 28x28) are upsampled so thresholding k
 ZOOM_BELOW = 0.1  # a digit under this share of the working image's longer side is looked at again, closer:
 ZOOM_TO = 0.3  # the photo is loaded larger so that the digit's longer side is this share of WORK_SIDE,
 ZOOM_WINDOW = 3.0  # and a window this many times the digit's size, centred on it, is read instead
+THIN_FROM = 1.5  # a blank working image of a photo shrunk this much or more is looked at for thin strokes,
+THIN_LOAD = 4  # from the photo loaded at up to this many times the working size (thin_kept)
 BACKGROUND_SIDE = 32  # the paper estimate is computed with the shorter side at this many pixels
 BACKGROUND_WINDOW = 11  # closing window there: wider than any stroke, narrower than lighting changes
 POLARITY_SIDE, POLARITY_WINDOW = (
@@ -442,11 +444,15 @@ def median_filter(a: np.ndarray, size: int) -> np.ndarray:
     return np.partition(windows.reshape(*a.shape, size * size), middle, axis=-1)[..., middle]
 
 
+def smooth_sigma(shape: tuple[int, ...]) -> float:
+    """The blur _smooth() gives an image of `shape`: 0.7 px, more on big working images (1/200 of the shorter side)."""
+    return max(0.7, min(shape[:2]) / 200)
+
+
 def _smooth(gray: np.ndarray) -> np.ndarray:
     # A light blur first: sensor noise and JPEG ringing must not reach the threshold as specks.
     # OpenCV's Gaussian: scipy.ndimage.gaussian_filter(sigma, mode="nearest", truncate=2.5) to 1e-7, 8x faster.
-    height, width = gray.shape
-    sigma = max(0.7, min(height, width) / 200)
+    sigma = smooth_sigma(gray.shape)
     side = 2 * int(2.5 * sigma + 0.5) + 1
     return cv2.GaussianBlur(gray, (side, side), sigma, borderType=cv2.BORDER_REPLICATE)
 
@@ -879,6 +885,9 @@ def preprocess(image: Any, *, return_steps: bool = False) -> np.ndarray | tuple[
     steps: Steps | None = {} if return_steps else None
     gray, size = load_gray_sized(image)
     mask = digit_mask(gray, steps)
+    if not mask.any() and max(size) >= THIN_FROM * max(gray.shape):
+        # a blank working image of a big photo: thin strokes may have faded away in the shrinking
+        mask = digit_mask(thin_kept(image, gray.shape), steps)
     closer = _closer_look(image, gray, mask, size)
     if closer is not None:  # a small digit in a big photo: read again from a window around it, at more pixels
         mask = digit_mask(closer, steps)
@@ -904,6 +913,21 @@ def digit_mask(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
     if steps is not None:
         steps["select"] = ~mask
     return mask
+
+
+def thin_kept(image: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """The working image (of `shape`) of a big photo, shrunk so that thin strokes keep their darkness: a fine
+    pen's 3-8 px stroke on a 2,000-4,000 px photo is a tenth of a pixel at WORK_SIDE, too faint for the threshold.
+    The photo is loaded at up to THIN_LOAD times the working size, the ink widened there by a minimum (dark ink)
+    or maximum (light ink) filter, and the result area-averaged down: a stroke comes out about as wide as the
+    working image's noise blur (smooth_sigma), which would otherwise wash it out."""
+    big, _ = load_gray_sized(image, max_side=THIN_LOAD * max(shape), min_side=MIN_WORK_SIDE)
+    width = max(1, round(max(big.shape) / max(shape) * max(1.0, smooth_sigma(shape))))
+    uniform = uniform_paper(big)
+    dark = uniform[1] if uniform is not None else ink_is_dark(big)
+    kernel = np.ones((width, width), np.uint8)
+    widened = cv2.erode(big, kernel) if dark else cv2.dilate(big, kernel)
+    return cv2.resize(widened, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
 
 
 def _closer_look(image: Any, gray: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> np.ndarray | None:

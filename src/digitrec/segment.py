@@ -25,6 +25,7 @@ import numpy as np
 from .pairs import NO_PAIR
 from .preprocess import (
     MIN_WORK_SIDE,
+    THIN_FROM,
     WEAK_FRACTION,
     drop_frames,
     ink_strength,
@@ -33,6 +34,7 @@ from .preprocess import (
     reopened,
     select_digit,
     stroke_width,
+    thin_kept,
     threshold,
     to_mnist,
     window_of,
@@ -365,6 +367,9 @@ def _segment(
     back = np.array([width / gray.shape[1], height / gray.shape[0]])
     ink = ink_strength(gray)
     mask = line_ink(gray, ink)
+    if not mask.any() and image is not None and max(size) >= THIN_FROM * max(gray.shape):
+        # blank at the working size: a fine pen's strokes may have faded in the shrinking (preprocess.thin_kept)
+        return _segment(thin_kept(image, gray.shape), size, score, pairs)
     labels, blobs, areas = components(mask)
     blobs, line_height = clean(blobs, areas)
     blobs = drop_edge_debris(blobs, mask.shape, line_height)
