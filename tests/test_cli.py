@@ -66,6 +66,7 @@ def test_recipes_and_models_tables(capsys):
         (["serve", "--model", "no-such-run", "--port", "0"], "does not exist"),
         (["serve", "--body-timeout", "0", "--port", "0"], "--body-timeout must be a positive number"),
         (["train", "--resume", "some-run", "--recipe", "fast"], "--resume continues a run with its own"),
+        (["train", "--resume", "some-run", "--overwrite"], "so --overwrite would be ignored"),
     ],
 )
 def test_user_errors_are_one_sentence_without_traceback(args, message):

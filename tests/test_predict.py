@@ -330,3 +330,34 @@ def test_top_k_outside_one_to_ten_is_refused_not_clamped(pretrained, top_k):
         with pytest.raises(DigitrecError, match=f"top_k must be a whole number from 1 to 10, got {top_k!r}."):
             call()
     assert len(pretrained.predict(image, top_k=10)[0].top) == 10
+
+
+def test_a_stroke_run_off_the_pad_is_kept_and_a_stream_that_cannot_seek_still_reads(pretrained):
+    """A 4 whose stem runs off the bottom edge: the stem, a straight bar twice the size of the 4's other part,
+    was dropped as "a pen lying on the page" and the rest read as a 6. And a big blank photo from a pipe: the
+    second look for thin strokes loaded it again from the spent stream ("not an image Pillow can read")."""
+    import io
+
+    import cv2
+
+    four = np.full((280, 280), 255, np.uint8)
+    cv2.line(four, (180, 20), (180, 279), 0, 16)
+    cv2.polylines(four, [np.array([(110, 40), (80, 150), (160, 150)])], False, 0, 16)
+    assert pretrained.predict(four)[0].digit == 4
+
+    class Pipe(io.RawIOBase):  # a stream that can only be read once, like a socket or `urlopen`
+        def __init__(self, data: bytes):
+            self.data = io.BytesIO(data)
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            chunk = self.data.read(len(buffer))
+            buffer[: len(chunk)] = chunk
+            return len(chunk)
+
+    blank = io.BytesIO()
+    Image.fromarray(np.full((1200, 1600), 240, np.uint8)).save(blank, "JPEG")
+    assert pretrained.predict(Pipe(blank.getvalue()))[0].rejected
+    assert pretrained.read(Pipe(blank.getvalue())).number == ""

@@ -38,6 +38,26 @@ def test_a_sweep_train_would_refuse_fails_before_any_run(
     assert not any(tmp_path.iterdir())
 
 
+def test_a_sweep_run_again_starts_its_jobs_over(tmp_path, monkeypatch):
+    """train refuses a folder holding an unfinished run, so an interrupted sweep run again failed those jobs."""
+    from digitrec.cli import build_parser
+
+    commands = []
+
+    class Finished:
+        returncode = 1
+
+        def __init__(self, command, **kwargs):
+            commands.append(command)
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", Finished)
+    sweep(["fast"], [0], tmp_path, train_flags=["--epochs", "1"])
+    assert build_parser().parse_args(commands[0][3:]).overwrite
+
+
 def test_summary_has_one_line_per_run_and_a_mean_per_recipe():
     rows = [
         {

@@ -212,7 +212,7 @@ def _check_resume(args: argparse.Namespace) -> None:
     """A resumed run keeps its own settings: refuse the flags that would change them, rather than ignore them."""
     ignored = [
         "--" + key.replace("_", "-")
-        for key in ("recipe", "config", "out", "amp", "compile", "dry_run", *TRAIN_OVERRIDES)
+        for key in ("recipe", "config", "out", "overwrite", "amp", "compile", "dry_run", *TRAIN_OVERRIDES)
         if key != "device" and getattr(args, key) not in (None, False)
     ]
     if ignored:
@@ -246,6 +246,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=data,
         resume=bool(args.resume),
         resume_device=args.device if args.resume else None,
+        overwrite=args.overwrite,
         dry_run=args.dry_run,
         progress=not args.no_progress and sys.stderr.isatty(),
         tensorboard=args.tensorboard,
@@ -914,6 +915,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="DIR",
         help="continue the run in DIR from its last checkpoint (with --device: on another device than it began on)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out folder that holds an unfinished run (refused otherwise: resume it instead)",
     )
     p.add_argument("--dry-run", action="store_true", help="a few batches end to end, for a quick check")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")

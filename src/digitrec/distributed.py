@@ -254,7 +254,7 @@ def _check_before_launch(args: argparse.Namespace) -> str:
         config = config.override(device=args.device)
     else:
         recipe, config = training_config(args)
-        if args.out:
+        if args.out and not args.overwrite:
             training.refuse_unfinished_run(Path(args.out), finetune=False)
     training.resolve_device(config.device)
     training.check_batch_size(config, create_model(config.arch), args.nproc)

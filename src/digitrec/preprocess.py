@@ -74,6 +74,7 @@ KEEP_FRACTION = 0.08  # a single digit's parts are at least this share of its la
 BOLDER_OBJECT = 2.5  # a part at the photo's edge this many times bolder than the digit is an object, not ink,
 LONGER_OBJECT = 2.0  # and so is a straight bar this many times longer than the digit's size
 ROD_ASPECT = 5.0  # (a bar: at least this many times longer than wide)
+OBJECT_CLEARANCE = 0.1  # ... when it lies this share of the digit's size clear of the digit
 SOLID_STROKE = 0.22  # a glyph whose mean stroke is this share of its height or more has lost its loops
 REOPEN_HEIGHT = 0.7  # reopened(): a core shorter than this share of the glyph lost a stroke, not a fill
 PAPER_TOLERANCE = (
@@ -628,7 +629,8 @@ def drop_edge_parts(labels: np.ndarray, areas: np.ndarray, keep: np.ndarray) -> 
     inside the picture) and are smaller than it: the edge of a shadow, of the page or of a table that the threshold
     took for ink. A digit's own broken strokes share its columns (the bar of a 5, the flag of a 7, one of a 4's).
     Also drop parts at the edge that are far bolder than the digit or a straight bar far longer than it, wherever
-    they lie: a finger or a pen in the photo (a digit's parts are written with one pen, and no longer than it)."""
+    they lie clear of the digit: a finger or a pen in the photo (a digit's parts are written with one pen, and no
+    longer than it; a stroke of the digit run off the edge lies close to the rest of it)."""
     height, width = labels.shape
     boxes = {}
     for label in np.flatnonzero(keep).tolist():
@@ -647,14 +649,22 @@ def drop_edge_parts(labels: np.ndarray, areas: np.ndarray, keep: np.ndarray) -> 
     out = keep.copy()
     y0, y1 = boxes[digit][:2]
     size = max(y1 - y0, right - left)
-    pen: float | None = None  # the digit's stroke width, measured only if an edge part may be an object
+    pen = 0.0  # the digit's stroke width, and the digit widened by OBJECT_CLEARANCE of its size: measured
+    near: np.ndarray | None = None  # only if an edge part may be an object
     for label in edge:
         x0, x1 = boxes[label][2:]
         if (x1 <= left or x0 >= right) and areas[label] < areas[digit]:
             out[label] = False
         elif areas[digit] >= KEEP_FRACTION * areas[label]:
             part = labels == label
-            pen = stroke_width(labels == digit) if pen is None else pen
+            if near is None:
+                digit_ink = labels == digit
+                pen, reach = stroke_width(digit_ink), max(1, round(OBJECT_CLEARANCE * size))
+                near = cv2.dilate(_u8(digit_ink), np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)).astype(
+                    bool
+                )
+            if (part & near).any():
+                continue  # close to the digit: its own stroke run off the edge (a 4's stem), not an object
             if stroke_width(part) >= BOLDER_OBJECT * pen or _rod(part, size):
                 out[label] = False  # a finger or a pen lying in the photo, not handwriting
     return out
@@ -677,7 +687,8 @@ def _frame(part: np.ndarray, ink: np.ndarray) -> np.ndarray | None:
     form's field, a frame round a number, a row of boxes (comb) with one digit each; None when it is no frame.
 
     A frame is a convex quadrilateral outline (so a photo's tilt or perspective is fine) of a thin line that runs
-    along all four sides and holds ink inside: a boxy 0 encloses none, a 7 or a 4 does not run along four sides.
+    along all four sides and holds ink inside that does not touch it: a boxy 0 holds none (a slashed one only its
+    own slash), a 7 or a 4 does not run along four sides. (A box whose every digit touches it stays.)
     What is erased: the outline, as thick as its line and a margin, and the comb's walls between the boxes.
     """
     contours, _ = cv2.findContours(_u8(part), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -700,8 +711,8 @@ def _frame(part: np.ndarray, ink: np.ndarray) -> np.ndarray | None:
     inside = np.zeros_like(sides)
     cv2.fillPoly(inside, [quad], 1)
     inside = inside.astype(bool) & ~band.astype(bool)
-    if np.count_nonzero(ink & inside) < 4 * line * line:
-        return None  # encloses nothing: a boxy 0, a rectangle
+    if np.count_nonzero(ink & ~part & inside) < 4 * line * line:
+        return None  # holds no ink apart from it: a boxy 0 (slashed or not), a rectangle
     frame = part & band.astype(bool)
     # a comb's walls: what is left of the part that stands the box's height and is a line's width
     rest, count = label8(part & ~frame)
@@ -885,7 +896,7 @@ def preprocess(image: Any, *, return_steps: bool = False) -> np.ndarray | tuple[
     steps: Steps | None = {} if return_steps else None
     gray, size = load_gray_sized(image)
     mask = digit_mask(gray, steps)
-    if not mask.any() and max(size) >= THIN_FROM * max(gray.shape):
+    if not mask.any() and max(size) >= THIN_FROM * max(gray.shape) and rewind(image):
         # a blank working image of a big photo: thin strokes may have faded away in the shrinking
         mask = digit_mask(thin_kept(image, gray.shape), steps)
     closer = _closer_look(image, gray, mask, size)
@@ -957,7 +968,7 @@ def window_of(
     """The part of a working image of `work_shape` between `rows` and `cols` (its pixels), cut instead from the
     photo `image` loaded with its longer side at `side`: (the window, its top-left corner in the large image,
     the large image's shape). None when the photo cannot be read again (a stream that cannot seek)."""
-    if not _rewind(image):
+    if not rewind(image):
         return None
     large = load_gray(image, max_side=side)
     scale = max(large.shape) / max(work_shape)
@@ -966,7 +977,7 @@ def window_of(
     return window, (y0, x0), large.shape
 
 
-def _rewind(image: Any) -> bool:
+def rewind(image: Any) -> bool:
     """Can `image` be loaded again? A file object is rewound; a stream that cannot seek cannot."""
     if not hasattr(image, "read"):
         return True

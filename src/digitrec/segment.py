@@ -32,6 +32,7 @@ from .preprocess import (
     load_gray_sized,
     parts,
     reopened,
+    rewind,
     select_digit,
     stroke_width,
     thin_kept,
@@ -367,7 +368,7 @@ def _segment(
     back = np.array([width / gray.shape[1], height / gray.shape[0]])
     ink = ink_strength(gray)
     mask = line_ink(gray, ink)
-    if not mask.any() and image is not None and max(size) >= THIN_FROM * max(gray.shape):
+    if not mask.any() and image is not None and max(size) >= THIN_FROM * max(gray.shape) and rewind(image):
         # blank at the working size: a fine pen's strokes may have faded in the shrinking (preprocess.thin_kept)
         return _segment(thin_kept(image, gray.shape), size, score, pairs)
     labels, blobs, areas = components(mask)

@@ -71,6 +71,7 @@ def sweep(
                 "--threads",
                 str(threads),
                 "--no-progress",
+                "--overwrite",  # a sweep run again retrains its jobs, an interrupted one's too
                 *(train_flags or []),
             ]
             with open(job.out / "train.log", "w") as log_file:

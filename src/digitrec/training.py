@@ -482,7 +482,7 @@ def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
         )
     raise CheckpointError(
         f"{out_dir} holds an unfinished run (stopped at step {step}); continue it with `digitrec train --resume "
-        f"{out_dir}`, or choose another --out (or delete the folder to start over)."
+        f"{out_dir}`, start it over with --overwrite, or choose another --out."
     )
 
 
