@@ -413,6 +413,26 @@ def test_a_crash_between_the_two_renames_is_recovered(tiny_mnist, tmp_path):
     (tmp_path / "last.json").write_bytes(old_side)
     (tmp_path / ".last.json.0ld0ne.tmp").write_bytes(old_side)  # an older crash's leftovers
     (tmp_path / ".last.safetensors.0ld0ne.tmp").write_bytes(b"half a checkpoint")
+    for stale in tmp_path.glob(".*.0ld0ne.tmp"):
+        os.utime(stale, (time.time() - 600, time.time() - 600))
     resumed = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
     assert resumed.metrics["epochs"] == 2
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_new_command_on_a_live_runs_folder_leaves_its_writes_alone(tiny_mnist, tmp_path):
+    """A second `train --out DIR` on a folder where a run is training removed that run's temporary files
+    mid-write (the run then failed to rename them into place)."""
+    from digitrec.config import TrainConfig
+    from digitrec.errors import CheckpointError
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    _edit_last(tmp_path, lambda meta: meta["state"].update(step=5, finished=False))  # still training
+    writing = [tmp_path / ".last.safetensors.l1ve01.tmp", tmp_path / ".last.json.l1ve01.tmp"]
+    for temporary in writing:
+        temporary.write_bytes(b"a write in progress")
+    with pytest.raises(CheckpointError, match="unfinished run"):
+        train(config, tmp_path, data=tiny_mnist, **QUIET)
+    assert all(temporary.exists() for temporary in writing)

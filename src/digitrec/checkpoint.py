@@ -14,6 +14,7 @@ import math
 import os
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,12 +99,17 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     atomic_write_files({Path(path): data, sidecar_path(path): side.encode("utf-8")})
 
 
+STALE_SECONDS = 120  # a temporary this old belongs to no live writer: its writer crashed or was killed
+
+
 def recover_interrupted_write(path: str | Path) -> None:
     """Finish what a crash between the two renames of `save_tensors` left undone, and remove stale temporaries.
 
     The checkpoint is renamed into place first, so such a crash leaves the new checkpoint beside the old side
-    file, with the new side file still a temporary (`.last.json.XXXX.tmp`): the temporary whose checksum
-    matches the checkpoint becomes the side file. Call it only when no one else is writing these files.
+    file, with the new side file still a temporary (`.last.json.XXXX.tmp`): when the checkpoint does not match
+    its side file, the temporary whose checksum matches it becomes the side file. Other temporaries are removed
+    once STALE_SECONDS old: a younger one may be a live run's write in progress (a second command started on a
+    training run's folder must not break it).
     """
     path = Path(path)
     side = sidecar_path(path)
@@ -114,17 +120,24 @@ def recover_interrupted_write(path: str | Path) -> None:
         return
     if path.exists():
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        for candidate in leftovers:
-            try:
-                matches = json.loads(candidate.read_text()).get("sha256") == digest
-            except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or UTF-8
-                matches = False
-            if candidate.name.startswith(f".{side.name}.") and matches:
-                with contextlib.suppress(FileNotFoundError):  # another rank of the same run was quicker
-                    os.replace(candidate, side)
-                break
+        if _side_sha256(side) != digest:
+            for candidate in leftovers:
+                if candidate.name.startswith(f".{side.name}.") and _side_sha256(candidate) == digest:
+                    with contextlib.suppress(FileNotFoundError):  # another rank of the same run was quicker
+                        os.replace(candidate, side)
+                    break
+    now = time.time()
     for leftover in leftovers:
-        leftover.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if now - leftover.stat().st_mtime > STALE_SECONDS:
+                leftover.unlink()
+
+
+def _side_sha256(side: Path) -> str | None:
+    try:
+        return json.loads(side.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or UTF-8
+        return None
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
