@@ -25,7 +25,7 @@ data: setup
 
 run: setup
 	$(DIGITREC) data
-	$(DIGITREC) train --recipe default --out runs/default
+	$(DIGITREC) train --recipe default --out runs/default --overwrite
 	@echo "open runs/default/report.html to see the report"
 
 # Chromium for the browser test: installed with apt-get where we can (root or sudo); the test skips without it.
@@ -53,7 +53,7 @@ results: setup
 # The two bundled models, as DEVELOPERS.md describes (30 minutes on two cores). The fine-tune runs on one
 # thread: that is how the bundled weights were made, and a thread count changes the float sums' order.
 pretrained: data
-	$(DIGITREC) train --recipe robust --out runs/robust --no-progress
+	$(DIGITREC) train --recipe robust --out runs/robust --no-progress --overwrite
 	$(DIGITREC) calibrate runs/robust --half --out runs/robust/half.safetensors
 	OMP_NUM_THREADS=1 $(DIGITREC) finetune --model runs/robust/half.safetensors --no-corrections --no-progress --out runs/robust-finetune
 	$(DIGITREC) calibrate runs/robust-finetune --half --out src/digitrec/pretrained/robust.safetensors
