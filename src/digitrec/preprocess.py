@@ -586,25 +586,36 @@ def kept_mask(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 
 def remove_specks(mask: np.ndarray, fraction: float = SPECK_FRACTION) -> np.ndarray:
+    labels, areas, keep = speck_free_parts(mask, fraction)
+    return mask if len(areas) == 1 else kept_mask(labels, keep)
+
+
+def speck_free_parts(
+    mask: np.ndarray, fraction: float = SPECK_FRACTION
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """label8()'s parts of a mask with their areas (the paper's at 0) and which of them are no specks."""
     labels, count = label8(mask)
-    if count == 0:
-        return mask
-    areas = np.bincount(labels.ravel())
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
     keep = areas >= max(2, fraction * mask.size)
     keep[0] = False
-    return kept_mask(labels, keep)
+    return labels, areas, keep
 
 
 def ink_strength(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
     """Gray image -> ink strength in [0, 1] (polarity, flatten); a flat page takes the short way."""
-    uniform = uniform_paper(gray)
-    dark_ink = uniform[1] if uniform is not None else ink_is_dark(gray)
+    dark_ink, paper = _polarity(gray)
     if steps is not None:
         steps["polarity"] = gray if dark_ink else 1.0 - gray  # shown as dark ink on light paper
-    ink = flatten_uniform(gray, uniform[0], dark_ink) if uniform is not None else flatten(gray, dark_ink)
+    ink = flatten_uniform(gray, paper, dark_ink) if paper is not None else flatten(gray, dark_ink)
     if steps is not None:
         steps["flatten"] = 1.0 - ink
     return ink
+
+
+def _polarity(gray: np.ndarray) -> tuple[bool, float | None]:
+    """(Is the ink darker than the paper?, the paper's tone when the page is one flat tone, else None)."""
+    uniform = uniform_paper(gray)
+    return (uniform[1], uniform[0]) if uniform is not None else (ink_is_dark(gray), None)
 
 
 def ink_mask(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
@@ -660,14 +671,17 @@ def drop_edge_parts(labels: np.ndarray, areas: np.ndarray, keep: np.ndarray) -> 
             if near is None:
                 digit_ink = labels == digit
                 pen, reach = stroke_width(digit_ink), max(1, round(OBJECT_CLEARANCE * size))
-                near = cv2.dilate(_u8(digit_ink), np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)).astype(
-                    bool
-                )
+                near = _grown(digit_ink, reach)
             if (part & near).any():
                 continue  # close to the digit: its own stroke run off the edge (a 4's stem), not an object
             if stroke_width(part) >= BOLDER_OBJECT * pen or _rod(part, size):
                 out[label] = False  # a finger or a pen lying in the photo, not handwriting
     return out
+
+
+def _grown(mask: np.ndarray, reach: int) -> np.ndarray:
+    """The mask and every pixel within `reach` of it (a square neighbourhood)."""
+    return cv2.dilate(_u8(mask), np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)).astype(bool)
 
 
 def _rod(part: np.ndarray, size: int) -> bool:
@@ -701,7 +715,7 @@ def _frame(part: np.ndarray, ink: np.ndarray) -> np.ndarray | None:
     if line > FRAME_THIN * min(height, width):
         return None
     reach = int(np.ceil(line)) + 1
-    near = cv2.dilate(_u8(part), np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)).astype(bool)
+    near = _grown(part, reach)
     sides = np.zeros_like(part, dtype=np.uint8)
     cv2.polylines(sides, [quad], True, 1, 1)
     if near[sides.astype(bool)].mean() < FRAME_COVER:
@@ -916,10 +930,7 @@ def digit_mask(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
     ink = kept_mask(labels, keep)
     unframed = drop_frames(ink)
     if unframed is not ink:  # a box round the digit: its parts again, without it
-        labels, count = label8(unframed)
-        areas = np.bincount(labels.ravel(), minlength=count + 1)
-        keep = areas >= max(2, SPECK_FRACTION * unframed.size)
-        keep[0] = False
+        labels, areas, keep = speck_free_parts(unframed)
     mask = kept_mask(labels, keep_digit_parts(labels, areas, keep))
     if steps is not None:
         steps["select"] = ~mask
@@ -934,10 +945,8 @@ def thin_kept(image: Any, shape: tuple[int, ...]) -> np.ndarray:
     working image's noise blur (smooth_sigma), which would otherwise wash it out."""
     big, _ = load_gray_sized(image, max_side=THIN_LOAD * max(shape), min_side=MIN_WORK_SIDE)
     width = max(1, round(max(big.shape) / max(shape) * max(1.0, smooth_sigma(shape))))
-    uniform = uniform_paper(big)
-    dark = uniform[1] if uniform is not None else ink_is_dark(big)
     kernel = np.ones((width, width), np.uint8)
-    widened = cv2.erode(big, kernel) if dark else cv2.dilate(big, kernel)
+    widened = cv2.erode(big, kernel) if _polarity(big)[0] else cv2.dilate(big, kernel)
     return cv2.resize(widened, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
 
 
