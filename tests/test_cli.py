@@ -87,9 +87,16 @@ def test_user_errors_are_one_sentence_without_traceback(args, message):
         ["robustness", "some-run", "--out", "{file}"],
         ["explore", "--out", "{file}"],
         ["calibrate", "some-run", "--out", "{file}"],
+        ["train", "--recipe", "fast", "--out", "{file}/sub"],
+        ["evaluate", "some-run", "--report", "{file}/sub"],
+        ["calibrate", "some-run", "--out", "{file}/m.safetensors"],
+        ["ensemble", "run-a", "run-b", "--out", "{file}/e"],
+        ["predict", "some.png", "--show-steps", "{file}/sub"],
+        ["feedback", "export", "--out", "{file}/sub"],
     ],
 )
 def test_an_output_folder_that_is_a_file_is_refused_before_any_work(args, tmp_path, capsys):
+    """A file in the way, also as a parent of the folder: below one, these were tracebacks after the work."""
     existing = tmp_path / "afile"
     existing.write_text("not a folder")
     with pytest.raises(SystemExit) as stopped:
@@ -103,11 +110,10 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(args, tmp_pa
     "args",
     [
         ["export", "no-such-model", "--out", "{below}/model.onnx"],
-        ["predict", "{image}", "--show-steps", "{below}"],
-        ["feedback", "export", "--feedback-db", "{db}", "--out", "{below}"],
         ["export", "no-such-model", "--out", "/proc/no-such-folder/model.onnx"],
         ["predict", "{image}", "--show-steps", "/proc/no-such-folder"],
         ["feedback", "export", "--feedback-db", "{db}", "--out", "/proc/no-such-folder"],
+        ["evaluate", "no-such-model", "--report", "/proc/no-such-folder"],
     ],
 )
 def test_an_output_folder_that_cannot_be_made_is_one_sentence_before_any_work(args, tmp_path, capsys):
@@ -316,3 +322,39 @@ def test_calibrate_out_is_a_safetensors_file_as_named_or_else_a_run_folder(
         assert f"calibration written into {written}\n" in capsys.readouterr().out
         assert "temperature" in load_model(written)[1]
     assert "temperature" not in load_model(tiny_fast_run / "model.safetensors")[1]  # the source is untouched
+
+
+def test_an_unwritable_path_found_late_is_one_sentence(tmp_path, monkeypatch, capsys):
+    """An OSError on a path the user named (here the cache, below a file) was a traceback with exit 1."""
+    blocking = tmp_path / "afile"
+    blocking.write_text("not a folder")
+    monkeypatch.setenv("DIGITREC_CACHE", str(blocking))
+    monkeypatch.setattr("digitrec.data._shared_dirs", lambda: [])
+    monkeypatch.setattr("digitrec.data.MIRRORS", ())
+    monkeypatch.delenv("DIGITREC_DATA", raising=False)
+    assert main(["data"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert str(blocking) in err
+
+
+def test_the_recipe_flag_wins_over_the_config_file(tmp_path):
+    """README: the recipe, then the TOML file, then the flags; a TOML `recipe` silently beat --recipe."""
+    from argparse import Namespace
+
+    from digitrec.cli import TRAIN_OVERRIDES, training_config
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('recipe = "fast"\nepochs = 2\n')
+    args = Namespace(config=str(toml), amp=None, compile=False, **dict.fromkeys(TRAIN_OVERRIDES))
+    recipe, config = training_config(Namespace(**vars(args), recipe="default"))
+    assert recipe == "default" and config.arch == "fast_cnn" and config.epochs == 2
+    recipe, config = training_config(Namespace(**vars(args), recipe=None))
+    assert recipe == "fast" and config.arch == "fast_cnn_crop"
+
+
+def test_early_stopping_without_a_validation_split_is_refused():
+    """It was accepted and never stopped anything: without a split no epoch is ever worse than the best."""
+    result = run_cli("train", "--recipe", "fast", "--early-stopping-patience", "2", "--dry-run")
+    assert result.returncode == 2 and "needs a validation split" in result.stderr
+    assert "Traceback" not in result.stderr

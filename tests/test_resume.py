@@ -436,3 +436,56 @@ def test_a_new_command_on_a_live_runs_folder_leaves_its_writes_alone(tiny_mnist,
     with pytest.raises(CheckpointError, match="unfinished run"):
         train(config, tmp_path, data=tiny_mnist, **QUIET)
     assert all(temporary.exists() for temporary in writing)
+
+
+def test_resuming_a_finished_calibrated_run_keeps_its_checkpoint(tiny_mnist, tmp_path):
+    """`digitrec calibrate RUN` then `train --resume RUN` rewrote model.safetensors without the calibration."""
+    from digitrec.checkpoint import save_tensors
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    tensors, meta = load_tensors(tmp_path / "model.safetensors")
+    save_tensors(tmp_path / "model.safetensors", tensors, meta | {"temperature": 0.5, "reject_below": 0.6})
+    calibrated = _files(tmp_path)
+    train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+    _, kept = load_tensors(tmp_path / "model.safetensors")
+    assert kept["temperature"] == 0.5 and kept["reject_below"] == 0.6
+    for name in ("model.safetensors", "model.json"):
+        assert _files(tmp_path)[name] == calibrated[name]
+
+
+def test_a_new_run_over_a_finished_one_leaves_none_of_its_files(tiny_mnist, tmp_path):
+    """With --no-report the old run's report, card, evaluation and export stayed, describing another model."""
+    from digitrec.config import TrainConfig
+    from digitrec.training import RUN_OUTPUTS, train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    for name in ("report.html", "MODEL_CARD.md", "evaluation.json", "confusion.png", "model.onnx"):
+        assert name in RUN_OUTPUTS
+        (tmp_path / name).write_text("the old run's")
+    (tmp_path / "notes.txt").write_text("the user's")
+    train(config.override(seed=1), tmp_path, data=tiny_mnist, **QUIET)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"model.safetensors", "model.json", "last.safetensors", "last.json"} | {
+        "history.json",
+        "metrics.json",
+        "notes.txt",
+    }
+
+
+def test_loading_the_resume_checkpoint_as_a_model_says_what_it_is(tiny_mnist, tmp_path):
+    """`digitrec evaluate RUN/last.safetensors` said the file was damaged or from another version."""
+    from digitrec.checkpoint import load_model
+    from digitrec.config import TrainConfig
+    from digitrec.errors import CheckpointError
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    with pytest.raises(
+        CheckpointError, match="resume checkpoint .*use .*model.safetensors or the run folder"
+    ):
+        load_model(tmp_path / "last.safetensors")

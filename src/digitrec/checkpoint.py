@@ -228,6 +228,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     from .models import Ensemble, create_model
 
     tensors, meta = load_tensors(path)
+    if isinstance(meta.get("state"), dict) and any(key.startswith("model.") for key in tensors):
+        raise CheckpointError(
+            f"{path} is a run's resume checkpoint (model, optimizer and random state for `digitrec train --resume`), "
+            f"not a model; use {Path(path).with_name('model.safetensors')} or the run folder."
+        )
     specs = member_specs(path, meta)
     if specs is None:
         arch, normalize = _model_spec(path, meta)

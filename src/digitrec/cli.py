@@ -31,16 +31,27 @@ def _model_out(value: str) -> Path:
     """An argparse type for an --out that writes a model: a .safetensors file as named, anything else a run
     folder to hold model.safetensors."""
     path = Path(value)
-    return path if path.suffix == ".safetensors" else _folder(value) / "model.safetensors"
+    if path.suffix != ".safetensors":
+        return _folder(value) / "model.safetensors"
+    _folder(str(path.parent))
+    return path
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The file that keeps `path` from being a folder: the path itself or the nearest existing parent, when that
+    is not a folder."""
+    existing = next((parent for parent in (path, *path.parents) if parent.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
 
 
 def _folder(value: str) -> Path:
-    """An argparse type for a folder the command writes into: a missing one is created later, a file is refused
-    now, before any work is done."""
+    """An argparse type for a folder the command writes into: a missing one is created later, a file in the way
+    (the path itself or a parent) is refused now, before any work is done."""
     path = Path(value)
-    if path.exists() and not path.is_dir():
+    blocking = _blocking_file(path)
+    if blocking is not None:
         raise argparse.ArgumentTypeError(
-            f"{value!r} is a file, not a folder; name a folder (created if missing)"
+            f"{str(blocking)!r} is a file, not a folder; name a folder (created if missing)"
         )
     return path
 
@@ -56,8 +67,8 @@ def _make_folder(path: Path, flag: str) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        blocking = next((parent for parent in (path, *path.parents) if parent.exists()), None)
-        if blocking is not None and not blocking.is_dir():
+        blocking = _blocking_file(path)
+        if blocking is not None:
             raise DigitrecError(
                 f"{flag}: {blocking} is a file, not a folder; name a folder to write into."
             ) from None
@@ -198,7 +209,8 @@ def training_config(args: argparse.Namespace):
     from .config import get_recipe, load_toml
 
     values = load_toml(args.config) if args.config else {}
-    recipe = values.pop("recipe", None) or args.recipe or "default"
+    recipe = args.recipe or values.pop("recipe", None) or "default"
+    values.pop("recipe", None)
     config = get_recipe(recipe).override(**values)
     flags = {key: getattr(args, key) for key in TRAIN_OVERRIDES}
     if args.amp is not None:
@@ -239,19 +251,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe, config = training_config(args)
         out = Path(args.out or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
     data = load_mnist(args.data_dir, log=_stderr)
-    run = train(
-        config,
-        out,
-        recipe=recipe,
-        data=data,
-        resume=bool(args.resume),
-        resume_device=args.device if args.resume else None,
-        overwrite=args.overwrite,
-        dry_run=args.dry_run,
-        progress=not args.no_progress and sys.stderr.isatty(),
-        tensorboard=args.tensorboard,
-        report=not args.no_report,
-    )
+    try:
+        run = train(
+            config,
+            out,
+            recipe=recipe,
+            data=data,
+            resume=bool(args.resume),
+            resume_device=args.device if args.resume else None,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            tensorboard=args.tensorboard,
+            report=not args.no_report,
+        )
+    except KeyboardInterrupt:
+        if (out / "last.safetensors").exists():
+            _stderr(f"stopped; `digitrec train --resume {out}` continues from the last checkpoint")
+        raise
     if not run.metrics:  # a rank other than 0 of a distributed run: rank 0 prints the result
         return 0
     m = run.metrics
@@ -274,6 +291,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model, write_report
     from .training import load_history
 
+    if args.report:
+        _make_folder(args.report, "--report")
     path = _model_path(args.model)
     model, meta = load_model(path)
     config = TrainConfig.from_checkpoint(meta, path).override(tta_views=args.tta_views)
@@ -1343,6 +1362,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `digitrec evaluate ... | head`: the reader left, so stop writing, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush too
         return 141  # 128 + SIGPIPE, as a shell reports a command its pipe ended
+    except OSError as exc:  # a path the user named that cannot be read or written (below a file, under /proc)
+        if exc.filename is None:
+            raise
+        print(
+            f"digitrec: error: cannot use {exc.filename}: {exc.strerror or exc}; name a path you can read or write.",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def entry_point() -> NoReturn:

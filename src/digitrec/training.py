@@ -456,6 +456,34 @@ def read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, st
     return tensors, config, recipe, state
 
 
+# What a run folder holds once a run, its report, a calibration or an export wrote there (checkpoints with their
+# JSON side files). A new run in a finished run's folder removes them first, so that none of them describes the
+# old model; other files in the folder are the user's and stay.
+RUN_OUTPUTS = (
+    "model.safetensors",
+    "model.json",
+    "last.safetensors",
+    "last.json",
+    "history.json",
+    "metrics.json",
+    "evaluation.json",
+    "report.html",
+    "MODEL_CARD.md",
+    "curves.png",
+    "samples.png",
+    "confusion.png",
+    "mistakes.png",
+    "robustness.png",
+    "model.onnx",
+    "model.int8.onnx",
+)
+
+
+def remove_run_outputs(out_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
     """A new run must not replace one that `--resume` could finish; replacing a finished one is fine (`make run`).
 
@@ -603,7 +631,10 @@ def train(
     main, world_size = distributed.is_main(), distributed.world_size()
     if not main:
         log, progress, tensorboard = _quiet, False, False
-    if resume and _finished(state, config):
+    if not resume and main:  # a finished run replaced (or any run, with overwrite): its files go with it
+        remove_run_outputs(out_dir)
+    evaluate_only = resume and _finished(state, config)
+    if evaluate_only:
         log(f"{out_dir} holds a finished {recipe} run: evaluating it again, without training")
     elif resume:
         log(f"resuming {recipe} from step {state['step']} in {out_dir}")
@@ -794,7 +825,7 @@ def train(
     if not main:
         return Run(out_dir, config, {}, [])  # rank 0 evaluates and reports
 
-    best, _ = load_tensors(out_dir / "model.safetensors")
+    best, best_meta = load_tensors(out_dir / "model.safetensors")
     model.load_state_dict(best)
     eval_start = time.perf_counter()
     test_logits = recipe_logits(model, data.test_images.to(device), config)
@@ -812,11 +843,14 @@ def train(
         "world_size": world_size,
         "bfloat16": config.amp and native_bfloat16(device.type),  # autocast as it ran (see native_bfloat16)
     }
-    save_model(
-        out_dir / "model.safetensors",
-        model.cpu(),
-        model_metadata(config, recipe, model, data, metrics) | (extra_metadata or {}),
-    )
+    if not (evaluate_only and "metrics" in best_meta):
+        # A finished run that is only evaluated again keeps its checkpoint as it is: same weights, and a
+        # calibration `digitrec calibrate` wrote into it stays (unless the run stopped before writing it).
+        save_model(
+            out_dir / "model.safetensors",
+            model.cpu(),
+            model_metadata(config, recipe, model, data, metrics) | (extra_metadata or {}),
+        )
     atomic_write_json(out_dir / "metrics.json", metrics)
     run = Run(out_dir, config, metrics, state["history"])
     if report:
