@@ -76,6 +76,20 @@ def test_blank_pages_and_non_digits_are_rejected(pretrained):
         assert p.rejected and p.digit is None
 
 
+def test_a_blank_input_is_rejected_even_when_the_model_is_sure_of_a_digit():
+    def sure_it_is_a_one(batch: np.ndarray) -> np.ndarray:
+        logits = np.zeros((len(batch), 10), np.float32)
+        logits[:, 1] = 20.0
+        return logits
+
+    predictor = Predictor(sure_it_is_a_one, {"reject_below": 0.5})
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    x[1, :, 5:23, 12:16] = 1  # the second has a stroke of ink, the first none
+    blank, stroke = predictor.predict_tensor(x)
+    assert blank.confidence > 0.99 and blank.rejected and blank.digit is None
+    assert not stroke.rejected and stroke.digit == 1
+
+
 def test_reject_below_is_configurable(untrained_path):
     predictor = Predictor.load(untrained_path)
     assert predictor.temperature == 2.0 and predictor.reject_below == 0.3
