@@ -88,9 +88,14 @@ def test_only_the_robust_recipe_trains_with_negatives():
     assert {name for name, c in RECIPES.items() if c.negatives} == {"robust"}
 
 
-def test_training_with_negatives_runs_and_is_reproducible(tiny_mnist, tmp_path, small_bank):
+def test_training_with_negatives_runs_and_is_reproducible(tiny_mnist, tmp_path, small_bank, monkeypatch):
     from digitrec.training import train
 
+    scored = []  # how many non-digits reached the model, and so the outlier loss, at each step
+    real_outlier_loss = augment_real.outlier_loss
+    monkeypatch.setattr(
+        augment_real, "outlier_loss", lambda logits: scored.append(len(logits)) or real_outlier_loss(logits)
+    )
     config = RECIPES["fast"].override(
         epochs=0.25, augment="robust", negatives=0.25, val_size=0, amp=False, channels_last=False
     )
@@ -104,3 +109,5 @@ def test_training_with_negatives_runs_and_is_reproducible(tiny_mnist, tmp_path, 
     second, _ = load_tensors(runs[1].model_path)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert 0 < runs[0].metrics["test_accuracy"] <= 1
+    # a quarter as many non-digits as the 320 digits of every step (the tiny set's quarter epoch is one step)
+    assert scored and set(scored) == {80}

@@ -42,6 +42,42 @@ def test_no_temporary_files_left(saved):
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.json", "model.safetensors"]
 
 
+@pytest.fixture
+def failing_second_fsync(monkeypatch):
+    """os.fsync fails on its second call, as a full disk would: a checkpoint's weights reached the disk, its side
+    file did not."""
+    calls = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _save_fails(path) -> None:
+    torch.manual_seed(1)  # other weights than the saved model's, so the new file differs from the old
+    with pytest.raises(OSError, match="No space left"):
+        save_model(path, create_model("lenet"), {"recipe": "new", "config": {"arch": "lenet"}})
+
+
+def test_a_save_that_fails_part_way_leaves_both_previous_files_byte_for_byte(saved, failing_second_fsync):
+    path, _ = saved
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    _save_fails(path)
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir() if p.name in before} == before
+    assert load_model(path)[1]["recipe"] == "r"
+
+
+def test_a_save_that_fails_part_way_leaves_no_temporary_file(saved, failing_second_fsync):
+    path, _ = saved
+    _save_fails(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.json", "model.safetensors"]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "pickle", "empty", "garbage_header"])
 def test_damaged_checkpoints_are_refused(saved, damage):
     path, model = saved

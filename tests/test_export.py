@@ -164,6 +164,24 @@ def test_int8_export_that_loses_accuracy_fails_and_writes_nothing(
     assert not out.exists()
 
 
+def test_float_export_that_disagrees_with_pytorch_fails_and_writes_nothing(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_run_session = export_module.run_session
+
+    def miscompiled(session, pixels):  # an exporter bug: class 0's logit comes out one higher
+        logits = real_run_session(session, pixels)
+        logits[:, 0] += 1.0
+        return logits
+
+    monkeypatch.setattr(export_module, "run_session", miscompiled)
+    with pytest.raises(DigitrecError) as refused:
+        export_onnx(tiny_checkpoint, tmp_path / "bad.onnx", parity_images=50, log=lambda msg: None)
+    assert str(refused.value).startswith("the exported model disagrees with PyTorch (max |Δprob| ")
+    assert str(refused.value).endswith(" > 0.0001); nothing was written.")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_int8_export_without_data_is_a_user_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(DigitrecError, match="needs MNIST"):
         export_onnx(tiny_checkpoint, tmp_path / "x.onnx", int8=True)

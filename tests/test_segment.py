@@ -23,12 +23,14 @@ from digitrec.segment import (
     _plausible_digit,
     clean,
     components,
+    cut_columns,
     cut_path,
     cut_paths,
     drop_edge_debris,
     line_ink,
     merge_broken,
     segment,
+    split,
     split_by_recognition,
     strokes_crossed,
 )
@@ -206,6 +208,17 @@ def test_a_blob_too_wide_for_one_digit_is_always_cut():
     height = max(b[3] for b in boxes)
     assert len(pieces) >= 2
     assert all(p.box[2] <= MAX_PIECE_WIDTH * height for p in pieces)
+
+
+def test_touching_blobs_are_cut_at_their_thinnest_column_not_at_the_middle():
+    mask = np.zeros((40, 100), dtype=bool)
+    mask[:, 2:38] = True  # a narrow blob...
+    mask[20:22, 38:43] = True  # ...joined by a thin bridge, well left of the middle (column 50)...
+    mask[:, 43:98] = True  # ...to a wide one
+    [cut] = cut_columns(mask, 2)
+    assert 38 <= cut < 43
+    (left_x, left), (right_x, right) = split(mask, 2)
+    assert (left_x, right_x) == (0, cut) and right[:, 43 - cut : 98 - cut].all()  # the wide blob is whole
 
 
 def test_a_too_wide_blob_with_a_short_digit_is_still_cut():

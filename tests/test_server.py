@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import httpx2 as httpx
@@ -682,6 +683,33 @@ def test_a_killed_preprocessing_worker_is_replaced_and_the_next_request_succeeds
         )  # errors still come back as 4xx
         assert workers.rebuilds == 1 and pid not in workers.pool._processes
         assert c.get("/api/stats").json()["preprocessing"]["pool_rebuilds"] == 1
+
+
+class BrokenPool:
+    """A process pool whose workers keep dying: every submit raises, as a broken ProcessPoolExecutor's does."""
+
+    def submit(self, *args, **kwargs):
+        raise BrokenProcessPool("a child process terminated abruptly")
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def test_image_workers_that_break_again_after_a_rebuild_answer_503_in_json(predictor, db_path, monkeypatch):
+    with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as c:
+        workers = c.app.state.image_workers
+        real_pool = workers.pool
+        monkeypatch.setattr(workers, "_new_pool", BrokenPool)  # the rebuilt pool breaks too
+        workers.pool = BrokenPool()
+        try:
+            response = c.post("/api/predict", files=upload(digit_png()))
+        finally:
+            workers.pool = real_pool  # so that the app's shutdown stops the real worker
+        assert workers.rebuilds == 1
+    assert response.status_code == 503 and response.headers["content-type"] == "application/json"
+    assert response.json() == {
+        "detail": "the image workers are restarting; send the request again in a moment."
+    }
 
 
 def test_uploads_that_queue_up_go_to_the_workers_in_chunks(db_path):
