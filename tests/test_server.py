@@ -707,6 +707,7 @@ def test_image_workers_that_break_again_after_a_rebuild_answer_503_in_json(predi
             workers.pool = real_pool  # so that the app's shutdown stops the real worker
         assert workers.rebuilds == 1
     assert response.status_code == 503 and response.headers["content-type"] == "application/json"
+    assert response.headers["retry-after"] == "1"
     assert response.json() == {
         "detail": "the image workers are restarting; send the request again in a moment."
     }

@@ -660,7 +660,8 @@ def create_app(
 
     def _error(status: int, detail: str) -> JSONResponse:
         count_error(status)
-        return JSONResponse({"detail": detail}, status_code=status)
+        retry = {"Retry-After": "1"} if status == 503 else None  # a 503 here passes: say when to try again
+        return JSONResponse({"detail": detail}, status_code=status, headers=retry)
 
     def _error_for(exc: Exception) -> JSONResponse:
         """The JSON answer to an exception raised while handling a request: the app's handlers and the fast
@@ -817,7 +818,7 @@ def create_app(
         415: {"description": "unsupported content type"},
         500: {"description": "a bug; it has been logged"},
         503: {
-            "description": "every connection slot is taken (Retry-After: 1) or the image workers are restarting"
+            "description": "every connection slot is taken or the image workers are restarting (Retry-After: 1)"
         },
     }
     for answer in error_responses.values():
