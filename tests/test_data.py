@@ -130,6 +130,20 @@ def test_a_folder_without_the_four_files_names_what_is_missing(idx_folder: Path)
     assert "rename t10k-images.idx3-ubyte to t10k-images-idx3-ubyte and the other 2 alike" in message
 
 
+def test_an_unusable_digitrec_data_stops_instead_of_being_skipped(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("DIGITREC_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"^\$DIGITREC_DATA names .*nowhere, .*there is no such folder; point it"):
+        load_mnist(download=False)
+    (idx_folder / "train-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
+    with pytest.raises(DataError, match=r"^\$DIGITREC_DATA names .*it has no train-labels-idx1-ubyte "):
+        load_mnist(download=False)
+    monkeypatch.setenv("DIGITREC_DATA", "")  # empty: as if unset
+    assert "$DIGITREC_DATA" not in [label for label, _ in data.candidate_dirs()]
+
+
 def test_missing_data_dir_says_what_to_do(tmp_path: Path):
     with pytest.raises(DataError, match="does not hold the four MNIST files"):
         load_mnist(tmp_path / "nowhere", download=False)
