@@ -675,7 +675,17 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from .config import get_recipe
     from .data import load_mnist
 
-    names = [n for n in args.recipes.split(",") if n]
+    if not 0 < args.target < 1:  # NaN fails too
+        percent = f"; did you mean {args.target / 100:g}?" if 1 < args.target < 100 else ""
+        raise DigitrecError(
+            f"--target is a test accuracy as a fraction between 0 and 1 (0.99 for 99%), not {args.target:g}{percent}"
+            + ("" if percent else ".")
+        )
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    if not names:
+        raise DigitrecError(
+            "--recipes names no recipe; give a comma-separated list such as fast,default (see `digitrec recipes`)."
+        )
     recipes = {name: get_recipe(name) for name in names}
     if args.max_epochs:
         recipes = {n: c.override(epochs=min(c.epochs, args.max_epochs)) for n, c in recipes.items()}
