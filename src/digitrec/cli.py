@@ -313,11 +313,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
+    import hashlib
+
     from .data import load_mnist
     from .evaluate import evaluate_ensemble
 
-    data = load_mnist(args.data_dir, log=_stderr)
     paths = [_model_path(m) for m in args.models]
+    if len(paths) < 2:
+        raise DigitrecError(
+            f"an ensemble needs two or more models and got only {args.models[0]}; name another run folder or "
+            ".safetensors file."
+        )
+    seen: dict[str, str] = {}  # by contents: two spellings of one path, a link or a copy are one model
+    for name, path in zip(args.models, paths):
+        # a missing path is load_model's to refuse, with its own sentence
+        digest = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else name
+        if digest in seen:
+            raise DigitrecError(
+                f"{seen[digest]} and {name} are the same model, and an ensemble of one model is that model alone; "
+                "name different models."
+            )
+        seen[digest] = name
+    data = load_mnist(args.data_dir, log=_stderr)
     if args.out:  # built before the evaluation, so that a model it cannot join stops the command at once
         from .checkpoint import load_ensemble, save_model
 
