@@ -54,6 +54,33 @@ def test_bench_train_marks_a_missed_target_and_can_stop_early(tiny_mnist) -> Non
     assert len(stopped.runs[0].checks) == 1  # reached at the first check, so training ended there
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--target", "99"],
+            "--target is a test accuracy as a fraction between 0 and 1 (0.99 for 99%), not 99; "
+            "did you mean 0.99?",
+        ),
+        (["--target", "1.5"], "not 1.5; did you mean 0.015?"),
+        (["--target", "-1"], "between 0 and 1 (0.99 for 99%), not -1."),
+        (["--recipes", ""], "--recipes names no recipe"),
+        (["--recipes", " , "], "--recipes names no recipe"),
+        (["--recipes", "fast,nope"], "unknown recipe 'nope'"),
+    ],
+)
+def test_bench_train_refuses_a_bad_target_or_recipe_list_before_any_work(
+    args, message, monkeypatch, capsys
+) -> None:
+    def no_work(*args, **kwargs):
+        raise DigitrecError("MNIST was loaded: the command went to work.")
+
+    monkeypatch.setattr("digitrec.data.load_mnist", no_work)
+    assert main(["bench", "train", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_bench_infer_times_each_backend_at_each_batch_size(tiny_checkpoint: Path, tiny_mnist) -> None:
     pytest.importorskip("onnxruntime")
     backends = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")

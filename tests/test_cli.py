@@ -281,14 +281,32 @@ def test_train_without_a_report_writes_the_run_and_says_how_to_report_it(idx_fol
 
 
 def test_ensemble_of_one_model_twice_scores_as_the_model(tiny_fast_run, idx_folder, capsys):
+    from digitrec.data import load_mnist
+    from digitrec.evaluate import evaluate_ensemble
+
     assert main(["evaluate", str(tiny_fast_run), "--json", "--data-dir", str(idx_folder)]) == 0
     single = json.loads(capsys.readouterr().out)
-    args = ["ensemble", str(tiny_fast_run), str(tiny_fast_run / "model.safetensors"), "--json"]
-    assert main([*args, "--data-dir", str(idx_folder)]) == 0
-    ensemble = json.loads(capsys.readouterr().out)
+    path = tiny_fast_run / "model.safetensors"
+    ensemble = evaluate_ensemble([path, path], load_mnist(idx_folder, download=False))
     assert ensemble["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-6)
     assert [m["test_accuracy"] for m in ensemble["members"]] == pytest.approx([single["test_accuracy"]] * 2)
     assert main(["ensemble", "missing-model.safetensors", "--data-dir", str(idx_folder)]) != 0
+
+
+def test_ensemble_refuses_one_model_or_the_same_model_twice(tiny_fast_run, idx_folder, tmp_path, capsys):
+    run = str(tiny_fast_run)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes((tiny_fast_run / "model.safetensors").read_bytes())
+    for models, message in [
+        ([run], f"an ensemble needs two or more models and got only {run}; name another"),
+        ([run, run], f"{run} and {run} are the same model"),
+        ([run, f"{run}/model.safetensors"], f"{run} and {run}/model.safetensors are the same model"),
+        ([run, f"{run}/../{tiny_fast_run.name}"], "are the same model"),
+        ([run, str(copy)], f"{run} and {copy} are the same model"),
+    ]:
+        assert main(["ensemble", *models, "--data-dir", str(idx_folder)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_ensemble_out_saves_one_model_that_scores_as_the_ensemble(

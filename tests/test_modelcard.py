@@ -87,4 +87,71 @@ def test_an_ensembles_card_names_its_members():
     text = modelcard.to_markdown(
         modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03, "per_class": []}, meta)
     )
-    assert "Model card: robust (ensemble of deep_cnn, fast_cnn)" in text
+    assert "Model card: ensemble (ensemble of deep_cnn, fast_cnn)" in text
+
+
+def _card_command(text: str) -> list[str]:
+    """The `digitrec train ...` command the card's Recipe section gives, as arguments after `digitrec`."""
+    return text.split("reproduce it with `digitrec ")[1].split("`")[0].split()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"epochs": 2, "lr": 0.005, "device": "cpu", "amp": False},
+        {"epochs": 2, "betas": (0.8, 0.95), "arch": "lenet", "compile": True},  # no flag sets betas or arch
+    ],
+)
+def test_the_cards_command_trains_the_same_config(changes, tmp_path):
+    from digitrec.cli import build_parser, training_config
+
+    config = get_recipe("fast").override(**changes)
+    meta = {"recipe": "fast", "config": config.to_dict(), "metrics": {"steps": 1000}}
+    text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.9, "test_loss": 0.3}, meta))
+    args = _card_command(text)
+    if "--config" in args:  # the settings no flag sets, in the TOML file the card spells out
+        toml = text.split("FILE a TOML file holding ")[1].split(" (one per line)")[0]
+        (tmp_path / "run.toml").write_text("\n".join(line.strip("`") for line in toml.split(", `")))
+        args[args.index("FILE")] = str(tmp_path / "run.toml")
+    recipe, reproduced = training_config(build_parser().parse_args(args))
+    assert recipe == "fast" and reproduced.to_dict() == config.to_dict()
+
+
+def test_a_dry_runs_card_says_so_and_what_it_trained_on(tmp_path, tiny_mnist):
+    config = get_recipe("fast").override(
+        batch_size=32
+    )  # 0.85 epoch of 8 batches: 7 of 32, of the 1,200 images
+    train(config, tmp_path, recipe="fast", data=tiny_mnist, dry_run=True, progress=False, log=lambda m: None)
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert card.startswith("# Model card: fast, dry run (")
+    assert "reproduce it with `digitrec train --recipe fast --batch-size 32 --dry-run`" in card
+    assert "Trained on the first 224 training images only, 7 steps of 32 (a dry run" in card
+
+
+def test_an_ensembles_card_says_how_to_rebuild_it_not_how_to_train_its_first_member():
+    members = [
+        {
+            "path": f"runs/{name}/model.safetensors",
+            "recipe": name,
+            "config": {"arch": arch},
+            "temperature": 1.2,
+            "test_accuracy": 0.99,
+        }
+        for name, arch in (("fast", "fast_cnn_crop"), ("default", "fast_cnn"))
+    ]
+    meta = {
+        "recipe": "ensemble",
+        "arch": "ensemble",
+        "config": get_recipe("fast").to_dict(),
+        "members": members,
+        "temperature": 1.1,
+    }
+    text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03}, meta))
+    assert text.startswith("# Model card: ensemble (ensemble of fast_cnn_crop, fast_cnn)")
+    assert "digitrec train" not in text and "## Recipe" not in text  # not the first member's settings
+    assert (
+        "Rebuild it with `digitrec ensemble runs/fast/model.safetensors runs/default/model.safetensors --out PATH` "
+        "(the paths as given when it was built), then `digitrec calibrate PATH`."
+    ) in text
+    assert "| `runs/default/model.safetensors` | `default` | `fast_cnn` | 1.200 | 99.00% |" in text

@@ -332,11 +332,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
+    import hashlib
+
     from .data import load_mnist
     from .evaluate import evaluate_ensemble
 
-    data = load_mnist(args.data_dir, log=_stderr)
     paths = [_model_path(m) for m in args.models]
+    if len(paths) < 2:
+        raise DigitrecError(
+            f"an ensemble needs two or more models and got only {args.models[0]}; name another run folder or "
+            ".safetensors file."
+        )
+    seen: dict[str, str] = {}  # by contents: two spellings of one path, a link or a copy are one model
+    for name, path in zip(args.models, paths):
+        # a missing path is load_model's to refuse, with its own sentence
+        digest = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else name
+        if digest in seen:
+            raise DigitrecError(
+                f"{seen[digest]} and {name} are the same model, and an ensemble of one model is that model alone; "
+                "name different models."
+            )
+        seen[digest] = name
+    data = load_mnist(args.data_dir, log=_stderr)
     if args.out:  # built before the evaluation, so that a model it cannot join stops the command at once
         from .checkpoint import load_ensemble, save_model
 
@@ -694,7 +711,17 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from .config import get_recipe
     from .data import load_mnist
 
-    names = [n for n in args.recipes.split(",") if n]
+    if not 0 < args.target < 1:  # NaN fails too
+        percent = f"; did you mean {args.target / 100:g}?" if 1 < args.target < 100 else ""
+        raise DigitrecError(
+            f"--target is a test accuracy as a fraction between 0 and 1 (0.99 for 99%), not {args.target:g}{percent}"
+            + ("" if percent else ".")
+        )
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    if not names:
+        raise DigitrecError(
+            "--recipes names no recipe; give a comma-separated list such as fast,default (see `digitrec recipes`)."
+        )
     recipes = {name: get_recipe(name) for name in names}
     if args.max_epochs:
         recipes = {n: c.override(epochs=min(c.epochs, args.max_epochs)) for n, c in recipes.items()}

