@@ -360,7 +360,8 @@ def test_the_recipe_flag_wins_over_the_config_file(tmp_path):
     """README: the recipe, then the TOML file, then the flags; a TOML `recipe` silently beat --recipe."""
     from argparse import Namespace
 
-    from digitrec.cli import TRAIN_OVERRIDES, training_config
+    from digitrec.cli import training_config
+    from digitrec.config import TRAIN_OVERRIDES
 
     toml = tmp_path / "c.toml"
     toml.write_text('recipe = "fast"\nepochs = 2\n')

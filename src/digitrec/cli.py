@@ -182,31 +182,10 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- train, evaluate
 
-TRAIN_OVERRIDES = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "momentum",
-    "seed",
-    "device",
-    "optimizer",
-    "schedule",
-    "weight_decay",
-    "label_smoothing",
-    "ema_decay",
-    "augment",
-    "clean_epochs",
-    "tta_views",
-    "val_size",
-    "early_stopping_patience",
-    "checkpoint_every_steps",
-    "threads",
-)
-
 
 def training_config(args: argparse.Namespace):
     """The recipe, then the TOML file, then the flags: later ones win."""
-    from .config import get_recipe, load_toml
+    from .config import TRAIN_OVERRIDES, get_recipe, load_toml
 
     values = load_toml(args.config) if args.config else {}
     recipe = args.recipe or values.pop("recipe", None) or "default"
@@ -222,6 +201,8 @@ def training_config(args: argparse.Namespace):
 
 def _check_resume(args: argparse.Namespace) -> None:
     """A resumed run keeps its own settings: refuse the flags that would change them, rather than ignore them."""
+    from .config import TRAIN_OVERRIDES
+
     ignored = [
         "--" + key.replace("_", "-")
         for key in ("recipe", "config", "out", "overwrite", "amp", "compile", "dry_run", *TRAIN_OVERRIDES)

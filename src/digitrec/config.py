@@ -379,6 +379,30 @@ RECIPES: dict[str, TrainConfig] = {
 }
 
 
+# The settings `digitrec train` has a flag for (--batch-size for batch_size, ...): the rest come from the recipe
+# or a TOML file.
+TRAIN_OVERRIDES = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "seed",
+    "device",
+    "optimizer",
+    "schedule",
+    "weight_decay",
+    "label_smoothing",
+    "ema_decay",
+    "augment",
+    "clean_epochs",
+    "tta_views",
+    "val_size",
+    "early_stopping_patience",
+    "checkpoint_every_steps",
+    "threads",
+)
+
+
 def get_recipe(name: str) -> TrainConfig:
     try:
         return RECIPES[name]

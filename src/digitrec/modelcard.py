@@ -86,7 +86,7 @@ def build_card(
         recipe, config = "ensemble", None
         arch = "ensemble of " + ", ".join(str((m.get("config") or {}).get("arch", "?")) for m in members)
     train_count = len(data.train_images) if data else 60_000
-    dry_run = config is not None and _dry_run(config, meta.get("metrics") or {}, train_count)
+    dry_run = config is not None and (meta.get("metrics") or {}).get("dry_run") is True
     params = params or meta.get("params")
     sections = []
 
@@ -255,20 +255,6 @@ def build_card(
 _DESCRIPTIVE = ("source", "reported_accuracy", "reported_metric", "notes")
 
 
-def _dry_run(config: TrainConfig, train_metrics: dict[str, Any], train_count: int) -> bool:
-    """Did the run train on `--dry-run`'s first 8 batches? Its checkpoint does not say so, but its step count
-    does: at most 8, fewer than its config takes on the whole training set (early stopping ends at an epoch)."""
-    from .training import steps_in_epoch
-
-    steps = train_metrics.get("steps")
-    if not isinstance(steps, int) or isinstance(steps, bool):
-        return False
-    per_epoch = steps_in_epoch(
-        train_count - config.val_size, config.batch_size, int(train_metrics.get("world_size") or 1)
-    )
-    return steps <= 8 and steps < min(per_epoch, max(1, round(config.epochs * per_epoch)))
-
-
 def _value(value: Any) -> str:
     """A setting as a TOML value (and a flag's, strings aside): 2.0 as 2, tuples as arrays."""
     if isinstance(value, float) and value.is_integer():
@@ -279,8 +265,7 @@ def _value(value: Any) -> str:
 def _reproduce(recipe: str, config: TrainConfig, dry_run: bool) -> str:
     """The sentence with the `digitrec train` command that trains this config again: the recipe, then a flag for
     each setting that differs from it, and a TOML file for the settings no flag sets."""
-    from .cli import TRAIN_OVERRIDES
-    from .config import RECIPES
+    from .config import RECIPES, TRAIN_OVERRIDES
 
     if recipe == "custom":
         return "A custom configuration; its full values are in model.json."

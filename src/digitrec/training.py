@@ -842,6 +842,7 @@ def train(
         "device": str(device),
         "world_size": world_size,
         "bfloat16": config.amp and native_bfloat16(device.type),  # autocast as it ran (see native_bfloat16)
+        "dry_run": dry_run,  # trained on the first 8 batches only (--dry-run)
     }
     if not (evaluate_only and "metrics" in best_meta):
         # A finished run that is only evaluated again keeps its checkpoint as it is: same weights, and a
