@@ -924,7 +924,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(TTA_SHIFTS),
         help="test-time augmentation: score each image in 1 (off), 5 or 9 one-pixel shifts and average",
     )
-    p.add_argument("--val-size", type=int, help="images held out of train for validation (default 5000)")
+    p.add_argument(
+        "--val-size",
+        type=int,
+        help="images held out of train for validation (default: the recipe's, 5000 or 0; see `digitrec recipes --json`)",
+    )
     p.add_argument(
         "--early-stopping-patience", type=int, help="epochs without validation improvement before stopping"
     )

