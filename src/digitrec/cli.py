@@ -228,6 +228,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         recipe, config, out = "resume", TrainConfig(), Path(args.resume)
+        if not (
+            out / "last.safetensors"
+        ).exists():  # before MNIST is looked for: nothing to resume is said first
+            from .training import read_resume
+
+            read_resume(out)
     else:
         recipe, config = training_config(args)
         out = Path(args.out or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -585,13 +585,11 @@ def kept_mask(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return mask
 
 
-def speck_free_parts(
-    mask: np.ndarray, fraction: float = SPECK_FRACTION
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def speck_free_parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """label8()'s parts of a mask with their areas (the paper's at 0) and which of them are no specks."""
     labels, count = label8(mask)
     areas = np.bincount(labels.ravel(), minlength=count + 1)
-    keep = areas >= max(2, fraction * mask.size)
+    keep = areas >= max(2, SPECK_FRACTION * mask.size)
     keep[0] = False
     return labels, areas, keep
 
