@@ -56,6 +56,32 @@ def test_cosine_and_step():
     ) == pytest.approx(0.25)
 
 
+def test_cosine_runs_from_the_full_rate_down_to_zero():
+    config = TrainConfig(schedule="cosine", lr=0.2)
+    assert lr_at(config, 0, 10, 100) == pytest.approx(0.2)
+    assert lr_at(config, 25, 10, 100) == pytest.approx(
+        0.1 * (1 + 2**-0.5)
+    )  # a quarter of the way: cos(pi / 4)
+    assert lr_at(config, 75, 10, 100) == pytest.approx(0.1 * (1 - 2**-0.5))
+    assert lr_at(config, 100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_onecycle_starts_at_a_25th_peaks_at_the_warmup_and_falls_linearly():
+    config = TrainConfig(schedule="onecycle", lr=0.5, warmup_fraction=0.2)
+    assert lr_at(config, 0, 10, 100) == pytest.approx(0.5 / 25)
+    assert lr_at(config, 10, 10, 100) == pytest.approx(0.5 * (0.04 + 0.96 / 2))  # half way up
+    assert lr_at(config, 20, 10, 100) == pytest.approx(0.5)
+    assert lr_at(config, 60, 10, 100) == pytest.approx(0.25)  # half way down
+    assert lr_at(config, 100, 10, 100) == 0.0
+
+
+def test_step_decays_at_each_period_boundary_and_not_before():
+    config = TrainConfig(schedule="step", lr=1.0, step_epochs=2, gamma=0.1)
+    rates = [lr_at(config, step, 10, 1000) for step in (0, 19, 20, 39, 40)]
+    assert rates == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
+    assert lr_at(config.override(schedule="constant"), 999, 10, 1000) == 1.0
+
+
 def test_overrides_apply_and_validate():
     config = get_recipe("seed-lenet").override(epochs=3, lr=0.1, betas=[0.8, 0.9])
     assert (config.epochs, config.lr, config.betas) == (3.0, 0.1, (0.8, 0.9))
