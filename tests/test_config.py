@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from digitrec.config import RECIPES, TrainConfig, get_recipe, load_toml, to_toml
 from digitrec.errors import DigitrecError
-from digitrec.models import MODELS
+from digitrec.models import MODELS, count_parameters, create_model
 from digitrec.training import lr_at
 
 SEEDS = ["seed-mlp", "seed-mlp-bn", "seed-mlp-dropout", "seed-lenet", "seed-cnn", "seed-cnn-bn"]
@@ -164,3 +166,22 @@ def test_a_checkpoint_config_digitrec_cannot_use_is_a_checkpoint_error():
             CheckpointError, match="m.safetensors records a training config digitrec cannot use"
         ):
             TrainConfig.from_checkpoint(meta, "m.safetensors")
+
+
+def test_the_readme_results_table_shows_each_recipes_source_reported_figure_parameters_and_epochs():
+    """README's Results table is written by hand: its source, reported accuracy (for our own recipes the median
+    over seeds), parameter count and epochs must be the recipes' own (one changed without the other fails here)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    header = "| recipe | source | reported | digitrec test accuracy (seed 0) |"
+    lines = readme[readme.index(header) :].splitlines()[2:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[: lines.index("")]]
+    assert len(rows) >= 9
+    for name, source, reported, _, seeds, params, epochs, _ in rows:
+        config = get_recipe(name.strip("`"))
+        assert config.source.startswith(source), name
+        if source == "digitrec":  # our own recipes record their measured median over seeds
+            reported = seeds.split(" / ")[1]
+        shown = None if reported == "\u2014" else round(float(reported.rstrip("%")) / 100, 6)
+        assert shown == config.reported_accuracy, name
+        assert int(params.replace(",", "")) == count_parameters(create_model(config.arch)), name
+        assert float(epochs) == config.epochs, name
