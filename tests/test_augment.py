@@ -75,3 +75,39 @@ def test_affine_grid_matches_torch():
     theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.affine_grid(theta, [5, 1, 28, 20], align_corners=False)
     torch.testing.assert_close(affine_grid(theta, 28, 20), expected, rtol=0, atol=1e-5)
+
+
+def test_scale_above_one_magnifies_the_ink_about_the_centre():
+    x = _blob()  # 8x8 ink square in the middle: twice the size is 4x the ink, half the size a quarter
+    for factor in (2.0, 0.5):
+        y = random_affine(x, torch.Generator().manual_seed(0), scale=(factor, factor))
+        ratio = y.sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))
+        assert torch.allclose(ratio, torch.full((8,), factor**2), rtol=0.1), factor
+        assert torch.allclose(center_of_mass(y), center_of_mass(x), atol=0.05)
+
+
+def test_translation_reaches_its_full_range_in_pixels():
+    x = _blob().repeat(8, 1, 1, 1)  # 64 images: their shifts, uniform in [-3, 3] px, come near both ends
+    shift = center_of_mass(
+        random_affine(x, torch.Generator().manual_seed(0), translate_px=3)
+    ) - center_of_mass(x)
+    assert shift.abs().max() <= 3.01
+    assert (shift.amax(0) > 2.5).all() and (shift.amin(0) < -2.5).all()
+
+
+def _bar_angles(x: torch.Tensor) -> torch.Tensor:
+    """Each image's principal axis in degrees, from the second moments of its ink."""
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    mass = x.sum(dim=(1, 2, 3))
+    cy, cx = (x[:, 0] * ys).sum((1, 2)) / mass, (x[:, 0] * xs).sum((1, 2)) / mass
+    dy, dx = ys - cy[:, None, None], xs - cx[:, None, None]
+    mu20, mu02, mu11 = ((x[:, 0] * d).sum((1, 2)) / mass for d in (dx * dx, dy * dy, dx * dy))
+    return torch.rad2deg(0.5 * torch.atan2(2 * mu11, mu20 - mu02))
+
+
+def test_rotate10_turns_each_image_by_up_to_10_degrees():
+    """seed 003's RandomRotation(10): a horizontal bar comes out tilted by up to 10 degrees either way."""
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 13:15, 4:24] = 1.0
+    angles = _bar_angles(augment_batch(x, "rotate10", torch.Generator().manual_seed(0))).abs()
+    assert angles.max() <= 10.3 and angles.max() > 8.5

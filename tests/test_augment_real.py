@@ -111,3 +111,24 @@ def test_training_with_negatives_runs_and_is_reproducible(tiny_mnist, tmp_path, 
     assert 0 < runs[0].metrics["test_accuracy"] <= 1
     # a quarter as many non-digits as the 320 digits of every step (the tiny set's quarter epoch is one step)
     assert scored and set(scored) == {80}
+
+
+def test_thickness_blends_towards_a_3x3_dilation_or_erosion_by_its_draw():
+    """t uniform in [-0.8, 1): t > 0 moves a share t of the way to the 3x3 dilation, t < 0 a share |t| to the
+    erosion (scipy's grey morphology here); the draw is the generator's first n numbers."""
+    from scipy import ndimage
+
+    x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    out = augment_real.thickness(x, torch.Generator().manual_seed(5))
+    t = torch.rand(12, generator=torch.Generator().manual_seed(5)) * 1.8 - 0.8
+    assert (t > 0).any() and (t < 0).any()
+    for image, result, share in zip(x[:, 0].numpy(), out[:, 0], t.tolist(), strict=True):
+        morph = ndimage.grey_dilation if share > 0 else ndimage.grey_erosion
+        target = morph(image, size=(3, 3), mode="nearest")
+        torch.testing.assert_close(result, torch.from_numpy(image + abs(share) * (target - image)))
+
+
+def test_robust_augment_scales_each_images_brightest_stroke_to_one_as_preprocess_does():
+    dim = _digits(8) * 0.7  # above the rebinarizing levels (0.3-0.6), so no stroke vanishes
+    out = robust_augment(dim, torch.Generator().manual_seed(0))
+    assert out.min() >= 0 and torch.allclose(out.flatten(1).amax(1), torch.ones(8))

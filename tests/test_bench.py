@@ -227,3 +227,64 @@ def test_compiled_backend_runs_float32_where_the_cpu_would_emulate_bfloat16(monk
     finally:
         inductor_config.freezing = freezing  # torch_runner turns it on for the whole process
     assert logits.dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def _seed_run(seconds_to_target, accuracy=0.99, train_seconds=1.0):
+    from digitrec.bench import SeedRun
+
+    return SeedRun(0, seconds_to_target, accuracy, train_seconds, 0.5, None)
+
+
+def test_spread_and_the_median_time_to_target_over_seeds() -> None:
+    from digitrec.bench import RecipeResult, spread
+
+    assert spread([3.0, 1.0, 2.0, 10.0]) == {"min": 1.0, "median": 2.5, "max": 10.0}
+    timed = RecipeResult("fast", "fast_cnn", 10, [_seed_run(4.0), _seed_run(1.0), _seed_run(2.0)])
+    assert timed.seconds_to_target == 2.0
+    one_missed = RecipeResult("fast", "fast_cnn", 10, [_seed_run(4.0), _seed_run(None), _seed_run(2.0)])
+    assert one_missed.seconds_to_target is None  # a seed that never got there has no time to take a median of
+    assert one_missed.to_dict()["reached_target"] == 2
+
+
+def test_the_table_gives_each_recipes_time_as_a_multiple_of_the_baselines() -> None:
+    from digitrec.bench import RecipeResult
+
+    fast = RecipeResult(
+        "fast", "fast_cnn", 10, [_seed_run(s, a) for s, a in ((1.0, 0.99), (3.0, 0.98), (2.0, 0.995))]
+    )
+    slow = RecipeResult("slow", "bn_cnn", 20, [_seed_run(6.0, 0.97, train_seconds=7.0)])
+    rows = train_table([slow, fast], 0.99).splitlines()[2:]
+    assert rows[0].startswith("| slow | 20 | 6.00 | 3.0 | 97.00% / 97.00% / 97.00% | 7.50 | 1 |")
+    assert rows[1].startswith("| fast | 10 | 2.00 | 1.0 | 98.00% / 99.00% / 99.50% | 1.50 | 3 |")
+
+
+def test_the_time_to_target_is_that_of_the_first_check_to_reach_it(tiny_mnist, monkeypatch) -> None:
+    """Checks at 1, 2 and 3 training seconds read 50%, 95% and 99%: 90% is first reached at 2 s."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from digitrec import bench, training
+
+    labels = tiny_mnist.test_labels.long()
+    accuracies = iter([0.5, 0.95, 0.99])
+
+    def scripted_logits(model, images, config):
+        logits = torch.nn.functional.one_hot(labels, 10).float()
+        wrong = len(labels) - round(next(accuracies) * len(labels))
+        logits[:wrong] = logits[:wrong].roll(1, dims=1)
+        return logits
+
+    def fake_train(config, out, on_epoch, **kwargs):
+        model = torch.nn.Linear(1, 1)
+        for seconds in (1.0, 2.0, 3.0):
+            if on_epoch(model, {"seconds": seconds}):
+                break
+        metrics = {"test_accuracy": 0.99, "train_seconds": 3.0, "eval_seconds": 0.1, "params": 2}
+        return SimpleNamespace(metrics=metrics)
+
+    monkeypatch.setattr(training, "recipe_logits", scripted_logits)
+    monkeypatch.setattr(training, "train", fake_train)
+    run, _ = bench._train_seed("fast", get_recipe("fast"), tiny_mnist, 0.9, stop_at_target=False)
+    assert run.seconds_to_target == 2.0
+    assert [accuracy for _, accuracy in run.checks] == pytest.approx([0.5, 0.95, 0.99], abs=1 / len(labels))

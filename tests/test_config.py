@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from digitrec.config import RECIPES, TrainConfig, get_recipe, load_toml, to_toml
 from digitrec.errors import DigitrecError
-from digitrec.models import MODELS
+from digitrec.models import MODELS, count_parameters, create_model
 from digitrec.training import lr_at
 
 SEEDS = ["seed-mlp", "seed-mlp-bn", "seed-mlp-dropout", "seed-lenet", "seed-cnn", "seed-cnn-bn"]
@@ -54,6 +56,32 @@ def test_cosine_and_step():
     assert lr_at(
         TrainConfig(schedule="step", lr=1.0, step_epochs=5, gamma=0.5), 10 * 10, 10, 1000
     ) == pytest.approx(0.25)
+
+
+def test_cosine_runs_from_the_full_rate_down_to_zero():
+    config = TrainConfig(schedule="cosine", lr=0.2)
+    assert lr_at(config, 0, 10, 100) == pytest.approx(0.2)
+    assert lr_at(config, 25, 10, 100) == pytest.approx(
+        0.1 * (1 + 2**-0.5)
+    )  # a quarter of the way: cos(pi / 4)
+    assert lr_at(config, 75, 10, 100) == pytest.approx(0.1 * (1 - 2**-0.5))
+    assert lr_at(config, 100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_onecycle_starts_at_a_25th_peaks_at_the_warmup_and_falls_linearly():
+    config = TrainConfig(schedule="onecycle", lr=0.5, warmup_fraction=0.2)
+    assert lr_at(config, 0, 10, 100) == pytest.approx(0.5 / 25)
+    assert lr_at(config, 10, 10, 100) == pytest.approx(0.5 * (0.04 + 0.96 / 2))  # half way up
+    assert lr_at(config, 20, 10, 100) == pytest.approx(0.5)
+    assert lr_at(config, 60, 10, 100) == pytest.approx(0.25)  # half way down
+    assert lr_at(config, 100, 10, 100) == 0.0
+
+
+def test_step_decays_at_each_period_boundary_and_not_before():
+    config = TrainConfig(schedule="step", lr=1.0, step_epochs=2, gamma=0.1)
+    rates = [lr_at(config, step, 10, 1000) for step in (0, 19, 20, 39, 40)]
+    assert rates == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
+    assert lr_at(config.override(schedule="constant"), 999, 10, 1000) == 1.0
 
 
 def test_overrides_apply_and_validate():
@@ -138,3 +166,22 @@ def test_a_checkpoint_config_digitrec_cannot_use_is_a_checkpoint_error():
             CheckpointError, match="m.safetensors records a training config digitrec cannot use"
         ):
             TrainConfig.from_checkpoint(meta, "m.safetensors")
+
+
+def test_the_readme_results_table_shows_each_recipes_source_reported_figure_parameters_and_epochs():
+    """README's Results table is written by hand: its source, reported accuracy (for our own recipes the median
+    over seeds), parameter count and epochs must be the recipes' own (one changed without the other fails here)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    header = "| recipe | source | reported | digitrec test accuracy (seed 0) |"
+    lines = readme[readme.index(header) :].splitlines()[2:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[: lines.index("")]]
+    assert len(rows) >= 9
+    for name, source, reported, _, seeds, params, epochs, _ in rows:
+        config = get_recipe(name.strip("`"))
+        assert config.source.startswith(source), name
+        if source == "digitrec":  # our own recipes record their measured median over seeds
+            reported = seeds.split(" / ")[1]
+        shown = None if reported == "\u2014" else round(float(reported.rstrip("%")) / 100, 6)
+        assert shown == config.reported_accuracy, name
+        assert int(params.replace(",", "")) == count_parameters(create_model(config.arch)), name
+        assert float(epochs) == config.epochs, name

@@ -182,3 +182,56 @@ def test_nproc_2_reaches_single_process_accuracy_on_mnist(tmp_path):
         f"2 processes {accuracy[2]:.2%} in {seconds[2]:.0f} s"
     )
     assert abs(accuracy[2] - accuracy[1]) <= 0.003
+
+
+def test_the_workers_command_line_drops_nproc_in_both_spellings_and_nothing_else():
+    from digitrec.distributed import torchrun_command, without_nproc
+
+    argv = [
+        "train",
+        "--nproc",
+        "2",
+        "--recipe",
+        "fast",
+        "--nproc=4",
+        "--epochs",
+        "2",
+        "--out",
+        "runs/nproc-2",
+    ]
+    assert without_nproc(argv) == ["train", "--recipe", "fast", "--epochs", "2", "--out", "runs/nproc-2"]
+    command = torchrun_command(3, ["train", "--recipe", "fast"])
+    assert "--nproc-per-node=3" in command and command[-5:] == ["-m", "digitrec", "train", "--recipe", "fast"]
+
+
+def test_each_rank_takes_its_own_gpu_only_under_torchrun(monkeypatch):
+    import torch
+
+    from digitrec.distributed import launched_by_torchrun, rank_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not launched_by_torchrun() and rank_device(torch.device("cuda")) == torch.device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launched_by_torchrun() and rank_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_the_weights_fingerprint_changes_with_any_parameter_bit():
+    import torch
+
+    from digitrec.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("lenet")
+    first = weights_fingerprint(model)
+    assert first == weights_fingerprint(model) and len(first) == 64
+    for parameter in model.parameters():
+        with torch.no_grad():
+            flat = parameter.view(-1)
+            old = flat[-1].clone()
+            flat[-1] = torch.nextafter(old, old + 1)  # the smallest step, one bit of one weight
+        assert weights_fingerprint(model) != first
+        with torch.no_grad():
+            flat[-1] = old
+    assert weights_fingerprint(model) == first

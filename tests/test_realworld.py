@@ -134,3 +134,69 @@ def test_eval_real_lists_every_miss_by_the_index_write_set_names(monkeypatch, di
     assert len(shown) == (6 if digit is not None else 4)  # two under each set with misses
     first = results["numbers"]["misses"][0]
     assert f"  {first['index']:05d}  truth {first['truth']}  read 12" in shown
+
+
+class _Scripted:
+    """A stand-in predictor that knows each sample's image: of every three digits it reads one right, rejects one
+    (its probabilities still pointing at the truth) and misreads one; the naive pipeline's image of every other
+    digit is read right; numbers are read as `lines` says; every fourth non-digit is taken for a 3."""
+
+    def __init__(self, samples, lines):
+        from digitrec.preprocess import preprocess
+
+        self.lines, self.answers = lines, {}
+        for i, s in enumerate(samples):
+            if s.label is None:
+                self.answers[preprocess(s.data).tobytes()] = (3, i % 4 != 0, 3)
+            elif s.label.isdigit() and len(s.label) == 1:
+                y = int(s.label)
+                self.answers[preprocess(s.data).tobytes()] = [
+                    (y, False, y),
+                    (None, True, y),
+                    ((y + 1) % 10, False, (y + 1) % 10),
+                ][i % 3]
+                self.answers[realworld.naive_preprocess(s.data).tobytes()] = (
+                    None,
+                    False,
+                    y if i % 2 == 0 else (y + 5) % 10,
+                )
+
+    def predict_tensor(self, batch):
+        out = []
+        for image in batch.numpy():
+            digit, rejected, top = self.answers[image[0].tobytes()]
+            out.append(
+                SimpleNamespace(
+                    digit=None if rejected else digit, rejected=rejected, probabilities=np.eye(10)[top]
+                )
+            )
+        return out
+
+    def read(self, data):
+        return SimpleNamespace(number=self.lines[data])
+
+
+def test_eval_real_scores_correct_rejected_before_rejection_naive_and_exact_numbers(monkeypatch):
+    monkeypatch.setattr(realworld, "_mnist_test", lambda: FAKE_MNIST)
+    sets = ("pen-photo", "numbers", "negatives")
+    pens, numbers, negatives = (list(generate(name, 12, seed=2, mnist=FAKE_MNIST)) for name in sets)
+    lines = {s.data: s.label if i % 2 else "12" for i, s in enumerate(numbers)}
+    results = realworld.eval_real(
+        _Scripted(pens + negatives, lines), count=12, seed=2, sets=sets, log=lambda line: None
+    )
+    pen = results["pen-photo"]
+    assert (pen["accuracy"], pen["rejected"], pen["accuracy_no_reject"]) == pytest.approx(
+        (4 / 12, 4 / 12, 8 / 12)
+    )
+    assert pen["naive_accuracy"] == pytest.approx(6 / 12) and pen["n"] == 12
+    exact = np.mean([lines[s.data] == s.label for s in numbers])
+    count_right = np.mean([len(lines[s.data]) == len(s.label) for s in numbers])
+    assert exact == 0.5 and count_right > exact  # some misread lines still have the right number of digits
+    assert (results["numbers"]["exact"], results["numbers"]["digit_count_right"]) == pytest.approx(
+        (exact, count_right)
+    )
+    assert results["negatives"]["rejected"] == pytest.approx(9 / 12)
+    kinds = {s.kind for s in negatives}
+    assert results["negatives"]["per_kind"] == pytest.approx(
+        {k: np.mean([i % 4 != 0 for i, s in enumerate(negatives) if s.kind == k]) for k in kinds}
+    )

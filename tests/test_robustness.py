@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -64,8 +65,20 @@ def test_coverage_curve_trades_answers_for_accuracy():
     # 10 confident right answers, 10 unsure wrong ones: keeping the top half is 100% right
     logits = torch.cat([torch.eye(10) * 10, torch.eye(10).roll(1, 1) * 0.5])
     labels = torch.cat([torch.arange(10), torch.arange(10)])
-    rows = {round(r["coverage"], 2): r["accuracy"] for r in robustness.coverage_curve(logits, labels)}
+    curve = robustness.coverage_curve(logits, labels)
+    rows = {round(r["coverage"], 2): r["accuracy"] for r in curve}
     assert rows[1.0] == pytest.approx(0.5) and rows[0.5] == pytest.approx(1.0)
+    assert rows[0.75] == pytest.approx(10 / 15)  # the 10 right ones and the 5 most confident wrong ones
+    # the threshold that keeps a share is the confidence of the least confident answer kept
+    sure, unsure = (math.exp(10) / (math.exp(10) + 9), math.exp(0.5) / (math.exp(0.5) + 9))
+    thresholds = {round(r["coverage"], 2): r["threshold"] for r in curve}
+    assert thresholds[0.5] == pytest.approx(sure) and thresholds[1.0] == pytest.approx(unsure)
+    result = {
+        "coverage": curve,
+        "perturbations": {"noise": [{"accuracy": 0.9}, {"accuracy": 0.6}, {"accuracy": 0.3}]},
+    }
+    assert robustness.coverage_at(result, 0.52)["coverage"] == pytest.approx(0.5)
+    assert robustness.summary(result) == {"noise": pytest.approx(0.6)}  # the mean over the strengths
 
 
 def test_strong_perturbations_hurt_a_trained_model(run_dir, tiny_mnist):

@@ -243,3 +243,122 @@ def test_a_validation_split_that_leaves_no_batch_is_one_sentence(tiny_mnist, tmp
         train(
             TINY.override(val_size=leaves_one), tmp_path, data=tiny_mnist, progress=False, log=lambda m: None
         )
+
+
+def test_weight_decay_shrinks_weight_matrices_and_kernels_only():
+    """With zero gradients, one AdamW step is the decoupled decay alone: p * (1 - lr * weight_decay) for
+    weights, nothing for biases and batch norm."""
+    from digitrec.models import create_model
+    from digitrec.training import make_optimizer
+
+    torch.manual_seed(0)
+    model = create_model("bn_cnn")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for optimizer in ("adamw", "sgd", "adam"):
+        config = TrainConfig(optimizer=optimizer, lr=0.1, weight_decay=0.5, momentum=0.9)
+        groups = make_optimizer(model, config).param_groups
+        decayed = {id(p) for g in groups if g["weight_decay"] == 0.5 for p in g["params"]}
+        assert {name for name, p in model.named_parameters() if id(p) in decayed} == {
+            name for name, p in model.named_parameters() if p.ndim >= 2
+        }, optimizer
+    optimizer = make_optimizer(model, TrainConfig(optimizer="adamw", lr=0.1, weight_decay=0.5))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    biases_and_norms = 0
+    for name, p in model.named_parameters():
+        if name.endswith(".weight") and p.ndim >= 2:
+            torch.testing.assert_close(p.detach(), before[name] * 0.95, msg=name)
+        else:
+            biases_and_norms += 1
+            assert torch.equal(p.detach(), before[name]), name
+    assert biases_and_norms >= 4  # the network has conv and linear biases and batch-norm scales
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_training_loss_is_label_smoothed_cross_entropy(tiny_mnist, smoothing):
+    """One full-batch step of an MLP (no dropout, no batch norm) at a negligible learning rate: the loss it
+    reports is (1 - e) x NLL + e x the mean over the ten classes of -log p, worked out here from the logits.
+    The labels are the model's own confident answers, so the two terms differ widely."""
+    from digitrec.models import create_model
+    from digitrec.training import as_input, make_optimizer, train_steps
+
+    images = tiny_mnist.train_images[:256]
+    config = TrainConfig(
+        arch="mlp_500_256", batch_size=256, lr=1e-12, label_smoothing=smoothing, device="cpu"
+    )
+    torch.manual_seed(0)
+    model = create_model(config.arch, config.normalize)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+        log_p = model(as_input(images)).log_softmax(1)
+    labels = log_p.argmax(1)
+    nll, spread = -log_p.max(1).values.mean(), (-log_p.mean(1)).mean()
+    assert spread > nll + 1
+    expected = (1 - smoothing) * nll + smoothing * spread
+    loss, _ = train_steps(model, make_optimizer(model, config), images, labels, config, range(1), 1, 1)
+    assert float(loss) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_validation_is_the_seed_0_split_held_out_of_training_whatever_the_seed(
+    tiny_mnist, tmp_path, monkeypatch
+):
+    """Training sees exactly the split's training images and validation exactly its validation images, for a
+    run of any seed: `digitrec calibrate` fits the temperature on the same seed-0 split, which must be held out."""
+    import digitrec.training as training
+    from digitrec.data import split_validation
+
+    seen: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+    real_train_steps, real_evaluate = training.train_steps, training.evaluate
+
+    def recording_train_steps(model, optimizer, images, *args, **kwargs):
+        seen["train"].append(images.cpu())
+        return real_train_steps(model, optimizer, images, *args, **kwargs)
+
+    def recording_evaluate(model, images, labels, config):
+        seen["val"].append(images.cpu())
+        return real_evaluate(model, images, labels, config)
+
+    monkeypatch.setattr(training, "train_steps", recording_train_steps)
+    monkeypatch.setattr(training, "evaluate", recording_evaluate)
+    config = TINY.override(epochs=1, val_size=300, seed=7)
+    train(config, tmp_path, data=tiny_mnist, progress=False, report=False, log=lambda m: None)
+    train_images, _, val_images, _ = split_validation(
+        tiny_mnist.train_images, tiny_mnist.train_labels, 300, seed=0
+    )
+    assert len(seen["train"]) == len(seen["val"]) == 1
+    assert torch.equal(seen["train"][0], train_images) and torch.equal(seen["val"][0], val_images)
+    rows = {bytes(image.numpy()) for image in tiny_mnist.train_images}
+    assert len(rows) == len(
+        tiny_mnist.train_images
+    )  # no duplicate images, so disjoint rows mean disjoint images
+    assert not {bytes(image.numpy()) for image in train_images} & {
+        bytes(image.numpy()) for image in val_images
+    }
+
+
+def test_the_checkpoint_kept_is_the_first_epoch_with_the_best_validation_accuracy(
+    tiny_mnist, tmp_path, monkeypatch
+):
+    """Validation accuracies 50%, 90%, 90%, 70%: the weights saved are epoch 2's, not the last epoch's nor
+    epoch 3's (a tie is no improvement)."""
+    import digitrec.training as training
+
+    scripted = iter([0.5, 0.9, 0.9, 0.7])
+    monkeypatch.setattr(training, "evaluate", lambda *args: (1.0, next(scripted)))
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def snapshot(model, row):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return False
+
+    config = TINY.override(epochs=4, schedule="constant")
+    run = train(
+        config, tmp_path, data=tiny_mnist, progress=False, report=False, log=lambda m: None, on_epoch=snapshot
+    )
+    assert [row["val_accuracy"] for row in run.history] == [0.5, 0.9, 0.9, 0.7]
+    assert run.metrics["val_accuracy"] == 0.9
+    saved, _ = load_tensors(run.model_path)
+    assert all(torch.equal(saved[k], snapshots[1][k]) for k in saved)
+    assert not all(torch.equal(saved[k], snapshots[2][k]) for k in saved)  # epochs 2 and 3 did differ

@@ -1,0 +1,87 @@
+"""Test-set metrics on hand-worked examples: confusion orientation, per-class figures, mistakes, calibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from digitrec import calibrate
+from digitrec.evaluate import compute_metrics, expected_calibration_error
+
+# Six images: truth 0, 0, 0, 1, 1, 2 read as 0, 0, 1, 1, 2, 2; each logit row is `strength` at the digit read
+LABELS = torch.tensor([0, 0, 0, 1, 1, 2])
+READ = [0, 0, 1, 1, 2, 2]
+STRENGTH = [5.0, 4.0, 1.0, 6.0, 3.0, 2.0]
+
+
+def _logits() -> torch.Tensor:
+    logits = torch.zeros(6, 10)
+    for i, (digit, strength) in enumerate(zip(READ, STRENGTH, strict=True)):
+        logits[i, digit] = strength
+    return logits
+
+
+def _confidence(strength: float) -> float:
+    return math.exp(strength) / (math.exp(strength) + 9)
+
+
+def test_the_confusion_matrix_has_truth_in_rows_and_the_reading_in_columns():
+    metrics = compute_metrics(_logits(), LABELS)
+    confusion = np.array(metrics["confusion"])
+    expected = np.zeros((10, 10), dtype=int)
+    expected[0, 0], expected[0, 1], expected[1, 1], expected[1, 2], expected[2, 2] = 2, 1, 1, 1, 1
+    np.testing.assert_array_equal(confusion, expected)
+    assert (metrics["test_accuracy"], metrics["errors"], metrics["count"]) == (pytest.approx(4 / 6), 2, 6)
+
+
+def test_precision_recall_f1_and_support_per_digit():
+    per_class = compute_metrics(_logits(), LABELS)["per_class"]
+    # digit 0: read 0 twice, both right (precision 1); 2 of its 3 images read right (recall 2/3)
+    expected = {0: (1.0, 2 / 3, 0.8, 3), 1: (0.5, 0.5, 0.5, 2), 2: (0.5, 1.0, 2 / 3, 1)}
+    for digit, (precision, recall, f1, support) in expected.items():
+        row = per_class[digit]
+        assert row["digit"] == digit
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((precision, recall, f1)), digit
+        assert row["support"] == support, digit
+    for row in per_class[3:]:  # never present, never read: zeros, not NaN
+        assert (row["precision"], row["recall"], row["f1"], row["support"]) == (0.0, 0.0, 0.0, 0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_mistakes_come_most_confident_first_with_their_confidence(temperature):
+    metrics = compute_metrics(_logits(), LABELS, temperature=temperature)
+    # the two misreadings: image 2 (strength 1) and image 4 (strength 3), so image 4 first
+    assert metrics["mistakes"] == [
+        {"index": 4, "label": 1, "predicted": 2, "confidence": pytest.approx(_confidence(3 / temperature))},
+        {"index": 2, "label": 0, "predicted": 1, "confidence": pytest.approx(_confidence(1 / temperature))},
+    ]
+    assert compute_metrics(_logits(), LABELS, mistakes=1)["mistakes"][0]["index"] == 4
+    expected_loss = -np.mean(
+        [math.log(_confidence(s / temperature) if r == y else 1 / (math.exp(s / temperature) + 9))
+         for s, r, y in zip(STRENGTH, READ, LABELS.tolist(), strict=True)]
+    )  # fmt: skip
+    assert metrics["test_loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_ece_weighs_each_confidence_bin_by_its_share():
+    # The six confidences fall in five of the 15 bins; the two most confident (both right) share one. So the
+    # ECE is the mean over the images of |confidence - right|, where an unweighted sum of the bins' gaps is not.
+    right = [r == y for r, y in zip(READ, LABELS.tolist(), strict=True)]
+    expected = np.mean([abs(_confidence(s) - ok) for s, ok in zip(STRENGTH, right, strict=True)])
+    assert compute_metrics(_logits(), LABELS)["ece"] == pytest.approx(expected, rel=1e-5)
+    probabilities = torch.softmax(_logits(), 1)
+    assert calibrate.expected_calibration_error(probabilities.numpy(), LABELS.numpy()) == pytest.approx(
+        expected
+    )
+
+
+def test_the_report_and_calibrate_measure_the_same_ece():
+    generator = torch.Generator().manual_seed(0)
+    probabilities = torch.softmax(torch.randn(500, 10, generator=generator) * 3, 1)
+    labels = torch.randint(0, 10, (500,), generator=generator)
+    ours = expected_calibration_error(probabilities, labels)
+    assert ours > 0.1  # random labels: far from calibrated
+    assert ours == pytest.approx(calibrate.expected_calibration_error(probabilities.numpy(), labels.numpy()))
