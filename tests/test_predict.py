@@ -190,11 +190,13 @@ def test_cli_fails_only_when_every_file_failed(tmp_path, capsys, untrained_path)
 def test_cli_names_the_photos_it_cannot_read_in_a_folder(tmp_path, capsys, untrained_path):
     write_png(tmp_path / "good.png", line_image([5], gap=0.3)[0])
     (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))
+    Image.new("L", (30, 30), 255).save(tmp_path / "four.tga")  # a format Pillow knows and digitrec refuses
     (tmp_path / "notes.txt").write_text("not a photo, not reported")
     assert main(["predict", str(tmp_path), "--model", str(untrained_path), "--json"]) == 0
     captured = capsys.readouterr()
     assert [row["path"] for row in json.loads(captured.out)] == [str(tmp_path / "good.png")]
-    assert "skipped 1 HEIC photo(s) such as" in captured.err and "IMG_0001.HEIC" in captured.err
+    assert "skipped 1 HEIC file(s) such as" in captured.err and "IMG_0001.HEIC" in captured.err
+    assert "skipped 1 TGA file(s) such as" in captured.err and "four.tga" in captured.err
     assert "notes.txt" not in captured.err
 
 
@@ -381,3 +383,24 @@ def test_a_stroke_run_off_the_pad_is_kept_and_a_stream_that_cannot_seek_still_re
     Image.fromarray(np.full((1200, 1600), 240, np.uint8)).save(blank, "JPEG")
     assert pretrained.predict(Pipe(blank.getvalue()))[0].rejected
     assert pretrained.read(Pipe(blank.getvalue())).number == ""
+
+
+def test_cli_says_a_blank_page_is_rejected_as_blank(tmp_path, capsys, untrained_path):
+    """A blank page was "not a digit (rejected)" beside a confidence above the threshold, with no reason."""
+    Image.new("L", (60, 60), 255).save(tmp_path / "blank.png")
+    write_png(tmp_path / "five.png", line_image([5], gap=0.3)[0])
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "blank.png"),
+                str(tmp_path / "five.png"),
+                "--model",
+                str(untrained_path),
+            ]
+        )
+        == 0
+    )
+    blank_line, five_line = capsys.readouterr().out.strip().splitlines()
+    assert "not a digit (rejected: a blank page, no ink)" in blank_line
+    assert "no ink" not in five_line

@@ -318,6 +318,14 @@ def test_feedback_with_a_non_image_is_400_and_stores_nothing(client, db_path):
         assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
 
 
+def test_a_blank_correction_is_422_and_stores_nothing(client, db_path):
+    """A white canvas labelled 3 was stored, and a fine-tune then learned that an empty 28x28 image is a 3."""
+    response = client.post("/api/feedback", files=upload(digit_png(blank=True)), data={"label": "3"})
+    assert response.status_code == 422 and "no ink" in response.json()["detail"]
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
 def test_stats_count_requests_batches_and_corrections(client):
     client.post("/api/predict", files=upload(digit_png()))
     client.post("/api/predict", files=upload(digit_png(blank=True)))

@@ -64,7 +64,8 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
 def choose_threshold(
     digit_confidence: np.ndarray | list[np.ndarray], max_digit_rejection: float = MAX_DIGIT_REJECTION
 ) -> float:
-    """The highest confidence cut that rejects at most `max_digit_rejection` of real digits, in every set given."""
+    """The confidence cut that rejects about `max_digit_rejection` of real digits in the set that needs the lowest:
+    the smallest of the sets' interpolated quantiles, rounded to 4 decimals (so a set may lose one digit more)."""
     sets = digit_confidence if isinstance(digit_confidence, list) else [digit_confidence]
     cut = min(float(np.quantile(s, max_digit_rejection)) for s in sets)
     return round(max(0.0, min(cut, 0.99)), 4)

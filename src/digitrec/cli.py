@@ -503,13 +503,18 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
     from .preprocess import expand_paths
 
     unreadable: list[Path] = []
-    paths = expand_paths(args.images, unreadable)
-    if unreadable:
-        kinds = "/".join(sorted({p.suffix.upper().lstrip(".") for p in unreadable}))
-        _stderr(
-            f"digitrec: skipped {len(unreadable)} {kinds} photo(s) such as {unreadable[0]}: Pillow cannot read "
-            "that format; save them as JPEG or PNG first."
-        )
+    refused: list[Path] = []
+    paths = expand_paths(args.images, unreadable, refused)
+    for skipped, why in (
+        (unreadable, "Pillow cannot read that format"),
+        (refused, "digitrec reads PNG, JPEG, BMP, GIF, TIFF and WebP only"),
+    ):
+        if skipped:
+            kinds = "/".join(sorted({p.suffix.upper().lstrip(".") for p in skipped}))
+            _stderr(
+                f"digitrec: skipped {len(skipped)} {kinds} file(s) such as {skipped[0]}: {why}; "
+                "save them as JPEG or PNG first."
+            )
     if not paths:
         raise DigitrecError(
             "no images found in the given folders; pass PNG, JPEG, BMP, GIF, TIFF or WebP files."
@@ -535,7 +540,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 continue
             p = r.prediction
             assert p is not None  # set whenever error is None
-            answer = f"digit {p.digit}" if p.digit is not None else "not a digit (rejected)"
+            answer = (
+                f"digit {p.digit}"
+                if p.digit is not None
+                else "not a digit (rejected: a blank page, no ink)"
+                if p.blank
+                else "not a digit (rejected)"
+            )
             top = "  ".join(f"{d}:{q:.1%}" for d, q in p.top)
             print(f"{r.path}: {answer}  confidence {p.confidence:.1%}  top {top}")
     if args.show_steps:

@@ -40,6 +40,9 @@ class Prediction:
     probabilities: list[float]
     top: list[tuple[int, float]]
     rejected: bool
+    blank: bool = (
+        False  # rejected because the input holds no ink at all (a blank page), whatever the confidence
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON `predict --json` prints per image (without its path): digit, confidence, top."""
@@ -252,6 +255,7 @@ class Predictor:
                     probabilities=[float(v) for v in p],
                     top=[(int(d), float(p[d])) for d in order],
                     rejected=rejected,
+                    blank=bool(is_blank),
                 )
             )
         return out

@@ -997,10 +997,25 @@ def is_unreadable_photo(path: Path) -> bool:
     return path.suffix.lower() in UNREADABLE_PHOTO_SUFFIXES
 
 
-def expand_paths(paths: list[str | Path], unreadable: list[Path] | None = None) -> list[Path]:
+@functools.lru_cache(maxsize=1)
+def _refused_suffixes() -> frozenset[str]:
+    """File name suffixes of the image formats Pillow knows and digitrec does not read (TGA, ICO, EPS, ...)."""
+    from PIL import Image
+
+    return frozenset(Image.registered_extensions()) - set(IMAGE_SUFFIXES)
+
+
+def is_refused_image(path: Path) -> bool:
+    return path.suffix.lower() in _refused_suffixes()
+
+
+def expand_paths(
+    paths: list[str | Path], unreadable: list[Path] | None = None, refused: list[Path] | None = None
+) -> list[Path]:
     """Folders expand to the image files inside them (sorted, not recursive); files stay as given, in order.
 
-    A folder's photos in formats Pillow does not read (UNREADABLE_PHOTO_SUFFIXES) go into `unreadable`, if given.
+    A folder's photos in formats Pillow does not read (UNREADABLE_PHOTO_SUFFIXES) go into `unreadable`, and its
+    images in the formats Pillow knows and digitrec refuses (TGA, ICO, ...) into `refused`, if given.
     """
     expanded: list[Path] = []
     for raw in paths:
@@ -1010,6 +1025,8 @@ def expand_paths(paths: list[str | Path], unreadable: list[Path] | None = None) 
             expanded.extend(p for p in files if is_image_file(p))
             if unreadable is not None:
                 unreadable.extend(p for p in files if is_unreadable_photo(p))
+            if refused is not None:
+                refused.extend(p for p in files if is_refused_image(p))
         else:
             expanded.append(path)
     return expanded

@@ -967,6 +967,12 @@ def create_app(
         label = _digit_field(fields, "label", required=True, from_json=from_json)
         predicted = _digit_field(fields, "predicted", required=False, from_json=from_json)
         pixels = await to_input(data)
+        from .predict import MIN_INK
+
+        if pixels.sum() < MIN_INK:  # a blank canvas would teach a fine-tune that nothing at all is this digit
+            raise HTTPException(
+                422, "the image holds no ink, so there is no digit to learn from; draw it and send it again."
+            )
 
         def work():
             row_id = store.add(
