@@ -209,6 +209,11 @@ def test_cli_read_json(tmp_path, capsys, untrained_path):
     # an untrained model is sure of nothing: every digit is under its reject threshold (0.3), and says so
     assert all(d["doubtful"] == (d["confidence"] < 0.3) for d in row["digits"])
     assert any(d["doubtful"] for d in row["digits"])
+    # the text output marks them too (it did not): a "?" after each doubtful digit's confidence
+    assert main(["read", str(image), "--model", str(untrained_path)]) == 0
+    text = capsys.readouterr().out
+    marks = [d["doubtful"] for d in row["digits"]]
+    assert text.count("%?@") == sum(marks) and "doubtful, under the reject threshold" in text
 
 
 def test_cli_predict_with_the_bundled_model(tmp_path, capsys, pretrained):

@@ -572,8 +572,16 @@ def cmd_read(args: argparse.Namespace) -> int:
             if "error" in row:
                 print(f"{row['path']}: error: {row['error']}")
                 continue
-            digits = "  ".join(f"{d['digit']}:{d['confidence']:.0%}@{tuple(d['box'])}" for d in row["digits"])
-            print(f"{row['path']}: {row['number'] or '(no digits found)'}  [{digits}]")
+            digits = "  ".join(
+                f"{d['digit']}:{d['confidence']:.0%}{'?' if d['doubtful'] else ''}@{tuple(d['box'])}"
+                for d in row["digits"]
+            )
+            doubt = (
+                "  (?: doubtful, under the reject threshold)"
+                if any(d["doubtful"] for d in row["digits"])
+                else ""
+            )
+            print(f"{row['path']}: {row['number'] or '(no digits found)'}  [{digits}]{doubt}")
     return 1 if all("error" in row for row in rows) else 0
 
 
