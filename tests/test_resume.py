@@ -489,3 +489,20 @@ def test_loading_the_resume_checkpoint_as_a_model_says_what_it_is(tiny_mnist, tm
         CheckpointError, match="resume checkpoint .*use .*model.safetensors or the run folder"
     ):
         load_model(tmp_path / "last.safetensors")
+
+
+def test_a_dry_run_does_not_replace_a_finished_run_without_overwrite(tiny_mnist, tmp_path):
+    """`train --dry-run --out runs/fast` replaced the finished run there without a word."""
+    from digitrec.config import TrainConfig
+    from digitrec.errors import DigitrecError
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    kept = _files(tmp_path)
+    with pytest.raises(DigitrecError, match="holds a finished run, which a --dry-run would replace"):
+        train(config, tmp_path, data=tiny_mnist, dry_run=True, **QUIET)
+    assert _files(tmp_path) == kept
+    train(config, tmp_path, data=tiny_mnist, dry_run=True, overwrite=True, **QUIET)
+    train(config, tmp_path, data=tiny_mnist, dry_run=True, **QUIET)  # a dry run may replace a dry run
+    train(config, tmp_path, data=tiny_mnist, **QUIET)  # and a real run may replace it

@@ -514,6 +514,19 @@ def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
     )
 
 
+def refuse_replacing_with_a_dry_run(out_dir: Path) -> None:
+    """A dry run is a check that the pipeline runs: it must not replace a finished real run (unless `overwrite`)."""
+    try:
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(metrics, dict) and not metrics.get("dry_run"):
+        raise DigitrecError(
+            f"{out_dir} holds a finished run, which a --dry-run would replace; choose another --out, or pass "
+            "--overwrite to replace it."
+        )
+
+
 def _is_finetune(meta: dict[str, Any]) -> bool:
     extra = meta.get("extra")
     return (isinstance(extra, dict) and "finetuned_from" in extra) or str(meta.get("recipe")).endswith(
@@ -619,6 +632,8 @@ def train(
             config = config.override(device=resume_device)
     elif not overwrite:
         refuse_unfinished_run(out_dir, finetune=init_weights is not None)
+        if dry_run:
+            refuse_replacing_with_a_dry_run(out_dir)
     state["dry_run"] = dry_run
 
     if config.threads:
