@@ -237,6 +237,25 @@ def test_counts_and_durations_below_one_are_refused(args, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["eval-real", "--seed", "-1", "--count", "5", "--sets", "pen-photo"],
+        ["eval-real", "--seed", "-1", "--count", "5", "--sets", "pen-photo", "--write", "{tmp}"],
+        ["train-pairs", "--seed", "-1", "--count", "10", "--out", "{tmp}/pairs.safetensors"],
+        ["tune", "--seed", "4294967296", "--trials", "1", "--out", "{tmp}"],
+    ],
+)
+def test_a_seed_numpy_cannot_take_is_refused_while_parsing(args, tmp_path, capsys):
+    """eval-real and train-pairs printed their header, then numpy's ValueError traceback (exit 1)."""
+    with pytest.raises(SystemExit) as stopped:
+        main([arg.replace("{tmp}", str(tmp_path / "out")) for arg in args])
+    assert stopped.value.code == 2
+    captured = capsys.readouterr()
+    assert "is not a seed; use a whole number from 0 to 4294967295" in captured.err
+    assert captured.out == "" and not (tmp_path / "out").exists()
+
+
 def test_train_and_evaluate_on_a_data_dir(idx_folder, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

@@ -100,6 +100,8 @@ _port = _whole_number(0, 65535, "is not a port number; use 0-65535")
 _positive_int = _whole_number(1, None, "is not a whole number of at least 1")
 _non_negative_int = _whole_number(0, None, "is not a whole number of at least 0")
 _top_k = _whole_number(1, 10, "is not a count of digits; use 1-10")
+# numpy's generators take no negative seed, and Optuna's sampler none of 2**32 or more
+_seed = _whole_number(0, 2**32 - 1, "is not a seed; use a whole number from 0 to 4294967295")
 
 
 def _real_number(accepts: Callable[[float], bool], complaint: str) -> Callable[[str], float]:
@@ -1086,7 +1088,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--count", type=_positive_int, default=150_000, help="training pieces to draw (default 150000)"
     )
     p.add_argument("--epochs", type=_positive_int, default=8, help="epochs (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pieces and of the training (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the pieces and of the training (default 0)")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_train_pairs)
 
@@ -1183,7 +1185,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model_flags(p)
     p.add_argument("--count", type=_positive_int, default=500, help="images per set (default 500)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the generated sets (default 0)")
     p.add_argument(
         "--sets", help="comma-separated subset of mnist-photo,pen-photo,font-photo,numbers,negatives"
     )
@@ -1322,7 +1324,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
         help="seed of the TPE sampler (with --storage, mixed with the process id)",
     )
