@@ -1191,7 +1191,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--speed", action="store_true", help="also time one image and a folder of 1,000 images")
     p.add_argument(
-        "--write", metavar="DIR", type=_folder, help="only write the sets as image files into DIR/<set>/"
+        "--write",
+        metavar="DIR",
+        type=_folder,
+        help="only write the sets as image files into DIR/<set>/, replacing those an earlier --write left there",
     )
     p.add_argument(
         "--misses",
