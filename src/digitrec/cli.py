@@ -320,9 +320,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ensemble(args: argparse.Namespace) -> int:
+def _refuse_one_model_twice(names: list[str], because: str) -> None:
+    """Refuse MODEL arguments that name one model twice, judged by contents: two spellings of one path, a link
+    or a copy are one model. `because` says, after "X and Y are the same model", why that is a mistake."""
     import hashlib
 
+    seen: dict[str, str] = {}
+    for name in names:
+        path = _model_path(name)
+        # a missing path is the loader's to refuse, with its own sentence
+        digest = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else name
+        if digest in seen:
+            raise DigitrecError(f"{seen[digest]} and {name} are the same model{because}; name different models.")
+        seen[digest] = name
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .evaluate import evaluate_ensemble
 
@@ -332,16 +345,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             f"an ensemble needs two or more models and got only {args.models[0]}; name another run folder or "
             ".safetensors file."
         )
-    seen: dict[str, str] = {}  # by contents: two spellings of one path, a link or a copy are one model
-    for name, path in zip(args.models, paths):
-        # a missing path is load_model's to refuse, with its own sentence
-        digest = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else name
-        if digest in seen:
-            raise DigitrecError(
-                f"{seen[digest]} and {name} are the same model, and an ensemble of one model is that model alone; "
-                "name different models."
-            )
-        seen[digest] = name
+    _refuse_one_model_twice(args.models, ", and an ensemble of one model is that model alone")
     data = load_mnist(args.data_dir, log=_stderr)
     if args.out:  # built before the evaluation, so that a model it cannot join stops the command at once
         from .checkpoint import load_ensemble, save_model
@@ -809,8 +813,10 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     from . import robustness
     from .data import load_mnist
 
+    _refuse_one_model_twice(args.models, ", scored twice on the same images")
+    _make_folder(args.out, "--out")
+    models = robustness.load_all(args.models)  # a model that does not load stops the command before the work
     data = load_mnist(args.data_dir, log=_stderr)
-    models = [robustness.load_scored(m) for m in args.models]
     count = args.limit or len(data.test_images)
     report = robustness.evaluate_robustness(
         models,
