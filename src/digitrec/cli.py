@@ -863,6 +863,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .explore import explore
 
+    _make_folder(args.out, "--out")
     data = load_mnist(args.data_dir, log=_stderr)
     summary = explore(
         data,
