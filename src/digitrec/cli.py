@@ -331,7 +331,9 @@ def _refuse_one_model_twice(names: list[str], because: str) -> None:
         # a missing path is the loader's to refuse, with its own sentence
         digest = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else name
         if digest in seen:
-            raise DigitrecError(f"{seen[digest]} and {name} are the same model{because}; name different models.")
+            raise DigitrecError(
+                f"{seen[digest]} and {name} are the same model{because}; name different models."
+            )
         seen[digest] = name
 
 
@@ -583,14 +585,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_eval_real(args: argparse.Namespace) -> int:
     from .realworld import SETS, eval_real, time_folder, write_set
 
-    sets = tuple(args.sets.split(",")) if args.sets else SETS
+    sets = SETS if args.sets is None else tuple(name.strip() for name in args.sets.split(","))
     unknown = [s for s in sets if s not in SETS]
-    if unknown:
+    if unknown:  # '' too: an empty --sets ran every set
         raise DigitrecError(f"unknown set {unknown[0]!r}; choose from {', '.join(SETS)}.")
+    repeated = sorted({name for name in sets if sets.count(name) > 1})
+    if repeated:
+        raise DigitrecError(f"--sets names {', '.join(repeated)} more than once; give each once.")
     if args.write:
+        _make_folder(args.write, "--write")
+        written = {}
         for name in sets:
-            paths = write_set(name, args.count, Path(args.write) / name, seed=args.seed)
-            print(f"{name}: {len(paths)} images in {Path(args.write) / name}")
+            paths = write_set(name, args.count, args.write / name, seed=args.seed)
+            written[name] = [str(path) for path in paths]
+            if not args.json:
+                print(f"{name}: {len(paths)} images in {args.write / name}")
+        if args.json:
+            print(json.dumps({"count": args.count, "seed": args.seed, "written": written}, indent=2))
         return 0
     predictor = _predictor(args)
     if not args.json:
@@ -608,7 +619,12 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
     )
     if args.speed:
         results["speed"] = time_folder(predictor, log=(lambda msg: None) if args.json else print)
-    if args.json:
+    if args.json:  # what the text header says, under a key no set is named
+        results["model"] = {
+            "name": predictor.name,
+            "temperature": predictor.temperature,
+            "reject_below": predictor.reject_below,
+        }
         print(json.dumps(results, indent=2))
     return 0
 
@@ -1211,7 +1227,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the first N samples of each set read wrong (index, truth, read); `--write DIR` with the same "
         "--count and --seed writes them as DIR/<set>/<index>_<label>.* (--json always lists them all)",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print the figures as JSON, the model under "model" (with --write: the files written)',
+    )
     p.set_defaults(func=cmd_eval_real)
 
     p = sub.add_parser("export", help="export a model to ONNX (float32 or static int8) with a parity check")
