@@ -82,5 +82,7 @@ def test_cli_checks_the_models_and_the_out_folder_before_the_embedding(
         args = ["--out", "/proc/nope"]
     assert main(["explore", *args, "--data-dir", str(idx_folder)]) == 2
     err = capsys.readouterr().err
-    assert ("does not exist" in err or "cannot write into the folder /proc/nope" in err) and "Traceback" not in err
+    assert (
+        "does not exist" in err or "cannot write into the folder /proc/nope" in err
+    ) and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())

@@ -97,7 +97,8 @@ def test_strong_perturbations_hurt_a_trained_model(run_dir, tiny_mnist):
 def test_cli_compares_several_models_on_one_plot(run_dir, idx_folder, tmp_path, capsys):
     out = tmp_path / "robustness"
     model, meta = load_model(run_dir / "model.safetensors")
-    save_model(tmp_path / "warmer.safetensors", model, meta | {"temperature": 2.0})  # same weights, other file
+    # the same weights in another file: the models see identical images, and a copy would be refused
+    save_model(tmp_path / "warmer.safetensors", model, meta | {"temperature": 2.0})
     code = main(
         [
             "robustness",
@@ -152,7 +153,9 @@ def test_cli_names_two_models_of_one_name_by_their_paths_and_refuses_one_model_t
     given twice was scored twice, silently."""
     model, meta = load_model(run_dir / "model.safetensors")
     for folder, temperature in (("a", 1.5), ("b", 2.0)):
-        save_model(tmp_path / folder / "fast" / "model.safetensors", model, meta | {"temperature": temperature})
+        save_model(
+            tmp_path / folder / "fast" / "model.safetensors", model, meta | {"temperature": temperature}
+        )
     a, b = str(tmp_path / "a" / "fast"), str(tmp_path / "b" / "fast")
     flags = ["--limit", "20", "--json", "--out", str(tmp_path / "out"), "--data-dir", str(idx_folder)]
     assert main(["robustness", a, b, *flags]) == 0
@@ -176,4 +179,6 @@ def test_cli_checks_the_models_and_the_out_folder_before_scoring(
     model, out = (tmp_path / "nope", tmp_path) if problem == "missing model" else (run_dir, "/proc/nope")
     assert main(["robustness", str(model), "--out", str(out), "--data-dir", str(idx_folder)]) == 2
     err = capsys.readouterr().err
-    assert ("does not exist" in err or "cannot write into the folder /proc/nope" in err) and "Traceback" not in err
+    assert (
+        "does not exist" in err or "cannot write into the folder /proc/nope" in err
+    ) and "Traceback" not in err

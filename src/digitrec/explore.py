@@ -191,7 +191,8 @@ def explore(
         summary["ambiguous"] = {"models": [m.path for m in scored], "images": rows}
     else:
         log("no --model given: skipping the most ambiguous images (they need at least one trained model)")
-        (out_dir / "ambiguous.png").unlink(missing_ok=True)  # an earlier run's, of other models: not this page's
+        # an earlier run's figure, of other models, would be listed as written by this one
+        (out_dir / "ambiguous.png").unlink(missing_ok=True)
     atomic_write_json(out_dir / "explore.json", summary)
     counts = "".join(
         f"<tr><td>{d}</td><td>{summary['train_counts'][d]:,}</td><td>{summary['test_counts'][d]:,}</td></tr>"
