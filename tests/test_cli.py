@@ -237,6 +237,54 @@ def test_counts_and_durations_below_one_are_refused(args, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["eval-real", "--seed", "-1", "--count", "5", "--sets", "pen-photo"],
+        ["eval-real", "--seed", "-1", "--count", "5", "--sets", "pen-photo", "--write", "{tmp}"],
+        ["train-pairs", "--seed", "-1", "--count", "10", "--out", "{tmp}/pairs.safetensors"],
+        ["tune", "--seed", "4294967296", "--trials", "1", "--out", "{tmp}"],
+    ],
+)
+def test_a_seed_numpy_cannot_take_is_refused_while_parsing(args, tmp_path, capsys):
+    """eval-real and train-pairs printed their header, then numpy's ValueError traceback (exit 1)."""
+    with pytest.raises(SystemExit) as stopped:
+        main([arg.replace("{tmp}", str(tmp_path / "out")) for arg in args])
+    assert stopped.value.code == 2
+    captured = capsys.readouterr()
+    assert "is not a seed; use a whole number from 0 to 4294967295" in captured.err
+    assert captured.out == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        ("", "unknown set ''; choose from mnist-photo"),  # ran all five sets
+        ("pen-photo,pen-photo", "--sets names pen-photo more than once; give each once"),  # ran it twice
+    ],
+)
+def test_eval_real_refuses_an_empty_or_repeated_set(sets, message, tmp_path, capsys):
+    assert main(["eval-real", "--sets", sets, "--count", "1", "--write", str(tmp_path / "w")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+def test_eval_real_json_names_the_model_and_lists_what_write_wrote(tmp_path, capsys):
+    """The JSON lacked the model, temperature and threshold the text header prints; --json --write printed text."""
+    assert main(["eval-real", "--sets", "pen-photo", "--count", "2", "--backend", "numpy", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert {"count", "seed", "pen-photo"} <= results.keys() and results["pen-photo"]["n"] == 2
+    assert results["model"]["name"] == "robust+finetune"
+    assert 0 < results["model"]["temperature"] and 0 <= results["model"]["reject_below"] <= 1
+    out = tmp_path / "w"
+    assert (
+        main(["eval-real", "--sets", "pen-photo,negatives", "--count", "2", "--write", str(out), "--json"])
+        == 0
+    )
+    written = json.loads(capsys.readouterr().out)["written"]
+    assert list(written) == ["pen-photo", "negatives"]
+    assert sorted(written["pen-photo"]) == sorted(str(p) for p in (out / "pen-photo").iterdir())
+
+
 def test_train_and_evaluate_on_a_data_dir(idx_folder, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

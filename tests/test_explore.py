@@ -45,3 +45,44 @@ def test_cli_without_models_still_draws_the_data(idx_folder, tmp_path, capsys):
     assert "explore.html" in capsys.readouterr().out
     saved = json.loads((out / "explore.json").read_text())
     assert sum(saved["train_counts"]) == 1200 and "ambiguous" not in saved
+
+
+def test_cli_without_models_removes_an_earlier_ambiguous_figure(idx_folder, tmp_path, capsys, monkeypatch):
+    """It said it skipped the ambiguous images, then listed an earlier run's ambiguous.png among what it wrote."""
+    from digitrec import explore as explore_module
+
+    monkeypatch.setattr(explore_module, "embed", lambda pixels, method, seed: (pixels[:, :2], "t-SNE"))
+    out = tmp_path / "explore"
+    out.mkdir()
+    (out / "ambiguous.png").write_bytes(b"another model's figure")
+    assert main(["explore", "--samples", "100", "--out", str(out), "--data-dir", str(idx_folder)]) == 0
+    captured = capsys.readouterr()
+    assert "skipping the most ambiguous images" in captured.err and "ambiguous.png" not in captured.out
+    assert not (out / "ambiguous.png").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing model", "unwritable --out"])
+def test_cli_checks_the_models_and_the_out_folder_before_the_embedding(
+    problem, idx_folder, tmp_path, capsys, monkeypatch
+):
+    """`--model nope` ran the 2,000-image t-SNE and wrote figures first; an --out under /proc failed at the end."""
+    from pathlib import Path
+
+    from digitrec import data
+    from digitrec import explore as explore_module
+
+    if problem == "unwritable --out" and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    monkeypatch.setattr(explore_module, "embed", lambda *a, **k: pytest.fail("embedded before the checks"))
+    out = tmp_path / "explore"
+    if problem == "missing model":
+        args = ["--model", str(tmp_path / "nope"), "--out", str(out)]
+    else:
+        monkeypatch.setattr(data, "load_mnist", lambda *a, **k: pytest.fail("loaded MNIST before the checks"))
+        args = ["--out", "/proc/nope"]
+    assert main(["explore", *args, "--data-dir", str(idx_folder)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "does not exist" in err or "cannot write into the folder /proc/nope" in err
+    ) and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())

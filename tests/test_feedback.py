@@ -266,6 +266,41 @@ def test_feedback_export_of_a_missing_database_is_an_error_and_creates_nothing(t
     assert not missing.exists() and not (tmp_path / "out").exists()
 
 
+def test_reading_commands_refuse_another_programs_database_and_leave_it_as_it_was(tmp_path, capsys):
+    """export printed "0 corrections", exit 0, and added the feedback table and switched the file to WAL."""
+    from digitrec.checkpoint import save_model
+    from digitrec.cli import main
+    from digitrec.feedback import finetune
+    from digitrec.models import create_model
+
+    save_model(tmp_path / "m.safetensors", create_model("fast_cnn"), {"config": {"arch": "fast_cnn"}})
+    other = tmp_path / "other.sqlite"
+    with closing(sqlite3.connect(other)) as con, con:
+        con.execute("CREATE TABLE t (x)")
+        con.execute("INSERT INTO t VALUES (1)")
+    before, files = other.read_bytes(), sorted(tmp_path.iterdir())
+    assert main(["feedback", "export", "--feedback-db", str(other), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{other} is an SQLite database without a feedback table" in err and len(err.splitlines()) == 1
+    with pytest.raises(DigitrecError, match="without a feedback table"):
+        finetune(tmp_path / "m.safetensors", other, tmp_path / "run", data=tiny_mnist())
+    assert other.read_bytes() == before and sorted(tmp_path.iterdir()) == files  # no table, no WAL, no output
+
+
+def test_export_opens_the_database_read_only(tmp_path, capsys):
+    """export created what was missing (WAL mode, user_version) in the file it was only to read."""
+    from digitrec.cli import main
+    from digitrec.feedback import SCHEMA
+
+    db = tmp_path / "rollback.sqlite"
+    with closing(sqlite3.connect(db)) as con:
+        con.executescript(SCHEMA)  # the table, in the rollback journal and without a user_version
+    before = db.read_bytes()
+    assert main(["feedback", "export", "--feedback-db", str(db), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith(f"0 corrections from {db}")
+    assert db.read_bytes() == before and not (tmp_path / "rollback.sqlite-wal").exists()
+
+
 def test_finetune_with_no_corrections_trains_on_mnist_alone_and_never_opens_the_store(tmp_path):
     import torch
 

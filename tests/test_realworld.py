@@ -45,6 +45,15 @@ def test_write_set_names_files_by_label(tmp_path):
     assert len(paths) == 3 and all(p.exists() and p.stem.split("_")[1].isdigit() for p in paths)
 
 
+def test_write_set_replaces_the_files_an_earlier_write_left(tmp_path):
+    """A second --write into the same folder left 44 files for 5, `00001_1.jpg` beside `00001_9.png`."""
+    write_set("pen-photo", 12, tmp_path, seed=1)
+    (tmp_path / "notes.txt").write_text("mine")
+    paths = write_set("pen-photo", 5, tmp_path, seed=0)
+    assert sorted(tmp_path.iterdir()) == sorted([*paths, tmp_path / "notes.txt"])
+    assert [p.name for p in paths] == [p.name for p in write_set("pen-photo", 5, tmp_path / "fresh")]
+
+
 def test_robust_augment_keeps_shape_range_and_is_seeded():
     x = torch.zeros(64, 1, 28, 28)
     x[:, :, 6:22, 12:16] = 1.0  # a batch of "1"s

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from digitrec import robustness
+from digitrec.checkpoint import load_model, save_model
 from digitrec.cli import main
 
 BY_NAME = {p.name: p for p in robustness.PERTURBATIONS}
@@ -95,11 +96,14 @@ def test_strong_perturbations_hurt_a_trained_model(run_dir, tiny_mnist):
 
 def test_cli_compares_several_models_on_one_plot(run_dir, idx_folder, tmp_path, capsys):
     out = tmp_path / "robustness"
+    model, meta = load_model(run_dir / "model.safetensors")
+    # the same weights in another file: the models see identical images, and a copy would be refused
+    save_model(tmp_path / "warmer.safetensors", model, meta | {"temperature": 2.0})
     code = main(
         [
             "robustness",
             str(run_dir),
-            str(run_dir / "model.safetensors"),
+            str(tmp_path / "warmer.safetensors"),
             "--limit",
             "40",
             "--json",
@@ -140,3 +144,41 @@ def test_cli_table_and_missing_model(run_dir, idx_folder, tmp_path, capsys):
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_names_two_models_of_one_name_by_their_paths_and_refuses_one_model_twice(
+    run_dir, idx_folder, tmp_path, capsys
+):
+    """runs/fast and other/fast were both labelled `fast` in the table, the legend and the JSON; the same model
+    given twice was scored twice, silently."""
+    model, meta = load_model(run_dir / "model.safetensors")
+    for folder, temperature in (("a", 1.5), ("b", 2.0)):
+        save_model(
+            tmp_path / folder / "fast" / "model.safetensors", model, meta | {"temperature": temperature}
+        )
+    a, b = str(tmp_path / "a" / "fast"), str(tmp_path / "b" / "fast")
+    flags = ["--limit", "20", "--json", "--out", str(tmp_path / "out"), "--data-dir", str(idx_folder)]
+    assert main(["robustness", a, b, *flags]) == 0
+    assert [m["name"] for m in json.loads(capsys.readouterr().out)["models"]] == [a, b]
+    assert main(["robustness", a, f"{a}/model.safetensors", *flags]) == 2
+    assert f"{a} and {a}/model.safetensors are the same model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["missing model", "unwritable --out"])
+def test_cli_checks_the_models_and_the_out_folder_before_scoring(
+    problem, run_dir, idx_folder, tmp_path, capsys, monkeypatch
+):
+    """A missing model was found after loading MNIST, an --out under /proc after scoring every image."""
+    from pathlib import Path
+
+    from digitrec import data
+
+    if problem == "unwritable --out" and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: pytest.fail("loaded MNIST before the checks"))
+    model, out = (tmp_path / "nope", tmp_path) if problem == "missing model" else (run_dir, "/proc/nope")
+    assert main(["robustness", str(model), "--out", str(out), "--data-dir", str(idx_folder)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "does not exist" in err or "cannot write into the folder /proc/nope" in err
+    ) and "Traceback" not in err

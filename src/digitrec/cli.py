@@ -100,6 +100,8 @@ _port = _whole_number(0, 65535, "is not a port number; use 0-65535")
 _positive_int = _whole_number(1, None, "is not a whole number of at least 1")
 _non_negative_int = _whole_number(0, None, "is not a whole number of at least 0")
 _top_k = _whole_number(1, 10, "is not a count of digits; use 1-10")
+# numpy's generators take no negative seed, and Optuna's sampler none of 2**32 or more
+_seed = _whole_number(0, 2**32 - 1, "is not a seed; use a whole number from 0 to 4294967295")
 
 
 def _real_number(accepts: Callable[[float], bool], complaint: str) -> Callable[[str], float]:
@@ -318,9 +320,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ensemble(args: argparse.Namespace) -> int:
+def _refuse_one_model_twice(names: list[str], because: str) -> None:
+    """Refuse MODEL arguments that name one model twice, judged by contents: two spellings of one path, a link
+    or a copy are one model. `because` says, after "X and Y are the same model", why that is a mistake."""
     import hashlib
 
+    seen: dict[str, str] = {}
+    for name in names:
+        path = _model_path(name)
+        # a missing path is the loader's to refuse, with its own sentence
+        digest = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else name
+        if digest in seen:
+            raise DigitrecError(
+                f"{seen[digest]} and {name} are the same model{because}; name different models."
+            )
+        seen[digest] = name
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .evaluate import evaluate_ensemble
 
@@ -330,16 +347,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             f"an ensemble needs two or more models and got only {args.models[0]}; name another run folder or "
             ".safetensors file."
         )
-    seen: dict[str, str] = {}  # by contents: two spellings of one path, a link or a copy are one model
-    for name, path in zip(args.models, paths):
-        # a missing path is load_model's to refuse, with its own sentence
-        digest = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else name
-        if digest in seen:
-            raise DigitrecError(
-                f"{seen[digest]} and {name} are the same model, and an ensemble of one model is that model alone; "
-                "name different models."
-            )
-        seen[digest] = name
+    _refuse_one_model_twice(args.models, ", and an ensemble of one model is that model alone")
     data = load_mnist(args.data_dir, log=_stderr)
     if args.out:  # built before the evaluation, so that a model it cannot join stops the command at once
         from .checkpoint import load_ensemble, save_model
@@ -596,14 +604,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_eval_real(args: argparse.Namespace) -> int:
     from .realworld import SETS, eval_real, time_folder, write_set
 
-    sets = tuple(args.sets.split(",")) if args.sets else SETS
+    sets = SETS if args.sets is None else tuple(name.strip() for name in args.sets.split(","))
     unknown = [s for s in sets if s not in SETS]
-    if unknown:
+    if unknown:  # '' too: an empty --sets ran every set
         raise DigitrecError(f"unknown set {unknown[0]!r}; choose from {', '.join(SETS)}.")
+    repeated = sorted({name for name in sets if sets.count(name) > 1})
+    if repeated:
+        raise DigitrecError(f"--sets names {', '.join(repeated)} more than once; give each once.")
     if args.write:
+        _make_folder(args.write, "--write")
+        written = {}
         for name in sets:
-            paths = write_set(name, args.count, Path(args.write) / name, seed=args.seed)
-            print(f"{name}: {len(paths)} images in {Path(args.write) / name}")
+            paths = write_set(name, args.count, args.write / name, seed=args.seed)
+            written[name] = [str(path) for path in paths]
+            if not args.json:
+                print(f"{name}: {len(paths)} images in {args.write / name}")
+        if args.json:
+            print(json.dumps({"count": args.count, "seed": args.seed, "written": written}, indent=2))
         return 0
     predictor = _predictor(args)
     if not args.json:
@@ -621,7 +638,12 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
     )
     if args.speed:
         results["speed"] = time_folder(predictor, log=(lambda msg: None) if args.json else print)
-    if args.json:
+    if args.json:  # what the text header says, under a key no set is named
+        results["model"] = {
+            "name": predictor.name,
+            "temperature": predictor.temperature,
+            "reject_below": predictor.reject_below,
+        }
         print(json.dumps(results, indent=2))
     return 0
 
@@ -826,8 +848,10 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     from . import robustness
     from .data import load_mnist
 
+    _refuse_one_model_twice(args.models, ", scored twice on the same images")
+    _make_folder(args.out, "--out")
+    models = robustness.load_all(args.models)  # a model that does not load stops the command before the work
     data = load_mnist(args.data_dir, log=_stderr)
-    models = [robustness.load_scored(m) for m in args.models]
     count = args.limit or len(data.test_images)
     report = robustness.evaluate_robustness(
         models,
@@ -874,6 +898,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .explore import explore
 
+    _make_folder(args.out, "--out")
     data = load_mnist(args.data_dir, log=_stderr)
     summary = explore(
         data,
@@ -1105,7 +1130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--count", type=_positive_int, default=150_000, help="training pieces to draw (default 150000)"
     )
     p.add_argument("--epochs", type=_positive_int, default=8, help="epochs (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pieces and of the training (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the pieces and of the training (default 0)")
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_train_pairs)
 
@@ -1202,13 +1227,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model_flags(p)
     p.add_argument("--count", type=_positive_int, default=500, help="images per set (default 500)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the generated sets (default 0)")
     p.add_argument(
         "--sets", help="comma-separated subset of mnist-photo,pen-photo,font-photo,numbers,negatives"
     )
     p.add_argument("--speed", action="store_true", help="also time one image and a folder of 1,000 images")
     p.add_argument(
-        "--write", metavar="DIR", type=_folder, help="only write the sets as image files into DIR/<set>/"
+        "--write",
+        metavar="DIR",
+        type=_folder,
+        help="only write the sets as image files into DIR/<set>/, replacing those an earlier --write left there",
     )
     p.add_argument(
         "--misses",
@@ -1218,7 +1246,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the first N samples of each set read wrong (index, truth, read); `--write DIR` with the same "
         "--count and --seed writes them as DIR/<set>/<index>_<label>.* (--json always lists them all)",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print the figures as JSON, the model under "model" (with --write: the files written)',
+    )
     p.set_defaults(func=cmd_eval_real)
 
     p = sub.add_parser("export", help="export a model to ONNX (float32 or static int8) with a parity check")
@@ -1341,7 +1373,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
         help="seed of the TPE sampler (with --storage, mixed with the process id)",
     )

@@ -158,8 +158,9 @@ def explore(
 ) -> dict[str, Any]:
     """Write every figure, explore.json and explore.html into out_dir; returns the summary written to explore.json."""
     from .evaluate import _image_tag
-    from .robustness import load_scored
+    from .robustness import load_all
 
+    scored = load_all(models)  # first: a model that does not load stops the command before the embedding
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {
@@ -179,8 +180,7 @@ def explore(
         "embedding": {"method": method, "images": len(chosen)},
         "data_checksum": data.checksum,
     }
-    if models:
-        scored = [load_scored(m) for m in models]
+    if scored:
         probabilities = []
         for m in scored:
             log(f"scoring {len(data.train_images):,} training images with {m.name}")
@@ -191,6 +191,8 @@ def explore(
         summary["ambiguous"] = {"models": [m.path for m in scored], "images": rows}
     else:
         log("no --model given: skipping the most ambiguous images (they need at least one trained model)")
+        # an earlier run's figure, of other models, would be listed as written by this one
+        (out_dir / "ambiguous.png").unlink(missing_ok=True)
     atomic_write_json(out_dir / "explore.json", summary)
     counts = "".join(
         f"<tr><td>{d}</td><td>{summary['train_counts'][d]:,}</td><td>{summary['test_counts'][d]:,}</td></tr>"

@@ -69,8 +69,12 @@ class FeedbackStore:
     it has acknowledged.
     """
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, *, read_only: bool = False):
         self.path = db_path(path)
+        self.read_only = read_only
+        if read_only:
+            self._check_feedback_table()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with closing(self._connect()) as con:
@@ -88,17 +92,38 @@ class FeedbackStore:
 
     @classmethod
     def existing(cls, path: str | Path | None = None) -> FeedbackStore:
-        """The store at `path` (default_db_path() when None), which must exist already: for commands that only read
-        corrections, so that a mistyped path is an error rather than a new, empty database."""
+        """The store at `path` (default_db_path() when None), which must exist already and hold the feedback table,
+        opened read-only: for commands that only read corrections, so that a mistyped path is an error rather than
+        a new, empty database, and another program's database is refused rather than changed."""
         path = db_path(path)
         if not path.is_file():
             raise DigitrecError(
                 f"no feedback database at {path}; `digitrec serve` creates it when it starts, "
                 "or pass the right path with --feedback-db."
             )
-        return cls(path)
+        return cls(path, read_only=True)
+
+    def _check_feedback_table(self) -> None:
+        """Refuse a file that is not a database, or a database without our table (some other program's), without
+        changing it: a reading command must not create the table in it or switch its journal mode."""
+        try:
+            with closing(self._connect()) as con:
+                found = con.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'feedback'"
+                ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise DigitrecError(
+                f"cannot open feedback database {self.path} ({exc}); pass another path with --feedback-db."
+            ) from None
+        if found is None:
+            raise DigitrecError(
+                f"{self.path} is an SQLite database without a feedback table, not one `digitrec serve` wrote; "
+                "pass the right path with --feedback-db."
+            )
 
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:  # mode=ro: SQLite itself refuses every write, the journal mode's included
+            return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
         # A long timeout makes concurrent writers wait for the lock instead of failing with "database is locked".
         con = sqlite3.connect(self.path, timeout=30.0)
         con.execute("PRAGMA synchronous=FULL")

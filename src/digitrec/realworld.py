@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -468,10 +469,19 @@ def generate(
             raise ValueError(f"unknown set {name!r}")
 
 
+WRITTEN_NAME = re.compile(r"\d{5,}_(\d+|none)\.(jpg|png)")  # the files write_set writes
+
+
 def write_set(name: str, count: int, out_dir: str | Path, seed: int = 0) -> list[Path]:
-    """Save a set as image files named <index>_<label>.<ext> (label 'none' for negatives), for `digitrec predict DIR`."""
+    """Save a set as image files named <index>_<label>.<ext> (label 'none' for negatives), for `digitrec predict DIR`.
+
+    The files an earlier call wrote into out_dir (another count or seed) are removed first, so that the folder
+    holds this set alone and <index> names one file; other files are left alone."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for earlier in out.iterdir():
+        if WRITTEN_NAME.fullmatch(earlier.name) and earlier.is_file():
+            earlier.unlink()
     paths = []
     for i, sample in enumerate(generate(name, count, seed)):
         ext = "jpg" if sample.data[:2] == b"\xff\xd8" else "png"

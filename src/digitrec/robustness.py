@@ -160,6 +160,17 @@ def load_scored(path: str | Path, name: str | None = None) -> Scored:
     return Scored(name or default_name, str(path), scorer, float(meta.get("temperature", 1.0)))
 
 
+def load_all(paths: Sequence[str | Path]) -> list[Scored]:
+    """load_scored for each path; models whose names would clash (runs/fast and other/fast are both `fast`)
+    are named by their paths as given, so the table, the plot and the JSON tell them apart."""
+    models = [load_scored(path) for path in paths]
+    names = [m.name for m in models]
+    for model, path in zip(models, paths):
+        if names.count(model.name) > 1:
+            model.name = str(path)
+    return models
+
+
 def coverage_curve(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, points: int = 50
 ) -> list[dict[str, float]]:
