@@ -74,11 +74,12 @@ def test_cli_checks_the_models_and_the_out_folder_before_the_embedding(
     if problem == "unwritable --out" and not Path("/proc/self").is_dir():
         pytest.skip("needs Linux's /proc")
     monkeypatch.setattr(explore_module, "embed", lambda *a, **k: pytest.fail("embedded before the checks"))
+    # MNIST may have to be downloaded first: a wrong --model or --out is said before it is looked for
+    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: pytest.fail("loaded MNIST before the checks"))
     out = tmp_path / "explore"
     if problem == "missing model":
         args = ["--model", str(tmp_path / "nope"), "--out", str(out)]
     else:
-        monkeypatch.setattr(data, "load_mnist", lambda *a, **k: pytest.fail("loaded MNIST before the checks"))
         args = ["--out", "/proc/nope"]
     assert main(["explore", *args, "--data-dir", str(idx_folder)]) == 2
     err = capsys.readouterr().err

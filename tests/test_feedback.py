@@ -349,3 +349,28 @@ def test_finetune_of_an_ensemble_says_to_tune_its_members(tmp_path):
     )
     with pytest.raises(DigitrecError, match="is an ensemble; fine-tune each member"):
         finetune(tmp_path / "both.safetensors", tmp_path / "db.sqlite", tmp_path / "out", data=tiny_mnist())
+
+
+def test_another_programs_feedback_table_or_database_is_refused_by_readers_and_the_server(tmp_path):
+    """A `feedback` table of other columns gave a traceback (no such column: created_at); `serve` added its
+    table to another program's database and switched it to WAL."""
+    import sqlite3
+
+    from digitrec.errors import DigitrecError
+    from digitrec.feedback import FeedbackStore
+
+    theirs = tmp_path / "theirs.db"
+    with sqlite3.connect(theirs) as con:
+        con.execute("CREATE TABLE feedback (id INTEGER, comment TEXT)")
+    app = tmp_path / "app.db"
+    with sqlite3.connect(app) as con:
+        con.execute("CREATE TABLE users (name TEXT)")
+    before = {path: path.read_bytes() for path in (theirs, app)}
+    for path, reason in ((theirs, "without the columns"), (app, "without a feedback table")):
+        for open_store in (FeedbackStore.existing, FeedbackStore):  # a reading command, then the server
+            with pytest.raises(DigitrecError, match=reason):
+                open_store(path)
+        assert path.read_bytes() == before[path]
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()  # an empty file: the server may make it its own
+    assert FeedbackStore(empty).count() == 0

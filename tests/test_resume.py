@@ -466,6 +466,8 @@ def test_a_new_run_over_a_finished_one_leaves_none_of_its_files(tiny_mnist, tmp_
     for name in ("report.html", "MODEL_CARD.md", "evaluation.json", "confusion.png", "model.onnx"):
         assert name in RUN_OUTPUTS
         (tmp_path / name).write_text("the old run's")
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1").write_text("the old run's curves")
     (tmp_path / "notes.txt").write_text("the user's")
     train(config.override(seed=1), tmp_path, data=tiny_mnist, **QUIET)
     left = {p.name for p in tmp_path.iterdir()}
@@ -489,6 +491,11 @@ def test_loading_the_resume_checkpoint_as_a_model_says_what_it_is(tiny_mnist, tm
         CheckpointError, match="resume checkpoint .*use .*model.safetensors or the run folder"
     ):
         load_model(tmp_path / "last.safetensors")
+    from digitrec.predict import Predictor
+
+    for backend in ("numpy", "auto", "torch"):  # `predict --model` runs on NumPy, which said "does not fit"
+        with pytest.raises(CheckpointError, match="resume checkpoint"):
+            Predictor.load(tmp_path / "last.safetensors", backend=backend)
 
 
 def test_a_dry_run_does_not_replace_a_finished_run_without_overwrite(tiny_mnist, tmp_path):
@@ -499,10 +506,44 @@ def test_a_dry_run_does_not_replace_a_finished_run_without_overwrite(tiny_mnist,
 
     config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
     train(config, tmp_path, data=tiny_mnist, **QUIET)
+    (tmp_path / "metrics.json").unlink()  # as in a folder `ensemble --out` or `calibrate --out` wrote
     kept = _files(tmp_path)
-    with pytest.raises(DigitrecError, match="holds a finished run, which a --dry-run would replace"):
+    with pytest.raises(DigitrecError, match="holds a trained model, which a --dry-run would replace"):
         train(config, tmp_path, data=tiny_mnist, dry_run=True, **QUIET)
     assert _files(tmp_path) == kept
     train(config, tmp_path, data=tiny_mnist, dry_run=True, overwrite=True, **QUIET)
     train(config, tmp_path, data=tiny_mnist, dry_run=True, **QUIET)  # a dry run may replace a dry run
     train(config, tmp_path, data=tiny_mnist, **QUIET)  # and a real run may replace it
+
+
+def test_a_checkpoint_with_patience_and_no_split_still_loads(tiny_mnist, tmp_path):
+    """Runs the previous version trained with early stopping and no validation split stay usable; new ones are
+    refused (the patience would never stop anything)."""
+    from digitrec.checkpoint import load_model, save_tensors
+    from digitrec.config import TrainConfig
+    from digitrec.errors import DigitrecError
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    with pytest.raises(DigitrecError, match="needs a validation split"):
+        train(config.override(early_stopping_patience=2), tmp_path / "new", data=tiny_mnist, **QUIET)
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    tensors, meta = load_tensors(tmp_path / "model.safetensors")
+    meta["config"]["early_stopping_patience"] = 2
+    save_tensors(tmp_path / "model.safetensors", tensors, meta)
+    _, loaded = load_model(tmp_path / "model.safetensors")
+    assert loaded["config"]["early_stopping_patience"] == 2
+    _edit_last(tmp_path, lambda meta: meta["config"].update(early_stopping_patience=2))
+    train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)  # a finished run: evaluated again
+
+
+def test_files_removed_while_a_rank_reads_them_count_as_no_run(tmp_path, monkeypatch):
+    """Under torchrun rank 0 removes a finished run's files while other ranks look at them: that was a
+    FileNotFoundError, which ended every rank."""
+    import digitrec.training as training
+
+    def vanished(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(training, "read_checkpoint", vanished)
+    training.refuse_unfinished_run(tmp_path, finetune=False)

@@ -255,13 +255,14 @@ class NumpyBackend:
     def load(cls, path: str | Path) -> tuple[NumpyBackend | NumpyEnsemble, dict[str, Any]] | None:
         """(backend, metadata) for a checkpoint NumPy can run (an ensemble of such models too); None for another
         architecture or bfloat16 weights."""
-        from .checkpoint import _model_spec, load_arrays, member_specs
+        from .checkpoint import _model_spec, load_arrays, member_specs, refuse_resume_checkpoint
         from .errors import CheckpointError
 
         try:
             tensors, meta = load_arrays(path)
         except KeyError:  # a tensor type NumPy does not have
             return None
+        refuse_resume_checkpoint(path, meta, tensors)
         specs = member_specs(path, meta)
         if specs is not None:
             ensemble = NumpyEnsemble.build(path, tensors, [arch for arch, _ in specs])

@@ -223,16 +223,21 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None
     save_tensors(path, dict(model.state_dict()), meta)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Build the checkpoint's architecture, load its weights and return (model in eval mode, metadata)."""
-    from .models import Ensemble, create_model
-
-    tensors, meta = load_tensors(path)
+def refuse_resume_checkpoint(path: str | Path, meta: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """One sentence for a run's last.safetensors given where a model is expected (it would "not fit" any)."""
     if isinstance(meta.get("state"), dict) and any(key.startswith("model.") for key in tensors):
         raise CheckpointError(
             f"{path} is a run's resume checkpoint (model, optimizer and random state for `digitrec train --resume`), "
             f"not a model; use {Path(path).with_name('model.safetensors')} or the run folder."
         )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Build the checkpoint's architecture, load its weights and return (model in eval mode, metadata)."""
+    from .models import Ensemble, create_model
+
+    tensors, meta = load_tensors(path)
+    refuse_resume_checkpoint(path, meta, tensors)
     specs = member_specs(path, meta)
     if specs is None:
         arch, normalize = _model_spec(path, meta)

@@ -897,13 +897,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_explore(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .explore import explore
+    from .robustness import load_all
 
+    models = [str(_model_path(m)) for m in args.model or []]
+    _refuse_one_model_twice(models, ", scored twice on the same images")
     _make_folder(args.out, "--out")
+    loaded = load_all(models)  # before MNIST, which may have to be downloaded: a wrong --model is said first
     data = load_mnist(args.data_dir, log=_stderr)
     summary = explore(
         data,
         args.out,
-        models=[str(_model_path(m)) for m in args.model or []],
+        models=loaded,
         samples=args.samples,
         embedding=args.embedding,
         log=_stderr,

@@ -129,11 +129,6 @@ class TrainConfig:
                 f"early stopping patience must not be negative (0 = off), got {self.early_stopping_patience}",
             ),
             (
-                not self.early_stopping_patience or self.val_size > 0,
-                "early stopping watches the validation accuracy, so it needs a validation split: "
-                "add --val-size N (val_size) or drop the patience",
-            ),
-            (
                 self.checkpoint_every_steps >= 0,
                 f"checkpoint_every_steps must not be negative (0 = at epoch ends), got {self.checkpoint_every_steps}",
             ),

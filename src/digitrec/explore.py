@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .data import MNIST
+
+if TYPE_CHECKING:
+    from .robustness import Scored
 from .errors import DigitrecError
 from .plots import _grid, _save, plt
 
@@ -150,7 +153,7 @@ def ambiguous_plot(images: torch.Tensor, rows: list[dict[str, Any]], path: Path)
 def explore(
     data: MNIST,
     out_dir: str | Path,
-    models: Sequence[str | Path] = (),
+    models: Sequence[str | Path | Scored] = (),
     samples: int = 2000,
     embedding: str = "auto",
     seed: int = 0,
@@ -158,9 +161,11 @@ def explore(
 ) -> dict[str, Any]:
     """Write every figure, explore.json and explore.html into out_dir; returns the summary written to explore.json."""
     from .evaluate import _image_tag
-    from .robustness import load_all
+    from .robustness import Scored, load_all
 
-    scored = load_all(models)  # first: a model that does not load stops the command before the embedding
+    # first: a model that does not load stops the command before the embedding (loaded ones are taken as they are)
+    paths = [m for m in models if not isinstance(m, Scored)]
+    scored = [m for m in models if isinstance(m, Scored)] + load_all(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {

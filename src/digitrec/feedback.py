@@ -72,8 +72,9 @@ class FeedbackStore:
     def __init__(self, path: str | Path | None = None, *, read_only: bool = False):
         self.path = db_path(path)
         self.read_only = read_only
+        if read_only or (self.path.is_file() and self.path.stat().st_size > 0):
+            self._check_feedback_table(required=read_only)  # reads only: nothing is written to a refused file
         if read_only:
-            self._check_feedback_table()
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,19 +104,30 @@ class FeedbackStore:
             )
         return cls(path, read_only=True)
 
-    def _check_feedback_table(self) -> None:
-        """Refuse a file that is not a database, or a database without our table (some other program's), without
-        changing it: a reading command must not create the table in it or switch its journal mode."""
+    def _check_feedback_table(self, required: bool) -> None:
+        """Refuse, without changing it, a file that is not a database or is some other program's: a database whose
+        feedback table lacks our columns, or (when `required`, for the reading commands; or when it holds other
+        tables, for the server) has none. Nothing creates our table in it or switches its journal mode."""
         try:
-            with closing(self._connect()) as con:
-                found = con.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'feedback'"
-                ).fetchone()
+            with closing(
+                sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+            ) as con:
+                tables = {
+                    row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                }
+                columns = {row[1] for row in con.execute("PRAGMA table_info(feedback)")}
         except sqlite3.DatabaseError as exc:
             raise DigitrecError(
                 f"cannot open feedback database {self.path} ({exc}); pass another path with --feedback-db."
             ) from None
-        if found is None:
+        ours = {"id", "created_at", "label", "predicted", "model_name", "model_version", "image", "input28"}
+        if "feedback" in tables and not ours <= columns:
+            raise DigitrecError(
+                f"{self.path} has a feedback table without the columns `digitrec serve` writes "
+                f"({', '.join(sorted(ours - columns))}), so it is another program's; pass the right path with "
+                "--feedback-db."
+            )
+        if "feedback" not in tables and (required or tables - {"sqlite_sequence"}):
             raise DigitrecError(
                 f"{self.path} is an SQLite database without a feedback table, not one `digitrec serve` wrote; "
                 "pass the right path with --feedback-db."

@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -482,6 +483,9 @@ RUN_OUTPUTS = (
 def remove_run_outputs(out_dir: Path) -> None:
     for name in RUN_OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(
+        out_dir / "tensorboard", ignore_errors=True
+    )  # --tensorboard's event files, the old run's curves
 
 
 def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
@@ -498,8 +502,10 @@ def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
             if "finished" in state  # older checkpoints: a run that finished wrote metrics.json at its end
             else _finished(state, config) or (out_dir / "metrics.json").exists()
         )
-    except (CheckpointError, KeyError, TypeError, AttributeError, DigitrecError):
-        return  # no checkpoint, or one no --resume could continue from
+    except (CheckpointError, KeyError, TypeError, AttributeError, DigitrecError, FileNotFoundError):
+        # no checkpoint, or one no --resume could continue from (or gone while read: under torchrun, rank 0
+        # removes a finished run's files as the other ranks look)
+        return
     if finished:
         return
     if _is_finetune(meta):
@@ -515,14 +521,18 @@ def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
 
 
 def refuse_replacing_with_a_dry_run(out_dir: Path) -> None:
-    """A dry run is a check that the pipeline runs: it must not replace a finished real run (unless `overwrite`)."""
-    try:
-        metrics = json.loads((out_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
+    """A dry run is a check that the pipeline runs: it must not replace a trained model (a finished run's, or one
+    `ensemble --out` or `calibrate --out` wrote into the folder) unless `overwrite`."""
+    if not (out_dir / "model.safetensors").exists():
         return
-    if isinstance(metrics, dict) and not metrics.get("dry_run"):
+    try:
+        _, meta = read_checkpoint(out_dir / "model.safetensors")
+    except CheckpointError:
+        return  # a damaged file is no trained model to keep
+    metrics = meta.get("metrics")
+    if not (isinstance(metrics, dict) and metrics.get("dry_run") is True) and not meta.get("partial"):
         raise DigitrecError(
-            f"{out_dir} holds a finished run, which a --dry-run would replace; choose another --out, or pass "
+            f"{out_dir} holds a trained model, which a --dry-run would replace; choose another --out, or pass "
             "--overwrite to replace it."
         )
 
@@ -630,10 +640,17 @@ def train(
         dry_run = bool(state.get("dry_run", False))  # a dry run resumes on its own few images
         if resume_device:
             config = config.override(device=resume_device)
-    elif not overwrite:
-        refuse_unfinished_run(out_dir, finetune=init_weights is not None)
-        if dry_run:
-            refuse_replacing_with_a_dry_run(out_dir)
+    else:
+        # checked for new runs only: checkpoints of older versions may hold a patience without a split
+        if config.early_stopping_patience and not config.val_size:
+            raise DigitrecError(
+                "early stopping watches the validation accuracy, so it needs a validation split: add --val-size N "
+                "(val_size) or drop the patience."
+            )
+        if not overwrite:
+            refuse_unfinished_run(out_dir, finetune=init_weights is not None)
+            if dry_run:
+                refuse_replacing_with_a_dry_run(out_dir)
     state["dry_run"] = dry_run
 
     if config.threads:
