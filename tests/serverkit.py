@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from digitrec.predict import MIN_INK
+
 
 @pytest.fixture(autouse=True)
 def keep_grad_mode():
@@ -35,6 +37,7 @@ class FakePrediction:
     probabilities: list[float]
     top: list[tuple[int, float]]
     rejected: bool
+    blank: bool = False
 
 
 @dataclass
@@ -88,11 +91,12 @@ class FakePredictor:
         with torch.no_grad():
             probabilities = torch.softmax(self.model(batch) / self.temperature, dim=1)
         out = []
-        for p in probabilities.tolist():
+        for p, ink in zip(probabilities.tolist(), batch.sum(dim=(1, 2, 3)).tolist()):
             best = int(np.argmax(p))
-            rejected = p[best] < self.reject_below
+            blank = ink < MIN_INK  # as Predictor.predict_tensor tells a blank page
+            rejected = blank or p[best] < self.reject_below
             top = sorted(enumerate(p), key=lambda kv: -kv[1])[:3]
-            out.append(FakePrediction(None if rejected else best, p[best], p, top, rejected))
+            out.append(FakePrediction(None if rejected else best, p[best], p, top, rejected, blank))
         return out
 
     def read(self, image: bytes) -> FakeReadResult:

@@ -211,6 +211,12 @@ def test_a_busy_port_or_unknown_host_is_one_sentence_before_the_model_loads(tmp_
     assert "serving" not in result.stdout and time.monotonic() - started < 30  # no model, no workers
     result = run_cli("serve", "--host", "no-such-host.invalid", "--port", "8000")
     assert result.returncode == 2 and "cannot listen on 'no-such-host.invalid': no such host" in result.stderr
+    theirs = tmp_path / "theirs.db"  # another program's database: refused before the model loads (or exports)
+    theirs.write_bytes(b"not an SQLite file, and not ours")
+    result = run_cli("serve", "--port", "0", "--feedback-db", str(theirs), "--model", str(tmp_path / "none"))
+    assert (
+        result.returncode == 2 and "cannot open feedback database" in result.stderr
+    )  # not the model's error
 
 
 @pytest.mark.parametrize(

@@ -129,7 +129,7 @@ def test_predict_multipart_reads_the_digit(client):
     response = client.post("/api/predict", files=upload(digit_png()))
     assert response.status_code == 200
     body = response.json()
-    assert body["digit"] == 7 and body["rejected"] is False
+    assert body["digit"] == 7 and body["rejected"] is False and body["blank"] is False
     assert len(body["probabilities"]) == 10 and sum(body["probabilities"]) == pytest.approx(1.0, abs=1e-5)
     assert body["confidence"] == pytest.approx(max(body["probabilities"]))
     assert body["top"][0] == {"digit": 7, "probability": body["confidence"]}
@@ -182,6 +182,7 @@ def test_predict_reads_jpeg_photos(client):
 def test_a_blank_page_is_rejected_as_not_a_digit(client):
     body = client.post("/api/predict", files=upload(digit_png(blank=True))).json()
     assert body["rejected"] is True and body["digit"] is None
+    assert body["blank"] is True  # so that the page says so, and offers no correction the server would refuse
 
 
 def test_explain_returns_the_28x28_input_and_a_saliency_map_on_the_ink(client):

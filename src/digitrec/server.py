@@ -55,6 +55,9 @@ class PredictResponse(BaseModel):
     )
     probabilities: list[float] = Field(description="ten calibrated probabilities, for digits 0 to 9")
     rejected: bool = Field(description="true when the image is probably not a digit or too ambiguous to read")
+    blank: bool = Field(
+        False, description="true when the image holds no ink at all (rejected, whatever the model says)"
+    )
     top: list[TopEntry] = Field(default_factory=list, description="the three most likely digits")
     input: list[list[float]] | None = Field(
         None, description="with ?explain=true: the 28x28 image the model saw, 0-1"
@@ -258,6 +261,7 @@ def _prediction_dict(prediction: Any) -> dict[str, Any]:
         "confidence": float(prediction.confidence),
         "probabilities": [float(p) for p in prediction.probabilities],
         "rejected": bool(prediction.rejected),
+        "blank": bool(getattr(prediction, "blank", False)),
         "top": top,
     }
 
@@ -971,7 +975,8 @@ def create_app(
 
         if pixels.sum() < MIN_INK:  # a blank canvas would teach a fine-tune that nothing at all is this digit
             raise HTTPException(
-                422, "the image holds no ink, so there is no digit to learn from; draw it and send it again."
+                422,
+                "the image holds no ink, so there is no digit to learn from; send an image with the digit in it.",
             )
 
         def work():
@@ -1163,6 +1168,9 @@ def serve(
     `body_timeout` seconds, or its connection is closed.
     """
     check_can_listen(host, port)
+    FeedbackStore(
+        feedback_db
+    )  # a --feedback-db it cannot use is said before the model loads (or is exported)
     import torch
     import uvicorn
 

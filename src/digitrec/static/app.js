@@ -229,7 +229,7 @@ async function sendPrediction() {
     state.lastBlob = blob;
     if (state.mode === "digit") showPrediction(answer); else showReading(answer);
   } catch (error) {
-    if (mode === state.mode) showFailure("could not reach the server; is `digitrec serve` still running?");
+    if (mode === state.mode) showFailure("could not reach the server; is digitrec serve still running?");
   } finally {
     state.inFlight = false;
     if (state.dirty) schedulePrediction();
@@ -304,8 +304,12 @@ function showPrediction(p) {
   const best = p.probabilities.indexOf(Math.max(...p.probabilities));
   resultCard.classList.toggle("rejected", p.rejected);
   $("digit").textContent = p.rejected ? "?" : String(p.digit);
-  $("verdict").textContent = p.rejected ? "Not sure — this may not be a digit" : `It's ${withArticle(p.digit)}`;
-  $("confidence").textContent = p.rejected
+  $("verdict").textContent = p.blank
+    ? "The image is blank"
+    : p.rejected ? "Not sure — this may not be a digit" : `It's ${withArticle(p.digit)}`;
+  $("confidence").textContent = p.blank
+    ? "There is no ink in it to read."
+    : p.rejected
     ? `Best guess ${best}, only ${percent(p.probabilities[best])} sure.`
     : `${percent(p.confidence)} sure`;
   p.probabilities.forEach((prob, d) => {
@@ -317,7 +321,7 @@ function showPrediction(p) {
   bars.setAttribute("aria-label", "Probability of each digit: " +
     ranked.slice(0, 3).map((d) => `${d}: ${percent(p.probabilities[d])}`).join(", "));
   if (p.input) paintSeen(p.input, p.saliency);
-  setCorrectionEnabled(true);
+  setCorrectionEnabled(!p.blank);  // a blank image teaches nothing: the server refuses it as a correction
 }
 
 function paintSeen(input, saliency) {
