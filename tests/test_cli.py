@@ -431,3 +431,27 @@ def test_early_stopping_without_a_validation_split_is_refused():
     result = run_cli("train", "--recipe", "fast", "--early-stopping-patience", "2", "--dry-run")
     assert result.returncode == 2 and "needs a validation split" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_train_resume_with_nothing_to_resume_says_so_before_looking_for_mnist(tmp_path, monkeypatch, capsys):
+    """MNIST was looked for (and, on a fresh machine, downloaded) before "no last.safetensors" was said."""
+    from digitrec import data
+
+    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: pytest.fail("looked for MNIST first"))
+    assert main(["train", "--resume", str(tmp_path / "no-run")]) == 2
+    assert "has no last.safetensors to resume from" in capsys.readouterr().err
+
+
+def test_an_interrupted_train_says_how_to_resume(tmp_path, monkeypatch, capsys, tiny_mnist):
+    from digitrec import data, training
+
+    def interrupted(config, out, **kwargs):
+        (out / "last.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (out / "last.safetensors").write_bytes(b"a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+    monkeypatch.setattr(training, "train", interrupted)
+    assert main(["train", "--recipe", "fast", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert f"`digitrec train --resume {tmp_path / 'run'}` continues" in err and "interrupted" in err
