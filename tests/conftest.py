@@ -17,16 +17,20 @@ from digitrec import data as data_module
 from digitrec import realworld
 from digitrec.data import MNIST, to_idx
 
-_CACHE = tempfile.TemporaryDirectory(prefix="digitrec-test-cache-")
+_CACHE: list[
+    tempfile.TemporaryDirectory
+] = []  # made by pytest, not on import: runkit's children import this module
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """The tests' downloads and decompressed copies go to a folder of their own, never the user's cache."""
-    os.environ["DIGITREC_CACHE"] = _CACHE.name
+    _CACHE.append(tempfile.TemporaryDirectory(prefix="digitrec-test-cache-"))
+    os.environ["DIGITREC_CACHE"] = _CACHE[-1].name
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    _CACHE.cleanup()
+    while _CACHE:
+        _CACHE.pop().cleanup()
 
 
 settings.register_profile("default", max_examples=60, deadline=None)
