@@ -229,13 +229,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     if args.resume:
-        recipe, config, out = "resume", TrainConfig(), Path(args.resume)
-        if not (
-            out / "last.safetensors"
-        ).exists():  # before MNIST is looked for: nothing to resume is said first
-            from .training import read_resume
+        from .training import resume_checkpoint
 
-            read_resume(out)
+        recipe, config, out = "resume", TrainConfig(), Path(args.resume)
+        resume_checkpoint(out)  # before MNIST is looked for: nothing to resume is said first
     else:
         recipe, config = training_config(args)
         out = Path(args.out or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .data import MNIST
+from .errors import DigitrecError
+from .plots import _grid, _save, plt
 
 if TYPE_CHECKING:
     from .robustness import Scored
-from .errors import DigitrecError
-from .plots import _grid, _save, plt
 
 EMBEDDINGS = ("auto", "tsne", "umap")
 

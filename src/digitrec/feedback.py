@@ -109,9 +109,7 @@ class FeedbackStore:
         feedback table lacks our columns, or (when `required`, for the reading commands; or when it holds other
         tables, for the server) has none. Nothing creates our table in it or switches its journal mode."""
         try:
-            with closing(
-                sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
-            ) as con:
+            with closing(self._read_only_connection()) as con:
                 tables = {
                     row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
                 }
@@ -133,9 +131,13 @@ class FeedbackStore:
                 "pass the right path with --feedback-db."
             )
 
+    def _read_only_connection(self) -> sqlite3.Connection:
+        """mode=ro: SQLite itself refuses every write, the journal mode's included."""
+        return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+
     def _connect(self) -> sqlite3.Connection:
-        if self.read_only:  # mode=ro: SQLite itself refuses every write, the journal mode's included
-            return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+        if self.read_only:
+            return self._read_only_connection()
         # A long timeout makes concurrent writers wait for the lock instead of failing with "database is locked".
         con = sqlite3.connect(self.path, timeout=30.0)
         con.execute("PRAGMA synchronous=FULL")

@@ -129,19 +129,7 @@ def build_card(
 
     checksum = (data.checksum if data else None) or meta.get("data_checksum", "unknown")
     steps = int((meta.get("metrics") or {}).get("steps") or 0)
-    training = (
-        "the MNIST training set, as each member's own card says"
-        if members
-        else "the MNIST training set"
-        if not config
-        else f"the first {min(steps * config.batch_size, train_count - config.val_size):,} training images only, "
-        f"{steps} steps of {config.batch_size} (a dry run, `--dry-run`: a check that the pipeline runs, not a "
-        "trained model)"
-        if dry_run
-        else f"all {train_count:,} training images"
-        if not config.val_size
-        else f"{train_count:,} training images less {config.val_size:,} held out for validation"
-    )
+    training = _trained_on(config, bool(members), dry_run, steps, train_count)
     sections.append(
         Section(
             "Data",
@@ -249,6 +237,25 @@ def build_card(
     )
     sections.append(Section("Known limits", bullets=limits))
     return sections
+
+
+def _trained_on(
+    config: TrainConfig | None, ensemble: bool, dry_run: bool, steps: int, train_count: int
+) -> str:
+    """What the model was trained on, for the card's Data section."""
+    if ensemble:
+        return "the MNIST training set, as each member's own card says"
+    if config is None:
+        return "the MNIST training set"
+    if dry_run:
+        images = min(steps * config.batch_size, train_count - config.val_size)
+        return (
+            f"the first {images:,} training images only, {steps} steps of {config.batch_size} (a dry run, "
+            "`--dry-run`: a check that the pipeline runs, not a trained model)"
+        )
+    if not config.val_size:
+        return f"all {train_count:,} training images"
+    return f"{train_count:,} training images less {config.val_size:,} held out for validation"
 
 
 # Settings that say where a recipe comes from; they do not change what a run trains.

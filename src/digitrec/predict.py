@@ -40,9 +40,8 @@ class Prediction:
     probabilities: list[float]
     top: list[tuple[int, float]]
     rejected: bool
-    blank: bool = (
-        False  # rejected because the input holds no ink at all (a blank page), whatever the confidence
-    )
+    # rejected because the input holds no ink at all (a blank page), whatever the confidence
+    blank: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON `predict --json` prints per image (without its path): digit, confidence, top."""

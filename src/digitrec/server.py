@@ -1168,9 +1168,8 @@ def serve(
     `body_timeout` seconds, or its connection is closed.
     """
     check_can_listen(host, port)
-    FeedbackStore(
-        feedback_db
-    )  # a --feedback-db it cannot use is said before the model loads (or is exported)
+    # a --feedback-db it cannot use is said before the model loads (or is exported); create_app opens it again
+    FeedbackStore(feedback_db)
     import torch
     import uvicorn
 

@@ -427,13 +427,19 @@ def _restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) 
     np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), *info["numpy"]))
 
 
-def read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, str, dict[str, Any]]:
-    """The tensors, config, recipe and state of `out_dir`'s last.safetensors, for `train(resume=True)`."""
+def resume_checkpoint(out_dir: Path) -> Path:
+    """`out_dir`'s last.safetensors, or one sentence when there is none to resume from."""
     last_path = out_dir / "last.safetensors"
     if not last_path.exists():
         raise CheckpointError(
             f"{out_dir} has no last.safetensors to resume from; start a new run without --resume."
         )
+    return last_path
+
+
+def read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, str, dict[str, Any]]:
+    """The tensors, config, recipe and state of `out_dir`'s last.safetensors, for `train(resume=True)`."""
+    last_path = resume_checkpoint(out_dir)
     recover_interrupted_write(last_path)
     tensors, meta = load_tensors(last_path)
     try:
@@ -483,9 +489,8 @@ RUN_OUTPUTS = (
 def remove_run_outputs(out_dir: Path) -> None:
     for name in RUN_OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(
-        out_dir / "tensorboard", ignore_errors=True
-    )  # --tensorboard's event files, the old run's curves
+    # --tensorboard's event files: the old run's curves
+    shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
 
 
 def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
