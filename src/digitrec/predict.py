@@ -116,6 +116,11 @@ def pretrained_path() -> Path:
     return Path(str(resources.files("digitrec") / "pretrained" / f"{PRETRAINED_NAME}.safetensors"))
 
 
+def holds_no_ink(inputs: np.ndarray) -> np.ndarray:
+    """For each 28x28 model input in `inputs`, whether it is blank: its total brightness is below MIN_INK."""
+    return np.asarray(inputs).reshape(-1, 28 * 28).sum(axis=1) < MIN_INK
+
+
 BACKENDS = ("auto", "numpy", "onnx", "torch")
 
 
@@ -241,7 +246,7 @@ class Predictor:
         if len(x) == 0:
             return []
         probs = self.probabilities(x)
-        blank = x.reshape(len(x), -1).sum(axis=1) < MIN_INK
+        blank = holds_no_ink(x)
         out = []
         for p, is_blank in zip(probs, blank):
             order = np.argsort(-p)[:top_k]

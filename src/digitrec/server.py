@@ -971,9 +971,10 @@ def create_app(
         label = _digit_field(fields, "label", required=True, from_json=from_json)
         predicted = _digit_field(fields, "predicted", required=False, from_json=from_json)
         pixels = await to_input(data)
-        from .predict import MIN_INK
+        from .predict import holds_no_ink
 
-        if pixels.sum() < MIN_INK:  # a blank canvas would teach a fine-tune that nothing at all is this digit
+        # a blank canvas would teach a fine-tune that nothing at all is this digit
+        if holds_no_ink(pixels).all():
             raise HTTPException(
                 422,
                 "the image holds no ink, so there is no digit to learn from; send an image with the digit in it.",
