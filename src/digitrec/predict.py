@@ -124,12 +124,21 @@ def holds_no_ink(inputs: np.ndarray) -> np.ndarray:
 BACKENDS = ("auto", "numpy", "onnx", "torch")
 
 
-def check_backend(model: str | Path | None, backend: str) -> None:
-    """One sentence when a command line asks a backend other than ONNX Runtime to run an .onnx file."""
-    if model is not None and str(model).endswith(".onnx") and backend not in ("auto", "onnx"):
-        raise DigitrecError(
-            f"{model} is an ONNX file, which runs on ONNX Runtime only; drop --backend {backend} or use --backend onnx."
+def is_onnx(model: str | Path | None) -> bool:
+    """Whether `model` names an `.onnx` file from `digitrec export`, which runs on the onnx backend only."""
+    return model is not None and str(model).endswith(".onnx")
+
+
+def check_backend(model: str | Path | None, backend: str | None, cli: bool = True) -> None:
+    """One sentence when a backend other than ONNX Runtime ("onnx"; "auto" and None choose it) is asked to run an
+    .onnx file, whose remedy names the command line's --backend (`cli`) or Predictor.load's `backend`."""
+    if is_onnx(model) and backend not in (None, "auto", "onnx"):
+        remedy = (
+            f"drop --backend {backend} or use --backend onnx"
+            if cli
+            else f"pass backend='onnx' or 'auto', not {backend!r}"
         )
+        raise DigitrecError(f"{model} is an ONNX file, which runs on ONNX Runtime only; {remedy}.")
 
 
 class Predictor:
@@ -185,12 +194,8 @@ class Predictor:
     def _load(cls, path: Path, backend: str | None) -> Predictor:
         from .checkpoint import load_model
 
-        if path.suffix == ".onnx":
-            if backend not in (None, "auto", "onnx"):
-                raise DigitrecError(
-                    f"{path} is an ONNX file, which runs on ONNX Runtime only; pass backend='onnx' or 'auto', "
-                    f"not {backend!r}."
-                )
+        if is_onnx(path):
+            check_backend(path, backend, cli=False)
             from .backends import OnnxBackend
 
             onnx = OnnxBackend(path)

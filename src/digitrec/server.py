@@ -1091,7 +1091,7 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
     on one thread, and a server's CPU is what its throughput is made of."""
     import importlib.util
 
-    from .predict import Predictor, check_backend, pretrained_path
+    from .predict import Predictor, check_backend, is_onnx, pretrained_path
 
     check_backend(model, backend)
 
@@ -1100,7 +1100,7 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
 
     if backend != "auto":
         return load(backend)
-    if str(model or "").endswith(".onnx"):
+    if is_onnx(model):
         return load("onnx")
     if not all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnx")):
         return load("torch")
