@@ -301,6 +301,63 @@ def test_export_opens_the_database_read_only(tmp_path, capsys):
     assert db.read_bytes() == before and not (tmp_path / "rollback.sqlite-wal").exists()
 
 
+def test_reading_a_wal_database_leaves_the_folder_as_it_found_it(tmp_path, capsys):
+    """export and finetune's store left -wal and -shm files beside a database that had none (a mode=ro
+    connection cannot remove them)."""
+    from digitrec.cli import main
+
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    add(store, 3)
+    before, files = store.path.read_bytes(), sorted(tmp_path.iterdir())
+    assert [path.name for path in files] == ["f.sqlite"]
+    assert FeedbackStore.existing(store.path).count() == 1
+    out = tmp_path / "out"
+    assert main(["feedback", "export", "--feedback-db", str(store.path), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"1 corrections from {store.path}")
+    assert store.path.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == sorted([*files, out])
+
+
+def test_a_reader_sees_what_a_running_writer_committed_and_leaves_the_writers_files(tmp_path):
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    # a server in the middle of its work: the -wal and -shm files are its own
+    with closing(store._connect()) as writer:
+        writer.execute("BEGIN")
+        writer.execute(
+            "INSERT INTO feedback (created_at, label, image, input28) VALUES ('now', 4, x'00', zeroblob(784))"
+        )
+        writer.execute("COMMIT")
+        wal = store.path.with_name("f.sqlite-wal")
+        assert wal.exists()
+        reader = FeedbackStore.existing(store.path)
+        assert reader.count() == 1 and [c.label for c in reader.corrections()] == [4]
+        assert wal.exists() and store.path.with_name("f.sqlite-shm").exists()
+        add(store, 5)  # the writer's side goes on working
+    assert reader.count() == 2
+
+
+def test_readers_beside_writers_from_other_processes_see_every_commit_in_order(tmp_path):
+    path = str(tmp_path / "f.sqlite")
+    FeedbackStore(path)
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_write_many, args=(path, w, 40)) for w in range(2)]
+    for writer in writers:
+        writer.start()
+    seen = [0]
+    while any(writer.is_alive() for writer in writers) or seen[-1] < 80:
+        reader = FeedbackStore.existing(path)
+        ids = [c.id for c in reader.corrections()]
+        assert ids == sorted(ids) and len(ids) >= seen[-1]
+        seen.append(len(ids))
+        if len(seen) > 10_000:
+            break
+    for writer in writers:
+        writer.join(timeout=60)
+    assert all(writer.exitcode == 0 for writer in writers) and seen[-1] == 80
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
 def test_finetune_with_no_corrections_trains_on_mnist_alone_and_never_opens_the_store(tmp_path):
     import torch
 

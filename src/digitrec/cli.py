@@ -489,15 +489,11 @@ NUMPY_MAX_IMAGES = 1000
 
 
 def _predictor(args: argparse.Namespace, images: int | None = None):
-    from .predict import Predictor, check_backend
+    from .predict import Predictor, check_backend, is_onnx
 
     check_backend(args.model, args.backend)
     backend = args.backend
-    if (
-        backend == "auto"
-        and (images is None or images > NUMPY_MAX_IMAGES)
-        and not str(args.model).endswith(".onnx")
-    ):
+    if backend == "auto" and (images is None or images > NUMPY_MAX_IMAGES) and not is_onnx(args.model):
         backend = "torch"
     if args.model:
         return Predictor.load(_model_path(args.model), args.reject_below, backend)

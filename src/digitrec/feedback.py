@@ -132,8 +132,19 @@ class FeedbackStore:
             )
 
     def _read_only_connection(self) -> sqlite3.Connection:
-        """mode=ro: SQLite itself refuses every write, the journal mode's included."""
-        return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+        """A connection that writes nothing and leaves the folder as it found it.
+
+        Reading a WAL database makes -wal and -shm files beside it, and only a connection that may write removes
+        them when it closes last. So where neither a -wal nor a -journal file is there, this is a read-write
+        connection with query_only=ON (SQLite refuses every change through it); where one is, a writer is at work
+        or left it, and this is mode=ro, which leaves it alone.
+        """
+        if any(self.path.with_name(self.path.name + end).exists() for end in ("-wal", "-journal")):
+            return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+        # mode=rw: never creates the file, should it vanish after the caller looked
+        con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=30.0)
+        con.execute("PRAGMA query_only=ON")
+        return con
 
     def _connect(self) -> sqlite3.Connection:
         if self.read_only:

@@ -116,15 +116,29 @@ def pretrained_path() -> Path:
     return Path(str(resources.files("digitrec") / "pretrained" / f"{PRETRAINED_NAME}.safetensors"))
 
 
+def holds_no_ink(inputs: np.ndarray) -> np.ndarray:
+    """For each 28x28 model input in `inputs`, whether it is blank: its total brightness is below MIN_INK."""
+    return np.asarray(inputs).reshape(-1, 28 * 28).sum(axis=1) < MIN_INK
+
+
 BACKENDS = ("auto", "numpy", "onnx", "torch")
 
 
-def check_backend(model: str | Path | None, backend: str) -> None:
-    """One sentence when a command line asks a backend other than ONNX Runtime to run an .onnx file."""
-    if model is not None and str(model).endswith(".onnx") and backend not in ("auto", "onnx"):
-        raise DigitrecError(
-            f"{model} is an ONNX file, which runs on ONNX Runtime only; drop --backend {backend} or use --backend onnx."
+def is_onnx(model: str | Path | None) -> bool:
+    """Whether `model` names an `.onnx` file from `digitrec export`, which runs on the onnx backend only."""
+    return model is not None and str(model).endswith(".onnx")
+
+
+def check_backend(model: str | Path | None, backend: str | None, cli: bool = True) -> None:
+    """One sentence when a backend other than ONNX Runtime ("onnx"; "auto" and None choose it) is asked to run an
+    .onnx file, whose remedy names the command line's --backend (`cli`) or Predictor.load's `backend`."""
+    if is_onnx(model) and backend not in (None, "auto", "onnx"):
+        remedy = (
+            f"drop --backend {backend} or use --backend onnx"
+            if cli
+            else f"pass backend='onnx' or 'auto', not {backend!r}"
         )
+        raise DigitrecError(f"{model} is an ONNX file, which runs on ONNX Runtime only; {remedy}.")
 
 
 class Predictor:
@@ -180,12 +194,8 @@ class Predictor:
     def _load(cls, path: Path, backend: str | None) -> Predictor:
         from .checkpoint import load_model
 
-        if path.suffix == ".onnx":
-            if backend not in (None, "auto", "onnx"):
-                raise DigitrecError(
-                    f"{path} is an ONNX file, which runs on ONNX Runtime only; pass backend='onnx' or 'auto', "
-                    f"not {backend!r}."
-                )
+        if is_onnx(path):
+            check_backend(path, backend, cli=False)
             from .backends import OnnxBackend
 
             onnx = OnnxBackend(path)
@@ -241,7 +251,7 @@ class Predictor:
         if len(x) == 0:
             return []
         probs = self.probabilities(x)
-        blank = x.reshape(len(x), -1).sum(axis=1) < MIN_INK
+        blank = holds_no_ink(x)
         out = []
         for p, is_blank in zip(probs, blank):
             order = np.argsort(-p)[:top_k]

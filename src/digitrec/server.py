@@ -613,17 +613,17 @@ class ImageWorkers:
 def create_app(
     predictor: Any,
     *,
-    feedback_db: str | Path | None = None,
+    feedback_db: str | Path | FeedbackStore | None = None,
     preprocess_processes: int = 0,
 ) -> FastAPI:
     """Build the app around a loaded Predictor (the model is loaded once, by the caller).
 
-    Images go through digitrec.preprocess, the same code the CLI uses. `feedback_db` defaults to
-    ~/.local/share/digitrec/feedback.sqlite ($DIGITREC_FEEDBACK_DB overrides it). With
+    Images go through digitrec.preprocess, the same code the CLI uses. `feedback_db` (a path, or a FeedbackStore
+    already open) defaults to ~/.local/share/digitrec/feedback.sqlite ($DIGITREC_FEEDBACK_DB overrides it). With
     `preprocess_processes` > 0, decoding and preprocessing run in that many worker processes, so they use
     every core instead of queueing behind Python's GIL; with 0 (tests, tiny machines) they run on threads.
     """
-    store = FeedbackStore(feedback_db)
+    store = feedback_db if isinstance(feedback_db, FeedbackStore) else FeedbackStore(feedback_db)
     # The model runs on one thread, fed by the batcher; everything else blocking runs on a few more threads.
     model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digitrec-model")
     io_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="digitrec-io")
@@ -971,9 +971,10 @@ def create_app(
         label = _digit_field(fields, "label", required=True, from_json=from_json)
         predicted = _digit_field(fields, "predicted", required=False, from_json=from_json)
         pixels = await to_input(data)
-        from .predict import MIN_INK
+        from .predict import holds_no_ink
 
-        if pixels.sum() < MIN_INK:  # a blank canvas would teach a fine-tune that nothing at all is this digit
+        # a blank canvas would teach a fine-tune that nothing at all is this digit
+        if holds_no_ink(pixels).all():
             raise HTTPException(
                 422,
                 "the image holds no ink, so there is no digit to learn from; send an image with the digit in it.",
@@ -1090,7 +1091,7 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
     on one thread, and a server's CPU is what its throughput is made of."""
     import importlib.util
 
-    from .predict import Predictor, check_backend, pretrained_path
+    from .predict import Predictor, check_backend, is_onnx, pretrained_path
 
     check_backend(model, backend)
 
@@ -1099,7 +1100,7 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
 
     if backend != "auto":
         return load(backend)
-    if str(model or "").endswith(".onnx"):
+    if is_onnx(model):
         return load("onnx")
     if not all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnx")):
         return load("torch")
@@ -1168,8 +1169,8 @@ def serve(
     `body_timeout` seconds, or its connection is closed.
     """
     check_can_listen(host, port)
-    # a --feedback-db it cannot use is said before the model loads (or is exported); create_app opens it again
-    FeedbackStore(feedback_db)
+    # opened first: a --feedback-db it cannot use is said before the model loads (or is exported)
+    store = FeedbackStore(feedback_db)
     import torch
     import uvicorn
 
@@ -1177,7 +1178,7 @@ def serve(
     # torch's default (one thread per core) makes them fight over the cores and is several times slower.
     torch.set_num_threads(1)
     predictor = load_for_serving(model, backend)
-    app = create_app(predictor, feedback_db=feedback_db, preprocess_processes=os.cpu_count() or 1)
+    app = create_app(predictor, feedback_db=store, preprocess_processes=os.cpu_count() or 1)
     engine = BACKEND_NAMES.get(type(predictor.backend).__name__, "PyTorch")
     print(
         f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at http://{host}:{port}/  (API docs: /docs)",
