@@ -238,9 +238,13 @@ def test_a_busy_port_or_unknown_host_is_one_sentence_before_the_model_loads(tmp_
     ],
 )
 def test_counts_and_durations_below_one_are_refused(args, message):
-    """Each of these used to end in a traceback (an empty list stacked, a zero range step) or to be ignored."""
+    """Each of these used to end in a traceback (an empty list stacked, a zero range step) or to be ignored. The
+    error is README's one sentence, plus where the options are listed, without argparse's usage block above it."""
     result = run_cli(*args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert "usage:" not in result.stderr and len(result.stderr.strip().splitlines()) == 2
+    command = " ".join(args[:2]) if args[0] == "bench" else args[0]  # the subcommand the error is about
+    assert result.stderr.strip().splitlines()[1] == f"(`digitrec {command} -h` lists the options)"
 
 
 @pytest.mark.parametrize(

@@ -206,6 +206,39 @@ def test_bfloat16_autocast_runs_only_where_the_cpu_computes_in_bfloat16(monkeypa
         training.native_bfloat16.cache_clear()  # the next caller asks the real CPU again
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_the_first_line_says_whether_the_run_computes_in_bfloat16(native, tiny_mnist, tmp_path, monkeypatch):
+    """The tutorial tells users the run prints which precision it used; the start line said nothing when it was
+    bfloat16 (only the fallback to float32 was said)."""
+    from digitrec import training
+
+    monkeypatch.setattr(training, "native_bfloat16", lambda device_type: native)
+    lines: list[str] = []
+    train(
+        TINY.override(amp=True),
+        tmp_path,
+        data=tiny_mnist,
+        dry_run=True,
+        progress=False,
+        report=False,
+        log=lines.append,
+    )
+    first = lines[0]
+    assert first.startswith("training ") and (" on cpu in bfloat16, " in first) == native
+    assert any("bfloat16 autocast off" in line for line in lines) == (not native)
+    lines.clear()
+    train(
+        TINY.override(amp=False),
+        tmp_path / "fp32",
+        data=tiny_mnist,
+        dry_run=True,
+        progress=False,
+        report=False,
+        log=lines.append,
+    )
+    assert "bfloat16" not in lines[0] and not any("autocast off" in line for line in lines)
+
+
 def test_clean_epochs_turn_augmentation_off_for_the_last_steps(tiny_mnist, tmp_path, monkeypatch):
     import digitrec.training as training
 

@@ -738,10 +738,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
             f"--target is a test accuracy as a fraction between 0 and 1 (0.99 for 99%), not {args.target:g}{percent}"
             + ("" if percent else ".")
         )
-    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
-    if not names:
+    names = [n.strip() for n in args.recipes.split(",")]
+    if not any(names):
         raise DigitrecError(
             "--recipes names no recipe; give a comma-separated list such as fast,default (see `digitrec recipes`)."
+        )
+    if not all(names):
+        raise DigitrecError(
+            f"--recipes {args.recipes!r} has an empty name between its commas; give a list such as fast,default."
         )
     recipes = {name: get_recipe(name) for name in names}
     if args.max_epochs:
@@ -912,10 +916,18 @@ def cmd_explore(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with README's one-sentence errors: a bad flag or value prints the error and where the usage is,
+    not the whole usage block above it (`-h` still prints that)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} -h` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TTA_SHIFTS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="digitrec",
         description="Learn to read handwritten digits on MNIST, then read them for real.",
         epilog="start here: `digitrec train` (the default recipe, 99.5% in well under a minute on a CPU), "

@@ -728,12 +728,14 @@ def train(
         )
     params = count_parameters(model)
     processes = f" x {world_size} processes" if world_size > 1 else ""
+    bfloat16 = config.amp and native_bfloat16(device.type)
     log(
-        f"training {recipe}: {config.arch} ({params:,} parameters) on {device}{processes}, {len(train_images):,} images, "
+        f"training {recipe}: {config.arch} ({params:,} parameters) on {device}{processes}"
+        f"{' in bfloat16' if bfloat16 else ''}, {len(train_images):,} images, "
         f"{total_steps} steps of {config.batch_size}"
         + (f", weights averaged with decay {config.ema_decay}" if average is not None else "")
     )
-    if config.amp and not native_bfloat16(device.type):
+    if config.amp and not bfloat16:
         log(
             f"bfloat16 autocast off: this {device.type} has no native bfloat16, so {recipe} runs in float32 (faster here)"
         )
@@ -933,7 +935,7 @@ def _tensorboard_writer(out_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise DigitrecError(
-            "--tensorboard needs the tensorboard package; install it with `pip install digitrec[tensorboard]`."
+            "--tensorboard needs the tensorboard package; install it with `pip install tensorboard` (the extra `digitrec[tensorboard]` pins it)."
         ) from None
     return SummaryWriter(str(out_dir / "tensorboard"))
 
