@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 
 import pytest
 import torch
@@ -126,3 +127,81 @@ def test_written_files_get_the_usual_permissions(saved):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def header_metadata(path) -> dict:
+    """The `__metadata__` of a safetensors file's header, read here so that the tests rely on no helper of ours."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length])["__metadata__"]
+
+
+def test_what_save_tensors_writes_holds_the_checksum_of_its_content(saved):
+    from digitrec.checkpoint import content_sha256
+
+    path, _ = saved
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    digest = header_metadata(path).get("digitrec_sha256")
+    assert digest == content_sha256(json.loads(data[8 : 8 + length]), data[8 + length :])
+
+
+def _change(path, change: str) -> None:
+    data = path.read_bytes()
+    if change == "tensor_data":  # four bytes of weights, far from the header
+        offset = len(data) - 1000
+        data = data[:offset] + bytes(b ^ 0x55 for b in data[offset : offset + 4]) + data[offset + 4 :]
+    else:  # the input normalization in the metadata: a valid file that would compute something else
+        assert data.count(b"0.1307") == 1
+        data = data.replace(b"0.1307", b"0.1308")
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("change", ["tensor_data", "metadata"])
+@pytest.mark.parametrize("loader", ["load_model", "load_tensors", "load_arrays", "Predictor.load"])
+def test_a_lone_changed_checkpoint_is_refused(saved, change, loader):
+    """Without its side file a checkpoint is checked against the SHA-256 in its own header (it loaded before)."""
+    from digitrec import checkpoint
+    from digitrec.predict import Predictor
+
+    path, _ = saved
+    path.with_suffix(".json").unlink()
+    _change(path, change)
+    load = Predictor.load if loader == "Predictor.load" else getattr(checkpoint, loader)
+    with pytest.raises(CheckpointError) as refused:
+        load(path)
+    assert str(refused.value) == (
+        f"checkpoint {path} does not match the checksum in its header: it is truncated or was modified; "
+        "retrain or restore it."
+    )
+
+
+def test_with_its_side_file_a_changed_checkpoint_is_refused_by_the_side_files_check(saved):
+    path, _ = saved
+    _change(path, "tensor_data")
+    with pytest.raises(CheckpointError, match="does not match the checksum in model.json"):
+        load_model(path)
+
+
+def test_a_checkpoint_without_the_checksum_loads_as_before(tmp_path):
+    """Older runs and the bundled models have no checksum in their header: they load, alone or with a side file."""
+    from safetensors.torch import save
+
+    from digitrec.checkpoint import load_arrays
+    from digitrec.predict import Predictor, pretrained_path
+
+    model = create_model("lenet")
+    meta = {"recipe": "old", "config": {"arch": "lenet", "normalize": [0.1307, 0.3081]}}
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(save(dict(model.state_dict()), metadata={"digitrec": json.dumps(meta)}))
+    assert "digitrec_sha256" not in header_metadata(path)
+    loaded, loaded_meta = load_model(path)
+    assert loaded_meta == meta
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(loaded(x), model.eval()(x))
+    arrays, _ = load_arrays(path)
+    assert all((arrays[k] == v.numpy()).all() for k, v in model.state_dict().items())
+    bundled = pretrained_path()
+    assert "digitrec_sha256" not in header_metadata(bundled)  # left as they were shipped
+    assert "digitrec_sha256" not in header_metadata(bundled.with_name("pairs.safetensors"))
+    assert Predictor.load(bundled, backend="numpy").name

@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from digitrec.checkpoint import load_model, save_model
 from digitrec.cli import main
@@ -367,6 +369,40 @@ def test_ensemble_refuses_one_model_or_the_same_model_twice(tiny_fast_run, idx_f
         assert message in err and len(err.strip().splitlines()) == 1
 
 
+def header_metadata(path: Path) -> dict:
+    data = path.read_bytes()
+    return json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+
+
+def test_a_run_writes_checkpoints_that_carry_their_checksum(tiny_fast_run):
+    for name in ("model.safetensors", "last.safetensors"):
+        assert len(header_metadata(tiny_fast_run / name)["digitrec_sha256"]) == 64
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_lone_changed_checkpoint_is_one_sentence_and_exit_2(
+    command, tiny_fast_run, idx_folder, tmp_path, capsys
+):
+    """A model.safetensors copied without its side file and then changed loaded silently (49.76% on MNIST)."""
+    path = tmp_path / "model.safetensors"
+    data = bytearray((tiny_fast_run / "model.safetensors").read_bytes())
+    data[-2000:-1996] = b"\x7f\x7f\x7f\x7f"
+    path.write_bytes(bytes(data))
+    if command == "evaluate":  # in this process, where idx_folder's MD5s hold: it would evaluate the model
+        code = main(["evaluate", str(path), "--data-dir", str(idx_folder)])
+        out, err = capsys.readouterr()
+    else:  # a process of its own, as a user runs it
+        image = tmp_path / "digit.png"
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+        result = run_cli("predict", "--model", str(path), str(image))
+        code, out, err = result.returncode, result.stdout, result.stderr
+    assert code == 2 and out == ""
+    assert err == (
+        f"digitrec: error: checkpoint {path} does not match the checksum in its header: it is truncated or was "
+        "modified; retrain or restore it.\n"
+    )
+
+
 def test_ensemble_out_saves_one_model_that_scores_as_the_ensemble(
     tiny_fast_run, tmp_path, idx_folder, capsys
 ):
@@ -386,6 +422,7 @@ def test_ensemble_out_saves_one_model_that_scores_as_the_ensemble(
     assert main(["evaluate", str(tiny_fast_run), "--json", "--data-dir", str(idx_folder)]) == 0
     assert saved["test_loss"] > json.loads(capsys.readouterr().out)["test_loss"] + 0.01  # the dissent counts
     assert json.loads((out / "model.json").read_text())["arch"] == "ensemble"
+    assert "digitrec_sha256" in header_metadata(out / "model.safetensors")
 
 
 def test_calibrate_out_is_a_safetensors_file_as_named_or_else_a_run_folder(
@@ -397,6 +434,7 @@ def test_calibrate_out_is_a_safetensors_file_as_named_or_else_a_run_folder(
         assert main(["calibrate", str(tiny_fast_run), "--count", "10", "--out", str(out)]) == 0
         assert f"calibration written into {written}\n" in capsys.readouterr().out
         assert "temperature" in load_model(written)[1]
+        assert "digitrec_sha256" in header_metadata(written)
     assert "temperature" not in load_model(tiny_fast_run / "model.safetensors")[1]  # the source is untouched
 
 

@@ -227,6 +227,8 @@ def test_finetune_learns_the_corrections_and_writes_a_loadable_checkpoint(tmp_pa
     assert m["feedback_corrections"] == 5 and m["feedback_accuracy"] == 1.0 > m["feedback_accuracy_before"]
     tuned = Predictor.load(tmp_path / "tuned" / "model.safetensors")
     assert tuned.meta["finetuned_from"].endswith("base.safetensors") and tuned.name == "tiny+feedback"
+    data = (tmp_path / "tuned" / "model.safetensors").read_bytes()  # it carries its own checksum
+    assert b'"digitrec_sha256":"' in data[8 : 8 + int.from_bytes(data[:8], "little")]
     x = torch.from_numpy(np.stack([glyph(100 + s) for s in range(5)])).float().div(255).unsqueeze(1)
     assert [p.top[0][0] for p in tuned.predict_tensor(x)] == [3] * 5
 

@@ -133,8 +133,11 @@ def test_checkpoint_random_bytes(examples, tmp_path):
 
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_checkpoint_damaged(examples, tmp_path, checkpoint_bytes):
-    """Truncated or with bytes changed anywhere: refused when the side file is there, else loaded or refused."""
+    """Truncated or with bytes changed anywhere: refused when the side file is there; alone, refused too unless
+    what loads is what was written (a change to the header's spacing) or the change hit the checksum's name."""
     good, side = checkpoint_bytes
+    (tmp_path / "model.safetensors").write_bytes(good)
+    good_model, good_meta = load_model(tmp_path / "model.safetensors")
 
     @check(
         examples,
@@ -148,6 +151,11 @@ def test_checkpoint_damaged(examples, tmp_path, checkpoint_bytes):
         outcome = load_outcome(tmp_path, data, side if with_side else None)
         if with_side and data != good:
             assert outcome == "refused"
+        header = data[8 : 8 + int.from_bytes(data[:8], "little")]
+        if outcome == "loaded" and b'"digitrec_sha256":' in header:
+            model, meta = load_model(tmp_path / "model.safetensors")
+            assert meta == good_meta
+            assert all(torch.equal(v, good_model.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 json_values = st.recursive(

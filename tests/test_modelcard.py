@@ -129,6 +129,38 @@ def test_a_dry_runs_card_says_so_and_what_it_trained_on(tmp_path, tiny_mnist):
     assert "Trained on the first 224 training images only, 7 steps of 32 (a dry run" in card
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"epochs": 0.3},  # the card said `--recipe fast --dry-run`: 0.85 epoch of 8 batches, not 0.3
+        {"epochs": 0.2, "betas": (0.9, 0.99), "lr": 0.01},  # a TOML file and a flag; the file dropped epochs
+        {"epochs": 3},  # more than a dry run trains: one epoch, as the recipe's 0.85 is not
+        {"batch_size": 32},
+    ],
+)
+def test_a_dry_runs_card_gives_the_command_that_trains_what_it_trained(changes, tmp_path, tiny_mnist):
+    import json
+
+    from digitrec.cli import build_parser, training_config
+
+    out = tmp_path / "run"
+    config = get_recipe("fast").override(**changes)
+    train(config, out, recipe="fast", data=tiny_mnist, dry_run=True, progress=False, log=lambda m: None)
+    text = (out / "MODEL_CARD.md").read_text()
+    args = _card_command(text)
+    if "--config" in args:
+        toml = text.split("FILE a TOML file holding ")[1].split(" (one per line)")[0]
+        (tmp_path / "run.toml").write_text("\n".join(line.strip("`") for line in toml.split(", `")))
+        args[args.index("FILE")] = str(tmp_path / "run.toml")
+    parsed = build_parser().parse_args(args)
+    recipe, again = training_config(parsed)
+    assert recipe == "fast" and parsed.dry_run
+    trained = json.loads((out / "model.json").read_text())["config"]
+    assert trained["epochs"] == min(config.epochs, 1)  # what the dry run trained, as it recorded it
+    dry_again = again.override(epochs=min(again.epochs, 1))  # what the command's dry run trains
+    assert json.loads(json.dumps(dry_again.to_dict())) == trained
+
+
 def test_an_ensembles_card_says_how_to_rebuild_it_not_how_to_train_its_first_member():
     members = [
         {

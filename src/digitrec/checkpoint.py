@@ -1,8 +1,10 @@
 """Checkpoints as safetensors with JSON metadata; atomic writes; loading never unpickles anything.
 
 A model file `model.safetensors` carries its own metadata (recipe, config, architecture, metrics, data
-checksum, versions) inside the safetensors header, so `load_model(path)` needs nothing else. The JSON side
-file `model.json` repeats that metadata for people and adds the file's SHA-256, which loading checks.
+checksum, versions) inside the safetensors header, so `load_model(path)` needs nothing else. The header also
+holds a SHA-256 of the file's content (`CHECKSUM_KEY`, see `content_sha256`), so a file alone is checked too.
+The JSON side file `model.json` repeats that metadata for people and adds the file's SHA-256; loading checks
+both when they are present.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so `digitrec data
 META_KEY = "digitrec"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+CHECKSUM_KEY = "digitrec_sha256"  # in the header's __metadata__, beside META_KEY; absent from older files
 
 
 def _read_umask() -> int:
@@ -94,7 +97,15 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"format_version": FORMAT_VERSION, **meta}
-    data = save(tensors, metadata={META_KEY: json.dumps(meta)})
+    metadata = {META_KEY: json.dumps(meta)}
+    unchecked = save(tensors, metadata=metadata)
+    header, start = _parse_header(unchecked)
+    digest = content_sha256(header, memoryview(unchecked)[start:])
+    data = save(tensors, metadata={**metadata, CHECKSUM_KEY: digest})
+    # the tensors' layout does not depend on the metadata: check that it did not move
+    header, start = _parse_header(data)
+    if content_sha256(header, memoryview(data)[start:]) != digest:
+        raise RuntimeError("safetensors laid the tensors out differently with the checksum in the header")
     side = json.dumps({**meta, "sha256": hashlib.sha256(data).hexdigest()}, indent=2) + "\n"
     atomic_write_files({Path(path): data, sidecar_path(path): side.encode("utf-8")})
 
@@ -166,7 +177,8 @@ def _deserialize(path: Path, data: bytes, load: Any) -> Any:
 
 
 def read_checkpoint(path: str | Path) -> tuple[bytes, dict[str, Any]]:
-    """A checkpoint's bytes and metadata, checked against its side file's SHA-256 when one is present."""
+    """A checkpoint's bytes and metadata, checked against its side file's SHA-256 when one is present and against
+    the SHA-256 in its header when it holds one (every file `save_tensors` writes does)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -176,7 +188,7 @@ def read_checkpoint(path: str | Path) -> tuple[bytes, dict[str, Any]]:
         ) from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a folder; pass the model.safetensors file inside it.") from None
-    meta = _read_header_metadata(path, data)
+    meta, changed = _read_header_metadata(path, data)
     side = sidecar_path(path)
     if side.exists():
         try:
@@ -189,33 +201,55 @@ def read_checkpoint(path: str | Path) -> tuple[bytes, dict[str, Any]]:
             raise CheckpointError(
                 f"checkpoint {path} does not match the checksum in {side.name}: it is truncated or was modified; retrain or restore it."
             )
+    if changed:  # after the side file's check, whose sentence names the side file
+        raise CheckpointError(changed)
     return data, meta
 
 
-def _read_header_metadata(path: Path, data: bytes) -> dict[str, Any]:
-    """Parse the safetensors header ourselves: 8-byte little-endian length, then JSON with __metadata__."""
+def content_sha256(header: dict[str, Any], tensor_data: bytes | memoryview) -> str:
+    """The SHA-256 that `CHECKSUM_KEY` holds: of the header without that key, as canonical JSON (sorted keys, no
+    spaces), then of the tensor data (the bytes after the 8-byte length and the header). Canonical JSON makes it
+    independent of how the header was laid out; the header part covers the metadata and each tensor's dtype,
+    shape and offsets."""
+    metadata = {k: v for k, v in header.get("__metadata__", {}).items() if k != CHECKSUM_KEY}
+    canonical = json.dumps({**header, "__metadata__": metadata}, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode("utf-8"))
+    digest.update(tensor_data)
+    return digest.hexdigest()
+
+
+def _parse_header(data: bytes) -> tuple[Any, int]:
+    """The safetensors header (8-byte little-endian length, then JSON) and where the tensor data starts.
+    ValueError (JSONDecodeError, UnicodeDecodeError) or RecursionError for a header that is not JSON."""
+    if len(data) < 8:
+        raise ValueError("no header")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(len(data) - 8, MAX_HEADER_BYTES):
+        raise ValueError("header longer than the file")
+    return json.loads(data[8 : 8 + header_len]), 8 + header_len
+
+
+def _read_header_metadata(path: Path, data: bytes) -> tuple[dict[str, Any], str | None]:
+    """Parse the safetensors header ourselves: its digitrec metadata, and whether the content matches the
+    header's `CHECKSUM_KEY` (None: it does or there is none; else the sentence that refuses the file)."""
     not_ours = (
         f"{path} is not a digitrec checkpoint (expected a .safetensors file written by `digitrec train`)."
     )
-    if len(data) < 8:
-        raise CheckpointError(not_ours)
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(len(data) - 8, MAX_HEADER_BYTES):
-        raise CheckpointError(not_ours)
     try:
-        header = json.loads(data[8 : 8 + header_len])
+        header, start = _parse_header(data)
         meta = json.loads(header["__metadata__"][META_KEY])
-    except (
-        json.JSONDecodeError,
-        UnicodeDecodeError,
-        KeyError,
-        TypeError,
-        RecursionError,
-    ):  # RecursionError: [[[[...
+        expected = header["__metadata__"].get(CHECKSUM_KEY)
+        changed = expected is not None and expected != content_sha256(header, memoryview(data)[start:])
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # RecursionError: [[[[...
         raise CheckpointError(not_ours) from None
     if not isinstance(meta, dict):
         raise CheckpointError(not_ours)
-    return meta
+    if changed:
+        return meta, (
+            f"checkpoint {path} does not match the checksum in its header: it is truncated or was modified; "
+            "retrain or restore it."
+        )
+    return meta, None
 
 
 def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:

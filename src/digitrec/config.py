@@ -20,6 +20,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 # "step_at_epoch_start" reproduces seed 001, which multiplies the lr by gamma at epoch 0, 5, 10, ...
 SCHEDULES = ("constant", "step", "step_at_epoch_start", "cosine", "onecycle")
 AUGMENTATIONS = ("none", "rotate10", "affine", "affine-elastic", "robust")
+# --dry-run trains on the first 8 batches for at most this many epochs, and records the epochs it trained
+DRY_RUN_MAX_EPOCHS = 1.0
 
 
 @dataclass(frozen=True)

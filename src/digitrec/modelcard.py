@@ -272,15 +272,15 @@ def _value(value: Any) -> str:
 def _reproduce(recipe: str, config: TrainConfig, dry_run: bool) -> str:
     """The sentence with the `digitrec train` command that trains this config again: the recipe, then a flag for
     each setting that differs from it, and a TOML file for the settings no flag sets."""
-    from .config import RECIPES, TRAIN_OVERRIDES
+    from .config import DRY_RUN_MAX_EPOCHS, RECIPES, TRAIN_OVERRIDES
 
     if recipe == "custom":
         return "A custom configuration; its full values are in model.json."
     if recipe not in RECIPES:  # a fine-tuned run, or a recipe since renamed
         return f"Recipe `{recipe}`, not a named recipe; its full values are in model.json."
     base = RECIPES[recipe]
-    if dry_run:  # --dry-run trains at most one epoch, and records that as the run's epochs
-        base = base.override(epochs=min(base.epochs, config.epochs))
+    if dry_run:  # --dry-run caps the epochs and records the capped figure: a flag only where the cap differs
+        base = base.override(epochs=min(base.epochs, DRY_RUN_MAX_EPOCHS))
     ours, theirs = config.to_dict(), base.to_dict()
     changed = {k: v for k, v in ours.items() if v != theirs[k] and k not in _DESCRIPTIVE}
     flags, toml = [], []

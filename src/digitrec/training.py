@@ -41,7 +41,7 @@ from .checkpoint import (
     save_model,
     save_tensors,
 )
-from .config import TrainConfig
+from .config import DRY_RUN_MAX_EPOCHS, TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError
 from .models import count_parameters, create_model
@@ -687,7 +687,7 @@ def train(
             train_images[: 8 * config.batch_size],
             train_labels[: 8 * config.batch_size],
         )
-        config = config.override(epochs=min(config.epochs, 1.0))
+        config = config.override(epochs=min(config.epochs, DRY_RUN_MAX_EPOCHS))
     train_images, train_labels = train_images.to(device), train_labels.to(device)
 
     torch.manual_seed(config.seed)
