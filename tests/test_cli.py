@@ -497,3 +497,69 @@ def test_an_interrupted_train_says_how_to_resume(tmp_path, monkeypatch, capsys, 
     assert main(["train", "--recipe", "fast", "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert f"`digitrec train --resume {tmp_path / 'run'}` continues" in err and "interrupted" in err
+
+
+@pytest.mark.parametrize(
+    "args, missing, message",
+    [
+        (
+            ["serve", "--port", "0"],
+            "fastapi",
+            'digitrec serve needs the web extra (fastapi is not installed): `pip install "digitrec[web]"`',
+        ),
+        (
+            ["export", "m.safetensors"],
+            "onnxscript",
+            "digitrec export needs the export extra (onnxscript is not installed)",
+        ),
+        (["bench", "infer", "--model", "m"], "onnxruntime", "or leave the onnx rows out of --backends"),
+        (
+            ["explore"],
+            "sklearn",
+            'digitrec explore needs the explore extra (sklearn is not installed): `pip install "digitrec[explore]"`',
+        ),
+        (
+            ["predict", "--backend", "onnx", "x.png"],
+            "onnx",
+            "the onnx backend needs the export extra (onnx is not installed)",
+        ),
+    ],
+)
+def test_a_command_whose_extra_is_not_installed_names_it_in_one_sentence(
+    args, missing, message, monkeypatch, capsys
+):
+    """A `pip install digitrec` without [web] or [export] ended `serve`, `export`, `bench infer` and `--backend
+    onnx` in a ModuleNotFoundError traceback (exit 1); explore said so only after loading MNIST."""
+    import importlib.util
+
+    import digitrec.errors
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(digitrec.errors, "find_spec", lambda name: None if name == missing else found(name))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("MNIST was loaded before the missing extra was said")
+
+    monkeypatch.setattr("digitrec.data.load_mnist", no_work)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bench_infer_without_onnx_rows_does_not_need_the_export_extra(monkeypatch, capsys):
+    import importlib.util
+
+    import digitrec.errors
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        digitrec.errors, "find_spec", lambda name: None if name == "onnxruntime" else found(name)
+    )
+    from digitrec.errors import DataError
+
+    def past_the_check(*args, **kwargs):
+        raise DataError("past the check")
+
+    monkeypatch.setattr("digitrec.data.load_mnist", past_the_check)
+    assert main(["bench", "infer", "--backends", "torch-fp32", "--model", "m"]) == 2
+    assert "past the check" in capsys.readouterr().err

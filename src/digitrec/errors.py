@@ -1,5 +1,14 @@
 """The one exception type for mistakes a user can cause: its message is one sentence saying what to do."""
 
+from importlib.util import find_spec
+
+# pyproject.toml's optional extras, by the modules a command imports from them
+EXTRAS = {
+    "web": ("fastapi", "fastapi_offline", "uvicorn", "python_multipart"),
+    "export": ("onnx", "onnxscript", "onnxruntime"),
+    "explore": ("sklearn",),
+}
+
 
 class DigitrecError(Exception):
     """A user-facing error (missing file, corrupt download, bad image, bad flag): the CLI prints it without a traceback."""
@@ -19,3 +28,15 @@ class ImageError(DigitrecError):
 
 class ImageTooLargeError(ImageError):
     """An input image has more pixels than we agree to decode (the server answers 413 instead of 400)."""
+
+
+def need_extra(extra: str, what: str, modules: tuple[str, ...] | None = None, instead: str = "") -> None:
+    """Refuse, in one sentence naming the pip extra, to start `what` without the modules it needs (all of the
+    extra's, or the given ones); `instead` adds another way out."""
+    missing = [name for name in modules or EXTRAS[extra] if find_spec(name) is None]
+    if missing:
+        raise DigitrecError(
+            f"{what} needs the {extra} extra ({', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+            f'installed): `pip install "digitrec[{extra}]"`, or in a checkout `pip install -e ".[{extra}]"`'
+            f"{instead}."
+        )

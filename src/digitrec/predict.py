@@ -19,7 +19,7 @@ import numpy as np
 
 from . import tta
 from .backends import softmax
-from .errors import CheckpointError, DigitrecError, ImageError
+from .errors import CheckpointError, DigitrecError, ImageError, need_extra
 
 if TYPE_CHECKING:
     import torch
@@ -196,6 +196,7 @@ class Predictor:
 
         if is_onnx(path):
             check_backend(path, backend, cli=False)
+            need_extra("export", f"running {path.name}", modules=("onnxruntime",))
             from .backends import OnnxBackend
 
             onnx = OnnxBackend(path)
@@ -216,6 +217,7 @@ class Predictor:
         model, meta = load_model(path)
         runner: Backend = TorchBackend(model)
         if backend == "onnx":
+            need_extra("export", "the onnx backend")
             from .backends import OnnxBackend
             from .export import cached_onnx
 
