@@ -66,7 +66,7 @@ def test_bench_train_marks_a_missed_target_and_can_stop_early(tiny_mnist) -> Non
         (["--target", "-1"], "between 0 and 1 (0.99 for 99%), not -1."),
         (["--recipes", ""], "--recipes names no recipe"),
         (["--recipes", " , "], "--recipes names no recipe"),
-        (["--recipes", "fast,"], "--recipes 'fast,' has an empty name between its commas"),
+        (["--recipes", "fast,"], "--recipes 'fast,' has an empty name beside a comma"),
         (["--recipes", "fast,,default"], "has an empty name"),
         (["--recipes", "fast,nope"], "unknown recipe 'nope'"),
     ],

@@ -250,6 +250,26 @@ def test_counts_and_durations_below_one_are_refused(args, message):
 
 
 @pytest.mark.parametrize(
+    "args, command, unknown",
+    [
+        (["train", "--bogus"], "digitrec train", "--bogus"),
+        (["bench", "train", "--recpies", "fast"], "digitrec bench train", "--recpies fast"),
+        (["feedback", "export", "--bogus"], "digitrec feedback export", "--bogus"),
+        (["predict", "x.png", "--topk", "3"], "digitrec predict", "--topk 3"),
+    ],
+)
+def test_an_unknown_flag_names_the_command_whose_help_lists_the_options(args, command, unknown, capsys):
+    """argparse reports a flag no parser knew from the top-level parser, so the hint said `digitrec -h`, whose
+    help lists the commands, not the mistyped command's options."""
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 2
+    assert err[0] == f"{command}: error: unrecognized arguments: {unknown}"
+    assert err[1] == f"(`{command} -h` lists the options)"
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["eval-real", "--seed", "-1", "--count", "5", "--sets", "pen-photo"],

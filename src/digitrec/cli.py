@@ -747,7 +747,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         )
     if not all(names):
         raise DigitrecError(
-            f"--recipes {args.recipes!r} has an empty name between its commas; give a list such as fast,default."
+            f"--recipes {args.recipes!r} has an empty name beside a comma; give a list such as fast,default."
         )
     recipes = {name: get_recipe(name) for name in names}
     if args.max_epochs:
@@ -926,6 +926,11 @@ def cmd_explore(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse with README's one-sentence errors: a bad flag or value prints the error and where the usage is,
     not the whole usage block above it (`-h` still prints that)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # the deepest (sub)command's parser wins: main() names it for a flag no parser knew
+        self.set_defaults(_parser=self)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} -h` lists the options)\n")
@@ -1432,7 +1437,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # a bare `digitrec`: the commands, not just a usage line
         parser.print_help(sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would say so as the top-level `digitrec`, whose -h does not list them
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv  # `train --nproc` relaunches this command line
     try:
         code = args.func(args)

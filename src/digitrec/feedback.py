@@ -132,14 +132,16 @@ class FeedbackStore:
             )
 
     def _read_only_connection(self) -> sqlite3.Connection:
-        """A connection that writes nothing and leaves the folder as it found it.
+        """A connection that changes no rows and leaves the folder as it found it.
 
         Reading a WAL database makes -wal and -shm files beside it, and only a connection that may write removes
-        them when it closes last. So where neither a -wal nor a -journal file is there, this is a read-write
-        connection with query_only=ON (SQLite refuses every change through it); where one is, a writer is at work
-        or left it, and this is mode=ro, which leaves it alone.
+        them when it closes last (folding in what a writer committed meanwhile, as the writer's own close would).
+        So where neither a -wal nor a -journal file is there and we may write the file, this is a read-write
+        connection with query_only=ON (SQLite refuses every change through it); otherwise (a writer is at work or
+        left its files, or the file is not ours to write) it is mode=ro, which leaves them alone.
         """
-        if any(self.path.with_name(self.path.name + end).exists() for end in ("-wal", "-journal")):
+        busy = any(self.path.with_name(self.path.name + end).exists() for end in ("-wal", "-journal"))
+        if busy or not os.access(self.path, os.W_OK):
             return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
         # mode=rw: never creates the file, should it vanish after the caller looked
         con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=30.0)

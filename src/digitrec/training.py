@@ -880,7 +880,7 @@ def train(
         "steps": step,
         "device": str(device),
         "world_size": world_size,
-        "bfloat16": config.amp and native_bfloat16(device.type),  # autocast as it ran (see native_bfloat16)
+        "bfloat16": bfloat16,  # autocast as it ran (see native_bfloat16)
         "dry_run": dry_run,  # trained on the first 8 batches only (--dry-run)
     }
     if not (evaluate_only and "metrics" in best_meta):
@@ -935,7 +935,7 @@ def _tensorboard_writer(out_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise DigitrecError(
-            "--tensorboard needs the tensorboard package; install it with `pip install tensorboard` (the extra `digitrec[tensorboard]` pins it)."
+            '--tensorboard needs the tensorboard package; install it with `pip install tensorboard` (or the extra, `pip install "digitrec[tensorboard]"`).'
         ) from None
     return SummaryWriter(str(out_dir / "tensorboard"))
 
