@@ -320,6 +320,24 @@ def test_reading_a_wal_database_leaves_the_folder_as_it_found_it(tmp_path, capsy
     assert sorted(tmp_path.iterdir()) == sorted([*files, out])
 
 
+def test_a_database_not_ours_to_write_is_read_through_a_read_only_connection(tmp_path, monkeypatch):
+    """Where the file is write-protected, a read-write connection would quietly open read-only and then could
+    not remove its -wal and -shm files either; the store then asks for mode=ro, which says what it is."""
+    import digitrec.feedback as feedback
+
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    add(store, 3)
+    opened: list[str] = []
+    connect = sqlite3.connect
+    monkeypatch.setattr(
+        feedback.sqlite3, "connect", lambda database, **kw: opened.append(database) or connect(database, **kw)
+    )
+    monkeypatch.setattr(feedback.os, "access", lambda path, mode: True)
+    assert FeedbackStore.existing(store.path).count() == 1 and opened[-1].endswith("?mode=rw")
+    monkeypatch.setattr(feedback.os, "access", lambda path, mode: False)
+    assert FeedbackStore.existing(store.path).count() == 1 and opened[-1].endswith("?mode=ro")
+
+
 def test_a_reader_sees_what_a_running_writer_committed_and_leaves_the_writers_files(tmp_path):
     store = FeedbackStore(tmp_path / "f.sqlite")
     # a server in the middle of its work: the -wal and -shm files are its own
