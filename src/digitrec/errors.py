@@ -4,7 +4,7 @@ from importlib.util import find_spec
 
 # pyproject.toml's optional extras, by the modules a command imports from them
 EXTRAS = {
-    "web": ("fastapi", "fastapi_offline", "uvicorn", "python_multipart"),
+    "web": ("fastapi", "uvicorn", "python_multipart"),  # fastapi_offline is optional (offline /docs)
     "export": ("onnx", "onnxscript", "onnxruntime"),
     "explore": ("sklearn",),
 }
