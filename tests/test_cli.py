@@ -543,10 +543,15 @@ def test_an_interrupted_train_says_how_to_resume(tmp_path, monkeypatch, capsys, 
             "onnx",
             "the onnx backend needs the export extra (onnx is not installed)",
         ),
+        (
+            ["predict", "--model", "{tmp}/m.onnx", "x.png"],
+            "onnxruntime",
+            "running a model on ONNX Runtime needs the export extra (onnxruntime is not installed)",
+        ),
     ],
 )
 def test_a_command_whose_extra_is_not_installed_names_it_in_one_sentence(
-    args, missing, message, monkeypatch, capsys
+    args, missing, message, monkeypatch, capsys, tmp_path
 ):
     """A `pip install digitrec` without [web] or [export] ended `serve`, `export`, `bench infer` and `--backend
     onnx` in a ModuleNotFoundError traceback (exit 1); explore said so only after loading MNIST."""
@@ -561,7 +566,8 @@ def test_a_command_whose_extra_is_not_installed_names_it_in_one_sentence(
         raise AssertionError("MNIST was loaded before the missing extra was said")
 
     monkeypatch.setattr("digitrec.data.load_mnist", no_work)
-    assert main(args) == 2
+    (tmp_path / "m.onnx").write_bytes(b"")  # an exported model's name; the extra is said before it is read
+    assert main([arg.replace("{tmp}", str(tmp_path)) for arg in args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DigitrecError
+from .errors import DigitrecError, need_extra
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 META_KEY = "digitrec"  # the ONNX metadata entry holding the source checkpoint's metadata as JSON
@@ -30,12 +30,9 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True):
     """An ONNX Runtime CPU session with every graph optimization on; `threads` 0 = one per core."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise DigitrecError(
-            "ONNX Runtime is not installed; install it with `pip install digitrec[export]`."
-        ) from None
+    need_extra("export", "running a model on ONNX Runtime", modules=("onnxruntime",))
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or (os.cpu_count() or 1)

@@ -196,7 +196,6 @@ class Predictor:
 
         if is_onnx(path):
             check_backend(path, backend, cli=False)
-            need_extra("export", f"running {path.name}", modules=("onnxruntime",))
             from .backends import OnnxBackend
 
             onnx = OnnxBackend(path)
