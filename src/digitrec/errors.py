@@ -7,6 +7,8 @@ EXTRAS = {
     "web": ("fastapi", "uvicorn", "python_multipart"),  # fastapi_offline is optional (offline /docs)
     "export": ("onnx", "onnxscript", "onnxruntime"),
     "explore": ("sklearn",),
+    "tune": ("optuna",),
+    "tensorboard": ("tensorboard",),
 }
 
 

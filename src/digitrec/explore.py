@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .data import MNIST
-from .errors import DigitrecError
+from .errors import DigitrecError, need_extra
 from .plots import _grid, _save, plt
 
 if TYPE_CHECKING:
@@ -68,13 +68,10 @@ def embed(pixels: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.n
     """2-D coordinates of flattened images: PCA to 50 dimensions, then UMAP (if installed and asked) or t-SNE."""
     if method not in EMBEDDINGS:
         raise DigitrecError(f"unknown embedding {method!r}; choose one of {', '.join(EMBEDDINGS)}.")
-    try:
-        from sklearn.decomposition import PCA
-        from sklearn.manifold import TSNE
-    except ImportError:
-        raise DigitrecError(
-            "digitrec explore needs scikit-learn; install it with `pip install digitrec[explore]`."
-        ) from None
+    need_extra("explore", "digitrec explore")
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
     reduced = PCA(n_components=min(50, *pixels.shape), random_state=seed).fit_transform(pixels)
     if method in ("auto", "umap"):
         try:

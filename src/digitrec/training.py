@@ -43,7 +43,7 @@ from .checkpoint import (
 )
 from .config import DRY_RUN_MAX_EPOCHS, TrainConfig
 from .data import MNIST, load_mnist, split_validation
-from .errors import CheckpointError, DataError, DigitrecError
+from .errors import CheckpointError, DataError, DigitrecError, need_extra
 from .models import count_parameters, create_model
 from .optim import AdamW, WeightAverage
 
@@ -931,12 +931,9 @@ def _progress(steps: range, epoch: int, total_epochs: int):
 
 
 def _tensorboard_writer(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise DigitrecError(
-            '--tensorboard needs the tensorboard package; install it with `pip install tensorboard` (or the extra, `pip install "digitrec[tensorboard]"`).'
-        ) from None
+    need_extra("tensorboard", "--tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 

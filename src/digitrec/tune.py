@@ -18,7 +18,7 @@ from typing import Any
 from .checkpoint import atomic_write_text
 from .config import get_recipe, to_toml
 from .data import MNIST
-from .errors import DataError, DigitrecError
+from .errors import DataError, DigitrecError, need_extra
 
 DEFAULT_VAL_SIZE = 5000  # used when the recipe itself trains on all 60,000 images
 # A process sharing a storage beats every HEARTBEAT_SECONDS while it trains a trial; a trial whose process
@@ -30,12 +30,9 @@ AUGMENTATIONS = ("none", "rotate10", "affine")
 
 
 def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError:
-        raise DigitrecError(
-            "digitrec tune needs Optuna; install it with `pip install digitrec[tune]`."
-        ) from None
+    need_extra("tune", "digitrec tune")
+    import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
