@@ -28,6 +28,11 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def is_onnx(model: str | Path | None) -> bool:
+    """Whether `model` names an `.onnx` file from `digitrec export`, which runs on the onnx backend only."""
+    return model is not None and str(model).endswith(".onnx")
+
+
 def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True):
     """An ONNX Runtime CPU session with every graph optimization on; `threads` 0 = one per core."""
     need_extra("export", "running a model on ONNX Runtime", modules=("onnxruntime",))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import tta
-from .backends import softmax
+from .backends import is_onnx, softmax
 from .errors import CheckpointError, DigitrecError, ImageError, need_extra
 
 if TYPE_CHECKING:
@@ -122,11 +122,6 @@ def holds_no_ink(inputs: np.ndarray) -> np.ndarray:
 
 
 BACKENDS = ("auto", "numpy", "onnx", "torch")
-
-
-def is_onnx(model: str | Path | None) -> bool:
-    """Whether `model` names an `.onnx` file from `digitrec export`, which runs on the onnx backend only."""
-    return model is not None and str(model).endswith(".onnx")
 
 
 def check_backend(model: str | Path | None, backend: str | None, cli: bool = True) -> None:

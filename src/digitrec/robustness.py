@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import random_affine
+from .backends import OnnxBackend, is_onnx
 from .errors import DigitrecError
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # uint8 images (N, 28, 28) -> logits (N, 10)
@@ -141,9 +142,7 @@ def load_scored(path: str | Path, name: str | None = None) -> Scored:
     if path.is_dir():
         path = path / "model.safetensors"
     scorer: Scorer
-    if path.suffix == ".onnx":
-        from .backends import OnnxBackend
-
+    if is_onnx(path):
         backend = OnnxBackend(path)
 
         def score_onnx(images: torch.Tensor) -> torch.Tensor:
