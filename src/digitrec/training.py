@@ -871,6 +871,8 @@ def train(
     if not main:
         return Run(out_dir, config, {}, [])  # rank 0 evaluates and reports
 
+    if evaluate_only:  # killed after the last checkpoint said finished, history.json may lack the last epoch
+        atomic_write_json(out_dir / "history.json", state["history"])
     best, best_meta = load_tensors(out_dir / "model.safetensors")
     model.load_state_dict(best)
     eval_start = time.perf_counter()
