@@ -199,6 +199,15 @@ def test_every_seed_the_config_accepts_trains_and_a_small_one_keeps_its_draws(ti
     assert torch.equal(epoch_order(50, 7, 2, torch.device("cpu")), expected)
 
 
+def test_a_run_with_threads_leaves_torchs_thread_count_as_it_was(tiny_mnist, tmp_path):
+    """`digitrec.train(..., threads=2)` left torch on 2 threads, so the next run of the process with threads = 0
+    trained on 2, not on the default the CLI command its card gives uses: other weights for the same config."""
+    before = torch.get_num_threads()
+    config = TINY.override(epochs=1, threads=before + 1)
+    train(config, tmp_path, data=tiny_mnist, dry_run=True, progress=False, report=False, log=lambda m: None)
+    assert torch.get_num_threads() == before
+
+
 def test_partial_last_batch_of_one_is_dropped():
     assert steps_in_epoch(129, 64) == 2 and steps_in_epoch(130, 64) == 3 and steps_in_epoch(128, 64) == 2
 

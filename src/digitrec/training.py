@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 import torch
@@ -610,6 +610,27 @@ def model_metadata(
     }
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _keeping_torch_threads(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Put torch's thread count back as it was: a run with `threads` set left it set, so the next run in the
+    process with `threads = 0` (torch's default) trained on that count, not on the default its card implies."""
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        threads = torch.get_num_threads()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@_keeping_torch_threads
 def train(
     config: TrainConfig,
     out_dir: str | Path,
