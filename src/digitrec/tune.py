@@ -172,8 +172,8 @@ def tune(
         f"validation accuracy {best.value:.4%} (trial {best.number})\n"
         f"# train with it: digitrec train --config {config_path}\n"
     )
-    # --epochs and the validation split shaped the trials but are not what a final run is for: the file leaves them
-    # to the recipe, and says what they were, ready to uncomment
+    # --epochs and the validation split are the trials', not the recipe's: the file leaves them to the recipe (as
+    # the tutorial's tuned `fast` trained) and lists the trials' values, ready to uncomment
     own = get_recipe(recipe)
     trial_only = {k: getattr(base, k) for k in _TRIAL_ONLY if getattr(base, k) != getattr(own, k)}
     if trial_only:
