@@ -118,6 +118,20 @@ def test_the_cards_command_trains_the_same_config(changes, tmp_path):
     assert recipe == "fast" and reproduced.to_dict() == config.to_dict()
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_cards_command_of_a_run_on_several_processes_trains_on_as_many(world_size):
+    """A `--nproc 2` run of a batch-norm recipe trains other weights than one process (each process normalizes
+    its share of a batch on a CPU), and its card said `digitrec train --recipe fast --epochs 0.1` without it."""
+    from digitrec.cli import build_parser, training_config
+
+    config = get_recipe("fast").override(epochs=0.1)
+    meta = {"recipe": "fast", "config": config.to_dict(), "metrics": {"steps": 19, "world_size": world_size}}
+    text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.9, "test_loss": 0.3}, meta))
+    args = build_parser().parse_args(_card_command(text))
+    assert args.nproc == (world_size if world_size > 1 else None)
+    assert training_config(args) == ("fast", config)
+
+
 def test_a_dry_runs_card_says_so_and_what_it_trained_on(tmp_path, tiny_mnist):
     config = get_recipe("fast").override(
         batch_size=32

@@ -547,3 +547,31 @@ def test_files_removed_while_a_rank_reads_them_count_as_no_run(tmp_path, monkeyp
 
     monkeypatch.setattr(training, "read_checkpoint", vanished)
     training.refuse_unfinished_run(tmp_path, finetune=False)
+
+
+def test_a_run_killed_before_its_last_history_write_resumes_to_the_whole_history(
+    tiny_mnist, tmp_path, monkeypatch
+):
+    """The last epoch's checkpoint (finished) is written before history.json: a kill between the two left a
+    history.json without the last epoch, and `--resume`, which only evaluates a finished run, never wrote it."""
+    from digitrec import training
+    from digitrec.config import TrainConfig
+
+    config = TrainConfig(arch="mlp_500_256", epochs=2, batch_size=64, val_size=200, device="cpu")
+    whole = training.train(config, tmp_path / "whole", data=tiny_mnist, **QUIET)
+    assert len(whole.history) == 2
+    write = training.atomic_write_json
+
+    def killed_before_the_last_history(path, value):
+        if path.name == "history.json" and len(value) == 2:
+            raise KeyboardInterrupt  # as if killed right after last.safetensors recorded the finished run
+        write(path, value)
+
+    monkeypatch.setattr(training, "atomic_write_json", killed_before_the_last_history)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, tmp_path / "killed", data=tiny_mnist, **QUIET)
+    monkeypatch.setattr(training, "atomic_write_json", write)
+    assert len(json.loads((tmp_path / "killed" / "history.json").read_text())) == 1
+
+    training.train(TrainConfig(), tmp_path / "killed", data=tiny_mnist, resume=True, **QUIET)
+    assert_same_run(tmp_path / "whole", tmp_path / "killed")

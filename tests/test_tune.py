@@ -49,6 +49,29 @@ def test_tune_prunes_bad_trials_and_writes_a_config_train_accepts(
     assert saved["recipe"] == "fast" and saved["config"]["lr"] == result.best_params["lr"]
 
 
+def test_best_toml_says_which_trial_settings_it_leaves_to_the_recipe(tiny_mnist, tmp_path, monkeypatch):
+    """best.toml held the recipe and the searched settings only: `train --config` trained the recipe's epochs and
+    split (fast: 0.85 epoch on every image), not the trial's, and the file did not say so. Uncommented, the lines
+    it now gives train the best trial's config."""
+    from digitrec.cli import build_parser, training_config
+
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}]))
+    result = tune_module.tune(
+        "fast", 1, tmp_path, data=tiny_mnist, epochs=2, val_size=200, log=lambda msg: None
+    )
+    text = result.config_path.read_text()
+    assert "# epochs = 2.0\n# val_size = 200\n" in text and "early_stopping_patience" not in text
+    as_trial = tmp_path / "as-trial.toml"
+    as_trial.write_text(text.replace("# epochs", "epochs").replace("# val_size", "val_size"))
+    _, config = training_config(build_parser().parse_args(["train", "--config", str(as_trial)]))
+    trial = json.loads((tmp_path / f"trial-{result.study.best_trial.number:03d}" / "model.json").read_text())
+    assert json.loads(json.dumps(config.to_dict())) == trial["config"]
+    _, recipe_length = training_config(
+        build_parser().parse_args(["train", "--config", str(result.config_path)])
+    )
+    assert recipe_length.epochs == 0.85 and recipe_length.val_size == 0 and recipe_length.lr == 4e-3
+
+
 def fixed_suggest(plan):
     """A search space that proposes the planned parameters, one dict per trial."""
     planned = iter(plan)

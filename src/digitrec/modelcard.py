@@ -120,7 +120,9 @@ def build_card(
                 "normalize",
             )
         ]
-        text = [_reproduce(recipe, config, dry_run)]
+        processes = (meta.get("metrics") or {}).get("world_size")
+        nproc = processes if isinstance(processes, int) and processes > 1 else 1
+        text = [_reproduce(recipe, config, dry_run, nproc)]
         if config.source:
             text.append(f"Source: {config.source}.")
         sections.append(Section("Recipe", text, (["setting", "value"], recipe_rows)))
@@ -269,9 +271,10 @@ def _value(value: Any) -> str:
     return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
-def _reproduce(recipe: str, config: TrainConfig, dry_run: bool) -> str:
+def _reproduce(recipe: str, config: TrainConfig, dry_run: bool, nproc: int = 1) -> str:
     """The sentence with the `digitrec train` command that trains this config again: the recipe, then a flag for
-    each setting that differs from it, and a TOML file for the settings no flag sets."""
+    each setting that differs from it, and a TOML file for the settings no flag sets; `--nproc N` for a run of N
+    processes (each normalizes its share of a batch on a CPU, so one process trains other weights)."""
     from .config import DRY_RUN_MAX_EPOCHS, RECIPES, TRAIN_OVERRIDES
 
     if recipe == "custom":
@@ -294,6 +297,7 @@ def _reproduce(recipe: str, config: TrainConfig, dry_run: bool) -> str:
         elif value is not None:
             toml.append(f"{key} = {_value(value)}")
     own = " with settings of its own" if flags or toml else ""
+    flags += [f"--nproc {nproc}"] if nproc > 1 else []
     flags += ["--dry-run"] if dry_run else []
     if toml:
         command = " ".join(["digitrec train --config FILE", *flags])

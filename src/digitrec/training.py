@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 import torch
@@ -152,8 +152,15 @@ def as_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def generator_seed(value: int) -> int:
+    """`value` as a seed torch takes (0 to 2**64 - 1). A large --seed (TrainConfig takes up to 2**63 - 1) times
+    the mixers below went past it (an overflow traceback); values inside the range, and so the seed of every
+    run that trained before, are kept as they are."""
+    return value % 2**64
+
+
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    generator = torch.Generator().manual_seed(generator_seed(seed * 100_003 + epoch))
     return torch.randperm(n, generator=generator).to(device)
 
 
@@ -228,8 +235,8 @@ def train_steps(
         # index_select, not images[index]: the same rows, 10x faster on a CPU (8 against 89 us for 320 images)
         x, y = as_input(images.index_select(0, index)), labels.index_select(0, index).long()
         # dropout draws from the global generator; under DDP each rank gets its own draws
-        seed_device_generator(device, (config.seed * 1_000_003 + step) * world_size + rank)
-        aug_generator.manual_seed((config.seed * 1_000_033 + step) * world_size + rank)
+        seed_device_generator(device, generator_seed((config.seed * 1_000_003 + step) * world_size + rank))
+        aug_generator.manual_seed(generator_seed((config.seed * 1_000_033 + step) * world_size + rank))
         # -- outlier exposure (augment_real.py): non-digits join the batch, their loss pulls them to uniform
         outliers = round(config.negatives * len(y)) if config.negatives else 0
         if outliers:
@@ -603,6 +610,27 @@ def model_metadata(
     }
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _keeping_torch_threads(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Put torch's thread count back as it was: a run with `threads` set left it set, so the next run in the
+    process with `threads = 0` (torch's default) trained on that count, not on the default its card implies."""
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        threads = torch.get_num_threads()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@_keeping_torch_threads
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -864,6 +892,8 @@ def train(
     if not main:
         return Run(out_dir, config, {}, [])  # rank 0 evaluates and reports
 
+    if evaluate_only:  # killed after the last checkpoint said finished, history.json may lack the last epoch
+        atomic_write_json(out_dir / "history.json", state["history"])
     best, best_meta = load_tensors(out_dir / "model.safetensors")
     model.load_state_dict(best)
     eval_start = time.perf_counter()

@@ -27,6 +27,8 @@ HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 180
 BATCH_SIZES = (64, 128, 192, 256)
 AUGMENTATIONS = ("none", "rotate10", "affine")
+# What tune sets for its trials apart from the searched settings; best.toml leaves these to the recipe.
+_TRIAL_ONLY = ("epochs", "val_size", "early_stopping_patience")
 
 
 def _optuna() -> Any:
@@ -170,6 +172,17 @@ def tune(
         f"validation accuracy {best.value:.4%} (trial {best.number})\n"
         f"# train with it: digitrec train --config {config_path}\n"
     )
+    # --epochs and the validation split are the trials', not the recipe's: the file leaves them to the recipe (as
+    # the tutorial's tuned `fast` trained) and lists the trials' values, ready to uncomment
+    own = get_recipe(recipe)
+    trial_only = {k: getattr(base, k) for k in _TRIAL_ONLY if getattr(base, k) != getattr(own, k)}
+    if trial_only:
+        header += (
+            "# the trials ran with these settings instead of the recipe's ("
+            + ", ".join(f"{k} = {getattr(own, k)!r}" for k in trial_only)
+            + "); uncomment them to train as a trial did:\n"
+            + "".join(f"# {line}\n" for line in to_toml(trial_only).splitlines())
+        )
     atomic_write_text(config_path, header + to_toml({"recipe": recipe, **best.params}))
     atomic_write_text(out_dir / "trials.csv", trials_csv(study))
     return TuneResult(
