@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from digitrec import modelcard
 from digitrec.config import get_recipe
@@ -132,6 +135,23 @@ def test_the_cards_command_of_a_run_on_several_processes_trains_on_as_many(world
     assert training_config(args) == ("fast", config)
 
 
+@pytest.mark.parametrize(
+    "device, threads, config_threads, said",
+    [("cpu", 4, 0, True), ("cpu", 2, 2, False), ("cuda:0", 4, 0, False), ("cpu", None, 0, False)],
+)
+def test_a_cpu_runs_card_names_the_thread_count_torch_chose(device, threads, config_threads, said):
+    """A CPU run on torch's default thread count (the cores) trains other weights on a machine with other cores,
+    and its card's command, `digitrec train --recipe fast --epochs 0.1`, did not say how many it had."""
+    from digitrec.cli import build_parser, training_config
+
+    config = get_recipe("fast").override(epochs=0.1, threads=config_threads)
+    run = {"steps": 19, "device": device} | ({"threads": threads} if threads else {})
+    meta = {"recipe": "fast", "config": config.to_dict(), "metrics": run}
+    text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.9, "test_loss": 0.3}, meta))
+    assert ("It trained on 4 CPU threads; the same weights need as many (add `--threads 4`" in text) == said
+    assert training_config(build_parser().parse_args(_card_command(text))) == ("fast", config)
+
+
 def test_a_dry_runs_card_says_so_and_what_it_trained_on(tmp_path, tiny_mnist):
     config = get_recipe("fast").override(
         batch_size=32
@@ -141,6 +161,9 @@ def test_a_dry_runs_card_says_so_and_what_it_trained_on(tmp_path, tiny_mnist):
     assert card.startswith("# Model card: fast, dry run (")
     assert "reproduce it with `digitrec train --recipe fast --batch-size 32 --dry-run`" in card
     assert "Trained on the first 224 training images only, 7 steps of 32 (a dry run" in card
+    threads = torch.get_num_threads()  # what the run trained on, as metrics.json records it
+    assert json.loads((tmp_path / "metrics.json").read_text())["threads"] == threads
+    assert f"add `--threads {threads}` on a machine with other cores" in card
 
 
 @pytest.mark.parametrize(
@@ -153,8 +176,6 @@ def test_a_dry_runs_card_says_so_and_what_it_trained_on(tmp_path, tiny_mnist):
     ],
 )
 def test_a_dry_runs_card_gives_the_command_that_trains_what_it_trained(changes, tmp_path, tiny_mnist):
-    import json
-
     from digitrec.cli import build_parser, training_config
 
     out = tmp_path / "run"

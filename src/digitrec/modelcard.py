@@ -120,9 +120,16 @@ def build_card(
                 "normalize",
             )
         ]
-        processes = (meta.get("metrics") or {}).get("world_size")
+        run = meta.get("metrics") or {}
+        processes, threads = run.get("world_size"), run.get("threads")
         nproc = processes if isinstance(processes, int) and processes > 1 else 1
         text = [_reproduce(recipe, config, dry_run, nproc)]
+        if str(run.get("device", "")).startswith("cpu") and not config.threads and isinstance(threads, int):
+            # torch chose the count (the machine's cores), and a float sum's order depends on it
+            text.append(
+                f"It trained on {threads} CPU thread{'s' if threads != 1 else ''}{' per process' if nproc > 1 else ''}"
+                f"; the same weights need as many (add `--threads {threads}` on a machine with other cores)."
+            )
         if config.source:
             text.append(f"Source: {config.source}.")
         sections.append(Section("Recipe", text, (["setting", "value"], recipe_rows)))

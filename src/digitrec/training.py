@@ -910,6 +910,7 @@ def train(
         "steps": step,
         "device": str(device),
         "world_size": world_size,
+        "threads": torch.get_num_threads(),  # intra-op threads per process: a float sum's order depends on it
         "bfloat16": bfloat16,  # autocast as it ran (see native_bfloat16)
         "dry_run": dry_run,  # trained on the first 8 batches only (--dry-run)
     }
