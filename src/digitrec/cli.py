@@ -506,7 +506,13 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
 
     unreadable: list[Path] = []
     refused: list[Path] = []
-    paths = expand_paths(args.images, unreadable, refused)
+    subfolders: list[Path] = []
+    paths = expand_paths(args.images, unreadable, refused, subfolders)
+    if subfolders:
+        _stderr(
+            f"digitrec: skipped {len(subfolders)} folder(s) inside the given ones, such as {subfolders[0]}: "
+            "folders are not searched recursively; pass them too."
+        )
     for skipped, why in (
         (unreadable, "Pillow cannot read that format"),
         (refused, "digitrec reads PNG, JPEG, BMP, GIF, TIFF and WebP only"),
