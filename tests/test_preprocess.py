@@ -723,3 +723,14 @@ def test_a_folder_names_the_subfolders_it_does_not_read_and_keeps_links_that_lea
     subfolders: list[Path] = []
     assert [p.name for p in expand_paths([tmp_path], subfolders=subfolders)] == ["a.png", "dangling.png"]
     assert subfolders == [tmp_path / "sub"]
+
+
+def test_a_file_of_zeros_and_ones_is_black_at_any_bit_depth():
+    """Pixels of 0 and 1 read as black in an 8-bit file but as a 0/1 mask (a digit) in a 16-bit PNG or a TIFF of
+    32-bit integers: the same pixels gave two answers. An array of them is still a mask."""
+    ones = np.zeros((60, 60), np.uint8)
+    ones[10:50, 27:33] = 1
+    for pixels in (ones, ones.astype(np.uint16), ones.astype(np.int32)):
+        fmt = "TIFF" if pixels.dtype == np.int32 else "PNG"
+        assert not preprocess(png_bytes(Image.fromarray(pixels), fmt)).any(), pixels.dtype
+    assert preprocess(ones).any()

@@ -288,7 +288,11 @@ def _pil_to_gray(image: Image.Image, max_side: int | None = None) -> np.ndarray:
         image = image.convert("RGBA")  # palette images may carry transparency
         mode = "RGBA"
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return _array_to_gray(np.asarray(image))
+        pixels = np.asarray(image)
+        if pixels.dtype.kind in "iu" and pixels.size and 0 <= pixels.min() and pixels.max() <= 1:
+            # 0 and 1 are black in a file, as in an 8-bit one: not the 0/1 mask an array of them is read as
+            return np.divide(pixels, 65535.0 if pixels.dtype.itemsize == 2 else 255.0, dtype=np.float32)
+        return _array_to_gray(pixels)
     if mode in ("LA", "PA", "RGBA", "La", "RGBa"):
         image = image.convert("RGBA")
         extrema = cast(tuple[tuple[int, int], ...], image.getextrema())  # per band for RGBA
