@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -734,3 +735,13 @@ def test_a_file_of_zeros_and_ones_is_black_at_any_bit_depth():
         fmt = "TIFF" if pixels.dtype == np.int32 else "PNG"
         assert not preprocess(png_bytes(Image.fromarray(pixels), fmt)).any(), pixels.dtype
     assert preprocess(ones).any()
+
+
+def test_a_corrupt_exif_block_warns_nobody():
+    """Pillow's "Corrupt EXIF data" UserWarning reached the user's terminal as two lines of its internals."""
+    broken_exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\xff\xff\xff\xff"
+    buffer = io.BytesIO()
+    Image.fromarray(page(3)).convert("RGB").save(buffer, "JPEG", exif=broken_exif)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert preprocess(buffer.getvalue()).shape == (28, 28)

@@ -148,6 +148,7 @@ def _open(
             )
         try:
             with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": two lines of Pillow's internals
                 # Pillow only warns between 1x and 2x its limit; we refuse the whole range.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(fp, formats=IMAGE_FORMATS)
@@ -191,10 +192,12 @@ def _open(
         )
     stored_size = image.size
     try:
-        if isinstance(source, Image.Image):  # the caller's: turned on a copy, so theirs stays as it is
-            image = cast(Image.Image, ImageOps.exif_transpose(image))
-        else:  # our own: turned in place, as a copy of a 12-megapixel PNG costs ~20 ms and as much memory
-            ImageOps.exif_transpose(image, in_place=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data": two lines of Pillow's internals
+            if isinstance(source, Image.Image):  # the caller's: turned on a copy, so theirs stays as it is
+                image = cast(Image.Image, ImageOps.exif_transpose(image))
+            else:  # our own: turned in place, as a copy of a 12-megapixel PNG costs ~20 ms and as much memory
+                ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture; keep it unrotated
         pass
     if image.size != stored_size:  # rotated by 90 degrees
