@@ -441,3 +441,15 @@ def test_cli_keeps_going_past_a_file_it_may_not_look_at(tmp_path, capsys, untrai
         assert main([command, str(hidden), str(good), "--model", str(untrained_path), "--json"]) == 0
         rows = json.loads(capsys.readouterr().out)
         assert "cannot be read (Permission denied)" in rows[0]["error"] and "error" not in rows[1]
+
+
+@pytest.mark.parametrize("command", ["predict", "read"])
+def test_an_empty_image_argument_is_refused_not_read_as_the_current_folder(
+    tmp_path, capsys, untrained_path, monkeypatch, command
+):
+    """`digitrec predict "$IMG"` with $IMG unset read every image in the current folder, without a word."""
+    write_png(tmp_path / "someone-else.png", line_image([5], gap=0.3)[0])
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "", "--model", str(untrained_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "an empty IMG argument" in captured.err

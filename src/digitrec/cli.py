@@ -504,6 +504,11 @@ def _predictor(args: argparse.Namespace, images: int | None = None):
 def _image_paths(args: argparse.Namespace) -> list[Path]:
     from .preprocess import expand_paths
 
+    if "" in args.images:  # Path("") is ".": `predict "$IMG"` with $IMG unset read the whole current folder
+        raise DigitrecError(
+            "an empty IMG argument (an unset shell variable?) would read the current folder; "
+            "name image files or folders ('.' for the current one)."
+        )
     unreadable: list[Path] = []
     refused: list[Path] = []
     subfolders: list[Path] = []
