@@ -409,3 +409,47 @@ def test_cli_says_a_blank_page_is_rejected_as_blank(tmp_path, capsys, untrained_
     blank_line, five_line = capsys.readouterr().out.strip().splitlines()
     assert "not a digit (rejected: a blank page, no ink)" in blank_line
     assert "no ink" not in five_line
+
+
+def test_cli_says_which_subfolders_it_did_not_read_and_why_a_link_fails(tmp_path, capsys, untrained_path):
+    write_png(tmp_path / "good.png", line_image([5], gap=0.3)[0])
+    (tmp_path / "more").mkdir()
+    write_png(tmp_path / "more" / "other.png", line_image([7], gap=0.3)[0])
+    (tmp_path / "old.png").symlink_to("moved-away.png")
+    assert main(["predict", str(tmp_path), "--model", str(untrained_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [row["path"] for row in rows] == [str(tmp_path / "good.png"), str(tmp_path / "old.png")]
+    assert "symbolic link to moved-away.png" in rows[1]["error"]
+    assert "skipped 1 folder(s)" in captured.err and str(tmp_path / "more") in captured.err
+    assert "not searched recursively" in captured.err
+
+
+def test_cli_keeps_going_past_a_file_it_may_not_look_at(tmp_path, capsys, untrained_path, monkeypatch):
+    """A file in a folder without search permission stopped the whole command (exit 2), losing the others."""
+    good = write_png(tmp_path / "good.png", line_image([5], gap=0.3)[0])
+    hidden = tmp_path / "locked" / "x.png"
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self == hidden:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    for command in ("predict", "read"):
+        assert main([command, str(hidden), str(good), "--model", str(untrained_path), "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert "cannot be read (Permission denied)" in rows[0]["error"] and "error" not in rows[1]
+
+
+@pytest.mark.parametrize("command", ["predict", "read"])
+def test_an_empty_image_argument_is_refused_not_read_as_the_current_folder(
+    tmp_path, capsys, untrained_path, monkeypatch, command
+):
+    """`digitrec predict "$IMG"` with $IMG unset read every image in the current folder, without a word."""
+    write_png(tmp_path / "someone-else.png", line_image([5], gap=0.3)[0])
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "", "--model", str(untrained_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "an empty IMG argument" in captured.err

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -676,3 +679,69 @@ def test_a_fine_pen_on_a_full_size_photo_is_not_a_blank_page():
     x = preprocess(jpeg(photo))
     assert x.sum() > 20 and ink_box(x)[0] == 20  # the 7, scaled to MNIST's 20 px
     assert preprocess(jpeg(np.full((1500, 2000), 240, np.uint8))).sum() == 0
+
+
+def test_links_that_lead_nowhere_and_pipes_say_what_they_are(tmp_path):
+    """A dangling link and a link loop said "does not exist", a pipe "is empty (0 bytes)" (/dev/stdin piped)."""
+    (tmp_path / "dangling.png").symlink_to("gone.png")
+    (tmp_path / "loop1.png").symlink_to("loop2.png")
+    (tmp_path / "loop2.png").symlink_to("loop1.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    for name, words in [
+        ("dangling.png", "symbolic link to gone.png, which does not exist"),
+        ("loop1.png", "symbolic link that loops"),
+        ("pipe.png", "not a regular file"),
+    ]:
+        with pytest.raises(ImageError, match=words):
+            preprocess(tmp_path / name)
+
+
+def test_a_file_that_cannot_be_looked_at_is_an_image_error(tmp_path, monkeypatch):
+    """A file in a folder the user may not search (stat() fails with EACCES) raised PermissionError."""
+    hidden = tmp_path / "locked" / "x.png"
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self == hidden:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert expand_paths([hidden]) == [hidden]
+    with pytest.raises(ImageError, match="cannot be read"):
+        preprocess(hidden)
+
+
+def test_a_folder_names_the_subfolders_it_does_not_read_and_keeps_links_that_lead_nowhere(tmp_path):
+    """Images in a subfolder and a dangling link named like an image were passed over without a word."""
+    for folder in ["sub", ".git", "notes"]:
+        (tmp_path / folder).mkdir()
+    Image.new("L", (30, 30), 255).save(tmp_path / "a.png")
+    Image.new("L", (30, 30), 255).save(tmp_path / "sub" / "b.png")
+    Image.new("L", (30, 30), 255).save(tmp_path / ".git" / "c.png")
+    (tmp_path / "notes" / "n.txt").write_text("no images here")
+    (tmp_path / "dangling.png").symlink_to("gone.png")
+    subfolders: list[Path] = []
+    assert [p.name for p in expand_paths([tmp_path], subfolders=subfolders)] == ["a.png", "dangling.png"]
+    assert subfolders == [tmp_path / "sub"]
+
+
+def test_a_file_of_zeros_and_ones_is_black_at_any_bit_depth():
+    """Pixels of 0 and 1 read as black in an 8-bit file but as a 0/1 mask (a digit) in a 16-bit PNG or a TIFF of
+    32-bit integers: the same pixels gave two answers. An array of them is still a mask."""
+    ones = np.zeros((60, 60), np.uint8)
+    ones[10:50, 27:33] = 1
+    for pixels in (ones, ones.astype(np.uint16), ones.astype(np.int32)):
+        fmt = "TIFF" if pixels.dtype == np.int32 else "PNG"
+        assert not preprocess(png_bytes(Image.fromarray(pixels), fmt)).any(), pixels.dtype
+    assert preprocess(ones).any()
+
+
+def test_a_corrupt_exif_block_warns_nobody():
+    """Pillow's "Corrupt EXIF data" UserWarning reached the user's terminal as two lines of its internals."""
+    broken_exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\xff\xff\xff\xff"
+    buffer = io.BytesIO()
+    Image.fromarray(page(3)).convert("RGB").save(buffer, "JPEG", exif=broken_exif)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert preprocess(buffer.getvalue()).shape == (28, 28)

@@ -504,9 +504,20 @@ def _predictor(args: argparse.Namespace, images: int | None = None):
 def _image_paths(args: argparse.Namespace) -> list[Path]:
     from .preprocess import expand_paths
 
+    if "" in args.images:  # Path("") is ".": `predict "$IMG"` with $IMG unset read the whole current folder
+        raise DigitrecError(
+            "an empty IMG argument (an unset shell variable?) would read the current folder; "
+            "name image files or folders ('.' for the current one)."
+        )
     unreadable: list[Path] = []
     refused: list[Path] = []
-    paths = expand_paths(args.images, unreadable, refused)
+    subfolders: list[Path] = []
+    paths = expand_paths(args.images, unreadable, refused, subfolders)
+    if subfolders:
+        _stderr(
+            f"digitrec: skipped {len(subfolders)} folder(s) inside the given ones, such as {subfolders[0]}: "
+            "folders are not searched recursively; pass them too."
+        )
     for skipped, why in (
         (unreadable, "Pillow cannot read that format"),
         (refused, "digitrec reads PNG, JPEG, BMP, GIF, TIFF and WebP only"),

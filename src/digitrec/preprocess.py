@@ -21,10 +21,12 @@ Only `ImageError` leaves this module for bad input; a page with no ink gives an 
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib.util
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Literal, cast, overload
@@ -118,11 +120,18 @@ def _open(
             fp: Any = io.BytesIO(bytes(source))
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
-            if not path.exists():
-                raise ImageError(f"{path} does not exist; check the path.")
-            if path.is_dir():
+            try:
+                info = path.stat()
+            except OSError as exc:
+                raise ImageError(_unreachable(path, exc)) from None
+            if stat.S_ISDIR(info.st_mode):
                 raise ImageError(f"{path} is a folder; pass the image files inside it.")
-            if path.stat().st_size == 0:
+            # a pipe or a device: a big photo is read twice, and a pipe with no writer never ends
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError(
+                    f"{path} is not a regular file (a pipe or a device); save the image to a file first."
+                )
+            if info.st_size == 0:
                 raise ImageError(f"{path} is empty (0 bytes); pass an image file.")
             # read whole: Pillow keeps a path's file open after load() for a GIF or TIFF of several frames
             try:
@@ -139,6 +148,7 @@ def _open(
             )
         try:
             with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": two lines of Pillow's internals
                 # Pillow only warns between 1x and 2x its limit; we refuse the whole range.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(fp, formats=IMAGE_FORMATS)
@@ -182,15 +192,32 @@ def _open(
         )
     stored_size = image.size
     try:
-        if isinstance(source, Image.Image):  # the caller's: turned on a copy, so theirs stays as it is
-            image = cast(Image.Image, ImageOps.exif_transpose(image))
-        else:  # our own: turned in place, as a copy of a 12-megapixel PNG costs ~20 ms and as much memory
-            ImageOps.exif_transpose(image, in_place=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data": two lines of Pillow's internals
+            if isinstance(source, Image.Image):  # the caller's: turned on a copy, so theirs stays as it is
+                image = cast(Image.Image, ImageOps.exif_transpose(image))
+            else:  # our own: turned in place, as a copy of a 12-megapixel PNG costs ~20 ms and as much memory
+                ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture; keep it unrotated
         pass
     if image.size != stored_size:  # rotated by 90 degrees
         full_size = (full_size[1], full_size[0])
     return image, full_size
+
+
+def _unreachable(path: Path, exc: OSError) -> str:
+    """The sentence for a path whose stat() failed: missing, a dangling or looping link, or not searchable."""
+    if exc.errno == errno.ELOOP:
+        return f"{path} is a symbolic link that loops back on itself; point it at an image file."
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{path} cannot be read ({exc.strerror}); check the permissions of it and of its folders."
+    if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+        return f"{path} cannot be read ({exc.strerror or exc}); check the path."
+    try:
+        target = os.readlink(path)
+    except OSError:  # not a link: simply missing
+        return f"{path} does not exist; check the path."
+    return f"{path} is a symbolic link to {target}, which does not exist; check the link."
 
 
 # ISO base media file brands (bytes 8-12, after the "ftyp" box name) of HEIC/HEIF photos and of AVIF images.
@@ -264,7 +291,11 @@ def _pil_to_gray(image: Image.Image, max_side: int | None = None) -> np.ndarray:
         image = image.convert("RGBA")  # palette images may carry transparency
         mode = "RGBA"
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return _array_to_gray(np.asarray(image))
+        pixels = np.asarray(image)
+        if pixels.dtype.kind in "iu" and pixels.size and 0 <= pixels.min() and pixels.max() <= 1:
+            # 0 and 1 are black in a file, as in an 8-bit one: not the 0/1 mask an array of them is read as
+            return np.divide(pixels, 65535.0 if pixels.dtype.itemsize == 2 else 255.0, dtype=np.float32)
+        return _array_to_gray(pixels)
     if mode in ("LA", "PA", "RGBA", "La", "RGBa"):
         image = image.convert("RGBA")
         extrema = cast(tuple[tuple[int, int], ...], image.getextrema())  # per band for RGBA
@@ -1010,23 +1041,50 @@ def is_refused_image(path: Path) -> bool:
 
 
 def expand_paths(
-    paths: list[str | Path], unreadable: list[Path] | None = None, refused: list[Path] | None = None
+    paths: list[str | Path],
+    unreadable: list[Path] | None = None,
+    refused: list[Path] | None = None,
+    subfolders: list[Path] | None = None,
 ) -> list[Path]:
     """Folders expand to the image files inside them (sorted, not recursive); files stay as given, in order.
 
-    A folder's photos in formats Pillow does not read (UNREADABLE_PHOTO_SUFFIXES) go into `unreadable`, and its
-    images in the formats Pillow knows and digitrec refuses (TGA, ICO, ...) into `refused`, if given.
+    A folder's photos in formats Pillow does not read (UNREADABLE_PHOTO_SUFFIXES) go into `unreadable`, its
+    images in the formats Pillow knows and digitrec refuses (TGA, ICO, ...) into `refused`, and its own folders
+    that hold images (which are not read) into `subfolders`, if given. An entry named like an image that is not
+    a readable file (a dangling link, a pipe) is kept, so that reading it says what is wrong with it.
     """
     expanded: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file())
+        if _is_dir(path):
+            entries = sorted(path.iterdir())
+            folders = [p for p in entries if _is_dir(p)]
+            files = [p for p in entries if not _is_dir(p)]
             expanded.extend(p for p in files if is_image_file(p))
             if unreadable is not None:
                 unreadable.extend(p for p in files if is_unreadable_photo(p))
             if refused is not None:
                 refused.extend(p for p in files if is_refused_image(p))
+            if subfolders is not None:
+                subfolders.extend(p for p in folders if _holds_images(p))
         else:
             expanded.append(path)
     return expanded
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir(), False where the path cannot be looked at (a folder above it is not searchable)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _holds_images(folder: Path) -> bool:
+    """Does a folder (not a hidden one, as .git) hold image files of its own?"""
+    if folder.name.startswith("."):
+        return False
+    try:
+        return any(is_image_file(p) and not _is_dir(p) for p in folder.iterdir())
+    except OSError:
+        return False
