@@ -25,7 +25,7 @@ from serverkit import FakePredictor, digit_png, keep_grad_mode, live_server  # n
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from digitrec.server import MAX_PIXELS, create_app  # noqa: E402
+from digitrec.server import IMAGE_HINT, MAX_PIXELS, create_app  # noqa: E402
 
 
 @pytest.fixture
@@ -271,6 +271,59 @@ def test_a_form_label_is_exactly_one_ascii_digit(client, label, db_path):
     assert response.status_code == 422
     with sqlite3.connect(db_path) as con:
         assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    "send",
+    [
+        lambda c, png: c.post("/api/feedback", files=upload(png), data={"label": ["1", "2"]}),
+        lambda c, png: c.post(
+            "/api/feedback", files=upload(png), data={"label": "1", "predicted": ["7", "9"]}
+        ),
+        lambda c, png: c.post(
+            "/api/feedback",
+            params=[("label", "1"), ("label", "2")],
+            content=png,
+            headers={"content-type": "image/png"},
+        ),
+        lambda c, png: c.post(
+            "/api/feedback",
+            content=b'{"image": "' + base64.b64encode(png) + b'", "label": 1, "label": 2}',
+            headers={"content-type": "application/json"},
+        ),
+    ],
+    ids=["form label twice", "form predicted twice", "query label twice", "JSON label twice"],
+)
+def test_a_correction_whose_label_is_sent_twice_is_422_and_stores_nothing(client, send, db_path):
+    """label=1 and label=2 in one request stored the last one, 2, as the correct digit, without a word."""
+    response = send(client, digit_png())
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert detail.startswith('the field "') and detail.endswith('" was sent 2 times; send it once.')
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+    assert client.post("/api/feedback", files=upload(digit_png()), data={"label": "1"}).status_code == 201
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(files=[("file", ("a.png", b"x", "image/png"))] * 3),
+        dict(files={"file": ("a.png", b"x", "image/png")}, data={f"f{i}": "x" for i in range(11)}),
+        dict(content=b"garbage", headers={"content-type": "multipart/form-data; boundary=xyz"}),
+        dict(content=b"garbage", headers={"content-type": "multipart/form-data"}),
+    ],
+    ids=["three files", "eleven fields", "garbage body", "no boundary"],
+)
+@pytest.mark.parametrize("endpoint", ["/api/predict", "/api/read", "/api/feedback"])
+def test_a_form_the_parser_refuses_is_one_sentence_saying_what_to_send(client, endpoint, kwargs):
+    """Starlette's own words came back: "Too many files. Maximum number of files is 2." (two sentences),
+    "Invalid multipart data." and "Missing boundary in multipart.", none saying what to send instead."""
+    response = client.post(endpoint, **kwargs)
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert detail.startswith("the multipart form cannot be read (") and detail.endswith(IMAGE_HINT + ".")
+    assert detail.count(". ") == 0  # one sentence
 
 
 @pytest.mark.parametrize("label", [b"4.0", b'"4"', b"[4]", b"false"])

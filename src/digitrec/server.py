@@ -708,7 +708,11 @@ def create_app(
         query string's fields are strings, JSON's are the values the JSON holds."""
         content_type = _content_type(request)
         if content_type == "multipart/form-data":
-            async with request.form(max_files=2, max_fields=10) as form:
+            try:
+                form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+            except StarletteHTTPException as exc:  # Starlette's own words, some in two sentences: say ours
+                raise HTTPException(400, _unreadable_form(str(exc.detail))) from None
+            try:
                 uploads = form.getlist("file")
                 if not uploads:
                     raise HTTPException(400, f"the form has no file field named 'file'; {IMAGE_HINT}.")
@@ -724,11 +728,13 @@ def create_app(
                         f"{IMAGE_HINT}.",
                     )
                 data = await upload.read()
-                fields = {key: value for key, value in form.items() if isinstance(value, str)}
+                fields = _fields_once(form.multi_items())
+            finally:
+                await form.close()
             return data, fields
         if content_type == "application/json":
             try:
-                body = json.loads(await request.body())
+                body = json.loads(await request.body(), object_pairs_hook=_fields_once)
             # ValueError: also a number of over 4,300 digits; RecursionError: arrays nested thousands deep
             except (ValueError, RecursionError):
                 raise HTTPException(400, f"the body is not valid JSON; {IMAGE_HINT}.") from None
@@ -743,7 +749,7 @@ def create_app(
                 raise HTTPException(400, 'the "image" field is not valid base64.') from None
             return data, body
         if content_type.startswith("image/") or content_type == "application/octet-stream":
-            return await request.body(), dict(request.query_params)
+            return await request.body(), _fields_once(request.query_params.multi_items())
         raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}; {IMAGE_HINT}.")
 
     async def to_input(data: bytes) -> np.ndarray:
@@ -1062,10 +1068,50 @@ def _fastapi(**kwargs: Any) -> FastAPI:
     return FastAPIOffline(**kwargs)
 
 
+MAX_FORM_FILES = 2
+MAX_FORM_FIELDS = 10
+
+
+class _Repeated(list):
+    """The values of a field a request sent more than once (label=1 and label=2): which one it meant is unknown."""
+
+
+def _fields_once(pairs: Any) -> dict[str, Any]:
+    """A form's, a query string's or a JSON object's (name, value) pairs as a dict; a name that comes more than
+    once maps to a _Repeated list of its values rather than to its last value, so that a field read from it is
+    refused instead of silently taking one of them. A form's files are left out: read_upload reads them."""
+    fields: dict[str, Any] = {}
+    for key, value in pairs:
+        if not isinstance(key, str) or not isinstance(value, (str, int, float, bool, list, dict, type(None))):
+            continue  # an uploaded file
+        if key in fields:
+            previous = fields[key]
+            fields[key] = previous if isinstance(previous, _Repeated) else _Repeated([previous])
+            fields[key].append(value)
+        else:
+            fields[key] = value
+    return fields
+
+
+def _unreadable_form(reason: str) -> str:
+    """One sentence for a multipart body Starlette's parser refused (its reason, in its words, is given)."""
+    if reason.startswith("Too many files"):
+        reason = f"more than {MAX_FORM_FILES} files"
+    elif reason.startswith("Too many fields"):
+        reason = f"more than {MAX_FORM_FIELDS} fields"
+    else:
+        reason = reason.rstrip(".").replace(". ", "; ")
+        reason = reason[:1].lower() + reason[1:]
+    return f"the multipart form cannot be read ({reason}); {IMAGE_HINT}."
+
+
 def _digit_field(fields: dict[str, Any], name: str, required: bool, from_json: bool) -> int | None:
     """A digit 0-9 from a field, or a 422 saying what is wrong: in JSON an integer 0 to 9 (not 4.0, "4" or true),
-    in a form or query string exactly one ASCII character 0-9 (not " 3 ", "+3", "0_3", "3.0" or a fullwidth 3)."""
+    in a form or query string exactly one ASCII character 0-9 (not " 3 ", "+3", "0_3", "3.0" or a fullwidth 3),
+    and sent once (label=1 and label=2 together are refused, not read as 2)."""
     value = fields.get(name)
+    if isinstance(value, _Repeated):
+        raise HTTPException(422, f'the field "{name}" was sent {len(value)} times; send it once.')
     if value is None or value == "":
         if required:
             raise HTTPException(422, f'the field "{name}" is missing; send the correct digit, 0 to 9.')
