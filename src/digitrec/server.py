@@ -1199,6 +1199,12 @@ def check_can_listen(host: str, port: int) -> None:
             ) from None
 
 
+def listen_url(host: str, port: int) -> str:
+    """The address a browser takes for `host:port`: an IPv6 address in brackets (http://[::1]:8000/, not the
+    http://::1:8000/ the banner used to print)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def serve(
     model: str | Path | None = None,
     host: str = "127.0.0.1",
@@ -1227,7 +1233,7 @@ def serve(
     app = create_app(predictor, feedback_db=store, preprocess_processes=os.cpu_count() or 1)
     engine = BACKEND_NAMES.get(type(predictor.backend).__name__, "PyTorch")
     print(
-        f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at http://{host}:{port}/  (API docs: /docs)",
+        f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at {listen_url(host, port)}  (API docs: /docs)",
         flush=True,
     )
     freeze_heap()
