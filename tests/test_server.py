@@ -726,6 +726,37 @@ def test_a_request_head_over_64_kb_is_refused_with_431(predictor, db_path):
         assert said.startswith(b"HTTP/1.1 431")
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GET /healthz?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5\r\n"
+        + b"X-Big: " * 10_000
+        + b"\r\n\r\nabcde",
+    ],
+    ids=["one 70 KB header", "a 70 KB URL", "a 70 KB head with a body"],
+)
+def test_a_head_over_64_kb_that_arrives_in_one_piece_is_refused_with_431_too(predictor, db_path, head):
+    """Only a head still incomplete after 64 KB was counted: one sent whole (a 70,000-byte header, read by
+    asyncio in one piece) was served, 200."""
+    from digitrec.server import guarded_http_protocol
+
+    with live_server(create_app(predictor, feedback_db=db_path), http=guarded_http_protocol(5.0)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head)
+            seconds, said = _wait_for_close(sock, 1.0)
+        assert said.startswith(b"HTTP/1.1 431") and said.count(b"HTTP/1.1") == 1, said
+        assert said.endswith(
+            b'{"detail": "request header fields too large: send at most 64 KB of request line and headers."}'
+        )
+        with httpx.Client(base_url=url, timeout=5) as http:  # and the server goes on
+            headers = {"X-Big": "a" * 60_000}  # under the limit: served
+            assert http.get("/healthz", headers=headers).status_code == 200
+            assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+
+
 # ------------------------------------------------------------------------------------------------ worker processes
 
 

@@ -346,6 +346,8 @@ def guarded_http_protocol(
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    too_large = f"send at most {max_header_bytes / 1024:g} KB of request line and headers"
+
     class HeaderDeadlineProtocol(HttpToolsProtocol):
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -353,6 +355,10 @@ def guarded_http_protocol(
             self._head_timer: asyncio.TimerHandle | None = None
             self._body_timer: asyncio.TimerHandle | None = None
             self._in_head = True  # waiting for a request head; a client that sends nothing is held to it too
+            self._parsed_head_bytes = (
+                0  # the request line's target and the headers, as the parser hands them over
+            )
+            self._refused = False
             self._arm_head_timer()
 
         def _arm_head_timer(self) -> None:
@@ -374,15 +380,31 @@ def guarded_http_protocol(
             if self._in_head and self._head_timer is not None and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > max_header_bytes:
-                    self._refuse(431, "Request Header Fields Too Large", "send the request headers promptly")
+                    self._refuse(431, "Request Header Fields Too Large", too_large)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_head = True
             self._head_bytes = 0
+            self._parsed_head_bytes = 0
             self._arm_head_timer()  # a kept-alive connection: the next request's clock starts at its first byte
 
+        def on_url(self, url: bytes) -> None:
+            self._parsed_head_bytes += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._parsed_head_bytes += len(name) + len(value) + 4  # ": " and CRLF
+            super().on_header(name, value)
+
         def on_headers_complete(self) -> None:
+            if self._refused or self.transport.is_closing():
+                return
+            if self._parsed_head_bytes > max_header_bytes:
+                # a head that arrived whole in one read (up to asyncio's 256 KB) passed the count in
+                # data_received, which only sees a head still incomplete: a 70,000-byte header was served
+                self._refuse(431, "Request Header Fields Too Large", too_large)
+                return
             self._in_head = False
             self._disarm_head_timer()
             self._disarm_body_timer()
@@ -401,9 +423,14 @@ def guarded_http_protocol(
             finally:
                 self.app, self.limit_concurrency = app, limit
 
+        def on_body(self, body: bytes) -> None:
+            if not self._refused:  # a refused request has no cycle to take its body
+                super().on_body(body)
+
         def on_message_complete(self) -> None:
             self._disarm_body_timer()
-            super().on_message_complete()
+            if not self._refused:
+                super().on_message_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head_timer()
@@ -434,6 +461,7 @@ def guarded_http_protocol(
             self._disarm_head_timer()
             self._disarm_body_timer()
             self._in_head = False
+            self._refused = True
             body = json.dumps({"detail": f"{reason.lower()}: {advice}."}).encode()
             self.transport.write(
                 f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
