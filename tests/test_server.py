@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -754,6 +755,33 @@ def test_a_head_over_64_kb_that_arrives_in_one_piece_is_refused_with_431_too(pre
         with httpx.Client(base_url=url, timeout=5) as http:  # and the server goes on
             headers = {"X-Big": "a" * 60_000}  # under the limit: served
             assert http.get("/healthz", headers=headers).status_code == 200
+            assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: five\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS hello: https:// to a plain-HTTP port
+        b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+    ],
+    ids=["huge Content-Length", "Content-Length not a number", "TLS hello", "header without a colon"],
+)
+def test_bytes_that_are_not_http_get_a_json_400_like_every_other_error(predictor, db_path, request_bytes):
+    """uvicorn answered them itself: 400, text/plain, "Invalid HTTP request received."."""
+    from digitrec.server import guarded_http_protocol
+
+    with live_server(create_app(predictor, feedback_db=db_path), http=guarded_http_protocol(5.0)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request_bytes)
+            seconds, said = _wait_for_close(sock, 1.0)
+        head, _, body = said.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head, said
+        detail = json.loads(body)["detail"]
+        assert detail.startswith("the request is not valid HTTP/1.1") and detail.count(". ") == 0
+        with httpx.Client(base_url=url, timeout=5) as http:
             assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
 
 

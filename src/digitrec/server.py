@@ -457,12 +457,24 @@ def guarded_http_protocol(
                 408, "Request Timeout", f"send the whole request body within {body_timeout:g} seconds"
             )
 
-        def _refuse(self, status: int, reason: str, advice: str) -> None:
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's answer to bytes its parser refuses ("Invalid HTTP request received.") was text/plain
+            if self.transport.is_closing():  # refused already (a 431): one answer per connection
+                return
+            self._refuse(
+                400,
+                "Bad Request",
+                "",
+                detail="the request is not valid HTTP/1.1 (its request line, a header or its Content-Length "
+                "cannot be parsed); send a well-formed request.",
+            )
+
+        def _refuse(self, status: int, reason: str, advice: str, detail: str = "") -> None:
             self._disarm_head_timer()
             self._disarm_body_timer()
             self._in_head = False
             self._refused = True
-            body = json.dumps({"detail": f"{reason.lower()}: {advice}."}).encode()
+            body = json.dumps({"detail": detail or f"{reason.lower()}: {advice}."}).encode()
             self.transport.write(
                 f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
