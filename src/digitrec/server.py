@@ -355,9 +355,8 @@ def guarded_http_protocol(
             self._head_timer: asyncio.TimerHandle | None = None
             self._body_timer: asyncio.TimerHandle | None = None
             self._in_head = True  # waiting for a request head; a client that sends nothing is held to it too
-            self._parsed_head_bytes = (
-                0  # the request line's target and the headers, as the parser hands them over
-            )
+            # the request target and the headers as the parser hands them over, however they arrived
+            self._parsed_head_bytes = 0
             self._refused = False
             self._arm_head_timer()
 
