@@ -208,6 +208,39 @@ def test_onnx_predictor_gives_the_same_answers(
     assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1  # exported once, cached
 
 
+@pytest.mark.parametrize("damage", ["truncated", "another model's export"])
+def test_a_damaged_cached_export_is_made_again_not_refused_for_ever(
+    tiny_checkpoint: Path, tiny_mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """A cached export that ONNX Runtime could not load stopped every later `--backend onnx` ("ONNX Runtime
+    cannot load .../onnx/<hash>.onnx") and sent `serve`'s auto backend to PyTorch, until deleted by hand."""
+    monkeypatch.setenv("DIGITREC_CACHE", str(tmp_path / "cache"))
+    cached = export_module.cached_onnx(tiny_checkpoint)
+    good = cached.read_bytes()
+    if damage == "truncated":
+        cached.write_bytes(good[: len(good) // 3])
+    else:
+        other = tmp_path / "other.safetensors"
+        model, meta = load_model(tiny_checkpoint)
+        _randomize_batchnorm(model)
+        save_model(other, model, meta)
+        export_onnx(other, cached)
+    said: list[str] = []
+    assert export_module.cached_onnx(tiny_checkpoint, log=said.append) == cached
+    assert said[0].startswith(f"the cached ONNX export {cached} is damaged or not ")
+    assert (
+        onnx_metadata(cached)["export"]["source_sha256"]
+        == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    )
+    batch = as_input(tiny_mnist.test_images[:20])
+    answers = Predictor.load(tiny_checkpoint, backend="onnx").predict_tensor(batch)
+    expected = Predictor.load(tiny_checkpoint).predict_tensor(batch)
+    assert [a.digit for a in answers] == [e.digit for e in expected]
+    said.clear()
+    export_module.cached_onnx(tiny_checkpoint, log=said.append)
+    assert said == []  # a good cache entry is used as it is
+
+
 def test_onnx_backend_answers_one_image_at_a_time_as_it_answers_a_batch(
     tiny_checkpoint: Path, tiny_mnist, tmp_path: Path
 ) -> None:

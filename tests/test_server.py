@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ from serverkit import FakePredictor, digit_png, keep_grad_mode, live_server  # n
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from digitrec.server import MAX_PIXELS, create_app  # noqa: E402
+from digitrec.server import IMAGE_HINT, MAX_PIXELS, create_app  # noqa: E402
 
 
 @pytest.fixture
@@ -271,6 +272,59 @@ def test_a_form_label_is_exactly_one_ascii_digit(client, label, db_path):
     assert response.status_code == 422
     with sqlite3.connect(db_path) as con:
         assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    "send",
+    [
+        lambda c, png: c.post("/api/feedback", files=upload(png), data={"label": ["1", "2"]}),
+        lambda c, png: c.post(
+            "/api/feedback", files=upload(png), data={"label": "1", "predicted": ["7", "9"]}
+        ),
+        lambda c, png: c.post(
+            "/api/feedback",
+            params=[("label", "1"), ("label", "2")],
+            content=png,
+            headers={"content-type": "image/png"},
+        ),
+        lambda c, png: c.post(
+            "/api/feedback",
+            content=b'{"image": "' + base64.b64encode(png) + b'", "label": 1, "label": 2}',
+            headers={"content-type": "application/json"},
+        ),
+    ],
+    ids=["form label twice", "form predicted twice", "query label twice", "JSON label twice"],
+)
+def test_a_correction_whose_label_is_sent_twice_is_422_and_stores_nothing(client, send, db_path):
+    """label=1 and label=2 in one request stored the last one, 2, as the correct digit, without a word."""
+    response = send(client, digit_png())
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert detail.startswith('the field "') and detail.endswith('" was sent 2 times; send it once.')
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+    assert client.post("/api/feedback", files=upload(digit_png()), data={"label": "1"}).status_code == 201
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(files=[("file", ("a.png", b"x", "image/png"))] * 3),
+        dict(files={"file": ("a.png", b"x", "image/png")}, data={f"f{i}": "x" for i in range(11)}),
+        dict(content=b"garbage", headers={"content-type": "multipart/form-data; boundary=xyz"}),
+        dict(content=b"garbage", headers={"content-type": "multipart/form-data"}),
+    ],
+    ids=["three files", "eleven fields", "garbage body", "no boundary"],
+)
+@pytest.mark.parametrize("endpoint", ["/api/predict", "/api/read", "/api/feedback"])
+def test_a_form_the_parser_refuses_is_one_sentence_saying_what_to_send(client, endpoint, kwargs):
+    """Starlette's own words came back: "Too many files. Maximum number of files is 2." (two sentences),
+    "Invalid multipart data." and "Missing boundary in multipart.", none saying what to send instead."""
+    response = client.post(endpoint, **kwargs)
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert detail.startswith("the multipart form cannot be read (") and detail.endswith(IMAGE_HINT + ".")
+    assert detail.count(". ") == 0  # one sentence
 
 
 @pytest.mark.parametrize("label", [b"4.0", b'"4"', b"[4]", b"false"])
@@ -673,6 +727,64 @@ def test_a_request_head_over_64_kb_is_refused_with_431(predictor, db_path):
         assert said.startswith(b"HTTP/1.1 431")
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GET /healthz?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5\r\n"
+        + b"X-Big: " * 10_000
+        + b"\r\n\r\nabcde",
+    ],
+    ids=["one 70 KB header", "a 70 KB URL", "a 70 KB head with a body"],
+)
+def test_a_head_over_64_kb_that_arrives_in_one_piece_is_refused_with_431_too(predictor, db_path, head):
+    """Only a head still incomplete after 64 KB was counted: one sent whole (a 70,000-byte header, read by
+    asyncio in one piece) was served, 200."""
+    from digitrec.server import guarded_http_protocol
+
+    with live_server(create_app(predictor, feedback_db=db_path), http=guarded_http_protocol(5.0)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head)
+            seconds, said = _wait_for_close(sock, 1.0)
+        assert said.startswith(b"HTTP/1.1 431") and said.count(b"HTTP/1.1") == 1, said
+        assert said.endswith(
+            b'{"detail": "request header fields too large: send at most 64 KB of request line and headers."}'
+        )
+        with httpx.Client(base_url=url, timeout=5) as http:  # and the server goes on
+            headers = {"X-Big": "a" * 60_000}  # under the limit: served
+            assert http.get("/healthz", headers=headers).status_code == 200
+            assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: five\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS hello: https:// to a plain-HTTP port
+        b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+    ],
+    ids=["huge Content-Length", "Content-Length not a number", "TLS hello", "header without a colon"],
+)
+def test_bytes_that_are_not_http_get_a_json_400_like_every_other_error(predictor, db_path, request_bytes):
+    """uvicorn answered them itself: 400, text/plain, "Invalid HTTP request received."."""
+    from digitrec.server import guarded_http_protocol
+
+    with live_server(create_app(predictor, feedback_db=db_path), http=guarded_http_protocol(5.0)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request_bytes)
+            seconds, said = _wait_for_close(sock, 1.0)
+        head, _, body = said.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head, said
+        detail = json.loads(body)["detail"]
+        assert detail.startswith("the request is not valid HTTP/1.1") and detail.count(". ") == 0
+        with httpx.Client(base_url=url, timeout=5) as http:
+            assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+
+
 # ------------------------------------------------------------------------------------------------ worker processes
 
 
@@ -1007,6 +1119,16 @@ def test_load_benchmark_finds_the_server_and_counts_its_cpu_time() -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_the_banner_gives_an_address_a_browser_opens() -> None:
+    """`serve --host ::1` printed http://::1:8000/, which no browser opens."""
+    from digitrec.server import listen_url
+
+    assert listen_url("::1", 8000) == "http://[::1]:8000/"
+    assert listen_url("::", 18200) == "http://[::]:18200/"
+    assert listen_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
+    assert listen_url("localhost", 8000) == "http://localhost:8000/"
+
+
 def test_stopping_serve_stops_its_image_workers(tmp_path):
     """uvicorn re-raises the SIGTERM it caught, so workers the app does not stop itself outlive the server."""
     fault = _fault_benchmark()

@@ -1111,7 +1111,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     p.add_argument(
-        "--feedback-db", help="SQLite file for corrections (default ~/.local/share/digitrec/feedback.sqlite)"
+        "--feedback-db",
+        help="SQLite file for corrections (default $DIGITREC_FEEDBACK_DB, else $XDG_DATA_HOME or ~/.local/share, then digitrec/feedback.sqlite)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument(
@@ -1143,7 +1144,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = feedback_sub.add_parser(
         "export", help="write the corrections as MNIST IDX files or a PNG folder per label"
     )
-    q.add_argument("--feedback-db", help="SQLite file (default ~/.local/share/digitrec/feedback.sqlite)")
+    q.add_argument(
+        "--feedback-db",
+        help="SQLite file (default $DIGITREC_FEEDBACK_DB, else $XDG_DATA_HOME or ~/.local/share, then digitrec/feedback.sqlite)",
+    )
     q.add_argument("--format", choices=["idx", "png"], default="idx")
     q.add_argument(
         "--out", type=_folder, default="feedback-export", help="output folder (default feedback-export)"
@@ -1174,7 +1178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--feedback",
         "--feedback-db",
         dest="feedback",
-        help="SQLite file of corrections (default ~/.local/share/digitrec/feedback.sqlite; also --feedback-db)",
+        help="SQLite file of corrections (default $DIGITREC_FEEDBACK_DB, else $XDG_DATA_HOME or ~/.local/share, then digitrec/feedback.sqlite; also --feedback-db)",
     )
     p.add_argument("--epochs", type=float, default=1.0, help="passes over MNIST + corrections (default 1)")
     p.add_argument(

@@ -346,6 +346,8 @@ def guarded_http_protocol(
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    too_large = f"send at most {max_header_bytes / 1024:g} KB of request line and headers"
+
     class HeaderDeadlineProtocol(HttpToolsProtocol):
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -353,6 +355,9 @@ def guarded_http_protocol(
             self._head_timer: asyncio.TimerHandle | None = None
             self._body_timer: asyncio.TimerHandle | None = None
             self._in_head = True  # waiting for a request head; a client that sends nothing is held to it too
+            # the request target and the headers as the parser hands them over, however they arrived
+            self._parsed_head_bytes = 0
+            self._refused = False
             self._arm_head_timer()
 
         def _arm_head_timer(self) -> None:
@@ -374,15 +379,31 @@ def guarded_http_protocol(
             if self._in_head and self._head_timer is not None and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > max_header_bytes:
-                    self._refuse(431, "Request Header Fields Too Large", "send the request headers promptly")
+                    self._refuse(431, "Request Header Fields Too Large", too_large)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_head = True
             self._head_bytes = 0
+            self._parsed_head_bytes = 0
             self._arm_head_timer()  # a kept-alive connection: the next request's clock starts at its first byte
 
+        def on_url(self, url: bytes) -> None:
+            self._parsed_head_bytes += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._parsed_head_bytes += len(name) + len(value) + 4  # ": " and CRLF
+            super().on_header(name, value)
+
         def on_headers_complete(self) -> None:
+            if self._refused or self.transport.is_closing():
+                return
+            if self._parsed_head_bytes > max_header_bytes:
+                # a head that arrived whole in one read (up to asyncio's 256 KB) passed the count in
+                # data_received, which only sees a head still incomplete: a 70,000-byte header was served
+                self._refuse(431, "Request Header Fields Too Large", too_large)
+                return
             self._in_head = False
             self._disarm_head_timer()
             self._disarm_body_timer()
@@ -401,9 +422,14 @@ def guarded_http_protocol(
             finally:
                 self.app, self.limit_concurrency = app, limit
 
+        def on_body(self, body: bytes) -> None:
+            if not self._refused:  # a refused request has no cycle to take its body
+                super().on_body(body)
+
         def on_message_complete(self) -> None:
             self._disarm_body_timer()
-            super().on_message_complete()
+            if not self._refused:
+                super().on_message_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head_timer()
@@ -430,11 +456,24 @@ def guarded_http_protocol(
                 408, "Request Timeout", f"send the whole request body within {body_timeout:g} seconds"
             )
 
-        def _refuse(self, status: int, reason: str, advice: str) -> None:
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's answer to bytes its parser refuses ("Invalid HTTP request received.") was text/plain
+            if self.transport.is_closing():  # refused already (a 431): one answer per connection
+                return
+            self._refuse(
+                400,
+                "Bad Request",
+                "",
+                detail="the request is not valid HTTP/1.1 (its request line, a header or its Content-Length "
+                "cannot be parsed); send a well-formed request.",
+            )
+
+        def _refuse(self, status: int, reason: str, advice: str, detail: str = "") -> None:
             self._disarm_head_timer()
             self._disarm_body_timer()
             self._in_head = False
-            body = json.dumps({"detail": f"{reason.lower()}: {advice}."}).encode()
+            self._refused = True
+            body = json.dumps({"detail": detail or f"{reason.lower()}: {advice}."}).encode()
             self.transport.write(
                 f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
@@ -708,7 +747,11 @@ def create_app(
         query string's fields are strings, JSON's are the values the JSON holds."""
         content_type = _content_type(request)
         if content_type == "multipart/form-data":
-            async with request.form(max_files=2, max_fields=10) as form:
+            try:
+                form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+            except StarletteHTTPException as exc:  # Starlette's own words, some in two sentences: say ours
+                raise HTTPException(400, _unreadable_form(str(exc.detail))) from None
+            try:
                 uploads = form.getlist("file")
                 if not uploads:
                     raise HTTPException(400, f"the form has no file field named 'file'; {IMAGE_HINT}.")
@@ -724,11 +767,13 @@ def create_app(
                         f"{IMAGE_HINT}.",
                     )
                 data = await upload.read()
-                fields = {key: value for key, value in form.items() if isinstance(value, str)}
+                fields = _fields_once(form.multi_items())
+            finally:
+                await form.close()
             return data, fields
         if content_type == "application/json":
             try:
-                body = json.loads(await request.body())
+                body = json.loads(await request.body(), object_pairs_hook=_fields_once)
             # ValueError: also a number of over 4,300 digits; RecursionError: arrays nested thousands deep
             except (ValueError, RecursionError):
                 raise HTTPException(400, f"the body is not valid JSON; {IMAGE_HINT}.") from None
@@ -743,7 +788,7 @@ def create_app(
                 raise HTTPException(400, 'the "image" field is not valid base64.') from None
             return data, body
         if content_type.startswith("image/") or content_type == "application/octet-stream":
-            return await request.body(), dict(request.query_params)
+            return await request.body(), _fields_once(request.query_params.multi_items())
         raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}; {IMAGE_HINT}.")
 
     async def to_input(data: bytes) -> np.ndarray:
@@ -1062,10 +1107,50 @@ def _fastapi(**kwargs: Any) -> FastAPI:
     return FastAPIOffline(**kwargs)
 
 
+MAX_FORM_FILES = 2
+MAX_FORM_FIELDS = 10
+
+
+class _Repeated(list):
+    """The values of a field a request sent more than once (label=1 and label=2): which one it meant is unknown."""
+
+
+def _fields_once(pairs: Any) -> dict[str, Any]:
+    """A form's, a query string's or a JSON object's (name, value) pairs as a dict; a name that comes more than
+    once maps to a _Repeated list of its values rather than to its last value, so that a field read from it is
+    refused instead of silently taking one of them. A form's files are left out: read_upload reads them."""
+    fields: dict[str, Any] = {}
+    for key, value in pairs:
+        if not isinstance(key, str) or not isinstance(value, (str, int, float, bool, list, dict, type(None))):
+            continue  # an uploaded file
+        if key in fields:
+            previous = fields[key]
+            fields[key] = previous if isinstance(previous, _Repeated) else _Repeated([previous])
+            fields[key].append(value)
+        else:
+            fields[key] = value
+    return fields
+
+
+def _unreadable_form(reason: str) -> str:
+    """One sentence for a multipart body Starlette's parser refused (its reason, in its words, is given)."""
+    if reason.startswith("Too many files"):
+        reason = f"more than {MAX_FORM_FILES} files"
+    elif reason.startswith("Too many fields"):
+        reason = f"more than {MAX_FORM_FIELDS} fields"
+    else:
+        reason = reason.rstrip(".").replace(". ", "; ")
+        reason = reason[:1].lower() + reason[1:]
+    return f"the multipart form cannot be read ({reason}); {IMAGE_HINT}."
+
+
 def _digit_field(fields: dict[str, Any], name: str, required: bool, from_json: bool) -> int | None:
     """A digit 0-9 from a field, or a 422 saying what is wrong: in JSON an integer 0 to 9 (not 4.0, "4" or true),
-    in a form or query string exactly one ASCII character 0-9 (not " 3 ", "+3", "0_3", "3.0" or a fullwidth 3)."""
+    in a form or query string exactly one ASCII character 0-9 (not " 3 ", "+3", "0_3", "3.0" or a fullwidth 3),
+    and sent once (label=1 and label=2 together are refused, not read as 2)."""
     value = fields.get(name)
+    if isinstance(value, _Repeated):
+        raise HTTPException(422, f'the field "{name}" was sent {len(value)} times; send it once.')
     if value is None or value == "":
         if required:
             raise HTTPException(422, f'the field "{name}" is missing; send the correct digit, 0 to 9.')
@@ -1153,6 +1238,12 @@ def check_can_listen(host: str, port: int) -> None:
             ) from None
 
 
+def listen_url(host: str, port: int) -> str:
+    """The address a browser takes for `host:port`: an IPv6 address in brackets (http://[::1]:8000/, not the
+    http://::1:8000/ the banner used to print)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def serve(
     model: str | Path | None = None,
     host: str = "127.0.0.1",
@@ -1181,7 +1272,7 @@ def serve(
     app = create_app(predictor, feedback_db=store, preprocess_processes=os.cpu_count() or 1)
     engine = BACKEND_NAMES.get(type(predictor.backend).__name__, "PyTorch")
     print(
-        f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at http://{host}:{port}/  (API docs: /docs)",
+        f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at {listen_url(host, port)}  (API docs: /docs)",
         flush=True,
     )
     freeze_heap()
