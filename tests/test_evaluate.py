@@ -85,3 +85,15 @@ def test_the_report_and_calibrate_measure_the_same_ece():
     ours = expected_calibration_error(probabilities, labels)
     assert ours > 0.1  # random labels: far from calibrated
     assert ours == pytest.approx(calibrate.expected_calibration_error(probabilities.numpy(), labels.numpy()))
+
+
+def test_accuracies_are_exact_fractions_not_float32_means():
+    """9,915 right of 10,000 is 0.9915 in metrics.json and `evaluate --json`; a float32 mean wrote
+    0.9915000200271606 (and the training loop's validation and test accuracies the same way)."""
+    from digitrec.training import loss_and_accuracy
+
+    labels = torch.arange(10_000) % 10
+    logits = torch.nn.functional.one_hot(labels, 10).float()
+    logits[:85] = logits[:85].roll(1, dims=1)  # 85 wrong
+    assert compute_metrics(logits, labels)["test_accuracy"] == 0.9915
+    assert loss_and_accuracy(logits, labels)[1] == 0.9915

@@ -30,7 +30,16 @@ from .data import MNIST
 from .errors import DigitrecError
 from .models import create_model
 from .optim import _FUSED, AdamW
-from .training import as_input, autocast, epoch_order, lr_at, make_optimizer, recipe_logits, steps_in_epoch
+from .training import (
+    as_input,
+    autocast,
+    epoch_order,
+    fraction_correct,
+    lr_at,
+    make_optimizer,
+    recipe_logits,
+    steps_in_epoch,
+)
 
 WARMUP_STEPS = 3  # eager steps on a side stream before the capture (cuDNN picks its kernels there)
 
@@ -218,7 +227,7 @@ class GraphedTrainer:
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
         logits = recipe_logits(self.model, test_images, self.config)
-        accuracy = (logits.argmax(1) == test_labels).float().mean().item()
+        accuracy = fraction_correct(logits.argmax(1), test_labels)
         eval_seconds = time.perf_counter() - start
         return GraphedRun(seed, accuracy, train_seconds, eval_seconds, train_loss)
 

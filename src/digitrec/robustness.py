@@ -208,10 +208,12 @@ def evaluate_robustness(
     """
     if not models:
         raise DigitrecError("robustness needs at least one model; pass a run folder or a model file.")
+    from .training import fraction_correct
+
     labels = labels.long()
 
     def accuracy(logits: torch.Tensor) -> float:
-        return (logits.argmax(1) == labels).float().mean().item()
+        return fraction_correct(logits.argmax(1), labels)
 
     clean_logits = [m.scorer(images) for m in models]
     results: list[dict[str, Any]] = [

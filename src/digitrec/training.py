@@ -326,11 +326,17 @@ def evaluate(
     return loss_and_accuracy(recipe_logits(model, images, config), labels)
 
 
+def fraction_correct(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of predicted classes equal to their labels, exactly (9915 / 10000 is 0.9915; a float32
+    mean gave 0.9915000200271606 to metrics.json)."""
+    return (predicted == labels.to(predicted.device)).sum().item() / max(len(labels), 1)
+
+
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of logits against their labels."""
     labels = labels.to(logits.device).long()
     loss = F.cross_entropy(logits, labels).item()
-    return loss, (logits.argmax(1) == labels).float().mean().item()
+    return loss, fraction_correct(logits.argmax(1), labels)
 
 
 def _optimizer_tensors(optimizer: Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
