@@ -82,6 +82,14 @@ def test_healthz_gives_an_int8_models_own_test_accuracy(db_path):
         assert c.get("/healthz").json()["test_accuracy"] == 0.9911
 
 
+def test_healthz_gives_an_older_checkpoints_float32_accuracy_as_the_fraction_it_was(db_path):
+    """Checkpoints written before accuracies were exact fractions hold float32 means: /healthz said
+    0.9915000200271606 for 9,915 right of 10,000."""
+    older = FakePredictor(meta={"metrics": {"test_accuracy": 0.9915000200271606}})
+    with TestClient(create_app(older, feedback_db=db_path)) as c:
+        assert c.get("/healthz").json()["test_accuracy"] == 0.9915
+
+
 def test_head_probes_of_healthz_and_the_page_are_answered(client):
     """Load balancers probe with HEAD; it was 405."""
     for path in ("/healthz", "/"):
