@@ -383,9 +383,12 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from .data import load_mnist
     from .sweep import summary_table, sweep
 
     out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    # found and verified once here, so a --data-dir without MNIST is one sentence rather than every job's failure
+    load_mnist(args.data_dir, log=_stderr)
     flags = [
         flag
         for name, value in (
