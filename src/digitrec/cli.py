@@ -305,6 +305,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             title=f"digitrec evaluate {args.model}",
             log=_stderr,
             meta=meta,
+            checkpoint=path,
         )
     else:
         metrics, _ = evaluate_model(model, data, config, temperature=float(meta.get("temperature", 1.0)))
