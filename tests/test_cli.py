@@ -93,6 +93,7 @@ def test_user_errors_are_one_sentence_without_traceback(args, message):
         ["evaluate", "some-run", "--report", "{file}/sub"],
         ["calibrate", "some-run", "--out", "{file}/m.safetensors"],
         ["ensemble", "run-a", "run-b", "--out", "{file}/e"],
+        ["train-pairs", "--count", "300", "--epochs", "1", "--out", "{file}/p.safetensors"],
         ["predict", "some.png", "--show-steps", "{file}/sub"],
         ["feedback", "export", "--out", "{file}/sub"],
     ],
@@ -108,6 +109,17 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(args, tmp_pa
     assert existing.read_text() == "not a folder"
 
 
+def test_train_pairs_refuses_a_folder_for_its_file_before_any_work(tmp_path, capsys):
+    """It trained for the whole run, then failed to write over the folder, in a sentence about a .tmp file."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["train-pairs", "--count", "300", "--epochs", "1", "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert f"is a folder; name the file to write, such as '{tmp_path / 'pairs.safetensors'}'" in (
+        capsys.readouterr().err
+    )
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -116,6 +128,10 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(args, tmp_pa
         ["predict", "{image}", "--show-steps", "/proc/no-such-folder"],
         ["feedback", "export", "--feedback-db", "{db}", "--out", "/proc/no-such-folder"],
         ["evaluate", "no-such-model", "--report", "/proc/no-such-folder"],
+        # these three said so only after the whole calibration, evaluation or training
+        ["calibrate", "no-such-model", "--out", "/proc/no-such-folder/m.safetensors"],
+        ["ensemble", "no-such-a", "no-such-b", "--out", "/proc/no-such-folder/e.safetensors"],
+        ["train-pairs", "--count", "300", "--epochs", "1", "--out", "/proc/no-such-folder/p.safetensors"],
     ],
 )
 def test_an_output_folder_that_cannot_be_made_is_one_sentence_before_any_work(args, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -91,6 +92,37 @@ def test_an_ensembles_card_names_its_members():
         modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03, "per_class": []}, meta)
     )
     assert "Model card: ensemble (ensemble of deep_cnn, fast_cnn)" in text
+
+
+def test_an_ensembles_card_says_when_it_was_made_without_a_gap():
+    meta = {"members": [{"config": {"arch": "lenet"}}] * 2, "versions": {"digitrec": "0.1.0"}}
+    text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03}, meta))
+    assert "Trained with digitrec 0.1.0." in text  # "Trained  with": no date for an ensemble
+
+
+def test_evaluate_reports_the_size_and_weight_type_of_the_checkpoint_it_evaluated(run, idx_folder, tmp_path):
+    """The card gave the size of whatever model.safetensors lay in --report DIR (none: no size), always as
+    float32, where `calibrate --half` stores float16."""
+    from digitrec.checkpoint import load_tensors, save_tensors
+    from digitrec.cli import main
+
+    tensors, meta = load_tensors(run.model_path)
+    half = tmp_path / "half.safetensors"
+    save_tensors(half, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, meta)
+    size = half.stat().st_size
+    report = tmp_path / "report"
+    assert main(["evaluate", str(half), "--report", str(report), "--data-dir", str(idx_folder)]) == 0
+    card = (report / "MODEL_CARD.md").read_text()
+    assert f"Checkpoint size {size / 1e6:.2f} MB (safetensors, float16 weights)." in card
+    # into another run's folder: the evaluated file's size, not that run's model.safetensors
+    other = tmp_path / "other-run"
+    shutil.copytree(run.out_dir, other)
+    assert main(["evaluate", str(half), "--report", str(other), "--data-dir", str(idx_folder)]) == 0
+    card = (other / "MODEL_CARD.md").read_text()
+    assert f"Checkpoint size {size / 1e6:.2f} MB (safetensors, float16 weights)." in card
+    assert main(["evaluate", str(other), "--report", str(other), "--data-dir", str(idx_folder)]) == 0
+    card = (other / "MODEL_CARD.md").read_text()
+    assert f"{run.model_path.stat().st_size / 1e6:.2f} MB (safetensors, float32 weights)." in card
 
 
 def _card_command(text: str) -> list[str]:

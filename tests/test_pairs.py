@@ -9,7 +9,7 @@ from conftest import randomize_batch_norm
 
 from digitrec import pairs as pairs_module
 from digitrec.checkpoint import save_tensors
-from digitrec.errors import CheckpointError
+from digitrec.errors import CheckpointError, DigitrecError
 from digitrec.pairs import (
     CLASSES,
     NO_PAIR,
@@ -86,6 +86,16 @@ def test_train_pairs_writes_a_scorer_read_can_use(tiny_data, tmp_path):
     assert scorer is not None
     out = scorer(np.zeros((2, 28, 28), np.float32))
     assert out.shape == (2, CLASSES) and np.isfinite(out).all()
+
+
+def test_train_pairs_refuses_a_count_that_leaves_no_batch_before_drawing(tiny_data, tmp_path, monkeypatch):
+    """`--count 100` drew its pieces, then stopped in a traceback from the learning-rate schedule (no step)."""
+    monkeypatch.setattr(pairs_module, "make_pairs", None)  # nothing may be drawn
+    with pytest.raises(
+        DigitrecError, match="--count 100 leaves 95 training pieces .* use --count 269 or more"
+    ):
+        train_pairs(tmp_path / "p.safetensors", count=100, epochs=1)
+    assert not (tmp_path / "p.safetensors").exists()
 
 
 def _blob_of_two() -> np.ndarray:

@@ -38,6 +38,29 @@ def test_a_sweep_train_would_refuse_fails_before_any_run(
     assert not any(tmp_path.iterdir())
 
 
+def test_a_device_this_machine_lacks_fails_once_before_any_run(tmp_path, monkeypatch):
+    """`--device cuda` without a GPU started every job, and each failed with train's sentence in its log."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(subprocess, "Popen", None)  # no job may start
+    with pytest.raises(DigitrecError, match="--device cuda was asked for but no CUDA GPU is available"):
+        sweep(["fast"], [0, 1], tmp_path, train_flags=["--device", "cuda"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_data_dir_without_mnist_fails_once_before_any_run(tmp_path, monkeypatch, capsys):
+    from digitrec.cli import main
+
+    monkeypatch.setattr(subprocess, "Popen", None)  # no job may start
+    (tmp_path / "empty").mkdir()
+    args = ["sweep", "--seeds", "0", "1", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "s")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "empty" in err
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_sweep_run_again_starts_its_jobs_over(tmp_path, monkeypatch):
     """train refuses a folder holding an unfinished run, so an interrupted sweep run again failed those jobs."""
     from digitrec.cli import build_parser

@@ -37,6 +37,18 @@ def _model_out(value: str) -> Path:
     return path
 
 
+def _pairs_out(value: str) -> Path:
+    """An argparse type for train-pairs' --out, the file it writes: a folder there (where writing fails only
+    after the whole training) is refused now, and so is a file in the way of its folder."""
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is a folder; name the file to write, such as {str(path / 'pairs.safetensors')!r}"
+        )
+    _folder(str(path.parent))
+    return path
+
+
 def _blocking_file(path: Path) -> Path | None:
     """The file that keeps `path` from being a folder: the path itself or the nearest existing parent, when that
     is not a folder."""
@@ -293,6 +305,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             title=f"digitrec evaluate {args.model}",
             log=_stderr,
             meta=meta,
+            checkpoint=path,
         )
     else:
         metrics, _ = evaluate_model(model, data, config, temperature=float(meta.get("temperature", 1.0)))
@@ -345,6 +358,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             ".safetensors file."
         )
     _refuse_one_model_twice(args.models, ", and an ensemble of one model is that model alone")
+    if args.out:  # a folder it cannot write into is said now, not after the evaluation
+        _make_folder(args.out.parent, "--out")
     data = load_mnist(args.data_dir, log=_stderr)
     if args.out:  # built before the evaluation, so that a model it cannot join stops the command at once
         from .checkpoint import load_ensemble, save_model
@@ -369,9 +384,12 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from .data import load_mnist
     from .sweep import summary_table, sweep
 
     out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    # found and verified once here, so a --data-dir without MNIST is one sentence rather than every job's failure
+    load_mnist(args.data_dir, log=_stderr)
     flags = [
         flag
         for name, value in (
@@ -436,6 +454,7 @@ def cmd_train_pairs(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .pairs import train_pairs
 
+    _make_folder(args.out.parent, "--out")  # before the training, not after it
     load_mnist(args.data_dir, log=_stderr)  # fetched and verified here; the workers then read the cache
     if args.data_dir:
         os.environ["DIGITREC_DATA"] = str(args.data_dir)
@@ -601,6 +620,8 @@ def cmd_read(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
+    if args.out:  # a folder it cannot write into is said now, not after the calibration
+        _make_folder(args.out.parent, "--out")
     calibrate(_model_path(args.model), count=args.count, out_path=args.out, half=args.half, log=print)
     print(f"calibration written into {args.out or _model_path(args.model)}")
     return 0
@@ -1160,7 +1181,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the classifier of touching digit pairs that `read` consults (bundled: pretrained/pairs)",
     )
     p.add_argument(
-        "--out", default="runs/pairs/pairs.safetensors", help="file to write (default %(default)s)"
+        "--out",
+        type=_pairs_out,
+        default="runs/pairs/pairs.safetensors",
+        help="file to write (default %(default)s)",
     )
     p.add_argument(
         "--count", type=_positive_int, default=150_000, help="training pieces to draw (default 150000)"

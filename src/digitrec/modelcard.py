@@ -75,8 +75,10 @@ def build_card(
     latency: dict[str, Any] | None = None,
     size_bytes: int | None = None,
     params: int | None = None,
+    weights: str | None = "float32",
 ) -> list[Section]:
-    """The card's sections from what a run knows; any part left out is simply not shown."""
+    """The card's sections from what a run knows; any part left out is simply not shown. `weights` is the type
+    the checkpoint stores its weights in (float16 after `calibrate --half`; None: not said)."""
     meta = meta or {}
     config = config or (TrainConfig.from_checkpoint(meta) if meta.get("config") else None)
     recipe = meta.get("recipe", "custom")
@@ -92,12 +94,15 @@ def build_card(
 
     details = [f"Architecture `{arch}`" + (f", {params:,} parameters" if params else "") + "."]
     if size_bytes:
-        details.append(f"Checkpoint size {size_bytes / 1e6:.2f} MB (safetensors, float32 weights).")
+        stored = f"safetensors, {weights} weights" if weights else "safetensors"
+        details.append(f"Checkpoint size {size_bytes / 1e6:.2f} MB ({stored}).")
     created = meta.get("created")
     versions = meta.get("versions", {})
     if created or versions:
         details.append(
-            f"Trained {created or ''} with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."
+            f"Trained {created + ' ' if created else ''}with "
+            + ", ".join(f"{k} {v}" for k, v in versions.items())
+            + "."
         )
     sections.append(Section(f"Model card: {recipe}{', dry run' if dry_run else ''} ({arch})", details))
 
@@ -392,6 +397,28 @@ def to_html(sections: list[Section]) -> str:
     return '<section class="model-card">' + "\n".join(parts) + "</section>"
 
 
+_FLOAT_TYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def stored_weights(checkpoint: Path) -> str | None:
+    """The floating-point type(s) a safetensors checkpoint stores its weights in, from its header ("float16"
+    after `calibrate --half`, which loading turns back into float32); None when the file does not say."""
+    from .checkpoint import _parse_header
+
+    try:
+        header, _ = _parse_header(checkpoint.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    types = {
+        _FLOAT_TYPES[entry["dtype"]]
+        for key, entry in header.items()
+        if key != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in _FLOAT_TYPES
+    }
+    return " and ".join(sorted(types)) or None
+
+
 def write_model_card(
     out_dir: str | Path,
     model: nn.Module,
@@ -400,13 +427,25 @@ def write_model_card(
     config: TrainConfig | None = None,
     data: MNIST | None = None,
     robustness: dict[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> list[Section]:
-    """Measure latency and size, build the card and write out_dir/MODEL_CARD.md; returns the sections for report.html."""
+    """Measure latency and size, build the card and write out_dir/MODEL_CARD.md; returns the sections for report.html.
+
+    The size and weight type are those of `checkpoint`, the file the card describes (by default the run's own
+    out_dir/model.safetensors: `evaluate MODEL --report DIR` names its MODEL, wherever DIR is)."""
     out_dir = Path(out_dir)
-    checkpoint = out_dir / "model.safetensors"
-    size = checkpoint.stat().st_size if checkpoint.exists() else None
+    checkpoint = Path(checkpoint) if checkpoint is not None else out_dir / "model.safetensors"
+    size = checkpoint.stat().st_size if checkpoint.is_file() else None
     sections = build_card(
-        metrics, meta, config, data, robustness, measure_latency(model), size, count_parameters(model)
+        metrics,
+        meta,
+        config,
+        data,
+        robustness,
+        measure_latency(model),
+        size,
+        count_parameters(model),
+        stored_weights(checkpoint) if size else None,
     )
     atomic_write_text(out_dir / "MODEL_CARD.md", to_markdown(sections))
     return sections

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DigitrecError
 
 NO_PAIR = 100  # the class of everything that is not two whole digits
 CLASSES = 101
@@ -230,6 +230,13 @@ def train_pairs(
     from .augment import random_affine
     from .checkpoint import save_tensors
 
+    # the held-out 5% aside, the rest must fill one batch, or there is no step to train (and one-cycle refuses 0)
+    if count - count // 20 < batch_size:
+        least = next(n for n in range(batch_size, 2 * batch_size) if n - n // 20 >= batch_size)
+        raise DigitrecError(
+            f"--count {count} leaves {count - count // 20} training pieces beside the held-out 5%, fewer than one "
+            f"batch of {batch_size}; use --count {least} or more."
+        )
     start = time.perf_counter()
     images, labels = make_pairs(count, seed)
     log(

@@ -100,9 +100,10 @@ def sweep(
 
 def _check_train_flags(job: Job, train_flags: list[str]) -> None:
     from .cli import build_parser, training_config
+    from .training import resolve_device
 
     args = build_parser().parse_args(["train", "--recipe", job.recipe, "--seed", str(job.seed), *train_flags])
-    training_config(args)
+    resolve_device(training_config(args)[1].device)  # --device cuda without a GPU: once, not once per job
 
 
 def _row(job: Job, returncode: int) -> dict:
