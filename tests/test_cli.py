@@ -461,6 +461,51 @@ def test_ensemble_out_saves_one_model_that_scores_as_the_ensemble(
     assert "digitrec_sha256" in header_metadata(out / "model.safetensors")
 
 
+def _member(tiny_fast_run, path, tta_views, flip=False):
+    """The tiny run saved again at `path` with other test-time views (and its last layer turned around)."""
+    model, meta = load_model(tiny_fast_run / "model.safetensors")
+    if flip:
+        with torch.no_grad():
+            model[1][-1].weight.mul_(-1)
+    save_model(path, model, meta | {"config": meta["config"] | {"tta_views": tta_views}, "temperature": 2.0})
+    return path
+
+
+def test_ensemble_out_refuses_members_on_different_test_time_views(
+    tiny_fast_run, tmp_path, idx_folder, capsys
+):
+    """The saved model ran its first member's views for all members: 99.06% printed and stored, 98.97% from
+    `digitrec evaluate` of the file."""
+    other = _member(tiny_fast_run, tmp_path / "tta5.safetensors", 5)
+    out = tmp_path / "ensemble.safetensors"
+    args = ["ensemble", str(tiny_fast_run), str(other), "--out", str(out), "--data-dir", str(idx_folder)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the members evaluate on different numbers of test-time views (" in err and f"{other} 5)" in err
+    assert not out.exists()
+    assert (
+        main(args[:3] + ["--data-dir", str(idx_folder)]) == 0
+    )  # scored without --out, each on its own views
+
+
+def test_a_saved_ensemble_on_test_time_views_records_what_evaluating_it_gives(
+    tiny_fast_run, tmp_path, idx_folder, capsys
+):
+    """Members on 5 views: the file recorded the members' vote (views averaged per member, then voted), which is
+    not what the file computes (voted, then views averaged)."""
+    first = _member(tiny_fast_run, tmp_path / "a.safetensors", 5)
+    second = _member(tiny_fast_run, tmp_path / "b.safetensors", 5, flip=True)
+    out = tmp_path / "ensemble.safetensors"
+    data = ["--data-dir", str(idx_folder)]
+    assert main(["ensemble", str(first), str(second), "--out", str(out), *data]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json", *data]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    recorded = load_model(out)[1]["metrics"]
+    assert recorded["test_accuracy"] == evaluated["test_accuracy"]
+    assert recorded["test_loss"] == pytest.approx(evaluated["test_loss"], rel=1e-6)
+
+
 def test_calibrate_out_is_a_safetensors_file_as_named_or_else_a_run_folder(
     tiny_fast_run, idx_folder, tmp_path, monkeypatch, capsys
 ):

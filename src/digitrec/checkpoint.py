@@ -296,6 +296,7 @@ def load_ensemble(paths: list[str | Path]) -> tuple[nn.Module, dict[str, Any]]:
     if len(paths) < 2:
         raise CheckpointError("an ensemble needs two or more models.")
     models, metas, members, temperatures = [], [], [], []
+    views: dict[str, Any] = {}  # each member's test-time views
     for path in paths:
         model, meta = load_model(path)
         if "members" in meta:
@@ -304,6 +305,7 @@ def load_ensemble(paths: list[str | Path]) -> tuple[nn.Module, dict[str, Any]]:
         config: dict[str, Any] = meta["config"] if isinstance(meta.get("config"), dict) else {}
         models.append(model)
         metas.append(meta)
+        views[str(path)] = config.get("tta_views", 1)
         temperatures.append(float(meta.get("temperature", 1.0)))
         members.append(
             {
@@ -313,6 +315,12 @@ def load_ensemble(paths: list[str | Path]) -> tuple[nn.Module, dict[str, Any]]:
                 "temperature": temperatures[-1],
                 "test_accuracy": (meta.get("metrics") or {}).get("test_accuracy"),
             }
+        )
+    if len(set(views.values())) > 1:  # the saved model runs its first member's views for all of them
+        counts = ", ".join(f"{path} {count}" for path, count in views.items())
+        raise CheckpointError(
+            f"the members evaluate on different numbers of test-time views ({counts}), and an ensemble saved as one "
+            "model runs one number for all; score them without --out, or train them with the same --tta-views."
         )
     ensemble = Ensemble(models, temperatures).eval()
     recipes = {m.get("recipe") for m in metas}

@@ -367,10 +367,20 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         model, meta = load_ensemble(paths)
     metrics = evaluate_ensemble(paths, data)
     if args.out:
-        save_model(
-            args.out, model, meta | {"metrics": {k: metrics[k] for k in ("test_accuracy", "test_loss")}}
-        )
+        from .config import TrainConfig
+        from .evaluate import evaluate_model
+
+        # the file's own figures, as `digitrec evaluate` gives them: it runs every member on its first member's
+        # batch size and precision, and averages any test-time views after the vote, not before it
+        saved, _ = evaluate_model(model, data, TrainConfig.from_checkpoint(meta, args.out))
+        save_model(args.out, model, meta | {"metrics": {k: saved[k] for k in ("test_accuracy", "test_loss")}})
         _stderr(f"wrote {args.out}; run `digitrec calibrate {args.out}` before predicting with it")
+        if saved["errors"] != metrics["errors"]:
+            _stderr(
+                f"{args.out} as one model scores {saved['test_accuracy']:.2%} ({saved['errors']} errors): it runs "
+                "every member on its first member's batch size and precision, and averages test-time views "
+                "after the vote"
+            )
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
