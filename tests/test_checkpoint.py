@@ -206,3 +206,16 @@ def test_a_checkpoint_without_the_checksum_loads_as_before(tmp_path):
     assert all((arrays[k] == v.numpy()).all() for k, v in model.state_dict().items())
     # the bundled files lack the key until `make pretrained` rewrites them; they load either way
     assert Predictor.load(pretrained_path(), backend="numpy").name
+
+
+def test_an_onnx_export_given_as_a_checkpoint_is_named_as_one(tmp_path):
+    """`evaluate`, `calibrate`, `finetune` and `ensemble` said an exported model "is not a digitrec checkpoint
+    (expected a .safetensors file written by `digitrec train`)", though digitrec wrote it."""
+    exported = tmp_path / "model.onnx"
+    exported.write_bytes(b"\x08\x07\x12\x07pytorch")  # the opening bytes of an ONNX protobuf
+    with pytest.raises(CheckpointError) as refused:
+        load_model(exported)
+    assert str(refused.value) == (
+        f"{exported} is an ONNX export, which this command does not take; pass the .safetensors checkpoint (or "
+        "run folder) it was exported from."
+    )

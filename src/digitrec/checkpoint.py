@@ -232,8 +232,13 @@ def _parse_header(data: bytes) -> tuple[Any, int]:
 def _read_header_metadata(path: Path, data: bytes) -> tuple[dict[str, Any], str | None]:
     """Parse the safetensors header ourselves: its digitrec metadata, and whether the content matches the
     header's `CHECKSUM_KEY` (None: it does or there is none; else the sentence that refuses the file)."""
+    from .backends import is_onnx
+
     not_ours = (
-        f"{path} is not a digitrec checkpoint (expected a .safetensors file written by `digitrec train`)."
+        f"{path} is an ONNX export, which this command does not take; pass the .safetensors checkpoint (or run "
+        "folder) it was exported from."
+        if is_onnx(path)
+        else f"{path} is not a digitrec checkpoint (expected a .safetensors file written by `digitrec train`)."
     )
     try:
         header, start = _parse_header(data)
