@@ -650,3 +650,28 @@ def test_bench_infer_without_onnx_rows_does_not_need_the_export_extra(monkeypatc
     monkeypatch.setattr("digitrec.data.load_mnist", past_the_check)
     assert main(["bench", "infer", "--backends", "torch-fp32", "--model", "m"]) == 2
     assert "past the check" in capsys.readouterr().err
+
+
+def test_finetune_says_to_calibrate_the_new_model_before_serving_it(
+    tiny_fast_run, idx_folder, tmp_path, capsys
+):
+    """It said only "serve it: digitrec serve --model ...", and a fine-tuned model has no temperature or reject
+    threshold of its own until `calibrate` gives it one."""
+    out = tmp_path / "tuned"
+    args = [
+        "finetune",
+        "--model",
+        str(tiny_fast_run),
+        "--no-corrections",
+        "--epochs",
+        "0.05",
+        "--out",
+        str(out),
+    ]
+    assert main([*args, "--no-report", "--no-progress", "--data-dir", str(idx_folder)]) == 0
+    model = out / "model.safetensors"
+    said = capsys.readouterr().out
+    assert (
+        f"calibrate it, then serve it: digitrec calibrate {model} && digitrec serve --model {model}\n" in said
+    )
+    assert "temperature" not in load_model(model)[1]

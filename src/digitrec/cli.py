@@ -506,7 +506,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             f"fine-tuned on MNIST + {m['feedback_corrections']} corrections: test accuracy {m['test_accuracy']:.2%}, "
             f"corrections now read right {m['feedback_accuracy']:.0%} (before {m['feedback_accuracy_before']:.0%})"
         )
-    print(f"model: {run.model_path}\nserve it: digitrec serve --model {run.model_path}")
+    # fine-tuning leaves the model uncalibrated (temperature 1, no reject threshold of its own)
+    print(
+        f"model: {run.model_path}\ncalibrate it, then serve it: digitrec calibrate {run.model_path} && "
+        f"digitrec serve --model {run.model_path}"
+    )
     return 0
 
 
