@@ -324,12 +324,17 @@ def test_keyboard_focus_contrast_and_names_in_chromium(tmp_path):
     """A correction sent from the keyboard keeps the focus on the page (it fell to <body>, and Tab started over
     at the footer); the focus ring of Undo, Clear and Upload shows (it was a pale tint, 1.2:1 on white); text
     meets WCAG AA contrast (the rejected "?", its verdict, "Thanks!", the footer links and "Draw here" did not); the buttons'
-    names are their words, without the arrow glyphs, and the ten correction buttons are labelled as a group."""
+    names are their words, without the arrow glyphs, and the ten correction buttons are labelled as a group; the
+    status line is a live region from the start."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     db_path = tmp_path / "feedback.sqlite"
     app = create_app(real_or_fake_predictor(), feedback_db=db_path)
     with browser_page(app) as (page, errors, expect):
         assert page.evaluate(CONTRAST_JS) == []
+        # The messages' live region is in the accessibility tree before it has anything to say (it was hidden, and
+        # a region shown together with its text is not announced by every screen reader), and takes no room.
+        expect(page.get_by_role("status")).to_have_count(1)
+        expect(page.locator("#toast")).to_be_hidden()
         for name in ("Undo", "Clear", "Upload photo"):
             expect(page.get_by_role("button", name=name, exact=True)).to_have_count(1)
         expect(page.get_by_role("group", name="That's wrong, it is a")).to_have_count(1)

@@ -423,13 +423,15 @@ function showEmpty() {
   hideToast();
 }
 
+// The toast is a live region that is always there, empty when it has nothing to say: one shown from hidden
+// together with its text is not announced by every screen reader.
 function toast(message, isError = false) {
   const box = $("toast");
   box.textContent = message;
   box.classList.toggle("error", isError);
-  box.hidden = false;
 }
-function hideToast() { $("toast").hidden = true; }
+function hideToast() { $("toast").textContent = ""; }
+
 function showFailure(detail) {
   // The answer on screen was about other input: take it down (and with it the corrections) before saying why.
   showEmpty();
