@@ -377,3 +377,32 @@ def test_keyboard_focus_contrast_and_names_in_chromium(tmp_path):
         assert page.evaluate(CONTRAST_JS) == []
         page.screenshot(path=ARTIFACTS / "web-rejected.png")
         assert errors == []
+
+
+def test_a_phone_shows_the_answer_without_scrolling(tmp_path):
+    """On a 375x667 phone the pad, its title and its buttons fill the first screen and the result card starts
+    below it: a student drawing saw no answer unless they scrolled. The answer now shows in the pad's corner
+    too, on narrow screens only."""
+    app = create_app(real_or_fake_predictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with browser_page(app, viewport={"width": 375, "height": 667}, device_scale_factor=3) as (
+        page,
+        errors,
+        expect,
+    ):
+        draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+        assert page.locator("#digit").bounding_box()["y"] > 667  # the result card is below the fold
+        corner = page.locator("#pad-answer")
+        expect(corner).to_be_visible()
+        expect(corner).to_contain_text("7")
+        box = corner.bounding_box()
+        assert box["y"] >= 0 and box["y"] + box["height"] <= 667
+        page.click("#clear")
+        expect(corner).to_be_hidden()
+
+        # Not on a wide screen, where the result card is beside the pad; not in numbers mode, which boxes digits.
+        page.set_viewport_size({"width": 1100, "height": 860})
+        draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+        expect(corner).to_be_hidden()
+        assert errors == []

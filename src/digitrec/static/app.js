@@ -330,6 +330,10 @@ function showPrediction(p) {
   bars.setAttribute("aria-label", "Probability of each digit: " +
     ranked.slice(0, 3).map((d) => `${d}: ${percent(p.probabilities[d])}`).join(", "));
   if (p.input) paintSeen(p.input, p.saliency);
+  const corner = $("pad-answer");
+  corner.textContent = p.rejected ? "?" : String(p.digit);
+  if (!p.blank) corner.append(Object.assign(document.createElement("small"), { textContent: percent(p.confidence) }));
+  corner.hidden = false;
   setCorrectionEnabled(!p.blank);  // a blank image teaches nothing: the server refuses it as a correction
 }
 
@@ -420,6 +424,7 @@ function showEmpty() {
   $("number-verdict").textContent = "Write a few digits side by side.";
   $("chips").innerHTML = "";
   setCorrectionEnabled(false);
+  $("pad-answer").hidden = true;
   hideToast();
 }
 
