@@ -81,16 +81,18 @@ def ink_between(columns: list[int], low: float, high: float) -> int:
 
 
 @contextlib.contextmanager
-def browser_page(app) -> Iterator[tuple[Any, list[str], Any]]:
+def browser_page(app, **page_options: Any) -> Iterator[tuple[Any, list[str], Any]]:
     """`app` served on 127.0.0.1 and the page open in headless Chromium: (page, the page's JavaScript errors,
-    Playwright's `expect`), once the model's line has loaded."""
+    Playwright's `expect`), once the model's line has loaded. `page_options` go to `new_page` (a phone's
+    viewport, `has_touch`)."""
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="pip install playwright (no `playwright install` needed)"
     )
     with live_server(app) as url, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 860}, device_scale_factor=1)
+            options = {"viewport": {"width": 1100, "height": 860}, "device_scale_factor": 1, **page_options}
+            page = browser.new_page(**options)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(url + "/")
@@ -234,4 +236,173 @@ def test_keyboard_failures_and_modes_in_chromium(tmp_path):
         orange = (np.abs(pixels - [178, 94, 0]).sum(axis=2) < 60).sum()
         assert blue + orange > 200, "no box shows over the photo"
         page.screenshot(path=ARTIFACTS / "web-number-photo.png")
+        assert errors == []
+
+
+def test_a_second_finger_on_the_pad_does_not_join_the_stroke(tmp_path):
+    """On a phone a thumb or palm that touches the pad while a finger writes used to take the stroke over: the
+    writing finger's moves were drawn from the second finger's point, a long line across the digit."""
+    app = create_app(real_or_fake_predictor(), feedback_db=tmp_path / "feedback.sqlite")
+    phone = {
+        "viewport": {"width": 375, "height": 667},
+        "device_scale_factor": 3,
+        "is_mobile": True,
+        "has_touch": True,
+    }
+    with browser_page(app, **phone) as (page, errors, expect):
+        cdp = page.context.new_cdp_session(page)
+        box = page.locator("#pad").bounding_box()
+
+        def at(touch_id: int, fx: float, fy: float) -> dict[str, float]:
+            return {"x": box["x"] + fx * box["width"], "y": box["y"] + fy * box["height"], "id": touch_id}
+
+        # One finger writes a 1 down the left third; a second rests on the right half from a third of the way.
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [at(1, 0.3, 0.2)]})
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [at(1, 0.3, 0.3)]})
+        resting = at(2, 0.8, 0.5)
+        cdp.send(
+            "Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [at(1, 0.3, 0.3), resting]}
+        )
+        for step in range(4, 9):
+            cdp.send(
+                "Input.dispatchTouchEvent",
+                {"type": "touchMove", "touchPoints": [at(1, 0.3, step / 10), resting]},
+            )
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        expect(page.locator("#digit")).not_to_have_text("–", timeout=10_000)
+        # No ink right of the written line: the canvas's right half stays white.
+        right_ink = page.evaluate(
+            "() => { const c = document.getElementById('pad');"
+            " const d = c.getContext('2d').getImageData(c.width / 2, 0, c.width / 2, c.height).data; let n = 0;"
+            " for (let i = 0; i < d.length; i += 4) n += d[i] < 128; return n; }"
+        )
+        assert right_ink == 0
+        assert errors == []
+
+
+CONTRAST_JS = """() => {
+  // WCAG 2 contrast of every visible piece of text on an enabled control or outside controls, against the first
+  // opaque background behind it (translucent ones blended in).
+  const parse = (s) => { const v = s.match(/[\\d.]+/g).map(Number); return [v[0], v[1], v[2], v.length > 3 ? v[3] : 1]; };
+  const lum = (c) => 0.2126 * lin(c[0]) + 0.7152 * lin(c[1]) + 0.0722 * lin(c[2]);
+  const lin = (x) => { x /= 255; return x <= 0.03928 ? x / 12.92 : Math.pow((x + 0.055) / 1.055, 2.4); };
+  const over = (top, bottom) => [0, 1, 2].map((i) => top[i] * top[3] + bottom[i] * (1 - top[3])).concat([1]);
+  const ratio = (a, b) => (Math.max(lum(a), lum(b)) + 0.05) / (Math.min(lum(a), lum(b)) + 0.05);
+  const background = (el) => {
+    const layers = [];
+    for (let e = el; e; e = e.parentElement) {
+      const c = parse(getComputedStyle(e).backgroundColor);
+      if (c[3] > 0) { layers.push(c); if (c[3] >= 1) break; }
+    }
+    return layers.reverse().reduce((b, l) => over(l, b), [255, 255, 255, 1]);
+  };
+  const low = [];
+  for (const el of document.querySelectorAll("body *")) {
+    if (!el.checkVisibility() || el.closest(":disabled")) continue;  // disabled controls are exempt
+    const text = [...el.childNodes].filter((n) => n.nodeType === 3 && n.textContent.trim()).map((n) => n.textContent);
+    if (!text.length) continue;
+    const style = getComputedStyle(el);
+    const size = parseFloat(style.fontSize), bold = parseInt(style.fontWeight) >= 700;
+    const needed = size >= 24 || (bold && size >= 18.66) ? 3 : 4.5;
+    const r = ratio(parse(style.color), background(el));
+    if (r < needed) low.push(`${el.id || el.className || el.tagName} "${text.join("").trim()}" ${r.toFixed(2)}`);
+  }
+  // The keyboard focus ring around a toolbar button (or the label around a file input) against the card.
+  const tool = document.activeElement.closest(".tool");
+  if (tool) {
+    const ring = getComputedStyle(tool);
+    const r = ratio(parse(ring.outlineColor), background(tool.parentElement));
+    if (ring.outlineStyle === "none" || parseFloat(ring.outlineWidth) < 2 || r < 3) {
+      low.push(`focus ring ${ring.outlineStyle} ${ring.outlineWidth} ${r.toFixed(2)}`);
+    }
+  }
+  return low;
+}"""
+
+
+def test_keyboard_focus_contrast_and_names_in_chromium(tmp_path):
+    """A correction sent from the keyboard keeps the focus on the page (it fell to <body>, and Tab started over
+    at the footer); the focus ring of Undo, Clear and Upload shows (it was a pale tint, 1.2:1 on white); text
+    meets WCAG AA contrast (the rejected "?", its verdict, "Thanks!", the footer links and "Draw here" did not); the buttons'
+    names are their words, without the arrow glyphs, and the ten correction buttons are labelled as a group; the
+    status line is a live region from the start."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    db_path = tmp_path / "feedback.sqlite"
+    app = create_app(real_or_fake_predictor(), feedback_db=db_path)
+    with browser_page(app) as (page, errors, expect):
+        assert page.evaluate(CONTRAST_JS) == []
+        # The messages' live region is in the accessibility tree before it has anything to say (it was hidden, and
+        # a region shown together with its text is not announced by every screen reader), and takes no room.
+        expect(page.get_by_role("status")).to_have_count(1)
+        expect(page.locator("#toast")).to_be_hidden()
+        for name in ("Undo", "Clear", "Upload photo"):
+            expect(page.get_by_role("button", name=name, exact=True)).to_have_count(1)
+        expect(page.get_by_role("group", name="That's wrong, it is a")).to_have_count(1)
+
+        draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+        page.wait_for_timeout(500)  # past the live answers sent while drawing
+        page.locator("#upload").focus()
+        page.keyboard.press("Tab")  # to the correction buttons' 0
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.dataset.label") == "1"
+        page.keyboard.press("Enter")
+        expect(page.locator("#toast")).to_contain_text("correction #1")
+        assert page.evaluate("document.activeElement.id") == "upload"
+        with sqlite3.connect(db_path) as con:
+            assert con.execute("SELECT label FROM feedback").fetchall() == [(1,)]
+
+        # The focus rings of Upload and of a toolbar button reached with Tab.
+        assert page.evaluate(CONTRAST_JS) == []
+        page.keyboard.press("Shift+Tab")
+        page.keyboard.press("Shift+Tab")
+        assert page.evaluate("document.activeElement.id") == "undo"
+        assert page.evaluate(CONTRAST_JS) == []
+        page.screenshot(path=ARTIFACTS / "web-focus.png")
+
+        # A rejected answer (served as the API gives it): the grey "?" and the orange verdict.
+        rejected = {
+            "digit": 2,
+            "confidence": 0.11,
+            "probabilities": [0.1] * 8 + [0.11, 0.09],
+            "rejected": True,
+        }
+        page.route(
+            "**/api/predict*",
+            lambda route: route.fulfill(json={**rejected, "blank": False}),
+        )
+        page.click("#clear")
+        draw(page, [(0.2, 0.2), (0.8, 0.8), (0.2, 0.8)])
+        expect(page.locator("#verdict")).to_have_text("Not sure — this may not be a digit", timeout=10_000)
+        assert page.evaluate(CONTRAST_JS) == []
+        page.screenshot(path=ARTIFACTS / "web-rejected.png")
+        assert errors == []
+
+
+def test_a_phone_shows_the_answer_without_scrolling(tmp_path):
+    """On a 375x667 phone the pad, its title and its buttons fill the first screen and the result card starts
+    below it: a student drawing saw no answer unless they scrolled. The answer now shows in the pad's corner
+    too, on narrow screens only."""
+    app = create_app(real_or_fake_predictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with browser_page(app, viewport={"width": 375, "height": 667}, device_scale_factor=3) as (
+        page,
+        errors,
+        expect,
+    ):
+        draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+        assert page.locator("#digit").bounding_box()["y"] > 667  # the result card is below the fold
+        corner = page.locator("#pad-answer")
+        expect(corner).to_be_visible()
+        expect(corner).to_contain_text("7")
+        box = corner.bounding_box()
+        assert box["y"] >= 0 and box["y"] + box["height"] <= 667
+        page.click("#clear")
+        expect(corner).to_be_hidden()
+
+        # Not on a wide screen, where the result card is beside the pad; not in numbers mode, which boxes digits.
+        page.set_viewport_size({"width": 1100, "height": 860})
+        draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+        expect(corner).to_be_hidden()
         assert errors == []

@@ -23,6 +23,7 @@ const state = {
   mode: "digit",
   strokes: [],        // each stroke is a list of [x, y] points in canvas pixels
   drawing: null,      // the stroke under the pointer
+  pointerId: null,    // the pointer drawing it: other fingers touching the pad meanwhile are ignored
   photo: null,        // a Blob when the input is a photo instead of a drawing
   generation: 0,      // bumped whenever the input is replaced, so late answers to old input are ignored
   inFlight: false,
@@ -67,8 +68,10 @@ function canvasPoint(event) {
 pad.addEventListener("pointerdown", (event) => {
   if (event.button !== 0 && event.pointerType === "mouse") return;
   event.preventDefault();
+  if (state.drawing) return;  // a second finger, or a palm, while one finger draws: only the first one writes
   if (state.photo) clearAll();  // drawing replaces a photo
   pad.setPointerCapture(event.pointerId);
+  state.pointerId = event.pointerId;
   state.drawing = [canvasPoint(event)];
   state.strokes.push(state.drawing);
   drawStroke(state.drawing);
@@ -76,7 +79,7 @@ pad.addEventListener("pointerdown", (event) => {
 });
 
 pad.addEventListener("pointermove", (event) => {
-  if (!state.drawing) return;
+  if (!state.drawing || event.pointerId !== state.pointerId) return;
   event.preventDefault();
   const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
   const last = state.drawing[state.drawing.length - 1];
@@ -91,8 +94,8 @@ pad.addEventListener("pointermove", (event) => {
   schedulePrediction();
 });
 
-function endStroke() {
-  if (!state.drawing) return;
+function endStroke(event) {
+  if (!state.drawing || event.pointerId !== state.pointerId) return;
   state.drawing = null;
   schedulePrediction(true);
 }
@@ -236,7 +239,7 @@ async function sendPrediction() {
   }
 }
 
-async function sendCorrection(label) {
+async function sendCorrection(label, button) {
   if (!state.lastBlob) return;
   const body = new FormData();
   body.append("file", state.lastBlob, "correction.png");
@@ -244,14 +247,20 @@ async function sendCorrection(label) {
   const predicted = state.lastPrediction && state.lastPrediction.digit;
   if (predicted !== null && predicted !== undefined) body.append("predicted", String(predicted));
   setCorrectionEnabled(false);
+  const hadFocus = document.activeElement === button;
+  keepFocus(button);  // the pressed button is now disabled: the keyboard focus goes to Upload, not the page's start
+  const retry = () => {
+    setCorrectionEnabled(true);
+    if (hadFocus && document.activeElement === $("upload")) button.focus();  // back where it was, to try again
+  };
   try {
     const response = await fetch("/api/feedback", { method: "POST", body });
     const answer = await response.json().catch(() => ({ detail: `the server answered ${response.status}` }));
-    if (!response.ok) { showError(answer.detail); setCorrectionEnabled(true); return; }
+    if (!response.ok) { showError(answer.detail); retry(); return; }
     toast(`Thanks! Saved as ${withArticle(answer.label)} (correction #${answer.id}). It will help train the next model.`);
   } catch (error) {
     showError("could not save the correction; is the server still running?");
-    setCorrectionEnabled(true);
+    retry();
   }
 }
 
@@ -279,7 +288,7 @@ for (let d = 0; d < 10; d++) {
   button.textContent = d;
   button.dataset.label = d;
   button.title = `It is ${withArticle(d)}`;
-  button.addEventListener("click", () => sendCorrection(d));
+  button.addEventListener("click", () => sendCorrection(d, button));
   correctButtons.appendChild(button);
 }
 
@@ -321,6 +330,10 @@ function showPrediction(p) {
   bars.setAttribute("aria-label", "Probability of each digit: " +
     ranked.slice(0, 3).map((d) => `${d}: ${percent(p.probabilities[d])}`).join(", "));
   if (p.input) paintSeen(p.input, p.saliency);
+  const corner = $("pad-answer");
+  corner.textContent = p.rejected ? "?" : String(p.digit);
+  if (!p.blank) corner.append(Object.assign(document.createElement("small"), { textContent: percent(p.confidence) }));
+  corner.hidden = false;
   setCorrectionEnabled(!p.blank);  // a blank image teaches nothing: the server refuses it as a correction
 }
 
@@ -411,16 +424,19 @@ function showEmpty() {
   $("number-verdict").textContent = "Write a few digits side by side.";
   $("chips").innerHTML = "";
   setCorrectionEnabled(false);
+  $("pad-answer").hidden = true;
   hideToast();
 }
 
+// The toast is a live region that is always there, empty when it has nothing to say: one shown from hidden
+// together with its text is not announced by every screen reader.
 function toast(message, isError = false) {
   const box = $("toast");
   box.textContent = message;
   box.classList.toggle("error", isError);
-  box.hidden = false;
 }
-function hideToast() { $("toast").hidden = true; }
+function hideToast() { $("toast").textContent = ""; }
+
 function showFailure(detail) {
   // The answer on screen was about other input: take it down (and with it the corrections) before saying why.
   showEmpty();
