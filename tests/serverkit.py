@@ -46,12 +46,17 @@ class FakeDigitBox:
     confidence: float
     box: tuple[int, int, int, int]
     doubtful: bool = False
+    line: int = 0
 
 
 @dataclass
 class FakeReadResult:
     number: str
     digits: list[FakeDigitBox]
+
+    @property
+    def lines(self) -> list[str]:
+        return self.number.split("\n") if self.number else []
 
 
 @dataclass

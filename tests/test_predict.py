@@ -204,8 +204,9 @@ def test_cli_read_json(tmp_path, capsys, untrained_path):
     image = write_png(tmp_path / "n.png", line_image([1, 2, 3], gap=0.3)[0])
     assert main(["read", str(image), "--model", str(untrained_path), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert len(row["number"]) == 3
-    assert [set(d) for d in row["digits"]] == [{"digit", "confidence", "box", "doubtful"}] * 3
+    assert len(row["number"]) == 3 and row["lines"] == [row["number"]]
+    assert [set(d) for d in row["digits"]] == [{"digit", "confidence", "box", "doubtful", "line"}] * 3
+    assert [d["line"] for d in row["digits"]] == [0, 0, 0]
     # an untrained model is sure of nothing: every digit is under its reject threshold (0.3), and says so
     assert all(d["doubtful"] == (d["confidence"] < 0.3) for d in row["digits"])
     assert any(d["doubtful"] for d in row["digits"])

@@ -32,6 +32,7 @@ from digitrec.segment import (
     segment,
     split,
     split_by_recognition,
+    split_lines,
     strokes_crossed,
 )
 
@@ -490,3 +491,54 @@ def test_a_number_in_fine_pen_on_a_full_size_photo_is_read(bundled):
     and read as ""."""
     for width in (2000, 4000):
         assert bundled.read(fine_pen_photo("2048", width, height=width * 3 // 40)).number == "2048"
+
+
+def _blobs_along(xs, ys, height=50, width=30):
+    return [
+        _Blob(int(x), int(x) + width, int(y), int(y) + height, [i + 1])
+        for i, (x, y) in enumerate(zip(xs, ys))
+    ]
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.18, -0.18])  # level, and written 10 degrees up or down
+def test_one_slanted_line_with_jumpy_digits_stays_one_line(slope):
+    """Eight digits, each up to 0.3 of its height above or below the baseline, on a line that rises or falls by
+    1.4 line heights from end to end: one line, so `read` reads it as before."""
+    rng = np.random.default_rng(0)
+    xs = np.arange(8) * 50.0
+    ys = 100 + slope * xs + rng.uniform(-15, 15, size=8)
+    blobs = _blobs_along(xs, ys)
+    assert split_lines(blobs, 50.0) == [blobs]
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.15, -0.15])
+def test_lines_one_under_another_are_told_apart_and_their_small_parts_follow(slope):
+    """Two numbers written one under another, a third of a line height apart, read as one jumble of both
+    lines ("23341185" for 31415 over 2718: a 1 above a 7 read as one tall digit)."""
+    xs = np.arange(5) * 50.0
+    top = _blobs_along(xs, 100 + slope * xs)
+    bottom = _blobs_along(xs[:4], 167 + slope * xs[:4])
+    bar = _Blob(60, 80, 172 + int(slope * 60), 180 + int(slope * 60), [99])  # a 5's detached bar, in line 2
+    lines = split_lines([*top, *bottom, bar], 50.0)
+    assert lines == [top, [*bottom, bar]]
+
+
+def test_the_bundled_model_reads_two_numbers_one_under_the_other(bundled):
+    rng = np.random.default_rng(5)
+    lines = [
+        number_line([crop_ink(draw_digit(d, rng, 80)) for d in digits], rng)[0]
+        for digits in ([3, 1, 4, 1, 5], [2, 7, 1, 8])
+    ]
+    width = max(line.shape[1] for line in lines)
+    page = np.concatenate(
+        [
+            np.pad(lines[0], ((0, 30), (0, width - lines[0].shape[1]))),
+            np.pad(lines[1], ((0, 0), (0, width - lines[1].shape[1]))),
+        ]
+    )
+    result = bundled.read((255 * (0.9 - 0.8 * np.pad(page, 40))).astype(np.uint8))
+    assert result.number == "31415\n2718" and result.lines == ["31415", "2718"]
+    assert [d.line for d in result.digits] == [0] * 5 + [1] * 4
+    assert all(
+        a.box[0] < b.box[0] for a, b in zip(result.digits[:4], result.digits[1:5])
+    )  # each line left to right

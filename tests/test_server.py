@@ -212,11 +212,32 @@ def test_read_returns_the_number_and_a_box_per_digit(client):
     assert response.status_code == 200
     assert response.json() == {
         "number": "42",
+        "lines": ["42"],
         "digits": [
-            {"digit": 4, "confidence": 0.98, "box": [0, 0, 150, 300], "doubtful": False},
-            {"digit": 2, "confidence": 0.4, "box": [150, 0, 150, 300], "doubtful": True},
+            {"digit": 4, "confidence": 0.98, "box": [0, 0, 150, 300], "doubtful": False, "line": 0},
+            {"digit": 2, "confidence": 0.4, "box": [150, 0, 150, 300], "doubtful": True, "line": 0},
         ],
     }
+
+
+def test_read_gives_each_line_of_a_photo_of_two_numbers(tmp_path, db_path):
+    """A photo of two numbers one under another read as one jumble of both (the web page and the API alike)."""
+    from digitrec.predict import Predictor
+    from digitrec.realworld import crop_ink, draw_digit, number_line
+
+    rng = np.random.default_rng(5)
+
+    lines = [
+        number_line([crop_ink(draw_digit(d, rng, 80)) for d in ds], rng)[0] for ds in ([3, 1, 4], [2, 7])
+    ]
+    width = max(line.shape[1] for line in lines)
+    page = np.concatenate([np.pad(line, ((0, 30), (0, width - line.shape[1]))) for line in lines])
+    buffer = io.BytesIO()
+    Image.fromarray((255 * (0.9 - 0.8 * np.pad(page, 40))).astype(np.uint8)).save(buffer, "PNG")
+    with TestClient(create_app(Predictor.pretrained(backend="numpy"), feedback_db=db_path)) as client:
+        body = client.post("/api/read", files=upload(buffer.getvalue())).json()
+    assert body["number"] == "314\n27" and body["lines"] == ["314", "27"]
+    assert [d["line"] for d in body["digits"]] == [0, 0, 0, 1, 1]
 
 
 def test_feedback_is_stored_in_sqlite_with_image_label_time_and_model(client, db_path):

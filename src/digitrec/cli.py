@@ -627,7 +627,9 @@ def cmd_read(args: argparse.Namespace) -> int:
                 if any(d["doubtful"] for d in row["digits"])
                 else ""
             )
-            print(f"{row['path']}: {row['number'] or '(no digits found)'}  [{digits}]{doubt}")
+            lines = row["lines"]
+            number = " / ".join(lines) + (f" ({len(lines)} lines)" if len(lines) > 1 else "")
+            print(f"{row['path']}: {number or '(no digits found)'}  [{digits}]{doubt}")
     return 1 if all("error" in row for row in rows) else 0
 
 

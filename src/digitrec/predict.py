@@ -59,28 +59,36 @@ class DigitBox:
     confidence: float
     box: tuple[int, int, int, int]
     doubtful: bool = False
+    line: int = 0  # the line of writing it stands in, 0 for the top one
 
     def to_dict(self) -> dict[str, Any]:
-        """As JSON: digit, confidence, box [x, y, w, h] and doubtful."""
+        """As JSON: digit, confidence, box [x, y, w, h], doubtful and line."""
         return {
             "digit": self.digit,
             "confidence": self.confidence,
             "box": list(self.box),
             "doubtful": self.doubtful,
+            "line": self.line,
         }
 
 
 @dataclass
 class ReadResult:
-    """A line of digits as `Predictor.read` reads it: the number as a string ("" when no digit was found) and
-    each digit, left to right, with its confidence and box."""
+    """A number as `Predictor.read` reads it: the number as a string ("" when no digit was found; one line per
+    line of writing, joined by newlines) and each digit, line by line and left to right, with its confidence
+    and box."""
 
     number: str
     digits: list[DigitBox] = field(default_factory=list)
 
+    @property
+    def lines(self) -> list[str]:
+        """The number of each line of writing, top to bottom (one for a photo of one number)."""
+        return self.number.split("\n") if self.number else []
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON `read --json` prints per image (without its path): number and digits."""
-        return {"number": self.number, "digits": [d.to_dict() for d in self.digits]}
+        """The JSON `read --json` prints per image (without its path): number, lines and digits."""
+        return {"number": self.number, "lines": self.lines, "digits": [d.to_dict() for d in self.digits]}
 
 
 class TorchBackend:
@@ -283,7 +291,8 @@ class Predictor:
     # ------------------------------------------------------------------ numbers
 
     def read(self, image: Any) -> ReadResult:
-        """A photo of one line of digits -> the number and each digit's box and confidence.
+        """A photo of a number (or of several, one under another) -> the number and each digit's box and
+        confidence; several lines of writing read as one number per line, joined by newlines.
 
         Every segment gets its most likely digit (a line is known to hold digits); one whose confidence is below
         `reject_below` is marked `doubtful`. A page with no ink reads as "".
@@ -303,10 +312,14 @@ class Predictor:
             for p, piece in zip(probs, pieces)
         ]
         digits = [
-            DigitBox(digit, confidence, piece.box, doubtful=confidence < self.reject_below)
+            DigitBox(digit, confidence, piece.box, doubtful=confidence < self.reject_below, line=piece.line)
             for (digit, confidence), piece in zip(readings, pieces)
         ]
-        return ReadResult("".join(str(d.digit) for d in digits), digits)
+        lines = [
+            "".join(str(d.digit) for d in digits if d.line == line)
+            for line in sorted({d.line for d in digits})
+        ]
+        return ReadResult("\n".join(lines), digits)
 
 
 @dataclass

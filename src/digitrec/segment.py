@@ -55,6 +55,9 @@ FAINT_CONTRAST = 0.15  # next to clear digits, a digit-sized stroke this much da
 FAINT_MIN_AREA = 0.03  # faint ink (x line height^2) that makes a faint part with clear ink worth a look
 MAX_FAINT_HEIGHT = 1.5  # ... but not one taller than this share of the line height (a shadow's edge)
 LINE_LIKE = 10  # a part this many times wider than tall is a drawn line, not digits (8 touching ones are ~5)
+# Lines of digits one under another: the rows that digit-tall parts cover, the slant of the writing taken out,
+# leave a gap of more than this share of the line height between lines (one line's digits overlap in rows)
+LINE_GAP = 0.1
 
 Score = Callable[[np.ndarray], np.ndarray]  # (K, 28, 28) -> confidence of each, in (0, 1]
 # (K, 28, 28) -> log probabilities (K, 101): the pairs 00-99, then pairs.NO_PAIR
@@ -72,6 +75,7 @@ class Piece:
     box: tuple[int, int, int, int]
     image: np.ndarray
     reading: tuple[int, float] | None = None
+    line: int = 0  # which line of the photo, from the top
 
 
 @dataclass
@@ -155,6 +159,48 @@ def drop_edge_debris(blobs: list[_Blob], shape: tuple[int, ...], line_height: fl
             continue
         kept.append(b)
     return kept
+
+
+def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
+    """The parts grouped into lines of writing, top to bottom; one group (all of them) for one line.
+
+    The writing's slant is the median slope between digit-tall parts side by side (each with its nearest
+    neighbour to the right among those level with it). With it taken out, the rows the digit-tall parts of one
+    line cover overlap; a gap of more than LINE_GAP line heights in them starts a new line. Shorter parts (the
+    bar of a 5, a dot) join the line whose middle is nearest theirs."""
+    tall = [b for b in blobs if b.height >= SMALL_PART * line_height]
+    if len(tall) < 2:
+        return [blobs]
+    xs = np.array([(b.x0 + b.x1) / 2 for b in tall])
+    ys = np.array([(b.y0 + b.y1) / 2 for b in tall])
+    slopes = []
+    for i, b in enumerate(tall):
+        level = [
+            j
+            for j, c in enumerate(tall)
+            if xs[j] > xs[i] and min(b.y1, c.y1) - max(b.y0, c.y0) > 0.5 * min(b.height, c.height)
+        ]
+        if level:
+            j = min(level, key=lambda j: xs[j])
+            slopes.append((ys[j] - ys[i]) / (xs[j] - xs[i]))
+    slope = float(np.median(slopes)) if slopes else 0.0
+    tops = np.array([b.y0 for b in tall]) - slope * xs  # each part's rows, as if the line were level
+    bottoms = np.array([b.y1 for b in tall]) - slope * xs
+    order = np.argsort(tops)
+    groups, reach = [[int(order[0])]], bottoms[order[0]]
+    for k in order[1:]:
+        if tops[k] - reach > LINE_GAP * line_height:
+            groups.append([])
+        groups[-1].append(int(k))
+        reach = max(reach, bottoms[k]) if len(groups[-1]) > 1 else bottoms[k]
+    if len(groups) == 1:
+        return [blobs]
+    middles = [float(np.median((tops[g] + bottoms[g]) / 2)) for g in groups]
+    lines: list[list[_Blob]] = [[] for _ in groups]
+    for b in blobs:
+        level_y = (b.y0 + b.y1) / 2 - slope * (b.x0 + b.x1) / 2
+        lines[int(np.argmin([abs(level_y - m) for m in middles]))].append(b)
+    return lines
 
 
 def _union(a: _Blob, b: _Blob) -> _Blob:
@@ -384,6 +430,24 @@ def _segment(
             for piece in _segment(near, near_size, score, pairs)
         ]
     pieces: list[Piece] = []
+    for number, line in enumerate(split_lines(blobs, line_height)):
+        pieces += _read_line(line, labels, areas, ink, line_height, back, score, pairs, number)
+    return pieces
+
+
+def _read_line(
+    blobs: list[_Blob],
+    labels: np.ndarray,
+    areas: np.ndarray,
+    ink: np.ndarray,
+    line_height: float,
+    back: np.ndarray,
+    score: Score | None,
+    pairs: PairScore | None,
+    number: int,
+) -> list[Piece]:
+    """The digits of one line's parts, left to right, boxes in the photo's pixels (`back`: per working pixel)."""
+    pieces: list[Piece] = []
     for blob in merge_broken(blobs, areas, line_height):
         region = np.isin(labels[blob.y0 : blob.y1, blob.x0 : blob.x1], blob.labels)
         found: list[tuple[int, np.ndarray, tuple[int, float] | None]]
@@ -407,7 +471,7 @@ def _segment(
                 max(1, round(w * back[0])),
                 max(1, round(h * back[1])),
             )
-            pieces.append(Piece(box, to_mnist(piece), reading))
+            pieces.append(Piece(box, to_mnist(piece), reading, number))
     return pieces
 
 

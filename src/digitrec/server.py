@@ -78,10 +78,15 @@ class DigitOut(BaseModel):
         description="confidence below the model's reject threshold: /api/predict would have answered rejected "
         "(a letter, a scribble, a bad cut); `digit` is still the most likely digit"
     )
+    line: int = Field(0, description="the line of writing the digit stands in, 0 for the top one")
 
 
 class ReadResponse(BaseModel):
-    number: str = Field(description="the digits left to right")
+    number: str = Field(
+        description="the digits left to right; a photo of several lines of digits, one under another, gives "
+        "one number per line, joined by newlines"
+    )
+    lines: list[str] = Field(description="the number of each line of writing, top to bottom")
     digits: list[DigitOut]
 
 
@@ -947,12 +952,14 @@ def create_app(
         counters["read"] += 1
         return {
             "number": result.number,
+            "lines": result.lines,
             "digits": [
                 {
                     "digit": int(d.digit),
                     "confidence": float(d.confidence),
                     "box": tuple(int(v) for v in d.box),
                     "doubtful": bool(d.doubtful),
+                    "line": int(d.line),
                 }
                 for d in result.digits
             ],
