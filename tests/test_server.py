@@ -314,6 +314,26 @@ def test_a_correction_whose_label_is_sent_twice_is_422_and_stores_nothing(client
     assert client.post("/api/feedback", files=upload(digit_png()), data={"label": "1"}).status_code == 201
 
 
+@pytest.mark.parametrize("endpoint", ["/api/predict", "/api/read", "/api/feedback"])
+def test_a_json_image_sent_twice_is_named_as_sent_twice(client, endpoint, db_path):
+    """With "image" given twice the JSON was said to have no string field "image" at all."""
+    image = base64.b64encode(digit_png())
+    response = client.post(
+        endpoint,
+        content=b'{"image": "' + image + b'", "image": "' + image + b'", "label": 3}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["detail"] == 'the JSON has 2 fields named "image"; send one image per request.'
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+    # and bytes that are not UTF-8 are still not valid JSON
+    response = client.post(
+        endpoint, content=b'{"image": "\xff\xfe"}', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and response.json()["detail"].startswith("the body is not valid JSON;")
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
