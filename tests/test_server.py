@@ -1146,7 +1146,6 @@ def test_load_benchmark_finds_the_server_and_counts_its_cpu_time() -> None:
     )
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
 def test_the_banner_gives_an_address_a_browser_opens() -> None:
     """`serve --host ::1` printed http://::1:8000/, which no browser opens."""
     from digitrec.server import listen_url
@@ -1157,6 +1156,7 @@ def test_the_banner_gives_an_address_a_browser_opens() -> None:
     assert listen_url("localhost", 8000) == "http://localhost:8000/"
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
 def test_stopping_serve_stops_its_image_workers(tmp_path):
     """uvicorn re-raises the SIGTERM it caught, so workers the app does not stop itself outlive the server."""
     fault = _fault_benchmark()
