@@ -774,3 +774,21 @@ def test_images_read_on_threads_leave_no_catch_all_warnings_filter_behind():
             if f[0] == "ignore" and f[3] is None and f[2] in (Warning, UserWarning)
         ]
         assert left == []
+
+
+def test_a_folder_is_expanded_with_one_stat_per_entry(tmp_path, monkeypatch):
+    """Telling folders from files looked at every entry twice (2N + 1 stat() calls for N images, 13 ms more for
+    a folder of 3,000 on the machine measured), where is_file() had looked once."""
+    for i in range(20):
+        (tmp_path / f"{i:02d}.png").write_bytes(b"x")
+    calls = 0
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert len(expand_paths([tmp_path], [], [], [])) == 20
+    assert calls <= 21

@@ -1066,8 +1066,9 @@ def expand_paths(
         path = Path(raw)
         if _is_dir(path):
             entries = sorted(path.iterdir())
-            folders = [p for p in entries if _is_dir(p)]
-            files = [p for p in entries if not _is_dir(p)]
+            is_folder = [_is_dir(p) for p in entries]  # one stat() each, as is_file() was: not one per list
+            folders = [p for p, folder in zip(entries, is_folder, strict=True) if folder]
+            files = [p for p, folder in zip(entries, is_folder, strict=True) if not folder]
             expanded.extend(p for p in files if is_image_file(p))
             if unreadable is not None:
                 unreadable.extend(p for p in files if is_unreadable_photo(p))
