@@ -745,3 +745,50 @@ def test_a_corrupt_exif_block_warns_nobody():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert preprocess(buffer.getvalue()).shape == (28, 28)
+
+
+def test_images_read_on_threads_leave_no_catch_all_warnings_filter_behind():
+    """Pillow's warnings were silenced with a catch-all "ignore" inside warnings.catch_warnings, which is not
+    thread-safe: after images read on several threads at once (create_app's default), that filter could stay in
+    place for good, and every warning of the process was silenced."""
+    import threading
+
+    broken_exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\xff\xff\xff\xff"
+    buffer = io.BytesIO()
+    Image.fromarray(page(3)).convert("RGB").save(buffer, "JPEG", exif=broken_exif)
+    data = buffer.getvalue()
+
+    def read() -> None:
+        for _ in range(200):
+            preprocess(data)
+
+    with warnings.catch_warnings():
+        threads = [threading.Thread(target=read) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        left = [
+            f
+            for f in warnings.filters
+            if f[0] == "ignore" and f[3] is None and f[2] in (Warning, UserWarning)
+        ]
+        assert left == []
+
+
+def test_a_folder_is_expanded_with_one_stat_per_entry(tmp_path, monkeypatch):
+    """Telling folders from files looked at every entry twice (2N + 1 stat() calls for N images, 13 ms more for
+    a folder of 3,000 on the machine measured), where is_file() had looked once."""
+    for i in range(20):
+        (tmp_path / f"{i:02d}.png").write_bytes(b"x")
+    calls = 0
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert len(expand_paths([tmp_path], [], [], [])) == 20
+    assert calls <= 21

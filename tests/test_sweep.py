@@ -61,6 +61,30 @@ def test_a_data_dir_without_mnist_fails_once_before_any_run(tmp_path, monkeypatc
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize(
+    "bad, said",
+    [
+        (["--recipes", "no-such-recipe"], "no-such-recipe"),
+        (["--parallel", "0"], "--parallel must be at least 1"),
+        (["--seeds", "1", "1"], "--seeds names 1 more than once"),
+    ],
+)
+def test_a_bad_argument_is_said_before_mnist_is_looked_for(tmp_path, monkeypatch, capsys, bad, said):
+    """MNIST was found (or downloaded) first: with a --data-dir lacking it, a bad --recipes, --parallel or --seeds
+    was said only after the data was put right, and without one the download came first."""
+    from digitrec import data
+    from digitrec.cli import main
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("MNIST looked for before the arguments were checked")
+
+    monkeypatch.setattr(data, "load_mnist", no_data)
+    monkeypatch.setattr(subprocess, "Popen", None)  # no job may start
+    assert main(["sweep", *bad, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+
+
 def test_a_sweep_run_again_starts_its_jobs_over(tmp_path, monkeypatch):
     """train refuses a folder holding an unfinished run, so an interrupted sweep run again failed those jobs."""
     from digitrec.cli import build_parser

@@ -398,8 +398,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import summary_table, sweep
 
     out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    # found and verified once here, so a --data-dir without MNIST is one sentence rather than every job's failure
-    load_mnist(args.data_dir, log=_stderr)
     flags = [
         flag
         for name, value in (
@@ -417,6 +415,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         train_flags=flags,
         log=_stderr,
+        # found and verified once, after the arguments, so a --data-dir without MNIST is one sentence rather than
+        # every job's failure, and a bad --recipes or --parallel is said before MNIST is downloaded
+        check_data=lambda: load_mnist(args.data_dir, log=_stderr),
     )
     print(summary_table(rows))
     print(f"summary: {out / 'summary.json'}")

@@ -148,7 +148,7 @@ def _open(
             )
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": two lines of Pillow's internals
+                _quiet_pillow()
                 # Pillow only warns between 1x and 2x its limit; we refuse the whole range.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(fp, formats=IMAGE_FORMATS)
@@ -193,7 +193,7 @@ def _open(
     stored_size = image.size
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Corrupt EXIF data": two lines of Pillow's internals
+            _quiet_pillow()
             if isinstance(source, Image.Image):  # the caller's: turned on a copy, so theirs stays as it is
                 image = cast(Image.Image, ImageOps.exif_transpose(image))
             else:  # our own: turned in place, as a copy of a 12-megapixel PNG costs ~20 ms and as much memory
@@ -203,6 +203,14 @@ def _open(
     if image.size != stored_size:  # rotated by 90 degrees
         full_size = (full_size[1], full_size[0])
     return image, full_size
+
+
+def _quiet_pillow() -> None:
+    """Inside catch_warnings: silence Pillow's own warnings (e.g. "Corrupt EXIF data": two lines of its internals),
+    and only those. catch_warnings is not thread-safe: threads reading images at once (create_app's default, a
+    caller's thread pool) can leave one block's filters in place for good, and a catch-all "ignore" left there
+    hid every warning of the process."""
+    warnings.filterwarnings("ignore", module=r"PIL\.")
 
 
 def _unreachable(path: Path, exc: OSError) -> str:
@@ -1058,8 +1066,9 @@ def expand_paths(
         path = Path(raw)
         if _is_dir(path):
             entries = sorted(path.iterdir())
-            folders = [p for p in entries if _is_dir(p)]
-            files = [p for p in entries if not _is_dir(p)]
+            is_folder = [_is_dir(p) for p in entries]  # one stat() each, as is_file() was: not one per list
+            folders = [p for p, folder in zip(entries, is_folder, strict=True) if folder]
+            files = [p for p, folder in zip(entries, is_folder, strict=True) if not folder]
             expanded.extend(p for p in files if is_image_file(p))
             if unreadable is not None:
                 unreadable.extend(p for p in files if is_unreadable_photo(p))

@@ -778,10 +778,18 @@ def create_app(
             return data, fields
         if content_type == "application/json":
             try:
-                body = json.loads(await request.body(), object_pairs_hook=_fields_once)
-            # ValueError: also a number of over 4,300 digits; RecursionError: arrays nested thousands deep
+                raw = await request.body()
+                # one decoder, made once: json.loads(..., object_pairs_hook=...) builds a new one per request
+                body = _JSON_FIELDS_ONCE.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+            # ValueError: also a number of over 4,300 digits (and bytes that are not UTF-8); RecursionError:
+            # arrays nested thousands deep
             except (ValueError, RecursionError):
                 raise HTTPException(400, f"the body is not valid JSON; {IMAGE_HINT}.") from None
+            if isinstance(body, dict) and isinstance(body.get("image"), _Repeated):
+                raise HTTPException(
+                    400,
+                    f'the JSON has {len(body["image"])} fields named "image"; send one image per request.',
+                )
             if not isinstance(body, dict) or not isinstance(body.get("image"), str):
                 raise HTTPException(400, f'the JSON has no string field "image"; {IMAGE_HINT}.')
             encoded = body.pop("image")
@@ -1138,6 +1146,9 @@ def _fields_once(pairs: Any) -> dict[str, Any]:
         else:
             fields[key] = value
     return fields
+
+
+_JSON_FIELDS_ONCE = json.JSONDecoder(object_pairs_hook=_fields_once)
 
 
 def _unreadable_form(reason: str) -> str:

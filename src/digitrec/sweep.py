@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,12 @@ def sweep(
     parallel: int = 1,
     train_flags: list[str] | None = None,
     log=print,
+    check_data: Callable[[], object] | None = None,
 ) -> list[dict]:
-    """Run every (recipe, seed) as its own process, `parallel` at a time; one summary row per run."""
+    """Run every (recipe, seed) as its own process, `parallel` at a time; one summary row per run.
+
+    `check_data` (the CLI's: find and verify MNIST) runs after the arguments are checked and before any job, so a
+    bad recipe, seed or flag is said at once rather than after MNIST is downloaded or refused."""
     for recipe in recipes:
         get_recipe(recipe)  # an unknown name fails now, not after the first runs
     if parallel < 1:
@@ -49,6 +54,8 @@ def sweep(
     jobs = [Job(r, s, out / f"{r}-seed{s}") for r, s in itertools.product(recipes, seeds)]
     for job in jobs:  # what `digitrec train` would refuse (--epochs 0, --seeds -1) fails now, once
         _check_train_flags(job, train_flags or [])
+    if check_data is not None:
+        check_data()
     threads = max(1, (os.cpu_count() or 1) // parallel)  # share the cores instead of oversubscribing them
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     pending, rows = list(jobs), []
