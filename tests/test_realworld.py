@@ -31,13 +31,22 @@ def test_sets_are_deterministic_decodable_and_labelled(name):
         assert min(image.size) >= 8
         if name == "negatives":
             assert sample.label is None and sample.kind.startswith("negative-")
+        elif name == "lines":
+            top, bottom = sample.label.split("\n")
+            assert top.isdigit() and bottom.isdigit() and len(top) >= 2 and len(bottom) >= 2
         else:
             assert sample.label.isdigit()
         if name == "numbers":
             assert len(sample.boxes) == len(sample.label) >= 2
             assert all(0 <= x < image.width and 0 <= y < image.height for x, y, _, _ in sample.boxes)
-        elif name != "negatives":
+        elif name not in ("negatives", "lines"):
             assert len(sample.label) == 1
+
+
+def test_write_set_names_a_photo_of_two_numbers_by_both(tmp_path):
+    (path,) = write_set("lines", 1, tmp_path, seed=2)
+    top, bottom = next(generate("lines", 1, seed=2)).label.split("\n")
+    assert path.stem.split("_")[1] == f"{top}-{bottom}"
 
 
 def test_write_set_names_files_by_label(tmp_path):
@@ -209,3 +218,26 @@ def test_eval_real_scores_correct_rejected_before_rejection_naive_and_exact_numb
     assert results["negatives"]["per_kind"] == pytest.approx(
         {k: np.mean([i % 4 != 0 for i, s in enumerate(negatives) if s.kind == k]) for k in kinds}
     )
+
+
+def test_eval_real_reads_photos_of_two_numbers_only_when_asked(monkeypatch):
+    """`lines`: a photo counts when both numbers are read exactly; the digit count per line; not a default set."""
+    monkeypatch.setattr(realworld, "_mnist_test", lambda: FAKE_MNIST)
+    photos = list(generate("lines", 8, seed=1, mnist=FAKE_MNIST))
+    answers = {}
+    for i, s in enumerate(photos):
+        top, bottom = s.label.split("\n")
+        # right; one line lost; the right digit counts with a digit wrong; the two lines read as one
+        answers[s.data] = [
+            s.label,
+            top,
+            f"{top}\n{'0' if bottom[0] != '0' else '1'}{bottom[1:]}",
+            top + bottom,
+        ][i % 4]
+    printed: list[str] = []
+    results = realworld.eval_real(_Stub(3, answers), count=8, seed=1, sets=("lines",), log=printed.append)
+    assert results["lines"]["exact"] == 0.25 and results["lines"]["digit_count_right"] == 0.5
+    assert printed[0].startswith(
+        "lines         25.00% photos of two numbers read exactly   (50.00% with the right"
+    )
+    assert "lines" not in realworld.DEFAULT_SETS and "lines" in realworld.SETS

@@ -645,9 +645,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_real(args: argparse.Namespace) -> int:
-    from .realworld import SETS, eval_real, time_folder, write_set
+    from .realworld import DEFAULT_SETS, SETS, eval_real, time_folder, write_set
 
-    sets = SETS if args.sets is None else tuple(name.strip() for name in args.sets.split(","))
+    sets = DEFAULT_SETS if args.sets is None else tuple(name.strip() for name in args.sets.split(","))
     unknown = [s for s in sets if s not in SETS]
     if unknown:  # '' too: an empty --sets ran every set
         raise DigitrecError(f"unknown set {unknown[0]!r}; choose from {', '.join(SETS)}.")
@@ -1306,7 +1306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_positive_int, default=500, help="images per set (default 500)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the generated sets (default 0)")
     p.add_argument(
-        "--sets", help="comma-separated subset of mnist-photo,pen-photo,font-photo,numbers,negatives"
+        "--sets",
+        help="comma-separated sets (default mnist-photo,pen-photo,font-photo,numbers,negatives; also lines: two numbers one under another)",
     )
     p.add_argument("--speed", action="store_true", help="also time one image and a folder of 1,000 images")
     p.add_argument(

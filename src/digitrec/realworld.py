@@ -11,6 +11,8 @@ sensor noise, odd sizes, JPEG compression. Sets:
     font-photo    single font digits (STIX / Computer Modern faces), photographed
     numbers       lines of 2-7 pen or MNIST digits, some touching, photographed
     negatives     blank pages, handwritten and printed letters, noise and scribbles: all must be rejected
+    lines         two such numbers written one under the other, photographed together (not in eval-real's
+                  default sets: `--sets lines`)
 
 Training negatives (augment_real.py) never come from here: letters from other fonts (DejaVu) and other pen
 skeletons, scribbles from other curve generators, digit pairs from MNIST *train* digits, all from their own
@@ -388,7 +390,8 @@ def number_line(
 
 # ------------------------------------------------------------------------------------------------- sets
 
-SETS = ("mnist-photo", "pen-photo", "font-photo", "numbers", "negatives")
+SETS = ("mnist-photo", "pen-photo", "font-photo", "numbers", "negatives", "lines")
+DEFAULT_SETS = SETS[:5]  # what eval-real reads unless --sets names others
 
 
 @lru_cache(maxsize=1)
@@ -423,17 +426,27 @@ def generate(
         elif name == "numbers":
             digits = [int(d) for d in rng.integers(10, size=int(rng.integers(2, 8)))]
             height = int(rng.integers(48, 96))
-            if rng.random() < 0.5:
-                glyphs = [crop_ink(draw_digit(d, rng, height)) for d in digits]
-            else:
-                images, labels = mnist or _mnist_test()
-                picks = [int(rng.choice(np.flatnonzero(labels == d))) for d in digits]
-                glyphs = [crop_ink(mnist_glyph(images[i], height)) for i in picks]
-            line, boxes = number_line(glyphs, rng)
+            line, boxes = number_line(_glyphs(digits, height, rng, mnist), rng)
             data, photo_boxes = photo(
                 line, rng, boxes=boxes, long_side=int(rng.uniform(1.2, 3) * 60 * len(digits) ** 0.7 + 80)
             )
             yield Sample(data, "".join(map(str, digits)), name, photo_boxes)
+        elif name == "lines":
+            height = int(rng.integers(48, 96))
+            numbers = [[int(d) for d in rng.integers(10, size=int(rng.integers(2, 8)))] for _ in range(2)]
+            top, bottom = (number_line(_glyphs(digits, height, rng, mnist), rng)[0] for digits in numbers)
+            width = max(top.shape[1], bottom.shape[1])
+            gap = np.zeros((int(rng.uniform(0.2, 0.8) * height), width), dtype=np.float32)
+            page = np.concatenate(
+                [
+                    np.pad(top, ((0, 0), (0, width - top.shape[1]))),
+                    gap,
+                    np.pad(bottom, ((0, 0), (0, width - bottom.shape[1]))),
+                ]
+            )
+            longest = max(len(digits) for digits in numbers)
+            data, _ = photo(page, rng, boxes=[], long_side=int(rng.uniform(1.2, 3) * 60 * longest**0.7 + 160))
+            yield Sample(data, "\n".join("".join(map(str, digits)) for digits in numbers), name)
         elif name == "negatives":
             kind = ["blank", "letter-pen", "letter-font", "noise", "scribble"][
                 int(rng.choice(5, p=[0.2, 0.25, 0.25, 0.15, 0.15]))
@@ -469,11 +482,28 @@ def generate(
             raise ValueError(f"unknown set {name!r}")
 
 
-WRITTEN_NAME = re.compile(r"\d{5,}_(\d+|none)\.(jpg|png)")  # the files write_set writes
+def _glyphs(
+    digits: list[int], height: int, rng: np.random.Generator, mnist: tuple[Array, Array] | None
+) -> list[Array]:
+    """A number's digits as ink: all drawn with the pen, or all MNIST test digits (half the numbers each)."""
+    if rng.random() < 0.5:
+        return [crop_ink(draw_digit(d, rng, height)) for d in digits]
+    images, labels = mnist or _mnist_test()
+    picks = [int(rng.choice(np.flatnonzero(labels == d))) for d in digits]
+    return [crop_ink(mnist_glyph(images[i], height)) for i in picks]
+
+
+def _digit_counts(number: str | None) -> list[int]:
+    """How many digits each line of a reading (or of a label) holds: [5, 4] for "31415" over "2718"."""
+    return [len(line) for line in number.split("\n")] if number else []
+
+
+WRITTEN_NAME = re.compile(r"\d{5,}_(\d+(-\d+)*|none)\.(jpg|png)")  # the files write_set writes
 
 
 def write_set(name: str, count: int, out_dir: str | Path, seed: int = 0) -> list[Path]:
-    """Save a set as image files named <index>_<label>.<ext> (label 'none' for negatives), for `digitrec predict DIR`.
+    """Save a set as image files named <index>_<label>.<ext> (label 'none' for negatives, lines joined by '-'), for
+    `digitrec predict DIR` (or `read DIR`).
 
     The files an earlier call wrote into out_dir (another count or seed) are removed first, so that the folder
     holds this set alone and <index> names one file; other files are left alone."""
@@ -485,7 +515,8 @@ def write_set(name: str, count: int, out_dir: str | Path, seed: int = 0) -> list
     paths = []
     for i, sample in enumerate(generate(name, count, seed)):
         ext = "jpg" if sample.data[:2] == b"\xff\xd8" else "png"
-        path = out / f"{i:05d}_{sample.label or 'none'}.{ext}"
+        label = (sample.label or "none").replace("\n", "-")
+        path = out / f"{i:05d}_{label}.{ext}"
         path.write_bytes(sample.data)
         paths.append(path)
     return paths
@@ -504,7 +535,7 @@ def eval_real(
     predictor: Any,
     count: int = 500,
     seed: int = 0,
-    sets: tuple[str, ...] = SETS,
+    sets: tuple[str, ...] = DEFAULT_SETS,
     log: Callable[[str], None] = print,
     show_misses: int = 0,
 ) -> dict[str, Any]:
@@ -530,19 +561,23 @@ def eval_real(
     for name in sets:
         samples = list(generate(name, count, seed))
         start = time.perf_counter()
-        if name == "numbers":
+        if name in ("numbers", "lines"):
             reads = [predictor.read(s.data) for s in samples]
             seconds = time.perf_counter() - start
             exact = np.mean([r.number == s.label for r, s in zip(reads, samples)])
-            digits_found = np.mean([len(r.number) == len(cast(str, s.label)) for r, s in zip(reads, samples)])
+            # per line, for `lines`: the right number of lines, each with the right number of digits
+            digits_found = np.mean(
+                [_digit_counts(r.number) == _digit_counts(s.label) for r, s in zip(reads, samples)]
+            )
             results[name] = {
                 "exact": float(exact),
                 "digit_count_right": float(digits_found),
                 "n": len(samples),
                 "ms_per_image": 1000 * seconds / len(samples),
             }
+            what = "numbers exactly right" if name == "numbers" else "photos of two numbers read exactly"
             log(
-                f"{name:<12} {exact:7.2%} numbers exactly right   ({digits_found:.2%} with the right digit count, "
+                f"{name:<12} {exact:7.2%} {what}   ({digits_found:.2%} with the right digit count, "
                 f"{1000 * seconds / len(samples):.1f} ms/image, n={len(samples)})"
             )
             report_misses(
