@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -82,6 +84,10 @@ def test_train_pairs_writes_a_scorer_read_can_use(tiny_data, tmp_path):
     lines: list[str] = []
     path = train_pairs(tmp_path / "p.safetensors", count=600, epochs=1, batch_size=64, log=lines.append)
     assert any("held-out accuracy" in line for line in lines)
+    held_out = 600 // 20  # the 5% held out: its accuracies are whole counts of it, not float32 means
+    metrics = json.loads(path.with_suffix(".json").read_text())["metrics"]
+    for key in ("val_accuracy", "val_pair_accuracy", "val_other_read_as_pair"):
+        assert any(metrics[key] == k / n for n in range(1, held_out + 1) for k in range(n + 1)), key
     scorer = load_pair_scorer(path)
     assert scorer is not None
     out = scorer(np.zeros((2, 28, 28), np.float32))
