@@ -275,9 +275,17 @@ class Sample:
 
 
 def photo(
-    coverage: Array, rng: np.random.Generator, *, boxes: list | None = None, long_side: int | None = None
+    coverage: Array,
+    rng: np.random.Generator,
+    *,
+    boxes: list | None = None,
+    long_side: int | None = None,
+    line_share: float = 1.0,
 ) -> tuple[bytes, list]:
-    """Ink coverage (H, W) in [0, 1] -> an encoded photo of it on paper; returns (bytes, boxes in photo pixels)."""
+    """Ink coverage (H, W) in [0, 1] -> an encoded photo of it on paper; returns (bytes, boxes in photo pixels).
+
+    `line_share`: the share of the coverage's height one line of writing takes (a page of two numbers: about
+    0.4), so that the defocus scales with the writing, as on a photo of one line."""
     coverage = crop_ink(coverage) if boxes is None else coverage
     h0, w0 = coverage.shape
     # Margins: the digit is rarely centered and rarely fills the frame.
@@ -337,7 +345,9 @@ def photo(
         softness = rng.uniform(0.04, 0.15)
         light *= 1 - rng.uniform(0.25, 0.55) / (1 + np.exp(-distance / softness))
     image *= light[..., None]
-    blur = rng.uniform(0, 0.02) * min(h, w)  # defocus scales with the writing, not the width of a long line
+    blur = (
+        rng.uniform(0, 0.02) * min(h, w) * line_share
+    )  # scales with the writing, not with a long line's width
     if blur > 0.3:
         image = cast(Array, ndimage.gaussian_filter(image, (blur, blur, 0)))
     image += cast(Array, rng.normal(0, rng.uniform(0, 0.035), image.shape)).astype(np.float32)
@@ -445,7 +455,13 @@ def generate(
                 ]
             )
             longest = max(len(digits) for digits in numbers)
-            data, _ = photo(page, rng, boxes=[], long_side=int(rng.uniform(1.2, 3) * 60 * longest**0.7 + 160))
+            data, _ = photo(
+                page,
+                rng,
+                boxes=[],
+                long_side=int(rng.uniform(1.2, 3) * 60 * longest**0.7 + 160),
+                line_share=top.shape[0] / page.shape[0],
+            )
             yield Sample(data, "\n".join("".join(map(str, digits)) for digits in numbers), name)
         elif name == "negatives":
             kind = ["blank", "letter-pen", "letter-font", "noise", "scribble"][
