@@ -1276,7 +1276,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("read", help="read a whole number (one line of digits) from each image")
+    p = sub.add_parser(
+        "read", help="read a whole number (a line of digits; several lines, one number each) from each image"
+    )
     p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders of images")
     model_flags(p)
     p.add_argument(
