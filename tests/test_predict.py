@@ -187,6 +187,30 @@ def test_cli_fails_only_when_every_file_failed(tmp_path, capsys, untrained_path)
     assert out.count("does not exist") == 2 and "Traceback" not in out
 
 
+def test_a_folder_that_cannot_be_listed_is_named_and_the_other_images_still_read(
+    tmp_path, capsys, monkeypatch, untrained_path
+):
+    """A folder the user may not list, given among other paths, stopped the whole command (exit 2, no answers)."""
+    good = write_png(tmp_path / "good.png", line_image([5], gap=0.3)[0])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    listing = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:  # as a folder without read permission answers (root may list any, so it is faked)
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert main(["predict", str(locked), str(good), "--model", str(untrained_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [row["path"] for row in json.loads(captured.out)] == [str(good)]
+    assert captured.err == (
+        f"digitrec: cannot list the folder {locked} (Permission denied), so its images are not read; check its "
+        "permissions.\n"
+    )
+
+
 def test_cli_names_the_photos_it_cannot_read_in_a_folder(tmp_path, capsys, untrained_path):
     write_png(tmp_path / "good.png", line_image([5], gap=0.3)[0])
     (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))

@@ -546,7 +546,12 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
     unreadable: list[Path] = []
     refused: list[Path] = []
     subfolders: list[Path] = []
-    paths = expand_paths(args.images, unreadable, refused, subfolders)
+    unlisted: list[tuple[Path, str]] = []
+    paths = expand_paths(args.images, unreadable, refused, subfolders, unlisted)
+    for folder, reason in unlisted:  # the other paths are still read, as a file that cannot be read is
+        _stderr(
+            f"digitrec: cannot list the folder {folder} ({reason}), so its images are not read; check its permissions."
+        )
     if subfolders:
         _stderr(
             f"digitrec: skipped {len(subfolders)} folder(s) inside the given ones, such as {subfolders[0]}: "

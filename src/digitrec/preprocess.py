@@ -1053,19 +1053,28 @@ def expand_paths(
     unreadable: list[Path] | None = None,
     refused: list[Path] | None = None,
     subfolders: list[Path] | None = None,
+    unlisted: list[tuple[Path, str]] | None = None,
 ) -> list[Path]:
     """Folders expand to the image files inside them (sorted, not recursive); files stay as given, in order.
 
     A folder's photos in formats Pillow does not read (UNREADABLE_PHOTO_SUFFIXES) go into `unreadable`, its
     images in the formats Pillow knows and digitrec refuses (TGA, ICO, ...) into `refused`, and its own folders
     that hold images (which are not read) into `subfolders`, if given. An entry named like an image that is not
-    a readable file (a dangling link, a pipe) is kept, so that reading it says what is wrong with it.
+    a readable file (a dangling link, a pipe) is kept, so that reading it says what is wrong with it. A folder
+    that cannot be listed goes into `unlisted` with the reason, if given (else its error is raised), so that the
+    other paths are still read.
     """
     expanded: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if _is_dir(path):
-            entries = sorted(path.iterdir())
+            try:
+                entries = sorted(path.iterdir())
+            except OSError as exc:
+                if unlisted is None:
+                    raise
+                unlisted.append((path, exc.strerror or str(exc)))
+                continue
             is_folder = [_is_dir(p) for p in entries]  # one stat() each, as is_file() was: not one per list
             folders = [p for p, folder in zip(entries, is_folder, strict=True) if folder]
             files = [p for p, folder in zip(entries, is_folder, strict=True) if not folder]
