@@ -345,9 +345,8 @@ def photo(
         softness = rng.uniform(0.04, 0.15)
         light *= 1 - rng.uniform(0.25, 0.55) / (1 + np.exp(-distance / softness))
     image *= light[..., None]
-    blur = (
-        rng.uniform(0, 0.02) * min(h, w) * line_share
-    )  # scales with the writing, not with a long line's width
+    # defocus scales with the writing (one line of it), not with a long line's width
+    blur = rng.uniform(0, 0.02) * min(h, w) * line_share
     if blur > 0.3:
         image = cast(Array, ndimage.gaussian_filter(image, (blur, blur, 0)))
     image += cast(Array, rng.normal(0, rng.uniform(0, 0.035), image.shape)).astype(np.float32)

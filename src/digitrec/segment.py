@@ -187,12 +187,14 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
     tops = np.array([b.y0 for b in tall]) - slope * xs  # each part's rows, as if the line were level
     bottoms = np.array([b.y1 for b in tall]) - slope * xs
     order = np.argsort(tops)
-    groups, reach = [[int(order[0])]], bottoms[order[0]]
+    groups, reach = [[int(order[0])]], bottoms[order[0]]  # reach: the lowest row the current line covers
     for k in order[1:]:
         if tops[k] - reach > LINE_GAP * line_height:
-            groups.append([])
-        groups[-1].append(int(k))
-        reach = max(reach, bottoms[k]) if len(groups[-1]) > 1 else bottoms[k]
+            groups.append([int(k)])
+            reach = bottoms[k]
+        else:
+            groups[-1].append(int(k))
+            reach = max(reach, bottoms[k])
     if len(groups) == 1:
         return [blobs]
     middles = [float(np.median((tops[g] + bottoms[g]) / 2)) for g in groups]
