@@ -1105,10 +1105,15 @@ def test_serve_and_its_image_workers_keep_start_up_objects_out_of_the_garbage_co
     from digitrec import server
 
     frozen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: frozen.update(server=gc.get_freeze_count()))
+
+    def run(self, sockets=None):
+        frozen.update(server=gc.get_freeze_count())
+        self.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # serve's one thread would slow later tests
     try:
-        server.serve(backend="torch")
+        server.serve(backend="torch", port=0)
     finally:
         gc.unfreeze()
     assert frozen["server"] > 10_000
@@ -1177,6 +1182,24 @@ def test_the_banner_gives_an_address_a_browser_opens() -> None:
     assert listen_url("::", 18200) == "http://[::]:18200/"
     assert listen_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
     assert listen_url("localhost", 8000) == "http://localhost:8000/"
+
+
+def test_serve_on_port_0_says_the_port_the_system_picked(tmp_path):
+    """`serve --port 0` printed http://127.0.0.1:0/ (uvicorn bound its own socket after the banner)."""
+    command = [sys.executable, "-m", "digitrec", "serve", "--port", "0", "--backend", "torch"]
+    command += ["--feedback-db", str(tmp_path / "feedback.sqlite")]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout is not None
+        banner = next(line for line in server.stdout if "serving" in line)  # printed when it is listening
+        address = banner.split(" at ")[1].split()[0]
+        assert address.startswith("http://127.0.0.1:") and not address.endswith(":0/")
+        assert httpx.get(address + "healthz", timeout=30).json()["status"] == "ok"
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")

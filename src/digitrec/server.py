@@ -1226,35 +1226,39 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
         return load("torch")
 
 
-def check_can_listen(host: str, port: int) -> None:
-    """Raise one DigitrecError sentence if `host:port` cannot be listened on (taken, not ours, no such address),
-    before the model and the workers load, instead of uvicorn's log lines after them.
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """Bind `host:port` the way uvicorn does (SO_REUSEADDR, so a port left in TIME_WAIT counts as free) and return
+    the socket for uvicorn to listen on; raise one DigitrecError sentence if it cannot be bound (taken, not ours,
+    no such address), before the model and the workers load, instead of uvicorn's log lines after them.
 
-    It binds the way uvicorn does (SO_REUSEADDR, so a port left in TIME_WAIT counts as free) and lets go.
+    Binding it here also tells the banner which port `--port 0` was given.
     """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:
         raise DigitrecError(
             f"cannot listen on {host!r}: no such host or address here; try 127.0.0.1."
         ) from None
     family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise DigitrecError(
-                    f"port {port} on {host} is already in use; stop what is using it or pass another --port."
-                ) from None
-            if exc.errno == errno.EACCES:
-                raise DigitrecError(
-                    f"this user may not listen on port {port} (ports below 1024 need privileges); pass --port 8000."
-                ) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
             raise DigitrecError(
-                f"cannot listen on {host}:{port} ({exc.strerror}); pass another --host or --port."
+                f"port {port} on {host} is already in use; stop what is using it or pass another --port."
             ) from None
+        if exc.errno == errno.EACCES:
+            raise DigitrecError(
+                f"this user may not listen on port {port} (ports below 1024 need privileges); pass --port 8000."
+            ) from None
+        raise DigitrecError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); pass another --host or --port."
+        ) from None
+    return sock
 
 
 def listen_url(host: str, port: int) -> str:
@@ -1278,30 +1282,39 @@ def serve(
     A client must send each request's headers within `header_timeout` seconds, and then its body within
     `body_timeout` seconds, or its connection is closed.
     """
-    check_can_listen(host, port)
-    # opened first: a --feedback-db it cannot use is said before the model loads (or is exported)
-    store = FeedbackStore(feedback_db)
-    import torch
-    import uvicorn
+    with bind_listening_socket(host, port) as sock:  # closed if the model cannot load
+        # opened first: a --feedback-db it cannot use is said before the model loads (or is exported)
+        store = FeedbackStore(feedback_db)
+        import torch
+        import uvicorn
 
-    # One intra-op thread: the model runs on one thread fed by the batcher while others decode and preprocess;
-    # torch's default (one thread per core) makes them fight over the cores and is several times slower.
-    torch.set_num_threads(1)
-    predictor = load_for_serving(model, backend)
-    app = create_app(predictor, feedback_db=store, preprocess_processes=os.cpu_count() or 1)
-    engine = BACKEND_NAMES.get(type(predictor.backend).__name__, "PyTorch")
-    print(
-        f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at {listen_url(host, port)}  (API docs: /docs)",
-        flush=True,
-    )
-    freeze_heap()
-    # limit_concurrency bounds memory: each request may hold up to 5 MB; past it clients get 503 and retry.
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        access_log=access_log,
-        limit_concurrency=256,
-        log_level="info",
-        http=guarded_http_protocol(header_timeout, body_timeout=body_timeout),
-    )
+        # One intra-op thread: the model runs on one thread fed by the batcher while others decode and preprocess;
+        # torch's default (one thread per core) makes them fight over the cores and is several times slower.
+        torch.set_num_threads(1)
+        predictor = load_for_serving(model, backend)
+        app = create_app(predictor, feedback_db=store, preprocess_processes=os.cpu_count() or 1)
+        engine = BACKEND_NAMES.get(type(predictor.backend).__name__, "PyTorch")
+        port = sock.getsockname()[1]  # the one the system picked, for --port 0
+        sock.listen(2048)  # uvicorn's backlog: a browser opened at the banner waits for uvicorn, not refused
+        print(
+            f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at {listen_url(host, port)}  (API docs: /docs)",
+            flush=True,
+        )
+        freeze_heap()
+        # limit_concurrency bounds memory: each request may hold up to 5 MB; past it clients get 503 and retry.
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            access_log=access_log,
+            limit_concurrency=256,
+            log_level="info",
+            http=guarded_http_protocol(header_timeout, body_timeout=body_timeout),
+        )
+        server = uvicorn.Server(config)
+        try:
+            server.run(sockets=[sock])  # what uvicorn.run does, on the socket bound above
+        except KeyboardInterrupt:
+            pass
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's exit status when start-up fails
