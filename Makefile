@@ -42,7 +42,7 @@ test: setup browser
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy src
-	$(PY) -m pytest
+	$(PY) -m pytest --timeout 900  # a test that hangs fails in 15 minutes instead of holding CI to its limit
 
 test-slow: setup
 	$(PY) -m pytest -m slow
