@@ -519,6 +519,24 @@ def test_calibrate_out_is_a_safetensors_file_as_named_or_else_a_run_folder(
     assert "temperature" not in load_model(tiny_fast_run / "model.safetensors")[1]  # the source is untouched
 
 
+def test_calibrating_a_run_in_place_says_its_card_is_stale_and_how_to_rewrite_it(
+    tiny_fast_run, idx_folder, tmp_path, monkeypatch, capsys
+):
+    """The run's MODEL_CARD.md kept showing the uncalibrated model (no temperature, its T = 1 ECE)."""
+    import shutil
+
+    monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
+    run = tmp_path / "run"
+    shutil.copytree(tiny_fast_run, run)
+    (run / "MODEL_CARD.md").write_text("# the card training wrote\n")
+    assert main(["calibrate", str(run), "--count", "10"]) == 0
+    said = capsys.readouterr().out
+    rewrite = f"`digitrec evaluate {run} --report {run}` rewrites them."
+    assert f"MODEL_CARD.md in {run} still describes the model before calibration; {rewrite}" in said
+    assert main(["evaluate", str(run), "--report", str(run)]) == 0  # the command it gives does it
+    assert "Calibrated by temperature scaling" in (run / "MODEL_CARD.md").read_text()
+
+
 def test_an_unwritable_path_found_late_is_one_sentence(tmp_path, monkeypatch, capsys):
     """An OSError on a path the user named (here the cache, below a file) was a traceback with exit 1."""
     blocking = tmp_path / "afile"

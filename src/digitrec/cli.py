@@ -644,8 +644,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.out:  # a folder it cannot write into is said now, not after the calibration
         _make_folder(args.out.parent, "--out")
+    written = args.out or _model_path(args.model)
     calibrate(_model_path(args.model), count=args.count, out_path=args.out, half=args.half, log=print)
-    print(f"calibration written into {args.out or _model_path(args.model)}")
+    print(f"calibration written into {written}")
+    stale = [name for name in ("MODEL_CARD.md", "report.html") if (written.parent / name).is_file()]
+    if written.name == "model.safetensors" and stale:  # a run's own model: its card shows T = 1 and that ECE
+        print(
+            f"{' and '.join(stale)} in {written.parent} still {'describe' if len(stale) > 1 else 'describes'} "
+            "the model before calibration; "
+            f"`digitrec evaluate {written.parent} --report {written.parent}` rewrites them."
+        )
     return 0
 
 

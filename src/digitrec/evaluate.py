@@ -13,22 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibrate import expected_calibration_error
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import TrainConfig
 from .data import MNIST
-
-
-def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins."""
-    confidence, predicted = probabilities.max(1)
-    correct = (predicted == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
-    for low, high in zip(edges[:-1], edges[1:]):
-        inside = (confidence > low) & (confidence <= high)
-        if inside.any():
-            ece += inside.float().mean() * (confidence[inside].mean() - correct[inside].mean()).abs()
-    return ece.item()
 
 
 def accuracy_as_reported(correct: torch.Tensor, metric: str = "accuracy") -> float:
@@ -69,7 +57,7 @@ def compute_metrics(
         "test_loss": F.cross_entropy(logits / temperature, labels).item(),
         "errors": len(wrong),
         "count": len(labels),
-        "ece": expected_calibration_error(probabilities, labels),
+        "ece": expected_calibration_error(probabilities.numpy(), labels.numpy()),
         "temperature": temperature,
         "per_class": [
             {
