@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from digitrec.predict import holds_no_ink
+from digitrec.predict import DigitBox, ReadResult, holds_no_ink
 
 
 @pytest.fixture(autouse=True)
@@ -38,25 +38,6 @@ class FakePrediction:
     top: list[tuple[int, float]]
     rejected: bool
     blank: bool = False
-
-
-@dataclass
-class FakeDigitBox:
-    digit: int | None
-    confidence: float
-    box: tuple[int, int, int, int]
-    doubtful: bool = False
-    line: int = 0
-
-
-@dataclass
-class FakeReadResult:
-    number: str
-    digits: list[FakeDigitBox]
-
-    @property
-    def lines(self) -> list[str]:
-        return self.number.split("\n") if self.number else []
 
 
 @dataclass
@@ -103,15 +84,15 @@ class FakePredictor:
             out.append(FakePrediction(None if rejected else best, p[best], p, top, rejected, blank))
         return out
 
-    def read(self, image: bytes) -> FakeReadResult:
+    def read(self, image: bytes) -> ReadResult:
         from digitrec.preprocess import open_image
 
         width, height = open_image(image).size  # bad images raise the ImageError the real read() raises
-        return FakeReadResult(
+        return ReadResult(
             "42",
             [
-                FakeDigitBox(4, 0.98, (0, 0, width // 2, height)),
-                FakeDigitBox(2, 0.4, (width // 2, 0, width - width // 2, height), doubtful=True),
+                DigitBox(4, 0.98, (0, 0, width // 2, height)),
+                DigitBox(2, 0.4, (width // 2, 0, width - width // 2, height), doubtful=True),
             ],
         )
 

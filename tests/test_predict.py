@@ -478,3 +478,18 @@ def test_an_empty_image_argument_is_refused_not_read_as_the_current_folder(
     assert main([command, "", "--model", str(untrained_path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "an empty IMG argument" in captured.err
+
+
+def test_a_digit_box_is_plain_json_whatever_numpy_types_it_holds():
+    """`read --json` and `/api/read` share DigitBox.to_dict; the server cast NumPy values on its own copy."""
+    from digitrec.predict import DigitBox, ReadResult
+
+    box = DigitBox(
+        np.int64(3), np.float32(0.875), tuple(np.int64(v) for v in (1, 2, 3, 4)), np.bool_(True), np.int64(1)
+    )
+    said = json.loads(json.dumps(ReadResult("5\n3", [box]).to_dict()))
+    assert said == {
+        "number": "5\n3",
+        "lines": ["5", "3"],
+        "digits": [{"digit": 3, "confidence": 0.875, "box": [1, 2, 3, 4], "doubtful": True, "line": 1}],
+    }

@@ -62,13 +62,14 @@ class DigitBox:
     line: int = 0  # the line of writing it stands in, 0 for the top one
 
     def to_dict(self) -> dict[str, Any]:
-        """As JSON: digit, confidence, box [x, y, w, h], doubtful and line."""
+        """As JSON (`read --json` and `/api/read`): digit, confidence, box [x, y, w, h], doubtful and line, as
+        plain Python numbers whatever NumPy types the segmenter left in them."""
         return {
-            "digit": self.digit,
-            "confidence": self.confidence,
-            "box": list(self.box),
-            "doubtful": self.doubtful,
-            "line": self.line,
+            "digit": int(self.digit),
+            "confidence": float(self.confidence),
+            "box": [int(v) for v in self.box],
+            "doubtful": bool(self.doubtful),
+            "line": int(self.line),
         }
 
 

@@ -958,20 +958,7 @@ def create_app(
 
         result = await asyncio.get_running_loop().run_in_executor(io_pool, work)
         counters["read"] += 1
-        return {
-            "number": result.number,
-            "lines": result.lines,
-            "digits": [
-                {
-                    "digit": int(d.digit),
-                    "confidence": float(d.confidence),
-                    "box": tuple(int(v) for v in d.box),
-                    "doubtful": bool(d.doubtful),
-                    "line": int(d.line),
-                }
-                for d in result.digits
-            ],
-        }
+        return result.to_dict()
 
     @app.post(
         "/api/feedback",
