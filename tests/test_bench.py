@@ -290,3 +290,14 @@ def test_the_time_to_target_is_that_of_the_first_check_to_reach_it(tiny_mnist, m
     run, _ = bench._train_seed("fast", get_recipe("fast"), tiny_mnist, 0.9, stop_at_target=False)
     assert run.seconds_to_target == 2.0
     assert [accuracy for _, accuracy in run.checks] == pytest.approx([0.5, 0.95, 0.99], abs=1 / len(labels))
+
+
+def test_the_bench_footer_counts_one_thread_and_one_core_in_the_singular():
+    """`OMP_NUM_THREADS=1 digitrec bench ...` printed "with 1 threads"."""
+    from digitrec.cli import _bench_footer
+
+    header = {"cores": 1, "torch": "2.13.0", "torch_threads": 1, "load_average": [0.5, 0, 0]}
+    footer = _bench_footer(header | {"matmul_multiply_adds_per_s": 1e11})
+    assert footer.startswith("1 core, torch 2.13.0 with 1 thread; load average 0.5 before")
+    header |= {"cores": 2, "torch_threads": 2, "matmul_multiply_adds_per_s": 1e11}
+    assert _bench_footer(header).startswith("2 cores, torch 2.13.0 with 2 threads;")

@@ -769,7 +769,8 @@ def _bench_footer(header: dict) -> str:
 
     header["load_average_after"] = list(os.getloadavg())
     return (
-        f"{header['cores']} cores, torch {header['torch']} with {header['torch_threads']} threads; load average "
+        f"{header['cores']} core{'s' * (header['cores'] != 1)}, torch {header['torch']} with "
+        f"{header['torch_threads']} thread{'s' * (header['torch_threads'] != 1)}; load average "
         f"{header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after; float32 matrix "
         f"multiply here: {header['matmul_multiply_adds_per_s'] / 1e9:.1f} G multiply-adds/s (torch, 1024x1024, "
         "measured before the run)"

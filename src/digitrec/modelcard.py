@@ -218,7 +218,7 @@ def build_card(
         if latency:
             speed.append(
                 f"Forward pass of one image: {latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
-                f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} threads, "
+                f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} thread{'s' * (latency['threads'] != 1)}, "
                 f"{latency['machine']}; measured while writing this card, so a busy machine reads slower)."
             )
         sections.append(Section("Latency and size", speed))
