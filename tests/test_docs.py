@@ -232,3 +232,52 @@ def test_the_api_page_names_every_public_name_and_field():
         assert row, function.__name__
         for parameter in inspect.signature(function).parameters.values():
             assert parameter.name in row.group(1), f"docs/api.md: {function.__qualname__}'s {parameter.name}"
+
+
+def table_rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first Markdown table after `heading`, header and rule left out."""
+    lines = text[text.index(heading) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows[2:]
+
+
+def percent(cell: str) -> float:
+    return float(re.search(r"([\d.]+)%", cell).group(1)) / 100
+
+
+def test_the_results_figures_agree_wherever_they_are_quoted():
+    """README's results table, the tutorial's copy of it, performance.md's spreads over seeds, `digitrec recipes`
+    (each source's figure, and the median of our own recipes) and `digitrec models`'s parameter counts agree."""
+    from digitrec.models import count_parameters, create_model
+
+    results = {
+        row[0].strip("`"): row for row in table_rows(README.read_text(), "## Results")
+    }  # recipe, source, reported, seed 0, over seeds, params, epochs, seconds
+    assert set(results) == set(RECIPES) - {"robust"}
+    for name, row in results.items():
+        recipe = RECIPES[name]
+        assert int(row[5].replace(",", "")) == count_parameters(create_model(recipe.arch)), name
+        assert float(row[6]) == recipe.epochs, name
+        if row[1] == "digitrec":  # our own recipes report the median over seeds
+            assert round(percent(row[4].split("/")[1]), 4) == recipe.reported_accuracy, name
+        elif recipe.reported_accuracy is None:
+            assert row[2] == "—", name
+        else:
+            assert round(percent(row[2]), 4) == recipe.reported_accuracy, name
+    spread = re.compile(r"(\d+\.\d+)%? / (\d+\.\d+)%? / (\d+\.\d+)%")
+    performance = table_rows((DOCS / "performance.md").read_text(), "## Recipes")
+    for row in performance:
+        name = row[0].strip("`")
+        if name in results:  # the rows of today's recipes, not those "until 2026-12-04"
+            assert spread.search(row[3]).groups() == spread.search(results[name][4]).groups(), name
+    assert {row[0].strip("`") for row in performance} >= {"fast", "default", "best"}
+    tutorial = table_rows((DOCS / "tutorial" / "02-recipes.md").read_text(), "# 2. The seed recipes")
+    assert len(tutorial) == 8
+    for name, accuracy, params, epochs in tutorial:
+        row = results[name.strip("`")]
+        assert (accuracy, params, epochs) == (row[3].split()[0].strip("*;"), row[5], row[6]), name
