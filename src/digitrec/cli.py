@@ -1296,7 +1296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders of images")
     model_flags(p)
     p.add_argument(
-        "--json", action="store_true", help='print a JSON array of {"path", "number", "digits": [...]}'
+        "--json",
+        action="store_true",
+        help='print a JSON array of {"path", "number", "lines", "digits": [...]}',
     )
     p.set_defaults(func=cmd_read)
 
@@ -1409,7 +1411,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--model", help="a run folder or model.safetensors (default runs/fast, trained first if missing)"
     )
-    q.add_argument("--backends", default="torch-fp32,torch-bf16,torch-compiled,onnx-fp32,onnx-int8")
+    q.add_argument(
+        "--backends",
+        default="torch-fp32,torch-bf16,torch-compiled,onnx-fp32,onnx-int8",
+        help="comma-separated (default all five: torch-fp32,torch-bf16,torch-compiled,onnx-fp32,onnx-int8)",
+    )
     q.add_argument(
         "--batch-sizes", type=_batch_sizes, default="1,1024", help="comma-separated (default 1,1024)"
     )
