@@ -567,6 +567,44 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(db_path):
     assert max(predictor.batch_sizes) > 1 and sum(predictor.batch_sizes) == len(images)
 
 
+def test_corrections_and_stats_do_not_wait_behind_slow_reads(db_path):
+    """A class reading numbers keeps every /api/read thread busy for seconds; a correction or /api/stats sent
+    meanwhile is answered at once instead of queueing behind them (it waited up to 18 s under 30 clients)."""
+    import threading
+
+    gate, entered = threading.Event(), threading.Semaphore(0)
+
+    class SlowReader(FakePredictor):
+        def read(self, image: bytes):
+            entered.release()
+            gate.wait(timeout=30)  # a long read: held until the correction below has its answer
+            return super().read(image)
+
+    app = create_app(SlowReader(), feedback_db=db_path)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http:
+            reads = [
+                asyncio.ensure_future(http.post("/api/read", files=upload(digit_png()))) for _ in range(8)
+            ]
+            try:
+                while not entered.acquire(blocking=False):  # the reads have taken their threads
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.3)  # and every other thread they can get
+                correction = http.post("/api/feedback", files=upload(digit_png()), data={"label": "7"})
+                stored = await asyncio.wait_for(correction, timeout=10)
+                stats = await asyncio.wait_for(http.get("/api/stats"), timeout=10)
+                still_reading = not gate.is_set()
+            finally:
+                gate.set()
+            return stored, stats, still_reading, await asyncio.gather(*reads)
+
+    stored, stats, still_reading, reads = asyncio.run(run())
+    assert stored.status_code == 201 and stats.json()["feedback"]["total"] == 1 and still_reading
+    assert [r.json()["number"] for r in reads] == ["42"] * 8
+
+
 def test_preprocessing_in_worker_processes_gives_the_same_answers_and_errors(predictor, db_path):
     with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as c:
         assert c.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
