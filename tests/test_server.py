@@ -1217,16 +1217,30 @@ def test_the_banner_gives_an_address_a_browser_opens() -> None:
     assert listen_url("localhost", 8000) == "http://localhost:8000/"
 
 
+def _as_from_a_terminal() -> None:
+    """In the child, before exec: Ctrl-C's default action, which a shell's background job (as under CI) ignores."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
-def test_stopping_serve_stops_its_image_workers(tmp_path):
-    """uvicorn re-raises the SIGTERM it caught, so workers the app does not stop itself outlive the server."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
+def test_stopping_serve_stops_its_image_workers(tmp_path, stop):
+    """uvicorn re-raises the SIGTERM it caught, so workers the app does not stop itself outlive the server.
+    Ctrl-C in a terminal signals the whole process group: the workers too, which must leave stopping to the
+    server rather than each print a KeyboardInterrupt traceback (and have the server start new ones)."""
     fault = _fault_benchmark()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "digitrec", "serve", "--port", str(port), "--backend", "torch"]
     command += ["--feedback-db", str(tmp_path / "feedback.sqlite")]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a process group of its own, as a terminal gives a command
+        preexec_fn=_as_from_a_terminal,
+    )
     children: list[int] = []
     try:
         deadline = time.monotonic() + 90
@@ -1239,9 +1253,14 @@ def test_stopping_serve_stops_its_image_workers(tmp_path):
                 time.sleep(0.2)
         children = fault.child_processes(server.pid)
         assert len(children) >= 2  # the image workers (one per core) and multiprocessing's resource tracker
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        if stop == "SIGTERM":
+            server.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(server.pid, signal.SIGINT)
+        output = server.communicate(timeout=30)[0].decode()
         assert not fault.still_running(children, wait_s=10)
+        assert "Traceback" not in output and "worker died" not in output, output
+        assert "Application shutdown complete." in output
     finally:
         if server.poll() is None:
             server.kill()

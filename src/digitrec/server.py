@@ -532,8 +532,14 @@ def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
 
 def _start_worker() -> None:
     """Run once in each worker process as it starts, so the first request does not pay for the imports."""
+    import signal
+
     from . import preprocess  # noqa: F401
 
+    # Ctrl-C in a terminal signals the whole process group, workers included: each printed a KeyboardInterrupt
+    # traceback and died, and the server rebuilt its pool while it shut down. Stopping is the server's to do:
+    # it ends the workers once the requests in flight are answered (ImageWorkers.shutdown).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     freeze_heap()
 
 
