@@ -280,6 +280,33 @@ def test_a_second_finger_on_the_pad_does_not_join_the_stroke(tmp_path):
         assert errors == []
 
 
+@pytest.mark.parametrize("outage", ["busy", "down"])
+def test_the_page_sends_the_drawing_again_after_a_503_or_while_the_server_is_down(tmp_path, outage):
+    """A 503 (every slot taken, or the image workers restarting) or a server being restarted left the drawing
+    unread under an error until the student drew another stroke; the page now says it will try again, and does."""
+    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with browser_page(app) as (page, errors, expect):
+        failing = True
+
+        def answer(route: Any) -> None:
+            if not failing:
+                route.continue_()
+            elif outage == "busy":
+                busy = {"detail": "the server is busy with other requests; send it again in 1 s."}
+                route.fulfill(status=503, headers={"Retry-After": "1"}, json=busy)
+            else:
+                route.abort("connectionrefused")
+
+        page.route("**/api/predict*", answer)
+        draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+        expect(page.locator("#toast")).to_contain_text("trying again in", timeout=10_000)
+        expect(page.locator("#digit")).to_have_text("–")
+        failing = False  # the server is back: no new stroke, the page asks again by itself
+        expect(page.locator("#digit")).to_have_text("7", timeout=15_000)
+        expect(page.locator("#toast")).to_have_text("")
+        assert errors == []
+
+
 CONTRAST_JS = """() => {
   // WCAG 2 contrast of every visible piece of text on an enabled control or outside controls, against the first
   // opaque background behind it (translucent ones blended in).
