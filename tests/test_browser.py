@@ -323,7 +323,8 @@ def test_while_the_pen_moves_the_page_asks_only_for_what_is_cheap(tmp_path):
 @pytest.mark.parametrize("outage", ["busy", "down"])
 def test_the_page_sends_the_drawing_again_after_a_503_or_while_the_server_is_down(tmp_path, outage):
     """A 503 (every slot taken, or the image workers restarting) or a server being restarted left the drawing
-    unread under an error until the student drew another stroke; the page now says it will try again, and does."""
+    unread under an error until the student drew another stroke; the page now says it will try again, and does.
+    After a restart (a fine-tuned model, say) the footer names the model now served, not the one it loaded with."""
     app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
     with browser_page(app) as (page, errors, expect):
         failing = True
@@ -338,12 +339,17 @@ def test_the_page_sends_the_drawing_again_after_a_503_or_while_the_server_is_dow
                 route.abort("connectionrefused")
 
         page.route("**/api/predict*", answer)
+        health = page.evaluate("async () => (await fetch('/healthz')).json()")
         draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
         expect(page.locator("#toast")).to_contain_text("trying again in", timeout=10_000)
         expect(page.locator("#digit")).to_have_text("–")
-        failing = False  # the server is back: no new stroke, the page asks again by itself
+        # the server is back, with another model after a restart: no new stroke, the page asks again by itself
+        failing = False
+        page.route("**/healthz", lambda route: route.fulfill(json={**health, "model": "finetuned"}))
         expect(page.locator("#digit")).to_have_text("7", timeout=15_000)
         expect(page.locator("#toast")).to_have_text("")
+        if outage == "down":  # the footer names the model now served
+            expect(page.locator("#model-info")).to_contain_text("Model finetuned")
         assert errors == []
 
 

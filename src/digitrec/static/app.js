@@ -35,6 +35,7 @@ const state = {
   retryTimer: null,   // sends the input again after a 503 or while the server cannot be reached
   retrying: false,    // the request being sent is such a retry
   retryDelay: 1,      // seconds the last retry waited: each retry that fails again waits twice as long, up to 10
+  unreachable: false, // the last request found no server: the one that answers next may serve a new model
 };
 
 // ---------------------------------------------------------------------------------------------- drawing
@@ -246,12 +247,17 @@ async function sendPrediction() {
       showFailure(`the server is busy; trying again in ${seconds} s.`);
       return;
     }
+    if (state.unreachable) {  // back after a restart, perhaps with a fine-tuned model: name the one now served
+      state.unreachable = false;
+      loadModelInfo();
+    }
     if (!response.ok) { showFailure(answer.detail || `the server answered ${response.status}`); return; }
     state.lastBlob = blob;
     if (state.mode === "digit") showPrediction(answer); else showReading(answer);
   } catch (error) {
     if (mode !== state.mode) return;
     // stopped or restarting (a new model): ask again, further apart each time, until it answers
+    state.unreachable = true;
     const seconds = retryLater(retry);
     showFailure(`could not reach the server; trying again in ${seconds} s. Is digitrec serve still running?`);
   } finally {
