@@ -1259,11 +1259,12 @@ def _as_from_a_terminal() -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
-@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C", "SIGKILL"])
 def test_stopping_serve_stops_its_image_workers(tmp_path, stop):
     """uvicorn re-raises the SIGTERM it caught, so workers the app does not stop itself outlive the server.
     Ctrl-C in a terminal signals the whole process group: the workers too, which must leave stopping to the
-    server rather than each print a KeyboardInterrupt traceback (and have the server start new ones)."""
+    server rather than each print a KeyboardInterrupt traceback (and have the server start new ones). A server
+    killed outright (SIGKILL, the out-of-memory killer) stops nothing: its workers notice it is gone."""
     fault = _fault_benchmark()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1289,14 +1290,14 @@ def test_stopping_serve_stops_its_image_workers(tmp_path, stop):
                 time.sleep(0.2)
         children = fault.child_processes(server.pid)
         assert len(children) >= 2  # the image workers (one per core) and multiprocessing's resource tracker
-        if stop == "SIGTERM":
-            server.send_signal(signal.SIGTERM)
-        else:
+        if stop == "Ctrl-C":
             os.killpg(server.pid, signal.SIGINT)
+        else:
+            server.send_signal(getattr(signal, stop))
         output = server.communicate(timeout=30)[0].decode()
         assert not fault.still_running(children, wait_s=10)
         assert "Traceback" not in output and "worker died" not in output, output
-        assert "Application shutdown complete." in output
+        assert ("Application shutdown complete." in output) == (stop != "SIGKILL")
     finally:
         if server.poll() is None:
             server.kill()
