@@ -102,6 +102,12 @@ def browser_page(app, **page_options: Any) -> Iterator[tuple[Any, list[str], Any
             browser.close()
 
 
+SEEN_INK_JS = (
+    "() => Array.from(document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data)"
+    ".filter((v, i) => i % 4 === 0 && v > 128).length"
+)
+
+
 def test_draw_upload_correct_and_read_a_number_in_chromium(tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     db_path = tmp_path / "feedback.sqlite"
@@ -119,11 +125,8 @@ def test_draw_upload_correct_and_read_a_number_in_chromium(tmp_path):
                       .getBoundingClientRect().height > 60""",
             timeout=5_000,
         )
-        seen_ink = page.evaluate(
-            "() => Array.from(document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data)"
-            ".filter((v, i) => i % 4 === 0 && v > 128).length"
-        )
-        assert seen_ink > 20  # the 28x28 image the model saw is drawn
+        # the 28x28 image the model saw is drawn (it comes with the answer sent once the pen lifts)
+        page.wait_for_function(f"() => ({SEEN_INK_JS})() > 20", timeout=10_000)
         page.screenshot(path=ARTIFACTS / "web-draw.png")
 
         # Undo empties the pad and the answer.
@@ -277,6 +280,76 @@ def test_a_second_finger_on_the_pad_does_not_join_the_stroke(tmp_path):
             " for (let i = 0; i < d.length; i += 4) n += d[i] < 128; return n; }"
         )
         assert right_ink == 0
+        assert errors == []
+
+
+def test_while_the_pen_moves_the_page_asks_only_for_what_is_cheap(tmp_path):
+    """Every update of a stroke asked for a saliency map (170 forward passes), and in numbers mode for a whole
+    reading (up to a second or two of CPU): 30 students drawing at once waited 3.3 s per digit. Now a moving pen
+    gets the digit and its bars; the 28x28 view and its saliency come when it lifts, a number's reading too."""
+    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with browser_page(app) as (page, errors, expect):
+        sent: list[str] = []
+        page.on("request", lambda request: sent.append(request.url.split("/", 3)[3]))
+        box = page.locator("#pad").bounding_box()
+
+        def stroke_with_pauses(points: list[tuple[float, float]]) -> list[str]:
+            """Draw slowly, a pause at each point so the page sends updates; what it sent before the pen lifted."""
+            page.mouse.move(box["x"] + points[0][0] * box["width"], box["y"] + points[0][1] * box["height"])
+            page.mouse.down()
+            for fx, fy in points[1:]:
+                page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"], steps=4)
+                page.wait_for_timeout(400)
+            while_drawing = list(sent)
+            page.mouse.up()
+            return while_drawing
+
+        while_drawing = stroke_with_pauses(
+            [(0.25, 0.22), (0.5, 0.22), (0.75, 0.22), (0.6, 0.5), (0.45, 0.82)]
+        )
+        assert while_drawing and set(while_drawing) == {"api/predict"}  # the digit followed the pen
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+        page.wait_for_function(f"() => ({SEEN_INK_JS})() > 20", timeout=10_000)
+        assert sent[-1] == "api/predict?explain=true"
+
+        page.click("#mode-number")
+        sent.clear()
+        assert stroke_with_pauses([(0.2, 0.2), (0.2, 0.5), (0.2, 0.85)]) == []
+        expect(page.locator("#chips li")).not_to_have_count(0, timeout=10_000)
+        assert sent == ["api/read"]
+        assert errors == []
+
+
+@pytest.mark.parametrize("outage", ["busy", "down"])
+def test_the_page_sends_the_drawing_again_after_a_503_or_while_the_server_is_down(tmp_path, outage):
+    """A 503 (every slot taken, or the image workers restarting) or a server being restarted left the drawing
+    unread under an error until the student drew another stroke; the page now says it will try again, and does.
+    After a restart (a fine-tuned model, say) the footer names the model now served, not the one it loaded with."""
+    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with browser_page(app) as (page, errors, expect):
+        failing = True
+
+        def answer(route: Any) -> None:
+            if not failing:
+                route.continue_()
+            elif outage == "busy":
+                busy = {"detail": "the server is busy with other requests; send it again in 1 s."}
+                route.fulfill(status=503, headers={"Retry-After": "1"}, json=busy)
+            else:
+                route.abort("connectionrefused")
+
+        page.route("**/api/predict*", answer)
+        health = page.evaluate("async () => (await fetch('/healthz')).json()")
+        draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+        expect(page.locator("#toast")).to_contain_text("trying again in", timeout=10_000)
+        expect(page.locator("#digit")).to_have_text("–")
+        # the server is back, with another model after a restart: no new stroke, the page asks again by itself
+        failing = False
+        page.route("**/healthz", lambda route: route.fulfill(json={**health, "model": "finetuned"}))
+        expect(page.locator("#digit")).to_have_text("7", timeout=15_000)
+        expect(page.locator("#toast")).to_have_text("")
+        if outage == "down":  # the footer names the model now served
+            expect(page.locator("#model-info")).to_contain_text("Model finetuned")
         assert errors == []
 
 

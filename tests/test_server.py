@@ -567,6 +567,44 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(db_path):
     assert max(predictor.batch_sizes) > 1 and sum(predictor.batch_sizes) == len(images)
 
 
+def test_corrections_and_stats_do_not_wait_behind_slow_reads(db_path):
+    """A class reading numbers keeps every /api/read thread busy for seconds; a correction or /api/stats sent
+    meanwhile is answered at once instead of queueing behind them (it waited up to 18 s under 30 clients)."""
+    import threading
+
+    gate, entered = threading.Event(), threading.Semaphore(0)
+
+    class SlowReader(FakePredictor):
+        def read(self, image: bytes):
+            entered.release()
+            gate.wait(timeout=30)  # a long read: held until the correction below has its answer
+            return super().read(image)
+
+    app = create_app(SlowReader(), feedback_db=db_path)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http:
+            reads = [
+                asyncio.ensure_future(http.post("/api/read", files=upload(digit_png()))) for _ in range(8)
+            ]
+            try:
+                while not entered.acquire(blocking=False):  # the reads have taken their threads
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.3)  # and every other thread they can get
+                correction = http.post("/api/feedback", files=upload(digit_png()), data={"label": "7"})
+                stored = await asyncio.wait_for(correction, timeout=10)
+                stats = await asyncio.wait_for(http.get("/api/stats"), timeout=10)
+                still_reading = not gate.is_set()
+            finally:
+                gate.set()
+            return stored, stats, still_reading, await asyncio.gather(*reads)
+
+    stored, stats, still_reading, reads = asyncio.run(run())
+    assert stored.status_code == 201 and stats.json()["feedback"]["total"] == 1 and still_reading
+    assert [r.json()["number"] for r in reads] == ["42"] * 8
+
+
 def test_preprocessing_in_worker_processes_gives_the_same_answers_and_errors(predictor, db_path):
     with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as c:
         assert c.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
@@ -1122,6 +1160,42 @@ def test_serve_and_its_image_workers_keep_start_up_objects_out_of_the_garbage_co
         assert c.get("/api/stats").json()["gc"]["frozen_objects"] == gc.get_freeze_count() == 0
 
 
+def test_a_forced_quit_stops_at_once_without_a_traceback_per_request(monkeypatch, capsys, caplog, tmp_path):
+    """A second Ctrl-C makes uvicorn cancel every request in flight and log each one's CancelledError traceback
+    (50 lines apiece: 2,280 lines of output for 30 students' reads); now one line says how many were cut short."""
+    import gc
+    import logging
+
+    import torch
+    import uvicorn
+
+    from digitrec import server
+
+    def forced_quit(self, sockets=None):  # what uvicorn does on a second Ctrl-C with three requests running
+        self.started = True
+        # uvicorn.Config set its own logging up (no propagation to the root logger that caplog listens on)
+        logging.getLogger("uvicorn.error").addHandler(caplog.handler)
+        for _ in range(3):
+            try:
+                raise asyncio.CancelledError()
+            except asyncio.CancelledError as exc:
+                logging.getLogger("uvicorn.error").error("Exception in ASGI application\n", exc_info=exc)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(uvicorn.Server, "run", forced_quit)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # serve's one thread would slow later tests
+    try:
+        server.serve(backend="torch", port=0, feedback_db=tmp_path / "feedback.sqlite")  # the Ctrl-C ends it
+    finally:
+        gc.unfreeze()
+    assert not [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], asyncio.CancelledError)]
+    assert "3 requests in flight were cut short" in capsys.readouterr().out
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    uvicorn_errors.error("Exception in ASGI application\n", exc_info=asyncio.CancelledError())
+    assert caplog.records[-1].exc_info  # the filter went with the server: another app's logs are left alone
+    uvicorn_errors.removeHandler(caplog.handler)
+
+
 def _fault_benchmark():
     """benchmarks/fault_server.py, whose /proc helpers find a server's child processes."""
     import importlib.util
@@ -1184,11 +1258,18 @@ def test_the_banner_gives_an_address_a_browser_opens() -> None:
     assert listen_url("localhost", 8000) == "http://localhost:8000/"
 
 
+def _as_from_a_terminal() -> None:
+    """In the child, before exec: Ctrl-C's default action, which a shell's background job (as under CI) ignores."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_serve_on_port_0_says_the_port_the_system_picked(tmp_path):
     """`serve --port 0` printed http://127.0.0.1:0/ (uvicorn bound its own socket after the banner)."""
     command = [sys.executable, "-m", "digitrec", "serve", "--port", "0", "--backend", "torch"]
     command += ["--feedback-db", str(tmp_path / "feedback.sqlite")]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=_as_from_a_terminal
+    )
     try:
         assert server.stdout is not None
         banner = next(line for line in server.stdout if "serving" in line)  # printed when it is listening
@@ -1203,15 +1284,25 @@ def test_serve_on_port_0_says_the_port_the_system_picked(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
-def test_stopping_serve_stops_its_image_workers(tmp_path):
-    """uvicorn re-raises the SIGTERM it caught, so workers the app does not stop itself outlive the server."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C", "SIGKILL"])
+def test_stopping_serve_stops_its_image_workers(tmp_path, stop):
+    """uvicorn re-raises the SIGTERM it caught, so workers the app does not stop itself outlive the server.
+    Ctrl-C in a terminal signals the whole process group: the workers too, which must leave stopping to the
+    server rather than each print a KeyboardInterrupt traceback (and have the server start new ones). A server
+    killed outright (SIGKILL, the out-of-memory killer) stops nothing: its workers notice it is gone."""
     fault = _fault_benchmark()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "digitrec", "serve", "--port", str(port), "--backend", "torch"]
     command += ["--feedback-db", str(tmp_path / "feedback.sqlite")]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a process group of its own, as a terminal gives a command
+        preexec_fn=_as_from_a_terminal,
+    )
     children: list[int] = []
     try:
         deadline = time.monotonic() + 90
@@ -1224,9 +1315,14 @@ def test_stopping_serve_stops_its_image_workers(tmp_path):
                 time.sleep(0.2)
         children = fault.child_processes(server.pid)
         assert len(children) >= 2  # the image workers (one per core) and multiprocessing's resource tracker
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        if stop == "Ctrl-C":
+            os.killpg(server.pid, signal.SIGINT)
+        else:
+            server.send_signal(getattr(signal, stop))
+        output = server.communicate(timeout=30)[0].decode()
         assert not fault.still_running(children, wait_s=10)
+        assert "Traceback" not in output and "worker died" not in output, output
+        assert ("Application shutdown complete." in output) == (stop != "SIGKILL")
     finally:
         if server.poll() is None:
             server.kill()

@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -31,6 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import CheckpointError, DigitrecError, ImageError, ImageTooLargeError
 from .feedback import FeedbackStore
+
+if TYPE_CHECKING:
+    import uvicorn
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 5 * 1024 * 1024
@@ -532,9 +535,34 @@ def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
 
 def _start_worker() -> None:
     """Run once in each worker process as it starts, so the first request does not pay for the imports."""
+    import signal
+
     from . import preprocess  # noqa: F401
 
+    # Ctrl-C in a terminal signals the whole process group, workers included: each printed a KeyboardInterrupt
+    # traceback and died, and the server rebuilt its pool while it shut down. Stopping is the server's to do:
+    # it ends the workers once the requests in flight are answered (ImageWorkers.shutdown).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     freeze_heap()
+
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this worker within `poll_s` seconds of the server's end, however that came.
+
+    A server killed with SIGKILL (or by the out-of-memory killer) cannot stop its workers, and they wait for
+    work forever: each kept its 80 MB, and the resource tracker beside them, until the machine restarted.
+    """
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is handed to init (or a subreaper): its parent id changes
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="digitrec-parent-watch", daemon=True).start()
 
 
 def _worker_pid() -> int:
@@ -671,6 +699,11 @@ def create_app(
     # The model runs on one thread, fed by the batcher; everything else blocking runs on a few more threads.
     model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digitrec-model")
     io_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="digitrec-io")
+    # /api/read costs up to a second or two of CPU per photo: on threads of its own, so that corrections,
+    # /api/stats (and threaded preprocessing) never queue behind a class's worth of reads (they waited up to 18 s)
+    read_pool = ThreadPoolExecutor(
+        max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="digitrec-read"
+    )
     workers = ImageWorkers(preprocess_processes) if preprocess_processes > 0 else None
     batcher = Batcher(predictor, model_pool)
     counters = {"predict": 0, "read": 0, "feedback": 0, "rejected": 0, "client_errors": 0, "server_errors": 0}
@@ -688,7 +721,7 @@ def create_app(
         yield
         if workers is not None:
             workers.shutdown()
-        for pool in (io_pool, model_pool):
+        for pool in (io_pool, read_pool, model_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
     app = _fastapi(
@@ -956,7 +989,7 @@ def create_app(
         def work():
             return predictor.read(checked_upload(data))
 
-        result = await asyncio.get_running_loop().run_in_executor(io_pool, work)
+        result = await asyncio.get_running_loop().run_in_executor(read_pool, work)
         counters["read"] += 1
         return result.to_dict()
 
@@ -1298,10 +1331,44 @@ def serve(
             log_level="info",
             http=guarded_http_protocol(header_timeout, body_timeout=body_timeout),
         )
-        server = uvicorn.Server(config)
-        try:
-            server.run(sockets=[sock])  # what uvicorn.run does, on the socket bound above
-        except KeyboardInterrupt:
-            pass
+        run_uvicorn(uvicorn.Server(config), sock)
+
+
+def run_uvicorn(server: uvicorn.Server, sock: socket.socket) -> None:
+    """What uvicorn.run does, on the socket `serve` bound: until Ctrl-C, and a forced quit (a second Ctrl-C) says
+    in one line how many requests it cut short instead of a traceback for each."""
+    cut_short = CancelledRequests()
+    logging.getLogger("uvicorn.error").addFilter(cut_short)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has stopped
+        pass
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(cut_short)
+        if cut_short.count:
+            print(
+                f"digitrec: stopped at once; {cut_short.count} requests in flight were cut short.", flush=True
+            )
     if not server.started:
         raise SystemExit(3)  # uvicorn's exit status when start-up fails
+
+
+class CancelledRequests(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for a request cancelled by a forced quit, and counts them.
+
+    A second Ctrl-C makes uvicorn cancel every request still running, and each one logged a 50-line traceback of
+    CancelledError (2,000 lines for 30 students' reads); a forced stop is no error in the app. Nothing else
+    cancels a request's task, so no real error is hidden. The app's lifespan, cancelled too, is reported as a
+    traceback Starlette formatted into the message: dropped as well.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            self.count += 1
+            return False
+        message = record.getMessage()
+        return not (message.startswith("Traceback") and message.rstrip().endswith("CancelledError"))

@@ -11,6 +11,7 @@ const MODES = {
 };
 const UPLOAD_MAX_SIDE = 1600;  // phone photos are shrunk in the browser: the model needs far fewer pixels
 const MIN_SEND_INTERVAL_MS = 120;
+const MAX_RETRY_S = 10;  // a server that is down is asked again at most this far apart
 
 const pad = $("pad");
 const ctx = pad.getContext("2d");
@@ -31,6 +32,10 @@ const state = {
   lastSent: 0,
   lastBlob: null,     // the exact image the current answer is about (a correction sends it back)
   lastPrediction: null,
+  retryTimer: null,   // sends the input again after a 503 or while the server cannot be reached
+  retrying: false,    // the request being sent is such a retry
+  retryDelay: 1,      // seconds the last retry waited: each retry that fails again waits twice as long, up to 10
+  unreachable: false, // the last request found no server: the one that answers next may serve a new model
 };
 
 // ---------------------------------------------------------------------------------------------- drawing
@@ -91,7 +96,9 @@ pad.addEventListener("pointermove", (event) => {
     ctx.lineTo(point[0], point[1]);
   }
   ctx.stroke();
-  schedulePrediction();
+  // A number is read when the pen lifts: a reading costs up to a second or two of CPU, and a half-written
+  // digit reads wrong anyway. A single digit's answer follows the pen.
+  if (state.mode === "digit") schedulePrediction();
 });
 
 function endStroke(event) {
@@ -212,6 +219,10 @@ function schedulePrediction(now = false) {
 
 async function sendPrediction() {
   if (state.inFlight || !state.dirty) return;
+  clearTimeout(state.retryTimer);  // this request replaces a pending retry
+  state.retryTimer = null;
+  const retry = state.retrying;
+  state.retrying = false;
   state.dirty = false;
   if (!state.photo && state.strokes.length === 0) { showEmpty(); return; }
   state.inFlight = true;
@@ -222,21 +233,52 @@ async function sendPrediction() {
     const blob = state.photo || await drawingBlob();
     const body = new FormData();
     body.append("file", blob, state.photo ? (state.photo.name || "photo.jpg") : "drawing.png");
-    const url = state.mode === "digit" ? "/api/predict?explain=true" : "/api/read";
+    // While the pen moves, only the digit and its probabilities (a few ms, batched with everyone else's); the
+    // 28x28 view and its saliency map (170 forward passes, about 100 ms of a core) come once it lifts. With
+    // every update explained, 30 students drawing at once waited 3.3 s for each answer.
+    const url = state.mode === "number" ? "/api/read" : state.drawing ? "/api/predict" : "/api/predict?explain=true";
     const response = await fetch(url, { method: "POST", body });
     const answer = await response.json().catch(() => ({ detail: `the server answered ${response.status}` }));
     const cleared = !state.photo && state.strokes.length === 0;
     // an answer to input that was cleared, or to the other mode, while we waited
     if (mode !== state.mode || (generation !== state.generation && cleared)) return;
+    if (response.status === 503) {  // busy, or its image workers restart: the drawing is sent again by itself
+      const seconds = retryLater(retry, Number(response.headers.get("Retry-After")));
+      showFailure(`the server is busy; trying again in ${seconds} s.`);
+      return;
+    }
+    if (state.unreachable) {  // back after a restart, perhaps with a fine-tuned model: name the one now served
+      state.unreachable = false;
+      loadModelInfo();
+    }
     if (!response.ok) { showFailure(answer.detail || `the server answered ${response.status}`); return; }
     state.lastBlob = blob;
     if (state.mode === "digit") showPrediction(answer); else showReading(answer);
   } catch (error) {
-    if (mode === state.mode) showFailure("could not reach the server; is digitrec serve still running?");
+    if (mode !== state.mode) return;
+    // stopped or restarting (a new model): ask again, further apart each time, until it answers
+    state.unreachable = true;
+    const seconds = retryLater(retry);
+    showFailure(`could not reach the server; trying again in ${seconds} s. Is digitrec serve still running?`);
   } finally {
     state.inFlight = false;
     if (state.dirty) schedulePrediction();
   }
+}
+
+function retryLater(afterRetry, retryAfter) {
+  // Send the current input again in `retryAfter` seconds (a 503's Retry-After), else in 1 s, or twice as long
+  // as the last retry waited when that retry failed too; returns the wait in seconds. Without this a student's
+  // drawing stayed unread, under an error, until they drew another stroke.
+  const backoff = afterRetry ? Math.min(state.retryDelay * 2, MAX_RETRY_S) : 1;
+  state.retryDelay = retryAfter > 0 ? Math.min(retryAfter, MAX_RETRY_S) : backoff;
+  clearTimeout(state.retryTimer);
+  state.retryTimer = setTimeout(() => {
+    state.retryTimer = null;
+    state.retrying = true;
+    schedulePrediction(true);
+  }, state.retryDelay * 1000);
+  return state.retryDelay;
 }
 
 async function sendCorrection(label, button) {
