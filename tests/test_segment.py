@@ -378,6 +378,19 @@ def test_digits_at_the_edge_of_a_slanted_line_are_kept():
     assert kept == blobs
 
 
+def test_digits_the_frame_cuts_are_kept_in_every_line_of_a_tight_crop():
+    """A photo cropped tight round two numbers: a digit of the top line touches the top edge, one of the bottom
+    line the bottom edge. Both were dropped as debris, the bottom one for lying outside the rows of one line
+    fitted through both lines' digits ("52806" over "3917" read "52806" alone)."""
+    top = [_Blob(10 + 60 * k, 55 + 60 * k, 5, 85, [k + 1]) for k in range(5)]
+    top[2] = _Blob(130, 175, 0, 85, [3])  # a tall 8 cut by the top edge
+    bottom = [_Blob(10 + 60 * k, 55 + 60 * k, 115, 195, [k + 6]) for k in range(4)]
+    bottom[1] = _Blob(70, 115, 118, 200, [7])  # a 9's tail cut by the bottom edge
+    debris = _Blob(380, 400, 20, 200, [10])  # a shadow's edge down the right border, across both lines
+    kept = drop_edge_debris([*top, *bottom, debris], (200, 400), line_height=80)
+    assert kept == [*top, *bottom]
+
+
 def test_a_digits_detached_tail_joins_it_but_a_whole_one_stands_alone():
     # Three digits 100 px high; a bold 2's tail, broken off by the threshold, stands 60 px high 2 px right of
     # the second (it read as a "1" at 1.00 beside it: "865122" came out "8651221"); a 1 as tall as the line

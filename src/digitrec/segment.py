@@ -133,12 +133,12 @@ def clean(blobs: list[_Blob], areas: np.ndarray) -> tuple[list[_Blob], float]:
 
 
 def drop_edge_debris(blobs: list[_Blob], shape: tuple[int, ...], line_height: float) -> list[_Blob]:
-    """Drop parts that touch the picture's edge and lie mostly outside the line's rows: a shadow's corner,
-    the edge of a table or of the next sheet, not a digit (a digit the frame cuts still stands in the line).
+    """Drop parts that touch the picture's edge and lie mostly outside the rows of every line of writing: a
+    shadow's corner, the edge of a table or of the next sheet, not a digit (a digit the frame cuts still stands in
+    its line, the bottom line of several too).
 
-    The line's rows are one line height around a line through the centres of the digit-tall parts inside the
-    picture, so they follow a line that rises or falls (Theil-Sen: the median of the slopes between pairs, which
-    one part out of line does not move)."""
+    A line's rows are one line height around a line through the centres of its digit-tall parts inside the
+    picture (_middle_line); the lines are those parts grouped by split_lines."""
 
     def at_edge(b: _Blob) -> bool:
         return b.x0 == 0 or b.y0 == 0 or b.x1 == shape[1] or b.y1 == shape[0]
@@ -146,19 +146,27 @@ def drop_edge_debris(blobs: list[_Blob], shape: tuple[int, ...], line_height: fl
     tall = [b for b in blobs if b.height >= SMALL_PART * line_height and not at_edge(b)]
     if not tall:
         return blobs
-    xs = np.array([(b.x0 + b.x1) / 2 for b in tall])
-    ys = np.array([(b.y0 + b.y1) / 2 for b in tall])
-    pairs = [(j, i) for i in range(len(tall)) for j in range(i) if xs[i] != xs[j]]
+    middles = [_middle_line(line) for line in split_lines(tall, line_height)]
+
+    def in_a_line(b: _Blob) -> bool:
+        for slope, intercept in middles:
+            middle = intercept + slope * (b.x0 + b.x1) / 2
+            in_line = min(b.y1, middle + line_height / 2) - max(b.y0, middle - line_height / 2)
+            if in_line >= 0.5 * b.height:
+                return True
+        return False
+
+    return [b for b in blobs if not at_edge(b) or in_a_line(b)]
+
+
+def _middle_line(parts: list[_Blob]) -> tuple[float, float]:
+    """(slope, intercept) of a line through the centres of a line's parts, following a line that rises or falls
+    (Theil-Sen: the median of the slopes between pairs, which one part out of line does not move)."""
+    xs = np.array([(b.x0 + b.x1) / 2 for b in parts])
+    ys = np.array([(b.y0 + b.y1) / 2 for b in parts])
+    pairs = [(j, i) for i in range(len(parts)) for j in range(i) if xs[i] != xs[j]]
     slope = float(np.median([(ys[i] - ys[j]) / (xs[i] - xs[j]) for j, i in pairs])) if pairs else 0.0
-    intercept = float(np.median(ys - slope * xs))
-    kept = []
-    for b in blobs:
-        middle = intercept + slope * (b.x0 + b.x1) / 2
-        in_line = min(b.y1, middle + line_height / 2) - max(b.y0, middle - line_height / 2)
-        if at_edge(b) and in_line < 0.5 * b.height:
-            continue
-        kept.append(b)
-    return kept
+    return slope, float(np.median(ys - slope * xs))
 
 
 def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
