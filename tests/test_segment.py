@@ -536,6 +536,30 @@ def test_lines_one_under_another_are_told_apart_and_their_small_parts_follow(slo
     assert lines == [top, [*bottom, bar]]
 
 
+def test_a_number_written_at_half_the_height_is_a_line_of_its_own():
+    """Under a number 50 px high, one written 25 px high: its digits were short parts of the first line (the bar of
+    a 5, a dot) and joined it, and the two read as one jumble ("23806" for "52806" over "3917")."""
+    xs = np.arange(5) * 50.0
+    top = _blobs_along(xs, np.full(5, 100.0))
+    bottom = _blobs_along(xs[:4], np.full(4, 175.0), height=25, width=15)
+    dot = _Blob(230, 236, 145, 151, [99])  # a speck between them is no line: it joins the nearest
+    low = _Blob(260, 275, 125, 150, [98])  # a small digit on the first line's baseline stays in it
+    assert split_lines([*top, *bottom, dot, low], 50.0) == [[*top, dot, low], bottom]
+    assert split_lines([*bottom, *top], 50.0) == [top, bottom]  # top to bottom, whatever the order found
+
+
+def test_the_bundled_model_reads_a_smaller_number_under_a_big_one(bundled):
+    rng = np.random.default_rng(2)
+    lines = [
+        number_line([crop_ink(draw_digit(d, rng, height)) for d in digits], rng)[0]
+        for digits, height in (([5, 2, 8, 0, 6], 80), ([3, 9, 4, 7], 40))
+    ]
+    width = max(line.shape[1] for line in lines)
+    page = np.concatenate([np.pad(line, ((0, 30), (0, width - line.shape[1]))) for line in lines])
+    result = bundled.read((255 * (0.9 - 0.8 * np.pad(page, 40))).astype(np.uint8))
+    assert result.lines == ["52806", "3947"]
+
+
 def test_the_bundled_model_reads_two_numbers_one_under_the_other(bundled):
     rng = np.random.default_rng(5)
     lines = [

@@ -58,6 +58,7 @@ LINE_LIKE = 10  # a part this many times wider than tall is a drawn line, not di
 # Lines of digits one under another: the rows that digit-tall parts cover, the slant of the writing taken out,
 # leave a gap of more than this share of the line height between lines (one line's digits overlap in rows)
 LINE_GAP = 0.1
+SMALL_LINE = 0.3  # a number written smaller than the others stands at least this share of the line height
 
 Score = Callable[[np.ndarray], np.ndarray]  # (K, 28, 28) -> confidence of each, in (0, 1]
 # (K, 28, 28) -> log probabilities (K, 101): the pairs 00-99, then pairs.NO_PAIR
@@ -174,11 +175,52 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
 
     The writing's slant is the median slope between digit-tall parts side by side (each with its nearest
     neighbour to the right among those level with it). With it taken out, the rows the digit-tall parts of one
-    line cover overlap; a gap of more than LINE_GAP line heights in them starts a new line. Shorter parts (the
-    bar of a 5, a dot) join the line whose middle is nearest theirs."""
+    line cover overlap; a gap of more than LINE_GAP line heights in them starts a new line. Parts of a number
+    written smaller (at least SMALL_LINE of the line height) that stand clear of every such line's rows make
+    lines of their own the same way. Other shorter parts (the bar of a 5, a dot) join the line whose middle is
+    nearest theirs."""
     tall = [b for b in blobs if b.height >= SMALL_PART * line_height]
     if len(tall) < 2:
         return [blobs]
+    slope = _writing_slope(tall)
+
+    def level_rows(parts: list[_Blob]) -> tuple[np.ndarray, np.ndarray]:
+        """Each part's top and bottom row, as if the line were level."""
+        xs = np.array([(b.x0 + b.x1) / 2 for b in parts])
+        return np.array([b.y0 for b in parts]) - slope * xs, np.array([b.y1 for b in parts]) - slope * xs
+
+    tops, bottoms = level_rows(tall)
+    indices = _row_groups(tops, bottoms, LINE_GAP * line_height)
+    groups = [[tall[k] for k in g] for g in indices]
+    covered = [(tops[g].min(), bottoms[g].max()) for g in indices]
+    # A number written at half the others' height joined the nearest line as "short parts" and both read as a
+    # jumble: its digits, clear of every line's rows, are a line (or lines) of their own.
+    small = [b for b in blobs if SMALL_LINE * line_height <= b.height < SMALL_PART * line_height]
+    if small:
+        small_tops, small_bottoms = level_rows(small)
+        margin = LINE_GAP * line_height
+        apart = [
+            k
+            for k in range(len(small))
+            if all(small_tops[k] - hi > margin or lo - small_bottoms[k] > margin for lo, hi in covered)
+        ]
+        if apart:
+            for g in _row_groups(small_tops[apart], small_bottoms[apart], margin):
+                groups.append([small[apart[k]] for k in g])
+    if len(groups) == 1:
+        return [blobs]
+    middles = [float(np.median(np.add(*level_rows(g)) / 2)) for g in groups]
+    order = np.argsort(middles)
+    lines: list[list[_Blob]] = [[] for _ in groups]
+    for b in blobs:
+        level_y = (b.y0 + b.y1) / 2 - slope * (b.x0 + b.x1) / 2
+        lines[int(np.argmin([abs(level_y - middles[i]) for i in order]))].append(b)
+    return [line for line in lines if line]  # a group's parts may all lie nearer another's middle
+
+
+def _writing_slope(tall: list[_Blob]) -> float:
+    """The median slope between digit-tall parts side by side: each with its nearest neighbour to the right
+    among the parts level with it (overlapping it in rows by half the shorter one's height)."""
     xs = np.array([(b.x0 + b.x1) / 2 for b in tall])
     ys = np.array([(b.y0 + b.y1) / 2 for b in tall])
     slopes = []
@@ -191,26 +233,22 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
         if level:
             j = min(level, key=lambda j: xs[j])
             slopes.append((ys[j] - ys[i]) / (xs[j] - xs[i]))
-    slope = float(np.median(slopes)) if slopes else 0.0
-    tops = np.array([b.y0 for b in tall]) - slope * xs  # each part's rows, as if the line were level
-    bottoms = np.array([b.y1 for b in tall]) - slope * xs
+    return float(np.median(slopes)) if slopes else 0.0
+
+
+def _row_groups(tops: np.ndarray, bottoms: np.ndarray, gap: float) -> list[list[int]]:
+    """Indices of parts whose rows overlap or nearly do, group by group from the top: a gap of more than `gap`
+    between the rows covered so far and the next part's top starts a new group."""
     order = np.argsort(tops)
-    groups, reach = [[int(order[0])]], bottoms[order[0]]  # reach: the lowest row the current line covers
+    groups, reach = [[int(order[0])]], bottoms[order[0]]  # reach: the lowest row the current group covers
     for k in order[1:]:
-        if tops[k] - reach > LINE_GAP * line_height:
+        if tops[k] - reach > gap:
             groups.append([int(k)])
             reach = bottoms[k]
         else:
             groups[-1].append(int(k))
             reach = max(reach, bottoms[k])
-    if len(groups) == 1:
-        return [blobs]
-    middles = [float(np.median((tops[g] + bottoms[g]) / 2)) for g in groups]
-    lines: list[list[_Blob]] = [[] for _ in groups]
-    for b in blobs:
-        level_y = (b.y0 + b.y1) / 2 - slope * (b.x0 + b.x1) / 2
-        lines[int(np.argmin([abs(level_y - m) for m in middles]))].append(b)
-    return lines
+    return groups
 
 
 def _union(a: _Blob, b: _Blob) -> _Blob:
@@ -440,9 +478,21 @@ def _segment(
             for piece in _segment(near, near_size, score, pairs)
         ]
     pieces: list[Piece] = []
-    for number, line in enumerate(split_lines(blobs, line_height)):
-        pieces += _read_line(line, labels, areas, ink, line_height, back, score, pairs, number)
+    lines = split_lines(blobs, line_height)
+    for number, line in enumerate(lines):
+        own_height = line_height if len(lines) == 1 else _height_of(line, line_height)
+        pieces += _read_line(line, labels, areas, ink, own_height, back, score, pairs, number)
     return pieces
+
+
+def _height_of(line: list[_Blob], line_height: float) -> float:
+    """The height of the digits of one line of several: the photo's line height, but for a number written smaller
+    than the others (none of its parts digit-tall for the photo) the median height of its parts that
+    split_lines took for digits."""
+    small = [b.height for b in line if b.height >= SMALL_LINE * line_height]
+    if not small or any(b.height >= SMALL_PART * line_height for b in line):
+        return line_height
+    return float(np.median(small))
 
 
 def _read_line(
