@@ -341,6 +341,27 @@ def test_a_faint_small_digit_on_the_baseline_is_read():
     assert len(segment(page)) == 3
 
 
+def test_a_faint_number_under_a_clear_one_is_read_but_a_lone_faint_patch_is_not(bundled):
+    """A second number written with a lighter hand (under INK_CONTRAST, as a line's faint digits may be) lay
+    outside the rows of the clear ink and was dropped whole: "52806" over a faint "3947" read "52806". On a
+    4,000-px photo the same happened to a line whose thin strokes faded at the working size."""
+    rng = np.random.default_rng(2)
+    lines = [
+        number_line([crop_ink(draw_digit(d, rng, 80)) for d in digits], rng)[0]
+        for digits in ([5, 2, 8, 0, 6], [3, 9, 4, 7])
+    ]
+    width = max(line.shape[1] for line in lines)
+    top, bottom = (np.pad(line, ((0, 0), (0, width - line.shape[1]))) for line in lines)
+    page = np.pad(np.concatenate([0.8 * top, np.zeros((35, width), np.float32), 0.22 * bottom]), 40)
+    image = (255 * (0.9 - page)).astype(np.uint8)
+    assert bundled.read(image).lines == ["52806", "3947"]
+    # One faint digit-sized patch below a clear line is no line of writing: paper texture, a stain.
+    glyph = crop_ink(draw_digit(0, rng, 80))
+    lone = np.pad(glyph, ((0, 0), (20, width - 20 - glyph.shape[1])))
+    page = np.pad(np.concatenate([0.8 * top, np.zeros((35, width), np.float32), 0.22 * lone]), 40)
+    assert bundled.read((255 * (0.9 - page)).astype(np.uint8)).lines == ["52806"]
+
+
 def test_a_digit_whose_parts_read_clearly_stays_whole():
     # A blob the classifier reads as one digit at 0.4, and each half of it at 0.99: two clear pieces do not
     # make two digits unless they pay PIECE_COST each (the stem and loop of a pen 6 read as "10").

@@ -321,6 +321,7 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     that holds clear digits, a fainter stroke (down to FAINT_CONTRAST) is a digit too when it is one:
     a connected stroke about as tall as the line's digits (_digit_sized). One that touches a clear digit
     (a faint 2 leaning on a dark 6) counts by what lies beyond a margin round the clear ink (faint_beyond).
+    Outside the clear ink's rows, faint digits side by side are a faint line of their own (_faint_line).
     """
     ink = ink_strength(gray) if ink is None else ink
     clear = threshold(ink)
@@ -339,11 +340,9 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     touching[labels[clear]] = True  # parts of clear digits keep the threshold's shape
     inked_rows = np.flatnonzero(mask.any(axis=1))
     band = slice(int(inked_rows[0]), int(inked_rows[-1]) + 1)
-    digits = [
-        label
-        for label in np.flatnonzero(seeded & ~touching)
-        if _digit_sized(objects[label - 1], gray.shape, band, line_height)
-    ]
+    loose = [int(label) for label in np.flatnonzero(seeded & ~touching)]
+    digits = [label for label in loose if _digit_sized(objects[label - 1], gray.shape, band, line_height)]
+    digits += _faint_line([label for label in loose if label not in digits], objects, gray.shape, line_height)
     out = mask | np.isin(labels, digits) if digits else mask.copy()  # faint_beyond reads `mask` as it was
     clear_areas = np.bincount(labels[clear], minlength=len(seeded))
     leaning = [
@@ -391,6 +390,29 @@ def faint_beyond(
             )
             out.append((core_box, digit))
     return out
+
+
+def _faint_line(
+    labels: list[int], objects: list[tuple[slice, slice]], shape: tuple[int, ...], line_height: float
+) -> list[int]:
+    """The faint parts outside the clear ink's rows that make a line of writing of their own: digit-sized, each
+    with another such part level with it (sharing half the shorter one's rows) and under a line height away.
+
+    A second number written with a lighter hand, or whose thin strokes faded as a big photo was shrunk to the
+    working size, was dropped whole beside a clear one. One faint digit-sized patch out there is more
+    likely paper texture than a number; two side by side, level, are a line.
+    """
+    everywhere = slice(0, shape[0])  # the band test is the point here: these parts lie outside it
+    boxes = {label: objects[label - 1] for label in labels}
+    sized = [label for label, box in boxes.items() if _digit_sized(box, shape, everywhere, line_height)]
+
+    def side_by_side(a: tuple[slice, slice], b: tuple[slice, slice]) -> bool:
+        shared = min(a[0].stop, b[0].stop) - max(a[0].start, b[0].start)
+        shorter = min(a[0].stop - a[0].start, b[0].stop - b[0].start)
+        gap = max(a[1].start - b[1].stop, b[1].start - a[1].stop)
+        return shared >= 0.5 * shorter and gap < line_height
+
+    return [a for a in sized if any(b != a and side_by_side(boxes[a], boxes[b]) for b in sized)]
 
 
 def _digit_sized(box: tuple[slice, ...], shape: tuple[int, ...], band: slice, line_height: float) -> bool:
