@@ -581,6 +581,33 @@ def test_the_bundled_model_reads_a_smaller_number_under_a_big_one(bundled):
     assert result.lines == ["52806", "3947"]
 
 
+def test_a_dash_between_two_lines_belongs_to_neither():
+    """A short stroke in the gap between two lines (an underline, a dash) joined the nearer line, where
+    merge_broken put it together with the digit under it."""
+    xs = np.arange(4) * 50.0
+    top = _blobs_along(xs, np.full(4, 100.0))
+    bottom = _blobs_along(xs, np.full(4, 180.0))
+    dash = _Blob(100, 130, 163, 168, [99])  # 13 px under the top line, 12 over the bottom one
+    bar = _Blob(60, 80, 182, 188, [98])  # a 5's detached bar, in the bottom line's rows
+    assert split_lines([*top, *bottom, dash, bar], 50.0) == [top, [*bottom, bar]]
+
+
+def test_an_underline_under_a_short_number_leaves_its_digits_as_they_were(bundled):
+    """ "37" underlined, over "2718": the underline, too short for a ruled line, joined the top line and was merged
+    with the 7 over it ("32")."""
+    rng = np.random.default_rng(2)
+    lines = [
+        number_line([crop_ink(draw_digit(d, rng, 80)) for d in digits], rng)[0]
+        for digits in ([3, 7], [2, 7, 1, 8])
+    ]
+    width = max(line.shape[1] for line in lines)
+    top, bottom = (np.pad(line, ((0, 0), (0, width - line.shape[1]))) for line in lines)
+    page = np.pad(np.concatenate([top, np.zeros((50, width), np.float32), bottom]), 40)
+    row = 40 + top.shape[0] + 15
+    page[row : row + 5, 35:155] = 1.0  # 120 px long: under two digits 80 px high
+    assert bundled.read((255 * (0.9 - 0.8 * page)).astype(np.uint8)).lines == ["37", "2718"]
+
+
 def test_the_bundled_model_reads_two_numbers_one_under_the_other(bundled):
     rng = np.random.default_rng(5)
     lines = [

@@ -178,7 +178,7 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
     line cover overlap; a gap of more than LINE_GAP line heights in them starts a new line. Parts of a number
     written smaller (at least SMALL_LINE of the line height) that stand clear of every such line's rows make
     lines of their own the same way. Other shorter parts (the bar of a 5, a dot) join the line whose middle is
-    nearest theirs."""
+    nearest theirs, unless they stand clear of every line's rows: between lines, they belong to none."""
     tall = [b for b in blobs if b.height >= SMALL_PART * line_height]
     if len(tall) < 2:
         return [blobs]
@@ -193,12 +193,12 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
     indices = _row_groups(tops, bottoms, LINE_GAP * line_height)
     groups = [[tall[k] for k in g] for g in indices]
     covered = [(tops[g].min(), bottoms[g].max()) for g in indices]
+    margin = LINE_GAP * line_height
     # A number written at half the others' height joined the nearest line as "short parts" and both read as a
     # jumble: its digits, clear of every line's rows, are a line (or lines) of their own.
     small = [b for b in blobs if SMALL_LINE * line_height <= b.height < SMALL_PART * line_height]
     if small:
         small_tops, small_bottoms = level_rows(small)
-        margin = LINE_GAP * line_height
         apart = [
             k
             for k in range(len(small))
@@ -212,7 +212,14 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
     middles = [float(np.median(np.add(*level_rows(g)) / 2)) for g in groups]
     order = np.argsort(middles)
     lines: list[list[_Blob]] = [[] for _ in groups]
+    rows = [(float(t.min()), float(u.max())) for t, u in map(level_rows, groups)]  # each line's, level
     for b in blobs:
+        (top,), (bottom,) = level_rows([b])
+        clear = all(top - hi > margin or lo - bottom > margin for lo, hi in rows)
+        if clear and b.height < SMALL_LINE * line_height:
+            # in no line's rows (an underline, a dash between lines, a slip of the pen): joined to the nearest
+            # line, it was merged with the digit over or under it ("37" underlined read "32")
+            continue
         level_y = (b.y0 + b.y1) / 2 - slope * (b.x0 + b.x1) / 2
         lines[int(np.argmin([abs(level_y - middles[i]) for i in order]))].append(b)
     return [line for line in lines if line]  # a group's parts may all lie nearer another's middle
