@@ -1287,7 +1287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders of images")
     model_flags(p)
     p.add_argument(
-        "--json", action="store_true", help='print a JSON array of {"path", "number", "digits": [...]}'
+        "--json",
+        action="store_true",
+        help='print a JSON array of {"path", "number", "lines", "digits": [...]} (lines: one number per line of writing)',
     )
     p.set_defaults(func=cmd_read)
 
