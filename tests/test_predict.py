@@ -241,6 +241,13 @@ def test_cli_read_json(tmp_path, capsys, untrained_path):
     assert text.count("%?@") == sum(marks) and "doubtful, under the reject threshold" in text
 
 
+def test_read_help_names_every_key_of_the_json_it_prints(capsys):
+    """`read -h` described --json's rows without `lines`, the numbers of a photo of several lines."""
+    with pytest.raises(SystemExit):
+        main(["read", "-h"])
+    assert '{"path", "number", "lines", "digits": [...]}' in " ".join(capsys.readouterr().out.split())
+
+
 def test_cli_predict_with_the_bundled_model(tmp_path, capsys, pretrained):
     sample = pen_photos(1, seed=3)[0]
     path = tmp_path / ("digit.jpg" if sample.data.startswith(b"\xff\xd8") else "digit.png")

@@ -341,6 +341,27 @@ def test_a_faint_small_digit_on_the_baseline_is_read():
     assert len(segment(page)) == 3
 
 
+def test_a_faint_number_under_a_clear_one_is_read_but_a_lone_faint_patch_is_not(bundled):
+    """A second number written with a lighter hand (under INK_CONTRAST, as a line's faint digits may be) lay
+    outside the rows of the clear ink and was dropped whole: "52806" over a faint "3947" read "52806". On a
+    4,000-px photo the same happened to a line whose thin strokes faded at the working size."""
+    rng = np.random.default_rng(2)
+    lines = [
+        number_line([crop_ink(draw_digit(d, rng, 80)) for d in digits], rng)[0]
+        for digits in ([5, 2, 8, 0, 6], [3, 9, 4, 7])
+    ]
+    width = max(line.shape[1] for line in lines)
+    top, bottom = (np.pad(line, ((0, 0), (0, width - line.shape[1]))) for line in lines)
+    page = np.pad(np.concatenate([0.8 * top, np.zeros((35, width), np.float32), 0.22 * bottom]), 40)
+    image = (255 * (0.9 - page)).astype(np.uint8)
+    assert bundled.read(image).lines == ["52806", "3947"]
+    # One faint digit-sized patch below a clear line is no line of writing: paper texture, a stain.
+    glyph = crop_ink(draw_digit(0, rng, 80))
+    lone = np.pad(glyph, ((0, 0), (20, width - 20 - glyph.shape[1])))
+    page = np.pad(np.concatenate([0.8 * top, np.zeros((35, width), np.float32), 0.22 * lone]), 40)
+    assert bundled.read((255 * (0.9 - page)).astype(np.uint8)).lines == ["52806"]
+
+
 def test_a_digit_whose_parts_read_clearly_stays_whole():
     # A blob the classifier reads as one digit at 0.4, and each half of it at 0.99: two clear pieces do not
     # make two digits unless they pay PIECE_COST each (the stem and loop of a pen 6 read as "10").
@@ -376,6 +397,19 @@ def test_digits_at_the_edge_of_a_slanted_line_are_kept():
     debris = _Blob(340, 370, 150, 200, [6])
     kept = drop_edge_debris([*blobs, debris], (200, 400), line_height=80)
     assert kept == blobs
+
+
+def test_digits_the_frame_cuts_are_kept_in_every_line_of_a_tight_crop():
+    """A photo cropped tight round two numbers: a digit of the top line touches the top edge, one of the bottom
+    line the bottom edge. Both were dropped as debris, the bottom one for lying outside the rows of one line
+    fitted through both lines' digits ("52806" over "3917" read "52806" alone)."""
+    top = [_Blob(10 + 60 * k, 55 + 60 * k, 5, 85, [k + 1]) for k in range(5)]
+    top[2] = _Blob(130, 175, 0, 85, [3])  # a tall 8 cut by the top edge
+    bottom = [_Blob(10 + 60 * k, 55 + 60 * k, 115, 195, [k + 6]) for k in range(4)]
+    bottom[1] = _Blob(70, 115, 118, 200, [7])  # a 9's tail cut by the bottom edge
+    debris = _Blob(380, 400, 20, 200, [10])  # a shadow's edge down the right border, across both lines
+    kept = drop_edge_debris([*top, *bottom, debris], (200, 400), line_height=80)
+    assert kept == [*top, *bottom]
 
 
 def test_a_digits_detached_tail_joins_it_but_a_whole_one_stands_alone():
@@ -521,6 +555,57 @@ def test_lines_one_under_another_are_told_apart_and_their_small_parts_follow(slo
     bar = _Blob(60, 80, 172 + int(slope * 60), 180 + int(slope * 60), [99])  # a 5's detached bar, in line 2
     lines = split_lines([*top, *bottom, bar], 50.0)
     assert lines == [top, [*bottom, bar]]
+
+
+def test_a_number_written_at_half_the_height_is_a_line_of_its_own():
+    """Under a number 50 px high, one written 25 px high: its digits were short parts of the first line (the bar of
+    a 5, a dot) and joined it, and the two read as one jumble ("23806" for "52806" over "3917")."""
+    xs = np.arange(5) * 50.0
+    top = _blobs_along(xs, np.full(5, 100.0))
+    bottom = _blobs_along(xs[:4], np.full(4, 175.0), height=25, width=15)
+    dot = _Blob(230, 236, 145, 151, [99])  # a speck between them is no line: it joins the nearest
+    low = _Blob(260, 275, 125, 150, [98])  # a small digit on the first line's baseline stays in it
+    assert split_lines([*top, *bottom, dot, low], 50.0) == [[*top, dot, low], bottom]
+    assert split_lines([*bottom, *top], 50.0) == [top, bottom]  # top to bottom, whatever the order found
+
+
+def test_the_bundled_model_reads_a_smaller_number_under_a_big_one(bundled):
+    rng = np.random.default_rng(2)
+    lines = [
+        number_line([crop_ink(draw_digit(d, rng, height)) for d in digits], rng)[0]
+        for digits, height in (([5, 2, 8, 0, 6], 80), ([3, 9, 4, 7], 40))
+    ]
+    width = max(line.shape[1] for line in lines)
+    page = np.concatenate([np.pad(line, ((0, 30), (0, width - line.shape[1]))) for line in lines])
+    result = bundled.read((255 * (0.9 - 0.8 * np.pad(page, 40))).astype(np.uint8))
+    assert result.lines == ["52806", "3947"]
+
+
+def test_a_dash_between_two_lines_belongs_to_neither():
+    """A short stroke in the gap between two lines (an underline, a dash) joined the nearer line, where
+    merge_broken put it together with the digit under it."""
+    xs = np.arange(4) * 50.0
+    top = _blobs_along(xs, np.full(4, 100.0))
+    bottom = _blobs_along(xs, np.full(4, 180.0))
+    dash = _Blob(100, 130, 163, 168, [99])  # 13 px under the top line, 12 over the bottom one
+    bar = _Blob(60, 80, 182, 188, [98])  # a 5's detached bar, in the bottom line's rows
+    assert split_lines([*top, *bottom, dash, bar], 50.0) == [top, [*bottom, bar]]
+
+
+def test_an_underline_under_a_short_number_leaves_its_digits_as_they_were(bundled):
+    """ "37" underlined, over "2718": the underline, too short for a ruled line, joined the top line and was merged
+    with the 7 over it ("32")."""
+    rng = np.random.default_rng(2)
+    lines = [
+        number_line([crop_ink(draw_digit(d, rng, 80)) for d in digits], rng)[0]
+        for digits in ([3, 7], [2, 7, 1, 8])
+    ]
+    width = max(line.shape[1] for line in lines)
+    top, bottom = (np.pad(line, ((0, 0), (0, width - line.shape[1]))) for line in lines)
+    page = np.pad(np.concatenate([top, np.zeros((50, width), np.float32), bottom]), 40)
+    row = 40 + top.shape[0] + 15
+    page[row : row + 5, 35:155] = 1.0  # 120 px long: under two digits 80 px high
+    assert bundled.read((255 * (0.9 - 0.8 * page)).astype(np.uint8)).lines == ["37", "2718"]
 
 
 def test_the_bundled_model_reads_two_numbers_one_under_the_other(bundled):

@@ -1298,7 +1298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json",
         action="store_true",
-        help='print a JSON array of {"path", "number", "lines", "digits": [...]}',
+        help='print a JSON array of {"path", "number", "lines", "digits": [...]} (lines: one number per line of writing)',
     )
     p.set_defaults(func=cmd_read)
 

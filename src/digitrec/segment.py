@@ -58,6 +58,7 @@ LINE_LIKE = 10  # a part this many times wider than tall is a drawn line, not di
 # Lines of digits one under another: the rows that digit-tall parts cover, the slant of the writing taken out,
 # leave a gap of more than this share of the line height between lines (one line's digits overlap in rows)
 LINE_GAP = 0.1
+SMALL_LINE = 0.3  # a number written smaller than the others stands at least this share of the line height
 
 Score = Callable[[np.ndarray], np.ndarray]  # (K, 28, 28) -> confidence of each, in (0, 1]
 # (K, 28, 28) -> log probabilities (K, 101): the pairs 00-99, then pairs.NO_PAIR
@@ -133,12 +134,12 @@ def clean(blobs: list[_Blob], areas: np.ndarray) -> tuple[list[_Blob], float]:
 
 
 def drop_edge_debris(blobs: list[_Blob], shape: tuple[int, ...], line_height: float) -> list[_Blob]:
-    """Drop parts that touch the picture's edge and lie mostly outside the line's rows: a shadow's corner,
-    the edge of a table or of the next sheet, not a digit (a digit the frame cuts still stands in the line).
+    """Drop parts that touch the picture's edge and lie mostly outside the rows of every line of writing: a
+    shadow's corner, the edge of a table or of the next sheet, not a digit (a digit the frame cuts still stands in
+    its line, the bottom line of several too).
 
-    The line's rows are one line height around a line through the centres of the digit-tall parts inside the
-    picture, so they follow a line that rises or falls (Theil-Sen: the median of the slopes between pairs, which
-    one part out of line does not move)."""
+    A line's rows are one line height around a line through the centres of its digit-tall parts inside the
+    picture (_middle_line); the lines are those parts grouped by split_lines."""
 
     def at_edge(b: _Blob) -> bool:
         return b.x0 == 0 or b.y0 == 0 or b.x1 == shape[1] or b.y1 == shape[0]
@@ -146,19 +147,27 @@ def drop_edge_debris(blobs: list[_Blob], shape: tuple[int, ...], line_height: fl
     tall = [b for b in blobs if b.height >= SMALL_PART * line_height and not at_edge(b)]
     if not tall:
         return blobs
-    xs = np.array([(b.x0 + b.x1) / 2 for b in tall])
-    ys = np.array([(b.y0 + b.y1) / 2 for b in tall])
-    pairs = [(j, i) for i in range(len(tall)) for j in range(i) if xs[i] != xs[j]]
+    middles = [_middle_line(line) for line in split_lines(tall, line_height)]
+
+    def in_a_line(b: _Blob) -> bool:
+        for slope, intercept in middles:
+            middle = intercept + slope * (b.x0 + b.x1) / 2
+            in_line = min(b.y1, middle + line_height / 2) - max(b.y0, middle - line_height / 2)
+            if in_line >= 0.5 * b.height:
+                return True
+        return False
+
+    return [b for b in blobs if not at_edge(b) or in_a_line(b)]
+
+
+def _middle_line(parts: list[_Blob]) -> tuple[float, float]:
+    """(slope, intercept) of a line through the centres of a line's parts, following a line that rises or falls
+    (Theil-Sen: the median of the slopes between pairs, which one part out of line does not move)."""
+    xs = np.array([(b.x0 + b.x1) / 2 for b in parts])
+    ys = np.array([(b.y0 + b.y1) / 2 for b in parts])
+    pairs = [(j, i) for i in range(len(parts)) for j in range(i) if xs[i] != xs[j]]
     slope = float(np.median([(ys[i] - ys[j]) / (xs[i] - xs[j]) for j, i in pairs])) if pairs else 0.0
-    intercept = float(np.median(ys - slope * xs))
-    kept = []
-    for b in blobs:
-        middle = intercept + slope * (b.x0 + b.x1) / 2
-        in_line = min(b.y1, middle + line_height / 2) - max(b.y0, middle - line_height / 2)
-        if at_edge(b) and in_line < 0.5 * b.height:
-            continue
-        kept.append(b)
-    return kept
+    return slope, float(np.median(ys - slope * xs))
 
 
 def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
@@ -166,11 +175,59 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
 
     The writing's slant is the median slope between digit-tall parts side by side (each with its nearest
     neighbour to the right among those level with it). With it taken out, the rows the digit-tall parts of one
-    line cover overlap; a gap of more than LINE_GAP line heights in them starts a new line. Shorter parts (the
-    bar of a 5, a dot) join the line whose middle is nearest theirs."""
+    line cover overlap; a gap of more than LINE_GAP line heights in them starts a new line. Parts of a number
+    written smaller (at least SMALL_LINE of the line height) that stand clear of every such line's rows make
+    lines of their own the same way. Other shorter parts (the bar of a 5, a dot) join the line whose middle is
+    nearest theirs, unless they stand clear of every line's rows: between lines, they belong to none."""
     tall = [b for b in blobs if b.height >= SMALL_PART * line_height]
     if len(tall) < 2:
         return [blobs]
+    slope = _writing_slope(tall)
+
+    def level_rows(parts: list[_Blob]) -> tuple[np.ndarray, np.ndarray]:
+        """Each part's top and bottom row, as if the line were level."""
+        xs = np.array([(b.x0 + b.x1) / 2 for b in parts])
+        return np.array([b.y0 for b in parts]) - slope * xs, np.array([b.y1 for b in parts]) - slope * xs
+
+    tops, bottoms = level_rows(tall)
+    indices = _row_groups(tops, bottoms, LINE_GAP * line_height)
+    groups = [[tall[k] for k in g] for g in indices]
+    covered = [(tops[g].min(), bottoms[g].max()) for g in indices]
+    margin = LINE_GAP * line_height
+    # A number written at half the others' height joined the nearest line as "short parts" and both read as a
+    # jumble: its digits, clear of every line's rows, are a line (or lines) of their own.
+    small = [b for b in blobs if SMALL_LINE * line_height <= b.height < SMALL_PART * line_height]
+    if small:
+        small_tops, small_bottoms = level_rows(small)
+        apart = [
+            k
+            for k in range(len(small))
+            if all(small_tops[k] - hi > margin or lo - small_bottoms[k] > margin for lo, hi in covered)
+        ]
+        if apart:
+            for g in _row_groups(small_tops[apart], small_bottoms[apart], margin):
+                groups.append([small[apart[k]] for k in g])
+    if len(groups) == 1:
+        return [blobs]
+    middles = [float(np.median(np.add(*level_rows(g)) / 2)) for g in groups]
+    order = np.argsort(middles)
+    lines: list[list[_Blob]] = [[] for _ in groups]
+    rows = [(float(t.min()), float(u.max())) for t, u in map(level_rows, groups)]  # each line's, level
+    for b in blobs:
+        (top,), (bottom,) = level_rows([b])
+        clear = all(top - hi > margin or lo - bottom > margin for lo, hi in rows)
+        if clear and b.height < SMALL_LINE * line_height:
+            # in no line's rows (an underline, a dash between lines, a slip of the pen): joined to the nearest
+            # line, it was merged with the digit over or under it ("37" underlined read "32")
+            continue
+        level_y = (b.y0 + b.y1) / 2 - slope * (b.x0 + b.x1) / 2
+        lines[int(np.argmin([abs(level_y - middles[i]) for i in order]))].append(b)
+    return [line for line in lines if line]  # a group's parts may all lie nearer another's middle
+
+
+def _writing_slope(tall: list[_Blob]) -> float:
+    """The median slope between digit-tall parts side by side: each with its nearest neighbour to the right
+    among the parts level with it (overlapping it in rows by half the shorter one's height)."""
     xs = np.array([(b.x0 + b.x1) / 2 for b in tall])
     ys = np.array([(b.y0 + b.y1) / 2 for b in tall])
     slopes = []
@@ -183,26 +240,22 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
         if level:
             j = min(level, key=lambda j: xs[j])
             slopes.append((ys[j] - ys[i]) / (xs[j] - xs[i]))
-    slope = float(np.median(slopes)) if slopes else 0.0
-    tops = np.array([b.y0 for b in tall]) - slope * xs  # each part's rows, as if the line were level
-    bottoms = np.array([b.y1 for b in tall]) - slope * xs
+    return float(np.median(slopes)) if slopes else 0.0
+
+
+def _row_groups(tops: np.ndarray, bottoms: np.ndarray, gap: float) -> list[list[int]]:
+    """Indices of parts whose rows overlap or nearly do, group by group from the top: a gap of more than `gap`
+    between the rows covered so far and the next part's top starts a new group."""
     order = np.argsort(tops)
-    groups, reach = [[int(order[0])]], bottoms[order[0]]  # reach: the lowest row the current line covers
+    groups, reach = [[int(order[0])]], bottoms[order[0]]  # reach: the lowest row the current group covers
     for k in order[1:]:
-        if tops[k] - reach > LINE_GAP * line_height:
+        if tops[k] - reach > gap:
             groups.append([int(k)])
             reach = bottoms[k]
         else:
             groups[-1].append(int(k))
             reach = max(reach, bottoms[k])
-    if len(groups) == 1:
-        return [blobs]
-    middles = [float(np.median((tops[g] + bottoms[g]) / 2)) for g in groups]
-    lines: list[list[_Blob]] = [[] for _ in groups]
-    for b in blobs:
-        level_y = (b.y0 + b.y1) / 2 - slope * (b.x0 + b.x1) / 2
-        lines[int(np.argmin([abs(level_y - m) for m in middles]))].append(b)
-    return lines
+    return groups
 
 
 def _union(a: _Blob, b: _Blob) -> _Blob:
@@ -275,6 +328,7 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     that holds clear digits, a fainter stroke (down to FAINT_CONTRAST) is a digit too when it is one:
     a connected stroke about as tall as the line's digits (_digit_sized). One that touches a clear digit
     (a faint 2 leaning on a dark 6) counts by what lies beyond a margin round the clear ink (faint_beyond).
+    Outside the clear ink's rows, faint digits side by side are a faint line of their own (_faint_line).
     """
     ink = ink_strength(gray) if ink is None else ink
     clear = threshold(ink)
@@ -293,11 +347,9 @@ def line_ink(gray: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
     touching[labels[clear]] = True  # parts of clear digits keep the threshold's shape
     inked_rows = np.flatnonzero(mask.any(axis=1))
     band = slice(int(inked_rows[0]), int(inked_rows[-1]) + 1)
-    digits = [
-        label
-        for label in np.flatnonzero(seeded & ~touching)
-        if _digit_sized(objects[label - 1], gray.shape, band, line_height)
-    ]
+    loose = [int(label) for label in np.flatnonzero(seeded & ~touching)]
+    digits = [label for label in loose if _digit_sized(objects[label - 1], gray.shape, band, line_height)]
+    digits += _faint_line([label for label in loose if label not in digits], objects, gray.shape, line_height)
     out = mask | np.isin(labels, digits) if digits else mask.copy()  # faint_beyond reads `mask` as it was
     clear_areas = np.bincount(labels[clear], minlength=len(seeded))
     leaning = [
@@ -345,6 +397,29 @@ def faint_beyond(
             )
             out.append((core_box, digit))
     return out
+
+
+def _faint_line(
+    labels: list[int], objects: list[tuple[slice, slice]], shape: tuple[int, ...], line_height: float
+) -> list[int]:
+    """The faint parts outside the clear ink's rows that make a line of writing of their own: digit-sized, each
+    with another such part level with it (sharing half the shorter one's rows) and under a line height away.
+
+    A second number written with a lighter hand, or whose thin strokes faded as a big photo was shrunk to the
+    working size, was dropped whole beside a clear one. One faint digit-sized patch out there is more
+    likely paper texture than a number; two side by side, level, are a line.
+    """
+    everywhere = slice(0, shape[0])  # the band test is the point here: these parts lie outside it
+    boxes = {label: objects[label - 1] for label in labels}
+    sized = [label for label, box in boxes.items() if _digit_sized(box, shape, everywhere, line_height)]
+
+    def side_by_side(a: tuple[slice, slice], b: tuple[slice, slice]) -> bool:
+        shared = min(a[0].stop, b[0].stop) - max(a[0].start, b[0].start)
+        shorter = min(a[0].stop - a[0].start, b[0].stop - b[0].start)
+        gap = max(a[1].start - b[1].stop, b[1].start - a[1].stop)
+        return shared >= 0.5 * shorter and gap < line_height
+
+    return [a for a in sized if any(b != a and side_by_side(boxes[a], boxes[b]) for b in sized)]
 
 
 def _digit_sized(box: tuple[slice, ...], shape: tuple[int, ...], band: slice, line_height: float) -> bool:
@@ -432,9 +507,21 @@ def _segment(
             for piece in _segment(near, near_size, score, pairs)
         ]
     pieces: list[Piece] = []
-    for number, line in enumerate(split_lines(blobs, line_height)):
-        pieces += _read_line(line, labels, areas, ink, line_height, back, score, pairs, number)
+    lines = split_lines(blobs, line_height)
+    for number, line in enumerate(lines):
+        own_height = line_height if len(lines) == 1 else _height_of(line, line_height)
+        pieces += _read_line(line, labels, areas, ink, own_height, back, score, pairs, number)
     return pieces
+
+
+def _height_of(line: list[_Blob], line_height: float) -> float:
+    """The height of the digits of one line of several: the photo's line height, but for a number written smaller
+    than the others (none of its parts digit-tall for the photo) the median height of its parts that
+    split_lines took for digits."""
+    small = [b.height for b in line if b.height >= SMALL_LINE * line_height]
+    if not small or any(b.height >= SMALL_PART * line_height for b in line):
+        return line_height
+    return float(np.median(small))
 
 
 def _read_line(
