@@ -7,6 +7,7 @@ import base64
 import json
 import sqlite3
 
+import numpy as np
 import pytest
 from serverkit import FakePredictor, digit_png, keep_grad_mode  # noqa: F401 (autouse fixture)
 
@@ -119,6 +120,62 @@ def test_json_with_the_fields_we_read_and_a_data_url_is_still_read(client, db_pa
     response = client.post("/api/feedback", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 201
     assert stored(db_path) == 1
+
+
+# ------------------------------------------------------------------------------------ the feedback database
+
+
+def padded_png(size: int) -> bytes:
+    """A digit PNG padded to `size` bytes with a private chunk, which every decoder skips: stored as sent."""
+    import os
+    import struct
+    import zlib
+
+    png = digit_png()
+    pad = os.urandom(size - len(png) - 12)
+    chunk = struct.pack(">I", len(pad)) + b"prVt" + pad + struct.pack(">I", zlib.crc32(b"prVt" + pad))
+    return png[:-12] + chunk + png[-12:]  # before IEND
+
+
+def test_corrections_past_the_databases_limit_are_507_and_store_nothing(tmp_path):
+    """Each correction keeps the image as sent, up to 5 MB, and nothing limited the database: 20 corrections of
+    a digit padded to 5 MB took 2 s and 105 MB, so one client could fill the server's disk at 50 MB/s."""
+    from digitrec.feedback import FeedbackStore
+
+    path = tmp_path / "feedback.sqlite"
+    app = create_app(FakePredictor(), feedback_db=FeedbackStore(path, max_mb=2))
+    image = padded_png(300_000)
+    with TestClient(app) as client:
+        answers = [
+            client.post("/api/feedback", files={"file": ("d.png", image, "image/png")}, data={"label": "3"})
+            for _ in range(10)
+        ]
+        assert client.post("/api/predict", files={"file": ("d.png", image, "image/png")}).status_code == 200
+    codes = [answer.status_code for answer in answers]
+    assert codes == [201] * 6 + [507] * 4  # 6 x 0.3 MB fit in 2 MB, with SQLite's pages around them
+    assert answers[-1].json() == {
+        "detail": "the feedback database has reached its limit of 2 MB, so the correction was not stored; the "
+        "server's operator can export the corrections and start a new database, or raise --feedback-max-mb."
+    }
+    assert stored(path) == 6
+    assert path.stat().st_size <= 2 * 1024 * 1024
+
+
+def test_a_full_disk_is_named_as_such(tmp_path, monkeypatch):
+    """SQLite says SQLITE_FULL for a full disk too: that was a 500."""
+    import shutil
+    import sqlite3 as sqlite
+
+    from digitrec.errors import FeedbackFullError
+    from digitrec.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "feedback.sqlite", max_mb=1)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    with pytest.raises(FeedbackFullError, match="^the disk that holds the feedback database is full"):
+        store.add(label=3, image=padded_png(2_000_000), input28=np.zeros((28, 28), np.uint8))
+    with sqlite.connect(store.path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
 
 
 def test_stats_name_the_database_file_but_not_the_folders_above_it(client, db_path):

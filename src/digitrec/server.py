@@ -29,8 +29,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import CheckpointError, DigitrecError, ImageError, ImageTooLargeError
-from .feedback import FeedbackStore
+from .errors import CheckpointError, DigitrecError, FeedbackFullError, ImageError, ImageTooLargeError
+from .feedback import DEFAULT_MAX_MB, FeedbackStore
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 5 * 1024 * 1024
@@ -783,6 +783,8 @@ def create_app(
         path below both answer through this."""
         if isinstance(exc, ImageTooLargeError):
             return _error(413, str(exc))
+        if isinstance(exc, FeedbackFullError):
+            return _error(507, str(exc))
         if isinstance(exc, DigitrecError):
             return _error(400, str(exc))
         if isinstance(exc, BrokenProcessPool):
@@ -969,6 +971,7 @@ def create_app(
     }
     feedback_responses = error_responses | {
         422: {"description": "label or predicted is not a digit 0-9", "model": ErrorResponse},
+        507: {"description": "the database is at its size limit (`--feedback-max-mb`) or its disk is full"},
     }
 
     # HEAD on / and /healthz: load balancers and uptime checks probe with it (FastAPI adds HEAD to no GET route)
@@ -1343,15 +1346,17 @@ def serve(
     backend: str = "auto",
     header_timeout: float = HEADER_TIMEOUT_S,
     body_timeout: float = BODY_TIMEOUT_S,
+    feedback_max_mb: float = DEFAULT_MAX_MB,
 ) -> None:
     """Load the model once, then serve the page and the API until interrupted (backend: auto, torch or onnx).
 
     A client must send each request's headers within `header_timeout` seconds, and then its body within
-    `body_timeout` seconds, or its connection is closed.
+    `body_timeout` seconds, or its connection is closed. Corrections that would take the feedback database past
+    `feedback_max_mb` are refused with 507.
     """
     with bind_listening_socket(host, port) as sock:  # closed if the model cannot load
         # opened first: a --feedback-db it cannot use is said before the model loads (or is exported)
-        store = FeedbackStore(feedback_db)
+        store = FeedbackStore(feedback_db, max_mb=feedback_max_mb)
         import torch
         import uvicorn
 
