@@ -183,3 +183,44 @@ def test_stats_name_the_database_file_but_not_the_folders_above_it(client, db_pa
     response = client.get("/api/stats")
     assert response.json()["feedback"]["database"] == "feedback.sqlite"
     assert str(db_path.parent) not in response.text
+
+
+# ------------------------------------------------------------------------------------ feedback export
+
+
+def store_with_a_three(tmp_path):
+    from digitrec.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    store.add(label=3, image=digit_png(), input28=np.zeros((28, 28), np.uint8))
+    return store
+
+
+@pytest.mark.parametrize("name", ["3/1.png", "originals/1.png"])
+def test_an_export_replaces_a_link_left_in_its_folder_instead_of_writing_through_it(tmp_path, name):
+    """In a folder others may write (/tmp), a link left at 3/1.png sent the export's bytes into the file it
+    pointed to: shown overwriting another file with a PNG."""
+    from digitrec.feedback import export_png
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the operator's file\n")
+    out = tmp_path / "shared"
+    (out / name).parent.mkdir(parents=True)
+    (out / name).symlink_to(victim)
+    assert export_png(store_with_a_three(tmp_path), out, originals=True) == 1
+    assert victim.read_text() == "the operator's file\n"
+    assert not (out / name).is_symlink() and (out / name).read_bytes().startswith(b"\x89PNG")
+    assert sorted(path.name for path in (out / name).parent.iterdir()) == ["1.png"]  # no temporary left
+
+
+def test_an_export_refuses_a_label_folder_that_is_a_link(tmp_path):
+    from digitrec.errors import DigitrecError
+    from digitrec.feedback import export_png
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "3").symlink_to(theirs)
+    with pytest.raises(DigitrecError, match="3 is a symbolic link, so the export does not write into it"):
+        export_png(store_with_a_three(tmp_path), tmp_path / "shared")
+    assert list(theirs.iterdir()) == []

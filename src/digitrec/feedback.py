@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -271,15 +274,44 @@ def export_png(store: FeedbackStore, out_dir: str | Path, originals: bool = Fals
     out_dir = Path(out_dir)
     written = 0
     for item in store.corrections():
-        # Plain writes, not atomic ones: an export is cheap to re-run, and an fsync per file would be slow.
-        folder = out_dir / str(item.label)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(item.input28).save(folder / f"{item.id}.png")
+        png = io.BytesIO()
+        Image.fromarray(item.input28).save(png, format="PNG")
+        _write_replacing(_own_folder(out_dir, str(item.label)) / f"{item.id}.png", png.getvalue())
         if originals:
-            (out_dir / "originals").mkdir(parents=True, exist_ok=True)
-            (out_dir / "originals" / f"{item.id}.{_extension(item.image)}").write_bytes(item.image)
+            name = f"{item.id}.{_extension(item.image)}"
+            _write_replacing(_own_folder(out_dir, "originals") / name, item.image)
         written += 1
     return written
+
+
+def _own_folder(out_dir: Path, name: str) -> Path:
+    """OUT/name, made if missing, and refused if it is a symbolic link: in a folder others may write (/tmp), a
+    link someone left there would send the export into a folder of their choosing."""
+    folder = out_dir / name
+    if folder.is_symlink():
+        raise DigitrecError(
+            f"{folder} is a symbolic link, so the export does not write into it; export into a folder of your own."
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary sibling renamed over it. Plain writes followed a link someone left at
+    `path` and overwrote the file it points to; a rename replaces the link itself. (No fsync: an export is
+    cheap to re-run, and an fsync per file would be slow.)"""
+    from .checkpoint import _UMASK
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the mode open() would
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _extension(data: bytes) -> str:
