@@ -82,9 +82,9 @@ def ink_between(columns: list[int], low: float, high: float) -> int:
 
 @contextlib.contextmanager
 def browser_page(app, **page_options: Any) -> Iterator[tuple[Any, list[str], Any]]:
-    """`app` served on 127.0.0.1 and the page open in headless Chromium: (page, the page's JavaScript errors,
-    Playwright's `expect`), once the model's line has loaded. `page_options` go to `new_page` (a phone's
-    viewport, `has_touch`)."""
+    """`app` served on 127.0.0.1 and the page open in headless Chromium: (page, the page's JavaScript errors and
+    Content-Security-Policy violations, Playwright's `expect`), once the model's line has loaded. `page_options`
+    go to `new_page` (a phone's viewport, `has_touch`)."""
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="pip install playwright (no `playwright install` needed)"
     )
@@ -95,6 +95,13 @@ def browser_page(app, **page_options: Any) -> Iterator[tuple[Any, list[str], Any
             page = browser.new_page(**options)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            # whatever the page's Content-Security-Policy blocks (an inline style, an image's source) is an error too
+            page.on(
+                "console",
+                lambda message: (
+                    errors.append(message.text) if "Content Security Policy" in message.text else None
+                ),
+            )
             page.goto(url + "/")
             sync_api.expect(page.locator("#model-info")).to_contain_text("Model ")
             yield page, errors, sync_api.expect

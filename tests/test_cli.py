@@ -67,6 +67,7 @@ def test_recipes_and_models_tables(capsys):
         (["serve", "--model", "m.onnx", "--backend", "torch", "--port", "0"], "is an ONNX file"),
         (["serve", "--model", "no-such-run", "--port", "0"], "does not exist"),
         (["serve", "--body-timeout", "0", "--port", "0"], "--body-timeout must be a positive number"),
+        (["serve", "--feedback-max-mb", "0", "--port", "0"], "--feedback-max-mb must be a positive number"),
         (["train", "--resume", "some-run", "--recipe", "fast"], "--resume continues a run with its own"),
         (["train", "--resume", "some-run", "--overwrite"], "so --overwrite would be ignored"),
     ],

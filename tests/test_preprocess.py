@@ -408,6 +408,53 @@ def test_every_input_kind_reads_the_same(kind, tmp_path):
     assert np.abs(preprocess(source) - reference).mean() < 0.03
 
 
+def _numpy_peak_bytes(work) -> int:
+    """The most memory NumPy held at once while `work()` ran, above what it held before (tracemalloc sees
+    NumPy's arrays, not Pillow's images)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        work()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_large_transparent_image_is_composited_in_a_few_bytes_a_pixel():
+    """A transparent PNG was composited as float32 RGBA copies of the whole image: a 40-megapixel one of 170 KB,
+    which the server accepts, took 1.7 GB to read. Now it costs the gray image (4 bytes a pixel) and a band."""
+    image = Image.new("RGBA", (2000, 2000), (0, 0, 0, 0))
+    ImageDraw.Draw(image).ellipse((600, 400, 1400, 1600), outline=(0, 0, 0, 255), width=60)
+    peak = _numpy_peak_bytes(lambda: load_gray(image))
+    assert peak < 8 * 2000 * 2000, f"{peak / 2000 / 2000:.1f} bytes a pixel"
+
+
+def test_a_large_float_image_is_scaled_without_float64_copies():
+    """A float TIFF's pixels were copied to float64 and clipped into another copy (16 bytes a pixel)."""
+    pixels = np.random.default_rng(0).uniform(-0.2, 1.2, (2000, 2000)).astype(np.float32)
+    peak = _numpy_peak_bytes(lambda: load_gray(pixels))
+    assert peak < 8 * pixels.size, f"{peak / pixels.size:.1f} bytes a pixel"
+
+
+@pytest.mark.parametrize("size", [(140, 140), (300, 257), (900, 600), (513, 1000)])
+def test_band_by_band_compositing_is_the_whole_image_compositing(size):
+    """_composite_rgba gives, bit for bit, what _flatten_alpha gives on the whole image (sizes that are not a
+    multiple of the band, alpha that is random, faint, nearly opaque or all transparent)."""
+    from digitrec.preprocess import _flatten_alpha, _luminance, _pil_to_gray
+
+    rng = np.random.default_rng(size[0])
+    for alpha in (None, (0, 40), (253, 255), (0, 1)):
+        rgba = rng.integers(0, 256, size[::-1] + (4,), dtype=np.uint8)
+        if alpha is not None:
+            rgba[..., 3] = rng.integers(*alpha, size[::-1])
+        whole = rgba.astype(np.float32) / 255.0
+        expected = _flatten_alpha(_luminance(whole[..., :3]), whole[..., 3])
+        np.testing.assert_array_equal(_pil_to_gray(Image.fromarray(rgba, "RGBA")), expected)
+
+
 @pytest.mark.parametrize("opacity", [0.3, 0.45, 0.7, 1.0])
 def test_half_transparent_ink_on_a_transparent_canvas_reads_as_the_opaque_ink(opacity):
     """A pencil or highlighter tool exports its strokes at partial opacity; the flattening must still see them."""

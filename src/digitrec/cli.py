@@ -434,6 +434,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag, seconds in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
         if not seconds > 0:
             raise DigitrecError(f"{flag} must be a positive number of seconds, got {seconds}.")
+    if not args.feedback_max_mb > 0:
+        raise DigitrecError(
+            f"--feedback-max-mb must be a positive number of megabytes, got {args.feedback_max_mb}."
+        )
     serve(
         _model_path(args.model),
         host=args.host,
@@ -443,6 +447,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
+        feedback_max_mb=args.feedback_max_mb,
     )
     return 0
 
@@ -1165,6 +1170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--feedback-db",
         help="SQLite file for corrections (default $DIGITREC_FEEDBACK_DB, else $XDG_DATA_HOME or ~/.local/share, then digitrec/feedback.sqlite)",
+    )
+    p.add_argument(
+        "--feedback-max-mb",
+        type=float,
+        default=1024,
+        metavar="MB",
+        help="refuse corrections (507) that would take the feedback database past this size (default 1024)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument(

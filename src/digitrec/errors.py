@@ -32,6 +32,11 @@ class ImageTooLargeError(ImageError):
     """An input image has more pixels than we agree to decode (the server answers 413 instead of 400)."""
 
 
+class FeedbackFullError(DigitrecError):
+    """A correction the feedback database has no room for: its size limit or its disk is full (the server
+    answers 507 instead of 400)."""
+
+
 def need_extra(extra: str, what: str, modules: tuple[str, ...] | None = None, instead: str = "") -> None:
     """Refuse, in one sentence naming the pip extra, to start `what` without the modules it needs (all of the
     extra's, or the given ones); `instead` adds another way out."""

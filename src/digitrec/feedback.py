@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -13,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import DigitrecError
+from .errors import DigitrecError, FeedbackFullError
 
 if TYPE_CHECKING:
     import torch
@@ -22,6 +26,9 @@ if TYPE_CHECKING:
     from .training import Run
 
 SCHEMA_VERSION = 1
+# Each correction keeps the bytes the user sent, up to the server's 5 MB a request: without a limit one client
+# posting padded images filled the disk at 50 MB/s. 1 GB holds over 100,000 corrections drawn on the page.
+DEFAULT_MAX_MB = 1024
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -69,9 +76,12 @@ class FeedbackStore:
     it has acknowledged.
     """
 
-    def __init__(self, path: str | Path | None = None, *, read_only: bool = False):
+    def __init__(
+        self, path: str | Path | None = None, *, read_only: bool = False, max_mb: float = DEFAULT_MAX_MB
+    ):
         self.path = db_path(path)
         self.read_only = read_only
+        self.max_mb = max_mb  # `add` refuses a correction that would take the database past this size
         if read_only or (self.path.is_file() and self.path.stat().st_size > 0):
             self._check_feedback_table(required=read_only)  # reads only: nothing is written to a refused file
         if read_only:
@@ -174,21 +184,45 @@ class FeedbackStore:
             raise ValueError(f"input28 must hold 28x28 pixels, got shape {pixels.shape}")
         created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         with closing(self._connect()) as con, con:
-            cursor = con.execute(
-                "INSERT INTO feedback (created_at, label, predicted, model_name, model_version, image, input28)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    created_at,
-                    int(label),
-                    predicted,
-                    model_name,
-                    model_version,
-                    bytes(image),
-                    pixels.tobytes(),
-                ),
-            )
+            # SQLite itself refuses to grow the file past this many pages (SQLITE_FULL), atomically however many
+            # writers there are; deleted rows leave free pages that new ones reuse
+            page_size = con.execute("PRAGMA page_size").fetchone()[0]
+            con.execute(f"PRAGMA max_page_count = {max(1, int(self.max_mb * 1024 * 1024) // page_size)}")
+            try:
+                cursor = con.execute(
+                    "INSERT INTO feedback (created_at, label, predicted, model_name, model_version, image, input28)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        created_at,
+                        int(label),
+                        predicted,
+                        model_name,
+                        model_version,
+                        bytes(image),
+                        pixels.tobytes(),
+                    ),
+                )
+            except sqlite3.OperationalError as exc:
+                # SQLITE_FULL (13); Python 3.10's exception has only SQLite's words for it
+                if getattr(exc, "sqlite_errorcode", 13) != 13 or "full" not in str(exc):
+                    raise
+                raise self._full(len(image)) from None
             assert cursor.lastrowid is not None  # set by the INSERT above
             return int(cursor.lastrowid)
+
+    def _full(self, needed: int) -> FeedbackFullError:
+        """The sentence for a correction of `needed` bytes that SQLite had no room for (SQLITE_FULL): the disk is
+        full, or else the database has reached its limit."""
+        if shutil.disk_usage(self.path.parent).free < needed + 1024 * 1024:
+            return FeedbackFullError(
+                "the disk that holds the feedback database is full, so the correction was not stored; free some "
+                "space on the server."
+            )
+        return FeedbackFullError(
+            f"the feedback database has reached its limit of {self.max_mb:g} MB, so the correction was not "
+            "stored; the server's operator can export the corrections and start a new database, or raise "
+            "--feedback-max-mb."
+        )
 
     def count(self) -> int:
         with closing(self._connect()) as con:
@@ -240,15 +274,44 @@ def export_png(store: FeedbackStore, out_dir: str | Path, originals: bool = Fals
     out_dir = Path(out_dir)
     written = 0
     for item in store.corrections():
-        # Plain writes, not atomic ones: an export is cheap to re-run, and an fsync per file would be slow.
-        folder = out_dir / str(item.label)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(item.input28).save(folder / f"{item.id}.png")
+        png = io.BytesIO()
+        Image.fromarray(item.input28).save(png, format="PNG")
+        _write_replacing(_own_folder(out_dir, str(item.label)) / f"{item.id}.png", png.getvalue())
         if originals:
-            (out_dir / "originals").mkdir(parents=True, exist_ok=True)
-            (out_dir / "originals" / f"{item.id}.{_extension(item.image)}").write_bytes(item.image)
+            name = f"{item.id}.{_extension(item.image)}"
+            _write_replacing(_own_folder(out_dir, "originals") / name, item.image)
         written += 1
     return written
+
+
+def _own_folder(out_dir: Path, name: str) -> Path:
+    """OUT/name, made if missing, and refused if it is a symbolic link: in a folder others may write (/tmp), a
+    link someone left there would send the export into a folder of their choosing."""
+    folder = out_dir / name
+    if folder.is_symlink():
+        raise DigitrecError(
+            f"{folder} is a symbolic link, so the export does not write into it; export into a folder of your own."
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary sibling renamed over it. Plain writes followed a link someone left at
+    `path` and overwrote the file it points to; a rename replaces the link itself. (No fsync: an export is
+    cheap to re-run, and an fsync per file would be slow.)"""
+    from .checkpoint import _UMASK
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the mode open() would
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _extension(data: bytes) -> str:

@@ -288,6 +288,8 @@ def load_gray_sized(
     else:
         image, size = _open(source, max_side, gray=True)
         gray = _pil_to_gray(image, max_side)
+        # freed before the resize below copies `gray`: 160 MB less at the peak for 40 megapixels of RGBA
+        del image
     return _resize_long_side(gray, min_side, max_side), size
 
 
@@ -308,8 +310,7 @@ def _pil_to_gray(image: Image.Image, max_side: int | None = None) -> np.ndarray:
         image = image.convert("RGBA")
         extrema = cast(tuple[tuple[int, int], ...], image.getextrema())  # per band for RGBA
         if extrema[3][0] < 255:  # some transparency: composite it ourselves
-            rgba = np.asarray(image, dtype=np.float32) / 255.0
-            return _flatten_alpha(_luminance(rgba[..., :3]), rgba[..., 3])
+            return _composite_rgba(image, *extrema[3])
     if image.mode not in ("L", "RGB", "RGBA", "1"):
         image = image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX...
     # Pillow's own ITU-R 601 luma (as _luminance), in C: a fraction of the cost of doing it in NumPy.
@@ -317,6 +318,49 @@ def _pil_to_gray(image: Image.Image, max_side: int | None = None) -> np.ndarray:
     if max_side and max(luma.size) > max_side:
         luma = luma.resize(_fitted(luma.size, max_side), Image.Resampling.BOX)
     return _u8_to_unit(np.asarray(luma))
+
+
+ALPHA_BAND_ROWS = 64  # _composite_rgba's rows at a time: 1 MB of float32 RGBA for a 1,000-pixel-wide image
+
+
+def _composite_rgba(image: Image.Image, alpha_min: int, alpha_max: int) -> np.ndarray:
+    """An RGBA image with some transparency -> float32 gray in [0, 1], as _flatten_alpha composites it, a band of
+    rows at a time.
+
+    The whole image as float32 RGBA is 16 bytes a pixel, and the compositing made several such copies: a
+    40-megapixel PNG of 170 KB (an upload the server accepts) took 1.7 GB to read. Band by band the cost is the
+    gray image (4 bytes a pixel) and one band; each pixel is computed exactly as _flatten_alpha computes it.
+    """
+    width, height = image.size
+    gray = np.empty((height, width), dtype=np.float32)
+    bands = range(0, height, ALPHA_BAND_ROWS)
+
+    def rows_of(top: int) -> Image.Image:
+        return image.crop((0, top, width, min(top + ALPHA_BAND_ROWS, height)))
+
+    for top in bands:
+        rgba = np.asarray(rows_of(top), dtype=np.float32) / 255.0
+        gray[top : top + len(rgba)] = _luminance(rgba[..., :3])
+    # alpha.min() and alpha.max() in _flatten_alpha, whose alpha is float32 bytes / 255
+    if np.float32(alpha_min) / np.float32(255.0) > 0.99 or alpha_max == 0:
+        return gray
+    top_alpha = np.float32(alpha_max) / np.float32(255.0)
+
+    def alpha_of(top: int) -> np.ndarray:
+        return (np.asarray(rows_of(top).getchannel("A"), dtype=np.float32) / 255.0) / top_alpha
+
+    # the background is the tone that contrasts with the most opaque pixels, over the whole image
+    ink_sum, ink_count = 0.0, 0
+    for top in bands:
+        opaque = alpha_of(top) > 0.5
+        ink_sum += float(gray[top : top + len(opaque)][opaque].sum(dtype=np.float64))
+        ink_count += int(opaque.sum())
+    background = 1.0 if ink_sum / ink_count < 0.5 else 0.0
+    for top in bands:
+        alpha = alpha_of(top)
+        rows = gray[top : top + len(alpha)]
+        rows[:] = (rows * alpha + background * (1.0 - alpha)).astype(np.float32)
+    return gray
 
 
 def _u8_to_unit(a: np.ndarray) -> np.ndarray:
@@ -386,17 +430,22 @@ def _to_unit_range(a: np.ndarray) -> np.ndarray:
         return a.astype(np.float32) / 255.0
     if a.dtype in (np.uint16, np.dtype(">u2")):
         return a.astype(np.float32) / 65535.0
+    # Clipped in the array's own precision (exact, as clipping only picks values) and scaled in place below: a
+    # 40-megapixel float TIFF, 160 MB, made two float64 copies of 320 MB each.
+    if a.dtype.kind == "f" and float(a.min()) >= -0.5 and float(a.max()) <= 1.5:
+        return np.clip(a, 0, 1).astype(np.float32, copy=False)
     x = a.astype(np.float64)
     low, high = float(x.min()), float(x.max())
-    if low >= -0.5 and high <= 1.5 and a.dtype.kind == "f":
-        return np.clip(x, 0, 1).astype(np.float32)
     if low >= 0 and high <= 255:
-        return (x / 255.0).astype(np.float32)
-    if low >= 0 and high <= 65535:
-        return (x / 65535.0).astype(np.float32)
-    if high - low <= 0 or not np.isfinite(high - low):
+        x /= 255.0
+    elif low >= 0 and high <= 65535:
+        x /= 65535.0
+    elif high - low <= 0 or not np.isfinite(high - low):
         return np.zeros(a.shape, dtype=np.float32)
-    return ((x - low) / (high - low)).astype(np.float32)
+    else:
+        x -= low
+        x /= high - low
+    return x.astype(np.float32)
 
 
 def _resize_long_side(gray: np.ndarray, min_side: int, max_side: int) -> np.ndarray:
@@ -407,7 +456,9 @@ def _resize_long_side(gray: np.ndarray, min_side: int, max_side: int) -> np.ndar
     size = _fitted((width, height), max_side if long_side > max_side else min_side)
     # BOX averages when shrinking (thin pen lines fade, not vanish); BILINEAR keeps small inputs smooth.
     method = Image.Resampling.BOX if long_side > max_side else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(gray.astype(np.float32), "F").resize(size, method), dtype=np.float32)
+    # asarray, not astype: a float32 image is not copied again before fromarray copies it
+    resized = Image.fromarray(np.asarray(gray, dtype=np.float32), "F").resize(size, method)
+    return np.asarray(resized, dtype=np.float32)
 
 
 def _fitted(size: tuple[int, int], long_side: int) -> tuple[int, int]:

@@ -29,8 +29,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import CheckpointError, DigitrecError, ImageError, ImageTooLargeError
-from .feedback import FeedbackStore
+from .errors import CheckpointError, DigitrecError, FeedbackFullError, ImageError, ImageTooLargeError
+from .feedback import DEFAULT_MAX_MB, FeedbackStore
 
 if TYPE_CHECKING:
     import uvicorn
@@ -180,6 +180,73 @@ class BodySizeLimit:
                 ],
             }
         )
+        await send({"type": "http.response.body", "body": body})
+
+
+# The page's policy: its own scripts, styles and requests only; images also from data: (the favicon) and blob:
+# (an upload's preview); no plugins, no <base>, no form posts elsewhere, and no framing by other sites.
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+BROWSER_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),  # a file is run or shown only as the type it is served as
+    (b"x-frame-options", b"DENY"),  # frame-ancestors for browsers that predate it
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+class BrowserGuard:
+    """Pure ASGI middleware: refuse a POST another site's page makes a visitor's browser send, and give every
+    response the headers that keep the page from being framed, sniffed or leaking its address.
+
+    Without it any page the visitor opens can post corrections (a multipart POST needs no CORS preflight; the
+    page cannot read the answer, but the row is stored). Browsers say where a request comes from: Sec-Fetch-Site
+    (same-origin, or none for one the user typed), else Origin, which must name the host the request was sent
+    to. A request with neither (curl, scripts, old browsers) is not a browser's on another site's behalf, and
+    passes: the rule of Go's http.CrossOriginProtection.
+    """
+
+    def __init__(self, app: Callable, counted: Callable[[int], None] | None = None):
+        self.app = app
+        self.counted = counted
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and self._cross_origin(dict(scope["headers"])):
+            await self._refuse(send)
+            return
+        extra = BROWSER_HEADERS + (
+            [(b"content-security-policy", PAGE_POLICY.encode())] if scope["path"] == "/" else []
+        )
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = message | {"headers": list(message.get("headers", [])) + extra}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    def _cross_origin(headers: dict[bytes, bytes]) -> bool:
+        site = headers.get(b"sec-fetch-site")
+        if site is not None:
+            return site not in (b"same-origin", b"none")
+        origin = headers.get(b"origin")
+        if origin is None:
+            return False
+        return origin.partition(b"://")[2].lower() != headers.get(b"host", b"").lower()
+
+    async def _refuse(self, send: Callable) -> None:
+        if self.counted is not None:
+            self.counted(403)
+        body = json.dumps(
+            {"detail": "a page on another site may not send requests here; use the page this server serves."}
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 403, "headers": headers + BROWSER_HEADERS})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -749,6 +816,8 @@ def create_app(
         path below both answer through this."""
         if isinstance(exc, ImageTooLargeError):
             return _error(413, str(exc))
+        if isinstance(exc, FeedbackFullError):
+            return _error(507, str(exc))
         if isinstance(exc, DigitrecError):
             return _error(400, str(exc))
         if isinstance(exc, BrokenProcessPool):
@@ -810,8 +879,16 @@ def create_app(
                 await form.close()
             return data, fields
         if content_type == "application/json":
+            raw = await request.body()
+            # Decoding 5 MB of JSON made of small values ([0,0,...] or [{},{},...]) holds the event loop, and so
+            # every other request, for 0.2 to 1 s and builds 100 MB of objects; ours holds a few fields. A value
+            # after the first is preceded by a comma or opens an array or object (base64 has none of them).
+            if sum(raw.count(mark) for mark in (b",", b"[", b"{")) > MAX_JSON_VALUES:
+                raise HTTPException(
+                    400,
+                    f"the JSON holds more than {MAX_JSON_VALUES} values; send an object with {IMAGE_FIELDS}.",
+                )
             try:
-                raw = await request.body()
                 # one decoder, made once: json.loads(..., object_pairs_hook=...) builds a new one per request
                 body = _JSON_FIELDS_ONCE.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
             # ValueError: also a number of over 4,300 digits (and bytes that are not UTF-8); RecursionError:
@@ -877,6 +954,8 @@ def create_app(
         return True
 
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, fast_path=fast_predict, counted=count_error)
+    # outermost (added last): a cross-site POST is refused before its body is read
+    app.add_middleware(BrowserGuard, counted=count_error)
 
     # -- endpoints ---------------------------------------------------------------------------------------------
 
@@ -906,6 +985,7 @@ def create_app(
     }
     error_responses: dict[int | str, dict[str, Any]] = {
         400: {"description": "not an image, an image format not read, truncated, or a malformed request"},
+        403: {"description": "sent by a page on another site (Sec-Fetch-Site or Origin says so)"},
         408: {
             "description": "the headers or the body were not sent in time (`--header-timeout`, `--body-timeout`)"
         },
@@ -923,7 +1003,8 @@ def create_app(
         422: {"description": "explain is not true or false", "model": ErrorResponse}
     }
     feedback_responses = error_responses | {
-        422: {"description": "label or predicted is not a digit 0-9", "model": ErrorResponse}
+        422: {"description": "label or predicted is not a digit 0-9", "model": ErrorResponse},
+        507: {"description": "the database is at its size limit (`--feedback-max-mb`) or its disk is full"},
     }
 
     # HEAD on / and /healthz: load balancers and uptime checks probe with it (FastAPI adds HEAD to no GET route)
@@ -1103,7 +1184,7 @@ def create_app(
             "feedback": {
                 "total": sum(by_label.values()),
                 "by_label": {str(k): v for k, v in by_label.items()},
-                "database": str(store.path),
+                "database": store.path.name,  # not its folder: a home directory names the operator
             },
         }
 
@@ -1145,6 +1226,8 @@ def _fastapi(**kwargs: Any) -> FastAPI:
 
 MAX_FORM_FILES = 2
 MAX_FORM_FIELDS = 10
+MAX_JSON_VALUES = 64
+IMAGE_FIELDS = '"image" and, for /api/feedback, "label" and "predicted"'
 
 
 class _Repeated(list):
@@ -1296,15 +1379,17 @@ def serve(
     backend: str = "auto",
     header_timeout: float = HEADER_TIMEOUT_S,
     body_timeout: float = BODY_TIMEOUT_S,
+    feedback_max_mb: float = DEFAULT_MAX_MB,
 ) -> None:
     """Load the model once, then serve the page and the API until interrupted (backend: auto, torch or onnx).
 
     A client must send each request's headers within `header_timeout` seconds, and then its body within
-    `body_timeout` seconds, or its connection is closed.
+    `body_timeout` seconds, or its connection is closed. Corrections that would take the feedback database past
+    `feedback_max_mb` are refused with 507.
     """
     with bind_listening_socket(host, port) as sock:  # closed if the model cannot load
         # opened first: a --feedback-db it cannot use is said before the model loads (or is exported)
-        store = FeedbackStore(feedback_db)
+        store = FeedbackStore(feedback_db, max_mb=feedback_max_mb)
         import torch
         import uvicorn
 
