@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -602,14 +603,13 @@ def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
 
 def _start_worker() -> None:
     """Run once in each worker process as it starts, so the first request does not pay for the imports."""
-    import signal
-
-    from . import preprocess  # noqa: F401
-
     # Ctrl-C in a terminal signals the whole process group, workers included: each printed a KeyboardInterrupt
     # traceback and died, and the server rebuilt its pool while it shut down. Stopping is the server's to do:
-    # it ends the workers once the requests in flight are answered (ImageWorkers.shutdown).
+    # it ends the workers once the requests in flight are answered (ImageWorkers.shutdown). (Blocked from the
+    # worker's start by ImageWorkers._in_pool; ignored from here on, whatever unblocks it.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from . import preprocess  # noqa: F401
+
     _exit_with_parent()
     freeze_heap()
 
@@ -684,8 +684,7 @@ class ImageWorkers:
 
     async def start(self) -> None:
         """Start the workers now (spawn imports NumPy, Pillow and SciPy), not on the first user's request."""
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self.pool, _worker_pid) for _ in range(self.processes)))
+        await asyncio.gather(*(self._in_pool(self.pool, _worker_pid) for _ in range(self.processes)))
 
     def shutdown(self) -> None:
         """Stop the workers before the server process ends (each finishes at most the chunk it holds).
@@ -731,15 +730,30 @@ class ImageWorkers:
             self._dispatch()
 
     async def _submit(self, uploads: list[bytes]) -> list[Any]:
-        loop = asyncio.get_running_loop()
         pool = self.pool
         try:
-            return await loop.run_in_executor(pool, to_model_inputs, uploads)
+            return await self._in_pool(pool, to_model_inputs, uploads)
         except BrokenProcessPool:
             self._rebuild(pool)
-        return await loop.run_in_executor(
-            self.pool, to_model_inputs, uploads
-        )  # once; a second break is a 503
+        return await self._in_pool(self.pool, to_model_inputs, uploads)  # once; a second break is a 503
+
+    @staticmethod
+    def _in_pool(pool: ProcessPoolExecutor, function: Callable, *args: Any) -> asyncio.Future:
+        """Run `function` in `pool`; a worker the pool starts for it begins deaf to Ctrl-C.
+
+        Ctrl-C in a terminal signals the whole process group. A worker still importing when it came (start() can
+        return while one is: the other ran both its tasks) printed a KeyboardInterrupt traceback, since it had
+        not yet reached _start_worker. The pool starts its processes inside submit(), here, and a blocked signal
+        stays blocked in a child, through exec too; in this process a Ctrl-C blocked meanwhile comes right after.
+        """
+        submit = asyncio.get_running_loop().run_in_executor
+        if not hasattr(signal, "pthread_sigmask"):  # Windows: no process groups for Ctrl-C to reach
+            return submit(pool, function, *args)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return submit(pool, function, *args)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _rebuild(self, broken: ProcessPoolExecutor) -> None:
         if self.pool is broken:  # the first chunk to notice rebuilds; the others in flight reuse the new pool
