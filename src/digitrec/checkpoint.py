@@ -91,6 +91,12 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def model_file(path: str | Path) -> Path:
+    """The checkpoint a MODEL argument names: a run folder's model.safetensors, any other path as it is."""
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write tensors and metadata as one safetensors file plus its JSON side file (with the file's SHA-256)."""
     from safetensors.torch import save

@@ -21,10 +21,9 @@ def _model_path(value: str) -> Path: ...
 def _model_path(value: None) -> None: ...
 def _model_path(value: str | None) -> Path | None:
     """Accept a run folder or a .safetensors file for MODEL arguments."""
-    if value is None:
-        return None
-    path = Path(value)
-    return path / "model.safetensors" if path.is_dir() else path
+    from .checkpoint import model_file
+
+    return None if value is None else model_file(value)
 
 
 def _model_out(value: str) -> Path:

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import tta
 from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, onnx_metadata, onnx_session, softmax
-from .checkpoint import atomic_write_bytes, read_checkpoint
+from .checkpoint import atomic_write_bytes, model_file, read_checkpoint
 from .errors import DigitrecError
 
 OPSET = 18
@@ -254,9 +254,7 @@ def export_onnx(
     from .checkpoint import load_model
     from .training import as_input
 
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "model.safetensors"
+    checkpoint = model_file(checkpoint)
     out = Path(out) if out else checkpoint.with_suffix(".int8.onnx" if int8 else ".onnx")
     if out.suffix != ".onnx" or out.is_dir():  # never over the checkpoint, its metadata or a folder
         raise DigitrecError(
@@ -339,9 +337,7 @@ def export_onnx(
 
 def cached_onnx(checkpoint: str | Path, log: Callable[[str], None] = lambda msg: None) -> Path:
     """The float32 ONNX export of `checkpoint`, made once and kept in the user cache by the checkpoint's SHA-256."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "model.safetensors"
+    checkpoint = model_file(checkpoint)
     # read and checked first: a file that is no checkpoint is refused before "exporting ... once" is said
     data, _ = read_checkpoint(checkpoint)
     digest = hashlib.sha256(data).hexdigest()

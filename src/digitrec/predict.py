@@ -184,9 +184,9 @@ class Predictor:
         also sets `model`, its PyTorch module; an `.onnx` file does not."""
         if backend is not None and backend not in BACKENDS:
             raise DigitrecError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
-        path = Path(path)
-        if path.is_dir():
-            path = path / "model.safetensors"
+        from .checkpoint import model_file
+
+        path = model_file(path)
         threshold = _checked_reject_below(reject_below)
         predictor = cls._load(path, backend)
         predictor.model_id = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]

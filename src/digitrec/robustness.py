@@ -138,9 +138,9 @@ def torch_scorer(
 
 def load_scored(path: str | Path, name: str | None = None) -> Scored:
     """A run folder, a .safetensors checkpoint or an exported .onnx file, ready to score."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
+    from .checkpoint import load_model, model_file
+
+    path = model_file(path)
     scorer: Scorer
     if is_onnx(path):
         backend = OnnxBackend(path)
@@ -151,8 +151,6 @@ def load_scored(path: str | Path, name: str | None = None) -> Scored:
 
         meta, scorer = backend.meta, score_onnx
     else:
-        from .checkpoint import load_model
-
         model, meta = load_model(path)
         scorer = torch_scorer(model)
     default_name = path.parent.name if path.stem == "model" else path.stem
