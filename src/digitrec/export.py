@@ -252,7 +252,7 @@ def export_onnx(
     accuracy may drop by at most 0.1 point. Inputs are uint8 (N, 28, 28) as `digitrec.data` holds them.
     """
     from .checkpoint import load_model
-    from .training import as_input
+    from .training import as_input, predict_logits
 
     checkpoint = model_file(checkpoint)
     out = Path(out) if out else checkpoint.with_suffix(".int8.onnx" if int8 else ".onnx")
@@ -281,8 +281,7 @@ def export_onnx(
 
     session = onnx_session(onnx_bytes)
     pixels = as_input(test_images)
-    with torch.inference_mode():
-        reference = torch.cat([model(pixels[i : i + 1000]) for i in range(0, len(pixels), 1000)]).numpy()
+    reference = predict_logits(model, test_images).numpy()
     exported = run_session(session, pixels.numpy())
     diff = float(np.abs(softmax(reference) - softmax(exported)).max())
     result = ExportResult(out, precision, diff, len(pixels), tta_views=tta.views_in(meta, str(checkpoint)))
