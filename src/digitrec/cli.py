@@ -999,7 +999,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TTA_SHIFTS
+    from .config import AUGMENTATIONS, DEVICES, OPTIMIZERS, SCHEDULES, TTA_SHIFTS
 
     parser = _Parser(
         prog="digitrec",
@@ -1035,7 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="initial (or peak, for onecycle) learning rate")
     p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--weight-decay", type=float)
@@ -1144,7 +1144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--parallel", type=int, default=1, help="runs at a time; the CPU cores are shared out among them"
     )
     p.add_argument("--epochs", type=float, help="override every recipe's epochs")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument(
         "--out",
         type=_folder,
