@@ -358,6 +358,8 @@ def member_specs(path: str | Path, meta: dict[str, Any]) -> list[tuple[str, tupl
 
 def _model_spec(path: str | Path, meta: dict[str, Any]) -> tuple[str, tuple[float, float]]:
     """The architecture name and input (mean, std) from the metadata, checked: it may come from anyone."""
+    from .config import MNIST_MEAN_STD
+
     config = meta.get("config", {})
     config = config if isinstance(config, dict) else {}
     arch = config.get("arch") or meta.get("arch")
@@ -365,7 +367,7 @@ def _model_spec(path: str | Path, meta: dict[str, Any]) -> tuple[str, tuple[floa
         raise CheckpointError(
             f"checkpoint {path} names no architecture; it was not written by `digitrec train`."
         )
-    normalize = config.get("normalize", (0.1307, 0.3081))
+    normalize = config.get("normalize", MNIST_MEAN_STD)
     if not (
         isinstance(normalize, (list, tuple))
         and len(normalize) == 2

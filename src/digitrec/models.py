@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .config import MNIST_MEAN_STD
 from .errors import DigitrecError
 
 
@@ -291,7 +292,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def create_model(arch: str, normalize: tuple[float, float] = (0.1307, 0.3081)) -> nn.Sequential:
+def create_model(arch: str, normalize: tuple[float, float] = MNIST_MEAN_STD) -> nn.Sequential:
     """Build `arch` with its input normalization as the first layer (index 0)."""
     try:
         body = MODELS[arch]()
