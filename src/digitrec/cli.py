@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, overload
 
-from .errors import DigitrecError, need_extra
+from .errors import DigitrecError, need_extra, refuse_repeats
 
 
 @overload
@@ -663,9 +663,7 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
     unknown = [s for s in sets if s not in SETS]
     if unknown:  # '' too: an empty --sets ran every set
         raise DigitrecError(f"unknown set {unknown[0]!r}; choose from {', '.join(SETS)}.")
-    repeated = sorted({name for name in sets if sets.count(name) > 1})
-    if repeated:
-        raise DigitrecError(f"--sets names {', '.join(repeated)} more than once; give each once.")
+    refuse_repeats("--sets", sets)
     if args.write:
         _make_folder(args.write, "--write")
         written = {}
