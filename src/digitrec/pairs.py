@@ -309,7 +309,9 @@ def train_pairs(
 
 
 def pretrained_pairs_path() -> Path:
-    return Path(__file__).parent / "pretrained" / "pairs.safetensors"
+    from .predict import pretrained_path
+
+    return pretrained_path("pairs")
 
 
 @lru_cache(maxsize=4)

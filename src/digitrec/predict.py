@@ -121,8 +121,9 @@ class TorchBackend:
                 torch.set_num_threads(previous)
 
 
-def pretrained_path() -> Path:
-    return Path(str(resources.files("digitrec") / "pretrained" / f"{PRETRAINED_NAME}.safetensors"))
+def pretrained_path(name: str = PRETRAINED_NAME) -> Path:
+    """A checkpoint bundled with the package: the digit model by default, `pairs` for the pair classifier."""
+    return Path(str(resources.files("digitrec") / "pretrained" / f"{name}.safetensors"))
 
 
 def holds_no_ink(inputs: np.ndarray) -> np.ndarray:
