@@ -7,7 +7,6 @@ import gc
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, overload
@@ -237,7 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch(args)
     from .config import TrainConfig
     from .data import load_mnist
-    from .training import train
+    from .training import default_out_dir, train
 
     if args.resume:
         from .training import resume_checkpoint
@@ -246,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume_checkpoint(out)  # before MNIST is looked for: nothing to resume is said first
     else:
         recipe, config = training_config(args)
-        out = Path(args.out or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = Path(args.out) if args.out else default_out_dir(recipe)
     data = load_mnist(args.data_dir, log=_stderr)
     try:
         run = train(
@@ -395,8 +394,9 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .sweep import summary_table, sweep
+    from .training import default_out_dir
 
-    out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out) if args.out else default_out_dir("sweep")
     flags = [
         flag
         for name, value in (
@@ -475,12 +475,13 @@ def cmd_train_pairs(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .feedback import finetune
+    from .training import default_out_dir
 
     if args.no_corrections and args.feedback:
         raise DigitrecError(
             "--no-corrections trains on MNIST alone, so it takes no --feedback; drop one of them."
         )
-    out = Path(args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out) if args.out else default_out_dir("finetune")
     data = load_mnist(args.data_dir, log=_stderr)
     run = finetune(
         _model_path(args.model),

@@ -65,6 +65,11 @@ class Run:
         return self.out_dir / "model.safetensors"
 
 
+def default_out_dir(name: str) -> Path:
+    """Where a run goes when no folder is named: runs/<name>-<local time, YYYYmmdd-HHMMSS>."""
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
