@@ -323,7 +323,14 @@ class Ensemble(nn.Module):
             torch.log_softmax(member(x).float() / self.temperatures[i], dim=1)
             for i, member in enumerate(self.members)
         ]
-        return torch.logsumexp(torch.stack(votes), dim=0) - math.log(len(votes))
+        return log_mean_probabilities(votes)
+
+
+def log_mean_probabilities(log_probabilities: Sequence[torch.Tensor]) -> torch.Tensor:
+    """K log probabilities (N, C) -> (N, C) the log of their mean: an ensemble's vote, test-time views' mean
+    (tta.mean_log_probabilities is the NumPy side). It stands where logits stand: its softmax is that mean.
+    K is counted in Python, so an ONNX trace keeps it a constant."""
+    return torch.logsumexp(torch.stack(list(log_probabilities)), dim=0) - math.log(len(log_probabilities))
 
 
 def count_parameters(model: nn.Module) -> int:
