@@ -252,7 +252,7 @@ def export_onnx(
     accuracy may drop by at most 0.1 point. Inputs are uint8 (N, 28, 28) as `digitrec.data` holds them.
     """
     from .checkpoint import load_model
-    from .training import as_input, predict_logits
+    from .training import as_input, fraction_correct, predict_logits
 
     checkpoint = model_file(checkpoint)
     out = Path(out) if out else checkpoint.with_suffix(".int8.onnx" if int8 else ".onnx")
@@ -286,9 +286,8 @@ def export_onnx(
     diff = float(np.abs(softmax(reference) - softmax(exported)).max())
     result = ExportResult(out, precision, diff, len(pixels), tta_views=tta.views_in(meta, str(checkpoint)))
     if test_labels is not None:
-        labels = test_labels.numpy()
-        result.torch_accuracy = float((reference.argmax(1) == labels).mean())
-        result.onnx_accuracy = float((exported.argmax(1) == labels).mean())
+        result.torch_accuracy = fraction_correct(torch.from_numpy(reference.argmax(1)), test_labels)
+        result.onnx_accuracy = fraction_correct(torch.from_numpy(exported.argmax(1)), test_labels)
 
     if not int8 and diff > FLOAT_TOLERANCE:
         raise DigitrecError(
