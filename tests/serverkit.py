@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from digitrec.predict import DigitBox, ReadResult, holds_no_ink
+from digitrec.predict import DigitBox, Prediction, ReadResult, holds_no_ink
 
 
 @pytest.fixture(autouse=True)
@@ -28,16 +28,6 @@ def keep_grad_mode():
     enabled = torch.is_grad_enabled()
     yield
     torch.set_grad_enabled(enabled)
-
-
-@dataclass
-class FakePrediction:
-    digit: int | None
-    confidence: float
-    probabilities: list[float]
-    top: list[tuple[int, float]]
-    rejected: bool
-    blank: bool = False
 
 
 @dataclass
@@ -69,7 +59,7 @@ class FakePredictor:
         with torch.no_grad():
             return self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
 
-    def predict_tensor(self, batch: torch.Tensor) -> list[FakePrediction]:
+    def predict_tensor(self, batch: torch.Tensor) -> list[Prediction]:
         assert batch.shape[1:] == (1, 28, 28) and batch.dtype == torch.float32
         self.batch_sizes.append(len(batch))
         if self.delay_s:
@@ -81,7 +71,7 @@ class FakePredictor:
             best = int(np.argmax(p))
             rejected = blank or p[best] < self.reject_below
             top = sorted(enumerate(p), key=lambda kv: -kv[1])[:3]
-            out.append(FakePrediction(None if rejected else best, p[best], p, top, rejected, blank))
+            out.append(Prediction(None if rejected else best, p[best], p, top, rejected, blank))
         return out
 
     def read(self, image: bytes) -> ReadResult:

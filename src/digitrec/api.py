@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 
 from .config import TrainConfig, get_recipe, load_toml
 from .data import MNIST, load_mnist
-from .training import Run
+from .training import Run, default_out_dir
 from .training import train as train_loop
 
 
@@ -53,7 +52,7 @@ def train(
     True
     """
     recipe, resolved = resolve_config(config, **overrides)
-    out = Path(out_dir) if out_dir is not None else Path(f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(out_dir) if out_dir is not None else default_out_dir(recipe)
     quiet: Callable[[str], None] = log or (lambda message: None)
     data = data or load_mnist(data_dir, log=quiet)
     # Training needs autograd even if something earlier in this process (a Predictor) switched it off.

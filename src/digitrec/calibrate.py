@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import tta
 from .backends import softmax
 
 CALIBRATION_SEED = 1  # the generated calibration sets; eval-real uses seed 0, so they never overlap
@@ -87,6 +86,7 @@ def calibrate(
     from .checkpoint import load_model, save_tensors
     from .config import TrainConfig
     from .data import load_mnist, split_validation
+    from .predict import Predictor, TorchBackend, holds_no_ink
     from .preprocess import preprocess
     from .realworld import generate
     from .training import predict_logits
@@ -113,15 +113,13 @@ def calibrate(
         f"temperature {temperature:.3f}: validation ECE {ece_before:.4f} -> {ece_after:.4f}, test ECE {ece_test:.4f}"
     )
 
+    # scored by the Predictor itself (the recipe's views, the new temperature), on torch's threads as they are
+    scorer = Predictor(TorchBackend(model, threads=0), {**meta, "temperature": temperature})
+
     def confidences(name: str) -> np.ndarray:
         batch = np.stack([preprocess(s.data) for s in generate(name, count, CALIBRATION_SEED)])[:, None]
-        views = config.tta_views  # scored as the Predictor scores them: the mean over the recipe's views
-        with torch.inference_mode():
-            logits = model(torch.from_numpy(tta.shifted_views(batch, views))).float().numpy()
-        probs = softmax(tta.mean_log_probabilities(logits, views), temperature).max(axis=1)
-        probs[batch.reshape(len(batch), -1).sum(1) < 1.0] = (
-            0.0  # blank pages: the predictor rejects them outright
-        )
+        probs = scorer.probabilities(batch).max(axis=1)
+        probs[holds_no_ink(batch)] = 0.0  # blank pages: the predictor rejects them outright
         return probs
 
     digit_sets = [confidences(name) for name in ("mnist-photo", "pen-photo", "font-photo")]

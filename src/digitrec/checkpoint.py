@@ -91,6 +91,12 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def model_file(path: str | Path) -> Path:
+    """The checkpoint a MODEL argument names: a run folder's model.safetensors, any other path as it is."""
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write tensors and metadata as one safetensors file plus its JSON side file (with the file's SHA-256)."""
     from safetensors.torch import save
@@ -352,6 +358,8 @@ def member_specs(path: str | Path, meta: dict[str, Any]) -> list[tuple[str, tupl
 
 def _model_spec(path: str | Path, meta: dict[str, Any]) -> tuple[str, tuple[float, float]]:
     """The architecture name and input (mean, std) from the metadata, checked: it may come from anyone."""
+    from .config import MNIST_MEAN_STD
+
     config = meta.get("config", {})
     config = config if isinstance(config, dict) else {}
     arch = config.get("arch") or meta.get("arch")
@@ -359,7 +367,7 @@ def _model_spec(path: str | Path, meta: dict[str, Any]) -> tuple[str, tuple[floa
         raise CheckpointError(
             f"checkpoint {path} names no architecture; it was not written by `digitrec train`."
         )
-    normalize = config.get("normalize", (0.1307, 0.3081))
+    normalize = config.get("normalize", MNIST_MEAN_STD)
     if not (
         isinstance(normalize, (list, tuple))
         and len(normalize) == 2

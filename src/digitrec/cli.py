@@ -7,12 +7,11 @@ import gc
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, overload
 
-from .errors import DigitrecError, need_extra
+from .errors import DigitrecError, need_extra, refuse_repeats
 
 
 @overload
@@ -21,10 +20,9 @@ def _model_path(value: str) -> Path: ...
 def _model_path(value: None) -> None: ...
 def _model_path(value: str | None) -> Path | None:
     """Accept a run folder or a .safetensors file for MODEL arguments."""
-    if value is None:
-        return None
-    path = Path(value)
-    return path / "model.safetensors" if path.is_dir() else path
+    from .checkpoint import model_file
+
+    return None if value is None else model_file(value)
 
 
 def _model_out(value: str) -> Path:
@@ -238,7 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch(args)
     from .config import TrainConfig
     from .data import load_mnist
-    from .training import train
+    from .training import default_out_dir, train
 
     if args.resume:
         from .training import resume_checkpoint
@@ -247,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume_checkpoint(out)  # before MNIST is looked for: nothing to resume is said first
     else:
         recipe, config = training_config(args)
-        out = Path(args.out or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = Path(args.out) if args.out else default_out_dir(recipe)
     data = load_mnist(args.data_dir, log=_stderr)
     try:
         run = train(
@@ -396,8 +394,9 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .sweep import summary_table, sweep
+    from .training import default_out_dir
 
-    out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out) if args.out else default_out_dir("sweep")
     flags = [
         flag
         for name, value in (
@@ -481,12 +480,13 @@ def cmd_train_pairs(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .feedback import finetune
+    from .training import default_out_dir
 
     if args.no_corrections and args.feedback:
         raise DigitrecError(
             "--no-corrections trains on MNIST alone, so it takes no --feedback; drop one of them."
         )
-    out = Path(args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out) if args.out else default_out_dir("finetune")
     data = load_mnist(args.data_dir, log=_stderr)
     run = finetune(
         _model_path(args.model),
@@ -669,9 +669,7 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
     unknown = [s for s in sets if s not in SETS]
     if unknown:  # '' too: an empty --sets ran every set
         raise DigitrecError(f"unknown set {unknown[0]!r}; choose from {', '.join(SETS)}.")
-    repeated = sorted({name for name in sets if sets.count(name) > 1})
-    if repeated:
-        raise DigitrecError(f"--sets names {', '.join(repeated)} more than once; give each once.")
+    refuse_repeats("--sets", sets)
     if args.write:
         _make_folder(args.write, "--write")
         written = {}
@@ -1005,7 +1003,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TTA_SHIFTS
+    from .config import AUGMENTATIONS, DEVICES, OPTIMIZERS, SCHEDULES, TTA_SHIFTS
 
     parser = _Parser(
         prog="digitrec",
@@ -1041,7 +1039,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="initial (or peak, for onecycle) learning rate")
     p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--weight-decay", type=float)
@@ -1150,7 +1148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--parallel", type=int, default=1, help="runs at a time; the CPU cores are shared out among them"
     )
     p.add_argument("--epochs", type=float, help="override every recipe's epochs")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument(
         "--out",
         type=_folder,

@@ -20,6 +20,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 # "step_at_epoch_start" reproduces seed 001, which multiplies the lr by gamma at epoch 0, 5, 10, ...
 SCHEDULES = ("constant", "step", "step_at_epoch_start", "cosine", "onecycle")
 AUGMENTATIONS = ("none", "rotate10", "affine", "affine-elastic", "robust")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # what training.resolve_device takes
 # --dry-run trains on the first 8 batches for at most this many epochs, and records the epochs it trained
 DRY_RUN_MAX_EPOCHS = 1.0
 
@@ -140,7 +141,7 @@ class TrainConfig:
                 f"tta_views must be one of {', '.join(map(str, TTA_SHIFTS))}, got {self.tta_views}",
             ),
             (
-                self.device in ("auto", "cpu", "cuda", "mps"),
+                self.device in DEVICES,
                 f"unknown device {self.device!r}; choose auto, cpu, cuda or mps",
             ),
         ]

@@ -14,7 +14,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -225,7 +224,9 @@ def launch(args: argparse.Namespace) -> int:
     if (
         not args.resume and not args.out
     ):  # one folder for all ranks, named now rather than by each worker's clock
-        argv += ["--out", f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        from .training import default_out_dir
+
+        argv += ["--out", str(default_out_dir(recipe))]
     env = dict(os.environ)
     # torchrun sets one thread per process when OMP_NUM_THREADS is unset; share the cores out instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))

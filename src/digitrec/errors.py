@@ -1,5 +1,6 @@
 """The one exception type for mistakes a user can cause: its message is one sentence saying what to do."""
 
+from collections.abc import Sequence
 from importlib.util import find_spec
 
 # pyproject.toml's optional extras, by the modules a command imports from them
@@ -47,3 +48,10 @@ def need_extra(extra: str, what: str, modules: tuple[str, ...] | None = None, in
             f'installed): `pip install "digitrec[{extra}]"`, or in a checkout `pip install -e ".[{extra}]"`'
             f"{instead}."
         )
+
+
+def refuse_repeats(flag: str, names: Sequence[str]) -> None:
+    """Refuse, in one sentence, a list flag that names something more than once (its work would run twice)."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DigitrecError(f"{flag} names {', '.join(repeated)} more than once; give each once.")

@@ -223,6 +223,7 @@ expected calibration error {metrics["ece"]:.4f}.</p>
 
 
 def _fmt(value: Any) -> str:
+    """A history cell: 4 significant digits, blank where the epoch has none (tune._fmt: settings, 3 digits)."""
     if value is None:
         return ""
     if isinstance(value, float):

@@ -159,6 +159,7 @@ def explore(
     """Write every figure, explore.json and explore.html into out_dir; returns the summary written to explore.json."""
     from .evaluate import _image_tag
     from .robustness import Scored, load_all
+    from .training import as_input
 
     # first: a model that does not load stops the command before the embedding (loaded ones are taken as they are)
     paths = [m for m in models if not isinstance(m, Scored)]
@@ -170,7 +171,7 @@ def explore(
         "Mean image per class": mean_images(data, out_dir / "mean_images.png"),
     }
     chosen = sample_indices(data.train_labels, samples, seed)
-    pixels = data.train_images[chosen].reshape(len(chosen), -1).float().numpy() / 255
+    pixels = as_input(data.train_images[chosen]).reshape(len(chosen), -1).numpy()
     log(f"embedding {len(chosen):,} training images in 2-D")
     coords, method = embed(pixels, embedding, seed)
     figures[f"{method} embedding"] = embedding_plot(

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import tta
 from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, onnx_metadata, onnx_session, softmax
-from .checkpoint import atomic_write_bytes, read_checkpoint
+from .checkpoint import atomic_write_bytes, model_file, read_checkpoint
 from .errors import DigitrecError
 
 OPSET = 18
@@ -252,11 +252,9 @@ def export_onnx(
     accuracy may drop by at most 0.1 point. Inputs are uint8 (N, 28, 28) as `digitrec.data` holds them.
     """
     from .checkpoint import load_model
-    from .training import as_input
+    from .training import as_input, fraction_correct, predict_logits
 
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "model.safetensors"
+    checkpoint = model_file(checkpoint)
     out = Path(out) if out else checkpoint.with_suffix(".int8.onnx" if int8 else ".onnx")
     if out.suffix != ".onnx" or out.is_dir():  # never over the checkpoint, its metadata or a folder
         raise DigitrecError(
@@ -283,15 +281,13 @@ def export_onnx(
 
     session = onnx_session(onnx_bytes)
     pixels = as_input(test_images)
-    with torch.inference_mode():
-        reference = torch.cat([model(pixels[i : i + 1000]) for i in range(0, len(pixels), 1000)]).numpy()
+    reference = predict_logits(model, test_images).numpy()
     exported = run_session(session, pixels.numpy())
     diff = float(np.abs(softmax(reference) - softmax(exported)).max())
     result = ExportResult(out, precision, diff, len(pixels), tta_views=tta.views_in(meta, str(checkpoint)))
     if test_labels is not None:
-        labels = test_labels.numpy()
-        result.torch_accuracy = float((reference.argmax(1) == labels).mean())
-        result.onnx_accuracy = float((exported.argmax(1) == labels).mean())
+        result.torch_accuracy = fraction_correct(torch.from_numpy(reference.argmax(1)), test_labels)
+        result.onnx_accuracy = fraction_correct(torch.from_numpy(exported.argmax(1)), test_labels)
 
     if not int8 and diff > FLOAT_TOLERANCE:
         raise DigitrecError(
@@ -339,9 +335,7 @@ def export_onnx(
 
 def cached_onnx(checkpoint: str | Path, log: Callable[[str], None] = lambda msg: None) -> Path:
     """The float32 ONNX export of `checkpoint`, made once and kept in the user cache by the checkpoint's SHA-256."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "model.safetensors"
+    checkpoint = model_file(checkpoint)
     # read and checked first: a file that is no checkpoint is refused before "exporting ... once" is said
     data, _ = read_checkpoint(checkpoint)
     digest = hashlib.sha256(data).hexdigest()

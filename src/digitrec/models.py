@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .config import MNIST_MEAN_STD
 from .errors import DigitrecError
 
 
@@ -291,7 +292,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def create_model(arch: str, normalize: tuple[float, float] = (0.1307, 0.3081)) -> nn.Sequential:
+def create_model(arch: str, normalize: tuple[float, float] = MNIST_MEAN_STD) -> nn.Sequential:
     """Build `arch` with its input normalization as the first layer (index 0)."""
     try:
         body = MODELS[arch]()
@@ -322,7 +323,14 @@ class Ensemble(nn.Module):
             torch.log_softmax(member(x).float() / self.temperatures[i], dim=1)
             for i, member in enumerate(self.members)
         ]
-        return torch.logsumexp(torch.stack(votes), dim=0) - math.log(len(votes))
+        return log_mean_probabilities(votes)
+
+
+def log_mean_probabilities(log_probabilities: Sequence[torch.Tensor]) -> torch.Tensor:
+    """K log probabilities (N, C) -> (N, C) the log of their mean: an ensemble's vote, test-time views' mean
+    (tta.mean_log_probabilities is the NumPy side). It stands where logits stand: its softmax is that mean.
+    K is counted in Python, so an ONNX trace keeps it a constant."""
+    return torch.logsumexp(torch.stack(list(log_probabilities)), dim=0) - math.log(len(log_probabilities))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -229,7 +229,7 @@ def train_pairs(
 
     from .augment import random_affine
     from .checkpoint import save_tensors
-    from .training import fraction_correct
+    from .training import as_input, fraction_correct
 
     # the held-out 5% aside, the rest must fill one batch, or there is no step to train (and one-cycle refuses 0)
     if count - count // 20 < batch_size:
@@ -244,7 +244,7 @@ def train_pairs(
         f"drew {len(images):,} pieces ({(labels < NO_PAIR).mean():.0%} pairs) in {time.perf_counter() - start:.0f} s"
     )
     torch.manual_seed(seed)
-    x = torch.from_numpy(images).float().div_(255).unsqueeze(1)
+    x = as_input(torch.from_numpy(images))
     y = torch.from_numpy(labels)
     held = len(x) // 20
     x_val, y_val, x, y = x[:held], y[:held], x[held:], y[held:]
@@ -309,7 +309,9 @@ def train_pairs(
 
 
 def pretrained_pairs_path() -> Path:
-    return Path(__file__).parent / "pretrained" / "pairs.safetensors"
+    from .predict import pretrained_path
+
+    return pretrained_path("pairs")
 
 
 @lru_cache(maxsize=4)

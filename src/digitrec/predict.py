@@ -121,8 +121,9 @@ class TorchBackend:
                 torch.set_num_threads(previous)
 
 
-def pretrained_path() -> Path:
-    return Path(str(resources.files("digitrec") / "pretrained" / f"{PRETRAINED_NAME}.safetensors"))
+def pretrained_path(name: str = PRETRAINED_NAME) -> Path:
+    """A checkpoint bundled with the package: the digit model by default, `pairs` for the pair classifier."""
+    return Path(str(resources.files("digitrec") / "pretrained" / f"{name}.safetensors"))
 
 
 def holds_no_ink(inputs: np.ndarray) -> np.ndarray:
@@ -184,9 +185,9 @@ class Predictor:
         also sets `model`, its PyTorch module; an `.onnx` file does not."""
         if backend is not None and backend not in BACKENDS:
             raise DigitrecError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
-        path = Path(path)
-        if path.is_dir():
-            path = path / "model.safetensors"
+        from .checkpoint import model_file
+
+        path = model_file(path)
         threshold = _checked_reject_below(reject_below)
         predictor = cls._load(path, backend)
         predictor.model_id = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]

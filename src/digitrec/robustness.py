@@ -106,9 +106,11 @@ PERTURBATIONS: tuple[Perturbation, ...] = (
 
 def perturb(images: torch.Tensor, perturbation: Perturbation, strength: float) -> torch.Tensor:
     """uint8 images (N, 28, 28) -> the same images perturbed, rounded back to uint8; seeded by name and strength."""
+    from .training import as_input
+
     seed = SEED + sum(map(ord, perturbation.name)) * 1000 + round(strength * 100)
     generator = torch.Generator().manual_seed(seed)
-    x = images.unsqueeze(1).float() / 255
+    x = as_input(images)
     x = perturbation.apply(x, float(strength), generator)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0]
 
@@ -138,21 +140,19 @@ def torch_scorer(
 
 def load_scored(path: str | Path, name: str | None = None) -> Scored:
     """A run folder, a .safetensors checkpoint or an exported .onnx file, ready to score."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
+    from .checkpoint import load_model, model_file
+    from .training import as_input
+
+    path = model_file(path)
     scorer: Scorer
     if is_onnx(path):
         backend = OnnxBackend(path)
 
         def score_onnx(images: torch.Tensor) -> torch.Tensor:
-            pixels = images.unsqueeze(1).float().numpy() / 255
-            return torch.from_numpy(backend(pixels))
+            return torch.from_numpy(backend(as_input(images).numpy()))
 
         meta, scorer = backend.meta, score_onnx
     else:
-        from .checkpoint import load_model
-
         model, meta = load_model(path)
         scorer = torch_scorer(model)
     default_name = path.parent.name if path.stem == "model" else path.stem

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_json
 from .config import get_recipe
-from .errors import DigitrecError
+from .errors import DigitrecError, refuse_repeats
 
 
 @dataclass
@@ -47,10 +47,8 @@ def sweep(
     if parallel < 1:
         raise DigitrecError(f"--parallel must be at least 1, got {parallel}.")
     # a name given twice ran its jobs twice, into the same folder, at the same time
-    for flag, names in (("--recipes", recipes), ("--seeds", [str(seed) for seed in seeds])):
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise DigitrecError(f"{flag} names {', '.join(repeated)} more than once; give each once.")
+    refuse_repeats("--recipes", recipes)
+    refuse_repeats("--seeds", [str(seed) for seed in seeds])
     jobs = [Job(r, s, out / f"{r}-seed{s}") for r, s in itertools.product(recipes, seeds)]
     for job in jobs:  # what `digitrec train` would refuse (--epochs 0, --seeds -1) fails now, once
         _check_train_flags(job, train_flags or [])

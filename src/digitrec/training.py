@@ -44,7 +44,7 @@ from .checkpoint import (
 from .config import DRY_RUN_MAX_EPOCHS, TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError, need_extra
-from .models import count_parameters, create_model
+from .models import count_parameters, create_model, log_mean_probabilities
 from .optim import AdamW, WeightAverage
 
 Optimizer = torch.optim.Optimizer | AdamW  # what make_optimizer returns: torch.optim's SGD/Adam or our AdamW
@@ -63,6 +63,11 @@ class Run:
     def model_path(self) -> Path:
         """The run's checkpoint: the best weights by validation accuracy (the last ones without a split)."""
         return self.out_dir / "model.safetensors"
+
+
+def default_out_dir(name: str) -> Path:
+    """Where a run goes when no folder is named: runs/<name>-<local time, YYYYmmdd-HHMMSS>."""
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -306,8 +311,9 @@ def predict_logits(
         with autocast(device, amp):
             logits = model(x).float()
         if tta_views > 1:  # the log of the mean probability over the views
-            views = logits.log_softmax(1).view(tta_views, -1, logits.shape[1])
-            logits = views.logsumexp(0) - math.log(tta_views)
+            logits = log_mean_probabilities(
+                logits.log_softmax(1).view(tta_views, -1, logits.shape[1]).unbind()
+            )
         outputs.append(logits)
     return torch.cat(outputs) if outputs else torch.zeros(0, 10)
 

@@ -50,7 +50,9 @@ def shifted_views(batch: np.ndarray, views: int) -> np.ndarray:
 
 
 def mean_log_probabilities(logits: np.ndarray, views: int) -> np.ndarray:
-    """Logits (views * N, 10) of view-major copies -> (N, 10) log of the mean softmax over the views."""
+    """Logits (views * N, 10) of view-major copies -> (N, 10) log of the mean softmax over the views.
+
+    In NumPy for the backends that run without torch; models.log_mean_probabilities is the torch one."""
     z = logits.reshape(views, -1, logits.shape[-1]).astype(np.float64)
     z = z - z.max(axis=2, keepdims=True)
     probabilities = np.exp(z) / np.exp(z).sum(axis=2, keepdims=True)

@@ -220,6 +220,7 @@ def _process_seed(seed: int) -> int:
 
 
 def _fmt(value: Any) -> str:
+    """A trial's setting: 3 significant digits, enough to tell trials apart (evaluate._fmt: history cells, 4)."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
