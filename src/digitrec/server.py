@@ -36,6 +36,8 @@ from .feedback import DEFAULT_MAX_MB, FeedbackStore
 if TYPE_CHECKING:
     import uvicorn
 
+    from .predict import Prediction
+
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_PIXELS = 40_000_000
@@ -326,19 +328,15 @@ def checked_upload(data: bytes) -> bytes:
     return data
 
 
-def _prediction_dict(prediction: Any) -> dict[str, Any]:
-    """A Prediction as JSON-ready values (plain floats, top as objects)."""
-    top = []
-    for entry in getattr(prediction, "top", None) or []:
-        digit, probability = entry if isinstance(entry, tuple) else (entry["digit"], entry["probability"])
-        top.append({"digit": int(digit), "probability": float(probability)})
+def _prediction_dict(prediction: Prediction) -> dict[str, Any]:
+    """A Prediction as the API's JSON (plain numbers, top as objects; `predict --json` is Prediction.to_dict)."""
     return {
         "digit": None if prediction.digit is None else int(prediction.digit),
         "confidence": float(prediction.confidence),
         "probabilities": [float(p) for p in prediction.probabilities],
         "rejected": bool(prediction.rejected),
-        "blank": bool(getattr(prediction, "blank", False)),
-        "top": top,
+        "blank": bool(prediction.blank),
+        "top": [{"digit": int(digit), "probability": float(p)} for digit, p in prediction.top],
     }
 
 
