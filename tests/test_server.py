@@ -1286,6 +1286,18 @@ def test_serve_on_port_0_says_the_port_the_system_picked(tmp_path):
             server.kill()
 
 
+def test_an_image_worker_whose_server_died_while_it_started_ends_by_itself():
+    """A worker still importing when the server was killed took its new parent (init) for the server and
+    watched it forever; `serve`'s SIGKILL test timed out under a loaded test run."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that is nobody's parent now, as a killed server's is
+    code = (
+        f"from digitrec.server import _start_worker; _start_worker({gone.pid}); import time; time.sleep(60)"
+    )
+    worker = subprocess.run([sys.executable, "-c", code], timeout=30, capture_output=True, text=True)
+    assert worker.returncode == 0, worker.stderr
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
 @pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C", "SIGKILL"])
 def test_stopping_serve_stops_its_image_workers(tmp_path, stop):

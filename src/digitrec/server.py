@@ -599,7 +599,7 @@ def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
     return out
 
 
-def _start_worker() -> None:
+def _start_worker(server_pid: int) -> None:
     """Run once in each worker process as it starts, so the first request does not pay for the imports."""
     # Ctrl-C in a terminal signals the whole process group, workers included: each printed a KeyboardInterrupt
     # traceback and died, and the server rebuilt its pool while it shut down. Stopping is the server's to do:
@@ -608,22 +608,23 @@ def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from . import preprocess  # noqa: F401
 
-    _exit_with_parent()
+    _exit_with_parent(server_pid)
     freeze_heap()
 
 
-def _exit_with_parent(poll_s: float = 1.0) -> None:
+def _exit_with_parent(server_pid: int, poll_s: float = 1.0) -> None:
     """End this worker within `poll_s` seconds of the server's end, however that came.
 
     A server killed with SIGKILL (or by the out-of-memory killer) cannot stop its workers, and they wait for
     work forever: each kept its 80 MB, and the resource tracker beside them, until the machine restarted.
+    The server's pid comes from the server: a worker still importing when the server died would otherwise
+    take its new parent for the server and watch it forever.
     """
     import threading
 
-    parent = os.getppid()
-
     def watch() -> None:
-        while os.getppid() == parent:  # an orphan is handed to init (or a subreaper): its parent id changes
+        # an orphan is handed to init (or a subreaper): its parent id changes
+        while os.getppid() == server_pid:
             time.sleep(poll_s)
         os._exit(0)
 
@@ -678,7 +679,9 @@ class ImageWorkers:
         self.rebuilds = 0
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.processes, mp_context=self.context, initializer=_start_worker)
+        return ProcessPoolExecutor(
+            self.processes, mp_context=self.context, initializer=_start_worker, initargs=(os.getpid(),)
+        )
 
     async def start(self) -> None:
         """Start the workers now (spawn imports NumPy, Pillow and SciPy), not on the first user's request."""
