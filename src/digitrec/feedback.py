@@ -183,12 +183,12 @@ class FeedbackStore:
         if pixels.size != 784:
             raise ValueError(f"input28 must hold 28x28 pixels, got shape {pixels.shape}")
         created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        with closing(self._connect()) as con, con:
-            # SQLite itself refuses to grow the file past this many pages (SQLITE_FULL), atomically however many
-            # writers there are; deleted rows leave free pages that new ones reuse
-            page_size = con.execute("PRAGMA page_size").fetchone()[0]
-            con.execute(f"PRAGMA max_page_count = {max(1, int(self.max_mb * 1024 * 1024) // page_size)}")
-            try:
+        try:
+            with closing(self._connect()) as con, con:
+                # SQLite itself refuses to grow the file past this many pages (SQLITE_FULL), atomically however
+                # many writers there are; deleted rows leave free pages that new ones reuse
+                page_size = con.execute("PRAGMA page_size").fetchone()[0]
+                con.execute(f"PRAGMA max_page_count = {max(1, int(self.max_mb * 1024 * 1024) // page_size)}")
                 cursor = con.execute(
                     "INSERT INTO feedback (created_at, label, predicted, model_name, model_version, image, input28)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -202,13 +202,15 @@ class FeedbackStore:
                         pixels.tobytes(),
                     ),
                 )
-            except sqlite3.OperationalError as exc:
-                # SQLITE_FULL (13); Python 3.10's exception has only SQLite's words for it
-                if getattr(exc, "sqlite_errorcode", 13) != 13 or "full" not in str(exc):
-                    raise
-                raise self._full(len(image)) from None
-            assert cursor.lastrowid is not None  # set by the INSERT above
-            return int(cursor.lastrowid)
+                assert cursor.lastrowid is not None  # set by the INSERT above
+                row_id = int(cursor.lastrowid)
+        except sqlite3.OperationalError as exc:
+            # SQLITE_FULL (13): from the INSERT at the size limit, or from the COMMIT on a full disk (a small
+            # correction's new pages reach the file only then); Python 3.10's exception has only SQLite's words
+            if getattr(exc, "sqlite_errorcode", 13) != 13 or "full" not in str(exc):
+                raise
+            raise self._full(len(image)) from None
+        return row_id
 
     def _full(self, needed: int) -> FeedbackFullError:
         """The sentence for a correction of `needed` bytes that SQLite had no room for (SQLITE_FULL): the disk is
