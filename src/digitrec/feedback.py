@@ -29,6 +29,7 @@ SCHEMA_VERSION = 1
 # Each correction keeps the bytes the user sent, up to the server's 5 MB a request: without a limit one client
 # posting padded images filled the disk at 50 MB/s. 1 GB holds over 100,000 corrections drawn on the page.
 DEFAULT_MAX_MB = 1024
+MAX_PAGE_COUNT = 2**32 - 2  # SQLite's largest max_page_count
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -188,7 +189,9 @@ class FeedbackStore:
                 # SQLite itself refuses to grow the file past this many pages (SQLITE_FULL), atomically however
                 # many writers there are; deleted rows leave free pages that new ones reuse
                 page_size = con.execute("PRAGMA page_size").fetchone()[0]
-                con.execute(f"PRAGMA max_page_count = {max(1, int(self.max_mb * 1024 * 1024) // page_size)}")
+                # at most SQLite's own ceiling (2**32 - 2 pages): --feedback-max-mb inf means no limit
+                pages = int(min(self.max_mb * 1024 * 1024 / page_size, MAX_PAGE_COUNT))  # inf // n is nan
+                con.execute(f"PRAGMA max_page_count = {max(1, pages)}")
                 cursor = con.execute(
                     "INSERT INTO feedback (created_at, label, predicted, model_name, model_version, image, input28)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
