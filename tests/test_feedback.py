@@ -453,3 +453,12 @@ def test_another_programs_feedback_table_or_database_is_refused_by_readers_and_t
     empty = tmp_path / "empty.db"
     sqlite3.connect(empty).close()  # an empty file: the server may make it its own
     assert FeedbackStore(empty).count() == 0
+
+
+@pytest.mark.parametrize("max_mb", [float("inf"), 1e12])
+def test_a_limit_past_what_sqlite_can_count_stores_corrections(tmp_path, max_mb):
+    """`serve --feedback-max-mb inf` (no limit) passed the command's check, then every correction was a 500:
+    int(inf) raised OverflowError; SQLite counts at most 2**32 - 2 pages."""
+    store = FeedbackStore(tmp_path / "feedback.sqlite", max_mb=max_mb)
+    assert store.add(label=3, image=b"png", input28=np.zeros((28, 28), np.uint8)) == 1
+    assert store.count() == 1

@@ -178,6 +178,48 @@ def test_a_full_disk_is_named_as_such(tmp_path, monkeypatch):
         assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
 
 
+def test_a_disk_that_fills_as_the_correction_is_committed_is_507_too(tmp_path, monkeypatch):
+    """SQLite writes a small correction's new pages to the file only at COMMIT, so a full disk (measured on a
+    256 KB tmpfs: "database or disk is full" from the commit) raised past add's check of the INSERT: a 500."""
+    import shutil
+
+    from digitrec.feedback import FeedbackStore
+
+    path = tmp_path / "feedback.sqlite"
+    store = FeedbackStore(path)
+    connect = FeedbackStore._connect
+
+    class FullAtCommit:
+        """A connection whose COMMIT meets a full disk, as SQLite reports it."""
+
+        def __init__(self, con: sqlite3.Connection):
+            self.con = con
+
+        def __getattr__(self, name: str):
+            return getattr(self.con, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info) -> None:
+            self.con.rollback()
+            if exc_info[0] is None:
+                full = sqlite3.OperationalError("database or disk is full")
+                full.sqlite_errorcode = 13  # SQLITE_FULL
+                raise full
+
+    monkeypatch.setattr(FeedbackStore, "_connect", lambda self: FullAtCommit(connect(self)))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage._replace(free=0))
+    with TestClient(create_app(FakePredictor(), feedback_db=store)) as client:
+        answer = client.post(
+            "/api/feedback", files={"file": ("d.png", digit_png(), "image/png")}, data={"label": "3"}
+        )
+    assert answer.status_code == 507
+    assert answer.json()["detail"].startswith("the disk that holds the feedback database is full")
+    assert stored(path) == 0
+
+
 def test_stats_name_the_database_file_but_not_the_folders_above_it(client, db_path):
     """/api/stats gave any visitor the database's absolute path: /home/<the operator's user name>/.local/..."""
     response = client.get("/api/stats")

@@ -29,6 +29,7 @@ SCHEMA_VERSION = 1
 # Each correction keeps the bytes the user sent, up to the server's 5 MB a request: without a limit one client
 # posting padded images filled the disk at 50 MB/s. 1 GB holds over 100,000 corrections drawn on the page.
 DEFAULT_MAX_MB = 1024
+MAX_PAGE_COUNT = 2**32 - 2  # SQLite's largest max_page_count
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -183,12 +184,14 @@ class FeedbackStore:
         if pixels.size != 784:
             raise ValueError(f"input28 must hold 28x28 pixels, got shape {pixels.shape}")
         created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        with closing(self._connect()) as con, con:
-            # SQLite itself refuses to grow the file past this many pages (SQLITE_FULL), atomically however many
-            # writers there are; deleted rows leave free pages that new ones reuse
-            page_size = con.execute("PRAGMA page_size").fetchone()[0]
-            con.execute(f"PRAGMA max_page_count = {max(1, int(self.max_mb * 1024 * 1024) // page_size)}")
-            try:
+        try:
+            with closing(self._connect()) as con, con:
+                # SQLite itself refuses to grow the file past this many pages (SQLITE_FULL), atomically however
+                # many writers there are; deleted rows leave free pages that new ones reuse
+                page_size = con.execute("PRAGMA page_size").fetchone()[0]
+                # at most SQLite's own ceiling (2**32 - 2 pages): --feedback-max-mb inf means no limit
+                pages = int(min(self.max_mb * 1024 * 1024 / page_size, MAX_PAGE_COUNT))  # inf // n is nan
+                con.execute(f"PRAGMA max_page_count = {max(1, pages)}")
                 cursor = con.execute(
                     "INSERT INTO feedback (created_at, label, predicted, model_name, model_version, image, input28)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -202,13 +205,15 @@ class FeedbackStore:
                         pixels.tobytes(),
                     ),
                 )
-            except sqlite3.OperationalError as exc:
-                # SQLITE_FULL (13); Python 3.10's exception has only SQLite's words for it
-                if getattr(exc, "sqlite_errorcode", 13) != 13 or "full" not in str(exc):
-                    raise
-                raise self._full(len(image)) from None
-            assert cursor.lastrowid is not None  # set by the INSERT above
-            return int(cursor.lastrowid)
+                assert cursor.lastrowid is not None  # set by the INSERT above
+                row_id = int(cursor.lastrowid)
+        except sqlite3.OperationalError as exc:
+            # SQLITE_FULL (13): from the INSERT at the size limit, or from the COMMIT on a full disk (a small
+            # correction's new pages reach the file only then); Python 3.10's exception has only SQLite's words
+            if getattr(exc, "sqlite_errorcode", 13) != 13 or "full" not in str(exc):
+                raise
+            raise self._full(len(image)) from None
+        return row_id
 
     def _full(self, needed: int) -> FeedbackFullError:
         """The sentence for a correction of `needed` bytes that SQLite had no room for (SQLITE_FULL): the disk is
