@@ -83,6 +83,7 @@ def test_the_page_forbids_framing_sniffing_and_content_from_elsewhere(client):
     """The page had no Content-Security-Policy, X-Frame-Options, X-Content-Type-Options or Referrer-Policy."""
     page = client.get("/")
     policy = page.headers["content-security-policy"]
+    assert client.get("/static/index.html").headers["content-security-policy"] == policy  # the same page
     assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
     assert "'unsafe-inline'" not in policy and "'unsafe-eval'" not in policy
     for response in (page, client.get("/static/app.js"), client.get("/healthz"), client.get("/nothing")):

@@ -222,7 +222,10 @@ class BrowserGuard:
             await self._refuse(send)
             return
         extra = BROWSER_HEADERS + (
-            [(b"content-security-policy", PAGE_POLICY.encode())] if scope["path"] == "/" else []
+            # the page at / and the same file under /static/ (a page served without its policy is one unguarded)
+            [(b"content-security-policy", PAGE_POLICY.encode())]
+            if scope["path"] == "/" or scope["path"].endswith(".html")
+            else []
         )
 
         async def send_with_headers(message: dict) -> None:
