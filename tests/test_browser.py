@@ -249,6 +249,34 @@ def test_keyboard_failures_and_modes_in_chromium(tmp_path):
         assert errors == []
 
 
+def test_a_photo_of_two_numbers_shows_each_line_of_digits_on_its_own(tmp_path):
+    """The number showed one line per line of writing, but the digit chips ran on as one row and the verdict
+    counted digits only."""
+    paper = Image.new("L", (600, 560), 255)
+    pen = ImageDraw.Draw(paper)
+    for top in (40, 320):  # "17" over "17"
+        pen.line([(150, top), (150, top + 160)], fill=20, width=18)
+        pen.line([(300, top + 5), (440, top + 5), (350, top + 160)], fill=20, width=18, joint="curve")
+    paper.save(tmp_path / "two-lines.png")
+    app = create_app(real_or_fake_predictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with browser_page(app) as (page, errors, expect):
+        page.click("#mode-number")
+        page.set_input_files("#upload", str(tmp_path / "two-lines.png"))
+        expect(page.locator("#number-verdict")).to_contain_text("4 digits found in 2 lines", timeout=10_000)
+        assert page.locator("#number").inner_text().split("\n") == ["17", "17"]
+        chips = page.locator("#chips li")
+        assert [chips.nth(i).get_attribute("class") for i in range(chips.count())] == [
+            "",
+            "",
+            "line-break",
+            "",
+            "",
+        ]
+        rows = [chips.nth(i).bounding_box()["y"] for i in (0, 1, 3, 4)]
+        assert rows[0] == rows[1] < rows[2] == rows[3]  # the second line's chips on a row below the first's
+        assert errors == []
+
+
 def test_a_second_finger_on_the_pad_does_not_join_the_stroke(tmp_path):
     """On a phone a thumb or palm that touches the pad while a finger writes used to take the stroke over: the
     writing finger's moves were drawn from the second finger's point, a long line across the digit."""

@@ -409,19 +409,28 @@ function showReading(answer) {
   hideToast();
   $("number").textContent = answer.number || "–";
   const doubtful = answer.digits.filter((d) => d.doubtful).length;  // under the model's reject threshold
+  const lines = (answer.lines || []).length;  // a photo of several numbers, one under another
   $("number-verdict").textContent = answer.digits.length
     ? `${answer.digits.length} digit${answer.digits.length === 1 ? "" : "s"} found` +
+      (lines > 1 ? ` in ${lines} lines` : "") +
       (doubtful ? `, ${doubtful} of them doubtful (orange)` : "")
     : "No digits found. Write bigger, or use a darker pen.";
   const chips = $("chips");
   chips.innerHTML = "";
-  for (const d of answer.digits) {
+  answer.digits.forEach((d, i) => {
+    if (i > 0 && d.line !== answer.digits[i - 1].line) {
+      // each line's digits on a row of their own, as the number shows them
+      const gap = document.createElement("li");
+      gap.className = "line-break";
+      gap.setAttribute("aria-hidden", "true");
+      chips.appendChild(gap);
+    }
     const li = document.createElement("li");
     li.className = d.doubtful ? "unsure" : "";
     li.innerHTML = `<b>${d.digit}</b>${percent(d.confidence)}`;
     li.setAttribute("aria-label", `${d.digit}, ${percent(d.confidence)} sure`);
     chips.appendChild(li);
-  }
+  });
   drawBoxes(answer.digits);
 }
 
