@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from digitrec import feedback
 from digitrec.data import parse_idx
 from digitrec.errors import DigitrecError
 from digitrec.feedback import FeedbackStore, export_idx, export_png
@@ -462,3 +463,18 @@ def test_a_limit_past_what_sqlite_can_count_stores_corrections(tmp_path, max_mb)
     store = FeedbackStore(tmp_path / "feedback.sqlite", max_mb=max_mb)
     assert store.add(label=3, image=b"png", input28=np.zeros((28, 28), np.uint8)) == 1
     assert store.count() == 1
+
+
+def test_counting_corrections_reads_an_index_not_the_images_even_in_an_older_database(tmp_path):
+    """Each correction's answer counts the corrections, and COUNT(*) read every stored row's pages (images
+    included): 30-40 ms a correction at 20,000 stored. A database made before the index gains it on opening."""
+    path = tmp_path / "older.sqlite"
+    with closing(sqlite3.connect(path)) as con:  # the schema as it was, without the index
+        con.executescript(feedback.SCHEMA.split("-- COUNT(*)")[0])
+    store = FeedbackStore(path)
+    add(store, 3)
+    assert store.count() == 1 and store.counts_by_label()[3] == 1
+    with closing(sqlite3.connect(path)) as con:
+        for query in ("SELECT COUNT(*) FROM feedback", "SELECT label, COUNT(*) FROM feedback GROUP BY label"):
+            plan = " ".join(row[-1] for row in con.execute("EXPLAIN QUERY PLAN " + query))
+            assert "COVERING INDEX feedback_label" in plan, plan

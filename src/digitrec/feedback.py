@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS feedback (
     image         BLOB    NOT NULL,                          -- the bytes the user sent (PNG, JPEG, ...)
     input28       BLOB    NOT NULL CHECK (length(input28) = 784)  -- the 28x28 uint8 image the model saw
 );
+-- COUNT(*) and the counts by label read this small index instead of every row's images: 30-40 ms a correction
+-- at 20,000 stored (each answer says how many there are), 0.2-1 ms with it. Added to older databases on opening.
+CREATE INDEX IF NOT EXISTS feedback_label ON feedback (label);
 """
 
 
