@@ -42,12 +42,14 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def atomic_write_files(files: dict[Path, bytes]) -> None:
+def atomic_write_files(files: dict[Path, bytes], durable: bool = True) -> None:
     """Write each file to a temporary sibling and fsync it, then rename them over their paths one after another.
 
     A crash leaves every path with its old or its new content, never a mix; and since all the slow work
     happens before the first rename, files that describe each other (a checkpoint and its checksum) can
-    only disagree if the process dies in the microseconds between two renames.
+    only disagree if the process dies in the microseconds between two renames. The rename also replaces a
+    symbolic link left at a path instead of writing through it. `durable=False` skips the fsyncs, for files
+    cheap to write again (an export of many small files, where an fsync each would be slow).
     """
     temporaries: list[tuple[str, Path]] = []
     try:
@@ -58,15 +60,16 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
             os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the mode open() would
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
         for tmp, path in temporaries:
             os.replace(tmp, path)
     except BaseException:
         for tmp, _ in temporaries:
             Path(tmp).unlink(missing_ok=True)
         raise
-    for folder in {path.parent for path in files}:
+    for folder in {path.parent for path in files} if durable else ():
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -279,15 +277,19 @@ def export_png(store: FeedbackStore, out_dir: str | Path, originals: bool = Fals
     bytes the user sent as OUT/originals/<id>.<ext>. Returns how many corrections were written."""
     from PIL import Image
 
+    from .checkpoint import atomic_write_files
+
     out_dir = Path(out_dir)
     written = 0
     for item in store.corrections():
         png = io.BytesIO()
         Image.fromarray(item.input28).save(png, format="PNG")
-        _write_replacing(_own_folder(out_dir, str(item.label)) / f"{item.id}.png", png.getvalue())
+        # Each file through a temporary sibling renamed over it: plain writes followed a link someone left at its
+        # path and overwrote the file it points to. No fsync: an export is cheap to re-run, and one per file is slow.
+        files = {_own_folder(out_dir, str(item.label)) / f"{item.id}.png": png.getvalue()}
         if originals:
-            name = f"{item.id}.{_extension(item.image)}"
-            _write_replacing(_own_folder(out_dir, "originals") / name, item.image)
+            files[_own_folder(out_dir, "originals") / f"{item.id}.{_extension(item.image)}"] = item.image
+        atomic_write_files(files, durable=False)
         written += 1
     return written
 
@@ -302,24 +304,6 @@ def _own_folder(out_dir: Path, name: str) -> Path:
         )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def _write_replacing(path: Path, data: bytes) -> None:
-    """Write `path` through a temporary sibling renamed over it. Plain writes followed a link someone left at
-    `path` and overwrote the file it points to; a rename replaces the link itself. (No fsync: an export is
-    cheap to re-run, and an fsync per file would be slow.)"""
-    from .checkpoint import _UMASK
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the mode open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _extension(data: bytes) -> str:
