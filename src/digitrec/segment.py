@@ -189,21 +189,22 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
         xs = np.array([(b.x0 + b.x1) / 2 for b in parts])
         return np.array([b.y0 for b in parts]) - slope * xs, np.array([b.y1 for b in parts]) - slope * xs
 
+    margin = LINE_GAP * line_height
+
+    def clear_of(spans: list[tuple[float, float]], top: float, bottom: float) -> bool:
+        """Whether the (level) rows top..bottom stand more than `margin` away from each span of rows."""
+        return all(top - hi > margin or lo - bottom > margin for lo, hi in spans)
+
     tops, bottoms = level_rows(tall)
-    indices = _row_groups(tops, bottoms, LINE_GAP * line_height)
+    indices = _row_groups(tops, bottoms, margin)
     groups = [[tall[k] for k in g] for g in indices]
     covered = [(tops[g].min(), bottoms[g].max()) for g in indices]
-    margin = LINE_GAP * line_height
     # A number written at half the others' height joined the nearest line as "short parts" and both read as a
     # jumble: its digits, clear of every line's rows, are a line (or lines) of their own.
     small = [b for b in blobs if SMALL_LINE * line_height <= b.height < SMALL_PART * line_height]
     if small:
         small_tops, small_bottoms = level_rows(small)
-        apart = [
-            k
-            for k in range(len(small))
-            if all(small_tops[k] - hi > margin or lo - small_bottoms[k] > margin for lo, hi in covered)
-        ]
+        apart = [k for k in range(len(small)) if clear_of(covered, small_tops[k], small_bottoms[k])]
         if apart:
             for g in _row_groups(small_tops[apart], small_bottoms[apart], margin):
                 groups.append([small[apart[k]] for k in g])
@@ -215,8 +216,7 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
     rows = [(float(t.min()), float(u.max())) for t, u in map(level_rows, groups)]  # each line's, level
     for b in blobs:
         (top,), (bottom,) = level_rows([b])
-        clear = all(top - hi > margin or lo - bottom > margin for lo, hi in rows)
-        if clear and b.height < SMALL_LINE * line_height:
+        if clear_of(rows, top, bottom) and b.height < SMALL_LINE * line_height:
             # in no line's rows (an underline, a dash between lines, a slip of the pen): joined to the nearest
             # line, it was merged with the digit over or under it ("37" underlined read "32")
             continue
