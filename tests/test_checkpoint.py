@@ -11,7 +11,7 @@ import struct
 import pytest
 import torch
 
-from digitrec.checkpoint import load_model, load_tensors, save_model, save_tensors
+from digitrec.checkpoint import atomic_write_text, load_model, load_tensors, save_model, save_tensors
 from digitrec.errors import CheckpointError
 from digitrec.models import create_model
 
@@ -127,6 +127,17 @@ def test_written_files_get_the_usual_permissions(saved):
     path, _ = saved
     mask = os.umask(0)
     os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_files_get_the_usual_permissions_where_os_has_no_fchmod(tmp_path, monkeypatch):
+    """Python before 3.13 on Windows has no os.fchmod: the write must still work and give the usual mode."""
+    monkeypatch.delattr(os, "fchmod")
+    path = tmp_path / "a.txt"
+    atomic_write_text(path, "hello")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.read_text() == "hello"
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
 
 

@@ -42,6 +42,14 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _give_default_mode(fd: int, path: str) -> None:
+    """mkstemp makes 0600 files; give them the mode open() would. (os.fchmod came to Windows in Python 3.13.)"""
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, 0o666 & ~_UMASK)
+    else:
+        os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write_files(files: dict[Path, bytes], durable: bool = True) -> None:
     """Write each file to a temporary sibling and fsync it, then rename them over their paths one after another.
 
@@ -57,7 +65,7 @@ def atomic_write_files(files: dict[Path, bytes], durable: bool = True) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             temporaries.append((tmp, path))
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the mode open() would
+            _give_default_mode(fd, tmp)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 if durable:
