@@ -459,7 +459,8 @@ def test_resuming_a_finished_calibrated_run_keeps_its_checkpoint(tiny_mnist, tmp
 def test_a_new_run_over_a_finished_one_leaves_none_of_its_files(tiny_mnist, tmp_path):
     """With --no-report the old run's report, card, evaluation and export stayed, describing another model."""
     from digitrec.config import TrainConfig
-    from digitrec.training import RUN_OUTPUTS, train
+    from digitrec.runfolder import RUN_OUTPUTS
+    from digitrec.training import train
 
     config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
     train(config, tmp_path, data=tiny_mnist, **QUIET)
@@ -540,13 +541,13 @@ def test_a_checkpoint_with_patience_and_no_split_still_loads(tiny_mnist, tmp_pat
 def test_files_removed_while_a_rank_reads_them_count_as_no_run(tmp_path, monkeypatch):
     """Under torchrun rank 0 removes a finished run's files while other ranks look at them: that was a
     FileNotFoundError, which ended every rank."""
-    import digitrec.training as training
+    import digitrec.runfolder as runfolder
 
     def vanished(path):
         raise FileNotFoundError(2, "No such file or directory", str(path))
 
-    monkeypatch.setattr(training, "read_checkpoint", vanished)
-    training.refuse_unfinished_run(tmp_path, finetune=False)
+    monkeypatch.setattr(runfolder, "read_checkpoint", vanished)
+    runfolder.refuse_unfinished_run(tmp_path, finetune=False)
 
 
 def test_a_run_killed_before_its_last_history_write_resumes_to_the_whole_history(

@@ -36,7 +36,7 @@ def test_it_learns(tiny_run):
 
 def test_run_folder_is_complete(tiny_run):
     """Every file README lists, and nothing that RUN_OUTPUTS misses (a new run would leave it behind, stale)."""
-    from digitrec.training import RUN_OUTPUTS
+    from digitrec.runfolder import RUN_OUTPUTS
 
     names = {p.name for p in tiny_run.out_dir.iterdir()}
     assert names == set(RUN_OUTPUTS) - {"model.onnx", "model.int8.onnx"}  # those two are `export`'s

@@ -239,7 +239,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import default_out_dir, train
 
     if args.resume:
-        from .training import resume_checkpoint
+        from .runfolder import resume_checkpoint
 
         recipe, config, out = "resume", TrainConfig(), Path(args.resume)
         resume_checkpoint(out)  # before MNIST is looked for: nothing to resume is said first

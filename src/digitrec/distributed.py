@@ -245,18 +245,18 @@ def _check_before_launch(args: argparse.Namespace) -> str:
     as one sentence; returns the recipe's name. The data is found (or downloaded) once, before the workers."""
     from pathlib import Path
 
-    from . import training
+    from . import runfolder, training
     from .cli import training_config
     from .data import locate
     from .models import create_model
 
     if args.resume:
-        _, config, recipe, _ = training.read_resume(Path(args.resume))
+        _, config, recipe, _ = runfolder.read_resume(Path(args.resume))
         config = config.override(device=args.device)
     else:
         recipe, config = training_config(args)
         if args.out and not args.overwrite:
-            training.refuse_unfinished_run(Path(args.out), finetune=False)
+            runfolder.refuse_unfinished_run(Path(args.out), finetune=False)
     training.resolve_device(config.device)
     training.check_batch_size(config, create_model(config.arch), args.nproc)
     locate(args.data_dir, log=lambda message: print(message, file=sys.stderr))

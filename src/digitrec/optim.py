@@ -109,6 +109,10 @@ class AdamW:
             }
 
 
+# what training.make_optimizer returns: torch.optim's SGD or Adam, or the AdamW above
+Optimizer = torch.optim.Optimizer | AdamW
+
+
 class WeightAverage:
     """An exponential moving average of a model's weights and buffers (Polyak averaging), used in its place.
 

@@ -12,21 +12,17 @@ on any number of processes. DDP averages the gradients; only rank 0 logs, evalua
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import json
 import math
 import platform
-import random
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,8 +32,6 @@ from .augment import augment_batch
 from .checkpoint import (
     atomic_write_json,
     load_tensors,
-    read_checkpoint,
-    recover_interrupted_write,
     save_model,
     save_tensors,
 )
@@ -45,9 +39,20 @@ from .config import DRY_RUN_MAX_EPOCHS, TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError, need_extra
 from .models import count_parameters, create_model, log_mean_probabilities
-from .optim import AdamW, WeightAverage
-
-Optimizer = torch.optim.Optimizer | AdamW  # what make_optimizer returns: torch.optim's SGD/Adam or our AdamW
+from .optim import AdamW, Optimizer, WeightAverage
+from .runfolder import (
+    load_optimizer,
+    optimizer_tensors,
+    read_resume,
+    refuse_replacing_with_a_dry_run,
+    refuse_unfinished_run,
+    refusing_damage,
+    remove_run_outputs,
+    restore_rng,
+    rng_state,
+    run_is_finished,
+    section,
+)
 
 
 @dataclass
@@ -345,264 +350,6 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
     return loss, fraction_correct(logits.argmax(1), labels)
 
 
-def _optimizer_tensors(optimizer: Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state dict into tensors (for safetensors) and plain values (for JSON)."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value
-            else:
-                scalars[f"{index}.{key}"] = value
-    groups = [
-        {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]
-    ]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-@contextlib.contextmanager
-def _refusing_damage(path: Path, config: TrainConfig) -> Iterator[None]:
-    """Turn what a damaged or other-version checkpoint raises while it is loaded into one sentence."""
-    try:
-        yield
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError):
-        raise CheckpointError(
-            f"{path} does not fit a {config.arch} run (its weights, optimizer or generator states are "
-            "missing or of the wrong shape); it is damaged or from another version, so start a new run."
-        ) from None
-
-
-def _load_optimizer(
-    optimizer: Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any], trained: bool = True
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    for name, value in info["scalars"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    groups = [dict(g) for g in info["param_groups"]]
-    for g in groups:
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-    # after a step, Adam, AdamW and SGD with momentum hold state for every parameter: none is a lost state
-    stateful = not isinstance(optimizer, torch.optim.SGD) or any(g.get("momentum") for g in groups)
-    count = sum(len(g["params"]) for g in groups)
-    if trained and stateful and sorted(state) != list(range(count)):
-        raise ValueError(f"optimizer state for {len(state)} of {count} parameters")
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    # Checkpoints hold tensors contiguous, but a channels_last parameter's moments must share its layout: the
-    # fused and foreach optimizers walk a parameter and its state in storage order, element by element.
-    for parameter, values in optimizer.state.items():
-        for key, value in values.items():
-            if (
-                torch.is_tensor(value)
-                and value.shape == parameter.shape
-                and value.stride() != parameter.stride()
-            ):
-                values[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
-
-
-def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint whose names start with `prefix`, named without it (a state dict)."""
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The Python, NumPy, torch and CUDA generator states: arrays as tensors for safetensors, scalars for JSON.
-
-    Training reseeds what it uses at every step, so these only matter to code that draws random numbers
-    outside that seeding; saving them costs a few kilobytes. Under DDP they are rank 0's.
-    """
-    python_version, python_internal, python_gauss = random.getstate()
-    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = cast(
-        tuple[str, np.ndarray, int, int, float], np.random.get_state()
-    )
-    tensors = {
-        "rng.torch": torch.get_rng_state(),
-        "rng.python": torch.tensor(python_internal, dtype=torch.int64),
-        "rng.numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    return tensors, {
-        "python": [python_version, python_gauss],
-        "numpy": [numpy_pos, numpy_has_gauss, numpy_gauss],
-    }
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) -> None:
-    if not info or "rng.torch" not in tensors:  # a checkpoint from before they were saved
-        return
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors.get(f"rng.cuda.{i}") for i in range(torch.cuda.device_count())]
-    if cuda and all(state is not None for state in cuda):
-        torch.cuda.set_rng_state_all(cast(list[torch.Tensor], cuda))
-    python_version, python_gauss = info["python"]
-    random.setstate((python_version, tuple(tensors["rng.python"].tolist()), python_gauss))
-    np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), *info["numpy"]))
-
-
-def resume_checkpoint(out_dir: Path) -> Path:
-    """`out_dir`'s last.safetensors, or one sentence when there is none to resume from."""
-    last_path = out_dir / "last.safetensors"
-    if not last_path.exists():
-        raise CheckpointError(
-            f"{out_dir} has no last.safetensors to resume from; start a new run without --resume."
-        )
-    return last_path
-
-
-def read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, str, dict[str, Any]]:
-    """The tensors, config, recipe and state of `out_dir`'s last.safetensors, for `train(resume=True)`."""
-    last_path = resume_checkpoint(out_dir)
-    recover_interrupted_write(last_path)
-    tensors, meta = load_tensors(last_path)
-    try:
-        config, recipe, state = TrainConfig.from_dict(meta["config"]), meta["recipe"], meta["state"]
-        resumable = {"step", "history", "optimizer"} <= state.keys() and _valid_state(state)
-    except (KeyError, TypeError, AttributeError, DigitrecError):
-        resumable = False
-    if not resumable:
-        raise CheckpointError(
-            f"{last_path} is not a digitrec training checkpoint; start a new run without --resume."
-        )
-    if _is_finetune(meta):
-        extra = meta.get("extra")
-        source = (
-            f" of {extra['finetuned_from']}" if isinstance(extra, dict) and "finetuned_from" in extra else ""
-        )
-        raise CheckpointError(
-            f"{out_dir} holds a fine-tune{source}, which `digitrec train --resume` cannot continue (the "
-            f"checkpoint does not hold the corrections); run the same `digitrec finetune` again with --out {out_dir}."
-        )
-    return tensors, config, recipe, state
-
-
-# What a run folder holds once a run, its report, a calibration or an export wrote there (checkpoints with their
-# JSON side files). A new run in a finished run's folder removes them first, so that none of them describes the
-# old model; other files in the folder are the user's and stay.
-RUN_OUTPUTS = (
-    "model.safetensors",
-    "model.json",
-    "last.safetensors",
-    "last.json",
-    "history.json",
-    "metrics.json",
-    "evaluation.json",
-    "report.html",
-    "MODEL_CARD.md",
-    "curves.png",
-    "samples.png",
-    "confusion.png",
-    "mistakes.png",
-    "robustness.png",
-    "model.onnx",
-    "model.int8.onnx",
-)
-
-
-def remove_run_outputs(out_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        (out_dir / name).unlink(missing_ok=True)
-    # --tensorboard's event files: the old run's curves
-    shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
-
-
-def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
-    """A new run must not replace one that `--resume` could finish; replacing a finished one is fine (`make run`).
-
-    A fine-tune may replace an unfinished fine-tune: starting it over is how one is continued."""
-    recover_interrupted_write(out_dir / "last.safetensors")
-    try:
-        _, meta = read_checkpoint(out_dir / "last.safetensors")
-        config, state = TrainConfig.from_dict(meta["config"]), meta["state"]
-        step = state["step"]
-        finished = (
-            state["finished"]
-            if "finished" in state  # older checkpoints: a run that finished wrote metrics.json at its end
-            else _finished(state, config) or (out_dir / "metrics.json").exists()
-        )
-    except (CheckpointError, KeyError, TypeError, AttributeError, DigitrecError, FileNotFoundError):
-        # no checkpoint, or one no --resume could continue from (or gone while read: under torchrun, rank 0
-        # removes a finished run's files as the other ranks look)
-        return
-    if finished:
-        return
-    if _is_finetune(meta):
-        if finetune:
-            return
-        raise CheckpointError(
-            f"{out_dir} holds an unfinished fine-tune; run its `digitrec finetune` again, or choose another --out."
-        )
-    raise CheckpointError(
-        f"{out_dir} holds an unfinished run (stopped at step {step}); continue it with `digitrec train --resume "
-        f"{out_dir}`, start it over with --overwrite, or choose another --out."
-    )
-
-
-def refuse_replacing_with_a_dry_run(out_dir: Path) -> None:
-    """A dry run is a check that the pipeline runs: it must not replace a trained model (a finished run's, or one
-    `ensemble --out` or `calibrate --out` wrote into the folder) unless `overwrite`."""
-    if not (out_dir / "model.safetensors").exists():
-        return
-    try:
-        _, meta = read_checkpoint(out_dir / "model.safetensors")
-    except CheckpointError:
-        return  # a damaged file is no trained model to keep
-    metrics = meta.get("metrics")
-    if not (isinstance(metrics, dict) and metrics.get("dry_run") is True) and not meta.get("partial"):
-        raise DigitrecError(
-            f"{out_dir} holds a trained model, which a --dry-run would replace; choose another --out, or pass "
-            "--overwrite to replace it."
-        )
-
-
-def _is_finetune(meta: dict[str, Any]) -> bool:
-    extra = meta.get("extra")
-    return (isinstance(extra, dict) and "finetuned_from" in extra) or str(meta.get("recipe")).endswith(
-        ("+feedback", "+finetune")
-    )
-
-
-def _valid_state(state: dict[str, Any]) -> bool:
-    """Does a checkpoint's state have the shape this version writes? (Its metadata may come from anyone.)"""
-
-    def whole(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    so_far = state.get("epoch_so_far", [0.0, 0, 0])
-    return (
-        whole(state["step"])
-        and isinstance(state["history"], list)
-        and all(isinstance(row, dict) for row in state["history"])
-        and isinstance(state["optimizer"], dict)
-        and isinstance(state["optimizer"].get("scalars"), dict)
-        and isinstance(state["optimizer"].get("param_groups"), list)
-        and number(state.get("best_val_accuracy", -1.0))
-        and number(state.get("train_seconds", 0.0))
-        and whole(state.get("bad_epochs", 0))
-        and isinstance(so_far, list)
-        and len(so_far) == 3
-        and all(number(v) for v in so_far)
-        and isinstance(state.get("rng") or {}, dict)
-    )
-
-
-def _finished(state: dict[str, Any], config: TrainConfig) -> bool:
-    """Did the run whose state this is end (all its steps, early stopping, or on_epoch's word)?
-
-    Checkpoints from before `finished` was saved tell early stopping by the counter it left."""
-    patience = config.early_stopping_patience
-    return bool(state.get("finished")) or bool(patience and state.get("bad_epochs", 0) >= patience)
-
-
 def versions() -> dict[str, str]:
     return {"digitrec": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
@@ -710,7 +457,7 @@ def train(
         log, progress, tensorboard = _quiet, False, False
     if not resume and main:  # a finished run replaced (or any run, with overwrite): its files go with it
         remove_run_outputs(out_dir)
-    evaluate_only = resume and _finished(state, config)
+    evaluate_only = resume and run_is_finished(state, config)
     if evaluate_only:
         log(f"{out_dir} holds a finished {recipe} run: evaluating it again, without training")
     elif resume:
@@ -740,15 +487,15 @@ def train(
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks memory_format
     optimizer = make_optimizer(model, config)
     if resume:
-        with _refusing_damage(out_dir / "last.safetensors", config):
-            model.load_state_dict(_section(resume_tensors, "model."))
-            _load_optimizer(optimizer, resume_tensors, state["optimizer"], trained=state["step"] > 0)
-            _restore_rng(resume_tensors, state.get("rng"))
+        with refusing_damage(out_dir / "last.safetensors", config):
+            model.load_state_dict(section(resume_tensors, "model."))
+            load_optimizer(optimizer, resume_tensors, state["optimizer"], trained=state["step"] > 0)
+            restore_rng(resume_tensors, state.get("rng"))
     # With ema_decay, a moving average of the weights is what gets validated, saved and tested.
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     if average is not None and resume:
-        with _refusing_damage(out_dir / "last.safetensors", config):
-            average.model.load_state_dict(_section(resume_tensors, "average."))
+        with refusing_damage(out_dir / "last.safetensors", config):
+            average.model.load_state_dict(section(resume_tensors, "average."))
     scored_model = average.model if average is not None else model
     forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
     train_model = distributed.wrap(forward_model, device)  # forward_model itself in a single process
@@ -788,8 +535,8 @@ def train(
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         if average is not None:
             tensors |= {f"average.{k}": v for k, v in average.model.state_dict().items()}
-        optimizer_tensors, optimizer_info = _optimizer_tensors(optimizer)
-        rng_tensors, rng_info = _rng_state()
+        optimizer_arrays, optimizer_info = optimizer_tensors(optimizer)
+        rng_arrays, rng_info = rng_state()
         position = {
             "step": step,
             "epoch_so_far": epoch_so_far or [0.0, 0, 0],
@@ -798,7 +545,7 @@ def train(
         }
         save_tensors(
             last_path,
-            tensors | optimizer_tensors | rng_tensors,
+            tensors | optimizer_arrays | rng_arrays,
             {"recipe": recipe, "config": config.to_dict(), "state": state | position}
             | ({"extra": extra_metadata} if extra_metadata else {}),
         )
@@ -824,7 +571,7 @@ def train(
     step = state["step"]
     # the sums of an epoch interrupted after a mid-epoch checkpoint; they are global sums, so rank 0 carries them
     epoch_so_far = tuple(state.get("epoch_so_far", (0.0, 0, 0))) if main else (0.0, 0, 0)
-    while step < total_steps and not _finished(state, config):
+    while step < total_steps and not run_is_finished(state, config):
         epoch = step // steps_per_epoch
         end = min(total_steps, (epoch + 1) * steps_per_epoch)
         steps = range(step, end)
