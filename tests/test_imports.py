@@ -54,3 +54,22 @@ def test_help_imports_nothing_heavy():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_servers_image_workers_import_no_web_framework(tmp_path: Path):
+    """Each `serve` worker process imports the module of what it runs: that was server.py, which brought FastAPI
+    and pydantic into every worker (30 MB and 0.3 s of start-up each) for code that needs none of them."""
+    image = np.full((60, 40), 255, np.uint8)
+    image[10:50, 18:23] = 0  # a "1"
+    Image.fromarray(image).save(tmp_path / "one.png")
+    code = (
+        "import os, sys\n"
+        "from digitrec.imageworkers import _start_worker, to_model_inputs\n"
+        "_start_worker(os.getppid())\n"  # what each worker runs as it starts, then an upload as a worker reads it
+        f"[out] = to_model_inputs([open({str(tmp_path / 'one.png')!r}, 'rb').read()])\n"
+        "assert out.shape == (28, 28), out\n"
+        "print([m for m in ('fastapi', 'pydantic', 'starlette', 'uvicorn', 'torch') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

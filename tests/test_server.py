@@ -26,7 +26,8 @@ from serverkit import FakePredictor, digit_png, keep_grad_mode, live_server  # n
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from digitrec.server import IMAGE_HINT, MAX_PIXELS, create_app  # noqa: E402
+from digitrec.imageworkers import IMAGE_HINT, MAX_PIXELS  # noqa: E402
+from digitrec.server import create_app  # noqa: E402
 
 
 @pytest.fixture
@@ -1291,9 +1292,7 @@ def test_an_image_worker_whose_server_died_while_it_started_ends_by_itself():
     watched it forever; `serve`'s SIGKILL test timed out under a loaded test run."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that is nobody's parent now, as a killed server's is
-    code = (
-        f"from digitrec.server import _start_worker; _start_worker({gone.pid}); import time; time.sleep(60)"
-    )
+    code = f"from digitrec.imageworkers import _start_worker; _start_worker({gone.pid}); import time; time.sleep(60)"
     worker = subprocess.run([sys.executable, "-c", code], timeout=30, capture_output=True, text=True)
     assert worker.returncode == 0, worker.stderr
 

@@ -5,18 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
 import errno
 import gc
-import io
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,8 +27,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import CheckpointError, DigitrecError, FeedbackFullError, ImageError, ImageTooLargeError
+from .errors import CheckpointError, DigitrecError, FeedbackFullError, ImageTooLargeError
 from .feedback import DEFAULT_MAX_MB, FeedbackStore
+from .imageworkers import IMAGE_HINT, ImageWorkers, checked_upload, freeze_heap, to_model_input
 
 if TYPE_CHECKING:
     import uvicorn
@@ -40,9 +38,7 @@ if TYPE_CHECKING:
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 5 * 1024 * 1024
-MAX_PIXELS = 40_000_000
 MAX_BATCH = 64
-IMAGE_HINT = 'send the image as the multipart field "file", or as JSON {"image": "<base64 PNG or JPEG>"}'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,36 +297,6 @@ def decode_base64(text: str) -> bytes:
 _URL_SAFE = str.maketrans("-_", "+/")
 
 
-def checked_upload(data: bytes) -> bytes:
-    """The uploaded bytes, once they are known not to be empty or over 40 megapixels.
-
-    The pixel count comes from the header alone, so a huge image is refused before it is decoded; preprocess()
-    and read() then decode the bytes as the CLI decodes a file (a phone photo's JPEG at a reduced scale, its
-    luma only: 7 ms instead of 60 ms for 12 megapixels).
-    """
-    from PIL import Image
-
-    from .preprocess import IMAGE_FORMATS
-
-    if not data:
-        raise ImageError("the image is empty; " + IMAGE_HINT + ".")
-    try:
-        width, height = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).size
-    except Image.DecompressionBombError:  # Pillow refuses to even open it (over about 179 megapixels)
-        raise ImageTooLargeError(
-            f"the image has far more than the {MAX_PIXELS // 1_000_000} megapixels we accept; scale it down and "
-            "send it again."
-        ) from None
-    except Exception:  # noqa: BLE001 - not an image we read: preprocess() says so in its own words
-        width = height = 0
-    if width * height > MAX_PIXELS:
-        raise ImageTooLargeError(
-            f"the image is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than the "
-            f"{MAX_PIXELS // 1_000_000} megapixels we accept; scale it down and send it again."
-        )
-    return data
-
-
 def _prediction_dict(prediction: Prediction) -> dict[str, Any]:
     """A Prediction as the API's JSON (plain numbers, top as objects; `predict --json` is Prediction.to_dict)."""
     return {
@@ -582,189 +548,6 @@ async def server_busy(scope: dict, receive: Callable, send: Callable) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The app
-
-
-def to_model_input(data: bytes) -> np.ndarray:
-    """Uploaded bytes -> the 28x28 float32 image the model sees (module level, so worker processes can run it)."""
-    from .preprocess import preprocess
-
-    return np.asarray(preprocess(checked_upload(data)), dtype=np.float32).reshape(28, 28)
-
-
-def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
-    """Several uploads -> each one's 28x28 input, or the error it raised (one bad image spoils no other)."""
-    out: list[np.ndarray | Exception] = []
-    for data in uploads:
-        try:
-            out.append(to_model_input(data))
-        except Exception as exc:  # noqa: BLE001 - handed back to that upload's request, which answers 4xx/5xx
-            out.append(exc)
-    return out
-
-
-def _start_worker(server_pid: int) -> None:
-    """Run once in each worker process as it starts, so the first request does not pay for the imports."""
-    # Ctrl-C in a terminal signals the whole process group, workers included: each printed a KeyboardInterrupt
-    # traceback and died, and the server rebuilt its pool while it shut down. Stopping is the server's to do:
-    # it ends the workers once the requests in flight are answered (ImageWorkers.shutdown). (Blocked from the
-    # worker's start by ImageWorkers._in_pool; ignored from here on, whatever unblocks it.)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from . import preprocess  # noqa: F401
-
-    _exit_with_parent(server_pid)
-    freeze_heap()
-
-
-def _exit_with_parent(server_pid: int, poll_s: float = 1.0) -> None:
-    """End this worker within `poll_s` seconds of the server's end, however that came.
-
-    A server killed with SIGKILL (or by the out-of-memory killer) cannot stop its workers, and they wait for
-    work forever: each kept its 80 MB, and the resource tracker beside them, until the machine restarted.
-    The server's pid comes from the server: a worker still importing when the server died would otherwise
-    take its new parent for the server and watch it forever.
-    """
-    import threading
-
-    def watch() -> None:
-        # an orphan is handed to init (or a subreaper): its parent id changes
-        while os.getppid() == server_pid:
-            time.sleep(poll_s)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="digitrec-parent-watch", daemon=True).start()
-
-
-def _worker_pid() -> int:
-    return os.getpid()
-
-
-def freeze_heap() -> None:
-    """Move every object alive now (modules, the model, the app) out of the garbage collector's reach.
-
-    A full collection walks every tracked object: in the server process, with torch, FastAPI and ONNX Runtime
-    loaded, that is about 200,000 objects and 110 ms with the event loop stopped (measured here), which every
-    request in flight then waits for. Objects created at start-up live as long as the process, so scanning them
-    finds nothing (the `gc.freeze()` recipe of the Python docs); what requests allocate is still collected.
-    Steady load seldom triggers a full collection (none in 20,000 load-benchmark requests), so this removes a
-    rare 110 ms stall rather than raising throughput. `serve()` and each image worker call it, `create_app()`
-    does not: a test process keeps collecting its garbage.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-class ImageWorkers:
-    """Decoding and preprocessing in worker processes, several uploads per task when requests queue up.
-
-    Like the Batcher there is no timer: while a worker is free an upload goes to it at once, alone; under load
-    the uploads that queued up meanwhile go together, so the inter-process round trip (pickling, the pool's
-    manager and feeder threads, waking the event loop) is paid once per chunk instead of once per request.
-
-    A worker that dies (killed, out of memory) breaks a ProcessPoolExecutor for good: every later submit
-    raises BrokenProcessPool. The pool is then rebuilt and the chunk sent again, once.
-    """
-
-    def __init__(self, processes: int, max_chunk: int = 8):
-        import multiprocessing
-
-        self.processes = processes
-        self.max_chunk = max_chunk
-        self.max_in_flight = (
-            processes + 1
-        )  # one chunk queued behind the busy workers: no idle gap between chunks
-        # spawn, not fork: forking a process that holds torch's and uvicorn's threads can deadlock the child.
-        self.context = multiprocessing.get_context("spawn")
-        self.pool = self._new_pool()
-        self.pending: collections.deque[tuple[bytes, asyncio.Future]] = collections.deque()
-        self.in_flight = 0
-        self.tasks: set[asyncio.Task] = set()  # held so the event loop cannot garbage-collect a running chunk
-        self.chunks = 0
-        self.rebuilds = 0
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            self.processes, mp_context=self.context, initializer=_start_worker, initargs=(os.getpid(),)
-        )
-
-    async def start(self) -> None:
-        """Start the workers now (spawn imports NumPy, Pillow and SciPy), not on the first user's request."""
-        await asyncio.gather(*(self._in_pool(self.pool, _worker_pid) for _ in range(self.processes)))
-
-    def shutdown(self) -> None:
-        """Stop the workers before the server process ends (each finishes at most the chunk it holds).
-
-        uvicorn re-raises the SIGTERM or SIGINT it caught once the app has shut down, so the process dies by the
-        signal and the interpreter's exit hooks, which would end the pool's workers, never run: without waiting
-        here every stopped server left its workers running.
-        """
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    async def __call__(self, data: bytes) -> np.ndarray:
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((data, future))
-        self._dispatch()
-        return await future
-
-    def _dispatch(self) -> None:
-        while self.pending and self.in_flight < self.max_in_flight:
-            free = self.max_in_flight - self.in_flight
-            size = min(self.max_chunk, -(-len(self.pending) // free))
-            chunk = [self.pending.popleft() for _ in range(size)]
-            self.in_flight += 1
-            self.chunks += 1
-            task = asyncio.ensure_future(self._run(chunk))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def _run(self, chunk: list[tuple[bytes, asyncio.Future]]) -> None:
-        try:
-            try:
-                results: list[Any] = await self._submit([data for data, _ in chunk])
-            except Exception as exc:  # noqa: BLE001 - the pool is gone for good: every request in the chunk says so
-                results = [exc] * len(chunk)
-            for (_, future), result in zip(chunk, results, strict=True):
-                if future.done():  # the client went away
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-        finally:
-            self.in_flight -= 1
-            self._dispatch()
-
-    async def _submit(self, uploads: list[bytes]) -> list[Any]:
-        pool = self.pool
-        try:
-            return await self._in_pool(pool, to_model_inputs, uploads)
-        except BrokenProcessPool:
-            self._rebuild(pool)
-        return await self._in_pool(self.pool, to_model_inputs, uploads)  # once; a second break is a 503
-
-    @staticmethod
-    def _in_pool(pool: ProcessPoolExecutor, function: Callable, *args: Any) -> asyncio.Future:
-        """Run `function` in `pool`; a worker the pool starts for it begins deaf to Ctrl-C.
-
-        Ctrl-C in a terminal signals the whole process group. A worker still importing when it came (start() can
-        return while one is: the other ran both its tasks) printed a KeyboardInterrupt traceback, since it had
-        not yet reached _start_worker. The pool starts its processes inside submit(), here, and a blocked signal
-        stays blocked in a child, through exec too; in this process a Ctrl-C blocked meanwhile comes right after.
-        """
-        submit = asyncio.get_running_loop().run_in_executor
-        if not hasattr(signal, "pthread_sigmask"):  # Windows: no process groups for Ctrl-C to reach
-            return submit(pool, function, *args)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            return submit(pool, function, *args)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-    def _rebuild(self, broken: ProcessPoolExecutor) -> None:
-        if self.pool is broken:  # the first chunk to notice rebuilds; the others in flight reuse the new pool
-            logging.getLogger("digitrec.server").warning("a preprocessing worker died; starting a new pool")
-            self.rebuilds += 1
-            broken.shutdown(wait=False, cancel_futures=True)
-            self.pool = self._new_pool()
 
 
 def create_app(
