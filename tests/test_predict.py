@@ -500,3 +500,36 @@ def test_a_digit_box_is_plain_json_whatever_numpy_types_it_holds():
         "lines": ["5", "3"],
         "digits": [{"digit": 3, "confidence": 0.875, "box": [1, 2, 3, 4], "doubtful": True, "line": 1}],
     }
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy", "onnx"])
+def test_a_portable_predictor_travels_to_another_process_and_answers_the_same(
+    backend: str, tiny_fast_run: Path, tiny_mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the server's reading workers get: a pickle with no torch module in it (an ONNX Runtime session goes
+    as its file and is opened again), the same calibration and threshold, the same answers."""
+    import pickle
+
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+        monkeypatch.setenv("DIGITREC_CACHE", str(tmp_path / "cache"))
+    predictor = Predictor.load(tiny_fast_run, reject_below=0.3, backend=backend)
+    portable = predictor.portable()
+    assert portable is not None and portable.model is None
+    moved = pickle.loads(pickle.dumps(portable))
+    assert type(moved.backend).__name__ == {"torch": "NumpyBackend"}.get(
+        backend, type(predictor.backend).__name__
+    )
+    assert (moved.reject_below, moved.temperature, moved.model_id) == (
+        0.3,
+        predictor.temperature,
+        predictor.model_id,
+    )
+    batch = tiny_mnist.test_images[:40].numpy()[:, None] / np.float32(255)
+    assert np.abs(moved.probabilities(batch) - predictor.probabilities(batch)).max() <= 1e-4
+
+
+def test_a_predictor_nothing_but_torch_runs_has_no_portable_form(tmp_path: Path) -> None:
+    path = tmp_path / "lenet.safetensors"
+    save_model(path, create_model("lenet"), {"recipe": "seed-lenet", "config": {"arch": "lenet"}})
+    assert Predictor.load(path).portable() is None

@@ -221,24 +221,48 @@ def test_read_returns_the_number_and_a_box_per_digit(client):
     }
 
 
+def two_numbers(rng: np.random.Generator, *numbers: list[int]) -> np.ndarray:
+    """Ink in [0, 1]: pen-drawn numbers one under another."""
+    from digitrec.realworld import crop_ink, draw_digit, number_line
+
+    lines = [number_line([crop_ink(draw_digit(d, rng, 80)) for d in ds], rng)[0] for ds in numbers]
+    width = max(line.shape[1] for line in lines)
+    return np.concatenate([np.pad(line, ((0, 30), (0, width - line.shape[1]))) for line in lines])
+
+
 def test_read_gives_each_line_of_a_photo_of_two_numbers(tmp_path, db_path):
     """A photo of two numbers one under another read as one jumble of both (the web page and the API alike)."""
     from digitrec.predict import Predictor
-    from digitrec.realworld import crop_ink, draw_digit, number_line
 
     rng = np.random.default_rng(5)
-
-    lines = [
-        number_line([crop_ink(draw_digit(d, rng, 80)) for d in ds], rng)[0] for ds in ([3, 1, 4], [2, 7])
-    ]
-    width = max(line.shape[1] for line in lines)
-    page = np.concatenate([np.pad(line, ((0, 30), (0, width - line.shape[1]))) for line in lines])
+    page = two_numbers(rng, [3, 1, 4], [2, 7])
     buffer = io.BytesIO()
     Image.fromarray((255 * (0.9 - 0.8 * np.pad(page, 40))).astype(np.uint8)).save(buffer, "PNG")
     with TestClient(create_app(Predictor.pretrained(backend="numpy"), feedback_db=db_path)) as client:
         body = client.post("/api/read", files=upload(buffer.getvalue())).json()
     assert body["number"] == "314\n27" and body["lines"] == ["314", "27"]
     assert [d["line"] for d in body["digits"]] == [0, 0, 0, 1, 1]
+
+
+def test_numbers_are_read_in_worker_processes_with_the_answers_read_in_process(db_path):
+    """/api/read ran in the server's process on threads, which share one core for its mostly-Python work; with
+    worker processes it reads there, through the same model without torch (Predictor.portable)."""
+    from digitrec.predict import Predictor
+
+    rng = np.random.default_rng(5)
+    page = (255 * (0.9 - 0.8 * np.pad(two_numbers(rng, [3, 1, 4], [2, 7]), 40))).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(page).save(buffer, "PNG")
+    predictor = Predictor.pretrained(backend="torch")  # a PyTorch model: its workers read on NumPy
+    expected = predictor.read(page).to_dict()
+    with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as client:
+        body = client.post("/api/read", files=upload(buffer.getvalue())).json()
+        junk = client.post("/api/read", files=upload(b"junk"))
+        reading = client.get("/api/stats").json()["reading"]
+    assert body["number"] == "314\n27"
+    assert body == json.loads(json.dumps(expected))
+    assert reading == {"processes": 1, "chunks": 2, "pool_rebuilds": 0}
+    assert junk.status_code == 400 and "image" in junk.json()["detail"]
 
 
 def test_feedback_is_stored_in_sqlite_with_image_label_time_and_model(client, db_path):

@@ -82,7 +82,7 @@ class OnnxBackend:
     """
 
     def __init__(self, path: str | Path, threads: int = 1, spin: bool = False):
-        self.path = Path(path)
+        self.path, self.threads, self.spin = Path(path), threads, spin
         # One thread, not spinning: the Predictor's batches are small and preprocessing dominates, and a server
         # makes one model call at a time beside request workers that need the other cores.
         self.session = onnx_session(self.path, threads=threads, spin=spin)
@@ -103,6 +103,13 @@ class OnnxBackend:
             self.session.get_outputs()[0].name, "cpu", 0, np.float32, [1, classes], logits.ctypes.data
         )
         return binding, pixels, logits, threading.Lock()  # the buffers are shared: one call at a time
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled as its file and settings (a session does not pickle): another process opens the file again."""
+        return {"path": self.path, "threads": self.threads, "spin": self.spin}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        OnnxBackend.__init__(self, state["path"], state["threads"], state["spin"])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(batch, dtype=np.float32).reshape(-1, 1, 28, 28)

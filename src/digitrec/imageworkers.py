@@ -66,19 +66,40 @@ def to_model_input(data: bytes) -> np.ndarray:
     return np.asarray(preprocess(checked_upload(data)), dtype=np.float32).reshape(28, 28)
 
 
-def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
-    """Several uploads -> each one's 28x28 input, or the error it raised (one bad image spoils no other)."""
-    out: list[np.ndarray | Exception] = []
+def each(work: Callable[[bytes], Any], uploads: list[bytes]) -> list[Any]:
+    """`work` on several uploads: each one's result, or the error it raised (one bad image spoils no other)."""
+    out: list[Any] = []
     for data in uploads:
         try:
-            out.append(to_model_input(data))
+            out.append(work(data))
         except Exception as exc:  # noqa: BLE001 - handed back to that upload's request, which answers 4xx/5xx
             out.append(exc)
     return out
 
 
-def _start_worker(server_pid: int) -> None:
-    """Run once in each worker process as it starts, so the first request does not pay for the imports."""
+def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
+    """Several uploads -> each one's 28x28 input, or the error it raised."""
+    return each(to_model_input, uploads)
+
+
+# The Predictor (NumPy backend) a reading worker reads numbers with: its pool hands it over as the worker starts.
+_reader: Any = None
+
+
+def read_number(data: bytes) -> Any:
+    """Uploaded bytes -> the ReadResult of /api/read, read in this worker by its Predictor."""
+    return _reader.read(checked_upload(data))
+
+
+def read_numbers(uploads: list[bytes]) -> list[Any]:
+    """Several uploads -> each one's ReadResult, or the error it raised."""
+    return each(read_number, uploads)
+
+
+def _start_worker(server_pid: int, reader: Any = None) -> None:
+    """Run once in each worker process as it starts, so the first request does not pay for the imports (nor, in
+    a reading worker, for loading the pair classifier)."""
+    global _reader
     # Ctrl-C in a terminal signals the whole process group, workers included: each printed a KeyboardInterrupt
     # traceback and died, and the server rebuilt its pool while it shut down. Stopping is the server's to do:
     # it ends the workers once the requests in flight are answered (ImageWorkers.shutdown). (Blocked from the
@@ -86,6 +107,13 @@ def _start_worker(server_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from . import preprocess  # noqa: F401
 
+    if reader is not None:
+        from .pairs import load_pair_scorer
+        from .segment import segment  # noqa: F401
+
+        _reader = reader
+        if reader.read_pairs:
+            load_pair_scorer()
     _exit_with_parent(server_pid)
     freeze_heap()
 
@@ -137,13 +165,23 @@ class ImageWorkers:
 
     A worker that dies (killed, out of memory) breaks a ProcessPoolExecutor for good: every later submit
     raises BrokenProcessPool. The pool is then rebuilt and the chunk sent again, once.
+
+    `work` is what the workers do with a chunk of uploads: preprocess them (to_model_inputs), or, given a
+    `reader` (a picklable Predictor), read the numbers in them (read_numbers).
     """
 
-    def __init__(self, processes: int, max_chunk: int = 8):
+    def __init__(
+        self,
+        processes: int,
+        max_chunk: int = 8,
+        work: Callable[[list[bytes]], list[Any]] = to_model_inputs,
+        reader: Any = None,
+    ):
         import multiprocessing
 
         self.processes = processes
         self.max_chunk = max_chunk
+        self.work, self.reader = work, reader
         self.max_in_flight = (
             processes + 1
         )  # one chunk queued behind the busy workers: no idle gap between chunks
@@ -158,7 +196,10 @@ class ImageWorkers:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            self.processes, mp_context=self.context, initializer=_start_worker, initargs=(os.getpid(),)
+            self.processes,
+            mp_context=self.context,
+            initializer=_start_worker,
+            initargs=(os.getpid(), self.reader),
         )
 
     async def start(self) -> None:
@@ -174,7 +215,7 @@ class ImageWorkers:
         """
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    async def __call__(self, data: bytes) -> np.ndarray:
+    async def __call__(self, data: bytes) -> Any:
         future = asyncio.get_running_loop().create_future()
         self.pending.append((data, future))
         self._dispatch()
@@ -211,10 +252,10 @@ class ImageWorkers:
     async def _submit(self, uploads: list[bytes]) -> list[Any]:
         pool = self.pool
         try:
-            return await self._in_pool(pool, to_model_inputs, uploads)
+            return await self._in_pool(pool, self.work, uploads)
         except BrokenProcessPool:
             self._rebuild(pool)
-        return await self._in_pool(self.pool, to_model_inputs, uploads)  # once; a second break is a 503
+        return await self._in_pool(self.pool, self.work, uploads)  # once; a second break is a 503
 
     @staticmethod
     def _in_pool(pool: ProcessPoolExecutor, function: Callable, *args: Any) -> asyncio.Future:

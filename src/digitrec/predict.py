@@ -172,6 +172,7 @@ class Predictor:
         self.read_pairs = True
         # which model this is, whatever runs it: "sha256:" and 12 hex digits of the file load() read
         self.model_id = ""
+        self.path: Path | None = None  # the file load() read
 
     @classmethod
     def load(
@@ -191,6 +192,7 @@ class Predictor:
         threshold = _checked_reject_below(reject_below)
         predictor = cls._load(path, backend)
         predictor.model_id = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        predictor.path = path
         if threshold is not None:
             predictor.reject_below = threshold
         return predictor
@@ -235,6 +237,26 @@ class Predictor:
         if not path.exists():
             raise CheckpointError(f"the bundled model {path} is missing; reinstall digitrec or pass --model.")
         return cls.load(path, reject_below, backend)
+
+    def portable(self) -> Predictor | None:
+        """This predictor as another process loads it without torch (the server's reading workers): the same ONNX
+        Runtime backend (which pickles as its file's path) or NumPy one, or for a PyTorch model the same weights
+        on NumPy; with the same calibration, threshold and reading settings. None when neither can run it."""
+        from .backends import NumpyBackend, NumpyEnsemble, OnnxBackend
+
+        if isinstance(self.backend, (OnnxBackend, NumpyBackend, NumpyEnsemble)):
+            backend: Backend = self.backend
+        elif self.path is None or is_onnx(self.path):
+            return None
+        else:
+            loaded = NumpyBackend.load(self.path)
+            if loaded is None:
+                return None
+            backend = loaded[0]
+        twin = Predictor(backend, self.meta, None, self.name)
+        twin.reject_below, twin.read_pairs = self.reject_below, self.read_pairs
+        twin.model_id, twin.path = self.model_id, self.path
+        return twin
 
     # ------------------------------------------------------------------ single digits
 
