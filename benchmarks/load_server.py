@@ -70,6 +70,12 @@ def preprocess_rate(pngs: list[bytes], seconds: float = 2.0) -> float:
     return count / (time.perf_counter() - started)
 
 
+def netloc(host: str, port: int) -> str:
+    """host:port as a URL and a Host header write it: an IPv6 address in brackets ([::1]:8000), which the server's
+    Host check reads as ::1 (unbracketed, ::1:8000 is another address, and refused)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def multipart_request(host: str, port: int, png: bytes) -> bytes:
     boundary = "digitrec-load-benchmark"
     body = (
@@ -81,7 +87,7 @@ def multipart_request(host: str, port: int, png: bytes) -> bytes:
         + f"\r\n--{boundary}--\r\n".encode()
     )
     head = (
-        f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"POST /api/predict HTTP/1.1\r\nHost: {netloc(host, port)}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
@@ -287,6 +293,7 @@ def main() -> int:
             extra = ["--backend", args.backend] if args.backend else []
             server, port = start_server(args.model, os.path.join(tmp, "feedback.sqlite"), extra)
             host = "127.0.0.1"
+        base = f"http://{netloc(host, port)}"
         try:
             pngs = digit_pngs()
             requests = [multipart_request(host, port, png) for png in pngs]
@@ -294,7 +301,7 @@ def main() -> int:
                 asyncio.run(
                     run_load(host, port, requests, args.warmup, min(args.concurrency, args.warmup), 60)
                 )
-            before = json.loads(urllib.request.urlopen(f"http://{host}:{port}/api/stats", timeout=10).read())
+            before = json.loads(urllib.request.urlopen(f"{base}/api/stats", timeout=10).read())
             server_pid = server.pid if server is not None else _quietly(listening_process, port)
             cpu_before = _quietly(server_cpu, server_pid) if server_pid else None
             client_before = os.times()
@@ -303,9 +310,9 @@ def main() -> int:
             )
             client_after = os.times()
             cpu_after = _quietly(server_cpu, server_pid) if server_pid else None
-            stats = json.loads(urllib.request.urlopen(f"http://{host}:{port}/api/stats", timeout=10).read())
+            stats = json.loads(urllib.request.urlopen(f"{base}/api/stats", timeout=10).read())
             ceiling = preprocess_rate(pngs)  # measured right after the load, with the server idle
-            health = json.loads(urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10).read())
+            health = json.loads(urllib.request.urlopen(f"{base}/healthz", timeout=10).read())
         finally:
             if server is not None:
                 server.terminate()

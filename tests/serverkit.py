@@ -20,6 +20,10 @@ from torch import nn
 
 from digitrec.predict import DigitBox, Prediction, ReadResult, holds_no_ink
 
+# What the tests' clients send in Host: a loopback name, as a browser on the server's machine sends it. The app
+# answers only such names unless told others (`allowed_hosts`); Starlette's TestClient sends "testserver".
+BASE_URL = "http://localhost:8000"
+
 
 @pytest.fixture(autouse=True)
 def keep_grad_mode():

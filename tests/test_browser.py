@@ -514,3 +514,47 @@ def test_a_phone_shows_the_answer_without_scrolling(tmp_path):
         expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
         expect(corner).to_be_hidden()
         assert errors == []
+
+
+def test_a_dns_rebinding_page_can_neither_read_nor_post_in_chromium(tmp_path):
+    """Chromium resolving evil.example to 127.0.0.1 (--host-resolver-rules) stands for an attacker's DNS that
+    re-resolves its name to this machine: the page at http://evil.example:PORT is then same-origin with the
+    server, and on the code before the Host check it was served the page, read /api/stats and stored a
+    correction. Now every request it makes is 400, and the server's own address still works."""
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="pip install playwright (no `playwright install` needed)"
+    )
+    db_path = tmp_path / "feedback.sqlite"
+    app = create_app(FakePredictor(), feedback_db=db_path)
+    with live_server(app) as url, sync_api.sync_playwright() as playwright:
+        port = url.rsplit(":", 1)[1]
+        rules = "--host-resolver-rules=MAP evil.example 127.0.0.1"
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, rules])
+        try:
+            page = browser.new_page()
+            rebound = page.goto(f"http://evil.example:{port}/")
+            assert rebound.status == 400
+            assert rebound.json()["detail"].startswith(
+                "this server does not answer to the host name 'evil.example'"
+            )
+            # what the attacker's script, same-origin with the rebound name, would do
+            statuses = page.evaluate(
+                """async (png) => {
+                    const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
+                    const form = new FormData();
+                    form.append('file', new Blob([bytes], {type: 'image/png'}), 'd.png');
+                    form.append('label', '3');
+                    const stats = await fetch('/api/stats');
+                    const posted = await fetch('/api/feedback', {method: 'POST', body: form});
+                    return [stats.status, posted.status];
+                }""",
+                base64.b64encode(digit_png()).decode(),
+            )
+            assert statuses == [400, 400]
+            for own in (url, f"http://localhost:{port}"):
+                assert page.goto(own + "/").status == 200
+                assert page.evaluate("async () => (await fetch('/api/stats')).status") == 200
+        finally:
+            browser.close()
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0

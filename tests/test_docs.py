@@ -234,6 +234,17 @@ def test_the_api_page_names_every_public_name_and_field():
             assert parameter.name in row.group(1), f"docs/api.md: {function.__qualname__}'s {parameter.name}"
 
 
+def test_the_api_page_names_every_parameter_of_create_app():
+    """Library users who run the web app in their own ASGI server set its Host allow-list there."""
+    pytest.importorskip("fastapi")
+    from digitrec.server import create_app
+
+    row = re.search(r"create_app\(([^`]*)\)", (DOCS / "api.md").read_text())
+    assert row, "docs/api.md names no create_app"
+    for parameter in inspect.signature(create_app).parameters.values():
+        assert parameter.name in row.group(1), f"docs/api.md: create_app's {parameter.name}"
+
+
 def table_rows(text: str, heading: str) -> list[list[str]]:
     """The cells of the first Markdown table after `heading`, header and rule left out."""
     lines = text[text.index(heading) :].splitlines()

@@ -276,12 +276,12 @@ def test_preprocess_refuses_images_whose_header_claims_too_much(width, height):
 def client(tmp_path_factory):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
-    from serverkit import FakePredictor
+    from serverkit import BASE_URL, FakePredictor
 
     from digitrec.server import create_app
 
     app = create_app(FakePredictor(), feedback_db=tmp_path_factory.mktemp("api") / "feedback.sqlite")
-    with TestClient(app, raise_server_exceptions=False) as test_client:
+    with TestClient(app, raise_server_exceptions=False, base_url=BASE_URL) as test_client:
         yield test_client
 
 

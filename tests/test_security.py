@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sqlite3
 
 import numpy as np
 import pytest
-from serverkit import FakePredictor, digit_png, keep_grad_mode  # noqa: F401 (autouse fixture)
+from serverkit import BASE_URL, FakePredictor, digit_png, keep_grad_mode  # noqa: F401 (autouse fixture)
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -24,7 +25,7 @@ def db_path(tmp_path):
 
 @pytest.fixture
 def client(db_path):
-    with TestClient(create_app(FakePredictor(), feedback_db=db_path)) as c:
+    with TestClient(create_app(FakePredictor(), feedback_db=db_path), base_url=BASE_URL) as c:
         yield c
 
 
@@ -44,7 +45,7 @@ def correction() -> dict:
     "headers",
     [
         {"sec-fetch-site": "cross-site", "origin": "http://evil.example"},
-        {"sec-fetch-site": "same-site", "origin": "http://testserver:8001"},  # another port of the same host
+        {"sec-fetch-site": "same-site", "origin": "http://localhost:8001"},  # another port of the same host
         {"origin": "http://evil.example"},  # a browser that sends no Sec-Fetch-Site
         {"origin": "null"},  # a sandboxed frame or a file:// page
     ],
@@ -66,9 +67,9 @@ def test_a_correction_posted_by_another_sites_page_is_refused_and_stores_nothing
 @pytest.mark.parametrize(
     "headers",
     [
-        {"sec-fetch-site": "same-origin", "origin": "http://testserver"},  # the page itself
+        {"sec-fetch-site": "same-origin", "origin": "http://localhost:8000"},  # the page itself
         {"sec-fetch-site": "same-origin", "origin": "https://digits.school.example"},  # behind a proxy
-        {"origin": "http://TestServer"},  # an older browser on the page itself
+        {"origin": "http://LocalHost:8000"},  # an older browser on the page itself
         {"sec-fetch-site": "none"},  # typed by the user
         {},  # curl, scripts
     ],
@@ -146,7 +147,7 @@ def test_corrections_past_the_databases_limit_are_507_and_store_nothing(tmp_path
     path = tmp_path / "feedback.sqlite"
     app = create_app(FakePredictor(), feedback_db=FeedbackStore(path, max_mb=2))
     image = padded_png(300_000)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=BASE_URL) as client:
         answers = [
             client.post("/api/feedback", files={"file": ("d.png", image, "image/png")}, data={"label": "3"})
             for _ in range(10)
@@ -212,7 +213,7 @@ def test_a_disk_that_fills_as_the_correction_is_committed_is_507_too(tmp_path, m
     monkeypatch.setattr(FeedbackStore, "_connect", lambda self: FullAtCommit(connect(self)))
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage._replace(free=0))
-    with TestClient(create_app(FakePredictor(), feedback_db=store)) as client:
+    with TestClient(create_app(FakePredictor(), feedback_db=store), base_url=BASE_URL) as client:
         answer = client.post(
             "/api/feedback", files={"file": ("d.png", digit_png(), "image/png")}, data={"label": "3"}
         )
@@ -267,3 +268,303 @@ def test_an_export_refuses_a_label_folder_that_is_a_link(tmp_path):
     with pytest.raises(DigitrecError, match="3 is a symbolic link, so the export does not write into it"):
         export_png(store_with_a_three(tmp_path), tmp_path / "shared")
     assert list(theirs.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ DNS rebinding
+
+
+def rebound_detail(host: str) -> str:
+    return (
+        f"this server does not answer to the host name {host!r}; if that is the name you reach it by, restart "
+        f"digitrec serve with --allowed-hosts {host}."
+    )
+
+
+REQUESTS = [  # every kind of path: the page, static files, the API (and its fast path), docs, a 404
+    ("GET", "/", {}),
+    ("HEAD", "/", {}),
+    ("GET", "/static/app.js", {}),
+    ("GET", "/static/index.html", {}),
+    ("GET", "/healthz", {}),
+    ("GET", "/api/stats", {}),
+    ("OPTIONS", "/api/predict", {}),
+    ("POST", "/api/predict", {"files": correction()["files"]}),  # answered by the fast path
+    ("POST", "/api/predict?explain=true", {"files": correction()["files"]}),
+    ("POST", "/api/feedback", correction()),
+    ("GET", "/docs", {}),
+    ("GET", "/openapi.json", {}),
+    ("GET", "/nothing", {}),
+]
+
+
+def test_a_rebound_host_is_refused_on_every_path_and_stores_nothing(db_path):
+    """DNS rebinding: a page at http://evil.example:8000 whose name the attacker re-resolves to 127.0.0.1 is
+    same-origin with the server there, so the visitor's browser let it read /api/stats and post corrections (its
+    requests say Sec-Fetch-Site: same-origin); only its Host header tells it apart."""
+    app = create_app(FakePredictor(), feedback_db=db_path)
+    headers = {"sec-fetch-site": "same-origin", "origin": "http://evil.example:8000"}
+    with TestClient(app, base_url="http://evil.example:8000") as rebound:
+        for method, path, extra in REQUESTS:
+            response = rebound.request(method, path, headers=headers, **extra)
+            assert response.status_code == 400, (method, path)
+            assert response.headers["content-type"] == "application/json"
+            assert response.headers["x-frame-options"] == "DENY"
+            if method != "HEAD":
+                assert response.json() == {"detail": rebound_detail("evil.example")}, (method, path)
+        stats = rebound.get("/api/stats", headers={"host": "localhost:8000"}).json()
+    assert stats["requests"]["client_errors"] == len(REQUESTS)
+    assert stored(db_path) == 0
+
+
+HOSTS_AT_THE_DEFAULT = [
+    # loopback names, any port, in any case, IPv6 in brackets: answered
+    ("localhost", 200),
+    ("localhost:8000", 200),
+    ("LocalHost:8000", 200),
+    ("localhost.:8000", 200),  # the fully qualified form
+    ("127.0.0.1", 200),
+    ("127.0.0.1:8000", 200),
+    ("127.0.0.2:8000", 200),  # all of 127.0.0.0/8 is loopback
+    ("[::1]", 200),
+    ("[::1]:8000", 200),
+    ("[0:0:0:0:0:0:0:1]:8000", 200),
+    # names a rebinding page has, and Host headers that are no host name: refused
+    ("evil.example", 400),
+    ("evil.example:8000", 400),
+    ("localhost.evil.example:8000", 400),
+    ("127.0.0.1.evil.example", 400),
+    ("192.168.1.10:8000", 400),
+    ("[fd00::1]:8000", 400),
+    ("testserver", 400),
+    ("::1:8000", 400),  # IPv6 without brackets: the address ::1:8000, not port 8000 of ::1
+    ("[::1", 400),
+    ("localhost:http", 400),
+    ("localhost:8000:8000", 400),
+    ("", 400),
+]
+
+
+def test_at_the_default_only_loopback_names_are_answered(db_path):
+    app = create_app(FakePredictor(), feedback_db=db_path)
+    with TestClient(app, base_url=BASE_URL) as client:
+        got = [
+            (host, client.get("/api/stats", headers={"host": host}).status_code)
+            for host, _ in HOSTS_AT_THE_DEFAULT
+        ]
+        assert got == HOSTS_AT_THE_DEFAULT
+        malformed = client.get("/healthz", headers={"host": "[::1"})
+    assert malformed.json() == {
+        "detail": "the request's Host header is missing, repeated or not a host name; send the name or address "
+        "you reached this server by."
+    }
+
+
+def test_allowed_hosts_names_are_answered_and_others_are_not(db_path):
+    """A teacher's machine behind a proxy that passes Host on, or reached by its name on the school network."""
+    app = create_app(
+        FakePredictor(),
+        feedback_db=db_path,
+        allowed_hosts="digits.school.example, .lan,[fd00::1],192.168.1.10",
+    )
+    expected = {
+        "digits.school.example": 200,
+        "DIGITS.school.example.:443": 200,
+        "lan": 200,
+        "pc42.lan:8000": 200,
+        "a.b.lan": 200,
+        "[fd00::1]:8000": 200,
+        "[fd00:0::1]": 200,
+        "192.168.1.10:8000": 200,
+        "localhost:8000": 200,  # loopback names stay answered
+        "[::1]:8000": 200,
+        "school.example": 400,
+        "other.school.example": 400,
+        "evillan": 400,
+        "lan.evil.example": 400,
+        "[fd00::2]": 400,
+        "192.168.1.11": 400,
+    }
+    with TestClient(app, base_url=BASE_URL) as client:
+        got = {host: client.get("/healthz", headers={"host": host}).status_code for host in expected}
+        assert got == expected
+        assert client.get("/", headers={"host": "pc42.lan.evil.example"}).json() == {
+            "detail": rebound_detail("pc42.lan.evil.example")
+        }
+    # a list is the same as the comma-separated string, and "*.lan" the same as ".lan"
+    listed = create_app(FakePredictor(), feedback_db=db_path, allowed_hosts=["*.lan"])
+    with TestClient(listed, base_url="http://pc42.lan:8000") as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/healthz", headers={"host": "evil.example"}).status_code == 400
+
+
+@pytest.mark.parametrize("allowed", ["*", ["*"], "digits.school.example,*"])
+def test_a_star_answers_every_host(db_path, allowed):
+    app = create_app(FakePredictor(), feedback_db=db_path, allowed_hosts=allowed)
+    with TestClient(app, base_url="http://evil.example:8000") as client:
+        for host in ("evil.example:8000", "testserver", "[fd00::1]", "localhost"):
+            assert client.get("/healthz", headers={"host": host}).status_code == 200
+        assert client.post("/api/feedback", **correction()).status_code == 201
+
+
+@pytest.mark.parametrize(
+    "allowed, message",
+    [
+        ("digits.school.example:8000", "'digits.school.example:8000' names a port; list the host name alone"),
+        (
+            "http://digits.school.example/",
+            "'http://digits.school.example/' is a URL; list its host name alone",
+        ),
+        ("a,,b", "'a,,b' has an empty entry"),
+        ("*.", "'*.' is not a host name"),
+        ("evil*.example", "'evil*.example' is not a host name"),
+    ],
+)
+def test_create_app_refuses_an_allowed_host_that_is_no_host_name(db_path, allowed, message):
+    from digitrec.errors import DigitrecError
+
+    with pytest.raises(DigitrecError, match="^" + re.escape(message)):
+        create_app(FakePredictor(), feedback_db=db_path, allowed_hosts=allowed)
+
+
+def test_a_websocket_handshake_with_a_rebound_host_is_closed_as_a_policy_violation(db_path):
+    """The app has no WebSocket route; a handshake sent to another name is closed with 1008 before routing."""
+    from starlette.websockets import WebSocketDisconnect
+
+    app = create_app(FakePredictor(), feedback_db=db_path)
+    with TestClient(app, base_url=BASE_URL) as client:
+        # websocket_connect's own default is ws://testserver, whatever base_url says
+        with (
+            pytest.raises(WebSocketDisconnect) as rebound,
+            client.websocket_connect("ws://evil.example:8000/ws"),
+        ):
+            pass
+        with pytest.raises(WebSocketDisconnect) as local, client.websocket_connect("ws://localhost:8000/ws"):
+            pass
+    assert rebound.value.code == 1008
+    assert local.value.code == 1000  # no such route: Starlette's own close
+
+
+def raw_request(url: str, request: bytes) -> bytes:
+    import socket
+
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_on_a_live_server_a_missing_or_repeated_host_header_is_refused(db_path):
+    """HTTP/1.0 lets a request leave Host out, and uvicorn passes a repeated Host on: a browser sends neither,
+    and which of two names a request meant is unknown."""
+    from serverkit import live_server
+
+    with live_server(create_app(FakePredictor(), feedback_db=db_path)) as url:
+        for request in (
+            b"GET /api/stats HTTP/1.0\r\n\r\n",
+            b"GET /api/stats HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+            b"GET /api/stats HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+        ):
+            assert raw_request(url, request).startswith(b"HTTP/1.1 400 "), request
+        ok = raw_request(url, b"GET /api/stats HTTP/1.1\r\nHost: [::1]:8000\r\nConnection: close\r\n\r\n")
+        assert ok.startswith(b"HTTP/1.1 200 ")
+
+
+# ------------------------------------------------------------------------------------ serve's default and flag
+
+
+@pytest.fixture
+def served_app(monkeypatch, tmp_path):
+    """`main(["serve", ...])` up to uvicorn: returns a function that runs it and gives the app it would serve
+    (the FakePredictor instead of a model, no worker processes, no uvicorn)."""
+    import torch
+
+    from digitrec import server
+    from digitrec.cli import main
+
+    apps = []
+    real_create_app = server.create_app
+    predictor = FakePredictor()
+    predictor.model_id = "sha256:fake"  # the banner names it
+    monkeypatch.setattr(server, "load_for_serving", lambda model, backend: predictor)
+    monkeypatch.setattr(
+        server,
+        "create_app",
+        lambda predictor, **kw: real_create_app(predictor, **kw | {"preprocess_processes": 0}),
+    )
+    monkeypatch.setattr(
+        server, "run_uvicorn", lambda uvicorn_server, sock: apps.append(uvicorn_server.config.app)
+    )
+    monkeypatch.setattr(server, "freeze_heap", lambda: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+
+    def serve(*argv: str):
+        feedback = ["--feedback-db", str(tmp_path / "feedback.sqlite")]
+        assert main(["serve", "--port", "0", *feedback, *argv]) == 0
+        return apps.pop()
+
+    return serve
+
+
+def answers(app, hosts: list[str]) -> dict[str, int]:
+    with TestClient(app, base_url=BASE_URL) as client:
+        return {host: client.get("/healthz", headers={"host": host}).status_code for host in hosts}
+
+
+def test_serve_on_loopback_answers_only_loopback_names_by_default(served_app):
+    hosts = ["localhost:8000", "127.0.0.1:8000", "[::1]:8000", "evil.example:8000", "192.168.1.10:8000"]
+    for argv in ([], ["--host", "127.0.0.1"], ["--host", "localhost"]):
+        assert answers(served_app(*argv), hosts) == dict(zip(hosts, [200, 200, 200, 400, 400])), argv
+
+
+def test_serve_on_every_interface_answers_any_host_by_default_and_only_those_named_with_the_flag(served_app):
+    """A teacher serving a class on 0.0.0.0: students reach it by whatever name or address their network gives
+    it, so every Host is answered, as Jupyter does; --allowed-hosts narrows that to the names given."""
+    hosts = ["localhost:8000", "pc42.lan:8000", "192.168.1.10:8000", "evil.example:8000"]
+    assert answers(served_app("--host", "0.0.0.0"), hosts) == dict.fromkeys(hosts, 200)
+    narrowed = served_app("--host", "0.0.0.0", "--allowed-hosts", "pc42.lan,192.168.1.10")
+    assert answers(narrowed, hosts) == dict(zip(hosts, [200, 200, 200, 400]))
+    # on loopback the flag adds names (a reverse proxy that passes Host on)
+    proxied = served_app("--allowed-hosts", "digits.school.example")
+    assert answers(proxied, ["digits.school.example", "localhost", "evil.example"]) == {
+        "digits.school.example": 200,
+        "localhost": 200,
+        "evil.example": 400,
+    }
+    assert answers(served_app("--allowed-hosts", "*"), ["evil.example:8000"]) == {"evil.example:8000": 200}
+
+
+def test_serve_answers_the_name_given_to_host_when_allowed_hosts_narrows_it(served_app):
+    """The banner's URL names --host: with --allowed-hosts, that name is answered too."""
+    app = served_app("--host", "localhost", "--allowed-hosts", "digits.school.example")
+    assert answers(app, ["localhost:8000", "digits.school.example", "evil.example"]) == {
+        "localhost:8000": 200,
+        "digits.school.example": 200,
+        "evil.example": 400,
+    }
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("digits.school.example:8000", "'digits.school.example:8000' names a port; list the host name alone"),
+        ("http://pc42.lan:8000", "'http://pc42.lan:8000' is a URL; list its host name alone (pc42.lan)"),
+        ("pc42.lan,,x", "'pc42.lan,,x' has an empty entry"),
+        ("*evil", "'*evil' is not a host name; list host names such as digits.school.example"),
+    ],
+)
+def test_a_bad_allowed_hosts_is_one_sentence_before_anything_loads(value, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "digitrec", "serve", "--port", "0", "--allowed-hosts", value],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"digitrec serve: error: argument --allowed-hosts: {message}" in result.stderr
+    assert "serving" not in result.stdout

@@ -21,7 +21,7 @@ import httpx2 as httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
-from serverkit import FakePredictor, digit_png, keep_grad_mode, live_server  # noqa: F401 (autouse fixture)
+from serverkit import BASE_URL, FakePredictor, digit_png, keep_grad_mode, live_server  # noqa: F401 (autouse fixture)
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -42,7 +42,7 @@ def db_path(tmp_path):
 
 @pytest.fixture
 def client(predictor, db_path):
-    with TestClient(create_app(predictor, feedback_db=db_path)) as c:
+    with TestClient(create_app(predictor, feedback_db=db_path), base_url=BASE_URL) as c:
         yield c
 
 
@@ -67,7 +67,7 @@ def test_healthz_and_feedback_name_the_model_by_its_file_not_the_package_version
 
     checkpoint = random_checkpoint(tmp_path / "model.safetensors")
     expected = "sha256:" + hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
-    with TestClient(create_app(Predictor.load(checkpoint), feedback_db=db_path)) as c:
+    with TestClient(create_app(Predictor.load(checkpoint), feedback_db=db_path), base_url=BASE_URL) as c:
         assert c.get("/healthz").json()["version"] == expected
         assert c.post("/api/feedback", files=upload(digit_png()), data={"label": "7"}).status_code == 201
     with sqlite3.connect(db_path) as con:
@@ -79,7 +79,7 @@ def test_healthz_gives_an_int8_models_own_test_accuracy(db_path):
     int8 = FakePredictor(
         meta={"metrics": {"test_accuracy": 0.9926}, "export": {"precision": "int8", "onnx_accuracy": 0.9911}}
     )
-    with TestClient(create_app(int8, feedback_db=db_path)) as c:
+    with TestClient(create_app(int8, feedback_db=db_path), base_url=BASE_URL) as c:
         assert c.get("/healthz").json()["test_accuracy"] == 0.9911
 
 
@@ -87,7 +87,7 @@ def test_healthz_gives_an_older_checkpoints_float32_accuracy_as_the_fraction_it_
     """Checkpoints written before accuracies were exact fractions hold float32 means: /healthz said
     0.9915000200271606 for 9,915 right of 10,000."""
     older = FakePredictor(meta={"metrics": {"test_accuracy": 0.9915000200271606}})
-    with TestClient(create_app(older, feedback_db=db_path)) as c:
+    with TestClient(create_app(older, feedback_db=db_path), base_url=BASE_URL) as c:
         assert c.get("/healthz").json()["test_accuracy"] == 0.9915
 
 
@@ -238,7 +238,9 @@ def test_read_gives_each_line_of_a_photo_of_two_numbers(tmp_path, db_path):
     page = two_numbers(rng, [3, 1, 4], [2, 7])
     buffer = io.BytesIO()
     Image.fromarray((255 * (0.9 - 0.8 * np.pad(page, 40))).astype(np.uint8)).save(buffer, "PNG")
-    with TestClient(create_app(Predictor.pretrained(backend="numpy"), feedback_db=db_path)) as client:
+    with TestClient(
+        create_app(Predictor.pretrained(backend="numpy"), feedback_db=db_path), base_url=BASE_URL
+    ) as client:
         body = client.post("/api/read", files=upload(buffer.getvalue())).json()
     assert body["number"] == "314\n27" and body["lines"] == ["314", "27"]
     assert [d["line"] for d in body["digits"]] == [0, 0, 0, 1, 1]
@@ -255,7 +257,9 @@ def test_numbers_are_read_in_worker_processes_with_the_answers_read_in_process(d
     Image.fromarray(page).save(buffer, "PNG")
     predictor = Predictor.pretrained(backend="torch")  # a PyTorch model: its workers read on NumPy
     expected = predictor.read(page).to_dict()
-    with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as client:
+    with TestClient(
+        create_app(predictor, feedback_db=db_path, preprocess_processes=1), base_url=BASE_URL
+    ) as client:
         body = client.post("/api/read", files=upload(buffer.getvalue())).json()
         junk = client.post("/api/read", files=upload(b"junk"))
         reading = client.get("/api/stats").json()["reading"]
@@ -565,7 +569,9 @@ def test_a_model_crash_is_a_json_500_not_a_traceback(predictor, db_path):
         raise RuntimeError("boom")
 
     predictor.predict_tensor = broken
-    with TestClient(create_app(predictor, feedback_db=db_path), raise_server_exceptions=False) as c:
+    with TestClient(
+        create_app(predictor, feedback_db=db_path), raise_server_exceptions=False, base_url=BASE_URL
+    ) as c:
         response = c.post("/api/predict", files=upload(digit_png()))
         assert response.status_code == 500 and response.json() == {
             "detail": "internal error while handling the request; it has been logged."
@@ -584,7 +590,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(db_path):
 
     async def run():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
             responses = await asyncio.gather(
                 *(http.post("/api/predict", files=upload(png)) for png in images)
             )
@@ -612,7 +618,7 @@ def test_corrections_and_stats_do_not_wait_behind_slow_reads(db_path):
 
     async def run():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http:
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL, timeout=30) as http:
             reads = [
                 asyncio.ensure_future(http.post("/api/read", files=upload(digit_png()))) for _ in range(8)
             ]
@@ -634,7 +640,9 @@ def test_corrections_and_stats_do_not_wait_behind_slow_reads(db_path):
 
 
 def test_preprocessing_in_worker_processes_gives_the_same_answers_and_errors(predictor, db_path):
-    with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as c:
+    with TestClient(
+        create_app(predictor, feedback_db=db_path, preprocess_processes=1), base_url=BASE_URL
+    ) as c:
         assert c.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
         assert c.post("/api/predict", files=upload(b"junk")).status_code == 400
         assert c.post("/api/predict", files=upload(png_header_claiming(9000, 9000))).status_code == 413
@@ -646,7 +654,7 @@ def test_live_server_keeps_answering_while_a_client_sends_garbage(predictor, db_
         # One client opens a request, promises a big body and dribbles it; another speaks no HTTP at all.
         slow = socket.create_connection(("127.0.0.1", port))
         slow.sendall(
-            b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 4000000\r\n\r\n\x89PNG"
+            b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 4000000\r\n\r\n\x89PNG"
         )
         junk = socket.create_connection(("127.0.0.1", port))
         junk.sendall(bytes(range(256)) * 4 + b"\r\n\r\n")
@@ -685,7 +693,7 @@ def test_the_real_predictor_preprocess_and_saliency_work_end_to_end(tmp_path):
             {"recipe": "random", "config": {"arch": "fast_cnn"}, "metrics": {"test_accuracy": 0.1}},
         )
         predictor = Predictor.load(tmp_path / "model.safetensors")
-    with TestClient(create_app(predictor, feedback_db=tmp_path / "f.sqlite")) as client:
+    with TestClient(create_app(predictor, feedback_db=tmp_path / "f.sqlite"), base_url=BASE_URL) as client:
         health = client.get("/healthz").json()
         assert health["model"] == predictor.name
         # to six places: the bundled checkpoint holds a float32 mean (0.9952999949455261 for 9,953 of 10,000)
@@ -796,7 +804,7 @@ def test_clients_that_stall_their_body_are_cut_off_while_others_are_served(predi
                 with socket.create_connection(("127.0.0.1", port)) as sock:
                     png = digit_png()
                     sock.sendall(
-                        f"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                        f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
                         f"Content-Length: {len(png)}\r\nConnection: close\r\n\r\n".encode()
                     )
                     for start in range(0, len(png), 500):
@@ -818,7 +826,7 @@ def test_past_the_connection_limit_the_503_is_json_with_retry_after(predictor, d
     with live_server(app, http=guarded_http_protocol(5.0), limit_concurrency=2) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as other:
-            other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            other.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert other.recv(4096).startswith(b"HTTP/1.1 200")  # served, and kept alive
             with httpx.Client(base_url=url, timeout=5) as http:
                 response = http.post("/api/predict", files=upload(digit_png()))
@@ -834,7 +842,7 @@ def test_a_request_head_over_64_kb_is_refused_with_431(predictor, db_path):
     with live_server(create_app(predictor, feedback_db=db_path), http=guarded_http_protocol(5.0)) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             try:
                 for _ in range(80):
                     sock.sendall(b"X-Padding: " + b"a" * 1000 + b"\r\n")
@@ -847,9 +855,9 @@ def test_a_request_head_over_64_kb_is_refused_with_431(predictor, db_path):
 @pytest.mark.parametrize(
     "head",
     [
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
-        b"GET /healthz?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GET /healthz?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 5\r\n"
         + b"X-Big: " * 10_000
         + b"\r\n\r\nabcde",
     ],
@@ -878,8 +886,8 @@ def test_a_head_over_64_kb_that_arrives_in_one_piece_is_refused_with_431_too(pre
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
-        b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: five\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: five\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS hello: https:// to a plain-HTTP port
         b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
     ],
@@ -909,7 +917,9 @@ def test_a_killed_preprocessing_worker_is_replaced_and_the_next_request_succeeds
     import os
     import signal
 
-    with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as c:
+    with TestClient(
+        create_app(predictor, feedback_db=db_path, preprocess_processes=1), base_url=BASE_URL
+    ) as c:
         assert c.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
         workers = c.app.state.image_workers
         [pid] = list(workers.pool._processes)
@@ -934,7 +944,9 @@ class BrokenPool:
 
 
 def test_image_workers_that_break_again_after_a_rebuild_answer_503_in_json(predictor, db_path, monkeypatch):
-    with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as c:
+    with TestClient(
+        create_app(predictor, feedback_db=db_path, preprocess_processes=1), base_url=BASE_URL
+    ) as c:
         workers = c.app.state.image_workers
         real_pool = workers.pool
         monkeypatch.setattr(workers, "_new_pool", BrokenPool)  # the rebuilt pool breaks too
@@ -959,7 +971,7 @@ def test_uploads_that_queue_up_go_to_the_workers_in_chunks(db_path):
     async def run():
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
                 return await asyncio.gather(*(http.post("/api/predict", files=upload(png)) for png in images))
 
     responses = asyncio.run(run())
@@ -1135,7 +1147,7 @@ def test_a_phone_photo_upload_gets_the_answer_the_cli_gives_for_the_same_file(tm
     image.save(buffer, "JPEG", quality=88)
     photo = buffer.getvalue()
     predictor = Predictor.pretrained()
-    with TestClient(create_app(predictor, feedback_db=tmp_path / "f.sqlite")) as client:
+    with TestClient(create_app(predictor, feedback_db=tmp_path / "f.sqlite"), base_url=BASE_URL) as client:
         body = client.post("/api/predict", files=upload(photo, "photo.jpg", "image/jpeg")).json()
     (cli,) = predictor.predict(photo)
     assert body["digit"] == cli.digit == 7
@@ -1153,7 +1165,7 @@ def test_an_exported_onnx_model_still_shows_saliency_maps(tmp_path):
     export_onnx(checkpoint, tmp_path / "model.onnx")
     predictor = Predictor.load(tmp_path / "model.onnx")
     assert predictor.model is None
-    with TestClient(create_app(predictor, feedback_db=tmp_path / "f.sqlite")) as client:
+    with TestClient(create_app(predictor, feedback_db=tmp_path / "f.sqlite"), base_url=BASE_URL) as client:
         body = client.post("/api/predict?explain=true", files=upload(digit_png())).json()
     saliency = np.array(body["saliency"])
     assert saliency.shape == (28, 28) and np.abs(saliency).max() == pytest.approx(1.0)
@@ -1183,7 +1195,9 @@ def test_serve_and_its_image_workers_keep_start_up_objects_out_of_the_garbage_co
     finally:
         gc.unfreeze()
     assert frozen["server"] > 10_000
-    with TestClient(create_app(predictor, feedback_db=db_path, preprocess_processes=1)) as c:
+    with TestClient(
+        create_app(predictor, feedback_db=db_path, preprocess_processes=1), base_url=BASE_URL
+    ) as c:
         assert c.app.state.image_workers.pool.submit(gc.get_freeze_count).result(timeout=60) > 1_000
         assert c.get("/api/stats").json()["gc"]["frozen_objects"] == gc.get_freeze_count() == 0
 

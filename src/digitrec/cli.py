@@ -426,6 +426,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- web app, corrections, fine-tuning
 
 
+def _allowed_hosts(value: str) -> str:
+    """An argparse type for serve's --allowed-hosts: the comma-separated names, checked before anything loads."""
+    from .hosts import AllowedHosts
+
+    try:
+        AllowedHosts(value)
+    except DigitrecError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removesuffix(".")) from None
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     need_extra("web", "digitrec serve")
     from .server import serve
@@ -447,6 +458,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
         feedback_max_mb=args.feedback_max_mb,
+        allowed_hosts=args.allowed_hosts,
     )
     return 0
 
@@ -1165,6 +1177,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="interface to listen on (default 127.0.0.1; 0.0.0.0 for your network)",
     )
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument(
+        "--allowed-hosts",
+        type=_allowed_hosts,
+        metavar="HOSTS",
+        help="comma-separated host names browsers reach the server by (.example.org: it and its subdomains; "
+        "*: any); others get 400, which keeps DNS-rebinding pages out. localhost, 127.0.0.1, [::1] and --host "
+        "are always answered. Default: only those on a loopback --host, any name on 0.0.0.0 or a LAN address",
+    )
     p.add_argument(
         "--feedback-db",
         help="SQLite file for corrections (default $DIGITREC_FEEDBACK_DB, else $XDG_DATA_HOME or ~/.local/share, then digitrec/feedback.sqlite)",

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import CheckpointError, DigitrecError, FeedbackFullError, ImageTooLargeError
 from .feedback import DEFAULT_MAX_MB, FeedbackStore
+from .hosts import ANY, AllowedHosts, host_of, is_loopback, is_wildcard, listen_host
 from .imageworkers import IMAGE_HINT, ImageWorkers, checked_upload, freeze_heap, read_numbers, to_model_input
 
 if TYPE_CHECKING:
@@ -249,6 +250,53 @@ class BrowserGuard:
         ).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 403, "headers": headers + BROWSER_HEADERS})
+        await send({"type": "http.response.body", "body": body})
+
+
+class HostGuard:
+    """Pure ASGI middleware: answer only requests whose `Host` header names this server (DNS-rebinding guard).
+
+    A page on an attacker's domain that re-resolves to this machine (DNS rebinding) is same-origin with the
+    attacker's name, so BrowserGuard lets it through and the browser lets it read every answer; its requests
+    still say that name in `Host`. Anything `allowed` does not answer (a missing, repeated or malformed Host
+    header too) is refused with 400 before any other middleware or route sees it, static files included; a
+    WebSocket handshake is closed (1008, policy violation). With "*" in `allowed` every request passes.
+    """
+
+    def __init__(self, app: Callable, allowed: AllowedHosts, counted: Callable[[int], None] | None = None):
+        self.app = app
+        self.allowed = allowed
+        self.counted = counted
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if self.allowed.any or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        sent = [value for name, value in scope["headers"] if name == b"host"]
+        host = host_of(sent[0].decode("latin-1")) if len(sent) == 1 else None
+        if host is not None and self.allowed.allows(host):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            await self._refuse(send, host)
+
+    async def _refuse(self, send: Callable, host: str | None) -> None:
+        if self.counted is not None:
+            self.counted(400)
+        if host is None:
+            detail = (
+                "the request's Host header is missing, repeated or not a host name; send the name or address "
+                "you reached this server by."
+            )
+        else:  # host_of's answer: letters, digits, dots, hyphens, underscores or an IP address, nothing else
+            detail = (
+                f"this server does not answer to the host name {host!r}; if that is the name you reach it by, "
+                f"restart digitrec serve with --allowed-hosts {host}."
+            )
+        body = json.dumps({"detail": detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 400, "headers": headers + BROWSER_HEADERS})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -555,6 +603,7 @@ def create_app(
     *,
     feedback_db: str | Path | FeedbackStore | None = None,
     preprocess_processes: int = 0,
+    allowed_hosts: str | Iterable[str] | AllowedHosts = (),
 ) -> FastAPI:
     """Build the app around a loaded Predictor (the model is loaded once, by the caller).
 
@@ -562,9 +611,15 @@ def create_app(
     already open) defaults to ~/.local/share/digitrec/feedback.sqlite ($DIGITREC_FEEDBACK_DB overrides it). With
     `preprocess_processes` > 0, decoding and preprocessing run in that many worker processes, so they use
     every core instead of queueing behind Python's GIL, and so do the numbers /api/read reads, in as many
-    processes of their own, when the model runs there without torch (`Predictor.portable`); with 0 (tests, tiny machines)
-    they run on threads.
+    processes of their own, when the model runs there without torch (`Predictor.portable`); with 0 (tests,
+    tiny machines) they run on threads.
+
+    Requests are answered only when their Host header is a loopback name (localhost, 127.0.0.1, [::1], any
+    port) or one of `allowed_hosts` (a list or a comma-separated string of names, ".example.org" for it and its
+    subdomains, "*" for any host); others get 400. That keeps DNS-rebinding pages out: name here the host names
+    browsers reach the app by, behind a proxy the one it passes on in Host.
     """
+    allowed = allowed_hosts if isinstance(allowed_hosts, AllowedHosts) else AllowedHosts(allowed_hosts)
     store = feedback_db if isinstance(feedback_db, FeedbackStore) else FeedbackStore(feedback_db)
     # The model runs on one thread, fed by the batcher; everything else blocking runs on a few more threads.
     model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digitrec-model")
@@ -762,8 +817,10 @@ def create_app(
         return True
 
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, fast_path=fast_predict, counted=count_error)
-    # outermost (added last): a cross-site POST is refused before its body is read
+    # a cross-site POST is refused before its body is read
     app.add_middleware(BrowserGuard, counted=count_error)
+    # outermost (added last): a request sent to a name this server does not answer reaches nothing else
+    app.add_middleware(HostGuard, allowed=allowed, counted=count_error)
 
     # -- endpoints ---------------------------------------------------------------------------------------------
 
@@ -792,7 +849,10 @@ def create_app(
         }
     }
     error_responses: dict[int | str, dict[str, Any]] = {
-        400: {"description": "not an image, an image format not read, truncated, or a malformed request"},
+        400: {
+            "description": "not an image, an image format not read, truncated, or a malformed request; or a Host "
+            "header this server does not answer (`--allowed-hosts`)"
+        },
         403: {"description": "sent by a page on another site (Sec-Fetch-Site or Origin says so)"},
         408: {
             "description": "the headers or the body were not sent in time (`--header-timeout`, `--body-timeout`)"
@@ -1181,6 +1241,23 @@ def bind_listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def serving_hosts(host: str, bound: str, allowed_hosts: str | Iterable[str] | None) -> AllowedHosts:
+    """The Host names `serve --host HOST [--allowed-hosts ...]` answers, listening on the address `bound`.
+
+    Loopback names always. Without `allowed_hosts` (None), a server listening on a loopback address answers
+    nothing else, which shuts out DNS-rebinding pages, and one listening elsewhere (0.0.0.0, a LAN address: a
+    class reaching it by whatever name or address their network gives it) answers any name, as Jupyter does.
+    With `allowed_hosts`, those names, and `host` itself unless it is a wildcard (the banner's URL must work).
+    """
+    if allowed_hosts is None:
+        return AllowedHosts() if is_loopback(listen_host(bound) or "") else AllowedHosts(ANY)
+    allowed = AllowedHosts(allowed_hosts)
+    name = listen_host(host)
+    if name is not None and not is_wildcard(host):
+        allowed.names.add(name)
+    return allowed
+
+
 def listen_url(host: str, port: int) -> str:
     """The address a browser takes for `host:port`: an IPv6 address in brackets (http://[::1]:8000/, not the
     http://::1:8000/ the banner used to print)."""
@@ -1197,14 +1274,16 @@ def serve(
     header_timeout: float = HEADER_TIMEOUT_S,
     body_timeout: float = BODY_TIMEOUT_S,
     feedback_max_mb: float = DEFAULT_MAX_MB,
+    allowed_hosts: str | Iterable[str] | None = None,
 ) -> None:
     """Load the model once, then serve the page and the API until interrupted (backend: auto, torch or onnx).
 
     A client must send each request's headers within `header_timeout` seconds, and then its body within
     `body_timeout` seconds, or its connection is closed. Corrections that would take the feedback database past
-    `feedback_max_mb` are refused with 507.
+    `feedback_max_mb` are refused with 507. `allowed_hosts`: see serving_hosts (None: the default it picks).
     """
     with bind_listening_socket(host, port) as sock:  # closed if the model cannot load
+        allowed = serving_hosts(host, sock.getsockname()[0], allowed_hosts)
         # opened first: a --feedback-db it cannot use is said before the model loads (or is exported)
         store = FeedbackStore(feedback_db, max_mb=feedback_max_mb)
         import torch
@@ -1214,7 +1293,9 @@ def serve(
         # torch's default (one thread per core) makes them fight over the cores and is several times slower.
         torch.set_num_threads(1)
         predictor = load_for_serving(model, backend)
-        app = create_app(predictor, feedback_db=store, preprocess_processes=os.cpu_count() or 1)
+        app = create_app(
+            predictor, feedback_db=store, preprocess_processes=os.cpu_count() or 1, allowed_hosts=allowed
+        )
         engine = BACKEND_NAMES.get(type(predictor.backend).__name__, "PyTorch")
         port = sock.getsockname()[1]  # the one the system picked, for --port 0
         sock.listen(2048)  # uvicorn's backlog: a browser opened at the banner waits for uvicorn, not refused
