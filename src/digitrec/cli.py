@@ -1423,8 +1423,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--backends",
-        default="torch-fp32,torch-bf16,torch-compiled,onnx-fp32,onnx-int8",
-        help="comma-separated (default all five: torch-fp32,torch-bf16,torch-compiled,onnx-fp32,onnx-int8)",
+        default="torch-fp32,torch-bf16,torch-compiled,torch-int8,onnx-fp32,onnx-int8",
+        help="comma-separated (default all six: torch-fp32,torch-bf16,torch-compiled,torch-int8,onnx-fp32,onnx-int8; "
+        "torch-int8 needs the int8 extra)",
     )
     q.add_argument(
         "--batch-sizes", type=_batch_sizes, default="1,1024", help="comma-separated (default 1,1024)"

@@ -248,6 +248,15 @@ def _quantize_int8(float_bytes: bytes, calibration: np.ndarray) -> bytes:
         return quantized.read_bytes()
 
 
+def calibration_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The pixels that set int8 activation ranges: CALIBRATION_IMAGES of `images` (uint8 training images,
+    (N, 28, 28)) picked at random with seed 0, as float32 (n, 1, 28, 28) in [0, 1]."""
+    from .training import as_input
+
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:CALIBRATION_IMAGES]
+    return as_input(images[pick])
+
+
 def export_onnx(
     checkpoint: str | Path,
     out: str | Path | None = None,
@@ -287,10 +296,7 @@ def export_onnx(
     precision = "float32"
     if int8:
         assert calibration_images is not None  # checked above
-        pick = torch.randperm(len(calibration_images), generator=torch.Generator().manual_seed(0))[
-            :CALIBRATION_IMAGES
-        ]
-        onnx_bytes = _quantize_int8(onnx_bytes, as_input(calibration_images[pick]).numpy())
+        onnx_bytes = _quantize_int8(onnx_bytes, calibration_pixels(calibration_images).numpy())
         precision = "int8"
 
     session = onnx_session(onnx_bytes)
