@@ -90,6 +90,23 @@ def test_a_relu_after_max_pool_moves_before_it() -> None:
         torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["fast_cnn", "fast_cnn_lite", "fast_cnn_crop", "mlp_bn_300_100"])
+def test_flattening_channels_last_permutes_the_linear_layer_to_match(arch: str) -> None:
+    """The int8 models flatten conv features in (H, W, C) order; a model that flattens the image keeps nn.Flatten."""
+    from digitrec.export import FlattenChannelsLast
+
+    model = create_model(arch).eval()
+    _randomize_batchnorm(model)
+    folded = inference_model(model, flatten_channels_last=True)
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert any(isinstance(m, FlattenChannelsLast) for m in folded.modules()) == convs
+    assert any(isinstance(m, nn.Flatten) for m in folded.modules()) != convs
+    assert not any(isinstance(m, FlattenChannelsLast) for m in inference_model(model).modules())
+
+
 def test_float_export_matches_pytorch_at_any_batch_size(
     tiny_checkpoint: Path, tiny_mnist, tmp_path: Path
 ) -> None:

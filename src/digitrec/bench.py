@@ -322,7 +322,9 @@ def torch_int8_runner(model: nn.Module, calibration: torch.Tensor) -> Callable[[
     from .export import inference_model
 
     batch = torch.export.Dim("batch", min=1)
-    graph = torch.export.export(inference_model(model), (calibration[:2],), dynamic_shapes=({0: batch},))
+    graph = torch.export.export(
+        inference_model(model, flatten_channels_last=True), (calibration[:2],), dynamic_shapes=({0: batch},)
+    )
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     observed = prepare_pt2e(graph.module(), quantizer)
     with torch.no_grad():
