@@ -312,10 +312,15 @@ def torch_int8_runner(model: nn.Module, calibration: torch.Tensor) -> Callable[[
     on `calibration`, float32 pixels (N, 1, 28, 28)), compiled by inductor with freezing into oneDNN's int8
     kernels (VNNI where the CPU has it). Needs the int8 extra (torchao)."""
     import logging
+    import warnings
 
     import torch._inductor.config as inductor_config
 
-    logging.getLogger("torchao").setLevel(logging.ERROR)  # its GPU kernels "failed to load" on a CPU build
+    # torchao 0.18 on torch 2.13 says, harmlessly, that its CUDA kernels failed to load and that it registers an
+    # Enum the deprecated way, and inductor warns about its own int8 weight zero points at each compile
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning, "torch._inductor")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
