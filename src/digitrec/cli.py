@@ -1416,7 +1416,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-dir")
     q.set_defaults(func=cmd_bench_gpu)
     q = bench_sub.add_parser(
-        "infer", help="images/s and latency of PyTorch (eager, bf16, compiled) and ONNX Runtime (float, int8)"
+        "infer",
+        help="images/s and latency of PyTorch (eager, bf16, compiled, int8) and ONNX Runtime (float, int8)",
     )
     q.add_argument(
         "--model", help="a run folder or model.safetensors (default runs/fast, trained first if missing)"
