@@ -107,6 +107,53 @@ def test_bench_infer_times_each_backend_at_each_batch_size(tiny_checkpoint: Path
     assert all(f"| {b} |" in table for b in backends) and "G mult-adds/s at batch 64 |" in table
 
 
+def test_bench_infer_runs_torch_int8_and_says_its_accuracy(tiny_checkpoint: Path, tiny_mnist) -> None:
+    pytest.importorskip("torchao")
+    said: list[str] = []
+    results = bench_infer(
+        tiny_checkpoint,
+        tiny_mnist.test_images,
+        backends=("torch-fp32", "torch-int8"),
+        batch_sizes=(1, 64),
+        rounds=1,
+        seconds=0.01,
+        calibration=tiny_mnist.train_images,
+        test_labels=tiny_mnist.test_labels,
+        log=said.append,
+    )
+    assert [(r.backend, r.batch_size) for r in results] == [
+        (b, s) for b in ("torch-fp32", "torch-int8") for s in (1, 64)
+    ]
+    assert all(r.images_per_s > 0 for r in results)
+    assert any(line.startswith("torch-int8: test accuracy ") and "(float32 " in line for line in said)
+    with pytest.raises(DigitrecError, match="torch-int8 needs MNIST"):
+        bench_infer(tiny_checkpoint, tiny_mnist.test_images, backends=("torch-int8",), log=said.append)
+
+
+def test_bench_infer_leaves_torch_int8_out_in_one_line_without_torchao(
+    tiny_checkpoint: Path, tiny_mnist, monkeypatch
+) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a)
+    )
+    said: list[str] = []
+    results = bench_infer(
+        tiny_checkpoint,
+        tiny_mnist.test_images,
+        backends=("torch-fp32", "torch-int8"),
+        batch_sizes=(8,),
+        rounds=1,
+        seconds=0.01,
+        log=said.append,
+    )
+    assert [r.backend for r in results] == ["torch-fp32"]
+    skipped = [line for line in said if line.startswith("torch-int8")]
+    assert len(skipped) == 1 and 'pip install "digitrec[int8]"' in skipped[0]
+
+
 def test_bench_infer_rejects_an_unknown_backend(tiny_checkpoint: Path, tiny_mnist) -> None:
     with pytest.raises(DigitrecError, match="unknown backend"):
         bench_infer(tiny_checkpoint, tiny_mnist.test_images, backends=("tensorrt",))

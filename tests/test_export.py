@@ -77,6 +77,36 @@ def test_batchnorm_with_a_negative_scale_after_max_pool_is_kept() -> None:
     assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 1
 
 
+def test_a_relu_after_max_pool_moves_before_it() -> None:
+    """relu(max(x)) = max(relu(x)): the conv before then ends in its ReLU (fused by the runtimes), and the int8
+    model pools uint8 values."""
+    model = create_model("fast_cnn_crop").eval()
+    _randomize_batchnorm(model)  # positive scales: the BatchNorm after the pool folds away
+    folded = inference_model(model)
+    order = [type(m) for m in folded.modules() if isinstance(m, (nn.ReLU, nn.MaxPool2d))]
+    assert order == [nn.ReLU, nn.ReLU, nn.MaxPool2d, nn.ReLU]
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["fast_cnn", "fast_cnn_lite", "fast_cnn_crop", "mlp_bn_300_100"])
+def test_flattening_channels_last_permutes_the_linear_layer_to_match(arch: str) -> None:
+    """The int8 models flatten conv features in (H, W, C) order; a model that flattens the image keeps nn.Flatten."""
+    from digitrec.export import FlattenChannelsLast
+
+    model = create_model(arch).eval()
+    _randomize_batchnorm(model)
+    folded = inference_model(model, flatten_channels_last=True)
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert any(isinstance(m, FlattenChannelsLast) for m in folded.modules()) == convs
+    assert any(isinstance(m, nn.Flatten) for m in folded.modules()) != convs
+    assert not any(isinstance(m, FlattenChannelsLast) for m in inference_model(model).modules())
+
+
 def test_float_export_matches_pytorch_at_any_batch_size(
     tiny_checkpoint: Path, tiny_mnist, tmp_path: Path
 ) -> None:
@@ -145,6 +175,27 @@ def test_int8_export_keeps_the_accuracy(tiny_checkpoint: Path, tiny_mnist, tmp_p
     assert result.precision == "int8" and out.exists()
     assert result.torch_accuracy - result.onnx_accuracy <= 0.001
     assert onnx_metadata(out)["export"]["precision"] == "int8"
+
+
+def test_int8_export_keeps_the_first_conv_in_float(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path) -> None:
+    """On one input channel the int8 conv is slower than the float one: only the later layers are quantized."""
+    import onnx
+
+    out = tmp_path / "tiny.int8.onnx"
+    export_onnx(
+        tiny_checkpoint,
+        out,
+        int8=True,
+        test_images=tiny_mnist.test_images,
+        test_labels=tiny_mnist.test_labels,
+        calibration_images=tiny_mnist.train_images,
+    )
+    nodes = onnx.load(str(out)).graph.node
+    dequantized = {node.output[0] for node in nodes if node.op_type == "DequantizeLinear"}
+    convs = [node for node in nodes if node.op_type == "Conv"]
+    assert len(convs) == 2
+    assert not set(convs[0].input) & dequantized  # float input and weights
+    assert set(convs[1].input[:2]) <= dequantized  # uint8 input, int8 weights
 
 
 def test_int8_export_that_loses_accuracy_fails_and_writes_nothing(

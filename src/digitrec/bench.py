@@ -262,7 +262,7 @@ def train_table(
 
 # ---------------------------------------------------------------- bench infer
 
-INFER_BACKENDS = ("torch-fp32", "torch-bf16", "torch-compiled", "onnx-fp32", "onnx-int8")
+INFER_BACKENDS = ("torch-fp32", "torch-bf16", "torch-compiled", "torch-int8", "onnx-fp32", "onnx-int8")
 
 
 @dataclass
@@ -306,11 +306,74 @@ def torch_runner(model: nn.Module, bf16: bool = False, compiled: bool = False) -
     return run
 
 
+def torch_int8_runner(model: nn.Module, calibration: torch.Tensor) -> Callable[[np.ndarray], Any]:
+    """A callable on float32 pixels for torch-int8: the inference form of the model in static int8 through PT2E
+    quantization (torchao's X86InductorQuantizer: uint8 activations, per-channel int8 weights, ranges observed
+    on `calibration`, float32 pixels (N, 1, 28, 28)), compiled by inductor with freezing into oneDNN's int8
+    kernels (VNNI where the CPU has it). Needs the int8 extra (torchao)."""
+    import logging
+    import warnings
+
+    import torch._inductor.config as inductor_config
+
+    # torchao 0.18 on torch 2.13 says, harmlessly, that its CUDA kernels failed to load and that it registers an
+    # Enum the deprecated way, and inductor warns about its own int8 weight zero points at each compile
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning, "torch._inductor")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    from .export import inference_model
+
+    batch = torch.export.Dim("batch", min=1)
+    graph = torch.export.export(
+        inference_model(model, flatten_channels_last=True), (calibration[:2],), dynamic_shapes=({0: batch},)
+    )
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    observed = prepare_pt2e(graph.module(), quantizer)
+    with torch.no_grad():
+        for chunk in calibration.split(256):
+            observed(chunk)
+    inductor_config.freezing = True
+    compiled = cast(nn.Module, torch.compile(convert_pt2e(observed), dynamic=False))
+
+    def run(batch: np.ndarray):
+        with torch.no_grad():
+            return compiled(torch.from_numpy(batch))
+
+    return run
+
+
 def _onnx_runner(path: Path) -> Callable[[np.ndarray], Any]:
     """The exported model as `--backend onnx` runs it (one image through buffers bound once), on every core."""
     from .backends import OnnxBackend
 
     return OnnxBackend(path, threads=0, spin=True)
+
+
+def _check_int8(
+    name: str,
+    run: Callable[[np.ndarray], Any],
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    max_drop: float,
+    log: Callable[[str], None],
+) -> None:
+    """Say the test accuracy of an int8 runner beside float32's; refuse one that loses more than `max_drop`."""
+    from .training import as_input, fraction_correct, predict_logits
+
+    pixels = as_input(images).numpy()
+    logits = np.concatenate([np.asarray(run(pixels[i : i + 1024])) for i in range(0, len(pixels), 1024)])
+    quantized = fraction_correct(torch.from_numpy(logits.argmax(1)), labels)
+    reference = fraction_correct(predict_logits(model, images).argmax(1), labels)
+    log(f"{name}: test accuracy {quantized:.2%} (float32 {reference:.2%})")
+    if reference - quantized > max_drop:
+        raise DigitrecError(
+            f"{name} costs {100 * (reference - quantized):.2f} points of test accuracy "
+            f"(more than {100 * max_drop:.1f}); leave it out of --backends."
+        )
 
 
 def _time_calls(run: Callable[[np.ndarray], Any], batches: list[np.ndarray], seconds: float) -> list[float]:
@@ -342,16 +405,22 @@ def bench_infer(
 
     The backends take turns for `rounds` rounds of about `seconds` each, so that load from other processes
     falls on all of them alike; images/s is the median over rounds, latencies are pooled.
-    `calibration` (uint8 training images) is needed for onnx-int8, with `test_labels` (of `images`) for its
-    accuracy check.
+    `calibration` (uint8 training images) is needed for the int8 backends, with `test_labels` (of `images`) for
+    their accuracy check (at most 0.1 point below float32). torch-int8 needs the int8 extra (torchao): without
+    it, its row is left out with a one-line reason.
     """
+    from importlib.util import find_spec
+
     from .checkpoint import load_model
-    from .export import export_onnx
+    from .export import INT8_MAX_DROP, calibration_pixels, export_onnx
     from .training import as_input
 
     unknown = [b for b in backends if b not in INFER_BACKENDS]
     if unknown:
         raise DigitrecError(f"unknown backend {unknown[0]!r}; choose from {', '.join(INFER_BACKENDS)}.")
+    if "torch-int8" in backends and find_spec("torchao") is None:
+        log('torch-int8: skipped: it needs the int8 extra (torchao): pip install "digitrec[int8]"')
+        backends = [b for b in backends if b != "torch-int8"]
     model, _ = load_model(checkpoint)
     per_image = multiply_adds(model).forward
     pixels = as_input(images).numpy()
@@ -360,7 +429,12 @@ def bench_infer(
     with tempfile.TemporaryDirectory() as tmp:
         for name in backends:
             start = time.perf_counter()
-            if name.startswith("torch"):
+            if name == "torch-int8":
+                if calibration is None or test_labels is None:
+                    raise DigitrecError("torch-int8 needs MNIST for calibration and the accuracy check.")
+                runners[name] = torch_int8_runner(model, calibration_pixels(calibration))
+                _check_int8(name, runners[name], model, images, test_labels, INT8_MAX_DROP, log)
+            elif name.startswith("torch"):
                 runners[name] = torch_runner(
                     model, bf16=name == "torch-bf16", compiled=name == "torch-compiled"
                 )

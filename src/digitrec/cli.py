@@ -1436,15 +1436,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-dir")
     q.set_defaults(func=cmd_bench_gpu)
     q = bench_sub.add_parser(
-        "infer", help="images/s and latency of PyTorch (eager, bf16, compiled) and ONNX Runtime (float, int8)"
+        "infer",
+        help="images/s and latency of PyTorch (eager, bf16, compiled, int8) and ONNX Runtime (float, int8)",
     )
     q.add_argument(
         "--model", help="a run folder or model.safetensors (default runs/fast, trained first if missing)"
     )
     q.add_argument(
         "--backends",
-        default="torch-fp32,torch-bf16,torch-compiled,onnx-fp32,onnx-int8",
-        help="comma-separated (default all five: torch-fp32,torch-bf16,torch-compiled,onnx-fp32,onnx-int8)",
+        default="torch-fp32,torch-bf16,torch-compiled,torch-int8,onnx-fp32,onnx-int8",
+        help="comma-separated (default all six: torch-fp32,torch-bf16,torch-compiled,torch-int8,onnx-fp32,onnx-int8; "
+        "torch-int8 needs the int8 extra)",
     )
     q.add_argument(
         "--batch-sizes", type=_batch_sizes, default="1,1024", help="comma-separated (default 1,1024)"

@@ -7,6 +7,7 @@ from importlib.util import find_spec
 EXTRAS = {
     "web": ("fastapi", "uvicorn", "python_multipart"),  # fastapi_offline is optional (offline /docs)
     "export": ("onnx", "onnxscript", "onnxruntime"),
+    "int8": ("torchao",),
     "explore": ("sklearn",),
     "tune": ("optuna",),
     "tensorboard": ("tensorboard",),
