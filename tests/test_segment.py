@@ -19,7 +19,9 @@ from digitrec.segment import (
     MAX_PIECE_WIDTH,
     READ_SIDE,
     SMALL_PART,
+    _best_chain,
     _Blob,
+    _on_a_chain,
     _plausible_digit,
     clean,
     components,
@@ -627,3 +629,77 @@ def test_the_bundled_model_reads_two_numbers_one_under_the_other(bundled):
     assert all(
         a.box[0] < b.box[0] for a, b in zip(result.digits[:4], result.digits[1:5])
     )  # each line left to right
+
+
+# ------------------------------------------------------------------ each piece read once, and only those that count
+
+
+def _chains(pieces: list[tuple[int, int]], count: int) -> list[list[tuple[int, int]]]:
+    """Every chain of pieces from cut 0 to cut count - 1, found by trying them all."""
+    if count == 1:
+        return [[]]
+
+    def from_cut(i: int) -> list[list[tuple[int, int]]]:
+        if i == count - 1:
+            return [[]]
+        return [[(i, j), *rest] for a, j in pieces if a == i for rest in from_cut(j)]
+
+    return from_cut(0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 7), st.data())
+def test_the_best_chain_is_chosen_from_the_pieces_on_a_chain_alone(count, data):
+    """split_and_read reads only the pieces _on_a_chain keeps: the others could not change the chain chosen
+    (values from a few levels, so that ties are common: they must be broken as before)."""
+    every = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    pieces = data.draw(st.lists(st.sampled_from(every), unique=True))
+    levels = st.sampled_from([-3.0, -1.5, -1.0, -0.5, 0.0])
+    value = {key: data.draw(levels) for key in pieces}
+    crossing = [0.0, *(data.draw(st.sampled_from([0.0, 0.5, 1.0])) for _ in range(count - 2)), 0.0]
+    kept = _on_a_chain(value, count)
+    assert kept == {piece for chain in _chains(pieces, count) for piece in chain}
+    assert _best_chain({key: v for key, v in value.items() if key in kept}, crossing) == _best_chain(
+        value, crossing
+    )
+
+
+def _scored(predictor: Predictor, glyphs: np.ndarray, seen: list[bytes]) -> np.ndarray:
+    seen += [glyph.tobytes() for glyph in glyphs]
+    return predictor.probabilities(glyphs[:, None]).max(axis=1)
+
+
+@pytest.mark.parametrize(("digits", "seed"), [([5, 3, 0, 6], 0), ([1, 0, 6], 3), ([3, 0], 1)])
+def test_reading_only_the_pieces_on_a_chain_finds_the_same_digits(bundled, monkeypatch, digits, seed):
+    """The pieces and readings segment() gives are those it gave reading every piece, for fewer pieces read."""
+    from digitrec import segment as segmenting
+    from digitrec.pairs import load_pair_scorer
+
+    image, _ = line_image(digits, seed=seed, gap=-0.1)
+    pairs = load_pair_scorer()
+    pruned: list[bytes] = []
+    found = segment(image, score=lambda g: _scored(bundled, g, pruned), pairs=pairs)
+    monkeypatch.setattr(segmenting, "_on_a_chain", lambda pieces, count: set(pieces))
+    every: list[bytes] = []
+    before = segment(image, score=lambda g: _scored(bundled, g, every), pairs=pairs)
+    assert len(pruned) < len(every)
+    assert [(p.box, p.reading) for p in found] == [(p.box, p.reading) for p in before]
+    assert all(np.array_equal(p.image, q.image) for p, q in zip(found, before))
+
+
+def test_short_pieces_on_a_chain_are_read_when_no_chain_of_tall_ones_covers_a_wide_blob(monkeypatch):
+    from digitrec import segment as segmenting
+
+    mask = np.zeros((100, 160), dtype=bool)  # as in test_a_too_wide_blob_with_a_short_digit_is_still_cut
+    mask[:, 10:22] = True
+    mask[60:66, 22:120] = True
+    mask[52:100, 110:150] = True
+
+    def by_ink(glyphs: np.ndarray) -> np.ndarray:
+        return np.array([0.2 + 0.7 * float(g.mean()) for g in glyphs])
+
+    found = split_by_recognition(mask, 100, by_ink)
+    monkeypatch.setattr(segmenting, "_on_a_chain", lambda pieces, count: set(pieces))
+    before = split_by_recognition(mask, 100, by_ink)
+    assert len(found) >= 2 and [x for x, _ in found] == [x for x, _ in before]
+    assert all(np.array_equal(p, q) for (_, p), (_, q) in zip(found, before))

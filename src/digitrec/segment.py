@@ -15,7 +15,7 @@ A piece whose loops a bold pen or a blur filled in is thresholded again inside i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -735,6 +735,22 @@ def split_pair(piece: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return left, right
 
 
+def _on_a_chain(pieces: Iterable[tuple[int, int]], count: int) -> set[tuple[int, int]]:
+    """The pieces, keyed (first cut, last cut), that some chain of pieces from cut 0 to cut `count` - 1 goes
+    through: the only ones _best_chain can choose, and whose values it can use (the others lead from a cut no chain
+    from the start reaches, or to one from which no chain reaches the end)."""
+    keys = sorted(pieces)  # a piece ending at cut i comes before every piece starting there
+    reached = {0}  # the cuts a chain from the first cut ends at
+    for i, j in keys:
+        if i in reached:
+            reached.add(j)
+    reaching = {count - 1}  # the cuts from which a chain goes on to the last cut
+    for i, j in reversed(keys):
+        if j in reaching:
+            reaching.add(i)
+    return {(i, j) for i, j in keys if i in reached and j in reaching}
+
+
 def _best_chain(value: dict[tuple[int, int], float], crossing: list[float]) -> list[tuple[int, int]] | None:
     """The pieces, left to right, from the first cut to the last whose values less PIECE_COST each and
     CUT_INK_COST per stroke each cut crosses sum highest (dynamic programming); None when no chain of pieces
@@ -828,20 +844,29 @@ def split_and_read(
                 pieces[(i, j)] = piece
             elif _plausible_digit(piece, line_height, min_height=0.0):
                 short[(i, j)] = piece
-    pieces = {key: reopened(piece, ink) for key, piece in pieces.items()}  # solid pieces get their loops back
+    tall = pieces
+    # Only a piece on some chain from the first cut to the last can be chosen: the others (about 60% of them on
+    # real photos, such as one that ends at a cut where no piece begins) are not worth reading.
+    # Solid pieces get their loops back.
+    chained = _on_a_chain(tall, len(paths))
+    pieces = {key: reopened(piece, ink) for key, piece in tall.items() if key in chained}
     pair_of: dict[tuple[int, int], tuple[int, float]] = {}
     min_pair_width = PAIR_MIN_WIDTH * line_height
     value = _piece_values(pieces, score, pairs, pair_of, min_pair_width)
     chosen = _best_chain(value, crossing)
     if chosen is None and width > too_wide:
         # No cut of this too-wide blob gives only digit-tall pieces (a small digit among big ones, a long dash):
-        # let short pieces in at a cost rather than read the whole blob as one squeezed digit.
-        short = {key: reopened(piece, ink) for key, piece in short.items()}
-        pieces |= short
+        # let short pieces in at a cost rather than read the whole blob as one squeezed digit. No chain of tall
+        # pieces alone means none was read above; those on a chain with short ones are read now.
+        chained = _on_a_chain(tall | short, len(paths))
+        pieces = {key: reopened(piece, ink) for key, piece in tall.items() if key in chained}
+        short = {key: reopened(piece, ink) for key, piece in short.items() if key in chained}
+        value = _piece_values(pieces, score, pairs, pair_of, min_pair_width)
         value |= {
             key: v - SHORT_PIECE_COST
             for key, v in _piece_values(short, score, pairs, pair_of, min_pair_width).items()
         }
+        pieces |= short
         chosen = _best_chain(value, crossing)
     if chosen is None:
         return [(0, reopened(mask, ink), None)]
