@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from digitrec.pairs import CLASSES, NO_PAIR
 from digitrec.predict import Predictor
 from digitrec.preprocess import MIN_WORK_SIDE, ink_mask, load_gray, load_gray_sized
 from digitrec.realworld import crop_ink, draw_digit, generate, number_line
@@ -22,6 +23,7 @@ from digitrec.segment import (
     _best_chain,
     _Blob,
     _on_a_chain,
+    _piece_values,
     _plausible_digit,
     clean,
     components,
@@ -662,6 +664,47 @@ def test_the_best_chain_is_chosen_from_the_pieces_on_a_chain_alone(count, data):
     assert _best_chain({key: v for key, v in value.items() if key in kept}, crossing) == _best_chain(
         value, crossing
     )
+
+
+def _left_share(glyph: np.ndarray) -> float:
+    return float(glyph[:, :14].sum() / glyph.sum())
+
+
+def test_each_distinct_piece_is_read_once_and_its_reading_goes_to_each_cut_that_left_it():
+    """Two cuts through one gap leave the same piece: _piece_values reads it once. A piece with the same ink
+    count and box as another (its mirror image) is another piece and keeps its own reading."""
+    rng = np.random.default_rng(0)
+    left = np.zeros((40, 90), dtype=bool)
+    left[:, 4:40] = rng.random((40, 36)) < 0.4
+    mirrored = np.zeros_like(left)
+    mirrored[:, 4:40] = left[:, 4:40][:, ::-1]
+    narrow = np.zeros_like(left)
+    narrow[:, 50:60] = True
+    pieces = {(0, 1): left, (0, 2): mirrored, (1, 2): left.copy(), (1, 3): narrow, (2, 3): mirrored.copy()}
+    read: list[int] = []
+    asked: list[int] = []
+
+    def score(glyphs: np.ndarray) -> np.ndarray:  # a confidence of each glyph's own
+        read.append(len(glyphs))
+        return np.array([0.05 + 0.9 * _left_share(g) for g in glyphs])
+
+    def pairs(glyphs: np.ndarray) -> np.ndarray:  # a pair when the ink leans left, the digits from its amount
+        asked.append(len(glyphs))
+        out = np.full((len(glyphs), CLASSES), np.log(0.001))
+        for k, g in enumerate(glyphs):
+            out[k, int(g.sum()) % 100] = np.log(0.9 if _left_share(g) > 0.5 else 0.05)
+            out[k, NO_PAIR] = np.log(0.05 if _left_share(g) > 0.5 else 0.9)
+        return out
+
+    pair_of: dict[tuple[int, int], tuple[int, float]] = {}
+    value = _piece_values(pieces, score, pairs, pair_of, min_pair_width=20)
+    assert read == [3] and asked == [2]  # left, mirrored, narrow; the two wide ones asked if they are pairs
+    assert value[(0, 1)] != value[(0, 2)]  # the mirror image reads otherwise
+    assert pair_of  # and some piece reads as a pair
+    for key, piece in pieces.items():  # each as if it were read alone
+        alone: dict[tuple[int, int], tuple[int, float]] = {}
+        assert value[key] == _piece_values({key: piece}, score, pairs, alone, min_pair_width=20)[key]
+        assert pair_of.get(key) == alone.get(key)
 
 
 def _scored(predictor: Predictor, glyphs: np.ndarray, seen: list[bytes]) -> np.ndarray:

@@ -703,23 +703,35 @@ def _piece_values(
     """
     if not pieces:
         return {}
-    glyphs = np.stack([to_mnist(piece) for piece in pieces.values()])
+    # Different cuts can leave the same piece (two cuts through one gap in the ink): each is read once.
+    # a piece's pixels (the pieces share one blob's shape) -> its row in the batch
+    row_of: dict[bytes, int] = {}
+    distinct: list[np.ndarray] = []
+    rows = []  # each piece's row
+    for piece in pieces.values():
+        pixels = piece.tobytes()
+        if pixels not in row_of:
+            row_of[pixels] = len(distinct)
+            distinct.append(piece)
+        rows.append(row_of[pixels])
+    glyphs = np.stack([to_mnist(piece) for piece in distinct])
     values = np.log(np.clip(score(glyphs), 1e-6, 1.0))
-    if pairs is None:
-        return dict(zip(pieces, values.tolist()))
-    wide = np.array([np.ptp(np.flatnonzero(p.any(0))) + 1 >= min_pair_width for p in pieces.values()])
-    if wide.any():
-        log_p = pairs(glyphs[wide])
-        single = values[wide] + log_p[:, NO_PAIR]
-        best = log_p[:, :NO_PAIR].argmax(axis=1)
-        pair_log_p = log_p[np.arange(len(best)), best]
-        pair = pair_log_p + SINGLE_DOUBT * np.log(np.clip(1.0 - np.exp(values[wide]), 1e-6, 1.0))
-        asked = [key for key, is_wide in zip(pieces, wide) if is_wide]
-        for key, ab, p, s, lp in zip(asked, best, pair, single, pair_log_p):
-            if pair_of is not None and p > s:
-                pair_of[key] = (int(ab), float(np.exp(lp)))
-        values[wide] = np.maximum(single, pair)
-    return dict(zip(pieces, values.tolist()))
+    read_as_pair: dict[int, tuple[int, float]] = {}  # row -> (10a + b, p_pair(ab)) where that reading wins
+    if pairs is not None:
+        wide = np.array([np.ptp(np.flatnonzero(p.any(0))) + 1 >= min_pair_width for p in distinct])
+        if wide.any():
+            log_p = pairs(glyphs[wide])
+            single = values[wide] + log_p[:, NO_PAIR]
+            best = log_p[:, :NO_PAIR].argmax(axis=1)
+            pair_log_p = log_p[np.arange(len(best)), best]
+            pair = pair_log_p + SINGLE_DOUBT * np.log(np.clip(1.0 - np.exp(values[wide]), 1e-6, 1.0))
+            for row, ab, p, s, lp in zip(np.flatnonzero(wide), best, pair, single, pair_log_p):
+                if p > s:
+                    read_as_pair[int(row)] = (int(ab), float(np.exp(lp)))
+            values[wide] = np.maximum(single, pair)
+    if pair_of is not None:
+        pair_of |= {key: read_as_pair[row] for key, row in zip(pieces, rows) if row in read_as_pair}
+    return dict(zip(pieces, values[rows].tolist()))
 
 
 def split_pair(piece: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
