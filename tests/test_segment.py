@@ -746,3 +746,29 @@ def test_short_pieces_on_a_chain_are_read_when_no_chain_of_tall_ones_covers_a_wi
     before = split_by_recognition(mask, 100, by_ink)
     assert len(found) >= 2 and [x for x, _ in found] == [x for x, _ in before]
     assert all(np.array_equal(p, q) for (_, p), (_, q) in zip(found, before))
+
+
+@pytest.mark.parametrize(("digits", "gap"), [([7, 2, 3], -0.05), ([1, 4, 7], None)])
+def test_read_reads_each_glyph_once_and_as_reading_its_digits_afresh_would(bundled, digits, gap):
+    """Predictor.read keeps the probabilities segment() computed choosing its cuts: a digit it chose is not
+    read again (a lone narrow digit, never asked about, is read at the end), and each reading is the one a
+    fresh look at the digit's glyph gives."""
+    from digitrec.pairs import load_pair_scorer
+
+    image, _ = line_image(digits, gap=gap)
+    seen: list[bytes] = []
+
+    def backend(batch: np.ndarray) -> np.ndarray:
+        seen.extend(glyph.tobytes() for glyph in np.asarray(batch, np.float32).reshape(-1, 28, 28))
+        return bundled.backend(batch)
+
+    predictor = Predictor(backend, bundled.meta, name=bundled.name)
+    result = predictor.read(image)
+    assert len(seen) == len(set(seen))  # no glyph twice
+    pieces = segment(image, score=lambda g: _scored(bundled, g, []), pairs=load_pair_scorer())
+    fresh = bundled.probabilities(np.stack([p.image for p in pieces])[:, None])
+    assert len(result.digits) == len(pieces) == len(digits)
+    for digit, piece, probabilities in zip(result.digits, pieces, fresh):
+        expected = piece.reading or (int(probabilities.argmax()), float(probabilities.max()))
+        assert (digit.digit, digit.box) == (expected[0], piece.box)
+        assert digit.confidence == pytest.approx(expected[1], abs=1e-6)
