@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -12,18 +13,20 @@ from PIL import Image
 
 from digitrec.pairs import CLASSES, NO_PAIR
 from digitrec.predict import Predictor
-from digitrec.preprocess import MIN_WORK_SIDE, ink_mask, load_gray, load_gray_sized
+from digitrec.preprocess import MIN_WORK_SIDE, ink_mask, load_gray, load_gray_sized, to_mnist
 from digitrec.realworld import crop_ink, draw_digit, generate, number_line
 from digitrec.segment import (
     CUT_SIDEWAYS,
     CUT_STRAY,
     MAX_PIECE_WIDTH,
     READ_SIDE,
+    SHORT_PIECE_COST,
+    SINGLE_DOUBT,
     SMALL_PART,
     _best_chain,
+    _best_reading,
     _Blob,
     _on_a_chain,
-    _piece_values,
     _plausible_digit,
     clean,
     components,
@@ -670,8 +673,31 @@ def _left_share(glyph: np.ndarray) -> float:
     return float(glyph[:, :14].sum() / glyph.sum())
 
 
+def _eager_reading(pieces, costs, crossing, score, pairs, min_pair_width):
+    """What _best_reading gives, the long way (as read() did until 2026-12-06): every piece read, every wide one
+    asked if it is a pair; the chain and the pair readings of its pieces."""
+    glyphs = np.stack([to_mnist(piece) for piece in pieces.values()])
+    values = np.log(np.clip(score(glyphs), 1e-6, 1.0))
+    wide = np.array([np.ptp(np.flatnonzero(p.any(0))) + 1 >= min_pair_width for p in pieces.values()])
+    pair_of = {}
+    if wide.any():
+        log_p = pairs(glyphs[wide])
+        single = values[wide] + log_p[:, NO_PAIR]
+        best = log_p[:, :NO_PAIR].argmax(axis=1)
+        pair_log_p = log_p[np.arange(len(best)), best]
+        pair = pair_log_p + SINGLE_DOUBT * np.log(np.clip(1.0 - np.exp(values[wide]), 1e-6, 1.0))
+        asked = [key for key, is_wide in zip(pieces, wide) if is_wide]
+        for key, ab, p, s, lp in zip(asked, best, pair, single, pair_log_p):
+            if p > s:
+                pair_of[key] = (int(ab), float(np.exp(lp)))
+        values[wide] = np.maximum(single, pair)
+    value = {key: v - costs[key] for key, v in zip(pieces, values.tolist())}
+    chosen = _best_chain(value, crossing)
+    return chosen, {key: pair_of[key] for key in chosen or [] if key in pair_of}
+
+
 def test_each_distinct_piece_is_read_once_and_its_reading_goes_to_each_cut_that_left_it():
-    """Two cuts through one gap leave the same piece: _piece_values reads it once. A piece with the same ink
+    """Two cuts through one gap leave the same piece: _best_reading reads it once. A piece with the same ink
     count and box as another (its mirror image) is another piece and keeps its own reading."""
     rng = np.random.default_rng(0)
     left = np.zeros((40, 90), dtype=bool)
@@ -680,31 +706,77 @@ def test_each_distinct_piece_is_read_once_and_its_reading_goes_to_each_cut_that_
     mirrored[:, 4:40] = left[:, 4:40][:, ::-1]
     narrow = np.zeros_like(left)
     narrow[:, 50:60] = True
-    pieces = {(0, 1): left, (0, 2): mirrored, (1, 2): left.copy(), (1, 3): narrow, (2, 3): mirrored.copy()}
     read: list[int] = []
-    asked: list[int] = []
 
     def score(glyphs: np.ndarray) -> np.ndarray:  # a confidence of each glyph's own
         read.append(len(glyphs))
         return np.array([0.05 + 0.9 * _left_share(g) for g in glyphs])
 
     def pairs(glyphs: np.ndarray) -> np.ndarray:  # a pair when the ink leans left, the digits from its amount
-        asked.append(len(glyphs))
         out = np.full((len(glyphs), CLASSES), np.log(0.001))
         for k, g in enumerate(glyphs):
             out[k, int(g.sum()) % 100] = np.log(0.9 if _left_share(g) > 0.5 else 0.05)
             out[k, NO_PAIR] = np.log(0.05 if _left_share(g) > 0.5 else 0.9)
         return out
 
-    pair_of: dict[tuple[int, int], tuple[int, float]] = {}
-    value = _piece_values(pieces, score, pairs, pair_of, min_pair_width=20)
-    assert read == [3] and asked == [2]  # left, mirrored, narrow; the two wide ones asked if they are pairs
-    assert value[(0, 1)] != value[(0, 2)]  # the mirror image reads otherwise
-    assert pair_of  # and some piece reads as a pair
-    for key, piece in pieces.items():  # each as if it were read alone
-        alone: dict[tuple[int, int], tuple[int, float]] = {}
-        assert value[key] == _piece_values({key: piece}, score, pairs, alone, min_pair_width=20)[key]
-        assert pair_of.get(key) == alone.get(key)
+    crossing = [0.0, 0.0, 0.0, 0.0]
+    for first, second in ((left, mirrored), (mirrored, left)):  # whichever reads better is chosen
+        pieces = {(0, 1): first, (0, 2): second, (1, 2): first.copy(), (1, 3): narrow, (2, 3): second.copy()}
+        costs = dict.fromkeys(pieces, 0.0)
+        read.clear()
+        pair_of: dict[tuple[int, int], tuple[int, float]] = {}
+        chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width=20)
+        assert read == [3]  # left, mirrored, narrow
+        assert (chosen, pair_of) == _eager_reading(pieces, costs, crossing, score, pairs, 20)
+
+
+def _by_pixels(seed: int):
+    """A digit and a pair classifier whose answers for a glyph depend on its pixels only, not on its batch."""
+
+    def rng(glyph: np.ndarray) -> np.random.Generator:
+        return np.random.default_rng([seed, zlib.crc32(glyph.tobytes())])
+
+    def score(glyphs: np.ndarray) -> np.ndarray:
+        return np.array([rng(g).uniform(0.02, 1.0) for g in glyphs])
+
+    def pairs(glyphs: np.ndarray) -> np.ndarray:
+        logits = np.stack([3 * rng(g).standard_normal(CLASSES) for g in glyphs])
+        logits -= logits.max(axis=1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+    return score, pairs
+
+
+def _counting(pairs, asked: dict[str, int], kind: str):
+    def counted(glyphs: np.ndarray) -> np.ndarray:
+        asked[kind] += len(glyphs)
+        return pairs(glyphs)
+
+    return counted
+
+
+def test_asking_the_pair_classifier_about_the_chosen_pieces_only_chooses_as_asking_about_all():
+    """_best_reading asks the pair classifier about the wide pieces of the chain it would choose, then chooses
+    again, until that chain holds no piece it has not asked about: the chain and its pair readings are those of
+    asking about every wide piece, for fewer asked."""
+    rng = np.random.default_rng(1)
+    asked = {"lazily": 0, "all": 0}
+    for seed in range(80):
+        count = int(rng.integers(3, 8))
+        keys = [(i, j) for i in range(count) for j in range(i + 1, min(count, i + 4)) if rng.random() < 0.7]
+        pieces = {}
+        for i, j in keys:  # ink from cut i to cut j, 10 px apart: pieces over two cuts or more are wide
+            piece = np.zeros((30, 10 * count + 10), dtype=bool)
+            piece[:, 10 * i + 2 : 10 * j - 2] = rng.random((30, 10 * (j - i) - 4)) < 0.6
+            pieces[(i, j)] = piece
+        costs = {key: float(rng.choice([0.0, SHORT_PIECE_COST])) for key in pieces}
+        crossing = [0.0, *(float(rng.choice([0.0, 0.5, 1.0])) for _ in range(count - 2)), 0.0]
+        score, pairs = _by_pixels(seed)
+        pair_of: dict[tuple[int, int], tuple[int, float]] = {}
+        chosen = _best_reading(pieces, costs, crossing, score, _counting(pairs, asked, "lazily"), pair_of, 15)
+        expected = _eager_reading(pieces, costs, crossing, score, _counting(pairs, asked, "all"), 15)
+        assert (chosen, pair_of) == expected
+    assert asked["lazily"] < 0.6 * asked["all"]
 
 
 def _scored(predictor: Predictor, glyphs: np.ndarray, seen: list[bytes]) -> np.ndarray:
