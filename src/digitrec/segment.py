@@ -724,7 +724,8 @@ def _best_reading(
     yet are asked); and so on until each piece of the chain chosen counts what it is worth. It is then the best
     chain: every other chain counted at least what it is worth. Most pieces are never read: once a blob's digits
     read clearly (log confidences near 0), a chain of more pieces, each costing PIECE_COST, cannot win. (On 60 lines
-    of real photos, 230 of 2,151 distinct pieces were read and 222 of their 906 wide ones asked.)
+    of real photos, `read` sent the digit and pair classifiers 288 and 244 glyphs, against 6,680 and 3,433 when
+    every piece was read and every wide one asked.)
     """
     if not pieces:
         return None
