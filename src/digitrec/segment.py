@@ -880,13 +880,15 @@ def split_and_read(
     short: dict[tuple[int, int], np.ndarray] = {}  # narrow enough for a digit, but short: a fallback only
     if width <= too_wide:  # the blob uncut is a candidate only if one digit can be that wide
         pieces[whole] = mask
+    # the ink right of each cut, once for the many pieces it bounds
+    ink_right_of = [mask & (columns > path[:, None]) for path in paths]
     for i in range(len(paths) - 1):
         for j in range(i + 1, len(paths)):
             if (i, j) == whole:
                 continue
             if paths[j].min() - paths[i].max() > too_wide:
                 break
-            piece = mask & (columns > paths[i][:, None]) & (columns <= paths[j][:, None])
+            piece = ink_right_of[i] & ~ink_right_of[j]  # the ink between the two cuts
             if piece.sum() < MIN_PIECE_AREA * line_height**2:
                 continue
             piece = select_digit(piece)  # slivers of a cut neighbour fall away
