@@ -324,16 +324,24 @@ class Predictor:
         from .pairs import load_pair_scorer
         from .segment import segment
 
+        # Each glyph's probabilities, by its pixels: choosing its cuts, segment() has read most digits it returns.
+        known: dict[bytes, np.ndarray] = {}
+
         def score(glyphs: np.ndarray) -> np.ndarray:
-            return self.probabilities(glyphs[:, None]).max(axis=1)
+            probs = self.probabilities(glyphs[:, None])
+            known.update(zip((glyph.tobytes() for glyph in glyphs), probs))
+            return probs.max(axis=1)
 
         pieces = segment(image, score=score, pairs=load_pair_scorer() if self.read_pairs else None)
         if not pieces:
             return ReadResult("")
-        probs = self.probabilities(np.stack([p.image for p in pieces])[:, None])
+        # the digits of pair readings need none; a digit too narrow to cut was not read yet
+        unread = [p.image for p in pieces if p.reading is None and p.image.tobytes() not in known]
+        if unread:
+            score(np.stack(unread))
         readings = [
-            piece.reading if piece.reading is not None else (int(p.argmax()), float(p.max()))
-            for p, piece in zip(probs, pieces)
+            piece.reading if piece.reading is not None else _top(known[piece.image.tobytes()])
+            for piece in pieces
         ]
         digits = [
             DigitBox(digit, confidence, piece.box, doubtful=confidence < self.reject_below, line=piece.line)
@@ -344,6 +352,11 @@ class Predictor:
             for line in sorted({d.line for d in digits})
         ]
         return ReadResult("\n".join(lines), digits)
+
+
+def _top(probabilities: np.ndarray) -> tuple[int, float]:
+    """The most likely digit and its probability."""
+    return int(probabilities.argmax()), float(probabilities.max())
 
 
 @dataclass

@@ -15,7 +15,7 @@ A piece whose loops a bold pen or a blur filled in is thresholded again inside i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -687,39 +687,89 @@ def strokes_crossed(ink: np.ndarray, stroke: float) -> float:
     return float(np.minimum(lengths, stroke).sum() / stroke)
 
 
-def _piece_values(
+def _distinct(pieces: dict[tuple[int, int], np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+    """The distinct pieces, and each piece's row among them: different cuts can leave the same piece (two cuts
+    through one gap in the ink), which is then read once."""
+    row_of: dict[bytes, int] = {}  # a piece's pixels (the pieces share one blob's shape) -> its row
+    distinct: list[np.ndarray] = []
+    rows = []
+    for piece in pieces.values():
+        pixels = piece.tobytes()
+        if pixels not in row_of:
+            row_of[pixels] = len(distinct)
+            distinct.append(piece)
+        rows.append(row_of[pixels])
+    return distinct, rows
+
+
+def _best_reading(
     pieces: dict[tuple[int, int], np.ndarray],
+    costs: dict[tuple[int, int], float],
+    crossing: list[float],
     score: Score,
     pairs: PairScore | None = None,
     pair_of: dict[tuple[int, int], tuple[int, float]] | None = None,
     min_pair_width: float = 0.0,
-) -> dict[tuple[int, int], float]:
-    """The classifier's log confidence in each piece.
+) -> list[tuple[int, int]] | None:
+    """_best_chain of the pieces, each worth the classifier's log confidence in it less its cost, reading as few
+    pieces as that needs.
 
-    With `pairs`, a piece is worth the better of two readings: one digit, log p(digit) + log p_pair(no pair),
-    or the overlapping pair ab, log p_pair(ab) + SINGLE_DOUBT * log(1 - p(digit)); `pair_of` collects the
-    pieces whose pair reading wins, as (10a + b, p_pair(ab)). Pieces narrower than `min_pair_width` pixels are
-    read as one digit only.
+    With `pairs`, a piece at least `min_pair_width` pixels wide is worth the better of two readings: one digit,
+    log p(digit) + log p_pair(no pair), or the overlapping pair ab, log p_pair(ab) + SINGLE_DOUBT * log(1 - p(digit));
+    `pair_of` collects the chosen pieces whose pair reading wins, as (10a + b, p_pair(ab)).
+
+    Until it is read, a piece counts the most it can be worth: 0, as log probabilities are at most 0; a wide piece
+    the digit classifier has read, the larger of log p(digit) and SINGLE_DOUBT * log(1 - p(digit)) until the pair
+    classifier is asked. The chain is chosen; its pieces not read yet are read (all read, its wide pieces not asked
+    yet are asked); and so on until each piece of the chain chosen counts what it is worth. It is then the best
+    chain: every other chain counted at least what it is worth. Most pieces are never read: once a blob's digits
+    read clearly (log confidences near 0), a chain of more pieces, each costing PIECE_COST, cannot win. (On 60 lines
+    of real photos, `read` sent the digit and pair classifiers 288 and 244 glyphs, against 6,680 and 3,433 when
+    every piece was read and every wide one asked.)
     """
     if not pieces:
-        return {}
-    glyphs = np.stack([to_mnist(piece) for piece in pieces.values()])
-    values = np.log(np.clip(score(glyphs), 1e-6, 1.0))
-    if pairs is None:
-        return dict(zip(pieces, values.tolist()))
-    wide = np.array([np.ptp(np.flatnonzero(p.any(0))) + 1 >= min_pair_width for p in pieces.values()])
-    if wide.any():
-        log_p = pairs(glyphs[wide])
-        single = values[wide] + log_p[:, NO_PAIR]
-        best = log_p[:, :NO_PAIR].argmax(axis=1)
-        pair_log_p = log_p[np.arange(len(best)), best]
-        pair = pair_log_p + SINGLE_DOUBT * np.log(np.clip(1.0 - np.exp(values[wide]), 1e-6, 1.0))
-        asked = [key for key, is_wide in zip(pieces, wide) if is_wide]
-        for key, ab, p, s, lp in zip(asked, best, pair, single, pair_log_p):
-            if pair_of is not None and p > s:
-                pair_of[key] = (int(ab), float(np.exp(lp)))
-        values[wide] = np.maximum(single, pair)
-    return dict(zip(pieces, values.tolist()))
+        return None
+    distinct, rows = _distinct(pieces)
+    wide = [pairs is not None and np.ptp(np.flatnonzero(p.any(0))) + 1 >= min_pair_width for p in distinct]
+    worth = [0.0] * len(distinct)  # what each piece counts: its value, or the most it can be worth
+    glyphs: dict[int, np.ndarray] = {}  # row -> the 28x28 glyph of each piece read
+    digit: dict[int, Any] = {}  # row -> log p(digit), a NumPy scalar of the classifier's float type
+    doubt: dict[int, Any] = {}  # row -> SINGLE_DOUBT * log(1 - p(digit))
+    asked: set[int] = set()
+    read_as_pair: dict[int, tuple[int, float]] = {}  # row -> (10a + b, p_pair(ab)) where that reading wins
+    while True:
+        chosen = _best_chain({key: worth[row] - costs[key] for key, row in zip(pieces, rows)}, crossing)
+        in_chain = set(chosen or [])
+        chain_rows = sorted({row for key, row in zip(pieces, rows) if key in in_chain})
+        unread = [row for row in chain_rows if row not in glyphs]
+        unasked = [row for row in chain_rows if wide[row] and row not in asked]
+        if unread:
+            glyphs |= {row: to_mnist(distinct[row]) for row in unread}
+            log_p = np.log(np.clip(score(np.stack([glyphs[row] for row in unread])), 1e-6, 1.0))
+            doubts = SINGLE_DOUBT * np.log(np.clip(1.0 - np.exp(log_p), 1e-6, 1.0))
+            for row, d, b in zip(unread, log_p, doubts):
+                digit[row], doubt[row] = d, b
+                worth[row] = float(max(d, b) if wide[row] else d)
+        elif unasked and pairs is not None:
+            log_p = pairs(np.stack([glyphs[row] for row in unasked]))
+            single = np.array([digit[row] for row in unasked]) + log_p[:, NO_PAIR]
+            best = log_p[:, :NO_PAIR].argmax(axis=1)
+            pair_log_p = log_p[np.arange(len(best)), best]
+            pair = pair_log_p + np.array([doubt[row] for row in unasked])
+            for row, ab, p, s, lp in zip(unasked, best, pair, single, pair_log_p):
+                if p > s:
+                    read_as_pair[row] = (int(ab), float(np.exp(lp)))
+                worth[row] = float(max(s, p))
+            asked.update(unasked)
+        else:
+            break
+    if pair_of is not None:
+        pair_of |= {
+            key: read_as_pair[row]
+            for key, row in zip(pieces, rows)
+            if key in in_chain and row in read_as_pair
+        }
+    return chosen
 
 
 def split_pair(piece: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -733,6 +783,22 @@ def split_pair(piece: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     left, right = piece.copy(), piece.copy()
     left[:, middle:], right[:, :middle] = False, False
     return left, right
+
+
+def _on_a_chain(pieces: Iterable[tuple[int, int]], count: int) -> set[tuple[int, int]]:
+    """The pieces, keyed (first cut, last cut), that some chain of pieces from cut 0 to cut `count` - 1 goes
+    through: the only ones _best_chain can choose, and whose values it can use (the others lead from a cut no chain
+    from the start reaches, or to one from which no chain reaches the end)."""
+    keys = sorted(pieces)  # a piece ending at cut i comes before every piece starting there
+    reached = {0}  # the cuts a chain from the first cut ends at
+    for i, j in keys:
+        if i in reached:
+            reached.add(j)
+    reaching = {count - 1}  # the cuts from which a chain goes on to the last cut
+    for i, j in reversed(keys):
+        if j in reaching:
+            reaching.add(i)
+    return {(i, j) for i, j in keys if i in reached and j in reaching}
 
 
 def _best_chain(value: dict[tuple[int, int], float], crossing: list[float]) -> list[tuple[int, int]] | None:
@@ -785,7 +851,7 @@ def split_and_read(
     come in at SHORT_PIECE_COST each). With the blob's ink strength, a solid piece is read with its loops
     opened again (reopened).
 
-    With `pairs`, each piece may also read as two digits too entangled to cut (_piece_values); such a piece
+    With `pairs`, each piece may also read as two digits too entangled to cut (_best_reading); such a piece
     comes back as its two halves (split_pair), each with its digit and the pair's probability as its reading.
     Pieces the digit classifier is to read have reading None.
     """
@@ -814,13 +880,15 @@ def split_and_read(
     short: dict[tuple[int, int], np.ndarray] = {}  # narrow enough for a digit, but short: a fallback only
     if width <= too_wide:  # the blob uncut is a candidate only if one digit can be that wide
         pieces[whole] = mask
+    # the ink right of each cut, once for the many pieces it bounds
+    ink_right_of = [mask & (columns > path[:, None]) for path in paths]
     for i in range(len(paths) - 1):
         for j in range(i + 1, len(paths)):
             if (i, j) == whole:
                 continue
             if paths[j].min() - paths[i].max() > too_wide:
                 break
-            piece = mask & (columns > paths[i][:, None]) & (columns <= paths[j][:, None])
+            piece = ink_right_of[i] & ~ink_right_of[j]  # the ink between the two cuts
             if piece.sum() < MIN_PIECE_AREA * line_height**2:
                 continue
             piece = select_digit(piece)  # slivers of a cut neighbour fall away
@@ -828,21 +896,26 @@ def split_and_read(
                 pieces[(i, j)] = piece
             elif _plausible_digit(piece, line_height, min_height=0.0):
                 short[(i, j)] = piece
-    pieces = {key: reopened(piece, ink) for key, piece in pieces.items()}  # solid pieces get their loops back
+    tall = pieces
+    # Only a piece on some chain from the first cut to the last can be chosen: the others (about 60% of them on
+    # real photos, such as one that ends at a cut where no piece begins) are not worth reading.
+    # Solid pieces get their loops back.
+    chained = _on_a_chain(tall, len(paths))
+    pieces = {key: reopened(piece, ink) for key, piece in tall.items() if key in chained}
     pair_of: dict[tuple[int, int], tuple[int, float]] = {}
     min_pair_width = PAIR_MIN_WIDTH * line_height
-    value = _piece_values(pieces, score, pairs, pair_of, min_pair_width)
-    chosen = _best_chain(value, crossing)
+    costs = dict.fromkeys(pieces, 0.0)
+    chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width)
     if chosen is None and width > too_wide:
         # No cut of this too-wide blob gives only digit-tall pieces (a small digit among big ones, a long dash):
-        # let short pieces in at a cost rather than read the whole blob as one squeezed digit.
-        short = {key: reopened(piece, ink) for key, piece in short.items()}
+        # let short pieces in at a cost rather than read the whole blob as one squeezed digit. No chain of tall
+        # pieces alone means none was read above; those on a chain with short ones are read now.
+        chained = _on_a_chain(tall | short, len(paths))
+        pieces = {key: reopened(piece, ink) for key, piece in tall.items() if key in chained}
+        short = {key: reopened(piece, ink) for key, piece in short.items() if key in chained}
+        costs = dict.fromkeys(pieces, 0.0) | dict.fromkeys(short, SHORT_PIECE_COST)
         pieces |= short
-        value |= {
-            key: v - SHORT_PIECE_COST
-            for key, v in _piece_values(short, score, pairs, pair_of, min_pair_width).items()
-        }
-        chosen = _best_chain(value, crossing)
+        chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width)
     if chosen is None:
         return [(0, reopened(mask, ink), None)]
     out: list[tuple[int, np.ndarray, tuple[int, float] | None]] = []
