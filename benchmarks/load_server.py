@@ -1,4 +1,4 @@
-"""Load benchmark of `digitrec serve`: N POST /api/predict at C concurrent keep-alive connections, on 127.0.0.1 only.
+"""Load benchmark of `digitrec serve`: N POST /api/predict (or /api/read) at C concurrent keep-alive connections, on 127.0.0.1 only.
 
     python benchmarks/load_server.py                        # starts `digitrec serve` with the bundled model
     python benchmarks/load_server.py --model runs/x/model.safetensors --requests 2000 --concurrency 32
@@ -59,6 +59,30 @@ def digit_pngs() -> list[bytes]:
     return out
 
 
+def number_photos(count: int = 20) -> list[bytes]:
+    """Photos of handwritten numbers, as /api/read gets them: the first `count` of eval-real's `numbers` set (seed 0)."""
+    from digitrec.realworld import generate
+
+    return [sample.data for sample in generate("numbers", count, seed=0)]
+
+
+def read_rate(photos: list[bytes], seconds: float = 3.0) -> float:
+    """Predictor.read calls per second on one core in this process (the bundled model, ONNX Runtime as `serve`
+    runs it where it can, else NumPy): the ceiling each server core can reach for /api/read."""
+    from digitrec.predict import Predictor
+
+    try:
+        predictor = Predictor.pretrained(backend="onnx")
+    except Exception:  # noqa: BLE001 - no ONNX Runtime here
+        predictor = Predictor.pretrained(backend="numpy")
+    predictor.read(photos[0])
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        predictor.read(photos[count % len(photos)])
+        count += 1
+    return count / (time.perf_counter() - started)
+
+
 def preprocess_rate(pngs: list[bytes], seconds: float = 2.0) -> float:
     """preprocess() calls per second on one core in this process: the ceiling each server core can reach."""
     from digitrec.preprocess import preprocess
@@ -76,7 +100,7 @@ def netloc(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def multipart_request(host: str, port: int, png: bytes) -> bytes:
+def multipart_request(host: str, port: int, png: bytes, path: str = "/api/predict") -> bytes:
     boundary = "digitrec-load-benchmark"
     body = (
         (
@@ -87,7 +111,7 @@ def multipart_request(host: str, port: int, png: bytes) -> bytes:
         + f"\r\n--{boundary}--\r\n".encode()
     )
     head = (
-        f"POST /api/predict HTTP/1.1\r\nHost: {netloc(host, port)}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {netloc(host, port)}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
@@ -104,7 +128,13 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def run_load(
-    host: str, port: int, requests: list[bytes], total: int, concurrency: int, time_limit: float
+    host: str,
+    port: int,
+    requests: list[bytes],
+    total: int,
+    concurrency: int,
+    time_limit: float,
+    expect: bytes = b'"probabilities"',
 ) -> tuple[list[float], list[str], float]:
     latencies: list[float] = []
     errors: list[str] = []
@@ -124,7 +154,7 @@ async def run_load(
                 writer.write(requests[index % len(requests)])
                 status, body = await asyncio.wait_for(read_response(reader), timeout=30)
                 latencies.append(time.perf_counter() - started)
-                if status != 200 or b'"probabilities"' not in body:
+                if status != 200 or expect not in body:
                     errors.append(f"HTTP {status}: {body[:120]!r}")
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
@@ -277,6 +307,12 @@ def main() -> int:
     parser.add_argument(
         "--time-limit", type=float, default=120.0, help="stop after this many seconds (default 120)"
     )
+    parser.add_argument(
+        "--endpoint",
+        choices=["predict", "read"],
+        default="predict",
+        help="POST drawings of digits to /api/predict (default), or photos of numbers to /api/read",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     if not (1 <= args.requests <= 20_000 and 1 <= args.concurrency <= 256 and 0 < args.time_limit <= 600):
@@ -295,23 +331,28 @@ def main() -> int:
             host = "127.0.0.1"
         base = f"http://{netloc(host, port)}"
         try:
-            pngs = digit_pngs()
-            requests = [multipart_request(host, port, png) for png in pngs]
+            reading = args.endpoint == "read"
+            pngs = number_photos() if reading else digit_pngs()
+            requests = [multipart_request(host, port, png, f"/api/{args.endpoint}") for png in pngs]
+            expect = b'"number"' if reading else b'"probabilities"'
             if args.warmup:
                 asyncio.run(
-                    run_load(host, port, requests, args.warmup, min(args.concurrency, args.warmup), 60)
+                    run_load(
+                        host, port, requests, args.warmup, min(args.concurrency, args.warmup), 60, expect
+                    )
                 )
             before = json.loads(urllib.request.urlopen(f"{base}/api/stats", timeout=10).read())
             server_pid = server.pid if server is not None else _quietly(listening_process, port)
             cpu_before = _quietly(server_cpu, server_pid) if server_pid else None
             client_before = os.times()
             latencies, errors, seconds = asyncio.run(
-                run_load(host, port, requests, args.requests, args.concurrency, args.time_limit)
+                run_load(host, port, requests, args.requests, args.concurrency, args.time_limit, expect)
             )
             client_after = os.times()
             cpu_after = _quietly(server_cpu, server_pid) if server_pid else None
             stats = json.loads(urllib.request.urlopen(f"{base}/api/stats", timeout=10).read())
-            ceiling = preprocess_rate(pngs)  # measured right after the load, with the server idle
+            # measured right after the load, with the server idle
+            ceiling = read_rate(pngs) if reading else preprocess_rate(pngs)
             health = json.loads(urllib.request.urlopen(f"{base}/healthz", timeout=10).read())
         finally:
             if server is not None:
@@ -323,6 +364,7 @@ def main() -> int:
     images = stats["batches"]["images"] - before["batches"]["images"]
     result = {
         "model": f"{health['model']} {health['version']}",
+        "endpoint": f"/api/{args.endpoint}",
         "requests": len(done),
         "concurrency": args.concurrency,
         "errors": len(errors),
@@ -336,7 +378,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "payload_bytes": round(sum(map(len, pngs)) / len(pngs)),
         "load_average": round(os.getloadavg()[0], 1),
-        "preprocess_per_s_one_core": round(ceiling, 1),
+        ("read_per_s_one_core" if reading else "preprocess_per_s_one_core"): round(ceiling, 1),
         # full (generation 2) garbage collections in the server process during the measured requests
         "gc_full_collections": stats.get("gc", {}).get("collections", [0, 0, 0])[2]
         - before.get("gc", {}).get("collections", [0, 0, 0])[2],
@@ -358,7 +400,11 @@ def main() -> int:
     else:
         print(
             f"digitrec serve load benchmark: {result['model']}, {result['cpus']} CPUs, client and server on this machine, "
-            f"payload {PAYLOAD_SIDE}x{PAYLOAD_SIDE} PNG drawings (~{result['payload_bytes'] // 1000} kB)"
+            + (
+                f"POST /api/read with photos of numbers (~{result['payload_bytes'] // 1000} kB)"
+                if reading
+                else f"payload {PAYLOAD_SIDE}x{PAYLOAD_SIDE} PNG drawings (~{result['payload_bytes'] // 1000} kB)"
+            )
         )
         print(
             f"{'requests':>8} {'conc':>4} {'errors':>6} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'batch':>6}"
@@ -368,8 +414,9 @@ def main() -> int:
             f"{result['p50_ms']:>7} {result['p90_ms']:>7} {result['p99_ms']:>7} {result['max_ms']:>7} {result['mean_batch']!s:>6}"
         )
         print(
-            f"side by side: preprocess() alone runs {result['preprocess_per_s_one_core']}/s on one core here, so the "
-            f"server reaches {result['requests_per_s'] / ceiling:.2f}x one core's preprocessing; load average "
+            f"side by side: {'read()' if reading else 'preprocess()'} alone runs {round(ceiling, 1)}/s on one core "
+            f"here, so the server reaches {result['requests_per_s'] / ceiling:.2f}x one core's "
+            f"{'reading' if reading else 'preprocessing'}; load average "
             f"{result['load_average']} (other jobs on this machine slow both); full garbage collections in the "
             f"server during the run: {result['gc_full_collections']}"
         )

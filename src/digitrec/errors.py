@@ -5,7 +5,8 @@ from importlib.util import find_spec
 
 # pyproject.toml's optional extras, by the modules a command imports from them
 EXTRAS = {
-    "web": ("fastapi", "uvicorn", "python_multipart"),  # fastapi_offline is optional (offline /docs)
+    # fastapi_offline is optional (offline /docs)
+    "web": ("fastapi", "uvicorn", "python_multipart", "threadpoolctl"),
     "export": ("onnx", "onnxscript", "onnxruntime"),
     "int8": ("torchao",),
     "explore": ("sklearn",),

@@ -105,7 +105,13 @@ def _start_worker(server_pid: int, reader: Any = None) -> None:
     # it ends the workers once the requests in flight are answered (ImageWorkers.shutdown). (Blocked from the
     # worker's start by ImageWorkers._in_pool; ignored from here on, whatever unblocks it.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from threadpoolctl import threadpool_limits
+
     from . import preprocess  # noqa: F401
+
+    # One thread each: there is a worker per core, and NumPy's OpenBLAS would start a thread per core in every
+    # one of them, which then spin waiting for each other (reads of numbers took 180 ms of CPU instead of 37).
+    threadpool_limits(1)
 
     if reader is not None:
         from .pairs import load_pair_scorer
