@@ -68,19 +68,23 @@ def number_photos(count: int = 20) -> list[bytes]:
 
 def read_rate(photos: list[bytes], seconds: float = 3.0) -> float:
     """Predictor.read calls per second on one core in this process (the bundled model, ONNX Runtime as `serve`
-    runs it where it can, else NumPy): the ceiling each server core can reach for /api/read."""
+    runs it where it can, else NumPy) with one BLAS thread, as the server's reading workers run: the ceiling each
+    server core can reach for /api/read."""
+    from threadpoolctl import threadpool_limits
+
     from digitrec.predict import Predictor
 
     try:
         predictor = Predictor.pretrained(backend="onnx")
     except Exception:  # noqa: BLE001 - no ONNX Runtime here
         predictor = Predictor.pretrained(backend="numpy")
-    predictor.read(photos[0])
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        predictor.read(photos[count % len(photos)])
-        count += 1
-    return count / (time.perf_counter() - started)
+    with threadpool_limits(1):
+        predictor.read(photos[0])
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            predictor.read(photos[count % len(photos)])
+            count += 1
+        return count / (time.perf_counter() - started)
 
 
 def preprocess_rate(pngs: list[bytes], seconds: float = 2.0) -> float:

@@ -20,6 +20,17 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def inductor_freezing_restored():
+    """bench infer's compiled and int8 rows turn inductor's freezing on for the whole process (a command of its
+    own); the tests after them in this process compile as usual."""
+    import torch._inductor.config as inductor_config
+
+    freezing = inductor_config.freezing
+    yield
+    inductor_config.freezing = freezing
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_fast_run: Path) -> Path:
     return tiny_fast_run / "model.safetensors"

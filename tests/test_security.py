@@ -544,6 +544,24 @@ def test_serve_answers_the_name_given_to_host_when_allowed_hosts_narrows_it(serv
         "digits.school.example": 200,
         "evil.example": 400,
     }
+    # `--host 0.0.0.0` prints http://0.0.0.0:PORT/, which a browser on the same machine opens
+    app = served_app("--host", "0.0.0.0", "--allowed-hosts", "pc42.lan")
+    assert answers(app, ["0.0.0.0:8000", "pc42.lan", "evil.example"]) == {
+        "0.0.0.0:8000": 200,
+        "pc42.lan": 200,
+        "evil.example": 400,
+    }
+
+
+def test_serve_answers_a_host_name_that_resolves_to_loopback_without_allowed_hosts():
+    """`serve --host vm` (a name in /etc/hosts for 127.0.1.1, as Debian writes the machine's own name) printed
+    http://vm:8000/ and answered that URL with 400: a loopback bind answered loopback names only."""
+    from digitrec.hosts import host_of
+    from digitrec.server import serving_hosts
+
+    allowed = serving_hosts("vm", "127.0.1.1", None)
+    assert allowed.allows(host_of("vm:8000")) and allowed.allows(host_of("localhost:8000"))
+    assert not allowed.allows(host_of("evil.example:8000"))
 
 
 @pytest.mark.parametrize(

@@ -266,6 +266,7 @@ def test_numbers_are_read_in_worker_processes_with_the_answers_read_in_process(d
     assert body["number"] == "314\n27"
     assert body == json.loads(json.dumps(expected))
     assert reading == {"processes": 1, "chunks": 2, "pool_rebuilds": 0}
+    assert client.app.state.read_workers.max_chunk == 1  # reads go one at a time: none waits for another
     assert junk.status_code == 400 and "image" in junk.json()["detail"]
 
 

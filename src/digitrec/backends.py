@@ -85,7 +85,11 @@ class OnnxBackend:
         self.path, self.threads, self.spin = Path(path), threads, spin
         # One thread, not spinning: the Predictor's batches are small and preprocessing dominates, and a server
         # makes one model call at a time beside request workers that need the other cores.
-        self.session = onnx_session(self.path, threads=threads, spin=spin)
+        self._open(onnx_session(self.path, threads=threads, spin=spin), self.path.read_bytes())
+
+    def _open(self, session: Any, model: bytes) -> None:
+        self.session = session
+        self.model = model  # what a pickle carries: this model, whatever the file holds by then
         self.meta: dict[str, Any] = session_metadata(self.session)
         self._one = self._bind_one()
 
@@ -105,11 +109,13 @@ class OnnxBackend:
         return binding, pixels, logits, threading.Lock()  # the buffers are shared: one call at a time
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled as its file and settings (a session does not pickle): another process opens the file again."""
-        return {"path": self.path, "threads": self.threads, "spin": self.spin}
+        """Pickled as the model's bytes and the settings (a session does not pickle), not as the file's path: a
+        server's workers must run the model the server loaded, even if the file was replaced since."""
+        return {"path": self.path, "model": self.model, "threads": self.threads, "spin": self.spin}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        OnnxBackend.__init__(self, state["path"], state["threads"], state["spin"])
+        self.path, self.threads, self.spin = state["path"], state["threads"], state["spin"]
+        self._open(onnx_session(state["model"], threads=self.threads, spin=self.spin), state["model"])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(batch, dtype=np.float32).reshape(-1, 1, 28, 28)

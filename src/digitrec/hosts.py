@@ -77,14 +77,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def is_wildcard(address: str) -> bool:
-    """True for an address that listens on every interface (0.0.0.0, ::, or an empty host)."""
-    try:
-        return not address or ipaddress.ip_address(address.strip("[]")).is_unspecified
-    except ValueError:
-        return False
-
-
 class AllowedHosts:
     """The Host names a server answers: loopback names always, plus exact names ("digits.school.example",
     "192.168.1.10", "[fd00::1]"), domains with their subdomains (".school.example", or "*.school.example"), or

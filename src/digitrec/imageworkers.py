@@ -283,7 +283,7 @@ class ImageWorkers:
 
     def _rebuild(self, broken: ProcessPoolExecutor) -> None:
         if self.pool is broken:  # the first chunk to notice rebuilds; the others in flight reuse the new pool
-            logging.getLogger("digitrec.server").warning("a preprocessing worker died; starting a new pool")
+            logging.getLogger("digitrec.server").warning("an image worker died; starting a new pool")
             self.rebuilds += 1
             broken.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()

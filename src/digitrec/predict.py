@@ -240,7 +240,7 @@ class Predictor:
 
     def portable(self) -> Predictor | None:
         """This predictor as another process loads it without torch (the server's reading workers): the same ONNX
-        Runtime backend (which pickles as its file's path) or NumPy one, or for a PyTorch model the same weights
+        Runtime backend (which pickles as its model's bytes) or NumPy one, or for a PyTorch model the same weights
         on NumPy; with the same calibration, threshold and reading settings. None when neither can run it."""
         from .backends import NumpyBackend, NumpyEnsemble, OnnxBackend
 

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import CheckpointError, DigitrecError, FeedbackFullError, ImageTooLargeError
 from .feedback import DEFAULT_MAX_MB, FeedbackStore
-from .hosts import ANY, AllowedHosts, host_of, is_loopback, is_wildcard, listen_host
+from .hosts import ANY, AllowedHosts, host_of, is_loopback, listen_host
 from .imageworkers import IMAGE_HINT, ImageWorkers, checked_upload, freeze_heap, read_numbers, to_model_input
 
 if TYPE_CHECKING:
@@ -633,7 +633,13 @@ def create_app(
     # Reading a number is mostly Python, which threads share one core for (2 threads read 60 photos 1.3x as fast
     # as one, 2 processes 2.3x); its own pool, so that a digit's preprocessing never queues behind a class's reads.
     twin = predictor.portable() if preprocess_processes > 0 and hasattr(predictor, "portable") else None
-    readers = ImageWorkers(preprocess_processes, work=read_numbers, reader=twin) if twin is not None else None
+    # One read per task: a read costs tens of milliseconds to seconds, so reads sent together would each wait for
+    # the slowest, and one worker could hold eight while another idled.
+    readers = (
+        ImageWorkers(preprocess_processes, max_chunk=1, work=read_numbers, reader=twin)
+        if twin is not None
+        else None
+    )
     batcher = Batcher(predictor, model_pool)
     counters = {"predict": 0, "read": 0, "feedback": 0, "rejected": 0, "client_errors": 0, "server_errors": 0}
     started = time.time()
@@ -1244,16 +1250,19 @@ def bind_listening_socket(host: str, port: int) -> socket.socket:
 def serving_hosts(host: str, bound: str, allowed_hosts: str | Iterable[str] | None) -> AllowedHosts:
     """The Host names `serve --host HOST [--allowed-hosts ...]` answers, listening on the address `bound`.
 
-    Loopback names always. Without `allowed_hosts` (None), a server listening on a loopback address answers
+    Loopback names always, and `host` itself: the banner's URL must work (`--host myhost`, a name that resolves
+    to a loopback address, or `--host 0.0.0.0`, which a browser on this machine can open; neither is a name a
+    rebinding page can send). Without `allowed_hosts` (None), a server listening on a loopback address answers
     nothing else, which shuts out DNS-rebinding pages, and one listening elsewhere (0.0.0.0, a LAN address: a
     class reaching it by whatever name or address their network gives it) answers any name, as Jupyter does.
-    With `allowed_hosts`, those names, and `host` itself unless it is a wildcard (the banner's URL must work).
+    With `allowed_hosts`, those names too.
     """
     if allowed_hosts is None:
-        return AllowedHosts() if is_loopback(listen_host(bound) or "") else AllowedHosts(ANY)
-    allowed = AllowedHosts(allowed_hosts)
-    name = listen_host(host)
-    if name is not None and not is_wildcard(host):
+        allowed = AllowedHosts() if is_loopback(listen_host(bound) or "") else AllowedHosts(ANY)
+    else:
+        allowed = AllowedHosts(allowed_hosts)
+    name = listen_host(host) if host else None
+    if name is not None:
         allowed.names.add(name)
     return allowed
 
