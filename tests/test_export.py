@@ -16,7 +16,7 @@ from digitrec.checkpoint import load_model, save_model
 from digitrec.cli import main
 from digitrec.config import get_recipe
 from digitrec.errors import DigitrecError
-from digitrec.export import export_onnx, inference_model, run_session, softmax
+from digitrec.export import ExportResult, export_onnx, inference_model, run_session, softmax
 from digitrec.models import Normalize, create_model
 from digitrec.predict import Predictor
 from digitrec.training import as_input
@@ -162,16 +162,21 @@ def test_export_metadata_gives_the_probability_formula_with_temperature_and_thre
     assert np.abs(by_formula - Predictor.load(out).probabilities(pixels)).max() < 1e-5
 
 
-def test_int8_export_keeps_the_accuracy(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path) -> None:
-    out = tmp_path / "tiny.int8.onnx"
-    result = export_onnx(
-        tiny_checkpoint,
+def export_int8(checkpoint: Path, out: Path, mnist) -> ExportResult:
+    """export_onnx in int8, calibrated on `mnist`'s training images and checked on its test images."""
+    return export_onnx(
+        checkpoint,
         out,
         int8=True,
-        test_images=tiny_mnist.test_images,
-        test_labels=tiny_mnist.test_labels,
-        calibration_images=tiny_mnist.train_images,
+        test_images=mnist.test_images,
+        test_labels=mnist.test_labels,
+        calibration_images=mnist.train_images,
     )
+
+
+def test_int8_export_keeps_the_accuracy(tiny_checkpoint: Path, tiny_mnist, tmp_path: Path) -> None:
+    out = tmp_path / "tiny.int8.onnx"
+    result = export_int8(tiny_checkpoint, out, tiny_mnist)
     assert result.precision == "int8" and out.exists()
     assert result.torch_accuracy - result.onnx_accuracy <= 0.001
     assert onnx_metadata(out)["export"]["precision"] == "int8"
@@ -182,14 +187,7 @@ def test_int8_export_keeps_the_first_conv_in_float(tiny_checkpoint: Path, tiny_m
     import onnx
 
     out = tmp_path / "tiny.int8.onnx"
-    export_onnx(
-        tiny_checkpoint,
-        out,
-        int8=True,
-        test_images=tiny_mnist.test_images,
-        test_labels=tiny_mnist.test_labels,
-        calibration_images=tiny_mnist.train_images,
-    )
+    export_int8(tiny_checkpoint, out, tiny_mnist)
     nodes = onnx.load(str(out)).graph.node
     dequantized = {node.output[0] for node in nodes if node.op_type == "DequantizeLinear"}
     convs = [node for node in nodes if node.op_type == "Conv"]
@@ -204,14 +202,7 @@ def test_int8_export_that_loses_accuracy_fails_and_writes_nothing(
     monkeypatch.setattr(export_module, "INT8_MAX_DROP", -1.0)  # any result now counts as a loss
     out = tmp_path / "bad.int8.onnx"
     with pytest.raises(DigitrecError, match="nothing was written"):
-        export_onnx(
-            tiny_checkpoint,
-            out,
-            int8=True,
-            test_images=tiny_mnist.test_images,
-            test_labels=tiny_mnist.test_labels,
-            calibration_images=tiny_mnist.train_images,
-        )
+        export_int8(tiny_checkpoint, out, tiny_mnist)
     assert not out.exists()
 
 
