@@ -144,3 +144,23 @@ def png_claiming(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
     )
+
+
+def _cannot_load() -> None:
+    raise RuntimeError("this model cannot be loaded here")
+
+
+class UnloadableReader:
+    """A portable predictor that no worker can load (as a model file damaged since the server loaded it)."""
+
+    read_pairs = False
+
+    def __reduce__(self):
+        return (_cannot_load, ())
+
+
+class FakePortablePredictor(FakePredictor):
+    """FakePredictor whose portable form fails in the reading workers."""
+
+    def portable(self) -> UnloadableReader:
+        return UnloadableReader()

@@ -270,6 +270,21 @@ def test_numbers_are_read_in_worker_processes_with_the_answers_read_in_process(d
     assert junk.status_code == 400 and "image" in junk.json()["detail"]
 
 
+def test_reading_workers_that_cannot_start_leave_reading_to_threads(db_path, caplog):
+    """A reading worker that could not load its model failed the server's start-up: no page, no predictions."""
+    from serverkit import FakePortablePredictor
+
+    app = create_app(FakePortablePredictor(), feedback_db=db_path, preprocess_processes=1)
+    with TestClient(app, base_url=BASE_URL) as client:
+        read = client.post("/api/read", files=upload(digit_png(size=300)))
+        predicted = client.post("/api/predict", files=upload(digit_png()))
+        reading = client.get("/api/stats").json()["reading"]
+    assert read.status_code == 200 and read.json()["number"] == "42"
+    assert predicted.status_code == 200 and predicted.json()["digit"] == 7
+    assert reading["processes"] == 0 and app.state.read_workers is None
+    assert "the reading workers did not start (BrokenProcessPool" in caplog.text
+
+
 def test_feedback_is_stored_in_sqlite_with_image_label_time_and_model(client, db_path):
     png = digit_png()
     response = client.post("/api/feedback", files=upload(png), data={"label": "3", "predicted": "7"})

@@ -651,9 +651,21 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        nonlocal readers
+        if workers is not None:
+            await workers.start()
+        if readers is not None:
+            try:
+                await readers.start()
+            except Exception as exc:  # noqa: BLE001 - e.g. a model file a worker cannot load: read on threads
+                logging.getLogger("digitrec.server").warning(
+                    "the reading workers did not start (%s: %s); numbers are read on threads instead",
+                    type(exc).__name__,
+                    exc,
+                )
+                readers.shutdown()
+                readers = app.state.read_workers = None
         processes = [pool for pool in (workers, readers) if pool is not None]
-        for pool in processes:
-            await pool.start()
         yield
         for pool in processes:
             pool.shutdown()
