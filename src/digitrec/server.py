@@ -169,18 +169,18 @@ class BodySizeLimit:
         if self.counted is not None:
             self.counted(413)
         mb = self.max_bytes / 1024 / 1024
-        body = json.dumps({"detail": f"the request is larger than {mb:g} MB; send a smaller image."}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"the request is larger than {mb:g} MB; send a smaller image.")
+
+
+async def send_error(
+    send: Callable, status: int, detail: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answer `{"detail": detail}` in JSON straight through ASGI: what the middlewares that refuse a request
+    before the app sees it send (the app's own errors go through its exception handlers)."""
+    body = json.dumps({"detail": detail}).encode()
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": start})
+    await send({"type": "http.response.body", "body": body})
 
 
 # The page's policy: its own scripts, styles and requests only; images also from data: (the favicon) and blob:
@@ -245,12 +245,8 @@ class BrowserGuard:
     async def _refuse(self, send: Callable) -> None:
         if self.counted is not None:
             self.counted(403)
-        body = json.dumps(
-            {"detail": "a page on another site may not send requests here; use the page this server serves."}
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 403, "headers": headers + BROWSER_HEADERS})
-        await send({"type": "http.response.body", "body": body})
+        detail = "a page on another site may not send requests here; use the page this server serves."
+        await send_error(send, 403, detail, BROWSER_HEADERS)
 
 
 class HostGuard:
@@ -294,10 +290,7 @@ class HostGuard:
                 f"this server does not answer to the host name {host!r}; if that is the name you reach it by, "
                 f"restart digitrec serve with --allowed-hosts {host}."
             )
-        body = json.dumps({"detail": detail}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 400, "headers": headers + BROWSER_HEADERS})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 400, detail, BROWSER_HEADERS)
 
 
 def simple_multipart_file(content_type: bytes, body: bytes) -> bytes | None:
@@ -581,17 +574,10 @@ BUSY_RETRY_AFTER_S = 1
 
 async def server_busy(scope: dict, receive: Callable, send: Callable) -> None:
     """The answer when every connection slot is taken: 503 in JSON with Retry-After, and the connection closed."""
-    body = json.dumps(
-        {"detail": f"the server is busy with other requests; send it again in {BUSY_RETRY_AFTER_S} s."}
-    ).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(BUSY_RETRY_AFTER_S).encode()),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    detail = f"the server is busy with other requests; send it again in {BUSY_RETRY_AFTER_S} s."
+    await send_error(
+        send, 503, detail, [(b"retry-after", str(BUSY_RETRY_AFTER_S).encode()), (b"connection", b"close")]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
