@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +299,39 @@ def test_onnx_backend_answers_one_image_at_a_time_as_it_answers_a_batch(
     assert np.abs(np.concatenate(one_by_one) - batched).max() <= 1e-4
     assert not np.allclose(one_by_one[0], one_by_one[1])  # not the previous call's buffer
     assert np.abs(backend(pixels[0]) - batched[:1]).max() <= 1e-4  # (28, 28) alone reshapes to one image
+
+
+def test_onnx_backend_reads_its_file_once_and_names_it_in_errors(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session and the bytes a worker gets come from one read (two reads could see two different files),
+    and a file that is missing, a folder or not ONNX is named in a one-sentence error."""
+    exported = tmp_path / "tiny.onnx"
+    export_onnx(tiny_checkpoint, exported)
+    reads: list[Path] = []
+    read_bytes = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        reads.append(self)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    backend = OnnxBackend(exported)
+    assert reads == [exported]
+    assert backend.model == read_bytes(exported)
+    monkeypatch.undo()
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    for path, says in [
+        (tmp_path / "missing.onnx", "does not exist; export one"),
+        (
+            tmp_path / "junk.onnx",
+            "cannot load " + str(tmp_path / "junk.onnx") + "; it is not a valid ONNX model",
+        ),
+        (tmp_path, "cannot read ONNX model " + str(tmp_path)),
+    ]:
+        with pytest.raises(DigitrecError, match=re.escape(says)) as error:
+            OnnxBackend(path)
+        assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_export_command_prints_parity_and_accuracy(

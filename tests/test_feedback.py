@@ -465,6 +465,13 @@ def test_a_limit_past_what_sqlite_can_count_stores_corrections(tmp_path, max_mb)
     assert store.count() == 1
 
 
+def test_serve_limits_the_feedback_database_to_the_stores_default() -> None:
+    """cli.py spells the default out (importing feedback would load NumPy for every command): the two agree."""
+    from digitrec.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).feedback_max_mb == feedback.DEFAULT_MAX_MB
+
+
 def test_counting_corrections_reads_an_index_not_the_images_even_in_an_older_database(tmp_path):
     """Each correction's answer counts the corrections, and COUNT(*) read every stored row's pages (images
     included): 30-40 ms a correction at 20,000 stored. A database made before the index gains it on opening."""

@@ -553,6 +553,20 @@ def test_serve_answers_the_name_given_to_host_when_allowed_hosts_narrows_it(serv
     }
 
 
+def test_serve_says_when_it_answers_any_host_name(served_app, capsys):
+    """A server on 0.0.0.0 without --allowed-hosts answers any name (a class reaches it by whatever name its
+    network gives it), which lets a DNS-rebinding page through: the banner says so, and what to pass."""
+    hint = "--allowed-hosts NAMES answers only those and shuts out DNS-rebinding pages"
+    served_app("--host", "0.0.0.0")
+    assert f"digitrec: answering any Host name (listening on 0.0.0.0); {hint}" in capsys.readouterr().out
+    served_app("--host", "0.0.0.0", "--allowed-hosts", "*")
+    assert f"digitrec: answering any Host name (--allowed-hosts *); {hint}" in capsys.readouterr().out
+    for argv in (["--host", "0.0.0.0", "--allowed-hosts", "pc42.lan"], ["--host", "127.0.0.1"]):
+        served_app(*argv)
+        printed = capsys.readouterr().out
+        assert "digitrec: serving" in printed and "any Host name" not in printed
+
+
 def test_serve_answers_a_host_name_that_resolves_to_loopback_without_allowed_hosts():
     """`serve --host vm` (a name in /etc/hosts for 127.0.1.1, as Debian writes the machine's own name) printed
     http://vm:8000/ and answered that URL with 400: a loopback bind answered loopback names only."""

@@ -33,8 +33,22 @@ def is_onnx(model: str | Path | None) -> bool:
     return model is not None and str(model).endswith(".onnx")
 
 
-def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True):
-    """An ONNX Runtime CPU session with every graph optimization on; `threads` 0 = one per core."""
+def read_onnx(path: str | Path) -> bytes:
+    """The bytes of an exported model's file; a one-sentence DigitrecError when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DigitrecError(
+            f"ONNX model {path} does not exist; export one with `digitrec export MODEL`."
+        ) from None
+    except OSError as exc:  # a folder, no permission
+        raise DigitrecError(f"cannot read ONNX model {path}: {exc.strerror or type(exc).__name__}.") from None
+
+
+def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True, name: str | None = None):
+    """An ONNX Runtime CPU session with every graph optimization on; `threads` 0 = one per core.
+
+    `source` is a file or its bytes; `name` names the bytes in errors (default "the exported model")."""
     need_extra("export", "running a model on ONNX Runtime", modules=("onnxruntime",))
     import onnxruntime as ort
 
@@ -44,16 +58,14 @@ def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True
     options.inter_op_num_threads = 1
     # Spinning threads answer back-to-back calls sooner but keep a core busy while idle.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    if isinstance(source, Path):
-        source = str(source)
-    if isinstance(source, str) and not Path(source).exists():
-        raise DigitrecError(f"ONNX model {source} does not exist; export one with `digitrec export MODEL`.")
+    if not isinstance(source, bytes):
+        source, name = read_onnx(source), str(source)
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for unreadable or invalid files
-        name = source if isinstance(source, str) else "the exported model"
         raise DigitrecError(
-            f"ONNX Runtime cannot load {name}; it is not a valid ONNX model ({type(exc).__name__})."
+            f"ONNX Runtime cannot load {name or 'the exported model'}; it is not a valid ONNX model "
+            f"({type(exc).__name__})."
         ) from None
 
 
@@ -85,7 +97,8 @@ class OnnxBackend:
         self.path, self.threads, self.spin = Path(path), threads, spin
         # One thread, not spinning: the Predictor's batches are small and preprocessing dominates, and a server
         # makes one model call at a time beside request workers that need the other cores.
-        self._open(onnx_session(self.path, threads=threads, spin=spin), self.path.read_bytes())
+        model = read_onnx(self.path)  # read once: the session and a pickle for the workers share these bytes
+        self._open(onnx_session(model, threads=threads, spin=spin, name=str(self.path)), model)
 
     def _open(self, session: Any, model: bytes) -> None:
         self.session = session
@@ -115,7 +128,8 @@ class OnnxBackend:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path, self.threads, self.spin = state["path"], state["threads"], state["spin"]
-        self._open(onnx_session(state["model"], threads=self.threads, spin=self.spin), state["model"])
+        model = state["model"]
+        self._open(onnx_session(model, threads=self.threads, spin=self.spin, name=str(self.path)), model)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(batch, dtype=np.float32).reshape(-1, 1, 28, 28)

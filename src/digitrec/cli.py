@@ -1192,9 +1192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--feedback-max-mb",
         type=float,
-        default=1024,
+        default=1024,  # feedback.DEFAULT_MAX_MB (not imported here: it would load NumPy for every command)
         metavar="MB",
-        help="refuse corrections (507) that would take the feedback database past this size (default 1024)",
+        help="refuse corrections (507) that would take the feedback database past this size (default %(default)g)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument(

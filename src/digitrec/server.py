@@ -1310,6 +1310,13 @@ def serve(
             f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at {listen_url(host, port)}  (API docs: /docs)",
             flush=True,
         )
+        if allowed.any:
+            print(
+                "digitrec: answering any Host name"
+                + (" (--allowed-hosts *)" if allowed_hosts is not None else f" (listening on {host})")
+                + "; --allowed-hosts NAMES answers only those and shuts out DNS-rebinding pages",
+                flush=True,
+            )
         freeze_heap()
         # limit_concurrency bounds memory: each request may hold up to 5 MB; past it clients get 503 and retry.
         config = uvicorn.Config(
