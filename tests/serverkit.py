@@ -106,7 +106,7 @@ def digit_png(size: int = 200, blank: bool = False, fmt: str = "PNG") -> bytes:
 @contextmanager
 def live_server(app, **config) -> Iterator[str]:
     """Run `app` on uvicorn in a thread on a free 127.0.0.1 port; yields the base URL. `config`: more uvicorn.Config
-    arguments (e.g. http=digitrec.server.guarded_http_protocol(1.0))."""
+    arguments (e.g. http=digitrec.guards.guarded_http_protocol(1.0))."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -764,7 +764,7 @@ def _wait_for_close(sock: socket.socket, limit: float, dribble: bytes = b"") -> 
 
 
 def test_clients_that_never_finish_their_headers_are_cut_off_while_others_are_served(predictor, db_path):
-    from digitrec.server import guarded_http_protocol
+    from digitrec.guards import guarded_http_protocol
 
     limit = 1.0
     app = create_app(predictor, feedback_db=db_path)
@@ -792,7 +792,7 @@ def test_clients_that_never_finish_their_headers_are_cut_off_while_others_are_se
 def test_clients_that_stall_their_body_are_cut_off_while_others_are_served(predictor, db_path):
     """A client that sent its headers and then stalled its body held a connection slot forever; 257 of them
     took the whole server down, /healthz included."""
-    from digitrec.server import guarded_http_protocol
+    from digitrec.guards import guarded_http_protocol
 
     limit = 0.5
     app = create_app(predictor, feedback_db=db_path)
@@ -835,7 +835,7 @@ def test_clients_that_stall_their_body_are_cut_off_while_others_are_served(predi
 
 def test_past_the_connection_limit_the_503_is_json_with_retry_after(predictor, db_path):
     """uvicorn's own 503 was text/plain "Service Unavailable" without Retry-After."""
-    from digitrec.server import guarded_http_protocol
+    from digitrec.guards import guarded_http_protocol
 
     app = create_app(predictor, feedback_db=db_path)
     # uvicorn counts the asking connection too: with a limit of 2, one other open connection fills it
@@ -853,7 +853,7 @@ def test_past_the_connection_limit_the_503_is_json_with_retry_after(predictor, d
 
 
 def test_a_request_head_over_64_kb_is_refused_with_431(predictor, db_path):
-    from digitrec.server import guarded_http_protocol
+    from digitrec.guards import guarded_http_protocol
 
     with live_server(create_app(predictor, feedback_db=db_path), http=guarded_http_protocol(5.0)) as url:
         port = int(url.rsplit(":", 1)[1])
@@ -882,7 +882,7 @@ def test_a_request_head_over_64_kb_is_refused_with_431(predictor, db_path):
 def test_a_head_over_64_kb_that_arrives_in_one_piece_is_refused_with_431_too(predictor, db_path, head):
     """Only a head still incomplete after 64 KB was counted: one sent whole (a 70,000-byte header, read by
     asyncio in one piece) was served, 200."""
-    from digitrec.server import guarded_http_protocol
+    from digitrec.guards import guarded_http_protocol
 
     with live_server(create_app(predictor, feedback_db=db_path), http=guarded_http_protocol(5.0)) as url:
         port = int(url.rsplit(":", 1)[1])
@@ -911,7 +911,7 @@ def test_a_head_over_64_kb_that_arrives_in_one_piece_is_refused_with_431_too(pre
 )
 def test_bytes_that_are_not_http_get_a_json_400_like_every_other_error(predictor, db_path, request_bytes):
     """uvicorn answered them itself: 400, text/plain, "Invalid HTTP request received."."""
-    from digitrec.server import guarded_http_protocol
+    from digitrec.guards import guarded_http_protocol
 
     with live_server(create_app(predictor, feedback_db=db_path), http=guarded_http_protocol(5.0)) as url:
         port = int(url.rsplit(":", 1)[1])
