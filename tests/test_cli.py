@@ -563,7 +563,7 @@ def test_the_recipe_flag_wins_over_the_config_file(tmp_path):
     toml.write_text('recipe = "fast"\nepochs = 2\n')
     args = Namespace(config=str(toml), amp=None, compile=False, **dict.fromkeys(TRAIN_OVERRIDES))
     recipe, config = training_config(Namespace(**vars(args), recipe="default"))
-    assert recipe == "default" and config.arch == "fast_cnn" and config.epochs == 2
+    assert recipe == "default" and config.arch == "fast_cnn_24" and config.epochs == 2
     recipe, config = training_config(Namespace(**vars(args), recipe=None))
     assert recipe == "fast" and config.arch == "fast_cnn_crop"
 

@@ -44,7 +44,8 @@ def _randomize_batchnorm(model: nn.Module, negative: bool = False) -> None:
 
 
 @pytest.mark.parametrize(
-    "arch", ["fast_cnn", "fast_cnn_lite", "fast_cnn_crop", "deep_cnn", "bn_cnn", "mlp_bn_300_100"]
+    "arch",
+    ["fast_cnn", "fast_cnn_24", "fast_cnn_lite", "fast_cnn_crop", "deep_cnn", "bn_cnn", "mlp_bn_300_100"],
 )
 def test_folding_batchnorm_removes_it_and_keeps_the_outputs(arch: str) -> None:
     model = create_model(arch).eval()
@@ -91,7 +92,9 @@ def test_a_relu_after_max_pool_moves_before_it() -> None:
         torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["fast_cnn", "fast_cnn_lite", "fast_cnn_crop", "mlp_bn_300_100"])
+@pytest.mark.parametrize(
+    "arch", ["fast_cnn", "fast_cnn_24", "fast_cnn_lite", "fast_cnn_crop", "mlp_bn_300_100"]
+)
 def test_flattening_channels_last_permutes_the_linear_layer_to_match(arch: str) -> None:
     """The int8 models flatten conv features in (H, W, C) order; a model that flattens the image keeps nn.Flatten."""
     from digitrec.export import FlattenChannelsLast

@@ -176,6 +176,7 @@ def _deep_cnn_layers() -> tuple[Layer, ...]:
 
 NUMPY_ARCHS: dict[str, tuple[Layer, ...]] = {
     "fast_cnn": _fast_cnn_layers(2, 2),
+    "fast_cnn_24": _fast_cnn_layers(2, 2, crop=2),
     "fast_cnn_wide": _fast_cnn_layers(2, 2),
     "fast_cnn_lite": _fast_cnn_layers(0, 1),
     "fast_cnn_crop": _fast_cnn_layers(0, 1, crop=2),

@@ -170,13 +170,16 @@ def bn_cnn() -> nn.Module:
     )
 
 
-def _fast_cnn(width: int, hidden: int) -> nn.Module:
+def _fast_cnn(width: int, hidden: int, crop: int = 0) -> nn.Module:
     """A strided 5x5 conv, a second 5x5 conv, one pool and a small head: few memory-bound layers, so it is fast.
 
     conv 1->w 5x5 stride 2 (14x14) -> ReLU; conv w->2w 5x5 (14x14) -> max-pool 2 (7x7) -> BatchNorm -> ReLU;
-    linear 2w*49 -> hidden -> BatchNorm -> ReLU -> linear hidden -> 10.
+    linear 2w*49 -> hidden -> BatchNorm -> ReLU -> linear hidden -> 10. With `crop`, a CenterCrop(crop) first
+    and maps of (28 - 2 crop) / 2 and a quarter of that after the pool.
     """
+    side = (28 - 2 * crop) // 4
     return nn.Sequential(
+        *([CenterCrop(crop)] if crop else []),
         nn.Conv2d(1, width, 5, stride=2, padding=2),
         nn.ReLU(),
         nn.Conv2d(width, 2 * width, 5, padding=2),
@@ -184,7 +187,7 @@ def _fast_cnn(width: int, hidden: int) -> nn.Module:
         nn.BatchNorm2d(2 * width),
         nn.ReLU(),
         Flatten(),
-        nn.Linear(2 * width * 49, hidden),
+        nn.Linear(2 * width * side * side, hidden),
         nn.BatchNorm1d(hidden),
         nn.ReLU(),
         nn.Linear(hidden, 10),
@@ -192,8 +195,17 @@ def _fast_cnn(width: int, hidden: int) -> nn.Module:
 
 
 def fast_cnn() -> nn.Module:
-    """digitrec `default`: the 216k-parameter CNN (width 16, hidden 128) of the known fast ground."""
+    """digitrec `default` until 2026-12-06: the 216k-parameter CNN (width 16, hidden 128) of the known fast ground."""
     return _fast_cnn(16, 128)
+
+
+def fast_cnn_24() -> nn.Module:
+    """digitrec `default`: fast_cnn on the centre 24x24 of the image, 0.73x its multiply-adds (162k parameters).
+
+    crop 2 px (24x24) -> conv 1->16 5x5 stride 2 (12x12) -> ReLU; conv 16->32 5x5 (12x12) -> max-pool 2 (6x6)
+    -> BatchNorm -> ReLU; linear 1152 -> 128 -> BatchNorm -> ReLU -> linear 128 -> 10.
+    """
+    return _fast_cnn(16, 128, crop=2)
 
 
 def fast_cnn_wide() -> nn.Module:
@@ -284,6 +296,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "plain_cnn": plain_cnn,
     "bn_cnn": bn_cnn,
     "fast_cnn": fast_cnn,
+    "fast_cnn_24": fast_cnn_24,
     "fast_cnn_wide": fast_cnn_wide,
     "fast_cnn_lite": fast_cnn_lite,
     "fast_cnn_crop": fast_cnn_crop,
