@@ -175,7 +175,7 @@ def _fast_cnn(width: int, hidden: int, crop: int = 0) -> nn.Module:
 
     conv 1->w 5x5 stride 2 (14x14) -> ReLU; conv w->2w 5x5 (14x14) -> max-pool 2 (7x7) -> BatchNorm -> ReLU;
     linear 2w*49 -> hidden -> BatchNorm -> ReLU -> linear hidden -> 10. With `crop`, a CenterCrop(crop) first
-    and maps of (28 - 2 crop) / 2 and a quarter of that after the pool.
+    and maps of (28 - 2 crop) / 2 pixels a side, half that after the pool.
     """
     side = (28 - 2 * crop) // 4
     return nn.Sequential(
