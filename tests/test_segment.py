@@ -569,6 +569,30 @@ def test_lines_one_under_another_are_told_apart_and_their_small_parts_follow(slo
     assert lines == [top, [*bottom, bar]]
 
 
+@pytest.mark.parametrize("overlap", [-5.0, 0.0, 7.0])  # rows 5 px apart, touching, 7 px overlapping
+def test_lines_written_closer_than_the_line_gap_are_told_apart(overlap):
+    """Two numbers whose digits' rows come within a tenth of a line height (or overlap: a tall 7 over a 1 a line
+    below) read as one line of both: a joined line's parts lie a line height apart in their middles. A part
+    joining the two lines (taller than a digit) goes with one of them."""
+    rng = np.random.default_rng(1)
+    xs = np.arange(5) * 50.0
+    top = _blobs_along(xs, 100 + rng.uniform(-4, 4, size=5))
+    bottom = _blobs_along(xs[:4] + 25, 150 - overlap + rng.uniform(-4, 4, size=4))
+    joint = _Blob(230, 260, 118, 188, [99])  # a stroke across both lines, 1.4 line heights tall
+    lines = split_lines([*top, *bottom, joint], 50.0)
+    assert len(lines) == 2 and lines[0][:5] == top and lines[1][:4] == bottom
+    assert joint in lines[0] + lines[1] and len(lines[0]) + len(lines[1]) == 10
+
+
+def test_a_tall_digit_in_pieces_does_not_make_a_line_of_its_own():
+    """A bold 8 twice the others' height, its loops found as two parts: its top loop, two-thirds of a line high
+    and level with nothing else, is no line of its own ("4" over "2280687")."""
+    xs = np.arange(6) * 50.0
+    line = _blobs_along(xs, np.full(6, 100.0))
+    loops = [_Blob(300, 335, 55, 87, [98]), _Blob(300, 335, 90, 150, [99])]  # 32 and 60 px of a 95-px 8
+    assert split_lines([*line, *loops], 50.0) == [[*line, *loops]]
+
+
 def test_a_number_written_at_half_the_height_is_a_line_of_its_own():
     """Under a number 50 px high, one written 25 px high: its digits were short parts of the first line (the bar of
     a 5, a dot) and joined it, and the two read as one jumble ("23806" for "52806" over "3917")."""

@@ -60,6 +60,14 @@ LINE_LIKE = 10  # a part this many times wider than tall is a drawn line, not di
 # leave a gap of more than this share of the line height between lines (one line's digits overlap in rows)
 LINE_GAP = 0.1
 SMALL_LINE = 0.3  # a number written smaller than the others stands at least this share of the line height
+# Lines written closer than LINE_GAP (rows overlapping): a group of rows taller than TALL_ROWS line heights holds
+# more than one line: its parts of a whole digit's height (WHOLE_PART to TALL_PART line heights: not a digit's
+# broken-off loop, nor a part joining two lines) whose level centres lie more than CENTRE_GAP line heights
+# apart, sorted top to bottom, start a new line there
+TALL_ROWS = 1.6
+WHOLE_PART = 0.75
+TALL_PART = 1.3
+CENTRE_GAP = 0.6
 
 Score = Callable[[np.ndarray], np.ndarray]  # (K, 28, 28) -> confidence of each, in (0, 1]
 # (K, 28, 28) -> log probabilities (K, 101): the pairs 00-99, then pairs.NO_PAIR
@@ -197,7 +205,11 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
         return all(top - hi > margin or lo - bottom > margin for lo, hi in spans)
 
     tops, bottoms = level_rows(tall)
-    indices = _row_groups(tops, bottoms, margin)
+    indices = [
+        part
+        for group in _row_groups(tops, bottoms, margin)
+        for part in _close_lines(group, tops, bottoms, tall, line_height)
+    ]
     groups = [[tall[k] for k in g] for g in indices]
     covered = [(tops[g].min(), bottoms[g].max()) for g in indices]
     # A number written at half the others' height joined the nearest line as "short parts" and both read as a
@@ -224,6 +236,32 @@ def split_lines(blobs: list[_Blob], line_height: float) -> list[list[_Blob]]:
         level_y = (b.y0 + b.y1) / 2 - slope * (b.x0 + b.x1) / 2
         lines[int(np.argmin([abs(level_y - middles[i]) for i in order]))].append(b)
     return [line for line in lines if line]  # a group's parts may all lie nearer another's middle
+
+
+def _close_lines(
+    group: list[int], tops: np.ndarray, bottoms: np.ndarray, parts: list[_Blob], line_height: float
+) -> list[list[int]]:
+    """A group of rows (indices into `parts`, level `tops` and `bottoms`) split into the lines written closer
+    than LINE_GAP that it holds: where it covers more than TALL_ROWS line heights, at each gap of more than
+    CENTRE_GAP line heights between the sorted level centres of its parts of a whole digit's height. The others
+    go to the line whose centres lie nearest theirs."""
+    if bottoms[group].max() - tops[group].min() <= TALL_ROWS * line_height:
+        return [group]
+    centre = {k: (tops[k] + bottoms[k]) / 2 for k in group}
+    whole = [k for k in group if WHOLE_PART * line_height <= parts[k].height <= TALL_PART * line_height]
+    single = sorted(whole, key=centre.__getitem__)
+    lines: list[list[int]] = [single[:1]] if single else []
+    for previous, k in zip(single, single[1:]):
+        if centre[k] - centre[previous] > CENTRE_GAP * line_height:
+            lines.append([])
+        lines[-1].append(k)
+    if len(lines) < 2:
+        return [group]
+    middles = [float(np.median([centre[k] for k in line])) for line in lines]
+    for k in group:
+        if k not in whole:
+            lines[int(np.argmin([abs(centre[k] - m) for m in middles]))].append(k)
+    return lines
 
 
 def _writing_slope(tall: list[_Blob]) -> float:
