@@ -31,7 +31,7 @@ def test_sets_are_deterministic_decodable_and_labelled(name):
         assert min(image.size) >= 8
         if name == "negatives":
             assert sample.label is None and sample.kind.startswith("negative-")
-        elif name == "lines":
+        elif name in realworld.TWO_LINE_SETS:
             top, bottom = sample.label.split("\n")
             assert top.isdigit() and bottom.isdigit() and len(top) >= 2 and len(bottom) >= 2
         else:
@@ -39,8 +39,23 @@ def test_sets_are_deterministic_decodable_and_labelled(name):
         if name == "numbers":
             assert len(sample.boxes) == len(sample.label) >= 2
             assert all(0 <= x < image.width and 0 <= y < image.height for x, y, _, _ in sample.boxes)
-        elif name not in ("negatives", "lines"):
+        elif name not in ("negatives", *realworld.TWO_LINE_SETS):
             assert len(sample.label) == 1
+
+
+@pytest.mark.parametrize("gap", [-9.0, 0.0, 6.0])
+def test_close_lines_stand_the_gap_apart_in_their_ink_rows(gap):
+    """close-lines: the bottom line's first ink row lies `gap` rows under the top line's last (above it when
+    negative), and every stroke of both lines is on the page."""
+    top, bottom = np.zeros((60, 40), np.float32), np.zeros((70, 50), np.float32)
+    top[5:50, 3:30] = 1.0  # ink rows 5-49
+    bottom[8:66, 10:45] = 0.5  # ink rows 8-65
+    page = realworld._close_together(top, bottom, gap)
+    rows = np.flatnonzero(page.max(axis=1) > 0.1)
+    assert rows[0] == 5 and rows[-1] == 49 + gap + 57  # bottom's 58 ink rows start at row 49 + gap
+    shared_rows = max(0.0, 1 - gap)  # rows both lines ink, 20 columns wide: there the darker ink wins
+    assert page.sum() == pytest.approx(top.sum() + bottom.sum() - 0.5 * 20 * shared_rows)
+    assert "close-lines" not in realworld.DEFAULT_SETS
 
 
 def test_write_set_names_a_photo_of_two_numbers_by_both(tmp_path):

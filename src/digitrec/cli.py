@@ -1355,7 +1355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="seed of the generated sets (default 0)")
     p.add_argument(
         "--sets",
-        help="comma-separated sets (default mnist-photo,pen-photo,font-photo,numbers,negatives; also lines: two numbers one under another)",
+        help="comma-separated sets (default mnist-photo,pen-photo,font-photo,numbers,negatives; also lines: two numbers one under another, and close-lines: the same written close together)",
     )
     p.add_argument("--speed", action="store_true", help="also time one image and a folder of 1,000 images")
     p.add_argument(

@@ -13,6 +13,8 @@ sensor noise, odd sizes, JPEG compression. Sets:
     negatives     blank pages, handwritten and printed letters, noise and scribbles: all must be rejected
     lines         two such numbers written one under the other, photographed together (not in eval-real's
                   default sets: `--sets lines`)
+    close-lines   the same written close together: the rows of their ink from 0.1 line heights apart to 0.15
+                  overlapping (not a default set either)
 
 Training negatives (augment_real.py) never come from here: letters from other fonts (DejaVu) and other pen
 skeletons, scribbles from other curve generators, digit pairs from MNIST *train* digits, all from their own
@@ -399,8 +401,23 @@ def number_line(
 
 # ------------------------------------------------------------------------------------------------- sets
 
-SETS = ("mnist-photo", "pen-photo", "font-photo", "numbers", "negatives", "lines")
+SETS = ("mnist-photo", "pen-photo", "font-photo", "numbers", "negatives", "lines", "close-lines")
+TWO_LINE_SETS = ("lines", "close-lines")
 DEFAULT_SETS = SETS[:5]  # what eval-real reads unless --sets names others
+
+
+def _close_together(top: Array, bottom: Array, gap: float) -> Array:
+    """Two lines of ink on one page, the first ink row of `bottom` `gap` pixels under the last of `top` (a
+    negative gap: their rows overlap; where strokes cross, the darker ink wins)."""
+    inked = lambda line: np.flatnonzero(line.max(axis=1) > 0.1)  # noqa: E731
+    offset = max(0, int(round(inked(top)[-1] + gap - inked(bottom)[0])))  # bottom's first row on the page
+    page = np.zeros(
+        (max(top.shape[0], offset + bottom.shape[0]), max(top.shape[1], bottom.shape[1])), np.float32
+    )
+    page[: top.shape[0], : top.shape[1]] = top
+    below = page[offset : offset + bottom.shape[0], : bottom.shape[1]]
+    np.maximum(below, bottom, out=below)
+    return page
 
 
 @lru_cache(maxsize=1)
@@ -440,19 +457,22 @@ def generate(
                 line, rng, boxes=boxes, long_side=int(rng.uniform(1.2, 3) * 60 * len(digits) ** 0.7 + 80)
             )
             yield Sample(data, "".join(map(str, digits)), name, photo_boxes)
-        elif name == "lines":
+        elif name in TWO_LINE_SETS:
             height = int(rng.integers(48, 96))
             numbers = [[int(d) for d in rng.integers(10, size=int(rng.integers(2, 8)))] for _ in range(2)]
             top, bottom = (number_line(_glyphs(digits, height, rng, mnist), rng)[0] for digits in numbers)
             width = max(top.shape[1], bottom.shape[1])
-            gap = np.zeros((int(rng.uniform(0.2, 0.8) * height), width), dtype=np.float32)
-            page = np.concatenate(
-                [
-                    np.pad(top, ((0, 0), (0, width - top.shape[1]))),
-                    gap,
-                    np.pad(bottom, ((0, 0), (0, width - bottom.shape[1]))),
-                ]
-            )
+            if name == "lines":
+                gap = np.zeros((int(rng.uniform(0.2, 0.8) * height), width), dtype=np.float32)
+                page = np.concatenate(
+                    [
+                        np.pad(top, ((0, 0), (0, width - top.shape[1]))),
+                        gap,
+                        np.pad(bottom, ((0, 0), (0, width - bottom.shape[1]))),
+                    ]
+                )
+            else:
+                page = _close_together(top, bottom, rng.uniform(-0.15, 0.1) * height)
             longest = max(len(digits) for digits in numbers)
             data, _ = photo(
                 page,
@@ -576,7 +596,7 @@ def eval_real(
     for name in sets:
         samples = list(generate(name, count, seed))
         start = time.perf_counter()
-        if name in ("numbers", "lines"):
+        if name == "numbers" or name in TWO_LINE_SETS:
             reads = [predictor.read(s.data) for s in samples]
             seconds = time.perf_counter() - start
             exact = np.mean([r.number == s.label for r, s in zip(reads, samples)])
