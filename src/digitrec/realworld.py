@@ -409,8 +409,8 @@ DEFAULT_SETS = SETS[:5]  # what eval-real reads unless --sets names others
 def _close_together(top: Array, bottom: Array, gap: float) -> Array:
     """Two lines of ink on one page, the first ink row of `bottom` `gap` pixels under the last of `top` (a
     negative gap: their rows overlap; where strokes cross, the darker ink wins)."""
-    inked = lambda line: np.flatnonzero(line.max(axis=1) > 0.1)  # noqa: E731
-    offset = max(0, int(round(inked(top)[-1] + gap - inked(bottom)[0])))  # bottom's first row on the page
+    top_rows, bottom_rows = (np.flatnonzero(line.max(axis=1) > 0.1) for line in (top, bottom))  # inked rows
+    offset = max(0, int(round(top_rows[-1] + gap - bottom_rows[0])))  # bottom's first row on the page
     page = np.zeros(
         (max(top.shape[0], offset + bottom.shape[0]), max(top.shape[1], bottom.shape[1])), np.float32
     )
