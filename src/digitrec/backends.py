@@ -97,11 +97,12 @@ class OnnxBackend:
         self.path, self.threads, self.spin = Path(path), threads, spin
         # One thread, not spinning: the Predictor's batches are small and preprocessing dominates, and a server
         # makes one model call at a time beside request workers that need the other cores.
-        model = read_onnx(self.path)  # read once: the session and a pickle for the workers share these bytes
-        self._open(onnx_session(model, threads=threads, spin=spin, name=str(self.path)), model)
+        self._open(
+            read_onnx(self.path)
+        )  # read once: the session and a pickle for the workers share these bytes
 
-    def _open(self, session: Any, model: bytes) -> None:
-        self.session = session
+    def _open(self, model: bytes) -> None:
+        self.session = onnx_session(model, threads=self.threads, spin=self.spin, name=str(self.path))
         self.model = model  # what a pickle carries: this model, whatever the file holds by then
         self.meta: dict[str, Any] = session_metadata(self.session)
         self._one = self._bind_one()
@@ -128,8 +129,7 @@ class OnnxBackend:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path, self.threads, self.spin = state["path"], state["threads"], state["spin"]
-        model = state["model"]
-        self._open(onnx_session(model, threads=self.threads, spin=self.spin, name=str(self.path)), model)
+        self._open(state["model"])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(batch, dtype=np.float32).reshape(-1, 1, 28, 28)

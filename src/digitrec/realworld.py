@@ -461,8 +461,8 @@ def generate(
             height = int(rng.integers(48, 96))
             numbers = [[int(d) for d in rng.integers(10, size=int(rng.integers(2, 8)))] for _ in range(2)]
             top, bottom = (number_line(_glyphs(digits, height, rng, mnist), rng)[0] for digits in numbers)
-            width = max(top.shape[1], bottom.shape[1])
             if name == "lines":
+                width = max(top.shape[1], bottom.shape[1])
                 gap = np.zeros((int(rng.uniform(0.2, 0.8) * height), width), dtype=np.float32)
                 page = np.concatenate(
                     [
