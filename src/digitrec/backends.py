@@ -42,7 +42,10 @@ def read_onnx(path: str | Path) -> bytes:
             f"ONNX model {path} does not exist; export one with `digitrec export MODEL`."
         ) from None
     except OSError as exc:  # a folder, no permission
-        raise DigitrecError(f"cannot read ONNX model {path}: {exc.strerror or type(exc).__name__}.") from None
+        reason = exc.strerror or type(exc).__name__
+        raise DigitrecError(
+            f"cannot read ONNX model {path} ({reason}); pass the .onnx file that `digitrec export` wrote."
+        ) from None
 
 
 def onnx_session(source: str | Path | bytes, threads: int = 0, spin: bool = True, name: str | None = None):
