@@ -14,7 +14,7 @@ from PIL import Image
 from digitrec.pairs import CLASSES, NO_PAIR
 from digitrec.predict import Predictor
 from digitrec.preprocess import MIN_WORK_SIDE, ink_mask, load_gray, load_gray_sized, to_mnist
-from digitrec.realworld import crop_ink, draw_digit, generate, number_line
+from digitrec.realworld import _close_together, crop_ink, draw_digit, generate, number_line
 from digitrec.segment import (
     CUT_SIDEWAYS,
     CUT_STRAY,
@@ -33,6 +33,7 @@ from digitrec.segment import (
     cut_columns,
     cut_path,
     cut_paths,
+    cut_two_line_parts,
     drop_edge_debris,
     line_ink,
     merge_broken,
@@ -883,3 +884,60 @@ def test_read_reads_each_glyph_once_and_as_reading_its_digits_afresh_would(bundl
         expected = piece.reading or (int(probabilities.argmax()), float(probabilities.max()))
         assert (digit.digit, digit.box) == (expected[0], piece.box)
         assert digit.confidence == pytest.approx(expected[1], abs=1e-6)
+
+
+def _touching_lines(seed: int, gap: int) -> np.ndarray:
+    """ "52806" over "3947" in pen, the bottom line's first ink row `gap` px under the top line's last (negative:
+    their rows overlap, and with these seeds some digit of one line touches one of the other)."""
+    rng = np.random.default_rng(seed)
+    top, bottom = (
+        number_line([crop_ink(draw_digit(d, rng, 80)) for d in digits], rng)[0]
+        for digits in ([5, 2, 8, 0, 6], [3, 9, 4, 7])
+    )
+    page = _close_together(top, bottom, gap)
+    return (255 * (0.9 - 0.8 * np.pad(page, 40))).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("seed", "gap"), [(2, -4), (5, -8), (7, -4)])
+def test_two_lines_whose_digits_touch_are_read_apart(bundled, seed, gap):
+    """A digit of one line touching one of the next made one part of both lines' rows, which went whole to one
+    line: "8389" for "52806" over "3947" (seed 2), "5289" over "394" (5), "806" over "8347" (7)."""
+    assert bundled.read(_touching_lines(seed, gap)).lines == ["52806", "3947"]
+
+
+@pytest.mark.parametrize(("seed", "tall"), [(1, 7), (4, 1), (4, 9), (5, 4)])
+def test_one_digit_written_twice_as_tall_as_the_others_is_not_cut_into_two_lines(bundled, seed, tall):
+    """A part two line heights tall is two lines' digits touching only where the rest of the writing says so: one
+    tall digit in a line of short ones stays whole ("57" over "7806" for "57806" when every such part was cut)."""
+    rng = np.random.default_rng(seed)
+    glyphs = [crop_ink(draw_digit(d, rng, 150 if i == 1 else 80)) for i, d in enumerate([5, tall, 8, 0, 6])]
+    line = number_line(glyphs, rng)[0]
+    assert bundled.read((255 * (0.9 - 0.8 * np.pad(line, 40))).astype(np.uint8)).lines == [f"5{tall}806"]
+
+
+def test_a_part_across_two_lines_is_cut_where_they_touch_and_its_ink_counted_in_each_half():
+    """Two lines of hollow boxes (50 px tall), the last box of the top line joined by a short stroke to the box under
+    it: one part 105 px tall, cut in two at the stroke; the labels and the areas agree after the cut."""
+    mask = np.zeros((200, 330), dtype=bool)
+
+    def box(x: int, y: int) -> None:
+        mask[y : y + 50, x : x + 30] = True
+        mask[y + 4 : y + 46, x + 4 : x + 26] = False
+
+    for x in (10, 60, 110, 160, 260):
+        box(x, 20)  # the top line: rows 20-69
+    for x in (35, 85, 135, 210):
+        box(x, 80)  # the bottom line: rows 80-129
+    box(260, 75)  # ... and its last box, rows 75-124, under the top line's last
+    mask[70:75, 270:273] = True  # the joint
+    labels, blobs, areas = components(mask)
+    kept, line_height = clean(blobs, areas)
+    assert line_height == 50
+    parts, cut_areas = cut_two_line_parts(kept, labels, areas, line_height)
+    assert len(parts) == len(kept) + 1
+    assert sorted((b.y0, b.y1) for b in parts if b.x0 == 260) == [
+        (20, 73),
+        (73, 125),
+    ]  # cut inside the joint (rows 70-74)
+    assert np.array_equal(np.bincount(labels.ravel(), minlength=len(cut_areas)), cut_areas)
+    assert [len(line) for line in split_lines(parts, line_height)] == [5, 5]

@@ -2,8 +2,9 @@
 
 Reuses preprocess's stages (load, polarity, flatten, threshold, to_mnist) and adds the line logic:
 faint digits next to clear ones kept as ink (line_ink), connected components (OpenCV), dropping specks,
-ruled lines and dark parts at the photo's edge outside the line's rows (drop_edge_debris), merging the parts
-of broken digits (components stacked in x), and splitting touching or overlapping digits by recognition:
+ruled lines and dark parts at the photo's edge outside the line's rows (drop_edge_debris), cutting apart two
+lines of writing whose digits touch (cut_two_line_parts), grouping the parts into lines (split_lines), merging
+the parts of broken digits (components stacked in x), and splitting touching or overlapping digits by recognition:
 candidate cuts sit at ink-profile minima and on a regular grid, each cut is a path from top to bottom that
 crosses as little ink as it can (so it can lean with the writing and pass between overlapping digits) or a
 straight line (down the stroke that two overlapping digits share), and dynamic programming picks the cuts
@@ -63,7 +64,8 @@ SMALL_LINE = 0.3  # a number written smaller than the others stands at least thi
 # Lines written closer than LINE_GAP (rows overlapping): a group of rows taller than TALL_ROWS line heights holds
 # more than one line: its parts of a whole digit's height (WHOLE_PART to TALL_PART line heights: not a digit's
 # broken-off loop, nor a part joining two lines) whose level centres lie more than CENTRE_GAP line heights
-# apart, sorted top to bottom, start a new line there
+# apart, sorted top to bottom, start a new line there. A single part that tall may be two lines' digits touching
+# (cut_two_line_parts).
 TALL_ROWS = 1.6
 WHOLE_PART = 0.75
 TALL_PART = 1.3
@@ -262,6 +264,84 @@ def _close_lines(
         if k not in whole:
             lines[int(np.argmin([abs(centre[k] - m) for m in middles]))].append(k)
     return lines
+
+
+def cut_two_line_parts(
+    blobs: list[_Blob], labels: np.ndarray, areas: np.ndarray, line_height: float
+) -> tuple[list[_Blob], np.ndarray]:
+    """Lines written so close that a digit of one touches a digit of the next: the part they make, at least
+    TALL_ROWS line heights tall and holding two lines (_two_lines_in), is cut in two along the left-to-right path
+    near its middle row that crosses the least ink (cut_path, across), so that split_lines finds each half in its
+    own line. `labels` is relabelled in place (each lower half a new label); returns the parts and the ink of
+    every label, the new ones at the end."""
+    out: list[_Blob] = []
+    new_areas: list[int] = []
+    shrunk: dict[int, int] = {}
+    for blob in blobs:
+        if (
+            blob.height >= TALL_ROWS * line_height
+            and len(blob.labels) == 1
+            and _two_lines_in(blob, blobs, line_height)
+        ):
+            halves = _cut_across(
+                labels, blob, (blob.y0 + blob.y1) / 2, line_height, len(areas) + len(new_areas)
+            )
+            if halves is not None:
+                (above, below), moved = halves
+                new_areas.append(moved)
+                shrunk[blob.labels[0]] = moved
+                out += [above, below]
+                continue
+        out.append(blob)
+    if not new_areas:
+        return out, areas
+    grown = np.concatenate([areas, np.asarray(new_areas, dtype=areas.dtype)])
+    for label, moved in shrunk.items():
+        grown[label] -= moved
+    return out, grown
+
+
+def _two_lines_in(blob: _Blob, blobs: list[_Blob], line_height: float) -> bool:
+    """Whether a tall part holds two lines' digits rather than one tall digit: it is wider than one digit can be
+    (MAX_PIECE_WIDTH), or other parts of a whole digit's height stand level with its upper half and others with
+    its lower half (their middles a third of a line height or more above and below its middle row)."""
+    if blob.width > MAX_PIECE_WIDTH * line_height:
+        return True
+    middle = (blob.y0 + blob.y1) / 2
+    whole = [
+        (b.y0 + b.y1) / 2
+        for b in blobs
+        if WHOLE_PART * line_height <= b.height <= TALL_PART * line_height
+        and blob.y0 <= (b.y0 + b.y1) / 2 <= blob.y1
+    ]
+    margin = line_height / 3
+    return any(c <= middle - margin for c in whole) and any(c >= middle + margin for c in whole)
+
+
+def _cut_across(
+    labels: np.ndarray, blob: _Blob, row: float, line_height: float, new_label: int
+) -> tuple[tuple[_Blob, _Blob], int] | None:
+    """Cut one part's ink (`blob`, one label) along the left-to-right path near `row` that crosses the least ink:
+    the ink under the path gets `new_label` in `labels`. Returns the two halves and the ink moved, or None when
+    one half would hold less than a sliver of ink (MIN_PIECE_AREA line heights squared)."""
+    window = labels[blob.y0 : blob.y1, blob.x0 : blob.x1]
+    ink = window == blob.labels[0]
+    reach = max(1, int(CUT_REACH * line_height))
+    path = cut_path(ink.T, int(round(row)) - blob.y0, reach)  # the row of the cut in each column
+    below = ink & (np.arange(ink.shape[0])[:, None] > path[None, :])
+    above = ink & ~below
+    sliver = MIN_PIECE_AREA * line_height**2
+    if below.sum() < sliver or above.sum() < sliver:
+        return None
+    window[below] = new_label
+    return (_box_of(above, blob, blob.labels[0]), _box_of(below, blob, new_label)), int(below.sum())
+
+
+def _box_of(mask: np.ndarray, blob: _Blob, label: int) -> _Blob:
+    """The blob of the ink `mask` (in `blob`'s box) that carries `label`."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    x0, x1, y0, y1 = (int(v) for v in (cols[0], cols[-1] + 1, rows[0], rows[-1] + 1))
+    return _Blob(blob.x0 + x0, blob.x0 + x1, blob.y0 + y0, blob.y0 + y1, [label])
 
 
 def _writing_slope(tall: list[_Blob]) -> float:
@@ -546,6 +626,7 @@ def _segment(
             for piece in _segment(near, near_size, score, pairs)
         ]
     pieces: list[Piece] = []
+    blobs, areas = cut_two_line_parts(blobs, labels, areas, line_height)
     lines = split_lines(blobs, line_height)
     for number, line in enumerate(lines):
         own_height = line_height if len(lines) == 1 else _height_of(line, line_height)
