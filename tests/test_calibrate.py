@@ -68,7 +68,7 @@ def test_calibrate_fits_on_the_held_out_split_and_cuts_over_every_tempered_set(
 
     seeds = set()
 
-    def with_a_blank_page(name, count, seed):
+    def with_a_blank_page(name, count, seed, mnist=None):  # calibrate passes the MNIST it loaded
         seeds.add(seed)
         samples = list(real_generate(name, count, seed, mnist=FAKE_MNIST))
         return [realworld.Sample(blank.getvalue(), samples[0].label, "blank"), *samples[1:]]

@@ -177,6 +177,84 @@ def test_resume_refuses_flags_it_would_ignore(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--seed", "0"],
+        ["--no-amp"],
+        ["--threads", "0"],
+        ["--val-size", "0"],
+        ["--weight-decay", "0"],
+        ["--label-smoothing", "0"],
+        ["--momentum", "0"],
+        ["--ema-decay", "0"],
+        ["--clean-epochs", "0"],
+        ["--early-stopping-patience", "0"],
+        ["--checkpoint-every-steps", "0"],
+    ],
+    ids=lambda flags: " ".join(flags),
+)
+def test_resume_refuses_a_flag_given_as_0_or_off_too(tmp_path, flags, capsys):
+    """0 == False: `--resume RUN --seed 0` (or --no-amp) was silently ignored, where --seed 1 was refused."""
+    assert main(["train", "--resume", str(tmp_path), *flags]) == 2
+    assert f"so {flags[0]} would be ignored" in capsys.readouterr().err
+
+
+def test_resume_still_takes_device_and_the_switches_it_does_not_check(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--device", "cpu", "--no-report", "--no-progress"]) == 2
+    assert "has no last.safetensors to resume from" in capsys.readouterr().err  # not "would be ignored"
+
+
+def test_resume_with_an_empty_folder_name_is_refused(tmp_path, monkeypatch, capsys):
+    """`train --resume "$RUN"` with $RUN unset started a new run of the default recipe."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", ""]) == 2
+    err = capsys.readouterr().err
+    assert "--resume was given an empty folder name" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no runs/default-<time> folder
+
+
+def test_train_refuses_an_out_folder_it_cannot_write_before_training(idx_folder, monkeypatch, capsys):
+    """`train --out /proc/foo` trained a whole epoch, then failed to write its checkpoint."""
+    from digitrec import training
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(training, "train_steps", no_training)
+    args = ["train", "--recipe", "fast", "--data-dir", str(idx_folder), "--no-progress"]
+    assert main([*args, "--out", "/proc/no-such-folder"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write into the run folder /proc/no-such-folder" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["calibrate", "{run}", "--count", "5", "--out", "{tmp}/calibrated"],
+        ["eval-real", "--sets", "mnist-photo,numbers", "--count", "3", "--backend", "numpy", "--json"],
+        ["eval-real", "--sets", "mnist-photo", "--count", "2", "--write", "{tmp}/sets"],
+    ],
+    ids=["calibrate", "eval-real", "eval-real-write"],
+)
+def test_calibrate_and_eval_real_read_mnist_from_data_dir(
+    command, tiny_fast_run, idx_folder, tmp_path, monkeypatch, capsys
+):
+    """README: every command that reads MNIST takes --data-dir; these two had none, and read the usual sources."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("DIGITREC_DATA", str(empty))  # any other source than --data-dir fails
+    args = [a.replace("{run}", str(tiny_fast_run)).replace("{tmp}", str(tmp_path)) for a in command]
+    assert main([*args, "--data-dir", str(idx_folder)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--data-dir", str(empty)]) == 2
+    assert f"{empty} does not hold the four MNIST files" in capsys.readouterr().err
+
+
 def test_a_reader_that_stops_early_gets_no_traceback():
     """`digitrec recipes | head -1`: the pipe closes before the output is written."""
     read_end, write_end = os.pipe()

@@ -130,6 +130,52 @@ def test_unknown_recipe_is_a_user_error():
         get_recipe("nope")
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        # overflowed in training (OverflowError, torch.randint), a traceback instead of one sentence
+        {"negatives": float("inf")},
+        {"negatives": 1e300},
+        {"batch_size": 10**400},  # `--batch-size 1000...`: batch_size / world_size overflowed as a float
+        {"eval_batch_size": 10**400},
+        {"threads": 2**63 - 1},  # torch: "Overflow when unpacking long"
+        {"gamma": 1e300},  # gamma ** epoch: OverflowError
+        {"reported_accuracy": float("inf")},
+        {"reported_accuracy": float("nan")},
+    ],
+    ids=lambda bad: ", ".join(f"{key}={str(value)[:8]}" for key, value in bad.items()),
+)
+def test_huge_or_non_finite_numbers_are_one_sentence(bad):
+    with pytest.raises(DigitrecError, match="must be"):
+        TrainConfig().override(**bad)
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ('recipe = ["fast"]', "config key 'recipe' expects a recipe name (a string), got ['fast']"),
+        ('[recipe]\nname = "fast"', "config key 'recipe' expects a recipe name (a string)"),
+        ("negatives = inf", "negatives must be a number from 0 to 100"),
+        ("negatives = 1e300", "negatives must be a number from 0 to 100"),
+    ],
+    ids=["list", "table", "inf", "huge"],
+)
+def test_a_malformed_toml_value_is_one_sentence(tmp_path, toml, message, capsys):
+    """A TypeError (unhashable) or an OverflowError in training, with a traceback and exit 1."""
+    from digitrec.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(toml + "\n")
+    assert main(["train", "--config", str(path), "--dry-run", "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_get_recipe_refuses_a_name_that_is_not_a_string():
+    with pytest.raises(DigitrecError, match="expects a recipe name"):
+        get_recipe(["fast"])  # type: ignore[arg-type]
+
+
 def test_toml_round_trip(tmp_path):
     config = RECIPES["default"].override(epochs=2, label_smoothing=0.05, betas=(0.9, 0.99))
     path = tmp_path / "c.toml"

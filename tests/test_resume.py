@@ -576,3 +576,59 @@ def test_a_run_killed_before_its_last_history_write_resumes_to_the_whole_history
 
     training.train(TrainConfig(), tmp_path / "killed", data=tiny_mnist, resume=True, **QUIET)
     assert_same_run(tmp_path / "whole", tmp_path / "killed")
+
+
+@pytest.mark.parametrize(
+    "change, tensorboard, refused",
+    [
+        ({"val_size": 60000}, False, "validation size 60000 leaves no training images"),
+        ({"val_size": 1199}, False, "too few for one batch"),
+        ({"arch": "nope"}, False, "nope"),
+        ({"arch": "mlp_bn_300_100", "batch_size": 1}, False, "batch norm needs at least two"),
+        ({}, True, "--tensorboard needs the tensorboard extra"),
+    ],
+    ids=["val-size", "no-batch-left", "arch", "batch-size", "tensorboard"],
+)
+def test_a_run_that_is_refused_leaves_the_finished_run_in_its_folder(
+    tiny_mnist, tmp_path, change, tensorboard, refused
+):
+    """The finished run's files were removed first, then the new run was refused: the folder was left empty."""
+    import importlib.util
+
+    from digitrec.config import TrainConfig
+    from digitrec.errors import DigitrecError
+    from digitrec.training import train
+
+    if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    (tmp_path / "report.html").write_text("the finished run's report")
+    kept = _files(tmp_path)
+    with pytest.raises(DigitrecError, match=refused):
+        train(config.override(**change), tmp_path, data=tiny_mnist, tensorboard=tensorboard, **QUIET)
+    assert _files(tmp_path) == kept
+
+
+def test_a_new_run_in_a_folder_without_a_run_keeps_the_users_files(tiny_mnist, tmp_path):
+    """README: a finished run is replaced, the files it left removed first; in a folder that held no run, the
+    user's own report.html, MODEL_CARD.md, evaluation.json and tensorboard/ were removed too."""
+    from digitrec.config import TrainConfig
+    from digitrec.runfolder import holds_a_run
+    from digitrec.training import train
+
+    users = {"report.html": "mine", "MODEL_CARD.md": "mine", "evaluation.json": "{}", "notes.txt": "mine"}
+    for name, text in users.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1").write_text("my curves")
+    assert not holds_a_run(tmp_path)
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    for name, text in users.items():
+        assert (tmp_path / name).read_text() == text, name
+    assert (tmp_path / "tensorboard" / "events.out.tfevents.1").read_text() == "my curves"
+    assert holds_a_run(tmp_path)
+    (tmp_path / "last.safetensors").unlink()  # the run's model.safetensors alone still marks it
+    (tmp_path / "last.json").unlink()
+    assert holds_a_run(tmp_path)

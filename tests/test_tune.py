@@ -131,7 +131,8 @@ def test_a_storage_digitrec_cannot_use_is_one_sentence(tiny_mnist, tmp_path, sto
     if message.startswith("needs") and importlib.util.find_spec("psycopg2") is not None:
         pytest.skip("a PostgreSQL driver is installed here")
     with pytest.raises(DigitrecError, match=message):
-        tune_module.tune("fast", 1, tmp_path, storage=storage, data=tiny_mnist)
+        # a split the 1,200 tiny images leave a batch of (the default 5,000 is now refused before the storage)
+        tune_module.tune("fast", 1, tmp_path, storage=storage, data=tiny_mnist, val_size=200)
 
 
 def test_processes_sharing_a_storage_seed_their_samplers_apart():
@@ -152,8 +153,10 @@ def test_processes_sharing_a_storage_seed_their_samplers_apart():
         ({"epochs": 0}, "epochs must be a positive number"),  # silently the recipe's epochs
         ({"val_size": 0}, "--val-size must be at least 1, got 0"),  # silently 5,000
         ({"val_size": 1200}, "--val-size 1200 leaves 0 of 1,200 training images"),  # Optuna's log, then this
+        # more than all: a negative count of steps passed the check, Optuna's traceback came first
+        ({"val_size": 7000}, "--val-size 7000 leaves 0 of 1,200 training images"),
     ],
-    ids=["negative-seed", "zero-epochs", "no-validation", "no-training-images"],
+    ids=["negative-seed", "zero-epochs", "no-validation", "no-training-images", "more-than-all-images"],
 )
 def test_settings_tuning_cannot_use_are_one_sentence_before_any_trial(
     tiny_mnist, tmp_path, kwargs, refused, capfd

@@ -76,12 +76,14 @@ def calibrate(
     log: Callable[[str], None] = print,
     out_path: str | Path | None = None,
     half: bool = False,
+    data_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fit T on the MNIST validation split, choose the reject threshold on generated calibration photos,
     and write both into the checkpoint's metadata (in place, or to `out_path`).
 
     `half` stores the weights as float16 (loading converts them back): how the bundled model stays
-    under 2 MB with no measurable change in its predictions.
+    under 2 MB with no measurable change in its predictions. `data_dir` is where MNIST is looked for first
+    (`load_mnist`'s), for the validation split and the digits of the generated photos.
     """
     from .checkpoint import load_model, save_tensors
     from .config import TrainConfig
@@ -93,7 +95,9 @@ def calibrate(
 
     model, meta = load_model(model_path)
     config = TrainConfig.from_checkpoint(meta, model_path)
-    data = load_mnist()
+    data = load_mnist(data_dir)
+    # the digits of the generated mnist-photo set, from data_dir too
+    mnist = (data.test_images.numpy(), data.test_labels.numpy())
     # A model trained on every image (val_size 0) gets the usual split (TrainConfig's default), or a sixth of a
     # smaller data set.
     val_size = config.val_size or min(TrainConfig().val_size, len(data.train_images) // 6)
@@ -117,7 +121,8 @@ def calibrate(
     scorer = Predictor(TorchBackend(model, threads=0), {**meta, "temperature": temperature})
 
     def confidences(name: str) -> np.ndarray:
-        batch = np.stack([preprocess(s.data) for s in generate(name, count, CALIBRATION_SEED)])[:, None]
+        samples = generate(name, count, CALIBRATION_SEED, mnist=mnist)
+        batch = np.stack([preprocess(s.data) for s in samples])[:, None]
         probs = scorer.probabilities(batch).max(axis=1)
         probs[holds_no_ink(batch)] = 0.0  # blank pages: the predictor rejects them outright
         return probs

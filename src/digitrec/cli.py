@@ -211,14 +211,23 @@ def training_config(args: argparse.Namespace):
     return recipe, config.override(**flags)
 
 
+def _given(value: object, default: object) -> bool:
+    """Was a flag given on the command line: is its value other than the parser's default? Compared by identity
+    with None, since 0 and 0.0 equal False."""
+    return value is not None if default is None else value != default
+
+
 def _check_resume(args: argparse.Namespace) -> None:
     """A resumed run keeps its own settings: refuse the flags that would change them, rather than ignore them."""
     from .config import TRAIN_OVERRIDES
 
+    # Given is what differs from the parser's default (None, or False for a switch): `--seed 0`, `--no-amp` and
+    # `--threads 0` too, which a test against (None, False) took for not given (0 == False).
+    parser = args._parser  # train's own parser (main parsed the command line with it)
     ignored = [
-        "--" + key.replace("_", "-")
+        ("--no-" if getattr(args, key) is False else "--") + key.replace("_", "-")  # --no-amp as given
         for key in ("recipe", "config", "out", "overwrite", "amp", "compile", "dry_run", *TRAIN_OVERRIDES)
-        if key != "device" and getattr(args, key) not in (None, False)
+        if key != "device" and _given(getattr(args, key), parser.get_default(key))
     ]
     if ignored:
         raise DigitrecError(
@@ -228,6 +237,10 @@ def _check_resume(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume == "":  # `--resume "$RUN"` with $RUN unset: it started a new default run
+        raise DigitrecError(
+            "--resume was given an empty folder name (an unset shell variable?); name the run folder to continue."
+        )
     if args.resume:
         _check_resume(args)
     if getattr(args, "nproc", None):
@@ -662,7 +675,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.out:  # a folder it cannot write into is said now, not after the calibration
         _make_folder(args.out.parent, "--out")
     written = args.out or _model_path(args.model)
-    calibrate(_model_path(args.model), count=args.count, out_path=args.out, half=args.half, log=print)
+    calibrate(
+        _model_path(args.model),
+        count=args.count,
+        out_path=args.out,
+        half=args.half,
+        log=print,
+        data_dir=args.data_dir,
+    )
     print(f"calibration written into {written}")
     stale = [name for name in ("MODEL_CARD.md", "report.html") if (written.parent / name).is_file()]
     if written.name == "model.safetensors" and stale:  # a run's own model: its card shows T = 1 and that ECE
@@ -682,11 +702,17 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
     if unknown:  # '' too: an empty --sets ran every set
         raise DigitrecError(f"unknown set {unknown[0]!r}; choose from {', '.join(SETS)}.")
     refuse_repeats("--sets", sets)
+    mnist = None  # without --data-dir, the sets that draw MNIST digits load them from the usual sources
+    if args.data_dir is not None:
+        from .data import load_mnist
+
+        data = load_mnist(args.data_dir, log=_stderr)
+        mnist = (data.test_images.numpy(), data.test_labels.numpy())
     if args.write:
         _make_folder(args.write, "--write")
         written = {}
         for name in sets:
-            paths = write_set(name, args.count, args.write / name, seed=args.seed)
+            paths = write_set(name, args.count, args.write / name, seed=args.seed, mnist=mnist)
             written[name] = [str(path) for path in paths]
             if not args.json:
                 print(f"{name}: {len(paths)} images in {args.write / name}")
@@ -706,6 +732,7 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
         sets=sets,
         log=(lambda msg: None) if args.json else print,
         show_misses=args.misses,
+        mnist=mnist,
     )
     if args.speed:
         results["speed"] = time_folder(predictor, log=(lambda msg: None) if args.json else print)
@@ -1345,6 +1372,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the calibrated model here instead of in place: a .safetensors file, or a run folder",
     )
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    p.add_argument("--data-dir")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
@@ -1377,6 +1405,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help='print the figures as JSON, the model under "model" (with --write: the files written)',
     )
+    p.add_argument("--data-dir")
     p.set_defaults(func=cmd_eval_real)
 
     p = sub.add_parser("export", help="export a model to ONNX (float32 or static int8) with a parity check")

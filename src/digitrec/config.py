@@ -23,6 +23,11 @@ AUGMENTATIONS = ("none", "rotate10", "affine", "affine-elastic", "robust")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # what training.resolve_device takes
 # --dry-run trains on the first 8 batches for at most this many epochs, and records the epochs it trained
 DRY_RUN_MAX_EPOCHS = 1.0
+# Upper bounds of settings that are otherwise unbounded, where a huge value (a TOML 1e300) overflowed in
+# training with a traceback instead of one sentence: a batch indexes 32-bit, a thread pool of 100,000 crashes.
+MAX_BATCH_SIZE = 2**31 - 1
+MAX_NEGATIVES = 100
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,10 @@ class TrainConfig:
         finite = math.isfinite
         checks = [
             (0 < self.epochs < 1e6, f"epochs must be a positive number (under a million), got {self.epochs}"),
-            (self.batch_size > 0, f"batch size must be positive, got {self.batch_size}"),
+            (
+                0 < self.batch_size <= MAX_BATCH_SIZE,
+                f"batch size must be a whole number from 1 to {MAX_BATCH_SIZE:,}, got {self.batch_size}",
+            ),
             (
                 0 < self.lr < 1e3,  # NaN and inf fail the comparison
                 f"learning rate must be positive and finite, got {self.lr}",
@@ -94,13 +102,17 @@ class TrainConfig:
                 f"weight decay must not be negative, got {self.weight_decay}",
             ),
             (self.step_epochs >= 1, f"step_epochs must be at least 1, got {self.step_epochs}"),
-            (0 < self.gamma and finite(self.gamma), f"gamma must be positive, got {self.gamma}"),
+            # gamma ** (epoch // step_epochs): a gamma above 1 overflowed in training
+            (0 < self.gamma <= 1, f"gamma must be in (0, 1], a decay, got {self.gamma}"),
             (0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
             (
                 len(self.normalize) == 2 and self.normalize[1] > 0 and all(finite(v) for v in self.normalize),
                 f"normalize must be (mean, std) with std above 0, got {list(self.normalize)}",
             ),
-            (self.eval_batch_size > 0, f"eval batch size must be positive, got {self.eval_batch_size}"),
+            (
+                0 < self.eval_batch_size <= MAX_BATCH_SIZE,
+                f"eval batch size must be a whole number from 1 to {MAX_BATCH_SIZE:,}, got {self.eval_batch_size}",
+            ),
             (0 <= self.seed < 2**63, f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}"),
             (
                 self.reported_metric == "accuracy"
@@ -125,7 +137,10 @@ class TrainConfig:
                 f"clean_epochs must be between 0 and epochs ({self.epochs:g}), got {self.clean_epochs}",
             ),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
-            (self.negatives >= 0, f"negatives must not be negative, got {self.negatives}"),
+            (
+                0 <= self.negatives <= MAX_NEGATIVES,  # inf and 1e300 overflowed in training; NaN fails
+                f"negatives must be a number from 0 to {MAX_NEGATIVES} (non-digits per digit), got {self.negatives}",
+            ),
             (self.val_size >= 0, f"validation size must not be negative, got {self.val_size}"),
             (
                 self.early_stopping_patience >= 0,
@@ -135,10 +150,17 @@ class TrainConfig:
                 self.checkpoint_every_steps >= 0,
                 f"checkpoint_every_steps must not be negative (0 = at epoch ends), got {self.checkpoint_every_steps}",
             ),
-            (self.threads >= 0, f"threads must not be negative (0 = torch's default), got {self.threads}"),
+            (
+                0 <= self.threads <= MAX_THREADS,  # torch overflows on 2**63 and crashes on 100,000
+                f"threads must be a whole number from 0 (torch's default) to {MAX_THREADS}, got {self.threads}",
+            ),
             (
                 self.tta_views in TTA_SHIFTS,
                 f"tta_views must be one of {', '.join(map(str, TTA_SHIFTS))}, got {self.tta_views}",
+            ),
+            (
+                self.reported_accuracy is None or 0 <= self.reported_accuracy <= 1,
+                f"reported_accuracy must be a fraction from 0 to 1, got {self.reported_accuracy}",
             ),
             (
                 self.device in DEVICES,
@@ -402,6 +424,8 @@ TRAIN_OVERRIDES = (
 
 
 def get_recipe(name: str) -> TrainConfig:
+    if not isinstance(name, str):  # a TOML `recipe = ["fast"]` or [recipe] table: unhashable, a TypeError
+        raise DigitrecError(f"config key 'recipe' expects a recipe name (a string), got {name!r}.")
     try:
         return RECIPES[name]
     except KeyError:

@@ -536,7 +536,9 @@ def _digit_counts(number: str | None) -> list[int]:
 WRITTEN_NAME = re.compile(r"\d{5,}_(\d+(-\d+)*|none)\.(jpg|png)")  # the files write_set writes
 
 
-def write_set(name: str, count: int, out_dir: str | Path, seed: int = 0) -> list[Path]:
+def write_set(
+    name: str, count: int, out_dir: str | Path, seed: int = 0, mnist: tuple[Array, Array] | None = None
+) -> list[Path]:
     """Save a set as image files named <index>_<label>.<ext> (label 'none' for negatives, lines joined by '-'), for
     `digitrec predict DIR` (or `read DIR`).
 
@@ -548,7 +550,7 @@ def write_set(name: str, count: int, out_dir: str | Path, seed: int = 0) -> list
         if WRITTEN_NAME.fullmatch(earlier.name) and earlier.is_file():
             earlier.unlink()
     paths = []
-    for i, sample in enumerate(generate(name, count, seed)):
+    for i, sample in enumerate(generate(name, count, seed, mnist)):
         ext = "jpg" if sample.data[:2] == b"\xff\xd8" else "png"
         label = (sample.label or "none").replace("\n", "-")
         path = out / f"{i:05d}_{label}.{ext}"
@@ -573,13 +575,14 @@ def eval_real(
     sets: tuple[str, ...] = DEFAULT_SETS,
     log: Callable[[str], None] = print,
     show_misses: int = 0,
+    mnist: tuple[Array, Array] | None = None,
 ) -> dict[str, Any]:
     """Score `predictor` on every set; print one line per set and return the figures.
 
     Each set's figures also list its misses, {"index", "truth", "read"} for every sample read wrong, in order:
     a rejected digit has "read" None, a negative read as a digit "truth" None and its "kind" (blank, scribble,
     ...). `index` names the file that `write_set` writes for the same count and seed. `show_misses` prints the
-    first that many misses of each set under its line.
+    first that many misses of each set under its line. `mnist` (test images, labels) is `generate`'s.
     """
     import torch
 
@@ -594,7 +597,7 @@ def eval_real(
             log(f"  {miss['index']:05d}  truth {truth}  read {miss['read'] or 'rejected'}")
 
     for name in sets:
-        samples = list(generate(name, count, seed))
+        samples = list(generate(name, count, seed, mnist))
         start = time.perf_counter()
         if name == "numbers" or name in TWO_LINE_SETS:
             reads = [predictor.read(s.data) for s in samples]

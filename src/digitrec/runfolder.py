@@ -10,6 +10,7 @@ import contextlib
 import math
 import random
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -162,7 +163,8 @@ def read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, st
 
 # What a run folder holds once a run, its report, a calibration or an export wrote there (checkpoints with their
 # JSON side files). A new run in a finished run's folder removes them first, so that none of them describes the
-# old model; other files in the folder are the user's and stay.
+# old model; other files in the folder are the user's and stay, and so does every file of a folder that holds no
+# run (holds_a_run).
 RUN_OUTPUTS = (
     "model.safetensors",
     "model.json",
@@ -181,6 +183,32 @@ RUN_OUTPUTS = (
     "model.onnx",
     "model.int8.onnx",
 )
+
+
+def holds_a_run(out_dir: Path) -> bool:
+    """Does `out_dir` hold a run, finished or not: the last.safetensors every run writes, or a model.safetensors
+    whose metadata records the recipe and config it was trained with? Only then are RUN_OUTPUTS the run's files;
+    in a folder that holds none, a report.html or metrics.json is the user's."""
+    if (out_dir / "last.safetensors").exists():
+        return True
+    try:
+        _, meta = read_checkpoint(out_dir / "model.safetensors")
+    except (CheckpointError, OSError):
+        return False
+    return "recipe" in meta and isinstance(meta.get("config"), dict)
+
+
+def make_run_folder(out_dir: Path) -> None:
+    """Create `out_dir` and check that a file can be written there, before training: a folder under /proc, or
+    one without write permission, is then one sentence, not a traceback after the first epoch."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise DigitrecError(
+            f"cannot write into the run folder {out_dir} ({exc.strerror or exc}); choose another --out."
+        ) from None
 
 
 def remove_run_outputs(out_dir: Path) -> None:

@@ -41,7 +41,9 @@ from .errors import CheckpointError, DataError, DigitrecError, need_extra
 from .models import count_parameters, create_model, log_mean_probabilities
 from .optim import AdamW, Optimizer, WeightAverage
 from .runfolder import (
+    holds_a_run,
     load_optimizer,
+    make_run_folder,
     optimizer_tensors,
     read_resume,
     refuse_replacing_with_a_dry_run,
@@ -455,8 +457,6 @@ def train(
     main, world_size = distributed.is_main(), distributed.world_size()
     if not main:
         log, progress, tensorboard = _quiet, False, False
-    if not resume and main:  # a finished run replaced (or any run, with overwrite): its files go with it
-        remove_run_outputs(out_dir)
     evaluate_only = resume and run_is_finished(state, config)
     if evaluate_only:
         log(f"{out_dir} holds a finished {recipe} run: evaluating it again, without training")
@@ -526,6 +526,13 @@ def train(
         log(
             f"bfloat16 autocast off: this {device.type} has no native bfloat16, so {recipe} runs in float32 (faster here)"
         )
+    # Every check that can refuse the run is behind us: only now is the folder touched.
+    if tensorboard:
+        need_extra("tensorboard", "--tensorboard")
+    if main:
+        make_run_folder(out_dir)  # under /proc or read-only: one sentence now, not after the first epoch
+        if not resume and holds_a_run(out_dir):  # a finished run replaced (or any run, with overwrite)
+            remove_run_outputs(out_dir)  # its files go with it; a folder without a run keeps the user's files
     writer = _tensorboard_writer(out_dir) if tensorboard else None
 
     def save_last(step: int, epoch_so_far: list[float] | None = None) -> None:

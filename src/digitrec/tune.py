@@ -101,7 +101,7 @@ def tune(
     )
     data = data or load_mnist(log=log)
     # a split that leaves no batch fails here, once, not as every trial's failure in Optuna's log
-    if steps_in_epoch(len(data.train_images) - base.val_size, min(BATCH_SIZES)) == 0:
+    if steps_in_epoch(len(data.train_images) - base.val_size, min(BATCH_SIZES)) <= 0:  # < 0: more than all
         raise DataError(
             f"--val-size {base.val_size} leaves {max(0, len(data.train_images) - base.val_size)} of "
             f"{len(data.train_images):,} training images; choose a smaller --val-size."
