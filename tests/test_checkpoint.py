@@ -230,3 +230,59 @@ def test_an_onnx_export_given_as_a_checkpoint_is_named_as_one(tmp_path):
         f"{exported} is an ONNX export, which this command does not take; pass the .safetensors checkpoint (or "
         "run folder) it was exported from."
     )
+
+
+@pytest.fixture
+def diverged(tmp_path):
+    """A fast_cnn (NumPy runs it too) whose weights hold one NaN, as a run that diverged writes it."""
+    model = create_model("fast_cnn")
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[3] = float("nan")
+    path = tmp_path / "run" / "model.safetensors"
+    save_model(path, model, {"recipe": "fast", "config": {"arch": "fast_cnn", "normalize": [0.1307, 0.3081]}})
+    return path
+
+
+@pytest.mark.parametrize(
+    "loader", ["load_model", "NumpyBackend.load", "Predictor.load numpy", "Predictor.load torch"]
+)
+def test_a_checkpoint_whose_weights_are_not_finite_is_refused(diverged, loader):
+    """It loaded, and predict answered digit 0 with confidence NaN (`--json` printed a bare NaN, no JSON)."""
+    from digitrec.backends import NumpyBackend
+    from digitrec.predict import Predictor
+
+    load = {
+        "load_model": load_model,
+        "NumpyBackend.load": NumpyBackend.load,
+        "Predictor.load numpy": lambda path: Predictor.load(path, backend="numpy"),
+        "Predictor.load torch": lambda path: Predictor.load(path, backend="torch"),
+    }[loader]
+    with pytest.raises(CheckpointError) as refused:
+        load(diverged)
+    assert str(refused.value) == (
+        f"checkpoint {diverged} holds weights that are not finite numbers (NaN or infinity, in 1.0.weight): the "
+        "run that wrote it diverged; train it again (with a lower --lr) or pass another model."
+    )
+
+
+def test_infinite_weights_are_refused_too_and_by_predict_and_evaluate_json(diverged, tmp_path, capsys):
+    from digitrec.cli import main
+
+    model, meta = create_model("fast_cnn"), {"config": {"arch": "fast_cnn", "normalize": [0.1307, 0.3081]}}
+    with torch.no_grad():
+        model[1][-1].bias[0] = float("inf")
+    infinite = tmp_path / "inf.safetensors"
+    save_model(infinite, model, meta)
+    with pytest.raises(CheckpointError, match=r"not finite numbers \(NaN or infinity, in 1\.\d+\.bias\)"):
+        load_model(infinite)
+    image = tmp_path / "blank.png"
+    from PIL import Image
+
+    Image.new("L", (28, 28), 255).save(image)
+    for args in (
+        ["predict", str(image), "--model", str(diverged.parent), "--json"],
+        ["evaluate", str(diverged.parent), "--json"],
+    ):
+        assert main(args) != 0
+        captured = capsys.readouterr()
+        assert captured.out == "" and "holds weights that are not finite numbers" in captured.err

@@ -550,6 +550,30 @@ def _member(tiny_fast_run, path, tta_views, flip=False):
     return path
 
 
+def test_ensemble_out_refuses_a_members_own_run_folder_or_file(tiny_fast_run, tmp_path, idx_folder, capsys):
+    """`ensemble A B --out A` replaced A's model.safetensors and left its MODEL_CARD.md, report.html and
+    metrics.json describing the old model."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.safetensors", "model.json"):
+        (run / name).write_bytes((tiny_fast_run / name).read_bytes())
+    (run / "MODEL_CARD.md").write_text("card of the member\n")
+    other = _member(tiny_fast_run, tmp_path / "other.safetensors", 1, flip=True)
+    before = {path: path.read_bytes() for path in (run / "model.safetensors", other)}
+    for out, says in [
+        (run, f"is in the run folder of the member {run}, whose model card"),
+        (run / "model.safetensors", f"is in the run folder of the member {run}, whose model card"),
+        (run / "ensemble.safetensors", f"is in the run folder of the member {run}, whose model card"),
+        (other, f"--out {other} is the member {other} itself, which the ensemble would replace"),
+        (tmp_path / "." / "other.safetensors", f"is the member {other} itself"),
+    ]:
+        code = main(["ensemble", str(run), str(other), "--out", str(out), "--data-dir", str(idx_folder)])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(p.name for p in run.iterdir()) == ["MODEL_CARD.md", "model.json", "model.safetensors"]
+
+
 def test_ensemble_out_refuses_members_on_different_test_time_views(
     tiny_fast_run, tmp_path, idx_folder, capsys
 ):

@@ -267,3 +267,62 @@ def test_real_mnist_is_verified():
     mnist = load_mnist(download=False)
     assert mnist.train_images.shape == (60000, 28, 28) and mnist.test_images.shape == (10000, 28, 28)
     assert mnist.test_labels[:5].tolist() == [7, 2, 1, 0, 4]
+
+
+@pytest.mark.parametrize("name", ["t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte"])
+def test_a_folder_in_place_of_a_file_is_not_called_a_corrupt_gzip(idx_folder: Path, name: str):
+    """A folder named like the file was "not a valid gzip file (truncated or corrupt)" (.gz) or a bare OSError."""
+    (idx_folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    (idx_folder / name).mkdir()
+    with pytest.raises(DataError, match=f"^{idx_folder / name} is a folder, not an MNIST file; ") as caught:
+        load_mnist(idx_folder, download=False)
+    assert "gzip" not in str(caught.value)
+
+
+def test_a_file_that_cannot_be_read_says_so_and_not_that_it_is_corrupt(
+    idx_folder: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """chmod 000 was "not a valid gzip file (truncated or corrupt); delete it" (root reads anything: patched)."""
+    target = idx_folder / "t10k-labels-idx1-ubyte.gz"
+    read_bytes = Path.read_bytes
+
+    def refused(path: Path) -> bytes:
+        if path == target:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    with pytest.raises(DataError, match="cannot be read") as caught:
+        load_mnist(idx_folder, download=False, use_copy=False)
+    assert str(caught.value) == f"{target} cannot be read (Permission denied); check its permissions."
+
+
+def test_a_pipe_in_place_of_a_file_is_refused_at_once_not_waited_on(idx_folder: Path):
+    """A FIFO named like the file made `digitrec data --data-dir` wait for a writer forever."""
+    import os
+    import threading
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    target = idx_folder / "t10k-labels-idx1-ubyte.gz"
+    target.unlink()
+    os.mkfifo(target)
+    said: list[str] = []
+
+    def load() -> None:
+        try:
+            load_mnist(idx_folder, download=False)
+        except DataError as exc:
+            said.append(str(exc))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    if thread.is_alive():  # waiting in open(): a writer that opens and closes the pipe lets it go
+        os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=20)
+        pytest.fail(f"load_mnist waited on the pipe {target} for a writer")
+    assert said == [
+        f"{target} is not a regular file (a pipe or a device); put the MNIST file itself there, or delete it and "
+        "run `digitrec data` again."
+    ]

@@ -401,3 +401,32 @@ def test_an_ensemble_exports_with_the_same_answers(tiny_checkpoint: Path, tiny_m
     batch = as_input(tiny_mnist.test_images[:20]).numpy()
     probabilities = [Predictor.load(p).probabilities(batch) for p in (ensemble, tmp_path / "e.onnx")]
     assert np.abs(probabilities[0] - probabilities[1]).max() <= 1e-4
+
+
+def test_a_checkpoint_whose_weights_are_not_finite_is_not_exported_and_such_an_export_is_refused(
+    idx_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Its parity check passed (max |Δprob| NaN > 1e-4 is false), and the .onnx answered digit 0 with
+    confidence NaN."""
+    from digitrec.export import _to_onnx_bytes, _with_metadata
+
+    model = create_model("fast_cnn").eval()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    checkpoint = tmp_path / "run" / "model.safetensors"
+    save_model(checkpoint, model, {"recipe": "fast", "config": {"arch": "fast_cnn"}})
+    out = tmp_path / "diverged.onnx"
+    assert main(["export", str(checkpoint.parent), "--out", str(out), "--data-dir", str(idx_folder)]) != 0
+    assert "holds weights that are not finite numbers" in capsys.readouterr().err and not out.exists()
+
+    # an export made before digitrec refused them
+    export = {"source_checkpoint": str(checkpoint), "source_sha256": "0" * 64, "precision": "float32"}
+    export |= {"input": "pixels", "output": "logits", "temperature": 1.0, "reject_below": 0.3}
+    out.write_bytes(_with_metadata(_to_onnx_bytes(inference_model(model)), {"export": export}))
+    for load in (OnnxBackend, lambda path: Predictor.load(path, backend="onnx")):
+        with pytest.raises(DigitrecError) as refused:
+            load(out)
+        assert str(refused.value) == (
+            f"ONNX model {out} holds weights that are not finite numbers (NaN or infinity): the run that wrote "
+            "its checkpoint diverged; train it again (with a lower --lr) and export that."
+        )

@@ -224,6 +224,18 @@ def test_cli_names_the_photos_it_cannot_read_in_a_folder(tmp_path, capsys, untra
     assert "notes.txt" not in captured.err
 
 
+def test_cli_reads_an_apng_in_a_folder_as_it_reads_one_passed_directly(tmp_path, capsys, untrained_path):
+    """A folder's .apng was "skipped 1 APNG file(s) ...: digitrec reads PNG, JPEG, ... only"; passed directly,
+    the same file was read (Pillow opens an APNG as a PNG)."""
+    image = Image.fromarray(line_image([5], gap=0.3)[0])
+    apng = tmp_path / "five.apng"
+    image.save(apng, format="PNG", save_all=True, append_images=[Image.new(image.mode, image.size, 255)])
+    for target in (tmp_path, apng):
+        assert main(["predict", str(target), "--model", str(untrained_path), "--json"]) == 0
+        captured = capsys.readouterr()
+        assert [row["path"] for row in json.loads(captured.out)] == [str(apng)] and captured.err == ""
+
+
 def test_cli_read_json(tmp_path, capsys, untrained_path):
     image = write_png(tmp_path / "n.png", line_image([1, 2, 3], gap=0.3)[0])
     assert main(["read", str(image), "--model", str(untrained_path), "--json"]) == 0

@@ -608,6 +608,25 @@ def test_the_documented_image_formats_are_read(fmt):
     assert preprocess(_saved_as(fmt)).shape[-2:] == (28, 28)
 
 
+def test_every_suffix_pillow_gives_a_format_digitrec_reads_is_read_in_a_folder_too(tmp_path):
+    """An .apng in a folder was "skipped ... digitrec reads PNG, JPEG, ... only", while the same file passed
+    directly was read: Pillow opens an APNG as PNG. A folder's files are chosen by suffix, a file passed
+    directly by its bytes; every suffix of a format digitrec reads must be a folder's image suffix."""
+    from digitrec.preprocess import IMAGE_FORMATS, is_image_file, is_refused_image
+
+    ours = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS)
+    assert ".apng" in ours
+    assert [ext for ext in ours if not is_image_file(Path(f"digit{ext}"))] == []
+    assert [ext for ext in ours if is_refused_image(Path(f"digit{ext.upper()}"))] == []
+
+    frames = [Image.open(io.BytesIO(_saved_as("PNG"))), Image.new("L", (40, 40), 255)]
+    apng = tmp_path / "digit.apng"
+    frames[0].save(apng, format="PNG", save_all=True, append_images=frames[1:])  # an animated PNG
+    refused: list[Path] = []
+    assert expand_paths([tmp_path], refused=refused) == [apng] and refused == []
+    assert preprocess(apng).shape[-2:] == (28, 28)  # read as given directly, from its first frame
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.integers(5, 80),

@@ -926,6 +926,50 @@ def test_bytes_that_are_not_http_get_a_json_400_like_every_other_error(predictor
             assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
 
 
+def _head_of(said: bytes) -> dict[str, str]:
+    """The status line and the headers of a raw answer, lower-cased names, as {"": status line, name: value}."""
+    lines = said.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    return {"": lines[0]} | {
+        k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])
+    }
+
+
+def test_answers_of_the_connection_guard_carry_the_browser_headers_too(predictor, db_path):
+    """README promises nosniff, DENY and no-referrer on every response; the 431, 400, 408 and 503 written by
+    the connection guard itself, before or instead of the app, had none of them."""
+    from digitrec.guards import BROWSER_HEADERS, guarded_http_protocol
+
+    expected = {name.decode(): value.decode() for name, value in BROWSER_HEADERS}
+    assert set(expected) == {"x-content-type-options", "x-frame-options", "referrer-policy"}
+    app = create_app(predictor, feedback_db=db_path)
+    answers = {}
+    with live_server(app, http=guarded_http_protocol(0.5, body_timeout=0.5)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for status, request in [
+            ("431", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"),
+            ("400", b"GET / HTTP/1.1\r\nHost x\r\n\r\n"),
+            ("408", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a"),  # a head never finished
+            # a body never finished
+            ("408", b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99\r\n\r\nabc"),
+            ("200", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),  # the app's
+        ]:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(request)
+                head = _head_of(_wait_for_close(sock, 1.0)[1])
+            assert head[""].startswith(f"HTTP/1.1 {status} "), head
+            answers[request] = {name: head.get(name) for name in expected}
+    with live_server(app, http=guarded_http_protocol(5.0), limit_concurrency=2) as url:  # the 503
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as other:
+            other.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert other.recv(4096).startswith(b"HTTP/1.1 200")  # served, and kept alive: the slot is taken
+            with httpx.Client(base_url=url, timeout=5) as http:
+                response = http.get("/healthz")
+        assert response.status_code == 503
+        answers[b"503"] = {name: response.headers.get(name) for name in expected}
+    assert answers == {request: expected for request in answers}
+
+
 # ------------------------------------------------------------------------------------------------ worker processes
 
 

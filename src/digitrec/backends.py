@@ -103,6 +103,13 @@ class OnnxBackend:
         self._open(
             read_onnx(self.path)
         )  # read once: the session and a pickle for the workers share these bytes
+        # an export of a checkpoint whose weights are NaN or infinite (`digitrec export` refuses those now, and
+        # its parity check let them pass before) answers digit 0 "with confidence NaN": one blank image tells
+        if not np.isfinite(self(np.zeros((1, 1, 28, 28), np.float32))).all():
+            raise DigitrecError(
+                f"ONNX model {self.path} holds weights that are not finite numbers (NaN or infinity): the run "
+                "that wrote its checkpoint diverged; train it again (with a lower --lr) and export that."
+            )
 
     def _open(self, model: bytes) -> None:
         self.session = onnx_session(model, threads=self.threads, spin=self.spin, name=str(self.path))
@@ -288,7 +295,13 @@ class NumpyBackend:
     def load(cls, path: str | Path) -> tuple[NumpyBackend | NumpyEnsemble, dict[str, Any]] | None:
         """(backend, metadata) for a checkpoint NumPy can run (an ensemble of such models too); None for another
         architecture or bfloat16 weights."""
-        from .checkpoint import _model_spec, load_arrays, member_specs, refuse_resume_checkpoint
+        from .checkpoint import (
+            _model_spec,
+            load_arrays,
+            member_specs,
+            refuse_nonfinite_weights,
+            refuse_resume_checkpoint,
+        )
         from .errors import CheckpointError
 
         try:
@@ -296,6 +309,7 @@ class NumpyBackend:
         except KeyError:  # a tensor type NumPy does not have
             return None
         refuse_resume_checkpoint(path, meta, tensors)
+        refuse_nonfinite_weights(path, tensors)
         specs = member_specs(path, meta)
         if specs is not None:
             ensemble = NumpyEnsemble.build(path, tensors, [arch for arch, _ in specs])

@@ -288,12 +288,33 @@ def refuse_resume_checkpoint(path: str | Path, meta: dict[str, Any], tensors: di
         )
 
 
+def refuse_nonfinite_weights(path: str | Path, tensors: dict[str, Any]) -> None:
+    """One sentence for a model whose weights (torch tensors or NumPy arrays) hold NaN or infinity.
+
+    Such a model answers every image with NaN: digit 0 "with confidence NaN", and JSON that is no JSON (a bare
+    NaN); written by a run that diverged. Checked where a model is loaded to predict, evaluate or export."""
+    import numpy as np
+
+    for name, value in tensors.items():
+        if hasattr(value, "is_floating_point"):  # a torch.Tensor (float16 and bfloat16 too)
+            finite = not value.is_floating_point() or bool(value.isfinite().all())
+        else:
+            array = np.asarray(value)
+            finite = not np.issubdtype(array.dtype, np.inexact) or bool(np.isfinite(array).all())
+        if not finite:
+            raise CheckpointError(
+                f"checkpoint {path} holds weights that are not finite numbers (NaN or infinity, in {name}): the "
+                "run that wrote it diverged; train it again (with a lower --lr) or pass another model."
+            )
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Build the checkpoint's architecture, load its weights and return (model in eval mode, metadata)."""
     from .models import Ensemble, create_model
 
     tensors, meta = load_tensors(path)
     refuse_resume_checkpoint(path, meta, tensors)
+    refuse_nonfinite_weights(path, tensors)
     specs = member_specs(path, meta)
     if specs is None:
         arch, normalize = _model_spec(path, meta)

@@ -358,6 +358,28 @@ def _refuse_one_model_twice(names: list[str], because: str) -> None:
         seen[digest] = name
 
 
+def _refuse_out_over_a_member(out: Path, names: list[str], paths: list[Path]) -> None:
+    """Refuse an ensemble's --out that is a member's checkpoint or inside a member's run folder: it replaced that
+    member's model.safetensors and left its MODEL_CARD.md, report.html and metrics.json describing the old one."""
+
+    def same(a: Path, b: Path) -> bool:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)  # links, and two spellings of one path
+        return a.resolve() == b.resolve()
+
+    for name, path in zip(names, paths):
+        if path.name == "model.safetensors" and same(out.parent, path.parent):
+            raise DigitrecError(
+                f"--out {out} is in the run folder of the member {name}, whose model card, report and metrics "
+                "describe that member; name a new folder for the ensemble."
+            )
+        if same(out, path):
+            raise DigitrecError(
+                f"--out {out} is the member {name} itself, which the ensemble would replace; name a new folder "
+                "or .safetensors file for it."
+            )
+
+
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .evaluate import evaluate_ensemble
@@ -369,7 +391,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             ".safetensors file."
         )
     _refuse_one_model_twice(args.models, ", and an ensemble of one model is that model alone")
-    if args.out:  # a folder it cannot write into is said now, not after the evaluation
+    if args.out:  # said now, not after the evaluation: an --out over a member, a folder it cannot write into
+        _refuse_out_over_a_member(args.out, args.models, paths)
         _make_folder(args.out.parent, "--out")
     data = load_mnist(args.data_dir, log=_stderr)
     if args.out:  # built before the evaluation, so that a model it cannot join stops the command at once

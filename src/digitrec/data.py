@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -109,12 +110,33 @@ def _source_file(folder: Path, stem: str) -> Path | None:
     return next((path for path in (folder / f"{stem}.gz", folder / stem) if path.exists()), None)
 
 
+def _read_raw(path: Path) -> bytes:
+    """The bytes of the file at path; one sentence when it is no regular file or cannot be read.
+
+    Looked at before it is opened: reading a pipe (a FIFO left in the folder) waits for a writer forever."""
+    try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise DataError(
+                f"{path} is a folder, not an MNIST file; move it away and run `digitrec data` again."
+            )
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(
+                f"{path} is not a regular file (a pipe or a device); put the MNIST file itself there, or delete "
+                "it and run `digitrec data` again."
+            )
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions.") from None
+
+
 def _read_file(path: Path) -> bytes:
     """The decompressed bytes of the file at path (gunzipped if its name ends in .gz)."""
+    raw = _read_raw(path)
     if path.suffix != ".gz":
-        return path.read_bytes()
+        return raw
     try:
-        return gzip.decompress(path.read_bytes())
+        return gzip.decompress(raw)
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error):
         raise DataError(
             f"{path} is not a valid gzip file (truncated or corrupt); delete it and run `digitrec data` again."

@@ -347,9 +347,13 @@ def guarded_http_protocol(
             self._in_head = False
             self._refused = True
             body = json.dumps({"detail": detail or f"{reason.lower()}: {advice}."}).encode()
+            # the headers BrowserGuard gives every answer of the app's: README promises them on every response
+            browser = b"".join(name + b": " + value + b"\r\n" for name, value in BROWSER_HEADERS)
             self.transport.write(
                 f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+                f"content-length: {len(body)}\r\nconnection: close\r\n".encode()
+                + browser
+                + b"\r\n"
                 + body
             )
             self.transport.close()
@@ -364,6 +368,6 @@ BUSY_RETRY_AFTER_S = 1
 async def server_busy(scope: dict, receive: Callable, send: Callable) -> None:
     """The answer when every connection slot is taken: 503 in JSON with Retry-After, and the connection closed."""
     detail = f"the server is busy with other requests; send it again in {BUSY_RETRY_AFTER_S} s."
-    await send_error(
-        send, 503, detail, [(b"retry-after", str(BUSY_RETRY_AFTER_S).encode()), (b"connection", b"close")]
-    )
+    headers = [(b"retry-after", str(BUSY_RETRY_AFTER_S).encode()), (b"connection", b"close")]
+    # answered in place of the app, and so of BrowserGuard: its headers are added here
+    await send_error(send, 503, detail, headers + BROWSER_HEADERS)

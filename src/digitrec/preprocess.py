@@ -41,7 +41,12 @@ from .errors import ImageError
 # gives on them, and digitrec spreads its work over processes instead (server workers, large folders).
 cv2.setNumThreads(1)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif")
+# Every suffix Pillow gives a format in IMAGE_FORMATS (Image.registered_extensions()): a folder's files are read
+# by these, and a file passed directly by its first bytes, so the two agree (an .apng is a PNG, an .avifs an
+# AVIF). AVIF's are here even where Pillow lacks its plugin: such a file then gets a sentence naming its format.
+IMAGE_SUFFIXES = (
+    ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".avifs"
+)  # fmt: skip
 # Photos Pillow does not read: HEIC (an iPhone's default) and camera raw files. A folder of them would seem empty,
 # so expand_paths() reports them.
 UNREADABLE_PHOTO_SUFFIXES = (".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
