@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, overload
 
-from .errors import DigitrecError, need_extra, refuse_repeats
+from .errors import DigitrecError, TrainingDiverged, need_extra, refuse_repeats
 
 
 @overload
@@ -1660,7 +1660,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, so that a reader that left is caught below, not at the interpreter's exit
         return code
     except DigitrecError as exc:
-        print(f"digitrec: error: {exc}", file=sys.stderr)
+        if not (isinstance(exc, TrainingDiverged) and exc.quiet):  # said once, by rank 0
+            print(f"digitrec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("digitrec: interrupted", file=sys.stderr)
