@@ -16,6 +16,7 @@ from conftest import make_images
 
 from digitrec.config import TrainConfig
 from digitrec.data import MNIST
+from digitrec.errors import DigitrecError
 from digitrec.training import train
 
 HERE = Path(__file__).resolve().parent
@@ -48,15 +49,20 @@ def run(spec: dict, nproc: int = 0, timeout: float = 300) -> subprocess.Complete
 
 def main(spec: dict) -> None:
     config = TrainConfig().override(**spec.get("config", {}))
-    result = train(
-        config,
-        spec["out"],
-        recipe="synthetic",
-        data=synthetic_mnist(spec.get("train_images", 1200)),
-        resume=spec.get("resume", False),
-        progress=False,
-        report=False,
-    )
+    try:
+        result = train(
+            config,
+            spec["out"],
+            recipe="synthetic",
+            data=synthetic_mnist(spec.get("train_images", 1200)),
+            resume=spec.get("resume", False),
+            progress=False,
+            report=False,
+        )
+    except DigitrecError as exc:  # as the CLI says it (cli.main): one sentence, rank 0's only when quiet
+        if not getattr(exc, "quiet", False):
+            print(f"digitrec: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if result.metrics:
         print("METRICS " + json.dumps(result.metrics), flush=True)
 

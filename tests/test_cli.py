@@ -214,6 +214,73 @@ def test_resume_with_an_empty_folder_name_is_refused(tmp_path, monkeypatch, caps
     assert list(tmp_path.iterdir()) == []  # no runs/default-<time> folder
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--out", ""],  # trained into the current folder
+        ["train", "--recipe", ""],  # these three: taken for the flag left out (the default recipe, ...)
+        ["train", "--config", ""],
+        ["train", "--recipe", "fast", "--data-dir", ""],  # read the current folder for MNIST
+        ["train", "--resume", "run", "--recipe", ""],
+        ["evaluate", "run", "--report", ""],  # these: wrote into the current folder
+        ["predict", "some.png", "--show-steps", ""],
+        ["calibrate", "run", "--out", ""],
+        ["ensemble", "run-a", "run-b", "--out", ""],
+        ["eval-real", "--write", ""],
+        ["robustness", "run", "--out", ""],
+        ["sweep", "--out", ""],
+        ["tune", "--out", ""],
+        ["finetune", "--model", "run", "--out", ""],
+        ["feedback", "export", "--out", ""],
+        ["train-pairs", "--out", ""],
+        [
+            "export",
+            "run",
+            "--out",
+            "",
+        ],  # these: taken for the flag left out (the default beside the model, ...)
+        ["predict", "some.png", "--model", ""],
+        ["eval-real", "--model", ""],
+        ["serve", "--model", ""],
+        ["tune", "--recipe", ""],
+        ["bench", "gpu", "--recipe", ""],
+        ["eval-real", "--data-dir", ""],
+    ],
+)
+def test_an_empty_name_is_refused_not_read_as_the_current_folder_or_the_default(
+    args, tmp_path, monkeypatch, capsys
+):
+    """`--out "$RUN"` with $RUN unset: each of these wrote into the current folder, read it, or did as if the
+    flag was not given."""
+    import importlib.util
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the command began its work")
+
+    monkeypatch.setattr("digitrec.data.load_mnist", reached)  # no command here gets that far
+    monkeypatch.setattr("digitrec.training.train", reached)
+    if importlib.util.find_spec("fastapi") is not None:
+        monkeypatch.setattr("digitrec.server.serve", reached)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2
+    flag = args[args.index("") - 1]
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: is empty (an unset shell variable?); name " in err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_recipe_in_a_config_file_is_an_unknown_recipe(idx_folder, tmp_path, capsys):
+    """It trained the default recipe."""
+    config = tmp_path / "run.toml"
+    config.write_text('recipe = ""\nepochs = 1\n')
+    args = ["train", "--config", str(config), "--out", str(tmp_path / "run"), "--data-dir", str(idx_folder)]
+    assert main([*args, "--dry-run", "--no-report", "--no-progress"]) == 2
+    assert "unknown recipe ''" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_refuses_an_out_folder_it_cannot_write_before_training(idx_folder, monkeypatch, capsys):
     """`train --out /proc/foo` trained a whole epoch, then failed to write its checkpoint."""
     from digitrec import training

@@ -235,3 +235,21 @@ def test_the_weights_fingerprint_changes_with_any_parameter_bit():
         with torch.no_grad():
             flat[-1] = old
     assert weights_fingerprint(model) == first
+
+
+def test_a_run_that_diverges_stops_every_rank_together_with_one_sentence(tmp_path):
+    """Both ranks see the loss summed over the ranks, so both stop after the same step; rank 0 says why."""
+    spec = {"config": EQUIVALENT | {"lr": 100.0}, "out": str(tmp_path / "run"), "train_images": 1157}
+    from digitrec.distributed import torchrun_command
+
+    command = torchrun_command(2, [])  # digitrec's torchrun: the workers' exit status, not its traceback
+    command = command[: command.index("-m")] + runkit.command(spec)[1:]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=runkit.child_env())
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "Traceback" not in result.stderr and "METRICS" not in result.stdout
+    assert result.stderr.count("digitrec: error: ") == 1
+    assert (
+        "digitrec: error: training diverged in epoch 1, between steps 1 and 19: the loss is nan; lower the "
+        "learning rate (--lr, now 100) and train again." in result.stderr
+    )
+    assert list((tmp_path / "run").iterdir()) == []

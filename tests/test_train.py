@@ -409,3 +409,125 @@ def test_the_checkpoint_kept_is_the_first_epoch_with_the_best_validation_accurac
     saved, _ = load_tensors(run.model_path)
     assert all(torch.equal(saved[k], snapshots[1][k]) for k in saved)
     assert not all(torch.equal(saved[k], snapshots[2][k]) for k in saved)  # epochs 2 and 3 did differ
+
+
+# SGD at a learning rate of 100: LeNet's loss on the tiny set is NaN within its first epoch (19 steps of 64)
+DIVERGING = TrainConfig(
+    arch="lenet", epochs=2, batch_size=64, optimizer="sgd", lr=100.0, val_size=0, device="cpu"
+)
+
+
+def test_a_run_whose_loss_turns_nan_stops_with_one_sentence_and_writes_nothing(tiny_mnist, tmp_path):
+    """It trained on, wrote NaN into history.json and metrics.json, and a model.safetensors of NaN weights that
+    every loader refuses."""
+    from digitrec.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged) as stopped:
+        train(DIVERGING, tmp_path, data=tiny_mnist, progress=False, report=False, log=lambda m: None)
+    assert str(stopped.value) == (
+        "training diverged in epoch 1, between steps 1 and 19: the loss is nan; lower the learning rate "
+        "(--lr, now 100) and train again."
+    )
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, model, history or metrics
+
+
+def diverging_from(monkeypatch, first_step: int) -> None:
+    """Train at a sound learning rate, then at 100 from the 0-based step `first_step` on."""
+    from digitrec import training
+
+    sound = training.lr_at
+    monkeypatch.setattr(
+        training, "lr_at", lambda c, s, *rest: 100.0 if s >= first_step else sound(c, s, *rest)
+    )
+
+
+@pytest.mark.parametrize(
+    "every, first_step, where, kept",
+    [
+        (0, 19, "in epoch 2, between steps 20 and 38", 19),  # found at the end of the epoch
+        (5, 12, "in epoch 1, between steps 11 and 15", 10),  # found at the mid-epoch checkpoint after it
+    ],
+    ids=["epoch-end", "mid-epoch-checkpoint"],
+)
+def test_a_run_that_diverges_later_keeps_its_last_good_checkpoint(
+    tiny_mnist, tmp_path, monkeypatch, every, first_step, where, kept
+):
+    """The folder is as the last checkpoint before the divergence left it: finite weights to look at, nothing
+    of the steps after, no metrics; a new run needs --overwrite, as --resume would diverge again."""
+    from digitrec.errors import TrainingDiverged
+
+    diverging_from(monkeypatch, first_step)
+    config = DIVERGING.override(lr=0.05, checkpoint_every_steps=every)
+    with pytest.raises(TrainingDiverged) as stopped:
+        train(config, tmp_path, data=tiny_mnist, progress=False, report=False, log=lambda m: None)
+    assert str(stopped.value) == (
+        f"training diverged {where}: the loss is nan; lower the learning rate (--lr, now 0.05) and train again "
+        f"with --overwrite ({tmp_path} keeps the last checkpoint before it, of step {kept}, which --resume would "
+        "take the same way)."
+    )
+    tensors, meta = load_tensors(tmp_path / "last.safetensors")
+    assert meta["state"]["step"] == kept and all(
+        t.isfinite().all() for t in tensors.values() if t.is_floating_point()
+    )
+    assert not (tmp_path / "metrics.json").exists()
+    if every == 0:  # the first epoch's row and model, as a run killed after it would leave them
+        assert [row["epoch"] for row in json.loads((tmp_path / "history.json").read_text())] == [1]
+        load_model(tmp_path / "model.safetensors")  # finite weights: it loads
+    else:
+        assert not (tmp_path / "history.json").exists() and not (tmp_path / "model.safetensors").exists()
+
+
+def test_weights_that_stop_being_finite_stop_the_run_even_with_a_finite_loss(
+    tiny_mnist, tmp_path, monkeypatch
+):
+    """An epoch's last update can break the weights after its loss was computed: that epoch's checkpoint would
+    have held them."""
+    from digitrec import training
+    from digitrec.errors import TrainingDiverged
+
+    steps = training.train_steps
+
+    def breaking_the_weights(model, *args, **kwargs):
+        result = steps(model, *args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters())[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(training, "train_steps", breaking_the_weights)
+    with pytest.raises(
+        TrainingDiverged, match="in epoch 1, between steps 1 and 19: the weights are no longer finite"
+    ):
+        train(
+            DIVERGING.override(lr=0.05),
+            tmp_path,
+            data=tiny_mnist,
+            progress=False,
+            report=False,
+            log=lambda m: None,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_that_diverges_is_one_sentence_on_the_command_line(idx_folder, tmp_path, capsys):
+    from digitrec.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--recipe", "seed-lenet", "--lr", "100", "--epochs", "1", "--batch-size", "64"]
+    args += [
+        "--val-size",
+        "0",
+        "--data-dir",
+        str(idx_folder),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-report",
+    ]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "test accuracy" not in captured.out
+    assert captured.err.strip().splitlines()[-1] == (
+        "digitrec: error: training diverged in epoch 1, between steps 1 and 19: the loss is nan; lower the "
+        "learning rate (--lr, now 100) and train again."
+    )
+    assert not (out / "metrics.json").exists() and not (out / "model.safetensors").exists()

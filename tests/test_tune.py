@@ -72,6 +72,30 @@ def test_best_toml_says_which_trial_settings_it_leaves_to_the_recipe(tiny_mnist,
     assert recipe_length.epochs == 0.85 and recipe_length.val_size == 0 and recipe_length.lr == 4e-3
 
 
+def test_a_trial_that_diverges_is_pruned_and_the_search_goes_on(tiny_mnist, tmp_path, monkeypatch):
+    """A learning rate the search space allows can make the loss NaN; training now stops there with
+    TrainingDiverged, which ended the whole study."""
+    from digitrec import training
+    from digitrec.errors import TrainingDiverged
+
+    real_train = training.train
+
+    def diverging_above_1(config, *args, **kwargs):
+        if config.lr > 1:
+            raise TrainingDiverged(
+                "training diverged in epoch 1, between steps 1 and 3: the loss is nan; ..."
+            )
+        return real_train(config, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train", diverging_above_1)
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}, {"lr": 500.0}, {"lr": 3e-3}]))
+    logged: list[str] = []
+    result = tune_module.tune("fast", 3, tmp_path, data=tiny_mnist, epochs=1, val_size=200, log=logged.append)
+    assert [t.state.name for t in result.study.trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert result.best_params["lr"] in (4e-3, 3e-3)
+    assert any(line.startswith("trial   1  diverged (loss not finite)  lr 500") for line in logged), logged
+
+
 def fixed_suggest(plan):
     """A search space that proposes the planned parameters, one dict per trial."""
     planned = iter(plan)

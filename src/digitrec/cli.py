@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, overload
 
-from .errors import DigitrecError, need_extra, refuse_repeats
+from .errors import DigitrecError, TrainingDiverged, need_extra, refuse_repeats
 
 
 @overload
@@ -25,9 +25,32 @@ def _model_path(value: str | None) -> Path | None:
     return None if value is None else model_file(value)
 
 
+def _refuse_empty(value: str, what: str) -> None:
+    """Refuse an empty value (`--out "$RUN"` with $RUN unset) of a flag that names `what`: read as a path it is
+    the current folder, and a command that tests the value for truth takes it for the flag left out."""
+    if not value:
+        raise argparse.ArgumentTypeError(f"is empty (an unset shell variable?); name {what}")
+
+
+def _named(what: str) -> Callable[[str], str]:
+    """An argparse type for a flag that names a file, folder or recipe: the name, unless it is empty."""
+
+    def parse(value: str) -> str:
+        _refuse_empty(value, what)
+        return value
+
+    return parse
+
+
+_data_dir = _named("the folder that holds MNIST (without --data-dir it is found or downloaded)")
+_model_name = _named("a run folder or .safetensors file")
+_recipe_name = _named("a recipe (`digitrec recipes` lists them)")
+
+
 def _model_out(value: str) -> Path:
     """An argparse type for an --out that writes a model: a .safetensors file as named, anything else a run
     folder to hold model.safetensors."""
+    _refuse_empty(value, "a .safetensors file or a folder to hold model.safetensors")
     path = Path(value)
     if path.suffix != ".safetensors":
         return _folder(value) / "model.safetensors"
@@ -38,6 +61,7 @@ def _model_out(value: str) -> Path:
 def _pairs_out(value: str) -> Path:
     """An argparse type for train-pairs' --out, the file it writes: a folder there (where writing fails only
     after the whole training) is refused now, and so is a file in the way of its folder."""
+    _refuse_empty(value, "the file to write, such as runs/pairs/pairs.safetensors")
     path = Path(value)
     if path.is_dir():
         raise argparse.ArgumentTypeError(
@@ -56,7 +80,8 @@ def _blocking_file(path: Path) -> Path | None:
 
 def _folder(value: str) -> Path:
     """An argparse type for a folder the command writes into: a missing one is created later, a file in the way
-    (the path itself or a parent) is refused now, before any work is done."""
+    (the path itself or a parent) is refused now, before any work is done, and so is an empty name."""
+    _refuse_empty(value, "a folder ('.' for the current one)")
     path = Path(value)
     blocking = _blocking_file(path)
     if blocking is not None:
@@ -199,9 +224,11 @@ def training_config(args: argparse.Namespace):
     """The recipe, then the TOML file, then the flags: later ones win."""
     from .config import TRAIN_OVERRIDES, get_recipe, load_toml
 
-    values = load_toml(args.config) if args.config else {}
-    recipe = args.recipe or values.pop("recipe", None) or "default"
-    values.pop("recipe", None)
+    values = load_toml(args.config) if args.config is not None else {}
+    in_file = values.pop("recipe", None)
+    recipe = args.recipe if args.recipe is not None else in_file
+    if recipe is None:  # an empty `recipe = ""` in the file is get_recipe's to refuse, not the default
+        recipe = "default"
     config = get_recipe(recipe).override(**values)
     flags = {key: getattr(args, key) for key in TRAIN_OVERRIDES}
     if args.amp is not None:
@@ -1080,7 +1107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("data", help="find or download MNIST and verify it")
-    p.add_argument("--data-dir", help="folder holding the four MNIST IDX files (.gz or raw)")
+    p.add_argument("--data-dir", type=_data_dir, help="folder holding the four MNIST IDX files (.gz or raw)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("models", help="list the registered architectures with parameter counts")
@@ -1094,8 +1121,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train a recipe and write a run folder (model, history, metrics, plots, report)"
     )
-    p.add_argument("--recipe", help="named recipe (see `digitrec recipes`); default: default")
-    p.add_argument("--config", help="TOML file of config overrides (may set `recipe`)")
+    p.add_argument(
+        "--recipe",
+        type=_recipe_name,
+        help="named recipe (see `digitrec recipes`); default: default",
+    )
+    p.add_argument(
+        "--config",
+        type=_named("a TOML file"),
+        help="TOML file of config overrides (may set `recipe`)",
+    )
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="initial (or peak, for onecycle) learning rate")
@@ -1165,7 +1200,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train with N processes on this machine (launches torchrun; see README, Scaling out)",
     )
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test-set metrics of a trained model")
@@ -1178,7 +1213,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(TTA_SHIFTS),
         help="override the recipe's test-time augmentation (views)",
     )
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -1194,7 +1229,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the ensemble as one model: a .safetensors file, or a folder to hold model.safetensors",
     )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser(
@@ -1216,11 +1251,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_folder,
         help="sweep folder, one run folder per recipe and seed (default runs/sweep-<timestamp>)",
     )
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("serve", help="the web page and REST API (FastAPI on uvicorn); docs at /docs")
-    p.add_argument("--model", help="a run folder or model.safetensors (default: the bundled model)")
+    p.add_argument(
+        "--model", type=_model_name, help="a run folder or model.safetensors (default: the bundled model)"
+    )
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -1302,13 +1339,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=_positive_int, default=8, help="epochs (default 8)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the pieces and of the training (default 0)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_train_pairs)
 
     p = sub.add_parser(
         "finetune", help="fine-tune a model on MNIST plus the corrections; writes a new run folder"
     )
-    p.add_argument("--model", required=True, help="the run folder or model.safetensors to start from")
+    p.add_argument(
+        "--model", type=_model_name, required=True, help="the run folder or model.safetensors to start from"
+    )
     p.add_argument(
         "--feedback",
         "--feedback-db",
@@ -1333,12 +1372,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_folder, help="run folder (default runs/finetune-<timestamp>)")
     p.add_argument("--no-report", action="store_true", help="skip the plots and report.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_finetune)
 
     def model_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--model", help="a run folder or model.safetensors (default: the bundled robust model)"
+            "--model",
+            type=_model_name,
+            help="a run folder or model.safetensors (default: the bundled robust model)",
         )
         p.add_argument(
             "--reject-below",
@@ -1395,7 +1436,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the calibrated model here instead of in place: a .safetensors file, or a run folder",
     )
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
@@ -1428,7 +1469,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help='print the figures as JSON, the model under "model" (with --write: the files written)',
     )
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_eval_real)
 
     p = sub.add_parser("export", help="export a model to ONNX (float32 or static int8) with a parity check")
@@ -1437,8 +1478,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int8", action="store_true", help="static int8 quantization calibrated on MNIST training images"
     )
-    p.add_argument("--out", help="output file (default: beside the model, model.onnx or model.int8.onnx)")
-    p.add_argument("--data-dir")
+    p.add_argument(
+        "--out",
+        type=_named("the .onnx file to write (without --out it goes beside the model)"),
+        help="output file (default: beside the model, model.onnx or model.int8.onnx)",
+    )
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks: recipes to a target accuracy, inference backends")
@@ -1468,7 +1513,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, help="torch CPU threads for every recipe (default: torch's, one per core)"
     )
     q.add_argument("--json", action="store_true")
-    q.add_argument("--data-dir")
+    q.add_argument("--data-dir", type=_data_dir)
     q.set_defaults(func=cmd_bench_train)
     q = bench_sub.add_parser(
         "gpu",
@@ -1476,6 +1521,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--recipe",
+        type=_recipe_name,
         default="fast",
         help="a recipe with a fixed step: no augmentation or validation split (default fast)",
     )
@@ -1485,14 +1531,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--eager-only", action="store_true", help="skip the graphed runs")
     q.add_argument("--json", action="store_true")
-    q.add_argument("--data-dir")
+    q.add_argument("--data-dir", type=_data_dir)
     q.set_defaults(func=cmd_bench_gpu)
     q = bench_sub.add_parser(
         "infer",
         help="images/s and latency of PyTorch (eager, bf16, compiled, int8) and ONNX Runtime (float, int8)",
     )
     q.add_argument(
-        "--model", help="a run folder or model.safetensors (default runs/fast, trained first if missing)"
+        "--model",
+        type=_model_name,
+        help="a run folder or model.safetensors (default runs/fast, trained first if missing)",
     )
     q.add_argument(
         "--backends",
@@ -1513,7 +1561,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds per backend and batch size per round (default 0.5)",
     )
     q.add_argument("--json", action="store_true")
-    q.add_argument("--data-dir")
+    q.add_argument("--data-dir", type=_data_dir)
     q.set_defaults(func=cmd_bench_infer)
 
     p = sub.add_parser(
@@ -1536,13 +1584,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_positive_int, help="score only the first N test images (default all 10,000)"
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_robustness)
 
     p = sub.add_parser(
         "tune", help="hyperparameter search with Optuna; writes the best config as TOML for train --config"
     )
-    p.add_argument("--recipe", default="fast", help="recipe to start from (default fast)")
+    p.add_argument("--recipe", type=_recipe_name, default="fast", help="recipe to start from (default fast)")
     p.add_argument("--trials", type=_positive_int, default=20, help="trials this process runs (default 20)")
     p.add_argument(
         "--storage",
@@ -1566,14 +1614,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_folder,
         help="folder for best.toml, trials.csv, tuning.png and the trials (default runs/tune-<recipe>)",
     )
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
         "explore", help="class balance, mean images, a t-SNE/UMAP embedding, the most ambiguous images"
     )
     p.add_argument(
-        "--model", action="append", help="a trained model to find ambiguous images with (repeat for several)"
+        "--model",
+        action="append",
+        type=_model_name,
+        help="a trained model to find ambiguous images with (repeat for several)",
     )
     p.add_argument(
         "--samples",
@@ -1588,7 +1639,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: UMAP if installed, else t-SNE",
     )
     p.add_argument("--out", type=_folder, default="explore", help="output folder (default explore)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_explore)
 
     return parser
@@ -1609,7 +1660,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, so that a reader that left is caught below, not at the interpreter's exit
         return code
     except DigitrecError as exc:
-        print(f"digitrec: error: {exc}", file=sys.stderr)
+        if not (isinstance(exc, TrainingDiverged) and exc.quiet):  # said once, by rank 0
+            print(f"digitrec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("digitrec: interrupted", file=sys.stderr)

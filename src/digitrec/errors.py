@@ -27,6 +27,16 @@ class CheckpointError(DigitrecError):
     """A checkpoint is missing, truncated, tampered with or not one of ours."""
 
 
+class TrainingDiverged(DigitrecError):
+    """A training run whose loss (or weights) stopped being finite numbers: it stops there, before it writes a
+    checkpoint of NaN weights or metrics that claim a result. `quiet` on the ranks other than 0 of a distributed
+    run, which stop with it: rank 0 says the sentence, once."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
+
+
 class ImageError(DigitrecError):
     """An input image cannot be read or is unusable (empty, too large, not an image)."""
 

@@ -407,6 +407,7 @@ def finetune(
             log=log,
             init_weights=model.state_dict(),
             extra_metadata=extra,
+            lr_flag=f"--lr-scale, now {lr_scale:g}",
         )
     accuracy_after = (
         evaluate(load_model(run.model_path)[0], images, labels, config)[1] if corrections else None

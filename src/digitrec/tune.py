@@ -18,7 +18,7 @@ from typing import Any
 from .checkpoint import atomic_write_text
 from .config import get_recipe, to_toml
 from .data import MNIST
-from .errors import DataError, DigitrecError, need_extra
+from .errors import DataError, DigitrecError, TrainingDiverged, need_extra
 
 DEFAULT_VAL_SIZE = 5000  # used when the recipe itself trains on all 60,000 images
 # A process sharing a storage beats every HEARTBEAT_SECONDS while it trains a trial; a trial whose process
@@ -141,17 +141,24 @@ def tune(
             pruned = trial.should_prune()
             return pruned  # True stops training after this epoch
 
-        run = train(
-            base.override(**params),
-            out_dir / f"trial-{trial.number:03d}",
-            recipe=recipe,
-            data=data,
-            progress=False,
-            report=False,
-            log=lambda msg: None,
-            on_epoch=on_epoch,
-            overwrite=True,  # a trial's folder is scratch: a study run again reuses its numbers
-        )
+        try:
+            run = train(
+                base.override(**params),
+                out_dir / f"trial-{trial.number:03d}",
+                recipe=recipe,
+                data=data,
+                progress=False,
+                report=False,
+                log=lambda msg: None,
+                on_epoch=on_epoch,
+                overwrite=True,  # a trial's folder is scratch: a study run again reuses its numbers
+            )
+        except TrainingDiverged:  # a learning rate too high for its batch: the search goes on without it
+            log(
+                f"trial {trial.number:>3}  diverged (loss not finite)  "
+                + "  ".join(f"{k} {_fmt(v)}" for k, v in params.items())
+            )
+            raise optuna.TrialPruned() from None
         value = float(run.history[-1]["val_accuracy"]) if pruned else float(run.metrics["val_accuracy"])
         log(
             f"trial {trial.number:>3}  val acc {value:.2%}  {'pruned ' if pruned else ''}"
