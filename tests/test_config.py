@@ -139,7 +139,7 @@ def test_unknown_recipe_is_a_user_error():
         {"batch_size": 10**400},  # `--batch-size 1000...`: batch_size / world_size overflowed as a float
         {"eval_batch_size": 10**400},
         {"threads": 2**63 - 1},  # torch: "Overflow when unpacking long"
-        {"gamma": 1e300},  # gamma ** epoch: OverflowError
+        {"gamma": 1e300, "schedule": "step", "step_epochs": 1, "epochs": 3},  # gamma ** epoch: OverflowError
         {"reported_accuracy": float("inf")},
         {"reported_accuracy": float("nan")},
     ],
@@ -231,3 +231,12 @@ def test_the_readme_results_table_shows_each_recipes_source_reported_figure_para
         assert shown == config.reported_accuracy, name
         assert int(params.replace(",", "")) == count_parameters(create_model(config.arch)), name
         assert float(epochs) == config.epochs, name
+
+
+def test_a_gamma_above_1_that_does_not_overflow_is_still_a_config():
+    """An older checkpoint may record a gamma above 1 (a one-cycle run, which does not use it): evaluating it must
+    not be refused; only a gamma whose power over the run overflows is."""
+    assert TrainConfig(gamma=1.01).gamma == 1.01
+    assert TrainConfig(schedule="step", gamma=2.0, epochs=20, step_epochs=5).gamma == 2.0
+    with pytest.raises(DigitrecError, match="gamma"):
+        TrainConfig(gamma=10.0, epochs=1000, step_epochs=1)

@@ -102,8 +102,14 @@ class TrainConfig:
                 f"weight decay must not be negative, got {self.weight_decay}",
             ),
             (self.step_epochs >= 1, f"step_epochs must be at least 1, got {self.step_epochs}"),
-            # gamma ** (epoch // step_epochs): a gamma above 1 overflowed in training
-            (0 < self.gamma <= 1, f"gamma must be in (0, 1], a decay, got {self.gamma}"),
+            # the step schedules take gamma ** (epochs / step_epochs): refused where that overflows (gamma 1e300
+            # raised OverflowError in training), not above 1, which an older checkpoint may record harmlessly
+            (
+                0 < self.gamma
+                and finite(self.gamma)
+                and math.log(self.gamma) * self.epochs / max(1, self.step_epochs) < 700,
+                f"gamma must be positive and its power over the run's steps finite, got {self.gamma}",
+            ),
             (0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
             (
                 len(self.normalize) == 2 and self.normalize[1] > 0 and all(finite(v) for v in self.normalize),
