@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import zlib
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -905,7 +906,7 @@ def test_two_lines_whose_digits_touch_are_read_apart(bundled, seed, gap):
     assert bundled.read(_touching_lines(seed, gap)).lines == ["52806", "3947"]
 
 
-@pytest.mark.parametrize(("seed", "tall"), [(1, 7), (4, 1), (4, 9), (5, 4)])
+@pytest.mark.parametrize(("seed", "tall"), [(1, 7), (4, 1), (4, 9), (5, 4), (9, 9)])
 def test_one_digit_written_twice_as_tall_as_the_others_is_not_cut_into_two_lines(bundled, seed, tall):
     """A part two line heights tall is two lines' digits touching only where the rest of the writing says so: one
     tall digit in a line of short ones stays whole ("57" over "7806" for "57806" when every such part was cut)."""
@@ -913,6 +914,18 @@ def test_one_digit_written_twice_as_tall_as_the_others_is_not_cut_into_two_lines
     glyphs = [crop_ink(draw_digit(d, rng, 150 if i == 1 else 80)) for i, d in enumerate([5, tall, 8, 0, 6])]
     line = number_line(glyphs, rng)[0]
     assert bundled.read((255 * (0.9 - 0.8 * np.pad(line, 40))).astype(np.uint8)).lines == [f"5{tall}806"]
+
+
+@pytest.mark.parametrize(("seed", "tall", "angle"), [(1, 7, 16), (2, 1, 16), (2, 1, 20), (1, 1, 20)])
+def test_one_tall_digit_on_a_slanted_line_is_not_cut_into_two_lines(bundled, seed, tall, angle):
+    """On a line written at a slant, the neighbours of one tall digit stand higher on one side and lower on the
+    other: measured straight up and down they looked like two lines ("7806" over "57" for "57806" at 16 degrees)."""
+    rng = np.random.default_rng(seed)
+    glyphs = [crop_ink(draw_digit(d, rng, 150 if i == 1 else 80)) for i, d in enumerate([5, tall, 8, 0, 6])]
+    line = np.pad(number_line(glyphs, rng)[0], 120)
+    turn = cv2.getRotationMatrix2D((line.shape[1] / 2, line.shape[0] / 2), angle, 1.0)
+    line = cv2.warpAffine(line, turn, (line.shape[1], line.shape[0]))
+    assert bundled.read((255 * (0.9 - 0.8 * line)).astype(np.uint8)).lines == [f"5{tall}806"]
 
 
 def test_a_part_across_two_lines_is_cut_where_they_touch_and_its_ink_counted_in_each_half():

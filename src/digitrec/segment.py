@@ -277,11 +277,14 @@ def cut_two_line_parts(
     out: list[_Blob] = []
     new_areas: list[int] = []
     shrunk: dict[int, int] = {}
+    # the slope of the writing from the parts of one digit's height (a part across two lines is level with both)
+    whole = [b for b in blobs if WHOLE_PART * line_height <= b.height <= TALL_PART * line_height]
+    slope = _writing_slope(whole) if len(whole) > 1 else 0.0
     for blob in blobs:
         if (
             blob.height >= TALL_ROWS * line_height
             and len(blob.labels) == 1
-            and _two_lines_in(blob, blobs, line_height)
+            and _two_lines_in(blob, whole, line_height, slope)
         ):
             halves = _cut_across(
                 labels, blob, (blob.y0 + blob.y1) / 2, line_height, len(areas) + len(new_areas)
@@ -301,21 +304,18 @@ def cut_two_line_parts(
     return out, grown
 
 
-def _two_lines_in(blob: _Blob, blobs: list[_Blob], line_height: float) -> bool:
-    """Whether a tall part holds two lines' digits rather than one tall digit: it is wider than one digit can be
-    (MAX_PIECE_WIDTH), or other parts of a whole digit's height stand level with its upper half and others with
-    its lower half (their middles a third of a line height or more above and below its middle row)."""
-    if blob.width > MAX_PIECE_WIDTH * line_height:
-        return True
-    middle = (blob.y0 + blob.y1) / 2
-    whole = [
-        (b.y0 + b.y1) / 2
-        for b in blobs
-        if WHOLE_PART * line_height <= b.height <= TALL_PART * line_height
-        and blob.y0 <= (b.y0 + b.y1) / 2 <= blob.y1
-    ]
+def _two_lines_in(blob: _Blob, whole: list[_Blob], line_height: float, slope: float) -> bool:
+    """Whether a tall part holds two lines' digits rather than one tall digit: parts of a whole digit's height
+    (`whole`) stand level with its upper half and others with its lower half, their middles a third of a line
+    height or more above and below its middle row, each taken along the writing's `slope` to the tall part's
+    column (on a slanted line the neighbours of one tall digit stand higher on one side and lower on the other).
+    A tall digit touching its neighbour is as wide as two lines' digits touching, so width does not tell them
+    apart."""
+    middle, column = (blob.y0 + blob.y1) / 2, (blob.x0 + blob.x1) / 2
+    level = [(b.y0 + b.y1) / 2 - slope * ((b.x0 + b.x1) / 2 - column) for b in whole]
+    inside = [c for c in level if blob.y0 <= c <= blob.y1]
     margin = line_height / 3
-    return any(c <= middle - margin for c in whole) and any(c >= middle + margin for c in whole)
+    return any(c <= middle - margin for c in inside) and any(c >= middle + margin for c in inside)
 
 
 def _cut_across(
