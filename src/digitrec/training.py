@@ -772,7 +772,7 @@ def _progress(steps: range, epoch: int, total_epochs: int):
 
 
 def _tensorboard_writer(out_dir: Path):
-    need_extra("tensorboard", "--tensorboard")
+    """The run's TensorBoard writer; train() has checked the extra is installed before it touched the folder."""
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(out_dir / "tensorboard"))
