@@ -274,32 +274,25 @@ def cut_two_line_parts(
     near its middle row that crosses the least ink (cut_path, across), so that split_lines finds each half in its
     own line. `labels` is relabelled in place (each lower half a new label); returns the parts and the ink of
     every label, the new ones at the end."""
-    out: list[_Blob] = []
-    new_areas: list[int] = []
-    shrunk: dict[int, int] = {}
+    tall = [b for b in blobs if b.height >= TALL_ROWS * line_height and len(b.labels) == 1]
+    if not tall:  # the common case: no part two lines tall, and no slope to measure
+        return blobs, areas
     # the slope of the writing from the parts of one digit's height (a part across two lines is level with both)
     whole = [b for b in blobs if WHOLE_PART * line_height <= b.height <= TALL_PART * line_height]
     slope = _writing_slope(whole) if len(whole) > 1 else 0.0
+    out: list[_Blob] = []
+    cuts: list[tuple[int, int]] = []  # (label cut, ink it gave to its new label len(areas) + index)
     for blob in blobs:
-        if (
-            blob.height >= TALL_ROWS * line_height
-            and len(blob.labels) == 1
-            and _two_lines_in(blob, whole, line_height, slope)
-        ):
-            halves = _cut_across(
-                labels, blob, (blob.y0 + blob.y1) / 2, line_height, len(areas) + len(new_areas)
-            )
+        if blob in tall and _two_lines_in(blob, whole, line_height, slope):
+            halves = _cut_across(labels, blob, (blob.y0 + blob.y1) / 2, line_height, len(areas) + len(cuts))
             if halves is not None:
                 (above, below), moved = halves
-                new_areas.append(moved)
-                shrunk[blob.labels[0]] = moved
+                cuts.append((blob.labels[0], moved))
                 out += [above, below]
                 continue
         out.append(blob)
-    if not new_areas:
-        return out, areas
-    grown = np.concatenate([areas, np.asarray(new_areas, dtype=areas.dtype)])
-    for label, moved in shrunk.items():
+    grown = np.concatenate([areas, np.asarray([moved for _, moved in cuts], dtype=areas.dtype)])
+    for label, moved in cuts:
         grown[label] -= moved
     return out, grown
 
