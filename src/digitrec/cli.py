@@ -264,10 +264,6 @@ def _check_resume(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.resume == "":  # `--resume "$RUN"` with $RUN unset: it started a new default run
-        raise DigitrecError(
-            "--resume was given an empty folder name (an unset shell variable?); name the run folder to continue."
-        )
     if args.resume:
         _check_resume(args)
     if getattr(args, "nproc", None):
@@ -1179,6 +1175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="DIR",
+        type=_named("the run folder to continue"),
         help="continue the run in DIR from its last checkpoint (with --device: on another device than it began on)",
     )
     p.add_argument(
