@@ -558,3 +558,78 @@ def test_a_dns_rebinding_page_can_neither_read_nor_post_in_chromium(tmp_path):
             browser.close()
     with sqlite3.connect(db_path) as con:
         assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
+def overlay_ink() -> str:
+    """JavaScript: the painted pixels on the canvas that holds a number's boxes."""
+    return (
+        "() => { const c = document.getElementById('boxes');"
+        " return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
+        ".filter((v, i) => i % 4 === 3 && v > 0).length; }"
+    )
+
+
+def test_an_answer_to_the_drawing_a_photo_replaced_is_dropped_and_a_correction_sends_the_photo(tmp_path):
+    """A review found that a photo uploaded while the drawing's answer was on its way got that answer (a 1 over
+    the photo of a 7), with the corrections offered: "it is a 7" then stored the drawing of the 1 as a 7."""
+    db_path = tmp_path / "feedback.sqlite"
+    app = create_app(FakePredictor(), feedback_db=db_path)
+    photo = tmp_path / "seven.png"
+    photo.write_bytes(digit_png())
+    one = [0.01] * 10
+    one[1] = 0.91
+    answer_one = {"digit": 1, "confidence": 0.91, "probabilities": one, "top": [[1, 0.91]]}
+    with browser_page(app) as (page, errors, expect):
+        held: list[Any] = []
+        page.route("**/api/predict*", lambda route: held.append(route))  # each waits for the test to answer
+
+        def wait_for_requests(count: int) -> None:
+            for _ in range(200):
+                if len(held) >= count:
+                    return
+                page.wait_for_timeout(50)
+            raise AssertionError(f"the page sent {len(held)} requests, not {count}")
+
+        draw(page, [(0.5, 0.15), (0.5, 0.85)])
+        wait_for_requests(1)
+        page.set_input_files("#upload", str(photo))
+        expect(page.locator("#photo")).to_be_visible()
+        held[0].fulfill(json={**answer_one, "rejected": False, "blank": False})  # the drawing's answer, late
+        wait_for_requests(2)  # the photo's request
+        expect(page.locator("#digit")).to_have_text("–")
+        assert page.locator("#correct-buttons button:enabled").count() == 0
+        held[1].continue_()
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+        page.click('#correct-buttons button[data-label="3"]')
+        expect(page.locator("#toast")).to_contain_text("correction #1")
+        with sqlite3.connect(db_path) as con:
+            rows = con.execute("SELECT label, predicted, image FROM feedback").fetchall()
+        assert rows == [(3, 7, photo.read_bytes())]
+        assert errors == []
+
+
+def test_a_blank_image_shows_no_probabilities_and_an_unshowable_photo_no_boxes(tmp_path):
+    """A blank image said "The image is blank" under bars of the model's probabilities (a 1 highlighted, "1: 22%"
+    read out); a TIFF, which Chromium cannot show, had its boxes drawn over the empty pad at the drawing's scale."""
+    blank, tiff = tmp_path / "blank.png", tmp_path / "seventeen.tif"
+    blank.write_bytes(digit_png(blank=True))
+    Image.open(photo_of_seventeen(tmp_path / "seventeen.png")).save(tiff)
+    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with browser_page(app) as (page, errors, expect):
+        page.set_input_files("#upload", str(blank))
+        expect(page.locator("#verdict")).to_have_text("The image is blank", timeout=10_000)
+        assert page.locator("#bars .bar.top").count() == 0
+        assert page.locator("#bars .pct").all_inner_texts() == [""] * 10
+        assert page.locator("#bars").get_attribute("aria-label") == "Probability of each digit"
+
+        page.click("#mode-number")
+        page.set_input_files("#upload", str(tiff))
+        expect(page.locator("#number")).to_have_text("42", timeout=10_000)  # the fake reads every photo so
+        expect(page.locator("#placeholder")).to_contain_text("cannot show the photo")
+        assert page.evaluate(overlay_ink()) == 0
+        page.click("#clear")
+        expect(page.locator("#placeholder")).not_to_contain_text("cannot show")
+        page.set_input_files("#upload", str(tmp_path / "seventeen.png"))  # one it can show is boxed
+        expect(page.locator("#number")).to_have_text("42", timeout=10_000)
+        page.wait_for_function(f"() => ({overlay_ink()})() > 0", timeout=5_000)
+        assert errors == []

@@ -26,7 +26,9 @@ const state = {
   drawing: null,      // the stroke under the pointer
   pointerId: null,    // the pointer drawing it: other fingers touching the pad meanwhile are ignored
   photo: null,        // a Blob when the input is a photo instead of a drawing
-  generation: 0,      // bumped whenever the input is replaced, so late answers to old input are ignored
+  generation: 0,      // bumped whenever the input changes: an answer to an older one offers no corrections
+  source: 0,          // bumped whenever the input is replaced (a photo, Clear, the other mode): late answers
+                      // to the input it replaced are dropped, never shown over the new one
   inFlight: false,
   dirty: false,
   lastSent: 0,
@@ -127,6 +129,7 @@ function keepFocus(button) {
 }
 
 function clearAll() {
+  state.source += 1;
   state.strokes = [];
   state.photo = null;
   photo.hidden = true;
@@ -139,6 +142,7 @@ function clearAll() {
 function inputChanged() {
   state.generation += 1;
   const empty = !state.photo && state.strokes.length === 0;
+  $("placeholder").textContent = MODES[state.mode].placeholder;
   $("placeholder").hidden = !empty;
   $("undo").disabled = empty;
   $("clear").disabled = empty;
@@ -166,9 +170,18 @@ dropZone.addEventListener("drop", (event) => {
   if (file) usePhoto(file);
 });
 
-photo.addEventListener("error", () => { photo.hidden = true; });  // not an image: the server will say why
+photo.addEventListener("error", () => {
+  // not an image, or one this browser cannot show (TIFF in most): the server reads it or says why
+  photo.hidden = true;
+  if (!state.photo) return;
+  $("placeholder").textContent = "This browser cannot show the photo; its answer is beside it.";
+  $("placeholder").hidden = false;
+  boxCtx.clearRect(0, 0, boxes.width, boxes.height);
+});
 
 async function usePhoto(file) {
+  state.source += 1;  // from now on an answer to what was on the pad is dropped: the photo replaces it
+  showEmpty();
   state.strokes = [];
   redraw();
   state.photo = await shrink(file);
@@ -228,6 +241,7 @@ async function sendPrediction() {
   state.inFlight = true;
   state.lastSent = performance.now();
   const generation = state.generation;
+  const source = state.source;
   const mode = state.mode;
   try {
     const blob = state.photo || await drawingBlob();
@@ -239,9 +253,8 @@ async function sendPrediction() {
     const url = state.mode === "number" ? "/api/read" : state.drawing ? "/api/predict" : "/api/predict?explain=true";
     const response = await fetch(url, { method: "POST", body });
     const answer = await response.json().catch(() => ({ detail: `the server answered ${response.status}` }));
-    const cleared = !state.photo && state.strokes.length === 0;
-    // an answer to input that was cleared, or to the other mode, while we waited
-    if (mode !== state.mode || (generation !== state.generation && cleared)) return;
+    // an answer to input that was replaced (a photo, Clear, the other mode) while we waited
+    if (mode !== state.mode || source !== state.source) return;
     if (response.status === 503) {  // busy, or its image workers restart: the drawing is sent again by itself
       const seconds = retryLater(retry, Number(response.headers.get("Retry-After")));
       showFailure(`the server is busy; trying again in ${seconds} s.`);
@@ -252,8 +265,11 @@ async function sendPrediction() {
       loadModelInfo();
     }
     if (!response.ok) { showFailure(answer.detail || `the server answered ${response.status}`); return; }
-    state.lastBlob = blob;
-    if (state.mode === "digit") showPrediction(answer); else showReading(answer);
+    // An answer to the drawing before its last stroke or undo is shown while the next one is on its way, but
+    // a correction must send the image on the pad: it waits for that answer.
+    const current = generation === state.generation;
+    state.lastBlob = current ? blob : null;
+    if (state.mode === "digit") showPrediction(answer, current); else showReading(answer);
   } catch (error) {
     if (mode !== state.mode) return;
     // stopped or restarting (a new model): ask again, further apart each time, until it answers
@@ -346,10 +362,11 @@ function withArticle(digit) {  // "a 7", "an 8"
 }
 
 function percent(p) {
-  return p >= 0.995 ? `${(p * 100).toFixed(1)}%` : `${Math.round(p * 100)}%`;
+  // rounded down from 99.5% on: 0.9996 is "99.9%", never "100.0%", which only a certainty would earn
+  return p >= 0.995 ? `${(Math.floor(p * 1000) / 10).toFixed(1)}%` : `${Math.round(p * 100)}%`;
 }
 
-function showPrediction(p) {
+function showPrediction(p, current = true) {
   state.lastPrediction = p;
   hideToast();
   const best = p.probabilities.indexOf(Math.max(...p.probabilities));
@@ -363,20 +380,33 @@ function showPrediction(p) {
     : p.rejected
     ? `Best guess ${best}, only ${percent(p.probabilities[best])} sure.`
     : `${percent(p.confidence)} sure`;
-  p.probabilities.forEach((prob, d) => {
-    barFills[d].style.height = `${Math.max(0, prob) * 85}%`;  // the rest leaves room for the label
-    barPcts[d].textContent = prob >= 0.01 ? percent(prob) : "";
-    bars.children[d].classList.toggle("top", d === best);
-  });
-  const ranked = [...p.probabilities.keys()].sort((i, j) => p.probabilities[j] - p.probabilities[i]);
-  bars.setAttribute("aria-label", "Probability of each digit: " +
-    ranked.slice(0, 3).map((d) => `${d}: ${percent(p.probabilities[d])}`).join(", "));
+  if (p.blank) clearBars();  // rejected whatever the model says of it: its probabilities mean nothing
+  else showBars(p.probabilities, best);
   if (p.input) paintSeen(p.input, p.saliency);
   const corner = $("pad-answer");
   corner.textContent = p.rejected ? "?" : String(p.digit);
   if (!p.blank) corner.append(Object.assign(document.createElement("small"), { textContent: percent(p.confidence) }));
   corner.hidden = false;
-  setCorrectionEnabled(!p.blank);  // a blank image teaches nothing: the server refuses it as a correction
+  // a blank image teaches nothing (the server refuses it as a correction); an answer to an older drawing waits
+  setCorrectionEnabled(!p.blank && current);
+}
+
+function showBars(probabilities, best) {
+  probabilities.forEach((prob, d) => {
+    barFills[d].style.height = `${Math.max(0, prob) * 85}%`;  // the rest leaves room for the label
+    barPcts[d].textContent = prob >= 0.01 ? percent(prob) : "";
+    bars.children[d].classList.toggle("top", d === best);
+  });
+  const ranked = [...probabilities.keys()].sort((i, j) => probabilities[j] - probabilities[i]);
+  bars.setAttribute("aria-label", "Probability of each digit: " +
+    ranked.slice(0, 3).map((d) => `${d}: ${percent(probabilities[d])}`).join(", "));
+}
+
+function clearBars() {
+  barFills.forEach((fill) => { fill.style.height = "0"; });
+  barPcts.forEach((pct) => { pct.textContent = ""; });
+  [...bars.children].forEach((bar) => bar.classList.remove("top"));
+  bars.setAttribute("aria-label", "Probability of each digit");
 }
 
 function paintSeen(input, saliency) {
@@ -438,7 +468,12 @@ function drawBoxes(digits) {
   boxCtx.clearRect(0, 0, boxes.width, boxes.height);
   // Boxes are in the uploaded image's pixels: a drawing was sent scaled by sendScale, a photo is shown "contained".
   let scale = 1 / MODES[state.mode].sendScale, dx = 0, dy = 0;
-  if (state.photo && photo.naturalWidth) {
+  if (state.photo && !photo.naturalWidth) {  // not shown yet: box it once it is; one it cannot show stays bare
+    const source = state.source;
+    if (!photo.complete) photo.addEventListener("load", () => { if (source === state.source) drawBoxes(digits); }, { once: true });
+    return;
+  }
+  if (state.photo) {
     scale = Math.min(boxes.width / photo.naturalWidth, boxes.height / photo.naturalHeight);
     dx = (boxes.width - photo.naturalWidth * scale) / 2;
     dy = (boxes.height - photo.naturalHeight * scale) / 2;
@@ -466,10 +501,7 @@ function showEmpty() {
   $("digit").textContent = "–";
   $("verdict").textContent = "Waiting for a digit…";
   $("confidence").textContent = "";
-  barFills.forEach((fill) => { fill.style.height = "0"; });
-  barPcts.forEach((pct) => { pct.textContent = ""; });
-  [...bars.children].forEach((bar) => bar.classList.remove("top"));
-  bars.setAttribute("aria-label", "Probability of each digit");
+  clearBars();
   for (const id of ["seen", "saliency"]) $(id).getContext("2d").clearRect(0, 0, 28, 28);
   $("number").textContent = "–";
   $("number-verdict").textContent = "Write a few digits side by side.";
