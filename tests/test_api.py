@@ -125,6 +125,53 @@ def test_predict_accepts_a_torch_tensor(predictor, seven):
     assert from_tensor.probabilities == from_array.probabilities
 
 
+def test_forms_a_review_found_read_wrong_or_with_a_traceback(predictor, seven, tmp_path):
+    """A uint16 array of 0-255 values read as blank (divided by 65535), where int16 or int32 ones read right; a
+    bfloat16 tensor and a PIL image whose file was closed before it loaded raised from inside torch and Pillow."""
+    for form in (seven.astype(np.uint16), Image.fromarray(seven).convert("I;16")):
+        assert predictor.predict(form)[0].digit == 7
+    assert predictor.predict(torch.from_numpy(seven).to(torch.bfloat16) / 255)[0].digit == 7
+    Image.fromarray(seven).save(tmp_path / "seven.png")
+    with Image.open(tmp_path / "seven.png") as opened:
+        pass  # opened lazily, and its file closed: nothing decoded yet
+    with pytest.raises(digitrec.DigitrecError, match=r"cannot be read \(its file was closed"):
+        predictor.predict(opened)
+
+
+def test_three_mnist_digits_in_one_array_are_refused_not_read_as_one_color_image(predictor, seven):
+    """An (N, 28, 28) stack was refused for any N but 3, which was taken for one channels-first RGB digit and
+    answered with one confident guess; a (3, H, W) color image stays one image."""
+    stack = np.stack([seven, seven, seven])
+    for images in (stack, torch.from_numpy(stack)):
+        with pytest.raises(digitrec.DigitrecError, match=r"stack of images\? pass them as a list"):
+            predictor.predict(images)
+    assert [p.digit for p in predictor.predict(list(stack))] == [7, 7, 7]
+    color = np.repeat(np.kron(seven, np.ones((2, 2), np.uint8))[None], 3, axis=0)  # (3, 56, 56)
+    assert predictor.predict(color)[0].digit == 7
+
+
+def test_predict_tensor_refuses_what_is_not_a_preprocessed_batch(predictor, seven):
+    """0-255 values were read as they came (a 1 read as a 3 at 0.999), a wrong shape raised NumPy's reshape error."""
+    with pytest.raises(digitrec.DigitrecError, match=r"pixel values in \[0, 1\], got 0 to 255; divide"):
+        predictor.predict_tensor(seven[None, None])
+    with pytest.raises(digitrec.DigitrecError, match=r"\(N, 1, 28, 28\).*shape \(5, 5\)"):
+        predictor.predict_tensor(np.zeros((5, 5)))
+    assert predictor.predict_tensor(seven[None, None] / 255.0)[0].digit == 7
+
+
+def test_a_file_in_the_way_of_the_run_folder_and_an_empty_model_path_are_one_sentence(tmp_path):
+    """train() into an existing file raised NotADirectoryError from deep inside; Predictor.load("") read the
+    current folder's model.safetensors."""
+    (tmp_path / "a.png").write_bytes(b"not a folder")
+    for out in (tmp_path / "a.png", tmp_path / "a.png" / "run"):
+        with pytest.raises(
+            digitrec.DigitrecError, match=r"a.png is a file, not a folder; choose another folder"
+        ):
+            digitrec.train("fast", out)
+    with pytest.raises(digitrec.DigitrecError, match="the model's path is empty"):
+        digitrec.Predictor.load("")
+
+
 def test_read_returns_a_number_string(predictor):
     image, _ = line_image([3, 0, 5, 1, 8], gap=0.3)
     result = predictor.read(image)

@@ -389,7 +389,7 @@ def locate(
         if label == "--data-dir":
             raise DataError(
                 f"{folder} does not hold the four MNIST files: {_lacks(folder)}; pass a folder that does, "
-                "or omit --data-dir to download them."
+                "or omit --data-dir (data_dir in Python) to download them."
             )
         # a $DIGITREC_DATA set on purpose: passing to the next source would hide the mistake
         if label == "$DIGITREC_DATA":

@@ -188,6 +188,10 @@ class Predictor:
             raise DigitrecError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
         from .checkpoint import model_file
 
+        if not str(path):  # Path("") is "." already: a str "" (an unset variable) read the current folder
+            raise DigitrecError(
+                "the model's path is empty; name a run folder, a .safetensors or an .onnx file."
+            )
         path = model_file(path)
         threshold = _checked_reject_below(reject_below)
         predictor = cls._load(path, backend)
@@ -217,7 +221,7 @@ class Predictor:
             if backend == "numpy":
                 raise DigitrecError(
                     f"the numpy backend runs {', '.join(NUMPY_ARCHS)} checkpoints with float weights, "
-                    f"and {path} is not one; use --backend torch."
+                    f'and {path} is not one; use --backend torch (backend="torch").'
                 )
         backend = backend or "torch"
         model, meta = load_model(path)
@@ -272,12 +276,22 @@ class Predictor:
         _check_top_k(top_k)
         loaded_torch = sys.modules.get("torch")  # a tensor can only come from a process that imported torch
         if loaded_torch is not None and isinstance(batch, loaded_torch.Tensor):
-            x = batch.detach().cpu().numpy()
+            x = batch.detach().cpu().float().numpy()
         else:
             x = np.asarray(batch)
+        if x.dtype.kind not in "buif" or x.size % 784:
+            raise DigitrecError(
+                f"predict_tensor takes preprocessed images, (N, 1, 28, 28) floats in [0, 1], got {x.dtype} of "
+                f"shape {x.shape}; use predict() for images as they come."
+            )
         x = x.astype(np.float32, copy=False).reshape(-1, 1, 28, 28)
         if len(x) == 0:
             return []
+        if not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+            raise DigitrecError(
+                f"predict_tensor takes pixel values in [0, 1], got {x.min():g} to {x.max():g}; divide 0-255 "
+                "images by 255, or use predict() for images as they come."
+            )
         probs = self.probabilities(x)
         blank = holds_no_ink(x)
         out = []

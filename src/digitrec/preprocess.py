@@ -118,6 +118,13 @@ def _open(
     name = _describe(source)
     if isinstance(source, Image.Image):
         image = source
+        try:
+            image.load()  # a lazily opened image is decoded now: its file may since have been closed
+        except Exception as exc:  # noqa: BLE001 - Pillow raises a bare AssertionError for a closed file
+            reason = str(exc) or "its file was closed before its pixels were read"
+            raise ImageError(
+                f"{name} cannot be read ({reason}); call .load() on it before its file is closed, or pass the path."
+            ) from None
     else:
         if isinstance(source, (bytes, bytearray, memoryview)):
             if len(source) == 0:
@@ -286,7 +293,10 @@ def load_gray_sized(
     if type(source).__module__ == "torch" and hasattr(
         source, "numpy"
     ):  # a torch.Tensor, without importing torch
-        source = source.detach().cpu().numpy()
+        source = source.detach().cpu()
+        source = (
+            source.float() if str(source.dtype) == "torch.bfloat16" else source
+        ).numpy()  # no NumPy bfloat16
     if isinstance(source, np.ndarray):
         gray = _array_to_gray(source)
         size = (gray.shape[1], gray.shape[0])
@@ -397,12 +407,14 @@ def _array_to_gray(array: np.ndarray) -> np.ndarray:
         raise ImageError(
             f"cannot read an image from an array of dtype {a.dtype}; use uint8, uint16 or float."
         )
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] > 4:
-        a = np.moveaxis(a, 0, -1)  # channels first, as a torch tensor would be
+    # Channels first, as a torch tensor would be; but three 28x28 images are three MNIST digits, not one in color.
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] > 4 and a.shape != (3, 28, 28):
+        a = np.moveaxis(a, 0, -1)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (2, 3, 4))):
-        raise ImageError(f"an image array must be H x W or H x W x 1/2/3/4, got shape {a.shape}.")
+        stack = " (a stack of images? pass them as a list: list(images))" if a.ndim == 3 else ""
+        raise ImageError(f"an image array must be H x W or H x W x 1/2/3/4, got shape {a.shape}{stack}.")
     height, width = a.shape[:2]
     if height * width > MAX_PIXELS:
         raise ImageError(
@@ -424,17 +436,16 @@ def _array_to_gray(array: np.ndarray) -> np.ndarray:
 
 
 def _to_unit_range(a: np.ndarray) -> np.ndarray:
-    """bool and integer 0/1 masks as 0/1; uint8 / 255, uint16 / 65535; floats in [0, 1] as they are, and
-    clipped to it when they stray a little (to 1.5 or -0.5: an interpolation's overshoot); other integers up
-    to 255 / 255 and up to 65535 / 65535; anything else stretched to [0, 1]."""
+    """bool and integer 0/1 masks as 0/1; uint8 / 255; floats in [0, 1] as they are, and clipped to it when
+    they stray a little (to 1.5 or -0.5: an interpolation's overshoot); other integers (uint16 too: an 8-bit
+    image cast up reads as its own values) up to 255 / 255 and up to 65535 / 65535; anything else stretched to
+    [0, 1]."""
     if a.dtype == np.bool_:
         return a.astype(np.float32)
     if a.dtype.kind in "iu" and a.size and 0 <= a.min() and a.max() <= 1:
         return a.astype(np.float32)  # a 0/1 mask (as uint8 it would be black on black: nothing to see)
     if a.dtype == np.uint8:
         return a.astype(np.float32) / 255.0
-    if a.dtype in (np.uint16, np.dtype(">u2")):
-        return a.astype(np.float32) / 65535.0
     # Clipped in the array's own precision (exact, as clipping only picks values) and scaled in place below: a
     # 40-megapixel float TIFF, 160 MB, made two float64 copies of 320 MB each.
     if a.dtype.kind == "f" and float(a.min()) >= -0.5 and float(a.max()) <= 1.5:

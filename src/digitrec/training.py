@@ -46,6 +46,7 @@ from .runfolder import (
     make_run_folder,
     optimizer_tensors,
     read_resume,
+    refuse_a_file_in_the_way,
     refuse_replacing_with_a_dry_run,
     refuse_unfinished_run,
     refusing_damage,
@@ -433,6 +434,7 @@ def train(
         "finished": False,
     }
     resume_tensors: dict[str, torch.Tensor] = {}
+    refuse_a_file_in_the_way(out_dir)
     if resume:
         resume_tensors, config, recipe, state = read_resume(out_dir)
         dry_run = bool(state.get("dry_run", False))  # a dry run resumes on its own few images
