@@ -1262,6 +1262,34 @@ def test_serve_and_its_image_workers_keep_start_up_objects_out_of_the_garbage_co
         assert c.get("/api/stats").json()["gc"]["frozen_objects"] == gc.get_freeze_count() == 0
 
 
+def test_serve_says_when_its_model_was_never_calibrated(monkeypatch, capsys, tmp_path):
+    """A run folder fresh from `train` or `finetune` was served without a word: its uncalibrated confidences passed
+    a scribble as "an 8, 85% sure". The bundled model, calibrated, gets no note."""
+    import gc
+
+    import torch
+    import uvicorn
+
+    from digitrec import server
+
+    def run(self, sockets=None):
+        self.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # serve's one thread would slow later tests
+    checkpoint = random_checkpoint(tmp_path / "model.safetensors")
+    try:
+        server.serve(checkpoint, backend="torch", port=0, feedback_db=tmp_path / "a.sqlite")
+        uncalibrated = capsys.readouterr().out
+        server.serve(backend="torch", port=0, feedback_db=tmp_path / "b.sqlite")
+        bundled = capsys.readouterr().out
+    finally:
+        gc.unfreeze()
+    assert f"digitrec: note: {checkpoint} was never calibrated" in uncalibrated
+    assert "`digitrec calibrate MODEL` fixes that" in uncalibrated
+    assert "serving" in bundled and "calibrated" not in bundled
+
+
 def test_a_forced_quit_stops_at_once_without_a_traceback_per_request(monkeypatch, capsys, caplog, tmp_path):
     """A second Ctrl-C makes uvicorn cancel every request in flight and log each one's CancelledError traceback
     (50 lines apiece: 2,280 lines of output for 30 students' reads); now one line says how many were cut short."""

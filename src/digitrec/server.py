@@ -963,6 +963,13 @@ def serve(
             f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at {listen_url(host, port)}  (API docs: /docs)",
             flush=True,
         )
+        if "calibration" not in predictor.meta:  # as train and finetune leave a model
+            print(
+                f"digitrec: note: {predictor.path or predictor.name} was never calibrated, so its confidences run high "
+                f"and it rejects only below the default {predictor.reject_below:g}: more non-digits pass as digits; "
+                "`digitrec calibrate MODEL` fixes that",
+                flush=True,
+            )
         if allowed.any:
             print(
                 "digitrec: answering any Host name"
