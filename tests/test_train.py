@@ -183,6 +183,12 @@ def test_dry_run_is_quick_and_complete(tiny_mnist, tmp_path):
     assert run.metrics["epochs"] == 1 and run.model_path.exists()
 
 
+def test_metrics_count_the_epochs_trained_with_their_fraction(tiny_mnist, tmp_path):
+    """A run of half an epoch (`fast` trains 0.85, `finetune --epochs 0.5`) recorded "epochs": 1, its one row."""
+    run = train(TINY.override(epochs=0.5), tmp_path, data=tiny_mnist, progress=False, report=False, log=print)
+    assert [row["epoch"] for row in run.history] == [1] and run.metrics["epochs"] == 0.5
+
+
 @pytest.mark.parametrize("seed", [2**45, 2**63 - 1])
 def test_every_seed_the_config_accepts_trains_and_a_small_one_keeps_its_draws(tiny_mnist, tmp_path, seed):
     """TrainConfig takes seeds up to 2**63 - 1, but the data order and per-step seeds multiply the seed past the
