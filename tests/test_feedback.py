@@ -228,6 +228,10 @@ def test_finetune_learns_the_corrections_and_writes_a_loadable_checkpoint(tmp_pa
     assert m["feedback_corrections"] == 5 and m["feedback_accuracy"] == 1.0 > m["feedback_accuracy_before"]
     tuned = Predictor.load(tmp_path / "tuned" / "model.safetensors")
     assert tuned.meta["finetuned_from"].endswith("base.safetensors") and tuned.name == "tiny+feedback"
+    # what its model card needs: the command's --lr-scale and database, and MNIST's own size and checksum,
+    # which the enlarged training set and the checksum mixed with the corrections no longer show
+    assert tuned.meta["lr_scale"] == 1.0 and tuned.meta["mnist"] == {"images": 256, "checksum": "0" * 32}
+    assert tuned.meta["feedback"] == {"corrections": 5, "repeat": 20, "database": str(store.path)}
     data = (tmp_path / "tuned" / "model.safetensors").read_bytes()  # it carries its own checksum
     assert b'"digitrec_sha256":"' in data[8 : 8 + int.from_bytes(data[:8], "little")]
     x = torch.from_numpy(np.stack([glyph(100 + s) for s in range(5)])).float().div(255).unsqueeze(1)
@@ -408,6 +412,7 @@ def test_finetune_with_no_corrections_trains_on_mnist_alone_and_never_opens_the_
     assert not (tmp_path / "absent").exists()
     tuned, meta = load_model(run.model_path)
     assert meta["recipe"] == "tiny+finetune" and "feedback" not in meta
+    assert meta["lr_scale"] == 0.1 and meta["mnist"] == {"images": 256, "checksum": "0" * 32}
     assert meta["finetuned_from"].endswith("base.safetensors")
     assert run.metrics["feedback_corrections"] == 0 and run.metrics["feedback_accuracy"] is None
     moved = [not torch.equal(a, b) for a, b in zip(base.state_dict().values(), tuned.state_dict().values())]

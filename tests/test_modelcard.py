@@ -254,3 +254,126 @@ def test_an_ensembles_card_says_how_to_rebuild_it_not_how_to_train_its_first_mem
         "(the paths as given when it was built), then `digitrec calibrate PATH`."
     ) in text
     assert "| `runs/default/model.safetensors` | `default` | `fast_cnn` | 1.200 | 99.00% |" in text
+
+
+def _finetune_command(text: str) -> list[str]:
+    """The `digitrec finetune ...` command a fine-tune's card gives, as arguments after `digitrec`."""
+    import shlex
+
+    return shlex.split(text.split("Reproduce it with `digitrec ")[1].split("`")[0])
+
+
+def test_a_fine_tunes_card_says_what_it_started_from_and_trained_on(run, tiny_mnist, tmp_path):
+    """A `digitrec finetune` run's card said "Trained on all 1,260 training images" (MNIST plus 3 corrections
+    x 20, as if MNIST had 1,260), "Trained only on MNIST", labelled the corrections' checksum as MNIST's, and
+    gave neither the model it started from nor the command that makes it again."""
+    import numpy as np
+
+    from digitrec.cli import build_parser, cmd_finetune
+    from digitrec.feedback import FeedbackStore, finetune
+
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    for seed, label in enumerate([7, 3, 1]):
+        pixels = np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
+        store.add(label=label, image=b"png", input28=pixels)
+    threads = torch.get_num_threads()
+    try:
+        finetune(
+            run.model_path, store.path, tmp_path / "tuned", data=tiny_mnist, epochs=0.2, log=lambda m: None
+        )
+    finally:
+        torch.set_num_threads(threads)
+    card = (tmp_path / "tuned" / "MODEL_CARD.md").read_text()
+    assert f"Fine-tuned from `{run.model_path}` (recipe `fast`) by `digitrec finetune`" in card
+    assert (
+        "Trained on MNIST's 1,200 training images plus 3 corrections its users sent (the 28x28 images the model "
+        "saw, with the digit they said), each repeated 20 times (1,260 images an epoch, none held out for "
+        f"validation), starting from `{run.model_path}`"
+    ) in card
+    assert "1,260 training images" not in card and "Trained only on MNIST" not in card
+    assert "and 3 corrections its users sent. Other handwriting" in card  # the limits
+    digest = json.loads((tmp_path / "tuned" / "model.json").read_text())["data_checksum"]
+    assert f"corrections' pixels and labels; not MNIST's own): `{digest}`" in card and digest != "synthetic"
+    assert "MNIST's (MD5 over the four files' MD5s): `synthetic`" in card
+    assert "Data checksum (MD5 over the four files' MD5s)" not in card
+    args = build_parser().parse_args(_finetune_command(card))
+    assert args.func is cmd_finetune and args.model == str(run.model_path)
+    assert (args.feedback, args.epochs, args.lr_scale, args.repeat) == (str(store.path), 0.2, 0.1, 20)
+    assert not args.no_corrections
+
+
+def test_a_fine_tune_on_mnist_alone_and_an_older_fine_tune_say_what_they_can():
+    """--no-corrections: MNIST alone, the command with --no-corrections. The bundled model's metadata, written
+    before fine-tunes recorded their --lr-scale, gives no command it cannot vouch for."""
+    from digitrec.checkpoint import load_tensors
+    from digitrec.cli import build_parser
+    from digitrec.predict import pretrained_path
+
+    config = get_recipe("fast").override(epochs=1, lr=0.0044, schedule="cosine", val_size=0)
+    meta = {
+        "recipe": "fast+finetune",
+        "config": config.to_dict(),
+        "finetuned_from": "runs/fast/model.safetensors",
+        "lr_scale": 0.2,
+        "mnist": {"images": 60000, "checksum": "f" * 32},
+        "data_checksum": "e" * 32,
+    }
+    text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03}, meta))
+    assert "Trained on MNIST's 60,000 training images without corrections (`--no-corrections`)" in text
+    args = build_parser().parse_args(_finetune_command(text))
+    assert args.no_corrections and (args.model, args.epochs, args.lr_scale) == (
+        "runs/fast/model.safetensors",
+        1,
+        0.2,
+    )
+    assert "Trained only on MNIST" in text  # true here
+    assert f"of which there were none; not MNIST's own): `{'e' * 32}`. MNIST's (MD5 over" in text
+
+    bundled = load_tensors(pretrained_path())[1]
+    text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03}, bundled))
+    assert "Fine-tuned from `" in text and "(recipe `robust`) by `digitrec finetune`" in text
+    assert "Its metadata does not record the whole `digitrec finetune` command" in text
+    assert "Reproduce it with" not in text and "reproduce it with" not in text
+    assert "Trained only on MNIST" not in text and "| negatives | `0.5` |" in text
+
+
+def test_a_robust_runs_card_says_it_trained_on_photo_like_digits_and_non_digits():
+    """The `robust` recipe's card left `negatives` out of its settings, and said "Trained only on MNIST" and
+    that letters still get a digit "from the network itself": it trains to doubt non-digits."""
+    config = get_recipe("robust").override(epochs=0.02)
+    meta = {"recipe": "robust", "config": config.to_dict(), "metrics": {"steps": 9}}
+    text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.9, "test_loss": 0.3}, meta))
+    assert "| augment | `robust` |\n| negatives | `0.5` |\n| val_size | `5000` |" in text
+    data = text.split("## Data")[1].split("## Metrics")[0]
+    assert "photo-like augmentation (`robust`" in data and "one non-digit for every 2 digits" in data
+    assert "outlier exposure" in data and "The non-digits are drawn by the code" in data
+    limits = text.split("## Known limits")[1]
+    assert "Trained only on MNIST" not in limits and "from the network itself" not in limits
+    assert "It was trained to answer non-digits" in limits and "look like photographed and scanned" in limits
+
+
+@pytest.mark.parametrize("name", ["fast", "default", "best", "seed-mlp", "seed-lenet", "seed-cnn-bn"])
+def test_cards_of_recipes_that_train_on_mnist_alone_keep_their_settings_and_limits(name):
+    meta = {"recipe": name, "config": get_recipe(name).to_dict(), "metrics": {"steps": 9}}
+    text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.9, "test_loss": 0.3}, meta))
+    settings = [
+        line.split(" | ")[0][2:]
+        for line in text.split("| setting | value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
+    ]
+    assert settings == [
+        "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "label_smoothing", "normalize",
+        "augment", "val_size", "seed",
+    ]  # fmt: skip
+    assert "- Trained only on MNIST: digits written by" in text
+    assert "Letters, symbols and blank images still get a digit from the network itself" in text
+    assert "Non-digits" not in text and "photo-like" not in text
+
+
+def test_evaluate_with_a_report_says_the_test_accuracy_once(run, idx_folder, tmp_path, capsys):
+    """`evaluate RUN --report DIR` printed "test accuracy ..." twice: the report's log line, then its own."""
+    from digitrec.cli import main
+
+    assert main(["evaluate", str(run.out_dir), "--report", str(tmp_path), "--data-dir", str(idx_folder)]) == 0
+    printed = capsys.readouterr()
+    assert (printed.out + printed.err).count("test accuracy") == 1
+    assert f"report: {tmp_path / 'report.html'}" in printed.err

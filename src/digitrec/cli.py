@@ -337,10 +337,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             history=load_history(path.parent),  # the curves of the run the checkpoint comes from, if any
             config=config,
             title=f"digitrec evaluate {args.model}",
-            log=_stderr,
+            log=lambda line: None,  # its line repeats the test accuracy printed below; only the path is news
             meta=meta,
             checkpoint=path,
         )
+        _stderr(f"report: {Path(args.report) / 'report.html'}")
     else:
         metrics, _ = evaluate_model(model, data, config, temperature=float(meta.get("temperature", 1.0)))
     if args.json:

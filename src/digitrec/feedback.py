@@ -393,9 +393,15 @@ def finetune(
     )
     added = f" + {len(images)} corrections x {repeat}" if corrections else ""
     log(f"fine-tuning {model_path} on {len(data.train_images):,} MNIST images{added}")
-    extra: dict = {"finetuned_from": str(model_path)}
+    # What the model card needs to say what this run trained on and how to run it again (modelcard._finetune):
+    # the data checksum above is no longer MNIST's, and the enlarged training set is no longer MNIST's size.
+    extra: dict = {
+        "finetuned_from": str(model_path),
+        "lr_scale": lr_scale,
+        "mnist": {"images": len(data.train_images), "checksum": data.checksum},
+    }
     if corrections:
-        extra["feedback"] = {"corrections": len(images), "repeat": repeat}
+        extra["feedback"] = {"corrections": len(images), "repeat": repeat, "database": str(store.path)}
     with torch.enable_grad():  # whatever the caller set: loading a Predictor turns gradients off globally
         run = train(
             config,

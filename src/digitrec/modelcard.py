@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import platform
+import shlex
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ def build_card(
         recipe, config = "ensemble", None
         arch = "ensemble of " + ", ".join(str((m.get("config") or {}).get("arch", "?")) for m in members)
     train_count = len(data.train_images) if data else 60_000
+    tuned = None if members else _finetune(meta, data, train_count)
     dry_run = config is not None and (meta.get("metrics") or {}).get("dry_run") is True
     params = params or meta.get("params")
     sections = []
@@ -107,33 +109,26 @@ def build_card(
     sections.append(Section(f"Model card: {recipe}{', dry run' if dry_run else ''} ({arch})", details))
 
     if config:
+        defaults = TrainConfig().to_dict()
         recipe_rows = [
             [key, f"`{value}`"]
             for key, value in config.to_dict().items()
-            if key
-            in (
-                "epochs",
-                "batch_size",
-                "optimizer",
-                "lr",
-                "weight_decay",
-                "schedule",
-                "label_smoothing",
-                "augment",
-                "val_size",
-                "seed",
-                "normalize",
-            )
+            if key in _SETTINGS or (key in _SETTINGS_IF_SET and value != defaults[key])
         ]
         run = meta.get("metrics") or {}
         processes, threads = run.get("world_size"), run.get("threads")
         nproc = processes if isinstance(processes, int) and processes > 1 else 1
-        text = [_reproduce(recipe, config, dry_run, nproc)]
+        text = [_reproduce_finetune(tuned, config) if tuned else _reproduce(recipe, config, dry_run, nproc)]
         if str(run.get("device", "")).startswith("cpu") and not config.threads and isinstance(threads, int):
             # torch chose the count (the machine's cores), and a float sum's order depends on it
+            again = (
+                f"`digitrec finetune` has no --threads: run it with OMP_NUM_THREADS={threads}"
+                if tuned
+                else f"add `--threads {threads}`"
+            )
             text.append(
                 f"It trained on {threads} CPU thread{'s' if threads != 1 else ''}{' per process' if nproc > 1 else ''}"
-                f"; the same weights need as many (add `--threads {threads}` on a machine with other cores)."
+                f"; the same weights need as many ({again} on a machine with other cores)."
             )
         if config.source:
             text.append(f"Source: {config.source}.")
@@ -143,18 +138,38 @@ def build_card(
 
     checksum = (data.checksum if data else None) or meta.get("data_checksum", "unknown")
     steps = int((meta.get("metrics") or {}).get("steps") or 0)
-    training = _trained_on(config, bool(members), dry_run, steps, train_count)
-    sections.append(
-        Section(
-            "Data",
-            [
-                f"MNIST: 28x28 grayscale handwritten digits, white ink on black. Trained on {training}; "
-                f"tested on the {metrics.get('count', 10000):,} test images.",
-                f"Data checksum (MD5 over the four files' MD5s): `{checksum}`"
-                + (f"; loaded from {data.source}." if data else "."),
-            ],
-        )
+    training = (
+        _finetuned_on(tuned) if tuned else _trained_on(config, bool(members), dry_run, steps, train_count)
     )
+    data_text = [
+        f"MNIST: 28x28 grayscale handwritten digits, white ink on black. Trained on {training}; "
+        f"tested on the {metrics.get('count', 10000):,} test images."
+    ]
+    data_text += _augmented(config) if config and not members else []
+    if tuned:  # the run's checksum mixes the corrections into MNIST's (feedback.finetune)
+        digest = meta.get("data_checksum") or "unknown"
+        data_text.append(
+            "Data checksum (MD5 of MNIST's checksum followed by the corrections' pixels and labels"
+            + (", of which there were none" if not tuned.with_corrections else "")
+            + f"; not MNIST's own): `{digest}`"
+            + (
+                f". MNIST's (MD5 over the four files' MD5s): `{tuned.mnist_checksum}`"
+                if tuned.mnist_checksum
+                else ""
+            )
+            + (f"; MNIST loaded from {data.source}." if data else ".")
+        )
+    else:
+        data_text.append(
+            f"Data checksum (MD5 over the four files' MD5s): `{checksum}`"
+            + (f"; loaded from {data.source}." if data else ".")
+            + (
+                " The non-digits are drawn by the code (augment_real.py, from a fixed seed), not read from files."
+                if config and config.negatives and not members
+                else ""
+            )
+        )
+    sections.append(Section("Data", data_text))
 
     per_class = [
         [str(c["digit"]), f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"])]
@@ -224,10 +239,7 @@ def build_card(
         sections.append(Section("Latency and size", speed))
 
     limits = [
-        "Trained only on MNIST: digits written by US Census Bureau employees and high-school students, scanned, "
-        "size-normalized and centered. Other handwriting, pens and cameras differ; expect lower accuracy on them.",
-        "One digit 0-9 per image. Letters, symbols and blank images still get a digit from the network itself; "
-        "`Predictor` rejects blank and low-confidence images, but only as well as its calibration allows.",
+        *_data_limits(None if members else config, tuned),
         "Inputs must look like MNIST (white on black, centered, 20x20 box in 28x28). `digitrec predict` and the "
         "server preprocess photos into that form; raw tensors passed to the model must already be in it.",
     ]
@@ -270,6 +282,226 @@ def _trained_on(
     if not config.val_size:
         return f"all {train_count:,} training images"
     return f"{train_count:,} training images less {config.val_size:,} held out for validation"
+
+
+# The settings table's rows: these always, and these others where they differ from TrainConfig's defaults (they
+# change what a run trains on or how it is evaluated, and a recipe that leaves them off has no row for them).
+_SETTINGS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "schedule",
+    "label_smoothing",
+    "augment",
+    "val_size",
+    "seed",
+    "normalize",
+)
+_SETTINGS_IF_SET = ("ema_decay", "clean_epochs", "negatives", "early_stopping_patience", "tta_views")
+
+
+@dataclass(frozen=True)
+class _FineTune:
+    """What a checkpoint of `digitrec finetune` records (feedback.finetune); None where it does not say."""
+
+    source: str | None  # the checkpoint it started from, as given to --model
+    base_recipe: str | None  # that model's recipe
+    with_corrections: bool  # False: --no-corrections, MNIST alone
+    corrections: int | None
+    repeat: int | None
+    database: str | None
+    lr_scale: float | None
+    mnist_images: int | None
+    mnist_checksum: str | None
+
+
+def _finetune(meta: dict[str, Any], data: MNIST | None, train_count: int) -> _FineTune | None:
+    """The fine-tune a checkpoint's metadata describes, or None for a run of `digitrec train`.
+
+    A model.safetensors holds what finetune recorded at the top of its metadata, a last.safetensors under
+    `extra`. Older fine-tunes recorded neither the learning-rate scale nor MNIST's own size and checksum: then
+    they are those of `data` where that is not the training set (`evaluate --report` passes plain MNIST), and
+    where it is (training passes the enlarged set, whose checksum the metadata records), its size less the
+    repeated corrections."""
+    found = meta.get("extra")
+    extra: dict[str, Any] = found if isinstance(found, dict) else {}
+
+    def get(key: str) -> Any:
+        return meta.get(key, extra.get(key))
+
+    recipe = str(meta.get("recipe", ""))
+    source = get("finetuned_from")
+    if source is None and not recipe.endswith(("+feedback", "+finetune")):
+        return None
+    feedback = get("feedback") if isinstance(get("feedback"), dict) else None
+    mnist = get("mnist") if isinstance(get("mnist"), dict) else {}
+
+    def whole(value: Any, least: int) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= least else None
+
+    corrections = whole((feedback or {}).get("corrections"), 0)
+    repeat = whole((feedback or {}).get("repeat"), 1)
+    scale = get("lr_scale")
+    with_corrections = feedback is not None or recipe.endswith("+feedback")
+    training_set = data is not None and data.checksum == meta.get("data_checksum")
+    images = whole(mnist.get("images"), 1)
+    if images is None and not (training_set and with_corrections):
+        images = train_count  # MNIST, or the training set where it added nothing to MNIST
+    elif images is None and corrections is not None and repeat is not None:
+        images = train_count - corrections * repeat
+    checksum = mnist.get("checksum") if isinstance(mnist.get("checksum"), str) else None
+    if checksum is None and data is not None and not training_set:
+        checksum = data.checksum
+    database = (feedback or {}).get("database")
+    base = recipe.rsplit("+", 1)[0] if recipe.endswith(("+feedback", "+finetune")) else None
+    return _FineTune(
+        source=str(source) if source is not None else None,
+        base_recipe=base or None,
+        with_corrections=with_corrections,
+        corrections=corrections,
+        repeat=repeat,
+        database=database if isinstance(database, str) else None,
+        lr_scale=float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None,
+        mnist_images=images if images and images > 0 else None,
+        mnist_checksum=checksum,
+    )
+
+
+def _finetuned_on(tuned: _FineTune) -> str:
+    """What a fine-tune trained on, for the card's Data section (after "Trained on")."""
+    text = (
+        f"MNIST's {tuned.mnist_images:,} training images" if tuned.mnist_images else "MNIST's training images"
+    )
+    if not tuned.with_corrections:
+        text += " without corrections (`--no-corrections`), none held out for validation"
+    else:
+        count = tuned.corrections
+        text += f" plus {f'{count:,} ' if count is not None else ''}correction{'s' if count != 1 else ''} its users "
+        text += "sent (the 28x28 images the model saw, with the digit they said)"
+        if tuned.repeat is not None:
+            text += f", each repeated {tuned.repeat} time{'s' if tuned.repeat != 1 else ''}"
+        if tuned.repeat is not None and tuned.mnist_images and count is not None:
+            text += f" ({tuned.mnist_images + count * tuned.repeat:,} images an epoch, none held out for validation)"
+        else:
+            text += ", none held out for validation"
+    start = f"`{tuned.source}`" if tuned.source else "another model"
+    return text + f", starting from {start} (its own card says what that was trained on)"
+
+
+def _reproduce_finetune(tuned: _FineTune, config: TrainConfig) -> str:
+    """Where a fine-tune started and the `digitrec finetune` command that makes it again, as far as its metadata
+    tells; its settings table shows the fine-tune's own settings, not those of the model it started from."""
+    start = f"`{tuned.source}`" if tuned.source else "another model (not recorded)"
+    recipe = f" (recipe `{tuned.base_recipe}`)" if tuned.base_recipe else ""
+    rate = (
+        f"{tuned.lr_scale:g} times its learning rate" if tuned.lr_scale else "a fraction of its learning rate"
+    )
+    text = (
+        f"Fine-tuned from {start}{recipe} by `digitrec finetune`: training went on from that model's weights for "
+        f"{_value(config.epochs)} epoch{'s' if config.epochs != 1 else ''} at {rate} (lr below) with a cosine "
+        "decay and no validation split; the table gives the settings of this fine-tune, the others are that model's."
+    )
+    known = tuned.source is not None and tuned.lr_scale is not None
+    if tuned.with_corrections:
+        known = known and tuned.repeat is not None
+    if not known:
+        return (
+            text
+            + " Its metadata does not record the whole `digitrec finetune` command; model.json has its values."
+        )
+    flags = ["--model", str(tuned.source)]
+    if tuned.with_corrections:
+        flags += ["--feedback", tuned.database or "DB"]
+    else:
+        flags.append("--no-corrections")
+    flags += ["--epochs", _value(config.epochs), "--lr-scale", f"{tuned.lr_scale:g}"]
+    flags += ["--repeat", str(tuned.repeat)] if tuned.with_corrections else []
+    command = " ".join(["digitrec finetune", *(shlex.quote(flag) for flag in flags)])
+    if not tuned.with_corrections:
+        return text + f" Reproduce it with `{command}`."
+    held = f"the same {tuned.corrections:,}" if tuned.corrections is not None else "the same"
+    where = "DB a database" if not tuned.database else "the database"
+    return (
+        text
+        + f" Reproduce it with `{command}`, {where} holding {held} corrections (the server may have added "
+        "more since)."
+    )
+
+
+# Each augmentation, as the Data section describes it; "none", "rotate10", "affine" and "affine-elastic" keep
+# MNIST's look, and the settings table names them.
+_LOOKS = {
+    "robust": "photo-like augmentation (`robust`: rotation, scale, shear and shift, elastic warps, thicker and "
+    "thinner strokes, re-thresholding, blur, ink darkness and noise), so that its digits look like photographed "
+    "and scanned ones after preprocessing",
+}
+
+
+def _augmented(config: TrainConfig) -> list[str]:
+    """The Data section's sentences on what training added to MNIST's images: a photo-like augmentation and
+    non-digits (outlier exposure). None for a recipe that trains on MNIST's look alone."""
+    text = []
+    if config.augment in _LOOKS:
+        clean = f", except in the last {_value(config.clean_epochs)} epochs" if config.clean_epochs else ""
+        text.append(f"Every training batch went through {_LOOKS[config.augment]}{clean}.")
+    if config.negatives:
+        share = (
+            f"one non-digit for every {_value(1 / config.negatives)} digits"
+            if config.negatives < 1 and (1 / config.negatives).is_integer()
+            else f"{_value(config.negatives)} non-digits per digit"
+        )
+        text.append(
+            f"Non-digits joined every batch, {share} (`negatives` {_value(config.negatives)}): generated letters, "
+            "scribbles, specks and two of the batch's digits side by side, which it was trained to answer with no "
+            "digit, its probability spread evenly over all ten (outlier exposure)."
+        )
+    return text
+
+
+def _data_limits(config: TrainConfig | None, tuned: _FineTune | None) -> list[str]:
+    """The Known limits bullets on what the model was trained on: MNIST alone, or with a photo-like augmentation,
+    non-digits or users' corrections, each of which the card of a plain MNIST run does not claim."""
+    robust = config is not None and config.augment in _LOOKS
+    negatives = config is not None and bool(config.negatives)
+    corrections = tuned is not None and tuned.with_corrections
+    if not (robust or negatives or corrections):
+        return [
+            "Trained only on MNIST: digits written by US Census Bureau employees and high-school students, scanned, "
+            "size-normalized and centered. Other handwriting, pens and cameras differ; expect lower accuracy on them.",
+            "One digit 0-9 per image. Letters, symbols and blank images still get a digit from the network itself; "
+            "`Predictor` rejects blank and low-confidence images, but only as well as its calibration allows.",
+        ]
+    digits = (
+        "Its digits are MNIST's (written by US Census Bureau employees and high-school students, scanned, "
+        "size-normalized and centered)"
+    )
+    if corrections:
+        assert tuned is not None
+        count = tuned.corrections if tuned.corrections is not None else "some"
+        digits += f" and {count} correction{'s' if count != 1 else ''} its users sent"
+    if robust:
+        digits += (
+            ", warped, thickened, blurred and noised in training to look like photographed and scanned digits"
+        )
+    digits += ". Other handwriting, pens and cameras differ; expect lower accuracy on them"
+    digits += " than on MNIST (`digitrec eval-real` measures it on generated photos)." if robust else "."
+    if corrections:
+        digits += " A few corrections teach it the hands they show, not handwriting in general."
+    if negatives:
+        answers = (
+            "One digit 0-9 per image. It was trained to answer non-digits (letters, scribbles, specks, two digits "
+            "side by side) with no digit, but it still gives every image a digit, and non-digits unlike those it "
+            "saw may get a confident one"
+        )
+    else:
+        answers = "One digit 0-9 per image. Letters, symbols and blank images still get a digit from the network itself"
+    return [
+        digits,
+        answers
+        + "; `Predictor` rejects blank and low-confidence images, but only as well as its calibration allows.",
+    ]
 
 
 # Settings that say where a recipe comes from; they do not change what a run trains.
