@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -153,3 +157,70 @@ def test_sweep_two_seeds_on_mnist(tmp_path):
     assert [row["seed"] for row in rows] == [0, 1] and all(row["test_accuracy"] > 0.9 for row in rows)
     assert rows[0]["test_loss"] != rows[1]["test_loss"]  # the seeds made different runs
     assert "over 2 seeds" in result.stdout
+
+
+# A sweep whose jobs sleep instead of training: each writes its process id to PID in its folder, and the job named
+# by argv[2] ignores SIGINT and SIGTERM, as a job stuck in native code would.
+SLEEPING_SWEEP = """
+import signal, subprocess, sys
+from pathlib import Path
+
+from digitrec import data, sweep
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if pytest was started with &
+real_popen = subprocess.Popen
+
+
+def sleeping_job(command, **kwargs):
+    out = Path(command[command.index("--out") + 1])
+    deaf = "signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    code = "import os, signal, time; " + (deaf if out.name == sys.argv[2] else "")
+    code += f"open({str(out / 'PID')!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    return real_popen([sys.executable, "-c", code], **kwargs)
+
+
+subprocess.Popen = sleeping_job
+sweep._check_train_flags = lambda job, flags: None
+sweep.STOP_GRACE_SECONDS = 0.5
+data.load_mnist = lambda *args, **kwargs: None
+from digitrec.cli import main
+
+sys.exit(main(["sweep", "--recipes", "fast", "--seeds", "0", "1", "--parallel", "2", "--out", sys.argv[1]]))
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals to a process alone")
+@pytest.mark.parametrize(
+    "signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_a_sweep_stopped_by_a_signal_stops_its_jobs(tmp_path, signum, code):
+    """Interrupting the sweep alone (`kill -INT`, or the SIGTERM of `timeout` or a job scheduler) ended it but
+    left its `digitrec train` jobs running, adopted by PID 1."""
+    out = tmp_path / "sweep"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SLEEPING_SWEEP, str(out), "fast-seed1"], stderr=subprocess.PIPE, text=True
+    )
+    pid_files = [out / "fast-seed0" / "PID", out / "fast-seed1" / "PID"]
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not all(path.exists() and path.read_text() for path in pid_files):
+            assert parent.poll() is None and time.monotonic() < deadline, parent.stderr.read()
+            time.sleep(0.05)
+        pids = [int(path.read_text()) for path in pid_files]
+        parent.send_signal(signum)
+        assert parent.wait(timeout=30) == code
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):  # ended and waited for, the deaf job too
+                os.kill(pid, 0)
+        err = parent.stderr.read()
+        assert "Traceback" not in err, err
+        assert "stopped 2 running jobs: fast-seed0 had no checkpoint yet; fast-seed1 had no" in err, err
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
+        parent.stderr.close()

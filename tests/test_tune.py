@@ -222,3 +222,82 @@ def test_a_trial_whose_process_was_killed_is_failed_and_tried_again(tiny_mnist, 
     states = [t.state.name for t in result.study.trials]
     assert states[0] == "FAIL" and "COMPLETE" in states[1:]
     assert "running" not in (tmp_path / "trials.csv").read_text()
+
+
+def test_a_trial_trained_to_its_last_epoch_is_finished_not_pruned(tiny_mnist, tmp_path, monkeypatch):
+    """With --epochs 1 the median pruner judged every trial after its only epoch: 31 of 50 fully trained trials
+    were reported "pruned or failed" (and left out of best.toml) while pruning saved no time."""
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}, {"lr": 3e-3}, {"lr": 1e-9}]))
+    result = tune_module.tune(
+        "fast", 3, tmp_path, data=tiny_mnist, epochs=1, val_size=200, log=lambda msg: None
+    )
+    assert [t.state.name for t in result.study.trials] == ["COMPLETE", "COMPLETE", "COMPLETE"]
+    assert "pruned" not in (tmp_path / "trials.csv").read_text()
+
+
+def test_a_shared_study_refuses_trials_that_measure_something_else(tiny_mnist, tmp_path, monkeypatch):
+    """A second `tune` with the same --storage and --study but another recipe, --epochs or --val-size added its
+    trials to the first's: best.toml named the second's recipe and epochs with the first's best trial."""
+    from digitrec.errors import DigitrecError
+
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}, {"lr": 3e-3}]))
+    shared = {"storage": f"sqlite:///{tmp_path / 'tune.db'}", "study_name": "s1", "data": tiny_mnist}
+    tune_module.tune("fast", 1, tmp_path / "a", epochs=1, val_size=200, log=lambda msg: None, **shared)
+    for changed, said in (
+        (
+            {"recipe": "seed-lenet", "epochs": 1},
+            "holds trials of --recipe fast, and this run asks for --recipe seed-lenet;",
+        ),
+        ({"epochs": 0.5}, "holds trials of --epochs 1.0, and this run asks for --epochs 0.5;"),
+        (
+            {"val_size": 100, "epochs": 1},
+            "holds trials of --val-size 200, and this run asks for --val-size 100;",
+        ),
+    ):
+        settings = {"recipe": "fast", "epochs": 1, "val_size": 200} | changed
+        with pytest.raises(DigitrecError, match="give another --study name") as refused:
+            tune_module.tune(
+                settings.pop("recipe"), 1, tmp_path / "b", log=lambda msg: None, **settings, **shared
+            )
+        assert said in str(refused.value) and "study 's1' in sqlite:///" in str(refused.value)
+        assert not (tmp_path / "b").exists()
+    result = tune_module.tune(
+        "fast", 1, tmp_path / "c", epochs=1, val_size=200, log=lambda msg: None, **shared
+    )
+    assert len(result.study.trials) == 2  # the same settings join the study
+
+
+def test_ctrl_c_writes_the_finished_trials_results_and_no_traceback(idx_folder, tmp_path, monkeypatch, capfd):
+    """Ctrl-C during a study without --storage lost every finished trial (no trials.csv, best.toml or plot) and
+    printed Optuna's 15-line KeyboardInterrupt traceback."""
+    import logging
+
+    from digitrec import training
+
+    real_train, trained = training.train, []
+
+    def interrupted_in_the_third_trial(*args, **kwargs):
+        trained.append(1)
+        if len(trained) == 3:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    said: list[logging.LogRecord] = []
+    listener = logging.Handler()
+    listener.emit = said.append  # type: ignore[method-assign]
+    logging.getLogger("optuna").addHandler(listener)
+    monkeypatch.setattr(training, "train", interrupted_in_the_third_trial)
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}, {"lr": 3e-3}, {"lr": 2e-3}]))
+    out = tmp_path / "tune"
+    args = ["tune", "--trials", "5", "--epochs", "1", "--val-size", "200", "--out", str(out)]
+    try:
+        assert main([*args, "--data-dir", str(idx_folder)]) == 130
+    finally:
+        logging.getLogger("optuna").removeHandler(listener)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert not [record.getMessage() for record in said if record.levelno >= logging.WARNING]
+    assert "stopped after 2 finished trials" in err and "--storage makes a study resumable" in err
+    assert "lr = 0.00" in (out / "best.toml").read_text() and (out / "tuning.png").exists()
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert [row.split(",")[1] for row in rows[1:]] == ["complete", "complete", "fail"]

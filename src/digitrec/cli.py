@@ -452,8 +452,10 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    import signal
+
     from .data import load_mnist
-    from .sweep import summary_table, sweep
+    from .sweep import SweepStopped, summary_table, sweep
     from .training import default_out_dir
 
     out = Path(args.out) if args.out else default_out_dir("sweep")
@@ -467,17 +469,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if value is not None
         for flag in (name, str(value))
     ]
-    rows = sweep(
-        args.recipes,
-        args.seeds,
-        out,
-        parallel=args.parallel,
-        train_flags=flags,
-        log=_stderr,
-        # found and verified once, after the arguments, so a --data-dir without MNIST is one sentence rather than
-        # every job's failure, and a bad --recipes or --parallel is said before MNIST is downloaded
-        check_data=lambda: load_mnist(args.data_dir, log=_stderr),
-    )
+    try:
+        rows = sweep(
+            args.recipes,
+            args.seeds,
+            out,
+            parallel=args.parallel,
+            train_flags=flags,
+            log=_stderr,
+            # found and verified once, after the arguments, so a --data-dir without MNIST is one sentence rather
+            # than every job's failure, and a bad --recipes or --parallel is said before MNIST is downloaded
+            check_data=lambda: load_mnist(args.data_dir, log=_stderr),
+        )
+    except SweepStopped as stopped:  # its jobs were stopped and waited for; Ctrl-C is main's to say
+        if stopped.signum == signal.SIGINT:
+            raise
+        _stderr(f"digitrec: stopped by {signal.Signals(stopped.signum).name}")
+        return 128 + stopped.signum  # as a shell reports a command the signal ended
     print(summary_table(rows))
     print(f"summary: {out / 'summary.json'}")
     return 0 if all(row["ok"] for row in rows) else 1

@@ -5,17 +5,36 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import atomic_write_json
 from .config import get_recipe
 from .errors import DigitrecError, refuse_repeats
+
+# Stopped, a sweep interrupts each running job as Ctrl-C would, then terminates and at last kills a job that is
+# still running after this many seconds each time.
+STOP_GRACE_SECONDS = 10.0
+# The signals that stop a sweep and its jobs: Ctrl-C, `kill`, `timeout` or a job scheduler, a closed terminal.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+class SweepStopped(KeyboardInterrupt):
+    """A signal stopped the sweep; its running jobs were stopped too. `signum`: which one."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 @dataclass
@@ -58,49 +77,152 @@ def sweep(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     pending, rows = list(jobs), []
     running: dict[str, tuple[Job, subprocess.Popen[bytes]]] = {}
-    while pending or running:
-        while pending and len(running) < parallel:
-            job = pending.pop(0)
-            job.out.mkdir(parents=True, exist_ok=True)
-            command = [
-                sys.executable,
-                "-m",
-                "digitrec",
-                "train",
-                "--recipe",
-                job.recipe,
-                "--seed",
-                str(job.seed),
-                "--out",
-                str(job.out),
-                "--threads",
-                str(threads),
-                "--no-progress",
-                "--overwrite",  # a sweep run again retrains its jobs, an interrupted one's too
-                *(train_flags or []),
-            ]
-            with open(job.out / "train.log", "w") as log_file:
-                running[job.name] = (
-                    job,
-                    subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env),
-                )
-            log(f"started {job.name}")
-        time.sleep(0.2)
-        for name, (job, process) in list(running.items()):
-            if process.poll() is not None:
-                del running[name]
-                rows.append(_row(job, process.returncode))
+    with _stop_signals() as signals:
+        try:
+            while pending or running:
+                while pending and len(running) < parallel:
+                    job = pending.pop(0)
+                    job.out.mkdir(parents=True, exist_ok=True)
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "digitrec",
+                        "train",
+                        "--recipe",
+                        job.recipe,
+                        "--seed",
+                        str(job.seed),
+                        "--out",
+                        str(job.out),
+                        "--threads",
+                        str(threads),
+                        "--no-progress",
+                        "--overwrite",  # a sweep run again retrains its jobs, an interrupted one's too
+                        *(train_flags or []),
+                    ]
+                    with signals.held(), open(job.out / "train.log", "w") as log_file:
+                        # a job started is a job known, so a signal cannot leave one running unseen
+                        running[job.name] = (
+                            job,
+                            subprocess.Popen(
+                                command,
+                                stdout=log_file,
+                                stderr=subprocess.STDOUT,
+                                env=env,
+                                # Ctrl-C in a terminal signals the whole process group: the jobs hear of it from
+                                # the sweep instead, once, as they do of a signal sent to the sweep alone
+                                start_new_session=signals.installed,
+                            ),
+                        )
+                    log(f"started {job.name}")
+                time.sleep(0.2)
+                for name, (job, process) in list(running.items()):
+                    if process.poll() is not None:
+                        del running[name]
+                        rows.append(_row(job, process.returncode))
+                        log(
+                            f"finished {job.name}: "
+                            + (
+                                f"{rows[-1]['test_accuracy']:.2%}"
+                                if rows[-1]["ok"]
+                                else f"failed, see {job.out / 'train.log'}"
+                            )
+                        )
+        except KeyboardInterrupt as exc:
+            signals.stopping = True  # a second signal hurries the jobs' end instead of abandoning them
+            _stop_jobs([process for _, process in running.values()], signals)
+            stopped = [job for job, _ in running.values()]
+            if stopped:
                 log(
-                    f"finished {job.name}: "
-                    + (
-                        f"{rows[-1]['test_accuracy']:.2%}"
-                        if rows[-1]["ok"]
-                        else f"failed, see {job.out / 'train.log'}"
-                    )
+                    f"stopped {len(stopped)} running job{'s' * (len(stopped) != 1)}: "
+                    + "; ".join(_resume_hint(job) for job in stopped)
                 )
+            raise exc if isinstance(exc, SweepStopped) else SweepStopped(signal.SIGINT) from None
     rows.sort(key=lambda row: (recipes.index(row["recipe"]), row["seed"]))
     atomic_write_json(out / "summary.json", rows)
     return rows
+
+
+class _Signals:
+    """The sweep's handler of STOP_SIGNALS: raise SweepStopped, except while a job is being started (then at the
+    end of that) or while the jobs are being stopped (then it only hurries that on)."""
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.holding = False
+        self.stopping = False
+        self.received: int | None = None
+        self.hurry = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            self.hurry = True
+        elif self.holding:
+            self.received = signum
+        else:
+            raise SweepStopped(signum)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.received is not None and not self.stopping:
+            raise SweepStopped(self.received)
+
+
+@contextmanager
+def _stop_signals() -> Iterator[_Signals]:
+    """Handle STOP_SIGNALS for the sweep's lifetime (from the main thread; elsewhere only Ctrl-C's
+    KeyboardInterrupt reaches it), and put back the handlers it found. A signal ignored (SIGINT for a command
+    started with & by a script) stays ignored."""
+    signals = _Signals()
+    previous: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, signals)
+        signals.installed = bool(previous)
+    try:
+        yield signals
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]  # getsignal's None never reaches here
+
+
+def _stop_jobs(processes: list[subprocess.Popen[bytes]], signals: _Signals) -> None:
+    """Interrupt each job as Ctrl-C would (train stops where it is, its folder resumable, and its log says how),
+    terminate those still running after STOP_GRACE_SECONDS, kill those still running after as many again, and
+    wait for every one: none is left running without the sweep."""
+    steps: list[Callable[[subprocess.Popen[bytes]], None]] = [
+        lambda process: process.terminate(),
+        lambda process: process.kill(),
+    ]
+    if os.name == "posix":  # elsewhere Popen can send no SIGINT
+        steps.insert(0, lambda process: process.send_signal(signal.SIGINT))
+    for step in steps:
+        for process in processes:
+            if process.poll() is None:
+                try:
+                    step(process)
+                except ProcessLookupError:  # ended between the poll and the signal
+                    pass
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while any(process.poll() is None for process in processes) and time.monotonic() < deadline:
+            if signals.hurry:  # stopped again: on to the next step at once
+                signals.hurry = False
+                break
+            time.sleep(0.05)
+    for process in processes:
+        process.wait()
+
+
+def _resume_hint(job: Job) -> str:
+    if (job.out / "last.safetensors").exists():
+        return f"`digitrec train --resume {job.out}` continues {job.name}"
+    return f"{job.name} had no checkpoint yet"
 
 
 def _check_train_flags(job: Job, train_flags: list[str]) -> None:

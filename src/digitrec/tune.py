@@ -2,13 +2,18 @@
 
 Trials are chosen on the validation split only; the test set never picks a configuration. With an RDB
 storage URL (sqlite:///tune.db, postgresql://..., mysql://...) any number of processes or machines running
-the same command with the same `--study` name share one study: Optuna hands each of them new trials.
+the same command with the same `--study` name share one study: Optuna hands each of them new trials. The
+study records what its trials measure (recipe, epochs, validation split, data), and a process asking for other
+settings is refused rather than mixing its trials in. Only such a storage makes a study resumable: interrupted,
+a search without one writes what its finished trials found and ends.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_text
-from .config import get_recipe, to_toml
+from .config import TrainConfig, get_recipe, to_toml
 from .data import MNIST
 from .errors import DataError, DigitrecError, TrainingDiverged, need_extra
 
@@ -29,6 +34,8 @@ BATCH_SIZES = (64, 128, 192, 256)
 AUGMENTATIONS = ("none", "rotate10", "affine")
 # What tune sets for its trials apart from the searched settings; best.toml leaves these to the recipe.
 _TRIAL_ONLY = ("epochs", "val_size", "early_stopping_patience")
+# Optuna's logger that says a trial failed, with the exception's traceback: a Ctrl-C is not a failure to report.
+_OPTIMIZE_LOGGER = "optuna.study._optimize"
 
 
 def _optuna() -> Any:
@@ -108,10 +115,11 @@ def tune(
         )
     # Processes sharing a storage must not draw the same settings: each seeds its sampler with its process id too.
     sampler_seed = seed if storage is None else _process_seed(seed)
+    name = study_name or f"digitrec-{recipe}"
     try:
         study_storage = storage if storage is None else _heartbeat_storage(optuna, storage)
         study = optuna.create_study(
-            study_name=study_name or f"digitrec-{recipe}",
+            study_name=name,
             storage=study_storage,
             load_if_exists=True,
             direction="maximize",
@@ -131,19 +139,42 @@ def tune(
             "give an SQLAlchemy URL such as sqlite:///tune.db."
         ) from None
 
+    # what a trial measures: a study shared through a storage holds trials of one such setting only
+    _claim_study(
+        study,
+        {"recipe": recipe, "epochs": base.epochs, "val_size": base.val_size, "data_checksum": data.checksum},
+        name,
+        storage,
+        log,
+    )
+    train_count = len(data.train_images) - base.val_size
+    interrupted = False
+
     def objective(trial: Any) -> float:
+        nonlocal interrupted
+        try:
+            return run_trial(trial)
+        except KeyboardInterrupt:  # Optuna marks the trial failed; its warning and traceback are not said
+            interrupted = True
+            raise
+
+    def run_trial(trial: Any) -> float:
         params = suggest(trial, get_recipe(recipe).lr)
+        config = base.override(**params)
+        steps = steps_in_epoch(train_count, config.batch_size)
+        last_epoch = math.ceil(max(1, round(config.epochs * steps)) / steps)  # as train counts its epochs
         pruned = False
 
         def on_epoch(model: Any, row: dict[str, float]) -> bool:
             nonlocal pruned
             trial.report(row["val_accuracy"], int(row["epoch"]))
-            pruned = trial.should_prune()
+            # after the last epoch there is nothing left to save: the trial ran in full and counts as finished
+            pruned = int(row["epoch"]) < last_epoch and trial.should_prune()
             return pruned  # True stops training after this epoch
 
         try:
             run = train(
-                base.override(**params),
+                config,
                 out_dir / f"trial-{trial.number:03d}",
                 recipe=recipe,
                 data=data,
@@ -168,10 +199,54 @@ def tune(
             raise optuna.TrialPruned()
         return value
 
-    study.optimize(objective, n_trials=trials)
-    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not finished:
+    def quiet_when_interrupted(record: logging.LogRecord) -> bool:
+        return not interrupted
+
+    optimize_logger = logging.getLogger(_OPTIMIZE_LOGGER)
+    optimize_logger.addFilter(quiet_when_interrupted)
+    try:
+        study.optimize(objective, n_trials=trials)
+    except KeyboardInterrupt:
+        # Ctrl-C: what the finished trials found is written, as at the end; a study in memory is gone after this
+        _write_interrupted(study, recipe, base, out_dir, storage, log)
+        raise
+    finally:
+        optimize_logger.removeFilter(quiet_when_interrupted)
+    if not _finished(study):
         raise DigitrecError("every trial was pruned or failed; run more trials or raise --epochs.")
+    return _write_results(study, recipe, base, out_dir)
+
+
+def _finished(study: Any) -> list[Any]:
+    return [t for t in study.trials if t.state.name == "COMPLETE"]
+
+
+def _write_interrupted(
+    study: Any, recipe: str, base: TrainConfig, out_dir: Path, storage: str | None, log: Callable[[str], None]
+) -> None:
+    """After a Ctrl-C: write the results of the trials that finished and say so, in one line."""
+    finished = _finished(study)
+    again = (
+        "the same command continues the study"
+        if storage is not None
+        else "the study was in memory, so only its files remain (--storage makes a study resumable)"
+    )
+    if finished:
+        result = _write_results(study, recipe, base, out_dir)
+        log(
+            f"stopped after {len(finished)} finished trial{'s' * (len(finished) != 1)}: "
+            f"best validation accuracy {result.best_value:.2%}, results in {result.config_path}, "
+            f"{out_dir / 'trials.csv'} and {result.plot_path}; {again}"
+        )
+    else:
+        if study.trials:
+            atomic_write_text(out_dir / "trials.csv", trials_csv(study))
+        log(f"stopped before any trial finished, so there is no best.toml; {again}")
+
+
+def _write_results(study: Any, recipe: str, base: TrainConfig, out_dir: Path) -> TuneResult:
+    """best.toml, trials.csv and tuning.png from the study's finished trials (there must be one)."""
+    finished = _finished(study)
     best = study.best_trial
     config_path = out_dir / "best.toml"
     header = (
@@ -200,6 +275,48 @@ def tune(
         summary_table(study),
         plot(study, out_dir / "tuning.png"),
     )
+
+
+def _claim_study(
+    study: Any, settings: dict[str, Any], name: str, storage: str | None, log: Callable[[str], None]
+) -> None:
+    """Record what this study's trials measure, or refuse to add trials that measure something else.
+
+    A study's trials are compared with each other: trials of another recipe, length, validation split or data
+    (another `digitrec tune` with the same --storage and --study, or the default study name with other flags)
+    made its best trial, and best.toml, meaningless. The settings are recorded once, as the study's user
+    attributes; two processes that create one study at the same moment each read back what was kept."""
+    recorded = {key: value for key, value in study.user_attrs.items() if key in settings}
+    if not recorded:
+        if study.trials:  # a study begun by a digitrec that did not record its settings
+            log(
+                f"study {name!r} does not say what its {len(study.trials)} earlier trials measured (an older "
+                "digitrec began it); recording this run's settings"
+            )
+        for key, value in settings.items():
+            study.set_user_attr(key, value)
+        if storage is None:
+            return
+        recorded = study.user_attrs  # read back from the storage: another process may have recorded first
+    differ = [key for key in settings if recorded.get(key) != settings[key]]
+    if differ:
+        where = f" in {storage}" if storage is not None else ""
+        raise DigitrecError(
+            f"study {name!r}{where} holds trials of {_said(recorded, differ)}, and this run asks for "
+            f"{_said(settings, differ)}; give another --study name to start a new study, or run with the "
+            "study's settings to add trials to it."
+        )
+
+
+def _said(settings: dict[str, Any], keys: list[str]) -> str:
+    """Settings as the flags that give them: `--recipe fast --epochs 1.0`."""
+    flags = {
+        "recipe": "--recipe",
+        "epochs": "--epochs",
+        "val_size": "--val-size",
+        "data_checksum": "data checksum",
+    }
+    return " ".join(f"{flags.get(key, key)} {settings.get(key, 'unrecorded')}" for key in keys)
 
 
 def _heartbeat_storage(optuna: Any, url: str) -> Any:
