@@ -138,7 +138,13 @@ def test_bench_infer_runs_torch_int8_and_says_its_accuracy(tiny_checkpoint: Path
     assert all(r.images_per_s > 0 for r in results)
     assert any(line.startswith("torch-int8: test accuracy ") and "(float32 " in line for line in said)
     with pytest.raises(DigitrecError, match="torch-int8 needs MNIST"):
-        bench_infer(tiny_checkpoint, tiny_mnist.test_images, backends=("torch-int8",), log=said.append)
+        bench_infer(
+            tiny_checkpoint,
+            tiny_mnist.test_images,
+            backends=("torch-int8",),
+            batch_sizes=(8,),
+            log=said.append,
+        )
 
 
 def test_bench_infer_leaves_torch_int8_out_in_one_line_without_torchao(
@@ -205,6 +211,7 @@ def test_bench_commands_print_json(
     for r in report["results"]:
         assert r["multiply_adds_per_s"] == pytest.approx(r["images_per_s"] * per_image)
     assert report["matmul_multiply_adds_per_s"] > 0
+    assert {r["threads"] for r in report["results"]} == {report["threads"]}  # ONNX Runtime's as torch's
 
     assert (
         main(
@@ -359,3 +366,113 @@ def test_the_bench_footer_counts_one_thread_and_one_core_in_the_singular():
     assert footer.startswith("1 core, torch 2.13.0 with 1 thread; load average 0.5 before")
     header |= {"cores": 2, "torch_threads": 2, "matmul_multiply_adds_per_s": 1e11}
     assert _bench_footer(header).startswith("2 cores, torch 2.13.0 with 2 threads;")
+
+
+def _no_work(*args, **kwargs):
+    raise DigitrecError("MNIST was loaded: the command went to work.")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backends", "bogus"], "unknown backend 'bogus'; choose from torch-fp32,"),
+        (["--backends", "torch-fp32,,onnx-fp32"], "unknown backend ''"),
+        (["--backends", "torch-fp32,torch-fp32"], "--backends names torch-fp32 more than once"),
+        (["--backends", "torch-fp32, torch-fp32"], "--backends names torch-fp32 more than once"),
+        (["--batch-sizes", "4,4"], "--batch-sizes names 4 more than once"),
+    ],
+)
+def test_bench_infer_refuses_bad_backends_or_batch_sizes_before_loading_or_training(
+    args, message, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """In a folder without runs/fast, `--backends bogus` trained the fast recipe there first and only then said
+    'unknown backend'; repeated names gave identical rows with pooled latencies."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("digitrec.data.load_mnist", _no_work)
+    assert main(["bench", "infer", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bench_infer_says_so_when_torch_int8_was_its_only_backend_and_torchao_is_missing(
+    tiny_checkpoint: Path, tiny_mnist, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`--backends torch-int8` without torchao printed the skip line, then IndexError on results[0]."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if the int8 extra were not installed
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("digitrec.data.load_mnist", _no_work)
+    assert main(["bench", "infer", "--backends", "torch-int8"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("torch-int8: skipped: it needs the int8 extra")
+    assert lines[1].startswith("digitrec: error: no backend is left to time: torch-int8 needs the int8 extra")
+    assert not (tmp_path / "runs").exists()  # said before training the default model
+    with pytest.raises(DigitrecError, match="^no backend is left to time"):  # and by bench_infer, not []
+        bench_infer(tiny_checkpoint, tiny_mnist.test_images, backends=("torch-int8",), batch_sizes=(8,))
+
+
+def test_bench_infer_refuses_a_batch_larger_than_the_test_set(
+    tiny_checkpoint: Path, tiny_mnist, idx_folder: Path, capsys
+) -> None:
+    """`--batch-sizes 10000,100000` on MNIST's 10,000 test images scored 10,000 per '100,000' call and counted
+    100,000 in images/s (74,011 against 6,787 at the same p50)."""
+    images = len(tiny_mnist.test_images)
+    with pytest.raises(
+        DigitrecError, match=f"batch size {images + 1:,} is larger than the {images:,} test images"
+    ):
+        bench_infer(
+            tiny_checkpoint, tiny_mnist.test_images, backends=("torch-fp32",), batch_sizes=(1, images + 1)
+        )
+    argv = ["bench", "infer", "--model", str(tiny_checkpoint), "--backends", "torch-fp32"]
+    argv += ["--batch-sizes", f"{images},{images * 10}", "--rounds", "1", "--seconds", "0.01"]
+    assert main([*argv, "--data-dir", str(idx_folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"batch size {images * 10:,} is larger than the {images:,} test images" in err
+    results = bench_infer(
+        tiny_checkpoint,
+        tiny_mnist.test_images,
+        backends=("torch-fp32",),
+        batch_sizes=(images,),  # every image in one call is allowed
+        rounds=1,
+        seconds=0.01,
+        log=lambda msg: None,
+    )
+    assert [r.batch_size for r in results] == [images]
+
+
+def test_bench_infer_runs_onnx_runtime_on_torchs_thread_count_and_records_it(
+    tiny_checkpoint: Path, tiny_mnist, monkeypatch
+) -> None:
+    """The ONNX Runtime rows ran on every core (threads=0) while the torch rows followed torch's count, so a ratio
+    could set 2 threads against 1; now both run on torch.get_num_threads(), and each row says how many."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from digitrec import backends
+
+    opened: list[int] = []
+
+    class Recorded(backends.OnnxBackend):
+        def __init__(self, path, threads: int = 1, spin: bool = False):
+            opened.append(threads)
+            super().__init__(path, threads=threads, spin=spin)
+
+    monkeypatch.setattr(backends, "OnnxBackend", Recorded)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = bench_infer(
+            tiny_checkpoint,
+            tiny_mnist.test_images,
+            backends=("torch-fp32", "onnx-fp32"),
+            batch_sizes=(8,),
+            rounds=1,
+            seconds=0.01,
+            log=lambda msg: None,
+        )
+    finally:
+        torch.set_num_threads(previous)
+    assert opened == [1]
+    assert [(r.backend, r.threads) for r in results] == [("torch-fp32", 1), ("onnx-fp32", 1)]

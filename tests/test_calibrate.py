@@ -106,3 +106,55 @@ def test_calibrate_fits_on_the_held_out_split_and_cuts_over_every_tempered_set(
         expected[0] = 0.0  # the blank page
         np.testing.assert_allclose(confidence, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sets[3], torch.softmax(val_logits / temperature, 1).amax(1).numpy(), rtol=1e-5)
+
+
+def test_calibrating_in_place_removes_the_exports_made_from_the_checkpoint_before(
+    tiny_fast_run, tiny_mnist, tmp_path, monkeypatch
+):
+    """`digitrec calibrate RUN` left RUN/model.onnx (and model.int8.onnx) as they were: `predict --model
+    RUN/model.onnx` kept temperature 1 and threshold 0.5, with no word. The exports made from the old checkpoint
+    beside it go, in one line; an export kept elsewhere, and one beside it made from another checkpoint, stay."""
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    from digitrec import calibrate as calibrate_module
+    from digitrec import data, realworld
+    from digitrec.checkpoint import load_model, save_model, sidecar_path
+    from digitrec.export import export_onnx
+
+    run = tmp_path / "run"
+    run.mkdir()
+    source = tiny_fast_run / "model.safetensors"
+    for path in (source, sidecar_path(source)):
+        shutil.copy(path, run / path.name)
+    checkpoint = run / "model.safetensors"
+    export_onnx(checkpoint, log=lambda s: None)  # run/model.onnx
+    export_onnx(checkpoint, tmp_path / "kept.onnx", log=lambda s: None)
+    other = tmp_path / "other.safetensors"
+    model, meta = load_model(checkpoint)
+    save_model(other, model, {**meta, "recipe": "another"})
+    export_onnx(other, run / "other.onnx", log=lambda s: None)
+
+    real_generate = realworld.generate
+    monkeypatch.setattr(data, "load_mnist", lambda *args, **kwargs: tiny_mnist)
+    monkeypatch.setattr(
+        realworld,
+        "generate",
+        lambda name, count, seed, mnist=None: real_generate(name, count, seed, mnist=FAKE_MNIST),
+    )
+    said: list[str] = []
+    calibrate_module.calibrate(checkpoint, count=4, log=said.append)  # in place, as the CLI
+    assert not (run / "model.onnx").exists()
+    assert (tmp_path / "kept.onnx").exists() and (run / "other.onnx").exists()
+    (removed,) = [line for line in said if line.startswith("removed ")]
+    assert removed.startswith(
+        f"removed model.onnx from {run}: exported from model.safetensors before this calibration"
+    )
+    assert f"`digitrec export {checkpoint}`" in removed
+
+    said.clear()  # written elsewhere: the checkpoint and its exports are as they were
+    export_onnx(checkpoint, log=lambda s: None)
+    calibrate_module.calibrate(
+        checkpoint, count=4, out_path=tmp_path / "calibrated.safetensors", log=said.append
+    )
+    assert (run / "model.onnx").exists() and not any(line.startswith("removed ") for line in said)

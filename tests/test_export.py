@@ -430,3 +430,73 @@ def test_a_checkpoint_whose_weights_are_not_finite_is_not_exported_and_such_an_e
             f"ONNX model {out} holds weights that are not finite numbers (NaN or infinity): the run that wrote "
             "its checkpoint diverged; train it again (with a lower --lr) and export that."
         )
+
+
+def test_an_export_whose_checkpoint_beside_it_changed_since_is_refused(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The export's metadata names its source checkpoint and that file's SHA-256: where that checkpoint lies beside
+    the export with other contents (calibrated or trained again), the export answers with the old temperature and
+    threshold, and loading it says so instead of predicting with them; elsewhere (its checkpoint not beside it,
+    or unchanged) it loads."""
+    import shutil
+
+    from digitrec.checkpoint import sidecar_path
+
+    for path in (tiny_checkpoint, sidecar_path(tiny_checkpoint)):
+        shutil.copy(path, tmp_path / path.name)
+    checkpoint = tmp_path / "model.safetensors"
+    export_onnx(checkpoint, log=lambda msg: None)
+    exported = tmp_path / "model.onnx"
+    Predictor.load(exported)  # unchanged: it loads
+    model, meta = load_model(checkpoint)
+    save_model(checkpoint, model, {**meta, "temperature": 1.7, "reject_below": 0.8})  # as calibrate writes it
+    with pytest.raises(DigitrecError) as refused:
+        Predictor.load(exported)
+    message = str(refused.value)
+    assert message.startswith(
+        f"ONNX model {exported} was exported from {checkpoint} before that checkpoint changed"
+    )
+    assert f"`digitrec export {checkpoint}`" in message and message.count(". ") == 0
+    moved = tmp_path / "elsewhere" / "model.onnx"
+    moved.parent.mkdir()
+    shutil.copy(exported, moved)
+    assert Predictor.load(moved).temperature == pytest.approx(float(meta.get("temperature", 1.0)))
+
+
+@pytest.mark.parametrize("use", ["export", "predict", "evaluate", "load"])
+def test_the_pair_classifier_is_named_as_reads_not_an_unknown_architecture(
+    use: str, tmp_path: Path, idx_folder: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`digitrec export src/digitrec/pretrained/pairs.safetensors` said "unknown architecture 'pair_cnn'; run
+    `digitrec models`", as did predict and evaluate."""
+    from digitrec.errors import CheckpointError
+    from digitrec.predict import pretrained_path
+
+    pairs = pretrained_path("pairs")
+    expected = f"{pairs} is the pair classifier that `digitrec read` consults"
+    if use == "load":
+        for load in (load_model, Predictor.load, lambda path: Predictor.load(path, backend="numpy")):
+            with pytest.raises(CheckpointError, match="is the pair classifier that `digitrec read` consults"):
+                load(pairs)
+        return
+    image = tmp_path / "digit.png"
+    from PIL import Image
+
+    Image.new("L", (28, 28), 0).save(image)
+    argv = {
+        "export": [
+            "export",
+            str(pairs),
+            "--out",
+            str(tmp_path / "pairs.onnx"),
+            "--data-dir",
+            str(idx_folder),
+        ],
+        "predict": ["predict", str(image), "--model", str(pairs)],
+        "evaluate": ["evaluate", str(pairs), "--data-dir", str(idx_folder)],
+    }[use]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "unknown architecture" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "pairs.onnx").exists()

@@ -89,6 +89,30 @@ def onnx_metadata(path: str | Path) -> dict[str, Any]:
     return session_metadata(onnx_session(path, threads=1, spin=False))
 
 
+def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse, in one sentence, an export whose source checkpoint (named in its metadata) lies beside it with other
+    contents than it was exported from: `digitrec calibrate` or a new training run rewrote the checkpoint, and the
+    export would answer with the old weights, temperature and reject threshold, unlike the checkpoint."""
+    import hashlib
+
+    export = meta.get("export")
+    source = export.get("source_checkpoint") if isinstance(export, dict) else None
+    digest = export.get("source_sha256") if isinstance(export, dict) else None
+    if not isinstance(source, str) or not source or not isinstance(digest, str):
+        return
+    checkpoint = path.parent / Path(source).name
+    try:
+        data = checkpoint.read_bytes()
+    except OSError:  # none beside it (an export kept elsewhere), or a folder
+        return
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise DigitrecError(
+            f"ONNX model {path} was exported from {checkpoint} before that checkpoint changed (its SHA-256 differs: "
+            "calibrated or trained again), so it would answer with the old model's confidences and threshold; "
+            f"export it again with `digitrec export {checkpoint}` (--int8 for an int8 one)."
+        )
+
+
 class OnnxBackend:
     """An exported digitrec model on ONNX Runtime: float32 (N, 1, 28, 28) in [0, 1] -> logits (N, 10), as NumPy.
 
@@ -103,6 +127,7 @@ class OnnxBackend:
         self._open(
             read_onnx(self.path)
         )  # read once: the session and a pickle for the workers share these bytes
+        refuse_stale_export(self.path, self.meta)
         # an export of a checkpoint whose weights are NaN or infinite (`digitrec export` refuses those now, and
         # its parity check let them pass before) answers digit 0 "with confidence NaN": one blank image tells
         if not np.isfinite(self(np.zeros((1, 1, 28, 28), np.float32))).all():

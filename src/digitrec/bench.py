@@ -275,6 +275,7 @@ class InferResult:
     setup_seconds: float  # export, quantization or compilation before the first call
     multiply_adds_per_image: int = 0  # the model's conv and linear multiply-adds for one image (forward)
     multiply_adds_per_s: float = 0.0  # images/s x multiply_adds_per_image
+    threads: int = 0  # CPU threads the backend ran on: torch's count, for the ONNX Runtime rows too
 
 
 def torch_runner(model: nn.Module, bf16: bool = False, compiled: bool = False) -> Callable[[np.ndarray], Any]:
@@ -345,11 +346,53 @@ def torch_int8_runner(model: nn.Module, calibration: torch.Tensor) -> Callable[[
     return run
 
 
-def _onnx_runner(path: Path) -> Callable[[np.ndarray], Any]:
-    """The exported model as `--backend onnx` runs it (one image through buffers bound once), on every core."""
+def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], Any]:
+    """The exported model as `--backend onnx` runs it (one image through buffers bound once), on `threads`
+    threads: torch's count, so that the ONNX Runtime rows and the PyTorch rows are timed on the same cores."""
     from .backends import OnnxBackend
 
-    return OnnxBackend(path, threads=0, spin=True)
+    return OnnxBackend(path, threads=threads, spin=True)
+
+
+def check_infer_options(
+    backends: Sequence[str], batch_sizes: Sequence[int], images: int | None = None
+) -> None:
+    """Refuse, in one sentence and before any work, an unknown or empty backend name, a name or batch size given
+    twice (their rows would repeat one measurement, latencies pooled), a batch size under 1, and one above the
+    `images` there are to score (each call would score fewer images than its size, and images/s would count
+    the size)."""
+    from .errors import refuse_repeats
+
+    unknown = [b for b in backends if b not in INFER_BACKENDS]
+    if unknown:
+        raise DigitrecError(f"unknown backend {unknown[0]!r}; choose from {', '.join(INFER_BACKENDS)}.")
+    if not backends:
+        raise DigitrecError(f"--backends names no backend; choose from {', '.join(INFER_BACKENDS)}.")
+    refuse_repeats("--backends", list(backends))
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise DigitrecError("--batch-sizes takes whole numbers of at least 1, such as 1,1024.")
+    refuse_repeats("--batch-sizes", [str(size) for size in batch_sizes])
+    too_big = [size for size in batch_sizes if images is not None and size > images]
+    if too_big:
+        raise DigitrecError(
+            f"batch size {too_big[0]:,} is larger than the {images:,} test images there are to score; "
+            f"give --batch-sizes up to {images:,}."
+        )
+
+
+def available_backends(backends: Sequence[str], log: Callable[[str], None] = print) -> list[str]:
+    """`backends` less torch-int8 where torchao is missing (said in one line); a DigitrecError when none is left."""
+    from importlib.util import find_spec
+
+    if "torch-int8" in backends and find_spec("torchao") is None:
+        log('torch-int8: skipped: it needs the int8 extra (torchao): pip install "digitrec[int8]"')
+        backends = [b for b in backends if b != "torch-int8"]
+        if not backends:
+            raise DigitrecError(
+                'no backend is left to time: torch-int8 needs the int8 extra (pip install "digitrec[int8]"); '
+                "install it or name other --backends."
+            )
+    return list(backends)
 
 
 def _check_int8(
@@ -407,20 +450,17 @@ def bench_infer(
     falls on all of them alike; images/s is the median over rounds, latencies are pooled.
     `calibration` (uint8 training images) is needed for the int8 backends, with `test_labels` (of `images`) for
     their accuracy check (at most 0.1 point below float32). torch-int8 needs the int8 extra (torchao): without
-    it, its row is left out with a one-line reason.
+    it, its row is left out with a one-line reason. Every backend runs on torch's thread count
+    (torch.get_num_threads(), which OMP_NUM_THREADS sets), ONNX Runtime included; each row records it.
+    A backend or batch size named twice, or a batch size above len(images), is refused before any work.
     """
-    from importlib.util import find_spec
-
     from .checkpoint import load_model
     from .export import INT8_MAX_DROP, calibration_pixels, export_onnx
     from .training import as_input
 
-    unknown = [b for b in backends if b not in INFER_BACKENDS]
-    if unknown:
-        raise DigitrecError(f"unknown backend {unknown[0]!r}; choose from {', '.join(INFER_BACKENDS)}.")
-    if "torch-int8" in backends and find_spec("torchao") is None:
-        log('torch-int8: skipped: it needs the int8 extra (torchao): pip install "digitrec[int8]"')
-        backends = [b for b in backends if b != "torch-int8"]
+    check_infer_options(backends, batch_sizes, len(images))
+    backends = available_backends(backends, log)
+    threads = torch.get_num_threads()
     model, _ = load_model(checkpoint)
     per_image = multiply_adds(model).forward
     pixels = as_input(images).numpy()
@@ -449,7 +489,7 @@ def bench_infer(
                     calibration_images=calibration,
                     log=lambda msg: None,
                 )
-                runners[name] = _onnx_runner(path)
+                runners[name] = _onnx_runner(path, threads)
             for size in batch_sizes:  # warm-up, and compilation for torch.compile at each shape
                 for _ in range(3):
                     runners[name](pixels[:size])
@@ -483,6 +523,7 @@ def bench_infer(
                     setup[name],
                     per_image,
                     rate * per_image,
+                    threads,
                 )
             )
     return results

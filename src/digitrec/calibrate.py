@@ -10,6 +10,7 @@ pays for the others, and non-digits (which the robust recipe taught to look unce
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,13 +80,14 @@ def calibrate(
     data_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fit T on the MNIST validation split, choose the reject threshold on generated calibration photos,
-    and write both into the checkpoint's metadata (in place, or to `out_path`).
+    and write both into the checkpoint's metadata (in place, or to `out_path`). In place, the ONNX exports beside
+    the checkpoint that were made from it before are removed (`remove_stale_exports`), with one line said.
 
     `half` stores the weights as float16 (loading converts them back): how the bundled model stays
     under 2 MB with no measurable change in its predictions. `data_dir` is where MNIST is looked for first
     (`load_mnist`'s), for the validation split and the digits of the generated photos.
     """
-    from .checkpoint import load_model, save_tensors
+    from .checkpoint import load_model, model_file, save_tensors
     from .config import TrainConfig
     from .data import load_mnist, split_validation
     from .predict import Predictor, TorchBackend, holds_no_ink
@@ -151,5 +153,42 @@ def calibrate(
         },
     }
     tensors = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
-    save_tensors(out_path or model_path, tensors, {**meta, **calibration})
+    source = model_file(model_path)
+    written = model_file(out_path or model_path)
+    in_place = written.resolve() == source.resolve()
+    before = hashlib.sha256(source.read_bytes()).hexdigest() if in_place else ""
+    save_tensors(written, tensors, {**meta, **calibration})
+    if in_place and hashlib.sha256(source.read_bytes()).hexdigest() != before:
+        remove_stale_exports(source, before, log)
     return calibration
+
+
+def remove_stale_exports(checkpoint: Path, digest: str, log: Callable[[str], None] = print) -> list[Path]:
+    """Remove the ONNX exports beside `checkpoint` (`digitrec export` writes model.onnx and model.int8.onnx there)
+    that were made from the checkpoint whose SHA-256 was `digest`, before it was rewritten in place: they would
+    go on answering with the old temperature and reject threshold. Says so in one line; returns what it removed.
+    Files it cannot read as digitrec exports (or any, without ONNX Runtime) stay."""
+    from importlib.util import find_spec
+
+    from .backends import onnx_metadata
+    from .errors import DigitrecError
+
+    if find_spec("onnxruntime") is None:
+        return []
+    removed = []
+    for path in sorted(checkpoint.parent.glob("*.onnx")):
+        try:
+            export = onnx_metadata(path).get("export")
+        except DigitrecError:
+            continue
+        if isinstance(export, dict) and export.get("source_sha256") == digest:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        names = " and ".join(path.name for path in removed)
+        log(
+            f"removed {names} from {checkpoint.parent}: exported from {checkpoint.name} before this calibration, "
+            f"{'they' if len(removed) > 1 else 'it'} kept its old temperature and reject threshold; "
+            f"`digitrec export {checkpoint}` (with --int8 for the int8 one) writes them again."
+        )
+    return removed

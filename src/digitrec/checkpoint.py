@@ -399,6 +399,12 @@ def _model_spec(path: str | Path, meta: dict[str, Any]) -> tuple[str, tuple[floa
         raise CheckpointError(
             f"checkpoint {path} names no architecture; it was not written by `digitrec train`."
         )
+    if arch == "pair_cnn":  # was "unknown architecture 'pair_cnn'; run `digitrec models`"
+        raise CheckpointError(
+            f"{path} is the pair classifier that `digitrec read` consults (written by `digitrec train-pairs`), "
+            "not a digit model; it cannot be exported, evaluated, calibrated or used to predict single digits: pass "
+            "a digit model's checkpoint (a run folder or its model.safetensors)."
+        )
     normalize = config.get("normalize", MNIST_MEAN_STD)
     if not (
         isinstance(normalize, (list, tuple))
