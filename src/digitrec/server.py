@@ -965,7 +965,7 @@ def serve(
         )
         if "calibration" not in predictor.meta:  # as train and finetune leave a model
             print(
-                f"digitrec: note: {predictor.path or predictor.name} was never calibrated, so its confidences run high "
+                f"digitrec: note: {model or predictor.name} was never calibrated, so its confidences run high "
                 f"and it rejects only below the default {predictor.reject_below:g}: more non-digits pass as digits; "
                 "`digitrec calibrate MODEL` fixes that",
                 flush=True,
