@@ -855,3 +855,93 @@ def test_finetune_says_to_calibrate_the_new_model_before_serving_it(
         f"calibrate it, then serve it: digitrec calibrate {model} && digitrec serve --model {model}\n" in said
     )
     assert "temperature" not in load_model(model)[1]
+
+
+@pytest.mark.parametrize("rank, world_size", [(0, 1), (0, 2), (1, 2)])
+def test_ctrl_c_names_how_to_resume_once_with_the_process_count(
+    rank, world_size, idx_folder, tmp_path, monkeypatch, capsys
+):
+    """Under `--nproc 2` every rank printed `digitrec train --resume DIR`, which a 2-process run refuses in one."""
+    from digitrec import training
+
+    out = tmp_path / "run"
+
+    def interrupted(config, out_dir, **kwargs):
+        Path(out_dir).mkdir()
+        (Path(out_dir) / "last.safetensors").write_bytes(b"a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    if world_size > 1:  # what torchrun gives each worker
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        monkeypatch.setenv("RANK", str(rank))
+    args = ["train", "--recipe", "fast", "--out", str(out), "--data-dir", str(idx_folder), "--no-progress"]
+    assert main(args) == 130
+    hints = [line for line in capsys.readouterr().err.splitlines() if "--resume" in line]
+    if rank:
+        assert hints == []  # rank 0 says it, once
+    elif world_size == 1:
+        assert hints == [f"stopped; `digitrec train --resume {out}` continues from the last checkpoint"]
+    else:
+        assert hints == [
+            f"stopped; `digitrec train --resume {out} --nproc 2` (or torchrun with 2 processes) continues from "
+            "the last checkpoint"
+        ]
+
+
+def test_two_trainings_in_one_folder_at_once_the_second_is_refused(idx_folder, tmp_path, monkeypatch, capsys):
+    """`digitrec train --out DIR` twice at once: both exited 0, the second reporting the first's weights."""
+    from digitrec import training
+
+    out = tmp_path / "shared"
+    args = ["train", "--recipe", "fast", "--epochs", "1", "--data-dir", str(idx_folder), "--no-progress"]
+    args += ["--no-report", "--threads", "1"]
+    codes: list[int] = []
+    calls: list[Path] = []
+    train = training.train
+
+    def with_a_second_run(config, out_dir, **kwargs):  # the second command starts while the first trains
+        calls.append(out_dir)
+        if len(calls) > 1:  # the second command's own run
+            return train(config, out_dir, **kwargs)
+
+        def second(model, row):
+            codes.append(main([*args, "--out", str(out), "--seed", "1"]))
+            return False
+
+        return train(config, out_dir, **kwargs, on_epoch=second)
+
+    monkeypatch.setattr(training, "train", with_a_second_run)
+    assert main([*args, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert codes == [2]
+    assert f"digitrec: error: {out} is in use by another digitrec run (pid {os.getpid()}); wait for it" in err
+    assert load_model(out / "model.safetensors")[1]["config"]["seed"] == 0
+
+
+def test_default_run_folders_of_commands_started_in_the_same_second_differ(
+    idx_folder, tmp_path, monkeypatch, capsys
+):
+    """Two `digitrec train --recipe fast` in one second both trained into runs/fast-<that second>."""
+    from digitrec import training
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(training.time, "strftime", lambda fmt, *args: "20261207-101010")
+    args = ["train", "--recipe", "fast", "--epochs", "0.2", "--data-dir", str(idx_folder), "--no-progress"]
+    for seed in ("0", "1"):
+        assert main([*args, "--no-report", "--threads", "1", "--seed", seed]) == 0
+    said = capsys.readouterr().out
+    first, second = tmp_path / "runs" / "fast-20261207-101010", tmp_path / "runs" / "fast-20261207-101010-2"
+    assert f"model: {Path('runs/fast-20261207-101010/model.safetensors')}" in said
+    assert f"model: {Path('runs/fast-20261207-101010-2/model.safetensors')}" in said
+    assert load_model(first / "model.safetensors")[1]["config"]["seed"] == 0
+    assert load_model(second / "model.safetensors")[1]["config"]["seed"] == 1
+
+
+def test_a_default_run_folder_is_not_left_empty_by_a_refused_run(idx_folder, tmp_path, monkeypatch):
+    """The default folder is made before train() runs (so that another run takes the next name): a run refused
+    there removes it again."""
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--recipe", "fast", "--val-size", "0", "--early-stopping-patience", "2"]
+    assert main([*args, "--data-dir", str(idx_folder)]) == 2
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())

@@ -70,6 +70,17 @@ def test_two_processes_train_like_one(tmp_path):
     # only rank 0 writes: one line per event in the log, files only in rank 0's folder
     assert results[2].stdout.count("epoch   1/1") == 1
 
+    # the checkpoint records the process count, and a resume on another count is refused: it would not continue
+    # exactly (it resumed silently, with other per-step seeds, and metrics.json said world_size 1)
+    assert load_tensors(tmp_path / "nproc2" / "last.safetensors")[1]["state"]["world_size"] == 2
+    resumed = runkit.run({"out": str(tmp_path / "nproc2"), "resume": True, "train_images": 1157})
+    assert resumed.returncode == 2, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert (
+        f"began on 2 processes, and on 1 process it would not continue exactly (the per-step seeds depend on "
+        f"the count); resume it with `digitrec train --resume {tmp_path / 'nproc2'} --nproc 2` (or torchrun "
+        "with 2 processes)." in resumed.stderr
+    )
+
 
 @pytest.mark.parametrize(
     "arch, batch_size, processes, refused",
@@ -252,4 +263,41 @@ def test_a_run_that_diverges_stops_every_rank_together_with_one_sentence(tmp_pat
         "digitrec: error: training diverged in epoch 1, between steps 1 and 19: the loss is nan; lower the "
         "learning rate (--lr, now 100) and train again." in result.stderr
     )
-    assert list((tmp_path / "run").iterdir()) == []
+    assert not (tmp_path / "run").exists()  # nothing written: the folder the run made goes with its lock
+
+
+def test_nproc_refuses_to_resume_a_run_on_another_process_count(tiny_mnist, tmp_path, monkeypatch, capsys):
+    """A 1-process run with --batch-size 99 resumed with --nproc 2 was told to choose a multiple of 2, which
+    --resume refuses to change; the process count is what is wrong."""
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=99, val_size=0, device="cpu", threads=1)
+    train(config, tmp_path, data=tiny_mnist, progress=False, report=False, log=lambda message: None)
+    monkeypatch.setattr("subprocess.Popen", None)  # torchrun must not start
+    assert main(["train", "--resume", str(tmp_path), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} began on 1 process, and on 2 processes it would not continue exactly" in err
+    assert f"resume it in one process, with `digitrec train --resume {tmp_path}`" in err
+    assert "multiple of 2" not in err and err.count("digitrec: error:") == 1
+
+
+def test_nproc_refuses_a_folder_another_run_trains_in_before_torchrun_starts(tmp_path, monkeypatch, capsys):
+    import fcntl
+    import os
+
+    from digitrec.runfolder import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"4242\n")
+        monkeypatch.setattr("subprocess.Popen", None)  # torchrun must not start
+        assert main(["train", "--nproc", "2", "--recipe", "fast", "--out", str(out)]) == 2
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert f"{out} is in use by another digitrec run (pid 4242); wait for it to finish" in err
+    assert err.count("digitrec: error:") == 1

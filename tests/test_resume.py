@@ -632,3 +632,30 @@ def test_a_new_run_in_a_folder_without_a_run_keeps_the_users_files(tiny_mnist, t
     (tmp_path / "last.safetensors").unlink()  # the run's model.safetensors alone still marks it
     (tmp_path / "last.json").unlink()
     assert holds_a_run(tmp_path)
+
+
+def test_a_run_resumes_only_on_as_many_processes_as_it_began_on(tiny_mnist, tmp_path):
+    """A run begun on 2 processes resumed in one with other per-step seeds (they depend on the count), and its
+    metrics.json said world_size 1; README says --resume continues exactly."""
+    from digitrec.config import TrainConfig
+    from digitrec.errors import CheckpointError
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=2, batch_size=64, val_size=0, device="cpu", threads=1)
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    assert load_tensors(tmp_path / "last.safetensors")[1]["state"]["world_size"] == 1
+
+    _edit_last(tmp_path, lambda meta: meta["state"].update(world_size=2, step=5, finished=False))
+    kept = _files(tmp_path)
+    refused = (
+        f"{tmp_path} began on 2 processes, and on 1 process it would not continue exactly .*; resume it with "
+        f"`digitrec train --resume {tmp_path} --nproc 2` \\(or torchrun with 2 processes\\)\\.$"
+    )
+    with pytest.raises(CheckpointError, match=refused):
+        train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+    assert _files(tmp_path) == kept
+
+    # a checkpoint from before the count was recorded resumes as it did
+    _edit_last(tmp_path, lambda meta: meta["state"].pop("world_size"))
+    resumed = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+    assert resumed.metrics["world_size"] == 1 and resumed.metrics["epochs"] == 2

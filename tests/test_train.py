@@ -537,3 +537,120 @@ def test_train_that_diverges_is_one_sentence_on_the_command_line(idx_folder, tmp
         "learning rate (--lr, now 100) and train again."
     )
     assert not (out / "metrics.json").exists() and not (out / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- one run per folder at a time
+
+SMALL = TrainConfig(arch="mlp_500_256", epochs=2, batch_size=64, val_size=200, device="cpu", threads=1)
+QUIET = {"progress": False, "report": False, "log": lambda message: None}
+
+
+def _contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_leaves_the_first_alone(tiny_mnist, tmp_path):
+    """Two runs into one folder at once both trained there: the second's metrics and model.json described the
+    first's weights (train() reads model.safetensors back to test it), and `evaluate` refused the folder."""
+    import os
+
+    from digitrec.errors import DigitrecError
+
+    reference = train(SMALL, tmp_path / "alone", data=tiny_mnist, **QUIET)
+    shared = tmp_path / "shared"
+    refusals = []
+
+    def second_runs(model, row):  # the first run is training in `shared`, between two epochs
+        before = _contents(shared)
+        for kwargs in ({}, {"overwrite": True}, {"resume": True}, {"dry_run": True, "overwrite": True}):
+            sentence = f"{shared} is in use by another digitrec run \\(pid {os.getpid()}\\); wait for it"
+            with pytest.raises(DigitrecError, match=sentence) as refused:
+                train(SMALL.override(seed=1), shared, data=tiny_mnist, **kwargs, **QUIET)
+            refusals.append(str(refused.value))
+            assert _contents(shared) == before  # nothing of the first run touched
+        return False
+
+    first = train(SMALL, shared, data=tiny_mnist, on_epoch=second_runs, **QUIET)
+    assert len(refusals) == 8 and all(sentence.count(".") == 1 for sentence in refusals)
+    assert first.metrics["test_accuracy"] == reference.metrics["test_accuracy"]
+    model, meta = load_model(shared / "model.safetensors")  # the checksums hold: evaluate takes the folder
+    assert meta["config"]["seed"] == 0
+    kept, _ = load_tensors(shared / "model.safetensors")
+    alone, _ = load_tensors(tmp_path / "alone" / "model.safetensors")
+    assert all(torch.equal(kept[k], alone[k]) for k in alone)
+    # the lock went with the run: the folder holds only the run's files, and the next run may start there
+    assert not [p.name for p in shared.iterdir() if p.name.startswith(".")]
+    train(SMALL.override(seed=1), shared, data=tiny_mnist, **QUIET)
+
+
+def test_a_lock_held_by_another_process_refuses_the_run_and_a_stale_lock_file_does_not(tiny_mnist, tmp_path):
+    import subprocess
+    import sys
+
+    from digitrec.errors import DigitrecError
+    from digitrec.runfolder import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); "
+            "sys.stdin.read()",
+            str(out / LOCK_FILE),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        before = _contents(out)
+        with pytest.raises(
+            DigitrecError, match=f"{out} is in use by another digitrec run \\(pid {holder.pid}\\)"
+        ):
+            train(SMALL, out, data=tiny_mnist, **QUIET)
+        assert _contents(out) == before
+    finally:
+        holder.communicate("", timeout=30)  # the holder exits: its lock goes with it, its file stays
+    assert (out / LOCK_FILE).exists()
+    run = train(SMALL, out, data=tiny_mnist, **QUIET)  # a lock file nobody holds refuses nothing
+    assert run.metrics["test_accuracy"] > 0
+    assert (out / "notes.txt").read_text() == "the user's" and not (out / LOCK_FILE).exists()
+
+
+def test_the_lock_is_released_when_a_run_is_refused_fails_or_is_interrupted(tiny_mnist, tmp_path):
+    from digitrec.errors import DigitrecError
+
+    new = tmp_path / "new" / "run"
+    with pytest.raises(DigitrecError, match="early stopping watches the validation accuracy"):
+        train(SMALL.override(val_size=0, early_stopping_patience=1), new, data=tiny_mnist, **QUIET)
+    assert not (tmp_path / "new").exists()  # a refused run leaves no folder it made
+
+    def interrupt(model, row):
+        if row["epoch"] == 2:  # after epoch 1's checkpoint
+            raise KeyboardInterrupt
+        return False
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(SMALL, out, data=tiny_mnist, on_epoch=interrupt, **QUIET)
+    resumed = train(SMALL, out, data=tiny_mnist, resume=True, **QUIET)  # not refused as in use
+    assert resumed.metrics["epochs"] == 2
+
+
+def test_default_run_folders_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    """Both runs took runs/fast-<the same second> and trained into it at once."""
+    from digitrec import training
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(training.time, "strftime", lambda fmt, *args: "20261207-101010")
+    first = training.default_out_dir("fast", reserve=True)
+    second = training.default_out_dir("fast", reserve=True)
+    assert (first.name, second.name) == ("fast-20261207-101010", "fast-20261207-101010-2")
+    assert first.is_dir() and second.is_dir()
+    assert training.default_out_dir("fast").name == "fast-20261207-101010-3"  # not made without reserve
+    assert not (tmp_path / "runs" / "fast-20261207-101010-3").exists()

@@ -274,6 +274,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .training import default_out_dir, train
 
+    reserved = False
     if args.resume:
         from .runfolder import resume_checkpoint
 
@@ -281,8 +282,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume_checkpoint(out)  # before MNIST is looked for: nothing to resume is said first
     else:
         recipe, config = training_config(args)
-        out = Path(args.out) if args.out else default_out_dir(recipe)
+        out = Path(args.out) if args.out else Path()
     data = load_mnist(args.data_dir, log=_stderr)
+    if not args.resume and not args.out:
+        # made now, so that a run started in the same second takes the next name rather than this folder
+        out, reserved = default_out_dir(recipe, reserve=True), True
     try:
         run = train(
             config,
@@ -298,9 +302,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             report=not args.no_report,
         )
     except KeyboardInterrupt:
-        if (out / "last.safetensors").exists():
-            _stderr(f"stopped; `digitrec train --resume {out}` continues from the last checkpoint")
+        from .distributed import launched_rank, launched_world_size
+
+        processes = launched_world_size()
+        if launched_rank() == 0 and (out / "last.safetensors").exists():  # said once, by the rank that writes
+            if processes > 1:
+                again = f"`digitrec train --resume {out} --nproc {processes}` (or torchrun with {processes} processes)"
+            else:
+                again = f"`digitrec train --resume {out}`"
+            _stderr(f"stopped; {again} continues from the last checkpoint")
         raise
+    finally:
+        if reserved:  # a run refused before it wrote anything leaves no empty folder behind
+            try:
+                out.rmdir()
+            except OSError:  # it holds the run
+                pass
     if not run.metrics:  # a rank other than 0 of a distributed run: rank 0 prints the result
         return 0
     m = run.metrics

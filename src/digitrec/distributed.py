@@ -9,6 +9,7 @@ answers as for a single process, so the single-process path needs no special cas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shlex
@@ -44,6 +45,20 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if active() else 1
+
+
+def launched_rank() -> int:
+    """This process's global rank before it joins the process group too: torchrun's RANK (0 outside torchrun)."""
+    if active():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+
+
+def launched_world_size() -> int:
+    """How many processes train this run, before the process group is joined too: torchrun's WORLD_SIZE."""
+    if active():
+        return dist.get_world_size()
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def is_main() -> bool:
@@ -221,23 +236,30 @@ def launch(args: argparse.Namespace) -> int:
         raise DigitrecError("--nproc starts torchrun itself; drop it when you launch digitrec with torchrun.")
     argv = without_nproc(getattr(args, "argv", None) or sys.argv[1:])
     recipe = _check_before_launch(args)
-    if (
-        not args.resume and not args.out
-    ):  # one folder for all ranks, named now rather than by each worker's clock
+    reserved = None
+    if not args.resume and not args.out:
+        # one folder for all ranks, named now rather than by each worker's clock, and made now, so that another
+        # run started in the same second picks another name
         from .training import default_out_dir
 
-        argv += ["--out", str(default_out_dir(recipe))]
+        reserved = default_out_dir(recipe, reserve=True)
+        argv += ["--out", str(reserved)]
     env = dict(os.environ)
     # torchrun sets one thread per process when OMP_NUM_THREADS is unset; share the cores out instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     command = torchrun_command(args.nproc, argv)
     print("running: torchrun " + shlex.join(command[3:]), file=sys.stderr)
-    process = subprocess.Popen(command, env=env)
     try:
-        return process.wait()
-    except KeyboardInterrupt:  # Ctrl-C reached torchrun and its workers too: let them stop, then say so
-        process.wait()
-        raise
+        process = subprocess.Popen(command, env=env)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached torchrun and its workers too: let them stop, then say so
+            process.wait()
+            raise
+    finally:
+        if reserved is not None:  # a run refused before it wrote anything leaves no empty folder
+            with contextlib.suppress(OSError):
+                reserved.rmdir()
 
 
 def _check_before_launch(args: argparse.Namespace) -> str:
@@ -251,10 +273,14 @@ def _check_before_launch(args: argparse.Namespace) -> str:
     from .models import create_model
 
     if args.resume:
-        _, config, recipe, _ = runfolder.read_resume(Path(args.resume))
+        runfolder.refuse_a_folder_in_use(Path(args.resume))
+        _, config, recipe, state = runfolder.read_resume(Path(args.resume))
+        runfolder.refuse_another_process_count(Path(args.resume), state, args.nproc)
         config = config.override(device=args.device)
     else:
         recipe, config = training_config(args)
+        if args.out:
+            runfolder.refuse_a_folder_in_use(Path(args.out))
         if args.out and not args.overwrite:
             runfolder.refuse_unfinished_run(Path(args.out), finetune=False)
     training.resolve_device(config.device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import json
 import math
 import platform
@@ -43,10 +44,12 @@ from .optim import AdamW, Optimizer, WeightAverage
 from .runfolder import (
     holds_a_run,
     load_optimizer,
+    locked_run_folder,
     make_run_folder,
     optimizer_tensors,
     read_resume,
     refuse_a_file_in_the_way,
+    refuse_another_process_count,
     refuse_replacing_with_a_dry_run,
     refuse_unfinished_run,
     refusing_damage,
@@ -73,9 +76,25 @@ class Run:
         return self.out_dir / "model.safetensors"
 
 
-def default_out_dir(name: str) -> Path:
-    """Where a run goes when no folder is named: runs/<name>-<local time, YYYYmmdd-HHMMSS>."""
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_out_dir(name: str, reserve: bool = False) -> Path:
+    """Where a run goes when no folder is named: runs/<name>-<local time, YYYYmmdd-HHMMSS>, or with -2, -3, ...
+    added when that folder exists (runs started in the same second). `reserve` creates the folder, so that a run
+    started at the same moment, which sees it, takes the next name (`train`'s run folder lock refuses the
+    second of two runs that still chose one folder)."""
+    stem = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for number in range(1, 10_000):
+        candidate = stem if number == 1 else stem.with_name(f"{stem.name}-{number}")
+        if not reserve:
+            if not candidate.exists():
+                return candidate
+            continue
+        candidate.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise DigitrecError(f"runs/ holds 9,999 folders named {stem.name}-N; name one with --out.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -392,7 +411,24 @@ def _keeping_torch_threads(function: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+def _holding_the_run_folder(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run train() holding its run folder's lock (runfolder.locked_run_folder), taken by the process that writes
+    the folder (rank 0 under torchrun, before it joins the others) before anything there is read, removed or
+    written: a second run into the folder is refused in one sentence and leaves the first one's files alone."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        out_dir = Path(signature.bind(*args, **kwargs).arguments["out_dir"])
+        refuse_a_file_in_the_way(out_dir)
+        with locked_run_folder(out_dir, take=distributed.launched_rank() == 0):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
 @_keeping_torch_threads
+@_holding_the_run_folder
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -419,7 +455,9 @@ def train(
     `resume_device` continues a resumed run on another device than the one it started on (a run begun on a GPU
     machine, finished on a CPU); the data order, schedule and seeds do not depend on the device.
     A new run may replace a finished one in `out_dir` but not one that could be resumed, unless `overwrite`.
-    A run whose loss turns NaN or infinite stops with TrainingDiverged, its folder as its last checkpoint left it
+    The run holds a lock on `out_dir` to its end: a second run into it meanwhile is refused (RunFolderInUse).
+    A resumed run must run on as many processes as it began on. A run whose loss turns NaN or infinite stops
+    with TrainingDiverged, its folder as its last checkpoint left it
     (no model of NaN weights, no metrics); the sentence names the learning rate to lower as `lr_flag` (default
     "--lr, now X").
     """
@@ -434,9 +472,9 @@ def train(
         "finished": False,
     }
     resume_tensors: dict[str, torch.Tensor] = {}
-    refuse_a_file_in_the_way(out_dir)
     if resume:
         resume_tensors, config, recipe, state = read_resume(out_dir)
+        refuse_another_process_count(out_dir, state, distributed.launched_world_size())
         dry_run = bool(state.get("dry_run", False))  # a dry run resumes on its own few images
         if resume_device:
             config = config.override(device=resume_device)
@@ -555,6 +593,7 @@ def train(
             "epoch_so_far": epoch_so_far or [0.0, 0, 0],
             "optimizer": optimizer_info,
             "rng": rng_info,
+            "world_size": world_size,  # a resume on another count would not continue exactly
         }
         save_tensors(
             last_path,
