@@ -130,6 +130,9 @@ def test_forms_a_review_found_read_wrong_or_with_a_traceback(predictor, seven, t
     bfloat16 tensor and a PIL image whose file was closed before it loaded raised from inside torch and Pillow."""
     for form in (seven.astype(np.uint16), Image.fromarray(seven).convert("I;16")):
         assert predictor.predict(form)[0].digit == 7
+    # and at any depth up to 16 bits: a 12-bit sensor's 0-4095 read blank when divided by 65535
+    for top in (511, 4095, 8000, 65535):
+        assert predictor.predict((seven.astype(np.float64) * top / 255).astype(np.uint16))[0].digit == 7
     assert predictor.predict(torch.from_numpy(seven).to(torch.bfloat16) / 255)[0].digit == 7
     Image.fromarray(seven).save(tmp_path / "seven.png")
     with Image.open(tmp_path / "seven.png") as opened:

@@ -923,10 +923,10 @@ def test_default_run_folders_of_commands_started_in_the_same_second_differ(
     idx_folder, tmp_path, monkeypatch, capsys
 ):
     """Two `digitrec train --recipe fast` in one second both trained into runs/fast-<that second>."""
-    from digitrec import training
+    from digitrec import folderlock
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(training.time, "strftime", lambda fmt, *args: "20261207-101010")
+    monkeypatch.setattr(folderlock.time, "strftime", lambda fmt, *args: "20261207-101010")
     args = ["train", "--recipe", "fast", "--epochs", "0.2", "--data-dir", str(idx_folder), "--no-progress"]
     for seed in ("0", "1"):
         assert main([*args, "--no-report", "--threads", "1", "--seed", seed]) == 0

@@ -70,16 +70,14 @@ def test_two_processes_train_like_one(tmp_path):
     # only rank 0 writes: one line per event in the log, files only in rank 0's folder
     assert results[2].stdout.count("epoch   1/1") == 1
 
-    # the checkpoint records the process count, and a resume on another count is refused: it would not continue
-    # exactly (it resumed silently, with other per-step seeds, and metrics.json said world_size 1)
+    # the checkpoint records the process count (test_resume: a resume on another count is refused, as it would
+    # not continue exactly); a finished run is only evaluated again, which one process does alike
     assert load_tensors(tmp_path / "nproc2" / "last.safetensors")[1]["state"]["world_size"] == 2
     resumed = runkit.run({"out": str(tmp_path / "nproc2"), "resume": True, "train_images": 1157})
-    assert resumed.returncode == 2, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert (
-        f"began on 2 processes, and on 1 process it would not continue exactly (the per-step seeds depend on "
-        f"the count); resume it with `digitrec train --resume {tmp_path / 'nproc2'} --nproc 2` (or torchrun "
-        "with 2 processes)." in resumed.stderr
-    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "holds a finished synthetic run: evaluating it again, without training" in resumed.stdout
+    again = json.loads(resumed.stdout.split("METRICS ")[1])
+    assert again["test_accuracy"] == double["test_accuracy"]
 
 
 @pytest.mark.parametrize(
@@ -272,8 +270,24 @@ def test_nproc_refuses_to_resume_a_run_on_another_process_count(tiny_mnist, tmp_
     from digitrec.config import TrainConfig
     from digitrec.training import train
 
-    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=99, val_size=0, device="cpu", threads=1)
-    train(config, tmp_path, data=tiny_mnist, progress=False, report=False, log=lambda message: None)
+    def stop_in_epoch_2(
+        model, row
+    ):  # an unfinished run: a finished one is only evaluated again, on any count
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+        return False
+
+    config = TrainConfig(arch="mlp_500_256", epochs=2, batch_size=99, val_size=0, device="cpu", threads=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            config,
+            tmp_path,
+            data=tiny_mnist,
+            progress=False,
+            report=False,
+            log=print,
+            on_epoch=stop_in_epoch_2,
+        )
     monkeypatch.setattr("subprocess.Popen", None)  # torchrun must not start
     assert main(["train", "--resume", str(tmp_path), "--nproc", "2"]) == 2
     err = capsys.readouterr().err
@@ -286,7 +300,7 @@ def test_nproc_refuses_a_folder_another_run_trains_in_before_torchrun_starts(tmp
     import fcntl
     import os
 
-    from digitrec.runfolder import LOCK_FILE
+    from digitrec.folderlock import LOCK_FILE
 
     out = tmp_path / "run"
     out.mkdir()

@@ -462,6 +462,21 @@ def test_an_export_whose_checkpoint_beside_it_changed_since_is_refused(
     moved.parent.mkdir()
     shutil.copy(exported, moved)
     assert Predictor.load(moved).temperature == pytest.approx(float(meta.get("temperature", 1.0)))
+    # kept in another model's folder, beside a model.safetensors it was not exported from: that one is not its
+    # source (the review that found this was told to export the wrong model again)
+    for path in (checkpoint, sidecar_path(checkpoint)):
+        shutil.copy(path, moved.parent / path.name)
+    (tmp_path / "gone").mkdir()
+    checkpoint.rename(tmp_path / "gone" / checkpoint.name)  # its own source, recorded, no longer there
+    assert Predictor.load(moved).temperature == pytest.approx(float(meta.get("temperature", 1.0)))
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(exported, other / "a-v1.onnx")
+    (tmp_path / "gone" / checkpoint.name).rename(checkpoint)  # back: the export's source exists, elsewhere
+    save_model(other / "model.safetensors", model, meta)
+    assert Predictor.load(other / "a-v1.onnx").temperature == pytest.approx(
+        float(meta.get("temperature", 1.0))
+    )
 
 
 @pytest.mark.parametrize("use", ["export", "predict", "evaluate", "load"])

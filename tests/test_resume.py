@@ -645,6 +645,11 @@ def test_a_run_resumes_only_on_as_many_processes_as_it_began_on(tiny_mnist, tmp_
     train(config, tmp_path, data=tiny_mnist, **QUIET)
     assert load_tensors(tmp_path / "last.safetensors")[1]["state"]["world_size"] == 1
 
+    # finished on 2 processes, it is only evaluated again: one process does (a review found it refused)
+    _edit_last(tmp_path, lambda meta: meta["state"].update(world_size=2))
+    again = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+    assert again.metrics["epochs"] == 2
+
     _edit_last(tmp_path, lambda meta: meta["state"].update(world_size=2, step=5, finished=False))
     kept = _files(tmp_path)
     refused = (

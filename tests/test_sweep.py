@@ -65,6 +65,24 @@ def test_a_data_dir_without_mnist_fails_once_before_any_run(tmp_path, monkeypatc
     assert not (tmp_path / "s").exists()
 
 
+def test_a_second_sweep_into_a_sweeps_folder_is_refused_and_leaves_its_logs(tmp_path, monkeypatch, capsys):
+    """A second sweep with the same --out truncated the running sweep's train.log files and wrote a summary of
+    failed rows over its folder."""
+    from digitrec.cli import main
+    from digitrec.folderlock import locked_run_folder
+
+    monkeypatch.setattr(subprocess, "Popen", None)  # no job may start
+    out = tmp_path / "s"
+    (out / "fast-seed0").mkdir(parents=True)
+    (out / "fast-seed0" / "train.log").write_text("epoch 1 ...")
+    with locked_run_folder(out):  # the first sweep, still running
+        assert main(["sweep", "--seeds", "0", "--out", str(out)]) == 2
+    assert f"{out} is in use by another digitrec run (pid {os.getpid()})" in capsys.readouterr().err
+    assert (out / "fast-seed0" / "train.log").read_text() == "epoch 1 ..." and not (
+        out / "summary.json"
+    ).exists()
+
+
 @pytest.mark.parametrize(
     "bad, said",
     [

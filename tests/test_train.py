@@ -588,7 +588,7 @@ def test_a_lock_held_by_another_process_refuses_the_run_and_a_stale_lock_file_do
     import sys
 
     from digitrec.errors import DigitrecError
-    from digitrec.runfolder import LOCK_FILE
+    from digitrec.folderlock import LOCK_FILE
 
     out = tmp_path / "run"
     out.mkdir()
@@ -644,13 +644,13 @@ def test_the_lock_is_released_when_a_run_is_refused_fails_or_is_interrupted(tiny
 
 def test_default_run_folders_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch):
     """Both runs took runs/fast-<the same second> and trained into it at once."""
-    from digitrec import training
+    from digitrec import folderlock
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(training.time, "strftime", lambda fmt, *args: "20261207-101010")
-    first = training.default_out_dir("fast", reserve=True)
-    second = training.default_out_dir("fast", reserve=True)
+    monkeypatch.setattr(folderlock.time, "strftime", lambda fmt, *args: "20261207-101010")
+    first = folderlock.default_out_dir("fast", reserve=True)
+    second = folderlock.default_out_dir("fast", reserve=True)
     assert (first.name, second.name) == ("fast-20261207-101010", "fast-20261207-101010-2")
     assert first.is_dir() and second.is_dir()
-    assert training.default_out_dir("fast").name == "fast-20261207-101010-3"  # not made without reserve
+    assert folderlock.default_out_dir("fast").name == "fast-20261207-101010-3"  # not made without reserve
     assert not (tmp_path / "runs" / "fast-20261207-101010-3").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,8 @@ import torch
 
 from .config import TrainConfig, get_recipe, load_toml
 from .data import MNIST, load_mnist
-from .training import Run, default_out_dir
+from .folderlock import reserved_out_dir
+from .training import Run
 from .training import train as train_loop
 
 
@@ -52,11 +54,13 @@ def train(
     True
     """
     recipe, resolved = resolve_config(config, **overrides)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(recipe)
     quiet: Callable[[str], None] = log or (lambda message: None)
     data = data or load_mnist(data_dir, log=quiet)
-    # Training needs autograd even if something earlier in this process (a Predictor) switched it off.
-    with torch.enable_grad():
-        return train_loop(
-            resolved, out, recipe=recipe, data=data, progress=progress, report=report, log=quiet
-        )
+    with contextlib.ExitStack() as stack:
+        # a folder of its own, made now: a run started in the same second takes the next name
+        out = Path(out_dir) if out_dir is not None else stack.enter_context(reserved_out_dir(recipe))
+        # Training needs autograd even if something earlier in this process (a Predictor) switched it off.
+        with torch.enable_grad():
+            return train_loop(
+                resolved, out, recipe=recipe, data=data, progress=progress, report=report, log=quiet
+            )

@@ -89,10 +89,26 @@ def onnx_metadata(path: str | Path) -> dict[str, Any]:
     return session_metadata(onnx_session(path, threads=1, spin=False))
 
 
+def export_source_sha256(path: str | Path) -> str | None:
+    """The SHA-256 of the checkpoint an ONNX file was exported from, as its metadata records it; None for a file
+    that is no digitrec export, or without ONNX Runtime, which reads the metadata."""
+    from importlib.util import find_spec
+
+    if find_spec("onnxruntime") is None:
+        return None
+    try:
+        export = onnx_metadata(path).get("export")
+    except DigitrecError:
+        return None
+    digest = export.get("source_sha256") if isinstance(export, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
 def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
-    """Refuse, in one sentence, an export whose source checkpoint (named in its metadata) lies beside it with other
-    contents than it was exported from: `digitrec calibrate` or a new training run rewrote the checkpoint, and the
-    export would answer with the old weights, temperature and reject threshold, unlike the checkpoint."""
+    """Refuse, in one sentence, an export that still lies beside the checkpoint it was exported from (the one its
+    metadata names) when that checkpoint has changed since: `digitrec calibrate` or a new run rewrote it, and the
+    export would answer with the old weights, temperature and reject threshold, unlike the checkpoint. An export
+    kept elsewhere, or beside another checkpoint of the same name, is not compared."""
     import hashlib
 
     export = meta.get("export")
@@ -102,8 +118,10 @@ def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
         return
     checkpoint = path.parent / Path(source).name
     try:
+        if not checkpoint.samefile(source):  # another folder's model.safetensors beside a copied export
+            return
         data = checkpoint.read_bytes()
-    except OSError:  # none beside it (an export kept elsewhere), or a folder
+    except OSError:  # none beside it, or the recorded one is gone (an export kept elsewhere), or a folder
         return
     if hashlib.sha256(data).hexdigest() != digest:
         raise DigitrecError(

@@ -164,24 +164,16 @@ def calibrate(
 
 
 def remove_stale_exports(checkpoint: Path, digest: str, log: Callable[[str], None] = print) -> list[Path]:
-    """Remove the ONNX exports beside `checkpoint` (`digitrec export` writes model.onnx and model.int8.onnx there)
-    that were made from the checkpoint whose SHA-256 was `digest`, before it was rewritten in place: they would
-    go on answering with the old temperature and reject threshold. Says so in one line; returns what it removed.
-    Files it cannot read as digitrec exports (or any, without ONNX Runtime) stay."""
-    from importlib.util import find_spec
+    """Remove the ONNX exports `digitrec export` writes beside `checkpoint` by default (model.onnx and
+    model.int8.onnx) when they were made from the checkpoint whose SHA-256 was `digest`, before it was rewritten in
+    place: they would go on answering with the old temperature and reject threshold. Says so in one line; returns
+    what it removed. An export under another name is the user's to keep (loading it beside the new checkpoint is
+    refused: backends.refuse_stale_export)."""
+    from .backends import export_source_sha256
 
-    from .backends import onnx_metadata
-    from .errors import DigitrecError
-
-    if find_spec("onnxruntime") is None:
-        return []
     removed = []
-    for path in sorted(checkpoint.parent.glob("*.onnx")):
-        try:
-            export = onnx_metadata(path).get("export")
-        except DigitrecError:
-            continue
-        if isinstance(export, dict) and export.get("source_sha256") == digest:
+    for path in (checkpoint.with_suffix(".onnx"), checkpoint.with_suffix(".int8.onnx")):
+        if path.is_file() and export_source_sha256(path) == digest:
             path.unlink(missing_ok=True)
             removed.append(path)
     if removed:

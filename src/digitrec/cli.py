@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -272,9 +273,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch(args)
     from .config import TrainConfig
     from .data import load_mnist
-    from .training import default_out_dir, train
+    from .folderlock import reserved_out_dir
+    from .training import train
 
-    reserved = False
     if args.resume:
         from .runfolder import resume_checkpoint
 
@@ -284,40 +285,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe, config = training_config(args)
         out = Path(args.out) if args.out else Path()
     data = load_mnist(args.data_dir, log=_stderr)
-    if not args.resume and not args.out:
-        # made now, so that a run started in the same second takes the next name rather than this folder
-        out, reserved = default_out_dir(recipe, reserve=True), True
-    try:
-        run = train(
-            config,
-            out,
-            recipe=recipe,
-            data=data,
-            resume=bool(args.resume),
-            resume_device=args.device if args.resume else None,
-            overwrite=args.overwrite,
-            dry_run=args.dry_run,
-            progress=not args.no_progress and sys.stderr.isatty(),
-            tensorboard=args.tensorboard,
-            report=not args.no_report,
-        )
-    except KeyboardInterrupt:
-        from .distributed import launched_rank, launched_world_size
+    with contextlib.ExitStack() as stack:
+        if not args.resume and not args.out:
+            # made now, so that a run started in the same second takes the next name; gone again if left empty
+            out = stack.enter_context(reserved_out_dir(recipe))
+        try:
+            run = train(
+                config,
+                out,
+                recipe=recipe,
+                data=data,
+                resume=bool(args.resume),
+                resume_device=args.device if args.resume else None,
+                overwrite=args.overwrite,
+                dry_run=args.dry_run,
+                progress=not args.no_progress and sys.stderr.isatty(),
+                tensorboard=args.tensorboard,
+                report=not args.no_report,
+            )
+        except KeyboardInterrupt:
+            from .distributed import launched_rank, launched_world_size
 
-        processes = launched_world_size()
-        if launched_rank() == 0 and (out / "last.safetensors").exists():  # said once, by the rank that writes
-            if processes > 1:
-                again = f"`digitrec train --resume {out} --nproc {processes}` (or torchrun with {processes} processes)"
-            else:
-                again = f"`digitrec train --resume {out}`"
-            _stderr(f"stopped; {again} continues from the last checkpoint")
-        raise
-    finally:
-        if reserved:  # a run refused before it wrote anything leaves no empty folder behind
-            try:
-                out.rmdir()
-            except OSError:  # it holds the run
-                pass
+            processes = launched_world_size()
+            if (
+                launched_rank() == 0 and (out / "last.safetensors").exists()
+            ):  # said once, by the rank that writes
+                if processes > 1:
+                    again = f"`digitrec train --resume {out} --nproc {processes}` (or torchrun with {processes} processes)"
+                else:
+                    again = f"`digitrec train --resume {out}`"
+                _stderr(f"stopped; {again} continues from the last checkpoint")
+            raise
     if not run.metrics:  # a rank other than 0 of a distributed run: rank 0 prints the result
         return 0
     m = run.metrics
@@ -472,10 +470,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import signal
 
     from .data import load_mnist
+    from .folderlock import locked_run_folder, reserved_out_dir
     from .sweep import SweepStopped, summary_table, sweep
-    from .training import default_out_dir
 
-    out = Path(args.out) if args.out else default_out_dir("sweep")
     flags = [
         flag
         for name, value in (
@@ -486,23 +483,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if value is not None
         for flag in (name, str(value))
     ]
-    try:
-        rows = sweep(
-            args.recipes,
-            args.seeds,
-            out,
-            parallel=args.parallel,
-            train_flags=flags,
-            log=_stderr,
-            # found and verified once, after the arguments, so a --data-dir without MNIST is one sentence rather
-            # than every job's failure, and a bad --recipes or --parallel is said before MNIST is downloaded
-            check_data=lambda: load_mnist(args.data_dir, log=_stderr),
-        )
-    except SweepStopped as stopped:  # its jobs were stopped and waited for; Ctrl-C is main's to say
-        if stopped.signum == signal.SIGINT:
-            raise
-        _stderr(f"digitrec: stopped by {signal.Signals(stopped.signum).name}")
-        return 128 + stopped.signum  # as a shell reports a command the signal ended
+    with contextlib.ExitStack() as stack:
+        out = Path(args.out) if args.out else stack.enter_context(reserved_out_dir("sweep"))
+        stack.enter_context(locked_run_folder(out))  # a second sweep into it would overwrite this one's logs
+        try:
+            rows = sweep(
+                args.recipes,
+                args.seeds,
+                out,
+                parallel=args.parallel,
+                train_flags=flags,
+                log=_stderr,
+                # found and verified once, after the arguments, so a --data-dir without MNIST is one sentence
+                # rather than every job's failure, and a bad --recipes or --parallel is said before MNIST is
+                # downloaded
+                check_data=lambda: load_mnist(args.data_dir, log=_stderr),
+            )
+        except SweepStopped as stopped:  # its jobs were stopped and waited for; Ctrl-C is main's to say
+            if stopped.signum == signal.SIGINT:
+                raise
+            _stderr(f"digitrec: stopped by {signal.Signals(stopped.signum).name}")
+            return 128 + stopped.signum  # as a shell reports a command the signal ended
     print(summary_table(rows))
     print(f"summary: {out / 'summary.json'}")
     return 0 if all(row["ok"] for row in rows) else 1
@@ -577,26 +578,27 @@ def cmd_train_pairs(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .feedback import finetune
-    from .training import default_out_dir
+    from .folderlock import reserved_out_dir
 
     if args.no_corrections and args.feedback:
         raise DigitrecError(
             "--no-corrections trains on MNIST alone, so it takes no --feedback; drop one of them."
         )
-    out = Path(args.out) if args.out else default_out_dir("finetune")
     data = load_mnist(args.data_dir, log=_stderr)
-    run = finetune(
-        _model_path(args.model),
-        args.feedback,
-        out,
-        data=data,
-        epochs=args.epochs,
-        lr_scale=args.lr_scale,
-        repeat=args.repeat,
-        corrections=not args.no_corrections,
-        progress=not args.no_progress and sys.stderr.isatty(),
-        report=not args.no_report,
-    )
+    with contextlib.ExitStack() as stack:
+        out = Path(args.out) if args.out else stack.enter_context(reserved_out_dir("finetune"))
+        run = finetune(
+            _model_path(args.model),
+            args.feedback,
+            out,
+            data=data,
+            epochs=args.epochs,
+            lr_scale=args.lr_scale,
+            repeat=args.repeat,
+            corrections=not args.no_corrections,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            report=not args.no_report,
+        )
     m = run.metrics
     if args.no_corrections:
         before = m["test_accuracy_before"]

@@ -236,30 +236,24 @@ def launch(args: argparse.Namespace) -> int:
         raise DigitrecError("--nproc starts torchrun itself; drop it when you launch digitrec with torchrun.")
     argv = without_nproc(getattr(args, "argv", None) or sys.argv[1:])
     recipe = _check_before_launch(args)
-    reserved = None
-    if not args.resume and not args.out:
-        # one folder for all ranks, named now rather than by each worker's clock, and made now, so that another
-        # run started in the same second picks another name
-        from .training import default_out_dir
-
-        reserved = default_out_dir(recipe, reserve=True)
-        argv += ["--out", str(reserved)]
     env = dict(os.environ)
     # torchrun sets one thread per process when OMP_NUM_THREADS is unset; share the cores out instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    command = torchrun_command(args.nproc, argv)
-    print("running: torchrun " + shlex.join(command[3:]), file=sys.stderr)
-    try:
+    with contextlib.ExitStack() as stack:
+        if not args.resume and not args.out:
+            # one folder for all ranks, named now rather than by each worker's clock, and made now, so that another
+            # run started in the same second picks another name; gone again if the run leaves it empty
+            from .folderlock import reserved_out_dir
+
+            argv += ["--out", str(stack.enter_context(reserved_out_dir(recipe)))]
+        command = torchrun_command(args.nproc, argv)
+        print("running: torchrun " + shlex.join(command[3:]), file=sys.stderr)
         process = subprocess.Popen(command, env=env)
         try:
             return process.wait()
         except KeyboardInterrupt:  # Ctrl-C reached torchrun and its workers too: let them stop, then say so
             process.wait()
             raise
-    finally:
-        if reserved is not None:  # a run refused before it wrote anything leaves no empty folder
-            with contextlib.suppress(OSError):
-                reserved.rmdir()
 
 
 def _check_before_launch(args: argparse.Namespace) -> str:
@@ -267,20 +261,20 @@ def _check_before_launch(args: argparse.Namespace) -> str:
     as one sentence; returns the recipe's name. The data is found (or downloaded) once, before the workers."""
     from pathlib import Path
 
-    from . import runfolder, training
+    from . import folderlock, runfolder, training
     from .cli import training_config
     from .data import locate
     from .models import create_model
 
     if args.resume:
-        runfolder.refuse_a_folder_in_use(Path(args.resume))
+        folderlock.refuse_a_folder_in_use(Path(args.resume))
         _, config, recipe, state = runfolder.read_resume(Path(args.resume))
         runfolder.refuse_another_process_count(Path(args.resume), state, args.nproc)
         config = config.override(device=args.device)
     else:
         recipe, config = training_config(args)
         if args.out:
-            runfolder.refuse_a_folder_in_use(Path(args.out))
+            folderlock.refuse_a_folder_in_use(Path(args.out))
         if args.out and not args.overwrite:
             runfolder.refuse_unfinished_run(Path(args.out), finetune=False)
     training.resolve_device(config.device)

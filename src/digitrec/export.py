@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import tta
-from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, onnx_metadata, onnx_session, softmax
+from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, export_source_sha256, onnx_session, softmax
 from .checkpoint import atomic_write_bytes, model_file, read_checkpoint
 from .errors import DigitrecError
 
@@ -412,10 +412,4 @@ def _exported_from(path: Path, digest: str) -> bool:
     says which extra to install."""
     import importlib.util
 
-    if importlib.util.find_spec("onnxruntime") is None:
-        return True
-    try:
-        export_meta = onnx_metadata(path).get("export")
-    except DigitrecError:
-        return False
-    return isinstance(export_meta, dict) and export_meta.get("source_sha256") == digest
+    return importlib.util.find_spec("onnxruntime") is None or export_source_sha256(path) == digest

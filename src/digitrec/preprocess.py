@@ -25,6 +25,7 @@ import errno
 import functools
 import importlib.util
 import io
+import math
 import os
 import stat
 import warnings
@@ -413,7 +414,11 @@ def _array_to_gray(array: np.ndarray) -> np.ndarray:
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (2, 3, 4))):
-        stack = " (a stack of images? pass them as a list: list(images))" if a.ndim == 3 else ""
+        stack = (
+            " (a stack of images? pass them as a list: list(images); one color image as H x W x 3)"
+            if a.ndim == 3
+            else ""
+        )
         raise ImageError(f"an image array must be H x W or H x W x 1/2/3/4, got shape {a.shape}{stack}.")
     height, width = a.shape[:2]
     if height * width > MAX_PIXELS:
@@ -437,9 +442,9 @@ def _array_to_gray(array: np.ndarray) -> np.ndarray:
 
 def _to_unit_range(a: np.ndarray) -> np.ndarray:
     """bool and integer 0/1 masks as 0/1; uint8 / 255; floats in [0, 1] as they are, and clipped to it when
-    they stray a little (to 1.5 or -0.5: an interpolation's overshoot); other integers (uint16 too: an 8-bit
-    image cast up reads as its own values) up to 255 / 255 and up to 65535 / 65535; anything else stretched to
-    [0, 1]."""
+    they stray a little (to 1.5 or -0.5: an interpolation's overshoot); other integers (uint16 too) by the
+    largest value of the fewest bits that hold them: up to 255 / 255 (an 8-bit image cast up), up to 4095 / 4095
+    (a 12-bit sensor's), ..., up to 65535 / 65535; anything else stretched to [0, 1]."""
     if a.dtype == np.bool_:
         return a.astype(np.float32)
     if a.dtype.kind in "iu" and a.size and 0 <= a.min() and a.max() <= 1:
@@ -452,10 +457,8 @@ def _to_unit_range(a: np.ndarray) -> np.ndarray:
         return np.clip(a, 0, 1).astype(np.float32, copy=False)
     x = a.astype(np.float64)
     low, high = float(x.min()), float(x.max())
-    if low >= 0 and high <= 255:
-        x /= 255.0
-    elif low >= 0 and high <= 65535:
-        x /= 65535.0
+    if low >= 0 and high <= 65535:
+        x /= float(2 ** max(8, math.ceil(math.log2(high + 1))) - 1)
     elif high - low <= 0 or not np.isfinite(high - low):
         return np.zeros(a.shape, dtype=np.float32)
     else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -23,11 +22,6 @@ from .checkpoint import load_tensors, read_checkpoint, recover_interrupted_write
 from .config import TrainConfig
 from .errors import CheckpointError, DigitrecError
 from .optim import Optimizer
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock, so runs there are not guarded against a second run in their folder
-    fcntl = None  # type: ignore[assignment]
 
 
 def optimizer_tensors(optimizer: Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -191,136 +185,12 @@ RUN_OUTPUTS = (
 )
 
 
-# The lock a run holds on its folder from its first look at it to its end: a hidden file inside the folder, which no
-# check counts as a run's or a user's file. flock() dies with its process, so a file left by a killed run locks
-# nothing; the lock, not the file, is what a second run checks.
-LOCK_FILE = ".digitrec.lock"
-
-
-class RunFolderInUse(DigitrecError):
-    """Another process holds the run folder's lock: a run is training there now."""
-
-
-def _in_use(out_dir: Path, fd: int) -> RunFolderInUse:
-    try:
-        pid = int(os.pread(fd, 32, 0).decode().strip())
-    except (OSError, ValueError):
-        pid = 0
-    holder = f" (pid {pid})" if pid > 0 else ""
-    return RunFolderInUse(
-        f"{out_dir} is in use by another digitrec run{holder}; wait for it to finish or choose another --out."
-    )
-
-
-def _missing_folders(out_dir: Path) -> list[Path]:
-    """`out_dir` and the parents of it that do not exist yet, innermost first."""
-    missing = []
-    for folder in (out_dir, *out_dir.parents):
-        if folder.exists():
-            break
-        missing.append(folder)
-    return missing
-
-
-def _remove_if_empty(folders: list[Path]) -> None:
-    for folder in folders:  # innermost first; one that holds anything stays, and so do its parents
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
-def _take_lock(out_dir: Path) -> int:
-    """Create `out_dir` if need be and hold the lock of its LOCK_FILE: the open file's descriptor, or
-    RunFolderInUse at once when another process holds it."""
-    assert fcntl is not None
-    path = out_dir / LOCK_FILE
-    for _ in range(100):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except FileNotFoundError:
-            continue  # the folder went as this looked (a refused run removing the folder it made)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            error = _in_use(out_dir, fd)
-            os.close(fd)
-            raise error from None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:  # the holder removes the file as it ends: a lock on a removed file guards nothing, so open anew
-            held = os.stat(path)
-            mine = os.fstat(fd)
-            if (held.st_dev, held.st_ino) == (mine.st_dev, mine.st_ino):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                return fd
-        except FileNotFoundError:
-            pass
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-    raise RunFolderInUse(
-        f"{out_dir} is in use by other digitrec runs; wait for them to finish or choose another --out."
-    )
-
-
-@contextlib.contextmanager
-def locked_run_folder(out_dir: Path, take: bool = True) -> Iterator[None]:
-    """Hold `out_dir`'s lock while the body runs (a run, from its first look at its folder to its end), released
-    on errors and Ctrl-C too. A second run into the folder meanwhile is refused with RunFolderInUse, before it
-    reads, removes or writes anything there. `take` is False on the ranks of a torchrun that do not write.
-
-    A folder this creates and nothing else is written into (a run refused by a later check) is removed again.
-    Where the lock cannot be had (no flock on Windows; a folder that cannot be created or written, which
-    make_run_folder refuses later in a sentence of its own) the body runs without it."""
-    created = _missing_folders(out_dir)
-    fd = None
-    if take and fcntl is not None:
-        try:
-            fd = _take_lock(out_dir)
-        except OSError:
-            _remove_if_empty(created)
-        except BaseException:
-            _remove_if_empty(created)
-            raise
-    try:
-        yield
-    finally:
-        if fd is not None:
-            with contextlib.suppress(OSError):  # before the lock goes: no one locks a removed file then
-                (out_dir / LOCK_FILE).unlink()
-            os.close(fd)
-            _remove_if_empty(created)
-
-
-def refuse_a_folder_in_use(out_dir: Path) -> None:
-    """RunFolderInUse if a run holds `out_dir`'s lock now; creates nothing (`train --nproc`'s check before
-    it starts torchrun)."""
-    if fcntl is None:
-        return
-    try:
-        fd = os.open(out_dir / LOCK_FILE, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return  # no lock file, no run
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _in_use(out_dir, fd) from None
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def refuse_another_process_count(out_dir: Path, state: dict[str, Any], world_size: int) -> None:
     """A run resumes on as many processes as it began on: each step's dropout and augmentation seeds, and each
-    process's share of a batch, depend on the count. Checkpoints from before it was recorded resume as before."""
+    process's share of a batch, depend on the count. A finished run is only evaluated again, on one process, so
+    any count does; checkpoints from before the count was recorded resume as before."""
     began = state.get("world_size")
-    if began is None or began == world_size:
+    if began is None or began == world_size or state.get("finished"):
         return
     if began == 1:
         how = f"resume it in one process, with `digitrec train --resume {out_dir}` (without --nproc or torchrun)"

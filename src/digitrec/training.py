@@ -39,12 +39,12 @@ from .checkpoint import (
 from .config import DRY_RUN_MAX_EPOCHS, TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError, TrainingDiverged, need_extra
+from .folderlock import locked_run_folder
 from .models import count_parameters, create_model, log_mean_probabilities
 from .optim import AdamW, Optimizer, WeightAverage
 from .runfolder import (
     holds_a_run,
     load_optimizer,
-    locked_run_folder,
     make_run_folder,
     optimizer_tensors,
     read_resume,
@@ -74,27 +74,6 @@ class Run:
     def model_path(self) -> Path:
         """The run's checkpoint: the best weights by validation accuracy (the last ones without a split)."""
         return self.out_dir / "model.safetensors"
-
-
-def default_out_dir(name: str, reserve: bool = False) -> Path:
-    """Where a run goes when no folder is named: runs/<name>-<local time, YYYYmmdd-HHMMSS>, or with -2, -3, ...
-    added when that folder exists (runs started in the same second). `reserve` creates the folder, so that a run
-    started at the same moment, which sees it, takes the next name (`train`'s run folder lock refuses the
-    second of two runs that still chose one folder)."""
-    stem = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for number in range(1, 10_000):
-        candidate = stem if number == 1 else stem.with_name(f"{stem.name}-{number}")
-        if not reserve:
-            if not candidate.exists():
-                return candidate
-            continue
-        candidate.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate
-    raise DigitrecError(f"runs/ holds 9,999 folders named {stem.name}-N; name one with --out.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -412,7 +391,7 @@ def _keeping_torch_threads(function: Callable[_P, _R]) -> Callable[_P, _R]:
 
 
 def _holding_the_run_folder(function: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run train() holding its run folder's lock (runfolder.locked_run_folder), taken by the process that writes
+    """Run train() holding its run folder's lock (folderlock.locked_run_folder), taken by the process that writes
     the folder (rank 0 under torchrun, before it joins the others) before anything there is read, removed or
     written: a second run into the folder is refused in one sentence and leaves the first one's files alone."""
     signature = inspect.signature(function)

@@ -298,7 +298,8 @@ def _claim_study(
         if storage is None:
             return
         recorded = study.user_attrs  # read back from the storage: another process may have recorded first
-    differ = [key for key in settings if recorded.get(key) != settings[key]]
+    # only what the study recorded: a setting a later digitrec adds must not refuse the studies begun before it
+    differ = [key for key in settings if key in recorded and recorded[key] != settings[key]]
     if differ:
         where = f" in {storage}" if storage is not None else ""
         raise DigitrecError(

@@ -253,8 +253,9 @@ async function sendPrediction() {
     const url = state.mode === "number" ? "/api/read" : state.drawing ? "/api/predict" : "/api/predict?explain=true";
     const response = await fetch(url, { method: "POST", body });
     const answer = await response.json().catch(() => ({ detail: `the server answered ${response.status}` }));
-    // an answer to input that was replaced (a photo, Clear, the other mode) while we waited
-    if (mode !== state.mode || source !== state.source) return;
+    // an answer to input that was replaced (a photo, Clear, the other mode) or undone to nothing while we waited
+    const empty = !state.photo && state.strokes.length === 0;
+    if (mode !== state.mode || source !== state.source || empty) return;
     if (response.status === 503) {  // busy, or its image workers restart: the drawing is sent again by itself
       const seconds = retryLater(retry, Number(response.headers.get("Retry-After")));
       showFailure(`the server is busy; trying again in ${seconds} s.`);
@@ -271,7 +272,7 @@ async function sendPrediction() {
     state.lastBlob = current ? blob : null;
     if (state.mode === "digit") showPrediction(answer, current); else showReading(answer);
   } catch (error) {
-    if (mode !== state.mode) return;
+    if (mode !== state.mode || source !== state.source) return;  // the next send says what it finds
     // stopped or restarting (a new model): ask again, further apart each time, until it answers
     state.unreachable = true;
     const seconds = retryLater(retry);

@@ -1,0 +1,178 @@
+"""One run per run folder: the lock a run holds on its folder, and the folder a run gets when none is named.
+
+Light on purpose (no torch): `train`, `train --nproc`'s launcher, `finetune` and `sweep` all take their folders here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import DigitrecError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so runs there are not guarded against a second run in their folder
+    fcntl = None  # type: ignore[assignment]
+
+
+def default_out_dir(name: str, reserve: bool = False) -> Path:
+    """Where a run goes when no folder is named: runs/<name>-<local time, YYYYmmdd-HHMMSS>, or with -2, -3, ...
+    added when that folder exists (runs started in the same second). `reserve` creates the folder, so that a run
+    started at the same moment, which sees it, takes the next name (the folder lock refuses the second of two
+    runs that still chose one folder)."""
+    stem = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for number in range(1, 10_000):
+        candidate = stem if number == 1 else stem.with_name(f"{stem.name}-{number}")
+        if not reserve:
+            if not candidate.exists():
+                return candidate
+            continue
+        candidate.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise DigitrecError(f"runs/ holds 9,999 folders named {stem.name}-N; name one with --out.")
+
+
+@contextlib.contextmanager
+def reserved_out_dir(name: str) -> Iterator[Path]:
+    """default_out_dir(name), made now, for the body to run in; removed again if the body left it empty (a run
+    refused before it wrote anything)."""
+    folder = default_out_dir(name, reserve=True)
+    try:
+        yield folder
+    finally:
+        remove_if_empty([folder])
+
+
+# The lock a run holds on its folder from its first look at it to its end: a hidden file inside the folder, which no
+# check counts as a run's or a user's file. flock() dies with its process, so a file left by a killed run locks
+# nothing; the lock, not the file, is what a second run checks.
+LOCK_FILE = ".digitrec.lock"
+
+
+class RunFolderInUse(DigitrecError):
+    """Another process holds the run folder's lock: a run is training there now."""
+
+
+def _in_use(out_dir: Path, fd: int) -> RunFolderInUse:
+    try:
+        pid = int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        pid = 0
+    holder = f" (pid {pid})" if pid > 0 else ""
+    return RunFolderInUse(
+        f"{out_dir} is in use by another digitrec run{holder}; wait for it to finish or choose another --out."
+    )
+
+
+def _missing_folders(out_dir: Path) -> list[Path]:
+    """`out_dir` and the parents of it that do not exist yet, innermost first."""
+    missing = []
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove each folder of `folders` (innermost first) while it is empty; one that holds anything stays, and so
+    do its parents."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _take_lock(out_dir: Path) -> int:
+    """Create `out_dir` if need be and hold the lock of its LOCK_FILE: the open file's descriptor, or
+    RunFolderInUse at once when another process holds it."""
+    assert fcntl is not None
+    path = out_dir / LOCK_FILE
+    for _ in range(100):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except FileNotFoundError:
+            continue  # the folder went as this looked (a refused run removing the folder it made)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            error = _in_use(out_dir, fd)
+            os.close(fd)
+            raise error from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the holder removes the file as it ends: a lock on a removed file guards nothing, so open anew
+            held = os.stat(path)
+            mine = os.fstat(fd)
+            if (held.st_dev, held.st_ino) == (mine.st_dev, mine.st_ino):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise RunFolderInUse(
+        f"{out_dir} is in use by other digitrec runs; wait for them to finish or choose another --out."
+    )
+
+
+@contextlib.contextmanager
+def locked_run_folder(out_dir: Path, take: bool = True) -> Iterator[None]:
+    """Hold `out_dir`'s lock while the body runs (a run, from its first look at its folder to its end), released
+    on errors and Ctrl-C too. A second run into the folder meanwhile is refused with RunFolderInUse, before it
+    reads, removes or writes anything there. `take` is False on the ranks of a torchrun that do not write.
+
+    A folder this creates and nothing else is written into (a run refused by a later check) is removed again.
+    Where the lock cannot be had (no flock on Windows; a folder that cannot be created or written, which
+    make_run_folder refuses later in a sentence of its own) the body runs without it."""
+    created = _missing_folders(out_dir)
+    fd = None
+    if take and fcntl is not None:
+        try:
+            fd = _take_lock(out_dir)
+        except OSError:
+            remove_if_empty(created)
+        except BaseException:
+            remove_if_empty(created)
+            raise
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):  # before the lock goes: no one locks a removed file then
+                (out_dir / LOCK_FILE).unlink()
+            os.close(fd)
+            remove_if_empty(created)
+
+
+def refuse_a_folder_in_use(out_dir: Path) -> None:
+    """RunFolderInUse if a run holds `out_dir`'s lock now; creates nothing (`train --nproc`'s check before
+    it starts torchrun)."""
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(out_dir / LOCK_FILE, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return  # no lock file, no run
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(out_dir, fd) from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
