@@ -352,7 +352,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             history=load_history(path.parent),  # the curves of the run the checkpoint comes from, if any
             config=config,
             title=f"digitrec evaluate {args.model}",
-            log=lambda line: None,  # its line repeats the test accuracy printed below; only the path is news
             meta=meta,
             checkpoint=path,
         )
@@ -616,6 +615,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"model: {run.model_path}\ncalibrate it, then serve it: digitrec calibrate {run.model_path} && "
         f"digitrec serve --model {run.model_path}"
     )
+    if not args.no_report:
+        print(f"report: {run.out_dir / 'report.html'}")
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +117,6 @@ def write_report(
     history: list[dict[str, float]] | None = None,
     config: TrainConfig | None = None,
     title: str | None = None,
-    log: Callable[[str], None] = print,
     meta: dict[str, Any] | None = None,
     logits: torch.Tensor | None = None,
     checkpoint: str | Path | None = None,
@@ -167,9 +165,6 @@ def write_report(
             history,
             modelcard.to_html(card),
         ),
-    )
-    log(
-        f"test accuracy {metrics['test_accuracy']:.2%} ({metrics['errors']} errors of {metrics['count']}); report: {report}"
     )
     return metrics
 

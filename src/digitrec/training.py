@@ -757,9 +757,7 @@ def train(
     if report:
         from .evaluate import write_report
 
-        write_report(
-            out_dir, model, data, history=state["history"], config=config, log=log, logits=test_logits.cpu()
-        )
+        write_report(out_dir, model, data, history=state["history"], config=config, logits=test_logits.cpu())
     if joined:
         distributed.shutdown()
     return run
