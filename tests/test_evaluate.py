@@ -88,3 +88,51 @@ def test_accuracies_are_exact_fractions_not_float32_means():
     logits[:85] = logits[:85].roll(1, dims=1)  # 85 wrong
     assert compute_metrics(logits, labels)["test_accuracy"] == 0.9915
     assert loss_and_accuracy(logits, labels)[1] == 0.9915
+
+
+def test_the_report_says_which_loss_it_shows(tmp_path, monkeypatch):
+    """A review found the train curve (label-smoothed, so it cannot go much below 0.5) beside the validation
+    set's plain cross-entropy under one "cross-entropy" label, a calibrated model's test loss at its temperature
+    with nothing said, and a mistake at 0.9996 titled "100%"."""
+    from digitrec import plots
+    from digitrec.config import TrainConfig
+    from digitrec.evaluate import render_html
+
+    metrics = compute_metrics(_logits(), LABELS, temperature=0.5)
+    history = [
+        {
+            "epoch": 1,
+            "train_loss": 0.6,
+            "train_accuracy": 0.9,
+            "val_loss": 0.1,
+            "val_accuracy": 0.97,
+            "lr": 0.1,
+            "seconds": 2.0,
+        }
+    ]
+    page = render_html("run", metrics, {}, TrainConfig(label_smoothing=0.1), history)
+    assert "train loss (label smoothing 0.1)" in page and "seconds so far" in page
+    assert "(at the calibrated temperature 0.5)" in page
+    assert "at the calibrated" not in render_html(
+        "run", compute_metrics(_logits(), LABELS), {}, None, history
+    )
+
+    labels: list[str] = []
+    legend = plots.plt.Axes.plot
+
+    def plot(self, *args, label="", **kwargs):
+        labels.append(label)
+        return legend(self, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(plots.plt.Axes, "plot", plot)
+    plots.curves(history, tmp_path / "curves.png", label_smoothing=0.1)
+    assert labels[0] == "train (label smoothing 0.1)" and "validation" in labels
+
+    titles: list[str] = []
+    monkeypatch.setattr(plots, "_grid", lambda images, got, *args: titles.extend(got))
+    plots.mistakes(
+        torch.zeros(1, 28, 28),
+        [{"index": 0, "label": 1, "predicted": 7, "confidence": 0.9996}],
+        tmp_path / "m.png",
+    )
+    assert titles == ["1→7 99.9%"]

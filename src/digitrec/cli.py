@@ -363,7 +363,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(
         f"test accuracy {metrics['test_accuracy']:.2%}  ({metrics['errors']} errors of {metrics['count']})  "
-        f"test loss {metrics['test_loss']:.4f}  ECE {metrics['ece']:.4f}"
+        f"test loss {metrics['test_loss']:.4f}"
+        + (f" (at T={metrics['temperature']:.3g})" if metrics.get("temperature", 1.0) != 1.0 else "")
+        + f"  ECE {metrics['ece']:.4f}"
     )
     print("digit  precision  recall      F1  support")
     for c in metrics["per_class"]:

@@ -142,12 +142,13 @@ def write_report(
     atomic_write_json(out_dir / "evaluation.json", metrics)
     figures = {}
     if history:
-        figures["Training curves"] = plots.curves(history, out_dir / "curves.png")
+        smoothing = config.label_smoothing if config else 0.0
+        figures["Training curves"] = plots.curves(history, out_dir / "curves.png", smoothing)
     figures["Test samples (truth / prediction)"] = plots.samples(
         data.test_images, data.test_labels, predicted, out_dir / "samples.png"
     )
     figures["Confusion matrix"] = plots.confusion(metrics["confusion"], out_dir / "confusion.png")
-    figures["Most confident mistakes"] = plots.mistakes(
+    figures["Most confident mistakes (truth → prediction, confidence)"] = plots.mistakes(
         data.test_images, metrics["mistakes"], out_dir / "mistakes.png"
     )
     settings = config or TrainConfig()  # evaluate the way evaluate_model does
@@ -197,6 +198,10 @@ def render_html(
     )
     sections = "".join(f"<h2>{html.escape(name)}</h2>{_image_tag(path)}" for name, path in figures.items())
     config_json = html.escape(json.dumps(config.to_dict(), indent=2)) if config else ""
+    # the optimizer's loss: with label smoothing it stays well above the validation set's plain cross-entropy
+    smoothed = f" (label smoothing {config.label_smoothing:g})" if config and config.label_smoothing else ""
+    temperature = metrics.get("temperature", 1.0)
+    at_temperature = f" (at the calibrated temperature {temperature:.3g})" if temperature != 1.0 else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}
@@ -205,11 +210,11 @@ img{{max-width:100%;border:1px solid #eee}}.big{{font-size:2em;font-weight:600}}
 </head><body>
 <h1>{html.escape(title)}</h1>
 <p class="big">Test accuracy {metrics["test_accuracy"]:.2%}</p>
-<p>{metrics["errors"]} errors on {metrics["count"]} test images; test loss {metrics["test_loss"]:.4f};
+<p>{metrics["errors"]} errors on {metrics["count"]} test images; test loss {metrics["test_loss"]:.4f}{at_temperature};
 expected calibration error {metrics["ece"]:.4f}.</p>
 <h2>Per class</h2>
 <table><tr><th>digit</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
-{("<h2>History</h2><table><tr><th>epoch</th><th>train loss</th><th>train acc</th><th>val loss</th><th>val acc</th><th>lr</th><th>seconds</th></tr>" + history_rows + "</table>") if history_rows else ""}
+{("<h2>History</h2><table><tr><th>epoch</th><th>train loss" + smoothed + "</th><th>train acc</th><th>val loss</th><th>val acc</th><th>lr</th><th>seconds so far</th></tr>" + history_rows + "</table>") if history_rows else ""}
 {sections}
 {model_card_html}
 {("<h2>Configuration</h2><pre>" + config_json + "</pre>") if config_json else ""}

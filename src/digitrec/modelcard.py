@@ -177,7 +177,12 @@ def build_card(
     ]
     overall = [
         f"Test accuracy **{metrics['test_accuracy']:.2%}** ({metrics.get('errors', '?')} errors), "
-        f"test loss {metrics['test_loss']:.4f}."
+        f"test loss {metrics['test_loss']:.4f}"
+        + (
+            f" (at the calibrated temperature {metrics['temperature']:.3g}, which moves the loss, not the accuracy)."
+            if metrics.get("temperature", 1.0) != 1.0
+            else "."
+        )
     ]
     if metrics.get("val_accuracy") is not None:
         overall.append(f"Validation accuracy {metrics['val_accuracy']:.2%} (chose the checkpoint).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def curves(history: list[dict[str, float]], path: Path) -> Path:
-    """Loss and accuracy per epoch, train and validation side by side."""
+def curves(history: list[dict[str, float]], path: Path, label_smoothing: float = 0.0) -> Path:
+    """Loss and accuracy per epoch, train and validation side by side. With label smoothing the train loss is
+    the smoothed one the optimizer sees, which stays well above the validation set's plain cross-entropy."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    smoothed = f" (label smoothing {label_smoothing:g})" if label_smoothing else ""
     for key, label in (("train", "train"), ("val", "validation")):
         if f"{key}_loss" in history[0]:
-            ax_loss.plot(epochs, [row[f"{key}_loss"] for row in history], marker="o", label=label)
+            ax_loss.plot(
+                epochs,
+                [row[f"{key}_loss"] for row in history],
+                marker="o",
+                label=label + (smoothed * (key == "train")),
+            )
             ax_acc.plot(epochs, [100 * row[f"{key}_accuracy"] for row in history], marker="o", label=label)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
@@ -79,7 +87,10 @@ def mistakes(images: torch.Tensor, mistakes: list[dict[str, Any]], path: Path) -
         fig = plt.figure(figsize=(4, 1))
         fig.text(0.5, 0.5, "no mistakes", ha="center")
         return _save(fig, path)
-    titles = [f"{m['label']}→{m['predicted']} {m['confidence']:.0%}" for m in mistakes]
+    # rounded down: a mistake made at 0.9996 is "99.9%", never a certain-looking "100%"
+    titles = [
+        f"{m['label']}→{m['predicted']} {math.floor(m['confidence'] * 1000) / 10:.1f}%" for m in mistakes
+    ]
     return _grid([images[m["index"]] for m in mistakes], titles, ["red"] * len(mistakes), path)
 
 
