@@ -377,3 +377,25 @@ def test_evaluate_with_a_report_says_the_test_accuracy_once(run, idx_folder, tmp
     printed = capsys.readouterr()
     assert (printed.out + printed.err).count("test accuracy") == 1
     assert f"report: {tmp_path / 'report.html'}" in printed.err
+
+
+def test_evaluate_with_more_views_keeps_the_card_of_how_the_model_was_trained(run, idx_folder, tmp_path):
+    """`evaluate RUN --tta-views 5 --report DIR` wrote a card whose settings and reproduce command said the run
+    trained with 5 views (with --report RUN it replaced the run's own, true card)."""
+    from digitrec.cli import main
+
+    argv = [
+        "evaluate",
+        str(run.out_dir),
+        "--tta-views",
+        "5",
+        "--report",
+        str(tmp_path),
+        "--data-dir",
+        str(idx_folder),
+    ]
+    assert main(argv) == 0
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "tta_views" not in card and "--tta-views" not in card
+    scored = (tmp_path / "report.html").read_text()  # the report's configuration: how it was scored here
+    assert "&quot;tta_views&quot;: 5" in scored

@@ -342,7 +342,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _make_folder(args.report, "--report")
     path = _model_path(args.model)
     model, meta = load_model(path)
-    config = TrainConfig.from_checkpoint(meta, path).override(tta_views=args.tta_views)
+    trained = TrainConfig.from_checkpoint(meta, path)
+    config = trained.override(tta_views=args.tta_views)
     data = load_mnist(args.data_dir, log=_stderr)
     if args.report:
         metrics = write_report(
@@ -354,6 +355,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             title=f"digitrec evaluate {args.model}",
             meta=meta,
             checkpoint=path,
+            trained_config=trained,  # the card says how it was trained; --tta-views is how it is scored here
         )
         _stderr(f"report: {Path(args.report) / 'report.html'}")
     else:

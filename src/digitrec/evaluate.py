@@ -120,12 +120,15 @@ def write_report(
     meta: dict[str, Any] | None = None,
     logits: torch.Tensor | None = None,
     checkpoint: str | Path | None = None,
+    trained_config: TrainConfig | None = None,
 ) -> dict[str, Any]:
     """Write evaluation.json, the PNG figures, MODEL_CARD.md and one self-contained report.html into out_dir.
 
     `meta` is the checkpoint's metadata for the model card; by default the model.json beside the report's checkpoint.
     `checkpoint` is the file evaluated, whose size the card gives (default: out_dir/model.safetensors, a run's own).
     `logits` are the model's test-set logits when the caller has them already (training has just evaluated).
+    `trained_config` is the config the model was trained with, for the card, where `config` (how it is evaluated
+    here) differs from it: `evaluate --tta-views` changes how a run is scored, not how it was trained.
     """
     from . import modelcard, plots, robustness
 
@@ -154,7 +157,9 @@ def write_report(
     settings = config or TrainConfig()  # evaluate the way evaluate_model does
     robust = robustness.for_report(model, data, amp=settings.amp, channels_last=settings.channels_last)
     figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
-    card = modelcard.write_model_card(out_dir, model, metrics, meta, config, data, robust, checkpoint)
+    card = modelcard.write_model_card(
+        out_dir, model, metrics, meta, trained_config or config, data, robust, checkpoint
+    )
     report = out_dir / "report.html"
     atomic_write_text(
         report,
