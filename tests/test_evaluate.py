@@ -136,3 +136,29 @@ def test_the_report_says_which_loss_it_shows(tmp_path, monkeypatch):
         tmp_path / "m.png",
     )
     assert titles == ["1→7 99.9%"]
+
+
+def test_the_report_gives_accuracies_in_percent_and_the_commonest_errors_readably(tmp_path, monkeypatch):
+    """A review found the History table's accuracies as fractions (0.9658) beside percentages everywhere else, the
+    confusion matrix's largest errors in black on its darkest red, and its colour bar ticked at 0.5 errors."""
+    from digitrec import plots
+    from digitrec.evaluate import render_html
+
+    history = [
+        {"epoch": 1, "train_loss": 0.6, "train_accuracy": 0.9, "val_loss": 0.1, "val_accuracy": 0.9658}
+    ]
+    page = render_html("run", compute_metrics(_logits(), LABELS), {}, None, history)
+    assert "<td>90.00%</td>" in page and "<td>96.58%</td>" in page
+
+    colors: dict[str, str] = {}
+    text = plots.plt.Axes.text
+
+    def record(self, x, y, s, *args, **kwargs):
+        colors[s] = kwargs.get("color", "")
+        return text(self, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(plots.plt.Axes, "text", record)
+    matrix = [[900 if i == j else 0 for j in range(10)] for i in range(10)]
+    matrix[0][8], matrix[0][6] = 30, 5
+    plots.confusion(matrix, tmp_path / "confusion.png")
+    assert (colors["30"], colors["5"], colors["900"]) == ("white", "black", "#1f5fa8")

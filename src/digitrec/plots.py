@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .checkpoint import atomic_write_bytes  # noqa: E402
 
@@ -100,6 +101,9 @@ def confusion(matrix: list[list[int]], path: Path) -> Path:
     off_diagonal = counts.clone().fill_diagonal_(0)
     fig, ax = plt.subplots(figsize=(6, 5.4))
     image = ax.imshow(off_diagonal.numpy(), cmap="Reds")
+    dark = 0.6 * max(
+        1, int(off_diagonal.max())
+    )  # the commonest errors' cells: white text, readable on dark red
     for i in range(10):
         for j in range(10):
             ax.text(
@@ -109,7 +113,7 @@ def confusion(matrix: list[list[int]], path: Path) -> Path:
                 ha="center",
                 va="center",
                 fontsize=7,
-                color="black" if i != j else "#1f5fa8",
+                color="#1f5fa8" if i == j else "white" if off_diagonal[i, j] >= dark else "black",
             )
     ax.set(
         xticks=range(10),
@@ -118,6 +122,8 @@ def confusion(matrix: list[list[int]], path: Path) -> Path:
         ylabel="true",
         title="Confusion matrix (test set)",
     )
-    fig.colorbar(image, ax=ax, fraction=0.046, label="errors")
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, label="errors")
+    bar.locator = MaxNLocator(integer=True)  # counts: no 0.5 or 1.5 ticks
+    bar.update_ticks()
     fig.subplots_adjust(left=0.1, right=0.9, bottom=0.1, top=0.93)
     return _save(fig, path)
