@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,6 +336,13 @@ def test_a_fine_tune_on_mnist_alone_and_an_older_fine_tune_say_what_they_can():
     assert "Its metadata does not record the whole `digitrec finetune` command" in text
     assert "Reproduce it with" not in text and "reproduce it with" not in text
     assert "Trained only on MNIST" not in text and "| negatives | `0.5` |" in text
+    # described as itself, its card said it was fine-tuned from itself: it was written over the model it began from
+    source = str(bundled.get("finetuned_from") or bundled["extra"]["finetuned_from"])
+    text = modelcard.to_markdown(
+        modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03}, bundled, checkpoint=Path(source))
+    )
+    assert f"Fine-tuned from an earlier model at this same path (`{source}`), which this one replaced" in text
+    assert "its own card says" not in text and "Reproduce it with" not in text
 
 
 def test_a_robust_runs_card_says_it_trained_on_photo_like_digits_and_non_digits():

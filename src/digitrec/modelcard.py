@@ -6,6 +6,7 @@ checkpoint) and as HTML (a section of report.html), so the two can never disagre
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import platform
@@ -77,6 +78,7 @@ def build_card(
     size_bytes: int | None = None,
     params: int | None = None,
     weights: str | None = "float32",
+    checkpoint: Path | None = None,
 ) -> list[Section]:
     """The card's sections from what a run knows; any part left out is simply not shown. `weights` is the type
     the checkpoint stores its weights in (float16 after `calibrate --half`; None: not said)."""
@@ -89,7 +91,7 @@ def build_card(
         recipe, config = "ensemble", None
         arch = "ensemble of " + ", ".join(str((m.get("config") or {}).get("arch", "?")) for m in members)
     train_count = len(data.train_images) if data else 60_000
-    tuned = None if members else _finetune(meta, data, train_count)
+    tuned = None if members else _finetune(meta, data, train_count, checkpoint)
     dry_run = config is not None and (meta.get("metrics") or {}).get("dry_run") is True
     params = params or meta.get("params")
     sections = []
@@ -312,6 +314,9 @@ class _FineTune:
     """What a checkpoint of `digitrec finetune` records (feedback.finetune); None where it does not say."""
 
     source: str | None  # the checkpoint it started from, as given to --model
+    replaced: (
+        bool  # that path is the card's own checkpoint: the fine-tune was written over the model it began from
+    )
     base_recipe: str | None  # that model's recipe
     with_corrections: bool  # False: --no-corrections, MNIST alone
     corrections: int | None
@@ -322,7 +327,9 @@ class _FineTune:
     mnist_checksum: str | None
 
 
-def _finetune(meta: dict[str, Any], data: MNIST | None, train_count: int) -> _FineTune | None:
+def _finetune(
+    meta: dict[str, Any], data: MNIST | None, train_count: int, checkpoint: Path | None = None
+) -> _FineTune | None:
     """The fine-tune a checkpoint's metadata describes, or None for a run of `digitrec train`.
 
     A model.safetensors holds what finetune recorded at the top of its metadata, a last.safetensors under
@@ -361,8 +368,13 @@ def _finetune(meta: dict[str, Any], data: MNIST | None, train_count: int) -> _Fi
         checksum = data.checksum
     database = (feedback or {}).get("database")
     base = recipe.rsplit("+", 1)[0] if recipe.endswith(("+feedback", "+finetune")) else None
+    replaced = False  # fine-tuned from the file at its own path (written over it: the bundled model was)
+    if source is not None and checkpoint is not None:
+        with contextlib.suppress(OSError):
+            replaced = Path(str(source)).resolve() == checkpoint.resolve()
     return _FineTune(
         source=str(source) if source is not None else None,
+        replaced=replaced,
         base_recipe=base or None,
         with_corrections=with_corrections,
         corrections=corrections,
@@ -391,14 +403,21 @@ def _finetuned_on(tuned: _FineTune) -> str:
             text += f" ({tuned.mnist_images + count * tuned.repeat:,} images an epoch, none held out for validation)"
         else:
             text += ", none held out for validation"
-    start = f"`{tuned.source}`" if tuned.source else "another model"
-    return text + f", starting from {start} (its own card says what that was trained on)"
+    said = "" if tuned.replaced else " (its own card says what that was trained on)"
+    return text + f", starting from {_start(tuned, 'another model')}{said}"
+
+
+def _start(tuned: _FineTune, unknown: str) -> str:
+    """The model a fine-tune started from, as the card names it."""
+    if tuned.replaced:
+        return f"an earlier model at this same path (`{tuned.source}`), which this one replaced"
+    return f"`{tuned.source}`" if tuned.source else unknown
 
 
 def _reproduce_finetune(tuned: _FineTune, config: TrainConfig) -> str:
     """Where a fine-tune started and the `digitrec finetune` command that makes it again, as far as its metadata
     tells; its settings table shows the fine-tune's own settings, not those of the model it started from."""
-    start = f"`{tuned.source}`" if tuned.source else "another model (not recorded)"
+    start = _start(tuned, "another model (not recorded)")
     recipe = f" (recipe `{tuned.base_recipe}`)" if tuned.base_recipe else ""
     rate = (
         f"{tuned.lr_scale:g} times its learning rate" if tuned.lr_scale else "a fraction of its learning rate"
@@ -408,7 +427,7 @@ def _reproduce_finetune(tuned: _FineTune, config: TrainConfig) -> str:
         f"{_value(config.epochs)} epoch{'s' if config.epochs != 1 else ''} at {rate} (lr below) with a cosine "
         "decay and no validation split; the table gives the settings of this fine-tune, the others are that model's."
     )
-    known = tuned.source is not None and tuned.lr_scale is not None
+    known = tuned.source is not None and not tuned.replaced and tuned.lr_scale is not None
     if tuned.with_corrections:
         known = known and tuned.repeat is not None
     if not known:
@@ -683,6 +702,7 @@ def write_model_card(
         size,
         count_parameters(model),
         stored_weights(checkpoint) if size else None,
+        checkpoint,
     )
     atomic_write_text(out_dir / "MODEL_CARD.md", to_markdown(sections))
     return sections
