@@ -588,3 +588,15 @@ def test_calibrate_passes_its_log_to_load_mnist(tiny_fast_run: Path, monkeypatch
     with pytest.raises(DataError, match="stop here"):
         calibrate(tiny_fast_run / "model.safetensors", log=said.append)
     assert given == [said.append]
+
+
+def test_a_folder_where_a_cache_file_belongs_is_named(tmp_path):
+    """A review found it called "cannot be written (Is a directory); fix its permissions"."""
+    in_the_way = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    in_the_way.mkdir()
+    with pytest.raises(DataError) as refused:
+        data._write_cache(tmp_path, {"t10k-labels-idx1-ubyte": b"labels"})
+    assert str(refused.value) == (
+        f"the MNIST cache folder {tmp_path} holds a folder where a file belongs ({in_the_way}); remove it and run "
+        "`digitrec data` again."
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -303,7 +302,7 @@ def test_a_fine_tunes_card_says_what_it_started_from_and_trained_on(run, tiny_mn
     assert not args.no_corrections
 
 
-def test_a_fine_tune_on_mnist_alone_and_an_older_fine_tune_say_what_they_can():
+def test_a_fine_tune_on_mnist_alone_and_an_older_fine_tune_say_what_they_can(tmp_path):
     """--no-corrections: MNIST alone, the command with --no-corrections. The bundled model's metadata, written
     before fine-tunes recorded their --lr-scale, gives no command it cannot vouch for."""
     from digitrec.checkpoint import load_tensors
@@ -336,13 +335,20 @@ def test_a_fine_tune_on_mnist_alone_and_an_older_fine_tune_say_what_they_can():
     assert "Its metadata does not record the whole `digitrec finetune` command" in text
     assert "Reproduce it with" not in text and "reproduce it with" not in text
     assert "Trained only on MNIST" not in text and "| negatives | `0.5` |" in text
-    # described as itself, its card said it was fine-tuned from itself: it was written over the model it began from
-    source = str(bundled.get("finetuned_from") or bundled["extra"]["finetuned_from"])
-    text = modelcard.to_markdown(
-        modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03}, bundled, checkpoint=Path(source))
-    )
-    assert f"Fine-tuned from an earlier model at this same path (`{source}`), which this one replaced" in text
-    assert "its own card says" not in text and "Reproduce it with" not in text
+    # a fine-tune written over the model it began from (`finetune --out` into that run's folder; the bundled model
+    # was made so) said it was fine-tuned from itself; the bundled model records a path on the machine that made it
+    itself = tmp_path / "run" / "model.safetensors"
+    for checkpoint, replaced in ((itself, True), (tmp_path / "other" / "model.safetensors", False)):
+        text = modelcard.to_markdown(
+            modelcard.build_card(
+                {"test_accuracy": 0.99, "test_loss": 0.03},
+                {**meta, "finetuned_from": str(itself)},
+                checkpoint=checkpoint,
+            )
+        )
+        said = f"Fine-tuned from an earlier model at this same path (`{itself}`), which this one replaced"
+        assert (said in text) == replaced and ("its own card says" in text) != replaced
+        assert ("digitrec finetune --model" in text) != replaced  # no command that would tune the new file
 
 
 def test_a_robust_runs_card_says_it_trained_on_photo_like_digits_and_non_digits():
@@ -404,6 +410,10 @@ def test_evaluate_with_more_views_keeps_the_card_of_how_the_model_was_trained(ru
     ]
     assert main(argv) == 0
     card = (tmp_path / "MODEL_CARD.md").read_text()
-    assert "tta_views" not in card and "--tta-views" not in card
+    assert "tta_views" not in card.split("## Metrics")[0]  # settings and command: as trained
+    assert (
+        "Scored with `--tta-views 5` (the mean over that many shifted views), not as the recipe scores it"
+        in card
+    )
     scored = (tmp_path / "report.html").read_text()  # the report's configuration: how it was scored here
     assert "&quot;tta_views&quot;: 5" in scored

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn, overload
 
 from .errors import DigitrecError, TrainingDiverged, need_extra, refuse_repeats
+from .folderlock import file_in_the_way
 
 
 @overload
@@ -72,19 +73,12 @@ def _pairs_out(value: str) -> Path:
     return path
 
 
-def _blocking_file(path: Path) -> Path | None:
-    """The file that keeps `path` from being a folder: the path itself or the nearest existing parent, when that
-    is not a folder."""
-    existing = next((parent for parent in (path, *path.parents) if parent.exists()), None)
-    return existing if existing is not None and not existing.is_dir() else None
-
-
 def _folder(value: str) -> Path:
     """An argparse type for a folder the command writes into: a missing one is created later, a file in the way
     (the path itself or a parent) is refused now, before any work is done, and so is an empty name."""
     _refuse_empty(value, "a folder ('.' for the current one)")
     path = Path(value)
-    blocking = _blocking_file(path)
+    blocking = file_in_the_way(path)
     if blocking is not None:
         raise argparse.ArgumentTypeError(
             f"{str(blocking)!r} is a file, not a folder; name a folder (created if missing)"
@@ -103,7 +97,7 @@ def _make_folder(path: Path, flag: str) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        blocking = _blocking_file(path)
+        blocking = file_in_the_way(path)
         if blocking is not None:
             raise DigitrecError(
                 f"{flag}: {blocking} is a file, not a folder; name a folder to write into."

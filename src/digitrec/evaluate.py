@@ -157,8 +157,13 @@ def write_report(
     settings = config or TrainConfig()  # evaluate the way evaluate_model does
     robust = robustness.for_report(model, data, amp=settings.amp, channels_last=settings.channels_last)
     figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
+    scored = metrics
+    if (
+        trained_config and config and trained_config.tta_views != config.tta_views
+    ):  # the card says how it was scored
+        scored = {**metrics, "scored_tta_views": config.tta_views}
     card = modelcard.write_model_card(
-        out_dir, model, metrics, meta, trained_config or config, data, robust, checkpoint
+        out_dir, model, scored, meta, trained_config or config, data, robust, checkpoint
     )
     report = out_dir / "report.html"
     atomic_write_text(

@@ -19,6 +19,20 @@ except ImportError:  # Windows: no flock, so runs there are not guarded against 
     fcntl = None  # type: ignore[assignment]
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that keeps `path` from being a folder: the path itself or its nearest existing parent, when that
+    is not a folder."""
+    existing = next((parent for parent in (path, *path.parents) if parent.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
+def refuse_a_file_in_the_way(out_dir: Path) -> None:
+    """A run folder that is a file, or lies below one, is one sentence before anything is read or written there."""
+    blocking = file_in_the_way(out_dir)
+    if blocking is not None:
+        raise DigitrecError(f"{blocking} is a file, not a folder; choose another folder for the run.")
+
+
 def default_out_dir(name: str, reserve: bool = False) -> Path:
     """Where a run goes when no folder is named: runs/<name>-<local time, YYYYmmdd-HHMMSS>, or with -2, -3, ...
     added when that folder exists (runs started in the same second). `reserve` creates the folder, so that a run

@@ -185,6 +185,12 @@ def build_card(
             if metrics.get("temperature", 1.0) != 1.0
             else "."
         )
+        + (
+            f" Scored with `--tta-views {metrics['scored_tta_views']}` (the mean over that many shifted views), not "
+            "as the recipe scores it: the Recipe section's command trains it, `digitrec evaluate` scores it so."
+            if metrics.get("scored_tta_views")
+            else ""
+        )
     ]
     if metrics.get("val_accuracy") is not None:
         overall.append(f"Validation accuracy {metrics['val_accuracy']:.2%} (chose the checkpoint).")
@@ -314,9 +320,8 @@ class _FineTune:
     """What a checkpoint of `digitrec finetune` records (feedback.finetune); None where it does not say."""
 
     source: str | None  # the checkpoint it started from, as given to --model
-    replaced: (
-        bool  # that path is the card's own checkpoint: the fine-tune was written over the model it began from
-    )
+    # that path is the card's own checkpoint: the fine-tune was written over the model it began from
+    replaced: bool
     base_recipe: str | None  # that model's recipe
     with_corrections: bool  # False: --no-corrections, MNIST alone
     corrections: int | None
@@ -368,7 +373,9 @@ def _finetune(
         checksum = data.checksum
     database = (feedback or {}).get("database")
     base = recipe.rsplit("+", 1)[0] if recipe.endswith(("+feedback", "+finetune")) else None
-    replaced = False  # fine-tuned from the file at its own path (written over it: the bundled model was)
+    replaced = (
+        False  # fine-tuned from the file at its own path (`finetune --out` into the folder it began from)
+    )
     if source is not None and checkpoint is not None:
         with contextlib.suppress(OSError):
             replaced = Path(str(source)).resolve() == checkpoint.resolve()

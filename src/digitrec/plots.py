@@ -41,7 +41,7 @@ def curves(history: list[dict[str, float]], path: Path, label_smoothing: float =
                 epochs,
                 [row[f"{key}_loss"] for row in history],
                 marker="o",
-                label=label + (smoothed * (key == "train")),
+                label=label + smoothed if key == "train" else label,
             )
             ax_acc.plot(epochs, [100 * row[f"{key}_accuracy"] for row in history], marker="o", label=label)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
@@ -88,9 +88,10 @@ def mistakes(images: torch.Tensor, mistakes: list[dict[str, Any]], path: Path) -
         fig = plt.figure(figsize=(4, 1))
         fig.text(0.5, 0.5, "no mistakes", ha="center")
         return _save(fig, path)
-    # rounded down: a mistake made at 0.9996 is "99.9%", never a certain-looking "100%"
+    # rounded down, and at most 99.9%: a mistake made at 0.9996 (or at a float32 softmax's 1.0) never reads "100%"
     titles = [
-        f"{m['label']}→{m['predicted']} {math.floor(m['confidence'] * 1000) / 10:.1f}%" for m in mistakes
+        f"{m['label']}→{m['predicted']} {min(99.9, math.floor(m['confidence'] * 1000) / 10):.1f}%"
+        for m in mistakes
     ]
     return _grid([images[m["index"]] for m in mistakes], titles, ["red"] * len(mistakes), path)
 
@@ -101,9 +102,8 @@ def confusion(matrix: list[list[int]], path: Path) -> Path:
     off_diagonal = counts.clone().fill_diagonal_(0)
     fig, ax = plt.subplots(figsize=(6, 5.4))
     image = ax.imshow(off_diagonal.numpy(), cmap="Reds")
-    dark = 0.6 * max(
-        1, int(off_diagonal.max())
-    )  # the commonest errors' cells: white text, readable on dark red
+    # the commonest errors' cells are dark red: their counts in white
+    dark = 0.6 * max(1, int(off_diagonal.max()))
     for i in range(10):
         for j in range(10):
             ax.text(

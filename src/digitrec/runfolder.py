@@ -219,13 +219,6 @@ def holds_a_run(out_dir: Path) -> bool:
     return "recipe" in meta and isinstance(meta.get("config"), dict)
 
 
-def refuse_a_file_in_the_way(out_dir: Path) -> None:
-    """A run folder that is a file, or lies below one, is one sentence before anything is read or written there."""
-    existing = next((parent for parent in (out_dir, *out_dir.parents) if parent.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise DigitrecError(f"{existing} is a file, not a folder; choose another folder for the run.")
-
-
 def make_run_folder(out_dir: Path) -> None:
     """Create `out_dir` and check that a file can be written there, before training: a folder under /proc, or
     one without write permission, is then one sentence, not a traceback after the first epoch."""

@@ -39,7 +39,7 @@ from .checkpoint import (
 from .config import DRY_RUN_MAX_EPOCHS, TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError, TrainingDiverged, need_extra
-from .folderlock import locked_run_folder
+from .folderlock import locked_run_folder, refuse_a_file_in_the_way
 from .models import count_parameters, create_model, log_mean_probabilities
 from .optim import AdamW, Optimizer, WeightAverage
 from .runfolder import (
@@ -48,7 +48,6 @@ from .runfolder import (
     make_run_folder,
     optimizer_tensors,
     read_resume,
-    refuse_a_file_in_the_way,
     refuse_another_process_count,
     refuse_replacing_with_a_dry_run,
     refuse_unfinished_run,
