@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn, overload
 
 from .errors import DigitrecError, TrainingDiverged, need_extra, refuse_repeats
-from .folderlock import file_in_the_way
+from .folderlock import file_in_the_way, make_writable_folder
 
 
 @overload
@@ -90,12 +90,8 @@ def _make_folder(path: Path, flag: str) -> None:
     """Create the folder a command will write into, and check a file can be written there, before the command's
     work: a path that cannot be a folder (under /proc, or below a file) is then one sentence, not a traceback at
     the end."""
-    import tempfile
-
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        make_writable_folder(path)
     except OSError as exc:
         blocking = file_in_the_way(path)
         if blocking is not None:

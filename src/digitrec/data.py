@@ -36,7 +36,7 @@ import torch
 from . import checkpoint
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .errors import DataError
-from .folderlock import file_in_the_way
+from .folderlock import file_in_the_way, make_writable_folder
 
 FILES = {
     "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
@@ -356,9 +356,10 @@ def _cache_error(folder: Path, exc: OSError, size: int) -> DataError:
             "free some space or set DIGITREC_CACHE to another folder."
         )
     if exc.errno == errno.EISDIR and exc.filename:  # a folder where one of the cache's files belongs
+        in_the_way = exc.filename2 or exc.filename
         return DataError(
-            f"the MNIST cache folder {folder} holds a folder where a file belongs ({exc.filename2 or exc.filename}); remove it and "
-            "run `digitrec data` again."
+            f"the MNIST cache folder {folder} holds a folder where a file belongs ({in_the_way}); remove it and run "
+            "`digitrec data` again."
         )
     if exc.errno == errno.EROFS:
         return DataError(
@@ -381,10 +382,7 @@ def _check_cache(folder: Path) -> None:
     """Make the cache folder and write a file into it before any download: a cache that cannot take the files
     is said at once, not after minutes of downloading, and by its own name rather than a temporary file's."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
+        make_writable_folder(folder)
     except OSError as exc:
         raise _cache_error(folder, exc, DOWNLOAD_BYTES) from None
 

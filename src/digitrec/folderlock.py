@@ -1,4 +1,5 @@
-"""One run per run folder: the lock a run holds on its folder, and the folder a run gets when none is named.
+"""One run per run folder: the lock a run holds on its folder, the folder a run gets when none is named, and the
+checks that a folder can be written before any work goes into it.
 
 Light on purpose (no torch): `train`, `train --nproc`'s launcher, `finetune` and `sweep` all take their folders here.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,15 @@ def file_in_the_way(path: Path) -> Path | None:
     is not a folder."""
     existing = next((parent for parent in (path, *path.parents) if parent.exists()), None)
     return existing if existing is not None and not existing.is_dir() else None
+
+
+def make_writable_folder(path: Path) -> None:
+    """Create `path` (and its parents) and write and remove a file there: the OSError of a folder that cannot be
+    made or written (below a file, under /proc, read-only, full) comes now, before the work that would fill it."""
+    path.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(probe)
 
 
 def refuse_a_file_in_the_way(out_dir: Path) -> None:

@@ -10,7 +10,6 @@ import contextlib
 import math
 import random
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -21,6 +20,7 @@ import torch
 from .checkpoint import load_tensors, read_checkpoint, recover_interrupted_write
 from .config import TrainConfig
 from .errors import CheckpointError, DigitrecError
+from .folderlock import make_writable_folder
 from .optim import Optimizer
 
 
@@ -223,9 +223,7 @@ def make_run_folder(out_dir: Path) -> None:
     """Create `out_dir` and check that a file can be written there, before training: a folder under /proc, or
     one without write permission, is then one sentence, not a traceback after the first epoch."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
+        make_writable_folder(out_dir)
     except OSError as exc:
         raise DigitrecError(
             f"cannot write into the run folder {out_dir} ({exc.strerror or exc}); choose another --out."
