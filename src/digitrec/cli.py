@@ -266,6 +266,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .folderlock import reserved_out_dir
     from .training import train
 
+    out: Path | None
     if args.resume:
         from .runfolder import resume_checkpoint
 
@@ -273,10 +274,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume_checkpoint(out)  # before MNIST is looked for: nothing to resume is said first
     else:
         recipe, config = training_config(args)
-        out = Path(args.out) if args.out else Path()
+        out = Path(args.out) if args.out else None  # the default folder is made once MNIST is found
     data = load_mnist(args.data_dir, log=_stderr)
     with contextlib.ExitStack() as stack:
-        if not args.resume and not args.out:
+        if out is None:
             # made now, so that a run started in the same second takes the next name; gone again if left empty
             out = stack.enter_context(reserved_out_dir(recipe))
         try:
@@ -297,13 +298,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             from .distributed import launched_rank, launched_world_size
 
             processes = launched_world_size()
-            if (
-                launched_rank() == 0 and (out / "last.safetensors").exists()
-            ):  # said once, by the rank that writes
+            # said once, by the rank that writes
+            if launched_rank() == 0 and (out / "last.safetensors").exists():
+                again = f"`digitrec train --resume {out}`"
                 if processes > 1:
-                    again = f"`digitrec train --resume {out} --nproc {processes}` (or torchrun with {processes} processes)"
-                else:
-                    again = f"`digitrec train --resume {out}`"
+                    again = (
+                        f"`digitrec train --resume {out} --nproc {processes}` (or torchrun with {processes} "
+                        "processes)"
+                    )
                 _stderr(f"stopped; {again} continues from the last checkpoint")
             raise
     if not run.metrics:  # a rank other than 0 of a distributed run: rank 0 prints the result

@@ -556,11 +556,16 @@ def train(
         if not resume and holds_a_run(out_dir):  # a finished run replaced (or any run, with overwrite)
             remove_run_outputs(out_dir)  # its files go with it; a folder without a run keeps the user's files
     writer = _tensorboard_writer(out_dir) if tensorboard else None
+    # The loss is checked where the loop already brings it to the host (an epoch's end, a mid-epoch checkpoint):
+    # its running sum turns NaN or infinite with the first step whose loss does, at no cost per step.
+    finite_at = state["step"]  # the last step at which the loss and weights were found finite
+    saved_at = state["step"] if resume else None  # the step of the last checkpoint this run wrote or resumed
 
     def save_last(step: int, epoch_so_far: list[float] | None = None) -> None:
         """last.safetensors: model, optimizer and RNG tensors; its metadata holds the step, which fixes the data
         position, the learning rate (a function of the step) and the per-step seeds. No GradScaler: autocast
         runs in bfloat16, which needs no loss scaling."""
+        nonlocal saved_at
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         if average is not None:
             tensors |= {f"average.{k}": v for k, v in average.model.state_dict().items()}
@@ -579,32 +584,25 @@ def train(
             {"recipe": recipe, "config": config.to_dict(), "state": state | position}
             | ({"extra": extra_metadata} if extra_metadata else {}),
         )
-        checks["saved_at"] = step
-
-    # The loss is checked where the loop already brings it to the host (an epoch's end, a mid-epoch checkpoint):
-    # its running sum turns NaN or infinite with the first step whose loss does, at no cost per step.
-    checks: dict[str, int | None] = {
-        "finite_at": state["step"],
-        "saved_at": state["step"] if resume else None,
-    }
+        saved_at = step
 
     def stop_if_diverged(done: int, loss_sum: float) -> None:
         """Raise TrainingDiverged, before anything of step `done` is written, if the loss summed since the epoch
         began or the weights are no longer finite. Every rank decides alike (the sum is over all ranks, the
         weights are DDP's identical replicas), so all stop together."""
+        nonlocal finite_at
         if math.isfinite(loss_sum) and weights_are_finite(model):
-            checks["finite_at"] = done
+            finite_at = done
             return
-        saved, first = checks["saved_at"], cast(int, checks["finite_at"]) + 1
         kept = (
-            f"{out_dir} keeps the last checkpoint before it, of step {saved}, which --resume would take the "
+            f"{out_dir} keeps the last checkpoint before it, of step {saved_at}, which --resume would take the "
             "same way"
-            if saved is not None
+            if saved_at is not None
             else None
         )
         epoch = (done - 1) // steps_per_epoch + 1
         lr = lr_flag or f"--lr, now {config.lr:g}"
-        sentence = divergence_sentence(epoch, first, done, loss_sum, lr, kept)
+        sentence = divergence_sentence(epoch, finite_at + 1, done, loss_sum, lr, kept)
         raise TrainingDiverged(sentence, quiet=not main)
 
     def on_step(step: int, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
