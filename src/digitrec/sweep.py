@@ -82,38 +82,10 @@ def sweep(
             while pending or running:
                 while pending and len(running) < parallel:
                     job = pending.pop(0)
-                    job.out.mkdir(parents=True, exist_ok=True)
-                    command = [
-                        sys.executable,
-                        "-m",
-                        "digitrec",
-                        "train",
-                        "--recipe",
-                        job.recipe,
-                        "--seed",
-                        str(job.seed),
-                        "--out",
-                        str(job.out),
-                        "--threads",
-                        str(threads),
-                        "--no-progress",
-                        "--overwrite",  # a sweep run again retrains its jobs, an interrupted one's too
-                        *(train_flags or []),
-                    ]
-                    with signals.held(), open(job.out / "train.log", "w") as log_file:
-                        # a job started is a job known, so a signal cannot leave one running unseen
-                        running[job.name] = (
-                            job,
-                            subprocess.Popen(
-                                command,
-                                stdout=log_file,
-                                stderr=subprocess.STDOUT,
-                                env=env,
-                                # Ctrl-C in a terminal signals the whole process group: the jobs hear of it from
-                                # the sweep instead, once, as they do of a signal sent to the sweep alone
-                                start_new_session=signals.installed,
-                            ),
-                        )
+                    # a job started is a job known, so a signal cannot leave one running unseen
+                    with signals.held():
+                        process = _start(job, threads, train_flags or [], env, signals.installed)
+                        running[job.name] = (job, process)
                     log(f"started {job.name}")
                 time.sleep(0.2)
                 for name, (job, process) in list(running.items()):
@@ -141,6 +113,36 @@ def sweep(
     rows.sort(key=lambda row: (recipes.index(row["recipe"]), row["seed"]))
     atomic_write_json(out / "summary.json", rows)
     return rows
+
+
+def _start(
+    job: Job, threads: int, train_flags: list[str], env: dict[str, str], own_session: bool
+) -> subprocess.Popen[bytes]:
+    """Start `digitrec train` for one job, its output into train.log in its folder. `own_session`: the job is out
+    of the terminal's process group, so that a Ctrl-C there reaches it from the sweep, once, as a signal sent to
+    the sweep alone does."""
+    job.out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "digitrec",
+        "train",
+        "--recipe",
+        job.recipe,
+        "--seed",
+        str(job.seed),
+        "--out",
+        str(job.out),
+        "--threads",
+        str(threads),
+        "--no-progress",
+        "--overwrite",  # a sweep run again retrains its jobs, an interrupted one's too
+        *train_flags,
+    ]
+    with open(job.out / "train.log", "w") as log_file:
+        return subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=own_session
+        )
 
 
 class _Signals:
