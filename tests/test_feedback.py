@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 from contextlib import closing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -417,6 +418,53 @@ def test_finetune_with_no_corrections_trains_on_mnist_alone_and_never_opens_the_
     assert run.metrics["feedback_corrections"] == 0 and run.metrics["feedback_accuracy"] is None
     moved = [not torch.equal(a, b) for a, b in zip(base.state_dict().values(), tuned.state_dict().values())]
     assert any(moved)
+
+
+def test_finetune_writes_its_metrics_while_it_still_holds_the_run_folder(tmp_path, monkeypatch):
+    """finetune rewrote metrics.json after train() had let go of the folder: a second run could come in between."""
+    import torch
+
+    import digitrec.checkpoint
+    from digitrec.checkpoint import save_model
+    from digitrec.feedback import finetune
+    from digitrec.folderlock import RunFolderInUse, refuse_a_folder_in_use
+    from digitrec.models import create_model
+
+    torch.manual_seed(0)
+    config = {"arch": "fast_cnn", "batch_size": 64, "lr": 0.002, "device": "cpu", "threads": 1}
+    save_model(
+        tmp_path / "base.safetensors", create_model("fast_cnn").eval(), {"recipe": "tiny", "config": config}
+    )
+    write = digitrec.checkpoint.atomic_write_json
+    held_at_write = []
+
+    def watching(path, payload):
+        if Path(path).name == "metrics.json":
+            assert "feedback_corrections" in payload
+            try:
+                refuse_a_folder_in_use(Path(path).parent)
+                held_at_write.append(False)
+            except RunFolderInUse:
+                held_at_write.append(True)
+        return write(path, payload)
+
+    monkeypatch.setattr(digitrec.checkpoint, "atomic_write_json", watching)
+    monkeypatch.setattr("digitrec.training.atomic_write_json", watching)
+    threads = torch.get_num_threads()
+    try:
+        finetune(
+            tmp_path / "base.safetensors",
+            None,
+            tmp_path / "tuned",
+            data=tiny_mnist(),
+            corrections=False,
+            report=False,
+            log=lambda msg: None,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert held_at_write == [True]  # one metrics.json, the fine-tune's figures in it, written under the lock
+    assert not (tmp_path / "tuned" / ".digitrec.lock").exists()
 
 
 def test_finetune_of_an_ensemble_says_to_tune_its_members(tmp_path):

@@ -54,6 +54,14 @@ def test_bundled_model_is_small_calibrated_and_accurate_on_mnist(pretrained):
     assert pretrained.meta["metrics"]["test_accuracy"] >= 0.994
 
 
+def test_the_bundled_model_names_the_checkpoint_it_was_fine_tuned_from_as_make_pretrained_does(pretrained):
+    """Its metadata named /work/main/src/digitrec/pretrained/robust.safetensors, a path on the machine that made
+    it, so its model card sent every other user to a file they do not have."""
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    source = pretrained.meta["finetuned_from"]
+    assert not Path(source).is_absolute() and f"finetune --model {source} " in makefile
+
+
 def test_bundled_model_reads_photographed_digits(pretrained):
     samples = pen_photos(100)
     predictions = pretrained.predict([s.data for s in samples])

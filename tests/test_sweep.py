@@ -178,9 +178,10 @@ def test_sweep_two_seeds_on_mnist(tmp_path):
 
 
 # A sweep whose jobs sleep instead of training: each writes its process id to PID in its folder, and the job named
-# by argv[2] ignores SIGINT and SIGTERM, as a job stuck in native code would.
+# by argv[2] ignores SIGINT and SIGTERM, as a job stuck in native code would; the job named by argv[3], if any,
+# writes its metrics.json and ends at once, as a job that finished would. argv[4]: --parallel.
 SLEEPING_SWEEP = """
-import signal, subprocess, sys
+import json, signal, subprocess, sys
 from pathlib import Path
 
 from digitrec import data, sweep
@@ -193,7 +194,12 @@ def sleeping_job(command, **kwargs):
     out = Path(command[command.index("--out") + 1])
     deaf = "signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
     code = "import os, signal, time; " + (deaf if out.name == sys.argv[2] else "")
-    code += f"open({str(out / 'PID')!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    code += f"open({str(out / 'PID')!r}, 'w').write(str(os.getpid())); "
+    if out.name in sys.argv[3:4]:
+        metrics = {"test_accuracy": 0.99, "test_loss": 0.05, "train_seconds": 1.0}
+        code += f"open({str(out / 'metrics.json')!r}, 'w').write({json.dumps(metrics)!r})"
+    else:
+        code += "time.sleep(60)"
     return real_popen([sys.executable, "-c", code], **kwargs)
 
 
@@ -203,7 +209,8 @@ sweep.STOP_GRACE_SECONDS = 0.5
 data.load_mnist = lambda *args, **kwargs: None
 from digitrec.cli import main
 
-sys.exit(main(["sweep", "--recipes", "fast", "--seeds", "0", "1", "--parallel", "2", "--out", sys.argv[1]]))
+parallel = sys.argv[4] if len(sys.argv) > 4 else "2"
+sys.exit(main(["sweep", "--recipes", "fast", "--seeds", "0", "1", "--parallel", parallel, "--out", sys.argv[1]]))
 """
 
 
@@ -242,3 +249,62 @@ def test_a_sweep_stopped_by_a_signal_stops_its_jobs(tmp_path, signum, code):
             parent.kill()
         parent.wait()
         parent.stderr.close()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals to a process alone")
+def test_a_stopped_sweep_keeps_the_summary_of_the_jobs_that_finished(tmp_path):
+    """A sweep stopped after some jobs had finished wrote no summary.json: their results were left for the user to
+    collect from each folder. An earlier sweep's summary.json is not left to describe runs started over."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "summary.json").write_text("[]")  # a previous sweep's
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SLEEPING_SWEEP, str(out), "none", "fast-seed0", "1"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (out / "fast-seed1" / "PID").exists() or not (out / "fast-seed1" / "PID").read_text():
+            assert parent.poll() is None and time.monotonic() < deadline, parent.stderr.read()
+            time.sleep(0.05)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 143
+        err = parent.stderr.read()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
+        parent.stderr.close()
+    rows = json.loads((out / "summary.json").read_text())
+    assert [(row["seed"], row["ok"], row.get("stopped", False)) for row in rows] == [
+        (0, True, False),
+        (1, False, True),
+    ]
+    assert rows[0]["test_accuracy"] == 0.99
+    assert (
+        "fast                   1   stopped" in err and f"summary of the jobs that finished: {out}" in err
+    ), err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals to a process alone")
+def test_a_sweep_stopped_before_any_job_finished_leaves_no_summary(tmp_path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "summary.json").write_text("[]")  # a previous sweep's, about runs this one started over
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SLEEPING_SWEEP, str(out), "none"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not all((out / name / "PID").exists() for name in ("fast-seed0", "fast-seed1")):
+            assert parent.poll() is None and time.monotonic() < deadline, parent.stderr.read()
+            time.sleep(0.05)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 143
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
+        parent.stderr.close()
+    assert not (out / "summary.json").exists()

@@ -185,8 +185,29 @@ def test_dry_run_is_quick_and_complete(tiny_mnist, tmp_path):
 
 def test_metrics_count_the_epochs_trained_with_their_fraction(tiny_mnist, tmp_path):
     """A run of half an epoch (`fast` trains 0.85, `finetune --epochs 0.5`) recorded "epochs": 1, its one row."""
-    run = train(TINY.override(epochs=0.5), tmp_path, data=tiny_mnist, progress=False, report=False, log=print)
+    lines: list[str] = []
+    run = train(
+        TINY.override(epochs=0.5), tmp_path, data=tiny_mnist, progress=False, report=False, log=lines.append
+    )
     assert [row["epoch"] for row in run.history] == [1] and run.metrics["epochs"] == 0.5
+    # and the epoch line said "epoch   1/1" for half an epoch
+    assert [line.split("  train")[0] for line in lines if line.startswith("epoch")] == ["epoch 0.5/0.5"]
+
+
+def test_epoch_lines_count_whole_epochs_and_the_part_of_the_last(tiny_mnist, tmp_path):
+    lines: list[str] = []
+    train(
+        TINY.override(epochs=2.5), tmp_path, data=tiny_mnist, progress=False, report=False, log=lines.append
+    )
+    said = [line.split("  train")[0] for line in lines if line.startswith("epoch")]
+    assert said == ["epoch   1/2.5", "epoch   2/2.5", "epoch 2.5/2.5"]
+
+
+def test_an_epoch_count_is_never_rounded_to_a_whole_one():
+    from digitrec.training import _epochs
+
+    said = [_epochs(step, 1000) for step in (1000, 3000, 850, 2995, 1, 999)]
+    assert said == ["1", "3", "0.85", "2.995", "0.001", "0.999"]
 
 
 @pytest.mark.parametrize("seed", [2**45, 2**63 - 1])

@@ -350,7 +350,7 @@ def finetune(
 
     import torch
 
-    from .checkpoint import atomic_write_json, load_model
+    from .checkpoint import load_model
     from .config import TrainConfig
     from .training import evaluate, train
 
@@ -402,6 +402,16 @@ def finetune(
     }
     if corrections:
         extra["feedback"] = {"corrections": len(images), "repeat": repeat, "database": str(store.path)}
+
+    def feedback_metrics(model: torch.nn.Module) -> dict:
+        """What the fine-tune adds to the run's metrics, from its best model (train() writes them with its own)."""
+        return {
+            "test_accuracy_before": (meta.get("metrics") or {}).get("test_accuracy"),
+            "feedback_corrections": len(images),
+            "feedback_accuracy_before": accuracy_before,
+            "feedback_accuracy": evaluate(model, images, labels, config)[1] if corrections else None,
+        }
+
     with torch.enable_grad():  # whatever the caller set: loading a Predictor turns gradients off globally
         run = train(
             config,
@@ -413,16 +423,7 @@ def finetune(
             log=log,
             init_weights=model.state_dict(),
             extra_metadata=extra,
+            more_metrics=feedback_metrics,
             lr_flag=f"--lr-scale, now {lr_scale:g}",
         )
-    accuracy_after = (
-        evaluate(load_model(run.model_path)[0], images, labels, config)[1] if corrections else None
-    )
-    run.metrics |= {
-        "test_accuracy_before": (meta.get("metrics") or {}).get("test_accuracy"),
-        "feedback_corrections": len(images),
-        "feedback_accuracy_before": accuracy_before,
-        "feedback_accuracy": accuracy_after,
-    }
-    atomic_write_json(Path(out_dir) / "metrics.json", run.metrics)
     return run

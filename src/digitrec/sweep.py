@@ -76,6 +76,7 @@ def sweep(
     threads = max(1, (os.cpu_count() or 1) // parallel)  # share the cores instead of oversubscribing them
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     pending, rows = list(jobs), []
+    (out / "summary.json").unlink(missing_ok=True)  # an earlier sweep's, about runs this one starts over
     running: dict[str, tuple[Job, subprocess.Popen[bytes]]] = {}
     with _stop_signals() as signals:
         try:
@@ -109,10 +110,19 @@ def sweep(
                     f"stopped {len(stopped)} running job{'s' * (len(stopped) != 1)}: "
                     + "; ".join(_resume_hint(job) for job in stopped)
                 )
+            if rows:  # what finished is kept: the summary of those jobs, and the stopped ones marked so
+                rows += [{**_row(job, 1), "stopped": True} for job in stopped]
+                _write_summary(out, rows, recipes)
+                log(summary_table(rows))
+                log(f"summary of the jobs that finished: {out / 'summary.json'}")
             raise exc if isinstance(exc, SweepStopped) else SweepStopped(signal.SIGINT) from None
+    _write_summary(out, rows, recipes)
+    return rows
+
+
+def _write_summary(out: Path, rows: list[dict], recipes: list[str]) -> None:
     rows.sort(key=lambda row: (recipes.index(row["recipe"]), row["seed"]))
     atomic_write_json(out / "summary.json", rows)
-    return rows
 
 
 def _start(
@@ -260,6 +270,8 @@ def summary_table(rows: list[dict]) -> str:
                 f"{row['recipe']:<18} {row['seed']:>5} {row['test_accuracy']:>9.2%} {row['test_loss']:>9.4f} "
                 f"{row['train_seconds']:>8.1f}"
             )
+        elif row.get("stopped"):
+            lines.append(f"{row['recipe']:<18} {row['seed']:>5} {'stopped':>9}  see {row['out']}/train.log")
         else:
             lines.append(f"{row['recipe']:<18} {row['seed']:>5} {'failed':>9}  see {row['out']}/train.log")
     for recipe, group in itertools.groupby(rows, key=lambda row: row["recipe"]):

@@ -421,6 +421,7 @@ def train(
     on_epoch: Callable[[nn.Module, dict[str, float]], bool] | None = None,
     init_weights: dict[str, torch.Tensor] | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    more_metrics: Callable[[nn.Module], dict[str, Any]] | None = None,
     resume_device: str | None = None,
     overwrite: bool = False,
     lr_flag: str | None = None,
@@ -429,7 +430,9 @@ def train(
 
     `on_epoch(model, history_row)` runs after each epoch with the clock stopped (`digitrec bench train` measures
     test accuracy there); returning True ends training early. `init_weights` starts from a trained state dict
-    instead of a fresh initialization (fine-tuning); `extra_metadata` is merged into the checkpoint's metadata.
+    instead of a fresh initialization (fine-tuning); `extra_metadata` is merged into the checkpoint's metadata,
+    and `more_metrics(best_model)`, after the test evaluation, into its metrics and metrics.json (`finetune`: how
+    many corrections the model reads right), while the run still holds its folder.
     `resume_device` continues a resumed run on another device than the one it started on (a run begun on a GPU
     machine, finished on a CPU); the data order, schedule and seeds do not depend on the device.
     A new run may replace a finished one in `out_dir` but not one that could be resumed, unless `overwrite`.
@@ -529,7 +532,6 @@ def train(
             f"too few for one batch of two per process; choose a smaller --val-size."
         )
     total_steps = max(1, round(config.epochs * steps_per_epoch))
-    total_epochs = math.ceil(total_steps / steps_per_epoch)
     if state["step"] > total_steps:
         raise CheckpointError(
             f"{last_path} is at step {state['step']} of a run of {total_steps} steps; it is damaged or from "
@@ -632,7 +634,11 @@ def train(
             epoch = step // steps_per_epoch
             end = min(total_steps, (epoch + 1) * steps_per_epoch)
             steps = range(step, end)
-            bar = _progress(steps, epoch, total_epochs) if progress else None
+            bar = (
+                _progress(steps, _epochs(end, steps_per_epoch), _epochs(total_steps, steps_per_epoch))
+                if progress
+                else None
+            )
             train_loss, train_accuracy = train_steps(
                 train_model,
                 optimizer,
@@ -667,7 +673,7 @@ def train(
                 clock[0] = time.perf_counter()
                 row["seconds"] = state["train_seconds"]
                 state["history"].append(row)
-                log(_epoch_line(row, total_epochs))
+                log(_epoch_line(row, _epochs(step, steps_per_epoch), _epochs(total_steps, steps_per_epoch)))
                 if writer:
                     for key, value in row.items():
                         writer.add_scalar(key, value, step)
@@ -741,6 +747,8 @@ def train(
         "bfloat16": bfloat16,  # autocast as it ran (see native_bfloat16)
         "dry_run": dry_run,  # trained on the first 8 batches only (--dry-run)
     }
+    if more_metrics is not None:
+        metrics |= more_metrics(model)
     if not (evaluate_only and "metrics" in best_meta):
         # A finished run that is only evaluated again keeps its checkpoint as it is: same weights, and a
         # calibration `digitrec calibrate` wrote into it stays (unless the run stopped before writing it).
@@ -764,22 +772,29 @@ def _quiet(message: str) -> None:
     """The log of ranks other than 0."""
 
 
-def _epoch_line(row: dict[str, float], total_epochs: int) -> str:
-    text = (
-        f"epoch {int(row['epoch']):>3}/{total_epochs}  train loss {row['train_loss']:.4f} "
-        f"acc {row['train_accuracy']:.2%}"
-    )
+def _epochs(step: int, steps_per_epoch: int) -> str:
+    """Epochs done at `step`, as the epoch lines count them: whole numbers, or two decimals for a run that ends
+    in part of an epoch (`fast`: "epoch 0.85/0.85", not "1/1"), four where two would round it to a whole one."""
+    whole, rest = divmod(step, steps_per_epoch)
+    if rest == 0:
+        return str(whole)
+    text = f"{step / steps_per_epoch:.2f}"
+    return (text if float(text) not in (whole, whole + 1) else f"{step / steps_per_epoch:.4f}").rstrip("0")
+
+
+def _epoch_line(row: dict[str, float], done: str, total: str) -> str:
+    text = f"epoch {done:>3}/{total}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"
     if "val_accuracy" in row:
         text += f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}"
     return text + f"  lr {row['lr']:.2e}  {row['seconds']:.1f} s"
 
 
-def _progress(steps: range, epoch: int, total_epochs: int):
+def _progress(steps: range, done: str, total: str):
     from tqdm.auto import tqdm
 
     return tqdm(
         total=len(steps),
-        desc=f"epoch {epoch + 1}/{total_epochs}",
+        desc=f"epoch {done}/{total}",
         leave=False,
         unit="batch",
         dynamic_ncols=True,
