@@ -186,6 +186,47 @@ def test_show_steps_gives_each_image_its_own_file(tmp_path, untrained_path):
     ]
 
 
+def test_a_steps_picture_that_cannot_be_saved_loses_no_answer(tmp_path, capsys, untrained_path, monkeypatch):
+    """An image named with 250 letters made a steps file name over 255 bytes: the OSError ended the whole run
+    (exit 2) and printed no answer for any file; a full disk did the same."""
+    import errno
+
+    import digitrec.predict
+
+    long = write_png(tmp_path / f"{'a' * 250}.png", line_image([7], gap=0.3)[0])
+    short = write_png(tmp_path / "b.png", line_image([5], gap=0.3)[0])
+    steps = tmp_path / "steps"
+    assert (
+        main(["predict", str(short), str(long), "--model", str(untrained_path), "--show-steps", str(steps)])
+        == 0
+    )
+    assert capsys.readouterr().out.count("digit") == 2
+    assert sorted(len(p.name.encode()) <= 255 for p in steps.iterdir()) == [True, True]
+
+    def full(steps, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(digitrec.predict, "save_steps", full)
+    code = main(
+        [
+            "predict",
+            str(short),
+            str(long),
+            "--model",
+            str(untrained_path),
+            "--json",
+            "--show-steps",
+            str(steps),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0 and [row["path"] for row in json.loads(captured.out)] == [str(short), str(long)]
+    assert (
+        f"cannot save the steps of {short} to {steps / 'b.steps.png'} (No space left on device)"
+        in captured.err
+    )
+
+
 def test_cli_fails_only_when_every_file_failed(tmp_path, capsys, untrained_path):
     assert (
         main(["predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", str(untrained_path)])
@@ -459,8 +500,9 @@ def test_cli_says_a_blank_page_is_rejected_as_blank(tmp_path, capsys, untrained_
         == 0
     )
     blank_line, five_line = capsys.readouterr().out.strip().splitlines()
-    assert "not a digit (rejected: a blank page, no ink)" in blank_line
-    assert "no ink" not in five_line
+    # and no confidence or top digits: the model's output for no ink at all means nothing
+    assert blank_line == f"{tmp_path / 'blank.png'}: not a digit (rejected: a blank page, no ink)"
+    assert "no ink" not in five_line and "confidence" in five_line
 
 
 def test_cli_says_which_subfolders_it_did_not_read_and_why_a_link_fails(tmp_path, capsys, untrained_path):

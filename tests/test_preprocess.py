@@ -128,6 +128,27 @@ def test_a_clean_drawing_skips_the_lighting_model_and_reads_the_same(polarity):
     assert np.abs(preprocess(gray) - full).mean() < 0.02
 
 
+@pytest.mark.parametrize("ink", [170, 190, 215], ids=lambda ink: f"gray {ink} on white")
+@pytest.mark.parametrize("polarity", ["dark ink", "light ink"])
+def test_faint_ink_on_a_flat_page_is_read_as_boldly_as_black_ink(ink, polarity):
+    """A digit drawn in light gray (180 and paler on white; 150 on a page of 190) was under INK_CONTRAST: "a blank
+    page, no ink". On a flat page it is the only mark, so its strongest stroke counts as full strength."""
+    black = page(5).astype(np.float32)  # 0.92 paper, 0.10 ink: the ink's depth scaled to `ink` below
+    faint = 255 - (255 - black) * (255 - ink) / (255 - black.min())
+    faint = np.where(black >= 234, 255, faint).astype(np.uint8)  # white paper, the digit's edges kept soft
+    black = np.where(black >= 234, 255, black).astype(np.uint8)
+    if polarity == "light ink":
+        faint, black = 255 - faint, 255 - black
+    assert uniform_paper(load_gray(faint)) is not None
+    assert likeness(preprocess(faint), preprocess(black)) > 0.95
+
+
+def test_a_flat_page_with_no_mark_past_the_ink_tolerance_stays_blank():
+    flat = np.full((100, 100), 250, np.uint8)
+    flat[40:60, 45:50] = 250 - 20  # a mark fainter than INK_TOLERANCE (25 levels): not ink
+    assert preprocess(flat).max() == 0
+
+
 def test_a_dark_edge_beside_the_digit_is_not_part_of_it():
     # A photo's border often catches the edge of a shadow, a table or the next sheet: a dark band along
     # one side that the threshold takes for ink. It must not shrink and shift the digit in the 28x28 frame.
@@ -512,6 +533,11 @@ def bad_input(kind: str, tmp_path: Path):
         return png_bytes(Image.fromarray(page(3)), "JPEG")[:600]
     if kind == "empty-bytes":
         return b""
+    if kind == "empty-file":
+        (tmp_path / "empty.png").write_bytes(b"")
+        return tmp_path / "empty.png"
+    if kind == "proc":  # its size says 0 bytes, and it holds text
+        return Path("/proc/self/status")
     if kind == "zero":
         return np.zeros((0, 0), np.uint8)
     if kind == "one-pixel":
@@ -533,6 +559,12 @@ def bad_input(kind: str, tmp_path: Path):
         ("text", "not an image"),
         ("truncated", "truncated"),
         ("empty-bytes", "empty"),
+        ("empty-file", "is empty (0 bytes)"),
+        pytest.param(
+            "proc",
+            "not an image",
+            marks=pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux"),
+        ),
         ("zero", "too small"),
         ("one-pixel", "1x1 pixels"),
         ("bomb", "decompression-bomb"),

@@ -693,13 +693,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 continue
             p = r.prediction
             assert p is not None  # set whenever error is None
-            answer = (
-                f"digit {p.digit}"
-                if p.digit is not None
-                else "not a digit (rejected: a blank page, no ink)"
-                if p.blank
-                else "not a digit (rejected)"
-            )
+            if p.blank:  # rejected whatever the model says of it: its probabilities mean nothing
+                print(f"{r.path}: not a digit (rejected: a blank page, no ink)")
+                continue
+            answer = f"digit {p.digit}" if p.digit is not None else "not a digit (rejected)"
             top = "  ".join(f"{d}:{q:.1%}" for d, q in p.top)
             print(f"{r.path}: {answer}  confidence {p.confidence:.1%}  top {top}")
     if args.show_steps:

@@ -419,7 +419,7 @@ def _preprocess_or_error(path: str | Path) -> np.ndarray | str:
 
 
 def _preprocessed(
-    paths: Sequence[str | Path], steps_dir: str | Path | None, workers: int
+    paths: Sequence[str | Path], steps_dir: str | Path | None, workers: int, log: Callable[[str], None]
 ) -> Iterator[np.ndarray | str]:
     """Each file preprocessed (or its error sentence), in order; with workers > 1, a large folder is spread over
     that many processes."""
@@ -443,13 +443,23 @@ def _preprocessed(
         except ImageError as exc:
             yield str(exc)
             continue
-        save_steps(steps, Path(steps_dir) / _steps_name(Path(path).stem, taken))
+        target = Path(steps_dir) / _steps_name(Path(path).stem, taken)
+        try:
+            save_steps(steps, target)
+        except OSError as exc:  # the picture of the steps is lost, not the digit: it is still read
+            log(
+                f"digitrec: cannot save the steps of {path} to {target} ({exc.strerror or exc}); its digit is read all the same."
+            )
         yield x
+
+
+STEPS_STEM_BYTES = 200  # a file's name may be 255 bytes: room for "-NNN.steps.png" after a long image name
 
 
 def _steps_name(stem: str, taken: set[str]) -> str:
     """`<stem>.steps.png`, or `<stem>-2.steps.png`, -3, ... when an earlier image of the call had that stem
-    (x.png and x.jpg, or 1.png in two folders)."""
+    (x.png and x.jpg, or 1.png in two folders); a stem too long for a file name with that suffix is cut."""
+    stem = stem.encode("utf-8", "surrogateescape")[:STEPS_STEM_BYTES].decode("utf-8", "ignore")
     name, n = f"{stem}.steps.png", 1
     while name in taken:
         n += 1
@@ -465,13 +475,17 @@ def predict_files(
     batch_size: int = 256,
     steps_dir: str | Path | None = None,
     workers: int = 1,
+    log: Callable[[str], None] | None = None,
 ) -> list[FileResult]:
     """Predict every file; a bad file gets its error sentence and the others still go through, in batches.
 
     `workers` > 1 preprocesses a folder of PARALLEL_FROM files or more in that many worker processes. They are
     spawned, so a script that calls this with workers > 1 needs the `if __name__ == "__main__":` guard that
-    multiprocessing asks for; the CLI has it.
+    multiprocessing asks for; the CLI has it. `log` (default: standard error) says which pictures of the
+    preprocessing steps (`steps_dir`) could not be saved; their files are read all the same.
     """
+    if log is None:
+        log = _to_stderr
     results = [FileResult(str(p)) for p in paths]
     ready: list[tuple[int, np.ndarray]] = []
 
@@ -482,7 +496,7 @@ def predict_files(
                 results[i].prediction = prediction
             ready.clear()
 
-    for i, x in enumerate(_preprocessed(paths, steps_dir, workers)):
+    for i, x in enumerate(_preprocessed(paths, steps_dir, workers, log)):
         if isinstance(x, str):
             results[i].error = x
             continue
@@ -491,6 +505,10 @@ def predict_files(
             flush()
     flush()
     return results
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def save_steps(steps: dict[str, np.ndarray], path: Path) -> None:

@@ -89,6 +89,9 @@ PAPER_TOLERANCE = (
     2  # uniform_paper(): paper pixels within this many gray levels (of 255) of the paper tone (a flat fill)
 )
 INK_TOLERANCE = 25  # ... and a side of the paper tone holds ink if pixels lie farther than this from it
+FAINT_INK = (
+    2 * INK_CONTRAST
+)  # flatten_uniform(): a flat page's ink weaker than this at its strongest is scaled up
 OTHER_SIDE_FRACTION = (
     0.002  # ... a flat page has (almost) no pixels on the other side of the paper from its ink
 )
@@ -144,15 +147,16 @@ def _open(
                 raise ImageError(
                     f"{path} is not a regular file (a pipe or a device); save the image to a file first."
                 )
-            if info.st_size == 0:
-                raise ImageError(f"{path} is empty (0 bytes); pass an image file.")
             # read whole: Pillow keeps a path's file open after load() for a GIF or TIFF of several frames
             try:
-                fp = io.BytesIO(path.read_bytes())
+                data = path.read_bytes()
             except OSError as exc:
                 raise ImageError(
                     f"{path} cannot be read ({exc.strerror or exc}); check its permissions."
                 ) from None
+            if not data:  # by what it holds, not its size: a file under /proc says 0 bytes and holds text
+                raise ImageError(f"{path} is empty (0 bytes); pass an image file.")
+            fp = io.BytesIO(data)
         elif hasattr(source, "read"):
             fp = source
         else:
@@ -604,6 +608,12 @@ def flatten_uniform(gray: np.ndarray, paper: float, dark_ink: bool) -> np.ndarra
     else:  # the lighter level is the chalk's, as flatten()'s closing finds it next to the strokes
         contrast, lighter = smooth - paper, float(smooth.max())
     contrast *= np.float32(1 / max(lighter, 0.15))
+    # Faint ink (a light gray pen on white) is still the only mark on a flat page: its strongest stroke becomes
+    # full strength, where INK_CONTRAST would have called the page blank; a page with no mark past
+    # INK_TOLERANCE stays blank, and ink as strong as FAINT_INK or stronger stays as it is.
+    strongest = float(contrast.max())
+    if INK_TOLERANCE / 255 < strongest < FAINT_INK:
+        contrast *= np.float32(1 / strongest)
     return np.clip(contrast, 0.0, 1.0, out=contrast)
 
 
