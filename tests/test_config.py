@@ -157,8 +157,30 @@ def test_huge_or_non_finite_numbers_are_one_sentence(bad):
         ('[recipe]\nname = "fast"', "config key 'recipe' expects a recipe name (a string)"),
         ("negatives = inf", "negatives must be a number from 0 to 100"),
         ("negatives = 1e300", "negatives must be a number from 0 to 100"),
+        # strings where numbers belong were taken as numbers; "expects a int" read badly
+        ('lr = "0.01"', "config key 'lr' expects a number, got '0.01'"),
+        ('batch_size = "64"', "config key 'batch_size' expects a whole number, got '64'"),
+        ("batch_size = 64.5", "config key 'batch_size' expects a whole number, got 64.5"),
+        ('betas = "0.9"', "config key 'betas' expects a list of numbers, got '0.9'"),
+        ("amp = 1", "config key 'amp' expects true or false, got 1"),
+        ("epoch = 3", "unknown config key 'epoch' (did you mean 'epochs'?)"),
+        ('recipe = "seed-mpl"', "unknown recipe 'seed-mpl' (did you mean 'seed-mlp'?)"),
+        ('recipe = "Default"', "unknown recipe 'Default' (did you mean 'default'?)"),
     ],
-    ids=["list", "table", "inf", "huge"],
+    ids=[
+        "list",
+        "table",
+        "inf",
+        "huge",
+        "str-float",
+        "str-int",
+        "float-int",
+        "str-tuple",
+        "int-bool",
+        "key",
+        "typo",
+        "case",
+    ],
 )
 def test_a_malformed_toml_value_is_one_sentence(tmp_path, toml, message, capsys):
     """A TypeError (unhashable) or an OverflowError in training, with a traceback and exit 1."""
@@ -169,6 +191,14 @@ def test_a_malformed_toml_value_is_one_sentence(tmp_path, toml, message, capsys)
     assert main(["train", "--config", str(path), "--dry-run", "--out", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_range_errors_say_the_range():
+    """lr 1000 was refused as "must be positive and finite", weight decay 5000 as "must not be negative"."""
+    with pytest.raises(DigitrecError, match="learning rate must be above 0 and below 1000, got 1000.0"):
+        TrainConfig(lr=1000.0)
+    with pytest.raises(DigitrecError, match="weight decay must be from 0 to below 1000, got 5000.0"):
+        TrainConfig(weight_decay=5000.0)
 
 
 def test_get_recipe_refuses_a_name_that_is_not_a_string():
