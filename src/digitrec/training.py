@@ -30,6 +30,7 @@ from torch import nn
 
 from . import __version__, distributed, tta
 from .augment import augment_batch
+from .augment_real import OUTLIER_WEIGHT, make_negatives, outlier_loss
 from .checkpoint import (
     atomic_write_json,
     load_tensors,
@@ -247,13 +248,10 @@ def train_steps(
         # dropout draws from the global generator; under DDP each rank gets its own draws
         seed_device_generator(device, generator_seed((config.seed * 1_000_003 + step) * world_size + rank))
         aug_generator.manual_seed(generator_seed((config.seed * 1_000_033 + step) * world_size + rank))
-        # -- outlier exposure (augment_real.py): non-digits join the batch, their loss pulls them to uniform
+        # outlier exposure (augment_real.py): non-digits join the batch, their loss pulls them to uniform
         outliers = round(config.negatives * len(y)) if config.negatives else 0
         if outliers:
-            from .augment_real import make_negatives
-
             x = torch.cat([x, make_negatives(x, outliers, aug_generator)])
-        # -- end of outlier exposure
         x = augment_batch(x, config.augment if step < clean_from else "none", aug_generator)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -261,13 +259,7 @@ def train_steps(
             group["lr"] = lr_at(config, step, steps_per_epoch, total_steps)
         with autocast(device, config.amp):
             logits = model(x)
-        if outliers:  # outlier exposure: the digits' loss plus OUTLIER_WEIGHT x the non-digits' loss
-            from .augment_real import OUTLIER_WEIGHT, outlier_loss
-
-            logits, outlier_logits = logits[: len(y)], logits[len(y) :]
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-        if outliers:
-            loss = loss + OUTLIER_WEIGHT * outlier_loss(outlier_logits)
+        loss, logits = _loss(logits, y, outliers, config)
         optimizer.zero_grad(set_to_none=True)
         if len(y) * world_size == len(batch):
             loss.backward()
@@ -281,6 +273,18 @@ def train_steps(
             on_step(step, (loss_sum, correct, seen))
     loss_total, correct_total, seen_total = distributed.sum_across_ranks([loss_sum, correct, seen])
     return loss_total / max(1, seen_total), correct_total / max(1, seen_total)
+
+
+def _loss(
+    logits: torch.Tensor, y: torch.Tensor, outliers: int, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, the digits' logits) of a batch whose last `outliers` rows are non-digits: the digits' cross-entropy,
+    plus OUTLIER_WEIGHT x the non-digits' outlier loss."""
+    digit_logits = logits[: len(y)] if outliers else logits
+    loss = F.cross_entropy(digit_logits.float(), y, label_smoothing=config.label_smoothing)
+    if outliers:
+        loss = loss + OUTLIER_WEIGHT * outlier_loss(logits[len(y) :])
+    return loss, digit_logits
 
 
 @torch.no_grad()
