@@ -37,7 +37,7 @@ from .checkpoint import (
     save_model,
     save_tensors,
 )
-from .config import DRY_RUN_MAX_EPOCHS, TrainConfig
+from .config import DRY_RUN_BATCHES, DRY_RUN_MAX_EPOCHS, TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError, TrainingDiverged, need_extra
 from .folderlock import locked_run_folder, refuse_a_file_in_the_way
@@ -707,7 +707,7 @@ def _split(
     data: MNIST, config: TrainConfig, dry_run: bool, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """(train images, train labels, validation images and labels), the training ones on `device`: no validation
-    set without `val_size`, and only the first 8 batches in a dry run."""
+    set without `val_size`, and only the first DRY_RUN_BATCHES batches in a dry run."""
     if config.val_size:
         train_images, train_labels, val_images, val_labels = split_validation(
             data.train_images, data.train_labels, config.val_size, seed=0
@@ -716,10 +716,8 @@ def _split(
     else:
         train_images, train_labels, validation = data.train_images, data.train_labels, None
     if dry_run:
-        train_images, train_labels = (
-            train_images[: 8 * config.batch_size],
-            train_labels[: 8 * config.batch_size],
-        )
+        dry_run_images = DRY_RUN_BATCHES * config.batch_size
+        train_images, train_labels = train_images[:dry_run_images], train_labels[:dry_run_images]
     return train_images.to(device), train_labels.to(device), validation
 
 
@@ -881,7 +879,7 @@ def _test_and_write(
         "world_size": distributed.world_size(),
         "threads": torch.get_num_threads(),  # intra-op threads per process: a float sum's order depends on it
         "bfloat16": config.amp and native_bfloat16(device.type),  # autocast as it ran (see native_bfloat16)
-        "dry_run": state["dry_run"],  # trained on the first 8 batches only (--dry-run)
+        "dry_run": state["dry_run"],  # trained on the first DRY_RUN_BATCHES batches only (--dry-run)
     }
     if more_metrics is not None:
         metrics |= more_metrics(model)
