@@ -444,8 +444,9 @@ def train(
             log(f"resuming {recipe} from step {state['step']} in {out_dir}")
         data = data or load_mnist(log=log)
         train_images, train_labels, validation = _split(data, config, dry_run, device)
-        if dry_run:
-            config = config.override(epochs=min(config.epochs, DRY_RUN_MAX_EPOCHS))
+        if dry_run:  # the clean epochs too: a config's clean_epochs may not pass its epochs
+            epochs = min(config.epochs, DRY_RUN_MAX_EPOCHS)
+            config = config.override(epochs=epochs, clean_epochs=min(config.clean_epochs, epochs))
 
         model, optimizer, average = _model_and_optimizer(
             config, device, world_size, log, init_weights, resume, resume_tensors, state, last_path
