@@ -675,3 +675,13 @@ def test_default_run_folders_of_runs_started_in_the_same_second_differ(tmp_path,
     assert first.is_dir() and second.is_dir()
     assert folderlock.default_out_dir("fast").name == "fast-20261207-101010-3"  # not made without reserve
     assert not (tmp_path / "runs" / "fast-20261207-101010-3").exists()
+
+
+def test_a_dry_run_caps_the_clean_epochs_with_the_epochs(tiny_mnist, tmp_path):
+    """`digitrec train --epochs 5 --clean-epochs 2 --dry-run` stopped with "clean_epochs must be between 0 and
+    epochs (1), got 2.0": the dry run capped the epochs to DRY_RUN_MAX_EPOCHS but not the clean epochs."""
+    config = TINY.override(epochs=5, clean_epochs=2, augment="affine")
+    run = train(
+        config, tmp_path, data=tiny_mnist, dry_run=True, progress=False, report=False, log=lambda m: None
+    )
+    assert run.metrics["epochs"] == 1 and run.config.clean_epochs == 1 and run.model_path.exists()

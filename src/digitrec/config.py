@@ -23,7 +23,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "step_at_epoch_start", "cosine", "onecycle")
 AUGMENTATIONS = ("none", "rotate10", "affine", "affine-elastic", "robust")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # what training.resolve_device takes
-# --dry-run trains on the first 8 batches for at most this many epochs, and records the epochs it trained
+# --dry-run trains on the first DRY_RUN_BATCHES batches for at most DRY_RUN_MAX_EPOCHS epochs, and records the
+# epochs it trained
+DRY_RUN_BATCHES = 8
 DRY_RUN_MAX_EPOCHS = 1.0
 # Upper bounds of settings that are otherwise unbounded, where a huge value (a TOML 1e300) overflowed in
 # training with a traceback instead of one sentence: a batch indexes 32-bit, a thread pool of 100,000 crashes.

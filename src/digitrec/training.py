@@ -12,17 +12,17 @@ on any number of processes. DDP averages the gradients; only rank 0 logs, evalua
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
-import inspect
 import json
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +30,14 @@ from torch import nn
 
 from . import __version__, distributed, tta
 from .augment import augment_batch
+from .augment_real import OUTLIER_WEIGHT, make_negatives, outlier_loss
 from .checkpoint import (
     atomic_write_json,
     load_tensors,
     save_model,
     save_tensors,
 )
-from .config import DRY_RUN_MAX_EPOCHS, TrainConfig
+from .config import DRY_RUN_BATCHES, DRY_RUN_MAX_EPOCHS, TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError, TrainingDiverged, need_extra
 from .folderlock import locked_run_folder, refuse_a_file_in_the_way
@@ -247,13 +248,10 @@ def train_steps(
         # dropout draws from the global generator; under DDP each rank gets its own draws
         seed_device_generator(device, generator_seed((config.seed * 1_000_003 + step) * world_size + rank))
         aug_generator.manual_seed(generator_seed((config.seed * 1_000_033 + step) * world_size + rank))
-        # -- outlier exposure (augment_real.py): non-digits join the batch, their loss pulls them to uniform
+        # outlier exposure (augment_real.py): non-digits join the batch, their loss pulls them to uniform
         outliers = round(config.negatives * len(y)) if config.negatives else 0
         if outliers:
-            from .augment_real import make_negatives
-
             x = torch.cat([x, make_negatives(x, outliers, aug_generator)])
-        # -- end of outlier exposure
         x = augment_batch(x, config.augment if step < clean_from else "none", aug_generator)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -261,13 +259,7 @@ def train_steps(
             group["lr"] = lr_at(config, step, steps_per_epoch, total_steps)
         with autocast(device, config.amp):
             logits = model(x)
-        if outliers:  # outlier exposure: the digits' loss plus OUTLIER_WEIGHT x the non-digits' loss
-            from .augment_real import OUTLIER_WEIGHT, outlier_loss
-
-            logits, outlier_logits = logits[: len(y)], logits[len(y) :]
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-        if outliers:
-            loss = loss + OUTLIER_WEIGHT * outlier_loss(outlier_logits)
+        loss, logits = _loss(logits, y, outliers, config)
         optimizer.zero_grad(set_to_none=True)
         if len(y) * world_size == len(batch):
             loss.backward()
@@ -281,6 +273,18 @@ def train_steps(
             on_step(step, (loss_sum, correct, seen))
     loss_total, correct_total, seen_total = distributed.sum_across_ranks([loss_sum, correct, seen])
     return loss_total / max(1, seen_total), correct_total / max(1, seen_total)
+
+
+def _loss(
+    logits: torch.Tensor, y: torch.Tensor, outliers: int, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, the digits' logits) of a batch whose last `outliers` rows are non-digits: the digits' cross-entropy,
+    plus OUTLIER_WEIGHT x the non-digits' outlier loss."""
+    digit_logits = logits[: len(y)] if outliers else logits
+    loss = F.cross_entropy(digit_logits.float(), y, label_smoothing=config.label_smoothing)
+    if outliers:
+        loss = loss + OUTLIER_WEIGHT * outlier_loss(logits[len(y) :])
+    return loss, digit_logits
 
 
 @torch.no_grad()
@@ -369,44 +373,18 @@ def model_metadata(
     }
 
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _keeping_torch_threads(function: Callable[_P, _R]) -> Callable[_P, _R]:
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
     """Put torch's thread count back as it was: a run with `threads` set left it set, so the next run in the
     process with `threads = 0` (torch's default) trained on that count, not on the default its card implies."""
-
-    @functools.wraps(function)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        threads = torch.get_num_threads()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-
-    return wrapper
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
-def _holding_the_run_folder(function: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run train() holding its run folder's lock (folderlock.locked_run_folder), taken by the process that writes
-    the folder (rank 0 under torchrun, before it joins the others) before anything there is read, removed or
-    written: a second run into the folder is refused in one sentence and leaves the first one's files alone."""
-    signature = inspect.signature(function)
-
-    @functools.wraps(function)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        out_dir = Path(signature.bind(*args, **kwargs).arguments["out_dir"])
-        refuse_a_file_in_the_way(out_dir)
-        with locked_run_folder(out_dir, take=distributed.launched_rank() == 0):
-            return function(*args, **kwargs)
-
-    return wrapper
-
-
-@_keeping_torch_threads
-@_holding_the_run_folder
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -444,64 +422,319 @@ def train(
     """
     out_dir = Path(out_dir)
     last_path = out_dir / "last.safetensors"
-    state: dict[str, Any] = {
+    refuse_a_file_in_the_way(out_dir)
+    # The process that writes the folder (rank 0 under torchrun, before it joins the others) takes its lock before
+    # anything there is read, removed or written: a second run into it is refused and leaves this one's files alone.
+    with torch_threads_kept(), locked_run_folder(out_dir, take=distributed.launched_rank() == 0):
+        config, recipe, state, resume_tensors = _start_or_resume(
+            config, out_dir, recipe, resume, dry_run, overwrite, init_weights is not None, resume_device
+        )
+        dry_run = state["dry_run"]  # a dry run resumes as one
+
+        # -- set-up: device and processes, data, model, steps
+        device = _set_up_device(config)
+        joined = distributed.init_distributed(device)  # under torchrun; False in a single process
+        main, world_size = distributed.is_main(), distributed.world_size()
+        if not main:
+            log, progress, tensorboard = _quiet, False, False
+        evaluate_only = resume and run_is_finished(state, config)
+        if evaluate_only:
+            log(f"{out_dir} holds a finished {recipe} run: evaluating it again, without training")
+        elif resume:
+            log(f"resuming {recipe} from step {state['step']} in {out_dir}")
+        data = data or load_mnist(log=log)
+        train_images, train_labels, validation = _split(data, config, dry_run, device)
+        if dry_run:  # the clean epochs too: a config's clean_epochs may not pass its epochs
+            epochs = min(config.epochs, DRY_RUN_MAX_EPOCHS)
+            config = config.override(epochs=epochs, clean_epochs=min(config.clean_epochs, epochs))
+
+        model, optimizer, average = _model_and_optimizer(
+            config, device, world_size, log, init_weights, resume, resume_tensors, state, last_path
+        )
+        # With ema_decay, the moving average of the weights is what gets validated, saved and tested.
+        scored_model = average.model if average is not None else model
+        forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
+        validated_model = average.model if average is not None else forward_model
+        train_model = distributed.wrap(forward_model, device)  # forward_model itself in a single process
+        steps_per_epoch, total_steps = _count_steps(
+            len(train_images), config, world_size, state["step"], last_path
+        )
+
+        params = count_parameters(model)
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        bfloat16 = config.amp and native_bfloat16(device.type)
+        log(
+            f"training {recipe}: {config.arch} ({params:,} parameters) on {device}{processes}"
+            f"{' in bfloat16' if bfloat16 else ''}, {len(train_images):,} images, "
+            f"{total_steps} steps of {config.batch_size}"
+            + (f", weights averaged with decay {config.ema_decay}" if average is not None else "")
+        )
+        if config.amp and not bfloat16:
+            log(
+                f"bfloat16 autocast off: this {device.type} has no native bfloat16, so {recipe} runs in float32 (faster here)"
+            )
+        # Every check that can refuse the run is behind us: only now is the folder touched.
+        if tensorboard:
+            need_extra("tensorboard", "--tensorboard")
+        if main:
+            make_run_folder(out_dir)  # under /proc or read-only: one sentence now, not after the first epoch
+            if not resume and holds_a_run(out_dir):  # a finished run replaced (or any run, with overwrite)
+                # its files go with it; a folder without a run keeps the user's files
+                remove_run_outputs(out_dir)
+        writer = _tensorboard_writer(out_dir) if tensorboard else None
+
+        # -- what runs during training: the clock, checkpoints, the divergence check, the per-step work
+        clock_started = time.perf_counter()  # the clock stops for checkpoints, history.json and on_epoch
+        # The loss is checked where the loop already brings it to the host (an epoch's end, a mid-epoch
+        # checkpoint): its running sum turns NaN or infinite with the first step whose loss does, at no cost per step.
+        finite_at = state["step"]  # the last step at which the loss and weights were found finite
+        # the step of the last checkpoint this run wrote or resumed
+        saved_at = state["step"] if resume else None
+
+        def count_train_time() -> None:
+            """Add the time since the clock last started to train_seconds, and start it again."""
+            nonlocal clock_started
+            now = time.perf_counter()
+            state["train_seconds"] += now - clock_started
+            clock_started = now
+
+        def save_last(step: int, epoch_so_far: list[float] | None = None) -> None:
+            nonlocal saved_at
+            _save_last(
+                last_path,
+                step,
+                epoch_so_far,
+                model,
+                average,
+                optimizer,
+                recipe,
+                config,
+                state,
+                extra_metadata,
+            )
+            saved_at = step
+
+        def stop_if_diverged(done: int, loss_sum: float) -> None:
+            """Raise TrainingDiverged, before anything of step `done` is written, if the loss summed since the epoch
+            began or the weights are no longer finite. Every rank decides alike (the sum is over all ranks, the
+            weights are DDP's identical replicas), so all stop together."""
+            nonlocal finite_at
+            if math.isfinite(loss_sum) and weights_are_finite(model):
+                finite_at = done
+                return
+            kept = (
+                f"{out_dir} keeps the last checkpoint before it, of step {saved_at}, which --resume would take the "
+                "same way"
+                if saved_at is not None
+                else None
+            )
+            epoch = (done - 1) // steps_per_epoch + 1
+            lr = lr_flag or f"--lr, now {config.lr:g}"
+            sentence = divergence_sentence(epoch, finite_at + 1, done, loss_sum, lr, kept)
+            raise TrainingDiverged(sentence, quiet=not main)
+
+        def on_step(step: int, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+            if average is not None:
+                average.update(step)
+            if bar is not None:
+                bar.update(1)
+            every = config.checkpoint_every_steps
+            # a mid-epoch checkpoint; the epoch's last step has its own, after the epoch's row
+            if every and (step + 1) % every == 0 and (step + 1) % steps_per_epoch:
+                # every rank takes part; rank 0 writes
+                epoch_so_far = distributed.sum_across_ranks(list(sums))
+                stop_if_diverged(step + 1, epoch_so_far[0])
+                if main:
+                    count_train_time()
+                    save_last(step + 1, epoch_so_far)
+
+        # -- the epoch loop
+        bar = None
+        step = state["step"]
+        # the sums of an epoch interrupted after a mid-epoch checkpoint; global sums, so rank 0 carries them
+        epoch_so_far = tuple(state.get("epoch_so_far", (0.0, 0, 0))) if main else (0.0, 0, 0)
+        try:
+            while step < total_steps and not run_is_finished(state, config):
+                epoch = step // steps_per_epoch
+                end = min(total_steps, (epoch + 1) * steps_per_epoch)
+                steps = range(step, end)
+                bar = (
+                    _progress(steps, _epochs(end, steps_per_epoch), _epochs(total_steps, steps_per_epoch))
+                    if progress
+                    else None
+                )
+                train_loss, train_accuracy = train_steps(
+                    train_model,
+                    optimizer,
+                    train_images,
+                    train_labels,
+                    config,
+                    steps,
+                    steps_per_epoch,
+                    total_steps,
+                    on_step=on_step,
+                    epoch_so_far=epoch_so_far,
+                )
+                epoch_so_far = (0.0, 0, 0)
+                if bar:
+                    bar.close()
+                stop_if_diverged(end, train_loss)  # before the epoch's row, checkpoints and evaluation
+                step = end
+                stop = False
+                if main:
+                    row: dict[str, float] = {
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "train_loss": train_loss,
+                        "train_accuracy": train_accuracy,
+                        "lr": lr_at(config, step - 1, steps_per_epoch, total_steps),
+                    }
+                    if validation is not None:
+                        row["val_loss"], row["val_accuracy"] = evaluate(validated_model, *validation, config)
+                    count_train_time()  # validation counts as training time
+                    row["seconds"] = state["train_seconds"]
+                    state["history"].append(row)
+                    epochs_done = _epochs(step, steps_per_epoch)
+                    log(_epoch_line(row, epochs_done, _epochs(total_steps, steps_per_epoch)))
+                    if writer:
+                        for key, value in row.items():
+                            writer.add_scalar(key, value, step)
+                    stop = _end_epoch(row, state, config, recipe, out_dir, scored_model, on_epoch, log)
+                    # a finished run, resumed, is only evaluated again: it never trains past where it stopped
+                    state["finished"] = stop or step >= total_steps
+                    save_last(step)
+                    atomic_write_json(out_dir / "history.json", state["history"])
+                if distributed.broadcast_flag(stop):
+                    break
+                clock_started = time.perf_counter()
+        except TrainingDiverged:  # on every rank at once: stop as a finished run does, then say so
+            if bar is not None:
+                bar.close()
+            if writer:
+                writer.close()
+            if joined:
+                del train_model  # as below: DDP holds the process group
+                gc.collect()
+                distributed.shutdown()
+            raise
+        if writer:
+            writer.close()
+        if world_size > 1:
+            fingerprint = distributed.check_replicas(model)
+            log(f"weights identical on all {world_size} ranks (sha256 {fingerprint})")
+            # DistributedDataParallel holds the process group and sits in reference cycles: free it now, so gloo's
+            # threads are not torn down during interpreter shutdown (an abort at exit, seen on loaded machines).
+            del train_model
+            gc.collect()
+        if joined and not main:
+            distributed.shutdown()
+        if not main:
+            return Run(out_dir, config, {}, [])  # rank 0 evaluates and reports
+
+        # -- the best checkpoint on the test set
+        metrics = _test_and_write(
+            model,
+            data,
+            config,
+            recipe,
+            state,
+            out_dir,
+            device=device,
+            steps=step,
+            steps_per_epoch=steps_per_epoch,
+            evaluate_only=evaluate_only,
+            report=report,
+            more_metrics=more_metrics,
+            extra_metadata=extra_metadata,
+        )
+        if joined:
+            distributed.shutdown()
+        return Run(out_dir, config, metrics, state["history"])
+
+
+def _start_or_resume(
+    config: TrainConfig,
+    out_dir: Path,
+    recipe: str,
+    resume: bool,
+    dry_run: bool,
+    overwrite: bool,
+    finetune: bool,
+    resume_device: str | None,
+) -> tuple[TrainConfig, str, dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, recipe, state, tensors) to train from: those of out_dir's last checkpoint for a resumed run,
+    a fresh state and no tensors for a new one, once the checks that may refuse it have passed."""
+    if resume:
+        tensors, config, recipe, state = read_resume(out_dir)
+        refuse_another_process_count(out_dir, state, distributed.launched_world_size())
+        state["dry_run"] = bool(state.get("dry_run", False))  # a dry run resumes on its own few images
+        if resume_device:
+            config = config.override(device=resume_device)
+        return config, recipe, state, tensors
+    # checked for new runs only: checkpoints of older versions may hold a patience without a split
+    if config.early_stopping_patience and not config.val_size:
+        raise DigitrecError(
+            "early stopping watches the validation accuracy, so it needs a validation split: add --val-size N "
+            "(val_size) or drop the patience."
+        )
+    if not overwrite:
+        refuse_unfinished_run(out_dir, finetune=finetune)
+        if dry_run:
+            refuse_replacing_with_a_dry_run(out_dir)
+    state = {
         "step": 0,
         "history": [],
         "best_val_accuracy": -1.0,
         "train_seconds": 0.0,
         "bad_epochs": 0,
         "finished": False,
+        "dry_run": dry_run,
     }
-    resume_tensors: dict[str, torch.Tensor] = {}
-    if resume:
-        resume_tensors, config, recipe, state = read_resume(out_dir)
-        refuse_another_process_count(out_dir, state, distributed.launched_world_size())
-        dry_run = bool(state.get("dry_run", False))  # a dry run resumes on its own few images
-        if resume_device:
-            config = config.override(device=resume_device)
-    else:
-        # checked for new runs only: checkpoints of older versions may hold a patience without a split
-        if config.early_stopping_patience and not config.val_size:
-            raise DigitrecError(
-                "early stopping watches the validation accuracy, so it needs a validation split: add --val-size N "
-                "(val_size) or drop the patience."
-            )
-        if not overwrite:
-            refuse_unfinished_run(out_dir, finetune=init_weights is not None)
-            if dry_run:
-                refuse_replacing_with_a_dry_run(out_dir)
-    state["dry_run"] = dry_run
+    return config, recipe, state, {}
 
+
+def _set_up_device(config: TrainConfig) -> torch.device:
+    """This process's device, with torch's thread count as `config` asks (its default with `threads = 0`)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     device = distributed.rank_device(resolve_device(config.device))
     if device.type == "cuda":
         # cuDNN may otherwise pick kernels that sum in a different order from run to run: same seed, other weights
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    joined = distributed.init_distributed(device)  # under torchrun; False in a single process
-    main, world_size = distributed.is_main(), distributed.world_size()
-    if not main:
-        log, progress, tensorboard = _quiet, False, False
-    evaluate_only = resume and run_is_finished(state, config)
-    if evaluate_only:
-        log(f"{out_dir} holds a finished {recipe} run: evaluating it again, without training")
-    elif resume:
-        log(f"resuming {recipe} from step {state['step']} in {out_dir}")
-    data = data or load_mnist(log=log)
+    return device
+
+
+def _split(
+    data: MNIST, config: TrainConfig, dry_run: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(train images, train labels, validation images and labels), the training ones on `device`: no validation
+    set without `val_size`, and only the first DRY_RUN_BATCHES batches in a dry run."""
     if config.val_size:
         train_images, train_labels, val_images, val_labels = split_validation(
             data.train_images, data.train_labels, config.val_size, seed=0
         )
+        validation = (val_images, val_labels)
     else:
-        train_images, train_labels, val_images, val_labels = data.train_images, data.train_labels, None, None
+        train_images, train_labels, validation = data.train_images, data.train_labels, None
     if dry_run:
-        train_images, train_labels = (
-            train_images[: 8 * config.batch_size],
-            train_labels[: 8 * config.batch_size],
-        )
-        config = config.override(epochs=min(config.epochs, DRY_RUN_MAX_EPOCHS))
-    train_images, train_labels = train_images.to(device), train_labels.to(device)
+        dry_run_images = DRY_RUN_BATCHES * config.batch_size
+        train_images, train_labels = train_images[:dry_run_images], train_labels[:dry_run_images]
+    return train_images.to(device), train_labels.to(device), validation
 
+
+def _model_and_optimizer(
+    config: TrainConfig,
+    device: torch.device,
+    world_size: int,
+    log: Callable[[str], None],
+    init_weights: dict[str, torch.Tensor] | None,
+    resume: bool,
+    resume_tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    last_path: Path,
+) -> tuple[nn.Module, Optimizer, WeightAverage | None]:
+    """The model (seeded, or `init_weights`), its optimizer and, with ema_decay, the moving average of its
+    weights, all as `resume_tensors` left them for a resumed run."""
     torch.manual_seed(config.seed)
     model: nn.Module = create_model(config.arch, config.normalize).to(device)
     check_batch_size(config, model, world_size)
@@ -512,219 +745,121 @@ def train(
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks memory_format
     optimizer = make_optimizer(model, config)
     if resume:
-        with refusing_damage(out_dir / "last.safetensors", config):
+        with refusing_damage(last_path, config):
             model.load_state_dict(section(resume_tensors, "model."))
             load_optimizer(optimizer, resume_tensors, state["optimizer"], trained=state["step"] > 0)
             restore_rng(resume_tensors, state.get("rng"))
-    # With ema_decay, a moving average of the weights is what gets validated, saved and tested.
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     if average is not None and resume:
-        with refusing_damage(out_dir / "last.safetensors", config):
+        with refusing_damage(last_path, config):
             average.model.load_state_dict(section(resume_tensors, "average."))
-    scored_model = average.model if average is not None else model
-    forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
-    train_model = distributed.wrap(forward_model, device)  # forward_model itself in a single process
+    return model, optimizer, average
 
-    steps_per_epoch = steps_in_epoch(len(train_images), config.batch_size, world_size)
+
+def _count_steps(
+    images: int, config: TrainConfig, world_size: int, step: int, last_path: Path
+) -> tuple[int, int]:
+    """(steps per epoch, total steps) of the run, refusing a split that leaves no batch and a checkpoint at
+    `step` past the end."""
+    steps_per_epoch = steps_in_epoch(images, config.batch_size, world_size)
     if steps_per_epoch == 0:
         raise DataError(
-            f"{len(train_images)} training image(s) left after the validation split of {config.val_size}: "
+            f"{images} training image(s) left after the validation split of {config.val_size}: "
             f"too few for one batch of two per process; choose a smaller --val-size."
         )
     total_steps = max(1, round(config.epochs * steps_per_epoch))
-    if state["step"] > total_steps:
+    if step > total_steps:
         raise CheckpointError(
-            f"{last_path} is at step {state['step']} of a run of {total_steps} steps; it is damaged or from "
+            f"{last_path} is at step {step} of a run of {total_steps} steps; it is damaged or from "
             "another version, so start a new run."
         )
-    params = count_parameters(model)
-    processes = f" x {world_size} processes" if world_size > 1 else ""
-    bfloat16 = config.amp and native_bfloat16(device.type)
-    log(
-        f"training {recipe}: {config.arch} ({params:,} parameters) on {device}{processes}"
-        f"{' in bfloat16' if bfloat16 else ''}, {len(train_images):,} images, "
-        f"{total_steps} steps of {config.batch_size}"
-        + (f", weights averaged with decay {config.ema_decay}" if average is not None else "")
+    return steps_per_epoch, total_steps
+
+
+def _save_last(
+    path: Path,
+    step: int,
+    epoch_so_far: list[float] | None,
+    model: nn.Module,
+    average: WeightAverage | None,
+    optimizer: Optimizer,
+    recipe: str,
+    config: TrainConfig,
+    state: dict[str, Any],
+    extra_metadata: dict[str, Any] | None,
+) -> None:
+    """last.safetensors: model, optimizer and RNG tensors; its metadata holds the step, which fixes the data
+    position, the learning rate (a function of the step) and the per-step seeds. No GradScaler: autocast runs
+    in bfloat16, which needs no loss scaling."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors |= {f"average.{k}": v for k, v in average.model.state_dict().items()}
+    optimizer_arrays, optimizer_info = optimizer_tensors(optimizer)
+    rng_arrays, rng_info = rng_state()
+    position = {
+        "step": step,
+        "epoch_so_far": epoch_so_far or [0.0, 0, 0],
+        "optimizer": optimizer_info,
+        "rng": rng_info,
+        "world_size": distributed.world_size(),  # a resume on another count would not continue exactly
+    }
+    save_tensors(
+        path,
+        tensors | optimizer_arrays | rng_arrays,
+        {"recipe": recipe, "config": config.to_dict(), "state": state | position}
+        | ({"extra": extra_metadata} if extra_metadata else {}),
     )
-    if config.amp and not bfloat16:
-        log(
-            f"bfloat16 autocast off: this {device.type} has no native bfloat16, so {recipe} runs in float32 (faster here)"
+
+
+def _end_epoch(
+    row: dict[str, float],
+    state: dict[str, Any],
+    config: TrainConfig,
+    recipe: str,
+    out_dir: Path,
+    scored_model: nn.Module,
+    on_epoch: Callable[[nn.Module, dict[str, float]], bool] | None,
+    log: Callable[[str], None],
+) -> bool:
+    """Save `scored_model` as model.safetensors if its validation accuracy is the best yet (after every epoch,
+    without a split); True if training stops here (early stopping's patience ran out, or on_epoch said so)."""
+    if "val_accuracy" not in row or row["val_accuracy"] > state["best_val_accuracy"]:
+        state["best_val_accuracy"] = row.get("val_accuracy", -1.0)
+        state["bad_epochs"] = 0
+        save_model(
+            out_dir / "model.safetensors",
+            scored_model,
+            {"recipe": recipe, "config": config.to_dict(), "partial": True},
         )
-    # Every check that can refuse the run is behind us: only now is the folder touched.
-    if tensorboard:
-        need_extra("tensorboard", "--tensorboard")
-    if main:
-        make_run_folder(out_dir)  # under /proc or read-only: one sentence now, not after the first epoch
-        if not resume and holds_a_run(out_dir):  # a finished run replaced (or any run, with overwrite)
-            remove_run_outputs(out_dir)  # its files go with it; a folder without a run keeps the user's files
-    writer = _tensorboard_writer(out_dir) if tensorboard else None
-    # The loss is checked where the loop already brings it to the host (an epoch's end, a mid-epoch checkpoint):
-    # its running sum turns NaN or infinite with the first step whose loss does, at no cost per step.
-    finite_at = state["step"]  # the last step at which the loss and weights were found finite
-    saved_at = state["step"] if resume else None  # the step of the last checkpoint this run wrote or resumed
+    else:
+        state["bad_epochs"] += 1
+    stop = False
+    if config.early_stopping_patience and state["bad_epochs"] >= config.early_stopping_patience:
+        log(f"early stopping: no better validation accuracy for {state['bad_epochs']} epochs")
+        stop = True
+    if on_epoch is not None and on_epoch(scored_model, row):
+        stop = True
+    return stop
 
-    def save_last(step: int, epoch_so_far: list[float] | None = None) -> None:
-        """last.safetensors: model, optimizer and RNG tensors; its metadata holds the step, which fixes the data
-        position, the learning rate (a function of the step) and the per-step seeds. No GradScaler: autocast
-        runs in bfloat16, which needs no loss scaling."""
-        nonlocal saved_at
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        if average is not None:
-            tensors |= {f"average.{k}": v for k, v in average.model.state_dict().items()}
-        optimizer_arrays, optimizer_info = optimizer_tensors(optimizer)
-        rng_arrays, rng_info = rng_state()
-        position = {
-            "step": step,
-            "epoch_so_far": epoch_so_far or [0.0, 0, 0],
-            "optimizer": optimizer_info,
-            "rng": rng_info,
-            "world_size": world_size,  # a resume on another count would not continue exactly
-        }
-        save_tensors(
-            last_path,
-            tensors | optimizer_arrays | rng_arrays,
-            {"recipe": recipe, "config": config.to_dict(), "state": state | position}
-            | ({"extra": extra_metadata} if extra_metadata else {}),
-        )
-        saved_at = step
 
-    def stop_if_diverged(done: int, loss_sum: float) -> None:
-        """Raise TrainingDiverged, before anything of step `done` is written, if the loss summed since the epoch
-        began or the weights are no longer finite. Every rank decides alike (the sum is over all ranks, the
-        weights are DDP's identical replicas), so all stop together."""
-        nonlocal finite_at
-        if math.isfinite(loss_sum) and weights_are_finite(model):
-            finite_at = done
-            return
-        kept = (
-            f"{out_dir} keeps the last checkpoint before it, of step {saved_at}, which --resume would take the "
-            "same way"
-            if saved_at is not None
-            else None
-        )
-        epoch = (done - 1) // steps_per_epoch + 1
-        lr = lr_flag or f"--lr, now {config.lr:g}"
-        sentence = divergence_sentence(epoch, finite_at + 1, done, loss_sum, lr, kept)
-        raise TrainingDiverged(sentence, quiet=not main)
-
-    def on_step(step: int, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
-        if average is not None:
-            average.update(step)
-        if bar is not None:
-            bar.update(1)
-        if (
-            config.checkpoint_every_steps
-            and (step + 1) % config.checkpoint_every_steps == 0
-            and (step + 1) % steps_per_epoch
-        ):
-            epoch_so_far = distributed.sum_across_ranks(list(sums))  # every rank takes part; rank 0 writes
-            stop_if_diverged(step + 1, epoch_so_far[0])
-            if main:
-                state["train_seconds"] += time.perf_counter() - clock[0]
-                clock[0] = time.perf_counter()
-                save_last(step + 1, epoch_so_far)
-
-    clock = [time.perf_counter()]
-    bar = None
-    step = state["step"]
-    # the sums of an epoch interrupted after a mid-epoch checkpoint; they are global sums, so rank 0 carries them
-    epoch_so_far = tuple(state.get("epoch_so_far", (0.0, 0, 0))) if main else (0.0, 0, 0)
-    try:
-        while step < total_steps and not run_is_finished(state, config):
-            epoch = step // steps_per_epoch
-            end = min(total_steps, (epoch + 1) * steps_per_epoch)
-            steps = range(step, end)
-            bar = (
-                _progress(steps, _epochs(end, steps_per_epoch), _epochs(total_steps, steps_per_epoch))
-                if progress
-                else None
-            )
-            train_loss, train_accuracy = train_steps(
-                train_model,
-                optimizer,
-                train_images,
-                train_labels,
-                config,
-                steps,
-                steps_per_epoch,
-                total_steps,
-                on_step=on_step,
-                epoch_so_far=epoch_so_far,
-            )
-            epoch_so_far = (0.0, 0, 0)
-            if bar:
-                bar.close()
-            stop_if_diverged(end, train_loss)  # before the epoch's row, checkpoints and evaluation
-            step = end
-            stop = False
-            if main:
-                row: dict[str, float] = {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "train_loss": train_loss,
-                    "train_accuracy": train_accuracy,
-                    "lr": lr_at(config, step - 1, steps_per_epoch, total_steps),
-                }
-                if val_images is not None:
-                    row["val_loss"], row["val_accuracy"] = evaluate(
-                        scored_model if average is not None else forward_model, val_images, val_labels, config
-                    )
-                state["train_seconds"] += time.perf_counter() - clock[0]
-                clock[0] = time.perf_counter()
-                row["seconds"] = state["train_seconds"]
-                state["history"].append(row)
-                log(_epoch_line(row, _epochs(step, steps_per_epoch), _epochs(total_steps, steps_per_epoch)))
-                if writer:
-                    for key, value in row.items():
-                        writer.add_scalar(key, value, step)
-                better = val_images is None or row["val_accuracy"] > state["best_val_accuracy"]
-                if better:
-                    state["best_val_accuracy"] = row.get("val_accuracy", -1.0)
-                    state["bad_epochs"] = 0
-                    save_model(
-                        out_dir / "model.safetensors",
-                        scored_model,
-                        {"recipe": recipe, "config": config.to_dict(), "partial": True},
-                    )
-                else:
-                    state["bad_epochs"] += 1
-                if config.early_stopping_patience and state["bad_epochs"] >= config.early_stopping_patience:
-                    log(f"early stopping: no better validation accuracy for {state['bad_epochs']} epochs")
-                    stop = True
-                if on_epoch is not None and on_epoch(scored_model, row):
-                    stop = True
-                # a finished run, resumed, is only evaluated again: it never trains past where it stopped
-                state["finished"] = stop or step >= total_steps
-                save_last(step)
-                atomic_write_json(out_dir / "history.json", state["history"])
-            if distributed.broadcast_flag(stop):
-                break
-            clock[0] = time.perf_counter()
-    except TrainingDiverged:  # on every rank at once: stop as a finished run does, then say so
-        if bar is not None:
-            bar.close()
-        if writer:
-            writer.close()
-        if joined:
-            del train_model  # as below: DDP holds the process group
-            gc.collect()
-            distributed.shutdown()
-        raise
-    if writer:
-        writer.close()
-
-    if world_size > 1:
-        fingerprint = distributed.check_replicas(model)
-        log(f"weights identical on all {world_size} ranks (sha256 {fingerprint})")
-        # DistributedDataParallel holds the process group and sits in reference cycles: free it now, so gloo's
-        # threads are not torn down during interpreter shutdown (an abort at exit, seen on loaded machines).
-        del train_model
-        gc.collect()
-    if joined and not main:
-        distributed.shutdown()
-    if not main:
-        return Run(out_dir, config, {}, [])  # rank 0 evaluates and reports
-
+def _test_and_write(
+    model: nn.Module,
+    data: MNIST,
+    config: TrainConfig,
+    recipe: str,
+    state: dict[str, Any],
+    out_dir: Path,
+    *,
+    device: torch.device,
+    steps: int,
+    steps_per_epoch: int,
+    evaluate_only: bool,
+    report: bool,
+    more_metrics: Callable[[nn.Module], dict[str, Any]] | None,
+    extra_metadata: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Load the best checkpoint into `model`, evaluate it on the test set, write model.safetensors (with its
+    metrics), metrics.json and, with `report`, the report; returns the metrics."""
     if evaluate_only:  # killed after the last checkpoint said finished, history.json may lack the last epoch
         atomic_write_json(out_dir / "history.json", state["history"])
     best, best_meta = load_tensors(out_dir / "model.safetensors")
@@ -735,17 +870,17 @@ def train(
     metrics = {
         "test_accuracy": test_accuracy,
         "test_loss": test_loss,
-        "val_accuracy": state["best_val_accuracy"] if val_images is not None else None,
-        "params": params,
+        "val_accuracy": state["best_val_accuracy"] if config.val_size else None,
+        "params": count_parameters(model),
         "train_seconds": round(state["train_seconds"], 3),
         "eval_seconds": round(time.perf_counter() - eval_start, 3),
-        "epochs": round(step / steps_per_epoch, 3),  # as trained: 0.85 for fast, not the 1 of its one row
-        "steps": step,
+        "epochs": round(steps / steps_per_epoch, 3),  # as trained: 0.85 for fast, not the 1 of its one row
+        "steps": steps,
         "device": str(device),
-        "world_size": world_size,
+        "world_size": distributed.world_size(),
         "threads": torch.get_num_threads(),  # intra-op threads per process: a float sum's order depends on it
-        "bfloat16": bfloat16,  # autocast as it ran (see native_bfloat16)
-        "dry_run": dry_run,  # trained on the first 8 batches only (--dry-run)
+        "bfloat16": config.amp and native_bfloat16(device.type),  # autocast as it ran (see native_bfloat16)
+        "dry_run": state["dry_run"],  # trained on the first DRY_RUN_BATCHES batches only (--dry-run)
     }
     if more_metrics is not None:
         metrics |= more_metrics(model)
@@ -758,14 +893,11 @@ def train(
             model_metadata(config, recipe, model, data, metrics) | (extra_metadata or {}),
         )
     atomic_write_json(out_dir / "metrics.json", metrics)
-    run = Run(out_dir, config, metrics, state["history"])
     if report:
         from .evaluate import write_report
 
         write_report(out_dir, model, data, history=state["history"], config=config, logits=test_logits.cpu())
-    if joined:
-        distributed.shutdown()
-    return run
+    return metrics
 
 
 def _quiet(message: str) -> None:
