@@ -237,6 +237,9 @@ def test_resume_still_takes_device_and_the_switches_it_does_not_check(tmp_path, 
         ["tune", "--recipe", ""],
         ["bench", "gpu", "--recipe", ""],
         ["eval-real", "--data-dir", ""],
+        ["serve", "--feedback-db", ""],  # these: the default database in the home folder, as if not given
+        ["feedback", "export", "--feedback-db", ""],
+        ["finetune", "--model", "run", "--feedback", ""],  # its flag, also spelt --feedback-db
     ],
 )
 def test_an_empty_name_is_refused_not_read_as_the_current_folder_or_the_default(
@@ -258,7 +261,7 @@ def test_an_empty_name_is_refused_not_read_as_the_current_folder_or_the_default(
         main(args)
     assert stopped.value.code == 2
     flag = args[args.index("") - 1]
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.replace("--feedback/--feedback-db", "--feedback")
     assert f"error: argument {flag}: is empty (an unset shell variable?); name " in err
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
@@ -947,3 +950,69 @@ def test_a_default_run_folder_is_not_left_empty_by_a_refused_run(idx_folder, tmp
     args = ["train", "--recipe", "fast", "--val-size", "0", "--early-stopping-patience", "2"]
     assert main([*args, "--data-dir", str(idx_folder)]) == 2
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["evaluate", ""], ["calibrate", ""], ["export", ""], ["ensemble", "run", ""]],
+    ids=["evaluate", "calibrate", "export", "ensemble"],
+)
+def test_an_empty_model_argument_is_refused_not_read_as_the_current_folder(
+    args, tmp_path, monkeypatch, capsys
+):
+    """`digitrec evaluate "$RUN"` with $RUN unset evaluated ./model.safetensors."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2
+    assert (
+        "is empty (an unset shell variable?); name a run folder or .safetensors file"
+        in capsys.readouterr().err
+    )
+
+
+def test_evaluate_draws_a_run_folders_history_only_for_its_own_checkpoint(
+    tiny_fast_run, idx_folder, tmp_path, capsys
+):
+    """Another model copied into a run folder was reported with that run's curves and history table."""
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(tiny_fast_run, folder)
+    shutil.copy(folder / "model.safetensors", folder / "other.safetensors")
+    for name, curves in (("model.safetensors", True), ("other.safetensors", False)):
+        report = tmp_path / f"report-{name}"
+        assert (
+            main(["evaluate", str(folder / name), "--report", str(report), "--data-dir", str(idx_folder)])
+            == 0
+        )
+        assert (report / "curves.png").exists() == curves and (
+            "<h2>History</h2>" in (report / "report.html").read_text()
+        ) == curves
+
+
+def test_evaluate_says_when_a_checkpoint_is_from_a_run_that_has_not_finished(tmp_path, idx_folder, capsys):
+    from digitrec.config import get_recipe
+    from digitrec.data import load_mnist
+    from digitrec.training import train
+
+    def stop(model, row):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            get_recipe("seed-mlp").override(epochs=2, val_size=200),
+            out,
+            data=load_mnist(idx_folder, download=False),
+            progress=False,
+            report=False,
+            log=lambda message: None,
+            on_epoch=stop,
+        )
+    assert main(["evaluate", str(out), "--data-dir", str(idx_folder)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"best checkpoint so far of a run that has not finished; `digitrec train --resume {out}` finishes it"
+        in err
+    )

@@ -131,6 +131,10 @@ def test_the_openapi_schema_lists_every_error_and_the_raw_feedback_body(client):
         schema = spec["paths"][path]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
         assert schema["$ref"].endswith("/ErrorResponse"), path
     feedback = spec["paths"]["/api/feedback"]["post"]
+    # its 507 answers {"detail": ...} as every error does; the schema showed no body
+    assert feedback["responses"]["507"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorResponse"
+    )
     assert "image/*" in feedback["requestBody"]["content"]
     assert {p["name"] for p in feedback["parameters"] if p["in"] == "query"} == {"label", "predicted"}
 
@@ -153,6 +157,9 @@ def test_predict_accepts_base64_json_data_urls_and_raw_bodies_alike(client):
     for response in (
         client.post("/api/predict", json={"image": encoded}),
         client.post("/api/predict", json={"image": "data:image/png;base64," + encoded}),
+        client.post(
+            "/api/predict", json={"image": "DATA:image/png;base64," + encoded}
+        ),  # was "not valid base64"
         client.post("/api/predict", content=png, headers={"content-type": "image/png"}),
     ):
         assert response.status_code == 200 and response.json() == expected
@@ -311,6 +318,28 @@ def test_feedback_without_a_valid_digit_label_is_422(client, fields, db_path):
     assert "digit" in response.json()["detail"]
     with sqlite3.connect(db_path) as con:
         assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("field", ["label", "predicted"])
+def test_feedback_json_empty_string_is_refused_as_a_string_not_taken_as_missing(client, field, db_path):
+    """JSON "predicted": "" was stored as no prediction (201), "label": "" said the label was missing."""
+    body = {"image": base64.b64encode(digit_png()).decode(), "label": 3, field: ""}
+    response = client.post("/api/feedback", json=body)
+    assert response.status_code == 422
+    assert (
+        response.json()["detail"]
+        == f'the field "{field}" must be a digit from 0 to 9 as a JSON integer, got "".'
+    )
+
+
+def test_a_huge_value_is_not_echoed_whole_in_the_error(client):
+    """A 3 MB label came back in a 3 MB error sentence."""
+    body = {"image": base64.b64encode(digit_png()).decode(), "label": "y" * 3_000_000}
+    response = client.post("/api/feedback", json=body)
+    detail = response.json()["detail"]
+    assert response.status_code == 422 and len(detail) < 200 and "(3,000,002 characters)" in detail
+    response = client.post("/api/predict", content=b"x", headers={"content-type": "text/" + "z" * 5000})
+    assert response.status_code == 415 and len(response.json()["detail"]) < 400
 
 
 @pytest.mark.parametrize("label", [b"Infinity", b"-Infinity", b"NaN", b"1e400", b"3.5", b"true"])

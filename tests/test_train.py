@@ -189,7 +189,7 @@ def test_metrics_count_the_epochs_trained_with_their_fraction(tiny_mnist, tmp_pa
     run = train(
         TINY.override(epochs=0.5), tmp_path, data=tiny_mnist, progress=False, report=False, log=lines.append
     )
-    assert [row["epoch"] for row in run.history] == [1] and run.metrics["epochs"] == 0.5
+    assert [row["epoch"] for row in run.history] == [0.5] and run.metrics["epochs"] == 0.5
     # and the epoch line said "epoch   1/1" for half an epoch
     assert [line.split("  train")[0] for line in lines if line.startswith("epoch")] == ["epoch 0.5/0.5"]
 
@@ -201,6 +201,42 @@ def test_epoch_lines_count_whole_epochs_and_the_part_of_the_last(tiny_mnist, tmp
     )
     said = [line.split("  train")[0] for line in lines if line.startswith("epoch")]
     assert said == ["epoch   1/2.5", "epoch   2/2.5", "epoch 2.5/2.5"]
+    # history.json, the report's table and its curves count them alike (the last row said 3)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 2.5]
+
+
+def test_an_interrupted_run_closes_its_progress_bar_before_the_interrupt_is_said(
+    tiny_mnist, tmp_path, monkeypatch
+):
+    """Ctrl-C left the epoch's bar drawn: "stopped; digitrec train --resume ..." was printed onto its line."""
+    import digitrec.training
+
+    closed: list[bool] = []
+
+    class Bar:
+        def update(self, n):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(digitrec.training, "_progress", lambda *args: Bar())
+    monkeypatch.setattr(digitrec.training, "train_steps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, tmp_path, data=tiny_mnist, progress=True, report=False, log=lambda message: None)
+    assert closed == [True]
+
+
+def test_a_finished_run_resumed_says_it_is_evaluated_and_not_that_it_trains(tiny_mnist, tmp_path):
+    train(TINY, tmp_path, data=tiny_mnist, progress=False, report=False, log=lambda message: None)
+    lines: list[str] = []
+    train(TINY, tmp_path, data=tiny_mnist, resume=True, progress=False, report=False, log=lines.append)
+    assert any("evaluating it again, without training" in line for line in lines)
+    assert not any(line.startswith("training ") for line in lines), lines
 
 
 def test_an_epoch_count_is_never_rounded_to_a_whole_one():

@@ -47,6 +47,7 @@ def _named(what: str) -> Callable[[str], str]:
 _data_dir = _named("the folder that holds MNIST (without --data-dir it is found or downloaded)")
 _model_name = _named("a run folder or .safetensors file")
 _recipe_name = _named("a recipe (`digitrec recipes` lists them)")
+_feedback_db = _named("the corrections database (without the flag: $DIGITREC_FEEDBACK_DB or the default)")
 
 
 def _model_out(value: str) -> Path:
@@ -334,15 +335,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _make_folder(args.report, "--report")
     path = _model_path(args.model)
     model, meta = load_model(path)
+    if meta.get("partial"):  # written after an epoch of a run that was stopped before its end
+        _stderr(
+            f"note: {path} is the best checkpoint so far of a run that has not finished; "
+            f"`digitrec train --resume {path.parent}` finishes it."
+        )
     trained = TrainConfig.from_checkpoint(meta, path)
     config = trained.override(tta_views=args.tta_views)
+    # A run folder's history belongs to its model.safetensors, not to another checkpoint copied beside it.
+    history = load_history(path.parent) if path.name == "model.safetensors" else None
     data = load_mnist(args.data_dir, log=_stderr)
     if args.report:
         metrics = write_report(
             args.report,
             model,
             data,
-            history=load_history(path.parent),  # the curves of the run the checkpoint comes from, if any
+            history=history,  # the curves of the run the checkpoint comes from, if any
             config=config,
             title=f"digitrec evaluate {args.model}",
             meta=meta,
@@ -1231,7 +1239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test-set metrics of a trained model")
-    p.add_argument("model", help="a run folder or model.safetensors")
+    p.add_argument("model", type=_model_name, help="a run folder or model.safetensors")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--report", metavar="DIR", type=_folder, help="also write plots and report.html into DIR")
     p.add_argument(
@@ -1248,7 +1256,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-set metrics of several models voting together (mean of calibrated probabilities); "
         "--out also saves them as one model",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or model.safetensors files")
+    p.add_argument(
+        "models", nargs="+", metavar="MODEL", type=_model_name, help="run folders or model.safetensors files"
+    )
     p.add_argument(
         "--out",
         metavar="PATH",
@@ -1301,6 +1311,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--feedback-db",
+        type=_feedback_db,
         help="SQLite file for corrections (default $DIGITREC_FEEDBACK_DB, else $XDG_DATA_HOME or ~/.local/share, then digitrec/feedback.sqlite)",
     )
     p.add_argument(
@@ -1342,6 +1353,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--feedback-db",
+        type=_feedback_db,
         help="SQLite file (default $DIGITREC_FEEDBACK_DB, else $XDG_DATA_HOME or ~/.local/share, then digitrec/feedback.sqlite)",
     )
     q.add_argument("--format", choices=["idx", "png"], default="idx")
@@ -1378,6 +1390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--feedback",
         "--feedback-db",
+        type=_feedback_db,
         dest="feedback",
         help="SQLite file of corrections (default $DIGITREC_FEEDBACK_DB, else $XDG_DATA_HOME or ~/.local/share, then digitrec/feedback.sqlite; also --feedback-db)",
     )
@@ -1453,7 +1466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "calibrate", help="fit the temperature and choose the reject threshold; stored in the model"
     )
-    p.add_argument("model", help="a run folder or model.safetensors")
+    p.add_argument("model", type=_model_name, help="a run folder or model.safetensors")
     p.add_argument(
         "--count", type=_positive_int, default=600, help="generated calibration photos per set (default 600)"
     )
@@ -1500,7 +1513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_real)
 
     p = sub.add_parser("export", help="export a model to ONNX (float32 or static int8) with a parity check")
-    p.add_argument("model", help="a run folder or model.safetensors")
+    p.add_argument("model", type=_model_name, help="a run folder or model.safetensors")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument(
         "--int8", action="store_true", help="static int8 quantization calibrated on MNIST training images"

@@ -26,7 +26,10 @@ import numpy as np
 from .errors import ImageError, ImageTooLargeError
 
 MAX_PIXELS = 40_000_000
-IMAGE_HINT = 'send the image as the multipart field "file", or as JSON {"image": "<base64 PNG or JPEG>"}'
+IMAGE_HINT = (
+    'send the image as the multipart field "file", as JSON {"image": "<base64 PNG or JPEG>"}, or as the body '
+    "with Content-Type image/png or image/jpeg"
+)
 
 
 def checked_upload(data: bytes) -> bytes:

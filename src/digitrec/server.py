@@ -423,7 +423,7 @@ def create_app(
             if not isinstance(body, dict) or not isinstance(body.get("image"), str):
                 raise HTTPException(400, f'the JSON has no string field "image"; {IMAGE_HINT}.')
             encoded = body.pop("image")
-            if encoded.startswith("data:"):  # a data URL, as canvas.toDataURL() gives
+            if encoded[:5].lower() == "data:":  # a data URL, as canvas.toDataURL() gives (any case: RFC 3986)
                 encoded = encoded.partition(",")[2]
             try:
                 data = decode_base64(encoded)
@@ -432,7 +432,9 @@ def create_app(
             return data, body
         if content_type.startswith("image/") or content_type == "application/octet-stream":
             return await request.body(), _fields_once(request.query_params.multi_items())
-        raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}; {IMAGE_HINT}.")
+        raise HTTPException(
+            415, f"unsupported content type {_shortened(repr(content_type or '(none)'))}; {IMAGE_HINT}."
+        )
 
     async def to_input(data: bytes) -> np.ndarray:
         if workers is not None:
@@ -525,11 +527,20 @@ def create_app(
         answer["model"] = ErrorResponse
     # FastAPI's own 422 entry shows its list-of-errors shape; our handler answers one sentence like every error
     predict_responses = error_responses | {
-        422: {"description": "explain is not true or false", "model": ErrorResponse}
+        422: {
+            "description": "explain is not a boolean (true/false, 1/0, yes/no, on/off)",
+            "model": ErrorResponse,
+        }
     }
     feedback_responses = error_responses | {
-        422: {"description": "label or predicted is not a digit 0-9", "model": ErrorResponse},
-        507: {"description": "the database is at its size limit (`--feedback-max-mb`) or its disk is full"},
+        422: {
+            "description": "label or predicted is not one digit 0-9 or was sent twice, or the image holds no ink",
+            "model": ErrorResponse,
+        },
+        507: {
+            "description": "the database is at its size limit (`--feedback-max-mb`) or its disk is full",
+            "model": ErrorResponse,
+        },
     }
 
     # HEAD on / and /healthz: load balancers and uptime checks probe with it (FastAPI adds HEAD to no GET route)
@@ -807,7 +818,7 @@ def _digit_field(fields: dict[str, Any], name: str, required: bool, from_json: b
     value = fields.get(name)
     if isinstance(value, _Repeated):
         raise HTTPException(422, f'the field "{name}" was sent {len(value)} times; send it once.')
-    if value is None or value == "":
+    if value is None or (value == "" and not from_json):  # a JSON "" is a string, refused below
         if required:
             raise HTTPException(422, f'the field "{name}" is missing; send the correct digit, 0 to 9.')
         return None
@@ -815,11 +826,19 @@ def _digit_field(fields: dict[str, Any], name: str, required: bool, from_json: b
         if type(value) is int and 0 <= value <= 9:  # type(): a bool is an int too
             return value
         raise HTTPException(
-            422, f'the field "{name}" must be a digit from 0 to 9 as a JSON integer, got {json.dumps(value)}.'
+            422,
+            f'the field "{name}" must be a digit from 0 to 9 as a JSON integer, got {_shortened(json.dumps(value))}.',
         )
     if isinstance(value, str) and len(value) == 1 and value in "0123456789":
         return int(value)
-    raise HTTPException(422, f'the field "{name}" must be one digit from 0 to 9, got {value!r}.')
+    raise HTTPException(
+        422, f'the field "{name}" must be one digit from 0 to 9, got {_shortened(repr(value))}.'
+    )
+
+
+def _shortened(text: str, limit: int = 40) -> str:
+    """A value quoted in an error sentence, cut to `limit` characters: a 3 MB label made a 3 MB answer."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text):,} characters)"
 
 
 BACKEND_NAMES = {"OnnxBackend": "ONNX Runtime", "TorchBackend": "PyTorch", "NumpyBackend": "NumPy"}

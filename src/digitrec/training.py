@@ -463,13 +463,14 @@ def train(
         params = count_parameters(model)
         processes = f" x {world_size} processes" if world_size > 1 else ""
         bfloat16 = config.amp and native_bfloat16(device.type)
-        log(
-            f"training {recipe}: {config.arch} ({params:,} parameters) on {device}{processes}"
-            f"{' in bfloat16' if bfloat16 else ''}, {len(train_images):,} images, "
-            f"{total_steps} steps of {config.batch_size}"
-            + (f", weights averaged with decay {config.ema_decay}" if average is not None else "")
-        )
-        if config.amp and not bfloat16:
+        if not evaluate_only:  # a finished run said above that it is only evaluated
+            log(
+                f"training {recipe}: {config.arch} ({params:,} parameters) on {device}{processes}"
+                f"{' in bfloat16' if bfloat16 else ''}, {len(train_images):,} images, "
+                f"{total_steps} steps of {config.batch_size}"
+                + (f", weights averaged with decay {config.ema_decay}" if average is not None else "")
+            )
+        if config.amp and not bfloat16 and not evaluate_only:
             log(
                 f"bfloat16 autocast off: this {device.type} has no native bfloat16, so {recipe} runs in float32 (faster here)"
             )
@@ -583,7 +584,10 @@ def train(
                 stop = False
                 if main:
                     row: dict[str, float] = {
-                        "epoch": epoch + 1,
+                        # epochs done: whole, or a run's last part of one (fast: 0.85), as the epoch line says
+                        "epoch": epoch + 1
+                        if step % steps_per_epoch == 0
+                        else round(step / steps_per_epoch, 3),
                         "step": step,
                         "train_loss": train_loss,
                         "train_accuracy": train_accuracy,
@@ -607,6 +611,10 @@ def train(
                 if distributed.broadcast_flag(stop):
                     break
                 clock_started = time.perf_counter()
+        except KeyboardInterrupt:  # the bar goes before the caller says how to resume, not under its line
+            if bar is not None:
+                bar.close()
+            raise
         except TrainingDiverged:  # on every rank at once: stop as a finished run does, then say so
             if bar is not None:
                 bar.close()

@@ -167,9 +167,10 @@ def tune(
 
         def on_epoch(model: Any, row: dict[str, float]) -> bool:
             nonlocal pruned
-            trial.report(row["val_accuracy"], int(row["epoch"]))
+            epoch = math.ceil(row["epoch"])  # a last part of an epoch (2.5) is the third
+            trial.report(row["val_accuracy"], epoch)
             # after the last epoch there is nothing left to save: the trial ran in full and counts as finished
-            pruned = int(row["epoch"]) < last_epoch and trial.should_prune()
+            pruned = epoch < last_epoch and trial.should_prune()
             return pruned  # True stops training after this epoch
 
         try:
