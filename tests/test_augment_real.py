@@ -93,8 +93,9 @@ def test_training_with_negatives_runs_and_is_reproducible(tiny_mnist, tmp_path, 
 
     scored = []  # how many non-digits reached the model, and so the outlier loss, at each step
     real_outlier_loss = augment_real.outlier_loss
-    monkeypatch.setattr(
-        augment_real, "outlier_loss", lambda logits: scored.append(len(logits)) or real_outlier_loss(logits)
+    monkeypatch.setattr(  # where the training step looks it up
+        "digitrec.training.outlier_loss",
+        lambda logits: scored.append(len(logits)) or real_outlier_loss(logits),
     )
     config = RECIPES["fast"].override(
         epochs=0.25, augment="robust", negatives=0.25, val_size=0, amp=False, channels_last=False

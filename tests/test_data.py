@@ -548,7 +548,7 @@ def test_wrong_files_in_a_named_folder_ask_for_another_folder_not_a_delete(
         load_mnist(idx_folder, download=False)
     assert str(refused.value) == (
         f"{idx_folder} does not hold the canonical MNIST files (t10k-labels-idx1-ubyte.gz differs); pass a folder "
-        "that does (or omit --data-dir to download them)."
+        "that does, or omit --data-dir (data_dir in Python) to download them."
     )
     monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
     with pytest.raises(DataError) as refused:

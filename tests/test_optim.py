@@ -101,3 +101,14 @@ def test_weight_average_forgets_the_first_steps_fast():
     assert average.decay_at(0) == 0.1
     assert average.decay_at(90) == 0.91
     assert average.decay_at(100_000) == 0.999
+
+
+def test_zero_grad_keeps_torch_optimizers_meaning_of_set_to_none():
+    """zero_grad(set_to_none=False) set the gradients to None all the same."""
+    layer = nn.Linear(3, 2)
+    optimizer = AdamW([{"params": layer.parameters()}], lr=0.1)
+    layer(torch.ones(1, 3)).sum().backward()
+    optimizer.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in layer.parameters())

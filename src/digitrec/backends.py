@@ -142,9 +142,8 @@ class OnnxBackend:
         self.path, self.threads, self.spin = Path(path), threads, spin
         # One thread, not spinning: the Predictor's batches are small and preprocessing dominates, and a server
         # makes one model call at a time beside request workers that need the other cores.
-        self._open(
-            read_onnx(self.path)
-        )  # read once: the session and a pickle for the workers share these bytes
+        # read once: the session and a pickle for the workers share these bytes
+        self._open(read_onnx(self.path))
         refuse_stale_export(self.path, self.meta)
         # an export of a checkpoint whose weights are NaN or infinite (`digitrec export` refuses those now, and
         # its parity check let them pass before) answers digit 0 "with confidence NaN": one blank image tells

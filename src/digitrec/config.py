@@ -24,9 +24,10 @@ SCHEDULES = ("constant", "step", "step_at_epoch_start", "cosine", "onecycle")
 AUGMENTATIONS = ("none", "rotate10", "affine", "affine-elastic", "robust")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # what training.resolve_device takes
 # --dry-run trains on the first DRY_RUN_BATCHES batches for at most DRY_RUN_MAX_EPOCHS epochs, and records the
-# epochs it trained
+# epochs it trained; its report's robustness section scores DRY_RUN_ROBUSTNESS_IMAGES test images, not 1,000
 DRY_RUN_BATCHES = 8
 DRY_RUN_MAX_EPOCHS = 1.0
+DRY_RUN_ROBUSTNESS_IMAGES = 100
 # Upper bounds of settings that are otherwise unbounded, where a huge value (a TOML 1e300) overflowed in
 # training with a traceback instead of one sentence: a batch indexes 32-bit, a thread pool of 100,000 crashes.
 MAX_BATCH_SIZE = 2**31 - 1
@@ -39,9 +40,8 @@ class TrainConfig:
     """Everything a run needs; units are in the names. A recipe is a named instance of this class."""
 
     arch: str = "fast_cnn"
-    epochs: float = (
-        1.0  # fractional epochs are allowed: the run stops after round(epochs * steps_per_epoch) steps
-    )
+    # fractional epochs are allowed: the run stops after round(epochs * steps_per_epoch) steps
+    epochs: float = 1.0
     batch_size: int = 128
     optimizer: str = "adamw"
     lr: float = 1e-3  # the peak learning rate for onecycle, the initial one otherwise

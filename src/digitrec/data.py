@@ -86,12 +86,10 @@ def parse_idx(data: bytes, name: str = "IDX data", advice: str = DELETE_ADVICE) 
     if len(data) < header:
         raise DataError(f"{name} is truncated inside its header; {advice}.")
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    count = math.prod(
-        dims
-    )  # Python ints: an int64 product of four 32-bit dims can wrap around to a small number
-    if (
-        math.prod(d for d in dims if d) > MAX_IDX_ITEMS
-    ):  # NumPy refuses absurd shapes even with a zero in them
+    # Python ints: an int64 product of four 32-bit dims can wrap around to a small number
+    count = math.prod(dims)
+    # NumPy refuses absurd shapes even with a zero in them
+    if math.prod(d for d in dims if d) > MAX_IDX_ITEMS:
         raise DataError(
             f"{name} claims a {' x '.join(map(str, dims))} array, more than any MNIST file holds, so it is corrupt; "
             f"{advice}."
@@ -163,15 +161,9 @@ def verify(folder: Path, label: str = "cache") -> dict[str, bytes] | None:
         data = _read_file(path, advice)
         if hashlib.md5(data).hexdigest() != md5:
             parse_idx(data, str(path), advice)  # a clearer message for truncation and bad magic
-            if label == "$DIGITREC_DATA":
-                raise DataError(
-                    f"$DIGITREC_DATA names {folder}, which does not hold the canonical MNIST files ({path.name} "
-                    "differs); point it at a folder that does, or unset it to use the other sources."
-                )
             if named:
-                raise DataError(
-                    f"{folder} does not hold the canonical MNIST files ({path.name} differs); pass a folder that "
-                    "does (or omit --data-dir to download them)."
+                raise _named_folder_error(
+                    label, folder, f"does not hold the canonical MNIST files ({path.name} differs)"
                 )
             raise DataError(
                 f"{path} fails its MD5 check (it is not the canonical MNIST file); {DELETE_ADVICE}."
@@ -184,7 +176,20 @@ def _named_advice(label: str) -> str:
     """What to do about a wrong file in a folder the user named: name another, never delete theirs."""
     if label == "$DIGITREC_DATA":
         return "point $DIGITREC_DATA at a folder that holds the canonical MNIST files, or unset it to use the other sources"
-    return "pass a folder that holds the canonical MNIST files (or omit --data-dir to download them)"
+    return "pass a folder that holds the canonical MNIST files, or omit --data-dir (data_dir in Python) to download them"
+
+
+def _named_folder_error(label: str, folder: Path, problem: str) -> DataError:
+    """A folder the user named (--data-dir, $DIGITREC_DATA) that fails: `problem` says how; the advice, to name
+    a folder that does not, or to leave the choice to digitrec."""
+    if label == "$DIGITREC_DATA":
+        return DataError(
+            f"$DIGITREC_DATA names {folder}, which {problem}; point it at a folder that does, or unset it to use the "
+            "other sources."
+        )
+    return DataError(
+        f"{folder} {problem}; pass a folder that does, or omit --data-dir (data_dir in Python) to download them."
+    )
 
 
 def cache_root() -> Path:
@@ -494,17 +499,10 @@ def locate(
                 _write_copy(folder, stamp, contents)
         if contents is not None:
             return f"{label} ({folder})", contents
-        if label == "--data-dir":
-            raise DataError(
-                f"{folder} does not hold the four MNIST files: {_lacks(folder)}; pass a folder that does, "
-                "or omit --data-dir (data_dir in Python) to download them."
-            )
-        # a $DIGITREC_DATA set on purpose: passing to the next source would hide the mistake
-        if label == "$DIGITREC_DATA":
-            raise DataError(
-                f"$DIGITREC_DATA names {folder}, which does not hold the four MNIST files: {_lacks(folder)}; "
-                "point it at a folder that does, or unset it to use the other sources."
-            )
+        # a folder the user named (a $DIGITREC_DATA set on purpose too): passing to the next source would hide
+        # the mistake
+        if label in ("--data-dir", "$DIGITREC_DATA"):
+            raise _named_folder_error(label, folder, f"does not hold the four MNIST files: {_lacks(folder)}")
     if not download:
         raise DataError("MNIST is not on this machine; run `digitrec data` to download it.")
     target = cache_dir()

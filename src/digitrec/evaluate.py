@@ -98,15 +98,18 @@ def evaluate_ensemble(paths: list[str | Path], data: MNIST) -> dict[str, Any]:
     its own temperature; the result holds the ensemble's metrics and each member's test accuracy.
     """
     from .checkpoint import load_model
+    from .models import log_mean_probabilities
+    from .training import fraction_correct, recipe_logits
 
-    members, total = [], torch.zeros(len(data.test_labels), 10)
+    members, votes = [], []
     for path in paths:
         model, meta = load_model(path)
-        config = TrainConfig.from_checkpoint(meta, path)
-        metrics, logits = evaluate_model(model, data, config)
-        total += F.softmax(logits.float().cpu() / float(meta.get("temperature", 1.0)), dim=1)
-        members.append({"path": str(path), "test_accuracy": metrics["test_accuracy"]})
-    metrics = compute_metrics((total / len(paths)).clamp_min(1e-12).log(), data.test_labels)
+        logits = recipe_logits(model, data.test_images, TrainConfig.from_checkpoint(meta, path)).float().cpu()
+        votes.append(F.log_softmax(logits / float(meta.get("temperature", 1.0)), dim=1))
+        members.append(
+            {"path": str(path), "test_accuracy": fraction_correct(logits.argmax(1), data.test_labels)}
+        )
+    metrics = compute_metrics(log_mean_probabilities(votes), data.test_labels)
     return metrics | {"members": members}
 
 
@@ -121,14 +124,17 @@ def write_report(
     logits: torch.Tensor | None = None,
     checkpoint: str | Path | None = None,
     trained_config: TrainConfig | None = None,
+    robustness_images: int | None = None,
 ) -> dict[str, Any]:
     """Write evaluation.json, the PNG figures, MODEL_CARD.md and one self-contained report.html into out_dir.
 
-    `meta` is the checkpoint's metadata for the model card; by default the model.json beside the report's checkpoint.
+    `meta` is the checkpoint's metadata for the model card; by default out_dir/model.json (a run's own), if any.
     `checkpoint` is the file evaluated, whose size the card gives (default: out_dir/model.safetensors, a run's own).
     `logits` are the model's test-set logits when the caller has them already (training has just evaluated).
     `trained_config` is the config the model was trained with, for the card, where `config` (how it is evaluated
     here) differs from it: `evaluate --tta-views` changes how a run is scored, not how it was trained.
+    `robustness_images`: how many test images the robustness section scores (default robustness.REPORT_IMAGES;
+    a dry run's report scores fewer, a quick check).
     """
     from . import modelcard, plots, robustness
 
@@ -155,12 +161,17 @@ def write_report(
         data.test_images, metrics["mistakes"], out_dir / "mistakes.png"
     )
     settings = config or TrainConfig()  # evaluate the way evaluate_model does
-    robust = robustness.for_report(model, data, amp=settings.amp, channels_last=settings.channels_last)
+    robust = robustness.for_report(
+        model,
+        data,
+        robustness_images or robustness.REPORT_IMAGES,
+        amp=settings.amp,
+        channels_last=settings.channels_last,
+    )
     figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
     scored = metrics
-    if (
-        trained_config and config and trained_config.tta_views != config.tta_views
-    ):  # the card says how it was scored
+    # the card says how it was scored
+    if trained_config and config and trained_config.tta_views != config.tta_views:
         scored = {**metrics, "scored_tta_views": config.tta_views}
     card = modelcard.write_model_card(
         out_dir, model, scored, meta, trained_config or config, data, robust, checkpoint

@@ -191,9 +191,8 @@ class ImageWorkers:
         self.processes = processes
         self.max_chunk = max_chunk
         self.work, self.reader = work, reader
-        self.max_in_flight = (
-            processes + 1
-        )  # one chunk queued behind the busy workers: no idle gap between chunks
+        # one chunk queued behind the busy workers: no idle gap between chunks
+        self.max_in_flight = processes + 1
         # spawn, not fork: forking a process that holds torch's and uvicorn's threads can deadlock the child.
         self.context = multiprocessing.get_context("spawn")
         self.pool = self._new_pool()

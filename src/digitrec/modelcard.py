@@ -373,9 +373,8 @@ def _finetune(
         checksum = data.checksum
     database = (feedback or {}).get("database")
     base = recipe.rsplit("+", 1)[0] if recipe.endswith(("+feedback", "+finetune")) else None
-    replaced = (
-        False  # fine-tuned from the file at its own path (`finetune --out` into the folder it began from)
-    )
+    # fine-tuned from the file at its own path (`finetune --out` into the folder it began from)
+    replaced = False
     if source is not None and checkpoint is not None:
         with contextlib.suppress(OSError):
             replaced = Path(str(source)).resolve() == checkpoint.resolve()

@@ -44,7 +44,10 @@ class AdamW:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                p.grad = None
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -120,8 +123,8 @@ class WeightAverage:
     statistics) moves a (1 - decay) share toward the trained model's; integer buffers (BatchNorm's batch count)
     are copied. The decay starts low and ramps up as (1 + step) / (10 + step), as TensorFlow's
     ExponentialMovingAverage does, so the first steps' random weights fade at once. It depends on the step
-    only: a resumed run continues the average exactly, given the averaged tensors (`state_dict`) from its
-    checkpoint.
+    only: a resumed run continues the average exactly, given the averaged tensors (`average.model.state_dict()`)
+    from its checkpoint.
     """
 
     def __init__(self, source: nn.Module, decay: float):

@@ -49,9 +49,8 @@ PAIR_LAYERS: tuple[tuple[Any, ...], ...] = (
     ("relu",),
     ("linear", 19),
 )
-CHUNK = (
-    5000  # pairs drawn per worker task; each chunk has its own seed, so the set does not depend on workers
-)
+# pairs drawn per worker task; each chunk has its own seed, so the set does not depend on workers
+CHUNK = 5000
 PairScorer = Callable[[np.ndarray], np.ndarray]  # (N, 28, 28) pieces -> (N, 101) log probabilities
 
 

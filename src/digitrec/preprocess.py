@@ -69,13 +69,10 @@ THIN_FROM = 1.5  # a blank working image of a photo shrunk this much or more is 
 THIN_LOAD = 4  # from the photo loaded at up to this many times the working size (thin_kept)
 BACKGROUND_SIDE = 32  # the paper estimate is computed with the shorter side at this many pixels
 BACKGROUND_WINDOW = 11  # closing window there: wider than any stroke, narrower than lighting changes
-POLARITY_SIDE, POLARITY_WINDOW = (
-    20,
-    7,
-)  # the same proportions for ink_is_dark()'s median, 6x cheaper (as right)
-INK_CONTRAST = (
-    0.3  # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
-)
+# the same proportions for ink_is_dark()'s median, 6x cheaper (as right)
+POLARITY_SIDE, POLARITY_WINDOW = 20, 7
+# strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
+INK_CONTRAST = 0.3
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
 SPECK_FRACTION = 0.0004  # components smaller than this share of the image are dust or noise
 KEEP_FRACTION = 0.08  # a single digit's parts are at least this share of its largest part
@@ -85,16 +82,13 @@ ROD_ASPECT = 5.0  # (a bar: at least this many times longer than wide)
 OBJECT_CLEARANCE = 0.1  # ... when it lies this share of the digit's size clear of the digit
 SOLID_STROKE = 0.22  # a glyph whose mean stroke is this share of its height or more has lost its loops
 REOPEN_HEIGHT = 0.7  # reopened(): a core shorter than this share of the glyph lost a stroke, not a fill
-PAPER_TOLERANCE = (
-    2  # uniform_paper(): paper pixels within this many gray levels (of 255) of the paper tone (a flat fill)
-)
+# uniform_paper(): paper pixels within this many gray levels (of 255) of the paper tone (a flat fill)
+PAPER_TOLERANCE = 2
 INK_TOLERANCE = 25  # ... and a side of the paper tone holds ink if pixels lie farther than this from it
-FAINT_INK = (
-    2 * INK_CONTRAST
-)  # flatten_uniform(): a flat page's ink weaker than this at its strongest is scaled up
-OTHER_SIDE_FRACTION = (
-    0.002  # ... a flat page has (almost) no pixels on the other side of the paper from its ink
-)
+# ... a flat page has (almost) no pixels on the other side of the paper from its ink
+OTHER_SIDE_FRACTION = 0.002
+# flatten_uniform(): a flat page's ink weaker than this at its strongest is scaled up to full strength
+FAINT_INK = 2 * INK_CONTRAST
 BOX, FRAME = 20, 28  # MNIST: digit in a 20x20 box, centered by mass in 28x28
 STROKE_WIDTH = 2.4  # mean MNIST stroke width in px at the 20-px-box scale (measured with stroke_width())
 
@@ -295,9 +289,7 @@ def load_gray_sized(
     source: Any, max_side: int = WORK_SIDE, min_side: int = MIN_WORK_SIDE
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """load_gray() plus the input's own (width, height), to map working-image boxes back to the user's pixels."""
-    if type(source).__module__ == "torch" and hasattr(
-        source, "numpy"
-    ):  # a torch.Tensor, without importing torch
+    if type(source).__module__ == "torch" and hasattr(source, "numpy"):  # a torch.Tensor, not importing torch
         source = source.detach().cpu()
         source = (
             source.float() if str(source.dtype) == "torch.bfloat16" else source

@@ -37,7 +37,7 @@ from .checkpoint import (
     save_model,
     save_tensors,
 )
-from .config import DRY_RUN_BATCHES, DRY_RUN_MAX_EPOCHS, TrainConfig
+from .config import DRY_RUN_BATCHES, DRY_RUN_MAX_EPOCHS, DRY_RUN_ROBUSTNESS_IMAGES, TrainConfig
 from .data import MNIST, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError, TrainingDiverged, need_extra
 from .folderlock import locked_run_folder, refuse_a_file_in_the_way
@@ -904,7 +904,15 @@ def _test_and_write(
     if report:
         from .evaluate import write_report
 
-        write_report(out_dir, model, data, history=state["history"], config=config, logits=test_logits.cpu())
+        write_report(
+            out_dir,
+            model,
+            data,
+            history=state["history"],
+            config=config,
+            logits=test_logits.cpu(),
+            robustness_images=DRY_RUN_ROBUSTNESS_IMAGES if state["dry_run"] else None,
+        )
     return metrics
 
 
