@@ -1343,10 +1343,15 @@ def test_a_forced_quit_stops_at_once_without_a_traceback_per_request(monkeypatch
 
     monkeypatch.setattr(uvicorn.Server, "run", forced_quit)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # serve's one thread would slow later tests
+    # the cancelled lifespan never stopped the image workers: at exit their pool finished every queued photo
+    # first (5.6 s after "stopped at once" with six large reads queued)
+    killed = []
+    monkeypatch.setattr(server.ImageWorkers, "kill", lambda self: killed.append(self))
     try:
         server.serve(backend="torch", port=0, feedback_db=tmp_path / "feedback.sqlite")  # the Ctrl-C ends it
     finally:
         gc.unfreeze()
+    assert len(killed) >= 1  # the image workers, and the reading workers where they started
     assert not [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], asyncio.CancelledError)]
     assert "3 requests in flight were cut short" in capsys.readouterr().out
     uvicorn_errors = logging.getLogger("uvicorn.error")
@@ -1499,3 +1504,32 @@ def test_stopping_serve_stops_its_image_workers(tmp_path, stop):
             with contextlib.suppress(OSError):
                 if b"multiprocessing" in (Path("/proc") / str(pid) / "cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
+
+
+def _sleep_then_echo(uploads):
+    import time
+
+    time.sleep(30)
+    return uploads
+
+
+def test_killed_image_workers_end_at_once_without_finishing_their_chunks():
+    """A forced quit's ImageWorkers.kill: the workers' chunks are dropped, not finished (a 30 s chunk here)."""
+    import time
+
+    from digitrec.imageworkers import ImageWorkers
+
+    async def main() -> list:
+        workers = ImageWorkers(1, max_chunk=1, work=_sleep_then_echo)
+        await workers.start()
+        processes = list(workers.pool._processes.values())
+        waiting = asyncio.ensure_future(workers(b"x"))
+        await asyncio.sleep(0.5)  # the chunk is in the worker
+        workers.kill()
+        waiting.cancel()
+        return processes
+
+    started = time.monotonic()
+    processes = asyncio.run(main())
+    assert time.monotonic() - started < 15
+    assert len(processes) == 1 and not processes[0].is_alive()

@@ -1022,6 +1022,15 @@ def run_uvicorn(server: uvicorn.Server, sock: socket.socket) -> None:
     finally:
         logging.getLogger("uvicorn.error").removeFilter(cut_short)
         if cut_short.count:
+            # the lifespan that stops the image workers was cancelled with the requests: end them here, at once
+            for name in ("image_workers", "read_workers"):
+                workers = (
+                    getattr(server.config.app.state, name, None)
+                    if hasattr(server.config.app, "state")
+                    else None
+                )
+                if workers is not None:
+                    workers.kill()
             print(
                 f"digitrec: stopped at once; {cut_short.count} requests in flight were cut short.", flush=True
             )
