@@ -386,22 +386,18 @@ def test_readers_beside_writers_from_other_processes_see_every_commit_and_lose_n
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_finetune_with_no_corrections_trains_on_mnist_alone_and_never_opens_the_store(tmp_path):
+def _finetune_on_mnist_alone(tmp_path, feedback_db):
+    """finetune --no-corrections of tmp_path/base.safetensors into tmp_path/tuned, quietly, on the tiny set;
+    torch's thread count put back as it was (the checkpoint's config sets one thread)."""
     import torch
 
-    from digitrec.checkpoint import load_model, save_model
     from digitrec.feedback import finetune
-    from digitrec.models import create_model
 
-    torch.manual_seed(0)
-    config = {"arch": "fast_cnn", "batch_size": 64, "lr": 0.002, "device": "cpu", "threads": 1}
-    base = create_model("fast_cnn").eval()
-    save_model(tmp_path / "base.safetensors", base, {"recipe": "tiny", "config": config})
     threads = torch.get_num_threads()
     try:
-        run = finetune(
+        return finetune(
             tmp_path / "base.safetensors",
-            tmp_path / "absent" / "db.sqlite",  # not read: its folder does not even exist
+            feedback_db,  # not read without corrections
             tmp_path / "tuned",
             data=tiny_mnist(),
             corrections=False,
@@ -410,6 +406,21 @@ def test_finetune_with_no_corrections_trains_on_mnist_alone_and_never_opens_the_
         )
     finally:
         torch.set_num_threads(threads)
+
+
+def test_finetune_with_no_corrections_trains_on_mnist_alone_and_never_opens_the_store(tmp_path):
+    import torch
+
+    from digitrec.checkpoint import load_model, save_model
+    from digitrec.models import create_model
+
+    torch.manual_seed(0)
+    config = {"arch": "fast_cnn", "batch_size": 64, "lr": 0.002, "device": "cpu", "threads": 1}
+    base = create_model("fast_cnn").eval()
+    save_model(tmp_path / "base.safetensors", base, {"recipe": "tiny", "config": config})
+    run = _finetune_on_mnist_alone(
+        tmp_path, tmp_path / "absent" / "db.sqlite"
+    )  # its folder does not even exist
     assert not (tmp_path / "absent").exists()
     tuned, meta = load_model(run.model_path)
     assert meta["recipe"] == "tiny+finetune" and "feedback" not in meta
@@ -426,7 +437,6 @@ def test_finetune_writes_its_metrics_while_it_still_holds_the_run_folder(tmp_pat
 
     import digitrec.checkpoint
     from digitrec.checkpoint import save_model
-    from digitrec.feedback import finetune
     from digitrec.folderlock import RunFolderInUse, refuse_a_folder_in_use
     from digitrec.models import create_model
 
@@ -450,19 +460,7 @@ def test_finetune_writes_its_metrics_while_it_still_holds_the_run_folder(tmp_pat
 
     monkeypatch.setattr(digitrec.checkpoint, "atomic_write_json", watching)
     monkeypatch.setattr("digitrec.training.atomic_write_json", watching)
-    threads = torch.get_num_threads()
-    try:
-        finetune(
-            tmp_path / "base.safetensors",
-            None,
-            tmp_path / "tuned",
-            data=tiny_mnist(),
-            corrections=False,
-            report=False,
-            log=lambda msg: None,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    _finetune_on_mnist_alone(tmp_path, None)
     assert held_at_write == [True]  # one metrics.json, the fine-tune's figures in it, written under the lock
     assert not (tmp_path / "tuned" / ".digitrec.lock").exists()
 
