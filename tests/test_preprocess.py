@@ -538,6 +538,12 @@ def bad_input(kind: str, tmp_path: Path):
         return tmp_path / "empty.png"
     if kind == "proc":  # its size says 0 bytes, and it holds text
         return Path("/proc/self/status")
+    if kind == "text-chunk":  # was "damaged or truncated (Decompressed data too large for ...MAX_TEXT_CHUNK)"
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("comment", "x" * 50_000_000, zip=True)
+        return png_bytes(Image.fromarray(page(3)), "PNG", pnginfo=info)
     if kind == "zero":
         return np.zeros((0, 0), np.uint8)
     if kind == "one-pixel":
@@ -565,6 +571,7 @@ def bad_input(kind: str, tmp_path: Path):
             "not an image",
             marks=pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux"),
         ),
+        ("text-chunk", "holds a text or color-profile chunk too large to read safely; re-save it without"),
         ("zero", "too small"),
         ("one-pixel", "1x1 pixels"),
         ("bomb", "decompression-bomb"),

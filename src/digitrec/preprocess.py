@@ -187,6 +187,11 @@ def _open(
                 ) from None
             raise ImageError(f"{name} is not an image Pillow can read; use {IMAGE_FORMATS_TEXT}.") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            if "MAX_TEXT_CHUNK" in str(exc):  # a PNG whose text or color-profile chunk unpacks to megabytes
+                raise ImageError(
+                    f"{name} holds a text or color-profile chunk too large to read safely; re-save it without "
+                    "its metadata."
+                ) from None
             # Truncated or corrupt data: Pillow raises OSError ("image file is truncated") and friends.
             raise ImageError(f"{name} is damaged or truncated ({exc}); re-save or re-export it.") from None
     if isinstance(source, Image.Image):
