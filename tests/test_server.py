@@ -1533,3 +1533,41 @@ def test_killed_image_workers_end_at_once_without_finishing_their_chunks():
     processes = asyncio.run(main())
     assert time.monotonic() - started < 15
     assert len(processes) == 1 and not processes[0].is_alive()
+
+
+def test_a_request_whose_client_left_is_cancelled_and_its_photo_never_reaches_a_worker(monkeypatch):
+    """Eight 40-megapixel reads sent and abandoned were all read (and counted as answered): a small read sent
+    after them waited 13.5 s. A waiting request now sees its client go, and its queued photo is dropped."""
+    from digitrec.imageworkers import ImageWorkers
+    from digitrec.server import ClientGone, while_connected
+
+    class Gone:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    async def main() -> tuple[list, bool]:
+        workers = ImageWorkers(1, max_chunk=4)
+        started: list = []
+
+        async def run(chunk):  # what the pool would be given
+            started.append([data for data, _ in chunk])
+            await asyncio.sleep(3600)
+
+        monkeypatch.setattr(workers, "_run", run)
+        workers.max_in_flight = 1
+        first = asyncio.ensure_future(workers(b"first"))  # in flight at once
+        await asyncio.sleep(0)
+        with pytest.raises(ClientGone):
+            await while_connected(Gone(), workers(b"abandoned"))  # queued behind it, then its client left
+        kept = asyncio.ensure_future(workers(b"kept"))
+        await asyncio.sleep(0)
+        workers.in_flight = 0  # the first chunk is done
+        workers._dispatch()
+        await asyncio.sleep(0)
+        for task in (first, kept, *workers.tasks):
+            task.cancel()
+        workers.pool.shutdown()
+        return started, first.cancelled()
+
+    started, _ = asyncio.run(main())
+    assert started == [[b"first"], [b"kept"]]  # the abandoned photo never went to a worker

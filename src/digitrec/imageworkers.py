@@ -240,7 +240,13 @@ class ImageWorkers:
         while self.pending and self.in_flight < self.max_in_flight:
             free = self.max_in_flight - self.in_flight
             size = min(self.max_chunk, -(-len(self.pending) // free))
-            chunk = [self.pending.popleft() for _ in range(size)]
+            chunk: list[tuple[bytes, asyncio.Future]] = []
+            while self.pending and len(chunk) < size:
+                data, future = self.pending.popleft()
+                if not future.done():  # not cancelled: its client is still waiting (server.while_connected)
+                    chunk.append((data, future))
+            if not chunk:
+                continue
             self.in_flight += 1
             self.chunks += 1
             task = asyncio.ensure_future(self._run(chunk))
