@@ -1016,3 +1016,18 @@ def test_evaluate_says_when_a_checkpoint_is_from_a_run_that_has_not_finished(tmp
         f"best checkpoint so far of a run that has not finished; `digitrec train --resume {out}` finishes it"
         in err
     )
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_an_interrupt_is_said_by_torchruns_rank_0_only(rank, said, monkeypatch, capsys):
+    """`train --nproc 2` stopped by Ctrl-C printed "digitrec: interrupted" once per process, three times."""
+    import digitrec.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(digitrec.cli, "cmd_models", interrupted)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    assert main(["models"]) == 130
+    assert ("digitrec: interrupted" in capsys.readouterr().err) == said

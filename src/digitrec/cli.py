@@ -1704,7 +1704,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"digitrec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("digitrec: interrupted", file=sys.stderr)
+        # under torchrun (train --nproc) every rank is interrupted: rank 0 says it, as the launcher does
+        if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
+            print("digitrec: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `digitrec evaluate ... | head`: the reader left, so stop writing, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush too
