@@ -997,12 +997,14 @@ def test_evaluate_says_when_a_checkpoint_is_from_a_run_that_has_not_finished(tmp
     from digitrec.training import train
 
     def stop(model, row):
-        raise KeyboardInterrupt
+        if row["epoch"] == 2:  # after epoch 1's checkpoint (last.safetensors), from which --resume goes on
+            raise KeyboardInterrupt
+        return False
 
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(
-            get_recipe("seed-mlp").override(epochs=2, val_size=200),
+            get_recipe("seed-mlp").override(epochs=3, val_size=200),
             out,
             data=load_mnist(idx_folder, download=False),
             progress=False,
@@ -1012,9 +1014,15 @@ def test_evaluate_says_when_a_checkpoint_is_from_a_run_that_has_not_finished(tmp
         )
     assert main(["evaluate", str(out), "--data-dir", str(idx_folder)]) == 0
     err = capsys.readouterr().err
+    assert f"of a run that had not finished; `digitrec train --resume {out}` finishes it" in err
+    # a copy elsewhere: no folder to resume (it named the copy's folder, which has no last.safetensors)
+    copy = tmp_path / "elsewhere" / "copy.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes((out / "model.safetensors").read_bytes())
+    assert main(["evaluate", str(copy), "--data-dir", str(idx_folder)]) == 0
     assert (
-        f"best checkpoint so far of a run that has not finished; `digitrec train --resume {out}` finishes it"
-        in err
+        f"note: {copy} is the best checkpoint so far of a run that had not finished."
+        in capsys.readouterr().err
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,15 @@ def test_a_steps_picture_that_cannot_be_saved_loses_no_answer(tmp_path, capsys, 
     def full(steps, path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    # an undecodable byte in a short name stays in its steps file's name (the cut dropped it: caf.steps.png)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    write_png(Path(os.fsdecode(os.fsencode(odd) + b"/caf\xe9.png")), line_image([3], gap=0.3)[0])
+    args = ["predict", str(odd), "--model", str(untrained_path), "--json", "--show-steps", str(steps / "odd")]
+    assert main(args) == 0  # JSON: the name escaped (the text answer is for the terminal, tested below)
+    assert [os.fsencode(p.name) for p in (steps / "odd").iterdir()] == [b"caf\xe9.steps.png"]
+    assert "preprocessing steps:" in capsys.readouterr().err
+
     monkeypatch.setattr(digitrec.predict, "save_steps", full)
     code = main(
         [
@@ -225,6 +235,7 @@ def test_a_steps_picture_that_cannot_be_saved_loses_no_answer(tmp_path, capsys, 
         f"cannot save the steps of {short} to {steps / 'b.steps.png'} (No space left on device)"
         in captured.err
     )
+    assert "preprocessing steps:" not in captured.err  # none was saved: no line pointing at them
 
 
 def test_cli_fails_only_when_every_file_failed(tmp_path, capsys, untrained_path):
@@ -600,3 +611,21 @@ def test_a_predictor_nothing_but_torch_runs_has_no_portable_form(tmp_path: Path)
     path = tmp_path / "lenet.safetensors"
     save_model(path, create_model("lenet"), {"recipe": "seed-lenet", "config": {"arch": "lenet"}})
     assert Predictor.load(path).portable() is None
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names as bytes")
+def test_a_file_name_that_is_not_utf8_is_printed_as_its_bytes_on_a_strict_terminal(tmp_path, untrained_path):
+    """caf\\xe9.png (Latin-1) printed to an en_US.UTF-8 terminal raised UnicodeEncodeError after the work."""
+    import subprocess
+    import sys
+
+    name = os.fsencode(tmp_path) + b"/caf\xe9.png"
+    write_png(Path(os.fsdecode(name)), line_image([3], gap=0.3)[0])
+    result = subprocess.run(
+        [sys.executable, "-m", "digitrec", "predict", os.fsdecode(name), "--model", str(untrained_path)],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    assert result.stdout.startswith(name + b": ") and b"Traceback" not in result.stderr

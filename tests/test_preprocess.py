@@ -143,9 +143,12 @@ def test_faint_ink_on_a_flat_page_is_read_as_boldly_as_black_ink(ink, polarity):
     assert likeness(preprocess(faint), preprocess(black)) > 0.95
 
 
-def test_a_flat_page_with_no_mark_past_the_ink_tolerance_stays_blank():
-    flat = np.full((100, 100), 250, np.uint8)
-    flat[40:60, 45:50] = 250 - 20  # a mark fainter than INK_TOLERANCE (25 levels): not ink
+@pytest.mark.parametrize("paper", [250, 128, 100])
+def test_a_flat_page_with_no_mark_past_the_ink_tolerance_stays_blank(paper):
+    """On gray paper (128) a mark 15 levels darker was scaled to full ink and read as a 1 at 100%: the tolerance,
+    in gray levels, was compared with the contrast as a share of the paper's level."""
+    flat = np.full((100, 100), paper, np.uint8)
+    flat[30:70, 45:52] = paper - 20  # a mark fainter than INK_TOLERANCE (25 levels): not ink
     assert preprocess(flat).max() == 0
 
 

@@ -257,6 +257,34 @@ def test_an_epoch_count_is_never_rounded_to_a_whole_one():
 
     said = [_epochs(step, 1000) for step in (1000, 3000, 850, 2995, 1, 999)]
     assert said == ["1", "3", "0.85", "2.995", "0.001", "0.999"]
+    # epochs of 30,000 steps (batch size 2): four decimals still round to a whole one ("1." was said)
+    assert [_epochs(step, 30_000) for step in (30_001, 60_001, 29_999)] == [
+        "1.000033",
+        "2.000033",
+        "0.999967",
+    ]
+
+
+def test_a_history_row_for_a_sliver_of_an_epoch_says_the_epoch_line_s_number(tiny_mnist, tmp_path):
+    """A run of 2.0002 epochs said "epoch 2.0003/2.0003" and wrote rows [1, 2, 2.0]; metrics said 0.851 for
+    fast's "0.85". Rows, lines and metrics.json now say one number."""
+    lines: list[str] = []
+    config = TINY.override(batch_size=2, epochs=2.002)  # 500 steps an epoch: the last epoch is one step
+    run = train(config, tmp_path, data=tiny_mnist, progress=False, report=False, log=lines.append)
+    said = [line.split("  train")[0] for line in lines if line.startswith("epoch")]
+    assert said[-1] == "epoch 2.002/2.002"
+    assert [row["epoch"] for row in run.history] == [1, 2, 2.002] and run.metrics["epochs"] == 2.002
+    lines.clear()  # 14 steps of 16: 0.875 of an epoch, which the line rounds to 0.88
+    run = train(
+        TINY.override(epochs=0.85),
+        tmp_path / "part",
+        data=tiny_mnist,
+        progress=False,
+        report=False,
+        log=lines.append,
+    )
+    assert [line.split("  train")[0] for line in lines if line.startswith("epoch")] == ["epoch 0.88/0.88"]
+    assert [row["epoch"] for row in run.history] == [0.88] and run.metrics["epochs"] == 0.88
 
 
 @pytest.mark.parametrize("seed", [2**45, 2**63 - 1])

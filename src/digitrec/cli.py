@@ -336,10 +336,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     path = _model_path(args.model)
     model, meta = load_model(path)
     if meta.get("partial"):  # written after an epoch of a run that was stopped before its end
-        _stderr(
-            f"note: {path} is the best checkpoint so far of a run that has not finished; "
-            f"`digitrec train --resume {path.parent}` finishes it."
-        )
+        in_its_run = path.name == "model.safetensors" and (path.parent / "last.safetensors").exists()
+        finish = f"; `digitrec train --resume {path.parent}` finishes it" if in_its_run else ""
+        _stderr(f"note: {path} is the best checkpoint so far of a run that had not finished{finish}.")
     trained = TrainConfig.from_checkpoint(meta, path)
     config = trained.override(tta_views=args.tta_views)
     # A run folder's history belongs to its model.safetensors, not to another checkpoint copied beside it.
@@ -707,8 +706,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             answer = f"digit {p.digit}" if p.digit is not None else "not a digit (rejected)"
             top = "  ".join(f"{d}:{q:.1%}" for d, q in p.top)
             print(f"{r.path}: {answer}  confidence {p.confidence:.1%}  top {top}")
-    if args.show_steps:
-        _stderr(f"preprocessing steps: {args.show_steps}/<name>.steps.png (<name>-2 ... for repeated names)")
+    if args.show_steps and any(r.steps for r in results):
+        _stderr(
+            f"preprocessing steps: {args.show_steps}/<name>.steps.png (<name>-2 ... for repeated names, a long "
+            "name cut to 200 bytes)"
+        )
     return 1 if all(r.error is not None for r in results) else 0
 
 
@@ -1728,9 +1730,24 @@ def entry_point() -> NoReturn:
     that walk alone takes 0.3-0.4 s. Frozen, those objects are skipped: atexit handlers and module teardown
     still run, and the operating system frees the memory. (Tests call main() and keep collecting.)
     """
+    _write_undecodable_names_as_they_are()
     code = main()
     gc.freeze()
     sys.exit(code)
+
+
+def _write_undecodable_names_as_they_are() -> None:
+    """A file name that is not valid UTF-8 (caf\\xe9.png from an old camera) reaches Python with a lone surrogate
+    in it; printed to a strict UTF-8 terminal (an en_US.UTF-8 locale) it raised UnicodeEncodeError after the
+    work was done. The program's own streams write such characters back as the bytes they were, as `ls` does
+    (elsewhere than UTF-8, as backslash escapes)."""
+    import codecs
+    import io
+
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            utf8 = codecs.lookup(stream.encoding).name == "utf-8"
+            stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
 
 
 if __name__ == "__main__":

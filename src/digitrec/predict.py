@@ -380,6 +380,7 @@ class FileResult:
     path: str
     prediction: Prediction | None = None
     error: str | None = None
+    steps: str | None = None  # the picture of its preprocessing steps, where --show-steps saved one
 
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
@@ -419,10 +420,15 @@ def _preprocess_or_error(path: str | Path) -> np.ndarray | str:
 
 
 def _preprocessed(
-    paths: Sequence[str | Path], steps_dir: str | Path | None, workers: int, log: Callable[[str], None]
+    paths: Sequence[str | Path],
+    steps_dir: str | Path | None,
+    workers: int,
+    log: Callable[[str], None],
+    saved: dict[int, Path],
 ) -> Iterator[np.ndarray | str]:
     """Each file preprocessed (or its error sentence), in order; with workers > 1, a large folder is spread over
-    that many processes."""
+    that many processes. With `steps_dir`, the picture of each file's steps saved there goes into `saved` by the
+    file's index (one that cannot be saved is said through `log`)."""
     from .preprocess import preprocess
 
     if steps_dir is None and len(paths) >= PARALLEL_FROM and workers > 1:
@@ -434,7 +440,7 @@ def _preprocessed(
             yield from pool.map(_preprocess_or_error, paths, chunksize=16)
         return
     taken: set[str] = set()
-    for path in paths:
+    for i, path in enumerate(paths):
         if steps_dir is None:
             yield _preprocess_or_error(path)
             continue
@@ -446,6 +452,7 @@ def _preprocessed(
         target = Path(steps_dir) / _steps_name(Path(path).stem, taken)
         try:
             save_steps(steps, target)
+            saved[i] = target
         except OSError as exc:  # the picture of the steps is lost, not the digit: it is still read
             log(
                 f"digitrec: cannot save the steps of {path} to {target} ({exc.strerror or exc}); its digit is read all the same."
@@ -459,7 +466,11 @@ STEPS_STEM_BYTES = 200  # a file's name may be 255 bytes: room for "-NNN.steps.p
 def _steps_name(stem: str, taken: set[str]) -> str:
     """`<stem>.steps.png`, or `<stem>-2.steps.png`, -3, ... when an earlier image of the call had that stem
     (x.png and x.jpg, or 1.png in two folders); a stem too long for a file name with that suffix is cut."""
-    stem = stem.encode("utf-8", "surrogateescape")[:STEPS_STEM_BYTES].decode("utf-8", "ignore")
+    raw = stem.encode("utf-8", "surrogateescape")
+    if (
+        len(raw) > STEPS_STEM_BYTES
+    ):  # cut; bytes of a character split in two stay bytes, as undecodable ones do
+        stem = raw[:STEPS_STEM_BYTES].decode("utf-8", "surrogateescape")
     name, n = f"{stem}.steps.png", 1
     while name in taken:
         n += 1
@@ -496,7 +507,8 @@ def predict_files(
                 results[i].prediction = prediction
             ready.clear()
 
-    for i, x in enumerate(_preprocessed(paths, steps_dir, workers, log)):
+    saved: dict[int, Path] = {}  # the pictures of the steps written, by the index of their image
+    for i, x in enumerate(_preprocessed(paths, steps_dir, workers, log, saved)):
         if isinstance(x, str):
             results[i].error = x
             continue
@@ -504,6 +516,8 @@ def predict_files(
         if len(ready) >= batch_size:
             flush()
     flush()
+    for i, target in saved.items():
+        results[i].steps = str(target)
     return results
 
 

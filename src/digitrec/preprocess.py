@@ -609,7 +609,8 @@ def flatten_uniform(gray: np.ndarray, paper: float, dark_ink: bool) -> np.ndarra
     # full strength, where INK_CONTRAST would have called the page blank; a page with no mark past
     # INK_TOLERANCE stays blank, and ink as strong as FAINT_INK or stronger stays as it is.
     strongest = float(contrast.max())
-    if INK_TOLERANCE / 255 < strongest < FAINT_INK:
+    # INK_TOLERANCE is in gray levels of the image, the contrast a share of the lighter level: compare alike
+    if INK_TOLERANCE / 255 < strongest * max(lighter, 0.15) and strongest < FAINT_INK:
         contrast *= np.float32(1 / strongest)
     return np.clip(contrast, 0.0, 1.0, out=contrast)
 

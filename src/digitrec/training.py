@@ -585,9 +585,9 @@ def train(
                 if main:
                     row: dict[str, float] = {
                         # epochs done: whole, or a run's last part of one (fast: 0.85), as the epoch line says
-                        "epoch": epoch + 1
-                        if step % steps_per_epoch == 0
-                        else round(step / steps_per_epoch, 3),
+                        "epoch": float(_epochs(step, steps_per_epoch))
+                        if step % steps_per_epoch
+                        else epoch + 1,
                         "step": step,
                         "train_loss": train_loss,
                         "train_accuracy": train_accuracy,
@@ -882,7 +882,9 @@ def _test_and_write(
         "params": count_parameters(model),
         "train_seconds": round(state["train_seconds"], 3),
         "eval_seconds": round(time.perf_counter() - eval_start, 3),
-        "epochs": round(steps / steps_per_epoch, 3),  # as trained: 0.85 for fast, not the 1 of its one row
+        "epochs": float(
+            _epochs(steps, steps_per_epoch)
+        ),  # as trained and as the epoch lines say: 0.85 for fast
         "steps": steps,
         "device": str(device),
         "world_size": distributed.world_size(),
@@ -922,12 +924,15 @@ def _quiet(message: str) -> None:
 
 def _epochs(step: int, steps_per_epoch: int) -> str:
     """Epochs done at `step`, as the epoch lines count them: whole numbers, or two decimals for a run that ends
-    in part of an epoch (`fast`: "epoch 0.85/0.85", not "1/1"), four where two would round it to a whole one."""
+    in part of an epoch (`fast`: "epoch 0.85/0.85", not "1/1"), more where two would round it to a whole one."""
     whole, rest = divmod(step, steps_per_epoch)
     if rest == 0:
         return str(whole)
-    text = f"{step / steps_per_epoch:.2f}"
-    return (text if float(text) not in (whole, whole + 1) else f"{step / steps_per_epoch:.4f}").rstrip("0")
+    for decimals in (2, 4, 6, 8):
+        text = f"{step / steps_per_epoch:.{decimals}f}"
+        if float(text) not in (whole, whole + 1):
+            break
+    return text.rstrip("0")
 
 
 def _epoch_line(row: dict[str, float], done: str, total: str) -> str:

@@ -167,7 +167,7 @@ def tune(
 
         def on_epoch(model: Any, row: dict[str, float]) -> bool:
             nonlocal pruned
-            epoch = math.ceil(row["epoch"])  # a last part of an epoch (2.5) is the third
+            epoch = math.ceil(row["step"] / steps)  # a last part of an epoch (2.5) is the third
             trial.report(row["val_accuracy"], epoch)
             # after the last epoch there is nothing left to save: the trial ran in full and counts as finished
             pruned = epoch < last_epoch and trial.should_prune()
