@@ -490,6 +490,10 @@ def bench_infer(
                     log=lambda msg: None,
                 )
                 runners[name] = _onnx_runner(path, threads)
+                if (
+                    name == "onnx-int8" and test_labels is not None
+                ):  # said as torch-int8's is (the export checked it)
+                    _check_int8(name, runners[name], model, images, test_labels, INT8_MAX_DROP, log)
             for size in batch_sizes:  # warm-up, and compilation for torch.compile at each shape
                 for _ in range(3):
                     runners[name](pixels[:size])

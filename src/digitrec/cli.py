@@ -1275,13 +1275,17 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", help="train several recipes x seeds, one process each, and print a summary table"
     )
     p.add_argument(
-        "--recipes", nargs="+", default=["fast"], metavar="RECIPE", help="recipes to train (default: fast)"
+        "--recipes", nargs="+", default=["fast"], metavar="NAME", help="recipes to train (default: fast)"
     )
     p.add_argument(
-        "--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED", help="seeds (default: 0 1 2)"
+        "--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N", help="seeds (default: 0 1 2)"
     )
     p.add_argument(
-        "--parallel", type=int, default=1, help="runs at a time; the CPU cores are shared out among them"
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at a time (default 1); the CPU cores are shared out among them",
     )
     p.add_argument("--epochs", type=float, help="override every recipe's epochs")
     p.add_argument("--device", choices=DEVICES)
@@ -1441,7 +1445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="read one digit per image (photos, scans, drawings; folders expand)")
     p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders of images")
     model_flags(p)
-    p.add_argument("--top-k", type=_top_k, default=3, help="how many likely digits to list (default 3)")
+    p.add_argument(
+        "--top-k", type=_top_k, default=3, metavar="K", help="how many likely digits to list (default 3)"
+    )
     p.add_argument(
         "--json", action="store_true", help='print a JSON array of {"path", "digit", "confidence", "top"}'
     )
