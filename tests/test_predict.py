@@ -629,3 +629,12 @@ def test_a_file_name_that_is_not_utf8_is_printed_as_its_bytes_on_a_strict_termin
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
     assert result.stdout.startswith(name + b": ") and b"Traceback" not in result.stderr
+
+
+def test_a_long_name_is_cut_between_characters():
+    """Cut at byte 200, a name of Chinese characters kept half of one: a file name that is not UTF-8."""
+    from digitrec.predict import STEPS_STEM_BYTES, _steps_name
+
+    name = _steps_name("数字" * 40, set())
+    assert name.encode("utf-8").decode("utf-8") == name and name.endswith("数字.steps.png")
+    assert len(name.removesuffix(".steps.png").encode()) <= STEPS_STEM_BYTES

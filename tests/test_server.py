@@ -1571,3 +1571,24 @@ def test_a_request_whose_client_left_is_cancelled_and_its_photo_never_reaches_a_
 
     started, _ = asyncio.run(main())
     assert started == [[b"first"], [b"kept"]]  # the abandoned photo never went to a worker
+
+
+def test_a_client_gone_is_answered_499_on_every_path_without_a_traceback(predictor, db_path, monkeypatch):
+    """The page's uploads (the fast path of /api/predict) never checked for a client that had left, and on the
+    other paths a ClientGone reached Starlette's error middleware, which logged a traceback for each."""
+    from digitrec import server
+
+    async def gone(request, work):
+        work.close()  # the coroutine the workers would have run: never awaited
+        raise server.ClientGone
+
+    monkeypatch.setattr(server, "while_connected", gone)
+    # raise_server_exceptions (the default): an exception that reached the error middleware fails the request
+    with TestClient(
+        create_app(predictor, feedback_db=db_path, preprocess_processes=1), base_url=BASE_URL
+    ) as c:
+        fast = c.post("/api/predict", files=upload(digit_png()))  # multipart "file", no query: the fast path
+        slow = c.post("/api/predict?explain=true", files=upload(digit_png()))
+        assert fast.status_code == slow.status_code == 499
+        assert "closed the connection" in fast.json()["detail"]
+        assert c.get("/api/stats").json()["requests"]["predict"] == 0

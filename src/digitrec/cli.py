@@ -1287,7 +1287,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="runs at a time (default 1); the CPU cores are shared out among them",
     )
-    p.add_argument("--epochs", type=float, help="override every recipe's epochs")
+    p.add_argument("--epochs", type=float, metavar="N", help="override every recipe's epochs")
     p.add_argument("--device", choices=DEVICES)
     p.add_argument(
         "--out",
@@ -1751,7 +1751,8 @@ def _write_undecodable_names_as_they_are() -> None:
     import io
 
     for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+        # stderr starts as backslashreplace: its error sentences named caf\\udce9.png
+        if isinstance(stream, io.TextIOWrapper) and stream.errors in ("strict", "backslashreplace"):
             utf8 = codecs.lookup(stream.encoding).name == "utf-8"
             stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
 

@@ -28,7 +28,8 @@ class BodySizeLimit:
     ):
         self.app = app
         self.max_bytes = max_bytes
-        # fast_path(scope, body, send) -> bool: answers the request itself (True) or leaves it to the app (False)
+        # fast_path(scope, body, send, receive) -> bool: answers the request itself (True) or leaves it to the app
+        # (False); `receive` tells it when the client leaves
         self.fast_path = fast_path
         self.counted = counted  # counted(413), so the app's statistics include the requests refused here
 
@@ -54,7 +55,7 @@ class BodySizeLimit:
                 return
             if not message.get("more_body"):
                 break
-        if self.fast_path is not None and await self.fast_path(scope, b"".join(chunks), send):
+        if self.fast_path is not None and await self.fast_path(scope, b"".join(chunks), send, receive):
             return
         replayed = False
 

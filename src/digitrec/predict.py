@@ -466,11 +466,14 @@ STEPS_STEM_BYTES = 200  # a file's name may be 255 bytes: room for "-NNN.steps.p
 def _steps_name(stem: str, taken: set[str]) -> str:
     """`<stem>.steps.png`, or `<stem>-2.steps.png`, -3, ... when an earlier image of the call had that stem
     (x.png and x.jpg, or 1.png in two folders); a stem too long for a file name with that suffix is cut."""
-    raw = stem.encode("utf-8", "surrogateescape")
-    if (
-        len(raw) > STEPS_STEM_BYTES
-    ):  # cut; bytes of a character split in two stay bytes, as undecodable ones do
-        stem = raw[:STEPS_STEM_BYTES].decode("utf-8", "surrogateescape")
+    if len(stem.encode("utf-8", "surrogateescape")) > STEPS_STEM_BYTES:  # cut between characters, not in one
+        kept, size = [], 0
+        for character in stem:
+            size += len(character.encode("utf-8", "surrogateescape"))
+            if size > STEPS_STEM_BYTES:
+                break
+            kept.append(character)
+        stem = "".join(kept)
     name, n = f"{stem}.steps.png", 1
     while name in taken:
         n += 1

@@ -349,7 +349,9 @@ def create_app(
     async def _mapped(request: Request, exc: Exception) -> JSONResponse:
         return _error_for(exc)
 
-    for kind in (ImageTooLargeError, DigitrecError, BrokenProcessPool, Exception):
+    # each by name: the handler of Exception answers from Starlette's ServerErrorMiddleware, which then re-raises
+    # for uvicorn to log a traceback (a client that left is no error of the app)
+    for kind in (ClientGone, ImageTooLargeError, DigitrecError, BrokenProcessPool, Exception):
         app.add_exception_handler(kind, _mapped)
 
     @app.exception_handler(RequestValidationError)
@@ -453,7 +455,7 @@ def create_app(
         result = _prediction_dict(prediction) | {"input": None, "saliency": None}
         return Response(json.dumps(result, separators=(",", ":")), media_type="application/json")
 
-    async def fast_predict(scope: dict, body: bytes, send: Callable) -> bool:
+    async def fast_predict(scope: dict, body: bytes, send: Callable, receive: Callable) -> bool:
         """POST /api/predict with a plain upload, answered without the router, dependencies and form parser.
 
         This is the request the page sends on every stroke and what load benchmarks send: one image as the
@@ -471,9 +473,9 @@ def create_app(
             return False
         response: Response
         try:
-            response = plain_answer(await batcher.predict(await to_input(data)))
+            response = plain_answer(await batcher.predict(await to_input(data, Request(scope, receive))))
         except Exception as exc:  # noqa: BLE001 - answered as the app's handlers answer
-            if not isinstance(exc, (DigitrecError, BrokenProcessPool)):
+            if not isinstance(exc, (DigitrecError, BrokenProcessPool, ClientGone)):
                 logging.getLogger("digitrec.server").exception("error while reading an uploaded digit")
             response = _error_for(exc)
         await response(scope, _no_more_body, send)
