@@ -22,8 +22,8 @@ import torch
 from digitrec.checkpoint import load_model
 from digitrec.config import RECIPES
 from digitrec.data import MNIST, load_mnist
-from digitrec.evaluate import accuracy_as_reported
-from digitrec.training import predict_logits, train
+from digitrec.evaluate import accuracy_as_reported, predict_logits
+from digitrec.training import train
 
 # Recipes short enough to repeat over seeds by default (seed-cnn and seed-cnn-bn take about an hour each here).
 SPREAD = "seed-mlp,seed-mlp-bn,seed-mlp-dropout,seed-lenet,fast,default"

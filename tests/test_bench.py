@@ -285,11 +285,11 @@ def test_compiled_backend_runs_float32_where_the_cpu_would_emulate_bfloat16(monk
     import torch
     import torch._inductor.config as inductor_config
 
-    from digitrec import bench, training
+    from digitrec import bench, precision
     from digitrec.models import create_model
 
     monkeypatch.setattr(torch, "compile", lambda model, **options: model)  # dtype is chosen before compiling
-    monkeypatch.setattr(training, "native_bfloat16", lambda device_type: native)
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device_type: native)
     freezing = inductor_config.freezing
     try:
         run = bench.torch_runner(create_model("fast_cnn"), compiled=True)
@@ -334,7 +334,7 @@ def test_the_time_to_target_is_that_of_the_first_check_to_reach_it(tiny_mnist, m
 
     import torch
 
-    from digitrec import bench, training
+    from digitrec import bench, evaluate, training
 
     labels = tiny_mnist.test_labels.long()
     accuracies = iter([0.5, 0.95, 0.99])
@@ -353,7 +353,7 @@ def test_the_time_to_target_is_that_of_the_first_check_to_reach_it(tiny_mnist, m
         metrics = {"test_accuracy": 0.99, "train_seconds": 3.0, "eval_seconds": 0.1, "params": 2}
         return SimpleNamespace(metrics=metrics)
 
-    monkeypatch.setattr(training, "recipe_logits", scripted_logits)
+    monkeypatch.setattr(evaluate, "recipe_logits", scripted_logits)
     monkeypatch.setattr(training, "train", fake_train)
     run, _ = bench._train_seed("fast", get_recipe("fast"), tiny_mnist, 0.9, stop_at_target=False)
     assert run.seconds_to_target == 2.0

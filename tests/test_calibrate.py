@@ -59,8 +59,8 @@ def test_calibrate_fits_on_the_held_out_split_and_cuts_over_every_tempered_set(
     from digitrec import calibrate as calibrate_module
     from digitrec import data, realworld
     from digitrec.checkpoint import load_model
+    from digitrec.evaluate import predict_logits
     from digitrec.preprocess import preprocess
-    from digitrec.training import predict_logits
 
     blank = io.BytesIO()
     Image.new("L", (40, 40), 235).save(blank, "PNG")

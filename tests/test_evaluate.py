@@ -81,7 +81,7 @@ def test_ece_weighs_each_confidence_bin_by_its_share():
 def test_accuracies_are_exact_fractions_not_float32_means():
     """9,915 right of 10,000 is 0.9915 in metrics.json and `evaluate --json`; a float32 mean wrote
     0.9915000200271606 (and the training loop's validation and test accuracies the same way)."""
-    from digitrec.training import loss_and_accuracy
+    from digitrec.evaluate import loss_and_accuracy
 
     labels = torch.arange(10_000) % 10
     logits = torch.nn.functional.one_hot(labels, 10).float()

@@ -16,11 +16,11 @@ from digitrec.backends import OnnxBackend, onnx_metadata, onnx_session
 from digitrec.checkpoint import load_model, save_model
 from digitrec.cli import main
 from digitrec.config import get_recipe
+from digitrec.data import as_input
 from digitrec.errors import DigitrecError
 from digitrec.export import ExportResult, export_onnx, inference_model, run_session, softmax
 from digitrec.models import Normalize, create_model
 from digitrec.predict import Predictor
-from digitrec.training import as_input
 
 pytest.importorskip("onnxruntime")
 

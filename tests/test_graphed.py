@@ -13,8 +13,9 @@ from digitrec.checkpoint import load_model, load_tensors
 from digitrec.cli import main
 from digitrec.config import get_recipe
 from digitrec.errors import DigitrecError
+from digitrec.evaluate import predict_logits
 from digitrec.graphed import GraphedTrainer, gpu_table, graphed_runs
-from digitrec.training import predict_logits, train
+from digitrec.training import train
 
 # 1,200 tiny images in batches of 192: six full batches and a partial one of 48 per epoch, two epochs in all
 TINY = get_recipe("fast").override(epochs=2, batch_size=192)

@@ -319,29 +319,31 @@ def test_partial_last_batch_of_one_is_dropped():
 def test_bfloat16_autocast_runs_only_where_the_cpu_computes_in_bfloat16(monkeypatch):
     """Without AVX-512 BF16 or AMX, PyTorch emulates bfloat16 (10x slower than float32 on an AVX2 CPU): recipes
     that ask for it run in float32 there."""
-    from digitrec import training
+    from digitrec import precision
 
     cpu = torch.device("cpu")
     try:
         for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
-            training.native_bfloat16.cache_clear()
+            precision.native_bfloat16.cache_clear()
             monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
             monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
-            assert training.native_bfloat16("cpu") == (avx512_bf16 or amx)
+            assert precision.native_bfloat16("cpu") == (avx512_bf16 or amx)
             for amp in (True, False):
-                with training.autocast(cpu, amp):
+                with precision.autocast(cpu, amp):
                     assert torch.is_autocast_enabled("cpu") == (amp and (avx512_bf16 or amx))
     finally:
-        training.native_bfloat16.cache_clear()  # the next caller asks the real CPU again
+        precision.native_bfloat16.cache_clear()  # the next caller asks the real CPU again
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_the_first_line_says_whether_the_run_computes_in_bfloat16(native, tiny_mnist, tmp_path, monkeypatch):
     """The tutorial tells users the run prints which precision it used; the start line said nothing when it was
     bfloat16 (only the fallback to float32 was said)."""
-    from digitrec import training
+    from digitrec import precision, training
 
+    # the start line (training's own name) and autocast (precision's) ask the same question
     monkeypatch.setattr(training, "native_bfloat16", lambda device_type: native)
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device_type: native)
     lines: list[str] = []
     train(
         TINY.override(amp=True),
@@ -431,8 +433,9 @@ def test_the_training_loss_is_label_smoothed_cross_entropy(tiny_mnist, smoothing
     """One full-batch step of an MLP (no dropout, no batch norm) at a negligible learning rate: the loss it
     reports is (1 - e) x NLL + e x the mean over the ten classes of -log p, worked out here from the logits.
     The labels are the model's own confident answers, so the two terms differ widely."""
+    from digitrec.data import as_input
     from digitrec.models import create_model
-    from digitrec.training import as_input, make_optimizer, train_steps
+    from digitrec.training import make_optimizer, train_steps
 
     images = tiny_mnist.train_images[:256]
     config = TrainConfig(

@@ -12,10 +12,9 @@ from digitrec.cli import main
 from digitrec.config import TrainConfig
 from digitrec.data import MNIST
 from digitrec.errors import CheckpointError, DigitrecError
-from digitrec.evaluate import evaluate_model
+from digitrec.evaluate import evaluate, evaluate_model, predict_logits, recipe_logits
 from digitrec.models import create_model
 from digitrec.predict import Predictor
-from digitrec.training import evaluate, predict_logits, recipe_logits
 
 
 def test_each_view_moves_the_image_by_one_pixel_and_nothing_wraps_around():
@@ -55,7 +54,7 @@ def test_evaluation_averages_the_probabilities_of_the_shifted_views(model):
 
 
 def test_every_evaluation_of_a_run_uses_its_recipes_views(model):
-    """Validation and test (training.evaluate), the report (evaluate_model) and bench go through recipe_logits."""
+    """Validation and test (evaluate.evaluate), the report (evaluate_model) and bench go through recipe_logits."""
     images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
     labels = torch.arange(6) % 10
     config = TrainConfig(tta_views=5, amp=False, channels_last=False, eval_batch_size=4)

@@ -159,7 +159,8 @@ def _train_seed(
     name: str, config: TrainConfig, data: MNIST, target: float, stop_at_target: bool
 ) -> tuple[SeedRun, int]:
     """One training run, with the test accuracy checked after each epoch; (the run, the model's parameters)."""
-    from .training import fraction_correct, recipe_logits, train
+    from .evaluate import fraction_correct, recipe_logits
+    from .training import train
 
     checks: list[tuple[float, float]] = []
     test_labels = data.test_labels.long()
@@ -286,7 +287,7 @@ def torch_runner(model: nn.Module, bf16: bool = False, compiled: bool = False) -
     Compiled adds inductor with freezing, which fuses the elementwise layers and prepacks the oneDNN weights.
     """
     from .export import inference_model
-    from .training import native_bfloat16
+    from .precision import native_bfloat16
 
     half = bf16 or (compiled and native_bfloat16("cpu"))
     dtype = torch.bfloat16 if half else torch.float32
@@ -405,7 +406,8 @@ def _check_int8(
     log: Callable[[str], None],
 ) -> None:
     """Say the test accuracy of an int8 runner beside float32's; refuse one that loses more than `max_drop`."""
-    from .training import as_input, fraction_correct, predict_logits
+    from .data import as_input
+    from .evaluate import fraction_correct, predict_logits
 
     pixels = as_input(images).numpy()
     logits = np.concatenate([np.asarray(run(pixels[i : i + 1024])) for i in range(0, len(pixels), 1024)])
@@ -455,8 +457,8 @@ def bench_infer(
     A backend or batch size named twice, or a batch size above len(images), is refused before any work.
     """
     from .checkpoint import load_model
+    from .data import as_input
     from .export import INT8_MAX_DROP, calibration_pixels, export_onnx
-    from .training import as_input
 
     check_infer_options(backends, batch_sizes, len(images))
     backends = available_backends(backends, log)

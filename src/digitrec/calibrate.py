@@ -90,10 +90,10 @@ def calibrate(
     from .checkpoint import load_model, model_file, save_tensors
     from .config import TrainConfig
     from .data import load_mnist, split_validation
+    from .evaluate import predict_logits
     from .predict import Predictor, TorchBackend, holds_no_ink
     from .preprocess import preprocess
     from .realworld import generate
-    from .training import predict_logits
 
     model, meta = load_model(model_path)
     config = TrainConfig.from_checkpoint(meta, model_path)

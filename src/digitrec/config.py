@@ -70,7 +70,7 @@ class TrainConfig:
     tta_views: int = 1
     checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
     device: str = "auto"
-    amp: bool = False  # bfloat16 autocast, where the device computes in bfloat16 (training.native_bfloat16)
+    amp: bool = False  # bfloat16 autocast, where the device computes in bfloat16 (precision.native_bfloat16)
     channels_last: bool = False
     compile: bool = False
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
@@ -270,7 +270,7 @@ def _coerce(key: str, value: Any, declared: str) -> Any:
 # train on all 60,000 images and report their last epoch get val_size=0: we train on all of train and keep
 # the last weights, so the test set never chooses a checkpoint. Those that select a model get a validation split.
 # What digitrec's own recipes share: AdamW (digitrec.optim) with betas (0.9, 0.99) and weight decay 0.05, a one-cycle
-# schedule, label smoothing 0.1, bfloat16 autocast (where the device computes in bfloat16: training.native_bfloat16;
+# schedule, label smoothing 0.1, bfloat16 autocast (where the device computes in bfloat16: precision.native_bfloat16;
 # float32 elsewhere) on channels-last batches. Each recipe sets its own learning rate.
 _OURS = TrainConfig(
     optimizer="adamw",

@@ -1,4 +1,5 @@
-"""Find, download and verify the MNIST IDX files, and hold the data set in memory as uint8 tensors.
+"""Find, download and verify the MNIST IDX files, hold the data set in memory as uint8 tensors (as_input: the
+float batch every model takes).
 
 Sources, in order: --data-dir, $DIGITREC_DATA, shared/mnist in or beside the repository or the working
 directory (_shared_dirs), the user cache (~/.cache/digitrec/mnist), the public mirrors, and last the
@@ -68,6 +69,12 @@ class MNIST:
     test_labels: torch.Tensor
     source: str
     checksum: str  # MD5 over the four decompressed files' MD5s, recorded in every checkpoint
+
+
+def as_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], the input every model takes."""
+    x = images.unsqueeze(1).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def parse_idx(data: bytes, name: str = "IDX data", advice: str = DELETE_ADVICE) -> np.ndarray:

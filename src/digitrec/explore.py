@@ -157,9 +157,9 @@ def explore(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write every figure, explore.json and explore.html into out_dir; returns the summary written to explore.json."""
+    from .data import as_input
     from .evaluate import _image_tag
     from .robustness import Scored, load_all
-    from .training import as_input
 
     # first: a model that does not load stops the command before the embedding (loaded ones are taken as they are)
     paths = [m for m in models if not isinstance(m, Scored)]

@@ -284,7 +284,7 @@ def _quantize_int8(float_bytes: bytes, calibration: np.ndarray) -> bytes:
 def calibration_pixels(images: torch.Tensor) -> torch.Tensor:
     """The pixels that set int8 activation ranges: CALIBRATION_IMAGES of `images` (uint8 training images,
     (N, 28, 28)) picked at random with seed 0, as float32 (n, 1, 28, 28) in [0, 1]."""
-    from .training import as_input
+    from .data import as_input
 
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:CALIBRATION_IMAGES]
     return as_input(images[pick])
@@ -308,7 +308,8 @@ def export_onnx(
     accuracy may drop by at most 0.1 point. Inputs are uint8 (N, 28, 28) as `digitrec.data` holds them.
     """
     from .checkpoint import load_model
-    from .training import as_input, fraction_correct, predict_logits
+    from .data import as_input
+    from .evaluate import fraction_correct, predict_logits
 
     checkpoint = model_file(checkpoint)
     out = Path(out) if out else checkpoint.with_suffix(".int8.onnx" if int8 else ".onnx")

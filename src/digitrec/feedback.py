@@ -352,7 +352,8 @@ def finetune(
 
     from .checkpoint import load_model
     from .config import TrainConfig
-    from .training import evaluate, train
+    from .evaluate import evaluate
+    from .training import train
 
     model, meta = load_model(model_path)
     if "members" in meta:

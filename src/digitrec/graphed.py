@@ -26,20 +26,13 @@ import torch.nn.functional as F
 
 from .bench import spread
 from .config import TrainConfig
-from .data import MNIST
+from .data import MNIST, as_input
 from .errors import DigitrecError
+from .evaluate import fraction_correct, recipe_logits
 from .models import create_model
 from .optim import _FUSED, AdamW
-from .training import (
-    as_input,
-    autocast,
-    epoch_order,
-    fraction_correct,
-    lr_at,
-    make_optimizer,
-    recipe_logits,
-    steps_in_epoch,
-)
+from .precision import autocast
+from .training import epoch_order, lr_at, make_optimizer, steps_in_epoch
 
 WARMUP_STEPS = 3  # eager steps on a side stream before the capture (cuDNN picks its kernels there)
 

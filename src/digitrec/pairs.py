@@ -228,7 +228,8 @@ def train_pairs(
 
     from .augment import random_affine
     from .checkpoint import save_tensors
-    from .training import as_input, fraction_correct
+    from .data import as_input
+    from .evaluate import fraction_correct
 
     # the held-out 5% aside, the rest must fill one batch, or there is no step to train (and one-cycle refuses 0)
     if count - count // 20 < batch_size:

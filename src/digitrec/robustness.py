@@ -106,7 +106,7 @@ PERTURBATIONS: tuple[Perturbation, ...] = (
 
 def perturb(images: torch.Tensor, perturbation: Perturbation, strength: float) -> torch.Tensor:
     """uint8 images (N, 28, 28) -> the same images perturbed, rounded back to uint8; seeded by name and strength."""
-    from .training import as_input
+    from .data import as_input
 
     seed = SEED + sum(map(ord, perturbation.name)) * 1000 + round(strength * 100)
     generator = torch.Generator().manual_seed(seed)
@@ -129,7 +129,7 @@ def torch_scorer(
     model: torch.nn.Module, batch_size: int = 500, amp: bool = False, channels_last: bool = False
 ) -> Scorer:
     """Scores with the model's own evaluation settings (bfloat16 and memory layout as its recipe evaluates)."""
-    from .training import predict_logits
+    from .evaluate import predict_logits
 
     def score(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -141,7 +141,7 @@ def torch_scorer(
 def load_scored(path: str | Path, name: str | None = None) -> Scored:
     """A run folder, a .safetensors checkpoint or an exported .onnx file, ready to score."""
     from .checkpoint import load_model, model_file
-    from .training import as_input
+    from .data import as_input
 
     path = model_file(path)
     scorer: Scorer
@@ -208,7 +208,7 @@ def evaluate_robustness(
     """
     if not models:
         raise DigitrecError("robustness needs at least one model; pass a run folder or a model file.")
-    from .training import fraction_correct
+    from .evaluate import fraction_correct
 
     labels = labels.long()
 

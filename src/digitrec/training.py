@@ -1,4 +1,4 @@
-"""The training loop: one train_steps(), one evaluate(), checkpoints every epoch, resume from the last one.
+"""The training loop: one train_steps(), evaluate.py's evaluate(), checkpoints every epoch, resume from the last one.
 
 Determinism: the data order of epoch e is a function of (seed, e) and every step reseeds the augmentation
 and dropout generators from (seed, step), so a run resumed at any saved step continues exactly as if it had
@@ -13,7 +13,6 @@ on any number of processes. DDP averages the gradients; only rank 0 logs, evalua
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import json
 import math
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, distributed, tta
+from . import __version__, distributed
 from .augment import augment_batch
 from .augment_real import OUTLIER_WEIGHT, make_negatives, outlier_loss
 from .checkpoint import (
@@ -38,11 +37,13 @@ from .checkpoint import (
     save_tensors,
 )
 from .config import DRY_RUN_BATCHES, DRY_RUN_MAX_EPOCHS, DRY_RUN_ROBUSTNESS_IMAGES, TrainConfig
-from .data import MNIST, load_mnist, split_validation
+from .data import MNIST, as_input, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError, TrainingDiverged, need_extra
+from .evaluate import evaluate, loss_and_accuracy, recipe_logits, write_report
 from .folderlock import locked_run_folder, refuse_a_file_in_the_way
-from .models import count_parameters, create_model, log_mean_probabilities
+from .models import count_parameters, create_model
 from .optim import AdamW, Optimizer, WeightAverage
+from .precision import autocast, native_bfloat16
 from .runfolder import (
     holds_a_run,
     load_optimizer,
@@ -94,31 +95,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@functools.cache
-def native_bfloat16(device_type: str) -> bool:
-    """Does this device compute in bfloat16 natively, so that autocast speeds it up?
-
-    A CPU needs AVX-512 BF16 or AMX: without them PyTorch emulates bfloat16, and `fast` trained in 63.7 s
-    against 6.7 s in float32 on an AVX2-only EPYC (on one with AMX, bfloat16 is 2-3x faster than float32).
-    """
-    if device_type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device_type == "cpu":
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-    return True  # MPS and others: autocast as the recipe asks
-
-
-def autocast(device: torch.device, amp: bool, cache: bool = True) -> torch.autocast:
-    """bfloat16 autocast when the recipe asks for it (`amp`) and the device has native bfloat16; else float32.
-
-    `cache=False` casts the weights anew on every use: a step captured as a CUDA graph (graphed.py) must not
-    keep the bfloat16 copy made at capture.
-    """
-    enabled = amp and native_bfloat16(device.type)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache)
-
-
 def lr_at(config: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
     """The learning rate for `step` under the recipe's schedule (a pure function, so resuming needs no state)."""
     epoch = step // steps_per_epoch
@@ -155,12 +131,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr, betas=config.betas)
     return AdamW(groups, lr=config.lr, betas=config.betas)
-
-
-def as_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], the input every model takes."""
-    x = images.unsqueeze(1).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def generator_seed(value: int) -> int:
@@ -285,73 +255,6 @@ def _loss(
     if outliers:
         loss = loss + OUTLIER_WEIGHT * outlier_loss(logits[len(y) :])
     return loss, digit_logits
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module,
-    images: torch.Tensor,
-    batch_size: int = 1000,
-    amp: bool = False,
-    channels_last: bool = False,
-    tta_views: int = 1,
-) -> torch.Tensor:
-    """Logits (float32) for uint8 images (N, 28, 28), in batches, with the model in eval mode.
-
-    With `channels_last` the model's kernels go channels-last too (a checkpoint loads them contiguous, and a
-    contiguous kernel makes the convolutions and max-pools of a channels-last batch 2-10x slower in bfloat16).
-    With `tta_views` > 1 each image is scored in that many 1-pixel shifts (tta.py) and the result is the log of
-    their mean probability.
-    """
-    model.eval()
-    if channels_last and any(
-        p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters()
-    ):
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks memory_format
-    device = next(model.parameters()).device
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        x = as_input(images[start : start + batch_size].to(device))
-        if tta_views > 1:
-            padded = F.pad(x, (1, 1, 1, 1))
-            x = torch.cat([padded[..., rows, cols] for rows, cols in tta.windows(tta_views)])
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(x).float()
-        if tta_views > 1:  # the log of the mean probability over the views
-            logits = log_mean_probabilities(
-                logits.log_softmax(1).view(tta_views, -1, logits.shape[1]).unbind()
-            )
-        outputs.append(logits)
-    return torch.cat(outputs) if outputs else torch.zeros(0, 10)
-
-
-def recipe_logits(model: nn.Module, images: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """predict_logits the way `config`'s recipe evaluates: its batch size, bfloat16, layout and test-time views."""
-    return predict_logits(
-        model, images, config.eval_batch_size, config.amp, config.channels_last, config.tta_views
-    )
-
-
-def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig
-) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` on a labelled set."""
-    return loss_and_accuracy(recipe_logits(model, images, config), labels)
-
-
-def fraction_correct(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    """The fraction of predicted classes equal to their labels, exactly (9915 / 10000 is 0.9915; a float32
-    mean gave 0.9915000200271606 to metrics.json)."""
-    return (predicted == labels.to(predicted.device)).sum().item() / max(len(labels), 1)
-
-
-def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of logits against their labels."""
-    labels = labels.to(logits.device).long()
-    loss = F.cross_entropy(logits, labels).item()
-    return loss, fraction_correct(logits.argmax(1), labels)
 
 
 def versions() -> dict[str, str]:
@@ -904,8 +807,6 @@ def _test_and_write(
         )
     atomic_write_json(out_dir / "metrics.json", metrics)
     if report:
-        from .evaluate import write_report
-
         write_report(
             out_dir,
             model,
