@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .data import MNIST
+from .data import MNIST, as_input
 from .errors import DigitrecError
 
 # ---------------------------------------------------------------- memory
@@ -406,7 +406,6 @@ def _check_int8(
     log: Callable[[str], None],
 ) -> None:
     """Say the test accuracy of an int8 runner beside float32's; refuse one that loses more than `max_drop`."""
-    from .data import as_input
     from .evaluate import fraction_correct, predict_logits
 
     pixels = as_input(images).numpy()
@@ -457,7 +456,6 @@ def bench_infer(
     A backend or batch size named twice, or a batch size above len(images), is refused before any work.
     """
     from .checkpoint import load_model
-    from .data import as_input
     from .export import INT8_MAX_DROP, calibration_pixels, export_onnx
 
     check_infer_options(backends, batch_sizes, len(images))

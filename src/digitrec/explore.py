@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import atomic_write_json, atomic_write_text
-from .data import MNIST
+from .data import MNIST, as_input
 from .errors import DigitrecError, need_extra
 from .plots import _grid, _save, plt
 
@@ -157,7 +157,6 @@ def explore(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write every figure, explore.json and explore.html into out_dir; returns the summary written to explore.json."""
-    from .data import as_input
     from .evaluate import _image_tag
     from .robustness import Scored, load_all
 

@@ -4,10 +4,10 @@ On a GPU the `fast` recipe's step is a few dozen tiny kernels: launching them fr
 running them. Here one whole step (gather the batch, forward in bfloat16, backward, AdamW) is captured once as a
 CUDA graph and replayed; the batch indices and the learning rate of every step already lie on the GPU, and a
 step counter inside the graph picks them, so the host only calls `replay()`. Everything else is the training
-loop's (training.py): the same initialization, data order, schedule, loss, optimizer and evaluation, so a run
-with `graph=False` (the same step, launched eagerly; the only way on a CPU) follows `training.train`. Before the
-first seed, every kind of work runs once (a few steps, the capture and a first replay, a partial batch, an
-evaluation), so that kernel choices and lazy set-up happen off the clock; that warm-up is reported apart, as a
+loop's (training.py) and evaluation's (evaluate.py): the same initialization, data order, schedule, loss,
+optimizer and evaluation, so a run with `graph=False` (the same step, launched eagerly; the only way on a CPU)
+follows `training.train`. Before the first seed, every kind of work runs once (a few steps, the capture and a
+first replay, a partial batch, an evaluation), so that kernel choices and lazy set-up happen off the clock; that warm-up is reported apart, as a
 compile time would be.
 
 Only recipes whose step is the same every time qualify: no augmentation, no outlier exposure, no weight
