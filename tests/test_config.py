@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from digitrec.config import RECIPES, TrainConfig, get_recipe, load_toml, to_toml
 from digitrec.errors import DigitrecError
@@ -166,6 +167,12 @@ def test_huge_or_non_finite_numbers_are_one_sentence(bad):
         ("epoch = 3", "unknown config key 'epoch' (did you mean 'epochs'?)"),
         ('recipe = "seed-mpl"', "unknown recipe 'seed-mpl' (did you mean 'seed-mlp'?)"),
         ('recipe = "Default"', "unknown recipe 'Default' (did you mean 'default'?)"),
+        # said as "--device cuda was asked for" though no flag was given
+        pytest.param(
+            'device = "cuda"',
+            "device cuda was asked for (--device or a config file's device) but no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU"),
+        ),
     ],
     ids=[
         "list",
@@ -180,6 +187,7 @@ def test_huge_or_non_finite_numbers_are_one_sentence(bad):
         "key",
         "typo",
         "case",
+        "device",
     ],
 )
 def test_a_malformed_toml_value_is_one_sentence(tmp_path, toml, message, capsys):

@@ -110,11 +110,14 @@ def test_batch_sizes_that_change_training_are_refused(
 @pytest.mark.parametrize(
     "flags, refused",
     [
-        (["--device", "cuda"], "--device cuda was asked for but no CUDA GPU is available"),
+        (
+            ["--device", "cuda"],
+            "device cuda was asked for (--device or a config file's device) but no CUDA GPU is available",
+        ),
         (["--data-dir", "/no/such/folder"], "/no/such/folder does not hold the four MNIST files"),
         (["--batch-size", "3"], "--batch-size 3 does not split evenly over 2 processes"),
         (["--out", "UNFINISHED"], "holds an unfinished run"),
-        (["--resume", "UNFINISHED", "--device", "cuda"], "--device cuda was asked for"),
+        (["--resume", "UNFINISHED", "--device", "cuda"], "device cuda was asked for"),
     ],
     ids=["no-gpu", "no-data", "uneven-batch", "unfinished-folder", "resume-no-gpu"],
 )

@@ -48,7 +48,10 @@ def test_a_device_this_machine_lacks_fails_once_before_any_run(tmp_path, monkeyp
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(subprocess, "Popen", None)  # no job may start
-    with pytest.raises(DigitrecError, match="--device cuda was asked for but no CUDA GPU is available"):
+    with pytest.raises(
+        DigitrecError,
+        match="device cuda was asked for \\(--device or a config file's device\\) but no CUDA GPU is available",
+    ):
         sweep(["fast"], [0, 1], tmp_path, train_flags=["--device", "cuda"])
     assert not any(tmp_path.iterdir())
 

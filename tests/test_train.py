@@ -153,7 +153,10 @@ def test_a_run_begun_on_a_gpu_resumes_on_the_cpu(tiny_mnist, tmp_path):
     meta["state"]["finished"] = False
     save_tensors(tmp_path / "half" / "last.safetensors", tensors, meta)
     if not torch.cuda.is_available():
-        with pytest.raises(DigitrecError, match="--device cuda was asked for but no CUDA GPU is available"):
+        with pytest.raises(
+            DigitrecError,
+            match="device cuda was asked for \\(--device or a config file's device\\) but no CUDA GPU is available",
+        ):
             train(TrainConfig(), tmp_path / "half", resume=True, **quiet)
     resumed = train(TrainConfig(), tmp_path / "half", resume=True, resume_device="cpu", **quiet)
     assert resumed.metrics["device"] == "cpu" and resumed.config.device == "cpu"

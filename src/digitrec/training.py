@@ -86,11 +86,13 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise DigitrecError(
-            "--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto."
+            "device cuda was asked for (--device or a config file's device) but no CUDA GPU is available; "
+            "use --device cpu or auto."
         )
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise DigitrecError(
-            "--device mps was asked for but Apple's MPS is not available; use --device cpu or auto."
+            "device mps was asked for (--device or a config file's device) but Apple's MPS is not available; "
+            "use --device cpu or auto."
         )
     return torch.device(name)
 
