@@ -440,11 +440,11 @@ def create_app(
             415, f"unsupported content type {_shortened(repr(content_type or '(none)'))}; {IMAGE_HINT}."
         )
 
-    async def to_input(data: bytes, request: Request | None = None) -> np.ndarray:
-        """The 28x28 model input of an upload, from the image workers where they run; with the request, a photo
-        whose client left while it waited there is dropped (while_connected)."""
+    async def to_input(data: bytes, request: Request) -> np.ndarray:
+        """The 28x28 model input of an upload, from the image workers where they run; a photo whose client left
+        while it waited there is dropped (while_connected)."""
         if workers is not None:
-            return await (workers(data) if request is None else while_connected(request, workers(data)))
+            return await while_connected(request, workers(data))
         return await asyncio.get_running_loop().run_in_executor(io_pool, to_model_input, data)
 
     def plain_answer(prediction: Any) -> Response:

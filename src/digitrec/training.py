@@ -457,6 +457,8 @@ def train(
         # -- the epoch loop
         bar = None
         step = state["step"]
+        # what the progress bar and the epoch lines count to
+        epochs_in_all = _epochs(total_steps, steps_per_epoch)
         # the sums of an epoch interrupted after a mid-epoch checkpoint; global sums, so rank 0 carries them
         epoch_so_far = tuple(state.get("epoch_so_far", (0.0, 0, 0))) if main else (0.0, 0, 0)
         try:
@@ -464,11 +466,7 @@ def train(
                 epoch = step // steps_per_epoch
                 end = min(total_steps, (epoch + 1) * steps_per_epoch)
                 steps = range(step, end)
-                bar = (
-                    _progress(steps, _epochs(end, steps_per_epoch), _epochs(total_steps, steps_per_epoch))
-                    if progress
-                    else None
-                )
+                bar = _progress(steps, _epochs(end, steps_per_epoch), epochs_in_all) if progress else None
                 train_loss, train_accuracy = train_steps(
                     train_model,
                     optimizer,
@@ -503,8 +501,7 @@ def train(
                     count_train_time()  # validation counts as training time
                     row["seconds"] = state["train_seconds"]
                     state["history"].append(row)
-                    epochs_done = _epochs(step, steps_per_epoch)
-                    log(_epoch_line(row, epochs_done, _epochs(total_steps, steps_per_epoch)))
+                    log(_epoch_line(row, _epochs(step, steps_per_epoch), epochs_in_all))
                     if writer:
                         for key, value in row.items():
                             writer.add_scalar(key, value, step)
@@ -787,9 +784,8 @@ def _test_and_write(
         "params": count_parameters(model),
         "train_seconds": round(state["train_seconds"], 3),
         "eval_seconds": round(time.perf_counter() - eval_start, 3),
-        "epochs": float(
-            _epochs(steps, steps_per_epoch)
-        ),  # as trained and as the epoch lines say: 0.85 for fast
+        # as trained and as the epoch lines say: 0.85 for fast
+        "epochs": float(_epochs(steps, steps_per_epoch)),
         "steps": steps,
         "device": str(device),
         "world_size": distributed.world_size(),
