@@ -683,7 +683,7 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict_files
+    from .predict import STEPS_STEM_BYTES, predict_files
 
     paths = _image_paths(args)
     if args.show_steps:
@@ -709,7 +709,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.show_steps and any(r.steps for r in results):
         _stderr(
             f"preprocessing steps: {args.show_steps}/<name>.steps.png (<name>-2 ... for repeated names, a long "
-            "name cut to 200 bytes)"
+            f"name cut to {STEPS_STEM_BYTES} bytes)"
         )
     return 1 if all(r.error is not None for r in results) else 0
 
