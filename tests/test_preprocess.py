@@ -602,6 +602,19 @@ def test_folders_expand_to_their_images_only(tmp_path):
     assert [p.name for p in unreadable] == ["IMG_0001.HEIC", "d.dng"]  # photos Pillow cannot read, reported
 
 
+def test_a_folders_images_without_a_suffix_are_read_by_their_first_bytes(tmp_path):
+    """An app that saves photos as "IMG_0001" (no suffix) left a folder of them "no images found": a file
+    without a suffix is now an image when it begins as one, as a file named directly is read by its bytes."""
+    (tmp_path / "IMG_0001").write_bytes(_saved_as("JPEG"))
+    (tmp_path / "scan").write_bytes(_saved_as("PNG"))
+    (tmp_path / "README").write_bytes(b"not an image")
+    (tmp_path / "icon").write_bytes(_saved_as("ICO"))  # a format digitrec does not read
+    (tmp_path / "pipe").mkdir()  # a folder named without a suffix is still not searched
+    os.mkfifo(tmp_path / "fifo")  # never opened: it would wait for a writer
+    assert [p.name for p in expand_paths([tmp_path])] == ["IMG_0001", "scan"]
+    assert preprocess(tmp_path / "IMG_0001").shape[-2:] == (28, 28)
+
+
 def test_a_heic_photo_is_named_as_such(tmp_path):
     heic = b"\x00\x00\x00\x18ftypheic" + bytes(100)  # an iPhone photo's first bytes
     (tmp_path / "IMG_0001.HEIC").write_bytes(heic)

@@ -1513,6 +1513,70 @@ def _sleep_then_echo(uploads):
     return uploads
 
 
+@pytest.mark.parametrize("body", ["raw", "multipart"])
+def test_a_request_cut_short_by_a_forced_quit_is_answered_503_in_json(tmp_path, body):
+    """uvicorn cancels the requests still running on a second Ctrl-C, and answered each "Internal Server Error"
+    as text/plain 500, the answer to a bug: now the client reads in JSON that the server stopped (503)."""
+    from digitrec.server import STOPPED_DETAIL
+
+    app = create_app(FakePredictor(delay_s=5), feedback_db=tmp_path / "feedback.sqlite")
+    png = digit_png()
+    if body == "raw":  # the page's fast path
+        content_type, payload = b"image/png", png
+    else:  # FastAPI's endpoint
+        boundary = b"cutshort"
+        content_type = b"multipart/form-data; boundary=" + boundary
+        payload = (
+            b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="d.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--" + boundary + b"--\r\n"
+        )
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/predict",
+        "raw_path": b"/api/predict",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"localhost:8000"),
+            (b"content-type", content_type),
+            (b"content-length", str(len(payload)).encode()),
+        ],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    sent: list[dict] = []
+
+    async def main() -> None:
+        bodies = [{"type": "http.request", "body": payload, "more_body": False}]
+
+        async def receive() -> dict:
+            if bodies:
+                return bodies.pop()
+            await asyncio.sleep(3600)  # the client stays
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        request = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.sleep(1.0)  # the digit is with the (slow) model
+        assert not sent
+        request.cancel()  # what uvicorn does to every request still running when it is forced to quit
+        with pytest.raises(asyncio.CancelledError):
+            await request
+
+    asyncio.run(main())
+    start, answer = sent
+    assert start["status"] == 503
+    assert (b"content-type", b"application/json") in start["headers"]
+    assert json.loads(answer["body"]) == {"detail": STOPPED_DETAIL}
+
+
 def test_killed_image_workers_end_at_once_without_finishing_their_chunks():
     """A forced quit's ImageWorkers.kill: the workers' chunks are dropped, not finished (a 30 s chunk here)."""
     import time

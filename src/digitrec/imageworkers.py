@@ -226,6 +226,9 @@ class ImageWorkers:
     def kill(self) -> None:
         """End the workers now, the chunks they hold dropped (a forced quit, a second Ctrl-C): at exit the pool
         would wait for every chunk queued, seconds of large photos after the server said it stopped at once."""
+        if hasattr(self.pool, "terminate_workers"):  # Python 3.14 and later say it in public
+            self.pool.terminate_workers()
+            return
         for process in list((getattr(self.pool, "_processes", None) or {}).values()):
             process.terminate()
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -1135,6 +1135,9 @@ def expand_paths(
 ) -> list[Path]:
     """Folders expand to the image files inside them (sorted, not recursive); files stay as given, in order.
 
+    A folder's image files are known by their suffix, and a file without one (a photo saved by an app that names
+    files "IMG_0001") by its first bytes, as a file named directly is read: such a photo is not skipped unseen.
+
     A folder's photos in formats Pillow does not read (UNREADABLE_PHOTO_SUFFIXES) go into `unreadable`, its
     images in the formats Pillow knows and digitrec refuses (TGA, ICO, ...) into `refused`, and its own folders
     that hold images (which are not read) into `subfolders`, if given. An entry named like an image that is not
@@ -1156,7 +1159,7 @@ def expand_paths(
             is_folder = [_is_dir(p) for p in entries]  # one stat() each, as is_file() was: not one per list
             folders = [p for p, folder in zip(entries, is_folder, strict=True) if folder]
             files = [p for p, folder in zip(entries, is_folder, strict=True) if not folder]
-            expanded.extend(p for p in files if is_image_file(p))
+            expanded.extend(p for p in files if is_image_file(p) or (not p.suffix and _holds_an_image(p)))
             if unreadable is not None:
                 unreadable.extend(p for p in files if is_unreadable_photo(p))
             if refused is not None:
@@ -1166,6 +1169,20 @@ def expand_paths(
         else:
             expanded.append(path)
     return expanded
+
+
+def _holds_an_image(path: Path) -> bool:
+    """Is it a plain file that begins as an image in a format digitrec reads? (Pillow reads the header, not the
+    pixels; a pipe is never opened, it would wait for a writer.)"""
+    try:
+        if not path.is_file():
+            return False
+        with Image.open(path, formats=IMAGE_FORMATS):
+            return True
+    except Image.DecompressionBombError:  # an image: reading it says it is too large
+        return True
+    except Exception:  # noqa: BLE001 - not an image, or not a readable file: skipped like any other
+        return False
 
 
 def _is_dir(path: Path) -> bool:

@@ -486,6 +486,8 @@ def create_app(
     app.add_middleware(BrowserGuard, counted=count_error)
     # outermost (added last): a request sent to a name this server does not answer reaches nothing else
     app.add_middleware(HostGuard, allowed=allowed, counted=count_error)
+    # around everything: a request a forced quit cuts short is told so in JSON, as every other error is
+    app.add_middleware(AnswerWhenStopped, counted=count_error)
 
     # -- endpoints ---------------------------------------------------------------------------------------------
 
@@ -820,6 +822,43 @@ def _unreadable_form(reason: str) -> str:
 DISCONNECT_POLL_SECONDS = (
     0.25  # how often a request waiting for the image workers asks if its client is there
 )
+
+
+STOPPED_DETAIL = "the server stopped before it answered; send the request again once it is back."
+
+
+class AnswerWhenStopped:
+    """A request cut short by a forced quit (a second Ctrl-C) is answered 503 in JSON, as every error here is,
+    instead of uvicorn's plain-text 500 "Internal Server Error" (which reads as a bug in the app).
+
+    uvicorn cancels the requests still running when it is forced to stop; nothing else cancels a request's task
+    (a client that leaves is noticed by while_connected, which raises ClientGone). An answer already begun is
+    left as it is, and the cancellation goes on to uvicorn, which closes the connection."""
+
+    def __init__(self, app: Any, counted: Callable[[int], None]):
+        self.app, self.counted = app, counted
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if not started:
+                self.counted(503)
+                stopped = JSONResponse(
+                    {"detail": STOPPED_DETAIL}, status_code=503, headers={"Connection": "close"}
+                )
+                await stopped(scope, receive, send)
+            raise
 
 
 class ClientGone(Exception):
