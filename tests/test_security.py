@@ -276,7 +276,7 @@ def test_an_export_refuses_a_label_folder_that_is_a_link(tmp_path):
 def rebound_detail(host: str) -> str:
     return (
         f"this server does not answer to the host name {host!r}; if that is the name you reach it by, restart "
-        f"digitrec serve with --allowed-hosts {host}."
+        f"digitrec serve with --allowed-hosts {host} (an app of your own: create_app(..., allowed_hosts=[{host!r}]))."
     )
 
 

@@ -1712,7 +1712,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"digitrec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # under torchrun (train --nproc) every rank is interrupted: rank 0 says it, as the launcher does
+        # under torchrun (train --nproc) every rank is interrupted: rank 0 says it, as the launcher does (read
+        # from torchrun's variables here: distributed.launched_rank() would import torch into every command)
         if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
             print("digitrec: interrupted", file=sys.stderr)
         return 130

@@ -191,7 +191,8 @@ class HostGuard:
         else:  # host_of's answer: letters, digits, dots, hyphens, underscores or an IP address, nothing else
             detail = (
                 f"this server does not answer to the host name {host!r}; if that is the name you reach it by, "
-                f"restart digitrec serve with --allowed-hosts {host}."
+                f"restart digitrec serve with --allowed-hosts {host} (an app of your own: "
+                f"create_app(..., allowed_hosts=[{host!r}]))."
             )
         await send_error(send, 400, detail, BROWSER_HEADERS)
 

@@ -92,7 +92,7 @@ def sweep(
                 for name, (job, process) in list(running.items()):
                     if process.poll() is not None:
                         del running[name]
-                        rows.append(_row(job, process.returncode))
+                        rows.append(_row(job, finished=process.returncode == 0))
                         log(
                             f"finished {job.name}: "
                             + (
@@ -111,7 +111,7 @@ def sweep(
                     + "; ".join(_resume_hint(job) for job in stopped)
                 )
             if rows:  # what finished is kept: the summary of those jobs, and the stopped ones marked so
-                rows += [{**_row(job, 1), "stopped": True} for job in stopped]
+                rows += [{**_row(job, finished=False), "stopped": True} for job in stopped]
                 _write_summary(out, rows, recipes)
                 log(summary_table(rows))
                 log(f"summary of the jobs that finished: {out / 'summary.json'}")
@@ -245,9 +245,10 @@ def _check_train_flags(job: Job, train_flags: list[str]) -> None:
     resolve_device(training_config(args)[1].device)  # --device cuda without a GPU: once, not once per job
 
 
-def _row(job: Job, returncode: int) -> dict:
+def _row(job: Job, finished: bool) -> dict:
+    """The summary's row of a job: its test figures if it `finished` (exit status 0) and wrote them."""
     metrics_path = job.out / "metrics.json"
-    if returncode != 0 or not metrics_path.exists():
+    if not finished or not metrics_path.exists():
         return {"recipe": job.recipe, "seed": job.seed, "ok": False, "out": str(job.out)}
     metrics = json.loads(metrics_path.read_text())
     return {
