@@ -37,6 +37,16 @@ def biases_before_batch_norm(model: nn.Sequential) -> set[str]:
     return names
 
 
+def assert_trained_alike(expected: dict, got: dict, model: nn.Module) -> None:
+    """Each tensor within 10% of its norm, but the biases a BatchNorm cancels and their running means (below)."""
+    noise = biases_before_batch_norm(model)
+    for name, tensor in expected.items():
+        if name not in noise:
+            new, old = got[name].double().cpu(), tensor.double().cpu()
+            drift = float((new - old).norm() / old.norm().clamp_min(1e-12))
+            assert drift < 0.1, f"{name} differs by {drift:.2%} of its norm"
+
+
 def test_the_eager_graph_step_trains_as_the_training_loop(tiny_mnist, tmp_path: Path) -> None:
     config = TINY.override(amp=False)  # float32, so that the two differ by rounding alone
     run = train(
@@ -51,13 +61,10 @@ def test_the_eager_graph_step_trains_as_the_training_loop(tiny_mnist, tmp_path: 
     # full-size moves: it (and the running mean that tracks it) differs; the function the model computes does not.
     # The other weights carry that noise's echo: a few elements whose own gradient is near zero move by up to a
     # step's size (how many depends on the CPU's kernels and thread count), so each tensor is compared as a whole.
-    noise = biases_before_batch_norm(trainer.model)
-    assert len(noise) == 4  # two such biases and their BatchNorms' running means
-    for name, tensor in expected.items():
-        if name not in noise:
-            new, old = got[name].double(), tensor.double()
-            drift = float((new - old).norm() / old.norm().clamp_min(1e-12))
-            assert drift < 0.1, f"{name} differs by {drift:.2%} of its norm"
+    assert (
+        len(biases_before_batch_norm(trainer.model)) == 4
+    )  # two such biases and their BatchNorms' running means
+    assert_trained_alike(expected, got, trainer.model)
     logits = [
         predict_logits(model, tiny_mnist.test_images)
         for model in (load_model(tmp_path / "model.safetensors")[0], trainer.model)
@@ -112,8 +119,8 @@ def test_the_replayed_graph_trains_as_the_eager_steps_on_a_gpu(tiny_mnist) -> No
         assert run.test_accuracy == pytest.approx(
             eager_run.test_accuracy, abs=2 / len(tiny_mnist.test_labels)
         )
-    for name, tensor in eager.state_dict().items():
-        torch.testing.assert_close(graphed.state_dict()[name], tensor, rtol=1e-2, atol=1e-3, msg=name)
+    # in bfloat16 the rounding noise a BatchNorm cancels moves its bias as on a CPU (above): compared alike
+    assert_trained_alike(eager.state_dict(), graphed.state_dict(), graphed.model)
 
 
 def test_bench_gpu_prints_json_and_refuses_other_recipes(

@@ -255,6 +255,24 @@ def test_a_finished_run_resumed_says_it_is_evaluated_and_not_that_it_trains(tiny
     assert not any(line.startswith("training ") for line in lines), lines
 
 
+def test_a_finished_run_evaluated_again_is_reported_from_the_cpu(tiny_mnist, tmp_path, monkeypatch):
+    """Evaluating a finished run again keeps its checkpoint, so the model was never moved to the CPU for saving:
+    on a GPU the report's robustness section then compared GPU logits with CPU labels and stopped with a
+    traceback. Here (a CPU) the move itself is what is checked."""
+    import digitrec.training
+
+    train(TINY, tmp_path, data=tiny_mnist, progress=False, report=False, log=lambda message: None)
+    moved: list[bool] = []
+    cpu = torch.nn.Module.cpu
+    monkeypatch.setattr(torch.nn.Module, "cpu", lambda self: moved.append(True) or cpu(self))
+    reported: list[bool] = []
+    monkeypatch.setattr(
+        digitrec.training, "write_report", lambda *args, **kwargs: reported.append(bool(moved))
+    )
+    train(TINY, tmp_path, data=tiny_mnist, resume=True, progress=False, log=lambda message: None)
+    assert reported == [True]
+
+
 def test_an_epoch_count_is_never_rounded_to_a_whole_one():
     from digitrec.training import _epochs
 
@@ -336,6 +354,22 @@ def test_bfloat16_autocast_runs_only_where_the_cpu_computes_in_bfloat16(monkeypa
                     assert torch.is_autocast_enabled("cpu") == (amp and (avx512_bf16 or amx))
     finally:
         precision.native_bfloat16.cache_clear()  # the next caller asks the real CPU again
+
+
+def test_a_gpu_that_only_emulates_bfloat16_trains_in_float32(monkeypatch):
+    """torch.cuda.is_bf16_supported() counts emulation as support (a T4, V100 or RTX 20xx), and MPS has bfloat16
+    from macOS 14 only: both were taken as native, so every amp recipe ran emulated there (or failed on MPS)."""
+    from digitrec import precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    try:
+        for macos_14, native in ((False, False), (True, True)):
+            precision.native_bfloat16.cache_clear()
+            monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor, v=macos_14: v)
+            assert precision.native_bfloat16("cuda") is False
+            assert precision.native_bfloat16("mps") is native
+    finally:
+        precision.native_bfloat16.cache_clear()
 
 
 @pytest.mark.parametrize("native", [True, False])

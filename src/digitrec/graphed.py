@@ -249,7 +249,7 @@ def bench_gpu(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """`digitrec bench gpu`: `seeds` runs graphed (when asked) and the same steps eagerly, side by side."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()  # CPU, MPS
     report: dict[str, Any] = {"device": name, "torch": torch.__version__, "modes": {}}
     for mode in ["graphed", "eager"] if graphed else ["eager"]:
         trainer, runs = graphed_runs(

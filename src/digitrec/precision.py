@@ -18,11 +18,14 @@ def native_bfloat16(device_type: str) -> bool:
     against 6.7 s in float32 on an AVX2-only EPYC (on one with AMX, bfloat16 is 2-3x faster than float32).
     """
     if device_type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+        # Ampere and later; a T4, V100 or RTX 20xx only emulates it (torch's default counts emulation as support)
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     if device_type == "cpu":
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-    return True  # MPS and others: autocast as the recipe asks
+    if device_type == "mps":  # Apple GPUs have bfloat16 from macOS 14 on
+        return bool(torch.backends.mps.is_macos_or_newer(14, 0))
+    return True  # other devices: autocast as the recipe asks
 
 
 def autocast(device: torch.device, amp: bool, cache: bool = True) -> torch.autocast:

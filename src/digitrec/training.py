@@ -795,12 +795,13 @@ def _test_and_write(
     }
     if more_metrics is not None:
         metrics |= more_metrics(model)
+    model.cpu()  # saved and reported from the CPU, whatever it trained on (the report scores it with CPU labels)
     if not (evaluate_only and "metrics" in best_meta):
         # A finished run that is only evaluated again keeps its checkpoint as it is: same weights, and a
         # calibration `digitrec calibrate` wrote into it stays (unless the run stopped before writing it).
         save_model(
             out_dir / "model.safetensors",
-            model.cpu(),
+            model,
             model_metadata(config, recipe, model, data, metrics) | (extra_metadata or {}),
         )
     atomic_write_json(out_dir / "metrics.json", metrics)
