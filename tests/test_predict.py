@@ -466,7 +466,7 @@ def test_top_k_outside_one_to_ten_is_refused_not_clamped(pretrained, top_k):
 def test_a_stroke_run_off_the_pad_is_kept_and_a_stream_that_cannot_seek_still_reads(pretrained):
     """A 4 whose stem runs off the bottom edge: the stem, a straight bar twice the size of the 4's other part,
     was dropped as "a pen lying on the page" and the rest read as a 6. And a big blank photo from a pipe: the
-    second look for thin strokes loaded it again from the spent stream ("not an image Pillow can read")."""
+    second look for thin strokes loaded it again from the spent stream ("not an image digitrec can read")."""
     import io
 
     import cv2

@@ -630,7 +630,7 @@ def test_a_heic_photo_is_named_as_such(tmp_path):
             ImageError, match=name + ", which Pillow cannot read here; save it as JPEG or PNG first"
         ):
             preprocess(source)
-    with pytest.raises(ImageError, match="not an image Pillow can read"):
+    with pytest.raises(ImageError, match="not an image digitrec can read"):
         preprocess(b"\x00\x00\x00\x18ftypisom" + bytes(100))  # an MP4 video is no photo
 
 

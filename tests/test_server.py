@@ -109,6 +109,15 @@ def test_page_and_its_assets_are_served_without_external_links(client):
     assert "https://" not in page.text
 
 
+def test_the_page_and_its_files_are_checked_again_by_the_browser_and_answered_304_when_unchanged(client):
+    """With no Cache-Control a browser could keep last version's app.js after an upgrade, beside the new page."""
+    for path in ("/", "/static/app.js", "/static/style.css", "/static/index.html"):
+        response = client.get(path)
+        assert response.headers["cache-control"] == "no-cache", path
+        again = client.get(path, headers={"If-None-Match": response.headers["etag"]})
+        assert again.status_code == 304, path
+
+
 def test_docs_describe_every_endpoint(client):
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]

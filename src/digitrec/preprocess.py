@@ -185,7 +185,7 @@ def _open(
                 raise ImageError(
                     f"{name} is in the {other} format, which digitrec does not read; convert it to {IMAGE_FORMATS_TEXT}."
                 ) from None
-            raise ImageError(f"{name} is not an image Pillow can read; use {IMAGE_FORMATS_TEXT}.") from None
+            raise ImageError(f"{name} is not an image digitrec can read; use {IMAGE_FORMATS_TEXT}.") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             if "MAX_TEXT_CHUNK" in str(exc):  # a PNG whose text or color-profile chunk unpacks to megabytes
                 raise ImageError(

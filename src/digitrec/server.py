@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -551,11 +551,13 @@ def create_app(
         },
     }
 
+    static_files = RevalidatedFiles(directory=STATIC_DIR)
+
     # HEAD on / and /healthz: load balancers and uptime checks probe with it (FastAPI adds HEAD to no GET route)
     @app.head("/", include_in_schema=False)
     @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html")
+    async def index(request: Request) -> Response:
+        return await static_files.get_response("index.html", request.scope)  # 304 while unchanged, as /static
 
     @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", response_model=HealthResponse, tags=["service"], summary="The model being served")
@@ -740,7 +742,7 @@ def create_app(
             },
         }
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", static_files, name="static")
     app.state.feedback = store
     app.state.batcher = batcher
     app.state.image_workers = workers
@@ -822,6 +824,20 @@ def _unreadable_form(reason: str) -> str:
 DISCONNECT_POLL_SECONDS = (
     0.25  # how often a request waiting for the image workers asks if its client is there
 )
+
+
+# The page and its files are asked for again each time, answered 304 while unchanged: without it a browser kept
+# a cached app.js for a while after an upgrade and paired it with the new index.html.
+REVALIDATE = {"Cache-Control": "no-cache"}
+
+
+class RevalidatedFiles(StaticFiles):
+    """StaticFiles whose answers say Cache-Control: no-cache (their ETag makes the check cheap)."""
+
+    async def get_response(self, path: str, scope: Any) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(REVALIDATE)
+        return response
 
 
 STOPPED_DETAIL = "the server stopped before it answered; send the request again once it is back."
