@@ -240,10 +240,16 @@ def digit_pairs(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Te
     return (out / peak).clamp(0, 1)
 
 
+@lru_cache(maxsize=2)
+def _negative_bank_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The bank where the batch is (on a GPU: copied once, not 19 MB every step)."""
+    return negative_bank().to(device=device, dtype=dtype)
+
+
 def make_negatives(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     """`n` non-digits (n, 1, 28, 28) for outlier exposure: PAIR_SHARE digit pairs from batch `x`, the rest the bank."""
     pairs = int(round(PAIR_SHARE * n))
-    bank = negative_bank().to(device=x.device, dtype=x.dtype)
+    bank = _negative_bank_on(x.device, x.dtype)
     picks = torch.randint(len(bank), (n - pairs,), generator=generator, device=generator.device)
     return torch.cat([digit_pairs(x, pairs, generator), bank[picks.to(x.device)]])
 
