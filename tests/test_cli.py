@@ -638,6 +638,29 @@ def test_ensemble_out_refuses_a_members_own_run_folder_or_file(tiny_fast_run, tm
     assert sorted(p.name for p in run.iterdir()) == ["MODEL_CARD.md", "model.json", "model.safetensors"]
 
 
+def test_ensemble_out_refuses_another_runs_folder_but_replaces_an_earlier_ensemble(
+    tiny_fast_run, tmp_path, idx_folder, capsys
+):
+    """`ensemble A B --out C`, C another run's folder: C's model.safetensors became the ensemble while its metrics,
+    history and last.safetensors described its run, and `train --resume C` then stopped with a traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.safetensors", "model.json", "metrics.json"):
+        (run / name).write_bytes((tiny_fast_run / name).read_bytes())
+    before = (run / "model.safetensors").read_bytes()
+    first = _member(tiny_fast_run, tmp_path / "a.safetensors", 1)
+    second = _member(tiny_fast_run, tmp_path / "b.safetensors", 1, flip=True)
+    data = ["--data-dir", str(idx_folder)]
+    assert main(["ensemble", str(first), str(second), "--out", str(run), *data]) == 2
+    err = capsys.readouterr().err
+    assert f"is in the run folder {run}, whose model card, report and metrics describe its own run" in err
+    assert (run / "model.safetensors").read_bytes() == before
+    ensemble = tmp_path / "ensemble"
+    for _ in range(2):  # the second time over the first one's folder
+        assert main(["ensemble", str(first), str(second), "--out", str(ensemble), *data]) == 0
+    assert load_model(ensemble / "model.safetensors")[1]["arch"] == "ensemble"
+
+
 def test_ensemble_out_refuses_members_on_different_test_time_views(
     tiny_fast_run, tmp_path, idx_folder, capsys
 ):
@@ -860,6 +883,23 @@ def test_finetune_says_to_calibrate_the_new_model_before_serving_it(
         f"calibrate it, then serve it: digitrec calibrate {model} && digitrec serve --model {model}\n" in said
     )
     assert "temperature" not in load_model(model)[1]
+
+
+def test_finetune_refuses_to_write_over_the_model_it_starts_from(tiny_fast_run, idx_folder, tmp_path, capsys):
+    """`finetune --model R --out R` replaced R's model, and the new card's "fine-tuned from R" then named itself."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.safetensors", "model.json"):
+        (run / name).write_bytes((tiny_fast_run / name).read_bytes())
+    before = (run / "model.safetensors").read_bytes()
+    for model in (run, run / "model.safetensors"):
+        args = ["finetune", "--model", str(model), "--no-corrections", "--epochs", "0.05", "--out", str(run)]
+        assert main([*args, "--no-report", "--no-progress", "--data-dir", str(idx_folder)]) == 2
+        assert capsys.readouterr().err == (
+            f"digitrec: error: --out {run} holds the model the fine-tune starts from, which it would replace; "
+            "name a new folder for the fine-tuned model.\n"
+        )
+    assert (run / "model.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize("rank, world_size", [(0, 1), (0, 2), (1, 2)])

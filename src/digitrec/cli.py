@@ -419,6 +419,21 @@ def _refuse_out_over_a_member(out: Path, names: list[str], paths: list[Path]) ->
                 f"--out {out} is the member {name} itself, which the ensemble would replace; name a new folder "
                 "or .safetensors file for it."
             )
+    from .checkpoint import read_checkpoint
+    from .runfolder import holds_a_run
+
+    # another run's folder: its metrics, history and last.safetensors would go on describing that run, and a
+    # resume would load the ensemble into its network (an earlier ensemble's folder is no run's: replaced)
+    if out.name == "model.safetensors" and holds_a_run(out.parent):
+        if (
+            not (out.parent / "last.safetensors").exists()
+            and read_checkpoint(out)[1].get("arch") == "ensemble"
+        ):
+            return
+        raise DigitrecError(
+            f"--out {out} is in the run folder {out.parent}, whose model card, report and metrics describe its "
+            "own run; name a new folder for the ensemble."
+        )
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
@@ -586,11 +601,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise DigitrecError(
             "--no-corrections trains on MNIST alone, so it takes no --feedback; drop one of them."
         )
+    source = _model_path(args.model)
+    written = Path(args.out or "") / "model.safetensors"
+    if args.out and written.exists() and os.path.samefile(written, source):
+        raise DigitrecError(
+            f"--out {args.out} holds the model the fine-tune starts from, which it would replace; name a new "
+            "folder for the fine-tuned model."
+        )
     data = load_mnist(args.data_dir, log=_stderr)
     with contextlib.ExitStack() as stack:
         out = Path(args.out) if args.out else stack.enter_context(reserved_out_dir("finetune"))
         run = finetune(
-            _model_path(args.model),
+            source,
             args.feedback,
             out,
             data=data,
