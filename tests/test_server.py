@@ -1586,6 +1586,28 @@ def test_a_request_cut_short_by_a_forced_quit_is_answered_503_in_json(tmp_path, 
     assert json.loads(answer["body"]) == {"detail": STOPPED_DETAIL}
 
 
+def test_pillows_warnings_on_an_upload_stay_out_of_the_server_log():
+    """A JPEG with a corrupt EXIF block and a PNG of 1-2x Pillow's pixel limit each put a two-line Pillow warning
+    into the server log (from the size check before preprocessing), besides their answers."""
+    import warnings
+
+    from serverkit import png_claiming
+
+    from digitrec.errors import ImageTooLargeError
+    from digitrec.imageworkers import to_model_input
+
+    image = Image.new("L", (200, 200), 255)
+    ImageDraw.Draw(image).line([(50, 50), (150, 150)], fill=0, width=12)
+    jpeg = io.BytesIO()
+    image.save(jpeg, "JPEG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\xff\xff")  # cut short
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert to_model_input(jpeg.getvalue()).shape == (28, 28)
+        with pytest.raises(ImageTooLargeError):
+            to_model_input(png_claiming(9500, 9500))  # 90 megapixels: Pillow warns from 89
+    assert [str(w.message) for w in caught] == []
+
+
 def test_killed_image_workers_end_at_once_without_finishing_their_chunks():
     """A forced quit's ImageWorkers.kill: the workers' chunks are dropped, not finished (a 30 s chunk here)."""
     import time

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -41,12 +42,15 @@ def checked_upload(data: bytes) -> bytes:
     """
     from PIL import Image
 
-    from .preprocess import IMAGE_FORMATS
+    from .preprocess import IMAGE_FORMATS, quiet_pillow
 
     if not data:
         raise ImageError("the image is empty; " + IMAGE_HINT + ".")
     try:
-        width, height = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).size
+        # quiet: Pillow's warnings (a corrupt EXIF block, 1-2x its pixel limit) went to the server log
+        with warnings.catch_warnings():
+            quiet_pillow()
+            width, height = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).size
     except Image.DecompressionBombError:  # Pillow refuses to even open it (over about 179 megapixels)
         raise ImageTooLargeError(
             f"the image has far more than the {MAX_PIXELS // 1_000_000} megapixels we accept; scale it down and "

@@ -159,7 +159,7 @@ def _open(
             )
         try:
             with warnings.catch_warnings():
-                _quiet_pillow()
+                quiet_pillow()
                 # Pillow only warns between 1x and 2x its limit; we refuse the whole range.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(fp, formats=IMAGE_FORMATS)
@@ -209,7 +209,7 @@ def _open(
     stored_size = image.size
     try:
         with warnings.catch_warnings():
-            _quiet_pillow()
+            quiet_pillow()
             if isinstance(source, Image.Image):  # the caller's: turned on a copy, so theirs stays as it is
                 image = cast(Image.Image, ImageOps.exif_transpose(image))
             else:  # our own: turned in place, as a copy of a 12-megapixel PNG costs ~20 ms and as much memory
@@ -221,7 +221,7 @@ def _open(
     return image, full_size
 
 
-def _quiet_pillow() -> None:
+def quiet_pillow() -> None:
     """Inside catch_warnings: silence Pillow's own warnings (e.g. "Corrupt EXIF data": two lines of its internals),
     and only those. catch_warnings is not thread-safe: threads reading images at once (create_app's default, a
     caller's thread pool) can leave one block's filters in place for good, and a catch-all "ignore" left there
@@ -1177,8 +1177,10 @@ def _holds_an_image(path: Path) -> bool:
     try:
         if not path.is_file():
             return False
-        with Image.open(path, formats=IMAGE_FORMATS):
-            return True
+        with warnings.catch_warnings():
+            quiet_pillow()
+            with Image.open(path, formats=IMAGE_FORMATS):
+                return True
     except Image.DecompressionBombError:  # an image: reading it says it is too large
         return True
     except Exception:  # noqa: BLE001 - not an image, or not a readable file: skipped like any other
