@@ -571,6 +571,14 @@ ERROR_CASES = {
         400,
         "'file'",
     ),
+    "form cut short": (  # its closing boundary never came: it had "no file field named 'file'"
+        dict(
+            content=b'--xx\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n\x89PNG',
+            headers={"content-type": "multipart/form-data; boundary=xx"},
+        ),
+        400,
+        "the multipart form is cut short (its closing boundary never came); send it whole",
+    ),
     "invalid JSON": (dict(content=b"{nope", headers={"content-type": "application/json"}), 400, "JSON"),
     "JSON without image": (dict(json={"picture": "abc"}), 400, '"image"'),
     "invalid base64": (dict(json={"image": "***"}), 400, "base64"),

@@ -122,6 +122,14 @@ class HealthResponse(BaseModel):
 # Plumbing: image decoding, batching
 
 
+def _closed_form(content_type: str, body: bytes) -> bool:
+    """Does a multipart body hold its closing delimiter ("--BOUNDARY--", before any epilogue), as a whole form does?"""
+    from python_multipart.multipart import parse_options_header
+
+    boundary = parse_options_header(content_type)[1].get(b"boundary", b"")
+    return b"--" + boundary + b"--" in body
+
+
 def simple_multipart_file(content_type: bytes, body: bytes) -> bytes | None:
     """The file of a multipart form whose only part is the file field "file" (what the page and curl -F send).
 
@@ -378,12 +386,20 @@ def create_app(
         query string's fields are strings, JSON's are the values the JSON holds."""
         content_type = _content_type(request)
         if content_type == "multipart/form-data":
+            body = (
+                await request.body()
+            )  # kept: the form parser reads it from there, and a cut form is told so
             try:
                 form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
             except StarletteHTTPException as exc:  # Starlette's own words, some in two sentences: say ours
                 raise HTTPException(400, _unreadable_form(str(exc.detail))) from None
             try:
                 uploads = form.getlist("file")
+                if not uploads and not _closed_form(request.headers.get("content-type", ""), body):
+                    raise HTTPException(
+                        400,
+                        "the multipart form is cut short (its closing boundary never came); send it whole.",
+                    )
                 if not uploads:
                     raise HTTPException(400, f"the form has no file field named 'file'; {IMAGE_HINT}.")
                 if len(uploads) > 1:
