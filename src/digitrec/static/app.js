@@ -12,6 +12,8 @@ const MODES = {
 const UPLOAD_MAX_SIDE = 1600;  // phone photos are shrunk in the browser: the model needs far fewer pixels
 const MIN_SEND_INTERVAL_MS = 120;
 const MAX_RETRY_S = 10;  // a server that is down is asked again at most this far apart
+const MODEL_INFO_RETRY_S = 10;  // the footer asks /healthz again this long after it did not answer
+const READING_NOTE_MS = 250;  // a request not answered by then marks the answer on screen as being replaced
 
 const pad = $("pad");
 const ctx = pad.getContext("2d");
@@ -26,6 +28,10 @@ const state = {
   drawing: null,      // the stroke under the pointer
   pointerId: null,    // the pointer drawing it: other fingers touching the pad meanwhile are ignored
   photo: null,        // a Blob when the input is a photo instead of a drawing
+  photoUrl: null,     // its object URL, shown in #photo: revoked when the photo goes
+  preparing: false,   // a chosen photo is being shrunk (seconds for 48 MP): it is not the input yet
+  unshowable: false,  // this browser cannot show the photo (TIFF, or not an image): a note stands in for it
+  photoOutcome: "pending",  // what the server made of the photo: "pending", "read" or "failed" (for that note)
   generation: 0,      // bumped whenever the input changes: an answer to an older one offers no corrections
   source: 0,          // bumped whenever the input is replaced (a photo, Clear, the other mode): late answers
                       // to the input it replaced are dropped, never shown over the new one
@@ -38,6 +44,8 @@ const state = {
   retrying: false,    // the request being sent is such a retry
   retryDelay: 1,      // seconds the last retry waited: each retry that fails again waits twice as long, up to 10
   unreachable: false, // the last request found no server: the one that answers next may serve a new model
+  readingTimer: null, // marks the answer on screen as "Reading…" when a request takes a while
+  modelUnknown: false, // /healthz did not answer: the next answer that comes asks it again
 };
 
 // ---------------------------------------------------------------------------------------------- drawing
@@ -76,7 +84,7 @@ pad.addEventListener("pointerdown", (event) => {
   if (event.button !== 0 && event.pointerType === "mouse") return;
   event.preventDefault();
   if (state.drawing) return;  // a second finger, or a palm, while one finger draws: only the first one writes
-  if (state.photo) clearAll();  // drawing replaces a photo
+  if (state.photo || state.preparing) clearAll();  // drawing replaces a photo, or one still being prepared
   pad.setPointerCapture(event.pointerId);
   state.pointerId = event.pointerId;
   state.drawing = [canvasPoint(event)];
@@ -112,7 +120,7 @@ pad.addEventListener("pointerup", endStroke);
 pad.addEventListener("pointercancel", endStroke);
 
 $("undo").addEventListener("click", () => {
-  if (state.photo) clearAll();
+  if (state.photo || state.preparing) clearAll();
   else {
     state.strokes.pop();
     redraw();
@@ -125,27 +133,43 @@ $("clear").addEventListener("click", () => { clearAll(); keepFocus($("clear")); 
 
 function keepFocus(button) {
   // A button that has just disabled itself drops the keyboard focus to the page's start; hand it to Upload.
-  if (button.disabled && document.activeElement === button) $("upload").focus();
+  // Only the keyboard's focus (:focus-visible): after a mouse click Upload would wear a focus ring for nothing.
+  if (button.disabled && document.activeElement === button && button.matches(":focus-visible")) $("upload").focus();
 }
 
 function clearAll() {
   state.source += 1;
   state.strokes = [];
-  state.photo = null;
-  photo.hidden = true;
-  photo.removeAttribute("src");
+  dropPhoto();
   redraw();
   inputChanged();
   showEmpty();
 }
 
+function dropPhoto() {
+  // The photo, or the one being prepared, goes: its object URL too (each holds the whole file in memory).
+  state.photo = null;
+  state.preparing = false;
+  state.unshowable = false;
+  photo.hidden = true;
+  photo.removeAttribute("src");
+  if (state.photoUrl) URL.revokeObjectURL(state.photoUrl);
+  state.photoUrl = null;
+}
+
 function inputChanged() {
   state.generation += 1;
-  const empty = !state.photo && state.strokes.length === 0;
-  $("placeholder").textContent = MODES[state.mode].placeholder;
-  $("placeholder").hidden = !empty;
-  $("undo").disabled = empty;
-  $("clear").disabled = empty;
+  const bare = !state.photo && state.strokes.length === 0;
+  const placeholder = $("placeholder");
+  placeholder.classList.remove("note");
+  placeholder.textContent = MODES[state.mode].placeholder;
+  if (state.preparing) {  // the pad is empty for a few seconds: say why (Clear, Undo or a stroke cancels it)
+    placeholder.textContent = "Preparing the photo…";
+    placeholder.classList.add("note");
+  }
+  placeholder.hidden = !bare;
+  $("undo").disabled = bare && !state.preparing;
+  $("clear").disabled = bare && !state.preparing;
   boxCtx.clearRect(0, 0, boxes.width, boxes.height);
 }
 
@@ -169,23 +193,50 @@ dropZone.addEventListener("drop", (event) => {
   const file = event.dataTransfer.files && event.dataTransfer.files[0];
   if (file) usePhoto(file);
 });
+// A file dropped beside the card would otherwise open in the tab, and the page (and the drawing) would be gone.
+window.addEventListener("dragover", (event) => event.preventDefault());
+window.addEventListener("drop", (event) => event.preventDefault());
 
 photo.addEventListener("error", () => {
   // not an image, or one this browser cannot show (TIFF in most): the server reads it or says why
   photo.hidden = true;
   if (!state.photo) return;
-  $("placeholder").textContent = "This browser cannot show the photo; its answer is beside it.";
-  $("placeholder").hidden = false;
+  state.unshowable = true;
+  showPhotoNote();
   boxCtx.clearRect(0, 0, boxes.width, boxes.height);
 });
 
+function showPhotoNote() {
+  // Where a photo this browser cannot show would be, a note that says what became of it.
+  if (!state.photo || !state.unshowable) return;
+  const placeholder = $("placeholder");
+  placeholder.textContent = {
+    pending: "This browser cannot show the photo; it is being read…",
+    read: "This browser cannot show the photo, but it was read: see its answer.",
+    failed: "This file could not be read: see why in the message.",
+  }[state.photoOutcome];
+  placeholder.classList.add("note");
+  placeholder.hidden = false;
+}
+
 async function usePhoto(file) {
+  // The last input chosen wins: a photo still being shrunk when another photo is chosen, a stroke is drawn,
+  // Clear is pressed or the mode changes is dropped when it is ready (a 48-MP photo takes seconds).
   state.source += 1;  // from now on an answer to what was on the pad is dropped: the photo replaces it
+  const source = state.source;
   showEmpty();
   state.strokes = [];
+  dropPhoto();
+  state.preparing = true;
   redraw();
-  state.photo = await shrink(file);
-  photo.src = URL.createObjectURL(state.photo);
+  inputChanged();
+  const shrunk = await shrink(file);
+  if (source !== state.source) return;  // replaced while it was being prepared
+  state.preparing = false;
+  state.photo = shrunk;
+  state.photoOutcome = "pending";
+  state.photoUrl = URL.createObjectURL(shrunk);
+  photo.src = state.photoUrl;
   photo.hidden = false;
   inputChanged();
   schedulePrediction(true);
@@ -197,11 +248,17 @@ async function shrink(file) {
   try {
     const bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
     const scale = UPLOAD_MAX_SIDE / Math.max(bitmap.width, bitmap.height);
-    if (scale >= 1 && file.size < 1.5e6) return file;
+    if (scale >= 1 && file.size < 1.5e6) { bitmap.close(); return file; }
     const canvas = document.createElement("canvas");
     canvas.width = Math.round(bitmap.width * Math.min(1, scale));
     canvas.height = Math.round(bitmap.height * Math.min(1, scale));
-    canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    const context = canvas.getContext("2d");
+    // JPEG has no transparency: a transparent background would turn black and the ink vanish in it. Ink on
+    // transparency is ink on paper, as the server reads such a PNG sent as it is.
+    context.fillStyle = "#fff";
+    context.fillRect(0, 0, canvas.width, canvas.height);
+    context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    bitmap.close();
     return await new Promise((resolve) => canvas.toBlob((blob) => resolve(blob || file), "image/jpeg", 0.92));
   } catch (error) {
     return file;
@@ -243,6 +300,10 @@ async function sendPrediction() {
   const generation = state.generation;
   const source = state.source;
   const mode = state.mode;
+  // A drawing's answer comes in a few ms, so only a request that takes a while marks the answer on screen
+  // as being replaced; the answer, an error or a replaced input clears the mark.
+  clearTimeout(state.readingTimer);
+  state.readingTimer = setTimeout(() => setReading(source === state.source && mode === state.mode), READING_NOTE_MS);
   try {
     const blob = state.photo || await drawingBlob();
     const body = new FormData();
@@ -261,11 +322,16 @@ async function sendPrediction() {
       showFailure(`the server is busy; trying again in ${seconds} s.`);
       return;
     }
-    if (state.unreachable) {  // back after a restart, perhaps with a fine-tuned model: name the one now served
-      state.unreachable = false;
+    if (state.unreachable || state.modelUnknown) {  // back after a restart, perhaps with a fine-tuned model:
+      state.unreachable = false;                     // name the one now served
       loadModelInfo();
     }
-    if (!response.ok) { showFailure(answer.detail || `the server answered ${response.status}`); return; }
+    if (!response.ok) {
+      showFailure(answer.detail || `the server answered ${response.status}`);
+      if (state.photo) { state.photoOutcome = "failed"; showPhotoNote(); }
+      return;
+    }
+    if (state.photo) { state.photoOutcome = "read"; showPhotoNote(); }
     // An answer to the drawing before its last stroke or undo is shown while the next one is on its way, but
     // a correction must send the image on the pad: it waits for that answer.
     const current = generation === state.generation;
@@ -279,8 +345,17 @@ async function sendPrediction() {
     showFailure(`could not reach the server; trying again in ${seconds} s. Is digitrec serve still running?`);
   } finally {
     state.inFlight = false;
+    clearTimeout(state.readingTimer);
+    setReading(false);
     if (state.dirty) schedulePrediction();
   }
+}
+
+function setReading(reading) {
+  // "Reading…" over the answer on screen (dimmed) while the input's own answer is on its way.
+  resultCard.classList.toggle("reading", reading);
+  $("reading").hidden = !reading;
+  resultCard.setAttribute("aria-busy", String(reading));
 }
 
 function retryLater(afterRetry, retryAfter) {
@@ -338,6 +413,7 @@ for (let d = 0; d < 10; d++) {
 }
 const barLabels = document.createElement("div");
 barLabels.className = "bar-labels";
+barLabels.setAttribute("aria-hidden", "true");  // the bars' own label names the digits; these are for the eye
 barLabels.innerHTML = [...Array(10).keys()].map((d) => `<span>${d}</span>`).join("");
 bars.after(barLabels);
 
@@ -363,7 +439,9 @@ function withArticle(digit) {  // "a 7", "an 8"
 }
 
 function percent(p) {
-  // rounded down from 99.5% on: 0.9996 is "99.9%", never "100.0%", which only a certainty would earn
+  // rounded down from 99.5% on: 0.9996 is "99.9%", never "100.0%", which only a certainty would earn (and a
+  // probability of exactly 1, which float32 gives, is shown as 99.9% too)
+  p = Math.min(p, 0.999);
   return p >= 0.995 ? `${(Math.floor(p * 1000) / 10).toFixed(1)}%` : `${Math.round(p * 100)}%`;
 }
 
@@ -371,6 +449,9 @@ function showPrediction(p, current = true) {
   state.lastPrediction = p;
   hideToast();
   const best = p.probabilities.indexOf(Math.max(...p.probabilities));
+  const second = Math.max(...p.probabilities.filter((_, d) => d !== best));
+  // A rejected answer whose likeliest digit barely beats the next (every digit near 10%, say) has no best guess.
+  const standsOut = p.probabilities[best] - second >= 0.1;
   resultCard.classList.toggle("rejected", p.rejected);
   $("digit").textContent = p.rejected ? "?" : String(p.digit);
   $("verdict").textContent = p.blank
@@ -378,11 +459,13 @@ function showPrediction(p, current = true) {
     : p.rejected ? "Not sure — this may not be a digit" : `It's ${withArticle(p.digit)}`;
   $("confidence").textContent = p.blank
     ? "There is no ink in it to read."
+    : p.rejected && !standsOut
+    ? `No digit stands out: none is more than ${percent(p.probabilities[best])} likely.`
     : p.rejected
     ? `Best guess ${best}, only ${percent(p.probabilities[best])} sure.`
     : `${percent(p.confidence)} sure`;
   if (p.blank) clearBars();  // rejected whatever the model says of it: its probabilities mean nothing
-  else showBars(p.probabilities, best);
+  else showBars(p.probabilities, p.rejected && !standsOut ? -1 : best);
   if (p.input) paintSeen(p.input, p.saliency);
   const corner = $("pad-answer");
   corner.textContent = p.rejected ? "?" : String(p.digit);
@@ -398,9 +481,12 @@ function showBars(probabilities, best) {
     barPcts[d].textContent = prob >= 0.01 ? percent(prob) : "";
     bars.children[d].classList.toggle("top", d === best);
   });
+  // Read out are the likeliest three that have a bar worth a label (1% or more), at least the likeliest one:
+  // "7: 99.9%", not "7: 99.9%, 4: 0%, 1: 0%".
   const ranked = [...probabilities.keys()].sort((i, j) => probabilities[j] - probabilities[i]);
+  const named = ranked.slice(0, 3).filter((d, i) => i === 0 || probabilities[d] >= 0.01);
   bars.setAttribute("aria-label", "Probability of each digit: " +
-    ranked.slice(0, 3).map((d) => `${d}: ${percent(probabilities[d])}`).join(", "));
+    named.map((d) => `${d}: ${percent(probabilities[d])}`).join(", "));
 }
 
 function clearBars() {
@@ -439,6 +525,7 @@ function paintSeen(input, saliency) {
 function showReading(answer) {
   hideToast();
   $("number").textContent = answer.number || "–";
+  fitNumber();
   const doubtful = answer.digits.filter((d) => d.doubtful).length;  // under the model's reject threshold
   const lines = (answer.lines || []).length;  // a photo of several numbers, one under another
   $("number-verdict").textContent = answer.digits.length
@@ -464,6 +551,17 @@ function showReading(answer) {
   });
   drawBoxes(answer.digits);
 }
+
+function fitNumber() {
+  // A long number is shrunk to fit its line (a wrapped one looked like two numbers: a line break on screen means
+  // a line of the photo); past the smallest size it scrolls sideways.
+  const number = $("number");
+  number.style.fontSize = "";
+  if (number.scrollWidth <= number.clientWidth) return;
+  const size = parseFloat(getComputedStyle(number).fontSize) * number.clientWidth / number.scrollWidth;
+  number.style.fontSize = `${Math.max(16, Math.floor(size))}px`;
+}
+window.addEventListener("resize", fitNumber);
 
 function drawBoxes(digits) {
   boxCtx.clearRect(0, 0, boxes.width, boxes.height);
@@ -505,10 +603,12 @@ function showEmpty() {
   clearBars();
   for (const id of ["seen", "saliency"]) $(id).getContext("2d").clearRect(0, 0, 28, 28);
   $("number").textContent = "–";
+  $("number").style.fontSize = "";
   $("number-verdict").textContent = "Write a few digits side by side.";
   $("chips").innerHTML = "";
   setCorrectionEnabled(false);
   $("pad-answer").hidden = true;
+  setReading(false);  // nothing on screen is being replaced now (a request still out for older input is dropped)
   hideToast();
 }
 
@@ -554,12 +654,19 @@ for (const button of document.querySelectorAll(".mode")) {
 }
 
 async function loadModelInfo() {
+  clearTimeout(loadModelInfo.timer);
   try {
-    const health = await (await fetch("/healthz")).json();
+    const response = await fetch("/healthz");
+    if (!response.ok) throw new Error(`the server answered ${response.status}`);  // 503 while it loads a model
+    const health = await response.json();
     const accuracy = health.test_accuracy == null ? "" : ` · ${(health.test_accuracy * 100).toFixed(2)}% on the MNIST test set`;
     $("model-info").textContent = `Model ${health.model} ${health.version}${accuracy}`;
+    state.modelUnknown = false;
   } catch (error) {
+    // asked again later, and as soon as an answer comes
     $("model-info").textContent = "Model information unavailable";
+    state.modelUnknown = true;
+    loadModelInfo.timer = setTimeout(loadModelInfo, MODEL_INFO_RETRY_S * 1000);
   }
 }
 
