@@ -228,14 +228,8 @@ def write_report(
     figures["Most confident mistakes (truth → prediction, confidence)"] = plots.mistakes(
         data.test_images, metrics["mistakes"], out_dir / "mistakes.png"
     )
-    settings = config or TrainConfig()  # evaluate the way evaluate_model does
-    robust = robustness.for_report(
-        model,
-        data,
-        robustness_images or robustness.REPORT_IMAGES,
-        amp=settings.amp,
-        channels_last=settings.channels_last,
-    )
+    # scored the way evaluate_model scores, one view each
+    robust = robustness.for_report(model, data, robustness_images or robustness.REPORT_IMAGES, config)
     figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
     scored = metrics
     # the card says how it was scored
