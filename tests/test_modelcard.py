@@ -35,7 +35,7 @@ def test_every_run_writes_a_model_card_beside_the_checkpoint(run):
         "## Metrics",
         "## Calibration",
         "## Robustness",
-        "## Latency and size",
+        "## Latency",
         "## Intended use",
         "## Known limits",
     ):
@@ -83,6 +83,23 @@ def test_card_names_weak_spots_and_calibration():
     assert "T = 1.700" in text and "0.600" in text and "ECE, 15 bins) on the test set: 0.0120" in text
     assert "blur (down to 40%)" in text
     assert "<b>99.00%</b>" in modelcard.to_html(sections)
+
+
+def test_a_card_without_latency_has_no_empty_latency_section():
+    """A checkpoint's size without a latency made an empty "Latency and size" heading (the size is in the
+    first section)."""
+    metrics = {"test_accuracy": 0.99, "test_loss": 0.03}
+    sections = modelcard.build_card(metrics, {"recipe": "x"}, size_bytes=250_000)
+    assert all(section.paragraphs or section.table or section.bullets for section in sections)
+    assert "Checkpoint size 0.25 MB" in sections[0].paragraphs[1]
+    assert not any("Latency" in section.title for section in sections)
+    latency = {"single_ms": 0.5, "batch_ms_per_image": 0.01, "batch_size": 256, "device": "cpu", "threads": 1}
+    with_latency = modelcard.build_card(
+        metrics, {"recipe": "x"}, latency=latency | {"machine": "x86_64 Linux"}
+    )
+    assert [s.paragraphs for s in with_latency if s.title == "Latency"][0][0].startswith(
+        "Forward pass of one image"
+    )
 
 
 def test_an_ensembles_card_names_its_members():

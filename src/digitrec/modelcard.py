@@ -1,4 +1,4 @@
-"""MODEL_CARD.md for a model: data and checksum, recipe, metrics, calibration, robustness, latency, size, use and limits.
+"""MODEL_CARD.md for a model: size, recipe, data and checksum, metrics, calibration, robustness, latency, use and limits.
 
 The card is built once as a list of sections and rendered twice, as Markdown (MODEL_CARD.md beside the
 checkpoint) and as HTML (a section of report.html), so the two can never disagree.
@@ -241,15 +241,13 @@ def build_card(
             )
         )
 
-    if latency or size_bytes:
-        speed = []
-        if latency:
-            speed.append(
-                f"Forward pass of one image: {latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
-                f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} thread{'s' * (latency['threads'] != 1)}, "
-                f"{latency['machine']}; measured while writing this card, so a busy machine reads slower)."
-            )
-        sections.append(Section("Latency and size", speed))
+    if latency:  # the checkpoint's size is in the first section
+        speed = [
+            f"Forward pass of one image: {latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
+            f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} thread{'s' * (latency['threads'] != 1)}, "
+            f"{latency['machine']}; measured while writing this card, so a busy machine reads slower)."
+        ]
+        sections.append(Section("Latency", speed))
 
     limits = [
         *_data_limits(None if members else config, tuned),
