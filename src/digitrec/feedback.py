@@ -413,7 +413,7 @@ def finetune(
             "feedback_accuracy": evaluate(model, images, labels, config)[1] if corrections else None,
         }
 
-    with torch.enable_grad():  # whatever the caller set: loading a Predictor turns gradients off globally
+    with torch.enable_grad():  # training needs autograd, also when the caller has it off (torch.no_grad())
         run = train(
             config,
             out_dir,
