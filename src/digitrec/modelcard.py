@@ -185,12 +185,7 @@ def build_card(
             if metrics.get("temperature", 1.0) != 1.0
             else "."
         )
-        + (
-            f" Scored with `--tta-views {metrics['scored_tta_views']}` (the mean over that many shifted views), not "
-            "as the recipe scores it: the Recipe section's command trains it, `digitrec evaluate` scores it so."
-            if metrics.get("scored_tta_views")
-            else ""
-        )
+        + (_scored_views(int(metrics["scored_tta_views"]), config) if metrics.get("scored_tta_views") else "")
     ]
     if metrics.get("val_accuracy") is not None:
         overall.append(f"Validation accuracy {metrics['val_accuracy']:.2%} (chose the checkpoint).")
@@ -237,7 +232,7 @@ def build_card(
                     f"{result['clean_accuracy']:.2%}.",
                     f"Rejecting the least confident answers: accuracy {coverage} coverage.",
                 ],
-                (["perturbation", "strength", "strengths", "mean accuracy", "worst"], rows),
+                (["perturbation", "strength means", "strengths", "mean accuracy", "worst"], rows),
             )
         )
 
@@ -274,6 +269,20 @@ def build_card(
     )
     sections.append(Section("Known limits", bullets=limits))
     return sections
+
+
+def _scored_views(views: int, config: TrainConfig | None) -> str:
+    """The Metrics sentence for a model scored with other test-time views than its recipe's (`evaluate --tta-views`)."""
+    how = (
+        "each image once, unshifted"
+        if views == 1
+        else f"the mean probability over {views} shifted copies of each image"
+    )
+    recipe = f" ({config.tta_views} view{'s' if config.tta_views != 1 else ''})" if config else ""
+    return (
+        f" Scored with `--tta-views {views}` ({how}), not the way its recipe scores it{recipe}; "
+        "`digitrec evaluate` without `--tta-views` scores it the recipe's way."
+    )
 
 
 def _trained_on(
