@@ -93,9 +93,35 @@ def build_card(
     train_count = len(data.train_images) if data else 60_000
     tuned = None if members else _finetune(meta, data, train_count, checkpoint)
     dry_run = config is not None and (meta.get("metrics") or {}).get("dry_run") is True
-    params = params or meta.get("params")
-    sections = []
+    title = f"Model card: {recipe}{', dry run' if dry_run else ''} ({arch})"
+    sections = [_details_section(title, meta, arch, params or meta.get("params"), size_bytes, weights)]
+    if config:
+        sections.append(_recipe_section(config, meta, recipe, tuned, dry_run))
+    if members:
+        sections.append(_members_section(members, meta))
+    sections.append(_data_section(metrics, meta, config, data, members, tuned, dry_run, train_count))
+    sections.append(_metrics_section(metrics, config))
+    calibration = _calibration_section(metrics, meta)
+    if calibration:
+        sections.append(calibration)
+    if robustness:
+        sections.append(_robustness_section(robustness))
+    if latency:  # the checkpoint's size is in the first section
+        sections.append(_latency_section(latency))
+    sections.append(_intended_use_section())
+    sections.append(_limits_section(None if members else config, tuned, robustness))
+    return sections
 
+
+def _details_section(
+    title: str,
+    meta: dict[str, Any],
+    arch: str,
+    params: int | None,
+    size_bytes: int | None,
+    weights: str | None,
+) -> Section:
+    """The card's first section: architecture, parameters, checkpoint size, when and with what it was trained."""
     details = [f"Architecture `{arch}`" + (f", {params:,} parameters" if params else "") + "."]
     if size_bytes:
         stored = f"safetensors, {weights} weights" if weights else "safetensors"
@@ -108,36 +134,50 @@ def build_card(
             + ", ".join(f"{k} {v}" for k, v in versions.items())
             + "."
         )
-    sections.append(Section(f"Model card: {recipe}{', dry run' if dry_run else ''} ({arch})", details))
+    return Section(title, details)
 
-    if config:
-        defaults = TrainConfig().to_dict()
-        recipe_rows = [
-            [key, f"`{value}`"]
-            for key, value in config.to_dict().items()
-            if key in _SETTINGS or (key in _SETTINGS_IF_SET and value != defaults[key])
-        ]
-        run = meta.get("metrics") or {}
-        processes, threads = run.get("world_size"), run.get("threads")
-        nproc = processes if isinstance(processes, int) and processes > 1 else 1
-        text = [_reproduce_finetune(tuned, config) if tuned else _reproduce(recipe, config, dry_run, nproc)]
-        if str(run.get("device", "")).startswith("cpu") and not config.threads and isinstance(threads, int):
-            # torch chose the count (the machine's cores), and a float sum's order depends on it
-            again = (
-                f"`digitrec finetune` has no --threads: run it with OMP_NUM_THREADS={threads}"
-                if tuned
-                else f"add `--threads {threads}`"
-            )
-            text.append(
-                f"It trained on {threads} CPU thread{'s' if threads != 1 else ''}{' per process' if nproc > 1 else ''}"
-                f"; the same weights need as many ({again} on a machine with other cores)."
-            )
-        if config.source:
-            text.append(f"Source: {config.source}.")
-        sections.append(Section("Recipe", text, (["setting", "value"], recipe_rows)))
-    if members:
-        sections.append(_members_section(members, meta))
 
+def _recipe_section(
+    config: TrainConfig, meta: dict[str, Any], recipe: str, tuned: _FineTune | None, dry_run: bool
+) -> Section:
+    """The settings that matter and the command that trains the same model again."""
+    defaults = TrainConfig().to_dict()
+    recipe_rows = [
+        [key, f"`{value}`"]
+        for key, value in config.to_dict().items()
+        if key in _SETTINGS or (key in _SETTINGS_IF_SET and value != defaults[key])
+    ]
+    run = meta.get("metrics") or {}
+    processes, threads = run.get("world_size"), run.get("threads")
+    nproc = processes if isinstance(processes, int) and processes > 1 else 1
+    text = [_reproduce_finetune(tuned, config) if tuned else _reproduce(recipe, config, dry_run, nproc)]
+    if str(run.get("device", "")).startswith("cpu") and not config.threads and isinstance(threads, int):
+        # torch chose the count (the machine's cores), and a float sum's order depends on it
+        again = (
+            f"`digitrec finetune` has no --threads: run it with OMP_NUM_THREADS={threads}"
+            if tuned
+            else f"add `--threads {threads}`"
+        )
+        text.append(
+            f"It trained on {threads} CPU thread{'s' if threads != 1 else ''}{' per process' if nproc > 1 else ''}"
+            f"; the same weights need as many ({again} on a machine with other cores)."
+        )
+    if config.source:
+        text.append(f"Source: {config.source}.")
+    return Section("Recipe", text, (["setting", "value"], recipe_rows))
+
+
+def _data_section(
+    metrics: dict[str, Any],
+    meta: dict[str, Any],
+    config: TrainConfig | None,
+    data: MNIST | None,
+    members: list[Any] | None,
+    tuned: _FineTune | None,
+    dry_run: bool,
+    train_count: int,
+) -> Section:
+    """What it trained and was tested on, and the checksum of that data."""
     checksum = (data.checksum if data else None) or meta.get("data_checksum", "unknown")
     steps = int((meta.get("metrics") or {}).get("steps") or 0)
     training = (
@@ -171,8 +211,11 @@ def build_card(
                 else ""
             )
         )
-    sections.append(Section("Data", data_text))
+    return Section("Data", data_text)
 
+
+def _metrics_section(metrics: dict[str, Any], config: TrainConfig | None) -> Section:
+    """Test accuracy and loss (and how it was scored, where not as the recipe scores), per-class scores."""
     per_class = [
         [str(c["digit"]), f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"])]
         for c in metrics.get("per_class", [])
@@ -189,14 +232,15 @@ def build_card(
     ]
     if metrics.get("val_accuracy") is not None:
         overall.append(f"Validation accuracy {metrics['val_accuracy']:.2%} (chose the checkpoint).")
-    sections.append(
-        Section(
-            "Metrics",
-            overall,
-            (["digit", "precision", "recall", "F1", "support"], per_class) if per_class else None,
-        )
+    return Section(
+        "Metrics",
+        overall,
+        (["digit", "precision", "recall", "F1", "support"], per_class) if per_class else None,
     )
 
+
+def _calibration_section(metrics: dict[str, Any], meta: dict[str, Any]) -> Section | None:
+    """The test ECE, the temperature and the reject threshold, where there are any (None: no section)."""
     calibration = (
         [f"Expected calibration error (ECE, 15 bins) on the test set: {metrics['ece']:.4f}."]
         if "ece" in metrics
@@ -206,46 +250,66 @@ def build_card(
         calibration.append(f"Calibrated by temperature scaling: T = {float(meta['temperature']):.3f}.")
     if "reject_below" in meta:
         calibration.append(f"A Predictor rejects answers below confidence {float(meta['reject_below']):.3f}.")
-    if calibration:
-        sections.append(Section("Calibration", calibration))
+    return Section("Calibration", calibration) if calibration else None
 
-    if robustness:
-        result = robustness["models"][0]
-        means = summary(result)
-        rows = [
-            [
-                p["name"],
-                p["label"],
-                ", ".join(f"{s:g}" for s in p["strengths"]),
-                f"{means[p['name']]:.2%}",
-                f"{min(r['accuracy'] for r in result['perturbations'][p['name']]):.2%}",
-            ]
-            for p in robustness["perturbations"]
+
+def _robustness_section(robustness: dict[str, Any]) -> Section:
+    """Mean and worst accuracy under each perturbation, and accuracy when the least confident are rejected."""
+    result = robustness["models"][0]
+    means = summary(result)
+    rows = [
+        [
+            p["name"],
+            p["label"],
+            ", ".join(f"{s:g}" for s in p["strengths"]),
+            f"{means[p['name']]:.2%}",
+            f"{min(r['accuracy'] for r in result['perturbations'][p['name']]):.2%}",
         ]
-        coverage = ", ".join(f"{coverage_at(result, c)['accuracy']:.2%} at {c:.0%}" for c in COVERAGES[1:4])
-        sections.append(
-            Section(
-                "Robustness",
-                [
-                    f"Accuracy on {robustness['images']:,} MNIST test images under each perturbation (`digitrec robustness` "
-                    "scores all 10,000 and plots the curves). Clean accuracy on them: "
-                    f"{result['clean_accuracy']:.2%}.",
-                    f"Rejecting the least confident answers: accuracy {coverage} coverage.",
-                ],
-                (["perturbation", "strength means", "strengths", "mean accuracy", "worst"], rows),
-            )
-        )
+        for p in robustness["perturbations"]
+    ]
+    coverage = ", ".join(f"{coverage_at(result, c)['accuracy']:.2%} at {c:.0%}" for c in COVERAGES[1:4])
+    return Section(
+        "Robustness",
+        [
+            f"Accuracy on {robustness['images']:,} MNIST test images under each perturbation (`digitrec robustness` "
+            "scores all 10,000 and plots the curves). Clean accuracy on them: "
+            f"{result['clean_accuracy']:.2%}.",
+            f"Rejecting the least confident answers: accuracy {coverage} coverage.",
+        ],
+        (["perturbation", "strength means", "strengths", "mean accuracy", "worst"], rows),
+    )
 
-    if latency:  # the checkpoint's size is in the first section
-        speed = [
+
+def _latency_section(latency: dict[str, Any]) -> Section:
+    """measure_latency's figures in one sentence."""
+    return Section(
+        "Latency",
+        [
             f"Forward pass of one image: {latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
             f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} thread{'s' * (latency['threads'] != 1)}, "
             f"{latency['machine']}; measured while writing this card, so a busy machine reads slower)."
-        ]
-        sections.append(Section("Latency", speed))
+        ],
+    )
 
+
+def _intended_use_section() -> Section:
+    """What the model is for, and what not without a person checking."""
+    return Section(
+        "Intended use",
+        [
+            "Reading single handwritten digits, and learning how digit classifiers are trained, evaluated and served. "
+            "Not for decisions about people (grading, cheques, forms, ballots) without a person checking rejected "
+            "and low-confidence answers.",
+        ],
+    )
+
+
+def _limits_section(
+    config: TrainConfig | None, tuned: _FineTune | None, robustness: dict[str, Any] | None
+) -> Section:
+    """What the data and the input format limit it to, and the perturbations it falls below 90% under."""
     limits = [
-        *_data_limits(None if members else config, tuned),
+        *_data_limits(config, tuned),
         "Inputs must look like MNIST (white on black, centered, 20x20 box in 28x28). `digitrec predict` and the "
         "server preprocess photos into that form; raw tensors passed to the model must already be in it.",
     ]
@@ -257,18 +321,7 @@ def build_card(
         ]
         if weak:
             limits.append("Accuracy falls below 90% under: " + ", ".join(weak) + ".")
-    sections.append(
-        Section(
-            "Intended use",
-            [
-                "Reading single handwritten digits, and learning how digit classifiers are trained, evaluated and served. "
-                "Not for decisions about people (grading, cheques, forms, ballots) without a person checking rejected "
-                "and low-confidence answers.",
-            ],
-        )
-    )
-    sections.append(Section("Known limits", bullets=limits))
-    return sections
+    return Section("Known limits", bullets=limits)
 
 
 def _scored_views(views: int, config: TrainConfig | None) -> str:
