@@ -23,6 +23,7 @@ from torch import nn
 from .checkpoint import atomic_write_text
 from .config import TrainConfig
 from .data import MNIST
+from .feedback import FEEDBACK_SUFFIX, finetune_base, is_finetune
 from .models import count_parameters
 from .robustness import COVERAGES, coverage_at, summary
 
@@ -408,10 +409,10 @@ def _finetune(
     def get(key: str) -> Any:
         return meta.get(key, extra.get(key))
 
+    if not is_finetune(meta):
+        return None
     recipe = str(meta.get("recipe", ""))
     source = get("finetuned_from")
-    if source is None and not recipe.endswith(("+feedback", "+finetune")):
-        return None
     feedback = get("feedback") if isinstance(get("feedback"), dict) else None
     mnist = get("mnist") if isinstance(get("mnist"), dict) else {}
 
@@ -421,7 +422,7 @@ def _finetune(
     corrections = whole((feedback or {}).get("corrections"), 0)
     repeat = whole((feedback or {}).get("repeat"), 1)
     scale = get("lr_scale")
-    with_corrections = feedback is not None or recipe.endswith("+feedback")
+    with_corrections = feedback is not None or recipe.endswith(FEEDBACK_SUFFIX)
     training_set = data is not None and data.checksum == meta.get("data_checksum")
     images = whole(mnist.get("images"), 1)
     if images is None and not (training_set and with_corrections):
@@ -432,7 +433,7 @@ def _finetune(
     if checksum is None and data is not None and not training_set:
         checksum = data.checksum
     database = (feedback or {}).get("database")
-    base = recipe.rsplit("+", 1)[0] if recipe.endswith(("+feedback", "+finetune")) else None
+    base = finetune_base(recipe)
     # fine-tuned from the file at its own path (`finetune --out` into the folder it began from)
     replaced = False
     if source is not None and checkpoint is not None:

@@ -20,6 +20,7 @@ import torch
 from .checkpoint import load_tensors, read_checkpoint, recover_interrupted_write
 from .config import TrainConfig
 from .errors import CheckpointError, DigitrecError
+from .feedback import is_finetune
 from .folderlock import make_writable_folder
 from .optim import Optimizer
 
@@ -149,7 +150,7 @@ def read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, st
         raise CheckpointError(
             f"{last_path} is not a digitrec training checkpoint; start a new run without --resume."
         )
-    if _is_finetune(meta):
+    if is_finetune(meta):
         extra = meta.get("extra")
         source = (
             f" of {extra['finetuned_from']}" if isinstance(extra, dict) and "finetuned_from" in extra else ""
@@ -257,7 +258,7 @@ def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
         return
     if finished:
         return
-    if _is_finetune(meta):
+    if is_finetune(meta):
         if finetune:
             return
         raise CheckpointError(
@@ -284,13 +285,6 @@ def refuse_replacing_with_a_dry_run(out_dir: Path) -> None:
             f"{out_dir} holds a trained model, which a --dry-run would replace; choose another --out, or pass "
             "--overwrite to replace it."
         )
-
-
-def _is_finetune(meta: dict[str, Any]) -> bool:
-    extra = meta.get("extra")
-    return (isinstance(extra, dict) and "finetuned_from" in extra) or str(meta.get("recipe")).endswith(
-        ("+feedback", "+finetune")
-    )
 
 
 def _valid_state(state: dict[str, Any]) -> bool:
