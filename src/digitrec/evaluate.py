@@ -253,7 +253,8 @@ def write_report(
     return metrics
 
 
-def _image_tag(path: Path) -> str:
+def image_tag(path: Path) -> str:
+    """An <img> tag holding the PNG at `path` inline (base64), so an HTML report is one self-contained file."""
     encoded = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{encoded}">'
 
@@ -279,7 +280,7 @@ def render_html(
         + "</tr>"
         for row in history or []
     )
-    sections = "".join(f"<h2>{html.escape(name)}</h2>{_image_tag(path)}" for name, path in figures.items())
+    sections = "".join(f"<h2>{html.escape(name)}</h2>{image_tag(path)}" for name, path in figures.items())
     config_json = html.escape(json.dumps(config.to_dict(), indent=2)) if config else ""
     # the optimizer's loss: with label smoothing it stays well above the validation set's plain cross-entropy
     smoothed = f" (label smoothing {config.label_smoothing:g})" if config and config.label_smoothing else ""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .checkpoint import atomic_write_json, atomic_write_text
 from .data import MNIST, as_input
 from .errors import DigitrecError, need_extra
-from .plots import _grid, _save, plt
+from .plots import image_grid, plt, save_figure
 
 if TYPE_CHECKING:
     from .robustness import Scored
@@ -37,7 +37,7 @@ def class_balance(data: MNIST, path: Path) -> Path:
     ax.axhline(10, color="gray", lw=0.8, ls=":")
     ax.set(xticks=digits, xlabel="digit", ylabel="share of images (%)", title="Class balance")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def mean_images(data: MNIST, path: Path) -> Path:
@@ -56,7 +56,7 @@ def mean_images(data: MNIST, path: Path) -> Path:
             if digit == 0:
                 ax.set_ylabel(name)
     fig.suptitle("Mean and standard deviation of each class (training set)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sample_indices(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
@@ -107,7 +107,7 @@ def embedding_plot(coords: np.ndarray, labels: np.ndarray, method: str, path: Pa
             )
     ax.set(title=f"{method} of {len(coords):,} training images (PCA-50 of the pixels)", xticks=[], yticks=[])
     ax.legend(markerscale=4, fontsize=8, ncol=2, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def ambiguity(probabilities: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -144,7 +144,7 @@ def most_ambiguous(
 
 def ambiguous_plot(images: torch.Tensor, rows: list[dict[str, Any]], path: Path) -> Path:
     titles = [f"#{r['index']} {r['label']}→{','.join(map(str, r['predicted']))}" for r in rows]
-    return _grid([images[r["index"]] for r in rows], titles, ["red"] * len(rows), path, columns=9)
+    return image_grid([images[r["index"]] for r in rows], titles, ["red"] * len(rows), path, columns=9)
 
 
 def explore(
@@ -157,7 +157,7 @@ def explore(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write every figure, explore.json and explore.html into out_dir; returns the summary written to explore.json."""
-    from .evaluate import _image_tag
+    from .evaluate import image_tag
     from .robustness import Scored, load_all
 
     # first: a model that does not load stops the command before the embedding (loaded ones are taken as they are)
@@ -200,7 +200,7 @@ def explore(
         f"<tr><td>{d}</td><td>{summary['train_counts'][d]:,}</td><td>{summary['test_counts'][d]:,}</td></tr>"
         for d in range(10)
     )
-    sections = "".join(f"<h2>{html.escape(name)}</h2>{_image_tag(path)}" for name, path in figures.items())
+    sections = "".join(f"<h2>{html.escape(name)}</h2>{image_tag(path)}" for name, path in figures.items())
     atomic_write_text(
         out_dir / "explore.html",
         f"""<!doctype html>

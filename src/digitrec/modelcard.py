@@ -726,10 +726,10 @@ _FLOAT_TYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "
 def stored_weights(checkpoint: Path) -> str | None:
     """The floating-point type(s) a safetensors checkpoint stores its weights in, from its header ("float16"
     after `calibrate --half`, which loading turns back into float32); None when the file does not say."""
-    from .checkpoint import _parse_header
+    from .checkpoint import parse_header
 
     try:
-        header, _ = _parse_header(checkpoint.read_bytes())
+        header, _ = parse_header(checkpoint.read_bytes())
     except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(header, dict):

@@ -274,7 +274,7 @@ def coverage_at(result: dict[str, Any], coverage: float) -> dict[str, float]:
 
 def plot(report: dict[str, Any], path: str | Path) -> Path:
     """One panel per perturbation (accuracy vs strength, the clean point included) and one of accuracy vs coverage; a line per model."""
-    from .plots import _save, plt
+    from .plots import plt, save_figure
 
     panels = len(report["perturbations"]) + 1
     columns = 3
@@ -309,7 +309,7 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"Accuracy under perturbation ({report['images']:,} MNIST test images)")
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.92, hspace=0.45, wspace=0.25)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def table(report: dict[str, Any]) -> str:
