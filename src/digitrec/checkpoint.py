@@ -27,7 +27,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so `digitrec data
     import torch
     from torch import nn
 
-META_KEY = "digitrec"
+META_KEY = (
+    "digitrec"  # the safetensors __metadata__ entry (and backends' ONNX one) holding the metadata as JSON
+)
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 CHECKSUM_KEY = "digitrec_sha256"  # in the header's __metadata__, beside META_KEY; absent from older files
