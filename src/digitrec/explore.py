@@ -28,6 +28,7 @@ EMBEDDINGS = ("auto", "tsne", "umap")
 
 
 def class_balance(data: MNIST, path: Path) -> Path:
+    """Bars of each digit's share of the training and of the test images, against an even 10%."""
     train = torch.bincount(data.train_labels.long(), minlength=10).numpy()
     test = torch.bincount(data.test_labels.long(), minlength=10).numpy()
     fig, ax = plt.subplots(figsize=(8, 3.5), layout="constrained")
@@ -60,6 +61,8 @@ def mean_images(data: MNIST, path: Path) -> Path:
 
 
 def sample_indices(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """`count` indices into `labels` (all of them if fewer), drawn without repeats from `seed`, in ascending
+    order."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     return order[: min(count, len(labels))].sort().values
 
@@ -88,6 +91,7 @@ def embed(pixels: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.n
 
 
 def embedding_plot(coords: np.ndarray, labels: np.ndarray, method: str, path: Path) -> Path:
+    """A scatter of the 2-D embedding, a color per digit, each digit's label drawn at the median of its points."""
     fig, ax = plt.subplots(figsize=(7.5, 7), layout="constrained")
     colors = plt.get_cmap("tab10")
     for digit in range(10):
@@ -127,6 +131,8 @@ def ambiguity(probabilities: list[torch.Tensor], labels: torch.Tensor) -> dict[s
 def most_ambiguous(
     probabilities: list[torch.Tensor], labels: torch.Tensor, count: int = 36
 ) -> list[dict[str, Any]]:
+    """The `count` images ambiguity() ranks first (most distinct answers, then least probable label): index,
+    label, each model's answer and the label's mean probability."""
     scores = ambiguity(probabilities, labels)
     # one sort key: distinct answers dominate, the label's probability (in [0, 1]) breaks ties
     key = scores["distinct"].double() * 2 - scores["label_probability"].double()
@@ -143,6 +149,7 @@ def most_ambiguous(
 
 
 def ambiguous_plot(images: torch.Tensor, rows: list[dict[str, Any]], path: Path) -> Path:
+    """most_ambiguous's images in a grid, each titled #index label→each model's answer."""
     titles = [f"#{r['index']} {r['label']}→{','.join(map(str, r['predicted']))}" for r in rows]
     return image_grid([images[r["index"]] for r in rows], titles, ["red"] * len(rows), path, columns=9)
 

@@ -332,7 +332,8 @@ def _limits_section(
 
 
 def _scored_views(views: int, config: TrainConfig | None) -> str:
-    """The Metrics sentence for a model scored with other test-time views than its recipe's (`evaluate --tta-views`)."""
+    """The Metrics sentence for a model scored with other test-time views than its recipe's (`evaluate
+    --tta-views`)."""
     how = (
         "each image once, unshifted"
         if views == 1
@@ -679,6 +680,8 @@ def _members_section(members: list[Any], meta: dict[str, Any]) -> Section:
 
 
 def to_markdown(sections: list[Section]) -> str:
+    """The card as Markdown (MODEL_CARD.md): the first title as # and the others as ##, paragraphs, a pipe table,
+    a bullet list."""
     lines: list[str] = []
     for index, section in enumerate(sections):
         lines += [("# " if index == 0 else "## ") + section.title, ""]
@@ -705,6 +708,8 @@ def _inline_html(text: str) -> str:
 
 
 def to_html(sections: list[Section]) -> str:
+    """The card as HTML for report.html: a <section class="model-card">, the first title as <h2> and the others as
+    <h3>."""
     parts = []
     for index, section in enumerate(sections):
         tag = "h2" if index == 0 else "h3"

@@ -56,6 +56,8 @@ def refusing_damage(path: Path, config: TrainConfig) -> Iterator[None]:
 def load_optimizer(
     optimizer: Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any], trained: bool = True
 ) -> None:
+    """Put a checkpoint's optimizer state (its `optimizer.` tensors and `info`'s scalars and groups) back into
+    `optimizer`; ValueError when a `trained` stateful optimizer lacks some parameter's state."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -115,6 +117,8 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) -> None:
+    """Set the torch, CUDA, Python and NumPy generators to the states rng_state() saved (nothing for a checkpoint
+    without them)."""
     if not info or "rng.torch" not in tensors:  # a checkpoint from before they were saved
         return
     torch.set_rng_state(tensors["rng.torch"])
@@ -232,6 +236,8 @@ def make_run_folder(out_dir: Path) -> None:
 
 
 def remove_run_outputs(out_dir: Path) -> None:
+    """Delete the files a run writes (RUN_OUTPUTS) and its tensorboard/ folder from `out_dir`, so an earlier run's
+    outputs do not stay beside a new one's."""
     for name in RUN_OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)
     # --tensorboard's event files: the old run's curves
