@@ -77,8 +77,8 @@ bench-serve: setup
 bench-faults: setup
 	$(PY) benchmarks/fault_server.py $(if $(MODEL),--model $(MODEL))
 
-# The tutorial as a site in site/ (MkDocs Material, from the docs extra). Its figures come from the tutorial's
-# own commands (digitrec explore / robustness / evaluate / predict, writing into docs/images); strict, so a
+# The tutorial as a site in site/ (MkDocs Material, from the docs extra). Its figures come from the commands each
+# one's "Made by" line names (digitrec explore / robustness / evaluate / predict, writing into docs/images); strict, so a
 # missing figure or a broken link fails the build. NO_MKDOCS_2_WARNING silences Material's end-of-life banner.
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

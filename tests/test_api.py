@@ -18,13 +18,6 @@ import digitrec.api
 from digitrec.preprocess import preprocess
 
 
-@pytest.fixture(autouse=True)
-def restore_autograd():
-    """Predictor.load() switches autograd off for the whole process (reported to its owner); later tests train."""
-    yield
-    torch.set_grad_enabled(True)
-
-
 @pytest.fixture
 def tiny_env(idx_folder, tmp_path, monkeypatch):
     """MNIST is the tiny set (found through $DIGITREC_DATA) and runs/ lands in a temporary folder."""
@@ -71,6 +64,14 @@ def test_train_is_the_friendly_function_even_after_the_loop_is_imported(tiny_mni
     assert (
         isinstance(run, digitrec.Run) and run.model_path.exists() and run.metrics["val_accuracy"] is not None
     )
+
+
+def test_train_trains_when_the_caller_has_autograd_off(tiny_mnist, tmp_path):
+    """Why train() enters torch.enable_grad(): a caller inside torch.no_grad() still gets a trained model."""
+    with torch.no_grad():
+        run = digitrec.train("fast", tmp_path / "run", data=tiny_mnist, epochs=1, report=False)
+        assert not torch.is_grad_enabled()
+    assert run.model_path.is_file()  # without autograd, backward() would have raised
 
 
 def test_train_reads_a_toml_config(tiny_mnist, tmp_path):

@@ -158,3 +158,26 @@ def test_calibrating_in_place_removes_the_exports_made_from_the_checkpoint_befor
         checkpoint, count=4, out_path=tmp_path / "calibrated.safetensors", log=said.append
     )
     assert (run / "model.onnx").exists() and not any(line.startswith("removed ") for line in said)
+
+
+def test_the_printed_ece_says_when_the_validation_images_were_trained_on(
+    tiny_fast_run, tiny_mnist, tmp_path, monkeypatch
+):
+    """`fast` trains on every image (val_size 0): the 'validation' split calibrate fits on was seen in training,
+    and its line said only "validation ECE"."""
+    from digitrec import calibrate as calibrate_module
+    from digitrec import data
+    from digitrec.checkpoint import load_model, save_model
+
+    monkeypatch.setattr(data, "load_mnist", lambda *args, **kwargs: tiny_mnist)
+    said: list[str] = []
+    calibrate_module.calibrate(
+        tiny_fast_run / "model.safetensors", count=4, out_path=tmp_path / "a.safetensors", log=said.append
+    )
+    assert "validation (seen in training) ECE" in said[0]
+    model, meta = load_model(tiny_fast_run / "model.safetensors")
+    held_out = tmp_path / "held-out.safetensors"
+    save_model(held_out, model, meta | {"config": {**meta["config"], "val_size": 200}})
+    said.clear()
+    calibrate_module.calibrate(held_out, count=4, out_path=tmp_path / "b.safetensors", log=said.append)
+    assert "validation ECE" in said[0] and "seen in training" not in said[0]

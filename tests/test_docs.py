@@ -97,10 +97,10 @@ def test_every_figure_exists_and_is_small():
 
 
 def test_every_figure_names_the_command_that_made_it():
-    """The text after a figure names its command: one that writes the figure's folder (and so does a tutorial
-    command), or one that writes a run folder the figure was copied from (the caption then names that file, and
-    the tutorial runs the same subcommand on the same recipe)."""
-    tutorial = [output_folders(argv) for argv in commands()]
+    """The text after a figure names its command: one that writes the figure's folder (the maintainers'; the
+    tutorial runs the same subcommand into a folder of the reader's), or one that writes a run folder the figure
+    was copied from (the caption then names that file, and the tutorial runs the same subcommand on the same
+    recipe)."""
     for page, image, caption in figures():
         made_by = MADE_BY.search(caption)
         assert made_by, f"{page}: no 'Made by `digitrec ...`' line after {image}"
@@ -108,13 +108,27 @@ def test_every_figure_names_the_command_that_made_it():
         folder, name = str(Path("docs/images") / image).rsplit("/", 1)
         written = output_folders(argv)
         if folder in written:
-            assert any(folder in outs for outs in tutorial), f"{page}: no tutorial command writes {folder}"
+            assert any(
+                argv[0] == tutorial_argv[0] and output_folders(tutorial_argv) for tutorial_argv in commands()
+            ), (
+                f"{page}: no tutorial command runs `digitrec {argv[0]}` into a folder, as {made_by.group(1)} does"
+            )
         else:
             assert len(written) == 1, f"{page}: {made_by.group(1)} writes no folder {image} could come from"
             [run] = written
             assert f"{run}/{name}" in caption, f"{page}: {image} is neither written nor copied from {run}"
             assert any(argv[:3] == tutorial_argv[:3] for tutorial_argv in commands()), (
                 f"{page}: no tutorial command starts like `{made_by.group(1)}`, which made {image}"
+            )
+
+
+def test_no_tutorial_command_writes_into_the_docs():
+    """A reader's commands write into folders of their own: `explore --out docs/images/explore` overwrote the
+    site's figures and, without --model, deleted the tracked docs/images/explore/ambiguous.png."""
+    for argv in commands():
+        for folder in output_folders(argv):
+            assert not (ROOT / folder).resolve().is_relative_to(DOCS), (
+                f"`digitrec {shlex.join(argv)}` writes {folder}"
             )
 
 

@@ -129,7 +129,7 @@ def test_the_report_says_which_loss_it_shows(tmp_path, monkeypatch):
     assert labels[0] == "train (label smoothing 0.1)" and "validation" in labels
 
     titles: list[str] = []
-    monkeypatch.setattr(plots, "_grid", lambda images, got, *args: titles.extend(got))
+    monkeypatch.setattr(plots, "image_grid", lambda images, got, *args: titles.extend(got))
     plots.mistakes(
         torch.zeros(1, 28, 28),
         [{"index": 0, "label": 1, "predicted": 7, "confidence": 0.9996}],

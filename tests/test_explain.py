@@ -38,3 +38,20 @@ def test_the_patches_reach_the_last_row_and_column():
 
     heat = occlusion_saliency(bottom_right_model, image, target=7, patch=4, stride=2)
     assert heat[27, 27] == pytest.approx(1.0) and heat[25, 25] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(("patch", "stride"), [(3, 2), (5, 2), (4, 2), (4, 3), (6, 4), (28, 1)])
+def test_the_patches_hide_every_pixel_whatever_the_stride(patch, stride):
+    """With (28 - patch) % stride != 0 (patch 3 or 5, stride 2) the last row and column of pixels were never
+    hidden, so their saliency was always 0."""
+    from digitrec.explain import _occluders
+
+    hidden = (1 - _occluders(patch, stride)).sum(axis=0)[0]
+    assert (hidden > 0).all()
+    image = np.zeros((28, 28), dtype=np.float32)
+    image[27, 27] = 1.0
+
+    def bottom_right_model(images: np.ndarray) -> np.ndarray:
+        return _top_left_model(images[:, :, ::-1, ::-1])
+
+    assert occlusion_saliency(bottom_right_model, image, target=7, patch=patch, stride=stride)[27, 27] > 0

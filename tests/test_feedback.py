@@ -536,3 +536,16 @@ def test_counting_corrections_reads_an_index_not_the_images_even_in_an_older_dat
         for query in ("SELECT COUNT(*) FROM feedback", "SELECT label, COUNT(*) FROM feedback GROUP BY label"):
             plan = " ".join(row[-1] for row in con.execute("EXPLAIN QUERY PLAN " + query))
             assert "COVERING INDEX feedback_label" in plan, plan
+
+
+def test_one_helper_tells_a_fine_tunes_metadata():
+    """The card, --resume and a new run's checks each spelled out the +feedback/+finetune test; one helper now."""
+    from digitrec.feedback import finetune_base, finetune_recipe, is_finetune
+
+    assert (
+        finetune_recipe("fast", True) == "fast+feedback" and finetune_recipe("fast", False) == "fast+finetune"
+    )
+    assert finetune_base("robust+finetune") == "robust" and finetune_base("robust") is None
+    assert is_finetune({"recipe": "fast+feedback"}) and is_finetune({"recipe": "x", "finetuned_from": "a"})
+    assert is_finetune({"recipe": "x", "extra": {"finetuned_from": "a"}})
+    assert not is_finetune({"recipe": "fast"}) and not is_finetune({})

@@ -35,7 +35,7 @@ def test_every_run_writes_a_model_card_beside_the_checkpoint(run):
         "## Metrics",
         "## Calibration",
         "## Robustness",
-        "## Latency and size",
+        "## Latency",
         "## Intended use",
         "## Known limits",
     ):
@@ -83,6 +83,57 @@ def test_card_names_weak_spots_and_calibration():
     assert "T = 1.700" in text and "0.600" in text and "ECE, 15 bins) on the test set: 0.0120" in text
     assert "blur (down to 40%)" in text
     assert "<b>99.00%</b>" in modelcard.to_html(sections)
+
+
+def test_a_card_without_latency_has_no_empty_latency_section():
+    """A checkpoint's size without a latency made an empty "Latency and size" heading (the size is in the
+    first section)."""
+    metrics = {"test_accuracy": 0.99, "test_loss": 0.03}
+    sections = modelcard.build_card(metrics, {"recipe": "x"}, size_bytes=250_000)
+    assert all(section.paragraphs or section.table or section.bullets for section in sections)
+    assert "Checkpoint size 0.25 MB" in sections[0].paragraphs[1]
+    assert not any("Latency" in section.title for section in sections)
+    latency = {"single_ms": 0.5, "batch_ms_per_image": 0.01, "batch_size": 256, "device": "cpu", "threads": 1}
+    with_latency = modelcard.build_card(
+        metrics, {"recipe": "x"}, latency=latency | {"machine": "x86_64 Linux"}
+    )
+    assert [s.paragraphs for s in with_latency if s.title == "Latency"][0][0].startswith(
+        "Forward pass of one image"
+    )
+
+
+def test_a_card_scored_with_one_view_says_so_plainly_and_names_its_columns():
+    """`--tta-views 1` read "the mean over that many shifted views", and `digitrec evaluate` "scores it so"; the
+    robustness table's "strength" column held the description and "strengths" the values."""
+    from digitrec.config import get_recipe
+
+    metrics = {"test_accuracy": 0.99, "test_loss": 0.03, "scored_tta_views": 1}
+    config = get_recipe("best").override(tta_views=5)
+    [overall] = [s for s in modelcard.build_card(metrics, config=config) if s.title == "Metrics"]
+    assert overall.paragraphs[0].endswith(
+        " Scored with `--tta-views 1` (each image once, unshifted), not the way its recipe scores it (5 views); "
+        "`digitrec evaluate` without `--tta-views` scores it the recipe's way."
+    )
+    robustness = {
+        "images": 10,
+        "perturbations": [{"name": "blur", "label": "sigma", "strengths": [1, 2], "clean": 0}],
+        "models": [
+            {
+                "clean_accuracy": 0.99,
+                "perturbations": {
+                    "blur": [{"strength": 1, "accuracy": 0.9}, {"strength": 2, "accuracy": 0.8}]
+                },
+                "coverage": [
+                    {"coverage": c / 100, "accuracy": 0.99, "threshold": 0.5} for c in range(1, 101)
+                ],
+            }
+        ],
+    }
+    [table] = [
+        s.table for s in modelcard.build_card(metrics, robustness=robustness) if s.title == "Robustness"
+    ]
+    assert table is not None and table[0][:3] == ["perturbation", "strength means", "strengths"]
+    assert table[1][0][:3] == ["blur", "sigma", "1, 2"]
 
 
 def test_an_ensembles_card_names_its_members():
@@ -412,7 +463,8 @@ def test_evaluate_with_more_views_keeps_the_card_of_how_the_model_was_trained(ru
     card = (tmp_path / "MODEL_CARD.md").read_text()
     assert "tta_views" not in card.split("## Metrics")[0]  # settings and command: as trained
     assert (
-        "Scored with `--tta-views 5` (the mean over that many shifted views), not as the recipe scores it"
+        "Scored with `--tta-views 5` (the mean probability over 5 shifted copies of each image), not the way its "
+        "recipe scores it (1 view); `digitrec evaluate` without `--tta-views` scores it the recipe's way."
         in card
     )
     scored = (tmp_path / "report.html").read_text()  # the report's configuration: how it was scored here

@@ -11,6 +11,7 @@ import torch
 from digitrec import robustness
 from digitrec.checkpoint import load_model, save_model
 from digitrec.cli import main
+from digitrec.config import TrainConfig
 
 BY_NAME = {p.name: p for p in robustness.PERTURBATIONS}
 
@@ -182,3 +183,31 @@ def test_cli_checks_the_models_and_the_out_folder_before_scoring(
     assert (
         "does not exist" in err or "cannot write into the folder /proc/nope" in err
     ) and "Traceback" not in err
+
+
+def test_a_checkpoint_is_scored_the_way_its_recipe_evaluates_one_view_each(
+    run_dir, tiny_mnist, tmp_path, monkeypatch
+):
+    """load_scored scored every checkpoint in float32, contiguous, 500 at a time, whatever its recipe said, so
+    the clean row of `digitrec robustness` and `explore` differed from `digitrec evaluate`'s."""
+    from digitrec import evaluate
+
+    model, meta = load_model(run_dir / "model.safetensors")
+    recipe = {**meta["config"], "amp": True, "channels_last": True, "tta_views": 5, "eval_batch_size": 64}
+    save_model(tmp_path / "bf16.safetensors", model, meta | {"config": recipe})
+    calls = []
+    real = evaluate.predict_logits
+
+    def spy(*args, **kwargs):
+        calls.append(args[2:])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "predict_logits", spy)
+    images, labels = tiny_mnist.test_images[:100], tiny_mnist.test_labels[:100]
+    scored = robustness.load_scored(tmp_path / "bf16.safetensors")
+    report = robustness.evaluate_robustness([scored], images, labels, [BY_NAME["noise"]])
+    assert calls and set(calls) == {(64, True, True, 1)}  # eval batch size, bfloat16, channels-last, one view
+    # the clean row is `digitrec evaluate --tta-views 1`'s accuracy on the same images
+    config = TrainConfig.from_checkpoint(meta | {"config": recipe}).override(tta_views=1)
+    _, accuracy = evaluate.evaluate(model, images, labels, config)
+    assert report["models"][0]["clean_accuracy"] == accuracy

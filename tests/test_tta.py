@@ -35,6 +35,19 @@ def test_one_view_is_the_plain_log_softmax():
     np.testing.assert_allclose(tta.mean_log_probabilities(logits, 1), expected, atol=1e-6)
 
 
+def test_the_numpy_mean_matches_the_torch_one_and_stays_finite():
+    """log(mean(softmax)) gave -inf for a class whose probability underflows in every view (a logit 800 below
+    the top), where models.log_mean_probabilities, the torch twin, uses logsumexp and gives the number."""
+    from digitrec.models import log_mean_probabilities
+
+    logits = np.random.default_rng(1).normal(scale=5, size=(5 * 4, 10)).astype(np.float32)
+    logits[:, 3] -= 800
+    got = tta.mean_log_probabilities(logits, 5)
+    assert np.isfinite(got).all() and got.shape == (4, 10)
+    views = torch.from_numpy(logits).reshape(5, 4, 10).log_softmax(2)
+    np.testing.assert_allclose(got, log_mean_probabilities(list(views)).numpy(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def model() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -59,7 +59,7 @@ def train(
     with contextlib.ExitStack() as stack:
         # a folder of its own, made now: a run started in the same second takes the next name
         out = Path(out_dir) if out_dir is not None else stack.enter_context(reserved_out_dir(recipe))
-        # Training needs autograd even if something earlier in this process (a Predictor) switched it off.
+        # Training needs autograd, also when the caller has it off (torch.no_grad(), set_grad_enabled(False)).
         with torch.enable_grad():
             return train_loop(
                 resolved, out, recipe=recipe, data=data, progress=progress, report=report, log=quiet

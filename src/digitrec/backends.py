@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
+# META_KEY is also the ONNX metadata entry that holds the source checkpoint's metadata as JSON
+from .checkpoint import META_KEY
 from .errors import DigitrecError, need_extra
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
-META_KEY = "digitrec"  # the ONNX metadata entry holding the source checkpoint's metadata as JSON
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

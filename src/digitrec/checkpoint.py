@@ -27,7 +27,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so `digitrec data
     import torch
     from torch import nn
 
-META_KEY = "digitrec"
+META_KEY = (
+    "digitrec"  # the safetensors __metadata__ entry (and backends' ONNX one) holding the metadata as JSON
+)
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 CHECKSUM_KEY = "digitrec_sha256"  # in the header's __metadata__, beside META_KEY; absent from older files
@@ -116,11 +118,11 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     meta = {"format_version": FORMAT_VERSION, **meta}
     metadata = {META_KEY: json.dumps(meta)}
     unchecked = save(tensors, metadata=metadata)
-    header, start = _parse_header(unchecked)
+    header, start = parse_header(unchecked)
     digest = content_sha256(header, memoryview(unchecked)[start:])
     data = save(tensors, metadata={**metadata, CHECKSUM_KEY: digest})
     # the tensors' layout does not depend on the metadata: check that it did not move
-    header, start = _parse_header(data)
+    header, start = parse_header(data)
     if content_sha256(header, memoryview(data)[start:]) != digest:
         raise RuntimeError("safetensors laid the tensors out differently with the checksum in the header")
     side = json.dumps({**meta, "sha256": hashlib.sha256(data).hexdigest()}, indent=2) + "\n"
@@ -235,7 +237,7 @@ def content_sha256(header: dict[str, Any], tensor_data: bytes | memoryview) -> s
     return digest.hexdigest()
 
 
-def _parse_header(data: bytes) -> tuple[Any, int]:
+def parse_header(data: bytes) -> tuple[Any, int]:
     """The safetensors header (8-byte little-endian length, then JSON) and where the tensor data starts.
     ValueError (JSONDecodeError, UnicodeDecodeError) or RecursionError for a header that is not JSON."""
     if len(data) < 8:
@@ -258,7 +260,7 @@ def _read_header_metadata(path: Path, data: bytes) -> tuple[dict[str, Any], str 
         else f"{path} is not a digitrec checkpoint (expected a .safetensors file written by `digitrec train`)."
     )
     try:
-        header, start = _parse_header(data)
+        header, start = parse_header(data)
         meta = json.loads(header["__metadata__"][META_KEY])
         expected = header["__metadata__"].get(CHECKSUM_KEY)
         changed = expected is not None and expected != content_sha256(header, memoryview(data)[start:])

@@ -3,10 +3,11 @@
 from collections.abc import Sequence
 from importlib.util import find_spec
 
-# pyproject.toml's optional extras, by the modules a command imports from them
+# pyproject.toml's optional extras, by the modules a command imports from them (tests/test_errors.py checks
+# them against pyproject.toml; its `docs` and `dev` extras serve no command)
 EXTRAS = {
-    # fastapi_offline is optional (offline /docs)
-    "web": ("fastapi", "uvicorn", "python_multipart", "threadpoolctl"),
+    # fastapi_offline is optional (offline /docs), and uvloop (uvicorn's faster event loop, not on Windows)
+    "web": ("fastapi", "uvicorn", "httptools", "python_multipart", "threadpoolctl"),
     "export": ("onnx", "onnxscript", "onnxruntime"),
     "int8": ("torchao",),
     "explore": ("sklearn",),

@@ -228,14 +228,8 @@ def write_report(
     figures["Most confident mistakes (truth → prediction, confidence)"] = plots.mistakes(
         data.test_images, metrics["mistakes"], out_dir / "mistakes.png"
     )
-    settings = config or TrainConfig()  # evaluate the way evaluate_model does
-    robust = robustness.for_report(
-        model,
-        data,
-        robustness_images or robustness.REPORT_IMAGES,
-        amp=settings.amp,
-        channels_last=settings.channels_last,
-    )
+    # scored the way evaluate_model scores, one view each
+    robust = robustness.for_report(model, data, robustness_images or robustness.REPORT_IMAGES, config)
     figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
     scored = metrics
     # the card says how it was scored
@@ -259,7 +253,8 @@ def write_report(
     return metrics
 
 
-def _image_tag(path: Path) -> str:
+def image_tag(path: Path) -> str:
+    """An <img> tag holding the PNG at `path` inline (base64), so an HTML report is one self-contained file."""
     encoded = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{encoded}">'
 
@@ -285,7 +280,7 @@ def render_html(
         + "</tr>"
         for row in history or []
     )
-    sections = "".join(f"<h2>{html.escape(name)}</h2>{_image_tag(path)}" for name, path in figures.items())
+    sections = "".join(f"<h2>{html.escape(name)}</h2>{image_tag(path)}" for name, path in figures.items())
     config_json = html.escape(json.dumps(config.to_dict(), indent=2)) if config else ""
     # the optimizer's loss: with label smoothing it stays well above the validation set's plain cross-entropy
     smoothed = f" (label smoothing {config.label_smoothing:g})" if config and config.label_smoothing else ""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .checkpoint import atomic_write_json, atomic_write_text
 from .data import MNIST, as_input
 from .errors import DigitrecError, need_extra
-from .plots import _grid, _save, plt
+from .plots import image_grid, plt, save_figure
 
 if TYPE_CHECKING:
     from .robustness import Scored
@@ -28,6 +28,7 @@ EMBEDDINGS = ("auto", "tsne", "umap")
 
 
 def class_balance(data: MNIST, path: Path) -> Path:
+    """Bars of each digit's share of the training and of the test images, against an even 10%."""
     train = torch.bincount(data.train_labels.long(), minlength=10).numpy()
     test = torch.bincount(data.test_labels.long(), minlength=10).numpy()
     fig, ax = plt.subplots(figsize=(8, 3.5), layout="constrained")
@@ -37,7 +38,7 @@ def class_balance(data: MNIST, path: Path) -> Path:
     ax.axhline(10, color="gray", lw=0.8, ls=":")
     ax.set(xticks=digits, xlabel="digit", ylabel="share of images (%)", title="Class balance")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def mean_images(data: MNIST, path: Path) -> Path:
@@ -56,10 +57,12 @@ def mean_images(data: MNIST, path: Path) -> Path:
             if digit == 0:
                 ax.set_ylabel(name)
     fig.suptitle("Mean and standard deviation of each class (training set)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sample_indices(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """`count` indices into `labels` (all of them if fewer), drawn without repeats from `seed`, in ascending
+    order."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     return order[: min(count, len(labels))].sort().values
 
@@ -88,6 +91,7 @@ def embed(pixels: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.n
 
 
 def embedding_plot(coords: np.ndarray, labels: np.ndarray, method: str, path: Path) -> Path:
+    """A scatter of the 2-D embedding, a color per digit, each digit's label drawn at the median of its points."""
     fig, ax = plt.subplots(figsize=(7.5, 7), layout="constrained")
     colors = plt.get_cmap("tab10")
     for digit in range(10):
@@ -107,7 +111,7 @@ def embedding_plot(coords: np.ndarray, labels: np.ndarray, method: str, path: Pa
             )
     ax.set(title=f"{method} of {len(coords):,} training images (PCA-50 of the pixels)", xticks=[], yticks=[])
     ax.legend(markerscale=4, fontsize=8, ncol=2, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def ambiguity(probabilities: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -127,6 +131,8 @@ def ambiguity(probabilities: list[torch.Tensor], labels: torch.Tensor) -> dict[s
 def most_ambiguous(
     probabilities: list[torch.Tensor], labels: torch.Tensor, count: int = 36
 ) -> list[dict[str, Any]]:
+    """The `count` images ambiguity() ranks first (most distinct answers, then least probable label): index,
+    label, each model's answer and the label's mean probability."""
     scores = ambiguity(probabilities, labels)
     # one sort key: distinct answers dominate, the label's probability (in [0, 1]) breaks ties
     key = scores["distinct"].double() * 2 - scores["label_probability"].double()
@@ -143,8 +149,9 @@ def most_ambiguous(
 
 
 def ambiguous_plot(images: torch.Tensor, rows: list[dict[str, Any]], path: Path) -> Path:
+    """most_ambiguous's images in a grid, each titled #index label→each model's answer."""
     titles = [f"#{r['index']} {r['label']}→{','.join(map(str, r['predicted']))}" for r in rows]
-    return _grid([images[r["index"]] for r in rows], titles, ["red"] * len(rows), path, columns=9)
+    return image_grid([images[r["index"]] for r in rows], titles, ["red"] * len(rows), path, columns=9)
 
 
 def explore(
@@ -157,7 +164,7 @@ def explore(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write every figure, explore.json and explore.html into out_dir; returns the summary written to explore.json."""
-    from .evaluate import _image_tag
+    from .evaluate import image_tag
     from .robustness import Scored, load_all
 
     # first: a model that does not load stops the command before the embedding (loaded ones are taken as they are)
@@ -200,7 +207,7 @@ def explore(
         f"<tr><td>{d}</td><td>{summary['train_counts'][d]:,}</td><td>{summary['test_counts'][d]:,}</td></tr>"
         for d in range(10)
     )
-    sections = "".join(f"<h2>{html.escape(name)}</h2>{_image_tag(path)}" for name, path in figures.items())
+    sections = "".join(f"<h2>{html.escape(name)}</h2>{image_tag(path)}" for name, path in figures.items())
     atomic_write_text(
         out_dir / "explore.html",
         f"""<!doctype html>

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from . import tta
-from .backends import INPUT_NAME, META_KEY, OUTPUT_NAME, export_source_sha256, onnx_session, softmax
-from .checkpoint import atomic_write_bytes, model_file, read_checkpoint
+from .backends import INPUT_NAME, OUTPUT_NAME, export_source_sha256, onnx_session, softmax
+from .checkpoint import META_KEY, atomic_write_bytes, model_file, read_checkpoint
 from .errors import DigitrecError
 
 OPSET = 18

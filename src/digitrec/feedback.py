@@ -45,6 +45,33 @@ CREATE INDEX IF NOT EXISTS feedback_label ON feedback (label);
 """
 
 
+# The recipe name finetune records: the model's own with +feedback (trained with corrections) or +finetune
+# (--no-corrections, MNIST alone).
+FEEDBACK_SUFFIX, MNIST_ONLY_SUFFIX = "+feedback", "+finetune"
+
+
+def finetune_recipe(recipe: str, corrections: bool) -> str:
+    """The recipe name a fine-tune of a `recipe` model records (with or without corrections)."""
+    return recipe + (FEEDBACK_SUFFIX if corrections else MNIST_ONLY_SUFFIX)
+
+
+def finetune_base(recipe: str) -> str | None:
+    """The recipe of the model a fine-tune named `recipe` started from; None when `recipe` is no fine-tune's."""
+    return recipe.rsplit("+", 1)[0] if recipe.endswith((FEEDBACK_SUFFIX, MNIST_ONLY_SUFFIX)) else None
+
+
+def is_finetune(meta: dict) -> bool:
+    """Did `digitrec finetune` write this checkpoint metadata? It records `finetuned_from` at the top (a
+    model.safetensors) or under `extra` (a last.safetensors), and its recipe name ends in +feedback or +finetune
+    (all an older fine-tune records)."""
+    extra = meta.get("extra")
+    return (
+        meta.get("finetuned_from") is not None
+        or (isinstance(extra, dict) and extra.get("finetuned_from") is not None)
+        or finetune_base(str(meta.get("recipe", ""))) is not None
+    )
+
+
 def db_path(path: str | Path | None = None) -> Path:
     """`path` with ~ expanded, or default_db_path() when None."""
     return Path(path).expanduser() if path else default_db_path()
@@ -413,11 +440,11 @@ def finetune(
             "feedback_accuracy": evaluate(model, images, labels, config)[1] if corrections else None,
         }
 
-    with torch.enable_grad():  # whatever the caller set: loading a Predictor turns gradients off globally
+    with torch.enable_grad():  # training needs autograd, also when the caller has it off (torch.no_grad())
         run = train(
             config,
             out_dir,
-            recipe=f"{meta.get('recipe', 'custom')}{'+feedback' if corrections else '+finetune'}",
+            recipe=finetune_recipe(str(meta.get("recipe", "custom")), bool(corrections)),
             data=enlarged,
             progress=progress,
             report=report,

@@ -44,18 +44,14 @@ def refuse_a_file_in_the_way(out_dir: Path) -> None:
         raise DigitrecError(f"{blocking} is a file, not a folder; choose another folder for the run.")
 
 
-def default_out_dir(name: str, reserve: bool = False) -> Path:
-    """Where a run goes when no folder is named: runs/<name>-<local time, YYYYmmdd-HHMMSS>, or with -2, -3, ...
-    added when that folder exists (runs started in the same second). `reserve` creates the folder, so that a run
-    started at the same moment, which sees it, takes the next name (the folder lock refuses the second of two
+def default_out_dir(name: str) -> Path:
+    """Where a run goes when no folder is named, made now: runs/<name>-<local time, YYYYmmdd-HHMMSS>, or with -2,
+    -3, ... added when that folder exists (runs started in the same second). Making it is what keeps a run
+    started at the same moment, which sees it, from choosing it too (the folder lock refuses the second of two
     runs that still chose one folder)."""
     stem = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     for number in range(1, 10_000):
         candidate = stem if number == 1 else stem.with_name(f"{stem.name}-{number}")
-        if not reserve:
-            if not candidate.exists():
-                return candidate
-            continue
         candidate.parent.mkdir(parents=True, exist_ok=True)
         try:
             candidate.mkdir()
@@ -69,7 +65,7 @@ def default_out_dir(name: str, reserve: bool = False) -> Path:
 def reserved_out_dir(name: str) -> Iterator[Path]:
     """default_out_dir(name), made now, for the body to run in; removed again if the body left it empty (a run
     refused before it wrote anything)."""
-    folder = default_out_dir(name, reserve=True)
+    folder = default_out_dir(name)
     try:
         yield folder
     finally:

@@ -1,4 +1,4 @@
-"""MODEL_CARD.md for a model: data and checksum, recipe, metrics, calibration, robustness, latency, size, use and limits.
+"""MODEL_CARD.md for a model: size, recipe, data and checksum, metrics, calibration, robustness, latency, use and limits.
 
 The card is built once as a list of sections and rendered twice, as Markdown (MODEL_CARD.md beside the
 checkpoint) and as HTML (a section of report.html), so the two can never disagree.
@@ -23,6 +23,7 @@ from torch import nn
 from .checkpoint import atomic_write_text
 from .config import TrainConfig
 from .data import MNIST
+from .feedback import FEEDBACK_SUFFIX, finetune_base, is_finetune
 from .models import count_parameters
 from .robustness import COVERAGES, coverage_at, summary
 
@@ -39,8 +40,14 @@ class Section:
     bullets: list[str] = field(default_factory=list)
 
 
-def measure_latency(model: nn.Module, repeats: int = 30, batch_size: int = 256) -> dict[str, Any]:
-    """Median forward time of one image, and per image in a batch, on the model's device, in milliseconds."""
+LATENCY_REPEATS = 30  # timed forward passes of one image (a tenth as many, at least 3, of a batch)
+LATENCY_BATCH = 256
+
+
+def measure_latency(model: nn.Module) -> dict[str, Any]:
+    """Median forward time of one image, and per image in a batch of LATENCY_BATCH, on the model's device, in
+    milliseconds."""
+    repeats, batch_size = LATENCY_REPEATS, LATENCY_BATCH
     model = model.eval()
     device = next(model.parameters()).device
 
@@ -93,9 +100,35 @@ def build_card(
     train_count = len(data.train_images) if data else 60_000
     tuned = None if members else _finetune(meta, data, train_count, checkpoint)
     dry_run = config is not None and (meta.get("metrics") or {}).get("dry_run") is True
-    params = params or meta.get("params")
-    sections = []
+    title = f"Model card: {recipe}{', dry run' if dry_run else ''} ({arch})"
+    sections = [_details_section(title, meta, arch, params or meta.get("params"), size_bytes, weights)]
+    if config:
+        sections.append(_recipe_section(config, meta, recipe, tuned, dry_run))
+    if members:
+        sections.append(_members_section(members, meta))
+    sections.append(_data_section(metrics, meta, config, data, members, tuned, dry_run, train_count))
+    sections.append(_metrics_section(metrics, config))
+    calibration = _calibration_section(metrics, meta)
+    if calibration:
+        sections.append(calibration)
+    if robustness:
+        sections.append(_robustness_section(robustness))
+    if latency:  # the checkpoint's size is in the first section
+        sections.append(_latency_section(latency))
+    sections.append(_intended_use_section())
+    sections.append(_limits_section(None if members else config, tuned, robustness))
+    return sections
 
+
+def _details_section(
+    title: str,
+    meta: dict[str, Any],
+    arch: str,
+    params: int | None,
+    size_bytes: int | None,
+    weights: str | None,
+) -> Section:
+    """The card's first section: architecture, parameters, checkpoint size, when and with what it was trained."""
     details = [f"Architecture `{arch}`" + (f", {params:,} parameters" if params else "") + "."]
     if size_bytes:
         stored = f"safetensors, {weights} weights" if weights else "safetensors"
@@ -108,36 +141,50 @@ def build_card(
             + ", ".join(f"{k} {v}" for k, v in versions.items())
             + "."
         )
-    sections.append(Section(f"Model card: {recipe}{', dry run' if dry_run else ''} ({arch})", details))
+    return Section(title, details)
 
-    if config:
-        defaults = TrainConfig().to_dict()
-        recipe_rows = [
-            [key, f"`{value}`"]
-            for key, value in config.to_dict().items()
-            if key in _SETTINGS or (key in _SETTINGS_IF_SET and value != defaults[key])
-        ]
-        run = meta.get("metrics") or {}
-        processes, threads = run.get("world_size"), run.get("threads")
-        nproc = processes if isinstance(processes, int) and processes > 1 else 1
-        text = [_reproduce_finetune(tuned, config) if tuned else _reproduce(recipe, config, dry_run, nproc)]
-        if str(run.get("device", "")).startswith("cpu") and not config.threads and isinstance(threads, int):
-            # torch chose the count (the machine's cores), and a float sum's order depends on it
-            again = (
-                f"`digitrec finetune` has no --threads: run it with OMP_NUM_THREADS={threads}"
-                if tuned
-                else f"add `--threads {threads}`"
-            )
-            text.append(
-                f"It trained on {threads} CPU thread{'s' if threads != 1 else ''}{' per process' if nproc > 1 else ''}"
-                f"; the same weights need as many ({again} on a machine with other cores)."
-            )
-        if config.source:
-            text.append(f"Source: {config.source}.")
-        sections.append(Section("Recipe", text, (["setting", "value"], recipe_rows)))
-    if members:
-        sections.append(_members_section(members, meta))
 
+def _recipe_section(
+    config: TrainConfig, meta: dict[str, Any], recipe: str, tuned: _FineTune | None, dry_run: bool
+) -> Section:
+    """The settings that matter and the command that trains the same model again."""
+    defaults = TrainConfig().to_dict()
+    recipe_rows = [
+        [key, f"`{value}`"]
+        for key, value in config.to_dict().items()
+        if key in _SETTINGS or (key in _SETTINGS_IF_SET and value != defaults[key])
+    ]
+    run = meta.get("metrics") or {}
+    processes, threads = run.get("world_size"), run.get("threads")
+    nproc = processes if isinstance(processes, int) and processes > 1 else 1
+    text = [_reproduce_finetune(tuned, config) if tuned else _reproduce(recipe, config, dry_run, nproc)]
+    if str(run.get("device", "")).startswith("cpu") and not config.threads and isinstance(threads, int):
+        # torch chose the count (the machine's cores), and a float sum's order depends on it
+        again = (
+            f"`digitrec finetune` has no --threads: run it with OMP_NUM_THREADS={threads}"
+            if tuned
+            else f"add `--threads {threads}`"
+        )
+        text.append(
+            f"It trained on {threads} CPU thread{'s' if threads != 1 else ''}{' per process' if nproc > 1 else ''}"
+            f"; the same weights need as many ({again} on a machine with other cores)."
+        )
+    if config.source:
+        text.append(f"Source: {config.source}.")
+    return Section("Recipe", text, (["setting", "value"], recipe_rows))
+
+
+def _data_section(
+    metrics: dict[str, Any],
+    meta: dict[str, Any],
+    config: TrainConfig | None,
+    data: MNIST | None,
+    members: list[Any] | None,
+    tuned: _FineTune | None,
+    dry_run: bool,
+    train_count: int,
+) -> Section:
+    """What it trained and was tested on, and the checksum of that data."""
     checksum = (data.checksum if data else None) or meta.get("data_checksum", "unknown")
     steps = int((meta.get("metrics") or {}).get("steps") or 0)
     training = (
@@ -171,8 +218,11 @@ def build_card(
                 else ""
             )
         )
-    sections.append(Section("Data", data_text))
+    return Section("Data", data_text)
 
+
+def _metrics_section(metrics: dict[str, Any], config: TrainConfig | None) -> Section:
+    """Test accuracy and loss (and how it was scored, where not as the recipe scores), per-class scores."""
     per_class = [
         [str(c["digit"]), f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"])]
         for c in metrics.get("per_class", [])
@@ -185,23 +235,19 @@ def build_card(
             if metrics.get("temperature", 1.0) != 1.0
             else "."
         )
-        + (
-            f" Scored with `--tta-views {metrics['scored_tta_views']}` (the mean over that many shifted views), not "
-            "as the recipe scores it: the Recipe section's command trains it, `digitrec evaluate` scores it so."
-            if metrics.get("scored_tta_views")
-            else ""
-        )
+        + (_scored_views(int(metrics["scored_tta_views"]), config) if metrics.get("scored_tta_views") else "")
     ]
     if metrics.get("val_accuracy") is not None:
         overall.append(f"Validation accuracy {metrics['val_accuracy']:.2%} (chose the checkpoint).")
-    sections.append(
-        Section(
-            "Metrics",
-            overall,
-            (["digit", "precision", "recall", "F1", "support"], per_class) if per_class else None,
-        )
+    return Section(
+        "Metrics",
+        overall,
+        (["digit", "precision", "recall", "F1", "support"], per_class) if per_class else None,
     )
 
+
+def _calibration_section(metrics: dict[str, Any], meta: dict[str, Any]) -> Section | None:
+    """The test ECE, the temperature and the reject threshold, where there are any (None: no section)."""
     calibration = (
         [f"Expected calibration error (ECE, 15 bins) on the test set: {metrics['ece']:.4f}."]
         if "ece" in metrics
@@ -211,48 +257,66 @@ def build_card(
         calibration.append(f"Calibrated by temperature scaling: T = {float(meta['temperature']):.3f}.")
     if "reject_below" in meta:
         calibration.append(f"A Predictor rejects answers below confidence {float(meta['reject_below']):.3f}.")
-    if calibration:
-        sections.append(Section("Calibration", calibration))
+    return Section("Calibration", calibration) if calibration else None
 
-    if robustness:
-        result = robustness["models"][0]
-        means = summary(result)
-        rows = [
-            [
-                p["name"],
-                p["label"],
-                ", ".join(f"{s:g}" for s in p["strengths"]),
-                f"{means[p['name']]:.2%}",
-                f"{min(r['accuracy'] for r in result['perturbations'][p['name']]):.2%}",
-            ]
-            for p in robustness["perturbations"]
+
+def _robustness_section(robustness: dict[str, Any]) -> Section:
+    """Mean and worst accuracy under each perturbation, and accuracy when the least confident are rejected."""
+    result = robustness["models"][0]
+    means = summary(result)
+    rows = [
+        [
+            p["name"],
+            p["label"],
+            ", ".join(f"{s:g}" for s in p["strengths"]),
+            f"{means[p['name']]:.2%}",
+            f"{min(r['accuracy'] for r in result['perturbations'][p['name']]):.2%}",
         ]
-        coverage = ", ".join(f"{coverage_at(result, c)['accuracy']:.2%} at {c:.0%}" for c in COVERAGES[1:4])
-        sections.append(
-            Section(
-                "Robustness",
-                [
-                    f"Accuracy on {robustness['images']:,} MNIST test images under each perturbation (`digitrec robustness` "
-                    "scores all 10,000 and plots the curves). Clean accuracy on them: "
-                    f"{result['clean_accuracy']:.2%}.",
-                    f"Rejecting the least confident answers: accuracy {coverage} coverage.",
-                ],
-                (["perturbation", "strength", "strengths", "mean accuracy", "worst"], rows),
-            )
-        )
+        for p in robustness["perturbations"]
+    ]
+    coverage = ", ".join(f"{coverage_at(result, c)['accuracy']:.2%} at {c:.0%}" for c in COVERAGES[1:4])
+    return Section(
+        "Robustness",
+        [
+            f"Accuracy on {robustness['images']:,} MNIST test images under each perturbation (`digitrec robustness` "
+            "scores all 10,000 and plots the curves). Clean accuracy on them: "
+            f"{result['clean_accuracy']:.2%}.",
+            f"Rejecting the least confident answers: accuracy {coverage} coverage.",
+        ],
+        (["perturbation", "strength means", "strengths", "mean accuracy", "worst"], rows),
+    )
 
-    if latency or size_bytes:
-        speed = []
-        if latency:
-            speed.append(
-                f"Forward pass of one image: {latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
-                f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} thread{'s' * (latency['threads'] != 1)}, "
-                f"{latency['machine']}; measured while writing this card, so a busy machine reads slower)."
-            )
-        sections.append(Section("Latency and size", speed))
 
+def _latency_section(latency: dict[str, Any]) -> Section:
+    """measure_latency's figures in one sentence."""
+    return Section(
+        "Latency",
+        [
+            f"Forward pass of one image: {latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
+            f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} thread{'s' * (latency['threads'] != 1)}, "
+            f"{latency['machine']}; measured while writing this card, so a busy machine reads slower)."
+        ],
+    )
+
+
+def _intended_use_section() -> Section:
+    """What the model is for, and what not without a person checking."""
+    return Section(
+        "Intended use",
+        [
+            "Reading single handwritten digits, and learning how digit classifiers are trained, evaluated and served. "
+            "Not for decisions about people (grading, cheques, forms, ballots) without a person checking rejected "
+            "and low-confidence answers.",
+        ],
+    )
+
+
+def _limits_section(
+    config: TrainConfig | None, tuned: _FineTune | None, robustness: dict[str, Any] | None
+) -> Section:
+    """What the data and the input format limit it to, and the perturbations it falls below 90% under."""
     limits = [
-        *_data_limits(None if members else config, tuned),
+        *_data_limits(config, tuned),
         "Inputs must look like MNIST (white on black, centered, 20x20 box in 28x28). `digitrec predict` and the "
         "server preprocess photos into that form; raw tensors passed to the model must already be in it.",
     ]
@@ -264,18 +328,22 @@ def build_card(
         ]
         if weak:
             limits.append("Accuracy falls below 90% under: " + ", ".join(weak) + ".")
-    sections.append(
-        Section(
-            "Intended use",
-            [
-                "Reading single handwritten digits, and learning how digit classifiers are trained, evaluated and served. "
-                "Not for decisions about people (grading, cheques, forms, ballots) without a person checking rejected "
-                "and low-confidence answers.",
-            ],
-        )
+    return Section("Known limits", bullets=limits)
+
+
+def _scored_views(views: int, config: TrainConfig | None) -> str:
+    """The Metrics sentence for a model scored with other test-time views than its recipe's (`evaluate
+    --tta-views`)."""
+    how = (
+        "each image once, unshifted"
+        if views == 1
+        else f"the mean probability over {views} shifted copies of each image"
     )
-    sections.append(Section("Known limits", bullets=limits))
-    return sections
+    recipe = f" ({config.tta_views} view{'s' if config.tta_views != 1 else ''})" if config else ""
+    return (
+        f" Scored with `--tta-views {views}` ({how}), not the way its recipe scores it{recipe}; "
+        "`digitrec evaluate` without `--tta-views` scores it the recipe's way."
+    )
 
 
 def _trained_on(
@@ -348,10 +416,10 @@ def _finetune(
     def get(key: str) -> Any:
         return meta.get(key, extra.get(key))
 
+    if not is_finetune(meta):
+        return None
     recipe = str(meta.get("recipe", ""))
     source = get("finetuned_from")
-    if source is None and not recipe.endswith(("+feedback", "+finetune")):
-        return None
     feedback = get("feedback") if isinstance(get("feedback"), dict) else None
     mnist = get("mnist") if isinstance(get("mnist"), dict) else {}
 
@@ -361,7 +429,7 @@ def _finetune(
     corrections = whole((feedback or {}).get("corrections"), 0)
     repeat = whole((feedback or {}).get("repeat"), 1)
     scale = get("lr_scale")
-    with_corrections = feedback is not None or recipe.endswith("+feedback")
+    with_corrections = feedback is not None or recipe.endswith(FEEDBACK_SUFFIX)
     training_set = data is not None and data.checksum == meta.get("data_checksum")
     images = whole(mnist.get("images"), 1)
     if images is None and not (training_set and with_corrections):
@@ -372,7 +440,7 @@ def _finetune(
     if checksum is None and data is not None and not training_set:
         checksum = data.checksum
     database = (feedback or {}).get("database")
-    base = recipe.rsplit("+", 1)[0] if recipe.endswith(("+feedback", "+finetune")) else None
+    base = finetune_base(recipe)
     # fine-tuned from the file at its own path (`finetune --out` into the folder it began from)
     replaced = False
     if source is not None and checkpoint is not None:
@@ -612,6 +680,8 @@ def _members_section(members: list[Any], meta: dict[str, Any]) -> Section:
 
 
 def to_markdown(sections: list[Section]) -> str:
+    """The card as Markdown (MODEL_CARD.md): the first title as # and the others as ##, paragraphs, a pipe table,
+    a bullet list."""
     lines: list[str] = []
     for index, section in enumerate(sections):
         lines += [("# " if index == 0 else "## ") + section.title, ""]
@@ -638,6 +708,8 @@ def _inline_html(text: str) -> str:
 
 
 def to_html(sections: list[Section]) -> str:
+    """The card as HTML for report.html: a <section class="model-card">, the first title as <h2> and the others as
+    <h3>."""
     parts = []
     for index, section in enumerate(sections):
         tag = "h2" if index == 0 else "h3"
@@ -665,10 +737,10 @@ _FLOAT_TYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "
 def stored_weights(checkpoint: Path) -> str | None:
     """The floating-point type(s) a safetensors checkpoint stores its weights in, from its header ("float16"
     after `calibrate --half`, which loading turns back into float32); None when the file does not say."""
-    from .checkpoint import _parse_header
+    from .checkpoint import parse_header
 
     try:
-        header, _ = _parse_header(checkpoint.read_bytes())
+        header, _ = parse_header(checkpoint.read_bytes())
     except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(header, dict):

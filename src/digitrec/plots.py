@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .checkpoint import atomic_write_bytes  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """PNG bytes written atomically. Every figure sets its own margins: `bbox_inches="tight"` or tight_layout()
     would draw it twice, which doubles the report's drawing time. zlib's fastest level saves about a tenth of
     the drawing time (encoding is part of it), for files about 10% larger."""
@@ -50,10 +50,10 @@ def curves(history: list[dict[str, float]], path: Path, label_smoothing: float =
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _grid(
+def image_grid(
     images: list[torch.Tensor], titles: list[str], colors: list[str], path: Path, columns: int = 12
 ) -> Path:
     """Images in one mosaic drawn by a single imshow (one axes per image costs about a second per figure)."""
@@ -70,7 +70,7 @@ def _grid(
         x, y = (k % columns) * cell_w + cell_w / 2, (k // columns) * cell_h + 7
         ax.text(x, y, title, ha="center", va="center", fontsize=8, color=color)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def samples(
@@ -79,7 +79,7 @@ def samples(
     """The first `count` test images with truth / prediction; wrong ones in red."""
     titles = [f"{int(labels[i])} / {int(predicted[i])}" for i in range(count)]
     colors = ["black" if labels[i] == predicted[i] else "red" for i in range(count)]
-    return _grid([images[i] for i in range(count)], titles, colors, path)
+    return image_grid([images[i] for i in range(count)], titles, colors, path)
 
 
 def mistakes(images: torch.Tensor, mistakes: list[dict[str, Any]], path: Path) -> Path:
@@ -87,13 +87,13 @@ def mistakes(images: torch.Tensor, mistakes: list[dict[str, Any]], path: Path) -
     if not mistakes:
         fig = plt.figure(figsize=(4, 1))
         fig.text(0.5, 0.5, "no mistakes", ha="center")
-        return _save(fig, path)
+        return save_figure(fig, path)
     # rounded down, and at most 99.9%: a mistake made at 0.9996 (or at a float32 softmax's 1.0) never reads "100%"
     titles = [
         f"{m['label']}→{m['predicted']} {min(99.9, math.floor(m['confidence'] * 1000) / 10):.1f}%"
         for m in mistakes
     ]
-    return _grid([images[m["index"]] for m in mistakes], titles, ["red"] * len(mistakes), path)
+    return image_grid([images[m["index"]] for m in mistakes], titles, ["red"] * len(mistakes), path)
 
 
 def confusion(matrix: list[list[int]], path: Path) -> Path:
@@ -126,4 +126,4 @@ def confusion(matrix: list[list[int]], path: Path) -> Path:
     bar.locator = MaxNLocator(integer=True)  # counts: no 0.5 or 1.5 ticks
     bar.update_ticks()
     fig.subplots_adjust(left=0.1, right=0.9, bottom=0.1, top=0.93)
-    return _save(fig, path)
+    return save_figure(fig, path)

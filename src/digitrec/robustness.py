@@ -2,14 +2,15 @@
 
 Every perturbation is applied to the MNIST test images at several strengths with a fixed seed, so two models
 (or two runs of this command) are scored on exactly the same perturbed images. Perturbed images are rounded
-back to 8 bits, as a real image file would be, and go through the same `predict_logits` as the test set.
+back to 8 bits, as a real image file would be, and go through the same `predict_logits` as the test set, with
+the model's recipe's evaluation settings (batch size, bfloat16, memory layout) and one view of each image.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from .augment import random_affine
 from .backends import OnnxBackend, is_onnx
+from .config import TrainConfig
 from .errors import DigitrecError
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # uint8 images (N, 28, 28) -> logits (N, 10)
@@ -25,6 +27,7 @@ Perturb = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]  # floa
 
 SEED = 0
 COVERAGES = (1.0, 0.99, 0.98, 0.95, 0.9, 0.8)  # the rows of the accuracy-vs-coverage table
+CURVE_POINTS = 50  # the coverage curve also has a row at every 1/50 (2%) of the images
 REPORT_IMAGES = 1000  # a run's report scores this many test images; `digitrec robustness` scores all of them
 
 
@@ -125,21 +128,23 @@ class Scored:
     temperature: float = 1.0
 
 
-def torch_scorer(
-    model: torch.nn.Module, batch_size: int = 500, amp: bool = False, channels_last: bool = False
-) -> Scorer:
-    """Scores with the model's own evaluation settings (bfloat16 and memory layout as its recipe evaluates)."""
-    from .evaluate import predict_logits
+def torch_scorer(model: torch.nn.Module, config: TrainConfig | None = None) -> Scorer:
+    """Scores with the model's own evaluation settings: `config`'s batch size, bfloat16 and memory layout, as
+    `digitrec evaluate` scores, but one view of each image (tta.py: the curves are of the images as perturbed)."""
+    from .evaluate import recipe_logits
+
+    single_view = replace(config or TrainConfig(), tta_views=1)
 
     def score(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return predict_logits(model, images, batch_size, amp, channels_last)
+            return recipe_logits(model, images, single_view)
 
     return score
 
 
-def load_scored(path: str | Path, name: str | None = None) -> Scored:
-    """A run folder, a .safetensors checkpoint or an exported .onnx file, ready to score."""
+def load_scored(path: str | Path) -> Scored:
+    """A run folder, a .safetensors checkpoint or an exported .onnx file, ready to score (a checkpoint the way
+    its recipe evaluates, one view each, so the clean row is `digitrec evaluate --tta-views 1`'s accuracy)."""
     from .checkpoint import load_model, model_file
     from .data import as_input
 
@@ -154,9 +159,9 @@ def load_scored(path: str | Path, name: str | None = None) -> Scored:
         meta, scorer = backend.meta, score_onnx
     else:
         model, meta = load_model(path)
-        scorer = torch_scorer(model)
-    default_name = path.parent.name if path.stem == "model" else path.stem
-    return Scored(name or default_name, str(path), scorer, float(meta.get("temperature", 1.0)))
+        scorer = torch_scorer(model, TrainConfig.from_checkpoint(meta, path))
+    name = path.parent.name if path.stem == "model" else path.stem
+    return Scored(name, str(path), scorer, float(meta.get("temperature", 1.0)))
 
 
 def load_all(paths: Sequence[str | Path]) -> list[Scored]:
@@ -171,7 +176,7 @@ def load_all(paths: Sequence[str | Path]) -> list[Scored]:
 
 
 def coverage_curve(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, points: int = 50
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
 ) -> list[dict[str, float]]:
     """Accuracy on the answers kept when the least confident ones are rejected, from keeping all down to 2%.
 
@@ -183,7 +188,9 @@ def coverage_curve(
     correct = (predicted == labels.long())[order].float().cumsum(0)
     n = len(order)
     rows = []
-    for coverage in sorted({*COVERAGES, *(i / points for i in range(1, points + 1))}, reverse=True):
+    for coverage in sorted(
+        {*COVERAGES, *(i / CURVE_POINTS for i in range(1, CURVE_POINTS + 1))}, reverse=True
+    ):
         kept = max(1, round(coverage * n))
         rows.append(
             {
@@ -267,7 +274,7 @@ def coverage_at(result: dict[str, Any], coverage: float) -> dict[str, float]:
 
 def plot(report: dict[str, Any], path: str | Path) -> Path:
     """One panel per perturbation (accuracy vs strength, the clean point included) and one of accuracy vs coverage; a line per model."""
-    from .plots import _save, plt
+    from .plots import plt, save_figure
 
     panels = len(report["perturbations"]) + 1
     columns = 3
@@ -302,7 +309,7 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"Accuracy under perturbation ({report['images']:,} MNIST test images)")
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.92, hspace=0.45, wspace=0.25)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def table(report: dict[str, Any]) -> str:
@@ -339,12 +346,9 @@ def write(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
 
 
 def for_report(
-    model: torch.nn.Module,
-    data: Any,
-    images: int = REPORT_IMAGES,
-    amp: bool = False,
-    channels_last: bool = False,
+    model: torch.nn.Module, data: Any, images: int = REPORT_IMAGES, config: TrainConfig | None = None
 ) -> dict[str, Any]:
-    """The run report's robustness section: every perturbation on the first `images` test images (a few seconds)."""
-    scored = Scored("this model", "", torch_scorer(model, amp=amp, channels_last=channels_last))
+    """The run report's robustness section: every perturbation on the first `images` test images (a few seconds),
+    scored the way `config`'s recipe evaluates, one view each."""
+    scored = Scored("this model", "", torch_scorer(model, config))
     return evaluate_robustness([scored], data.test_images[:images], data.test_labels[:images])

@@ -20,6 +20,7 @@ import torch
 from .checkpoint import load_tensors, read_checkpoint, recover_interrupted_write
 from .config import TrainConfig
 from .errors import CheckpointError, DigitrecError
+from .feedback import is_finetune
 from .folderlock import make_writable_folder
 from .optim import Optimizer
 
@@ -55,6 +56,8 @@ def refusing_damage(path: Path, config: TrainConfig) -> Iterator[None]:
 def load_optimizer(
     optimizer: Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any], trained: bool = True
 ) -> None:
+    """Put a checkpoint's optimizer state (its `optimizer.` tensors and `info`'s scalars and groups) back into
+    `optimizer`; ValueError when a `trained` stateful optimizer lacks some parameter's state."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -114,6 +117,8 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) -> None:
+    """Set the torch, CUDA, Python and NumPy generators to the states rng_state() saved (nothing for a checkpoint
+    without them)."""
     if not info or "rng.torch" not in tensors:  # a checkpoint from before they were saved
         return
     torch.set_rng_state(tensors["rng.torch"])
@@ -149,7 +154,7 @@ def read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, st
         raise CheckpointError(
             f"{last_path} is not a digitrec training checkpoint; start a new run without --resume."
         )
-    if _is_finetune(meta):
+    if is_finetune(meta):
         extra = meta.get("extra")
         source = (
             f" of {extra['finetuned_from']}" if isinstance(extra, dict) and "finetuned_from" in extra else ""
@@ -231,6 +236,8 @@ def make_run_folder(out_dir: Path) -> None:
 
 
 def remove_run_outputs(out_dir: Path) -> None:
+    """Delete the files a run writes (RUN_OUTPUTS) and its tensorboard/ folder from `out_dir`, so an earlier run's
+    outputs do not stay beside a new one's."""
     for name in RUN_OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)
     # --tensorboard's event files: the old run's curves
@@ -257,7 +264,7 @@ def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
         return
     if finished:
         return
-    if _is_finetune(meta):
+    if is_finetune(meta):
         if finetune:
             return
         raise CheckpointError(
@@ -284,13 +291,6 @@ def refuse_replacing_with_a_dry_run(out_dir: Path) -> None:
             f"{out_dir} holds a trained model, which a --dry-run would replace; choose another --out, or pass "
             "--overwrite to replace it."
         )
-
-
-def _is_finetune(meta: dict[str, Any]) -> bool:
-    extra = meta.get("extra")
-    return (isinstance(extra, dict) and "finetuned_from" in extra) or str(meta.get("recipe")).endswith(
-        ("+feedback", "+finetune")
-    )
 
 
 def _valid_state(state: dict[str, Any]) -> bool:

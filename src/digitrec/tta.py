@@ -54,6 +54,12 @@ def mean_log_probabilities(logits: np.ndarray, views: int) -> np.ndarray:
 
     In NumPy for the backends that run without torch; models.log_mean_probabilities is the torch one."""
     z = logits.reshape(views, -1, logits.shape[-1]).astype(np.float64)
-    z = z - z.max(axis=2, keepdims=True)
-    probabilities = np.exp(z) / np.exp(z).sum(axis=2, keepdims=True)
-    return np.log(probabilities.mean(axis=0)).astype(np.float32)
+    log_probabilities = z - _logsumexp(z, axis=2)
+    # log(mean(p)) as a logsumexp, like the torch twin: a probability that underflows in every view stays finite
+    return (_logsumexp(log_probabilities, axis=0) - np.log(views))[0].astype(np.float32)
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    """log(sum(exp(x))) along `axis` (kept, size 1), without overflow or underflow."""
+    top = x.max(axis=axis, keepdims=True)
+    return top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))

@@ -394,7 +394,7 @@ def summary_table(study: Any, top: int = 10) -> str:
 
 def plot(study: Any, path: Path) -> Path:
     """Validation accuracy per trial with the best so far, and against the learning rate."""
-    from .plots import _save, plt
+    from .plots import plt, save_figure
 
     rows = _rows(study)
     fig, (ax_trials, ax_lr) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
@@ -428,4 +428,4 @@ def plot(study: Any, path: Path) -> Path:
     for ax in (ax_trials, ax_lr):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
