@@ -144,6 +144,17 @@ def sum_across_ranks(values: list[torch.Tensor | float]) -> list[float]:
     return stacked.tolist()
 
 
+def gather_across_ranks(values: list[torch.Tensor | float]) -> list[list[float]]:
+    """Each rank's scalars (in float64, so that a float32 sum and a count come back exactly), in rank order."""
+    mine = [float(v) for v in values]
+    if not active():
+        return [mine]
+    tensor = torch.tensor(mine, dtype=torch.float64, device=_collective_device())
+    gathered = [torch.zeros_like(tensor) for _ in range(world_size())]
+    dist.all_gather(gathered, tensor)
+    return [t.tolist() for t in gathered]
+
+
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0's decision (to stop early, say), so that every rank leaves the loop at the same step."""
     if not active():
