@@ -380,15 +380,33 @@ def train(
             log(
                 f"bfloat16 autocast off: this {device.type} has no native bfloat16, so {recipe} runs in float32 (faster here)"
             )
-        # Every check that can refuse the run is behind us: only now is the folder touched.
-        if tensorboard:
-            need_extra("tensorboard", "--tensorboard")
+        # Every check that can refuse the run is behind us: only now is the folder touched (by rank 0, which alone
+        # can be refused here: every rank stops with it, and it says why).
+        writer = None
+        refused: DigitrecError | OSError | None = None
         if main:
-            make_run_folder(out_dir)  # under /proc or read-only: one sentence now, not after the first epoch
-            if not resume and holds_a_run(out_dir):  # a finished run replaced (or any run, with overwrite)
-                # its files go with it; a folder without a run keeps the user's files
-                remove_run_outputs(out_dir)
-        writer = _tensorboard_writer(out_dir) if tensorboard else None
+            try:
+                if tensorboard:
+                    need_extra("tensorboard", "--tensorboard")
+                # under /proc or read-only: one sentence now, not after the first epoch
+                make_run_folder(out_dir)
+                # a finished run replaced (or any run, with overwrite): its files go with it; a folder without a
+                # run keeps the user's files
+                if not resume and holds_a_run(out_dir):
+                    remove_run_outputs(out_dir)
+                writer = _tensorboard_writer(out_dir) if tensorboard else None
+            except (DigitrecError, OSError) as exc:
+                refused = exc
+        if distributed.broadcast_flag(refused is not None):
+            if joined:
+                del train_model  # as below: DDP holds the process group
+                gc.collect()
+                distributed.shutdown()
+            if refused is not None:
+                raise refused
+            # the others end as after a run, quietly: a rank that failed first would have torchrun kill rank 0
+            # before it said why
+            return Run(out_dir, config, {}, [])
 
         # -- what runs during training: the clock, checkpoints, the divergence check, the per-step work
         clock_started = time.perf_counter()  # the clock stops for checkpoints, history.json and on_epoch
@@ -462,7 +480,10 @@ def train(
         epochs_in_all = _epochs(total_steps, steps_per_epoch)
         # the sums of an epoch interrupted after a mid-epoch checkpoint: each rank goes on from its own, so that the
         # epoch's loss and accuracy add up as in a run that never stopped
-        epoch_so_far = _epoch_so_far(state, distributed.rank(), world_size, last_path)
+        # (a finished run trains no more: evaluated again on any number of processes)
+        epoch_so_far = (
+            (0.0, 0, 0) if evaluate_only else _epoch_so_far(state, distributed.rank(), world_size, last_path)
+        )
         try:
             while step < total_steps and not run_is_finished(state, config):
                 epoch = step // steps_per_epoch
@@ -564,6 +585,23 @@ def train(
         return Run(out_dir, config, metrics, state["history"])
 
 
+def refuse_new_run(
+    config: TrainConfig, out_dir: Path | None, dry_run: bool, overwrite: bool, finetune: bool
+) -> None:
+    """What refuses a new run into `out_dir` (None: a folder of its own), also checked by `--nproc` before
+    torchrun starts."""
+    # checked for new runs only: checkpoints of older versions may hold a patience without a split
+    if config.early_stopping_patience and not config.val_size:
+        raise DigitrecError(
+            "early stopping watches the validation accuracy, so it needs a validation split: add --val-size N "
+            "(val_size) or drop the patience."
+        )
+    if out_dir is not None and not overwrite:
+        refuse_unfinished_run(out_dir, finetune=finetune)
+        if dry_run:
+            refuse_replacing_with_a_dry_run(out_dir)
+
+
 def _start_or_resume(
     config: TrainConfig,
     out_dir: Path,
@@ -583,16 +621,7 @@ def _start_or_resume(
         if resume_device:
             config = config.override(device=resume_device)
         return config, recipe, state, tensors
-    # checked for new runs only: checkpoints of older versions may hold a patience without a split
-    if config.early_stopping_patience and not config.val_size:
-        raise DigitrecError(
-            "early stopping watches the validation accuracy, so it needs a validation split: add --val-size N "
-            "(val_size) or drop the patience."
-        )
-    if not overwrite:
-        refuse_unfinished_run(out_dir, finetune=finetune)
-        if dry_run:
-            refuse_replacing_with_a_dry_run(out_dir)
+    refuse_new_run(config, out_dir, dry_run, overwrite, finetune)
     state = {
         "step": 0,
         "history": [],
