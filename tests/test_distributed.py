@@ -118,17 +118,48 @@ def test_batch_sizes_that_change_training_are_refused(
         (["--batch-size", "3"], "--batch-size 3 does not split evenly over 2 processes"),
         (["--out", "UNFINISHED"], "holds an unfinished run"),
         (["--resume", "UNFINISHED", "--device", "cuda"], "device cuda was asked for"),
+        # these three rank 0 alone refused, once the workers had joined: its sentence, then rank 1's gloo traceback
+        # (or the sentence twice) and torchrun's log lines
+        (["--out", "/proc/digitrec-run"], "cannot write into the run folder /proc/digitrec-run"),
+        (["--tensorboard"], "--tensorboard needs the tensorboard extra"),
+        (["--dry-run", "--out", "TRAINED"], "holds a trained model, which a --dry-run would replace"),
+        (
+            ["--early-stopping-patience", "2", "--val-size", "0"],
+            "early stopping watches the validation accuracy",
+        ),
     ],
-    ids=["no-gpu", "no-data", "uneven-batch", "unfinished-folder", "resume-no-gpu"],
+    ids=[
+        "no-gpu",
+        "no-data",
+        "uneven-batch",
+        "unfinished-folder",
+        "resume-no-gpu",
+        "unwritable-folder",
+        "no-tensorboard",
+        "dry-run-over-a-trained-model",
+        "patience-without-split",
+    ],
 )
 def test_nproc_refuses_once_what_every_worker_would(tmp_path, monkeypatch, capsys, flags, refused):
     """These started torchrun, printed the sentence once per worker, then torchrun's 43-line traceback (exit 1)."""
     import torch
 
-    from digitrec.checkpoint import save_tensors
+    from digitrec.checkpoint import save_model, save_tensors
+    from digitrec.models import create_model
 
     if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
+    if "--tensorboard" in flags:
+        monkeypatch.setattr(
+            "digitrec.errors.find_spec", lambda name: None
+        )  # as where the extra is not installed
+    trained = tmp_path / "trained"
+    save_model(
+        trained / "model.safetensors",
+        create_model("fast_cnn"),
+        {"recipe": "fast", "config": {"arch": "fast_cnn"}, "metrics": {"test_accuracy": 0.99}},
+    )
+    flags = [str(trained) if flag == "TRAINED" else flag for flag in flags]
     unfinished = tmp_path / "run"
     save_tensors(
         unfinished / "last.safetensors",
@@ -157,6 +188,27 @@ def test_a_failing_worker_ends_torchrun_with_its_exit_status_and_no_traceback(tm
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=runkit.child_env())
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("digitrec: error: one sentence.") == 2
+
+
+def test_a_refusal_of_rank_0_after_the_workers_joined_is_one_sentence(tmp_path):
+    """Rank 0 alone makes the run folder: refused there (under /proc here), it said its sentence, rank 1 printed
+    a 40-line gloo traceback ("Connection closed by peer") and torchrun its E and W log lines. Now every rank
+    stops together, only rank 0 speaks, and run_torchrun quiets torchrun's lines as `--nproc` does."""
+    import os
+
+    from digitrec.distributed import torchrun_command
+
+    spec = {"out": "/proc/digitrec-run", "config": EQUIVALENT | {"epochs": 0.05}, "train_images": 600}
+    command = torchrun_command(2, [])
+    command = command[: command.index("-m")] + [runkit.command(spec)[1], json.dumps(spec)]
+    env = runkit.child_env() | {"LOGLEVEL": "CRITICAL", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "digitrec: error: cannot write into the run folder /proc/digitrec-run (No such file or directory); "
+        "choose another --out.\n"
+    ), result.stderr[-3000:]
+    assert not os.path.exists("/proc/digitrec-run")
 
 
 def test_nproc_inside_torchrun_is_refused(monkeypatch, capsys):
@@ -214,6 +266,16 @@ def test_the_workers_command_line_drops_nproc_in_both_spellings_and_nothing_else
     assert without_nproc(argv) == ["train", "--recipe", "fast", "--epochs", "2", "--out", "runs/nproc-2"]
     command = torchrun_command(3, ["train", "--recipe", "fast"])
     assert "--nproc-per-node=3" in command and command[-5:] == ["-m", "digitrec", "train", "--recipe", "fast"]
+
+
+def test_train_takes_no_abbreviated_flags(monkeypatch, capsys):
+    """`--npro 2`, a prefix argparse took for --nproc, stayed on the workers' command line (without_nproc strips
+    --nproc only), and torchrun printed its usage."""
+    monkeypatch.setattr("subprocess.Popen", None)  # torchrun must not start
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--npro", "2", "--recipe", "fast", "--dry-run"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --npro 2" in capsys.readouterr().err
 
 
 def test_each_rank_takes_its_own_gpu_only_under_torchrun(monkeypatch):

@@ -9,11 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from digitrec.errors import DigitrecError
 from digitrec.sweep import summary_table, sweep
+
+REAL_POPEN = subprocess.Popen
 
 
 def test_unknown_recipe_fails_before_any_run(tmp_path):
@@ -311,3 +314,69 @@ def test_a_sweep_stopped_before_any_job_finished_leaves_no_summary(tmp_path):
         parent.wait()
         parent.stderr.close()
     assert not (out / "summary.json").exists()
+
+
+def test_a_file_where_a_job_folder_goes_is_refused_before_any_job_starts(tmp_path, monkeypatch):
+    """The second job's start failed on it (mkdir: File exists), the first one already running."""
+    (tmp_path / "fast-seed1").write_text("x")
+    monkeypatch.setattr(subprocess, "Popen", None)  # no job may start
+    with pytest.raises(DigitrecError, match=r"fast-seed1 is a file, not a folder"):
+        sweep(["fast"], [0, 1], tmp_path, parallel=2, train_flags=["--epochs", "1"])
+
+
+def test_a_job_that_cannot_start_stops_and_waits_for_the_running_ones(tmp_path, monkeypatch):
+    """An error while starting a job ended the sweep (exit 2, its folder's lock released) while the jobs already
+    started went on running, each in a session of its own."""
+    started: list[subprocess.Popen] = []
+
+    def popen(command, **kwargs):
+        if started:
+            raise PermissionError(13, "Permission denied", "train.log")
+        started.append(REAL_POPEN([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr("digitrec.sweep.STOP_GRACE_SECONDS", 0.5)
+    try:
+        with pytest.raises(PermissionError):
+            sweep(["fast"], [0, 1], tmp_path, parallel=2, train_flags=["--epochs", "1"], log=lambda m: None)
+        assert started and started[0].poll() is not None  # stopped and waited for
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_a_job_that_ended_well_before_the_stop_is_a_finished_row(tmp_path, monkeypatch):
+    """Stopped before its exit was seen, a job that had finished was reported stopped, with a --resume hint."""
+    from digitrec import sweep as sweep_module
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, command, **kwargs):
+            out = Path(command[command.index("--out") + 1])
+            metrics = {"test_accuracy": 0.99, "test_loss": 0.05, "train_seconds": 1.0}
+            (out / "metrics.json").write_text(json.dumps(metrics))
+
+        def poll(self):
+            return 0
+
+        def wait(self):
+            return 0
+
+    def stop(seconds):
+        raise KeyboardInterrupt  # the stop arrives before the loop polls the jobs
+
+    lines: list[str] = []
+    monkeypatch.setattr(subprocess, "Popen", Finished)
+    monkeypatch.setattr(time, "sleep", stop)
+    with pytest.raises(sweep_module.SweepStopped):
+        sweep(["fast"], [0, 1], tmp_path, parallel=2, train_flags=["--epochs", "1"], log=lines.append)
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert [(row["seed"], row["ok"], row.get("stopped", False)) for row in rows] == [
+        (0, True, False),
+        (1, True, False),
+    ]
+    assert "finished fast-seed0: 99.00%" in lines and not any("stopped" in line for line in lines)

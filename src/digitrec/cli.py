@@ -1177,7 +1177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser(
-        "train", help="train a recipe and write a run folder (model, history, metrics, plots, report)"
+        "train",
+        help="train a recipe and write a run folder (model, history, metrics, plots, report)",
+        # --npro 2 (a prefix of --nproc) reached torchrun, which does not know it: flags are spelled out
+        allow_abbrev=False,
     )
     p.add_argument(
         "--recipe",

@@ -17,12 +17,13 @@ import subprocess
 import sys
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import DigitrecError
+from .errors import DigitrecError, need_extra
 
 # Below this many images per rank a batch's own statistics are noisy enough to cost accuracy, so batch norm
 # is synchronized across ranks (ImageNet-scale training keeps 32 per GPU unsynchronized).
@@ -144,6 +145,17 @@ def sum_across_ranks(values: list[torch.Tensor | float]) -> list[float]:
     return stacked.tolist()
 
 
+def gather_across_ranks(values: list[torch.Tensor | float]) -> list[list[float]]:
+    """Each rank's scalars (in float64, so that a float32 sum and a count come back exactly), in rank order."""
+    mine = [float(v) for v in values]
+    if not active():
+        return [mine]
+    tensor = torch.tensor(mine, dtype=torch.float64, device=_collective_device())
+    gathered = [torch.zeros_like(tensor) for _ in range(world_size())]
+    dist.all_gather(gathered, tensor)
+    return [t.tolist() for t in gathered]
+
+
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0's decision (to stop early, say), so that every rank leaves the loop at the same step."""
     if not active():
@@ -214,15 +226,29 @@ def run_torchrun(argv: list[str]) -> int:
 
     When a worker fails (it has printed its one sentence) torchrun raises ChildFailedError, and on Ctrl-C
     SignalException; uncaught, each printed a traceback of 27 to 43 lines and exited 1."""
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
+    # LOGLEVEL sets the level of torchrun's loggers made by elastic's get_logger only; the others (a worker's exit
+    # status, the SIGTERM sent to the rest) log through torch's handler at WARNING unless their parent says less
+    with contextlib.suppress(ValueError):
+        logging.getLogger("torch.distributed.elastic").setLevel(os.environ.get("LOGLEVEL", "WARNING").upper())
     try:
         main(argv)
     except ChildFailedError as exc:
-        _, failure = exc.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 1
+        failed_rank, failure = exc.get_first_failure()
+        if failure.exitcode > 0:  # the worker said why (its sentence, or its traceback)
+            return failure.exitcode
+        # killed by a signal (out of memory, say): nothing said it, since torchrun's own log lines are quiet
+        print(
+            f"digitrec: error: training process {failed_rank} was killed by {failure.signal_name()}; the run "
+            "stopped there (see README, Scaling out).",
+            file=sys.stderr,
+        )
+        return 1
     except SignalException as exc:
         return 128 + int(exc.sigval)
     return 0
@@ -239,6 +265,10 @@ def launch(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     # torchrun sets one thread per process when OMP_NUM_THREADS is unset; share the cores out instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    # torchrun's own log lines (a worker's exit status, the SIGTERM it sends the others) and c10d's warnings
+    # repeat what a worker's sentence said; run_torchrun says what no worker could (one killed by a signal)
+    env.setdefault("LOGLEVEL", "CRITICAL")
+    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     with contextlib.ExitStack() as stack:
         if not args.resume and not args.out:
             # one folder for all ranks, named now rather than by each worker's clock, and made now, so that another
@@ -259,8 +289,6 @@ def launch(args: argparse.Namespace) -> int:
 def _check_before_launch(args: argparse.Namespace) -> str:
     """What would fail in every worker (recipe, flags, device, data, run folder, batch size) fails here, once,
     as one sentence; returns the recipe's name. The data is found (or downloaded) once, before the workers."""
-    from pathlib import Path
-
     from . import folderlock, runfolder, training
     from .cli import training_config
     from .data import locate
@@ -275,9 +303,27 @@ def _check_before_launch(args: argparse.Namespace) -> str:
         recipe, config = training_config(args)
         if args.out:
             folderlock.refuse_a_folder_in_use(Path(args.out))
-        if args.out and not args.overwrite:
-            runfolder.refuse_unfinished_run(Path(args.out), finetune=False)
+        out = Path(args.out) if args.out else None  # None: a new folder of its own
+        training.refuse_new_run(config, out, args.dry_run, args.overwrite, finetune=False)
     training.resolve_device(config.device)
     training.check_batch_size(config, create_model(config.arch), args.nproc)
+    # what rank 0 alone would refuse once the workers have joined: said here, before they start
+    if args.tensorboard:
+        need_extra("tensorboard", "--tensorboard")
+    out = args.resume or args.out
+    if out:
+        _check_writable(Path(out))
     locate(args.data_dir, log=lambda message: print(message, file=sys.stderr))
     return recipe
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse a run folder no file can be written into (under /proc, read-only); one made for the check only
+    goes again (the workers make it)."""
+    from .runfolder import make_run_folder
+
+    existed = out.exists()
+    make_run_folder(out)
+    if not existed:
+        with contextlib.suppress(OSError):
+            out.rmdir()

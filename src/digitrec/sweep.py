@@ -19,6 +19,7 @@ from pathlib import Path
 from .checkpoint import atomic_write_json
 from .config import get_recipe
 from .errors import DigitrecError, refuse_repeats
+from .folderlock import refuse_a_file_in_the_way
 
 # Stopped, a sweep interrupts each running job as Ctrl-C would, then terminates and at last kills a job that is
 # still running after this many seconds each time.
@@ -71,6 +72,8 @@ def sweep(
     jobs = [Job(r, s, out / f"{r}-seed{s}") for r, s in itertools.product(recipes, seeds)]
     for job in jobs:  # what `digitrec train` would refuse (--epochs 0, --seeds -1) fails now, once
         _check_train_flags(job, train_flags or [])
+    for job in jobs:  # a file where a job's folder goes failed that job's start, with earlier jobs running
+        refuse_a_file_in_the_way(job.out)
     if check_data is not None:
         check_data()
     threads = max(1, (os.cpu_count() or 1) // parallel)  # share the cores instead of oversubscribing them
@@ -93,16 +96,15 @@ def sweep(
                     if process.poll() is not None:
                         del running[name]
                         rows.append(_row(job, finished=process.returncode == 0))
-                        log(
-                            f"finished {job.name}: "
-                            + (
-                                f"{rows[-1]['test_accuracy']:.2%}"
-                                if rows[-1]["ok"]
-                                else f"failed, see {job.out / 'train.log'}"
-                            )
-                        )
+                        log(f"finished {job.name}: " + _outcome(rows[-1], job))
         except KeyboardInterrupt as exc:
             signals.stopping = True  # a second signal hurries the jobs' end instead of abandoning them
+            # a job that ended well before the signal, not yet seen, finished: its row, not a --resume hint
+            for name, (job, process) in list(running.items()):
+                if process.poll() == 0:
+                    del running[name]
+                    rows.append(_row(job, finished=True))
+                    log(f"finished {job.name}: " + _outcome(rows[-1], job))
             _stop_jobs([process for _, process in running.values()], signals)
             stopped = [job for job, _ in running.values()]
             if stopped:
@@ -116,8 +118,16 @@ def sweep(
                 log(summary_table(rows))
                 log(f"summary of the jobs that finished: {out / 'summary.json'}")
             raise exc if isinstance(exc, SweepStopped) else SweepStopped(signal.SIGINT) from None
+        except BaseException:  # a job that could not start (a folder not writable, say): none is left running
+            signals.stopping = True
+            _stop_jobs([process for _, process in running.values()], signals)
+            raise
     _write_summary(out, rows, recipes)
     return rows
+
+
+def _outcome(row: dict, job: Job) -> str:
+    return f"{row['test_accuracy']:.2%}" if row["ok"] else f"failed, see {job.out / 'train.log'}"
 
 
 def _write_summary(out: Path, rows: list[dict], recipes: list[str]) -> None:

@@ -337,6 +337,7 @@ def train(
         dry_run = state["dry_run"]  # a dry run resumes as one
 
         # -- set-up: device and processes, data, model, steps
+        threads_note = _resume_threads(config, state, last_path) if resume else ""
         device = _set_up_device(config)
         joined = distributed.init_distributed(device)  # under torchrun; False in a single process
         main, world_size = distributed.is_main(), distributed.world_size()
@@ -346,7 +347,7 @@ def train(
         if evaluate_only:
             log(f"{out_dir} holds a finished {recipe} run: evaluating it again, without training")
         elif resume:
-            log(f"resuming {recipe} from step {state['step']} in {out_dir}")
+            log(f"resuming {recipe} from step {state['step']} in {out_dir}{threads_note}")
         data = data or load_mnist(log=log)
         train_images, train_labels, validation = _split(data, config, dry_run, device)
         if dry_run:  # the clean epochs too: a config's clean_epochs may not pass its epochs
@@ -379,15 +380,33 @@ def train(
             log(
                 f"bfloat16 autocast off: this {device.type} has no native bfloat16, so {recipe} runs in float32 (faster here)"
             )
-        # Every check that can refuse the run is behind us: only now is the folder touched.
-        if tensorboard:
-            need_extra("tensorboard", "--tensorboard")
+        # Every check that can refuse the run is behind us: only now is the folder touched (by rank 0, which alone
+        # can be refused here: every rank stops with it, and it says why).
+        writer = None
+        refused: DigitrecError | OSError | None = None
         if main:
-            make_run_folder(out_dir)  # under /proc or read-only: one sentence now, not after the first epoch
-            if not resume and holds_a_run(out_dir):  # a finished run replaced (or any run, with overwrite)
-                # its files go with it; a folder without a run keeps the user's files
-                remove_run_outputs(out_dir)
-        writer = _tensorboard_writer(out_dir) if tensorboard else None
+            try:
+                if tensorboard:
+                    need_extra("tensorboard", "--tensorboard")
+                # under /proc or read-only: one sentence now, not after the first epoch
+                make_run_folder(out_dir)
+                # a finished run replaced (or any run, with overwrite): its files go with it; a folder without a
+                # run keeps the user's files
+                if not resume and holds_a_run(out_dir):
+                    remove_run_outputs(out_dir)
+                writer = _tensorboard_writer(out_dir) if tensorboard else None
+            except (DigitrecError, OSError) as exc:
+                refused = exc
+        if distributed.broadcast_flag(refused is not None):
+            if joined:
+                del train_model  # as below: DDP holds the process group
+                gc.collect()
+                distributed.shutdown()
+            if refused is not None:
+                raise refused
+            # the others end as after a run, quietly: a rank that failed first would have torchrun kill rank 0
+            # before it said why
+            return Run(out_dir, config, {}, [])
 
         # -- what runs during training: the clock, checkpoints, the divergence check, the per-step work
         clock_started = time.perf_counter()  # the clock stops for checkpoints, history.json and on_epoch
@@ -404,7 +423,7 @@ def train(
             state["train_seconds"] += now - clock_started
             clock_started = now
 
-        def save_last(step: int, epoch_so_far: list[float] | None = None) -> None:
+        def save_last(step: int, epoch_so_far: list[list[float]] | None = None) -> None:
             nonlocal saved_at
             _save_last(
                 last_path,
@@ -447,20 +466,24 @@ def train(
             every = config.checkpoint_every_steps
             # a mid-epoch checkpoint; the epoch's last step has its own, after the epoch's row
             if every and (step + 1) % every == 0 and (step + 1) % steps_per_epoch:
-                # every rank takes part; rank 0 writes
-                epoch_so_far = distributed.sum_across_ranks(list(sums))
-                stop_if_diverged(step + 1, epoch_so_far[0])
+                # every rank takes part; rank 0 writes each rank's own sums, which a resumed rank goes on from
+                per_rank = distributed.gather_across_ranks(list(sums))
+                stop_if_diverged(step + 1, math.fsum(sums[0] for sums in per_rank))
                 if main:
                     count_train_time()
-                    save_last(step + 1, epoch_so_far)
+                    save_last(step + 1, per_rank)
 
         # -- the epoch loop
         bar = None
         step = state["step"]
         # what the progress bar and the epoch lines count to
         epochs_in_all = _epochs(total_steps, steps_per_epoch)
-        # the sums of an epoch interrupted after a mid-epoch checkpoint; global sums, so rank 0 carries them
-        epoch_so_far = tuple(state.get("epoch_so_far", (0.0, 0, 0))) if main else (0.0, 0, 0)
+        # the sums of an epoch interrupted after a mid-epoch checkpoint: each rank goes on from its own, so that the
+        # epoch's loss and accuracy add up as in a run that never stopped
+        # (a finished run trains no more: evaluated again on any number of processes)
+        epoch_so_far = (
+            (0.0, 0, 0) if evaluate_only else _epoch_so_far(state, distributed.rank(), world_size, last_path)
+        )
         try:
             while step < total_steps and not run_is_finished(state, config):
                 epoch = step // steps_per_epoch
@@ -562,6 +585,23 @@ def train(
         return Run(out_dir, config, metrics, state["history"])
 
 
+def refuse_new_run(
+    config: TrainConfig, out_dir: Path | None, dry_run: bool, overwrite: bool, finetune: bool
+) -> None:
+    """What refuses a new run into `out_dir` (None: a folder of its own), also checked by `--nproc` before
+    torchrun starts."""
+    # checked for new runs only: checkpoints of older versions may hold a patience without a split
+    if config.early_stopping_patience and not config.val_size:
+        raise DigitrecError(
+            "early stopping watches the validation accuracy, so it needs a validation split: add --val-size N "
+            "(val_size) or drop the patience."
+        )
+    if out_dir is not None and not overwrite:
+        refuse_unfinished_run(out_dir, finetune=finetune)
+        if dry_run:
+            refuse_replacing_with_a_dry_run(out_dir)
+
+
 def _start_or_resume(
     config: TrainConfig,
     out_dir: Path,
@@ -581,16 +621,7 @@ def _start_or_resume(
         if resume_device:
             config = config.override(device=resume_device)
         return config, recipe, state, tensors
-    # checked for new runs only: checkpoints of older versions may hold a patience without a split
-    if config.early_stopping_patience and not config.val_size:
-        raise DigitrecError(
-            "early stopping watches the validation accuracy, so it needs a validation split: add --val-size N "
-            "(val_size) or drop the patience."
-        )
-    if not overwrite:
-        refuse_unfinished_run(out_dir, finetune=finetune)
-        if dry_run:
-            refuse_replacing_with_a_dry_run(out_dir)
+    refuse_new_run(config, out_dir, dry_run, overwrite, finetune)
     state = {
         "step": 0,
         "history": [],
@@ -686,10 +717,61 @@ def _count_steps(
     return steps_per_epoch, total_steps
 
 
+def _epoch_so_far(
+    state: dict[str, Any], rank: int, world_size: int, last_path: Path
+) -> tuple[float, int, int]:
+    """(loss sum, correct, images) of `rank`'s part of the epoch before the checkpoint `state` is from. Checkpoints
+    from before the sums were saved per rank hold the global ones, which rank 0 carries."""
+    per_rank = state.get("epoch_so_far_ranks")
+    if per_rank is None:
+        return tuple(state.get("epoch_so_far", (0.0, 0, 0))) if rank == 0 else (0.0, 0, 0)  # type: ignore[return-value]
+    valid = (
+        isinstance(per_rank, list)
+        and len(per_rank) == world_size
+        and all(
+            isinstance(sums, list)
+            and len(sums) == 3
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in sums
+            )
+            for sums in per_rank
+        )
+    )
+    if not valid:
+        raise CheckpointError(
+            f"{last_path} holds epoch sums for another process count or of the wrong shape; it is damaged or "
+            "from another version, so start a new run."
+        )
+    loss, correct, seen = per_rank[rank]
+    return float(loss), int(correct), int(seen)
+
+
+def _resume_threads(config: TrainConfig, state: dict[str, Any], last_path: Path) -> str:
+    """Train a resumed run on the intra-op thread count it began on (a float sum's order, and so the weights,
+    depend on it), whatever this environment's default: set it unless `config.threads` does; the note the resume
+    line adds where the environment's count differs."""
+    recorded = state.get("threads")
+    if recorded is None or config.threads:  # older checkpoints do not say; a config's count is set anyway
+        return ""
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 1:
+        raise CheckpointError(
+            f"{last_path} records {recorded!r} threads; it is damaged or from another version, so start a new run."
+        )
+    environment = torch.get_num_threads()
+    if recorded == environment:
+        return ""
+    torch.set_num_threads(recorded)
+    per_process = " per process" if distributed.launched_world_size() > 1 else ""
+    return (
+        f", on {recorded} thread{'s' * (recorded != 1)}{per_process} as it began (this environment's default is "
+        f"{environment})"
+    )
+
+
 def _save_last(
     path: Path,
     step: int,
-    epoch_so_far: list[float] | None,
+    epoch_so_far: list[list[float]] | None,
     model: nn.Module,
     average: WeightAverage | None,
     optimizer: Optimizer,
@@ -699,16 +781,22 @@ def _save_last(
     extra_metadata: dict[str, Any] | None,
 ) -> None:
     """last.safetensors: model, optimizer and RNG tensors; its metadata holds the step, which fixes the data
-    position, the learning rate (a function of the step) and the per-step seeds. No GradScaler: autocast runs
+    position, the learning rate (a function of the step) and the per-step seeds, each rank's sums of the epoch so
+    far (`epoch_so_far`: one [loss, correct, images] per rank) and the thread count. No GradScaler: autocast runs
     in bfloat16, which needs no loss scaling."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if average is not None:
         tensors |= {f"average.{k}": v for k, v in average.model.state_dict().items()}
     optimizer_arrays, optimizer_info = optimizer_tensors(optimizer)
     rng_arrays, rng_info = rng_state()
+    per_rank = epoch_so_far or [[0.0, 0, 0] for _ in range(distributed.world_size())]
     position = {
         "step": step,
-        "epoch_so_far": epoch_so_far or [0.0, 0, 0],
+        # the epoch's global sums (what versions before the per-rank ones read), and each rank's
+        "epoch_so_far": [math.fsum(sums[i] for sums in per_rank) for i in range(3)],
+        "epoch_so_far_ranks": per_rank,
+        # intra-op threads per process: a resume sets them again (a float sum's order depends on them)
+        "threads": torch.get_num_threads(),
         "optimizer": optimizer_info,
         "rng": rng_info,
         "world_size": distributed.world_size(),  # a resume on another count would not continue exactly
@@ -773,7 +861,13 @@ def _test_and_write(
     if evaluate_only:  # killed after the last checkpoint said finished, history.json may lack the last epoch
         atomic_write_json(out_dir / "history.json", state["history"])
     best, best_meta = load_tensors(out_dir / "model.safetensors")
-    model.load_state_dict(best)
+    try:
+        model.load_state_dict(best)
+    except (KeyError, TypeError, ValueError, RuntimeError):  # copied in, or replaced by an ensemble
+        raise CheckpointError(
+            f"{out_dir / 'model.safetensors'} is not this run's {config.arch} model (another model was put in "
+            f"its place); put the run's own back, or train again with --overwrite."
+        ) from None
     eval_start = time.perf_counter()
     test_logits = recipe_logits(model, data.test_images.to(device), config)
     test_loss, test_accuracy = loss_and_accuracy(test_logits, data.test_labels)
