@@ -159,6 +159,17 @@ def test_calibrating_in_place_removes_the_exports_made_from_the_checkpoint_befor
     )
     assert (run / "model.onnx").exists() and not any(line.startswith("removed ") for line in said)
 
+    # written over another checkpoint (--out): the exports made from what that one held go, as in place
+    replaced = tmp_path / "replaced"
+    replaced.mkdir()
+    for path in (source, sidecar_path(source)):
+        shutil.copy(path, replaced / path.name)
+    export_onnx(replaced / "model.safetensors", log=lambda s: None)
+    said.clear()
+    calibrate_module.calibrate(checkpoint, count=4, out_path=replaced / "model.safetensors", log=said.append)
+    assert not (replaced / "model.onnx").exists()
+    assert [line for line in said if line.startswith(f"removed model.onnx from {replaced}: exported")]
+
 
 def test_the_printed_ece_says_when_the_validation_images_were_trained_on(
     tiny_fast_run, tiny_mnist, tmp_path, monkeypatch

@@ -384,7 +384,10 @@ def test_a_busy_port_or_unknown_host_is_one_sentence_before_the_model_loads(tmp_
         (["eval-real", "--count", "0"], "argument --count: '0' is not a whole number of at least 1"),
         (["bench", "infer", "--batch-sizes", "1,0"], "argument --batch-sizes: '0' is not a whole number"),
         (["bench", "train", "--seeds", "0"], "argument --seeds: '0' is not a whole number"),
-        (["bench", "infer", "--seconds", "nan"], "argument --seconds: 'nan' is not a number above 0"),
+        (["bench", "infer", "--seconds", "nan"], "argument --seconds: 'nan' is not a finite number above 0"),
+        # it timed each backend for ever
+        (["bench", "infer", "--seconds", "inf"], "argument --seconds: 'inf' is not a finite number above 0"),
+        (["bench", "train", "--max-epochs", "inf"], "argument --max-epochs: 'inf' is not a finite number"),
         (["train", "--nproc", "0"], "argument --nproc: '0' is not a whole number"),
         (["robustness", "m", "--limit", "-1"], "argument --limit: '-1' is not a whole number"),
         (["tune", "--trials", "0"], "argument --trials: '0' is not a whole number of at least 1"),
@@ -656,9 +659,14 @@ def test_ensemble_out_refuses_another_runs_folder_but_replaces_an_earlier_ensemb
     assert f"is in the run folder {run}, whose model card, report and metrics describe its own run" in err
     assert (run / "model.safetensors").read_bytes() == before
     ensemble = tmp_path / "ensemble"
-    for _ in range(2):  # the second time over the first one's folder
+    for _ in range(2):  # the second time over the first one's folder, whose export goes with it
         assert main(["ensemble", str(first), str(second), "--out", str(ensemble), *data]) == 0
+        assert not (ensemble / "model.onnx").exists()
+        assert main(["export", str(ensemble), *data]) == 0
     assert load_model(ensemble / "model.safetensors")[1]["arch"] == "ensemble"
+    assert f"removed model.onnx from {ensemble}: exported from model.safetensors before this ensemble" in (
+        capsys.readouterr().err
+    )
 
 
 def test_ensemble_out_refuses_members_on_different_test_time_views(

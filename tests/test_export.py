@@ -479,6 +479,73 @@ def test_an_export_whose_checkpoint_beside_it_changed_since_is_refused(
     )
 
 
+def test_a_stale_export_is_refused_from_any_folder_not_only_the_one_it_was_made_in(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export recorded its source as given (run/model.safetensors, relative): from any other folder that path
+    named nothing, the check was skipped, and predict and serve answered with the replaced model."""
+    import shutil
+
+    from digitrec.checkpoint import sidecar_path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for path in (tiny_checkpoint, sidecar_path(tiny_checkpoint)):
+        shutil.copy(path, run / path.name)
+    monkeypatch.chdir(tmp_path)
+    export_onnx(Path("run/model.safetensors"), Path("run/prod.onnx"), log=lambda msg: None)
+    model, meta = load_model(run / "model.safetensors")
+    save_model(run / "model.safetensors", model, {**meta, "temperature": 1.7})  # as calibrate writes it
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(DigitrecError, match="before that checkpoint changed"):
+        Predictor.load(run / "prod.onnx")
+
+
+def _with_signature(
+    exported: Path, out: Path, batch: int | None = None, input_name: str | None = None
+) -> Path:
+    """The export with its batch size fixed, or its input renamed, its metadata kept."""
+    import onnx
+
+    graph = onnx.load(str(exported))
+    if batch is not None:
+        for value in [*graph.graph.input, *graph.graph.output]:
+            value.type.tensor_type.shape.dim[0].dim_value = batch
+    if input_name is not None:
+        old = graph.graph.input[0].name
+        graph.graph.input[0].name = input_name
+        for node in graph.graph.node:
+            node.input[:] = [input_name if name == old else name for name in node.input]
+    onnx.save(graph, str(out))
+    return out
+
+
+def test_an_onnx_model_that_does_not_take_what_our_exports_take_is_one_sentence(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """An export changed after `digitrec export` (its batch fixed to 1 for a phone, say) stopped a folder's
+    predict with ONNX Runtime's traceback; another input name stopped every call."""
+    exported = export_onnx(tiny_checkpoint, tmp_path / "model.onnx", log=lambda msg: None).path
+    for changed, says in [
+        (_with_signature(exported, tmp_path / "one.onnx", batch=1), "pixels tensor(float) [1, 1, 28, 28]"),
+        (_with_signature(exported, tmp_path / "x.onnx", input_name="x"), "takes x tensor(float)"),
+    ]:
+        with pytest.raises(DigitrecError) as refused:
+            OnnxBackend(changed)
+        assert str(refused.value).startswith(f"ONNX model {changed} takes ") and says in str(refused.value)
+        assert str(refused.value).endswith("export the model again with `digitrec export`.")
+
+
+def test_an_int8_drop_of_exactly_the_allowed_images_passes() -> None:
+    """10 of 10,000 images lost is 0.1 point, which is allowed: the fractions' difference (0.0010000000000000009)
+    said it was more (`export --int8` refused 'costs 0.10 points ... (more than 0.1)')."""
+    from digitrec.export import costs_too_much
+
+    assert not costs_too_much(3479 / 10000, 3469 / 10000, 10000, 0.001)
+    assert costs_too_much(3479 / 10000, 3468 / 10000, 10000, 0.001)
+    assert not costs_too_much(0.5, 0.5, 300, 0.001) and costs_too_much(0.5, 299 / 600, 600, 0.001)
+
+
 @pytest.mark.parametrize("use", ["export", "predict", "evaluate", "load"])
 def test_the_pair_classifier_is_named_as_reads_not_an_unknown_architecture(
     use: str, tmp_path: Path, idx_folder: Path, capsys: pytest.CaptureFixture

@@ -113,13 +113,17 @@ def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
     import hashlib
 
     export = meta.get("export")
-    source = export.get("source_checkpoint") if isinstance(export, dict) else None
-    digest = export.get("source_sha256") if isinstance(export, dict) else None
+    if not isinstance(export, dict):
+        return
+    source, digest = export.get("source_checkpoint"), export.get("source_sha256")
     if not isinstance(source, str) or not source or not isinstance(digest, str):
         return
     checkpoint = path.parent / Path(source).name
+    # the absolute path (exports since 2026-12-06): the one as given may be relative to another folder than ours
+    resolved = export.get("source_checkpoint_resolved")
+    recorded = resolved if isinstance(resolved, str) and resolved else source
     try:
-        if not checkpoint.samefile(source):  # another folder's model.safetensors beside a copied export
+        if not checkpoint.samefile(recorded):  # another folder's model.safetensors beside a copied export
             return
         data = checkpoint.read_bytes()
     except OSError:  # none beside it, or the recorded one is gone (an export kept elsewhere), or a folder
@@ -158,15 +162,38 @@ class OnnxBackend:
         self.session = onnx_session(model, threads=self.threads, spin=self.spin, name=str(self.path))
         self.model = model  # what a pickle carries: this model, whatever the file holds by then
         self.meta: dict[str, Any] = session_metadata(self.session)
+        self._refuse_another_signature()
         self._one = self._bind_one()
 
-    def _bind_one(self) -> tuple[Any, np.ndarray, np.ndarray, threading.Lock] | None:
+    def _refuse_another_signature(self) -> None:
+        """Refuse, in one sentence, a graph that does not take and give what `digitrec export` writes: its metadata
+        copied onto another model, or an export changed since (its batch fixed to 1 for a phone: a folder then
+        stopped with ONNX Runtime's traceback; 784 outputs were read as 784 digits)."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        shape = list(inputs[0].shape) if len(inputs) == 1 else []
+        takes = (
+            len(inputs) == 1
+            and inputs[0].name == INPUT_NAME
+            and inputs[0].type == "tensor(float)"
+            and len(shape) == 4
+            and not isinstance(shape[0], int)  # any batch size
+            and shape[1:] == [1, 28, 28]
+        )
+        gives = len(outputs) == 1 and len(outputs[0].shape) == 2 and outputs[0].shape[-1] == 10
+        if not (takes and gives):
+            found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            made = ", ".join(f"{o.name} {o.shape}" for o in outputs)
+            raise DigitrecError(
+                f"ONNX model {self.path} takes {found} and gives {made}, not what a digitrec export does "
+                f"({INPUT_NAME} float32 [N, 1, 28, 28] for any N, logits [N, 10]); export the model again with "
+                "`digitrec export`."
+            )
+
+    def _bind_one(self) -> tuple[Any, np.ndarray, np.ndarray, threading.Lock]:
         """For one image, an I/O binding to buffers allocated once: ONNX Runtime then reads the pixels and
         writes the logits in place, without the per-call allocations of session.run (about a fifth of a
-        batch-1 call here). None when the output's class count is not fixed in the graph."""
-        classes = self.session.get_outputs()[0].shape[-1]
-        if not isinstance(classes, int):
-            return None
+        batch-1 call here)."""
+        classes = 10  # _refuse_another_signature made sure
         pixels, logits = np.zeros((1, 1, 28, 28), np.float32), np.zeros((1, classes), np.float32)
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_NAME, pixels)
@@ -186,7 +213,7 @@ class OnnxBackend:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(batch, dtype=np.float32).reshape(-1, 1, 28, 28)
-        if len(pixels) == 1 and self._one is not None:
+        if len(pixels) == 1:
             binding, bound_pixels, bound_logits, lock = self._one
             with lock:
                 bound_pixels[...] = pixels

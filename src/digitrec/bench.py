@@ -407,13 +407,14 @@ def _check_int8(
 ) -> None:
     """Say the test accuracy of an int8 runner beside float32's; refuse one that loses more than `max_drop`."""
     from .evaluate import fraction_correct, predict_logits
+    from .export import costs_too_much
 
     pixels = as_input(images).numpy()
     logits = np.concatenate([np.asarray(run(pixels[i : i + 1024])) for i in range(0, len(pixels), 1024)])
     quantized = fraction_correct(torch.from_numpy(logits.argmax(1)), labels)
     reference = fraction_correct(predict_logits(model, images).argmax(1), labels)
     log(f"{name}: test accuracy {quantized:.2%} (float32 {reference:.2%})")
-    if reference - quantized > max_drop:
+    if costs_too_much(reference, quantized, len(labels), max_drop):
         raise DigitrecError(
             f"{name} costs {100 * (reference - quantized):.2f} points of test accuracy "
             f"(more than {100 * max_drop:.1f}); leave it out of --backends."

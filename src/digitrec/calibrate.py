@@ -159,21 +159,22 @@ def calibrate(
         },
     }
     tensors = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
-    source = model_file(model_path)
     written = model_file(out_path or model_path)
-    in_place = written.resolve() == source.resolve()
-    before = hashlib.sha256(source.read_bytes()).hexdigest() if in_place else ""
+    # in place, or over another checkpoint (--out): the exports made from what it held go with it
+    before = hashlib.sha256(written.read_bytes()).hexdigest() if written.is_file() else ""
     save_tensors(written, tensors, {**meta, **calibration})
-    if in_place and hashlib.sha256(source.read_bytes()).hexdigest() != before:
-        remove_stale_exports(source, before, log)
+    if before and hashlib.sha256(written.read_bytes()).hexdigest() != before:
+        remove_stale_exports(written, before, log)
     return calibration
 
 
-def remove_stale_exports(checkpoint: Path, digest: str, log: Callable[[str], None] = print) -> list[Path]:
+def remove_stale_exports(
+    checkpoint: Path, digest: str, log: Callable[[str], None] = print, by: str = "this calibration"
+) -> list[Path]:
     """Remove the ONNX exports `digitrec export` writes beside `checkpoint` by default (model.onnx and
-    model.int8.onnx) when they were made from the checkpoint whose SHA-256 was `digest`, before it was rewritten in
-    place: they would go on answering with the old temperature and reject threshold. Says so in one line; returns
-    what it removed. An export under another name is the user's to keep (loading it beside the new checkpoint is
+    model.int8.onnx) when they were made from the checkpoint whose SHA-256 was `digest`, before it was rewritten
+    (`by` a calibration, or an ensemble saved over it): they would go on answering with the old model, temperature
+    and reject threshold. Says so in one line; returns what it removed. An export under another name is the user's to keep (loading it beside the new checkpoint is
     refused: backends.refuse_stale_export)."""
     from .backends import export_source_sha256
 
@@ -185,8 +186,8 @@ def remove_stale_exports(checkpoint: Path, digest: str, log: Callable[[str], Non
     if removed:
         names = " and ".join(path.name for path in removed)
         log(
-            f"removed {names} from {checkpoint.parent}: exported from {checkpoint.name} before this calibration, "
-            f"{'they' if len(removed) > 1 else 'it'} kept its old temperature and reject threshold; "
+            f"removed {names} from {checkpoint.parent}: exported from {checkpoint.name} before {by}, "
+            f"{'they' if len(removed) > 1 else 'it'} would answer as the model it replaced; "
             f"`digitrec export {checkpoint}` (with --int8 for the int8 one) writes them again."
         )
     return removed

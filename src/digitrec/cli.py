@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -148,7 +150,7 @@ def _real_number(accepts: Callable[[float], bool], complaint: str) -> Callable[[
 
 # A confidence threshold, and seconds or epochs.
 _probability = _real_number(lambda x: 0 <= x <= 1, "is not a probability; use a number from 0 to 1")
-_positive_float = _real_number(lambda x: x > 0, "is not a number above 0")
+_positive_float = _real_number(lambda x: 0 < x < math.inf, "is not a finite number above 0")
 
 
 def _batch_sizes(value: str) -> list[int]:
@@ -385,8 +387,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _refuse_one_model_twice(names: list[str], because: str) -> None:
     """Refuse MODEL arguments that name one model twice, judged by contents: two spellings of one path, a link
     or a copy are one model. `because` says, after "X and Y are the same model", why that is a mistake."""
-    import hashlib
-
     seen: dict[str, str] = {}
     for name in names:
         path = _model_path(name)
@@ -463,7 +463,13 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         # the file's own figures, as `digitrec evaluate` gives them: it runs every member on its first member's
         # batch size and precision, and averages any test-time views after the vote, not before it
         saved, _ = evaluate_model(model, data, TrainConfig.from_checkpoint(meta, args.out))
+        # an earlier ensemble replaced: the exports made from it go too
+        replaced = hashlib.sha256(args.out.read_bytes()).hexdigest() if args.out.is_file() else None
         save_model(args.out, model, meta | {"metrics": {k: saved[k] for k in ("test_accuracy", "test_loss")}})
+        if replaced is not None:
+            from .calibrate import remove_stale_exports
+
+            remove_stale_exports(args.out, replaced, _stderr, by="this ensemble was saved over it")
         _stderr(f"wrote {args.out}; run `digitrec calibrate {args.out}` before predicting with it")
         if saved["errors"] != metrics["errors"]:
             _stderr(
