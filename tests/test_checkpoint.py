@@ -123,6 +123,20 @@ def test_wrong_architecture_is_refused(tmp_path):
         load_model(path)
 
 
+@pytest.mark.parametrize("version", [2, "1", True])
+def test_a_checkpoint_of_another_format_version_is_refused(tmp_path, version):
+    """`format_version` was written into every checkpoint and never read: one of format 2 was loaded, resumed and
+    trained as if it were format 1."""
+    path = tmp_path / "model.safetensors"
+    save_model(path, create_model("lenet"), {"arch": "lenet", "format_version": version})
+    with pytest.raises(CheckpointError) as refused:
+        load_model(path)
+    assert str(refused.value) == (
+        f"checkpoint {path} is in format {version!r} of digitrec checkpoints, and this digitrec reads format 1; "
+        "load it with the digitrec that wrote it (a newer one, most likely)."
+    )
+
+
 def test_written_files_get_the_usual_permissions(saved):
     path, _ = saved
     mask = os.umask(0)

@@ -222,6 +222,14 @@ def read_checkpoint(path: str | Path) -> tuple[bytes, dict[str, Any]]:
             )
     if changed:  # after the side file's check, whose sentence names the side file
         raise CheckpointError(changed)
+    version = meta.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION or isinstance(
+        version, bool
+    ):  # read as if it were ours, it trained and loaded
+        raise CheckpointError(
+            f"checkpoint {path} is in format {version!r} of digitrec checkpoints, and this digitrec reads format "
+            f"{FORMAT_VERSION}; load it with the digitrec that wrote it (a newer one, most likely)."
+        )
     return data, meta
 
 
