@@ -137,6 +137,20 @@ def test_a_checkpoint_of_another_format_version_is_refused(tmp_path, version):
     )
 
 
+def test_the_same_model_saved_again_is_the_same_file(tmp_path):
+    """safetensors wrote its metadata in a hash map's order, which changed from save to save: the same model saved
+    twice gave two files, two SHA-256s (and an ensemble saved again over itself removed its exports as stale)."""
+    path = tmp_path / "model.safetensors"
+    model = create_model("lenet")
+    digests = set()
+    for _ in range(12):
+        save_model(path, model, {"arch": "lenet", "recipe": "seed-lenet", "note": "café"})
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    tensors, meta = load_tensors(path)
+    assert meta["note"] == "café" and tensors.keys() == model.state_dict().keys()
+
+
 def test_written_files_get_the_usual_permissions(saved):
     path, _ = saved
     mask = os.umask(0)

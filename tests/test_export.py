@@ -499,6 +499,16 @@ def test_a_stale_export_is_refused_from_any_folder_not_only_the_one_it_was_made_
     monkeypatch.chdir(tmp_path.parent)
     with pytest.raises(DigitrecError, match="before that checkpoint changed"):
         Predictor.load(run / "prod.onnx")
+    # the project moved (its absolute path names nothing now), used from its new place as before: still refused
+    monkeypatch.chdir(tmp_path)
+    export_onnx(Path("run/model.safetensors"), Path("run/prod.onnx"), log=lambda msg: None)
+    (tmp_path / "project").mkdir()
+    run.rename(tmp_path / "project" / "run")
+    model, meta = load_model(tmp_path / "project" / "run" / "model.safetensors")
+    save_model(tmp_path / "project" / "run" / "model.safetensors", model, {**meta, "temperature": 2.5})
+    monkeypatch.chdir(tmp_path / "project")
+    with pytest.raises(DigitrecError, match="before that checkpoint changed"):
+        Predictor.load(Path("run/prod.onnx"))
 
 
 def _with_signature(

@@ -604,15 +604,25 @@ def test_folders_expand_to_their_images_only(tmp_path):
 
 def test_a_folders_images_without_a_suffix_are_read_by_their_first_bytes(tmp_path):
     """An app that saves photos as "IMG_0001" (no suffix) left a folder of them "no images found": a file
-    without a suffix is now an image when it begins as one, as a file named directly is read by its bytes."""
-    (tmp_path / "IMG_0001").write_bytes(_saved_as("JPEG"))
-    (tmp_path / "scan").write_bytes(_saved_as("PNG"))
-    (tmp_path / "README").write_bytes(b"not an image")
-    (tmp_path / "icon").write_bytes(_saved_as("ICO"))  # a format digitrec does not read
-    (tmp_path / "pipe").mkdir()  # a folder named without a suffix is still not searched
-    os.mkfifo(tmp_path / "fifo")  # never opened: it would wait for a writer
-    assert [p.name for p in expand_paths([tmp_path])] == ["IMG_0001", "scan"]
-    assert preprocess(tmp_path / "IMG_0001").shape[-2:] == (28, 28)
+    without a suffix is now an image when it begins as one, as a file named directly is read by its bytes, and
+    one in a format digitrec does not read is reported as a suffixed one is."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "IMG_0001").write_bytes(_saved_as("JPEG"))
+    (photos / "scan").write_bytes(_saved_as("PNG"))
+    (photos / "README").write_bytes(b"not an image")
+    (photos / "icon").write_bytes(_saved_as("ICO"))  # a format digitrec does not read: reported as refused
+    (photos / "IMG_0002").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))  # an iPhone's: unreadable
+    (photos / "pipe").mkdir()  # a folder named without a suffix is still not searched
+    os.mkfifo(photos / "fifo")  # never opened: it would wait for a writer
+    unreadable: list[Path] = []
+    refused: list[Path] = []
+    assert [p.name for p in expand_paths([photos], unreadable, refused)] == ["IMG_0001", "scan"]
+    assert [p.name for p in unreadable] == ["IMG_0002"] and [p.name for p in refused] == ["icon"]
+    assert preprocess(photos / "IMG_0001").shape[-2:] == (28, 28)
+    subfolders: list[Path] = []  # a folder of such photos inside the given one is named as skipped
+    expand_paths([tmp_path], subfolders=subfolders)
+    assert subfolders == [photos]
 
 
 def test_a_heic_photo_is_named_as_such(tmp_path):

@@ -119,14 +119,16 @@ def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
     if not isinstance(source, str) or not source or not isinstance(digest, str):
         return
     checkpoint = path.parent / Path(source).name
-    # the absolute path (exports since 2026-12-06): the one as given may be relative to another folder than ours
+    # The path as given (perhaps relative, to the folder export ran in) and, in exports since 2026-12-06, the
+    # absolute one: the checkpoint beside the export is its source if it is either (the absolute one from any
+    # folder; the relative one where the folder was moved or renamed, with the export in it).
     resolved = export.get("source_checkpoint_resolved")
-    recorded = resolved if isinstance(resolved, str) and resolved else source
+    recorded = [source] + ([resolved] if isinstance(resolved, str) and resolved else [])
+    if not any(_same_file(checkpoint, other) for other in recorded):
+        return  # none beside it, or another folder's beside a copied export, or the recorded one is gone
     try:
-        if not checkpoint.samefile(recorded):  # another folder's model.safetensors beside a copied export
-            return
         data = checkpoint.read_bytes()
-    except OSError:  # none beside it, or the recorded one is gone (an export kept elsewhere), or a folder
+    except OSError:  # a folder, say
         return
     if hashlib.sha256(data).hexdigest() != digest:
         raise DigitrecError(
@@ -134,6 +136,13 @@ def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
             "calibrated or trained again), so it would answer with the old model's confidences and threshold; "
             f"export it again with `digitrec export {checkpoint}` (--int8 for an int8 one)."
         )
+
+
+def _same_file(a: Path, b: str) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 class OnnxBackend:

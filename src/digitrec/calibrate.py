@@ -84,8 +84,8 @@ def calibrate(
 ) -> dict[str, Any]:
     """Fit T on the MNIST validation split (held out only where the recipe's val_size is not 0), choose the
     reject threshold on generated calibration photos, and write both into the checkpoint's metadata (in place, or
-    to `out_path`). In place, the ONNX exports beside the checkpoint that were made from it before are removed
-    (`remove_stale_exports`), with one line said.
+    to `out_path`). In place, or over another checkpoint at `out_path`, the ONNX exports beside the checkpoint
+    written that were made from what it held before are removed (`remove_stale_exports`), with one line said.
 
     `half` stores the weights as float16 (loading converts them back): how the bundled model stays
     under 2 MB with no measurable change in its predictions. `data_dir` is where MNIST is looked for first

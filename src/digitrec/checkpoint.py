@@ -120,13 +120,24 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     unchecked = save(tensors, metadata=metadata)
     header, start = parse_header(unchecked)
     digest = content_sha256(header, memoryview(unchecked)[start:])
-    data = save(tensors, metadata={**metadata, CHECKSUM_KEY: digest})
+    data = _sorted_header(save(tensors, metadata={**metadata, CHECKSUM_KEY: digest}))
     # the tensors' layout does not depend on the metadata: check that it did not move
     header, start = parse_header(data)
     if content_sha256(header, memoryview(data)[start:]) != digest:
         raise RuntimeError("safetensors laid the tensors out differently with the checksum in the header")
     side = json.dumps({**meta, "sha256": hashlib.sha256(data).hexdigest()}, indent=2) + "\n"
     atomic_write_files({Path(path): data, sidecar_path(path): side.encode("utf-8")})
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its header's keys in sorted order. safetensors writes the metadata in a hash
+    map's order, which changes from save to save: the same model saved twice gave two files (two SHA-256s, and an
+    ensemble saved again over itself removed its exports as stale). The tensor data and its offsets stay; the
+    header is padded with spaces to a multiple of 8 bytes, as safetensors pads it."""
+    header, start = parse_header(data)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[start:]
 
 
 STALE_SECONDS = 120  # a temporary this old belongs to no live writer: its writer crashed or was killed

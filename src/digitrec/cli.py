@@ -151,6 +151,7 @@ def _real_number(accepts: Callable[[float], bool], complaint: str) -> Callable[[
 # A confidence threshold, and seconds or epochs.
 _probability = _real_number(lambda x: 0 <= x <= 1, "is not a probability; use a number from 0 to 1")
 _positive_float = _real_number(lambda x: 0 < x < math.inf, "is not a finite number above 0")
+_positive_or_inf = _real_number(lambda x: x > 0, "is not a number above 0")  # inf: no cap
 
 
 def _batch_sizes(value: str) -> list[int]:
@@ -466,7 +467,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         # an earlier ensemble replaced: the exports made from it go too
         replaced = hashlib.sha256(args.out.read_bytes()).hexdigest() if args.out.is_file() else None
         save_model(args.out, model, meta | {"metrics": {k: saved[k] for k in ("test_accuracy", "test_loss")}})
-        if replaced is not None:
+        if replaced is not None and hashlib.sha256(args.out.read_bytes()).hexdigest() != replaced:
             from .calibrate import remove_stale_exports
 
             remove_stale_exports(args.out, replaced, _stderr, by="this ensemble was saved over it")
@@ -698,7 +699,7 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
         (refused, "digitrec reads PNG, JPEG, BMP, GIF, TIFF and WebP only"),
     ):
         if skipped:
-            kinds = "/".join(sorted({p.suffix.upper().lstrip(".") for p in skipped}))
+            kinds = "/".join(sorted({p.suffix.upper().lstrip(".") or "suffix-less" for p in skipped}))
             _stderr(
                 f"digitrec: skipped {len(skipped)} {kinds} file(s) such as {skipped[0]}: {why}; "
                 "save them as JPEG or PNG first."
@@ -1585,7 +1586,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stop-at-target", action="store_true", help="stop each run once it reaches the target")
     q.add_argument(
         "--max-epochs",
-        type=_positive_float,
+        type=_positive_or_inf,
         help="cap every recipe's epochs (for a quick look at slow recipes)",
     )
     q.add_argument(

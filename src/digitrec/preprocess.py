@@ -1136,7 +1136,8 @@ def expand_paths(
     """Folders expand to the image files inside them (sorted, not recursive); files stay as given, in order.
 
     A folder's image files are known by their suffix, and a file without one (a photo saved by an app that names
-    files "IMG_0001") by its first bytes, as a file named directly is read: such a photo is not skipped unseen.
+    files "IMG_0001") by its first bytes, as a file named directly is read: such a photo is read, or reported in
+    `unreadable` or `refused` as a suffixed one would be, never skipped unseen.
 
     A folder's photos in formats Pillow does not read (UNREADABLE_PHOTO_SUFFIXES) go into `unreadable`, its
     images in the formats Pillow knows and digitrec refuses (TGA, ICO, ...) into `refused`, and its own folders
@@ -1159,11 +1160,15 @@ def expand_paths(
             is_folder = [_is_dir(p) for p in entries]  # one stat() each, as is_file() was: not one per list
             folders = [p for p, folder in zip(entries, is_folder, strict=True) if folder]
             files = [p for p, folder in zip(entries, is_folder, strict=True) if not folder]
-            expanded.extend(p for p in files if is_image_file(p) or (not p.suffix and _holds_an_image(p)))
+            # a file without a suffix, by its first bytes: "image", "unreadable", "refused" or None (no image)
+            sniffed = {p: _sniffed(p) for p in files if not p.suffix}
+            expanded.extend(p for p in files if is_image_file(p) or sniffed.get(p) == "image")
             if unreadable is not None:
-                unreadable.extend(p for p in files if is_unreadable_photo(p))
+                unreadable.extend(
+                    p for p in files if is_unreadable_photo(p) or sniffed.get(p) == "unreadable"
+                )
             if refused is not None:
-                refused.extend(p for p in files if is_refused_image(p))
+                refused.extend(p for p in files if is_refused_image(p) or sniffed.get(p) == "refused")
             if subfolders is not None:
                 subfolders.extend(p for p in folders if _holds_images(p))
         else:
@@ -1171,20 +1176,29 @@ def expand_paths(
     return expanded
 
 
-def _holds_an_image(path: Path) -> bool:
-    """Is it a plain file that begins as an image in a format digitrec reads? (Pillow reads the header, not the
-    pixels; a pipe is never opened, it would wait for a writer.)"""
+def _sniffed(path: Path) -> str | None:
+    """What a file without a suffix holds, by its first bytes: "image" (a format digitrec reads), "unreadable" (a
+    photo Pillow cannot read: HEIC, ...), "refused" (a format Pillow knows and digitrec does not read: ICO, ...),
+    or None (no image, or not a plain file: a pipe is never opened, it would wait for a writer). Pillow reads
+    the header, never the pixels."""
     try:
         if not path.is_file():
-            return False
+            return None
         with warnings.catch_warnings():
             quiet_pillow()
             with Image.open(path, formats=IMAGE_FORMATS):
-                return True
+                return "image"
     except Image.DecompressionBombError:  # an image: reading it says it is too large
-        return True
-    except Exception:  # noqa: BLE001 - not an image, or not a readable file: skipped like any other
-        return False
+        return "image"
+    except Exception:  # noqa: BLE001 - not one digitrec reads: another format, or no image
+        pass
+    if _photo_format(path) is not None:
+        return "unreadable"
+    try:
+        with path.open("rb") as fp:
+            return "refused" if _other_format(fp) is not None else None
+    except OSError:
+        return None
 
 
 def _is_dir(path: Path) -> bool:
@@ -1200,6 +1214,9 @@ def _holds_images(folder: Path) -> bool:
     if folder.name.startswith("."):
         return False
     try:
-        return any(is_image_file(p) and not _is_dir(p) for p in folder.iterdir())
+        return any(
+            (is_image_file(p) or (not p.suffix and _sniffed(p) == "image")) and not _is_dir(p)
+            for p in folder.iterdir()
+        )
     except OSError:
         return False
