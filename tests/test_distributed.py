@@ -268,6 +268,17 @@ def test_the_workers_command_line_drops_nproc_in_both_spellings_and_nothing_else
     assert "--nproc-per-node=3" in command and command[-5:] == ["-m", "digitrec", "train", "--recipe", "fast"]
 
 
+def test_the_writability_check_before_launch_leaves_no_folder_it_made(tmp_path):
+    """It made the run folder and its missing parents to try a write, and took back only the run folder."""
+    from digitrec.distributed import _check_writable
+
+    _check_writable(tmp_path / "a" / "b" / "run")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    _check_writable(tmp_path / "kept" / "run")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
 def test_train_takes_no_abbreviated_flags(monkeypatch, capsys):
     """`--npro 2`, a prefix argparse took for --nproc, stayed on the workers' command line (without_nproc strips
     --nproc only), and torchrun printed its usage."""

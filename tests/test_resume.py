@@ -203,6 +203,50 @@ def test_a_run_resumes_on_the_thread_count_it_began_on(tiny_mnist, tmp_path):
     assert load_tensors(killed / "last.safetensors")[1]["state"]["threads"] == 1
 
 
+def test_a_run_resumed_on_fewer_cores_than_its_threads_or_on_another_device_keeps_the_environments_count(
+    tiny_mnist, tmp_path, monkeypatch
+):
+    """Begun on 16 threads and resumed on 2 cores, a run was put back on 16: a step took 150 times as long, and
+    --threads could not say otherwise. Where the cores are too few, or the run goes on on another device (whose
+    weights differ anyway), it trains on the environment's count and says so where that matters."""
+    import os
+
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig().override(**(CONFIG | {"threads": 0}))
+    run = tmp_path / "run"
+    quiet = {"data": tiny_mnist, "progress": False, "report": False}
+
+    def stop(model, row):
+        raise KeyboardInterrupt
+
+    before = torch.get_num_threads()
+    lines: list[str] = []
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, run, on_epoch=stop, log=lambda message: None, **quiet)
+        torch.set_num_threads(1)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # one core here
+        seen = []
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+        with pytest.raises(KeyboardInterrupt):
+            train(config, run, resume=True, on_epoch=stop, log=lines.append, **quiet)
+        assert 2 not in seen  # never put back on 2 threads
+        train(config, run, resume=True, resume_device="cpu", log=lines.append, **quiet)
+        assert 2 not in seen
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(before)
+    step = [line for line in lines if line.startswith("resuming")]
+    assert step[0].endswith(
+        ", on 1 thread: it began on 2, more than this machine's 1 cores take, so its weights will differ from those "
+        "of a run never stopped"
+    )
+    assert step[1].endswith(str(run))  # on another device: nothing to say of threads
+
+
 @pytest.mark.slow
 def test_cli_kill_9_then_resume_on_mnist(tmp_path):
     """`digitrec train` on real MNIST, killed mid-epoch, then `digitrec train --resume DIR`."""
@@ -715,11 +759,12 @@ def test_a_run_resumes_only_on_as_many_processes_as_it_began_on(tiny_mnist, tmp_
     assert load_tensors(tmp_path / "last.safetensors")[1]["state"]["world_size"] == 1
 
     # finished on 2 processes, it is only evaluated again: one process does (a review found it refused)
-    _edit_last(tmp_path, lambda meta: meta["state"].update(world_size=2))
+    two = {"world_size": 2, "epoch_so_far_ranks": [[0.0, 0, 0]] * 2}  # as a 2-process run writes them
+    _edit_last(tmp_path, lambda meta: meta["state"].update(two))
     again = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
     assert again.metrics["epochs"] == 2
 
-    _edit_last(tmp_path, lambda meta: meta["state"].update(world_size=2, step=5, finished=False))
+    _edit_last(tmp_path, lambda meta: meta["state"].update(two, step=5, finished=False))
     kept = _files(tmp_path)
     refused = (
         f"{tmp_path} began on 2 processes, and on 1 process it would not continue exactly .*; resume it with "
@@ -730,6 +775,6 @@ def test_a_run_resumes_only_on_as_many_processes_as_it_began_on(tiny_mnist, tmp_
     assert _files(tmp_path) == kept
 
     # a checkpoint from before the count was recorded resumes as it did
-    _edit_last(tmp_path, lambda meta: meta["state"].pop("world_size"))
+    _edit_last(tmp_path, lambda meta: [meta["state"].pop(key) for key in ("world_size", "epoch_so_far_ranks")])
     resumed = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
     assert resumed.metrics["world_size"] == 1 and resumed.metrics["epochs"] == 2

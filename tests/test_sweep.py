@@ -348,6 +348,32 @@ def test_a_job_that_cannot_start_stops_and_waits_for_the_running_ones(tmp_path, 
                 process.wait()
 
 
+def test_a_job_that_cannot_start_keeps_the_summary_of_those_that_finished(tmp_path, monkeypatch):
+    """The error's way out stopped the running jobs but wrote no summary: the finished jobs' figures were lost
+    (the sweep removes the previous summary.json as it starts)."""
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, command, **kwargs):
+            if (tmp_path / "fast-seed0" / "metrics.json").exists():
+                raise PermissionError(13, "Permission denied", "train.log")
+            metrics = {"test_accuracy": 0.99, "test_loss": 0.05, "train_seconds": 1.0}
+            (tmp_path / "fast-seed0" / "metrics.json").write_text(json.dumps(metrics))
+
+        def poll(self):
+            return 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Finished)
+    with pytest.raises(PermissionError):
+        sweep(["fast"], [0, 1], tmp_path, parallel=1, train_flags=["--epochs", "1"], log=lambda m: None)
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert [(row["seed"], row["ok"], row["test_accuracy"]) for row in rows] == [(0, True, 0.99)]
+
+
 def test_a_job_that_ended_well_before_the_stop_is_a_finished_row(tmp_path, monkeypatch):
     """Stopped before its exit was seen, a job that had finished was reported stopped, with a --resume hint."""
     from digitrec import sweep as sweep_module

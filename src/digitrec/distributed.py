@@ -318,12 +318,12 @@ def _check_before_launch(args: argparse.Namespace) -> str:
 
 
 def _check_writable(out: Path) -> None:
-    """Refuse a run folder no file can be written into (under /proc, read-only); one made for the check only
-    goes again (the workers make it)."""
+    """Refuse a run folder no file can be written into (under /proc, read-only); the folders made for the check
+    only go again (the workers make them)."""
     from .runfolder import make_run_folder
 
-    existed = out.exists()
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # the leaf first
     make_run_folder(out)
-    if not existed:
+    for folder in made:  # the folders the check made, and those above it that it had to make
         with contextlib.suppress(OSError):
-            out.rmdir()
+            folder.rmdir()

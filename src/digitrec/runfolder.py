@@ -302,7 +302,12 @@ def _valid_state(state: dict[str, Any]) -> bool:
     def number(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+    def sums(value: Any) -> bool:  # [loss sum, correct, images]
+        return isinstance(value, list) and len(value) == 3 and all(number(v) for v in value)
+
     so_far = state.get("epoch_so_far", [0.0, 0, 0])
+    per_rank = state.get("epoch_so_far_ranks")  # each rank's sums (since 2026-12-06), one per process
+    threads = state.get("threads", 1)  # the intra-op threads it trained on (since 2026-12-06)
     return (
         whole(state["step"])
         and isinstance(state["history"], list)
@@ -313,12 +318,17 @@ def _valid_state(state: dict[str, Any]) -> bool:
         and number(state.get("best_val_accuracy", -1.0))
         and number(state.get("train_seconds", 0.0))
         and whole(state.get("bad_epochs", 0))
-        and isinstance(so_far, list)
-        and len(so_far) == 3
-        and all(number(v) for v in so_far)
+        and sums(so_far)
         and isinstance(state.get("rng") or {}, dict)
         and whole(state.get("world_size", 1))
         and state.get("world_size", 1) >= 1
+        and (
+            per_rank is None
+            or (isinstance(per_rank, list) and len(per_rank) == state.get("world_size", 1))
+            and all(sums(v) for v in per_rank)
+        )
+        and whole(threads)
+        and threads >= 1
     )
 
 

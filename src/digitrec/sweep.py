@@ -121,6 +121,9 @@ def sweep(
         except BaseException:  # a job that could not start (a folder not writable, say): none is left running
             signals.stopping = True
             _stop_jobs([process for _, process in running.values()], signals)
+            if rows:  # and what finished is kept, as when stopped
+                rows += [{**_row(job, finished=False), "stopped": True} for job, _ in running.values()]
+                _write_summary(out, rows, recipes)
             raise
     _write_summary(out, rows, recipes)
     return rows

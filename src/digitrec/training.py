@@ -16,6 +16,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -337,7 +338,7 @@ def train(
         dry_run = state["dry_run"]  # a dry run resumes as one
 
         # -- set-up: device and processes, data, model, steps
-        threads_note = _resume_threads(config, state, last_path) if resume else ""
+        threads_note = _resume_threads(config, state, resume_device) if resume else ""
         device = _set_up_device(config)
         joined = distributed.init_distributed(device)  # under torchrun; False in a single process
         main, world_size = distributed.is_main(), distributed.world_size()
@@ -481,9 +482,7 @@ def train(
         # the sums of an epoch interrupted after a mid-epoch checkpoint: each rank goes on from its own, so that the
         # epoch's loss and accuracy add up as in a run that never stopped
         # (a finished run trains no more: evaluated again on any number of processes)
-        epoch_so_far = (
-            (0.0, 0, 0) if evaluate_only else _epoch_so_far(state, distributed.rank(), world_size, last_path)
-        )
+        epoch_so_far = (0.0, 0, 0) if evaluate_only else _epoch_so_far(state, distributed.rank())
         try:
             while step < total_steps and not run_is_finished(state, config):
                 epoch = step // steps_per_epoch
@@ -717,51 +716,37 @@ def _count_steps(
     return steps_per_epoch, total_steps
 
 
-def _epoch_so_far(
-    state: dict[str, Any], rank: int, world_size: int, last_path: Path
-) -> tuple[float, int, int]:
-    """(loss sum, correct, images) of `rank`'s part of the epoch before the checkpoint `state` is from. Checkpoints
-    from before the sums were saved per rank hold the global ones, which rank 0 carries."""
+def _epoch_so_far(state: dict[str, Any], rank: int) -> tuple[float, int, int]:
+    """(loss sum, correct, images) of `rank`'s part of the epoch before the checkpoint `state` is from (checked by
+    runfolder.read_resume). Checkpoints from before the sums were saved per rank hold the global ones, which rank
+    0 carries."""
     per_rank = state.get("epoch_so_far_ranks")
     if per_rank is None:
         return tuple(state.get("epoch_so_far", (0.0, 0, 0))) if rank == 0 else (0.0, 0, 0)  # type: ignore[return-value]
-    valid = (
-        isinstance(per_rank, list)
-        and len(per_rank) == world_size
-        and all(
-            isinstance(sums, list)
-            and len(sums) == 3
-            and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in sums
-            )
-            for sums in per_rank
-        )
-    )
-    if not valid:
-        raise CheckpointError(
-            f"{last_path} holds epoch sums for another process count or of the wrong shape; it is damaged or "
-            "from another version, so start a new run."
-        )
     loss, correct, seen = per_rank[rank]
     return float(loss), int(correct), int(seen)
 
 
-def _resume_threads(config: TrainConfig, state: dict[str, Any], last_path: Path) -> str:
+def _resume_threads(config: TrainConfig, state: dict[str, Any], resume_device: str | None) -> str:
     """Train a resumed run on the intra-op thread count it began on (a float sum's order, and so the weights,
-    depend on it), whatever this environment's default: set it unless `config.threads` does; the note the resume
-    line adds where the environment's count differs."""
-    recorded = state.get("threads")
-    if recorded is None or config.threads:  # older checkpoints do not say; a config's count is set anyway
-        return ""
-    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 1:
-        raise CheckpointError(
-            f"{last_path} records {recorded!r} threads; it is damaged or from another version, so start a new run."
-        )
+    depend on it), whatever this environment's default; the note the resume line adds where they differ.
+
+    Not where `config.threads` sets the count anyway, nor on another device (`resume_device`: the weights differ
+    anyway), nor where the count would oversubscribe this machine's cores (a run begun on 16 threads, resumed on
+    2 cores, took 150 times as long a step): it then trains on the environment's count, and says so."""
+    recorded = state.get("threads")  # checked by runfolder.read_resume; older checkpoints do not say
     environment = torch.get_num_threads()
-    if recorded == environment:
+    if recorded is None or config.threads or resume_device or recorded == environment:
         return ""
+    processes = distributed.launched_world_size()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = " per process" if processes > 1 else ""
+    if recorded * processes > cores:
+        return (
+            f", on {environment} thread{'s' * (environment != 1)}{per_process}: it began on {recorded}, more than "
+            f"this machine's {cores} cores take, so its weights will differ from those of a run never stopped"
+        )
     torch.set_num_threads(recorded)
-    per_process = " per process" if distributed.launched_world_size() > 1 else ""
     return (
         f", on {recorded} thread{'s' * (recorded != 1)}{per_process} as it began (this environment's default is "
         f"{environment})"
