@@ -775,6 +775,8 @@ def test_a_run_resumes_only_on_as_many_processes_as_it_began_on(tiny_mnist, tmp_
     assert _files(tmp_path) == kept
 
     # a checkpoint from before the count was recorded resumes as it did
-    _edit_last(tmp_path, lambda meta: [meta["state"].pop(key) for key in ("world_size", "epoch_so_far_ranks")])
+    _edit_last(
+        tmp_path, lambda meta: [meta["state"].pop(key) for key in ("world_size", "epoch_so_far_ranks")]
+    )
     resumed = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
     assert resumed.metrics["world_size"] == 1 and resumed.metrics["epochs"] == 2
