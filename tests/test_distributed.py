@@ -268,12 +268,24 @@ def test_the_workers_command_line_drops_nproc_in_both_spellings_and_nothing_else
     assert "--nproc-per-node=3" in command and command[-5:] == ["-m", "digitrec", "train", "--recipe", "fast"]
 
 
-def test_the_writability_check_before_launch_leaves_no_folder_it_made(tmp_path):
+def test_the_writability_check_before_launch_leaves_no_folder_it_made(tmp_path, monkeypatch):
     """It made the run folder and its missing parents to try a write, and took back only the run folder."""
+    from digitrec import runfolder
     from digitrec.distributed import _check_writable
+    from digitrec.errors import DigitrecError
 
     _check_writable(tmp_path / "a" / "b" / "run")
     assert list(tmp_path.iterdir()) == []
+
+    def made_then_refused(out):  # a folder that could be made but not written into (a full disk)
+        out.mkdir(parents=True)
+        raise DigitrecError(f"cannot write into the run folder {out}")
+
+    monkeypatch.setattr(runfolder, "make_run_folder", made_then_refused)
+    with pytest.raises(DigitrecError):
+        _check_writable(tmp_path / "a" / "b" / "run")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
     (tmp_path / "kept").mkdir()
     _check_writable(tmp_path / "kept" / "run")
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []

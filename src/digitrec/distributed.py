@@ -323,7 +323,9 @@ def _check_writable(out: Path) -> None:
     from .runfolder import make_run_folder
 
     made = [folder for folder in (out, *out.parents) if not folder.exists()]  # the leaf first
-    make_run_folder(out)
-    for folder in made:  # the folders the check made, and those above it that it had to make
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+    try:
+        make_run_folder(out)
+    finally:  # refused or not: the folders the check made, and those above it that it had to make
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
