@@ -182,7 +182,6 @@ def test_resume_refuses_flags_it_would_ignore(tmp_path, capsys):
     [
         ["--seed", "0"],
         ["--no-amp"],
-        ["--threads", "0"],
         ["--val-size", "0"],
         ["--weight-decay", "0"],
         ["--label-smoothing", "0"],

@@ -234,8 +234,12 @@ def test_a_run_resumed_on_fewer_cores_than_its_threads_or_on_another_device_keep
         with pytest.raises(KeyboardInterrupt):
             train(config, run, resume=True, on_epoch=stop, log=lines.append, **quiet)
         assert 2 not in seen  # never put back on 2 threads
-        train(config, run, resume=True, resume_device="cpu", log=lines.append, **quiet)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, run, resume=True, resume_device="cpu", on_epoch=stop, log=lines.append, **quiet)
         assert 2 not in seen
+        # or the count asked for by hand (digitrec train --resume RUN --threads 1), which the line names
+        train(config, run, resume=True, resume_threads=1, log=lines.append, **quiet)
+        assert seen[-1] == 1 and 2 not in seen
     finally:
         monkeypatch.undo()
         torch.set_num_threads(before)
@@ -245,6 +249,9 @@ def test_a_run_resumed_on_fewer_cores_than_its_threads_or_on_another_device_keep
         "of a run never stopped"
     )
     assert step[1].endswith(str(run))  # on another device: nothing to say of threads
+    assert step[2].endswith(
+        ", on 1 thread as asked: it began on 2, so its weights will differ from those of a run never stopped"
+    )
 
 
 @pytest.mark.slow

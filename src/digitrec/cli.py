@@ -249,12 +249,12 @@ def _check_resume(args: argparse.Namespace) -> None:
     ignored = [
         ("--no-" if getattr(args, key) is False else "--") + key.replace("_", "-")  # --no-amp as given
         for key in ("recipe", "config", "out", "overwrite", "amp", "compile", "dry_run", *TRAIN_OVERRIDES)
-        if key != "device" and _given(getattr(args, key), parser.get_default(key))
+        if key not in ("device", "threads") and _given(getattr(args, key), parser.get_default(key))
     ]
     if ignored:
         raise DigitrecError(
             f"--resume continues a run with its own settings, so {', '.join(ignored)} would be ignored; "
-            "drop them (only --device may change), or start a new run without --resume."
+            "drop them (only --device and --threads may change), or start a new run without --resume."
         )
 
 
@@ -292,6 +292,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 data=data,
                 resume=bool(args.resume),
                 resume_device=args.device if args.resume else None,
+                resume_threads=args.threads if args.resume else None,
                 overwrite=args.overwrite,
                 dry_run=args.dry_run,
                 progress=not args.no_progress and sys.stderr.isatty(),

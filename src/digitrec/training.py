@@ -307,6 +307,7 @@ def train(
     extra_metadata: dict[str, Any] | None = None,
     more_metrics: Callable[[nn.Module], dict[str, Any]] | None = None,
     resume_device: str | None = None,
+    resume_threads: int | None = None,
     overwrite: bool = False,
     lr_flag: str | None = None,
 ) -> Run:
@@ -318,7 +319,8 @@ def train(
     and `more_metrics(best_model)`, after the test evaluation, into its metrics and metrics.json (`finetune`: how
     many corrections the model reads right), while the run still holds its folder.
     `resume_device` continues a resumed run on another device than the one it started on (a run begun on a GPU
-    machine, finished on a CPU); the data order, schedule and seeds do not depend on the device.
+    machine, finished on a CPU); the data order, schedule and seeds do not depend on the device. `resume_threads`
+    sets its thread count by hand (0: torch's default), instead of the one it began on.
     A new run may replace a finished one in `out_dir` but not one that could be resumed, unless `overwrite`.
     The run holds a lock on `out_dir` to its end: a second run into it meanwhile is refused (RunFolderInUse).
     A resumed run must run on as many processes as it began on. A run whose loss turns NaN or infinite stops
@@ -338,7 +340,9 @@ def train(
         dry_run = state["dry_run"]  # a dry run resumes as one
 
         # -- set-up: device and processes, data, model, steps
-        threads_note = _resume_threads(config, state, resume_device) if resume else ""
+        if resume and resume_threads is not None:  # asked for by hand (0: torch's default)
+            config = config.override(threads=resume_threads)
+        threads_note = _resume_threads(config, state, resume_device, resume_threads) if resume else ""
         device = _set_up_device(config)
         joined = distributed.init_distributed(device)  # under torchrun; False in a single process
         main, world_size = distributed.is_main(), distributed.world_size()
@@ -727,15 +731,22 @@ def _epoch_so_far(state: dict[str, Any], rank: int) -> tuple[float, int, int]:
     return float(loss), int(correct), int(seen)
 
 
-def _resume_threads(config: TrainConfig, state: dict[str, Any], resume_device: str | None) -> str:
+def _resume_threads(
+    config: TrainConfig, state: dict[str, Any], resume_device: str | None, asked: int | None = None
+) -> str:
     """Train a resumed run on the intra-op thread count it began on (a float sum's order, and so the weights,
     depend on it), whatever this environment's default; the note the resume line adds where they differ.
 
-    Not where `config.threads` sets the count anyway, nor on another device (`resume_device`: the weights differ
-    anyway), nor where the count would oversubscribe this machine's cores (a run begun on 16 threads, resumed on
+    Not where `config.threads` sets the count anyway (or `asked`, --threads given with --resume, which the note
+    then names), nor on another device (`resume_device`: the weights differ anyway), nor where the count would oversubscribe this machine's cores (a run begun on 16 threads, resumed on
     2 cores, took 150 times as long a step): it then trains on the environment's count, and says so."""
     recorded = state.get("threads")  # checked by runfolder.read_resume; older checkpoints do not say
     environment = torch.get_num_threads()
+    if asked is not None and recorded is not None and recorded != (asked or environment):
+        return (
+            f", on {asked or environment} thread{'s' * ((asked or environment) != 1)} as asked: it began on "
+            f"{recorded}, so its weights will differ from those of a run never stopped"
+        )
     if recorded is None or config.threads or resume_device or recorded == environment:
         return ""
     processes = distributed.launched_world_size()
