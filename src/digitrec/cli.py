@@ -1236,7 +1236,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--early-stopping-patience", type=int, help="epochs without validation improvement before stopping"
     )
     p.add_argument("--checkpoint-every-steps", type=int, help="also save last.safetensors every N steps")
-    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default, one per core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (0: torch's default, one per core); with --resume, instead of the run's own count",
+    )
     p.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
