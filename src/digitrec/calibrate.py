@@ -161,11 +161,22 @@ def calibrate(
     tensors = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
     written = model_file(out_path or model_path)
     # in place, or over another checkpoint (--out): the exports made from what it held go with it
-    before = hashlib.sha256(written.read_bytes()).hexdigest() if written.is_file() else ""
-    save_tensors(written, tensors, {**meta, **calibration})
-    if before and hashlib.sha256(written.read_bytes()).hexdigest() != before:
-        remove_stale_exports(written, before, log)
+    write_over(written, lambda: save_tensors(written, tensors, {**meta, **calibration}), log)
     return calibration
+
+
+def write_over(
+    checkpoint: Path,
+    write: Callable[[], None],
+    log: Callable[[str], None] = print,
+    by: str = "this calibration",
+) -> None:
+    """`write()` the checkpoint at `checkpoint`; where that replaced one with other contents, remove the exports
+    made from the one replaced (`remove_stale_exports`, which says so `by` what)."""
+    before = hashlib.sha256(checkpoint.read_bytes()).hexdigest() if checkpoint.is_file() else None
+    write()
+    if before is not None and hashlib.sha256(checkpoint.read_bytes()).hexdigest() != before:
+        remove_stale_exports(checkpoint, before, log, by)
 
 
 def remove_stale_exports(

@@ -27,9 +27,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so `digitrec data
     import torch
     from torch import nn
 
-META_KEY = (
-    "digitrec"  # the safetensors __metadata__ entry (and backends' ONNX one) holding the metadata as JSON
-)
+# the safetensors __metadata__ entry (and backends' ONNX one) holding the metadata as JSON
+META_KEY = "digitrec"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 CHECKSUM_KEY = "digitrec_sha256"  # in the header's __metadata__, beside META_KEY; absent from older files
@@ -233,10 +232,9 @@ def read_checkpoint(path: str | Path) -> tuple[bytes, dict[str, Any]]:
             )
     if changed:  # after the side file's check, whose sentence names the side file
         raise CheckpointError(changed)
+    # another format read as if it were ours was loaded, resumed and trained on (True == 1: refused too)
     version = meta.get("format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION or isinstance(
-        version, bool
-    ):  # read as if it were ours, it trained and loaded
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise CheckpointError(
             f"checkpoint {path} is in format {version!r} of digitrec checkpoints, and this digitrec reads format "
             f"{FORMAT_VERSION}; load it with the digitrec that wrote it (a newer one, most likely)."

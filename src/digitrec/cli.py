@@ -465,13 +465,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         # the file's own figures, as `digitrec evaluate` gives them: it runs every member on its first member's
         # batch size and precision, and averages any test-time views after the vote, not before it
         saved, _ = evaluate_model(model, data, TrainConfig.from_checkpoint(meta, args.out))
-        # an earlier ensemble replaced: the exports made from it go too
-        replaced = hashlib.sha256(args.out.read_bytes()).hexdigest() if args.out.is_file() else None
-        save_model(args.out, model, meta | {"metrics": {k: saved[k] for k in ("test_accuracy", "test_loss")}})
-        if replaced is not None and hashlib.sha256(args.out.read_bytes()).hexdigest() != replaced:
-            from .calibrate import remove_stale_exports
+        from .calibrate import write_over
 
-            remove_stale_exports(args.out, replaced, _stderr, by="this ensemble was saved over it")
+        # an earlier ensemble replaced: the exports made from it go too
+        metrics_saved = {k: saved[k] for k in ("test_accuracy", "test_loss")}
+        write_over(
+            args.out,
+            lambda: save_model(args.out, model, meta | {"metrics": metrics_saved}),
+            _stderr,
+            by="this ensemble was saved over it",
+        )
         _stderr(f"wrote {args.out}; run `digitrec calibrate {args.out}` before predicting with it")
         if saved["errors"] != metrics["errors"]:
             _stderr(
@@ -610,8 +613,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "--no-corrections trains on MNIST alone, so it takes no --feedback; drop one of them."
         )
     source = _model_path(args.model)
-    written = Path(args.out or "") / "model.safetensors"
-    if args.out and written.exists() and os.path.samefile(written, source):
+    written = Path(args.out) / "model.safetensors" if args.out else None
+    if written is not None and written.exists() and os.path.samefile(written, source):
         raise DigitrecError(
             f"--out {args.out} holds the model the fine-tune starts from, which it would replace; name a new "
             "folder for the fine-tuned model."

@@ -7,8 +7,8 @@ step counter inside the graph picks them, so the host only calls `replay()`. Eve
 loop's (training.py) and evaluation's (evaluate.py): the same initialization, data order, schedule, loss,
 optimizer and evaluation, so a run with `graph=False` (the same step, launched eagerly; the only way on a CPU)
 follows `training.train`. Before the first seed, every kind of work runs once (a few steps, the capture and a
-first replay, a partial batch, an evaluation), so that kernel choices and lazy set-up happen off the clock; that warm-up is reported apart, as a
-compile time would be.
+first replay, a partial batch, an evaluation), so that kernel choices and lazy set-up happen off the clock; that
+warm-up is reported apart, as a compile time would be.
 
 Only recipes whose step is the same every time qualify: no augmentation, no outlier exposure, no weight
 averaging and no validation split (`fast`).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ def torch_scorer(model: torch.nn.Module, config: TrainConfig | None = None) -> S
     `digitrec evaluate` scores, but one view of each image (tta.py: the curves are of the images as perturbed)."""
     from .evaluate import recipe_logits
 
-    single_view = replace(config or TrainConfig(), tta_views=1)
+    single_view = (config or TrainConfig()).override(tta_views=1)
 
     def score(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

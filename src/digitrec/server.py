@@ -31,11 +31,13 @@ from .errors import CheckpointError, DigitrecError, FeedbackFullError, ImageTooL
 from .feedback import DEFAULT_MAX_MB, FeedbackStore
 from .guards import (
     BODY_TIMEOUT_S,
+    BROWSER_HEADERS,
     HEADER_TIMEOUT_S,
     BodySizeLimit,
     BrowserGuard,
     HostGuard,
     guarded_http_protocol,
+    send_error,
 )
 from .hosts import ANY, AllowedHosts, is_loopback, listen_host
 from .imageworkers import IMAGE_HINT, ImageWorkers, checked_upload, freeze_heap, read_numbers, to_model_input
@@ -386,9 +388,8 @@ def create_app(
         query string's fields are strings, JSON's are the values the JSON holds."""
         content_type = _content_type(request)
         if content_type == "multipart/form-data":
-            body = (
-                await request.body()
-            )  # kept: the form parser reads it from there, and a cut form is told so
+            # read whole first: the form parser reads it from there, and a form cut short is told so below
+            body = await request.body()
             try:
                 form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
             except StarletteHTTPException as exc:  # Starlette's own words, some in two sentences: say ours
@@ -837,9 +838,8 @@ def _unreadable_form(reason: str) -> str:
     return f"the multipart form cannot be read ({reason}); {IMAGE_HINT}."
 
 
-DISCONNECT_POLL_SECONDS = (
-    0.25  # how often a request waiting for the image workers asks if its client is there
-)
+# how often a request waiting for the image workers asks if its client is there
+DISCONNECT_POLL_SECONDS = 0.25
 
 
 # The page and its files are asked for again each time, answered 304 while unchanged: without it a browser kept
@@ -884,12 +884,9 @@ class AnswerWhenStopped:
         try:
             await self.app(scope, receive, watched)
         except asyncio.CancelledError:
-            if not started:
+            if not started:  # outside BrowserGuard, as HostGuard is: its headers are sent here
                 self.counted(503)
-                stopped = JSONResponse(
-                    {"detail": STOPPED_DETAIL}, status_code=503, headers={"Connection": "close"}
-                )
-                await stopped(scope, receive, send)
+                await send_error(send, 503, STOPPED_DETAIL, [(b"connection", b"close"), *BROWSER_HEADERS])
             raise
 
 

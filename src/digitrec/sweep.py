@@ -98,35 +98,45 @@ def sweep(
                         rows.append(_row(job, finished=process.returncode == 0))
                         log(f"finished {job.name}: " + _outcome(rows[-1], job))
         except KeyboardInterrupt as exc:
-            signals.stopping = True  # a second signal hurries the jobs' end instead of abandoning them
             # a job that ended well before the signal, not yet seen, finished: its row, not a --resume hint
             for name, (job, process) in list(running.items()):
                 if process.poll() == 0:
                     del running[name]
                     rows.append(_row(job, finished=True))
                     log(f"finished {job.name}: " + _outcome(rows[-1], job))
-            _stop_jobs([process for _, process in running.values()], signals)
-            stopped = [job for job, _ in running.values()]
+            stopped = _stop_keeping_the_finished(running, signals, rows, out, recipes)
             if stopped:
                 log(
                     f"stopped {len(stopped)} running job{'s' * (len(stopped) != 1)}: "
                     + "; ".join(_resume_hint(job) for job in stopped)
                 )
-            if rows:  # what finished is kept: the summary of those jobs, and the stopped ones marked so
-                rows += [{**_row(job, finished=False), "stopped": True} for job in stopped]
-                _write_summary(out, rows, recipes)
+            if rows:
                 log(summary_table(rows))
                 log(f"summary of the jobs that finished: {out / 'summary.json'}")
             raise exc if isinstance(exc, SweepStopped) else SweepStopped(signal.SIGINT) from None
         except BaseException:  # a job that could not start (a folder not writable, say): none is left running
-            signals.stopping = True
-            _stop_jobs([process for _, process in running.values()], signals)
-            if rows:  # and what finished is kept, as when stopped
-                rows += [{**_row(job, finished=False), "stopped": True} for job, _ in running.values()]
-                _write_summary(out, rows, recipes)
+            _stop_keeping_the_finished(running, signals, rows, out, recipes)
             raise
     _write_summary(out, rows, recipes)
     return rows
+
+
+def _stop_keeping_the_finished(
+    running: dict[str, tuple[Job, subprocess.Popen[bytes]]],
+    signals: _Signals,
+    rows: list[dict],
+    out: Path,
+    recipes: list[str],
+) -> list[Job]:
+    """Stop the running jobs and wait for them (a second signal meanwhile hurries their end instead of abandoning
+    them); where some finished, keep their summary with the stopped ones marked so. Returns the stopped jobs."""
+    signals.stopping = True
+    _stop_jobs([process for _, process in running.values()], signals)
+    stopped = [job for job, _ in running.values()]
+    if rows:
+        rows += [{**_row(job, finished=False), "stopped": True} for job in stopped]
+        _write_summary(out, rows, recipes)
+    return stopped
 
 
 def _outcome(row: dict, job: Job) -> str:

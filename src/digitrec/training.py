@@ -335,13 +335,19 @@ def train(
     # anything there is read, removed or written: a second run into it is refused and leaves this one's files alone.
     with torch_threads_kept(), locked_run_folder(out_dir, take=distributed.launched_rank() == 0):
         config, recipe, state, resume_tensors = _start_or_resume(
-            config, out_dir, recipe, resume, dry_run, overwrite, init_weights is not None, resume_device
+            config,
+            out_dir,
+            recipe,
+            resume,
+            dry_run,
+            overwrite,
+            init_weights is not None,
+            resume_device,
+            resume_threads,
         )
         dry_run = state["dry_run"]  # a dry run resumes as one
 
         # -- set-up: device and processes, data, model, steps
-        if resume and resume_threads is not None:  # asked for by hand (0: torch's default)
-            config = config.override(threads=resume_threads)
         threads_note = _resume_threads(config, state, resume_device, resume_threads) if resume else ""
         device = _set_up_device(config)
         joined = distributed.init_distributed(device)  # under torchrun; False in a single process
@@ -614,15 +620,19 @@ def _start_or_resume(
     overwrite: bool,
     finetune: bool,
     resume_device: str | None,
+    resume_threads: int | None,
 ) -> tuple[TrainConfig, str, dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, recipe, state, tensors) to train from: those of out_dir's last checkpoint for a resumed run,
-    a fresh state and no tensors for a new one, once the checks that may refuse it have passed."""
+    """(config, recipe, state, tensors) to train from: those of out_dir's last checkpoint for a resumed run (with
+    the device and thread count asked for instead of its own), a fresh state and no tensors for a new one, once
+    the checks that may refuse it have passed."""
     if resume:
         tensors, config, recipe, state = read_resume(out_dir)
         refuse_another_process_count(out_dir, state, distributed.launched_world_size())
         state["dry_run"] = bool(state.get("dry_run", False))  # a dry run resumes on its own few images
         if resume_device:
             config = config.override(device=resume_device)
+        if resume_threads is not None:  # 0: torch's default
+            config = config.override(threads=resume_threads)
         return config, recipe, state, tensors
     refuse_new_run(config, out_dir, dry_run, overwrite, finetune)
     state = {
@@ -738,14 +748,18 @@ def _resume_threads(
     depend on it), whatever this environment's default; the note the resume line adds where they differ.
 
     Not where `config.threads` sets the count anyway (or `asked`, --threads given with --resume, which the note
-    then names), nor on another device (`resume_device`: the weights differ anyway), nor where the count would oversubscribe this machine's cores (a run begun on 16 threads, resumed on
-    2 cores, took 150 times as long a step): it then trains on the environment's count, and says so."""
+    then names), nor on another device (`resume_device`: the weights differ anyway), nor where the count would
+    oversubscribe this machine's cores (a run begun on 16 threads, resumed on 2 cores, took 150 times as long a
+    step): it then trains on the environment's count, and says so."""
     recorded = state.get("threads")  # checked by runfolder.read_resume; older checkpoints do not say
     environment = torch.get_num_threads()
-    if asked is not None and recorded is not None and recorded != (asked or environment):
+    if asked is not None:
+        now = asked or environment
+        if recorded is None or recorded == now:
+            return ""
         return (
-            f", on {asked or environment} thread{'s' * ((asked or environment) != 1)} as asked: it began on "
-            f"{recorded}, so its weights will differ from those of a run never stopped"
+            f", on {now} thread{'s' * (now != 1)} as asked: it began on {recorded}, so its weights will differ "
+            "from those of a run never stopped"
         )
     if recorded is None or config.threads or resume_device or recorded == environment:
         return ""
