@@ -458,6 +458,27 @@ def test_eval_real_refuses_an_empty_or_repeated_set(sets, message, tmp_path, cap
     assert message in capsys.readouterr().err and not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--misses", "3"],
+        ["--speed"],
+        ["--model", "runs/x"],
+        ["--reject-below", "0.5"],
+        ["--backend", "numpy"],
+    ],
+)
+def test_eval_real_write_refuses_the_flags_that_score(flags, tmp_path, capsys):
+    """`--write DIR --misses 3` (or --speed, --model...) wrote the images and silently scored nothing."""
+    assert (
+        main(["eval-real", "--sets", "pen-photo", "--count", "1", "--write", str(tmp_path / "w"), *flags])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"--write only writes the sets as images and reads none, so {flags[0]} would do nothing" in err
+    assert not (tmp_path / "w").exists()
+
+
 def test_eval_real_json_names_the_model_and_lists_what_write_wrote(tmp_path, capsys):
     """The JSON lacked the model, temperature and threshold the text header prints; --json --write printed text."""
     assert main(["eval-real", "--sets", "pen-photo", "--count", "2", "--backend", "numpy", "--json"]) == 0

@@ -813,6 +813,23 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
     if unknown:  # '' too: an empty --sets ran every set
         raise DigitrecError(f"unknown set {unknown[0]!r}; choose from {', '.join(SETS)}.")
     refuse_repeats("--sets", sets)
+    if args.write:  # it only writes: these would have been dropped without a word
+        scoring = [
+            flag
+            for flag, given in (
+                ("--misses", args.misses),
+                ("--speed", args.speed),
+                ("--model", args.model is not None),
+                ("--reject-below", args.reject_below is not None),
+                ("--backend", args.backend != "auto"),
+            )
+            if given
+        ]
+        if scoring:
+            raise DigitrecError(
+                f"--write only writes the sets as images and reads none, so {scoring[0]} would do nothing; "
+                "score them in a second command with the same --count and --seed."
+            )
     mnist = None  # without --data-dir, the sets that draw MNIST digits load them from the usual sources
     if args.data_dir is not None:
         from .data import load_mnist
