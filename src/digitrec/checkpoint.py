@@ -14,8 +14,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import struct
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,21 +34,10 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 CHECKSUM_KEY = "digitrec_sha256"  # in the header's __metadata__, beside META_KEY; absent from older files
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def _give_default_mode(fd: int, path: str) -> None:
-    """mkstemp makes 0600 files; give them the mode open() would. (os.fchmod came to Windows in Python 3.13.)"""
-    if hasattr(os, "fchmod"):
-        os.fchmod(fd, 0o666 & ~_UMASK)
-    else:
-        os.chmod(path, 0o666 & ~_UMASK)
+def _temporary_name(path: Path) -> Path:
+    """A name for the temporary sibling of `path` that no other writer uses: this process's id and 64 random
+    bits (`.name.PID-RANDOM.tmp`, matched by recover_interrupted_write's `.name.*.tmp`)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp")
 
 
 def atomic_write_files(files: dict[Path, bytes], durable: bool = True) -> None:
@@ -60,14 +49,26 @@ def atomic_write_files(files: dict[Path, bytes], durable: bool = True) -> None:
     symbolic link left at a path instead of writing through it. `durable=False` skips the fsyncs, for files
     cheap to write again (an export of many small files, where an fsync each would be slow).
     """
-    temporaries: list[tuple[str, Path]] = []
+    temporaries: list[tuple[Path, Path]] = []
     try:
         for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temporaries.append((tmp, path))
-            _give_default_mode(fd, tmp)
-            with os.fdopen(fd, "wb") as f:
+            while True:
+                # registered before the file exists: an interrupt (Ctrl-C) anywhere from here on is cleaned up
+                # below (with mkstemp, one between its return and the registration left a temporary for good)
+                tmp = _temporary_name(path)
+                temporaries.append((tmp, path))
+                try:
+                    f = open(
+                        tmp, "xb"
+                    )  # never an existing file; the mode open() gives, as the path's would be
+                except (
+                    FileExistsError
+                ):  # not ours (64 random bits make this all but impossible): never removed
+                    temporaries.pop()
+                    continue
+                break
+            with f:
                 f.write(data)
                 if durable:
                     f.flush()
@@ -76,7 +77,8 @@ def atomic_write_files(files: dict[Path, bytes], durable: bool = True) -> None:
             os.replace(tmp, path)
     except BaseException:
         for tmp, _ in temporaries:
-            Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # gone already, or renamed: the first error is the one to tell
+                tmp.unlink()
         raise
     for folder in {path.parent for path in files} if durable else ():
         dir_fd = os.open(folder, os.O_RDONLY)

