@@ -58,13 +58,10 @@ def atomic_write_files(files: dict[Path, bytes], durable: bool = True) -> None:
                 # below (with mkstemp, one between its return and the registration left a temporary for good)
                 tmp = _temporary_name(path)
                 temporaries.append((tmp, path))
+                # "x": never an existing file; and the mode open() gives, as the path's own would be
                 try:
-                    f = open(
-                        tmp, "xb"
-                    )  # never an existing file; the mode open() gives, as the path's would be
-                except (
-                    FileExistsError
-                ):  # not ours (64 random bits make this all but impossible): never removed
+                    f = open(tmp, "xb")
+                except FileExistsError:  # not ours (all but impossible, with 64 random bits): left alone
                     temporaries.pop()
                     continue
                 break
