@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from digitrec.bench import bench_infer, bench_train, infer_table, multiply_adds, train_table
-from digitrec.checkpoint import load_model
+from digitrec.checkpoint import load_model, save_model
 from digitrec.cli import main
 from digitrec.config import get_recipe
 from digitrec.errors import DigitrecError
@@ -479,3 +479,34 @@ def test_bench_infer_runs_onnx_runtime_on_torchs_thread_count_and_records_it(
         torch.set_num_threads(previous)
     assert opened == [3]
     assert [(r.backend, r.threads) for r in results] == [("torch-fp32", 3), ("onnx-fp32", 3)]
+
+
+def test_bench_infer_says_its_figures_are_of_one_view_for_a_model_scored_in_several(
+    tiny_checkpoint: Path, idx_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """For a 5-view model (`default`) bench infer printed images/s and an accuracy of one forward pass each, as if
+    they were what digitrec's Predictor, which runs 5 per image, reads."""
+    model, meta = load_model(tiny_checkpoint)
+    five = tmp_path / "five.safetensors"
+    save_model(five, model, meta | {"config": meta["config"] | {"tta_views": 5}})
+    argv = [
+        "bench",
+        "infer",
+        "--backends",
+        "torch-fp32",
+        "--batch-sizes",
+        "1",
+        "--rounds",
+        "1",
+        "--seconds",
+        "0.01",
+    ]
+    argv += ["--data-dir", str(idx_folder)]
+    assert main([*argv, "--model", str(five)]) == 0
+    assert (
+        "every figure is of one view: the model's recipe scores 5 views per image" in capsys.readouterr().out
+    )
+    assert main([*argv, "--model", str(five), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tta_views"] == 5
+    assert main([*argv, "--model", str(tiny_checkpoint)]) == 0
+    assert "of one view" not in capsys.readouterr().out

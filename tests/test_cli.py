@@ -729,6 +729,41 @@ def test_a_saved_ensemble_on_test_time_views_records_what_evaluating_it_gives(
     assert recorded["test_loss"] == pytest.approx(evaluated["test_loss"], rel=1e-6)
 
 
+def test_an_ensemble_whose_saved_loss_differs_from_the_vote_says_why(
+    tiny_fast_run, tmp_path, idx_folder, capsys
+):
+    """`ensemble A B --out C` printed the vote's test loss, and C (views averaged after the vote) evaluated to
+    another: the note that explains it came only when the error counts differed."""
+    first = _member(tiny_fast_run, tmp_path / "a.safetensors", 5)
+    second = _member(tiny_fast_run, tmp_path / "b.safetensors", 5, flip=True)
+    out = tmp_path / "ensemble.safetensors"
+    data = ["--data-dir", str(idx_folder)]
+    assert main(["ensemble", str(first), str(second), "--out", str(out), *data]) == 0
+    printed = capsys.readouterr()
+    vote = float(printed.out.split("test loss ")[1].split()[0])
+    assert main(["evaluate", str(out), "--json", *data]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert round(saved["test_loss"], 4) != vote  # this pair's vote and file differ in the loss
+    assert (
+        f"{out} as one model scores {saved['test_accuracy']:.2%} ({saved['errors']} errors, test loss "
+        f"{saved['test_loss']:.4f}): it runs every member" in printed.err
+    )
+
+
+def test_evaluate_says_how_many_views_it_scored(tiny_fast_run, tmp_path, idx_folder, capsys):
+    """`digitrec evaluate` of a 5-view model (`default`) and of the same with `--tta-views 1` printed alike."""
+    five = _member(tiny_fast_run, tmp_path / "five.safetensors", 5)
+    data = ["--data-dir", str(idx_folder)]
+    assert main(["evaluate", str(five), *data]) == 0
+    assert "  (5 views per image)\n" in capsys.readouterr().out
+    assert main(["evaluate", str(five), "--tta-views", "1", *data]) == 0
+    assert "views per image" not in capsys.readouterr().out
+    assert main(["evaluate", str(five), "--json", *data]) == 0
+    assert json.loads(capsys.readouterr().out)["tta_views"] == 5
+    assert main(["evaluate", str(five), "--json", "--tta-views", "1", *data]) == 0
+    assert json.loads(capsys.readouterr().out)["tta_views"] == 1
+
+
 def test_calibrate_out_is_a_safetensors_file_as_named_or_else_a_run_folder(
     tiny_fast_run, idx_folder, tmp_path, monkeypatch, capsys
 ):

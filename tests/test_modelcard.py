@@ -102,6 +102,51 @@ def test_a_card_without_latency_has_no_empty_latency_section():
     )
 
 
+def test_a_card_of_a_model_scored_in_views_says_robustness_and_latency_are_of_one_view():
+    """A `default` card (5 views) gave "Test accuracy 99.56%" (5 views) beside a robustness section's "Clean accuracy
+    99.40%" and a latency per forward pass, both of one view, without saying so."""
+    from digitrec.config import get_recipe
+
+    robustness = {
+        "images": 10,
+        "perturbations": [{"name": "blur", "label": "sigma", "strengths": [1], "clean": 0}],
+        "models": [
+            {
+                "clean_accuracy": 0.99,
+                "perturbations": {"blur": [{"strength": 1, "accuracy": 0.9}]},
+                "coverage": [
+                    {"coverage": c / 100, "accuracy": 0.99, "threshold": 0.5} for c in range(1, 101)
+                ],
+            }
+        ],
+    }
+    latency = {"single_ms": 0.5, "batch_ms_per_image": 0.01, "batch_size": 256, "device": "cpu", "threads": 1}
+    latency |= {"machine": "x86_64 Linux"}
+    metrics = {"test_accuracy": 0.99, "test_loss": 0.03}
+
+    def said(config, scored=None):
+        sections = modelcard.build_card(
+            metrics | ({"scored_tta_views": scored} if scored else {}),
+            config=config,
+            robustness=robustness,
+            latency=latency,
+        )
+        return {s.title: s.paragraphs[0] for s in sections if s.title in ("Robustness", "Latency")}
+
+    five = said(get_recipe("default"))
+    assert five["Robustness"].startswith(
+        "Accuracy on 10 MNIST test images under each perturbation, one view each (the test accuracy above "
+        "averages 5 views per image) (`digitrec robustness`"
+    )
+    assert five["Latency"].startswith(
+        "Forward pass of one image (one view; the Predictor runs 5 per image): 0.50 ms"
+    )
+    one = said(get_recipe("fast"))
+    assert one["Robustness"].startswith("Accuracy on 10 MNIST test images under each perturbation (`digitrec")
+    assert one["Latency"].startswith("Forward pass of one image: 0.50 ms")
+    assert said(get_recipe("default"), scored=1) == one  # `evaluate --tta-views 1`: all of one view
+
+
 def test_a_card_scored_with_one_view_says_so_plainly_and_names_its_columns():
     """`--tta-views 1` read "the mean over that many shifted views", and `digitrec evaluate` "scores it so"; the
     robustness table's "strength" column held the description and "strengths" the values."""

@@ -83,6 +83,20 @@ def test_healthz_gives_an_int8_models_own_test_accuracy(db_path):
         assert c.get("/healthz").json()["test_accuracy"] == 0.9911
 
 
+def test_healthz_keeps_the_checkpoints_accuracy_for_an_int8_export_scored_in_views(db_path):
+    """An int8 export of a 5-view model (`default`) reported the export's one-view accuracy (0.9958), not the
+    5-view accuracy the server's Predictor answers with (its checkpoint's, 0.9956)."""
+    meta = {
+        "config": {"tta_views": 5},
+        "metrics": {"test_accuracy": 0.9956},
+        "export": {"precision": "int8", "onnx_accuracy": 0.9958},
+    }
+    five = FakePredictor(meta=meta)
+    five.tta_views = 5
+    with TestClient(create_app(five, feedback_db=db_path), base_url=BASE_URL) as c:
+        assert c.get("/healthz").json()["test_accuracy"] == 0.9956
+
+
 def test_healthz_gives_an_older_checkpoints_float32_accuracy_as_the_fraction_it_was(db_path):
     """Checkpoints written before accuracies were exact fractions hold float32 means: /healthz said
     0.9915000200271606 for 9,915 right of 10,000."""

@@ -122,3 +122,9 @@ def test_an_exported_tta_checkpoint_answers_as_the_checkpoint(model, tmp_path):
     on_torch, on_onnx = Predictor.load(path), Predictor.load(tmp_path / "model.onnx")
     assert on_onnx.tta_views == 9
     np.testing.assert_allclose(on_onnx.probabilities(pixels), on_torch.probabilities(pixels), atol=1e-5)
+    # the metadata says what digitrec computes: the views' mean probability first, the temperature after (it
+    # said "softmax(logits / temperature)" and that digitrec "also averages the log-probabilities")
+    output = on_onnx.meta["export"]["output"]
+    assert "for one view; digitrec scores each image in 9 views" in output
+    assert "z = the log of the mean of softmax(logits) over the views" in output
+    assert "softmax(z / temperature)" in output and "averages the log-probabilities" not in output

@@ -363,14 +363,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _stderr(f"report: {Path(args.report) / 'report.html'}")
     else:
         metrics, _ = evaluate_model(model, data, config, temperature=float(meta.get("temperature", 1.0)))
-    if args.json:
-        print(json.dumps(metrics, indent=2))
+    if args.json:  # how many views each image was scored in: the recipe's, or --tta-views
+        print(json.dumps({**metrics, "tta_views": config.tta_views}, indent=2))
         return 0
     print(
         f"test accuracy {metrics['test_accuracy']:.2%}  ({metrics['errors']} errors of {metrics['count']})  "
         f"test loss {metrics['test_loss']:.4f}"
         + (f" (at T={metrics['temperature']:.3g})" if metrics.get("temperature", 1.0) != 1.0 else "")
         + f"  ECE {metrics['ece']:.4f}"
+        + (f"  ({config.tta_views} views per image)" if config.tta_views > 1 else "")
     )
     print("digit  precision  recall      F1  support")
     for c in metrics["per_class"]:
@@ -476,9 +477,13 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             by="this ensemble was saved over it",
         )
         _stderr(f"wrote {args.out}; run `digitrec calibrate {args.out}` before predicting with it")
-        if saved["errors"] != metrics["errors"]:
+        # as printed below, to 4 decimals: a loss that differs there too is explained
+        if saved["errors"] != metrics["errors"] or round(saved["test_loss"], 4) != round(
+            metrics["test_loss"], 4
+        ):
             _stderr(
-                f"{args.out} as one model scores {saved['test_accuracy']:.2%} ({saved['errors']} errors): it runs "
+                f"{args.out} as one model scores {saved['test_accuracy']:.2%} ({saved['errors']} errors, test loss "
+                f"{saved['test_loss']:.4f}): it runs "
                 "every member on its first member's batch size and precision, and averages test-time views "
                 "after the vote"
             )
@@ -1068,10 +1073,17 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     footer = _bench_footer(header)
     per_image = results[0].multiply_adds_per_image  # one model: every row has the same count
     threads = results[0].threads  # torch's count, which the ONNX Runtime rows run on too
+    views = _views_of(model)  # every figure is of one view; the Predictor runs the recipe's views
     if args.json:
         from dataclasses import asdict
 
-        summary = {**header, "model": str(model), "multiply_adds_per_image": per_image, "threads": threads}
+        summary = {
+            **header,
+            "model": str(model),
+            "multiply_adds_per_image": per_image,
+            "threads": threads,
+            "tta_views": views,
+        }
         print(json.dumps(summary | {"results": [asdict(r) for r in results]}, indent=2))
         return 0
     ceiling = header["matmul_multiply_adds_per_s"] / per_image
@@ -1081,8 +1093,22 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         f"so a float32 backend running them at the matrix-multiply rate below reads about {ceiling:,.0f} images/s"
     )
     print(f"every backend ran on {threads} thread{'s' * (threads != 1)} (ONNX Runtime as many as torch)")
+    if views > 1:
+        print(
+            f"every figure is of one view: the model's recipe scores {views} views per image (tta_views), so "
+            f"digitrec's Predictor reads about 1/{views} as many images per second, and its test accuracy is the "
+            "checkpoint's, not the one-view accuracies printed above"
+        )
     print(footer)
     return 0
+
+
+def _views_of(model: Path) -> int:
+    """The test-time views a checkpoint's recipe scores (tta.py); 1 for a file that says none."""
+    from . import tta
+    from .checkpoint import read_checkpoint
+
+    return tta.views_in(read_checkpoint(model)[1], str(model))
 
 
 # ---------------------------------------------------------------- robustness, tuning, exploring

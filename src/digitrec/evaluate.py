@@ -228,7 +228,7 @@ def write_report(
     figures["Most confident mistakes (truth → prediction, confidence)"] = plots.mistakes(
         data.test_images, metrics["mistakes"], out_dir / "mistakes.png"
     )
-    # scored the way evaluate_model scores, one view each
+    # one view each, whatever views the headline figures average (the card says so)
     robust = robustness.for_report(model, data, robustness_images or robustness.REPORT_IMAGES, config)
     figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
     scored = metrics

@@ -375,14 +375,16 @@ def export_onnx(
         "precision": precision,
         "input": f"{INPUT_NAME}: float32 (N, 1, 28, 28), pixels in [0, 1], white ink on black (MNIST), any N",
         "output": (
-            f"{OUTPUT_NAME}: float32 (N, 10); the digit probabilities are softmax({OUTPUT_NAME} / temperature), "
-            f"temperature {temperature:g}; digitrec answers 'not a digit' when the highest is below reject_below "
-            f"{reject_below:g}"
-            + (
-                f"; digitrec also averages the log-probabilities of {result.tta_views} shifted views of each image"
-                if result.tta_views > 1
-                else ""
+            (
+                f"{OUTPUT_NAME}: float32 (N, 10); the digit probabilities are softmax({OUTPUT_NAME} / temperature)"
+                if result.tta_views == 1
+                else f"{OUTPUT_NAME}: float32 (N, 10), for one view; digitrec scores each image in "
+                f"{result.tta_views} views (the image and its 1-pixel shifts, zeros moved in): z = the log of "
+                f"the mean of softmax({OUTPUT_NAME}) over the views, and the digit probabilities are "
+                "softmax(z / temperature)"
             )
+            + f", temperature {temperature:g}; digitrec answers 'not a digit' when the highest is below reject_below "
+            f"{reject_below:g}"
         ),
         "temperature": temperature,
         "reject_below": reject_below,

@@ -111,10 +111,12 @@ def build_card(
     calibration = _calibration_section(metrics, meta)
     if calibration:
         sections.append(calibration)
+    # how many shifted views the headline figures average (tta.py); robustness and latency are of one view
+    views = int(metrics.get("scored_tta_views") or (config.tta_views if config else 1))
     if robustness:
-        sections.append(_robustness_section(robustness))
+        sections.append(_robustness_section(robustness, views))
     if latency:  # the checkpoint's size is in the first section
-        sections.append(_latency_section(latency))
+        sections.append(_latency_section(latency, views))
     sections.append(_intended_use_section())
     sections.append(_limits_section(None if members else config, tuned, robustness))
     return sections
@@ -260,7 +262,12 @@ def _calibration_section(metrics: dict[str, Any], meta: dict[str, Any]) -> Secti
     return Section("Calibration", calibration) if calibration else None
 
 
-def _robustness_section(robustness: dict[str, Any]) -> Section:
+def _one_view(views: int) -> str:
+    """What a single-view figure says beside headline figures of `views` views."""
+    return f", one view each (the test accuracy above averages {views} views per image)" if views > 1 else ""
+
+
+def _robustness_section(robustness: dict[str, Any], views: int = 1) -> Section:
     """Mean and worst accuracy under each perturbation, and accuracy when the least confident are rejected."""
     result = robustness["models"][0]
     means = summary(result)
@@ -278,7 +285,8 @@ def _robustness_section(robustness: dict[str, Any]) -> Section:
     return Section(
         "Robustness",
         [
-            f"Accuracy on {robustness['images']:,} MNIST test images under each perturbation (`digitrec robustness` "
+            f"Accuracy on {robustness['images']:,} MNIST test images under each perturbation{_one_view(views)} "
+            "(`digitrec robustness` "
             "scores all 10,000 and plots the curves). Clean accuracy on them: "
             f"{result['clean_accuracy']:.2%}.",
             f"Rejecting the least confident answers: accuracy {coverage} coverage.",
@@ -287,12 +295,13 @@ def _robustness_section(robustness: dict[str, Any]) -> Section:
     )
 
 
-def _latency_section(latency: dict[str, Any]) -> Section:
+def _latency_section(latency: dict[str, Any], views: int = 1) -> Section:
     """measure_latency's figures in one sentence."""
     return Section(
         "Latency",
         [
-            f"Forward pass of one image: {latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
+            f"Forward pass of one image{' (one view; the Predictor runs ' + str(views) + ' per image)' if views > 1 else ''}: "
+            f"{latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
             f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} thread{'s' * (latency['threads'] != 1)}, "
             f"{latency['machine']}; measured while writing this card, so a busy machine reads slower)."
         ],

@@ -317,7 +317,7 @@ def table(report: dict[str, Any]) -> str:
     names = [m["name"] for m in report["models"]]
     width = max(10, *(len(n) for n in names))
     lines = [
-        f"accuracy on {report['images']:,} MNIST test images",
+        f"accuracy on {report['images']:,} MNIST test images, one view each",
         f"{'perturbation':<14}{'strength':>9}  " + "  ".join(f"{n:>{width}}" for n in names),
     ]
     lines.append(

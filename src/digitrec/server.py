@@ -296,7 +296,7 @@ def create_app(
     model_name = str(getattr(predictor, "name", "model"))
     # the model's own identity (its file's SHA-256), not digitrec's version, which is the same for every model
     model_version = str(getattr(predictor, "model_id", "") or getattr(predictor, "version", ""))
-    model_accuracy = _own_test_accuracy(meta)
+    model_accuracy = _own_test_accuracy(meta, int(getattr(predictor, "tta_views", 1)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -771,12 +771,13 @@ async def _no_more_body() -> dict:
     return {"type": "http.disconnect"}
 
 
-def _own_test_accuracy(meta: dict[str, Any]) -> float | None:
+def _own_test_accuracy(meta: dict[str, Any], views: int = 1) -> float | None:
     """The served model's MNIST test accuracy: an int8 export's measured at export, else its checkpoint's (a float
-    export answers as its checkpoint does; the export checks that)."""
+    export answers as its checkpoint does; the export checks that). The export measures one view per image, so a
+    model scored in several (tta.py) keeps its checkpoint's figure, which is of the views the server runs."""
     export = meta.get("export") or {}
     accuracy = (meta.get("metrics") or {}).get("test_accuracy")
-    if export.get("precision") == "int8" and export.get("onnx_accuracy") is not None:
+    if export.get("precision") == "int8" and export.get("onnx_accuracy") is not None and views == 1:
         accuracy = export["onnx_accuracy"]
     # six places: checkpoints written before accuracies were exact fractions hold float32 means (0.9915000200271606)
     return None if accuracy is None else round(float(accuracy), 6)

@@ -3,8 +3,9 @@
 A recipe turns it on with `tta_views` (1 = off, 5 = the image and its four 1-pixel shifts, 9 = the 3x3 grid of
 shifts). Evaluation (`evaluate.predict_logits`, so every reported test figure) and the Predictor (`predict`,
 `read`, `serve`, on any backend) both use it, and both return the log of the mean probability, so a calibration
-temperature means the same on either side. The robustness curves and the saliency maps score single views.
-Nothing here imports torch.
+temperature means the same on either side. Single views are what the robustness curves (and `explore`, which
+reads them), the saliency maps, `bench`'s speed figures and the model card's latency score. Nothing here
+imports torch.
 """
 
 from __future__ import annotations
