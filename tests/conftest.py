@@ -7,6 +7,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,20 @@ from hypothesis import settings
 
 from digitrec import data as data_module
 from digitrec import realworld
-from digitrec.data import MNIST, to_idx
+from digitrec.data import MNIST, load_mnist, to_idx
+from digitrec.errors import DataError
 
 _CACHE: list[
     tempfile.TemporaryDirectory
 ] = []  # made by pytest, not on import: runkit's children import this module
+# where `digitrec data` keeps MNIST for this user, remembered before the tests move the cache
+_USER_MNIST: list[Path] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The tests' downloads and decompressed copies go to a folder of their own, never the user's cache."""
+    """The tests' downloads and decompressed copies go to a folder of their own, never the user's cache; the
+    user's MNIST folder is remembered first, so the tests on real MNIST still find what `digitrec data` put there."""
+    _USER_MNIST[:] = [data_module.cache_dir()]
     _CACHE.append(tempfile.TemporaryDirectory(prefix="digitrec-test-cache-"))
     os.environ["DIGITREC_CACHE"] = _CACHE[-1].name
 
@@ -63,6 +69,32 @@ def randomize_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
             elif "running_mean" in name:
                 value.normal_(0, 0.3)
     return model
+
+
+@dataclass(frozen=True)
+class RealMNIST:
+    """The real MNIST, and the arguments that make a `digitrec` command in the tests read it from the same place."""
+
+    data: MNIST
+    data_args: list[str]  # ["--data-dir", the user's cache folder] when only the user's cache has it, else []
+
+
+@pytest.fixture(scope="session")
+def real_mnist() -> RealMNIST:
+    """The verified MNIST from the places a command looks ($DIGITREC_DATA, ../shared/mnist; the tests' own cache is
+    empty) or else from the user's cache, where `digitrec data` downloads it; skips when it is in none of them."""
+    try:
+        return RealMNIST(load_mnist(download=False), [])
+    except DataError:
+        pass
+    user_folder = _USER_MNIST[0] if _USER_MNIST else data_module.cache_dir()
+    try:
+        return RealMNIST(load_mnist(user_folder, download=False), ["--data-dir", str(user_folder)])
+    except DataError:
+        pytest.skip(
+            f"real MNIST is not in $DIGITREC_DATA, ../shared/mnist or this user's cache {user_folder}; "
+            "`digitrec data` downloads it to that cache"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -356,17 +355,26 @@ def test_a_port_out_of_range_is_refused_before_start_up(port):
     assert result.returncode == 2 and "is not a port number; use 0-65535" in result.stderr
 
 
-def test_a_busy_port_or_unknown_host_is_one_sentence_before_the_model_loads(tmp_path):
+def test_a_busy_port_or_unknown_host_is_one_sentence_before_the_model_loads(tmp_path, monkeypatch, capsys):
     """uvicorn would load the model and start the workers, then log the bind error among its own lines."""
+    from digitrec import server as server_module
+
+    loaded = []
+
+    def never_load(*args, **kwargs):  # the bind error must come before the model (and its workers) load
+        loaded.append(args)
+        raise AssertionError("serve loaded the model before it found the port busy")
+
+    monkeypatch.setattr(server_module, "load_for_serving", never_load)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        started = time.monotonic()
-        result = run_cli("serve", "--port", port, "--feedback-db", str(tmp_path / "f.sqlite"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"port {port} on 127.0.0.1 is already in use; stop what is using it" in result.stderr
-    assert "serving" not in result.stdout and time.monotonic() - started < 30  # no model, no workers
+        code = main(["serve", "--port", port, "--feedback-db", str(tmp_path / "f.sqlite")])
+    printed = capsys.readouterr()
+    assert code == 2 and loaded == [] and "serving" not in printed.out
+    assert f"port {port} on 127.0.0.1 is already in use; stop what is using it" in printed.err
+    assert "Traceback" not in printed.err
     result = run_cli("serve", "--host", "no-such-host.invalid", "--port", "8000")
     assert result.returncode == 2 and "cannot listen on 'no-such-host.invalid': no such host" in result.stderr
     theirs = tmp_path / "theirs.db"  # another program's database: refused before the model loads (or exports)
@@ -541,7 +549,7 @@ def test_train_without_a_report_writes_the_run_and_says_how_to_report_it(idx_fol
     assert '<img alt="curves"' in (report / "report.html").read_text()
 
 
-def test_ensemble_of_one_model_twice_scores_as_the_model(tiny_fast_run, idx_folder, capsys):
+def test_ensemble_of_one_model_twice_scores_as_the_model(tiny_fast_run, idx_folder, tmp_path, capsys):
     from digitrec.data import load_mnist
     from digitrec.evaluate import evaluate_ensemble
 
@@ -551,7 +559,12 @@ def test_ensemble_of_one_model_twice_scores_as_the_model(tiny_fast_run, idx_fold
     ensemble = evaluate_ensemble([path, path], load_mnist(idx_folder, download=False))
     assert ensemble["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-6)
     assert [m["test_accuracy"] for m in ensemble["members"]] == pytest.approx([single["test_accuracy"]] * 2)
-    assert main(["ensemble", "missing-model.safetensors", "--data-dir", str(idx_folder)]) != 0
+    # two models, one of them missing: past the count and sameness checks, to the missing file's own sentence
+    missing = tmp_path / "missing-model.safetensors"
+    assert main(["ensemble", str(path), str(missing), "--data-dir", str(idx_folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {missing} does not exist; train one with `digitrec train`" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_ensemble_refuses_one_model_or_the_same_model_twice(tiny_fast_run, idx_folder, tmp_path, capsys):

@@ -43,6 +43,81 @@ def test_perturbations_change_ink_the_way_they_say(tiny_mnist):
     )
 
 
+def _ink_moments(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each image's ink mass (N,), centre of mass (N, 2: x, y) and axis angle in degrees (N,), from the
+    intensity-weighted second moments; a horizontal bar's angle is 0."""
+    w = images.float()
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    mass = w.sum((1, 2))
+    cx = (w * xs).sum((1, 2)) / mass
+    cy = (w * ys).sum((1, 2)) / mass
+    dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
+    mu20 = (w * dx**2).sum((1, 2)) / mass
+    mu02 = (w * dy**2).sum((1, 2)) / mass
+    mu11 = (w * dx * dy).sum((1, 2)) / mass
+    angle = torch.rad2deg(0.5 * torch.atan2(2 * mu11, mu20 - mu02))
+    return mass, torch.stack([cx, cy], 1), angle
+
+
+def _block(count: int, rows: slice, cols: slice) -> torch.Tensor:
+    images = torch.zeros(count, 28, 28, dtype=torch.uint8)
+    images[:, rows, cols] = 255
+    return images
+
+
+@pytest.mark.parametrize("degrees", [30, 60])
+def test_rotation_turns_a_bar_by_a_random_angle_within_the_named_degrees(degrees):
+    """A horizontal bar's axis turns by a uniform random angle within ± the strength: never beyond it, both ways,
+    by up to nearly all of it and on average by about half of it, so no rotation, or a fixed one, fails."""
+    bars = _block(400, slice(13, 15), slice(6, 22))  # 16 x 2 px through the centre
+    _, _, angle = _ink_moments(robustness.perturb(bars, BY_NAME["rotation"], degrees))
+    assert angle.abs().max() <= degrees + 2
+    assert angle.min() < -0.85 * degrees and angle.max() > 0.85 * degrees
+    assert angle.abs().mean() == pytest.approx(degrees / 2, rel=0.15)
+
+
+@pytest.mark.parametrize("factor", [1.3, 0.6])
+def test_scale_changes_the_inks_extent_by_the_named_factor(factor):
+    """Every image is scaled by exactly the factor about the centre: a centred square's ink spreads factor times
+    as far and its area (total ink) changes by factor squared; the centre stays put."""
+    squares = _block(3, slice(9, 19), slice(9, 19))  # 10 x 10 px, centred on the image's centre 13.5
+    mass, centre, _ = _ink_moments(squares)
+    scaled = robustness.perturb(squares, BY_NAME["scale"], factor)
+    new_mass, new_centre, _ = _ink_moments(scaled)
+    assert new_mass / mass == pytest.approx(torch.full((3,), factor**2), rel=0.06)
+    assert new_centre == pytest.approx(centre, abs=0.05)
+    width = scaled.float().amax(1).sum(1) / 255  # the ink's width in pixels, an edge column part-covered
+    assert width == pytest.approx(torch.full((3,), 10 * factor), abs=0.3)
+
+
+@pytest.mark.parametrize("pixels", [2, 6])
+def test_translation_moves_the_centre_of_mass_by_up_to_the_named_pixels(pixels):
+    """Each image moves by its own uniform random shift within ± pixels, along x and y independently: the ink's
+    centre never moves further, moves both ways by nearly all of it, on average by half, and keeps its mass."""
+    squares = _block(400, slice(11, 17), slice(11, 17))  # 6 x 6 px: an 8 px shift keeps it inside the frame
+    mass, centre, _ = _ink_moments(squares)
+    new_mass, new_centre, _ = _ink_moments(robustness.perturb(squares, BY_NAME["translation"], pixels))
+    shift = new_centre - centre
+    assert shift.abs().max() <= pixels + 0.05
+    for axis in (0, 1):
+        assert shift[:, axis].min() < -0.85 * pixels and shift[:, axis].max() > 0.85 * pixels
+        assert shift[:, axis].abs().mean() == pytest.approx(pixels / 2, rel=0.15)
+    assert new_mass == pytest.approx(mass, rel=0.01)
+
+
+@pytest.mark.parametrize("std", [0.1, 0.15])
+def test_noise_adds_gaussian_pixel_noise_of_the_named_std_the_same_each_time(std):
+    """On mid-gray images (far from clipping) the noise added has mean 0 and the named std in the 0-1 pixel
+    range, differs from pixel to pixel and image to image, and is seeded: two calls give the same images."""
+    gray = torch.full((20, 28, 28), 128, dtype=torch.uint8)
+    noisy = robustness.perturb(gray, BY_NAME["noise"], std)
+    added = (noisy.float() - gray.float()) / 255
+    assert added.std().item() == pytest.approx(std, rel=0.03)
+    assert added.mean().item() == pytest.approx(0, abs=0.005)
+    assert not torch.equal(noisy[0], noisy[1])
+    assert torch.equal(noisy, robustness.perturb(gray, BY_NAME["noise"], std))
+
+
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
 def test_blur_is_a_zero_padded_separable_gaussian(sigma):
     """The banded-matrix blur gives what the textbook separable conv2d gives, on a non-square image too."""

@@ -735,13 +735,15 @@ def test_live_server_keeps_answering_while_a_client_sends_garbage(predictor, db_
         junk = socket.create_connection(("127.0.0.1", port))
         junk.sendall(bytes(range(256)) * 4 + b"\r\n\r\n")
         try:
-            with httpx.Client(base_url=url, timeout=5) as http:
+            with httpx.Client(base_url=url, timeout=5) as http:  # a request the server does not answer fails
                 for _ in range(3):
-                    started = time.perf_counter()
                     assert http.get("/healthz").status_code == 200
                     assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
                     assert http.post("/api/predict", files=upload(b"\xff\xd8garbage")).status_code == 400
-                    assert time.perf_counter() - started < 2
+            # all of that while the dribbling client's request was still open: it has had no answer yet
+            slow.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                slow.recv(100)
             junk.settimeout(5)
             assert junk.recv(100).startswith(b"HTTP/1.1 400")
         finally:
@@ -823,6 +825,17 @@ def _wait_for_close(sock: socket.socket, limit: float, dribble: bytes = b"") -> 
     return time.perf_counter() - started, said
 
 
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server has closed (or reset) the connection, rather than _wait_for_close giving up on it."""
+    sock.settimeout(0.5)
+    try:
+        return sock.recv(4096) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
 def test_clients_that_never_finish_their_headers_are_cut_off_while_others_are_served(predictor, db_path):
     from digitrec.guards import guarded_http_protocol
 
@@ -837,10 +850,12 @@ def test_clients_that_never_finish_their_headers_are_cut_off_while_others_are_se
             with httpx.Client(base_url=url, timeout=5) as http:
                 # normal clients are served meanwhile, and a kept-alive connection may idle past the limit
                 assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+                # the dribbler is cut off although it keeps sending: the limit is on the whole head, not on a
+                # pause (and it is this server's 1 s: _wait_for_close gives up 6 s past it, before the default 10 s)
                 seconds, said = _wait_for_close(slow, limit, dribble=b"ge/pngXX")
-                assert seconds < limit + 1.0 and said.startswith(b"HTTP/1.1 408"), (seconds, said)
+                assert said.startswith(b"HTTP/1.1 408") and _closed_by_server(slow), (seconds, said)
                 seconds, said = _wait_for_close(silent, limit)
-                assert said == b"" and seconds < 1.0  # its limit ran out while we watched the other one
+                assert said == b"" and _closed_by_server(silent), seconds  # closed with nothing to answer
                 time.sleep(limit + 0.2)
                 assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
                 assert http.get("/healthz").status_code == 200
@@ -1632,8 +1647,6 @@ def test_pillows_warnings_on_an_upload_stay_out_of_the_server_log():
 
 def test_killed_image_workers_end_at_once_without_finishing_their_chunks():
     """A forced quit's ImageWorkers.kill: the workers' chunks are dropped, not finished (a 30 s chunk here)."""
-    import time
-
     from digitrec.imageworkers import ImageWorkers
 
     async def main() -> list:
@@ -1646,10 +1659,11 @@ def test_killed_image_workers_end_at_once_without_finishing_their_chunks():
         waiting.cancel()
         return processes
 
-    started = time.monotonic()
     processes = asyncio.run(main())
-    assert time.monotonic() - started < 15
-    assert len(processes) == 1 and not processes[0].is_alive()
+    assert len(processes) == 1
+    processes[0].join(timeout=60)  # a hang fails here; a worker that finished its chunk would take 30 s
+    # ended by a signal (exit code -SIGTERM or -SIGKILL), not a clean exit after its chunk was done
+    assert not processes[0].is_alive() and processes[0].exitcode < 0, processes[0].exitcode
 
 
 def test_a_request_whose_client_left_is_cancelled_and_its_photo_never_reaches_a_worker(monkeypatch):

@@ -72,6 +72,28 @@ def test_best_toml_says_which_trial_settings_it_leaves_to_the_recipe(tiny_mnist,
     assert recipe_length.epochs == 0.85 and recipe_length.val_size == 0 and recipe_length.lr == 4e-3
 
 
+def test_trials_are_scored_on_validation_accuracy_never_on_the_test_set(tiny_mnist, tmp_path, monkeypatch):
+    """A trial's value, and the study's best value, is the validation accuracy its run recorded. The test labels
+    here are all wrong (each shifted by one), so a search scored on test accuracy (below 10%) cannot pass by
+    the two figures happening to agree."""
+    from dataclasses import replace
+
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}, {"lr": 3e-3}]))
+    mislabeled = replace(tiny_mnist, test_labels=(tiny_mnist.test_labels + 1) % 10)
+    result = tune_module.tune(
+        "fast", 2, tmp_path, data=mislabeled, epochs=2, val_size=200, log=lambda msg: None
+    )
+    recorded = {}
+    for trial in result.study.trials:
+        metrics = json.loads((tmp_path / f"trial-{trial.number:03d}" / "model.json").read_text())["metrics"]
+        assert metrics["test_accuracy"] < 0.1 and metrics["val_accuracy"] > 0.5  # the two cannot be confused
+        assert trial.value == metrics["val_accuracy"]
+        recorded[trial.number] = metrics
+    assert result.best_value == max(m["val_accuracy"] for m in recorded.values())
+    assert result.best_value == recorded[result.study.best_trial.number]["val_accuracy"]
+    assert result.best_value != recorded[result.study.best_trial.number]["test_accuracy"]
+
+
 def test_a_trial_that_diverges_is_pruned_and_the_search_goes_on(tiny_mnist, tmp_path, monkeypatch):
     """A learning rate the search space allows can make the loss NaN; training now stops there with
     TrainingDiverged, which ended the whole study."""
