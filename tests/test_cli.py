@@ -565,6 +565,11 @@ def test_ensemble_of_one_model_twice_scores_as_the_model(tiny_fast_run, idx_fold
     err = capsys.readouterr().err
     assert f"checkpoint {missing} does not exist; train one with `digitrec train`" in err
     assert len(err.strip().splitlines()) == 1
+    # said before MNIST is loaded (it was looked for, or downloaded, first)
+    empty = tmp_path / "no-mnist"
+    empty.mkdir()
+    assert main(["ensemble", str(path), str(missing), "--data-dir", str(empty)]) == 2
+    assert f"checkpoint {missing} does not exist" in capsys.readouterr().err
 
 
 def test_ensemble_refuses_one_model_or_the_same_model_twice(tiny_fast_run, idx_folder, tmp_path, capsys):

@@ -440,6 +440,7 @@ def _refuse_out_over_a_member(out: Path, names: list[str], paths: list[Path]) ->
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .checkpoint import read_checkpoint
     from .data import load_mnist
     from .evaluate import evaluate_ensemble
 
@@ -453,6 +454,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     if args.out:  # said now, not after the evaluation: an --out over a member, a folder it cannot write into
         _refuse_out_over_a_member(args.out, args.models, paths)
         _make_folder(args.out.parent, "--out")
+    for path in paths:  # a missing or damaged member is said before MNIST is loaded (or downloaded)
+        read_checkpoint(path)
     data = load_mnist(args.data_dir, log=_stderr)
     if args.out:  # built before the evaluation, so that a model it cannot join stops the command at once
         from .checkpoint import load_ensemble, save_model
