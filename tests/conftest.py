@@ -90,9 +90,9 @@ def real_mnist() -> RealMNIST:
     user_folder = _USER_MNIST[0] if _USER_MNIST else data_module.cache_dir()
     try:
         return RealMNIST(load_mnist(user_folder, download=False), ["--data-dir", str(user_folder)])
-    except DataError:
+    except DataError as exc:  # its sentence too: a damaged cache is not the same as none
         pytest.skip(
-            f"real MNIST is not in $DIGITREC_DATA, ../shared/mnist or this user's cache {user_folder}; "
+            f"real MNIST is not in $DIGITREC_DATA, ../shared/mnist or this user's cache {user_folder} ({exc}); "
             "`digitrec data` downloads it to that cache"
         )
 
