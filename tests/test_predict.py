@@ -58,8 +58,9 @@ def test_bundled_model_is_small_and_says_it_is_calibrated_and_accurate(pretraine
 def test_bundled_model_is_calibrated_and_accurate_on_mnist(real_mnist):
     """The figures the bundled checkpoint states are measured again on the 10,000 MNIST test images: its
     accuracy, scored as its recipe evaluates (bfloat16, as `digitrec evaluate` does: 9953 right, as stated, on
-    the machine this test was written on, from the float16 weights bundled), and its calibration, the expected calibration error with its
-    temperature (`digitrec calibrate` measures test_ece the same way), far below the model's own at T = 1."""
+    the machine this test was written on, from the float16 weights bundled), and its calibration, the expected
+    calibration error with its temperature (`digitrec calibrate` measures test_ece the same way), far below the
+    model's own at T = 1."""
     from digitrec.calibrate import expected_calibration_error, fit_temperature, softmax
     from digitrec.checkpoint import load_model
     from digitrec.config import TrainConfig

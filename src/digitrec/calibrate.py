@@ -185,8 +185,8 @@ def remove_stale_exports(
     """Remove the ONNX exports `digitrec export` writes beside `checkpoint` by default (model.onnx and
     model.int8.onnx) when they were made from the checkpoint whose SHA-256 was `digest`, before it was rewritten
     (`by` a calibration, or an ensemble saved over it): they would go on answering with the old model, temperature
-    and reject threshold. Says so in one line; returns what it removed. An export under another name is the user's to keep (loading it beside the new checkpoint is
-    refused: backends.refuse_stale_export)."""
+    and reject threshold. Says so in one line; returns what it removed. An export under another name is the user's
+    to keep (loading it beside the new checkpoint is refused: backends.refuse_stale_export)."""
     from .backends import export_source_sha256
 
     removed = []

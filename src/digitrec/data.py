@@ -138,8 +138,8 @@ class TooLarge(ValueError):
 
 def gunzip(chunks: Iterable[bytes], limit: int) -> bytes:
     """The gzip data given in `chunks` decompressed (every member, as gzip.decompress), streamed: TooLarge once
-    the output passes `limit` bytes, so no more than `limit` bytes are ever made (held twice while joined); EOFError when it ends
-    inside a member, zlib.error when it is not gzip."""
+    the output passes `limit` bytes, so no more than `limit` bytes are ever made (held twice while joined);
+    EOFError when it ends inside a member, zlib.error when it is not gzip."""
     parts: list[bytes] = []
     size = 0
     member = None  # the member being decompressed; None before the first and between two

@@ -286,8 +286,7 @@ def _robustness_section(robustness: dict[str, Any], views: int = 1) -> Section:
         "Robustness",
         [
             f"Accuracy on {robustness['images']:,} MNIST test images under each perturbation{_one_view(views)} "
-            "(`digitrec robustness` "
-            "scores all 10,000 and plots the curves). Clean accuracy on them: "
+            "(`digitrec robustness` scores all 10,000 and plots the curves). Clean accuracy on them: "
             f"{result['clean_accuracy']:.2%}.",
             f"Rejecting the least confident answers: accuracy {coverage} coverage.",
         ],
@@ -297,11 +296,11 @@ def _robustness_section(robustness: dict[str, Any], views: int = 1) -> Section:
 
 def _latency_section(latency: dict[str, Any], views: int = 1) -> Section:
     """measure_latency's figures in one sentence."""
+    per_view = f" (one view; the Predictor runs {views} per image)" if views > 1 else ""
     return Section(
         "Latency",
         [
-            f"Forward pass of one image{' (one view; the Predictor runs ' + str(views) + ' per image)' if views > 1 else ''}: "
-            f"{latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
+            f"Forward pass of one image{per_view}: {latency['single_ms']:.2f} ms median; in batches of {latency['batch_size']}: "
             f"{latency['batch_ms_per_image']:.3f} ms per image ({latency['device']}, {latency['threads']} thread{'s' * (latency['threads'] != 1)}, "
             f"{latency['machine']}; measured while writing this card, so a busy machine reads slower)."
         ],
