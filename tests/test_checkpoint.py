@@ -293,6 +293,47 @@ def test_a_checkpoint_whose_weights_are_not_finite_is_refused(diverged, loader):
     )
 
 
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        ("int64", "holds whole numbers where a model keeps real-valued weights (in "),
+        ("std 0", "holds a standard deviation that is not positive (in 0.std)"),
+        ("variance -1", "holds a variance under zero (in 1.4.running_var)"),
+    ],
+)
+@pytest.mark.parametrize("loader", ["load_model", "Predictor.load numpy"])
+def test_weights_no_trained_model_has_are_refused(tmp_path, edit, said, loader):
+    """A hand-made file with whole-number weights (cast to floats without a word) or a std of 0 passed every
+    check, and predict answered digit 0 "with confidence NaN"."""
+    from digitrec.predict import Predictor
+
+    model = create_model("fast_cnn")
+    tensors = dict(model.state_dict())
+    if edit == "int64":
+        tensors = {k: v.round().long() for k, v in tensors.items()}
+    elif edit == "std 0":
+        tensors["0.std"] = torch.tensor(0.0)
+    else:
+        tensors["1.4.running_var"] = tensors["1.4.running_var"] - 2
+    path = tmp_path / "model.safetensors"
+    save_tensors(
+        path, tensors, {"recipe": "fast", "config": {"arch": "fast_cnn", "normalize": [0.1307, 0.3081]}}
+    )
+    load = load_model if loader == "load_model" else (lambda p: Predictor.load(p, backend="numpy"))
+    with pytest.raises(CheckpointError) as refused:
+        load(path)
+    assert said in str(refused.value) and str(refused.value).endswith("or pass another model.")
+
+
+def test_batch_norm_step_counters_stay_whole_numbers():
+    model = create_model("fast_cnn")
+    counters = [k for k, v in model.state_dict().items() if not v.is_floating_point()]
+    assert counters and all(k.endswith("num_batches_tracked") for k in counters)
+    from digitrec.checkpoint import refuse_unusable_weights
+
+    refuse_unusable_weights("x", dict(model.state_dict()))  # a fresh model passes
+
+
 def test_infinite_weights_are_refused_too_and_by_predict_and_evaluate_json(diverged, tmp_path, capsys):
     from digitrec.cli import main
 

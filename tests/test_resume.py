@@ -540,6 +540,70 @@ def test_a_crash_between_the_two_renames_is_recovered(tiny_mnist, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_crash_between_the_two_renames_of_the_model_loads_and_is_recovered(tiny_mnist, tmp_path):
+    """The same crash in the final save of model.safetensors left evaluate, predict and --resume saying the model
+    did not match its checksum for good: only last.safetensors was ever recovered."""
+    from digitrec.checkpoint import load_model, save_model
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    old_side = (tmp_path / "model.json").read_bytes()
+    model, meta = load_model(tmp_path / "model.safetensors")
+    meta.pop("format_version", None)
+    save_model(tmp_path / "model.safetensors", model, meta | {"note": "saved again"})
+    (tmp_path / "model.json").rename(tmp_path / ".model.json.k3j2x9.tmp")  # renamed second: not yet
+    (tmp_path / "model.json").write_bytes(old_side)
+    assert load_model(tmp_path / "model.safetensors")[1]["note"] == "saved again"
+    train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)  # a finished run: evaluated again
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert json.loads((tmp_path / "model.json").read_text())["note"] == "saved again"
+
+
+def test_stale_temporaries_of_every_run_output_are_removed(tiny_mnist, tmp_path):
+    """A run killed while writing metrics.json, history.json or the report left its temporary there for good."""
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    names = ["model.safetensors", "metrics.json", "history.json", "report.html"]
+    stale = [tmp_path / f".{name}.99999-0123456789abcdef.tmp" for name in names]
+    young = tmp_path / ".metrics.json.1-fedcba9876543210.tmp"  # a live write, perhaps: left alone
+    users = tmp_path / ".notes.txt.1-0123456789abcdef.tmp"  # not a run's file
+    for path in [*stale, young, users]:
+        path.write_bytes(b"half written")
+    for path in [*stale, users]:
+        os.utime(path, (time.time() - 600, time.time() - 600))
+    train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
+    assert not any(path.exists() for path in stale) and young.exists() and users.exists()
+    young.unlink()
+    for path in stale:
+        path.write_bytes(b"half written")
+        os.utime(path, (time.time() - 600, time.time() - 600))
+    train(config, tmp_path, data=tiny_mnist, **QUIET)  # a new run over the finished one
+    assert not any(path.exists() for path in stale)
+
+
+def test_a_finished_run_evaluated_on_another_thread_count_keeps_the_one_it_trained_on(tiny_mnist, tmp_path):
+    """`train --resume RUN --threads 2` of a run trained on one thread wrote threads 2 into metrics.json, and the
+    model card told the reader to reproduce the run with --threads 2 (other weights)."""
+    from digitrec.config import TrainConfig
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train(config, tmp_path, data=tiny_mnist, **QUIET)
+        train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, resume_threads=2, **QUIET)
+    finally:
+        torch.set_num_threads(before)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["threads"] == 1 == load_tensors(tmp_path / "model.safetensors")[1]["metrics"]["threads"]
+
+
 def test_a_new_command_on_a_live_runs_folder_leaves_its_writes_alone(tiny_mnist, tmp_path):
     """A second `train --out DIR` on a folder where a run is training removed that run's temporary files
     mid-write (the run then failed to rename them into place)."""

@@ -378,8 +378,8 @@ class NumpyBackend:
             _model_spec,
             load_arrays,
             member_specs,
-            refuse_nonfinite_weights,
             refuse_resume_checkpoint,
+            refuse_unusable_weights,
         )
         from .errors import CheckpointError
 
@@ -388,7 +388,7 @@ class NumpyBackend:
         except KeyError:  # a tensor type NumPy does not have
             return None
         refuse_resume_checkpoint(path, meta, tensors)
-        refuse_nonfinite_weights(path, tensors)
+        refuse_unusable_weights(path, tensors)
         specs = member_specs(path, meta)
         if specs is not None:
             ensemble = NumpyEnsemble.build(path, tensors, [arch for arch, _ in specs])

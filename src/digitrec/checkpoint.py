@@ -10,6 +10,7 @@ both when they are present.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -17,6 +18,7 @@ import os
 import secrets
 import struct
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,24 +154,36 @@ def recover_interrupted_write(path: str | Path) -> None:
     """
     path = Path(path)
     side = sidecar_path(path)
-    leftovers = sorted(path.parent.glob(f".{path.name}.*.tmp")) + sorted(
-        path.parent.glob(f".{side.name}.*.tmp")
-    )
-    if not leftovers:
-        return
     if path.exists():
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if _side_sha256(side) != digest:
-            for candidate in leftovers:
-                if candidate.name.startswith(f".{side.name}.") and _side_sha256(candidate) == digest:
-                    with contextlib.suppress(FileNotFoundError):  # another rank of the same run was quicker
-                        os.replace(candidate, side)
-                    break
+        candidate = _matching_temporary_side(path, digest)
+        if candidate is not None:
+            with contextlib.suppress(FileNotFoundError):  # another rank of the same run was quicker
+                os.replace(candidate, side)
+    remove_stale_temporaries(path.parent, (path.name, side.name))
+
+
+def remove_stale_temporaries(folder: Path, names: Iterable[str]) -> None:
+    """Remove the temporaries (`.NAME.*.tmp`) that writes of `names` in `folder` left when their process was
+    killed, once STALE_SECONDS old: a younger one may be a live run's write in progress."""
     now = time.time()
-    for leftover in leftovers:
-        with contextlib.suppress(FileNotFoundError):
-            if now - leftover.stat().st_mtime > STALE_SECONDS:
-                leftover.unlink()
+    for name in names:
+        for leftover in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if now - leftover.stat().st_mtime > STALE_SECONDS:
+                    leftover.unlink()
+
+
+def _matching_temporary_side(path: Path, digest: str) -> Path | None:
+    """The side file of `path` that a crash between `save_tensors`' two renames left as a temporary: the one whose
+    checksum is `digest`, the checkpoint's (None when the side file in place has it, or no temporary does)."""
+    side = sidecar_path(path)
+    if _side_sha256(side) == digest:
+        return None
+    for candidate in sorted(path.parent.glob(f".{glob.escape(side.name)}.*.tmp")):
+        if _side_sha256(candidate) == digest:
+            return candidate
+    return None
 
 
 def _side_sha256(side: Path) -> str | None:
@@ -225,7 +239,9 @@ def read_checkpoint(path: str | Path) -> tuple[bytes, dict[str, Any]]:
             raise CheckpointError(
                 f"side file {side} is not valid JSON; restore it or delete it to load {path.name} alone."
             ) from None
-        if expected and expected != hashlib.sha256(data).hexdigest():
+        digest = hashlib.sha256(data).hexdigest()
+        # a crash between save_tensors' two renames: the new side file is still a temporary beside the old one
+        if expected and expected != digest and _matching_temporary_side(path, digest) is None:
             raise CheckpointError(
                 f"checkpoint {path} does not match the checksum in {side.name}: it is truncated or was modified; retrain or restore it."
             )
@@ -306,23 +322,40 @@ def refuse_resume_checkpoint(path: str | Path, meta: dict[str, Any], tensors: di
         )
 
 
-def refuse_nonfinite_weights(path: str | Path, tensors: dict[str, Any]) -> None:
-    """One sentence for a model whose weights (torch tensors or NumPy arrays) hold NaN or infinity.
+def refuse_unusable_weights(path: str | Path, tensors: dict[str, Any]) -> None:
+    """One sentence for a model whose weights (torch tensors or NumPy arrays) cannot give probabilities.
 
-    Such a model answers every image with NaN: digit 0 "with confidence NaN", and JSON that is no JSON (a bare
-    NaN); written by a run that diverged. Checked where a model is loaded to predict, evaluate or export."""
+    Weights with NaN or infinity (written by a run that diverged), whole-number weights (loading casts them to
+    floats without a word), a normalization std that is not positive or a BatchNorm variance under zero answer
+    every image with NaN: digit 0 "with confidence NaN", and JSON that is no JSON (a bare NaN). Checked where a
+    model is loaded to predict, evaluate or export. BatchNorm's step counter is the one whole-number tensor."""
     import numpy as np
 
     for name, value in tensors.items():
-        if hasattr(value, "is_floating_point"):  # a torch.Tensor (float16 and bfloat16 too)
-            finite = not value.is_floating_point() or bool(value.isfinite().all())
-        else:
-            array = np.asarray(value)
-            finite = not np.issubdtype(array.dtype, np.inexact) or bool(np.isfinite(array).all())
-        if not finite:
+        array = value.float().numpy() if hasattr(value, "is_floating_point") else np.asarray(value)
+        floating = (
+            value.is_floating_point()
+            if hasattr(value, "is_floating_point")
+            else (np.issubdtype(array.dtype, np.inexact))
+        )
+        if not floating:
+            if name.endswith("num_batches_tracked"):
+                continue
+            raise CheckpointError(
+                f"checkpoint {path} holds whole numbers where a model keeps real-valued weights (in {name}, "
+                f"{value.dtype}): it was not written by digitrec; train the model again or pass another model."
+            )
+        if not np.isfinite(array).all():
             raise CheckpointError(
                 f"checkpoint {path} holds weights that are not finite numbers (NaN or infinity, in {name}): the "
                 "run that wrote it diverged; train it again (with a lower --lr) or pass another model."
+            )
+        leaf = name.rsplit(".", 1)[-1]
+        if (leaf == "std" and (array <= 0).any()) or (leaf == "running_var" and (array < 0).any()):
+            what = "a standard deviation that is not positive" if leaf == "std" else "a variance under zero"
+            raise CheckpointError(
+                f"checkpoint {path} holds {what} (in {name}), which no trained model has: it was edited or "
+                "damaged; train the model again or pass another model."
             )
 
 
@@ -332,7 +365,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     tensors, meta = load_tensors(path)
     refuse_resume_checkpoint(path, meta, tensors)
-    refuse_nonfinite_weights(path, tensors)
+    refuse_unusable_weights(path, tensors)
     specs = member_specs(path, meta)
     if specs is None:
         arch, normalize = _model_spec(path, meta)

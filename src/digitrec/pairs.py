@@ -319,7 +319,7 @@ def load_pair_scorer(path: str | Path | None = None) -> PairScorer | None:
     """The pair classifier at `path` (default: the bundled one) as (N, 28, 28) pieces -> (N, 101) log probabilities;
     None when the default file is missing (then `read` reads as it did without it)."""
     from .backends import NumpyBackend
-    from .checkpoint import load_arrays, refuse_nonfinite_weights
+    from .checkpoint import load_arrays, refuse_unusable_weights
 
     source = Path(path) if path is not None else pretrained_pairs_path()
     if path is None and not source.exists():
@@ -327,7 +327,7 @@ def load_pair_scorer(path: str | Path | None = None) -> PairScorer | None:
     tensors, meta = load_arrays(source)
     if meta.get("arch") != "pair_cnn":
         raise CheckpointError(f"{source} is not a pair classifier (`digitrec train-pairs` writes one).")
-    refuse_nonfinite_weights(source, tensors)
+    refuse_unusable_weights(source, tensors)
     try:
         network = NumpyBackend(tensors, "pair_cnn", layers=PAIR_LAYERS)
     except (KeyError, ValueError):

@@ -17,7 +17,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from .checkpoint import load_tensors, read_checkpoint, recover_interrupted_write
+from .checkpoint import load_tensors, read_checkpoint, recover_interrupted_write, remove_stale_temporaries
 from .config import TrainConfig
 from .errors import CheckpointError, DigitrecError
 from .feedback import is_finetune
@@ -143,7 +143,7 @@ def resume_checkpoint(out_dir: Path) -> Path:
 def read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, str, dict[str, Any]]:
     """The tensors, config, recipe and state of `out_dir`'s last.safetensors, for `train(resume=True)`."""
     last_path = resume_checkpoint(out_dir)
-    recover_interrupted_write(last_path)
+    recover_run_folder(out_dir)
     tensors, meta = load_tensors(last_path)
     try:
         config, recipe, state = TrainConfig.from_dict(meta["config"]), meta["recipe"], meta["state"]
@@ -244,11 +244,19 @@ def remove_run_outputs(out_dir: Path) -> None:
     shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
 
 
+def recover_run_folder(out_dir: Path) -> None:
+    """Finish a save of model.safetensors or last.safetensors that a crash cut between its two renames, and remove
+    the stale temporaries of every file a run writes (checkpoint.recover_interrupted_write)."""
+    for name in ("last.safetensors", "model.safetensors"):
+        recover_interrupted_write(out_dir / name)
+    remove_stale_temporaries(out_dir, RUN_OUTPUTS)
+
+
 def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
     """A new run must not replace one that `--resume` could finish; replacing a finished one is fine (`make run`).
 
     A fine-tune may replace an unfinished fine-tune: starting it over is how one is continued."""
-    recover_interrupted_write(out_dir / "last.safetensors")
+    recover_run_folder(out_dir)
     try:
         _, meta = read_checkpoint(out_dir / "last.safetensors")
         config, state = TrainConfig.from_dict(meta["config"]), meta["state"]

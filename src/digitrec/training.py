@@ -897,6 +897,11 @@ def _test_and_write(
         "bfloat16": config.amp and native_bfloat16(device.type),  # autocast as it ran (see native_bfloat16)
         "dry_run": state["dry_run"],  # trained on the first DRY_RUN_BATCHES batches only (--dry-run)
     }
+    if evaluate_only and "metrics" in best_meta:
+        # a finished run evaluated again (`--resume` of a finished run, perhaps with another --threads or
+        # --device): the run as it trained, which the model card's command reproduces, not this evaluation
+        trained = best_meta["metrics"]
+        metrics |= {k: trained[k] for k in ("device", "world_size", "threads", "bfloat16") if k in trained}
     if more_metrics is not None:
         metrics |= more_metrics(model)
     model.cpu()  # saved and reported from the CPU, whatever it trained on (the report scores it with CPU labels)
