@@ -417,6 +417,8 @@ def test_a_star_answers_every_host(db_path, allowed):
         ("a,,b", "'a,,b' has an empty entry"),
         ("*.", "'*.' is not a host name"),
         ("evil*.example", "'evil*.example' is not a host name"),
+        (["ok.example", 3], "allowed hosts are names given as strings, and 3 is not one"),  # AttributeError
+        (3, "allowed hosts are names given as strings, and 3 is not one"),  # TypeError
     ],
 )
 def test_create_app_refuses_an_allowed_host_that_is_no_host_name(db_path, allowed, message):

@@ -16,7 +16,7 @@ True
 True
 
 `digitrec.Predictor.pretrained()` loads the model bundled with the package, and `predictor.read(image)`
-reads a whole number from one line of digits.
+reads the handwritten numbers in a photo, one per line of writing.
 """
 
 from __future__ import annotations

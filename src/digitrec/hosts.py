@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
+from typing import cast
 
 from .errors import DigitrecError
 
@@ -86,7 +87,16 @@ class AllowedHosts:
     def __init__(self, entries: str | Iterable[str] = ()):
         if isinstance(entries, str):
             entries = entries.split(",")
-        entries = [entry.strip() for entry in entries]
+        try:
+            given: list[object] = list(entries)
+        except TypeError:  # a single name, but not a string: AllowedHosts(3)
+            given = [entries]
+        for entry in given:
+            if not isinstance(entry, str):
+                raise DigitrecError(
+                    f"allowed hosts are names given as strings, and {entry!r} is not one; {ALLOWED_HOSTS_HINT}."
+                )
+        entries = [cast(str, entry).strip() for entry in given]
         if "" in entries:
             raise DigitrecError(f"{','.join(entries)!r} has an empty entry; {ALLOWED_HOSTS_HINT}.")
         self.any = ANY in entries
