@@ -154,10 +154,10 @@ def compute_metrics(
 
 
 def evaluate_model(
-    model: nn.Module, data: MNIST, config: TrainConfig | None = None, temperature: float = 1.0
+    model: nn.Module, data: MNIST, config: TrainConfig, temperature: float = 1.0
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """(metrics, logits) of `model` on the MNIST test set."""
-    logits = recipe_logits(model, data.test_images, config or TrainConfig())
+    """(metrics, logits) of `model` on the MNIST test set, scored as `config`'s recipe evaluates."""
+    logits = recipe_logits(model, data.test_images, config)
     return compute_metrics(logits, data.test_labels, temperature), logits
 
 
@@ -185,8 +185,9 @@ def write_report(
     out_dir: str | Path,
     model: nn.Module,
     data: MNIST,
+    *,
+    config: TrainConfig,
     history: list[dict[str, float]] | None = None,
-    config: TrainConfig | None = None,
     title: str | None = None,
     meta: dict[str, Any] | None = None,
     logits: torch.Tensor | None = None,
@@ -196,6 +197,7 @@ def write_report(
 ) -> dict[str, Any]:
     """Write evaluation.json, the PNG figures, MODEL_CARD.md and one self-contained report.html into out_dir.
 
+    `config` says how the model is scored (batch size, bfloat16, test-time views) and the curves' label smoothing.
     `meta` is the checkpoint's metadata for the model card; by default out_dir/model.json (a run's own), if any.
     `checkpoint` is the file evaluated, whose size the card gives (default: out_dir/model.safetensors, a run's own).
     `logits` are the model's test-set logits when the caller has them already (training has just evaluated).
@@ -219,8 +221,7 @@ def write_report(
     atomic_write_json(out_dir / "evaluation.json", metrics)
     figures = {}
     if history:
-        smoothing = config.label_smoothing if config else 0.0
-        figures["Training curves"] = plots.curves(history, out_dir / "curves.png", smoothing)
+        figures["Training curves"] = plots.curves(history, out_dir / "curves.png", config.label_smoothing)
     figures["Test samples (truth / prediction)"] = plots.samples(
         data.test_images, data.test_labels, predicted, out_dir / "samples.png"
     )
@@ -233,7 +234,7 @@ def write_report(
     figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
     scored = metrics
     # the card says how it was scored
-    if trained_config and config and trained_config.tta_views != config.tta_views:
+    if trained_config and trained_config.tta_views != config.tta_views:
         scored = {**metrics, "scored_tta_views": config.tta_views}
     card = modelcard.write_model_card(
         out_dir, model, scored, meta, trained_config or config, data, robust, checkpoint

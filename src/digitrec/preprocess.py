@@ -728,14 +728,6 @@ def _polarity(gray: np.ndarray) -> tuple[bool, float | None]:
     return (uniform[1], uniform[0]) if uniform is not None else (ink_is_dark(gray), None)
 
 
-def ink_mask(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
-    """Gray image -> boolean ink mask (polarity, flatten, threshold). Records the stages in `steps` if given."""
-    mask = threshold(ink_strength(gray, steps))
-    if steps is not None:
-        steps["threshold"] = ~mask
-    return mask
-
-
 def keep_digit_parts(labels: np.ndarray, areas: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Of the kept parts, those of one digit: none beside it at the picture's edge (drop_edge_parts), and at
     least KEEP_FRACTION of the largest (broken strokes stay)."""

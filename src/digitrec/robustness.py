@@ -128,12 +128,12 @@ class Scored:
     temperature: float = 1.0
 
 
-def torch_scorer(model: torch.nn.Module, config: TrainConfig | None = None) -> Scorer:
+def torch_scorer(model: torch.nn.Module, config: TrainConfig) -> Scorer:
     """Scores with the model's own evaluation settings: `config`'s batch size, bfloat16 and memory layout, as
     `digitrec evaluate` scores, but one view of each image (tta.py: the curves are of the images as perturbed)."""
     from .evaluate import recipe_logits
 
-    single_view = (config or TrainConfig()).override(tta_views=1)
+    single_view = config.override(tta_views=1)
 
     def score(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -345,9 +345,7 @@ def write(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     return {"json": out_dir / "robustness.json", "plot": plot(report, out_dir / "robustness.png")}
 
 
-def for_report(
-    model: torch.nn.Module, data: Any, images: int = REPORT_IMAGES, config: TrainConfig | None = None
-) -> dict[str, Any]:
+def for_report(model: torch.nn.Module, data: Any, images: int, config: TrainConfig) -> dict[str, Any]:
     """The run report's robustness section: every perturbation on the first `images` test images (a few seconds),
     scored the way `config`'s recipe evaluates, one view each."""
     scored = Scored("this model", "", torch_scorer(model, config))
