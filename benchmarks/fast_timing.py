@@ -32,7 +32,8 @@ def run_once(recipe: str, seed: int, out: Path, extra: list[str]) -> dict[str, f
     """One `digitrec train` process: its metrics.json figures and its wall time."""
     command = [sys.executable, "-m", "digitrec", "train", "--recipe", recipe, "--seed", str(seed), *extra]
     start = time.perf_counter()
-    subprocess.run([*command, "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+    if subprocess.run([*command, "--out", str(out)], stdout=subprocess.DEVNULL).returncode:
+        sys.exit(f"fast_timing.py: `digitrec {' '.join(command[3:])}` failed, as it says above")
     wall = time.perf_counter() - start
     metrics = json.loads((out / "metrics.json").read_text())
     return {

@@ -10,7 +10,7 @@ set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
+py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}  # make setup's, where there is one
 failed=0
 step() {  # step NAME SECONDS COMMAND...: run COMMAND, its output to the terminal and to $out/NAME.log
     local name=$1 limit=$2
@@ -31,8 +31,8 @@ step data 120 "$py" -m digitrec data
 step bench_gpu 120 "$py" -m digitrec bench gpu --recipe fast --seeds 5
 step bench_gpu_json 120 "$py" -m digitrec bench gpu --recipe fast --seeds 5 --json
 # the ordinary training loop on the GPU, eager and under torch.compile
-step train_fast 120 "$py" -m digitrec train --recipe fast --device cuda --out /tmp/digitrec-fast
-step train_fast_compiled 240 "$py" -m digitrec train --recipe fast --device cuda --compile --out /tmp/digitrec-fast-compiled
+step train_fast 120 "$py" -m digitrec train --recipe fast --device cuda --out "$out/run-fast" --overwrite
+step train_fast_compiled 240 "$py" -m digitrec train --recipe fast --device cuda --compile --out "$out/run-fast-compiled" --overwrite
 # recipes side by side, seconds to 99% (the GPU is what auto picks)
 step bench_train 300 "$py" -m digitrec bench train --recipes fast,default,seed-cnn-bn
 # the graphed step against the eager one, and two runs of one seed on the GPU bit for bit (cuDNN deterministic)

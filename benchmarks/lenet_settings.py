@@ -56,6 +56,8 @@ def main() -> int:
         "--epochs", type=float, default=0, help="override the recipe's 20 epochs (a quick check)"
     )
     args = parser.parse_args()
+    if args.parallel < 1:
+        parser.error(f"--parallel must be 1 or more, got {args.parallel}")
     out = Path(os.environ.get("OUT", "runs/lenet-settings"))
     out.mkdir(parents=True, exist_ok=True)
     threads = "1" if args.device == "cuda" else str(max(1, (os.cpu_count() or 1) // args.parallel))

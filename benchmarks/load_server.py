@@ -326,6 +326,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.url:
             parts = urlsplit(args.url)
+            if parts.scheme != "http":
+                parser.error(f"--url takes a URL such as http://127.0.0.1:8000, got {args.url!r}")
             if parts.hostname not in LOOPBACK:
                 parser.error("this benchmark only loads servers on 127.0.0.1 (it is a load generator)")
             host, port = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname, parts.port or 80
@@ -345,7 +347,12 @@ def main() -> int:
                         host, port, requests, args.warmup, min(args.concurrency, args.warmup), 60, expect
                     )
                 )
-            before = json.loads(urllib.request.urlopen(f"{base}/api/stats", timeout=10).read())
+            try:
+                before = json.loads(urllib.request.urlopen(f"{base}/api/stats", timeout=10).read())
+            except OSError as exc:  # URLError: nothing listens there, or not digitrec
+                sys.exit(
+                    f"load_server.py: no digitrec server answers at {base} ({exc}); start one with digitrec serve"
+                )
             server_pid = server.pid if server is not None else _quietly(listening_process, port)
             cpu_before = _quietly(server_cpu, server_pid) if server_pid else None
             client_before = os.times()

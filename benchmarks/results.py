@@ -22,6 +22,7 @@ import torch
 from digitrec.checkpoint import load_model
 from digitrec.config import RECIPES
 from digitrec.data import MNIST, load_mnist
+from digitrec.errors import DigitrecError
 from digitrec.evaluate import accuracy_as_reported, predict_logits
 from digitrec.training import train
 
@@ -90,9 +91,18 @@ def main() -> int:
     args = parser.parse_args()
     runs_dir = Path(args.runs_dir)
     recipes = args.recipes.split(",")
-    seed_list = [int(s) for s in args.seeds.split(",")]
+    unknown = [name for name in recipes if name not in RECIPES]
+    if unknown:
+        parser.error(f"no recipe named {', '.join(unknown)}; `digitrec recipes` lists them")
+    try:
+        seed_list = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes whole numbers separated by commas, got {args.seeds!r}")
     seeds = {name: seed_list for name in args.spread.split(",") if name in recipes}
-    data = load_mnist(log=lambda msg: print(msg, file=sys.stderr))
+    try:
+        data = load_mnist(log=lambda msg: print(msg, file=sys.stderr))
+    except DigitrecError as exc:
+        sys.exit(f"results.py: {exc}")
     if not args.table_only:
         for name in recipes:
             for seed in seeds.get(name, [RECIPES[name].seed]):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -332,6 +334,35 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     assert result.returncode == 141 and result.stderr == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_output_to_a_full_disk_is_one_sentence():
+    """`digitrec recipes > FILE` on a full disk printed a traceback (OSError, no file name: not ours to name)."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "digitrec", "recipes", "--json"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "digitrec: error: cannot write to standard output (No space left on device); send it to a file or terminal "
+        "that can take it.\n"
+    )
+
+
+def test_a_command_started_with_its_output_closed_runs():
+    """`digitrec recipes >&-` (cron, a daemon): sys.stdout is None, and the final flush raised AttributeError."""
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$0" -m digitrec recipes >&-', sys.executable],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
 def test_not_our_checkpoint(tmp_path):
     bogus = tmp_path / "model.safetensors"
     bogus.write_bytes(b"\x80\x04K\x01.")  # a pickle
@@ -644,6 +675,19 @@ def test_ensemble_out_saves_one_model_that_scores_as_the_ensemble(
     assert "digitrec_sha256" in header_metadata(out / "model.safetensors")
 
 
+def test_ensemble_out_to_a_folder_named_like_a_file_writes_into_it(
+    tiny_fast_run, tmp_path, idx_folder, capsys
+):
+    """`--out x.safetensors` where x.safetensors is a folder said "cannot use .x.safetensors.PID-....tmp: Is a
+    directory", naming a temporary file; it is a folder to hold model.safetensors, as calibrate takes it."""
+    other = _member(tiny_fast_run, tmp_path / "other.safetensors", 1, flip=True)
+    out = tmp_path / "x.safetensors"
+    out.mkdir()
+    args = ["ensemble", str(tiny_fast_run), str(other), "--out", str(out)]
+    assert main([*args, "--data-dir", str(idx_folder)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "model.json").read_text())["arch"] == "ensemble"
+
+
 def _member(tiny_fast_run, path, tta_views, flip=False):
     """The tiny run saved again at `path` with other test-time views (and its last layer turned around)."""
     model, meta = load_model(tiny_fast_run / "model.safetensors")
@@ -872,6 +916,29 @@ def test_an_interrupted_train_says_how_to_resume(tmp_path, monkeypatch, capsys, 
     assert main(["train", "--recipe", "fast", "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert f"`digitrec train --resume {tmp_path / 'run'}` continues" in err and "interrupted" in err
+
+
+def test_a_terminated_train_stops_as_ctrl_c_does(tmp_path, monkeypatch, capsys, tiny_mnist):
+    """`timeout` or a job scheduler's SIGTERM ended a run silently (exit 143), leaving a folder that held only
+    its lock file; it now says how to resume, and the signal's handler is given back afterwards."""
+    import signal
+
+    from digitrec import data, training
+
+    def terminated(config, out, **kwargs):
+        (out / "last.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (out / "last.safetensors").write_bytes(b"a checkpoint")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was not turned into an interrupt")
+
+    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+    monkeypatch.setattr(training, "train", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", "--recipe", "fast", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert f"`digitrec train --resume {tmp_path / 'run'}` continues" in err and "interrupted" in err
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.parametrize(
@@ -1165,3 +1232,18 @@ def test_an_interrupt_is_said_by_torchruns_rank_0_only(rank, said, monkeypatch, 
     monkeypatch.setenv("RANK", rank)
     assert main(["models"]) == 130
     assert ("digitrec: interrupted" in capsys.readouterr().err) == said
+
+
+def test_a_run_folder_whose_name_is_not_utf8_gets_its_report_and_export(tiny_fast_run, idx_folder, tmp_path):
+    """`train --out $'r\\xff'` trained, then failed writing report.html (UnicodeEncodeError, exit 1); `export` and
+    `evaluate --report` of such a folder failed the same way."""
+    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/r\xff"))
+    shutil.copytree(tiny_fast_run, odd)
+    report = Path(os.fsdecode(os.fsencode(tmp_path) + b"/rep\xfe"))
+    assert main(["evaluate", str(odd), "--report", str(report), "--data-dir", str(idx_folder)]) == 0
+    assert (
+        os.fsencode(str(odd)) in (report / "report.html").read_bytes()
+    )  # the name's own bytes, as ls writes it
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(odd), "--data-dir", str(idx_folder)]) == 0
+    assert (odd / "model.onnx").stat().st_size > 0

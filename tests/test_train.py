@@ -328,6 +328,24 @@ def test_a_run_with_threads_leaves_torchs_thread_count_as_it_was(tiny_mnist, tmp
     assert torch.get_num_threads() == before
 
 
+def test_more_threads_than_cores_trains_and_says_it_is_slower(tiny_mnist, tmp_path, monkeypatch):
+    """`--threads 1000` on 2 cores had not finished a 7-step dry run in two minutes, without a word; it is allowed
+    (the one way to reproduce the weights of a machine with that many threads), and now said."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    lines: list[str] = []
+    for threads in (2, 3):
+        config = TINY.override(epochs=1, threads=threads)
+        train(config, tmp_path / str(threads), data=tiny_mnist, dry_run=True, progress=False, report=False,
+              log=lines.append)  # fmt: skip
+    notes = [line for line in lines if line.startswith("note:")]
+    assert notes == [
+        "note: 3 threads on 2 cores: each step will take longer than on 2 (so many only reproduce the weights of a "
+        "machine that has them)"
+    ]
+
+
 def test_partial_last_batch_of_one_is_dropped():
     assert steps_in_epoch(129, 64) == 2 and steps_in_epoch(130, 64) == 3 and steps_in_epoch(128, 64) == 2
 

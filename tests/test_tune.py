@@ -323,3 +323,36 @@ def test_ctrl_c_writes_the_finished_trials_results_and_no_traceback(idx_folder, 
     assert "lr = 0.00" in (out / "best.toml").read_text() and (out / "tuning.png").exists()
     rows = (out / "trials.csv").read_text().splitlines()
     assert [row.split(",")[1] for row in rows[1:]] == ["complete", "complete", "fail"]
+
+
+def test_a_user_error_inside_a_trial_is_one_sentence_without_optunas_traceback(
+    idx_folder, tmp_path, monkeypatch, capfd
+):
+    """`tune --out /proc/x`: the right sentence came last, after Optuna's "Trial 0 failed" warning with a whole
+    traceback of the DigitrecError."""
+    import logging
+
+    from digitrec import training
+    from digitrec.errors import DigitrecError
+
+    def unwritable(*args, **kwargs):
+        raise DigitrecError(
+            "cannot write into the run folder /proc/x/trial-000; name a folder you can write."
+        )
+
+    said: list[logging.LogRecord] = []
+    listener = logging.Handler()
+    listener.emit = said.append  # type: ignore[method-assign]
+    logging.getLogger("optuna").addHandler(listener)
+    monkeypatch.setattr(training, "train", unwritable)
+    args = ["tune", "--trials", "2", "--epochs", "1", "--val-size", "200", "--out", str(tmp_path / "tune")]
+    try:
+        assert main([*args, "--data-dir", str(idx_folder)]) == 2
+    finally:
+        logging.getLogger("optuna").removeHandler(listener)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "failed" not in err, err
+    assert err.strip().endswith(
+        "cannot write into the run folder /proc/x/trial-000; name a folder you can write."
+    )
+    assert not [record.getMessage() for record in said if record.levelno >= logging.WARNING]

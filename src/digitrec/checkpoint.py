@@ -93,7 +93,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """UTF-8; a file name in the text that is not UTF-8 (caf\\xe9, from an old camera) keeps its own bytes, as `ls`
+    writes it (strictly, the report and card of a run in such a folder failed to be written)."""
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def atomic_write_json(path: str | Path, value: Any) -> None:

@@ -10,9 +10,9 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn, overload
+from typing import Any, NoReturn, TextIO, cast, overload
 
 from .errors import DigitrecError, TrainingDiverged, need_extra, refuse_repeats
 from .folderlock import file_in_the_way, make_writable_folder
@@ -57,7 +57,7 @@ def _model_out(value: str) -> Path:
     folder to hold model.safetensors."""
     _refuse_empty(value, "a .safetensors file or a folder to hold model.safetensors")
     path = Path(value)
-    if path.suffix != ".safetensors":
+    if path.suffix != ".safetensors" or path.is_dir():  # a folder named x.safetensors holds model.safetensors
         return _folder(value) / "model.safetensors"
     _folder(str(path.parent))
     return path
@@ -258,6 +258,27 @@ def _check_resume(args: argparse.Namespace) -> None:
         )
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a job scheduler) stops a run as Ctrl-C does: it says how to resume, and a folder
+    it made and left without a checkpoint is removed (killed outright, it held only its lock file)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         _check_resume(args)
@@ -281,6 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else None  # the default folder is made once MNIST is found
     data = load_mnist(args.data_dir, log=_stderr)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_terminate_as_interrupt())
         if out is None:
             # made now, so that a run started in the same second takes the next name; gone again if left empty
             out = stack.enter_context(reserved_out_dir(recipe))
@@ -1791,7 +1813,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # `train --nproc` relaunches this command line
     try:
         code = args.func(args)
-        sys.stdout.flush()  # here, so that a reader that left is caught below, not at the interpreter's exit
+        if sys.stdout is not None:  # None when started with its output closed (`>&-`): print() writes nothing
+            sys.stdout.flush()  # here, so that a reader that left is caught below, not at the interpreter's exit
         return code
     except DigitrecError as exc:
         if not (isinstance(exc, TrainingDiverged) and exc.quiet):  # said once, by rank 0
@@ -1803,6 +1826,16 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
             print("digitrec: interrupted", file=sys.stderr)
         return 130
+    except StandardOutputError as exc:  # `> /dev/full`, a file on a full disk
+        os.dup2(
+            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
+        )  # the rest goes nowhere, the exit flush too
+        print(
+            f"digitrec: error: cannot write to standard output ({exc.strerror}); send it to a file or terminal "
+            "that can take it.",
+            file=sys.stderr,
+        )
+        return 2
     except BrokenPipeError:  # `digitrec evaluate ... | head`: the reader left, so stop writing, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush too
         return 141  # 128 + SIGPIPE, as a shell reports a command its pipe ended
@@ -1816,6 +1849,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+class StandardOutputError(OSError):
+    """Standard output could not be written (a full disk): an OSError with no file name, like many others."""
+
+
+class _StandardOutput:
+    """sys.stdout, whose write errors say that they are its own; a reader that left stays a BrokenPipeError."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StandardOutputError(exc.errno, exc.strerror) from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StandardOutputError(exc.errno, exc.strerror) from exc
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
+
+
 def entry_point() -> NoReturn:
     """`digitrec` as a program (the console script, `python -m digitrec`): main(), then a quick exit.
 
@@ -1824,6 +1887,8 @@ def entry_point() -> NoReturn:
     still run, and the operating system frees the memory. (Tests call main() and keep collecting.)
     """
     _write_undecodable_names_as_they_are()
+    if sys.stdout is not None:
+        sys.stdout = cast(TextIO, _StandardOutput(sys.stdout))
     code = main()
     gc.freeze()
     sys.exit(code)

@@ -243,12 +243,17 @@ def _with_metadata(onnx_bytes: bytes, meta: dict[str, Any]) -> bytes:
     }
     for key, value in readable.items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, str(value)
+        entry.key, entry.value = key, _utf8(str(value))
     proto.producer_name = "digitrec"
-    proto.doc_string = (
+    proto.doc_string = _utf8(
         f"digitrec {meta.get('recipe', '')} model exported from {meta['export']['source_checkpoint']}"
     )
     return proto.SerializeToString()
+
+
+def _utf8(text: str) -> str:
+    """`text` as valid UTF-8, which ONNX's strings must be: a path's bytes that are not UTF-8 as backslash escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _quantize_int8(float_bytes: bytes, calibration: np.ndarray) -> bytes:

@@ -354,6 +354,8 @@ def train(
         main, world_size = distributed.is_main(), distributed.world_size()
         if not main:
             log, progress, tensorboard = _quiet, False, False
+        if oversubscribed := _oversubscribed(config):
+            log(oversubscribed)
         evaluate_only = resume and run_is_finished(state, config)
         if evaluate_only:
             log(f"{out_dir} holds a finished {recipe} run: evaluating it again, without training")
@@ -647,6 +649,24 @@ def _start_or_resume(
     return config, recipe, state, {}
 
 
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _oversubscribed(config: TrainConfig) -> str:
+    """A note for --threads above the cores this process may use (`--threads 1000` on 2 cores had not finished a
+    dry run in two minutes); such a count is allowed, as the one way to reproduce a bigger machine's weights."""
+    processes = distributed.launched_world_size()
+    cores = _cores()
+    if config.threads * processes <= cores or resolve_device(config.device).type != "cpu":
+        return ""
+    return (
+        f"note: {config.threads} threads{' per process' * (processes > 1)} on {cores} cores: each step will take "
+        f"longer than on {max(1, cores // processes)} (so many only reproduce the weights of a machine that has them)"
+    )
+
+
 def _set_up_device(config: TrainConfig) -> torch.device:
     """This process's device, with torch's thread count as `config` asks (its default with `threads = 0`)."""
     if config.threads:
@@ -753,6 +773,7 @@ def _resume_threads(
     step): it then trains on the environment's count, and says so."""
     recorded = state.get("threads")  # checked by runfolder.read_resume; older checkpoints do not say
     environment = torch.get_num_threads()
+    cores = _cores()
     if asked is not None:
         now = asked or environment
         if recorded is None or recorded == now:
@@ -764,7 +785,6 @@ def _resume_threads(
     if recorded is None or config.threads or resume_device or recorded == environment:
         return ""
     processes = distributed.launched_world_size()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     per_process = " per process" if processes > 1 else ""
     if recorded * processes > cores:
         return (

@@ -148,14 +148,17 @@ def tune(
         log,
     )
     train_count = len(data.train_images) - base.val_size
-    interrupted = False
+    stopped = False  # by Ctrl-C or a DigitrecError: Optuna's warning about the trial is not said
 
     def objective(trial: Any) -> float:
-        nonlocal interrupted
+        nonlocal stopped
         try:
             return run_trial(trial)
-        except KeyboardInterrupt:  # Optuna marks the trial failed; its warning and traceback are not said
-            interrupted = True
+        except (
+            KeyboardInterrupt,
+            DigitrecError,
+        ):  # Optuna marks the trial failed, with a traceback: not said
+            stopped = True  # (a DigitrecError is one sentence, which the command says once it stops)
             raise
 
     def run_trial(trial: Any) -> float:
@@ -200,11 +203,11 @@ def tune(
             raise optuna.TrialPruned()
         return value
 
-    def quiet_when_interrupted(record: logging.LogRecord) -> bool:
-        return not interrupted
+    def quiet_when_stopped(record: logging.LogRecord) -> bool:
+        return not stopped
 
     optimize_logger = logging.getLogger(_OPTIMIZE_LOGGER)
-    optimize_logger.addFilter(quiet_when_interrupted)
+    optimize_logger.addFilter(quiet_when_stopped)
     try:
         study.optimize(objective, n_trials=trials)
     except KeyboardInterrupt:
@@ -212,7 +215,7 @@ def tune(
         _write_interrupted(study, recipe, base, out_dir, storage, log)
         raise
     finally:
-        optimize_logger.removeFilter(quiet_when_interrupted)
+        optimize_logger.removeFilter(quiet_when_stopped)
     if not _finished(study):
         raise DigitrecError("every trial was pruned or failed; run more trials or raise --epochs.")
     return _write_results(study, recipe, base, out_dir)
