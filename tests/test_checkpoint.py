@@ -355,3 +355,14 @@ def test_infinite_weights_are_refused_too_and_by_predict_and_evaluate_json(diver
         assert main(args) != 0
         captured = capsys.readouterr()
         assert captured.out == "" and "holds weights that are not finite numbers" in captured.err
+
+
+def test_text_files_stay_utf8_with_a_file_name_that_is_not(tmp_path):
+    """tune's best.toml names its folder; a folder named tune\\xff made a file `train --config` could not read."""
+    from digitrec.checkpoint import atomic_write_text
+    from digitrec.config import load_toml
+
+    path = tmp_path / "best.toml"
+    atomic_write_text(path, "# train with it: digitrec train --config tune\udcff/best.toml\nlr = 0.01\n")
+    assert load_toml(path) == {"lr": 0.01}
+    assert "tune\\xff/best.toml" in path.read_text("utf-8")

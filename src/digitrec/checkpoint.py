@@ -92,10 +92,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write_files({Path(path): data})
 
 
+def valid_utf8(text: str) -> str:
+    """`text` as valid UTF-8: the bytes of a file name that are not UTF-8 (caf\\xe9, from an old camera), which
+    Python holds as lone surrogates, as backslash escapes (caf\\xe9), as `ls` shows them."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """UTF-8; a file name in the text that is not UTF-8 (caf\\xe9, from an old camera) keeps its own bytes, as `ls`
-    writes it (strictly, the report and card of a run in such a folder failed to be written)."""
-    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
+    """UTF-8, with a file name in the text that is not UTF-8 written as backslash escapes (valid_utf8): strictly,
+    the report and card of a run in such a folder failed to be written, and a TOML file must be UTF-8."""
+    atomic_write_bytes(path, valid_utf8(text).encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, value: Any) -> None:

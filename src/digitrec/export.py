@@ -25,7 +25,7 @@ from torch import nn
 
 from . import tta
 from .backends import INPUT_NAME, OUTPUT_NAME, export_source_sha256, onnx_session, softmax
-from .checkpoint import META_KEY, atomic_write_bytes, model_file, read_checkpoint
+from .checkpoint import META_KEY, atomic_write_bytes, model_file, read_checkpoint, valid_utf8
 from .errors import DigitrecError
 
 OPSET = 18
@@ -243,17 +243,12 @@ def _with_metadata(onnx_bytes: bytes, meta: dict[str, Any]) -> bytes:
     }
     for key, value in readable.items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, _utf8(str(value))
+        entry.key, entry.value = key, valid_utf8(str(value))
     proto.producer_name = "digitrec"
-    proto.doc_string = _utf8(
+    proto.doc_string = valid_utf8(
         f"digitrec {meta.get('recipe', '')} model exported from {meta['export']['source_checkpoint']}"
     )
     return proto.SerializeToString()
-
-
-def _utf8(text: str) -> str:
-    """`text` as valid UTF-8, which ONNX's strings must be: a path's bytes that are not UTF-8 as backslash escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _quantize_int8(float_bytes: bytes, calibration: np.ndarray) -> bytes:
