@@ -340,12 +340,11 @@ def refuse_unusable_weights(path: str | Path, tensors: dict[str, Any]) -> None:
     import numpy as np
 
     for name, value in tensors.items():
-        array = value.float().numpy() if hasattr(value, "is_floating_point") else np.asarray(value)
-        floating = (
-            value.is_floating_point()
-            if hasattr(value, "is_floating_point")
-            else (np.issubdtype(array.dtype, np.inexact))
-        )
+        if hasattr(value, "is_floating_point"):  # a torch.Tensor (float16 and bfloat16 too)
+            floating, array = value.is_floating_point(), value.float().numpy()
+        else:
+            array = np.asarray(value)
+            floating = np.issubdtype(array.dtype, np.inexact)
         if not floating:
             if name.endswith("num_batches_tracked"):
                 continue

@@ -1827,9 +1827,8 @@ def main(argv: list[str] | None = None) -> int:
             print("digitrec: interrupted", file=sys.stderr)
         return 130
     except StandardOutputError as exc:  # `> /dev/full`, a file on a full disk
-        os.dup2(
-            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
-        )  # the rest goes nowhere, the exit flush too
+        # what is left to print goes nowhere, and so does the interpreter's final flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print(
             f"digitrec: error: cannot write to standard output ({exc.strerror}); send it to a file or terminal "
             "that can take it.",
