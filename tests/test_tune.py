@@ -15,6 +15,19 @@ from digitrec.cli import main
 pytest.importorskip("optuna")
 
 
+@pytest.fixture
+def optuna_warnings():
+    """A list that holds, as they come, the messages Optuna logs at WARNING or above while the test runs."""
+    import logging
+
+    warnings: list[str] = []
+    listener = logging.Handler(logging.WARNING)
+    listener.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("optuna").addHandler(listener)
+    yield warnings
+    logging.getLogger("optuna").removeHandler(listener)
+
+
 def test_tune_prunes_bad_trials_and_writes_a_config_train_accepts(
     tiny_mnist, idx_folder, tmp_path, monkeypatch, capsys
 ):
@@ -289,10 +302,11 @@ def test_a_shared_study_refuses_trials_that_measure_something_else(tiny_mnist, t
     assert len(result.study.trials) == 2  # the same settings join the study
 
 
-def test_ctrl_c_writes_the_finished_trials_results_and_no_traceback(idx_folder, tmp_path, monkeypatch, capfd):
+def test_ctrl_c_writes_the_finished_trials_results_and_no_traceback(
+    idx_folder, tmp_path, monkeypatch, capfd, optuna_warnings
+):
     """Ctrl-C during a study without --storage lost every finished trial (no trials.csv, best.toml or plot) and
     printed Optuna's 15-line KeyboardInterrupt traceback."""
-    import logging
 
     from digitrec import training
 
@@ -304,21 +318,14 @@ def test_ctrl_c_writes_the_finished_trials_results_and_no_traceback(idx_folder, 
             raise KeyboardInterrupt
         return real_train(*args, **kwargs)
 
-    said: list[logging.LogRecord] = []
-    listener = logging.Handler()
-    listener.emit = said.append  # type: ignore[method-assign]
-    logging.getLogger("optuna").addHandler(listener)
     monkeypatch.setattr(training, "train", interrupted_in_the_third_trial)
     monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}, {"lr": 3e-3}, {"lr": 2e-3}]))
     out = tmp_path / "tune"
     args = ["tune", "--trials", "5", "--epochs", "1", "--val-size", "200", "--out", str(out)]
-    try:
-        assert main([*args, "--data-dir", str(idx_folder)]) == 130
-    finally:
-        logging.getLogger("optuna").removeHandler(listener)
+    assert main([*args, "--data-dir", str(idx_folder)]) == 130
     err = capfd.readouterr().err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert not [record.getMessage() for record in said if record.levelno >= logging.WARNING]
+    assert not optuna_warnings
     assert "stopped after 2 finished trials" in err and "--storage makes a study resumable" in err
     assert "lr = 0.00" in (out / "best.toml").read_text() and (out / "tuning.png").exists()
     rows = (out / "trials.csv").read_text().splitlines()
@@ -326,11 +333,10 @@ def test_ctrl_c_writes_the_finished_trials_results_and_no_traceback(idx_folder, 
 
 
 def test_a_user_error_inside_a_trial_is_one_sentence_without_optunas_traceback(
-    idx_folder, tmp_path, monkeypatch, capfd
+    idx_folder, tmp_path, monkeypatch, capfd, optuna_warnings
 ):
     """`tune --out /proc/x`: the right sentence came last, after Optuna's "Trial 0 failed" warning with a whole
     traceback of the DigitrecError."""
-    import logging
 
     from digitrec import training
     from digitrec.errors import DigitrecError
@@ -340,19 +346,12 @@ def test_a_user_error_inside_a_trial_is_one_sentence_without_optunas_traceback(
             "cannot write into the run folder /proc/x/trial-000; name a folder you can write."
         )
 
-    said: list[logging.LogRecord] = []
-    listener = logging.Handler()
-    listener.emit = said.append  # type: ignore[method-assign]
-    logging.getLogger("optuna").addHandler(listener)
     monkeypatch.setattr(training, "train", unwritable)
     args = ["tune", "--trials", "2", "--epochs", "1", "--val-size", "200", "--out", str(tmp_path / "tune")]
-    try:
-        assert main([*args, "--data-dir", str(idx_folder)]) == 2
-    finally:
-        logging.getLogger("optuna").removeHandler(listener)
+    assert main([*args, "--data-dir", str(idx_folder)]) == 2
     err = capfd.readouterr().err
     assert "Traceback" not in err and "failed" not in err, err
     assert err.strip().endswith(
         "cannot write into the run folder /proc/x/trial-000; name a folder you can write."
     )
-    assert not [record.getMessage() for record in said if record.levelno >= logging.WARNING]
+    assert not optuna_warnings
