@@ -147,6 +147,23 @@ def test_a_card_of_a_model_scored_in_views_says_robustness_and_latency_are_of_on
     assert said(get_recipe("default"), scored=1) == one  # `evaluate --tta-views 1`: all of one view
 
 
+def test_a_card_says_a_models_validation_accuracy_is_of_one_view_where_its_test_accuracy_is_not():
+    """Validation scores one view whatever tta_views says (training.py); `default`'s card must not suggest five."""
+    from digitrec.config import get_recipe
+
+    metrics = {"test_accuracy": 0.99, "test_loss": 0.03, "val_accuracy": 0.993}
+
+    def validation_line(recipe):
+        sections = modelcard.build_card(metrics, config=get_recipe(recipe))
+        [metrics_section] = [s for s in sections if s.title == "Metrics"]
+        return [line for line in metrics_section.paragraphs if line.startswith("Validation")]
+
+    assert validation_line("default") == [
+        "Validation accuracy 99.30% (chose the checkpoint, each image in one view)."
+    ]
+    assert validation_line("fast") == ["Validation accuracy 99.30% (chose the checkpoint)."]
+
+
 def test_a_card_scored_with_one_view_says_so_plainly_and_names_its_columns():
     """`--tta-views 1` read "the mean over that many shifted views", and `digitrec evaluate` "scores it so"; the
     robustness table's "strength" column held the description and "strengths" the values."""

@@ -66,7 +66,8 @@ class TrainConfig:
     seed: int = 0
     early_stopping_patience: int = 0  # epochs without a better validation accuracy before stopping; 0 = off
     eval_batch_size: int = 1000
-    # Test-time augmentation (tta.py): 1 = off; 5 or 9 average the probabilities over 1-pixel shifts of the input.
+    # Test-time augmentation (tta.py): 1 = off; 5 or 9 average the probabilities over 1-pixel shifts of the input,
+    # in the test evaluation and in predict, read and serve (validation, which only chooses the epoch, in one view).
     tta_views: int = 1
     checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
     device: str = "auto"

@@ -240,7 +240,8 @@ def _metrics_section(metrics: dict[str, Any], config: TrainConfig | None) -> Sec
         + (_scored_views(int(metrics["scored_tta_views"]), config) if metrics.get("scored_tta_views") else "")
     ]
     if metrics.get("val_accuracy") is not None:
-        overall.append(f"Validation accuracy {metrics['val_accuracy']:.2%} (chose the checkpoint).")
+        one_view = ", each image in one view" if config is not None and config.tta_views > 1 else ""
+        overall.append(f"Validation accuracy {metrics['val_accuracy']:.2%} (chose the checkpoint{one_view}).")
     return Section(
         "Metrics",
         overall,
