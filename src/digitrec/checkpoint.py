@@ -38,7 +38,7 @@ CHECKSUM_KEY = "digitrec_sha256"  # in the header's __metadata__, beside META_KE
 
 def _temporary_name(path: Path) -> Path:
     """A name for the temporary sibling of `path` that no other writer uses: this process's id and 64 random
-    bits (`.name.PID-RANDOM.tmp`, matched by recover_interrupted_write's `.name.*.tmp`)."""
+    bits (`.name.PID-RANDOM.tmp`, matched by remove_stale_temporaries' `.name.*.tmp`)."""
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp")
 
 
@@ -151,24 +151,20 @@ def _sorted_header(data: bytes) -> bytes:
 STALE_SECONDS = 120  # a temporary this old belongs to no live writer: its writer crashed or was killed
 
 
-def recover_interrupted_write(path: str | Path) -> None:
-    """Finish what a crash between the two renames of `save_tensors` left undone, and remove stale temporaries.
+def finish_interrupted_save(path: str | Path) -> None:
+    """Finish what a crash between the two renames of `save_tensors` left undone.
 
     The checkpoint is renamed into place first, so such a crash leaves the new checkpoint beside the old side
     file, with the new side file still a temporary (`.last.json.XXXX.tmp`): when the checkpoint does not match
-    its side file, the temporary whose checksum matches it becomes the side file. Other temporaries are removed
-    once STALE_SECONDS old: a younger one may be a live run's write in progress (a second command started on a
-    training run's folder must not break it).
+    its side file, the temporary whose checksum matches it becomes the side file. The other temporaries are
+    remove_stale_temporaries' to remove.
     """
     path = Path(path)
-    side = sidecar_path(path)
     if path.exists():
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        candidate = _matching_temporary_side(path, digest)
+        candidate = _matching_temporary_side(path, hashlib.sha256(path.read_bytes()).hexdigest())
         if candidate is not None:
             with contextlib.suppress(FileNotFoundError):  # another rank of the same run was quicker
-                os.replace(candidate, side)
-    remove_stale_temporaries(path.parent, (path.name, side.name))
+                os.replace(candidate, sidecar_path(path))
 
 
 def remove_stale_temporaries(folder: Path, names: Iterable[str]) -> None:

@@ -17,7 +17,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from .checkpoint import load_tensors, read_checkpoint, recover_interrupted_write, remove_stale_temporaries
+from .checkpoint import finish_interrupted_save, load_tensors, read_checkpoint, remove_stale_temporaries
 from .config import TrainConfig
 from .errors import CheckpointError, DigitrecError
 from .feedback import is_finetune
@@ -246,9 +246,9 @@ def remove_run_outputs(out_dir: Path) -> None:
 
 def recover_run_folder(out_dir: Path) -> None:
     """Finish a save of model.safetensors or last.safetensors that a crash cut between its two renames, and remove
-    the stale temporaries of every file a run writes (checkpoint.recover_interrupted_write)."""
+    the stale temporaries of every file a run writes (a younger one may be a live run's write in progress)."""
     for name in ("last.safetensors", "model.safetensors"):
-        recover_interrupted_write(out_dir / name)
+        finish_interrupted_save(out_dir / name)
     remove_stale_temporaries(out_dir, RUN_OUTPUTS)
 
 

@@ -374,6 +374,9 @@ def train(
         scored_model = average.model if average is not None else model
         forward_model = cast(nn.Module, torch.compile(model)) if config.compile else model
         validated_model = average.model if average is not None else forward_model
+        # validation in one view: it chooses the epoch to keep, and test-time views (tta_views) cost five or nine
+        # passes for the same choice (`default`: the same epoch in 20 runs of 20, 1.4 s more each)
+        val_config = config.override(tta_views=1)
         train_model = distributed.wrap(forward_model, device)  # forward_model itself in a single process
         steps_per_epoch, total_steps = _count_steps(
             len(train_images), config, world_size, state["step"], last_path
@@ -531,11 +534,8 @@ def train(
                         "lr": lr_at(config, step - 1, steps_per_epoch, total_steps),
                     }
                     if validation is not None:
-                        # in one view: validation chooses the epoch to keep, and test-time views (tta_views)
-                        # cost five or nine passes for the same choice (`default`: 20 runs of 20, 1.4 s each)
-                        one_view = config.override(tta_views=1)
                         row["val_loss"], row["val_accuracy"] = evaluate(
-                            validated_model, *validation, one_view
+                            validated_model, *validation, val_config
                         )
                     count_train_time()  # validation counts as training time
                     row["seconds"] = state["train_seconds"]
@@ -778,7 +778,6 @@ def _resume_threads(
     step): it then trains on the environment's count, and says so."""
     recorded = state.get("threads")  # checked by runfolder.read_resume; older checkpoints do not say
     environment = torch.get_num_threads()
-    cores = _cores()
     if asked is not None:
         now = asked or environment
         if recorded is None or recorded == now:
@@ -791,6 +790,7 @@ def _resume_threads(
         return ""
     processes = distributed.launched_world_size()
     per_process = " per process" if processes > 1 else ""
+    cores = _cores()
     if recorded * processes > cores:
         return (
             f", on {environment} thread{'s' * (environment != 1)}{per_process}: it began on {recorded}, more than "

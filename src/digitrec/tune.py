@@ -154,11 +154,10 @@ def tune(
         nonlocal stopped
         try:
             return run_trial(trial)
-        except (
-            KeyboardInterrupt,
-            DigitrecError,
-        ):  # Optuna marks the trial failed, with a traceback: not said
-            stopped = True  # (a DigitrecError is one sentence, which the command says once it stops)
+        # Optuna marks the trial failed, with a warning and a traceback, which are not said: a DigitrecError is one
+        # sentence, which the command says once it stops
+        except (KeyboardInterrupt, DigitrecError):
+            stopped = True
             raise
 
     def run_trial(trial: Any) -> float:
