@@ -303,6 +303,21 @@ def test_a_damaged_cached_export_is_made_again_not_refused_for_ever(
     assert said == []  # a good cache entry is used as it is
 
 
+def test_a_cache_that_cannot_hold_the_export_is_named_with_the_variable_that_moves_it(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--backend onnx` with $DIGITREC_CACHE on a file said "cannot use .../onnx: Not a directory; name a path you
+    can read or write", naming neither the cache nor how to move it."""
+    monkeypatch.setenv("DIGITREC_CACHE", str(tiny_checkpoint))  # a file, not a folder
+    with pytest.raises(DigitrecError) as caught:
+        export_module.cached_onnx(tiny_checkpoint)
+    said = str(caught.value)
+    assert said.startswith(
+        f"digitrec's cache folder {tiny_checkpoint / 'onnx'} cannot hold the ONNX export of "
+    )
+    assert "set DIGITREC_CACHE to a folder you can write" in said
+
+
 def test_onnx_backend_answers_one_image_at_a_time_as_it_answers_a_batch(
     tiny_checkpoint: Path, tiny_mnist, tmp_path: Path
 ) -> None:

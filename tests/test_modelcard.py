@@ -164,6 +164,27 @@ def test_a_card_says_a_models_validation_accuracy_is_of_one_view_where_its_test_
     assert validation_line("fast") == ["Validation accuracy 99.30% (chose the checkpoint)."]
 
 
+def test_a_card_gives_the_runs_validation_accuracy_where_the_evaluation_has_none():
+    """write_report's metrics are the test set's (compute_metrics), so a trained run's card showed no validation
+    line though model.json holds it; the card takes it from the checkpoint's metadata, and its own where given."""
+    from digitrec.config import get_recipe
+
+    test_only = {"test_accuracy": 0.99, "test_loss": 0.03}
+
+    def validation_line(metrics, meta):
+        sections = modelcard.build_card(metrics, meta=meta, config=get_recipe("fast"))
+        [metrics_section] = [s for s in sections if s.title == "Metrics"]
+        return [line for line in metrics_section.paragraphs if line.startswith("Validation")]
+
+    assert validation_line(test_only, {"metrics": {"val_accuracy": 0.9931}}) == [
+        "Validation accuracy 99.31% (chose the checkpoint)."
+    ]
+    assert validation_line({**test_only, "val_accuracy": 0.95}, {"metrics": {"val_accuracy": 0.9931}}) == [
+        "Validation accuracy 95.00% (chose the checkpoint)."
+    ]
+    assert validation_line(test_only, {"metrics": {"val_accuracy": None}}) == []  # trained without one
+
+
 def test_a_card_scored_with_one_view_says_so_plainly_and_names_its_columns():
     """`--tta-views 1` read "the mean over that many shifted views", and `digitrec evaluate` "scores it so"; the
     robustness table's "strength" column held the description and "strengths" the values."""

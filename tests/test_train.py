@@ -189,9 +189,11 @@ def test_a_dry_runs_report_scores_robustness_on_a_few_images(tiny_mnist, tmp_pat
     train(TINY, tmp_path / "dry", data=tiny_mnist, dry_run=True, **quiet)
     card = (tmp_path / "dry" / "MODEL_CARD.md").read_text()
     assert f"Accuracy on {DRY_RUN_ROBUSTNESS_IMAGES:,} MNIST test images under each perturbation" in card
-    train(TINY, tmp_path / "full", data=tiny_mnist, **quiet)
+    run = train(TINY, tmp_path / "full", data=tiny_mnist, **quiet)
     card = (tmp_path / "full" / "MODEL_CARD.md").read_text()
     assert f"Accuracy on {min(1000, len(tiny_mnist.test_images)):,} MNIST test images under each" in card
+    # the run's validation accuracy, which the report's metrics (the test set's) do not carry
+    assert f"Validation accuracy {run.metrics['val_accuracy']:.2%} (chose the checkpoint)." in card
 
 
 def test_metrics_count_the_epochs_trained_with_their_fraction(tiny_mnist, tmp_path):

@@ -407,14 +407,22 @@ def cached_onnx(checkpoint: str | Path, log: Callable[[str], None] = lambda msg:
     from .data import cache_root
 
     path = cache_root() / "onnx" / f"{digest[:32]}.onnx"
-    if path.exists() and not _exported_from(path, digest):
-        # a damaged cache entry (or another file put there) was loaded, and refused, on every later start:
-        # --backend onnx stopped, and serve's auto fell back to PyTorch, until someone deleted it by hand
-        log(f"the cached ONNX export {path} is damaged or not {checkpoint}'s; exporting it again")
-        path.unlink(missing_ok=True)
-    if not path.exists():
-        log(f"exporting {checkpoint} to ONNX once (cached in {path})")
-        export_onnx(checkpoint, path, log=log)
+    try:
+        if path.exists() and not _exported_from(path, digest):
+            # a damaged cache entry (or another file put there) was loaded, and refused, on every later start:
+            # --backend onnx stopped, and serve's auto fell back to PyTorch, until someone deleted it by hand
+            log(f"the cached ONNX export {path} is damaged or not {checkpoint}'s; exporting it again")
+            path.unlink(missing_ok=True)
+        if not path.exists():
+            log(f"exporting {checkpoint} to ONNX once (cached in {path})")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_onnx(checkpoint, path, log=log)
+    except OSError as exc:  # was "cannot use /dev/null/onnx: Not a directory", not saying what the folder is
+        raise DigitrecError(
+            f"digitrec's cache folder {path.parent} cannot hold the ONNX export of {checkpoint} "
+            f"({exc.strerror or exc}); set DIGITREC_CACHE to a folder you can write, or export it once with "
+            f"`digitrec export {checkpoint} --out FILE.onnx` and pass that file."
+        ) from None
     return path
 
 

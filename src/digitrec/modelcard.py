@@ -107,6 +107,10 @@ def build_card(
     if members:
         sections.append(_members_section(members, meta))
     sections.append(_data_section(metrics, meta, config, data, members, tuned, dry_run, train_count))
+    chosen_by = (meta.get("metrics") or {}).get("val_accuracy")
+    if metrics.get("val_accuracy") is None and isinstance(chosen_by, float):
+        # the test figures are this evaluation's; the validation accuracy is the run's, which chose the checkpoint
+        metrics = {**metrics, "val_accuracy": chosen_by}
     sections.append(_metrics_section(metrics, config))
     calibration = _calibration_section(metrics, meta)
     if calibration:

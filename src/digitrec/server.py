@@ -977,7 +977,8 @@ def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
     # no export here, or no cache to keep it
     except (DigitrecError, RuntimeError, ImportError, OSError) as exc:
         print(
-            f"digitrec: serving on PyTorch, because the ONNX export could not be made or cached ({exc}); "
+            f"digitrec: serving on PyTorch, because the ONNX export could not be made or cached "
+            f"({str(exc).rstrip('.')}); "
             "pass --backend torch to skip trying.",
             flush=True,
         )
