@@ -74,6 +74,23 @@ def test_every_connection_syncs_fully_so_an_acknowledged_correction_survives_a_p
         assert con.execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
+def test_a_database_moved_away_while_the_server_runs_is_started_again(tmp_path):
+    """The 507 asks the operator to export the corrections and start a new database; moving the file aside made
+    SQLite leave an empty file, and every correction and count failed with "no such table" until a restart."""
+    path = tmp_path / "f.sqlite"
+    store = FeedbackStore(path)
+    add(store, 3)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for file in tmp_path.glob("f.sqlite*"):
+        file.rename(aside / file.name)
+    assert store.count() == 0 and store.counts_by_label()[3] == 0
+    assert add(store, 5, seed=1) == 1 and [c.label for c in store.corrections()] == [5]
+    with sqlite3.connect(path) as con:  # the new file is the store's own: WAL, like one made at start-up
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert FeedbackStore.existing(aside / "f.sqlite").count() == 1  # the old one holds what it held
+
+
 def _write_many(path: str, worker: int, count: int) -> None:
     store = FeedbackStore(path)
     for i in range(count):

@@ -231,6 +231,8 @@ def test_explain_returns_the_28x28_input_and_a_saliency_map_on_the_ink(client):
     assert seen.shape == saliency.shape == (28, 28)
     assert 0 <= seen.min() and seen.max() == pytest.approx(1.0) and (seen > 0.5).sum() > 20
     assert saliency.max() == pytest.approx(1.0) and saliency.min() >= -1.0
+    # three decimals as JSON writes them ("0.001", not float32's "0.0010000000474974513": 1.8 times the bytes)
+    assert all(len(repr(float(v)).partition(".")[2]) <= 3 for v in [*seen.ravel(), *saliency.ravel()])
     # The fake model's 7 grows with every ink pixel: hiding ink always lowers it, hiding background never does.
     from scipy.ndimage import binary_dilation
 
@@ -339,6 +341,18 @@ def test_feedback_without_a_valid_digit_label_is_422(client, fields, db_path):
     response = client.post("/api/feedback", files=upload(digit_png()), data=fields)
     assert response.status_code == 422
     assert "digit" in response.json()["detail"]
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
+def test_a_label_sent_as_a_file_is_refused_as_that_not_as_missing(client, db_path):
+    """curl -F label=@seven.txt sends the label as a file part: the answer said "the field "label" is missing"."""
+    files = {"file": ("digit.png", digit_png(), "image/png"), "label": ("seven.txt", b"7", "text/plain")}
+    response = client.post("/api/feedback", files=files)
+    assert response.status_code == 422
+    assert response.json()["detail"] == (
+        'the field "label" was sent as a file; send the digit as text (curl -F label=7, not label=@file).'
+    )
     with sqlite3.connect(db_path) as con:
         assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
 
@@ -638,6 +652,9 @@ def test_unknown_paths_and_methods_are_json_errors(client):
     for response, status in ((client.get("/api/nothing"), 404), (client.get("/api/predict"), 405)):
         assert response.status_code == status
         assert response.headers["content-type"] == "application/json" and "/docs" in response.json()["detail"]
+    # RFC 9110: a 405 names the methods the path takes (Starlette's Allow header was dropped)
+    assert client.put("/api/predict").headers["allow"] == "POST"
+    assert "GET" in client.post("/healthz").headers["allow"]
 
 
 def test_a_model_crash_is_a_json_500_not_a_traceback(predictor, db_path):

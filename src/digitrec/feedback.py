@@ -116,11 +116,7 @@ class FeedbackStore:
         if read_only:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(self._connect()) as con:
-                con.execute("PRAGMA journal_mode=WAL")
-                con.executescript(SCHEMA)
-                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._create()
         except sqlite3.DatabaseError as exc:
             raise DigitrecError(
                 f"cannot open feedback database {self.path} ({exc}); pass another path with --feedback-db."
@@ -187,13 +183,29 @@ class FeedbackStore:
         con.execute("PRAGMA query_only=ON")
         return con
 
-    def _connect(self) -> sqlite3.Connection:
-        if self.read_only:
-            return self._read_only_connection()
+    def _create(self) -> None:
+        """The database file with its table, in WAL mode; what is there already is kept."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._open()) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(SCHEMA)
+            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _open(self) -> sqlite3.Connection:
         # A long timeout makes concurrent writers wait for the lock instead of failing with "database is locked".
         con = sqlite3.connect(self.path, timeout=30.0)
         con.execute("PRAGMA synchronous=FULL")
         return con
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._read_only_connection()
+        if not self.path.exists():
+            # Moved away or deleted while the server runs (the 507 asks the operator to start a new database):
+            # a new one starts, as at start-up. Was: SQLite made an empty file, and every correction and every
+            # /api/stats failed with "no such table" until a restart.
+            self._create()
+        return self._open()
 
     def add(
         self,

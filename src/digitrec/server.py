@@ -336,10 +336,11 @@ def create_app(
     def count_error(status: int) -> None:
         counters["client_errors" if status < 500 else "server_errors"] += 1
 
-    def _error(status: int, detail: str) -> JSONResponse:
+    def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
         count_error(status)
-        retry = {"Retry-After": "1"} if status == 503 else None  # a 503 here passes: say when to try again
-        return JSONResponse({"detail": detail}, status_code=status, headers=retry)
+        if status == 503:  # a 503 here passes: say when to try again
+            headers = {**(headers or {}), "Retry-After": "1"}
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     def _error_for(exc: Exception) -> JSONResponse:
         """The JSON answer to an exception raised while handling a request: the app's handlers and the fast
@@ -379,7 +380,8 @@ def create_app(
             )
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}; see /docs for the methods each endpoint takes."
-        return _error(exc.status_code, detail)
+        # Starlette's own headers, as a 405's Allow (RFC 9110 requires it: the methods the path does take)
+        return _error(exc.status_code, detail, dict(exc.headers or {}))
 
     # -- reading the request -----------------------------------------------------------------------------------
 
@@ -608,14 +610,14 @@ def create_app(
         counters["predict"] += 1
         counters["rejected"] += bool(prediction.rejected)
         result = _prediction_dict(prediction)
-        result["input"] = np.round(pixels, 3).tolist()
+        result["input"] = _three_decimals(pixels)
         from .explain import occlusion_saliency
 
         target = result["digit"] if result["digit"] is not None else int(np.argmax(result["probabilities"]))
         saliency = await asyncio.get_running_loop().run_in_executor(
             model_pool, occlusion_saliency, predictor.backend, pixels, target
         )
-        result["saliency"] = np.round(saliency, 3).tolist()
+        result["saliency"] = _three_decimals(saliency)
         return result
 
     @app.post(
@@ -807,14 +809,24 @@ class _Repeated(list):
     """The values of a field a request sent more than once (label=1 and label=2): which one it meant is unknown."""
 
 
+class _FilePart:
+    """A form field sent as a file (curl -F label=@seven.txt) where a text field belongs."""
+
+
+_FILE_PART = _FilePart()
+
+
 def _fields_once(pairs: Any) -> dict[str, Any]:
     """A form's, a query string's or a JSON object's (name, value) pairs as a dict; a name that comes more than
     once maps to a _Repeated list of its values rather than to its last value, so that a field read from it is
-    refused instead of silently taking one of them. A form's files are left out: read_upload reads them."""
+    refused instead of silently taking one of them. A form's files are _FILE_PART: read_upload reads the image's
+    own, and a text field sent as a file is refused as that, not as missing."""
     fields: dict[str, Any] = {}
     for key, value in pairs:
-        if not isinstance(key, str) or not isinstance(value, (str, int, float, bool, list, dict, type(None))):
-            continue  # an uploaded file
+        if not isinstance(key, str):
+            continue
+        if not isinstance(value, (str, int, float, bool, list, dict, type(None))):
+            value = _FILE_PART  # an uploaded file
         if key in fields:
             previous = fields[key]
             fields[key] = previous if isinstance(previous, _Repeated) else _Repeated([previous])
@@ -920,6 +932,11 @@ def _digit_field(fields: dict[str, Any], name: str, required: bool, from_json: b
     value = fields.get(name)
     if isinstance(value, _Repeated):
         raise HTTPException(422, f'the field "{name}" was sent {len(value)} times; send it once.')
+    if value is _FILE_PART:
+        raise HTTPException(
+            422,
+            f'the field "{name}" was sent as a file; send the digit as text (curl -F {name}=7, not {name}=@file).',
+        )
     if value is None or (value == "" and not from_json):  # a JSON "" is a string, refused below
         if required:
             raise HTTPException(422, f'the field "{name}" is missing; send the correct digit, 0 to 9.')
@@ -944,6 +961,12 @@ def _shortened(text: str, limit: int = 40) -> str:
 
 
 BACKEND_NAMES = {"OnnxBackend": "ONNX Runtime", "TorchBackend": "PyTorch", "NumpyBackend": "NumPy"}
+
+
+def _three_decimals(values: np.ndarray) -> list[Any]:
+    """Nested lists of `values` to three decimals, as JSON writes them: rounded as float64, since a float32's
+    0.001 is 0.0010000000474974513 in JSON (the explained answer was 1.8 times its size)."""
+    return np.round(np.asarray(values, dtype=np.float64), 3).tolist()
 
 
 def load_for_serving(model: str | Path | None, backend: str = "auto") -> Any:
