@@ -897,3 +897,92 @@ def test_a_relative_xdg_cache_home_is_ignored(tmp_path: Path, monkeypatch: pytes
     assert data.cache_root() == tmp_path / "home" / ".cache" / "digitrec"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert data.cache_root() == tmp_path / "xdg" / "digitrec"
+
+
+@pytest.mark.parametrize("name", ["t10k-labels-idx1-ubyte", "t10k-labels-idx1-ubyte.gz"])
+def test_a_file_far_larger_than_the_mnist_file_is_refused_before_it_is_read(
+    idx_folder: Path, monkeypatch: pytest.MonkeyPatch, name: str
+):
+    """A 2 GB file named like a label file was read whole (2.4 GB of memory, or a MemoryError traceback under a
+    memory limit) before its MD5 said no."""
+    (idx_folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with open(idx_folder / name, "wb") as sparse:  # 2 GB on disk in name only
+        sparse.truncate(2 * 2**30)
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(
+        Path, "read_bytes", lambda p: pytest.fail(f"read {p}") if p.name == name else read_bytes(p)
+    )
+    with pytest.raises(DataError) as refused:
+        load_mnist(idx_folder, download=False, use_copy=False)
+    assert str(refused.value).startswith(
+        f"{idx_folder / name} is 2,147,483,648 bytes, more than the MNIST file it is named after can be, so it is "
+        "not that file; pass a folder that holds the canonical MNIST files"
+    )
+
+
+def test_an_empty_gzip_file_is_called_empty_not_a_wrong_magic_number(idx_folder: Path):
+    (idx_folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz is empty \(0 bytes\); pass a folder"):
+        load_mnist(idx_folder, download=False, use_copy=False)
+
+
+def test_a_folder_that_cannot_be_searched_is_named_or_passed_over_by_whose_it_is(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A shared/mnist digitrec found by itself that may not be searched (chmod 000) stopped every load with
+    "cannot use .../shared/mnist/train-images-idx3-ubyte.gz: Permission denied; name a path you can read or
+    write" (from Path.exists on Python 3.11), though the user named no such path and the cache was good."""
+    locked = tmp_path / "locked"
+    stamp = data._source_stamp
+
+    def source_stamp(folder: Path):  # root searches anything: chmod 000 is simulated
+        if folder == locked:
+            raise PermissionError(13, "Permission denied", str(folder / "train-images-idx3-ubyte.gz"))
+        return stamp(folder)
+
+    monkeypatch.setattr(data, "_source_stamp", source_stamp)
+    monkeypatch.setattr(data, "_shared_dirs", lambda: [("../shared/mnist", locked)])
+    monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
+    logged: list[str] = []
+    assert data.locate(log=logged.append)[0] == f"$DIGITREC_DATA ({idx_folder})"  # before it: never looked at
+    monkeypatch.delenv("DIGITREC_DATA")
+    monkeypatch.setattr(data, "cache_dir", lambda: idx_folder)  # a good cache after it
+    assert data.locate(log=logged.append)[0] == f"cache ({idx_folder})"
+    assert logged == [f"skipping {locked} (../shared/mnist): it cannot be read (Permission denied)"]
+    with pytest.raises(DataError) as named:
+        data.locate(locked)
+    assert str(named.value) == (
+        f"{locked} cannot be read (Permission denied); check its permissions, or pass a folder that holds the "
+        "canonical MNIST files, or omit --data-dir (data_dir in Python) to download them."
+    )
+    monkeypatch.setattr(data, "_shared_dirs", lambda: [])
+    monkeypatch.setattr(data, "cache_dir", lambda: locked)
+    with pytest.raises(
+        DataError, match=f"^the MNIST cache folder {locked} cannot be read \\(Permission denied\\)"
+    ):
+        data.locate(download=False)
+
+
+def test_a_copy_left_half_written_by_a_killed_load_is_removed_once_stale(idx_folder: Path):
+    """A load killed while writing the decompressed copy left its temporary (up to 47 MB) for ever."""
+    import time
+
+    load_mnist(idx_folder, download=False)
+    copy = data._copy_dir()
+    stale, fresh = copy / ".train-images-idx3-ubyte.123-abc.tmp", copy / ".source.json.456-def.tmp"
+    for leftover in (stale, fresh):
+        leftover.write_bytes(b"half")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    load_mnist(idx_folder, download=False)  # read from the copy
+    assert not stale.exists() and fresh.exists()  # a young one may be another load's write in progress
+
+
+def test_an_empty_home_is_taken_as_unset_not_as_the_root_folder(monkeypatch: pytest.MonkeyPatch):
+    """`HOME= digitrec data` put the cache at /.cache/digitrec (Path.home() is "/" then)."""
+    import pwd
+
+    monkeypatch.delenv("DIGITREC_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "")
+    assert data.cache_root() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "digitrec"

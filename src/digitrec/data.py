@@ -201,27 +201,22 @@ def _source_file(folder: Path, stem: str) -> Path | None:
     return next((path for path in (folder / f"{stem}.gz", folder / stem) if path.exists()), None)
 
 
-def _read_raw(path: Path, advice: str = DELETE_ADVICE) -> bytes:
-    """The bytes of the file at path; one sentence when it is no regular file or cannot be read. `advice` is
-    verify's: a folder digitrec did not make (named, or a shared/mnist it found) gets its own, never "delete it".
+def _read_raw(path: Path, advice: str, most: int) -> bytes:
+    """The bytes of the file at path; one sentence when it is no regular file, is larger than `most` bytes or
+    cannot be read. `advice` is verify's, which depends on whose folder it is.
 
-    Looked at before it is opened: reading a pipe (a FIFO left in the folder) waits for a writer forever."""
-    ours = advice == DELETE_ADVICE
+    Looked at before it is opened: reading a pipe (a FIFO left in the folder) waits for a writer forever, and a
+    2 GB file named like a label file was read whole (2.4 GB of memory, or a MemoryError) before its MD5 said no."""
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):
-            raise DataError(
-                f"{path} is a folder, not an MNIST file; "
-                + ("move it away and run `digitrec data` again." if ours else f"{advice}.")
-            )
+            raise DataError(f"{path} is a folder, not an MNIST file; {advice}.")
         if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{path} is not a regular file (a pipe or a device); {advice}.")
+        if info.st_size > most:
             raise DataError(
-                f"{path} is not a regular file (a pipe or a device); "
-                + (
-                    "put the MNIST file itself there, or delete it and run `digitrec data` again."
-                    if ours
-                    else f"{advice}."
-                )
+                f"{path} is {info.st_size:,} bytes, more than the MNIST file it is named after can be, so it is not "
+                f"that file; {advice}."
             )
         return path.read_bytes()
     except OSError as exc:
@@ -231,9 +226,14 @@ def _read_raw(path: Path, advice: str = DELETE_ADVICE) -> bytes:
 def _read_file(path: Path, advice: str, limit: int) -> bytes:
     """The decompressed bytes of the file at path (gunzipped if its name ends in .gz), refused once they pass
     `limit` bytes (the canonical file's size: see IDX_BYTES)."""
-    raw = _read_raw(path, advice)
     if path.suffix != ".gz":
-        return raw
+        return _read_raw(path, advice, limit)
+    # gzip at its weakest (stored blocks) adds 5 bytes per 64 KB block and a header: far less than this
+    raw = _read_raw(path, advice, limit + limit // 100 + 2**16)
+    if (
+        not raw
+    ):  # gunzips to nothing, as gzip.decompress does: then called "not an IDX file (wrong magic number)"
+        raise DataError(f"{path} is empty (0 bytes); {advice}.")
     try:
         return gunzip([raw], limit)
     except TooLarge:
@@ -315,7 +315,20 @@ def cache_root() -> Path:
     if os.environ.get("DIGITREC_CACHE"):
         return Path(os.environ["DIGITREC_CACHE"])
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "digitrec"
+    return (Path(xdg) if os.path.isabs(xdg) else _home() / ".cache") / "digitrec"
+
+
+def _home() -> Path:
+    """The user's home folder; an empty $HOME (`HOME= digitrec ...`) is taken as unset, not as "/" (Path.home()
+    put the cache at /.cache/digitrec)."""
+    if os.environ.get("HOME") == "" and hasattr(os, "getuid"):
+        import pwd
+
+        try:
+            return Path(pwd.getpwuid(os.getuid()).pw_dir)
+        except KeyError:  # a user id without an entry: no home to find
+            pass
+    return Path.home()
 
 
 def cache_dir() -> Path:
@@ -590,6 +603,8 @@ def _write_cache(target: Path, files: dict[str, bytes]) -> None:
     when the disk is full or the folder refuses them."""
     blobs = {target / f"{stem}.gz": gzip.compress(data, compresslevel=6) for stem, data in files.items()}
     try:
+        # a download killed while writing (the OOM killer, a CI timeout) left its temporaries: gone once stale
+        checkpoint.remove_stale_temporaries(target, [path.name for path in blobs])
         checkpoint.atomic_write_files(blobs)
     except OSError as exc:
         raise _cache_error(target, exc, sum(map(len, blobs.values()))) from None
@@ -621,6 +636,9 @@ def _copy_record(folder: Path, stamp: dict[str, list[int]]) -> dict[str, Any]:
     return {"folder": str(folder.resolve()), "files": stamp}
 
 
+COPY_NAMES = [*(stem for stem, _ in FILES.values()), "source.json"]  # what _write_copy writes
+
+
 def _read_copy(folder: Path, stamp: dict[str, list[int]] | None) -> dict[str, bytes] | None:
     """The decompressed copy of folder's files, made when they last passed verify(), if they have not changed since
     (`stamp`, from _source_stamp, is what they are now).
@@ -632,6 +650,9 @@ def _read_copy(folder: Path, stamp: dict[str, list[int]] | None) -> dict[str, by
         return None
     copy = _copy_dir()
     try:
+        # a load killed while writing the copy (the OOM killer, a CI timeout) left up to 55 MB of temporaries,
+        # which no later load would look at: gone once stale (a younger one may be another load's write)
+        checkpoint.remove_stale_temporaries(copy, COPY_NAMES)
         record = json.loads((copy / "source.json").read_text())
         if record != _copy_record(folder, stamp):
             return None
@@ -684,7 +705,24 @@ def locate(
     decompressed copy in the cache (checked by the same MD5s); without it, every file is read and verified again.
     """
     for label, folder in candidate_dirs(data_dir):
-        stamp = _source_stamp(folder)  # before reading, so the copy is tied to what was verified
+        try:
+            stamp = _source_stamp(folder)  # before reading, so the copy is tied to what was verified
+        except (
+            OSError
+        ) as exc:  # a folder that may not be searched (chmod 000): its files cannot even be looked at
+            reason = exc.strerror or type(exc).__name__
+            if label in NAMED:
+                raise DataError(
+                    f"{folder} cannot be read ({reason}); check its permissions, or {_named_advice(label)}."
+                ) from None
+            if label == "cache":
+                raise DataError(
+                    f"the MNIST cache folder {folder} cannot be read ({reason}); fix its permissions or set "
+                    "DIGITREC_CACHE to another folder."
+                ) from None
+            # a shared/mnist digitrec found by itself, not the user's: the sources after it are tried
+            log(f"skipping {folder} ({label}): it cannot be read ({reason})")
+            continue
         contents = _read_copy(folder, stamp) if use_copy else None
         if contents is None:
             contents = verify(folder, label)
