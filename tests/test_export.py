@@ -387,8 +387,15 @@ def test_export_never_writes_over_the_checkpoint_or_to_a_name_without_onnx(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     before = tiny_checkpoint.read_bytes()
-    for out in (tiny_checkpoint, tiny_checkpoint.with_suffix(".json"), tmp_path / "model.bin", tmp_path):
+    for out in (tiny_checkpoint, tiny_checkpoint.with_suffix(".json"), tmp_path / "model.bin"):
         with pytest.raises(DigitrecError, match="is not an .onnx file name"):
+            export_onnx(tiny_checkpoint, out, log=lambda msg: None)
+    # a folder, even one named like a file ("is not an .onnx file name ... ending in .onnx" said of dir.onnx)
+    (tmp_path / "dir.onnx").mkdir()
+    for out in (tmp_path, tmp_path / "dir.onnx"):
+        with pytest.raises(
+            DigitrecError, match=f"^--out {re.escape(str(out))} is a folder; name the file to write"
+        ):
             export_onnx(tiny_checkpoint, out, log=lambda msg: None)
     assert tiny_checkpoint.read_bytes() == before
 
@@ -477,10 +484,11 @@ def test_an_export_whose_checkpoint_beside_it_changed_since_is_refused(
     moved.parent.mkdir()
     shutil.copy(exported, moved)
     assert Predictor.load(moved).temperature == pytest.approx(float(meta.get("temperature", 1.0)))
-    # kept in another model's folder, beside a model.safetensors it was not exported from: that one is not its
-    # source (the review that found this was told to export the wrong model again)
-    for path in (checkpoint, sidecar_path(checkpoint)):
-        shutil.copy(path, moved.parent / path.name)
+    # kept in another model's folder, beside a model.safetensors it was not exported from (other weights): that
+    # one is not its source (the review that found this was told to export the wrong model again)
+    another = create_model(meta["config"]["arch"], tuple(meta["config"]["normalize"]))
+    _randomize_batchnorm(another)
+    save_model(moved.parent / checkpoint.name, another, meta)
     (tmp_path / "gone").mkdir()
     checkpoint.rename(tmp_path / "gone" / checkpoint.name)  # its own source, recorded, no longer there
     assert Predictor.load(moved).temperature == pytest.approx(float(meta.get("temperature", 1.0)))
@@ -524,6 +532,14 @@ def test_a_stale_export_is_refused_from_any_folder_not_only_the_one_it_was_made_
     monkeypatch.chdir(tmp_path / "project")
     with pytest.raises(DigitrecError, match="before that checkpoint changed"):
         Predictor.load(Path("run/prod.onnx"))
+    # the run folder renamed (neither recorded path names it now), then calibrated: refused from anywhere
+    export_onnx(Path("run/model.safetensors"), Path("run/prod.onnx"), log=lambda msg: None)
+    renamed = tmp_path / "project" / "renamed"
+    (tmp_path / "project" / "run").rename(renamed)
+    model, meta = load_model(renamed / "model.safetensors")
+    save_model(renamed / "model.safetensors", model, {**meta, "temperature": 3.5})
+    with pytest.raises(DigitrecError, match="before that checkpoint changed"):
+        Predictor.load(renamed / "prod.onnx")
 
 
 def _with_signature(
@@ -607,3 +623,56 @@ def test_the_pair_classifier_is_named_as_reads_not_an_unknown_architecture(
     err = capsys.readouterr().err.strip()
     assert expected in err and "unknown architecture" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "pairs.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("null", "the ONNX model's digitrec metadata is damaged; export it again."),
+        ("[]", "the ONNX model's digitrec metadata is damaged; export it again."),
+        ('{"temperature": "hot"}', "records a temperature of 'hot', not a positive number"),
+        ('{"temperature": 0}', "records a temperature of 0, not a positive number"),
+        ('{"reject_below": "x"}', "records a reject threshold of 'x', not a probability from 0 to 1"),
+        ('{"reject_below": 1.5}', "records a reject threshold of 1.5, not a probability from 0 to 1"),
+        ('{"config": []}', "records a config that is a list, not a table"),
+        ('{"versions": 3}', None),  # not needed to answer: the model loads
+    ],
+)
+def test_an_export_whose_metadata_was_edited_by_hand_is_one_sentence(
+    tiny_checkpoint: Path, tmp_path: Path, text: str, says: str | None
+) -> None:
+    """ONNX metadata carries no checksum: null, [] or "config": [] gave an AttributeError traceback, a temperature
+    "hot" a ValueError one, and a temperature of 0 answered "digit 0, confidence nan%"."""
+    import json
+
+    import onnx
+
+    from digitrec.checkpoint import META_KEY
+
+    exported = export_onnx(tiny_checkpoint, tmp_path / "model.onnx", log=lambda msg: None).path
+    proto = onnx.load(str(exported))
+    [entry] = [p for p in proto.metadata_props if p.key == META_KEY]
+    edited = json.loads(text)
+    entry.value = json.dumps({**json.loads(entry.value), **edited} if isinstance(edited, dict) else edited)
+    onnx.save(proto, str(exported))
+    if says is None:
+        assert Predictor.load(exported).predict_tensor(np.zeros((1, 1, 28, 28), np.float32))
+        return
+    with pytest.raises(DigitrecError) as refused:
+        Predictor.load(exported)
+    assert says in str(refused.value) and str(refused.value).count(". ") == 0
+
+
+def test_a_refused_export_leaves_no_folder_it_made_for_its_out(tmp_path: Path, capsys) -> None:
+    """`digitrec export nonexist --out newdir/sub/x.onnx` made newdir/sub before the checkpoint was looked at, and
+    left it there after refusing; a folder that was there before stays."""
+    assert (
+        main(["export", str(tmp_path / "nonexist"), "--out", str(tmp_path / "newdir" / "sub" / "x.onnx")])
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "newdir").exists()
+    (tmp_path / "kept").mkdir()
+    assert (
+        main(["export", str(tmp_path / "nonexist"), "--out", str(tmp_path / "kept" / "new" / "x.onnx")]) == 2
+    )
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "new").exists()

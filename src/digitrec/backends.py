@@ -81,9 +81,14 @@ def session_metadata(session) -> dict[str, Any]:
             "this ONNX model was not exported by `digitrec export`; export the checkpoint with it."
         )
     try:
-        return json.loads(text)
+        meta = json.loads(text)
     except json.JSONDecodeError:
-        raise DigitrecError("the ONNX model's digitrec metadata is damaged; export it again.") from None
+        meta = None
+    if not isinstance(
+        meta, dict
+    ):  # valid JSON that is no object (null, [], 5) was an AttributeError traceback
+        raise DigitrecError("the ONNX model's digitrec metadata is damaged; export it again.")
+    return meta
 
 
 def onnx_metadata(path: str | Path) -> dict[str, Any]:
@@ -108,8 +113,10 @@ def export_source_sha256(path: str | Path) -> str | None:
 def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
     """Refuse, in one sentence, an export that still lies beside the checkpoint it was exported from (the one its
     metadata names) when that checkpoint has changed since: `digitrec calibrate` or a new run rewrote it, and the
-    export would answer with the old weights, temperature and reject threshold, unlike the checkpoint. An export
-    kept elsewhere, or beside another checkpoint of the same name, is not compared."""
+    export would answer with the old weights, temperature and reject threshold, unlike the checkpoint. The
+    checkpoint beside it is its source where it is the file recorded, or holds the recorded weights (the folder
+    renamed or copied, then calibrated); an export kept elsewhere, or beside another model's checkpoint of the same
+    name, is not compared."""
     import hashlib
 
     export = meta.get("export")
@@ -124,11 +131,17 @@ def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
     # folder; the relative one where the folder was moved or renamed, with the export in it).
     resolved = export.get("source_checkpoint_resolved")
     recorded = [source] + ([resolved] if isinstance(resolved, str) and resolved else [])
-    if not any(_same_file(checkpoint, other) for other in recorded):
+    recorded_file = any(_same_file(checkpoint, other) for other in recorded)
+    weights = export.get("source_weights_sha256")  # exports since 2026-12-07
+    if not recorded_file and not isinstance(weights, str):
         return  # none beside it, or another folder's beside a copied export, or the recorded one is gone
     try:
         data = checkpoint.read_bytes()
-    except OSError:  # a folder, say
+    except OSError:  # none there, or a folder
+        return
+    if not recorded_file and weights_sha256(data) != weights:
+        # Not the recorded file, and other weights: another model's, beside a copied export. (The same weights
+        # are its source wherever it is now: a run folder renamed, or copied, and then calibrated again.)
         return
     if hashlib.sha256(data).hexdigest() != digest:
         raise DigitrecError(
@@ -136,6 +149,18 @@ def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
             "calibrated or trained again), so it would answer with the old model's confidences and threshold; "
             f"export it again with `digitrec export {checkpoint}` (--int8 for an int8 one)."
         )
+
+
+def weights_sha256(data: bytes) -> str | None:
+    """The SHA-256 of a safetensors file's tensor data, its header (names, shapes, metadata) left out: the same
+    for a checkpoint that `digitrec calibrate` gave another temperature or threshold. None for a file too short
+    to be one."""
+    import hashlib
+
+    if len(data) < 8:
+        return None
+    start = 8 + int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[start:]).hexdigest() if start <= len(data) else None
 
 
 def _same_file(a: Path, b: str) -> bool:

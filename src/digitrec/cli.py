@@ -89,12 +89,24 @@ def _folder(value: str) -> Path:
     return path
 
 
+# The folders _make_folder created for this command, deepest first: a command that fails removes those it left
+# empty (`export bad --out new/sub/x.onnx` left new/sub behind).
+_MADE_FOLDERS: list[Path] = []
+
+
 def _make_folder(path: Path, flag: str) -> None:
     """Create the folder a command will write into, and check a file can be written there, before the command's
     work: a path that cannot be a folder (under /proc, or below a file) is then one sentence, not a traceback at
     the end."""
+    path = Path(path)
+    new = []
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        new.append(folder)
     try:
         make_writable_folder(path)
+        _MADE_FOLDERS.extend(new)
     except OSError as exc:
         blocking = file_in_the_way(path)
         if blocking is not None:
@@ -1811,6 +1823,27 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # argparse would say so as the top-level `digitrec`, whose -h does not list them
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv  # `train --nproc` relaunches this command line
+    _MADE_FOLDERS.clear()
+    code = 1  # an exception not caught below: a traceback
+    try:
+        code = _run(args)
+        return code
+    finally:
+        if code != 0:
+            _remove_empty(_MADE_FOLDERS)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of `folders` (deepest first) that hold nothing."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # it holds something (a report, a step picture), or it went
+            pass
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its exit code, and one sentence for the errors a user can cause."""
     try:
         code = args.func(args)
         if sys.stdout is not None:  # None when started with its output closed (`>&-`): print() writes nothing

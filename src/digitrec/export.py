@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import tta
-from .backends import INPUT_NAME, OUTPUT_NAME, export_source_sha256, onnx_session, softmax
+from .backends import INPUT_NAME, OUTPUT_NAME, export_source_sha256, onnx_session, softmax, weights_sha256
 from .checkpoint import META_KEY, atomic_write_bytes, model_file, read_checkpoint, valid_utf8
 from .errors import DigitrecError
 
@@ -320,7 +320,9 @@ def export_onnx(
 
     checkpoint = model_file(checkpoint)
     out = Path(out) if out else checkpoint.with_suffix(".int8.onnx" if int8 else ".onnx")
-    if out.suffix != ".onnx" or out.is_dir():  # never over the checkpoint, its metadata or a folder
+    if out.is_dir():
+        raise DigitrecError(f"--out {out} is a folder; name the file to write in it, ending in .onnx.")
+    if out.suffix != ".onnx":  # never over the checkpoint or its metadata
         raise DigitrecError(
             f"--out {out} is not an .onnx file name; name the file to write, ending in .onnx."
         )
@@ -367,11 +369,14 @@ def export_onnx(
 
     temperature = float(meta.get("temperature", 1.0))
     reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
+    source_bytes = checkpoint.read_bytes()
     export_meta = {
         "source_checkpoint": str(checkpoint),
         # where it lies, whatever folder a later command runs from (the path above is as given, perhaps relative)
         "source_checkpoint_resolved": str(checkpoint.resolve()),
-        "source_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+        # the same for the checkpoint calibrated again (another temperature or threshold): see refuse_stale_export
+        "source_weights_sha256": weights_sha256(source_bytes),
+        "source_sha256": hashlib.sha256(source_bytes).hexdigest(),
         "precision": precision,
         "input": f"{INPUT_NAME}: float32 (N, 1, 28, 28), pixels in [0, 1], white ink on black (MNIST), any N",
         "output": (

@@ -8,6 +8,7 @@ the torch backend: `digitrec predict` with the bundled model runs on NumPy and s
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -160,14 +161,14 @@ class Predictor:
         self.model = model
         self.meta = meta
         self.name = name
+        versions = meta.get("versions")
         self.version = str(
             meta.get("version")
             or meta.get("digitrec_version")
-            or meta.get("versions", {}).get("digitrec", "")
+            or (versions.get("digitrec", "") if isinstance(versions, dict) else "")
         )
-        self.temperature = float(meta.get("temperature", 1.0))
+        self.temperature, self.reject_below = _calibration(meta, name)
         self.tta_views = tta.views_in(meta, name)  # the recipe's test-time augmentation
-        self.reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
         # `read` also asks the bundled pair classifier (pairs.py) about digits that overlap too deeply to cut
         self.read_pairs = True
         # which model this is, whatever runs it: "sha256:" and 12 hex digits of the file load() read
@@ -390,6 +391,27 @@ class FileResult:
 
 
 PARALLEL_FROM = 64  # files; below this, starting worker processes costs more than they save
+
+
+def _calibration(meta: dict[str, Any], name: str) -> tuple[float, float]:
+    """The temperature and reject threshold a model's metadata records, checked: metadata is JSON anyone can
+    edit (an ONNX export's carries no checksum), and a temperature of 0 answered "digit 0, confidence nan%"."""
+    temperature = meta.get("temperature", 1.0)
+    reject_below = meta.get("reject_below", DEFAULT_REJECT_BELOW)
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not number(temperature) or temperature <= 0:
+        problem = f"a temperature of {temperature!r}, not a positive number"
+    elif not number(reject_below) or not 0 <= reject_below <= 1:
+        problem = f"a reject threshold of {reject_below!r}, not a probability from 0 to 1"
+    else:
+        return float(temperature), float(reject_below)
+    raise CheckpointError(
+        f"the model {name} records {problem} (its metadata was changed by hand or damaged); write it again with "
+        "`digitrec calibrate`, or export it again from its checkpoint."
+    )
 
 
 def _checked_reject_below(reject_below: Any) -> float | None:

@@ -25,7 +25,13 @@ SHIFTS: dict[int, tuple[tuple[int, int], ...]] = {
 
 def views_in(meta: dict[str, Any], name: str = "the model") -> int:
     """The views a checkpoint's metadata asks for (its recipe's `tta_views`; 1 when it names none)."""
-    views = meta.get("config", {}).get("tta_views", 1)
+    config = meta.get("config", {})
+    if not isinstance(config, dict):  # metadata anyone can edit: "config": [] was an AttributeError traceback
+        raise CheckpointError(
+            f"{name} records a config that is a {type(config).__name__}, not a table; it is damaged, so export or "
+            "train it again."
+        )
+    views = config.get("tta_views", 1)
     try:
         known = int(views) in SHIFTS
     except (TypeError, ValueError):
