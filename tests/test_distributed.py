@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -127,6 +129,14 @@ def test_batch_sizes_that_change_training_are_refused(
             ["--early-stopping-patience", "2", "--val-size", "0"],
             "early stopping watches the validation accuracy",
         ),
+        (
+            ["--val-size", "60000"],
+            "validation size 60000 leaves no training images; choose fewer than 60000.",
+        ),
+        (
+            ["--val-size", "59999"],
+            "1 training image(s) left after the validation split of 59999: too few for one",
+        ),
     ],
     ids=[
         "no-gpu",
@@ -138,6 +148,8 @@ def test_batch_sizes_that_change_training_are_refused(
         "no-tensorboard",
         "dry-run-over-a-trained-model",
         "patience-without-split",
+        "no-training-images",
+        "no-batch-per-process",
     ],
 )
 def test_nproc_refuses_once_what_every_worker_would(tmp_path, monkeypatch, capsys, flags, refused):
@@ -209,6 +221,43 @@ def test_a_refusal_of_rank_0_after_the_workers_joined_is_one_sentence(tmp_path):
         "choose another --out.\n"
     ), result.stderr[-3000:]
     assert not os.path.exists("/proc/digitrec-run")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_the_nproc_launcher_goes_on_to_torchrun(tmp_path, monkeypatch, signum):
+    """`kill` of `digitrec train --nproc 2` (or a wrapper's Popen.terminate()) ended the launcher alone: torchrun
+    and every worker trained on, orphaned, and wrote the run after the command had "ended"."""
+    from digitrec import distributed
+
+    class Torchrun:  # the signal arrives while the launcher waits for it
+        def __init__(self, command, env):
+            self.signals: list[int] = []
+            started.append(self)
+
+        def send_signal(self, sent):
+            self.signals.append(sent)
+
+        def wait(self):
+            if not self.signals:
+                os.kill(os.getpid(), signum)  # to the launcher alone, as `kill PID` sends it
+            return 128 + signum if self.signals else 0
+
+    started: list[Torchrun] = []
+    heard: list[int] = []
+
+    def ours(sent, frame):  # where the launcher does not pass it on (the old code's fate: the process ended)
+        heard.append(sent)
+
+    previous = signal.signal(signum, ours)
+    try:
+        monkeypatch.setattr(distributed, "_check_before_launch", lambda args: "fast")
+        monkeypatch.setattr(distributed.subprocess, "Popen", Torchrun)
+        code = main(["train", "--nproc", "2", "--recipe", "fast", "--out", str(tmp_path / "run")])
+        assert signal.getsignal(signum) is ours  # the handler it found put back
+    finally:
+        signal.signal(signum, previous)
+    assert heard == [] and started[0].signals == [signum] and code == 128 + signum
 
 
 def test_nproc_inside_torchrun_is_refused(monkeypatch, capsys):

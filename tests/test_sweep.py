@@ -406,3 +406,84 @@ def test_a_job_that_ended_well_before_the_stop_is_a_finished_row(tmp_path, monke
         (1, True, False),
     ]
     assert "finished fast-seed0: 99.00%" in lines and not any("stopped" in line for line in lines)
+
+
+def test_a_job_that_ends_well_while_it_is_being_stopped_is_a_finished_row(tmp_path):
+    """A job that finished in the moments the sweep was stopping it (or that did not hear the interrupt) was put
+    among the stopped ones, with a --resume hint, and no summary.json was written for it."""
+    from digitrec import sweep as sweep_module
+
+    job = sweep_module.Job("fast", 0, tmp_path / "fast-seed0")
+    job.out.mkdir()
+
+    class EndsWell:
+        returncode: int | None = None
+
+        def poll(self):
+            return self.returncode
+
+        def send_signal(self, signum):  # it was writing its metrics as the interrupt came
+            (job.out / "metrics.json").write_text(
+                json.dumps({"test_accuracy": 0.99, "test_loss": 0.05, "train_seconds": 1.0})
+            )
+            self.returncode = 0
+
+        terminate = kill = send_signal
+
+        def wait(self):
+            return self.returncode
+
+    lines: list[str] = []
+    stopped = sweep_module._stop_keeping_the_finished(
+        {job.name: (job, EndsWell())}, sweep_module._Signals(), [], tmp_path, ["fast"], lines.append
+    )
+    assert stopped == [] and lines == ["finished fast-seed0: 99.00%"]
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert [(row["seed"], row["ok"], row.get("stopped", False)) for row in rows] == [(0, True, False)]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals to a process alone")
+def test_the_jobs_of_a_sweep_started_in_the_background_by_a_script_hear_its_interrupt(tmp_path):
+    """A script's `digitrec sweep ... &` ignores SIGINT, and its jobs inherited that: the interrupt that stops a
+    job as Ctrl-C would (resumable, its log saying how) went unheard, and the job trained on until terminated."""
+    job = tmp_path / "job.py"  # each job: its PID, then a sleep that an interrupt ends, said in its folder
+    job.write_text(
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "out = Path(sys.argv[1])\n"
+        "try:\n"
+        "    (out / 'PID').write_text(str(os.getpid()))\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    (out / 'INTERRUPTED').write_text('')\n"
+    )
+    script = f"""
+import signal, subprocess, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `digitrec sweep ... &` in a script starts
+from digitrec import data, sweep
+real_popen = subprocess.Popen
+subprocess.Popen = lambda command, **kw: real_popen(
+    [sys.executable, {str(job)!r}, command[command.index("--out") + 1]], **kw
+)
+sweep._check_train_flags = lambda job, flags: None
+sweep.STOP_GRACE_SECONDS = 5
+data.load_mnist = lambda *args, **kwargs: None
+from digitrec.cli import main
+sys.exit(main(["sweep", "--recipes", "fast", "--seeds", "0", "1", "--parallel", "2", "--out", sys.argv[1]]))
+"""
+    out = tmp_path / "sweep"
+    parent = subprocess.Popen([sys.executable, "-c", script, str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not all((out / name / "PID").exists() for name in ("fast-seed0", "fast-seed1")):
+            assert parent.poll() is None and time.monotonic() < deadline, parent.stderr.read()
+            time.sleep(0.05)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 143
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
+        parent.stderr.close()
+    for name in ("fast-seed0", "fast-seed1"):  # each heard the interrupt, not the SIGTERM after it
+        assert (out / name / "INTERRUPTED").exists(), name

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
+from contextlib import closing
 
 import pytest
 
@@ -192,6 +194,30 @@ def test_a_storage_digitrec_cannot_use_is_one_sentence(tiny_mnist, tmp_path, sto
     with pytest.raises(DigitrecError, match=message):
         # a split the 1,200 tiny images leave a batch of (the default 5,000 is now refused before the storage)
         tune_module.tune("fast", 1, tmp_path, storage=storage, data=tiny_mnist, val_size=200)
+
+
+@pytest.mark.parametrize("kind", ["another Optuna's schema", "tables of the same names"])
+def test_a_study_database_optuna_cannot_open_is_one_sentence(tiny_mnist, tmp_path, kind):
+    """A database an older Optuna made (RuntimeError: "no longer compatible with the table schema") or one with
+    a table named `studies` that is not Optuna's (StorageInternalError) gave a 60-line traceback."""
+    import sqlite3
+
+    import optuna
+
+    from digitrec.errors import DigitrecError
+
+    path = tmp_path / "study.db"
+    if kind == "another Optuna's schema":
+        optuna.create_study(storage=f"sqlite:///{path}", study_name="older")
+        with closing(sqlite3.connect(path)) as con, con:
+            con.execute("UPDATE alembic_version SET version_num = 'v3.0.0.a'")
+        said = f"holds studies in a schema this Optuna ({optuna.__version__}) cannot use; run `optuna storage"
+    else:
+        with closing(sqlite3.connect(path)) as con, con:
+            con.execute("CREATE TABLE studies (x INTEGER)")
+        said = "is not a database digitrec can use"
+    with pytest.raises(DigitrecError, match=re.escape(f"--storage sqlite:///{path} {said}")):
+        tune_module.tune("fast", 1, tmp_path, storage=f"sqlite:///{path}", data=tiny_mnist, val_size=200)
 
 
 def test_processes_sharing_a_storage_seed_their_samplers_apart():

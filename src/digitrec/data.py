@@ -766,12 +766,17 @@ def load_mnist(
     )
 
 
+def check_val_size(val_size: int, train_images: int) -> None:
+    """Refuse a validation split that leaves no training images."""
+    if val_size >= train_images:
+        raise DataError(
+            f"validation size {val_size} leaves no training images; choose fewer than {train_images}."
+        )
+
+
 def split_validation(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int = 0):
     """A seeded split of the training set: (train_images, train_labels, val_images, val_labels)."""
-    if val_size >= len(images):
-        raise DataError(
-            f"validation size {val_size} leaves no training images; choose fewer than {len(images)}."
-        )
+    check_val_size(val_size, len(images))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     val, train = order[:val_size], order[val_size:]
     return images[train], labels[train], images[val], labels[val]

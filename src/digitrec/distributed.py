@@ -15,7 +15,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -279,11 +279,39 @@ def launch(args: argparse.Namespace) -> int:
         command = torchrun_command(args.nproc, argv)
         print("running: torchrun " + shlex.join(command[3:]), file=sys.stderr)
         process = subprocess.Popen(command, env=env)
-        try:
-            return process.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached torchrun and its workers too: let them stop, then say so
-            process.wait()
-            raise
+        with _passing_on(process):
+            try:
+                return process.wait()
+            except (
+                KeyboardInterrupt
+            ):  # Ctrl-C reached torchrun and its workers too: let them stop, then say so
+                process.wait()
+                raise
+
+
+@contextlib.contextmanager
+def _passing_on(process: subprocess.Popen[bytes]) -> Iterator[None]:
+    """While waiting for torchrun: SIGTERM and SIGHUP sent to this process alone (`kill`, a wrapper's
+    Popen.terminate(), a supervisor) go on to torchrun, which stops its workers as Ctrl-C does (resumable). They
+    ended this process and left torchrun and every worker training, orphaned, writing the run after it "ended"."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def pass_on(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):  # torchrun ended meanwhile
+            process.send_signal(signum)
+
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    before = {signum: signal.signal(signum, pass_on) for signum in (getattr(signal, n) for n in names)}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def _check_before_launch(args: argparse.Namespace) -> str:
@@ -313,7 +341,9 @@ def _check_before_launch(args: argparse.Namespace) -> str:
     out = args.resume or args.out
     if out:
         _check_writable(Path(out))
-    locate(args.data_dir, log=lambda message: print(message, file=sys.stderr))
+    _, contents = locate(args.data_dir, log=lambda message: print(message, file=sys.stderr))
+    # the labels file's item count (its header: magic, then the count, big-endian), verified by its MD5 above
+    training.check_split(int.from_bytes(contents["train_labels"][4:8], "big"), config, args.nproc)
     return recipe
 
 

@@ -104,7 +104,7 @@ def sweep(
                     del running[name]
                     rows.append(_row(job, finished=True))
                     log(f"finished {job.name}: " + _outcome(rows[-1], job))
-            stopped = _stop_keeping_the_finished(running, signals, rows, out, recipes)
+            stopped = _stop_keeping_the_finished(running, signals, rows, out, recipes, log)
             if stopped:
                 log(
                     f"stopped {len(stopped)} running job{'s' * (len(stopped) != 1)}: "
@@ -115,7 +115,7 @@ def sweep(
                 log(f"summary of the jobs that finished: {out / 'summary.json'}")
             raise exc if isinstance(exc, SweepStopped) else SweepStopped(signal.SIGINT) from None
         except BaseException:  # a job that could not start (a folder not writable, say): none is left running
-            _stop_keeping_the_finished(running, signals, rows, out, recipes)
+            _stop_keeping_the_finished(running, signals, rows, out, recipes, log)
             raise
     _write_summary(out, rows, recipes)
     return rows
@@ -127,12 +127,18 @@ def _stop_keeping_the_finished(
     rows: list[dict],
     out: Path,
     recipes: list[str],
+    log: Callable[[str], None],
 ) -> list[Job]:
     """Stop the running jobs and wait for them (a second signal meanwhile hurries their end instead of abandoning
     them); where some finished, keep their summary with the stopped ones marked so. Returns the stopped jobs."""
     signals.stopping = True
     _stop_jobs([process for _, process in running.values()], signals)
-    stopped = [job for job, _ in running.values()]
+    # one that ended well while it was being stopped (in its last moments, or one that ignored the interrupt)
+    for job, process in running.values():
+        if process.returncode == 0:
+            rows.append(_row(job, finished=True))
+            log(f"finished {job.name}: " + _outcome(rows[-1], job))
+    stopped = [job for job, process in running.values() if process.returncode != 0]
     if rows:
         rows += [{**_row(job, finished=False), "stopped": True} for job in stopped]
         _write_summary(out, rows, recipes)
@@ -172,10 +178,25 @@ def _start(
         "--overwrite",  # a sweep run again retrains its jobs, an interrupted one's too
         *train_flags,
     ]
+    # A sweep started with & by a script ignores SIGINT, and its jobs inherited that: the interrupt that stops
+    # them as Ctrl-C would went unheard, and they trained on. In their own session no terminal's Ctrl-C reaches
+    # them but the sweep's, so they take SIGINT again.
+    restore = own_session and os.name == "posix" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     with open(job.out / "train.log", "w") as log_file:
         return subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=own_session
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=own_session,
+            preexec_fn=_default_sigint if restore else None,
         )
+
+
+def _default_sigint() -> None:
+    """In a job's process before it runs digitrec: SIGINT back to its default, so that Python turns it into
+    KeyboardInterrupt (a process that starts with SIGINT ignored keeps it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class _Signals:

@@ -38,7 +38,7 @@ from .checkpoint import (
     save_tensors,
 )
 from .config import DRY_RUN_BATCHES, DRY_RUN_MAX_EPOCHS, DRY_RUN_ROBUSTNESS_IMAGES, TrainConfig
-from .data import MNIST, as_input, load_mnist, split_validation
+from .data import MNIST, as_input, check_val_size, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError, TrainingDiverged, need_extra
 from .evaluate import evaluate, loss_and_accuracy, recipe_logits, write_report
 from .folderlock import locked_run_folder, refuse_a_file_in_the_way
@@ -735,17 +735,25 @@ def _model_and_optimizer(
     return model, optimizer, average
 
 
+def check_split(train_images: int, config: TrainConfig, world_size: int) -> None:
+    """Refuse a validation split of `train_images` that leaves no training images, or too few for one batch of
+    two per process (also before `--nproc` starts torchrun, which printed it once per worker)."""
+    check_val_size(config.val_size, train_images)
+    images = train_images - config.val_size
+    if steps_in_epoch(images, config.batch_size, world_size) == 0:
+        raise DataError(
+            f"{images} training image(s) left after the validation split of {config.val_size}: "
+            f"too few for one batch of two per process; choose a smaller --val-size."
+        )
+
+
 def _count_steps(
     images: int, config: TrainConfig, world_size: int, step: int, last_path: Path
 ) -> tuple[int, int]:
     """(steps per epoch, total steps) of the run, refusing a split that leaves no batch and a checkpoint at
     `step` past the end."""
     steps_per_epoch = steps_in_epoch(images, config.batch_size, world_size)
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"{images} training image(s) left after the validation split of {config.val_size}: "
-            f"too few for one batch of two per process; choose a smaller --val-size."
-        )
+    check_split(images + config.val_size, config, world_size)
     total_steps = max(1, round(config.epochs * steps_per_epoch))
     if step > total_steps:
         raise CheckpointError(

@@ -131,9 +131,18 @@ def tune(
             f"--storage {storage} needs a database driver that is not installed ({exc})."
         ) from None
     except Exception as exc:  # SQLAlchemy's errors: a URL it cannot parse, a database it cannot reach
-        if not type(exc).__module__.startswith("sqlalchemy"):
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, RuntimeError) and "optuna storage upgrade" in str(exc):
+            # a study database an older (or newer) Optuna made: its schema, not ours
+            raise DigitrecError(
+                f"--storage {storage} holds studies in a schema this Optuna ({optuna.__version__}) cannot use; "
+                f"run `optuna storage upgrade --storage {storage}` or give another database."
+            ) from None
+        # StorageInternalError: a database with tables of the same names that are not Optuna's
+        if not (
+            type(exc).__module__.startswith("sqlalchemy") or type(exc).__name__ == "StorageInternalError"
+        ):
             raise
-        first_line = str(exc).splitlines()[0]
         raise DigitrecError(
             f"--storage {storage} is not a database digitrec can use ({first_line}); "
             "give an SQLAlchemy URL such as sqlite:///tune.db."
