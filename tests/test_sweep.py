@@ -298,9 +298,14 @@ def test_a_sweep_stopped_before_any_job_finished_leaves_no_summary(tmp_path):
     out = tmp_path / "sweep"
     out.mkdir()
     (out / "summary.json").write_text("[]")  # a previous sweep's, about runs this one started over
-    parent = subprocess.Popen(
-        [sys.executable, "-c", SLEEPING_SWEEP, str(out), "none"], stderr=subprocess.PIPE, text=True
-    )
+    _stop_once_both_jobs_started([SLEEPING_SWEEP, str(out), "none"], out)
+    assert not (out / "summary.json").exists()
+
+
+def _stop_once_both_jobs_started(script: list[str], out: Path) -> None:
+    """Run `python -c SCRIPT ARGS...` (a sweep of fast-seed0 and fast-seed1 into `out` whose jobs write their
+    PID), send it SIGTERM once both jobs have, and check it ends with 143."""
+    parent = subprocess.Popen([sys.executable, "-c", *script], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while not all((out / name / "PID").exists() for name in ("fast-seed0", "fast-seed1")):
@@ -313,7 +318,6 @@ def test_a_sweep_stopped_before_any_job_finished_leaves_no_summary(tmp_path):
             parent.kill()
         parent.wait()
         parent.stderr.close()
-    assert not (out / "summary.json").exists()
 
 
 def test_a_file_where_a_job_folder_goes_is_refused_before_any_job_starts(tmp_path, monkeypatch):
@@ -472,18 +476,6 @@ from digitrec.cli import main
 sys.exit(main(["sweep", "--recipes", "fast", "--seeds", "0", "1", "--parallel", "2", "--out", sys.argv[1]]))
 """
     out = tmp_path / "sweep"
-    parent = subprocess.Popen([sys.executable, "-c", script, str(out)], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not all((out / name / "PID").exists() for name in ("fast-seed0", "fast-seed1")):
-            assert parent.poll() is None and time.monotonic() < deadline, parent.stderr.read()
-            time.sleep(0.05)
-        parent.send_signal(signal.SIGTERM)
-        assert parent.wait(timeout=30) == 143
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-        parent.wait()
-        parent.stderr.close()
+    _stop_once_both_jobs_started([script, str(out)], out)
     for name in ("fast-seed0", "fast-seed1"):  # each heard the interrupt, not the SIGTERM after it
         assert (out / name / "INTERRUPTED").exists(), name
