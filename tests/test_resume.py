@@ -851,3 +851,73 @@ def test_a_run_resumes_only_on_as_many_processes_as_it_began_on(tiny_mnist, tmp_
     )
     resumed = train(TrainConfig(), tmp_path, data=tiny_mnist, resume=True, **QUIET)
     assert resumed.metrics["world_size"] == 1 and resumed.metrics["epochs"] == 2
+
+
+@pytest.mark.parametrize("val_size", [200, 0], ids=["validation", "no-split"])
+def test_a_run_ending_inside_an_epoch_checkpoints_its_last_step_only_with_its_row(
+    tiny_mnist, tmp_path, monkeypatch, val_size
+):
+    """A run that ends inside an epoch (`fast`'s 0.85) wrote a mid-epoch checkpoint at its last step, before the
+    epoch's row: stopped between the two, `--resume` trained no step, so it skipped the row, its validation and
+    the checkpoint it chooses (history one row short, another model kept; without a split, "model.safetensors does
+    not exist"). No such checkpoint is written now, and one an earlier version wrote gets its row on resume."""
+    import shutil
+
+    from digitrec import training
+    from digitrec.config import TrainConfig
+
+    # 1,000 training images (or 1,200) in batches of 64: 16 (or 19) steps an epoch, 40 (or 48) in all, a
+    # checkpoint every 8: the last step is one of them, inside the third epoch
+    config = TrainConfig(
+        arch="mlp_500_256",
+        epochs=2.5,
+        batch_size=64,
+        val_size=val_size,
+        checkpoint_every_steps=8,
+        device="cpu",
+    )
+    saves: list[tuple[int, bool]] = []
+    sums: list[list[float]] = []
+    save_last, train_steps = training._save_last, training.train_steps
+
+    def recording_save(path, step, epoch_so_far, model, average, optimizer, recipe, config, state, extra):
+        saves.append((step, bool(state.get("finished"))))
+        save_last(path, step, epoch_so_far, model, average, optimizer, recipe, config, state, extra)
+
+    def recording_steps(*args, on_step=None, **kwargs):
+        def step_and_record(step, step_sums):
+            sums[:] = [[float(step_sums[0]), int(step_sums[1]), int(step_sums[2])]]  # the epoch's so far
+            if on_step is not None:
+                on_step(step, step_sums)
+
+        return train_steps(*args, on_step=step_and_record, **kwargs)
+
+    monkeypatch.setattr(training, "_save_last", recording_save)
+    monkeypatch.setattr(training, "train_steps", recording_steps)
+    whole = training.train(config, tmp_path / "whole", data=tiny_mnist, **QUIET)
+    total = whole.metrics["steps"]
+    assert total % 8 == 0 and whole.metrics["epochs"] % 1 and len(whole.history) == 3
+    assert (total, False) not in saves and saves[-1] == (total, True)
+
+    # what an earlier version left when stopped at that moment: the last step's checkpoint, not finished, its
+    # epoch's sums, and the history (and, without a split, the model) of the epochs before
+    earlier = tmp_path / "earlier"
+    shutil.copytree(tmp_path / "whole", earlier)
+
+    def before_the_row(meta):
+        meta["state"].update(
+            finished=False,
+            history=meta["state"]["history"][:-1],
+            epoch_so_far=sums[0],
+            epoch_so_far_ranks=sums,
+        )
+
+    _edit_last(earlier, before_the_row)
+    (earlier / "history.json").write_text(json.dumps(whole.history[:-1]))
+    (earlier / "metrics.json").unlink()
+    if not val_size:
+        for name in ("model.safetensors", "model.json"):
+            (earlier / name).unlink()
+    monkeypatch.setattr(training, "train_steps", train_steps)
+    training.train(TrainConfig(), earlier, data=tiny_mnist, resume=True, **QUIET)
+    assert_same_run(tmp_path / "whole", earlier)

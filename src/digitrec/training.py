@@ -475,19 +475,23 @@ def train(
             raise TrainingDiverged(sentence, quiet=not main)
 
         def on_step(step: int, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+            nonlocal clock_started
             if average is not None:
                 average.update(step)
             if bar is not None:
                 bar.update(1)
             every = config.checkpoint_every_steps
-            # a mid-epoch checkpoint; the epoch's last step has its own, after the epoch's row
-            if every and (step + 1) % every == 0 and (step + 1) % steps_per_epoch:
+            # A mid-epoch checkpoint. The epoch's last step has its own, after the epoch's row, and so has the run's
+            # last step where it ends inside an epoch (`fast`'s 0.85): one before its row, resumed, skipped the row,
+            # its validation and the checkpoint it chooses.
+            if every and (step + 1) % every == 0 and (step + 1) % steps_per_epoch and step + 1 < total_steps:
                 # every rank takes part; rank 0 writes each rank's own sums, which a resumed rank goes on from
                 per_rank = distributed.gather_across_ranks(list(sums))
                 stop_if_diverged(step + 1, math.fsum(sums[0] for sums in per_rank))
                 if main:
                     count_train_time()
                     save_last(step + 1, per_rank)
+                    clock_started = time.perf_counter()  # the checkpoint's writing is no training time
 
         # -- the epoch loop
         bar = None
@@ -499,7 +503,9 @@ def train(
         # (a finished run trains no more: evaluated again on any number of processes)
         epoch_so_far = (0.0, 0, 0) if evaluate_only else _epoch_so_far(state, distributed.rank())
         try:
-            while step < total_steps and not run_is_finished(state, config):
+            # (A checkpoint at the run's last step that is not finished, written inside an epoch by versions before
+            # 7 December, still owes that epoch's row: the loop makes it from the epoch's sums, training no step.)
+            while not run_is_finished(state, config) and (step < total_steps or _row_owed(state, step)):
                 epoch = step // steps_per_epoch
                 end = min(total_steps, (epoch + 1) * steps_per_epoch)
                 steps = range(step, end)
@@ -958,6 +964,12 @@ def _test_and_write(
             robustness_images=DRY_RUN_ROBUSTNESS_IMAGES if state["dry_run"] else None,
         )
     return metrics
+
+
+def _row_owed(state: dict[str, Any], step: int) -> bool:
+    """Whether the history lacks the row of the epoch that ended at `step`."""
+    history = state["history"]
+    return not history or int(history[-1].get("step", 0)) < step
 
 
 def _quiet(message: str) -> None:
