@@ -921,3 +921,26 @@ def test_a_run_ending_inside_an_epoch_checkpoints_its_last_step_only_with_its_ro
     monkeypatch.setattr(training, "train_steps", train_steps)
     training.train(TrainConfig(), earlier, data=tiny_mnist, resume=True, **QUIET)
     assert_same_run(tmp_path / "whole", earlier)
+
+
+def test_writing_a_mid_epoch_checkpoint_is_no_training_time(tiny_mnist, tmp_path, monkeypatch):
+    """The clock was stopped for a mid-epoch checkpoint but not started again after it, so train_seconds counted
+    its writing (epoch-end checkpoints were not counted)."""
+    import time
+
+    from digitrec import training
+    from digitrec.config import TrainConfig
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, checkpoint_every_steps=4)
+    offset = [0.0]
+    perf_counter, save_last = time.perf_counter, training._save_last
+
+    def slow_save(path, step, epoch_so_far, *args):  # each checkpoint takes 100 s of the clock
+        save_last(path, step, epoch_so_far, *args)
+        offset[0] += 100.0
+
+    monkeypatch.setattr(training.time, "perf_counter", lambda: perf_counter() + offset[0])
+    monkeypatch.setattr(training, "_save_last", slow_save)
+    run = training.train(config, tmp_path, data=tiny_mnist, **QUIET)
+    assert offset[0] >= 400  # mid-epoch checkpoints and the epoch's own
+    assert run.metrics["train_seconds"] < 100
