@@ -144,7 +144,13 @@ def test_a_card_of_a_model_scored_in_views_says_robustness_and_latency_are_of_on
     one = said(get_recipe("fast"))
     assert one["Robustness"].startswith("Accuracy on 10 MNIST test images under each perturbation (`digitrec")
     assert one["Latency"].startswith("Forward pass of one image: 0.50 ms")
-    assert said(get_recipe("default"), scored=1) == one  # `evaluate --tta-views 1`: all of one view
+    # `evaluate --tta-views 1`: the figures are of one view, and the Predictor still runs the recipe's 5
+    assert said(get_recipe("default"), scored=1) == {
+        "Robustness": one["Robustness"],
+        "Latency": five["Latency"],
+    }
+    # `evaluate --tta-views 5` of a one-view recipe: its Predictor runs one (the card said 5)
+    assert said(get_recipe("fast"), scored=5)["Latency"] == one["Latency"]
 
 
 def test_a_card_says_a_models_validation_accuracy_is_of_one_view_where_its_test_accuracy_is_not():

@@ -286,3 +286,25 @@ def test_a_checkpoint_is_scored_the_way_its_recipe_evaluates_one_view_each(
     config = TrainConfig.from_checkpoint(meta | {"config": recipe}).override(tta_views=1)
     _, accuracy = evaluate.evaluate(model, images, labels, config)
     assert report["models"][0]["clean_accuracy"] == accuracy
+
+
+def test_the_reports_coverage_curve_is_at_the_models_calibrated_temperature(
+    run_dir, tiny_mnist, tmp_path, monkeypatch
+):
+    """The report's accuracy-vs-coverage rows were computed at T=1 for a calibrated model, whose Predictor (and
+    `digitrec robustness`) ranks its answers at its own temperature: another curve, other thresholds."""
+    from digitrec.evaluate import write_report
+
+    model, meta = load_model(run_dir / "model.safetensors")
+    config = TrainConfig.from_checkpoint(meta)
+    images, labels = tiny_mnist.test_images[:100], tiny_mnist.test_labels[:100]
+    logits = robustness.torch_scorer(model, config)(images)
+    at = robustness.for_report(model, tiny_mnist, 100, config, temperature=0.3)["models"][0]["coverage"]
+    assert at == robustness.coverage_curve(logits, labels, 0.3) != robustness.coverage_curve(logits, labels)
+    asked: list[float] = []
+    for_report = robustness.for_report
+    monkeypatch.setattr(robustness, "for_report", lambda *args: asked.append(args[4]) or for_report(*args))
+    write_report(
+        tmp_path, model, tiny_mnist, config=config, meta={**meta, "temperature": 0.3}, robustness_images=20
+    )
+    assert asked == [0.3]

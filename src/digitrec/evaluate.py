@@ -230,7 +230,9 @@ def write_report(
         data.test_images, metrics["mistakes"], out_dir / "mistakes.png"
     )
     # one view each, whatever views the headline figures average (the card says so)
-    robust = robustness.for_report(model, data, robustness_images or robustness.REPORT_IMAGES, config)
+    robust = robustness.for_report(
+        model, data, robustness_images or robustness.REPORT_IMAGES, config, temperature
+    )
     figures["Robustness and accuracy vs coverage"] = robustness.plot(robust, out_dir / "robustness.png")
     scored = metrics
     # the card says how it was scored

@@ -119,8 +119,8 @@ def build_card(
     views = int(metrics.get("scored_tta_views") or (config.tta_views if config else 1))
     if robustness:
         sections.append(_robustness_section(robustness, views))
-    if latency:  # the checkpoint's size is in the first section
-        sections.append(_latency_section(latency, views))
+    if latency:  # the checkpoint's size is in the first section; the views are those the Predictor runs
+        sections.append(_latency_section(latency, config.tta_views if config else 1))
     sections.append(_intended_use_section())
     sections.append(_limits_section(None if members else config, tuned, robustness))
     return sections

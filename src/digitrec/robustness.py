@@ -345,8 +345,11 @@ def write(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     return {"json": out_dir / "robustness.json", "plot": plot(report, out_dir / "robustness.png")}
 
 
-def for_report(model: torch.nn.Module, data: Any, images: int, config: TrainConfig) -> dict[str, Any]:
+def for_report(
+    model: torch.nn.Module, data: Any, images: int, config: TrainConfig, temperature: float = 1.0
+) -> dict[str, Any]:
     """The run report's robustness section: every perturbation on the first `images` test images (a few seconds),
-    scored the way `config`'s recipe evaluates, one view each."""
-    scored = Scored("this model", "", torch_scorer(model, config))
+    scored the way `config`'s recipe evaluates, one view each, at the model's calibrated `temperature` (the
+    confidences, and so which answers the coverage curves reject first, are the Predictor's)."""
+    scored = Scored("this model", "", torch_scorer(model, config), temperature)
     return evaluate_robustness([scored], data.test_images[:images], data.test_labels[:images])
