@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import io
+import re
 import subprocess
 import sys
 
@@ -85,6 +86,36 @@ def test_train_reads_a_toml_config(tiny_mnist, tmp_path):
     )
 
 
+def test_a_toml_config_is_known_by_its_suffix_in_any_case(tmp_path):
+    """`digitrec.train("c.TOML")` said "unknown recipe 'c.TOML'"."""
+    from digitrec.api import resolve_config
+
+    config = tmp_path / "C.TOML"
+    config.write_text('recipe = "fast"\nlr = 0.002\n')
+    recipe, resolved = resolve_config(str(config))
+    assert recipe == "fast" and resolved.lr == 0.002
+
+
+def test_what_is_no_model_path_or_no_data_set_is_one_sentence(predictor):
+    """Predictor.load(None) (an unset os.environ.get) or bytes raised TypeError, a path with a NUL character
+    ValueError; train(data="mnist") an AttributeError from deep inside the training loop."""
+    for model, said in [
+        (None, "the model must be a path (a run folder, a .safetensors or an .onnx file), got None."),
+        (
+            b"runs/x",
+            "the model must be a path (a run folder, a .safetensors or an .onnx file), got b'runs/x'.",
+        ),
+        ("runs/a\0b", "the model's path 'runs/a\\x00b' holds a NUL character, which no file name can."),
+    ]:
+        with pytest.raises(digitrec.DigitrecError) as refused:
+            digitrec.Predictor.load(model)
+        assert str(refused.value) == said
+    with pytest.raises(digitrec.DigitrecError, match="holds a NUL character, which no file name can; check"):
+        predictor.predict("a\0b.png")
+    with pytest.raises(digitrec.DigitrecError, match="^data must be the MNIST that digitrec.load_mnist"):
+        digitrec.train("fast", data="mnist")
+
+
 def test_unknown_recipe_is_a_user_error():
     with pytest.raises(digitrec.DigitrecError, match="unknown recipe 'nope'"):
         digitrec.train("nope")
@@ -160,6 +191,13 @@ def test_predict_tensor_refuses_what_is_not_a_preprocessed_batch(predictor, seve
         predictor.predict_tensor(seven[None, None])
     with pytest.raises(digitrec.DigitrecError, match=r"\(N, 1, 28, 28\).*shape \(5, 5\)"):
         predictor.predict_tensor(np.zeros((5, 5)))
+    # shapes of a multiple of 784 pixels were cut into 28x28 pieces: a color batch answered 6 images, a 56x56
+    # image with a 7 in its corner four, two of them confident
+    for shape in [(2, 3, 28, 28), (56, 56), (2, 784), (784,)]:
+        with pytest.raises(digitrec.DigitrecError, match=re.escape(f"shape {shape}")):
+            predictor.predict_tensor(np.zeros(shape))
+    for shape in [(28, 28), (2, 28, 28), (2, 1, 28, 28)]:  # one image, and a batch without its channel axis
+        assert len(predictor.predict_tensor(np.zeros(shape))) == (shape[0] if len(shape) > 2 else 1)
     assert predictor.predict_tensor(seven[None, None] / 255.0)[0].digit == 7
 
 

@@ -923,3 +923,23 @@ def test_a_folder_is_expanded_with_one_stat_per_entry(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "stat", stat)
     assert len(expand_paths([tmp_path], [], [], [])) == 20
     assert calls <= 21
+
+
+def test_images_read_from_many_threads_leave_the_processs_warning_filters_as_they_were():
+    """catch_warnings is not thread-safe: 8 threads opening images left its filters in the host program for good
+    (a DecompressionBombWarning raised as an error there, and Pillow's warnings silenced)."""
+    import threading
+
+    png = png_bytes(Image.new("L", (40, 40), 255))
+    before = list(warnings.filters)
+
+    def read_many() -> None:
+        for _ in range(300):
+            open_image(png)
+
+    threads = [threading.Thread(target=read_many) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert warnings.filters == before

@@ -11,6 +11,7 @@ import torch
 
 from .config import TrainConfig, get_recipe, load_toml
 from .data import MNIST, load_mnist
+from .errors import DigitrecError
 from .folderlock import reserved_out_dir
 from .training import Run
 from .training import train as train_loop
@@ -20,7 +21,7 @@ def resolve_config(config: TrainConfig | str | Path, **overrides: Any) -> tuple[
     """(recipe name, config) from a recipe name, a TOML file (which may name its `recipe`) or a TrainConfig."""
     if isinstance(config, TrainConfig):
         return "custom", config.override(**overrides)
-    if str(config).endswith(".toml"):
+    if str(config).lower().endswith(".toml"):  # "c.TOML" was "unknown recipe 'c.TOML'"
         values = load_toml(config)
         recipe = values.pop("recipe", "default")
         return recipe, get_recipe(recipe).override(**values).override(**overrides)
@@ -53,6 +54,11 @@ def train(
     >>> 0.0 <= run.metrics["test_accuracy"] <= 1.0
     True
     """
+    if data is not None and not isinstance(data, MNIST):  # was an AttributeError deep inside training
+        raise DigitrecError(
+            f"data must be the MNIST that digitrec.load_mnist() returns, got a {type(data).__name__}; or leave it "
+            "out and digitrec finds MNIST itself."
+        )
     recipe, resolved = resolve_config(config, **overrides)
     quiet: Callable[[str], None] = log or (lambda message: None)
     data = data or load_mnist(data_dir, log=quiet)

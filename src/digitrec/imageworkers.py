@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -48,8 +47,7 @@ def checked_upload(data: bytes) -> bytes:
         raise ImageError("the image is empty; " + IMAGE_HINT + ".")
     try:
         # quiet: Pillow's warnings (a corrupt EXIF block, 1-2x its pixel limit) went to the server log
-        with warnings.catch_warnings():
-            quiet_pillow()
+        with quiet_pillow():
             width, height = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).size
     except Image.DecompressionBombError:  # Pillow refuses to even open it (over about 179 megapixels)
         raise ImageTooLargeError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -189,9 +190,17 @@ class Predictor:
             raise DigitrecError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
         from .checkpoint import model_file
 
+        if not isinstance(path, (str, os.PathLike)):  # None (an unset os.environ.get), bytes: a TypeError
+            raise DigitrecError(
+                f"the model must be a path (a run folder, a .safetensors or an .onnx file), got {path!r}."
+            )
         if not str(path):  # Path("") is "." already: a str "" (an unset variable) read the current folder
             raise DigitrecError(
                 "the model's path is empty; name a run folder, a .safetensors or an .onnx file."
+            )
+        if "\0" in str(path):  # the OS refuses it (ValueError: embedded null byte)
+            raise DigitrecError(
+                f"the model's path {str(path)!r} holds a NUL character, which no file name can."
             )
         path = model_file(path)
         threshold = _checked_reject_below(reject_below)
@@ -280,7 +289,10 @@ class Predictor:
             x = batch.detach().cpu().float().numpy()
         else:
             x = np.asarray(batch)
-        if x.dtype.kind not in "buif" or x.size % 784:
+        # (N, 1, 28, 28), or without the channel or batch axis: any other shape of 784 pixels a multiple
+        # ((2, 3, 28, 28) color, a 56x56 image) was cut into 28x28 pieces, each answered, some confidently
+        shaped = x.shape[-2:] == (28, 28) and (x.ndim in (2, 3) or (x.ndim == 4 and x.shape[1] == 1))
+        if x.dtype.kind not in "buif" or not shaped:
             raise DigitrecError(
                 f"predict_tensor takes preprocessed images, (N, 1, 28, 28) floats in [0, 1], got {x.dtype} of "
                 f"shape {x.shape}; use predict() for images as they come."

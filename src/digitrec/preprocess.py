@@ -28,7 +28,10 @@ import io
 import math
 import os
 import stat
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, cast, overload
 
@@ -130,6 +133,10 @@ def _open(
             fp: Any = io.BytesIO(bytes(source))
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
+            if "\0" in str(path):  # the OS refuses it (ValueError: embedded null byte)
+                raise ImageError(
+                    f"{str(path)!r} holds a NUL character, which no file name can; check the path."
+                )
             try:
                 info = path.stat()
             except OSError as exc:
@@ -158,17 +165,16 @@ def _open(
                 f"cannot read an image from a {type(source).__name__}; pass a path, bytes, a PIL image or an array."
             )
         try:
-            with warnings.catch_warnings():
-                quiet_pillow()
-                # Pillow only warns between 1x and 2x its limit; we refuse the whole range.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow only warns between 1x and 2x its limit; we refuse the whole range. Opening parses the header
+            # (the bomb check's place); decoding, below, runs outside the lock, in parallel with other threads'.
+            with quiet_pillow(bomb_is_error=True):
                 image = Image.open(fp, formats=IMAGE_FORMATS)
-                full_size = image.size
-                # JPEG can decode at 1/2, 1/4, 1/8 scale: a 12 MP phone photo costs milliseconds, not 100s of them.
-                side = max_side if max_side and max(image.size) > 2 * max_side else None
-                if image.format == "JPEG" and (side or gray):
-                    image.draft("L" if gray else image.mode, (side, side) if side else image.size)
-                image.load()
+            full_size = image.size
+            # JPEG can decode at 1/2, 1/4, 1/8 scale: a 12 MP phone photo costs milliseconds, not 100s of them.
+            side = max_side if max_side and max(image.size) > 2 * max_side else None
+            if image.format == "JPEG" and (side or gray):
+                image.draft("L" if gray else image.mode, (side, side) if side else image.size)
+            image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(
                 f"{name} is too large to decode safely (over {MAX_PIXELS:,} pixels, Pillow's decompression-bomb guard); "
@@ -208,8 +214,7 @@ def _open(
         )
     stored_size = image.size
     try:
-        with warnings.catch_warnings():
-            quiet_pillow()
+        with quiet_pillow():
             if isinstance(source, Image.Image):  # the caller's: turned on a copy, so theirs stays as it is
                 image = cast(Image.Image, ImageOps.exif_transpose(image))
             else:  # our own: turned in place, as a copy of a 12-megapixel PNG costs ~20 ms and as much memory
@@ -221,12 +226,25 @@ def _open(
     return image, full_size
 
 
-def quiet_pillow() -> None:
-    """Inside catch_warnings: silence Pillow's own warnings (e.g. "Corrupt EXIF data": two lines of its internals),
-    and only those. catch_warnings is not thread-safe: threads reading images at once (create_app's default, a
-    caller's thread pool) can leave one block's filters in place for good, and a catch-all "ignore" left there
-    hid every warning of the process."""
-    warnings.filterwarnings("ignore", module=r"PIL\.")
+# catch_warnings saves and restores the process's warning filters, which is not thread-safe: threads reading
+# images at once (a caller's thread pool, the server's threads) left one block's filters in place for good, a
+# DecompressionBombWarning turned into an error in the host program and Pillow's warnings silenced there. Our
+# blocks take turns; they only parse a header or an EXIF block.
+_WARNINGS_LOCK = threading.Lock()
+
+
+@contextmanager
+def quiet_pillow(bomb_is_error: bool = False, everything: bool = False) -> Iterator[None]:
+    """Silence Pillow's own warnings (e.g. "Corrupt EXIF data": two lines of its internals), and only those (or
+    every warning, `everything`), while the block runs; with `bomb_is_error`, DecompressionBombWarning raises."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        if everything:
+            warnings.simplefilter("ignore")
+        else:
+            warnings.filterwarnings("ignore", module=r"PIL\.")
+        if bomb_is_error:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 def _unreachable(path: Path, exc: OSError) -> str:
@@ -255,10 +273,9 @@ def _other_format(fp: Any) -> str | None:
     Only Pillow's header parsing runs here; the image is never decoded."""
     try:
         fp.seek(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "IM image format is deprecated": not the user's concern
-            with Image.open(fp) as image:
-                return str(image.format)
+        # e.g. "IM image format is deprecated": not the user's concern
+        with quiet_pillow(everything=True), Image.open(fp) as image:
+            return str(image.format)
     except Exception:  # noqa: BLE001 - not an image in any format Pillow knows
         return None
 
@@ -1176,10 +1193,8 @@ def _sniffed(path: Path) -> str | None:
     try:
         if not path.is_file():
             return None
-        with warnings.catch_warnings():
-            quiet_pillow()
-            with Image.open(path, formats=IMAGE_FORMATS):
-                return "image"
+        with quiet_pillow(), Image.open(path, formats=IMAGE_FORMATS):
+            return "image"
     except Image.DecompressionBombError:  # an image: reading it says it is too large
         return "image"
     except Exception:  # noqa: BLE001 - not one digitrec reads: another format, or no image
