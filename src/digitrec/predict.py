@@ -282,7 +282,8 @@ class Predictor:
         return softmax(tta.mean_log_probabilities(logits, self.tta_views), self.temperature)
 
     def predict_tensor(self, batch: torch.Tensor | np.ndarray, top_k: int = 3) -> list[Prediction]:
-        """Predictions for an already preprocessed batch (N, 1, 28, 28) in [0, 1], white on black."""
+        """Predictions for an already preprocessed batch (N, 1, 28, 28) in [0, 1], white on black ((N, 28, 28) and
+        one (28, 28) image are taken too)."""
         _check_top_k(top_k)
         loaded_torch = sys.modules.get("torch")  # a tensor can only come from a process that imported torch
         if loaded_torch is not None and isinstance(batch, loaded_torch.Tensor):
