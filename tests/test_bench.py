@@ -57,8 +57,16 @@ def test_bench_train_reports_every_recipe_and_seed(tiny_mnist) -> None:
     assert fast.seconds_to_target is not None and fast.seconds_to_target <= max(
         r.train_seconds for r in fast.runs
     )
+    # each run's peak is the process's own, whatever ran before it: it was the growth over what the process held,
+    # and a later seed that reused what an earlier one had freed read almost nothing (40 MB, then 2 MB)
+    import sys
+
+    if sys.platform == "linux":
+        peaks = [run.peak_mb for result in results for run in result.runs]
+        assert all(peak is not None and peak > 0.8 * max(peaks) for peak in peaks), peaks
     table = train_table(results, 0.5)
     assert "| fast |" in table and "| slow |" in table and "seconds to 50.00%" in table
+    assert "| peak RSS MB |" in table
     assert "| fast | " in table and " 1.0 |" in table  # fast's ratio to itself
 
 
@@ -370,11 +378,33 @@ def test_the_bench_footer_counts_one_thread_and_one_core_in_the_singular():
     """`OMP_NUM_THREADS=1 digitrec bench ...` printed "with 1 threads"."""
     from digitrec.cli import _bench_footer
 
-    header = {"cores": 1, "torch": "2.13.0", "torch_threads": 1, "load_average": [0.5, 0, 0]}
+    header = {"cpu": "Xeon", "cores": 1, "torch": "2.13.0", "torch_threads": 1, "load_average": [0.5, 0, 0]}
+    header |= {"native_bfloat16": False}
     footer = _bench_footer(header | {"matmul_multiply_adds_per_s": 1e11})
-    assert footer.startswith("1 core, torch 2.13.0 with 1 thread; load average 0.5 before")
-    header |= {"cores": 2, "torch_threads": 2, "matmul_multiply_adds_per_s": 1e11}
-    assert _bench_footer(header).startswith("2 cores, torch 2.13.0 with 2 threads;")
+    assert footer.startswith(
+        "Xeon, 1 core (no native bfloat16), torch 2.13.0 with 1 thread; load average 0.5 before"
+    )
+    header |= {"cores": 2, "torch_threads": 2, "matmul_multiply_adds_per_s": 1e11, "native_bfloat16": True}
+    assert _bench_footer(header).startswith("Xeon, 2 cores (native bfloat16), torch 2.13.0 with 2 threads;")
+
+
+def test_the_bench_header_names_the_cpu_and_the_cores_this_process_may_use(monkeypatch):
+    """The header said "x86_64" (platform.processor() is empty on Linux) and the machine's cores, 2 under
+    `taskset -c 0`; nothing said whether bfloat16 autocast ran natively (`fast`: 1.0 s against 63.7 s)."""
+    import os
+
+    from digitrec.cli import _bench_header
+    from digitrec.precision import native_bfloat16
+
+    header = _bench_header()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        if names:
+            assert header["cpu"] == names[0]
+    assert header["native_bfloat16"] == native_bfloat16("cpu")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert _bench_header()["cores"] == 1
 
 
 def _no_work(*args, **kwargs):

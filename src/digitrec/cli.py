@@ -966,13 +966,26 @@ def _bench_header() -> dict:
 
     import torch
 
+    from .precision import native_bfloat16
+    from .training import _cores
+
     return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+        "cpu": _cpu_name() or platform.processor() or platform.machine(),  # platform's is "x86_64" on Linux
+        "cores": _cores(),  # those this process may run on (taskset), not the machine's
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "native_bfloat16": native_bfloat16("cpu"),  # autocast runs in bfloat16 natively (AMX, AVX-512 BF16)
         "load_average": list(os.getloadavg()),
     }
+
+
+def _cpu_name() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def _bench_footer(header: dict) -> str:
@@ -980,9 +993,10 @@ def _bench_footer(header: dict) -> str:
     import os
 
     header["load_average_after"] = list(os.getloadavg())
+    bfloat16 = "native bfloat16" if header["native_bfloat16"] else "no native bfloat16"
     return (
-        f"{header['cores']} core{'s' * (header['cores'] != 1)}, torch {header['torch']} with "
-        f"{header['torch_threads']} thread{'s' * (header['torch_threads'] != 1)}; load average "
+        f"{header['cpu']}, {header['cores']} core{'s' * (header['cores'] != 1)} ({bfloat16}), torch "
+        f"{header['torch']} with {header['torch_threads']} thread{'s' * (header['torch_threads'] != 1)}; load average "
         f"{header['load_average'][0]:.1f} before, {header['load_average_after'][0]:.1f} after; float32 matrix "
         f"multiply here: {header['matmul_multiply_adds_per_s'] / 1e9:.1f} G multiply-adds/s (torch, 1024x1024, "
         "measured before the run)"
