@@ -65,20 +65,24 @@ def main() -> None:
         args.budget = TARGET_SECONDS.get(args.recipe)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variant or [""]
-    runs: dict[str, dict[int, list[dict[str, float]]]] = {v: {seed: [] for seed in seeds} for v in variants}
+    # by the variant's place, not its text: the same variant twice (an A/A check of the machine's noise) is two
+    runs: list[dict[int, list[dict[str, float]]]] = [{seed: [] for seed in seeds} for _ in variants]
     for round_ in range(args.rounds):
         for seed in seeds:
             for number, variant in enumerate(variants):
                 out = Path(args.runs_dir) / f"variant{number}-seed{seed}-round{round_}"
                 result = run_once(args.recipe, seed, out, shlex.split(variant))
-                runs[variant][seed].append(result)
+                runs[number][seed].append(result)
                 print(
                     f"round {round_} seed {seed} {variant or args.recipe}: {result['test_accuracy']:.2%}  "
                     f"train+eval {result['train_eval']:.3f} s  process {result['wall']:.2f} s",
                     flush=True,
                 )
-    for variant, by_seed in runs.items():
-        summarize(f"{args.recipe} {variant}".strip(), by_seed, args.rounds, args.seeds, args.budget)
+    for number, (variant, by_seed) in enumerate(zip(variants, runs)):
+        repeated = f" (variant {number + 1})" if variants.count(variant) > 1 else ""
+        summarize(
+            f"{args.recipe} {variant}".strip() + repeated, by_seed, args.rounds, args.seeds, args.budget
+        )
 
 
 def summarize(

@@ -990,3 +990,48 @@ def test_percent_object_urls_and_a_drop_beside_the_card(tmp_path):
         )
         assert not_prevented is False
         assert errors == []
+
+
+def test_a_correction_waits_for_the_answer_to_the_drawing_on_the_pad(tmp_path):
+    """After another stroke or an undo, the correction buttons stayed on until the new answer came: on a busy
+    server a click stored the drawing before the stroke (a lone 1 saved as a 4). And after a correction that
+    failed, the buttons came back on over a pad cleared meanwhile, doing nothing."""
+    db = tmp_path / "feedback.sqlite"
+    app = create_app(FakePredictor(), feedback_db=db)
+    enabled = "#correct-buttons button:enabled"
+    with browser_page(app) as (page, errors, expect):
+        draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+        expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
+        expect(page.locator(enabled)).to_have_count(9)  # every digit but the answer
+        held: list[Any] = []
+        holding = True
+
+        def hold(route: Any) -> None:  # the next answers wait, as on a busy server
+            if holding:
+                held.append(route)
+            else:
+                route.continue_()
+
+        page.route("**/api/predict*", hold)
+        draw(page, [(0.3, 0.5), (0.7, 0.5)])
+        expect(page.locator(enabled)).to_have_count(0)  # the answer on screen is of the drawing before
+        page.click("#undo")
+        expect(page.locator(enabled)).to_have_count(0)
+        holding = False
+        for route in held:
+            route.continue_()
+        expect(page.locator(enabled)).to_have_count(9, timeout=10_000)  # the answer to the pad as it is
+
+        sent: list[Any] = []
+        page.route("**/api/feedback", lambda route: sent.append(route))
+        page.click('#correct-buttons button[data-label="3"]')
+        page.click("#clear")
+        page.wait_for_timeout(300)
+        assert len(sent) == 1
+        sent[0].fulfill(status=503, json={"detail": "database is locked"})  # the correction fails after Clear
+        expect(page.locator("#toast")).to_contain_text("Database is locked", timeout=10_000)
+        page.wait_for_timeout(300)
+        expect(page.locator(enabled)).to_have_count(0)  # nothing on the pad to correct
+        assert errors == []
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0

@@ -114,7 +114,13 @@ pad.addEventListener("pointermove", (event) => {
 function endStroke(event) {
   if (!state.drawing || event.pointerId !== state.pointerId) return;
   state.drawing = null;
+  forgetAnsweredImage();  // the answers while the pen moved were of part of this stroke
   schedulePrediction(true);
+}
+
+function forgetAnsweredImage() {
+  state.lastBlob = null;
+  setCorrectionEnabled(false);
 }
 pad.addEventListener("pointerup", endStroke);
 pad.addEventListener("pointercancel", endStroke);
@@ -159,6 +165,9 @@ function dropPhoto() {
 
 function inputChanged() {
   state.generation += 1;
+  // A correction sends the image its answer is about: none until the changed input's answer comes (a click
+  // meanwhile, on a busy server, stored the drawing before the last stroke or undo under the new label).
+  forgetAnsweredImage();
   const bare = !state.photo && state.strokes.length === 0;
   const placeholder = $("placeholder");
   placeholder.classList.remove("note");
@@ -374,9 +383,10 @@ function retryLater(afterRetry, retryAfter) {
 }
 
 async function sendCorrection(label, button) {
-  if (!state.lastBlob) return;
+  if (!state.lastBlob || state.drawing) return;
+  const sent = state.lastBlob;
   const body = new FormData();
-  body.append("file", state.lastBlob, "correction.png");
+  body.append("file", sent, "correction.png");
   body.append("label", String(label));
   const predicted = state.lastPrediction && state.lastPrediction.digit;
   if (predicted !== null && predicted !== undefined) body.append("predicted", String(predicted));
@@ -384,6 +394,8 @@ async function sendCorrection(label, button) {
   const hadFocus = document.activeElement === button;
   keepFocus(button);  // the pressed button is now disabled: the keyboard focus goes to Upload, not the page's start
   const retry = () => {
+    // only over the image it was about: after Clear or another drawing the buttons stayed on, doing nothing
+    if (sent !== state.lastBlob) return;
     setCorrectionEnabled(true);
     if (hadFocus && document.activeElement === $("upload")) button.focus();  // back where it was, to try again
   };
