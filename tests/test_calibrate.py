@@ -67,9 +67,12 @@ def test_calibrate_fits_on_the_held_out_split_and_cuts_over_every_tempered_set(
     real_generate = realworld.generate
 
     seeds = set()
+    digits: list[tuple[np.ndarray, np.ndarray]] = []
 
     def with_a_blank_page(name, count, seed, mnist=None):  # calibrate passes the MNIST it loaded
         seeds.add(seed)
+        if mnist is not None:
+            digits.append(mnist)
         samples = list(real_generate(name, count, seed, mnist=FAKE_MNIST))
         return [realworld.Sample(blank.getvalue(), samples[0].label, "blank"), *samples[1:]]
 
@@ -95,6 +98,12 @@ def test_calibrate_fits_on_the_held_out_split_and_cuts_over_every_tempered_set(
         seeds
         == {calibrate_module.CALIBRATION_SEED}
         != {inspect.signature(realworld.eval_real).parameters["seed"].default}
+    )
+    # the mnist-photo set's digits are the validation split's: the test set chose the threshold (and the bundled
+    # model's threshold came from it), and eval-real's mnist-photo set, made of test digits, overlapped it
+    assert digits and all(
+        np.array_equal(images, val_images.numpy()) and np.array_equal(labels, val_labels.numpy())
+        for images, labels in digits
     )
     (sets,) = chosen
     assert len(sets) == 4

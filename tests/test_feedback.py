@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from digitrec import feedback
+from digitrec.config import get_recipe
 from digitrec.data import parse_idx
 from digitrec.errors import DigitrecError
 from digitrec.feedback import FeedbackStore, export_idx, export_png
@@ -446,6 +447,31 @@ def test_finetune_with_no_corrections_trains_on_mnist_alone_and_never_opens_the_
     assert run.metrics["feedback_corrections"] == 0 and run.metrics["feedback_accuracy"] is None
     moved = [not torch.equal(a, b) for a, b in zip(base.state_dict().values(), tuned.state_dict().values())]
     assert any(moved)
+
+
+def test_a_fine_tune_of_a_fine_tune_runs_at_the_scale_of_its_recipes_learning_rate(tmp_path):
+    """A fine-tune's config holds its own scaled rate, and a fine-tune of it scaled that again (0.022, 0.0022,
+    0.00022: the second learned nothing); the bundled model, an older fine-tune that recorded no --lr-scale,
+    would have been tuned at 3e-5, not README's 3e-4."""
+    import shutil
+
+    from digitrec.checkpoint import load_model, save_model
+    from digitrec.feedback import recipe_lr
+    from digitrec.models import create_model
+    from digitrec.predict import pretrained_path
+
+    config = {"arch": "fast_cnn", "batch_size": 64, "lr": 0.002, "device": "cpu", "threads": 1}
+    save_model(tmp_path / "base.safetensors", create_model("fast_cnn"), {"recipe": "tiny", "config": config})
+    first = _finetune_on_mnist_alone(tmp_path, tmp_path / "db.sqlite")  # --lr-scale 0.1: 0.0002
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(first.model_path, again / "base.safetensors")
+    shutil.copy(first.model_path.with_suffix(".json"), again / "base.json")
+    second = _finetune_on_mnist_alone(again, tmp_path / "db.sqlite")
+    assert first.config.lr == pytest.approx(0.0002) and second.config.lr == pytest.approx(0.0002)
+    bundled = load_model(pretrained_path())[1]  # "robust+finetune", lr 3e-4, no lr_scale recorded
+    assert recipe_lr(bundled, bundled["config"]["lr"]) == get_recipe("robust").lr
+    assert recipe_lr({"recipe": "custom"}, 0.01) == 0.01  # no fine-tune: its own rate
 
 
 def test_finetune_writes_its_metrics_while_it_still_holds_the_run_folder(tmp_path, monkeypatch):

@@ -467,6 +467,13 @@ def test_a_fine_tune_on_mnist_alone_and_an_older_fine_tune_say_what_they_can(tmp
         0.2,
     )
     assert "Trained only on MNIST" in text  # true here
+    # every digit of the scale (:g kept six: 0.123456789 became 0.123457, and other weights)
+    precise = modelcard.build_card(
+        {"test_accuracy": 0.99, "test_loss": 0.03}, meta | {"lr_scale": 0.123456789}
+    )
+    assert (
+        build_parser().parse_args(_finetune_command(modelcard.to_markdown(precise))).lr_scale == 0.123456789
+    )
     assert f"of which there were none; not MNIST's own): `{'e' * 32}`. MNIST's (MD5 over" in text
 
     bundled = load_tensors(pretrained_path())[1]

@@ -136,7 +136,8 @@ class SeedRun:
     test_accuracy: float
     train_seconds: float
     eval_seconds: float
-    peak_mb: float | None  # the process's peak resident memory during the run (torch, MNIST and the run's own)
+    # the process's peak resident memory during the run (torch, MNIST and the run's own)
+    peak_mb: float | None
     checks: list[tuple[float, float]] = field(default_factory=list)  # (training seconds, test accuracy)
 
 

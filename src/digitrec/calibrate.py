@@ -102,13 +102,14 @@ def calibrate(
     model, meta = load_model(model_path)
     config = TrainConfig.from_checkpoint(meta, model_path)
     data = load_mnist(data_dir, log=log)
-    # the digits of the generated mnist-photo set, from data_dir too
-    mnist = (data.test_images.numpy(), data.test_labels.numpy())
     # A model trained on every image (val_size 0) gets the usual split (TrainConfig's default), or a sixth of a
     # smaller data set: images it trained on, not held out, and the line below says so.
     seen = not config.val_size
     val_size = config.val_size or min(TrainConfig().val_size, len(data.train_images) // 6)
     _, _, val_images, val_labels = split_validation(data.train_images, data.train_labels, val_size, seed=0)
+    # The digits of the generated mnist-photo set, of which the reject threshold may be chosen: the validation
+    # split's, never the test set's (those also make eval-real's mnist-photo set, which then overlapped it).
+    mnist = (val_images.numpy(), val_labels.numpy())
     val_logits = predict_logits(model, val_images, tta_views=config.tta_views)  # as the Predictor will score
     temperature = fit_temperature(val_logits, val_labels)
     val_probs_raw = softmax(val_logits.numpy())

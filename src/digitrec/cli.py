@@ -983,7 +983,9 @@ def _cpu_name() -> str | None:
     """The CPU's model name from /proc/cpuinfo (Linux), else None."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
+            return next(
+                (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None
+            )
     except OSError:
         return None
 

@@ -72,6 +72,24 @@ def is_finetune(meta: dict) -> bool:
     )
 
 
+def recipe_lr(meta: dict, lr: float) -> float:
+    """The learning rate of the recipe a model was trained with, `lr` being its config's. A fine-tune's config
+    holds its own scaled rate, so `finetune` of a fine-tune scaled it again (0.022, 0.0022, 0.00022) and learned
+    nothing; it recorded its `lr_scale`, and an older fine-tune (the bundled model's) names its recipe."""
+    from .config import RECIPES
+
+    scale = meta.get("lr_scale")
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+        return lr / scale
+    if is_finetune(meta):
+        name = str(meta.get("recipe", ""))
+        while (started := finetune_base(name)) is not None:
+            name = started
+        if name in RECIPES:
+            return RECIPES[name].lr
+    return lr
+
+
 def db_path(path: str | Path | None = None) -> Path:
     """`path` with ~ expanded, or default_db_path() when None."""
     return Path(path).expanduser() if path else default_db_path()
@@ -418,7 +436,11 @@ def finetune(
         )
     base = TrainConfig.from_checkpoint(meta, model_path)
     config = base.override(
-        epochs=epochs, lr=base.lr * lr_scale, schedule="cosine", val_size=0, early_stopping_patience=0
+        epochs=epochs,
+        lr=recipe_lr(meta, base.lr) * lr_scale,
+        schedule="cosine",
+        val_size=0,
+        early_stopping_patience=0,
     )
     accuracy_before = evaluate(model, images, labels, config)[1] if corrections else None
     # The data checksum covers the corrections too, so two fine-tunes on different feedback never look alike.

@@ -507,7 +507,9 @@ def _reproduce_finetune(tuned: _FineTune, config: TrainConfig) -> str:
     start = _start(tuned, "another model (not recorded)")
     recipe = f" (recipe `{tuned.base_recipe}`)" if tuned.base_recipe else ""
     rate = (
-        f"{tuned.lr_scale:g} times its learning rate" if tuned.lr_scale else "a fraction of its learning rate"
+        f"{tuned.lr_scale:g} times its recipe's learning rate"
+        if tuned.lr_scale
+        else "a fraction of its recipe's learning rate"
     )
     text = (
         f"Fine-tuned from {start}{recipe} by `digitrec finetune`: training went on from that model's weights for "
@@ -527,7 +529,8 @@ def _reproduce_finetune(tuned: _FineTune, config: TrainConfig) -> str:
         flags += ["--feedback", tuned.database or "DB"]
     else:
         flags.append("--no-corrections")
-    flags += ["--epochs", _value(config.epochs), "--lr-scale", f"{tuned.lr_scale:g}"]
+    # every digit (:g kept six: --lr-scale 0.123456789 came back as 0.123457, other weights)
+    flags += ["--epochs", _value(config.epochs), "--lr-scale", _value(tuned.lr_scale)]
     flags += ["--repeat", str(tuned.repeat)] if tuned.with_corrections else []
     command = " ".join(["digitrec finetune", *(shlex.quote(flag) for flag in flags)])
     if not tuned.with_corrections:
