@@ -109,6 +109,26 @@ def browser_page(app, **page_options: Any) -> Iterator[tuple[Any, list[str], Any
             browser.close()
 
 
+class HeldRequests:
+    """The page's requests to `pattern` held until release(), as a busy server holds them; later ones pass."""
+
+    def __init__(self, page: Any, pattern: str) -> None:
+        self.routes: list[Any] = []
+        self.holding = True
+        page.route(pattern, self._hold)
+
+    def _hold(self, route: Any) -> None:
+        if self.holding:
+            self.routes.append(route)
+        else:
+            route.continue_()
+
+    def release(self) -> None:
+        self.holding = False
+        for route in self.routes:
+            route.continue_()
+
+
 SEEN_INK_JS = (
     "() => Array.from(document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data)"
     ".filter((v, i) => i % 4 === 0 && v > 128).length"
@@ -932,23 +952,12 @@ def test_a_slow_answer_marks_the_one_on_screen_as_being_replaced(tmp_path):
         expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
         page.wait_for_timeout(500)
         expect(page.locator("#reading")).to_be_hidden()
-        held: list[Any] = []
-        holding = True
-
-        def hold(route: Any) -> None:
-            if holding:
-                held.append(route)
-            else:
-                route.continue_()
-
-        page.route("**/api/predict*", hold)
+        held = HeldRequests(page, "**/api/predict*")
         draw(page, [(0.3, 0.5), (0.7, 0.5)])
         expect(page.locator("#reading")).to_be_visible()
         assert page.locator(".result-card").get_attribute("aria-busy") == "true"
         page.screenshot(path=ARTIFACTS / "web-reading.png")
-        holding = False
-        for route in held:
-            route.continue_()
+        held.release()
         expect(page.locator("#reading")).to_be_hidden(timeout=10_000)
         expect(page.locator("#digit")).to_have_text("7")
         assert page.locator(".result-card").get_attribute("aria-busy") == "false"
@@ -1003,23 +1012,12 @@ def test_a_correction_waits_for_the_answer_to_the_drawing_on_the_pad(tmp_path):
         draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
         expect(page.locator("#digit")).to_have_text("7", timeout=10_000)
         expect(page.locator(enabled)).to_have_count(9)  # every digit but the answer
-        held: list[Any] = []
-        holding = True
-
-        def hold(route: Any) -> None:  # the next answers wait, as on a busy server
-            if holding:
-                held.append(route)
-            else:
-                route.continue_()
-
-        page.route("**/api/predict*", hold)
+        held = HeldRequests(page, "**/api/predict*")  # the next answers wait, as on a busy server
         draw(page, [(0.3, 0.5), (0.7, 0.5)])
         expect(page.locator(enabled)).to_have_count(0)  # the answer on screen is of the drawing before
         page.click("#undo")
         expect(page.locator(enabled)).to_have_count(0)
-        holding = False
-        for route in held:
-            route.continue_()
+        held.release()
         expect(page.locator(enabled)).to_have_count(9, timeout=10_000)  # the answer to the pad as it is
 
         sent: list[Any] = []
