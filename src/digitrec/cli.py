@@ -1850,8 +1850,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _remove_empty(folders: list[Path]) -> None:
-    """Remove those of `folders` (deepest first) that hold nothing."""
-    for folder in folders:
+    """Remove those of `folders` that hold nothing, the deepest first (one command may make several)."""
+    for folder in sorted(folders, key=lambda folder: len(folder.absolute().parts), reverse=True):
         try:
             folder.rmdir()
         except OSError:  # it holds something (a report, a step picture), or it went
