@@ -84,9 +84,8 @@ def session_metadata(session) -> dict[str, Any]:
         meta = json.loads(text)
     except json.JSONDecodeError:
         meta = None
-    if not isinstance(
-        meta, dict
-    ):  # valid JSON that is no object (null, [], 5) was an AttributeError traceback
+    # valid JSON that is no object (null, [], 5) was an AttributeError traceback
+    if not isinstance(meta, dict):
         raise DigitrecError("the ONNX model's digitrec metadata is damaged; export it again.")
     return meta
 

@@ -230,9 +230,8 @@ def _read_file(path: Path, advice: str, limit: int) -> bytes:
         return _read_raw(path, advice, limit)
     # gzip at its weakest (stored blocks) adds 5 bytes per 64 KB block and a header: far less than this
     raw = _read_raw(path, advice, limit + limit // 100 + 2**16)
-    if (
-        not raw
-    ):  # gunzips to nothing, as gzip.decompress does: then called "not an IDX file (wrong magic number)"
+    # an empty file gunzips to nothing, as gzip.decompress does: it was "not an IDX file (wrong magic number)"
+    if not raw:
         raise DataError(f"{path} is empty (0 bytes); {advice}.")
     try:
         return gunzip([raw], limit)
@@ -707,9 +706,8 @@ def locate(
     for label, folder in candidate_dirs(data_dir):
         try:
             stamp = _source_stamp(folder)  # before reading, so the copy is tied to what was verified
-        except (
-            OSError
-        ) as exc:  # a folder that may not be searched (chmod 000): its files cannot even be looked at
+        # a folder that may not be searched (chmod 000): its files cannot even be looked at
+        except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             if label in NAMED:
                 raise DataError(

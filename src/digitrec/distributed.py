@@ -282,9 +282,8 @@ def launch(args: argparse.Namespace) -> int:
         with _passing_on(process):
             try:
                 return process.wait()
-            except (
-                KeyboardInterrupt
-            ):  # Ctrl-C reached torchrun and its workers too: let them stop, then say so
+            # Ctrl-C reached torchrun and its workers too: let them stop, then say so
+            except KeyboardInterrupt:
                 process.wait()
                 raise
 
