@@ -1033,3 +1033,27 @@ def test_a_correction_waits_for_the_answer_to_the_drawing_on_the_pad(tmp_path):
         assert errors == []
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
+def test_an_answer_to_part_of_a_stroke_turns_no_correction_on(tmp_path):
+    """An answer asked for while the pen moved, arriving after it lifted, counted as current: the corrections came
+    back on over the half-drawn image until the stroke's own answer came."""
+    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
+    enabled = "#correct-buttons button:enabled"
+    with browser_page(app) as (page, errors, expect):
+        draw(page, [(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)])
+        expect(page.locator(enabled)).to_have_count(9, timeout=10_000)
+        held = HeldRequests(page, "**/api/predict*")
+        box = page.locator("#pad").bounding_box()
+        page.mouse.move(box["x"] + 0.3 * box["width"], box["y"] + 0.5 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + 0.7 * box["width"], box["y"] + 0.5 * box["height"], steps=8)
+        page.wait_for_timeout(300)
+        assert len(held.routes) == 1  # the answer to the stroke so far, asked for while the pen moves
+        page.mouse.up()
+        held.routes.pop(0).continue_()  # it comes after the pen lifted
+        page.wait_for_timeout(500)
+        expect(page.locator(enabled)).to_have_count(0)
+        held.release()  # the whole stroke's answer
+        expect(page.locator(enabled)).to_have_count(9, timeout=10_000)
+        assert errors == []

@@ -488,7 +488,7 @@ def test_an_export_whose_checkpoint_beside_it_changed_since_is_refused(
     # one is not its source (the review that found this was told to export the wrong model again)
     another = create_model(meta["config"]["arch"], tuple(meta["config"]["normalize"]))
     _randomize_batchnorm(another)
-    save_model(moved.parent / checkpoint.name, another, meta)
+    save_model(moved.parent / checkpoint.name, another, {**meta, "created": "2026-12-07T09:00:00+0000"})
     (tmp_path / "gone").mkdir()
     checkpoint.rename(tmp_path / "gone" / checkpoint.name)  # its own source, recorded, no longer there
     assert Predictor.load(moved).temperature == pytest.approx(float(meta.get("temperature", 1.0)))
@@ -538,6 +538,14 @@ def test_a_stale_export_is_refused_from_any_folder_not_only_the_one_it_was_made_
     (tmp_path / "project" / "run").rename(renamed)
     model, meta = load_model(renamed / "model.safetensors")
     save_model(renamed / "model.safetensors", model, {**meta, "temperature": 3.5})
+    with pytest.raises(DigitrecError, match="before that checkpoint changed"):
+        Predictor.load(renamed / "prod.onnx")
+    # calibrated with --half, which rewrites the weights' bytes: the same run, by when it began
+    from digitrec.checkpoint import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(renamed / "model.safetensors")
+    halved = {name: t.half() if t.is_floating_point() else t for name, t in tensors.items()}
+    save_tensors(renamed / "model.safetensors", halved, {**meta, "temperature": 4.5})
     with pytest.raises(DigitrecError, match="before that checkpoint changed"):
         Predictor.load(renamed / "prod.onnx")
 

@@ -138,9 +138,12 @@ def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
         data = checkpoint.read_bytes()
     except OSError:  # none there, or a folder
         return
-    if not recorded_file and weights_sha256(data) != weights:
-        # Not the recorded file, and other weights: another model's, beside a copied export. (The same weights
-        # are its source wherever it is now: a run folder renamed, or copied, and then calibrated again.)
+    created = export.get("source_created")
+    same_run = isinstance(created, str) and checkpoint_created(data) == created
+    if not recorded_file and weights_sha256(data) != weights and not same_run:
+        # Not the recorded file, and another model's (other weights, another run): beside a copied export. The
+        # same weights, or the same run (made the same second; `calibrate --half` rewrote its weights), are its
+        # source wherever it is now: a run folder renamed or copied, then calibrated again.
         return
     if hashlib.sha256(data).hexdigest() != digest:
         raise DigitrecError(
@@ -148,6 +151,20 @@ def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
             "calibrated or trained again), so it would answer with the old model's confidences and threshold; "
             f"export it again with `digitrec export {checkpoint}` (--int8 for an int8 one)."
         )
+
+
+def checkpoint_created(data: bytes) -> str | None:
+    """When the run that wrote a safetensors checkpoint (its bytes) began, as its metadata records it (`calibrate`
+    keeps it); None when it records none."""
+    if len(data) < 8:
+        return None
+    end = 8 + int.from_bytes(data[:8], "little")
+    try:
+        meta = json.loads(json.loads(data[8:end])["__metadata__"][META_KEY])
+    except (ValueError, KeyError, TypeError):
+        return None
+    created = meta.get("created") if isinstance(meta, dict) else None
+    return created if isinstance(created, str) else None
 
 
 def weights_sha256(data: bytes) -> str | None:

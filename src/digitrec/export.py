@@ -376,6 +376,8 @@ def export_onnx(
         "source_checkpoint_resolved": str(checkpoint.resolve()),
         # the same for the checkpoint calibrated again (another temperature or threshold): see refuse_stale_export
         "source_weights_sha256": weights_sha256(source_bytes),
+        # kept by `calibrate` (whose --half changes the weights' bytes), new with every run: see refuse_stale_export
+        "source_created": meta.get("created"),
         "source_sha256": hashlib.sha256(source_bytes).hexdigest(),
         "precision": precision,
         "input": f"{INPUT_NAME}: float32 (N, 1, 28, 28), pixels in [0, 1], white ink on black (MNIST), any N",

@@ -214,11 +214,14 @@ def _open(
         )
     stored_size = image.size
     try:
-        with quiet_pillow():
-            if isinstance(source, Image.Image):  # the caller's: turned on a copy, so theirs stays as it is
-                image = cast(Image.Image, ImageOps.exif_transpose(image))
-            else:  # our own: turned in place, as a copy of a 12-megapixel PNG costs ~20 ms and as much memory
-                ImageOps.exif_transpose(image, in_place=True)
+        with (
+            quiet_pillow()
+        ):  # parsing the EXIF block warns (and Pillow keeps what it parsed); turning, below, not
+            image.getexif()
+        if isinstance(source, Image.Image):  # the caller's: turned on a copy, so theirs stays as it is
+            image = cast(Image.Image, ImageOps.exif_transpose(image))
+        else:  # our own: turned in place, as a copy of a 12-megapixel PNG costs ~20 ms and as much memory
+            ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture; keep it unrotated
         pass
     if image.size != stored_size:  # rotated by 90 degrees

@@ -503,9 +503,13 @@ def train(
         # (a finished run trains no more: evaluated again on any number of processes)
         epoch_so_far = (0.0, 0, 0) if evaluate_only else _epoch_so_far(state, distributed.rank())
         try:
-            # (A checkpoint at the run's last step that is not finished, written inside an epoch by versions before
-            # 7 December, still owes that epoch's row: the loop makes it from the epoch's sums, training no step.)
-            while not run_is_finished(state, config) and (step < total_steps or _row_owed(state, step)):
+            # A checkpoint at the run's last step that is not finished, written inside an epoch by versions before
+            # 7 December, still owes that epoch's row: one pass makes it from the epoch's sums, training no step.
+            # Decided once, from the checkpoint every rank read: only rank 0 keeps the history, so asked after each
+            # epoch the other ranks went round again, into an all-reduce rank 0 never joined.
+            owed = step >= total_steps and _row_owed(state, step)
+            while not run_is_finished(state, config) and (step < total_steps or owed):
+                owed = False
                 epoch = step // steps_per_epoch
                 end = min(total_steps, (epoch + 1) * steps_per_epoch)
                 steps = range(step, end)

@@ -114,7 +114,10 @@ pad.addEventListener("pointermove", (event) => {
 function endStroke(event) {
   if (!state.drawing || event.pointerId !== state.pointerId) return;
   state.drawing = null;
-  forgetAnsweredImage();  // the answers while the pen moved were of part of this stroke
+  // The answers while the pen moved were of part of this stroke: one still on its way is not current either
+  // (it turned the corrections on again, over the half-drawn image).
+  state.generation += 1;
+  forgetAnsweredImage();
   schedulePrediction(true);
 }
 
