@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 # META_KEY is also the ONNX metadata entry that holds the source checkpoint's metadata as JSON
-from .checkpoint import META_KEY
+from .checkpoint import META_KEY, parse_header
 from .errors import DigitrecError, need_extra
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
@@ -138,13 +138,14 @@ def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
         data = checkpoint.read_bytes()
     except OSError:  # none there, or a folder
         return
-    created = export.get("source_created")
-    same_run = isinstance(created, str) and checkpoint_created(data) == created
-    if not recorded_file and weights_sha256(data) != weights and not same_run:
-        # Not the recorded file, and another model's (other weights, another run): beside a copied export. The
-        # same weights, or the same run (made the same second; `calibrate --half` rewrote its weights), are its
-        # source wherever it is now: a run folder renamed or copied, then calibrated again.
-        return
+    if not recorded_file:
+        # Another model's (other weights, another run) beside a copied export is not compared. The same weights,
+        # or the same run (begun the same second; `calibrate --half` rewrote its weights), are its source wherever
+        # it is now: a run folder renamed or copied, then calibrated again.
+        beside_weights, beside_created = checkpoint_identity(data)
+        created = export.get("source_created")
+        if beside_weights != weights and not (isinstance(created, str) and beside_created == created):
+            return
     if hashlib.sha256(data).hexdigest() != digest:
         raise DigitrecError(
             f"ONNX model {path} was exported from {checkpoint} before that checkpoint changed (its SHA-256 differs: "
@@ -153,30 +154,22 @@ def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
         )
 
 
-def checkpoint_created(data: bytes) -> str | None:
-    """When the run that wrote a safetensors checkpoint (its bytes) began, as its metadata records it (`calibrate`
-    keeps it); None when it records none."""
-    if len(data) < 8:
-        return None
-    end = 8 + int.from_bytes(data[:8], "little")
-    try:
-        meta = json.loads(json.loads(data[8:end])["__metadata__"][META_KEY])
-    except (ValueError, KeyError, TypeError):
-        return None
-    created = meta.get("created") if isinstance(meta, dict) else None
-    return created if isinstance(created, str) else None
-
-
-def weights_sha256(data: bytes) -> str | None:
-    """The SHA-256 of a safetensors file's tensor data, its header (names, shapes, metadata) left out: the same
-    for a checkpoint that `digitrec calibrate` gave another temperature or threshold. None for a file too short
-    to be one."""
+def checkpoint_identity(data: bytes) -> tuple[str | None, str | None]:
+    """(the SHA-256 of its tensor data, the header left out; when its run began) of a safetensors checkpoint's
+    bytes: both stay when `digitrec calibrate` gives it another temperature or threshold (the first not with
+    `--half`, which rewrites the weights). None for what the bytes do not hold."""
     import hashlib
 
-    if len(data) < 8:
-        return None
-    start = 8 + int.from_bytes(data[:8], "little")
-    return hashlib.sha256(data[start:]).hexdigest() if start <= len(data) else None
+    try:
+        header, start = parse_header(data)
+    except (ValueError, RecursionError):
+        return None, None
+    try:
+        meta = json.loads(header["__metadata__"][META_KEY])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        meta = None
+    created = meta.get("created") if isinstance(meta, dict) else None
+    return hashlib.sha256(data[start:]).hexdigest(), created if isinstance(created, str) else None
 
 
 def _same_file(a: Path, b: str) -> bool:

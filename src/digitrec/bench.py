@@ -289,7 +289,8 @@ class InferResult:
     images_per_s: float
     p50_ms: float  # latency of one call (one batch)
     p99_ms: float
-    setup_seconds: float  # export, quantization or compilation before the first call, with their checks on the test set (parity, int8 accuracy)
+    # export, quantization or compilation before the first call, with their checks on the test set (parity, int8)
+    setup_seconds: float
     multiply_adds_per_image: int = 0  # the model's conv and linear multiply-adds for one image (forward)
     multiply_adds_per_s: float = 0.0  # images/s x multiply_adds_per_image
     threads: int = 0  # CPU threads the backend ran on: torch's count, for the ONNX Runtime rows too

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, cast, overload
 
@@ -270,25 +270,15 @@ def _check_resume(args: argparse.Namespace) -> None:
         )
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def _terminate_as_interrupt() -> contextlib.AbstractContextManager[None]:
     """SIGTERM (`kill`, `timeout`, a job scheduler) stops a run as Ctrl-C does: it says how to resume, and a folder
     it made and left without a checkpoint is removed (killed outright, it held only its lock file)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
+    from .distributed import handling_signals
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    before = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    return handling_signals(("SIGTERM",), interrupt)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -967,11 +957,11 @@ def _bench_header() -> dict:
     import torch
 
     from .precision import native_bfloat16
-    from .training import _cores
+    from .training import usable_cores
 
     return {
         "cpu": _cpu_name() or platform.processor() or platform.machine(),  # platform's is "x86_64" on Linux
-        "cores": _cores(),  # those this process may run on (taskset), not the machine's
+        "cores": usable_cores(),  # those this process may run on (taskset), not the machine's
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "native_bfloat16": native_bfloat16("cpu"),  # autocast runs in bfloat16 natively (AMX, AVX-512 BF16)
@@ -1908,16 +1898,16 @@ class _StandardOutput:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise StandardOutputError(exc.errno, exc.strerror) from exc
+        return self._own(self._stream.write, text)
 
     def flush(self) -> None:
+        self._own(self._stream.flush)
+
+    @staticmethod
+    def _own(call: Callable[..., Any], *args: Any) -> Any:
+        """`call(*args)`, its OSError a StandardOutputError; a BrokenPipeError stays what it is."""
         try:
-            self._stream.flush()
+            return call(*args)
         except BrokenPipeError:
             raise
         except OSError as exc:

@@ -289,28 +289,34 @@ def launch(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _passing_on(process: subprocess.Popen[bytes]) -> Iterator[None]:
-    """While waiting for torchrun: SIGTERM and SIGHUP sent to this process alone (`kill`, a wrapper's
-    Popen.terminate(), a supervisor) go on to torchrun, which stops its workers as Ctrl-C does (resumable). They
-    ended this process and left torchrun and every worker training, orphaned, writing the run after it "ended"."""
+def handling_signals(names: tuple[str, ...], handler: Callable[[int, object], None]) -> Iterator[None]:
+    """`handler` for the signals `names` (those this platform has) while the block runs, and the handlers found
+    put back after it; nothing is set from a thread other than the main one, which alone may set them."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    signums = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    before = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+
+
+def _passing_on(process: subprocess.Popen[bytes]) -> contextlib.AbstractContextManager[None]:
+    """While waiting for torchrun: SIGTERM and SIGHUP sent to this process alone (`kill`, a wrapper's
+    Popen.terminate(), a supervisor) go on to torchrun, which stops its workers as Ctrl-C does (resumable). They
+    ended this process and left torchrun and every worker training, orphaned, writing the run after it "ended"."""
 
     def pass_on(signum: int, frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):  # torchrun ended meanwhile
             process.send_signal(signum)
 
-    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    before = {signum: signal.signal(signum, pass_on) for signum in (getattr(signal, n) for n in names)}
-    try:
-        yield
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+    return handling_signals(("SIGTERM", "SIGHUP"), pass_on)
 
 
 def _check_before_launch(args: argparse.Namespace) -> str:

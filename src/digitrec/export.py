@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from . import tta
-from .backends import INPUT_NAME, OUTPUT_NAME, export_source_sha256, onnx_session, softmax, weights_sha256
+from .backends import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    checkpoint_identity,
+    export_source_sha256,
+    onnx_session,
+    softmax,
+)
 from .checkpoint import META_KEY, atomic_write_bytes, model_file, read_checkpoint, valid_utf8
 from .errors import DigitrecError
 
@@ -375,7 +382,7 @@ def export_onnx(
         # where it lies, whatever folder a later command runs from (the path above is as given, perhaps relative)
         "source_checkpoint_resolved": str(checkpoint.resolve()),
         # the same for the checkpoint calibrated again (another temperature or threshold): see refuse_stale_export
-        "source_weights_sha256": weights_sha256(source_bytes),
+        "source_weights_sha256": checkpoint_identity(source_bytes)[0],
         # kept by `calibrate` (whose --half changes the weights' bytes), new with every run: see refuse_stale_export
         "source_created": meta.get("created"),
         "source_sha256": hashlib.sha256(source_bytes).hexdigest(),

@@ -406,18 +406,21 @@ class FileResult:
 PARALLEL_FROM = 64  # files; below this, starting worker processes costs more than they save
 
 
+def _finite_number(value: Any) -> bool:
+    """A finite int or float (NumPy's too), not a bool."""
+    return (
+        isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    )
+
+
 def _calibration(meta: dict[str, Any], name: str) -> tuple[float, float]:
     """The temperature and reject threshold a model's metadata records, checked: metadata is JSON anyone can
     edit (an ONNX export's carries no checksum), and a temperature of 0 answered "digit 0, confidence nan%"."""
     temperature = meta.get("temperature", 1.0)
     reject_below = meta.get("reject_below", DEFAULT_REJECT_BELOW)
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    if not number(temperature) or temperature <= 0:
+    if not _finite_number(temperature) or temperature <= 0:
         problem = f"a temperature of {temperature!r}, not a positive number"
-    elif not number(reject_below) or not 0 <= reject_below <= 1:
+    elif not _finite_number(reject_below) or not 0 <= reject_below <= 1:
         problem = f"a reject threshold of {reject_below!r}, not a probability from 0 to 1"
     else:
         return float(temperature), float(reject_below)
@@ -432,8 +435,7 @@ def _checked_reject_below(reject_below: Any) -> float | None:
     confidence, so it turned rejection off without a word."""
     if reject_below is None:
         return None
-    is_number = isinstance(reject_below, (int, float, np.floating)) and not isinstance(reject_below, bool)
-    if not is_number or not 0 <= reject_below <= 1:
+    if not _finite_number(reject_below) or not 0 <= reject_below <= 1:
         raise DigitrecError(f"reject_below must be a probability from 0 to 1, got {reject_below!r}.")
     return float(reject_below)
 

@@ -214,9 +214,8 @@ def _open(
         )
     stored_size = image.size
     try:
-        with (
-            quiet_pillow()
-        ):  # parsing the EXIF block warns (and Pillow keeps what it parsed); turning, below, not
+        # parsing the EXIF block warns (and Pillow keeps what it parsed); turning, below, not
+        with quiet_pillow():
             image.getexif()
         if isinstance(source, Image.Image):  # the caller's: turned on a copy, so theirs stays as it is
             image = cast(Image.Image, ImageOps.exif_transpose(image))

@@ -664,7 +664,7 @@ def _start_or_resume(
     return config, recipe, state, {}
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     """The CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -673,7 +673,7 @@ def _oversubscribed(config: TrainConfig) -> str:
     """A note for --threads above the cores this process may use (`--threads 1000` on 2 cores had not finished a
     dry run in two minutes); such a count is allowed, as the one way to reproduce a bigger machine's weights."""
     processes = distributed.launched_world_size()
-    cores = _cores()
+    cores = usable_cores()
     if config.threads * processes <= cores or resolve_device(config.device).type != "cpu":
         return ""
     return (
@@ -749,12 +749,18 @@ def check_split(train_images: int, config: TrainConfig, world_size: int) -> None
     """Refuse a validation split of `train_images` that leaves no training images, or too few for one batch of
     two per process (also before `--nproc` starts torchrun, which printed it once per worker)."""
     check_val_size(config.val_size, train_images)
-    images = train_images - config.val_size
-    if steps_in_epoch(images, config.batch_size, world_size) == 0:
+    _steps_per_epoch(train_images - config.val_size, config, world_size)
+
+
+def _steps_per_epoch(images: int, config: TrainConfig, world_size: int) -> int:
+    """Steps in an epoch of `images` training images; one sentence when they make no batch."""
+    steps = steps_in_epoch(images, config.batch_size, world_size)
+    if steps == 0:
         raise DataError(
             f"{images} training image(s) left after the validation split of {config.val_size}: "
             f"too few for one batch of two per process; choose a smaller --val-size."
         )
+    return steps
 
 
 def _count_steps(
@@ -762,8 +768,7 @@ def _count_steps(
 ) -> tuple[int, int]:
     """(steps per epoch, total steps) of the run, refusing a split that leaves no batch and a checkpoint at
     `step` past the end."""
-    steps_per_epoch = steps_in_epoch(images, config.batch_size, world_size)
-    check_split(images + config.val_size, config, world_size)
+    steps_per_epoch = _steps_per_epoch(images, config, world_size)
     total_steps = max(1, round(config.epochs * steps_per_epoch))
     if step > total_steps:
         raise CheckpointError(
@@ -808,7 +813,7 @@ def _resume_threads(
         return ""
     processes = distributed.launched_world_size()
     per_process = " per process" if processes > 1 else ""
-    cores = _cores()
+    cores = usable_cores()
     if recorded * processes > cores:
         return (
             f", on {environment} thread{'s' * (environment != 1)}{per_process}: it began on {recorded}, more than "
