@@ -85,6 +85,10 @@ def test_the_page_forbids_framing_sniffing_and_content_from_elsewhere(client):
     page = client.get("/")
     policy = page.headers["content-security-policy"]
     assert client.get("/static/index.html").headers["content-security-policy"] == policy  # the same page
+    # and at an address that ends otherwise (Starlette serves the page at it; it came without its policy)
+    for address in ("/static/index.html/", "/static/./index.html", "/static//index.html"):
+        same = client.get(address)
+        assert same.status_code == 200 and same.headers["content-security-policy"] == policy, address
     assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
     assert "'unsafe-inline'" not in policy and "'unsafe-eval'" not in policy
     for response in (page, client.get("/static/app.js"), client.get("/healthz"), client.get("/nothing")):

@@ -673,6 +673,33 @@ def test_a_model_crash_is_a_json_500_not_a_traceback(predictor, db_path):
         assert c.get("/api/stats").json()["requests"]["server_errors"] == 1  # was counted nowhere
 
 
+def test_a_500_carries_the_browser_headers_whichever_way_the_image_came(predictor, db_path):
+    """README: every response carries nosniff, DENY and no-referrer. A 500 answered by Starlette's error
+    middleware (a form, JSON or /api/read) is sent outside every middleware, and had none of them; the raw
+    image/* fast path's had them."""
+    from digitrec.guards import BROWSER_HEADERS
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    predictor.predict_tensor = predictor.read = broken
+    png = digit_png()
+    with TestClient(
+        create_app(predictor, feedback_db=db_path), raise_server_exceptions=False, base_url=BASE_URL
+    ) as c:
+        for path, request in [
+            ("/api/predict", {"files": upload(png)}),
+            ("/api/predict", {"json": {"image": base64.b64encode(png).decode()}}),
+            ("/api/predict", {"content": png, "headers": {"content-type": "image/png"}}),
+            ("/api/read", {"files": upload(png)}),
+            ("/api/read", {"content": png, "headers": {"content-type": "image/png"}}),
+        ]:
+            response = c.post(path, **request)
+            assert response.status_code == 500, (path, response.text)
+            for name, value in BROWSER_HEADERS:  # each once: no middleware added them a second time
+                assert response.headers.get_list(name.decode()) == [value.decode()], (path, request.keys())
+
+
 # ------------------------------------------------------------------------------------------------ concurrency
 
 
@@ -989,6 +1016,31 @@ def test_a_head_over_64_kb_that_arrives_in_one_piece_is_refused_with_431_too(pre
             headers = {"X-Big": "a" * 60_000}  # under the limit: served
             assert http.get("/healthz", headers=headers).status_code == 200
             assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
+
+
+def test_pipelined_requests_over_64_kb_in_one_read_are_each_answered(predictor, db_path):
+    """The head's byte count took in the whole read in which a head began: 70 KB of small pipelined GETs, or a
+    100 KB upload followed by the start of the next request, was refused with 431 and the answers were lost."""
+    from digitrec.guards import guarded_http_protocol
+
+    get = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    png = digit_png()
+    body = png + b"\0" * (100_000 - len(png))
+    post = b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+    post += b"Content-Length: %d\r\n\r\n" % len(body) + body
+    last = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with live_server(create_app(predictor, feedback_db=db_path), http=guarded_http_protocol(5.0)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for first, answers in [(get * 1_700, 1_700), (post, 1)]:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(first + last[:20])  # the next request's head begins in the same read
+                time.sleep(0.3)
+                sock.sendall(last[20:])
+                sock.settimeout(10.0)
+                said = b""
+                while chunk := sock.recv(1 << 20):  # until the server closes, after the last answer
+                    said += chunk
+            assert said.count(b"HTTP/1.1 200 OK") == answers + 1 and b" 431 " not in said, said[-300:]
 
 
 @pytest.mark.parametrize(

@@ -121,16 +121,17 @@ class BrowserGuard:
         if scope["method"] not in ("GET", "HEAD", "OPTIONS") and self._cross_origin(dict(scope["headers"])):
             await self._refuse(send)
             return
-        extra = BROWSER_HEADERS + (
-            # the page at / and the same file under /static/ (a page served without its policy is one unguarded)
-            [(b"content-security-policy", PAGE_POLICY.encode())]
-            if scope["path"] == "/" or scope["path"].endswith(".html")
-            else []
-        )
 
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
-                message = message | {"headers": list(message.get("headers", [])) + extra}
+                headers = list(message.get("headers", []))
+                # The page's policy on every HTML answer at / and under /static/, decided by what is sent, not by
+                # the address's ending: /static/index.html/ served the page without it (a page without its
+                # policy is unguarded). /docs runs Swagger UI's inline script: the policy is the page's only.
+                html = any(k.lower() == b"content-type" and v.startswith(b"text/html") for k, v in headers)
+                ours = scope["path"] == "/" or scope["path"].startswith("/static/")
+                policy = [(b"content-security-policy", PAGE_POLICY.encode())] if html and ours else []
+                message = message | {"headers": headers + BROWSER_HEADERS + policy}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -232,6 +233,7 @@ def guarded_http_protocol(
             self._in_head = True  # waiting for a request head; a client that sends nothing is held to it too
             # the request target and the headers as the parser hands them over, however they arrived
             self._parsed_head_bytes = 0
+            self._began_here = False  # whether the head being received began in the read being parsed
             self._refused = False
             self._arm_head_timer()
 
@@ -250,15 +252,22 @@ def guarded_http_protocol(
                 self._body_timer = None
 
         def data_received(self, data: bytes) -> None:
+            self._began_here = False
             super().data_received(data)  # the parser calls on_message_begin / on_headers_complete in here
             if self._in_head and self._head_timer is not None and not self.transport.is_closing():
-                self._head_bytes += len(data)
+                # A head that began in this read owns only its own part of it: the rest were earlier pipelined
+                # requests and their bodies (counted whole, 70 KB of small GETs was a 431 that lost their answers).
+                # Of that part the parser has handed over the target and the whole headers so far.
+                self._head_bytes = (
+                    self._parsed_head_bytes if self._began_here else self._head_bytes + len(data)
+                )
                 if self._head_bytes > max_header_bytes:
                     self._refuse(431, "Request Header Fields Too Large", too_large)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_head = True
+            self._began_here = True
             self._head_bytes = 0
             self._parsed_head_bytes = 0
             self._arm_head_timer()  # a kept-alive connection: the next request's clock starts at its first byte

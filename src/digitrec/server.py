@@ -360,10 +360,18 @@ def create_app(
     async def _mapped(request: Request, exc: Exception) -> JSONResponse:
         return _error_for(exc)
 
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's ServerErrorMiddleware answers with this, outside every middleware, BrowserGuard's headers
+        # too: they are added here (README: every response carries them)
+        response = _error_for(exc)
+        response.headers.update({name.decode(): value.decode() for name, value in BROWSER_HEADERS})
+        return response
+
     # each by name: the handler of Exception answers from Starlette's ServerErrorMiddleware, which then re-raises
     # for uvicorn to log a traceback (a client that left is no error of the app)
-    for kind in (ClientGone, ImageTooLargeError, DigitrecError, BrokenProcessPool, Exception):
+    for kind in (ClientGone, ImageTooLargeError, DigitrecError, BrokenProcessPool):
         app.add_exception_handler(kind, _mapped)
+    app.add_exception_handler(Exception, _unexpected)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
