@@ -151,6 +151,12 @@ def test_a_card_of_a_model_scored_in_views_says_robustness_and_latency_are_of_on
     }
     # `evaluate --tta-views 5` of a one-view recipe: its Predictor runs one (the card said 5)
     assert said(get_recipe("fast"), scored=5)["Latency"] == one["Latency"]
+    # an ensemble of 5-view members is scored in 5 views as its first member's recipe says (its card said one)
+    members = [{"path": "runs/a", "config": get_recipe("default").to_dict()}] * 2
+    meta = {"recipe": "ensemble", "config": get_recipe("default").to_dict(), "members": members}
+    sections = modelcard.build_card(metrics, meta, robustness=robustness, latency=latency)
+    ensemble = {s.title: s.paragraphs[0] for s in sections if s.title in ("Robustness", "Latency")}
+    assert ensemble == five
 
 
 def test_a_card_says_a_models_validation_accuracy_is_of_one_view_where_its_test_accuracy_is_not():
@@ -232,6 +238,36 @@ def test_an_ensembles_card_names_its_members():
         modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03, "per_class": []}, meta)
     )
     assert "Model card: ensemble (ensemble of deep_cnn, fast_cnn)" in text
+
+
+def test_an_ensembles_limits_say_what_its_members_trained_on():
+    """An ensemble with a `robust` member (photo-like digits and non-digits) said "Trained only on MNIST"."""
+    robust = get_recipe("robust").to_dict()
+    plain = get_recipe("fast").to_dict()
+
+    def limits(*configs):
+        meta = {"recipe": "ensemble", "config": configs[0], "members": [{"config": c} for c in configs]}
+        text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03}, meta))
+        return text.split("## Known limits")[1]
+
+    mixed = limits(plain, robust)
+    assert "Trained only on MNIST" not in mixed and "from the network itself" not in mixed
+    assert "1 of 2 members warped" in mixed and "1 of 2 also trained on non-digits" in mixed
+    assert "Trained only on MNIST" in limits(plain, plain)
+
+
+def test_an_ensembles_rebuild_command_and_members_table_survive_odd_paths():
+    """The rebuild command gave `my runs/fast/...` unquoted (two arguments to a shell), and a | in a path made a
+    sixth column in the members table."""
+    members = [
+        {"path": path, "config": {"arch": "fast_cnn"}}
+        for path in ("my runs/a.safetensors", "b|c.safetensors")
+    ]
+    meta = {"recipe": "ensemble", "members": members}
+    text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03}, meta))
+    assert "`digitrec ensemble 'my runs/a.safetensors' 'b|c.safetensors' --out PATH`" in text
+    row = next(line for line in text.splitlines() if "b\\|c" in line)
+    assert row.replace("\\|", "").count("|") == 6  # five cells
 
 
 def test_an_ensembles_card_says_when_it_was_made_without_a_gap():

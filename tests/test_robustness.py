@@ -308,3 +308,101 @@ def test_the_reports_coverage_curve_is_at_the_models_calibrated_temperature(
         tmp_path, model, tiny_mnist, config=config, meta={**meta, "temperature": 0.3}, robustness_images=20
     )
     assert asked == [0.3]
+
+
+def test_coverage_rows_keep_no_more_than_their_coverage_on_few_images():
+    """On 50 images round() kept all 50 for the 99% row, and the table printed 100% accuracy as "99%"."""
+    logits = torch.eye(10).repeat(5, 1) * torch.linspace(1, 9, 50)[:, None]
+    labels = torch.arange(10).repeat(5)
+    labels[0] = 1  # the least confident answer is wrong: the 99% row must not keep it
+    curve = robustness.coverage_curve(logits, labels)
+    row = robustness.coverage_at({"coverage": curve}, 0.99)
+    assert row["coverage"] == pytest.approx(0.98) and row["accuracy"] == 1.0
+    assert all(robustness.coverage_at({"coverage": curve}, c)["coverage"] <= c for c in robustness.COVERAGES)
+    # 10,000 images: every row at exactly its coverage (0.99 * 10,000 is 9899.999... as a float)
+    many = {
+        "coverage": robustness.coverage_curve(torch.eye(10).repeat(1000, 1), torch.arange(10).repeat(1000))
+    }
+    assert [robustness.coverage_at(many, c)["coverage"] for c in robustness.COVERAGES] == list(
+        robustness.COVERAGES
+    )
+    result = {
+        "images": 50,
+        "perturbations": [],
+        "models": [{"name": "m", "clean_accuracy": 1.0, "coverage": curve}],
+    }
+    lines = robustness.table(result).splitlines()
+    assert any(line.startswith("98.0%") for line in lines) and not any(
+        line.startswith("99%") for line in lines
+    )
+
+
+def test_a_model_file_named_model_is_named_by_its_folder_given_as_dot(run_dir, tmp_path, monkeypatch):
+    """`digitrec robustness .` in a run folder named the model "" in the table, the JSON and the legend."""
+    monkeypatch.chdir(run_dir)
+    assert robustness.load_scored(".").name == run_dir.name
+    assert robustness.load_scored("model.safetensors").name == run_dir.name
+
+
+def test_a_name_that_starts_with_an_underscore_keeps_its_legend_entry(monkeypatch, tmp_path):
+    """matplotlib leaves out labels that start with "_": a run folder named _baseline had a line, no entry."""
+    from digitrec import plots
+    from digitrec.plots import plt
+
+    curve = [{"coverage": 1.0, "accuracy": 0.9, "threshold": 0.5}]
+    models = [
+        {"name": name, "clean_accuracy": 0.9, "perturbations": {}, "coverage": curve}
+        for name in ("_base", "b")
+    ]
+    legends = []
+
+    def keep(fig, path):
+        legends.append([text.get_text() for text in fig.axes[0].get_legend().get_texts()])
+        plt.close(fig)
+        return path
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    robustness.plot({"images": 10, "perturbations": [], "models": models}, tmp_path / "r.png")
+    assert [label.strip() for label in legends[0]] == ["_base", "b"]
+
+
+def test_an_exported_model_is_scored_in_batches(run_dir, tmp_path, monkeypatch):
+    """ONNX Runtime got every image in one call: `explore --model model.onnx` scoring 60,000 took ~10 GB."""
+    pytest.importorskip("onnxruntime")
+    from digitrec.backends import OnnxBackend
+    from digitrec.export import export_onnx
+
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx(run_dir, onnx_path, log=lambda message: None)
+    sizes = []
+    call = OnnxBackend.__call__
+    monkeypatch.setattr(OnnxBackend, "__call__", lambda self, x: sizes.append(len(x)) or call(self, x))
+    monkeypatch.setattr(robustness, "ONNX_BATCH", 16)
+    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    scored = robustness.load_scored(onnx_path)
+    sizes.clear()  # loading checks the model with one image
+    logits = scored.scorer(images)
+    assert sizes == [16, 16, 8] and logits.shape == (40, 10)
+
+
+def test_robustness_refuses_to_write_over_a_run_folders_own_figures(run_dir, idx_folder, capsys):
+    """`--out RUN` replaced the run's robustness.png (shown in its report) with a figure of other models."""
+    before = (run_dir / "robustness.png").read_bytes() if (run_dir / "robustness.png").exists() else None
+    assert (
+        main(
+            [
+                "robustness",
+                str(run_dir),
+                "--limit",
+                "20",
+                "--out",
+                str(run_dir),
+                "--data-dir",
+                str(idx_folder),
+            ]
+        )
+        == 2
+    )
+    assert f"--out {run_dir} is a run folder" in capsys.readouterr().err
+    after = (run_dir / "robustness.png").read_bytes() if (run_dir / "robustness.png").exists() else None
+    assert after == before

@@ -1162,6 +1162,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     from .data import load_mnist
 
     _refuse_one_model_twice(args.models, ", scored twice on the same images")
+    _refuse_a_run_folder(args.out, "robustness.json and robustness.png")
     _make_folder(args.out, "--out")
     models = robustness.load_all(args.models)  # a model that does not load stops the command before the work
     data = load_mnist(args.data_dir, log=_stderr)
@@ -1179,6 +1180,17 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     print(robustness.table(report))
     print(f"plot: {files['plot']}\ndata: {files['json']}")
     return 0
+
+
+def _refuse_a_run_folder(out: str | Path, files: str) -> None:
+    """Refuse an --out that is a run's folder, where `files` would replace the run's own (its report shows
+    them, and they describe its model alone)."""
+    from .runfolder import holds_a_run
+
+    if holds_a_run(Path(out)):
+        raise DigitrecError(
+            f"--out {out} is a run folder, whose {files} describe its own model; name another folder."
+        )
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

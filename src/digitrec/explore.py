@@ -221,5 +221,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;t
 </body></html>
 """,
     )
-    summary["files"] = sorted(p.name for p in out_dir.iterdir() if p.suffix in (".png", ".html", ".json"))
+    # what this command wrote (--out may hold other commands' files: robustness.png was listed as written)
+    summary["files"] = sorted(
+        {Path(path).name for path in figures.values()} | {"explore.json", "explore.html"}
+    )
     return summary

@@ -94,6 +94,9 @@ def build_card(
     recipe = meta.get("recipe", "custom")
     arch = config.arch if config else meta.get("arch", "?")
     members = meta.get("members") if isinstance(meta.get("members"), list) else None
+    # how many shifted views a Predictor averages (tta.py): an ensemble's are its first member's, as its
+    # recipe's are a run's
+    recipe_views = config.tta_views if config else 1
     if members:  # `digitrec ensemble --out`; `config` is its first member's, for how to evaluate it
         recipe, config = "ensemble", None
         arch = "ensemble of " + ", ".join(str((m.get("config") or {}).get("arch", "?")) for m in members)
@@ -116,13 +119,13 @@ def build_card(
     if calibration:
         sections.append(calibration)
     # how many shifted views the headline figures average (tta.py); robustness and latency are of one view
-    views = int(metrics.get("scored_tta_views") or (config.tta_views if config else 1))
+    views = int(metrics.get("scored_tta_views") or recipe_views)
     if robustness:
         sections.append(_robustness_section(robustness, views))
     if latency:  # the checkpoint's size is in the first section; the views are those the Predictor runs
-        sections.append(_latency_section(latency, config.tta_views if config else 1))
+        sections.append(_latency_section(latency, recipe_views))
     sections.append(_intended_use_section())
-    sections.append(_limits_section(None if members else config, tuned, robustness))
+    sections.append(_limits_section(config, tuned, robustness, members))
     return sections
 
 
@@ -325,11 +328,14 @@ def _intended_use_section() -> Section:
 
 
 def _limits_section(
-    config: TrainConfig | None, tuned: _FineTune | None, robustness: dict[str, Any] | None
+    config: TrainConfig | None,
+    tuned: _FineTune | None,
+    robustness: dict[str, Any] | None,
+    members: list[Any] | None = None,
 ) -> Section:
     """What the data and the input format limit it to, and the perturbations it falls below 90% under."""
     limits = [
-        *_data_limits(config, tuned),
+        *(_ensemble_limits(members) if members else _data_limits(config, tuned)),
         "Inputs must look like MNIST (white on black, centered, 20x20 box in 28x28). `digitrec predict` and the "
         "server preprocess photos into that form; raw tensors passed to the model must already be in it.",
     ]
@@ -618,6 +624,31 @@ def _data_limits(config: TrainConfig | None, tuned: _FineTune | None) -> list[st
     ]
 
 
+def _ensemble_limits(members: list[Any]) -> list[str]:
+    """An ensemble's Known limits bullets on what its members were trained on: a plain MNIST model's where every
+    member is one, else how many saw photo-like augmentation or non-digits (a robust member's was "Trained
+    only on MNIST")."""
+    configs = []
+    for member in members:
+        with contextlib.suppress(Exception):  # a member's record digitrec cannot read counts as neither
+            configs.append(
+                TrainConfig.from_dict((member if isinstance(member, dict) else {}).get("config") or {})
+            )
+    looks = sum(config.augment in _LOOKS for config in configs)
+    negatives = sum(bool(config.negatives) for config in configs)
+    if not (looks or negatives):
+        return _data_limits(None, None)
+    return [
+        f"Its members' digits are MNIST's ({looks} of {len(members)} members warped, thickened, blurred and noised "
+        f"in training to look like photographed and scanned digits, {negatives} of {len(members)} also trained on "
+        "non-digits; each member's own card says how). Other handwriting, pens and cameras differ; expect lower "
+        "accuracy on them than on MNIST (`digitrec eval-real` measures it on generated photos).",
+        "One digit 0-9 per image. Every image still gets a digit from the members, and non-digits unlike those "
+        "they saw may get a confident one; `Predictor` rejects blank and low-confidence images, but only as well "
+        "as its calibration allows.",
+    ]
+
+
 # Settings that say where a recipe comes from; they do not change what a run trains.
 _DESCRIPTIVE = ("source", "reported_accuracy", "reported_metric", "notes")
 
@@ -683,7 +714,7 @@ def _members_section(members: list[Any], meta: dict[str, Any]) -> Section:
                 f"{accuracy:.2%}" if isinstance(accuracy, (int, float)) else "?",
             ]
         )
-    paths = " ".join(str(m.get("path", "?")) for m in members if isinstance(m, dict))
+    paths = " ".join(shlex.quote(str(m.get("path", "?"))) for m in members if isinstance(m, dict))
     text = [
         f"An ensemble of {len(members)} models: the mean of their probabilities, each softened by its own "
         f"temperature. Rebuild it with `digitrec ensemble {paths} --out PATH` (the paths as given when it was built)"
@@ -707,7 +738,8 @@ def to_markdown(sections: list[Section]) -> str:
             headers, rows = section.table
             lines.append("| " + " | ".join(headers) + " |")
             lines.append("|" + "|".join("---" for _ in headers) + "|")
-            lines += ["| " + " | ".join(row) + " |" for row in rows]
+            # a | in a cell (a member's path) would start another column: escaped, as GFM allows even in code
+            lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
             lines.append("")
         if section.bullets:
             lines += [f"- {bullet}" for bullet in section.bullets] + [""]

@@ -28,6 +28,7 @@ Perturb = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]  # floa
 SEED = 0
 COVERAGES = (1.0, 0.99, 0.98, 0.95, 0.9, 0.8)  # the rows of the accuracy-vs-coverage table
 CURVE_POINTS = 50  # the coverage curve also has a row at every 1/50 (2%) of the images
+ONNX_BATCH = 1_000  # images per ONNX Runtime call when an exported model is scored
 REPORT_IMAGES = 1000  # a run's report scores this many test images; `digitrec robustness` scores all of them
 
 
@@ -154,13 +155,20 @@ def load_scored(path: str | Path) -> Scored:
         backend = OnnxBackend(path)
 
         def score_onnx(images: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(backend(as_input(images).numpy()))
+            # in batches, as the torch path scores: all 60,000 training images at once (`explore`) took ~10 GB
+            return torch.cat(
+                [
+                    torch.from_numpy(backend(as_input(images[start : start + ONNX_BATCH]).numpy()))
+                    for start in range(0, len(images), ONNX_BATCH)
+                ]
+            )
 
         meta, scorer = backend.meta, score_onnx
     else:
         model, meta = load_model(path)
         scorer = torch_scorer(model, TrainConfig.from_checkpoint(meta, path))
-    name = path.parent.name if path.stem == "model" else path.stem
+    # resolved: `digitrec robustness .` in a run folder (or `model.onnx` there) was named "" in table and legend
+    name = path.resolve().parent.name if path.stem == "model" else path.stem
     return Scored(name, str(path), scorer, float(meta.get("temperature", 1.0)))
 
 
@@ -191,7 +199,9 @@ def coverage_curve(
     for coverage in sorted(
         {*COVERAGES, *(i / CURVE_POINTS for i in range(1, CURVE_POINTS + 1))}, reverse=True
     ):
-        kept = max(1, round(coverage * n))
+        # rounded down (the float's error aside), so a row keeps no more than its coverage: on 50 images
+        # round() kept all 50 for 99%, and the table's 99% row was 100%
+        kept = max(1, math.floor(coverage * n + 1e-9))
         rows.append(
             {
                 "coverage": kept / n,
@@ -268,8 +278,10 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
 
 
 def coverage_at(result: dict[str, Any], coverage: float) -> dict[str, float]:
-    """The coverage-curve row closest to `coverage`."""
-    return min(result["coverage"], key=lambda row: abs(row["coverage"] - coverage))
+    """The coverage-curve row closest to `coverage` that keeps no more than it (on few images the rows lie
+    apart, and a tie went to the row above: the 99% row of 50 images was all of them)."""
+    rows = [row for row in result["coverage"] if row["coverage"] <= coverage + 1e-9] or result["coverage"]
+    return min(rows, key=lambda row: abs(row["coverage"] - coverage))
 
 
 def plot(report: dict[str, Any], path: str | Path) -> Path:
@@ -288,7 +300,7 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
                 [(p["clean"], model["clean_accuracy"])]
                 + [(row["strength"], row["accuracy"]) for row in model["perturbations"][p["name"]]]
             )
-            ax.plot([s for s, _ in points], [100 * a for _, a in points], marker="o", label=model["name"])
+            ax.plot([s for s, _ in points], [100 * a for _, a in points], marker="o", label=_label(model))
         ax.set(title=p["name"], xlabel=p["label"], ylabel="accuracy (%)", ylim=(0, 101))
         ax.axvline(p["clean"], color="gray", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
@@ -298,7 +310,7 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
         ax.plot(
             [100 * row["coverage"] for row in curve],
             [100 * row["accuracy"] for row in curve],
-            label=model["name"],
+            label=_label(model),
         )
     ax.set(
         title="rejecting low-confidence answers",
@@ -310,6 +322,12 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"Accuracy under perturbation ({report['images']:,} MNIST test images)")
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.92, hspace=0.45, wspace=0.25)
     return save_figure(fig, Path(path))
+
+
+def _label(model: dict[str, Any]) -> str:
+    """A model's name as a legend entry: matplotlib leaves out every label that starts with "_" (a run folder
+    named _baseline had a line and no entry)."""
+    return " " + model["name"] if model["name"].startswith("_") else model["name"]
 
 
 def table(report: dict[str, Any]) -> str:
@@ -331,8 +349,15 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"{p['name'] if i == 0 else '':<14}{strength:>9g}  {cells}")
     lines += ["", f"{'coverage':<14}{'':>9}  " + "  ".join(f"{n:>{width}}" for n in names)]
     for coverage in COVERAGES:
-        cells = "  ".join(f"{coverage_at(m, coverage)['accuracy']:>{width}.2%}" for m in report["models"])
-        lines.append(f"{coverage:<14.0%}{'':>9}  {cells}")
+        rows = [coverage_at(m, coverage) for m in report["models"]]
+        cells = "  ".join(f"{row['accuracy']:>{width}.2%}" for row in rows)
+        # the share of images a row keeps, where few images leave no row at exactly the coverage asked for
+        kept = rows[0]["coverage"] if rows else coverage
+        lines.append(
+            f"{kept:<14.0%}{'':>9}  {cells}"
+            if abs(kept - coverage) < 1e-9
+            else f"{kept:<14.1%}{'':>9}  {cells}"
+        )
     return "\n".join(lines)
 
 
