@@ -201,3 +201,11 @@ def test_the_printed_ece_says_when_the_validation_images_were_trained_on(
     said.clear()
     calibrate_module.calibrate(held_out, count=4, out_path=tmp_path / "b.safetensors", log=said.append)
     assert "validation ECE" in said[0] and "seen in training" not in said[0]
+
+
+def test_the_commands_default_photo_count_is_the_functions():
+    """`digitrec calibrate` without --count calibrates on as many photos a set as calibrate() does."""
+    from digitrec.calibrate import CALIBRATION_COUNT
+    from digitrec.cli import build_parser
+
+    assert build_parser().parse_args(["calibrate", "runs/x"]).count == CALIBRATION_COUNT

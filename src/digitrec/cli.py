@@ -1614,7 +1614,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", type=_model_name, help="a run folder or model.safetensors")
     p.add_argument(
-        "--count", type=_positive_int, default=600, help="generated calibration photos per set (default 600)"
+        "--count",
+        type=_positive_int,
+        default=1000,
+        help="generated calibration photos per set (default 1000)",
     )
     p.add_argument(
         "--out",
