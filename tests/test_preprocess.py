@@ -18,6 +18,7 @@ from serverkit import png_claiming
 from digitrec.errors import ImageError
 from digitrec.preprocess import (
     FRAME,
+    MAX_FILE_BYTES,
     _smooth,
     center_in_frame,
     disk_filter,
@@ -359,6 +360,18 @@ def test_a_bold_nines_lighter_tail_is_not_cut_off_as_if_it_were_a_loops_fill():
     assert (reopened(nine, ink) == nine).all()
 
 
+def test_a_faint_digit_glued_to_a_bold_one_is_not_cut_off_as_if_it_were_a_loops_fill():
+    # A bold ring touching a fainter ring of the same height beside it ("39" in two inks): Otsu's cut inside the
+    # glyph keeps the bold one alone, as tall as the glyph, and the faint digit was lost (read "3" for "39").
+    y, x = np.mgrid[:80, :130]
+    bold = (np.hypot(y - 40, x - 35) <= 34) & (np.hypot(y - 40, x - 35) >= 6)
+    faint = (np.hypot(y - 40, x - 95) <= 34) & (np.hypot(y - 40, x - 95) >= 6)
+    pair = bold | faint
+    ink = np.where(bold, 0.9, np.where(faint, 0.4, 0.0)).astype(np.float32)
+    assert (reopened(pair, ink) == pair).all()
+    assert (reopened(bold, np.where(bold, 0.9, 0.0)) == bold).all()  # one solid glyph of one ink: as it is
+
+
 def test_blank_and_speckled_pages_have_no_ink():
     rng = np.random.default_rng(0)
     paper = (rng.normal(0.85, 0.01, (300, 300)) * np.linspace(1, 0.7, 300)[None, :]).clip(0, 1)
@@ -551,6 +564,22 @@ def bad_input(kind: str, tmp_path: Path):
         return np.zeros((0, 0), np.uint8)
     if kind == "one-pixel":
         return png_bytes(Image.new("L", (1, 1)))
+    if (
+        kind == "zero-png"
+    ):  # Pillow cannot identify a PNG of 0x0 pixels: it was "not an image digitrec can read"
+        return png_claiming(0, 0)
+    if kind in ("jpeg-head", "png-head", "gif-head", "tiff-head", "webp-head"):  # cut after a few bytes
+        form = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "tiff": "TIFF", "webp": "WEBP"}[
+            kind.split("-")[0]
+        ]
+        return png_bytes(Image.fromarray(page(3)), form)[: 20 if form == "JPEG" else 12]
+    if kind == "webp-cut":  # cut after its header: Pillow's own "could not create decoder object"
+        return png_bytes(Image.fromarray(page(3)), "WEBP")[:20]
+    if kind == "huge-file":  # a sparse file larger than any image: it was read whole (a MemoryError at 5 GB)
+        path = tmp_path / "huge.png"
+        with open(path, "wb") as f:
+            f.truncate(MAX_FILE_BYTES + 1)
+        return path
     if kind == "bomb":
         return png_claiming(20_000, 20_000)
     if kind == "nan":
@@ -577,6 +606,14 @@ def bad_input(kind: str, tmp_path: Path):
         ("text-chunk", "holds a text or color-profile chunk too large to read safely; re-save it without"),
         ("zero", "too small"),
         ("one-pixel", "1x1 pixels"),
+        ("zero-png", "is 0x0 pixels, too small to hold a digit"),
+        ("jpeg-head", "is a JPEG file that is truncated or damaged"),
+        ("png-head", "is a PNG file that is truncated or damaged"),
+        ("gif-head", "is a GIF file that is truncated or damaged"),
+        ("tiff-head", "is a TIFF file that is truncated or damaged"),
+        ("webp-head", "is a WebP file that is truncated or damaged"),
+        ("webp-cut", "damaged or truncated"),
+        ("huge-file", "more than any image digitrec decodes can take"),
         ("bomb", "decompression-bomb"),
         ("nan", "NaN"),
         ("shape", "shape"),
@@ -943,3 +980,25 @@ def test_images_read_from_many_threads_leave_the_processs_warning_filters_as_the
     for thread in threads:
         thread.join()
     assert warnings.filters == before
+
+
+def test_a_damaged_tiff_is_one_sentence_without_pillows_warnings(tmp_path, recwarn):
+    """A TIFF whose EXIF block is damaged warned ("Corrupt EXIF data", with Pillow's source line) from its
+    load(), outside the block that silences Pillow, beside the answer."""
+    from PIL import TiffImagePlugin
+
+    image = Image.fromarray(page(3))
+    buffer = io.BytesIO()
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[270] = "a description"
+    image.save(buffer, "TIFF", tiffinfo=info)
+    data = bytearray(buffer.getvalue())
+    # the description's count, made far larger than the file: Pillow skips it, warning
+    offset = data.index((270).to_bytes(2, "little"), 8)
+    data[offset + 4 : offset + 8] = (10**6).to_bytes(4, "little")
+    warnings.simplefilter("always")
+    try:
+        preprocess(bytes(data))
+    except ImageError:
+        pass  # a sentence is fine; a warning is not
+    assert not [w for w in recwarn if "PIL" in w.filename], [str(w.message) for w in recwarn]

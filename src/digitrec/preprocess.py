@@ -21,6 +21,7 @@ Only `ImageError` leaves this module for bad input; a page with no ink gives an 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib.util
@@ -28,6 +29,7 @@ import io
 import math
 import os
 import stat
+import struct
 import threading
 import warnings
 from collections.abc import Iterator
@@ -62,6 +64,9 @@ IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP") + (
 )
 IMAGE_FORMATS_TEXT = "PNG, JPEG, BMP, GIF, TIFF or WebP"
 MAX_PIXELS = cast(int, Image.MAX_IMAGE_PIXELS)  # Pillow's decompression-bomb guard (about 89 megapixels)
+# The largest file an image under that guard can need (uncompressed, 16 bytes a pixel: four float32 channels);
+# a bigger one is no image digitrec would decode, and is refused before it is read into memory.
+MAX_FILE_BYTES = 16 * MAX_PIXELS + (1 << 20)
 MIN_SIDE = 5  # below this there is no digit to see
 WORK_SIDE = 256  # longer side of the working image for one digit: ~10x the final 20 px, and fast
 MIN_WORK_SIDE = 112  # small inputs (e.g. 28x28) are upsampled so thresholding keeps their shape
@@ -85,6 +90,7 @@ ROD_ASPECT = 5.0  # (a bar: at least this many times longer than wide)
 OBJECT_CLEARANCE = 0.1  # ... when it lies this share of the digit's size clear of the digit
 SOLID_STROKE = 0.22  # a glyph whose mean stroke is this share of its height or more has lost its loops
 REOPEN_HEIGHT = 0.7  # reopened(): a core shorter than this share of the glyph lost a stroke, not a fill
+REOPEN_WIDTH = 0.6  # ... and one narrower than this share of it lost a lighter digit glued beside it
 # uniform_paper(): paper pixels within this many gray levels (of 255) of the paper tone (a flat fill)
 PAPER_TOLERANCE = 2
 INK_TOLERANCE = 25  # ... and a side of the paper tone holds ink if pixels lie farther than this from it
@@ -148,6 +154,11 @@ def _open(
                 raise ImageError(
                     f"{path} is not a regular file (a pipe or a device); save the image to a file first."
                 )
+            if info.st_size > MAX_FILE_BYTES:  # a 5 GB file was read whole: a MemoryError traceback
+                raise ImageError(
+                    f"{path} is {info.st_size / 1e9:.1f} GB, more than any image digitrec decodes can take "
+                    f"({MAX_FILE_BYTES / 1e9:.1f} GB); pass an image file."
+                )
             # read whole: Pillow keeps a path's file open after load() for a GIF or TIFF of several frames
             try:
                 data = path.read_bytes()
@@ -174,7 +185,10 @@ def _open(
             side = max_side if max_side and max(image.size) > 2 * max_side else None
             if image.format == "JPEG" and (side or gray):
                 image.draft("L" if gray else image.mode, (side, side) if side else image.size)
-            image.load()
+            # a TIFF's load() parses its EXIF again, and warns of a damaged one beside our sentence; other formats
+            # decode outside the lock, in parallel with other threads'
+            with quiet_pillow() if image.format == "TIFF" else contextlib.nullcontext():
+                image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(
                 f"{name} is too large to decode safely (over {MAX_PIXELS:,} pixels, Pillow's decompression-bomb guard); "
@@ -186,6 +200,9 @@ def _open(
                 raise ImageError(
                     f"{name} is a {kind} photo, which Pillow cannot read here; save it as JPEG or PNG first."
                 ) from None
+            damaged = _damaged_format(fp)
+            if damaged is not None:
+                raise ImageError(f"{name} {damaged}") from None
             other = _other_format(fp)
             if other is not None:
                 raise ImageError(
@@ -267,6 +284,40 @@ def _unreachable(path: Path, exc: OSError) -> str:
 # ISO base media file brands (bytes 8-12, after the "ftyp" box name) of HEIC/HEIF photos and of AVIF images.
 _BRANDS = {brand.encode(): "HEIC" for brand in ("heic", "heix", "hevc", "hevx", "heim", "heis")}
 _BRANDS |= {b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+
+
+# The opening bytes of the formats digitrec reads (BMP's two letters, "BM", would name text files too)
+_SIGNATURES = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (b"\xff\xd8\xff",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+}
+
+
+def _damaged_format(fp: Any) -> str | None:
+    """For data Pillow cannot identify that opens as one of the formats digitrec reads, the rest of the sentence
+    saying what is wrong with it (a PNG of 0x0 pixels, a JPEG cut after its first bytes): else None. They were
+    told they are no image "digitrec can read; use PNG, JPEG, ...", which they are."""
+    try:
+        fp.seek(0)
+        head = fp.read(32)
+    except Exception:  # noqa: BLE001 - a stream that cannot go back: the general sentence
+        return None
+    if not isinstance(head, bytes):
+        return None
+    kind = next((k for k, marks in _SIGNATURES.items() if head.startswith(marks)), None)
+    if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = "WebP"
+    if kind is None:
+        return None
+    if kind == "PNG" and len(head) >= 24 and head[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", head[16:24])
+        if min(width, height) < MIN_SIDE:
+            return (
+                f"is {width}x{height} pixels, too small to hold a digit; use at least {MIN_SIDE}x{MIN_SIDE}."
+            )
+    return f"is a {kind} file that is truncated or damaged, or of a kind Pillow cannot read; re-save or re-export it."
 
 
 def _other_format(fp: Any) -> str | None:
@@ -909,7 +960,9 @@ def reopened(piece: np.ndarray, ink: np.ndarray | None) -> np.ndarray:
     loops are still lighter than the strokes, so Otsu's cut over the glyph's own ink keeps the strokes and
     opens the loops again. A glyph counts as filled in when its mean stroke is SOLID_STROKE of its height.
     Opening loops keeps a glyph's height: a core shorter than REOPEN_HEIGHT of it has lost a lighter stroke
-    instead (the tail of a bold 9, whose loop alone reads as a 0), and the glyph stays as it is.
+    instead (the tail of a bold 9, whose loop alone reads as a 0), and the glyph stays as it is. So does a core
+    narrower than REOPEN_WIDTH of it, which has lost a lighter digit glued beside it (a faint 9 touching a bold 3
+    was read as the 3 alone).
     `digitrec read` applies it to every piece it cuts from a line; preprocess() does not, as single photos
     measured the same with and without it.
     """
@@ -917,13 +970,19 @@ def reopened(piece: np.ndarray, ink: np.ndarray | None) -> np.ndarray:
     if ink is None or height == 0 or stroke_width(piece) < SOLID_STROKE * height:
         return piece
     core = select_digit(piece & (ink > otsu_threshold(ink[piece])))
-    return core if ink_height(core) >= REOPEN_HEIGHT * height else piece
+    kept = ink_height(core) >= REOPEN_HEIGHT * height and ink_width(core) >= REOPEN_WIDTH * ink_width(piece)
+    return core if kept else piece
 
 
 def ink_height(mask: np.ndarray) -> int:
     """Rows from a mask's top ink to its bottom ink (0 for no ink)."""
     rows = np.flatnonzero(mask.any(axis=1))
     return int(rows[-1] - rows[0] + 1) if len(rows) else 0
+
+
+def ink_width(mask: np.ndarray) -> int:
+    """Columns from a mask's leftmost ink to its rightmost (0 for no ink)."""
+    return ink_height(mask.T)
 
 
 def crop_to_ink(mask: np.ndarray) -> np.ndarray:
