@@ -209,3 +209,52 @@ def test_the_commands_default_photo_count_is_the_functions():
     from digitrec.cli import build_parser
 
     assert build_parser().parse_args(["calibrate", "runs/x"]).count == CALIBRATION_COUNT
+
+
+@pytest.mark.parametrize("where", ["the model's folder", "--out's folder"])
+def test_calibrate_refuses_a_folder_a_run_is_training_in(
+    tiny_fast_run, tiny_mnist, tmp_path, monkeypatch, where
+):
+    """calibrate took no lock: beside a run training into the folder its calibration was lost when the run
+    wrote its model, or it wrote an earlier epoch's weights over the run's finished model."""
+    import shutil
+
+    from digitrec import calibrate as calibrate_module
+    from digitrec import data
+    from digitrec.folderlock import RunFolderInUse, locked_run_folder
+
+    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: pytest.fail("calibrated a folder in use"))
+    run = tmp_path / "run"
+    shutil.copytree(tiny_fast_run, run)
+    out = tmp_path / "other"
+    out.mkdir()
+    busy = run if where == "the model's folder" else out
+    with (
+        locked_run_folder(busy),
+        pytest.raises(RunFolderInUse, match=f"{busy} is in use by another digitrec run"),
+    ):
+        calibrate_module.calibrate(run, count=4, out_path=out / "model.safetensors", log=lambda s: None)
+
+
+@pytest.mark.parametrize("temperature", ["abc", 0, -1.0, {}, True])
+def test_a_temperature_no_model_can_have_is_one_sentence_for_every_command(
+    tiny_fast_run, idx_folder, tmp_path, capsys, temperature
+):
+    """predict refused it in a sentence; evaluate, ensemble and robustness raised ValueError or TypeError
+    tracebacks, or (at 0) printed nan% confidences."""
+    from digitrec.checkpoint import load_model, save_model
+    from digitrec.cli import main
+
+    model, meta = load_model(tiny_fast_run / "model.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    save_model(bad, model, meta | {"temperature": temperature})
+    data = ["--data-dir", str(idx_folder)]
+    for command in (
+        ["evaluate", str(bad), *data],
+        ["ensemble", str(bad), str(tiny_fast_run), "--out", str(tmp_path / "ens.safetensors"), *data],
+        ["robustness", str(bad), "--limit", "10", "--out", str(tmp_path / "rob"), *data],
+    ):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert f"records a temperature of {temperature!r}, not a positive number" in err, command
+        assert "Traceback" not in err

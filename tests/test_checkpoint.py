@@ -80,6 +80,64 @@ def test_a_save_that_fails_part_way_leaves_no_temporary_file(saved, failing_seco
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.json", "model.safetensors"]
 
 
+def test_a_full_disk_names_the_file_it_was_writing(saved, failing_second_fsync):
+    """ENOSPC carries no file name, and the CLI answered it with a traceback (it names a file it cannot write)."""
+    path, _ = saved
+    with pytest.raises(OSError, match="No space left") as raised:
+        save_model(path, create_model("lenet"), {"recipe": "new", "config": {"arch": "lenet"}})
+    assert raised.value.filename == str(path.with_suffix(".json")) and raised.value.errno == 28
+
+
+def test_a_full_disk_is_one_sentence_from_the_cli(tmp_path, monkeypatch, capsys, idx_folder):
+    from digitrec import checkpoint
+    from digitrec.cli import main
+
+    def full(files, durable=True):
+        raise OSError(28, "No space left on device", str(next(iter(files))))
+
+    monkeypatch.setattr(checkpoint, "atomic_write_files", full)
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "fast",
+                "--dry-run",
+                "--out",
+                str(tmp_path / "run"),
+                "--data-dir",
+                str(idx_folder),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "No space left on device; free some space there or name a path on another disk." in err
+    assert "Traceback" not in err
+
+
+def test_an_interrupt_between_the_renames_leaves_a_checkpoint_that_loads(saved, monkeypatch):
+    """Ctrl-C (or SIGTERM, which the CLI turns into one) after the weights were renamed into place and before
+    the side file was: the side file's temporary was removed, and its old checksum refused the new weights for
+    good ("does not match the checksum in model.json")."""
+    path, _ = saved
+    real_replace, calls = os.replace, []
+
+    def replace(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    torch.manual_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(path, create_model("lenet"), {"recipe": "new", "config": {"arch": "lenet"}})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert load_model(path)[1]["recipe"] == "new"  # both files are the new save's
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.json", "model.safetensors"]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "pickle", "empty", "garbage_header"])
 def test_damaged_checkpoints_are_refused(saved, damage):
     path, model = saved

@@ -517,6 +517,35 @@ def test_a_new_run_does_not_replace_an_unfinished_one(tiny_mnist, tmp_path):
         train(config, tmp_path, data=tiny_mnist, **QUIET)
 
 
+@pytest.mark.parametrize("damage", ["not JSON", "another checksum"])
+def test_a_new_run_does_not_replace_an_unfinished_one_whose_side_file_is_damaged(
+    tiny_mnist, tmp_path, damage
+):
+    """last.json damaged: --resume says to delete it and load last.safetensors alone, but a new run took the
+    folder for one without a run and deleted the intact last.safetensors."""
+    import json as json_module
+
+    from digitrec.config import TrainConfig
+    from digitrec.errors import CheckpointError
+    from digitrec.training import train
+
+    config = TrainConfig(arch="mlp_500_256", epochs=1, batch_size=64, val_size=0, device="cpu")
+    train(config, tmp_path, data=tiny_mnist, **QUIET)
+    _edit_last(tmp_path, lambda meta: meta["state"].update(step=5, finished=False))  # as if killed
+    side = tmp_path / "last.json"
+    if damage == "not JSON":
+        side.write_text("{not json")
+    else:
+        side.write_text(json_module.dumps(json_module.loads(side.read_text()) | {"sha256": "0" * 64}))
+    kept = _files(tmp_path)
+    with pytest.raises(
+        CheckpointError, match="unfinished run \\(stopped at step 5\\) whose checkpoint does not load"
+    ):
+        train(config, tmp_path, data=tiny_mnist, **QUIET)
+    assert _files(tmp_path) == kept
+    train(config, tmp_path, data=tiny_mnist, overwrite=True, **QUIET)
+
+
 def test_a_crash_between_the_two_renames_is_recovered(tiny_mnist, tmp_path):
     """The new checkpoint was in place beside the old last.json, the new one left as a temporary: resume said
     the checkpoint did not match its checksum, and the temporaries stayed forever."""

@@ -13,6 +13,7 @@ look uncertain) fall below it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +96,27 @@ def calibrate(
     under 2 MB with no measurable change in its predictions. `data_dir` is where MNIST is looked for first
     (`load_mnist`'s), for the validation split and the digits of the generated photos.
     """
+    from .checkpoint import model_file
+    from .folderlock import locked_run_folder
+
+    # A run training into the folder meanwhile would write over the calibration, or the calibration over the
+    # run's finished model with the epoch it read: each refuses while the other holds the folder.
+    folders = {model_file(model_path).parent, model_file(out_path or model_path).parent}
+    with contextlib.ExitStack() as stack:
+        for folder in sorted(folders):
+            if folder.is_dir():
+                stack.enter_context(locked_run_folder(folder))
+        return _calibrate(model_path, count, log, out_path, half, data_dir)
+
+
+def _calibrate(
+    model_path: str | Path,
+    count: int,
+    log: Callable[[str], None],
+    out_path: str | Path | None,
+    half: bool,
+    data_dir: str | Path | None,
+) -> dict[str, Any]:
     from .checkpoint import load_model, model_file, save_tensors
     from .config import TrainConfig
     from .data import load_mnist, split_validation

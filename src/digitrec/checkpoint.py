@@ -52,8 +52,11 @@ def atomic_write_files(files: dict[Path, bytes], durable: bool = True) -> None:
     cheap to write again (an export of many small files, where an fsync each would be slow).
     """
     temporaries: list[tuple[Path, Path]] = []
+    renamed = 0
+    writing: Path | None = None
     try:
         for path, data in files.items():
+            writing = path
             path.parent.mkdir(parents=True, exist_ok=True)
             while True:
                 # registered before the file exists: an interrupt (Ctrl-C) anywhere from here on is cleaned up
@@ -72,12 +75,23 @@ def atomic_write_files(files: dict[Path, bytes], durable: bool = True) -> None:
                 if durable:
                     f.flush()
                     os.fsync(f.fileno())
+        writing = None
         for tmp, path in temporaries:
             os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in temporaries:
+            renamed += 1
+    except BaseException as exc:
+        for index, (tmp, path) in enumerate(temporaries):
+            if 0 < renamed <= index:
+                # Ctrl-C or SIGTERM between two renames: the files describe each other, so the rest follow the
+                # first (removing them left a checkpoint its side file's checksum refuses, for good)
+                with contextlib.suppress(OSError):
+                    os.replace(tmp, path)
+                    continue
             with contextlib.suppress(OSError):  # gone already, or renamed: the first error is the one to tell
                 tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None and writing is not None:
+            # a full disk says "No space left on device" with no file name: the CLI names the file it was writing
+            raise OSError(exc.errno, exc.strerror, str(writing)) from exc
         raise
     for folder in {path.parent for path in files} if durable else ():
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -222,9 +236,9 @@ def _deserialize(path: Path, data: bytes, load: Any) -> Any:
         raise CheckpointError(f"checkpoint {path} is damaged ({exc}); retrain or restore it.") from None
 
 
-def read_checkpoint(path: str | Path) -> tuple[bytes, dict[str, Any]]:
-    """A checkpoint's bytes and metadata, checked against its side file's SHA-256 when one is present and against
-    the SHA-256 in its header when it holds one (every file `save_tensors` writes does)."""
+def read_checkpoint(path: str | Path, side_file: bool = True) -> tuple[bytes, dict[str, Any]]:
+    """A checkpoint's bytes and metadata, checked against its side file's SHA-256 when one is present (and
+    `side_file`) and against the SHA-256 in its header when it holds one (every file `save_tensors` writes does)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -236,7 +250,7 @@ def read_checkpoint(path: str | Path) -> tuple[bytes, dict[str, Any]]:
         raise CheckpointError(f"{path} is a folder; pass the model.safetensors file inside it.") from None
     meta, changed = _read_header_metadata(path, data)
     side = sidecar_path(path)
-    if side.exists():
+    if side_file and side.exists():
         try:
             expected = json.loads(side.read_text()).get("sha256")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
@@ -385,6 +399,28 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device).eval(), meta
 
 
+def finite_number(value: Any) -> bool:
+    """A finite int or float (NumPy's too), not a bool."""
+    import numpy as np
+
+    return (
+        isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    )
+
+
+def recorded_temperature(meta: dict[str, Any], name: str | Path) -> float:
+    """The calibration temperature a model's metadata records (1 where none), checked: metadata anyone can edit
+    (an ONNX export's carries no checksum), and a temperature of 0 or "abc" was "nan%" or a traceback."""
+    temperature = meta.get("temperature", 1.0)
+    if finite_number(temperature) and temperature > 0:
+        return float(temperature)
+    raise CheckpointError(
+        f"the model {name} records a temperature of {temperature!r}, not a positive number (its metadata was "
+        "changed by hand or damaged); write it again with `digitrec calibrate`, or export it again from its "
+        "checkpoint."
+    )
+
+
 def load_ensemble(paths: list[str | Path]) -> tuple[nn.Module, dict[str, Any]]:
     """The checkpoints at `paths` as one `models.Ensemble`, each softened by its own calibrated temperature,
     with metadata naming each member. The result is not calibrated: run `digitrec calibrate` on it."""
@@ -403,7 +439,7 @@ def load_ensemble(paths: list[str | Path]) -> tuple[nn.Module, dict[str, Any]]:
         models.append(model)
         metas.append(meta)
         views[str(path)] = config.get("tta_views", 1)
-        temperatures.append(float(meta.get("temperature", 1.0)))
+        temperatures.append(recorded_temperature(meta, path))
         members.append(
             {
                 "path": str(path),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import hashlib
 import json
@@ -353,7 +354,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
+    from .checkpoint import load_model, recorded_temperature
     from .config import TrainConfig
     from .data import load_mnist
     from .evaluate import evaluate_model, write_report
@@ -386,7 +387,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         _stderr(f"report: {Path(args.report) / 'report.html'}")
     else:
-        metrics, _ = evaluate_model(model, data, config, temperature=float(meta.get("temperature", 1.0)))
+        metrics, _ = evaluate_model(model, data, config, temperature=recorded_temperature(meta, path))
     if args.json:  # how many views each image was scored in: the recipe's, or --tta-views
         print(json.dumps({**metrics, "tta_views": config.tta_views}, indent=2))
         return 0
@@ -1895,9 +1896,14 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:  # a path the user named that cannot be read or written (below a file, under /proc)
         if exc.filename is None:
             raise
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        advice = (
+            "free some space there or name a path on another disk"
+            if full
+            else "name a path you can read or write"
+        )
         print(
-            f"digitrec: error: cannot use {exc.filename}: {exc.strerror or exc}; name a path you can read or write.",
-            file=sys.stderr,
+            f"digitrec: error: cannot use {exc.filename}: {exc.strerror or exc}; {advice}.", file=sys.stderr
         )
         return 2
 

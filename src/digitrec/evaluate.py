@@ -18,7 +18,7 @@ from torch import nn
 
 from . import tta
 from .calibrate import expected_calibration_error
-from .checkpoint import atomic_write_json, atomic_write_text
+from .checkpoint import atomic_write_json, atomic_write_text, recorded_temperature
 from .config import TrainConfig
 from .data import MNIST, as_input
 from .models import log_mean_probabilities
@@ -173,7 +173,7 @@ def evaluate_ensemble(paths: list[str | Path], data: MNIST) -> dict[str, Any]:
     for path in paths:
         model, meta = load_model(path)
         logits = recipe_logits(model, data.test_images, TrainConfig.from_checkpoint(meta, path)).float().cpu()
-        votes.append(F.log_softmax(logits / float(meta.get("temperature", 1.0)), dim=1))
+        votes.append(F.log_softmax(logits / recorded_temperature(meta, path), dim=1))
         members.append(
             {"path": str(path), "test_accuracy": fraction_correct(logits.argmax(1), data.test_labels)}
         )
@@ -212,7 +212,7 @@ def write_report(
     if meta is None and (out_dir / "model.json").exists():
         meta = json.loads((out_dir / "model.json").read_text())
     # a calibrated checkpoint reports its calibration error at its own temperature
-    temperature = float((meta or {}).get("temperature", 1.0))
+    temperature = recorded_temperature(meta or {}, checkpoint or out_dir)
     if logits is None:
         metrics, logits = evaluate_model(model, data, config, temperature)
     else:

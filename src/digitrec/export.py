@@ -32,7 +32,14 @@ from .backends import (
     onnx_session,
     softmax,
 )
-from .checkpoint import META_KEY, atomic_write_bytes, model_file, read_checkpoint, valid_utf8
+from .checkpoint import (
+    META_KEY,
+    atomic_write_bytes,
+    model_file,
+    read_checkpoint,
+    recorded_temperature,
+    valid_utf8,
+)
 from .errors import DigitrecError
 
 OPSET = 18
@@ -374,7 +381,7 @@ def export_onnx(
 
     from .predict import DEFAULT_REJECT_BELOW
 
-    temperature = float(meta.get("temperature", 1.0))
+    temperature = recorded_temperature(meta, checkpoint)
     reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
     source_bytes = checkpoint.read_bytes()
     export_meta = {

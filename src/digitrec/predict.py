@@ -8,7 +8,6 @@ the torch backend: `digitrec predict` with the bundled model runs on NumPy and s
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 
 from . import tta
 from .backends import is_onnx, softmax
+from .checkpoint import finite_number, recorded_temperature
 from .errors import CheckpointError, DigitrecError, ImageError, need_extra
 
 if TYPE_CHECKING:
@@ -406,24 +406,14 @@ class FileResult:
 PARALLEL_FROM = 64  # files; below this, starting worker processes costs more than they save
 
 
-def _finite_number(value: Any) -> bool:
-    """A finite int or float (NumPy's too), not a bool."""
-    return (
-        isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
-    )
-
-
 def _calibration(meta: dict[str, Any], name: str) -> tuple[float, float]:
     """The temperature and reject threshold a model's metadata records, checked: metadata is JSON anyone can
     edit (an ONNX export's carries no checksum), and a temperature of 0 answered "digit 0, confidence nan%"."""
-    temperature = meta.get("temperature", 1.0)
+    temperature = recorded_temperature(meta, name)
     reject_below = meta.get("reject_below", DEFAULT_REJECT_BELOW)
-    if not _finite_number(temperature) or temperature <= 0:
-        problem = f"a temperature of {temperature!r}, not a positive number"
-    elif not _finite_number(reject_below) or not 0 <= reject_below <= 1:
-        problem = f"a reject threshold of {reject_below!r}, not a probability from 0 to 1"
-    else:
-        return float(temperature), float(reject_below)
+    if finite_number(reject_below) and 0 <= reject_below <= 1:
+        return temperature, float(reject_below)
+    problem = f"a reject threshold of {reject_below!r}, not a probability from 0 to 1"
     raise CheckpointError(
         f"the model {name} records {problem} (its metadata was changed by hand or damaged); write it again with "
         "`digitrec calibrate`, or export it again from its checkpoint."
@@ -435,7 +425,7 @@ def _checked_reject_below(reject_below: Any) -> float | None:
     confidence, so it turned rejection off without a word."""
     if reject_below is None:
         return None
-    if not _finite_number(reject_below) or not 0 <= reject_below <= 1:
+    if not finite_number(reject_below) or not 0 <= reject_below <= 1:
         raise DigitrecError(f"reject_below must be a probability from 0 to 1, got {reject_below!r}.")
     return float(reject_below)
 

@@ -146,7 +146,7 @@ def torch_scorer(model: torch.nn.Module, config: TrainConfig) -> Scorer:
 def load_scored(path: str | Path) -> Scored:
     """A run folder, a .safetensors checkpoint or an exported .onnx file, ready to score (a checkpoint the way
     its recipe evaluates, one view each, so the clean row is `digitrec evaluate --tta-views 1`'s accuracy)."""
-    from .checkpoint import load_model, model_file
+    from .checkpoint import load_model, model_file, recorded_temperature
     from .data import as_input
 
     path = model_file(path)
@@ -169,7 +169,7 @@ def load_scored(path: str | Path) -> Scored:
         scorer = torch_scorer(model, TrainConfig.from_checkpoint(meta, path))
     # resolved: `digitrec robustness .` in a run folder (or `model.onnx` there) was named "" in table and legend
     name = path.resolve().parent.name if path.stem == "model" else path.stem
-    return Scored(name, str(path), scorer, float(meta.get("temperature", 1.0)))
+    return Scored(name, str(path), scorer, recorded_temperature(meta, path))
 
 
 def load_all(paths: Sequence[str | Path]) -> list[Scored]:

@@ -257,8 +257,15 @@ def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
 
     A fine-tune may replace an unfinished fine-tune: starting it over is how one is continued."""
     recover_run_folder(out_dir)
+    last = out_dir / "last.safetensors"
+    damaged_side_file = None
     try:
-        _, meta = read_checkpoint(out_dir / "last.safetensors")
+        try:
+            _, meta = read_checkpoint(last)
+        except CheckpointError as exc:
+            # a run --resume continues once its side file is deleted (as that sentence says) is a run still
+            _, meta = read_checkpoint(last, side_file=False)
+            damaged_side_file = str(exc)
         config, state = TrainConfig.from_dict(meta["config"]), meta["state"]
         step = state["step"]
         finished = (
@@ -277,6 +284,11 @@ def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
             return
         raise CheckpointError(
             f"{out_dir} holds an unfinished fine-tune; run its `digitrec finetune` again, or choose another --out."
+        )
+    if damaged_side_file:
+        raise CheckpointError(
+            f"{out_dir} holds an unfinished run (stopped at step {step}) whose checkpoint does not load as it is "
+            f"({damaged_side_file.rstrip('.')}); start it over with --overwrite, or choose another --out."
         )
     raise CheckpointError(
         f"{out_dir} holds an unfinished run (stopped at step {step}); continue it with `digitrec train --resume "
