@@ -386,7 +386,7 @@ def test_real_world_targets(real_world):
 # (README's table) numbers holds (95.25% exact). Strict: once a change meets it on this sample, the unexpected
 # pass fails, so that the target moves into the test above.
 MISSED_ON_THIS_SAMPLE = {
-    "numbers exact": "94.2% on these 500 lines (95.0 / 96.2% on development seeds 2 / 3; docs/realworld.md)",
+    "numbers exact": "94.2% on these 500 lines (95.0 / 96.4% on development seeds 2 / 3; docs/realworld.md)",
 }
 
 
