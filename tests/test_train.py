@@ -818,6 +818,21 @@ def test_the_lock_is_released_when_a_run_is_refused_fails_or_is_interrupted(tiny
     assert resumed.metrics["epochs"] == 2
 
 
+def test_a_symbolic_link_at_the_locks_name_is_refused_not_written_through(tiny_mnist, tmp_path):
+    """The lock followed a link left at .digitrec.lock and wrote its pid over the target's contents."""
+    from digitrec.errors import DigitrecError
+    from digitrec.folderlock import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(DigitrecError, match="is a symbolic link where digitrec keeps the folder's lock"):
+        train(SMALL, out, data=tiny_mnist, dry_run=True, **QUIET)
+    assert victim.read_text() == "precious"
+
+
 def test_default_run_folders_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch):
     """Both runs took runs/fast-<the same second> and trained into it at once."""
     from digitrec import folderlock

@@ -7,6 +7,7 @@ Light on purpose (no torch): `train`, `train --nproc`'s launcher, `finetune` and
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import time
@@ -121,9 +122,17 @@ def _take_lock(out_dir: Path) -> int:
     for _ in range(100):
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            # not through a symbolic link left at its name: the pid written below replaced the target's contents
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(path, flags, 0o644)
         except FileNotFoundError:
             continue  # the folder went as this looked (a refused run removing the folder it made)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise DigitrecError(
+                f"{path} is a symbolic link where digitrec keeps the folder's lock; remove it and run again."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
