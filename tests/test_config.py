@@ -165,6 +165,11 @@ def test_huge_or_non_finite_numbers_are_one_sentence(bad):
         ('betas = "0.9"', "config key 'betas' expects a list of numbers, got '0.9'"),
         ("amp = 1", "config key 'amp' expects true or false, got 1"),
         ("epoch = 3", "unknown config key 'epoch' (did you mean 'epochs'?)"),
+        # a misspelt `recipe`: no suggestion, and the known keys left it out
+        ('recpe = "fast"', "unknown config key 'recpe' (did you mean 'recipe'?); known keys: amp, arch,"),
+        # an integer no float holds: OverflowError, a traceback
+        ("lr = 1" + "0" * 400, "config key 'lr' expects a number, got 1000000"),
+        ("betas = [1" + "0" * 400 + ", 0.9]", "config key 'betas' expects a list of numbers"),
         ('recipe = "seed-mpl"', "unknown recipe 'seed-mpl' (did you mean 'seed-mlp'?)"),
         ('recipe = "Default"', "unknown recipe 'Default' (did you mean 'default'?)"),
         # said as "--device cuda was asked for" though no flag was given
@@ -185,6 +190,9 @@ def test_huge_or_non_finite_numbers_are_one_sentence(bad):
         "str-tuple",
         "int-bool",
         "key",
+        "recipe-key",
+        "huge-int",
+        "huge-int-in-list",
         "typo",
         "case",
         "device",
@@ -199,6 +207,30 @@ def test_a_malformed_toml_value_is_one_sentence(tmp_path, toml, message, capsys)
     assert main(["train", "--config", str(path), "--dry-run", "--out", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_key_is_among_the_known_keys_a_toml_file_may_hold(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('recpe = "fast"\n')
+    with pytest.raises(DigitrecError) as raised:
+        load_toml(path)
+    assert "reported_metric, schedule" in str(raised.value) and " recipe, " in str(raised.value)
+
+
+def test_flags_and_a_toml_file_are_checked_together(tmp_path, capsys, monkeypatch):
+    """`--epochs 10` beside a file's `clean_epochs = 5` was refused: the file's values were checked against the
+    recipe's 3 epochs before the flag's came in. The Python API had the same two steps."""
+    from digitrec import api
+    from digitrec.cli import build_parser, training_config
+
+    path = tmp_path / "c.toml"
+    path.write_text("clean_epochs = 5\nbatch-size = 32\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--epochs", "10"])
+    recipe, config = training_config(args)
+    assert (recipe, config.epochs, config.clean_epochs, config.batch_size) == ("default", 10, 5, 32)
+    args = build_parser().parse_args(["train", "--config", str(path), "--epochs", "10", "--batch-size", "64"])
+    assert training_config(args)[1].batch_size == 64  # the flag wins over the file's dashed key
+    assert api.resolve_config(path, epochs=10)[1].clean_epochs == 5
 
 
 def test_range_errors_say_the_range():

@@ -24,7 +24,9 @@ def resolve_config(config: TrainConfig | str | Path, **overrides: Any) -> tuple[
     if str(config).lower().endswith(".toml"):  # "c.TOML" was "unknown recipe 'c.TOML'"
         values = load_toml(config)
         recipe = values.pop("recipe", "default")
-        return recipe, get_recipe(recipe).override(**values).override(**overrides)
+        # merged, then checked once (a TOML's clean_epochs beside epochs=10 was checked against the recipe's)
+        values.update({key: v for key, v in overrides.items() if v is not None or key == "reported_accuracy"})
+        return recipe, get_recipe(recipe).override(**values)
     return str(config), get_recipe(str(config)).override(**overrides)
 
 

@@ -237,13 +237,15 @@ def training_config(args: argparse.Namespace):
     recipe = args.recipe if args.recipe is not None else in_file
     if recipe is None:  # an empty `recipe = ""` in the file is get_recipe's to refuse, not the default
         recipe = "default"
-    config = get_recipe(recipe).override(**values)
     flags = {key: getattr(args, key) for key in TRAIN_OVERRIDES}
     if args.amp is not None:
         flags["amp"] = args.amp
     if args.compile:
         flags["compile"] = True
-    return recipe, config.override(**flags)
+    # merged, then checked once: settings that depend on each other (clean_epochs within epochs) were checked
+    # against the recipe's epochs before the flag's, and `--epochs 10` was refused beside `clean_epochs = 5`
+    values.update({key: value for key, value in flags.items() if value is not None})
+    return recipe, get_recipe(recipe).override(**values)
 
 
 def _given(value: object, default: object) -> bool:

@@ -213,13 +213,18 @@ class TrainConfig:
         for key, value in changes.items():
             key = key.replace("-", "_")
             if key not in known:
-                raise DigitrecError(
-                    f"unknown config key {key!r}{_did_you_mean(key, known)}; known keys: {', '.join(sorted(known))}."
-                )
+                raise _unknown_key(key, known)
             if value is None and key != "reported_accuracy":
                 continue
             clean[key] = _coerce(key, value, str(known[key].type))
         return replace(self, **clean)
+
+
+def _unknown_key(key: str, known: Iterable[str]) -> DigitrecError:
+    known = sorted(known)
+    return DigitrecError(
+        f"unknown config key {key!r}{_did_you_mean(key, known)}; known keys: {', '.join(known)}."
+    )
 
 
 def _did_you_mean(name: str, names: Iterable[str]) -> str:
@@ -262,9 +267,10 @@ def _coerce(key: str, value: Any, declared: str) -> Any:
                 raise TypeError
             return value
         return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a 400-digit integer as a float
         expected = _KIND_NAMES.get(kind, "a list of numbers" if kind.startswith("tuple") else kind)
-        raise DigitrecError(f"config key {key!r} expects {expected}, got {value!r}.") from None
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise DigitrecError(f"config key {key!r} expects {expected}, got {shown}.") from None
 
 
 # The seed recipes reproduce the five source documents in ../shared/seeds, quirks included. Documents that
@@ -469,13 +475,21 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         import tomli as tomllib
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            values = tomllib.load(f)
     except FileNotFoundError:
         raise DigitrecError(f"config file {path} does not exist.") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise DigitrecError(f"cannot read config file {path} ({exc}); pass a TOML file.") from None
     except tomllib.TOMLDecodeError as exc:
         raise DigitrecError(f"config file {path} is not valid TOML ({exc}).") from None
+    # the file's keys as the flags' (batch-size is batch_size), checked here, where `recipe` is one of them: a
+    # misspelt `recpe` got no "did you mean", and the list of known keys left `recipe` out
+    known = {f.name for f in fields(TrainConfig)} | {"recipe"}
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    for key in values:
+        if key not in known:
+            raise _unknown_key(key, known)
+    return values
 
 
 def to_toml(values: dict[str, Any]) -> str:
