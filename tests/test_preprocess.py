@@ -1002,3 +1002,22 @@ def test_a_damaged_tiff_is_one_sentence_without_pillows_warnings(tmp_path, recwa
     except ImageError:
         pass  # a sentence is fine; a warning is not
     assert not [w for w in recwarn if "PIL" in w.filename], [str(w.message) for w in recwarn]
+
+
+def test_a_16_bit_image_is_scaled_without_a_float64_copy():
+    """A 16-bit image went through a float64 copy of itself: 1.4 GB for a 9,400 x 9,400 PNG."""
+    import tracemalloc
+
+    from digitrec.preprocess import _to_unit_range
+
+    image = np.random.default_rng(0).integers(0, 4096, size=(1000, 1000), dtype=np.uint16)
+    tracemalloc.start()
+    try:
+        scaled = _to_unit_range(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert scaled.dtype == np.float32 and np.allclose(
+        scaled, image.astype(np.float64) / 4095, rtol=0, atol=1e-7
+    )
+    assert peak < 6_000_000  # one float32 copy (4 MB) and change, not float64's 8 MB and its float32 copy
