@@ -959,3 +959,27 @@ def test_a_part_across_two_lines_is_cut_where_they_touch_and_its_ink_counted_in_
     ]  # cut inside the joint (rows 70-74)
     assert np.array_equal(np.bincount(labels.ravel(), minlength=len(cut_areas)), cut_areas)
     assert [len(line) for line in split_lines(parts, line_height)] == [5, 5]
+
+
+def test_a_strip_too_thin_for_a_closer_look_is_read_at_its_working_size(bundled):
+    """A 20 x 20,000 photo of stripes: the window of its closer look was 3 px wide, and `read` refused the whole
+    photo as "the image is 3x3390 pixels, too small to hold a digit" (predict answered it)."""
+    stripes = np.repeat(np.tile(np.array([20, 235], np.uint8), 500), 20)[:, None].repeat(20, axis=1)
+    buffer = io.BytesIO()
+    Image.fromarray(stripes).save(buffer, "PNG")
+    result = bundled.read(buffer.getvalue())  # answered, not refused
+    assert all(0 <= d.box[1] < 20_000 and d.box[0] < 20 for d in result.digits)
+
+
+def test_a_ruled_line_alone_is_no_number(bundled):
+    """A page holding only a drawn line: the line height came from the line itself, and `read` cut it into 67
+    doubtful 4s (predict rejects it)."""
+    page = np.full((200, 700), 255, np.uint8)
+    page[97:103, 50:650] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(page).save(buffer, "PNG")
+    assert bundled.read(buffer.getvalue()).number == ""
+    page[60:140, 330:338] = 0  # and a 1 standing on it is still read
+    buffer = io.BytesIO()
+    Image.fromarray(page).save(buffer, "PNG")
+    assert bundled.read(buffer.getvalue()).number != ""

@@ -26,6 +26,7 @@ import numpy as np
 
 from .pairs import NO_PAIR
 from .preprocess import (
+    MIN_SIDE,
     MIN_WORK_SIDE,
     THIN_FROM,
     WEAK_FRACTION,
@@ -129,7 +130,9 @@ def clean(blobs: list[_Blob], areas: np.ndarray) -> tuple[list[_Blob], float]:
     if not blobs:
         return [], 0.0
     # An underline or a ruled line can hold more ink than four digits: the line height comes from the other parts.
-    shaped = [b for b in blobs if b.width <= LINE_LIKE * b.height] or blobs
+    shaped = [b for b in blobs if b.width <= LINE_LIKE * b.height]
+    if not shaped:  # only drawn lines (a ruled line alone was cut into 67 "4"s, each as tall as the line)
+        return [], 0.0
     largest = max(areas[b.labels[0]] for b in shaped)
     big = [b for b in shaped if areas[b.labels[0]] >= 0.25 * largest]
     line_height = float(np.median([b.height for b in big]))
@@ -575,6 +578,9 @@ def _closer_line(
     if cut is None:
         return None
     window, (y0, x0), large_shape = cut
+    if min(window.shape[:2]) < MIN_SIDE:
+        # too thin to load (a 20 x 20,000 strip's window was 3 px wide): the photo was refused for its size
+        return None
     per_pixel = size[0] / large_shape[1]  # the photo's pixels per pixel of the large image and the window
     return window, (round(x0 * per_pixel), round(y0 * per_pixel), per_pixel)
 
