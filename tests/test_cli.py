@@ -1147,21 +1147,27 @@ def test_a_default_run_folder_is_not_left_empty_by_a_refused_run(idx_folder, tmp
 
 @pytest.mark.parametrize(
     "args",
-    [["evaluate", ""], ["calibrate", ""], ["export", ""], ["ensemble", "run", ""]],
-    ids=["evaluate", "calibrate", "export", "ensemble"],
+    [
+        ["evaluate", ""],
+        ["calibrate", ""],
+        ["export", ""],
+        ["ensemble", "run", ""],
+        ["robustness", "run", ""],
+        ["explore", "--model", ""],
+    ],
+    ids=["evaluate", "calibrate", "export", "ensemble", "robustness", "explore"],
 )
 def test_an_empty_model_argument_is_refused_not_read_as_the_current_folder(
     args, tmp_path, monkeypatch, capsys
 ):
-    """`digitrec evaluate "$RUN"` with $RUN unset evaluated ./model.safetensors."""
+    """`digitrec evaluate "$RUN"` with $RUN unset evaluated ./model.safetensors (robustness too)."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stopped:
         main(args)
     assert stopped.value.code == 2
-    assert (
-        "is empty (an unset shell variable?); name a run folder or .safetensors file"
-        in capsys.readouterr().err
-    )
+    onnx = args[0] in ("robustness", "explore")  # they take an ONNX export as well
+    what = "a run folder, .safetensors or .onnx file" if onnx else "a run folder or .safetensors file"
+    assert f"is empty (an unset shell variable?); name {what}" in capsys.readouterr().err
 
 
 def test_evaluate_draws_a_run_folders_history_only_for_its_own_checkpoint(

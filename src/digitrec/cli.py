@@ -49,6 +49,7 @@ def _named(what: str) -> Callable[[str], str]:
 
 _data_dir = _named("the folder that holds MNIST (without --data-dir it is found or downloaded)")
 _model_name = _named("a run folder or .safetensors file")
+_any_model = _named("a run folder, .safetensors or .onnx file")  # where an ONNX export answers too
 _recipe_name = _named("a recipe (`digitrec recipes` lists them)")
 _feedback_db = _named("the corrections database (without the flag: $DIGITREC_FEEDBACK_DB or the default)")
 
@@ -1440,7 +1441,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="the web page and REST API (FastAPI on uvicorn); docs at /docs")
     p.add_argument(
-        "--model", type=_model_name, help="a run folder or model.safetensors (default: the bundled model)"
+        "--model",
+        type=_any_model,
+        help="a run folder, model.safetensors or .onnx file (default: the bundled model)",
     )
     p.add_argument(
         "--host",
@@ -1565,8 +1568,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--model",
-            type=_model_name,
-            help="a run folder or model.safetensors (default: the bundled robust model)",
+            type=_any_model,
+            help="a run folder, model.safetensors or .onnx file (default: the bundled robust model)",
         )
         p.add_argument(
             "--reject-below",
@@ -1678,7 +1681,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=_data_dir)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help="benchmarks: recipes to a target accuracy, inference backends")
+    p = sub.add_parser(
+        "bench", help="benchmarks: recipes to a target accuracy, inference backends, GPU graphs"
+    )
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     q = bench_sub.add_parser(
         "train", help="train recipes side by side: seconds to the target test accuracy, spread over seeds"
@@ -1764,6 +1769,7 @@ def build_parser() -> argparse.ArgumentParser:
         "models",
         nargs="+",
         metavar="MODEL",
+        type=_any_model,  # "" (an unset variable) scored ./model.safetensors
         help="run folders, .safetensors or .onnx files (one line each on the plot)",
     )
     p.add_argument(
@@ -1815,8 +1821,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         action="append",
-        type=_model_name,
-        help="a trained model to find ambiguous images with (repeat for several)",
+        type=_any_model,
+        help="a trained model (run folder, .safetensors or .onnx) to find ambiguous images with (repeat for several)",
     )
     p.add_argument(
         "--samples",

@@ -527,7 +527,9 @@ def _to_unit_range(a: np.ndarray) -> np.ndarray:
     if a.dtype.kind == "f" and float(a.min()) >= -0.5 and float(a.max()) <= 1.5:
         return np.clip(a, 0, 1).astype(np.float32, copy=False)
     # 8- and 16-bit integers are exact in float32, half float64's memory (a 9,400 x 9,400 16-bit PNG took 1.4 GB)
-    x = a.astype(np.float32 if a.dtype.kind in "iu" and a.dtype.itemsize <= 2 else np.float64)
+    x: np.ndarray[Any, np.dtype[np.floating[Any]]] = a.astype(
+        np.float32 if a.dtype.kind in "iu" and a.dtype.itemsize <= 2 else np.float64
+    )
     low, high = float(x.min()), float(x.max())
     if low >= 0 and high <= 65535:
         x /= float(2 ** max(8, math.ceil(math.log2(high + 1))) - 1)
