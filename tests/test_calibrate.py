@@ -3,6 +3,8 @@ temperature: the minimum of the validation NLL."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -211,14 +213,10 @@ def test_the_commands_default_photo_count_is_the_functions():
     assert build_parser().parse_args(["calibrate", "runs/x"]).count == CALIBRATION_COUNT
 
 
-@pytest.mark.parametrize("where", ["the model's folder", "--out's folder"])
-def test_calibrate_refuses_a_folder_a_run_is_training_in(
-    tiny_fast_run, tiny_mnist, tmp_path, monkeypatch, where
-):
+@pytest.mark.parametrize("where", ["the model's folder, in place", "--out's folder"])
+def test_calibrate_refuses_a_folder_a_run_is_training_in(tiny_fast_run, tmp_path, monkeypatch, where):
     """calibrate took no lock: beside a run training into the folder its calibration was lost when the run
     wrote its model, or it wrote an earlier epoch's weights over the run's finished model."""
-    import shutil
-
     from digitrec import calibrate as calibrate_module
     from digitrec import data
     from digitrec.folderlock import RunFolderInUse, locked_run_folder
@@ -228,12 +226,39 @@ def test_calibrate_refuses_a_folder_a_run_is_training_in(
     shutil.copytree(tiny_fast_run, run)
     out = tmp_path / "other"
     out.mkdir()
-    busy = run if where == "the model's folder" else out
+    in_place = where.endswith("in place")
+    busy = run if in_place else out
     with (
         locked_run_folder(busy),
         pytest.raises(RunFolderInUse, match=f"{busy} is in use by another digitrec run"),
     ):
-        calibrate_module.calibrate(run, count=4, out_path=out / "model.safetensors", log=lambda s: None)
+        calibrate_module.calibrate(
+            run / "model.safetensors",
+            count=4,
+            out_path=None if in_place else out / "model.safetensors",
+            log=lambda s: None,
+        )
+
+
+def test_a_model_may_be_calibrated_into_another_folder_while_its_own_is_held(
+    tiny_fast_run, tiny_mnist, tmp_path, monkeypatch
+):
+    """The lock is the written folder's: two calibrations of one model into two folders refused each other."""
+    from digitrec import calibrate as calibrate_module
+    from digitrec import data
+    from digitrec.folderlock import locked_run_folder
+
+    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_fast_run, run)
+    with locked_run_folder(run):  # another calibration of it, writing elsewhere, holds the model's folder
+        calibrate_module.calibrate(
+            run / "model.safetensors",
+            count=4,
+            out_path=tmp_path / "b" / "model.safetensors",
+            log=lambda s: None,
+        )
+    assert (tmp_path / "b" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("temperature", ["abc", 0, -1.0, {}, True])

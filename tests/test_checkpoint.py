@@ -116,7 +116,8 @@ def test_a_full_disk_is_one_sentence_from_the_cli(tmp_path, monkeypatch, capsys,
     assert "Traceback" not in err
 
 
-def test_an_interrupt_between_the_renames_leaves_a_checkpoint_that_loads(saved, monkeypatch):
+@pytest.mark.parametrize("when", ["before the second rename", "just after the first rename"])
+def test_an_interrupt_between_the_renames_leaves_a_checkpoint_that_loads(saved, monkeypatch, when):
     """Ctrl-C (or SIGTERM, which the CLI turns into one) after the weights were renamed into place and before
     the side file was: the side file's temporary was removed, and its old checksum refused the new weights for
     good ("does not match the checksum in model.json")."""
@@ -125,9 +126,11 @@ def test_an_interrupt_between_the_renames_leaves_a_checkpoint_that_loads(saved, 
 
     def replace(source, target):
         calls.append(target)
-        if len(calls) == 2:
+        if when == "before the second rename" and len(calls) == 2:
             raise KeyboardInterrupt
         real_replace(source, target)
+        if when == "just after the first rename" and len(calls) == 1:
+            raise KeyboardInterrupt  # as if it landed before the loop went on
 
     monkeypatch.setattr(os, "replace", replace)
     torch.manual_seed(1)

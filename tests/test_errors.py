@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
-from digitrec.config import load_toml
 from digitrec.errors import EXTRAS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 # distributions whose module is not named by their name with - as _
@@ -19,7 +24,7 @@ NO_COMMAND = {"docs", "dev"}  # extras for building the docs and for working on 
 def test_extras_name_the_modules_of_pyprojects_optional_dependencies():
     """need_extra checks EXTRAS: a module the extra installs and a command imports, missing from it, passed the
     check and died with a traceback (httptools, which serve's guards import)."""
-    declared = load_toml(PYPROJECT)["project"]["optional-dependencies"]
+    declared = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]
     expected = {}
     for extra, requirements in declared.items():
         if extra in NO_COMMAND:

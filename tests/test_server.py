@@ -1018,6 +1018,26 @@ def test_a_head_over_64_kb_that_arrives_in_one_piece_is_refused_with_431_too(pre
             assert http.post("/api/predict", files=upload(digit_png())).json()["digit"] == 7
 
 
+@pytest.mark.parametrize("reads", [1, 2], ids=["in one read", "in two reads"])
+def test_a_head_over_64_kb_never_finished_is_refused_with_431_not_left_to_the_timeout(
+    predictor, db_path, reads
+):
+    """Counting only what the parser had handed over (complete headers), a 100 KB header never finished was
+    held until the head's deadline (408) instead of refused at 64 KB (431)."""
+    from digitrec.guards import guarded_http_protocol
+
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 100_000
+    with live_server(create_app(predictor, feedback_db=db_path), http=guarded_http_protocol(5.0)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            for part in (head,) if reads == 1 else (head[:50_000], head[50_000:]):
+                with contextlib.suppress(OSError):  # closed by the server mid-send
+                    sock.sendall(part)
+                time.sleep(0.3)
+            said = _wait_for_close(sock, 1.0)[1]
+        assert said.startswith(b"HTTP/1.1 431"), said[:80]
+
+
 def test_pipelined_requests_over_64_kb_in_one_read_are_each_answered(predictor, db_path):
     """The head's byte count took in the whole read in which a head began: 70 KB of small pipelined GETs, or a
     100 KB upload followed by the start of the next request, was refused with 431 and the answers were lost."""

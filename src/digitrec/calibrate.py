@@ -99,13 +99,11 @@ def calibrate(
     from .checkpoint import model_file
     from .folderlock import locked_run_folder
 
-    # A run training into the folder meanwhile would write over the calibration, or the calibration over the
-    # run's finished model with the epoch it read: each refuses while the other holds the folder.
-    folders = {model_file(model_path).parent, model_file(out_path or model_path).parent}
-    with contextlib.ExitStack() as stack:
-        for folder in sorted(folders):
-            if folder.is_dir():
-                stack.enter_context(locked_run_folder(folder))
+    # A run training into the folder written meanwhile would write over the calibration, or the calibration over
+    # the run's finished model with the epoch it read: each refuses while the other holds the folder. Reading a
+    # model takes no lock (two calibrations of one model into two folders went on side by side).
+    folder = model_file(out_path or model_path).parent
+    with locked_run_folder(folder) if folder.is_dir() else contextlib.nullcontext():
         return _calibrate(model_path, count, log, out_path, half, data_dir)
 
 

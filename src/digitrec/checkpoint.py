@@ -52,7 +52,7 @@ def atomic_write_files(files: dict[Path, bytes], durable: bool = True) -> None:
     cheap to write again (an export of many small files, where an fsync each would be slow).
     """
     temporaries: list[tuple[Path, Path]] = []
-    renamed = 0
+    renaming = False
     writing: Path | None = None
     try:
         for path, data in files.items():
@@ -76,14 +76,16 @@ def atomic_write_files(files: dict[Path, bytes], durable: bool = True) -> None:
                     f.flush()
                     os.fsync(f.fileno())
         writing = None
+        renaming = True
         for tmp, path in temporaries:
             os.replace(tmp, path)
-            renamed += 1
     except BaseException as exc:
-        for index, (tmp, path) in enumerate(temporaries):
-            if 0 < renamed <= index:
-                # Ctrl-C or SIGTERM between two renames: the files describe each other, so the rest follow the
-                # first (removing them left a checkpoint its side file's checksum refuses, for good)
+        # Ctrl-C or SIGTERM once a rename is done (told by the files: it may land just after os.replace returns):
+        # the files describe each other, so the rest follow the first (removing them left a checkpoint its side
+        # file's checksum refuses, for good)
+        finish = renaming and any(not tmp.exists() for tmp, _ in temporaries)
+        for tmp, path in temporaries:
+            if finish:
                 with contextlib.suppress(OSError):
                     os.replace(tmp, path)
                     continue

@@ -234,6 +234,7 @@ def guarded_http_protocol(
             # the request target and the headers as the parser hands them over, however they arrived
             self._parsed_head_bytes = 0
             self._began_here = False  # whether the head being received began in the read being parsed
+            self._completed_here = False  # whether a request ended in it
             self._refused = False
             self._arm_head_timer()
 
@@ -252,15 +253,15 @@ def guarded_http_protocol(
                 self._body_timer = None
 
         def data_received(self, data: bytes) -> None:
-            self._began_here = False
+            self._began_here = self._completed_here = False
             super().data_received(data)  # the parser calls on_message_begin / on_headers_complete in here
             if self._in_head and self._head_timer is not None and not self.transport.is_closing():
-                # A head that began in this read owns only its own part of it: the rest were earlier pipelined
-                # requests and their bodies (counted whole, 70 KB of small GETs was a 431 that lost their answers).
-                # Of that part the parser has handed over the target and the whole headers so far.
-                self._head_bytes = (
-                    self._parsed_head_bytes if self._began_here else self._head_bytes + len(data)
-                )
+                # A head that began in this read after an earlier request ended in it owns only its own part of
+                # it: the rest were pipelined requests and their bodies (counted whole, 70 KB of small GETs was a
+                # 431 that lost their answers). Of that part the parser has handed over the target and the whole
+                # headers so far. Any other read counts whole (a head's first read of 100 KB is refused at once).
+                pipelined = self._began_here and self._completed_here
+                self._head_bytes = self._parsed_head_bytes if pipelined else self._head_bytes + len(data)
                 if self._head_bytes > max_header_bytes:
                     self._refuse(431, "Request Header Fields Too Large", too_large)
 
@@ -311,6 +312,7 @@ def guarded_http_protocol(
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
+            self._completed_here = True
             self._disarm_body_timer()
             if not self._refused:
                 super().on_message_complete()

@@ -21,7 +21,6 @@ Only `ImageError` leaves this module for bad input; a page with no ink gives an 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import importlib.util
@@ -39,7 +38,7 @@ from typing import Any, Literal, cast, overload
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffTags, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -185,10 +184,15 @@ def _open(
             side = max_side if max_side and max(image.size) > 2 * max_side else None
             if image.format == "JPEG" and (side or gray):
                 image.draft("L" if gray else image.mode, (side, side) if side else image.size)
-            # a TIFF's load() parses its EXIF again, and warns of a damaged one beside our sentence; other formats
-            # decode outside the lock, in parallel with other threads'
-            with quiet_pillow() if image.format == "TIFF" else contextlib.nullcontext():
-                image.load()
+            if image.format == "TIFF":
+                # a TIFF's load() ends by parsing its EXIF blocks, and warns of a damaged one beside our sentence:
+                # parsed here first, in the lock (they are kept), so that the decode runs outside it
+                with quiet_pillow():
+                    exif = image.getexif()
+                    for key in TiffTags.TAGS_V2_GROUPS:
+                        if key in exif:
+                            exif.get_ifd(key)
+            image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(
                 f"{name} is too large to decode safely (over {MAX_PIXELS:,} pixels, Pillow's decompression-bomb guard); "
