@@ -387,22 +387,9 @@ def test_an_exported_model_is_scored_in_batches(run_dir, tmp_path, monkeypatch):
 
 def test_robustness_refuses_to_write_over_a_run_folders_own_figures(run_dir, idx_folder, capsys):
     """`--out RUN` replaced the run's robustness.png (shown in its report) with a figure of other models."""
-    before = (run_dir / "robustness.png").read_bytes() if (run_dir / "robustness.png").exists() else None
-    assert (
-        main(
-            [
-                "robustness",
-                str(run_dir),
-                "--limit",
-                "20",
-                "--out",
-                str(run_dir),
-                "--data-dir",
-                str(idx_folder),
-            ]
-        )
-        == 2
-    )
+    figure = run_dir / "robustness.png"
+    before = figure.read_bytes() if figure.exists() else None
+    flags = ["--limit", "20", "--out", str(run_dir), "--data-dir", str(idx_folder)]
+    assert main(["robustness", str(run_dir), *flags]) == 2
     assert f"--out {run_dir} is a run folder" in capsys.readouterr().err
-    after = (run_dir / "robustness.png").read_bytes() if (run_dir / "robustness.png").exists() else None
-    assert after == before
+    assert (figure.read_bytes() if figure.exists() else None) == before
