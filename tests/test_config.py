@@ -268,6 +268,17 @@ def test_bad_toml_is_one_sentence(tmp_path):
         load_toml(tmp_path)  # a folder
 
 
+def test_a_config_file_larger_than_any_config_is_refused_unread(tmp_path):
+    """`--config /dev/zero` was read until memory ran out (a MemoryError traceback under a memory limit)."""
+    big = tmp_path / "big.toml"
+    big.write_text("# " + "x" * 2_000_000 + "\nlr = 0.01\n")
+    for path in [big] + ([Path("/dev/zero")] if Path("/dev/zero").exists() else []):
+        with pytest.raises(
+            DigitrecError, match=f"config file {path} is larger than 1 MB, more than any config"
+        ):
+            load_toml(path)
+
+
 def test_every_recipe_passes_the_checks():
     for name, config in RECIPES.items():
         assert TrainConfig.from_dict(config.to_dict()) == config, name

@@ -480,6 +480,11 @@ def test_an_export_whose_checkpoint_beside_it_changed_since_is_refused(
         f"ONNX model {exported} was exported from {checkpoint} before that checkpoint changed"
     )
     assert f"`digitrec export {checkpoint}`" in message and message.count(". ") == 0
+    # an export under a name of the user's: the command given writes it there again (it wrote model.onnx)
+    mine = tmp_path / "mine.onnx"
+    shutil.copy(exported, mine)
+    with pytest.raises(DigitrecError, match=f"`digitrec export {checkpoint} --out {mine}`"):
+        Predictor.load(mine)
     moved = tmp_path / "elsewhere" / "model.onnx"
     moved.parent.mkdir()
     shutil.copy(exported, moved)

@@ -147,10 +147,13 @@ def refuse_stale_export(path: Path, meta: dict[str, Any]) -> None:
         if beside_weights != weights and not (isinstance(created, str) and beside_created == created):
             return
     if hashlib.sha256(data).hexdigest() != digest:
+        # where the export was written under another name than export's own, the command writes it there again
+        own_names = (checkpoint.with_suffix(".onnx").name, checkpoint.with_suffix(".int8.onnx").name)
+        out = "" if path.name in own_names else f" --out {path}"
         raise DigitrecError(
             f"ONNX model {path} was exported from {checkpoint} before that checkpoint changed (its SHA-256 differs: "
             "calibrated or trained again), so it would answer with the old model's confidences and threshold; "
-            f"export it again with `digitrec export {checkpoint}` (--int8 for an int8 one)."
+            f"export it again with `digitrec export {checkpoint}{out}` (--int8 for an int8 one)."
         )
 
 

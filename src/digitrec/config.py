@@ -466,6 +466,9 @@ def get_recipe(name: str) -> TrainConfig:
         ) from None
 
 
+MAX_CONFIG_BYTES = 1_000_000
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file; its keys are TrainConfig fields, and `recipe = NAME` picks the base recipe."""
     path = Path(path)
@@ -475,7 +478,14 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         import tomli as tomllib
     try:
         with path.open("rb") as f:
-            values = tomllib.load(f)
+            # at most MAX_CONFIG_BYTES: `--config /dev/zero` (or any device) was read until memory ran out
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise DigitrecError(
+                f"config file {path} is larger than {MAX_CONFIG_BYTES // 1_000_000} MB, more than any config; "
+                "pass a TOML file of settings."
+            )
+        values = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise DigitrecError(f"config file {path} does not exist.") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
