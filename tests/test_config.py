@@ -231,6 +231,12 @@ def test_flags_and_a_toml_file_are_checked_together(tmp_path, capsys, monkeypatc
     args = build_parser().parse_args(["train", "--config", str(path), "--epochs", "10", "--batch-size", "64"])
     assert training_config(args)[1].batch_size == 64  # the flag wins over the file's dashed key
     assert api.resolve_config(path, epochs=10)[1].clean_epochs == 5
+    # a file's compile = true: --no-compile turns it off (there was no such flag), --compile still turns it on
+    path.write_text("compile = true\n")
+    assert training_config(build_parser().parse_args(["train", "--config", str(path)]))[1].compile
+    args = build_parser().parse_args(["train", "--config", str(path), "--no-compile"])
+    assert not training_config(args)[1].compile
+    assert training_config(build_parser().parse_args(["train", "--compile"]))[1].compile
 
 
 def test_range_errors_say_the_range():

@@ -241,8 +241,8 @@ def training_config(args: argparse.Namespace):
     flags = {key: getattr(args, key) for key in TRAIN_OVERRIDES}
     if args.amp is not None:
         flags["amp"] = args.amp
-    if args.compile:
-        flags["compile"] = True
+    if args.compile is not None:  # --no-compile turns off a config file's compile = true
+        flags["compile"] = args.compile
     # merged, then checked once: settings that depend on each other (clean_epochs within epochs) were checked
     # against the recipe's epochs before the flag's, and `--epochs 10` was refused beside `clean_epochs = 5`
     values.update({key: value for key, value in flags.items() if value is not None})
@@ -1352,7 +1352,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bfloat16 autocast (only where the CPU or GPU computes in bfloat16; float32 elsewhere)",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model"
+    )
     p.add_argument("--out", type=_folder, help="run folder (default runs/<recipe>-<timestamp>)")
     p.add_argument(
         "--resume",
