@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, DigitrecError
+from .errors import CheckpointError, DigitrecError, shortened
 from .tta import SHIFTS as TTA_SHIFTS
 
 MNIST_MEAN_STD = (0.1307, 0.3081)
@@ -269,8 +269,9 @@ def _coerce(key: str, value: Any, declared: str) -> Any:
         return value
     except (TypeError, ValueError, OverflowError):  # OverflowError: a 400-digit integer as a float
         expected = _KIND_NAMES.get(kind, "a list of numbers" if kind.startswith("tuple") else kind)
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise DigitrecError(f"config key {key!r} expects {expected}, got {shown}.") from None
+        raise DigitrecError(
+            f"config key {key!r} expects {expected}, got {shortened(repr(value), 60)}."
+        ) from None
 
 
 # The seed recipes reproduce the five source documents in ../shared/seeds, quirks included. Documents that

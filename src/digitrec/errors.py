@@ -68,3 +68,8 @@ def refuse_repeats(flag: str, names: Sequence[str]) -> None:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise DigitrecError(f"{flag} names {', '.join(repeated)} more than once; give each once.")
+
+
+def shortened(text: str, limit: int = 40) -> str:
+    """A value quoted in an error sentence, cut to `limit` characters: a 3 MB label made a 3 MB answer."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text):,} characters)"

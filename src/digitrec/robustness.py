@@ -353,11 +353,8 @@ def table(report: dict[str, Any]) -> str:
         cells = "  ".join(f"{row['accuracy']:>{width}.2%}" for row in rows)
         # the share of images a row keeps, where few images leave no row at exactly the coverage asked for
         kept = rows[0]["coverage"] if rows else coverage
-        lines.append(
-            f"{kept:<14.0%}{'':>9}  {cells}"
-            if abs(kept - coverage) < 1e-9
-            else f"{kept:<14.1%}{'':>9}  {cells}"
-        )
+        decimals = 0 if abs(kept - coverage) < 1e-9 else 1
+        lines.append(f"{kept:<14.{decimals}%}{'':>9}  {cells}")
     return "\n".join(lines)
 
 

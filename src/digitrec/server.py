@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import CheckpointError, DigitrecError, FeedbackFullError, ImageTooLargeError
+from .errors import CheckpointError, DigitrecError, FeedbackFullError, ImageTooLargeError, shortened
 from .feedback import DEFAULT_MAX_MB, FeedbackStore
 from .guards import (
     BODY_TIMEOUT_S,
@@ -464,7 +464,7 @@ def create_app(
         if content_type.startswith("image/") or content_type == "application/octet-stream":
             return await request.body(), _fields_once(request.query_params.multi_items())
         raise HTTPException(
-            415, f"unsupported content type {_shortened(repr(content_type or '(none)'))}; {IMAGE_HINT}."
+            415, f"unsupported content type {shortened(repr(content_type or '(none)'))}; {IMAGE_HINT}."
         )
 
     async def to_input(data: bytes, request: Request) -> np.ndarray:
@@ -954,18 +954,13 @@ def _digit_field(fields: dict[str, Any], name: str, required: bool, from_json: b
             return value
         raise HTTPException(
             422,
-            f'the field "{name}" must be a digit from 0 to 9 as a JSON integer, got {_shortened(json.dumps(value))}.',
+            f'the field "{name}" must be a digit from 0 to 9 as a JSON integer, got {shortened(json.dumps(value))}.',
         )
     if isinstance(value, str) and len(value) == 1 and value in "0123456789":
         return int(value)
     raise HTTPException(
-        422, f'the field "{name}" must be one digit from 0 to 9, got {_shortened(repr(value))}.'
+        422, f'the field "{name}" must be one digit from 0 to 9, got {shortened(repr(value))}.'
     )
-
-
-def _shortened(text: str, limit: int = 40) -> str:
-    """A value quoted in an error sentence, cut to `limit` characters: a 3 MB label made a 3 MB answer."""
-    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text):,} characters)"
 
 
 BACKEND_NAMES = {"OnnxBackend": "ONNX Runtime", "TorchBackend": "PyTorch", "NumpyBackend": "NumPy"}
