@@ -106,10 +106,14 @@ def test_healthz_gives_an_older_checkpoints_float32_accuracy_as_the_fraction_it_
 
 
 def test_head_probes_of_healthz_and_the_page_are_answered(client):
-    """Load balancers probe with HEAD; it was 405."""
-    for path in ("/healthz", "/"):
+    """Load balancers probe with HEAD; it was 405 (on /api/stats, /docs and /redoc until 7 December)."""
+    for path in ("/healthz", "/", "/api/stats", "/docs", "/redoc", "/openapi.json", "/static/app.js"):
         response = client.head(path)
         assert response.status_code == 200 and response.content == b"", path
+        assert response.headers["content-type"] == client.get(path).headers["content-type"], path
+    assert client.head("/api/predict").status_code == 405  # a POST endpoint still takes no HEAD
+    operations = client.get("/openapi.json").json()["paths"]
+    assert all("head" not in methods for methods in operations.values())  # the schema lists no HEAD
 
 
 def test_page_and_its_assets_are_served_without_external_links(client):

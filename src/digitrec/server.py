@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from .errors import CheckpointError, DigitrecError, FeedbackFullError, ImageTooLargeError, shortened
 from .feedback import DEFAULT_MAX_MB, FeedbackStore
@@ -732,6 +733,7 @@ def create_app(
         counters["feedback"] += 1
         return {"id": row_id, "label": label, "total": total}
 
+    @app.head("/api/stats", include_in_schema=False)
     @app.get("/api/stats", tags=["service"], summary="Requests, batches and corrections so far")
     async def stats() -> dict[str, Any]:
         """What this server has done since it started, and the corrections stored so far."""
@@ -769,6 +771,15 @@ def create_app(
             },
         }
 
+    # and on the pages FastAPI adds itself (/docs, /redoc, /docs/oauth2-redirect): a HEAD there was 405 too
+    for route in app.routes:
+        if (
+            isinstance(route, Route)
+            and not route.include_in_schema
+            and route.methods
+            and "GET" in route.methods
+        ):
+            route.methods.add("HEAD")
     app.mount("/static", static_files, name="static")
     app.state.feedback = store
     app.state.batcher = batcher
