@@ -17,6 +17,7 @@ A piece whose loops a bold pen or a blur filled in is thresholded again inside i
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -806,6 +807,28 @@ def strokes_crossed(ink: np.ndarray, stroke: float) -> float:
     return float(np.minimum(lengths, stroke).sum() / stroke)
 
 
+# _best_reading's rounds a blob may take: ROUNDS_PER_LINE_HEIGHT per line height of its width, MIN_ROUNDS at
+# least. Written digits took at most 26 (106 lines of eval-real's sets), a scribble hundreds, each slower.
+ROUNDS_PER_LINE_HEIGHT = 40
+MIN_ROUNDS = 64
+
+
+class _TooTangled(Exception):
+    """A blob that spent its rounds: no reading stands out of its pieces (a scribble, a hatched area)."""
+
+
+class _Rounds:
+    """The rounds of _best_reading one blob has left."""
+
+    def __init__(self, rounds: int) -> None:
+        self.left = rounds
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooTangled
+
+
 def _distinct(pieces: dict[tuple[int, int], np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
     """The distinct pieces, and each piece's row among them: different cuts can leave the same piece (two cuts
     through one gap in the ink), which is then read once."""
@@ -831,6 +854,7 @@ def _best_reading(
     pairs: PairScore | None = None,
     pair_of: dict[tuple[int, int], tuple[int, float]] | None = None,
     min_pair_width: float = 0.0,
+    budget: _Rounds | None = None,
 ) -> list[tuple[int, int]] | None:
     """_best_chain of the pieces, each worth the classifier's log confidence in it less its cost, reading as few
     pieces as that needs.
@@ -847,6 +871,8 @@ def _best_reading(
     read clearly (log confidences near 0), a chain of more pieces, each costing PIECE_COST, cannot win. (On 60 lines
     of real photos, `read` sent the digit and pair classifiers 288 and 244 glyphs, against 6,680 and 3,433 when
     every piece was read and every wide one asked.)
+
+    Each round spends one of `budget`'s rounds (_TooTangled past its last).
     """
     if not pieces:
         return None
@@ -859,6 +885,8 @@ def _best_reading(
     asked: set[int] = set()
     read_as_pair: dict[int, tuple[int, float]] = {}  # row -> (10a + b, p_pair(ab)) where that reading wins
     while True:
+        if budget is not None:
+            budget.spend()
         chosen = _best_chain({key: worth[row] - costs[key] for key, row in zip(pieces, rows)}, crossing)
         in_chain = set(chosen or [])
         chain_rows = sorted({row for key, row in zip(pieces, rows) if key in in_chain})
@@ -928,21 +956,22 @@ def _best_chain(value: dict[tuple[int, int], float], crossing: list[float]) -> l
     in `value` covers the blob. Pieces are keyed (first cut, last cut); crossing[j] is the strokes cut j goes
     through."""
     count = len(crossing)
-    best = np.full(count, -np.inf)
+    best = [-math.inf] * count
     best[0] = 0.0
-    came_from = np.zeros(count, dtype=np.int64)
-    for j in range(1, count):
-        for i in range(j):
-            if (i, j) in value:
-                total = best[i] + value[(i, j)] - PIECE_COST - CUT_INK_COST * crossing[j]
-                if total > best[j]:
-                    best[j], came_from[j] = total, i
-    if not np.isfinite(best[-1]):
+    came_from = [0] * count
+    # the pieces there are, by last cut and then first: each best[i] is final before a piece from cut i is seen,
+    # and a tie goes to the lowest i, as looping over every pair of cuts did (that cost cuts² a round: 5 of a
+    # scribble's 15 s)
+    for (i, j), piece_value in sorted(value.items(), key=lambda item: (item[0][1], item[0][0])):
+        total = best[i] + piece_value - PIECE_COST - CUT_INK_COST * crossing[j]
+        if total > best[j]:
+            best[j], came_from[j] = total, i
+    if best[-1] == -math.inf:
         return None
     chosen, j = [], count - 1
     while j > 0:
-        chosen.append((int(came_from[j]), j))
-        j = int(came_from[j])
+        chosen.append((came_from[j], j))
+        j = came_from[j]
     return chosen[::-1]
 
 
@@ -1026,17 +1055,23 @@ def split_and_read(
     pair_of: dict[tuple[int, int], tuple[int, float]] = {}
     min_pair_width = PAIR_MIN_WIDTH * line_height
     costs = dict.fromkeys(pieces, 0.0)
-    chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width)
-    if chosen is None and width > too_wide:
-        # No cut of this too-wide blob gives only digit-tall pieces (a small digit among big ones, a long dash):
-        # let short pieces in at a cost rather than read the whole blob as one squeezed digit. No chain of tall
-        # pieces alone means none was read above; those on a chain with short ones are read now.
-        chained = _on_a_chain(tall | short, len(paths))
-        pieces = {key: reopened(piece, ink) for key, piece in tall.items() if key in chained}
-        short = {key: reopened(piece, ink) for key, piece in short.items() if key in chained}
-        costs = dict.fromkeys(pieces, 0.0) | dict.fromkeys(short, SHORT_PIECE_COST)
-        pieces |= short
-        chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width)
+    # A scribble's pieces all read badly, and each round reads about one more of them: hundreds of rounds, each
+    # slower than the last (a 1,000 x 130 zigzag took 15-20 s). Past its budget the blob holds no digits.
+    budget = _Rounds(max(MIN_ROUNDS, int(ROUNDS_PER_LINE_HEIGHT * width / line_height)))
+    try:
+        chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width, budget)
+        if chosen is None and width > too_wide:
+            # No cut of this too-wide blob gives only digit-tall pieces (a small digit among big ones, a long
+            # dash): let short pieces in at a cost rather than read the whole blob as one squeezed digit. No chain
+            # of tall pieces alone means none was read above; those on a chain with short ones are read now.
+            chained = _on_a_chain(tall | short, len(paths))
+            pieces = {key: reopened(piece, ink) for key, piece in tall.items() if key in chained}
+            short = {key: reopened(piece, ink) for key, piece in short.items() if key in chained}
+            costs = dict.fromkeys(pieces, 0.0) | dict.fromkeys(short, SHORT_PIECE_COST)
+            pieces |= short
+            chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width, budget)
+    except _TooTangled:
+        return []
     if chosen is None:
         return [(0, reopened(mask, ink), None)]
     out: list[tuple[int, np.ndarray, tuple[int, float] | None]] = []
