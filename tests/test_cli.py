@@ -240,6 +240,9 @@ def test_resume_still_takes_device_and_the_switches_it_does_not_check(tmp_path, 
         ["serve", "--feedback-db", ""],  # these: the default database in the home folder, as if not given
         ["feedback", "export", "--feedback-db", ""],
         ["finetune", "--model", "run", "--feedback", ""],  # its flag, also spelt --feedback-db
+        ["tune", "--study", ""],  # joined the default study
+        ["tune", "--storage", ""],  # SQLAlchemy's words
+        ["eval-real", "--sets", ""],
     ],
 )
 def test_an_empty_name_is_refused_not_read_as_the_current_folder_or_the_default(
@@ -488,7 +491,11 @@ def test_a_seed_numpy_cannot_take_is_refused_while_parsing(args, tmp_path, capsy
 @pytest.mark.parametrize(
     "sets, message",
     [
-        ("", "unknown set ''; choose from mnist-photo"),  # ran all five sets
+        (
+            "pen-photo,,font-photo",
+            "unknown set ''; choose from mnist-photo",
+        ),  # "" ran all five sets (argparse
+        # now refuses a --sets that is all empty: test_an_empty_name_is_refused_not_read_as_the_current_folder...)
         ("pen-photo,pen-photo", "--sets names pen-photo more than once; give each once"),  # ran it twice
     ],
 )
@@ -1252,3 +1259,26 @@ def test_a_run_folder_whose_name_is_not_utf8_gets_its_report_and_export(tiny_fas
     pytest.importorskip("onnxruntime")
     assert main(["export", str(odd), "--data-dir", str(idx_folder)]) == 0
     assert (odd / "model.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--epochs", "0"], "--epochs must be above 0, got 0.0."),
+        (["--lr-scale", "-1"], "--lr-scale must be above 0, got -1.0."),
+        (["--lr-scale", "nan"], "--lr-scale must be above 0, got nan."),
+    ],
+)
+def test_finetune_names_the_flag_out_of_range(flags, said, tiny_fast_run, idx_folder, tmp_path, capsys):
+    """Each of the three said "--repeat must be at least 1, and --epochs and --lr-scale positive."."""
+    args = [
+        "finetune",
+        "--model",
+        str(tiny_fast_run),
+        "--no-corrections",
+        *flags,
+        "--out",
+        str(tmp_path / "ft"),
+    ]
+    assert main([*args, "--no-report", "--no-progress", "--data-dir", str(idx_folder)]) == 2
+    assert capsys.readouterr().err == f"digitrec: error: {said}\n"

@@ -91,3 +91,28 @@ def test_cli_checks_the_models_and_the_out_folder_before_the_embedding(
         "does not exist" in err or "cannot write into the folder /proc/nope" in err
     ) and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_umap_asked_for_and_missing_is_said_before_any_figure(idx_folder, tmp_path, capsys, monkeypatch):
+    """`--embedding umap` without umap-learn drew the class balance and mean images, then failed."""
+    from digitrec import data
+    from digitrec import explore as explore_module
+
+    monkeypatch.setattr(explore_module, "has_umap", lambda: False)
+    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: pytest.fail("loaded MNIST before the check"))
+    out = tmp_path / "explore"
+    assert main(["explore", "--embedding", "umap", "--out", str(out), "--data-dir", str(idx_folder)]) == 2
+    err = capsys.readouterr().err
+    assert "needs umap-learn" in err and "pip install umap-learn" in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_library_call_checks_the_embedding_before_drawing(tiny_mnist, tmp_path, monkeypatch):
+    from digitrec import explore as explore_module
+
+    monkeypatch.setattr(explore_module, "has_umap", lambda: False)
+    with pytest.raises(Exception, match="needs umap-learn"):
+        explore(tiny_mnist, tmp_path / "explore", embedding="umap")
+    with pytest.raises(Exception, match="unknown embedding 'pca'"):
+        explore(tiny_mnist, tmp_path / "explore", embedding="pca")
+    assert not (tmp_path / "explore").exists()

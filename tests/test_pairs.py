@@ -196,3 +196,67 @@ def test_read_reports_the_pair_classifiers_digits(monkeypatch):
     assert result.digits[0].box[0] < result.digits[1].box[0]
     predictor.read_pairs = False
     assert predictor.read(image).number != "47"  # without it, no reading comes from the pair classifier
+
+
+def test_read_and_eval_real_use_the_pair_classifier_named_by_pairs(tmp_path, monkeypatch, capsys):
+    """A model `digitrec train-pairs` wrote could not be used: read, eval-real and serve loaded the bundled one."""
+    from PIL import Image
+
+    from digitrec.cli import main
+    from digitrec.predict import Predictor
+
+    own = tmp_path / "own-pairs.safetensors"
+    own.write_bytes(pairs_module.pretrained_pairs_path().read_bytes())
+    asked: list[object] = []
+    real = pairs_module.load_pair_scorer
+
+    def spy(path=None):
+        asked.append(path)
+        return real(path)
+
+    monkeypatch.setattr(pairs_module, "load_pair_scorer", spy)
+    image = tmp_path / "47.png"
+    Image.fromarray(np.where(_blob_of_two(), 0, 255).astype(np.uint8)).save(image)
+    assert main(["read", str(image), "--pairs", str(own), "--backend", "numpy"]) == 0
+    assert asked and set(asked) == {own}
+    asked.clear()
+    assert main(["read", str(image), "--backend", "numpy"]) == 0
+    assert set(asked) == {None}  # the bundled one
+    capsys.readouterr()
+    predictor = Predictor.pretrained(backend="numpy")
+    predictor.use_pairs(own)
+    assert predictor.portable().pairs_path == own  # the server's read workers run this copy
+    asked.clear()
+    args = ["eval-real", "--sets", "numbers", "--count", "2", "--pairs", str(own), "--backend", "numpy"]
+    assert main(args) == 0 and set(asked) == {own}
+
+
+@pytest.mark.parametrize("what", ["missing", "a digit model"])
+def test_a_pairs_file_that_cannot_be_used_is_refused_before_reading(what, tmp_path, capsys):
+    from PIL import Image
+
+    from digitrec.cli import main
+    from digitrec.predict import pretrained_path
+
+    image = tmp_path / "7.png"
+    Image.new("L", (40, 40), 255).save(image)
+    pairs = tmp_path / "nope.safetensors" if what == "missing" else pretrained_path()
+    assert main(["read", str(image), "--pairs", str(pairs), "--backend", "numpy"]) == 2
+    err = capsys.readouterr().err
+    said = (
+        "does not exist; `digitrec train-pairs` writes one."
+        if what == "missing"
+        else "is not a pair classifier"
+    )
+    assert f"{pairs}" in err and said in err and "Traceback" not in err
+
+
+def test_serve_passes_pairs_to_the_server(tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    from digitrec import server
+    from digitrec.cli import main
+
+    given: dict[str, object] = {}
+    monkeypatch.setattr(server, "serve", lambda model, **kwargs: given.update(kwargs))
+    assert main(["serve", "--pairs", str(tmp_path / "p.safetensors")]) == 0
+    assert given["pairs"] == str(tmp_path / "p.safetensors")

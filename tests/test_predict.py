@@ -658,3 +658,19 @@ def test_a_long_name_is_cut_between_characters():
     name = _steps_name("数字" * 40, set())
     assert name.encode("utf-8").decode("utf-8") == name and name.endswith("数字.steps.png")
     assert len(name.removesuffix(".steps.png").encode()) <= STEPS_STEM_BYTES
+
+
+def test_predict_says_when_its_model_was_never_calibrated(tiny_fast_run, tmp_path, capsys):
+    """serve said it; predict and read used the default threshold without a word."""
+    from PIL import Image
+
+    image = tmp_path / "blank.png"
+    Image.new("L", (40, 40), 255).save(image)
+    for command in ("predict", "read"):
+        assert main([command, str(image), "--model", str(tiny_fast_run), "--json"]) == 0
+        err = capsys.readouterr().err
+        assert f"note: {tiny_fast_run} was never calibrated" in err and "`digitrec calibrate MODEL`" in err
+    assert main(["predict", str(image), "--model", str(tiny_fast_run), "--reject-below", "0.5"]) == 0
+    assert "never calibrated" not in capsys.readouterr().err  # a threshold of the user's own
+    assert main(["predict", str(image)]) == 0  # the bundled model is calibrated
+    assert "never calibrated" not in capsys.readouterr().err

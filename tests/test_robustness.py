@@ -393,3 +393,26 @@ def test_robustness_refuses_to_write_over_a_run_folders_own_figures(run_dir, idx
     assert main(["robustness", str(run_dir), *flags]) == 2
     assert f"--out {run_dir} is a run folder" in capsys.readouterr().err
     assert (figure.read_bytes() if figure.exists() else None) == before
+
+
+def test_robustness_refuses_a_limit_over_the_test_images_there_are(run_dir, idx_folder, tmp_path, capsys):
+    """`--limit 20000` scored the 10,000 there are and said nothing (bench infer refuses such a batch size)."""
+    from digitrec.data import load_mnist
+
+    count = len(load_mnist(idx_folder).test_images)
+    out = tmp_path / "robustness"
+    args = [
+        "robustness",
+        str(run_dir),
+        "--limit",
+        str(count + 1),
+        "--out",
+        str(out),
+        "--data-dir",
+        str(idx_folder),
+    ]
+    assert main(args) == 2
+    assert (
+        f"--limit {count + 1:,} is more than the {count:,} test images there are" in capsys.readouterr().err
+    )
+    assert not (out / "robustness.json").exists()

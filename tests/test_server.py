@@ -349,6 +349,22 @@ def test_feedback_without_a_valid_digit_label_is_422(client, fields, db_path):
         assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
 
 
+def test_a_missing_label_says_where_a_label_goes_with_an_image_sent_as_the_body(client, db_path):
+    """It said only "send the correct digit, 0 to 9": a raw-body upload takes it as ?label=, not in a form."""
+    response = client.post("/api/feedback", content=digit_png(), headers={"content-type": "image/png"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == (
+        'the field "label" is missing; send the correct digit, 0 to 9, as a form field, in the JSON object, '
+        "or as ?label= in the query when the image is the body."
+    )
+    assert (
+        client.post(
+            "/api/feedback?label=7", content=digit_png(), headers={"content-type": "image/png"}
+        ).status_code
+        == 201
+    )
+
+
 def test_a_label_sent_as_a_file_is_refused_as_that_not_as_missing(client, db_path):
     """curl -F label=@seven.txt sends the label as a file part: the answer said "the field "label" is missing"."""
     files = {"file": ("digit.png", digit_png(), "image/png"), "label": ("seven.txt", b"7", "text/plain")}

@@ -47,6 +47,9 @@ def _named(what: str) -> Callable[[str], str]:
     return parse
 
 
+DATA_DIR_HELP = (
+    "the folder holding MNIST's four IDX files, .gz or raw (default: found or downloaded: `digitrec data`)"
+)
 _data_dir = _named("the folder that holds MNIST (without --data-dir it is found or downloaded)")
 _model_name = _named("a run folder or .safetensors file")
 _any_model = _named("a run folder, .safetensors or .onnx file")  # where an ONNX export answers too
@@ -609,6 +612,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout,
         feedback_max_mb=args.feedback_max_mb,
         allowed_hosts=args.allowed_hosts,
+        pairs=args.pairs,
     )
     return 0
 
@@ -701,15 +705,22 @@ NUMPY_MAX_IMAGES = 1000
 
 
 def _predictor(args: argparse.Namespace, images: int | None = None):
-    from .predict import Predictor, check_backend, is_onnx
+    from .predict import Predictor, check_backend, is_onnx, uncalibrated_note
 
     check_backend(args.model, args.backend)
     backend = args.backend
     if backend == "auto" and (images is None or images > NUMPY_MAX_IMAGES) and not is_onnx(args.model):
         backend = "torch"
     if args.model:
-        return Predictor.load(_model_path(args.model), args.reject_below, backend)
-    return Predictor.pretrained(args.reject_below, backend)
+        predictor = Predictor.load(_model_path(args.model), args.reject_below, backend)
+    else:
+        predictor = Predictor.pretrained(args.reject_below, backend)
+    if getattr(args, "pairs", None):  # read and eval-real
+        predictor.use_pairs(args.pairs)
+    note = uncalibrated_note(predictor, args.model)
+    if note and args.reject_below is None:  # as serve says it (a --reject-below given is the user's choice)
+        _stderr(f"note: {note}")
+    return predictor
 
 
 def _image_paths(args: argparse.Namespace) -> list[Path]:
@@ -858,6 +869,7 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
                 ("--model", args.model is not None),
                 ("--reject-below", args.reject_below is not None),
                 ("--backend", args.backend != "auto"),
+                ("--pairs", args.pairs is not None),
             )
             if given
         ]
@@ -1171,6 +1183,11 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     models = robustness.load_all(args.models)  # a model that does not load stops the command before the work
     data = load_mnist(args.data_dir, log=_stderr)
     count = args.limit or len(data.test_images)
+    if count > len(data.test_images):  # it scored the 10,000 there are and said nothing of the rest
+        raise DigitrecError(
+            f"--limit {count:,} is more than the {len(data.test_images):,} test images there are; "
+            f"give --limit {len(data.test_images):,} or less, or leave it out."
+        )
     report = robustness.evaluate_robustness(
         models,
         data.test_images[:count],
@@ -1226,9 +1243,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_explore(args: argparse.Namespace) -> int:
     need_extra("explore", "digitrec explore")
     from .data import load_mnist
-    from .explore import explore
+    from .explore import explore, require_embedding
     from .robustness import load_all
 
+    require_embedding(args.embedding)  # before the models, MNIST and the first figures
     models = [str(_model_path(m)) for m in args.model or []]
     _refuse_one_model_twice(models, ", scored twice on the same images")
     _make_folder(args.out, "--out")
@@ -1262,6 +1280,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} -h` lists the options)\n")
 
 
+def _pairs_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pairs",
+        type=_named("a pair classifier .safetensors file (without the flag: the bundled one)"),
+        metavar="FILE",
+        help="the pair classifier that reads digits overlapping too deeply to cut: a file `digitrec train-pairs` "
+        "wrote (default: the bundled one)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import AUGMENTATIONS, DEVICES, OPTIMIZERS, SCHEDULES, TTA_SHIFTS
 
@@ -1282,11 +1310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("models", help="list the registered architectures with parameter counts")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("recipes", help="list the named training recipes")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser(
@@ -1305,22 +1333,40 @@ def build_parser() -> argparse.ArgumentParser:
         type=_named("a TOML file"),
         help="TOML file of config overrides (may set `recipe`)",
     )
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--epochs",
+        type=float,
+        metavar="N",
+        help="passes over the training set; a fraction such as 0.85 is fine",
+    )
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per training step")
     p.add_argument("--lr", type=float, help="initial (or peak, for onecycle) learning rate")
     p.add_argument("--momentum", type=float, help="SGD momentum")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=DEVICES)
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--label-smoothing", type=float)
+    p.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="seed of the weights, the shuffling, the split and the augmentation",
+    )
+    p.add_argument("--device", choices=DEVICES, help="where to train (auto: cuda, then mps, then cpu)")
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="the optimizer (sgd takes --momentum; a --config file can set nesterov = true)",
+    )
+    p.add_argument("--schedule", choices=SCHEDULES, help="how the learning rate changes over the epochs")
+    p.add_argument("--weight-decay", type=float, metavar="X", help="weight decay (AdamW's is decoupled)")
+    p.add_argument(
+        "--label-smoothing", type=float, metavar="X", help="share of each label spread over the other classes"
+    )
     p.add_argument(
         "--ema-decay",
         type=float,
         help="evaluate and keep a moving average of the weights with this decay per step (0 = off)",
     )
-    p.add_argument("--augment", choices=AUGMENTATIONS)
+    p.add_argument(
+        "--augment", choices=AUGMENTATIONS, help="what is done to each training batch (`digitrec recipes`)"
+    )
     p.add_argument(
         "--clean-epochs",
         type=float,
@@ -1381,7 +1427,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train with N processes on this machine (launches torchrun; see README, Scaling out)",
     )
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test-set metrics of a trained model")
@@ -1394,7 +1440,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(TTA_SHIFTS),
         help="override the recipe's test-time augmentation (views)",
     )
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -1412,7 +1458,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the ensemble as one model: a .safetensors file, or a folder to hold model.safetensors",
     )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser(
@@ -1438,7 +1484,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_folder,
         help="sweep folder, one run folder per recipe and seed (default runs/sweep-<timestamp>)",
     )
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("serve", help="the web page and REST API (FastAPI on uvicorn); docs at /docs")
@@ -1453,6 +1499,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="interface to listen on (default 127.0.0.1; 0.0.0.0 for your network)",
     )
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    _pairs_flag(p)
     p.add_argument(
         "--allowed-hosts",
         type=_allowed_hosts,
@@ -1508,7 +1555,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_feedback_db,
         help="SQLite file (default $DIGITREC_FEEDBACK_DB, else $XDG_DATA_HOME or ~/.local/share, then digitrec/feedback.sqlite)",
     )
-    q.add_argument("--format", choices=["idx", "png"], default="idx")
+    q.add_argument(
+        "--format",
+        choices=["idx", "png"],
+        default="idx",
+        help="idx: MNIST's own file format, two files (default); png: one image per correction in <label>/",
+    )
     q.add_argument(
         "--out", type=_folder, default="feedback-export", help="output folder (default feedback-export)"
     )
@@ -1530,7 +1582,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=_positive_int, default=8, help="epochs (default 8)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the pieces and of the training (default 0)")
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_train_pairs)
 
     p = sub.add_parser(
@@ -1564,7 +1616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_folder, help="run folder (default runs/finetune-<timestamp>)")
     p.add_argument("--no-report", action="store_true", help="skip the plots and report.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_finetune)
 
     def model_flags(p: argparse.ArgumentParser) -> None:
@@ -1615,6 +1667,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help='print a JSON array of {"path", "number", "lines", "digits": [...]} (lines: one number per line of writing)',
     )
+    _pairs_flag(p)
     p.set_defaults(func=cmd_read)
 
     p = sub.add_parser(
@@ -1633,7 +1686,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the calibrated model here instead of in place: a .safetensors file, or a run folder",
     )
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
@@ -1644,8 +1697,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="seed of the generated sets (default 0)")
     p.add_argument(
         "--sets",
+        type=_named("one or more sets, comma-separated (without the flag: the default five)"),
         help="comma-separated sets (default mnist-photo,pen-photo,font-photo,numbers,negatives; also lines: two numbers one under another, and close-lines: the same written close together)",
     )
+    _pairs_flag(p)
     p.add_argument("--speed", action="store_true", help="also time one image and a folder of 1,000 images")
     p.add_argument(
         "--write",
@@ -1666,12 +1721,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help='print the figures as JSON, the model under "model" (with --write: the files written)',
     )
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_eval_real)
 
     p = sub.add_parser("export", help="export a model to ONNX (float32 or static int8) with a parity check")
     p.add_argument("model", type=_model_name, help="a run folder or model.safetensors")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument(
+        "--format", choices=["onnx"], default="onnx", help="the only format there is (default onnx)"
+    )
     p.add_argument(
         "--int8", action="store_true", help="static int8 quantization calibrated on MNIST training images"
     )
@@ -1680,7 +1737,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_named("the .onnx file to write (without --out it goes beside the model)"),
         help="output file (default: beside the model, model.onnx or model.int8.onnx)",
     )
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -1711,8 +1768,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--threads", type=int, help="torch CPU threads for every recipe (default: torch's, one per core)"
     )
-    q.add_argument("--json", action="store_true")
-    q.add_argument("--data-dir", type=_data_dir)
+    q.add_argument("--json", action="store_true", help="print the table as JSON")
+    q.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     q.set_defaults(func=cmd_bench_train)
     q = bench_sub.add_parser(
         "gpu",
@@ -1729,8 +1786,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", choices=["auto", "cuda", "cpu"], help="default auto: CUDA if present"
     )
     q.add_argument("--eager-only", action="store_true", help="skip the graphed runs")
-    q.add_argument("--json", action="store_true")
-    q.add_argument("--data-dir", type=_data_dir)
+    q.add_argument("--json", action="store_true", help="print the table as JSON")
+    q.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     q.set_defaults(func=cmd_bench_gpu)
     q = bench_sub.add_parser(
         "infer",
@@ -1759,8 +1816,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="seconds per backend and batch size per round (default 0.5)",
     )
-    q.add_argument("--json", action="store_true")
-    q.add_argument("--data-dir", type=_data_dir)
+    q.add_argument("--json", action="store_true", help="print the table as JSON")
+    q.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     q.set_defaults(func=cmd_bench_infer)
 
     p = sub.add_parser(
@@ -1784,7 +1841,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_positive_int, help="score only the first N test images (default all 10,000)"
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_robustness)
 
     p = sub.add_parser(
@@ -1794,10 +1851,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=_positive_int, default=20, help="trials this process runs (default 20)")
     p.add_argument(
         "--storage",
+        type=_named("an SQLAlchemy URL such as sqlite:///tune.db (without the flag the study is in memory)"),
         help="Optuna RDB URL shared by several processes, e.g. sqlite:///tune.db or postgresql://...",
     )
     p.add_argument(
-        "--study", help="study name (default digitrec-<recipe>); the same name joins the same study"
+        "--study",
+        type=_named("a study (without the flag: digitrec-<recipe>)"),
+        help="study name (default digitrec-<recipe>); the same name joins the same study",
     )
     p.add_argument("--epochs", type=float, help="shorten every trial to this many epochs")
     p.add_argument(
@@ -1814,7 +1874,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_folder,
         help="folder for best.toml, trials.csv, tuning.png and the trials (default runs/tune-<recipe>)",
     )
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
@@ -1839,7 +1899,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: UMAP if installed, else t-SNE",
     )
     p.add_argument("--out", type=_folder, default="explore", help="output folder (default explore)")
-    p.add_argument("--data-dir", type=_data_dir)
+    p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_explore)
 
     return parser

@@ -8,6 +8,7 @@ them give its label a high probability.
 from __future__ import annotations
 
 import html
+import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,25 +68,33 @@ def sample_indices(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Ten
     return order[: min(count, len(labels))].sort().values
 
 
-def embed(pixels: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D coordinates of flattened images: PCA to 50 dimensions, then UMAP (if installed and asked) or t-SNE."""
+def has_umap() -> bool:
+    return importlib.util.find_spec("umap") is not None
+
+
+def require_embedding(method: str) -> None:
+    """Refuse an unknown embedding, or umap where umap-learn is missing: before any figure is drawn, not after."""
     if method not in EMBEDDINGS:
         raise DigitrecError(f"unknown embedding {method!r}; choose one of {', '.join(EMBEDDINGS)}.")
+    if method == "umap" and not has_umap():
+        raise DigitrecError(
+            "--embedding umap needs umap-learn, which no digitrec extra installs; `pip install umap-learn`, "
+            "or use --embedding tsne."
+        )
+
+
+def embed(pixels: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates of flattened images: PCA to 50 dimensions, then UMAP (if installed and asked) or t-SNE."""
+    require_embedding(method)
     need_extra("explore", "digitrec explore")
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
     reduced = PCA(n_components=min(50, *pixels.shape), random_state=seed).fit_transform(pixels)
-    if method in ("auto", "umap"):
-        try:
-            import umap  # optional: faster and keeps more global structure than t-SNE
-        except ImportError:
-            if method == "umap":
-                raise DigitrecError(
-                    "--embedding umap needs umap-learn; install it or use --embedding tsne."
-                ) from None
-        else:
-            return umap.UMAP(random_state=seed).fit_transform(reduced), "UMAP"
+    if method != "tsne" and has_umap():
+        import umap  # optional: faster and keeps more global structure than t-SNE
+
+        return umap.UMAP(random_state=seed).fit_transform(reduced), "UMAP"
     perplexity = min(30.0, (len(pixels) - 1) / 3)  # t-SNE needs perplexity < number of points
     return TSNE(perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced), "t-SNE"
 
@@ -167,6 +176,7 @@ def explore(
     from .evaluate import image_tag
     from .robustness import Scored, load_all
 
+    require_embedding(embedding)
     # first: a model that does not load stops the command before the embedding (loaded ones are taken as they are)
     paths = [m for m in models if not isinstance(m, Scored)]
     scored = [m for m in models if isinstance(m, Scored)] + load_all(paths)

@@ -427,8 +427,11 @@ def finetune(
             )
     else:
         images, labels = torch.zeros((0, 28, 28), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
-    if repeat < 1 or epochs <= 0 or lr_scale <= 0:
-        raise DigitrecError("--repeat must be at least 1, and --epochs and --lr-scale positive.")
+    if repeat < 1:  # each said with its flag and value: one sentence named all three whichever was wrong
+        raise DigitrecError(f"--repeat must be at least 1, got {repeat}.")
+    for flag, value in (("--epochs", epochs), ("--lr-scale", lr_scale)):
+        if not value > 0:  # NaN too
+            raise DigitrecError(f"{flag} must be above 0, got {value}.")
     if len(images) * repeat > MAX_REPEATED:
         raise DigitrecError(
             f"--repeat {repeat} would add {len(images) * repeat:,} copies of the {len(images)} corrections, more "

@@ -124,7 +124,7 @@ def _start_worker(server_pid: int, reader: Any = None) -> None:
 
         _reader = reader
         if reader.read_pairs:
-            load_pair_scorer()
+            load_pair_scorer(reader.pairs_path)
     _exit_with_parent(server_pid)
     freeze_heap()
 

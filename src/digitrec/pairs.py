@@ -322,8 +322,10 @@ def load_pair_scorer(path: str | Path | None = None) -> PairScorer | None:
     from .checkpoint import load_arrays, refuse_unusable_weights
 
     source = Path(path) if path is not None else pretrained_pairs_path()
-    if path is None and not source.exists():
-        return None
+    if not source.exists():
+        if path is None:
+            return None
+        raise CheckpointError(f"pair classifier {source} does not exist; `digitrec train-pairs` writes one.")
     tensors, meta = load_arrays(source)
     if meta.get("arch") != "pair_cnn":
         raise CheckpointError(f"{source} is not a pair classifier (`digitrec train-pairs` writes one).")

@@ -123,6 +123,18 @@ class TorchBackend:
                 torch.set_num_threads(previous)
 
 
+def uncalibrated_note(predictor: Predictor, model: str | Path | None) -> str | None:
+    """What to tell a user whose model was never calibrated (as train and finetune leave one), else None; a
+    threshold written into the metadata otherwise is one too."""
+    if "calibration" in predictor.meta or "reject_below" in predictor.meta:
+        return None
+    return (
+        f"{model or predictor.name} was never calibrated, so its confidences run high and it rejects only below "
+        f"the default {predictor.reject_below:g}: more non-digits pass as digits; `digitrec calibrate MODEL` "
+        "fixes that"
+    )
+
+
 def pretrained_path(name: str = PRETRAINED_NAME) -> Path:
     """A checkpoint bundled with the package: the digit model by default, `pairs` for the pair classifier."""
     return Path(str(resources.files("digitrec") / "pretrained" / f"{name}.safetensors"))
@@ -170,8 +182,10 @@ class Predictor:
         )
         self.temperature, self.reject_below = _calibration(meta, name)
         self.tta_views = tta.views_in(meta, name)  # the recipe's test-time augmentation
-        # `read` also asks the bundled pair classifier (pairs.py) about digits that overlap too deeply to cut
+        # `read` also asks a pair classifier (pairs.py) about digits that overlap too deeply to cut: the bundled
+        # one, or the file at `pairs_path` (`digitrec train-pairs` writes one; see use_pairs)
         self.read_pairs = True
+        self.pairs_path: Path | None = None
         # which model this is, whatever runs it: "sha256:" and 12 hex digits of the file load() read
         self.model_id = ""
         self.path: Path | None = None  # the file load() read
@@ -268,7 +282,11 @@ class Predictor:
                 return None
             backend = loaded[0]
         twin = Predictor(backend, self.meta, None, self.name)
-        twin.reject_below, twin.read_pairs = self.reject_below, self.read_pairs
+        twin.reject_below, twin.read_pairs, twin.pairs_path = (
+            self.reject_below,
+            self.read_pairs,
+            self.pairs_path,
+        )
         twin.model_id, twin.path = self.model_id, self.path
         return twin
 
@@ -342,6 +360,14 @@ class Predictor:
 
     # ------------------------------------------------------------------ numbers
 
+    def use_pairs(self, path: str | Path) -> None:
+        """Read overlapping digits with the pair classifier at `path` (`digitrec train-pairs` writes one) instead of
+        the bundled one; a file that is missing or is no pair classifier is refused now, not at the first read."""
+        from .pairs import load_pair_scorer
+
+        load_pair_scorer(Path(path))
+        self.read_pairs, self.pairs_path = True, Path(path)
+
     def read(self, image: Any) -> ReadResult:
         """A photo of a number (or of several, one under another) -> the number and each digit's box and
         confidence; several lines of writing read as one number per line, joined by newlines.
@@ -360,7 +386,9 @@ class Predictor:
             known.update(zip((glyph.tobytes() for glyph in glyphs), probs))
             return probs.max(axis=1)
 
-        pieces = segment(image, score=score, pairs=load_pair_scorer() if self.read_pairs else None)
+        pieces = segment(
+            image, score=score, pairs=load_pair_scorer(self.pairs_path) if self.read_pairs else None
+        )
         if not pieces:
             return ReadResult("")
         # the digits of pair readings need none; a digit too narrow to cut was not read yet

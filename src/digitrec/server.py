@@ -958,7 +958,11 @@ def _digit_field(fields: dict[str, Any], name: str, required: bool, from_json: b
         )
     if value is None or (value == "" and not from_json):  # a JSON "" is a string, refused below
         if required:
-            raise HTTPException(422, f'the field "{name}" is missing; send the correct digit, 0 to 9.')
+            raise HTTPException(  # where it goes, too: an image sent as the body takes it in the query
+                422,
+                f'the field "{name}" is missing; send the correct digit, 0 to 9, as a form field, in the JSON '
+                f"object, or as ?{name}= in the query when the image is the body.",
+            )
         return None
     if from_json:
         if type(value) is int and 0 <= value <= 9:  # type(): a bool is an int too
@@ -1094,12 +1098,14 @@ def serve(
     body_timeout: float = BODY_TIMEOUT_S,
     feedback_max_mb: float = DEFAULT_MAX_MB,
     allowed_hosts: str | Iterable[str] | None = None,
+    pairs: str | Path | None = None,
 ) -> None:
     """Load the model once, then serve the page and the API until interrupted (backend: auto, torch or onnx).
 
     A client must send each request's headers within `header_timeout` seconds, and then its body within
     `body_timeout` seconds, or its connection is closed. Corrections that would take the feedback database past
     `feedback_max_mb` are refused with 507. `allowed_hosts`: see serving_hosts (None: the default it picks).
+    `pairs`: the pair classifier /api/read asks about overlapping digits (None: the bundled one).
     """
     with bind_listening_socket(host, port) as sock:  # closed if the model cannot load
         allowed = serving_hosts(host, sock.getsockname()[0], allowed_hosts)
@@ -1112,6 +1118,8 @@ def serve(
         # torch's default (one thread per core) makes them fight over the cores and is several times slower.
         torch.set_num_threads(1)
         predictor = load_for_serving(model, backend)
+        if pairs is not None:
+            predictor.use_pairs(pairs)
         app = create_app(
             predictor, feedback_db=store, preprocess_processes=os.cpu_count() or 1, allowed_hosts=allowed
         )
@@ -1122,13 +1130,11 @@ def serve(
             f"digitrec: serving {predictor.name} ({predictor.model_id or predictor.version}) on {engine} at {listen_url(host, port)}  (API docs: /docs)",
             flush=True,
         )
-        if "calibration" not in predictor.meta:  # as train and finetune leave a model
-            print(
-                f"digitrec: note: {model or predictor.name} was never calibrated, so its confidences run high "
-                f"and it rejects only below the default {predictor.reject_below:g}: more non-digits pass as digits; "
-                "`digitrec calibrate MODEL` fixes that",
-                flush=True,
-            )
+        from .predict import uncalibrated_note
+
+        note = uncalibrated_note(predictor, model)
+        if note:
+            print(f"digitrec: note: {note}", flush=True)
         if allowed.any:
             print(
                 "digitrec: answering any Host name"
