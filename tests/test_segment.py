@@ -788,9 +788,10 @@ def _eager_reading(pieces, costs, crossing, score, pairs, min_pair_width):
 
 
 def _eager_best_reading(
-    pieces, costs, crossing, score, pairs=None, pair_of=None, min_pair_width=0.0, budget=None
+    pieces, costs, crossing, score, pairs=None, pair_of=None, min_pair_width=0.0, budget=None, left=None
 ):
-    """_eager_reading in _best_reading's place (it reads in one round: no budget to spend)."""
+    """_eager_reading in _best_reading's place (it reads in one round: no budget to spend; `left` is where each
+    piece's columns start in the blob, which to_mnist does not need)."""
     chosen, found = _eager_reading(pieces, costs, crossing, score, pairs, min_pair_width)
     if pair_of is not None:
         pair_of |= found

@@ -829,16 +829,23 @@ class _Rounds:
             raise _TooTangled
 
 
-def _distinct(pieces: dict[tuple[int, int], np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+def _distinct(
+    pieces: dict[tuple[int, int], np.ndarray], left: dict[tuple[int, int], int] | None = None
+) -> tuple[list[np.ndarray], list[int]]:
     """The distinct pieces, and each piece's row among them: different cuts can leave the same piece (two cuts
-    through one gap in the ink), which is then read once."""
-    # a digest of a piece's pixels (the pieces share one blob's shape) -> its row; the pixels themselves as keys
-    # held a blob-sized copy of every piece (0.9 GB more for a 100 x 2,000 scribble)
-    row_of: dict[bytes, int] = {}
+    through one gap in the ink), which is then read once. A piece's array holds the blob's columns from
+    left[key] on (0 without `left`), all its rows."""
+    # a digest of a piece's pixels from its first ink column to its last, and where those columns are in the
+    # blob -> its row; the pixels themselves as keys held a blob-sized copy of every piece (0.9 GB more for a
+    # 100 x 2,000 scribble)
+    row_of: dict[tuple[int, int, bytes], int] = {}
     distinct: list[np.ndarray] = []
     rows = []
-    for piece in pieces.values():
-        pixels = hashlib.blake2b(piece.tobytes()).digest()
+    for key, piece in pieces.items():
+        columns = np.flatnonzero(piece.any(0))
+        first, last = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, 0)
+        digest = hashlib.blake2b(np.ascontiguousarray(piece[:, first:last]).tobytes()).digest()
+        pixels = ((left or {}).get(key, 0) + first, last - first, digest)
         if pixels not in row_of:
             row_of[pixels] = len(distinct)
             distinct.append(piece)
@@ -855,6 +862,7 @@ def _best_reading(
     pair_of: dict[tuple[int, int], tuple[int, float]] | None = None,
     min_pair_width: float = 0.0,
     budget: _Rounds | None = None,
+    left: dict[tuple[int, int], int] | None = None,
 ) -> list[tuple[int, int]] | None:
     """_best_chain of the pieces, each worth the classifier's log confidence in it less its cost, reading as few
     pieces as that needs.
@@ -872,11 +880,11 @@ def _best_reading(
     of real photos, `read` sent the digit and pair classifiers 288 and 244 glyphs, against 6,680 and 3,433 when
     every piece was read and every wide one asked.)
 
-    Each round spends one of `budget`'s rounds (_TooTangled past its last).
+    Each round spends one of `budget`'s rounds (_TooTangled past its last). `left`: see _distinct.
     """
     if not pieces:
         return None
-    distinct, rows = _distinct(pieces)
+    distinct, rows = _distinct(pieces, left)
     wide = [pairs is not None and np.ptp(np.flatnonzero(p.any(0))) + 1 >= min_pair_width for p in distinct]
     worth = [0.0] * len(distinct)  # what each piece counts: its value, or the most it can be worth
     glyphs: dict[int, np.ndarray] = {}  # row -> the 28x28 glyph of each piece read
@@ -1028,8 +1036,11 @@ def split_and_read(
     whole = (0, len(paths) - 1)
     pieces: dict[tuple[int, int], np.ndarray] = {}
     short: dict[tuple[int, int], np.ndarray] = {}  # narrow enough for a digit, but short: a fallback only
+    # Each piece holds the blob's columns between its cuts' outermost points, from left[key] on: a blob-wide copy
+    # of each made a scribble's 3,700 pieces take 400 MB, and every step over them cost the blob's width.
+    left: dict[tuple[int, int], int] = {}
     if width <= too_wide:  # the blob uncut is a candidate only if one digit can be that wide
-        pieces[whole] = mask
+        pieces[whole], left[whole] = mask, 0
     # the ink right of each cut, once for the many pieces it bounds
     ink_right_of = [mask & (columns > path[:, None]) for path in paths]
     for i in range(len(paths) - 1):
@@ -1038,20 +1049,22 @@ def split_and_read(
                 continue
             if paths[j].min() - paths[i].max() > too_wide:
                 break
-            piece = ink_right_of[i] & ~ink_right_of[j]  # the ink between the two cuts
+            start, end = int(paths[i].min()) + 1, int(paths[j].max()) + 1  # the columns it can hold ink in
+            # the ink between the two cuts
+            piece = ink_right_of[i][:, start:end] & ~ink_right_of[j][:, start:end]
             if piece.sum() < MIN_PIECE_AREA * line_height**2:
                 continue
             piece = select_digit(piece)  # slivers of a cut neighbour fall away
             if _plausible_digit(piece, line_height):
-                pieces[(i, j)] = piece
+                pieces[(i, j)], left[(i, j)] = piece, start
             elif _plausible_digit(piece, line_height, min_height=0.0):
-                short[(i, j)] = piece
+                short[(i, j)], left[(i, j)] = piece, start
     tall = pieces
     # Only a piece on some chain from the first cut to the last can be chosen: the others (about 60% of them on
     # real photos, such as one that ends at a cut where no piece begins) are not worth reading.
     # Solid pieces get their loops back.
     chained = _on_a_chain(tall, len(paths))
-    pieces = {key: reopened(piece, ink) for key, piece in tall.items() if key in chained}
+    pieces = {key: _reopened(piece, ink, left[key]) for key, piece in tall.items() if key in chained}
     pair_of: dict[tuple[int, int], tuple[int, float]] = {}
     min_pair_width = PAIR_MIN_WIDTH * line_height
     costs = dict.fromkeys(pieces, 0.0)
@@ -1059,17 +1072,19 @@ def split_and_read(
     # slower than the last (a 1,000 x 130 zigzag took 15-20 s). Past its budget the blob holds no digits.
     budget = _Rounds(max(MIN_ROUNDS, int(ROUNDS_PER_LINE_HEIGHT * width / line_height)))
     try:
-        chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width, budget)
+        chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width, budget, left)
         if chosen is None and width > too_wide:
             # No cut of this too-wide blob gives only digit-tall pieces (a small digit among big ones, a long
             # dash): let short pieces in at a cost rather than read the whole blob as one squeezed digit. No chain
             # of tall pieces alone means none was read above; those on a chain with short ones are read now.
             chained = _on_a_chain(tall | short, len(paths))
-            pieces = {key: reopened(piece, ink) for key, piece in tall.items() if key in chained}
-            short = {key: reopened(piece, ink) for key, piece in short.items() if key in chained}
+            pieces = {key: _reopened(piece, ink, left[key]) for key, piece in tall.items() if key in chained}
+            short = {key: _reopened(piece, ink, left[key]) for key, piece in short.items() if key in chained}
             costs = dict.fromkeys(pieces, 0.0) | dict.fromkeys(short, SHORT_PIECE_COST)
             pieces |= short
-            chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width, budget)
+            chosen = _best_reading(
+                pieces, costs, crossing, score, pairs, pair_of, min_pair_width, budget, left
+            )
     except _TooTangled:
         return []
     if chosen is None:
@@ -1083,5 +1098,10 @@ def split_and_read(
             if key in pair_of:
                 ab, probability = pair_of[key]
                 reading = (ab // 10 if k == 0 else ab % 10, probability)
-            out.append((int(cols[0]), half[:, cols[0] : cols[-1] + 1], reading))
+            out.append((left[key] + int(cols[0]), half[:, cols[0] : cols[-1] + 1], reading))
     return out
+
+
+def _reopened(piece: np.ndarray, ink: np.ndarray | None, start: int) -> np.ndarray:
+    """reopened() of a piece that holds the blob's columns from `start` on."""
+    return reopened(piece, None if ink is None else ink[:, start : start + piece.shape[1]])
