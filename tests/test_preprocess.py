@@ -245,10 +245,11 @@ def test_the_center_of_mass_lands_at_the_frames_center():
     height=st.integers(1, 40),
     width=st.integers(1, 40),
     density=st.floats(0.05, 0.95),
-    radius=st.floats(0.5, 12.0),
+    radius=st.one_of(st.floats(0.5, 60.0), st.integers(1, 60).map(float)),
     seed=st.integers(0, 2**16),
 )
 def test_disk_filter_grows_and_thins_as_a_distance_transform_would(height, width, density, radius, seed):
+    """OpenCV's dilation or erosion by the disk, and past EDT_RADIUS the distance transform itself."""
     from scipy import ndimage
 
     mask = np.random.default_rng(seed).random((height, width)) < density
@@ -259,6 +260,27 @@ def test_disk_filter_grows_and_thins_as_a_distance_transform_would(height, width
     if not mask.all():  # the distance transform is undefined without a background pixel
         thinned = ndimage.distance_transform_edt(mask) > radius
         assert np.array_equal(disk_filter(mask, radius, grow=False), thinned)
+    for solid in (np.ones_like(mask), np.zeros_like(mask)):  # all ink, no ink: as they are
+        assert np.array_equal(disk_filter(solid, radius, grow=False), solid)
+        assert np.array_equal(disk_filter(solid, radius, grow=True), solid)
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_disk_filter_gives_the_same_pixels_on_either_side_of_its_switch(grow):
+    """The distance transform it takes past EDT_RADIUS and OpenCV's filter below it agree, borders included
+    (beyond the array: paper when growing, ink when thinning)."""
+    from digitrec import preprocess
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        mask = rng.random((int(rng.integers(5, 90)), int(rng.integers(5, 90)))) < rng.uniform(0.3, 0.97)
+        radius = float(rng.uniform(1, 30))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(preprocess, "EDT_RADIUS", 0)
+            by_distance = disk_filter(mask, radius, grow)
+            patch.setattr(preprocess, "EDT_RADIUS", 1000)
+            by_opencv = disk_filter(mask, radius, grow)
+        assert np.array_equal(by_distance, by_opencv)
 
 
 @settings(max_examples=60, deadline=None)
