@@ -116,3 +116,22 @@ def test_the_library_call_checks_the_embedding_before_drawing(tiny_mnist, tmp_pa
     with pytest.raises(Exception, match="unknown embedding 'pca'"):
         explore(tiny_mnist, tmp_path / "explore", embedding="pca")
     assert not (tmp_path / "explore").exists()
+
+
+def test_a_umap_that_does_not_import_is_as_if_it_were_not_installed(tmp_path, monkeypatch):
+    """umap-learn found but failing to import (numba refusing a newer NumPy): auto fell back to t-SNE before,
+    and for a while raised the ImportError instead, after drawing the first figures."""
+    import sys
+
+    from digitrec import explore as explore_module
+    from digitrec.errors import DigitrecError
+
+    package = tmp_path / "umap"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise ImportError("Numba needs NumPy 2.0 or less")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "umap", raising=False)
+    assert not explore_module.has_umap()
+    with pytest.raises(DigitrecError, match="needs umap-learn, installed and importable"):
+        explore_module.require_embedding("umap")
+    explore_module.require_embedding("auto")  # auto takes t-SNE then

@@ -674,3 +674,15 @@ def test_predict_says_when_its_model_was_never_calibrated(tiny_fast_run, tmp_pat
     assert "never calibrated" not in capsys.readouterr().err  # a threshold of the user's own
     assert main(["predict", str(image)]) == 0  # the bundled model is calibrated
     assert "never calibrated" not in capsys.readouterr().err
+
+
+def test_the_note_on_an_uncalibrated_export_says_to_calibrate_its_checkpoint(tiny_fast_run, tmp_path):
+    """It said "`digitrec calibrate MODEL` fixes that", which refuses an .onnx file."""
+    pytest.importorskip("onnxruntime")
+    from digitrec.export import export_onnx
+    from digitrec.predict import Predictor, uncalibrated_note
+
+    exported = tmp_path / "fast.onnx"
+    export_onnx(tiny_fast_run / "model.safetensors", exported, log=lambda s: None)
+    note = uncalibrated_note(Predictor.load(exported, backend="onnx"), exported)
+    assert note and "calibrate the checkpoint it was exported from" in note and "and export it again" in note

@@ -1043,3 +1043,16 @@ def test_a_16_bit_image_is_scaled_without_a_float64_copy():
         scaled, image.astype(np.float64) / 4095, rtol=0, atol=1e-7
     )
     assert peak < 6_000_000  # one float32 copy (4 MB) and change, not float64's 8 MB and its float32 copy
+
+
+def test_disk_filter_takes_a_0_1_uint8_mask_as_ink_on_both_sides_of_its_switch():
+    """Past EDT_RADIUS `~` inverted a uint8 mask's bits instead of its ink (a reviewer's 40 x 40 mask)."""
+    mask = np.zeros((40, 40), np.uint8)
+    mask[18:22, 18:22] = 1
+    for radius in (3.0, 17.0):
+        assert np.array_equal(
+            disk_filter(mask, radius, grow=True), disk_filter(mask.astype(bool), radius, grow=True)
+        )
+        assert np.array_equal(
+            disk_filter(mask, radius, grow=False), disk_filter(mask.astype(bool), radius, grow=False)
+        )

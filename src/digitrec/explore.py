@@ -69,7 +69,14 @@ def sample_indices(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Ten
 
 
 def has_umap() -> bool:
-    return importlib.util.find_spec("umap") is not None
+    """umap-learn installed and importable (numba, which it needs, refuses a NumPy newer than it knows)."""
+    if importlib.util.find_spec("umap") is None:
+        return False
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def require_embedding(method: str) -> None:
@@ -78,8 +85,8 @@ def require_embedding(method: str) -> None:
         raise DigitrecError(f"unknown embedding {method!r}; choose one of {', '.join(EMBEDDINGS)}.")
     if method == "umap" and not has_umap():
         raise DigitrecError(
-            "--embedding umap needs umap-learn, which no digitrec extra installs; `pip install umap-learn`, "
-            "or use --embedding tsne."
+            "--embedding umap needs umap-learn, installed and importable, which no digitrec extra installs; "
+            "`pip install umap-learn`, or use --embedding tsne."
         )
 
 

@@ -128,10 +128,14 @@ def uncalibrated_note(predictor: Predictor, model: str | Path | None) -> str | N
     threshold written into the metadata otherwise is one too."""
     if "calibration" in predictor.meta or "reject_below" in predictor.meta:
         return None
+    fix = (  # calibrate takes checkpoints, not exports
+        "calibrate the checkpoint it was exported from (`digitrec calibrate MODEL`) and export it again"
+        if is_onnx(model)
+        else "`digitrec calibrate MODEL` fixes that"
+    )
     return (
         f"{model or predictor.name} was never calibrated, so its confidences run high and it rejects only below "
-        f"the default {predictor.reject_below:g}: more non-digits pass as digits; `digitrec calibrate MODEL` "
-        "fixes that"
+        f"the default {predictor.reject_below:g}: more non-digits pass as digits; {fix}"
     )
 
 

@@ -1027,6 +1027,7 @@ def disk_filter(mask: np.ndarray, radius: float, grow: bool) -> np.ndarray:
     if radius > EDT_RADIUS:
         from scipy import ndimage
 
+        mask = np.asarray(mask, dtype=bool)  # as _u8 below takes it: any nonzero is ink
         measured = ~mask if grow else mask  # the distance from each pixel to the nearest 0 of this
         if measured.all():  # no 0 to measure to: nothing to grow, or nothing but ink to thin
             return ~measured if grow else measured.copy()

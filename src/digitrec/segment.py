@@ -813,20 +813,16 @@ ROUNDS_PER_LINE_HEIGHT = 40
 MIN_ROUNDS = 64
 
 
-class _TooTangled(Exception):
-    """A blob that spent its rounds: no reading stands out of its pieces (a scribble, a hatched area)."""
-
-
 class _Rounds:
     """The rounds of _best_reading one blob has left."""
 
     def __init__(self, rounds: int) -> None:
         self.left = rounds
 
-    def spend(self) -> None:
+    def spend(self) -> bool:
+        """Take one round; False when none was left."""
         self.left -= 1
-        if self.left < 0:
-            raise _TooTangled
+        return self.left >= 0
 
 
 def _distinct(
@@ -880,7 +876,8 @@ def _best_reading(
     of real photos, `read` sent the digit and pair classifiers 288 and 244 glyphs, against 6,680 and 3,433 when
     every piece was read and every wide one asked.)
 
-    Each round spends one of `budget`'s rounds (_TooTangled past its last). `left`: see _distinct.
+    Each round spends one of `budget`'s rounds; with none left, the chain is the best of the pieces read so far
+    (a wide one not yet asked about pairs counting as one digit). `left`: see _distinct.
     """
     if not pieces:
         return None
@@ -893,8 +890,15 @@ def _best_reading(
     asked: set[int] = set()
     read_as_pair: dict[int, tuple[int, float]] = {}  # row -> (10a + b, p_pair(ab)) where that reading wins
     while True:
-        if budget is not None:
-            budget.spend()
+        if budget is not None and not budget.spend():
+            known = {
+                key: (worth[row] if not wide[row] or row in asked else float(digit[row])) - costs[key]
+                for key, row in zip(pieces, rows)
+                if row in glyphs
+            }
+            chosen = _best_chain(known, crossing)
+            in_chain = set(chosen or [])
+            break
         chosen = _best_chain({key: worth[row] - costs[key] for key, row in zip(pieces, rows)}, crossing)
         in_chain = set(chosen or [])
         chain_rows = sorted({row for key, row in zip(pieces, rows) if key in in_chain})
@@ -1069,24 +1073,20 @@ def split_and_read(
     min_pair_width = PAIR_MIN_WIDTH * line_height
     costs = dict.fromkeys(pieces, 0.0)
     # A scribble's pieces all read badly, and each round reads about one more of them: hundreds of rounds, each
-    # slower than the last (a 1,000 x 130 zigzag took 15-20 s). Past its budget the blob holds no digits.
+    # slower than the last (a 1,000 x 130 zigzag took 15-20 s). Past its budget the blob reads as well as the
+    # pieces read by then can (a long line of touching digits too may spend it: its digits must not be dropped).
     budget = _Rounds(max(MIN_ROUNDS, int(ROUNDS_PER_LINE_HEIGHT * width / line_height)))
-    try:
+    chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width, budget, left)
+    if chosen is None and width > too_wide:
+        # No cut of this too-wide blob gives only digit-tall pieces (a small digit among big ones, a long dash):
+        # let short pieces in at a cost rather than read the whole blob as one squeezed digit. No chain of tall
+        # pieces alone means none was read above; those on a chain with short ones are read now.
+        chained = _on_a_chain(tall | short, len(paths))
+        pieces = {key: _reopened(piece, ink, left[key]) for key, piece in tall.items() if key in chained}
+        short = {key: _reopened(piece, ink, left[key]) for key, piece in short.items() if key in chained}
+        costs = dict.fromkeys(pieces, 0.0) | dict.fromkeys(short, SHORT_PIECE_COST)
+        pieces |= short
         chosen = _best_reading(pieces, costs, crossing, score, pairs, pair_of, min_pair_width, budget, left)
-        if chosen is None and width > too_wide:
-            # No cut of this too-wide blob gives only digit-tall pieces (a small digit among big ones, a long
-            # dash): let short pieces in at a cost rather than read the whole blob as one squeezed digit. No chain
-            # of tall pieces alone means none was read above; those on a chain with short ones are read now.
-            chained = _on_a_chain(tall | short, len(paths))
-            pieces = {key: _reopened(piece, ink, left[key]) for key, piece in tall.items() if key in chained}
-            short = {key: _reopened(piece, ink, left[key]) for key, piece in short.items() if key in chained}
-            costs = dict.fromkeys(pieces, 0.0) | dict.fromkeys(short, SHORT_PIECE_COST)
-            pieces |= short
-            chosen = _best_reading(
-                pieces, costs, crossing, score, pairs, pair_of, min_pair_width, budget, left
-            )
-    except _TooTangled:
-        return []
     if chosen is None:
         return [(0, reopened(mask, ink), None)]
     out: list[tuple[int, np.ndarray, tuple[int, float] | None]] = []
