@@ -1066,3 +1066,17 @@ def test_a_ruled_line_alone_is_no_number(bundled):
     buffer = io.BytesIO()
     Image.fromarray(page).save(buffer, "PNG")
     assert bundled.read(buffer.getvalue()).number != ""
+
+
+def test_a_read_under_a_time_limit_stops_with_one_sentence_past_it(bundled):
+    """The server reads under a limit (a read that has begun runs on a worker to its end): past it, an
+    ImageError; outside the limit's context, reads are as before."""
+    from digitrec.errors import ImageError
+    from digitrec.segment import time_limit
+
+    page, _ = line_image([3, 1, 4, 1, 5], seed=0)
+    with time_limit(None):
+        assert bundled.read(page).number == "31415"
+    with time_limit(0.0), pytest.raises(ImageError, match=r"^reading this photo took over 0 s, .* crop it"):
+        bundled.read(page)
+    assert bundled.read(page).number == "31415"  # the limit went with its context

@@ -306,6 +306,26 @@ def test_numbers_are_read_in_worker_processes_with_the_answers_read_in_process(d
     assert junk.status_code == 400 and "image" in junk.json()["detail"]
 
 
+def test_api_read_stops_a_read_past_its_time_limit_in_threads_and_in_workers(db_path, monkeypatch):
+    """A read that had begun ran to its end, however long (a page of scribbled lines took 77 s until 7 December):
+    the server reads under READ_TIME_LIMIT_S, on its threads and in its reading workers alike."""
+    from digitrec import imageworkers
+    from digitrec.predict import Predictor
+
+    predictor = Predictor.pretrained(backend="numpy")
+    monkeypatch.setattr(imageworkers, "READ_TIME_LIMIT_S", 0.0)
+    with TestClient(create_app(predictor, feedback_db=db_path), base_url=BASE_URL) as client:
+        answer = client.post("/api/read", files=upload(digit_png(size=300)))
+    assert answer.status_code == 400
+    assert answer.json()["detail"].startswith("reading this photo took over 0 s, far longer than a photo")
+    # a reading worker's own call (the workers are spawned: the limit they read under is the module's)
+    monkeypatch.setattr(imageworkers, "_reader", predictor.portable())
+    with pytest.raises(Exception, match="reading this photo took over 0 s"):
+        imageworkers.read_number(digit_png(size=300))
+    monkeypatch.setattr(imageworkers, "READ_TIME_LIMIT_S", 30.0)
+    assert imageworkers.read_number(digit_png(size=300)).number == "7"
+
+
 def test_reading_workers_that_cannot_start_leave_reading_to_threads(db_path, caplog):
     """A reading worker that could not load its model failed the server's start-up: no page, no predictions."""
     from serverkit import FakePortablePredictor

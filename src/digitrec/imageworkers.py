@@ -91,9 +91,17 @@ def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
 _reader: Any = None
 
 
+# /api/read's limit on one read, in seconds: the slowest photo known (a page of five scribbled-out lines, whose
+# ink reads as no digits) takes 9-10 s, written numbers well under 1 s (docs/realworld.md)
+READ_TIME_LIMIT_S = 30.0
+
+
 def read_number(data: bytes) -> Any:
     """Uploaded bytes -> the ReadResult of /api/read, read in this worker by its Predictor."""
-    return _reader.read(checked_upload(data))
+    from .segment import time_limit
+
+    with time_limit(READ_TIME_LIMIT_S):
+        return _reader.read(checked_upload(data))
 
 
 def read_numbers(uploads: list[bytes]) -> list[Any]:

@@ -16,15 +16,19 @@ A piece whose loops a bold pen or a blur filled in is thresholded again inside i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
 import numpy as np
 
+from .errors import ImageError
 from .pairs import NO_PAIR
 from .preprocess import (
     MIN_SIDE,
@@ -658,6 +662,7 @@ def _read_line(
     """The digits of one line's parts, left to right, boxes in the photo's pixels (`back`: per working pixel)."""
     pieces: list[Piece] = []
     for blob in merge_broken(blobs, areas, line_height):
+        _check_time()
         region = np.isin(labels[blob.y0 : blob.y1, blob.x0 : blob.x1], blob.labels)
         found: list[tuple[int, np.ndarray, tuple[int, float] | None]]
         if score is None:
@@ -813,6 +818,34 @@ ROUNDS_PER_LINE_HEIGHT = 40
 MIN_ROUNDS = 64
 
 
+# When the read under way must end (time.perf_counter()), and its limit in seconds: set by time_limit()
+_DEADLINE: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Reads of numbers in this context (this thread) stop with an ImageError once they have taken `seconds`
+    (None: no limit). The server reads under one: a read that has begun runs on a worker to its end, however
+    long a photo makes it."""
+    token = _DEADLINE.set(None if seconds is None else (time.perf_counter() + seconds, seconds))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _check_time() -> None:
+    """Raise the ImageError of time_limit() when the read under way is past its deadline."""
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.perf_counter() > deadline[0]:
+        raise ImageError(
+            f"reading this photo took over {deadline[1]:g} s, far longer than a photo of written numbers takes "
+            "(is it a scribble, hatching or a page of small print?); crop it to the number and send it again."
+        )
+
+
 class _Rounds:
     """The rounds of _best_reading one blob has left."""
 
@@ -820,7 +853,8 @@ class _Rounds:
         self.left = rounds
 
     def spend(self) -> bool:
-        """Take one round; False when none was left."""
+        """Take one round; False when none was left (and time_limit's ImageError past its deadline)."""
+        _check_time()
         self.left -= 1
         return self.left >= 0
 
@@ -1048,6 +1082,7 @@ def split_and_read(
     # the ink right of each cut, once for the many pieces it bounds
     ink_right_of = [mask & (columns > path[:, None]) for path in paths]
     for i in range(len(paths) - 1):
+        _check_time()
         for j in range(i + 1, len(paths)):
             if (i, j) == whole:
                 continue

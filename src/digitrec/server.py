@@ -642,7 +642,11 @@ def create_app(
         data, _ = await read_upload(request)
 
         def work():
-            return predictor.read(checked_upload(data))
+            from . import imageworkers
+            from .segment import time_limit
+
+            with time_limit(imageworkers.READ_TIME_LIMIT_S):  # as the reading workers read
+                return predictor.read(checked_upload(data))
 
         if readers is not None:
             result = await while_connected(request, readers(data))
