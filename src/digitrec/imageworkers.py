@@ -91,8 +91,8 @@ def to_model_inputs(uploads: list[bytes]) -> list[np.ndarray | Exception]:
 _reader: Any = None
 
 
-# /api/read's limit on one read, in seconds: the slowest photo known (a page of five scribbled-out lines, whose
-# ink reads as no digits) takes 9-10 s, written numbers well under 1 s (docs/realworld.md)
+# /api/read's limit on one read, in seconds: the slowest photo known (a page of five scribbled-out lines) takes
+# 9-10 s on one core, a photo of written numbers well under 1 s (docs/realworld.md)
 READ_TIME_LIMIT_S = 30.0
 
 

@@ -813,7 +813,8 @@ def strokes_crossed(ink: np.ndarray, stroke: float) -> float:
 
 
 # _best_reading's rounds a blob may take: ROUNDS_PER_LINE_HEIGHT per line height of its width, MIN_ROUNDS at
-# least. Written digits took at most 26 (106 lines of eval-real's sets), a scribble hundreds, each slower.
+# least. Written digits took at most 26 on 106 lines of eval-real's sets, long lines of touching digits up to 164
+# (which then read as well as what they read by then allows), a scribble's thousands, each slower.
 ROUNDS_PER_LINE_HEIGHT = 40
 MIN_ROUNDS = 64
 
