@@ -8,7 +8,6 @@ them give its label a high probability.
 from __future__ import annotations
 
 import html
-import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,11 +69,9 @@ def sample_indices(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Ten
 
 def has_umap() -> bool:
     """umap-learn installed and importable (numba, which it needs, refuses a NumPy newer than it knows)."""
-    if importlib.util.find_spec("umap") is None:
-        return False
     try:
         import umap  # noqa: F401
-    except ImportError:
+    except ImportError:  # not installed too: ModuleNotFoundError is one
         return False
     return True
 

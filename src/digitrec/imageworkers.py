@@ -96,12 +96,18 @@ _reader: Any = None
 READ_TIME_LIMIT_S = 30.0
 
 
-def read_number(data: bytes) -> Any:
-    """Uploaded bytes -> the ReadResult of /api/read, read in this worker by its Predictor."""
+def read_limited(reader: Any, data: bytes) -> Any:
+    """Uploaded bytes -> the ReadResult of /api/read by `reader` (a Predictor), under READ_TIME_LIMIT_S: in a
+    reading worker and on the server's threads alike."""
     from .segment import time_limit
 
     with time_limit(READ_TIME_LIMIT_S):
-        return _reader.read(checked_upload(data))
+        return reader.read(checked_upload(data))
+
+
+def read_number(data: bytes) -> Any:
+    """Uploaded bytes -> the ReadResult of /api/read, read in this worker by its Predictor."""
+    return read_limited(_reader, data)
 
 
 def read_numbers(uploads: list[bytes]) -> list[Any]:

@@ -41,7 +41,14 @@ from .guards import (
     send_error,
 )
 from .hosts import ANY, AllowedHosts, is_loopback, listen_host
-from .imageworkers import IMAGE_HINT, ImageWorkers, checked_upload, freeze_heap, read_numbers, to_model_input
+from .imageworkers import (
+    IMAGE_HINT,
+    ImageWorkers,
+    freeze_heap,
+    read_limited,
+    read_numbers,
+    to_model_input,
+)
 
 if TYPE_CHECKING:
     import uvicorn
@@ -581,12 +588,12 @@ def create_app(
 
     static_files = RevalidatedFiles(directory=STATIC_DIR)
 
-    # HEAD on / and /healthz: load balancers and uptime checks probe with it (FastAPI adds HEAD to no GET route)
-    @app.head("/", include_in_schema=False)
     @app.get("/", include_in_schema=False)
     async def index(request: Request) -> Response:
         return await static_files.get_response("index.html", request.scope)  # 304 while unchanged, as /static
 
+    # HEAD on /healthz (and /api/stats below): load balancers and uptime checks probe with it (FastAPI adds HEAD
+    # to no GET route; those hidden from the schema, / among them, get it at the end of create_app)
     @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", response_model=HealthResponse, tags=["service"], summary="The model being served")
     async def healthz() -> dict[str, Any]:
@@ -642,11 +649,7 @@ def create_app(
         data, _ = await read_upload(request)
 
         def work():
-            from . import imageworkers
-            from .segment import time_limit
-
-            with time_limit(imageworkers.READ_TIME_LIMIT_S):  # as the reading workers read
-                return predictor.read(checked_upload(data))
+            return read_limited(predictor, data)  # as the reading workers read
 
         if readers is not None:
             result = await while_connected(request, readers(data))
