@@ -261,6 +261,55 @@ def test_a_model_may_be_calibrated_into_another_folder_while_its_own_is_held(
     assert (tmp_path / "b" / "model.safetensors").exists()
 
 
+def test_calibrate_out_refuses_another_runs_folder_but_not_its_own_or_an_earlier_outs(
+    tiny_fast_run, tiny_mnist, tmp_path, monkeypatch
+):
+    """`calibrate A --out B`, B a run's folder, replaced B's model and left B's metrics, history, last.safetensors
+    and report describing the model B trained (a resume then went on from B's last epoch, an evaluate scored A)."""
+    from digitrec import calibrate as calibrate_module
+    from digitrec import data
+    from digitrec.checkpoint import model_file
+    from digitrec.errors import DigitrecError
+
+    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_fast_run, a)
+    shutil.copytree(tiny_fast_run, b)
+    before = (b / "model.safetensors").read_bytes()
+    for out in (b, b / "model.safetensors"):
+        with pytest.raises(
+            DigitrecError, match=f"^--out {b / 'model.safetensors'} is in the run folder {b}, whose"
+        ):
+            calibrate_module.calibrate(a, count=4, out_path=model_file(out), log=lambda s: None)
+    assert (b / "model.safetensors").read_bytes() == before
+    quiet = {"count": 4, "log": lambda s: None}
+    calibrate_module.calibrate(a / "model.safetensors", out_path=a / "model.safetensors", **quiet)  # in place
+    fresh = tmp_path / "calibrated" / "model.safetensors"
+    calibrate_module.calibrate(a / "model.safetensors", out_path=fresh, **quiet)
+    calibrate_module.calibrate(a / "model.safetensors", out_path=fresh, **quiet)  # again: no run's folder
+    calibrate_module.calibrate(
+        a / "model.safetensors", out_path=b / "half.safetensors", **quiet
+    )  # not b's model
+    assert (b / "model.safetensors").read_bytes() == before
+
+
+def test_calibrate_replaces_a_damaged_reject_threshold_instead_of_refusing_it(
+    tiny_fast_run, tiny_mnist, tmp_path, monkeypatch
+):
+    """It fitted the temperature, then stopped with "the model model records a reject threshold of 'abc' ...;
+    write it again with `digitrec calibrate`": the command that had just failed, and no path."""
+    from digitrec import calibrate as calibrate_module
+    from digitrec import data
+    from digitrec.checkpoint import load_model, save_model
+
+    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+    model, meta = load_model(tiny_fast_run / "model.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    save_model(bad, model, meta | {"reject_below": "abc"})
+    calibrate_module.calibrate(bad, count=4, log=lambda s: None)
+    assert 0 <= load_model(bad)[1]["reject_below"] <= 1
+
+
 @pytest.mark.parametrize("temperature", ["abc", 0, -1.0, {}, True])
 def test_a_temperature_no_model_can_have_is_one_sentence_for_every_command(
     tiny_fast_run, idx_folder, tmp_path, capsys, temperature

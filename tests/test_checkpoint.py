@@ -161,6 +161,45 @@ def test_damaged_checkpoints_are_refused(saved, damage):
         load_model(path)
 
 
+@pytest.mark.parametrize("kept", [100, 2206])
+def test_a_checkpoint_cut_inside_its_header_is_called_truncated_when_its_side_file_says_so(saved, kept):
+    """Cut inside the header, with its side file beside it, it was "not a digitrec checkpoint (expected a
+    .safetensors file written by digitrec train)": the one file that says digitrec wrote it was not asked."""
+    path, _ = saved
+    path.write_bytes(path.read_bytes()[:kept])
+    with pytest.raises(CheckpointError, match="does not match the checksum in model.json: it is truncated"):
+        load_model(path)
+    path.with_suffix(".json").unlink()  # alone, a header cut short is what it was (this one's is 2,000 bytes)
+    with pytest.raises(
+        CheckpointError, match="not a digitrec checkpoint" if kept < 2000 else "it is truncated"
+    ):
+        load_model(path)
+
+
+def test_a_device_or_a_pipe_as_a_checkpoint_is_refused_unread(tmp_path):
+    """`digitrec evaluate /dev/zero` read until the kernel killed it at 24 GB; a FIFO would wait for a writer."""
+    with pytest.raises(CheckpointError, match="^/dev/zero is not a file but a device, pipe or socket"):
+        load_model("/dev/zero")
+    from digitrec.backends import read_onnx
+
+    for name, load in (("model.safetensors", load_model), ("model.onnx", read_onnx)):
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        with pytest.raises(CheckpointError, match="is not a file but a device, pipe or socket"):
+            load(fifo)
+
+
+def test_a_file_larger_than_any_checkpoint_is_refused_unread(tmp_path, monkeypatch):
+    from digitrec import checkpoint
+
+    path = tmp_path / "big.safetensors"
+    with path.open("wb") as f:
+        f.truncate(3 * 10**9)  # sparse: no disk used
+    monkeypatch.setattr(type(path), "read_bytes", lambda self: pytest.fail("read whole"))
+    with pytest.raises(CheckpointError, match=r"is 3.0 GB, more than any digitrec model \(2 GB at most\)"):
+        checkpoint.load_model(path)
+
+
 def test_foreign_safetensors_is_not_ours(tmp_path):
     from safetensors.torch import save_file
 

@@ -587,6 +587,31 @@ def test_train_without_a_report_writes_the_run_and_says_how_to_report_it(idx_fol
     assert '<img alt="curves"' in (report / "report.html").read_text()
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [b'[{"epoch": 1, "train_lo', b"\xff\xfe", b'{"epoch": 1}', b'[{"epoch": 1, "train_loss": "low"}]'],
+    ids=["truncated", "not-utf8", "not-a-list", "a-string-loss"],
+)
+def test_a_damaged_history_costs_the_report_its_curves_not_the_evaluation(
+    tiny_fast_run, idx_folder, tmp_path, capsys, damage
+):
+    """A truncated history.json stopped `digitrec evaluate RUN` with a JSONDecodeError traceback, even with --json,
+    which does not draw it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_fast_run, run)
+    (run / "history.json").write_bytes(damage)
+    assert main(["evaluate", str(run), "--json", "--data-dir", str(idx_folder)]) == 0
+    assert "test_accuracy" in json.loads(capsys.readouterr().out)
+    report = tmp_path / "report"
+    assert main(["evaluate", str(run), "--report", str(report), "--data-dir", str(idx_folder)]) == 0
+    err = capsys.readouterr().err
+    [note] = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert str(run / "history.json") in note and note.endswith(": the report leaves out the training curves.")
+    assert (report / "report.html").exists() and not (report / "curves.png").exists()
+
+
 def test_ensemble_of_one_model_twice_scores_as_the_model(tiny_fast_run, idx_folder, tmp_path, capsys):
     from digitrec.data import load_mnist
     from digitrec.evaluate import evaluate_ensemble

@@ -239,6 +239,71 @@ def test_flags_and_a_toml_file_are_checked_together(tmp_path, capsys, monkeypatc
     assert training_config(build_parser().parse_args(["train", "--compile"]))[1].compile
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ema-decay", "2"], "--ema-decay must be in [0, 1), got 2.0."),
+        (["--lr", "-1"], "--lr must be above 0 and below 1000, got -1.0."),
+        (
+            ["--epochs", "3", "--clean-epochs", "9"],
+            "--clean-epochs must be between 0 and epochs (3), got 9.0.",
+        ),
+        (["--early-stopping-patience", "-1"], "--early-stopping-patience must not be negative"),
+    ],
+)
+def test_a_flags_refused_value_is_said_with_the_flag(tmp_path, capsys, flags, message):
+    """`--ema-decay 2` was refused as "ema_decay must be ...", `--lr -1` as "learning rate must ...": words the
+    user had not typed."""
+    from digitrec.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "fast", *flags, "--dry-run", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_config_files_refused_value_keeps_its_key_beside_a_flag(tmp_path, capsys):
+    """The file's clean_epochs is what --epochs 3 makes wrong: the sentence names the file's key, not a flag the
+    user did not give; a value the file and a flag both set is said with the flag (the flag's value won)."""
+    from digitrec.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text("clean_epochs = 5\nlr = 0.5\n")
+    assert (
+        main(["train", "--config", str(path), "--epochs", "3", "--dry-run", "--out", str(tmp_path / "r")])
+        == 2
+    )
+    assert "error: clean_epochs must be between 0 and epochs (3), got 5.0." in capsys.readouterr().err
+    path.write_text("lr = 0.5\n")
+    assert main(["train", "--config", str(path), "--lr", "0", "--dry-run", "--out", str(tmp_path / "r")]) == 2
+    assert "error: --lr must be above 0" in capsys.readouterr().err
+    with pytest.raises(DigitrecError, match="^learning rate must be above 0"):  # the library's words stay
+        TrainConfig().override(lr=0)
+
+
+def test_tune_bench_and_resume_say_their_flags_too(tmp_path, capsys):
+    from digitrec.cli import main
+    from digitrec.config import with_flags
+    from digitrec.tune import tune
+
+    run = tmp_path / "run"
+    assert (
+        main(["train", "--recipe", "fast", "--dry-run", "--no-report", "--no-progress", "--out", str(run)])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--threads", "5000"]) == 2
+    assert "error: --threads must be a whole number from 0" in capsys.readouterr().err
+
+    with pytest.raises(DigitrecError, match="^--epochs must be a positive number"):
+        tune("fast", trials=1, epochs=0, out_dir=tmp_path / "t")
+    with pytest.raises(DigitrecError, match="^--threads must be a whole number"):
+        with_flags(RECIPES["fast"], {"threads": -1})
+    with pytest.raises(DigitrecError, match="^momentum must be in"):  # a setting not among the flags
+        with_flags(RECIPES["fast"], {"threads": 1}, {"momentum": 1.5})
+
+
 def test_range_errors_say_the_range():
     """lr 1000 was refused as "must be positive and finite", weight decay 5000 as "must not be negative"."""
     with pytest.raises(DigitrecError, match="learning rate must be above 0 and below 1000, got 1000.0"):

@@ -676,6 +676,20 @@ def test_an_export_whose_metadata_was_edited_by_hand_is_one_sentence(
     assert says in str(refused.value) and str(refused.value).count(". ") == 0
 
 
+def test_a_checkpoint_whose_reject_threshold_was_edited_is_one_sentence_to_export(
+    tiny_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """export raised `ValueError: could not convert string to float: 'abc'`, a traceback; evaluate and predict
+    said a sentence."""
+    model, meta = load_model(tiny_checkpoint)
+    bad = tmp_path / "bad.safetensors"
+    save_model(bad, model, meta | {"reject_below": "abc"})
+    assert main(["export", str(bad), "--out", str(tmp_path / "bad.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert f"the model {bad} records a reject threshold of 'abc', not a probability from 0 to 1" in err
+    assert "Traceback" not in err and not (tmp_path / "bad.onnx").exists()
+
+
 def test_a_refused_export_leaves_no_folder_it_made_for_its_out(tmp_path: Path, capsys) -> None:
     """`digitrec export nonexist --out newdir/sub/x.onnx` made newdir/sub before the checkpoint was looked at, and
     left it there after refusing; a folder that was there before stays."""

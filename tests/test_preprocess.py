@@ -18,6 +18,8 @@ from serverkit import png_claiming
 from digitrec.errors import ImageError
 from digitrec.preprocess import (
     FRAME,
+    IMAGE_FORMATS,
+    IMAGE_FORMATS_TEXT,
     MAX_FILE_BYTES,
     _smooth,
     center_in_frame,
@@ -723,8 +725,14 @@ def test_image_formats_other_than_the_documented_ones_are_refused_by_name(fmt, t
             preprocess(source)
         assert str(refused.value) == (
             f"{name} is in the {fmt} format, which digitrec does not read; "
-            "convert it to PNG, JPEG, BMP, GIF, TIFF or WebP."
+            f"convert it to {IMAGE_FORMATS_TEXT}."
         )
+
+
+def test_the_sentences_name_every_format_digitrec_reads():
+    """An AVIF upload was read, while every refusal said "use PNG, JPEG, BMP, GIF, TIFF or WebP"."""
+    named = IMAGE_FORMATS_TEXT.upper().replace(" OR ", ", ").split(", ")
+    assert sorted(named) == sorted(IMAGE_FORMATS)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP"])

@@ -112,6 +112,10 @@ def test_head_probes_of_healthz_and_the_page_are_answered(client):
         assert response.status_code == 200 and response.content == b"", path
         assert response.headers["content-type"] == client.get(path).headers["content-type"], path
     assert client.head("/api/predict").status_code == 405  # a POST endpoint still takes no HEAD
+    # a 405's Allow names HEAD too: /healthz's and /api/stats's said only GET
+    for path in ("/healthz", "/api/stats", "/", "/docs"):
+        assert client.delete(path).headers["allow"] == "GET, HEAD", path
+    assert client.get("/api/predict").headers["allow"] == "POST"
     operations = client.get("/openapi.json").json()["paths"]
     assert all("head" not in methods for methods in operations.values())  # the schema lists no HEAD
 
@@ -385,6 +389,22 @@ def test_a_missing_label_says_where_a_label_goes_with_an_image_sent_as_the_body(
     )
 
 
+def test_a_label_in_the_query_beside_a_form_or_json_is_refused_not_ignored(client, db_path):
+    """`curl -F file=@one.png -F label=1 '/api/feedback?label=2'` stored a 1: the query's label is read only with
+    a raw image body, and was dropped without a word."""
+    response = client.post("/api/feedback?label=2", files=upload(digit_png()), data={"label": "1"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == (
+        "label is in the query string, which is read only with a raw image body; send it in the form with the image."
+    )
+    body = {"image": base64.b64encode(digit_png()).decode(), "label": 1}
+    response = client.post("/api/feedback?predicted=3", json=body)
+    assert response.status_code == 422 and "predicted is in the query string" in response.json()["detail"]
+    assert "send it in the JSON with the image" in response.json()["detail"]
+    with sqlite3.connect(db_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+
+
 def test_a_label_sent_as_a_file_is_refused_as_that_not_as_missing(client, db_path):
     """curl -F label=@seven.txt sends the label as a file part: the answer said "the field "label" is missing"."""
     files = {"file": ("digit.png", digit_png(), "image/png"), "label": ("seven.txt", b"7", "text/plain")}
@@ -552,6 +572,8 @@ def test_a_heic_upload_is_400_with_a_sentence_naming_the_format(client):
 @pytest.mark.parametrize("endpoint", ["/api/predict", "/api/read", "/api/predict?explain=true"])
 def test_an_eps_upload_is_400_naming_its_format_not_handed_to_ghostscript(client, endpoint):
     """Any format Pillow knows was decoded; EPS went to Ghostscript and came back "damaged or truncated"."""
+    from digitrec.preprocess import IMAGE_FORMATS_TEXT
+
     image = Image.new("L", (40, 40), 255)
     buffer = io.BytesIO()
     image.save(buffer, format="EPS")
@@ -559,7 +581,7 @@ def test_an_eps_upload_is_400_naming_its_format_not_handed_to_ghostscript(client
     assert response.status_code == 400
     assert response.json()["detail"] == (
         "the uploaded data is in the EPS format, which digitrec does not read; "
-        "convert it to PNG, JPEG, BMP, GIF, TIFF or WebP."
+        f"convert it to {IMAGE_FORMATS_TEXT}."
     )
 
 
@@ -628,7 +650,11 @@ def truncated_jpeg() -> bytes:
 
 ERROR_CASES = {
     "body over 5 MB": (dict(files=upload(b"\0" * (5 * 1024 * 1024 + 1))), 413, "5 MB"),
-    "over 40 megapixels": (dict(files=upload(png_header_claiming(8000, 5001))), 413, "megapixels"),
+    "over 40 megapixels": (  # it said "(40 megapixels), more than the 40 megapixels we accept"
+        dict(files=upload(png_header_claiming(8000, 5001))),
+        413,
+        "the image is 8000x5001 (40.01 megapixels), more than the 40 megapixels we accept",
+    ),
     "decompression bomb": (dict(files=upload(png_header_claiming(50_000, 50_000))), 413, "megapixels"),
     "not an image": (dict(files=upload(b"hello, I am text", "notes.txt", "text/plain")), 400, "not an image"),
     "truncated image": (dict(files=upload(truncated_jpeg(), "cut.jpg", "image/jpeg")), 400, "truncated"),

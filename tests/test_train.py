@@ -373,6 +373,21 @@ def test_partial_last_batch_of_one_is_dropped():
     assert steps_in_epoch(129, 64) == 2 and steps_in_epoch(130, 64) == 3 and steps_in_epoch(128, 64) == 2
 
 
+def test_too_few_images_for_a_batch_names_the_split_only_where_there_is_one():
+    """Without a validation split the sentence said "choose a smaller --val-size" of a split of 0."""
+    from digitrec.config import TrainConfig
+    from digitrec.errors import DataError
+    from digitrec.training import _steps_per_epoch
+
+    with pytest.raises(DataError, match="after the validation split of 5: .* choose a smaller --val-size"):
+        _steps_per_epoch(1, TrainConfig(val_size=5), 1)
+    with pytest.raises(
+        DataError, match="^3 training image\\(s\\), too few for one batch of two per process; train on"
+    ):
+        _steps_per_epoch(3, TrainConfig(val_size=0, batch_size=4), 2)
+    assert _steps_per_epoch(4, TrainConfig(val_size=0, batch_size=4), 2) == 1
+
+
 def test_bfloat16_autocast_runs_only_where_the_cpu_computes_in_bfloat16(monkeypatch):
     """Without AVX-512 BF16 or AMX, PyTorch emulates bfloat16 (10x slower than float32 on an AVX2 CPU): recipes
     that ask for it run in float32 there."""

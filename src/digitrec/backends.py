@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 # META_KEY is also the ONNX metadata entry that holds the source checkpoint's metadata as JSON
-from .checkpoint import META_KEY, parse_header
+from .checkpoint import META_KEY, parse_header, refuse_no_model_file
 from .errors import DigitrecError, need_extra
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
@@ -36,6 +36,7 @@ def is_onnx(model: str | Path | None) -> bool:
 
 def read_onnx(path: str | Path) -> bytes:
     """The bytes of an exported model's file; a one-sentence DigitrecError when it cannot be read."""
+    refuse_no_model_file(Path(path), "the .onnx file that `digitrec export` wrote")
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,34 @@ def calibrate(
     # A run training into the folder written meanwhile would write over the calibration, or the calibration over
     # the run's finished model with the epoch it read: each refuses while the other holds the folder. Reading a
     # model takes no lock (two calibrations of one model into two folders went on side by side).
+    if out_path is not None:
+        refuse_out_in_another_run(model_file(out_path), model_file(model_path))
     folder = model_file(out_path or model_path).parent
     with locked_run_folder(folder) if folder.is_dir() else contextlib.nullcontext():
         return _calibrate(model_path, count, log, out_path, half, data_dir)
+
+
+# what only a training run writes into its folder (a report, a model card and exports are also written by
+# `evaluate --report` and `export` beside a model an earlier --out wrote)
+TRAINING_OUTPUTS = ("last.safetensors", "history.json", "metrics.json")
+
+
+def refuse_out_in_another_run(out: Path, model: Path) -> None:
+    """Refuse an `out` that is the model.safetensors of another run's folder: it replaced that run's model and
+    left its metrics, history, last.safetensors and report describing the one that run trained. The model's own
+    folder is fine (calibrated in place, or beside itself), and so is a folder an earlier --out wrote."""
+    from .errors import DigitrecError
+
+    folder = out.parent
+    if out.name != "model.safetensors" or not folder.is_dir():
+        return
+    if model.parent.is_dir() and os.path.samefile(folder, model.parent):
+        return
+    if any((folder / name).exists() for name in TRAINING_OUTPUTS):
+        raise DigitrecError(
+            f"--out {out} is in the run folder {folder}, whose metrics, history and report describe its own run; "
+            "name a new folder or .safetensors file for the calibrated model."
+        )
 
 
 def _calibrate(
@@ -151,7 +177,11 @@ def _calibrate(
     )
 
     # scored by the Predictor itself (the recipe's views, the new temperature), on torch's threads as they are
-    scorer = Predictor(TorchBackend(model, threads=0), {**meta, "temperature": temperature})
+    # (the threshold the model records is not read: it is what this replaces, and a damaged one was refused here)
+    recorded = {key: value for key, value in meta.items() if key != "reject_below"}
+    scorer = Predictor(
+        TorchBackend(model, threads=0), recorded | {"temperature": temperature}, name=str(model_path)
+    )
 
     def confidences(name: str) -> np.ndarray:
         samples = generate(name, count, CALIBRATION_SEED, mnist=mnist)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so `digitrec data
 META_KEY = "digitrec"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# a checkpoint is megabytes (a resume checkpoint of `best` 4 MB): a file far larger is none, and is not read whole
+MAX_CHECKPOINT_BYTES = 2 * 10**9
 CHECKSUM_KEY = "digitrec_sha256"  # in the header's __metadata__, beside META_KEY; absent from older files
 
 
@@ -238,11 +240,24 @@ def _deserialize(path: Path, data: bytes, load: Any) -> Any:
         raise CheckpointError(f"checkpoint {path} is damaged ({exc}); retrain or restore it.") from None
 
 
+def refuse_no_model_file(path: Path, instead: str) -> None:
+    """Refuse, before reading it, a model path that no model file can be: a device or a pipe (`/dev/zero` was
+    read until memory ran out, a FIFO waited for a writer) or a file larger than MAX_CHECKPOINT_BYTES."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise CheckpointError(f"{path} is not a file but a device, pipe or socket; pass {instead}.")
+    if path.is_file() and (size := path.stat().st_size) > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(
+            f"{path} is {size / 1e9:.1f} GB, more than any digitrec model ({MAX_CHECKPOINT_BYTES // 10**9} GB at "
+            f"most); pass {instead}."
+        )
+
+
 def read_checkpoint(path: str | Path, side_file: bool = True) -> tuple[bytes, dict[str, Any]]:
     """A checkpoint's bytes and metadata, checked against its side file's SHA-256 when one is present (and
     `side_file`) and against the SHA-256 in its header when it holds one (every file `save_tensors` writes does)."""
     path = Path(path)
     try:
+        refuse_no_model_file(path, "a .safetensors file `digitrec train` wrote")
         data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(
@@ -250,8 +265,20 @@ def read_checkpoint(path: str | Path, side_file: bool = True) -> tuple[bytes, di
         ) from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a folder; pass the model.safetensors file inside it.") from None
-    meta, changed = _read_header_metadata(path, data)
     side = sidecar_path(path)
+    try:
+        meta, changed = _read_header_metadata(path, data)
+    except CheckpointError:  # a header cut short: the side file, if any, says it is a checkpoint cut short
+        if (
+            side_file
+            and side.is_file()
+            and _side_sha256(side) not in (None, hashlib.sha256(data).hexdigest())
+        ):
+            raise CheckpointError(
+                f"checkpoint {path} does not match the checksum in {side.name}: it is truncated or was modified; "
+                "retrain or restore it."
+            ) from None
+        raise
     if side_file and side.exists():
         try:
             expected = json.loads(side.read_text()).get("sha256")

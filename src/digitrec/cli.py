@@ -234,7 +234,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def training_config(args: argparse.Namespace):
     """The recipe, then the TOML file, then the flags: later ones win."""
-    from .config import TRAIN_OVERRIDES, get_recipe, load_toml
+    from .config import TRAIN_OVERRIDES, get_recipe, load_toml, with_flags
 
     values = load_toml(args.config) if args.config is not None else {}
     in_file = values.pop("recipe", None)
@@ -248,8 +248,8 @@ def training_config(args: argparse.Namespace):
         flags["compile"] = args.compile
     # merged, then checked once: settings that depend on each other (clean_epochs within epochs) were checked
     # against the recipe's epochs before the flag's, and `--epochs 10` was refused beside `clean_epochs = 5`
-    values.update({key: value for key, value in flags.items() if value is not None})
-    return recipe, get_recipe(recipe).override(**values)
+    given = {key: value for key, value in flags.items() if value is not None}
+    return recipe, with_flags(get_recipe(recipe), given, values)
 
 
 def _given(value: object, default: object) -> bool:
@@ -376,8 +376,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _stderr(f"note: {path} is the best checkpoint so far of a run that had not finished{finish}.")
     trained = TrainConfig.from_checkpoint(meta, path)
     config = trained.override(tta_views=args.tta_views)
-    # A run folder's history belongs to its model.safetensors, not to another checkpoint copied beside it.
-    history = load_history(path.parent) if path.name == "model.safetensors" else None
+    # A run folder's history belongs to its model.safetensors, not to another checkpoint copied beside it; only
+    # the report draws it, and a damaged one costs the report its curves, not the evaluation
+    history = None
+    if args.report and path.name == "model.safetensors":
+        try:
+            history = load_history(path.parent)
+        except DigitrecError as exc:
+            _stderr(f"note: {str(exc).rstrip('.')}: the report leaves out the training curves.")
     data = load_mnist(args.data_dir, log=_stderr)
     if args.report:
         metrics = write_report(
@@ -724,7 +730,7 @@ def _predictor(args: argparse.Namespace, images: int | None = None):
 
 
 def _image_paths(args: argparse.Namespace) -> list[Path]:
-    from .preprocess import expand_paths
+    from .preprocess import IMAGE_FORMATS_TEXT, expand_paths
 
     if "" in args.images:  # Path("") is ".": `predict "$IMG"` with $IMG unset read the whole current folder
         raise DigitrecError(
@@ -747,7 +753,7 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
         )
     for skipped, why in (
         (unreadable, "Pillow cannot read that format"),
-        (refused, "digitrec reads PNG, JPEG, BMP, GIF, TIFF and WebP only"),
+        (refused, f"digitrec reads {IMAGE_FORMATS_TEXT.replace(' or ', ' and ')} only"),
     ):
         if skipped:
             kinds = "/".join(sorted({p.suffix.upper().lstrip(".") or "suffix-less" for p in skipped}))
@@ -756,9 +762,7 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
                 "save them as JPEG or PNG first."
             )
     if not paths:
-        raise DigitrecError(
-            "no images found in the given folders; pass PNG, JPEG, BMP, GIF, TIFF or WebP files."
-        )
+        raise DigitrecError(f"no images found in the given folders; pass {IMAGE_FORMATS_TEXT} files.")
     return paths
 
 
@@ -1028,7 +1032,7 @@ def _with_matmul_rate(header: dict, threads: int | None = None) -> dict:
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from .bench import bench_train, train_table
-    from .config import get_recipe
+    from .config import get_recipe, with_flags
     from .data import load_mnist
 
     if not 0 < args.target < 1:  # NaN fails too
@@ -1050,7 +1054,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     if args.max_epochs:
         recipes = {n: c.override(epochs=min(c.epochs, args.max_epochs)) for n, c in recipes.items()}
     if args.threads:
-        recipes = {n: c.override(threads=args.threads) for n, c in recipes.items()}
+        recipes = {n: with_flags(c, {"threads": args.threads}) for n, c in recipes.items()}
     data = load_mnist(args.data_dir, log=_stderr)
     header = _bench_header() | ({"torch_threads": args.threads} if args.threads else {})
     header = _with_matmul_rate(header, args.threads)
@@ -1346,7 +1350,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         metavar="N",
-        help="seed of the weights, the shuffling, the split and the augmentation",
+        help="seed of the weights, the shuffling and the augmentation (the validation split is the same for every seed)",
     )
     p.add_argument("--device", choices=DEVICES, help="where to train (auto: cuda, then mps, then cpu)")
     p.add_argument(

@@ -87,100 +87,139 @@ class TrainConfig:
         object.__setattr__(self, "epochs", float(self.epochs))  # recipes may write epochs=10
         finite = math.isfinite
         checks = [
-            (0 < self.epochs < 1e6, f"epochs must be a positive number (under a million), got {self.epochs}"),
             (
+                "epochs",
+                0 < self.epochs < 1e6,
+                f"epochs must be a positive number (under a million), got {self.epochs}",
+            ),
+            (
+                "batch_size",
                 0 < self.batch_size <= MAX_BATCH_SIZE,
                 f"batch size must be a whole number from 1 to {MAX_BATCH_SIZE:,}, got {self.batch_size}",
             ),
             (
+                "lr",
                 0 < self.lr < 1e3,
                 f"learning rate must be above 0 and below 1000, got {self.lr}",
             ),  # NaN fails too
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (not self.nesterov or self.momentum > 0, "Nesterov momentum needs a momentum above 0"),
+            ("momentum", 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (
+                "nesterov",
+                not self.nesterov or self.momentum > 0,
+                "Nesterov momentum needs a momentum above 0",
+            ),
+            (
+                "betas",
                 len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                 f"betas must be two numbers in [0, 1), got {list(self.betas)}",
             ),
             (
+                "weight_decay",
                 0 <= self.weight_decay < 1e3,
                 f"weight decay must be from 0 to below 1000, got {self.weight_decay}",
             ),
-            (self.step_epochs >= 1, f"step_epochs must be at least 1, got {self.step_epochs}"),
+            ("step_epochs", self.step_epochs >= 1, f"step_epochs must be at least 1, got {self.step_epochs}"),
             # the step schedules take gamma ** (epochs / step_epochs): refused where that overflows (gamma 1e300
             # raised OverflowError in training), not above 1, which an older checkpoint may record harmlessly
             (
+                "gamma",
                 0 < self.gamma
                 and finite(self.gamma)
                 and math.log(self.gamma) * self.epochs / max(1, self.step_epochs) < 700,
                 f"gamma must be positive and its power over the run's steps finite, got {self.gamma}",
             ),
-            (0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
             (
+                "warmup_fraction",
+                0 <= self.warmup_fraction < 1,
+                f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}",
+            ),
+            (
+                "normalize",
                 len(self.normalize) == 2 and self.normalize[1] > 0 and all(finite(v) for v in self.normalize),
                 f"normalize must be (mean, std) with std above 0, got {list(self.normalize)}",
             ),
             (
+                "eval_batch_size",
                 0 < self.eval_batch_size <= MAX_BATCH_SIZE,
                 f"eval batch size must be a whole number from 1 to {MAX_BATCH_SIZE:,}, got {self.eval_batch_size}",
             ),
-            (0 <= self.seed < 2**63, f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}"),
             (
+                "seed",
+                0 <= self.seed < 2**63,
+                f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}",
+            ),
+            (
+                "reported_metric",
                 self.reported_metric == "accuracy"
                 or re.fullmatch(r"batch_mean:[1-9]\d*", self.reported_metric),
                 f"reported_metric must be 'accuracy' or 'batch_mean:N', got {self.reported_metric!r}",
             ),
             (
+                "optimizer",
                 self.optimizer in OPTIMIZERS,
                 f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}",
             ),
             (
+                "schedule",
                 self.schedule in SCHEDULES,
                 f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}",
             ),
             (
+                "augment",
                 self.augment in AUGMENTATIONS,
                 f"unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}",
             ),
-            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (
+                "label_smoothing",
+                0 <= self.label_smoothing < 1,
+                f"label smoothing must be in [0, 1), got {self.label_smoothing}",
+            ),
+            (
+                "clean_epochs",
                 0 <= self.clean_epochs <= self.epochs,
                 f"clean_epochs must be between 0 and epochs ({self.epochs:g}), got {self.clean_epochs}",
             ),
-            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            ("ema_decay", 0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (
+                "negatives",
                 0 <= self.negatives <= MAX_NEGATIVES,  # inf and 1e300 overflowed in training; NaN fails
                 f"negatives must be a number from 0 to {MAX_NEGATIVES} (non-digits per digit), got {self.negatives}",
             ),
-            (self.val_size >= 0, f"validation size must not be negative, got {self.val_size}"),
+            ("val_size", self.val_size >= 0, f"validation size must not be negative, got {self.val_size}"),
             (
+                "early_stopping_patience",
                 self.early_stopping_patience >= 0,
                 f"early stopping patience must not be negative (0 = off), got {self.early_stopping_patience}",
             ),
             (
+                "checkpoint_every_steps",
                 self.checkpoint_every_steps >= 0,
                 f"checkpoint_every_steps must not be negative (0 = at epoch ends), got {self.checkpoint_every_steps}",
             ),
             (
+                "threads",
                 0 <= self.threads <= MAX_THREADS,  # torch overflows on 2**63 and crashes on 100,000
                 f"threads must be a whole number from 0 (torch's default) to {MAX_THREADS}, got {self.threads}",
             ),
             (
+                "tta_views",
                 self.tta_views in TTA_SHIFTS,
                 f"tta_views must be one of {', '.join(map(str, TTA_SHIFTS))}, got {self.tta_views}",
             ),
             (
+                "reported_accuracy",
                 self.reported_accuracy is None or 0 <= self.reported_accuracy <= 1,
                 f"reported_accuracy must be a fraction from 0 to 1, got {self.reported_accuracy}",
             ),
             (
+                "device",
                 self.device in DEVICES,
                 f"unknown device {self.device!r}; choose auto, cpu, cuda or mps",
             ),
         ]
-        for ok, message in checks:
+        for key, ok, message in checks:
             if not ok:
-                raise DigitrecError(message + ".")
+                raise ConfigValueError(key, message + ".")
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain JSON values: what a checkpoint's metadata and metrics.json record."""
@@ -218,6 +257,33 @@ class TrainConfig:
                 continue
             clean[key] = _coerce(key, value, str(known[key].type))
         return replace(self, **clean)
+
+
+class ConfigValueError(DigitrecError):
+    """A setting's value that TrainConfig refuses; `key` names the setting, so that the command line can say the
+    sentence with the flag the user typed (`--ema-decay must be ...`, not `ema_decay must be ...`)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+    def as_flag(self) -> str:
+        """The sentence with the flag in place of the words before its "must" (the setting's name)."""
+        subject, sep, rest = str(self).partition(" must ")
+        return f"--{self.key.replace('_', '-')} must {rest}" if sep else str(self)
+
+
+def with_flags(
+    config: TrainConfig, flags: dict[str, Any], settings: dict[str, Any] | None = None
+) -> TrainConfig:
+    """`config` with `settings` (a TOML file's), then the command line's `flags` applied (flags win), checked once;
+    a flag's refused value is said with the flag: `--lr must be above 0 ...`, not `learning rate must ...`."""
+    try:
+        return config.override(**{**(settings or {}), **flags})
+    except ConfigValueError as exc:
+        if exc.key in flags:
+            raise DigitrecError(exc.as_flag()) from None
+        raise
 
 
 def _unknown_key(key: str, known: Iterable[str]) -> DigitrecError:

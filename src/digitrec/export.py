@@ -37,7 +37,6 @@ from .checkpoint import (
     atomic_write_bytes,
     model_file,
     read_checkpoint,
-    recorded_temperature,
     valid_utf8,
 )
 from .errors import DigitrecError
@@ -379,10 +378,11 @@ def export_onnx(
                 f"(more than {100 * INT8_MAX_DROP:.1f}); nothing was written; use the float export."
             )
 
-    from .predict import DEFAULT_REJECT_BELOW
+    from .predict import recorded_calibration
 
-    temperature = recorded_temperature(meta, checkpoint)
-    reject_below = float(meta.get("reject_below", DEFAULT_REJECT_BELOW))
+    temperature, reject_below = recorded_calibration(
+        meta, str(checkpoint)
+    )  # checked: a sentence, not a traceback
     source_bytes = checkpoint.read_bytes()
     export_meta = {
         "source_checkpoint": str(checkpoint),

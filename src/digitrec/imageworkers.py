@@ -58,10 +58,19 @@ def checked_upload(data: bytes) -> bytes:
         width = height = 0
     if width * height > MAX_PIXELS:
         raise ImageTooLargeError(
-            f"the image is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than the "
+            # to as many decimals as show it over the limit: 40001x1000 was "(40 megapixels), more than the 40"
+            f"the image is {width}x{height} ({_megapixels(width * height)} megapixels), more than the "
             f"{MAX_PIXELS // 1_000_000} megapixels we accept; scale it down and send it again."
         )
     return data
+
+
+def _megapixels(pixels: int) -> str:
+    """A pixel count over MAX_PIXELS in megapixels, to as few decimals as show it above MAX_PIXELS's."""
+    for decimals in range(7):
+        if round(pixels / 1e6, decimals) > MAX_PIXELS // 1_000_000:
+            return f"{pixels / 1e6:.{decimals}f}"
+    return f"{pixels / 1e6:.6f}"
 
 
 def to_model_input(data: bytes) -> np.ndarray:

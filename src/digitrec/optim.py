@@ -69,7 +69,9 @@ class AdamW:
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)
             (beta1, beta2), lr = group["betas"], group["lr"]
-            if _FUSED:  # one kernel for every tensor's whole update: a quarter of the time of the ops below
+            # one kernel for every tensor's whole update, a quarter of the time of the multi-tensor operations
+            # below, which say the same update step by step (and run where a torch lacks the kernel)
+            if _FUSED:
                 decay, eps = group["weight_decay"], group["eps"]
                 torch._fused_adamw_(
                     params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
@@ -135,12 +137,13 @@ class WeightAverage:
             self.model.state_dict(keep_vars=True).values(),
             strict=True,
         )
-        self._floats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._averaged: list[torch.Tensor] = []  # the float tensors, in the same order in both lists
+        self._trained: list[torch.Tensor] = []
         self._others: list[tuple[torch.Tensor, torch.Tensor]] = []
         for trained, averaged in pairs:
             if trained.is_floating_point():
-                self._floats[0].append(averaged)
-                self._floats[1].append(trained)
+                self._averaged.append(averaged)
+                self._trained.append(trained)
             else:
                 self._others.append((averaged, trained))
 
@@ -150,6 +153,6 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the trained model as it is after `step` (0-based)."""
-        torch._foreach_lerp_(self._floats[0], self._floats[1], 1 - self.decay_at(step))
+        torch._foreach_lerp_(self._averaged, self._trained, 1 - self.decay_at(step))
         for averaged, trained in self._others:
             averaged.copy_(trained)

@@ -184,7 +184,7 @@ class Predictor:
             or meta.get("digitrec_version")
             or (versions.get("digitrec", "") if isinstance(versions, dict) else "")
         )
-        self.temperature, self.reject_below = _calibration(meta, name)
+        self.temperature, self.reject_below = recorded_calibration(meta, name)
         self.tta_views = tta.views_in(meta, name)  # the recipe's test-time augmentation
         # `read` also asks a pair classifier (pairs.py) about digits that overlap too deeply to cut: the bundled
         # one, or the file at `pairs_path` (`digitrec train-pairs` writes one; see use_pairs)
@@ -438,7 +438,7 @@ class FileResult:
 PARALLEL_FROM = 64  # files; below this, starting worker processes costs more than they save
 
 
-def _calibration(meta: dict[str, Any], name: str) -> tuple[float, float]:
+def recorded_calibration(meta: dict[str, Any], name: str) -> tuple[float, float]:
     """The temperature and reject threshold a model's metadata records, checked: metadata is JSON anyone can
     edit (an ONNX export's carries no checksum), and a temperature of 0 answered "digit 0, confidence nan%"."""
     temperature = recorded_temperature(meta, name)

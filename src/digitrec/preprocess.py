@@ -61,7 +61,11 @@ UNREADABLE_PHOTO_SUFFIXES = (".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", "
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP") + (
     ("AVIF",) if importlib.util.find_spec("PIL.AvifImagePlugin") else ()
 )
-IMAGE_FORMATS_TEXT = "PNG, JPEG, BMP, GIF, TIFF or WebP"
+IMAGE_FORMATS_TEXT = (
+    "PNG, JPEG, BMP, GIF, TIFF, WebP or AVIF"
+    if "AVIF" in IMAGE_FORMATS
+    else "PNG, JPEG, BMP, GIF, TIFF or WebP"
+)
 MAX_PIXELS = cast(int, Image.MAX_IMAGE_PIXELS)  # Pillow's decompression-bomb guard (about 89 megapixels)
 # The largest file an image under that guard can need (uncompressed, 16 bytes a pixel: four float32 channels);
 # a bigger one is no image digitrec would decode, and is refused before it is read into memory.

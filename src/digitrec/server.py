@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from .errors import CheckpointError, DigitrecError, FeedbackFullError, ImageTooLargeError, shortened
 from .feedback import DEFAULT_MAX_MB, FeedbackStore
@@ -394,10 +394,22 @@ def create_app(
             detail = (
                 f"there is nothing at {request.url.path}; the page is at / and the API is described at /docs."
             )
-        elif exc.status_code == 405:
+        headers = dict(exc.headers or {})  # Starlette's own, as a 405's Allow
+        if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}; see /docs for the methods each endpoint takes."
-        # Starlette's own headers, as a 405's Allow (RFC 9110 requires it: the methods the path does take)
-        return _error(exc.status_code, detail, dict(exc.headers or {}))
+            # RFC 9110: Allow lists the methods the path takes. Starlette's names those of the first route that
+            # matched the path, so /healthz's GET left out its HEAD, a route of its own.
+            methods = {
+                method
+                for route in app.router.routes
+                if isinstance(route, Route)
+                and route.methods
+                and route.matches(request.scope)[0] != Match.NONE
+                for method in route.methods
+            }
+            if methods:
+                headers["Allow"] = ", ".join(sorted(methods))
+        return _error(exc.status_code, detail, headers)
 
     # -- reading the request -----------------------------------------------------------------------------------
 
@@ -713,6 +725,15 @@ def create_app(
         """Store a correction: this image shows digit `label` (the model said `predicted`)."""
         data, fields = await read_upload(request)
         from_json = _content_type(request) == "application/json"
+        misplaced = [name for name in ("label", "predicted") if name in request.query_params]
+        if misplaced and _content_type(request) in ("application/json", "multipart/form-data"):
+            # read from the query only beside a raw image body: `?label=2` with a form's label=1 stored the 1
+            where = "JSON" if from_json else "form"
+            raise HTTPException(
+                422,
+                f"{misplaced[0]} is in the query string, which is read only with a raw image body; "
+                f"send it in the {where} with the image.",
+            )
         label = _digit_field(fields, "label", required=True, from_json=from_json)
         predicted = _digit_field(fields, "predicted", required=False, from_json=from_json)
         pixels = await to_input(data, request)

@@ -69,6 +69,9 @@ def sweep(
     # a name given twice ran its jobs twice, into the same folder, at the same time
     refuse_repeats("--recipes", recipes)
     refuse_repeats("--seeds", [str(seed) for seed in seeds])
+    for seed in seeds:  # said with the flag the user typed (each job's `train --seed` would say --seed)
+        if not 0 <= seed < 2**63:
+            raise DigitrecError(f"--seeds must be whole numbers from 0 to 2**63 - 1, got {seed}.")
     jobs = [Job(r, s, out / f"{r}-seed{s}") for r, s in itertools.product(recipes, seeds)]
     for job in jobs:  # what `digitrec train` would refuse (--epochs 0, --seeds -1) fails now, once
         _check_train_flags(job, train_flags or [])

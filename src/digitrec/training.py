@@ -37,7 +37,7 @@ from .checkpoint import (
     save_model,
     save_tensors,
 )
-from .config import DRY_RUN_BATCHES, DRY_RUN_MAX_EPOCHS, DRY_RUN_ROBUSTNESS_IMAGES, TrainConfig
+from .config import DRY_RUN_BATCHES, DRY_RUN_MAX_EPOCHS, DRY_RUN_ROBUSTNESS_IMAGES, TrainConfig, with_flags
 from .data import MNIST, as_input, check_val_size, load_mnist, split_validation
 from .errors import CheckpointError, DataError, DigitrecError, TrainingDiverged, need_extra
 from .evaluate import evaluate, loss_and_accuracy, recipe_logits, write_report
@@ -110,11 +110,14 @@ def lr_at(config: TrainConfig, step: int, steps_per_epoch: int, total_steps: int
     progress = step / max(1, total_steps)
     if config.schedule == "cosine":
         return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    # onecycle: linear warm-up from lr/25 to lr, then linear decay to zero (as in airbench and hlb-CIFAR10)
-    warmup = config.warmup_fraction
-    if progress < warmup:
-        return config.lr * (0.04 + 0.96 * progress / warmup)
-    return config.lr * max(0.0, (1 - progress) / (1 - warmup))
+    if (
+        config.schedule == "onecycle"
+    ):  # linear warm-up from lr/25 to lr, then linear decay to zero (airbench's)
+        warmup = config.warmup_fraction
+        if progress < warmup:
+            return config.lr * (0.04 + 0.96 * progress / warmup)
+        return config.lr * max(0.0, (1 - progress) / (1 - warmup))
+    raise ValueError(f"unknown schedule {config.schedule!r}")  # TrainConfig refuses it before it gets here
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
@@ -133,7 +136,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr, betas=config.betas)
-    return AdamW(groups, lr=config.lr, betas=config.betas)
+    if config.optimizer == "adamw":
+        return AdamW(groups, lr=config.lr, betas=config.betas)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")  # TrainConfig refuses it before it gets here
 
 
 def generator_seed(value: int) -> int:
@@ -562,22 +567,17 @@ def train(
                 if distributed.broadcast_flag(stop):
                     break
                 clock_started = time.perf_counter()
-        except KeyboardInterrupt:  # the bar goes before the caller says how to resume, not under its line
-            if bar is not None:
-                bar.close()
-            raise
         except TrainingDiverged:  # on every rank at once: stop as a finished run does, then say so
-            if bar is not None:
-                bar.close()
-            if writer:
-                writer.close()
             if joined:
                 del train_model  # as below: DDP holds the process group
                 gc.collect()
                 distributed.shutdown()
             raise
-        if writer:
-            writer.close()
+        finally:  # on Ctrl-C too, or a full disk: the bar goes before the caller's sentence, not under its line
+            if bar is not None:
+                bar.close()
+            if writer:
+                writer.close()
         if world_size > 1:
             fingerprint = distributed.check_replicas(model)
             log(f"weights identical on all {world_size} ranks (sha256 {fingerprint})")
@@ -646,10 +646,10 @@ def _start_or_resume(
         tensors, config, recipe, state = read_resume(out_dir)
         refuse_another_process_count(out_dir, state, distributed.launched_world_size())
         state["dry_run"] = bool(state.get("dry_run", False))  # a dry run resumes on its own few images
-        if resume_device:
-            config = config.override(device=resume_device)
+        flags: dict[str, Any] = {"device": resume_device} if resume_device else {}
         if resume_threads is not None:  # 0: torch's default
-            config = config.override(threads=resume_threads)
+            flags["threads"] = resume_threads
+        config = with_flags(config, flags)
         return config, recipe, state, tensors
     refuse_new_run(config, out_dir, dry_run, overwrite, finetune)
     state = {
@@ -755,10 +755,14 @@ def check_split(train_images: int, config: TrainConfig, world_size: int) -> None
 def _steps_per_epoch(images: int, config: TrainConfig, world_size: int) -> int:
     """Steps in an epoch of `images` training images; one sentence when they make no batch."""
     steps = steps_in_epoch(images, config.batch_size, world_size)
-    if steps == 0:
+    if steps == 0 and config.val_size:
         raise DataError(
             f"{images} training image(s) left after the validation split of {config.val_size}: "
             f"too few for one batch of two per process; choose a smaller --val-size."
+        )
+    if steps == 0:  # a --data-dir of a handful of images, or more processes than they make batches for
+        raise DataError(
+            f"{images} training image(s), too few for one batch of two per process; train on more images."
         )
     return steps
 
@@ -1048,5 +1052,26 @@ def divergence_sentence(
 
 
 def load_history(out_dir: str | Path) -> list[dict[str, float]]:
+    """The run's per-epoch history.json; [] when there is none, a sentence when it is not one `train` wrote."""
     path = Path(out_dir) / "history.json"
-    return json.loads(path.read_text()) if path.exists() else []
+    if not path.exists():
+        return []
+    try:
+        history = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise DigitrecError(f"cannot read {path} ({exc}); it was changed or damaged.") from None
+    if not isinstance(history, list) or not all(_history_row(row) for row in history):
+        raise DigitrecError(
+            f"{path} is not the list of epochs `digitrec train` writes; it was changed or damaged."
+        )
+    return history
+
+
+def _history_row(row: Any) -> bool:
+    """Is `row` an epoch as train writes it: a number for each of the curves' keys (val ones may be missing)?"""
+    if not isinstance(row, dict):
+        return False
+    number = (int, float)
+    needed = all(isinstance(row.get(key), number) for key in ("epoch", "train_loss", "train_accuracy"))
+    others = ("val_loss", "val_accuracy", "lr", "seconds")
+    return needed and all(isinstance(row.get(key, 0), number) or row.get(key) is None for key in others)

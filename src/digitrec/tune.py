@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_text
-from .config import TrainConfig, get_recipe, to_toml
+from .config import TrainConfig, get_recipe, to_toml, with_flags
 from .data import MNIST
 from .errors import DataError, DigitrecError, TrainingDiverged, need_extra
 
@@ -101,10 +101,13 @@ def tune(
         )
     out_dir = Path(out_dir)
     base = get_recipe(recipe)
-    base = base.override(  # 0 is refused here by override, not taken for "the recipe's own"
-        val_size=val_size if val_size is not None else base.val_size or DEFAULT_VAL_SIZE,
-        epochs=epochs if epochs is not None else base.epochs,
-        early_stopping_patience=0,
+    base = with_flags(  # --epochs 0 is refused here, not taken for "the recipe's own"
+        base,
+        {"epochs": epochs} if epochs is not None else {},
+        {
+            "val_size": val_size if val_size is not None else base.val_size or DEFAULT_VAL_SIZE,
+            "early_stopping_patience": 0,
+        },
     )
     data = data or load_mnist(log=log)
     # a split that leaves no batch fails here, once, not as every trial's failure in Optuna's log
