@@ -16,6 +16,7 @@ from test_segment import line_image
 
 import digitrec
 import digitrec.api
+from digitrec.errors import DigitrecError
 from digitrec.preprocess import preprocess
 
 
@@ -65,6 +66,32 @@ def test_train_is_the_friendly_function_even_after_the_loop_is_imported(tiny_mni
     assert (
         isinstance(run, digitrec.Run) and run.model_path.exists() and run.metrics["val_accuracy"] is not None
     )
+
+
+def test_a_stopped_run_is_resumed_or_started_over_from_python(tiny_mnist, tmp_path):
+    """Stopped in a notebook (KeyboardInterrupt), a run could only be taken up again by the command line: a new
+    digitrec.train() into its folder was refused with "--resume ... --overwrite", flags train() did not take."""
+    from digitrec.training import train as loop
+
+    config = digitrec.TrainConfig(arch="lenet", epochs=2, val_size=100, checkpoint_every_steps=3)
+
+    def stop(model, row):
+        raise KeyboardInterrupt  # after epoch 1's mid-epoch checkpoints
+
+    with pytest.raises(KeyboardInterrupt):
+        loop(
+            config, tmp_path, data=tiny_mnist, on_epoch=stop, progress=False, report=False, log=lambda m: None
+        )
+    with pytest.raises(DigitrecError) as refused:
+        digitrec.train(config, tmp_path, data=tiny_mnist, report=False)
+    assert "resume=True), start it over with overwrite=True, or choose another out_dir." in str(refused.value)
+    assert "--" not in str(refused.value)
+    with pytest.raises(DigitrecError, match="goes on with its own settings"):
+        digitrec.train("fast", tmp_path, data=tiny_mnist, resume=True)
+    run = digitrec.train(out_dir=tmp_path, data=tiny_mnist, report=False, resume=True)
+    assert run.config == config and len(run.history) == 2 and run.model_path.exists()
+    again = digitrec.train("fast", tmp_path, data=tiny_mnist, epochs=0.1, report=False, overwrite=True)
+    assert again.config.arch == digitrec.RECIPES["fast"].arch
 
 
 def test_train_trains_when_the_caller_has_autograd_off(tiny_mnist, tmp_path):

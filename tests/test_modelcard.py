@@ -329,6 +329,35 @@ def test_the_cards_command_trains_the_same_config(changes, tmp_path):
     assert recipe == "fast" and reproduced.to_dict() == config.to_dict()
 
 
+@pytest.mark.parametrize("base", ["fast", None])
+def test_a_custom_configs_card_trains_it_again_from_the_nearest_recipe(base, tmp_path):
+    """`digitrec.train(a TrainConfig)` wrote a card saying only "A custom configuration; its full values are in
+    model.json", though a card gives the command that trains its settings again."""
+    from digitrec.cli import build_parser, training_config
+    from digitrec.config import TrainConfig
+
+    config = (
+        get_recipe(base).override(epochs=0.2) if base else TrainConfig(arch="lenet", epochs=2, val_size=100)
+    )
+    meta = {"recipe": "custom", "config": config.to_dict(), "metrics": {"steps": 1000}}
+    text = modelcard.to_markdown(modelcard.build_card({"test_accuracy": 0.9, "test_loss": 0.3}, meta))
+    assert "A custom configuration, nearest to recipe `" in text
+    if base:
+        assert (
+            "nearest to recipe `fast`; reproduce it with `digitrec train --recipe fast --epochs 0.2`." in text
+        )
+    args = _card_command(text)
+    if "--config" in args:
+        toml = text.split("FILE a TOML file holding ")[1].split(" (one per line)")[0]
+        (tmp_path / "run.toml").write_text("\n".join(line.strip("`") for line in toml.split(", `")))
+        args[args.index("FILE")] = str(tmp_path / "run.toml")
+    reproduced = training_config(build_parser().parse_args(args))[1].to_dict()
+    expected = config.to_dict()
+    for key in modelcard._DESCRIPTIVE:  # where a recipe comes from, not what it trains
+        reproduced.pop(key), expected.pop(key)
+    assert reproduced == expected
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_the_cards_command_of_a_run_on_several_processes_trains_on_as_many(world_size):
     """A `--nproc 2` run of a batch-norm recipe trains other weights than one process (each process normalizes

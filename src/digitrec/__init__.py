@@ -69,4 +69,6 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """The public names and the submodules loaded so far; not this file's own imports (Any, import_module)."""
+    own = {"annotations", "import_module", "TYPE_CHECKING", "Any"}
+    return sorted({name for name in globals() if not name.startswith("_") and name not in own} | set(__all__))

@@ -666,15 +666,19 @@ def _reproduce(recipe: str, config: TrainConfig, dry_run: bool, nproc: int = 1) 
     processes (each normalizes its share of a batch on a CPU, so one process trains other weights)."""
     from .config import DRY_RUN_MAX_EPOCHS, RECIPES, TRAIN_OVERRIDES
 
-    if recipe == "custom":
-        return "A custom configuration; its full values are in model.json."
-    if recipe not in RECIPES:  # a fine-tuned run, or a recipe since renamed
+    def capped(base: TrainConfig) -> TrainConfig:  # --dry-run caps the epochs and records the capped figure
+        return base.override(epochs=min(base.epochs, DRY_RUN_MAX_EPOCHS)) if dry_run else base
+
+    def differences(base: TrainConfig) -> dict[str, Any]:
+        ours, theirs = config.to_dict(), capped(base).to_dict()
+        return {k: v for k, v in ours.items() if v != theirs[k] and k not in _DESCRIPTIVE}
+
+    custom = recipe == "custom"  # a TrainConfig given to digitrec.train(): said from the recipe nearest to it
+    if custom:
+        recipe = min(RECIPES, key=lambda name: len(differences(RECIPES[name])))
+    elif recipe not in RECIPES:  # a fine-tuned run, or a recipe since renamed
         return f"Recipe `{recipe}`, not a named recipe; its full values are in model.json."
-    base = RECIPES[recipe]
-    if dry_run:  # --dry-run caps the epochs and records the capped figure: a flag only where the cap differs
-        base = base.override(epochs=min(base.epochs, DRY_RUN_MAX_EPOCHS))
-    ours, theirs = config.to_dict(), base.to_dict()
-    changed = {k: v for k, v in ours.items() if v != theirs[k] and k not in _DESCRIPTIVE}
+    changed = differences(RECIPES[recipe])
     flags, toml = [], []
     for key, value in changed.items():
         if key in TRAIN_OVERRIDES:
@@ -686,17 +690,18 @@ def _reproduce(recipe: str, config: TrainConfig, dry_run: bool, nproc: int = 1) 
         elif value is not None:
             toml.append(f"{key} = {_value(value)}")
     own = " with settings of its own" if flags or toml else ""
+    named = f"A custom configuration, nearest to recipe `{recipe}`" if custom else f"Recipe `{recipe}`{own}"
     flags += [f"--nproc {nproc}"] if nproc > 1 else []
     flags += ["--dry-run"] if dry_run else []
     if toml:
         command = " ".join(["digitrec train --config FILE", *flags])
         return (
-            f"Recipe `{recipe}`{own}; reproduce it with `{command}`, FILE a TOML file holding "
+            f"{named}; reproduce it with `{command}`, FILE a TOML file holding "
             + ", ".join(f"`{line}`" for line in [f'recipe = "{recipe}"', *toml])
             + " (one per line)."
         )
     command = " ".join([f"digitrec train --recipe {recipe}", *flags])
-    return f"Recipe `{recipe}`{own}; reproduce it with `{command}`."
+    return f"{named}; reproduce it with `{command}`."
 
 
 def _members_section(members: list[Any], meta: dict[str, Any]) -> Section:

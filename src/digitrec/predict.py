@@ -35,7 +35,9 @@ Backend = Callable[[np.ndarray], np.ndarray]
 
 @dataclass
 class Prediction:
-    """One image's answer. `digit` is None when rejected; `confidence` is the calibrated top probability."""
+    """One image's answer. `digit` is None when rejected; `confidence` is the top probability, at the model's
+    calibrated temperature where `digitrec calibrate` fitted one (else the raw softmax, which runs high). A blank
+    page (`blank`) is rejected whatever the model says, so its `confidence` and `top` are the model's guess."""
 
     digit: int | None
     confidence: float
@@ -52,7 +54,8 @@ class Prediction:
 
 @dataclass
 class DigitBox:
-    """One digit of a number: its value, calibrated confidence and box (x, y, w, h) in the input's pixels.
+    """One digit of a number: its value, confidence (calibrated as Prediction's) and box (x, y, w, h) in the
+    input's pixels.
 
     `doubtful`: the confidence is below the model's reject threshold, so `predict` would have rejected this image
     (a letter or a scribble among the digits, or a bad cut); `read` still gives its most likely digit."""
@@ -264,7 +267,8 @@ class Predictor:
 
     @classmethod
     def pretrained(cls, reject_below: float | None = None, backend: str = "torch") -> Predictor:
-        """The model bundled with the package (the `robust` recipe and one more epoch, calibrated: `make pretrained`)."""
+        """The model bundled with the package (the `robust` recipe and one more epoch, calibrated: `make pretrained`;
+        its file is `pretrained_path()`). `reject_below` and `backend` are `load`'s."""
         path = pretrained_path()
         if not path.exists():
             raise CheckpointError(f"the bundled model {path} is missing; reinstall digitrec or pass --model.")
@@ -348,7 +352,9 @@ class Predictor:
         return out
 
     def predict(self, images: Any | Sequence[Any], top_k: int = 3) -> list[Prediction]:
-        """Preprocess one image or a list (paths, bytes, PIL images, arrays) and predict them in one batch.
+        """Preprocess one image or a list (paths, bytes, PIL images, arrays, tensors) and predict them in one batch;
+        each Prediction's `top` holds its `top_k` likeliest digits (1 to 10). For images that are already 28x28
+        model inputs (MNIST's own, say), `predict_tensor` skips the preprocessing, which is made for photos.
 
         Raises `digitrec.errors.ImageError` for the first unusable image; `digitrec.predict.predict_files(predictor,
         paths)` keeps going past bad files, one result or error per file, as `digitrec predict` does.

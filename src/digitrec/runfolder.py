@@ -290,10 +290,22 @@ def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
             f"{out_dir} holds an unfinished run (stopped at step {step}) whose checkpoint does not load as it is "
             f"({damaged_side_file.rstrip('.')}); start it over with --overwrite, or choose another --out."
         )
-    raise CheckpointError(
+    raise UnfinishedRun(
         f"{out_dir} holds an unfinished run (stopped at step {step}); continue it with `digitrec train --resume "
-        f"{out_dir}`, start it over with --overwrite, or choose another --out."
+        f"{out_dir}`, start it over with --overwrite, or choose another --out.",
+        f"{out_dir} holds an unfinished run (stopped at step {step}); continue it with "
+        f"digitrec.train(out_dir={str(out_dir)!r}, resume=True), start it over with overwrite=True, or choose "
+        "another out_dir.",
     )
+
+
+class UnfinishedRun(CheckpointError):
+    """A new run refused where one that could be resumed lies: said with the command line's flags, and
+    `in_python` with digitrec.train()'s arguments."""
+
+    def __init__(self, message: str, in_python: str) -> None:
+        super().__init__(message)
+        self.in_python = in_python
 
 
 def refuse_replacing_with_a_dry_run(out_dir: Path) -> None:
