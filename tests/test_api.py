@@ -241,6 +241,16 @@ def test_a_file_in_the_way_of_the_run_folder_and_an_empty_model_path_are_one_sen
         digitrec.Predictor.load("")
 
 
+def test_a_run_folder_that_is_a_link_to_nowhere_says_so(tmp_path):
+    """It was "cannot write into the run folder ... (File exists)"."""
+    (tmp_path / "runs").symlink_to(tmp_path / "gone")
+    for out in (tmp_path / "runs", tmp_path / "runs" / "fast"):
+        with pytest.raises(
+            DigitrecError, match=f"runs is a link to {tmp_path / 'gone'}, which does not exist"
+        ):
+            digitrec.train("fast", out)
+
+
 def test_read_returns_a_number_string(predictor):
     image, _ = line_image([3, 0, 5, 1, 8], gap=0.3)
     result = predictor.read(image)

@@ -200,6 +200,15 @@ def test_a_file_larger_than_any_checkpoint_is_refused_unread(tmp_path, monkeypat
         checkpoint.load_model(path)
 
 
+@pytest.mark.parametrize("side", ["null", "[1, 2]", "{not json"])
+def test_a_side_file_that_is_no_json_object_says_so(saved, side):
+    """`null` in model.json was said to be "not valid JSON", which it is."""
+    path, _ = saved
+    path.with_suffix(".json").write_text(side)
+    with pytest.raises(CheckpointError, match="is not the JSON object digitrec writes beside a checkpoint"):
+        load_model(path)
+
+
 def test_foreign_safetensors_is_not_ours(tmp_path):
     from safetensors.torch import save_file
 

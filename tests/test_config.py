@@ -304,6 +304,16 @@ def test_tune_bench_and_resume_say_their_flags_too(tmp_path, capsys):
         with_flags(RECIPES["fast"], {"threads": 1}, {"momentum": 1.5})
 
 
+def test_a_config_file_that_sets_one_setting_in_both_spellings_is_refused(tmp_path):
+    """`batch-size = 32` beside `batch_size = 64` kept one of them without a word."""
+    path = tmp_path / "c.toml"
+    path.write_text("batch-size = 32\nbatch_size = 64\n")
+    with pytest.raises(
+        DigitrecError, match="sets 'batch-size' and 'batch_size', one setting twice; keep one"
+    ):
+        load_toml(path)
+
+
 def test_range_errors_say_the_range():
     """lr 1000 was refused as "must be positive and finite", weight decay 5000 as "must not be negative"."""
     with pytest.raises(DigitrecError, match="learning rate must be above 0 and below 1000, got 1000.0"):

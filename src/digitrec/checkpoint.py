@@ -284,7 +284,8 @@ def read_checkpoint(path: str | Path, side_file: bool = True) -> tuple[bytes, di
             expected = json.loads(side.read_text()).get("sha256")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             raise CheckpointError(
-                f"side file {side} is not valid JSON; restore it or delete it to load {path.name} alone."
+                f"side file {side} is not the JSON object digitrec writes beside a checkpoint; restore it or delete "
+                f"it to load {path.name} alone."
             ) from None
         digest = hashlib.sha256(data).hexdigest()
         # a crash between save_tensors' two renames: the new side file is still a temporary beside the old one

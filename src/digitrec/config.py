@@ -562,6 +562,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     # the file's keys as the flags' (batch-size is batch_size), checked here, where `recipe` is one of them: a
     # misspelt `recpe` got no "did you mean", and the list of known keys left `recipe` out
     known = {f.name for f in fields(TrainConfig)} | {"recipe"}
+    spellings: dict[str, str] = {}
+    for key in values:  # `batch-size` and `batch_size` both: one of the two was kept without a word
+        if (other := spellings.setdefault(key.replace("-", "_"), key)) != key:
+            raise DigitrecError(
+                f"config file {path} sets {other!r} and {key!r}, one setting twice; keep one."
+            )
     values = {key.replace("-", "_"): value for key, value in values.items()}
     for key in values:
         if key not in known:

@@ -43,6 +43,12 @@ def refuse_a_file_in_the_way(out_dir: Path) -> None:
     blocking = file_in_the_way(out_dir)
     if blocking is not None:
         raise DigitrecError(f"{blocking} is a file, not a folder; choose another folder for the run.")
+    dangling = next((p for p in (out_dir, *out_dir.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # was "cannot write into the run folder ... (File exists)"
+        raise DigitrecError(
+            f"{dangling} is a link to {os.readlink(dangling)}, which does not exist; make that folder, or choose "
+            "another folder for the run."
+        )
 
 
 def default_out_dir(name: str) -> Path:

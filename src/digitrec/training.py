@@ -200,9 +200,11 @@ def train_steps(
     total_steps: int,
     on_step: Callable[[int, tuple[torch.Tensor, torch.Tensor, int]], None] | None = None,
     epoch_so_far: tuple[float, int, int] = (0.0, 0, 0),
+    average: WeightAverage | None = None,
 ) -> tuple[float, float]:
     """Train on `steps` (all inside one epoch); returns (mean loss, accuracy) over the epoch's images seen.
 
+    `average` (a moving average of the weights, with ema_decay) folds in the weights after every step.
     `epoch_so_far` carries (loss sum, correct, images) of the part of the epoch before a resume, and `on_step`
     gets the running sums after every step, so that a mid-epoch checkpoint can save them.
     """
@@ -244,6 +246,8 @@ def train_steps(
         else:  # DDP averages the ranks' gradients: weigh each by its share of an uneven last batch
             (loss * (len(y) * world_size / len(batch))).backward()
         optimizer.step()
+        if average is not None:
+            average.update(step)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -481,8 +485,6 @@ def train(
 
         def on_step(step: int, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
             nonlocal clock_started
-            if average is not None:
-                average.update(step)
             if bar is not None:
                 bar.update(1)
             every = config.checkpoint_every_steps
@@ -530,6 +532,7 @@ def train(
                     total_steps,
                     on_step=on_step,
                     epoch_so_far=epoch_so_far,
+                    average=average,
                 )
                 epoch_so_far = (0.0, 0, 0)
                 if bar:
