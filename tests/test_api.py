@@ -56,6 +56,12 @@ def test_import_is_lazy_and_exports_the_api():
         assert name in out
 
 
+def test_dir_lists_the_public_names_not_the_modules_own_imports():
+    """dir(digitrec) listed Any, TYPE_CHECKING, annotations and import_module beside the API."""
+    assert set(digitrec.__all__) <= set(dir(digitrec))
+    assert not {"Any", "TYPE_CHECKING", "annotations", "import_module"} & set(dir(digitrec))
+
+
 def test_train_is_the_friendly_function_even_after_the_loop_is_imported(tiny_mnist, tmp_path):
     import digitrec.training as loop
 
