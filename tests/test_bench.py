@@ -87,12 +87,14 @@ def test_bench_train_marks_a_missed_target_and_can_stop_early(tiny_mnist) -> Non
             "--target is a test accuracy as a fraction between 0 and 1 (0.99 for 99%), not 99; "
             "did you mean 0.99?",
         ),
-        (["--target", "1.5"], "not 1.5; did you mean 0.015?"),
+        (["--target", "1.5"], "between 0 and 1 (0.99 for 99%), not 1.5."),  # it suggested 0.015, below chance
+        (["--target", "100"], "between 0 and 1 (0.99 for 99%), not 100."),
         (["--target", "-1"], "between 0 and 1 (0.99 for 99%), not -1."),
         (["--recipes", ""], "--recipes names no recipe"),
         (["--recipes", " , "], "--recipes names no recipe"),
         (["--recipes", "fast,"], "--recipes 'fast,' has an empty name beside a comma"),
         (["--recipes", "fast,,default"], "has an empty name"),
+        (["--recipes", "fast,fast"], "--recipes names fast more than once; give each once."),
         (["--recipes", "fast,nope"], "unknown recipe 'nope'"),
     ],
 )

@@ -176,6 +176,16 @@ def test_a_checkpoint_cut_inside_its_header_is_called_truncated_when_its_side_fi
         load_model(path)
 
 
+def test_an_export_beside_its_checkpoint_is_named_as_one_not_as_a_cut_checkpoint(saved):
+    """model.onnx beside model.safetensors: the checkpoint's side file model.json was taken for the export's, and
+    `evaluate m/model.onnx` said the export was truncated ("retrain or restore it")."""
+    path, _ = saved
+    onnx = path.with_suffix(".onnx")
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch" + bytes(200))  # any ONNX protobuf's opening bytes
+    with pytest.raises(CheckpointError, match="is an ONNX export, which this command does not take"):
+        load_model(onnx)
+
+
 def test_a_device_or_a_pipe_as_a_checkpoint_is_refused_unread(tmp_path):
     """`digitrec evaluate /dev/zero` read until the kernel killed it at 24 GB; a FIFO would wait for a writer."""
     with pytest.raises(CheckpointError, match="^/dev/zero is not a file but a device, pipe or socket"):

@@ -1307,3 +1307,13 @@ def test_finetune_names_the_flag_out_of_range(flags, said, tiny_fast_run, idx_fo
     ]
     assert main([*args, "--no-report", "--no-progress", "--data-dir", str(idx_folder)]) == 2
     assert capsys.readouterr().err == f"digitrec: error: {said}\n"
+
+
+def test_a_dash_for_standard_input_says_how_to_give_it(tmp_path, monkeypatch, capsys):
+    """`digitrec predict -` said "- does not exist; check the path"."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "-"]) == 1
+    assert (
+        "standard input is not read as -; redirect the image into /dev/stdin instead."
+        in capsys.readouterr().out
+    )

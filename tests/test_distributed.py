@@ -190,6 +190,37 @@ def test_nproc_refuses_once_what_every_worker_would(tmp_path, monkeypatch, capsy
     assert refused in err and "Traceback" not in err and err.count("digitrec: error:") == 1
 
 
+def test_the_advice_for_an_unfinished_run_of_two_processes_resumes_it_on_two(tmp_path, capsys, idx_folder):
+    """It said `digitrec train --resume RUN`, which that run refuses ("began on 2 processes ... --nproc 2"): a new
+    run into its folder, and evaluate's note on its best checkpoint so far, gave the command without --nproc."""
+    import torch
+
+    from digitrec.checkpoint import save_model, save_tensors
+    from digitrec.models import create_model
+
+    run = tmp_path / "run"
+    state = {"step": 7, "history": [], "optimizer": {"scalars": {}, "param_groups": []}, "world_size": 2}
+    config = {"arch": "fast_cnn"}
+    save_tensors(
+        run / "last.safetensors",
+        {"model.w": torch.zeros(1)},
+        {"recipe": "fast", "config": config, "state": state},
+    )
+    assert main(["train", "--recipe", "fast", "--out", str(run), "--data-dir", str(idx_folder)]) == 2
+    said = f"continue it with `digitrec train --resume {run} --nproc 2` (or torchrun with 2 processes)"
+    assert said in capsys.readouterr().err
+    save_model(
+        run / "model.safetensors",
+        create_model("fast_cnn"),
+        {"recipe": "fast", "config": config, "partial": True},
+    )
+    assert main(["evaluate", str(run), "--json", "--data-dir", str(idx_folder)]) == 0
+    assert (
+        f"`digitrec train --resume {run} --nproc 2` (or torchrun with 2 processes) finishes it"
+        in capsys.readouterr().err
+    )
+
+
 def test_a_failing_worker_ends_torchrun_with_its_exit_status_and_no_traceback(tmp_path):
     from digitrec.distributed import torchrun_command
 

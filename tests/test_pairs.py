@@ -231,8 +231,9 @@ def test_read_and_eval_real_use_the_pair_classifier_named_by_pairs(tmp_path, mon
     assert main(args) == 0 and set(asked) == {own}
 
 
-@pytest.mark.parametrize("what", ["missing", "a digit model"])
+@pytest.mark.parametrize("what", ["missing", "a digit model", "an image", "a folder"])
 def test_a_pairs_file_that_cannot_be_used_is_refused_before_reading(what, tmp_path, capsys):
+    """An image or a folder given as --pairs was told of `digitrec train` and a run folder's model.safetensors."""
     from PIL import Image
 
     from digitrec.cli import main
@@ -240,7 +241,12 @@ def test_a_pairs_file_that_cannot_be_used_is_refused_before_reading(what, tmp_pa
 
     image = tmp_path / "7.png"
     Image.new("L", (40, 40), 255).save(image)
-    pairs = tmp_path / "nope.safetensors" if what == "missing" else pretrained_path()
+    pairs = {
+        "missing": tmp_path / "nope.safetensors",
+        "a digit model": pretrained_path(),
+        "an image": image,
+        "a folder": tmp_path,
+    }[what]
     assert main(["read", str(image), "--pairs", str(pairs), "--backend", "numpy"]) == 2
     err = capsys.readouterr().err
     said = (
@@ -249,6 +255,7 @@ def test_a_pairs_file_that_cannot_be_used_is_refused_before_reading(what, tmp_pa
         else "is not a pair classifier"
     )
     assert f"{pairs}" in err and said in err and "Traceback" not in err
+    assert "`digitrec train`" not in err and "model.safetensors" not in err
 
 
 def test_serve_passes_pairs_to_the_server(tmp_path, monkeypatch):

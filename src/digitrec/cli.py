@@ -336,13 +336,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             processes = launched_world_size()
             # said once, by the rank that writes
             if launched_rank() == 0 and (out / "last.safetensors").exists():
-                again = f"`digitrec train --resume {out}`"
-                if processes > 1:
-                    again = (
-                        f"`digitrec train --resume {out} --nproc {processes}` (or torchrun with {processes} "
-                        "processes)"
-                    )
-                _stderr(f"stopped; {again} continues from the last checkpoint")
+                from .runfolder import resume_command
+
+                _stderr(f"stopped; {resume_command(out, processes)} continues from the last checkpoint")
             raise
     if not run.metrics:  # a rank other than 0 of a distributed run: rank 0 prints the result
         return 0
@@ -359,6 +355,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_of(run: Path) -> str:
+    """The command that finishes the unfinished run in `run`, with --nproc N where it began on N processes."""
+    from .checkpoint import read_checkpoint
+    from .runfolder import resume_command
+
+    try:
+        state = read_checkpoint(run / "last.safetensors")[1].get("state")
+    except DigitrecError:  # its own sentence comes when it is resumed
+        state = None
+    return resume_command(run, state.get("world_size") if isinstance(state, dict) else None)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model, recorded_temperature
     from .config import TrainConfig
@@ -372,7 +380,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, meta = load_model(path)
     if meta.get("partial"):  # written after an epoch of a run that was stopped before its end
         in_its_run = path.name == "model.safetensors" and (path.parent / "last.safetensors").exists()
-        finish = f"; `digitrec train --resume {path.parent}` finishes it" if in_its_run else ""
+        finish = f"; {_resume_of(path.parent)} finishes it" if in_its_run else ""
         _stderr(f"note: {path} is the best checkpoint so far of a run that had not finished{finish}.")
     trained = TrainConfig.from_checkpoint(meta, path)
     config = trained.override(tta_views=args.tta_views)
@@ -1036,7 +1044,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from .data import load_mnist
 
     if not 0 < args.target < 1:  # NaN fails too
-        percent = f"; did you mean {args.target / 100:g}?" if 1 < args.target < 100 else ""
+        # a percentage above chance (10%) is suggested as a fraction; 1.5 is no target (0.015: below chance)
+        percent = f"; did you mean {args.target / 100:g}?" if 10 < args.target < 100 else ""
         raise DigitrecError(
             f"--target is a test accuracy as a fraction between 0 and 1 (0.99 for 99%), not {args.target:g}{percent}"
             + ("" if percent else ".")
@@ -1050,6 +1059,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         raise DigitrecError(
             f"--recipes {args.recipes!r} has an empty name beside a comma; give a list such as fast,default."
         )
+    refuse_repeats("--recipes", names)  # fast,fast ran fast once, without a word
     recipes = {name: get_recipe(name) for name in names}
     if args.max_epochs:
         recipes = {n: c.override(epochs=min(c.epochs, args.max_epochs)) for n, c in recipes.items()}
@@ -1955,6 +1965,18 @@ def _run(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
             print("digitrec: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        # a process of a multi-process run killed (by SIGKILL, or for memory): the others' next collective fails
+        # with gloo's "Connection reset by peer" traceback (25 lines); torchrun's launcher says what happened
+        lost = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+        if os.environ.get("WORLD_SIZE", "1") != "1" and any(words in str(exc) for words in lost):
+            rank = os.environ.get("RANK", "?")
+            print(
+                f"digitrec: training process {rank} lost its connection to the others; stopping.",
+                file=sys.stderr,
+            )
+            return 1
+        raise
     except StandardOutputError as exc:  # `> /dev/full`, a file on a full disk
         # what is left to print goes nowhere, and so does the interpreter's final flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -245,13 +245,27 @@ def run_torchrun(argv: list[str]) -> int:
         # killed by a signal (out of memory, say): nothing said it, since torchrun's own log lines are quiet
         print(
             f"digitrec: error: training process {failed_rank} was killed by {failure.signal_name()}; the run "
-            "stopped there (see README, Scaling out).",
+            f"stopped there{_continued_by(argv)} (see README, Scaling out).",
             file=sys.stderr,
         )
         return 1
     except SignalException as exc:
         return 128 + int(exc.sigval)
     return 0
+
+
+def _continued_by(argv: list[str]) -> str:
+    """ ", and `digitrec train --resume RUN --nproc N` continues it" for the run folder torchrun's `argv` trains in,
+    where a checkpoint was written; else ""."""
+    from .runfolder import resume_command
+
+    nproc = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--nproc-per-node=")), "1")
+    for flag in ("--out", "--resume"):
+        if flag in argv[:-1]:
+            run = Path(argv[argv.index(flag) + 1])
+            if (run / "last.safetensors").exists() and nproc.isdigit():
+                return f", and {resume_command(run, int(nproc))} continues it from its last checkpoint"
+    return ""
 
 
 def launch(args: argparse.Namespace) -> int:

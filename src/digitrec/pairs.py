@@ -326,7 +326,15 @@ def load_pair_scorer(path: str | Path | None = None) -> PairScorer | None:
         if path is None:
             return None
         raise CheckpointError(f"pair classifier {source} does not exist; `digitrec train-pairs` writes one.")
-    tensors, meta = load_arrays(source)
+    try:
+        tensors, meta = load_arrays(source)
+    except CheckpointError as exc:  # it named `digitrec train` and a run folder's model.safetensors
+        if source.is_dir() or "is not a digitrec checkpoint" in str(exc):
+            raise CheckpointError(
+                f"{source} is not a pair classifier; pass the .safetensors file `digitrec train-pairs` wrote "
+                "(runs/pairs/pairs.safetensors unless its --out said otherwise)."
+            ) from None
+        raise
     if meta.get("arch") != "pair_cnn":
         raise CheckpointError(f"{source} is not a pair classifier (`digitrec train-pairs` writes one).")
     refuse_unusable_weights(source, tensors)

@@ -82,6 +82,9 @@ BACKGROUND_SIDE = 32  # the paper estimate is computed with the shorter side at 
 BACKGROUND_WINDOW = 11  # closing window there: wider than any stroke, narrower than lighting changes
 # the same proportions for ink_is_dark()'s median, 6x cheaper (as right)
 POLARITY_SIDE, POLARITY_WINDOW = 20, 7
+POLARITY_FLOOR = (
+    0.01  # tails shorter than this (1% of the gray range) on the small copy are the paper's noise
+)
 # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
 INK_CONTRAST = 0.3
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
@@ -285,6 +288,8 @@ def _unreachable(path: Path, exc: OSError) -> str:
     try:
         target = os.readlink(path)
     except OSError:  # not a link: simply missing
+        if str(path) == "-":  # the Unix habit for standard input, which a path is not
+            return "- is no file, and standard input is not read as -; redirect the image into /dev/stdin instead."
         return f"{path} does not exist; check the path."
     return f"{path} is a symbolic link to {target}, which does not exist; check the link."
 
@@ -621,10 +626,14 @@ def ink_is_dark(gray: np.ndarray) -> bool:
     small = _shrink(gray, POLARITY_SIDE)
     low, middle, high = np.percentile(small, [2, 50, 98])
     dark_tail, light_tail = middle - low, high - middle
-    if max(dark_tail, light_tail) > 3 * min(dark_tail, light_tail):
+    if max(dark_tail, light_tail) > max(3 * min(dark_tail, light_tail), POLARITY_FLOOR):
         return bool(dark_tail >= light_tail)
     residual = small - median_filter(small, POLARITY_WINDOW)
     low, high = np.percentile(residual, [2, 98])
+    if max(-low, high) < POLARITY_FLOOR:
+        # Ink on under 2% of the picture (small digits on a big page): both tails are the paper's noise, and
+        # which was longer was chance (a clear "51" on a 4032 px photo lost its ink). The ink is the extreme.
+        low, high = residual.min(), residual.max()
     return bool(-low >= high)
 
 
@@ -641,15 +650,15 @@ def smooth_sigma(shape: tuple[int, ...]) -> float:
     return max(0.7, min(shape[:2]) / 200)
 
 
-def _smooth(gray: np.ndarray) -> np.ndarray:
+def _smooth(gray: np.ndarray, sigma: float | None = None) -> np.ndarray:
     # A light blur first: sensor noise and JPEG ringing must not reach the threshold as specks.
     # OpenCV's Gaussian: scipy.ndimage.gaussian_filter(sigma, mode="nearest", truncate=2.5) to 1e-7, 8x faster.
-    sigma = smooth_sigma(gray.shape)
+    sigma = smooth_sigma(gray.shape) if sigma is None else sigma
     side = 2 * int(2.5 * sigma + 0.5) + 1
     return cv2.GaussianBlur(gray, (side, side), sigma, borderType=cv2.BORDER_REPLICATE)
 
 
-def flatten(gray: np.ndarray, dark_ink: bool = True) -> np.ndarray:
+def flatten(gray: np.ndarray, dark_ink: bool = True, sigma: float | None = None) -> np.ndarray:
     """Gray -> ink strength in [0, 1] relative to the local light, the same under any lighting.
 
     On a small copy, a morphological closing (max then min filter) erases dark strokes and an opening
@@ -673,14 +682,14 @@ def flatten(gray: np.ndarray, dark_ink: bool = True) -> np.ndarray:
 
     lighter = full(lighter_small)
     paper = lighter if dark_ink else full(paper_small)  # dark ink: the paper is the lighter level
-    smooth = _smooth(gray)
+    smooth = _smooth(gray, sigma)
     contrast = (paper - smooth) if dark_ink else (smooth - paper)
     return np.clip(contrast / np.maximum(lighter, 0.15), 0.0, 1.0).astype(np.float32)
 
 
-def flatten_uniform(gray: np.ndarray, paper: float, dark_ink: bool) -> np.ndarray:
+def flatten_uniform(gray: np.ndarray, paper: float, dark_ink: bool, sigma: float | None = None) -> np.ndarray:
     """flatten() for a page of one flat tone: the paper is a constant, so no lighting model is needed."""
-    smooth = _smooth(gray)
+    smooth = _smooth(gray, sigma)
     if dark_ink:
         contrast, lighter = paper - smooth, paper
     else:  # the lighter level is the chalk's, as flatten()'s closing finds it next to the strokes
@@ -792,12 +801,15 @@ def speck_free_parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return labels, areas, keep
 
 
-def ink_strength(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
-    """Gray image -> ink strength in [0, 1] (polarity, flatten); a flat page takes the short way."""
+def ink_strength(gray: np.ndarray, steps: Steps | None = None, sigma: float | None = None) -> np.ndarray:
+    """Gray image -> ink strength in [0, 1] (polarity, flatten); a flat page takes the short way. `sigma`: the
+    light blur's (default smooth_sigma, by the image's size)."""
     dark_ink, paper = _polarity(gray)
     if steps is not None:
         steps["polarity"] = gray if dark_ink else 1.0 - gray  # shown as dark ink on light paper
-    ink = flatten_uniform(gray, paper, dark_ink) if paper is not None else flatten(gray, dark_ink)
+    ink = (
+        flatten_uniform(gray, paper, dark_ink, sigma) if paper is not None else flatten(gray, dark_ink, sigma)
+    )
     if steps is not None:
         steps["flatten"] = 1.0 - ink
     return ink

@@ -190,6 +190,13 @@ RUN_OUTPUTS = (
 )
 
 
+def resume_command(out_dir: Path, world_size: Any = 1) -> str:
+    """The command that continues the run in `out_dir`, begun on `world_size` processes (as its state records)."""
+    if isinstance(world_size, int) and world_size > 1:
+        return f"`digitrec train --resume {out_dir} --nproc {world_size}` (or torchrun with {world_size} processes)"
+    return f"`digitrec train --resume {out_dir}`"
+
+
 def refuse_another_process_count(out_dir: Path, state: dict[str, Any], world_size: int) -> None:
     """A run resumes on as many processes as it began on: each step's dropout and augmentation seeds, and each
     process's share of a batch, depend on the count. A finished run is only evaluated again, on one process, so
@@ -291,8 +298,8 @@ def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
             f"({damaged_side_file.rstrip('.')}); start it over with --overwrite, or choose another --out."
         )
     raise UnfinishedRun(
-        f"{out_dir} holds an unfinished run (stopped at step {step}); continue it with `digitrec train --resume "
-        f"{out_dir}`, start it over with --overwrite, or choose another --out.",
+        f"{out_dir} holds an unfinished run (stopped at step {step}); continue it with "
+        f"{resume_command(out_dir, state.get('world_size'))}, start it over with --overwrite, or choose another --out.",
         f"{out_dir} holds an unfinished run (stopped at step {step}); continue it with "
         f"digitrec.train(out_dir={str(out_dir)!r}, resume=True), start it over with overwrite=True, or choose "
         "another out_dir.",
