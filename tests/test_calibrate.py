@@ -287,10 +287,15 @@ def test_calibrate_out_refuses_another_runs_folder_but_not_its_own_or_an_earlier
     fresh = tmp_path / "calibrated" / "model.safetensors"
     calibrate_module.calibrate(a / "model.safetensors", out_path=fresh, **quiet)
     calibrate_module.calibrate(a / "model.safetensors", out_path=fresh, **quiet)  # again: no run's folder
-    calibrate_module.calibrate(
-        a / "model.safetensors", out_path=b / "half.safetensors", **quiet
-    )  # not b's model
+    # not b's model
+    calibrate_module.calibrate(a / "model.safetensors", out_path=b / "half.safetensors", **quiet)
     assert (b / "model.safetensors").read_bytes() == before
+    mine = (
+        tmp_path / "mine"
+    )  # a folder of the user's, with a metrics.json of theirs and no run: theirs to use
+    mine.mkdir()
+    (mine / "metrics.json").write_text("{}")
+    calibrate_module.calibrate(a / "model.safetensors", out_path=mine / "model.safetensors", **quiet)
 
 
 def test_calibrate_replaces_a_damaged_reject_threshold_instead_of_refusing_it(

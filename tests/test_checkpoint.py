@@ -176,6 +176,33 @@ def test_a_checkpoint_cut_inside_its_header_is_called_truncated_when_its_side_fi
         load_model(path)
 
 
+@pytest.mark.parametrize("name", ["model.json", "model.pt"])
+def test_another_file_beside_a_checkpoint_is_not_called_a_cut_checkpoint(saved, name):
+    """`--model run/model.json` (a tab completion away) was said to be "truncated or was modified" by the side file
+    model.json's checksum, which is model.safetensors'."""
+    path, _ = saved
+    other = path.parent / name
+    if name != "model.json":
+        other.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(CheckpointError, match="is not a digitrec checkpoint"):
+        load_model(other)
+
+
+def test_the_errors_that_carry_more_than_a_sentence_survive_pickling():
+    """A process pool's worker that raised them broke the pool (TypeError on unpickling) instead of saying them."""
+    import pickle
+
+    from digitrec.config import ConfigValueError
+    from digitrec.runfolder import UnfinishedRun
+
+    for error in (
+        ConfigValueError("lr", "learning rate must be above 0."),
+        UnfinishedRun("flags.", "python."),
+    ):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error) and vars(again) == vars(error)
+
+
 def test_an_export_beside_its_checkpoint_is_named_as_one_not_as_a_cut_checkpoint(saved):
     """model.onnx beside model.safetensors: the checkpoint's side file model.json was taken for the export's, and
     `evaluate m/model.onnx` said the export was truncated ("retrain or restore it")."""

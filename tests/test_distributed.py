@@ -530,3 +530,4 @@ def test_a_killed_worker_is_one_line_per_process_and_the_launcher_gives_the_resu
     save_tensors(run / "last.safetensors", {"model.w": torch.zeros(1)}, {"recipe": "fast"})
     said = f", and `digitrec train --resume {run} --nproc 2` (or torchrun with 2 processes) continues it"
     assert _continued_by(argv).startswith(said)
+    assert _continued_by([*argv[:-2], f"--out={run}"]).startswith(said)  # argparse's other spelling

@@ -687,6 +687,7 @@ def test_a_checkpoint_whose_reject_threshold_was_edited_is_one_sentence_to_expor
     assert main(["export", str(bad), "--out", str(tmp_path / "bad.onnx")]) == 2
     err = capsys.readouterr().err
     assert f"the model {bad} records a reject threshold of 'abc', not a probability from 0 to 1" in err
+    assert err.strip().endswith(f"write it again with `digitrec calibrate {bad}`.")  # not "export it again"
     assert "Traceback" not in err and not (tmp_path / "bad.onnx").exists()
 
 

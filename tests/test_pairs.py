@@ -231,7 +231,7 @@ def test_read_and_eval_real_use_the_pair_classifier_named_by_pairs(tmp_path, mon
     assert main(args) == 0 and set(asked) == {own}
 
 
-@pytest.mark.parametrize("what", ["missing", "a digit model", "an image", "a folder"])
+@pytest.mark.parametrize("what", ["missing", "a digit model", "an image", "a folder", "a device"])
 def test_a_pairs_file_that_cannot_be_used_is_refused_before_reading(what, tmp_path, capsys):
     """An image or a folder given as --pairs was told of `digitrec train` and a run folder's model.safetensors."""
     from PIL import Image
@@ -246,12 +246,15 @@ def test_a_pairs_file_that_cannot_be_used_is_refused_before_reading(what, tmp_pa
         "a digit model": pretrained_path(),
         "an image": image,
         "a folder": tmp_path,
+        "a device": "/dev/zero",
     }[what]
     assert main(["read", str(image), "--pairs", str(pairs), "--backend", "numpy"]) == 2
     err = capsys.readouterr().err
     said = (
         "does not exist; `digitrec train-pairs` writes one."
         if what == "missing"
+        else "is not a file but a device, pipe or socket; pass the .safetensors file `digitrec train-pairs` wrote"
+        if what == "a device"
         else "is not a pair classifier"
     )
     assert f"{pairs}" in err and said in err and "Traceback" not in err

@@ -115,6 +115,15 @@ def calibrate(
 TRAINING_OUTPUTS = ("last.safetensors", "history.json", "metrics.json")
 
 
+def _training_run_folder(folder: Path) -> bool:
+    """Does `folder` hold a training run (runfolder.holds_a_run) with the files its training wrote? A folder an
+    earlier --out wrote holds a model with its recipe too, but none of them; in one that holds no run, a
+    metrics.json is the user's."""
+    from .runfolder import holds_a_run
+
+    return holds_a_run(folder) and any((folder / name).exists() for name in TRAINING_OUTPUTS)
+
+
 def refuse_out_in_another_run(out: Path, model: Path) -> None:
     """Refuse an `out` that is the model.safetensors of another run's folder: it replaced that run's model and
     left its metrics, history, last.safetensors and report describing the one that run trained. The model's own
@@ -126,7 +135,7 @@ def refuse_out_in_another_run(out: Path, model: Path) -> None:
         return
     if model.parent.is_dir() and os.path.samefile(folder, model.parent):
         return
-    if any((folder / name).exists() for name in TRAINING_OUTPUTS):
+    if _training_run_folder(folder):
         raise DigitrecError(
             f"--out {out} is in the run folder {folder}, whose metrics, history and report describe its own run; "
             "name a new folder or .safetensors file for the calibrated model."

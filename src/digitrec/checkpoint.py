@@ -269,10 +269,9 @@ def read_checkpoint(path: str | Path, side_file: bool = True) -> tuple[bytes, di
     try:
         meta, changed = _read_header_metadata(path, data)
     except CheckpointError:  # a header cut short: the side file, if any, says it is a checkpoint cut short
-        from .backends import is_onnx
-
-        # (model.onnx's "side file" model.json is model.safetensors': an export beside its checkpoint is no cut one)
-        ours = side_file and not is_onnx(path) and side.is_file()
+        # only a .safetensors file's own: model.onnx's "side file" model.json is model.safetensors', and so is that
+        # of model.json itself or a model.pt beside it, none of them a checkpoint cut short
+        ours = side_file and path.suffix == ".safetensors" and side != path and side.is_file()
         if ours and _side_sha256(side) not in (None, hashlib.sha256(data).hexdigest()):
             raise CheckpointError(
                 f"checkpoint {path} does not match the checksum in {side.name}: it is truncated or was modified; "

@@ -267,6 +267,11 @@ class ConfigValueError(DigitrecError):
         super().__init__(message)
         self.key = key
 
+    def __reduce__(
+        self,
+    ) -> tuple[type, tuple[str, str]]:  # pickled whole (a process pool's worker raising it)
+        return type(self), (self.key, str(self))
+
     def as_flag(self) -> str:
         """The sentence with the flag in place of the words before its "must" (the setting's name)."""
         subject, sep, rest = str(self).partition(" must ")

@@ -261,8 +261,9 @@ def _continued_by(argv: list[str]) -> str:
 
     nproc = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--nproc-per-node=")), "1")
     for flag in ("--out", "--resume"):
-        if flag in argv[:-1]:
-            run = Path(argv[argv.index(flag) + 1])
+        given = [arg.split("=", 1)[1] for arg in argv if arg.startswith(flag + "=")]  # --out=RUN
+        given += [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]  # --out RUN
+        for run in map(Path, given):
             if (run / "last.safetensors").exists() and nproc.isdigit():
                 return f", and {resume_command(run, int(nproc))} continues it from its last checkpoint"
     return ""

@@ -380,9 +380,10 @@ def export_onnx(
 
     from .predict import recorded_calibration
 
+    # checked: a sentence, not a traceback (the checkpoint is what gets calibrated again)
     temperature, reject_below = recorded_calibration(
-        meta, str(checkpoint)
-    )  # checked: a sentence, not a traceback
+        meta, str(checkpoint), f"`digitrec calibrate {checkpoint}`"
+    )
     source_bytes = checkpoint.read_bytes()
     export_meta = {
         "source_checkpoint": str(checkpoint),

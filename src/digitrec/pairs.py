@@ -319,13 +319,14 @@ def load_pair_scorer(path: str | Path | None = None) -> PairScorer | None:
     """The pair classifier at `path` (default: the bundled one) as (N, 28, 28) pieces -> (N, 101) log probabilities;
     None when the default file is missing (then `read` reads as it did without it)."""
     from .backends import NumpyBackend
-    from .checkpoint import load_arrays, refuse_unusable_weights
+    from .checkpoint import load_arrays, refuse_no_model_file, refuse_unusable_weights
 
     source = Path(path) if path is not None else pretrained_pairs_path()
     if not source.exists():
         if path is None:
             return None
         raise CheckpointError(f"pair classifier {source} does not exist; `digitrec train-pairs` writes one.")
+    refuse_no_model_file(source, "the .safetensors file `digitrec train-pairs` wrote")  # /dev/zero, a pipe
     try:
         tensors, meta = load_arrays(source)
     except CheckpointError as exc:  # it named `digitrec train` and a run folder's model.safetensors

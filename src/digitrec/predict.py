@@ -444,9 +444,12 @@ class FileResult:
 PARALLEL_FROM = 64  # files; below this, starting worker processes costs more than they save
 
 
-def recorded_calibration(meta: dict[str, Any], name: str) -> tuple[float, float]:
+def recorded_calibration(
+    meta: dict[str, Any], name: str, fix: str = "`digitrec calibrate`, or export it again from its checkpoint"
+) -> tuple[float, float]:
     """The temperature and reject threshold a model's metadata records, checked: metadata is JSON anyone can
-    edit (an ONNX export's carries no checksum), and a temperature of 0 answered "digit 0, confidence nan%"."""
+    edit (an ONNX export's carries no checksum), and a temperature of 0 answered "digit 0, confidence nan%".
+    `fix`: how the sentence that refuses a damaged threshold says to write it again."""
     temperature = recorded_temperature(meta, name)
     reject_below = meta.get("reject_below", DEFAULT_REJECT_BELOW)
     if finite_number(reject_below) and 0 <= reject_below <= 1:
@@ -454,7 +457,7 @@ def recorded_calibration(meta: dict[str, Any], name: str) -> tuple[float, float]
     problem = f"a reject threshold of {reject_below!r}, not a probability from 0 to 1"
     raise CheckpointError(
         f"the model {name} records {problem} (its metadata was changed by hand or damaged); write it again with "
-        "`digitrec calibrate`, or export it again from its checkpoint."
+        f"{fix}."
     )
 
 

@@ -289,7 +289,10 @@ def _unreachable(path: Path, exc: OSError) -> str:
         target = os.readlink(path)
     except OSError:  # not a link: simply missing
         if str(path) == "-":  # the Unix habit for standard input, which a path is not
-            return "- is no file, and standard input is not read as -; redirect the image into /dev/stdin instead."
+            return (
+                "- is no file, and standard input is not read as -; redirect the image into /dev/stdin instead "
+                "(digitrec predict /dev/stdin < image.png)."
+            )
         return f"{path} does not exist; check the path."
     return f"{path} is a symbolic link to {target}, which does not exist; check the link."
 
@@ -620,8 +623,10 @@ def ink_is_dark(gray: np.ndarray) -> bool:
 
     The local median is the paper whatever the polarity (ink is the minority), so subtracting it removes
     shadows and gradients that would fool a global histogram; the ink is the tail that sticks out farther.
-    The global median answers first when one tail is three times the other (three pictures in four);
-    the others take the local median on a copy small enough for it to cost less than a millisecond.
+    The global median answers first when one tail is three times the other and longer than POLARITY_FLOOR
+    (three pictures in four); the others take the local median on a copy small enough for it to cost less than
+    a millisecond. Where both of its tails are under POLARITY_FLOOR too, the ink covers under 2% of the picture
+    and they hold the paper's noise: the residual's darkest and lightest spots decide.
     """
     small = _shrink(gray, POLARITY_SIDE)
     low, middle, high = np.percentile(small, [2, 50, 98])
@@ -645,9 +650,12 @@ def median_filter(a: np.ndarray, size: int) -> np.ndarray:
     return np.partition(windows.reshape(*a.shape, size * size), middle, axis=-1)[..., middle]
 
 
+MIN_SMOOTH_SIGMA = 0.7
+
+
 def smooth_sigma(shape: tuple[int, ...]) -> float:
     """The blur _smooth() gives an image of `shape`: 0.7 px, more on big working images (1/200 of the shorter side)."""
-    return max(0.7, min(shape[:2]) / 200)
+    return max(MIN_SMOOTH_SIGMA, min(shape[:2]) / 200)
 
 
 def _smooth(gray: np.ndarray, sigma: float | None = None) -> np.ndarray:

@@ -205,12 +205,9 @@ def refuse_another_process_count(out_dir: Path, state: dict[str, Any], world_siz
     if began is None or began == world_size or state.get("finished"):
         return
     if began == 1:
-        how = f"resume it in one process, with `digitrec train --resume {out_dir}` (without --nproc or torchrun)"
+        how = f"resume it in one process, with {resume_command(out_dir)} (without --nproc or torchrun)"
     else:
-        how = (
-            f"resume it with `digitrec train --resume {out_dir} --nproc {began}` (or torchrun with {began} "
-            "processes)"
-        )
+        how = f"resume it with {resume_command(out_dir, began)}"
     now = "1 process" if world_size == 1 else f"{world_size} processes"
     raise CheckpointError(
         f"{out_dir} began on {began} process{'es' if began != 1 else ''}, and on {now} it would not continue "
@@ -313,6 +310,11 @@ class UnfinishedRun(CheckpointError):
     def __init__(self, message: str, in_python: str) -> None:
         super().__init__(message)
         self.in_python = in_python
+
+    def __reduce__(
+        self,
+    ) -> tuple[type, tuple[str, str]]:  # pickled whole (a process pool's worker raising it)
+        return type(self), (str(self), self.in_python)
 
 
 def refuse_replacing_with_a_dry_run(out_dir: Path) -> None:

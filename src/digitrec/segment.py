@@ -32,6 +32,7 @@ from .errors import ImageError
 from .pairs import NO_PAIR
 from .preprocess import (
     MIN_SIDE,
+    MIN_SMOOTH_SIGMA,
     MIN_WORK_SIDE,
     THIN_FROM,
     WEAK_FRACTION,
@@ -54,9 +55,8 @@ READ_SIDE = 1024  # working size for a line: enough for 10+ digits of reasonable
 READ_ZOOM_BELOW = 48  # digits shorter than this (px at READ_SIDE) on a shrunk photo are read again, closer,
 READ_ZOOM_TO = 96  # from the photo loaded so that they stand this high
 # Digits under this many times the light blur's sigma (preprocess.smooth_sigma, by the picture's size) are read
-# from ink blurred for their size instead, at least MIN_SIGMA
+# from ink blurred for their size instead (a sigma of a SHARP_LINE-th of their height, at least MIN_SMOOTH_SIGMA)
 SHARP_LINE = 20.0
-MIN_SIGMA = 0.7
 MERGE_OVERLAP = 0.5  # parts overlapping in x by half the narrower one's width belong to one digit
 DIGIT_ASPECT = 0.62  # a typical handwritten digit is this wide for its height (slant included)
 MAX_DIGITS_PER_BLOB = 8
@@ -634,10 +634,11 @@ def _segment(
             replace(piece, box=_placed(piece.box, x0, y0, per_pixel))
             for piece in _segment(near, near_size, score, pairs)
         ]
-    if blobs and line_height < SHARP_LINE * smooth_sigma(gray.shape):
+    sharp = max(MIN_SMOOTH_SIGMA, line_height / SHARP_LINE)
+    if blobs and sharp < smooth_sigma(gray.shape):
         # the light blur, sized for the picture, would fill small digits' loops (a 4's triangle read as a 1):
         # the ink again, blurred for the digits' size
-        ink = ink_strength(gray, sigma=max(MIN_SIGMA, line_height / SHARP_LINE))
+        ink = ink_strength(gray, sigma=sharp)
         mask = line_ink(gray, ink)
         labels, blobs, areas = components(mask)
         blobs, line_height = clean(blobs, areas)
