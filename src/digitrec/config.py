@@ -267,9 +267,8 @@ class ConfigValueError(DigitrecError):
         super().__init__(message)
         self.key = key
 
-    def __reduce__(
-        self,
-    ) -> tuple[type, tuple[str, str]]:  # pickled whole (a process pool's worker raising it)
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Pickled whole, as a process pool's worker that raises it sends it back."""
         return type(self), (self.key, str(self))
 
     def as_flag(self) -> str:

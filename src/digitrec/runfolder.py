@@ -311,9 +311,8 @@ class UnfinishedRun(CheckpointError):
         super().__init__(message)
         self.in_python = in_python
 
-    def __reduce__(
-        self,
-    ) -> tuple[type, tuple[str, str]]:  # pickled whole (a process pool's worker raising it)
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Pickled whole, as a process pool's worker that raises it sends it back."""
         return type(self), (str(self), self.in_python)
 
 
