@@ -82,9 +82,8 @@ BACKGROUND_SIDE = 32  # the paper estimate is computed with the shorter side at 
 BACKGROUND_WINDOW = 11  # closing window there: wider than any stroke, narrower than lighting changes
 # the same proportions for ink_is_dark()'s median, 6x cheaper (as right)
 POLARITY_SIDE, POLARITY_WINDOW = 20, 7
-POLARITY_FLOOR = (
-    0.01  # tails shorter than this (1% of the gray range) on the small copy are the paper's noise
-)
+# ink_is_dark()'s tails shorter than this (1% of the gray range) on the small copy are the paper's noise
+POLARITY_FLOOR = 0.01
 # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
 INK_CONTRAST = 0.3
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
