@@ -618,13 +618,10 @@ def _segment(
     width, height = size
     back = np.array([width / gray.shape[1], height / gray.shape[0]])
     ink = ink_strength(gray)
-    mask = line_ink(gray, ink)
-    if not mask.any() and image is not None and max(size) >= THIN_FROM * max(gray.shape) and rewind(image):
+    labels, blobs, areas, line_height = _line_parts(gray, ink)
+    if not labels.any() and image is not None and max(size) >= THIN_FROM * max(gray.shape) and rewind(image):
         # blank at the working size: a fine pen's strokes may have faded in the shrinking (preprocess.thin_kept)
         return _segment(thin_kept(image, gray.shape), size, score, pairs)
-    labels, blobs, areas = components(mask)
-    blobs, line_height = clean(blobs, areas)
-    blobs = drop_edge_debris(blobs, mask.shape, line_height)
     closer = None if image is None else _closer_line(image, gray, size, blobs, line_height)
     if closer is not None:
         # a line written small on a big photo: read from a window around it, at more pixels
@@ -639,10 +636,7 @@ def _segment(
         # the light blur, sized for the picture, would fill small digits' loops (a 4's triangle read as a 1):
         # the ink again, blurred for the digits' size
         ink = ink_strength(gray, sigma=sharp)
-        mask = line_ink(gray, ink)
-        labels, blobs, areas = components(mask)
-        blobs, line_height = clean(blobs, areas)
-        blobs = drop_edge_debris(blobs, mask.shape, line_height)
+        labels, blobs, areas, line_height = _line_parts(gray, ink)
     pieces: list[Piece] = []
     blobs, areas = cut_two_line_parts(blobs, labels, areas, line_height)
     lines = split_lines(blobs, line_height)
@@ -650,6 +644,14 @@ def _segment(
         own_height = line_height if len(lines) == 1 else _height_of(line, line_height)
         pieces += _read_line(line, labels, areas, ink, own_height, back, score, pairs, number)
     return pieces
+
+
+def _line_parts(gray: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, list[_Blob], np.ndarray, float]:
+    """(labels, the parts that may be digits, every part's area, the line height) of the ink of a working image."""
+    mask = line_ink(gray, ink)
+    labels, blobs, areas = components(mask)
+    blobs, line_height = clean(blobs, areas)
+    return labels, drop_edge_debris(blobs, mask.shape, line_height), areas, line_height
 
 
 def _height_of(line: list[_Blob], line_height: float) -> float:
