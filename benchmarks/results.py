@@ -34,6 +34,22 @@ def run_dir(runs_dir: Path, name: str, seed: int) -> Path:
     return runs_dir / name if seed == RECIPES[name].seed else runs_dir / f"{name}-seed{seed}"
 
 
+def check_run(folder: Path, name: str, seed: int) -> None:
+    """Stop where a run folder holds another recipe's or seed's run: the table printed its figures as `name`'s."""
+    try:
+        meta = json.loads((folder / "model.json").read_text())
+        found, found_seed = meta["recipe"], meta["config"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        sys.exit(
+            f"results.py: {folder} holds metrics.json but no readable model.json; move it away or --retrain."
+        )
+    if (found, found_seed) != (name, seed):
+        sys.exit(
+            f"results.py: {folder} holds a run of {found} (seed {found_seed}), not {name} (seed {seed}); move it "
+            "away or pass --retrain."
+        )
+
+
 def as_reported(folder: Path, data: MNIST, metric: str) -> float:
     """The saved model's test accuracy computed the way its source document computes it."""
     model, meta = load_model(folder / "model.safetensors")
@@ -50,6 +66,9 @@ def table(runs_dir: Path, recipes: list[str], seeds: dict[str, list[int]], data:
     for name in recipes:
         config = RECIPES[name]
         folders = [run_dir(runs_dir, name, s) for s in seeds.get(name, [config.seed])]
+        for folder, seed in zip(folders, seeds.get(name, [config.seed])):
+            if (folder / "metrics.json").exists():
+                check_run(folder, name, seed)
         found = [
             json.loads((f / "metrics.json").read_text()) for f in folders if (f / "metrics.json").exists()
         ]
@@ -108,6 +127,7 @@ def main() -> int:
             for seed in seeds.get(name, [RECIPES[name].seed]):
                 out = run_dir(runs_dir, name, seed)
                 if (out / "metrics.json").exists() and not args.retrain:
+                    check_run(out, name, seed)
                     continue
                 print(f"== {name} seed {seed}", file=sys.stderr, flush=True)
                 train(

@@ -539,7 +539,8 @@ def test_eval_real_json_names_the_model_and_lists_what_write_wrote(tmp_path, cap
     )
     written = json.loads(capsys.readouterr().out)["written"]
     assert list(written) == ["pen-photo", "negatives"]
-    assert sorted(written["pen-photo"]) == sorted(str(p) for p in (out / "pen-photo").iterdir())
+    images = sorted(str(p) for p in (out / "pen-photo").iterdir() if not p.name.startswith("."))
+    assert sorted(written["pen-photo"]) == images and len(images) == 2
 
 
 def test_train_and_evaluate_on_a_data_dir(idx_folder, tmp_path, capsys):
@@ -786,6 +787,58 @@ def test_ensemble_out_refuses_another_runs_folder_but_replaces_an_earlier_ensemb
     assert load_model(ensemble / "model.safetensors")[1]["arch"] == "ensemble"
     removed = f"removed model.onnx from {ensemble}: exported from model.safetensors before this ensemble"
     assert capsys.readouterr().err.count(removed) == 1
+    # its card and report, left by `evaluate --report`, described the ensemble replaced, with no word said
+    assert main(["evaluate", str(ensemble), "--report", str(ensemble), *data]) == 0
+    saved(second, first)  # the same ensemble: its card still holds
+    assert "still describe" not in capsys.readouterr().err
+    saved(first, second)
+    assert (
+        f"MODEL_CARD.md and report.html in {ensemble} still describe the ensemble it replaced; "
+        f"`digitrec evaluate {ensemble} --report {ensemble}` rewrites them." in capsys.readouterr().err
+    )
+
+
+def test_no_model_is_written_over_a_runs_resume_checkpoint(tiny_fast_run, tmp_path, idx_folder, capsys):
+    """`calibrate RUN --out RUN/last.safetensors` (and `ensemble --out` there) replaced the checkpoint that
+    `train --resume` continues from: the run could no longer be finished."""
+    other = _member(tiny_fast_run, tmp_path / "other.safetensors", 1, flip=True)
+    last = tmp_path / "run" / "last.safetensors"
+    last.parent.mkdir()
+    data = ["--data-dir", str(idx_folder)]
+    for command in (
+        ["calibrate", str(tiny_fast_run), "--count", "10"],
+        ["ensemble", str(tiny_fast_run), str(other)],
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main([*command, "--out", str(last), *data])
+        assert stopped.value.code == 2
+        assert "is named as a run's resume checkpoint" in capsys.readouterr().err
+    assert not last.exists()
+
+
+def test_evaluate_report_refuses_a_folder_holding_another_model(tiny_fast_run, tmp_path, idx_folder, capsys):
+    """`evaluate A --report B`, B another run: B's report.html and MODEL_CARD.md described A beside B's own
+    model.safetensors and metrics.json."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_fast_run, other)
+    (other / "model.safetensors").write_bytes(
+        _member(tiny_fast_run, tmp_path / "b.safetensors", 1, True).read_bytes()
+    )
+    (other / "model.json").write_bytes((tmp_path / "b.json").read_bytes())
+    (other / "MODEL_CARD.md").write_text("card of the other run\n")
+    data = ["--data-dir", str(idx_folder)]
+    assert main(["evaluate", str(tiny_fast_run), "--report", str(other), *data]) == 2
+    assert f"--report {other} holds another model ({other / 'model.safetensors'})" in capsys.readouterr().err
+    assert (other / "MODEL_CARD.md").read_text() == "card of the other run\n"
+    # its own folder, and a new one, are fine; a reused folder loses the curves of the model reported before
+    assert main(["evaluate", str(other), "--report", str(other), *data]) == 0
+    report = tmp_path / "report"
+    assert main(["evaluate", str(other), "--report", str(report), *data]) == 0
+    assert (report / "curves.png").exists()  # its run's history.json
+    assert main(["evaluate", str(tmp_path / "b.safetensors"), "--report", str(report), *data]) == 0
+    assert not (report / "curves.png").exists() and (report / "report.html").exists()
 
 
 def test_ensemble_out_refuses_members_on_different_test_time_views(
@@ -869,6 +922,35 @@ def test_calibrate_out_is_a_safetensors_file_as_named_or_else_a_run_folder(
         assert "temperature" in load_model(written)[1]
         assert "digitrec_sha256" in header_metadata(written)
     assert "temperature" not in load_model(tiny_fast_run / "model.safetensors")[1]  # the source is untouched
+
+
+def test_an_ensemble_is_not_a_member_of_another_even_without_out(tiny_fast_run, tmp_path, idx_folder, capsys):
+    """`ensemble E C` (E an ensemble of A and B) was scored with A and B a quarter of the vote each and C half;
+    with --out it was refused."""
+    data = ["--data-dir", str(idx_folder)]
+    first = _member(tiny_fast_run, tmp_path / "a.safetensors", 1)
+    second = _member(tiny_fast_run, tmp_path / "b.safetensors", 1, flip=True)
+    ensemble = tmp_path / "e.safetensors"
+    assert main(["ensemble", str(first), str(second), "--out", str(ensemble), *data]) == 0
+    capsys.readouterr()
+    assert main(["ensemble", str(ensemble), str(tiny_fast_run), *data]) == 2
+    assert (
+        f"{ensemble} is already an ensemble; pass its members' checkpoints instead."
+        in capsys.readouterr().err
+    )
+
+
+def test_calibrating_the_checkpoint_of_an_unfinished_run_says_what_resuming_it_does(
+    tiny_fast_run, idx_folder, tmp_path, monkeypatch, capsys
+):
+    """The calibration went with the model.safetensors a resumed run replaces, and nothing said so."""
+    monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
+    model, meta = load_model(tiny_fast_run / "model.safetensors")
+    partial = tmp_path / "run" / "model.safetensors"
+    partial.parent.mkdir()
+    save_model(partial, model, meta | {"partial": True})
+    assert main(["calibrate", str(partial), "--count", "10"]) == 0
+    assert "a model the run writes when it goes on is not calibrated" in capsys.readouterr().out
 
 
 def test_calibrating_a_run_in_place_says_its_card_is_stale_and_how_to_rewrite_it(
@@ -1243,9 +1325,13 @@ def test_evaluate_says_when_a_checkpoint_is_from_a_run_that_has_not_finished(tmp
             log=lambda message: None,
             on_epoch=stop,
         )
-    assert main(["evaluate", str(out), "--data-dir", str(idx_folder)]) == 0
+    assert main(["evaluate", str(out), "--data-dir", str(idx_folder), "--report", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"of a run that had not finished; `digitrec train --resume {out}` finishes it" in err
+    # the card gave the whole run's settings and how to train it again, and no word of it being unfinished
+    card = (out / "MODEL_CARD.md").read_text()
+    assert card.startswith("# Model card: custom, unfinished run (mlp_500_256)")
+    assert "the best so far of a run that had not finished" in card
     # a copy elsewhere: no folder to resume (it named the copy's folder, which has no last.safetensors)
     copy = tmp_path / "elsewhere" / "copy.safetensors"
     copy.parent.mkdir()

@@ -285,8 +285,8 @@ def test_a_folder_in_place_of_a_file_is_not_called_a_corrupt_gzip(idx_folder: Pa
     # the user's folder: they are told to name another, not to "move it away and run digitrec data" (which finds it
     # again)
     assert str(caught.value).endswith(
-        "pass a folder that holds the canonical MNIST files, or omit --data-dir "
-        "(data_dir in Python) to download them."
+        "pass a folder that holds the canonical MNIST files, or leave out --data-dir "
+        "to let digitrec find or download them."
     )
 
 
@@ -305,7 +305,10 @@ def test_a_file_that_cannot_be_read_says_so_and_not_that_it_is_corrupt(
     monkeypatch.setattr(Path, "read_bytes", refused)
     with pytest.raises(DataError, match="cannot be read") as caught:
         load_mnist(idx_folder, download=False, use_copy=False)
-    assert str(caught.value) == f"{target} cannot be read (Permission denied); check its permissions."
+    assert str(caught.value) == (
+        f"{target} cannot be read (Permission denied); check its permissions, or pass a folder that holds the "
+        "canonical MNIST files, or leave out --data-dir to let digitrec find or download them."
+    )
 
 
 def test_a_pipe_in_place_of_a_file_is_refused_at_once_not_waited_on(idx_folder: Path):
@@ -335,7 +338,7 @@ def test_a_pipe_in_place_of_a_file_is_refused_at_once_not_waited_on(idx_folder: 
         pytest.fail(f"load_mnist waited on the pipe {target} for a writer")
     assert said == [  # a folder the user named: theirs, so never "delete it"
         f"{target} is not a regular file (a pipe or a device); pass a folder that holds the canonical MNIST files, "
-        "or omit --data-dir (data_dir in Python) to download them."
+        "or leave out --data-dir to let digitrec find or download them."
     ]
 
 
@@ -557,7 +560,7 @@ def test_wrong_files_in_a_named_folder_ask_for_another_folder_not_a_delete(
         load_mnist(idx_folder, download=False)
     assert str(refused.value) == (
         f"{idx_folder} does not hold the canonical MNIST files (t10k-labels-idx1-ubyte.gz differs); pass a folder "
-        "that does, or omit --data-dir (data_dir in Python) to download them."
+        "that does, or leave out --data-dir to let digitrec find or download them."
     )
     monkeypatch.setenv("DIGITREC_DATA", str(idx_folder))
     with pytest.raises(DataError) as refused:
@@ -768,7 +771,7 @@ def test_a_gzip_bomb_in_a_folder_is_refused_before_it_is_decompressed_whole(idx_
         load_mnist(idx_folder, download=False, use_copy=False)
     assert str(refused.value) == (
         f"{target} decompresses to more than the 10,008 bytes of the MNIST file, so it is not that file; pass a "
-        "folder that holds the canonical MNIST files, or omit --data-dir (data_dir in Python) to download them."
+        "folder that holds the canonical MNIST files, or leave out --data-dir to let digitrec find or download them."
     )
 
 
@@ -953,7 +956,7 @@ def test_a_folder_that_cannot_be_searched_is_named_or_passed_over_by_whose_it_is
         data.locate(locked)
     assert str(named.value) == (
         f"{locked} cannot be read (Permission denied); check its permissions, or pass a folder that holds the "
-        "canonical MNIST files, or omit --data-dir (data_dir in Python) to download them."
+        "canonical MNIST files, or leave out --data-dir to let digitrec find or download them."
     )
     monkeypatch.setattr(data, "_shared_dirs", lambda: [])
     monkeypatch.setattr(data, "cache_dir", lambda: locked)
@@ -986,3 +989,127 @@ def test_an_empty_home_is_taken_as_unset_not_as_the_root_folder(monkeypatch: pyt
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", "")
     assert data.cache_root() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "digitrec"
+
+
+def test_a_file_is_read_as_gzip_or_raw_by_its_first_bytes_not_its_name(idx_folder: Path):
+    """A browser that undid the compression kept the .gz ("not a valid gzip file"), and a gzip file saved without
+    .gz was "not an IDX file (wrong magic number)": both hold the right data, and both are now read."""
+    images = idx_folder / "train-images-idx3-ubyte.gz"
+    labels = idx_folder / "train-labels-idx1-ubyte.gz"
+    images.write_bytes(gzip.decompress(images.read_bytes()))  # raw bytes under the .gz name
+    labels.rename(idx_folder / "train-labels-idx1-ubyte")  # gzip bytes under the raw name
+    assert len(load_mnist(idx_folder, download=False, use_copy=False).train_images) > 0
+    # a .gz that is neither gzip nor IDX is still called a broken gzip file
+    images.write_bytes(b"<html>404</html>")
+    with pytest.raises(DataError, match=f"^{images} is not a valid gzip file"):
+        load_mnist(idx_folder, download=False, use_copy=False)
+
+
+def test_an_empty_raw_file_and_a_link_to_nothing_are_called_what_they_are(idx_folder: Path):
+    """A 0-byte raw file was "not an IDX file (wrong magic number)", and a link to nothing was called missing
+    ("does not hold the four MNIST files") though `ls` lists it."""
+    labels = idx_folder / "t10k-labels-idx1-ubyte.gz"
+    labels.unlink()
+    (idx_folder / "t10k-labels-idx1-ubyte").write_bytes(b"")
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte is empty \(0 bytes\); pass a folder"):
+        load_mnist(idx_folder, download=False, use_copy=False)
+    (idx_folder / "t10k-labels-idx1-ubyte").unlink()
+    labels.symlink_to("/nonexistent/labels.gz")
+    with pytest.raises(DataError) as refused:
+        load_mnist(idx_folder, download=False, use_copy=False)
+    assert str(refused.value) == (
+        f"{labels} is a link to /nonexistent/labels.gz, which does not lead to a file; pass a folder that holds "
+        "the canonical MNIST files, or leave out --data-dir to let digitrec find or download them."
+    )
+
+
+def test_an_unreadable_file_in_a_shared_folder_found_by_itself_is_passed_over(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """One unreadable file in a shared/mnist digitrec found by itself stopped every command, though the cache was
+    good; an unreadable folder there was already passed over."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for path in idx_folder.glob("*.gz"):
+        (shared / path.name).write_bytes(path.read_bytes())
+    real_read = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:  # root reads anything: chmod 600 is simulated
+        if self == shared / "t10k-labels-idx1-ubyte.gz":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(data, "_shared_dirs", lambda: [("../shared/mnist", shared)])
+    monkeypatch.setattr(data, "cache_dir", lambda: idx_folder)
+    logged: list[str] = []
+    assert data.locate(log=logged.append, use_copy=False)[0] == f"cache ({idx_folder})"
+    assert logged == [
+        f"skipping {shared} (../shared/mnist): {shared / 't10k-labels-idx1-ubyte.gz'} cannot be read "
+        "(Permission denied)"
+    ]
+    with pytest.raises(
+        DataError, match="cannot be read \\(Permission denied\\); check its permissions, or pass"
+    ):
+        data.locate(shared, use_copy=False)
+
+
+def test_a_data_dir_given_with_a_tilde_is_the_home_folders(idx_folder: Path, monkeypatch: pytest.MonkeyPatch):
+    """`--data-dir=~/mnist` reaches digitrec with its ~ (no shell expands it after "="): "no such folder"."""
+    monkeypatch.setenv("HOME", str(idx_folder.parent))
+    assert len(load_mnist(f"~/{idx_folder.name}", download=False, use_copy=False).test_labels) > 0
+    monkeypatch.setenv("DIGITREC_DATA", f"~/{idx_folder.name}")
+    assert data.locate(download=False, use_copy=False)[0].startswith("$DIGITREC_DATA")
+
+
+def test_an_unsupported_idx_type_counts_its_dimensions_in_english():
+    with pytest.raises(DataError, match="with 1 dimension, so it is not an MNIST file"):
+        parse_idx(bytes([0, 0, 0x0D, 1, 0, 0, 0, 0]))
+
+
+def test_a_pipe_in_place_of_the_decompressed_copy_is_not_waited_on(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """`evaluate` waited forever on a FIFO left where the cache keeps its decompressed copy of a file."""
+    import threading
+
+    monkeypatch.setattr(data, "cache_dir", lambda: tmp_path / "cache")
+    load_mnist(idx_folder, download=False)  # writes the copy
+    copy = data._copy_dir() / "t10k-labels-idx1-ubyte"
+    copy.unlink()
+    os.mkfifo(copy)
+    loaded: list[int] = []
+    thread = threading.Thread(
+        target=lambda: loaded.append(len(load_mnist(idx_folder, download=False).test_labels)), daemon=True
+    )
+    thread.start()
+    thread.join(timeout=20)
+    if thread.is_alive():  # a writer that opens and closes the pipe lets it go
+        os.close(os.open(copy, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=20)
+        pytest.fail(f"load_mnist waited on the pipe {copy}")
+    assert loaded and loaded[0] > 0
+
+
+def test_a_cache_behind_a_link_to_nothing_is_said_to_be_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """~/.cache a link to a disk that is not mounted: "cannot be written (File exists); fix its permissions"."""
+    (tmp_path / ".cache").symlink_to("/nonexistent/disk")
+    monkeypatch.setattr(data, "cache_dir", lambda: tmp_path / ".cache" / "digitrec" / "mnist")
+    with pytest.raises(DataError) as refused:
+        data._check_cache(tmp_path / ".cache" / "digitrec" / "mnist")
+    assert str(refused.value) == (
+        f"the MNIST cache folder {tmp_path / '.cache' / 'digitrec' / 'mnist'} cannot be made: "
+        f"{tmp_path / '.cache'} is a link to /nonexistent/disk, which leads nowhere; make that folder or set "
+        "DIGITREC_CACHE to a folder you can write."
+    )
+
+
+def test_a_torchvision_folder_points_at_its_raw_files(idx_folder: Path, tmp_path: Path):
+    """torchvision keeps the files in ROOT/MNIST/raw; naming ROOT only said which files were missing."""
+    raw = tmp_path / "root" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in idx_folder.glob("*.gz"):
+        (raw / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match=f"; they are in {raw} \\(torchvision's layout\\): name that folder"):
+        load_mnist(tmp_path / "root", download=False)
+    assert len(load_mnist(raw, download=False).test_labels) > 0

@@ -162,3 +162,15 @@ def test_the_report_gives_accuracies_in_percent_and_the_commonest_errors_readabl
     matrix[0][8], matrix[0][6] = 30, 5
     plots.confusion(matrix, tmp_path / "confusion.png")
     assert (colors["30"], colors["5"], colors["900"]) == ("white", "black", "#1f5fa8")
+
+
+def test_the_accuracy_axis_stops_at_100_percent(tmp_path, monkeypatch):
+    """With one epoch at 92% (train) and 99.9% (validation) the axis ran to 100.3%."""
+    from digitrec import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    row = {"epoch": 1, "train_loss": 0.3, "train_accuracy": 0.92, "val_loss": 0.02, "val_accuracy": 0.999}
+    plots.curves([row], tmp_path / "curves.png")
+    bottom, top = figures[0].axes[1].get_ylim()
+    assert top == 100 and bottom < 92

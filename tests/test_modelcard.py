@@ -290,12 +290,11 @@ def test_evaluate_reports_the_size_and_weight_type_of_the_checkpoint_it_evaluate
     assert main(["evaluate", str(half), "--report", str(report), "--data-dir", str(idx_folder)]) == 0
     card = (report / "MODEL_CARD.md").read_text()
     assert f"Checkpoint size {size / 1e6:.2f} MB (safetensors, float16 weights)." in card
-    # into another run's folder: the evaluated file's size, not that run's model.safetensors
+    # into another run's folder: refused (its card would describe the half model beside its own), and the
+    # folder's own model gets its own size
     other = tmp_path / "other-run"
     shutil.copytree(run.out_dir, other)
-    assert main(["evaluate", str(half), "--report", str(other), "--data-dir", str(idx_folder)]) == 0
-    card = (other / "MODEL_CARD.md").read_text()
-    assert f"Checkpoint size {size / 1e6:.2f} MB (safetensors, float16 weights)." in card
+    assert main(["evaluate", str(half), "--report", str(other), "--data-dir", str(idx_folder)]) == 2
     assert main(["evaluate", str(other), "--report", str(other), "--data-dir", str(idx_folder)]) == 0
     card = (other / "MODEL_CARD.md").read_text()
     assert f"{run.model_path.stat().st_size / 1e6:.2f} MB (safetensors, float32 weights)." in card

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 from test_segment import line_image
 
 from digitrec.checkpoint import save_model
@@ -112,6 +113,27 @@ def test_blank_pages_and_non_digits_are_rejected(pretrained):
         assert p.rejected and p.digit is None
 
 
+def test_read_takes_lines_of_noise_for_no_digits_and_keeps_a_number_beside_them(pretrained):
+    """`read` gave a photo of noise as lines of doubtful 4s ("4484444444 / 8438244444358 / ..."), some digits
+    confident: a line in which most digits read alone are doubtful is now left out, and counted."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (300, 800), dtype=np.uint8)
+    blobs = ndimage.gaussian_filter(rng.normal(0, 1, (600, 600)), 3)
+    blobs = ((blobs - blobs.min()) / (blobs.max() - blobs.min()) * 255).astype(np.uint8)
+    for image in (noise, blobs):
+        result = pretrained.read(image)
+        assert result.number == "" and result.digits == [] and result.rejected_lines >= 1
+        assert result.to_dict()["rejected_lines"] == result.rejected_lines
+    # a number under a band of noise: the number stays, on line 0, and the noise is left out
+    line, _ = line_image([3, 0, 7], gap=0.3)
+    page = np.full((line.shape[0] * 3, line.shape[1]), 255, np.uint8)
+    page[: line.shape[0]] = rng.integers(0, 256, line.shape, dtype=np.uint8)
+    page[2 * line.shape[0] :] = line
+    result = pretrained.read(page)
+    assert result.number == "307" and {d.line for d in result.digits} == {0}
+    assert result.rejected_lines >= 1
+
+
 def test_a_blank_input_is_rejected_even_when_the_model_is_sure_of_a_digit():
     def sure_it_is_a_one(batch: np.ndarray) -> np.ndarray:
         logits = np.zeros((len(batch), 10), np.float32)
@@ -184,7 +206,8 @@ def test_cli_predict_keeps_going_past_bad_files(tmp_path, capsys, untrained_path
         str(tmp_path / "missing.png"),
         str(tmp_path / "broken.jpg"),
     ]
-    assert set(rows[0]) == {"path", "digit", "confidence", "top"} and len(rows[0]["top"]) == 2
+    assert set(rows[0]) == {"path", "digit", "confidence", "top", "rejected", "blank"}
+    assert len(rows[0]["top"]) == 2 and rows[0]["blank"] is False
     assert "does not exist" in rows[1]["error"] and "error" in rows[2]
     assert (tmp_path / "steps" / "good.steps.png").exists()
 
@@ -325,26 +348,36 @@ def test_cli_reads_an_apng_in_a_folder_as_it_reads_one_passed_directly(tmp_path,
 
 def test_cli_read_json(tmp_path, capsys, untrained_path):
     image = write_png(tmp_path / "n.png", line_image([1, 2, 3], gap=0.3)[0])
-    assert main(["read", str(image), "--model", str(untrained_path), "--json"]) == 0
+    # an untrained model doubts most digits, so that the line could be left out as no digits: threshold 0 first
+    untrained = ["--model", str(untrained_path)]
+    assert main(["read", str(image), *untrained, "--reject-below", "0", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert len(row["number"]) == 3 and row["lines"] == [row["number"]]
+    assert len(row["number"]) == 3 and row["lines"] == [row["number"]] and row["rejected_lines"] == 0
     assert [set(d) for d in row["digits"]] == [{"digit", "confidence", "box", "doubtful", "line"}] * 3
-    assert [d["line"] for d in row["digits"]] == [0, 0, 0]
-    # an untrained model is sure of nothing: every digit is under its reject threshold (0.3), and says so
-    assert all(d["doubtful"] == (d["confidence"] < 0.3) for d in row["digits"])
-    assert any(d["doubtful"] for d in row["digits"])
-    # the text output marks them too (it did not): a "?" after each doubtful digit's confidence
-    assert main(["read", str(image), "--model", str(untrained_path)]) == 0
+    assert [d["line"] for d in row["digits"]] == [0, 0, 0] and not any(d["doubtful"] for d in row["digits"])
+    # between the two lowest confidences, one digit is under the threshold and says so (and the line stays)
+    low = sorted(d["confidence"] for d in row["digits"])
+    threshold = str((low[0] + low[1]) / 2)
+    assert main(["read", str(image), *untrained, "--reject-below", threshold, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert [d["doubtful"] for d in row["digits"]].count(True) == 1 and len(row["number"]) == 3
+    # the text output marks it too (it did not): a "?" after the doubtful digit's confidence
+    assert main(["read", str(image), *untrained, "--reject-below", threshold]) == 0
     text = capsys.readouterr().out
-    marks = [d["doubtful"] for d in row["digits"]]
-    assert text.count("%?@") == sum(marks) and "doubtful, under the reject threshold" in text
+    assert text.count("%?@") == 1 and "doubtful, under the reject threshold" in text
+    # at its own threshold (0.3) an untrained model is sure of at most one: the line is no digits to it
+    assert sum(c >= 0.3 for c in low) <= 1
+    assert main(["read", str(image), *untrained, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["number"] == "" and row["digits"] == [] and row["rejected_lines"] == 1
 
 
 def test_read_help_names_every_key_of_the_json_it_prints(capsys):
     """`read -h` described --json's rows without `lines`, the numbers of a photo of several lines."""
     with pytest.raises(SystemExit):
         main(["read", "-h"])
-    assert '{"path", "number", "lines", "digits": [...]}' in " ".join(capsys.readouterr().out.split())
+    said = " ".join(capsys.readouterr().out.split())
+    assert '{"path", "number", "lines", "digits": [...], "rejected_lines"}' in said
 
 
 def test_cli_predict_with_the_bundled_model(tmp_path, capsys, pretrained):
@@ -536,6 +569,36 @@ def test_cli_says_a_blank_page_is_rejected_as_blank(tmp_path, capsys, untrained_
     assert "no ink" not in five_line and "confidence" in five_line
 
 
+def test_predict_json_tells_a_blank_page_from_a_doubtful_image(tmp_path, capsys, untrained_path):
+    """`predict --json` gave both `"digit": null` and nothing else: a script could not tell an empty page from a
+    digit the model was unsure of, as /api/predict's `blank` and `rejected` can."""
+    Image.new("L", (60, 60), 255).save(tmp_path / "blank.png")
+    write_png(tmp_path / "five.png", line_image([5], gap=0.3)[0])
+    paths = [str(tmp_path / "blank.png"), str(tmp_path / "five.png")]
+    # an untrained model is unsure of everything: at 0.99 the five is rejected too, but it is not blank
+    assert main(["predict", *paths, "--model", str(untrained_path), "--reject-below", "0.99", "--json"]) == 0
+    blank, five = json.loads(capsys.readouterr().out)
+    assert blank["digit"] is None and blank["rejected"] is True and blank["blank"] is True
+    assert five["digit"] is None and five["rejected"] is True and five["blank"] is False
+
+
+def test_predict_and_read_name_each_file_as_the_user_spelled_it(
+    tmp_path, capsys, monkeypatch, untrained_path
+):
+    """`predict ./x.png` printed "x.png" (a Path tidies "./" and "//" away), so a script could not match the
+    output to its own arguments."""
+    (tmp_path / "d").mkdir()
+    write_png(tmp_path / "x.png", line_image([5], gap=0.3)[0])
+    write_png(tmp_path / "d" / "y.png", line_image([7], gap=0.3)[0])
+    monkeypatch.chdir(tmp_path)
+    given = ["./x.png", ".//d/"]
+    for command in ("predict", "read"):
+        assert main([command, *given, "--model", str(untrained_path), "--json"]) == 0
+        assert [row["path"] for row in json.loads(capsys.readouterr().out)] == ["./x.png", ".//d/y.png"]
+    assert main(["predict", "./x.png", "--model", str(untrained_path)]) == 0
+    assert capsys.readouterr().out.startswith("./x.png: ")
+
+
 def test_cli_says_which_subfolders_it_did_not_read_and_why_a_link_fails(tmp_path, capsys, untrained_path):
     write_png(tmp_path / "good.png", line_image([5], gap=0.3)[0])
     (tmp_path / "more").mkdir()
@@ -592,6 +655,7 @@ def test_a_digit_box_is_plain_json_whatever_numpy_types_it_holds():
         "number": "5\n3",
         "lines": ["5", "3"],
         "digits": [{"digit": 3, "confidence": 0.875, "box": [1, 2, 3, 4], "doubtful": True, "line": 1}],
+        "rejected_lines": 0,
     }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +15,8 @@ from PIL import Image
 from digitrec import realworld
 from digitrec.augment_real import negative_bank, robust_augment
 from digitrec.calibrate import choose_threshold, expected_calibration_error, fit_temperature
-from digitrec.realworld import SETS, generate, write_set
+from digitrec.errors import DigitrecError
+from digitrec.realworld import SETS, WRITTEN_LIST, WRITTEN_NAME, generate, write_set
 
 FAKE_MNIST = (np.random.default_rng(0).integers(0, 255, (50, 28, 28)).astype(np.uint8), np.arange(50) % 10)
 
@@ -74,8 +77,46 @@ def test_write_set_replaces_the_files_an_earlier_write_left(tmp_path):
     write_set("pen-photo", 12, tmp_path, seed=1)
     (tmp_path / "notes.txt").write_text("mine")
     paths = write_set("pen-photo", 5, tmp_path, seed=0)
-    assert sorted(tmp_path.iterdir()) == sorted([*paths, tmp_path / "notes.txt"])
+    assert sorted(tmp_path.iterdir()) == sorted([*paths, tmp_path / "notes.txt", tmp_path / WRITTEN_LIST])
     assert [p.name for p in paths] == [p.name for p in write_set("pen-photo", 5, tmp_path / "fresh")]
+
+
+def test_write_set_never_removes_a_users_file_named_like_its_own(tmp_path):
+    """Any 00001_7.png in the folder was taken for an earlier --write's and removed, a user's own photo too."""
+    mine = tmp_path / "00001_7.png"
+    mine.write_bytes(b"my photo")
+    with pytest.raises(DigitrecError, match=r"holds 00001_7.png named like the images eval-real --write"):
+        write_set("pen-photo", 3, tmp_path)
+    assert sorted(tmp_path.iterdir()) == [mine] and mine.read_bytes() == b"my photo"
+    # a list edited to name another file does not make write_set remove it
+    (tmp_path / "notes.txt").write_text("mine")
+    mine.rename(tmp_path / "elsewhere.png")
+    write_set("pen-photo", 3, tmp_path)
+    listed = tmp_path / WRITTEN_LIST
+    listed.write_text(json.dumps({"files": [*json.loads(listed.read_text())["files"], "notes.txt"]}))
+    write_set("pen-photo", 2, tmp_path, seed=1)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "elsewhere.png").exists()
+    assert len([p for p in tmp_path.iterdir() if WRITTEN_NAME.fullmatch(p.name)]) == 2
+
+
+def test_a_write_stopped_half_way_is_replaced_by_the_next(tmp_path, monkeypatch):
+    """The files are listed before they are written, so an interrupted --write does not block the next one."""
+    real_write = Path.write_bytes
+    calls = []
+
+    def stop_after_two(self, data):
+        calls.append(self)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        write_set("pen-photo", 5, tmp_path, seed=3)
+    monkeypatch.undo()
+    assert len([p for p in tmp_path.iterdir() if WRITTEN_NAME.fullmatch(p.name)]) == 2
+    paths = write_set("pen-photo", 4, tmp_path, seed=4)
+    assert sorted(p for p in tmp_path.iterdir() if WRITTEN_NAME.fullmatch(p.name)) == sorted(paths)
 
 
 def test_robust_augment_keeps_shape_range_and_is_seeded():

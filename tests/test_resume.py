@@ -480,6 +480,21 @@ def test_a_fine_tune_is_not_resumed_without_its_corrections(tmp_path):
     _edit_last(tmp_path / "tuned", lambda meta: meta["state"].update(step=1, finished=False))  # interrupted
     with pytest.raises(CheckpointError, match=refused):
         train(TrainConfig(), tmp_path / "tuned", data=data, resume=True, **QUIET)
+    # evaluate's note on its best checkpoint so far gave `digitrec train --resume`, which refuses a fine-tune
+    from digitrec.cli import _finish_of
+
+    assert _finish_of(tmp_path / "tuned") == (
+        f"the same `digitrec finetune` again with --out {tmp_path / 'tuned'} finishes it"
+    )
+    # and a fine-tune over an unfinished training run advised --overwrite, which `digitrec finetune` lacks
+    train(TrainConfig(**config, epochs=1, val_size=0), tmp_path / "trained", data=data, **QUIET)
+    _edit_last(tmp_path / "trained", lambda meta: meta["state"].update(step=1, finished=False))
+    with pytest.raises(CheckpointError) as over_a_run:
+        finetune(tmp_path / "base.safetensors", store.path, tmp_path / "trained", data=data, **QUIET)
+    assert str(over_a_run.value) == (
+        f"{tmp_path / 'trained'} holds an unfinished training run (stopped at step 1), which a fine-tune would "
+        f"replace; continue it with `digitrec train --resume {tmp_path / 'trained'}`, or choose another --out."
+    )
     with pytest.raises(
         CheckpointError, match="holds an unfinished fine-tune; run its `digitrec finetune` again"
     ):

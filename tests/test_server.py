@@ -258,6 +258,7 @@ def test_read_returns_the_number_and_a_box_per_digit(client):
             {"digit": 4, "confidence": 0.98, "box": [0, 0, 150, 300], "doubtful": False, "line": 0},
             {"digit": 2, "confidence": 0.4, "box": [150, 0, 150, 300], "doubtful": True, "line": 0},
         ],
+        "rejected_lines": 0,
     }
 
 

@@ -159,6 +159,11 @@ def _calibrate(
     from .realworld import generate
 
     model, meta = load_model(model_path)
+    if meta.get("partial") is True:  # resuming the run writes a new model.safetensors: this calibration goes
+        log(
+            f"note: {model_path} is the best checkpoint so far of a run that had not finished; a model the run "
+            "writes when it goes on is not calibrated: calibrate that one too."
+        )
     config = TrainConfig.from_checkpoint(meta, model_path)
     data = load_mnist(data_dir, log=log)
     # A model trained on every image (val_size 0) gets the usual split (TrainConfig's default), or a sixth of a

@@ -64,6 +64,11 @@ def _model_out(value: str) -> Path:
     path = Path(value)
     if path.suffix != ".safetensors" or path.is_dir():  # a folder named x.safetensors holds model.safetensors
         return _folder(value) / "model.safetensors"
+    if path.name == "last.safetensors":  # written over, a run's last.safetensors no longer resumed it
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is named as a run's resume checkpoint, which `digitrec train --resume` continues from; "
+            "name the model file otherwise, such as model.safetensors"
+        )
     _folder(str(path.parent))
     return path
 
@@ -355,16 +360,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resume_of(run: Path) -> str:
-    """The command that finishes the unfinished run in `run`, with --nproc N where it began on N processes."""
+def _finish_of(run: Path) -> str:
+    """How to finish the unfinished run in `run`: its resume command (with --nproc N where it began on N
+    processes), or for a fine-tune, which cannot be resumed, running it again."""
     from .checkpoint import read_checkpoint
+    from .feedback import is_finetune
     from .runfolder import resume_command
 
     try:
-        state = read_checkpoint(run / "last.safetensors")[1].get("state")
+        meta = read_checkpoint(run / "last.safetensors")[1]
     except DigitrecError:  # its own sentence comes when it is resumed
-        state = None
-    return resume_command(run, state.get("world_size") if isinstance(state, dict) else None)
+        meta = {}
+    if is_finetune(meta):
+        return f"the same `digitrec finetune` again with --out {run} finishes it"
+    state = meta.get("state")
+    return f"{resume_command(run, state.get('world_size') if isinstance(state, dict) else None)} finishes it"
+
+
+def _refuse_report_over_another_model(report: Path, model: Path) -> None:
+    """`evaluate MODEL --report DIR` where DIR holds another model (a run's, an ensemble's): its report.html,
+    MODEL_CARD.md and figures were replaced by MODEL's, beside its own model.safetensors and metrics.json."""
+    other = report / "model.safetensors"
+    if other.exists() and not (model.exists() and os.path.samefile(other, model)):
+        raise DigitrecError(
+            f"--report {report} holds another model ({other}), whose report and model card would then describe "
+            f"{model}; name a new folder for the report."
+        )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -374,13 +395,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model, write_report
     from .training import load_history
 
-    if args.report:
-        _make_folder(args.report, "--report")
     path = _model_path(args.model)
+    if args.report:
+        _refuse_report_over_another_model(Path(args.report), path)
+        _make_folder(args.report, "--report")
     model, meta = load_model(path)
     if meta.get("partial"):  # written after an epoch of a run that was stopped before its end
         in_its_run = path.name == "model.safetensors" and (path.parent / "last.safetensors").exists()
-        finish = f"; {_resume_of(path.parent)} finishes it" if in_its_run else ""
+        finish = f"; {_finish_of(path.parent)}" if in_its_run else ""
         _stderr(f"note: {path} is the best checkpoint so far of a run that had not finished{finish}.")
     trained = TrainConfig.from_checkpoint(meta, path)
     config = trained.override(tta_views=args.tta_views)
@@ -500,7 +522,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         _refuse_out_over_a_member(args.out, args.models, paths)
         _make_folder(args.out.parent, "--out")
     for path in paths:  # a missing or damaged member is said before MNIST is loaded (or downloaded)
-        read_checkpoint(path)
+        if "members" in read_checkpoint(path)[1]:  # its members would weigh a share each of its one vote
+            raise DigitrecError(f"{path} is already an ensemble; pass its members' checkpoints instead.")
     data = load_mnist(args.data_dir, log=_stderr)
     if args.out:  # built before the evaluation, so that a model it cannot join stops the command at once
         from .checkpoint import load_ensemble, save_model
@@ -518,6 +541,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
         # an earlier ensemble replaced: the exports made from it go too
         metrics_saved = {k: saved[k] for k in ("test_accuracy", "test_loss")}
+        before = args.out.read_bytes() if args.out.is_file() else None
         write_over(
             args.out,
             lambda: save_model(args.out, model, meta | {"metrics": metrics_saved}),
@@ -525,6 +549,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             by="this ensemble was saved over it",
         )
         _stderr(f"wrote {args.out}; run `digitrec calibrate {args.out}` before predicting with it")
+        if before is not None and args.out.read_bytes() != before:
+            _say_stale_report(args.out, "the ensemble it replaced", _stderr)
         # as printed below, to 4 decimals: a loss that differs there too is explained
         if saved["errors"] != metrics["errors"] or round(saved["test_loss"], 4) != round(
             metrics["test_loss"], 4
@@ -676,18 +702,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     data = load_mnist(args.data_dir, log=_stderr)
     with contextlib.ExitStack() as stack:
         out = Path(args.out) if args.out else stack.enter_context(reserved_out_dir("finetune"))
-        run = finetune(
-            source,
-            args.feedback,
-            out,
-            data=data,
-            epochs=args.epochs,
-            lr_scale=args.lr_scale,
-            repeat=args.repeat,
-            corrections=not args.no_corrections,
-            progress=not args.no_progress and sys.stderr.isatty(),
-            report=not args.no_report,
-        )
+        try:
+            run = finetune(
+                source,
+                args.feedback,
+                out,
+                data=data,
+                epochs=args.epochs,
+                lr_scale=args.lr_scale,
+                repeat=args.repeat,
+                corrections=not args.no_corrections,
+                progress=not args.no_progress and sys.stderr.isatty(),
+                report=not args.no_report,
+            )
+        except KeyboardInterrupt:  # a fine-tune is not resumed (its checkpoint does not hold the corrections)
+            if (out / "last.safetensors").exists():
+                _stderr(f"stopped; the same `digitrec finetune` again with --out {out} runs it over")
+            raise
     m = run.metrics
     if args.no_corrections:
         before = m["test_accuracy_before"]
@@ -737,7 +768,8 @@ def _predictor(args: argparse.Namespace, images: int | None = None):
     return predictor
 
 
-def _image_paths(args: argparse.Namespace) -> list[Path]:
+def _image_paths(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
+    """The image files the IMG arguments name (folders expanded) and each as the user spelled it, for the output."""
     from .preprocess import IMAGE_FORMATS_TEXT, expand_paths
 
     if "" in args.images:  # Path("") is ".": `predict "$IMG"` with $IMG unset read the whole current folder
@@ -749,7 +781,8 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
     refused: list[Path] = []
     subfolders: list[Path] = []
     unlisted: list[tuple[Path, str]] = []
-    paths = expand_paths(args.images, unreadable, refused, subfolders, unlisted)
+    names: list[str] = []
+    paths = expand_paths(args.images, unreadable, refused, subfolders, unlisted, names)
     for folder, reason in unlisted:  # the other paths are still read, as a file that cannot be read is
         _stderr(
             f"digitrec: cannot list the folder {folder} ({reason}), so its images are not read; check its permissions."
@@ -771,18 +804,20 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
             )
     if not paths:
         raise DigitrecError(f"no images found in the given folders; pass {IMAGE_FORMATS_TEXT} files.")
-    return paths
+    return paths, names
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import STEPS_STEM_BYTES, predict_files
 
-    paths = _image_paths(args)
+    paths, names = _image_paths(args)
     if args.show_steps:
         _make_folder(args.show_steps, "--show-steps")
     predictor = _predictor(args, len(paths))
     workers = min(os.cpu_count() or 1, 8)  # a folder of photos preprocesses on every core
-    results = predict_files(predictor, paths, top_k=args.top_k, steps_dir=args.show_steps, workers=workers)
+    results = predict_files(
+        predictor, paths, top_k=args.top_k, steps_dir=args.show_steps, workers=workers, names=names
+    )
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -809,14 +844,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_read(args: argparse.Namespace) -> int:
     from .errors import ImageError
 
-    paths = _image_paths(args)
+    paths, names = _image_paths(args)
     predictor = _predictor(args, len(paths))
     rows = []
-    for path in paths:
+    for path, name in zip(paths, names, strict=True):
         try:
-            rows.append({"path": str(path), **predictor.read(path).to_dict()})
+            rows.append({"path": name, **predictor.read(path).to_dict()})
         except ImageError as exc:
-            rows.append({"path": str(path), "error": str(exc)})
+            rows.append({"path": name, "error": str(exc)})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -833,8 +868,11 @@ def cmd_read(args: argparse.Namespace) -> int:
                 if any(d["doubtful"] for d in row["digits"])
                 else ""
             )
-            lines = row["lines"]
+            lines, left_out = row["lines"], row["rejected_lines"]
             number = " / ".join(lines) + (f" ({len(lines)} lines)" if len(lines) > 1 else "")
+            if left_out:  # marks that read as no digits: noise, letters, a drawing
+                plural = "s" if left_out > 1 else ""
+                doubt += f"  ({left_out} line{plural} of marks that read as no digits left out)"
             print(f"{row['path']}: {number or '(no digits found)'}  [{digits}]{doubt}")
     return 1 if all("error" in row for row in rows) else 0
 
@@ -854,14 +892,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
     )
     print(f"calibration written into {written}")
-    stale = [name for name in ("MODEL_CARD.md", "report.html") if (written.parent / name).is_file()]
-    if written.name == "model.safetensors" and stale:  # a run's own model: its card shows T = 1 and that ECE
-        print(
-            f"{' and '.join(stale)} in {written.parent} still {'describe' if len(stale) > 1 else 'describes'} "
-            "the model before calibration; "
-            f"`digitrec evaluate {written.parent} --report {written.parent}` rewrites them."
-        )
+    _say_stale_report(written, "the model before calibration", print)  # its card shows T = 1 and that ECE
     return 0
+
+
+def _say_stale_report(written: Path, before: str, log: Callable[[str], None]) -> None:
+    """Where `written` is a folder's model.safetensors beside a card and report of the model it replaced, say so
+    and how to write them again."""
+    stale = [name for name in ("MODEL_CARD.md", "report.html") if (written.parent / name).is_file()]
+    if written.name == "model.safetensors" and stale:
+        log(
+            f"{' and '.join(stale)} in {written.parent} still {'describe' if len(stale) > 1 else 'describes'} "
+            f"{before}; `digitrec evaluate {written.parent} --report {written.parent}` rewrites them."
+        )
 
 
 def cmd_eval_real(args: argparse.Namespace) -> int:
@@ -1447,7 +1490,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="test-set metrics of a trained model")
     p.add_argument("model", type=_model_name, help="a run folder or model.safetensors")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--report", metavar="DIR", type=_folder, help="also write plots and report.html into DIR")
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        type=_folder,
+        help="also write report.html, MODEL_CARD.md, evaluation.json and the plots into DIR (replacing those there; "
+        "a folder holding another model is refused)",
+    )
     p.add_argument(
         "--tta-views",
         type=int,
@@ -1679,7 +1728,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json",
         action="store_true",
-        help='print a JSON array of {"path", "number", "lines", "digits": [...]} (lines: one number per line of writing)',
+        help='print a JSON array of {"path", "number", "lines", "digits": [...], "rejected_lines"} (lines: one '
+        "number per line of writing; rejected_lines: lines of marks that read as no digits, left out)",
     )
     _pairs_flag(p)
     p.set_defaults(func=cmd_read)
@@ -2045,6 +2095,15 @@ def entry_point() -> NoReturn:
     if sys.stdout is not None:
         sys.stdout = cast(TextIO, _StandardOutput(sys.stdout))
     code = main()
+    if code != 0 and os.environ.get("WORLD_SIZE", "1") != "1":
+        # a process of a multi-process run that was interrupted or lost the others: its gloo threads may still
+        # hold a connection the others dropped, and tearing them down at exit aborted the process with "terminate
+        # called without an active exception" after its sentence; what it had to say is said, so leave now
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    stream.flush()
+        os._exit(code)
     gc.freeze()
     sys.exit(code)
 

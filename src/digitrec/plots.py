@@ -47,6 +47,8 @@ def curves(history: list[dict[str, float]], path: Path, label_smoothing: float =
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    if ax_acc.get_ylim()[1] > 100:  # matplotlib's margin ran the axis past what an accuracy can be
+        ax_acc.set_ylim(top=100)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 PRETRAINED_NAME = "robust"
 DEFAULT_REJECT_BELOW = 0.5  # used only when a checkpoint was never calibrated
+# a pair reading (segment.Piece.reading) under this confidence counts as doubtful when `read` decides whether a
+# line holds digits at all: right pairs on development seeds 4 and 5 stood above it, and noise read as pairs,
+# at 0.08-0.2, mostly under it (docs/realworld.md, "Lines of noise")
+PAIR_DOUBT = 0.2
 MIN_INK = 1.0  # total brightness of a 28x28 input below which there is nothing to read (a blank page)
 
 Backend = Callable[[np.ndarray], np.ndarray]
@@ -48,8 +52,15 @@ class Prediction:
     blank: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON `predict --json` prints per image (without its path): digit, confidence, top."""
-        return {"digit": self.digit, "confidence": self.confidence, "top": [list(t) for t in self.top]}
+        """The JSON `predict --json` prints per image (without its path): digit, confidence, top, and why a digit
+        is null: `rejected` (not sure enough), `blank` (no ink at all), as /api/predict says them."""
+        return {
+            "digit": self.digit,
+            "confidence": self.confidence,
+            "top": [list(t) for t in self.top],
+            "rejected": self.rejected,
+            "blank": self.blank,
+        }
 
 
 @dataclass
@@ -86,6 +97,8 @@ class ReadResult:
 
     number: str
     digits: list[DigitBox] = field(default_factory=list)
+    # lines of marks left out because most of their digits were doubtful: noise, letters, a drawing
+    rejected_lines: int = 0
 
     @property
     def lines(self) -> list[str]:
@@ -93,8 +106,13 @@ class ReadResult:
         return self.number.split("\n") if self.number else []
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON `read --json` prints per image (without its path): number, lines and digits."""
-        return {"number": self.number, "lines": self.lines, "digits": [d.to_dict() for d in self.digits]}
+        """The JSON `read --json` prints per image (without its path): number, lines, digits, rejected_lines."""
+        return {
+            "number": self.number,
+            "lines": self.lines,
+            "digits": [d.to_dict() for d in self.digits],
+            "rejected_lines": self.rejected_lines,
+        }
 
 
 class TorchBackend:
@@ -382,8 +400,11 @@ class Predictor:
         """A photo of a number (or of several, one under another) -> the number and each digit's box and
         confidence; several lines of writing read as one number per line, joined by newlines.
 
-        Every segment gets its most likely digit (a line is known to hold digits); one whose confidence is below
-        `reject_below` is marked `doubtful`. A page with no ink reads as "".
+        Every segment gets its most likely digit; one whose confidence is below `reject_below` is marked
+        `doubtful`. A line of writing in which fewer than half the readings are sure is taken for no digits at all
+        (noise, a letter, a drawing: read, such marks gave strings of doubtful 4s) and left out, counted in
+        `rejected_lines`. A reading is a digit, sure unless doubtful, or a pair (two digits read as one piece by
+        the pair classifier, whose confidences run lower), sure from PAIR_DOUBT. A page with no ink reads as "".
         """
         from .pairs import load_pair_scorer
         from .segment import segment
@@ -409,15 +430,27 @@ class Predictor:
             piece.reading if piece.reading is not None else _top(known[piece.image.tobytes()])
             for piece in pieces
         ]
-        digits = [
-            DigitBox(digit, confidence, piece.box, doubtful=confidence < self.reject_below, line=piece.line)
-            for (digit, confidence), piece in zip(readings, pieces)
-        ]
-        lines = [
-            "".join(str(d.digit) for d in digits if d.line == line)
-            for line in sorted({d.line for d in digits})
-        ]
-        return ReadResult("\n".join(lines), digits)
+        lines: dict[int, list[DigitBox]] = {}
+        sure: dict[int, list[bool]] = {}  # per line, whether each reading (a digit, or a pair) is sure
+        second_half = False  # a pair reading comes as its two halves, one after the other: counted once
+        for (digit, confidence), piece in zip(readings, pieces):
+            doubtful = confidence < self.reject_below
+            lines.setdefault(piece.line, []).append(
+                DigitBox(digit, confidence, piece.box, doubtful, piece.line)
+            )
+            if piece.reading is None:
+                sure.setdefault(piece.line, []).append(not doubtful)
+            elif not second_half:
+                sure.setdefault(piece.line, []).append(confidence >= PAIR_DOUBT)
+            second_half = piece.reading is not None and not second_half
+        kept = [line for line in sorted(lines) if 2 * sum(sure[line]) >= len(sure[line])]
+        digits = []
+        for number, line in enumerate(kept):  # the lines left, numbered again from 0
+            for d in lines[line]:
+                d.line = number
+                digits.append(d)
+        text = "\n".join("".join(str(d.digit) for d in lines[line]) for line in kept)
+        return ReadResult(text, digits, rejected_lines=len(lines) - len(kept))
 
 
 def _top(probabilities: np.ndarray) -> tuple[int, float]:
@@ -558,8 +591,10 @@ def predict_files(
     steps_dir: str | Path | None = None,
     workers: int = 1,
     log: Callable[[str], None] | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[FileResult]:
     """Predict every file; a bad file gets its error sentence and the others still go through, in batches.
+    Each result's `path` is its entry in `names` where given (the path as the user spelled it), else the path.
 
     `workers` > 1 preprocesses a folder of PARALLEL_FROM files or more in that many worker processes. They are
     spawned, so a script that calls this with workers > 1 needs the `if __name__ == "__main__":` guard that
@@ -568,7 +603,7 @@ def predict_files(
     """
     if log is None:
         log = _to_stderr
-    results = [FileResult(str(p)) for p in paths]
+    results = [FileResult(str(p)) for p in (paths if names is None else names)]
     ready: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:

@@ -1246,8 +1246,11 @@ def expand_paths(
     refused: list[Path] | None = None,
     subfolders: list[Path] | None = None,
     unlisted: list[tuple[Path, str]] | None = None,
+    names: list[str] | None = None,
 ) -> list[Path]:
     """Folders expand to the image files inside them (sorted, not recursive); files stay as given, in order.
+    `names`, if given, receives each returned path as the user spelled it ("./x.png", a folder's "photos/a.png"),
+    where a Path would have tidied it to "x.png", to name it in the output.
 
     A folder's image files are known by their suffix, and a file without one (a photo saved by an app that names
     files "IMG_0001") by its first bytes, as a file named directly is read: such a photo is read, or reported in
@@ -1276,7 +1279,10 @@ def expand_paths(
             files = [p for p, folder in zip(entries, is_folder, strict=True) if not folder]
             # a file without a suffix, by its first bytes: "image", "unreadable", "refused" or None (no image)
             sniffed = {p: _sniffed(p) for p in files if not p.suffix}
-            expanded.extend(p for p in files if is_image_file(p) or sniffed.get(p) == "image")
+            images = [p for p in files if is_image_file(p) or sniffed.get(p) == "image"]
+            expanded.extend(images)
+            if names is not None:
+                names.extend(os.path.join(raw, p.name) for p in images)
             if unreadable is not None:
                 unreadable.extend(
                     p for p in files if is_unreadable_photo(p) or sniffed.get(p) == "unreadable"
@@ -1287,6 +1293,8 @@ def expand_paths(
                 subfolders.extend(p for p in folders if _holds_images(p))
         else:
             expanded.append(path)
+            if names is not None:
+                names.append(str(raw))
     return expanded
 
 

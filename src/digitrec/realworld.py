@@ -24,6 +24,7 @@ seed; calibrate.py draws its calibration sets from these generators with a seed 
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 import time
@@ -534,6 +535,9 @@ def _digit_counts(number: str | None) -> list[int]:
 
 
 WRITTEN_NAME = re.compile(r"\d{5,}_(\d+(-\d+)*|none)\.(jpg|png)")  # the files write_set writes
+WRITTEN_LIST = (
+    ".eval-real-files.json"  # which files of its folder write_set wrote: only those are ever replaced
+)
 
 
 def write_set(
@@ -542,21 +546,48 @@ def write_set(
     """Save a set as image files named <index>_<label>.<ext> (label 'none' for negatives, lines joined by '-'), for
     `digitrec predict DIR` (or `read DIR`).
 
-    The files an earlier call wrote into out_dir (another count or seed) are removed first, so that the folder
-    holds this set alone and <index> names one file; other files are left alone."""
+    The files an earlier call wrote into out_dir (another count or seed), listed in its WRITTEN_LIST, are removed,
+    so that the folder holds this set alone and <index> names one file; other files are left alone, and a file
+    named like ours that no call wrote (a user's own 00001_7.png) stops it with a DigitrecError before anything
+    is written or removed."""
+    from .checkpoint import atomic_write_json
+    from .errors import DigitrecError
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for earlier in out.iterdir():
-        if WRITTEN_NAME.fullmatch(earlier.name) and earlier.is_file():
-            earlier.unlink()
+    listed = out / WRITTEN_LIST
+    try:
+        ours = set(json.loads(listed.read_text())["files"]) if listed.exists() else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set()  # a damaged list protects nothing: the files named like ours are then the user's
+    theirs = sorted(p.name for p in out.iterdir() if WRITTEN_NAME.fullmatch(p.name) and p.name not in ours)
+    if theirs:
+        more = f" and {len(theirs) - 1} more file(s)" if len(theirs) > 1 else ""
+        raise DigitrecError(
+            f"{out} holds {theirs[0]}{more} named like the images eval-real --write writes there, but not written "
+            "by it; give --write another folder, or move them, so that they are not replaced."
+        )
+    samples = list(generate(name, count, seed, mnist))
+    names = [_file_name(i, sample) for i, sample in enumerate(samples)]
+    # listed before they exist: a --write stopped half way leaves files that the next one knows as its own
+    atomic_write_json(listed, {"set": name, "count": count, "seed": seed, "files": sorted(ours | set(names))})
+    for earlier in ours - set(names):
+        if WRITTEN_NAME.fullmatch(earlier):  # never a name the list was edited to hold
+            (out / earlier).unlink(missing_ok=True)
     paths = []
-    for i, sample in enumerate(generate(name, count, seed, mnist)):
-        ext = "jpg" if sample.data[:2] == b"\xff\xd8" else "png"
-        label = (sample.label or "none").replace("\n", "-")
-        path = out / f"{i:05d}_{label}.{ext}"
+    for file_name, sample in zip(names, samples, strict=True):
+        path = out / file_name
         path.write_bytes(sample.data)
         paths.append(path)
+    atomic_write_json(listed, {"set": name, "count": count, "seed": seed, "files": names})
     return paths
+
+
+def _file_name(index: int, sample: Sample) -> str:
+    """<index>_<label>.<ext>: the label 'none' for a negative, a photo of two numbers' lines joined by '-'."""
+    label = (sample.label or "none").replace("\n", "-")
+    ext = "jpg" if sample.data[:2] == b"\xff\xd8" else "png"
+    return f"{index:05d}_{label}.{ext}"
 
 
 # ------------------------------------------------------------------------------------------ evaluation

@@ -289,6 +289,11 @@ def refuse_unfinished_run(out_dir: Path, finetune: bool) -> None:
         raise CheckpointError(
             f"{out_dir} holds an unfinished fine-tune; run its `digitrec finetune` again, or choose another --out."
         )
+    if finetune:  # `digitrec finetune` has no --overwrite: the run is the user's to finish or move
+        raise CheckpointError(
+            f"{out_dir} holds an unfinished training run (stopped at step {step}), which a fine-tune would replace; "
+            f"continue it with {resume_command(out_dir, state.get('world_size'))}, or choose another --out."
+        )
     if damaged_side_file:
         raise CheckpointError(
             f"{out_dir} holds an unfinished run (stopped at step {step}) whose checkpoint does not load as it is "

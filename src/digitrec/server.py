@@ -109,6 +109,11 @@ class ReadResponse(BaseModel):
     )
     lines: list[str] = Field(description="the number of each line of writing, top to bottom")
     digits: list[DigitOut]
+    rejected_lines: int = Field(
+        0,
+        description="lines of marks left out because most of their digits were doubtful (noise, letters, a "
+        "drawing)",
+    )
 
 
 class FeedbackResponse(BaseModel):

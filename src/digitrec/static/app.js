@@ -543,11 +543,15 @@ function showReading(answer) {
   fitNumber();
   const doubtful = answer.digits.filter((d) => d.doubtful).length;  // under the model's reject threshold
   const lines = (answer.lines || []).length;  // a photo of several numbers, one under another
+  const leftOut = answer.rejected_lines || 0;  // lines of marks that read as no digits (noise, letters)
   $("number-verdict").textContent = answer.digits.length
     ? `${answer.digits.length} digit${answer.digits.length === 1 ? "" : "s"} found` +
       (lines > 1 ? ` in ${lines} lines` : "") +
-      (doubtful ? `, ${doubtful} of them doubtful (orange)` : "")
-    : "No digits found. Write bigger, or use a darker pen.";
+      (doubtful ? `, ${doubtful} of them doubtful (orange)` : "") +
+      (leftOut ? `; ${leftOut} line${leftOut === 1 ? "" : "s"} of other marks left out` : "")
+    : leftOut
+      ? "No digits found: what is there does not read as digits."
+      : "No digits found. Write bigger, or use a darker pen.";
   const chips = $("chips");
   chips.innerHTML = "";
   answer.digits.forEach((d, i) => {
