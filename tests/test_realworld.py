@@ -178,7 +178,7 @@ class _Stub:
         return [answer] * len(batch)
 
     def read(self, data):
-        return SimpleNamespace(number=self.lines[data])
+        return SimpleNamespace(number=self.lines.get(data, ""))
 
 
 @pytest.mark.parametrize("digit", [3, None])
@@ -247,7 +247,7 @@ class _Scripted:
         return out
 
     def read(self, data):
-        return SimpleNamespace(number=self.lines[data])
+        return SimpleNamespace(number=self.lines.get(data, ""))
 
 
 def test_eval_real_scores_correct_rejected_before_rejection_naive_and_exact_numbers(monkeypatch):
@@ -255,8 +255,11 @@ def test_eval_real_scores_correct_rejected_before_rejection_naive_and_exact_numb
     sets = ("pen-photo", "numbers", "negatives")
     pens, numbers, negatives = (list(generate(name, 12, seed=2, mnist=FAKE_MNIST)) for name in sets)
     lines = {s.data: s.label if i % 2 else "12" for i, s in enumerate(numbers)}
+    # `read` of the non-digits: every third read as a number
+    read_negatives = {s.data: "7" if i % 3 == 0 else "" for i, s in enumerate(negatives)}
+    printed: list[str] = []
     results = realworld.eval_real(
-        _Scripted(pens + negatives, lines), count=12, seed=2, sets=sets, log=lambda line: None
+        _Scripted(pens + negatives, lines | read_negatives), count=12, seed=2, sets=sets, log=printed.append
     )
     pen = results["pen-photo"]
     assert (pen["accuracy"], pen["rejected"], pen["accuracy_no_reject"]) == pytest.approx(
@@ -270,6 +273,8 @@ def test_eval_real_scores_correct_rejected_before_rejection_naive_and_exact_numb
         (exact, count_right)
     )
     assert results["negatives"]["rejected"] == pytest.approx(9 / 12)
+    assert results["negatives"]["read_no_number"] == pytest.approx(8 / 12)
+    assert any(line.startswith("negatives") and "; read as no number 67%, n=12)" in line for line in printed)
     kinds = {s.kind for s in negatives}
     assert results["negatives"]["per_kind"] == pytest.approx(
         {k: np.mean([i % 4 != 0 for i, s in enumerate(negatives) if s.kind == k]) for k in kinds}
