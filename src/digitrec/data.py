@@ -332,7 +332,7 @@ def cache_root() -> Path:
     A relative $XDG_CACHE_HOME is ignored, as the XDG base directory spec says: it would put the cache under
     whatever the working directory is."""
     if os.environ.get("DIGITREC_CACHE"):
-        return Path(os.environ["DIGITREC_CACHE"])
+        return Path(os.environ["DIGITREC_CACHE"]).expanduser()  # "~/x" where no shell expanded it
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     return (Path(xdg) if os.path.isabs(xdg) else _home() / ".cache") / "digitrec"
 
@@ -389,13 +389,17 @@ def _download_mirrors(target: Path, log) -> bool:
                 with urllib.request.urlopen(url, timeout=20) as response:
                     data = gunzip(_chunks(response.read, MIRROR_GZ_BYTES), IDX_BYTES[stem])
                 if hashlib.md5(data).hexdigest() != md5:
-                    raise ValueError(f"{stem} from {mirror} fails its MD5 check")
+                    raise ValueError("it fails its MD5 check")
                 files[stem] = data
         except TooLarge as exc:  # a gzip bomb, or a page served in its place
             log(f"mirror {mirror} failed: its {stem}.gz {exc}, more than the MNIST file")
             continue
-        except (OSError, ValueError, EOFError, zlib.error, http.client.HTTPException) as exc:
-            log(f"mirror {mirror} failed: {exc}")
+        except (OSError, ValueError, EOFError, zlib.error) as exc:  # zlib, gzip: a page served in its place
+            what = "not gzip data" if isinstance(exc, (zlib.error, EOFError, gzip.BadGzipFile)) else exc
+            log(f"mirror {mirror} failed on {stem}.gz: {what}")
+            continue
+        except http.client.HTTPException as exc:
+            log(f"mirror {mirror} failed on {stem}.gz: {type(exc).__name__} {exc}".rstrip())
             continue
         _write_cache(target, files)
         log(f"downloaded MNIST from {mirror}")
