@@ -396,7 +396,8 @@ def test_a_dry_runs_card_says_so_and_what_it_trained_on(tmp_path, tiny_mnist):
     card = (tmp_path / "MODEL_CARD.md").read_text()
     assert card.startswith("# Model card: fast, dry run (")
     assert "reproduce it with `digitrec train --recipe fast --batch-size 32 --dry-run`" in card
-    assert "Trained on the first 224 training images only, 7 steps of 32 (a dry run" in card
+    # the subset the log line names (8 batches of 32), of which it saw 7; it said "the first 224" there
+    assert "Trained on the first 256 training images only, 7 steps of 32 (a dry run" in card
     threads = torch.get_num_threads()  # what the run trained on, as metrics.json records it
     assert json.loads((tmp_path / "metrics.json").read_text())["threads"] == threads
     assert f"add `--threads {threads}` on a machine with other cores" in card

@@ -329,6 +329,43 @@ def test_a_file_where_a_job_folder_goes_is_refused_before_any_job_starts(tmp_pat
         sweep(["fast"], [0, 1], tmp_path, parallel=2, train_flags=["--epochs", "1"])
 
 
+def test_a_summary_json_of_the_users_or_a_run_folder_as_out_is_refused_before_any_job(tmp_path, monkeypatch):
+    """A summary.json the user wrote was deleted before the first job started, and a trained run's folder got
+    the jobs' folders inside it."""
+    monkeypatch.setattr(subprocess, "Popen", None)  # no job may start
+    (tmp_path / "summary.json").write_text('{"my": "important results"}')
+    with pytest.raises(DigitrecError, match=r"holds a summary.json that no sweep wrote"):
+        sweep(["fast"], [0], tmp_path, train_flags=["--epochs", "1"])
+    assert (tmp_path / "summary.json").read_text() == '{"my": "important results"}'
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.safetensors").write_bytes(b"x")  # what every run writes
+    (run / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(DigitrecError, match=r"is a run folder \(it holds a trained model\)"):
+        sweep(["fast"], [0], run, train_flags=["--epochs", "1"])
+    assert sorted(p.name for p in run.iterdir()) == ["last.safetensors", "model.safetensors"]
+
+
+def test_one_seeds_mean_shows_no_spread():
+    """It printed "+- 0.00% over 1 seeds"."""
+    row = {
+        "recipe": "fast",
+        "seed": 0,
+        "ok": True,
+        "test_accuracy": 0.99,
+        "test_loss": 0.1,
+        "train_seconds": 1.0,
+    }
+    assert summary_table([{**row, "out": "x"}]).splitlines()[-1].split() == [
+        "fast",
+        "all",
+        "99.00%",
+        "over",
+        "1",
+        "seed",
+    ]
+
+
 def test_a_job_that_cannot_start_stops_and_waits_for_the_running_ones(tmp_path, monkeypatch):
     """An error while starting a job ended the sweep (exit 2, its folder's lock released) while the jobs already
     started went on running, each in a session of its own."""

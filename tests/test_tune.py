@@ -13,6 +13,7 @@ import pytest
 
 from digitrec import tune as tune_module
 from digitrec.cli import main
+from digitrec.errors import DigitrecError
 
 pytest.importorskip("optuna")
 
@@ -381,3 +382,52 @@ def test_a_user_error_inside_a_trial_is_one_sentence_without_optunas_traceback(
         "cannot write into the run folder /proc/x/trial-000; name a folder you can write."
     )
     assert not optuna_warnings
+
+
+def test_sigterm_writes_the_finished_trials_results_as_ctrl_c_does(idx_folder, tmp_path, monkeypatch, capfd):
+    """`timeout` or a job scheduler's SIGTERM ended tune with no message, no best.toml, trials.csv or plot, though
+    trials had finished, and left the stopped trial's folder behind."""
+    import os
+    import signal
+
+    from digitrec import training
+
+    real_train, trained = training.train, []
+
+    def terminated_in_the_third_trial(*args, **kwargs):
+        trained.append(1)
+        if len(trained) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", terminated_in_the_third_trial)
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}, {"lr": 3e-3}, {"lr": 2e-3}]))
+    out = tmp_path / "tune"
+    args = ["tune", "--trials", "5", "--epochs", "1", "--val-size", "200", "--out", str(out)]
+    assert main([*args, "--data-dir", str(idx_folder)]) == 130
+    assert "stopped after 2 finished trials" in capfd.readouterr().err
+    assert (out / "best.toml").exists() and (out / "tuning.png").exists() and (out / "trials.csv").exists()
+
+
+def test_tune_refuses_a_run_folder_and_a_folder_in_use_and_replaces_an_earlier_study(
+    tiny_mnist, tmp_path, monkeypatch
+):
+    """Run again into its folder a study left the earlier best.toml and trial folders beside its own files; two
+    tunes into one folder overwrote each other's trials; a trained run's folder got a study inside it."""
+    from digitrec.folderlock import RunFolderInUse, locked_run_folder
+
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}, {"lr": 3e-3}, {"lr": 2e-3}]))
+    out = tmp_path / "tune"
+    quiet = {"data": tiny_mnist, "epochs": 1, "val_size": 200, "log": lambda msg: None}
+    tune_module.tune("fast", 3, out, **quiet)
+    assert sorted(p.name for p in out.glob("trial-*")) == ["trial-000", "trial-001", "trial-002"]
+    said: list[str] = []
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}]))
+    tune_module.tune("fast", 1, out, **{**quiet, "log": said.append})
+    assert sorted(p.name for p in out.glob("trial-*")) == ["trial-000"]
+    assert f"replaced the earlier study in {out} (3 file(s), 3 trial folder(s))" in said
+    assert "best of 1 finished trials" in (out / "best.toml").read_text()
+    with locked_run_folder(out), pytest.raises(RunFolderInUse):
+        tune_module.tune("fast", 1, out, **quiet)
+    with pytest.raises(DigitrecError, match="is a run folder"):
+        tune_module.tune("fast", 1, out / "trial-000", **quiet)

@@ -1277,18 +1277,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"runs/tune-{args.recipe}")
     data = load_mnist(args.data_dir, log=_stderr)
-    result = tune(
-        args.recipe,
-        args.trials,
-        out,
-        storage=args.storage,
-        study_name=args.study,
-        data=data,
-        epochs=args.epochs,
-        val_size=args.val_size,
-        seed=args.seed,
-        log=_stderr,
-    )
+    with (
+        _terminate_as_interrupt()
+    ):  # `timeout`, a job scheduler: the finished trials are written, as on Ctrl-C
+        result = tune(
+            args.recipe,
+            args.trials,
+            out,
+            storage=args.storage,
+            study_name=args.study,
+            data=data,
+            epochs=args.epochs,
+            val_size=args.val_size,
+            seed=args.seed,
+            log=_stderr,
+        )
     print(result.table)
     print(
         f"best validation accuracy {result.best_value:.2%}; config: {result.config_path}; plot: {result.plot_path}"

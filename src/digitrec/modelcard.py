@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text
-from .config import TrainConfig
+from .config import DRY_RUN_BATCHES, TrainConfig
 from .data import MNIST
 from .feedback import FEEDBACK_SUFFIX, finetune_base, is_finetune
 from .models import count_parameters
@@ -381,9 +381,11 @@ def _trained_on(
     if config is None:
         return "the MNIST training set"
     if dry_run:
-        images = min(steps * config.batch_size, train_count - config.val_size)
+        # what the run's log line says: the dry run's subset of the training images, of which it saw `steps`
+        images = min(DRY_RUN_BATCHES * config.batch_size, train_count - config.val_size)
         return (
-            f"the first {images:,} training images only, {steps} steps of {config.batch_size} (a dry run, "
+            f"the first {images:,} training images only, {steps} step{'s' * (steps != 1)} of {config.batch_size} "
+            "(a dry run, "
             "`--dry-run`: a check that the pipeline runs, not a trained model)"
         )
     if not config.val_size:

@@ -154,9 +154,13 @@ def uncalibrated_note(predictor: Predictor, model: str | Path | None) -> str | N
         if is_onnx(model)
         else "`digitrec calibrate MODEL` fixes that"
     )
+    config = predictor.meta.get("config")
+    smoothed = isinstance(config, dict) and bool(config.get("label_smoothing"))
+    # label smoothing keeps a clear digit's confidence near 0.9: low, not high
+    run = "run low (it trained with label smoothing)" if smoothed else "run high"
     return (
-        f"{model or predictor.name} was never calibrated, so its confidences run high and it rejects only below "
-        f"the default {predictor.reject_below:g}: more non-digits pass as digits; {fix}"
+        f"{model or predictor.name} was never calibrated, so its confidences {run} and it rejects only below the "
+        f"default {predictor.reject_below:g}, a threshold chosen on no data; {fix}"
     )
 
 

@@ -77,6 +77,7 @@ def sweep(
         _check_train_flags(job, train_flags or [])
     for job in jobs:  # a file where a job's folder goes failed that job's start, with earlier jobs running
         refuse_a_file_in_the_way(job.out)
+    _refuse_an_out_that_is_not_a_sweeps(out)
     if check_data is not None:
         check_data()
     threads = max(1, (os.cpu_count() or 1) // parallel)  # share the cores instead of oversubscribing them
@@ -146,6 +147,32 @@ def _stop_keeping_the_finished(
         rows += [{**_row(job, finished=False), "stopped": True} for job in stopped]
         _write_summary(out, rows, recipes)
     return stopped
+
+
+def _refuse_an_out_that_is_not_a_sweeps(out: Path) -> None:
+    """A sweep's --out holds its jobs' run folders and its summary.json, which it replaces: a run folder there
+    got the jobs inside it, and a summary.json of the user's own was deleted before the first job."""
+    from .runfolder import holds_a_run
+
+    if holds_a_run(out):
+        raise DigitrecError(
+            f"--out {out} is a run folder (it holds a trained model); name a new folder for the sweep's runs."
+        )
+    summary = out / "summary.json"
+    if not summary.exists():
+        return
+    try:
+        rows = json.loads(summary.read_text())
+        ours = isinstance(rows, list) and all(
+            isinstance(row, dict) and {"recipe", "seed", "ok", "out"} <= row.keys() for row in rows
+        )
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise DigitrecError(
+            f"--out {out} holds a summary.json that no sweep wrote, which the sweep would replace; name another "
+            "folder or move the file."
+        )
 
 
 def _outcome(row: dict, job: Job) -> str:
@@ -324,9 +351,11 @@ def summary_table(rows: list[dict]) -> str:
             lines.append(f"{row['recipe']:<18} {row['seed']:>5} {'failed':>9}  see {row['out']}/train.log")
     for recipe, group in itertools.groupby(rows, key=lambda row: row["recipe"]):
         accuracies = [row["test_accuracy"] for row in group if row["ok"]]
-        if accuracies:
-            spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        if len(accuracies) > 1:
             lines.append(
-                f"{recipe:<18} {'all':>5} {statistics.mean(accuracies):>9.2%} +- {spread:.2%} over {len(accuracies)} seeds"
+                f"{recipe:<18} {'all':>5} {statistics.mean(accuracies):>9.2%} +- {statistics.stdev(accuracies):.2%} "
+                f"over {len(accuracies)} seeds"
             )
+        elif accuracies:  # one seed has no spread to show
+            lines.append(f"{recipe:<18} {'all':>5} {accuracies[0]:>9.2%} over 1 seed")
     return "\n".join(lines)

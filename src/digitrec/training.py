@@ -398,7 +398,7 @@ def train(
             log(
                 f"training {recipe}: {config.arch} ({params:,} parameters) on {device}{processes}"
                 f"{' in bfloat16' if bfloat16 else ''}, {len(train_images):,} images, "
-                f"{total_steps} steps of {config.batch_size}"
+                f"{total_steps} step{'s' * (total_steps != 1)} of {config.batch_size}"
                 + (f", weights averaged with decay {config.ema_decay}" if average is not None else "")
             )
         if config.amp and not bfloat16 and not evaluate_only:

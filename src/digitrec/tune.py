@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +86,33 @@ def tune(
 
     Writes into out_dir: best.toml (for `digitrec train --config`), trials.csv, tuning.png and one run
     folder per trial. `epochs` shortens every trial; pruning stops a trial after an epoch whose
-    validation accuracy is below the median of earlier trials at that epoch.
+    validation accuracy is below the median of earlier trials at that epoch. The folder is locked while the study
+    runs (a second tune into it is refused); a run folder is refused, and an earlier study's files there are
+    replaced, unless a `storage` continues that study.
     """
+    from .folderlock import locked_run_folder
+    from .runfolder import holds_a_run
+
+    out_dir = Path(out_dir)
+    if holds_a_run(out_dir):  # best.toml, trials.csv and trial folders inside a trained run's folder
+        raise DigitrecError(f"--out {out_dir} is a run folder (it holds a trained model); name a new folder.")
+    with locked_run_folder(out_dir):
+        return _tune(recipe, trials, out_dir, storage, study_name, data, epochs, val_size, seed, log)
+
+
+def _tune(
+    recipe: str,
+    trials: int,
+    out_dir: str | Path,
+    storage: str | None = None,
+    study_name: str | None = None,
+    data: MNIST | None = None,
+    epochs: float | None = None,
+    val_size: int | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> TuneResult:
+    """tune() in its locked folder."""
     optuna = _optuna()
     from .data import load_mnist
     from .training import steps_in_epoch, train
@@ -217,6 +243,8 @@ def tune(
     def quiet_when_stopped(record: logging.LogRecord) -> bool:
         return not stopped
 
+    if storage is None:  # a study in memory starts at trial 0: an earlier one's files would mix with its own
+        _remove_an_earlier_study(out_dir, log)
     optimize_logger = logging.getLogger(_OPTIMIZE_LOGGER)
     optimize_logger.addFilter(quiet_when_stopped)
     try:
@@ -230,6 +258,37 @@ def tune(
     if not _finished(study):
         raise DigitrecError("every trial was pruned or failed; run more trials or raise --epochs.")
     return _write_results(study, recipe, base, out_dir)
+
+
+STUDY_FILES = ("best.toml", "trials.csv", "tuning.png")
+TRIAL_FOLDER = re.compile(r"trial-\d{3,}")
+
+
+def _remove_an_earlier_study(out_dir: Path, log: Callable[[str], None]) -> None:
+    """Remove what an earlier study wrote into out_dir (STUDY_FILES and its trial-NNN run folders), saying so:
+    run again into its folder, a study left the earlier best.toml beside its own trials.csv, and trial folders
+    that no file listed."""
+    import shutil
+
+    from .runfolder import holds_a_run
+
+    if not out_dir.is_dir():
+        return
+    files = [out_dir / name for name in STUDY_FILES if (out_dir / name).is_file()]
+    folders = sorted(
+        path
+        for path in out_dir.iterdir()
+        if TRIAL_FOLDER.fullmatch(path.name)
+        and path.is_dir()
+        and (holds_a_run(path) or not any(path.iterdir()))
+    )
+    if not files and not folders:
+        return
+    for path in files:
+        path.unlink()
+    for path in folders:
+        shutil.rmtree(path)
+    log(f"replaced the earlier study in {out_dir} ({len(files)} file(s), {len(folders)} trial folder(s))")
 
 
 def _finished(study: Any) -> list[Any]:
@@ -402,7 +461,7 @@ def summary_table(study: Any, top: int = 10) -> str:
         )
     others = len(rows) - len(done)
     if others:
-        lines.append(f"({others} trials pruned or failed)")
+        lines.append(f"({others} trial{'s' * (others != 1)} pruned or failed)")
     return "\n".join(lines)
 
 
