@@ -134,6 +134,25 @@ def test_read_takes_lines_of_noise_for_no_digits_and_keeps_a_number_beside_them(
     assert result.rejected_lines >= 1
 
 
+def test_a_line_read_as_one_doubtful_pair_is_left_out_unless_the_threshold_is_lowered(
+    monkeypatch, untrained_path
+):
+    """A pair reading is sure from PAIR_DOUBT (0.2) or the reject threshold if lower: `--reject-below 0` left
+    out a "58" read as one pair at 0.1, though it is meant to keep every reading."""
+    from digitrec import segment
+    from digitrec.predict import PAIR_DOUBT
+
+    image = np.zeros((28, 28), np.float32)
+    halves = [segment.Piece((0, 0, 10, 20), image, (5, 0.1)), segment.Piece((8, 0, 10, 20), image, (8, 0.1))]
+    monkeypatch.setattr(segment, "segment", lambda *args, **kwargs: halves)
+    page = np.full((40, 40), 255, np.uint8)
+    assert 0.1 < PAIR_DOUBT
+    left_out = Predictor.load(untrained_path).read(page)
+    assert (left_out.number, left_out.rejected_lines) == ("", 1)
+    kept = Predictor.load(untrained_path, reject_below=0.0).read(page)
+    assert (kept.number, kept.rejected_lines) == ("58", 0)
+
+
 def test_a_blank_input_is_rejected_even_when_the_model_is_sure_of_a_digit():
     def sure_it_is_a_one(batch: np.ndarray) -> np.ndarray:
         logits = np.zeros((len(batch), 10), np.float32)

@@ -408,7 +408,8 @@ class Predictor:
         `doubtful`. A line of writing in which fewer than half the readings are sure is taken for no digits at all
         (noise, a letter, a drawing: read, such marks gave strings of doubtful 4s) and left out, counted in
         `rejected_lines`. A reading is a digit, sure unless doubtful, or a pair (two digits read as one piece by
-        the pair classifier, whose confidences run lower), sure from PAIR_DOUBT. A page with no ink reads as "".
+        the pair classifier, whose confidences run lower), sure from PAIR_DOUBT (or `reject_below` if lower). A
+        page with no ink reads as "".
         """
         from .pairs import load_pair_scorer
         from .segment import segment
@@ -437,6 +438,7 @@ class Predictor:
         lines: dict[int, list[DigitBox]] = {}
         sure: dict[int, list[bool]] = {}  # per line, whether each reading (a digit, or a pair) is sure
         second_half = False  # a pair reading comes as its two halves, one after the other: counted once
+        pair_doubt = min(PAIR_DOUBT, self.reject_below)  # never stricter than a digit: --reject-below 0 keeps all
         for (digit, confidence), piece in zip(readings, pieces):
             doubtful = confidence < self.reject_below
             lines.setdefault(piece.line, []).append(
@@ -445,7 +447,7 @@ class Predictor:
             if piece.reading is None:
                 sure.setdefault(piece.line, []).append(not doubtful)
             elif not second_half:
-                sure.setdefault(piece.line, []).append(confidence >= PAIR_DOUBT)
+                sure.setdefault(piece.line, []).append(confidence >= pair_doubt)
             second_half = piece.reading is not None and not second_half
         kept = [line for line in sorted(lines) if 2 * sum(sure[line]) >= len(sure[line])]
         digits = []
