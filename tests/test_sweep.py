@@ -346,6 +346,20 @@ def test_a_summary_json_of_the_users_or_a_run_folder_as_out_is_refused_before_an
     assert sorted(p.name for p in run.iterdir()) == ["last.safetensors", "model.safetensors"]
 
 
+def test_a_job_folder_in_use_by_a_run_is_refused_before_its_train_log_is_touched(tmp_path, monkeypatch):
+    """The job was refused by the run's lock, but only after the sweep had opened its train.log with "w"."""
+    from digitrec.folderlock import RunFolderInUse, locked_run_folder
+
+    monkeypatch.setattr(subprocess, "Popen", None)  # no job may start
+    job = tmp_path / "fast-seed0"
+    job.mkdir()
+    (job / "train.log").write_text("the log of the run in there")
+    with locked_run_folder(job), pytest.raises(RunFolderInUse):
+        sweep(["fast"], [0, 1], tmp_path, train_flags=["--epochs", "1"])
+    assert (job / "train.log").read_text() == "the log of the run in there"
+    assert not (tmp_path / "fast-seed1").exists()
+
+
 def test_one_seeds_mean_shows_no_spread():
     """It printed "+- 0.00% over 1 seeds"."""
     row = {

@@ -225,6 +225,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         reported = f"{c.reported_accuracy:.2%}" if c.reported_accuracy else "-"
         if c.reported_accuracy and c.source == "digitrec":
             reported += " (ours: median of seeds 0-4)"
+        elif c.reported_accuracy and c.reported_metric.startswith("batch_mean:"):  # not correct / total
+            reported += f" (a mean of per-batch accuracies, batches of {c.reported_metric.split(':')[1]})"
         norm = f"({c.normalize[0]:g}, {c.normalize[1]:g})"
         test_time = f"{c.tta_views} views" if c.tta_views > 1 else "-"
         print(

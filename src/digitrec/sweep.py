@@ -19,7 +19,7 @@ from pathlib import Path
 from .checkpoint import atomic_write_json
 from .config import get_recipe
 from .errors import DigitrecError, refuse_repeats
-from .folderlock import refuse_a_file_in_the_way
+from .folderlock import refuse_a_file_in_the_way, refuse_a_folder_in_use
 
 # Stopped, a sweep interrupts each running job as Ctrl-C would, then terminates and at last kills a job that is
 # still running after this many seconds each time.
@@ -77,6 +77,8 @@ def sweep(
         _check_train_flags(job, train_flags or [])
     for job in jobs:  # a file where a job's folder goes failed that job's start, with earlier jobs running
         refuse_a_file_in_the_way(job.out)
+        # a run training in a job's folder: its lock refused the job, after the sweep had emptied its train.log
+        refuse_a_folder_in_use(job.out)
     _refuse_an_out_that_is_not_a_sweeps(out)
     if check_data is not None:
         check_data()
