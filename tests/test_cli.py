@@ -802,6 +802,36 @@ def test_ensemble_out_refuses_another_runs_folder_but_replaces_an_earlier_ensemb
     )
 
 
+def test_eval_real_write_refuses_a_users_file_in_any_sets_folder_before_writing_any(tmp_path, capsys):
+    """With --sets pen-photo,negatives and a file of the user's in negatives/, pen-photo's images were written
+    before the refusal, though README says it stops before anything is written."""
+    out = tmp_path / "w"
+    (out / "negatives").mkdir(parents=True)
+    (out / "negatives" / "00000_none.png").write_bytes(b"mine")
+    args = ["eval-real", "--sets", "pen-photo,negatives", "--count", "2", "--write", str(out)]
+    assert main(args) == 2
+    assert "00000_none.png named like the images eval-real --write writes" in capsys.readouterr().err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "negatives",
+        "negatives/00000_none.png",
+    ]
+
+
+def test_evaluate_names_a_missing_model_before_any_report_folder(tiny_fast_run, tmp_path, capsys):
+    """`evaluate nonexist --report RUN` said RUN "holds another model" instead of that nonexist does not exist."""
+    assert main(["evaluate", str(tmp_path / "nonexist"), "--report", str(tiny_fast_run)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "holds another model" not in err
+
+
+def test_only_a_process_in_a_process_group_leaves_without_teardown(monkeypatch):
+    """A `predict` in a shell that exports WORLD_SIZE=2 left through os._exit, skipping atexit handlers."""
+    from digitrec.cli import _in_a_process_group
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not _in_a_process_group()
+
+
 def test_no_model_is_written_over_a_runs_resume_checkpoint(tiny_fast_run, tmp_path, idx_folder, capsys):
     """`calibrate RUN --out RUN/last.safetensors` (and `ensemble --out` there) replaced the checkpoint that
     `train --resume` continues from: the run could no longer be finished."""

@@ -1143,3 +1143,53 @@ def test_a_mirror_that_fails_is_named_with_the_file_and_a_plain_reason(
         f"mirror {data.MIRRORS[1]} failed on train-labels-idx1-ubyte.gz: it fails its MD5 check",
         f"downloaded MNIST from {data.MIRRORS[2]}",
     ]
+
+
+def test_a_folder_named_with_a_leading_tilde_is_a_folder_not_a_users_home(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Path.expanduser took "~mnistcopy" for the home of a user "mnistcopy": RuntimeError, a traceback."""
+    copy = tmp_path / "~mnistcopy"
+    copy.mkdir()
+    for path in idx_folder.glob("*.gz"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert len(load_mnist("~mnistcopy", download=False, use_copy=False).test_labels) > 0
+    monkeypatch.setenv("DIGITREC_CACHE", "~mnistcache")
+    assert data.cache_root() == Path("~mnistcache")
+
+
+def test_a_link_to_nothing_does_not_hide_a_good_raw_file_beside_it(idx_folder: Path):
+    """A dangling train-labels-idx1-ubyte.gz beside a good raw train-labels-idx1-ubyte stopped the load."""
+    labels = idx_folder / "train-labels-idx1-ubyte.gz"
+    (idx_folder / "train-labels-idx1-ubyte").write_bytes(gzip.decompress(labels.read_bytes()))
+    labels.unlink()
+    labels.symlink_to("/nonexistent/x.gz")
+    assert len(load_mnist(idx_folder, download=False, use_copy=False).train_labels) > 0
+
+
+def test_a_download_cut_short_is_said_to_have_ended_early(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A cut-off download was "not gzip data"; IncompleteRead's class was named twice."""
+    import http.client
+
+    monkeypatch.setattr(data, "IDX_BYTES", _tiny_sizes(idx_folder), raising=False)
+    whole = (idx_folder / "train-labels-idx1-ubyte.gz").read_bytes()
+
+    def urlopen(url: str, timeout: float = 0):
+        mirror, name = url.rsplit("/", 1)[0] + "/", url.rsplit("/", 1)[-1]
+        if name == "train-labels-idx1-ubyte.gz" and mirror == data.MIRRORS[0]:
+            return io.BytesIO(whole[: len(whole) // 2])
+        if name == "train-labels-idx1-ubyte.gz" and mirror == data.MIRRORS[1]:
+            raise http.client.IncompleteRead(b"abc", 100)
+        return io.BytesIO((idx_folder / name).read_bytes())
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    logged: list[str] = []
+    (tmp_path / "cache").mkdir()
+    assert data._download_mirrors(tmp_path / "cache", logged.append)
+    assert logged[:2] == [
+        f"mirror {data.MIRRORS[0]} failed on train-labels-idx1-ubyte.gz: the download ended early",
+        f"mirror {data.MIRRORS[1]} failed on train-labels-idx1-ubyte.gz: IncompleteRead(3 bytes read, 100 more expected)",
+    ]

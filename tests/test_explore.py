@@ -54,9 +54,18 @@ def test_cli_without_models_removes_an_earlier_ambiguous_figure(idx_folder, tmp_
     monkeypatch.setattr(explore_module, "embed", lambda pixels, method, seed: (pixels[:, :2], "t-SNE"))
     out = tmp_path / "explore"
     out.mkdir()
+    # a picture of the user's own by that name: no explore.json says an earlier run made it, so it stays
+    (out / "ambiguous.png").write_bytes(b"my own picture")
+    explore = ["explore", "--samples", "100", "--out", str(out), "--data-dir", str(idx_folder)]
+    assert main(explore) == 0
+    assert (out / "ambiguous.png").read_bytes() == b"my own picture"
+    capsys.readouterr()
     (out / "ambiguous.png").write_bytes(b"another model's figure")
+    (out / "explore.json").write_text(
+        '{"ambiguous": {"models": ["m"], "images": []}}'
+    )  # as a run with --model
     (out / "robustness.png").write_bytes(b"another command's figure")
-    assert main(["explore", "--samples", "100", "--out", str(out), "--data-dir", str(idx_folder)]) == 0
+    assert main(explore) == 0
     captured = capsys.readouterr()
     assert "skipping the most ambiguous images" in captured.err and "ambiguous.png" not in captured.out
     assert not (out / "ambiguous.png").exists()

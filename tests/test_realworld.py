@@ -85,7 +85,9 @@ def test_write_set_never_removes_a_users_file_named_like_its_own(tmp_path):
     """Any 00001_7.png in the folder was taken for an earlier --write's and removed, a user's own photo too."""
     mine = tmp_path / "00001_7.png"
     mine.write_bytes(b"my photo")
-    with pytest.raises(DigitrecError, match=r"holds 00001_7.png named like the images eval-real --write"):
+    with pytest.raises(
+        DigitrecError, match=r"holds 00001_7.png named like the images eval-real --write writes"
+    ):
         write_set("pen-photo", 3, tmp_path)
     assert sorted(tmp_path.iterdir()) == [mine] and mine.read_bytes() == b"my photo"
     # a list edited to name another file does not make write_set remove it

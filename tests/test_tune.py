@@ -431,3 +431,13 @@ def test_tune_refuses_a_run_folder_and_a_folder_in_use_and_replaces_an_earlier_s
         tune_module.tune("fast", 1, out, **quiet)
     with pytest.raises(DigitrecError, match="is a run folder"):
         tune_module.tune("fast", 1, out / "trial-000", **quiet)
+    # processes sharing a study through a storage share its folder: the one holding it does not refuse another
+    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}]))
+    with locked_run_folder(out):
+        tune_module.tune("fast", 1, out, storage=f"sqlite:///{tmp_path / 'study.db'}", **quiet)
+    # a link named like a trial folder leads to someone's run: left alone, and no traceback
+    elsewhere = tmp_path / "elsewhere"
+    (out / "trial-000").rename(elsewhere)
+    (out / "trial-000").symlink_to(elsewhere)
+    tune_module._remove_an_earlier_study(out, lambda msg: None)
+    assert (out / "trial-000").is_symlink() and (elsewhere / "model.safetensors").exists()

@@ -187,7 +187,7 @@ def _calibrate(
     ece_test = expected_calibration_error(test_probs, data.test_labels.numpy())
     log(
         f"temperature {temperature:.3f}: validation{' (seen in training)' if seen else ''} ECE {ece_before:.4f} -> "
-        f"{ece_after:.4f}, test ECE {ece_test:.4f}"
+        f"{ece_after:.4f}, test ECE {ece_test:.4f} (in float32, as predict runs the model)"
     )
 
     # scored by the Predictor itself (the recipe's views, the new temperature), on torch's threads as they are

@@ -383,7 +383,8 @@ def _refuse_report_over_another_model(report: Path, model: Path) -> None:
     """`evaluate MODEL --report DIR` where DIR holds another model (a run's, an ensemble's): its report.html,
     MODEL_CARD.md and figures were replaced by MODEL's, beside its own model.safetensors and metrics.json."""
     other = report / "model.safetensors"
-    if other.exists() and not (model.exists() and os.path.samefile(other, model)):
+    # a model that does not exist is said by its loading, not as this
+    if other.exists() and model.exists() and not os.path.samefile(other, model):
         raise DigitrecError(
             f"--report {report} holds another model ({other}), whose report and model card would then describe "
             f"{model}; name a new folder for the report."
@@ -942,6 +943,10 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
         data = load_mnist(args.data_dir, log=_stderr)
         mnist = (data.test_images.numpy(), data.test_labels.numpy())
     if args.write:
+        from .realworld import refuse_files_not_written
+
+        for name in sets:  # every set's folder before any is written: a refusal leaves all as they were
+            refuse_files_not_written(args.write / name)
         _make_folder(args.write, "--write")
         written = {}
         for name in sets:
@@ -1722,7 +1727,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k", type=_top_k, default=3, metavar="K", help="how many likely digits to list (default 3)"
     )
     p.add_argument(
-        "--json", action="store_true", help='print a JSON array of {"path", "digit", "confidence", "top"}'
+        "--json",
+        action="store_true",
+        help='print a JSON array of {"path", "digit", "confidence", "top", "rejected", "blank"}',
     )
     p.add_argument(
         "--show-steps",
@@ -2107,7 +2114,7 @@ def entry_point() -> NoReturn:
     if sys.stdout is not None:
         sys.stdout = cast(TextIO, _StandardOutput(sys.stdout))
     code = main()
-    if code != 0 and os.environ.get("WORLD_SIZE", "1") != "1":
+    if code != 0 and _in_a_process_group():
         # a process of a multi-process run that was interrupted or lost the others: its gloo threads may still
         # hold a connection the others dropped, and tearing them down at exit aborted the process with "terminate
         # called without an active exception" after its sentence; what it had to say is said, so leave now
@@ -2118,6 +2125,16 @@ def entry_point() -> NoReturn:
         os._exit(code)
     gc.freeze()
     sys.exit(code)
+
+
+def _in_a_process_group() -> bool:
+    """Did this process join a torch.distributed process group that is still up (a run stopped before it could
+    leave the group together)? Not merely started with $WORLD_SIZE set: a `predict` in such a shell exits as usual."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        return dist is not None and dist.is_available() and dist.is_initialized()
+    except Exception:  # noqa: BLE001 - a torch that cannot say: leave the usual way
+        return False
 
 
 def _write_undecodable_names_as_they_are() -> None:

@@ -201,7 +201,10 @@ class _BoundedReader:
 def _source_file(folder: Path, stem: str) -> Path | None:
     """The file that holds `stem` in folder: `stem.gz` if there is one, else `stem`; None if neither exists. A link
     to nothing counts (reading it says so), where it was called missing though `ls` lists it."""
-    return next((path for path in (folder / f"{stem}.gz", folder / stem) if os.path.lexists(path)), None)
+    candidates = (folder / f"{stem}.gz", folder / stem)
+    return next((path for path in candidates if path.exists()), None) or next(
+        (path for path in candidates if os.path.lexists(path)), None
+    )
 
 
 def _read_raw(path: Path, advice: str, most: int) -> bytes:
@@ -332,7 +335,8 @@ def cache_root() -> Path:
     A relative $XDG_CACHE_HOME is ignored, as the XDG base directory spec says: it would put the cache under
     whatever the working directory is."""
     if os.environ.get("DIGITREC_CACHE"):
-        return Path(os.environ["DIGITREC_CACHE"]).expanduser()  # "~/x" where no shell expanded it
+        # "~/x" where no shell expanded it (os.path's leaves a folder named "~mnist" as it is; Path's raised)
+        return Path(os.path.expanduser(os.environ["DIGITREC_CACHE"]))
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     return (Path(xdg) if os.path.isabs(xdg) else _home() / ".cache") / "digitrec"
 
@@ -370,11 +374,12 @@ def _shared_dirs() -> list[tuple[str, Path]]:
 def candidate_dirs(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
     """Local folders to look in, in order, each with a label for messages."""
     found = []
-    # "~/mnist" as given where no shell expands it: `--data-dir=~/mnist`, DIGITREC_DATA="~/mnist"
+    # "~/mnist" as given where no shell expands it: `--data-dir=~/mnist`, DIGITREC_DATA="~/mnist" (os.path's
+    # expanduser: Path's raised RuntimeError for a folder named "~mnist", taken for a user's home)
     if data_dir is not None:
-        found.append(("--data-dir", Path(data_dir).expanduser()))
+        found.append(("--data-dir", Path(os.path.expanduser(data_dir))))
     if os.environ.get("DIGITREC_DATA"):
-        found.append(("$DIGITREC_DATA", Path(os.environ["DIGITREC_DATA"]).expanduser()))
+        found.append(("$DIGITREC_DATA", Path(os.path.expanduser(os.environ["DIGITREC_DATA"]))))
     found += _shared_dirs()
     found.append(("cache", cache_dir()))
     return found
@@ -394,12 +399,17 @@ def _download_mirrors(target: Path, log) -> bool:
         except TooLarge as exc:  # a gzip bomb, or a page served in its place
             log(f"mirror {mirror} failed: its {stem}.gz {exc}, more than the MNIST file")
             continue
-        except (OSError, ValueError, EOFError, zlib.error) as exc:  # zlib, gzip: a page served in its place
-            what = "not gzip data" if isinstance(exc, (zlib.error, EOFError, gzip.BadGzipFile)) else exc
+        except (OSError, ValueError, EOFError, zlib.error) as exc:
+            if isinstance(exc, EOFError):
+                what: object = "the download ended early"
+            elif isinstance(exc, (zlib.error, gzip.BadGzipFile)):  # a page served in its place
+                what = "not gzip data"
+            else:
+                what = exc
             log(f"mirror {mirror} failed on {stem}.gz: {what}")
             continue
-        except http.client.HTTPException as exc:
-            log(f"mirror {mirror} failed on {stem}.gz: {type(exc).__name__} {exc}".rstrip())
+        except http.client.HTTPException as exc:  # IncompleteRead's text names its class already
+            log(f"mirror {mirror} failed on {stem}.gz: {exc or type(exc).__name__}")
             continue
         _write_cache(target, files)
         log(f"downloaded MNIST from {mirror}")

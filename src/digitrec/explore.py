@@ -8,6 +8,7 @@ them give its label a high probability.
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,8 +215,14 @@ def explore(
         summary["ambiguous"] = {"models": [m.path for m in scored], "images": rows}
     else:
         log("no --model given: skipping the most ambiguous images (they need at least one trained model)")
-        # an earlier run's figure, of other models, would be listed as written by this one
-        (out_dir / "ambiguous.png").unlink(missing_ok=True)
+        # an earlier run's figure, of other models, would be listed as written by this one; the earlier run's
+        # explore.json says it made one (an ambiguous.png of the user's own is left alone)
+        try:
+            earlier = json.loads((out_dir / "explore.json").read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if isinstance(earlier, dict) and "ambiguous" in earlier:
+            (out_dir / "ambiguous.png").unlink(missing_ok=True)
     atomic_write_json(out_dir / "explore.json", summary)
     counts = "".join(
         f"<tr><td>{d}</td><td>{summary['train_counts'][d]:,}</td><td>{summary['test_counts'][d]:,}</td></tr>"

@@ -551,22 +551,11 @@ def write_set(
     named like ours that no call wrote (a user's own 00001_7.png) stops it with a DigitrecError before anything
     is written or removed."""
     from .checkpoint import atomic_write_json
-    from .errors import DigitrecError
 
     out = Path(out_dir)
+    ours = refuse_files_not_written(out)
     out.mkdir(parents=True, exist_ok=True)
     listed = out / WRITTEN_LIST
-    try:
-        ours = set(json.loads(listed.read_text())["files"]) if listed.exists() else set()
-    except (OSError, ValueError, KeyError, TypeError):
-        ours = set()  # a damaged list protects nothing: the files named like ours are then the user's
-    theirs = sorted(p.name for p in out.iterdir() if WRITTEN_NAME.fullmatch(p.name) and p.name not in ours)
-    if theirs:
-        more = f" and {len(theirs) - 1} more file(s)" if len(theirs) > 1 else ""
-        raise DigitrecError(
-            f"{out} holds {theirs[0]}{more} named like the images eval-real --write writes there, but not written "
-            "by it; give --write another folder, or move them, so that they are not replaced."
-        )
     samples = list(generate(name, count, seed, mnist))
     names = [_file_name(i, sample) for i, sample in enumerate(samples)]
     # listed before they exist: a --write stopped half way leaves files that the next one knows as its own
@@ -581,6 +570,30 @@ def write_set(
         paths.append(path)
     atomic_write_json(listed, {"set": name, "count": count, "seed": seed, "files": names})
     return paths
+
+
+def refuse_files_not_written(out: Path) -> set[str]:
+    """The names of the files an earlier write_set wrote into `out`, as its WRITTEN_LIST says; a DigitrecError
+    where `out` holds a file named like them that the list does not name (a user's own 00001_7.png; a folder
+    written by a digitrec before 7 December, which kept no list). Nothing is created or removed."""
+    from .errors import DigitrecError
+
+    listed = out / WRITTEN_LIST
+    try:
+        ours = set(json.loads(listed.read_text())["files"]) if listed.exists() else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set()  # a damaged list protects nothing: the files named like ours are then the user's
+    if not out.is_dir():
+        return ours
+    theirs = sorted(p.name for p in out.iterdir() if WRITTEN_NAME.fullmatch(p.name) and p.name not in ours)
+    if theirs:
+        more = f" and {len(theirs) - 1} more file(s)" if len(theirs) > 1 else ""
+        raise DigitrecError(
+            f"{out} holds {theirs[0]}{more} named like the images eval-real --write writes there, which its list "
+            f"({WRITTEN_LIST}; a digitrec before 7 December kept none) does not name; give --write another "
+            "folder, or remove or move them, so that no file of yours is replaced."
+        )
+    return ours
 
 
 def _file_name(index: int, sample: Sample) -> str:

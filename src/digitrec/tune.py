@@ -86,9 +86,9 @@ def tune(
 
     Writes into out_dir: best.toml (for `digitrec train --config`), trials.csv, tuning.png and one run
     folder per trial. `epochs` shortens every trial; pruning stops a trial after an epoch whose
-    validation accuracy is below the median of earlier trials at that epoch. The folder is locked while the study
-    runs (a second tune into it is refused); a run folder is refused, and an earlier study's files there are
-    replaced, unless a `storage` continues that study.
+    validation accuracy is below the median of earlier trials at that epoch. A run folder is refused. Without a
+    `storage` the folder is locked while the study runs (a second tune into it is refused) and an earlier
+    study's files there are replaced; with one, the processes sharing the study share the folder.
     """
     from .folderlock import locked_run_folder
     from .runfolder import holds_a_run
@@ -96,7 +96,9 @@ def tune(
     out_dir = Path(out_dir)
     if holds_a_run(out_dir):  # best.toml, trials.csv and trial folders inside a trained run's folder
         raise DigitrecError(f"--out {out_dir} is a run folder (it holds a trained model); name a new folder.")
-    with locked_run_folder(out_dir):
+    # processes sharing a study through a storage share its folder too (trial folders are numbered across the
+    # study, each locked by its own run); a study in memory is this process's alone
+    with locked_run_folder(out_dir, take=storage is None):
         return _tune(recipe, trials, out_dir, storage, study_name, data, epochs, val_size, seed, log)
 
 
@@ -275,19 +277,26 @@ def _remove_an_earlier_study(out_dir: Path, log: Callable[[str], None]) -> None:
     if not out_dir.is_dir():
         return
     files = [out_dir / name for name in STUDY_FILES if (out_dir / name).is_file()]
-    folders = sorted(
+    folders = sorted(  # a link named like a trial folder leads elsewhere: not this study's to remove
         path
         for path in out_dir.iterdir()
         if TRIAL_FOLDER.fullmatch(path.name)
         and path.is_dir()
+        and not path.is_symlink()
         and (holds_a_run(path) or not any(path.iterdir()))
     )
     if not files and not folders:
         return
-    for path in files:
-        path.unlink()
-    for path in folders:
-        shutil.rmtree(path)
+    try:
+        for path in folders:  # the folders first: study files left behind say a failure left the study there
+            shutil.rmtree(path)
+        for path in files:
+            path.unlink()
+    except OSError as exc:
+        raise DigitrecError(
+            f"could not remove the earlier study in {out_dir} ({exc.strerror or exc}: {exc.filename}); remove it "
+            "yourself or choose another --out."
+        ) from None
     log(f"replaced the earlier study in {out_dir} ({len(files)} file(s), {len(folders)} trial folder(s))")
 
 
