@@ -704,15 +704,12 @@ def test_a_gzip_bomb_from_a_mirror_is_not_decompressed_past_the_files_size(
     monkeypatch.setattr(data, "CHUNK", 4096, raising=False)
     bomb = gzip.compress(b"\0" * 4_000_000)
     padded = (idx_folder / "train-images-idx3-ubyte.gz").read_bytes() + b"\0" * (largest + 11)
-    served: dict[str, bytes] = {data.MIRRORS[0]: bomb, data.MIRRORS[1]: padded}
-
-    def urlopen(url: str, timeout: float = 0):
-        mirror, name = url.rsplit("/", 1)[0] + "/", url.rsplit("/", 1)[-1]
-        if name == "train-images-idx3-ubyte.gz" and mirror in served:
-            return io.BytesIO(served[mirror])
-        return io.BytesIO((idx_folder / name).read_bytes())
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    _mirrors_serving(
+        monkeypatch,
+        idx_folder,
+        "train-images-idx3-ubyte.gz",
+        {data.MIRRORS[0]: bomb, data.MIRRORS[1]: padded},
+    )
     made: list[int] = []
     decompressobj = data.zlib.decompressobj
 
@@ -1127,14 +1124,7 @@ def test_a_mirror_that_fails_is_named_with_the_file_and_a_plain_reason(
         data.MIRRORS[0]: b"<html>moved</html>",
         data.MIRRORS[1]: gzip.compress(b"\0\0\x08\x01" + b"\0\0\0\x02" + b"\1\2"),
     }
-
-    def urlopen(url: str, timeout: float = 0):
-        mirror, name = url.rsplit("/", 1)[0] + "/", url.rsplit("/", 1)[-1]
-        if name == "train-labels-idx1-ubyte.gz" and mirror in served:
-            return io.BytesIO(served[mirror])
-        return io.BytesIO((idx_folder / name).read_bytes())
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    _mirrors_serving(monkeypatch, idx_folder, "train-labels-idx1-ubyte.gz", served)
     logged: list[str] = []
     (tmp_path / "cache").mkdir()
     assert data._download_mirrors(tmp_path / "cache", logged.append)
@@ -1176,16 +1166,11 @@ def test_a_download_cut_short_is_said_to_have_ended_early(
 
     monkeypatch.setattr(data, "IDX_BYTES", _tiny_sizes(idx_folder), raising=False)
     whole = (idx_folder / "train-labels-idx1-ubyte.gz").read_bytes()
-
-    def urlopen(url: str, timeout: float = 0):
-        mirror, name = url.rsplit("/", 1)[0] + "/", url.rsplit("/", 1)[-1]
-        if name == "train-labels-idx1-ubyte.gz" and mirror == data.MIRRORS[0]:
-            return io.BytesIO(whole[: len(whole) // 2])
-        if name == "train-labels-idx1-ubyte.gz" and mirror == data.MIRRORS[1]:
-            raise http.client.IncompleteRead(b"abc", 100)
-        return io.BytesIO((idx_folder / name).read_bytes())
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    cut = {
+        data.MIRRORS[0]: whole[: len(whole) // 2],
+        data.MIRRORS[1]: http.client.IncompleteRead(b"abc", 100),
+    }
+    _mirrors_serving(monkeypatch, idx_folder, "train-labels-idx1-ubyte.gz", cut)
     logged: list[str] = []
     (tmp_path / "cache").mkdir()
     assert data._download_mirrors(tmp_path / "cache", logged.append)
@@ -1193,3 +1178,19 @@ def test_a_download_cut_short_is_said_to_have_ended_early(
         f"mirror {data.MIRRORS[0]} failed on train-labels-idx1-ubyte.gz: the download ended early",
         f"mirror {data.MIRRORS[1]} failed on train-labels-idx1-ubyte.gz: IncompleteRead(3 bytes read, 100 more expected)",
     ]
+
+
+def _mirrors_serving(
+    monkeypatch: pytest.MonkeyPatch, idx_folder: Path, name: str, answers: dict[str, bytes | Exception]
+) -> None:
+    """urlopen as the mirrors answer: for file `name`, each mirror in `answers` gives those bytes (or raises that
+    error); everything else is the tiny set's own file."""
+
+    def urlopen(url: str, timeout: float = 0):
+        mirror, file = url.rsplit("/", 1)[0] + "/", url.rsplit("/", 1)[-1]
+        answer = answers.get(mirror) if file == name else None
+        if isinstance(answer, Exception):
+            raise answer
+        return io.BytesIO(answer if answer is not None else (idx_folder / file).read_bytes())
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)

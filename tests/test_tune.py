@@ -329,11 +329,15 @@ def test_a_shared_study_refuses_trials_that_measure_something_else(tiny_mnist, t
     assert len(result.study.trials) == 2  # the same settings join the study
 
 
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_ctrl_c_writes_the_finished_trials_results_and_no_traceback(
-    idx_folder, tmp_path, monkeypatch, capfd, optuna_warnings
+    stop, idx_folder, tmp_path, monkeypatch, capfd, optuna_warnings
 ):
     """Ctrl-C during a study without --storage lost every finished trial (no trials.csv, best.toml or plot) and
-    printed Optuna's 15-line KeyboardInterrupt traceback."""
+    printed Optuna's 15-line KeyboardInterrupt traceback; SIGTERM (`timeout`, a job scheduler) ended it with no
+    message and none of those files, and left the stopped trial's folder behind."""
+    import os
+    import signal
 
     from digitrec import training
 
@@ -342,7 +346,10 @@ def test_ctrl_c_writes_the_finished_trials_results_and_no_traceback(
     def interrupted_in_the_third_trial(*args, **kwargs):
         trained.append(1)
         if len(trained) == 3:
-            raise KeyboardInterrupt
+            if stop == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # tune's handler raises KeyboardInterrupt here
+            raise AssertionError("SIGTERM did not stop the trial")
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(training, "train", interrupted_in_the_third_trial)
@@ -382,31 +389,6 @@ def test_a_user_error_inside_a_trial_is_one_sentence_without_optunas_traceback(
         "cannot write into the run folder /proc/x/trial-000; name a folder you can write."
     )
     assert not optuna_warnings
-
-
-def test_sigterm_writes_the_finished_trials_results_as_ctrl_c_does(idx_folder, tmp_path, monkeypatch, capfd):
-    """`timeout` or a job scheduler's SIGTERM ended tune with no message, no best.toml, trials.csv or plot, though
-    trials had finished, and left the stopped trial's folder behind."""
-    import os
-    import signal
-
-    from digitrec import training
-
-    real_train, trained = training.train, []
-
-    def terminated_in_the_third_trial(*args, **kwargs):
-        trained.append(1)
-        if len(trained) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train", terminated_in_the_third_trial)
-    monkeypatch.setattr(tune_module, "suggest", fixed_suggest([{"lr": 4e-3}, {"lr": 3e-3}, {"lr": 2e-3}]))
-    out = tmp_path / "tune"
-    args = ["tune", "--trials", "5", "--epochs", "1", "--val-size", "200", "--out", str(out)]
-    assert main([*args, "--data-dir", str(idx_folder)]) == 130
-    assert "stopped after 2 finished trials" in capfd.readouterr().err
-    assert (out / "best.toml").exists() and (out / "tuning.png").exists() and (out / "trials.csv").exists()
 
 
 def test_tune_refuses_a_run_folder_and_a_folder_in_use_and_replaces_an_earlier_study(

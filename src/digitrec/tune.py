@@ -90,33 +90,10 @@ def tune(
     `storage` the folder is locked while the study runs (a second tune into it is refused) and an earlier
     study's files there are replaced; with one, the processes sharing the study share the folder.
     """
-    from .folderlock import locked_run_folder
-    from .runfolder import holds_a_run
-
-    out_dir = Path(out_dir)
-    if holds_a_run(out_dir):  # best.toml, trials.csv and trial folders inside a trained run's folder
-        raise DigitrecError(f"--out {out_dir} is a run folder (it holds a trained model); name a new folder.")
-    # processes sharing a study through a storage share its folder too (trial folders are numbered across the
-    # study, each locked by its own run); a study in memory is this process's alone
-    with locked_run_folder(out_dir, take=storage is None):
-        return _tune(recipe, trials, out_dir, storage, study_name, data, epochs, val_size, seed, log)
-
-
-def _tune(
-    recipe: str,
-    trials: int,
-    out_dir: str | Path,
-    storage: str | None = None,
-    study_name: str | None = None,
-    data: MNIST | None = None,
-    epochs: float | None = None,
-    val_size: int | None = None,
-    seed: int = 0,
-    log: Callable[[str], None] = print,
-) -> TuneResult:
-    """tune() in its locked folder."""
     optuna = _optuna()
     from .data import load_mnist
+    from .folderlock import locked_run_folder
+    from .runfolder import holds_a_run
     from .training import steps_in_epoch, train
 
     if trials < 1:
@@ -128,6 +105,8 @@ def _tune(
             f"tuning picks settings on a validation split, so --val-size must be at least 1, got {val_size}."
         )
     out_dir = Path(out_dir)
+    if holds_a_run(out_dir):  # best.toml, trials.csv and trial folders inside a trained run's folder
+        raise DigitrecError(f"--out {out_dir} is a run folder (it holds a trained model); name a new folder.")
     base = get_recipe(recipe)
     base = with_flags(  # --epochs 0 is refused here, not taken for "the recipe's own"
         base,
@@ -245,21 +224,25 @@ def _tune(
     def quiet_when_stopped(record: logging.LogRecord) -> bool:
         return not stopped
 
-    if storage is None:  # a study in memory starts at trial 0: an earlier one's files would mix with its own
-        _remove_an_earlier_study(out_dir, log)
-    optimize_logger = logging.getLogger(_OPTIMIZE_LOGGER)
-    optimize_logger.addFilter(quiet_when_stopped)
-    try:
-        study.optimize(objective, n_trials=trials)
-    except KeyboardInterrupt:
-        # Ctrl-C: what the finished trials found is written, as at the end; a study in memory is gone after this
-        _write_interrupted(study, recipe, base, out_dir, storage, log)
-        raise
-    finally:
-        optimize_logger.removeFilter(quiet_when_stopped)
-    if not _finished(study):
-        raise DigitrecError("every trial was pruned or failed; run more trials or raise --epochs.")
-    return _write_results(study, recipe, base, out_dir)
+    # processes sharing a study through a storage share its folder too (trial folders are numbered across the
+    # study, each locked by its own run); a study in memory is this process's alone
+    with locked_run_folder(out_dir, take=storage is None):
+        # a study in memory starts at trial 0: an earlier one's files would mix with its own
+        if storage is None:
+            _remove_an_earlier_study(out_dir, log)
+        optimize_logger = logging.getLogger(_OPTIMIZE_LOGGER)
+        optimize_logger.addFilter(quiet_when_stopped)
+        try:
+            study.optimize(objective, n_trials=trials)
+        except KeyboardInterrupt:
+            # Ctrl-C: what the finished trials found is written, as at the end; a study in memory is gone after it
+            _write_interrupted(study, recipe, base, out_dir, storage, log)
+            raise
+        finally:
+            optimize_logger.removeFilter(quiet_when_stopped)
+        if not _finished(study):
+            raise DigitrecError("every trial was pruned or failed; run more trials or raise --epochs.")
+        return _write_results(study, recipe, base, out_dir)
 
 
 STUDY_FILES = ("best.toml", "trials.csv", "tuning.png")
