@@ -1284,9 +1284,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"runs/tune-{args.recipe}")
     data = load_mnist(args.data_dir, log=_stderr)
-    with (
-        _terminate_as_interrupt()
-    ):  # `timeout`, a job scheduler: the finished trials are written, as on Ctrl-C
+    # SIGTERM (`timeout`, a job scheduler) stops it as Ctrl-C does: the finished trials are written
+    with _terminate_as_interrupt():
         result = tune(
             args.recipe,
             args.trials,

@@ -438,9 +438,8 @@ class Predictor:
         lines: dict[int, list[DigitBox]] = {}
         sure: dict[int, list[bool]] = {}  # per line, whether each reading (a digit, or a pair) is sure
         second_half = False  # a pair reading comes as its two halves, one after the other: counted once
-        pair_doubt = min(
-            PAIR_DOUBT, self.reject_below
-        )  # never stricter than a digit: --reject-below 0 keeps all
+        # a pair is never held to more than a digit is: --reject-below 0 keeps every line
+        pair_doubt = min(PAIR_DOUBT, self.reject_below)
         for (digit, confidence), piece in zip(readings, pieces):
             doubtful = confidence < self.reject_below
             lines.setdefault(piece.line, []).append(

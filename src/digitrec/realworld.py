@@ -535,9 +535,8 @@ def _digit_counts(number: str | None) -> list[int]:
 
 
 WRITTEN_NAME = re.compile(r"\d{5,}_(\d+(-\d+)*|none)\.(jpg|png)")  # the files write_set writes
-WRITTEN_LIST = (
-    ".eval-real-files.json"  # which files of its folder write_set wrote: only those are ever replaced
-)
+# which files of its folder write_set wrote: only those are ever replaced
+WRITTEN_LIST = ".eval-real-files.json"
 
 
 def write_set(
@@ -580,7 +579,8 @@ def refuse_files_not_written(out: Path) -> set[str]:
 
     listed = out / WRITTEN_LIST
     try:
-        ours = set(json.loads(listed.read_text())["files"]) if listed.exists() else set()
+        files = json.loads(listed.read_text())["files"] if listed.exists() else []
+        ours = {name for name in files if isinstance(name, str)}
     except (OSError, ValueError, KeyError, TypeError):
         ours = set()  # a damaged list protects nothing: the files named like ours are then the user's
     if not out.is_dir():
