@@ -52,7 +52,7 @@ test: setup browser
 	$(PY) -m pytest --timeout 900  # a test that hangs fails in 15 minutes instead of holding CI to its limit
 
 test-slow: setup
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow --timeout 1800  # a slow test that hangs fails in 30 minutes
 
 results: setup
 	$(PY) benchmarks/results.py --seeds 0,1,2,3,4 --spread seed-mlp,seed-mlp-bn,seed-mlp-dropout,seed-lenet,fast,default

@@ -159,7 +159,7 @@ async def mixed_load(
             started = time.perf_counter()
             try:
                 status, body = await exchange(HOST, port, connection, request.raw, timeout=30)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
                 status, body = None, b""
             seconds = time.perf_counter() - started
             correct = (
@@ -230,7 +230,7 @@ async def huge_body(port: int, chunked: bool) -> tuple[int | None, float, int]:
             await writer.drain()
             sent += len(block)
         status, _ = await asyncio.wait_for(answer, timeout=30)
-    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
         status = answer.result()[0] if answer.done() and not answer.exception() else None
     seconds = time.perf_counter() - started
     writer.close()
@@ -389,7 +389,7 @@ async def _one(port: int, raw: bytes) -> tuple[int | None, bytes]:
     connection: list = [None, None]
     try:
         return await exchange(HOST, port, connection, raw, timeout=30)
-    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
         return None, b""
     finally:
         if connection[1] is not None:

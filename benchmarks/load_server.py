@@ -160,7 +160,7 @@ async def run_load(
                 latencies.append(time.perf_counter() - started)
                 if status != 200 or expect not in body:
                     errors.append(f"HTTP {status}: {body[:120]!r}")
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 if writer is not None:
                     writer.close()

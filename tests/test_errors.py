@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import re
-import sys
+import tomllib
 from pathlib import Path
 
 from digitrec.errors import EXTRAS
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 # distributions whose module is not named by their name with - as _
@@ -32,3 +27,11 @@ def test_extras_name_the_modules_of_pyprojects_optional_dependencies():
         names = (re.split(r"[^A-Za-z0-9_.-]", requirement, maxsplit=1)[0] for requirement in requirements)
         expected[extra] = {MODULE_OF.get(name, name.replace("-", "_")) for name in names} - OPTIONAL
     assert {extra: set(modules) for extra, modules in EXTRAS.items()} == expected
+
+
+def test_the_version_is_the_same_in_pyproject_and_the_package():
+    """pyproject.toml and digitrec.__version__ each hold it, and nothing tied them."""
+    import digitrec
+
+    with PYPROJECT.open("rb") as f:
+        assert tomllib.load(f)["project"]["version"] == digitrec.__version__

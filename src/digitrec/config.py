@@ -6,7 +6,6 @@ import dataclasses
 import difflib
 import math
 import re
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -543,10 +542,8 @@ MAX_CONFIG_BYTES = 1_000_000
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file; its keys are TrainConfig fields, and `recipe = NAME` picks the base recipe."""
     path = Path(path)
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
+    import tomllib
+
     try:
         with path.open("rb") as f:
             # at most MAX_CONFIG_BYTES: `--config /dev/zero` (or any device) was read until memory ran out

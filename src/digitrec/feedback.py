@@ -9,7 +9,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -241,7 +241,7 @@ class FeedbackStore:
             pixels = np.clip(np.rint(pixels.astype(np.float32) * 255), 0, 255).astype(np.uint8)
         if pixels.size != 784:
             raise ValueError(f"input28 must hold 28x28 pixels, got shape {pixels.shape}")
-        created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        created_at = datetime.now(UTC).isoformat(timespec="milliseconds")
         try:
             with closing(self._connect()) as con, con:
                 # SQLite itself refuses to grow the file past this many pages (SQLITE_FULL), atomically however
