@@ -1194,3 +1194,32 @@ def _mirrors_serving(
         return io.BytesIO(answer if answer is not None else (idx_folder / file).read_bytes())
 
     monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+
+
+def test_digitrec_data_clears_the_stale_temporaries_of_the_decompressed_copy(
+    idx_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A load killed while writing the copy left temporaries that only a load reading the copy removed; `digitrec
+    data`, which verifies every file again and reads no copy, kept them."""
+    monkeypatch.setattr(data, "cache_dir", lambda: tmp_path / "cache")
+    copy = data._copy_dir()
+    copy.mkdir(parents=True)
+    stale = copy / ".train-images-idx3-ubyte.deadbeef.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    two_days_ago = stale.stat().st_mtime - 2 * 86400
+    os.utime(stale, (two_days_ago, two_days_ago))
+    data.locate(idx_folder, download=False, use_copy=False)
+    assert not stale.exists()
+
+
+def test_a_cache_that_cannot_be_made_names_the_folder_that_refused(tmp_path: Path):
+    """A read-only HOME with no cache yet: "the MNIST cache folder H/.cache/digitrec/mnist cannot be written
+    (Permission denied); fix its permissions": that folder did not exist, HOME refused it."""
+    folder = tmp_path / ".cache" / "digitrec" / "mnist"
+    refused = data._cache_error(
+        folder, PermissionError(13, "Permission denied", str(tmp_path / ".cache")), 10
+    )
+    assert str(refused) == (
+        f"the MNIST cache folder {folder} cannot be made in {tmp_path} (Permission denied); fix that folder's "
+        "permissions or set DIGITREC_CACHE to a folder you can write."
+    )

@@ -623,6 +623,12 @@ def _cache_error(folder: Path, exc: OSError, size: int) -> DataError:
             f"the MNIST cache folder {folder} cannot be written ({blocking} is a file, not a folder); move that "
             "file away or set DIGITREC_CACHE to a folder you can write."
         )
+    if not folder.exists():  # the folder that refused is the nearest one that exists, not this one
+        existing = next((part for part in folder.parents if part.exists()), folder)
+        return DataError(
+            f"the MNIST cache folder {folder} cannot be made in {existing} ({reason}); fix that folder's "
+            "permissions or set DIGITREC_CACHE to a folder you can write."
+        )
     return DataError(
         f"the MNIST cache folder {folder} cannot be written ({reason}); fix its permissions or set DIGITREC_CACHE "
         "to a folder you can write."
@@ -718,6 +724,9 @@ def _write_copy(folder: Path, stamp: dict[str, list[int]] | None, contents: dict
     copy = _copy_dir()
     try:
         copy.mkdir(parents=True, exist_ok=True)
+        # a write killed half way left its temporaries (up to 47 MB each); `digitrec data`, which reads no copy,
+        # cleared none of them
+        checkpoint.remove_stale_temporaries(copy, COPY_NAMES)
         for key, (stem, _) in FILES.items():
             atomic_write_bytes(copy / stem, contents[key])
         atomic_write_json(copy / "source.json", _copy_record(folder, stamp))
