@@ -239,13 +239,15 @@ def write_over(
     write: Callable[[], None],
     log: Callable[[str], None] = print,
     by: str = "this calibration",
-) -> None:
+) -> bool:
     """`write()` the checkpoint at `checkpoint`; where that replaced one with other contents, remove the exports
-    made from the one replaced (`remove_stale_exports`, which says so `by` what)."""
+    made from the one replaced (`remove_stale_exports`, which says so `by` what) and return True."""
     before = hashlib.sha256(checkpoint.read_bytes()).hexdigest() if checkpoint.is_file() else None
     write()
-    if before is not None and hashlib.sha256(checkpoint.read_bytes()).hexdigest() != before:
-        remove_stale_exports(checkpoint, before, log, by)
+    if before is None or hashlib.sha256(checkpoint.read_bytes()).hexdigest() == before:
+        return False
+    remove_stale_exports(checkpoint, before, log, by)
+    return True
 
 
 def remove_stale_exports(

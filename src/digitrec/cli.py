@@ -367,14 +367,14 @@ def _finish_of(run: Path) -> str:
     processes), or for a fine-tune, which cannot be resumed, running it again."""
     from .checkpoint import read_checkpoint
     from .feedback import is_finetune
-    from .runfolder import resume_command
+    from .runfolder import finetune_again, resume_command
 
     try:
         meta = read_checkpoint(run / "last.safetensors")[1]
     except DigitrecError:  # its own sentence comes when it is resumed
         meta = {}
     if is_finetune(meta):
-        return f"the same `digitrec finetune` again with --out {run} finishes it"
+        return f"{finetune_again(run)} finishes it"
     state = meta.get("state")
     return f"{resume_command(run, state.get('world_size') if isinstance(state, dict) else None)} finishes it"
 
@@ -544,15 +544,14 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
         # an earlier ensemble replaced: the exports made from it go too
         metrics_saved = {k: saved[k] for k in ("test_accuracy", "test_loss")}
-        before = args.out.read_bytes() if args.out.is_file() else None
-        write_over(
+        replaced = write_over(
             args.out,
             lambda: save_model(args.out, model, meta | {"metrics": metrics_saved}),
             _stderr,
             by="this ensemble was saved over it",
         )
         _stderr(f"wrote {args.out}; run `digitrec calibrate {args.out}` before predicting with it")
-        if before is not None and args.out.read_bytes() != before:
+        if replaced:  # an earlier ensemble, with other members
             _say_stale_report(args.out, "the ensemble it replaced", _stderr)
         # as printed below, to 4 decimals: a loss that differs there too is explained
         if saved["errors"] != metrics["errors"] or round(saved["test_loss"], 4) != round(
@@ -720,7 +719,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             )
         except KeyboardInterrupt:  # a fine-tune is not resumed (its checkpoint does not hold the corrections)
             if (out / "last.safetensors").exists():
-                _stderr(f"stopped; the same `digitrec finetune` again with --out {out} runs it over")
+                from .runfolder import finetune_again
+
+                _stderr(f"stopped; {finetune_again(out)} runs it over")
             raise
     m = run.metrics
     if args.no_corrections:

@@ -40,7 +40,7 @@ import torch
 from . import checkpoint
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .errors import DataError
-from .folderlock import file_in_the_way, make_writable_folder
+from .folderlock import dangling_link_on, file_in_the_way, make_writable_folder, nearest_existing
 
 FILES = {
     "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
@@ -611,12 +611,12 @@ def _cache_error(folder: Path, exc: OSError, size: int) -> DataError:
             f"the MNIST cache folder {folder} is on a read-only file system; set DIGITREC_CACHE to a folder you can "
             "write."
         )
-    for part in (folder, *folder.parents):  # ~/.cache a link to a disk not mounted: "(File exists)"
-        if part.is_symlink() and not part.exists():
-            return DataError(
-                f"the MNIST cache folder {folder} cannot be made: {part} is a link to {os.readlink(part)}, which "
-                "leads nowhere; make that folder or set DIGITREC_CACHE to a folder you can write."
-            )
+    dangling = dangling_link_on(folder)  # ~/.cache a link to a disk not mounted: "(File exists)"
+    if dangling is not None:
+        return DataError(
+            f"the MNIST cache folder {folder} cannot be made: {dangling} is a link to {os.readlink(dangling)}, "
+            "which leads nowhere; make that folder or set DIGITREC_CACHE to a folder you can write."
+        )
     blocking = file_in_the_way(folder)
     if blocking is not None:
         return DataError(
@@ -624,7 +624,7 @@ def _cache_error(folder: Path, exc: OSError, size: int) -> DataError:
             "file away or set DIGITREC_CACHE to a folder you can write."
         )
     if not folder.exists():  # the folder that refused is the nearest one that exists, not this one
-        existing = next((part for part in folder.parents if part.exists()), folder)
+        existing = nearest_existing(folder) or folder
         return DataError(
             f"the MNIST cache folder {folder} cannot be made in {existing} ({reason}); fix that folder's "
             "permissions or set DIGITREC_CACHE to a folder you can write."

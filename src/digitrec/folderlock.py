@@ -22,11 +22,22 @@ except ImportError:  # Windows: no flock, so runs there are not guarded against 
     fcntl = None  # type: ignore[assignment]
 
 
+def nearest_existing(path: Path) -> Path | None:
+    """`path` itself if it exists, else its nearest parent that does (None: not even the root, a relative path's
+    first part missing)."""
+    return next((parent for parent in (path, *path.parents) if parent.exists()), None)
+
+
 def file_in_the_way(path: Path) -> Path | None:
     """The file that keeps `path` from being a folder: the path itself or its nearest existing parent, when that
     is not a folder."""
-    existing = next((parent for parent in (path, *path.parents) if parent.exists()), None)
+    existing = nearest_existing(path)
     return existing if existing is not None and not existing.is_dir() else None
+
+
+def dangling_link_on(path: Path) -> Path | None:
+    """The link to nothing on the way to `path` (the path itself or a parent), where a folder cannot be made."""
+    return next((part for part in (path, *path.parents) if part.is_symlink() and not part.exists()), None)
 
 
 def make_writable_folder(path: Path) -> None:
@@ -43,7 +54,7 @@ def refuse_a_file_in_the_way(out_dir: Path) -> None:
     blocking = file_in_the_way(out_dir)
     if blocking is not None:
         raise DigitrecError(f"{blocking} is a file, not a folder; choose another folder for the run.")
-    dangling = next((p for p in (out_dir, *out_dir.parents) if p.is_symlink() and not p.exists()), None)
+    dangling = dangling_link_on(out_dir)
     if dangling is not None:  # was "cannot write into the run folder ... (File exists)"
         raise DigitrecError(
             f"{dangling} is a link to {os.readlink(dangling)}, which does not exist; make that folder, or choose "

@@ -161,7 +161,7 @@ def read_resume(out_dir: Path) -> tuple[dict[str, torch.Tensor], TrainConfig, st
         )
         raise CheckpointError(
             f"{out_dir} holds a fine-tune{source}, which `digitrec train --resume` cannot continue (the "
-            f"checkpoint does not hold the corrections); run the same `digitrec finetune` again with --out {out_dir}."
+            f"checkpoint does not hold the corrections); run {finetune_again(out_dir)}."
         )
     return tensors, config, recipe, state
 
@@ -188,6 +188,11 @@ RUN_OUTPUTS = (
     "model.onnx",
     "model.int8.onnx",
 )
+
+
+def finetune_again(out_dir: Path) -> str:
+    """How an unfinished fine-tune in `out_dir` is finished: run over, since its checkpoint lacks the corrections."""
+    return f"the same `digitrec finetune` again with --out {out_dir}"
 
 
 def resume_command(out_dir: Path, world_size: Any = 1) -> str:

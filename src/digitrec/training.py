@@ -110,9 +110,8 @@ def lr_at(config: TrainConfig, step: int, steps_per_epoch: int, total_steps: int
     progress = step / max(1, total_steps)
     if config.schedule == "cosine":
         return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    if (
-        config.schedule == "onecycle"
-    ):  # linear warm-up from lr/25 to lr, then linear decay to zero (airbench's)
+    # onecycle: linear warm-up from lr/25 to lr, then linear decay to zero (airbench's)
+    if config.schedule == "onecycle":
         warmup = config.warmup_fraction
         if progress < warmup:
             return config.lr * (0.04 + 0.96 * progress / warmup)
