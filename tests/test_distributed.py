@@ -255,14 +255,19 @@ def test_a_refusal_of_rank_0_after_the_workers_joined_is_one_sentence(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
 def test_a_signal_to_the_nproc_launcher_goes_on_to_torchrun(tmp_path, monkeypatch, signum):
     """`kill` of `digitrec train --nproc 2` (or a wrapper's Popen.terminate()) ended the launcher alone: torchrun
-    and every worker trained on, orphaned, and wrote the run after the command had "ended"."""
+    and every worker trained on, orphaned, and wrote the run after the command had "ended"; `kill -INT` left the
+    launcher waiting on a run that trained on. torchrun has a process group of its own, so that Ctrl-C at a
+    terminal reaches it once, from the launcher, and the launcher says "interrupted" no second time."""
     from digitrec import distributed
 
     class Torchrun:  # the signal arrives while the launcher waits for it
-        def __init__(self, command, env):
+        def __init__(self, command, env, process_group=None):
+            assert process_group == 0
             self.signals: list[int] = []
             started.append(self)
 

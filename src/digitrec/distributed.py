@@ -293,14 +293,11 @@ def launch(args: argparse.Namespace) -> int:
             argv += ["--out", str(stack.enter_context(reserved_out_dir(recipe)))]
         command = torchrun_command(args.nproc, argv)
         print("running: torchrun " + shlex.join(command[3:]), file=sys.stderr)
-        process = subprocess.Popen(command, env=env)
+        # torchrun in a process group of its own, so that Ctrl-C reaches it once, from here, as `kill -INT` of this
+        # process alone does: it stops the workers (resumable) and exits 130; rank 0 says so
+        process = subprocess.Popen(command, env=env, process_group=0)
         with _passing_on(process):
-            try:
-                return process.wait()
-            # Ctrl-C reached torchrun and its workers too: let them stop, then say so
-            except KeyboardInterrupt:
-                process.wait()
-                raise
+            return process.wait()
 
 
 @contextlib.contextmanager
@@ -323,15 +320,16 @@ def handling_signals(names: tuple[str, ...], handler: Callable[[int, object], No
 
 
 def _passing_on(process: subprocess.Popen[bytes]) -> contextlib.AbstractContextManager[None]:
-    """While waiting for torchrun: SIGTERM and SIGHUP sent to this process alone (`kill`, a wrapper's
-    Popen.terminate(), a supervisor) go on to torchrun, which stops its workers as Ctrl-C does (resumable). They
-    ended this process and left torchrun and every worker training, orphaned, writing the run after it "ended"."""
+    """While waiting for torchrun: SIGINT, SIGTERM and SIGHUP sent to this process (Ctrl-C, `kill`, a wrapper's
+    Popen.terminate(), a supervisor) go on to torchrun, which stops its workers as Ctrl-C does (resumable). SIGTERM
+    and SIGHUP ended this process and left torchrun and every worker training, orphaned, writing the run after it
+    "ended"; `kill -INT` of this process alone left it waiting on a run that trained on."""
 
     def pass_on(signum: int, frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):  # torchrun ended meanwhile
             process.send_signal(signum)
 
-    return handling_signals(("SIGTERM", "SIGHUP"), pass_on)
+    return handling_signals(("SIGINT", "SIGTERM", "SIGHUP"), pass_on)
 
 
 def _check_before_launch(args: argparse.Namespace) -> str:
