@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from digitrec import modelcard
 from digitrec.config import get_recipe
@@ -268,6 +271,31 @@ def test_an_ensembles_rebuild_command_and_members_table_survive_odd_paths():
     assert "`digitrec ensemble 'my runs/a.safetensors' 'b|c.safetensors' --out PATH`" in text
     row = next(line for line in text.splitlines() if "b\\|c" in line)
     assert row.replace("\\|", "").count("|") == 6  # five cells
+
+
+def test_a_backtick_or_stars_in_a_path_keep_the_cards_code_spans_whole():
+    """A member's path with a backtick in it (`runs/a`b/m.safetensors`) closed its code span early and opened one
+    that ran on through the table; ** in a path turned bold inside the HTML card's code."""
+    members = [
+        {"path": path, "config": {"arch": "fast_cnn"}} for path in ("runs/a`b/m.safetensors", "runs/**x**/m")
+    ]
+    sections = modelcard.build_card({"test_accuracy": 0.99, "test_loss": 0.03}, {"members": members})
+    text = modelcard.to_markdown(sections)
+    assert "``runs/a`b/m.safetensors``" in text and "`runs/**x**/m`" in text
+    page = modelcard.to_html(sections)
+    assert "<code>runs/a`b/m.safetensors</code>" in page and "<code>runs/**x**/m</code>" in page
+    assert "<b>x</b>" not in page
+
+
+@given(
+    st.text(
+        alphabet=st.sampled_from(list("`` *|<&ab"))
+        | st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")),
+        min_size=1,
+    )
+)
+def test_a_code_span_holds_any_text_as_it_is(text):
+    assert modelcard._inline_html(modelcard.code(text)) == f"<code>{html.escape(text)}</code>"
 
 
 def test_an_ensembles_card_says_when_it_was_made_without_a_gap():

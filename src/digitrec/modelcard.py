@@ -10,6 +10,7 @@ import contextlib
 import html
 import json
 import platform
+import re
 import shlex
 import statistics
 import time
@@ -140,7 +141,7 @@ def _details_section(
     weights: str | None,
 ) -> Section:
     """The card's first section: architecture, parameters, checkpoint size, when and with what it was trained."""
-    details = [f"Architecture `{arch}`" + (f", {params:,} parameters" if params else "") + "."]
+    details = [f"Architecture {code(arch)}" + (f", {params:,} parameters" if params else "") + "."]
     if size_bytes:
         stored = f"safetensors, {weights} weights" if weights else "safetensors"
         details.append(f"Checkpoint size {size_bytes / 1e6:.2f} MB ({stored}).")
@@ -161,7 +162,7 @@ def _recipe_section(
     """The settings that matter and the command that trains the same model again."""
     defaults = TrainConfig().to_dict()
     recipe_rows = [
-        [key, f"`{value}`"]
+        [key, code(value)]
         for key, value in config.to_dict().items()
         if key in _SETTINGS or (key in _SETTINGS_IF_SET and value != defaults[key])
     ]
@@ -216,9 +217,9 @@ def _data_section(
         data_text.append(
             "Data checksum (MD5 of MNIST's checksum followed by the corrections' pixels and labels"
             + (", of which there were none" if not tuned.with_corrections else "")
-            + f"; not MNIST's own): `{digest}`"
+            + f"; not MNIST's own): {code(digest)}"
             + (
-                f". MNIST's (MD5 over the four files' MD5s): `{tuned.mnist_checksum}`"
+                f". MNIST's (MD5 over the four files' MD5s): {code(tuned.mnist_checksum)}"
                 if tuned.mnist_checksum
                 else ""
             )
@@ -226,7 +227,7 @@ def _data_section(
         )
     else:
         data_text.append(
-            f"Data checksum (MD5 over the four files' MD5s): `{checksum}`"
+            f"Data checksum (MD5 over the four files' MD5s): {code(checksum)}"
             + (f"; loaded from {data.source}." if data else ".")
             + (
                 " The non-digits are drawn by the code (augment_real.py, from a fixed seed), not read from files."
@@ -512,15 +513,15 @@ def _finetuned_on(tuned: _FineTune) -> str:
 def _start(tuned: _FineTune, unknown: str) -> str:
     """The model a fine-tune started from, as the card names it."""
     if tuned.replaced:
-        return f"an earlier model at this same path (`{tuned.source}`), which this one replaced"
-    return f"`{tuned.source}`" if tuned.source else unknown
+        return f"an earlier model at this same path ({code(tuned.source)}), which this one replaced"
+    return code(tuned.source) if tuned.source else unknown
 
 
 def _reproduce_finetune(tuned: _FineTune, config: TrainConfig) -> str:
     """Where a fine-tune started and the `digitrec finetune` command that makes it again, as far as its metadata
     tells; its settings table shows the fine-tune's own settings, not those of the model it started from."""
     start = _start(tuned, "another model (not recorded)")
-    recipe = f" (recipe `{tuned.base_recipe}`)" if tuned.base_recipe else ""
+    recipe = f" (recipe {code(tuned.base_recipe)})" if tuned.base_recipe else ""
     rate = (
         f"{tuned.lr_scale:g} times its recipe's learning rate"
         if tuned.lr_scale
@@ -549,12 +550,12 @@ def _reproduce_finetune(tuned: _FineTune, config: TrainConfig) -> str:
     flags += ["--repeat", str(tuned.repeat)] if tuned.with_corrections else []
     command = " ".join(["digitrec finetune", *(shlex.quote(flag) for flag in flags)])
     if not tuned.with_corrections:
-        return text + f" Reproduce it with `{command}`."
+        return text + f" Reproduce it with {code(command)}."
     held = f"the same {tuned.corrections:,}" if tuned.corrections is not None else "the same"
     where = "DB a database" if not tuned.database else "the database"
     return (
         text
-        + f" Reproduce it with `{command}`, {where} holding {held} corrections (the server may have added "
+        + f" Reproduce it with {code(command)}, {where} holding {held} corrections (the server may have added "
         "more since)."
     )
 
@@ -686,7 +687,7 @@ def _reproduce(recipe: str, config: TrainConfig, dry_run: bool, nproc: int = 1) 
     if custom:
         recipe = min(RECIPES, key=lambda name: len(differences(RECIPES[name])))
     elif recipe not in RECIPES:  # a fine-tuned run, or a recipe since renamed
-        return f"Recipe `{recipe}`, not a named recipe; its full values are in model.json."
+        return f"Recipe {code(recipe)}, not a named recipe; its full values are in model.json."
     changed = differences(RECIPES[recipe])
     flags, toml = [], []
     for key, value in changed.items():
@@ -699,18 +700,22 @@ def _reproduce(recipe: str, config: TrainConfig, dry_run: bool, nproc: int = 1) 
         elif value is not None:
             toml.append(f"{key} = {_value(value)}")
     own = " with settings of its own" if flags or toml else ""
-    named = f"A custom configuration, nearest to recipe `{recipe}`" if custom else f"Recipe `{recipe}`{own}"
+    named = (
+        f"A custom configuration, nearest to recipe {code(recipe)}"
+        if custom
+        else f"Recipe {code(recipe)}{own}"
+    )
     flags += [f"--nproc {nproc}"] if nproc > 1 else []
     flags += ["--dry-run"] if dry_run else []
     if toml:
         command = " ".join(["digitrec train --config FILE", *flags])
         return (
-            f"{named}; reproduce it with `{command}`, FILE a TOML file holding "
-            + ", ".join(f"`{line}`" for line in [f'recipe = "{recipe}"', *toml])
+            f"{named}; reproduce it with {code(command)}, FILE a TOML file holding "
+            + ", ".join(code(line) for line in [f'recipe = "{recipe}"', *toml])
             + " (one per line)."
         )
     command = " ".join([f"digitrec train --recipe {recipe}", *flags])
-    return f"{named}; reproduce it with `{command}`."
+    return f"{named}; reproduce it with {code(command)}."
 
 
 def _members_section(members: list[Any], meta: dict[str, Any]) -> Section:
@@ -721,9 +726,9 @@ def _members_section(members: list[Any], meta: dict[str, Any]) -> Section:
         accuracy = member.get("test_accuracy")
         rows.append(
             [
-                f"`{member.get('path', '?')}`",
-                f"`{member.get('recipe') or 'custom'}`",
-                f"`{(member.get('config') or {}).get('arch', '?')}`",
+                code(member.get("path", "?")),
+                code(member.get("recipe") or "custom"),
+                code((member.get("config") or {}).get("arch", "?")),
                 f"{float(member.get('temperature', 1.0)):.3f}",
                 f"{accuracy:.2%}" if isinstance(accuracy, (int, float)) else "?",
             ]
@@ -731,7 +736,7 @@ def _members_section(members: list[Any], meta: dict[str, Any]) -> Section:
     paths = " ".join(shlex.quote(str(m.get("path", "?"))) for m in members if isinstance(m, dict))
     text = [
         f"An ensemble of {len(members)} models: the mean of their probabilities, each softened by its own "
-        f"temperature. Rebuild it with `digitrec ensemble {paths} --out PATH` (the paths as given when it was built)"
+        f"temperature. Rebuild it with {code(f'digitrec ensemble {paths} --out PATH')} (the paths as given when it was built)"
         + (", then `digitrec calibrate PATH`." if "temperature" in meta else "."),
         "Each member's training settings are on its own model card.",
     ]
@@ -760,13 +765,37 @@ def to_markdown(sections: list[Section]) -> str:
     return "\n".join(lines)
 
 
-def _inline_html(text: str) -> str:
-    """Escape, then turn the Markdown we write (`code`, **bold**) into tags."""
-    import re
+def code(text: Any) -> str:
+    """`text` as a Markdown code span, whatever it holds: a fence of one backtick more than its longest run of
+    them, and a space inside the fence where the text starts or ends with a backtick or with spaces at both ends
+    (CommonMark strips one such space). A path with a backtick in it broke the span it stood in."""
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (max((len(run) for run in _BACKTICKS.findall(text)), default=0) + 1)
+    spaced = text.startswith(" ") and text.endswith(" ") and text.strip()
+    pad = " " if text.startswith("`") or text.endswith("`") or spaced else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
-    text = html.escape(text)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+_BACKTICKS = re.compile(r"`+")
+# a code span as CommonMark reads one: a run of backticks, then the first run of the same length
+_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)", re.S)
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then turn the Markdown we write (code spans, **bold** outside them) into tags."""
+    parts, start = [], 0
+    for span in _CODE_SPAN.finditer(text):
+        parts.append(_bold_html(text[start : span.start()]))
+        inside = span.group(2)
+        if inside.startswith(" ") and inside.endswith(" ") and inside.strip():
+            inside = inside[1:-1]
+        parts.append(f"<code>{html.escape(inside)}</code>")
+        start = span.end()
+    return "".join(parts) + _bold_html(text[start:])
+
+
+def _bold_html(text: str) -> str:
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", html.escape(text))
 
 
 def to_html(sections: list[Section]) -> str:
