@@ -257,10 +257,23 @@ def test_classic_pickle_loader_refuses_code():
 
 
 def test_validation_split_is_seeded_and_disjoint(tiny_mnist):
-    a = split_validation(tiny_mnist.train_images, tiny_mnist.train_labels, 200, seed=0)
-    b = split_validation(tiny_mnist.train_images, tiny_mnist.train_labels, 200, seed=0)
+    images = tiny_mnist.train_images.clone()
+    count = len(images)
+    images[:, 0, 0], images[:, 0, 1] = (
+        torch.arange(count) % 256,
+        torch.arange(count) // 256,
+    )  # each one tagged
+
+    def tags(part: torch.Tensor) -> list[int]:
+        return (part[:, 0, 0].long() + 256 * part[:, 0, 1].long()).tolist()
+
+    a = split_validation(images, tiny_mnist.train_labels, 200, seed=0)
+    b = split_validation(images, tiny_mnist.train_labels, 200, seed=0)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert len(a[0]) == 1000 and len(a[2]) == 200
+    train, held_out = tags(a[0]), tags(a[2])
+    assert sorted(train + held_out) == list(range(count))  # apart, and every image in one of them
+    assert set(tags(split_validation(images, tiny_mnist.train_labels, 200, seed=1)[2])) != set(held_out)
     with pytest.raises(DataError):
         split_validation(tiny_mnist.train_images, tiny_mnist.train_labels, 5000)
 

@@ -153,6 +153,33 @@ def test_a_line_read_as_one_doubtful_pair_is_left_out_unless_the_threshold_is_lo
     assert (kept.number, kept.rejected_lines) == ("58", 0)
 
 
+@pytest.mark.parametrize(
+    "pair_confidence, alone, number",
+    [
+        (0.1, ["sure"], "583"),  # a doubtful pair and a sure digit: one reading of two sure, half: kept
+        (0.3, ["doubtful", "doubtful"], ""),  # a sure pair and two doubtful digits: one of three, left out
+    ],
+)
+def test_a_line_is_kept_when_half_its_readings_are_sure_a_pair_counting_once(
+    pair_confidence, alone, number, monkeypatch
+):
+    from digitrec import segment
+
+    def model(batch: np.ndarray) -> np.ndarray:  # sure of a 3 where the glyph holds ink, of nothing elsewhere
+        logits = np.zeros((len(batch), 10), np.float32)
+        logits[batch.reshape(len(batch), -1).max(axis=1) > 0, 3] = 20.0
+        return logits
+
+    ink, none = np.ones((28, 28), np.float32), np.zeros((28, 28), np.float32)
+    pieces = [
+        segment.Piece((0, 0, 10, 20), none, (5, pair_confidence)),
+        segment.Piece((8, 0, 10, 20), none, (8, pair_confidence)),
+    ] + [segment.Piece((20 + 12 * i, 0, 10, 20), ink if a == "sure" else none) for i, a in enumerate(alone)]
+    monkeypatch.setattr(segment, "segment", lambda *args, **kwargs: pieces)
+    result = Predictor(model, {"reject_below": 0.5}).read(np.full((40, 80), 255, np.uint8))
+    assert (result.number, result.rejected_lines) == (number, 0 if number else 1)
+
+
 def test_a_blank_input_is_rejected_even_when_the_model_is_sure_of_a_digit():
     def sure_it_is_a_one(batch: np.ndarray) -> np.ndarray:
         logits = np.zeros((len(batch), 10), np.float32)
@@ -470,8 +497,21 @@ def test_the_bundled_calibration_is_what_calibrate_gives_today(tmp_path):
     assert fresh["reject_below"] == pytest.approx(stored["reject_below"], abs=0.005)
 
 
-def test_a_large_folder_spread_over_worker_processes_gives_the_same_answers(tmp_path, pretrained):
+def test_a_large_folder_spread_over_worker_processes_gives_the_same_answers(
+    tmp_path, pretrained, monkeypatch
+):
+    import concurrent.futures
+
     from digitrec.predict import PARALLEL_FROM, predict_files
+
+    pools: list[int] = []
+
+    class Pool(concurrent.futures.ProcessPoolExecutor):  # the pool the folder is spread over, counted
+        def __init__(self, workers, **kwargs):
+            pools.append(workers)
+            super().__init__(workers, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
 
     paths = []
     for i, sample in enumerate(generate("pen-photo", PARALLEL_FROM + 6, seed=4)):
@@ -480,7 +520,10 @@ def test_a_large_folder_spread_over_worker_processes_gives_the_same_answers(tmp_
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     paths.insert(3, tmp_path / "broken.jpg")
     paths.insert(9, tmp_path / "missing.png")
-    alone, spread = (predict_files(pretrained, paths, workers=w) for w in (1, 2))
+    alone = predict_files(pretrained, paths, workers=1)
+    assert pools == []
+    spread = predict_files(pretrained, paths, workers=2)
+    assert pools == [2]
     assert [r.to_dict() for r in spread] == [r.to_dict() for r in alone]
     assert "error" in spread[3].to_dict() and "does not exist" in spread[9].to_dict()["error"]
     assert sum(r.prediction is not None for r in spread) == PARALLEL_FROM + 6
@@ -769,3 +812,24 @@ def test_the_note_on_an_uncalibrated_export_says_to_calibrate_its_checkpoint(tin
     export_onnx(tiny_fast_run / "model.safetensors", exported, log=lambda s: None)
     note = uncalibrated_note(Predictor.load(exported, backend="onnx"), exported)
     assert note and "calibrate the checkpoint it was exported from" in note and "and export it again" in note
+
+
+def test_the_torch_backend_reads_on_its_own_thread_count_and_gives_the_callers_back():
+    """A library user's torch.set_num_threads(4) is theirs: the backend reads on one thread (its own count) and
+    leaves theirs as it found it."""
+    from digitrec.predict import TorchBackend
+
+    seen = []
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return torch.zeros(len(x), 10)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        TorchBackend(Model())(np.zeros((2, 1, 28, 28), np.float32))
+        assert seen == [1] and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)

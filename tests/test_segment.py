@@ -447,6 +447,28 @@ def test_a_digits_detached_tail_joins_it_but_a_whole_one_stands_alone():
     assert sorted(merged[1].labels) == [2, 4]
 
 
+def test_dust_and_dots_are_dropped_but_a_short_dash_is_left_for_merge_broken():
+    """clean(): a flat speck with a sliver of a digit's ink is dust (or a full stop); a flat dash wider than a
+    quarter of the line height may be a 5's detached bar, which merge_broken decides about."""
+    digits = [_Blob(0, 25, 0, 40, [1]), _Blob(40, 65, 0, 40, [2]), _Blob(80, 105, 0, 40, [3])]
+    dot = _Blob(110, 114, 36, 40, [4])
+    dash = _Blob(120, 135, 2, 6, [5])
+    areas = np.array([0, 500, 500, 500, 12, 50])
+    kept, line_height = clean([*digits, dot, dash], areas)
+    assert line_height == 40 and kept == [*digits, dash]
+
+
+def test_a_short_part_far_from_the_digits_is_kept_only_with_a_digits_ink():
+    """merge_broken: a short part near a digit joins it, one far from every digit stands alone as a digit when it
+    holds a quarter of a typical digit's ink (a small 0), and is dropped as dust when it holds less."""
+    digits = [_Blob(0, 60, 0, 100, [1]), _Blob(80, 140, 0, 100, [2])]
+    small_zero = _Blob(300, 330, 40, 90, [3])  # 50 px high: under BROKEN_PART of the line
+    speck = _Blob(400, 420, 50, 70, [4])
+    areas = np.array([0, 2000, 2000, 600, 100])
+    merged = merge_broken([*digits, small_zero, speck], areas, line_height=100)
+    assert [(b.x0, b.x1) for b in merged] == [(0, 60), (80, 140), (300, 330)]
+
+
 def test_a_blank_page_reads_nothing():
     assert segment(np.full((100, 400), 220, np.uint8)) == []
 
