@@ -1057,3 +1057,72 @@ def test_an_answer_to_part_of_a_stroke_turns_no_correction_on(tmp_path):
         held.release()  # the whole stroke's answer
         expect(page.locator(enabled)).to_have_count(9, timeout=10_000)
         assert errors == []
+
+
+def test_an_answer_far_from_sure_says_so_in_words_and_a_wide_photo_is_pointed_to_number_mode(tmp_path):
+    """A 4 at 40% read "It's a 4 — 40% sure", like a 4 at 99.9%; a rejected answer's corner badge showed "?" over
+    a percentage and its corrections "That's wrong, it is a"; a photo of a whole number in One digit mode said
+    only "Not sure" with no word of the mode that reads it."""
+    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
+    answer: dict[str, Any] = {}
+    with browser_page(app) as (page, errors, expect):
+        page.route("**/api/predict*", lambda route: route.fulfill(json=answer))
+        for confidence, verdict in [(0.95, "It's a 4"), (0.6, "Probably a 4"), (0.4, "Perhaps a 4")]:
+            probabilities = [(1 - confidence) / 9] * 10
+            probabilities[4] = confidence
+            answer.update(
+                digit=4, confidence=confidence, probabilities=probabilities, rejected=False, blank=False
+            )
+            if page.locator("#clear").is_enabled():
+                page.click("#clear")
+            draw(page, [(0.3, 0.2), (0.3, 0.6), (0.7, 0.6)])
+            expect(page.locator("#verdict")).to_have_text(verdict, timeout=10_000)
+            expect(page.locator("#correct-label")).to_have_text("That's wrong, it is a")
+        answer.clear()
+        answer.update(FLAT, blank=False)
+        wide = tmp_path / "wide.png"
+        Image.new("L", (600, 200), 255).save(wide)
+        page.set_input_files("#upload", str(wide))
+        expect(page.locator("#confidence")).to_contain_text("A whole number? Choose “A number” above.")
+        expect(page.locator("#pad-answer")).to_have_text("?")
+        expect(page.locator("#correct-label")).to_have_text("Tell us what it is: a")
+        tall = tmp_path / "tall.png"
+        Image.new("L", (200, 300), 255).save(tall)
+        page.set_input_files("#upload", str(tall))
+        page.wait_for_timeout(500)
+        expect(page.locator("#confidence")).to_contain_text("No digit stands out")
+        expect(page.locator("#confidence")).not_to_contain_text("A whole number?")
+        assert errors == []
+
+
+def test_screen_readers_hear_the_answer_when_the_pen_lifts_and_a_chips_doubt(tmp_path):
+    """The live answer region changed about every 120 ms while the pen moved; the pad had no role (out of the
+    accessibility tree); a doubtful chip differed from a sure one by its colour alone; an empty file got the
+    API's sentence about multipart fields."""
+    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with browser_page(app) as (page, errors, expect):
+        expect(page.get_by_role("img", name="Drawing area", exact=False)).to_have_count(1)
+        box = page.locator("#pad").bounding_box()
+        page.mouse.move(box["x"] + 100, box["y"] + 100)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 150, box["y"] + 300, steps=8)
+        assert page.locator("#answer").get_attribute("aria-busy") == "true"
+        page.mouse.up()
+        assert page.locator("#answer").get_attribute("aria-busy") is None
+        digits = [
+            {"digit": 4, "confidence": 0.3, "box": [0, 0, 30, 60], "doubtful": True, "line": 0},
+            {"digit": 2, "confidence": 0.99, "box": [40, 0, 30, 60], "doubtful": False, "line": 0},
+        ]
+        page.route(
+            "**/api/read",
+            lambda route: route.fulfill(json={"number": "42", "lines": ["42"], "digits": digits}),
+        )
+        page.click("#mode-number")
+        draw(page, [(0.2, 0.2), (0.2, 0.85)])
+        expect(page.locator("#chips li").first).to_have_attribute("aria-label", "4, 30% sure, doubtful")
+        expect(page.locator("#chips li").nth(1)).to_have_attribute("aria-label", "2, 99% sure")
+        empty = tmp_path / "empty.png"
+        empty.write_bytes(b"")
+        page.set_input_files("#upload", str(empty))
+        expect(page.locator("#toast")).to_have_text("Empty.png is empty (0 bytes): choose another photo")
+        assert errors == []

@@ -11,11 +11,13 @@ const MODES = {
 };
 const UPLOAD_MAX_SIDE = 1600;  // phone photos are shrunk in the browser: the model needs far fewer pixels
 const MIN_SEND_INTERVAL_MS = 120;
+const SURE_FROM = 0.9;  // an answer less sure than this is "Probably a 4" (from 50%) or "Perhaps a 4", not "It's a 4"
 const MAX_RETRY_S = 10;  // a server that is down is asked again at most this far apart
 const MODEL_INFO_RETRY_S = 10;  // the footer asks /healthz again this long after it did not answer
 const READING_NOTE_MS = 250;  // a request not answered by then marks the answer on screen as being replaced
 
 const pad = $("pad");
+const answerRegion = $("answer");
 const ctx = pad.getContext("2d");
 const boxes = $("boxes");
 const boxCtx = boxes.getContext("2d");
@@ -89,6 +91,8 @@ pad.addEventListener("pointerdown", (event) => {
   state.pointerId = event.pointerId;
   state.drawing = [canvasPoint(event)];
   state.strokes.push(state.drawing);
+  // the answer follows the pen: a screen reader hears it once the pen lifts, not every tenth of a second
+  answerRegion.setAttribute("aria-busy", "true");
   drawStroke(state.drawing);
   inputChanged();
 });
@@ -114,6 +118,7 @@ pad.addEventListener("pointermove", (event) => {
 function endStroke(event) {
   if (!state.drawing || event.pointerId !== state.pointerId) return;
   state.drawing = null;
+  answerRegion.removeAttribute("aria-busy");
   // The answers while the pen moved were of part of this stroke: one still on its way is not current either
   // (it turned the corrections on again, over the half-drawn image).
   state.generation += 1;
@@ -232,6 +237,10 @@ function showPhotoNote() {
 }
 
 async function usePhoto(file) {
+  if (file.size === 0) {  // said here, in words for people, not in the API's words for programs
+    showFailure(`${file.name || "that file"} is empty (0 bytes): choose another photo`);
+    return;
+  }
   // The last input chosen wins: a photo still being shrunk when another photo is chosen, a stroke is drawn,
   // Clear is pressed or the mode changes is dropped when it is ready (a 48-MP photo takes seconds).
   state.source += 1;  // from now on an answer to what was on the pad is dropped: the photo replaces it
@@ -460,6 +469,17 @@ function percent(p) {
   return p >= 0.995 ? `${(Math.floor(p * 1000) / 10).toFixed(1)}%` : `${Math.round(p * 100)}%`;
 }
 
+function numberHint() {
+  // a photo of a whole number read as one digit is no digit: say where it would read (wider than tall by half)
+  return state.photo && photo.naturalWidth >= 1.5 * photo.naturalHeight
+    ? " A whole number? Choose “A number” above." : "";
+}
+
+function hedge(confidence) {
+  // an answer that is accepted but far from sure says so in words, not in its percentage alone
+  return confidence >= SURE_FROM ? "It's" : confidence >= 0.5 ? "Probably" : "Perhaps";
+}
+
 function showPrediction(p, current = true) {
   state.lastPrediction = p;
   hideToast();
@@ -471,7 +491,7 @@ function showPrediction(p, current = true) {
   $("digit").textContent = p.rejected ? "?" : String(p.digit);
   $("verdict").textContent = p.blank
     ? "The image is blank"
-    : p.rejected ? "Not sure — this may not be a digit" : `It's ${withArticle(p.digit)}`;
+    : p.rejected ? "Not sure — this may not be a digit" : `${hedge(p.confidence)} ${withArticle(p.digit)}`;
   $("confidence").textContent = p.blank
     ? "There is no ink in it to read."
     : p.rejected && !standsOut
@@ -479,12 +499,14 @@ function showPrediction(p, current = true) {
     : p.rejected
     ? `Best guess ${best}, only ${percent(p.probabilities[best])} sure.`
     : `${percent(p.confidence)} sure`;
+  if (p.rejected && !p.blank) $("confidence").textContent += numberHint();
+  $("correct-label").textContent = p.rejected ? "Tell us what it is: a" : "That's wrong, it is a";
   if (p.blank) clearBars();  // rejected whatever the model says of it: its probabilities mean nothing
   else showBars(p.probabilities, p.rejected && !standsOut ? -1 : best);
   if (p.input) paintSeen(p.input, p.saliency);
   const corner = $("pad-answer");
   corner.textContent = p.rejected ? "?" : String(p.digit);
-  if (!p.blank) corner.append(Object.assign(document.createElement("small"), { textContent: percent(p.confidence) }));
+  if (!p.rejected) corner.append(Object.assign(document.createElement("small"), { textContent: percent(p.confidence) }));
   corner.hidden = false;
   // a blank image teaches nothing (the server refuses it as a correction); an answer to an older drawing waits
   setCorrectionEnabled(!p.blank && current);
@@ -565,7 +587,7 @@ function showReading(answer) {
     const li = document.createElement("li");
     li.className = d.doubtful ? "unsure" : "";
     li.innerHTML = `<b>${d.digit}</b>${percent(d.confidence)}`;
-    li.setAttribute("aria-label", `${d.digit}, ${percent(d.confidence)} sure`);
+    li.setAttribute("aria-label", `${d.digit}, ${percent(d.confidence)} sure${d.doubtful ? ", doubtful" : ""}`);
     chips.appendChild(li);
   });
   drawBoxes(answer.digits);
