@@ -84,6 +84,7 @@ BACKGROUND_WINDOW = 11  # closing window there: wider than any stroke, narrower 
 POLARITY_SIDE, POLARITY_WINDOW = 20, 7
 # ink_is_dark()'s tails shorter than this (1% of the gray range) on the small copy are the paper's noise
 POLARITY_FLOOR = 0.01
+POLARITY_SPOT = 4  # an extreme this many times the 2%/98% tails is ink on under 2% of the picture
 # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
 INK_CONTRAST = 0.3
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
@@ -634,10 +635,14 @@ def ink_is_dark(gray: np.ndarray) -> bool:
         return bool(dark_tail >= light_tail)
     residual = small - median_filter(small, POLARITY_WINDOW)
     low, high = np.percentile(residual, [2, 98])
-    if max(-low, high) < POLARITY_FLOOR:
-        # Ink on under 2% of the picture (small digits on a big page): both tails are the paper's noise, and
-        # which was longer was chance (a clear "51" on a 4032 px photo lost its ink). The ink is the extreme.
-        low, high = residual.min(), residual.max()
+    darkest, lightest = residual.min(), residual.max()
+    tail = max(-low, high)
+    if tail < POLARITY_FLOOR or max(-darkest, lightest) > POLARITY_SPOT * tail:
+        # Ink on under 2% of the picture (small digits on a big page): both tails are the paper's noise, or the
+        # kinks of a strong gradient clipped to white, and which was longer was chance (a clear "51" on a 4032 px
+        # photo lost its ink; a 2 on a page lit from one side was read light on dark, as blank). The ink is the
+        # extreme, which then stands far out of the tails.
+        low, high = darkest, lightest
     return bool(-low >= high)
 
 
@@ -684,7 +689,9 @@ def flatten(gray: np.ndarray, dark_ink: bool = True, sigma: float | None = None)
         else cv2.morphologyEx(small, cv2.MORPH_OPEN, window, borderType=cv2.BORDER_REPLICATE)
     )
 
-    def full(a: np.ndarray) -> np.ndarray:  # bilinear upsampling: Pillow's to 1e-7 (tested), 10x faster
+    def full(
+        a: np.ndarray,
+    ) -> np.ndarray:  # bilinear upsampling: Pillow's to 1e-7 (a test compares them), 10x faster
         return cv2.resize(a, (width, height), interpolation=cv2.INTER_LINEAR)
 
     lighter = full(lighter_small)
