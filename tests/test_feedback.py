@@ -277,6 +277,22 @@ def test_finetune_without_corrections_says_what_to_do(tmp_path):
             tmp_path / "base.safetensors", tmp_path / "missing.sqlite", tmp_path / "out", data=tiny_mnist()
         )
     assert not (tmp_path / "missing.sqlite").exists()  # a mistyped path is not created
+    with pytest.raises(DigitrecError, match=f"^{tmp_path} is a folder, not a feedback database; "):
+        finetune(tmp_path / "base.safetensors", tmp_path, tmp_path / "out", data=tiny_mnist())
+    # a bad flag is said first, not after "no corrections yet" (which sent the user to --no-corrections)
+    for flags, said in [
+        ({"epochs": 0}, "--epochs must be above 0, got 0"),
+        ({"lr_scale": -1.0}, "--lr-scale must be above 0, got -1.0"),
+        ({"repeat": 0}, "--repeat must be at least 1, got 0"),
+    ]:
+        with pytest.raises(DigitrecError, match=said):
+            finetune(
+                tmp_path / "base.safetensors",
+                tmp_path / "empty.sqlite",
+                tmp_path / "out",
+                data=tiny_mnist(),
+                **flags,
+            )
     store = FeedbackStore(tmp_path / "one.sqlite")
     store.add(label=3, image=b"png", input28=np.zeros((28, 28), np.uint8))
     with pytest.raises(DigitrecError, match="choose --repeat 600000 or less"):  # was a 15 TB allocation

@@ -270,3 +270,36 @@ def test_serve_passes_pairs_to_the_server(tmp_path, monkeypatch):
     monkeypatch.setattr(server, "serve", lambda model, **kwargs: given.update(kwargs))
     assert main(["serve", "--pairs", str(tmp_path / "p.safetensors")]) == 0
     assert given["pairs"] == str(tmp_path / "p.safetensors")
+
+
+def test_train_pairs_replaces_only_an_earlier_pair_classifier(tmp_path, capsys):
+    """`train-pairs --out notes.txt` wrote safetensors over the user's text (and notes.json beside it), and `--out
+    RUN/model.safetensors` replaced a run's digit model, its metrics and report left describing it: after the
+    whole training, with no word."""
+    import shutil
+
+    from digitrec.cli import _refuse_replacing_with_pairs, main
+    from digitrec.pairs import pretrained_pairs_path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.safetensors").write_bytes(b"a run's resume checkpoint")
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("my notes")
+    lone_json = tmp_path / "data.json"
+    lone_json.write_text("{}")
+    for out, said in [
+        (run / "model.safetensors", f"--out {run / 'model.safetensors'} is in the run folder {run}, "),
+        (notes, f"--out {notes}: {notes} already exists and is not a pair classifier"),
+        (tmp_path / "data.safetensors", f"{lone_json} already exists and is not a pair classifier"),
+    ]:
+        assert main(["train-pairs", "--out", str(out), "--count", "300", "--epochs", "1"]) == 2
+        assert said in capsys.readouterr().err
+    assert notes.read_text() == "my notes" and lone_json.read_text() == "{}"
+    with pytest.raises(SystemExit):
+        main(["train-pairs", "--out", str(tmp_path / "notes.txt")])
+    assert "is not a .safetensors name" in capsys.readouterr().err
+    earlier = tmp_path / "pairs.safetensors"
+    shutil.copy(pretrained_pairs_path(), earlier)
+    shutil.copy(pretrained_pairs_path().with_suffix(".json"), earlier.with_suffix(".json"))
+    _refuse_replacing_with_pairs(earlier)  # an earlier pair classifier is replaced, as make pretrained does

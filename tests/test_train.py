@@ -9,6 +9,7 @@ import torch
 
 from digitrec.checkpoint import load_model, load_tensors
 from digitrec.config import TrainConfig
+from digitrec.errors import DigitrecError
 from digitrec.training import steps_in_epoch, train
 
 TINY = TrainConfig(
@@ -250,6 +251,14 @@ def test_a_finished_run_resumed_says_it_is_evaluated_and_not_that_it_trains(tiny
     train(TINY, tmp_path, data=tiny_mnist, resume=True, progress=False, report=False, log=lines.append)
     assert any("evaluating it again, without training" in line for line in lines)
     assert not any(line.startswith("training ") for line in lines), lines
+    # its model.safetensors removed: one sentence, not "evaluating it again" and then "does not exist"
+    (tmp_path / "model.safetensors").unlink()
+    lines.clear()
+    with pytest.raises(
+        DigitrecError, match="run whose model.safetensors is gone, so there is nothing to evaluate"
+    ):
+        train(TINY, tmp_path, data=tiny_mnist, resume=True, progress=False, report=False, log=lines.append)
+    assert not any("evaluating it again" in line for line in lines), lines
 
 
 def test_a_finished_run_evaluated_again_is_reported_from_the_cpu(tiny_mnist, tmp_path, monkeypatch):

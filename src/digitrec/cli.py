@@ -62,6 +62,13 @@ def _model_out(value: str) -> Path:
     folder to hold model.safetensors."""
     _refuse_empty(value, "a .safetensors file or a folder to hold model.safetensors")
     path = Path(value)
+    if (
+        path.suffix.lower() == ".onnx"
+    ):  # was made a folder cal.onnx/ holding model.safetensors, without a word
+        raise argparse.ArgumentTypeError(
+            f"{value!r} names an ONNX file, and this writes a .safetensors model (or a run folder to hold one); "
+            "`digitrec export` writes ONNX"
+        )
     if path.suffix != ".safetensors" or path.is_dir():  # a folder named x.safetensors holds model.safetensors
         return _folder(value) / "model.safetensors"
     if path.name == "last.safetensors":  # written over, a run's last.safetensors no longer resumed it
@@ -81,6 +88,11 @@ def _pairs_out(value: str) -> Path:
     if path.is_dir():
         raise argparse.ArgumentTypeError(
             f"{value!r} is a folder; name the file to write, such as {str(path / 'pairs.safetensors')!r}"
+        )
+    if path.suffix != ".safetensors":  # `--out notes.txt` wrote safetensors over the user's text
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a .safetensors name; name the file to write, such as "
+            f"{str(path.with_suffix('.safetensors'))!r}"
         )
     _folder(str(path.parent))
     return path
@@ -150,6 +162,9 @@ def _whole_number(low: int, high: int | None, complaint: str) -> Callable[[str],
 _port = _whole_number(0, 65535, "is not a port number; use 0-65535")
 _positive_int = _whole_number(1, None, "is not a whole number of at least 1")
 _non_negative_int = _whole_number(0, None, "is not a whole number of at least 0")
+# images generated and held in memory (a count of 99999999999 ran on, growing, until killed)
+_generated_count = _whole_number(1, 1_000_000, "is not a count of images to generate; use 1 to 1000000")
+_pieces_count = _whole_number(1, 2_000_000, "is not a count of pieces to draw; use 1 to 2000000")
 _top_k = _whole_number(1, 10, "is not a count of digits; use 1-10")
 # numpy's generators take no negative seed, and Optuna's sampler none of 2**32 or more
 _seed = _whole_number(0, 2**32 - 1, "is not a seed; use a whole number from 0 to 4294967295")
@@ -673,10 +688,37 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_replacing_with_pairs(out: Path) -> None:
+    """train-pairs writes over an earlier pair classifier only, before the training rather than after it: a run
+    folder's model.safetensors was replaced (its metrics and report went on describing the digit model), and so
+    was any other file of that name, and the JSON beside it."""
+    from .checkpoint import CheckpointError, read_checkpoint
+    from .runfolder import holds_a_run
+
+    if holds_a_run(out.parent):
+        raise DigitrecError(
+            f"--out {out} is in the run folder {out.parent}, whose model card, report and metrics describe its own "
+            "run; name a file outside it."
+        )
+    for path in (out, out.with_suffix(".json")):
+        if not path.exists():
+            continue
+        try:
+            ours = read_checkpoint(out)[1].get("arch") == "pair_cnn"
+        except (CheckpointError, OSError):
+            ours = False
+        if not ours:
+            raise DigitrecError(
+                f"--out {out}: {path} already exists and is not a pair classifier `digitrec train-pairs` wrote; "
+                "name a new file, or move that one away."
+            )
+
+
 def cmd_train_pairs(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .pairs import train_pairs
 
+    _refuse_replacing_with_pairs(args.out)
     _make_folder(args.out.parent, "--out")  # before the training, not after it
     load_mnist(args.data_dir, log=_stderr)  # fetched and verified here; the workers then read the cache
     if args.data_dir:
@@ -1658,9 +1700,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="file to write (default %(default)s)",
     )
     p.add_argument(
-        "--count", type=_positive_int, default=150_000, help="training pieces to draw (default 150000)"
+        "--count", type=_pieces_count, default=150_000, help="training pieces to draw (default 150000)"
     )
-    p.add_argument("--epochs", type=_positive_int, default=8, help="epochs (default 8)")
+    p.add_argument(
+        "--epochs",
+        type=_whole_number(1, 999_999, "is not a count of epochs; use 1 to 999999"),
+        default=8,
+        help="epochs (default 8)",
+    )
     p.add_argument("--seed", type=_seed, default=0, help="seed of the pieces and of the training (default 0)")
     p.add_argument("--data-dir", type=_data_dir, help=DATA_DIR_HELP)
     p.set_defaults(func=cmd_train_pairs)
@@ -1759,7 +1806,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=_model_name, help="a run folder or model.safetensors")
     p.add_argument(
         "--count",
-        type=_positive_int,
+        type=_generated_count,
         default=1000,
         help="generated calibration photos per set (default 1000)",
     )
@@ -1776,7 +1823,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval-real", help="accuracy on generated real-world sets (photos, numbers, non-digits)"
     )
     model_flags(p)
-    p.add_argument("--count", type=_positive_int, default=500, help="images per set (default 500)")
+    p.add_argument("--count", type=_generated_count, default=500, help="images per set (default 500)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the generated sets (default 0)")
     p.add_argument(
         "--sets",
@@ -1994,7 +2041,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # a bare `digitrec`: the commands, not just a usage line
         parser.print_help(sys.stderr)
         return 2
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except (
+        OSError
+    ) as exc:  # a path the flags' checks looked at: a name too long, a folder that cannot be entered
+        if exc.filename is None:
+            raise
+        print(_cannot_use(exc), file=sys.stderr)
+        return 2
     if unknown:  # argparse would say so as the top-level `digitrec`, whose -h does not list them
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv  # `train --nproc` relaunches this command line
@@ -2061,16 +2116,19 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:  # a path the user named that cannot be read or written (below a file, under /proc)
         if exc.filename is None:
             raise
-        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        advice = (
-            "free some space there or name a path on another disk"
-            if full
-            else "name a path you can read or write"
-        )
-        print(
-            f"digitrec: error: cannot use {exc.filename}: {exc.strerror or exc}; {advice}.", file=sys.stderr
-        )
+        print(_cannot_use(exc), file=sys.stderr)
         return 2
+
+
+def _cannot_use(exc: OSError) -> str:
+    """The sentence for a path the user named that cannot be read or written."""
+    full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    advice = (
+        "free some space there or name a path on another disk"
+        if full
+        else "name a path you can read or write"
+    )
+    return f"digitrec: error: cannot use {exc.filename}: {exc.strerror or exc}; {advice}."
 
 
 class StandardOutputError(OSError):

@@ -150,6 +150,10 @@ class FeedbackStore:
         opened read-only: for commands that only read corrections, so that a mistyped path is an error rather than
         a new, empty database, and another program's database is refused rather than changed."""
         path = db_path(path)
+        if path.is_dir():  # was "no feedback database at DIR", though something is there
+            raise DigitrecError(
+                f"{path} is a folder, not a feedback database; pass the .sqlite file `digitrec serve` wrote."
+            )
         if not path.is_file():
             raise DigitrecError(
                 f"no feedback database at {path}; `digitrec serve` creates it when it starts, "
@@ -412,6 +416,12 @@ def finetune(
     from .evaluate import evaluate
     from .training import train
 
+    # the flags first: a bad --epochs was told only after "the database holds no corrections"
+    if repeat < 1:  # each said with its flag and value: one sentence named all three whichever was wrong
+        raise DigitrecError(f"--repeat must be at least 1, got {repeat}.")
+    for flag, value in (("--epochs", epochs), ("--lr-scale", lr_scale)):
+        if not value > 0:  # NaN too
+            raise DigitrecError(f"{flag} must be above 0, got {value}.")
     model, meta = load_model(model_path)
     if "members" in meta:
         raise DigitrecError(
@@ -427,11 +437,6 @@ def finetune(
             )
     else:
         images, labels = torch.zeros((0, 28, 28), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
-    if repeat < 1:  # each said with its flag and value: one sentence named all three whichever was wrong
-        raise DigitrecError(f"--repeat must be at least 1, got {repeat}.")
-    for flag, value in (("--epochs", epochs), ("--lr-scale", lr_scale)):
-        if not value > 0:  # NaN too
-            raise DigitrecError(f"{flag} must be above 0, got {value}.")
     if len(images) * repeat > MAX_REPEATED:
         raise DigitrecError(
             f"--repeat {repeat} would add {len(images) * repeat:,} copies of the {len(images)} corrections, more "

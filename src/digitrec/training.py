@@ -365,6 +365,12 @@ def train(
         if oversubscribed := _oversubscribed(config):
             log(oversubscribed)
         evaluate_only = resume and run_is_finished(state, config)
+        if evaluate_only and not (out_dir / "model.safetensors").exists():
+            # it said "evaluating it again", then that the checkpoint it evaluates does not exist
+            raise DigitrecError(
+                f"{out_dir} holds a finished {recipe} run whose model.safetensors is gone, so there is nothing to "
+                "evaluate again; train the run again with --overwrite, or into a new --out."
+            )
         if evaluate_only:
             log(f"{out_dir} holds a finished {recipe} run: evaluating it again, without training")
         elif resume:
