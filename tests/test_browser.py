@@ -1126,3 +1126,52 @@ def test_screen_readers_hear_the_answer_when_the_pen_lifts_and_a_chips_doubt(tmp
         page.set_input_files("#upload", str(empty))
         expect(page.locator("#toast")).to_have_text("Empty.png is empty (0 bytes): choose another photo")
         assert errors == []
+
+
+def test_a_photo_too_big_that_the_browser_cannot_shrink_is_told_how_to_send_it(tmp_path):
+    """A 12 MB scanner TIFF, which Chromium cannot decode and so cannot shrink, was refused with "the request is
+    larger than 5 MB; send a smaller image" alone; a photo the browser can shrink gets no such advice."""
+    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with browser_page(app) as (page, errors, expect):
+        too_big = {"detail": "the request is larger than 5 MB; send a smaller image."}
+        page.route("**/api/predict*", lambda route: route.fulfill(status=413, json=too_big))
+        Image.new("L", (300, 300), 255).save(tmp_path / "scan.tiff")
+        page.set_input_files("#upload", str(tmp_path / "scan.tiff"))
+        toast = page.locator("#toast")
+        expect(toast).to_contain_text("save it as JPEG or PNG first", timeout=10_000)
+        Image.new("L", (300, 300), 255).save(tmp_path / "photo.png")
+        page.set_input_files("#upload", str(tmp_path / "photo.png"))
+        expect(toast).to_have_text("The request is larger than 5 MB; send a smaller image.", timeout=10_000)
+
+
+def test_on_a_phone_the_digits_labels_are_legible_and_off_the_digits(tmp_path):
+    """The number pad (1,120 canvas px shown 309 CSS px wide on a phone) drew its labels in a 30 px font: 8 CSS px,
+    and clamped inside the pad over the tops of digits written near its top edge."""
+    digits = [
+        {"digit": 4, "confidence": 0.99, "box": [40, 4, 60, 120], "doubtful": False, "line": 0},
+        {"digit": 2, "confidence": 0.99, "box": [140, 40, 60, 120], "doubtful": False, "line": 0},
+    ]
+    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with browser_page(app, **PHONE) as (page, errors, expect):
+        page.route(
+            "**/api/read",
+            lambda route: route.fulfill(json={"number": "42", "lines": ["42"], "digits": digits}),
+        )
+        page.click("#mode-number")
+        draw(page, [(0.2, 0.2), (0.2, 0.85)])
+        expect(page.locator("#number")).to_have_text("42", timeout=10_000)
+        css_px = page.evaluate(
+            "() => parseFloat(boxCtx.font.match(/(\\d+)px/)[1]) * boxes.getBoundingClientRect().width / boxes.width"
+        )
+        assert css_px >= 13, css_px
+        # the 4 (canvas px 80-200 by 8-248: the drawing is sent at half size) touches the pad's top: its label goes
+        # below its box, where the pad is white, not over the top of the digit
+        blue = page.evaluate(
+            """() => { const count = (x, y, w, h) => { const d = boxCtx.getImageData(x, y, w, h).data; let n = 0;
+                         for (let i = 0; i < d.length; i += 4) if (d[i + 3] && d[i + 2] > 150 && d[i] < 100) n++;
+                         return n; };
+                       return [count(86, 14, 108, 60), count(78, 250, 40, 50)]; }"""
+        )
+        assert blue[0] == 0 and blue[1] > 200, blue
+        page.locator("#pad-wrap").screenshot(path=ARTIFACTS / "web-phone-labels.png")
+        assert errors == []

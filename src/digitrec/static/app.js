@@ -348,7 +348,10 @@ async function sendPrediction() {
       loadModelInfo();
     }
     if (!response.ok) {
-      showFailure(answer.detail || `the server answered ${response.status}`);
+      // a photo the browser cannot decode (a scanner's TIFF) is sent as it is, unshrunk: say what would go through
+      const unshrinkable = response.status === 413 && state.photo && !photo.naturalWidth
+        ? " This browser cannot make a smaller copy of this kind of file: save it as JPEG or PNG first." : "";
+      showFailure((answer.detail || `the server answered ${response.status}`) + unshrinkable);
       if (state.photo) { state.photoOutcome = "failed"; showPhotoNote(); }
       return;
     }
@@ -618,19 +621,26 @@ function drawBoxes(digits) {
     dx = (boxes.width - photo.naturalWidth * scale) / 2;
     dy = (boxes.height - photo.naturalHeight * scale) / 2;
   }
-  boxCtx.lineWidth = 4;
-  boxCtx.font = "bold 30px system-ui, sans-serif";
+  // Labels about 14 CSS px high however small the pad is shown (on a phone the number pad's 30 px font was 8 px),
+  // above each box where there is room, else below it, off the digit; inside its top only where neither fits.
+  const perCss = boxes.width / (boxes.getBoundingClientRect().width || boxes.width);
+  const size = Math.max(14, Math.round(14 * perCss));
+  boxCtx.lineWidth = Math.max(2, Math.round(1.5 * perCss));
+  boxCtx.font = `bold ${size}px system-ui, sans-serif`;
   for (const d of digits) {
     const [x, y, w, h] = d.box;
     const color = d.doubtful ? "#b25e00" : "#2f6fde";
     boxCtx.strokeStyle = color;
     boxCtx.fillStyle = color;
-    boxCtx.strokeRect(dx + x * scale, dy + y * scale, w * scale, h * scale);
+    const left = dx + x * scale, top = dy + y * scale, bottom = top + h * scale;
+    boxCtx.strokeRect(left, top, w * scale, h * scale);
     const label = String(d.digit);
-    const tx = dx + x * scale, ty = Math.max(30, dy + y * scale - 6);
-    boxCtx.fillRect(tx - 2, ty - 28, boxCtx.measureText(label).width + 12, 32);
+    const tag = size * 1.15;  // the label's background, its text's baseline a fifth of the size above its foot
+    const above = top - tag - 2, below = bottom + 2;
+    const y0 = above >= 0 ? above : below + tag <= boxes.height ? below : Math.max(0, top);
+    boxCtx.fillRect(left - 1, y0, boxCtx.measureText(label).width + 0.5 * size, tag);
     boxCtx.fillStyle = "#fff";
-    boxCtx.fillText(label, tx + 4, ty - 3);
+    boxCtx.fillText(label, left - 1 + 0.25 * size, y0 + tag - 0.25 * size);
   }
 }
 
