@@ -1828,7 +1828,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sets",
         type=_named("one or more sets, comma-separated (without the flag: the default five)"),
-        help="comma-separated sets (default mnist-photo,pen-photo,font-photo,numbers,negatives; also lines: two numbers one under another, and close-lines: the same written close together)",
+        help="comma-separated sets (default mnist-photo,pen-photo,font-photo,numbers,negatives; also lines: two numbers one under another, close-lines: the same written close together, and table-photo: pen digits on a page photographed on a table)",
     )
     _pairs_flag(p)
     p.add_argument("--speed", action="store_true", help="also time one image and a folder of 1,000 images")
