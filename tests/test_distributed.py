@@ -260,14 +260,14 @@ def test_a_refusal_of_rank_0_after_the_workers_joined_is_one_sentence(tmp_path):
 )
 def test_a_signal_to_the_nproc_launcher_goes_on_to_torchrun(tmp_path, monkeypatch, signum):
     """`kill` of `digitrec train --nproc 2` (or a wrapper's Popen.terminate()) ended the launcher alone: torchrun
-    and every worker trained on, orphaned, and wrote the run after the command had "ended"; `kill -INT` left the
-    launcher waiting on a run that trained on. torchrun has a process group of its own, so that Ctrl-C at a
-    terminal reaches it once, from the launcher, and the launcher says "interrupted" no second time."""
+    and every worker trained on, orphaned, and wrote the run after the command had "ended"; `kill -INT` of a
+    launcher run by a script or with & left it waiting on a run that trained on."""
     from digitrec import distributed
 
+    monkeypatch.setattr(distributed, "_in_the_terminals_foreground", lambda: False)
+
     class Torchrun:  # the signal arrives while the launcher waits for it
-        def __init__(self, command, env, process_group=None):
-            assert process_group == 0
+        def __init__(self, command, env):
             self.signals: list[int] = []
             started.append(self)
 
@@ -294,6 +294,32 @@ def test_a_signal_to_the_nproc_launcher_goes_on_to_torchrun(tmp_path, monkeypatc
     finally:
         signal.signal(signum, previous)
     assert heard == [] and started[0].signals == [signum] and code == 128 + signum
+
+
+def test_ctrl_c_at_the_terminal_is_not_passed_on_twice(tmp_path, monkeypatch, capsys):
+    """In the terminal's foreground, a SIGINT is Ctrl-C, which the terminal sent torchrun too (in the launcher's
+    process group, as Ctrl-Z, Ctrl-\\ and a kill of the job reach it): the launcher sends no second one, waits
+    for torchrun's exit and says nothing more (rank 0 says "interrupted")."""
+    from digitrec import distributed
+
+    monkeypatch.setattr(distributed, "_in_the_terminals_foreground", lambda: True)
+    sent: list[int] = []
+
+    class Torchrun:
+        def __init__(self, command, env):
+            pass
+
+        def send_signal(self, signum):
+            sent.append(signum)
+
+        def wait(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            return 130
+
+    monkeypatch.setattr(distributed, "_check_before_launch", lambda args: "fast")
+    monkeypatch.setattr(distributed.subprocess, "Popen", Torchrun)
+    assert main(["train", "--nproc", "2", "--recipe", "fast", "--out", str(tmp_path / "run")]) == 130
+    assert sent == [] and capsys.readouterr().err.count("interrupted") == 0
 
 
 def test_nproc_inside_torchrun_is_refused(monkeypatch, capsys):

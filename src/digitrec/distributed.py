@@ -293,9 +293,8 @@ def launch(args: argparse.Namespace) -> int:
             argv += ["--out", str(stack.enter_context(reserved_out_dir(recipe)))]
         command = torchrun_command(args.nproc, argv)
         print("running: torchrun " + shlex.join(command[3:]), file=sys.stderr)
-        # torchrun in a process group of its own, so that Ctrl-C reaches it once, from here, as `kill -INT` of this
-        # process alone does: it stops the workers (resumable) and exits 130; rank 0 says so
-        process = subprocess.Popen(command, env=env, process_group=0)
+        # torchrun in this process's group, as the job's: Ctrl-C, Ctrl-Z, Ctrl-\ and a kill of the group reach it
+        process = subprocess.Popen(command, env=env)
         with _passing_on(process):
             return process.wait()
 
@@ -320,16 +319,37 @@ def handling_signals(names: tuple[str, ...], handler: Callable[[int, object], No
 
 
 def _passing_on(process: subprocess.Popen[bytes]) -> contextlib.AbstractContextManager[None]:
-    """While waiting for torchrun: SIGINT, SIGTERM and SIGHUP sent to this process (Ctrl-C, `kill`, a wrapper's
-    Popen.terminate(), a supervisor) go on to torchrun, which stops its workers as Ctrl-C does (resumable). SIGTERM
-    and SIGHUP ended this process and left torchrun and every worker training, orphaned, writing the run after it
-    "ended"; `kill -INT` of this process alone left it waiting on a run that trained on."""
+    """While waiting for torchrun: SIGTERM and SIGHUP sent to this process (`kill`, a wrapper's Popen.terminate(), a
+    supervisor) go on to torchrun, which stops its workers as Ctrl-C does (resumable), and so does a SIGINT unless
+    this process is in its terminal's foreground (Ctrl-C reached torchrun already). SIGTERM and SIGHUP ended this
+    process and left torchrun and every worker training, orphaned, writing the run after it "ended"; `kill -INT`
+    of this process alone (run with &, or by a script) left it waiting on a run that trained on."""
+
+    import signal
 
     def pass_on(signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and _in_the_terminals_foreground():
+            return  # Ctrl-C: the terminal sent it to torchrun too (once is how it stops its workers); its code says it
         with contextlib.suppress(ProcessLookupError):  # torchrun ended meanwhile
             process.send_signal(signum)
 
     return handling_signals(("SIGINT", "SIGTERM", "SIGHUP"), pass_on)
+
+
+def _in_the_terminals_foreground() -> bool:
+    """Is this process in its terminal's foreground process group, where a SIGINT is most likely Ctrl-C, which the
+    terminal sends the whole group, torchrun with it? Not when there is no terminal (a script, a supervisor, a
+    job run with &): a SIGINT then came from `kill`, to this process alone."""
+    try:
+        terminal = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(terminal) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(terminal)
 
 
 def _check_before_launch(args: argparse.Namespace) -> str:
