@@ -291,7 +291,7 @@ def test_train_pairs_replaces_only_an_earlier_pair_classifier(tmp_path, capsys):
     for out, said in [
         (run / "model.safetensors", f"--out {run / 'model.safetensors'} is in the run folder {run}, "),
         (notes, f"--out {notes}: {notes} already exists and is not a pair classifier"),
-        (tmp_path / "data.safetensors", f"{lone_json} already exists and is not a pair classifier"),
+        (tmp_path / "data.safetensors", f"{lone_json} already exists, with no pair classifier beside it"),
     ]:
         assert main(["train-pairs", "--out", str(out), "--count", "300", "--epochs", "1"]) == 2
         assert said in capsys.readouterr().err

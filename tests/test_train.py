@@ -245,7 +245,9 @@ def test_an_interrupted_run_closes_its_progress_bar_before_the_interrupt_is_said
     assert closed == [True]
 
 
-def test_a_finished_run_resumed_says_it_is_evaluated_and_not_that_it_trains(tiny_mnist, tmp_path):
+def test_a_finished_run_resumed_says_it_is_evaluated_and_not_that_it_trains(
+    tiny_mnist, tmp_path, monkeypatch, capsys
+):
     train(TINY, tmp_path, data=tiny_mnist, progress=False, report=False, log=lambda message: None)
     lines: list[str] = []
     train(TINY, tmp_path, data=tiny_mnist, resume=True, progress=False, report=False, log=lines.append)
@@ -259,6 +261,16 @@ def test_a_finished_run_resumed_says_it_is_evaluated_and_not_that_it_trains(tiny
     ):
         train(TINY, tmp_path, data=tiny_mnist, resume=True, progress=False, report=False, log=lines.append)
     assert not any("evaluating it again" in line for line in lines), lines
+    # `--resume RUN --nproc 2`: said once, by the launcher, before any worker starts (each rank said it)
+    import digitrec.distributed
+    from digitrec.cli import main
+
+    def no_torchrun(*args, **kwargs):
+        raise AssertionError("torchrun started")
+
+    monkeypatch.setattr(digitrec.distributed.subprocess, "Popen", no_torchrun)
+    assert main(["train", "--resume", str(tmp_path), "--nproc", "2"]) == 2
+    assert capsys.readouterr().err.count("model.safetensors is gone") == 1
 
 
 def test_a_finished_run_evaluated_again_is_reported_from_the_cpu(tiny_mnist, tmp_path, monkeypatch):

@@ -163,7 +163,7 @@ _port = _whole_number(0, 65535, "is not a port number; use 0-65535")
 _positive_int = _whole_number(1, None, "is not a whole number of at least 1")
 _non_negative_int = _whole_number(0, None, "is not a whole number of at least 0")
 # images generated and held in memory (a count of 99999999999 ran on, growing, until killed)
-_generated_count = _whole_number(1, 1_000_000, "is not a count of images to generate; use 1 to 1000000")
+_generated_count = _whole_number(1, 20_000, "is not a count of images to generate; use 1 to 20000")
 _pieces_count = _whole_number(1, 2_000_000, "is not a count of pieces to draw; use 1 to 2000000")
 _top_k = _whole_number(1, 10, "is not a count of digits; use 1-10")
 # numpy's generators take no negative seed, and Optuna's sampler none of 2**32 or more
@@ -700,18 +700,22 @@ def _refuse_replacing_with_pairs(out: Path) -> None:
             f"--out {out} is in the run folder {out.parent}, whose model card, report and metrics describe its own "
             "run; name a file outside it."
         )
-    for path in (out, out.with_suffix(".json")):
-        if not path.exists():
-            continue
+    side = out.with_suffix(".json")
+    if out.exists():
         try:
             ours = read_checkpoint(out)[1].get("arch") == "pair_cnn"
         except (CheckpointError, OSError):
             ours = False
         if not ours:
             raise DigitrecError(
-                f"--out {out}: {path} already exists and is not a pair classifier `digitrec train-pairs` wrote; "
+                f"--out {out}: {out} already exists and is not a pair classifier `digitrec train-pairs` wrote; "
                 "name a new file, or move that one away."
             )
+    elif side.exists():  # the metadata train-pairs writes beside it would replace it
+        raise DigitrecError(
+            f"--out {out}: {side} already exists, with no pair classifier beside it; name a new file, or move "
+            "that one away."
+        )
 
 
 def cmd_train_pairs(args: argparse.Namespace) -> int:
@@ -1700,7 +1704,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="file to write (default %(default)s)",
     )
     p.add_argument(
-        "--count", type=_pieces_count, default=150_000, help="training pieces to draw (default 150000)"
+        "--count",
+        type=_pieces_count,
+        default=150_000,
+        help="training pieces to draw (default 150000, at most 2000000)",
     )
     p.add_argument(
         "--epochs",
@@ -1808,7 +1815,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--count",
         type=_generated_count,
         default=1000,
-        help="generated calibration photos per set (default 1000)",
+        help="generated calibration photos per set (default 1000, at most 20000)",
     )
     p.add_argument(
         "--out",
@@ -1823,7 +1830,9 @@ def build_parser() -> argparse.ArgumentParser:
         "eval-real", help="accuracy on generated real-world sets (photos, numbers, non-digits)"
     )
     model_flags(p)
-    p.add_argument("--count", type=_generated_count, default=500, help="images per set (default 500)")
+    p.add_argument(
+        "--count", type=_generated_count, default=500, help="images per set (default 500, at most 20000)"
+    )
     p.add_argument("--seed", type=_seed, default=0, help="seed of the generated sets (default 0)")
     p.add_argument(
         "--sets",

@@ -364,6 +364,7 @@ def _check_before_launch(args: argparse.Namespace) -> str:
         folderlock.refuse_a_folder_in_use(Path(args.resume))
         _, config, recipe, state = runfolder.read_resume(Path(args.resume))
         runfolder.refuse_another_process_count(Path(args.resume), state, args.nproc)
+        runfolder.refuse_finished_without_model(Path(args.resume), state, config, recipe)
         config = config.override(device=args.device)
     else:
         recipe, config = training_config(args)

@@ -15,6 +15,8 @@ sensor noise, odd sizes, JPEG compression. Sets:
                   default sets: `--sets lines`)
     close-lines   the same written close together: the rows of their ink from 0.1 line heights apart to 0.15
                   overlapping (not a default set either)
+    table-photo   single pen-drawn digits, photographed on a page lying on a table that shows round it, seen at
+                  a slant (not a default set)
 
 Training negatives (augment_real.py) never come from here: letters from other fonts (DejaVu) and other pen
 skeletons, scribbles from other curve generators, digit pairs from MNIST *train* digits, all from their own

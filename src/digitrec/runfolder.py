@@ -382,6 +382,18 @@ def _valid_state(state: dict[str, Any]) -> bool:
     )
 
 
+def refuse_finished_without_model(
+    out_dir: Path, state: dict[str, Any], config: TrainConfig, recipe: str
+) -> None:
+    """A finished run is resumed by evaluating its model.safetensors again: gone, that is one sentence, before any
+    process starts (it said "evaluating it again", then that the checkpoint does not exist, once per process)."""
+    if run_is_finished(state, config) and not (out_dir / "model.safetensors").exists():
+        raise DigitrecError(
+            f"{out_dir} holds a finished {recipe} run whose model.safetensors is gone, so there is nothing to "
+            "evaluate again; train the run again with --overwrite, or into a new --out."
+        )
+
+
 def run_is_finished(state: dict[str, Any], config: TrainConfig) -> bool:
     """Did the run whose state this is end (all its steps, early stopping, or on_epoch's word)?
 

@@ -52,6 +52,7 @@ from .runfolder import (
     optimizer_tensors,
     read_resume,
     refuse_another_process_count,
+    refuse_finished_without_model,
     refuse_replacing_with_a_dry_run,
     refuse_unfinished_run,
     refusing_damage,
@@ -364,13 +365,9 @@ def train(
             log, progress, tensorboard = _quiet, False, False
         if oversubscribed := _oversubscribed(config):
             log(oversubscribed)
+        if resume:
+            refuse_finished_without_model(out_dir, state, config, recipe)
         evaluate_only = resume and run_is_finished(state, config)
-        if evaluate_only and not (out_dir / "model.safetensors").exists():
-            # it said "evaluating it again", then that the checkpoint it evaluates does not exist
-            raise DigitrecError(
-                f"{out_dir} holds a finished {recipe} run whose model.safetensors is gone, so there is nothing to "
-                "evaluate again; train the run again with --overwrite, or into a new --out."
-            )
         if evaluate_only:
             log(f"{out_dir} holds a finished {recipe} run: evaluating it again, without training")
         elif resume:

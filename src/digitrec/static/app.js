@@ -238,7 +238,7 @@ function showPhotoNote() {
 
 async function usePhoto(file) {
   if (file.size === 0) {  // said here, in words for people, not in the API's words for programs
-    showFailure(`${file.name || "that file"} is empty (0 bytes): choose another photo`);
+    showError(`${file.name || "that file"} is empty (0 bytes): choose another photo`);  // the answer stays
     return;
   }
   // The last input chosen wins: a photo still being shrunk when another photo is chosen, a stroke is drawn,
@@ -474,13 +474,15 @@ function percent(p) {
 
 function numberHint() {
   // a photo of a whole number read as one digit is no digit: say where it would read (wider than tall by half)
-  return state.photo && photo.naturalWidth >= 1.5 * photo.naturalHeight
+  return state.photo && photo.naturalHeight > 0 && photo.naturalWidth >= 1.5 * photo.naturalHeight
     ? " A whole number? Choose “A number” above." : "";
 }
 
 function hedge(confidence) {
   // an answer that is accepted but far from sure says so in words, not in its percentage alone
-  return confidence >= SURE_FROM ? "It's" : confidence >= 0.5 ? "Probably" : "Perhaps";
+  // by the percentage shown beside it: 0.897 shows "90%" and is "It's"
+  const shown = Math.round(confidence * 100) / 100;
+  return shown >= SURE_FROM ? "It's" : shown >= 0.5 ? "Probably" : "Perhaps";
 }
 
 function showPrediction(p, current = true) {
