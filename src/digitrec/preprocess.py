@@ -4,6 +4,7 @@ MNIST was made by size-normalizing bilevel NIST digits into a 20x20 box with ant
 them by center of mass in 28x28, white ink on black. `preprocess()` rebuilds exactly that from a real image:
 
     load        EXIF orientation, alpha flattened, any mode/bit depth -> gray in [0, 1], working size
+    page        a sheet photographed on a table: the table replaced by the sheet's paper, or it is taken for ink
     polarity    find which of dark-on-light or light-on-dark the image is, so ink is always "dark"
     flatten     ink contrast relative to a morphological estimate of the paper: no shadows, no uneven light
     threshold   hysteresis on the flattened ink (Otsu, floored at a minimum contrast), specks dropped
@@ -85,6 +86,15 @@ POLARITY_SIDE, POLARITY_WINDOW = 20, 7
 # ink_is_dark()'s tails shorter than this (1% of the gray range) on the small copy are the paper's noise
 POLARITY_FLOOR = 0.01
 POLARITY_SPOT = 4  # an extreme this many times the 2%/98% tails is ink on under 2% of the picture
+# page_alone(): a page on a table, found on a copy PAGE_SIDE px long: this much lighter than the table (of the
+# gray range), this share of the picture, this share of its convex hull, at most this many pixels of ramp a pixel
+# of its edge
+PAGE_SIDE, PAGE_CONTRAST, PAGE_SHARE, PAGE_CONVEX, PAGE_RAMP = 128, 0.2, (0.1, 0.97), 0.9, 1.5
+PAGE_PAPER = 0.7  # and at least this share of it light: mostly paper
+PAGE_STRAIGHT = 0.02  # its outline a polygon of at most 8 corners to within this share of the copy's diagonal
+PAGE_SOLID = 1.5  # and what lies outside it this many times bolder than the ink on it
+PAGE_INK = 0.15  # and the ink on it strokes: their width at most this share of the square root of its area
+PAGE_CONTACT = 0.05  # and what lies outside it along at least this share of the frame
 # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
 INK_CONTRAST = 0.3
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
@@ -816,8 +826,9 @@ def speck_free_parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def ink_strength(gray: np.ndarray, steps: Steps | None = None, sigma: float | None = None) -> np.ndarray:
-    """Gray image -> ink strength in [0, 1] (polarity, flatten); a flat page takes the short way. `sigma`: the
-    light blur's (default smooth_sigma, by the image's size)."""
+    """Gray image -> ink strength in [0, 1] (the page alone, polarity, flatten); a flat page takes the short way.
+    `sigma`: the light blur's (default smooth_sigma, by the image's size)."""
+    gray = page_alone(gray)
     dark_ink, paper = _polarity(gray)
     if steps is not None:
         steps["polarity"] = gray if dark_ink else 1.0 - gray  # shown as dark ink on light paper
@@ -827,6 +838,73 @@ def ink_strength(gray: np.ndarray, steps: Steps | None = None, sigma: float | No
     if steps is not None:
         steps["flatten"] = 1.0 - ink
     return ink
+
+
+def page_alone(gray: np.ndarray) -> np.ndarray:
+    """A photo of a page lying on a table, with the table replaced by the page's own paper; others as they are.
+
+    A phone photo of a sheet on a desk shows the desk at the corners or all round the page: solid and dark, it was
+    kept as ink beside the digit (and, larger, in its place), and where it filled most of the photo the page was
+    the minority and read as light ink. On a small copy, Otsu's cut splits light from dark; the page is the
+    largest light part with its holes (the ink) filled, when it is PAGE_CONTRAST lighter than the rest, holds
+    some dark ink but is mostly paper (PAGE_PAPER), has straight edges (a quadrilateral cut by the frame:
+    PAGE_STRAIGHT), leaves outside it something along PAGE_CONTACT of the frame (not a digit run off the edge),
+    holds ink in strokes, not blobs (PAGE_INK: the board inside a chalk glyph's loop), leaves
+    outside it something far bolder than its ink (PAGE_SOLID: not a stroke run off the edge), is nearly convex (PAGE_CONVEX of its hull: a sheet seen at a slant is a quadrilateral), and
+    ends in a sharp edge: no more than PAGE_RAMP pixels a boundary pixel between the two tones (a shadow's edge
+    is a ramp, and the shadowed paper keeps its ink). Outside it, each pixel takes the value of the nearest
+    pixel of the page a little inside its edge."""
+    height, width = gray.shape
+    factor = min(1.0, PAGE_SIDE / max(height, width))
+    small = cv2.resize(
+        gray, (max(1, round(width * factor)), max(1, round(height * factor))), interpolation=cv2.INTER_AREA
+    )
+    light = small > otsu_threshold(small)
+    if light.all() or not light.any():
+        return gray
+    dark_level, light_level = float(np.median(small[~light])), float(np.median(small[light]))
+    contrast = light_level - dark_level
+    if contrast < PAGE_CONTRAST:
+        return gray
+    count, labels = cv2.connectedComponents(_u8(light), connectivity=4)
+    if count <= 1:
+        return gray
+    largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    from scipy import ndimage
+
+    page = ndimage.binary_fill_holes(labels == largest)
+    share = float(page.mean())
+    if not PAGE_SHARE[0] <= share <= PAGE_SHARE[1] or not (page & ~light).any():
+        return gray  # no table to speak of, or too much of it; or nothing written on the page
+    if light[page].mean() < PAGE_PAPER:
+        return gray  # a light loop filled in (chalk on a board: a 0), not a sheet mostly of paper
+    border = np.concatenate([page[0], page[-1], page[1:-1, 0], page[1:-1, -1]])
+    if (~border).sum() < PAGE_CONTACT * border.size:
+        return gray  # what lies outside touches the frame only briefly: a digit run off the edge, not a table
+    ink = stroke_width(page & ~light)
+    if ink > PAGE_INK * math.sqrt(page.sum()):
+        return gray  # its "ink" a blob, not strokes: the board inside a chalk glyph's loop, filled in
+    if stroke_width(~page) < PAGE_SOLID * ink:
+        return gray  # what lies outside is as thin as the writing: a stroke run off the edge, not a table
+    hull = cv2.convexHull(cv2.findNonZero(_u8(page)))
+    if page.sum() < PAGE_CONVEX * cv2.contourArea(hull):
+        return gray
+    contours, _ = cv2.findContours(_u8(page), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = max(contours, key=cv2.contourArea)
+    if len(cv2.approxPolyDP(outline, PAGE_STRAIGHT * math.hypot(*small.shape), True)) > 8:
+        return gray  # curved: a filled glyph (a chalk 8), not a sheet's straight edges cut by the frame
+    edge = page & ~cv2.erode(_u8(page), np.ones((3, 3), np.uint8)).astype(bool)
+    near_edge = cv2.dilate(_u8(edge), np.ones((5, 5), np.uint8)).astype(bool)
+    between = (small > dark_level + 0.25 * contrast) & (small < light_level - 0.25 * contrast)
+    if (near_edge & between & ~page).sum() + (near_edge & between & page).sum() > PAGE_RAMP * edge.sum():
+        return gray  # a soft edge: a shadow across the page, not the page's own edge
+    inside = cv2.resize(_u8(page), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+    margin = max(1, round(2 / factor))
+    inside = cv2.erode(_u8(inside), np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)).astype(bool)
+    if not inside.any():
+        return gray
+    rows, cols = ndimage.distance_transform_edt(~inside, return_distances=False, return_indices=True)
+    return gray[rows, cols]
 
 
 def _polarity(gray: np.ndarray) -> tuple[bool, float | None]:
