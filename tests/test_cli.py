@@ -426,7 +426,10 @@ def test_a_busy_port_or_unknown_host_is_one_sentence_before_the_model_loads(tmp_
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["eval-real", "--count", "0"], "argument --count: '0' is not a whole number of at least 1"),
+        (
+            ["eval-real", "--count", "0"],
+            "argument --count: '0' is not a count of images to generate; use 1 to 20000",
+        ),
         (["bench", "infer", "--batch-sizes", "1,0"], "argument --batch-sizes: '0' is not a whole number"),
         (["bench", "train", "--seeds", "0"], "argument --seeds: '0' is not a whole number"),
         (["bench", "infer", "--seconds", "nan"], "argument --seconds: 'nan' is not a finite number above 0"),
