@@ -62,9 +62,8 @@ def _model_out(value: str) -> Path:
     folder to hold model.safetensors."""
     _refuse_empty(value, "a .safetensors file or a folder to hold model.safetensors")
     path = Path(value)
-    if (
-        path.suffix.lower() == ".onnx"
-    ):  # was made a folder cal.onnx/ holding model.safetensors, without a word
+    # an ONNX name was made a folder cal.onnx/ holding model.safetensors, without a word
+    if path.suffix.lower() == ".onnx":
         raise argparse.ArgumentTypeError(
             f"{value!r} names an ONNX file, and this writes a .safetensors model (or a run folder to hold one); "
             "`digitrec export` writes ONNX"
@@ -2050,11 +2049,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # a bare `digitrec`: the commands, not just a usage line
         parser.print_help(sys.stderr)
         return 2
+    # the flags' checks look at paths while parsing: a name too long, a folder that cannot be entered
     try:
         args, unknown = parser.parse_known_args(argv)
-    except (
-        OSError
-    ) as exc:  # a path the flags' checks looked at: a name too long, a folder that cannot be entered
+    except OSError as exc:
         if exc.filename is None:
             raise
         print(_cannot_use(exc), file=sys.stderr)

@@ -699,9 +699,8 @@ def flatten(gray: np.ndarray, dark_ink: bool = True, sigma: float | None = None)
         else cv2.morphologyEx(small, cv2.MORPH_OPEN, window, borderType=cv2.BORDER_REPLICATE)
     )
 
-    def full(
-        a: np.ndarray,
-    ) -> np.ndarray:  # bilinear upsampling: Pillow's to 1e-7 (a test compares them), 10x faster
+    # bilinear upsampling: Pillow's to 1e-7 (a test compares them), 10x faster
+    def full(a: np.ndarray) -> np.ndarray:
         return cv2.resize(a, (width, height), interpolation=cv2.INTER_LINEAR)
 
     lighter = full(lighter_small)
@@ -846,14 +845,17 @@ def page_alone(gray: np.ndarray) -> np.ndarray:
     A phone photo of a sheet on a desk shows the desk at the corners or all round the page: solid and dark, it was
     kept as ink beside the digit (and, larger, in its place), and where it filled most of the photo the page was
     the minority and read as light ink. On a small copy, Otsu's cut splits light from dark; the page is the
-    largest light part with its holes (the ink) filled, when it is PAGE_CONTRAST lighter than the rest, holds
-    some dark ink but is mostly paper (PAGE_PAPER), has straight edges (a quadrilateral cut by the frame:
-    PAGE_STRAIGHT), leaves outside it something along PAGE_CONTACT of the frame (not a digit run off the edge),
-    holds ink in strokes, not blobs (PAGE_INK: the board inside a chalk glyph's loop), leaves
-    outside it something far bolder than its ink (PAGE_SOLID: not a stroke run off the edge), is nearly convex (PAGE_CONVEX of its hull: a sheet seen at a slant is a quadrilateral), and
-    ends in a sharp edge: no more than PAGE_RAMP pixels a boundary pixel between the two tones (a shadow's edge
-    is a ramp, and the shadowed paper keeps its ink). Outside it, each pixel takes the value of the nearest
-    pixel of the page a little inside its edge."""
+    largest light part with its holes (the ink) filled, when it
+    - is PAGE_CONTRAST lighter than the rest and PAGE_SHARE of the picture;
+    - holds some dark ink but is mostly paper (PAGE_PAPER);
+    - leaves outside it something along PAGE_CONTACT of the frame (not a digit run off the edge);
+    - holds ink in strokes, not blobs (PAGE_INK: not the board inside a chalk glyph's loop);
+    - leaves outside it something far bolder than its ink (PAGE_SOLID: not a stroke run off the edge);
+    - is nearly convex (PAGE_CONVEX of its hull) with straight edges (PAGE_STRAIGHT: a quadrilateral cut by the
+      frame, as a sheet seen at a slant is);
+    - ends in a sharp edge: no more than PAGE_RAMP pixels a boundary pixel between the two tones (a shadow's
+      edge is a ramp, and the shadowed paper keeps its ink).
+    Outside it, each pixel takes the value of the nearest pixel of the page a little inside its edge."""
     height, width = gray.shape
     factor = min(1.0, PAGE_SIDE / max(height, width))
     small = cv2.resize(
@@ -886,19 +888,20 @@ def page_alone(gray: np.ndarray) -> np.ndarray:
         return gray  # its "ink" a blob, not strokes: the board inside a chalk glyph's loop, filled in
     if stroke_width(~page) < PAGE_SOLID * ink:
         return gray  # what lies outside is as thin as the writing: a stroke run off the edge, not a table
-    hull = cv2.convexHull(cv2.findNonZero(_u8(page)))
+    page8 = _u8(page)
+    hull = cv2.convexHull(cv2.findNonZero(page8))
     if page.sum() < PAGE_CONVEX * cv2.contourArea(hull):
         return gray
-    contours, _ = cv2.findContours(_u8(page), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contours, _ = cv2.findContours(page8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     outline = max(contours, key=cv2.contourArea)
     if len(cv2.approxPolyDP(outline, PAGE_STRAIGHT * math.hypot(*small.shape), True)) > 8:
         return gray  # curved: a filled glyph (a chalk 8), not a sheet's straight edges cut by the frame
-    edge = page & ~cv2.erode(_u8(page), np.ones((3, 3), np.uint8)).astype(bool)
+    edge = page & ~cv2.erode(page8, np.ones((3, 3), np.uint8)).astype(bool)
     near_edge = cv2.dilate(_u8(edge), np.ones((5, 5), np.uint8)).astype(bool)
     between = (small > dark_level + 0.25 * contrast) & (small < light_level - 0.25 * contrast)
-    if (near_edge & between & ~page).sum() + (near_edge & between & page).sum() > PAGE_RAMP * edge.sum():
+    if (near_edge & between).sum() > PAGE_RAMP * edge.sum():
         return gray  # a soft edge: a shadow across the page, not the page's own edge
-    inside = cv2.resize(_u8(page), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+    inside = cv2.resize(page8, (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
     margin = max(1, round(2 / factor))
     inside = cv2.erode(_u8(inside), np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)).astype(bool)
     if not inside.any():
