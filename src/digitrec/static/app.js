@@ -52,9 +52,18 @@ const state = {
 
 // ---------------------------------------------------------------------------------------------- drawing
 
+function padShape() {
+  // The canvas takes the pad's shape from the stylesheet (a number's pad is taller on a phone held upright):
+  // as tall as the mode's, as wide as that shape makes it. CSS only scales it, never stretches the ink.
+  const mode = MODES[state.mode];
+  const [w, h = 1] = (getComputedStyle($("pad-wrap")).aspectRatio || "").split("/").map(parseFloat);
+  return w > 0 && h > 0 ? [Math.round(mode.height * w / h), mode.height] : [mode.width, mode.height];
+}
+
 function resetPad() {
   const mode = MODES[state.mode];
-  for (const canvas of [pad, boxes]) { canvas.width = mode.width; canvas.height = mode.height; }
+  const [width, height] = padShape();
+  for (const canvas of [pad, boxes]) { canvas.width = width; canvas.height = height; }
   ctx.fillStyle = "#fff";
   ctx.fillRect(0, 0, pad.width, pad.height);
   ctx.lineCap = "round";
@@ -65,6 +74,10 @@ function resetPad() {
 }
 
 function redraw() {
+  // a pad that became narrower (a phone turned upright) shrinks the ink to keep all of it on the pad
+  const [width, height] = padShape();
+  const scale = Math.min(1, width / pad.width, height / pad.height);
+  if (scale < 1) for (const stroke of state.strokes) for (const point of stroke) { point[0] *= scale; point[1] *= scale; }
   resetPad();
   for (const stroke of state.strokes) drawStroke(stroke);
 }
@@ -608,6 +621,14 @@ function fitNumber() {
   number.style.fontSize = `${Math.max(16, Math.floor(size))}px`;
 }
 window.addEventListener("resize", fitNumber);
+window.addEventListener("resize", () => {
+  // The phone turned: the pad has another shape. Redrawn in it, and read again (the boxes are in the old one's).
+  const [width, height] = padShape();
+  if (state.drawing || (width === pad.width && height === pad.height)) return;
+  redraw();
+  inputChanged();
+  if (state.photo || state.strokes.length) schedulePrediction(true);
+});
 
 function drawBoxes(digits) {
   boxCtx.clearRect(0, 0, boxes.width, boxes.height);
