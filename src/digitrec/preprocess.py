@@ -95,6 +95,10 @@ PAGE_STRAIGHT = 0.02  # its outline a polygon of at most 8 corners to within thi
 PAGE_SOLID = 1.5  # and what lies outside it this many times bolder than the ink on it
 PAGE_INK = 0.15  # and the ink on it strokes: their width at most this share of the square root of its area
 PAGE_CONTACT = 0.05  # and what lies outside it along at least this share of the frame
+# and written on: this many pixels inside it (2 px in from its edge) darker than its paper by PAGE_FAINT of the
+# contrast (a fine pen's strokes on the small copy are lighter than the cut between paper and table)
+PAGE_WRITTEN, PAGE_FAINT = 3, 0.25
+PAGE_ALONG = 0.5  # what lies outside along this share of the frame is a table, however thin (not a stroke)
 # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
 INK_CONTRAST = 0.3
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
@@ -847,10 +851,12 @@ def page_alone(gray: np.ndarray) -> np.ndarray:
     the minority and read as light ink. On a small copy, Otsu's cut splits light from dark; the page is the
     largest light part with its holes (the ink) filled, when it
     - is PAGE_CONTRAST lighter than the rest and PAGE_SHARE of the picture;
-    - holds some dark ink but is mostly paper (PAGE_PAPER);
+    - has something written on it (PAGE_WRITTEN pixels PAGE_FAINT darker than its paper) but is mostly paper
+      (PAGE_PAPER);
     - leaves outside it something along PAGE_CONTACT of the frame (not a digit run off the edge);
     - holds ink in strokes, not blobs (PAGE_INK: not the board inside a chalk glyph's loop);
-    - leaves outside it something far bolder than its ink (PAGE_SOLID: not a stroke run off the edge);
+    - leaves outside it something far bolder than its ink or along PAGE_ALONG of the frame (PAGE_SOLID: not a
+      stroke run off the edge);
     - is nearly convex (PAGE_CONVEX of its hull) with straight edges (PAGE_STRAIGHT: a quadrilateral cut by the
       frame, as a sheet seen at a slant is);
     - ends in a sharp edge: no more than PAGE_RAMP pixels a boundary pixel between the two tones (a shadow's
@@ -875,20 +881,23 @@ def page_alone(gray: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     page = ndimage.binary_fill_holes(labels == largest)
+    page8 = _u8(page)
     share = float(page.mean())
-    if not PAGE_SHARE[0] <= share <= PAGE_SHARE[1] or not (page & ~light).any():
+    within = cv2.erode(page8, np.ones((5, 5), np.uint8)).astype(bool)
+    written = within & (small < light_level - PAGE_FAINT * contrast)
+    if not PAGE_SHARE[0] <= share <= PAGE_SHARE[1] or written.sum() < PAGE_WRITTEN:
         return gray  # no table to speak of, or too much of it; or nothing written on the page
     if light[page].mean() < PAGE_PAPER:
         return gray  # a light loop filled in (chalk on a board: a 0), not a sheet mostly of paper
     border = np.concatenate([page[0], page[-1], page[1:-1, 0], page[1:-1, -1]])
-    if (~border).sum() < PAGE_CONTACT * border.size:
+    along = float((~border).mean())
+    if along < PAGE_CONTACT:
         return gray  # what lies outside touches the frame only briefly: a digit run off the edge, not a table
     ink = stroke_width(page & ~light)
     if ink > PAGE_INK * math.sqrt(page.sum()):
         return gray  # its "ink" a blob, not strokes: the board inside a chalk glyph's loop, filled in
-    if stroke_width(~page) < PAGE_SOLID * ink:
-        return gray  # what lies outside is as thin as the writing: a stroke run off the edge, not a table
-    page8 = _u8(page)
+    if along < PAGE_ALONG and stroke_width(~page) < PAGE_SOLID * ink:
+        return gray  # what lies outside is as thin as the writing, and short: a stroke run off the edge
     hull = cv2.convexHull(cv2.findNonZero(page8))
     if page.sum() < PAGE_CONVEX * cv2.contourArea(hull):
         return gray
