@@ -1183,6 +1183,16 @@ def test_a_shadow_across_the_page_or_a_board_under_a_light_wall_is_no_page_on_a_
     board = np.where(chalk > 0, 0.9, 0.15).astype(np.float32)
     board[:80] = 0.85  # the wall above the board
     assert page_alone(board) is board
+    board[25:55, 40:60] = 0.6  # a light switch on the wall: "written on", but the chalk outside is light too
+    assert page_alone(board) is board
+    # "71" cropped tight, the 1 cut by the photo's top and foot, the 7 in grey: the paper left of the 1, with the
+    # 7 on it, is no page on a table, and its right is no table (the 7 was painted over)
+    crossing = np.full((300, 300), 0.92, np.float32)
+    cv2.line(crossing, (170, 0), (150, 299), 0.1, 18)
+    seven = np.zeros((300, 300), np.uint8)
+    cv2.putText(seven, "7", (30, 200), cv2.FONT_HERSHEY_SIMPLEX, 4, 255, 14)
+    crossing[seven > 0] = 0.55
+    assert page_alone(crossing) is crossing
     blank = _on_a_table(np.full((400, 300), 0.92, np.float32), 0.6, 0.3)
     assert page_alone(blank) is blank
     # a chalk 0 filling the photo: its loop, filled in, is light, convex and holds the board as its "ink"

@@ -95,10 +95,11 @@ PAGE_STRAIGHT = 0.02  # its outline a polygon of at most 8 corners to within thi
 PAGE_SOLID = 1.5  # and what lies outside it this many times bolder than the ink on it
 PAGE_INK = 0.15  # and the ink on it strokes: their width at most this share of the square root of its area
 PAGE_CONTACT = 0.05  # and what lies outside it along at least this share of the frame
-# and written on: this many pixels inside it (2 px in from its edge) darker than its paper by PAGE_FAINT of the
-# contrast (a fine pen's strokes on the small copy are lighter than the cut between paper and table)
+# and written on: this many pixels inside it (2 px of the copy in from its edge) darker than its paper by
+# PAGE_FAINT of the contrast (a fine pen's strokes on the small copy are lighter than the cut between paper and table)
 PAGE_WRITTEN, PAGE_FAINT = 3, 0.25
 PAGE_ALONG = 0.5  # what lies outside along this share of the frame is a table, however thin (not a stroke)
+PAGE_BARE = 0.02  # and at most this share of what lies outside it light: a table holds no paper or chalk
 # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
 INK_CONTRAST = 0.3
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
@@ -852,7 +853,7 @@ def page_alone(gray: np.ndarray) -> np.ndarray:
     largest light part with its holes (the ink) filled, when it
     - is PAGE_CONTRAST lighter than the rest and PAGE_SHARE of the picture;
     - has something written on it (PAGE_WRITTEN pixels PAGE_FAINT darker than its paper) but is mostly paper
-      (PAGE_PAPER);
+      (PAGE_PAPER), and nothing light lies outside it (PAGE_BARE);
     - leaves outside it something along PAGE_CONTACT of the frame (not a digit run off the edge);
     - holds ink in strokes, not blobs (PAGE_INK: not the board inside a chalk glyph's loop);
     - leaves outside it something far bolder than its ink or along PAGE_ALONG of the frame (PAGE_SOLID: not a
@@ -887,6 +888,8 @@ def page_alone(gray: np.ndarray) -> np.ndarray:
     written = within & (small < light_level - PAGE_FAINT * contrast)
     if not PAGE_SHARE[0] <= share <= PAGE_SHARE[1] or written.sum() < PAGE_WRITTEN:
         return gray  # no table to speak of, or too much of it; or nothing written on the page
+    if (light & ~page).sum() > PAGE_BARE * (~page).sum():
+        return gray  # paper outside it too (a digit across the frame, chalk under a wall): no table
     if light[page].mean() < PAGE_PAPER:
         return gray  # a light loop filled in (chalk on a board: a 0), not a sheet mostly of paper
     border = np.concatenate([page[0], page[-1], page[1:-1, 0], page[1:-1, -1]])

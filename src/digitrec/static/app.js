@@ -74,9 +74,14 @@ function resetPad() {
 }
 
 function redraw() {
-  // a pad that became narrower (a phone turned upright) shrinks the ink to keep all of it on the pad
-  const [width, height] = padShape();
-  const scale = Math.min(1, width / pad.width, height / pad.height);
+  // a pad that became narrower than the ink (a phone turned upright) shrinks the ink just enough to keep it on the
+  // pad: ink that fits stays as it is, so turning the phone back and forth never shrinks it again (nor does Undo
+  // on a pad of the same shape, however near its edge the ink lies)
+  const [width] = padShape();
+  let right = 0;
+  for (const stroke of state.strokes) for (const point of stroke) right = Math.max(right, Math.min(point[0], pad.width));
+  const line = MODES[state.mode].line;
+  const scale = width < pad.width ? Math.min(1, (width - line) / right) : 1;  // ink half a line in from the edge
   if (scale < 1) for (const stroke of state.strokes) for (const point of stroke) { point[0] *= scale; point[1] *= scale; }
   resetPad();
   for (const stroke of state.strokes) drawStroke(stroke);
@@ -131,6 +136,7 @@ pad.addEventListener("pointermove", (event) => {
 function endStroke(event) {
   if (!state.drawing || event.pointerId !== state.pointerId) return;
   state.drawing = null;
+  reshapePad();  // the phone turned while the pen was down
   answerRegion.removeAttribute("aria-busy");
   // The answers while the pen moved were of part of this stroke: one still on its way is not current either
   // (it turned the corrections on again, over the half-drawn image).
@@ -201,6 +207,7 @@ function inputChanged() {
   $("undo").disabled = bare && !state.preparing;
   $("clear").disabled = bare && !state.preparing;
   boxCtx.clearRect(0, 0, boxes.width, boxes.height);
+  state.lastDigits = null;  // the boxes on the pad (drawn again when the pad changes shape) are of the input before
 }
 
 // ---------------------------------------------------------------------------------------------- photos
@@ -621,16 +628,20 @@ function fitNumber() {
   number.style.fontSize = `${Math.max(16, Math.floor(size))}px`;
 }
 window.addEventListener("resize", fitNumber);
-window.addEventListener("resize", () => {
-  // The phone turned: the pad has another shape. Redrawn in it, and read again (the boxes are in the old one's).
+function reshapePad() {
+  // The phone turned: the pad has another shape. A drawing is redrawn in it and read again (its boxes were in the
+  // old one's); a photo's boxes are in the photo's own pixels: drawn again, not read again.
   const [width, height] = padShape();
-  if (state.drawing || (width === pad.width && height === pad.height)) return;
+  if (width === pad.width && height === pad.height) return;
   redraw();
+  if (state.photo) { if (state.lastDigits) drawBoxes(state.lastDigits); return; }
   inputChanged();
-  if (state.photo || state.strokes.length) schedulePrediction(true);
-});
+  if (state.strokes.length) schedulePrediction(true);
+}
+window.addEventListener("resize", () => { if (!state.drawing) reshapePad(); });  // else once the pen lifts
 
 function drawBoxes(digits) {
+  state.lastDigits = digits;
   boxCtx.clearRect(0, 0, boxes.width, boxes.height);
   // Boxes are in the uploaded image's pixels: a drawing was sent scaled by sendScale, a photo is shown "contained".
   let scale = 1 / MODES[state.mode].sendScale, dx = 0, dy = 0;
