@@ -3,6 +3,10 @@ number in with a finger (the number pad was 298x106 CSS px at 360x640, and ended
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 from serverkit import FakePredictor, keep_grad_mode, live_server  # noqa: F401 (autouse fixture)
 from test_browser import browser_page, draw
@@ -47,6 +51,21 @@ INK = """() => { const d = ctx.getImageData(0, 0, pad.width, pad.height).data; l
            return [n, right, pad.width]; }"""  # dark pixels, the rightmost one's column, the canvas width
 
 
+@contextlib.contextmanager
+def _sideways_number_pad(tmp_path) -> Iterator[tuple[Any, list[str], Any, list[str]]]:
+    """A phone held sideways (640x360) in the number mode: (page, errors, expect, the /api/read requests sent)."""
+    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
+    with browser_page(app, viewport={"width": 640, "height": 360}, device_scale_factor=2) as (
+        page,
+        errors,
+        expect,
+    ):
+        page.click("#mode-number")
+        reads: list[str] = []
+        page.on("request", lambda request: reads.append(request.url) if "/api/read" in request.url else None)
+        yield page, errors, expect, reads
+
+
 def _idle(page) -> None:
     """Wait until no read is on its way or waiting to be sent."""
     page.wait_for_function("() => !state.inFlight && !state.dirty")
@@ -56,15 +75,7 @@ def _idle(page) -> None:
 def test_turning_the_phone_keeps_the_number_whole_and_reads_it_again(tmp_path):
     """Ink across a sideways phone's number pad (1,120 canvas px wide) stays on the pad once it is upright, is read
     again there, and keeps its size when the phone is turned back and forth (it shrank by 0.625 each time)."""
-    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
-    with browser_page(app, viewport={"width": 640, "height": 360}, device_scale_factor=2) as (
-        page,
-        errors,
-        expect,
-    ):
-        page.click("#mode-number")
-        reads = []
-        page.on("request", lambda request: reads.append(request.url) if "/api/read" in request.url else None)
+    with _sideways_number_pad(tmp_path) as (page, errors, expect, reads):
         draw(page, [(0.05, 0.2), (0.05, 0.8)])
         draw(page, [(0.95, 0.2), (0.95, 0.8)])
         expect(page.locator("#number")).not_to_have_text("–", timeout=10_000)
@@ -74,9 +85,8 @@ def test_turning_the_phone_keeps_the_number_whole_and_reads_it_again(tmp_path):
         page.set_viewport_size({"width": 360, "height": 640})
         page.wait_for_function("() => pad.width === 700")
         _idle(page)
-        assert (
-            len(reads) == sent + 1
-        )  # the turned pad's drawing is read again (its boxes were in the old shape)
+        # the turned pad's drawing is read again (its boxes were in the old shape)
+        assert len(reads) == sent + 1
         after = page.evaluate(INK)
         assert after[1] < after[2] - 5 and after[0] > 0.3 * before[0]  # the right-hand stroke is still on it
         shown = page.locator("#pad").bounding_box()
@@ -103,15 +113,7 @@ def test_turning_the_phone_does_not_read_a_photo_again(tmp_path):
     """A photo's boxes are in its own pixels: a turned phone draws them again, it does not send the photo again."""
     from test_browser import photo_of_seventeen
 
-    app = create_app(FakePredictor(), feedback_db=tmp_path / "feedback.sqlite")
-    with browser_page(app, viewport={"width": 640, "height": 360}, device_scale_factor=2) as (
-        page,
-        errors,
-        expect,
-    ):
-        page.click("#mode-number")
-        reads = []
-        page.on("request", lambda request: reads.append(request.url) if "/api/read" in request.url else None)
+    with _sideways_number_pad(tmp_path) as (page, errors, expect, reads):
         page.set_input_files("#upload", str(photo_of_seventeen(tmp_path / "17.png")))
         expect(page.locator("#number")).not_to_have_text("–", timeout=10_000)
         _idle(page)

@@ -42,6 +42,7 @@ const state = {
   lastSent: 0,
   lastBlob: null,     // the exact image the current answer is about (a correction sends it back)
   lastPrediction: null,
+  lastDigits: null,   // the boxes drawn on the pad, drawn again when the pad changes shape (a photo's)
   retryTimer: null,   // sends the input again after a 503 or while the server cannot be reached
   retrying: false,    // the request being sent is such a retry
   retryDelay: 1,      // seconds the last retry waited: each retry that fails again waits twice as long, up to 10
@@ -207,7 +208,7 @@ function inputChanged() {
   $("undo").disabled = bare && !state.preparing;
   $("clear").disabled = bare && !state.preparing;
   boxCtx.clearRect(0, 0, boxes.width, boxes.height);
-  state.lastDigits = null;  // the boxes on the pad (drawn again when the pad changes shape) are of the input before
+  state.lastDigits = null;  // the boxes drawn were of the input before
 }
 
 // ---------------------------------------------------------------------------------------------- photos
