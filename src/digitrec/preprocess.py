@@ -875,9 +875,7 @@ def page_alone(gray: np.ndarray) -> np.ndarray:
     contrast = light_level - dark_level
     if contrast < PAGE_CONTRAST:
         return gray
-    count, labels = cv2.connectedComponents(_u8(light), connectivity=4)
-    if count <= 1:
-        return gray
+    _, labels = cv2.connectedComponents(_u8(light), connectivity=4)  # some light: one part at least
     largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
     from scipy import ndimage
 
