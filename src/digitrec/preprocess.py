@@ -100,6 +100,14 @@ PAGE_CONTACT = 0.05  # and what lies outside it along at least this share of the
 PAGE_WRITTEN, PAGE_FAINT = 3, 0.25
 PAGE_ALONG = 0.5  # what lies outside along this share of the frame is a table, however thin (not a stroke)
 PAGE_BARE = 0.02  # and at most this share of what lies outside it light: a table holds no paper or chalk
+# without_edge_sides(): the ring SIDE_NEAR-SIDE_FAR blur widths (smooth_sigma, 1 px at least) round a part of the
+# ink, each pixel of it compared with the darkest (light ink: lightest) pixel within SIDE_REACH of them; less than
+# SIDE_ALIKE of the lighter level apart, it is as dark as the ink beside it, and a part with SIDE_SHARE of its ring
+# so is the dark side of an edge, not strokes
+SIDE_NEAR, SIDE_FAR, SIDE_REACH, SIDE_ALIKE, SIDE_SHARE = 2, 5, 7, 0.1, 0.3
+# and a part of at least FRAME_AREA of the picture with FRAME_ALONG of its outline on the frame lies along it (a
+# shadow's or a table's strip), not a stroke the frame cuts (smaller: a speck the frame cuts)
+FRAME_ALONG, FRAME_AREA = 0.3, 0.004
 # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
 INK_CONTRAST = 0.3
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
@@ -123,6 +131,7 @@ BOX, FRAME = 20, 28  # MNIST: digit in a 20x20 box, centered by mass in 28x28
 STROKE_WIDTH = 2.4  # mean MNIST stroke width in px at the 20-px-box scale (measured with stroke_width())
 
 Steps = dict[str, np.ndarray]
+Parts = tuple[np.ndarray, np.ndarray, np.ndarray]  # ink_parts(): labels, the area per label, kept per label
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -686,7 +695,15 @@ def _smooth(gray: np.ndarray, sigma: float | None = None) -> np.ndarray:
 
 
 def flatten(gray: np.ndarray, dark_ink: bool = True, sigma: float | None = None) -> np.ndarray:
-    """Gray -> ink strength in [0, 1] relative to the local light, the same under any lighting.
+    """Gray -> ink strength in [0, 1] relative to the local light, the same under any lighting (flatten_parts)."""
+    return flatten_parts(gray, dark_ink, sigma)[0]
+
+
+def flatten_parts(
+    gray: np.ndarray, dark_ink: bool = True, sigma: float | None = None
+) -> tuple[np.ndarray, Parts | None]:
+    """Gray -> (ink strength in [0, 1] relative to the local light, the same under any lighting; its ink_parts()
+    where without_edge_sides() found them and cleared nothing, else None).
 
     On a small copy, a morphological closing (max then min filter) erases dark strokes and an opening
     erases light ones, leaving the paper with its gradients and shadows. Light falls on ink and paper
@@ -712,7 +729,56 @@ def flatten(gray: np.ndarray, dark_ink: bool = True, sigma: float | None = None)
     paper = lighter if dark_ink else full(paper_small)  # dark ink: the paper is the lighter level
     smooth = _smooth(gray, sigma)
     contrast = (paper - smooth) if dark_ink else (smooth - paper)
-    return np.clip(contrast / np.maximum(lighter, 0.15), 0.0, 1.0).astype(np.float32)
+    ink = np.clip(contrast / np.maximum(lighter, 0.15), 0.0, 1.0).astype(np.float32)
+    return without_edge_sides(
+        ink, smooth, lighter, dark_ink, smooth_sigma(gray.shape) if sigma is None else sigma
+    )
+
+
+def without_edge_sides(
+    ink: np.ndarray, smooth: np.ndarray, lighter: np.ndarray, dark_ink: bool, sigma: float
+) -> tuple[np.ndarray, Parts | None]:
+    """flatten()'s ink without the parts that are the dark side of an edge (a hard shadow's, a table's) or lie
+    along the frame (light ink: the light side, mirrored).
+
+    The closing fills a dark region narrower than its window, so the tip of a hard shadow's wedge at the frame,
+    a strip of shadow or of table along one side, and (upsampled) a band along a shadow's edge come out as ink:
+    a confident "1" on a blank page, a table's strip read with the digit on the page. A stroke has paper on
+    both sides; a wedge's tip or a band has on one side the rest of the shadow, as dark as itself. So the ring
+    just outside each part is compared with the darkest pixel near it (SIDE_*): where SIDE_SHARE of the ring
+    is as dark as that, the part is cleared. A strip is all the dark there is, paper on its one side and the
+    frame on the other: a part of FRAME_AREA of the picture or more with FRAME_ALONG of its outline on the frame
+    is cleared too (a stroke the frame cuts touches it across its width, a small share of its outline).
+    Returns the ink, and its ink_parts() when nothing was cleared (else None)."""
+    parts = ink_parts(ink)
+    labels, areas, keep = parts
+    if not keep.any():
+        return ink, parts
+    kept = kept_mask(labels, keep)
+
+    def grown(mask: np.ndarray, reach: int) -> np.ndarray:
+        return _grown(mask, reach) if reach > 0 else mask
+
+    # in pixels of the working image, for its light blur (`sigma`): a ring as far out on a blurred big photo
+    near, far, reach = (max(1, round(d * max(1.0, sigma))) for d in (SIDE_NEAR, SIDE_FAR, SIDE_REACH))
+    ring = grown(kept, far) & ~grown(labels > 0, near - 1)
+    window = np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)
+    # the darkest pixel near each ring pixel, and how much lighter the ring pixel is (light ink: mirrored)
+    gap = smooth - cv2.erode(smooth, window) if dark_ink else cv2.dilate(smooth, window) - smooth
+    alike = ring & (gap < SIDE_ALIKE * lighter)
+    window = np.ones((2 * far + 1, 2 * far + 1), np.uint8)
+    # each ring pixel's part: the largest label within `far` (as float32, exact for a working image's labels)
+    owner = cv2.dilate(np.where(kept, labels, 0).astype(np.float32), window).astype(np.intp)
+    counts = np.bincount(owner[ring], minlength=len(keep))
+    sides = keep & (np.bincount(owner[alike], minlength=len(keep)) > SIDE_SHARE * counts)
+    border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
+    contact = np.bincount(border, minlength=len(keep))
+    for label in np.flatnonzero(keep & ~sides & (contact > 0) & (areas >= FRAME_AREA * ink.size)):
+        outline = 2 * areas[label] / stroke_width(labels == label)  # stroke_width() is 2 x area / outline
+        sides[label] = contact[label] >= FRAME_ALONG * outline
+    if not sides.any():
+        return ink, parts
+    return np.where(sides[labels], np.float32(0), ink), None
 
 
 def flatten_uniform(gray: np.ndarray, paper: float, dark_ink: bool, sigma: float | None = None) -> np.ndarray:
@@ -832,16 +898,25 @@ def speck_free_parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def ink_strength(gray: np.ndarray, steps: Steps | None = None, sigma: float | None = None) -> np.ndarray:
     """Gray image -> ink strength in [0, 1] (the page alone, polarity, flatten); a flat page takes the short way.
     `sigma`: the light blur's (default smooth_sigma, by the image's size)."""
+    return ink_strength_parts(gray, steps, sigma)[0]
+
+
+def ink_strength_parts(
+    gray: np.ndarray, steps: Steps | None = None, sigma: float | None = None
+) -> tuple[np.ndarray, Parts | None]:
+    """ink_strength(), and the ink's ink_parts() where flatten_parts() has them (else None)."""
     gray = page_alone(gray)
     dark_ink, paper = _polarity(gray)
     if steps is not None:
         steps["polarity"] = gray if dark_ink else 1.0 - gray  # shown as dark ink on light paper
-    ink = (
-        flatten_uniform(gray, paper, dark_ink, sigma) if paper is not None else flatten(gray, dark_ink, sigma)
+    ink, parts = (
+        (flatten_uniform(gray, paper, dark_ink, sigma), None)
+        if paper is not None
+        else flatten_parts(gray, dark_ink, sigma)
     )
     if steps is not None:
         steps["flatten"] = 1.0 - ink
-    return ink
+    return ink, parts
 
 
 def page_alone(gray: np.ndarray) -> np.ndarray:
@@ -1246,7 +1321,8 @@ def digit_mask(gray: np.ndarray, steps: Steps | None = None) -> np.ndarray:
     """The working image -> the mask of its one digit (polarity, lighting, threshold, the digit's parts)."""
     if steps is not None:
         steps["gray"] = gray
-    labels, areas, keep = ink_parts(ink_strength(gray, steps))
+    strength, parts = ink_strength_parts(gray, steps)
+    labels, areas, keep = parts if parts is not None else ink_parts(strength)
     if steps is not None:
         steps["threshold"] = ~keep[labels]
     ink = kept_mask(labels, keep)
