@@ -457,16 +457,16 @@ def test_real_world_targets(real_world):
     if r["negatives"]["rejected"] < 0.95:
         missed.append(f"negatives {r['negatives']['rejected']:.1%} rejected")
     # the target this sample misses (below) must not slip further: no worse than README's figure
-    if r["numbers"]["exact"] < 0.942:
-        missed.append(f"numbers {r['numbers']['exact']:.1%} exact, below this sample's 94.2%")
+    if r["numbers"]["exact"] < 0.944:
+        missed.append(f"numbers {r['numbers']['exact']:.1%} exact, below this sample's 94.4%")
     assert not missed, "issue 4's targets missed: " + "; ".join(missed)
 
 
 # Kept apart so that any other missed target still fails `make test-slow`. Over seed 0's first 2,000 per set
-# (README's table) numbers holds (95.25% exact). Strict: once a change meets it on this sample, the unexpected
+# (README's table) numbers holds (95.30% exact). Strict: once a change meets it on this sample, the unexpected
 # pass fails, so that the target moves into the test above.
 MISSED_ON_THIS_SAMPLE = {
-    "numbers exact": "94.2% on these 500 lines (95.0 / 96.4% on development seeds 2 / 3; docs/realworld.md)",
+    "numbers exact": "94.4% on these 500 lines (95.0 / 96.4% on development seeds 2 / 3; docs/realworld.md)",
 }
 
 

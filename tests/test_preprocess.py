@@ -1202,6 +1202,40 @@ def test_a_strip_of_table_that_page_alone_leaves_is_no_ink():
     assert [p.digit for p in predictor.predict([s.data for s in photos])] == [int(s.label) for s in photos]
 
 
+def _lit(image: np.ndarray, seed: int) -> np.ndarray:
+    """A photo-like page: a 12% light ramp across it and a little noise (as uint8)."""
+    rng = np.random.default_rng(seed)
+    height, width = image.shape
+    ramp = 1 - 0.12 * np.linspace(0, 1, width, dtype=np.float32)[None, :] * np.ones((height, 1), np.float32)
+    return (255 * np.clip(image * ramp + rng.normal(0, 0.015, image.shape), 0, 1)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("width, pen", [(260, 26), (320, 10), (320, 18)])
+def test_a_sevens_bar_along_the_photos_edge_is_no_strip_of_table(width, pen):
+    """The day's reviewer: a 7 cropped tight, its bar along the photo's top edge, had 0.30 of its outline on the frame
+    and was cleared as a strip (a blank page). A strip reaches into the picture about its width; the 7, through its
+    diagonal, many stroke widths (FRAME_DEEP)."""
+    canvas = np.zeros((200, width), np.float32)
+    cv2.polylines(
+        canvas, [np.array([[20, 3], [width - 20, 3], [width // 2 - 10, 199]], np.int32)], False, 1.0, pen
+    )
+    assert Predictor.pretrained(backend="numpy").predict(_lit(0.9 - 0.8 * canvas, pen))[0].digit == 7
+
+
+def test_a_digit_touching_a_line_along_the_photos_edge_is_no_strip():
+    """The reviewer's other case: a 1 standing on a ruled line (a box's edge) along the photo's foot was one part
+    with the line, cleared with it as a strip (a blank page)."""
+    glyph = draw_digit(1, np.random.default_rng(1), height=130).astype(np.float32)
+    rows, cols = np.nonzero(glyph > 0.05)
+    glyph = glyph[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    height, width = glyph.shape
+    canvas = np.zeros((200, 180), np.float32)
+    top = 200 - 6 - height + 2  # its foot 2 px into the line
+    canvas[top : top + height, (180 - width) // 2 : (180 - width) // 2 + width] = glyph[: 200 - top]
+    canvas[-6:, :] = 1.0
+    assert not Predictor.pretrained(backend="numpy").predict(_lit(0.9 - 0.8 * canvas, 1))[0].blank
+
+
 def test_a_shadow_across_the_page_or_a_board_under_a_light_wall_is_no_page_on_a_table():
     """page_alone() leaves alone what only looks like a sheet on a darker table: half a page in a soft shadow
     (the shadowed half keeps its ink), a chalkboard under a strip of light wall, a blank sheet."""

@@ -105,9 +105,10 @@ PAGE_BARE = 0.02  # and at most this share of what lies outside it light: a tabl
 # SIDE_ALIKE of the lighter level apart, it is as dark as the ink beside it, and a part with SIDE_SHARE of its ring
 # so is the dark side of an edge, not strokes
 SIDE_NEAR, SIDE_FAR, SIDE_REACH, SIDE_ALIKE, SIDE_SHARE = 2, 5, 7, 0.1, 0.3
-# and a part of at least FRAME_AREA of the picture with FRAME_ALONG of its outline on the frame lies along it (a
-# shadow's or a table's strip), not a stroke the frame cuts (smaller: a speck the frame cuts)
-FRAME_ALONG, FRAME_AREA = 0.3, 0.004
+# and a part of at least FRAME_AREA of the picture with FRAME_ALONG of its outline on the frame, reaching no deeper
+# into the picture than FRAME_DEEP times its stroke width, lies along it (a shadow's or a table's strip), not a
+# stroke the frame cuts (smaller: a speck the frame cuts; deeper: a digit, a 7's bar along the frame)
+FRAME_ALONG, FRAME_AREA, FRAME_DEEP = 0.3, 0.004, 3.5
 # strokes must be 30% darker than their local paper somewhere (shadows and blank pages stay blank)
 INK_CONTRAST = 0.3
 WEAK_FRACTION = 0.6  # hysteresis: pixels this share of the strong cut join the stroke they touch
@@ -748,7 +749,9 @@ def without_edge_sides(
     just outside each part is compared with the darkest pixel near it (SIDE_*): where SIDE_SHARE of the ring
     is as dark as that, the part is cleared. A strip is all the dark there is, paper on its one side and the
     frame on the other: a part of FRAME_AREA of the picture or more with FRAME_ALONG of its outline on the frame
-    is cleared too (a stroke the frame cuts touches it across its width, a small share of its outline).
+    is cleared too when it reaches no deeper into the picture than FRAME_DEEP times its own stroke width (a stroke
+    the frame cuts touches it across its width, a small share of its outline; a digit with a stroke along the frame,
+    or touching a strip, reaches deeper).
     Returns the ink, and its ink_parts() when nothing was cleared (else None)."""
     parts = ink_parts(ink)
     labels, areas, keep = parts
@@ -774,11 +777,31 @@ def without_edge_sides(
     border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
     contact = np.bincount(border, minlength=len(keep))
     for label in np.flatnonzero(keep & ~sides & (contact > 0) & (areas >= FRAME_AREA * ink.size)):
-        outline = 2 * areas[label] / stroke_width(labels == label)  # stroke_width() is 2 x area / outline
-        sides[label] = contact[label] >= FRAME_ALONG * outline
+        part = labels == label
+        width = stroke_width(part)
+        if contact[label] >= FRAME_ALONG * 2 * areas[label] / width:  # stroke_width() is 2 x area / outline
+            sides[label] = _depth_from_frame(part) <= FRAME_DEEP * width
     if not sides.any():
         return ink, parts
     return np.where(sides[labels], np.float32(0), ink), None
+
+
+def _depth_from_frame(part: np.ndarray) -> int:
+    """How far into the picture a part touching its frame reaches: the most pixels any of its pixels lies from the
+    nearest side of the frame that the part touches."""
+    height, width = part.shape
+    rows, cols = np.nonzero(part)
+    away = [
+        distance
+        for touches, distance in (
+            (rows.min() == 0, rows),
+            (rows.max() == height - 1, height - 1 - rows),
+            (cols.min() == 0, cols),
+            (cols.max() == width - 1, width - 1 - cols),
+        )
+        if touches
+    ]
+    return int(np.min(away, axis=0).max()) + 1
 
 
 def flatten_uniform(gray: np.ndarray, paper: float, dark_ink: bool, sigma: float | None = None) -> np.ndarray:
