@@ -758,13 +758,9 @@ def without_edge_sides(
     if not keep.any():
         return ink, parts
     kept = kept_mask(labels, keep)
-
-    def grown(mask: np.ndarray, reach: int) -> np.ndarray:
-        return _grown(mask, reach) if reach > 0 else mask
-
     # in pixels of the working image, for its light blur (`sigma`): a ring as far out on a blurred big photo
     near, far, reach = (max(1, round(d * max(1.0, sigma))) for d in (SIDE_NEAR, SIDE_FAR, SIDE_REACH))
-    ring = grown(kept, far) & ~grown(labels > 0, near - 1)
+    ring = _grown(kept, far) & ~_grown(labels > 0, near - 1)  # _grown(..., 0) is the mask itself
     window = np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)
     # the darkest pixel near each ring pixel, and how much lighter the ring pixel is (light ink: mirrored)
     gap = smooth - cv2.erode(smooth, window) if dark_ink else cv2.dilate(smooth, window) - smooth
@@ -774,8 +770,7 @@ def without_edge_sides(
     owner = cv2.dilate(np.where(kept, labels, 0).astype(np.float32), window).astype(np.intp)
     counts = np.bincount(owner[ring], minlength=len(keep))
     sides = keep & (np.bincount(owner[alike], minlength=len(keep)) > SIDE_SHARE * counts)
-    border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
-    contact = np.bincount(border, minlength=len(keep))
+    contact = np.bincount(_frame_pixels(labels), minlength=len(keep))
     for label in np.flatnonzero(keep & ~sides & (contact > 0) & (areas >= FRAME_AREA * ink.size)):
         part = labels == label
         width = stroke_width(part)
@@ -784,6 +779,11 @@ def without_edge_sides(
     if not sides.any():
         return ink, parts
     return np.where(sides[labels], np.float32(0), ink), None
+
+
+def _frame_pixels(a: np.ndarray) -> np.ndarray:
+    """The pixels along the picture's frame, each once (the corners too)."""
+    return np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
 
 
 def _depth_from_frame(part: np.ndarray) -> int:
@@ -988,8 +988,7 @@ def page_alone(gray: np.ndarray) -> np.ndarray:
         return gray  # paper outside it too (a digit across the frame, chalk under a wall): no table
     if light[page].mean() < PAGE_PAPER:
         return gray  # a light loop filled in (chalk on a board: a 0), not a sheet mostly of paper
-    border = np.concatenate([page[0], page[-1], page[1:-1, 0], page[1:-1, -1]])
-    along = float((~border).mean())
+    along = float((~_frame_pixels(page)).mean())
     if along < PAGE_CONTACT:
         return gray  # what lies outside touches the frame only briefly: a digit run off the edge, not a table
     ink = stroke_width(page & ~light)
