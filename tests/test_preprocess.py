@@ -1126,6 +1126,46 @@ def test_a_small_digit_on_a_page_lit_from_one_side_keeps_its_polarity(dark):
     assert x.sum() > 20 and ink_box(x)[0] == 20  # the 2, its height scaled to MNIST's 20 px
 
 
+def _under_a_band_of_light(
+    digits: list[int], share: float, bright: float, ink: float, dark: bool = True
+) -> np.ndarray:
+    """Pen digits on a page whose left `share` is `bright` times as lit as the rest (a window, a lamp), the
+    light ramping between the two; the ink darkens its paper by `ink` (or, `dark` False, chalk lightens a board
+    by it, and the band is a shadow: `bright` under 1)."""
+    from scipy.ndimage import gaussian_filter
+
+    from digitrec.realworld import crop_ink, number_line
+
+    rng = np.random.default_rng(0)
+    line = np.pad(number_line([crop_ink(draw_digit(d, rng, 80)) for d in digits], rng)[0], 40)
+    width = line.shape[1]
+    light = gaussian_filter(np.where(np.arange(width) < share * width, bright, 1.0), 0.04 * width)[None, :]
+    page = (100 if dark else 90) * light * (1 - ink * line if dark else 1 + ink * line)
+    return (page + rng.normal(0, 2, line.shape)).clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("share, bright, ink", [(0.25, 1.9, 0.45), (0.3, 2.0, 0.4)])
+def test_a_band_of_light_across_the_page_is_not_light_ink(share, bright, ink):
+    """A quarter of the page twice as lit as the rest: its paper made the global histogram's light tail three
+    times the ink's dark one, and ink_is_dark took the lit paper for light ink ("36374" read as "111", a lone
+    digit as a blank page; a page lighter than the table round it, the same). The image less its local median still shows the ink as the
+    longer tail, and now overrules the histogram."""
+    page = _under_a_band_of_light([3, 6, 3, 7, 4], share, bright, ink)
+    assert ink_is_dark(load_gray(page))
+    predictor = Predictor.pretrained(backend="numpy")
+    assert predictor.read(page).number == "36374"
+    # one digit on such a page was rejected as a blank page (or read as a 1)
+    digits = predictor.predict([_under_a_band_of_light([d], share, bright, ink) for d in range(10)])
+    assert [p.digit for p in digits] == list(range(10))
+
+
+@pytest.mark.parametrize("share, shadow, ink", [(0.25, 0.5, 0.8), (0.3, 0.4, 0.6)])
+def test_chalk_on_a_board_half_in_shadow_stays_light_ink(share, shadow, ink):
+    page = _under_a_band_of_light([3, 6, 3, 7, 4], share, shadow, ink, dark=False)
+    assert not ink_is_dark(load_gray(page))
+    assert Predictor.pretrained(backend="numpy").read(page).number == "36374"
+
+
 def _sheet_with_a_seven(height: int = 400, width: int = 300) -> np.ndarray:
     """A white sheet (0.92) with a pen 7 on it, gently lit from one side."""
     sheet = np.full((height, width), 0.92, np.float32)

@@ -86,6 +86,7 @@ POLARITY_SIDE, POLARITY_WINDOW = 20, 7
 # ink_is_dark()'s tails shorter than this (1% of the gray range) on the small copy are the paper's noise
 POLARITY_FLOOR = 0.01
 POLARITY_SPOT = 4  # an extreme this many times the 2%/98% tails is ink on under 2% of the picture
+POLARITY_OVERRULE = 1.5  # the local median's tails this far apart overrule the global histogram's answer
 # page_alone(): a page on a table, found on a copy PAGE_SIDE px long: this much lighter than the table (of the
 # gray range), this share of the picture, this share of its convex hull, at most this many pixels of ramp a pixel
 # of its edge
@@ -648,16 +649,18 @@ def ink_is_dark(gray: np.ndarray) -> bool:
 
     The local median is the paper whatever the polarity (ink is the minority), so subtracting it removes
     shadows and gradients that would fool a global histogram; the ink is the tail that sticks out farther.
-    The global median answers first when one tail is three times the other and longer than POLARITY_FLOOR
-    (three pictures in four); the others take the local median on a copy small enough for it to cost less than
-    a millisecond. Where both of its tails are under POLARITY_FLOOR too, the ink covers under 2% of the picture
-    and they hold the paper's noise: the residual's darkest and lightest spots decide.
+    The global median answers when one tail is three times the other and longer than POLARITY_FLOOR (three
+    pictures in four), unless the local median says the opposite with one of its tails POLARITY_OVERRULE times
+    the other: light falling off across the page, or a page lighter than the table round it, makes a long light
+    tail of paper that the global histogram took for light ink (the whole line read as nothing). The local
+    median is taken on a copy small enough for it to cost well under a millisecond. Where both of its tails are
+    under POLARITY_FLOOR too, the ink covers under 2% of the picture and they hold the paper's noise: the
+    residual's darkest and lightest spots decide.
     """
     small = _shrink(gray, POLARITY_SIDE)
     low, middle, high = np.percentile(small, [2, 50, 98])
     dark_tail, light_tail = middle - low, high - middle
-    if max(dark_tail, light_tail) > max(3 * min(dark_tail, light_tail), POLARITY_FLOOR):
-        return bool(dark_tail >= light_tail)
+    decided = max(dark_tail, light_tail) > max(3 * min(dark_tail, light_tail), POLARITY_FLOOR)
     residual = small - median_filter(small, POLARITY_WINDOW)
     low, high = np.percentile(residual, [2, 98])
     darkest, lightest = residual.min(), residual.max()
@@ -668,7 +671,11 @@ def ink_is_dark(gray: np.ndarray) -> bool:
         # photo lost its ink; a 2 on a page lit from one side was read light on dark, as blank). The ink is the
         # extreme, which then stands far out of the tails.
         low, high = darkest, lightest
-    return bool(-low >= high)
+    local = bool(-low >= high)
+    if decided and local != (dark_tail >= light_tail):
+        overruled = max(-low, high) >= max(POLARITY_OVERRULE * min(-low, high), POLARITY_FLOOR)
+        return local if overruled else bool(dark_tail >= light_tail)
+    return local
 
 
 def median_filter(a: np.ndarray, size: int) -> np.ndarray:
