@@ -1144,12 +1144,17 @@ def _under_a_band_of_light(
     return (page + rng.normal(0, 2, line.shape)).clip(0, 255).astype(np.uint8)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a known limit: lit paper is taken for light ink (docs/realworld.md, 'A band of light across the page')",
+)
 @pytest.mark.parametrize("share, bright, ink", [(0.25, 1.9, 0.45), (0.3, 2.0, 0.4)])
 def test_a_band_of_light_across_the_page_is_not_light_ink(share, bright, ink):
-    """A quarter of the page twice as lit as the rest: its paper made the histogram's light tail three times the
-    ink's dark one, and ink_is_dark took the lit paper for light ink ("36374" read as "111", a lone digit as a
-    blank page; a page lighter than the table round it, the same). The image less its local median shows the
-    ink as a dark tail POLARITY_OVERRULE times its light one, and now overrules the histogram."""
+    """A quarter of the page twice as lit as the rest: its paper makes the histogram's light tail three times the
+    ink's dark one, and ink_is_dark takes the lit paper for light ink ("36374" read as "111", a lone digit as a
+    blank page; a page lighter than the table round it, the same). Two ways of letting the image less its local
+    median overrule the histogram were tried and withdrawn (they turned bold digits cropped close, a glare on a
+    page half in shadow, or chalk on a slate on a light desk, the wrong way: the guards below)."""
     page = _under_a_band_of_light([3, 6, 3, 7, 4], share, bright, ink)
     assert ink_is_dark(load_gray(page))
     predictor = Predictor.pretrained(backend="numpy")
@@ -1193,12 +1198,38 @@ def _bold(digit: int, seed: int, widen: float, margin: float, dark: bool) -> np.
 )
 def test_a_bold_digit_cropped_close_keeps_its_polarity(digit, seed, widen, margin, dark):
     """The paper between a marker's strokes, cropped close, is as much of the picture as the ink, and the image
-    less its local median has tails 1.5-2.2 times apart either way. A first version of the overrule above
-    (either way round, at 1.5) turned these the wrong way (a review found 16 of 540 such digits lost)."""
+    less its local median has tails 1.5-2.2 times apart either way: a polarity test that trusts it at 1.5 turned
+    these the wrong way (a review found 16 of 540 such digits lost)."""
     assert (
         Predictor.pretrained(backend="numpy").predict([_bold(digit, seed, widen, margin, dark)])[0].digit
         == digit
     )
+
+
+def _slate(digit: int) -> np.ndarray:
+    """A chalk digit (grainy strokes) on a dark slate filling 80% of each side of a light frame (a desk, a wall)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(digit)
+    image = np.full((300, 400), 0.8, np.float32)
+    y0, x0, height, width = 30, 40, 240, 320
+    image[y0 : y0 + height, x0 : x0 + width] = 0.2
+    glyph = crop_ink(draw_digit(digit, rng, height // 2))
+    glyph = glyph * np.clip(0.6 + 1.6 * (ndimage.gaussian_filter(rng.random(glyph.shape), 0.7) - 0.5), 0.3, 1)
+    h, w = glyph.shape
+    y = int(rng.uniform(y0 + 10, y0 + height - 10 - h))
+    x = int(rng.uniform(x0 + 10, x0 + width - 10 - w))
+    image[y : y + h, x : x + w] = image[y : y + h, x : x + w] * (1 - glyph) + 0.9 * glyph
+    image = ndimage.gaussian_filter(image, 0.8) + rng.normal(0, 0.02, image.shape)
+    return (255 * image.clip(0, 1)).round().astype(np.uint8)
+
+
+def test_chalk_on_a_slate_on_a_light_desk_is_light_ink():
+    """The mirror of a page on a table: a polarity test that let the image less its local median turn light ink
+    dark (its dark tail 2.5 times its light one) read 4 of these 10 (the slate's edges, in windows mostly of the
+    light desk, make that dark tail)."""
+    digits = Predictor.pretrained(backend="numpy").predict([_slate(d) for d in range(10)])
+    assert [p.digit for p in digits] == list(range(10))
 
 
 def _sheet_with_a_seven(height: int = 400, width: int = 300) -> np.ndarray:

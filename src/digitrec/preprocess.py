@@ -86,7 +86,6 @@ POLARITY_SIDE, POLARITY_WINDOW = 20, 7
 # ink_is_dark()'s tails shorter than this (1% of the gray range) on the small copy are the paper's noise
 POLARITY_FLOOR = 0.01
 POLARITY_SPOT = 4  # an extreme this many times the 2%/98% tails is ink on under 2% of the picture
-POLARITY_OVERRULE = 2.5  # the local median's tails this far apart overrule the global histogram's answer
 # page_alone(): a page on a table, found on a copy PAGE_SIDE px long: this much lighter than the table (of the
 # gray range), this share of the picture, this share of its convex hull, at most this many pixels of ramp a pixel
 # of its edge
@@ -645,42 +644,30 @@ def uniform_paper(gray: np.ndarray) -> tuple[float, bool] | None:
 
 
 def ink_is_dark(gray: np.ndarray) -> bool:
-    """Is the ink darker than the paper?
+    """Is the ink darker than the paper? Compare the tails of the image minus its local median.
 
-    The tails of the histogram of a small copy (its 2nd and 98th percentiles, measured from its median) answer
-    when one is three times the other and longer than POLARITY_FLOOR (three pictures in four), but for light ink
-    (below). Otherwise the image minus its local median decides: the local median is the paper whatever the
-    polarity (ink is the minority), so subtracting it removes the shadows and gradients that fool a histogram,
-    and the ink is the tail that sticks out farther. Where both of those tails are under POLARITY_FLOOR, or one
-    extreme lies POLARITY_SPOT times beyond them, the ink covers under 2% of the picture and the tails hold the
-    paper's noise: the residual's darkest and lightest spots decide. The local median is taken on a copy small
-    enough for it to cost well under a millisecond.
-
-    When the histogram says light ink, its light tail may be lit paper: a band of light across the page, or a page
-    lighter than the table round it (the whole line read as nothing). The local median then overrules it when its
-    dark tail is POLARITY_OVERRULE times its light one, and not by spots: the paper between a bold digit's
-    strokes makes the tails closer than that. Only this way round: a glare on a page half in shadow lies far out
-    in the local median's light tail, and dark ink on light paper is the common case.
+    The local median is the paper whatever the polarity (ink is the minority), so subtracting it removes
+    shadows and gradients that would fool a global histogram; the ink is the tail that sticks out farther.
+    The global median answers first when one tail is three times the other and longer than POLARITY_FLOOR
+    (three pictures in four); the others take the local median on a copy small enough for it to cost less than
+    a millisecond. Where both of its tails are under POLARITY_FLOOR too, the ink covers under 2% of the picture
+    and they hold the paper's noise: the residual's darkest and lightest spots decide.
     """
     small = _shrink(gray, POLARITY_SIDE)
     low, middle, high = np.percentile(small, [2, 50, 98])
     dark_tail, light_tail = middle - low, high - middle
-    decided = max(dark_tail, light_tail) > max(3 * min(dark_tail, light_tail), POLARITY_FLOOR)
-    if decided and dark_tail >= light_tail:
-        return True
+    if max(dark_tail, light_tail) > max(3 * min(dark_tail, light_tail), POLARITY_FLOOR):
+        return bool(dark_tail >= light_tail)
     residual = small - median_filter(small, POLARITY_WINDOW)
     low, high = np.percentile(residual, [2, 98])
     darkest, lightest = residual.min(), residual.max()
     tail = max(-low, high)
-    spots = tail < POLARITY_FLOOR or max(-darkest, lightest) > POLARITY_SPOT * tail
-    if spots:
+    if tail < POLARITY_FLOOR or max(-darkest, lightest) > POLARITY_SPOT * tail:
         # Ink on under 2% of the picture (small digits on a big page): both tails are the paper's noise, or the
         # kinks of a strong gradient clipped to white, and which was longer was chance (a clear "51" on a 4032 px
         # photo lost its ink; a 2 on a page lit from one side was read light on dark, as blank). The ink is the
         # extreme, which then stands far out of the tails.
         low, high = darkest, lightest
-    if decided:  # light ink by the histogram
-        return bool(not spots and -low >= max(POLARITY_OVERRULE * high, POLARITY_FLOOR))
     return bool(-low >= high)
 
 
