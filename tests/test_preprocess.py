@@ -47,7 +47,7 @@ from digitrec.preprocess import (
     to_mnist,
     uniform_paper,
 )
-from digitrec.realworld import crop_ink, draw_digit, generate
+from digitrec.realworld import crop_ink, draw_digit, generate, number_line
 from digitrec.segment import segment
 
 
@@ -1132,14 +1132,13 @@ def _under_a_band_of_light(
     """Pen digits on a page whose left `share` is `bright` times as lit as the rest (a window, a lamp), the
     light ramping between the two; the ink darkens its paper by `ink` (or, `dark` False, chalk lightens a board
     by it, and the band is a shadow: `bright` under 1)."""
-    from scipy.ndimage import gaussian_filter
-
-    from digitrec.realworld import number_line
+    from scipy import ndimage
 
     rng = np.random.default_rng(0)
     line = np.pad(number_line([crop_ink(draw_digit(d, rng, 80)) for d in digits], rng)[0], 40)
     width = line.shape[1]
-    light = gaussian_filter(np.where(np.arange(width) < share * width, bright, 1.0), 0.04 * width)[None, :]
+    lit = np.where(np.arange(width) < share * width, bright, 1.0)
+    light = ndimage.gaussian_filter(lit, 0.04 * width)[None, :]
     page = (100 if dark else 90) * light * (1 - ink * line if dark else 1 + ink * line)
     return (page + rng.normal(0, 2, line.shape)).clip(0, 255).astype(np.uint8)
 

@@ -637,8 +637,7 @@ def uniform_paper(gray: np.ndarray) -> tuple[float, bool] | None:
     darker, lighter = hist[: max(0, paper - INK_TOLERANCE)].sum(), hist[paper + INK_TOLERANCE + 1 :].sum()
     if min(darker, lighter) > OTHER_SIDE_FRACTION * count:
         return None  # ink on both sides of the paper tone: noise, texture or a picture
-    border = np.concatenate([levels[0], levels[-1], levels[:, 0], levels[:, -1]])
-    if np.abs(border - (paper + 0.5)).max() > PAPER_TOLERANCE + 1:
+    if np.abs(_frame_pixels(levels) - (paper + 0.5)).max() > PAPER_TOLERANCE + 1:
         return None  # the edge of the page is not plain paper: a shadow, a gradient, or ink reaching the edge
     return paper / 255.0, bool(darker >= lighter)
 
